@@ -1,0 +1,83 @@
+# toist: one entry point for set-up, the demo, the tests and the benchmarks.
+#
+#   make demo      the perception node on its embedded default input (sets everything up first)
+#   make test      the test suite (sets everything up first)
+#
+# `make setup` is idempotent: a project-local virtual environment in .venv (pinned versions
+# from requirements/), then `colcon build` of the ROS 2 package into build/ and install/.
+# Each install step leaves a stamp in .stamps/ and re-runs only when its requirements change.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON_BASE ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMPS := .stamps
+# The package is built from a symlink farm under build/src: colcon then sees a source dir that
+# does not contain .venv (CMake refuses exported include dirs that lie inside the source dir,
+# and numpy's headers are in .venv).
+PKG_SRC := build/src/toist_ros
+PKG_ITEMS := CMakeLists.txt package.xml msg srv toist_ros toist_core scripts launch config
+# Everything run "in the project's Python" goes through this: venv + colcon install overlay.
+RUN := set +u && source $(VENV)/bin/activate && source install/setup.bash &&
+PYTEST_ARGS ?=
+CHECKPOINT ?=
+
+.PHONY: help setup build demo test bench lock clean distclean
+
+help:
+	@echo "make demo     run the perception node on its default input (CHECKPOINT=path for a real model)"
+	@echo "make test     run the test suite"
+	@echo "make setup    create .venv and build the ROS 2 package (done by demo/test)"
+	@echo "make bench    run the benchmark scripts in bench/"
+
+setup: $(STAMPS)/deps build
+
+$(STAMPS)/venv:
+	@mkdir -p $(STAMPS)
+	$(PYTHON_BASE) -m venv $(VENV)
+	@touch $@
+
+# --isolated: ignore local wheel caches/indexes so pip takes PyPI's regular torch+torchvision pair.
+$(STAMPS)/torch: requirements/torch.txt $(STAMPS)/venv
+	$(PIP) install --isolated -r requirements/torch.txt
+	@touch $@
+
+$(STAMPS)/deps: requirements/base.txt requirements/ros.txt requirements/lock.txt $(STAMPS)/torch tools/fix_ros_wheel_cmake.py
+	$(PIP) install -r requirements/base.txt -r requirements/ros.txt -c requirements/lock.txt
+	$(PY) tools/fix_ros_wheel_cmake.py
+	@touch $(VENV)/COLCON_IGNORE
+	@touch $@
+
+build: $(STAMPS)/deps
+	@mkdir -p $(PKG_SRC)
+	@for item in $(PKG_ITEMS); do ln -sfn ../../../$$item $(PKG_SRC)/$$item; done
+	@source $(VENV)/bin/activate && \
+	  export CMAKE_PREFIX_PATH=$$VIRTUAL_ENV AMENT_PREFIX_PATH=$$VIRTUAL_ENV && \
+	  colcon --log-base log build --base-paths build/src --build-base build --install-base install \
+	    --symlink-install --event-handlers console_direct- console_stderr- summary+ \
+	  || { echo "colcon build failed: see log/latest_build/toist_ros/stdout_stderr.log"; exit 1; }
+
+demo: setup
+	$(RUN) python -m toist_ros.demo $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+test: setup
+	$(RUN) python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	@for script in bench/bench_*.py; do echo "== $$script"; $(RUN) python $$script; done
+
+# Re-pin every installed version (after changing requirements/*.txt on purpose).
+lock: $(STAMPS)/deps
+	@( echo "# Full version lock of the development environment (pip freeze), used as constraints."; \
+	   echo "# Regenerate with: make lock"; \
+	   $(PIP) freeze | grep -v -E '^(toist|-e )' ) > requirements/lock.txt
+
+clean:
+	rm -rf build install log
+
+distclean: clean
+	rm -rf $(VENV) $(STAMPS)

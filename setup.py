@@ -1,0 +1,40 @@
+"""`pip install .`: toist_core, training and the Python part of toist_ros, without ROS.
+
+Training machines have no ROS: this installs the model, data, evaluation and training code
+and the `toist` command. The ROS 2 node additionally needs the generated messages, which
+`colcon build` of this same directory produces (see README, "On a robot").
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="toist",
+    version="0.1.0",
+    description="Task-oriented instance segmentation (TOIST) for robots: model, training, ROS 2 node",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["toist_core", "toist_core.*", "training", "training.*",
+                                    "toist_ros", "toist_ros.*"]),
+    package_data={
+        "toist_core": ["assets/*/*", "data/*.json", "configs/*.yaml"],
+        "training": ["configs/*.yaml"],
+    },
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "transformers>=4.40",
+        "numpy",
+        "scipy",
+        "pycocotools",
+        "opencv-python-headless",
+        "pyyaml",
+        "safetensors",
+        "tensorboard",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"demo": ["scikit-image"], "test": ["pytest"]},
+    entry_points={"console_scripts": ["toist = toist_core.cli:main"]},
+)
