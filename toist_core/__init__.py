@@ -1,6 +1,31 @@
 """toist_core: the TOIST network, its losses and distillation, data, evaluation and inference.
 
-Plain PyTorch; importing it never imports ROS.
+Plain PyTorch; importing it never imports ROS (nor torch: the inference API below is loaded on
+first use).
+
+    from toist_core import TaskSegmenter
+    seg = TaskSegmenter.from_pretrained("toist_seg.pth", text_encoder="roberta-base", task=2)
+    prediction = seg.predict(rgb_image)
 """
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "TaskSegmenter": "toist_core.inference",
+    "TaskState": "toist_core.inference",
+    "Prediction": "toist_core.inference",
+    "ModelConfig": "toist_core.config",
+    "InferenceConfig": "toist_core.config",
+    "preset": "toist_core.config",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'toist_core' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

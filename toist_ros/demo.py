@@ -1,12 +1,370 @@
-"""`make demo`: the perception node on its embedded default input (placeholder)."""
+"""`make demo`: the real perception node, a camera stand-in with real photos, over DDS.
 
+    python -m toist_ros.demo                       # embedded default model (random weights!)
+    python -m toist_ros.demo --checkpoint toist.pth
+
+1. starts the perception node as its own process (the installed ``perception_node`` with the
+   package's ``config/perception.yaml``, its ``image`` remapped to the stand-in camera),
+2. waits for ``active_task`` to say ready, sets the task through the ``set_task`` service,
+3. publishes scikit-image's sample photos (coffee, chelsea, astronaut, rocket, camera) in
+   turn, in every supported encoding, and collects ``instances`` carrying the new revision,
+4. asks ``segment_image`` for one photo with another task (the one-shot service),
+5. writes an overlay per result (drawn from the received messages: boxes, mask crops put
+   back in place) and a report (instances per frame, latency p50/p95) under ``out/demo/``,
+6. stops the node (SIGINT) and exits 0 when everything above worked.
+
+ROS traffic stays on this machine (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST unless set) in a
+random ROS_DOMAIN_ID unless one is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+NAMESPACE = "/toist_demo"
+CAMERA_TOPIC = f"{NAMESPACE}/camera/image"
 
 
-def main() -> int:
-    print("toist demo: the perception node is not there yet (see issue 'toist_ros: the perception node').",
-          file=sys.stderr)
-    return 1
+def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m toist_ros.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="", help="TOIST .pth or model directory (default: embedded model)")
+    parser.add_argument("--text-encoder", default="", help="tokenizer/text encoder for an official .pth")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--task", default="place flowers in", help="task set through the set_task service")
+    parser.add_argument("--one-shot-task", default="open bottle of beer with", help="task of the segment_image call")
+    parser.add_argument("--frames", type=int, default=15, help="frames the camera stand-in publishes")
+    parser.add_argument("--rate", type=float, default=5.0, help="camera frame rate (Hz)")
+    parser.add_argument("--short-side", type=int, default=0,
+                        help="model input short side (default: 320 for the embedded model, the params file's 800 "
+                             "for a checkpoint)")
+    parser.add_argument("--out", default="out/demo", help="output directory")
+    parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
+    return parser.parse_args(argv)
+
+
+def _ros_environment() -> None:
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 100)))
+
+
+def _node_command(args: argparse.Namespace) -> list[str]:
+    """The installed perception_node (what `ros2 run toist_ros perception_node` runs) with its params file."""
+    try:
+        from ament_index_python.packages import get_package_prefix, get_package_share_directory
+
+        executable = Path(get_package_prefix("toist_ros")) / "lib" / "toist_ros" / "perception_node"
+        params = Path(get_package_share_directory("toist_ros")) / "config" / "perception.yaml"
+        command = [sys.executable, str(executable)]
+    except Exception:  # not colcon-installed: run the module from the source tree
+        params = Path(__file__).resolve().parents[1] / "config" / "perception.yaml"
+        command = [sys.executable, "-m", "toist_ros.perception_node"]
+    short_side = args.short_side or (0 if args.checkpoint else 320)
+    ros_args = ["--ros-args", "--params-file", str(params), "-r", f"__ns:={NAMESPACE}", "-r", f"image:={CAMERA_TOPIC}",
+                "-p", f"device:={args.device}", "-p", "input.max_age_s:=0.0",
+                # Reliable camera and subscription: raw photos of ~1 MB over best-effort UDP between
+                # processes can be lost entirely on machines with small socket buffers (docs/ros.md).
+                "-p", "input.reliable:=true"]
+    if short_side:
+        ros_args += ["-p", f"input.short_side:={short_side}", "-p", f"input.max_side:={2 * short_side}"]
+    if args.checkpoint:
+        ros_args += ["-p", f"checkpoint:={os.path.abspath(args.checkpoint)}"]
+    if args.text_encoder:
+        ros_args += ["-p", f"text_encoder:={args.text_encoder}"]
+    return command + ros_args
+
+
+class _Client:
+    """The demo's own ROS side: status, results, services, and the camera stand-in."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import rclpy
+        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+        from toist_ros.camera_standin import CameraStandIn, load_photos
+        from toist_ros.msg import TaskInstances, TaskStatus
+        from toist_ros.srv import SegmentImage, SetTask
+
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node("toist_demo_client", context=self.context)
+        self.lock = threading.Lock()
+        self.status: list = []
+        self.results: list[tuple[float, Any]] = []
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.node.create_subscription(TaskStatus, f"{NAMESPACE}/active_task", self._keep_status, latched)
+        self.node.create_subscription(TaskInstances, f"{NAMESPACE}/instances", self._keep_result, 50)
+        self.set_task_client = self.node.create_client(SetTask, f"{NAMESPACE}/set_task")
+        self.segment_client = self.node.create_client(SegmentImage, f"{NAMESPACE}/segment_image")
+        self.photos = dict(load_photos())
+        self.camera = CameraStandIn(list(self.photos.items()), CAMERA_TOPIC, args.rate, args.frames,
+                                    frame_id="standin_camera", reliable=True, start=False, context=self.context)
+        self.executor = MultiThreadedExecutor(num_threads=3, context=self.context)
+        self.executor.add_node(self.node)
+        self.executor.add_node(self.camera)
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        try:
+            self.executor.spin()
+        except Exception:
+            pass
+
+    def _keep_status(self, msg: Any) -> None:
+        with self.lock:
+            self.status.append(msg)
+
+    def _keep_result(self, msg: Any) -> None:
+        with self.lock:
+            self.results.append((time.time(), msg))
+
+    def call(self, client: Any, request: Any, timeout: float) -> Any:
+        if not client.wait_for_service(timeout_sec=timeout):
+            raise RuntimeError(f"service {client.srv_name} is not available")
+        future = client.call_async(request)
+        deadline = time.monotonic() + timeout
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not future.done():
+            raise RuntimeError(f"service {client.srv_name} did not answer within {timeout:.0f} s")
+        return future.result()
+
+    def close(self) -> None:
+        import rclpy
+
+        self.executor.shutdown()
+        self._thread.join(timeout=10)
+        self.camera.destroy_node()
+        self.node.destroy_node()
+        rclpy.shutdown(context=self.context)
+
+
+def _wait(predicate, timeout: float, process: subprocess.Popen, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(interval)
+    return predicate()
+
+
+def _overlay(rgb: np.ndarray, msg: Any, note: str = "") -> np.ndarray:
+    """RGB overlay of a received TaskInstances: boxes, scores and the mask crops put back in place."""
+    from toist_core.visualize import draw_instances
+    from toist_ros.instances import full_mask
+
+    height, width = rgb.shape[:2]
+    boxes = np.array([list(i.box) for i in msg.instances], dtype=np.float32).reshape(-1, 4)
+    scores = np.array([i.score for i in msg.instances], dtype=np.float32)
+    masks = None
+    if msg.instances and all(i.mask.width > 0 for i in msg.instances):
+        masks = np.stack([full_mask(i, width, height) for i in msg.instances])
+    return draw_instances(rgb, boxes, scores, masks, title=f"{msg.task} (revision {msg.task_revision}){note}")
+
+
+def _as_rgb(pixels: np.ndarray) -> np.ndarray:
+    return pixels if pixels.ndim == 3 else np.repeat(pixels[:, :, None], 3, axis=2)
+
+
+def _quantiles(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    p50, p95 = np.quantile(np.asarray(values, dtype=np.float64), [0.5, 0.95])
+    return float(p50), float(p95)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parse(argv)
+    _ros_environment()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    from toist_core.visualize import save_rgb
+    from toist_ros.model_loader import DEFAULT_MODEL_NOTE
+
+    print(f"toist demo: ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}, "
+          f"discovery {os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE']}; outputs in {out}/")
+    if not args.checkpoint:
+        print(f"toist demo: NOTE: {DEFAULT_MODEL_NOTE}.")
+    command = _node_command(args)
+    log_path = out / "node.log"
+    print("toist demo: starting the node:", " ".join(command))
+    log = open(log_path, "w")
+    node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+    client = None
+    code = 1
+    try:
+        client = _Client(args)
+        code = _run(args, client, node, out, save_rgb)
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        if client is not None:
+            client.close()
+        if node.poll() is None:
+            node.send_signal(signal.SIGINT)
+            try:
+                node.wait(30)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+        log.close()
+    node_code = node.returncode
+    if code == 0 and node_code != 0:
+        print(f"toist demo: the node exited with code {node_code}; see {log_path}", file=sys.stderr)
+        code = 1
+    if code != 0:
+        tail = log_path.read_text()[-3000:]
+        print(f"toist demo: FAILED (exit {code}). Last node output ({log_path}):\n{tail}", file=sys.stderr)
+    return code
+
+
+def _run(args: argparse.Namespace, client: _Client, node: subprocess.Popen, out: Path, save_rgb) -> int:
+    from toist_ros.conversions import image_from_array
+    from toist_ros.srv import SegmentImage, SetTask
+
+    start = time.monotonic()
+    print("toist demo: waiting for the node to load the model ...", flush=True)
+    if not _wait(lambda: any(s.ready for s in client.status), args.ready_timeout, node):
+        exited = f" (exit code {node.returncode})" if node.poll() is not None else ""
+        print(f"toist demo: the node did not become ready{exited}", file=sys.stderr)
+        return 1
+    print(f"toist demo: node ready after {time.monotonic() - start:.1f} s")
+
+    response = client.call(client.set_task_client, SetTask.Request(task=args.task), timeout=60)
+    if not response.success:
+        print(f"toist demo: set_task refused: {response.message}", file=sys.stderr)
+        return 1
+    revision = response.revision
+    print(f"toist demo: set_task -> {response.message}")
+
+    if not _wait(lambda: client.camera.publisher.get_subscription_count() > 0, 30, node):
+        print("toist demo: the node does not subscribe to the camera topic", file=sys.stderr)
+        return 1
+    client.camera.start()
+    _wait(client.camera.done.is_set, args.frames / args.rate + 30, node)
+
+    def last_frame_answered():
+        with client.lock:
+            stamps = {(m.header.stamp.sec, m.header.stamp.nanosec) for _, m in client.results}
+        return bool(client.camera.sent) and max(client.camera.sent) in stamps
+    # The node always processes the newest frame, so the last one published gets its result.
+    _wait(last_frame_answered, 120, node)
+
+    with client.lock:
+        results = [(t, m) for t, m in client.results if m.task_revision == revision]
+        stale = sum(1 for _, m in client.results if m.task_revision != revision)
+    if not results:
+        print("toist demo: no result carried the revision set_task returned", file=sys.stderr)
+        return 1
+
+    note = "" if args.checkpoint else " - RANDOM WEIGHTS, meaningless"
+    rows, latencies, node_latencies, inference = [], [], [], []
+    for index, (received, msg) in enumerate(results):
+        photo = client.camera.sent.get((msg.header.stamp.sec, msg.header.stamp.nanosec), "?")
+        stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+        latencies.append(1000.0 * (received - stamp))
+        node_latencies.append(msg.latency_ms)
+        inference.append(msg.inference_ms)
+        path = out / f"frame_{index:02d}_{photo}.png"
+        if photo in client.photos:
+            save_rgb(path, _overlay(_as_rgb(client.photos[photo]), msg, note))
+        rows.append({"frame": index, "photo": photo, "size": f"{msg.image_width}x{msg.image_height}",
+                     "instances": len(msg.instances), "best_score": round(msg.instances[0].score, 4) if msg.instances
+                     else None, "inference_ms": round(msg.inference_ms, 1), "latency_ms": round(latencies[-1], 1),
+                     "overlay": path.name if photo in client.photos else ""})
+
+    one_shot_photo = "astronaut"
+    request = SegmentImage.Request(image=image_from_array(_as_rgb(client.photos[one_shot_photo]), "rgb8"),
+                                   task=args.one_shot_task)
+    request.image.header.frame_id = "standin_camera"
+    request.image.header.stamp = client.node.get_clock().now().to_msg()
+    one_shot = client.call(client.segment_client, request, timeout=120)
+    if not one_shot.success:
+        print(f"toist demo: segment_image failed: {one_shot.message}", file=sys.stderr)
+        return 1
+    save_rgb(out / f"oneshot_{one_shot_photo}.png",
+             _overlay(_as_rgb(client.photos[one_shot_photo]), one_shot.result, note))
+
+    model = _model_line(out / "node.log", bool(args.checkpoint))
+    p50, p95 = _quantiles(latencies)
+    n50, n95 = _quantiles(node_latencies)
+    i50, i95 = _quantiles(inference)
+    counts = [r["instances"] for r in rows]
+    report = {
+        "model": model, "checkpoint": args.checkpoint or None, "device": args.device,
+        "task": {"requested": args.task, "caption": results[-1][1].task, "revision": revision},
+        "frames_published": client.camera.published, "results": len(results),
+        "results_of_the_previous_task": stale,
+        "instances_per_frame": counts,
+        "latency_ms": {"p50": round(p50, 1), "p95": round(p95, 1)},
+        "node_latency_ms": {"p50": round(n50, 1), "p95": round(n95, 1)},
+        "inference_ms": {"p50": round(i50, 1), "p95": round(i95, 1)},
+        "one_shot": {"task": one_shot.result.task, "photo": one_shot_photo, "instances": len(one_shot.result.instances),
+                     "overlay": f"oneshot_{one_shot_photo}.png"},
+        "frames": rows,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = _report_text(report)
+    (out / "report.md").write_text(text)
+    print(text)
+    return 0
+
+
+def _model_line(log_path: Path, has_checkpoint: bool) -> str:
+    from toist_ros.model_loader import DEFAULT_MODEL_NOTE
+
+    for line in log_path.read_text().splitlines():
+        if "model: " in line:
+            return line.split("model: ", 1)[1]
+    return "checkpoint" if has_checkpoint else DEFAULT_MODEL_NOTE
+
+
+def _report_text(report: dict) -> str:
+    lines = [
+        "# toist demo report",
+        "",
+        f"- model: {report['model']}",
+    ]
+    if report["checkpoint"] is None:
+        lines.append("- **the boxes and masks below come from random weights: they are meaningless**; "
+                     "run `make demo CHECKPOINT=<TOIST .pth or model dir>` for real results")
+    lines += [
+        f"- task (set through `set_task`): {report['task']['requested']!r} -> caption "
+        f"{report['task']['caption']!r}, revision {report['task']['revision']}",
+        f"- frames published by the camera stand-in: {report['frames_published']}; results with that revision: "
+        f"{report['results']} (the node skips frames it cannot keep up with and always takes the newest)",
+        f"- instances per frame: {report['instances_per_frame']}",
+        f"- latency publish -> result received, ms: p50 {report['latency_ms']['p50']}, "
+        f"p95 {report['latency_ms']['p95']} (node's latency_ms field: p50 {report['node_latency_ms']['p50']}, "
+        f"p95 {report['node_latency_ms']['p95']})",
+        f"- inference (model) ms: p50 {report['inference_ms']['p50']}, p95 {report['inference_ms']['p95']}",
+        f"- one-shot `segment_image` on {report['one_shot']['photo']} with {report['one_shot']['task']!r}: "
+        f"{report['one_shot']['instances']} instances ({report['one_shot']['overlay']})",
+        "",
+        "| frame | photo | size | instances | best score | inference ms | latency ms | overlay |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["frames"]:
+        lines.append(f"| {r['frame']} | {r['photo']} | {r['size']} | {r['instances']} | {r['best_score']} | "
+                     f"{r['inference_ms']} | {r['latency_ms']} | {r['overlay']} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,175 @@
+"""End-to-end latency and throughput of the perception node over DDS, under a 30 Hz camera.
+
+    python bench/bench_ros_latency.py [--seconds 15] [--short-side 480] [--checkpoint X] [--device auto]
+
+The node runs as its own process (the installed ``perception_node``, as ``ros2 run`` starts
+it); this script publishes 640x480 rgb8 frames at 30 Hz (a real photo, fresh stamp per frame)
+and receives ``instances``. For every result:
+  end-to-end  = time received here - header.stamp (the stamp is set just before publishing)
+  overhead    = end-to-end - inference_ms (transport both ways, conversion, waiting for the
+                inference thread, post-processing, message building)
+Throughput = results per second; the node's own counters (received, dropped, lost in
+transport) come from /diagnostics. Embedded default model unless --checkpoint: the figures
+measure the node, not the quality of the boxes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _quantiles(values):
+    if not values:
+        return float("nan"), float("nan")
+    return tuple(float(v) for v in np.quantile(np.asarray(values, dtype=np.float64), [0.5, 0.95]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=15.0, help="camera run time")
+    parser.add_argument("--rate", type=float, default=30.0, help="camera frame rate")
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--short-side", type=int, default=480, help="model input short side (480: native for VGA)")
+    parser.add_argument("--checkpoint", default="")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--masks", default="true", choices=("true", "false"))
+    parser.add_argument("--qos", default="reliable", choices=("reliable", "best_effort"),
+                        help="camera publisher and node subscription (input.reliable); best effort loses most raw "
+                             "VGA frames between processes with Fast DDS's default UDP buffers (see docs/ros.md)")
+    parser.add_argument("--node-env", action="append", default=[], help="NAME=VALUE for the node process only")
+    parser.add_argument("--node-arg", action="append", default=[], dest="extra",
+                        help="one more node argument (repeat): --node-arg=-p --node-arg=input.reliable:=true")
+    args = parser.parse_args()
+
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 100)))
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+    from toist_ros.camera_standin import fit, load_photos
+    from toist_ros.conversions import image_from_array
+    from toist_ros.msg import TaskInstances, TaskStatus
+
+    executable = ROOT / "install" / "toist_ros" / "lib" / "toist_ros" / "perception_node"
+    command = [sys.executable, str(executable), "--ros-args", "--params-file", str(ROOT / "config" / "perception.yaml"),
+               "-r", "image:=/bench/image", "-p", f"device:={args.device}",
+               "-p", f"input.short_side:={args.short_side}", "-p", f"input.max_side:={max(args.short_side * 2, 64)}",
+               "-p", f"output.masks:={args.masks}", "-p", "diagnostics.period_s:=0.5",
+               "-p", f"input.reliable:={'true' if args.qos == 'reliable' else 'false'}"] + args.extra
+    if args.checkpoint:
+        command += ["-p", f"checkpoint:={os.path.abspath(args.checkpoint)}"]
+    node_log = open(ROOT / "out" / "bench_ros_latency_node.log", "w") if (ROOT / "out").is_dir() else subprocess.DEVNULL
+    node_env = dict(os.environ, **dict(item.split("=", 1) for item in args.node_env))
+    node = subprocess.Popen(command, stdout=node_log, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=node_env)
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    client = rclpy.create_node("bench_ros_latency", context=context)
+    lock = threading.Lock()
+    results, status, diagnostics = [], [], []
+
+    def on_result(msg):
+        now = time.time()
+        with lock:
+            results.append((now, msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9, msg.inference_ms,
+                            msg.latency_ms, len(msg.instances)))
+
+    latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    client.create_subscription(TaskInstances, "instances", on_result, 50)
+    client.create_subscription(TaskStatus, "active_task", status.append, latched)
+    client.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, 10)
+    camera_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE if args.qos == "reliable"
+                            else ReliabilityPolicy.BEST_EFFORT)
+    pub = client.create_publisher(Image, "/bench/image", camera_qos)
+    executor = MultiThreadedExecutor(num_threads=3, context=context)
+    executor.add_node(client)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    code = 0
+    try:
+        deadline = time.monotonic() + 600
+        while not any(s.ready for s in status):
+            if node.poll() is not None or time.monotonic() > deadline:
+                print("the node did not start; see out/bench_ros_latency_node.log", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+        while pub.get_subscription_count() == 0:
+            time.sleep(0.05)
+        frame = fit(load_photos(["astronaut"])[0][1], args.width, args.height)
+        msg = image_from_array(frame, "rgb8")
+        msg.header.frame_id = "bench_camera"
+        # Warm-up: a few frames whose results are not counted.
+        for _ in range(int(args.rate)):
+            msg.header.stamp = client.get_clock().now().to_msg()
+            pub.publish(msg)
+            time.sleep(1.0 / args.rate)
+        time.sleep(2.0)
+        with lock:
+            results.clear()
+        published = 0
+        start = time.monotonic()
+        next_time = start
+        while time.monotonic() - start < args.seconds:
+            msg.header.stamp = client.get_clock().now().to_msg()
+            pub.publish(msg)
+            published += 1
+            next_time += 1.0 / args.rate
+            time.sleep(max(0.0, next_time - time.monotonic()))
+        elapsed = time.monotonic() - start
+        time.sleep(2.0)  # let the last results arrive
+        with lock:
+            got = list(results)
+        values = {kv.key: kv.value for kv in diagnostics[-1].status[0].values} if diagnostics else {}
+    finally:
+        executor.shutdown()
+        spinner.join(5)
+        client.destroy_node()
+        rclpy.shutdown(context=context)
+        if node.poll() is None:
+            node.send_signal(signal.SIGINT)
+            node.wait(30)
+    if not got:
+        print("no results" + (" (best-effort raw frames between processes can all be lost: see docs/ros.md)"
+                              if args.qos == "best_effort" else ""), file=sys.stderr)
+        return 1
+    end_to_end = [1000.0 * (received - stamp) for received, stamp, _, _, _ in got]
+    overhead = [e - inf for e, (_, _, inf, _, _) in zip(end_to_end, got)]
+    inference = [inf for _, _, inf, _, _ in got]
+    e50, e95 = _quantiles(end_to_end)
+    o50, o95 = _quantiles(overhead)
+    i50, i95 = _quantiles(inference)
+    print(f"bench_ros_latency: {args.width}x{args.height} rgb8 at {args.rate:g} Hz for {elapsed:.1f} s; "
+          f"QoS {args.qos}; model input short side {args.short_side}; masks {args.masks}; "
+          f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'embedded tiny model (random weights)'}; "
+          f"device {values.get('device', args.device)}")
+    print(f"  frames published        {published}")
+    print(f"  results received        {len(got)}  ->  throughput {len(got) / elapsed:.2f} results/s")
+    print(f"  inference (model) ms    p50 {i50:7.1f}   p95 {i95:7.1f}")
+    print(f"  end-to-end ms           p50 {e50:7.1f}   p95 {e95:7.1f}   (publish -> result received)")
+    print(f"  end-to-end - model ms   p50 {o50:7.1f}   p95 {o95:7.1f}   (transport, waiting, conversion, "
+          f"post-processing)")
+    print(f"  instances per result    mean {np.mean([n for *_, n in got]):.1f}")
+    for key in ("received", "processed", "dropped_replaced", "lost_in_transport", "skipped_stale", "rejected",
+                "process rss MiB"):
+        if key in values:
+            print(f"  node {key:<22}{values[key]}  (whole run incl. warm-up)")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Official checkpoint files and model directories: safe, strict, exact."""
+
+import argparse
+import fractions
+import pathlib
+
+import pytest
+import torch
+
+from toist_core import cli
+from toist_core.checkpoint import (CheckpointError, detect_architecture, load_model_dir, load_official,
+                                   load_official_weights, load_pretrained, read_official, save_model_dir)
+from toist_core.config import preset
+from toist_core.model import TOIST, build_model, load_tokenizer
+from toist_core.structures import ImageBatch
+from toist_core.typed_config import save_yaml
+
+POSITION_IDS = "transformer.text_encoder.embeddings.position_ids"
+CAPTIONS = ["sit comfortably on something", "open parcel with something"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("builtin:tiny")
+
+
+def build(name, tokenizer, seed):
+    torch.manual_seed(seed)
+    return build_model(preset(name), tokenizer=tokenizer).eval()
+
+
+@pytest.fixture(scope="module")
+def segm_model(tokenizer):
+    return build("tiny_segm", tokenizer, seed=0)
+
+
+@pytest.fixture(scope="module")
+def images():
+    generator = torch.Generator().manual_seed(3)
+    return ImageBatch.from_images([torch.randn(3, 64, 96, generator=generator),
+                                   torch.randn(3, 72, 64, generator=generator)])
+
+
+def bank_state(num_clusters=3, dim=128, size=16):
+    generator = torch.Generator().manual_seed(5)
+    return {"feature_bank": torch.randn(14, size, dim, generator=generator),
+            "cluster_centers": torch.randn(14, num_clusters, dim, generator=generator),
+            "update_count": torch.full((14,), float(size + 4)), "full_label": torch.ones(14)}
+
+
+def official_container(ema_state, other_state, cluster=None, args=None):
+    """The dict ``main.py`` of the reference saves (transformers-4.5 ``position_ids`` included)."""
+    def with_position_ids(state):
+        state = dict(state)
+        prefix = "detr." if any(k.startswith("detr.") for k in state) else ""
+        rows = state[prefix + "transformer.text_encoder.embeddings.position_embeddings.weight"].shape[0]
+        state[prefix + POSITION_IDS] = torch.arange(rows).unsqueeze(0)
+        return state
+
+    return {"model": with_position_ids(other_state), "model_ema": with_position_ids(ema_state),
+            "model_noun": None, "model_noun_ema": None,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 5e-5, "params": [0, 1]}]},
+            "epoch": 59, "args": args or argparse.Namespace(nheads=8, masks=True, cluster=cluster is not None,
+                                                          text_encoder_type="roberta-base", lr=5e-5),
+            "cluster_criterion": cluster}
+
+
+@pytest.fixture(scope="module")
+def official_file(tmp_path_factory, segm_model, tokenizer):
+    """A distilled segmentation file: model_ema = segm_model, model = other random weights."""
+    other = build("tiny_segm", tokenizer, seed=1)
+    path = tmp_path_factory.mktemp("ckpt") / "toist_distilled.pth"
+    torch.save(official_container(segm_model.state_dict(), other.state_dict(), cluster=bank_state()), path)
+    return path
+
+
+def outputs(model, images):
+    with torch.no_grad():
+        return model(images, CAPTIONS)
+
+
+def test_official_file_loads_ema_weights_and_reproduces_outputs(official_file, segm_model, images, tokenizer):
+    loaded = load_official(official_file, config=preset("tiny_segm"), tokenizer=tokenizer)
+    expected, got = outputs(segm_model, images), outputs(loaded.model, images)
+    for key in ("pred_logits", "pred_boxes", "pred_masks"):
+        assert torch.equal(expected[key], got[key]), key
+    # model_ema was used, not model (which holds other weights).
+    other = build("tiny_segm", tokenizer, seed=1)
+    assert not torch.equal(outputs(other, images)["pred_logits"], got["pred_logits"])
+    ckpt = read_official(official_file)
+    assert ckpt.source_key == "model_ema" and ckpt.had_position_ids and ckpt.is_segmentation
+    assert isinstance(ckpt.args, argparse.Namespace) and ckpt.args.nheads == 8
+    assert not any(k.endswith("position_ids") for k in ckpt.state_dict)
+
+
+def test_memory_bank_of_distilled_file(official_file, tokenizer):
+    loaded = load_official(official_file, config=preset("tiny_segm"), tokenizer=tokenizer)
+    expected = bank_state()
+    bank = loaded.memory_bank
+    assert (bank.num_tasks, bank.size, bank.dim, bank.num_clusters) == (14, 16, 128, 3)
+    for key, value in expected.items():
+        assert torch.equal(getattr(bank, key), value), key
+    assert detect_architecture(read_official(official_file).state_dict, expected).num_clusters == 3
+
+
+def test_model_is_used_when_model_ema_is_none(tmp_path, segm_model, tokenizer, images):
+    container = official_container(segm_model.state_dict(), segm_model.state_dict())
+    container["model_ema"] = None
+    container["model"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in container["model"].items()}
+    torch.save(container, tmp_path / "plain.pth")
+    loaded = load_official(tmp_path / "plain.pth", config=preset("tiny_segm"), tokenizer=tokenizer)
+    assert read_official(tmp_path / "plain.pth").source_key == "model"
+    first = next(iter(container["model"]))
+    assert torch.equal(loaded.model.state_dict()[first], container["model"][first])
+    assert loaded.memory_bank is None
+
+
+def test_detection_only_file(tmp_path, tokenizer, images):
+    detector = build("tiny", tokenizer, seed=2)
+    torch.save(official_container(detector.state_dict(), detector.state_dict()), tmp_path / "det.pth")
+    loaded = load_official(tmp_path / "det.pth", config=preset("tiny"), tokenizer=tokenizer)
+    assert isinstance(loaded.model, TOIST) and not loaded.config.masks
+    expected, got = outputs(detector, images), outputs(loaded.model, images)
+    assert torch.equal(expected["pred_boxes"], got["pred_boxes"])
+    assert torch.equal(expected["proj_tokens"], got["proj_tokens"])
+    # An MDETR-style file with a head TOIST lacks: refused, unless that head is left out on purpose.
+    state = dict(detector.state_dict(), **{"isfinal_embed.weight": torch.zeros(1, 128),
+                                           "isfinal_embed.bias": torch.zeros(1)})
+    torch.save(official_container(state, state), tmp_path / "mdetr.pth")
+    with pytest.raises(CheckpointError, match="2 unexpected tensor.*isfinal_embed"):
+        load_official_weights(loaded.model, tmp_path / "mdetr.pth")
+    load_official_weights(loaded.model, tmp_path / "mdetr.pth", ignore_prefixes=["isfinal_embed."])
+
+
+def test_segmentation_file_into_detector_needs_detector_only(official_file, segm_model, tokenizer, images):
+    detector = build("tiny", tokenizer, seed=7)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor.*detr\."):
+        load_official_weights(detector, official_file)
+    load_official_weights(detector, official_file, detector_only=True)
+    with torch.no_grad():
+        expected = segm_model.detr(images, CAPTIONS)
+        got = detector(images, CAPTIONS)
+    assert torch.equal(expected["pred_logits"], got["pred_logits"])
+
+
+@pytest.mark.parametrize("damage, named, says", [
+    ("missing", "detr.class_embed.bias", "1 missing tensor"),
+    ("extra", "detr.class_embed.extra", "1 unexpected tensor"),
+    ("misshaped", "detr.bbox_embed.layers.2.weight", "1 mis-shaped tensor"),
+])
+def test_bad_tensors_are_refused_by_name(tmp_path, segm_model, tokenizer, damage, named, says):
+    state = dict(segm_model.state_dict())
+    if damage == "missing":
+        del state[named]
+    elif damage == "extra":
+        state[named] = torch.zeros(3)
+    else:
+        state[named] = torch.zeros(5, 128)
+    torch.save(official_container(state, state), tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=f"{says}.*{named}") as error:
+        load_official(tmp_path / "bad.pth", config=preset("tiny_segm"), tokenizer=tokenizer)
+    if damage == "misshaped":
+        assert "file [5, 128], model [4, 128]" in str(error.value)
+
+
+def test_config_mismatch_is_named(official_file, tokenizer):
+    cfg = preset("tiny_segm")
+    cfg.num_queries = 50
+    with pytest.raises(CheckpointError, match="num_queries: checkpoint 100, config 50"):
+        load_official(official_file, config=cfg, tokenizer=tokenizer)
+    with pytest.raises(CheckpointError, match="masks: checkpoint True, config False"):
+        load_official(official_file, config=preset("tiny"), tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("foreign", [fractions.Fraction(1, 3), pathlib.PurePosixPath("/data/out")])
+def test_foreign_pickled_objects_are_refused(tmp_path, segm_model, foreign):
+    container = official_container(segm_model.state_dict(), segm_model.state_dict())
+    container["args"].output_dir = foreign  # hidden inside the allowed Namespace
+    torch.save(container, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=f"refused.*{type(foreign).__name__}"):
+        read_official(tmp_path / "evil.pth")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a zip file")
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        read_official(tmp_path / "junk.pth")
+    with pytest.raises(CheckpointError, match="not found"):
+        read_official(tmp_path / "absent.pth")
+    torch.save({"epoch": 3}, tmp_path / "empty.pth")
+    with pytest.raises(CheckpointError, match="no 'model_ema' or 'model'"):
+        read_official(tmp_path / "empty.pth")
+
+
+def test_without_pretrain_position_table(tmp_path, tokenizer, images):
+    cfg = preset("tiny")
+    cfg.text.max_position_embeddings, cfg.text.layer_norm_eps = 512, 1e-12
+    torch.manual_seed(4)
+    model = build_model(cfg, tokenizer=tokenizer).eval()
+    torch.save(official_container(model.state_dict(), model.state_dict()), tmp_path / "wp.pth")
+    ckpt = read_official(tmp_path / "wp.pth")
+    assert ckpt.had_position_ids and detect_architecture(ckpt.state_dict).text_max_positions == 512
+    loaded = load_official(tmp_path / "wp.pth", config=cfg, tokenizer=tokenizer)
+    assert torch.equal(outputs(model, images)["pred_logits"], outputs(loaded.model, images)["pred_logits"])
+    with pytest.raises(CheckpointError, match="max_position_embeddings: checkpoint 512, config 514"):
+        load_official(tmp_path / "wp.pth", config=preset("tiny"), tokenizer=tokenizer)
+
+
+def test_model_directory_round_trip(tmp_path, official_file, segm_model, tokenizer, images):
+    loaded = load_official(official_file, config=preset("tiny_segm"), tokenizer=tokenizer)
+    directory = save_model_dir(loaded.model, tmp_path / "model", loaded.config, memory_bank=loaded.memory_bank,
+                               pronoun="something", source="toist_distilled.pth")
+    for name in ("config.yaml", "model.safetensors", "memory_bank.safetensors", "tokenizer/tokenizer.json"):
+        assert (directory / name).is_file(), name
+    again = load_pretrained(directory)  # no tokenizer argument: the directory has its own
+    assert again.config.masks and again.pronoun == "something"
+    assert torch.equal(outputs(segm_model, images)["pred_masks"], outputs(again.model, images)["pred_masks"])
+    assert torch.equal(again.memory_bank.cluster_centers, loaded.memory_bank.cluster_centers)
+    # A damaged directory is refused by name.
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(directory / "model.safetensors"))
+    del state["mask_head.out_lay.bias"]
+    save_file(state, str(directory / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="mask_head.out_lay.bias"):
+        load_model_dir(directory)
+
+
+def test_cli_export(tmp_path, official_file, segm_model, images, capsys):
+    config_yaml = tmp_path / "tiny_segm.yaml"
+    save_yaml(preset("tiny_segm"), config_yaml)
+    out = tmp_path / "exported"
+    code = cli.main(["export", str(official_file), str(out), "--config", str(config_yaml)])
+    assert code == 0 and "segmentation, memory bank" in capsys.readouterr().out
+    loaded = load_model_dir(out)
+    assert torch.equal(outputs(segm_model, images)["pred_logits"], outputs(loaded.model, images)["pred_logits"])
+    assert loaded.memory_bank is not None
+    # Errors come back as an exit code and a message naming the file.
+    assert cli.main(["export", str(tmp_path / "absent.pth"), str(tmp_path / "x")]) == 2
+    assert "absent.pth" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_paper_size_segmentation_file_loads_without_config(tmp_path, tokenizer):
+    """The released files' key set (paper size, ``detr.``, position_ids) loads strictly, with the
+    config read from the file."""
+    torch.manual_seed(0)
+    model = build_model(preset("paper_segm"), tokenizer=tokenizer)
+    state = model.state_dict()
+    path = tmp_path / "paper_segm.pth"
+    container = official_container(state, state)
+    container["model"] = None
+    torch.save(container, path)
+    marker = state["detr.class_embed.bias"].clone()
+    del model, state, container
+    loaded = load_official(path, tokenizer=tokenizer)
+    expected = preset("paper_segm")
+    expected.text.tokenizer = loaded.config.text.tokenizer
+    assert loaded.config == expected
+    assert torch.equal(loaded.model.state_dict()["detr.class_embed.bias"], marker)
+    # A 512-row table reads as the "without pretraining" variant (transformers' default eps).
+    ckpt = read_official(path)
+    ckpt.state_dict["detr.transformer.text_encoder.embeddings.position_embeddings.weight"] = torch.zeros(512, 768)
+    variant = detect_architecture(ckpt.state_dict).apply_to(preset("paper"))
+    assert (variant.text.max_position_embeddings, variant.text.layer_norm_eps, variant.masks) == (512, 1e-12, True)

@@ -1,0 +1,98 @@
+"""Model / inference configuration: presets, YAML round trip, validation."""
+
+import subprocess
+import sys
+
+import pytest
+
+from toist_core.config import (TINY_TOKENIZER, BackboneConfig, InferenceConfig, ModelConfig, PRESETS,
+                               preset)
+from toist_core.typed_config import ConfigError, from_dict, load_yaml, merge, save_yaml, to_dict
+
+
+def test_paper_preset_has_reference_sizes():
+    cfg = preset("paper")
+    assert cfg.backbone.name == "resnet101" and not cfg.backbone.dilation
+    assert cfg.backbone.channels == (256, 512, 1024, 2048)
+    t = cfg.transformer
+    assert (t.d_model, t.nheads, t.enc_layers, t.dec_layers, t.dim_feedforward, t.dropout) == (256, 8, 6, 6, 2048, 0.1)
+    x = cfg.text
+    assert (x.vocab_size, x.hidden_size, x.num_layers, x.num_heads, x.intermediate_size) == (50265, 768, 12, 12, 3072)
+    assert (x.max_position_embeddings, x.layer_norm_eps, x.type_vocab_size) == (514, 1e-5, 1)
+    assert (cfg.num_queries, cfg.contrastive_dim, cfg.contrastive_align, cfg.masks) == (100, 64, True, False)
+    assert x.weights is None and cfg.backbone.weights is None  # random weights by default
+
+
+def test_variant_presets():
+    segm = preset("paper_segm")
+    assert segm.masks and not segm.contrastive_align and not segm.aux_loss
+    wp = preset("paper_without_pretrain")
+    assert (wp.text.max_position_embeddings, wp.text.layer_norm_eps) == (512, 1e-12)
+    tiny = preset("tiny")
+    assert tiny.text.tokenizer == TINY_TOKENIZER and tiny.backbone.channels == (64, 128, 256, 512)
+    assert preset("tiny_segm").masks
+
+
+def test_presets_are_fresh_copies():
+    a = preset("paper")
+    a.transformer.d_model = 7
+    assert preset("paper").transformer.d_model == 256
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ConfigError, match="papr"):
+        preset("papr")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_yaml_round_trip(tmp_path, name):
+    cfg = preset(name)
+    path = tmp_path / "model.yaml"
+    save_yaml(cfg, path)
+    assert load_yaml(ModelConfig, path) == cfg
+
+
+def test_yaml_errors_name_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("transformer:\n  d_model: wide\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*transformer.d_model"):
+        load_yaml(ModelConfig, path)
+    path.write_text("backbone:\n  name: resnet7\n")
+    with pytest.raises(ConfigError, match="resnet7"):
+        load_yaml(ModelConfig, path)
+    with pytest.raises(ConfigError, match="num_querys"):
+        from_dict(ModelConfig, {"num_querys": 3})
+
+
+def test_merge_and_validation():
+    cfg = merge(preset("tiny"), {"masks": True, "transformer": {"dec_layers": 3}})
+    assert cfg.masks and cfg.transformer.dec_layers == 3 and cfg.transformer.d_model == 128
+    # The mask head's GroupNorm(8) needs d_model >= 128.
+    with pytest.raises(ConfigError, match="GroupNorm"):
+        merge(preset("tiny"), {"masks": True, "transformer": {"d_model": 64}})
+    with pytest.raises(ConfigError, match="divisible"):
+        merge(preset("tiny"), {"transformer": {"nheads": 5}})
+    with pytest.raises(ConfigError, match="num_heads"):
+        merge(preset("paper"), {"text": {"num_heads": 7}})
+
+
+def test_inference_config_validation():
+    assert InferenceConfig().short_side == 800 and InferenceConfig().max_size == 1333
+    with pytest.raises(ConfigError, match="score_threshold"):
+        InferenceConfig(score_threshold=1.5)
+    with pytest.raises(ConfigError, match="precision"):
+        from_dict(InferenceConfig, {"precision": "int8"})
+    with pytest.raises(ConfigError, match="short_side"):
+        InferenceConfig(short_side=900, max_size=800)
+    assert to_dict(InferenceConfig())["mean"] == [0.485, 0.456, 0.406]
+
+
+def test_backbone_channels():
+    assert BackboneConfig(name="resnet34").channels == (64, 128, 256, 512)
+    assert BackboneConfig(name="resnet50").channels == (256, 512, 1024, 2048)
+
+
+def test_config_imports_without_torch():
+    code = "import sys, toist_core.config, toist_core.tasks; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,267 @@
+"""COCO-Tasks dataset items against their JSON: boxes, masks, captions, transforms and batching."""
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from torchvision import tv_tensors
+
+from toist_core.data.captions import coco_id2name
+from toist_core.data.coco_tasks import CocoTasksDataset, build_dataset
+from toist_core.data.collate import Collator, collate
+from toist_core.data.config import DataConfig
+from toist_core.data.synth import generate
+from toist_core.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomSizeCrop, crop, make_transforms,
+                                        resized_hw)
+from toist_core.tasks import TASK_PHRASES
+
+# pycocotools calls np.array(copy=False) on its own objects (numpy 2 warns); not our code.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "toist_core" / "assets" / "tiny_tokenizer"
+SMALL = dict(train_sizes=[96, 128], max_size=200, crop_resize_sizes=[100, 120], crop_min_size=64,
+             crop_max_size=200, test_size=120)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, tasks=[2, 14], splits=("train", "test"), images_per_split=8, seed=5, image_format="png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def edited(root):
+    """task_2_test.json plus a crowd object, a degenerate box, an RLE object and a box out of the image."""
+    data = json.loads((root / "annotations" / "task_2_test.json").read_text())
+    image = data["images"][0]
+    h, w = image["height"], image["width"]
+    block = np.zeros((h, w), dtype=np.uint8, order="F")
+    block[10:30, 20:50] = 1
+    rle = mask_utils.encode(block)
+    base = {"image_id": image["id"], "area": 100.0, "COCO_category_id": 63, "category_id": 1}
+    data["annotations"] += [
+        dict(base, id=1, bbox=[5, 5, 40, 40], iscrowd=1,
+             segmentation={"size": [h, w], "counts": [0, h * w]}),                         # crowd: dropped
+        dict(base, id=2, bbox=[30, 30, 0, 12], iscrowd=0, segmentation=[[30, 30, 30, 42, 30.5, 36]]),
+        dict(base, id=3, bbox=[20, 10, 30, 20], iscrowd=0,
+             segmentation={"size": [h, w], "counts": rle["counts"].decode()}),              # RLE object
+        dict(base, id=4, bbox=[w - 10, h - 8, 25, 30], iscrowd=0,                             # clipped
+             segmentation=[[w - 10, h - 8, w - 1, h - 8, w - 1, h - 1, w - 10, h - 1]]),
+    ]
+    path = root / "edited" / "task_2_test.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _coco(path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(path))
+
+
+def _expected_xyxy(anns, h, w):
+    boxes = []
+    for a in anns:
+        x, y, bw, bh = a["bbox"]
+        x0, y0, x1, y1 = max(0, min(x, w)), max(0, min(y, h)), max(0, min(x + bw, w)), max(0, min(y + bh, h))
+        if x1 > x0 and y1 > y0:
+            boxes.append([x0, y0, x1, y1])
+    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+
+
+def _kept(coco, image_id):
+    return [a for a in coco.imgToAnns[image_id] if a["category_id"] == 1 and not a["iscrowd"]
+            and min(a["bbox"][0] + a["bbox"][2], coco.imgs[image_id]["width"]) > max(a["bbox"][0], 0)
+            and min(a["bbox"][1] + a["bbox"][3], coco.imgs[image_id]["height"]) > max(a["bbox"][1], 0)]
+
+
+def test_resized_hw_reference_rule():
+    assert resized_hw(480, 640, 800, 1333) == (800, 1066)
+    assert resized_hw(100, 1000, 800, 1333) == (133, 1330)   # long side capped: short = round(1333/10)
+    assert resized_hw(600, 400, 800, 1000) == (1000, 667)
+    assert resized_hw(800, 900, 800, 1333) == (800, 900)      # already the right size
+
+
+def test_items_match_json_after_test_transform(root):
+    ann = root / "annotations" / "task_2_test.json"
+    coco = _coco(ann)
+    dataset = CocoTasksDataset(ann, root / "images" / "val2014", masks=True,
+                               transforms=make_transforms("test", **SMALL))
+    assert len(dataset) == len(coco.dataset["images"])  # images without a preferred object are kept
+    empty = 0
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        record = coco.dataset["images"][index]
+        h, w = record["height"], record["width"]
+        short, long = min(h, w), max(h, w)
+        size = SMALL["test_size"]
+        if long / short * size > SMALL["max_size"]:
+            size = int(round(SMALL["max_size"] * short / long))
+        oh, ow = (int(size * h / w), size) if w < h else (size, int(size * w / h))
+        assert target["image_id"] == record["id"] and target["task_id"] == 2
+        assert image.shape == (3, oh, ow) and target["size"].tolist() == [oh, ow]
+        assert target["orig_size"].tolist() == [h, w]
+        xyxy = _expected_xyxy(_kept(coco, record["id"]), h, w) * torch.tensor([ow / w, oh / h, ow / w, oh / h])
+        expected = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2 / ow, (xyxy[:, 1] + xyxy[:, 3]) / 2 / oh,
+                                (xyxy[:, 2] - xyxy[:, 0]) / ow, (xyxy[:, 3] - xyxy[:, 1]) / oh], dim=1)
+        assert torch.allclose(target["boxes"], expected, atol=1e-5)
+        assert target["labels"].tolist() == [1] * len(expected)
+        assert target["masks"].shape == (len(expected), oh, ow) and target["masks"].dtype == torch.bool
+        assert target["caption"] == TASK_PHRASES[2] + "something"
+        assert target["tokens_positive"] == [[(0, len(target["caption"]))]] * len(expected)
+        empty += len(expected) == 0
+    assert 0 < empty < len(dataset)
+
+
+def test_image_is_normalised_rgb(root):
+    ann = root / "annotations" / "task_2_test.json"
+    dataset = CocoTasksDataset(ann, root / "images" / "val2014")
+    image, _ = dataset[0]
+    raw = dataset.load_image(0).float() / 255
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(image, (raw - mean) / std, atol=1e-6)
+
+
+def test_crowd_degenerate_rle_and_clipping(root, edited):
+    coco = _coco(edited)
+    dataset = CocoTasksDataset(edited, root / "images" / "val2014", masks=True)
+    image_id = coco.dataset["images"][0]["id"]
+    _, target = dataset[0]
+    h, w = coco.imgs[image_id]["height"], coco.imgs[image_id]["width"]
+    kept = [a for a in coco.imgToAnns[image_id] if a["category_id"] == 1 and a["id"] not in (1, 2)]
+    assert len(target["boxes"]) == len(kept)
+    xyxy = _expected_xyxy(kept, h, w)
+    assert xyxy[-1].tolist() == [w - 10, h - 8, w, h]  # clipped to the image
+    cxcywh = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2 / w, (xyxy[:, 1] + xyxy[:, 3]) / 2 / h,
+                          (xyxy[:, 2] - xyxy[:, 0]) / w, (xyxy[:, 3] - xyxy[:, 1]) / h], dim=1)
+    assert torch.allclose(target["boxes"], cxcywh, atol=1e-6)
+    # Masks equal pycocotools' rasterisation of each kept object's polygons / RLE.
+    for mask, ann in zip(target["masks"], kept):
+        assert torch.equal(mask, torch.from_numpy(coco.annToMask(ann).astype(bool)))
+    assert target["masks"][-2].sum() == 20 * 30  # the RLE block
+    assert torch.allclose(target["area"], torch.tensor([a["area"] for a in kept], dtype=torch.float32))
+
+
+def test_noun_and_distill_modes(root):
+    ann = root / "annotations" / "task_14_train.json"
+    coco = _coco(ann)
+    names = coco_id2name()
+    noun = CocoTasksDataset(ann, root / "images" / "train2014", caption_mode="noun")
+    distill = CocoTasksDataset(ann, root / "images" / "train2014", caption_mode="distill", masks=True,
+                               transforms=make_transforms("train", **SMALL))
+    saw_empty = saw_boxes = False
+    for index in range(len(noun)):
+        _, target = noun[index]
+        kept = _kept(coco, target["image_id"])
+        cats = sorted({a["COCO_category_id"] for a in kept})
+        assert target["caption"] == " ".join(TASK_PHRASES[14] + names[c] for c in cats)
+        for spans, nspans, a in zip(target["tokens_positive"], target["noun_tokens_positive"], kept):
+            (b, e), = spans
+            (nb, ne), = nspans
+            assert target["caption"][b:e] == TASK_PHRASES[14] + names[a["COCO_category_id"]]
+            assert target["caption"][nb:ne] == names[a["COCO_category_id"]] and b < nb < ne == e
+        saw_empty |= not kept
+        saw_boxes |= bool(kept)
+        torch.manual_seed(index)
+        image, t_noun, t_pron = distill[index]
+        assert t_noun["caption"] == target["caption"]
+        assert t_pron["caption"] == TASK_PHRASES[14] + "something"
+        for key in ("boxes", "masks", "area", "size", "labels"):
+            assert torch.equal(t_noun[key], t_pron[key])
+        assert t_pron["tokens_positive"] == [[(0, len(t_pron["caption"]))]] * len(kept)
+    assert saw_empty and saw_boxes
+
+
+def test_train_transform_keeps_boxes_and_masks_together(root):
+    ann = root / "annotations" / "task_2_train.json"
+    coco = _coco(ann)
+    dataset = CocoTasksDataset(ann, root / "images" / "train2014", masks=True,
+                               transforms=make_transforms("train", **SMALL))
+    torch.manual_seed(0)
+    sizes = set()
+    for _ in range(3):
+        for index in range(len(dataset)):
+            image, target = dataset[index]
+            h, w = target["size"].tolist()
+            sizes.add((h, w))
+            assert image.shape[-2:] == (h, w) and max(h, w) <= SMALL["max_size"] + 1
+            assert len(target["boxes"]) == len(_kept(coco, target["image_id"]))  # no box lost
+            boxes = target["boxes"]
+            assert ((boxes[:, 2:] > 0) & (boxes[:, :2] >= 0) & (boxes[:, :2] <= 1)).all()
+            for box, mask in zip(boxes, target["masks"]):
+                if mask.any():  # the mask lies inside its box (up to the nearest-neighbour pixel)
+                    ys, xs = torch.nonzero(mask, as_tuple=True)
+                    cx, cy, bw, bh = (box * torch.tensor([w, h, w, h])).tolist()
+                    assert xs.min() >= cx - bw / 2 - 2 and xs.max() <= cx + bw / 2 + 1
+                    assert ys.min() >= cy - bh / 2 - 2 and ys.max() <= cy + bh / 2 + 1
+    assert len(sizes) > 2  # random sizes and crops happened
+
+
+def test_crop_hand_computed():
+    image = tv_tensors.Image(torch.zeros(3, 50, 80, dtype=torch.uint8))
+    masks = torch.zeros(2, 50, 80, dtype=torch.bool)
+    masks[0, 12:20, 5:40] = True
+    target = {"boxes": torch.tensor([[5.0, 12.0, 40.0, 20.0], [60.0, 30.0, 79.0, 49.0]]),
+              "area": torch.tensor([1.0, 1.0]), "masks": masks}
+    out_image, out = crop(image, target, top=10, left=30, height=30, width=40)
+    assert out_image.shape == (3, 30, 40)
+    assert out["boxes"].tolist() == [[0.0, 2.0, 10.0, 10.0], [30.0, 20.0, 40.0, 30.0]]
+    assert out["area"].tolist() == [80.0, 100.0]
+    assert out["masks"][0].sum() == 8 * 10 and out["size"].tolist() == [30, 40]
+
+
+def test_random_size_crop_never_loses_a_box():
+    image = tv_tensors.Image(torch.zeros(3, 300, 400, dtype=torch.uint8))
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [390.0, 290.0, 400.0, 300.0]])
+    target = {"boxes": boxes, "area": torch.ones(2)}
+    cropper = RandomSizeCrop(100, 1000)
+    torch.manual_seed(1)
+    for _ in range(20):
+        out_image, out = cropper(image, target)
+        kept = out["boxes"]
+        assert len(kept) == 2 and bool(((kept[:, 2:] - kept[:, :2]) > 0).all())
+        assert out_image.shape[-2:] == tuple(out.get("size", torch.tensor([300, 400])).tolist())
+
+
+def test_collate_pads_and_builds_positive_maps(root):
+    from toist_core.model.text import load_tokenizer
+    tokenizer = load_tokenizer(str(TOKENIZER_DIR))
+    ann = root / "annotations" / "task_14_test.json"
+    dataset = CocoTasksDataset(ann, root / "images" / "val2014", caption_mode="distill")
+    batch = [dataset[i] for i in range(4)]
+    images, nouns, pronouns = Collator(tokenizer)(batch)
+    assert images.tensors.shape[0] == 4
+    for i, (image, t_noun, _) in enumerate(batch):
+        h, w = image.shape[-2:]
+        assert torch.equal(images.tensors[i, :, :h, :w], image)
+        assert not images.mask[i, :h, :w].any() and images.mask[i].sum() == images.mask[i].numel() - h * w
+        assert nouns[i]["positive_map"].shape == (len(t_noun["boxes"]), 256)
+        assert pronouns[i]["positive_map"].shape == (len(t_noun["boxes"]), 256)
+        if len(t_noun["boxes"]):
+            ids = tokenizer(t_noun["caption"])["input_ids"]
+            for row, ((b, e),) in zip(nouns[i]["positive_map"], t_noun["tokens_positive"]):
+                positive = torch.nonzero(row).flatten().tolist()
+                assert tokenizer.decode([ids[k] for k in positive]).strip() == t_noun["caption"][b:e]
+            assert set(nouns[i]["positive_map"].unique().tolist()) == {0.0, 1.0}
+    plain_images, targets = collate([(b[0], b[2]) for b in batch])
+    assert "positive_map" not in targets[0] and torch.equal(plain_images.tensors, images.tensors)
+
+
+def test_concatenated_tasks_and_config(root):
+    cfg = DataConfig(root=str(root), tasks=[2, 14], **SMALL)
+    train = build_dataset(cfg, "train")
+    test = build_dataset(cfg, "test")
+    assert len(train) == 16 and len(test) == 16
+    assert [test.sample_info(i)[0].task_id for i in (0, 8)] == [2, 14]
+    assert test[9][1]["task_id"] == 14 and test.caption_mode == "pronoun"
+    noun_cfg = DataConfig(root=str(root), tasks=[14], caption_mode="distill", **SMALL)
+    assert len(build_dataset(noun_cfg, "train")[0]) == 3
+    with pytest.raises(ValueError, match="tasks: 15"):
+        DataConfig(tasks=[15])

@@ -1,0 +1,276 @@
+"""The paper's metric: per-task COCOeval (catIds=[1], all images) and its mean; tables, plots, files."""
+
+import contextlib
+import copy
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from toist_core.cli_evaluate import main as evaluate_main, predict_tasks
+from toist_core.data.schema import DataError
+from toist_core.data.synth import generate
+from toist_core.eval.evaluator import evaluate_task, evaluate_tasks, load_ground_truth, task_files
+from toist_core.eval.plots import plot_pr_curves
+from toist_core.eval.predictions import ImagePredictions, encode_masks, load_predictions, save_predictions
+from toist_core.eval.tables import write_tables
+
+# pycocotools calls np.array(copy=False) on its own objects (numpy 2 warns); not our code.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+TASKS = [2, 10, 14]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, tasks=TASKS, splits=("test",), images_per_split=20, seed=21)
+    return root
+
+
+def _perfect(gt: COCO) -> dict:
+    preds = {}
+    for image_id in gt.getImgIds():
+        anns = [a for a in gt.imgToAnns[image_id] if a["category_id"] == 1]
+        boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns]
+        masks = encode_masks(np.stack([gt.annToMask(a) for a in anns])) if anns else []
+        preds[image_id] = ImagePredictions(np.array(boxes).reshape(-1, 4), np.linspace(0.9, 0.5, len(anns)), masks)
+    return preds
+
+
+def _random(gt: COCO, rng: np.random.Generator) -> dict:
+    """Noisy copies of all objects (preferred or not) plus random boxes, random scores."""
+    preds = {}
+    for image_id in gt.getImgIds():
+        info = gt.imgs[image_id]
+        h, w = info["height"], info["width"]
+        boxes = []
+        for a in gt.imgToAnns[image_id]:
+            x, y, bw, bh = a["bbox"]
+            boxes.append([x, y, x + bw, y + bh] + rng.normal(0, 0.12 * max(bw, bh), 4))
+        for _ in range(int(rng.integers(0, 6))):
+            x0, y0 = rng.uniform(0, w - 10), rng.uniform(0, h - 10)
+            boxes.append([x0, y0, x0 + rng.uniform(5, w - x0), y0 + rng.uniform(5, h - y0)])
+        boxes = np.clip(np.array(boxes).reshape(-1, 4), 0, [w, h, w, h])
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+        masks = np.zeros((len(boxes), h, w), dtype=bool)
+        for k, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
+            masks[k, y0:y1, x0:x1] = True
+        preds[image_id] = ImagePredictions.from_arrays(boxes, rng.uniform(0, 1, len(boxes)), masks)
+    return preds
+
+
+def test_perfect_predictions_give_ap_one(root):
+    files = task_files(root, TASKS)
+    predictions = {t: _perfect(load_ground_truth(p)) for t, p in files.items()}
+    result = evaluate_tasks(files, predictions)
+    assert result.iou_types == ("bbox", "segm")
+    for task in result.tasks:
+        assert 0 < task.num_images_with_targets < task.num_images == 20
+        for iou in ("bbox", "segm"):
+            assert task.ap50[iou] == pytest.approx(1.0) and task.ap[iou] == pytest.approx(1.0)
+            assert task.ap50_with_targets[iou] == pytest.approx(1.0)
+    assert result.mean_ap50("bbox") == pytest.approx(1.0) and result.mean_ap50("segm") == pytest.approx(1.0)
+
+
+def _hand_file(tmp_path):
+    """Image 1: two preferred objects + one other object; image 2: nothing preferred."""
+    def ann(id_, image, box, cat):
+        x, y, w, h = box
+        return {"id": id_, "image_id": image, "bbox": box, "area": float(w * h), "iscrowd": 0,
+                "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]], "COCO_category_id": 62,
+                "category_id": cat}
+    data = {"info": "hand", "categories": [{"id": 0, "name": "non_preferred"}, {"id": 1, "name": "preferred"}],
+            "images": [{"id": 1, "file_name": "a.jpg", "height": 100, "width": 100},
+                       {"id": 2, "file_name": "b.jpg", "height": 100, "width": 100}],
+            "annotations": [ann(10, 1, [10, 10, 20, 20], 1), ann(11, 1, [60, 60, 30, 30], 1),
+                            ann(12, 1, [40, 5, 20, 20], 0), ann(13, 2, [5, 5, 50, 50], 0)]}
+    path = tmp_path / "task_3_test.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_hand_constructed_known_values(tmp_path):
+    path = _hand_file(tmp_path)
+    # Ranked: FP on the empty image (0.95), TP (0.9), FP on the non-preferred object (0.8).
+    # One of two targets found -> recall 0.5 at precision 1/2 -> interpolated precision 0.5 on
+    # the 51 recall thresholds 0.00..0.50, 0 beyond: AP = 0.5 * 51 / 101.
+    preds = {1: ImagePredictions([[10, 10, 30, 30], [40, 5, 60, 25]], [0.9, 0.8]),
+             2: ImagePredictions([[5, 5, 55, 55]], [0.95])}
+    result = evaluate_task(path, preds, iou_types=["bbox"])
+    assert result.task_id == 3 and result.num_targets == 2 and result.num_images_with_targets == 1
+    assert result.ap50["bbox"] == pytest.approx(0.5 * 51 / 101)
+    assert result.ap["bbox"] == pytest.approx(0.5 * 51 / 101)
+    # Without the empty image's false positive, the TP ranks first: precision 1 up to recall 0.5.
+    assert result.ap50_with_targets["bbox"] == pytest.approx(51 / 101)
+    # Second target found with a slightly shifted box: IoU = 30*27/(30*30) = 0.9 -> AP@0.5 counts
+    # it at rank 3 (precision 2/3 at recall 1).
+    preds[1] = ImagePredictions([[10, 10, 30, 30], [40, 5, 60, 25], [60, 63, 90, 90]], [0.9, 0.8, 0.7])
+    result = evaluate_task(path, preds, iou_types=["bbox"])
+    # Ranks: FP, TP, FP, TP -> precision 0, 1/2, 1/3, 1/2 at recall 0, .5, .5, 1: envelope 1/2 everywhere.
+    assert result.ap50["bbox"] == pytest.approx(0.5)
+    # An image missing from the predictions counts as an image without detections: ranks TP, FP,
+    # TP -> envelope 1 up to recall 0.5, then 2/3.
+    result = evaluate_task(path, {1: preds[1]}, iou_types=["bbox"])
+    assert result.num_images == 2 and result.ap50["bbox"] == pytest.approx((51 + 50 * 2 / 3) / 101)
+
+
+def _direct_stats(gt_path, preds, iou_type, image_ids=None):
+    """Independent pycocotools run, built the way the reference evaluator builds it."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+        results = []
+        for image_id, p in preds.items():
+            for k in range(len(p)):
+                rec = {"image_id": image_id, "category_id": 1, "score": float(p.scores[k])}
+                if iou_type == "bbox":
+                    x0, y0, x1, y1 = p.boxes[k]
+                    rec["bbox"] = [x0, y0, x1 - x0, y1 - y0]
+                else:
+                    rec["segmentation"] = p.masks[k]
+                results.append(rec)
+        ev = COCOeval(gt, gt.loadRes(results), iou_type)
+        ev.params.catIds = [1]
+        if image_ids is not None:
+            ev.params.imgIds = image_ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+def test_equals_direct_pycocotools_on_random_predictions(root):
+    rng = np.random.default_rng(0)
+    for task in TASKS:
+        path = root / "annotations" / f"task_{task}_test.json"
+        gt = load_ground_truth(path)
+        preds = _random(gt, rng)
+        result = evaluate_task(path, preds)
+        with_targets = sorted({a["image_id"] for a in gt.dataset["annotations"] if a["category_id"] == 1})
+        for iou in ("bbox", "segm"):
+            direct = _direct_stats(path, copy.deepcopy(preds), iou)
+            assert np.allclose(result.stats[iou], direct.stats)
+            assert 0.0 < result.ap50[iou] < 1.0 and result.ap50[iou] == direct.stats[1]
+            curve = direct.eval["precision"][0, :, 0, 0, 2]
+            assert np.allclose(np.nan_to_num(result.curves[iou].precision_all, nan=-1), curve)
+            subset = _direct_stats(path, copy.deepcopy(preds), iou, image_ids=with_targets)
+            assert np.allclose(np.nan_to_num(result.curves[iou].precision_with_targets, nan=-1),
+                               subset.eval["precision"][0, :, 0, 0, 2])
+            assert result.ap50_with_targets[iou] == pytest.approx(subset.stats[1])
+
+
+def test_tables_and_plots_are_written(root, tmp_path):
+    files = task_files(root, TASKS)
+    rng = np.random.default_rng(1)
+    result = evaluate_tasks(files, {t: _random(load_ground_truth(p), rng) for t, p in files.items()})
+    md_path, csv_path = write_tables(result, tmp_path)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["task"] for r in rows] == [str(t) for t in TASKS] + ["mean"]
+    for row, task in zip(rows, result.tasks):
+        assert float(row["AP50_box"]) == pytest.approx(100 * task.ap50["bbox"], abs=1e-4)
+        assert float(row["AP50_mask"]) == pytest.approx(100 * task.ap50["segm"], abs=1e-4)
+    assert float(rows[-1]["AP50_box"]) == pytest.approx(100 * np.mean([t.ap50["bbox"] for t in result.tasks]),
+                                                        abs=1e-4)
+    text = md_path.read_text()
+    assert "| Metric | 2 | 10 | 14 | Mean |" in text
+    assert f"{100 * result.mean_ap50('segm'):.1f}" in text
+    for png in plot_pr_curves(result, tmp_path):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_predictions_roundtrip_and_errors(root, tmp_path):
+    gt = load_ground_truth(root / "annotations" / "task_2_test.json")
+    preds = {2: _random(gt, np.random.default_rng(2))}
+    for name in ("p.json", "p.json.gz"):
+        loaded = load_predictions(save_predictions(tmp_path / name, preds))
+        assert set(loaded[2]) == set(preds[2])
+        for image_id, p in preds[2].items():
+            q = loaded[2][image_id]
+            assert np.allclose(q.boxes, p.boxes, atol=1e-3) and np.array_equal(q.scores, p.scores)
+            assert q.masks == p.masks
+    bad = json.loads((tmp_path / "p.json").read_text())
+    image_key = next(iter(bad["tasks"]["2"]))
+    del bad["tasks"]["2"][image_key]["scores"]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(DataError, match=f"bad.json: task 2: image {image_key}: missing field 'scores'"):
+        load_predictions(tmp_path / "bad.json")
+    with pytest.raises(DataError, match="image ids not in"):
+        evaluate_task(root / "annotations" / "task_2_test.json", {123: ImagePredictions([[0, 0, 1, 1]], [1.0])})
+    boxes_only = {i: ImagePredictions(p.boxes, p.scores) for i, p in preds[2].items()}
+    with pytest.raises(DataError, match="segm evaluation needs masks"):
+        evaluate_task(root / "annotations" / "task_2_test.json", boxes_only, iou_types=["segm"])
+    assert evaluate_task(root / "annotations" / "task_2_test.json", boxes_only).ap50.keys() == {"bbox"}
+
+
+def test_cli_on_predictions_file(root, tmp_path, capsys):
+    files = task_files(root, TASKS)
+    preds = {t: _perfect(load_ground_truth(p)) for t, p in files.items()}
+    save_predictions(tmp_path / "preds.json", preds)
+    out = tmp_path / "out"
+    assert evaluate_main(["--data", str(root), "--predictions", str(tmp_path / "preds.json"),
+                          "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mAP^box@0.5 = 100.0, mAP^mask@0.5 = 100.0" in printed
+    assert {p.name for p in out.iterdir()} >= {"results.md", "results.csv", "pr_task_2.png", "cocoeval_log.txt"}
+    assert evaluate_main(["--data", str(root), "--predictions", str(tmp_path / "preds.json"),
+                          "--tasks", "5", "--out", str(out)]) == 2
+
+
+class _OracleSegmenter:
+    """Stands in for TaskSegmenter: returns the ground truth of the image it is shown."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def set_task(self, task_id):
+        import cv2
+        self.gt = load_ground_truth(self.root / "annotations" / f"task_{task_id}_test.json")
+        self.ids = {}
+        for info in self.gt.dataset["images"]:
+            bgr = cv2.imread(str(self.root / "images" / "val2014" / info["file_name"]))
+            self.ids[cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).tobytes()] = info["id"]
+
+    def predict(self, rgb, score_threshold=None, max_instances=None):
+        assert (score_threshold, max_instances) == (0.0, 100)  # the reference keeps every query
+        p = _perfect(self.gt)[self.ids[np.ascontiguousarray(rgb).tobytes()]]
+        masks = (np.stack([mask_utils.decode(m) for m in p.masks]).astype(bool) if p.masks
+                 else np.zeros((0,) + rgb.shape[:2], bool))
+        return type("Prediction", (), {"boxes": p.boxes, "scores": p.scores, "masks": masks})
+
+
+def test_predict_tasks_with_a_segmenter(root):
+    files = task_files(root, [10])
+    first_six = load_ground_truth(files[10]).getImgIds()[:6]
+    preds = predict_tasks(_OracleSegmenter(root), files, root / "images" / "val2014",
+                          image_ids={10: first_six}, log=io.StringIO())
+    assert sorted(preds[10]) == sorted(first_six)
+    result = evaluate_tasks(files, preds, image_ids={10: first_six})
+    assert result.task(10).num_images == 6 and result.task(10).num_targets > 0
+    assert result.task(10).ap50["segm"] == pytest.approx(1.0)
+
+
+def test_cli_on_a_tiny_checkpoint(root, tmp_path, capsys):
+    """The --checkpoint path end to end with a random-weight tiny segmentation model."""
+    from toist_core.checkpoint import save_model_dir
+    from toist_core.inference import TaskSegmenter
+
+    segmenter = TaskSegmenter.from_config("tiny_segm", seed=0, device="cpu")
+    model_dir = save_model_dir(segmenter.model, tmp_path / "tiny", segmenter.config)
+    out = tmp_path / "out"
+    code = evaluate_main(["--data", str(root), "--checkpoint", str(model_dir), "--tasks", "14",
+                          "--max-images", "2", "--short-side", "128", "--max-size", "200", "--device", "cpu",
+                          "--out", str(out), "--save-predictions", str(tmp_path / "p.json"), "--no-plots"])
+    assert code == 0, capsys.readouterr().err
+    saved = load_predictions(tmp_path / "p.json")[14]
+    gt = load_ground_truth(root / "annotations" / "task_14_test.json")
+    assert sorted(saved) == sorted(gt.getImgIds()[:2])
+    for image_id, pred in saved.items():
+        assert len(pred) == 100 and len(pred.masks) == 100  # every query kept, as the reference
+        assert pred.masks[0]["size"] == [gt.imgs[image_id]["height"], gt.imgs[image_id]["width"]]
+        assert np.all(np.diff(pred.scores) <= 0)
+    assert (out / "results.csv").is_file()

@@ -1,0 +1,254 @@
+"""TaskSegmenter: pixel boxes, cached text, masks for kept queries, CCR, CLI predict."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from toist_core import cli
+from toist_core.config import InferenceConfig
+from toist_core.distill.memory_bank import MemoryBank
+from toist_core.inference import Prediction, TaskSegmenter, TaskState
+from toist_core.tokens import NO_OBJECT_INDEX
+
+SMALL = dict(short_side=64, max_size=128)
+
+
+def random_image(height, width, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def seg():
+    return TaskSegmenter.from_config("tiny_segm", seed=0, task=2,
+                                     inference=InferenceConfig(score_threshold=0.0, max_instances=100, **SMALL))
+
+
+def reference_outputs(seg, image, caption, memory_hook=None):
+    """The naive path: full forward (text encoded, all 100 masks), then the reference's
+    post-processing (softmax score, boxes x original size, masks upsampled and thresholded)."""
+    batch, sizes = seg.preprocess([image])
+    with torch.no_grad():
+        memory = seg.model.encode(batch, [caption])
+        if memory_hook is not None:
+            memory = memory_hook(memory)
+        out = seg.model.decode(memory)
+    scores = 1 - out["pred_logits"][0].softmax(-1)[:, NO_OBJECT_INDEX]
+    height, width = image.shape[:2]
+    cx, cy, w, h = out["pred_boxes"][0].unbind(-1)
+    boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * torch.tensor([width, height] * 2)
+    masks = None
+    if "pred_masks" in out:
+        logits = F.interpolate(out["pred_masks"], size=sizes[0], mode="bilinear", align_corners=False)
+        masks = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0].sigmoid() > 0.5
+    return scores, boxes, masks
+
+
+def test_predict_matches_full_forward_and_masks_only_kept(seg):
+    image = random_image(70, 110)
+    scores, boxes, masks = reference_outputs(seg, image, "sit comfortably on something")
+    pred = seg.predict(image, max_instances=7)
+    order = scores.argsort(descending=True, stable=True)[:7]
+    assert isinstance(pred, Prediction) and len(pred) == 7
+    assert pred.queries.tolist() == order.tolist()
+    assert np.allclose(pred.scores, scores[order].numpy(), atol=1e-6)
+    clipped = boxes[order].clone()
+    clipped[:, 0::2] = clipped[:, 0::2].clamp(0, 110)
+    clipped[:, 1::2] = clipped[:, 1::2].clamp(0, 70)
+    assert np.allclose(pred.boxes, clipped.numpy(), atol=1e-3)
+    assert pred.masks.shape == (7, 70, 110) and pred.masks.dtype == bool
+    # Masks of the kept queries alone equal those of the full 100-query mask head.
+    assert np.array_equal(pred.masks, masks[order].numpy())
+    assert 0.0 < pred.masks.mean() < 1.0  # non-trivial masks
+    assert pred.caption == "sit comfortably on something" and pred.task_id == 2
+    assert pred.image_size == (70, 110)
+
+
+def test_threshold_and_cap(seg):
+    image = random_image(50, 60, seed=1)
+    full = seg.predict(image, score_threshold=0.0, max_instances=100)
+    assert len(full) == 100 and np.all(np.diff(full.scores) <= 0)
+    cut = float(full.scores[10])
+    kept = seg.predict(image, score_threshold=cut, max_instances=100)
+    assert len(kept) == int((full.scores >= cut).sum()) and kept.scores.min() >= cut
+    assert len(seg.predict(image, score_threshold=1.0)) == 0
+    empty = seg.predict(image, score_threshold=1.0)
+    assert empty.boxes.shape == (0, 4) and empty.masks.shape == (0, 50, 60)
+
+
+def test_detection_only_model_has_no_masks():
+    seg = TaskSegmenter.from_config("tiny", seed=3, task="water plant with",
+                                    inference=InferenceConfig(score_threshold=0.0, max_instances=5, **SMALL))
+    pred = seg.predict(random_image(40, 90))
+    assert pred.masks is None and pred.boxes.shape == (5, 4) and pred.task_id == 5
+    assert np.all((pred.boxes[:, 0::2] >= 0) & (pred.boxes[:, 0::2] <= 90))
+    assert np.all(pred.boxes[:, 2] >= pred.boxes[:, 0])
+
+
+@pytest.fixture(scope="module")
+def forced():
+    """A model whose every query predicts box (cx, cy, w, h) = (0.4, 0.55, 0.3, 0.5)."""
+    seg = TaskSegmenter.from_config("tiny_segm", seed=1, task=5,
+                                    inference=InferenceConfig(score_threshold=0.5, max_instances=3, **SMALL))
+    box = torch.tensor([0.4, 0.55, 0.3, 0.5])
+    last = seg.model.detector.bbox_embed.layers[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.log(box / (1 - box)))
+        seg.model.detector.class_embed.weight.zero_()
+        seg.model.detector.class_embed.bias.zero_()
+        seg.model.detector.class_embed.bias[NO_OBJECT_INDEX] = -5.0
+    return seg, box
+
+
+@pytest.mark.parametrize("height, width", [(37, 91), (120, 50), (64, 64), (33, 200)])
+def test_boxes_are_in_original_pixels(forced, height, width):
+    seg, (cx, cy, w, h) = forced
+    pred = seg.predict(random_image(height, width, seed=height))
+    expected = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
+    assert len(pred) == 3
+    assert np.allclose(pred.boxes, np.array([expected] * 3, dtype=np.float32), atol=1e-3)
+    p_no_object = math.exp(-5.0) / (255 + math.exp(-5.0))
+    assert np.allclose(pred.scores, 1 - p_no_object, atol=1e-6)
+    assert pred.masks.shape == (3, height, width)
+
+
+def test_boxes_with_reference_resize_rule(forced):
+    """Default preprocessing (short side 800, long side <= 1333) on a large non-square image."""
+    small, (cx, cy, w, h) = forced
+    seg = TaskSegmenter(small.model, device="cpu", task=5, inference=InferenceConfig(max_instances=1))
+    image = random_image(150, 400)
+    batch, sizes = seg.preprocess([image])
+    assert sizes == [(500, 1333)] and tuple(batch.tensors.shape) == (1, 3, 500, 1333)
+    pred = seg.predict(image)
+    assert np.allclose(pred.boxes[0], [(cx - w / 2) * 400, (cy - h / 2) * 150, (cx + w / 2) * 400,
+                                       (cy + h / 2) * 150], atol=1e-3)
+    assert pred.masks.shape == (1, 150, 400)
+
+
+def test_text_is_encoded_once_per_task(seg):
+    calls = []
+    handle = seg.model.detector.transformer.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        seg.set_task(3)
+        for seed in range(3):
+            seg.predict(random_image(40, 56, seed=seed))
+        assert len(calls) == 1
+        seg.set_task("open parcel with")
+        seg.predict_batch([random_image(40, 56), random_image(48, 40)])
+        assert len(calls) == 2
+    finally:
+        handle.remove()
+        seg.set_task(2)
+
+
+def test_task_state_snapshot(seg):
+    image = random_image(48, 64, seed=4)
+    state_7 = seg.encode_task(7)
+    assert isinstance(state_7, TaskState) and state_7.caption == "dig hole with something"
+    assert seg.task_state.task_id == 2  # encode_task does not change the current task
+    with pytest.raises(AttributeError):
+        state_7.caption = "x"
+    with_state = seg.predict(image, task_state=state_7)
+    seg.set_task(state_7)
+    current = seg.predict(image)
+    seg.set_task(2)
+    assert with_state.task_id == current.task_id == 7
+    assert np.array_equal(with_state.boxes, current.boxes)
+    free = seg.encode_task("reach the top shelf with")
+    assert free.task_id is None and free.centres is None and free.pronoun_tokens == ()
+
+
+def test_bad_inputs_are_named(seg):
+    with pytest.raises(ValueError, match="uint8"):
+        seg.predict(np.zeros((10, 10, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="H x W x 3"):
+        seg.predict(np.zeros((10, 10), dtype=np.uint8))
+    fresh = TaskSegmenter(seg.model, device="cpu")
+    with pytest.raises(RuntimeError, match="set_task"):
+        fresh.predict(random_image(10, 10))
+    with pytest.raises(ValueError, match="fp16"):
+        TaskSegmenter(seg.model, device="cpu", inference=InferenceConfig(precision="fp16"))
+    with pytest.raises(ValueError, match="cuda:7|CUDA"):
+        TaskSegmenter(seg.model, device="cuda:7")
+
+
+def test_bf16_on_cpu_runs_close_to_fp32(seg):
+    image = random_image(64, 80, seed=9)
+    fast = TaskSegmenter(seg.model, device="cpu", task=2,
+                         inference=InferenceConfig(precision="bf16", score_threshold=0.0, **SMALL))
+    ref = seg.predict(image)
+    low = fast.predict(image)
+    assert len(low) == 100 and low.masks.shape == (100, 64, 80)
+    by_query = np.argsort(low.queries)
+    assert np.abs(low.boxes[by_query] - ref.boxes[np.argsort(ref.queries)]).max() < 0.1 * 80
+
+
+@pytest.fixture(scope="module")
+def distilled():
+    bank = MemoryBank(num_tasks=14, size=32, dim=128, num_clusters=3, seed=3)
+    bank.full_label.fill_(1)
+    seg = TaskSegmenter.from_config("tiny_segm", seed=2, memory_bank=bank,
+                                    inference=InferenceConfig(score_threshold=0.0, **SMALL))
+    return seg, bank
+
+
+def test_distilled_model_replaces_pronoun_rows_with_task_centre(distilled):
+    seg, bank = distilled
+    clusters = []
+    original = bank.cluster
+    bank.cluster = lambda task: clusters.append(task) or original(task)
+    try:
+        state = seg.set_task(4)
+        image = random_image(56, 72, seed=5)
+        for _ in range(3):
+            pred = seg.predict(image)
+    finally:
+        del bank.cluster
+    assert clusters == [3]  # k-means once per task (task index = id - 1), never per frame
+    assert state.uses_ccr and state.centres.shape == (3, 128)
+    assert torch.equal(state.centres, bank.cluster_centers[3])
+    rows = list(state.pronoun_tokens)
+
+    def ccr(memory):
+        text = memory["text_memory"]
+        feature = text[rows, 0].mean(0)
+        centre = state.centres[((state.centres - feature) ** 2).sum(-1).argmin()]
+        modified = memory["img_memory"].clone()
+        modified[[memory["img_memory"].shape[0] - text.shape[0] + r for r in rows], 0] = centre
+        return {**memory, "img_memory_mod": modified}
+
+    scores, boxes, masks = reference_outputs(seg, image, state.caption, memory_hook=ccr)
+    plain_scores, _, _ = reference_outputs(seg, image, state.caption)
+    order = scores.argsort(descending=True, stable=True)
+    assert pred.queries.tolist() == order.tolist()
+    assert np.allclose(pred.scores, scores[order].numpy(), atol=1e-6)
+    assert not torch.allclose(scores, plain_scores, atol=1e-4)  # CCR changed the decoder's input
+    # Free text has no bank: no replacement.
+    assert seg.encode_task("step on something soft").centres is None
+
+
+def test_cli_predict_writes_overlays_and_rle(tmp_path, capsys):
+    from pycocotools import mask as mask_utils
+
+    from toist_core.visualize import save_rgb
+
+    image_path = tmp_path / "kitchen.png"
+    save_rgb(image_path, random_image(45, 70, seed=8))
+    out = tmp_path / "out"
+    code = cli.main(["predict", "--preset", "tiny_segm", "--task", "2", str(image_path), "--out", str(out),
+                     "--device", "cpu", "--short-side", "64", "--max-size", "128", "--score-threshold", "0",
+                     "--max-instances", "4"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((out / "kitchen.json").read_text())
+    assert result["caption"] == "sit comfortably on something" and result["task_id"] == 2
+    assert (result["height"], result["width"]) == (45, 70) and len(result["instances"]) == 4
+    first = result["instances"][0]
+    decoded = mask_utils.decode({"size": first["segmentation"]["size"],
+                                 "counts": first["segmentation"]["counts"].encode()})
+    assert decoded.shape == (45, 70) and len(first["box"]) == 4
+    from toist_core.visualize import load_rgb
+    assert load_rgb(out / "kitchen.png").shape == (45, 70, 3)

@@ -1,0 +1,121 @@
+"""Memory bank: state layout, FIFO filling, the "full" rule, closest / FIFO replacement."""
+
+import pytest
+import torch
+
+from toist_core.distill.memory_bank import MemoryBank
+
+
+def _bank(**kwargs):
+    defaults = dict(num_tasks=2, size=4, dim=2, num_clusters=2, update="closest", seed=0)
+    defaults.update(kwargs)
+    return MemoryBank(**defaults)
+
+
+def _rows(*values):
+    return torch.tensor([[float(v), -float(v)] for v in values])
+
+
+def test_state_dict_uses_reference_names_and_loads_strictly():
+    bank = MemoryBank()
+    state = bank.state_dict()
+    assert list(state) == ["feature_bank", "cluster_centers", "update_count", "full_label"]
+    assert state["feature_bank"].shape == (14, 1024, 256) and state["cluster_centers"].shape == (14, 3, 256)
+    assert all(v.dtype == torch.float32 for v in state.values())
+    # A reference-like state (random bank, full tasks) loads with strict=True.
+    official = {"feature_bank": torch.randn(14, 1024, 256), "cluster_centers": torch.randn(14, 3, 256),
+                "update_count": torch.full((14,), 2000.0), "full_label": torch.ones(14)}
+    other = MemoryBank()
+    other.load_state_dict(official, strict=True)
+    assert torch.equal(other.feature_bank, official["feature_bank"]) and other.is_full(13)
+
+
+def test_seeded_initialisation_agrees_between_instances():
+    assert torch.equal(_bank(seed=3).feature_bank, _bank(seed=3).feature_bank)
+    assert not torch.equal(_bank(seed=3).feature_bank, _bank(seed=4).feature_bank)
+
+
+def test_fifo_fill_and_full_flag_after_count_exceeds_size():
+    bank = _bank()
+    start = bank.feature_bank[0].clone()
+    other_task = bank.feature_bank[1].clone()
+
+    bank.update(_rows(1, 2), [0, 0])
+    assert torch.equal(bank.feature_bank[0], torch.cat([start[2:], _rows(1, 2)]))
+    assert bank.update_count[0] == 2 and bank.full_label[0] == 0
+
+    bank.update(_rows(3, 4), [0, 0])
+    assert torch.equal(bank.feature_bank[0], _rows(1, 2, 3, 4))
+    assert bank.update_count[0] == 4 and bank.full_label[0] == 0  # 4 is not > 4 yet
+
+    bank.update(_rows(5, 6), [0, 0])
+    assert torch.equal(bank.feature_bank[0], _rows(3, 4, 5, 6))
+    assert bank.update_count[0] == 6 and bank.full_label[0] == 0  # tested before the increment
+
+    bank.update(_rows(7, 8), [0, 0])  # still FIFO; 6 > 4 -> full now
+    assert torch.equal(bank.feature_bank[0], _rows(5, 6, 7, 8))
+    assert bank.update_count[0] == 8 and bank.full_label[0] == 1
+
+    # Once full, "closest" replacement and the count no longer grows.
+    bank.update(_rows(5.2), [0])
+    assert torch.equal(bank.feature_bank[0], _rows(5.2, 6, 7, 8))
+    assert bank.update_count[0] == 8
+    assert torch.equal(bank.feature_bank[1], other_task)  # task 1 never touched
+
+
+def _full_bank(values, update="closest"):
+    bank = _bank(update=update)
+    state = bank.state_dict()
+    state["feature_bank"][0] = _rows(*values)
+    state["full_label"][0] = 1
+    state["update_count"][0] = 10
+    bank.load_state_dict(state)
+    return bank
+
+
+def test_closest_replacement_is_a_one_to_one_assignment():
+    bank = _full_bank([0, 10, 20, 30])
+    # Both 9 and 12 are nearest to slot 1 (value 10); the one-to-one minimum-L1 assignment puts
+    # 9 in slot 1 and 12 in slot 2 (total 2 + 16 = 18, versus 18 + 4 = 22 the other way).
+    bank.update(_rows(9, 12), [0, 0])
+    assert torch.equal(bank.feature_bank[0], _rows(0, 9, 12, 30))
+
+
+def test_fifo_after_full_keeps_the_queue():
+    bank = _full_bank([0, 10, 20, 30], update="fifo")
+    bank.update(_rows(9, 12), [0, 0])
+    assert torch.equal(bank.feature_bank[0], _rows(20, 30, 9, 12))
+
+
+def test_mixed_tasks_and_skipped_rows():
+    bank = _bank()
+    before = bank.feature_bank.clone()
+    bank.update(_rows(1, 2, 3), [1, -1, 1])
+    assert torch.equal(bank.feature_bank[0], before[0])
+    assert torch.equal(bank.feature_bank[1], torch.cat([before[1][2:], _rows(1, 3)]))
+    assert bank.update_count.tolist() == [0.0, 2.0]
+
+
+def test_more_new_rows_than_slots_keeps_the_newest():
+    bank = _bank()
+    bank.update(_rows(1, 2, 3, 4, 5, 6), [0] * 6)
+    assert torch.equal(bank.feature_bank[0], _rows(3, 4, 5, 6))
+    assert bank.update_count[0] == 6
+
+
+def test_bank_receives_no_gradient():
+    bank = _bank()
+    features = _rows(1, 2).requires_grad_(True)
+    bank.update(features * 2, [0, 0])
+    assert not bank.feature_bank.requires_grad and bank.feature_bank.grad_fn is None
+    assert not bank.cluster_centers.requires_grad
+
+
+def test_bad_input_is_rejected():
+    bank = _bank()
+    with pytest.raises(ValueError, match="task index 2"):
+        bank.update(_rows(1), [2])
+    with pytest.raises(ValueError, match=r"features \[n, 2\]"):
+        bank.update(torch.zeros(1, 3), [0])
+    with pytest.raises(ValueError, match="update must be"):
+        MemoryBank(update="nearest")

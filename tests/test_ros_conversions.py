@@ -1,0 +1,218 @@
+"""Image conversions (every supported encoding, every way an image can be broken), mask crops,
+box mapping and ranking: the numpy side of the node, checked without DDS."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sensor_msgs", reason="ROS message packages are installed by `make setup`")
+
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+
+from toist_ros.conversions import (  # noqa: E402
+    SUPPORTED_ENCODINGS, ImageError, compressed_from_array, compressed_to_rgb, image_from_array, image_to_rgb,
+    mask_from_image, mask_to_image)
+from toist_ros.instances import clamp_box, mask_roi, rank_instances  # noqa: E402
+
+
+def _photo(height=37, width=53, seed=0):
+    """Random RGB pixels (odd sizes catch row/column mix-ups)."""
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def _raw(pixels, encoding, step_pad=0):
+    """An Image written by hand (not by image_from_array), optionally with padded rows."""
+    channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}[encoding]
+    h, w = pixels.shape[:2]
+    rows = np.zeros((h, w * channels + step_pad), dtype=np.uint8)
+    rows[:, : w * channels] = pixels.reshape(h, w * channels)
+    msg = Image(height=h, width=w, encoding=encoding, step=w * channels + step_pad)
+    msg.data = rows.tobytes()
+    return msg
+
+
+@pytest.mark.parametrize("pad", [0, 5])
+def test_every_encoding_reads_back_as_rgb(pad):
+    rgb = _photo()
+    alpha = np.full(rgb.shape[:2] + (1,), 77, np.uint8)
+    written = {
+        "rgb8": rgb,
+        "bgr8": rgb[:, :, ::-1],
+        "rgba8": np.concatenate([rgb, alpha], axis=2),
+        "bgra8": np.concatenate([rgb[:, :, ::-1], alpha], axis=2),
+    }
+    for encoding, pixels in written.items():
+        out = image_to_rgb(_raw(np.ascontiguousarray(pixels), encoding, pad))
+        assert out.shape == rgb.shape and out.dtype == np.uint8 and out.flags["C_CONTIGUOUS"]
+        np.testing.assert_array_equal(out, rgb, err_msg=encoding)
+    gray = rgb[:, :, 1]
+    out = image_to_rgb(_raw(gray[:, :, None], "mono8", pad))
+    np.testing.assert_array_equal(out, np.repeat(gray[:, :, None], 3, axis=2))
+
+
+@pytest.mark.parametrize("encoding", SUPPORTED_ENCODINGS)
+def test_image_from_array_round_trips(encoding):
+    rgb = _photo(seed=3)
+    msg = image_from_array(rgb, encoding)
+    assert msg.encoding == encoding and (msg.height, msg.width) == rgb.shape[:2]
+    assert len(msg.data) == msg.step * msg.height
+    back = image_to_rgb(msg)
+    if encoding == "mono8":
+        assert np.all(back[:, :, 0] == back[:, :, 1])
+        expected = (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2])
+        assert np.abs(back[:, :, 0].astype(float) - expected).max() <= 1.0
+    else:
+        np.testing.assert_array_equal(back, rgb)
+
+
+def test_encoding_names_are_case_insensitive():
+    rgb = _photo()
+    msg = _raw(np.ascontiguousarray(rgb[:, :, ::-1]), "bgr8")
+    msg.encoding = "BGR8"
+    np.testing.assert_array_equal(image_to_rgb(msg), rgb)
+
+
+@pytest.mark.parametrize("mutate, reason, words", [
+    (lambda m: setattr(m, "encoding", "yuv422"), "encoding", ["yuv422", "rgb8"]),
+    (lambda m: setattr(m, "encoding", "16UC1"), "encoding", ["16UC1"]),
+    (lambda m: setattr(m, "data", bytes(m.data)[:1589]), "truncated", ["1589 bytes", "1590"]),
+    (lambda m: setattr(m, "height", 11), "truncated", ["1593 bytes", "1749"]),
+    (lambda m: setattr(m, "data", b""), "truncated", ["0 bytes"]),
+    (lambda m: setattr(m, "width", 0), "empty", ["zero size"]),
+    (lambda m: setattr(m, "height", 0), "empty", ["zero size"]),
+    (lambda m: setattr(m, "step", 10), "step", ["step 10", "159"]),
+])
+def test_broken_images_say_what_is_wrong(mutate, reason, words):
+    msg = _raw(_photo(height=10, width=53), "rgb8")
+    assert msg.step * msg.height == 1590
+    msg.data = bytes(msg.data) + b"\x00\x00\x00"  # 1593 bytes: longer than step x height is accepted
+    image_to_rgb(msg)
+    mutate(msg)
+    with pytest.raises(ImageError) as info:
+        image_to_rgb(msg)
+    assert info.value.reason == reason
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_compressed_jpeg_and_png():
+    rgb = _photo(height=48, width=64, seed=5)
+    png = compressed_from_array(rgb, "png")
+    np.testing.assert_array_equal(compressed_to_rgb(png), rgb)
+    smooth = np.zeros((48, 64, 3), np.uint8)
+    smooth[:, :32] = (200, 30, 10)  # red-ish left half: a BGR/RGB swap would show
+    smooth[:, 32:] = (10, 40, 220)
+    jpeg = compressed_from_array(smooth, "jpeg", quality=95)
+    out = compressed_to_rgb(jpeg)
+    assert out.shape == smooth.shape
+    assert np.abs(out.astype(int) - smooth.astype(int))[:, 4:28].max() < 12
+    assert out[10, 10, 0] > 150 and out[10, 50, 2] > 150
+
+
+@pytest.mark.parametrize("data, reason", [(b"", "empty"), (b"\xff\xd8\xff\x00garbage" * 20, "decode"),
+                                          (bytes(range(256)), "decode")])
+def test_garbage_compressed_bytes_are_rejected(data, reason):
+    msg = CompressedImage(format="jpeg")
+    msg.data = data
+    with pytest.raises(ImageError) as info:
+        compressed_to_rgb(msg)
+    assert info.value.reason == reason and "jpeg" in str(info.value)
+
+
+def test_mask_image_round_trip_is_mono8_0_255():
+    mask = np.random.default_rng(1).random((13, 29)) > 0.5
+    msg = mask_to_image(mask)
+    assert (msg.encoding, msg.height, msg.width, msg.step) == ("mono8", 13, 29, 29)
+    assert set(np.unique(np.frombuffer(bytes(msg.data), np.uint8))) <= {0, 255}
+    np.testing.assert_array_equal(mask_from_image(msg), mask)
+    assert mask_from_image(mask_to_image(np.zeros((0, 0), bool))).shape == (0, 0)
+
+
+def test_boxes_are_clamped_to_the_image_and_ordered():
+    np.testing.assert_allclose(clamp_box(np.array([-5.5, 10.0, 700.0, 90.0]), 640, 480), [0, 10, 640, 90])
+    np.testing.assert_allclose(clamp_box(np.array([50.0, 60.0, 20.0, 500.0]), 640, 480), [20, 60, 50, 480])
+    np.testing.assert_allclose(clamp_box(np.array([np.nan, 1.0, 2.0, 3.0]), 640, 480), [0, 1, 2, 3])
+
+
+def test_mask_roi_is_the_box_hull_grown_to_cover_the_mask():
+    mask = np.zeros((40, 60), bool)
+    assert mask_roi(np.array([10.2, 5.7, 20.1, 9.0]), mask, 60, 40) == (10, 5, 11, 4)
+    mask[30:33, 50:52] = True  # outside the box
+    assert mask_roi(np.array([10.2, 5.7, 20.1, 9.0]), mask, 60, 40) == (10, 5, 42, 28)
+    assert mask_roi(np.array([59.5, 39.5, 60.0, 40.0]), None, 60, 40) == (59, 39, 1, 1)
+
+
+def _prediction(seed=0, n=6, height=48, width=64):
+    rng = np.random.default_rng(seed)
+    x0 = rng.uniform(-10, width - 5, n)
+    y0 = rng.uniform(-10, height - 5, n)
+    boxes = np.stack([x0, y0, x0 + rng.uniform(3, 40, n), y0 + rng.uniform(3, 30, n)], 1).astype(np.float32)
+    scores = rng.permutation(np.linspace(0.05, 0.95, n)).astype(np.float32)
+    masks = np.zeros((n, height, width), bool)
+    for i, (a, b, c, d) in enumerate(boxes):
+        ya, yb = int(max(0, np.ceil(b))), int(min(height, np.floor(d)))
+        xa, xb = int(max(0, np.ceil(a))), int(min(width, np.floor(c)))
+        masks[i, ya:yb, xa:xb] = rng.random((max(0, yb - ya), max(0, xb - xa))) > 0.3  # holes
+    return boxes, scores, masks
+
+
+def test_ranking_threshold_and_cut():
+    boxes, scores, masks = _prediction()
+    ranked = rank_instances(boxes, scores, masks, (64, 48), score_threshold=0.3, max_instances=3)
+    expected = np.sort(scores[scores >= 0.3])[::-1][:3]
+    np.testing.assert_allclose([r.score for r in ranked], expected)
+    assert [r.rank for r in ranked] == [0, 1, 2]
+    for r in ranked:
+        index = int(np.flatnonzero(scores == np.float32(r.score))[0])
+        np.testing.assert_allclose(r.box, clamp_box(boxes[index], 64, 48))
+    assert rank_instances(boxes, scores, masks, (64, 48), score_threshold=0.99) == []
+
+
+def test_nan_scores_are_dropped_and_ties_keep_model_order():
+    boxes = np.tile(np.array([[0, 0, 4, 4]], np.float32), (4, 1))
+    boxes[:, 0] = [0, 1, 2, 3]
+    scores = np.array([0.5, np.nan, 0.5, 0.7], np.float32)
+    ranked = rank_instances(boxes, scores, None, (10, 10), with_masks=False)
+    assert [float(r.box[0]) for r in ranked] == [3.0, 0.0, 2.0]
+
+
+def test_mask_crops_put_back_give_the_full_masks():
+    from toist_ros.instances import full_mask, to_instance_msgs
+
+    boxes, scores, masks = _prediction(seed=4, n=8)
+    ranked = rank_instances(boxes, scores, masks, (64, 48), max_instances=100)
+    assert len(ranked) == 8
+    msgs = to_instance_msgs(ranked)
+    for r, msg in zip(ranked, msgs):
+        index = int(np.flatnonzero(scores == np.float32(r.score))[0])
+        np.testing.assert_array_equal(full_mask(msg, 64, 48), masks[index])
+        assert msg.mask_area == int(masks[index].sum()) == int(np.count_nonzero(mask_from_image(msg.mask)))
+        assert (msg.mask.width, msg.mask.height) == (msg.mask_roi.width, msg.mask_roi.height)
+        assert msg.mask_roi.x_offset <= np.floor(msg.box[0]) and msg.mask_roi.y_offset <= np.floor(msg.box[1])
+        assert msg.mask_roi.x_offset + msg.mask_roi.width <= 64
+        np.testing.assert_allclose(msg.box, r.box)
+        assert msg.rank == r.rank and abs(msg.score - r.score) < 1e-7
+
+
+def test_masks_off_leaves_an_empty_mask_image():
+    from toist_ros.instances import to_instance_msgs
+
+    boxes, scores, masks = _prediction(seed=2)
+    msgs = to_instance_msgs(rank_instances(boxes, scores, masks, (64, 48), with_masks=False))
+    assert msgs and all(len(m.mask.data) == 0 and m.mask.width == 0 and m.mask_area == 0 for m in msgs)
+    assert all(m.mask_roi.width > 0 for m in msgs)
+
+
+def test_inconsistent_predictions_are_refused():
+    boxes, scores, masks = _prediction()
+    with pytest.raises(ValueError, match="6 boxes but 5 scores"):
+        rank_instances(boxes, scores[:5], None, (64, 48))
+    with pytest.raises(ValueError, match="original image pixels"):
+        rank_instances(boxes, scores, masks[:, :40], (64, 48))
+
+
+def test_torch_tensors_are_accepted():
+    torch = pytest.importorskip("torch")
+    boxes, scores, masks = _prediction(seed=7)
+    a = rank_instances(boxes, scores, masks, (64, 48))
+    b = rank_instances(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(masks), (64, 48))
+    assert [(x.score, x.roi, x.mask_area) for x in a] == [(x.score, x.roi, x.mask_area) for x in b]

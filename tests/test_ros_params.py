@@ -1,0 +1,150 @@
+"""Parameters: the spec table, config/perception.yaml, declaration with descriptors, validation."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from toist_ros import params as P
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spec(name):
+    return P.SPECS[name]
+
+
+@pytest.mark.parametrize("name, good, bad", [
+    ("score_threshold", [0.0, 0.5, 1.0, 1], [-0.01, 1.01, float("nan"), "0.5", True]),
+    ("mask_threshold", [0.01, 0.5, 0.99], [0.0, 1.0, -1.0, 2.0]),
+    ("max_instances", [1, 10, 100], [0, 101, -3, 2.5]),
+    ("input.max_age_s", [0.0, 0.25, 3600.0], [-0.1, 1e9]),
+    ("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"], ["gpu", "cuda:", "cuda:x", "CUDA", "tpu", ""]),
+    ("precision", ["fp32", "fp16", "bf16"], ["fp64", "half", ""]),
+    ("task", ["2", "sit comfortably on", "something to cut with", 2], [2.5, True]),
+    ("input.topics", [["image"], ["front/image", "rear/image"], ["/cam/image"]],
+     [[], ["image", "image"], ["bad topic"], ["image/"], "image", [1]]),
+    ("output.masks", [True, False], [1, "true"]),
+])
+def test_check_value_accepts_and_rejects(name, good, bad):
+    spec = _spec(name)
+    for value in good:
+        assert P.check_value(spec, value) is None, (name, value)
+    for value in bad:
+        reason = P.check_value(spec, value)
+        assert reason and reason.startswith(name), (name, value, reason)
+
+
+def test_out_of_range_reason_names_value_and_range():
+    assert P.check_value(_spec("score_threshold"), 1.5) == "score_threshold: 1.5 is out of range [0.0, 1.0]"
+    assert P.check_value(_spec("mask_threshold"), 1.0) == "mask_threshold: 1.0 is out of range (0.0, 1.0)"
+
+
+def test_check_values_catches_unknown_names_and_size_order():
+    assert P.check_values({"score_treshold": 0.3}) == ["score_treshold: not a parameter of this node"]
+    reasons = P.check_values({"input.short_side": 800, "input.max_side": 600})
+    assert len(reasons) == 1 and "max_side 600" in reasons[0]
+
+
+def test_defaults_are_valid_and_the_yaml_file_matches_the_table():
+    assert P.check_values(P.flat_defaults()) == []
+    data = yaml.safe_load((ROOT / "config" / "perception.yaml").read_text())
+    values = P.flatten(data["/**"]["ros__parameters"])
+    assert set(values) == set(P.SPECS), set(values) ^ set(P.SPECS)
+    assert values == P.flat_defaults()
+    assert P.flatten(P.nested_defaults()) == P.flat_defaults()
+
+
+def test_run_time_switches_are_not_read_only_and_model_settings_are():
+    for name in ("score_threshold", "mask_threshold", "max_instances", "input.max_age_s", "output.masks",
+                 "output.debug_image"):
+        assert not _spec(name).read_only, name
+    for name in ("checkpoint", "device", "text_encoder", "precision", "input.short_side", "input.topics",
+                 "input.reliable", "input.compressed"):
+        assert _spec(name).read_only, name
+
+
+# --- with rclpy -----------------------------------------------------------------------------
+
+rclpy = pytest.importorskip("rclpy", reason="rclpy is installed by `make setup`")
+
+
+@pytest.fixture
+def context():
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    yield ctx
+    rclpy.shutdown(context=ctx)
+
+
+def _node(context, overrides=()):
+    from rclpy.parameter import Parameter
+
+    params = [Parameter(name, value=value) for name, value in overrides]
+    return rclpy.create_node("params_probe", context=context, parameter_overrides=params)
+
+
+def test_declare_gives_descriptors_with_ranges(context):
+    node = _node(context)
+    try:
+        settings = P.declare(node)
+        assert settings["score_threshold"] == 0.5 and settings["input.topics"] == ["image"]
+        desc = node.describe_parameter("score_threshold")
+        assert (desc.floating_point_range[0].from_value, desc.floating_point_range[0].to_value) == (0.0, 1.0)
+        assert "score" in desc.description
+        desc = node.describe_parameter("max_instances")
+        assert (desc.integer_range[0].from_value, desc.integer_range[0].to_value) == (1, 100)
+        assert node.describe_parameter("device").read_only
+        assert "restart" in node.describe_parameter("device").additional_constraints
+    finally:
+        node.destroy_node()
+
+
+def test_declare_reports_every_bad_override(context):
+    node = _node(context, [("score_threshold", 3.0), ("device", "tpu"), ("max_instances", "ten")])
+    try:
+        with pytest.raises(P.ParameterError) as info:
+            P.declare(node)
+        text = str(info.value)
+        assert "score_threshold" in text and "device: 'tpu'" in text and "max_instances: wrong type" in text
+    finally:
+        node.destroy_node()
+
+
+def test_task_given_as_a_number_is_the_task_text(context):
+    node = _node(context, [("task", 3)])
+    try:
+        assert P.declare(node)["task"] == "3"
+    finally:
+        node.destroy_node()
+
+
+def test_run_time_changes_are_validated(context):
+    from rclpy.parameter import Parameter
+
+    node = _node(context)
+    try:
+        P.declare(node)
+        node.add_on_set_parameters_callback(P.check_parameter_changes)
+        node.add_pre_set_parameters_callback(P.ints_to_doubles)
+        [ok] = node.set_parameters([Parameter("score_threshold", value=0.8)])
+        assert ok.successful and node.get_parameter("score_threshold").value == 0.8
+        [bad] = node.set_parameters([Parameter("score_threshold", value=1.5)])
+        assert not bad.successful and "score_threshold" in bad.reason
+        assert node.get_parameter("score_threshold").value == 0.8
+        [bad] = node.set_parameters([Parameter("mask_threshold", value=1.0)])
+        assert not bad.successful and "(0.0, 1.0)" in bad.reason
+        [bad] = node.set_parameters([Parameter("device", value="cpu")])
+        assert not bad.successful and "read-only" in bad.reason
+        [ok] = node.set_parameters([Parameter("score_threshold", value=1)])  # int for a double
+        assert ok.successful and node.get_parameter("score_threshold").value == 1.0
+        [ok] = node.set_parameters([Parameter("use_sim_time", value=True)])  # ROS's own parameter
+        assert ok.successful
+    finally:
+        node.destroy_node()
+
+
+def test_every_parameter_is_documented():
+    docs = (ROOT / "docs" / "ros.md").read_text()
+    for name in P.SPECS:
+        assert f"`{name}`" in docs, name

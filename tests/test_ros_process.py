@@ -1,0 +1,154 @@
+"""The node as a separate process, started the way `ros2 run` / `ros2 launch` start it: the
+installed executable with `--ros-args --params-file config/perception.yaml -r image:=/cam/image`.
+Also: every start-up failure ends the process with a clear message and its own exit code."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ros_support import RosSession, wait_for
+
+pytestmark = pytest.mark.ros
+
+ROOT = Path(__file__).resolve().parents[1]
+EXECUTABLE = ROOT / "install" / "toist_ros" / "lib" / "toist_ros" / "perception_node"
+PARAMS = ROOT / "config" / "perception.yaml"
+# Small model input: the tiny model runs ~0.05 s per frame on 2 CPU cores.
+FAST = ["-p", "device:=cpu", "-p", "input.short_side:=160", "-p", "input.max_side:=640"]
+
+
+def _start(*ros_args, log_path=None):
+    if not EXECUTABLE.exists():
+        pytest.fail(f"{EXECUTABLE} is missing: run `make build`")
+    out = open(log_path, "w") if log_path else subprocess.PIPE
+    return subprocess.Popen([sys.executable, str(EXECUTABLE), "--ros-args", *ros_args], stdout=out,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+
+def _stop(process, timeout=30):
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@pytest.fixture
+def ros():
+    session = RosSession()
+    yield session
+    session.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A real model directory (the tiny model's random weights saved with toist_core.checkpoint)."""
+    from toist_core.checkpoint import save_model_dir
+    from toist_core.inference import TaskSegmenter
+
+    seg = TaskSegmenter.from_config("tiny_segm", device="cpu", seed=1)
+    return str(save_model_dir(seg.model, tmp_path_factory.mktemp("model") / "tiny_dir", seg.config))
+
+
+def test_node_process_with_params_file_and_remap(ros, tmp_path, model_dir):
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+    from toist_ros.camera_standin import fit, load_photos
+    from toist_ros.conversions import image_from_array
+    from toist_ros.msg import TaskInstances, TaskStatus
+
+    default_log, checkpoint_log = tmp_path / "default.log", tmp_path / "checkpoint.log"
+    default = _start("--params-file", str(PARAMS), "-r", "image:=/cam/image", *FAST, log_path=default_log)
+    # The same with a model directory, in its own namespace (`make demo CHECKPOINT=...` path).
+    with_checkpoint = _start("--params-file", str(PARAMS), "-r", "__ns:=/ckpt", "-r", "image:=/cam/image", *FAST,
+                             "-p", f"checkpoint:={model_dir}", "-p", "task:=8", log_path=checkpoint_log)
+    try:
+        client = ros.node("process_probe")
+        results, status = {"/instances": [], "/ckpt/instances": []}, {"/active_task": [], "/ckpt/active_task": []}
+        for topic, store in results.items():
+            client.create_subscription(TaskInstances, topic, store.append, 10)
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        for topic, store in status.items():
+            client.create_subscription(TaskStatus, topic, store.append, latched)
+        pub = client.create_publisher(Image, "/cam/image", 10)
+
+        def ready(topic):
+            return any(s.ready for s in status[topic])
+
+        for process, topic, log in ((default, "/active_task", default_log),
+                                    (with_checkpoint, "/ckpt/active_task", checkpoint_log)):
+            ok = wait_for(lambda: ready(topic) or process.poll() is not None, timeout=90)
+            assert ok and process.poll() is None, f"node did not get ready:\n{log.read_text()[-3000:]}"
+        assert [s for s in status["/ckpt/active_task"] if s.ready][-1].task == "open bottle of beer with something"
+        assert wait_for(lambda: pub.get_subscription_count() >= 2)
+
+        photo = image_from_array(fit(load_photos(["chelsea"])[0][1], 320, 240), "rgb8")
+        photo.header.frame_id = "cam_optical"
+
+        def both_answered():
+            photo.header.stamp = client.get_clock().now().to_msg()
+            pub.publish(photo)
+            return wait_for(lambda: all(any(r.header == photo.header for r in store) for store in results.values()),
+                            timeout=3)
+
+        assert wait_for(both_answered, timeout=40, interval=0.1)
+        result = next(r for r in results["/instances"] if r.header == photo.header)
+        assert (result.image_width, result.image_height) == (320, 240)
+        assert result.task == "sit comfortably on something" and len(result.instances) <= 10
+        checkpoint_result = next(r for r in results["/ckpt/instances"] if r.header == photo.header)
+        assert checkpoint_result.task == "open bottle of beer with something"
+        # Different weights (seed 1 vs the embedded seed 0): different boxes for the same photo.
+        assert [list(i.box) for i in checkpoint_result.instances] != [list(i.box) for i in result.instances]
+    finally:
+        codes = (_stop(default), _stop(with_checkpoint))
+    log = default_log.read_text()
+    assert codes == (0, 0), (codes, log[-2000:], checkpoint_log.read_text()[-2000:])
+    assert "/cam/image" in log and "best effort" in log  # resolved input topic and QoS are logged
+    assert "RANDOM weights" in log and "RANDOM" not in checkpoint_log.read_text()
+    assert f"checkpoint {model_dir}" in checkpoint_log.read_text()
+
+
+def _bad_checkpoint(tmp_path):
+    import torch
+
+    path = tmp_path / "not_toist.pth"
+    torch.save({"model": {"some.layer.weight": torch.zeros(3, 3)}}, path)
+    return str(path)
+
+
+def test_start_up_failures_exit_with_a_clear_message(tmp_path):
+    from toist_ros.model_loader import EXIT_DEVICE, EXIT_MODEL, EXIT_PARAMETERS
+
+    import torch
+
+    missing = str(tmp_path / "nowhere" / "toist.pth")
+    absent_cuda = f"cuda:{torch.cuda.device_count()}"  # never present, with or without a GPU
+    cases = {
+        "missing checkpoint": (["-p", f"checkpoint:={missing}"], EXIT_MODEL, [missing, "not found"]),
+        "mismatched checkpoint": (["-p", f"checkpoint:={_bad_checkpoint(tmp_path)}"], EXIT_MODEL,
+                                  ["cannot load checkpoint", "not_toist.pth"]),
+        "unknown device": (["-p", "device:=tpu"], EXIT_PARAMETERS, ["device", "'tpu'", "cuda:N"]),
+        "cuda absent": (["-p", f"device:={absent_cuda}", "-p", "allow_cpu_fallback:=false"], EXIT_DEVICE,
+                        [absent_cuda, "allow_cpu_fallback"]),
+        "out of range": (["-p", "score_threshold:=2.0"], EXIT_PARAMETERS, ["score_threshold", "2.0"]),
+    }
+    processes = {name: _start("--params-file", str(PARAMS), "-p", "input.short_side:=160", *args)
+                 for name, (args, _, _) in cases.items()}
+    for name, process in processes.items():
+        try:
+            output, _ = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail(f"{name}: the node did not exit")
+        _, code, words = cases[name]
+        assert process.returncode == code, (name, process.returncode, output[-2000:])
+        assert "cannot start" in output, (name, output[-2000:])
+        for word in words:
+            assert word in output, (name, word, output[-2000:])

@@ -1,0 +1,133 @@
+"""Synthetic COCO-Tasks generator: schema, layout, determinism, preference structure, drawn masks."""
+
+import contextlib
+import io
+import json
+import re
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+
+from toist_core.cli_synth import main as synth_main, parse_task_list
+from toist_core.data.schema import load_task_file
+from toist_core.data.synth import SYNTH_CLASSES, TASK_PREFERENCES, generate
+
+# pycocotools calls np.array(copy=False) on its own objects (numpy 2 warns); not our code.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+IMAGES = 12
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    root = tmp_path_factory.mktemp("full")
+    summary = generate(root, images_per_split=IMAGES, seed=11, image_format="png")
+    return root, summary
+
+
+def _coco(path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(path))
+
+
+def test_layout_and_schema(full):
+    root, summary = full
+    assert len(summary.annotation_files) == 28
+    ids = {}
+    for split, folder in (("train", "train2014"), ("test", "val2014")):
+        for task in range(1, 15):
+            path = root / "annotations" / f"task_{task}_{split}.json"
+            data = json.loads(path.read_text())
+            assert set(data) == {"info", "images", "annotations", "categories"}
+            assert data["categories"] == [{"id": 0, "name": "non_preferred"}, {"id": 1, "name": "preferred"}]
+            for image in data["images"]:
+                assert re.fullmatch(rf"COCO_{folder}_\d{{12}}\.png", image["file_name"])
+                assert (root / "images" / folder / image["file_name"]).is_file()
+            for ann in data["annotations"]:
+                assert set(ann) == {"id", "image_id", "bbox", "segmentation", "area", "iscrowd",
+                                    "COCO_category_id", "category_id"}
+                assert ann["category_id"] in (0, 1) and ann["iscrowd"] == 0
+            load_task_file(path)  # passes the strict schema
+        ids[split] = {i["id"] for i in data["images"]}
+    assert len(ids["train"]) == len(ids["test"]) == IMAGES and not ids["train"] & ids["test"]
+    # An object keeps its annotation id (and geometry) across tasks; only category_id changes.
+    a = json.loads((root / "annotations" / "task_1_test.json").read_text())["annotations"]
+    b = json.loads((root / "annotations" / "task_9_test.json").read_text())["annotations"]
+    assert [x["id"] for x in a] == [x["id"] for x in b]
+    assert all(x["bbox"] == y["bbox"] for x, y in zip(a, b))
+
+
+def test_preference_structure(full):
+    root, _ = full
+    names = {c.coco_id: c.name for c in SYNTH_CLASSES}
+    totals = {"none": 0, "some": 0, "multi_class": 0}
+    for task in range(1, 15):
+        coco = _coco(root / "annotations" / f"task_{task}_train.json")
+        for image_id, anns in ((i, coco.imgToAnns[i]) for i in coco.getImgIds()):
+            present = [names[a["COCO_category_id"]] for a in anns]
+            best = next((n for n in TASK_PREFERENCES[task] if n in present), None)
+            for ann in anns:
+                assert ann["category_id"] == int(names[ann["COCO_category_id"]] == best)
+            totals["none" if best is None else "some"] += 1
+            totals["multi_class"] += len(set(present)) > 1
+    assert totals["none"] > 0 and totals["some"] > 0 and totals["multi_class"] > 0
+
+
+def test_deterministic_and_subset_stable(full, tmp_path):
+    root, _ = full
+    generate(tmp_path / "again", tasks=[3], splits=("test",), images_per_split=IMAGES, seed=11, image_format="png")
+    same = (tmp_path / "again" / "annotations" / "task_3_test.json").read_bytes()
+    assert same == (root / "annotations" / "task_3_test.json").read_bytes()
+    for path in (root / "images" / "val2014").iterdir():
+        assert (tmp_path / "again" / "images" / "val2014" / path.name).read_bytes() == path.read_bytes()
+    generate(tmp_path / "other", tasks=[3], splits=("test",), images_per_split=IMAGES, seed=12, image_format="png")
+    assert (tmp_path / "other" / "annotations" / "task_3_test.json").read_bytes() != same
+
+
+def test_images_per_task_subset(tmp_path):
+    summary = generate(tmp_path, tasks=[1, 2], splits=("test",), images_per_split=10, images_per_task=4, seed=0)
+    one = json.loads((tmp_path / "annotations" / "task_1_test.json").read_text())["images"]
+    two = json.loads((tmp_path / "annotations" / "task_2_test.json").read_text())["images"]
+    assert len(one) == len(two) == 4 and summary.num_images["test"] == 10
+    assert [i["id"] for i in one] != [i["id"] for i in two]
+    assert one[0]["file_name"].endswith(".jpg")
+
+
+def test_masks_match_the_drawn_objects(full):
+    """Visible masks of one image do not overlap, and solid objects show their class colour."""
+    root, _ = full
+    coco = _coco(root / "annotations" / "task_1_test.json")
+    colours = {c.coco_id: np.array(c.colour) for c in SYNTH_CLASSES if c.texture == "solid"}
+    checked = 0
+    for image_id in coco.getImgIds():
+        info = coco.imgs[image_id]
+        rgb = cv2.cvtColor(cv2.imread(str(root / "images" / "val2014" / info["file_name"])), cv2.COLOR_BGR2RGB)
+        masks = [coco.annToMask(a).astype(bool) for a in coco.imgToAnns[image_id]]
+        if len(masks) > 1:
+            overlap = np.sum(np.stack(masks), axis=0) > 1
+            assert overlap.sum() <= 0.02 * sum(m.sum() for m in masks)
+        for ann, mask in zip(coco.imgToAnns[image_id], masks):
+            x, y, w, h = ann["bbox"]
+            assert abs(mask.sum() - ann["area"]) < 1e-6
+            ys, xs = np.nonzero(mask)
+            assert xs.min() >= np.floor(x) - 1 and xs.max() <= x + w + 1
+            if ann["COCO_category_id"] in colours and mask.sum() > 50:
+                inner = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+                mean = rgb[inner].mean(axis=0)
+                assert np.abs(mean - colours[ann["COCO_category_id"]]).max() < 25
+                checked += 1
+    assert checked > 0
+
+
+def test_cli(tmp_path, capsys):
+    assert parse_task_list(["1-3", "7,9"]) == [1, 2, 3, 7, 9]
+    with pytest.raises(ValueError, match="1..14"):
+        parse_task_list(["0-2"])
+    code = synth_main([str(tmp_path), "--tasks", "4", "5", "--splits", "test", "--images-per-split", "3",
+                       "--seed", "2", "--max-size", "200"])
+    assert code == 0
+    assert "wrote 2 task files and 3 images" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "annotations").iterdir()) == ["task_4_test.json", "task_5_test.json"]
+    assert synth_main([str(tmp_path / "x"), "--min-size", "8"]) == 2

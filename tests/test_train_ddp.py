@@ -1,0 +1,70 @@
+"""Two processes under torchrun (gloo, CPU): a distillation run ends with identical weights and
+memory banks on both ranks.
+
+Run as a script, this file is the torchrun worker: it trains and writes each rank's state.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = [
+    "data.tasks=[1,2]", "data.train_sizes=[96]", "data.max_size=112", "data.crop_resize_sizes=[96]",
+    "data.crop_min_size=64", "data.crop_max_size=112", "data.test_size=96", "loader.batch_size=1",
+    "loader.num_workers=0", "runtime.progress=false", "runtime.tensorboard=false", "runtime.threads=1",
+    "checkpoint.export_model_dir=false", "init.load=null", "init.load_noun=null", "distill.bank_size=8",
+    "schedule.max_steps=3", "model.transformer.dropout=0.1", "eval.holdout_fraction=0.25", "eval.max_images=2",
+]
+
+
+def _worker(root: str, out: str) -> None:
+    from training.config import load_config
+    from training.distributed import cleanup_distributed, init_distributed
+    from training.loops import Trainer
+
+    cfg = load_config(REPO / "training" / "configs" / "tiny_distill.yaml",
+                      [f"data.root={root}", f"output_dir={out}", *FAST])
+    env = init_distributed("cpu", "auto")
+    assert env.distributed and env.backend == "gloo" and env.world_size == 2
+    trainer = Trainer(cfg, env)
+    result = trainer.run()
+    torch.save({"model": trainer.model.state_dict(), "model_ema": trainer.ema.state_dict(),
+                "teacher": trainer.teacher.state_dict(), "bank": trainer.cluster.bank.state_dict(),
+                "step": result.step, "best": result.best},
+               Path(out) / f"rank{env.rank}.pt")
+    cleanup_distributed()
+
+
+def test_two_process_gloo_run_has_identical_weights(tmp_path):
+    from toist_core.data.synth import generate
+
+    root = tmp_path / "synth"
+    generate(root, tasks=[1, 2], splits=("train",), images_per_split=6, min_size=96, max_size=112, seed=5)
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(Path(__file__).resolve()),
+                           str(root), str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0 = torch.load(out / "rank0.pt", weights_only=True)
+    rank1 = torch.load(out / "rank1.pt", weights_only=True)
+    assert rank0["step"] == rank1["step"] == 3
+    for part in ("model", "model_ema", "teacher", "bank"):
+        assert rank0[part].keys() == rank1[part].keys()
+        for key, value in rank0[part].items():
+            assert torch.equal(value, rank1[part][key]), f"{part}.{key} differs between ranks"
+    assert rank0["bank"]["update_count"].sum() > 0
+    assert rank0["best"] == rank1["best"] and rank0["best"] is not None
+    # Training moved the weights, and rank 0's checkpoint holds exactly those weights.
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    for key, value in rank0["model"].items():
+        assert torch.equal(ckpt["model"][key], value)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])

@@ -1,0 +1,164 @@
+"""Short CPU runs of the training loop on synthetic COCO-Tasks (tiny model, a few updates)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from toist_core.checkpoint import read_official
+from toist_core.data.synth import generate
+from toist_core.inference import TaskSegmenter
+from training.checkpointing import load_training_checkpoint
+from training.config import load_config
+from training.distributed import DistEnv
+from training.loops import Trainer
+
+CONFIGS = Path(__file__).resolve().parent.parent / "training" / "configs"
+
+# Small and fast: 96-128 px images, two tasks, batch 2, no evaluation unless asked.
+FAST = [
+    "data.tasks=[1,2]", "data.train_sizes=[96,112]", "data.max_size=128", "data.crop_resize_sizes=[96]",
+    "data.crop_min_size=64", "data.crop_max_size=112", "data.test_size=96",
+    "loader.batch_size=2", "loader.num_workers=0", "runtime.progress=false", "runtime.tensorboard=false",
+    "runtime.threads=2", "checkpoint.export_model_dir=false", "eval.enabled=false",
+]
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, tasks=[1, 2], splits=("train",), images_per_split=8, min_size=96, max_size=128, seed=3)
+    return root
+
+
+def _config(name, root, out, *extra):
+    return load_config(CONFIGS / name, [f"data.root={root}", f"output_dir={out}", *FAST, *extra])
+
+
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_short_run_decreases_the_loss(synth_root, tmp_path):
+    cfg = _config("tiny_pronoun.yaml", synth_root, tmp_path / "run", "schedule.max_steps=12",
+                  "optim.lr=2e-4", "runtime.log_every=4", "runtime.tensorboard=true")
+    trainer = Trainer(cfg, DistEnv())
+    before = _params(trainer.model)
+    result = trainer.run()
+    losses = result.loss_history
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.7 * first, f"loss did not drop: {losses}"
+    # Frozen parts stay put, trained parts move (the stem and layer1 are frozen, as the reference).
+    after = trainer.model.state_dict()
+    assert torch.equal(after["backbone.0.body.conv1.weight"], before["backbone.0.body.conv1.weight"])
+    assert not torch.equal(after["class_embed.weight"], before["class_embed.weight"])
+    assert not torch.equal(after["backbone.0.body.layer4.0.conv1.weight"],
+                           before["backbone.0.body.layer4.0.conv1.weight"])
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    assert {"total", "loss_ce", "loss_bbox_0"} <= set(result.last_losses)
+    # The final checkpoint has the official layout and loads in TaskSegmenter (EMA weights).
+    ckpt = load_training_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert ckpt["step"] == 12 and ckpt["model_noun"] is None and ckpt["cluster_criterion"] is None
+    assert read_official(tmp_path / "run" / "checkpoint.pth").source_key == "model_ema"
+    segmenter = TaskSegmenter.from_pretrained(tmp_path / "run" / "checkpoint.pth", device="cpu",
+                                              config=cfg.model, task=1)
+    for key, value in segmenter.model.state_dict().items():
+        assert torch.equal(value, ckpt["model_ema"][key]), key
+
+
+def test_killed_run_resumes_bit_identical(synth_root, tmp_path):
+    # One task: 8 images, batch 2 -> 4 updates per epoch. Checkpoint at update 3, killed during
+    # update 4, resumed mid-epoch; 6 updates cross the epoch boundary after the resume.
+    common = ["data.tasks=[1]", "schedule.max_steps=6", "checkpoint.every_steps=3", "checkpoint.per_epoch=false",
+              "model.transformer.dropout=0.1"]
+    full = Trainer(_config("tiny_pronoun.yaml", synth_root, tmp_path / "full", *common), DistEnv())
+    full.run()
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_checkpoint(trainer, step):
+        if step == 4:  # the checkpoint of update 3 is on disk, update 4 is lost
+            raise Killed
+
+    with pytest.raises(Killed):
+        Trainer(_config("tiny_pronoun.yaml", synth_root, tmp_path / "killed", *common), DistEnv(),
+                on_step=kill_after_checkpoint).run()
+    ckpt = tmp_path / "killed" / "checkpoint.pth"
+    assert load_training_checkpoint(ckpt)["step"] == 3
+    # Scramble the global random state: the resume must restore it.
+    torch.manual_seed(12345)
+    resumed = Trainer(_config("tiny_pronoun.yaml", synth_root, tmp_path / "killed", *common), DistEnv(),
+                      resume=str(ckpt))
+    assert resumed.step == 3
+    result = resumed.run()
+    assert result.step == 6
+    for name, a, b in (("model", full.model, resumed.model), ("model_ema", full.ema.module, resumed.ema.module)):
+        sa, sb = a.state_dict(), b.state_dict()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), f"{name}.{key} differs after resume"
+    opt_a, opt_b = full.optimizer.state_dict(), resumed.optimizer.state_dict()
+    for idx, state in opt_a["state"].items():
+        assert torch.equal(state["exp_avg_sq"], opt_b["state"][idx]["exp_avg_sq"])
+    assert [g["lr"] for g in opt_a["param_groups"]] == [g["lr"] for g in opt_b["param_groups"]]
+
+
+def test_resume_refuses_mismatched_checkpoint_before_writing(synth_root, tmp_path):
+    cfg = _config("tiny_pronoun.yaml", synth_root, tmp_path / "a", "schedule.max_steps=1")
+    Trainer(cfg, DistEnv()).run()
+    ckpt = tmp_path / "a" / "checkpoint.pth"
+    other = _config("tiny_pronoun.yaml", synth_root, tmp_path / "b", "model.num_queries=50")
+    with pytest.raises(ValueError, match="num_queries"):
+        Trainer(other, DistEnv(), resume=str(ckpt))
+    assert not (tmp_path / "b").exists()
+    noun = _config("tiny_noun.yaml", synth_root, tmp_path / "c")
+    with pytest.raises(ValueError, match="stage 'pronoun'"):
+        Trainer(noun, DistEnv(), resume=str(ckpt))
+    # Starting a fresh run over an existing one is refused too.
+    with pytest.raises(ValueError, match="already holds checkpoint.pth"):
+        Trainer(cfg, DistEnv())
+
+
+def test_distillation_updates_and_saves_the_bank(synth_root, tmp_path):
+    cfg = _config("tiny_distill.yaml", synth_root, tmp_path / "dis", "schedule.max_steps=3",
+                  "distill.bank_size=8", "init.load=null", "init.load_noun=null", "eval.enabled=true", "eval.holdout_fraction=0.25",
+                  "eval.max_images=2", "checkpoint.export_model_dir=true")
+    trainer = Trainer(cfg, DistEnv())
+    bank_before = {k: v.clone() for k, v in trainer.cluster.bank.state_dict().items()}
+    teacher_before = _params(trainer.teacher)
+    result = trainer.run()
+    bank = trainer.cluster.bank.state_dict()
+    assert bank["update_count"].sum() > 0
+    assert not torch.equal(bank["feature_bank"], bank_before["feature_bank"])
+    # The teacher is trained too (its own noun losses), as the reference.
+    assert not torch.equal(trainer.teacher.state_dict()["class_embed.weight"], teacher_before["class_embed.weight"])
+    assert {"sth_loss_ce", "noun_loss_ce", "loss_softkd", "loss_cluster_feature"} <= set(result.last_losses)
+    ckpt = load_training_checkpoint(tmp_path / "dis" / "checkpoint.pth")
+    for key, value in bank.items():
+        assert torch.equal(ckpt["cluster_criterion"][key], value)
+    assert ckpt["model_noun"] is not None and ckpt["model_noun_ema"] is not None
+    assert ckpt["best"]["split"] == "holdout" and (tmp_path / "dis" / "BEST_checkpoint.pth").exists()
+    # The exported model directory carries the bank and loads as a distilled TaskSegmenter.
+    segmenter = TaskSegmenter.from_pretrained(tmp_path / "dis" / "model", device="cpu", task=2)
+    assert segmenter.is_distilled
+    assert torch.equal(segmenter.memory_bank.feature_bank, bank["feature_bank"])
+
+
+def test_mask_head_stage_trains_only_the_head_on_the_frozen_detector(synth_root, tmp_path):
+    detector = _config("tiny_pronoun.yaml", synth_root, tmp_path / "det", "schedule.max_steps=1")
+    Trainer(detector, DistEnv()).run()
+    frozen = load_training_checkpoint(tmp_path / "det" / "checkpoint.pth")["model_ema"]
+    cfg = _config("tiny_mask_head.yaml", synth_root, tmp_path / "mask", "schedule.max_steps=2",
+                  f"init.frozen_weights={tmp_path / 'det' / 'checkpoint.pth'}")
+    trainer = Trainer(cfg, DistEnv())
+    head_before = trainer.model.mask_head.lay1.weight.detach().clone()
+    assert {g["name"]: len(g["params"]) for g in trainer.optimizer.param_groups}["backbone"] == 0
+    result = trainer.run()
+    state = trainer.model.state_dict()
+    # The detector (EMA weights of the detection run, contrastive heads dropped) stays frozen.
+    for key, value in frozen.items():
+        if not key.startswith("contrastive_align_projection_"):
+            assert torch.equal(state["detr." + key], value), key
+    assert not torch.equal(state["mask_head.lay1.weight"], head_before)
+    assert {"loss_mask", "loss_dice"} <= set(result.last_losses)

@@ -1,0 +1,51 @@
+"""The ``toist`` command: one entry point, one module per subcommand.
+
+Each module in :data:`SUBCOMMANDS` exposes ``register(subparsers)``, which adds its parser
+and sets ``func`` (called with the parsed arguments; returns an exit code). To add a
+subcommand, write ``toist_core/cli_<name>.py`` and add one line below. Modules import their
+heavy dependencies (torch, ...) inside ``func`` so that ``toist --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from typing import Optional, Sequence
+
+SUBCOMMANDS = [
+    "toist_core.cli_predict",
+    "toist_core.cli_export",
+    "toist_core.cli_synth",
+    "toist_core.cli_evaluate",
+]
+# Subcommands of packages that may be absent: a robot installs toist_core without `training`.
+OPTIONAL_SUBCOMMANDS = [
+    "training.cli_train",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toist", description="Task-oriented instance segmentation (TOIST).")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in SUBCOMMANDS:
+        importlib.import_module(name).register(subparsers)
+    for name in OPTIONAL_SUBCOMMANDS:
+        if importlib.util.find_spec(name.split(".")[0]) is not None:
+            importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"toist {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""``toist evaluate``: the paper's COCO-Tasks metric for a checkpoint or a saved predictions file.
+
+    toist evaluate --data DATA_ROOT --checkpoint CKPT [--out DIR] [--save-predictions FILE]
+    toist evaluate --data DATA_ROOT --predictions FILE [--out DIR]
+
+With a checkpoint, every image of each task's test file is run through
+``TaskSegmenter`` with the reference's inference settings (pronoun caption, all queries
+kept: score threshold 0, up to 100 instances). Writes ``results.md`` / ``results.csv``
+(per-task AP@0.5 and AP@[.5:.95], mean over tasks = mAP^box / mAP^mask) and one
+precision-recall plot per task into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from toist_core.cli_synth import parse_task_list
+from toist_core.tasks import NUM_TASKS
+
+REFERENCE_MAX_INSTANCES = 100  # the reference keeps all 100 queries
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("evaluate", help="COCO-Tasks AP@0.5 per task and mAP (paper metric)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="model checkpoint (anything TaskSegmenter.from_pretrained reads)")
+    source.add_argument("--predictions", help="predictions file written by --save-predictions (.json or .json.gz)")
+    parser.add_argument("--data", required=True, help="COCO-Tasks root (annotations/, images/)")
+    parser.add_argument("--split", default="test", help="annotation split to evaluate (default: test)")
+    parser.add_argument("--image-dir", default=None,
+                        help="image folder (default: <data>/images/val2014 for test, train2014 for train)")
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help=f"task ids (default: 1-{NUM_TASKS}, or those in the predictions file)")
+    parser.add_argument("--iou-types", nargs="+", choices=["bbox", "segm"], default=None,
+                        help="default: bbox, plus segm when the predictions have masks")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="evaluate only the first N images of each task file (quick runs)")
+    parser.add_argument("--out", default="eval_out", help="folder for tables and plots")
+    parser.add_argument("--save-predictions", default=None, help="also write the predictions here")
+    parser.add_argument("--device", default="auto", help="torch device for --checkpoint (auto, cpu, cuda)")
+    parser.add_argument("--text-encoder", default=None,
+                        help="tokenizer / text encoder for official .pth files (hub name or local dir)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (--checkpoint)")
+    parser.add_argument("--short-side", type=int, default=800,
+                        help="inference resize: short side (reference 800; smaller = quicker, not the paper's)")
+    parser.add_argument("--max-size", type=int, default=1333, help="inference resize: long side cap (reference 1333)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the precision-recall PNGs")
+
+
+def run(args: argparse.Namespace) -> int:
+    from toist_core.eval.evaluator import evaluate_tasks, load_ground_truth, task_files
+    from toist_core.eval.plots import plot_pr_curves
+    from toist_core.eval.predictions import load_predictions, save_predictions
+    from toist_core.eval.tables import markdown_report, write_tables
+
+    if args.max_images is not None and args.max_images <= 0:
+        raise ValueError(f"--max-images must be positive, got {args.max_images}")
+    if args.predictions:
+        predictions = load_predictions(args.predictions)
+        tasks = parse_task_list(args.tasks) if args.tasks else sorted(predictions)
+        absent = [t for t in tasks if t not in predictions]
+        if absent:
+            raise ValueError(f"{args.predictions}: no predictions for task(s) {absent}")
+        predictions = {t: predictions[t] for t in tasks}
+    else:
+        tasks = parse_task_list(args.tasks or [f"1-{NUM_TASKS}"])
+        predictions = None
+    files = task_files(args.data, tasks, args.split)
+    ground_truths = {t: load_ground_truth(path) for t, path in files.items()}
+    image_ids = {t: gt.getImgIds() for t, gt in ground_truths.items()}
+    if args.max_images is not None:
+        image_ids = {t: [img["id"] for img in gt.dataset["images"][:args.max_images]]
+                     for t, gt in ground_truths.items()}
+
+    if predictions is None:
+        segmenter = load_segmenter(args.checkpoint, args.device, args.text_encoder, args.short_side,
+                                   args.max_size)
+        image_dir = Path(args.image_dir) if args.image_dir else _default_image_dir(args.data, args.split)
+        predictions = predict_tasks(segmenter, files, image_dir, image_ids, batch_size=args.batch_size)
+        if args.save_predictions:
+            print(f"predictions written to {save_predictions(args.save_predictions, predictions)}")
+    else:
+        for t in tasks:
+            absent = [i for i in image_ids[t] if i not in predictions[t]]
+            if absent:
+                print(f"warning: task {t}: {len(absent)} of {len(image_ids[t])} evaluated images have no "
+                      f"predictions entry; they count as images without detections", file=sys.stderr)
+
+    started = time.perf_counter()
+    result = evaluate_tasks(ground_truths, predictions, args.iou_types, image_ids)
+    print(markdown_report(result))
+    md_path, csv_path = write_tables(result, args.out)
+    written = [md_path, csv_path]
+    if not args.no_plots:
+        written += plot_pr_curves(result, args.out)
+    log_path = Path(args.out) / "cocoeval_log.txt"
+    log_path.write_text("\n".join(t.log for t in result.tasks))
+    written.append(log_path)
+    print(f"evaluated {len(result.tasks)} task(s) in {time.perf_counter() - started:.1f} s; "
+          f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def _default_image_dir(root: str, split: str) -> Path:
+    from toist_core.data.config import DataConfig
+
+    return DataConfig(root=root).image_dir(split)
+
+
+def load_segmenter(checkpoint: str, device: str = "auto", text_encoder: Optional[str] = None,
+                   short_side: int = 800, max_size: int = 1333):
+    """``TaskSegmenter`` with the reference's evaluation settings: every query kept
+    (score threshold 0, 100 instances), resize 800 / 1333, mask threshold 0.5."""
+    from toist_core.config import InferenceConfig
+    from toist_core.inference import TaskSegmenter
+
+    inference = InferenceConfig(short_side=short_side, max_size=max_size, score_threshold=0.0,
+                                max_instances=REFERENCE_MAX_INSTANCES)
+    return TaskSegmenter.from_pretrained(checkpoint, device=device, text_encoder=text_encoder,
+                                         inference=inference)
+
+
+def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[dict] = None,
+                  batch_size: int = 1, log=sys.stderr) -> dict:
+    """Run ``segmenter`` on the images of each task file -> ``{task: {image: ImagePredictions}}``.
+
+    ``segmenter`` follows the ``TaskSegmenter`` API: ``set_task(task_id)`` and
+    ``predict(rgb [H, W, 3] uint8, score_threshold=, max_instances=)`` (``predict_batch`` for
+    ``batch_size > 1``) returning ``.boxes [N, 4]`` (xyxy pixels), ``.scores [N]`` and
+    ``.masks [N, H, W]`` bool or None. Every query is kept, as in the reference.
+    """
+    from toist_core.data.coco_tasks import CocoTasksDataset
+    from toist_core.eval.predictions import ImagePredictions
+
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    keep_all = dict(score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES)
+    predictions = {}
+    for task_id, path in sorted(files.items()):
+        dataset = CocoTasksDataset(path, image_dir, check_images=True)
+        wanted = None if image_ids is None else set(image_ids[task_id])
+        indices = [i for i in range(len(dataset)) if wanted is None or dataset.sample_info(i)[1].id in wanted]
+        segmenter.set_task(task_id)
+        started, task_preds = time.perf_counter(), {}
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            images = [dataset.load_image(i).permute(1, 2, 0).numpy() for i in chunk]
+            if batch_size == 1:
+                outputs = [segmenter.predict(images[0], **keep_all)]
+            else:
+                outputs = segmenter.predict_batch(images, **keep_all)
+            for index, out in zip(chunk, outputs):
+                image_id = dataset.sample_info(index)[1].id
+                task_preds[image_id] = ImagePredictions.from_arrays(out.boxes, out.scores, out.masks)
+        predictions[task_id] = task_preds
+        print(f"task {task_id}: predicted {len(task_preds)} images in {time.perf_counter() - started:.1f} s",
+              file=log)
+    return predictions
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="toist evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as exc:
+        print(f"toist evaluate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

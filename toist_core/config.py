@@ -1,0 +1,232 @@
+"""Typed configuration of the TOIST network and of inference, with presets.
+
+Every size of the network comes from :class:`ModelConfig`, so the ``paper`` preset builds
+exactly the reference's tensors (MDETR R101 + RoBERTa-base, 256-d transformer, 100 queries)
+and ``tiny`` builds a small network with the same structure for tests and CPU demos.
+
+YAML round trip goes through :mod:`toist_core.typed_config`::
+
+    cfg = load_yaml(ModelConfig, "model.yaml")      # strict: unknown keys are errors
+    cfg = merge(preset("paper"), {"masks": True})
+
+This module imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from .typed_config import ConfigError
+
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+
+# Output channels of layer1..layer4 for torchvision's ResNets.
+_BASIC_CHANNELS = (64, 128, 256, 512)          # BasicBlock: resnet18/34
+_BOTTLENECK_CHANNELS = (256, 512, 1024, 2048)  # Bottleneck: resnet50/101/152
+
+# The packaged RoBERTa-style test tokenizer (801 tokens, random-weights use only).
+TINY_TOKENIZER = "builtin:tiny"
+
+
+@dataclass
+class BackboneConfig:
+    """ResNet with frozen BatchNorm, torchvision tensor names (``backbone.0.body.*``)."""
+
+    name: BackboneName = "resnet101"
+    # Replace layer4's stride by dilation (the reference: off).
+    dilation: bool = False
+    # Train layer2..layer4 (reference: lr_backbone > 0); conv1 and layer1 are always frozen.
+    train: bool = True
+    # Local file with a torchvision ResNet state_dict to start from; None = random weights.
+    weights: Optional[str] = None
+
+    @property
+    def channels(self) -> tuple[int, int, int, int]:
+        """Channels of layer1..layer4 (strides 4, 8, 16, 32)."""
+        return _BASIC_CHANNELS if self.name in ("resnet18", "resnet34") else _BOTTLENECK_CHANNELS
+
+
+@dataclass
+class TextEncoderConfig:
+    """RoBERTa text encoder, its tokenizer and the resizer to the transformer width.
+
+    ``tokenizer`` is a Hugging Face name (``roberta-base``), a local directory with tokenizer
+    files, or ``builtin:tiny`` (the packaged test tokenizer). ``weights`` names pretrained
+    RoBERTa weights (hub name or local directory); ``None`` builds the encoder with random
+    weights from the sizes below and never touches the network.
+
+    roberta-base: 514 positions, LayerNorm eps 1e-5. The reference's "without pretraining"
+    models use transformers' defaults instead: 512 positions, eps 1e-12.
+    """
+
+    tokenizer: str = "roberta-base"
+    weights: Optional[str] = None
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    # Keep RoBERTa's weights fixed during training (reference: off).
+    freeze: bool = False
+    # Dropout of the FeatureResizer (Linear -> LayerNorm -> Dropout).
+    resizer_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"text.hidden_size {self.hidden_size} is not divisible by "
+                              f"text.num_heads {self.num_heads}")
+
+
+@dataclass
+class TransformerConfig:
+    """Post-norm DETR transformer; the decoder has no text cross-attention."""
+
+    d_model: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.nheads:
+            raise ConfigError(f"transformer.d_model {self.d_model} is not divisible by "
+                              f"transformer.nheads {self.nheads}")
+        if self.dec_layers < 1:
+            raise ConfigError(f"transformer.dec_layers must be >= 1, got {self.dec_layers}")
+
+
+@dataclass
+class ModelConfig:
+    """The whole network. ``masks`` adds the segmentation wrapper (keys prefixed ``detr.``)."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    num_queries: int = 100
+    # Return the 5 intermediate decoder layers' outputs as ``aux_outputs``.
+    aux_loss: bool = True
+    # Box-token contrastive projections (``contrastive_align_projection_{image,text}``).
+    contrastive_align: bool = True
+    contrastive_dim: int = 64
+    # Segmentation model: MHAttentionMap + FPN mask head around the detector.
+    masks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_queries < 1:
+            raise ConfigError(f"num_queries must be >= 1, got {self.num_queries}")
+        if self.masks:
+            mask_dim = self.transformer.d_model + self.transformer.nheads
+            smallest = self.transformer.d_model // 16
+            # The mask head's GroupNorms use 8 groups on d_model + nheads ... d_model/16 channels.
+            if mask_dim % 8 or smallest % 8:
+                raise ConfigError(
+                    f"masks: the mask head needs d_model + nheads ({mask_dim}) and d_model / 16 "
+                    f"({smallest}) divisible by 8 (GroupNorm with 8 groups); use d_model >= 128")
+
+
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+@dataclass
+class InferenceConfig:
+    """Pre- and post-processing of :class:`toist_core.inference.TaskSegmenter`.
+
+    Defaults are the reference evaluation's (short side 800, long side at most 1333,
+    ImageNet normalisation, mask threshold 0.5), plus a score threshold and an instance cap
+    that the reference does not have (it keeps all 100 queries).
+    """
+
+    short_side: int = 800
+    max_size: int = 1333
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    score_threshold: float = 0.5
+    max_instances: int = 100
+    mask_threshold: float = 0.5
+    # "fp32", or autocast to "fp16" (GPU) / "bf16" (GPU and CPU).
+    precision: Precision = "fp32"
+    # Run the convolutions in channels-last memory format (faster with oneDNN on CPU and with
+    # tensor cores on GPU; same weights, results equal up to float rounding).
+    channels_last: bool = True
+    # Word of the caption whose token rows distilled models replace by a cluster centre;
+    # None = the model's own (model directory: its config.yaml; official file: "something").
+    pronoun: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.short_side < 1 or self.max_size < self.short_side:
+            raise ConfigError(f"inference: need 1 <= short_side <= max_size, got "
+                              f"{self.short_side} / {self.max_size}")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ConfigError(f"inference.score_threshold must be in [0, 1], got {self.score_threshold}")
+        if self.max_instances < 0:
+            raise ConfigError(f"inference.max_instances must be >= 0, got {self.max_instances}")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ConfigError(f"inference.mask_threshold must be in (0, 1), got {self.mask_threshold}")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"inference.precision must be fp32, fp16 or bf16, got {self.precision!r}")
+
+
+def _paper() -> ModelConfig:
+    return ModelConfig()
+
+
+def _paper_segm() -> ModelConfig:
+    # As the released mask-head stage was trained: no aux loss, no contrastive projections.
+    return ModelConfig(masks=True, aux_loss=False, contrastive_align=False)
+
+
+def _paper_without_pretrain() -> ModelConfig:
+    cfg = ModelConfig()
+    cfg.text.max_position_embeddings = 512
+    cfg.text.layer_norm_eps = 1e-12
+    return cfg
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(
+        backbone=BackboneConfig(name="resnet18"),
+        text=TextEncoderConfig(tokenizer=TINY_TOKENIZER, vocab_size=801, hidden_size=64, num_layers=2,
+                               num_heads=2, intermediate_size=128, max_position_embeddings=514),
+        transformer=TransformerConfig(d_model=128, nheads=8, enc_layers=2, dec_layers=2,
+                                      dim_feedforward=128),
+        num_queries=100,
+        contrastive_dim=32,
+    )
+
+
+def _tiny_segm() -> ModelConfig:
+    cfg = _tiny()
+    cfg.masks = True
+    return cfg
+
+
+PRESETS = {
+    "paper": _paper,
+    "paper_segm": _paper_segm,
+    "paper_without_pretrain": _paper_without_pretrain,
+    "tiny": _tiny,
+    "tiny_segm": _tiny_segm,
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """A fresh :class:`ModelConfig` of a preset.
+
+    ``paper``: the reference detector (contrastive heads on); ``paper_segm``: the released
+    segmentation model; ``paper_without_pretrain``: 512-position RoBERTa; ``tiny`` /
+    ``tiny_segm``: ResNet-18, 2-layer RoBERTa (hidden 64) on the packaged tiny tokenizer,
+    d_model 128, 2 + 2 transformer layers — random weights, for tests and CPU demos.
+    """
+    try:
+        return copy.deepcopy(PRESETS[name]())
+    except KeyError:
+        raise ConfigError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}") from None

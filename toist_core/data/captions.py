@@ -1,0 +1,117 @@
+"""Pronoun and noun captions of a COCO-Tasks sample and the character spans of its boxes.
+
+* Pronoun caption (student / plain TOIST): ``phrase + pronoun``, e.g.
+  ``"sit comfortably on something"``. As in the reference, every box is tied to the **whole**
+  caption (``tokens_positive = [[(0, len(caption))]]``); the noun span is the pronoun.
+* Noun caption (teacher): one ``phrase + name`` part per preferred COCO class of the image,
+  joined with a single space, e.g. ``"sit comfortably on chair sit comfortably on couch"``.
+  A box is tied to its own part; its noun span is the class name *inside that part*.
+
+Two deliberate differences from the reference (``datasets/tdod.py``), see docs/data.md:
+the parts are ordered by COCO category id (the reference de-duplicates with ``set()``, whose
+order changes between processes), and spans are located on word boundaries inside the box's
+own part (the reference uses ``caption.find(name)``, which finds "car" inside "carpet" for
+task 14 and the verb phrase's "bottle" for task 8).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from toist_core.tasks import DEFAULT_PRONOUN, task_phrase
+
+Span = tuple[int, int]  # [begin, end) character offsets into the caption
+
+_ID2NAME_FILE = Path(__file__).with_name("coco_id2name.json")
+
+
+@dataclass(frozen=True)
+class CaptionTargets:
+    """A caption and, per target box, its positive character spans."""
+
+    caption: str
+    tokens_positive: list[list[Span]]       # per box: the spans its query must point at
+    noun_tokens_positive: list[list[Span]]  # per box: the noun (or pronoun) span
+
+
+@lru_cache(maxsize=1)
+def coco_id2name() -> dict[int, str]:
+    """COCO category id -> class name (the reference's ``data/id2name.json``)."""
+    raw = json.loads(_ID2NAME_FILE.read_text())
+    return {int(k): v for k, v in raw.items()}
+
+
+def find_word(text: str, word: str, start: int = 0) -> int:
+    """Index of the first occurrence of ``word`` at or after ``start`` that is a whole word
+    sequence (not preceded or followed by a letter, digit or underscore), or -1.
+
+    ``find_word("pound carpet with car", "car") == 18`` where ``str.find`` gives 6.
+    """
+    if not word:
+        raise ValueError("cannot search for an empty word")
+    match = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)").search(text, start)
+    return -1 if match is None else match.start()
+
+
+def pronoun_targets(task_id: int, num_boxes: int, pronoun: str = DEFAULT_PRONOUN) -> CaptionTargets:
+    """Caption ``phrase + pronoun``; every box is positive on the whole caption (reference behaviour)."""
+    if not pronoun:
+        raise ValueError("the pronoun must be a non-empty word")
+    phrase = task_phrase(task_id)
+    caption = phrase + pronoun
+    whole = [(0, len(caption))]
+    pronoun_span = [(len(phrase), len(caption))]  # the appended word, wherever else it may occur
+    return CaptionTargets(caption, [list(whole) for _ in range(num_boxes)],
+                          [list(pronoun_span) for _ in range(num_boxes)])
+
+
+def noun_caption(task_id: int, names: Sequence[str]) -> tuple[str, dict[str, tuple[Span, Span]]]:
+    """Join ``phrase + name`` for each distinct name (in the given order) with single spaces.
+
+    Returns the caption and, per name, ``(part_span, noun_span)``: the span of its
+    ``phrase + name`` part, found on word boundaries from where the previous part ended, and
+    the span of the name inside that part. No names -> the empty caption.
+    """
+    phrase = task_phrase(task_id)
+    unique: list[str] = []
+    for name in names:
+        if not name:
+            raise ValueError(f"empty class name in {list(names)!r}")
+        if name not in unique:
+            unique.append(name)
+    caption = " ".join(phrase + name for name in unique)
+    spans: dict[str, tuple[Span, Span]] = {}
+    cursor = 0
+    for name in unique:
+        part = phrase + name
+        begin = find_word(caption, part, cursor)
+        if begin < 0:  # cannot happen for a caption built here; guards future edits
+            raise AssertionError(f"part {part!r} not found in {caption!r}")
+        end = begin + len(part)
+        spans[name] = ((begin, end), (begin + len(phrase), end))
+        cursor = end
+    return caption, spans
+
+
+def noun_targets(task_id: int, box_category_ids: Sequence[int],
+                 id2name: Optional[Mapping[int, str]] = None) -> CaptionTargets:
+    """Teacher caption for boxes of the given COCO classes.
+
+    Parts are ordered by COCO category id (deterministic); each box points at the part of its
+    class (``tokens_positive``) and at the class name inside it (``noun_tokens_positive``).
+    Images without boxes get the empty caption, as in the reference.
+    """
+    id2name = coco_id2name() if id2name is None else id2name
+    for cat in box_category_ids:
+        if cat not in id2name:
+            raise KeyError(f"COCO category id {cat} has no name in the id -> name table")
+    ordered_names = [id2name[cat] for cat in sorted(set(box_category_ids))]
+    caption, spans = noun_caption(task_id, ordered_names)
+    tokens_positive = [[spans[id2name[cat]][0]] for cat in box_category_ids]
+    noun_positive = [[spans[id2name[cat]][1]] for cat in box_category_ids]
+    return CaptionTargets(caption, tokens_positive, noun_positive)

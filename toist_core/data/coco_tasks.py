@@ -1,0 +1,248 @@
+"""COCO-Tasks dataset: one or several ``task_{k}_{split}.json`` files + their COCO 2014 images.
+
+Every image listed in a file is a sample, including images without a preferred object (they
+get zero boxes). Per sample, as the reference's ``TOISTConvertCocoPolysToMask``: crowd objects
+are dropped, only preferred objects (``category_id == 1``) are targets, boxes are converted
+xywh -> xyxy and clipped to the image, degenerate boxes are dropped, masks come from the
+polygons (or RLE) of the kept objects.
+
+An item is ``(image [3, H, W] float normalised, target)``, or in ``"distill"`` mode
+``(image, noun_target, pronoun_target)`` for the same augmented image. Target keys:
+
+    boxes [n, 4]       cx, cy, w, h normalised to the (un-padded) transformed image
+    labels [n]         int64, all 1
+    masks [n, H, W]    bool (only when masks are loaded)
+    area [n], iscrowd [n], orig_size [2] (h, w), size [2] (h, w after the transforms)
+    image_id, task_id  int
+    caption            str
+    tokens_positive / noun_tokens_positive   per box, a list of (begin, end) character spans
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable, Literal, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+
+from toist_core.data.captions import CaptionTargets, coco_id2name, noun_targets, pronoun_targets
+from toist_core.data.config import DataConfig
+from toist_core.data.schema import AnnotationRecord, DataError, ImageRecord, TaskFile, load_task_file
+from toist_core.data.transforms import Normalize, make_transforms
+from toist_core.tasks import DEFAULT_PRONOUN
+
+CaptionMode = Literal["pronoun", "noun", "distill"]
+PathLike = Union[str, Path]
+_CAPTION_MODES = ("pronoun", "noun", "distill")
+
+
+class CocoTasksDataset(Dataset):
+    """Samples of one or several task files, concatenated in the order given.
+
+    Args:
+        ann_files: one ``task_{k}_{split}.json`` path or several (the task id of each comes
+            from its name).
+        image_dir: the folder holding the images, or a mapping split -> folder (files of
+            different splits in one dataset).
+        caption_mode: "pronoun" (student / plain model), "noun" (teacher) or "distill"
+            (both targets for one augmented image).
+        transforms: called as ``transforms(image_uint8, target)``; must end with
+            :class:`~toist_core.data.transforms.Normalize`. None -> normalisation only.
+        masks: load instance masks.
+        check_images: fail at construction if a listed image file is missing.
+    """
+
+    def __init__(self, ann_files: Union[PathLike, Sequence[PathLike]],
+                 image_dir: Union[PathLike, Mapping[str, PathLike]],
+                 caption_mode: CaptionMode = "pronoun",
+                 transforms: Optional[Callable[[Tensor, dict], tuple[Tensor, dict]]] = None,
+                 masks: bool = False, pronoun: str = DEFAULT_PRONOUN, check_images: bool = True,
+                 id2name: Optional[Mapping[int, str]] = None):
+        if caption_mode not in _CAPTION_MODES:
+            raise ValueError(f"caption_mode must be one of {_CAPTION_MODES}, got {caption_mode!r}")
+        if isinstance(ann_files, (str, Path)):
+            ann_files = [ann_files]
+        if not ann_files:
+            raise ValueError("CocoTasksDataset needs at least one annotation file")
+        self.caption_mode = caption_mode
+        self.transforms = transforms if transforms is not None else Normalize()
+        self.masks = masks
+        self.pronoun = pronoun
+        self.id2name = dict(coco_id2name() if id2name is None else id2name)
+        self.files: list[TaskFile] = [load_task_file(p) for p in ann_files]
+        self._image_dirs = [self._image_dir_for(image_dir, f) for f in self.files]
+        # (file index, image record) per sample; O(total images).
+        self._samples: list[tuple[int, ImageRecord]] = [
+            (k, image) for k, task_file in enumerate(self.files) for image in task_file.images]
+        if caption_mode != "pronoun":
+            self._check_category_names()
+        if check_images:
+            self._check_images_exist()
+
+    # ------------------------------------------------------------------ construction checks
+
+    @staticmethod
+    def _image_dir_for(image_dir, task_file: TaskFile) -> Path:
+        if isinstance(image_dir, Mapping):
+            if task_file.split not in image_dir:
+                raise DataError(f"{task_file.path}: no image folder given for split "
+                                f"{task_file.split!r} (have {sorted(image_dir)})")
+            return Path(image_dir[task_file.split])
+        return Path(image_dir)
+
+    def _check_category_names(self) -> None:
+        for task_file in self.files:
+            for anns in task_file.annotations.values():
+                for ann in anns:
+                    if ann.is_preferred and ann.coco_category_id not in self.id2name:
+                        raise DataError(f"{task_file.path}: annotation id {ann.id}: field "
+                                        f"'COCO_category_id': {ann.coco_category_id} has no class "
+                                        f"name (needed for noun captions)")
+
+    def _check_images_exist(self) -> None:
+        for k, image in self._samples:
+            path = self._image_dirs[k] / image.file_name
+            if not path.is_file():
+                raise DataError(f"{path}: image file not found (image id {image.id}, field "
+                                f"'file_name' in {self.files[k].path})")
+
+    # ------------------------------------------------------------------ dataset protocol
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    @property
+    def task_ids(self) -> list[int]:
+        return [f.task_id for f in self.files]
+
+    def sample_info(self, index: int) -> tuple[TaskFile, ImageRecord]:
+        """The task file and image record of sample ``index``."""
+        k, image = self._samples[index]
+        return self.files[k], image
+
+    def image_path(self, index: int) -> Path:
+        k, image = self._samples[index]
+        return self._image_dirs[k] / image.file_name
+
+    def __getitem__(self, index: int):
+        k, image_rec = self._samples[index]
+        task_file = self.files[k]
+        image = self.load_image(index)
+        base = self._base_target(task_file, image_rec)
+        preferred = base.pop("_coco_category_ids")
+        num_boxes = len(preferred)
+        if self.caption_mode == "pronoun":
+            return self.transforms(image, _with_captions(base, pronoun_targets(
+                task_file.task_id, num_boxes, self.pronoun)))
+        noun = _with_captions(base, noun_targets(task_file.task_id, preferred, self.id2name))
+        image, noun = self.transforms(image, noun)
+        if self.caption_mode == "noun":
+            return image, noun
+        pronoun = _with_captions(noun, pronoun_targets(task_file.task_id, num_boxes, self.pronoun))
+        return image, noun, pronoun
+
+    # ------------------------------------------------------------------ sample construction
+
+    def load_image(self, index: int) -> Tensor:
+        """The RGB image of sample ``index`` as a uint8 ``tv_tensors.Image [3, H, W]``."""
+        k, image_rec = self._samples[index]
+        path = self._image_dirs[k] / image_rec.file_name
+        where = f"image id {image_rec.id} in {self.files[k].path}"
+        if not path.is_file():
+            raise DataError(f"{path}: image file not found ({where})")
+        try:
+            pixels = decode_image(str(path), mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError) as exc:
+            raise DataError(f"{path}: cannot decode image ({where}): {exc}") from None
+        height, width = pixels.shape[-2:]
+        if (height, width) != (image_rec.height, image_rec.width):
+            raise DataError(f"{path}: image is {height}x{width} but the record says "
+                            f"{image_rec.height}x{image_rec.width} (fields 'height'/'width', {where})")
+        return tv_tensors.Image(pixels)
+
+    def _base_target(self, task_file: TaskFile, image_rec: ImageRecord) -> dict:
+        height, width = image_rec.height, image_rec.width
+        kept: list[AnnotationRecord] = []
+        boxes: list[list[float]] = []
+        for ann in task_file.image_annotations(image_rec.id):
+            if ann.iscrowd or not ann.is_preferred:
+                continue
+            x, y, w, h = ann.bbox
+            x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+            x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+            if x1 > x0 and y1 > y0:  # degenerate boxes are dropped
+                kept.append(ann)
+                boxes.append([x0, y0, x1, y1])
+        target = {
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.ones(len(kept), dtype=torch.int64),
+            "area": torch.tensor([a.area for a in kept], dtype=torch.float32),
+            "iscrowd": torch.zeros(len(kept), dtype=torch.int64),
+            "image_id": image_rec.id,
+            "task_id": task_file.task_id,
+            "orig_size": torch.tensor([height, width]),
+            "size": torch.tensor([height, width]),
+            "_coco_category_ids": [a.coco_category_id for a in kept],
+        }
+        if self.masks:
+            target["masks"] = _masks(task_file, image_rec, kept)
+        return target
+
+
+def _with_captions(target: dict, captions: CaptionTargets) -> dict:
+    out = dict(target)
+    out["caption"] = captions.caption
+    out["tokens_positive"] = captions.tokens_positive
+    out["noun_tokens_positive"] = captions.noun_tokens_positive
+    return out
+
+
+def _masks(task_file: TaskFile, image_rec: ImageRecord, anns: Sequence[AnnotationRecord]) -> Tensor:
+    """``[n, H, W]`` bool masks of ``anns`` (polygon parts are united, as the reference's ``any``)."""
+    height, width = image_rec.height, image_rec.width
+    if not anns:
+        return torch.zeros((0, height, width), dtype=torch.bool)
+    rles = [annotation_rle(ann, height, width, task_file.path) for ann in anns]
+    with warnings.catch_warnings():  # pycocotools' numpy-2 copy-keyword DeprecationWarning
+        warnings.simplefilter("ignore", DeprecationWarning)
+        decoded = mask_utils.decode(rles)  # [H, W, n] uint8, Fortran order
+    return torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1))).bool()
+
+
+def annotation_rle(ann: AnnotationRecord, height: int, width: int, path: PathLike = "") -> dict:
+    """Compressed RLE of an annotation's segmentation (polygons, uncompressed or compressed RLE)."""
+    seg = ann.segmentation
+    where = f"{path}: annotation id {ann.id} (image id {ann.image_id}): field 'segmentation'"
+    if isinstance(seg, list):
+        return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    if list(seg["size"]) != [height, width]:
+        raise DataError(f"{where}: RLE size {seg['size']} differs from the image size [{height}, {width}]")
+    if isinstance(seg["counts"], list):
+        return mask_utils.frPyObjects(seg, height, width)
+    counts = seg["counts"]
+    return {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def build_dataset(cfg: DataConfig, split: str, caption_mode: Optional[CaptionMode] = None,
+                  train: Optional[bool] = None) -> CocoTasksDataset:
+    """All configured tasks of ``split`` as one dataset (one model serves all tasks).
+
+    ``train`` (default: ``split == cfg.train_split``) selects the random train transforms;
+    ``caption_mode`` defaults to ``cfg.caption_mode`` for training and "pronoun" otherwise
+    (the reference evaluates with pronoun captions only).
+    """
+    train = (split == cfg.train_split) if train is None else train
+    if caption_mode is None:
+        caption_mode = cfg.caption_mode if train else "pronoun"
+    transforms = make_transforms("train" if train else "test", **cfg.transform_kwargs())
+    files = [cfg.annotation_path(task, split) for task in cfg.tasks]
+    return CocoTasksDataset(files, cfg.image_dir(split), caption_mode=caption_mode,
+                            transforms=transforms, masks=cfg.masks, pronoun=cfg.pronoun,
+                            check_images=cfg.check_images)

@@ -1,0 +1,64 @@
+"""Typed configuration of the COCO-Tasks data pipeline (YAML via ``toist_core.typed_config``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from toist_core.data.transforms import CROP_RESIZE_SIZES, TRAIN_SIZES
+from toist_core.tasks import DEFAULT_PRONOUN, NUM_TASKS
+
+CaptionMode = Literal["pronoun", "noun", "distill"]
+
+
+@dataclass
+class DataConfig:
+    """Where the data lies, which of it to read, and how samples are built.
+
+    Layout under ``root`` (the real COCO-Tasks layout; ``toist synth`` writes the same):
+    ``annotations/task_{k}_{split}.json``, ``images/train2014/``, ``images/val2014/``.
+    The defaults are the reference's (``configs/tdod.json``, ``datasets/tdod.py``).
+    """
+
+    root: str = "data/coco-tasks"
+    tasks: list[int] = field(default_factory=lambda: list(range(1, NUM_TASKS + 1)))
+    train_split: str = "train"
+    eval_split: str = "test"
+    # Image folder (relative to root) per split; the reference reads test images from val2014.
+    image_dirs: dict[str, str] = field(default_factory=lambda: {
+        "train": "images/train2014", "test": "images/val2014"})
+    caption_mode: CaptionMode = "pronoun"  # training captions; evaluation is always pronoun
+    pronoun: str = DEFAULT_PRONOUN
+    masks: bool = False                    # load instance masks (mask-head training / segm eval)
+    check_images: bool = True              # verify every listed image exists when the dataset is built
+    # Transforms (reference values; shrink them for tiny CPU runs on synthetic images).
+    train_sizes: list[int] = field(default_factory=lambda: list(TRAIN_SIZES))
+    max_size: int = 1333
+    crop_resize_sizes: list[int] = field(default_factory=lambda: list(CROP_RESIZE_SIZES))
+    crop_min_size: int = 384
+    crop_max_size: int = 1333
+    test_size: int = 800
+
+    def __post_init__(self) -> None:
+        for task in self.tasks:
+            if not 1 <= task <= NUM_TASKS:
+                raise ValueError(f"tasks: {task} is not a COCO-Tasks task id (1..{NUM_TASKS})")
+        if not self.pronoun:
+            raise ValueError("pronoun: must be a non-empty word")
+        if not self.train_sizes or not self.crop_resize_sizes:
+            raise ValueError("train_sizes / crop_resize_sizes: need at least one size")
+
+    def annotation_path(self, task_id: int, split: str) -> Path:
+        return Path(self.root) / "annotations" / f"task_{task_id}_{split}.json"
+
+    def image_dir(self, split: str) -> Path:
+        if split not in self.image_dirs:
+            raise ValueError(f"image_dirs: no image folder configured for split {split!r} "
+                             f"(known: {sorted(self.image_dirs)})")
+        return Path(self.root) / self.image_dirs[split]
+
+    def transform_kwargs(self) -> dict:
+        return dict(train_sizes=self.train_sizes, max_size=self.max_size,
+                    crop_resize_sizes=self.crop_resize_sizes, crop_min_size=self.crop_min_size,
+                    crop_max_size=self.crop_max_size, test_size=self.test_size)

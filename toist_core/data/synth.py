@@ -1,0 +1,395 @@
+"""Synthetic COCO-Tasks: images and ``task_{k}_{split}.json`` files in the exact real schema.
+
+Each image shows a few objects of 14 classes mapped to real COCO categories (so noun
+captions are real words: "sit comfortably on couch"). A class has its own convex shape,
+colour and texture; instances vary in size, aspect, rotation and colour, and later objects
+occlude earlier ones. The segmentation of an object is the exact polygon geometry of its
+*visible* part (its shape minus the shapes drawn over it, as convex pieces), so a mask
+rasterised from the annotation matches the drawn pixels up to pixel-boundary rounding.
+
+Each task ranks a few classes (``TASK_PREFERENCES``, loosely modelled on COCO-Tasks: a couch
+before a chair to sit on); in an image the preferred objects (``category_id = 1``) are all
+instances of the best-ranked class present, the other objects are listed with
+``category_id = 0``, and an image without any ranked class has no preferred object.
+
+Layout (the real one): ``<root>/annotations/task_{k}_{split}.json``,
+``<root>/images/train2014/COCO_train2014_<id:012d>.jpg`` (train) and
+``<root>/images/val2014/COCO_val2014_<id:012d>.jpg`` (test). Every split has one pool of
+images that all task files of that split share (like COCO images shared by tasks); image and
+annotation ids are unique over the whole generated set and an object keeps its id across
+tasks. Everything is a deterministic function of ``seed`` (an image depends only on seed,
+split and index, so generating fewer tasks or splits yields the same images).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from toist_core.tasks import NUM_TASKS
+
+SPLIT_FOLDERS = {"train": "train2014", "test": "val2014"}
+_SPLIT_CODES = {"train": 0, "test": 1}
+_ID_STRIDE = 1_000_000        # image id = (split code + 1) * stride + index
+_MAX_OBJECTS = 99             # annotation id = image id * 100 + object index
+_MIN_VISIBLE_FRACTION = 0.35  # objects hidden more than this are left out
+_CATEGORIES = [{"id": 0, "name": "non_preferred"}, {"id": 1, "name": "preferred"}]
+
+
+@dataclass(frozen=True)
+class SynthClass:
+    """How instances of one COCO class are drawn."""
+
+    coco_id: int
+    name: str
+    shape: str                       # rectangle | trapezoid | triangle | hexagon | ellipse | half_disc | diamond | pentagon
+    aspect: float                    # width / height of the shape's box before rotation
+    colour: tuple[int, int, int]     # RGB
+    texture: str                     # solid | stripes | checker | dots
+
+
+SYNTH_CLASSES: tuple[SynthClass, ...] = (
+    SynthClass(63, "couch", "rectangle", 2.0, (190, 40, 40), "solid"),
+    SynthClass(62, "chair", "trapezoid", 0.9, (140, 90, 40), "stripes"),
+    SynthClass(15, "bench", "rectangle", 3.2, (40, 120, 40), "checker"),
+    SynthClass(86, "vase", "hexagon", 0.6, (60, 60, 200), "solid"),
+    SynthClass(44, "bottle", "rectangle", 0.35, (30, 170, 70), "stripes"),
+    SynthClass(47, "cup", "trapezoid", 0.8, (235, 235, 235), "dots"),
+    SynthClass(51, "bowl", "half_disc", 2.0, (235, 160, 40), "solid"),
+    SynthClass(46, "wine glass", "triangle", 0.7, (170, 215, 250), "stripes"),
+    SynthClass(48, "fork", "rectangle", 0.18, (150, 150, 160), "checker"),
+    SynthClass(50, "spoon", "ellipse", 0.45, (215, 205, 60), "solid"),
+    SynthClass(49, "knife", "triangle", 0.2, (90, 90, 110), "solid"),
+    SynthClass(87, "scissors", "diamond", 0.8, (215, 60, 160), "dots"),
+    SynthClass(84, "book", "rectangle", 0.75, (40, 40, 140), "stripes"),
+    SynthClass(39, "baseball bat", "pentagon", 0.3, (185, 135, 75), "checker"),
+)
+
+# Task id -> classes suitable for the task, best first. Unlisted classes are never preferred.
+TASK_PREFERENCES: dict[int, tuple[str, ...]] = {
+    1: ("chair", "bench", "couch"),                    # step on
+    2: ("couch", "chair", "bench"),                    # sit comfortably on
+    3: ("vase", "bottle", "cup"),                      # place flowers in
+    4: ("fork", "spoon", "knife"),                     # get potatoes out of fire with
+    5: ("bottle", "cup", "bowl"),                      # water plant with
+    6: ("spoon", "fork", "knife"),                     # get lemon out of tea with
+    7: ("spoon", "knife", "fork"),                     # dig hole with
+    8: ("knife", "scissors", "fork"),                  # open bottle of beer with
+    9: ("scissors", "knife", "fork"),                  # open parcel with
+    10: ("wine glass", "cup", "bowl"),                 # serve wine with
+    11: ("spoon", "cup", "bowl"),                      # pour sugar with
+    12: ("knife", "spoon", "fork"),                    # smear butter with
+    13: ("bottle", "bowl", "vase"),                    # extinguish fire with
+    14: ("baseball bat", "book", "chair"),             # pound carpet with
+}
+
+
+@dataclass(frozen=True)
+class SynthObject:
+    """One drawn object: its class and the convex pieces of its visible region."""
+
+    class_index: int
+    pieces: tuple[np.ndarray, ...]   # each [k, 2] float (x, y) vertices, counter-clockwise
+
+
+@dataclass
+class SynthSummary:
+    """What :func:`generate` wrote."""
+
+    root: Path
+    annotation_files: list[Path] = field(default_factory=list)
+    num_images: dict[str, int] = field(default_factory=dict)             # per split (pool size)
+    images_with_preferred: dict[tuple[int, str], int] = field(default_factory=dict)
+    num_preferred: dict[tuple[int, str], int] = field(default_factory=dict)
+
+
+def preferred_class_indices(task_id: int, class_indices: Sequence[int]) -> set[int]:
+    """Classes whose instances are preferred for ``task_id`` among objects of ``class_indices``
+    (the best-ranked class present, or none)."""
+    present = {SYNTH_CLASSES[i].name for i in class_indices}
+    for name in TASK_PREFERENCES[task_id]:
+        if name in present:
+            return {i for i, c in enumerate(SYNTH_CLASSES) if c.name == name}
+    return set()
+
+
+def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS + 1),
+             splits: Sequence[str] = ("train", "test"), images_per_split: int = 24,
+             images_per_task: Optional[int] = None, seed: int = 0,
+             min_size: int = 160, max_size: int = 320, min_objects: int = 1, max_objects: int = 5,
+             image_format: str = "jpg") -> SynthSummary:
+    """Write a synthetic COCO-Tasks tree under ``root``.
+
+    Args:
+        tasks: task ids to write files for.
+        splits: any of "train", "test".
+        images_per_split: size of each split's shared image pool.
+        images_per_task: images listed per task file (a seeded subset of the pool); None = all.
+        min_size, max_size: image height and width are drawn in this range (pixels).
+        min_objects, max_objects: objects drawn per image (before hidden ones are dropped).
+        image_format: "jpg" (quality 95, the real file names) or "png" (lossless).
+    """
+    tasks = sorted(set(int(t) for t in tasks))
+    for task in tasks:
+        if task not in TASK_PREFERENCES:
+            raise ValueError(f"tasks: {task} is not a COCO-Tasks task id (1..{NUM_TASKS})")
+    for split in splits:
+        if split not in _SPLIT_CODES:
+            raise ValueError(f"splits: unknown split {split!r}; expected 'train' or 'test'")
+    if image_format not in ("jpg", "png"):
+        raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
+    if not 0 < images_per_split < _ID_STRIDE:
+        raise ValueError(f"images_per_split must be in 1..{_ID_STRIDE - 1}, got {images_per_split}")
+    if not 1 <= min_objects <= max_objects <= _MAX_OBJECTS:
+        raise ValueError(f"need 1 <= min_objects <= max_objects <= {_MAX_OBJECTS}")
+    if not 16 <= min_size <= max_size:
+        raise ValueError(f"need 16 <= min_size <= max_size, got {min_size}, {max_size}")
+
+    root = Path(root)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    summary = SynthSummary(root)
+    for split in splits:
+        folder = SPLIT_FOLDERS[split]
+        image_dir = root / "images" / folder
+        image_dir.mkdir(parents=True, exist_ok=True)
+        pool = []
+        for index in range(images_per_split):
+            rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
+            image_id = (_SPLIT_CODES[split] + 1) * _ID_STRIDE + index
+            file_name = f"COCO_{folder}_{image_id:012d}.{image_format}"
+            pixels, objects = render_image(rng, min_size, max_size, min_objects, max_objects)
+            _write_image(image_dir / file_name, pixels, image_format)
+            record = {"id": image_id, "file_name": file_name,
+                      "height": int(pixels.shape[0]), "width": int(pixels.shape[1])}
+            pool.append((record, _annotations(image_id, objects, pixels.shape[:2])))
+        summary.num_images[split] = len(pool)
+        for task in tasks:
+            path, with_preferred, preferred = _write_task_file(root, task, split, pool,
+                                                               images_per_task=images_per_task, seed=seed)
+            summary.annotation_files.append(path)
+            summary.images_with_preferred[(task, split)] = with_preferred
+            summary.num_preferred[(task, split)] = preferred
+    meta = {"seed": seed, "images_per_split": images_per_split, "images_per_task": images_per_task,
+            "classes": [{"coco_id": c.coco_id, "name": c.name, "shape": c.shape,
+                         "colour": list(c.colour), "texture": c.texture} for c in SYNTH_CLASSES],
+            "task_preferences": {str(k): list(v) for k, v in TASK_PREFERENCES.items()}}
+    (root / "synth.json").write_text(json.dumps(meta, indent=1))
+    return summary
+
+
+# ----------------------------------------------------------------------------- files
+
+def _write_image(path: Path, rgb: np.ndarray, image_format: str) -> None:
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if image_format == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params):
+        raise OSError(f"{path}: could not write image")
+
+
+def _annotations(image_id: int, objects: Sequence[SynthObject], hw: tuple[int, int]) -> list[dict]:
+    """COCO records of an image's objects (``category_id`` is filled per task)."""
+    height, width = hw
+    records = []
+    for k, obj in enumerate(objects):
+        polygons = [[round(float(v), 2) for v in piece.reshape(-1)] for piece in obj.pieces]
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        xs = np.concatenate([p[:, 0] for p in obj.pieces])
+        ys = np.concatenate([p[:, 1] for p in obj.pieces])
+        x0, y0 = round(float(xs.min()), 2), round(float(ys.min()), 2)
+        records.append({
+            "id": image_id * 100 + k,
+            "image_id": image_id,
+            "bbox": [x0, y0, round(float(xs.max()) - x0, 2), round(float(ys.max()) - y0, 2)],
+            "segmentation": polygons,
+            "area": float(mask_utils.area(rle)),
+            "iscrowd": 0,
+            "COCO_category_id": SYNTH_CLASSES[obj.class_index].coco_id,
+            "category_id": 0,
+            "_class_index": obj.class_index,
+        })
+    return records
+
+
+def _write_task_file(root: Path, task: int, split: str, pool: list, images_per_task: Optional[int],
+                     seed: int) -> tuple[Path, int, int]:
+    entries = pool
+    if images_per_task is not None and images_per_task < len(pool):
+        rng = np.random.default_rng([seed, 7, task, _SPLIT_CODES[split]])
+        chosen = np.sort(rng.choice(len(pool), size=images_per_task, replace=False))
+        entries = [pool[i] for i in chosen]
+    images, annotations = [], []
+    with_preferred = num_preferred = 0
+    for record, anns in entries:
+        images.append(dict(record))
+        best = preferred_class_indices(task, [a["_class_index"] for a in anns])
+        hits = 0
+        for ann in anns:
+            out = {k: v for k, v in ann.items() if k != "_class_index"}
+            out["category_id"] = int(ann["_class_index"] in best)
+            hits += out["category_id"]
+            annotations.append(out)
+        with_preferred += hits > 0
+        num_preferred += hits
+    data = {"info": "COCO-Tasks Dataset. (synthetic: toist synth)", "images": images,
+            "annotations": annotations, "categories": _CATEGORIES}
+    path = root / "annotations" / f"task_{task}_{split}.json"
+    path.write_text(json.dumps(data, separators=(",", ":")))
+    return path, with_preferred, num_preferred
+
+
+# ----------------------------------------------------------------------------- drawing
+
+def render_image(rng: np.random.Generator, min_size: int, max_size: int, min_objects: int,
+                 max_objects: int) -> tuple[np.ndarray, list[SynthObject]]:
+    """One image ``[H, W, 3]`` uint8 RGB and its visible objects (bottom to top)."""
+    height = int(rng.integers(min_size, max_size + 1))
+    width = int(rng.integers(min_size, max_size + 1))
+    image = _background(rng, height, width)
+    count = int(rng.integers(min_objects, max_objects + 1))
+    shapes = []
+    for _ in range(count):
+        class_index = int(rng.integers(len(SYNTH_CLASSES)))
+        shapes.append((class_index, _place_shape(rng, SYNTH_CLASSES[class_index], height, width),
+                       _jitter(rng, SYNTH_CLASSES[class_index].colour)))
+    # Visible part of each shape = shape minus every kept shape above it (top to bottom).
+    kept: list[tuple[int, np.ndarray, tuple, tuple[np.ndarray, ...]]] = []
+    for class_index, polygon, colour in reversed(shapes):
+        pieces = [polygon]
+        for _, occluder, _, _ in kept:
+            pieces = [part for piece in pieces for part in _subtract_convex(piece, occluder)]
+        visible = sum(_polygon_area(p) for p in pieces)
+        if visible >= _MIN_VISIBLE_FRACTION * _polygon_area(polygon):
+            kept.append((class_index, polygon, colour, tuple(pieces)))
+    kept.reverse()  # bottom to top
+    for class_index, polygon, colour, _ in kept:
+        _paint(image, polygon, colour, SYNTH_CLASSES[class_index].texture, rng)
+    return image, [SynthObject(c, pieces) for c, _, _, pieces in kept]
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    start, end = rng.integers(60, 200, size=3), rng.integers(60, 200, size=3)
+    ramp = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :, None]
+    image = start * (1 - ramp) + end * ramp + rng.normal(0, 6, size=(height, width, 3))
+    return np.clip(np.broadcast_to(image, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def _jitter(rng: np.random.Generator, colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    shifted = np.clip(np.array(colour) + rng.integers(-18, 19, size=3), 0, 255)
+    return tuple(int(v) for v in shifted)
+
+
+def _place_shape(rng: np.random.Generator, cls: SynthClass, height: int, width: int) -> np.ndarray:
+    """Counter-clockwise convex polygon ``[k, 2]`` of one instance, inside the image."""
+    extent = float(rng.uniform(0.25, 0.5)) * min(height, width)   # length of the longer side
+    aspect = cls.aspect * float(rng.uniform(0.85, 1.15))
+    w, h = (extent, extent / aspect) if aspect >= 1 else (extent * aspect, extent)
+    unit = _unit_shape(cls.shape)                                  # in [-0.5, 0.5]^2
+    angle = float(rng.uniform(-0.35, 0.35))
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    points = (unit * np.array([w, h])) @ rotation.T
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    span = hi - lo
+    scale = min(1.0, (width - 2) / span[0], (height - 2) / span[1])  # always fits in the image
+    points, lo, span = points * scale, lo * scale, span * scale
+    cx = float(rng.uniform(1 - lo[0], width - 1 - lo[0] - span[0]))
+    cy = float(rng.uniform(1 - lo[1], height - 1 - lo[1] - span[1]))
+    return _counter_clockwise(points + np.array([cx, cy]))
+
+
+def _unit_shape(shape: str) -> np.ndarray:
+    if shape == "rectangle":
+        return np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+    if shape == "trapezoid":
+        return np.array([[-0.3, -0.5], [0.3, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+    if shape == "triangle":
+        return np.array([[-0.5, -0.5], [0.5, -0.5], [0.0, 0.5]])
+    if shape == "diamond":
+        return np.array([[0.0, -0.5], [0.5, 0.0], [0.0, 0.5], [-0.5, 0.0]])
+    if shape in ("hexagon", "pentagon", "ellipse"):
+        sides = {"hexagon": 6, "pentagon": 5, "ellipse": 32}[shape]
+        t = np.linspace(0, 2 * np.pi, sides, endpoint=False) - np.pi / 2
+        return 0.5 * np.stack([np.cos(t), np.sin(t)], axis=1)
+    if shape == "half_disc":
+        t = np.linspace(0, np.pi, 17)
+        return np.stack([0.5 * np.cos(t), -0.5 + np.sin(t)], axis=1)
+    raise ValueError(f"unknown synthetic shape {shape!r}")
+
+
+def _paint(image: np.ndarray, polygon: np.ndarray, colour: tuple, texture: str,
+           rng: np.random.Generator) -> None:
+    """Fill the pixels that pycocotools rasterises for ``polygon`` (so masks match the drawing)."""
+    height, width = image.shape[:2]
+    rle = mask_utils.frPyObjects([polygon.reshape(-1).tolist()], height, width)
+    with warnings.catch_warnings():  # pycocotools' numpy-2 copy-keyword DeprecationWarning
+        warnings.simplefilter("ignore", DeprecationWarning)
+        mask = mask_utils.decode(rle)[:, :, 0].astype(bool)
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return
+    base = np.array(colour, dtype=np.float32)
+    shade = np.ones(ys.size, dtype=np.float32)
+    period = float(rng.uniform(5, 9))
+    if texture == "stripes":
+        shade = np.where(((xs + ys) / period) % 2 < 1, 1.0, 0.6)
+    elif texture == "checker":
+        shade = np.where(((xs // period).astype(int) + (ys // period).astype(int)) % 2 == 0, 1.0, 0.55)
+    elif texture == "dots":
+        dx, dy = (xs % period) - period / 2, (ys % period) - period / 2
+        shade = np.where(dx * dx + dy * dy < (period / 3.5) ** 2, 0.45, 1.0)
+    image[ys, xs] = np.clip(base[None, :] * shade[:, None], 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- convex geometry
+
+def _polygon_area(points: np.ndarray) -> float:
+    x, y = points[:, 0], points[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+def _counter_clockwise(points: np.ndarray) -> np.ndarray:
+    return points if _polygon_area(points) >= 0 else points[::-1].copy()
+
+
+def _clip(points: np.ndarray, a: np.ndarray, b: np.ndarray, keep_left: bool) -> np.ndarray:
+    """Sutherland-Hodgman: the part of convex ``points`` left (or right) of the line a -> b."""
+    if len(points) == 0:
+        return points
+    edge = b - a
+    side = edge[0] * (points[:, 1] - a[1]) - edge[1] * (points[:, 0] - a[0])
+    if not keep_left:
+        side = -side
+    out = []
+    for i in range(len(points)):
+        j = (i + 1) % len(points)
+        p, q, sp, sq = points[i], points[j], side[i], side[j]
+        if sp >= 0:
+            out.append(p)
+        if (sp >= 0) != (sq >= 0):
+            out.append(p + (q - p) * (sp / (sp - sq)))
+    return np.array(out, dtype=np.float64).reshape(-1, 2)
+
+
+def _subtract_convex(piece: np.ndarray, occluder: np.ndarray, min_area: float = 0.5) -> list[np.ndarray]:
+    """Convex pieces covering ``piece`` minus the convex ``occluder`` (both counter-clockwise).
+
+    The outside of a convex polygon with edges e_0..e_{m-1} is the disjoint union over k of
+    {outside e_k, inside e_0..e_{k-1}}, so each piece is an intersection of half-planes.
+    """
+    parts = []
+    remaining = piece
+    m = len(occluder)
+    for k in range(m):
+        a, b = occluder[k], occluder[(k + 1) % m]
+        outside = _clip(remaining, a, b, keep_left=False)
+        if len(outside) >= 3 and abs(_polygon_area(outside)) >= min_area:
+            parts.append(_counter_clockwise(outside))
+        remaining = _clip(remaining, a, b, keep_left=True)
+        if len(remaining) < 3:
+            break
+    return parts

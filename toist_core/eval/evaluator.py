@@ -1,0 +1,245 @@
+"""The paper's COCO-Tasks metric: one pycocotools COCOeval per task, then the mean over tasks.
+
+Per task (reference ``datasets/coco_eval.py`` + ``main.py``): ground truth = the task's
+annotation file; ``params.catIds = [1]`` (only preferred objects are targets; detections of
+other objects are false positives), ``useCats`` left at 1, default IoU thresholds, area ranges
+and ``maxDets = [1, 10, 100]``; every image of the file is evaluated, including images without
+a preferred object (all their detections are false positives). Every detection has
+``category_id = 1``. The reported number is ``stats[1]`` = AP at IoU 0.5 (area all, 100
+detections); ``mAP^box`` / ``mAP^mask`` = arithmetic mean of the per-task values. AP@[.5:.95]
+(``stats[0]``) is reported as well.
+
+Precision-recall curves (IoU 0.5) come from ``COCOeval.eval["precision"]`` for all images and
+for the images with at least one target; the second set reuses the per-image matching of the
+first (pycocotools' ``accumulate(p)`` mis-indexes a subset of images, so the per-image records
+are selected here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from toist_core.data.schema import DataError, parse_task_file_name
+from toist_core.eval.predictions import ImagePredictions, PredictionSet
+
+IOU_TYPES = ("bbox", "segm")
+PREFERRED = 1
+_RECALL_POINTS = 101
+
+
+@dataclass
+class PRCurve:
+    """Precision at the 101 COCO recall thresholds, IoU 0.5, area all, 100 detections (NaN = undefined)."""
+
+    recall: np.ndarray               # [101]
+    precision_all: np.ndarray        # [101] all images
+    precision_with_targets: np.ndarray  # [101] images with >= 1 target
+
+
+@dataclass
+class TaskResult:
+    """Metrics of one task; AP values are fractions in [0, 1] (-1 where pycocotools has no GT)."""
+
+    task_id: int
+    num_images: int
+    num_images_with_targets: int
+    num_targets: int
+    ap50: dict[str, float] = field(default_factory=dict)               # iou type -> stats[1]
+    ap: dict[str, float] = field(default_factory=dict)                 # iou type -> stats[0]
+    ap50_with_targets: dict[str, float] = field(default_factory=dict)  # AP@0.5 on images with targets
+    stats: dict[str, list[float]] = field(default_factory=dict)        # iou type -> the 12 COCO stats
+    curves: dict[str, PRCurve] = field(default_factory=dict)
+    log: str = ""                                                      # pycocotools' printed output
+
+
+@dataclass
+class EvaluationResult:
+    """Per-task results (sorted by task id) and their means, as in the paper's tables."""
+
+    tasks: list[TaskResult]
+    iou_types: tuple[str, ...]
+
+    def mean_ap50(self, iou_type: str) -> float:
+        """``mAP^box`` (iou_type "bbox") / ``mAP^mask`` ("segm"): mean of per-task AP@0.5."""
+        return float(np.mean([t.ap50[iou_type] for t in self.tasks]))
+
+    def mean_ap(self, iou_type: str) -> float:
+        return float(np.mean([t.ap[iou_type] for t in self.tasks]))
+
+    def mean_ap50_with_targets(self, iou_type: str) -> float:
+        return float(np.mean([t.ap50_with_targets[iou_type] for t in self.tasks]))
+
+    def task(self, task_id: int) -> TaskResult:
+        for result in self.tasks:
+            if result.task_id == task_id:
+                return result
+        raise KeyError(f"task {task_id} was not evaluated")
+
+
+def load_ground_truth(path: Union[str, Path]) -> COCO:
+    """pycocotools COCO object of a task file (its printing captured)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: annotation file not found")
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            return COCO(str(path))
+        except ValueError as exc:  # json errors are ValueErrors
+            raise DataError(f"{path}: not valid JSON: {exc}") from None
+
+
+def detections_to_coco(predictions: Mapping[int, ImagePredictions], iou_type: str,
+                       image_ids: Optional[set] = None) -> list[dict]:
+    """COCO result records (``category_id = 1``) of the images in ``image_ids`` (all if None)."""
+    records: list[dict] = []
+    for image_id, pred in predictions.items():
+        if image_ids is not None and image_id not in image_ids:
+            continue
+        scores = pred.scores.tolist()
+        if iou_type == "bbox":
+            xywh = pred.boxes.copy()
+            xywh[:, 2:] -= xywh[:, :2]
+            for box, score in zip(xywh.tolist(), scores):
+                records.append({"image_id": image_id, "category_id": PREFERRED, "bbox": box, "score": score})
+        else:
+            for rle, score in zip(pred.masks, scores):
+                records.append({"image_id": image_id, "category_id": PREFERRED,
+                                "segmentation": rle, "score": score})
+    return records
+
+
+def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int, ImagePredictions],
+                  iou_types: Optional[Sequence[str]] = None, image_ids: Optional[Sequence[int]] = None,
+                  task_id: Optional[int] = None) -> TaskResult:
+    """Evaluate one task's predictions ``{image_id: ImagePredictions}``.
+
+    Args:
+        ground_truth: the task's annotation file (its name gives the task id) or a COCO object.
+        iou_types: subset of ("bbox", "segm"); default: both when every prediction has masks.
+        image_ids: images to evaluate (default: every image of the file). Images without a
+            predictions entry count as images with no detections.
+    """
+    if not isinstance(ground_truth, COCO):
+        if task_id is None:
+            task_id = parse_task_file_name(ground_truth)[0]
+        gt_name = str(ground_truth)
+        ground_truth = load_ground_truth(ground_truth)
+    else:
+        gt_name = "ground truth"
+    task_id = 0 if task_id is None else task_id
+    gt_image_ids = ground_truth.getImgIds()
+    known = set(gt_image_ids)
+    unknown = sorted(set(predictions) - known)
+    if unknown:
+        raise DataError(f"task {task_id}: predictions for image ids not in {gt_name}: {unknown[:10]}"
+                        + (" ..." if len(unknown) > 10 else ""))
+    if image_ids is None:
+        selected = sorted(gt_image_ids)
+    else:
+        selected = sorted(set(int(i) for i in image_ids))
+        missing = sorted(set(selected) - known)
+        if missing:
+            raise DataError(f"task {task_id}: image ids not in {gt_name}: {missing[:10]}")
+    has_masks = all(p.masks is not None for p in predictions.values())
+    if iou_types is None:
+        iou_types = IOU_TYPES if has_masks and predictions else ("bbox",)
+    for iou_type in iou_types:
+        if iou_type not in IOU_TYPES:
+            raise ValueError(f"unknown iou type {iou_type!r}; expected one of {IOU_TYPES}")
+        if iou_type == "segm" and not has_masks:
+            without = [i for i, p in predictions.items() if p.masks is None][:10]
+            raise DataError(f"task {task_id}: segm evaluation needs masks; images without masks: {without}")
+
+    targets = ground_truth.getAnnIds(imgIds=selected, catIds=[PREFERRED], iscrowd=False)
+    with_targets = sorted({ground_truth.anns[a]["image_id"] for a in targets})
+    result = TaskResult(task_id, len(selected), len(with_targets), len(targets))
+    logs = []
+    selected_set = set(selected)
+    for iou_type in iou_types:
+        records = detections_to_coco(predictions, iou_type, selected_set)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            detections = ground_truth.loadRes(records) if records else COCO()
+            coco_eval = COCOeval(ground_truth, detections, iouType=iou_type)
+            coco_eval.params.catIds = [PREFERRED]
+            coco_eval.params.imgIds = selected
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        logs.append(f"[task {task_id} {iou_type}]\n{log.getvalue()}")
+        stats = [float(s) for s in coco_eval.stats]
+        result.stats[iou_type] = stats
+        result.ap[iou_type], result.ap50[iou_type] = stats[0], stats[1]
+        precision_all = _pr_precision(coco_eval.eval["precision"])
+        subset = _accumulate_subset(coco_eval, with_targets)
+        precision_targets = _pr_precision(subset) if subset is not None else np.full(_RECALL_POINTS, np.nan)
+        result.ap50_with_targets[iou_type] = _ap(precision_targets)
+        result.curves[iou_type] = PRCurve(np.asarray(coco_eval.params.recThrs, dtype=np.float64),
+                                          precision_all, precision_targets)
+    result.log = "".join(logs)
+    return result
+
+
+def evaluate_tasks(ground_truths: Mapping[int, Union[str, Path, COCO]], predictions: PredictionSet,
+                   iou_types: Optional[Sequence[str]] = None,
+                   image_ids: Optional[Mapping[int, Sequence[int]]] = None) -> EvaluationResult:
+    """Evaluate every task of ``predictions`` against ``ground_truths[task_id]``."""
+    missing = sorted(set(predictions) - set(ground_truths))
+    if missing:
+        raise DataError(f"no annotation file given for predicted task(s) {missing}")
+    if iou_types is None:
+        has_masks = all(p.masks is not None for images in predictions.values() for p in images.values())
+        iou_types = IOU_TYPES if has_masks else ("bbox",)
+    results = [evaluate_task(ground_truths[task_id], predictions[task_id], iou_types,
+                             None if image_ids is None else image_ids.get(task_id), task_id=task_id)
+               for task_id in sorted(predictions)]
+    return EvaluationResult(results, tuple(iou_types))
+
+
+def task_files(root: Union[str, Path], tasks: Sequence[int], split: str = "test") -> dict[int, Path]:
+    """``{task_id: <root>/annotations/task_{k}_{split}.json}``."""
+    return {t: Path(root) / "annotations" / f"task_{t}_{split}.json" for t in tasks}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _pr_precision(precision: np.ndarray) -> np.ndarray:
+    """[T, R, K, A, M] -> [R] at IoU 0.5, the single category, area all, maxDets 100; -1 -> NaN."""
+    curve = np.asarray(precision[0, :, 0, 0, -1], dtype=np.float64).copy()
+    curve[curve < 0] = np.nan
+    return curve
+
+
+def _ap(curve: np.ndarray) -> float:
+    valid = curve[~np.isnan(curve)]
+    return float(valid.mean()) if valid.size else -1.0
+
+
+def _accumulate_subset(coco_eval: COCOeval, image_ids: Sequence[int]) -> Optional[np.ndarray]:
+    """``eval["precision"]`` restricted to ``image_ids``, reusing ``coco_eval.evalImgs``."""
+    if not image_ids:
+        return None
+    params = coco_eval._paramsEval
+    wanted = set(image_ids)
+    keep = [i for i, image_id in enumerate(params.imgIds) if image_id in wanted]
+    num_images, num_areas = len(params.imgIds), len(params.areaRng)
+    num_cats = len(params.catIds) if params.useCats else 1
+    sub = copy.copy(coco_eval)
+    sub_params = copy.deepcopy(params)
+    sub_params.imgIds = [params.imgIds[i] for i in keep]
+    sub.params = sub_params
+    sub._paramsEval = copy.deepcopy(sub_params)
+    sub.evalImgs = [coco_eval.evalImgs[k * num_areas * num_images + a * num_images + i]
+                    for k in range(num_cats) for a in range(num_areas) for i in keep]
+    with contextlib.redirect_stdout(io.StringIO()):
+        sub.accumulate()
+    return sub.eval["precision"]

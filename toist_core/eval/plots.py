@@ -1,0 +1,49 @@
+"""Precision-recall curves (IoU 0.5) per task: all images vs. images with at least one target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from toist_core.eval.evaluator import EvaluationResult, TaskResult  # noqa: E402
+from toist_core.tasks import TASK_PHRASES  # noqa: E402
+
+_IOU_LABEL = {"bbox": "box", "segm": "mask"}
+
+
+def plot_task_pr(task: TaskResult, path: Union[str, Path]) -> Path:
+    """One PNG with a panel per IoU type, two curves each."""
+    path = Path(path)
+    iou_types = list(task.curves)
+    fig, axes = plt.subplots(1, len(iou_types), figsize=(5 * len(iou_types), 4.2), squeeze=False)
+    for ax, iou in zip(axes[0], iou_types):
+        curve = task.curves[iou]
+        ax.plot(curve.recall, curve.precision_all, label=f"all images (AP50 {100 * task.ap50[iou]:.1f})")
+        ax.plot(curve.recall, curve.precision_with_targets, linestyle="--",
+                label=f"images with targets (AP50 {100 * task.ap50_with_targets[iou]:.1f})")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_title(f"{_IOU_LABEL[iou]}, IoU 0.5")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    phrase = TASK_PHRASES.get(task.task_id, "").strip()
+    fig.suptitle(f"Task {task.task_id}: {phrase} ({task.num_images} images, "
+                 f"{task.num_images_with_targets} with targets)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_pr_curves(result: EvaluationResult, out_dir: Union[str, Path]) -> list[Path]:
+    """``pr_task_<k>.png`` for every task in ``result``; returns the written paths."""
+    out_dir = Path(out_dir)
+    return [plot_task_pr(task, out_dir / f"pr_task_{task.task_id}.png") for task in result.tasks]

@@ -1,0 +1,196 @@
+"""Predictions of a model on COCO-Tasks images: in memory and as a JSON file.
+
+In memory a prediction set is ``{task_id: {image_id: ImagePredictions}}``. An image's entry
+holds boxes ``[N, 4]`` (x0, y0, x1, y1 in original-image pixels), scores ``[N]`` and, for
+segmentation models, N COCO compressed RLE masks at the original resolution.
+
+File format (``.json``, or gzip-compressed when the name ends in ``.gz``)::
+
+    {"format": "toist-predictions", "version": 1,
+     "tasks": {"<task_id>": {"<image_id>": {"boxes": [[x0, y0, x1, y1], ...],
+                                            "scores": [s, ...],
+                                            "masks": [{"size": [h, w], "counts": "<rle>"}, ...]}}}}
+
+``masks`` is omitted (or null) for box-only predictions. Errors name the file, task, image
+and field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from toist_core.data.schema import DataError
+
+FORMAT_NAME = "toist-predictions"
+FORMAT_VERSION = 1
+
+RLE = dict  # {"size": [h, w], "counts": str}
+
+
+@dataclass
+class ImagePredictions:
+    """Detections of one image: ``boxes [N, 4]`` xyxy pixels (float64), ``scores [N]``, optional RLE masks."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    masks: Optional[list[RLE]] = None
+
+    def __post_init__(self) -> None:
+        self.boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
+        self.scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
+        if len(self.boxes) != len(self.scores):
+            raise ValueError(f"{len(self.boxes)} boxes but {len(self.scores)} scores")
+        if self.masks is not None and len(self.masks) != len(self.scores):
+            raise ValueError(f"{len(self.masks)} masks but {len(self.scores)} scores")
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @classmethod
+    def from_arrays(cls, boxes, scores, masks=None) -> "ImagePredictions":
+        """From array-likes (numpy or torch): masks ``[N, H, W]`` bool are RLE-encoded here."""
+        boxes, scores = _numpy(boxes), _numpy(scores)
+        rles = None
+        if masks is not None:
+            rles = masks if isinstance(masks, list) and (not masks or isinstance(masks[0], dict)) \
+                else encode_masks(_numpy(masks))
+        return cls(boxes, scores, rles)
+
+
+PredictionSet = dict[int, dict[int, ImagePredictions]]  # task id -> image id -> predictions
+
+
+def encode_masks(masks: np.ndarray) -> list[RLE]:
+    """``[N, H, W]`` bool/uint8 -> N compressed RLEs with string counts (JSON-ready)."""
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be [N, H, W], got shape {masks.shape}")
+    if len(masks) == 0:
+        return []
+    fortran = np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))
+    rles = mask_utils.encode(fortran)
+    return [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
+def _numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch tensor, without importing torch here
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+# ----------------------------------------------------------------------------- file I/O
+
+def save_predictions(path: Union[str, Path], predictions: PredictionSet) -> Path:
+    """Write ``predictions`` to ``path`` (gzip when it ends in ``.gz``)."""
+    path = Path(path)
+    tasks: dict[str, Any] = {}
+    for task_id, images in sorted(predictions.items()):
+        task_out = {}
+        for image_id, pred in sorted(images.items()):
+            entry: dict[str, Any] = {"boxes": pred.boxes.round(3).tolist(),
+                                     "scores": [float(s) for s in pred.scores]}
+            if pred.masks is not None:
+                entry["masks"] = [{"size": list(m["size"]), "counts": _counts_str(m["counts"])}
+                                  for m in pred.masks]
+            task_out[str(image_id)] = entry
+        tasks[str(task_id)] = task_out
+    text = json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, "tasks": tasks},
+                      separators=(",", ":"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="ascii") as handle:
+            handle.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def load_predictions(path: Union[str, Path]) -> PredictionSet:
+    """Read a predictions file written by :func:`save_predictions`, validating every field."""
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="ascii") as handle:
+                data = json.load(handle)
+        else:
+            with open(path, "rb") as handle:
+                data = json.load(handle)
+    except FileNotFoundError:
+        raise DataError(f"{path}: predictions file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise DataError(f"{path}: not a valid predictions JSON file: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise DataError(f"{path}: field 'format': expected {FORMAT_NAME!r}")
+    if data.get("version") != FORMAT_VERSION:
+        raise DataError(f"{path}: field 'version': expected {FORMAT_VERSION}, got {data.get('version')!r}")
+    tasks = data.get("tasks")
+    if not isinstance(tasks, dict):
+        raise DataError(f"{path}: field 'tasks': expected an object task id -> images")
+    result: PredictionSet = {}
+    for task_key, images in tasks.items():
+        task_id = _int_key(path, f"tasks.{task_key}", task_key)
+        if not isinstance(images, dict):
+            raise DataError(f"{path}: task {task_key}: expected an object image id -> predictions")
+        result[task_id] = {_int_key(path, f"task {task_key}: image {image_key}", image_key):
+                           _entry(path, f"task {task_key}: image {image_key}", entry)
+                           for image_key, entry in images.items()}
+    return result
+
+
+def _int_key(path: Path, where: str, key: str) -> int:
+    try:
+        return int(key)
+    except ValueError:
+        raise DataError(f"{path}: {where}: key must be an integer id, got {key!r}") from None
+
+
+def _entry(path: Path, where: str, entry: Any) -> ImagePredictions:
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: {where}: expected an object with 'boxes' and 'scores'")
+    for name in ("boxes", "scores"):
+        if name not in entry:
+            raise DataError(f"{path}: {where}: missing field {name!r}")
+    try:
+        boxes = np.asarray(entry["boxes"], dtype=np.float64)
+        scores = np.asarray(entry["scores"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: {where}: fields 'boxes'/'scores' must hold numbers") from None
+    if boxes.size and (boxes.ndim != 2 or boxes.shape[1] != 4):
+        raise DataError(f"{path}: {where}: field 'boxes': expected [N, 4], got shape {boxes.shape}")
+    if scores.ndim != 1 or len(scores) != len(boxes.reshape(-1, 4)):
+        raise DataError(f"{path}: {where}: field 'scores': expected {len(boxes.reshape(-1, 4))} "
+                        f"scores, got shape {scores.shape}")
+    masks = entry.get("masks")
+    if masks is not None:
+        if not isinstance(masks, list) or len(masks) != len(scores):
+            raise DataError(f"{path}: {where}: field 'masks': expected a list of {len(scores)} RLEs")
+        for k, m in enumerate(masks):
+            if (not isinstance(m, dict) or not isinstance(m.get("counts"), str)
+                    or not isinstance(m.get("size"), list) or len(m["size"]) != 2):
+                raise DataError(f"{path}: {where}: field 'masks[{k}]': expected "
+                                f"{{'size': [h, w], 'counts': str}}")
+    return ImagePredictions(boxes, scores, masks)
+
+
+def _counts_str(counts: Union[str, bytes]) -> str:
+    return counts.decode("ascii") if isinstance(counts, bytes) else counts
+
+
+def merge_prediction_sets(sets: Sequence[PredictionSet]) -> PredictionSet:
+    """Union of prediction sets (e.g. per-process shards); a (task, image) given twice is an error."""
+    merged: PredictionSet = {}
+    for pred_set in sets:
+        for task_id, images in pred_set.items():
+            bucket = merged.setdefault(task_id, {})
+            for image_id, pred in images.items():
+                if image_id in bucket:
+                    raise ValueError(f"task {task_id}: image {image_id} predicted twice")
+                bucket[image_id] = pred
+    return merged

@@ -1,0 +1,54 @@
+"""Coefficients and switches of the detection / segmentation losses and the matcher.
+
+Defaults are the reference's (``main.py`` of MDETR/TOIST): matcher costs class 1, L1 5,
+GIoU 2; loss weights L1 5, GIoU 2, CE 1, contrastive 1, mask (focal) 1, dice 1; no-object
+weight 0.1; contrastive temperature 0.07; auxiliary losses on the 5 intermediate decoder
+layers of a 6-layer decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class LossConfig:
+    # Hungarian matcher costs.
+    set_cost_class: float = 1.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    # Loss weights.
+    ce_loss_coef: float = 1.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    contrastive_align_loss_coef: float = 1.0
+    mask_loss_coef: float = 1.0
+    dice_loss_coef: float = 1.0
+    # Weight of the no-object rows in the soft-token cross-entropy.
+    eos_coef: float = 0.1
+    # Box-token contrastive alignment (needs proj_queries / proj_tokens in the outputs).
+    contrastive_align: bool = True
+    temperature: float = 0.07
+    # Mask losses (segmentation model; last decoder layer only).
+    masks: bool = False
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    # Auxiliary losses on the intermediate decoder layers (num_decoder_layers - 1 of them).
+    aux_loss: bool = True
+    num_decoder_layers: int = 6
+
+    def __post_init__(self) -> None:
+        if self.set_cost_class == 0 and self.set_cost_bbox == 0 and self.set_cost_giou == 0:
+            raise ValueError("set_cost_class, set_cost_bbox and set_cost_giou are all 0: the matcher needs a cost")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature!r}")
+        if not 0 <= self.eos_coef:
+            raise ValueError(f"eos_coef: must be >= 0, got {self.eos_coef!r}")
+        if not (0 <= self.focal_alpha <= 1 or self.focal_alpha == -1):
+            raise ValueError(f"focal_alpha: must be in [0, 1] or -1, got {self.focal_alpha!r}")
+        if self.num_decoder_layers < 1:
+            raise ValueError(f"num_decoder_layers: must be >= 1, got {self.num_decoder_layers!r}")
+
+    @property
+    def num_aux_layers(self) -> int:
+        return self.num_decoder_layers - 1 if self.aux_loss else 0

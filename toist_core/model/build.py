@@ -1,0 +1,45 @@
+"""Build the network described by a :class:`~toist_core.config.ModelConfig`."""
+
+from __future__ import annotations
+
+from typing import Union
+
+from torch import nn
+
+from ..config import ModelConfig
+from .backbone import build_backbone
+from .detector import TOIST
+from .position_encoding import PositionEmbeddingSine
+from .segmentation import TOISTSegm
+from .text import load_tokenizer
+from .transformer import Transformer
+
+Model = Union[TOIST, TOISTSegm]
+
+
+def build_model(cfg: ModelConfig, tokenizer=None) -> Model:
+    """The detector (``cfg.masks`` False) or the segmentation model wrapping it as ``.detr``.
+
+    Weights are random unless ``cfg.text.weights`` / ``cfg.backbone.weights`` name pretrained
+    ones. ``tokenizer`` (a fast tokenizer) overrides ``cfg.text.tokenizer``.
+    """
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.text.tokenizer)
+    if len(tokenizer) > cfg.text.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but text.vocab_size is {cfg.text.vocab_size}")
+    position = PositionEmbeddingSine(cfg.transformer.d_model // 2, normalize=True)
+    backbone = build_backbone(cfg.backbone, position, return_interm_layers=cfg.masks)
+    transformer = Transformer(cfg.transformer, cfg.text, tokenizer)
+    detector = TOIST(backbone, transformer, num_queries=cfg.num_queries, aux_loss=cfg.aux_loss,
+                     contrastive_align=cfg.contrastive_align, contrastive_dim=cfg.contrastive_dim)
+    if not cfg.masks:
+        return detector
+    layer1, layer2, layer3, _ = cfg.backbone.channels
+    return TOISTSegm(detector, fpn_dims=[layer3, layer2, layer1])
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = ["Model", "build_model", "count_parameters"]

@@ -1,0 +1,146 @@
+"""Tokenizer, RoBERTa text encoder and the resizer from its width to the transformer's.
+
+Nothing here reaches a model hub unless the caller names a hub model: random-weight encoders
+are built from :class:`~toist_core.config.TextEncoderConfig` alone, and the packaged test
+tokenizer is addressed as ``builtin:tiny``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..config import TINY_TOKENIZER, TextEncoderConfig
+from ..tokens import MAX_TEXT_TOKENS
+
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenizer"
+
+
+def tokenizer_source(name_or_dir: str) -> str:
+    """What ``from_pretrained`` should read for a tokenizer setting (resolves ``builtin:tiny``)."""
+    return str(TINY_TOKENIZER_DIR) if name_or_dir == TINY_TOKENIZER else str(name_or_dir)
+
+
+def load_tokenizer(name_or_dir: str):
+    """A fast RoBERTa-style tokenizer from a hub name, a local directory or ``builtin:tiny``.
+
+    Fast tokenizers are required: token positions of character spans (``char_to_token``)
+    pick the logits of a box's words and the pronoun rows that distilled models replace.
+    """
+    from transformers import AutoTokenizer
+
+    source = tokenizer_source(name_or_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        hint = ("" if Path(source).is_dir() else
+                " (offline? pass a local directory holding the tokenizer files instead)")
+        raise OSError(f"cannot load the tokenizer {name_or_dir!r}{hint}: {exc}") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"tokenizer {name_or_dir!r} is not a fast tokenizer; char_to_token is needed")
+    return tokenizer
+
+
+def roberta_config(cfg: TextEncoderConfig):
+    """The ``transformers.RobertaConfig`` of a text-encoder config."""
+    from transformers import RobertaConfig
+
+    return RobertaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
+        layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+
+
+def text_config_fields(roberta) -> dict:
+    """The architecture fields of a ``RobertaConfig`` as :class:`TextEncoderConfig` keywords."""
+    return dict(vocab_size=roberta.vocab_size, hidden_size=roberta.hidden_size,
+                num_layers=roberta.num_hidden_layers, num_heads=roberta.num_attention_heads,
+                intermediate_size=roberta.intermediate_size,
+                max_position_embeddings=roberta.max_position_embeddings,
+                type_vocab_size=roberta.type_vocab_size, layer_norm_eps=roberta.layer_norm_eps,
+                pad_token_id=roberta.pad_token_id, bos_token_id=roberta.bos_token_id,
+                eos_token_id=roberta.eos_token_id)
+
+
+def build_text_encoder(cfg: TextEncoderConfig) -> nn.Module:
+    """``RobertaModel`` with its pooler: random weights, or pretrained ones from ``cfg.weights``."""
+    from transformers import RobertaModel
+
+    if cfg.weights is None:
+        return RobertaModel(roberta_config(cfg), add_pooling_layer=True)
+    model = RobertaModel.from_pretrained(cfg.weights, add_pooling_layer=True)
+    found = text_config_fields(model.config)
+    wanted = text_config_fields(roberta_config(cfg))
+    diff = {k: (wanted[k], found[k]) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                                               "intermediate_size", "max_position_embeddings")
+            if wanted[k] != found[k]}
+    if diff:
+        raise ValueError(f"text.weights {cfg.weights!r} does not match the text config "
+                         f"(field: (config, weights)): {diff}")
+    return model
+
+
+class FeatureResizer(nn.Module):
+    """``Linear(in -> out) -> LayerNorm(eps 1e-12) -> Dropout``: text width to d_model."""
+
+    def __init__(self, input_feat_size: int, output_feat_size: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(input_feat_size, output_feat_size, bias=True)
+        self.layer_norm = nn.LayerNorm(output_feat_size, eps=1e-12)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.layer_norm(self.fc(x)))
+
+
+@dataclass(frozen=True)
+class TextFeatures:
+    """Encoded captions, ready to be joined to the image tokens.
+
+    tokenized:    the tokenizer's ``BatchEncoding`` (``input_ids [B, L]``, ``char_to_token``).
+    resized:      ``text_memory_resized [L, B, d]`` (RoBERTa last hidden state -> resizer).
+    padding_mask: ``[B, L]`` bool, True on padding tokens.
+
+    Depends on the captions only, so it can be computed once and reused for every frame
+    (a batch-1 instance is broadcast to any image batch).
+    """
+
+    tokenized: object
+    resized: Tensor
+    padding_mask: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.resized.shape[0]
+
+    def for_batch(self, batch_size: int) -> "TextFeatures":
+        """Repeat batch-1 features ``batch_size`` times (no copy when sizes already match)."""
+        current = self.resized.shape[1]
+        if current == batch_size:
+            return self
+        if current != 1:
+            raise ValueError(f"text features for {current} captions cannot serve {batch_size} images")
+        return TextFeatures(self.tokenized, self.resized.expand(-1, batch_size, -1),
+                            self.padding_mask.expand(batch_size, -1))
+
+
+def tokenize(tokenizer, captions: Sequence[str], device: torch.device):
+    """Tokenize with padding to the longest caption; refuse captions longer than the 256 token slots."""
+    if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+        raise TypeError("captions must be a list of strings")
+    tokenized = tokenizer(list(captions), padding="longest", return_tensors="pt")
+    length = tokenized["input_ids"].shape[1]
+    if length > MAX_TEXT_TOKENS:
+        longest = max(captions, key=len)
+        raise ValueError(f"caption too long: {length} tokens (at most {MAX_TEXT_TOKENS}): {longest[:80]!r}...")
+    return tokenized.to(device)
+
+
+__all__ = ["FeatureResizer", "TextFeatures", "TINY_TOKENIZER_DIR", "build_text_encoder",
+           "load_tokenizer", "roberta_config", "text_config_fields", "tokenize", "tokenizer_source"]

@@ -1,0 +1,86 @@
+"""Draw predictions on images (numpy + OpenCV; no torch), for the CLI and the ROS node.
+
+Everything works on RGB ``H x W x 3`` uint8 arrays; only :func:`save_rgb` converts to the
+BGR order OpenCV writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+# Distinct, saturated RGB colours; instance i gets PALETTE[i % len(PALETTE)].
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190), (0, 128, 128),
+    (170, 110, 40), (128, 0, 0), (170, 255, 195), (128, 128, 0), (0, 0, 128),
+)
+
+
+def instance_color(index: int) -> tuple[int, int, int]:
+    return PALETTE[index % len(PALETTE)]
+
+
+def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                   masks: Optional[np.ndarray] = None, title: Optional[str] = None,
+                   alpha: float = 0.45, thickness: int = 2) -> np.ndarray:
+    """A copy of ``image`` (RGB uint8) with masks blended in, boxes, scores and a title.
+
+    boxes ``[N, 4]`` (x1, y1, x2, y2 pixels), scores ``[N]``, masks ``[N, H, W]`` bool or None.
+    """
+    import cv2
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"draw_instances: expected an H x W x 3 uint8 image, got {image.shape} {image.dtype}")
+    canvas = image.copy()
+    if masks is not None and len(masks):
+        if masks.shape[1:] != image.shape[:2]:
+            raise ValueError(f"draw_instances: masks {masks.shape} do not match the image {image.shape[:2]}")
+        overlay = canvas.astype(np.float32)
+        for i, mask in enumerate(masks):
+            color = np.array(instance_color(i), dtype=np.float32)
+            overlay[mask] = overlay[mask] * (1.0 - alpha) + color * alpha
+        canvas = overlay.round().clip(0, 255).astype(np.uint8)
+    for i, (box, score) in enumerate(zip(boxes, scores)):
+        color = instance_color(i)
+        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness)
+        label = f"{float(score):.2f}"
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
+        ty = max(y1, th + base)
+        cv2.rectangle(canvas, (x1, ty - th - base), (x1 + tw, ty), color, -1)
+        cv2.putText(canvas, label, (x1, ty - base), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1,
+                    cv2.LINE_AA)
+    if title:
+        (tw, th), base = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 1)
+        cv2.rectangle(canvas, (0, 0), (tw + 8, th + base + 8), (0, 0, 0), -1)
+        cv2.putText(canvas, title, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+    return canvas
+
+
+def draw_prediction(image: np.ndarray, prediction, title: Optional[str] = None, **kwargs) -> np.ndarray:
+    """:func:`draw_instances` for a :class:`toist_core.inference.Prediction` (title = its caption)."""
+    return draw_instances(image, prediction.boxes, prediction.scores, prediction.masks,
+                          title=prediction.caption if title is None else title, **kwargs)
+
+
+def load_rgb(path: Union[str, Path]) -> np.ndarray:
+    """Read an image file as RGB uint8 (ValueError naming the file if it cannot be read)."""
+    import cv2
+
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"{path}: cannot read the image (missing file or unknown format)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def save_rgb(path: Union[str, Path], image: np.ndarray) -> None:
+    import cv2
+
+    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"{path}: cannot write the image")
+
+
+__all__ = ["PALETTE", "draw_instances", "draw_prediction", "instance_color", "load_rgb", "save_rgb"]

@@ -1,0 +1,80 @@
+"""The hand-over between image callbacks and the inference thread: one latest-frame slot per camera.
+
+Image callbacks ``put`` and return at once; a frame that was still waiting is replaced and
+counted as dropped, so the inference thread always gets the newest frame and never a
+backlog. With several cameras ``take`` serves the camera whose waiting frame arrived
+first, so a fast camera cannot starve a slow one. One-shot requests (the ``segment_image``
+service) go through ``put_request``: queued in order, never dropped, served before frames.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any, Optional
+
+
+class FrameSlots:
+    def __init__(self, num_sources: int = 1) -> None:
+        if num_sources < 1:
+            raise ValueError(f"need at least one source, got {num_sources}")
+        self._cond = threading.Condition()
+        self._frames: list[Optional[tuple[float, Any]]] = [None] * num_sources
+        self._requests: collections.deque = collections.deque()
+        self._closed = False
+        self.received = [0] * num_sources   # frames put, per source
+        self.dropped = [0] * num_sources    # frames replaced before inference took them, per source
+
+    def put(self, source: int, frame: Any) -> bool:
+        """Store ``frame`` as the newest of ``source``; True when it replaced a waiting one (a drop)."""
+        with self._cond:
+            replaced = self._frames[source] is not None
+            self._frames[source] = (time.monotonic(), frame)
+            self.received[source] += 1
+            if replaced:
+                self.dropped[source] += 1
+            self._cond.notify()
+            return replaced
+
+    def put_request(self, request: Any) -> None:
+        """Queue a one-shot request; it is served before any frame."""
+        with self._cond:
+            self._requests.append(request)
+            self._cond.notify()
+
+    def take(self, timeout: Optional[float] = None) -> Optional[tuple[str, Any, int]]:
+        """The next work item: ``("request", request, -1)`` or ``("frame", frame, source)``.
+
+        Waits up to ``timeout`` seconds (None: until something arrives); None on timeout or close.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                if self._requests:
+                    return "request", self._requests.popleft(), -1
+                waiting = [(item[0], source) for source, item in enumerate(self._frames) if item is not None]
+                if waiting:
+                    _, source = min(waiting)
+                    _, frame = self._frames[source]
+                    self._frames[source] = None
+                    return "frame", frame, source
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+
+    def pending_requests(self) -> list:
+        """Remove and return the queued requests (to answer them when shutting down)."""
+        with self._cond:
+            out = list(self._requests)
+            self._requests.clear()
+            return out
+
+    def close(self) -> None:
+        """Wake every waiting ``take`` (it returns None from now on)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

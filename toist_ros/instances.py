@@ -1,0 +1,152 @@
+"""From model output to ``toist_ros/TaskInstances``: ranking, boxes in image pixels, mask crops.
+
+Geometry is plain numpy (unit-tested without ROS); ``to_instance_msgs`` and
+``task_instances_msg`` fill the generated messages.
+
+Mask placement: ``mask_roi`` is the integer pixel hull of the (clamped) box, grown to take
+in any mask pixel that lies outside the box, so the crop never loses a pixel and
+``mask_area`` (pixels of the full-resolution mask) equals the number of 255s in the crop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from toist_ros.conversions import mask_from_image, mask_to_image
+
+
+@dataclass(frozen=True)
+class RankedInstance:
+    """One kept instance in original image pixels (no ROS types)."""
+
+    rank: int
+    score: float
+    box: np.ndarray                 # [4] float32 x_min, y_min, x_max, y_max, inside the image
+    roi: tuple[int, int, int, int]  # x_offset, y_offset, width, height of the mask crop
+    mask_crop: Optional[np.ndarray]  # [roi h, roi w] bool, None when masks are off
+    mask_area: int
+
+
+def as_numpy(value: Any) -> Optional[np.ndarray]:
+    """numpy view of an array or a (possibly GPU) torch tensor; None stays None."""
+    if value is None:
+        return None
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def rank_instances(boxes: Any, scores: Any, masks: Any, image_size: tuple[int, int], score_threshold: float = 0.0,
+                   max_instances: int = 100, with_masks: bool = True) -> list[RankedInstance]:
+    """Keep, rank and place the instances of one image.
+
+    boxes [N, 4] xyxy in original pixels, scores [N], masks [N, H, W] bool (or None);
+    ``image_size`` = (width, height). Instances with score < threshold or a NaN score are
+    dropped; the rest are sorted by score (ties keep model order) and cut to ``max_instances``.
+    """
+    width, height = int(image_size[0]), int(image_size[1])
+    boxes = as_numpy(boxes)
+    scores = as_numpy(scores)
+    masks = as_numpy(masks) if with_masks else None
+    boxes = np.zeros((0, 4), np.float32) if boxes is None else boxes.reshape(-1, 4).astype(np.float32)
+    scores = np.zeros((0,), np.float32) if scores is None else scores.reshape(-1).astype(np.float32)
+    if boxes.shape[0] != scores.shape[0]:
+        raise ValueError(f"prediction has {boxes.shape[0]} boxes but {scores.shape[0]} scores")
+    if masks is not None and masks.shape[0] != boxes.shape[0]:
+        raise ValueError(f"prediction has {boxes.shape[0]} boxes but {masks.shape[0]} masks")
+    if masks is not None and tuple(masks.shape[1:]) != (height, width):
+        raise ValueError(f"masks are {tuple(masks.shape[1:])} (H, W) but the image is {(height, width)}: "
+                         "masks must be in original image pixels")
+
+    keep = np.flatnonzero(np.isfinite(scores) & (scores >= score_threshold))
+    order = keep[np.argsort(-scores[keep], kind="stable")][: max(0, int(max_instances))]
+    out = []
+    for rank, index in enumerate(order):
+        box = clamp_box(boxes[index], width, height)
+        mask = masks[index].astype(bool, copy=False) if masks is not None else None
+        roi = mask_roi(box, mask, width, height)
+        crop, area = None, 0
+        if mask is not None:
+            x, y, w, h = roi
+            crop = mask[y:y + h, x:x + w]
+            area = int(np.count_nonzero(mask))
+        out.append(RankedInstance(rank, float(scores[index]), box, roi, crop, area))
+    return out
+
+
+def clamp_box(box: np.ndarray, width: int, height: int) -> np.ndarray:
+    """[4] xyxy clipped to the image ([0, W] x [0, H]); corners put in order; NaN -> 0."""
+    box = np.nan_to_num(np.asarray(box, dtype=np.float32), nan=0.0)
+    x0, x1 = sorted((float(box[0]), float(box[2])))
+    y0, y1 = sorted((float(box[1]), float(box[3])))
+    return np.array([min(max(x0, 0.0), width), min(max(y0, 0.0), height),
+                     min(max(x1, 0.0), width), min(max(y1, 0.0), height)], dtype=np.float32)
+
+
+def mask_roi(box: np.ndarray, mask: Optional[np.ndarray], width: int, height: int) -> tuple[int, int, int, int]:
+    """(x_offset, y_offset, width, height): the pixel hull of ``box`` grown to cover ``mask``'s pixels."""
+    x0, y0 = int(math.floor(box[0])), int(math.floor(box[1]))
+    x1, y1 = int(math.ceil(box[2])), int(math.ceil(box[3]))
+    if mask is not None:
+        cols = np.flatnonzero(mask.any(axis=0))
+        if cols.size:
+            rows = np.flatnonzero(mask.any(axis=1))
+            x0, x1 = min(x0, int(cols[0])), max(x1, int(cols[-1]) + 1)
+            y0, y1 = min(y0, int(rows[0])), max(y1, int(rows[-1]) + 1)
+    x0, x1 = max(0, min(x0, width)), max(0, min(x1, width))
+    y0, y1 = max(0, min(y0, height)), max(0, min(y1, height))
+    return x0, y0, max(0, x1 - x0), max(0, y1 - y0)
+
+
+def to_instance_msgs(ranked: list[RankedInstance], header: Any = None) -> list:
+    """``toist_ros/Instance`` messages (masks as mono8 crops; empty Image when masks are off)."""
+    from toist_ros.msg import Instance
+
+    out = []
+    for item in ranked:
+        msg = Instance()
+        msg.score = item.score
+        msg.rank = item.rank
+        msg.box = item.box
+        x, y, w, h = item.roi
+        msg.mask_roi.x_offset, msg.mask_roi.y_offset = x, y
+        msg.mask_roi.width, msg.mask_roi.height = w, h
+        if item.mask_crop is not None:
+            msg.mask = mask_to_image(item.mask_crop, header)
+            msg.mask_area = item.mask_area
+        out.append(msg)
+    return out
+
+
+def task_instances_msg(header: Any, image_size: tuple[int, int], task: str, revision: int, inference_ms: float,
+                       instances: list, latency_ms: float = 0.0):
+    """A ``toist_ros/TaskInstances`` carrying the input ``header`` verbatim."""
+    from toist_ros.msg import TaskInstances
+
+    msg = TaskInstances()
+    msg.header = header
+    msg.image_width, msg.image_height = int(image_size[0]), int(image_size[1])
+    msg.task = task
+    msg.task_revision = int(revision)
+    msg.inference_ms = float(inference_ms)
+    msg.latency_ms = float(latency_ms)
+    msg.instances = instances
+    return msg
+
+
+def full_mask(instance: Any, width: int, height: int) -> np.ndarray:
+    """The ``[height, width]`` bool mask of an ``Instance`` message (its crop put back in place)."""
+    out = np.zeros((height, width), dtype=bool)
+    crop = mask_from_image(instance.mask)
+    if crop.size == 0:
+        return out
+    x, y = int(instance.mask_roi.x_offset), int(instance.mask_roi.y_offset)
+    h, w = crop.shape
+    if x + w > width or y + h > height:
+        raise ValueError(f"mask crop {w}x{h} at ({x}, {y}) does not fit in a {width}x{height} image")
+    out[y:y + h, x:x + w] = crop
+    return out

@@ -1,0 +1,292 @@
+"""The node's parameters: one table of specs -> ROS descriptors, start-up checks, run-time checks.
+
+``PARAMETERS`` is the single source of truth: ``config/perception.yaml``, the declared
+descriptors (ranges, read-only flags, descriptions shown by ``ros2 param describe``) and the
+validation all come from it. ``check_value`` is plain Python (unit-tested without ROS);
+ROS enforces the closed ranges and read-only flags itself, ``check_value`` adds what a
+descriptor cannot say (open intervals, choices, the device pattern).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+Scalar = Union[bool, int, float, str]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: Any
+    description: str
+    read_only: bool = False          # fixed at start-up (ROS rejects run-time changes)
+    low: Optional[float] = None      # inclusive bounds unless open_low / open_high
+    high: Optional[float] = None
+    open_low: bool = False
+    open_high: bool = False
+    choices: tuple[str, ...] = ()
+    pattern: Optional[str] = None    # regular expression a string must match in full
+    pattern_help: str = ""
+    number_as_text: bool = False     # accept 2 for "2" (``-p task:=2`` arrives as an integer)
+
+    @property
+    def kind(self) -> type:
+        if isinstance(self.default, list):
+            return list
+        return type(self.default)
+
+
+_DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+_TOPIC_PATTERN = r"/?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*"
+
+PARAMETERS: tuple[ParamSpec, ...] = (
+    # Model (fixed at start-up).
+    ParamSpec("checkpoint", "", "official TOIST .pth file or model directory; empty = the embedded default "
+              "(the 'tiny' model with RANDOM weights: boxes are meaningless)", read_only=True),
+    ParamSpec("text_encoder", "", "tokenizer / text encoder name or local directory for the checkpoint; "
+              "empty = what the checkpoint or model directory names", read_only=True),
+    ParamSpec("device", "auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N", read_only=True,
+              pattern=_DEVICE_PATTERN, pattern_help="auto, cpu, cuda or cuda:N"),
+    ParamSpec("allow_cpu_fallback", False, "when device is cuda/cuda:N and CUDA is absent: run on CPU (true) "
+              "or stop with an error (false)", read_only=True),
+    ParamSpec("precision", "fp32", "model precision: fp32, fp16 (CUDA only; fp32 on CPU) or bf16 (autocast)",
+              read_only=True, choices=("fp32", "fp16", "bf16")),
+    ParamSpec("input.short_side", 800, "the model's input short side in pixels (the reference tests at 800)",
+              read_only=True, low=32, high=2048),
+    ParamSpec("input.max_side", 1333, "the model's input long-side cap in pixels (the reference uses 1333)",
+              read_only=True, low=32, high=4096),
+    ParamSpec("warmup", True, "run one forward pass on a blank image before reporting ready", read_only=True),
+    # Input.
+    ParamSpec("input.topics", ["image"], "input image topics (remappable names); outputs of 'cam/image' go to "
+              "'cam/instances' and 'cam/debug_image', of 'image' to 'instances' and 'debug_image'",
+              read_only=True, pattern=_TOPIC_PATTERN, pattern_help="relative topic names such as image or front/image"),
+    ParamSpec("input.compressed", False, "subscribe <topic>/compressed (sensor_msgs/CompressedImage) "
+              "instead of the raw image", read_only=True),
+    ParamSpec("input.reliable", False, "reliable image subscription (default: sensor-data QoS, best effort, depth 1)",
+              read_only=True),
+    ParamSpec("input.max_age_s", 1.0, "skip frames whose header.stamp is older than this (seconds); 0 = never skip",
+              low=0.0, high=3600.0),
+    ParamSpec("input.no_image_warning_s", 5.0, "warn once when no image arrived this long after start (s)",
+              read_only=True, low=0.5, high=3600.0),
+    # Task and post-processing (changeable at run time).
+    ParamSpec("task", "2", "the task at start: a COCO-Tasks id ('2'), a task name ('sit comfortably on') "
+              "or free text; change it at run time with the set_task service or the task topic", read_only=True,
+              number_as_text=True),
+    ParamSpec("score_threshold", 0.5, "keep instances with score >= this", low=0.0, high=1.0),
+    ParamSpec("mask_threshold", 0.5, "mask probability above which a pixel belongs to the object",
+              low=0.0, high=1.0, open_low=True, open_high=True),
+    ParamSpec("max_instances", 10, "publish at most this many instances per frame (best first)", low=1, high=100),
+    # Output.
+    ParamSpec("output.masks", True, "publish mask crops (false: boxes and scores only, smaller messages)"),
+    ParamSpec("output.debug_image", True, "publish the debug_image overlay while someone subscribes to it"),
+    ParamSpec("diagnostics.period_s", 1.0, "period of /diagnostics messages (s)", read_only=True, low=0.1, high=60.0),
+)
+
+SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMETERS}
+
+
+class ParameterError(ValueError):
+    """One or more parameter values are invalid; the text lists each name, value and reason."""
+
+
+def check_value(spec: ParamSpec, value: Any) -> Optional[str]:
+    """Why ``value`` is not acceptable for ``spec`` (None when it is)."""
+    kind = spec.kind
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if spec.number_as_text and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if kind is list:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            return f"{spec.name}: expected a list of strings, got {value!r}"
+        if not value:
+            return f"{spec.name}: needs at least one entry"
+        if len(set(value)) != len(value):
+            return f"{spec.name}: entries must be distinct, got {list(value)!r}"
+        for item in value:
+            reason = _check_string(spec, item)
+            if reason:
+                return reason
+        return None
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        return f"{spec.name}: expected {kind.__name__}, got {type(value).__name__} {value!r}"
+    if kind in (int, float):
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{spec.name}: {value!r} is not a finite number"
+        if spec.low is not None and (value < spec.low or (spec.open_low and value == spec.low)):
+            return f"{spec.name}: {value!r} is out of range {_range_text(spec)}"
+        if spec.high is not None and (value > spec.high or (spec.open_high and value == spec.high)):
+            return f"{spec.name}: {value!r} is out of range {_range_text(spec)}"
+    if kind is str:
+        return _check_string(spec, value)
+    return None
+
+
+def _check_string(spec: ParamSpec, value: str) -> Optional[str]:
+    if spec.choices and value not in spec.choices:
+        return f"{spec.name}: {value!r} is not one of {', '.join(spec.choices)}"
+    if spec.pattern and not re.fullmatch(spec.pattern, value):
+        return f"{spec.name}: {value!r} is not valid; expected {spec.pattern_help}"
+    return None
+
+
+def _range_text(spec: ParamSpec) -> str:
+    return f"{'(' if spec.open_low else '['}{spec.low}, {spec.high}{')' if spec.open_high else ']'}"
+
+
+def check_values(values: dict[str, Any]) -> list[str]:
+    """Reasons for every invalid value in ``values`` (names must be declared parameters)."""
+    reasons = []
+    for name, value in values.items():
+        spec = SPECS.get(name)
+        if spec is None:
+            reasons.append(f"{name}: not a parameter of this node")
+            continue
+        reason = check_value(spec, value)
+        if reason:
+            reasons.append(reason)
+    if not reasons and "input.short_side" in values and "input.max_side" in values:
+        if values["input.max_side"] < values["input.short_side"]:
+            reasons.append(f"input.max_side {values['input.max_side']} is smaller than "
+                           f"input.short_side {values['input.short_side']}")
+    return reasons
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The node's parameter values, typed; replaced as a whole when run-time parameters change."""
+
+    values: dict[str, Any] = field(default_factory=lambda: {s.name: s.default for s in PARAMETERS})
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def replace(self, changes: dict[str, Any]) -> "Settings":
+        return Settings({**self.values, **changes})
+
+
+def flat_defaults() -> dict[str, Any]:
+    return {spec.name: spec.default for spec in PARAMETERS}
+
+
+def nested_defaults() -> dict[str, Any]:
+    """The defaults as the nested mapping a ROS parameters file holds under ``ros__parameters``."""
+    out: dict[str, Any] = {}
+    for spec in PARAMETERS:
+        node = out
+        *groups, leaf = spec.name.split(".")
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[leaf] = spec.default
+    return out
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"input": {"max_age_s": 1.0}}`` -> ``{"input.max_age_s": 1.0}`` (ROS's parameter naming)."""
+    out = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+# --- ROS side --------------------------------------------------------------------------------
+
+def descriptor(spec: ParamSpec):
+    """The ``rcl_interfaces/ParameterDescriptor`` of a spec (type, range, read-only, help text)."""
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+
+    types = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
+             float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
+             list: ParameterType.PARAMETER_STRING_ARRAY}
+    desc = ParameterDescriptor(name=spec.name, type=types[spec.kind], description=spec.description,
+                               read_only=spec.read_only)
+    constraints = []
+    if spec.low is not None:
+        if spec.kind is int:
+            desc.integer_range = [IntegerRange(from_value=int(spec.low), to_value=int(spec.high), step=0)]
+        else:
+            desc.floating_point_range = [FloatingPointRange(from_value=float(spec.low), to_value=float(spec.high),
+                                                            step=0.0)]
+        constraints.append(f"range {_range_text(spec)}")
+    if spec.choices:
+        constraints.append("one of " + ", ".join(spec.choices))
+    if spec.pattern_help:
+        constraints.append(spec.pattern_help)
+    if spec.read_only:
+        constraints.append("fixed at start-up (restart the node to change it)")
+    desc.additional_constraints = "; ".join(constraints)
+    return desc
+
+
+def declare(node) -> Settings:
+    """Declare every parameter on ``node`` (overrides from --params-file / -p apply) and check them all.
+
+    Raises ParameterError naming every bad value; rclpy's own type/range errors at
+    declaration are turned into ParameterError too.
+    """
+    from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+
+    values = {}
+    problems = []
+    for spec in PARAMETERS:
+        full = descriptor(spec)
+        full.dynamic_typing = spec.number_as_text
+        # Declared first without range / read-only, so a bad start-up value is reported in
+        # this module's words; the full descriptor is applied once the value passed.
+        loose = copy.deepcopy(full)
+        loose.integer_range, loose.floating_point_range, loose.read_only = [], [], False
+        try:
+            param = node.declare_parameter(spec.name, spec.default, loose)
+        except InvalidParameterTypeException as exc:
+            problems.append(f"{spec.name}: wrong type ({exc}); expected {spec.kind.__name__}")
+            continue
+        except InvalidParameterValueException as exc:
+            problems.append(f"{spec.name}: {exc}")
+            continue
+        value = _plain(param.value)
+        if spec.number_as_text and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        values[spec.name] = value
+        if check_value(spec, value) is None:
+            node.set_descriptor(spec.name, full)
+    problems += check_values(values)
+    if problems:
+        raise ParameterError("invalid parameters:\n  " + "\n  ".join(problems))
+    return Settings(values)
+
+
+def check_parameter_changes(params: list) -> Any:
+    """``add_on_set_parameters_callback`` body: a SetParametersResult saying why a change is refused."""
+    from rcl_interfaces.msg import SetParametersResult
+
+    # Parameters ROS declares itself (use_sim_time, ...) are not ours to judge.
+    values = {p.name: _plain(p.value) for p in params if p.name in SPECS}
+    reasons = check_values(values)
+    return SetParametersResult(successful=not reasons, reason="; ".join(reasons))
+
+
+def ints_to_doubles(params: list) -> list:
+    """Pre-set callback: ``ros2 param set /node score_threshold 1`` sends an int; make it the double it means."""
+    from rclpy.parameter import Parameter
+
+    out = []
+    for p in params:
+        spec = SPECS.get(p.name)
+        if spec is not None and spec.kind is float and p.type_ == Parameter.Type.INTEGER:
+            p = Parameter(p.name, Parameter.Type.DOUBLE, float(p.value))
+        out.append(p)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "array":
+        return list(value)
+    return value

@@ -1,0 +1,144 @@
+"""Training checkpoints: atomic writes, the reference's container layout, exact-resume state.
+
+Layout (a superset of the official ``checkpoint.pth``, so ``model`` / ``model_ema`` /
+``model_noun`` / ``cluster_criterion`` load where the official files do)::
+
+    {"format": "toist-train", "version": 1, "stage": str,
+     "model": state_dict, "model_ema": state_dict | None,
+     "model_noun": state_dict | None, "model_noun_ema": state_dict | None,
+     "optimizer": state_dict, "scheduler": {...}, "scaler": state_dict | None,
+     "epoch": int,           # epochs completed
+     "step": int,            # optimizer updates done (the run resumes at this update)
+     "rng": [per-rank generator states],
+     "cluster_criterion": memory-bank state_dict | None,
+     "config": the TrainConfig as plain data, "best": {...}, "metrics": {...}}
+
+Everything is plain tensors, numbers, strings, lists and dicts, so the files load with
+``torch.load(weights_only=True)``; unlike the reference no ``argparse.Namespace`` is pickled.
+A file is written to a temporary name in the same folder, flushed to disk, then renamed over
+the target: a crash mid-write never leaves a truncated checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+FORMAT = "toist-train"
+VERSION = 1
+_REQUIRED = ("model", "optimizer", "scheduler", "step", "epoch", "config", "stage")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, incomplete, or does not fit the run it should resume."""
+
+
+def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
+    """``torch.save`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Make the rename itself durable; not supported everywhere (e.g. Windows), hence best effort.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_training_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict:
+    """Read and sanity-check a training checkpoint; errors name the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: resume checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, not a torch file, pickled foreign objects ...
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a toist training checkpoint (format={ckpt.get('format')!r}); "
+                              "to start from model weights use init.load / init.load_noun instead of --resume")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')!r}, this code reads {VERSION}")
+    missing = [k for k in _REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}")
+    return ckpt
+
+
+def check_state_dict(state: Optional[dict], module: torch.nn.Module, where: str) -> None:
+    """Refuse a state_dict whose keys or shapes differ from ``module``'s (before loading anything)."""
+    if state is None:
+        raise CheckpointError(f"{where}: missing")
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: keys differ from the model built from the config "
+                              f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
+    for key, tensor in own.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{where}: {key} has shape {tuple(state[key].shape)}, "
+                                  f"the model expects {tuple(tensor.shape)}")
+
+
+def capture_rng_state(device: torch.device) -> dict:
+    """This process's random generators (Python, NumPy, torch CPU and, on GPU, CUDA)."""
+    version, mt_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, torch.tensor(mt_state, dtype=torch.int64), gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                  float(np_gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+    return state
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(int(v) for v in mt_state.tolist()), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def prune_step_checkpoints(folder: Path, keep: int, pattern: str = "checkpoint_step*.pth") -> None:
+    """Keep the ``keep`` newest numbered step checkpoints (by step number), delete the rest."""
+    if keep <= 0:
+        return
+    files = sorted(folder.glob(pattern), key=lambda p: int("".join(ch for ch in p.stem if ch.isdigit()) or 0))
+    for old in files[:-keep]:
+        old.unlink(missing_ok=True)

@@ -1,0 +1,378 @@
+"""The training configuration: one typed tree, read strictly from YAML.
+
+``TrainConfig`` composes the configs of the other modules (``model``: toist_core ModelConfig,
+``data``: DataConfig, ``loss``: LossConfig, ``distill``: DistillConfig) with the sections of
+the training recipe itself (``init``, ``optim``, ``schedule``, ``loader``, ``checkpoint``,
+``eval``, ``distributed``, ``runtime``). Defaults are the reference's (``main.py`` +
+``configs/tdod.json``): AdamW, lr 5e-5 / backbone 1e-5 / text encoder 1e-5, weight decay
+1e-4, clip 0.1, EMA 0.9998, 60 epochs with x0.1 every 7, seed 42 + rank.
+
+Reading is strict (``toist_core.typed_config``): an unknown key or a wrongly typed value is a
+:class:`ConfigError` naming the file and the dotted field. ``model`` may start from a preset
+(``model: {preset: tiny, transformer: {dropout: 0.0}}``). Data and checkpoint paths are
+checked by :func:`check_paths` before anything is built.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from toist_core.config import ModelConfig, preset
+from toist_core.data.config import DataConfig
+from toist_core.distill.config import DistillConfig
+from toist_core.losses.config import LossConfig
+from toist_core.typed_config import ConfigError, from_dict, to_dict
+
+Stage = Literal["pronoun", "noun", "distill", "mask_head", "mask_head_distill"]
+STAGES: tuple[str, ...] = typing.get_args(Stage)
+# Training captions of each stage (evaluation is always on pronoun captions).
+STAGE_CAPTIONS = {"pronoun": "pronoun", "noun": "noun", "distill": "distill",
+                  "mask_head": "pronoun", "mask_head_distill": "pronoun"}
+# Split name that carves the validation images out of the training split.
+HOLDOUT = "holdout"
+
+
+@dataclass
+class InitConfig:
+    """Where the weights come from (all optional; the model's own ``backbone.weights`` /
+    ``text.weights`` give a pretrained ResNet / RoBERTa start).
+
+    ``load``: MDETR / TOIST / toist checkpoint for the (student) model, reference ``--load``
+    (``model_ema`` preferred, as the reference; a segmentation file's ``detr.`` weights load into
+    a detector). ``load_noun``: the teacher of a distillation run (``--load_noun``).
+    ``frozen_weights``: the trained detector of a mask-head stage (``--frozen_weights``), with its
+    memory bank for ``mask_head_distill``. ``strict``: every tensor must match (else the
+    missing / unexpected ones are listed and skipped, as the reference's ``strict=False``).
+    """
+
+    load: Optional[str] = None
+    load_noun: Optional[str] = None
+    frozen_weights: Optional[str] = None
+    strict: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    lr_backbone: float = 1e-5
+    text_encoder_lr: float = 1e-5
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1      # applied to student and teacher separately; 0 = off
+    ema: bool = True
+    ema_decay: float = 0.9998
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "lr_backbone", "text_encoder_lr", "weight_decay", "clip_max_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay: must be in [0, 1], got {self.ema_decay!r}")
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 60
+    lr_drop: int = 7                # rest / backbone lr x0.1 every lr_drop epochs
+    warmup_fraction: float = 0.01   # text encoder: linear warm-up over this fraction of all steps
+    # Stop after this many optimizer updates (smoke tests); the schedule still spans `epochs`.
+    max_steps: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs: must be >= 1, got {self.epochs!r}")
+        if self.lr_drop < 1:
+            raise ValueError(f"lr_drop: must be >= 1, got {self.lr_drop!r}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction: must be in [0, 1), got {self.warmup_fraction!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps: must be >= 1 or null, got {self.max_steps!r}")
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 6            # per process (reference: 6 for stage 1, 3 distillation, 2 masks)
+    eval_batch_size: int = 8
+    num_workers: int = 5
+    pin_memory: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(f"batch_size / eval_batch_size: must be >= 1, got {self.batch_size!r} / "
+                             f"{self.eval_batch_size!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: must be >= 0, got {self.num_workers!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000         # also write checkpoint.pth every N updates (0 = only per epoch)
+    per_epoch: bool = True          # write checkpoint.pth (and checkpoint_epochNNNN.pth) after each epoch
+    keep_epochs: int = 0            # numbered epoch checkpoints to keep (0 = none, only checkpoint.pth)
+    export_model_dir: bool = True   # at the end: export the best (else last) EMA model as a model directory
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.keep_epochs < 0:
+            raise ValueError(f"every_steps / keep_epochs: must be >= 0, got {self.every_steps!r} / "
+                             f"{self.keep_epochs!r}")
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation with the paper metric (per-task AP@0.5, mean = mAP@0.5).
+
+    ``split``: ``holdout`` (default) = a fixed, seeded ``holdout_fraction`` of the training
+    images (by image id, so an image shared by several tasks is on one side for all of them),
+    removed from training; any other name (``val``, ``test``) reads ``task_k_<split>.json``
+    with images from ``data.image_dirs[split]``. ``test`` reproduces the reference, which picks
+    its best checkpoint on the test split: available, but then test numbers are no longer
+    held-out numbers.
+    """
+
+    enabled: bool = True
+    split: str = HOLDOUT
+    holdout_fraction: float = 0.05
+    holdout_seed: int = 0
+    every_epochs: int = 1
+    every_steps: int = 0           # additionally every N updates (0 = off)
+    use_ema: bool = True           # evaluate the EMA weights (the reference's reported numbers)
+    iou_type: Literal["auto", "bbox", "segm"] = "auto"  # metric for the best checkpoint; auto = segm for mask stages
+    max_images: Optional[int] = None  # per task (quick looks)
+
+    def __post_init__(self) -> None:
+        if not self.split:
+            raise ValueError("split: must name a split")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction: must be in (0, 1), got {self.holdout_fraction!r}")
+        if self.every_epochs < 0 or self.every_steps < 0:
+            raise ValueError("every_epochs / every_steps: must be >= 0")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"max_images: must be >= 1 or null, got {self.max_images!r}")
+
+
+@dataclass
+class DistributedConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"   # auto: nccl on GPUs, gloo on CPU
+    find_unused_parameters: bool = True
+    timeout_s: int = 1800
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"           # auto | cpu | cuda
+    seed: int = 42                 # each process uses seed + rank (the reference's rule)
+    deterministic: bool = True     # torch deterministic kernels where they exist (warn elsewhere)
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast on GPU; ignored on CPU unless amp_on_cpu
+    amp_on_cpu: bool = False
+    threads: Optional[int] = None  # torch intra-op threads (None = torch's default)
+    log_every: int = 20            # TensorBoard / console scalars every N updates
+    progress: bool = True          # progress bar on rank 0
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise ValueError(f"log_every: must be >= 1, got {self.log_every!r}")
+
+
+@dataclass
+class TrainConfig:
+    stage: Stage = "pronoun"
+    output_dir: str = "runs/toist"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        problems = stage_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def is_distill(self) -> bool:
+        return self.stage == "distill"
+
+    @property
+    def is_mask_stage(self) -> bool:
+        return self.stage in ("mask_head", "mask_head_distill")
+
+    @property
+    def uses_bank(self) -> bool:
+        """The memory bank takes part: distillation (when CCR or CL is on) or a distilled mask stage."""
+        return (self.stage == "distill" and self.distill.uses_bank) or self.stage == "mask_head_distill"
+
+    @property
+    def metric_iou_type(self) -> str:
+        if self.eval.iou_type != "auto":
+            return self.eval.iou_type
+        return "segm" if self.is_mask_stage else "bbox"
+
+
+def stage_problems(cfg: TrainConfig) -> list[str]:
+    """Settings that contradict the stage (each names its field)."""
+    problems = []
+    wanted = STAGE_CAPTIONS[cfg.stage]
+    if cfg.data.caption_mode != wanted:
+        problems.append(f"data.caption_mode: stage {cfg.stage!r} trains on {wanted!r} captions, "
+                        f"got {cfg.data.caption_mode!r}")
+    if cfg.model.aux_loss != cfg.loss.aux_loss:
+        problems.append(f"loss.aux_loss ({cfg.loss.aux_loss}) must equal model.aux_loss ({cfg.model.aux_loss})")
+    if cfg.loss.contrastive_align and not cfg.model.contrastive_align:
+        problems.append("loss.contrastive_align: needs model.contrastive_align (the projection heads)")
+    if cfg.loss.num_decoder_layers != cfg.model.transformer.dec_layers:
+        problems.append(f"loss.num_decoder_layers ({cfg.loss.num_decoder_layers}) must equal "
+                        f"model.transformer.dec_layers ({cfg.model.transformer.dec_layers})")
+    if (cfg.is_distill or cfg.stage == "mask_head_distill") and cfg.distill.pronoun != cfg.data.pronoun:
+        problems.append(f"distill.pronoun ({cfg.distill.pronoun!r}) must equal data.pronoun ({cfg.data.pronoun!r})")
+    if cfg.uses_bank and cfg.distill.feature_dim != cfg.model.transformer.d_model:
+        problems.append(f"distill.feature_dim ({cfg.distill.feature_dim}) must equal model.transformer.d_model "
+                        f"({cfg.model.transformer.d_model}): the bank stores post-encoder text rows")
+    if cfg.is_mask_stage:
+        for name, value in (("model.masks", cfg.model.masks), ("loss.masks", cfg.loss.masks),
+                            ("data.masks", cfg.data.masks)):
+            if not value:
+                problems.append(f"{name}: stage {cfg.stage!r} trains the mask head, set it to true")
+        if cfg.init.frozen_weights is None:
+            problems.append(f"init.frozen_weights: stage {cfg.stage!r} needs the trained detector "
+                            "(the reference's --frozen_weights)")
+    else:
+        if cfg.model.masks or cfg.loss.masks:
+            problems.append(f"model.masks / loss.masks: stage {cfg.stage!r} trains a detector; "
+                            "masks are trained in the mask_head stages")
+        if cfg.init.frozen_weights is not None:
+            problems.append(f"init.frozen_weights: only for the mask_head stages, not {cfg.stage!r}")
+    if cfg.init.load_noun is not None and not cfg.is_distill:
+        problems.append(f"init.load_noun: only for the distill stage, not {cfg.stage!r}")
+    if cfg.stage == "mask_head_distill" and cfg.init.load is not None:
+        problems.append("init.load: the mask_head stages take the detector from init.frozen_weights")
+    return problems
+
+
+# ----------------------------------------------------------------------------- reading
+
+def config_from_dict(data: Any, where: str = "config") -> TrainConfig:
+    """Strictly build a TrainConfig from plain data (``model.preset`` expanded first)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    data = _expand_model_preset(dict(data), where)
+    return from_dict(TrainConfig, data, where)
+
+
+def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Read a YAML file and apply ``key.path=value`` overrides (values parsed as YAML)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides or []:
+        _apply_override(data, item)
+    return config_from_dict(data, where=str(path) + (" + overrides" if overrides else ""))
+
+
+def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return to_dict(cfg)
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _expand_model_preset(data: dict, where: str) -> dict:
+    model = data.get("model")
+    if isinstance(model, dict) and "preset" in model:
+        model = dict(model)
+        name = model.pop("preset")
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}.model.preset: expected a preset name, got {name!r}")
+        base = to_dict(preset(name))
+        _deep_update(base, model, f"{where}.model")
+        data["model"] = base
+    return data
+
+
+def _deep_update(base: dict, new: dict, where: str) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value, f"{where}.{key}")
+        else:
+            base[key] = value
+
+
+# ----------------------------------------------------------------------------- path checks
+
+def check_paths(cfg: TrainConfig, resume: Optional[str] = None) -> None:
+    """Fail before training if a file the run needs is missing; the error names the field."""
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        raise ConfigError(f"data.root: {root} is not a directory")
+    splits = {cfg.data.train_split: "data.train_split"}
+    if cfg.eval.enabled and cfg.eval.split != HOLDOUT:
+        splits[cfg.eval.split] = "eval.split"
+    for split, field_name in splits.items():
+        if split not in cfg.data.image_dirs:
+            raise ConfigError(f"data.image_dirs: no image folder for split {split!r} ({field_name}); "
+                              f"known: {sorted(cfg.data.image_dirs)}")
+        image_dir = cfg.data.image_dir(split)
+        if not image_dir.is_dir():
+            raise ConfigError(f"data.image_dirs.{split}: {image_dir} is not a directory")
+        for task in cfg.data.tasks:
+            ann = cfg.data.annotation_path(task, split)
+            if not ann.is_file():
+                raise ConfigError(f"data.root: annotation file {ann} not found (task {task}, split "
+                                  f"{split!r} from {field_name})")
+    for name in ("load", "load_noun", "frozen_weights"):
+        value = getattr(cfg.init, name)
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"init.{name}: {value} not found")
+    for name, value in (("model.backbone.weights", cfg.model.backbone.weights),):
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{name}: {value} not found")
+    text_weights = cfg.model.text.weights
+    if text_weights is not None and (text_weights.startswith((".", "/", "~")) or Path(text_weights).exists()):
+        if not Path(text_weights).expanduser().exists():
+            raise ConfigError(f"model.text.weights: {text_weights} not found")
+    if resume is not None and not Path(resume).is_file():
+        raise ConfigError(f"--resume: {resume} not found")
+

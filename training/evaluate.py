@@ -1,0 +1,148 @@
+"""Periodic evaluation during training: the paper metric on a validation split.
+
+Predictions come from :class:`toist_core.inference.TaskSegmenter` with the reference's
+evaluation settings (pronoun caption, every query kept, score = 1 - p(no object); distilled
+models replace the pronoun rows by the task's cluster centre) and are scored by
+:func:`toist_core.eval.evaluator.evaluate_tasks` (per-task AP@0.5, mean = mAP@0.5). Every
+process predicts a shard of the images; rank 0 scores them and shares the result.
+
+The validation split (``eval.split``): ``holdout`` carves a seeded fraction of the training
+images out of training (by image id); any other name reads ``task_k_<split>.json``. The
+reference selects its best checkpoint on the test split; that is available as
+``eval.split: test`` but is not the default.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from toist_core.config import InferenceConfig
+from toist_core.data.coco_tasks import CocoTasksDataset
+from toist_core.eval.evaluator import evaluate_tasks, load_ground_truth
+from toist_core.eval.predictions import ImagePredictions
+from toist_core.inference import TaskSegmenter
+
+from training.config import HOLDOUT, TrainConfig
+from training.distributed import DistEnv, all_gather_objects, broadcast_object
+
+
+def in_holdout(image_id: int, fraction: float, seed: int) -> bool:
+    """Whether an image belongs to the validation holdout (a fixed function of its id)."""
+    digest = hashlib.blake2b(f"{seed}:{int(image_id)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0 ** 64 < fraction
+
+
+@dataclass
+class ValidationSet:
+    """Per task: the annotation file, the image folder and the image ids to evaluate."""
+
+    split: str
+    ann_files: dict[int, Path]
+    image_dir: Path
+    image_ids: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(v) for v in self.image_ids.values())
+
+
+def holdout_ids(dataset: CocoTasksDataset, fraction: float, seed: int) -> set[int]:
+    """Image ids of the training dataset that go to the holdout."""
+    ids = {dataset.sample_info(i)[1].id for i in range(len(dataset))}
+    return {image_id for image_id in ids if in_holdout(image_id, fraction, seed)}
+
+
+def build_validation_set(cfg: TrainConfig, holdout: Optional[set[int]] = None) -> ValidationSet:
+    """The validation images of every configured task (``holdout``: ids from the train split)."""
+    split = cfg.data.train_split if cfg.eval.split == HOLDOUT else cfg.eval.split
+    files = {task: cfg.data.annotation_path(task, split) for task in cfg.data.tasks}
+    image_dir = cfg.data.image_dir(split)
+    val = ValidationSet(cfg.eval.split, files, image_dir)
+    for task, path in files.items():
+        dataset = CocoTasksDataset(path, image_dir, check_images=False)
+        ids = [dataset.sample_info(i)[1].id for i in range(len(dataset))]
+        if holdout is not None:
+            ids = [i for i in ids if i in holdout]
+        if cfg.eval.max_images is not None:
+            ids = ids[:cfg.eval.max_images]
+        val.image_ids[task] = ids
+    return val
+
+
+def inference_config(cfg: TrainConfig) -> InferenceConfig:
+    """The reference's evaluation post-processing at the data config's test size."""
+    return InferenceConfig(short_side=cfg.data.test_size, max_size=max(cfg.data.max_size, cfg.data.test_size),
+                           score_threshold=0.0, max_instances=cfg.model.num_queries)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, val: ValidationSet, cfg: TrainConfig, env: DistEnv,
+            memory_bank: Optional[nn.Module] = None) -> dict:
+    """This process's share of ``{task: {image_id: ImagePredictions}}``.
+
+    ``memory_bank`` is copied: clustering at evaluation must not touch the training bank.
+    """
+    was_training = model.training
+    bank = copy.deepcopy(memory_bank) if memory_bank is not None else None
+    segmenter = TaskSegmenter(model, device=env.device, memory_bank=bank, pronoun=cfg.data.pronoun,
+                              inference=inference_config(cfg), config=cfg.model)
+    predictions: dict[int, dict[int, ImagePredictions]] = {}
+    try:
+        for task, path in sorted(val.ann_files.items()):
+            dataset = CocoTasksDataset(path, val.image_dir, check_images=False)
+            wanted = set(val.image_ids[task])
+            indices = [i for i in range(len(dataset)) if dataset.sample_info(i)[1].id in wanted]
+            mine = indices[env.rank::env.world_size]
+            state = segmenter.encode_task(task)
+            task_preds = {}
+            batch = cfg.loader.eval_batch_size
+            for start in range(0, len(mine), batch):
+                chunk = mine[start:start + batch]
+                images = [dataset.load_image(i).permute(1, 2, 0).numpy() for i in chunk]
+                outs = segmenter.predict_batch(images, state)
+                for i, out in zip(chunk, outs):
+                    image_id = dataset.sample_info(i)[1].id
+                    task_preds[image_id] = ImagePredictions.from_arrays(out.boxes, out.scores, out.masks)
+            predictions[task] = task_preds
+    finally:
+        model.train(was_training)
+    return predictions
+
+
+def evaluate(model: nn.Module, val: ValidationSet, cfg: TrainConfig, env: DistEnv,
+             memory_bank: Optional[nn.Module] = None) -> dict:
+    """Metrics on every rank: ``{"mAP50/bbox": .., "AP50/bbox/task_k": .., "seconds": ..}``.
+
+    Runs under a forked random state: evaluation never shifts the training random streams.
+    """
+    started = time.perf_counter()
+    devices = [env.device] if env.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        local = predict(model, val, cfg, env, memory_bank)
+    gathered = all_gather_objects(local, env)
+    metrics = None
+    if env.is_main:
+        merged: dict[int, dict[int, ImagePredictions]] = {task: {} for task in val.ann_files}
+        for part in gathered:
+            for task, preds in part.items():
+                merged[task].update(preds)
+        ground_truths = {task: load_ground_truth(path) for task, path in val.ann_files.items()}
+        iou_types = ("bbox", "segm") if cfg.model.masks else ("bbox",)
+        result = evaluate_tasks(ground_truths, merged, iou_types, val.image_ids)
+        metrics = {}
+        for iou_type in iou_types:
+            metrics[f"mAP50/{iou_type}"] = result.mean_ap50(iou_type)
+            metrics[f"mAP/{iou_type}"] = result.mean_ap(iou_type)
+            for task in result.tasks:
+                metrics[f"AP50/{iou_type}/task_{task.task_id}"] = task.ap50[iou_type]
+        metrics["images"] = float(val.num_images)
+        metrics["seconds"] = time.perf_counter() - started
+    return broadcast_object(metrics, env)

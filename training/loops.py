@@ -1,0 +1,482 @@
+"""The training loop: one class that owns a run from set-up to the last checkpoint.
+
+Per update (reference ``engine.py``): forward of the stage (two-phase, see
+:mod:`training.stages`) -> losses -> ``sum(loss[k] * weight[k])`` -> backward -> clip student
+and teacher separately -> ``optimizer.step()`` -> learning rates of the next update -> EMA of
+both models. Then, as configured: scalars to TensorBoard, ``checkpoint.pth`` every N updates,
+and at the end of an epoch evaluation on the validation split, ``checkpoint.pth`` (+ a
+numbered copy) and ``BEST_checkpoint.pth`` when the validation mAP@0.5 improved.
+
+Exact resume: the data order and every augmentation are functions of (seed, epoch, sample)
+(:mod:`training.sampling`), the learning rates a function of the step, and a checkpoint holds
+model, EMA, optimizer, AMP scaler, memory bank and every process's random generators. A run
+resumed from the checkpoint of update ``s`` therefore repeats exactly the updates an
+uninterrupted run makes after ``s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from toist_core.data.coco_tasks import build_dataset
+from toist_core.data.collate import Collator
+from toist_core.losses.criterion import weighted_total
+from toist_core.model import load_tokenizer
+from toist_core.typed_config import ConfigError
+
+from training import checkpointing as ckpt_io
+from training.config import HOLDOUT, TrainConfig, check_paths, config_to_dict, save_config
+from training.distributed import DistEnv, all_gather_objects, barrier, seed_everything, set_deterministic, wrap_ddp
+from training.ema import ModelEMA
+from training.evaluate import build_validation_set, evaluate, holdout_ids
+from training.export import export_checkpoint
+from training.optim import build_optimizer, clip_grad_norm
+from training.sampling import EpochBatchSampler, SeededSamples
+from training.schedule import LRSchedule
+from training.stages import StepModule, build_criterion, build_stage_models, compute_losses, float_outputs
+
+LAST = "checkpoint.pth"
+BEST = "BEST_checkpoint.pth"
+MODEL_DIR = "model"
+
+
+@dataclass
+class TrainResult:
+    step: int
+    epoch: int
+    last_losses: dict[str, float] = field(default_factory=dict)
+    loss_history: list[float] = field(default_factory=list)   # weighted total per update (this process)
+    metrics: Optional[dict] = None
+    best: Optional[dict] = None
+    output_dir: Optional[Path] = None
+
+
+class Trainer:
+    """Set up everything a stage needs and run it (``Trainer(cfg, env).run()``).
+
+    ``resume``: a ``checkpoint.pth`` to continue exactly. ``on_step(trainer, step)`` is called
+    after every update (after any checkpoint of that step), e.g. for tests or custom logging.
+    """
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, resume: Optional[str] = None,
+                 on_step: Optional[Callable[["Trainer", int], None]] = None, log=None):
+        self.cfg = cfg
+        self.env = env
+        self.on_step = on_step
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if env.is_main else None)
+        self.output_dir = Path(cfg.output_dir)
+        check_paths(cfg, resume)
+        resume_state = ckpt_io.load_training_checkpoint(resume) if resume else None
+        if resume_state is None and env.is_main and (self.output_dir / LAST).exists():
+            raise ConfigError(f"output_dir: {self.output_dir} already holds {LAST}; continue it with "
+                              f"--resume {self.output_dir / LAST} or choose another output_dir")
+        if resume_state is not None:
+            _check_resume_config(resume_state, cfg, resume)
+
+        if cfg.runtime.threads:
+            torch.set_num_threads(cfg.runtime.threads)
+        set_deterministic(cfg.runtime.deterministic, env.device)
+        # Same initial weights on every process (DDP would broadcast rank 0's anyway), then
+        # the reference's per-process streams (seed + rank) for dropout and the like.
+        seed_everything(cfg.runtime.seed)
+
+        # Data: training samples (minus the holdout) and the validation images.
+        self.tokenizer = load_tokenizer(cfg.model.text.tokenizer)
+        train_set = build_dataset(cfg.data, cfg.data.train_split)
+        holdout = None
+        if cfg.eval.enabled and cfg.eval.split == HOLDOUT:
+            holdout = holdout_ids(train_set, cfg.eval.holdout_fraction, cfg.eval.holdout_seed)
+            if not holdout:
+                raise ConfigError(f"eval.holdout_fraction: {cfg.eval.holdout_fraction} of the training images "
+                                  "selects none; raise it or name an eval.split")
+            keep = [i for i in range(len(train_set)) if train_set.sample_info(i)[1].id not in holdout]
+            if not keep:
+                raise ConfigError("eval.holdout_fraction: every training image went to the holdout")
+            train_set = Subset(train_set, keep)
+        self.val = build_validation_set(cfg, holdout) if cfg.eval.enabled else None
+        self.sampler = EpochBatchSampler(len(train_set), cfg.loader.batch_size, env.world_size, env.rank,
+                                         shuffle=True, seed=cfg.runtime.seed)
+        self.loader = DataLoader(SeededSamples(train_set), batch_sampler=self.sampler,
+                                 collate_fn=Collator(self.tokenizer), num_workers=cfg.loader.num_workers,
+                                 pin_memory=cfg.loader.pin_memory and env.device.type == "cuda",
+                                 generator=torch.Generator())  # keeps the global stream untouched
+        self.steps_per_epoch = len(self.sampler)
+        self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
+        self.max_steps = min(self.total_steps, cfg.schedule.max_steps or self.total_steps)
+
+        # Models, EMA, optimizer, schedule, loss.
+        models = build_stage_models(cfg, self.tokenizer, log=self.log)
+        self.model = models.model.to(env.device)
+        self.teacher = models.teacher.to(env.device) if models.teacher is not None else None
+        self.cluster = models.cluster.to(env.device) if models.cluster is not None else None
+        o = cfg.optim
+        self.optimizer = build_optimizer(self.model, o.lr, o.lr_backbone, o.text_encoder_lr, o.weight_decay,
+                                         teacher=self.teacher)
+        self.schedule = LRSchedule(self.steps_per_epoch, cfg.schedule.epochs, cfg.schedule.lr_drop,
+                                   cfg.schedule.warmup_fraction)
+        self._trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.criterion, self.weight_dict = build_criterion(cfg)
+        self.amp_dtype = _amp_dtype(cfg, env.device)
+        self.scaler = torch.amp.GradScaler(env.device.type) if self.amp_dtype == torch.float16 else None
+        self.step_module = StepModule(models, cfg.stage, cfg.data.pronoun)
+        # Buffers are not broadcast each step: frozen BatchNorm never changes and the memory bank
+        # is kept identical on every process by its all-gathered updates.
+        self.train_module = wrap_ddp(self.step_module, env, cfg.distributed.find_unused_parameters,
+                                     broadcast_buffers=False)
+        seed_everything(cfg.runtime.seed + env.rank)
+        # EMA copies are taken after DDP has made the weights identical on every process.
+        self.ema = ModelEMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema else None
+        self.ema_teacher = (ModelEMA(self.teacher, cfg.optim.ema_decay)
+                            if cfg.optim.ema and self.teacher is not None else None)
+
+        self.step = 0
+        self.best: Optional[dict] = None
+        self.metrics: Optional[dict] = None
+        self.last_eval_step = -1
+        if resume_state is not None:
+            self._restore(resume_state, resume)
+        else:
+            self.schedule.apply(self.optimizer, 0)
+        self.writer = None
+        if env.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+            if cfg.runtime.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.output_dir / "tb"))
+
+    # ------------------------------------------------------------------------------ running
+
+    def run(self) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        result = TrainResult(step=self.step, epoch=self.step // self.steps_per_epoch, output_dir=self.output_dir)
+        self.log(f"stage {cfg.stage}: {self.steps_per_epoch} updates/epoch x {cfg.schedule.epochs} epochs "
+                 f"(batch {cfg.loader.batch_size} x {env.world_size} process(es)), from update {self.step}, "
+                 f"until {self.max_steps}; device {env.device}")
+        while self.step < self.max_steps:
+            epoch = self.step // self.steps_per_epoch
+            self.sampler.set_epoch(epoch, self.step % self.steps_per_epoch)
+            progress = self._progress(epoch)
+            window_start, window_samples = time.perf_counter(), 0
+            for batch in self.loader:
+                losses, total = self._train_step(batch)
+                self.step += 1
+                result.loss_history.append(total)
+                window_samples += len(batch[0]) * env.world_size
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{total:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                if self.step % cfg.runtime.log_every == 0 or self.step == self.max_steps:
+                    rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
+                    result.last_losses = self._log_scalars(losses, total, rate)
+                    window_start, window_samples = time.perf_counter(), 0
+                self._after_step()
+                if self.on_step is not None:
+                    self.on_step(self, self.step)
+                if self.step >= self.max_steps:
+                    break
+            if progress is not None:
+                progress.close()
+        if cfg.checkpoint.export_model_dir and env.is_main:
+            self.export(self.output_dir / MODEL_DIR)
+        barrier(env)
+        if self.writer is not None:
+            self.writer.close()
+        result.step, result.epoch = self.step, self.step // self.steps_per_epoch
+        result.metrics, result.best = self.metrics, self.best
+        return result
+
+    def _train_step(self, batch) -> tuple[dict[str, Tensor], float]:
+        cfg, device = self.cfg, self.env.device
+        if cfg.is_distill:
+            images, noun_targets, targets = batch
+            noun_targets = [_to_device(t, device) for t in noun_targets]
+        else:
+            images, targets = batch
+            noun_targets = None
+        images = images.to(device, non_blocking=True)
+        targets = [_to_device(t, device) for t in targets]
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            outputs, cluster_losses = self.train_module(images, targets, noun_targets)
+        with torch.autocast(device.type, enabled=False):
+            losses = compute_losses(self.criterion, cfg.stage, float_outputs(outputs),
+                                    float_outputs(cluster_losses), targets, noun_targets)
+            total = weighted_total(losses, self.weight_dict)
+        self._check_finite(total, losses)
+        if not total.requires_grad:
+            # E.g. a mask-head batch without any target: the loss is a constant. A zero term
+            # through the outputs gives zero gradients (the reference's zero-valued loss) and
+            # keeps every process's backward, and so DDP's reduction, in step.
+            total = total + _zero_through(outputs, self._trainable)
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            total.backward()
+        clip_grad_norm(self.model, cfg.optim.clip_max_norm)
+        if self.teacher is not None:
+            clip_grad_norm(self.teacher, cfg.optim.clip_max_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.schedule.apply(self.optimizer, self.step + 1)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        if self.ema_teacher is not None:
+            self.ema_teacher.update(self.teacher)
+        return losses, float(total.detach())
+
+    def _check_finite(self, total: Tensor, losses: dict) -> None:
+        finite = torch.isfinite(total.detach()).to(torch.float32).reshape(1)
+        if self.env.distributed:  # every process must stop together, not hang in backward
+            torch_dist.all_reduce(finite, op=torch_dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            raise FloatingPointError(f"loss is not finite at update {self.step} (on some process); "
+                                     f"terms: {values}")
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------------- evaluation
+
+    def _after_step(self) -> None:
+        """Evaluate and write checkpoints as configured for the update just taken.
+
+        The checkpoint of an update is written after its evaluation, so it records the best
+        score so far and a resumed run never repeats or skips an evaluation.
+        """
+        cfg, step = self.cfg, self.step
+        epoch_end = step % self.steps_per_epoch == 0
+        final = step == self.max_steps
+        every_epochs, every_steps = cfg.eval.every_epochs, cfg.eval.every_steps
+        eval_due = cfg.eval.enabled and (
+            (epoch_end and every_epochs > 0 and (step // self.steps_per_epoch) % every_epochs == 0)
+            or (every_steps > 0 and step % every_steps == 0) or final)
+        improved = self._run_eval() if eval_due else False
+        ckpt_every = cfg.checkpoint.every_steps
+        if (epoch_end and cfg.checkpoint.per_epoch) or final or (ckpt_every and step % ckpt_every == 0):
+            self._save(LAST)
+            if epoch_end and cfg.checkpoint.keep_epochs > 0:
+                self._save(f"checkpoint_epoch{step // self.steps_per_epoch:04d}.pth")
+                if self.env.is_main:
+                    ckpt_io.prune_step_checkpoints(self.output_dir, cfg.checkpoint.keep_epochs,
+                                                   "checkpoint_epoch*.pth")
+        if improved:
+            self._save(BEST)
+
+    def _run_eval(self) -> bool:
+        """Evaluate on the validation split; True when the selection metric improved."""
+        cfg = self.cfg
+        model = self.ema.module if (cfg.eval.use_ema and self.ema is not None) else self.model
+        bank = self.cluster.bank if self.cluster is not None else None
+        metrics = evaluate(model, self.val, cfg, self.env, bank)
+        self.metrics = metrics
+        self.last_eval_step = self.step
+        key = f"mAP50/{cfg.metric_iou_type}"
+        value = metrics[key]
+        self.log(f"update {self.step}: {self.val.split} {key} = {value:.4f} "
+                 f"({int(metrics['images'])} images, {metrics['seconds']:.1f} s)")
+        if self.writer is not None:
+            for name, number in metrics.items():
+                self.writer.add_scalar(f"val_{self.val.split}/{name}", number, self.step)
+        improved = self.best is None or value > self.best["value"]
+        if improved:
+            self.best = {"metric": key, "value": value, "step": self.step,
+                         "epoch": self.step // self.steps_per_epoch, "split": self.val.split}
+        return improved
+
+    # ------------------------------------------------------------------------ checkpoints
+
+    def state(self) -> dict:
+        """The checkpoint dict (every process must call it: it gathers the random states)."""
+        rng = all_gather_objects(ckpt_io.capture_rng_state(self.env.device), self.env)
+        bank_state = self.cluster.bank.state_dict() if self.cluster is not None else None
+        return {
+            "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "stage": self.cfg.stage,
+            "model": self.model.state_dict(),
+            "model_ema": self.ema.state_dict() if self.ema is not None else None,
+            "model_noun": self.teacher.state_dict() if self.teacher is not None else None,
+            "model_noun_ema": self.ema_teacher.state_dict() if self.ema_teacher is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": dict(self.schedule.state_dict(), step=self.step),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.step // self.steps_per_epoch,
+            "step": self.step,
+            "world_size": self.env.world_size,
+            "rng": rng,
+            "cluster_criterion": bank_state,
+            "config": config_to_dict(self.cfg),
+            "best": self.best,
+            "metrics": self.metrics,
+            "last_eval_step": self.last_eval_step,
+        }
+
+    def _save(self, name: str) -> None:
+        state = self.state()
+        if self.env.is_main:
+            ckpt_io.atomic_save(state, self.output_dir / name)
+        barrier(self.env)
+
+    def _restore(self, ckpt: dict, path) -> None:
+        """Load a resume checkpoint; everything is checked before anything is changed."""
+        where = str(path)
+        ckpt_io.check_state_dict(ckpt["model"], self.model, f"{where} [model]")
+        if self.ema is not None:
+            ckpt_io.check_state_dict(ckpt.get("model_ema"), self.ema.module, f"{where} [model_ema]")
+        if self.teacher is not None:
+            ckpt_io.check_state_dict(ckpt.get("model_noun"), self.teacher, f"{where} [model_noun]")
+        if self.ema_teacher is not None:
+            ckpt_io.check_state_dict(ckpt.get("model_noun_ema"), self.ema_teacher.module, f"{where} [model_noun_ema]")
+        if self.cluster is not None:
+            ckpt_io.check_state_dict(ckpt.get("cluster_criterion"), self.cluster.bank, f"{where} [cluster_criterion]")
+        try:
+            self.schedule.check_compatible(ckpt["scheduler"], where)
+        except ValueError as exc:
+            raise ckpt_io.CheckpointError(
+                f"{exc}. Updates per epoch follow from the data, loader.batch_size and the number of "
+                f"processes ({ckpt.get('world_size')} in the checkpoint, {self.env.world_size} now); to go "
+                "on with other settings start a new run with init.load pointing at the checkpoint") from None
+        if len(ckpt["optimizer"].get("param_groups", [])) != len(self.optimizer.param_groups):
+            raise ckpt_io.CheckpointError(f"{where} [optimizer]: {len(ckpt['optimizer'].get('param_groups', []))} "
+                                          f"parameter groups, this run has {len(self.optimizer.param_groups)}")
+        step = int(ckpt["step"])
+        if not 0 <= step <= self.total_steps:
+            raise ckpt_io.CheckpointError(f"{where}: step {step} outside this run's {self.total_steps} updates")
+        rng = ckpt.get("rng") or []
+        same_world = ckpt.get("world_size") == self.env.world_size and len(rng) == self.env.world_size
+
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["model_ema"])
+        if self.teacher is not None:
+            self.teacher.load_state_dict(ckpt["model_noun"])
+        if self.ema_teacher is not None:
+            self.ema_teacher.load_state_dict(ckpt["model_noun_ema"])
+        if self.cluster is not None:
+            self.cluster.bank.load_state_dict(ckpt["cluster_criterion"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = step
+        self.schedule.apply(self.optimizer, step)
+        self.best = ckpt.get("best")
+        self.metrics = ckpt.get("metrics")
+        self.last_eval_step = int(ckpt.get("last_eval_step", -1))
+        if same_world:
+            ckpt_io.restore_rng_state(rng[self.env.rank], self.env.device)
+        else:
+            self.log(f"warning: {where} was written by {ckpt.get('world_size')} process(es), this run has "
+                     f"{self.env.world_size}: random states re-seeded, the continuation is not bit-exact")
+        self.log(f"resumed from {where} at update {step} (epoch {step // self.steps_per_epoch})")
+
+    def export(self, directory: Path) -> Path:
+        """The best (else the last) checkpoint's EMA (else raw) weights as a model directory."""
+        source = self.output_dir / BEST
+        if not source.exists():
+            source = self.output_dir / LAST
+        weights = "ema" if self.ema is not None else "model"
+        path = export_checkpoint(source, directory, weights)
+        self.log(f"exported {source.name} ({weights} weights) to the model directory {path}")
+        return path
+
+    # ---------------------------------------------------------------------------- logging
+
+    def _progress(self, epoch: int):
+        if not (self.cfg.runtime.progress and self.env.is_main):
+            return None
+        from tqdm import tqdm
+
+        start = self.step % self.steps_per_epoch
+        total = min(self.steps_per_epoch, self.max_steps - epoch * self.steps_per_epoch)
+        return tqdm(total=total, initial=start, desc=f"epoch {epoch}", unit="it", dynamic_ncols=True,
+                    file=sys.stderr, leave=False)
+
+    def _log_scalars(self, losses: dict[str, Tensor], total: float, rate: float) -> dict[str, float]:
+        names = sorted(losses)
+        values = torch.stack([losses[k].detach().float().reshape(()) for k in names] +
+                             [torch.tensor(total, device=losses[names[0]].device)])
+        if self.env.distributed:
+            torch_dist.all_reduce(values)
+            values /= self.env.world_size
+        numbers = dict(zip(names + ["total"], values.tolist()))
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", numbers["total"], self.step)
+            for name in names:
+                self.writer.add_scalar(f"train_terms/{name}", numbers[name], self.step)
+            for group in self.optimizer.param_groups:
+                self.writer.add_scalar(f"lr/{group['name']}", group["lr"], self.step)
+            self.writer.add_scalar("train/samples_per_s", rate, self.step)
+        return numbers
+
+
+def _check_resume_config(ckpt: dict, cfg: TrainConfig, path) -> None:
+    """The checkpoint must come from the same stage and model (other settings may change)."""
+    if ckpt["stage"] != cfg.stage:
+        raise ckpt_io.CheckpointError(f"{path}: checkpoint of stage {ckpt['stage']!r}, config stage {cfg.stage!r}")
+    saved_model = (ckpt.get("config") or {}).get("model")
+    current = config_to_dict(cfg).get("model")
+    if saved_model is not None and saved_model != current:
+        diffs = _dict_diff(saved_model, current, "model")
+        raise ckpt_io.CheckpointError(f"{path}: model config differs from the checkpoint's: " + "; ".join(diffs[:6]))
+
+
+def _dict_diff(a, b, where: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _dict_diff(a.get(key), b.get(key), f"{where}.{key}")
+        return out
+    return [] if a == b else [f"{where}: checkpoint {a!r}, config {b!r}"]
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    if cfg.runtime.amp == "none":
+        return None
+    if device.type != "cuda" and not cfg.runtime.amp_on_cpu:
+        return None
+    if device.type != "cuda" and cfg.runtime.amp == "fp16":
+        raise ConfigError("runtime.amp: fp16 autocast is for GPUs; use bf16 with runtime.amp_on_cpu")
+    return torch.bfloat16 if cfg.runtime.amp == "bf16" else torch.float16
+
+
+def _zero_through(outputs, params: list) -> Tensor:
+    """``0 * sum(outputs)`` over the output tensors that carry a gradient (else over ``params``)."""
+    found = []
+
+    def collect(obj):
+        if isinstance(obj, Tensor):
+            if obj.requires_grad and obj.is_floating_point():
+                found.append(obj.float().sum() * 0.0)
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                if key != "tokenized":
+                    collect(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                collect(value)
+
+    collect(outputs)
+    if not found:
+        found = [p.sum() * 0.0 for p in params]
+    return torch.stack(found).sum()
+
+
+def _to_device(target: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in target.items()}

@@ -1,0 +1,182 @@
+"""The paper's training stages: which models are built, how they start, what one step computes.
+
+========================  =========================================================  ==================
+stage                     what trains                                                init (reference)
+========================  =========================================================  ==================
+``pronoun``               plain TOIST detector on pronoun captions                   ``init.load`` (MDETR)
+``noun``                  teacher detector on noun captions                          ``init.load`` (MDETR)
+``distill``               student (pronoun) *and* teacher (noun), bank + CCR, CL,    ``init.load`` (pronoun
+                          SBTL (spec 2.2)                                            model), ``init.load_noun``
+``mask_head``             mask head on the frozen pronoun detector                   ``init.frozen_weights``
+``mask_head_distill``     mask head on the frozen distilled detector, its bank       ``init.frozen_weights``
+                          fixed and used for CCR (reference ``--cluster`` only)
+========================  =========================================================  ==================
+
+:class:`StepModule` is the one module a training step calls (and DDP wraps), so gradient
+synchronisation sees a single forward even though the model runs in two phases with the
+distillation work in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from toist_core.checkpoint import (CheckpointError, load_state_dict_strict, read_official,
+                                   state_dict_problems)
+from toist_core.distill.cluster import ClusterModule, pronoun_token_indices
+from toist_core.losses.criterion import DistillationCriterion, SetCriterion, build_weight_dict
+from toist_core.model import build_model
+from toist_core.structures import ImageBatch
+
+from training.config import TrainConfig
+
+_CONTRASTIVE = "contrastive_align_projection_"
+
+
+@dataclass
+class StageModels:
+    """The networks of a stage. ``teacher`` only for ``distill``; ``cluster`` when the memory
+    bank takes part (``distill`` with CCR or CL, ``mask_head_distill``)."""
+
+    model: nn.Module
+    teacher: Optional[nn.Module] = None
+    cluster: Optional[ClusterModule] = None
+
+
+def build_stage_models(cfg: TrainConfig, tokenizer, log=print) -> StageModels:
+    """Build the stage's networks (random init or pretrained parts) and load ``cfg.init``."""
+    model = build_model(cfg.model, tokenizer=tokenizer)
+    teacher = None
+    cluster = None
+    if cfg.init.load is not None:
+        load_weights(model, cfg.init.load, cfg.init.strict, "init.load", log)
+    if cfg.is_distill:
+        teacher = build_model(cfg.model, tokenizer=tokenizer)
+        if cfg.init.load_noun is not None:
+            load_weights(teacher, cfg.init.load_noun, cfg.init.strict, "init.load_noun", log)
+        if cfg.distill.uses_bank:
+            cluster = ClusterModule(cfg.distill)
+    if cfg.is_mask_stage:
+        ckpt = read_official(cfg.init.frozen_weights)
+        detector_state = ckpt.detector_state_dict()
+        if not model.detr.contrastive_align:
+            # Trained with contrastive align, used without it (as the reference's mask stage):
+            # those projections only serve the training loss.
+            detector_state = {k: v for k, v in detector_state.items() if not k.startswith(_CONTRASTIVE)}
+        _load_into(model.detr, detector_state, cfg.init.strict,
+                   f"init.frozen_weights {cfg.init.frozen_weights} [{ckpt.source_key}]", log)
+        # The reference freezes the whole detector (RoBERTa included); only the heads train.
+        model.detr.requires_grad_(False)
+        if cfg.stage == "mask_head_distill":
+            if ckpt.cluster_state is None:
+                raise CheckpointError(f"init.frozen_weights: {cfg.init.frozen_weights} has no memory bank "
+                                      "('cluster_criterion'); mask_head_distill needs a distilled detector")
+            cluster = ClusterModule(cfg.distill)
+            found = tuple(ckpt.cluster_state["feature_bank"].shape) + (ckpt.cluster_state["cluster_centers"].shape[1],)
+            wanted = (cfg.distill.num_tasks, cfg.distill.bank_size, cfg.distill.feature_dim, cfg.distill.num_clusters)
+            if found != wanted:
+                raise CheckpointError(
+                    f"init.frozen_weights: the bank of {cfg.init.frozen_weights} has (tasks, size, dim, K) = {found}, "
+                    f"the config (distill.num_tasks, bank_size, feature_dim, num_clusters) = {wanted}")
+            load_state_dict_strict(cluster.bank, {k: v.float() for k, v in ckpt.cluster_state.items()},
+                                   where=f"init.frozen_weights {cfg.init.frozen_weights} [cluster_criterion]")
+    return StageModels(model, teacher, cluster)
+
+
+def load_weights(model: nn.Module, path: str, strict: bool, field: str, log=print) -> None:
+    """``model_ema`` (else ``model``) of an MDETR / TOIST / toist checkpoint into ``model``.
+
+    A segmentation file loads into a detector through its ``detr.`` weights (the reference's
+    rule); the position_ids buffer of old files is dropped.
+    """
+    ckpt = read_official(path)
+    is_segm_model = hasattr(model, "detr")
+    state = ckpt.state_dict if (is_segm_model or not ckpt.is_segmentation) else ckpt.detector_state_dict()
+    if is_segm_model and not ckpt.is_segmentation:
+        state = {"detr." + k: v for k, v in state.items()}
+    _load_into(model, state, strict, f"{field} {path} [{ckpt.source_key}]", log)
+
+
+def _load_into(module: nn.Module, state: dict, strict: bool, where: str, log) -> None:
+    if strict:
+        load_state_dict_strict(module, state, where=where)
+        return
+    own = module.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not usable:
+        raise CheckpointError(f"{where}: no tensor matches the model (wrong file or key prefix?)")
+    for problem in state_dict_problems(module, state):
+        log(f"warning: {where}: {problem} (init.strict is false: skipped)")
+    module.load_state_dict(usable, strict=False)
+
+
+class StepModule(nn.Module):
+    """One training forward of a stage: images + targets -> model outputs (+ cluster losses).
+
+    Plain / noun / mask stages: ``encode`` -> (``mask_head_distill``: CCR of the pronoun rows
+    with the fixed bank) -> ``decode``. Distillation (spec 2.2): teacher encode -> bank update +
+    teacher CCR -> teacher decode; student encode -> student CCR + cluster loss -> decode.
+    """
+
+    def __init__(self, models: StageModels, stage: str, pronoun: str):
+        super().__init__()
+        self.model = models.model
+        self.teacher = models.teacher
+        self.cluster = models.cluster
+        self.stage = stage
+        self.pronoun = pronoun
+
+    def forward(self, images: ImageBatch, targets: Sequence[dict],
+                noun_targets: Optional[Sequence[dict]] = None):
+        if self.stage == "distill":
+            return self._distill(images, noun_targets, targets)
+        captions = [t["caption"] for t in targets]
+        memory = self.model.encode(images, captions)
+        if self.cluster is not None:  # mask_head_distill: the frozen detector's CCR
+            indices = pronoun_token_indices(memory["tokenized"], captions, self.pronoun)
+            memory = self.cluster.inference_step(memory, [int(t["task_id"]) for t in targets], indices)
+        return self.model.decode(memory), {}
+
+    def _distill(self, images: ImageBatch, targets_noun: Sequence[dict], targets_sth: Sequence[dict]):
+        memory_noun = self.teacher.encode(images, [t["caption"] for t in targets_noun])
+        if self.cluster is not None:
+            memory_noun = self.cluster.teacher_step(memory_noun, targets_noun)
+        outputs_noun = self.teacher.decode(memory_noun)
+        memory_sth = self.model.encode(images, [t["caption"] for t in targets_sth])
+        cluster_losses: dict[str, Tensor] = {}
+        if self.cluster is not None:
+            memory_sth, cluster_losses = self.cluster.student_step(memory_sth, targets_sth)
+        outputs_sth = self.model.decode(memory_sth)
+        return (outputs_noun, outputs_sth), cluster_losses
+
+
+def build_criterion(cfg: TrainConfig) -> tuple[nn.Module, dict[str, float]]:
+    """The stage's criterion and ``weight_dict`` (66 entries for the paper's distillation run)."""
+    if cfg.is_distill:
+        return DistillationCriterion(cfg.loss, cfg.distill), build_weight_dict(cfg.loss, cfg.distill)
+    return SetCriterion(cfg.loss), build_weight_dict(cfg.loss)
+
+
+def compute_losses(criterion: nn.Module, stage: str, outputs, cluster_losses: dict,
+                   targets: Sequence[dict], noun_targets: Optional[Sequence[dict]] = None) -> dict[str, Tensor]:
+    if stage == "distill":
+        outputs_noun, outputs_sth = outputs
+        return criterion(outputs_noun, outputs_sth, noun_targets, targets, cluster_losses)
+    losses = criterion(outputs, targets)
+    losses.update(cluster_losses)
+    return losses
+
+
+def float_outputs(obj):
+    """Model outputs with every floating tensor in float32 (losses run outside autocast)."""
+    if isinstance(obj, Tensor):
+        return obj.float() if obj.is_floating_point() and obj.dtype != torch.float32 else obj
+    if isinstance(obj, dict):
+        return {k: (v if k == "tokenized" else float_outputs(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(float_outputs(v) for v in obj)
+    return obj
