@@ -12,7 +12,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from toist_core.cli_evaluate import main as evaluate_main, predict_tasks
+from toist_core import cli
+from toist_core.cli_evaluate import predict_tasks
 from toist_core.data.schema import DataError
 from toist_core.data.synth import generate
 from toist_core.eval.evaluator import evaluate_task, evaluate_tasks, load_ground_truth, task_files
@@ -212,12 +213,12 @@ def test_cli_on_predictions_file(root, tmp_path, capsys):
     preds = {t: _perfect(load_ground_truth(p)) for t, p in files.items()}
     save_predictions(tmp_path / "preds.json", preds)
     out = tmp_path / "out"
-    assert evaluate_main(["--data", str(root), "--predictions", str(tmp_path / "preds.json"),
+    assert cli.main(["evaluate", "--data", str(root), "--predictions", str(tmp_path / "preds.json"),
                           "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "mAP^box@0.5 = 100.0, mAP^mask@0.5 = 100.0" in printed
     assert {p.name for p in out.iterdir()} >= {"results.md", "results.csv", "pr_task_2.png", "cocoeval_log.txt"}
-    assert evaluate_main(["--data", str(root), "--predictions", str(tmp_path / "preds.json"),
+    assert cli.main(["evaluate", "--data", str(root), "--predictions", str(tmp_path / "preds.json"),
                           "--tasks", "5", "--out", str(out)]) == 2
 
 
@@ -262,7 +263,7 @@ def test_cli_on_a_tiny_checkpoint(root, tmp_path, capsys):
     segmenter = TaskSegmenter.from_config("tiny_segm", seed=0, device="cpu")
     model_dir = save_model_dir(segmenter.model, tmp_path / "tiny", segmenter.config)
     out = tmp_path / "out"
-    code = evaluate_main(["--data", str(root), "--checkpoint", str(model_dir), "--tasks", "14",
+    code = cli.main(["evaluate", "--data", str(root), "--checkpoint", str(model_dir), "--tasks", "14",
                           "--max-images", "2", "--short-side", "128", "--max-size", "200", "--device", "cpu",
                           "--out", str(out), "--save-predictions", str(tmp_path / "p.json"), "--no-plots"])
     assert code == 0, capsys.readouterr().err

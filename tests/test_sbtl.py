@@ -11,6 +11,7 @@ from toist_core.losses.config import LossConfig
 from toist_core.losses.criterion import DistillationCriterion
 from toist_core.losses.soft_binary_target import (binary_object_probs, match_unpaired_queries, pair_queries,
                                                   soft_binary_target_loss)
+from plain_math import giou_cxcywh
 
 
 def _match(queries, gts):
@@ -58,13 +59,7 @@ def _kl(p, q):
     return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
 
 
-def _giou(a, b):
-    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
-    bx0, by0, bx1, by1 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
-    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
-    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
-    hull = (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
-    return inter / union - (hull - union) / hull
+_giou = giou_cxcywh
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

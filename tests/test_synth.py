@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from toist_core.cli_synth import main as synth_main, parse_task_list
+from toist_core import cli
+from toist_core.cli_synth import parse_task_list
 from toist_core.data.schema import load_task_file
 from toist_core.data.synth import SYNTH_CLASSES, TASK_PREFERENCES, generate
 
@@ -125,9 +126,9 @@ def test_cli(tmp_path, capsys):
     assert parse_task_list(["1-3", "7,9"]) == [1, 2, 3, 7, 9]
     with pytest.raises(ValueError, match="1..14"):
         parse_task_list(["0-2"])
-    code = synth_main([str(tmp_path), "--tasks", "4", "5", "--splits", "test", "--images-per-split", "3",
+    code = cli.main(["synth", str(tmp_path), "--tasks", "4", "5", "--splits", "test", "--images-per-split", "3",
                        "--seed", "2", "--max-size", "200"])
     assert code == 0
     assert "wrote 2 task files and 3 images" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "annotations").iterdir()) == ["task_4_test.json", "task_5_test.json"]
-    assert synth_main([str(tmp_path / "x"), "--min-size", "8"]) == 2
+    assert cli.main(["synth", str(tmp_path / "x"), "--min-size", "8"]) == 2

@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from toist_core.cli_synth import parse_task_list
 from toist_core.tasks import NUM_TASKS
@@ -167,19 +167,3 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
         print(f"task {task_id}: predicted {len(task_preds)} images in {time.perf_counter() - started:.1f} s",
               file=log)
     return predictions
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="toist evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError) as exc:
-        print(f"toist evaluate: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 from toist_core.tasks import NUM_TASKS
 
@@ -73,18 +72,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"  task {task:2d} {split:5s}: {count} images with preferred objects, "
               f"{summary.num_preferred[(task, split)]} preferred objects")
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="toist synth", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError) as exc:
-        print(f"toist synth: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
