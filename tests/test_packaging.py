@@ -66,3 +66,23 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme.split("\n## ")[0]
     assert "make test" in ci
+
+
+def test_pip_install_gives_the_libraries_and_the_toist_command(tmp_path):
+    """`pip install .` (here into a target dir, no deps, offline) ships code, assets and `toist`."""
+    target = tmp_path / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--no-index", "--target", str(target), str(ROOT)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path in ["toist_core/inference.py", "toist_core/assets/tiny_tokenizer/tokenizer.json",
+                 "toist_core/data/coco_id2name.json", "training/configs/pronoun.yaml",
+                 "training/train.py", "toist_ros/perception_node.py"]:
+        assert (target / path).is_file(), f"{path} is not installed"
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
+    help_text = subprocess.run([str(target / "bin" / "toist"), "--help"], capture_output=True, text=True,
+                               env=env, cwd=tmp_path, timeout=120)
+    assert help_text.returncode == 0, help_text.stderr[-3000:]
+    for command in ("predict", "export", "synth", "evaluate", "train"):
+        assert command in help_text.stdout
