@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import signal
 import sys
 import threading
 import time
@@ -30,6 +31,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -47,6 +49,7 @@ from toist_ros.srv import SegmentImage, SetTask
 NODE_NAME = "toist_perception"
 SERVICE_TIMEOUT_S = 60.0      # segment_image gives up waiting for the inference thread after this
 ONE_SHOT_TASK_CACHE = 8       # encoded one-shot tasks kept (segment_image with its own task text)
+SPIN_POLL_S = 0.1             # the main thread looks for a stop signal at least this often
 
 
 @dataclass(frozen=True)
@@ -617,13 +620,24 @@ def _compressed_topic(node: Node, topic: str) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of ``perception_node``: exit code 0 after a normal shut-down, non-zero on start-up failure."""
+    """Entry point of ``perception_node``: exit code 0 after a normal shut-down, non-zero on start-up failure.
+
+    SIGINT/SIGTERM only set an event (rclpy's own signal handlers are not installed): with
+    them a signal raised KeyboardInterrupt at an arbitrary point of the main thread while
+    rclpy's signal thread was still triggering the executor's SIGINT guard condition, which
+    ``executor.shutdown()`` frees; that race ended the process with SIGSEGV now and then.
+    Here the main thread polls the event between short spins and then shuts down in the
+    order rclpy needs: our inference thread joined, executor (and its threads) shut down,
+    node destroyed, context shut down.
+    """
     argv = sys.argv if argv is None else argv
     try:
-        rclpy.init(args=argv)
+        rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
     except Exception as exc:  # e.g. UnknownROSArgsError for a malformed --ros-args
         print(f"{NODE_NAME}: cannot start: bad ROS arguments: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_PARAMETERS
+    stop_requested = threading.Event()
+    previous_handlers = _install_stop_handlers(stop_requested)
     node = None
     executor = None
     code = 0
@@ -631,7 +645,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         node = PerceptionNode()
         executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
-        executor.spin()
+        while not stop_requested.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=SPIN_POLL_S)
     except StartupError as exc:
         rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
         code = exc.code
@@ -645,7 +660,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+        _restore_handlers(previous_handlers)
     return code
+
+
+def _install_stop_handlers(stop_requested: threading.Event) -> dict:
+    """SIGINT and SIGTERM set ``stop_requested`` (main thread only; returns the previous handlers)."""
+    def request_stop(signum: int, frame: Any) -> None:
+        stop_requested.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, request_stop)
+    return previous
+
+
+def _restore_handlers(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 if __name__ == "__main__":
