@@ -162,3 +162,23 @@ def test_mask_head_stage_trains_only_the_head_on_the_frozen_detector(synth_root,
             assert torch.equal(state["detr." + key], value), key
     assert not torch.equal(state["mask_head.lay1.weight"], head_before)
     assert {"loss_mask", "loss_dice"} <= set(result.last_losses)
+
+
+def test_noun_teacher_is_evaluated_on_noun_captions(synth_root, tmp_path, monkeypatch):
+    import training.evaluate as evaluation
+
+    seen = []
+    original = evaluation.noun_caption_state
+
+    def spy(model, dataset, index, task):
+        state = original(model, dataset, index, task)
+        seen.append(state.caption)
+        return state
+
+    monkeypatch.setattr(evaluation, "noun_caption_state", spy)
+    cfg = _config("tiny_noun.yaml", synth_root, tmp_path / "noun", "schedule.max_steps=1", "eval.enabled=true",
+                  "eval.holdout_fraction=0.3", "eval.max_images=3")
+    result = Trainer(cfg, DistEnv()).run()
+    assert seen and "something" not in " ".join(seen)
+    assert any(caption.startswith(("step on ", "sit comfortably on ")) for caption in seen)
+    assert "mAP50/bbox" in result.metrics

@@ -2,7 +2,8 @@
 
 Predictions come from :class:`toist_core.inference.TaskSegmenter` with the reference's
 evaluation settings (pronoun caption, every query kept, score = 1 - p(no object); distilled
-models replace the pronoun rows by the task's cluster centre) and are scored by
+models replace the pronoun rows by the task's cluster centre; the noun teacher reads each
+image's noun caption, as the reference's ``--verb_noun_input`` evaluation) and are scored by
 :func:`toist_core.eval.evaluator.evaluate_tasks` (per-task AP@0.5, mean = mAP@0.5). Every
 process predicts a shard of the images; rank 0 scores them and shares the result.
 
@@ -25,10 +26,11 @@ import torch
 from torch import nn
 
 from toist_core.config import InferenceConfig
+from toist_core.data.captions import noun_targets
 from toist_core.data.coco_tasks import CocoTasksDataset
 from toist_core.eval.evaluator import evaluate_tasks, load_ground_truth
 from toist_core.eval.predictions import ImagePredictions
-from toist_core.inference import TaskSegmenter
+from toist_core.inference import TaskSegmenter, TaskState
 
 from training.config import HOLDOUT, TrainConfig
 from training.distributed import DistEnv, all_gather_objects, broadcast_object
@@ -101,20 +103,39 @@ def predict(model: nn.Module, val: ValidationSet, cfg: TrainConfig, env: DistEnv
             wanted = set(val.image_ids[task])
             indices = [i for i in range(len(dataset)) if dataset.sample_info(i)[1].id in wanted]
             mine = indices[env.rank::env.world_size]
-            state = segmenter.encode_task(task)
             task_preds = {}
-            batch = cfg.loader.eval_batch_size
-            for start in range(0, len(mine), batch):
-                chunk = mine[start:start + batch]
-                images = [dataset.load_image(i).permute(1, 2, 0).numpy() for i in chunk]
-                outs = segmenter.predict_batch(images, state)
-                for i, out in zip(chunk, outs):
-                    image_id = dataset.sample_info(i)[1].id
-                    task_preds[image_id] = ImagePredictions.from_arrays(out.boxes, out.scores, out.masks)
+            if cfg.stage == "noun":
+                # The teacher reads noun captions (reference --verb_noun_input at evaluation too):
+                # one caption per image, from its ground-truth classes.
+                for i in mine:
+                    out = segmenter.predict_batch([dataset.load_image(i).permute(1, 2, 0).numpy()],
+                                                  noun_caption_state(model, dataset, i, task))[0]
+                    task_preds[dataset.sample_info(i)[1].id] = ImagePredictions.from_arrays(
+                        out.boxes, out.scores, out.masks)
+            else:
+                state = segmenter.encode_task(task)
+                batch = cfg.loader.eval_batch_size
+                for start in range(0, len(mine), batch):
+                    chunk = mine[start:start + batch]
+                    images = [dataset.load_image(i).permute(1, 2, 0).numpy() for i in chunk]
+                    outs = segmenter.predict_batch(images, state)
+                    for i, out in zip(chunk, outs):
+                        image_id = dataset.sample_info(i)[1].id
+                        task_preds[image_id] = ImagePredictions.from_arrays(out.boxes, out.scores, out.masks)
             predictions[task] = task_preds
     finally:
         model.train(was_training)
     return predictions
+
+
+def noun_caption_state(model: nn.Module, dataset: CocoTasksDataset, index: int, task: int) -> TaskState:
+    """The teacher's input for one image: the noun caption of its preferred objects' classes
+    (the empty caption when it has none), as the dataset builds it in "noun" mode."""
+    task_file, record = dataset.sample_info(index)
+    classes = [a.coco_category_id for a in task_file.image_annotations(record.id) if a.is_preferred and not a.iscrowd]
+    caption = noun_targets(task, classes, dataset.id2name).caption
+    with torch.inference_mode():
+        return TaskState(caption, None, model.encode_text([caption]), ())
 
 
 def evaluate(model: nn.Module, val: ValidationSet, cfg: TrainConfig, env: DistEnv,
