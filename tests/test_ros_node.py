@@ -486,13 +486,22 @@ def test_camera_burst_gives_no_backlog_and_no_memory_growth(node, probe):
     arrivals = np.array([t for t, _ in got])
     period_ms = 1000 * float(np.median(np.diff(arrivals))) if len(got) > 2 else max(r.inference_ms for _, r in got)
     inference_ms = float(np.median([r.inference_ms for _, r in got]))
-    latencies = [r.latency_ms for _, r in got]
-    assert max(latencies) <= 2 * period_ms + 30.0, (latencies, period_ms)
+    # No backlog: a frame waits at most for the inference in progress, then takes its own, so its
+    # latency stays within two inference periods. On a shared CPU single inferences spike, so the
+    # period of a result is the larger of the median spacing of results and the model times of this
+    # frame and of the one processed before it.
+    got.sort(key=lambda item: item[0])
+    model_ms = [r.inference_ms for _, r in got]
+    for i, (_, result) in enumerate(got):
+        period_i = max(period_ms, model_ms[i], model_ms[i - 1] if i else model_ms[i])
+        assert result.latency_ms <= 2 * period_i + 30.0, (i, result.latency_ms, model_ms, period_ms)
     delta = {k: counts.get(k, 0) - counts_before.get(k, 0) for k in ("received", "processed", "dropped_replaced",
                                                                      "skipped_stale", "lost_in_transport")}
     # Depth 1 best effort: DDS may drop a frame the executor did not take in time; the node counts those too.
     assert delta["received"] + delta["lost_in_transport"] == 50, delta
-    assert delta["processed"] + delta["dropped_replaced"] + delta["skipped_stale"] == 50, delta
+    # Every frame that reached the node was processed, replaced by a newer one, or skipped as stale
+    # (frames lost in transport never reach the slot).
+    assert delta["processed"] + delta["dropped_replaced"] + delta["skipped_stale"] == delta["received"], delta
     assert delta["processed"] == len(got)
     if inference_ms > 1.5 * 1000 / 30:  # the model is slower than the camera: frames must be dropped
         assert delta["dropped_replaced"] > 0 and len(got) < 50
