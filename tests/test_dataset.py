@@ -179,6 +179,24 @@ def test_noun_and_distill_modes(root):
     assert saw_empty and saw_boxes
 
 
+def test_grounding_mode_names_every_object_once_per_image(root):
+    files = [root / "annotations" / f"task_{k}_train.json" for k in (2, 14)]
+    dataset = CocoTasksDataset(files, root / "images" / "train2014", caption_mode="grounding")
+    assert len(dataset) == 8  # both task files list the same 8 images: each is one sample
+    coco = _coco(files[0])
+    names = coco_id2name()
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        anns = [a for a in coco.imgToAnns[target["image_id"]] if not a["iscrowd"]]
+        assert len(target["boxes"]) == len(anns) >= 1   # preferred or not, every object
+        cats = sorted({a["COCO_category_id"] for a in anns})
+        assert target["caption"] == ". ".join(names[c] for c in cats)
+        for (span,), a in zip(target["tokens_positive"], anns):
+            assert target["caption"][span[0]:span[1]] == names[a["COCO_category_id"]]
+    with pytest.raises(ValueError, match="caption_mode"):
+        CocoTasksDataset(files, root / "images" / "train2014", caption_mode="nouns")
+
+
 def test_train_transform_keeps_boxes_and_masks_together(root):
     ann = root / "annotations" / "task_2_train.json"
     coco = _coco(ann)

@@ -78,7 +78,10 @@ def test_pip_install_gives_the_libraries_and_the_toist_command(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for path in ["toist_core/inference.py", "toist_core/assets/tiny_tokenizer/tokenizer.json",
                  "toist_core/data/coco_id2name.json", "training/configs/pronoun.yaml",
-                 "training/train.py", "toist_ros/perception_node.py"]:
+                 "training/train.py", "toist_ros/perception_node.py",
+                 "toist_core/assets/default_model/model.safetensors",
+                 "toist_core/assets/default_model/tokenizer/tokenizer.json",
+                 "toist_core/assets/default_model/MODEL_CARD.md"]:
         assert (target / path).is_file(), f"{path} is not installed"
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
     help_text = subprocess.run([str(target / "bin" / "toist"), "--help"], capture_output=True, text=True,

@@ -1,4 +1,5 @@
-"""The perception node with the real `tiny` model (random weights) and real rclpy on loopback.
+"""The perception node with the real `tiny` model (random weights, as a model directory) and real
+rclpy on loopback.
 
 The node runs in this process (its own executor threads and inference thread); a probe node
 publishes images and calls the services over DDS. The model input is small (short side
@@ -13,7 +14,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from ros_support import RosSession, wait_for
+from ros_support import RosSession, random_model_dir, wait_for
 
 pytestmark = pytest.mark.ros
 
@@ -213,12 +214,13 @@ def ros():
 
 
 @pytest.fixture(scope="module")
-def node(ros):
+def node(ros, tmp_path_factory):
     from rclpy.parameter import Parameter
     from toist_ros.perception_node import PerceptionNode
 
+    overrides = dict(OVERRIDES, checkpoint=random_model_dir(tmp_path_factory.mktemp("model") / "tiny_random"))
     perception = PerceptionNode(context=ros.context,
-                                parameter_overrides=[Parameter(k, value=v) for k, v in OVERRIDES.items()])
+                                parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
     ros.add(perception)
     return perception
 

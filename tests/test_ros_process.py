@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ros_support import RosSession, wait_for
+from ros_support import RosSession, random_model_dir, wait_for
 
 pytestmark = pytest.mark.ros
 
@@ -49,11 +49,7 @@ def ros():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A real model directory (the tiny model's random weights saved with toist_core.checkpoint)."""
-    from toist_core.checkpoint import save_model_dir
-    from toist_core.inference import TaskSegmenter
-
-    seg = TaskSegmenter.from_config("tiny_segm", device="cpu", seed=1)
-    return str(save_model_dir(seg.model, tmp_path_factory.mktemp("model") / "tiny_dir", seg.config))
+    return random_model_dir(tmp_path_factory.mktemp("model") / "tiny_dir", seed=1)
 
 
 def test_node_process_with_params_file_and_remap(ros, tmp_path, model_dir):
@@ -104,14 +100,17 @@ def test_node_process_with_params_file_and_remap(ros, tmp_path, model_dir):
         assert result.task == "sit comfortably on something" and len(result.instances) <= 10
         checkpoint_result = next(r for r in results["/ckpt/instances"] if r.header == photo.header)
         assert checkpoint_result.task == "open bottle of beer with something"
-        # Different weights (seed 1 vs the embedded seed 0): different boxes for the same photo.
+        # Different weights (random vs the embedded model): different boxes for the same photo.
         assert [list(i.box) for i in checkpoint_result.instances] != [list(i.box) for i in result.instances]
     finally:
         codes = (_stop(default), _stop(with_checkpoint))
     log = default_log.read_text()
     assert codes == (0, 0), (codes, log[-2000:], checkpoint_log.read_text()[-2000:])
     assert "/cam/image" in log and "best effort" in log  # resolved input topic and QoS are logged
-    assert "RANDOM weights" in log and "RANDOM" not in checkpoint_log.read_text()
+    from toist_ros.model_loader import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NOTE, FALLBACK_MODEL_NOTE, default_model_dir
+
+    embedded = DEFAULT_MODEL_NOTE if default_model_dir() else FALLBACK_MODEL_NOTE.format(path=DEFAULT_MODEL_DIR)
+    assert f"model: {embedded}" in log and "embedded" not in checkpoint_log.read_text()
     assert f"checkpoint {model_dir}" in checkpoint_log.read_text()
 
 
@@ -152,3 +151,26 @@ def test_start_up_failures_exit_with_a_clear_message(tmp_path):
         assert "cannot start" in output, (name, output[-2000:])
         for word in words:
             assert word in output, (name, word, output[-2000:])
+
+
+def test_demo_runs_the_embedded_model_on_held_out_scenes(tmp_path):
+    """`make demo`'s program end to end (its own node process, camera stand-in, services), short."""
+    import json
+
+    from toist_ros.model_loader import default_model_dir
+
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "toist_ros.demo", "--device", "cpu", "--scenes", "3",
+                             "--out", str(out)], capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    report = json.loads((out / "report.json").read_text())
+    assert report["results"] >= 1 and not report["random_weights"] and default_model_dir() is not None
+    scenes = [r for r in report["frames"] if r["image"].startswith("synth_test_")]
+    photos = [r for r in report["frames"] if not r["image"].startswith("synth_test_")]
+    assert scenes and all(r["top_right"] is not None and r["preferred"] >= 1 for r in scenes)
+    assert all(r["top_right"] is None for r in photos)
+    assert report["synthetic_top_right"] == sum(1 for r in scenes if r["top_right"])
+    assert report["synthetic_test_map50"]["box"] > 0 and report["one_shot"]["top_right"] is not None
+    for row in report["frames"]:
+        assert (out / row["overlay"]).is_file()
+    assert "held-out synthetic scenes" in (out / "report.md").read_text()

@@ -132,3 +132,20 @@ def test_cli(tmp_path, capsys):
     assert "wrote 2 task files and 3 images" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "annotations").iterdir()) == ["task_4_test.json", "task_5_test.json"]
     assert cli.main(["synth", str(tmp_path / "x"), "--min-size", "8"]) == 2
+
+
+def test_empty_fraction_keeps_every_image_with_preferred_objects(tmp_path):
+    everything = generate(tmp_path / "all", tasks=[1, 3], splits=("train",), images_per_split=60, seed=4)
+    chosen = generate(tmp_path / "mostly", tasks=[1, 3], splits=("train",), images_per_split=60, seed=4,
+                      empty_fraction=0.1)
+    for task in (1, 3):
+        full = json.loads((tmp_path / "all" / "annotations" / f"task_{task}_train.json").read_text())
+        part = json.loads((tmp_path / "mostly" / "annotations" / f"task_{task}_train.json").read_text())
+        with_preferred = {a["image_id"] for a in full["annotations"] if a["category_id"] == 1}
+        listed = {i["id"] for i in part["images"]}
+        assert with_preferred <= listed and len(full["images"]) == 60
+        empty = len(listed - with_preferred)
+        assert empty == round(0.1 / 0.9 * len(with_preferred))
+        assert chosen.images_with_preferred[(task, "train")] == everything.images_with_preferred[(task, "train")]
+    with pytest.raises(ValueError, match="empty_fraction"):
+        generate(tmp_path / "bad", tasks=[1], splits=("train",), images_per_split=4, empty_fraction=1.0)

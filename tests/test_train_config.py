@@ -46,7 +46,7 @@ def test_paper_configs_reproduce_the_reference_recipe(name):
         assert cfg.init.frozen_weights is not None
 
 
-@pytest.mark.parametrize("name", PAPER)
+@pytest.mark.parametrize("name", PAPER + ["grounding"])
 def test_tiny_configs_exist_for_every_stage(name):
     cfg = load_config(CONFIGS / f"tiny_{name}.yaml")
     assert cfg.stage == name and cfg.model.transformer.d_model == 128
@@ -54,7 +54,8 @@ def test_tiny_configs_exist_for_every_stage(name):
 
 
 def test_all_stages_have_configs():
-    assert sorted(STAGES) == sorted(PAPER)
+    # grounding (MDETR-style pre-training) is not a paper stage: real runs start from MDETR's file.
+    assert sorted(STAGES) == sorted(PAPER + ["grounding"])
 
 
 def test_unknown_key_is_named(tmp_path):

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images-per-split", type=int, default=24, help="shared image pool per split")
     parser.add_argument("--images-per-task", type=int, default=None,
                         help="images listed per task file (seeded subset of the pool; default all)")
+    parser.add_argument("--empty-fraction", type=float, default=None,
+                        help="list every image with a preferred object and about this share without "
+                             "(default: every pool image, most without)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-size", type=int, default=160, help="smallest image side (px)")
     parser.add_argument("--max-size", type=int, default=320, help="largest image side (px)")
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     summary = generate(args.root, tasks=parse_task_list(args.tasks), splits=tuple(args.splits),
                        images_per_split=args.images_per_split, images_per_task=args.images_per_task,
-                       seed=args.seed, min_size=args.min_size, max_size=args.max_size,
+                       empty_fraction=args.empty_fraction, seed=args.seed, min_size=args.min_size, max_size=args.max_size,
                        min_objects=args.min_objects, max_objects=args.max_objects,
                        image_format=args.image_format)
     elapsed = time.perf_counter() - started

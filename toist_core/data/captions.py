@@ -3,6 +3,9 @@
 * Pronoun caption (student / plain TOIST): ``phrase + pronoun``, e.g.
   ``"sit comfortably on something"``. As in the reference, every box is tied to the **whole**
   caption (``tokens_positive = [[(0, len(caption))]]``); the noun span is the pronoun.
+* Grounding caption (MDETR-style pre-training, not in the reference's TOIST stages): the names
+  of *every* object class in the image joined with ``". "``, e.g. ``"chair. bottle. knife"``;
+  every object is a target, tied to its class name.
 * Noun caption (teacher): one ``phrase + name`` part per preferred COCO class of the image,
   joined with a single space, e.g. ``"sit comfortably on chair sit comfortably on couch"``.
   A box is tied to its own part; its noun span is the class name *inside that part*.
@@ -115,3 +118,28 @@ def noun_targets(task_id: int, box_category_ids: Sequence[int],
     tokens_positive = [[spans[id2name[cat]][0]] for cat in box_category_ids]
     noun_positive = [[spans[id2name[cat]][1]] for cat in box_category_ids]
     return CaptionTargets(caption, tokens_positive, noun_positive)
+
+
+GROUNDING_SEPARATOR = ". "
+
+
+def grounding_targets(box_category_ids: Sequence[int], id2name: Optional[Mapping[int, str]] = None) -> CaptionTargets:
+    """Caption naming every object class of an image (ordered by COCO category id, each once),
+    each box positive on its class name: the phrase-grounding task MDETR is pre-trained on,
+    which the teacher and the student then start from."""
+    id2name = coco_id2name() if id2name is None else id2name
+    for cat in box_category_ids:
+        if cat not in id2name:
+            raise KeyError(f"COCO category id {cat} has no name in the id -> name table")
+    spans: dict[int, Span] = {}
+    parts: list[str] = []
+    cursor = 0
+    for cat in sorted(set(box_category_ids)):
+        if parts:
+            cursor += len(GROUNDING_SEPARATOR)
+        spans[cat] = (cursor, cursor + len(id2name[cat]))
+        parts.append(id2name[cat])
+        cursor += len(id2name[cat])
+    caption = GROUNDING_SEPARATOR.join(parts)
+    positive = [[spans[cat]] for cat in box_category_ids]
+    return CaptionTargets(caption, positive, [list(p) for p in positive])

@@ -20,9 +20,10 @@ An item is ``(image [3, H, W] float normalised, target)``, or in ``"distill"`` m
 
 from __future__ import annotations
 
+import typing
 import warnings
 from pathlib import Path
-from typing import Callable, Literal, Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,15 +33,15 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
-from toist_core.data.captions import CaptionTargets, coco_id2name, noun_targets, pronoun_targets
-from toist_core.data.config import DataConfig
+from toist_core.data.captions import (CaptionTargets, coco_id2name, grounding_targets, noun_targets,
+                                      pronoun_targets)
+from toist_core.data.config import CaptionMode, DataConfig
 from toist_core.data.schema import AnnotationRecord, DataError, ImageRecord, TaskFile, load_task_file
 from toist_core.data.transforms import Normalize, make_transforms
 from toist_core.tasks import DEFAULT_PRONOUN
 
-CaptionMode = Literal["pronoun", "noun", "distill"]
 PathLike = Union[str, Path]
-_CAPTION_MODES = ("pronoun", "noun", "distill")
+_CAPTION_MODES = typing.get_args(CaptionMode)
 
 
 class CocoTasksDataset(Dataset):
@@ -51,8 +52,10 @@ class CocoTasksDataset(Dataset):
             from its name).
         image_dir: the folder holding the images, or a mapping split -> folder (files of
             different splits in one dataset).
-        caption_mode: "pronoun" (student / plain model), "noun" (teacher) or "distill"
-            (both targets for one augmented image).
+        caption_mode: "pronoun" (student / plain model), "noun" (teacher), "distill"
+            (both targets for one augmented image) or "grounding" (pre-training: every object of
+            the image is a target, named in the caption; an image listed by several task files
+            is one sample).
         transforms: called as ``transforms(image_uint8, target)``; must end with
             :class:`~toist_core.data.transforms.Normalize`. None -> normalisation only.
         masks: load instance masks.
@@ -81,6 +84,15 @@ class CocoTasksDataset(Dataset):
         # (file index, image record) per sample; O(total images).
         self._samples: list[tuple[int, ImageRecord]] = [
             (k, image) for k, task_file in enumerate(self.files) for image in task_file.images]
+        if caption_mode == "grounding":  # objects do not depend on the task: each image once
+            seen: set[tuple[Path, str]] = set()
+            unique = []
+            for k, image in self._samples:
+                key = (self._image_dirs[k], image.file_name)
+                if key not in seen:
+                    seen.add(key)
+                    unique.append((k, image))
+            self._samples = unique
         if caption_mode != "pronoun":
             self._check_category_names()
         if check_images:
@@ -135,9 +147,11 @@ class CocoTasksDataset(Dataset):
         k, image_rec = self._samples[index]
         task_file = self.files[k]
         image = self.load_image(index)
-        base = self._base_target(task_file, image_rec)
+        base = self._base_target(task_file, image_rec, every_object=self.caption_mode == "grounding")
         preferred = base.pop("_coco_category_ids")
         num_boxes = len(preferred)
+        if self.caption_mode == "grounding":
+            return self.transforms(image, _with_captions(base, grounding_targets(preferred, self.id2name)))
         if self.caption_mode == "pronoun":
             return self.transforms(image, _with_captions(base, pronoun_targets(
                 task_file.task_id, num_boxes, self.pronoun)))
@@ -167,12 +181,13 @@ class CocoTasksDataset(Dataset):
                             f"{image_rec.height}x{image_rec.width} (fields 'height'/'width', {where})")
         return tv_tensors.Image(pixels)
 
-    def _base_target(self, task_file: TaskFile, image_rec: ImageRecord) -> dict:
+    def _base_target(self, task_file: TaskFile, image_rec: ImageRecord, every_object: bool = False) -> dict:
+        """Target of the preferred objects (``every_object``: of all objects)."""
         height, width = image_rec.height, image_rec.width
         kept: list[AnnotationRecord] = []
         boxes: list[list[float]] = []
         for ann in task_file.image_annotations(image_rec.id):
-            if ann.iscrowd or not ann.is_preferred:
+            if ann.iscrowd or not (ann.is_preferred or every_object):
                 continue
             x, y, w, h = ann.bbox
             x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)

@@ -9,7 +9,7 @@ from typing import Literal
 from toist_core.data.transforms import CROP_RESIZE_SIZES, TRAIN_SIZES
 from toist_core.tasks import DEFAULT_PRONOUN, NUM_TASKS
 
-CaptionMode = Literal["pronoun", "noun", "distill"]
+CaptionMode = Literal["pronoun", "noun", "distill", "grounding"]
 
 
 @dataclass

@@ -122,7 +122,7 @@ def preferred_class_indices(task_id: int, class_indices: Sequence[int]) -> set[i
 
 def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS + 1),
              splits: Sequence[str] = ("train", "test"), images_per_split: int = 24,
-             images_per_task: Optional[int] = None, seed: int = 0,
+             images_per_task: Optional[int] = None, empty_fraction: Optional[float] = None, seed: int = 0,
              min_size: int = 160, max_size: int = 320, min_objects: int = 1, max_objects: int = 5,
              image_format: str = "jpg") -> SynthSummary:
     """Write a synthetic COCO-Tasks tree under ``root``.
@@ -132,6 +132,10 @@ def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS +
         splits: any of "train", "test".
         images_per_split: size of each split's shared image pool.
         images_per_task: images listed per task file (a seeded subset of the pool); None = all.
+        empty_fraction: None = a task file lists every pool image (most then have no preferred
+            object: a task ranks 3 of 14 classes); a value f in [0, 1) lists every image with a
+            preferred object plus a seeded share of the others, so that about f of the file's
+            images have none (COCO-Tasks images were chosen to show task-relevant objects).
         min_size, max_size: image height and width are drawn in this range (pixels).
         min_objects, max_objects: objects drawn per image (before hidden ones are dropped).
         image_format: "jpg" (quality 95, the real file names) or "png" (lossless).
@@ -149,6 +153,8 @@ def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS +
         raise ValueError(f"images_per_split must be in 1..{_ID_STRIDE - 1}, got {images_per_split}")
     if not 1 <= min_objects <= max_objects <= _MAX_OBJECTS:
         raise ValueError(f"need 1 <= min_objects <= max_objects <= {_MAX_OBJECTS}")
+    if empty_fraction is not None and not 0.0 <= empty_fraction < 1.0:
+        raise ValueError(f"empty_fraction must be in [0, 1), got {empty_fraction}")
     if not 16 <= min_size <= max_size:
         raise ValueError(f"need 16 <= min_size <= max_size, got {min_size}, {max_size}")
 
@@ -161,22 +167,22 @@ def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS +
         image_dir.mkdir(parents=True, exist_ok=True)
         pool = []
         for index in range(images_per_split):
-            rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
             image_id = (_SPLIT_CODES[split] + 1) * _ID_STRIDE + index
             file_name = f"COCO_{folder}_{image_id:012d}.{image_format}"
-            pixels, objects = render_image(rng, min_size, max_size, min_objects, max_objects)
+            pixels, objects = scene(split, index, seed, min_size, max_size, min_objects, max_objects)
             _write_image(image_dir / file_name, pixels, image_format)
             record = {"id": image_id, "file_name": file_name,
                       "height": int(pixels.shape[0]), "width": int(pixels.shape[1])}
             pool.append((record, _annotations(image_id, objects, pixels.shape[:2])))
         summary.num_images[split] = len(pool)
         for task in tasks:
-            path, with_preferred, preferred = _write_task_file(root, task, split, pool,
-                                                               images_per_task=images_per_task, seed=seed)
+            path, with_preferred, preferred = _write_task_file(root, task, split, pool, images_per_task,
+                                                               empty_fraction, seed)
             summary.annotation_files.append(path)
             summary.images_with_preferred[(task, split)] = with_preferred
             summary.num_preferred[(task, split)] = preferred
     meta = {"seed": seed, "images_per_split": images_per_split, "images_per_task": images_per_task,
+            "empty_fraction": empty_fraction,
             "classes": [{"coco_id": c.coco_id, "name": c.name, "shape": c.shape,
                          "colour": list(c.colour), "texture": c.texture} for c in SYNTH_CLASSES],
             "task_preferences": {str(k): list(v) for k, v in TASK_PREFERENCES.items()}}
@@ -217,12 +223,15 @@ def _annotations(image_id: int, objects: Sequence[SynthObject], hw: tuple[int, i
 
 
 def _write_task_file(root: Path, task: int, split: str, pool: list, images_per_task: Optional[int],
-                     seed: int) -> tuple[Path, int, int]:
+                     empty_fraction: Optional[float], seed: int) -> tuple[Path, int, int]:
     entries = pool
-    if images_per_task is not None and images_per_task < len(pool):
+    if empty_fraction is not None:
+        entries = _with_empty_fraction(pool, task, empty_fraction,
+                                       np.random.default_rng([seed, 11, task, _SPLIT_CODES[split]]))
+    if images_per_task is not None and images_per_task < len(entries):
         rng = np.random.default_rng([seed, 7, task, _SPLIT_CODES[split]])
-        chosen = np.sort(rng.choice(len(pool), size=images_per_task, replace=False))
-        entries = [pool[i] for i in chosen]
+        chosen = np.sort(rng.choice(len(entries), size=images_per_task, replace=False))
+        entries = [entries[i] for i in chosen]
     images, annotations = [], []
     with_preferred = num_preferred = 0
     for record, anns in entries:
@@ -243,7 +252,35 @@ def _write_task_file(root: Path, task: int, split: str, pool: list, images_per_t
     return path, with_preferred, num_preferred
 
 
+def _with_empty_fraction(pool: list, task: int, fraction: float, rng: np.random.Generator) -> list:
+    """Pool entries with a preferred object for ``task``, plus about ``fraction`` of entries
+    without (pool order kept)."""
+    has = [bool(preferred_class_indices(task, [a["_class_index"] for a in anns])) for _, anns in pool]
+    empty = [i for i, h in enumerate(has) if not h]
+    wanted = min(len(empty), int(round(fraction / (1.0 - fraction) * (len(pool) - len(empty)))))
+    keep = set(i for i, h in enumerate(has) if h) | set(rng.choice(empty, size=wanted, replace=False).tolist())
+    return [entry for i, entry in enumerate(pool) if i in keep]
+
+
 # ----------------------------------------------------------------------------- drawing
+
+def scene(split: str, index: int, seed: int = 0, min_size: int = 160, max_size: int = 320, min_objects: int = 1,
+          max_objects: int = 5) -> tuple[np.ndarray, list[SynthObject]]:
+    """Image ``index`` of ``split`` as :func:`generate` draws it with the same arguments:
+    ``[H, W, 3]`` uint8 RGB and its visible objects (e.g. the held-out scenes of the demo)."""
+    if split not in _SPLIT_CODES:
+        raise ValueError(f"split: unknown split {split!r}; expected 'train' or 'test'")
+    rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
+    return render_image(rng, min_size, max_size, min_objects, max_objects)
+
+
+def object_box(obj: SynthObject) -> tuple[float, float, float, float]:
+    """Box ``(x0, y0, x1, y1)`` of an object's visible part, in pixels (as its annotation)."""
+    points = np.concatenate(obj.pieces)
+    x0, y0 = points.min(axis=0)
+    x1, y1 = points.max(axis=0)
+    return float(x0), float(y0), float(x1), float(y1)
+
 
 def render_image(rng: np.random.Generator, min_size: int, max_size: int, min_objects: int,
                  max_objects: int) -> tuple[np.ndarray, list[SynthObject]]:

@@ -1,0 +1,112 @@
+"""The embedded default model: its recipe end to end (a quick run), the committed model directory
+(loads, its card and metrics agree, it finds the right objects in held-out synthetic scenes),
+and the node's fallback when it is missing."""
+
+import numpy as np
+import pytest
+
+from toist_core.config import InferenceConfig
+from toist_core.inference import TaskSegmenter
+from toist_ros.demo_scenes import held_out_scenes, model_metrics, right_instances
+from toist_ros.model_loader import DEFAULT_MODEL_DIR, FALLBACK_MODEL_NOTE, default_model_dir, load_model
+from training import default_model as recipe
+
+# pycocotools calls np.array(copy=False) on its own objects (numpy 2 warns); not our code.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+MODELS = ["untrained", "teacher (noun captions)", "teacher (pronoun captions)", "plain student", "distilled student"]
+
+
+def test_recipe_quick_run_trains_every_stage_and_exports_a_model(tmp_path, capsys):
+    out = tmp_path / "recipe"
+    assert recipe.main(["--out", str(out), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    model_dir = out / "model"
+    for name in ("config.yaml", "model.safetensors", "memory_bank.safetensors", "MODEL_CARD.md", "metrics.json"):
+        assert (model_dir / name).is_file(), name
+    metrics = model_metrics(model_dir)
+    assert list(metrics["rows"]) == MODELS
+    assert "mAP50/segm" in metrics["rows"]["distilled student"] and "mAP50/segm" not in metrics["rows"]["untrained"]
+    assert recipe.results_table(metrics) in printed and recipe.results_table(metrics) in \
+        (model_dir / "MODEL_CARD.md").read_text()
+    for stage in ("pretrain", "teacher", "student", "distilled", "student_masks", "distilled_masks"):
+        assert (out / stage / recipe.DONE).is_file(), stage
+    # The exported directory is what the node loads: a distilled segmentation model with its bank.
+    seg = TaskSegmenter.from_pretrained(model_dir, device="cpu")
+    assert seg.memory_bank is not None and seg.config.masks and seg.config.backbone.name == "mobilenet_v2"
+    scene = held_out_scenes(metrics["settings"], task_id=1, count=1)[0]
+    seg.set_task(1)
+    prediction = seg.predict(scene.pixels)
+    assert prediction.masks is None or prediction.masks.shape[1:] == scene.pixels.shape[:2]
+    # A second run finds every stage done and only evaluates and exports again.
+    assert recipe.main(["--out", str(out), "--quick"]) == 0
+    assert "updates/epoch" not in capsys.readouterr().err
+
+
+def test_install_replaces_the_destination_whole(tmp_path):
+    source, destination = tmp_path / "model", tmp_path / "assets" / "default_model"
+    source.mkdir()
+    (source / "config.yaml").write_text("new")
+    destination.mkdir(parents=True)
+    (destination / "stale.bin").write_text("old")
+    recipe.install(source, destination)
+    assert sorted(p.name for p in destination.iterdir()) == ["config.yaml"]
+    assert not destination.with_name("default_model.new").exists()
+
+
+@pytest.fixture(scope="module")
+def committed():
+    assert default_model_dir() is not None, f"the trained default model is missing from {DEFAULT_MODEL_DIR}"
+    return model_metrics(DEFAULT_MODEL_DIR)
+
+
+def test_committed_card_and_metrics_agree(committed):
+    card = (DEFAULT_MODEL_DIR / "MODEL_CARD.md").read_text()
+    assert recipe.results_table(committed) in card
+    assert "synthetic" in card.lower() and "real photos" in card
+    size = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file())
+    assert size < 40e6, f"the committed default model takes {size / 1e6:.1f} MB"
+
+
+def test_committed_model_is_far_above_an_untrained_one(committed):
+    rows = committed["rows"]
+    untrained = rows["untrained"]["mAP50/bbox"]
+    for name in ("teacher (noun captions)", "plain student", "distilled student"):
+        assert rows[name]["mAP50/bbox"] > max(0.05, 10 * untrained), (name, rows[name], untrained)
+
+
+def _top_right(seg: TaskSegmenter, settings: dict, tasks=(2, 3), count: int = 10) -> list[bool]:
+    """Per held-out scene of each task: is the best-scoring instance a preferred object?"""
+    verdicts = []
+    for task in tasks:
+        seg.set_task(task)
+        for scene in held_out_scenes(settings, task, count=count):
+            prediction = seg.predict(scene.pixels)
+            order = np.argsort(-prediction.scores)[:1]
+            verdicts.append(bool(len(order)) and right_instances(prediction.boxes[order], scene.preferred_boxes)[0])
+    return verdicts
+
+
+def test_committed_model_finds_the_right_objects_in_held_out_scenes(committed):
+    """The demo's check without ROS: how often the top instance of a held-out scene is a preferred
+    object, for the committed model and for the same network untrained. (The goal of a majority
+    is not reached yet: 4 of these 20 at the last recipe run; see docs/default_model.md.)"""
+    settings = committed["settings"]
+    inference = InferenceConfig(short_side=(settings["min_size"] + settings["max_size"]) // 2,
+                                max_size=2 * settings["max_size"], score_threshold=0.0)
+    trained = _top_right(TaskSegmenter.from_pretrained(DEFAULT_MODEL_DIR, device="cpu", inference=inference), settings)
+    config = TaskSegmenter.from_pretrained(DEFAULT_MODEL_DIR, device="cpu").config
+    untrained = _top_right(TaskSegmenter.from_config(config, device="cpu", inference=inference, seed=0), settings)
+    assert sum(trained) >= sum(untrained) + 3, (trained, untrained)
+
+
+def test_node_falls_back_to_random_weights_when_the_default_is_missing(monkeypatch, tmp_path):
+    from toist_ros import model_loader
+
+    monkeypatch.setattr(model_loader, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    settings = {"checkpoint": "", "device": "cpu", "allow_cpu_fallback": False, "precision": "fp32",
+                "text_encoder": "", "input.short_side": 160, "input.max_side": 320, "score_threshold": 0.5,
+                "max_instances": 5, "mask_threshold": 0.5}
+    loaded = load_model(settings, warn=lambda msg: None)
+    assert loaded.is_random_default and loaded.description == FALLBACK_MODEL_NOTE.format(path=tmp_path / "absent")
+    assert "RANDOM" in loaded.description and loaded.segmenter.config.backbone.name == "resnet18"

@@ -1,0 +1,338 @@
+"""The embedded default model: trained on synthetic COCO-Tasks with this project's own pipeline.
+
+    python -m training.default_model --out runs/default_model            # or: make default-model
+    python -m training.default_model --out runs/default_model --install  # + copy into the package
+
+One command, CPU only (2 cores: well under an hour), deterministic:
+
+1. writes a synthetic COCO-Tasks tree (``toist_core.data.synth``: train and test splits) and a
+   set of single-object scenes for pre-training,
+2. pre-trains the detector MDETR-style (``grounding`` stage: every object named in the caption)
+   on the single-object scenes, from ImageNet MobileNetV2 features; this stands in for the
+   MDETR weights both of the paper's models start from (DETR-style training from scratch on
+   the multi-object scenes barely localises anything within a CPU hour),
+3. trains the noun **teacher** (noun captions) and the plain **student** (pronoun captions),
+   both from the pre-trained weights, as the paper does from MDETR,
+4. trains the **distilled** student (memory bank, CCR, cluster loss, SBTL; student and teacher
+   both trained) initialised from the teacher and the plain student, as the paper does,
+5. trains the mask head on the frozen plain and distilled detectors,
+6. evaluates every model with the paper metric (mAP@0.5, box and mask, mean over tasks) on the
+   *test* split (no stage ever sees it; best checkpoints are picked on a training holdout),
+   next to an untrained model,
+7. exports the distilled segmentation model as a model directory with ``metrics.json`` and a
+   model card (``MODEL_CARD.md``); ``--install`` copies it to ``toist_core/assets/default_model``.
+
+Each stage keeps its run directory: an interrupted recipe continues where it stopped
+(finished stages are skipped, a stage cut short resumes from its last checkpoint).
+``--ablations`` also trains the distilled student with CCR, the cluster loss or SBTL off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+import toist_core
+from toist_core.data.synth import generate
+from toist_core.model import build_model, load_tokenizer
+
+from training.checkpointing import load_training_checkpoint
+from training.config import TrainConfig, load_config
+from training.distributed import DistEnv, seed_everything
+from training.evaluate import build_validation_set, evaluate
+from training.export import export_checkpoint
+from training.loops import BEST, LAST, Trainer
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+PACKAGE_MODEL_DIR = Path(toist_core.__file__).resolve().parent / "assets" / "default_model"
+DONE = "done.json"
+
+
+@dataclass
+class RecipeSettings:
+    """Everything that decides the default model (written into its metrics and model card)."""
+
+    # Tasks 1/2 and 3/5 rank overlapping classes differently: the student must read the verb.
+    tasks: list[int] = field(default_factory=lambda: [1, 2, 3, 5])
+    train_images: int = 3000           # train image pool, shared by the tasks
+    test_images: int = 600             # test image pool
+    pretrain_images: int = 1500        # single-object scenes of all 14 classes (grounding stage)
+    min_size: int = 96                 # synthetic image sides (px)
+    max_size: int = 128
+    min_objects: int = 1
+    max_objects: int = 3
+    empty_fraction: float = 0.1        # share of a task's images without a preferred object
+    data_seed: int = 7
+    queries: int = 10
+    batch_size: int = 16
+    lr: float = 2e-4                   # transformer, heads and text encoder (random init)
+    pretrain_epochs: int = 8
+    teacher_epochs: int = 8
+    student_epochs: int = 8
+    distill_epochs: int = 4
+    mask_epochs: int = 2
+    threads: int = 2
+    seed: int = 42
+
+    def common_overrides(self, data_root: Path) -> list[str]:
+        """Overrides of every stage (on top of the tiny_* configs)."""
+        mid = (self.min_size + self.max_size) // 2
+        return [f"data.root={data_root}", f"data.tasks=[{','.join(map(str, self.tasks))}]",
+                "model.backbone.name=mobilenet_v2", "model.backbone.weights=imagenet",
+                # ImageNet features stay fixed: training them from a few hundred synthetic
+                # images at these rates destroys them (features of all images become alike).
+                "model.backbone.train=false",
+                "model.transformer.dec_layers=6", "model.transformer.dim_feedforward=512",
+                "loss.num_decoder_layers=6", f"model.num_queries={self.queries}",
+                f"loader.batch_size={self.batch_size}", f"runtime.threads={self.threads}",
+                f"runtime.seed={self.seed}", "runtime.progress=false", "runtime.log_every=100",
+                f"optim.lr={self.lr}", f"optim.text_encoder_lr={self.lr}",
+                "eval.holdout_fraction=0.1", "checkpoint.export_model_dir=false",
+                # image sizes around the synthetic ones (the reference's 480..800 / 800 scaled down)
+                f"data.train_sizes=[{self.min_size},{mid},{self.max_size}]", f"data.max_size={2 * self.max_size}",
+                f"data.crop_resize_sizes=[{self.min_size},{mid}]", f"data.crop_min_size={self.min_size * 5 // 6}",
+                f"data.crop_max_size={self.max_size}", f"data.test_size={mid}",
+                "distill.feature_dim=128", "distill.bank_size=64"]
+
+
+@dataclass
+class Stage:
+    name: str
+    config: str                       # a training/configs file
+    epochs: int
+    overrides: list[str]
+
+
+def stages(settings: RecipeSettings, out: Path, ablations: bool) -> list[Stage]:
+    teacher, student, distilled = (out / n / BEST for n in ("teacher", "student", "distilled"))
+    pretrained = out / "pretrain" / LAST
+    segm = ["model.masks=true", "model.aux_loss=false", "model.contrastive_align=false"]
+    plan = [
+        Stage("pretrain", "tiny_grounding.yaml", settings.pretrain_epochs,
+              [f"data.root={out / 'synth_pretrain'}", f"data.tasks=[{','.join(map(str, range(1, 15)))}]",
+               "eval.enabled=false"]),
+        Stage("teacher", "tiny_noun.yaml", settings.teacher_epochs, [f"init.load={pretrained}"]),
+        Stage("student", "tiny_pronoun.yaml", settings.student_epochs, [f"init.load={pretrained}"]),
+        Stage("distilled", "tiny_distill.yaml", settings.distill_epochs,
+              [f"init.load={student}", f"init.load_noun={teacher}",
+               f"loader.batch_size={max(1, settings.batch_size // 2)}"]),
+        Stage("student_masks", "tiny_mask_head.yaml", settings.mask_epochs,
+              segm + [f"init.frozen_weights={student}"]),
+        Stage("distilled_masks", "tiny_mask_head_distill.yaml", settings.mask_epochs,
+              segm + [f"init.frozen_weights={distilled}"]),
+    ]
+    if ablations:
+        for name, switch in (("no_ccr", "distill.ccr=false"), ("no_cl", "distill.cluster_loss=0"),
+                             ("no_sbtl", "distill.sbtl=0")):
+            plan.append(Stage(f"distilled_{name}", "tiny_distill.yaml", settings.distill_epochs,
+                              plan[2].overrides + [switch]))
+    return plan
+
+
+def stage_config(settings: RecipeSettings, out: Path, stage: Stage) -> TrainConfig:
+    return load_config(CONFIGS / stage.config, [
+        *settings.common_overrides(out / "synth"), f"output_dir={out / stage.name}",
+        f"schedule.epochs={stage.epochs}", f"schedule.lr_drop={max(1, stage.epochs * 3 // 4)}",
+        f"eval.every_epochs={max(1, stage.epochs // 4)}", *stage.overrides])
+
+
+def run_stage(settings: RecipeSettings, out: Path, stage: Stage, env: DistEnv, log) -> dict:
+    """Train one stage unless it finished before (resumes a stage that was cut short)."""
+    run_dir = out / stage.name
+    if (run_dir / DONE).is_file():
+        return json.loads((run_dir / DONE).read_text())
+    cfg = stage_config(settings, out, stage)
+    last = run_dir / LAST
+    started = time.perf_counter()
+    result = Trainer(cfg, env, resume=str(last) if last.is_file() else None).run()
+    record = {"updates": result.step, "minutes": (time.perf_counter() - started) / 60, "best": result.best}
+    log(f"[{stage.name}] {result.step} updates in {record['minutes']:.1f} min; best {result.best}")
+    (run_dir / DONE).write_text(json.dumps(record, indent=1))
+    return record
+
+
+def write_data(settings: RecipeSettings, out: Path) -> None:
+    """``out/synth`` (the tasks' train and test splits) and ``out/synth_pretrain`` (single-object
+    scenes of every class, listed by all 14 task files; a different seed, so other images)."""
+    sizes = dict(min_size=settings.min_size, max_size=settings.max_size)
+    if not (out / "synth" / "synth.json").is_file():
+        for split, count in (("train", settings.train_images), ("test", settings.test_images)):
+            generate(out / "synth", tasks=settings.tasks, splits=(split,), images_per_split=count,
+                     min_objects=settings.min_objects, max_objects=settings.max_objects,
+                     empty_fraction=settings.empty_fraction, seed=settings.data_seed, **sizes)
+    if not (out / "synth_pretrain" / "synth.json").is_file():
+        generate(out / "synth_pretrain", splits=("train",), images_per_split=settings.pretrain_images,
+                 min_objects=1, max_objects=1, seed=settings.data_seed + 1, **sizes)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def _load(cfg: TrainConfig, checkpoint: Path, tokenizer):
+    """EMA weights of a run's best checkpoint (the paper evaluates EMA weights) and its bank."""
+    from toist_core.checkpoint import build_memory_bank
+
+    ckpt = load_training_checkpoint(checkpoint)
+    model = build_model(cfg.model, tokenizer=tokenizer)
+    model.load_state_dict(ckpt["model_ema"])
+    bank = ckpt.get("cluster_criterion")
+    return model, (build_memory_bank(bank) if bank is not None else None)
+
+
+def evaluate_all(settings: RecipeSettings, out: Path, plan: Sequence[Stage], env: DistEnv) -> dict:
+    """mAP@0.5 (box, and mask where a mask head exists) on the test split, per model."""
+    by_name = {s.name: s for s in plan}
+
+    def test_config(stage: Stage) -> TrainConfig:
+        cfg = stage_config(settings, out, stage)
+        cfg.eval.split, cfg.eval.max_images = "test", None
+        return cfg
+
+    rows: dict[str, dict] = {}
+    noun_cfg = test_config(by_name["teacher"])
+    pronoun_cfg = test_config(by_name["student"])
+    val = build_validation_set(pronoun_cfg)
+    tokenizer = load_tokenizer(pronoun_cfg.model.text.tokenizer)
+
+    def score(name: str, cfg: TrainConfig, model, bank=None) -> None:
+        metrics = evaluate(model, val, cfg, env, bank)
+        rows[name] = {k: v for k, v in metrics.items() if k.startswith(("mAP50/", "AP50/"))}
+
+    seed_everything(settings.seed)
+    untrained = build_model(pronoun_cfg.model, tokenizer=tokenizer)  # ImageNet backbone, rest random
+    score("untrained", pronoun_cfg, untrained)
+    teacher, _ = _load(noun_cfg, out / "teacher" / BEST, tokenizer)
+    score("teacher (noun captions)", noun_cfg, teacher)
+    score("teacher (pronoun captions)", pronoun_cfg, teacher)
+    for name, stage in (("plain student", "student_masks"), ("distilled student", "distilled_masks")):
+        cfg = test_config(by_name[stage])
+        model, bank = _load(cfg, out / stage / BEST, tokenizer)
+        score(name, cfg, model, bank)
+    for stage in plan:
+        if stage.name.startswith("distilled_no_"):
+            cfg = test_config(stage)
+            model, bank = _load(cfg, out / stage.name / BEST, tokenizer)
+            score(f"distilled, {stage.name[len('distilled_no_'):].upper()} off", cfg, model, bank)
+    return {"rows": rows, "test_pairs": val.num_images, "tasks": settings.tasks}
+
+
+def results_table(results: dict) -> str:
+    lines = ["| model | mAP^box@0.5 | mAP^mask@0.5 |", "|---|---|---|"]
+    for name, metrics in results["rows"].items():
+        box = metrics.get("mAP50/bbox")
+        mask = metrics.get("mAP50/segm")
+        lines.append(f"| {name} | {box:.3f} | {'-' if mask is None else f'{mask:.3f}'} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- export
+
+MODEL_CARD = """# toist default model (synthetic world only)
+
+The model `make demo` and the perception node use when no checkpoint is given.
+
+**It knows only the synthetic world** of `toist_core.data.synth`: flat coloured, textured
+shapes standing for {num_classes} COCO classes on gradient backgrounds. On real photos it finds
+little or nothing useful. For real robots use an official TOIST checkpoint (see docs/checkpoints.md).
+
+- Network: the TOIST architecture at small size (`mobile_segm` preset: MobileNetV2 backbone
+  from torchvision's ImageNet weights, frozen; 2-layer RoBERTa-style text encoder on the packaged
+  801-token tokenizer; 128-d transformer, 2 encoder + 6 decoder layers; {queries} queries; DETR
+  mask head), the distilled student with its memory bank (CCR at inference).
+- Tasks: {tasks} (COCO-Tasks ids), pronoun "something".
+- Data: synthetic COCO-Tasks, {train_images} train / {test_images} test images of
+  {min_size}-{max_size} px with {min_objects}-{max_objects} objects, about {empty_pct}% of a
+  task's images without a preferred object (seed {data_seed}).
+- Training (`python -m training.default_model`, CPU, {minutes:.0f} min on {threads} cores):
+  MDETR-style grounding pre-training on {pretrain_images} single-object scenes of all classes
+  ({pretrain_epochs} epochs; stands in for the MDETR weights the paper starts from); from it
+  the noun teacher ({teacher_epochs} epochs) and the plain pronoun student ({student_epochs}
+  epochs); the distilled student {distill_epochs} epochs from both (student and teacher trained,
+  bank {bank_size} per task, 3 clusters); the mask head {mask_epochs} epochs on each frozen
+  student. AdamW lr {lr} (backbone frozen), batch {batch_size}, EMA, best checkpoints on a 10%
+  holdout of the training images.
+
+## Metrics (synthetic test split, never seen in training; mean over tasks)
+
+{table}
+
+Produced by the recipe; `metrics.json` has the per-task numbers. Reproduce with
+`make default-model` (same numbers up to CPU floating-point noise).
+"""
+
+
+def export_default(settings: RecipeSettings, out: Path, results: dict, minutes: float) -> Path:
+    model_dir = out / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    export_checkpoint(out / "distilled_masks" / BEST, model_dir)
+    (model_dir / "metrics.json").write_text(json.dumps({**results, "settings": asdict(settings)}, indent=1))
+    from toist_core.data.synth import SYNTH_CLASSES
+
+    card = MODEL_CARD.format(num_classes=len(SYNTH_CLASSES), table=results_table(results), minutes=minutes,
+                             empty_pct=round(100 * settings.empty_fraction), bank_size=64, **asdict(settings))
+    (model_dir / "MODEL_CARD.md").write_text(card)
+    return model_dir
+
+
+def install(model_dir: Path, destination: Path = PACKAGE_MODEL_DIR) -> Path:
+    """Replace the packaged default model with ``model_dir`` (written aside, then renamed)."""
+    staging = destination.with_name(destination.name + ".new")
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(model_dir, staging)
+    if destination.exists():
+        shutil.rmtree(destination)
+    staging.rename(destination)
+    return destination
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.default_model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/default_model", help="work directory (data, runs, model)")
+    parser.add_argument("--install", action="store_true", help=f"copy the exported model to {PACKAGE_MODEL_DIR}")
+    parser.add_argument("--ablations", action="store_true", help="also train with CCR / CL / SBTL off in turn")
+    parser.add_argument("--quick", action="store_true", help="a few updates per stage (checks the recipe, "
+                                                              "proves nothing)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = RecipeSettings()
+    if args.quick:
+        settings = RecipeSettings(tasks=[1, 2], train_images=24, test_images=8, pretrain_images=8, batch_size=4,
+                                  pretrain_epochs=1, teacher_epochs=1, student_epochs=1, distill_epochs=1,
+                                  mask_epochs=1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(settings.threads)
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    started = time.perf_counter()
+    write_data(settings, out)
+    env = DistEnv()
+    plan = stages(settings, out, args.ablations)
+    timings = {stage.name: run_stage(settings, out, stage, env, log) for stage in plan}
+    results = evaluate_all(settings, out, plan, env)
+    results["stages"] = timings
+    minutes = sum(t["minutes"] for t in timings.values())
+    model_dir = export_default(settings, out, results, minutes)
+    print(f"\nmAP@0.5 on the synthetic test split (tasks {settings.tasks}, {results['test_pairs']} "
+          f"(task, image) pairs; training {minutes:.1f} min):\n\n{results_table(results)}\n")
+    print(f"model directory: {model_dir}")
+    if args.install:
+        print(f"installed: {install(model_dir)}")
+    print(f"recipe finished in {(time.perf_counter() - started) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
