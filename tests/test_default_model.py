@@ -110,3 +110,19 @@ def test_node_falls_back_to_random_weights_when_the_default_is_missing(monkeypat
     loaded = load_model(settings, warn=lambda msg: None)
     assert loaded.is_random_default and loaded.description == FALLBACK_MODEL_NOTE.format(path=tmp_path / "absent")
     assert "RANDOM" in loaded.description and loaded.segmenter.config.backbone.name == "resnet18"
+
+
+def test_ablation_stages_are_the_distillation_with_one_switch_off(tmp_path):
+    plan = {stage.name: stage for stage in recipe.stages(recipe.RecipeSettings(), tmp_path, ablations=True)}
+    distilled = plan["distilled"]
+    assert f"init.load={tmp_path / 'student' / recipe.BEST}" in distilled.overrides
+    assert f"init.load_noun={tmp_path / 'teacher' / recipe.BEST}" in distilled.overrides
+    for name, switch in (("no_ccr", "distill.ccr=false"), ("no_cl", "distill.cluster_loss=0"),
+                         ("no_sbtl", "distill.sbtl=0")):
+        stage = plan[f"distilled_{name}"]
+        assert (stage.config, stage.epochs) == (distilled.config, distilled.epochs)
+        assert stage.overrides == distilled.overrides + [switch]
+        cfg = recipe.stage_config(recipe.RecipeSettings(), tmp_path, stage)
+        assert cfg.stage == "distill" and cfg.output_dir == str(tmp_path / stage.name)
+    assert set(plan) == {"pretrain", "teacher", "student", "distilled", "student_masks", "distilled_masks",
+                         "distilled_no_ccr", "distilled_no_cl", "distilled_no_sbtl"}

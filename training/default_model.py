@@ -131,10 +131,10 @@ def stages(settings: RecipeSettings, out: Path, ablations: bool) -> list[Stage]:
               segm + [f"init.frozen_weights={distilled}"]),
     ]
     if ablations:
+        distill = next(stage for stage in plan if stage.name == "distilled")
         for name, switch in (("no_ccr", "distill.ccr=false"), ("no_cl", "distill.cluster_loss=0"),
                              ("no_sbtl", "distill.sbtl=0")):
-            plan.append(Stage(f"distilled_{name}", "tiny_distill.yaml", settings.distill_epochs,
-                              plan[2].overrides + [switch]))
+            plan.append(Stage(f"distilled_{name}", distill.config, distill.epochs, distill.overrides + [switch]))
     return plan
 
 
