@@ -52,15 +52,13 @@ def held_out_scenes(settings: dict, task_id: int, count: int) -> list[Scene]:
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix ``[len(a), len(b)]`` of xyxy boxes."""
-    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 4), np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(hi - lo, 0, None).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    """IoU matrix ``[len(a), len(b)]`` of xyxy boxes (torchvision's, on numpy arrays)."""
+    import torch
+    from torchvision.ops import box_iou as torch_box_iou
+
+    a = torch.as_tensor(np.asarray(a, dtype=np.float64).reshape(-1, 4))
+    b = torch.as_tensor(np.asarray(b, dtype=np.float64).reshape(-1, 4))
+    return torch_box_iou(a, b).numpy()
 
 
 def right_instances(boxes: np.ndarray, preferred_boxes: np.ndarray) -> list[bool]:

@@ -71,6 +71,7 @@ class RecipeSettings:
     min_objects: int = 1
     max_objects: int = 3
     empty_fraction: float = 0.1        # share of a task's images without a preferred object
+    bank_size: int = 64                # memory-bank features per task (the paper: 1024)
     data_seed: int = 7
     queries: int = 10
     batch_size: int = 16
@@ -101,7 +102,7 @@ class RecipeSettings:
                 f"data.train_sizes=[{self.min_size},{mid},{self.max_size}]", f"data.max_size={2 * self.max_size}",
                 f"data.crop_resize_sizes=[{self.min_size},{mid}]", f"data.crop_min_size={self.min_size * 5 // 6}",
                 f"data.crop_max_size={self.max_size}", f"data.test_size={mid}",
-                "distill.feature_dim=128", "distill.bank_size=64"]
+                "distill.feature_dim=128", f"distill.bank_size={self.bank_size}"]
 
 
 @dataclass
@@ -278,7 +279,7 @@ def export_default(settings: RecipeSettings, out: Path, results: dict, minutes: 
     from toist_core.data.synth import SYNTH_CLASSES
 
     card = MODEL_CARD.format(num_classes=len(SYNTH_CLASSES), table=results_table(results), minutes=minutes,
-                             empty_pct=round(100 * settings.empty_fraction), bank_size=64, **asdict(settings))
+                             empty_pct=round(100 * settings.empty_fraction), **asdict(settings))
     (model_dir / "MODEL_CARD.md").write_text(card)
     return model_dir
 
