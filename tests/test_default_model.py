@@ -17,10 +17,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 MODELS = ["untrained", "teacher (noun captions)", "teacher (pronoun captions)", "plain student", "distilled student"]
 
 
-def test_recipe_quick_run_trains_every_stage_and_exports_a_model(tmp_path, capsys):
+def test_recipe_quick_run_trains_every_stage_and_exports_a_model(tmp_path, capfd):
+    # capfd, not capsys: the stages train in spawned worker processes that write to the inherited fds.
     out = tmp_path / "recipe"
     assert recipe.main(["--out", str(out), "--quick"]) == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     model_dir = out / "model"
     for name in ("config.yaml", "model.safetensors", "memory_bank.safetensors", "MODEL_CARD.md", "metrics.json"):
         assert (model_dir / name).is_file(), name
@@ -40,7 +41,8 @@ def test_recipe_quick_run_trains_every_stage_and_exports_a_model(tmp_path, capsy
     assert prediction.masks is None or prediction.masks.shape[1:] == scene.pixels.shape[:2]
     # A second run finds every stage done and only evaluates and exports again.
     assert recipe.main(["--out", str(out), "--quick"]) == 0
-    assert "updates/epoch" not in capsys.readouterr().err
+    second = capfd.readouterr()
+    assert "updates/epoch" not in second.err and recipe.results_table(metrics) in second.out
 
 
 def test_install_replaces_the_destination_whole(tmp_path):
@@ -126,3 +128,21 @@ def test_ablation_stages_are_the_distillation_with_one_switch_off(tmp_path):
         assert cfg.stage == "distill" and cfg.output_dir == str(tmp_path / stage.name)
     assert set(plan) == {"pretrain", "teacher", "student", "distilled", "student_masks", "distilled_masks",
                          "distilled_no_ccr", "distilled_no_cl", "distilled_no_sbtl"}
+
+
+def test_every_stage_waits_for_the_stages_it_starts_from(tmp_path):
+    settings = recipe.RecipeSettings()
+    plan = recipe.stages(settings, tmp_path, ablations=True)
+    names = [stage.name for stage in plan]
+    for index, stage in enumerate(plan):
+        used = {name for name in names for o in stage.overrides if f"={tmp_path / name}/" in o}
+        assert set(stage.after) == used, stage.name
+        assert all(names.index(name) < index for name in stage.after), stage.name
+        assert f"runtime.threads={settings.stage_threads}" in settings.common_overrides(tmp_path)
+    assert settings.stage_threads == max(1, settings.threads // settings.jobs)
+
+
+def test_run_plan_refuses_a_stage_whose_inputs_are_not_planned(tmp_path):
+    orphan = recipe.Stage("distilled", "tiny_distill.yaml", 1, [], after=("teacher",))
+    with pytest.raises(ValueError, match="'distilled' starts from \\['teacher'\\]"):
+        recipe.run_plan(recipe.RecipeSettings(), tmp_path, [orphan])

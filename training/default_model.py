@@ -8,7 +8,8 @@ One command, CPU only (2 cores: well under an hour), deterministic:
 1. writes a synthetic COCO-Tasks tree (``toist_core.data.synth``: train and test splits) and a
    set of single-object scenes for pre-training,
 2. pre-trains the detector MDETR-style (``grounding`` stage: every object named in the caption)
-   on the single-object scenes, from ImageNet MobileNetV2 features; this stands in for the
+   on the single-object scenes, from ImageNet MobileNetV2 (fine-tuned gently here, frozen in
+   every later stage); this stands in for the
    MDETR weights both of the paper's models start from (DETR-style training from scratch on
    the multi-object scenes barely localises anything within a CPU hour),
 3. trains the noun **teacher** (noun captions) and the plain **student** (pronoun captions),
@@ -31,10 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -72,29 +75,43 @@ class RecipeSettings:
     max_objects: int = 3
     empty_fraction: float = 0.1        # share of a task's images without a preferred object
     bank_size: int = 64                # memory-bank features per task (the paper: 1024)
+    # The paper's cluster-loss weight (lambda_7) is 1e4. Here the cluster loss's MSE is ~0.01-0.02,
+    # so at 1e4 it is about half the summed loss and its gradient takes over the clipped update
+    # (the 10-query model's ablation: 0.094 with it, 0.161 without); 1e2 keeps it one term among many.
+    cluster_loss: float = 1e2
     data_seed: int = 7
-    queries: int = 10
+    queries: int = 5                   # >= max_objects; fewer queries rank the right box first sooner
     batch_size: int = 16
     lr: float = 2e-4                   # transformer, heads and text encoder (random init)
-    pretrain_epochs: int = 8
+    # Pre-training fine-tunes the ImageNet backbone gently (1e-4 destroys its features within a
+    # few hundred updates; 3e-5 ranks a well-placed box first on 56% of single-object test scenes
+    # against 43% frozen); the later stages keep the adapted backbone frozen (a third faster).
+    pretrain_backbone_lr: float = 3e-5
+    pretrain_epochs: int = 10
     teacher_epochs: int = 8
     student_epochs: int = 8
     distill_epochs: int = 4
     mask_epochs: int = 2
     threads: int = 2
+    # Stages that do not depend on each other train at once, each on threads // jobs threads: on
+    # 2 cores two one-thread processes train about twice as fast as one two-thread process.
+    jobs: int = 2
     seed: int = 42
+
+    @property
+    def stage_threads(self) -> int:
+        return max(1, self.threads // self.jobs)
 
     def common_overrides(self, data_root: Path) -> list[str]:
         """Overrides of every stage (on top of the tiny_* configs)."""
         mid = (self.min_size + self.max_size) // 2
         return [f"data.root={data_root}", f"data.tasks=[{','.join(map(str, self.tasks))}]",
                 "model.backbone.name=mobilenet_v2", "model.backbone.weights=imagenet",
-                # ImageNet features stay fixed: training them from a few hundred synthetic
-                # images at these rates destroys them (features of all images become alike).
+                            # The backbone stays fixed after pre-training (see pretrain_backbone_lr).
                 "model.backbone.train=false",
                 "model.transformer.dec_layers=6", "model.transformer.dim_feedforward=512",
                 "loss.num_decoder_layers=6", f"model.num_queries={self.queries}",
-                f"loader.batch_size={self.batch_size}", f"runtime.threads={self.threads}",
+                f"loader.batch_size={self.batch_size}", f"runtime.threads={self.stage_threads}",
                 f"runtime.seed={self.seed}", "runtime.progress=false", "runtime.log_every=100",
                 f"optim.lr={self.lr}", f"optim.text_encoder_lr={self.lr}",
                 "eval.holdout_fraction=0.1", "checkpoint.export_model_dir=false",
@@ -111,6 +128,7 @@ class Stage:
     config: str                       # a training/configs file
     epochs: int
     overrides: list[str]
+    after: tuple[str, ...] = ()       # stages whose checkpoints this one starts from
 
 
 def stages(settings: RecipeSettings, out: Path, ablations: bool) -> list[Stage]:
@@ -120,22 +138,25 @@ def stages(settings: RecipeSettings, out: Path, ablations: bool) -> list[Stage]:
     plan = [
         Stage("pretrain", "tiny_grounding.yaml", settings.pretrain_epochs,
               [f"data.root={out / 'synth_pretrain'}", f"data.tasks=[{','.join(map(str, range(1, 15)))}]",
-               "eval.enabled=false"]),
-        Stage("teacher", "tiny_noun.yaml", settings.teacher_epochs, [f"init.load={pretrained}"]),
-        Stage("student", "tiny_pronoun.yaml", settings.student_epochs, [f"init.load={pretrained}"]),
+               "eval.enabled=false", "model.backbone.train=true",
+               f"optim.lr_backbone={settings.pretrain_backbone_lr}"]),
+        Stage("teacher", "tiny_noun.yaml", settings.teacher_epochs, [f"init.load={pretrained}"], ("pretrain",)),
+        Stage("student", "tiny_pronoun.yaml", settings.student_epochs, [f"init.load={pretrained}"], ("pretrain",)),
         Stage("distilled", "tiny_distill.yaml", settings.distill_epochs,
               [f"init.load={student}", f"init.load_noun={teacher}",
-               f"loader.batch_size={max(1, settings.batch_size // 2)}"]),
+               f"loader.batch_size={max(1, settings.batch_size // 2)}",
+               f"distill.cluster_loss={settings.cluster_loss}"], ("teacher", "student")),
         Stage("student_masks", "tiny_mask_head.yaml", settings.mask_epochs,
-              segm + [f"init.frozen_weights={student}"]),
+              segm + [f"init.frozen_weights={student}"], ("student",)),
         Stage("distilled_masks", "tiny_mask_head_distill.yaml", settings.mask_epochs,
-              segm + [f"init.frozen_weights={distilled}"]),
+              segm + [f"init.frozen_weights={distilled}"], ("distilled",)),
     ]
     if ablations:
         distill = next(stage for stage in plan if stage.name == "distilled")
         for name, switch in (("no_ccr", "distill.ccr=false"), ("no_cl", "distill.cluster_loss=0"),
                              ("no_sbtl", "distill.sbtl=0")):
-            plan.append(Stage(f"distilled_{name}", distill.config, distill.epochs, distill.overrides + [switch]))
+            plan.append(Stage(f"distilled_{name}", distill.config, distill.epochs, distill.overrides + [switch],
+                              distill.after))
     return plan
 
 
@@ -159,6 +180,42 @@ def run_stage(settings: RecipeSettings, out: Path, stage: Stage, env: DistEnv, l
     log(f"[{stage.name}] {result.step} updates in {record['minutes']:.1f} min; best {result.best}")
     (run_dir / DONE).write_text(json.dumps(record, indent=1))
     return record
+
+
+def _stage_job(settings: RecipeSettings, out: Path, stage: Stage) -> dict:
+    """One stage in a worker process (spawned: its own torch threads)."""
+    torch.set_num_threads(settings.stage_threads)
+    return run_stage(settings, out, stage, DistEnv(), _print)
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_plan(settings: RecipeSettings, out: Path, plan: Sequence[Stage]) -> dict[str, dict]:
+    """Train every stage of ``plan``, up to ``settings.jobs`` at once, each once the stages it
+    starts from are done; returns each stage's record (updates, minutes, best), in plan order."""
+    names = {stage.name for stage in plan}
+    for stage in plan:
+        if not set(stage.after) <= names:
+            raise ValueError(f"stage {stage.name!r} starts from {sorted(set(stage.after) - names)}, "
+                             f"which are not in the plan")
+    records: dict[str, dict] = {}
+    if settings.jobs <= 1:
+        for stage in plan:
+            records[stage.name] = run_stage(settings, out, stage, DistEnv(), _print)
+        return records
+    pending, running = list(plan), {}
+    with ProcessPoolExecutor(max_workers=settings.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while pending or running:
+            ready = [stage for stage in pending if all(name in records for name in stage.after)]
+            for stage in ready[: settings.jobs - len(running)]:
+                pending.remove(stage)
+                running[pool.submit(_stage_job, settings, out, stage)] = stage
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                records[running.pop(future).name] = future.result()
+    return {stage.name: records[stage.name] for stage in plan}
 
 
 def write_data(settings: RecipeSettings, out: Path) -> None:
@@ -245,20 +302,23 @@ shapes standing for {num_classes} COCO classes on gradient backgrounds. On real 
 little or nothing useful. For real robots use an official TOIST checkpoint (see docs/checkpoints.md).
 
 - Network: the TOIST architecture at small size (`mobile_segm` preset: MobileNetV2 backbone
-  from torchvision's ImageNet weights, frozen; 2-layer RoBERTa-style text encoder on the packaged
+  from torchvision's ImageNet weights, fine-tuned in pre-training only; 2-layer RoBERTa-style text encoder on the packaged
   801-token tokenizer; 128-d transformer, 2 encoder + 6 decoder layers; {queries} queries; DETR
   mask head), the distilled student with its memory bank (CCR at inference).
 - Tasks: {tasks} (COCO-Tasks ids), pronoun "something".
 - Data: synthetic COCO-Tasks, {train_images} train / {test_images} test images of
   {min_size}-{max_size} px with {min_objects}-{max_objects} objects, about {empty_pct}% of a
   task's images without a preferred object (seed {data_seed}).
-- Training (`python -m training.default_model`, CPU, {minutes:.0f} min on {threads} cores):
+- Training (`python -m training.default_model`, CPU, {minutes:.0f} min on {threads} cores,
+  {jobs} independent stages at a time):
   MDETR-style grounding pre-training on {pretrain_images} single-object scenes of all classes
-  ({pretrain_epochs} epochs; stands in for the MDETR weights the paper starts from); from it
+  ({pretrain_epochs} epochs, backbone lr {pretrain_backbone_lr:g}; stands in for the MDETR weights
+  the paper starts from); from it
   the noun teacher ({teacher_epochs} epochs) and the plain pronoun student ({student_epochs}
   epochs); the distilled student {distill_epochs} epochs from both (student and teacher trained,
-  bank {bank_size} per task, 3 clusters); the mask head {mask_epochs} epochs on each frozen
-  student. AdamW lr {lr} (backbone frozen), batch {batch_size}, EMA, best checkpoints on a 10%
+  bank {bank_size} per task, 3 clusters, cluster-loss weight {cluster_loss:g}: the paper's 1e4
+  dominates the loss at this model's feature scale); the mask head {mask_epochs} epochs on each frozen
+  student. AdamW lr {lr} (backbone frozen after pre-training), batch {batch_size}, EMA, best checkpoints on a 10%
   holdout of the training images.
 
 ## Metrics (synthetic test split, never seen in training; mean over tasks)
@@ -302,29 +362,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default="runs/default_model", help="work directory (data, runs, model)")
     parser.add_argument("--install", action="store_true", help=f"copy the exported model to {PACKAGE_MODEL_DIR}")
     parser.add_argument("--ablations", action="store_true", help="also train with CCR / CL / SBTL off in turn")
+    parser.add_argument("--jobs", type=int, default=RecipeSettings.jobs,
+                        help="stages trained at once (each on threads // jobs threads; 1 = one after another)")
     parser.add_argument("--quick", action="store_true", help="a few updates per stage (checks the recipe, "
                                                               "proves nothing)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings = RecipeSettings()
+    settings = RecipeSettings(jobs=args.jobs)
     if args.quick:
         settings = RecipeSettings(tasks=[1, 2], train_images=24, test_images=8, pretrain_images=8, batch_size=4,
                                   pretrain_epochs=1, teacher_epochs=1, student_epochs=1, distill_epochs=1,
-                                  mask_epochs=1)
+                                  mask_epochs=1, jobs=args.jobs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(settings.threads)
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-
     started = time.perf_counter()
     write_data(settings, out)
-    env = DistEnv()
     plan = stages(settings, out, args.ablations)
-    timings = {stage.name: run_stage(settings, out, stage, env, log) for stage in plan}
-    results = evaluate_all(settings, out, plan, env)
+    training_started = time.perf_counter()
+    timings = run_plan(settings, out, plan)
+    minutes = (time.perf_counter() - training_started) / 60
+    results = evaluate_all(settings, out, plan, DistEnv())
     results["stages"] = timings
-    minutes = sum(t["minutes"] for t in timings.values())
+    results["training_wall_minutes"] = minutes
     model_dir = export_default(settings, out, results, minutes)
     print(f"\nmAP@0.5 on the synthetic test split (tasks {settings.tasks}, {results['test_pairs']} "
           f"(task, image) pairs; training {minutes:.1f} min):\n\n{results_table(results)}\n")
