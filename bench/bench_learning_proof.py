@@ -7,7 +7,7 @@ every model next to an untrained one of the same configuration:
 
     python bench/bench_learning_proof.py --out /tmp/toist_learning_proof [--ablations]
 
-About 45 minutes on 2 CPU cores; ``--quick`` runs a few updates per stage (checks the script,
+About 50 minutes on 2 CPU cores; ``--quick`` runs a few updates per stage (checks the script,
 proves nothing). Nothing is installed into the package (``make default-model`` does that).
 """
 

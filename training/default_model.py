@@ -9,9 +9,9 @@ One command, CPU only (2 cores: well under an hour), deterministic:
    set of single-object scenes for pre-training,
 2. pre-trains the detector MDETR-style (``grounding`` stage: every object named in the caption)
    on the single-object scenes, from ImageNet MobileNetV2 (fine-tuned gently here, frozen in
-   every later stage); this stands in for the
-   MDETR weights both of the paper's models start from (DETR-style training from scratch on
-   the multi-object scenes barely localises anything within a CPU hour),
+   every later stage); this stands in for the MDETR weights both of the paper's models start
+   from (DETR-style training from scratch on the multi-object scenes barely localises anything
+   within a CPU hour),
 3. trains the noun **teacher** (noun captions) and the plain **student** (pronoun captions),
    both from the pre-trained weights, as the paper does from MDETR,
 4. trains the **distilled** student (memory bank, CCR, cluster loss, SBTL; student and teacher
@@ -23,6 +23,8 @@ One command, CPU only (2 cores: well under an hour), deterministic:
 7. exports the distilled segmentation model as a model directory with ``metrics.json`` and a
    model card (``MODEL_CARD.md``); ``--install`` copies it to ``toist_core/assets/default_model``.
 
+Stages that do not depend on each other (teacher and plain student, the mask heads, the
+ablations) train at the same time in worker processes (``--jobs``, default 2, one thread each).
 Each stage keeps its run directory: an interrupted recipe continues where it stopped
 (finished stages are skipped, a stage cut short resumes from its last checkpoint).
 ``--ablations`` also trains the distilled student with CCR, the cluster loss or SBTL off.
