@@ -149,7 +149,7 @@ def test_every_stage_waits_for_the_stages_it_starts_from(tmp_path):
         used = {name for name in names for o in stage.overrides if f"={tmp_path / name}/" in o}
         assert set(stage.after) == used, stage.name
         assert all(names.index(name) < index for name in stage.after), stage.name
-        assert f"runtime.threads={settings.stage_threads}" in settings.common_overrides(tmp_path)
+    assert f"runtime.threads={settings.stage_threads}" in settings.common_overrides(tmp_path)
     assert settings.stage_threads == max(1, settings.threads // settings.jobs)
 
 

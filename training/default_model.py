@@ -169,29 +169,20 @@ def stage_config(settings: RecipeSettings, out: Path, stage: Stage) -> TrainConf
         f"eval.every_epochs={max(1, stage.epochs // 4)}", *stage.overrides])
 
 
-def run_stage(settings: RecipeSettings, out: Path, stage: Stage, env: DistEnv, log) -> dict:
-    """Train one stage unless it finished before (resumes a stage that was cut short)."""
+def run_stage(settings: RecipeSettings, out: Path, stage: Stage) -> dict:
+    """Train one stage unless it finished before (resumes a stage that was cut short). Picklable
+    for a worker process: the Trainer sets the stage's torch threads (``runtime.threads``)."""
     run_dir = out / stage.name
     if (run_dir / DONE).is_file():
         return json.loads((run_dir / DONE).read_text())
     cfg = stage_config(settings, out, stage)
     last = run_dir / LAST
     started = time.perf_counter()
-    result = Trainer(cfg, env, resume=str(last) if last.is_file() else None).run()
+    result = Trainer(cfg, DistEnv(), resume=str(last) if last.is_file() else None).run()
     record = {"updates": result.step, "minutes": (time.perf_counter() - started) / 60, "best": result.best}
-    log(f"[{stage.name}] {result.step} updates in {record['minutes']:.1f} min; best {result.best}")
+    print(f"[{stage.name}] {result.step} updates in {record['minutes']:.1f} min; best {result.best}", flush=True)
     (run_dir / DONE).write_text(json.dumps(record, indent=1))
     return record
-
-
-def _stage_job(settings: RecipeSettings, out: Path, stage: Stage) -> dict:
-    """One stage in a worker process (spawned: its own torch threads)."""
-    torch.set_num_threads(settings.stage_threads)
-    return run_stage(settings, out, stage, DistEnv(), _print)
-
-
-def _print(message: str) -> None:
-    print(message, flush=True)
 
 
 def run_plan(settings: RecipeSettings, out: Path, plan: Sequence[Stage]) -> dict[str, dict]:
@@ -205,7 +196,7 @@ def run_plan(settings: RecipeSettings, out: Path, plan: Sequence[Stage]) -> dict
     records: dict[str, dict] = {}
     if settings.jobs <= 1:
         for stage in plan:
-            records[stage.name] = run_stage(settings, out, stage, DistEnv(), _print)
+            records[stage.name] = run_stage(settings, out, stage)
         return records
     pending, running = list(plan), {}
     with ProcessPoolExecutor(max_workers=settings.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -213,7 +204,7 @@ def run_plan(settings: RecipeSettings, out: Path, plan: Sequence[Stage]) -> dict
             ready = [stage for stage in pending if all(name in records for name in stage.after)]
             for stage in ready[: settings.jobs - len(running)]:
                 pending.remove(stage)
-                running[pool.submit(_stage_job, settings, out, stage)] = stage
+                running[pool.submit(run_stage, settings, out, stage)] = stage
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 records[running.pop(future).name] = future.result()
