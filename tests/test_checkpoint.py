@@ -225,6 +225,28 @@ def test_model_directory_round_trip(tmp_path, official_file, segm_model, tokeniz
         load_model_dir(directory)
 
 
+def test_model_directory_records_the_input_size_inference_uses(tmp_path, segm_model):
+    from toist_core.config import InferenceConfig, InputSize
+    from toist_core.inference import TaskSegmenter
+
+    directory = save_model_dir(segm_model, tmp_path / "model", preset("tiny_segm"),
+                               input_size=InputSize(short_side=112, max_size=256))
+    assert load_model_dir(directory).input_size == InputSize(112, 256)
+    seg = TaskSegmenter.from_pretrained(directory, device="cpu")
+    assert (seg.inference.short_side, seg.inference.max_size) == (112, 256)
+    # An explicit size wins; a version 1 directory (no input_size) gets the reference's size.
+    seg = TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(short_side=64))
+    assert (seg.inference.short_side, seg.inference.max_size) == (64, 256)
+    config = directory / "config.yaml"
+    text = config.read_text()
+    assert "input_size:" in text and "version: 2" in text
+    config.write_text(text.split("input_size:")[0].replace("version: 2", "version: 1"))
+    assert load_model_dir(directory).input_size == InputSize(800, 1333)
+    config.write_text(text.replace("version: 2", "version: 3"))
+    with pytest.raises(CheckpointError, match="version 3 is not a 'toist-model' directory of version 2 or older"):
+        load_model_dir(directory)
+
+
 def test_cli_export(tmp_path, official_file, segm_model, images, capsys):
     config_yaml = tmp_path / "tiny_segm.yaml"
     save_yaml(preset("tiny_segm"), config_yaml)

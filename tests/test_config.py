@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from toist_core.config import (TINY_TOKENIZER, BackboneConfig, InferenceConfig, ModelConfig, PRESETS,
+from toist_core.config import (TINY_TOKENIZER, BackboneConfig, InferenceConfig, InputSize, ModelConfig, PRESETS,
                                preset)
 from toist_core.typed_config import ConfigError, from_dict, load_yaml, merge, save_yaml, to_dict
 
@@ -77,14 +77,27 @@ def test_merge_and_validation():
 
 
 def test_inference_config_validation():
-    assert InferenceConfig().short_side == 800 and InferenceConfig().max_size == 1333
+    assert InferenceConfig().short_side is None and InferenceConfig().max_size is None  # the model's own
     with pytest.raises(ConfigError, match="score_threshold"):
         InferenceConfig(score_threshold=1.5)
     with pytest.raises(ConfigError, match="precision"):
         from_dict(InferenceConfig, {"precision": "int8"})
     with pytest.raises(ConfigError, match="short_side"):
         InferenceConfig(short_side=900, max_size=800)
+    with pytest.raises(ConfigError, match="max_size must be >= 1"):
+        InferenceConfig(max_size=0)
     assert to_dict(InferenceConfig())["mean"] == [0.485, 0.456, 0.406]
+
+
+def test_inference_sizes_left_to_the_model_come_from_its_input_size():
+    own = InputSize(short_side=112, max_size=256)
+    resolved = InferenceConfig(score_threshold=0.3).with_input_size(own)
+    assert (resolved.short_side, resolved.max_size, resolved.score_threshold) == (112, 256, 0.3)
+    assert InferenceConfig(short_side=800, max_size=1333).with_input_size(own).short_side == 800  # set: kept
+    # One side given: the other follows the model's without contradicting it.
+    assert InferenceConfig(short_side=400).with_input_size(own).max_size == 400
+    assert InferenceConfig(max_size=100).with_input_size(own).short_side == 100
+    assert InferenceConfig().with_input_size(InputSize()).short_side == 800  # the reference's
 
 
 def test_backbone_channels():

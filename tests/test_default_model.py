@@ -35,14 +35,17 @@ def test_recipe_quick_run_trains_every_stage_and_exports_a_model(tmp_path, capfd
     # The exported directory is what the node loads: a distilled segmentation model with its bank.
     seg = TaskSegmenter.from_pretrained(model_dir, device="cpu")
     assert seg.memory_bank is not None and seg.config.masks and seg.config.backbone.name == "mobilenet_v2"
+    assert seg.inference.short_side == recipe.RecipeSettings(**metrics["settings"]).test_size  # its own size
     scene = held_out_scenes(metrics["settings"], task_id=1, count=1)[0]
     seg.set_task(1)
     prediction = seg.predict(scene.pixels)
     assert prediction.masks is None or prediction.masks.shape[1:] == scene.pixels.shape[:2]
-    # A second run finds every stage done and only evaluates and exports again.
+    # A second run finds every stage done and only evaluates and exports again; the training time
+    # it reports is still the first run's (plus the second's few seconds of nothing).
     assert recipe.main(["--out", str(out), "--quick"]) == 0
     second = capfd.readouterr()
     assert "updates/epoch" not in second.err and recipe.results_table(metrics) in second.out
+    assert model_metrics(model_dir)["training_wall_minutes"] >= metrics["training_wall_minutes"] > 0
 
 
 def test_install_replaces_the_destination_whole(tmp_path):
@@ -105,12 +108,24 @@ def test_committed_model_finds_the_right_objects_in_held_out_scenes(committed):
     is not reached yet: 9 of these 20 at the last recipe run, 4 with the previous recipe;
     see docs/default_model.md.)"""
     settings = committed["settings"]
-    inference = InferenceConfig(short_side=(settings["min_size"] + settings["max_size"]) // 2,
-                                max_size=2 * settings["max_size"], score_threshold=0.0)
-    trained = _top_right(TaskSegmenter.from_pretrained(DEFAULT_MODEL_DIR, device="cpu", inference=inference), settings)
-    config = TaskSegmenter.from_pretrained(DEFAULT_MODEL_DIR, device="cpu").config
-    untrained = _top_right(TaskSegmenter.from_config(config, device="cpu", inference=inference, seed=0), settings)
+    segmenter = TaskSegmenter.from_pretrained(DEFAULT_MODEL_DIR, device="cpu",
+                                              inference=InferenceConfig(score_threshold=0.0))
+    # The directory records the size it was trained at (what the node and the demo then use).
+    assert segmenter.inference.short_side == (settings["min_size"] + settings["max_size"]) // 2
+    trained = _top_right(segmenter, settings)
+    untrained = _top_right(TaskSegmenter.from_config(segmenter.config, device="cpu", inference=segmenter.inference,
+                                                     seed=0), settings)
     assert sum(trained) >= sum(untrained) + 3, (trained, untrained)
+
+
+def test_node_resizes_to_the_size_the_default_was_trained_at(committed):
+    """The params file's input sizes are 0: the node takes them from the model directory."""
+    settings = {"checkpoint": "", "device": "cpu", "allow_cpu_fallback": False, "precision": "fp32",
+                "text_encoder": "", "input.short_side": 0, "input.max_side": 0, "score_threshold": 0.5,
+                "max_instances": 5, "mask_threshold": 0.5}
+    inference = load_model(settings, warn=lambda msg: None).segmenter.inference
+    recipe_settings = recipe.RecipeSettings(**committed["settings"])
+    assert (inference.short_side, inference.max_size) == (recipe_settings.test_size, 2 * recipe_settings.max_size)
 
 
 def test_node_falls_back_to_random_weights_when_the_default_is_missing(monkeypatch, tmp_path):

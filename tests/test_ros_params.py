@@ -44,6 +44,9 @@ def test_check_values_catches_unknown_names_and_size_order():
     assert P.check_values({"score_treshold": 0.3}) == ["score_treshold: not a parameter of this node"]
     reasons = P.check_values({"input.short_side": 800, "input.max_side": 600})
     assert len(reasons) == 1 and "max_side 600" in reasons[0]
+    # 0 leaves a size to the model (the other one is then not compared with it).
+    assert P.check_values({"input.short_side": 800, "input.max_side": 0}) == []
+    assert P.check_values({"input.short_side": 0, "input.max_side": 600}) == []
 
 
 def test_defaults_are_valid_and_the_yaml_file_matches_the_table():

@@ -111,6 +111,7 @@ def test_node_process_with_params_file_and_remap(ros, tmp_path, model_dir):
 
     embedded = DEFAULT_MODEL_NOTE if default_model_dir() else FALLBACK_MODEL_NOTE.format(path=DEFAULT_MODEL_DIR)
     assert f"model: {embedded}" in log and "embedded" not in checkpoint_log.read_text()
+    assert "input resized to short side 160 px, long side at most 640 px" in log  # FAST's sizes
     assert f"checkpoint {model_dir}" in checkpoint_log.read_text()
 
 

@@ -142,6 +142,8 @@ def test_distillation_updates_and_saves_the_bank(synth_root, tmp_path):
     # The exported model directory carries the bank and loads as a distilled TaskSegmenter.
     segmenter = TaskSegmenter.from_pretrained(tmp_path / "dis" / "model", device="cpu", task=2)
     assert segmenter.is_distilled
+    # ... and the size it was trained at (data.test_size 96, long side capped at data.max_size 128).
+    assert (segmenter.inference.short_side, segmenter.inference.max_size) == (96, 128)
     assert torch.equal(segmenter.memory_bank.feature_bank, bank["feature_bank"])
 
 

@@ -16,7 +16,8 @@ memory bank and centres of distilled models).
 
 Model directory (``toist export``; loads without network)::
 
-    <dir>/config.yaml               format, version, model config, pronoun, bank flag, source
+    <dir>/config.yaml               format, version, model config, pronoun, bank flag, source,
+                                    input size it was trained at
     <dir>/model.safetensors         the model's state_dict (toist names)
     <dir>/memory_bank.safetensors   distilled models: feature_bank, cluster_centers, ...
     <dir>/tokenizer/                the tokenizer files
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from . import typed_config
-from .config import ModelConfig, TextEncoderConfig, preset
+from .config import InputSize, ModelConfig, TextEncoderConfig, preset
 
 PathLike = Union[str, Path]
 
@@ -47,7 +48,7 @@ BANK_KEYS = ("feature_bank", "cluster_centers", "update_count", "full_label")
 SAFE_GLOBALS = [argparse.Namespace]
 
 MODEL_DIR_FORMAT = "toist-model"
-MODEL_DIR_VERSION = 1
+MODEL_DIR_VERSION = 2  # 2: input_size (version 1 directories load with the reference size)
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 BANK_FILE = "memory_bank.safetensors"
@@ -438,6 +439,9 @@ class ModelDirConfig:
     pronoun: str = "something"
     memory_bank: bool = False
     source: str = ""
+    # The size it was trained and evaluated at, what inference uses unless told otherwise
+    # (directories written before this field: the reference's 800 / 1333).
+    input_size: InputSize = field(default_factory=InputSize)
 
 
 @dataclass
@@ -449,11 +453,12 @@ class LoadedModel:
     memory_bank: Optional[nn.Module] = None
     pronoun: str = "something"
     source: str = ""
+    input_size: InputSize = field(default_factory=InputSize)
 
 
 def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
                    memory_bank: Optional[nn.Module] = None, pronoun: str = "something",
-                   source: str = "") -> Path:
+                   source: str = "", input_size: Optional[InputSize] = None) -> Path:
     """Write ``config.yaml``, ``model.safetensors``, the tokenizer and the memory bank."""
     from safetensors.torch import save_file
 
@@ -469,7 +474,8 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
     cfg.text.tokenizer = TOKENIZER_DIR  # relative to the directory
     cfg.text.weights = None
     cfg.backbone.weights = None
-    manifest = ModelDirConfig(model=cfg, pronoun=pronoun, memory_bank=memory_bank is not None, source=source)
+    manifest = ModelDirConfig(model=cfg, pronoun=pronoun, memory_bank=memory_bank is not None, source=source,
+                              input_size=input_size or InputSize())
     typed_config.save_yaml(manifest, directory / CONFIG_FILE)
     return directory
 
@@ -488,7 +494,8 @@ def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> Load
     manifest = typed_config.load_yaml(ModelDirConfig, directory / CONFIG_FILE)
     if manifest.format != MODEL_DIR_FORMAT or manifest.version > MODEL_DIR_VERSION:
         raise CheckpointError(f"{directory / CONFIG_FILE}: format {manifest.format!r} version "
-                              f"{manifest.version} is not a {MODEL_DIR_FORMAT!r} v{MODEL_DIR_VERSION} directory")
+                              f"{manifest.version} is not a {MODEL_DIR_FORMAT!r} directory of version "
+                              f"{MODEL_DIR_VERSION} or older")
     cfg = manifest.model
     if tokenizer is not None:
         cfg.text.tokenizer = str(tokenizer)
@@ -505,7 +512,7 @@ def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> Load
         if not bank_file.is_file():
             raise CheckpointError(f"{directory}: config.yaml says memory_bank: true but {BANK_FILE} is missing")
         bank = build_memory_bank(load_file(str(bank_file)), where=str(bank_file))
-    return LoadedModel(model.eval(), cfg, bank, manifest.pronoun, str(directory))
+    return LoadedModel(model.eval(), cfg, bank, manifest.pronoun, str(directory), manifest.input_size)
 
 
 def load_official(path: PathLike, config: Optional[ModelConfig] = None,
@@ -551,7 +558,7 @@ def export_official(path: PathLike, directory: PathLike, text_encoder: Optional[
     if pronoun:
         loaded.pronoun = pronoun
     save_model_dir(loaded.model, directory, loaded.config, memory_bank=loaded.memory_bank,
-                   pronoun=loaded.pronoun, source=Path(path).name)
+                   pronoun=loaded.pronoun, source=Path(path).name, input_size=loaded.input_size)
     return loaded
 
 

@@ -52,9 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-encoder", default=None,
                         help="tokenizer / text encoder for official .pth files (hub name or local dir)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (--checkpoint)")
-    parser.add_argument("--short-side", type=int, default=800,
-                        help="inference resize: short side (reference 800; smaller = quicker, not the paper's)")
-    parser.add_argument("--max-size", type=int, default=1333, help="inference resize: long side cap (reference 1333)")
+    parser.add_argument("--short-side", type=int, default=None,
+                        help="inference resize: short side (default: the size the model was trained at, which "
+                             "an official .pth does not record: the reference's 800; smaller = quicker, not the "
+                             "paper's)")
+    parser.add_argument("--max-size", type=int, default=None,
+                        help="inference resize: long side cap (default: the model's; official .pth 1333)")
     parser.add_argument("--no-plots", action="store_true", help="skip the precision-recall PNGs")
 
 
@@ -119,9 +122,10 @@ def _default_image_dir(root: str, split: str) -> Path:
 
 
 def load_segmenter(checkpoint: str, device: str = "auto", text_encoder: Optional[str] = None,
-                   short_side: int = 800, max_size: int = 1333):
+                   short_side: Optional[int] = None, max_size: Optional[int] = None):
     """``TaskSegmenter`` with the reference's evaluation settings: every query kept
-    (score threshold 0, 100 instances), resize 800 / 1333, mask threshold 0.5."""
+    (score threshold 0, 100 instances), mask threshold 0.5, resize to the model's own size
+    (official files: 800 / 1333) unless ``short_side`` / ``max_size`` say otherwise."""
     from toist_core.config import InferenceConfig
     from toist_core.inference import TaskSegmenter
 

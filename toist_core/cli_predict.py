@@ -35,8 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--score-threshold", type=float, default=0.5)
     p.add_argument("--max-instances", type=int, default=100)
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    p.add_argument("--short-side", type=int, default=800)
-    p.add_argument("--max-size", type=int, default=1333)
+    p.add_argument("--short-side", type=int, default=None,
+                   help="resize: short side (default: the size the model was trained at; official .pth 800)")
+    p.add_argument("--max-size", type=int, default=None, help="resize: long side cap (default: the model's; 1333)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (--preset)")
     p.set_defaults(func=run)
 

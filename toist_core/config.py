@@ -15,6 +15,7 @@ This module imports neither torch nor transformers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,16 +182,27 @@ Precision = Literal["fp32", "fp16", "bf16"]
 
 
 @dataclass
-class InferenceConfig:
-    """Pre- and post-processing of :class:`toist_core.inference.TaskSegmenter`.
-
-    Defaults are the reference evaluation's (short side 800, long side at most 1333,
-    ImageNet normalisation, mask threshold 0.5), plus a score threshold and an instance cap
-    that the reference does not have (it keeps all 100 queries).
-    """
+class InputSize:
+    """The image size a model was trained and evaluated at: the resize rule's short side and
+    long-side cap (the reference's 800 / 1333). A model directory records it."""
 
     short_side: int = 800
     max_size: int = 1333
+
+
+@dataclass
+class InferenceConfig:
+    """Pre- and post-processing of :class:`toist_core.inference.TaskSegmenter`.
+
+    Defaults are the reference evaluation's (the model's own input size: 800 / 1333 for
+    official checkpoints; ImageNet normalisation, mask threshold 0.5), plus a score threshold
+    and an instance cap that the reference does not have (it keeps all 100 queries).
+    """
+
+    # Resize rule; None = the model's own :class:`InputSize` (a model directory's ``input_size``,
+    # the reference's 800 / 1333 for official files and random weights).
+    short_side: Optional[int] = None
+    max_size: Optional[int] = None
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     score_threshold: float = 0.5
@@ -206,9 +218,12 @@ class InferenceConfig:
     pronoun: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.short_side < 1 or self.max_size < self.short_side:
-            raise ConfigError(f"inference: need 1 <= short_side <= max_size, got "
-                              f"{self.short_side} / {self.max_size}")
+        for name in ("short_side", "max_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"inference.{name} must be >= 1 (or None: the model's own), got {value}")
+        if self.short_side is not None and self.max_size is not None and self.max_size < self.short_side:
+            raise ConfigError(f"inference: need short_side <= max_size, got {self.short_side} / {self.max_size}")
         if not 0.0 <= self.score_threshold <= 1.0:
             raise ConfigError(f"inference.score_threshold must be in [0, 1], got {self.score_threshold}")
         if self.max_instances < 0:
@@ -217,6 +232,17 @@ class InferenceConfig:
             raise ConfigError(f"inference.mask_threshold must be in (0, 1), got {self.mask_threshold}")
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"inference.precision must be fp32, fp16 or bf16, got {self.precision!r}")
+
+    def with_input_size(self, own: InputSize) -> "InferenceConfig":
+        """This config with the sizes left to the model (None) taken from ``own``.
+
+        A short side alone keeps the model's cap unless it is larger; a cap alone bounds the
+        model's short side.
+        """
+        short = self.short_side if self.short_side is not None else (
+            own.short_side if self.max_size is None else min(own.short_side, self.max_size))
+        cap = self.max_size if self.max_size is not None else max(own.max_size, short)
+        return dataclasses.replace(self, short_side=short, max_size=cap)
 
 
 def _paper() -> ModelConfig:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import InferenceConfig, ModelConfig, preset
+from .config import InferenceConfig, InputSize, ModelConfig, preset
 from .structures import ImageBatch
 from .tasks import resolve_task
 from .tokens import NO_OBJECT_INDEX, span_token_indices
@@ -139,9 +139,11 @@ class TaskSegmenter:
     def __init__(self, model: torch.nn.Module, *, device: Union[str, torch.device] = "auto",
                  memory_bank: Optional[torch.nn.Module] = None, pronoun: str = DEFAULT_PRONOUN,
                  inference: Optional[InferenceConfig] = None, config: Optional[ModelConfig] = None,
-                 task: Union[int, str, None] = None):
+                 task: Union[int, str, None] = None, input_size: Optional[InputSize] = None):
+        """``input_size``: the size the model was trained at, used where ``inference`` leaves the
+        size to the model (default: the reference's 800 / 1333)."""
         self.device = resolve_device(device)
-        self.inference = inference if inference is not None else InferenceConfig()
+        self.inference = (inference or InferenceConfig()).with_input_size(input_size or InputSize())
         self.pronoun = self.inference.pronoun or pronoun
         self._autocast = _autocast_dtype(self.inference.precision, self.device)
         self.model = model.to(self.device).eval()
@@ -167,7 +169,8 @@ class TaskSegmenter:
         ``text_encoder`` (hub name such as ``roberta-base``, or a local directory) supplies the
         tokenizer, and for official files the text architecture when it is a local directory
         with ``config.json``; official files default to ``roberta-base``. Model directories
-        carry their own tokenizer and load without network. ``config`` (official files only)
+        carry their own tokenizer and load without network, and their input size (the size they
+        were trained at) is used unless ``inference`` sets one. ``config`` (official files only)
         is checked against the file's tensor shapes.
         """
         from .checkpoint import is_model_dir, load_pretrained
@@ -176,7 +179,7 @@ class TaskSegmenter:
             text_encoder = "roberta-base"
         loaded = load_pretrained(path, config=config, text_encoder=text_encoder)
         return cls(loaded.model, device=device, memory_bank=loaded.memory_bank, pronoun=loaded.pronoun,
-                   inference=inference, config=loaded.config, task=task)
+                   inference=inference, config=loaded.config, task=task, input_size=loaded.input_size)
 
     @classmethod
     def from_config(cls, config: Union[str, ModelConfig] = "tiny", device: Union[str, torch.device] = "cpu",

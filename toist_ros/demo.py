@@ -74,7 +74,6 @@ class _Plan:
             if one_shot_id is not None:
                 # A scene the camera does not show (the first ones are taken by the topic's task).
                 self.one_shot_scene = held_out_scenes(settings, one_shot_id, args.scenes + 1)[-1]
-            self.short_side = self.short_side or (settings["min_size"] + settings["max_size"]) // 2
         elif not args.checkpoint:
             self.short_side = self.short_side or 320  # the random fallback: any size shows the plumbing
         self.photos = dict(load_photos())
@@ -101,8 +100,8 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="frames the camera stand-in publishes (default: every scene and photo once)")
     parser.add_argument("--rate", type=float, default=5.0, help="camera frame rate (Hz)")
     parser.add_argument("--short-side", type=int, default=0,
-                        help="model input short side (default: the embedded model's training size; the params "
-                             "file's 800 for a checkpoint)")
+                        help="model input short side (default: the size the model was trained at, which a "
+                             "model directory records; 800 for an official .pth)")
     parser.add_argument("--out", default="out/demo", help="output directory")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
     return parser.parse_args(argv)

@@ -131,7 +131,8 @@ def inference_config(settings: Any, precision: Optional[str] = None):
     """toist_core's InferenceConfig (input size, thresholds, precision) from the node's parameters."""
     from toist_core.config import InferenceConfig
 
-    return InferenceConfig(short_side=int(settings["input.short_side"]), max_size=int(settings["input.max_side"]),
+    return InferenceConfig(short_side=int(settings["input.short_side"]) or None,  # 0: the model's own
+                           max_size=int(settings["input.max_side"]) or None,
                            score_threshold=float(settings["score_threshold"]),
                            max_instances=int(settings["max_instances"]),
                            mask_threshold=float(settings["mask_threshold"]),

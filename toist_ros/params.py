@@ -55,10 +55,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "or stop with an error (false)", read_only=True),
     ParamSpec("precision", "fp32", "model precision: fp32, fp16 (CUDA only; fp32 on CPU) or bf16 (autocast)",
               read_only=True, choices=("fp32", "fp16", "bf16")),
-    ParamSpec("input.short_side", 800, "the model's input short side in pixels (the reference tests at 800)",
-              read_only=True, low=32, high=2048),
-    ParamSpec("input.max_side", 1333, "the model's input long-side cap in pixels (the reference uses 1333)",
-              read_only=True, low=32, high=4096),
+    ParamSpec("input.short_side", 0, "the model's input short side in pixels; 0 = the size the model was "
+              "trained at (a model directory records it; official checkpoints: the reference's 800)",
+              read_only=True, low=0, high=2048),
+    ParamSpec("input.max_side", 0, "the model's input long-side cap in pixels; 0 = the model's own "
+              "(official checkpoints: the reference's 1333)", read_only=True, low=0, high=4096),
     ParamSpec("warmup", True, "run one forward pass on a blank image before reporting ready", read_only=True),
     # Input.
     ParamSpec("input.topics", ["image"], "input image topics (remappable names); outputs of 'cam/image' go to "
@@ -149,7 +150,7 @@ def check_values(values: dict[str, Any]) -> list[str]:
         reason = check_value(spec, value)
         if reason:
             reasons.append(reason)
-    if not reasons and "input.short_side" in values and "input.max_side" in values:
+    if not reasons and values.get("input.short_side") and values.get("input.max_side"):
         if values["input.max_side"] < values["input.short_side"]:
             reasons.append(f"input.max_side {values['input.max_side']} is smaller than "
                            f"input.short_side {values['input.short_side']}")

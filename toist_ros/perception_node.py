@@ -142,7 +142,9 @@ class PerceptionNode(Node):
 
         self.model = load_model(settings, log.warning)
         self.segmenter = self.model.segmenter
-        log.info(f"model: {self.model.description}; device {self.model.device}")
+        size = self.segmenter.inference
+        log.info(f"model: {self.model.description}; device {self.model.device}; input resized to short side "
+                 f"{size.short_side} px, long side at most {size.max_size} px")
         if self.model.is_random_default:
             log.warning(self.model.description)
         try:
@@ -211,7 +213,7 @@ class PerceptionNode(Node):
                  f"{self._status_pub.topic_name} (transient local); diagnostics {self._diag_pub.topic_name}")
 
     def _warm_up(self) -> None:
-        side = int(self._settings["input.short_side"])
+        side = self.segmenter.inference.short_side
         blank = np.zeros((side, side * 4 // 3, 3), dtype=np.uint8)
         start = time.perf_counter()
         self._predict(blank, self._task)

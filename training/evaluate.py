@@ -82,7 +82,8 @@ def build_validation_set(cfg: TrainConfig, holdout: Optional[set[int]] = None) -
 
 def inference_config(cfg: TrainConfig) -> InferenceConfig:
     """The reference's evaluation post-processing at the data config's test size."""
-    return InferenceConfig(short_side=cfg.data.test_size, max_size=max(cfg.data.max_size, cfg.data.test_size),
+    size = cfg.data.input_size()
+    return InferenceConfig(short_side=size.short_side, max_size=size.max_size,
                            score_threshold=0.0, max_instances=cfg.model.num_queries)
 
 

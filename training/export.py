@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 
 from toist_core.checkpoint import build_memory_bank, load_state_dict_strict, save_model_dir
 from toist_core.config import ModelConfig
+from toist_core.data.config import DataConfig
 from toist_core.model import build_model, load_tokenizer
 from toist_core.typed_config import from_dict
 
@@ -38,9 +39,10 @@ def export_checkpoint(path: Union[str, Path], directory: Union[str, Path], weigh
     bank = None
     if ckpt.get("cluster_criterion") is not None:
         bank = build_memory_bank(ckpt["cluster_criterion"], where=f"{path} [cluster_criterion]")
-    pronoun = config.get("data", {}).get("pronoun", "something")
-    return save_model_dir(model, directory, model_cfg, memory_bank=bank, pronoun=pronoun,
-                          source=f"{Path(path).name} ({ckpt['stage']}, update {ckpt['step']}, {key})")
+    data_cfg = from_dict(DataConfig, config.get("data", {}), f"{path} [config.data]")
+    return save_model_dir(model, directory, model_cfg, memory_bank=bank, pronoun=data_cfg.pronoun,
+                          source=f"{Path(path).name} ({ckpt['stage']}, update {ckpt['step']}, {key})",
+                          input_size=data_cfg.input_size())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

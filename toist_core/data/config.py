@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from toist_core.config import InputSize
 from toist_core.data.transforms import CROP_RESIZE_SIZES, TRAIN_SIZES
 from toist_core.tasks import DEFAULT_PRONOUN, NUM_TASKS
 
@@ -57,6 +58,10 @@ class DataConfig:
             raise ValueError(f"image_dirs: no image folder configured for split {split!r} "
                              f"(known: {sorted(self.image_dirs)})")
         return Path(self.root) / self.image_dirs[split]
+
+    def input_size(self) -> InputSize:
+        """The evaluation resize rule, the size a model trained on this data expects."""
+        return InputSize(short_side=self.test_size, max_size=max(self.max_size, self.test_size))
 
     def transform_kwargs(self) -> dict:
         return dict(train_sizes=self.train_sizes, max_size=self.max_size,
