@@ -35,7 +35,7 @@ def test_recipe_quick_run_trains_every_stage_and_exports_a_model(tmp_path, capfd
     # The exported directory is what the node loads: a distilled segmentation model with its bank.
     seg = TaskSegmenter.from_pretrained(model_dir, device="cpu")
     assert seg.memory_bank is not None and seg.config.masks and seg.config.backbone.name == "mobilenet_v2"
-    assert seg.inference.short_side == recipe.RecipeSettings(**metrics["settings"]).test_size  # its own size
+    assert seg.inference.short_side == recipe.RecipeSettings(**metrics["settings"]).input_size.short_side
     scene = held_out_scenes(metrics["settings"], task_id=1, count=1)[0]
     seg.set_task(1)
     prediction = seg.predict(scene.pixels)
@@ -111,31 +111,32 @@ def test_committed_model_finds_the_right_objects_in_held_out_scenes(committed):
     segmenter = TaskSegmenter.from_pretrained(DEFAULT_MODEL_DIR, device="cpu",
                                               inference=InferenceConfig(score_threshold=0.0))
     # The directory records the size it was trained at (what the node and the demo then use).
-    assert segmenter.inference.short_side == (settings["min_size"] + settings["max_size"]) // 2
+    assert segmenter.inference.short_side == recipe.RecipeSettings(**settings).input_size.short_side
     trained = _top_right(segmenter, settings)
     untrained = _top_right(TaskSegmenter.from_config(segmenter.config, device="cpu", inference=segmenter.inference,
                                                      seed=0), settings)
     assert sum(trained) >= sum(untrained) + 3, (trained, untrained)
 
 
+def _node_settings(short_side: int, max_side: int) -> dict:
+    """The node parameters ``load_model`` reads: the embedded default on the CPU."""
+    return {"checkpoint": "", "device": "cpu", "allow_cpu_fallback": False, "precision": "fp32",
+            "text_encoder": "", "input.short_side": short_side, "input.max_side": max_side,
+            "score_threshold": 0.5, "max_instances": 5, "mask_threshold": 0.5}
+
+
 def test_node_resizes_to_the_size_the_default_was_trained_at(committed):
     """The params file's input sizes are 0: the node takes them from the model directory."""
-    settings = {"checkpoint": "", "device": "cpu", "allow_cpu_fallback": False, "precision": "fp32",
-                "text_encoder": "", "input.short_side": 0, "input.max_side": 0, "score_threshold": 0.5,
-                "max_instances": 5, "mask_threshold": 0.5}
-    inference = load_model(settings, warn=lambda msg: None).segmenter.inference
-    recipe_settings = recipe.RecipeSettings(**committed["settings"])
-    assert (inference.short_side, inference.max_size) == (recipe_settings.test_size, 2 * recipe_settings.max_size)
+    inference = load_model(_node_settings(short_side=0, max_side=0), warn=lambda msg: None).segmenter.inference
+    own = recipe.RecipeSettings(**committed["settings"]).input_size
+    assert (inference.short_side, inference.max_size) == (own.short_side, own.max_size)
 
 
 def test_node_falls_back_to_random_weights_when_the_default_is_missing(monkeypatch, tmp_path):
     from toist_ros import model_loader
 
     monkeypatch.setattr(model_loader, "DEFAULT_MODEL_DIR", tmp_path / "absent")
-    settings = {"checkpoint": "", "device": "cpu", "allow_cpu_fallback": False, "precision": "fp32",
-                "text_encoder": "", "input.short_side": 160, "input.max_side": 320, "score_threshold": 0.5,
-                "max_instances": 5, "mask_threshold": 0.5}
-    loaded = load_model(settings, warn=lambda msg: None)
+    loaded = load_model(_node_settings(short_side=160, max_side=320), warn=lambda msg: None)
     assert loaded.is_random_default and loaded.description == FALLBACK_MODEL_NOTE.format(path=tmp_path / "absent")
     assert "RANDOM" in loaded.description and loaded.segmenter.config.backbone.name == "resnet18"
 

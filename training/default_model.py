@@ -47,6 +47,7 @@ from typing import Optional, Sequence
 import torch
 
 import toist_core
+from toist_core.config import InputSize
 from toist_core.data.synth import generate
 from toist_core.model import build_model, load_tokenizer
 
@@ -110,13 +111,15 @@ class RecipeSettings:
         return max(1, self.threads // self.jobs)
 
     @property
-    def test_size(self) -> int:
-        """Evaluation short side: the middle of the synthetic image sides."""
-        return (self.min_size + self.max_size) // 2
+    def input_size(self) -> InputSize:
+        """Evaluation resize (``data.test_size`` / ``data.max_size``, what the exported model
+        records): short side the middle of the synthetic image sides, long side at most twice the
+        largest."""
+        return InputSize(short_side=(self.min_size + self.max_size) // 2, max_size=2 * self.max_size)
 
     def common_overrides(self, data_root: Path) -> list[str]:
         """Overrides of every stage (on top of the tiny_* configs)."""
-        mid = self.test_size
+        mid = self.input_size.short_side
         return [f"data.root={data_root}", f"data.tasks=[{','.join(map(str, self.tasks))}]",
                 "model.backbone.name=mobilenet_v2", "model.backbone.weights=imagenet",
                             # The backbone stays fixed after pre-training (see pretrain_backbone_lr).
@@ -128,7 +131,7 @@ class RecipeSettings:
                 f"optim.lr={self.lr}", f"optim.text_encoder_lr={self.lr}",
                 "eval.holdout_fraction=0.1", "checkpoint.export_model_dir=false",
                 # image sizes around the synthetic ones (the reference's 480..800 / 800 scaled down)
-                f"data.train_sizes=[{self.min_size},{mid},{self.max_size}]", f"data.max_size={2 * self.max_size}",
+                f"data.train_sizes=[{self.min_size},{mid},{self.max_size}]", f"data.max_size={self.input_size.max_size}",
                 f"data.crop_resize_sizes=[{self.min_size},{mid}]", f"data.crop_min_size={self.min_size * 5 // 6}",
                 f"data.crop_max_size={self.max_size}", f"data.test_size={mid}",
                 "distill.feature_dim=128", f"distill.bank_size={self.bank_size}"]
@@ -357,8 +360,8 @@ def export_default(settings: RecipeSettings, out: Path, results: dict, minutes: 
     card = MODEL_CARD.format(num_classes=len(SYNTH_CLASSES), table=results_table(results), minutes=minutes,
                              ablation_flag=" --ablations" if ablations else "",
                              ablation_time=" with the ablations" if ablations else "",
-                             empty_pct=round(100 * settings.empty_fraction), test_size=settings.test_size,
-                             long_side=2 * settings.max_size, **asdict(settings))
+                             empty_pct=round(100 * settings.empty_fraction), test_size=settings.input_size.short_side,
+                             long_side=settings.input_size.max_size, **asdict(settings))
     (model_dir / "MODEL_CARD.md").write_text(card)
     return model_dir
 
