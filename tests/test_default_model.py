@@ -90,10 +90,11 @@ def test_committed_distilled_student_beats_the_plain_student(committed):
     assert sum(distilled[k] > plain[k] for k in per_task) > len(per_task) / 2, (distilled, plain)
 
 
-def _top_right(seg: TaskSegmenter, settings: dict, tasks=(2, 3), count: int = 10) -> list[bool]:
-    """Per held-out scene of each task: is the best-scoring instance a preferred object?"""
+def _top_right(seg: TaskSegmenter, settings: dict, count: int = 5) -> list[bool]:
+    """Per held-out scene of each of the model's tasks (the demo's: the first ``count`` of each):
+    is the best-scoring instance a preferred object?"""
     verdicts = []
-    for task in tasks:
+    for task in settings["tasks"]:
         seg.set_task(task)
         for scene in held_out_scenes(settings, task, count=count):
             prediction = seg.predict(scene.pixels)
@@ -103,10 +104,9 @@ def _top_right(seg: TaskSegmenter, settings: dict, tasks=(2, 3), count: int = 10
 
 
 def test_committed_model_finds_the_right_objects_in_held_out_scenes(committed):
-    """The demo's check without ROS: how often the top instance of a held-out scene is a preferred
-    object, for the committed model and for the same network untrained. (The goal of a majority
-    is not reached yet: 9 of these 20 at the last recipe run, 4 with the previous recipe;
-    see docs/default_model.md.)"""
+    """The demo's check without ROS, on the demo's scenes: the top instance is a preferred object
+    on most of them (13 of 20 at the last recipe run; 45 of 80 over 20 scenes per task, see
+    docs/default_model.md), and on more than for the same network untrained."""
     settings = committed["settings"]
     segmenter = TaskSegmenter.from_pretrained(DEFAULT_MODEL_DIR, device="cpu",
                                               inference=InferenceConfig(score_threshold=0.0))
@@ -115,6 +115,7 @@ def test_committed_model_finds_the_right_objects_in_held_out_scenes(committed):
     trained = _top_right(segmenter, settings)
     untrained = _top_right(TaskSegmenter.from_config(segmenter.config, device="cpu", inference=segmenter.inference,
                                                      seed=0), settings)
+    assert sum(trained) > len(trained) / 2, trained
     assert sum(trained) >= sum(untrained) + 3, (trained, untrained)
 
 

@@ -12,6 +12,7 @@ from toist_core import cli
 from toist_core.config import InferenceConfig
 from toist_core.distill.memory_bank import MemoryBank
 from toist_core.inference import Prediction, TaskSegmenter, TaskState
+from toist_core.structures import ImageBatch
 from toist_core.tokens import NO_OBJECT_INDEX
 
 SMALL = dict(short_side=64, max_size=128)
@@ -42,7 +43,9 @@ def reference_outputs(seg, image, caption, memory_hook=None):
     boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * torch.tensor([width, height] * 2)
     masks = None
     if "pred_masks" in out:
-        logits = F.interpolate(out["pred_masks"], size=sizes[0], mode="bilinear", align_corners=False)
+        # The reference's PostProcessSegm: to the padded size, crop the image, to the original size.
+        logits = F.interpolate(out["pred_masks"], size=tuple(batch.tensors.shape[-2:]), mode="bilinear",
+                               align_corners=False)[..., :sizes[0][0], :sizes[0][1]]
         masks = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0].sigmoid() > 0.5
     return scores, boxes, masks
 
@@ -122,7 +125,10 @@ def test_boxes_with_reference_resize_rule(forced):
     seg = TaskSegmenter(small.model, device="cpu", task=5, inference=InferenceConfig(max_instances=1))
     image = random_image(150, 400)
     batch, sizes = seg.preprocess([image])
-    assert sizes == [(500, 1333)] and tuple(batch.tensors.shape) == (1, 3, 500, 1333)
+    # Padded (and masked) to multiples of 32; boxes stay relative to the image.
+    assert sizes == [(500, 1333)] and tuple(batch.tensors.shape) == (1, 3, 512, 1344)
+    assert not batch.mask[0, :500, :1333].any() and batch.mask[0, 500:].all() and batch.mask[0, :, 1333:].all()
+    assert (batch.tensors[0, :, 500:] == 0).all() and (batch.tensors[0, :, :, 1333:] == 0).all()
     pred = seg.predict(image)
     assert np.allclose(pred.boxes[0], [(cx - w / 2) * 400, (cy - h / 2) * 150, (cx + w / 2) * 400,
                                        (cy + h / 2) * 150], atol=1e-3)
@@ -252,3 +258,26 @@ def test_cli_predict_writes_overlays_and_rle(tmp_path, capsys):
     assert decoded.shape == (45, 70) and len(first["box"]) == 4
     from toist_core.visualize import load_rgb
     assert load_rgb(out / "kitchen.png").shape == (45, 70, 3)
+
+
+def test_image_batch_rounds_padding_up_and_marks_it():
+    images = [torch.ones(3, 40, 70), torch.ones(3, 65, 33)]
+    batch = ImageBatch.from_images(images, size_divisibility=32)
+    assert tuple(batch.tensors.shape) == (2, 3, 96, 96)
+    assert batch.image_sizes == [(40, 70), (65, 33)]
+    assert batch.tensors.sum() == 3 * (40 * 70 + 65 * 33)        # zeros in the padding
+    assert tuple(ImageBatch.from_images(images).tensors.shape) == (2, 3, 65, 70)   # reference: no rounding
+    with pytest.raises(ValueError, match="size_divisibility"):
+        ImageBatch.from_images(images, size_divisibility=0)
+
+
+def test_lone_frame_is_padded_like_a_batch_of_that_size(seg):
+    """With ``pad_multiple`` a single frame gives what it gives in a batch padded to the same
+    size; without it, the padding changes the result (which is why frames are padded)."""
+    frame, partner = random_image(64, 90), random_image(64, 64, seed=1)   # both -> a 64 x 96 canvas
+    alone = seg.predict(frame, max_instances=5)
+    in_batch = seg.predict_batch([frame, partner], max_instances=5)[0]
+    assert np.allclose(alone.boxes, in_batch.boxes, atol=1e-4) and np.allclose(alone.scores, in_batch.scores, atol=1e-6)
+    unpadded = TaskSegmenter(seg.model, device="cpu", task=2, inference=InferenceConfig(
+        score_threshold=0.0, pad_multiple=1, **SMALL)).predict(frame, max_instances=5)
+    assert not np.allclose(alone.scores, unpadded.scores, atol=1e-6)

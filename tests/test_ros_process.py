@@ -170,8 +170,14 @@ def test_demo_runs_the_embedded_model_on_held_out_scenes(tmp_path):
     photos = [r for r in report["frames"] if not r["image"].startswith("synth_test_")]
     assert scenes and all(r["top_right"] is not None and r["preferred"] >= 1 for r in scenes)
     assert all(r["top_right"] is None for r in photos)
-    assert report["synthetic_top_right"] == sum(1 for r in scenes if r["top_right"])
-    assert report["synthetic_test_map50"]["box"] > 0 and report["one_shot"]["top_right"] is not None
-    for row in report["frames"]:
+    # segment_image: 3 held-out scenes of each of the model's other tasks, judged too.
+    one_shots = report["one_shots"]
+    assert len(one_shots) == 3 * (len(report["synthetic_test_map50"]["tasks"]) - 1)
+    assert all(r["top_right"] is not None and r["preferred"] >= 1 for r in one_shots)
+    assert len({r["task"] for r in one_shots}) == len(report["synthetic_tasks"]) - 1
+    assert report["synthetic_frames"] == len(scenes) + len(one_shots)
+    assert report["synthetic_top_right"] == sum(1 for r in scenes + one_shots if r["top_right"])
+    assert report["synthetic_test_map50"]["box"] > 0
+    for row in report["frames"] + one_shots:
         assert (out / row["overlay"]).is_file()
     assert "held-out synthetic scenes" in (out / "report.md").read_text()

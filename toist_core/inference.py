@@ -285,8 +285,8 @@ class TaskSegmenter:
 
     # -- steps -------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[ImageBatch, list[tuple[int, int]]]:
-        """Resize (reference evaluation rule) and normalise on the model's device; returns the
-        padded batch and each image's resized ``(h, w)``."""
+        """Resize (reference evaluation rule), normalise on the model's device and pad to a
+        multiple of ``pad_multiple``; returns the padded batch and each image's resized ``(h, w)``."""
         from .data.transforms import resized_hw
 
         cfg = self.inference
@@ -299,7 +299,7 @@ class TaskSegmenter:
                 x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
             tensors.append((x - self._mean) / self._std)
             sizes.append(size)
-        batch = ImageBatch.from_images(tensors)
+        batch = ImageBatch.from_images(tensors, size_divisibility=cfg.pad_multiple)
         if self.inference.channels_last:
             batch = ImageBatch(batch.tensors.contiguous(memory_format=torch.channels_last), batch.mask)
         return batch, sizes

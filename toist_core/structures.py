@@ -21,13 +21,16 @@ class ImageBatch:
     mask: Tensor
 
     @classmethod
-    def from_images(cls, images: Sequence[Tensor]) -> "ImageBatch":
-        """Pad ``[3, h_i, w_i]`` images to the batch's largest h and w (no rounding, as the reference)."""
+    def from_images(cls, images: Sequence[Tensor], size_divisibility: int = 1) -> "ImageBatch":
+        """Pad ``[3, h_i, w_i]`` images to the batch's largest h and w, rounded up to a multiple
+        of ``size_divisibility`` (1: no rounding, as the reference's training batches)."""
         if len(images) == 0:
             raise ValueError("cannot batch an empty list of images")
+        if size_divisibility < 1:
+            raise ValueError(f"size_divisibility must be >= 1, got {size_divisibility}")
         channels = images[0].shape[0]
-        height = max(int(img.shape[-2]) for img in images)
-        width = max(int(img.shape[-1]) for img in images)
+        height = -(-max(int(img.shape[-2]) for img in images) // size_divisibility) * size_divisibility
+        width = -(-max(int(img.shape[-1]) for img in images) // size_divisibility) * size_divisibility
         first = images[0]
         tensors = first.new_zeros((len(images), channels, height, width))
         mask = torch.ones((len(images), height, width), dtype=torch.bool, device=first.device)

@@ -11,7 +11,9 @@
    scikit-image's sample photos (coffee, chelsea, astronaut, rocket, camera), where it will
    find little; with a checkpoint, the photos; and collects ``instances`` carrying the new
    revision,
-4. asks ``segment_image`` for one more image with another task (the one-shot service),
+4. asks the one-shot service ``segment_image`` for images with other tasks: with the embedded
+   default model, as many held-out scenes of each of its other tasks (so the report covers every
+   task it knows); with a checkpoint, one photo,
 5. writes an overlay per result (drawn from the received messages: boxes, mask crops put
    back in place) and a report under ``out/demo/``: per frame the task, the instances and, on
    synthetic scenes, whether they are the right objects (IoU >= 0.5 with a preferred object);
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,18 +44,28 @@ import numpy as np
 NAMESPACE = "/toist_demo"
 CAMERA_TOPIC = f"{NAMESPACE}/camera/image"
 # The embedded model knows the recipe's tasks only (toist_core/assets/default_model/MODEL_CARD.md).
-DEFAULT_TASK, DEFAULT_ONE_SHOT_TASK = "sit comfortably on", "place flowers in"
+DEFAULT_TASK = "sit comfortably on"
 CHECKPOINT_TASK, CHECKPOINT_ONE_SHOT_TASK = "place flowers in", "open bottle of beer with"
 ONE_SHOT_PHOTO = "astronaut"
 # Synthetic scenes are ~100 px: overlays are drawn this many times larger to be readable.
 SCENE_OVERLAY_SCALE = 4
 
 
+@dataclass
+class _OneShot:
+    """An image sent to ``segment_image`` with a task; ``scene`` when it is a held-out scene."""
+
+    task: str
+    name: str
+    pixels: np.ndarray
+    scene: Optional[Any] = None
+
+
 class _Plan:
     """What the demo shows: the model, the tasks, the frames and what is known about them."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from toist_core.tasks import resolve_task
+        from toist_core.tasks import resolve_task, task_phrase
         from toist_ros.camera_standin import load_photos
         from toist_ros.demo_scenes import held_out_scenes, model_metrics
         from toist_ros.model_loader import default_model_dir
@@ -61,22 +74,27 @@ class _Plan:
         self.metrics = model_metrics(model_dir) if model_dir is not None else None
         trained_default = self.metrics is not None
         self.task = args.task or (DEFAULT_TASK if trained_default else CHECKPOINT_TASK)
-        self.one_shot_task = args.one_shot_task or (DEFAULT_ONE_SHOT_TASK if trained_default
-                                                    else CHECKPOINT_ONE_SHOT_TASK)
+        self.one_shot_task = args.one_shot_task or CHECKPOINT_ONE_SHOT_TASK
         self.scenes = {}
-        self.one_shot_scene = None
+        self.one_shots: list[_OneShot] = []
         self.short_side = args.short_side
+        self.photos = dict(load_photos())
         if trained_default:
             settings = self.metrics["settings"]
-            task_id, one_shot_id = resolve_task(self.task).task_id, resolve_task(self.one_shot_task).task_id
+            task_id = resolve_task(self.task).task_id
             if task_id is not None:
                 self.scenes = {s.name: s for s in held_out_scenes(settings, task_id, args.scenes)}
-            if one_shot_id is not None:
-                # A scene the camera does not show (the first ones are taken by the topic's task).
-                self.one_shot_scene = held_out_scenes(settings, one_shot_id, args.scenes + 1)[-1]
+            # The same number of held-out scenes of every other task the model knows (or of the
+            # --one-shot-task alone), so the verdict is not that of one task.
+            others = ([resolve_task(args.one_shot_task).task_id] if args.one_shot_task
+                      else [t for t in settings["tasks"] if t != task_id])
+            for other in (t for t in others if t is not None):
+                self.one_shots += [_OneShot(task_phrase(other), s.name, s.pixels, s)
+                                   for s in held_out_scenes(settings, other, args.scenes)]
         elif not args.checkpoint:
             self.short_side = self.short_side or 320  # the random fallback: any size shows the plumbing
-        self.photos = dict(load_photos())
+        if not self.one_shots:
+            self.one_shots = [_OneShot(self.one_shot_task, ONE_SHOT_PHOTO, self.photos[ONE_SHOT_PHOTO])]
         self.frames = [(s.name, s.pixels) for s in self.scenes.values()] + list(self.photos.items())
         self.frame_count = args.frames or len(self.frames)
 
@@ -93,9 +111,11 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--task", default="", help="task set through the set_task service (default: "
                         f"{DEFAULT_TASK!r} with the embedded model, {CHECKPOINT_TASK!r} with a checkpoint)")
-    parser.add_argument("--one-shot-task", default="", help="task of the segment_image call (default: "
-                        f"{DEFAULT_ONE_SHOT_TASK!r} / {CHECKPOINT_ONE_SHOT_TASK!r})")
-    parser.add_argument("--scenes", type=int, default=8, help="held-out synthetic scenes (embedded model only)")
+    parser.add_argument("--one-shot-task", default="", help="task of the segment_image calls (default: every "
+                        "other task of the embedded model, on its held-out scenes; with a checkpoint "
+                        f"{CHECKPOINT_ONE_SHOT_TASK!r} on a photo)")
+    parser.add_argument("--scenes", type=int, default=5,
+                        help="held-out synthetic scenes per task (embedded model only)")
     parser.add_argument("--frames", type=int, default=0,
                         help="frames the camera stand-in publishes (default: every scene and photo once)")
     parser.add_argument("--rate", type=float, default=5.0, help="camera frame rate (Hz)")
@@ -343,36 +363,38 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
                "instances": len(msg.instances),
                "best_score": round(msg.instances[0].score, 4) if msg.instances else None,
                "inference_ms": round(msg.inference_ms, 1), "latency_ms": round(latencies[-1], 1), "overlay": ""}
-        row.update(_judgement(plan, name, msg))
+        row.update(_judgement(plan.scenes.get(name), msg))
         pixels = plan.pixels(name)
         if pixels is not None:
             row["overlay"] = f"frame_{index:02d}_{name}.png"
-            verdict = "" if row["top_right"] is None else f" - top {'RIGHT' if row['top_right'] else 'wrong'}"
-            save_rgb(out / row["overlay"], _overlay(_as_rgb(pixels), msg, note + verdict, _scale(plan, name)))
+            verdict = _verdict(row)
+            save_rgb(out / row["overlay"], _overlay(_as_rgb(pixels), msg, note + verdict,
+                                                    _scale(name in plan.scenes)))
         rows.append(row)
 
-    if plan.one_shot_scene is not None:
-        one_shot_name, one_shot_pixels = plan.one_shot_scene.name, plan.one_shot_scene.pixels
-    else:
-        one_shot_name, one_shot_pixels = ONE_SHOT_PHOTO, plan.photos[ONE_SHOT_PHOTO]
-    request = SegmentImage.Request(image=image_from_array(_as_rgb(one_shot_pixels), "rgb8"), task=plan.one_shot_task)
-    request.image.header.frame_id = "standin_camera"
-    request.image.header.stamp = client.node.get_clock().now().to_msg()
-    one_shot = client.call(client.segment_client, request, timeout=120)
-    if not one_shot.success:
-        print(f"toist demo: segment_image failed: {one_shot.message}", file=sys.stderr)
-        return 1
-    one_shot_overlay = f"oneshot_{one_shot_name}.png"
-    if plan.one_shot_scene is not None:
-        plan.scenes[one_shot_name] = plan.one_shot_scene  # judged like the camera's scenes
-    save_rgb(out / one_shot_overlay, _overlay(_as_rgb(one_shot_pixels), one_shot.result, note,
-                                              _scale(plan, one_shot_name)))
+    one_shot_rows = []
+    for index, shot in enumerate(plan.one_shots):
+        request = SegmentImage.Request(image=image_from_array(_as_rgb(shot.pixels), "rgb8"), task=shot.task)
+        request.image.header.frame_id = "standin_camera"
+        request.image.header.stamp = client.node.get_clock().now().to_msg()
+        answer = client.call(client.segment_client, request, timeout=120)
+        if not answer.success:
+            print(f"toist demo: segment_image failed: {answer.message}", file=sys.stderr)
+            return 1
+        row = {"call": index, "task": answer.result.task, "image": shot.name, "instances": len(answer.result.instances),
+               "best_score": round(answer.result.instances[0].score, 4) if answer.result.instances else None,
+               "inference_ms": round(answer.result.inference_ms, 1),
+               "overlay": f"oneshot_{index:02d}_{shot.name}.png", **_judgement(shot.scene, answer.result)}
+        verdict = _verdict(row)
+        save_rgb(out / row["overlay"], _overlay(_as_rgb(shot.pixels), answer.result, note + verdict,
+                                                _scale(shot.scene is not None)))
+        one_shot_rows.append(row)
 
     model = _model_line(out / "node.log", bool(args.checkpoint))
     p50, p95 = _quantiles(latencies)
     n50, n95 = _quantiles(node_latencies)
     i50, i95 = _quantiles(inference)
-    judged = [r for r in rows if r.get("top_right") is not None]
+    judged = [r for r in rows + one_shot_rows if r.get("top_right") is not None]
     report = {
         "model": model, "checkpoint": args.checkpoint or None, "device": args.device,
         "random_weights": not args.checkpoint and plan.metrics is None,
@@ -380,14 +402,15 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
         "frames_published": client.camera.published, "results": len(results),
         "results_of_the_previous_task": stale,
         "instances_per_frame": [r["instances"] for r in rows],
+        # Held-out scenes of the camera and of segment_image together.
         "synthetic_frames": len(judged),
         "synthetic_top_right": sum(1 for r in judged if r["top_right"]),
+        "synthetic_tasks": sorted({r.get("task", plan.task) for r in judged}),
         "synthetic_test_map50": _test_map(plan),
         "latency_ms": {"p50": round(p50, 1), "p95": round(p95, 1)},
         "node_latency_ms": {"p50": round(n50, 1), "p95": round(n95, 1)},
         "inference_ms": {"p50": round(i50, 1), "p95": round(i95, 1)},
-        "one_shot": {"task": one_shot.result.task, "image": one_shot_name, "instances": len(one_shot.result.instances),
-                     "overlay": one_shot_overlay, **_judgement(plan, one_shot_name, one_shot.result)},
+        "one_shots": one_shot_rows,
         "frames": rows,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -397,11 +420,10 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
     return 0
 
 
-def _judgement(plan: _Plan, name: str, msg: Any) -> dict:
+def _judgement(scene: Optional[Any], msg: Any) -> dict:
     """On a synthetic scene: which instances hit a preferred object, and whether the top one does."""
     from toist_ros.demo_scenes import right_instances
 
-    scene = plan.scenes.get(name)
     if scene is None:
         return {"top_right": None, "right": None}
     boxes = np.array([list(i.box) for i in msg.instances], dtype=np.float64).reshape(-1, 4)
@@ -409,9 +431,19 @@ def _judgement(plan: _Plan, name: str, msg: Any) -> dict:
     return {"top_right": bool(right and right[0]), "right": sum(right), "preferred": len(scene.preferred_boxes)}
 
 
-def _scale(plan: _Plan, name: str) -> int:
-    return SCENE_OVERLAY_SCALE if name in plan.scenes or (plan.one_shot_scene is not None
-                                                          and name == plan.one_shot_scene.name) else 1
+def _verdict(row: dict) -> str:
+    """The overlay title's note on a judged frame."""
+    return "" if row["top_right"] is None else f" - top {'RIGHT' if row['top_right'] else 'wrong'}"
+
+
+def _judged_cells(row: dict) -> tuple[str, str]:
+    """The report table's "right / preferred" and "top right" cells."""
+    right = "-" if row["right"] is None else f"{row['right']} / {row['preferred']}"
+    return right, "-" if row["top_right"] is None else ("yes" if row["top_right"] else "no")
+
+
+def _scale(synthetic: bool) -> int:
+    return SCENE_OVERLAY_SCALE if synthetic else 1
 
 
 def _test_map(plan: _Plan) -> Optional[dict]:
@@ -448,28 +480,33 @@ def _report_text(report: dict) -> str:
         f"{report['results']} (the node skips frames it cannot keep up with and always takes the newest)",
     ]
     if report["synthetic_frames"]:
-        lines.append(f"- held-out synthetic scenes: the top instance is a right object (IoU >= 0.5 with an object "
-                     f"the task prefers) on **{report['synthetic_top_right']} of {report['synthetic_frames']}** "
-                     "frames; the real photos are outside the model's world")
-    one = report["one_shot"]
-    verdict = "" if one.get("top_right") is None else f", top instance {'right' if one['top_right'] else 'wrong'}"
+        lines.append(f"- held-out synthetic scenes (camera and `segment_image`, {len(report['synthetic_tasks'])} "
+                     f"tasks): the top instance is a right object (IoU >= 0.5 with an object the task prefers) "
+                     f"on **{report['synthetic_top_right']} of {report['synthetic_frames']}**; the real photos are "
+                     "outside the model's world")
     lines += [
         f"- latency publish -> result received, ms: p50 {report['latency_ms']['p50']}, "
         f"p95 {report['latency_ms']['p95']} (node's latency_ms field: p50 {report['node_latency_ms']['p50']}, "
         f"p95 {report['node_latency_ms']['p95']})",
         f"- inference (model) ms: p50 {report['inference_ms']['p50']}, p95 {report['inference_ms']['p95']}",
-        f"- one-shot `segment_image` on {one['image']} with {one['task']!r}: {one['instances']} instances"
-        f"{verdict} ({one['overlay']})",
+        "",
+        "Camera frames (task set through `set_task`):",
         "",
         "| frame | image | task | size | instances | right / preferred | top right | best score | inference ms "
         "| latency ms | overlay |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["frames"]:
-        right = "-" if r["right"] is None else f"{r['right']} / {r['preferred']}"
-        top = "-" if r["top_right"] is None else ("yes" if r["top_right"] else "no")
+        right, top = _judged_cells(r)
         lines.append(f"| {r['frame']} | {r['image']} | {report['task']['caption']} | {r['size']} | {r['instances']} | "
                      f"{right} | {top} | {r['best_score']} | {r['inference_ms']} | {r['latency_ms']} | {r['overlay']} |")
+    lines += ["", "One-shot `segment_image` calls (image and task in the request):", "",
+              "| call | image | task | instances | right / preferred | top right | best score | inference ms | overlay |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["one_shots"]:
+        right, top = _judged_cells(r)
+        lines.append(f"| {r['call']} | {r['image']} | {r['task']} | {r['instances']} | {right} | {top} | "
+                     f"{r['best_score']} | {r['inference_ms']} | {r['overlay']} |")
     return "\n".join(lines) + "\n"
 
 
