@@ -70,6 +70,17 @@ def test_predict_matches_full_forward_and_masks_only_kept(seg):
     assert pred.image_size == (70, 110)
 
 
+def test_masks_can_be_skipped(seg, monkeypatch):
+    image = random_image(60, 80, seed=4)
+    full = seg.predict(image, max_instances=5)
+    calls = []
+    monkeypatch.setattr(seg.model, "predict_masks", lambda *args: calls.append(args))
+    bare = seg.predict(image, max_instances=5, with_masks=False)
+    assert calls == []  # the mask head is not run at all
+    assert bare.masks is None and len(bare) == 5
+    assert np.array_equal(bare.boxes, full.boxes) and np.array_equal(bare.scores, full.scores)
+
+
 def test_threshold_and_cap(seg):
     image = random_image(50, 60, seed=1)
     full = seg.predict(image, score_threshold=0.0, max_instances=100)

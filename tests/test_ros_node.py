@@ -368,7 +368,7 @@ def test_frames_older_than_max_age_are_skipped(node, probe):
         probe.set_parameters(node.get_fully_qualified_name(), input__max_age_s=1.0)
 
 
-def test_parameters_are_validated_at_run_time(node, probe):
+def test_parameters_are_validated_at_run_time(node, probe, monkeypatch):
     name = node.get_fully_qualified_name()
     [r] = probe.set_parameters(name, score_threshold=1.5)
     assert not r.successful and "score_threshold" in r.reason
@@ -391,7 +391,11 @@ def test_parameters_are_validated_at_run_time(node, probe):
         assert result.instances == []  # published also when empty
         results = probe.set_parameters(name, score_threshold=0.0, output__masks=False, mask_threshold=0.9)
         assert all(r.successful for r in results)
+        mask_head_calls = []
+        monkeypatch.setattr(node.segmenter.model, "predict_masks", lambda *args: mask_head_calls.append(args))
         _, result = probe.roundtrip(_photo(), "cam_no_masks")
+        monkeypatch.undo()
+        assert mask_head_calls == []  # masks not published: the mask head is not run
         assert len(result.instances) == 3
         assert all(len(i.mask.data) == 0 and i.mask_area == 0 and i.mask_roi.width > 0 for i in result.instances)
         assert node.segmenter.inference.mask_threshold == 0.9

@@ -242,14 +242,18 @@ class TaskSegmenter:
 
     # -- prediction --------------------------------------------------------------------------
     def predict(self, image: np.ndarray, task_state: Optional[TaskState] = None,
-                score_threshold: Optional[float] = None, max_instances: Optional[int] = None) -> Prediction:
-        """Instances of the current task (or ``task_state``) in an ``H x W x 3`` uint8 RGB image."""
-        return self.predict_batch([image], task_state, score_threshold, max_instances)[0]
+                score_threshold: Optional[float] = None, max_instances: Optional[int] = None,
+                with_masks: bool = True) -> Prediction:
+        """Instances of the current task (or ``task_state``) in an ``H x W x 3`` uint8 RGB image.
+
+        ``with_masks=False`` skips the mask head (``masks`` is None): boxes and scores only.
+        """
+        return self.predict_batch([image], task_state, score_threshold, max_instances, with_masks)[0]
 
     @torch.inference_mode()
     def predict_batch(self, images: Sequence[np.ndarray], task_state: Optional[TaskState] = None,
                       score_threshold: Optional[float] = None,
-                      max_instances: Optional[int] = None) -> list[Prediction]:
+                      max_instances: Optional[int] = None, with_masks: bool = True) -> list[Prediction]:
         """:meth:`predict` for several images at once (padded into one batch)."""
         state = task_state if task_state is not None else self._state
         if state is None:
@@ -274,7 +278,7 @@ class TaskSegmenter:
             keep = _select(scores_all[b], threshold, limit)
             boxes = _to_pixels(boxes_all[b, keep], orig)
             masks = None
-            if self.has_masks:
+            if with_masks and self.has_masks:
                 masks = self._masks(memory, hs[-1], b, keep, size, batch.tensors.shape[-2:], orig)
             predictions.append(Prediction(
                 boxes=boxes.cpu().numpy().astype(np.float32),

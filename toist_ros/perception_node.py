@@ -216,7 +216,7 @@ class PerceptionNode(Node):
         side = self.segmenter.inference.short_side
         blank = np.zeros((side, side * 4 // 3, 3), dtype=np.uint8)
         start = time.perf_counter()
-        self._predict(blank, self._task)
+        self._predict(blank, self._task, self._settings)
         self.get_logger().info(f"warm-up forward pass: {1000 * (time.perf_counter() - start):.0f} ms")
 
     # --- model adapters (the only places that call the segmenter) ----------------------------
@@ -230,18 +230,19 @@ class PerceptionNode(Node):
         with self._encode_lock:
             return self.segmenter.encode_task(task)
 
-    def _predict(self, rgb: np.ndarray, task: ActiveTask) -> Any:
-        """One forward pass (inference thread only); thresholds from the current settings."""
+    def _predict(self, rgb: np.ndarray, task: ActiveTask, settings: Any) -> Any:
+        """One forward pass (inference thread only) with the thresholds of ``settings``; the
+        mask head runs only when masks are published."""
         import torch
 
-        settings = self._settings
         config = self.segmenter.inference
         if config.mask_threshold != settings["mask_threshold"]:
             # Run-time change: swap in a new config object (the segmenter reads it per call).
             self.segmenter.inference = dataclasses.replace(config, mask_threshold=settings["mask_threshold"])
         with torch.inference_mode():
             return self.segmenter.predict(rgb, task_state=task.state, score_threshold=settings["score_threshold"],
-                                          max_instances=settings["max_instances"])
+                                          max_instances=settings["max_instances"],
+                                          with_masks=settings["output.masks"])
 
     # --- image input -------------------------------------------------------------------------
 
@@ -438,15 +439,14 @@ class PerceptionNode(Node):
         """(TaskInstances, ranked) or None when inference failed (counted and logged)."""
         start = time.perf_counter()
         try:
-            prediction = self._predict(rgb, task)
+            prediction = self._predict(rgb, task, settings)
         except Exception as exc:
             self._inference_failed(exc)
             return None
         elapsed_ms = 1000.0 * (time.perf_counter() - start)
         self.inference_ms.add(elapsed_ms)
         height, width = rgb.shape[:2]
-        ranked = rank_instances(prediction.boxes, prediction.scores,
-                                prediction.masks if settings["output.masks"] else None, (width, height),
+        ranked = rank_instances(prediction.boxes, prediction.scores, prediction.masks, (width, height),
                                 settings["score_threshold"], settings["max_instances"], settings["output.masks"])
         msg = task_instances_msg(header, (width, height), task.caption, task.revision, elapsed_ms,
                                  to_instance_msgs(ranked, header))
