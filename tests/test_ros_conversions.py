@@ -171,7 +171,7 @@ def test_nan_scores_are_dropped_and_ties_keep_model_order():
     boxes = np.tile(np.array([[0, 0, 4, 4]], np.float32), (4, 1))
     boxes[:, 0] = [0, 1, 2, 3]
     scores = np.array([0.5, np.nan, 0.5, 0.7], np.float32)
-    ranked = rank_instances(boxes, scores, None, (10, 10), with_masks=False)
+    ranked = rank_instances(boxes, scores, None, (10, 10))
     assert [float(r.box[0]) for r in ranked] == [3.0, 0.0, 2.0]
 
 
@@ -196,8 +196,8 @@ def test_mask_crops_put_back_give_the_full_masks():
 def test_masks_off_leaves_an_empty_mask_image():
     from toist_ros.instances import to_instance_msgs
 
-    boxes, scores, masks = _prediction(seed=2)
-    msgs = to_instance_msgs(rank_instances(boxes, scores, masks, (64, 48), with_masks=False))
+    boxes, scores, _ = _prediction(seed=2)
+    msgs = to_instance_msgs(rank_instances(boxes, scores, None, (64, 48)))
     assert msgs and all(len(m.mask.data) == 0 and m.mask.width == 0 and m.mask_area == 0 for m in msgs)
     assert all(m.mask_roi.width > 0 for m in msgs)
 

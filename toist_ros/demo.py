@@ -269,7 +269,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
         old.unlink()
-    from toist_core.visualize import save_rgb
     from toist_ros.model_loader import DEFAULT_MODEL_NOTE, FALLBACK_MODEL_NOTE, DEFAULT_MODEL_DIR
 
     print(f"toist demo: ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}, "
@@ -287,7 +286,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     code = 1
     try:
         client = _Client(args, plan)
-        code = _run(args, plan, client, node, out, save_rgb)
+        code = _run(args, plan, client, node, out)
     except KeyboardInterrupt:
         code = 130
     finally:
@@ -311,8 +310,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return code
 
 
-def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subprocess.Popen, out: Path,
-         save_rgb) -> int:
+def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subprocess.Popen, out: Path) -> int:
     from toist_ros.conversions import image_from_array
     from toist_ros.srv import SegmentImage, SetTask
 
@@ -360,16 +358,11 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
         node_latencies.append(msg.latency_ms)
         inference.append(msg.inference_ms)
         row = {"frame": index, "image": name, "size": f"{msg.image_width}x{msg.image_height}",
-               "instances": len(msg.instances),
-               "best_score": round(msg.instances[0].score, 4) if msg.instances else None,
-               "inference_ms": round(msg.inference_ms, 1), "latency_ms": round(latencies[-1], 1), "overlay": ""}
-        row.update(_judgement(plan.scenes.get(name), msg))
+               "latency_ms": round(latencies[-1], 1), "overlay": "", **_result_cells(msg, plan.scenes.get(name))}
         pixels = plan.pixels(name)
         if pixels is not None:
             row["overlay"] = f"frame_{index:02d}_{name}.png"
-            verdict = _verdict(row)
-            save_rgb(out / row["overlay"], _overlay(_as_rgb(pixels), msg, note + verdict,
-                                                    _scale(name in plan.scenes)))
+            _save_overlay(out / row["overlay"], pixels, msg, note, row)
         rows.append(row)
 
     one_shot_rows = []
@@ -381,13 +374,9 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
         if not answer.success:
             print(f"toist demo: segment_image failed: {answer.message}", file=sys.stderr)
             return 1
-        row = {"call": index, "task": answer.result.task, "image": shot.name, "instances": len(answer.result.instances),
-               "best_score": round(answer.result.instances[0].score, 4) if answer.result.instances else None,
-               "inference_ms": round(answer.result.inference_ms, 1),
-               "overlay": f"oneshot_{index:02d}_{shot.name}.png", **_judgement(shot.scene, answer.result)}
-        verdict = _verdict(row)
-        save_rgb(out / row["overlay"], _overlay(_as_rgb(shot.pixels), answer.result, note + verdict,
-                                                _scale(shot.scene is not None)))
+        row = {"call": index, "image": shot.name, "overlay": f"oneshot_{index:02d}_{shot.name}.png",
+               **_result_cells(answer.result, shot.scene)}
+        _save_overlay(out / row["overlay"], shot.pixels, answer.result, note, row)
         one_shot_rows.append(row)
 
     model = _model_line(out / "node.log", bool(args.checkpoint))
@@ -405,7 +394,7 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
         # Held-out scenes of the camera and of segment_image together.
         "synthetic_frames": len(judged),
         "synthetic_top_right": sum(1 for r in judged if r["top_right"]),
-        "synthetic_tasks": sorted({r.get("task", plan.task) for r in judged}),
+        "synthetic_tasks": sorted({r["task"] for r in judged}),
         "synthetic_test_map50": _test_map(plan),
         "latency_ms": {"p50": round(p50, 1), "p95": round(p95, 1)},
         "node_latency_ms": {"p50": round(n50, 1), "p95": round(n95, 1)},
@@ -420,6 +409,13 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
     return 0
 
 
+def _result_cells(msg: Any, scene: Optional[Any]) -> dict:
+    """The report's columns of one TaskInstances answer (camera frame or ``segment_image`` call)."""
+    return {"task": msg.task, "instances": len(msg.instances),
+            "best_score": round(msg.instances[0].score, 4) if msg.instances else None,
+            "inference_ms": round(msg.inference_ms, 1), **_judgement(scene, msg)}
+
+
 def _judgement(scene: Optional[Any], msg: Any) -> dict:
     """On a synthetic scene: which instances hit a preferred object, and whether the top one does."""
     from toist_ros.demo_scenes import right_instances
@@ -431,19 +427,20 @@ def _judgement(scene: Optional[Any], msg: Any) -> dict:
     return {"top_right": bool(right and right[0]), "right": sum(right), "preferred": len(scene.preferred_boxes)}
 
 
-def _verdict(row: dict) -> str:
-    """The overlay title's note on a judged frame."""
-    return "" if row["top_right"] is None else f" - top {'RIGHT' if row['top_right'] else 'wrong'}"
+def _save_overlay(path: Path, pixels: np.ndarray, msg: Any, note: str, row: dict) -> None:
+    """The overlay of one answer; on a judged (synthetic, ~100 px) scene enlarged and titled
+    with its verdict."""
+    from toist_core.visualize import save_rgb
+
+    judged = row["top_right"] is not None
+    verdict = f" - top {'RIGHT' if row['top_right'] else 'wrong'}" if judged else ""
+    save_rgb(path, _overlay(_as_rgb(pixels), msg, note + verdict, SCENE_OVERLAY_SCALE if judged else 1))
 
 
 def _judged_cells(row: dict) -> tuple[str, str]:
     """The report table's "right / preferred" and "top right" cells."""
     right = "-" if row["right"] is None else f"{row['right']} / {row['preferred']}"
     return right, "-" if row["top_right"] is None else ("yes" if row["top_right"] else "no")
-
-
-def _scale(synthetic: bool) -> int:
-    return SCENE_OVERLAY_SCALE if synthetic else 1
 
 
 def _test_map(plan: _Plan) -> Optional[dict]:
@@ -498,7 +495,7 @@ def _report_text(report: dict) -> str:
     ]
     for r in report["frames"]:
         right, top = _judged_cells(r)
-        lines.append(f"| {r['frame']} | {r['image']} | {report['task']['caption']} | {r['size']} | {r['instances']} | "
+        lines.append(f"| {r['frame']} | {r['image']} | {r['task']} | {r['size']} | {r['instances']} | "
                      f"{right} | {top} | {r['best_score']} | {r['inference_ms']} | {r['latency_ms']} | {r['overlay']} |")
     lines += ["", "One-shot `segment_image` calls (image and task in the request):", "",
               "| call | image | task | instances | right / preferred | top right | best score | inference ms | overlay |",

@@ -41,17 +41,18 @@ def as_numpy(value: Any) -> Optional[np.ndarray]:
 
 
 def rank_instances(boxes: Any, scores: Any, masks: Any, image_size: tuple[int, int], score_threshold: float = 0.0,
-                   max_instances: int = 100, with_masks: bool = True) -> list[RankedInstance]:
+                   max_instances: int = 100) -> list[RankedInstance]:
     """Keep, rank and place the instances of one image.
 
-    boxes [N, 4] xyxy in original pixels, scores [N], masks [N, H, W] bool (or None);
-    ``image_size`` = (width, height). Instances with score < threshold or a NaN score are
-    dropped; the rest are sorted by score (ties keep model order) and cut to ``max_instances``.
+    boxes [N, 4] xyxy in original pixels, scores [N], masks [N, H, W] bool (None: boxes only, the
+    mask images stay empty); ``image_size`` = (width, height). Instances with score < threshold or
+    a NaN score are dropped; the rest are sorted by score (ties keep model order) and cut to
+    ``max_instances``.
     """
     width, height = int(image_size[0]), int(image_size[1])
     boxes = as_numpy(boxes)
     scores = as_numpy(scores)
-    masks = as_numpy(masks) if with_masks else None
+    masks = as_numpy(masks)
     boxes = np.zeros((0, 4), np.float32) if boxes is None else boxes.reshape(-1, 4).astype(np.float32)
     scores = np.zeros((0,), np.float32) if scores is None else scores.reshape(-1).astype(np.float32)
     if boxes.shape[0] != scores.shape[0]:

@@ -447,7 +447,7 @@ class PerceptionNode(Node):
         self.inference_ms.add(elapsed_ms)
         height, width = rgb.shape[:2]
         ranked = rank_instances(prediction.boxes, prediction.scores, prediction.masks, (width, height),
-                                settings["score_threshold"], settings["max_instances"], settings["output.masks"])
+                                settings["score_threshold"], settings["max_instances"])
         msg = task_instances_msg(header, (width, height), task.caption, task.revision, elapsed_ms,
                                  to_instance_msgs(ranked, header))
         return msg, ranked
