@@ -21,6 +21,7 @@ attribute assignment, so a thread calling ``predict`` sees either the old or the
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import InferenceConfig, InputSize, ModelConfig, preset
+from .model.eval_mode import eval_mode
 from .structures import ImageBatch
 from .tasks import resolve_task
 from .tokens import NO_OBJECT_INDEX, span_token_indices
@@ -140,15 +142,21 @@ class TaskSegmenter:
                  memory_bank: Optional[torch.nn.Module] = None, pronoun: str = DEFAULT_PRONOUN,
                  inference: Optional[InferenceConfig] = None, config: Optional[ModelConfig] = None,
                  task: Union[int, str, None] = None, input_size: Optional[InputSize] = None):
-        """``input_size``: the size the model was trained at, used where ``inference`` leaves the
+        """Wrap ``model`` as it is: the segmenter never changes a module it is given (device,
+        dtype, memory layout and train/eval mode stay the caller's; a module in training mode is
+        put in eval mode only for the duration of each forward pass), so a trainer can evaluate
+        the very module it trains. It must already be on ``device``. Models the segmenter builds
+        itself (:meth:`from_pretrained`, :meth:`from_config`) are moved, set to eval and, with
+        ``inference.channels_last``, converted to channels-last once, when they are built.
+
+        ``input_size``: the size the model was trained at, used where ``inference`` leaves the
         size to the model (default: the reference's 800 / 1333)."""
         self.device = resolve_device(device)
         self.inference = (inference or InferenceConfig()).with_input_size(input_size or InputSize())
         self.pronoun = self.inference.pronoun or pronoun
         self._autocast = _autocast_dtype(self.inference.precision, self.device)
-        self.model = model.to(self.device).eval()
-        if self.inference.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        _check_on_device(model, self.device)
+        self.model = model
         self.config = config
         self.memory_bank = memory_bank.to(self.device) if memory_bank is not None else None
         self._mean = torch.tensor(self.inference.mean, device=self.device).view(3, 1, 1)
@@ -178,8 +186,10 @@ class TaskSegmenter:
         if text_encoder is None and not is_model_dir(path) and config is None:
             text_encoder = "roberta-base"
         loaded = load_pretrained(path, config=config, text_encoder=text_encoder)
-        return cls(loaded.model, device=device, memory_bank=loaded.memory_bank, pronoun=loaded.pronoun,
-                   inference=inference, config=loaded.config, task=task, input_size=loaded.input_size)
+        device = resolve_device(device)
+        return cls(_prepared(loaded.model, device, inference), device=device, memory_bank=loaded.memory_bank,
+                   pronoun=loaded.pronoun, inference=inference, config=loaded.config, task=task,
+                   input_size=loaded.input_size)
 
     @classmethod
     def from_config(cls, config: Union[str, ModelConfig] = "tiny", device: Union[str, torch.device] = "cpu",
@@ -198,7 +208,8 @@ class TaskSegmenter:
         if seed is not None:
             torch.manual_seed(seed)
         model = build_model(cfg, tokenizer=tokenizer)
-        return cls(model, device=device, memory_bank=memory_bank, inference=inference, config=cfg, task=task)
+        device = resolve_device(device)
+        return cls(_prepared(model, device, inference), device=device, memory_bank=memory_bank, inference=inference, config=cfg, task=task)
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -220,7 +231,8 @@ class TaskSegmenter:
         """Compute the task's :class:`TaskState` (text features, pronoun tokens, CCR centres)
         without making it current. ``task``: id 1..14, task name, or free text (no CCR)."""
         query = resolve_task(task, self.pronoun)
-        text = self.model.encode_text([query.caption])
+        with eval_mode(self.model):  # the text encoder's dropout off, whatever the caller's mode
+            text = self.model.encode_text([query.caption])
         tokens: tuple[int, ...] = ()
         if query.pronoun_span is not None:
             tokens = tuple(span_token_indices(text.tokenized, 0, [query.pronoun_span]))
@@ -263,29 +275,31 @@ class TaskSegmenter:
         if len(images) == 0:
             return []
         originals = [tuple(check_image(img, f"images[{i}]").shape[:2]) for i, img in enumerate(images)]
-        batch, resized = self.preprocess(images)
-        with self._autocast_context():
-            memory = self.model.encode(batch, text=state.text)
-            if state.uses_ccr:
-                memory = self._replace_pronoun_rows(memory, state)
-            detector = self.model.detector
-            hs = detector.decoder_states(memory)
-            out = detector.predict_heads(hs, memory, aux=False)
-        scores_all = 1.0 - out["pred_logits"].float().softmax(-1)[..., NO_OBJECT_INDEX]
-        boxes_all = out["pred_boxes"].float()
-        predictions = []
-        for b, (orig, size) in enumerate(zip(originals, resized)):
-            keep = _select(scores_all[b], threshold, limit)
-            boxes = _to_pixels(boxes_all[b, keep], orig)
-            masks = None
-            if with_masks and self.has_masks:
-                masks = self._masks(memory, hs[-1], b, keep, size, batch.tensors.shape[-2:], orig)
-            predictions.append(Prediction(
-                boxes=boxes.cpu().numpy().astype(np.float32),
-                scores=scores_all[b, keep].cpu().numpy().astype(np.float32),
-                masks=masks, queries=keep.cpu().numpy().astype(np.int64),
-                caption=state.caption, task_id=state.task_id, image_size=orig))
-        return predictions
+        # The mask head runs after the decoder: one eval-mode span for both.
+        with eval_mode(self.model):
+            batch, resized = self.preprocess(images)
+            with self._autocast_context():
+                memory = self.model.encode(batch, text=state.text)
+                if state.uses_ccr:
+                    memory = self._replace_pronoun_rows(memory, state)
+                detector = self.model.detector
+                hs = detector.decoder_states(memory)
+                out = detector.predict_heads(hs, memory, aux=False)
+            scores_all = 1.0 - out["pred_logits"].float().softmax(-1)[..., NO_OBJECT_INDEX]
+            boxes_all = out["pred_boxes"].float()
+            predictions = []
+            for b, (orig, size) in enumerate(zip(originals, resized)):
+                keep = _select(scores_all[b], threshold, limit)
+                boxes = _to_pixels(boxes_all[b, keep], orig)
+                masks = None
+                if with_masks and self.has_masks:
+                    masks = self._masks(memory, hs[-1], b, keep, size, batch.tensors.shape[-2:], orig)
+                predictions.append(Prediction(
+                    boxes=boxes.cpu().numpy().astype(np.float32),
+                    scores=scores_all[b, keep].cpu().numpy().astype(np.float32),
+                    masks=masks, queries=keep.cpu().numpy().astype(np.int64),
+                    caption=state.caption, task_id=state.task_id, image_size=orig))
+            return predictions
 
     # -- steps -------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[ImageBatch, list[tuple[int, int]]]:
@@ -304,7 +318,7 @@ class TaskSegmenter:
             tensors.append((x - self._mean) / self._std)
             sizes.append(size)
         batch = ImageBatch.from_images(tensors, size_divisibility=cfg.pad_multiple)
-        if self.inference.channels_last:
+        if self.inference.channels_last and _is_channels_last(self.model):
             batch = ImageBatch(batch.tensors.contiguous(memory_format=torch.channels_last), batch.mask)
         return batch, sizes
 
@@ -344,6 +358,31 @@ class TaskSegmenter:
         logits = logits[:, :, :size[0], :size[1]]
         logits = F.interpolate(logits, size=orig, mode="bilinear", align_corners=False)
         return (logits[0].sigmoid() > self.inference.mask_threshold).cpu().numpy()
+
+
+def _prepared(model: torch.nn.Module, device: torch.device, inference: Optional[InferenceConfig]) -> torch.nn.Module:
+    """A model the segmenter built itself, made ready for inference once: on ``device``, in
+    eval mode and (``inference.channels_last``, the default) with channels-last conv weights."""
+    model = model.to(device).eval()
+    if (inference or InferenceConfig()).channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _check_on_device(model: torch.nn.Module, device: torch.device) -> None:
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.device.type != device.type or (device.index is not None and tensor.device.index != device.index):
+            raise ValueError(f"model: {name} is on {tensor.device}, the segmenter's device is {device}; "
+                             "TaskSegmenter never moves a module it is given: move it first (model.to(device))")
+        return  # one tensor tells: modules are moved as a whole
+
+
+def _is_channels_last(model: torch.nn.Module) -> bool:
+    """Whether the model's first 4-D weight is stored channels-last (inputs then follow suit)."""
+    for param in model.parameters():
+        if param.dim() == 4:
+            return param.is_contiguous(memory_format=torch.channels_last)
+    return False
 
 
 def _select(scores: Tensor, threshold: float, limit: int) -> Tensor:

@@ -100,7 +100,9 @@ class RecipeSettings:
     teacher_epochs: int = 8
     student_epochs: int = 8
     distill_epochs: int = 4
-    mask_epochs: int = 2
+    # The mask head learns from the matched queries only (<= 3 per image): 2 epochs (~340 updates)
+    # left masks that ignored their query; see docs/default_model.md.
+    mask_epochs: int = 4
     threads: int = 2
     # Stages that do not depend on each other train at once, each on threads // jobs threads: on
     # 2 cores two one-thread processes train about twice as fast as one two-thread process.

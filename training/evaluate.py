@@ -32,6 +32,7 @@ from toist_core.data.coco_tasks import CocoTasksDataset
 from toist_core.eval.evaluator import evaluate_tasks, load_ground_truth
 from toist_core.eval.predictions import ImagePredictions
 from toist_core.inference import TaskSegmenter, TaskState
+from toist_core.model.eval_mode import eval_mode
 
 from training.config import HOLDOUT, TrainConfig
 from training.distributed import DistEnv, all_gather_objects, broadcast_object
@@ -94,12 +95,13 @@ def predict(model: nn.Module, val: ValidationSet, cfg: TrainConfig, env: DistEnv
 
     ``memory_bank`` is copied: clustering at evaluation must not touch the training bank.
     """
-    was_training = model.training
     bank = copy.deepcopy(memory_bank) if memory_bank is not None else None
+    # The segmenter uses the module as it is (no move, cast or layout change the trainer or its
+    # EMA could observe); eval mode holds for the whole evaluation and every flag comes back.
     segmenter = TaskSegmenter(model, device=env.device, memory_bank=bank, pronoun=cfg.data.pronoun,
                               inference=inference_config(cfg), config=cfg.model)
     predictions: dict[int, dict[int, ImagePredictions]] = {}
-    try:
+    with eval_mode(model):
         for task, path in sorted(val.ann_files.items()):
             dataset = CocoTasksDataset(path, val.image_dir, check_images=False)
             wanted = set(val.image_ids[task])
@@ -126,8 +128,6 @@ def predict(model: nn.Module, val: ValidationSet, cfg: TrainConfig, env: DistEnv
                         image_id = dataset.sample_info(i)[1].id
                         task_preds[image_id] = ImagePredictions.from_arrays(out.boxes, out.scores, out.masks)
             predictions[task] = task_preds
-    finally:
-        model.train(was_training)
     return predictions
 
 
