@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from toist_core import cli
-from toist_core.cli_evaluate import predict_tasks
+from toist_core.cli.evaluate import predict_tasks
 from toist_core.data.schema import DataError
 from toist_core.data.synth import generate
 from toist_core.eval.evaluator import evaluate_task, evaluate_tasks, load_ground_truth, task_files

@@ -11,7 +11,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from toist_core import cli
-from toist_core.cli_synth import parse_task_list
+from toist_core.cli.synth import parse_task_list
 from toist_core.data.schema import load_task_file
 from toist_core.data.synth import SYNTH_CLASSES, TASK_PREFERENCES, generate
 

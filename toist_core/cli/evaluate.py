@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from toist_core.cli_synth import parse_task_list
+from toist_core.cli.synth import parse_task_list
 from toist_core.tasks import NUM_TASKS
 
 REFERENCE_MAX_INSTANCES = 100  # the reference keeps all 100 queries

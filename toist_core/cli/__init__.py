@@ -2,7 +2,7 @@
 
 Each module in :data:`SUBCOMMANDS` exposes ``register(subparsers)``, which adds its parser
 and sets ``func`` (called with the parsed arguments; returns an exit code). To add a
-subcommand, write ``toist_core/cli_<name>.py`` and add one line below. Modules import their
+subcommand, write ``toist_core/cli/<name>.py`` and add one line below. Modules import their
 heavy dependencies (torch, ...) inside ``func`` so that ``toist --help`` stays fast.
 """
 
@@ -15,10 +15,10 @@ import sys
 from typing import Optional, Sequence
 
 SUBCOMMANDS = [
-    "toist_core.cli_predict",
-    "toist_core.cli_export",
-    "toist_core.cli_synth",
-    "toist_core.cli_evaluate",
+    "toist_core.cli.predict",
+    "toist_core.cli.export",
+    "toist_core.cli.synth",
+    "toist_core.cli.evaluate",
 ]
 # Subcommands of packages that may be absent: a robot installs toist_core without `training`.
 OPTIONAL_SUBCOMMANDS = [
@@ -45,7 +45,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"toist {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

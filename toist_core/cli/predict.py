@@ -66,9 +66,9 @@ def prediction_to_json(prediction, image_path: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import InferenceConfig
-    from .inference import TaskSegmenter
-    from .visualize import draw_prediction, load_rgb, save_rgb
+    from ..config import InferenceConfig
+    from ..inference import TaskSegmenter
+    from ..visualize import draw_prediction, load_rgb, save_rgb
 
     inference = InferenceConfig(score_threshold=args.score_threshold, max_instances=args.max_instances,
                                 precision=args.precision, short_side=args.short_side, max_size=args.max_size)

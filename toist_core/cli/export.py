@@ -26,9 +26,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import typed_config
-    from .checkpoint import export_official
-    from .config import ModelConfig
+    from .. import typed_config
+    from ..checkpoint import export_official
+    from ..config import ModelConfig
 
     config = typed_config.load_yaml(ModelConfig, args.config) if args.config else None
     loaded = export_official(args.checkpoint, args.directory, text_encoder=args.text_encoder, config=config,
