@@ -193,6 +193,33 @@ def test_bad_inputs_are_named(seg):
         TaskSegmenter(seg.model, device="cuda:7")
 
 
+def test_segmenter_leaves_a_given_module_as_it_is(seg):
+    """A trainer evaluates the module it trains: wrapping and predicting must not change its
+    layout, device, dtype or train/eval flags (its EMA and optimizer hold its tensors)."""
+    from toist_core.model import build_model, load_tokenizer
+
+    model = build_model(seg.config, tokenizer=load_tokenizer(seg.config.text.tokenizer))
+    model.train()
+    model.detector.transformer.text_encoder.eval()   # a frozen part in eval mode stays so
+    modes = [m.training for m in model.modules()]
+    storage = {n: (p.data_ptr(), p.stride(), p.dtype, p.device) for n, p in model.named_parameters()}
+    wrapped = TaskSegmenter(model, device="cpu", task=2, inference=InferenceConfig(score_threshold=0.0, **SMALL))
+    pred = wrapped.predict(random_image(48, 64, seed=1))
+    assert len(pred) > 0
+    assert [m.training for m in model.modules()] == modes
+    assert {n: (p.data_ptr(), p.stride(), p.dtype, p.device) for n, p in model.named_parameters()} == storage
+    # Same result as the module in eval mode (dropout off while predicting).
+    model.eval()
+    again = TaskSegmenter(model, device="cpu", task=2, inference=InferenceConfig(score_threshold=0.0, **SMALL))
+    assert np.array_equal(again.predict(random_image(48, 64, seed=1)).boxes, pred.boxes)
+
+
+def test_segmenter_refuses_a_module_on_another_device(seg):
+    meta = TaskSegmenter.from_config("tiny", device="cpu").model.to("meta")
+    with pytest.raises(ValueError, match="never moves a module"):
+        TaskSegmenter(meta, device="cpu")
+
+
 def test_bf16_on_cpu_runs_close_to_fp32(seg):
     image = random_image(64, 80, seed=9)
     fast = TaskSegmenter(seg.model, device="cpu", task=2,

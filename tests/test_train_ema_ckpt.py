@@ -58,6 +58,25 @@ def test_ema_tracks_in_place_loaded_state():
     assert torch.allclose(ema.state_dict()["linear.weight"], 0.5 * before + 1.0)
 
 
+def test_ema_follows_parameters_given_new_storage():
+    """Channels-last conversion gives every 4-D weight new storage (model and EMA module alike);
+    the EMA must keep blending what the modules use now, not the storage it first saw."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    ema = ModelEMA(model, decay=0.5)
+    ema.update(model)
+    model.to(memory_format=torch.channels_last)
+    ema.module.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model[0].weight.fill_(2.0)
+        model[1].running_mean.fill_(4.0)
+    before = ema.state_dict()["0.weight"].clone()
+    ema.update(model)
+    state = ema.state_dict()
+    assert torch.allclose(state["0.weight"], 0.5 * before + 1.0)
+    assert torch.allclose(state["1.running_mean"], torch.full((4,), 2.0))
+    assert ema.module[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_atomic_save_replaces_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "ckpt" / "checkpoint.pth"
     atomic_save({"a": torch.ones(2)}, path)
