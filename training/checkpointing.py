@@ -32,6 +32,7 @@ import torch
 
 FORMAT = "toist-train"
 VERSION = 1
+TMP_SUFFIX = ".tmp"
 _REQUIRED = ("model", "optimizer", "scheduler", "step", "epoch", "config", "stage")
 
 
@@ -43,7 +44,7 @@ def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
     """``torch.save`` to ``path`` through a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
@@ -56,6 +57,17 @@ def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def remove_stale_temporaries(folder: Union[str, Path]) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_save` writes that never finished (a SIGKILL
+    or power loss mid-write leaves a checkpoint-sized ``.<name>.<random>.tmp``); returns them.
+    Call it only where no other process writes into ``folder``: at the start of a run."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(f".*.pth.*{TMP_SUFFIX}")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _fsync_dir(folder: Path) -> None:

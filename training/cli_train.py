@@ -12,5 +12,5 @@ def register(subparsers) -> argparse.ArgumentParser:
                                    description=TRAIN_DOC, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, command_line=["toist", "train"])
     return parser

@@ -40,6 +40,7 @@ from training.distributed import DistEnv, all_gather_objects, barrier, seed_ever
 from training.ema import ModelEMA
 from training.evaluate import build_validation_set, evaluate, holdout_ids
 from training.export import export_checkpoint
+from training.interrupt import StopSignals, ignore_stop_signals
 from training.optim import build_optimizer, clip_grad_norm
 from training.sampling import EpochBatchSampler, SeededSamples
 from training.schedule import LRSchedule
@@ -59,6 +60,7 @@ class TrainResult:
     metrics: Optional[dict] = None
     best: Optional[dict] = None
     output_dir: Optional[Path] = None
+    stopped_by: Optional[int] = None    # the signal that stopped the run early (checkpoint written)
 
 
 class Trainer:
@@ -66,16 +68,23 @@ class Trainer:
 
     ``resume``: a ``checkpoint.pth`` to continue exactly. ``on_step(trainer, step)`` is called
     after every update (after any checkpoint of that step), e.g. for tests or custom logging.
+    ``stop``: a :class:`~training.interrupt.StopSignals`; once it holds a signal (on any
+    process), the run ends after the update in progress with ``checkpoint.pth`` written.
     """
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, resume: Optional[str] = None,
-                 on_step: Optional[Callable[["Trainer", int], None]] = None, log=None):
+                 on_step: Optional[Callable[["Trainer", int], None]] = None, log=None,
+                 stop: Optional[StopSignals] = None):
         self.cfg = cfg
         self.env = env
         self.on_step = on_step
+        self.stop = stop
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if env.is_main else None)
         self.output_dir = Path(cfg.output_dir)
         check_paths(cfg, resume)
+        if env.is_main:
+            for stale in ckpt_io.remove_stale_temporaries(self.output_dir):
+                self.log(f"removed {stale}: a checkpoint write cut short by an earlier run")
         resume_state = ckpt_io.load_training_checkpoint(resume) if resume else None
         if resume_state is None and env.is_main and (self.output_dir / LAST).exists():
             raise ConfigError(f"output_dir: {self.output_dir} already holds {LAST}; continue it with "
@@ -108,6 +117,7 @@ class Trainer:
                                          shuffle=True, seed=cfg.runtime.seed)
         self.loader = DataLoader(SeededSamples(train_set), batch_sampler=self.sampler,
                                  collate_fn=Collator(self.tokenizer), num_workers=cfg.loader.num_workers,
+                                 worker_init_fn=ignore_stop_signals,
                                  pin_memory=cfg.loader.pin_memory and env.device.type == "cuda",
                                  generator=torch.Generator())  # keeps the global stream untouched
         self.steps_per_epoch = len(self.sampler)
@@ -164,7 +174,8 @@ class Trainer:
         self.log(f"stage {cfg.stage}: {self.steps_per_epoch} updates/epoch x {cfg.schedule.epochs} epochs "
                  f"(batch {cfg.loader.batch_size} x {env.world_size} process(es)), from update {self.step}, "
                  f"until {self.max_steps}; device {env.device}")
-        while self.step < self.max_steps:
+        result.stopped_by = self._stop_signal()
+        while self.step < self.max_steps and result.stopped_by is None:
             epoch = self.step // self.steps_per_epoch
             self.sampler.set_epoch(epoch, self.step % self.steps_per_epoch)
             progress = self._progress(epoch)
@@ -184,11 +195,16 @@ class Trainer:
                 self._after_step()
                 if self.on_step is not None:
                     self.on_step(self, self.step)
-                if self.step >= self.max_steps:
+                result.stopped_by = self._stop_signal()
+                if result.stopped_by is not None:
+                    self._save(LAST)
+                    self.log(f"stopped by signal {result.stopped_by} after update {self.step}: "
+                             f"{self.output_dir / LAST} written")
+                if self.step >= self.max_steps or result.stopped_by is not None:
                     break
             if progress is not None:
                 progress.close()
-        if cfg.checkpoint.export_model_dir and env.is_main:
+        if cfg.checkpoint.export_model_dir and env.is_main and result.stopped_by is None:
             self.export(self.output_dir / MODEL_DIR)
         barrier(env)
         if self.writer is not None:
@@ -239,6 +255,15 @@ class Trainer:
         if self.ema_teacher is not None:
             self.ema_teacher.update(self.teacher)
         return losses, float(total.detach())
+
+    def _stop_signal(self) -> Optional[int]:
+        """The stop signal received by any process (all stop at the same update), else None."""
+        signum = (self.stop.signum or 0) if self.stop is not None else 0
+        if self.env.distributed:
+            flag = torch.tensor([signum], dtype=torch.int64, device=self.env.device)
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum or None
 
     def _check_finite(self, total: Tensor, losses: dict) -> None:
         finite = torch.isfinite(total.detach()).to(torch.float32).reshape(1)

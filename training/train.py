@@ -6,6 +6,9 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
         -m training.train --config training/configs/pronoun.yaml
 
+Ctrl-C or SIGTERM stops a run cleanly: the update in progress finishes, ``checkpoint.pth`` is
+written, the command that resumes the run is printed, and the exit status is 130 / 143.
+
 Trailing ``key.path=value`` arguments override the YAML (values are read as YAML:
 ``optim.lr=1e-4``, ``data.tasks=[1,2]``, ``eval.split=test``). The configuration and every
 path it names are checked before anything is built; one device needs no launcher.
@@ -46,13 +49,24 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from training.distributed import cleanup_distributed, init_distributed
-    from training.loops import Trainer
+    from training.interrupt import StopSignals, exit_code
+    from training.loops import LAST, Trainer
 
-    env = init_distributed(cfg.runtime.device, cfg.distributed.backend, cfg.distributed.timeout_s)
-    try:
-        result = Trainer(cfg, env, resume=args.resume).run()
-    finally:
-        cleanup_distributed()
+    with StopSignals() as stop:
+        env = init_distributed(cfg.runtime.device, cfg.distributed.backend, cfg.distributed.timeout_s)
+        try:
+            result = Trainer(cfg, env, resume=args.resume, stop=stop).run()
+        finally:
+            cleanup_distributed()
+    if result.stopped_by is not None:
+        if env.is_main:
+            checkpoint = result.output_dir / LAST
+            if checkpoint.is_file():
+                print(f"stopped after update {result.step}; resume with:\n  "
+                      f"{resume_command(args, checkpoint, env.world_size)}", file=sys.stderr)
+            else:
+                print("stopped before the first update; nothing to resume", file=sys.stderr)
+        return exit_code(result.stopped_by)
     if env.is_main:
         best = result.best
         summary = f"done: {result.step} updates ({result.epoch} epochs); checkpoints in {result.output_dir}"
@@ -60,6 +74,25 @@ def run(args: argparse.Namespace) -> int:
             summary += f"; best {best['metric']} = {best['value']:.4f} at update {best['step']} on {best['split']}"
         print(summary, file=sys.stderr)
     return 0
+
+
+def resume_command(args: argparse.Namespace, checkpoint, world_size: int) -> str:
+    """The command line that continues this run from ``checkpoint`` (same config and overrides)."""
+    import os
+    import shlex
+
+    command = ["--config", args.config, "--resume", str(checkpoint)]
+    if args.output_dir:
+        command += ["--output-dir", args.output_dir]
+    command += list(args.overrides or [])
+    if world_size > 1:   # under torchrun: the same number of processes (exact resume needs it)
+        if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:   # rendezvous options are not visible here
+            launcher = "torchrun <the same --nnodes / --rdzv options on every node>"
+        else:
+            launcher = shlex.join(["torchrun", "--standalone", "--nproc_per_node",
+                                   os.environ.get("LOCAL_WORLD_SIZE", str(world_size))])
+        return f"{launcher} -m training.train {shlex.join(command)}"
+    return shlex.join(getattr(args, "command_line", ["python", "-m", "training.train"]) + command)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
