@@ -133,12 +133,96 @@ def test_boxes_are_clamped_to_the_image_and_ordered():
     np.testing.assert_allclose(clamp_box(np.array([np.nan, 1.0, 2.0, 3.0]), 640, 480), [0, 1, 2, 3])
 
 
-def test_mask_roi_is_the_box_hull_grown_to_cover_the_mask():
+def test_mask_roi_is_the_box_hull_grown_to_cover_the_mask_within_the_margin():
+    box = np.array([10.2, 5.7, 20.1, 9.0])  # hull x 10..21, y 5..9; margins 8 px (floor): window x 2..29, y 0..17
     mask = np.zeros((40, 60), bool)
-    assert mask_roi(np.array([10.2, 5.7, 20.1, 9.0]), mask, 60, 40) == (10, 5, 11, 4)
-    mask[30:33, 50:52] = True  # outside the box
-    assert mask_roi(np.array([10.2, 5.7, 20.1, 9.0]), mask, 60, 40) == (10, 5, 42, 28)
+    assert mask_roi(box, mask, 60, 40) == (10, 5, 11, 4)
+    mask[30:33, 50:52] = True  # outside the box and beyond the margin: not published
+    assert mask_roi(box, mask, 60, 40) == (10, 5, 11, 4)
+    mask[12:14, 25:27] = True  # outside the box, within the margin: the crop grows to take it
+    assert mask_roi(box, mask, 60, 40) == (10, 5, 17, 9)
+    mask[0, 2] = True  # the window's corner
+    assert mask_roi(box, mask, 60, 40) == (2, 0, 25, 14)
     assert mask_roi(np.array([59.5, 39.5, 60.0, 40.0]), None, 60, 40) == (59, 39, 1, 1)
+
+
+def _window(box, width, height):
+    """The documented crop bound, written out independently of toist_ros.instances: the box's pixel
+    hull grown by max(8, ceil(0.1 * side)) on each side, clamped to the image. (x0, y0, x1, y1)."""
+    x0, y0 = max(0, int(np.floor(box[0]))), max(0, int(np.floor(box[1])))
+    x1, y1 = min(width, int(np.ceil(box[2]))), min(height, int(np.ceil(box[3])))
+    mx, my = max(8, int(np.ceil(0.1 * (x1 - x0)))), max(8, int(np.ceil(0.1 * (y1 - y0))))
+    return max(0, x0 - mx), max(0, y0 - my), min(width, x1 + mx), min(height, y1 + my)
+
+
+def _vga_boxes(n=10, seed=0):
+    """[n, 4] float xyxy boxes of 30-300 x 30-220 px, some touching the border, in a 640x480 image."""
+    rng = np.random.default_rng(seed)
+    w, h = rng.uniform(30, 300, n), rng.uniform(30, 220, n)
+    x0, y0 = rng.uniform(-20, 640 - w + 20), rng.uniform(-20, 480 - h + 20)
+    return np.stack([x0, y0, x0 + w, y0 + h], 1).astype(np.float32)
+
+
+def test_a_mask_covering_the_whole_image_is_cut_to_the_box_plus_margin():
+    from toist_ros.instances import full_mask, to_instance_msgs
+
+    boxes = _vga_boxes(seed=1)
+    masks = np.ones((len(boxes), 480, 640), bool)
+    ranked = rank_instances(boxes, np.linspace(0.9, 0.5, len(boxes)), masks, (640, 480))
+    for r, msg in zip(ranked, to_instance_msgs(ranked)):
+        x0, y0, x1, y1 = _window(r.box, 640, 480)
+        assert r.roi == (x0, y0, x1 - x0, y1 - y0)  # a full mask fills exactly the window, no more
+        assert (msg.mask.width, msg.mask.height) == (x1 - x0, y1 - y0)
+        hull_w, hull_h = np.ceil(r.box[2]) - np.floor(r.box[0]), np.ceil(r.box[3]) - np.floor(r.box[1])
+        assert msg.mask.width <= hull_w + 2 * max(8, np.ceil(0.1 * hull_w))
+        assert msg.mask.height <= hull_h + 2 * max(8, np.ceil(0.1 * hull_h))
+        assert msg.mask_area == (x1 - x0) * (y1 - y0)  # published pixels, not the frame's 307200
+        assert int(full_mask(msg, 640, 480).sum()) == msg.mask_area
+
+
+def test_every_mask_pixel_inside_the_box_survives_the_message():
+    from rclpy.serialization import deserialize_message, serialize_message
+
+    from toist_ros.instances import full_mask, to_instance_msgs
+    from toist_ros.msg import TaskInstances
+
+    rng = np.random.default_rng(5)
+    boxes = _vga_boxes(seed=2)
+    boxes[0] = [100.5, 50.25, 100.75, 51.0]  # thinner than a pixel
+    masks = rng.random((len(boxes), 480, 640)) > 0.5  # noise everywhere: holes inside, spill outside
+    scores = np.linspace(0.9, 0.5, len(boxes)).astype(np.float32)
+    msg = TaskInstances(image_width=640, image_height=480)
+    msg.instances = to_instance_msgs(rank_instances(boxes, scores, masks, (640, 480)))
+    back = deserialize_message(serialize_message(msg), TaskInstances)
+    assert len(back.instances) == len(boxes)
+    for i, inst in enumerate(back.instances):  # scores are distinct and already sorted: rank i is box i
+        full = full_mask(inst, 640, 480)
+        x0, y0 = max(0, int(np.floor(boxes[i, 0]))), max(0, int(np.floor(boxes[i, 1])))
+        x1, y1 = min(640, int(np.ceil(boxes[i, 2]))), min(480, int(np.ceil(boxes[i, 3])))
+        assert x1 > x0 and y1 > y0
+        np.testing.assert_array_equal(full[y0:y1, x0:x1], masks[i, y0:y1, x0:x1])  # the box: exact
+        wx0, wy0, wx1, wy1 = _window(boxes[i], 640, 480)
+        np.testing.assert_array_equal(full[wy0:wy1, wx0:wx1], masks[i, wy0:wy1, wx0:wx1])  # the margin too
+        assert int(full.sum()) == int(full[wy0:wy1, wx0:wx1].sum()) == inst.mask_area  # nothing beyond it
+
+
+def test_bytes_per_message_for_ten_whole_frame_masks_at_vga_are_bounded():
+    from rclpy.serialization import serialize_message
+
+    from toist_ros.instances import task_instances_msg, to_instance_msgs
+
+    boxes = _vga_boxes(seed=3)
+    masks = np.ones((len(boxes), 480, 640), bool)
+    header = Image().header
+    header.frame_id = "camera_color_optical_frame"
+    ranked = rank_instances(boxes, np.linspace(0.9, 0.5, len(boxes)), masks, (640, 480))
+    msg = task_instances_msg(header, (640, 480), "sit comfortably on something", 3, 12.5,
+                             to_instance_msgs(ranked, header))
+    size = len(serialize_message(msg))
+    crop_bytes = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in (_window(b, 640, 480) for b in boxes))
+    # Per instance: score, rank, box, roi, the mask's header (stamp, frame_id) and encoding, and padding.
+    assert size <= crop_bytes + len(boxes) * 160 + 200, (size, crop_bytes)
+    assert crop_bytes < 0.25 * len(boxes) * 640 * 480  # the old rule sent 10 whole frames (3.07 MB)
 
 
 def _prediction(seed=0, n=6, height=48, width=64):
@@ -176,6 +260,7 @@ def test_nan_scores_are_dropped_and_ties_keep_model_order():
 
 
 def test_mask_crops_put_back_give_the_full_masks():
+    """Masks that stay inside their boxes come back whole (the margin rule drops nothing)."""
     from toist_ros.instances import full_mask, to_instance_msgs
 
     boxes, scores, masks = _prediction(seed=4, n=8)

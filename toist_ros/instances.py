@@ -3,9 +3,14 @@
 Geometry is plain numpy (unit-tested without ROS); ``to_instance_msgs`` and
 ``task_instances_msg`` fill the generated messages.
 
-Mask placement: ``mask_roi`` is the integer pixel hull of the (clamped) box, grown to take
-in any mask pixel that lies outside the box, so the crop never loses a pixel and
-``mask_area`` (pixels of the full-resolution mask) equals the number of 255s in the crop.
+Mask placement: ``mask_roi`` is the integer pixel hull of the (clamped) box, grown to take in
+the mask pixels outside the box, but only as far as the box's *crop window*: the hull widened on
+each side by ``max(MASK_MARGIN_MIN_PX, ceil(MASK_MARGIN_FRACTION * hull side))``, clamped to the
+image. Mask pixels beyond the window are dropped, so a crop is never larger than
+``(w + 2 mx) x (h + 2 my)`` for a ``w x h`` hull, whatever the model's mask does (a mask that
+floods the frame used to cost a whole-frame crop per instance). Every pixel inside the box's hull
+is kept exactly, holes included. ``mask_area`` counts the published pixels (the 255s of the
+crop), so ``full_mask`` of the message always has ``mask_area`` pixels.
 """
 
 from __future__ import annotations
@@ -17,6 +22,14 @@ from typing import Any, Optional
 import numpy as np
 
 from toist_ros.conversions import mask_from_image, mask_to_image
+
+# Crop window margin on each side of the box's pixel hull (see the module docstring). Mask and box
+# come from different heads and the mask is upsampled from a coarse grid, so a good mask can
+# overhang its box by a few pixels or a few percent of the box: 10 % of the side keeps that
+# overhang, and the 8 px floor keeps an upsampling stride's worth for small boxes. Anything
+# further out is a mask that disagrees with its box, not worth up to W x H bytes per instance.
+MASK_MARGIN_FRACTION = 0.1
+MASK_MARGIN_MIN_PX = 8
 
 
 @dataclass(frozen=True)
@@ -74,7 +87,7 @@ def rank_instances(boxes: Any, scores: Any, masks: Any, image_size: tuple[int, i
         if mask is not None:
             x, y, w, h = roi
             crop = mask[y:y + h, x:x + w]
-            area = int(np.count_nonzero(mask))
+            area = int(np.count_nonzero(crop))  # published pixels: what full_mask gives back
         out.append(RankedInstance(rank, float(scores[index]), box, roi, crop, area))
     return out
 
@@ -88,19 +101,41 @@ def clamp_box(box: np.ndarray, width: int, height: int) -> np.ndarray:
                      min(max(x1, 0.0), width), min(max(y1, 0.0), height)], dtype=np.float32)
 
 
-def mask_roi(box: np.ndarray, mask: Optional[np.ndarray], width: int, height: int) -> tuple[int, int, int, int]:
-    """(x_offset, y_offset, width, height): the pixel hull of ``box`` grown to cover ``mask``'s pixels."""
+def box_hull(box: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1), x1/y1 exclusive: the integer pixels that ``box`` [4] xyxy touches, in the image."""
     x0, y0 = int(math.floor(box[0])), int(math.floor(box[1]))
     x1, y1 = int(math.ceil(box[2])), int(math.ceil(box[3]))
-    if mask is not None:
-        cols = np.flatnonzero(mask.any(axis=0))
-        if cols.size:
-            rows = np.flatnonzero(mask.any(axis=1))
-            x0, x1 = min(x0, int(cols[0])), max(x1, int(cols[-1]) + 1)
-            y0, y1 = min(y0, int(rows[0])), max(y1, int(rows[-1]) + 1)
     x0, x1 = max(0, min(x0, width)), max(0, min(x1, width))
     y0, y1 = max(0, min(y0, height)), max(0, min(y1, height))
-    return x0, y0, max(0, x1 - x0), max(0, y1 - y0)
+    return x0, y0, max(x0, x1), max(y0, y1)
+
+
+def crop_window(box: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1), x1/y1 exclusive: the largest mask crop ``box`` [4] xyxy can get.
+
+    The box's pixel hull grown on each side by ``max(MASK_MARGIN_MIN_PX, ceil(MASK_MARGIN_FRACTION
+    * side))`` (side = hull width for x, hull height for y), clamped to the image.
+    """
+    x0, y0, x1, y1 = box_hull(box, width, height)
+    mx = max(MASK_MARGIN_MIN_PX, math.ceil(MASK_MARGIN_FRACTION * (x1 - x0)))
+    my = max(MASK_MARGIN_MIN_PX, math.ceil(MASK_MARGIN_FRACTION * (y1 - y0)))
+    return max(0, x0 - mx), max(0, y0 - my), min(width, x1 + mx), min(height, y1 + my)
+
+
+def mask_roi(box: np.ndarray, mask: Optional[np.ndarray], width: int, height: int) -> tuple[int, int, int, int]:
+    """(x_offset, y_offset, width, height) of the mask crop: the pixel hull of ``box`` [4] xyxy, grown
+    to cover the pixels of ``mask`` [H, W] bool that lie in the box's ``crop_window`` (pixels
+    beyond it are not published). ``mask`` None: the hull itself."""
+    x0, y0, x1, y1 = box_hull(box, width, height)
+    if mask is not None:
+        wx0, wy0, wx1, wy1 = crop_window(box, width, height)
+        inside = mask[wy0:wy1, wx0:wx1]  # only the window is scanned: a flooded mask costs no more
+        cols = np.flatnonzero(inside.any(axis=0))
+        if cols.size:
+            rows = np.flatnonzero(inside.any(axis=1))
+            x0, x1 = min(x0, wx0 + int(cols[0])), max(x1, wx0 + int(cols[-1]) + 1)
+            y0, y1 = min(y0, wy0 + int(rows[0])), max(y1, wy0 + int(rows[-1]) + 1)
+    return x0, y0, x1 - x0, y1 - y0
 
 
 def to_instance_msgs(ranked: list[RankedInstance], header: Any = None) -> list:
