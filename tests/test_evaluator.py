@@ -208,6 +208,63 @@ def test_predictions_roundtrip_and_errors(root, tmp_path):
     assert evaluate_task(root / "annotations" / "task_2_test.json", boxes_only).ap50.keys() == {"bbox"}
 
 
+def test_evaluation_refuses_non_finite_predictions_and_wrong_mask_sizes(tmp_path):
+    # pycocotools would rank a NaN score last and match an inf box to nothing: a normal-looking AP.
+    path = _hand_file(tmp_path)
+    good = {1: ImagePredictions([[10, 10, 30, 30], [40, 5, 60, 25]], [0.9, 0.8]),
+            2: ImagePredictions([[5, 5, 55, 55]], [0.95])}
+    nan_score = {**good, 1: ImagePredictions(good[1].boxes, [0.9, np.nan])}
+    with pytest.raises(DataError, match=r"^task 3: image 1: scores\[1\] is nan$"):
+        evaluate_tasks({3: path}, {3: nan_score})
+    inf_box = {**good, 2: ImagePredictions([[5, 5, np.inf, 55]], [0.95])}
+    with pytest.raises(DataError, match=r"^task 3: image 2: boxes\[0\] is \[5\.0, 5\.0, inf, 55\.0\]$"):
+        evaluate_tasks({3: path}, {3: inf_box})
+    wrong_size = {1: ImagePredictions([[10, 10, 30, 30]], [0.9], encode_masks(np.ones((1, 50, 100), bool)))}
+    message = r"^task 3: image 1: masks\[0\] has size \[50, 100\], the image is \[100, 100\]"
+    with pytest.raises(DataError, match=message):
+        evaluate_task(path, wrong_size)
+    assert evaluate_task(path, wrong_size, iou_types=["bbox"]).ap50["bbox"] > 0  # masks unused
+
+
+def test_saving_non_finite_predictions_writes_nothing(tmp_path):
+    bad = {3: {1: ImagePredictions([[10, 10, 30, 30]], [0.9]), 2: ImagePredictions([[5, 5, 55, -np.inf]], [0.5])}}
+    message = r"^task 3: image 2: boxes\[0\] is \[5\.0, 5\.0, 55\.0, -inf\]$"
+    for name in ("new_dir/p.json", "p.json.gz"):
+        with pytest.raises(DataError, match=message):
+            save_predictions(tmp_path / name, bad)
+    assert not (tmp_path / "new_dir").exists() and not (tmp_path / "p.json.gz").exists()
+    existing = save_predictions(tmp_path / "p.json", {3: {1: bad[3][1]}})
+    before = existing.read_bytes()
+    with pytest.raises(DataError, match=message):
+        save_predictions(existing, bad)
+    assert existing.read_bytes() == before
+
+
+def _predictions_text(task, image_id, entry) -> str:
+    # json.dumps writes NaN / Infinity tokens, as a careless writer would.
+    return json.dumps({"format": "toist-predictions", "version": 1, "tasks": {str(task): {str(image_id): entry}}})
+
+
+def test_loading_non_finite_predictions_names_file_task_image_and_field(tmp_path):
+    cases = [("scores", [0.5, float("nan")], r"scores\[1\] is nan"),
+             ("boxes", [[0, 0, 1, 1], [0, 0, float("inf"), 1]], r"boxes\[1\] is \[0\.0, 0\.0, inf, 1\.0\]")]
+    for field, value, message in cases:
+        entry = {"boxes": [[0, 0, 1, 1], [0, 0, 2, 2]], "scores": [0.5, 0.4], field: value}
+        (tmp_path / "bad.json").write_text(_predictions_text(7, 42, entry))
+        with pytest.raises(DataError, match=rf"bad\.json: task 7: image 42: {message}$"):
+            load_predictions(tmp_path / "bad.json")
+
+
+def test_cli_refuses_non_finite_predictions_and_writes_nothing(root, tmp_path, capsys):
+    image_id = load_ground_truth(root / "annotations" / "task_2_test.json").getImgIds()[0]
+    bad = tmp_path / "bad.json"
+    bad.write_text(_predictions_text(2, image_id, {"boxes": [[1, 1, 5, 5]], "scores": [float("nan")]}))
+    out = tmp_path / "out"
+    assert cli.main(["evaluate", "--data", str(root), "--predictions", str(bad), "--out", str(out)]) == 2
+    assert f"bad.json: task 2: image {image_id}: scores[0] is nan" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_cli_on_predictions_file(root, tmp_path, capsys):
     files = task_files(root, TASKS)
     preds = {t: _perfect(load_ground_truth(p)) for t, p in files.items()}
@@ -242,6 +299,29 @@ class _OracleSegmenter:
         masks = (np.stack([mask_utils.decode(m) for m in p.masks]).astype(bool) if p.masks
                  else np.zeros((0,) + rgb.shape[:2], bool))
         return type("Prediction", (), {"boxes": p.boxes, "scores": p.scores, "masks": masks})
+
+
+class _NanSegmenter:
+    """A model gone wrong: one detection with a NaN score per image."""
+
+    def set_task(self, task_id):
+        pass
+
+    def predict(self, rgb, score_threshold=None, max_instances=None):
+        return type("Prediction", (), {"boxes": np.array([[1.0, 1.0, 5.0, 5.0]]), "scores": np.array([np.nan]),
+                                       "masks": None})
+
+
+def test_cli_checkpoint_path_stops_at_non_finite_predictions(root, tmp_path, capsys, monkeypatch):
+    import toist_core.cli.evaluate as evaluate_cli
+
+    monkeypatch.setattr(evaluate_cli, "load_segmenter", lambda *args, **kwargs: _NanSegmenter())
+    out, saved = tmp_path / "out", tmp_path / "p.json"
+    assert cli.main(["evaluate", "--data", str(root), "--checkpoint", "unused", "--tasks", "14",
+                     "--max-images", "2", "--out", str(out), "--save-predictions", str(saved)]) == 2
+    first = load_ground_truth(root / "annotations" / "task_14_test.json").dataset["images"][0]["id"]
+    assert f"task 14: image {first}: scores[0] is nan" in capsys.readouterr().err
+    assert not out.exists() and not saved.exists()
 
 
 def test_predict_tasks_with_a_segmenter(root):

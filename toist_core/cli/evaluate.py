@@ -7,7 +7,8 @@ With a checkpoint, every image of each task's test file is run through
 ``TaskSegmenter`` with the reference's inference settings (pronoun caption, all queries
 kept: score threshold 0, up to 100 instances). Writes ``results.md`` / ``results.csv``
 (per-task AP@0.5 and AP@[.5:.95], mean over tasks = mAP^box / mAP^mask) and one
-precision-recall plot per task into ``--out``.
+precision-recall plot per task into ``--out``. Invalid predictions (NaN / inf scores or boxes,
+masks not of the image's size) stop the command with exit code 2 before it writes anything.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
     ``.masks [N, H, W]`` bool or None. Every query is kept, as in the reference.
     """
     from toist_core.data.coco_tasks import CocoTasksDataset
-    from toist_core.eval.predictions import ImagePredictions
+    from toist_core.eval.predictions import ImagePredictions, check_image_predictions
 
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
@@ -164,9 +165,12 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
                 outputs = [segmenter.predict(images[0], **keep_all)]
             else:
                 outputs = segmenter.predict_batch(images, **keep_all)
-            for index, out in zip(chunk, outputs):
+            for index, image, out in zip(chunk, images, outputs):
                 image_id = dataset.sample_info(index)[1].id
-                task_preds[image_id] = ImagePredictions.from_arrays(out.boxes, out.scores, out.masks)
+                pred = ImagePredictions.from_arrays(out.boxes, out.scores, out.masks)
+                # Stop at the first bad image, not after predicting every task.
+                check_image_predictions(pred, f"task {task_id}: image {image_id}", image.shape[:2])
+                task_preds[image_id] = pred
         predictions[task_id] = task_preds
         print(f"task {task_id}: predicted {len(task_preds)} images in {time.perf_counter() - started:.1f} s",
               file=log)

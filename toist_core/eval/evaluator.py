@@ -29,7 +29,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from toist_core.data.schema import DataError, parse_task_file_name
-from toist_core.eval.predictions import ImagePredictions, PredictionSet
+from toist_core.eval.predictions import ImagePredictions, PredictionSet, check_image_predictions
 
 IOU_TYPES = ("bbox", "segm")
 PREFERRED = 1
@@ -122,6 +122,9 @@ def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int
                   task_id: Optional[int] = None) -> TaskResult:
     """Evaluate one task's predictions ``{image_id: ImagePredictions}``.
 
+    Raises :class:`DataError` (naming task, image and field) for predictions of images not in
+    the file, NaN / inf scores or boxes, and masks whose size is not the image's.
+
     Args:
         ground_truth: the task's annotation file (its name gives the task id) or a COCO object.
         iou_types: subset of ("bbox", "segm"); default: both when every prediction has masks.
@@ -158,6 +161,11 @@ def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int
         if iou_type == "segm" and not has_masks:
             without = [i for i, p in predictions.items() if p.masks is None][:10]
             raise DataError(f"task {task_id}: segm evaluation needs masks; images without masks: {without}")
+    for image_id, pred in predictions.items():
+        info = ground_truth.imgs[image_id]
+        # Mask sizes matter (and the file's image sizes are needed) only for segm.
+        size = (info["height"], info["width"]) if "segm" in iou_types else None
+        check_image_predictions(pred, f"task {task_id}: image {image_id}", size)
 
     targets = ground_truth.getAnnIds(imgIds=selected, catIds=[PREFERRED], iscrowd=False)
     with_targets = sorted({ground_truth.anns[a]["image_id"] for a in targets})

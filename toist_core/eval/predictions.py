@@ -11,8 +11,9 @@ File format (``.json``, or gzip-compressed when the name ends in ``.gz``)::
                                             "scores": [s, ...],
                                             "masks": [{"size": [h, w], "counts": "<rle>"}, ...]}}}}
 
-``masks`` is omitted (or null) for box-only predictions. Errors name the file, task, image
-and field.
+``masks`` is omitted (or null) for box-only predictions. Scores and box coordinates must be
+finite (:func:`check_image_predictions`): saving, loading and evaluating refuse NaN / inf.
+Errors name the file, task, image and field.
 """
 
 from __future__ import annotations
@@ -67,6 +68,26 @@ class ImagePredictions:
 PredictionSet = dict[int, dict[int, ImagePredictions]]  # task id -> image id -> predictions
 
 
+def check_image_predictions(pred: ImagePredictions, where: str,
+                            image_size: Optional[tuple[int, int]] = None) -> None:
+    """Refuse what pycocotools would take silently: :class:`DataError` ``"<where>: scores[2] is nan"``.
+
+    A NaN score ranks last and a NaN / inf box matches nothing, so the AP would look normal;
+    a mask whose RLE size is not the image's gets IoU -1 (no match). ``where`` names the task
+    and image (and file); masks are checked against ``image_size`` = (height, width) when given.
+    """
+    for name, values in (("scores", pred.scores), ("boxes", pred.boxes)):
+        bad = np.argwhere(~np.isfinite(values))
+        if len(bad):
+            k = int(bad[0][0])
+            raise DataError(f"{where}: {name}[{k}] is {values[k].tolist()}")
+    if image_size is not None and pred.masks is not None:
+        for k, rle in enumerate(pred.masks):
+            if list(rle["size"]) != list(image_size):
+                raise DataError(f"{where}: masks[{k}] has size {list(rle['size'])}, "
+                                f"the image is {list(image_size)} (height, width)")
+
+
 def encode_masks(masks: np.ndarray) -> list[RLE]:
     """``[N, H, W]`` bool/uint8 -> N compressed RLEs with string counts (JSON-ready)."""
     masks = np.asarray(masks)
@@ -88,12 +109,17 @@ def _numpy(value) -> np.ndarray:
 # ----------------------------------------------------------------------------- file I/O
 
 def save_predictions(path: Union[str, Path], predictions: PredictionSet) -> Path:
-    """Write ``predictions`` to ``path`` (gzip when it ends in ``.gz``)."""
+    """Write ``predictions`` to ``path`` (gzip when it ends in ``.gz``).
+
+    Every entry is checked and serialized before the disk is touched: a refused set leaves no
+    file behind and an existing file at ``path`` unchanged.
+    """
     path = Path(path)
     tasks: dict[str, Any] = {}
     for task_id, images in sorted(predictions.items()):
         task_out = {}
         for image_id, pred in sorted(images.items()):
+            check_image_predictions(pred, f"task {task_id}: image {image_id}")
             entry: dict[str, Any] = {"boxes": pred.boxes.round(3).tolist(),
                                      "scores": [float(s) for s in pred.scores]}
             if pred.masks is not None:
@@ -176,7 +202,9 @@ def _entry(path: Path, where: str, entry: Any) -> ImagePredictions:
                     or not isinstance(m.get("size"), list) or len(m["size"]) != 2):
                 raise DataError(f"{path}: {where}: field 'masks[{k}]': expected "
                                 f"{{'size': [h, w], 'counts': str}}")
-    return ImagePredictions(boxes, scores, masks)
+    pred = ImagePredictions(boxes, scores, masks)
+    check_image_predictions(pred, f"{path}: {where}")  # json reads NaN / Infinity tokens
+    return pred
 
 
 def _counts_str(counts: Union[str, bytes]) -> str:
