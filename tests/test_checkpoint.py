@@ -216,11 +216,16 @@ def test_model_directory_round_trip(tmp_path, official_file, segm_model, tokeniz
     assert again.config.masks and again.pronoun == "something"
     assert torch.equal(outputs(segm_model, images)["pred_masks"], outputs(again.model, images)["pred_masks"])
     assert torch.equal(again.memory_bank.cluster_centers, loaded.memory_bank.cluster_centers)
-    # A damaged directory is refused by name.
+    # A directory missing a tensor is refused by name; one whose file lost its digest too.
     from safetensors.torch import load_file, save_file
+
+    from toist_core.checkpoint.integrity import save_safetensors
     state = load_file(str(directory / "model.safetensors"))
-    del state["mask_head.out_lay.bias"]
     save_file(state, str(directory / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="model.safetensors: no toist_sha256 in its metadata"):
+        load_pretrained(directory)
+    del state["mask_head.out_lay.bias"]
+    save_safetensors(state, directory / "model.safetensors")
     with pytest.raises(CheckpointError, match="mask_head.out_lay.bias"):
         load_model_dir(directory)
 
@@ -239,11 +244,11 @@ def test_model_directory_records_the_input_size_inference_uses(tmp_path, segm_mo
     assert (seg.inference.short_side, seg.inference.max_size) == (64, 256)
     config = directory / "config.yaml"
     text = config.read_text()
-    assert "input_size:" in text and "version: 2" in text
-    config.write_text(text.split("input_size:")[0].replace("version: 2", "version: 1"))
+    assert "input_size:" in text and "version: 3" in text
+    config.write_text(text.split("input_size:")[0].replace("version: 3", "version: 1"))
     assert load_model_dir(directory).input_size == InputSize(800, 1333)
-    config.write_text(text.replace("version: 2", "version: 3"))
-    with pytest.raises(CheckpointError, match="version 3 is not a 'toist-model' directory of version 2 or older"):
+    config.write_text(text.replace("version: 3", "version: 4"))
+    with pytest.raises(CheckpointError, match="version 4 is not a 'toist-model' directory of version 3 or older"):
         load_model_dir(directory)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -50,6 +51,8 @@ class TaskState:
     pronoun_tokens: token positions of the pronoun in the caption (CCR rows).
     centres:        ``[K, D]`` k-means centres of the task's memory bank (distilled models and
                     COCO-Tasks tasks only), else None: no cluster-centre replacement.
+    warning:        why this task's results are not to be trusted (the model was not trained
+                    on it), else None.
     """
 
     caption: str
@@ -57,6 +60,7 @@ class TaskState:
     text: object
     pronoun_tokens: tuple[int, ...]
     centres: Optional[Tensor] = None
+    warning: Optional[str] = None
 
     @property
     def uses_ccr(self) -> bool:
@@ -85,6 +89,10 @@ class Prediction:
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+
+class UntrainedTaskWarning(UserWarning):
+    """The task set is not one the model was trained on: its instances mean little."""
 
 
 def resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -141,7 +149,8 @@ class TaskSegmenter:
     def __init__(self, model: torch.nn.Module, *, device: Union[str, torch.device] = "auto",
                  memory_bank: Optional[torch.nn.Module] = None, pronoun: str = DEFAULT_PRONOUN,
                  inference: Optional[InferenceConfig] = None, config: Optional[ModelConfig] = None,
-                 task: Union[int, str, None] = None, input_size: Optional[InputSize] = None):
+                 task: Union[int, str, None] = None, input_size: Optional[InputSize] = None,
+                 trained_tasks: Optional[Sequence[int]] = None):
         """Wrap ``model`` as it is: the segmenter never changes a module it is given (device,
         dtype, memory layout and train/eval mode stay the caller's; a module in training mode is
         put in eval mode only for the duration of each forward pass), so a trainer can evaluate
@@ -150,7 +159,9 @@ class TaskSegmenter:
         ``inference.channels_last``, converted to channels-last once, when they are built.
 
         ``input_size``: the size the model was trained at, used where ``inference`` leaves the
-        size to the model (default: the reference's 800 / 1333)."""
+        size to the model (default: the reference's 800 / 1333). ``trained_tasks``: the
+        COCO-Tasks ids the model was trained on (None: unknown); setting another task, or free
+        text, warns once per task (:class:`UntrainedTaskWarning`, and ``TaskState.warning``)."""
         self.device = resolve_device(device)
         self.inference = (inference or InferenceConfig()).with_input_size(input_size or InputSize())
         self.pronoun = self.inference.pronoun or pronoun
@@ -158,6 +169,8 @@ class TaskSegmenter:
         _check_on_device(model, self.device)
         self.model = model
         self.config = config
+        self.trained_tasks = tuple(sorted(trained_tasks)) if trained_tasks else None
+        self._warned: set = set()
         self.memory_bank = memory_bank.to(self.device) if memory_bank is not None else None
         self._mean = torch.tensor(self.inference.mean, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(self.inference.std, device=self.device).view(3, 1, 1)
@@ -189,7 +202,7 @@ class TaskSegmenter:
         device = resolve_device(device)
         return cls(_prepared(loaded.model, device, inference), device=device, memory_bank=loaded.memory_bank,
                    pronoun=loaded.pronoun, inference=inference, config=loaded.config, task=task,
-                   input_size=loaded.input_size)
+                   input_size=loaded.input_size, trained_tasks=loaded.tasks)
 
     @classmethod
     def from_config(cls, config: Union[str, ModelConfig] = "tiny", device: Union[str, torch.device] = "cpu",
@@ -244,12 +257,23 @@ class TaskSegmenter:
             with self._bank_lock:
                 # Warm-started k-means on the fixed bank: the same centres for every frame.
                 centres = self.memory_bank.cluster(query.task_id - 1).detach().clone().float()
-        return TaskState(query.caption, query.task_id, text, tokens, centres)
+        return TaskState(query.caption, query.task_id, text, tokens, centres, self._untrained(query.task_id))
+
+    def _untrained(self, task_id: Optional[int]) -> Optional[str]:
+        if self.trained_tasks is None or task_id in self.trained_tasks:
+            return None
+        what = f"task {task_id}" if task_id is not None else "free-text task"
+        return (f"{what} is not one this model was trained on (tasks {', '.join(map(str, self.trained_tasks))}): "
+                "its instances mean little")
 
     def set_task(self, task: Union[int, str, TaskState]) -> TaskState:
         """Make ``task`` current (text encoded here, once). Thread-safe: one attribute swap."""
         state = task if isinstance(task, TaskState) else self.encode_task(task)
         self._state = state
+        key = state.task_id if state.task_id is not None else state.caption
+        if state.warning is not None and key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"{state.caption!r}: {state.warning}", UntrainedTaskWarning, stacklevel=2)
         return state
 
     # -- prediction --------------------------------------------------------------------------
@@ -414,4 +438,4 @@ def _image_memory(memory: dict, b: int) -> dict:
     }
 
 
-__all__ = ["Prediction", "TaskSegmenter", "TaskState", "check_image", "resolve_device"]
+__all__ = ["Prediction", "TaskSegmenter", "TaskState", "UntrainedTaskWarning", "check_image", "resolve_device"]

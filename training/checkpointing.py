@@ -30,14 +30,14 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from toist_core.checkpoint.atomic_dir import fsync_dir
+from toist_core.checkpoint.errors import CheckpointError  # one error class for every checkpoint
+from toist_core.checkpoint.files import check_torch_file
+
 FORMAT = "toist-train"
 VERSION = 1
 TMP_SUFFIX = ".tmp"
 _REQUIRED = ("model", "optimizer", "scheduler", "step", "epoch", "config", "stage")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is unreadable, incomplete, or does not fit the run it should resume."""
 
 
 def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
@@ -55,7 +55,7 @@ def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -70,25 +70,10 @@ def remove_stale_temporaries(folder: Union[str, Path]) -> list[Path]:
     return stale
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Make the rename itself durable; not supported everywhere (e.g. Windows), hence best effort.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def load_training_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict:
-    """Read and sanity-check a training checkpoint; errors name the file and what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: resume checkpoint not found")
+    """Read and sanity-check a training checkpoint (corruption included); errors name the file
+    and what is wrong."""
+    path = check_torch_file(path)   # exists, is a torch.save archive, every CRC-32 intact
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, not a torch file, pickled foreign objects ...

@@ -1,10 +1,14 @@
-"""``toist export``: convert an official TOIST/MDETR ``.pth`` into a toist model directory.
+"""``toist export``: turn a checkpoint into a toist model directory (what robots load).
 
     toist export toist_distilled.pth models/toist_distilled --text-encoder /data/roberta-base
+    toist export runs/distill/BEST_checkpoint.pth models/my_distilled
 
-The directory (config.yaml, model.safetensors, tokenizer/, memory_bank.safetensors for
-distilled models) loads without network: ``TaskSegmenter.from_pretrained(dir)``. The
-checkpoint is read safely (tensors + argparse.Namespace only) and loaded strictly first.
+Takes an official TOIST / MDETR ``.pth`` or a checkpoint of ``toist train`` (whose model
+config, pronoun, input size and tasks come from the checkpoint itself). The file is read
+safely (tensors + argparse.Namespace only), checked for corruption and loaded strictly
+before anything is written; the directory (config.yaml, model.safetensors, tokenizer/,
+memory_bank.safetensors for distilled models) then replaces any old one as a whole and loads
+without network: ``TaskSegmenter.from_pretrained(dir)``.
 """
 
 from __future__ import annotations
@@ -13,27 +17,31 @@ import argparse
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="convert an official checkpoint into a model directory",
+    p = subparsers.add_parser("export", help="turn an official or training checkpoint into a model directory",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="official TOIST/MDETR .pth file")
-    p.add_argument("directory", help="output model directory (created)")
+    p.add_argument("checkpoint", help="official TOIST/MDETR .pth file or a toist training checkpoint")
+    p.add_argument("directory", help="output model directory (created, or replaced as a whole)")
     p.add_argument("--text-encoder", default=None,
                    help="tokenizer source copied into the directory: hub name or local directory "
-                        "(default: the --config's text.tokenizer, else roberta-base)")
+                        "(default: the training checkpoint's or --config's text.tokenizer, else roberta-base)")
     p.add_argument("--config", default=None, help="model config YAML (default: read from the checkpoint)")
-    p.add_argument("--pronoun", default=None, help="pronoun of the captions (default: something)")
+    p.add_argument("--pronoun", default=None, help="pronoun of the captions (default: the checkpoint's, "
+                                                   "else something)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema",
+                   help="EMA weights when the file has them (default), or the raw model weights")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import typed_config
-    from ..checkpoint import export_official
+    from ..checkpoint import export_model_dir
     from ..config import ModelConfig
 
     config = typed_config.load_yaml(ModelConfig, args.config) if args.config else None
-    loaded = export_official(args.checkpoint, args.directory, text_encoder=args.text_encoder, config=config,
-                             pronoun=args.pronoun)
+    loaded = export_model_dir(args.checkpoint, args.directory, text_encoder=args.text_encoder, config=config,
+                              pronoun=args.pronoun, weights=args.weights)
     kind = "segmentation" if loaded.config.masks else "detection"
     bank = ", memory bank" if loaded.memory_bank is not None else ""
-    print(f"{args.checkpoint} -> {args.directory} ({kind}{bank})")
+    tasks = f", tasks {','.join(map(str, loaded.tasks))}" if loaded.tasks else ""
+    print(f"{args.checkpoint} -> {args.directory} ({kind}{bank}{tasks})")
     return 0

@@ -1,0 +1,30 @@
+"""Checkpoint I/O: official TOIST / MDETR ``.pth`` files, toist training checkpoints and
+toist's own model directory.
+
+- :mod:`.files`: reading a ``.pth`` safely (``weights_only``, CRC-checked, clear refusals).
+- :mod:`.official`: what an official or training file holds (:func:`read_official`).
+- :mod:`.architecture`: the model config of a file (from its shapes or its stored config).
+- :mod:`.strict`: loading every tensor or nothing.
+- :mod:`.model_dir`: the offline model directory (config.yaml + safetensors + tokenizer).
+- :mod:`.load`: :func:`load_pretrained` and :func:`export_model_dir` over all of these.
+- :mod:`.integrity`, :mod:`.atomic_dir`: corruption checks and whole-directory replacement.
+"""
+
+from .architecture import Architecture, config_for_checkpoint, detect_architecture, text_config_from_source
+from .errors import CheckpointError
+from .files import safe_torch_load
+from .load import export_model_dir, load_official, load_pretrained
+from .loaded import LoadedModel
+from .model_dir import (BANK_FILE, CONFIG_FILE, MODEL_DIR_FORMAT, MODEL_DIR_VERSION, TOKENIZER_DIR, WEIGHTS_FILE,
+                        ModelDirConfig, is_model_dir, load_model_dir, save_model_dir)
+from .official import BANK_KEYS, POSITION_IDS_KEY, SEGM_PREFIX, OfficialCheckpoint, read_official
+from .strict import build_memory_bank, load_official_weights, load_state_dict_strict, state_dict_problems
+
+__all__ = [
+    "Architecture", "BANK_FILE", "BANK_KEYS", "CONFIG_FILE", "CheckpointError", "LoadedModel", "MODEL_DIR_FORMAT",
+    "MODEL_DIR_VERSION", "ModelDirConfig", "OfficialCheckpoint", "POSITION_IDS_KEY", "SEGM_PREFIX", "TOKENIZER_DIR",
+    "WEIGHTS_FILE", "build_memory_bank", "config_for_checkpoint", "detect_architecture", "export_model_dir",
+    "is_model_dir", "load_model_dir", "load_official", "load_official_weights", "load_pretrained",
+    "load_state_dict_strict", "read_official", "safe_torch_load", "save_model_dir", "state_dict_problems",
+    "text_config_from_source",
+]

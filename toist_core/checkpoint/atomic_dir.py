@@ -1,0 +1,93 @@
+"""Replacing a directory as a whole: a reader finds the old one or the new one, never a mix.
+
+The new directory is written beside the target (``.<name>.staging-<random>``, same file
+system), flushed, then swapped in with one ``renameat2(RENAME_EXCHANGE)`` (Linux >= 3.15,
+glibc >= 2.28): the target path points at the old tree until that call and at the new one
+after it. Where the exchange is unavailable the old tree is renamed away and the new one
+renamed in: a crash between the two renames leaves no target (but both trees beside it).
+Staging and displaced trees a crash left behind are removed by the next replacement.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .errors import PathLike
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+STAGING_MARK = ".staging-"
+
+
+def write_directory(target: PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(staging)`` to fill a fresh directory, then make it ``target`` atomically
+    (replacing an existing ``target``). Nothing at ``target`` changes if ``write`` fails."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_MARK}", dir=target.parent))
+    try:
+        write(staging)
+        _fsync_tree(staging)
+        if target.exists():
+            _exchange(staging, target)      # staging now holds the old tree
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            os.rename(staging, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def remove_stale(target: PathLike) -> list[Path]:
+    """Delete staging / displaced trees of ``target`` left by an interrupted replacement."""
+    target = Path(target)
+    stale = sorted(target.parent.glob(f".{target.name}{STAGING_MARK}*")) if target.parent.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _exchange(a: Path, b: Path) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+            return
+        errno = ctypes.get_errno()
+        if errno not in (22, 38, 95):   # EINVAL / ENOSYS / EOPNOTSUPP: no exchange here, fall back
+            raise OSError(errno, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(errno)}")
+    displaced = Path(tempfile.mkdtemp(prefix=f".{b.name}{STAGING_MARK}", dir=b.parent))
+    os.rename(b, displaced / b.name)
+    os.rename(a, b)
+    os.rename(displaced / b.name, a)
+    displaced.rmdir()
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(Path(folder))
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,91 @@
+"""Integrity of checkpoint files: a flipped byte is refused, not loaded.
+
+``torch.save`` writes a zip archive whose every record carries a CRC-32 that ``torch.load``
+never checks; :func:`verify_zip` reads the archive once and compares them. safetensors files
+have no checksum of their own, so toist writes one into their metadata
+(:data:`DIGEST_KEY`: SHA-256 over every tensor's name, dtype, shape and bytes, in name order,
+so it does not depend on the file layout) and :func:`check_tensor_digest` recomputes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import CheckpointError, PathLike
+
+DIGEST_KEY = "toist_sha256"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def verify_zip(path: PathLike) -> None:
+    """Check every CRC-32 of a ``torch.save`` zip archive; :class:`CheckpointError` names the
+    file and the first damaged record. Legacy (pre-zip) files carry no checksum: not checked."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        if handle.read(4) != ZIP_MAGIC:
+            return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"{path}: damaged checkpoint archive ({exc}); the file is truncated or "
+                              "corrupted: restore or re-download it") from None
+    if damaged is not None:
+        raise CheckpointError(f"{path}: corrupted: record {damaged!r} fails its CRC-32 check (the bytes "
+                              "changed after torch.save wrote them); restore or re-download the file")
+
+
+def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 hex of ``tensors`` (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_tensor_digest(path: PathLike, tensors: Mapping[str, Tensor], metadata: Optional[Mapping[str, str]],
+                        required: bool) -> None:
+    """Compare ``tensors`` (read from ``path``) with the digest stored in its metadata.
+
+    ``required``: the file must carry one (written by a toist version that stores digests)."""
+    expected = (metadata or {}).get(DIGEST_KEY)
+    if expected is None:
+        if required:
+            raise CheckpointError(f"{path}: no {DIGEST_KEY} in its metadata; the file was not written by "
+                                  "toist's save_model_dir or was replaced: re-export the model")
+        return
+    if tensor_digest(tensors) != expected:
+        raise CheckpointError(f"{path}: corrupted: its tensors do not match the SHA-256 recorded when it was "
+                              "written; restore or re-export the model directory")
+
+
+def load_safetensors(path: PathLike, required_digest: bool) -> dict[str, Tensor]:
+    """A safetensors file's tensors, checked against their recorded digest."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        tensors = load_file(str(path))
+    except Exception as exc:  # header damage: SafetensorError, OSError, ...
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    check_tensor_digest(path, tensors, metadata, required_digest)
+    return tensors
+
+
+def save_safetensors(tensors: Mapping[str, Tensor], path: PathLike, metadata: Optional[dict] = None) -> None:
+    """Write ``tensors`` with their digest in the metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={**(metadata or {}), "format": "pt", DIGEST_KEY: tensor_digest(tensors)})

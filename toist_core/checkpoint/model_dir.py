@@ -1,0 +1,114 @@
+"""toist's model directory: what ``toist export`` and training write, loadable offline::
+
+    <dir>/config.yaml               format, version, model config, pronoun, bank flag, source,
+                                    input size and tasks it was trained on
+    <dir>/model.safetensors         the model's state_dict (toist names) + SHA-256 in its metadata
+    <dir>/memory_bank.safetensors   distilled models: feature_bank, cluster_centers, ... (+ SHA-256)
+    <dir>/tokenizer/                the tokenizer files
+
+A directory is written aside and swapped in whole (:mod:`.atomic_dir`): a reader, or a
+process killed mid-export, sees the old directory or the new one. Tensors are checked against
+their recorded digests when loaded (version 3; older directories carry none).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from torch import nn
+
+from .. import typed_config
+from ..config import InputSize, ModelConfig
+from .atomic_dir import write_directory
+from .errors import CheckpointError, PathLike
+from .integrity import load_safetensors, save_safetensors
+from .loaded import LoadedModel
+from .strict import build_memory_bank, load_state_dict_strict
+
+MODEL_DIR_FORMAT = "toist-model"
+# 2: input_size (version 1 loads with the reference size); 3: tasks, tensor digests (required).
+MODEL_DIR_VERSION = 3
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+BANK_FILE = "memory_bank.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class ModelDirConfig:
+    """``config.yaml`` of a model directory."""
+
+    format: str = MODEL_DIR_FORMAT
+    version: int = MODEL_DIR_VERSION
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Caption word whose rows cluster-centre replacement overwrites (distilled models).
+    pronoun: str = "something"
+    memory_bank: bool = False
+    source: str = ""
+    # The size it was trained and evaluated at, what inference uses unless told otherwise
+    # (directories written before this field: the reference's 800 / 1333).
+    input_size: InputSize = field(default_factory=InputSize)
+    # COCO-Tasks ids it was trained on; empty: not recorded (directories before version 3).
+    tasks: list[int] = field(default_factory=list)
+
+
+def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
+                   memory_bank: Optional[nn.Module] = None, pronoun: str = "something",
+                   source: str = "", input_size: Optional[InputSize] = None,
+                   tasks: Optional[Sequence[int]] = None) -> Path:
+    """Write ``config.yaml``, ``model.safetensors``, the tokenizer and the memory bank, replacing
+    ``directory`` as a whole (the old one stays intact until the new one is complete)."""
+    cfg = copy.deepcopy(config)
+    cfg.text.tokenizer = TOKENIZER_DIR  # relative to the directory
+    cfg.text.weights = None
+    cfg.backbone.weights = None
+    manifest = ModelDirConfig(model=cfg, pronoun=pronoun, memory_bank=memory_bank is not None, source=source,
+                              input_size=input_size or InputSize(), tasks=sorted(set(tasks or ())))
+
+    def write(staging: Path) -> None:
+        save_safetensors(model.state_dict(), staging / WEIGHTS_FILE, metadata={"toist": MODEL_DIR_FORMAT})
+        model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+        if memory_bank is not None:
+            save_safetensors(memory_bank.state_dict(), staging / BANK_FILE)
+        typed_config.save_yaml(manifest, staging / CONFIG_FILE)
+
+    return write_directory(directory, write)
+
+
+def is_model_dir(path: PathLike) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> LoadedModel:
+    """Build and strictly load a model directory (no network: the tokenizer is inside it)."""
+    from ..model import build_model, load_tokenizer
+
+    directory = Path(directory)
+    manifest = typed_config.load_yaml(ModelDirConfig, directory / CONFIG_FILE)
+    if manifest.format != MODEL_DIR_FORMAT or manifest.version > MODEL_DIR_VERSION:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: format {manifest.format!r} version "
+                              f"{manifest.version} is not a {MODEL_DIR_FORMAT!r} directory of version "
+                              f"{MODEL_DIR_VERSION} or older")
+    digests = manifest.version >= 3
+    cfg = manifest.model
+    if tokenizer is not None:
+        cfg.text.tokenizer = str(tokenizer)
+    elif not Path(cfg.text.tokenizer).is_absolute() and (directory / cfg.text.tokenizer).is_dir():
+        cfg.text.tokenizer = str(directory / cfg.text.tokenizer)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: {WEIGHTS_FILE} not found")
+    state = load_safetensors(weights, required_digest=digests)
+    bank = None
+    if manifest.memory_bank:
+        bank_file = directory / BANK_FILE
+        if not bank_file.is_file():
+            raise CheckpointError(f"{directory}: config.yaml says memory_bank: true but {BANK_FILE} is missing")
+        bank = build_memory_bank(load_safetensors(bank_file, required_digest=digests), where=str(bank_file))
+    model = build_model(cfg, tokenizer=load_tokenizer(cfg.text.tokenizer))
+    load_state_dict_strict(model, state, where=str(weights))
+    return LoadedModel(model.eval(), cfg, bank, manifest.pronoun, str(directory), manifest.input_size,
+                       tuple(manifest.tasks) or None)
