@@ -28,6 +28,8 @@ def test_recipe_quick_run_trains_every_stage_and_exports_a_model(tmp_path, capfd
     metrics = model_metrics(model_dir)
     assert list(metrics["rows"]) == MODELS
     assert "mAP50/segm" in metrics["rows"]["distilled student"] and "mAP50/segm" not in metrics["rows"]["untrained"]
+    for name in ("plain student", "distilled student"):   # masks measured against their instances too
+        assert {"mask_pairwise_iou_median", "mask_inside_box_mean"} <= set(metrics["rows"][name]), name
     assert recipe.results_table(metrics) in printed and recipe.results_table(metrics) in \
         (model_dir / "MODEL_CARD.md").read_text()
     for stage in ("pretrain", "teacher", "student", "distilled", "student_masks", "distilled_masks"):
@@ -36,6 +38,7 @@ def test_recipe_quick_run_trains_every_stage_and_exports_a_model(tmp_path, capfd
     seg = TaskSegmenter.from_pretrained(model_dir, device="cpu")
     assert seg.memory_bank is not None and seg.config.masks and seg.config.backbone.name == "mobilenet_v2"
     assert seg.inference.short_side == recipe.RecipeSettings(**metrics["settings"]).input_size.short_side
+    assert seg.trained_tasks == tuple(metrics["settings"]["tasks"])
     scene = held_out_scenes(metrics["settings"], task_id=1, count=1)[0]
     seg.set_task(1)
     prediction = seg.predict(scene.pixels)
@@ -154,8 +157,12 @@ def test_ablation_stages_are_the_distillation_with_one_switch_off(tmp_path):
         assert stage.overrides == distilled.overrides + [switch]
         cfg = recipe.stage_config(recipe.RecipeSettings(), tmp_path, stage)
         assert cfg.stage == "distill" and cfg.output_dir == str(tmp_path / stage.name)
+        masks, reference = plan[f"distilled_{name}_masks"], plan["distilled_masks"]
+        assert (masks.config, masks.epochs, masks.after) == (reference.config, reference.epochs, (stage.name,))
+        assert f"init.frozen_weights={tmp_path / stage.name / recipe.BEST}" in masks.overrides
     assert set(plan) == {"pretrain", "teacher", "student", "distilled", "student_masks", "distilled_masks",
-                         "distilled_no_ccr", "distilled_no_cl", "distilled_no_sbtl"}
+                         "distilled_no_ccr", "distilled_no_cl", "distilled_no_sbtl", "distilled_no_ccr_masks",
+                         "distilled_no_cl_masks", "distilled_no_sbtl_masks"}
 
 
 def test_every_stage_waits_for_the_stages_it_starts_from(tmp_path):

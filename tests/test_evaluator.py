@@ -355,3 +355,28 @@ def test_cli_on_a_tiny_checkpoint(root, tmp_path, capsys):
         assert pred.masks[0]["size"] == [gt.imgs[image_id]["height"], gt.imgs[image_id]["width"]]
         assert np.all(np.diff(pred.scores) <= 0)
     assert (out / "results.csv").is_file()
+
+
+def test_mask_box_agreement_tells_query_blind_masks_from_instance_masks():
+    from toist_core.eval.mask_sanity import mask_box_agreement
+
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [0, 20, 10, 30]], dtype=np.float32)
+    own = np.zeros((3, 40, 40), dtype=bool)
+    for k, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
+        own[k, y0:y1, x0:x1] = True
+    own[0, 10:12, 0:10] = True                    # 20 of its 120 pixels spill below its box
+    good = mask_box_agreement([_Pred(own, boxes)])
+    assert good["pairwise_iou_median"] == 0.0 and good["pairs"] == 3
+    assert good["inside_box_mean"] == pytest.approx((100 / 120 + 1 + 1) / 3)
+    blind = np.repeat(np.ones((1, 40, 40), dtype=bool), 3, axis=0)   # every query paints the frame
+    bad = mask_box_agreement([_Pred(blind, boxes)])
+    assert bad["pairwise_iou_median"] == 1.0 and bad["inside_box_mean"] == pytest.approx(100 / 1600)
+    assert np.isnan(mask_box_agreement([])["pairwise_iou_median"])
+
+
+class _Pred:
+    def __init__(self, masks, boxes):
+        self.masks, self.boxes = masks, boxes
+
+    def __len__(self):
+        return len(self.boxes)

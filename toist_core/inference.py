@@ -194,10 +194,8 @@ class TaskSegmenter:
         were trained at) is used unless ``inference`` sets one. ``config`` (official files only)
         is checked against the file's tensor shapes.
         """
-        from .checkpoint import is_model_dir, load_pretrained
+        from .checkpoint import load_pretrained
 
-        if text_encoder is None and not is_model_dir(path) and config is None:
-            text_encoder = "roberta-base"
         loaded = load_pretrained(path, config=config, text_encoder=text_encoder)
         device = resolve_device(device)
         return cls(_prepared(loaded.model, device, inference), device=device, memory_bank=loaded.memory_bank,

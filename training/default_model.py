@@ -172,10 +172,13 @@ def stages(settings: RecipeSettings, out: Path, ablations: bool) -> list[Stage]:
     ]
     if ablations:
         distill = next(stage for stage in plan if stage.name == "distilled")
+        masks = next(stage for stage in plan if stage.name == "distilled_masks")
         for name, switch in (("no_ccr", "distill.ccr=false"), ("no_cl", "distill.cluster_loss=0"),
                              ("no_sbtl", "distill.sbtl=0")):
-            plan.append(Stage(f"distilled_{name}", distill.config, distill.epochs, distill.overrides + [switch],
-                              distill.after))
+            ablation = f"distilled_{name}"
+            plan.append(Stage(ablation, distill.config, distill.epochs, distill.overrides + [switch], distill.after))
+            plan.append(Stage(f"{ablation}_masks", masks.config, masks.epochs,
+                              segm + [f"init.frozen_weights={out / ablation / BEST}"], (ablation,)))
     return plan
 
 
@@ -270,9 +273,11 @@ def evaluate_all(settings: RecipeSettings, out: Path, plan: Sequence[Stage], env
     val = build_validation_set(pronoun_cfg)
     tokenizer = load_tokenizer(pronoun_cfg.model.text.tokenizer)
 
-    def score(name: str, cfg: TrainConfig, model, bank=None) -> None:
+    def score(name: str, cfg: TrainConfig, model, bank=None, checkpoint: Optional[Path] = None) -> None:
         metrics = evaluate(model, val, cfg, env, bank)
         rows[name] = {k: v for k, v in metrics.items() if k.startswith(("mAP50/", "AP50/"))}
+        if checkpoint is not None and cfg.model.masks:
+            rows[name].update(mask_agreement(cfg, checkpoint))
 
     seed_everything(settings.seed)
     untrained = build_model(pronoun_cfg.model, tokenizer=tokenizer)  # ImageNet backbone, rest random
@@ -283,21 +288,54 @@ def evaluate_all(settings: RecipeSettings, out: Path, plan: Sequence[Stage], env
     for name, stage in (("plain student", "student_masks"), ("distilled student", "distilled_masks")):
         cfg = test_config(by_name[stage])
         model, bank = _load(cfg, out / stage / BEST, tokenizer)
-        score(name, cfg, model, bank)
+        score(name, cfg, model, bank, out / stage / BEST)
     for stage in plan:
-        if stage.name.startswith("distilled_no_"):
+        if stage.name.startswith("distilled_no_") and stage.name.endswith("_masks"):
             cfg = test_config(stage)
             model, bank = _load(cfg, out / stage.name / BEST, tokenizer)
-            score(f"distilled, {stage.name[len('distilled_no_'):].upper()}{ABLATION_SUFFIX}", cfg, model, bank)
+            part = stage.name[len("distilled_no_"):-len("_masks")].upper()
+            score(f"distilled, {part}{ABLATION_SUFFIX}", cfg, model, bank, out / stage.name / BEST)
     return {"rows": rows, "test_pairs": val.num_images, "tasks": settings.tasks}
 
 
+MASK_AGREEMENT_IMAGES = 100   # test images per task for the mask/box agreement numbers
+
+
+def mask_agreement(cfg: TrainConfig, checkpoint: Path) -> dict[str, float]:
+    """:func:`~toist_core.eval.mask_sanity.mask_box_agreement` of a mask-head run's best model on
+    the first test images of every task, as the node runs it (default inference settings:
+    score >= 0.5, one image at a time, the model's input size)."""
+    from toist_core.data.coco_tasks import CocoTasksDataset
+    from toist_core.eval.mask_sanity import mask_box_agreement
+    from toist_core.inference import TaskSegmenter
+
+    segmenter = TaskSegmenter.from_pretrained(checkpoint, device="cpu")
+
+    def predictions():
+        for task in cfg.data.tasks:
+            state = segmenter.encode_task(task)
+            dataset = CocoTasksDataset(cfg.data.annotation_path(task, "test"), cfg.data.image_dir("test"),
+                                       check_images=False)
+            for index in range(min(MASK_AGREEMENT_IMAGES, len(dataset))):
+                yield segmenter.predict(dataset.load_image(index).permute(1, 2, 0).numpy(), state)
+
+    stats = mask_box_agreement(predictions())
+    return {"mask_pairwise_iou_median": stats["pairwise_iou_median"], "mask_inside_box_mean": stats["inside_box_mean"]}
+
+
 def results_table(results: dict) -> str:
-    lines = ["| model | mAP^box@0.5 | mAP^mask@0.5 |", "|---|---|---|"]
+    """mAP@0.5 per model, and where it has masks how well they fit their instances (median IoU
+    between two instances' masks in one image; share of a mask inside its own box)."""
+    lines = ["| model | mAP^box@0.5 | mAP^mask@0.5 | mask IoU between instances (median) | mask inside its box |",
+             "|---|---|---|---|---|"]
+
+    def cell(value, fmt="{:.3f}"):
+        return "-" if value is None else fmt.format(value)
+
     for name, metrics in results["rows"].items():
-        box = metrics.get("mAP50/bbox")
-        mask = metrics.get("mAP50/segm")
-        lines.append(f"| {name} | {box:.3f} | {'-' if mask is None else f'{mask:.3f}'} |")
+        lines.append(f"| {name} | {cell(metrics.get('mAP50/bbox'))} | {cell(metrics.get('mAP50/segm'))} | "
+                     f"{cell(metrics.get('mask_pairwise_iou_median'), '{:.2f}')} | "
+                     f"{cell(metrics.get('mask_inside_box_mean'), '{:.0%}')} |")
     return "\n".join(lines)
 
 
