@@ -189,5 +189,14 @@ def test_model_directories_record_their_tasks_and_other_tasks_warn_once(train_ru
         seg.set_task(8)           # once per task
     with pytest.warns(UntrainedTaskWarning, match="free-text task"):
         seg.set_task("reach the top shelf with")
-    # Official files are the paper's: all 14 tasks, free text warned about.
+    # Random weights know no tasks: nothing to warn about.
     assert TaskSegmenter.from_config("tiny").trained_tasks is None
+    # The command line warns too.
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.full((40, 48, 3), 120, dtype=np.uint8)).save(image)
+    with pytest.warns(UntrainedTaskWarning, match="task 8 is not one this model was trained on"):
+        assert cli.main(["predict", "--checkpoint", str(out), "--task", "8", "--device", "cpu", str(image),
+                         "--out", str(tmp_path / "pred")]) == 0
