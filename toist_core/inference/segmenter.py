@@ -1,141 +1,27 @@
-"""Task-oriented instance segmentation of single images: :class:`TaskSegmenter`.
-
-    seg = TaskSegmenter.from_pretrained("toist_distilled.pth", device="auto", text_encoder="roberta-base")
-    seg.set_task(2)                       # "sit comfortably on something": text encoded once here
-    pred = seg.predict(rgb_uint8_image)   # boxes / scores / masks in original-image pixels
-
-Per frame: resize (short side 800, long side <= 1333) + ImageNet normalisation -> backbone
--> transformer encoder over the image tokens and the task's cached text tokens -> (distilled
-models) the pronoun rows of the decoder's memory replaced by the task's nearest cluster
-centre -> decoder -> score = 1 - p(no object) -> threshold / top-k -> mask head for the kept
-queries only -> boxes and masks at the original resolution.
-
-What depends only on the task is computed in :meth:`TaskSegmenter.encode_task` (called by
-:meth:`~TaskSegmenter.set_task`): the RoBERTa + resizer features of the caption, the pronoun's
-token positions and, for distilled models, the k-means centres of the task's memory bank
-(the bank is fixed at inference, so warm-started k-means reaches the same centres on every
-frame). The result is an immutable :class:`TaskState`; ``set_task`` swaps it in with one
-attribute assignment, so a thread calling ``predict`` sees either the old or the new task.
-"""
+"""The segmenter: a TOIST model, its task state and the per-frame pipeline (see the package doc)."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
 import warnings
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .config import InferenceConfig, InputSize, ModelConfig, preset
-from .model.eval_mode import eval_mode
-from .structures import ImageBatch
-from .tasks import resolve_task
-from .tokens import NO_OBJECT_INDEX, span_token_indices
+from ..config import InferenceConfig, InputSize, ModelConfig, preset
+from ..model.eval_mode import eval_mode
+from ..structures import ImageBatch
+from ..tasks import resolve_task
+from ..tokens import NO_OBJECT_INDEX, span_token_indices
+from .device import autocast_dtype, check_on_device, is_channels_last, prepared, resolve_device
+from .images import check_image, preprocess
+from .postprocess import image_memory, masks_at_original, select, to_pixels
+from .results import Prediction, TaskState, UntrainedTaskWarning
 
 DEFAULT_PRONOUN = "something"
-
-
-@dataclass(frozen=True)
-class TaskState:
-    """Everything about the current task that does not depend on the image (immutable).
-
-    caption:        the caption the model reads (e.g. "sit comfortably on something").
-    task_id:        COCO-Tasks id 1..14, or None for free text.
-    text:           cached text features (:class:`toist_core.model.text.TextFeatures`, batch 1).
-    pronoun_tokens: token positions of the pronoun in the caption (CCR rows).
-    centres:        ``[K, D]`` k-means centres of the task's memory bank (distilled models and
-                    COCO-Tasks tasks only), else None: no cluster-centre replacement.
-    warning:        why this task's results are not to be trusted (the model was not trained
-                    on it), else None.
-    """
-
-    caption: str
-    task_id: Optional[int]
-    text: object
-    pronoun_tokens: tuple[int, ...]
-    centres: Optional[Tensor] = None
-    warning: Optional[str] = None
-
-    @property
-    def uses_ccr(self) -> bool:
-        return self.centres is not None and len(self.pronoun_tokens) > 0
-
-
-@dataclass
-class Prediction:
-    """Instances found in one image, sorted by decreasing score.
-
-    boxes:   ``[N, 4]`` float32, (x1, y1, x2, y2) in original-image pixels, clipped to the image.
-    scores:  ``[N]`` float32, ``1 - p(no object)``.
-    masks:   ``[N, H, W]`` bool at the original resolution, or None for detection-only models.
-    queries: ``[N]`` int64, the decoder query each instance came from.
-    caption / task_id: the task the image was processed for.
-    image_size: ``(H, W)`` of the input image.
-    """
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    masks: Optional[np.ndarray]
-    queries: np.ndarray
-    caption: str
-    task_id: Optional[int]
-    image_size: tuple[int, int]
-
-    def __len__(self) -> int:
-        return int(self.scores.shape[0])
-
-
-class UntrainedTaskWarning(UserWarning):
-    """The task set is not one the model was trained on: its instances mean little."""
-
-
-def resolve_device(device: Union[str, torch.device]) -> torch.device:
-    """``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise ValueError(f"device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    return dev
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError("precision fp16 needs a CUDA device; use bf16 on CPU")
-        return torch.float16
-    return torch.bfloat16
-
-
-def check_image(image: np.ndarray, where: str = "image") -> np.ndarray:
-    """An ``H x W x 3`` uint8 RGB array, or a ValueError saying what is wrong."""
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f"{where}: expected a numpy array (H x W x 3 uint8 RGB), got {type(image).__name__}")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"{where}: expected shape H x W x 3 (RGB), got {image.shape}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"{where}: expected dtype uint8, got {image.dtype}")
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"{where}: empty image {image.shape}")
-    return image
 
 
 class TaskSegmenter:
@@ -165,8 +51,8 @@ class TaskSegmenter:
         self.device = resolve_device(device)
         self.inference = (inference or InferenceConfig()).with_input_size(input_size or InputSize())
         self.pronoun = self.inference.pronoun or pronoun
-        self._autocast = _autocast_dtype(self.inference.precision, self.device)
-        _check_on_device(model, self.device)
+        self._autocast = autocast_dtype(self.inference.precision, self.device)
+        check_on_device(model, self.device)
         self.model = model
         self.config = config
         self.trained_tasks = tuple(sorted(trained_tasks)) if trained_tasks else None
@@ -194,11 +80,11 @@ class TaskSegmenter:
         were trained at) is used unless ``inference`` sets one. ``config`` (official files only)
         is checked against the file's tensor shapes.
         """
-        from .checkpoint import load_pretrained
+        from ..checkpoint import load_pretrained
 
         loaded = load_pretrained(path, config=config, text_encoder=text_encoder)
         device = resolve_device(device)
-        return cls(_prepared(loaded.model, device, inference), device=device, memory_bank=loaded.memory_bank,
+        return cls(prepared(loaded.model, device, inference), device=device, memory_bank=loaded.memory_bank,
                    pronoun=loaded.pronoun, inference=inference, config=loaded.config, task=task,
                    input_size=loaded.input_size, trained_tasks=loaded.tasks)
 
@@ -212,7 +98,7 @@ class TaskSegmenter:
         ``text_encoder`` overrides the config's tokenizer (name or local directory). ``seed``
         makes the random weights reproducible. Never touches the network for ``tiny``.
         """
-        from .model import build_model, load_tokenizer
+        from ..model import build_model, load_tokenizer
 
         cfg = preset(config) if isinstance(config, str) else config
         tokenizer = load_tokenizer(text_encoder or cfg.text.tokenizer)
@@ -220,7 +106,7 @@ class TaskSegmenter:
             torch.manual_seed(seed)
         model = build_model(cfg, tokenizer=tokenizer)
         device = resolve_device(device)
-        return cls(_prepared(model, device, inference), device=device, memory_bank=memory_bank, inference=inference, config=cfg, task=task)
+        return cls(prepared(model, device, inference), device=device, memory_bank=memory_bank, inference=inference, config=cfg, task=task)
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -311,8 +197,8 @@ class TaskSegmenter:
             boxes_all = out["pred_boxes"].float()
             predictions = []
             for b, (orig, size) in enumerate(zip(originals, resized)):
-                keep = _select(scores_all[b], threshold, limit)
-                boxes = _to_pixels(boxes_all[b, keep], orig)
+                keep = select(scores_all[b], threshold, limit)
+                boxes = to_pixels(boxes_all[b, keep], orig)
                 masks = None
                 if with_masks and self.has_masks:
                     masks = self._masks(memory, hs[-1], b, keep, size, batch.tensors.shape[-2:], orig)
@@ -327,22 +213,8 @@ class TaskSegmenter:
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[ImageBatch, list[tuple[int, int]]]:
         """Resize (reference evaluation rule), normalise on the model's device and pad to a
         multiple of ``pad_multiple``; returns the padded batch and each image's resized ``(h, w)``."""
-        from .data.transforms import resized_hw
-
-        cfg = self.inference
-        tensors, sizes = [], []
-        for image in images:
-            height, width = image.shape[:2]
-            size = resized_hw(height, width, cfg.short_side, cfg.max_size)
-            x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1).float().div_(255.0)
-            if size != (height, width):
-                x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-            tensors.append((x - self._mean) / self._std)
-            sizes.append(size)
-        batch = ImageBatch.from_images(tensors, size_divisibility=cfg.pad_multiple)
-        if self.inference.channels_last and _is_channels_last(self.model):
-            batch = ImageBatch(batch.tensors.contiguous(memory_format=torch.channels_last), batch.mask)
-        return batch, sizes
+        return preprocess(images, self.inference, self._mean, self._std,
+                          self.inference.channels_last and is_channels_last(self.model))
 
     def _autocast_context(self):
         if self._autocast is None:
@@ -352,8 +224,8 @@ class TaskSegmenter:
     def _replace_pronoun_rows(self, memory: dict, state: TaskState) -> dict:
         """CCR: the pronoun rows of the decoder's memory <- the task centre nearest to the
         image's pronoun feature (mean of its post-encoder rows)."""
-        from .distill.ccr import replace_token_rows
-        from .distill.kmeans import assign_to_centres
+        from ..distill.ccr import replace_token_rows
+        from ..distill.kmeans import assign_to_centres
 
         text_memory = memory["text_memory"]
         rows = list(state.pronoun_tokens)
@@ -367,73 +239,9 @@ class TaskSegmenter:
 
     def _masks(self, memory: dict, last_states: Tensor, b: int, keep: Tensor, size: tuple[int, int],
                padded: Sequence[int], orig: tuple[int, int]) -> np.ndarray:
-        """Masks of the kept queries of image ``b`` at the original resolution.
-
-        As the reference's ``PostProcessSegm``: stride-4 logits -> bilinear to the padded input
-        size -> crop to the image's resized size -> bilinear to the original size -> sigmoid > t.
-        """
+        """Masks ``[N, H, W]`` bool of the kept queries of image ``b`` at the original resolution."""
         if keep.numel() == 0:
             return np.zeros((0,) + tuple(orig), dtype=bool)
         with self._autocast_context():
-            logits = self.model.predict_masks(_image_memory(memory, b), last_states[b:b + 1, keep])
-        logits = F.interpolate(logits.float(), size=tuple(padded), mode="bilinear", align_corners=False)
-        logits = logits[:, :, :size[0], :size[1]]
-        logits = F.interpolate(logits, size=orig, mode="bilinear", align_corners=False)
-        return (logits[0].sigmoid() > self.inference.mask_threshold).cpu().numpy()
-
-
-def _prepared(model: torch.nn.Module, device: torch.device, inference: Optional[InferenceConfig]) -> torch.nn.Module:
-    """A model the segmenter built itself, made ready for inference once: on ``device``, in
-    eval mode and (``inference.channels_last``, the default) with channels-last conv weights."""
-    model = model.to(device).eval()
-    if (inference or InferenceConfig()).channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
-def _check_on_device(model: torch.nn.Module, device: torch.device) -> None:
-    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if tensor.device.type != device.type or (device.index is not None and tensor.device.index != device.index):
-            raise ValueError(f"model: {name} is on {tensor.device}, the segmenter's device is {device}; "
-                             "TaskSegmenter never moves a module it is given: move it first (model.to(device))")
-        return  # one tensor tells: modules are moved as a whole
-
-
-def _is_channels_last(model: torch.nn.Module) -> bool:
-    """Whether the model's first 4-D weight is stored channels-last (inputs then follow suit)."""
-    for param in model.parameters():
-        if param.dim() == 4:
-            return param.is_contiguous(memory_format=torch.channels_last)
-    return False
-
-
-def _select(scores: Tensor, threshold: float, limit: int) -> Tensor:
-    """Indices of the queries scoring at least ``threshold``, best first, at most ``limit``."""
-    order = scores.argsort(descending=True, stable=True)
-    order = order[scores[order] >= threshold]
-    return order[:limit]
-
-
-def _to_pixels(boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Normalised ``(cx, cy, w, h)`` -> ``(x1, y1, x2, y2)`` pixels of an ``(H, W)`` image, clipped."""
-    height, width = size
-    cx, cy, w, h = boxes.unbind(-1)
-    xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-    xyxy = xyxy * torch.tensor([width, height, width, height], dtype=xyxy.dtype, device=xyxy.device)
-    xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
-    xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
-    return xyxy
-
-
-def _image_memory(memory: dict, b: int) -> dict:
-    """The part of a batch's memory the mask head reads, for image ``b`` alone."""
-    return {
-        "src_proj": memory["src_proj"][b:b + 1],
-        "features": [f[b:b + 1] for f in memory["features"]],
-        "img_memory": memory["img_memory"][:, b:b + 1],
-        "text_memory": memory["text_memory"][:, b:b + 1],
-        "mask": memory["mask"][b:b + 1],
-    }
-
-
-__all__ = ["Prediction", "TaskSegmenter", "TaskState", "UntrainedTaskWarning", "check_image", "resolve_device"]
+            logits = self.model.predict_masks(image_memory(memory, b), last_states[b:b + 1, keep])
+        return masks_at_original(logits, size, padded, orig, self.inference.mask_threshold)

@@ -1,0 +1,66 @@
+"""Where and how the model runs: the device, autocast precision, and the one-time preparation of
+models the segmenter builds itself (a module it is given is used as it is)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional, Union
+
+import torch
+
+from ..config import InferenceConfig
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError("precision fp16 needs a CUDA device; use bf16 on CPU")
+        return torch.float16
+    return torch.bfloat16
+
+
+def prepared(model: torch.nn.Module, device: torch.device, inference: Optional[InferenceConfig]) -> torch.nn.Module:
+    """A model the segmenter built itself, made ready for inference once: on ``device``, in
+    eval mode and (``inference.channels_last``, the default) with channels-last conv weights."""
+    model = model.to(device).eval()
+    if (inference or InferenceConfig()).channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def check_on_device(model: torch.nn.Module, device: torch.device) -> None:
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.device.type != device.type or (device.index is not None and tensor.device.index != device.index):
+            raise ValueError(f"model: {name} is on {tensor.device}, the segmenter's device is {device}; "
+                             "TaskSegmenter never moves a module it is given: move it first (model.to(device))")
+        return  # one tensor tells: modules are moved as a whole
+
+
+def is_channels_last(model: torch.nn.Module) -> bool:
+    """Whether the model's first 4-D weight is stored channels-last (inputs then follow suit)."""
+    for param in model.parameters():
+        if param.dim() == 4:
+            return param.is_contiguous(memory_format=torch.channels_last)
+    return False
