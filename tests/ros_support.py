@@ -61,12 +61,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: flo
     return predicate()
 
 
-def random_model_dir(folder, seed: int = 0) -> str:
+def random_model_dir(folder, seed: int = 0, tasks=None) -> str:
     """A model directory with the `tiny_segm` network's random weights (seed ``seed``): the node's
     plumbing tests need a model that always answers (random weights score ~0.99 everywhere),
-    which the trained embedded default does not do on real photos."""
+    which the trained embedded default does not do on real photos. ``tasks``: the COCO-Tasks ids
+    the directory records as trained on (None: none recorded, every task is taken as trained)."""
     from toist_core.checkpoint import save_model_dir
     from toist_core.inference import TaskSegmenter
 
     seg = TaskSegmenter.from_config("tiny_segm", device="cpu", seed=seed)
-    return str(save_model_dir(seg.model, folder, seg.config))
+    return str(save_model_dir(seg.model, folder, seg.config, tasks=tasks))

@@ -49,7 +49,7 @@ def test_generated_types_have_the_contract_fields():
     assert set(TaskInstances.get_fields_and_field_types()) == {
         "header", "image_width", "image_height", "task", "task_revision", "inference_ms",
         "latency_ms", "instances"}
-    assert set(TaskStatus.get_fields_and_field_types()) == {"stamp", "task", "revision", "ready"}
+    assert set(TaskStatus.get_fields_and_field_types()) == {"stamp", "task", "revision", "ready", "warning"}
     assert set(SetTask.Request.get_fields_and_field_types()) == {"task"}
     assert set(SetTask.Response.get_fields_and_field_types()) == {"success", "message", "revision"}
     assert set(SegmentImage.Request.get_fields_and_field_types()) == {"image", "task"}

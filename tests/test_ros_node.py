@@ -253,6 +253,7 @@ def test_ready_status_is_latched(ros, node, probe):
     assert wait_for(lambda: any(s.ready for s in probe.status), timeout=10)
     status = [s for s in probe.status if s.ready][-1]
     assert status.revision == node.active_task.revision and status.task == "sit comfortably on something"
+    assert status.warning == ""  # the model directory records no tasks: nothing to warn about
 
 
 def test_result_header_is_the_input_header(node, probe):
@@ -294,6 +295,70 @@ def test_task_topic_changes_the_task(node, probe):
     probe.task_pub.publish(String(data=""))  # refused, logged, node unchanged
     time.sleep(0.3)
     assert node.active_task.revision == before + 1
+
+
+UNTRAINED = "is not one this model was trained on"
+
+
+def test_a_task_the_model_was_not_trained_on_is_said_once_in_the_log_and_always_in_active_task(ros, tmp_path,
+                                                                                                capfd):
+    """A model directory trained on tasks 1 and 2: the start-up task 5, then 8 through the service,
+    get a warning in ``active_task`` on every change and one WARN line per task, ever."""
+    from std_msgs.msg import String
+    from rclpy.parameter import Parameter
+    from toist_ros.perception_node import PerceptionNode
+    from toist_ros.srv import SegmentImage
+
+    overrides = {**OVERRIDES, "checkpoint": random_model_dir(tmp_path / "tiny_1_2", tasks=[1, 2]), "task": "5",
+                 "warmup": False}
+    node = PerceptionNode(context=ros.context, namespace="untrained",
+                          parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+    ros.add(node)
+    logged = []
+
+    def warn_lines(task_id):
+        """WARN lines about ``task_id`` logged so far."""
+        time.sleep(0.3)  # the log lines reach stderr from the executor threads
+        logged.extend(capfd.readouterr().err.splitlines())
+        return sum(1 for line in logged
+                   if line.startswith("[WARN]") and f"task {task_id} {UNTRAINED} (tasks 1, 2)" in line)
+
+    try:
+        client = Probe(ros, prefix="/untrained/")
+        assert wait_for(lambda: any(s.ready for s in client.status), timeout=10)
+        start = [s for s in client.status if s.ready][-1]
+        assert f"task 5 {UNTRAINED} (tasks 1, 2)" in start.warning
+        assert warn_lines(5) == 1
+
+        def status_of(revision):
+            assert wait_for(lambda: any(s.revision == revision for s in client.status), timeout=10)
+            return [s for s in client.status if s.revision == revision][-1]
+
+        untrained = client.set_task("8")
+        assert untrained.success, untrained.message  # accepted, but said
+        assert f"task 8 {UNTRAINED}" in untrained.message
+        assert f"task 8 {UNTRAINED} (tasks 1, 2)" in status_of(untrained.revision).warning
+        assert node.active_task.warning == status_of(untrained.revision).warning
+        assert warn_lines(8) == 1
+
+        trained = client.set_task("2")
+        assert trained.success and "WARNING" not in trained.message
+        assert status_of(trained.revision).warning == "" and node.active_task.warning == ""
+
+        again = client.set_task("8")
+        assert again.success and f"task 8 {UNTRAINED}" in status_of(again.revision).warning
+        client.task_pub.publish(String(data="5"))  # the topic path; 5 was warned about at start-up
+        assert f"task 5 {UNTRAINED}" in status_of(again.revision + 1).warning
+        assert (warn_lines(8), warn_lines(5)) == (1, 1)  # set again: not logged again
+
+        one_shot = client.call(client.segment_client,
+                               SegmentImage.Request(image=client.image(_photo(), "untrained_one_shot"), task="8"))
+        assert one_shot.success and f"task 8 {UNTRAINED}" in one_shot.message
+        assert node.active_task.task_id == 5 and warn_lines(8) == 1
+    finally:
+        ros.executor.remove_node(node)
+        ros.nodes.remove(node)
+        node.destroy_node()
 
 
 def test_segment_image_answers_while_the_stream_runs(node, probe):

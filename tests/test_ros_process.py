@@ -48,8 +48,9 @@ def ros():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A real model directory (the tiny model's random weights saved with toist_core.checkpoint)."""
-    return random_model_dir(tmp_path_factory.mktemp("model") / "tiny_dir", seed=1)
+    """A real model directory (the tiny model's random weights saved with toist_core.checkpoint),
+    recording that it was trained on tasks 1 and 2."""
+    return random_model_dir(tmp_path_factory.mktemp("model") / "tiny_dir", seed=1, tasks=[1, 2])
 
 
 def test_node_process_with_params_file_and_remap(ros, tmp_path, model_dir):
@@ -82,7 +83,11 @@ def test_node_process_with_params_file_and_remap(ros, tmp_path, model_dir):
                                     (with_checkpoint, "/ckpt/active_task", checkpoint_log)):
             ok = wait_for(lambda: ready(topic) or process.poll() is not None, timeout=90)
             assert ok and process.poll() is None, f"node did not get ready:\n{log.read_text()[-3000:]}"
-        assert [s for s in status["/ckpt/active_task"] if s.ready][-1].task == "open bottle of beer with something"
+        ready_checkpoint = [s for s in status["/ckpt/active_task"] if s.ready][-1]
+        assert ready_checkpoint.task == "open bottle of beer with something"
+        # task:=8 on a model trained on tasks 1 and 2: accepted, and said.
+        assert "task 8 is not one this model was trained on (tasks 1, 2)" in ready_checkpoint.warning
+        assert [s for s in status["/active_task"] if s.ready][-1].warning == ""  # the embedded model knows task 2
         assert wait_for(lambda: pub.get_subscription_count() >= 2)
 
         photo = image_from_array(fit(load_photos(["chelsea"])[0][1], 320, 240), "rgb8")
@@ -113,6 +118,10 @@ def test_node_process_with_params_file_and_remap(ros, tmp_path, model_dir):
     assert f"model: {embedded}" in log and "embedded" not in checkpoint_log.read_text()
     assert "input resized to short side 160 px, long side at most 640 px" in log  # FAST's sizes
     assert f"checkpoint {model_dir}" in checkpoint_log.read_text()
+    untrained = [line for line in checkpoint_log.read_text().splitlines()
+                 if "is not one this model was trained on" in line]
+    assert len(untrained) == 1 and untrained[0].startswith("[WARN]"), untrained  # once, not per frame
+    assert "is not one this model was trained on" not in log
 
 
 def _bad_checkpoint(tmp_path):

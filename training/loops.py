@@ -32,6 +32,7 @@ from toist_core.data.coco_tasks import build_dataset
 from toist_core.data.collate import Collator
 from toist_core.losses.criterion import weighted_total
 from toist_core.model import load_tokenizer
+from toist_core.stop_signals import StopSignals
 from toist_core.typed_config import ConfigError
 
 from training import checkpointing as ckpt_io
@@ -40,7 +41,7 @@ from training.distributed import DistEnv, all_gather_objects, barrier, seed_ever
 from training.ema import ModelEMA
 from training.evaluate import build_validation_set, evaluate, holdout_ids
 from training.export import export_checkpoint
-from training.interrupt import StopSignals, ignore_stop_signals
+from training.interrupt import ignore_stop_signals
 from training.optim import build_optimizer, clip_grad_norm
 from training.sampling import EpochBatchSampler, SeededSamples
 from training.schedule import LRSchedule

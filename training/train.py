@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from training.distributed import cleanup_distributed, init_distributed
-    from training.interrupt import StopSignals, exit_code
+    from toist_core.stop_signals import StopSignals
+    from training.interrupt import exit_code
     from training.loops import LAST, Trainer
 
     with StopSignals() as stop:

@@ -1,0 +1,69 @@
+"""What the node reports on ``/diagnostics``: its key/values, and one level with its reason.
+
+ERROR while loading; WARN when most images never reached the node since the last report, on
+inference errors, or with no input; OK otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from toist_ros.diagnostics import ERROR, OK, WARN, Counters, Percentiles, device_memory, fmt_ms
+
+# Always reported, 0 until something happens (the rejected_<reason> counters follow them).
+_COUNTERS = ("received", "processed", "dropped_replaced", "skipped_stale", "lost_in_transport", "rejected",
+             "inference_errors", "cuda_oom", "rejected_service", "internal_errors", "qos_incompatible")
+
+
+def report_values(*, ready: bool, task: Any, model: Any, counters: Counters, inference_ms: Percentiles,
+                  latency_ms: Percentiles, cameras: Sequence[Any], dropped: Sequence[int]) -> dict[str, Any]:
+    """The flat report: task, model, timings, per camera rates and drops, counters, memory.
+    ``dropped``: frames replaced in each camera's slot, indexed like ``cameras``."""
+    counts = counters.snapshot()
+    inf50, inf95 = inference_ms.quantiles(0.5, 0.95)
+    lat50, lat95 = latency_ms.quantiles(0.5, 0.95)
+    values: dict[str, Any] = {
+        "ready": ready, "task": task.caption, "task revision": task.revision,
+        "model": model.description, "device": model.device,
+        "inference ms p50": fmt_ms(inf50), "inference ms p95": fmt_ms(inf95),
+        "latency ms p50": fmt_ms(lat50), "latency ms p95": fmt_ms(lat95),
+    }
+    for camera in cameras:
+        name = camera.subscribed_name
+        values[f"{name} input Hz"] = f"{camera.input_rate.rate():.2f}"
+        values[f"{name} output Hz"] = f"{camera.output_rate.rate():.2f}"
+        values[f"{name} dropped (replaced)"] = dropped[camera.index]
+    for key in _COUNTERS:
+        values[key] = counts.get(key, 0)
+    for key in sorted(k for k in counts if k.startswith("rejected_") and k != "rejected_service"):
+        values[key] = counts[key]
+    values.update(device_memory(model.device))
+    return values
+
+
+class HealthLevel:
+    """The report's level and message; remembers the arrivals at the last report, so that "most
+    images lost" is judged on what happened since then."""
+
+    def __init__(self) -> None:
+        self._previous_arrivals = (0, 0)  # (arrived, lost) at the last diagnostics report
+
+    def judge(self, values: dict[str, Any], *, ready: bool, last_error: str, receiving: bool) -> tuple[int, str]:
+        """(level, message) for ``values`` (from :func:`report_values`). ``last_error``: the last
+        inference error ("" when none); ``receiving``: whether any camera delivers images now."""
+        arrived, lost = values["received"] + values["rejected"], values["lost_in_transport"]
+        previous, self._previous_arrivals = self._previous_arrivals, (arrived, lost)
+        recent_arrived, recent_lost = arrived - previous[0], lost - previous[1]
+        if not ready:
+            return ERROR, "not ready"
+        if recent_lost > max(recent_arrived, 2):
+            return WARN, (f"most images never reached the node ({recent_lost} lost, {recent_arrived} "
+                          "arrived since the last report): DDS transport or QoS (see docs/ros.md)")
+        if last_error and values["inference_errors"] + values["cuda_oom"]:
+            return WARN, f"inference errors (last: {last_error})"
+        if not receiving:
+            return WARN, "no input images"
+        return OK, "running"
+
+
+__all__ = ["HealthLevel", "report_values"]

@@ -1,0 +1,202 @@
+"""The inference thread: the one thread that runs the model.
+
+It takes a ``segment_image`` request (served first, never dropped) or the newest frame of the
+camera that has waited longest, skips a frame older than ``input.max_age_s``, takes one snapshot
+of the active task, runs the model under ``torch.inference_mode()`` and publishes ``instances``
+(and ``debug_image`` while someone subscribes). It is not an executor callback, so nothing is
+ever queued behind inference and the GPU is used by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+from rclpy.node import Node
+from rclpy.time import Time
+
+from toist_ros.camera_input import Camera, CameraInputs, Frame
+from toist_ros.conversions import image_from_array
+from toist_ros.diagnostics import Counters, Percentiles
+from toist_ros.instances import rank_instances, task_instances_msg, to_instance_msgs
+from toist_ros.tasks import ActiveTask
+
+SERVICE_TIMEOUT_S = 60.0      # segment_image gives up waiting for the inference thread after this
+
+
+@dataclass
+class _OneShot:
+    """A segment_image request travelling to the inference thread and back."""
+
+    header: Any
+    rgb: np.ndarray          # [H, W, 3] uint8
+    task: ActiveTask
+    done: threading.Event
+    result: Any = None
+    error: str = ""
+
+
+def predict(segmenter: Any, rgb: np.ndarray, task: ActiveTask, settings: Any) -> Any:
+    """One forward pass with the thresholds of ``settings``; the mask head runs only when masks
+    are published. Together with the task encoding, the only place that calls the segmenter."""
+    import torch
+
+    config = segmenter.inference
+    if config.mask_threshold != settings["mask_threshold"]:
+        # Run-time change: swap in a new config object (the segmenter reads it per call).
+        segmenter.inference = dataclasses.replace(config, mask_threshold=settings["mask_threshold"])
+    with torch.inference_mode():
+        return segmenter.predict(rgb, task_state=task.state, score_threshold=settings["score_threshold"],
+                                 max_instances=settings["max_instances"], with_masks=settings["output.masks"])
+
+
+class InferenceWorker:
+    """The inference thread of one node.
+
+    ``active_task`` and ``settings`` are read once per frame (each returns one immutable
+    snapshot, replaced as a whole on a change); the statistics are shared with diagnostics.
+    """
+
+    def __init__(self, node: Node, segmenter: Any, inputs: CameraInputs, active_task: Callable[[], ActiveTask],
+                 settings: Callable[[], Any], counters: Counters, inference_ms: Percentiles,
+                 latency_ms: Percentiles) -> None:
+        self._node = node
+        self._segmenter = segmenter
+        self._cameras = inputs.cameras
+        self._slots = inputs.slots
+        self._active_task = active_task
+        self._settings = settings
+        self._counters = counters
+        self._inference_ms = inference_ms
+        self._latency_ms = latency_ms
+        self._stopping = threading.Event()
+        self.last_error = ""
+        self._thread = threading.Thread(target=self._loop, name="toist_inference", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread (waits for the frame in progress); pending requests fail."""
+        self._stopping.set()
+        self._slots.close()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+            self._fail_pending()
+
+    def segment(self, header: Any, rgb: np.ndarray, task: ActiveTask) -> tuple[Any, str]:
+        """One image through the inference thread (from a service callback; waits for it):
+        (TaskInstances, "") or (None, why it failed)."""
+        job = _OneShot(header, rgb, task, threading.Event())
+        self._slots.put_request(job)
+        if not job.done.wait(SERVICE_TIMEOUT_S):
+            return None, f"no result within {SERVICE_TIMEOUT_S:.0f} s"
+        return (None, job.error) if job.error else (job.result, "")
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            item = self._slots.take(timeout=0.5)
+            if item is None:
+                continue
+            kind, payload, source = item
+            try:
+                if kind == "request":
+                    self._serve_one_shot(payload)
+                else:
+                    self._process_frame(payload, self._cameras[source])
+            except Exception as exc:  # last line of defence: the thread must keep running
+                self._counters.add("internal_errors")
+                self._node.get_logger().error(
+                    f"unexpected error in the inference thread: {type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
+        self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        for job in self._slots.pending_requests():
+            job.error = "the node is shutting down"
+            job.done.set()
+
+    def _process_frame(self, frame: Frame, camera: Camera) -> None:
+        settings = self._settings()
+        now = self._node.get_clock().now()
+        stamp = Time.from_msg(frame.header.stamp, clock_type=now.clock_type)
+        stamped = stamp.nanoseconds > 0
+        age_s = (now - (stamp if stamped else frame.arrival)).nanoseconds * 1e-9
+        max_age = settings["input.max_age_s"]
+        if max_age > 0 and age_s > max_age:
+            self._counters.add("skipped_stale")
+            self._node.get_logger().warning(
+                f"skipped a frame from {camera.subscribed_name}: {age_s:.2f} s old > input.max_age_s {max_age} "
+                "(camera and node clocks in sync? use_sim_time?)", throttle_duration_sec=5.0)
+            return
+        task = self._active_task()  # one snapshot for the whole frame
+        result = self._run_model(frame.rgb, frame.header, task, settings)
+        if result is None:
+            return
+        msg, ranked = result
+        end = stamp if stamped else frame.arrival
+        msg.latency_ms = (self._node.get_clock().now() - end).nanoseconds * 1e-6
+        camera.instances_pub.publish(msg)
+        camera.output_rate.tick()
+        self._counters.add("processed")
+        self._latency_ms.add(msg.latency_ms)
+        if settings["output.debug_image"] and camera.debug_pub.get_subscription_count() > 0:
+            self._publish_debug(camera, frame, ranked, task)
+
+    def _serve_one_shot(self, job: _OneShot) -> None:
+        try:
+            result = self._run_model(job.rgb, job.header, job.task, self._settings())
+            if result is None:
+                job.error = f"inference failed: {self.last_error}"
+            else:
+                job.result = result[0]
+        finally:
+            job.done.set()
+
+    def _run_model(self, rgb: np.ndarray, header: Any, task: ActiveTask, settings: Any):
+        """(TaskInstances, ranked) or None when inference failed (counted and logged)."""
+        start = time.perf_counter()
+        try:
+            prediction = predict(self._segmenter, rgb, task, settings)
+        except Exception as exc:
+            self._inference_failed(exc)
+            return None
+        elapsed_ms = 1000.0 * (time.perf_counter() - start)
+        self._inference_ms.add(elapsed_ms)
+        height, width = rgb.shape[:2]
+        ranked = rank_instances(prediction.boxes, prediction.scores, prediction.masks, (width, height),
+                                settings["score_threshold"], settings["max_instances"])
+        msg = task_instances_msg(header, (width, height), task.caption, task.revision, elapsed_ms,
+                                 to_instance_msgs(ranked, header))
+        return msg, ranked
+
+    def _inference_failed(self, exc: Exception) -> None:
+        import torch
+
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log = self._node.get_logger()
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            self._counters.add("cuda_oom")
+            torch.cuda.empty_cache()
+            log.error(f"CUDA out of memory; frame dropped ({exc})", throttle_duration_sec=5.0)
+        else:
+            self._counters.add("inference_errors")
+            log.error(f"inference failed; frame dropped: {self.last_error}", throttle_duration_sec=5.0)
+
+    def _publish_debug(self, camera: Camera, frame: Frame, ranked: list, task: ActiveTask) -> None:
+        from toist_ros.overlay import draw_overlay
+
+        try:
+            bgr = draw_overlay(frame.rgb, ranked, f"{task.caption} (rev {task.revision})")
+            camera.debug_pub.publish(image_from_array(bgr, "bgr8", frame.header, source_order="bgr"))
+            self._counters.add("debug_images")
+        except Exception as exc:
+            self._counters.add("debug_errors")
+            self._node.get_logger().warning(f"debug image failed: {type(exc).__name__}: {exc}",
+                                            throttle_duration_sec=10.0)
+
+
+__all__ = ["InferenceWorker", "SERVICE_TIMEOUT_S", "predict"]

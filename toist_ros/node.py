@@ -1,0 +1,229 @@
+"""``PerceptionNode``: camera images + a task in, ranked task instances out.
+
+Threads and what they may do:
+  * image callbacks (executor, own callback group): validate + convert to RGB (no torch),
+    put into the camera's latest-frame slot, return (``camera_input``);
+  * control callbacks (executor, own callback group): ``set_task``, the ``task`` topic,
+    ``segment_image``; a task change encodes the text here, then swaps the active task
+    (caption, revision, text features) in one assignment (``tasks``);
+  * the inference thread (not an executor callback): takes the newest frame, skips it when
+    older than ``input.max_age_s``, takes one snapshot of the active task, runs the model,
+    publishes ``instances`` (and ``debug_image`` while someone subscribes) (``inference_worker``).
+Nothing that arrives is ever queued behind inference: a frame the thread could not take is
+replaced by the next one and counted as dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from std_msgs.msg import String
+
+from toist_ros import params as parameters
+from toist_ros.camera_input import CameraInputs
+from toist_ros.conversions import ImageError, image_to_rgb
+from toist_ros.diagnostics import Counters, Percentiles, diagnostic_array
+from toist_ros.health import HealthLevel, report_values
+from toist_ros.inference_worker import InferenceWorker, predict
+from toist_ros.model_loader import EXIT_PARAMETERS, StartupError, load_model
+from toist_ros.msg import TaskStatus
+from toist_ros.srv import SegmentImage, SetTask
+from toist_ros.tasks import ActiveTask, TaskSwitch, loading_task
+
+NODE_NAME = "toist_perception"
+
+
+class PerceptionNode(Node):
+    """The node, ready when constructed: model loaded, start-up task encoded, warmed up,
+    subscribed, inference thread running. Raises :class:`StartupError` (with the exit code)
+    when it cannot start."""
+
+    def __init__(self, **node_kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **node_kwargs)
+        log = self.get_logger()
+        try:
+            self._settings = parameters.declare(self)
+        except parameters.ParameterError as exc:
+            raise StartupError(EXIT_PARAMETERS, str(exc)) from None
+        settings = self._settings
+        self.counters = Counters()
+        self.inference_ms = Percentiles()
+        self.latency_ms = Percentiles()
+        self._ready = False
+        self._health = HealthLevel()
+
+        self._status_pub = self.create_publisher(TaskStatus, "active_task", _latched_qos())
+        self._publish_status(loading_task(settings["task"]))  # ready=false while the model loads
+
+        self.model = load_model(settings, log.warning)
+        self.segmenter = self.model.segmenter
+        size = self.segmenter.inference
+        log.info(f"model: {self.model.description}; device {self.model.device}; input resized to short side "
+                 f"{size.short_side} px, long side at most {size.max_size} px")
+        if self.model.is_random_default:
+            log.warning(self.model.description)
+        self._tasks = TaskSwitch(self.segmenter.encode_task, self._publish_status, log)
+        try:
+            self._tasks.start(settings["task"])
+        except (ValueError, TypeError) as exc:
+            raise StartupError(EXIT_PARAMETERS, f"task {settings['task']!r} cannot be used: {exc}") from None
+        if settings["warmup"]:
+            self._warm_up()
+
+        self._image_group = ReentrantCallbackGroup()
+        self._control_group = ReentrantCallbackGroup()
+        self._timer_group = MutuallyExclusiveCallbackGroup()
+        self._inputs = CameraInputs(self, settings, self.counters, self._image_group)
+        self._cameras = self._inputs.cameras
+        self._inputs.open()
+        self._create_control_io()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        if hasattr(self, "add_pre_set_parameters_callback"):  # Iron and later
+            self.add_pre_set_parameters_callback(parameters.ints_to_doubles)
+
+        self._worker = InferenceWorker(self, self.segmenter, self._inputs, lambda: self._tasks.active,
+                                       lambda: self._settings, self.counters, self.inference_ms, self.latency_ms)
+        self._worker.start()
+        self._ready = True
+        self._tasks.publish_active()
+        log.info(f"ready: task {self.active_task.caption!r} (revision {self.active_task.revision})")
+
+    # --- set-up ------------------------------------------------------------------------------
+
+    def _create_control_io(self) -> None:
+        """The task topic, the services, ``/diagnostics`` and the timers (cameras: ``CameraInputs.open``)."""
+        settings = self._settings
+        self._task_sub = self.create_subscription(String, "task", self._on_task_topic,
+                                                  QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE),
+                                                  callback_group=self._control_group)
+        self._set_task_srv = self.create_service(SetTask, "set_task", self._on_set_task,
+                                                 callback_group=self._control_group)
+        self._segment_srv = self.create_service(SegmentImage, "segment_image", self._on_segment_image,
+                                                callback_group=self._control_group)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_timer = self.create_timer(settings["diagnostics.period_s"], self._publish_diagnostics,
+                                             callback_group=self._timer_group)
+        self._no_image_timer = self.create_timer(settings["input.no_image_warning_s"], self._warn_no_image,
+                                                 callback_group=self._timer_group)
+        self.get_logger().info(
+            f"task input {self._task_sub.topic_name} (std_msgs/String, reliable depth 10); services "
+            f"{self._set_task_srv.srv_name}, {self._segment_srv.srv_name}; status "
+            f"{self._status_pub.topic_name} (transient local); diagnostics {self._diag_pub.topic_name}")
+
+    def _warm_up(self) -> None:
+        side = self.segmenter.inference.short_side
+        blank = np.zeros((side, side * 4 // 3, 3), dtype=np.uint8)
+        start = time.perf_counter()
+        predict(self.segmenter, blank, self.active_task, self._settings)
+        self.get_logger().info(f"warm-up forward pass: {1000 * (time.perf_counter() - start):.0f} ms")
+
+    def _warn_no_image(self) -> None:
+        self._no_image_timer.cancel()
+        self._inputs.warn_no_image()
+
+    # --- tasks -------------------------------------------------------------------------------
+
+    @property
+    def active_task(self) -> ActiveTask:
+        return self._tasks.active
+
+    def set_task(self, text: str) -> tuple[bool, str, int]:
+        """Encode ``text`` and make it the active task; (success, message, revision)."""
+        return self._tasks.set(text)
+
+    def _on_set_task(self, request: Any, response: Any) -> Any:
+        response.success, response.message, response.revision = self.set_task(request.task)
+        return response
+
+    def _on_task_topic(self, msg: Any) -> None:
+        ok, message, _ = self.set_task(msg.data)
+        if not ok:
+            self.get_logger().warning(f"task topic: {message}")
+
+    def _publish_status(self, task: ActiveTask) -> None:
+        status = TaskStatus()
+        status.stamp = self.get_clock().now().to_msg()
+        status.task = task.caption
+        status.revision = task.revision
+        status.ready = self._ready
+        status.warning = task.warning
+        self._status_pub.publish(status)
+
+    def _on_segment_image(self, request: Any, response: Any) -> Any:
+        try:
+            rgb = image_to_rgb(request.image)
+        except ImageError as exc:
+            self.counters.add("rejected_service")
+            response.success, response.message = False, f"bad image: {exc}"
+            return response
+        text = request.task.strip()
+        try:
+            task = self.active_task if not text else self._tasks.one_shot(text)
+        except Exception as exc:
+            response.success, response.message = False, f"task {text!r} rejected: {exc}"
+            return response
+        result, error = self._worker.segment(request.image.header, rgb, task)
+        if result is None:
+            response.success, response.message = False, error
+        else:
+            response.success = True
+            response.message = f"{len(result.instances)} instance(s) for {task.caption!r}"
+            if task.warning:
+                response.message += f"; WARNING: {task.warning}"
+            response.result = result
+        return response
+
+    # --- parameters and diagnostics ----------------------------------------------------------
+
+    def _on_set_parameters(self, params: list) -> Any:
+        result = parameters.check_parameter_changes(params)
+        if result.successful:
+            # Replace the whole settings object: the inference thread reads one consistent set.
+            self._settings = self._settings.replace({p.name: parameters._plain(p.value) for p in params
+                                                     if p.name in parameters.SPECS})
+        return result
+
+    @property
+    def settings(self) -> parameters.Settings:
+        return self._settings
+
+    def diagnostics_values(self) -> dict[str, Any]:
+        return report_values(ready=self._ready, task=self.active_task, model=self.model, counters=self.counters,
+                             inference_ms=self.inference_ms, latency_ms=self.latency_ms,
+                             cameras=self._cameras, dropped=self._inputs.slots.dropped)
+
+    def _publish_diagnostics(self) -> None:
+        values = self.diagnostics_values()
+        level, message = self._health.judge(values, ready=self._ready, last_error=self._worker.last_error,
+                                            receiving=self._inputs.receiving())
+        self._diag_pub.publish(diagnostic_array(self.get_clock().now().to_msg(),
+                                                f"toist_ros: perception ({self.get_fully_qualified_name()})",
+                                                self.model.device, level, message, values))
+
+    # --- shut-down ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop the inference thread (waits for the frame in progress)."""
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.stop()
+        elif hasattr(self, "_inputs"):
+            self._inputs.slots.close()
+
+    def destroy_node(self) -> None:
+        self.stop()
+        super().destroy_node()
+
+
+def _latched_qos() -> QoSProfile:
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+__all__ = ["NODE_NAME", "PerceptionNode"]

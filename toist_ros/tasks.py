@@ -1,0 +1,156 @@
+"""The node's task: encoded once per change, swapped in one assignment, carrying a revision.
+
+Control callbacks (``set_task``, the ``task`` topic, ``segment_image`` with a task of its own)
+encode text here; the inference thread only reads :attr:`TaskSwitch.active`, one snapshot per
+frame, so a result never mixes two tasks. No ROS and no torch here: the segmenter's
+``encode_task``, the status publisher and the logger are handed in.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+ONE_SHOT_TASK_CACHE = 8       # encoded one-shot tasks kept (segment_image with its own task text)
+
+
+@dataclass(frozen=True)
+class ActiveTask:
+    """One consistent task snapshot: a frame uses exactly one of these."""
+
+    request: str     # what was asked ("2", "sit comfortably on", free text)
+    caption: str     # what the model reads
+    task_id: Optional[int]
+    revision: int
+    state: Any       # the segmenter's encoded task (cached text features)
+
+    @property
+    def warning(self) -> str:
+        """Why this task's results mean little (the model was not trained on it), else ""."""
+        return getattr(self.state, "warning", None) or ""
+
+
+def loading_task(request: Any) -> ActiveTask:
+    """The task asked for at start-up, before the model is there to encode it (revision 0)."""
+    return ActiveTask(str(request), str(request), None, 0, None)
+
+
+class TaskSwitch:
+    """The active task of one node, and the encoded tasks of ``segment_image`` requests.
+
+    ``encode``: the segmenter's ``encode_task`` (text -> encoded state; raises ValueError or
+    TypeError for an unusable task). ``publish``: called with every new active task while the
+    swap lock is held, so ``active_task`` messages go out in revision order. ``logger``: the
+    node's logger (``info`` / ``warning`` / ``error``).
+    """
+
+    def __init__(self, encode: Callable[[Any], Any], publish: Callable[[ActiveTask], None], logger: Any) -> None:
+        self._encode_task = encode
+        self._publish = publish
+        self._log = logger
+        self._task: Optional[ActiveTask] = None
+        self._lock = threading.Lock()          # task swaps (and their status messages)
+        self._encode_lock = threading.Lock()
+        self._one_shot_tasks: collections.OrderedDict = collections.OrderedDict()
+        self._one_shot_lock = threading.Lock()
+        self._warned: set = set()  # tasks whose "not trained on" warning was logged (once each)
+
+    @property
+    def active(self) -> ActiveTask:
+        return self._task
+
+    def start(self, request: Any) -> ActiveTask:
+        """Encode the start-up task as revision 1 (not published: the node does that when ready).
+        Raises ValueError / TypeError for an unusable task."""
+        state = self._encode(request)
+        self._task = ActiveTask(str(request), _caption(state, request), _task_id(state), 1, state)
+        self._warn_untrained(self._task)
+        return self._task
+
+    def publish_active(self) -> None:
+        """Publish the active task again (``ready`` changed)."""
+        with self._lock:
+            self._publish(self._task)
+
+    def set(self, text: str) -> tuple[bool, str, int]:
+        """Encode ``text`` and make it the active task; (success, message, revision)."""
+        text = text.strip()
+        if not text:
+            return False, "task is empty: give a COCO-Tasks id (1..14), a task name or free text", self._task.revision
+        try:
+            state = self._encode(text)
+        except (ValueError, TypeError) as exc:
+            return False, f"task {text!r} rejected: {exc}", self._task.revision
+        except Exception as exc:  # never let a task request take the node down
+            self._log.error(f"encoding task {text!r} failed: {type(exc).__name__}: {exc}")
+            return False, f"encoding task {text!r} failed: {type(exc).__name__}: {exc}", self._task.revision
+        with self._lock:
+            revision = self._task.revision + 1
+            task = ActiveTask(text, _caption(state, text), _task_id(state), revision, state)
+            self._task = task  # one assignment: a frame sees the old or the new task, never a mix
+            self._publish(task)
+        how = (f"COCO-Tasks task {task.task_id}" if task.task_id is not None
+               else "free text (no COCO-Tasks id: no distillation memory bank)")
+        message = f"task {text!r} -> caption {task.caption!r} ({how}); results carry revision {revision}"
+        self._log.info(message)
+        self._warn_untrained(task)
+        if task.warning:
+            message += f"; WARNING: {task.warning}"
+        return True, message, revision
+
+    def one_shot(self, text: str) -> ActiveTask:
+        """The encoded task for one ``segment_image`` request (the active task stays as it is);
+        the last few are cached. Raises what the encoder raises."""
+        active = self._task
+        if text == active.request:
+            return active
+        with self._one_shot_lock:
+            cached = self._one_shot_tasks.get(text)
+            if cached is not None:
+                self._one_shot_tasks.move_to_end(text)
+                return cached
+        state = self._encode(text)
+        task = ActiveTask(text, _caption(state, text), _task_id(state), active.revision, state)
+        with self._one_shot_lock:
+            self._one_shot_tasks[text] = task
+            while len(self._one_shot_tasks) > ONE_SHOT_TASK_CACHE:
+                self._one_shot_tasks.popitem(last=False)
+        return task
+
+    def _encode(self, task: Any) -> Any:
+        """Encode a task's text once (the expensive part of a task change).
+
+        One encoding at a time: a fast tokenizer used from two threads at once can fail
+        ("Already borrowed"). Frames never wait for this lock; they use encoded states.
+        """
+        with self._encode_lock:
+            return self._encode_task(task)
+
+    def _warn_untrained(self, task: ActiveTask) -> None:
+        """Log a WARN the first time the node's task becomes one the model was not trained on.
+
+        Once per task (its id, or its caption for free text), as ``TaskSegmenter.set_task``
+        warns: a robot that switches back and forth should not fill the log; ``active_task``
+        says it on every change.
+        """
+        if not task.warning:
+            return
+        key = task.task_id if task.task_id is not None else task.caption
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        self._log.warning(f"task {task.request!r} ({task.caption!r}): {task.warning}")
+
+
+def _caption(state: Any, fallback: Any) -> str:
+    return str(getattr(state, "caption", fallback))
+
+
+def _task_id(state: Any) -> Optional[int]:
+    return getattr(state, "task_id", None)
+
+
+__all__ = ["ActiveTask", "TaskSwitch", "loading_task"]
