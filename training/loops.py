@@ -69,7 +69,7 @@ class Trainer:
 
     ``resume``: a ``checkpoint.pth`` to continue exactly. ``on_step(trainer, step)`` is called
     after every update (after any checkpoint of that step), e.g. for tests or custom logging.
-    ``stop``: a :class:`~training.interrupt.StopSignals`; once it holds a signal (on any
+    ``stop``: a :class:`~toist_core.stop_signals.StopSignals`; once it holds a signal (on any
     process), the run ends after the update in progress with ``checkpoint.pth`` written.
     """
 
