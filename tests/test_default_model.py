@@ -122,6 +122,27 @@ def test_committed_model_finds_the_right_objects_in_held_out_scenes(committed):
     assert sum(trained) >= sum(untrained) + 3, (trained, untrained)
 
 
+def test_committed_masks_belong_to_their_instances(committed):
+    """The masks the node publishes, measured here on the demo's held-out scenes at the node's
+    default settings: two instances of one image do not share a mask (median IoU < 0.3), a mask
+    lies mostly inside its own box (>= 80 % on average), and mask mAP@0.5 keeps up with box
+    mAP@0.5 (>= 0.7 x). Before the EMA fix: IoU 1.00, 45 % inside, mask 0.105 vs box 0.315."""
+    from toist_core.eval.mask_sanity import mask_box_agreement
+
+    settings = committed["settings"]
+    segmenter = TaskSegmenter.from_pretrained(DEFAULT_MODEL_DIR, device="cpu")
+    predictions = []
+    for task in settings["tasks"]:
+        state = segmenter.encode_task(task)
+        predictions += [segmenter.predict(scene.pixels, state) for scene in held_out_scenes(settings, task, count=10)]
+    fit = mask_box_agreement(predictions)
+    assert fit["pairs"] >= 10 and fit["pairwise_iou_median"] < 0.3, fit
+    assert fit["inside_box_mean"] >= 0.8, fit
+    distilled = committed["rows"]["distilled student"]
+    assert distilled["mAP50/segm"] >= 0.7 * distilled["mAP50/bbox"], distilled
+    assert segmenter.trained_tasks == tuple(settings["tasks"])
+
+
 def _node_settings(short_side: int, max_side: int) -> dict:
     """The node parameters ``load_model`` reads: the embedded default on the CPU."""
     return {"checkpoint": "", "device": "cpu", "allow_cpu_fallback": False, "precision": "fp32",
