@@ -367,10 +367,15 @@ def test_mask_box_agreement_tells_query_blind_masks_from_instance_masks():
     own[0, 10:12, 0:10] = True                    # 20 of its 120 pixels spill below its box
     good = mask_box_agreement([_Pred(own, boxes)])
     assert good["pairwise_iou_median"] == 0.0 and good["pairs"] == 3
+    assert good["disjoint_iou_median"] == 0.0 and good["disjoint_pairs"] == 3   # the three boxes are apart
     assert good["inside_box_mean"] == pytest.approx((100 / 120 + 1 + 1) / 3)
     blind = np.repeat(np.ones((1, 40, 40), dtype=bool), 3, axis=0)   # every query paints the frame
     bad = mask_box_agreement([_Pred(blind, boxes)])
     assert bad["pairwise_iou_median"] == 1.0 and bad["inside_box_mean"] == pytest.approx(100 / 1600)
+    assert bad["disjoint_iou_median"] == 1.0
+    # Duplicates (overlapping boxes) share a mask without counting as disjoint pairs.
+    twins = mask_box_agreement([_Pred(np.repeat(own[:1], 2, axis=0), boxes[[0, 0]] + [[0, 0, 1, 0], [0, 0, 0, 0]])])
+    assert twins["pairwise_iou_median"] == 1.0 and twins["disjoint_pairs"] == 0
     assert np.isnan(mask_box_agreement([])["pairwise_iou_median"])
 
 
