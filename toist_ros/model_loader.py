@@ -22,7 +22,8 @@ EXIT_DEVICE = 4       # the requested device cannot be used
 DEFAULT_MODEL_DIR = Path(toist_core.__file__).resolve().parent / "assets" / "default_model"
 DEFAULT_MODEL_NOTE = ("embedded default model: a small TOIST (MobileNetV2, distilled student with masks) trained "
                       "on SYNTHETIC COCO-Tasks scenes only (toist_core/assets/default_model/MODEL_CARD.md); it "
-                      "finds little in real images: pass checkpoint:=<TOIST .pth or model directory> for those")
+                      "returns confident but meaningless instances on real images: pass checkpoint:=<TOIST .pth or "
+                      "model directory> for those")
 # Without the trained directory (a checkout that removed it): random weights, said loudly.
 FALLBACK_MODEL = "tiny_segm"
 FALLBACK_SEED = 0
