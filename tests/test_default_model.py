@@ -83,16 +83,6 @@ def test_committed_model_is_far_above_an_untrained_one(committed):
         assert rows[name]["mAP50/bbox"] > max(0.05, 10 * untrained), (name, rows[name], untrained)
 
 
-def test_committed_distilled_student_beats_the_plain_student(committed):
-    """The paper's claim as the recipe measured it: distillation from the noun teacher improves
-    the pronoun detector (box mAP@0.5 on the synthetic test split, overall and on most tasks)."""
-    rows = committed["rows"]
-    plain, distilled = rows["plain student"], rows["distilled student"]
-    assert distilled["mAP50/bbox"] > plain["mAP50/bbox"], (distilled, plain)
-    per_task = [k for k in plain if k.startswith("AP50/bbox/task_")]
-    assert sum(distilled[k] > plain[k] for k in per_task) > len(per_task) / 2, (distilled, plain)
-
-
 def _verdicts(seg: TaskSegmenter, settings: dict, count: int = 5) -> tuple[list[bool], list[bool]]:
     """Per held-out scene of each of the model's tasks (the demo's: the first ``count`` of each):
     is the best-scoring instance a preferred object, and is any instance one?"""
