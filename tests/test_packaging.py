@@ -76,7 +76,8 @@ def test_pip_install_gives_the_libraries_and_the_toist_command(tmp_path):
          "--no-index", "--target", str(target), str(ROOT)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    for path in ["toist_core/inference.py", "toist_core/assets/tiny_tokenizer/tokenizer.json",
+    for path in ["toist_core/inference/segmenter.py", "toist_core/checkpoint/load.py", "toist_core/cli/__init__.py",
+                 "toist_core/assets/tiny_tokenizer/tokenizer.json", "toist_ros/node.py",
                  "toist_core/data/coco_id2name.json", "training/configs/pronoun.yaml",
                  "training/train.py", "toist_ros/perception_node.py",
                  "toist_core/assets/default_model/model.safetensors",
