@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="segment the objects an image offers for a task",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="official TOIST/MDETR .pth file, toist training checkpoint or model directory")
+    source.add_argument("--checkpoint",
+                        help="official TOIST/MDETR .pth file, toist training checkpoint or model directory")
     source.add_argument("--preset", help="random weights from a model preset (tiny, tiny_segm, paper, ...)")
     p.add_argument("--task", required=True, help="task id 1-14, task name, or free text")
     p.add_argument("images", nargs="+", help="image files")

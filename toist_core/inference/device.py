@@ -51,11 +51,14 @@ def prepared(model: torch.nn.Module, device: torch.device, inference: Optional[I
 
 
 def check_on_device(model: torch.nn.Module, device: torch.device) -> None:
-    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if tensor.device.type != device.type or (device.index is not None and tensor.device.index != device.index):
-            raise ValueError(f"model: {name} is on {tensor.device}, the segmenter's device is {device}; "
-                             "TaskSegmenter never moves a module it is given: move it first (model.to(device))")
-        return  # one tensor tells: modules are moved as a whole
+    """Refuse a module that is not on ``device`` (its first tensor tells: modules move as a whole)."""
+    first = next(itertools.chain(model.named_parameters(), model.named_buffers()), None)
+    if first is None:
+        return
+    name, tensor = first
+    if tensor.device.type != device.type or (device.index is not None and tensor.device.index != device.index):
+        raise ValueError(f"model: {name} is on {tensor.device}, the segmenter's device is {device}; "
+                         "TaskSegmenter never moves a module it is given: move it first (model.to(device))")
 
 
 def is_channels_last(model: torch.nn.Module) -> bool:

@@ -71,7 +71,7 @@ class TaskSegmenter:
                         text_encoder: Optional[str] = None, config: Optional[ModelConfig] = None,
                         inference: Optional[InferenceConfig] = None,
                         task: Union[int, str, None] = None) -> "TaskSegmenter":
-        """Load an official TOIST/MDETR ``.pth`` or a toist model directory.
+        """Load an official TOIST/MDETR ``.pth``, a toist training checkpoint or a model directory.
 
         ``text_encoder`` (hub name such as ``roberta-base``, or a local directory) supplies the
         tokenizer, and for official files the text architecture when it is a local directory
@@ -106,7 +106,8 @@ class TaskSegmenter:
             torch.manual_seed(seed)
         model = build_model(cfg, tokenizer=tokenizer)
         device = resolve_device(device)
-        return cls(prepared(model, device, inference), device=device, memory_bank=memory_bank, inference=inference, config=cfg, task=task)
+        return cls(prepared(model, device, inference), device=device, memory_bank=memory_bank, inference=inference,
+                   config=cfg, task=task)
 
     # -- properties --------------------------------------------------------------------------
     @property
