@@ -26,7 +26,7 @@ RUN := set +u && source $(VENV)/bin/activate && source install/setup.bash &&
 PYTEST_ARGS ?=
 CHECKPOINT ?=
 
-.PHONY: help setup build demo test bench default-model lock clean distclean
+.PHONY: help setup build demo test bench default-model lock clean distclean robot-setup
 
 help:
 	@echo "make demo     run the perception node on its default input (CHECKPOINT=path for a real model)"
@@ -34,8 +34,9 @@ help:
 	@echo "make setup    create .venv and build the ROS 2 package (done by demo/test)"
 	@echo "make bench    run the benchmark scripts in bench/"
 	@echo "make default-model  retrain the embedded default model on synthetic data (CPU, < 1 h) and install it"
+	@echo "make robot-setup    on a robot with ROS 2 from apt: venv, torch, colcon build (ARGS=\"--help\"; docs/robot.md)"
 
-setup: $(STAMPS)/deps build
+setup: $(STAMPS)/deps build $(VENV)/bin/toist
 
 $(STAMPS)/venv:
 	@mkdir -p $(STAMPS)
@@ -63,6 +64,15 @@ build: $(STAMPS)/deps
 	    --symlink-install --event-handlers console_direct- console_stderr- summary+ \
 	  || { echo "colcon build failed: see log/latest_build/toist_ros/stdout_stderr.log"; exit 1; }
 
+# The `toist` command of this checkout, usable from any directory once .venv is activated (pip's
+# entry point would need a `pip install .`, which copies the tree and goes stale).
+$(VENV)/bin/toist: $(STAMPS)/venv Makefile
+	@{ echo '#!/bin/sh'; \
+	   echo '# `toist` of the checkout $(CURDIR) (written by make setup)'; \
+	   echo 'PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" exec "$(CURDIR)/$(VENV)/bin/python" -m toist_core.cli "$$@"'; \
+	 } > $@
+	@chmod +x $@
+
 demo: setup
 	$(RUN) python -m toist_ros.demo $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
@@ -82,6 +92,13 @@ lock: $(STAMPS)/deps
 	@( echo "# Full version lock of the development environment (pip freeze), used as constraints."; \
 	   echo "# Regenerate with: make lock"; \
 	   $(PIP) freeze | grep -v -E '^(toist|-e )' ) > requirements/lock.txt
+
+# On a robot with ROS 2 Humble/Jazzy/Kilted from apt (not this development set-up): rosdep,
+# a venv with system site packages, torch & co., colcon build in the workspace. ARGS are passed
+# on, e.g. make robot-setup ARGS="--torch-index https://download.pytorch.org/whl/cu126".
+ARGS ?=
+robot-setup:
+	tools/robot_setup.sh $(ARGS)
 
 clean:
 	rm -rf build install log

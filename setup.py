@@ -22,15 +22,15 @@ setup(
         "training": ["configs/*.yaml"],
     },
     install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
-        "transformers>=4.40",
-        "numpy",
+        "torch>=2.5",  # torch.serialization.safe_globals
+        "torchvision>=0.20",
+        "transformers>=4.45",  # tokenizers >= 0.20 for the packaged tokenizers
+        "numpy>=1.21.5",  # Ubuntu 22.04 (ROS 2 Humble); docs/robot.md
         "scipy",
-        "pycocotools",
+        "pycocotools>=2.0.7",
         "opencv-python-headless",
         "pyyaml",
-        "safetensors",
+        "safetensors>=0.4.3",
         "tensorboard",
         "tqdm",
         "matplotlib",

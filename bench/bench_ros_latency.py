@@ -47,11 +47,11 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--masks", default="true", choices=("true", "false"))
     parser.add_argument("--qos", default="reliable", choices=("reliable", "best_effort"),
-                        help="camera publisher and node subscription (input.reliable); best effort loses most raw "
+                        help="camera publisher and node subscription (input.reliability); best effort loses most raw "
                              "VGA frames between processes with Fast DDS's default UDP buffers (see docs/ros.md)")
     parser.add_argument("--node-env", action="append", default=[], help="NAME=VALUE for the node process only")
     parser.add_argument("--node-arg", action="append", default=[], dest="extra",
-                        help="one more node argument (repeat): --node-arg=-p --node-arg=input.reliable:=true")
+                        help="one more node argument (repeat): --node-arg=-p --node-arg=input.max_age_s:=0.0")
     args = parser.parse_args()
 
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -70,7 +70,7 @@ def main() -> int:
                "-r", "image:=/bench/image", "-p", f"device:={args.device}",
                "-p", f"input.short_side:={args.short_side}", "-p", f"input.max_side:={max(args.short_side * 2, 64)}",
                "-p", f"output.masks:={args.masks}", "-p", "diagnostics.period_s:=0.5",
-               "-p", f"input.reliable:={'true' if args.qos == 'reliable' else 'false'}"] + args.extra
+               "-p", f"input.reliability:={args.qos}"] + args.extra
     if args.checkpoint:
         command += ["-p", f"checkpoint:={os.path.abspath(args.checkpoint)}"]
     node_log = open(ROOT / "out" / "bench_ros_latency_node.log", "w") if (ROOT / "out").is_dir() else subprocess.DEVNULL

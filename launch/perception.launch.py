@@ -3,14 +3,24 @@
     ros2 launch toist_ros perception.launch.py image_topic:=/camera/color/image_raw task:=2
 
 Arguments (``ros2 launch toist_ros perception.launch.py --show-args``):
-  namespace     namespace of the node and its topics ("" = none); one per camera
-  image_topic   the camera's sensor_msgs/Image topic; the node's `image` is remapped to it
-  params_file   parameters file (default: the package's config/perception.yaml)
-  checkpoint    TOIST .pth file or model directory ("" = keep the params file's value)
-  device        auto | cpu | cuda | cuda:N ("" = keep the params file's value)
-  task          task at start: "2", "sit comfortably on", free text ("" = keep the params file's)
-  use_sim_time  true | false
-  log_level     debug | info | warn | error | fatal
+  namespace           namespace of the node and its topics ("" = none); one per camera
+  image_topic         the camera's sensor_msgs/Image topic; the node's `image` is remapped to it
+  params_file         parameters file (default: the package's config/perception.yaml)
+  checkpoint          TOIST .pth file or model directory
+  text_encoder        tokenizer / text encoder name or local directory
+  device              auto | cpu | cuda | cuda:N
+  allow_cpu_fallback  true | false: run on the CPU when the CUDA device is missing
+  precision           fp32 | fp16 | bf16
+  task                task at start: "2", "sit comfortably on", free text
+  compressed          true | false: subscribe <image_topic>/compressed
+  reliability         auto | reliable | best_effort (image subscription)
+  use_sim_time        true | false
+  log_level           debug | info | warn | error | fatal
+An empty value keeps the params file's value of that parameter.
+
+When the node cannot start (exit 2: a parameter, 3: the model, 4: the device), the launch stops
+and ends with an error that names the node's exit code and its FATAL reason, instead of going on
+without it (a node that is not running publishes nothing, which is easy to miss on a robot).
 
 Several cameras: include this file once per camera with its own `namespace` and
 `image_topic`, or list the cameras in the `input.topics` parameter of one node (one model
@@ -32,14 +42,36 @@ ARGUMENTS = (
     ("image_topic", "image", "camera image topic (sensor_msgs/Image) the node's `image` is remapped to"),
     ("params_file", os.path.join("<share>", "config", "perception.yaml"), "parameters file"),
     ("checkpoint", "", "TOIST .pth or model directory; empty = the params file's value"),
+    ("text_encoder", "", "tokenizer / text encoder name or local directory; empty = the params file's value"),
     ("device", "", "auto | cpu | cuda | cuda:N; empty = the params file's value"),
+    ("allow_cpu_fallback", "", "true | false: run on the CPU when the CUDA device is missing; "
+                               "empty = the params file's value"),
+    ("precision", "", "fp32 | fp16 | bf16; empty = the params file's value"),
     ("task", "", "task at start (id, name or free text); empty = the params file's value"),
+    ("compressed", "", "true | false: subscribe <image_topic>/compressed; empty = the params file's value"),
+    ("reliability", "", "auto | reliable | best_effort image subscription; empty = the params file's value"),
     ("use_sim_time", "false", "use /clock (true for bag playback and simulators)"),
     ("log_level", "info", "debug | info | warn | error | fatal"),
 )
+# Launch argument -> node parameter and its type, for the arguments that override one parameter.
+PARAMETER_ARGUMENTS = {
+    "checkpoint": ("checkpoint", str), "text_encoder": ("text_encoder", str), "device": ("device", str),
+    "allow_cpu_fallback": ("allow_cpu_fallback", bool), "precision": ("precision", str), "task": ("task", str),
+    "compressed": ("input.compressed", bool), "reliability": ("input.reliability", str),
+}
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
+# The node's start-up exit codes (toist_ros.model_loader) and what they mean.
+EXIT_REASONS = {2: "invalid parameter", 3: "the model cannot be loaded", 4: "the requested device cannot be used"}
+FATAL_MARK = "cannot start:"     # what the node's FATAL start-up line contains
+
+
+def _flag(name, text):
+    value = text.strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise ValueError(f"{name} must be true or false, got {text!r}")
+    return value in _TRUE
 
 
 def node_options(args):
@@ -53,18 +85,17 @@ def node_options(args):
     if unknown:
         raise ValueError(f"unknown launch arguments: {sorted(unknown)}")
     args = {name: str(args.get(name, default)) for name, default, _ in ARGUMENTS}
-    sim_time = args["use_sim_time"].strip().lower()
-    if sim_time not in _TRUE + _FALSE:
-        raise ValueError(f"use_sim_time must be true or false, got {args['use_sim_time']!r}")
+    sim_time = _flag("use_sim_time", args["use_sim_time"])
     level = args["log_level"].strip().lower()
     if level not in LOG_LEVELS:
         raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {args['log_level']!r}")
     if not args["image_topic"].strip():
         raise ValueError("image_topic is empty")
-    overrides = {"use_sim_time": sim_time in _TRUE}
-    for name in ("checkpoint", "device", "task"):
-        if args[name].strip():
-            overrides[name] = args[name].strip()
+    overrides = {"use_sim_time": sim_time}
+    for name, (parameter, kind) in PARAMETER_ARGUMENTS.items():
+        text = args[name].strip()
+        if text:
+            overrides[parameter] = _flag(name, text) if kind is bool else text
     return {
         "namespace": args["namespace"].strip(),
         "parameters": [args["params_file"], overrides],
@@ -88,6 +119,18 @@ def command_line(options):
     return out + options["arguments"][1:]
 
 
+def exit_message(returncode, fatal_lines=()):
+    """The launch's error when the node ended with ``returncode`` (None when it ended normally:
+    0, or killed by the launch's own SIGINT / SIGTERM at shut-down)."""
+    if returncode in (0, None) or returncode < 0:
+        return None
+    reason = EXIT_REASONS.get(returncode, "unexpected exit")
+    fatal = next((line.split(FATAL_MARK, 1)[1].strip() for line in reversed(list(fatal_lines)) if FATAL_MARK in line),
+                 "")
+    return (f"{NODE_NAME} exited with code {returncode} ({reason})" + (f": {fatal}" if fatal else
+                                                                        ": see its log above"))
+
+
 def generate_launch_description():
     from ament_index_python.packages import get_package_share_directory
     from launch import LaunchDescription
@@ -100,6 +143,8 @@ def generate_launch_description():
 
 
 def _node_action(context, *args, **kwargs):
+    from launch.actions import RegisterEventHandler
+    from launch.event_handlers import OnProcessExit, OnProcessIO
     from launch.substitutions import LaunchConfiguration
     from launch_ros.actions import Node
     from launch_ros.parameter_descriptions import ParameterValue
@@ -110,7 +155,7 @@ def _node_action(context, *args, **kwargs):
     # ParameterValue with an explicit type: launch_ros would otherwise YAML-parse "2" into an int.
     typed = {name: ParameterValue(value, value_type=str) if isinstance(value, str) else value
              for name, value in overrides.items()}
-    return [Node(
+    node = Node(
         package=PACKAGE,
         executable=EXECUTABLE,
         name=NODE_NAME,
@@ -120,4 +165,19 @@ def _node_action(context, *args, **kwargs):
         arguments=options["arguments"],
         output="screen",
         emulate_tty=True,
-    )]
+    )
+    fatal_lines = []
+
+    def remember_fatal(event):
+        text = event.text.decode(errors="replace") if isinstance(event.text, bytes) else str(event.text)
+        fatal_lines.extend(line for line in text.splitlines() if FATAL_MARK in line)
+
+    def on_exit(event, _context):
+        message = exit_message(event.returncode, fatal_lines)
+        if message:
+            # An exception ends `ros2 launch` with exit status 1 and this message as its error.
+            raise RuntimeError(message)
+
+    return [node,
+            RegisterEventHandler(OnProcessIO(target_action=node, on_stdout=remember_fatal, on_stderr=remember_fatal)),
+            RegisterEventHandler(OnProcessExit(target_action=node, on_exit=on_exit))]

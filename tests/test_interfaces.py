@@ -47,9 +47,10 @@ def test_generated_types_have_the_contract_fields():
         "score", "rank", "box", "mask_roi", "mask", "mask_area"}
     assert Instance.get_fields_and_field_types()["box"] == "float[4]"
     assert set(TaskInstances.get_fields_and_field_types()) == {
-        "header", "image_width", "image_height", "task", "task_revision", "inference_ms",
+        "header", "image_width", "image_height", "task", "task_id", "task_revision", "inference_ms",
         "latency_ms", "instances"}
-    assert set(TaskStatus.get_fields_and_field_types()) == {"stamp", "task", "revision", "ready", "warning"}
+    assert set(TaskStatus.get_fields_and_field_types()) == {"stamp", "task", "task_id", "revision", "ready",
+                                                            "warning"}
     assert set(SetTask.Request.get_fields_and_field_types()) == {"task"}
     assert set(SetTask.Response.get_fields_and_field_types()) == {"success", "message", "revision"}
     assert set(SegmentImage.Request.get_fields_and_field_types()) == {"image", "task"}

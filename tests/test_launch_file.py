@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = ROOT / "launch" / "perception.launch.py"
 CONTRACT_ARGUMENTS = {"namespace", "image_topic", "params_file", "checkpoint", "device", "task", "use_sim_time",
-                      "log_level"}
+                      "log_level", "text_encoder", "allow_cpu_fallback", "precision", "compressed", "reliability"}
 
 
 def _load():
@@ -63,8 +63,37 @@ def test_arguments_become_typed_overrides_and_a_remap():
     assert options["arguments"][-1] == "debug"
 
 
+def test_every_start_up_parameter_users_set_has_an_argument_of_the_right_type():
+    """The node's own FATAL message says `allow_cpu_fallback:=true`: as a launch argument it must arrive."""
+    launch = _load()
+    options = launch.node_options({"params_file": "/p.yaml", "text_encoder": "/models/roberta",
+                                   "allow_cpu_fallback": "true", "precision": "fp16", "compressed": "True",
+                                   "reliability": "reliable"})
+    assert options["parameters"][1] == {"use_sim_time": False, "text_encoder": "/models/roberta",
+                                        "allow_cpu_fallback": True, "precision": "fp16", "input.compressed": True,
+                                        "input.reliability": "reliable"}
+    from toist_ros.params import SPECS, check_values
+
+    overrides = {k: v for k, v in options["parameters"][1].items() if k != "use_sim_time"}
+    assert set(overrides) <= set(SPECS) and check_values(overrides) == []
+    assert all(isinstance(v, SPECS[k].kind) for k, v in overrides.items())
+
+
+def test_a_start_up_failure_becomes_the_launch_error_with_code_and_reason():
+    launch = _load()
+    fatal = ["[INFO] [toist_perception]: loading", "[FATAL] [1733.1] [toist_perception]: cannot start: device "
+             "'cuda' requested but no CUDA device is visible; use device:=cpu or device:=auto, or set "
+             "allow_cpu_fallback:=true"]
+    message = launch.exit_message(4, fatal)
+    assert message.startswith("toist_perception exited with code 4 (the requested device cannot be used): device")
+    assert "allow_cpu_fallback:=true" in message
+    assert launch.exit_message(3, []) == "toist_perception exited with code 3 (the model cannot be loaded): see its log above"
+    # A normal end, or the launch's own SIGINT at shut-down, is not an error.
+    assert launch.exit_message(0, fatal) is None and launch.exit_message(-2, fatal) is None
+
+
 @pytest.mark.parametrize("bad", [{"use_sim_time": "maybe"}, {"log_level": "loud"}, {"image_topic": " "},
-                                 {"camera": "x"}])
+                                 {"camera": "x"}, {"allow_cpu_fallback": "sure"}, {"compressed": "2"}])
 def test_bad_arguments_are_refused(bad):
     launch = _load()
     with pytest.raises(ValueError):

@@ -260,6 +260,7 @@ def test_result_header_is_the_input_header(node, probe):
     sent, result = probe.roundtrip(_photo(), "cam_header_test", encoding="bgr8")
     assert result.header.stamp == sent.header.stamp and result.header.frame_id == "cam_header_test"
     assert result.task == node.active_task.caption and result.task_revision == node.active_task.revision
+    assert result.task_id == 2 and probe.status[-1].task_id == 2
     assert result.inference_ms > 0 and result.latency_ms >= result.inference_ms
     _check_instances(result, 320, 240, OVERRIDES["max_instances"])
 
@@ -277,11 +278,22 @@ def test_set_task_results_carry_the_returned_revision_and_task(ros, node, probe)
     _, result = probe.roundtrip(_photo(), "cam_free_text")
     assert (result.task_revision, result.task) == (before + 2, "something to cut bread with")
 
+    assert result.task_id == 0  # free text
     refused = probe.set_task("   ")
     assert not refused.success and refused.revision == before + 2 and "empty" in refused.message
+    # One parsing rule: an integer-looking task is an id and must be valid, never free text.
+    for text in ("-1", "0", "15", "task_99"):
+        refused = probe.set_task(text)
+        assert not refused.success and "1..14" in refused.message and refused.revision == before + 2, text
+    # Long texts are echoed cut short, accepted or not.
+    refused = probe.set_task("something to " + "x" * 2000)
+    assert not refused.success and len(refused.message) < 400 and "(2013 characters)" in refused.message
+    accepted = probe.set_task("something to open " + "very " * 60 + "carefully with")
+    assert accepted.success and accepted.revision == before + 3
+    assert len(accepted.message) < 400 and "(332 characters)" in accepted.message
     # A late subscriber gets the active task from the latched topic.
     late = Probe(ros, prefix="")  # new node, new transient-local subscription
-    assert wait_for(lambda: any(s.revision == before + 2 and s.ready for s in late.status), timeout=10)
+    assert wait_for(lambda: any(s.revision == before + 3 and s.ready for s in late.status), timeout=10)
 
 
 def test_task_topic_changes_the_task(node, probe):
@@ -362,6 +374,7 @@ def test_a_task_the_model_was_not_trained_on_is_said_once_in_the_log_and_always_
 
 
 def test_segment_image_answers_while_the_stream_runs(node, probe):
+    from sensor_msgs.msg import Image
     from toist_ros.srv import SegmentImage
 
     frame = _photo(640, 480, "rocket")
@@ -386,9 +399,15 @@ def test_segment_image_answers_while_the_stream_runs(node, probe):
         assert response.result.task == "open bottle of beer with something"
         _check_instances(response.result, 320, 240, OVERRIDES["max_instances"])
         assert node.active_task == active  # a one-shot task does not change the active one
+        # Its own task: revision 0, which no active task has; the message says so.
+        assert (response.result.task_revision, response.result.task_id) == (0, 8)
+        assert f"task_revision 0, the active task stays revision {active.revision}" in response.message
         default = probe.call(probe.segment_client, SegmentImage.Request(image=probe.image(_photo(), "oneshot2")))
         assert default.success and default.result.task == active.caption
-        assert default.result.task_revision == active.revision
+        assert default.result.task_revision == active.revision and "task_revision 0" not in default.message
+        huge = SegmentImage.Request(image=Image(width=20000, height=20000, encoding="rgb8", step=60000))
+        refused = probe.call(probe.segment_client, huge)
+        assert not refused.success and "input.max_pixels" in refused.message
         bad = SegmentImage.Request(image=probe.image(_photo(), "bad"))
         bad.image.encoding = "yuv422"
         refused = probe.call(probe.segment_client, bad)
@@ -409,11 +428,19 @@ def test_bad_images_are_rejected_counted_and_survived(node, probe):
     short = probe.image(_photo(), "bad_truncated")
     short.data = short.data[: len(short.data) - 100]
     empty = Image(height=0, width=0, encoding="rgb8", step=0)
+    # A header that claims 10000 x 10000 (300 MB of pixels) is refused before its data is looked at;
+    # a 4000 x 1 strip would be under one pixel high at the model's input and fail inside the model.
+    huge = Image(height=10000, width=10000, encoding="rgb8", step=30000)
+    strip = probe.image(np.full((1, 4000, 3), 128, np.uint8), "bad_strip")
+    tall = probe.image(np.full((4000, 1, 3), 128, np.uint8), "bad_tall_strip")
     # One at a time: the image subscription keeps only the newest message (depth 1).
-    for msg, key in ((wrong, "rejected_encoding"), (short, "rejected_truncated"), (empty, "rejected_empty")):
+    for msg, key in ((wrong, "rejected_encoding"), (short, "rejected_truncated"), (empty, "rejected_empty"),
+                     (huge, "rejected_too_large"), (strip, "rejected_aspect"), (tall, "rejected_aspect")):
+        target = node.counters.get(key) + 1
         probe.image_pub.publish(msg)
-        assert wait_for(lambda: node.counters.get(key) > before.get(key, 0), timeout=10), key
-    assert node.counters.get("rejected") >= before.get("rejected", 0) + 3
+        assert wait_for(lambda: node.counters.get(key) >= target, timeout=10), key
+    assert node.counters.get("rejected") >= before.get("rejected", 0) + 6
+    assert node.counters.get("inference_errors") == before.get("inference_errors", 0)
     _, result = probe.roundtrip(_photo(), "good_after_bad")  # still alive and working
     assert result.header.frame_id == "good_after_bad"
 
@@ -636,7 +663,7 @@ def test_a_camera_that_cannot_match_is_reported(ros, capfd):
     from sensor_msgs.msg import Image
     from toist_ros.perception_node import PerceptionNode
 
-    overrides = {**OVERRIDES, "input.reliable": True, "input.no_image_warning_s": 1.0, "warmup": False}
+    overrides = {**OVERRIDES, "input.reliability": "reliable", "input.no_image_warning_s": 1.0, "warmup": False}
     node = PerceptionNode(context=ros.context, namespace="qos_check",
                           parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
     ros.add(node)
@@ -648,9 +675,133 @@ def test_a_camera_that_cannot_match_is_reported(ros, capfd):
         assert wait_for(lambda: node.counters.get("no_image_warnings") >= 1, timeout=10)
         time.sleep(0.2)
         logged = capfd.readouterr().err
-        assert "incompatible" in logged and "RELIABILITY" in logged and "input.reliable:=false" in logged
+        assert "incompatible" in logged and "RELIABILITY" in logged and "input.reliability:=auto" in logged
         assert "no image on /qos_check/image" in logged and "/best_effort_camera offers best effort" in logged
     finally:
         ros.executor.remove_node(node)
         ros.nodes.remove(node)
         node.destroy_node()
+
+
+def _start(ros, namespace, tmp_path, **overrides):
+    from rclpy.parameter import Parameter
+    from toist_ros.perception_node import PerceptionNode
+
+    values = {**OVERRIDES, "checkpoint": random_model_dir(tmp_path / namespace), "warmup": False, **overrides}
+    node = PerceptionNode(context=ros.context, namespace=namespace,
+                          parameter_overrides=[Parameter(k, value=v) for k, v in values.items()])
+    ros.add(node)
+    return node
+
+
+def _stop(ros, node):
+    ros.executor.remove_node(node)
+    ros.nodes.remove(node)
+    node.destroy_node()
+
+
+def test_auto_reliability_follows_the_publishers_on_the_topic(ros, tmp_path, capfd):
+    """Best effort while nobody (or a best-effort camera) publishes; reliable once every publisher is
+    reliable, so that large frames between processes are not lost; back when a best-effort one joins."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    node = _start(ros, "auto_qos", tmp_path)
+    try:
+        [camera] = node._cameras
+        assert node.settings["input.reliability"] == "auto" and camera.reliable is False
+        reliable_camera = ros.node("reliable_camera")
+        pub = reliable_camera.create_publisher(Image, "/auto_qos/image", QoSProfile(depth=1,
+                                               reliability=ReliabilityPolicy.RELIABLE))
+        assert wait_for(lambda: camera.reliable, timeout=10)
+        assert node.counters.get("qos_switches") == 1
+        assert wait_for(lambda: pub.get_subscription_count() == 1, timeout=10)  # the old one is gone
+        best_effort_camera = ros.node("best_effort_camera_2")
+        best_effort_camera.create_publisher(Image, "/auto_qos/image", QoSProfile(depth=1,
+                                            reliability=ReliabilityPolicy.BEST_EFFORT))
+        assert wait_for(lambda: not camera.reliable, timeout=10)
+        assert node.counters.get("qos_switches") == 2
+        # Until the switch the new camera did not match: said, but not as a warning to change anything.
+        logged = capfd.readouterr().err
+        assert "re-subscribing to match it" in logged or node.counters.get("qos_incompatible") == 0
+        ours = [line for line in logged.splitlines() if "toist_perception]" in line]
+        assert ours and not [line for line in ours if "WARN" in line or "set input.reliability" in line]
+    finally:
+        _stop(ros, node)
+
+
+def test_sim_time_without_clock_and_misspelt_parameters(ros, tmp_path, capfd):
+    """use_sim_time before /clock runs: frames are not skipped as stale and latency is NaN (unknown), with
+    one WARN; a misspelt override is named with the closest parameter; device auto on a machine without
+    CUDA says why it runs on the CPU."""
+    import math
+
+    from builtin_interfaces.msg import Time
+    from sensor_msgs.msg import Image
+    from toist_ros.conversions import image_from_array
+    from toist_ros.msg import TaskInstances
+
+    node = _start(ros, "sim_time", tmp_path, use_sim_time=True, score_treshold=0.9, device="auto")
+    try:
+        assert node.get_clock().now().nanoseconds == 0
+        client = ros.node("sim_camera")
+        results = []
+        client.create_subscription(TaskInstances, "/sim_time/instances", results.append, 10)
+        pub = client.create_publisher(Image, "/sim_time/image", 10)
+        assert wait_for(lambda: pub.get_subscription_count() > 0)
+        for index in range(2):
+            msg = image_from_array(_photo(), "rgb8")
+            msg.header.stamp = Time(sec=1_700_000_000 + index)  # a wall-clock stamp: "old" by no clock
+            msg.header.frame_id = f"sim_{index}"
+            pub.publish(msg)
+            assert wait_for(lambda: len(results) > index, timeout=15)
+        assert all(math.isnan(r.latency_ms) for r in results) and node.counters.get("skipped_stale") == 0
+        assert math.isnan(node.latency_ms.quantiles(0.5)[0])  # nothing made up for the statistics either
+        logged = capfd.readouterr().err
+        assert logged.count("nothing publishes /clock yet") == 1
+        assert "'score_treshold' is not a parameter of this node" in logged and "'score_threshold'" in logged
+        assert node.settings["score_threshold"] == OVERRIDES["score_threshold"]
+        import torch
+
+        if not torch.cuda.is_available():
+            assert "device auto: running on the CPU:" in logged
+    finally:
+        _stop(ros, node)
+
+
+def test_the_dev_client_commands_of_docs_ros_md(node, probe, tmp_path, capsys):
+    """`python -m toist_ros.client ...`: what docs/ros.md gives for an environment without the ros2 CLI."""
+    import cv2
+
+    from toist_ros import client
+
+    assert client.main(["status"]) == 0
+    assert f"revision {node.active_task.revision}, ready True" in capsys.readouterr().out
+    before = node.active_task.revision
+    assert client.main(["set-task", "3"]) == 0
+    assert "ok: task '3' -> caption 'place flowers in something'" in capsys.readouterr().out
+    assert client.main(["set-task", "15"]) == 1 and "refused" in capsys.readouterr().out
+    assert client.main(["publish-task", "5"]) == 0
+    assert wait_for(lambda: node.active_task.revision == before + 2 and node.active_task.task_id == 5, timeout=10)
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), cv2.cvtColor(_photo(), cv2.COLOR_RGB2BGR))
+    assert client.main(["segment", str(photo), "--task", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "(id 8, revision 0)" in out and "320x240" in out and "#0 score" in out
+    stop = threading.Event()
+
+    def stream():
+        while not stop.is_set():
+            probe.image_pub.publish(probe.image(_photo(), "client_stream"))
+            time.sleep(0.2)
+
+    streamer = threading.Thread(target=stream, daemon=True)
+    streamer.start()
+    try:
+        assert client.main(["instances", "--count", "2"]) == 0
+    finally:
+        stop.set()
+        streamer.join()
+    out = capsys.readouterr().out
+    assert out.count("client_stream 320x240: task 'water plant with something' (id 5") == 2
+    assert client.main(["--ns", "/nobody_here", "--timeout", "1", "set-task", "2"]) == 1

@@ -25,6 +25,8 @@ def _spec(name):
     ("input.topics", [["image"], ["front/image", "rear/image"], ["/cam/image"]],
      [[], ["image", "image"], ["bad topic"], ["image/"], "image", [1]]),
     ("output.masks", [True, False], [1, "true"]),
+    ("input.reliability", ["auto", "reliable", "best_effort"], ["best effort", "true", True, ""]),
+    ("input.max_pixels", [1, 640 * 480, 1 << 30], [0, -1, (1 << 30) + 1, 2.5]),
 ])
 def test_check_value_accepts_and_rejects(name, good, bad):
     spec = _spec(name)
@@ -63,7 +65,7 @@ def test_run_time_switches_are_not_read_only_and_model_settings_are():
                  "output.debug_image"):
         assert not _spec(name).read_only, name
     for name in ("checkpoint", "device", "text_encoder", "precision", "input.short_side", "input.topics",
-                 "input.reliable", "input.compressed"):
+                 "input.reliability", "input.max_pixels", "input.compressed"):
         assert _spec(name).read_only, name
 
 
@@ -151,3 +153,26 @@ def test_every_parameter_is_documented():
     docs = (ROOT / "docs" / "ros.md").read_text()
     for name in P.SPECS:
         assert f"`{name}`" in docs, name
+
+
+def test_unknown_overrides_name_the_closest_parameter():
+    warnings = P.unknown_overrides(["score_treshold", "use_sim_time", "qos_overrides./image.subscription.depth",
+                                    "max_instances", "zzz_nothing_like_it", "input.reliable"])
+    assert len(warnings) == 3, warnings
+    by_name = {w.split("'")[1]: w for w in warnings}
+    assert "did you mean 'score_threshold'?" in by_name["score_treshold"]
+    assert "is ignored" in by_name["zzz_nothing_like_it"] and "ros2 param list" in by_name["zzz_nothing_like_it"]
+    assert "'input.reliability'" in by_name["input.reliable"]
+
+
+def test_a_misspelt_command_line_parameter_is_found_on_a_real_node(context):
+    """`-p score_treshold:=0.9` reaches the node as an override ROS would ignore silently."""
+    node = rclpy.create_node("params_probe", context=context,
+                             cli_args=["--ros-args", "-p", "score_treshold:=0.9", "-p", "max_instances:=3"])
+    try:
+        settings = P.declare(node)
+        assert settings["max_instances"] == 3 and settings["score_threshold"] == 0.5
+        [warning] = P.unknown_overrides(node._parameter_overrides)
+        assert "'score_treshold'" in warning and "'score_threshold'" in warning
+    finally:
+        node.destroy_node()

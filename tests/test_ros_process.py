@@ -111,7 +111,10 @@ def test_node_process_with_params_file_and_remap(ros, tmp_path, model_dir):
         codes = (_stop(default), _stop(with_checkpoint))
     log = default_log.read_text()
     assert codes == (0, 0), (codes, log[-2000:], checkpoint_log.read_text()[-2000:])
-    assert "/cam/image" in log and "best effort" in log  # resolved input topic and QoS are logged
+    input_line = next((line for line in log.splitlines() if "] input /cam/image (Image, QoS" in line), log[-3000:])
+    assert "input.reliability auto" in input_line, input_line  # resolved input topic and QoS are logged
+    # What the loaded checkpoint held, in the node's log (toist_core logs it with Python's logging).
+    assert "loaded model directory" in log and "segmentation (mask head)" in log
     from toist_ros.model_loader import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NOTE, FALLBACK_MODEL_NOTE, default_model_dir
 
     embedded = DEFAULT_MODEL_NOTE if default_model_dir() else FALLBACK_MODEL_NOTE.format(path=DEFAULT_MODEL_DIR)

@@ -100,7 +100,10 @@ class TextEncoderConfig:
     ``tokenizer`` is a Hugging Face name (``roberta-base``), a local directory with tokenizer
     files, or ``builtin:tiny`` (the packaged test tokenizer). ``weights`` names pretrained
     RoBERTa weights (hub name or local directory); ``None`` builds the encoder with random
-    weights from the sizes below and never touches the network.
+    weights from the sizes below and never touches the network. A hub name is read from the
+    local Hugging Face cache first; the hub is asked only when the name is not cached, offline
+    mode is off and the hub answers within a second (``toist_core.model.hub.fetch_pretrained``),
+    else loading fails at once naming the remedy (a local directory, or ``toist export``).
 
     roberta-base: 514 positions, LayerNorm eps 1e-5. The reference's "without pretraining"
     models use transformers' defaults instead: 512 positions, eps 1e-12.
@@ -179,6 +182,9 @@ class ModelConfig:
 
 
 Precision = Literal["fp32", "fp16", "bf16"]
+# Pre- and post-processing of inference: toist's own choices, or the reference evaluation's exactly.
+Protocol = Literal["toist", "reference"]
+PROTOCOLS = ("toist", "reference")
 
 
 @dataclass
@@ -197,6 +203,15 @@ class InferenceConfig:
     Defaults are the reference evaluation's (the model's own input size: 800 / 1333 for
     official checkpoints; ImageNet normalisation, mask threshold 0.5), plus a score threshold
     and an instance cap that the reference does not have (it keeps all 100 queries).
+
+    ``protocol`` picks how the image gets in and the boxes come out. ``"toist"`` (default): the
+    resize runs on the float image (antialiased bilinear), a batch is padded to a multiple of
+    ``pad_multiple`` and boxes are clipped to the image. ``"reference"``: exactly the reference
+    evaluation's ``RandomResize([800], max_size=1333)`` (PIL bilinear on the uint8 image; at the
+    configured size), ``ToTensor`` + ``Normalize``, padding to the batch's largest image only
+    (none for a single image; ``pad_multiple`` is not used) and ``PostProcess`` boxes, not
+    clipped. Masks are the reference's ``PostProcessSegm`` under both. docs/inference.md gives
+    the measured effect of each difference.
     """
 
     # Resize rule; None = the model's own :class:`InputSize` (a model directory's ``input_size``,
@@ -208,7 +223,8 @@ class InferenceConfig:
     score_threshold: float = 0.5
     max_instances: int = 100
     mask_threshold: float = 0.5
-    # Images are zero-padded (masked) to a multiple of this many pixels (the backbone's stride).
+    # Images are zero-padded (masked) to a multiple of this many pixels (the backbone's stride;
+    # protocol "toist" only: the reference pads to the batch's largest image).
     # Training batches are padded to their largest image, so a trained model rarely sees an image
     # without padding; a lone camera frame would have none. The default model (at 112 px) scored
     # 0.253 box mAP@0.5 on its test split one image at a time, 0.311 padded to 32 (0.308 in
@@ -222,6 +238,8 @@ class InferenceConfig:
     # Word of the caption whose token rows distilled models replace by a cluster centre;
     # None = the model's own (model directory: its config.yaml; official file: "something").
     pronoun: Optional[str] = None
+    # "toist" (the choices above) or "reference" (the reference evaluation's processing exactly).
+    protocol: Protocol = "toist"
 
     def __post_init__(self) -> None:
         for name in ("short_side", "max_size"):
@@ -240,6 +258,8 @@ class InferenceConfig:
             raise ConfigError(f"inference.mask_threshold must be in (0, 1), got {self.mask_threshold}")
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"inference.precision must be fp32, fp16 or bf16, got {self.precision!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"inference.protocol must be 'toist' or 'reference', got {self.protocol!r}")
 
     def with_input_size(self, own: InputSize) -> "InferenceConfig":
         """This config with the sizes left to the model (None) taken from ``own``.

@@ -7,11 +7,18 @@ the noun caption of the teacher is ``phrase + noun`` ("sit comfortably on chair"
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
 NUM_TASKS = 14
 DEFAULT_PRONOUN = "something"
+QUOTE_LIMIT = 80              # characters of a request echoed in an error message
+
+# An integer-looking request ("2", "-1", "+15", "task_3", "Task 3") is a task id and must be valid;
+# it is never read as free text (a robot that sends "-1" or "15" by mistake gets an error, not a
+# caption "-1" that the model answers confidently).
+_ID_PATTERN = re.compile(r"(?:task[_ ]?)?([+-]?\d+)", re.IGNORECASE)
 
 # Task id (1-based, as in the file names task_{k}_{split}.json) -> verb phrase.
 TASK_PHRASES: dict[int, str] = {
@@ -66,13 +73,17 @@ def _normalise(text: str) -> str:
 
 
 def resolve_task(task: Union[int, str], pronoun: str = DEFAULT_PRONOUN) -> TaskQuery:
-    """Turn a task request into the caption the model reads.
+    """Turn a task request into the caption the model reads: the one parsing rule of the API,
+    the CLI, the node's parameter, topic and service.
 
     Accepted forms:
-      * an id ``2`` or ``"2"`` (also ``"task_2"``),
+      * an id ``2`` or an integer-looking string ``"2"`` (also ``"task_2"``, ``"Task 2"``); an
+        integer outside 1..14 (``"0"``, ``"-1"``, ``"15"``) is an error, never free text,
       * a task name: the verb phrase (``"sit comfortably on"``) or the full caption
         (``"sit comfortably on something"``), case- and whitespace-insensitive,
       * any other non-empty text, used verbatim as the caption (no task id).
+
+    Errors quote at most :data:`QUOTE_LIMIT` characters of the request.
     """
     if isinstance(task, bool):
         raise TypeError("task must be an int id or a string, not bool")
@@ -84,9 +95,12 @@ def resolve_task(task: Union[int, str], pronoun: str = DEFAULT_PRONOUN) -> TaskQ
     text = task.strip()
     if not text:
         raise ValueError("task text is empty")
-    key = text.lower().removeprefix("task_").removeprefix("task ")
-    if key.isdigit():
-        return resolve_task(int(key), pronoun)
+    number = _ID_PATTERN.fullmatch(text)
+    if number:
+        task_id = int(number.group(1))
+        if task_id not in TASK_PHRASES:
+            raise ValueError(f"task {quote(text)} looks like a task id but COCO-Tasks ids are 1..{NUM_TASKS}")
+        return resolve_task(task_id, pronoun)
     wanted = _normalise(text)
     for task_id, phrase in TASK_PHRASES.items():
         caption = phrase + pronoun
@@ -94,6 +108,15 @@ def resolve_task(task: Union[int, str], pronoun: str = DEFAULT_PRONOUN) -> TaskQ
             return TaskQuery(caption, task_id, _span(caption, pronoun))
     span = _span(text, pronoun) if pronoun in text else None
     return TaskQuery(text, None, span)
+
+
+def quote(text: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr`` of a request for a message, cut to ``limit`` characters (a 2,000-character
+    caption should not fill a log line or a service answer)."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def _span(caption: str, word: str) -> tuple[int, int]:

@@ -147,7 +147,7 @@ def _node_command(args: argparse.Namespace, short_side: int) -> list[str]:
                 "-p", f"device:={args.device}", "-p", "input.max_age_s:=0.0",
                 # Reliable camera and subscription: raw photos of ~1 MB over best-effort UDP between
                 # processes can be lost entirely on machines with small socket buffers (docs/ros.md).
-                "-p", "input.reliable:=true"]
+                "-p", "input.reliability:=reliable"]
     if short_side:
         ros_args += ["-p", f"input.short_side:={short_side}", "-p", f"input.max_side:={2 * short_side}"]
     if args.checkpoint:

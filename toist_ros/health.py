@@ -1,18 +1,24 @@
 """What the node reports on ``/diagnostics``: its key/values, and one level with its reason.
 
 ERROR while loading; WARN when most images never reached the node since the last report, on
-inference errors, or with no input; OK otherwise.
+inference errors in the last ``ERROR_WINDOW_S`` seconds, or with no input; OK otherwise (a single
+error long ago does not keep the node in WARN: the counters keep the history).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import collections
+import time
+from typing import Any, Optional, Sequence
 
 from toist_ros.diagnostics import ERROR, OK, WARN, Counters, Percentiles, device_memory, fmt_ms
 
+ERROR_WINDOW_S = 30.0        # inference errors keep the level at WARN this long
+
 # Always reported, 0 until something happens (the rejected_<reason> counters follow them).
 _COUNTERS = ("received", "processed", "dropped_replaced", "skipped_stale", "lost_in_transport", "rejected",
-             "inference_errors", "cuda_oom", "rejected_service", "internal_errors", "qos_incompatible")
+             "inference_errors", "cuda_oom", "rejected_service", "internal_errors", "qos_incompatible",
+             "qos_switches", "loss_warnings")
 
 
 def report_values(*, ready: bool, task: Any, model: Any, counters: Counters, inference_ms: Percentiles,
@@ -47,20 +53,31 @@ class HealthLevel:
 
     def __init__(self) -> None:
         self._previous_arrivals = (0, 0)  # (arrived, lost) at the last diagnostics report
+        self._errors: collections.deque = collections.deque()  # (monotonic time, error total) per report
 
-    def judge(self, values: dict[str, Any], *, ready: bool, last_error: str, receiving: bool) -> tuple[int, str]:
+    def judge(self, values: dict[str, Any], *, ready: bool, last_error: str, receiving: bool,
+              now: Optional[float] = None) -> tuple[int, str]:
         """(level, message) for ``values`` (from :func:`report_values`). ``last_error``: the last
-        inference error ("" when none); ``receiving``: whether any camera delivers images now."""
+        inference error ("" when none); ``receiving``: whether any camera delivers images now;
+        ``now``: monotonic seconds (tests)."""
+        now = time.monotonic() if now is None else now
         arrived, lost = values["received"] + values["rejected"], values["lost_in_transport"]
         previous, self._previous_arrivals = self._previous_arrivals, (arrived, lost)
         recent_arrived, recent_lost = arrived - previous[0], lost - previous[1]
+        errors = values["inference_errors"] + values["cuda_oom"]
+        self._errors.append((now, errors))
+        while len(self._errors) > 1 and self._errors[1][0] <= now - ERROR_WINDOW_S:
+            self._errors.popleft()
+        # Errors since the oldest report inside the window (or since start, early on).
+        recent_errors = errors - (self._errors[0][1] if self._errors[0][0] <= now - ERROR_WINDOW_S else 0)
         if not ready:
             return ERROR, "not ready"
         if recent_lost > max(recent_arrived, 2):
             return WARN, (f"most images never reached the node ({recent_lost} lost, {recent_arrived} "
                           "arrived since the last report): DDS transport or QoS (see docs/ros.md)")
-        if last_error and values["inference_errors"] + values["cuda_oom"]:
-            return WARN, f"inference errors (last: {last_error})"
+        if recent_errors > 0:
+            return WARN, (f"{recent_errors} inference error(s) in the last {ERROR_WINDOW_S:.0f} s "
+                          f"(last: {last_error or 'unknown'})")
         if not receiving:
             return WARN, "no input images"
         return OK, "running"

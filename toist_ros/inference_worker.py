@@ -75,6 +75,7 @@ class InferenceWorker:
         self._latency_ms = latency_ms
         self._stopping = threading.Event()
         self.last_error = ""
+        self._clock_warned = False
         self._thread = threading.Thread(target=self._loop, name="toist_inference", daemon=True)
 
     def start(self) -> None:
@@ -121,12 +122,19 @@ class InferenceWorker:
 
     def _process_frame(self, frame: Frame, camera: Camera) -> None:
         settings = self._settings()
-        now = self._node.get_clock().now()
+        clock = self._node.get_clock()
+        now = clock.now()
+        # Time 0: the node runs on sim time and /clock has not ticked yet. Ages and latencies
+        # against it would be nonsense (-1.8e12 ms), so no frame is skipped as stale and
+        # latency_ms is NaN (unknown) until the clock runs.
+        clock_running = now.nanoseconds > 0
+        if not clock_running:
+            self._warn_clock_stopped()
         stamp = Time.from_msg(frame.header.stamp, clock_type=now.clock_type)
         stamped = stamp.nanoseconds > 0
         age_s = (now - (stamp if stamped else frame.arrival)).nanoseconds * 1e-9
         max_age = settings["input.max_age_s"]
-        if max_age > 0 and age_s > max_age:
+        if clock_running and max_age > 0 and age_s > max_age:
             self._counters.add("skipped_stale")
             self._node.get_logger().warning(
                 f"skipped a frame from {camera.subscribed_name}: {age_s:.2f} s old > input.max_age_s {max_age} "
@@ -138,13 +146,25 @@ class InferenceWorker:
             return
         msg, ranked = result
         end = stamp if stamped else frame.arrival
-        msg.latency_ms = (self._node.get_clock().now() - end).nanoseconds * 1e-6
+        published = clock.now()
+        if published.nanoseconds > 0 and end.nanoseconds > 0:
+            msg.latency_ms = (published - end).nanoseconds * 1e-6
+            self._latency_ms.add(msg.latency_ms)
+        else:
+            msg.latency_ms = float("nan")
         camera.instances_pub.publish(msg)
         camera.output_rate.tick()
         self._counters.add("processed")
-        self._latency_ms.add(msg.latency_ms)
         if settings["output.debug_image"] and camera.debug_pub.get_subscription_count() > 0:
             self._publish_debug(camera, frame, ranked, task)
+
+    def _warn_clock_stopped(self) -> None:
+        if self._clock_warned:
+            return
+        self._clock_warned = True
+        self._node.get_logger().warning(
+            "the node's clock reads 0: use_sim_time is true and nothing publishes /clock yet; frames are not "
+            "skipped for age and latency_ms is NaN (unknown) until the clock runs")
 
     def _serve_one_shot(self, job: _OneShot) -> None:
         try:
@@ -170,7 +190,7 @@ class InferenceWorker:
         ranked = rank_instances(prediction.boxes, prediction.scores, prediction.masks, (width, height),
                                 settings["score_threshold"], settings["max_instances"])
         msg = task_instances_msg(header, (width, height), task.caption, task.revision, elapsed_ms,
-                                 to_instance_msgs(ranked, header))
+                                 to_instance_msgs(ranked, header), task_id=task.task_id)
         return msg, ranked
 
     def _inference_failed(self, exc: Exception) -> None:

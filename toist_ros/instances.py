@@ -159,14 +159,16 @@ def to_instance_msgs(ranked: list[RankedInstance], header: Any = None) -> list:
 
 
 def task_instances_msg(header: Any, image_size: tuple[int, int], task: str, revision: int, inference_ms: float,
-                       instances: list, latency_ms: float = 0.0):
-    """A ``toist_ros/TaskInstances`` carrying the input ``header`` verbatim."""
+                       instances: list, latency_ms: float = 0.0, task_id: Optional[int] = None):
+    """A ``toist_ros/TaskInstances`` carrying the input ``header`` verbatim; ``task_id`` None
+    (free text) is sent as 0."""
     from toist_ros.msg import TaskInstances
 
     msg = TaskInstances()
     msg.header = header
     msg.image_width, msg.image_height = int(image_size[0]), int(image_size[1])
     msg.task = task
+    msg.task_id = int(task_id or 0)
     msg.task_revision = int(revision)
     msg.inference_ms = float(inference_ms)
     msg.latency_ms = float(latency_ms)

@@ -6,20 +6,22 @@ what was asked, what was found, and what to change; the node prints it and exits
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
 
-import toist_core  # light: imports neither torch nor ROS
-from typing import Any, Callable, Optional
+from toist_core.checkpoint.default_model import CONFIG_FILE, DEFAULT_MODEL_DIR as _PACKAGED_MODEL_DIR
 
 EXIT_PARAMETERS = 2   # a parameter value is invalid
 EXIT_MODEL = 3        # checkpoint missing, unreadable or not a TOIST model
 EXIT_DEVICE = 4       # the requested device cannot be used
 
 # The embedded default: the model directory `make default-model` trains on synthetic COCO-Tasks.
-DEFAULT_MODEL_DIR = Path(toist_core.__file__).resolve().parent / "assets" / "default_model"
+DEFAULT_MODEL_DIR: Path = _PACKAGED_MODEL_DIR
 DEFAULT_MODEL_NOTE = ("embedded default model: a small TOIST (MobileNetV2, distilled student with masks) trained "
                       "on SYNTHETIC COCO-Tasks scenes only (toist_core/assets/default_model/MODEL_CARD.md); it "
                       "returns confident but meaningless instances on real images: pass checkpoint:=<TOIST .pth or "
@@ -34,7 +36,7 @@ FALLBACK_MODEL_NOTE = ("embedded default model MISSING ({path}): the 'tiny' TOIS
 
 def default_model_dir() -> Optional[Path]:
     """The packaged trained default model directory, or None when it is not there."""
-    return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "config.yaml").is_file() else None
+    return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / CONFIG_FILE).is_file() else None
 
 
 class StartupError(RuntimeError):
@@ -78,6 +80,22 @@ def cuda_device_count() -> int:
         return 0
 
 
+def no_cuda_reason() -> str:
+    """Why torch sees no CUDA device, in the words a user can act on (for ``device: auto``)."""
+    import torch
+
+    built_for = torch.version.cuda
+    if not built_for:
+        return f"this torch ({torch.__version__}) is a CPU-only build: install a CUDA build (docs/robot.md)"
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # the driver's own words: too old, not loaded, no device
+        return (f"torch {torch.__version__} is built for CUDA {built_for} and cannot use this machine's driver or "
+                f"GPU ({type(exc).__name__}: {str(exc).strip()[:200]}); a CUDA {built_for} build needs a recent "
+                "NVIDIA driver (docs/robot.md: driver table and older CUDA builds)")
+    return f"torch {torch.__version__} (CUDA {built_for}) finds no CUDA device"
+
+
 def check_checkpoint_path(path: str) -> None:
     """Fail early (before torch is imported) when the checkpoint path does not exist."""
     if path and not os.path.exists(path):
@@ -94,13 +112,38 @@ class LoadedModel:
     is_random_default: bool
 
 
-def load_model(settings: Any, warn: Callable[[str], None]) -> LoadedModel:
-    """Build or load the TaskSegmenter the parameters ask for (no warm-up here)."""
+@contextlib.contextmanager
+def _load_summary_to(info: Callable[[str], None]) -> Iterator[None]:
+    """Hand toist_core's one-line "what the checkpoint held" INFO record to the node's logger
+    (rclpy's logging is not Python's: the record would be dropped)."""
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            info(record.getMessage())
+
+    source = logging.getLogger("toist_core.checkpoint")
+    handler, level = Forward(logging.INFO), source.level
+    source.addHandler(handler)
+    if source.getEffectiveLevel() > logging.INFO:
+        source.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        source.removeHandler(handler)
+        source.setLevel(level)
+
+
+def load_model(settings: Any, warn: Callable[[str], None], info: Optional[Callable[[str], None]] = None) -> LoadedModel:
+    """Build or load the TaskSegmenter the parameters ask for (no warm-up here); ``info`` gets the
+    loader's line saying what the checkpoint held (mask head, memory bank, EMA weights, tokenizer)."""
     checkpoint = settings["checkpoint"].strip()
     check_checkpoint_path(checkpoint)
     device, note = resolve_device(settings["device"], settings["allow_cpu_fallback"], cuda_device_count())
     if note:
         warn(note)
+    elif device == "cpu" and settings["device"].strip().lower() == "auto":
+        # Not silent: on a robot this usually means a driver older than the torch build needs,
+        # and the paper model then takes ~15 s per frame.
+        warn(f"device auto: running on the CPU: {no_cuda_reason()}; set device:=cpu to silence this")
     precision = settings["precision"]
     if device == "cpu" and precision == "fp16":
         warn("precision 'fp16' needs CUDA; the CPU runs fp32 (bf16 works on CPUs with bf16 support)")
@@ -113,8 +156,9 @@ def load_model(settings: Any, warn: Callable[[str], None]) -> LoadedModel:
         default_dir = None if checkpoint else default_model_dir()
         if checkpoint or default_dir is not None:
             source = checkpoint or str(default_dir)
-            segmenter = TaskSegmenter.from_pretrained(source, device=device, text_encoder=text_encoder,
-                                                      inference=inference)
+            with _load_summary_to(info or (lambda _text: None)):
+                segmenter = TaskSegmenter.from_pretrained(source, device=device, text_encoder=text_encoder,
+                                                          inference=inference)
             description = f"checkpoint {checkpoint}" if checkpoint else DEFAULT_MODEL_NOTE
         else:
             segmenter = TaskSegmenter.from_config(FALLBACK_MODEL, device=device, text_encoder=text_encoder,

@@ -25,16 +25,18 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String
 
+from toist_core.tasks import quote
 from toist_ros import params as parameters
 from toist_ros.camera_input import CameraInputs
-from toist_ros.conversions import ImageError, image_to_rgb
+from toist_ros.conversions import ImageError
 from toist_ros.diagnostics import Counters, Percentiles, diagnostic_array
+from toist_ros.frame_limits import FrameLimits
 from toist_ros.health import HealthLevel, report_values
 from toist_ros.inference_worker import InferenceWorker, predict
 from toist_ros.model_loader import EXIT_PARAMETERS, StartupError, load_model
 from toist_ros.msg import TaskStatus
 from toist_ros.srv import SegmentImage, SetTask
-from toist_ros.tasks import ActiveTask, TaskSwitch, loading_task
+from toist_ros.tasks import ONE_SHOT_REVISION, ActiveTask, TaskSwitch, loading_task
 
 NODE_NAME = "toist_perception"
 
@@ -51,6 +53,8 @@ class PerceptionNode(Node):
             self._settings = parameters.declare(self)
         except parameters.ParameterError as exc:
             raise StartupError(EXIT_PARAMETERS, str(exc)) from None
+        for warning in parameters.unknown_overrides(getattr(self, "_parameter_overrides", {})):
+            log.warning(warning)
         settings = self._settings
         self.counters = Counters()
         self.inference_ms = Percentiles()
@@ -61,25 +65,26 @@ class PerceptionNode(Node):
         self._status_pub = self.create_publisher(TaskStatus, "active_task", _latched_qos())
         self._publish_status(loading_task(settings["task"]))  # ready=false while the model loads
 
-        self.model = load_model(settings, log.warning)
+        self.model = load_model(settings, log.warning, log.info)
         self.segmenter = self.model.segmenter
         size = self.segmenter.inference
         log.info(f"model: {self.model.description}; device {self.model.device}; input resized to short side "
                  f"{size.short_side} px, long side at most {size.max_size} px")
         if self.model.is_random_default:
             log.warning(self.model.description)
+        self._limits = FrameLimits(settings["input.max_pixels"], size.short_side, size.max_size)
         self._tasks = TaskSwitch(self.segmenter.encode_task, self._publish_status, log)
         try:
             self._tasks.start(settings["task"])
         except (ValueError, TypeError) as exc:
-            raise StartupError(EXIT_PARAMETERS, f"task {settings['task']!r} cannot be used: {exc}") from None
+            raise StartupError(EXIT_PARAMETERS, f"task {quote(settings['task'])} cannot be used: {exc}") from None
         if settings["warmup"]:
             self._warm_up()
 
         self._image_group = ReentrantCallbackGroup()
         self._control_group = ReentrantCallbackGroup()
         self._timer_group = MutuallyExclusiveCallbackGroup()
-        self._inputs = CameraInputs(self, settings, self.counters, self._image_group)
+        self._inputs = CameraInputs(self, settings, self.counters, self._image_group, self._limits)
         self._cameras = self._inputs.cameras
         self._inputs.open()
         self._create_control_io()
@@ -92,7 +97,7 @@ class PerceptionNode(Node):
         self._worker.start()
         self._ready = True
         self._tasks.publish_active()
-        log.info(f"ready: task {self.active_task.caption!r} (revision {self.active_task.revision})")
+        log.info(f"ready: task {quote(self.active_task.caption)} (revision {self.active_task.revision})")
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -150,6 +155,7 @@ class PerceptionNode(Node):
         status = TaskStatus()
         status.stamp = self.get_clock().now().to_msg()
         status.task = task.caption
+        status.task_id = int(task.task_id or 0)
         status.revision = task.revision
         status.ready = self._ready
         status.warning = task.warning
@@ -157,23 +163,27 @@ class PerceptionNode(Node):
 
     def _on_segment_image(self, request: Any, response: Any) -> Any:
         try:
-            rgb = image_to_rgb(request.image)
+            rgb = self._limits.image_to_rgb(request.image)
         except ImageError as exc:
             self.counters.add("rejected_service")
+            self.counters.add(f"rejected_service_{exc.reason}")
             response.success, response.message = False, f"bad image: {exc}"
             return response
         text = request.task.strip()
         try:
             task = self.active_task if not text else self._tasks.one_shot(text)
         except Exception as exc:
-            response.success, response.message = False, f"task {text!r} rejected: {exc}"
+            response.success, response.message = False, f"task {quote(text)} rejected: {exc}"
             return response
         result, error = self._worker.segment(request.image.header, rgb, task)
         if result is None:
             response.success, response.message = False, error
         else:
             response.success = True
-            response.message = f"{len(result.instances)} instance(s) for {task.caption!r}"
+            response.message = f"{len(result.instances)} instance(s) for {quote(task.caption)}"
+            if task.revision == ONE_SHOT_REVISION:
+                response.message += (f" (this request's own task: task_revision {ONE_SHOT_REVISION}, "
+                                     f"the active task stays revision {self.active_task.revision})")
             if task.warning:
                 response.message += f"; WARNING: {task.warning}"
             response.result = result

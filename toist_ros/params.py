@@ -10,6 +10,7 @@ descriptor cannot say (open intervals, choices, the device pattern).
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -67,8 +68,13 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               read_only=True, pattern=_TOPIC_PATTERN, pattern_help="relative topic names such as image or front/image"),
     ParamSpec("input.compressed", False, "subscribe <topic>/compressed (sensor_msgs/CompressedImage) "
               "instead of the raw image", read_only=True),
-    ParamSpec("input.reliable", False, "reliable image subscription (default: sensor-data QoS, best effort, depth 1)",
-              read_only=True),
+    ParamSpec("input.reliability", "auto", "image subscription reliability: auto (match the publishers on the "
+              "topic, at start and whenever one appears: reliable when every publisher is reliable, else best "
+              "effort), reliable, or best_effort (sensor-data QoS); depth 1 in every case", read_only=True,
+              choices=("auto", "reliable", "best_effort")),
+    ParamSpec("input.max_pixels", 16_777_216, "largest image accepted, in pixels (width x height; compressed "
+              "images are checked from their header before decoding); larger frames are rejected and counted",
+              read_only=True, low=1, high=1 << 30),
     ParamSpec("input.max_age_s", 1.0, "skip frames whose header.stamp is older than this (seconds); 0 = never skip",
               low=0.0, high=3600.0),
     ParamSpec("input.no_image_warning_s", 5.0, "warn once when no image arrived this long after start (s)",
@@ -137,6 +143,32 @@ def _check_string(spec: ParamSpec, value: str) -> Optional[str]:
 
 def _range_text(spec: ParamSpec) -> str:
     return f"{'(' if spec.open_low else '['}{spec.low}, {spec.high}{')' if spec.open_high else ']'}"
+
+
+# Parameters rclpy or rcl declare on every node: overrides of these are not ours to question.
+_ROS_PARAMETERS = ("use_sim_time", "start_type_description_service")
+_ROS_PARAMETER_PREFIXES = ("qos_overrides.",)
+
+
+def unknown_overrides(names: Any) -> list[str]:
+    """A warning for each overridden parameter name (``-p``, ``--params-file``, launch) that this
+    node does not have, naming the closest parameter it does have: ROS ignores such an override
+    silently, so ``-p score_treshold:=0.9`` would otherwise leave the threshold at its default."""
+    out = []
+    for name in sorted(set(names)):
+        if name in SPECS or name in _ROS_PARAMETERS or name.startswith(_ROS_PARAMETER_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, list(SPECS) + list(_ROS_PARAMETERS), n=1, cutoff=0.6)
+        renamed = _RENAMED.get(name)
+        hint = (f"; it is now {renamed[0]!r} ({renamed[1]})" if renamed else
+                f"; did you mean {close[0]!r}?" if close else
+                "; `ros2 param list` on the running node shows its parameters")
+        out.append(f"parameter override {name!r} is not a parameter of this node and is ignored{hint}")
+    return out
+
+
+# Parameters that were renamed: the old name's override gets a precise warning.
+_RENAMED = {"input.reliable": ("input.reliability", "auto, reliable or best_effort; true meant reliable")}
 
 
 def check_values(values: dict[str, Any]) -> list[str]:

@@ -13,7 +13,12 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from toist_core.tasks import quote
+
 ONE_SHOT_TASK_CACHE = 8       # encoded one-shot tasks kept (segment_image with its own task text)
+# The revision of a segment_image result computed for a task of its own (not the active task).
+# Active tasks count from 1, so 0 cannot be mistaken for an active-task result.
+ONE_SHOT_REVISION = 0
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,10 @@ class TaskSwitch:
         try:
             state = self._encode(text)
         except (ValueError, TypeError) as exc:
-            return False, f"task {text!r} rejected: {exc}", self._task.revision
+            return False, f"task {quote(text)} rejected: {exc}", self._task.revision
         except Exception as exc:  # never let a task request take the node down
-            self._log.error(f"encoding task {text!r} failed: {type(exc).__name__}: {exc}")
-            return False, f"encoding task {text!r} failed: {type(exc).__name__}: {exc}", self._task.revision
+            self._log.error(f"encoding task {quote(text)} failed: {type(exc).__name__}: {exc}")
+            return False, f"encoding task {quote(text)} failed: {type(exc).__name__}: {exc}", self._task.revision
         with self._lock:
             revision = self._task.revision + 1
             task = ActiveTask(text, _caption(state, text), _task_id(state), revision, state)
@@ -93,7 +98,7 @@ class TaskSwitch:
             self._publish(task)
         how = (f"COCO-Tasks task {task.task_id}" if task.task_id is not None
                else "free text (no COCO-Tasks id: no distillation memory bank)")
-        message = f"task {text!r} -> caption {task.caption!r} ({how}); results carry revision {revision}"
+        message = f"task {quote(text)} -> caption {quote(task.caption)} ({how}); results carry revision {revision}"
         self._log.info(message)
         self._warn_untrained(task)
         if task.warning:
@@ -102,7 +107,8 @@ class TaskSwitch:
 
     def one_shot(self, text: str) -> ActiveTask:
         """The encoded task for one ``segment_image`` request (the active task stays as it is);
-        the last few are cached. Raises what the encoder raises."""
+        the last few are cached. Its revision is :data:`ONE_SHOT_REVISION` unless ``text`` is the
+        active task's request. Raises what the encoder raises."""
         active = self._task
         if text == active.request:
             return active
@@ -112,7 +118,7 @@ class TaskSwitch:
                 self._one_shot_tasks.move_to_end(text)
                 return cached
         state = self._encode(text)
-        task = ActiveTask(text, _caption(state, text), _task_id(state), active.revision, state)
+        task = ActiveTask(text, _caption(state, text), _task_id(state), ONE_SHOT_REVISION, state)
         with self._one_shot_lock:
             self._one_shot_tasks[text] = task
             while len(self._one_shot_tasks) > ONE_SHOT_TASK_CACHE:
@@ -142,7 +148,7 @@ class TaskSwitch:
             if key in self._warned:
                 return
             self._warned.add(key)
-        self._log.warning(f"task {task.request!r} ({task.caption!r}): {task.warning}")
+        self._log.warning(f"task {quote(task.request)} ({quote(task.caption)}): {task.warning}")
 
 
 def _caption(state: Any, fallback: Any) -> str:
@@ -153,4 +159,4 @@ def _task_id(state: Any) -> Optional[int]:
     return getattr(state, "task_id", None)
 
 
-__all__ = ["ActiveTask", "TaskSwitch", "loading_task"]
+__all__ = ["ActiveTask", "ONE_SHOT_REVISION", "TaskSwitch", "loading_task"]

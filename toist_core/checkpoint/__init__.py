@@ -8,12 +8,14 @@ toist's own model directory.
 - :mod:`.model_dir`: the offline model directory (config.yaml + safetensors + tokenizer).
 - :mod:`.load`: :func:`load_pretrained` and :func:`export_model_dir` over all of these.
 - :mod:`.integrity`, :mod:`.atomic_dir`: corruption checks and whole-directory replacement.
+- :mod:`.default_model`: the embedded default model directory (synthetic scenes only).
 """
 
 from .architecture import Architecture, config_for_checkpoint, detect_architecture, text_config_from_source
+from .default_model import DEFAULT_MODEL_DIR, default_model_dir, default_model_note, require_default_model_dir
 from .errors import CheckpointError
 from .files import safe_torch_load
-from .load import export_model_dir, load_official, load_pretrained
+from .load import export_model_dir, load_official, load_pretrained, show_load_summary
 from .loaded import LoadedModel
 from .model_dir import (BANK_FILE, CONFIG_FILE, MODEL_DIR_FORMAT, MODEL_DIR_VERSION, TOKENIZER_DIR, WEIGHTS_FILE,
                         ModelDirConfig, is_model_dir, load_model_dir, save_model_dir)
@@ -21,10 +23,12 @@ from .official import BANK_KEYS, POSITION_IDS_KEY, SEGM_PREFIX, OfficialCheckpoi
 from .strict import build_memory_bank, load_official_weights, load_state_dict_strict, state_dict_problems
 
 __all__ = [
-    "Architecture", "BANK_FILE", "BANK_KEYS", "CONFIG_FILE", "CheckpointError", "LoadedModel", "MODEL_DIR_FORMAT",
+    "Architecture", "BANK_FILE", "BANK_KEYS", "CONFIG_FILE", "CheckpointError", "DEFAULT_MODEL_DIR", "LoadedModel",
+    "MODEL_DIR_FORMAT", "default_model_dir", "default_model_note", "require_default_model_dir",
     "MODEL_DIR_VERSION", "ModelDirConfig", "OfficialCheckpoint", "POSITION_IDS_KEY", "SEGM_PREFIX", "TOKENIZER_DIR",
     "WEIGHTS_FILE", "build_memory_bank", "config_for_checkpoint", "detect_architecture", "export_model_dir",
     "is_model_dir", "load_model_dir", "load_official", "load_official_weights", "load_pretrained",
-    "load_state_dict_strict", "read_official", "safe_torch_load", "save_model_dir", "state_dict_problems",
+    "load_state_dict_strict", "read_official", "safe_torch_load", "save_model_dir", "show_load_summary",
+    "state_dict_problems",
     "text_config_from_source",
 ]

@@ -145,7 +145,7 @@ def text_config_from_source(text_encoder: Optional[str]) -> Optional[TextEncoder
         return None
     from transformers import RobertaConfig
 
-    from .model.text import text_config_fields
+    from ..model.text import text_config_fields
 
     fields = text_config_fields(RobertaConfig.from_pretrained(str(source)))
     return TextEncoderConfig(tokenizer=str(text_encoder), **fields)

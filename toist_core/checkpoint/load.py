@@ -7,13 +7,14 @@ training checkpoint; ``export_model_dir`` turns either kind of file into a model
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
 from ..config import InputSize, ModelConfig
-from .architecture import config_for_checkpoint
+from .architecture import config_for_checkpoint, text_config_from_source
 from .errors import CheckpointError, PathLike
-from .loaded import LoadedModel
+from .loaded import LoadedModel, describe_bank, describe_heads
 from .model_dir import CONFIG_FILE, is_model_dir, load_model_dir, save_model_dir
 from .official import OfficialCheckpoint, read_official
 from .strict import build_memory_bank, load_official_weights
@@ -21,6 +22,25 @@ from .strict import build_memory_bank, load_official_weights
 # The released TOIST models are trained on all 14 COCO-Tasks with the pronoun "something".
 OFFICIAL_TASKS = tuple(range(1, 15))
 OFFICIAL_PRONOUN = "something"
+
+logger = logging.getLogger(__name__)
+_SUMMARY_LOGGER = "toist_core.checkpoint"  # load.py and model_dir.py log one summary line per load
+
+
+def show_load_summary(stream=None) -> None:
+    """Print the INFO line saying what a loaded checkpoint held (``toist predict`` / ``export``).
+
+    Only when the application has not configured logging itself (the root logger has no
+    handler): then INFO lines would otherwise be dropped. Calling it again adds nothing.
+    """
+    target = logging.getLogger(_SUMMARY_LOGGER)
+    if logging.getLogger().handlers or any(getattr(h, "_toist_summary", False) for h in target.handlers):
+        return
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("toist: %(message)s"))
+    handler._toist_summary = True  # type: ignore[attr-defined]
+    target.addHandler(handler)
+    target.setLevel(logging.INFO)
 
 
 def load_official(path: PathLike, config: Optional[ModelConfig] = None,
@@ -32,19 +52,58 @@ def load_official(path: PathLike, config: Optional[ModelConfig] = None,
     both. toist training checkpoints bring their own config, pronoun, input size and tasks.
     ``weights``: ``"ema"`` (``model_ema`` when the file has it) or ``"model"``.
     """
-    from ..model import build_model, load_tokenizer
+    from ..model import build_model
+    from ..model.hub import TextEncoderUnavailable
+    from ..model.text import fetch_tokenizer
 
     ckpt = read_official(path, weights=weights)
     cfg = config_for_checkpoint(ckpt, config, text_encoder)
+    tokenizer_origin = "a tokenizer object given by the caller"
     if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.text.tokenizer)
+        try:
+            fetched = fetch_tokenizer(cfg.text.tokenizer)
+        except TextEncoderUnavailable as exc:  # the export recipe should name this very file
+            raise exc.for_checkpoint(str(path)) from None
+        tokenizer, tokenizer_origin = fetched.value, fetched.origin
     model = build_model(cfg, tokenizer=tokenizer)
     load_official_weights(model, ckpt)
     bank = None
     if ckpt.cluster_state is not None:
         bank = build_memory_bank(ckpt.cluster_state, where=f"{path} [cluster_criterion]")
     pronoun, input_size, tasks = _training_facts(ckpt)
+    logger.info("%s", describe_checkpoint(ckpt, cfg, bank, weights, _text_config_origin(ckpt, config, text_encoder),
+                                          f"tokenizer {cfg.text.tokenizer!r} from {tokenizer_origin}"))
     return LoadedModel(model.eval(), cfg, bank, pronoun, str(path), input_size, tasks)
+
+
+def _text_config_origin(ckpt: OfficialCheckpoint, config: Optional[ModelConfig], text_encoder: Optional[str]) -> str:
+    """Where the text encoder's architecture came from (the order of config_for_checkpoint)."""
+    if config is not None:
+        return "the given model config"
+    if ckpt.train_config is not None:
+        return "the checkpoint's stored config"
+    if text_config_from_source(text_encoder) is not None:
+        return f"{Path(str(text_encoder)) / 'config.json'}"
+    return "the tensor shapes (head count: the paper's)"
+
+
+def _describe_weights(ckpt: OfficialCheckpoint, requested: str) -> str:
+    if ckpt.source_key == "model_ema":
+        return "EMA weights (model_ema)"
+    if ckpt.source_key == "model":
+        return "raw weights (model, as asked)" if requested == "model" else "raw weights (model; the file has no EMA)"
+    return "a bare state_dict (EMA or raw: not recorded)"
+
+
+def describe_checkpoint(ckpt: OfficialCheckpoint, cfg: ModelConfig, bank, requested: str,
+                        text_config_origin: str, tokenizer: str) -> str:
+    """The one log line saying what a loaded ``.pth`` turned out to hold."""
+    kind = "toist training checkpoint" if ckpt.train_config is not None else "official TOIST/MDETR file"
+    text = cfg.text
+    encoder = (f"text encoder RoBERTa {text.num_layers} layers x {text.hidden_size}, {text.max_position_embeddings} "
+               f"positions (weights from the file, architecture from {text_config_origin})")
+    return (f"loaded {ckpt.path} ({kind}): {describe_heads(cfg)}; {describe_bank(bank)}; "
+            f"{_describe_weights(ckpt, requested)}; {encoder}; {tokenizer}")
 
 
 def _training_facts(ckpt: OfficialCheckpoint) -> tuple[str, InputSize, tuple[int, ...]]:

@@ -24,3 +24,18 @@ class LoadedModel:
     source: str = ""
     input_size: InputSize = field(default_factory=InputSize)
     tasks: Optional[tuple[int, ...]] = None
+
+
+def describe_heads(config: ModelConfig) -> str:
+    """Detection-only or with the mask head, for log lines."""
+    return "segmentation (mask head)" if config.masks else "detection only (no mask head)"
+
+
+def describe_bank(memory_bank: Optional[nn.Module]) -> str:
+    """Distilled (memory bank: tasks, entries, cluster centres) or not, for log lines."""
+    if memory_bank is None:
+        return "not distilled (no memory bank)"
+    tasks = getattr(memory_bank, "num_tasks", "?")
+    size = getattr(memory_bank, "size", "?")
+    clusters = getattr(memory_bank, "num_clusters", "?")
+    return f"distilled: memory bank for {tasks} tasks ({size} features each, K={clusters} cluster centres)"

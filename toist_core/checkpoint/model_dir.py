@@ -14,6 +14,7 @@ their recorded digests when loaded (version 3; older directories carry none).
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,7 +26,7 @@ from ..config import InputSize, ModelConfig
 from .atomic_dir import write_directory
 from .errors import CheckpointError, PathLike
 from .integrity import load_safetensors, save_safetensors
-from .loaded import LoadedModel
+from .loaded import LoadedModel, describe_bank, describe_heads
 from .strict import build_memory_bank, load_state_dict_strict
 
 MODEL_DIR_FORMAT = "toist-model"
@@ -35,6 +36,8 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 BANK_FILE = "memory_bank.safetensors"
 TOKENIZER_DIR = "tokenizer"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,11 +74,28 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
     def write(staging: Path) -> None:
         save_safetensors(model.state_dict(), staging / WEIGHTS_FILE, metadata={"toist": MODEL_DIR_FORMAT})
         model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+        check_tokenizer_copy(model.tokenizer, staging / TOKENIZER_DIR)
         if memory_bank is not None:
             save_safetensors(memory_bank.state_dict(), staging / BANK_FILE)
         typed_config.save_yaml(manifest, staging / CONFIG_FILE)
 
     return write_directory(directory, write)
+
+
+def check_tokenizer_copy(original, copy_dir: Path) -> None:
+    """A robot reads only the copy: it must load from its folder alone (no hub) and split a
+    caption into the very tokens the original does; checked before the directory is swapped in."""
+    from ..model.text import fetch_tokenizer
+
+    try:
+        copy = fetch_tokenizer(str(copy_dir)).value
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"the tokenizer files written for the model directory do not load on their own "
+                              f"({exc}); nothing was replaced") from exc
+    caption = "sit comfortably on something"
+    if copy(caption)["input_ids"] != original(caption)["input_ids"]:
+        raise CheckpointError(f"the tokenizer files written for the model directory tokenize differently from "
+                              f"the loaded {type(original).__name__}; nothing was replaced")
 
 
 def is_model_dir(path: PathLike) -> bool:
@@ -84,7 +104,8 @@ def is_model_dir(path: PathLike) -> bool:
 
 def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> LoadedModel:
     """Build and strictly load a model directory (no network: the tokenizer is inside it)."""
-    from ..model import build_model, load_tokenizer
+    from ..model import build_model
+    from ..model.text import fetch_tokenizer
 
     directory = Path(directory)
     manifest = typed_config.load_yaml(ModelDirConfig, directory / CONFIG_FILE)
@@ -98,6 +119,9 @@ def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> Load
         cfg.text.tokenizer = str(tokenizer)
     elif not Path(cfg.text.tokenizer).is_absolute() and (directory / cfg.text.tokenizer).is_dir():
         cfg.text.tokenizer = str(directory / cfg.text.tokenizer)
+    elif cfg.text.tokenizer == TOKENIZER_DIR:  # never mistake the missing folder for a hub name
+        raise CheckpointError(f"{directory}: its tokenizer folder {directory / TOKENIZER_DIR} is missing; export "
+                              f"the model again (toist export) or pass text_encoder=<tokenizer directory>")
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory}: {WEIGHTS_FILE} not found")
@@ -108,7 +132,10 @@ def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> Load
         if not bank_file.is_file():
             raise CheckpointError(f"{directory}: config.yaml says memory_bank: true but {BANK_FILE} is missing")
         bank = build_memory_bank(load_safetensors(bank_file, required_digest=digests), where=str(bank_file))
-    model = build_model(cfg, tokenizer=load_tokenizer(cfg.text.tokenizer))
+    fetched = fetch_tokenizer(cfg.text.tokenizer)
+    model = build_model(cfg, tokenizer=fetched.value)
     load_state_dict_strict(model, state, where=str(weights))
+    logger.info("loaded model directory %s (version %d, from %s): %s; %s; tokenizer from %s", directory,
+                manifest.version, manifest.source or "?", describe_heads(cfg), describe_bank(bank), fetched.origin)
     return LoadedModel(model.eval(), cfg, bank, manifest.pronoun, str(directory), manifest.input_size,
                        tuple(manifest.tasks) or None)

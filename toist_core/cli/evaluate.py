@@ -5,7 +5,12 @@
 
 With a checkpoint, every image of each task's test file is run through
 ``TaskSegmenter`` with the reference's inference settings (pronoun caption, all queries
-kept: score threshold 0, up to 100 instances). Writes ``results.md`` / ``results.csv``
+kept: score threshold 0, up to 100 instances). ``--protocol reference`` also processes images
+and boxes exactly as the reference's evaluation (PIL resize of the uint8 image, padding to the
+batch's largest image only, boxes not clipped; batches in ascending image id, the reference
+loader's order), for a like-for-like comparison with the paper's tables; the default
+``toist`` keeps toist's float resize, padding to a multiple of 32 and box clipping
+(docs/inference.md gives their measured effect). Writes ``results.md`` / ``results.csv``
 (per-task AP@0.5 and AP@[.5:.95], mean over tasks = mAP^box / mAP^mask) and one
 precision-recall plot per task into ``--out``. Invalid predictions (NaN / inf scores or boxes,
 masks not of the image's size) stop the command with exit code 2 before it writes anything.
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from toist_core.cli.synth import parse_task_list
+from toist_core.config import PROTOCOLS
 from toist_core.tasks import NUM_TASKS
 
 REFERENCE_MAX_INSTANCES = 100  # the reference keeps all 100 queries
@@ -53,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-encoder", default=None,
                         help="tokenizer / text encoder for official .pth files (hub name or local dir)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (--checkpoint)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="toist",
+                        help="pre/post-processing (--checkpoint): toist's (default: float resize, padding to a "
+                             "multiple of 32, clipped boxes) or exactly the reference evaluation's (PIL resize, "
+                             "padding to the batch's largest image, unclipped boxes; the reference scripts "
+                             "evaluate in batches of 8 for detection, 4 for segmentation)")
     parser.add_argument("--short-side", type=int, default=None,
                         help="inference resize: short side (default: the size the model was trained at, which "
                              "an official .pth does not record: the reference's 800; smaller = quicker, not the "
@@ -89,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     if predictions is None:
         segmenter = load_segmenter(args.checkpoint, args.device, args.text_encoder, args.short_side,
-                                   args.max_size)
+                                   args.max_size, protocol=args.protocol)
         image_dir = Path(args.image_dir) if args.image_dir else _default_image_dir(args.data, args.split)
         predictions = predict_tasks(segmenter, files, image_dir, image_ids, batch_size=args.batch_size)
         if args.save_predictions:
@@ -123,15 +134,17 @@ def _default_image_dir(root: str, split: str) -> Path:
 
 
 def load_segmenter(checkpoint: str, device: str = "auto", text_encoder: Optional[str] = None,
-                   short_side: Optional[int] = None, max_size: Optional[int] = None):
+                   short_side: Optional[int] = None, max_size: Optional[int] = None, protocol: str = "toist"):
     """``TaskSegmenter`` with the reference's evaluation settings: every query kept
     (score threshold 0, 100 instances), mask threshold 0.5, resize to the model's own size
-    (official files: 800 / 1333) unless ``short_side`` / ``max_size`` say otherwise."""
+    (official files: 800 / 1333) unless ``short_side`` / ``max_size`` say otherwise.
+    ``protocol``: ``"toist"`` (toist's resize, padding and box clipping) or ``"reference"``
+    (the reference evaluation's exactly; ``InferenceConfig.protocol``)."""
     from toist_core.config import InferenceConfig
     from toist_core.inference import TaskSegmenter
 
     inference = InferenceConfig(short_side=short_side, max_size=max_size, score_threshold=0.0,
-                                max_instances=REFERENCE_MAX_INSTANCES)
+                                max_instances=REFERENCE_MAX_INSTANCES, protocol=protocol)
     return TaskSegmenter.from_pretrained(checkpoint, device=device, text_encoder=text_encoder,
                                          inference=inference)
 
@@ -144,6 +157,11 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
     ``predict(rgb [H, W, 3] uint8, score_threshold=, max_instances=)`` (``predict_batch`` for
     ``batch_size > 1``) returning ``.boxes [N, 4]`` (xyxy pixels), ``.scores [N]`` and
     ``.masks [N, H, W]`` bool or None. Every query is kept, as in the reference.
+
+    Under the reference protocol (``segmenter.inference.protocol``) a batch is padded to its
+    largest image, so its members matter: images are then batched in ascending image id, the
+    order of the reference's loader (torchvision's ``CocoDetection`` sorts the ids, sequential
+    sampler); otherwise in the file's order.
     """
     from toist_core.data.coco_tasks import CocoTasksDataset
     from toist_core.eval.predictions import ImagePredictions, check_image_predictions
@@ -151,11 +169,14 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     keep_all = dict(score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES)
+    reference_order = getattr(getattr(segmenter, "inference", None), "protocol", "toist") == "reference"
     predictions = {}
     for task_id, path in sorted(files.items()):
         dataset = CocoTasksDataset(path, image_dir, check_images=True)
         wanted = None if image_ids is None else set(image_ids[task_id])
         indices = [i for i in range(len(dataset)) if wanted is None or dataset.sample_info(i)[1].id in wanted]
+        if reference_order:
+            indices.sort(key=lambda i: dataset.sample_info(i)[1].id)
         segmenter.set_task(task_id)
         started, task_preds = time.perf_counter(), {}
         for start in range(0, len(indices), batch_size):

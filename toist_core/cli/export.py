@@ -1,14 +1,21 @@
 """``toist export``: turn a checkpoint into a toist model directory (what robots load).
 
-    toist export toist_distilled.pth models/toist_distilled --text-encoder /data/roberta-base
+    toist export toist_distilled.pth toist_distilled/ --text-encoder roberta-base
+    toist export toist_distilled.pth toist_distilled/ --text-encoder /data/roberta-base
     toist export runs/distill/BEST_checkpoint.pth models/my_distilled
 
 Takes an official TOIST / MDETR ``.pth`` or a checkpoint of ``toist train`` (whose model
 config, pronoun, input size and tasks come from the checkpoint itself). The file is read
 safely (tensors + argparse.Namespace only), checked for corruption and loaded strictly
 before anything is written; the directory (config.yaml, model.safetensors, tokenizer/,
-memory_bank.safetensors for distilled models) then replaces any old one as a whole and loads
-without network: ``TaskSegmenter.from_pretrained(dir)``.
+memory_bank.safetensors for distilled models) then replaces any old one as a whole.
+
+The directory is self-contained: the tokenizer files are copied into it (and checked to load
+from there alone), so a robot without internet loads it with no hub:
+``TaskSegmenter.from_pretrained(dir)``, ``toist predict --checkpoint dir``, or the node's
+``checkpoint:=dir``. An official ``.pth`` holds the RoBERTa weights but not its tokenizer, so
+run the export where ``--text-encoder`` can be had: a machine with internet (``roberta-base``
+is fetched once into the Hugging Face cache) or a local copy of the tokenizer files.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", help="official TOIST/MDETR .pth file or a toist training checkpoint")
     p.add_argument("directory", help="output model directory (created, or replaced as a whole)")
     p.add_argument("--text-encoder", default=None,
-                   help="tokenizer source copied into the directory: hub name or local directory "
-                        "(default: the training checkpoint's or --config's text.tokenizer, else roberta-base)")
+                   help="tokenizer copied into the directory: a hub name (the local Hugging Face cache first, "
+                        "then the hub) or a local directory (default: the training checkpoint's or --config's "
+                        "text.tokenizer, else roberta-base)")
     p.add_argument("--config", default=None, help="model config YAML (default: read from the checkpoint)")
     p.add_argument("--pronoun", default=None, help="pronoun of the captions (default: the checkpoint's, "
                                                    "else something)")
@@ -34,14 +42,16 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import typed_config
-    from ..checkpoint import export_model_dir
+    from ..checkpoint import export_model_dir, show_load_summary
     from ..config import ModelConfig
 
+    show_load_summary()  # one line: what the file held (mask head, memory bank, EMA, tokenizer source)
     config = typed_config.load_yaml(ModelConfig, args.config) if args.config else None
     loaded = export_model_dir(args.checkpoint, args.directory, text_encoder=args.text_encoder, config=config,
                               pronoun=args.pronoun, weights=args.weights)
     kind = "segmentation" if loaded.config.masks else "detection"
     bank = ", memory bank" if loaded.memory_bank is not None else ""
     tasks = f", tasks {','.join(map(str, loaded.tasks))}" if loaded.tasks else ""
-    print(f"{args.checkpoint} -> {args.directory} ({kind}{bank}{tasks})")
+    print(f"{args.checkpoint} -> {args.directory} ({kind}{bank}{tasks}; tokenizer inside: loads offline, "
+          f"e.g. checkpoint:={args.directory} for the node)")
     return 0

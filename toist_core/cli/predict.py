@@ -2,6 +2,11 @@
 
     toist predict --checkpoint toist_seg.pth --task 2 img1.jpg img2.jpg --out results/
     toist predict --preset tiny --task "open parcel with" demo.jpg --out /tmp/demo
+    toist predict --task 2 scene.png --out /tmp/default     # the embedded default model
+
+Without ``--checkpoint`` or ``--preset`` it runs the embedded default model
+(``toist_core/assets/default_model``), which was trained on synthetic scenes only, and says so
+on stderr: on real images its instances mean nothing.
 
 Per image ``<out>/<stem>.png`` (masks, boxes, scores, caption drawn on the image) and
 ``<out>/<stem>.json``::
@@ -17,15 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="segment the objects an image offers for a task",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint",
-                        help="official TOIST/MDETR .pth file, toist training checkpoint or model directory")
+                        help="official TOIST/MDETR .pth file, toist training checkpoint or model directory "
+                             "(default: the embedded default model, trained on synthetic scenes only)")
     source.add_argument("--preset", help="random weights from a model preset (tiny, tiny_segm, paper, ...)")
     p.add_argument("--task", required=True, help="task id 1-14, task name, or free text")
     p.add_argument("images", nargs="+", help="image files")
@@ -66,19 +73,30 @@ def prediction_to_json(prediction, image_path: str) -> dict:
             "task_id": prediction.task_id, "instances": instances}
 
 
+def default_checkpoint() -> str:
+    """The embedded default model directory, announced on stderr (it knows synthetic scenes only)."""
+    from ..checkpoint import default_model_note, require_default_model_dir
+
+    directory = require_default_model_dir()
+    print(f"toist predict: no --checkpoint: {default_model_note(directory)}", file=sys.stderr)
+    return str(directory)
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import show_load_summary
     from ..config import InferenceConfig
     from ..inference import TaskSegmenter
     from ..visualize import draw_prediction, load_rgb, save_rgb
 
     inference = InferenceConfig(score_threshold=args.score_threshold, max_instances=args.max_instances,
                                 precision=args.precision, short_side=args.short_side, max_size=args.max_size)
-    if args.checkpoint:
-        seg = TaskSegmenter.from_pretrained(args.checkpoint, device=args.device, text_encoder=args.text_encoder,
-                                            inference=inference)
-    else:
+    show_load_summary()  # one line: what the checkpoint held (mask head, memory bank, EMA, tokenizer)
+    if args.preset:
         seg = TaskSegmenter.from_config(args.preset, device=args.device, text_encoder=args.text_encoder,
                                         inference=inference, seed=args.seed)
+    else:
+        seg = TaskSegmenter.from_pretrained(args.checkpoint or default_checkpoint(), device=args.device,
+                                            text_encoder=args.text_encoder, inference=inference)
     task = int(args.task) if args.task.strip().isdigit() else args.task
     seg.set_task(task)
     out = Path(args.out)

@@ -19,7 +19,8 @@ attribute assignment, so a thread calling ``predict`` sees either the old or the
 
 Files: :mod:`.segmenter` (:class:`TaskSegmenter`), :mod:`.results` (:class:`TaskState`,
 :class:`Prediction`), :mod:`.images` (frame checks and resize), :mod:`.postprocess` (boxes and
-masks in original pixels), :mod:`.device` (device, precision, model preparation).
+masks in original pixels), :mod:`.processing` (toist's or the reference's resize, padding and box
+clipping: ``InferenceConfig.protocol``), :mod:`.device` (device, precision, model preparation).
 """
 
 from .device import resolve_device

@@ -1,4 +1,5 @@
-"""Images in: the checks a frame must pass, and the reference's evaluation resize."""
+"""Images in: the checks a frame must pass, the reference's evaluation resize (on the float
+image, or on the uint8 image through PIL as the reference does) and the padded batch."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..config import InferenceConfig
 from ..structures import ImageBatch
+from .processing import Processing
 
 
 def check_image(image: np.ndarray, where: str = "image") -> np.ndarray:
@@ -26,10 +29,11 @@ def check_image(image: np.ndarray, where: str = "image") -> np.ndarray:
 
 
 def preprocess(images: Sequence[np.ndarray], inference: InferenceConfig, mean: torch.Tensor, std: torch.Tensor,
-               channels_last: bool) -> tuple[ImageBatch, list[tuple[int, int]]]:
-    """Resize (reference evaluation rule), normalise with ``mean`` / ``std`` ``[3, 1, 1]`` on their
-    device and pad to a multiple of ``inference.pad_multiple``; returns the padded batch
-    ``[B, 3, H, W]`` and each image's resized ``(h, w)``."""
+               channels_last: bool, processing: Processing) -> tuple[ImageBatch, list[tuple[int, int]]]:
+    """Resize (reference evaluation size rule, ``processing.resize`` method), normalise with
+    ``mean`` / ``std`` ``[3, 1, 1]`` on their device and pad to a multiple of
+    ``processing.pad_multiple``; returns the padded batch ``[B, 3, H, W]`` and each image's
+    resized ``(h, w)``."""
     from ..data.transforms import resized_hw
 
     device = mean.device
@@ -37,12 +41,34 @@ def preprocess(images: Sequence[np.ndarray], inference: InferenceConfig, mean: t
     for image in images:
         height, width = image.shape[:2]
         size = resized_hw(height, width, inference.short_side, inference.max_size)
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float().div_(255.0)
-        if size != (height, width):
-            x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        if processing.resize == "pil":
+            x = resize_pil(image, size).to(device)
+        else:
+            x = resize_float(image, size, device)
         tensors.append((x - mean) / std)
         sizes.append(size)
-    batch = ImageBatch.from_images(tensors, size_divisibility=inference.pad_multiple)
+    batch = ImageBatch.from_images(tensors, size_divisibility=processing.pad_multiple)
     if channels_last:
         batch = ImageBatch(batch.tensors.contiguous(memory_format=torch.channels_last), batch.mask)
     return batch, sizes
+
+
+def resize_float(image: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``H x W x 3`` uint8 -> ``[3, h, w]`` float in [0, 1] at ``size`` = (h, w): antialiased
+    bilinear on the float image, on ``device`` (no round trip through uint8)."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float().div_(255.0)
+    if size != tuple(image.shape[:2]):
+        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    return x
+
+
+def resize_pil(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """``H x W x 3`` uint8 -> ``[3, h, w]`` float in [0, 1] at ``size`` = (h, w), as the
+    reference: torchvision's ``F.resize`` on a PIL image is ``PIL.Image.resize((w, h), BILINEAR)``
+    (the result rounded to uint8 again), then ``ToTensor`` divides by 255. On the CPU."""
+    height, width = size
+    pil = Image.fromarray(np.ascontiguousarray(image))              # H x W x 3 uint8 -> an RGB image
+    if (height, width) != tuple(image.shape[:2]):
+        pil = pil.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = torch.from_numpy(np.array(pil, dtype=np.uint8))      # [h, w, 3], a writable copy
+    return pixels.permute(2, 0, 1).contiguous().float().div(255.0)

@@ -17,12 +17,16 @@ def select(scores: Tensor, threshold: float, limit: int) -> Tensor:
     return order[:limit]
 
 
-def to_pixels(boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Normalised ``(cx, cy, w, h)`` -> ``(x1, y1, x2, y2)`` pixels of an ``(H, W)`` image, clipped."""
+def to_pixels(boxes: Tensor, size: tuple[int, int], clip: bool = True) -> Tensor:
+    """Normalised ``(cx, cy, w, h)`` ``[N, 4]`` -> ``(x1, y1, x2, y2)`` pixels ``[N, 4]`` of an
+    ``(H, W)`` image, as the reference's ``PostProcess``; ``clip``: then clipped to the image
+    (the reference leaves a box that leaves the image as it is)."""
     height, width = size
     cx, cy, w, h = boxes.unbind(-1)
     xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
     xyxy = xyxy * torch.tensor([width, height, width, height], dtype=xyxy.dtype, device=xyxy.device)
+    if not clip:
+        return xyxy
     xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
     xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
     return xyxy
@@ -44,7 +48,10 @@ def masks_at_original(logits: Tensor, size: tuple[int, int], padded: Sequence[in
     """``[N, H, W]`` bool masks at the original resolution from stride-4 logits ``[1, N, h, w]``.
 
     As the reference's ``PostProcessSegm``: bilinear to the padded input size -> crop to the
-    image's resized ``size`` -> bilinear to the original size -> sigmoid > ``threshold``.
+    image's resized ``size`` -> bilinear to the original size -> sigmoid > ``threshold``. (The
+    reference upsamples to the batch's largest resized image, which is its padded size; with
+    toist's rounded-up padding the padded size is the network's input, so the crop still
+    removes exactly the padding.)
     """
     logits = F.interpolate(logits.float(), size=tuple(padded), mode="bilinear", align_corners=False)
     logits = logits[:, :, :size[0], :size[1]]

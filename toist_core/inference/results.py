@@ -39,7 +39,8 @@ class TaskState:
 class Prediction:
     """Instances found in one image, sorted by decreasing score.
 
-    boxes:   ``[N, 4]`` float32, (x1, y1, x2, y2) in original-image pixels, clipped to the image.
+    boxes:   ``[N, 4]`` float32, (x1, y1, x2, y2) in original-image pixels, clipped to the image
+             (protocol ``"toist"``; the ``"reference"`` protocol does not clip, as the reference).
     scores:  ``[N]`` float32, ``1 - p(no object)``.
     masks:   ``[N, H, W]`` bool at the original resolution, or None for detection-only models.
     queries: ``[N]`` int64, the decoder query each instance came from.

@@ -19,6 +19,7 @@ from ..tokens import NO_OBJECT_INDEX, span_token_indices
 from .device import autocast_dtype, check_on_device, is_channels_last, prepared, resolve_device
 from .images import check_image, preprocess
 from .postprocess import image_memory, masks_at_original, select, to_pixels
+from .processing import Processing, processing_of
 from .results import Prediction, TaskState, UntrainedTaskWarning
 
 DEFAULT_PRONOUN = "something"
@@ -50,6 +51,9 @@ class TaskSegmenter:
         text, warns once per task (:class:`UntrainedTaskWarning`, and ``TaskState.warning``)."""
         self.device = resolve_device(device)
         self.inference = (inference or InferenceConfig()).with_input_size(input_size or InputSize())
+        # Resize method, padding and box clipping of ``inference.protocol``; a benchmark may
+        # replace it to isolate one of the three choices.
+        self.processing: Processing = processing_of(self.inference)
         self.pronoun = self.inference.pronoun or pronoun
         self._autocast = autocast_dtype(self.inference.precision, self.device)
         check_on_device(model, self.device)
@@ -199,7 +203,7 @@ class TaskSegmenter:
             predictions = []
             for b, (orig, size) in enumerate(zip(originals, resized)):
                 keep = select(scores_all[b], threshold, limit)
-                boxes = to_pixels(boxes_all[b, keep], orig)
+                boxes = to_pixels(boxes_all[b, keep], orig, clip=self.processing.clip_boxes)
                 masks = None
                 if with_masks and self.has_masks:
                     masks = self._masks(memory, hs[-1], b, keep, size, batch.tensors.shape[-2:], orig)
@@ -212,10 +216,12 @@ class TaskSegmenter:
 
     # -- steps -------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[ImageBatch, list[tuple[int, int]]]:
-        """Resize (reference evaluation rule), normalise on the model's device and pad to a
-        multiple of ``pad_multiple``; returns the padded batch and each image's resized ``(h, w)``."""
+        """Resize (reference evaluation size rule), normalise on the model's device and pad
+        (``inference.protocol``: toist's float resize and padding to a multiple of
+        ``pad_multiple``, or the reference's PIL resize and padding to the largest image);
+        returns the padded batch ``[B, 3, H, W]`` and each image's resized ``(h, w)``."""
         return preprocess(images, self.inference, self._mean, self._std,
-                          self.inference.channels_last and is_channels_last(self.model))
+                          self.inference.channels_last and is_channels_last(self.model), self.processing)
 
     def _autocast_context(self):
         if self._autocast is None:

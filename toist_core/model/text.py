@@ -3,46 +3,52 @@
 Nothing here reaches a model hub unless the caller names a hub model: random-weight encoders
 are built from :class:`~toist_core.config.TextEncoderConfig` alone, and the packaged test
 tokenizer is addressed as ``builtin:tiny``.
+
+Hub names are looked up locally first (``hub``: the Hugging Face cache, then the hub only when it
+answers within a second).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..config import TINY_TOKENIZER, TextEncoderConfig
 from ..tokens import MAX_TEXT_TOKENS
+from .hub import Fetched, fetch_pretrained
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenizer"
-
 
 def tokenizer_source(name_or_dir: str) -> str:
     """What ``from_pretrained`` should read for a tokenizer setting (resolves ``builtin:tiny``)."""
     return str(TINY_TOKENIZER_DIR) if name_or_dir == TINY_TOKENIZER else str(name_or_dir)
 
 
+def fetch_tokenizer(name_or_dir: str) -> Fetched:
+    """:func:`load_tokenizer` and where the tokenizer came from."""
+    from transformers import AutoTokenizer
+
+    fetched = fetch_pretrained(AutoTokenizer.from_pretrained, tokenizer_source(name_or_dir), "tokenizer")
+    if name_or_dir == TINY_TOKENIZER:
+        fetched = Fetched(fetched.value, f"packaged tiny tokenizer ({TINY_TOKENIZER_DIR})")
+    if not getattr(fetched.value, "is_fast", False):
+        raise ValueError(f"tokenizer {name_or_dir!r} is not a fast tokenizer; char_to_token is needed")
+    return fetched
+
+
 def load_tokenizer(name_or_dir: str):
     """A fast RoBERTa-style tokenizer from a hub name, a local directory or ``builtin:tiny``.
 
-    Fast tokenizers are required: token positions of character spans (``char_to_token``)
-    pick the logits of a box's words and the pronoun rows that distilled models replace.
+    Hub names are read from the local Hugging Face cache first; the hub is asked only when it
+    answers quickly (see :func:`fetch_pretrained`). Fast tokenizers are required: token
+    positions of character spans (``char_to_token``) pick the logits of a box's words and the
+    pronoun rows that distilled models replace.
     """
-    from transformers import AutoTokenizer
-
-    source = tokenizer_source(name_or_dir)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        hint = ("" if Path(source).is_dir() else
-                " (offline? pass a local directory holding the tokenizer files instead)")
-        raise OSError(f"cannot load the tokenizer {name_or_dir!r}{hint}: {exc}") from exc
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"tokenizer {name_or_dir!r} is not a fast tokenizer; char_to_token is needed")
-    return tokenizer
+    return fetch_tokenizer(name_or_dir).value
 
 
 def roberta_config(cfg: TextEncoderConfig):
@@ -74,7 +80,11 @@ def build_text_encoder(cfg: TextEncoderConfig) -> nn.Module:
 
     if cfg.weights is None:
         return RobertaModel(roberta_config(cfg), add_pooling_layer=True)
-    model = RobertaModel.from_pretrained(cfg.weights, add_pooling_layer=True)
+
+    def from_pretrained(source: str, **kwargs: Any) -> nn.Module:
+        return RobertaModel.from_pretrained(source, add_pooling_layer=True, **kwargs)
+
+    model = fetch_pretrained(from_pretrained, cfg.weights, "text encoder weights").value
     found = text_config_fields(model.config)
     wanted = text_config_fields(roberta_config(cfg))
     diff = {k: (wanted[k], found[k]) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads",
@@ -142,5 +152,5 @@ def tokenize(tokenizer, captions: Sequence[str], device: torch.device):
     return tokenized.to(device)
 
 
-__all__ = ["FeatureResizer", "TextFeatures", "TINY_TOKENIZER_DIR", "build_text_encoder",
+__all__ = ["FeatureResizer", "TextFeatures", "TINY_TOKENIZER_DIR", "build_text_encoder", "fetch_tokenizer",
            "load_tokenizer", "roberta_config", "text_config_fields", "tokenize", "tokenizer_source"]

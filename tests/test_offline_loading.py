@@ -1,0 +1,282 @@
+"""Loading without network: hub names looked up locally first, a fast and helpful failure when
+the hub cannot be had, exported model directories that need nothing else, and the one log
+line that says what an official file held.
+
+The network scenarios run in a fresh interpreter, so that the Hugging Face client sees an
+empty cache (``HF_HOME``) and an endpoint on a closed loopback port from its import on, as a
+robot would; nothing ever leaves this machine.
+"""
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from toist_core import cli
+from toist_core.checkpoint import load_official
+from toist_core.config import preset
+from toist_core.model import build_model, load_tokenizer
+from toist_core.model import hub as hub_module
+from toist_core.model.hub import TextEncoderUnavailable, fetch_pretrained, hub_offline_reason, probe_hub
+from toist_core.model.text import TINY_TOKENIZER_DIR, fetch_tokenizer
+from toist_core.typed_config import save_yaml
+
+REPO = Path(__file__).resolve().parent.parent
+POSITION_IDS = "transformer.text_encoder.embeddings.position_ids"
+FAIL_WITHIN_S = 2.0
+
+
+def closed_loopback_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def official_container(state, ema=True, cluster=None):
+    """The dict the reference's ``main.py`` saves (``position_ids`` of transformers 4.5 included)."""
+    state = dict(state)
+    prefix = "detr." if any(k.startswith("detr.") for k in state) else ""
+    rows = state[prefix + "transformer.text_encoder.embeddings.position_embeddings.weight"].shape[0]
+    state[prefix + POSITION_IDS] = torch.arange(rows).unsqueeze(0)
+    return {"model": state, "model_ema": dict(state) if ema else None, "model_noun": None, "model_noun_ema": None,
+            "optimizer": {"state": {}, "param_groups": []}, "epoch": 59,
+            "args": argparse.Namespace(nheads=8, masks=bool(prefix), text_encoder_type="roberta-base"),
+            "cluster_criterion": cluster}
+
+
+def bank_state(num_clusters=3, dim=128, size=8):
+    generator = torch.Generator().manual_seed(5)
+    return {"feature_bank": torch.randn(14, size, dim, generator=generator),
+            "cluster_centers": torch.randn(14, num_clusters, dim, generator=generator),
+            "update_count": torch.full((14,), float(size)), "full_label": torch.ones(14)}
+
+
+def save_official(path, config, ema=True, cluster=None, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(config, tokenizer=load_tokenizer("builtin:tiny"))
+    torch.save(official_container(model.state_dict(), ema=ema, cluster=cluster), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def offline_files(tmp_path_factory):
+    """An official-format file whose text encoder is RoBERTa-shaped enough for the ``paper`` head
+    count (so that, given no config, its tokenizer defaults to ``roberta-base``), and a model
+    directory exported with ``toist export --text-encoder <local tokenizer dir>``."""
+    root = tmp_path_factory.mktemp("offline")
+    hub_default = preset("tiny_segm")
+    hub_default.text.hidden_size, hub_default.text.num_heads = 96, 12
+    pth = save_official(root / "toist_distilled.pth", hub_default, cluster=bank_state())
+    segm = root / "tiny_segm.pth"
+    save_official(segm, preset("tiny_segm"), cluster=bank_state())
+    config_yaml = root / "tiny_segm.yaml"
+    save_yaml(preset("tiny_segm"), config_yaml)
+    exported = root / "exported"
+    assert cli.main(["export", str(segm), str(exported), "--config", str(config_yaml),
+                     "--text-encoder", str(TINY_TOKENIZER_DIR)]) == 0
+    return {"pth": pth, "exported": exported, "root": root}
+
+
+# The scenarios, in a fresh interpreter; prints one JSON object. Imports come before the clock
+# starts: what is timed is the load itself (the waiting a robot would see on top of start-up).
+SCENARIOS = r"""
+import json, sys, time
+t0 = time.monotonic()
+import numpy as np
+import transformers
+from transformers import AutoTokenizer, RobertaModel
+from toist_core.checkpoint import load_pretrained
+from toist_core.inference import TaskSegmenter
+from toist_core.model.text import TINY_TOKENIZER_DIR, load_tokenizer
+imports = time.monotonic() - t0
+pth, exported = sys.argv[1], sys.argv[2]
+out = {"imports_s": imports}
+
+def attempt(name, call):
+    start = time.monotonic()
+    try:
+        call()
+        out[name] = {"ok": True}
+    except Exception as exc:
+        out[name] = {"ok": False, "type": type(exc).__name__, "message": str(exc)}
+    out[name]["seconds"] = time.monotonic() - start
+
+attempt("hub_tokenizer", lambda: load_tokenizer("roberta-base"))
+attempt("paper_preset", lambda: TaskSegmenter.from_config("paper"))
+attempt("official_file", lambda: load_pretrained(pth))
+attempt("local_tokenizer", lambda: load_tokenizer(str(TINY_TOKENIZER_DIR)))
+attempt("tiny_preset", lambda: TaskSegmenter.from_config("tiny_segm"))
+
+def exported_dir():
+    from toist_core.config import InferenceConfig
+    seg = TaskSegmenter.from_pretrained(exported, device="cpu", task=2,
+                                        inference=InferenceConfig(short_side=48, max_size=64))
+    seg.predict(np.zeros((48, 64, 3), dtype=np.uint8))
+
+attempt("exported_dir", exported_dir)
+print(json.dumps(out))
+"""
+
+
+def run_scenarios(files, tmp_path, **env_changes):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") and not k.lower().endswith("_proxy")}
+    hf_home = tmp_path / "empty_hf_home"
+    hf_home.mkdir()
+    env.update(HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"), NO_PROXY="*",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), **env_changes)
+    done = subprocess.run([sys.executable, "-c", SCENARIOS, str(files["pth"]), str(files["exported"])],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), hf_home
+
+
+def check_fast_failure(result, hf_home, reason):
+    for name in ("hub_tokenizer", "paper_preset", "official_file"):
+        failure = result[name]
+        assert not failure["ok"], name
+        assert failure["seconds"] < FAIL_WITHIN_S, (name, failure["seconds"])
+        message = failure["message"]
+        assert failure["type"] == "TextEncoderUnavailable", (name, message)
+        assert "tokenizer 'roberta-base'" in message and str(hf_home) in message, message
+        assert reason in message, message
+        assert "--text-encoder roberta-base" in message and "text_encoder=<dir>" in message, message
+        assert "text_encoder:=<dir>" in message, message
+    # Loading a file: the recipe names that very file.
+    assert "toist_distilled.pth toist_distilled_dir/ --text-encoder" in result["official_file"]["message"]
+
+
+def check_local_loads(result):
+    for name in ("local_tokenizer", "tiny_preset", "exported_dir"):
+        assert result[name]["ok"], (name, result[name])
+
+
+def test_hub_unreachable_fails_fast_and_local_sources_load(offline_files, tmp_path):
+    port = closed_loopback_port()
+    result, hf_home = run_scenarios(offline_files, tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    check_fast_failure(result, hf_home, f"cannot connect to 127.0.0.1:{port}")
+    check_local_loads(result)
+    print({k: round(v["seconds"], 3) for k, v in result.items() if isinstance(v, dict)},
+          "imports", round(result["imports_s"], 2))
+
+
+def test_offline_mode_never_tries_the_hub(offline_files, tmp_path):
+    # The endpoint is a closed port too, so a client that tried anyway would fail differently.
+    # (TRANSFORMERS_OFFLINE: test_offline_variables_are_read_at_call_time.)
+    port = closed_loopback_port()
+    result, hf_home = run_scenarios(offline_files, tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{port}",
+                                    HF_HUB_OFFLINE="1")
+    check_fast_failure(result, hf_home, "HF_HUB_OFFLINE=1 is set")
+    check_local_loads(result)
+
+
+def test_probe_is_bounded_when_the_connection_hangs(monkeypatch):
+    def hang(address, timeout=None):
+        time.sleep(5)
+        raise OSError("never answered")
+
+    monkeypatch.setattr(hub_module.socket, "create_connection", hang)
+    start = time.monotonic()
+    reason = probe_hub("https://hub.invalid", timeout=0.3)
+    assert time.monotonic() - start < 1.0
+    assert reason == "no connection to hub.invalid:443 within 0.3 s"
+
+
+def test_probe_goes_to_the_proxy(monkeypatch):
+    seen = []
+
+    class Connection:
+        def close(self):
+            pass
+
+    def connect(address, timeout=None):
+        seen.append(address)
+        return Connection()
+
+    monkeypatch.setattr(hub_module.socket, "create_connection", connect)
+    monkeypatch.setenv("https_proxy", "http://proxy.lan:3128")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert probe_hub("https://huggingface.co") is None
+    assert seen == [("proxy.lan", 3128)]
+
+
+def test_offline_variables_are_read_at_call_time(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "yes")
+    assert hub_offline_reason() == "TRANSFORMERS_OFFLINE=yes is set"
+
+
+def test_missing_path_is_not_taken_for_a_hub_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist and it is not a Hugging Face model name"):
+        fetch_pretrained(lambda *a, **k: None, str(tmp_path / "no_such_tokenizer"), "tokenizer")
+
+
+def test_local_sources_say_where_they_came_from():
+    assert fetch_tokenizer("builtin:tiny").origin.startswith("packaged tiny tokenizer")
+    assert fetch_tokenizer(str(TINY_TOKENIZER_DIR)).origin == f"local directory {TINY_TOKENIZER_DIR}"
+
+
+def test_unavailable_error_names_the_checkpoint_in_the_recipe():
+    error = TextEncoderUnavailable("tokenizer", "roberta-base", ["the Hugging Face cache /x"],
+                                   "HF_HUB_OFFLINE=1 is set")
+    message = str(error.for_checkpoint("/data/toist_k5.pth"))
+    assert "`toist export /data/toist_k5.pth toist_k5_dir/ --text-encoder roberta-base`" in message
+    assert isinstance(error, OSError)
+
+
+# -- the one log line of an official file ------------------------------------------------------
+def load_records(caplog, path, config, **kwargs):
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="toist_core"):
+        loaded = load_official(path, config=config, **kwargs)
+    lines = [r.getMessage() for r in caplog.records if r.name == "toist_core.checkpoint.load"]
+    assert len(lines) == 1, lines
+    return loaded, lines[0]
+
+
+def test_log_line_of_a_distilled_segmentation_file(tmp_path, caplog):
+    path = save_official(tmp_path / "toist_distilled.pth", preset("tiny_segm"), cluster=bank_state())
+    loaded, line = load_records(caplog, path, preset("tiny_segm"))
+    assert loaded.memory_bank is not None
+    assert line.startswith(f"loaded {path} (official TOIST/MDETR file): segmentation (mask head); ")
+    assert "distilled: memory bank for 14 tasks (8 features each, K=3 cluster centres)" in line
+    assert "EMA weights (model_ema)" in line
+    assert "text encoder RoBERTa 2 layers x 64, 514 positions (weights from the file" in line
+    assert f"tokenizer 'builtin:tiny' from packaged tiny tokenizer ({TINY_TOKENIZER_DIR})" in line
+
+
+def test_log_line_of_a_plain_detection_file(tmp_path, caplog):
+    path = save_official(tmp_path / "toist_plain.pth", preset("tiny"), ema=False)
+    _, line = load_records(caplog, path, preset("tiny"), text_encoder=str(TINY_TOKENIZER_DIR))
+    assert "detection only (no mask head); not distilled (no memory bank)" in line
+    assert "raw weights (model; the file has no EMA)" in line
+    assert f"from local directory {TINY_TOKENIZER_DIR}" in line
+    _, line = load_records(caplog, path, preset("tiny"), weights="model")
+    assert "raw weights (model, as asked)" in line
+
+
+def test_local_text_encoder_directory_gives_tokenizer_and_architecture(tmp_path, caplog):
+    """A local RoBERTa directory (tokenizer files + config.json) is all an official file needs:
+    no model config, no hub; the log line says where the architecture came from."""
+    import shutil
+
+    from toist_core.model.text import roberta_config
+
+    encoder_dir = tmp_path / "roberta-local"
+    shutil.copytree(TINY_TOKENIZER_DIR, encoder_dir)
+    roberta_config(preset("tiny_segm").text).save_pretrained(str(encoder_dir))
+    path = save_official(tmp_path / "toist_distilled.pth", preset("tiny_segm"), cluster=bank_state())
+    loaded, line = load_records(caplog, path, None, text_encoder=str(encoder_dir))
+    assert loaded.config.text.num_heads == 2 and loaded.config.masks
+    assert f"architecture from {encoder_dir / 'config.json'}" in line
+    assert f"from local directory {encoder_dir}" in line

@@ -1,0 +1,128 @@
+"""What may reach the model (``toist_ros.frame_limits``) and how the node's health follows recent
+events (``toist_ros.health``): plain Python, no ROS graph."""
+
+import struct
+import zlib
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+
+from toist_ros.conversions import ImageError
+from toist_ros.diagnostics import OK, WARN
+from toist_ros.frame_limits import MIN_MODEL_SIDE, FrameLimits, compressed_size
+from toist_ros.health import ERROR_WINDOW_S, HealthLevel
+
+LIMITS = FrameLimits(max_pixels=4096 * 4096, short_side=800, max_side=1333)
+
+
+def _png_header_only(width, height):
+    """A PNG that declares ``width`` x ``height`` and carries almost no data (a decompression bomb's
+    header: what the node must refuse before decoding)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _compressed(data, fmt="png"):
+    return SimpleNamespace(data=data, format=fmt)
+
+
+def test_compressed_size_reads_the_header_of_real_images():
+    rgb = np.zeros((37, 53, 3), np.uint8)
+    for ext in (".png", ".jpg"):
+        ok, encoded = cv2.imencode(ext, rgb)
+        assert ok and compressed_size(_compressed(encoded.tobytes())) == (53, 37)
+
+
+def test_a_compressed_bomb_is_refused_from_its_header():
+    msg = _compressed(_png_header_only(10000, 10000))
+    assert compressed_size(msg) == (10000, 10000)
+    with pytest.raises(ImageError) as info:
+        LIMITS.compressed_to_rgb(msg)
+    assert info.value.reason == "too_large" and "10000x10000" in str(info.value) and "input.max_pixels" in str(info.value)
+
+
+def test_garbage_is_a_decode_error_and_an_empty_message_is_empty():
+    with pytest.raises(ImageError) as info:
+        LIMITS.compressed_to_rgb(_compressed(b"\xff\xd8 not a jpeg at all"))
+    assert info.value.reason == "decode"
+    with pytest.raises(ImageError) as info:
+        LIMITS.compressed_to_rgb(_compressed(b""))
+    assert info.value.reason == "empty"
+
+
+@pytest.mark.parametrize("width, height, reason", [
+    (640, 480, None), (4096, 4096, None), (4097, 4096, "too_large"),
+    (4000, 1, "aspect"), (1, 4000, "aspect"), (1333, 16, None), (1334, 16, "aspect"), (100, 2, None),
+])
+def test_size_and_aspect_bounds(width, height, reason):
+    if reason is None:
+        LIMITS.check_size(width, height)
+        return
+    with pytest.raises(ImageError) as info:
+        LIMITS.check_size(width, height)
+    assert info.value.reason == reason and f"{width}x{height}" in str(info.value)
+
+
+def test_the_aspect_bound_follows_the_models_input_size():
+    """A 1333 x 16 frame keeps a 16 px short side at the official size; at the embedded default's
+    128 / 256 it would be 3 px high."""
+    small = FrameLimits(max_pixels=1 << 30, short_side=128, max_side=256)
+    with pytest.raises(ImageError):
+        small.check_size(1333, 16)
+    small.check_size(256, MIN_MODEL_SIDE)
+
+
+def test_raw_frames_are_checked_before_their_data():
+    huge = SimpleNamespace(width=10000, height=10000, step=30000, encoding="rgb8", data=b"")
+    with pytest.raises(ImageError) as info:
+        LIMITS.image_to_rgb(huge)
+    assert info.value.reason == "too_large"
+
+
+def _values(errors=0, received=10):
+    return {"received": received, "rejected": 0, "lost_in_transport": 0, "inference_errors": errors, "cuda_oom": 0}
+
+
+def test_health_recovers_after_an_old_error():
+    health = HealthLevel()
+    assert health.judge(_values(), ready=True, last_error="", receiving=True, now=0.0) == (OK, "running")
+    level, message = health.judge(_values(errors=1), ready=True, last_error="RuntimeError: x", receiving=True, now=1.0)
+    assert level == WARN and "1 inference error(s)" in message and "RuntimeError: x" in message
+    t = 2.0
+    while t < 1.0 + ERROR_WINDOW_S:
+        assert health.judge(_values(errors=1), ready=True, last_error="RuntimeError: x", receiving=True, now=t)[0] == WARN
+        t += 1.0
+    assert health.judge(_values(errors=1), ready=True, last_error="RuntimeError: x", receiving=True,
+                        now=2.0 + ERROR_WINDOW_S) == (OK, "running")
+    # A new error brings it back.
+    assert health.judge(_values(errors=2), ready=True, last_error="RuntimeError: y", receiving=True,
+                        now=3.0 + ERROR_WINDOW_S)[0] == WARN
+
+
+def test_most_frames_lost_gives_one_warning_naming_the_remedies():
+    from toist_ros.camera_input import LOSS_WINDOW_S, CameraInputs
+    from toist_ros.diagnostics import Counters
+
+    warnings = []
+    logger = SimpleNamespace(warning=lambda text, **_: warnings.append(text))
+    node = SimpleNamespace(get_logger=lambda: logger)
+    inputs = CameraInputs(node, {"input.topics": ["image"], "input.reliability": "auto"}, Counters(), None, LIMITS)
+    [camera] = inputs.cameras
+    camera.subscribed_name = "/camera/image"
+    camera.window, camera.window_start = [3, 41], camera.window_start - LOSS_WINDOW_S
+    inputs._check_losses(camera)
+    [text] = warnings
+    assert "41 lost in transport, 3 arrived" in text and "input.compressed:=true" in text
+    assert "FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA" in text and "input.reliability:=reliable" in text
+    # Once per LOSS_WARNING_PERIOD_S, and not when most frames arrive.
+    camera.window, camera.window_start = [3, 41], camera.window_start - LOSS_WINDOW_S
+    inputs._check_losses(camera)
+    assert len(warnings) == 1 and camera.window == [0, 0]
+    camera.window, camera.window_start, camera.last_loss_warning = [30, 5], camera.window_start - LOSS_WINDOW_S, -1e9
+    inputs._check_losses(camera)
+    assert len(warnings) == 1

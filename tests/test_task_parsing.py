@@ -1,0 +1,49 @@
+"""One task-parsing rule (``toist_core.tasks.resolve_task``) for the API, the CLI, the node's
+parameter, topic and service: ids, names, free text, and what is refused."""
+
+import pytest
+
+from toist_core.tasks import QUOTE_LIMIT, quote, resolve_task
+
+
+@pytest.mark.parametrize("request_, task_id, caption", [
+    (2, 2, "sit comfortably on something"),
+    ("2", 2, "sit comfortably on something"),
+    (" 14 ", 14, "pound carpet with something"),
+    ("+3", 3, "place flowers in something"),
+    ("task_5", 5, "water plant with something"),
+    ("Task 5", 5, "water plant with something"),
+    ("task5", 5, "water plant with something"),
+    ("Sit  Comfortably on", 2, "sit comfortably on something"),
+    ("open bottle of beer with something", 8, "open bottle of beer with something"),
+    ("something to cut bread with", None, "something to cut bread with"),
+    ("2 chairs to sit on", None, "2 chairs to sit on"),
+])
+def test_ids_names_and_free_text(request_, task_id, caption):
+    query = resolve_task(request_)
+    assert (query.task_id, query.caption) == (task_id, caption)
+
+
+@pytest.mark.parametrize("request_", ["-1", "0", "15", "task_99", "+0", 0, 15, -1])
+def test_an_integer_looking_task_is_an_id_and_must_be_valid(request_):
+    """"-1" used to become free text (a caption the model answers confidently) while "0" was refused."""
+    with pytest.raises(ValueError, match=r"1\.\.14"):
+        resolve_task(request_)
+
+
+@pytest.mark.parametrize("request_, error", [("", ValueError), ("   ", ValueError), (True, TypeError),
+                                             (2.0, TypeError), (None, TypeError)])
+def test_unusable_requests(request_, error):
+    with pytest.raises(error):
+        resolve_task(request_)
+
+
+def test_errors_quote_at_most_80_characters():
+    assert quote("short") == "'short'"
+    long_text = "9" * 2000
+    text = quote(long_text)
+    assert text.startswith("'" + "9" * QUOTE_LIMIT + "'") and text.endswith("... (2000 characters)")
+    assert len(text) < QUOTE_LIMIT + 40
+    with pytest.raises(ValueError) as info:
+        resolve_task(long_text)  # integer-looking: an id, and out of range
+    assert len(str(info.value)) < 200
