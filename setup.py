@@ -28,6 +28,7 @@ setup(
         "numpy>=1.21.5",  # Ubuntu 22.04 (ROS 2 Humble); docs/robot.md
         "scipy",
         "pycocotools>=2.0.7",
+        "faster-coco-eval>=1.8",  # the evaluator's default backend (pycocotools stays the reference)
         "opencv-python-headless",
         "pyyaml",
         "safetensors>=0.4.3",
@@ -35,6 +36,8 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"demo": ["scikit-image"], "test": ["pytest"]},
+    extras_require={"demo": ["scikit-image"], "test": ["pytest"],
+                    # toist export --onnx and backend onnxruntime / tensorrt (onnxruntime-gpu for TensorRT)
+                    "onnx": ["onnx", "onnxscript", "onnxruntime"]},
     entry_points={"console_scripts": ["toist = toist_core.cli:main"]},
 )

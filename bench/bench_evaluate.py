@@ -1,17 +1,22 @@
-"""Time the COCO-Tasks evaluation of a full-size prediction set on CPU.
+"""Time the COCO-Tasks evaluation of a full-size prediction set on CPU, pycocotools against
+faster-coco-eval, in one run.
 
 Default size = the real test set: 14 tasks x 900 images x 100 detections (all queries kept,
-as the reference), boxes and RLE masks, scored per task with pycocotools COCOeval
-(catIds=[1], bbox and segm). Ground truth is a synthetic COCO-Tasks test split with
+as the reference), boxes and RLE masks, scored per task with COCOeval (catIds=[1], bbox and
+segm). Each task is evaluated by both backends back to back (the order alternates from task
+to task, so a background load hits both alike); the bench prints their times side by side and
+the largest difference of every number (AP@0.5, the 12 COCO stats, AP@0.5 on images with
+targets) over all tasks. Ground truth is a synthetic COCO-Tasks test split with
 COCO-like image sizes (480-640 px, 2-8 objects), generated once into --data.
 
 Detections per image: noisy copies of every object (preferred or not; the preferred ones
 score higher) plus random boxes; masks are filled ellipses inside the boxes (RLE straight
-from polygons, so preparing the set is quick). The 14 tasks share their images, like the real files, so masks are encoded
-once per image and only the scores differ per task.
+from polygons, so preparing the set is quick). The 14 tasks share their images, like the real
+files, so masks are encoded once per image and only the scores differ per task.
 
     python bench/bench_evaluate.py                      # full size
     python bench/bench_evaluate.py --images 100         # quick check
+    python bench/bench_evaluate.py --backends pycocotools   # one backend only
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pycocotools import mask as mask_utils
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toist_core.data.synth import generate  # noqa: E402
-from toist_core.eval.evaluator import (EvaluationResult, evaluate_tasks, load_ground_truth,  # noqa: E402
+from toist_core.eval.evaluator import (BACKENDS, EvaluationResult, evaluate_task, load_ground_truth,  # noqa: E402
                                        task_files)
 from toist_core.eval.predictions import ImagePredictions, load_predictions, save_predictions  # noqa: E402
 from toist_core.eval.tables import paper_table_markdown  # noqa: E402
@@ -54,14 +59,6 @@ def _image_detections(rng, anns, height, width, count):
     return boxes, masks
 
 
-def _merge(first: EvaluationResult, second: EvaluationResult) -> EvaluationResult:
-    """One result holding the IoU types of two runs over the same tasks."""
-    for a, b in zip(first.tasks, second.tasks):
-        for name in ("ap50", "ap", "ap50_with_targets", "stats", "curves"):
-            getattr(a, name).update(getattr(b, name))
-    return EvaluationResult(first.tasks, first.iou_types + second.iou_types)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=14)
@@ -71,6 +68,8 @@ def main() -> None:
     parser.add_argument("--data", default="/tmp/toist_bench_evaluate", help="synthetic ground truth (cached)")
     parser.add_argument("--with-io", action="store_true", help="also time save/load of the predictions file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backends", nargs="+", default=["pycocotools", "faster-coco-eval"], choices=BACKENDS,
+                        help="COCOeval implementations to time (default: both, interleaved per task)")
     args = parser.parse_args()
 
     tasks = list(range(1, args.tasks + 1))
@@ -113,18 +112,68 @@ def main() -> None:
         print(f"predictions file {path.stat().st_size / 1e6:.1f} MB: save {saved:.1f} s, "
               f"load {time.perf_counter() - started:.1f} s")
 
-    timings, combined = {}, None
-    for iou_type in args.iou_types:
-        started = time.perf_counter()
-        result = evaluate_tasks(ground_truths, predictions, iou_types=[iou_type])
-        timings[iou_type] = time.perf_counter() - started
-        print(f"{iou_type}: {timings[iou_type]:.1f} s for {len(tasks)} tasks "
-              f"({timings[iou_type] / len(tasks):.1f} s/task), mAP@0.5 = {100 * result.mean_ap50(iou_type):.1f}")
-        combined = result if combined is None else _merge(combined, result)
-    print(f"TOTAL evaluation time ({' + '.join(args.iou_types)}): {sum(timings.values()):.1f} s "
-          f"on CPU for {total} detections")
-    print(paper_table_markdown(combined))
+    backends = list(dict.fromkeys(args.backends))
+    timings = {(b, i): 0.0 for b in backends for i in args.iou_types}
+    results = {b: [] for b in backends}
+    for index, t in enumerate(tasks):
+        order = backends if index % 2 == 0 else backends[::-1]
+        per_backend = {}
+        for backend in order:
+            per_iou = []
+            for iou_type in args.iou_types:
+                started = time.perf_counter()
+                per_iou.append(evaluate_task(ground_truths[t], predictions[t], [iou_type], task_id=t,
+                                             backend=backend))
+                timings[backend, iou_type] += time.perf_counter() - started
+            per_backend[backend] = _merge_tasks(per_iou)
+        for backend in backends:
+            results[backend].append(per_backend[backend])
+        print(f"task {t}: " + ", ".join(f"{b} {sum(timings[b, i] for i in args.iou_types):.1f} s" for b in backends)
+              + " (cumulative)", flush=True)
 
+    print(f"\n{len(tasks)} tasks x {len(shared)} images x {args.dets} detections = {total}, CPU, "
+          "per-task runs interleaved")
+    header = "| IoU type | " + " | ".join(f"{b} (s)" for b in backends)
+    if len(backends) == 2:
+        header += " | speed-up | max abs diff AP@0.5 | max abs diff 12 stats | max abs diff AP@0.5 w/ targets"
+    print(header + " |")
+    print("|" + "---|" * (header.count("|")))
+    for iou_type in args.iou_types + ["total"]:
+        secs = [sum(timings[b, i] for i in args.iou_types) if iou_type == "total" else timings[b, iou_type]
+                for b in backends]
+        row = f"| {iou_type} | " + " | ".join(f"{v:.1f}" for v in secs)
+        if len(backends) == 2:
+            kinds = args.iou_types if iou_type == "total" else [iou_type]
+            diffs = [_max_diff(results[backends[0]], results[backends[1]], kinds, name)
+                     for name in ("ap50", "stats", "ap50_with_targets")]
+            row += f" | {secs[0] / secs[1]:.2f}x | " + " | ".join(f"{d:.1e}" for d in diffs)
+        print(row + " |")
+    for backend in backends:
+        combined = EvaluationResult(results[backend], tuple(args.iou_types))
+        print(f"\n{backend}: " + ", ".join(f"mAP@0.5 {i} = {100 * combined.mean_ap50(i):.3f}" for i in args.iou_types))
+    print(paper_table_markdown(EvaluationResult(results[backends[-1]], tuple(args.iou_types))))
+
+
+def _merge_tasks(parts):
+    """One TaskResult holding the IoU types of several runs of the same task."""
+    first = parts[0]
+    for other in parts[1:]:
+        for name in ("ap50", "ap", "ap50_with_targets", "stats", "curves"):
+            getattr(first, name).update(getattr(other, name))
+    return first
+
+
+def _max_diff(first, second, iou_types, name) -> float:
+    """Largest |a - b| of a TaskResult field over tasks and IoU types (NaN-aware: both NaN = 0)."""
+    worst = 0.0
+    for a, b in zip(first, second):
+        for iou_type in iou_types:
+            x = np.atleast_1d(np.asarray(getattr(a, name)[iou_type], dtype=np.float64))
+            y = np.atleast_1d(np.asarray(getattr(b, name)[iou_type], dtype=np.float64))
+            both_nan = np.isnan(x) & np.isnan(y)
+            d = np.where(both_nan, 0.0, np.abs(x - y))
+            worst = max(worst, float(np.nan_to_num(d, nan=np.inf).max()))
+    return worst
 
 if __name__ == "__main__":
     main()

@@ -143,7 +143,7 @@ def _node_settings(short_side: int, max_side: int) -> dict:
     """The node parameters ``load_model`` reads: the embedded default on the CPU."""
     return {"checkpoint": "", "device": "cpu", "allow_cpu_fallback": False, "precision": "fp32",
             "text_encoder": "", "input.short_side": short_side, "input.max_side": max_side,
-            "score_threshold": 0.5, "max_instances": 5, "mask_threshold": 0.5}
+            "score_threshold": 0.5, "max_instances": 5, "mask_threshold": 0.5, "backend": "torch"}
 
 
 def test_node_resizes_to_the_size_the_default_was_trained_at(committed):

@@ -185,6 +185,9 @@ Precision = Literal["fp32", "fp16", "bf16"]
 # Pre- and post-processing of inference: toist's own choices, or the reference evaluation's exactly.
 Protocol = Literal["toist", "reference"]
 PROTOCOLS = ("toist", "reference")
+# What runs the network at inference (toist_core.inference.onnx_backend).
+Backend = Literal["torch", "onnxruntime", "tensorrt"]
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -240,6 +243,10 @@ class InferenceConfig:
     pronoun: Optional[str] = None
     # "toist" (the choices above) or "reference" (the reference evaluation's processing exactly).
     protocol: Protocol = "toist"
+    # What runs the network: "torch", or the model directory's ONNX graphs (`toist export --onnx`)
+    # in ONNX Runtime ("onnxruntime": CPU, or CUDA with onnxruntime-gpu) or its TensorRT
+    # execution provider in fp16 ("tensorrt"); pre- and post-processing are the same for all.
+    backend: Backend = "torch"
 
     def __post_init__(self) -> None:
         for name in ("short_side", "max_size"):
@@ -260,6 +267,8 @@ class InferenceConfig:
             raise ConfigError(f"inference.precision must be fp32, fp16 or bf16, got {self.precision!r}")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"inference.protocol must be 'toist' or 'reference', got {self.protocol!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"inference.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     def with_input_size(self, own: InputSize) -> "InferenceConfig":
         """This config with the sizes left to the model (None) taken from ``own``.

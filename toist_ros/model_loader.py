@@ -7,6 +7,7 @@ what was asked, what was found, and what to change; the node prints it and exits
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -145,6 +146,10 @@ def load_model(settings: Any, warn: Callable[[str], None], info: Optional[Callab
         # and the paper model then takes ~15 s per frame.
         warn(f"device auto: running on the CPU: {no_cuda_reason()}; set device:=cpu to silence this")
     precision = settings["precision"]
+    if settings["backend"] != "torch" and precision != "fp32":
+        warn(f"precision {precision!r} applies to the torch backend; backend {settings['backend']!r} runs its "
+             "ONNX graphs as they were exported (tensorrt builds fp16 engines itself)")
+        precision = "fp32"
     if device == "cpu" and precision == "fp16":
         warn("precision 'fp16' needs CUDA; the CPU runs fp32 (bf16 works on CPUs with bf16 support)")
         precision = "fp32"
@@ -161,6 +166,10 @@ def load_model(settings: Any, warn: Callable[[str], None], info: Optional[Callab
                                                           inference=inference)
             description = f"checkpoint {checkpoint}" if checkpoint else DEFAULT_MODEL_NOTE
         else:
+            if inference.backend != "torch":
+                warn(f"backend {inference.backend!r} needs a model directory with ONNX graphs; the random-weight "
+                     "fallback model runs on torch")
+                inference = dataclasses.replace(inference, backend="torch")
             segmenter = TaskSegmenter.from_config(FALLBACK_MODEL, device=device, text_encoder=text_encoder,
                                                   inference=inference, seed=FALLBACK_SEED)
             description = FALLBACK_MODEL_NOTE.format(path=DEFAULT_MODEL_DIR)
@@ -181,4 +190,4 @@ def inference_config(settings: Any, precision: Optional[str] = None):
                            score_threshold=float(settings["score_threshold"]),
                            max_instances=int(settings["max_instances"]),
                            mask_threshold=float(settings["mask_threshold"]),
-                           precision=precision or settings["precision"])
+                           precision=precision or settings["precision"], backend=settings["backend"])

@@ -56,6 +56,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "or stop with an error (false)", read_only=True),
     ParamSpec("precision", "fp32", "model precision: fp32, fp16 (CUDA only; fp32 on CPU) or bf16 (autocast)",
               read_only=True, choices=("fp32", "fp16", "bf16")),
+    ParamSpec("backend", "torch", "what runs the network: torch, onnxruntime (the model directory's ONNX graphs, "
+              "made by `toist export --onnx <dir>`; fp32) or tensorrt (onnxruntime-gpu's TensorRT provider, fp16, "
+              "NVIDIA GPU)", read_only=True, choices=("torch", "onnxruntime", "tensorrt")),
     ParamSpec("input.short_side", 0, "the model's input short side in pixels; 0 = the size the model was "
               "trained at (a model directory records it; official checkpoints: the reference's 800)",
               read_only=True, low=0, high=2048),

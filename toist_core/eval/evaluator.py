@@ -13,6 +13,15 @@ Precision-recall curves (IoU 0.5) come from ``COCOeval.eval["precision"]`` for a
 for the images with at least one target; the second set reuses the per-image matching of the
 first (pycocotools' ``accumulate(p)`` mis-indexes a subset of images, so the per-image records
 are selected here).
+
+Two interchangeable COCOeval implementations (``backend=``): ``"faster-coco-eval"`` (the
+``faster-coco-eval`` package's C++ per-image matching and accumulation; the default when it is
+installed) and ``"pycocotools"`` (the reference's own, kept as the reference). Both read the
+same pycocotools ground truth; the faster path builds the detections object with array
+operations (the records, ids and ``area`` values of ``loadRes``) and keeps faster-coco-eval's
+per-image records (``separate_eval``) for the "with targets" subset. Area ranges, crowd
+handling, ``maxDets`` and the 12 summary numbers agree: ``tests/test_eval_backends.py`` checks
+the two against each other to 1e-6, ``bench/bench_evaluate.py`` times them side by side.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from toist_core.data.schema import DataError, parse_task_file_name
 from toist_core.eval.predictions import ImagePredictions, PredictionSet, check_image_predictions
 
 IOU_TYPES = ("bbox", "segm")
+BACKENDS = ("faster-coco-eval", "pycocotools")
 PREFERRED = 1
 _RECALL_POINTS = 101
 
@@ -85,6 +95,32 @@ class EvaluationResult:
         raise KeyError(f"task {task_id} was not evaluated")
 
 
+def faster_coco_eval_available() -> bool:
+    """Whether the ``faster-coco-eval`` package can be imported."""
+    try:
+        import faster_coco_eval.core.faster_eval_api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_backend() -> str:
+    """``"faster-coco-eval"`` when installed (same numbers, several times quicker), else ``"pycocotools"``."""
+    return "faster-coco-eval" if faster_coco_eval_available() else "pycocotools"
+
+
+def resolve_backend(backend: Optional[str]) -> str:
+    """Check ``backend`` (None = :func:`default_backend`) and return its name."""
+    if backend is None:
+        return default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown evaluation backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "faster-coco-eval" and not faster_coco_eval_available():
+        raise ImportError("evaluation backend 'faster-coco-eval' needs the faster-coco-eval package "
+                          "(pip install faster-coco-eval), or use backend='pycocotools'")
+    return backend
+
+
 def load_ground_truth(path: Union[str, Path]) -> COCO:
     """pycocotools COCO object of a task file (its printing captured)."""
     path = Path(path)
@@ -119,7 +155,7 @@ def detections_to_coco(predictions: Mapping[int, ImagePredictions], iou_type: st
 
 def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int, ImagePredictions],
                   iou_types: Optional[Sequence[str]] = None, image_ids: Optional[Sequence[int]] = None,
-                  task_id: Optional[int] = None) -> TaskResult:
+                  task_id: Optional[int] = None, backend: Optional[str] = None) -> TaskResult:
     """Evaluate one task's predictions ``{image_id: ImagePredictions}``.
 
     Raises :class:`DataError` (naming task, image and field) for predictions of images not in
@@ -130,7 +166,10 @@ def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int
         iou_types: subset of ("bbox", "segm"); default: both when every prediction has masks.
         image_ids: images to evaluate (default: every image of the file). Images without a
             predictions entry count as images with no detections.
+        backend: ``"faster-coco-eval"`` or ``"pycocotools"`` (None: :func:`default_backend`);
+            the numbers are the same.
     """
+    backend = resolve_backend(backend)
     if not isinstance(ground_truth, COCO):
         if task_id is None:
             task_id = parse_task_file_name(ground_truth)[0]
@@ -173,15 +212,14 @@ def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int
     logs = []
     selected_set = set(selected)
     for iou_type in iou_types:
-        records = detections_to_coco(predictions, iou_type, selected_set)
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
-            detections = ground_truth.loadRes(records) if records else COCO()
-            coco_eval = COCOeval(ground_truth, detections, iouType=iou_type)
-            coco_eval.params.catIds = [PREFERRED]
-            coco_eval.params.imgIds = selected
-            coco_eval.evaluate()
-            coco_eval.accumulate()
+            if backend == "pycocotools":
+                records = detections_to_coco(predictions, iou_type, selected_set)
+                detections = ground_truth.loadRes(records) if records else COCO()
+            else:
+                detections = _results_coco(ground_truth, predictions, iou_type, selected_set)
+            coco_eval = _run_cocoeval(backend, ground_truth, detections, iou_type, selected)
             coco_eval.summarize()
         logs.append(f"[task {task_id} {iou_type}]\n{log.getvalue()}")
         stats = [float(s) for s in coco_eval.stats]
@@ -199,8 +237,11 @@ def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int
 
 def evaluate_tasks(ground_truths: Mapping[int, Union[str, Path, COCO]], predictions: PredictionSet,
                    iou_types: Optional[Sequence[str]] = None,
-                   image_ids: Optional[Mapping[int, Sequence[int]]] = None) -> EvaluationResult:
-    """Evaluate every task of ``predictions`` against ``ground_truths[task_id]``."""
+                   image_ids: Optional[Mapping[int, Sequence[int]]] = None,
+                   backend: Optional[str] = None) -> EvaluationResult:
+    """Evaluate every task of ``predictions`` against ``ground_truths[task_id]``
+    (``backend``: see :func:`evaluate_task`)."""
+    backend = resolve_backend(backend)
     missing = sorted(set(predictions) - set(ground_truths))
     if missing:
         raise DataError(f"no annotation file given for predicted task(s) {missing}")
@@ -208,7 +249,8 @@ def evaluate_tasks(ground_truths: Mapping[int, Union[str, Path, COCO]], predicti
         has_masks = all(p.masks is not None for images in predictions.values() for p in images.values())
         iou_types = IOU_TYPES if has_masks else ("bbox",)
     results = [evaluate_task(ground_truths[task_id], predictions[task_id], iou_types,
-                             None if image_ids is None else image_ids.get(task_id), task_id=task_id)
+                             None if image_ids is None else image_ids.get(task_id), task_id=task_id,
+                             backend=backend)
                for task_id in sorted(predictions)]
     return EvaluationResult(results, tuple(iou_types))
 
@@ -219,6 +261,105 @@ def task_files(root: Union[str, Path], tasks: Sequence[int], split: str = "test"
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _run_cocoeval(backend: str, ground_truth: COCO, detections: COCO, iou_type: str, image_ids: Sequence[int]):
+    """COCOeval of ``backend`` with the paper's parameters (catIds=[1], the given images, defaults
+    otherwise), evaluated and accumulated (not summarized). Prints as pycocotools does."""
+    if backend == "pycocotools":
+        coco_eval = COCOeval(ground_truth, detections, iouType=iou_type)
+    else:
+        # pycocotools COCO objects as they are. separate_eval keeps the per-image records
+        # (a K x A x I list, pycocotools' layout) for the "with targets" subset.
+        coco_eval = _faster_cocoeval_class()(ground_truth, detections, iouType=iou_type, print_function=print,
+                                             separate_eval=True)
+        # Mask IoUs come from pycocotools' C code on the compressed RLE strings (see
+        # _faster_cocoeval_class), so faster-coco-eval need not convert every mask to its own RLE.
+        coco_eval.params.compute_rle = False
+    coco_eval.params.catIds = [PREFERRED]
+    coco_eval.params.imgIds = list(image_ids)
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    return coco_eval
+
+
+_FASTER_CLASS = None
+
+
+def _faster_cocoeval_class():
+    """faster-coco-eval's ``COCOeval_faster`` (C++ per-image matching and accumulation) whose
+    mask IoU is pycocotools' own: per image and category, the detections in pycocotools' order
+    (score descending, stable, at most maxDets[-1]) against the ground truth converted by
+    ``COCO.annToRLE``, with the crowd flags, through ``pycocotools.mask.iou``, i.e. the matrix
+    pycocotools' ``computeIoU`` returns. Boxes keep faster-coco-eval's box IoU."""
+    global _FASTER_CLASS
+    if _FASTER_CLASS is not None:
+        return _FASTER_CLASS
+    from faster_coco_eval.core.faster_eval_api import COCOeval_faster
+    from pycocotools import mask as mask_utils
+
+    class PycocotoolsMaskIoU(COCOeval_faster):
+        def computeIoU(self, imgId, catId):
+            params = self.params
+            if params.iouType != "segm":
+                return super().computeIoU(imgId, catId)
+            cats = [catId] if params.useCats else params.catIds
+            gts = self.gt_dataset.get_instances([imgId], cats, bool(params.useCats))[0][0]
+            dts = self.dt_dataset.get_instances([imgId], cats, bool(params.useCats))[0][0]
+            if len(gts) == 0 or len(dts) == 0:
+                return []
+            order = np.argsort([-d["score"] for d in dts], kind="mergesort")[:params.maxDets[-1]]
+            detections = [dts[i]["segmentation"] for i in order]
+            targets = [self.cocoGt.annToRLE(g) for g in gts]
+            return mask_utils.iou(detections, targets, [int(g.get("iscrowd", 0)) for g in gts])
+
+    _FASTER_CLASS = PycocotoolsMaskIoU
+    return _FASTER_CLASS
+
+
+# pycocotools' area / toBbox of a list build their output array with a uint8 length (numpy 2
+# raises above 255 objects), so lists are encoded in chunks of this size.
+_RLE_CHUNK = 200
+
+
+def _results_coco(ground_truth: COCO, predictions: Mapping[int, ImagePredictions], iou_type: str,
+                  image_ids: set) -> COCO:
+    """The COCO object ``ground_truth.loadRes(detections_to_coco(...))`` builds, made with array
+    operations: same records in the same order (ids 1..N), same ``area`` values (box w * h in
+    float64; mask pixel count from pycocotools), ``iscrowd`` 0. Box results get no polygon
+    ``segmentation`` and mask results no ``bbox`` (the evaluation of their IoU type never reads them)."""
+    from pycocotools import mask as mask_utils
+
+    annotations: list[dict] = []
+    for image_id, pred in predictions.items():
+        if image_id not in image_ids or len(pred.scores) == 0:
+            continue
+        scores = pred.scores.tolist()
+        if iou_type == "bbox":
+            xywh = np.asarray(pred.boxes, dtype=np.float64).copy()
+            xywh[:, 2:] -= xywh[:, :2]
+            areas = (xywh[:, 2] * xywh[:, 3]).tolist()
+            for box, area, score in zip(xywh.tolist(), areas, scores):
+                annotations.append({"image_id": image_id, "category_id": PREFERRED, "bbox": box, "score": score,
+                                    "area": area, "iscrowd": 0})
+        else:
+            rles = list(pred.masks)
+            areas = []
+            for start in range(0, len(rles), _RLE_CHUNK):
+                areas.extend(mask_utils.area(rles[start:start + _RLE_CHUNK]).tolist())
+            for rle, area, score in zip(rles, areas, scores):
+                annotations.append({"image_id": image_id, "category_id": PREFERRED, "segmentation": rle,
+                                    "score": score, "area": area, "iscrowd": 0})
+    for number, ann in enumerate(annotations, start=1):
+        ann["id"] = number
+    results = COCO()
+    results.dataset = {"images": list(ground_truth.dataset["images"]),
+                       "categories": copy.deepcopy(ground_truth.dataset["categories"]),
+                       "annotations": annotations}
+    if not annotations:  # as the empty COCO() the pycocotools path uses
+        results.dataset = {}
+    results.createIndex()
+    return results
+
 
 def _pr_precision(precision: np.ndarray) -> np.ndarray:
     """[T, R, K, A, M] -> [R] at IoU 0.5, the single category, area all, maxDets 100; -1 -> NaN."""
@@ -232,8 +373,10 @@ def _ap(curve: np.ndarray) -> float:
     return float(valid.mean()) if valid.size else -1.0
 
 
-def _accumulate_subset(coco_eval: COCOeval, image_ids: Sequence[int]) -> Optional[np.ndarray]:
-    """``eval["precision"]`` restricted to ``image_ids``, reusing ``coco_eval.evalImgs``."""
+def _accumulate_subset(coco_eval, image_ids: Sequence[int]) -> Optional[np.ndarray]:
+    """``eval["precision"]`` restricted to ``image_ids``, reusing the per-image records of
+    ``coco_eval`` (pycocotools' ``evalImgs``, or faster-coco-eval's ``_evalImgs_cpp``; both are
+    K x A x I lists)."""
     if not image_ids:
         return None
     params = coco_eval._paramsEval
@@ -241,13 +384,20 @@ def _accumulate_subset(coco_eval: COCOeval, image_ids: Sequence[int]) -> Optiona
     keep = [i for i, image_id in enumerate(params.imgIds) if image_id in wanted]
     num_images, num_areas = len(params.imgIds), len(params.areaRng)
     num_cats = len(params.catIds) if params.useCats else 1
-    sub = copy.copy(coco_eval)
     sub_params = copy.deepcopy(params)
     sub_params.imgIds = [params.imgIds[i] for i in keep]
+    native = getattr(coco_eval, "_evalImgs_cpp", None)
+    records = coco_eval.evalImgs if native is None else native
+    selected = [records[k * num_areas * num_images + a * num_images + i]
+                for k in range(num_cats) for a in range(num_areas) for i in keep]
+    if native is not None:
+        import faster_coco_eval.faster_eval_api_cpp as faster_cpp
+
+        return np.asarray(faster_cpp.COCOevalAccumulate(sub_params, selected)["precision"])
+    sub = copy.copy(coco_eval)
     sub.params = sub_params
     sub._paramsEval = copy.deepcopy(sub_params)
-    sub.evalImgs = [coco_eval.evalImgs[k * num_areas * num_images + a * num_images + i]
-                    for k in range(num_cats) for a in range(num_areas) for i in keep]
+    sub.evalImgs = selected
     with contextlib.redirect_stdout(io.StringIO()):
         sub.accumulate()
     return sub.eval["precision"]

@@ -43,8 +43,15 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
 
 def prepared(model: torch.nn.Module, device: torch.device, inference: Optional[InferenceConfig]) -> torch.nn.Module:
     """A model the segmenter built itself, made ready for inference once: on ``device``, in
-    eval mode and (``inference.channels_last``, the default) with channels-last conv weights."""
+    eval mode, its frozen BatchNorms folded into the convolutions before them
+    (:func:`~toist_core.model.fold_batchnorm.fold_batchnorm`: the same outputs to fp32 rounding,
+    one pass less over every backbone activation; the ``state_dict`` keeps its keys and values,
+    the folded kernels are extra non-persistent buffers) and (``inference.channels_last``, the default) with channels-last conv
+    weights. Only for modules the segmenter owns: a module it is given is never changed."""
+    from ..model.fold_batchnorm import fold_batchnorm
+
     model = model.to(device).eval()
+    fold_batchnorm(model)
     if (inference or InferenceConfig()).channels_last:
         model.to(memory_format=torch.channels_last)
     return model

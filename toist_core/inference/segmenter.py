@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ class TaskSegmenter:
                  memory_bank: Optional[torch.nn.Module] = None, pronoun: str = DEFAULT_PRONOUN,
                  inference: Optional[InferenceConfig] = None, config: Optional[ModelConfig] = None,
                  task: Union[int, str, None] = None, input_size: Optional[InputSize] = None,
-                 trained_tasks: Optional[Sequence[int]] = None):
+                 trained_tasks: Optional[Sequence[int]] = None, onnx_network=None):
         """Wrap ``model`` as it is: the segmenter never changes a module it is given (device,
         dtype, memory layout and train/eval mode stay the caller's; a module in training mode is
         put in eval mode only for the duration of each forward pass), so a trainer can evaluate
@@ -48,9 +48,18 @@ class TaskSegmenter:
         ``input_size``: the size the model was trained at, used where ``inference`` leaves the
         size to the model (default: the reference's 800 / 1333). ``trained_tasks``: the
         COCO-Tasks ids the model was trained on (None: unknown); setting another task, or free
-        text, warns once per task (:class:`UntrainedTaskWarning`, and ``TaskState.warning``)."""
+        text, warns once per task (:class:`UntrainedTaskWarning`, and ``TaskState.warning``).
+        ``onnx_network``: the :class:`~.onnx_backend.OnnxNetwork` that runs the network when
+        ``inference.backend`` is not ``"torch"`` (:meth:`from_pretrained` opens it)."""
         self.device = resolve_device(device)
         self.inference = (inference or InferenceConfig()).with_input_size(input_size or InputSize())
+        if (self.inference.backend != "torch") != (onnx_network is not None):
+            raise ValueError(f"backend {self.inference.backend!r}: the ONNX backends run a model directory's graphs; "
+                             "use TaskSegmenter.from_pretrained(model_dir, inference=...)")
+        if onnx_network is not None and self.inference.precision != "fp32":
+            raise ValueError(f"precision {self.inference.precision!r} is for the torch backend; the ONNX graphs run "
+                             "fp32 (onnxruntime) or fp16 (tensorrt)")
+        self._onnx = onnx_network
         # Resize method, padding and box clipping of ``inference.protocol``; a benchmark may
         # replace it to isolate one of the three choices.
         self.processing: Processing = processing_of(self.inference)
@@ -86,11 +95,16 @@ class TaskSegmenter:
         """
         from ..checkpoint import load_pretrained
 
-        loaded = load_pretrained(path, config=config, text_encoder=text_encoder)
         device = resolve_device(device)
+        network = None
+        if inference is not None and inference.backend != "torch":
+            from .onnx_backend import open_network
+
+            network = open_network(path, inference.backend, device)  # refused before the weights load
+        loaded = load_pretrained(path, config=config, text_encoder=text_encoder)
         return cls(prepared(loaded.model, device, inference), device=device, memory_bank=loaded.memory_bank,
                    pronoun=loaded.pronoun, inference=inference, config=loaded.config, task=task,
-                   input_size=loaded.input_size, trained_tasks=loaded.tasks)
+                   input_size=loaded.input_size, trained_tasks=loaded.tasks, onnx_network=network)
 
     @classmethod
     def from_config(cls, config: Union[str, ModelConfig] = "tiny", device: Union[str, torch.device] = "cpu",
@@ -191,22 +205,18 @@ class TaskSegmenter:
         # The mask head runs after the decoder: one eval-mode span for both.
         with eval_mode(self.model):
             batch, resized = self.preprocess(images)
-            with self._autocast_context():
-                memory = self.model.encode(batch, text=state.text)
-                if state.uses_ccr:
-                    memory = self._replace_pronoun_rows(memory, state)
-                detector = self.model.detector
-                hs = detector.decoder_states(memory)
-                out = detector.predict_heads(hs, memory, aux=False)
-            scores_all = 1.0 - out["pred_logits"].float().softmax(-1)[..., NO_OBJECT_INDEX]
-            boxes_all = out["pred_boxes"].float()
+            # Only the network differs between backends: selection and post-processing below are shared.
+            network = self._detect if self._onnx is None else self._onnx.detect
+            pred_logits, pred_boxes, mask_logits = network(batch, state)
+            scores_all = 1.0 - pred_logits.float().softmax(-1)[..., NO_OBJECT_INDEX]
+            boxes_all = pred_boxes.float()
             predictions = []
             for b, (orig, size) in enumerate(zip(originals, resized)):
                 keep = select(scores_all[b], threshold, limit)
                 boxes = to_pixels(boxes_all[b, keep], orig, clip=self.processing.clip_boxes)
                 masks = None
                 if with_masks and self.has_masks:
-                    masks = self._masks(memory, hs[-1], b, keep, size, batch.tensors.shape[-2:], orig)
+                    masks = self._masks(mask_logits, b, keep, size, batch.tensors.shape[-2:], orig)
                 predictions.append(Prediction(
                     boxes=boxes.cpu().numpy().astype(np.float32),
                     scores=scores_all[b, keep].cpu().numpy().astype(np.float32),
@@ -222,6 +232,23 @@ class TaskSegmenter:
         returns the padded batch ``[B, 3, H, W]`` and each image's resized ``(h, w)``."""
         return preprocess(images, self.inference, self._mean, self._std,
                           self.inference.channels_last and is_channels_last(self.model), self.processing)
+
+    def _detect(self, batch: ImageBatch, state: TaskState) -> tuple[Tensor, Tensor, Callable[[int, Tensor], Tensor]]:
+        """The torch network: ``pred_logits [B, Q, 256]``, ``pred_boxes [B, Q, 4]`` and a function
+        ``(b, keep [n]) -> mask logits [1, n, H/4, W/4]`` of image ``b``'s kept queries."""
+        with self._autocast_context():
+            memory = self.model.encode(batch, text=state.text)
+            if state.uses_ccr:
+                memory = self._replace_pronoun_rows(memory, state)
+            detector = self.model.detector
+            hs = detector.decoder_states(memory)
+            out = detector.predict_heads(hs, memory, aux=False)
+
+        def mask_logits(b: int, keep: Tensor) -> Tensor:
+            with self._autocast_context():
+                return self.model.predict_masks(image_memory(memory, b), hs[-1][b:b + 1, keep])
+
+        return out["pred_logits"], out["pred_boxes"], mask_logits
 
     def _autocast_context(self):
         if self._autocast is None:
@@ -244,11 +271,9 @@ class TaskSegmenter:
                                                       [rows] * text_memory.shape[1], values)
         return memory
 
-    def _masks(self, memory: dict, last_states: Tensor, b: int, keep: Tensor, size: tuple[int, int],
+    def _masks(self, mask_logits: Callable[[int, Tensor], Tensor], b: int, keep: Tensor, size: tuple[int, int],
                padded: Sequence[int], orig: tuple[int, int]) -> np.ndarray:
         """Masks ``[N, H, W]`` bool of the kept queries of image ``b`` at the original resolution."""
         if keep.numel() == 0:
             return np.zeros((0,) + tuple(orig), dtype=bool)
-        with self._autocast_context():
-            logits = self.model.predict_masks(image_memory(memory, b), last_states[b:b + 1, keep])
-        return masks_at_original(logits, size, padded, orig, self.inference.mask_threshold)
+        return masks_at_original(mask_logits(b, keep), size, padded, orig, self.inference.mask_threshold)

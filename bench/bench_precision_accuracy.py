@@ -1,0 +1,194 @@
+"""Accuracy of the lower-precision inference paths on a trained model: the embedded default
+model on its synthetic test split, fp32 against bf16 autocast and int8 dynamic quantisation.
+
+    python bench/bench_precision_accuracy.py [--images 50] [--paths fp32,bf16,int8] [--threads 1]
+
+The test split is generated as ``training/default_model.py``'s ``write_data`` generates it
+(``toist_core.data.synth.generate`` with ``RecipeSettings``' tasks, sizes, object counts, empty
+share and data seed; test split only) into a temporary directory. Each path runs the model as
+``toist evaluate`` does (``TaskSegmenter.from_pretrained`` on the model directory, every query
+kept, one image at a time, the model's own input size) and is scored with the project's
+evaluator (``toist_core.eval.evaluator.evaluate_tasks``: box and mask AP@0.5 per task, mean over
+the tasks). ``--images``: the first N images of each task file (default 50 of 600, to keep one
+run to a few minutes on 2 shared cores; 0 = all). One CPU thread by default (``--threads``).
+
+Printed per path: box and mask mAP@0.5 and their difference from fp32, and the share of frames
+whose top instance is the same as fp32's (rank 0 is the same query and its box overlaps fp32's
+rank-0 box at IoU >= 0.5; predictions are sorted by score). Criterion for a lower-precision path: mAP within 0.01 of fp32 and the
+same top instance on >= 95 % of the frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import toist_core  # noqa: E402
+from toist_core.cli.evaluate import REFERENCE_MAX_INSTANCES, predict_tasks  # noqa: E402
+from toist_core.config import InferenceConfig  # noqa: E402
+from toist_core.data.synth import generate  # noqa: E402
+from toist_core.eval.evaluator import evaluate_tasks, load_ground_truth, task_files  # noqa: E402
+from toist_core.inference import TaskSegmenter  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "training"))
+from default_model import RecipeSettings  # noqa: E402
+
+DEFAULT_MODEL = Path(toist_core.__file__).resolve().parent / "assets" / "default_model"
+MAP_TOLERANCE = 0.01
+TOP_AGREEMENT = 0.95
+
+
+def write_test_split(settings: RecipeSettings, root: Path) -> Path:
+    """The recipe's test split (as ``write_data`` writes it) under ``root/synth``."""
+    generate(root / "synth", tasks=settings.tasks, splits=("test",), images_per_split=settings.test_images,
+             min_objects=settings.min_objects, max_objects=settings.max_objects,
+             empty_fraction=settings.empty_fraction, seed=settings.data_seed,
+             min_size=settings.min_size, max_size=settings.max_size)
+    return root / "synth"
+
+
+def int8_dynamic(segmenter: TaskSegmenter) -> TaskSegmenter:
+    """The segmenter on a copy of its model with int8 dynamic quantisation of the ``nn.Linear``
+    layers (transformer FFNs, heads, text encoder; ``bbox_attention`` reads its key weight as a
+    conv kernel and stays fp32; attention in/out projections are not ``nn.Linear``)."""
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    model = segmenter.model
+    spec = {name: default_dynamic_qconfig for name, module in model.named_modules()
+            if type(module) is nn.Linear and not name.startswith("bbox_attention")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = quantize_dynamic(copy.deepcopy(model), qconfig_spec=spec, inplace=False)
+    return TaskSegmenter(quantized, device="cpu", memory_bank=segmenter.memory_bank, pronoun=segmenter.pronoun,
+                         inference=segmenter.inference, config=segmenter.config,
+                         trained_tasks=segmenter.trained_tasks)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+class RankZeroRecorder:
+    """``predict_tasks``' view of a segmenter that records the query ranked first in each frame."""
+
+    def __init__(self, segmenter: TaskSegmenter):
+        self.segmenter = segmenter
+        self.inference = segmenter.inference
+        self.top_queries: list[int] = []
+
+    def set_task(self, task):
+        return self.segmenter.set_task(task)
+
+    def predict(self, image, **kwargs):
+        pred = self.segmenter.predict(image, **kwargs)
+        self.top_queries.append(int(pred.queries[0]) if len(pred.queries) else -1)
+        return pred
+
+
+def top_agreement(base: dict, other: dict, base_top: list[int], other_top: list[int]) -> tuple[float, float]:
+    """(share of frames whose rank-0 instance is the same query with a box IoU >= 0.5 to fp32's,
+    share whose rank-0 boxes overlap at IoU >= 0.5 whatever the query)."""
+    same, overlap, total = 0, 0, 0
+    frame = 0
+    for task in sorted(base):
+        for image_id, pred in base[task].items():
+            alt = other[task][image_id]
+            iou = box_iou(pred.boxes[0], alt.boxes[0]) if len(pred) and len(alt) else float(len(pred) == len(alt))
+            overlap += iou >= 0.5
+            same += iou >= 0.5 and base_top[frame] == other_top[frame]
+            frame += 1
+            total += 1
+    return same / max(total, 1), overlap / max(total, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=50, help="first N images of each task file (0 = all)")
+    parser.add_argument("--paths", default="fp32,bf16,int8", help="comma-separated: fp32, bf16, int8")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory (default: the embedded one)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the model is small, and on a shared machine two "
+                             "spinning threads per small op made frames ~20x slower)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if wanted[0] != "fp32":
+        wanted = ["fp32"] + [p for p in wanted if p != "fp32"]
+    settings = RecipeSettings()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="toist_precision_") as tmp:
+        root = write_test_split(settings, Path(tmp))
+        files = task_files(root, settings.tasks, "test")
+        ground_truths = {t: load_ground_truth(path) for t, path in files.items()}
+        image_ids = {t: [img["id"] for img in gt.dataset["images"]] for t, gt in ground_truths.items()}
+        if args.images:
+            image_ids = {t: ids[:args.images] for t, ids in image_ids.items()}
+        frames = sum(len(ids) for ids in image_ids.values())
+        print(f"test split generated in {time.perf_counter() - started:.0f} s: tasks {settings.tasks}, "
+              f"{frames} frames evaluated ({'first ' + str(args.images) if args.images else 'all'} images "
+              f"per task file); model {args.model}", flush=True)
+        inference = InferenceConfig(score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES)
+        fp32 = TaskSegmenter.from_pretrained(args.model, device="cpu", inference=inference)
+        results, predictions, seconds, tops = {}, {}, {}, {}
+        for path in wanted:
+            if path == "fp32":
+                segmenter = fp32
+            elif path == "bf16":
+                segmenter = TaskSegmenter.from_pretrained(
+                    args.model, device="cpu", inference=InferenceConfig(
+                        score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES, precision="bf16"))
+            elif path == "int8":
+                segmenter = int8_dynamic(fp32)
+            else:
+                raise SystemExit(f"unknown path {path!r}: expected fp32, bf16 or int8")
+            recorder = RankZeroRecorder(segmenter)
+            t0 = time.perf_counter()
+            with open(os.devnull, "w") as quiet:
+                predictions[path] = predict_tasks(recorder, files, _image_dir(root), image_ids, log=quiet)
+            tops[path] = recorder.top_queries
+            seconds[path] = time.perf_counter() - t0
+            results[path] = evaluate_tasks(ground_truths, predictions[path], ("bbox", "segm"), image_ids)
+            print(f"{path}: {frames} frames in {seconds[path]:.0f} s", flush=True)
+
+    base = results["fp32"]
+    print(f"\nDefault model, synthetic test split, {frames} frames (mAP@0.5, mean over tasks {settings.tasks}):")
+    print(f"  {'path':6s} {'box mAP':>8s} {'diff':>7s} {'mask mAP':>9s} {'diff':>7s} {'same top':>9s} "
+          f"{'top IoU>=.5':>11s} {'ms/frame':>9s}  verdict")
+    for path, result in results.items():
+        box, mask = result.mean_ap50("bbox"), result.mean_ap50("segm")
+        dbox, dmask = box - base.mean_ap50("bbox"), mask - base.mean_ap50("segm")
+        same, overlap = top_agreement(predictions["fp32"], predictions[path], tops["fp32"], tops[path])
+        ok = abs(dbox) <= MAP_TOLERANCE and abs(dmask) <= MAP_TOLERANCE and same >= TOP_AGREEMENT
+        verdict = "reference" if path == "fp32" else ("passes" if ok else "FAILS")
+        print(f"  {path:6s} {box:8.3f} {dbox:+7.3f} {mask:9.3f} {dmask:+7.3f} {100 * same:8.1f}% "
+              f"{100 * overlap:10.1f}% {1000 * seconds[path] / frames:9.1f}  {verdict}")
+    print(f"\ncriterion: |mAP diff| <= {MAP_TOLERANCE} (box and mask) and the same top instance on >= "
+          f"{100 * TOP_AGREEMENT:.0f}% of frames; total {time.perf_counter() - started:.0f} s")
+
+
+def _image_dir(root: Path) -> Path:
+    from toist_core.data.config import DataConfig
+
+    return DataConfig(root=str(root)).image_dir("test")
+
+
+if __name__ == "__main__":
+    main()

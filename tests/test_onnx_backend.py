@@ -1,0 +1,180 @@
+"""ONNX export and the onnxruntime / tensorrt backends: ORT on CPU against PyTorch (fp32)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is in requirements/base.txt: run `make setup`")
+
+from toist_core.checkpoint import CheckpointError, save_model_dir  # noqa: E402
+from toist_core.config import InferenceConfig, preset  # noqa: E402
+from toist_core.distill.memory_bank import MemoryBank  # noqa: E402
+from toist_core.inference import TaskSegmenter  # noqa: E402
+from toist_core.inference import onnx_export  # noqa: E402
+from toist_core.inference.onnx_backend import OnnxNetwork  # noqa: E402
+from toist_core.inference.onnx_export import (DETECTOR_FILE, MASK_HEAD_FILE, MAX_BOX_DIFF, MAX_LOGIT_DIFF,  # noqa: E402
+                                              MIN_MASK_IOU, check_passes, compare_backends, export_onnx)
+from toist_core.model import build_model, load_tokenizer  # noqa: E402
+from toist_core.typed_config import ConfigError  # noqa: E402
+
+SMALL = dict(short_side=64, max_size=128)
+# (H, W) of the test images: landscape, portrait, sizes that are no multiple of 32 once resized.
+SIZES = ((48, 64), (90, 50), (53, 97))
+
+
+def _model(seed: int):
+    """Random ``tiny_segm`` weights, unprepared (exactly the tensors a model directory holds)."""
+    cfg = preset("tiny_segm")
+    torch.manual_seed(seed)
+    return build_model(cfg, tokenizer=load_tokenizer(cfg.text.tokenizer)).eval(), cfg
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A plain and a distilled model directory with the same weights (so the same graphs: the
+    graph takes the cluster centres as an input), exported once."""
+    root = tmp_path_factory.mktemp("onnx")
+    model, cfg = _model(seed=0)
+    plain = save_model_dir(model, root / "plain", cfg)
+    export_onnx(model, plain)
+    bank = MemoryBank(num_tasks=14, size=32, dim=128, num_clusters=3, seed=3)
+    bank.full_label.fill_(1)
+    distilled = save_model_dir(model, root / "distilled", cfg, memory_bank=bank)
+    for name in (DETECTOR_FILE, MASK_HEAD_FILE):
+        shutil.copy(plain / name, distilled / name)
+    return plain, distilled
+
+
+def _image(height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("which", ["plain", "distilled"])
+def test_onnxruntime_matches_torch_on_dynamic_sizes_and_tasks(dirs, which):
+    directory = dirs[0] if which == "plain" else dirs[1]
+    result = compare_backends(directory, tasks=(1, 2), sizes=SIZES, **SMALL)
+    assert result["providers"] == ["CPUExecutionProvider"]
+    assert result["logits"] <= MAX_LOGIT_DIFF and result["boxes"] <= MAX_BOX_DIFF, result
+    assert result["mask_iou"] >= MIN_MASK_IOU, result
+    assert check_passes(result)
+
+
+def test_distilled_graph_applies_cluster_centre_replacement(dirs):
+    """The in-graph replacement is the torch path's: with a centre far from the rows the logits
+    change, and ORT follows torch (not the unreplaced memory)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_seg = TaskSegmenter.from_pretrained(dirs[1], device="cpu", inference=InferenceConfig(**SMALL))
+        onnx_seg = TaskSegmenter.from_pretrained(dirs[1], device="cpu",
+                                                 inference=InferenceConfig(backend="onnxruntime", **SMALL))
+        state = torch_seg.encode_task(3)
+    assert state.uses_ccr
+    unreplaced = dataclasses.replace(state, centres=None)  # the same caption without replacement
+    batch, _ = torch_seg.preprocess([_image(60, 80, seed=1)])
+    with torch.inference_mode():
+        ref = torch_seg._detect(batch, state)[0]
+        ort = onnx_seg._onnx.detect(batch, state)[0]
+        ref_plain = torch_seg._detect(batch, unreplaced)[0]
+        ort_plain = onnx_seg._onnx.detect(batch, unreplaced)[0]
+    assert (ref - ref_plain).abs().max() > 100 * MAX_LOGIT_DIFF  # the replacement matters here
+    assert (ref - ort).abs().max() <= MAX_LOGIT_DIFF
+    assert (ref_plain - ort_plain).abs().max() <= MAX_LOGIT_DIFF
+
+
+def test_segmenter_backend_onnxruntime_returns_the_same_instances(dirs):
+    inference = dict(score_threshold=0.5, max_instances=20, **SMALL)
+    torch_seg = TaskSegmenter.from_pretrained(dirs[0], device="cpu", task=2, inference=InferenceConfig(**inference))
+    onnx_seg = TaskSegmenter.from_pretrained(dirs[0], device="cpu", task=2,
+                                             inference=InferenceConfig(backend="onnxruntime", **inference))
+    images = [_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
+    for single, batched in ((True, False), (False, True)):
+        refs = [torch_seg.predict(img) for img in images] if single else torch_seg.predict_batch(images)
+        outs = [onnx_seg.predict(img) for img in images] if single else onnx_seg.predict_batch(images)
+        for ref, out in zip(refs, outs):
+            assert len(ref) > 0
+            np.testing.assert_array_equal(ref.queries, out.queries)
+            np.testing.assert_allclose(ref.scores, out.scores, atol=1e-5)
+            np.testing.assert_allclose(ref.boxes, out.boxes, atol=1e-3)  # pixels
+            assert out.masks.shape == ref.masks.shape and out.masks.dtype == np.bool_
+            inter = np.logical_and(ref.masks, out.masks).sum((1, 2))
+            union = np.logical_or(ref.masks, out.masks).sum((1, 2))
+            assert np.all(np.where(union == 0, 1.0, inter / np.maximum(union, 1)) >= MIN_MASK_IOU)
+    assert onnx_seg.predict(images[0], with_masks=False).masks is None
+
+
+def test_missing_onnx_files_name_the_export_command(tmp_path):
+    model, cfg = _model(seed=1)
+    directory = save_model_dir(model, tmp_path / "bare", cfg)
+    with pytest.raises(CheckpointError, match=r"toist export --onnx"):
+        TaskSegmenter.from_pretrained(directory, inference=InferenceConfig(backend="onnxruntime"))
+
+
+def test_graphs_of_other_weights_are_refused(dirs, tmp_path):
+    model, cfg = _model(seed=1)
+    directory = save_model_dir(model, tmp_path / "other", cfg)
+    for name in (DETECTOR_FILE, MASK_HEAD_FILE):
+        shutil.copy(dirs[0] / name, directory / name)
+    with pytest.raises(CheckpointError, match="exported from other weights"):
+        OnnxNetwork(directory)
+
+
+def test_tensorrt_without_gpu_says_what_it_needs(dirs):
+    import onnxruntime as ort
+
+    if torch.cuda.is_available() and "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("TensorRT is available here")
+    with pytest.raises(RuntimeError, match=r"TensorRT needs onnxruntime-gpu with the TensorRT execution provider "
+                                           r"and an NVIDIA GPU; available providers: .*CPUExecutionProvider"):
+        TaskSegmenter.from_pretrained(dirs[0], device="cpu", inference=InferenceConfig(backend="tensorrt"))
+
+
+def test_backend_is_validated_and_needs_a_model_directory():
+    with pytest.raises(ConfigError, match="inference.backend must be one of torch, onnxruntime, tensorrt"):
+        InferenceConfig(backend="openvino")
+    with pytest.raises(ValueError, match="from_pretrained"):
+        TaskSegmenter.from_config("tiny_segm", inference=InferenceConfig(backend="onnxruntime"))
+
+
+def test_failed_check_removes_the_graphs_and_fails(tmp_path, monkeypatch, capsys):
+    from toist_core.cli.export import run_onnx
+
+    model, cfg = _model(seed=1)
+    directory = save_model_dir(model, tmp_path / "m", cfg)
+
+    def fake_export(model, directory, exporter="torchscript"):
+        for name in (DETECTOR_FILE, MASK_HEAD_FILE):
+            (Path(directory) / name).write_bytes(b"graph")
+
+    bad = {"logits": 3e-3, "boxes": 1e-6, "mask_iou": 1.0, "images": 3, "tasks": [1, 2],
+           "providers": ["CPUExecutionProvider"], "masks": True}
+    monkeypatch.setattr(onnx_export, "export_onnx", fake_export)
+    monkeypatch.setattr(onnx_export, "compare_backends", lambda directory, **kw: bad)
+    assert run_onnx(str(directory), "torchscript") == 1
+    assert not (directory / DETECTOR_FILE).exists() and not (directory / MASK_HEAD_FILE).exists()
+    assert "max |logits diff| 3.00e-03" in capsys.readouterr().err
+
+
+def test_the_node_parameter_selects_the_backend(dirs, tmp_path):
+    """`backend:=onnxruntime` reaches the node's segmenter; a directory without graphs stops the node
+    at start-up (exit code 3) with the export command."""
+    from toist_ros.model_loader import EXIT_MODEL, StartupError, load_model
+    from toist_ros.params import Settings
+
+    warnings = []
+    settings = Settings().replace({"checkpoint": str(dirs[0]), "device": "cpu", "backend": "onnxruntime",
+                                   "precision": "bf16"})
+    loaded = load_model(settings, warnings.append)
+    assert loaded.segmenter.inference.backend == "onnxruntime" and loaded.segmenter.inference.precision == "fp32"
+    assert any("applies to the torch backend" in w for w in warnings)
+    model, cfg = _model(seed=1)
+    bare = save_model_dir(model, tmp_path / "bare_for_node", cfg)
+    with pytest.raises(StartupError) as info:
+        load_model(settings.replace({"checkpoint": str(bare)}), warnings.append)
+    assert info.value.code == EXIT_MODEL and "toist export --onnx" in str(info.value)

@@ -1,0 +1,149 @@
+"""Running a model directory's ONNX graphs with ONNX Runtime (``InferenceConfig.backend``).
+
+``"onnxruntime"``: CPUExecutionProvider (CUDAExecutionProvider first when the segmenter's
+device is CUDA and onnxruntime-gpu provides it). ``"tensorrt"``: TensorrtExecutionProvider in
+fp16 with its engine cache in ``<model_dir>/trt_cache`` (CUDA, then CPU, for the nodes TensorRT
+does not take). Only the network runs here: :class:`~toist_core.inference.TaskSegmenter`'s
+resize, padding, query selection and mask post-processing are the same Python code for every
+backend, and the text encoder stays in PyTorch (once per task).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..checkpoint import CheckpointError
+from ..config import BACKENDS
+from ..structures import ImageBatch
+from .onnx_export import (DETECTOR_FILE, DETECTOR_INPUTS, MASK_HEAD_FILE, MASK_INPUTS, check_metadata,
+                          model_digest, read_metadata)
+from .results import TaskState
+
+TRT_CACHE_DIR = "trt_cache"
+TRT_MISSING = ("TensorRT needs onnxruntime-gpu with the TensorRT execution provider and an NVIDIA GPU; "
+               "available providers: {available}")
+
+# Per image: (b, kept query indices [n]) -> mask logits [1, n, H/4, W/4].
+MaskFn = Callable[[int, Tensor], Tensor]
+
+
+def providers_for(backend: str, device: torch.device, directory: Path) -> list:
+    """ONNX Runtime execution providers (with options) for ``backend`` on ``device``."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    device_id = device.index or 0
+    if backend == "tensorrt":
+        if "TensorrtExecutionProvider" not in available or device.type != "cuda":
+            where = "" if device.type == "cuda" else f" (the segmenter's device is {device}, not CUDA)"
+            raise RuntimeError(TRT_MISSING.format(available=", ".join(available)) + where)
+        trt = {"device_id": device_id, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
+               "trt_engine_cache_path": str(directory / TRT_CACHE_DIR)}
+        return [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", {"device_id": device_id}),
+                "CPUExecutionProvider"]
+    if backend != "onnxruntime":
+        raise ValueError(f"backend must be one of {BACKENDS[1:]} for ONNX Runtime, got {backend!r}")
+    if device.type == "cuda" and "CUDAExecutionProvider" in available:
+        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxNetwork:
+    """The detector and mask-head graphs of a model directory in ONNX Runtime sessions.
+
+    :meth:`detect` takes the segmenter's padded batch and task state and returns what its
+    PyTorch path computes: ``pred_logits [B, Q, 256]``, ``pred_boxes [B, Q, 4]`` (on the
+    segmenter's device) and a function giving the mask logits of kept queries.
+    """
+
+    def __init__(self, directory, backend: str = "onnxruntime", device: torch.device = torch.device("cpu"),
+                 threads: Optional[int] = None):
+        directory = Path(directory)
+        detector = directory / DETECTOR_FILE
+        if not detector.is_file():
+            raise CheckpointError(f"{directory}: no {DETECTOR_FILE}: backend {backend!r} runs the model directory's "
+                                  f"ONNX graphs; write them with `toist export --onnx {directory}`")
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise RuntimeError(f"backend {backend!r} needs onnxruntime (pip install onnxruntime, or onnxruntime-gpu "
+                               "for CUDA / TensorRT)") from None
+        self.device = device
+        self.backend = backend
+        providers = providers_for(backend, device, directory)
+        if backend == "tensorrt":
+            (directory / TRT_CACHE_DIR).mkdir(exist_ok=True)
+        options = ort.SessionOptions()
+        # The same thread count as torch's intra-op pool: the two backends compare like for like.
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.log_severity_level = 3
+        digest = model_digest(directory)
+        self.detector = self._session(ort, detector, options, providers, directory, "detector", digest)
+        self.has_masks = read_metadata(self.detector.get_modelmeta().custom_metadata_map).get("masks") == "true"
+        self.mask_head = None
+        if self.has_masks:
+            mask_file = directory / MASK_HEAD_FILE
+            if not mask_file.is_file():
+                raise CheckpointError(f"{directory}: {DETECTOR_FILE} without {MASK_HEAD_FILE}; run "
+                                      f"`toist export --onnx {directory}` again")
+            self.mask_head = self._session(ort, mask_file, options, providers, directory, "mask_head", digest)
+        self._outputs = [o.name for o in self.detector.get_outputs()]
+
+    @staticmethod
+    def _session(ort, path: Path, options, providers: list, directory: Path, graph: str, digest: str):
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        check_metadata(path, read_metadata(session.get_modelmeta().custom_metadata_map), directory, graph, digest)
+        return session
+
+    @property
+    def providers(self) -> list[str]:
+        return self.detector.get_providers()
+
+    @staticmethod
+    def task_inputs(state: TaskState) -> dict[str, np.ndarray]:
+        """``text [L, 1, d]``, ``text_mask [1, L]``, ``ccr_rows [L]`` and ``centres [K, d]`` of a task
+        (no replacement: no rows and one dummy centre)."""
+        resized = state.text.resized.detach().float().cpu()
+        rows = np.zeros(resized.shape[0], dtype=bool)
+        if state.uses_ccr:
+            rows[list(state.pronoun_tokens)] = True
+            centres = state.centres.detach().float().cpu().numpy()
+        else:
+            centres = np.zeros((1, resized.shape[-1]), dtype=np.float32)
+        return {"text": resized.numpy(), "text_mask": state.text.padding_mask.cpu().numpy().astype(bool),
+                "ccr_rows": rows, "centres": np.ascontiguousarray(centres, dtype=np.float32)}
+
+    def detect(self, batch: ImageBatch, state: TaskState) -> tuple[Tensor, Tensor, MaskFn]:
+        """``pred_logits [B, Q, 256]``, ``pred_boxes [B, Q, 4]`` and the mask function of a batch."""
+        feeds = {"image": np.ascontiguousarray(batch.tensors.detach().float().cpu().numpy()),
+                 "pad_mask": batch.mask.cpu().numpy(), **self.task_inputs(state)}
+        outputs = dict(zip(self._outputs, self.detector.run(None, {k: feeds[k] for k in DETECTOR_INPUTS})))
+        logits = torch.from_numpy(outputs["pred_logits"]).to(self.device)
+        boxes = torch.from_numpy(outputs["pred_boxes"]).to(self.device)
+
+        def masks(b: int, keep: Tensor) -> Tensor:
+            if self.mask_head is None:
+                raise RuntimeError("this model directory's graphs have no mask head (a detection model)")
+            mask_feeds = {name: outputs[name][b:b + 1] for name in MASK_INPUTS[:-1]}
+            mask_feeds["queries"] = outputs["hs_last"][b:b + 1, keep.cpu().numpy()]
+            return torch.from_numpy(self.mask_head.run(None, mask_feeds)[0]).to(self.device)
+
+        return logits, boxes, masks
+
+
+def open_network(path, backend: str, device: torch.device) -> OnnxNetwork:
+    """The ONNX network of a model directory for ``backend``; a clear error for anything else."""
+    from ..checkpoint import is_model_dir
+
+    if not is_model_dir(path):
+        raise CheckpointError(f"{path}: backend {backend!r} runs the ONNX graphs of a model directory; convert the "
+                              f"checkpoint first: `toist export {path} <model_dir> --onnx`")
+    return OnnxNetwork(path, backend, device)
+
+
+__all__ = ["BACKENDS", "OnnxNetwork", "TRT_CACHE_DIR", "open_network", "providers_for"]
