@@ -76,6 +76,13 @@ def test_committed_card_and_metrics_agree(committed):
     assert size < 40e6, f"the committed default model takes {size / 1e6:.1f} MB"
 
 
+def test_committed_distillation_helps(committed):
+    """The paper's claim, on the committed model: the distilled student beats the plain one it starts
+    from (with the reference's no-object weight 0.1 it did not: 0.324 against 0.391)."""
+    rows = committed["rows"]
+    assert rows["distilled student"]["mAP50/bbox"] > rows["plain student"]["mAP50/bbox"], rows
+
+
 def test_committed_model_is_far_above_an_untrained_one(committed):
     rows = committed["rows"]
     untrained = rows["untrained"]["mAP50/bbox"]
@@ -100,9 +107,8 @@ def _verdicts(seg: TaskSegmenter, settings: dict, count: int = 5) -> tuple[list[
 def test_committed_model_finds_the_right_objects_in_held_out_scenes(committed):
     """The demo's check without ROS, on the demo's scenes: a preferred object is among the
     instances on most of them, and the top instance is one far more often than for the same
-    network untrained. (The top instance is right on 9 of these 20 scenes, against 13 before the
-    EMA fix: the retrained model localises as well but ranks its boxes worse; the issue's
-    target of 15 is not met, see docs/default_model.md.)"""
+    network untrained. (The top instance is right on 9 of these 20 scenes, 46 of 80 over 20 scenes
+    per task; the issue's target of 15 of 20 is not met, see docs/default_model.md.)"""
     settings = committed["settings"]
     segmenter = TaskSegmenter.from_pretrained(DEFAULT_MODEL_DIR, device="cpu",
                                               inference=InferenceConfig(score_threshold=0.0))
@@ -120,9 +126,10 @@ def test_committed_masks_belong_to_their_instances(committed):
     default settings. Before the EMA fix every instance of an image had the same mask (median
     IoU 1.00 between instances, also between instances whose boxes are apart; 45 % of a mask
     inside its box; mask mAP@0.5 0.105 against box 0.315). Now instances in different places get
-    different masks, masks lie mostly in their boxes, and mask mAP keeps up with box mAP. Not yet
-    met (docs/default_model.md): the issue's median IoU over *all* pairs < 0.3 (duplicate
-    detections of one object share its mask) and >= 80 % inside the box."""
+    different masks, masks lie mostly in their boxes, and mask mAP keeps up with box mAP. With the
+    no-object weight 0.5 the model keeps about 2 instances per image (4.3 with 0.1: duplicates and
+    empty boxes at high scores). Not yet met (docs/default_model.md): the issue's median IoU over
+    *all* pairs < 0.3 (the remaining duplicates of one object share its mask) and >= 80 % inside."""
     from toist_core.eval.mask_sanity import mask_box_agreement
 
     settings = committed["settings"]
@@ -132,8 +139,9 @@ def test_committed_masks_belong_to_their_instances(committed):
         state = segmenter.encode_task(task)
         predictions += [segmenter.predict(scene.pixels, state) for scene in held_out_scenes(settings, task, count=10)]
     fit = mask_box_agreement(predictions)
-    assert fit["disjoint_pairs"] >= 10 and fit["disjoint_iou_median"] < 0.9, fit
-    assert fit["inside_box_mean"] >= 0.6, fit
+    assert fit["disjoint_pairs"] >= 3 and fit["disjoint_iou_median"] < 0.9, fit
+    assert fit["inside_box_mean"] >= 0.7, fit
+    assert fit["instances"] <= 3 * len(predictions), fit  # no longer every query above the threshold
     distilled = committed["rows"]["distilled student"]
     assert distilled["mAP50/segm"] >= 0.7 * distilled["mAP50/bbox"], distilled
     assert segmenter.trained_tasks == tuple(settings["tasks"])
