@@ -155,7 +155,7 @@ def main() -> int:
     i50, i95 = _quantiles(inference)
     print(f"bench_ros_latency: {args.width}x{args.height} rgb8 at {args.rate:g} Hz for {elapsed:.1f} s; "
           f"QoS {args.qos}; model input short side {args.short_side}; masks {args.masks}; "
-          f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'embedded tiny model (random weights)'}; "
+          f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'embedded default model (synthetic scenes)'}; "
           f"device {values.get('device', args.device)}")
     print(f"  frames published        {published}")
     print(f"  results received        {len(got)}  ->  throughput {len(got) / elapsed:.2f} results/s")
