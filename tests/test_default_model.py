@@ -76,6 +76,13 @@ def test_committed_card_and_metrics_agree(committed):
     assert size < 40e6, f"the committed default model takes {size / 1e6:.1f} MB"
 
 
+def test_the_node_and_toist_core_name_the_same_default_model():
+    from toist_core import checkpoint
+
+    assert DEFAULT_MODEL_DIR == checkpoint.DEFAULT_MODEL_DIR
+    assert default_model_dir() == checkpoint.default_model_dir()
+
+
 def test_committed_distillation_helps(committed):
     """The paper's claim, on the committed model: the distilled student beats the plain one it starts
     from (with the reference's no-object weight 0.1 it did not: 0.324 against 0.391)."""

@@ -15,14 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from toist_core.checkpoint.default_model import CONFIG_FILE, DEFAULT_MODEL_DIR as _PACKAGED_MODEL_DIR
+import toist_core  # light: imports neither torch nor ROS (toist_core.checkpoint imports torch)
 
 EXIT_PARAMETERS = 2   # a parameter value is invalid
 EXIT_MODEL = 3        # checkpoint missing, unreadable or not a TOIST model
 EXIT_DEVICE = 4       # the requested device cannot be used
 
 # The embedded default: the model directory `make default-model` trains on synthetic COCO-Tasks.
-DEFAULT_MODEL_DIR: Path = _PACKAGED_MODEL_DIR
+# toist_core.checkpoint.DEFAULT_MODEL_DIR, spelt out here so that a bad checkpoint path fails
+# before torch is imported (tests/test_default_model.py checks that the two agree).
+DEFAULT_MODEL_DIR: Path = Path(toist_core.__file__).resolve().parent / "assets" / "default_model"
+CONFIG_FILE = "config.yaml"
 DEFAULT_MODEL_NOTE = ("embedded default model: a small TOIST (MobileNetV2, distilled student with masks) trained "
                       "on SYNTHETIC COCO-Tasks scenes only (toist_core/assets/default_model/MODEL_CARD.md); it "
                       "returns confident but meaningless instances on real images: pass checkpoint:=<TOIST .pth or "
