@@ -56,14 +56,10 @@ class _Session:
             pass
 
     def call(self, kind: Any, name: str, request: Any, timeout: float) -> Any:
-        client = self.node.create_client(kind, name)
-        if not client.wait_for_service(timeout_sec=timeout):
-            raise TimeoutError(f"no service {self.node.resolve_service_name(name)} within {timeout:.0f} s "
-                               "(is the node running, in this namespace and ROS_DOMAIN_ID?)")
-        future = client.call_async(request)
-        if not _wait(future.done, timeout):
-            raise TimeoutError(f"{name} did not answer within {timeout:.0f} s")
-        return future.result()
+        from toist_ros.service_call import call_service
+
+        return call_service(self.node.create_client(kind, name), request, timeout,
+                            hint=" (is the node running, in this namespace and ROS_DOMAIN_ID?)")
 
     def close(self) -> None:
         import rclpy

@@ -203,15 +203,9 @@ class _Client:
             self.results.append((time.time(), msg))
 
     def call(self, client: Any, request: Any, timeout: float) -> Any:
-        if not client.wait_for_service(timeout_sec=timeout):
-            raise RuntimeError(f"service {client.srv_name} is not available")
-        future = client.call_async(request)
-        deadline = time.monotonic() + timeout
-        while not future.done() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not future.done():
-            raise RuntimeError(f"service {client.srv_name} did not answer within {timeout:.0f} s")
-        return future.result()
+        from toist_ros.service_call import call_service
+
+        return call_service(client, request, timeout)
 
     def close(self) -> None:
         import rclpy
