@@ -14,6 +14,9 @@ Arguments (``ros2 launch toist_ros perception.launch.py --show-args``):
   task                task at start: "2", "sit comfortably on", free text
   compressed          true | false: subscribe <image_topic>/compressed
   reliability         auto | reliable | best_effort (image subscription)
+  depth               true | false: 3D instances from a registered depth image (depth.enabled)
+  depth_topic         the registered depth image topic; the node's `depth` is remapped to it
+  camera_info_topic   the colour camera's CameraInfo topic; the node's `camera_info` is remapped to it
   use_sim_time        true | false
   log_level           debug | info | warn | error | fatal
 An empty value keeps the params file's value of that parameter.
@@ -50,6 +53,11 @@ ARGUMENTS = (
     ("task", "", "task at start (id, name or free text); empty = the params file's value"),
     ("compressed", "", "true | false: subscribe <image_topic>/compressed; empty = the params file's value"),
     ("reliability", "", "auto | reliable | best_effort image subscription; empty = the params file's value"),
+    ("depth", "", "true | false: 3D instances from a registered depth image (depth.enabled); "
+                  "empty = the params file's value"),
+    ("depth_topic", "depth", "registered depth image topic (16UC1 mm or 32FC1 m) the node's `depth` is remapped to"),
+    ("camera_info_topic", "camera_info", "the colour camera's CameraInfo topic the node's `camera_info` is "
+                                         "remapped to"),
     ("use_sim_time", "false", "use /clock (true for bag playback and simulators)"),
     ("log_level", "info", "debug | info | warn | error | fatal"),
 )
@@ -58,6 +66,7 @@ PARAMETER_ARGUMENTS = {
     "checkpoint": ("checkpoint", str), "text_encoder": ("text_encoder", str), "device": ("device", str),
     "allow_cpu_fallback": ("allow_cpu_fallback", bool), "precision": ("precision", str), "task": ("task", str),
     "compressed": ("input.compressed", bool), "reliability": ("input.reliability", str),
+    "depth": ("depth.enabled", bool),
 }
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 _TRUE = ("true", "1", "yes", "on")
@@ -89,8 +98,9 @@ def node_options(args):
     level = args["log_level"].strip().lower()
     if level not in LOG_LEVELS:
         raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {args['log_level']!r}")
-    if not args["image_topic"].strip():
-        raise ValueError("image_topic is empty")
+    for topic in ("image_topic", "depth_topic", "camera_info_topic"):
+        if not args[topic].strip():
+            raise ValueError(f"{topic} is empty")
     overrides = {"use_sim_time": sim_time}
     for name, (parameter, kind) in PARAMETER_ARGUMENTS.items():
         text = args[name].strip()
@@ -99,7 +109,8 @@ def node_options(args):
     return {
         "namespace": args["namespace"].strip(),
         "parameters": [args["params_file"], overrides],
-        "remappings": [("image", args["image_topic"].strip())],
+        "remappings": [("image", args["image_topic"].strip()), ("depth", args["depth_topic"].strip()),
+                       ("camera_info", args["camera_info_topic"].strip())],
         "arguments": ["--ros-args", "--log-level", level],
     }
 

@@ -35,6 +35,11 @@ def _sample_instances():
     inst.mask.height, inst.mask.width, inst.mask.encoding, inst.mask.step = 2, 3, "mono8", 3
     inst.mask.data = bytes([0, 255, 255, 255, 0, 0])
     inst.mask_area = 4
+    inst.has_3d = True
+    inst.centroid.x, inst.centroid.y, inst.centroid.z = 0.1, -0.2, 1.25
+    inst.extent.x, inst.extent.y, inst.extent.z = 0.3, 0.2, 0.05
+    inst.depth_points, inst.depth_fraction = 4, 1.0
+    msg.depth_status, msg.depth_offset_ms = TaskInstances.DEPTH_PAIRED, -1.5
     msg.instances = [inst]
     return msg
 
@@ -44,11 +49,16 @@ def test_generated_types_have_the_contract_fields():
     from toist_ros.srv import SegmentImage, SetTask
 
     assert set(Instance.get_fields_and_field_types()) == {
-        "score", "rank", "box", "mask_roi", "mask", "mask_area"}
+        "score", "rank", "box", "mask_roi", "mask", "mask_area", "has_3d", "centroid", "extent", "surface_point",
+        "depth_points", "depth_fraction"}
+    assert Instance.get_fields_and_field_types()["centroid"] == "geometry_msgs/Point"
+    assert Instance.get_fields_and_field_types()["extent"] == "geometry_msgs/Vector3"
     assert Instance.get_fields_and_field_types()["box"] == "float[4]"
     assert set(TaskInstances.get_fields_and_field_types()) == {
         "header", "image_width", "image_height", "task", "task_id", "task_revision", "inference_ms",
-        "latency_ms", "instances"}
+        "latency_ms", "depth_status", "depth_offset_ms", "instances"}
+    assert (TaskInstances.DEPTH_OFF, TaskInstances.DEPTH_PAIRED, TaskInstances.DEPTH_MISSING,
+            TaskInstances.DEPTH_UNSYNCED) == (0, 1, 2, 3)
     assert set(TaskStatus.get_fields_and_field_types()) == {"stamp", "task", "task_id", "revision", "ready",
                                                             "warning"}
     assert set(SetTask.Request.get_fields_and_field_types()) == {"task"}
@@ -77,6 +87,8 @@ def test_task_instances_round_trip_over_dds(ros):
     np.testing.assert_array_equal(inst.box, sent.instances[0].box)
     assert bytes(inst.mask.data) == bytes([0, 255, 255, 255, 0, 0])
     assert (inst.mask_roi.width, inst.mask_roi.height, inst.mask_area) == (3, 2, 4)
+    assert inst.has_3d and inst.centroid == sent.instances[0].centroid and inst.extent == sent.instances[0].extent
+    assert got.depth_status == TaskInstances.DEPTH_PAIRED and got.depth_offset_ms == pytest.approx(-1.5)
 
 
 def test_set_task_service_round_trip(ros):

@@ -13,7 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = ROOT / "launch" / "perception.launch.py"
 CONTRACT_ARGUMENTS = {"namespace", "image_topic", "params_file", "checkpoint", "device", "task", "use_sim_time",
-                      "log_level", "text_encoder", "allow_cpu_fallback", "precision", "compressed", "reliability"}
+                      "log_level", "text_encoder", "allow_cpu_fallback", "precision", "compressed", "reliability",
+                      "depth", "depth_topic", "camera_info_topic"}
+DEFAULT_REMAPS = [("depth", "depth"), ("camera_info", "camera_info")]
 
 
 def _load():
@@ -45,7 +47,7 @@ def test_defaults_keep_the_params_file_values():
     launch = _load()
     options = launch.node_options({"params_file": "/p.yaml"})
     assert options["parameters"] == ["/p.yaml", {"use_sim_time": False}]
-    assert options["remappings"] == [("image", "image")]
+    assert options["remappings"] == [("image", "image")] + DEFAULT_REMAPS
     assert options["namespace"] == ""
     assert options["arguments"] == ["--ros-args", "--log-level", "info"]
 
@@ -59,8 +61,21 @@ def test_arguments_become_typed_overrides_and_a_remap():
     assert options["parameters"][1] == {"use_sim_time": True, "checkpoint": "/models/toist.pth", "device": "cuda:1",
                                         "task": "2"}
     assert isinstance(options["parameters"][1]["task"], str)  # "2" stays text, not the integer 2
-    assert options["remappings"] == [("image", "/camera/color/image_raw")]
+    assert options["remappings"] == [("image", "/camera/color/image_raw")] + DEFAULT_REMAPS
     assert options["arguments"][-1] == "debug"
+
+
+def test_depth_arguments_enable_depth_and_remap_its_topics():
+    launch = _load()
+    options = launch.node_options({"params_file": "/p.yaml", "image_topic": "/camera/camera/color/image_raw",
+                                   "depth": "true", "depth_topic": "/camera/camera/aligned_depth_to_color/image_raw",
+                                   "camera_info_topic": "/camera/camera/color/camera_info"})
+    assert options["parameters"][1] == {"use_sim_time": False, "depth.enabled": True}
+    assert options["remappings"] == [("image", "/camera/camera/color/image_raw"),
+                                     ("depth", "/camera/camera/aligned_depth_to_color/image_raw"),
+                                     ("camera_info", "/camera/camera/color/camera_info")]
+    with pytest.raises(ValueError, match="depth_topic is empty"):
+        launch.node_options({"params_file": "/p.yaml", "depth_topic": ""})
 
 
 def test_every_start_up_parameter_users_set_has_an_argument_of_the_right_type():
@@ -93,7 +108,8 @@ def test_a_start_up_failure_becomes_the_launch_error_with_code_and_reason():
 
 
 @pytest.mark.parametrize("bad", [{"use_sim_time": "maybe"}, {"log_level": "loud"}, {"image_topic": " "},
-                                 {"camera": "x"}, {"allow_cpu_fallback": "sure"}, {"compressed": "2"}])
+                                 {"camera": "x"}, {"allow_cpu_fallback": "sure"}, {"compressed": "2"},
+                                 {"depth": "maybe"}])
 def test_bad_arguments_are_refused(bad):
     launch = _load()
     with pytest.raises(ValueError):
@@ -106,7 +122,8 @@ def test_command_line_matches_what_launch_ros_passes():
                                    "task": "2", "use_sim_time": "false"})
     assert launch.command_line(options) == [
         "--ros-args", "-r", "__node:=toist_perception", "-r", "__ns:=/front", "--params-file", "/p.yaml",
-        "-p", "use_sim_time:=false", "-p", "task:='2'", "-r", "image:=/cam/image", "--log-level", "info"]
+        "-p", "use_sim_time:=false", "-p", "task:='2'", "-r", "image:=/cam/image", "-r", "depth:=depth",
+        "-r", "camera_info:=camera_info", "--log-level", "info"]
 
 
 def test_launch_file_and_config_are_installed_with_the_package():

@@ -220,8 +220,9 @@ def test_bytes_per_message_for_ten_whole_frame_masks_at_vga_are_bounded():
                              to_instance_msgs(ranked, header))
     size = len(serialize_message(msg))
     crop_bytes = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in (_window(b, 640, 480) for b in boxes))
-    # Per instance: score, rank, box, roi, the mask's header (stamp, frame_id) and encoding, and padding.
-    assert size <= crop_bytes + len(boxes) * 160 + 200, (size, crop_bytes)
+    # Per instance: score, rank, box, roi, the mask's header (stamp, frame_id) and encoding, and padding
+    # (160 bytes), and the 3D fields (has_3d, three 3-vectors of doubles, points, fraction: 81 bytes).
+    assert size <= crop_bytes + len(boxes) * (160 + 81) + 200, (size, crop_bytes)
     assert crop_bytes < 0.25 * len(boxes) * 640 * 480  # the old rule sent 10 whole frames (3.07 MB)
 
 

@@ -104,6 +104,20 @@ def test_health_recovers_after_an_old_error():
                         now=3.0 + ERROR_WINDOW_S)[0] == WARN
 
 
+def test_health_warns_while_no_frame_gets_depth_and_recovers_when_one_does():
+    health = HealthLevel()
+    depth = {"depth_paired": 0, "depth_missing": 0, "depth_unsynced": 0}
+    assert health.judge({**_values(), **depth}, ready=True, last_error="", receiving=True) == (OK, "running")
+    depth.update(depth_missing=3, depth_unsynced=2)
+    level, message = health.judge({**_values(), **depth}, ready=True, last_error="", receiving=True)
+    assert level == WARN and "no depth paired with the last 5 frame(s) (3 without a depth image" in message
+    assert "2 with depth stamped more than depth.max_dt_s apart" in message
+    depth.update(depth_paired=1, depth_unsynced=3)  # one frame got depth since the last report
+    assert health.judge({**_values(), **depth}, ready=True, last_error="", receiving=True) == (OK, "running")
+    # Without depth keys (depth.enabled false) nothing is said about depth.
+    assert health.judge(_values(), ready=True, last_error="", receiving=True) == (OK, "running")
+
+
 def test_most_frames_lost_gives_one_warning_naming_the_remedies():
     from toist_ros.camera_input import LOSS_WINDOW_S, CameraInputs
     from toist_ros.diagnostics import Counters

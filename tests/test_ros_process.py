@@ -193,3 +193,14 @@ def test_demo_runs_the_embedded_model_on_held_out_scenes(tmp_path):
     for row in report["frames"] + one_shots:
         assert (out / row["overlay"]).is_file()
     assert "held-out synthetic scenes" in (out / "report.md").read_text()
+    # Depth: every scene frame paired with its depth image, the photos without; the instances that
+    # cover their object are placed near its true centroid (the model's masks are not exact).
+    depth = report["depth"]
+    # (A photo comes without depth: "unsynced" once the scenes' depth images are in the node's ring.)
+    assert depth["frames_paired"] == len(scenes) and depth["frames_missing"] + depth["frames_unsynced"] == len(photos)
+    assert depth["instances_3d"] >= 1
+    positions = [p for r in scenes for p in r["positions"]]
+    assert all(p["truth_m"][2] in (1.0, 1.3, 1.6) for p in positions)
+    if depth["instances_box_iou_0.5"]:
+        assert depth["median_error_cm_box_iou_0.5"] < 10.0
+    assert "3D positions (depth.enabled" in (out / "report.md").read_text()

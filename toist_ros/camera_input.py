@@ -117,7 +117,7 @@ class CameraInputs:
             camera.debug_pub = node.create_publisher(Image, camera.prefix + "debug_image",
                                                      QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
             node.get_logger().info(f"input {camera.subscribed_name} ({self._kind().__name__}, QoS "
-                                   f"{_qos_text(_image_qos(camera.reliable))}, input.reliability "
+                                   f"{qos_text(image_qos(camera.reliable))}, input.reliability "
                                    f"{self.reliability}) -> {camera.instances_pub.topic_name}, "
                                    f"{camera.debug_pub.topic_name}")
         self._timer = node.create_timer(QOS_CHECK_PERIOD_S, self.check, callback_group=self._group)
@@ -138,18 +138,12 @@ class CameraInputs:
         else:
             kind, convert = Image, self._limits.image_to_rgb
         camera.subscription = node.create_subscription(
-            kind, camera.subscribed_name, _image_callback(self._on_image, camera, convert), _image_qos(reliable),
+            kind, camera.subscribed_name, _image_callback(self._on_image, camera, convert), image_qos(reliable),
             callback_group=self._group, event_callbacks=self._qos_events())
         camera.reliable = reliable
 
     def _wanted_reliable(self, camera: Camera, current: bool) -> bool:
-        """The reliability the subscription should have now (``current`` when nothing says otherwise)."""
-        if self.reliability != "auto":
-            return self.reliability == "reliable"
-        offered = [p.qos_profile.reliability for p in self._node.get_publishers_info_by_topic(camera.subscribed_name)]
-        if not offered:
-            return current  # nobody publishes: keep what we have until someone does
-        return all(r == ReliabilityPolicy.RELIABLE for r in offered)
+        return wanted_reliable(self._node, camera.subscribed_name, self.reliability, current)
 
     def check(self) -> None:
         """Timer: match the publishers' reliability (auto) and warn when most frames are lost."""
@@ -162,7 +156,7 @@ class CameraInputs:
                     self._node.get_logger().info(
                         f"the publishers on {camera.subscribed_name} now all offer "
                         f"{'reliable' if wanted else 'best effort or a mix'}: image subscription re-created as "
-                        f"{_qos_text(_image_qos(wanted))} (input.reliability auto)")
+                        f"{qos_text(image_qos(wanted))} (input.reliability auto)")
             self._check_losses(camera)
 
     def _check_losses(self, camera: Camera) -> None:
@@ -178,7 +172,7 @@ class CameraInputs:
             self._node.get_logger().warning(
                 f"most images on {camera.subscribed_name} never reached the node: {lost} lost in transport, "
                 f"{arrived} arrived in the last {LOSS_WINDOW_S:.0f} s (subscription "
-                f"{_qos_text(_image_qos(camera.reliable))}); remedies: {REMEDIES}")
+                f"{qos_text(image_qos(camera.reliable))}); remedies: {REMEDIES}")
 
     def receiving(self) -> bool:
         """Whether any camera delivered images recently."""
@@ -217,7 +211,7 @@ class CameraInputs:
                 continue
             self._counters.add("no_image_warnings")
             publishers = self._node.get_publishers_info_by_topic(camera.subscribed_name)
-            offered = "; ".join(f"{p.node_namespace.rstrip('/')}/{p.node_name} offers {_qos_text(p.qos_profile)}"
+            offered = "; ".join(f"{p.node_namespace.rstrip('/')}/{p.node_name} offers {qos_text(p.qos_profile)}"
                                 for p in publishers) or "no publisher on this topic (check the remapping)"
             hint = ""
             if publishers and not camera.reliable:
@@ -226,7 +220,7 @@ class CameraInputs:
                         f"{REMEDIES}")
             self._node.get_logger().warning(
                 f"no image on {camera.subscribed_name} after {settings['input.no_image_warning_s']:.0f} s; "
-                f"this node asks for {_qos_text(_image_qos(camera.reliable))}; {offered}{hint}")
+                f"this node asks for {qos_text(image_qos(camera.reliable))}; {offered}{hint}")
 
     def _qos_events(self):
         """Warn when a publisher's QoS cannot match ours (the classic "runs but receives nothing")."""
@@ -252,13 +246,24 @@ class CameraInputs:
         return SubscriptionEventCallbacks(incompatible_qos=incompatible)
 
 
-def _image_qos(reliable: bool) -> QoSProfile:
+def wanted_reliable(node: Node, topic: str, mode: str, current: bool) -> bool:
+    """Whether an image subscription to ``topic`` should be reliable now, for ``input.reliability``
+    ``mode`` (auto: when every publisher offers reliable; ``current`` while nobody publishes)."""
+    if mode != "auto":
+        return mode == "reliable"
+    offered = [p.qos_profile.reliability for p in node.get_publishers_info_by_topic(topic)]
+    if not offered:
+        return current  # nobody publishes: keep what we have until someone does
+    return all(r == ReliabilityPolicy.RELIABLE for r in offered)
+
+
+def image_qos(reliable: bool) -> QoSProfile:
     """Sensor-data QoS (best effort, keep last 1) by default; reliable keep-last-1 on request."""
     return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, durability=DurabilityPolicy.VOLATILE,
                       reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT)
 
 
-def _qos_text(qos: Any) -> str:
+def qos_text(qos: Any) -> str:
     reliability = getattr(qos.reliability, "name", str(qos.reliability)).lower().replace("_", " ")
     durability = getattr(qos.durability, "name", str(qos.durability)).lower().replace("_", " ")
     depth = f", depth {qos.depth}" if qos.depth else ""  # discovery does not tell a publisher's depth
@@ -291,4 +296,4 @@ def _compressed_topic(node: Node, topic: str) -> str:
     return node.resolve_topic_name(topic) + "/compressed"
 
 
-__all__ = ["Camera", "CameraInputs", "Frame"]
+__all__ = ["Camera", "CameraInputs", "Frame", "image_qos", "qos_text", "wanted_reliable"]

@@ -6,7 +6,9 @@
 Each frame is stamped with the publishing time and ``frame_id`` (default ``standin_camera``);
 ``CameraStandIn.sent`` maps every stamp to the photo it carried, so a client can match the
 results. The photos cycle through the supported encodings (rgb8, bgr8, rgba8, bgra8; the
-grayscale photo as mono8) unless one encoding is asked for.
+grayscale photo as mono8) unless one encoding is asked for. Given ``depth`` (name -> 16UC1
+millimetres and the camera's intrinsics), a frame that has depth is preceded by its CameraInfo and
+its depth image, with the same stamp and frame, as an RGB-D driver publishes them.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ class CameraStandIn(Node):
 
     def __init__(self, photos: list[tuple[str, np.ndarray]], topic: str = "image", rate_hz: float = 5.0,
                  count: Optional[int] = None, frame_id: str = "standin_camera", encoding: Optional[str] = None,
-                 compressed: bool = False, reliable: bool = False, start: bool = True, **node_kwargs) -> None:
+                 compressed: bool = False, reliable: bool = False, start: bool = True,
+                 depth: Optional[dict] = None, depth_topic: str = "depth", camera_info_topic: str = "camera_info",
+                 **node_kwargs) -> None:
         super().__init__("camera_standin", **node_kwargs)
         if not photos:
             raise ValueError("no photos to publish")
@@ -79,6 +83,13 @@ class CameraStandIn(Node):
 
         kind = CompressedImage if compressed else Image
         self.publisher = self.create_publisher(kind, topic.rstrip("/") + ("/compressed" if compressed else ""), qos)
+        self._depth = {name: (_depth_image(depth_mm), _camera_info(camera)) for name, (depth_mm, camera)
+                       in (depth or {}).items()}
+        if self._depth:
+            from sensor_msgs.msg import CameraInfo
+
+            self.depth_publisher = self.create_publisher(Image, depth_topic, qos)
+            self.info_publisher = self.create_publisher(CameraInfo, camera_info_topic, qos)
         self._period = 1.0 / rate_hz
         self._timer = None
         if start:
@@ -113,8 +124,32 @@ class CameraStandIn(Node):
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.header.frame_id = self.frame_id
         self.sent[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = name
+        if name in self._depth:
+            depth, info = self._depth[name]
+            depth.header = info.header = msg.header
+            self.info_publisher.publish(info)
+            self.depth_publisher.publish(depth)
         self.publisher.publish(msg)
         self.published += 1
+
+
+def _depth_image(depth_mm: np.ndarray):
+    from sensor_msgs.msg import Image
+
+    depth_mm = np.ascontiguousarray(depth_mm, dtype=np.uint16)
+    return Image(height=depth_mm.shape[0], width=depth_mm.shape[1], encoding="16UC1", step=2 * depth_mm.shape[1],
+                 is_bigendian=0, data=depth_mm.tobytes())
+
+
+def _camera_info(camera):
+    """A plumb_bob CameraInfo without distortion for ``camera`` (toist_ros.depth.geometry.Intrinsics)."""
+    from sensor_msgs.msg import CameraInfo
+
+    info = CameraInfo(width=camera.width, height=camera.height, distortion_model="plumb_bob", d=[0.0] * 5)
+    info.k = [camera.fx, 0.0, camera.cx, 0.0, camera.fy, camera.cy, 0.0, 0.0, 1.0]
+    info.p = [camera.fx, 0.0, camera.cx, 0.0, 0.0, camera.fy, camera.cy, 0.0, 0.0, 0.0, 1.0, 0.0]
+    info.r = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    return info
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -47,6 +47,21 @@ class ImageError(ValueError):
         self.reason = reason
 
 
+def checked_rows(msg: Any, row_bytes: int, unit: str, error: type = ImageError) -> memoryview:
+    """The bytes of an image message whose rows need ``row_bytes`` each (``unit``: what a pixel
+    is, for the message), after checking ``step`` and the data length; raises ``error`` with
+    reason "step" or "truncated"."""
+    height, width, step, encoding = int(msg.height), int(msg.width), int(msg.step), str(msg.encoding)
+    if step < row_bytes:
+        raise error("step", f"step {step} is less than width {width} x {unit} = {row_bytes} bytes ({encoding})")
+    data = memoryview(msg.data).cast("B")
+    needed = step * height
+    if data.nbytes < needed:
+        raise error("truncated", f"image data has {data.nbytes} bytes, but step {step} x height {height} "
+                                 f"= {needed} ({width}x{height} {encoding})")
+    return data
+
+
 def image_to_rgb(msg: Any) -> np.ndarray:
     """A ``sensor_msgs/Image`` as a C-contiguous ``[H, W, 3]`` uint8 RGB array.
 
@@ -62,15 +77,8 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     if channels is None:
         raise ImageError("encoding", f"unsupported encoding {encoding!r}; supported: {', '.join(SUPPORTED_ENCODINGS)}")
     row_bytes = width * channels
-    if step < row_bytes:
-        raise ImageError("step", f"step {step} is less than width {width} x {channels} channels = {row_bytes} bytes "
-                                 f"({encoding})")
-    data = memoryview(msg.data).cast("B")
-    needed = step * height
-    if data.nbytes < needed:
-        raise ImageError("truncated", f"image data has {data.nbytes} bytes, but step {step} x height {height} "
-                                      f"= {needed} ({width}x{height} {encoding})")
-    rows = np.frombuffer(data, dtype=np.uint8, count=needed).reshape(height, step)[:, :row_bytes]
+    data = checked_rows(msg, row_bytes, f"{channels} channels", ImageError)
+    rows = np.frombuffer(data, dtype=np.uint8, count=step * height).reshape(height, step)[:, :row_bytes]
     pixels = rows.reshape(height, width, channels)
     conversion = _TO_RGB[encoding.lower()]
     if conversion is None:

@@ -17,7 +17,10 @@
 5. writes an overlay per result (drawn from the received messages: boxes, mask crops put
    back in place) and a report under ``out/demo/``: per frame the task, the instances and, on
    synthetic scenes, whether they are the right objects (IoU >= 0.5 with a preferred object);
-   the model's synthetic test mAP; latency p50/p95,
+   the model's synthetic test mAP; latency p50/p95; with the embedded model, the node runs with
+   ``depth.enabled`` and the stand-in publishes a depth image and CameraInfo with each synthetic
+   scene (a 3D layout of its shapes, ``toist_ros.demo_depth``): the report gives every instance's
+   3D centroid next to the true one of the object it covers,
 6. stops the node (SIGINT) and exits 0 when everything above worked.
 
 ROS traffic stays on this machine (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST unless set) in a
@@ -44,6 +47,7 @@ import numpy as np
 NAMESPACE = "/toist_demo"
 CAMERA_TOPIC = f"{NAMESPACE}/camera/image"
 # The embedded model knows the recipe's tasks only (toist_core/assets/default_model/MODEL_CARD.md).
+DEPTH_TOPIC, CAMERA_INFO_TOPIC = f"{NAMESPACE}/camera/depth", f"{NAMESPACE}/camera/camera_info"
 DEFAULT_TASK = "sit comfortably on"
 CHECKPOINT_TASK, CHECKPOINT_ONE_SHOT_TASK = "place flowers in", "open bottle of beer with"
 ONE_SHOT_PHOTO = "astronaut"
@@ -96,6 +100,10 @@ class _Plan:
         if not self.one_shots:
             self.one_shots = [_OneShot(self.one_shot_task, ONE_SHOT_PHOTO, self.photos[ONE_SHOT_PHOTO])]
         self.frames = [(s.name, s.pixels) for s in self.scenes.values()] + list(self.photos.items())
+        # A 3D layout for each camera scene: depth image, camera, true object centroids.
+        from toist_ros.demo_depth import scene_depth
+
+        self.depth = {name: scene_depth(s.objects, *s.pixels.shape[:2]) for name, s in self.scenes.items()}
         self.frame_count = args.frames or len(self.frames)
 
     def pixels(self, name: str) -> Optional[np.ndarray]:
@@ -132,7 +140,7 @@ def _ros_environment() -> None:
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 100)))
 
 
-def _node_command(args: argparse.Namespace, short_side: int) -> list[str]:
+def _node_command(args: argparse.Namespace, short_side: int, depth: bool = False) -> list[str]:
     """The installed perception_node (what `ros2 run toist_ros perception_node` runs) with its params file."""
     try:
         from ament_index_python.packages import get_package_prefix, get_package_share_directory
@@ -154,6 +162,8 @@ def _node_command(args: argparse.Namespace, short_side: int) -> list[str]:
         ros_args += ["-p", f"checkpoint:={os.path.abspath(args.checkpoint)}"]
     if args.text_encoder:
         ros_args += ["-p", f"text_encoder:={args.text_encoder}"]
+    if depth:
+        ros_args += ["-p", "depth.enabled:=true", "-r", f"depth:={DEPTH_TOPIC}", "-r", f"camera_info:={CAMERA_INFO_TOPIC}"]
     return command + ros_args
 
 
@@ -181,7 +191,9 @@ class _Client:
         self.set_task_client = self.node.create_client(SetTask, f"{NAMESPACE}/set_task")
         self.segment_client = self.node.create_client(SegmentImage, f"{NAMESPACE}/segment_image")
         self.camera = CameraStandIn(plan.frames, CAMERA_TOPIC, args.rate, plan.frame_count,
-                                    frame_id="standin_camera", reliable=True, start=False, context=self.context)
+                                    frame_id="standin_camera", reliable=True, start=False, context=self.context,
+                                    depth={name: (d.depth_mm, d.camera) for name, d in plan.depth.items()},
+                                    depth_topic=DEPTH_TOPIC, camera_info_topic=CAMERA_INFO_TOPIC)
         self.executor = MultiThreadedExecutor(num_threads=3, context=self.context)
         self.executor.add_node(self.node)
         self.executor.add_node(self.camera)
@@ -271,7 +283,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.checkpoint:
         note = DEFAULT_MODEL_NOTE if plan.metrics is not None else FALLBACK_MODEL_NOTE.format(path=DEFAULT_MODEL_DIR)
         print(f"toist demo: NOTE: {note}.")
-    command = _node_command(args, plan.short_side)
+    command = _node_command(args, plan.short_side, depth=bool(plan.depth))
     log_path = out / "node.log"
     print("toist demo: starting the node:", " ".join(command))
     log = open(log_path, "w")
@@ -352,7 +364,8 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
         node_latencies.append(msg.latency_ms)
         inference.append(msg.inference_ms)
         row = {"frame": index, "image": name, "size": f"{msg.image_width}x{msg.image_height}",
-               "latency_ms": round(latencies[-1], 1), "overlay": "", **_result_cells(msg, plan.scenes.get(name))}
+               "latency_ms": round(latencies[-1], 1), "overlay": "", **_result_cells(msg, plan.scenes.get(name)),
+               "positions": _positions(msg, plan.scenes.get(name), plan.depth.get(name))}
         pixels = plan.pixels(name)
         if pixels is not None:
             row["overlay"] = f"frame_{index:02d}_{name}.png"
@@ -395,6 +408,7 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
         "inference_ms": {"p50": round(i50, 1), "p95": round(i95, 1)},
         "one_shots": one_shot_rows,
         "frames": rows,
+        "depth": _depth_summary(rows, results, bool(plan.depth)),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     text = _report_text(report)
@@ -408,6 +422,28 @@ def _result_cells(msg: Any, scene: Optional[Any]) -> dict:
     return {"task": msg.task, "instances": len(msg.instances),
             "best_score": round(msg.instances[0].score, 4) if msg.instances else None,
             "inference_ms": round(msg.inference_ms, 1), **_judgement(scene, msg)}
+
+
+def _positions(msg: Any, scene: Optional[Any], depth: Optional[Any]) -> list[dict]:
+    """Per instance with 3D: its centroid and the true centroid of the scene object its box
+    overlaps most (``toist_ros.demo_depth``); empty without depth."""
+    from toist_ros.demo_scenes import box_iou
+
+    if scene is None or depth is None or not len(scene.boxes):
+        return []
+    out = []
+    for inst in msg.instances:
+        if not inst.has_3d:
+            continue
+        overlaps = box_iou(np.array([list(inst.box)], dtype=np.float64), scene.boxes)[0]
+        target = int(np.argmax(overlaps))
+        got = np.array([inst.centroid.x, inst.centroid.y, inst.centroid.z])
+        truth = depth.centroids[target]
+        out.append({"rank": int(inst.rank), "centroid_m": [round(float(v), 3) for v in got],
+                    "object": target, "box_iou": round(float(overlaps[target]), 2),
+                    "truth_m": [round(float(v), 3) for v in truth],
+                    "error_cm": round(100.0 * float(np.linalg.norm(got - truth)), 1)})
+    return out
 
 
 def _judgement(scene: Optional[Any], msg: Any) -> dict:
@@ -435,6 +471,21 @@ def _judged_cells(row: dict) -> tuple[str, str]:
     """The report table's "right / preferred" and "top right" cells."""
     right = "-" if row["right"] is None else f"{row['right']} / {row['preferred']}"
     return right, "-" if row["top_right"] is None else ("yes" if row["top_right"] else "no")
+
+
+def _depth_summary(rows: list[dict], results: list, enabled: bool) -> Optional[dict]:
+    """How the 3D step went over the camera frames: statuses, and centroid errors of the
+    instances that cover an object well (box IoU >= 0.5) and of all."""
+    if not enabled:
+        return None
+    statuses = [m.depth_status for _, m in results]
+    good = [p["error_cm"] for r in rows for p in r["positions"] if p["box_iou"] >= 0.5]
+    every = [p["error_cm"] for r in rows for p in r["positions"]]
+    return {"frames_paired": statuses.count(1), "frames_missing": statuses.count(2),
+            "frames_unsynced": statuses.count(3), "instances_3d": len(every),
+            "median_error_cm_box_iou_0.5": round(float(np.median(good)), 1) if good else None,
+            "instances_box_iou_0.5": len(good),
+            "median_error_cm_all": round(float(np.median(every)), 1) if every else None}
 
 
 def _test_map(plan: _Plan) -> Optional[dict]:
@@ -491,6 +542,23 @@ def _report_text(report: dict) -> str:
         right, top = _judged_cells(r)
         lines.append(f"| {r['frame']} | {r['image']} | {r['task']} | {r['size']} | {r['instances']} | "
                      f"{right} | {top} | {r['best_score']} | {r['inference_ms']} | {r['latency_ms']} | {r['overlay']} |")
+    depth = report.get("depth")
+    if depth is not None:
+        lines += ["", "3D positions (depth.enabled; the scene's depth image and CameraInfo published with each "
+                  "synthetic frame, toist_ros/demo_depth.py): each instance's centroid next to the true centroid of "
+                  "the object its box overlaps most, metres in the camera's optical frame (x right, y down, z ahead)."
+                  f" Frames with depth paired {depth['frames_paired']}; the photos come without depth: "
+                  f"{depth['frames_missing']} missing, {depth['frames_unsynced']} unsynced (only older depth "
+                  "images in the node's ring), with their 2D results all the same; median centroid error "
+                  f"{depth['median_error_cm_box_iou_0.5']} cm over the {depth['instances_box_iou_0.5']} instances "
+                  f"that cover their object (box IoU >= 0.5), {depth['median_error_cm_all']} cm over all "
+                  f"{depth['instances_3d']} (a mask that covers two objects is measured on the nearer).", "",
+                  "| frame | image | rank | centroid (m) | object | box IoU | true centroid (m) | error cm |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in report["frames"]:
+            for p in r.get("positions", []):
+                lines.append(f"| {r['frame']} | {r['image']} | {p['rank']} | {_xyz(p['centroid_m'])} | {p['object']} "
+                             f"| {p['box_iou']} | {_xyz(p['truth_m'])} | {p['error_cm']} |")
     lines += ["", "One-shot `segment_image` calls (image and task in the request):", "",
               "| call | image | task | instances | right / preferred | top right | best score | inference ms | overlay |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -499,6 +567,10 @@ def _report_text(report: dict) -> str:
         lines.append(f"| {r['call']} | {r['image']} | {r['task']} | {r['instances']} | {right} | {top} | "
                      f"{r['best_score']} | {r['inference_ms']} | {r['overlay']} |")
     return "\n".join(lines) + "\n"
+
+
+def _xyz(values: list[float]) -> str:
+    return "(" + ", ".join(f"{v:+.3f}" for v in values) + ")"
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ overlaps a preferred object of the task with IoU >= 0.5 (the paper metric's thre
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -20,11 +20,14 @@ IOU_RIGHT = 0.5
 
 @dataclass
 class Scene:
-    """A synthetic test image and the boxes ``[n, 4]`` (x0, y0, x1, y1 px) of the task's preferred objects."""
+    """A synthetic test image and the boxes ``[n, 4]`` (x0, y0, x1, y1 px) of the task's preferred
+    objects; ``objects`` (bottom to top) and ``boxes`` (theirs, in that order) are all of them."""
 
     name: str
     pixels: np.ndarray
     preferred_boxes: np.ndarray
+    objects: list = field(default_factory=list)
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
 
 
 def model_metrics(model_dir: Path) -> Optional[dict]:
@@ -46,7 +49,8 @@ def held_out_scenes(settings: dict, task_id: int, count: int) -> list[Scene]:
         wanted = preferred_class_indices(task_id, [o.class_index for o in objects])
         boxes = [object_box(o) for o in objects if o.class_index in wanted]
         if boxes:
-            scenes.append(Scene(f"synth_test_{index}", pixels, np.asarray(boxes, dtype=np.float64)))
+            scenes.append(Scene(f"synth_test_{index}", pixels, np.asarray(boxes, dtype=np.float64), list(objects),
+                                np.asarray([object_box(o) for o in objects], dtype=np.float64)))
         index += 1
     return scenes
 

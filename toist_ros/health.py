@@ -21,10 +21,17 @@ _COUNTERS = ("received", "processed", "dropped_replaced", "skipped_stale", "lost
              "qos_switches", "loss_warnings")
 
 
+# Reported with depth.enabled, 0 until something happens (depth_rejected_<reason> follow them).
+_DEPTH_COUNTERS = ("depth_received", "depth_paired", "depth_missing", "depth_unsynced", "depth_rejected",
+                   "camera_info_rejected", "instances_3d")
+
+
 def report_values(*, ready: bool, task: Any, model: Any, counters: Counters, inference_ms: Percentiles,
-                  latency_ms: Percentiles, cameras: Sequence[Any], dropped: Sequence[int]) -> dict[str, Any]:
+                  latency_ms: Percentiles, cameras: Sequence[Any], dropped: Sequence[int],
+                  geometry_ms: Optional[Percentiles] = None) -> dict[str, Any]:
     """The flat report: task, model, timings, per camera rates and drops, counters, memory.
-    ``dropped``: frames replaced in each camera's slot, indexed like ``cameras``."""
+    ``dropped``: frames replaced in each camera's slot, indexed like ``cameras``; ``geometry_ms``:
+    the 3D step's time per frame (None: depth is off, no depth keys)."""
     counts = counters.snapshot()
     inf50, inf95 = inference_ms.quantiles(0.5, 0.95)
     lat50, lat95 = latency_ms.quantiles(0.5, 0.95)
@@ -43,6 +50,13 @@ def report_values(*, ready: bool, task: Any, model: Any, counters: Counters, inf
         values[key] = counts.get(key, 0)
     for key in sorted(k for k in counts if k.startswith("rejected_") and k != "rejected_service"):
         values[key] = counts[key]
+    if geometry_ms is not None:
+        g50, g95 = geometry_ms.quantiles(0.5, 0.95)
+        values["3d ms p50"], values["3d ms p95"] = fmt_ms(g50), fmt_ms(g95)
+        for key in _DEPTH_COUNTERS:
+            values[key] = counts.get(key, 0)
+        for key in sorted(k for k in counts if k.startswith("depth_rejected_")):
+            values[key] = counts[key]
     values.update(device_memory(model.device))
     return values
 
@@ -53,6 +67,7 @@ class HealthLevel:
 
     def __init__(self) -> None:
         self._previous_arrivals = (0, 0)  # (arrived, lost) at the last diagnostics report
+        self._previous_depth = (0, 0, 0)  # (paired, missing, unsynced) at the last report
         self._errors: collections.deque = collections.deque()  # (monotonic time, error total) per report
 
     def judge(self, values: dict[str, Any], *, ready: bool, last_error: str, receiving: bool,
@@ -70,17 +85,32 @@ class HealthLevel:
             self._errors.popleft()
         # Errors since the oldest report inside the window (or since start, early on).
         recent_errors = errors - (self._errors[0][1] if self._errors[0][0] <= now - ERROR_WINDOW_S else 0)
+        depth_problem = self._depth_problem(values)
         if not ready:
             return ERROR, "not ready"
         if recent_lost > max(recent_arrived, 2):
             return WARN, (f"most images never reached the node ({recent_lost} lost, {recent_arrived} "
                           "arrived since the last report): DDS transport or QoS (see docs/ros.md)")
+        if depth_problem:
+            return WARN, depth_problem
         if recent_errors > 0:
             return WARN, (f"{recent_errors} inference error(s) in the last {ERROR_WINDOW_S:.0f} s "
                           f"(last: {last_error or 'unknown'})")
         if not receiving:
             return WARN, "no input images"
         return OK, "running"
+
+    def _depth_problem(self, values: dict[str, Any]) -> str:
+        """Why no frame since the last report got depth ("" when some did, or depth is off)."""
+        if "depth_paired" not in values:
+            return ""
+        now = (values["depth_paired"], values["depth_missing"], values["depth_unsynced"])
+        paired, missing, unsynced = (a - b for a, b in zip(now, self._previous_depth))
+        self._previous_depth = now
+        if paired > 0 or missing + unsynced == 0:
+            return ""
+        return (f"no 3D: no depth paired with the last {missing + unsynced} frame(s) ({missing} without a depth image "
+                f"or CameraInfo, {unsynced} with depth stamped more than depth.max_dt_s apart; see docs/ros.md)")
 
 
 __all__ = ["HealthLevel", "report_values"]

@@ -3,7 +3,9 @@
 It takes a ``segment_image`` request (served first, never dropped) or the newest frame of the
 camera that has waited longest, skips a frame older than ``input.max_age_s``, takes one snapshot
 of the active task, runs the model under ``torch.inference_mode()`` and publishes ``instances``
-(and ``debug_image`` while someone subscribes). It is not an executor callback, so nothing is
+(and ``debug_image`` while someone subscribes). With ``depth.enabled`` it then pairs the frame with
+its camera's depth image (``toist_ros.depth.pairing``), adds each instance's 3D fields and
+publishes ``markers`` while someone subscribes. It is not an executor callback, so nothing is
 ever queued behind inference and the GPU is used by one thread at a time.
 """
 
@@ -13,7 +15,7 @@ import dataclasses
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 from rclpy.node import Node
@@ -21,6 +23,10 @@ from rclpy.time import Time
 
 from toist_ros.camera_input import Camera, CameraInputs, Frame
 from toist_ros.conversions import image_from_array
+from toist_ros.depth.geometry import DepthLimits
+from toist_ros.depth.inputs import DepthInputs
+from toist_ros.depth.instances3d import add_3d
+from toist_ros.depth.markers import instance_markers
 from toist_ros.diagnostics import Counters, Percentiles
 from toist_ros.instances import rank_instances, task_instances_msg, to_instance_msgs
 from toist_ros.tasks import ActiveTask
@@ -50,8 +56,10 @@ def predict(segmenter: Any, rgb: np.ndarray, task: ActiveTask, settings: Any) ->
         # Run-time change: swap in a new config object (the segmenter reads it per call).
         segmenter.inference = dataclasses.replace(config, mask_threshold=settings["mask_threshold"])
     with torch.inference_mode():
+        # 3D needs the masks even when they are not published.
         return segmenter.predict(rgb, task_state=task.state, score_threshold=settings["score_threshold"],
-                                 max_instances=settings["max_instances"], with_masks=settings["output.masks"])
+                                 max_instances=settings["max_instances"],
+                                 with_masks=settings["output.masks"] or settings["depth.enabled"])
 
 
 class InferenceWorker:
@@ -59,11 +67,14 @@ class InferenceWorker:
 
     ``active_task`` and ``settings`` are read once per frame (each returns one immutable
     snapshot, replaced as a whole on a change); the statistics are shared with diagnostics.
+    ``depth``: the node's depth inputs (None when ``depth.enabled`` is false); ``geometry_ms``:
+    the 3D step's time per frame.
     """
 
     def __init__(self, node: Node, segmenter: Any, inputs: CameraInputs, active_task: Callable[[], ActiveTask],
                  settings: Callable[[], Any], counters: Counters, inference_ms: Percentiles,
-                 latency_ms: Percentiles) -> None:
+                 latency_ms: Percentiles, depth: Optional[DepthInputs] = None,
+                 geometry_ms: Optional[Percentiles] = None) -> None:
         self._node = node
         self._segmenter = segmenter
         self._cameras = inputs.cameras
@@ -73,6 +84,9 @@ class InferenceWorker:
         self._counters = counters
         self._inference_ms = inference_ms
         self._latency_ms = latency_ms
+        self._depth = depth
+        self._geometry_ms = geometry_ms if geometry_ms is not None else Percentiles()
+        self._frame_warned = False
         self._stopping = threading.Event()
         self.last_error = ""
         self._clock_warned = False
@@ -145,6 +159,8 @@ class InferenceWorker:
         if result is None:
             return
         msg, ranked = result
+        if self._depth is not None:
+            self._add_depth(msg, ranked, camera, settings)
         end = stamp if stamped else frame.arrival
         published = clock.now()
         if published.nanoseconds > 0 and end.nanoseconds > 0:
@@ -157,6 +173,31 @@ class InferenceWorker:
         self._counters.add("processed")
         if settings["output.debug_image"] and camera.debug_pub.get_subscription_count() > 0:
             self._publish_debug(camera, frame, ranked, task)
+        if self._depth is not None and settings["output.markers"] and camera.markers_pub.get_subscription_count() > 0:
+            camera.markers_pub.publish(instance_markers(msg.header, msg.instances, task.caption))
+
+    def _add_depth(self, msg: Any, ranked: list, camera: Camera, settings: Any) -> None:
+        """Pair the frame with its depth image and fill the 3D fields (counted: depth_paired,
+        depth_missing, depth_unsynced; the time goes to ``geometry_ms``)."""
+        stamp = msg.header.stamp
+        pairing = self._depth.buffers[camera.index].pair(stamp.sec * 1_000_000_000 + stamp.nanosec,
+                                                          settings["depth.max_dt_s"], settings["depth.wait_s"])
+        self._counters.add(f"depth_{pairing.status}")
+        start = time.perf_counter()
+        limits = DepthLimits(settings["depth.min_m"], settings["depth.max_m"])
+        self._counters.add("instances_3d", add_3d(msg, ranked, pairing, limits))
+        if pairing.camera is not None:
+            self._geometry_ms.add(1000.0 * (time.perf_counter() - start))
+            self._check_frame(pairing.camera.frame_id, msg.header.frame_id)
+
+    def _check_frame(self, info_frame: str, image_frame: str) -> None:
+        if self._frame_warned or not info_frame or not image_frame or info_frame == image_frame:
+            return
+        self._frame_warned = True
+        self._node.get_logger().warning(
+            f"the CameraInfo's frame {info_frame!r} is not the colour image's {image_frame!r}: 3D points are given "
+            "in the colour image's frame with the CameraInfo's K; is the CameraInfo the colour camera's (the depth "
+            "image must be registered to the colour image)?")
 
     def _warn_clock_stopped(self) -> None:
         if self._clock_warned:
@@ -190,7 +231,8 @@ class InferenceWorker:
         ranked = rank_instances(prediction.boxes, prediction.scores, prediction.masks, (width, height),
                                 settings["score_threshold"], settings["max_instances"])
         msg = task_instances_msg(header, (width, height), task.caption, task.revision, elapsed_ms,
-                                 to_instance_msgs(ranked, header), task_id=task.task_id)
+                                 to_instance_msgs(ranked, header, with_masks=settings["output.masks"]),
+                                 task_id=task.task_id)
         return msg, ranked
 
     def _inference_failed(self, exc: Exception) -> None:

@@ -138,8 +138,9 @@ def mask_roi(box: np.ndarray, mask: Optional[np.ndarray], width: int, height: in
     return x0, y0, x1 - x0, y1 - y0
 
 
-def to_instance_msgs(ranked: list[RankedInstance], header: Any = None) -> list:
-    """``toist_ros/Instance`` messages (masks as mono8 crops; empty Image when masks are off)."""
+def to_instance_msgs(ranked: list[RankedInstance], header: Any = None, with_masks: bool = True) -> list:
+    """``toist_ros/Instance`` messages (masks as mono8 crops; an empty Image when the instance has
+    no mask or ``with_masks`` is false, e.g. masks computed for 3D only)."""
     from toist_ros.msg import Instance
 
     out = []
@@ -151,7 +152,7 @@ def to_instance_msgs(ranked: list[RankedInstance], header: Any = None) -> list:
         x, y, w, h = item.roi
         msg.mask_roi.x_offset, msg.mask_roi.y_offset = x, y
         msg.mask_roi.width, msg.mask_roi.height = w, h
-        if item.mask_crop is not None:
+        if item.mask_crop is not None and with_masks:
             msg.mask = mask_to_image(item.mask_crop, header)
             msg.mask_area = item.mask_area
         out.append(msg)
@@ -172,6 +173,7 @@ def task_instances_msg(header: Any, image_size: tuple[int, int], task: str, revi
     msg.task_revision = int(revision)
     msg.inference_ms = float(inference_ms)
     msg.latency_ms = float(latency_ms)
+    msg.depth_offset_ms = float("nan")  # DEPTH_OFF until depth is paired
     msg.instances = instances
     return msg
 

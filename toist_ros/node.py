@@ -29,6 +29,7 @@ from toist_core.tasks import quote
 from toist_ros import params as parameters
 from toist_ros.camera_input import CameraInputs
 from toist_ros.conversions import ImageError
+from toist_ros.depth.inputs import DepthInputs
 from toist_ros.diagnostics import Counters, Percentiles, diagnostic_array
 from toist_ros.frame_limits import FrameLimits
 from toist_ros.health import HealthLevel, report_values
@@ -59,6 +60,7 @@ class PerceptionNode(Node):
         self.counters = Counters()
         self.inference_ms = Percentiles()
         self.latency_ms = Percentiles()
+        self.geometry_ms = Percentiles()
         self._ready = False
         self._health = HealthLevel()
 
@@ -87,13 +89,15 @@ class PerceptionNode(Node):
         self._inputs = CameraInputs(self, settings, self.counters, self._image_group, self._limits)
         self._cameras = self._inputs.cameras
         self._inputs.open()
+        self._depth = self._open_depth() if settings["depth.enabled"] else None
         self._create_control_io()
         self.add_on_set_parameters_callback(self._on_set_parameters)
         if hasattr(self, "add_pre_set_parameters_callback"):  # Iron and later
             self.add_pre_set_parameters_callback(parameters.ints_to_doubles)
 
         self._worker = InferenceWorker(self, self.segmenter, self._inputs, lambda: self._tasks.active,
-                                       lambda: self._settings, self.counters, self.inference_ms, self.latency_ms)
+                                       lambda: self._settings, self.counters, self.inference_ms, self.latency_ms,
+                                       self._depth, self.geometry_ms)
         self._worker.start()
         self._ready = True
         self._tasks.publish_active()
@@ -120,6 +124,19 @@ class PerceptionNode(Node):
             f"task input {self._task_sub.topic_name} (std_msgs/String, reliable depth 10); services "
             f"{self._set_task_srv.srv_name}, {self._segment_srv.srv_name}; status "
             f"{self._status_pub.topic_name} (transient local); diagnostics {self._diag_pub.topic_name}")
+
+    def _open_depth(self) -> DepthInputs:
+        """Depth and CameraInfo subscriptions, and a ``markers`` publisher per camera."""
+        from visualization_msgs.msg import MarkerArray  # only with depth: 2D users need not install it
+
+        depth = DepthInputs(self, self._settings, self.counters, self._image_group)
+        depth.open()
+        for camera in self._cameras:
+            camera.markers_pub = self.create_publisher(MarkerArray, camera.prefix + "markers",
+                                                       QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
+            self.get_logger().info(f"3D instances on {camera.instances_pub.topic_name}; RViz markers on "
+                                   f"{camera.markers_pub.topic_name} (visualization_msgs/MarkerArray)")
+        return depth
 
     def _warm_up(self) -> None:
         side = self.segmenter.inference.short_side
@@ -192,7 +209,7 @@ class PerceptionNode(Node):
     # --- parameters and diagnostics ----------------------------------------------------------
 
     def _on_set_parameters(self, params: list) -> Any:
-        result = parameters.check_parameter_changes(params)
+        result = parameters.check_parameter_changes(params, self._settings.values)
         if result.successful:
             # Replace the whole settings object: the inference thread reads one consistent set.
             self._settings = self._settings.replace({p.name: parameters._plain(p.value) for p in params
@@ -206,7 +223,8 @@ class PerceptionNode(Node):
     def diagnostics_values(self) -> dict[str, Any]:
         return report_values(ready=self._ready, task=self.active_task, model=self.model, counters=self.counters,
                              inference_ms=self.inference_ms, latency_ms=self.latency_ms,
-                             cameras=self._cameras, dropped=self._inputs.slots.dropped)
+                             cameras=self._cameras, dropped=self._inputs.slots.dropped,
+                             geometry_ms=self.geometry_ms if self._depth is not None else None)
 
     def _publish_diagnostics(self) -> None:
         values = self.diagnostics_values()

@@ -90,9 +90,28 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("mask_threshold", 0.5, "mask probability above which a pixel belongs to the object",
               low=0.0, high=1.0, open_low=True, open_high=True),
     ParamSpec("max_instances", 10, "publish at most this many instances per frame (best first)", low=1, high=100),
+    # Depth (3D instances).
+    ParamSpec("depth.enabled", False, "read a depth image registered to each colour camera and its CameraInfo, and "
+              "give each instance a 3D centroid, extent and surface point (Instance.has_3d) and RViz markers",
+              read_only=True),
+    ParamSpec("depth.topics", ["depth"], "depth image topics (16UC1 mm or 32FC1 m, registered to the colour image; "
+              "RealSense: /camera/camera/aligned_depth_to_color/image_raw), one per input.topics entry",
+              read_only=True, pattern=_TOPIC_PATTERN, pattern_help="relative topic names such as depth or front/depth"),
+    ParamSpec("depth.camera_info_topics", ["camera_info"], "the colour cameras' sensor_msgs/CameraInfo topics, one per "
+              "input.topics entry", read_only=True, pattern=_TOPIC_PATTERN,
+              pattern_help="relative topic names such as camera_info or front/camera_info"),
+    ParamSpec("depth.max_dt_s", 0.02, "pair a colour frame with the depth image whose header.stamp is within this "
+              "many seconds (registered RGB-D drivers stamp both alike); else 3D is invalid for that frame",
+              low=0.0, high=1.0),
+    ParamSpec("depth.wait_s", 0.02, "after inference, wait at most this long for a depth image that could still "
+              "pair with the frame (s)", low=0.0, high=1.0),
+    ParamSpec("depth.min_m", 0.1, "depths below this are no measurement (m)", low=0.0, high=100.0),
+    ParamSpec("depth.max_m", 10.0, "depths above this are no measurement (m)", low=0.0, high=1000.0, open_low=True),
     # Output.
     ParamSpec("output.masks", True, "publish mask crops (false: boxes and scores only, smaller messages)"),
     ParamSpec("output.debug_image", True, "publish the debug_image overlay while someone subscribes to it"),
+    ParamSpec("output.markers", True, "with depth: publish visualization_msgs/MarkerArray on markers while someone "
+              "subscribes (a box and a label per instance with 3D)"),
     ParamSpec("diagnostics.period_s", 1.0, "period of /diagnostics messages (s)", read_only=True, low=0.1, high=60.0),
 )
 
@@ -185,6 +204,15 @@ def check_values(values: dict[str, Any]) -> list[str]:
         reason = check_value(spec, value)
         if reason:
             reasons.append(reason)
+    if not reasons and "depth.min_m" in values and "depth.max_m" in values:
+        if values["depth.max_m"] <= values["depth.min_m"]:
+            reasons.append(f"depth.max_m {values['depth.max_m']} must be greater than depth.min_m {values['depth.min_m']}")
+    if not reasons and values.get("depth.enabled") and "input.topics" in values:
+        cameras = len(values["input.topics"])
+        for name in ("depth.topics", "depth.camera_info_topics"):
+            if name in values and len(values[name]) != cameras:
+                reasons.append(f"{name} has {len(values[name])} entries but input.topics has {cameras}: one each "
+                               f"per camera, in the same order")
     if not reasons and values.get("input.short_side") and values.get("input.max_side"):
         if values["input.max_side"] < values["input.short_side"]:
             reasons.append(f"input.max_side {values['input.max_side']} is smaller than "
@@ -299,13 +327,16 @@ def declare(node) -> Settings:
     return Settings(values)
 
 
-def check_parameter_changes(params: list) -> Any:
-    """``add_on_set_parameters_callback`` body: a SetParametersResult saying why a change is refused."""
+def check_parameter_changes(params: list, current: Optional[dict[str, Any]] = None) -> Any:
+    """``add_on_set_parameters_callback`` body: a SetParametersResult saying why a change is refused.
+    ``current``: the values now, for the checks that involve two parameters (depth.min_m < max_m)."""
     from rcl_interfaces.msg import SetParametersResult
 
     # Parameters ROS declares itself (use_sim_time, ...) are not ours to judge.
     values = {p.name: _plain(p.value) for p in params if p.name in SPECS}
     reasons = check_values(values)
+    if not reasons and current:
+        reasons = check_values({**current, **values})
     return SetParametersResult(successful=not reasons, reason="; ".join(reasons))
 
 

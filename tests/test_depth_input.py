@@ -1,0 +1,131 @@
+"""Depth images, CameraInfo and stamp pairing (no DDS): what is accepted, what is refused and why."""
+
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from toist_ros.depth.geometry import Intrinsics
+from toist_ros.depth.images import DepthError, depth_from_image, has_distortion, intrinsics_from_camera_info
+from toist_ros.depth.pairing import MISSING, PAIRED, UNSYNCED, CameraModel, DepthBuffer
+
+
+def _image(array: np.ndarray, encoding: str, big_endian: bool = False, pad: int = 0):
+    data = array.astype(array.dtype.newbyteorder(">" if big_endian else "<"))
+    rows = [row.tobytes() + bytes(pad) for row in data]
+    return SimpleNamespace(height=array.shape[0], width=array.shape[1], encoding=encoding,
+                           is_bigendian=int(big_endian), step=array.shape[1] * array.itemsize + pad,
+                           data=b"".join(rows))
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+@pytest.mark.parametrize("pad", [0, 6])
+def test_16uc1_millimetres_and_32fc1_metres(big_endian, pad):
+    mm = np.array([[0, 1000, 65535], [250, 1, 4000]], np.uint16)
+    depth = depth_from_image(_image(mm, "16UC1", big_endian, pad))
+    np.testing.assert_array_equal(depth.raw, mm)
+    assert depth.scale == 0.001 and depth.size == (3, 2)
+    metres = np.array([[np.nan, 1.0, np.inf], [0.25, 0.0, 4.0]], np.float32)
+    depth = depth_from_image(_image(metres, "32FC1", big_endian, pad))
+    np.testing.assert_array_equal(depth.raw, metres)
+    assert depth.scale == 1.0 and depth.raw.dtype.isnative
+
+
+@pytest.mark.parametrize("change, reason, words", [
+    (dict(encoding="mono8"), "encoding", "unsupported depth encoding 'mono8'"),
+    (dict(encoding="rgb8"), "encoding", "16UC1 (millimetres), 32FC1 (metres)"),
+    (dict(width=0), "empty", "zero size"),
+    (dict(step=5), "step", "step 5"),
+    (dict(data=bytes(10)), "truncated", "image data has 10 bytes, but step 6 x height 2 = 12"),
+])
+def test_bad_depth_images_are_refused_with_the_reason(change, reason, words):
+    msg = _image(np.ones((2, 3), np.uint16), "16UC1")
+    for key, value in change.items():
+        setattr(msg, key, value)
+    with pytest.raises(DepthError) as caught:
+        depth_from_image(msg)
+    assert caught.value.reason == reason and words in str(caught.value)
+
+
+def _info(k, width=640, height=480, d=(0.0,) * 5, frame="camera_color_optical_frame"):
+    return SimpleNamespace(k=list(k), width=width, height=height, d=list(d), header=SimpleNamespace(frame_id=frame))
+
+
+def test_camera_info_gives_the_intrinsics_and_refuses_an_uncalibrated_camera():
+    got = intrinsics_from_camera_info(_info([615.0, 0, 320.5, 0, 616.0, 241.0, 0, 0, 1]))
+    assert got == Intrinsics(615.0, 616.0, 320.5, 241.0, 640, 480)
+    with pytest.raises(DepthError, match="focal lengths must be > 0"):
+        intrinsics_from_camera_info(_info([0.0] * 9))
+    with pytest.raises(DepthError, match="size 0x480"):
+        intrinsics_from_camera_info(_info([615.0, 0, 320.5, 0, 616.0, 241.0, 0, 0, 1], width=0))
+    with pytest.raises(DepthError, match="non-finite"):
+        intrinsics_from_camera_info(_info([float("nan"), 0, 320.5, 0, 616.0, 241.0, 0, 0, 1]))
+    assert not has_distortion(_info([1] * 9)) and has_distortion(_info([1] * 9, d=(0.1, 0, 0, 0, 0)))
+
+
+CAMERA = CameraModel(Intrinsics(615.0, 615.0, 320.0, 240.0, 640, 480), "cam", False)
+SECOND = 1_000_000_000
+
+
+def test_pairs_the_closest_stamp_within_the_tolerance():
+    buffer = DepthBuffer()
+    buffer.set_camera(CAMERA)
+    for i in range(5):
+        buffer.put(10 * SECOND + i * 33_000_000, f"depth{i}")
+    got = buffer.pair(10 * SECOND + 2 * 33_000_000 + 4_000_000, max_dt_s=0.02)
+    assert got.status == PAIRED and got.depth == "depth2" and got.camera is CAMERA
+    assert got.offset_s == pytest.approx(-0.004)
+    got = buffer.pair(10 * SECOND + 50_000_000, max_dt_s=0.01)   # 17 ms from the nearest
+    assert got.status == UNSYNCED and got.depth is None and got.offset_s == pytest.approx(0.016)
+
+
+def test_missing_without_depth_or_without_camera_info():
+    buffer = DepthBuffer()
+    assert buffer.pair(SECOND, 0.02).status == MISSING
+    buffer.put(SECOND, "depth")
+    assert buffer.pair(SECOND, 0.02).status == MISSING  # no CameraInfo yet
+    buffer.set_camera(CAMERA)
+    assert buffer.pair(SECOND, 0.02).status == PAIRED
+
+
+def test_the_camera_info_stamped_closest_to_the_frame_is_used():
+    buffer = DepthBuffer()
+    small = CameraModel(Intrinsics(300.0, 300.0, 160.0, 120.0, 320, 240), "cam", False)
+    buffer.set_camera(CAMERA, 1 * SECOND)
+    buffer.set_camera(small, 2 * SECOND)
+    buffer.put(1 * SECOND, "depth1")
+    buffer.put(2 * SECOND, "depth2")
+    assert buffer.pair(1 * SECOND, 0.01).camera is CAMERA   # not simply the latest
+    assert buffer.pair(2 * SECOND, 0.01).camera is small
+
+
+def test_the_ring_forgets_old_depth():
+    buffer = DepthBuffer(size=3)
+    buffer.set_camera(CAMERA)
+    for i in range(10):
+        buffer.put(i * SECOND, i)
+    assert buffer.pair(9 * SECOND, 0.01).depth == 9
+    assert buffer.pair(2 * SECOND, 0.01).status == UNSYNCED  # pushed out by newer ones
+
+
+def test_waits_for_a_depth_image_that_can_still_come_and_not_for_one_that_cannot():
+    buffer = DepthBuffer()
+    buffer.set_camera(CAMERA)
+    buffer.put(SECOND, "old")
+    late = threading.Timer(0.05, buffer.put, args=(2 * SECOND, "late"))
+    late.start()
+    start = time.monotonic()
+    got = buffer.pair(2 * SECOND, max_dt_s=0.01, wait_s=2.0)
+    late.join()
+    assert got.status == PAIRED and got.depth == "late" and time.monotonic() - start < 1.0
+    # Something newer than the frame already arrived: its own depth will not come, no wait.
+    buffer.put(5 * SECOND, "newer")
+    start = time.monotonic()
+    assert buffer.pair(3 * SECOND, max_dt_s=0.01, wait_s=2.0).status == UNSYNCED
+    assert time.monotonic() - start < 0.5
+    # Nothing comes: gives up after wait_s.
+    start = time.monotonic()
+    assert buffer.pair(9 * SECOND, max_dt_s=0.01, wait_s=0.1).status == UNSYNCED
+    assert 0.09 <= time.monotonic() - start < 1.0

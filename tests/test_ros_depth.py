@@ -1,0 +1,215 @@
+"""The node with depth.enabled over real rclpy and DDS on loopback: colour + depth + CameraInfo in,
+3D fields and RViz markers out; missing, unsynced and bad depth counted, 2D results kept.
+
+The model is the random `tiny` one (its masks are arbitrary shapes), so the scene's depth is a
+flat wall facing the camera at a known distance: whatever a mask covers, its 3D centroid must be
+the back-projection of the mask's own pixels at that distance, which the test computes from the
+received mask and the CameraInfo it sent. Depth is published at half the colour resolution, so
+the CameraInfo scaling is on the path too.
+"""
+
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from ros_support import random_model_dir, wait_for
+from test_ros_node import OVERRIDES, Probe, _photo, ros  # noqa: F401  (ros: the module-scoped session fixture)
+
+pytestmark = pytest.mark.ros
+
+WIDTH, HEIGHT = 320, 240
+FX, FY, CX, CY = 300.0, 305.0, 171.0, 112.0     # principal point off the middle
+WALL_M = 1.25
+
+
+@pytest.fixture(scope="module")
+def node(ros, tmp_path_factory):
+    from rclpy.parameter import Parameter
+    from toist_ros.perception_node import PerceptionNode
+
+    overrides = dict(OVERRIDES, checkpoint=random_model_dir(tmp_path_factory.mktemp("model") / "tiny_random"),
+                     **{"depth.enabled": True, "depth.max_dt_s": 0.01, "depth.wait_s": 0.05})
+    perception = PerceptionNode(context=ros.context,
+                                parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+    ros.add(perception)
+    return perception
+
+
+class DepthProbe(Probe):
+    def __init__(self, ros):
+        super().__init__(ros)
+        from sensor_msgs.msg import CameraInfo, Image
+        from visualization_msgs.msg import MarkerArray
+
+        self.markers = []
+        self.depth_pub = self.node.create_publisher(Image, "depth", 10)
+        self.info_pub = self.node.create_publisher(CameraInfo, "camera_info", 10)
+        self.node.create_subscription(MarkerArray, "markers", self._keep(self.markers), 10)
+        assert wait_for(lambda: self.depth_pub.get_subscription_count() > 0 and
+                        self.info_pub.get_subscription_count() > 0), "depth inputs not discovered"
+
+    def camera_info(self):
+        from sensor_msgs.msg import CameraInfo
+
+        info = CameraInfo()
+        info.header.frame_id = "cam_optical"
+        info.width, info.height = WIDTH, HEIGHT
+        info.k = [FX, 0.0, CX, 0.0, FY, CY, 0.0, 0.0, 1.0]
+        info.d = [0.0] * 5
+        info.distortion_model = "plumb_bob"
+        return info
+
+    def depth(self, header, encoding="16UC1", offset_s=0.0):
+        """The wall at WALL_M at half resolution, stamped ``offset_s`` after ``header``."""
+        from builtin_interfaces.msg import Time
+        from sensor_msgs.msg import Image
+
+        msg = Image()
+        ns = header.stamp.sec * 10**9 + header.stamp.nanosec + int(offset_s * 1e9)
+        msg.header.stamp = Time(sec=ns // 10**9, nanosec=ns % 10**9)
+        msg.header.frame_id = header.frame_id
+        msg.height, msg.width, msg.encoding = HEIGHT // 2, WIDTH // 2, encoding
+        if encoding == "16UC1":
+            pixels = np.full((msg.height, msg.width), int(WALL_M * 1000), np.uint16)
+        else:
+            pixels = np.full((msg.height, msg.width), 7, np.uint8)
+        msg.step = msg.width * pixels.itemsize
+        msg.data = pixels.tobytes()
+        return msg
+
+    def frame(self, frame_id, depth_offset_s=None, encoding="16UC1", tries=3):
+        """Publish CameraInfo, a colour frame and (unless None) its depth; the result for it."""
+        for _ in range(tries):
+            colour = self.image(_photo(WIDTH, HEIGHT), frame_id, encoding="rgb8")
+            self.info_pub.publish(self.camera_info())
+            if depth_offset_s is not None:
+                self.depth_pub.publish(self.depth(colour.header, encoding, depth_offset_s))
+            self.image_pub.publish(colour)
+            result = self.result_for(colour.header, timeout=8.0)
+            if result is not None:
+                return result
+        raise AssertionError(f"no result for {frame_id}")
+
+    def counter(self, key):
+        with self.lock:
+            for array in reversed(self.diagnostics):
+                for status in array.status:
+                    for item in status.values:
+                        if item.key == key:
+                            return int(item.value)
+        return None
+
+
+@pytest.fixture(scope="module")
+def probe(ros, node):
+    return DepthProbe(ros)
+
+
+def _expected_centroid(instance):
+    """Mean back-projection of the mask's pixels whose depth pixel (half resolution) sits under them."""
+    from toist_ros.instances import full_mask
+
+    mask = full_mask(instance, WIDTH, HEIGHT)
+    # Depth pixel (u, v) at half resolution covers colour pixel (2u + 1, 2v + 1) (pixel centres).
+    on_depth = mask[1::2, 1::2]
+    rows, cols = np.nonzero(on_depth)
+    fx, fy = FX / 2, FY / 2
+    cx, cy = (CX + 0.5) / 2 - 0.5, (CY + 0.5) / 2 - 0.5
+    return np.array([np.mean((cols - cx) / fx), np.mean((rows - cy) / fy), 1.0]) * WALL_M, rows.size
+
+
+def test_a_frame_before_any_depth_keeps_its_2d_result_and_says_depth_missing(node, probe):
+    from toist_ros.msg import TaskInstances
+
+    result = probe.frame("depth_missing_frame", depth_offset_s=None)
+    assert result.depth_status == TaskInstances.DEPTH_MISSING and math.isnan(result.depth_offset_ms)
+    assert result.instances and not any(inst.has_3d for inst in result.instances)
+    assert all(inst.mask.width > 0 for inst in result.instances)  # the 2D result is all there
+
+
+def test_paired_depth_gives_each_instance_its_3d_centroid_extent_and_surface_point(node, probe):
+    from toist_ros.msg import TaskInstances
+
+    result = probe.frame("depth_paired_frame", depth_offset_s=0.0)
+    assert result.depth_status == TaskInstances.DEPTH_PAIRED and result.depth_offset_ms == pytest.approx(0.0)
+    measured = 0
+    for inst in result.instances:
+        expected, points = _expected_centroid(inst)
+        if points < 10:
+            assert not inst.has_3d
+            continue
+        measured += 1
+        assert inst.has_3d and inst.depth_points == points and inst.depth_fraction == pytest.approx(1.0)
+        got = np.array([inst.centroid.x, inst.centroid.y, inst.centroid.z])
+        np.testing.assert_allclose(got, expected, atol=1e-3)
+        assert inst.extent.z == pytest.approx(0.0, abs=1e-3)  # a flat wall has no depth
+        assert inst.surface_point.z == pytest.approx(WALL_M, abs=1e-3)
+        # x extent: the mask's columns on the depth grid, at the wall, plus one depth pixel.
+        cols = np.nonzero(np.any(_mask_on_depth(inst), axis=0))[0]
+        assert inst.extent.x == pytest.approx((cols.max() - cols.min() + 1) * WALL_M / (FX / 2), rel=1e-3)
+    assert measured >= 1, "no instance large enough to measure: the test saw nothing"
+
+
+def _mask_on_depth(instance):
+    from toist_ros.instances import full_mask
+
+    return full_mask(instance, WIDTH, HEIGHT)[1::2, 1::2]
+
+
+def test_markers_carry_a_box_and_a_label_per_3d_instance(node, probe):
+    from visualization_msgs.msg import Marker
+
+    with probe.lock:
+        probe.markers.clear()
+    result = probe.frame("depth_marker_frame", depth_offset_s=0.0)
+
+    def for_frame():
+        with probe.lock:
+            return [m for m in probe.markers if m.markers and m.markers[-1].header.frame_id == "depth_marker_frame"
+                    and m.markers[-1].header.stamp == result.header.stamp]
+    assert wait_for(lambda: bool(for_frame()), timeout=10), "no markers for the frame"
+    array = for_frame()[0].markers
+    assert array[0].action == Marker.DELETEALL
+    with_3d = [inst for inst in result.instances if inst.has_3d]
+    boxes = [m for m in array if m.type == Marker.CUBE]
+    labels = [m for m in array if m.type == Marker.TEXT_VIEW_FACING]
+    assert len(boxes) == len(labels) == len(with_3d) >= 1
+    for inst, cube, label in zip(with_3d, boxes, labels):
+        assert cube.header == result.header and cube.pose.position == inst.centroid
+        assert cube.scale.x == pytest.approx(max(inst.extent.x, 0.01)) and cube.scale.z == pytest.approx(0.01)
+        assert label.text.startswith(f"#{inst.rank} {inst.score:.2f} ")
+
+
+def test_depth_too_far_apart_in_time_is_unsynced_and_counted(node, probe):
+    from toist_ros.msg import TaskInstances
+
+    before = node.counters.get("depth_unsynced")
+    result = probe.frame("depth_unsynced_frame", depth_offset_s=0.2)  # > depth.max_dt_s 0.01
+    assert result.depth_status == TaskInstances.DEPTH_UNSYNCED
+    assert result.depth_offset_ms == pytest.approx(200.0, abs=60)  # the closest buffered depth
+    assert not any(inst.has_3d for inst in result.instances) and result.instances
+    assert node.counters.get("depth_unsynced") > before
+    assert wait_for(lambda: (probe.counter("depth_unsynced") or 0) > before, timeout=10)
+
+
+def test_a_bad_depth_encoding_is_rejected_and_counted(node, probe):
+    result = probe.frame("depth_bad_encoding_frame", depth_offset_s=0.0, encoding="mono8")
+    assert not any(inst.has_3d for inst in result.instances)
+    assert wait_for(lambda: (probe.counter("depth_rejected_encoding") or 0) >= 1, timeout=10)
+    assert probe.counter("depth_rejected") >= 1 and probe.counter("depth_paired") >= 1
+    assert probe.counter("depth_missing") >= 1
+
+
+def test_3d_without_publishing_masks_and_min_max_checked_together(node, probe):
+    [ok] = probe.set_parameters(node.get_fully_qualified_name(), output__masks=False)
+    try:
+        assert ok.successful
+        result = probe.frame("depth_no_masks_frame", depth_offset_s=0.0)
+        assert result.instances and all(inst.mask.width == 0 and inst.mask_area == 0 for inst in result.instances)
+        assert any(inst.has_3d for inst in result.instances)  # the masks were computed for 3D all the same
+    finally:
+        probe.set_parameters(node.get_fully_qualified_name(), output__masks=True)
+    [bad] = probe.set_parameters(node.get_fully_qualified_name(), depth__min_m=20.0)  # above depth.max_m 10
+    assert not bad.successful and "depth.max_m 10.0 must be greater than depth.min_m 20.0" in bad.reason

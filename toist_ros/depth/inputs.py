@@ -1,0 +1,110 @@
+"""Depth input of the node: per camera, the registered depth image and the colour CameraInfo.
+
+Callbacks only check the message and put it into the camera's :class:`DepthBuffer` (no copy for
+native-byte-order depth; the conversion to metres happens per instance, on its window only).
+Bad depth images are counted like bad colour images (``depth_rejected``,
+``depth_rejected_<reason>``); a CameraInfo that cannot be used is counted as
+``camera_info_rejected`` and keeps the previous one.
+
+Reliability follows ``input.reliability`` as the colour image does (auto: match the publishers,
+looked at again every ``QOS_CHECK_PERIOD_S``); CameraInfo is small and read best effort, which
+matches every publisher.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, Image
+
+from toist_ros.camera_input import QOS_CHECK_PERIOD_S, image_qos, qos_text, wanted_reliable
+from toist_ros.depth.images import DepthError, depth_from_image, has_distortion, intrinsics_from_camera_info
+from toist_ros.depth.pairing import CameraModel, DepthBuffer
+from toist_ros.diagnostics import Counters
+
+
+class DepthInputs:
+    """One depth subscription and one CameraInfo subscription per camera; ``buffers[i]`` pairs
+    camera i's colour frames."""
+
+    def __init__(self, node: Node, settings: Any, counters: Counters, callback_group: Any) -> None:
+        self._node = node
+        self._counters = counters
+        self._group = callback_group
+        self._mode = settings["input.reliability"]
+        self._depth_topics: Sequence[str] = settings["depth.topics"]
+        self._info_topics: Sequence[str] = settings["depth.camera_info_topics"]
+        self.buffers = [DepthBuffer() for _ in self._depth_topics]
+        self._subscriptions: list = [None] * len(self.buffers)
+        self._reliable = [False] * len(self.buffers)
+        self._names = [""] * len(self.buffers)
+        self._info_subscriptions: list = []
+        self._distortion_warned = False
+        self._timer = None
+
+    def open(self) -> None:
+        node = self._node
+        for index, (depth_topic, info_topic) in enumerate(zip(self._depth_topics, self._info_topics)):
+            self._names[index] = node.resolve_topic_name(depth_topic)
+            self._subscribe(index, wanted_reliable(node, self._names[index], self._mode, current=False))
+            info = node.create_subscription(
+                CameraInfo, info_topic, lambda msg, i=index: self._on_info(msg, i),
+                QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT),
+                callback_group=self._group)
+            self._info_subscriptions.append(info)
+            node.get_logger().info(f"depth input {self._names[index]} (sensor_msgs/Image 16UC1 mm or 32FC1 m, QoS "
+                                   f"{qos_text(image_qos(self._reliable[index]))}) with {info.topic_name} "
+                                   "(sensor_msgs/CameraInfo)")
+        if self._mode == "auto":
+            self._timer = node.create_timer(QOS_CHECK_PERIOD_S, self._check_qos, callback_group=self._group)
+
+    def _subscribe(self, index: int, reliable: bool) -> None:
+        if self._subscriptions[index] is not None:
+            self._node.destroy_subscription(self._subscriptions[index])
+        self._subscriptions[index] = self._node.create_subscription(
+            Image, self._names[index], lambda msg, i=index: self._on_depth(msg, i), image_qos(reliable),
+            callback_group=self._group)
+        self._reliable[index] = reliable
+
+    def _check_qos(self) -> None:
+        for index, name in enumerate(self._names):
+            wanted = wanted_reliable(self._node, name, self._mode, self._reliable[index])
+            if wanted != self._reliable[index]:
+                self._subscribe(index, wanted)
+                self._counters.add("qos_switches")
+
+    def _on_depth(self, msg: Any, index: int) -> None:
+        try:
+            depth = depth_from_image(msg)
+        except DepthError as exc:
+            self._counters.add("depth_rejected")
+            self._counters.add(f"depth_rejected_{exc.reason}")
+            self._node.get_logger().warning(f"rejected a depth image on {self._names[index]}: {exc}",
+                                            throttle_duration_sec=5.0)
+            return
+        self._counters.add("depth_received")
+        stamp = msg.header.stamp
+        self.buffers[index].put(stamp.sec * 1_000_000_000 + stamp.nanosec, depth)
+
+    def _on_info(self, msg: Any, index: int) -> None:
+        try:
+            intrinsics = intrinsics_from_camera_info(msg)
+        except DepthError as exc:
+            self._counters.add("camera_info_rejected")
+            self._node.get_logger().warning(f"camera {index}: {exc}", throttle_duration_sec=10.0)
+            return
+        distorted = has_distortion(msg)
+        if distorted and not self._distortion_warned:
+            self._distortion_warned = True
+            self._node.get_logger().warning(
+                f"the CameraInfo of camera {index} has distortion coefficients {list(msg.d)[:5]}: the 3D step "
+                "uses K as a pinhole and ignores them (fine for the small distortion of RGB-D colour cameras; "
+                "else use rectified images, docs/ros.md)")
+        stamp = msg.header.stamp
+        self.buffers[index].set_camera(CameraModel(intrinsics, str(msg.header.frame_id), distorted),
+                                       stamp.sec * 1_000_000_000 + stamp.nanosec)
+
+
+__all__ = ["DepthInputs"]

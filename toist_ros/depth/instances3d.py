@@ -1,0 +1,46 @@
+"""Fill the 3D fields of one frame's ``TaskInstances`` from its paired depth image.
+
+The glue between the message and :func:`toist_ros.depth.geometry.instance_3d`: the colour
+camera's intrinsics are scaled to the colour frame's size (a CameraInfo for another resolution
+of the same camera still fits), each ranked instance's mask crop is measured in the depth image,
+and the frame's ``depth_status`` / ``depth_offset_ms`` say how the pairing went.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from toist_ros.depth.geometry import DepthLimits, instance_3d
+from toist_ros.depth.pairing import MISSING, PAIRED, UNSYNCED, Pairing
+
+_STATUS = {PAIRED: 1, MISSING: 2, UNSYNCED: 3}  # TaskInstances.DEPTH_* values
+
+
+def add_3d(msg: Any, ranked: Sequence[Any], pairing: Pairing, limits: DepthLimits) -> int:
+    """Set ``msg.depth_status``, ``msg.depth_offset_ms`` and, when paired, each instance's 3D
+    fields (``msg.instances[i]`` belongs to ``ranked[i]``). Returns how many instances got 3D."""
+    msg.depth_status = _STATUS[pairing.status]
+    msg.depth_offset_ms = float(pairing.offset_s) * 1000.0
+    if pairing.status != PAIRED:
+        return 0
+    colour = pairing.camera.intrinsics.scaled(int(msg.image_width), int(msg.image_height))
+    depth = pairing.depth
+    valid = 0
+    for item, instance in zip(ranked, msg.instances):
+        if item.mask_crop is None:
+            continue
+        result = instance_3d(item.mask_crop, item.roi, depth.raw, depth.scale, colour, limits)
+        instance.depth_points = result.points
+        instance.depth_fraction = float(result.fraction)
+        if not result.valid:
+            continue
+        valid += 1
+        instance.has_3d = True
+        instance.centroid.x, instance.centroid.y, instance.centroid.z = (float(v) for v in result.centroid)
+        instance.extent.x, instance.extent.y, instance.extent.z = (float(v) for v in result.extent)
+        point = instance.surface_point
+        point.x, point.y, point.z = (float(v) for v in result.surface_point)
+    return valid
+
+
+__all__ = ["add_3d"]

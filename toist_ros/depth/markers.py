@@ -1,0 +1,58 @@
+"""``visualization_msgs/MarkerArray`` for RViz: a box and a label per instance with 3D.
+
+Every array starts with a DELETEALL marker, so the markers of the previous frame disappear even
+when this frame has fewer instances; all markers carry the colour image's header (RViz places
+them through TF at ``header.stamp``). Colours are the debug overlay's, by rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from toist_core.visualize import instance_color
+
+MIN_SIZE_M = 0.01         # a flat surface (extent 0 on one axis) still shows as a thin box
+LABEL_HEIGHT_M = 0.04     # text height
+LABEL_GAP_M = 0.02        # label this far above the box (optical frame: -y is up in the image)
+BOX_ALPHA = 0.45
+NAMESPACE_BOXES, NAMESPACE_LABELS = "toist_boxes", "toist_labels"
+
+
+def instance_markers(header: Any, instances: Sequence[Any], task: str):
+    """The MarkerArray of ``instances`` (``toist_ros/Instance`` messages; those without 3D are skipped)."""
+    from visualization_msgs.msg import Marker, MarkerArray
+
+    clear = Marker()
+    clear.header = header
+    clear.action = Marker.DELETEALL
+    markers = [clear]
+    for instance in instances:
+        if not instance.has_3d:
+            continue
+        r, g, b = (c / 255.0 for c in instance_color(int(instance.rank)))
+        box = Marker()
+        box.header = header
+        box.ns, box.id = NAMESPACE_BOXES, int(instance.rank)
+        box.type, box.action = Marker.CUBE, Marker.ADD
+        box.pose.position = instance.centroid
+        box.pose.orientation.w = 1.0
+        box.scale.x = max(instance.extent.x, MIN_SIZE_M)
+        box.scale.y = max(instance.extent.y, MIN_SIZE_M)
+        box.scale.z = max(instance.extent.z, MIN_SIZE_M)
+        box.color.r, box.color.g, box.color.b, box.color.a = r, g, b, BOX_ALPHA
+        label = Marker()
+        label.header = header
+        label.ns, label.id = NAMESPACE_LABELS, int(instance.rank)
+        label.type, label.action = Marker.TEXT_VIEW_FACING, Marker.ADD
+        label.pose.position.x = instance.centroid.x
+        label.pose.position.y = instance.centroid.y - box.scale.y / 2 - LABEL_GAP_M
+        label.pose.position.z = instance.centroid.z
+        label.pose.orientation.w = 1.0
+        label.scale.z = LABEL_HEIGHT_M
+        label.color.r, label.color.g, label.color.b, label.color.a = r, g, b, 1.0
+        label.text = f"#{instance.rank} {instance.score:.2f} {task}"
+        markers += [box, label]
+    return MarkerArray(markers=markers)
+
+
+__all__ = ["instance_markers"]

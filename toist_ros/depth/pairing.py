@@ -1,0 +1,95 @@
+"""Pairing a colour frame with the depth frame taken at the same time (no ROS, thread-safe).
+
+Depth callbacks ``put`` each checked depth image into a short ring per camera (``BUFFER_FRAMES``,
+about a quarter second at 30 Hz) and return; nothing waits on them. The inference thread asks
+for the depth of a colour frame *after* the model has run on it (so a depth image that arrives a
+few milliseconds after its colour image is there by then) and gets the buffered one whose
+``header.stamp`` is closest, if within ``max_dt_s``. When none is that close yet but one still
+could come (nothing newer than the colour stamp has arrived), it waits at most ``wait_s`` for it.
+The latest-frame policy is kept: a colour frame never waits for more than ``wait_s``, and depth
+never queues. CameraInfo messages are kept the same way and the one stamped closest to the colour
+frame is used (a camera's intrinsics rarely change, but a zoom or a resolution switch does).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from toist_ros.depth.geometry import Intrinsics
+
+BUFFER_FRAMES = 8
+
+PAIRED, MISSING, UNSYNCED = "paired", "missing", "unsynced"
+
+
+@dataclass(frozen=True)
+class CameraModel:
+    """The colour camera's latest CameraInfo, checked."""
+
+    intrinsics: Intrinsics
+    frame_id: str
+    distorted: bool
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """The outcome for one colour frame: ``status`` PAIRED (``depth`` and ``camera`` set, ``offset_s``
+    = depth stamp - colour stamp), MISSING (no depth image or no CameraInfo yet) or UNSYNCED (depth
+    images, none within ``max_dt_s``; ``offset_s`` of the closest)."""
+
+    status: str
+    depth: Any = None
+    camera: Optional[CameraModel] = None
+    offset_s: float = float("nan")
+
+
+class DepthBuffer:
+    """Recent depth images of one camera (by ``header.stamp`` in nanoseconds) and its CameraInfo."""
+
+    def __init__(self, size: int = BUFFER_FRAMES) -> None:
+        self._frames: collections.deque = collections.deque(maxlen=size)  # (stamp_ns, depth), arrival order
+        self._cameras: collections.deque = collections.deque(maxlen=size)  # (stamp_ns, CameraModel)
+        self._cond = threading.Condition()
+        self.received = 0
+
+    def put(self, stamp_ns: int, depth: Any) -> None:
+        with self._cond:
+            self._frames.append((int(stamp_ns), depth))
+            self.received += 1
+            self._cond.notify_all()
+
+    def set_camera(self, camera: CameraModel, stamp_ns: int = 0) -> None:
+        with self._cond:
+            self._cameras.append((int(stamp_ns), camera))
+
+    def _camera_at(self, stamp_ns: int) -> Optional[CameraModel]:
+        best = min(reversed(self._cameras), key=lambda item: abs(item[0] - stamp_ns), default=None)
+        return None if best is None else best[1]
+
+    def pair(self, stamp_ns: int, max_dt_s: float, wait_s: float = 0.0) -> Pairing:
+        """The depth image for a colour frame stamped ``stamp_ns`` (see the module docstring)."""
+        tolerance = int(max_dt_s * 1e9)
+        deadline = time.monotonic() + max(0.0, wait_s)
+        with self._cond:
+            while True:
+                best = min(self._frames, key=lambda item: abs(item[0] - stamp_ns), default=None)
+                if best is not None and abs(best[0] - stamp_ns) <= tolerance:
+                    camera = self._camera_at(stamp_ns)
+                    if camera is None:
+                        return Pairing(MISSING)
+                    return Pairing(PAIRED, best[1], camera, (best[0] - stamp_ns) * 1e-9)
+                newest = max((item[0] for item in self._frames), default=None)
+                could_come = newest is None or newest < stamp_ns + tolerance
+                remaining = deadline - time.monotonic()
+                if not could_come or remaining <= 0:
+                    if best is None:
+                        return Pairing(MISSING)
+                    return Pairing(UNSYNCED, offset_s=(best[0] - stamp_ns) * 1e-9)
+                self._cond.wait(remaining)
+
+
+__all__ = ["BUFFER_FRAMES", "CameraModel", "DepthBuffer", "MISSING", "PAIRED", "Pairing", "UNSYNCED"]
