@@ -244,11 +244,11 @@ def test_model_directory_records_the_input_size_inference_uses(tmp_path, segm_mo
     assert (seg.inference.short_side, seg.inference.max_size) == (64, 256)
     config = directory / "config.yaml"
     text = config.read_text()
-    assert "input_size:" in text and "version: 3" in text
-    config.write_text(text.split("input_size:")[0].replace("version: 3", "version: 1"))
+    assert "input_size:" in text and "version: 4" in text
+    config.write_text(text.split("input_size:")[0].replace("version: 4", "version: 1"))
     assert load_model_dir(directory).input_size == InputSize(800, 1333)
-    config.write_text(text.replace("version: 3", "version: 4"))
-    with pytest.raises(CheckpointError, match="version 4 is not a 'toist-model' directory of version 3 or older"):
+    config.write_text(text.replace("version: 4", "version: 5"))
+    with pytest.raises(CheckpointError, match="version 5 is not a 'toist-model' directory of version 4 or older"):
         load_model_dir(directory)
 
 

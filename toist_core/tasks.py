@@ -1,54 +1,189 @@
-"""The 14 COCO-Tasks tasks and how a task request becomes a caption.
+"""Tasks as data: a task vocabulary (id -> verb phrase, pronoun) and how a request becomes a caption.
 
-The verb phrases are the reference's ``TasksAbbreviation`` list, including the trailing
-space: the pronoun caption is ``phrase + pronoun`` ("sit comfortably on something") and
-the noun caption of the teacher is ``phrase + noun`` ("sit comfortably on chair").
+A vocabulary is a YAML file (``tasks: [{id, phrase, pronoun?}, ...]``, ids 1..N in order); the 14
+COCO-Tasks tasks are the default one, shipped as ``assets/tasks/coco_tasks.yaml``, and their
+phrases are the reference's ``TasksAbbreviation`` list. The pronoun caption is ``phrase + " " +
+pronoun`` ("sit comfortably on something"), the noun caption of the teacher ``phrase + " " +
+noun`` ("sit comfortably on chair"). Training, evaluation, export and inference all read the
+vocabulary they are given (a model directory records its own); the memory bank has one slot per
+task, task id k in slot k - 1.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional, Union
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
-NUM_TASKS = 14
+from .typed_config import read_yaml
+
+
 DEFAULT_PRONOUN = "something"
 QUOTE_LIMIT = 80              # characters of a request echoed in an error message
+DEFAULT_VOCABULARY_FILE = Path(__file__).with_name("assets") / "tasks" / "coco_tasks.yaml"
+# Keys of a vocabulary entry that other tools read (``toist convert-coco``): accepted, not used here.
+_OTHER_ENTRY_KEYS = frozenset({"preferred_categories", "preferred_instances"})
 
 # An integer-looking request ("2", "-1", "+15", "task_3", "Task 3") is a task id and must be valid;
 # it is never read as free text (a robot that sends "-1" or "15" by mistake gets an error, not a
 # caption "-1" that the model answers confidently).
 _ID_PATTERN = re.compile(r"(?:task[_ ]?)?([+-]?\d+)", re.IGNORECASE)
 
-# Task id (1-based, as in the file names task_{k}_{split}.json) -> verb phrase.
-TASK_PHRASES: dict[int, str] = {
-    1: "step on ",
-    2: "sit comfortably on ",
-    3: "place flowers in ",
-    4: "get potatoes out of fire with ",
-    5: "water plant with ",
-    6: "get lemon out of tea with ",
-    7: "dig hole with ",
-    8: "open bottle of beer with ",
-    9: "open parcel with ",
-    10: "serve wine with ",
-    11: "pour sugar with ",
-    12: "smear butter with ",
-    13: "extinguish fire with ",
-    14: "pound carpet with ",
-}
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
 
 
-def pronoun_caption(task_id: int, pronoun: str = DEFAULT_PRONOUN) -> str:
+@dataclass(frozen=True)
+class TaskEntry:
+    """One task of a vocabulary: ``id`` (1-based), its verb ``phrase`` (no trailing space) and,
+    if it has one of its own, the ``pronoun`` its caption ends with ("" = the caller's)."""
+
+    id: int
+    phrase: str
+    pronoun: str = ""
+
+
+class TaskVocabulary:
+    """The tasks a model knows, ids 1..N in order (id k uses memory-bank slot k - 1)."""
+
+    def __init__(self, entries: Sequence[TaskEntry], name: str = "", source: str = "") -> None:
+        self.name = name
+        self.source = source or name or "task vocabulary"
+        self.entries = tuple(entries)
+        where = self.source
+        if not self.entries:
+            raise ValueError(f"{where}: a task vocabulary needs at least one task")
+        for position, entry in enumerate(self.entries):
+            at = f"{where}: tasks[{position}]"
+            if isinstance(entry.id, bool) or not isinstance(entry.id, int):
+                raise ValueError(f"{at}: id: expected an integer, got {entry.id!r}")
+            if entry.id != position + 1:
+                raise ValueError(f"{at}: id: expected {position + 1} (ids are 1..N in order: task k uses memory-bank "
+                                 f"slot k - 1), got {entry.id}")
+            if not isinstance(entry.phrase, str) or not entry.phrase.strip():
+                raise ValueError(f"{at} (id {entry.id}): phrase: expected a non-empty verb phrase, got "
+                                 f"{entry.phrase!r}")
+            if not isinstance(entry.pronoun, str) or (entry.pronoun and not entry.pronoun.strip()):
+                raise ValueError(f"{at} (id {entry.id}): pronoun: expected a word, got {entry.pronoun!r}")
+        seen: dict[str, int] = {}
+        for entry in self.entries:
+            key = _normalise(entry.phrase)
+            if key in seen:
+                raise ValueError(f"{where}: tasks {seen[key]} and {entry.id} have the same phrase {entry.phrase!r}")
+            seen[key] = entry.id
+        self._by_id = {entry.id: entry for entry in self.entries}
+
+    # --- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_data(cls, data: Any, source: str = "task vocabulary") -> "TaskVocabulary":
+        """From plain data: ``{"name": ..., "tasks": [{"id", "phrase", "pronoun"?}, ...]}`` or the list alone."""
+        name = ""
+        if isinstance(data, dict):
+            unknown = set(data) - {"name", "tasks"}
+            if unknown:
+                raise ValueError(f"{source}: unknown key(s) {sorted(unknown)}; expected 'name' and 'tasks'")
+            name = str(data.get("name", "") or "")
+            data = data.get("tasks")
+        if not isinstance(data, list):
+            raise ValueError(f"{source}: tasks: expected a list of {{id, phrase, pronoun}} entries, got "
+                             f"{type(data).__name__}")
+        entries = []
+        for position, item in enumerate(data):
+            at = f"{source}: tasks[{position}]"
+            if not isinstance(item, dict):
+                raise ValueError(f"{at}: expected a mapping with id and phrase, got {item!r}")
+            unknown = set(item) - {"id", "phrase", "pronoun"} - _OTHER_ENTRY_KEYS
+            if unknown:
+                raise ValueError(f"{at}: unknown key(s) {sorted(unknown)}; expected id, phrase, pronoun")
+            for key in ("id", "phrase"):
+                if key not in item:
+                    raise ValueError(f"{at}: missing {key!r}")
+            phrase = item["phrase"]
+            entries.append(TaskEntry(item["id"], phrase.strip() if isinstance(phrase, str) else phrase,
+                                     item.get("pronoun", "") or ""))
+        return cls(entries, name=name, source=source)
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "TaskVocabulary":
+        """Read a vocabulary YAML file; errors name the file, the entry and the field."""
+        return cls.from_data(read_yaml(path, "task vocabulary file"), source=str(path))
+
+    def to_data(self) -> dict:
+        """Plain data for YAML (a model directory's ``config.yaml`` records it)."""
+        tasks = []
+        for entry in self.entries:
+            item: dict[str, Any] = {"id": entry.id, "phrase": entry.phrase}
+            if entry.pronoun:
+                item["pronoun"] = entry.pronoun
+            tasks.append(item)
+        return {"name": self.name, "tasks": tasks}
+
+    # --- queries ---------------------------------------------------------------------------
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.entries)
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return tuple(entry.id for entry in self.entries)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._by_id
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TaskVocabulary) and self.entries == other.entries
+
+    def __hash__(self) -> int:
+        return hash(self.entries)
+
+    def __repr__(self) -> str:
+        return f"TaskVocabulary({self.name or self.source!r}, {self.num_tasks} tasks)"
+
+    def entry(self, task_id: int) -> TaskEntry:
+        if isinstance(task_id, bool) or task_id not in self._by_id:
+            raise ValueError(f"unknown task id {task_id!r}: {self.describe()} has ids 1..{self.num_tasks}")
+        return self._by_id[task_id]
+
+    def phrase(self, task_id: int) -> str:
+        """The verb phrase of a task, with the trailing space the captions join on."""
+        return self.entry(task_id).phrase + " "
+
+    def pronoun_caption(self, task_id: int, pronoun: str = DEFAULT_PRONOUN) -> str:
+        """``"sit comfortably on something"``: the student's (and plain model's) caption."""
+        return self.phrase(task_id) + self.pronoun_of(task_id, pronoun)
+
+    def pronoun_of(self, task_id: int, pronoun: str = DEFAULT_PRONOUN) -> str:
+        """The task's own pronoun, else ``pronoun``."""
+        return self.entry(task_id).pronoun or pronoun
+
+    def describe(self) -> str:
+        return "the COCO-Tasks vocabulary" if self == COCO_TASKS else f"task vocabulary {self.name or self.source!r}"
+
+
+COCO_TASKS = TaskVocabulary.load(DEFAULT_VOCABULARY_FILE)
+NUM_TASKS = COCO_TASKS.num_tasks
+# Task id -> verb phrase with its trailing space, as the reference's list has it.
+TASK_PHRASES: dict[int, str] = {entry.id: entry.phrase + " " for entry in COCO_TASKS.entries}
+
+
+def load_vocabulary(path: Union[str, Path, None]) -> TaskVocabulary:
+    """The vocabulary in ``path``; the COCO-Tasks one for None or ""."""
+    return COCO_TASKS if not path else TaskVocabulary.load(path)
+
+
+def pronoun_caption(task_id: int, pronoun: str = DEFAULT_PRONOUN,
+                    vocabulary: Optional[TaskVocabulary] = None) -> str:
     """``"sit comfortably on something"`` for task 2: the student's (and plain model's) caption."""
-    return task_phrase(task_id) + pronoun
+    return (vocabulary or COCO_TASKS).pronoun_caption(task_id, pronoun)
 
 
-def task_phrase(task_id: int) -> str:
-    """The verb phrase of a task id in 1..14 (with its trailing space)."""
-    if task_id not in TASK_PHRASES:
-        raise ValueError(f"unknown COCO-Tasks task id {task_id!r}: expected an integer in 1..{NUM_TASKS}")
-    return TASK_PHRASES[task_id]
+def task_phrase(task_id: int, vocabulary: Optional[TaskVocabulary] = None) -> str:
+    """The verb phrase of a task id (with its trailing space)."""
+    return (vocabulary or COCO_TASKS).phrase(task_id)
 
 
 @dataclass(frozen=True)
@@ -65,31 +200,30 @@ class TaskQuery:
 
     @property
     def is_coco_task(self) -> bool:
+        """Whether it is a task of the vocabulary (kept name: COCO-Tasks was the only one)."""
         return self.task_id is not None
 
 
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def resolve_task(task: Union[int, str], pronoun: str = DEFAULT_PRONOUN) -> TaskQuery:
+def resolve_task(task: Union[int, str], pronoun: str = DEFAULT_PRONOUN,
+                 vocabulary: Optional[TaskVocabulary] = None) -> TaskQuery:
     """Turn a task request into the caption the model reads: the one parsing rule of the API,
     the CLI, the node's parameter, topic and service.
 
-    Accepted forms:
+    Accepted forms (``vocabulary``: the model's, default COCO-Tasks):
       * an id ``2`` or an integer-looking string ``"2"`` (also ``"task_2"``, ``"Task 2"``); an
-        integer outside 1..14 (``"0"``, ``"-1"``, ``"15"``) is an error, never free text,
+        integer outside the vocabulary's 1..N (``"0"``, ``"-1"``, ``"15"``) is an error, never free text,
       * a task name: the verb phrase (``"sit comfortably on"``) or the full caption
         (``"sit comfortably on something"``), case- and whitespace-insensitive,
       * any other non-empty text, used verbatim as the caption (no task id).
 
     Errors quote at most :data:`QUOTE_LIMIT` characters of the request.
     """
+    vocabulary = vocabulary or COCO_TASKS
     if isinstance(task, bool):
         raise TypeError("task must be an int id or a string, not bool")
     if isinstance(task, int):
-        caption = pronoun_caption(task, pronoun)
-        return TaskQuery(caption, task, _span(caption, pronoun))
+        caption = vocabulary.pronoun_caption(task, pronoun)
+        return TaskQuery(caption, task, _span(caption, vocabulary.pronoun_of(task, pronoun)))
     if not isinstance(task, str):
         raise TypeError(f"task must be an int id or a string, got {type(task).__name__}")
     text = task.strip()
@@ -98,14 +232,15 @@ def resolve_task(task: Union[int, str], pronoun: str = DEFAULT_PRONOUN) -> TaskQ
     number = _ID_PATTERN.fullmatch(text)
     if number:
         task_id = int(number.group(1))
-        if task_id not in TASK_PHRASES:
-            raise ValueError(f"task {quote(text)} looks like a task id but COCO-Tasks ids are 1..{NUM_TASKS}")
-        return resolve_task(task_id, pronoun)
+        if task_id not in vocabulary:
+            raise ValueError(f"task {quote(text)} looks like a task id but {vocabulary.describe()} has ids "
+                             f"1..{vocabulary.num_tasks}")
+        return resolve_task(task_id, pronoun, vocabulary)
     wanted = _normalise(text)
-    for task_id, phrase in TASK_PHRASES.items():
-        caption = phrase + pronoun
-        if wanted in (_normalise(phrase), _normalise(caption)):
-            return TaskQuery(caption, task_id, _span(caption, pronoun))
+    for entry in vocabulary.entries:
+        caption = vocabulary.pronoun_caption(entry.id, pronoun)
+        if wanted in (_normalise(entry.phrase), _normalise(caption)):
+            return TaskQuery(caption, entry.id, _span(caption, vocabulary.pronoun_of(entry.id, pronoun)))
     span = _span(text, pronoun) if pronoun in text else None
     return TaskQuery(text, None, span)
 

@@ -40,14 +40,19 @@ def to_dict(obj: Any) -> Any:
 
 def load_yaml(cls: type[T], path: Union[str, Path]) -> T:
     """Read a YAML file into dataclass ``cls``; errors name the file and the field."""
+    return from_dict(cls, read_yaml(path) or {}, where=str(path))
+
+
+def read_yaml(path: Union[str, Path], what: str = "configuration file") -> Any:
+    """The plain data of a YAML file; a missing file or invalid YAML is a :class:`ConfigError`
+    naming the file (``what`` it should have been)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return from_dict(cls, data, where=str(path))
 
 
 def save_yaml(obj: Any, path: Union[str, Path]) -> None:

@@ -83,7 +83,8 @@ class TaskSwitch:
         """Encode ``text`` and make it the active task; (success, message, revision)."""
         text = text.strip()
         if not text:
-            return False, "task is empty: give a COCO-Tasks id (1..14), a task name or free text", self._task.revision
+            return False, ("task is empty: give a task id of the model's vocabulary (COCO-Tasks: 1..14), a task name "
+                           "or free text"), self._task.revision
         try:
             state = self._encode(text)
         except (ValueError, TypeError) as exc:
@@ -96,8 +97,8 @@ class TaskSwitch:
             task = ActiveTask(text, _caption(state, text), _task_id(state), revision, state)
             self._task = task  # one assignment: a frame sees the old or the new task, never a mix
             self._publish(task)
-        how = (f"COCO-Tasks task {task.task_id}" if task.task_id is not None
-               else "free text (no COCO-Tasks id: no distillation memory bank)")
+        how = (f"task {task.task_id} of the model's vocabulary" if task.task_id is not None
+               else "free text (no task id: no distillation memory bank)")
         message = f"task {quote(text)} -> caption {quote(task.caption)} ({how}); results carry revision {revision}"
         self._log.info(message)
         self._warn_untrained(task)

@@ -26,7 +26,8 @@ from toist_core.config import ModelConfig, preset
 from toist_core.data.config import DataConfig
 from toist_core.distill.config import DistillConfig
 from toist_core.losses.config import LossConfig
-from toist_core.typed_config import ConfigError, from_dict, to_dict
+from toist_core.tasks import NUM_TASKS
+from toist_core.typed_config import ConfigError, from_dict, read_yaml, to_dict
 
 Stage = Literal["grounding", "pronoun", "noun", "distill", "mask_head", "mask_head_distill"]
 STAGES: tuple[str, ...] = typing.get_args(Stage)
@@ -196,6 +197,10 @@ class TrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
+        vocabulary = self.data.task_vocabulary()
+        if self.distill.num_tasks == NUM_TASKS and vocabulary.num_tasks != NUM_TASKS:
+            # The default bank is one slot per COCO-Tasks task: one per task of the data's vocabulary.
+            self.distill.num_tasks = vocabulary.num_tasks
         problems = stage_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
@@ -236,6 +241,10 @@ def stage_problems(cfg: TrainConfig) -> list[str]:
                         f"model.transformer.dec_layers ({cfg.model.transformer.dec_layers})")
     if (cfg.is_distill or cfg.stage == "mask_head_distill") and cfg.distill.pronoun != cfg.data.pronoun:
         problems.append(f"distill.pronoun ({cfg.distill.pronoun!r}) must equal data.pronoun ({cfg.data.pronoun!r})")
+    vocabulary = cfg.data.task_vocabulary()
+    if cfg.distill.num_tasks != vocabulary.num_tasks:
+        problems.append(f"distill.num_tasks ({cfg.distill.num_tasks}) must equal the number of tasks of "
+                        f"{vocabulary.describe()} ({vocabulary.num_tasks}): the memory bank has one slot per task")
     if cfg.uses_bank and cfg.distill.feature_dim != cfg.model.transformer.d_model:
         problems.append(f"distill.feature_dim ({cfg.distill.feature_dim}) must equal model.transformer.d_model "
                         f"({cfg.model.transformer.d_model}): the bank stores post-encoder text rows")
@@ -275,13 +284,7 @@ def config_from_dict(data: Any, where: str = "config") -> TrainConfig:
 def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> TrainConfig:
     """Read a YAML file and apply ``key.path=value`` overrides (values parsed as YAML)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    data = data or {}
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     for item in overrides or []:

@@ -99,11 +99,13 @@ def predict(model: nn.Module, val: ValidationSet, cfg: TrainConfig, env: DistEnv
     # The segmenter uses the module as it is (no move, cast or layout change the trainer or its
     # EMA could observe); eval mode holds for the whole evaluation and every flag comes back.
     segmenter = TaskSegmenter(model, device=env.device, memory_bank=bank, pronoun=cfg.data.pronoun,
-                              inference=inference_config(cfg), config=cfg.model)
+                              inference=inference_config(cfg), config=cfg.model,
+                              vocabulary=cfg.data.task_vocabulary())
     predictions: dict[int, dict[int, ImagePredictions]] = {}
     with eval_mode(model):
         for task, path in sorted(val.ann_files.items()):
-            dataset = CocoTasksDataset(path, val.image_dir, check_images=False)
+            dataset = CocoTasksDataset(path, val.image_dir, check_images=False,
+                                       vocabulary=cfg.data.task_vocabulary())
             wanted = set(val.image_ids[task])
             indices = [i for i in range(len(dataset)) if dataset.sample_info(i)[1].id in wanted]
             mine = indices[env.rank::env.world_size]
@@ -136,7 +138,7 @@ def noun_caption_state(model: nn.Module, dataset: CocoTasksDataset, index: int, 
     (the empty caption when it has none), as the dataset builds it in "noun" mode."""
     task_file, record = dataset.sample_info(index)
     classes = [a.coco_category_id for a in task_file.image_annotations(record.id) if a.is_preferred and not a.iscrowd]
-    caption = noun_targets(task, classes, dataset.id2name).caption
+    caption = noun_targets(task, classes, dataset.id2name, dataset.vocabulary).caption
     with torch.inference_mode():
         return TaskState(caption, None, model.encode_text([caption]), ())
 

@@ -27,8 +27,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from toist_core.checkpoint import (CheckpointError, load_state_dict_strict, read_official,
-                                   state_dict_problems)
+from toist_core.checkpoint import (CheckpointError, OfficialCheckpoint, is_model_dir, load_model_dir,
+                                   load_state_dict_strict, read_official, state_dict_problems)
 from toist_core.distill.cluster import ClusterModule, pronoun_token_indices
 from toist_core.losses.criterion import DistillationCriterion, SetCriterion, build_weight_dict
 from toist_core.model import build_model
@@ -90,12 +90,19 @@ def build_stage_models(cfg: TrainConfig, tokenizer, log=print) -> StageModels:
 
 
 def load_weights(model: nn.Module, path: str, strict: bool, field: str, log=print) -> None:
-    """``model_ema`` (else ``model``) of an MDETR / TOIST / toist checkpoint into ``model``.
+    """``model_ema`` (else ``model``) of an MDETR / TOIST / toist checkpoint, or the weights of a
+    toist model directory, into ``model``.
 
     A segmentation file loads into a detector through its ``detr.`` weights (the reference's
-    rule); the position_ids buffer of old files is dropped.
+    rule); the position_ids buffer of old files is dropped. A memory bank in the file is not
+    loaded: a distillation builds its own, one slot per task of its data's vocabulary, so
+    fine-tuning onto other tasks starts their banks empty, as the reference's bank starts.
     """
-    ckpt = read_official(path)
+    if is_model_dir(path):
+        loaded = load_model_dir(path)
+        ckpt = OfficialCheckpoint(str(path), loaded.model.state_dict(), "model directory")
+    else:
+        ckpt = read_official(path)
     is_segm_model = hasattr(model, "detr")
     state = ckpt.state_dict if (is_segm_model or not ckpt.is_segmentation) else ckpt.detector_state_dict()
     if is_segm_model and not ckpt.is_segmentation:

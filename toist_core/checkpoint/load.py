@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import InputSize, ModelConfig
+from ..tasks import COCO_TASKS, TaskVocabulary
 from .architecture import config_for_checkpoint, text_config_from_source
 from .errors import CheckpointError, PathLike
 from .loaded import LoadedModel, describe_bank, describe_heads
@@ -70,10 +71,13 @@ def load_official(path: PathLike, config: Optional[ModelConfig] = None,
     bank = None
     if ckpt.cluster_state is not None:
         bank = build_memory_bank(ckpt.cluster_state, where=f"{path} [cluster_criterion]")
-    pronoun, input_size, tasks = _training_facts(ckpt)
+    pronoun, input_size, tasks, vocabulary = _training_facts(ckpt)
     logger.info("%s", describe_checkpoint(ckpt, cfg, bank, weights, _text_config_origin(ckpt, config, text_encoder),
                                           f"tokenizer {cfg.text.tokenizer!r} from {tokenizer_origin}"))
-    return LoadedModel(model.eval(), cfg, bank, pronoun, str(path), input_size, tasks)
+    if bank is not None and bank.num_tasks != vocabulary.num_tasks:
+        raise CheckpointError(f"{path}: its memory bank has {bank.num_tasks} task slots but it was trained with "
+                              f"{vocabulary.describe()} ({vocabulary.num_tasks} tasks)")
+    return LoadedModel(model.eval(), cfg, bank, pronoun, str(path), input_size, tasks, vocabulary)
 
 
 def _text_config_origin(ckpt: OfficialCheckpoint, config: Optional[ModelConfig], text_encoder: Optional[str]) -> str:
@@ -106,15 +110,18 @@ def describe_checkpoint(ckpt: OfficialCheckpoint, cfg: ModelConfig, bank, reques
             f"{_describe_weights(ckpt, requested)}; {encoder}; {tokenizer}")
 
 
-def _training_facts(ckpt: OfficialCheckpoint) -> tuple[str, InputSize, tuple[int, ...]]:
-    """(pronoun, input size, tasks) the file was trained with."""
+def _training_facts(ckpt: OfficialCheckpoint) -> tuple[str, InputSize, tuple[int, ...], TaskVocabulary]:
+    """(pronoun, input size, tasks, task vocabulary) the file was trained with."""
     if ckpt.train_config is None:
-        return OFFICIAL_PRONOUN, InputSize(), OFFICIAL_TASKS
+        return OFFICIAL_PRONOUN, InputSize(), OFFICIAL_TASKS, COCO_TASKS
     from .. import typed_config
     from ..data.config import DataConfig
 
-    data = typed_config.from_dict(DataConfig, ckpt.train_config.get("data", {}), f"{ckpt.path} [config.data]")
-    return data.pronoun, data.input_size(), tuple(data.tasks)
+    data = dict(ckpt.train_config.get("data", {}))
+    if data.get("vocabulary_entries"):
+        data["vocabulary"] = ""  # the recorded entries are the vocabulary; the file may be elsewhere now
+    data = typed_config.from_dict(DataConfig, data, f"{ckpt.path} [config.data]")
+    return data.pronoun, data.input_size(), tuple(data.tasks), data.task_vocabulary()
 
 
 def load_pretrained(path: PathLike, config: Optional[ModelConfig] = None,
@@ -143,5 +150,5 @@ def export_model_dir(path: PathLike, directory: PathLike, text_encoder: Optional
         loaded.pronoun = pronoun
     save_model_dir(loaded.model, directory, loaded.config, memory_bank=loaded.memory_bank,
                    pronoun=loaded.pronoun, source=Path(path).name, input_size=loaded.input_size,
-                   tasks=loaded.tasks)
+                   tasks=loaded.tasks, vocabulary=loaded.vocabulary)
     return loaded

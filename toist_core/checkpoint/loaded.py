@@ -8,13 +8,15 @@ from typing import Optional
 from torch import nn
 
 from ..config import InputSize, ModelConfig
+from ..tasks import COCO_TASKS, TaskVocabulary
 
 
 @dataclass
 class LoadedModel:
     """A model ready for inference and what came with it.
 
-    tasks: the COCO-Tasks ids it was trained on (None: not recorded, e.g. a version-2 directory).
+    tasks: the task ids it was trained on (None: not recorded, e.g. a version-2 directory).
+    vocabulary: what its task ids mean (COCO-Tasks for official files and older directories).
     """
 
     model: nn.Module
@@ -24,6 +26,7 @@ class LoadedModel:
     source: str = ""
     input_size: InputSize = field(default_factory=InputSize)
     tasks: Optional[tuple[int, ...]] = None
+    vocabulary: TaskVocabulary = COCO_TASKS
 
 
 def describe_heads(config: ModelConfig) -> str:

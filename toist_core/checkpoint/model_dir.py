@@ -1,7 +1,7 @@
 """toist's model directory: what ``toist export`` and training write, loadable offline::
 
     <dir>/config.yaml               format, version, model config, pronoun, bank flag, source,
-                                    input size and tasks it was trained on
+                                    input size, tasks it was trained on and its task vocabulary
     <dir>/model.safetensors         the model's state_dict (toist names) + SHA-256 in its metadata
     <dir>/memory_bank.safetensors   distilled models: feature_bank, cluster_centers, ... (+ SHA-256)
     <dir>/tokenizer/                the tokenizer files
@@ -26,12 +26,14 @@ from ..config import InputSize, ModelConfig
 from .atomic_dir import write_directory
 from .errors import CheckpointError, PathLike
 from .integrity import load_safetensors, save_safetensors
+from ..tasks import COCO_TASKS, TaskVocabulary
 from .loaded import LoadedModel, describe_bank, describe_heads
 from .strict import build_memory_bank, load_state_dict_strict
 
 MODEL_DIR_FORMAT = "toist-model"
-# 2: input_size (version 1 loads with the reference size); 3: tasks, tensor digests (required).
-MODEL_DIR_VERSION = 3
+# 2: input_size (version 1 loads with the reference size); 3: tasks, tensor digests (required);
+# 4: the task vocabulary (older directories: the COCO-Tasks one).
+MODEL_DIR_VERSION = 4
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 BANK_FILE = "memory_bank.safetensors"
@@ -54,14 +56,16 @@ class ModelDirConfig:
     # The size it was trained and evaluated at, what inference uses unless told otherwise
     # (directories written before this field: the reference's 800 / 1333).
     input_size: InputSize = field(default_factory=InputSize)
-    # COCO-Tasks ids it was trained on; empty: not recorded (directories before version 3).
+    # Task ids it was trained on; empty: not recorded (directories before version 3).
     tasks: list[int] = field(default_factory=list)
+    # What its task ids mean: {"name", "tasks": [{"id", "phrase", "pronoun"?}]}; empty: COCO-Tasks.
+    vocabulary: dict = field(default_factory=dict)
 
 
 def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
                    memory_bank: Optional[nn.Module] = None, pronoun: str = "something",
                    source: str = "", input_size: Optional[InputSize] = None,
-                   tasks: Optional[Sequence[int]] = None) -> Path:
+                   tasks: Optional[Sequence[int]] = None, vocabulary: TaskVocabulary = COCO_TASKS) -> Path:
     """Write ``config.yaml``, ``model.safetensors``, the tokenizer and the memory bank, replacing
     ``directory`` as a whole (the old one stays intact until the new one is complete)."""
     cfg = copy.deepcopy(config)
@@ -69,7 +73,11 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
     cfg.text.weights = None
     cfg.backbone.weights = None
     manifest = ModelDirConfig(model=cfg, pronoun=pronoun, memory_bank=memory_bank is not None, source=source,
-                              input_size=input_size or InputSize(), tasks=sorted(set(tasks or ())))
+                              input_size=input_size or InputSize(), tasks=sorted(set(tasks or ())),
+                              vocabulary=vocabulary.to_data())
+    if memory_bank is not None and getattr(memory_bank, "num_tasks", vocabulary.num_tasks) != vocabulary.num_tasks:
+        raise CheckpointError(f"the memory bank has {memory_bank.num_tasks} task slots but {vocabulary.describe()} "
+                              f"has {vocabulary.num_tasks} tasks; nothing was written")
 
     def write(staging: Path) -> None:
         save_safetensors(model.state_dict(), staging / WEIGHTS_FILE, metadata={"toist": MODEL_DIR_FORMAT})
@@ -132,10 +140,18 @@ def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> Load
         if not bank_file.is_file():
             raise CheckpointError(f"{directory}: config.yaml says memory_bank: true but {BANK_FILE} is missing")
         bank = build_memory_bank(load_safetensors(bank_file, required_digest=digests), where=str(bank_file))
+    try:
+        vocabulary = (TaskVocabulary.from_data(manifest.vocabulary, source=f"{directory / CONFIG_FILE} [vocabulary]")
+                      if manifest.vocabulary else COCO_TASKS)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if bank is not None and bank.num_tasks != vocabulary.num_tasks:
+        raise CheckpointError(f"{directory}: its memory bank has {bank.num_tasks} task slots but its vocabulary "
+                              f"{vocabulary.num_tasks} tasks")
     fetched = fetch_tokenizer(cfg.text.tokenizer)
     model = build_model(cfg, tokenizer=fetched.value)
     load_state_dict_strict(model, state, where=str(weights))
     logger.info("loaded model directory %s (version %d, from %s): %s; %s; tokenizer from %s", directory,
                 manifest.version, manifest.source or "?", describe_heads(cfg), describe_bank(bank), fetched.origin)
     return LoadedModel(model.eval(), cfg, bank, manifest.pronoun, str(directory), manifest.input_size,
-                       tuple(manifest.tasks) or None)
+                       tuple(manifest.tasks) or None, vocabulary)

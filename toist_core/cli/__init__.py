@@ -19,6 +19,7 @@ SUBCOMMANDS = [
     "toist_core.cli.export",
     "toist_core.cli.synth",
     "toist_core.cli.evaluate",
+    "toist_core.cli.convert",
 ]
 # Subcommands of packages that may be absent: a robot installs toist_core without `training`.
 OPTIONAL_SUBCOMMANDS = [

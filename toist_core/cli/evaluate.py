@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-dir", default=None,
                         help="image folder (default: <data>/images/val2014 for test, train2014 for train)")
     parser.add_argument("--tasks", nargs="+", default=None,
-                        help=f"task ids (default: 1-{NUM_TASKS}, or those in the predictions file)")
+                        help="task ids (default: the tasks the checkpoint was trained on, else every task of its "
+                             f"vocabulary (1-{NUM_TASKS} for COCO-Tasks), or those in the predictions file)")
     parser.add_argument("--iou-types", nargs="+", choices=["bbox", "segm"], default=None,
                         help="default: bbox, plus segm when the predictions have masks")
     parser.add_argument("--max-images", type=int, default=None,
@@ -89,8 +90,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.predictions}: no predictions for task(s) {absent}")
         predictions = {t: predictions[t] for t in tasks}
     else:
-        tasks = parse_task_list(args.tasks or [f"1-{NUM_TASKS}"])
+        segmenter = load_segmenter(args.checkpoint, args.device, args.text_encoder, args.short_side,
+                                   args.max_size, protocol=args.protocol)
+        # Default: the tasks the model was trained on, else every task of its vocabulary.
+        tasks = (parse_task_list(args.tasks) if args.tasks
+                 else sorted(segmenter.trained_tasks or segmenter.vocabulary.ids))
         predictions = None
+    predictions_from_model = predictions is None
     files = task_files(args.data, tasks, args.split)
     ground_truths = {t: load_ground_truth(path) for t, path in files.items()}
     image_ids = {t: gt.getImgIds() for t, gt in ground_truths.items()}
@@ -99,8 +105,6 @@ def run(args: argparse.Namespace) -> int:
                      for t, gt in ground_truths.items()}
 
     if predictions is None:
-        segmenter = load_segmenter(args.checkpoint, args.device, args.text_encoder, args.short_side,
-                                   args.max_size, protocol=args.protocol)
         image_dir = Path(args.image_dir) if args.image_dir else _default_image_dir(args.data, args.split)
         predictions = predict_tasks(segmenter, files, image_dir, image_ids, batch_size=args.batch_size)
         if args.save_predictions:
@@ -114,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     result = evaluate_tasks(ground_truths, predictions, args.iou_types, image_ids)
+    if predictions_from_model:
+        result.phrases = {entry.id: entry.phrase for entry in segmenter.vocabulary.entries}
     print(markdown_report(result))
     md_path, csv_path = write_tables(result, args.out)
     written = [md_path, csv_path]

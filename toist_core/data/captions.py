@@ -24,13 +24,19 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
-from toist_core.tasks import DEFAULT_PRONOUN, task_phrase
+from toist_core.data.schema import DataError
+from toist_core.tasks import COCO_TASKS, DEFAULT_PRONOUN, TaskVocabulary
 
 Span = tuple[int, int]  # [begin, end) character offsets into the caption
 
 _ID2NAME_FILE = Path(__file__).with_name("coco_id2name.json")
+
+# Top-level field of a task file naming its own object classes, ``[{"id", "name"}, ...]`` for the
+# ids of ``COCO_category_id`` (``toist convert-coco`` writes it). Not ``categories``: in a
+# COCO-Tasks file that list describes ``category_id`` (0 = non_preferred, 1 = preferred).
+OWN_CATEGORIES_FIELD = "COCO_categories"
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,31 @@ def coco_id2name() -> dict[int, str]:
     return {int(k): v for k, v in raw.items()}
 
 
+def category_names(categories: Any, where: str) -> dict[int, str]:
+    """A COCO categories list ``[{"id": int, "name": str, ...}, ...]`` -> ``{id: name}``.
+
+    ``where`` names the list in errors (e.g. ``"x.json: field 'COCO_categories'"``); a
+    :class:`DataError` names the record (position and id) and the field.
+    """
+    if not isinstance(categories, list):
+        raise DataError(f"{where}: expected a list of {{id, name}} records, got {type(categories).__name__}")
+    names: dict[int, str] = {}
+    for index, rec in enumerate(categories):
+        at = f"{where}[{index}]"
+        if not isinstance(rec, dict):
+            raise DataError(f"{at}: expected an object with 'id' and 'name', got {rec!r}")
+        cat_id, name = rec.get("id"), rec.get("name")
+        if type(cat_id) is not int:
+            raise DataError(f"{at}: field 'id': expected an integer, got {cat_id!r}")
+        at = f"{at} (id {cat_id})"
+        if type(name) is not str or not name.strip():
+            raise DataError(f"{at}: field 'name': expected a non-empty string, got {name!r}")
+        if cat_id in names:
+            raise DataError(f"{at}: duplicate category id (already named {names[cat_id]!r})")
+        names[cat_id] = name
+    return names
+
+
 def find_word(text: str, word: str, start: int = 0) -> int:
     """Index of the first occurrence of ``word`` at or after ``start`` that is a whole word
     sequence (not preceded or followed by a letter, digit or underscore), or -1.
@@ -61,26 +92,30 @@ def find_word(text: str, word: str, start: int = 0) -> int:
     return -1 if match is None else match.start()
 
 
-def pronoun_targets(task_id: int, num_boxes: int, pronoun: str = DEFAULT_PRONOUN) -> CaptionTargets:
-    """Caption ``phrase + pronoun``; every box is positive on the whole caption (reference behaviour)."""
+def pronoun_targets(task_id: int, num_boxes: int, pronoun: str = DEFAULT_PRONOUN,
+                    vocabulary: Optional[TaskVocabulary] = None) -> CaptionTargets:
+    """Caption ``phrase + pronoun`` (the task's own pronoun where ``vocabulary`` gives one);
+    every box is positive on the whole caption (reference behaviour)."""
     if not pronoun:
         raise ValueError("the pronoun must be a non-empty word")
-    phrase = task_phrase(task_id)
-    caption = phrase + pronoun
+    vocabulary = vocabulary or COCO_TASKS
+    phrase = vocabulary.phrase(task_id)
+    caption = phrase + vocabulary.pronoun_of(task_id, pronoun)
     whole = [(0, len(caption))]
     pronoun_span = [(len(phrase), len(caption))]  # the appended word, wherever else it may occur
     return CaptionTargets(caption, [list(whole) for _ in range(num_boxes)],
                           [list(pronoun_span) for _ in range(num_boxes)])
 
 
-def noun_caption(task_id: int, names: Sequence[str]) -> tuple[str, dict[str, tuple[Span, Span]]]:
+def noun_caption(task_id: int, names: Sequence[str],
+                 vocabulary: Optional[TaskVocabulary] = None) -> tuple[str, dict[str, tuple[Span, Span]]]:
     """Join ``phrase + name`` for each distinct name (in the given order) with single spaces.
 
     Returns the caption and, per name, ``(part_span, noun_span)``: the span of its
     ``phrase + name`` part, found on word boundaries from where the previous part ended, and
     the span of the name inside that part. No names -> the empty caption.
     """
-    phrase = task_phrase(task_id)
+    phrase = (vocabulary or COCO_TASKS).phrase(task_id)
     unique: list[str] = []
     for name in names:
         if not name:
@@ -102,7 +137,8 @@ def noun_caption(task_id: int, names: Sequence[str]) -> tuple[str, dict[str, tup
 
 
 def noun_targets(task_id: int, box_category_ids: Sequence[int],
-                 id2name: Optional[Mapping[int, str]] = None) -> CaptionTargets:
+                 id2name: Optional[Mapping[int, str]] = None,
+                 vocabulary: Optional[TaskVocabulary] = None) -> CaptionTargets:
     """Teacher caption for boxes of the given COCO classes.
 
     Parts are ordered by COCO category id (deterministic); each box points at the part of its
@@ -114,7 +150,7 @@ def noun_targets(task_id: int, box_category_ids: Sequence[int],
         if cat not in id2name:
             raise KeyError(f"COCO category id {cat} has no name in the id -> name table")
     ordered_names = [id2name[cat] for cat in sorted(set(box_category_ids))]
-    caption, spans = noun_caption(task_id, ordered_names)
+    caption, spans = noun_caption(task_id, ordered_names, vocabulary)
     tokens_positive = [[spans[id2name[cat]][0]] for cat in box_category_ids]
     noun_positive = [[spans[id2name[cat]][1]] for cat in box_category_ids]
     return CaptionTargets(caption, tokens_positive, noun_positive)

@@ -4,7 +4,9 @@ Every image listed in a file is a sample, including images without a preferred o
 get zero boxes). Per sample, as the reference's ``TOISTConvertCocoPolysToMask``: crowd objects
 are dropped, only preferred objects (``category_id == 1``) are targets, boxes are converted
 xywh -> xyxy and clipped to the image, degenerate boxes are dropped, masks come from the
-polygons (or RLE) of the kept objects.
+polygons (or RLE) of the kept objects. Class names (noun and grounding captions) come from the
+files' own ``COCO_categories`` lists where they have one (``toist convert-coco``), else from the
+COCO table.
 
 An item is ``(image [3, H, W] float normalised, target)``, or in ``"distill"`` mode
 ``(image, noun_target, pronoun_target)`` for the same augmented image. Target keys:
@@ -33,12 +35,12 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
-from toist_core.data.captions import (CaptionTargets, coco_id2name, grounding_targets, noun_targets,
-                                      pronoun_targets)
+from toist_core.data.captions import (OWN_CATEGORIES_FIELD, CaptionTargets, category_names, coco_id2name,
+                                      grounding_targets, noun_targets, pronoun_targets)
 from toist_core.data.config import CaptionMode, DataConfig
 from toist_core.data.schema import AnnotationRecord, DataError, ImageRecord, TaskFile, load_task_file
 from toist_core.data.transforms import Normalize, make_transforms
-from toist_core.tasks import DEFAULT_PRONOUN
+from toist_core.tasks import COCO_TASKS, DEFAULT_PRONOUN, TaskVocabulary
 
 PathLike = Union[str, Path]
 _CAPTION_MODES = typing.get_args(CaptionMode)
@@ -60,6 +62,9 @@ class CocoTasksDataset(Dataset):
             :class:`~toist_core.data.transforms.Normalize`. None -> normalisation only.
         masks: load instance masks.
         check_images: fail at construction if a listed image file is missing.
+        id2name: class id -> name for ``COCO_category_id`` (None: the COCO table). A file's
+            own ``COCO_categories`` list (``toist convert-coco``) wins for the ids it names.
+        vocabulary: what the files' task ids mean (their phrases and pronouns; None: COCO-Tasks).
     """
 
     def __init__(self, ann_files: Union[PathLike, Sequence[PathLike]],
@@ -67,7 +72,7 @@ class CocoTasksDataset(Dataset):
                  caption_mode: CaptionMode = "pronoun",
                  transforms: Optional[Callable[[Tensor, dict], tuple[Tensor, dict]]] = None,
                  masks: bool = False, pronoun: str = DEFAULT_PRONOUN, check_images: bool = True,
-                 id2name: Optional[Mapping[int, str]] = None):
+                 id2name: Optional[Mapping[int, str]] = None, vocabulary: Optional[TaskVocabulary] = None):
         if caption_mode not in _CAPTION_MODES:
             raise ValueError(f"caption_mode must be one of {_CAPTION_MODES}, got {caption_mode!r}")
         if isinstance(ann_files, (str, Path)):
@@ -78,8 +83,11 @@ class CocoTasksDataset(Dataset):
         self.transforms = transforms if transforms is not None else Normalize()
         self.masks = masks
         self.pronoun = pronoun
+        self.vocabulary = vocabulary or COCO_TASKS
+        loaded = [_load_with_names(p) for p in ann_files]
+        self.files: list[TaskFile] = [task_file for task_file, _ in loaded]
         self.id2name = dict(coco_id2name() if id2name is None else id2name)
-        self.files: list[TaskFile] = [load_task_file(p) for p in ann_files]
+        self.id2name.update(_merge_names(loaded))  # own class names win over the table
         self._image_dirs = [self._image_dir_for(image_dir, f) for f in self.files]
         # (file index, image record) per sample; O(total images).
         self._samples: list[tuple[int, ImageRecord]] = [
@@ -154,12 +162,12 @@ class CocoTasksDataset(Dataset):
             return self.transforms(image, _with_captions(base, grounding_targets(preferred, self.id2name)))
         if self.caption_mode == "pronoun":
             return self.transforms(image, _with_captions(base, pronoun_targets(
-                task_file.task_id, num_boxes, self.pronoun)))
-        noun = _with_captions(base, noun_targets(task_file.task_id, preferred, self.id2name))
+                task_file.task_id, num_boxes, self.pronoun, self.vocabulary)))
+        noun = _with_captions(base, noun_targets(task_file.task_id, preferred, self.id2name, self.vocabulary))
         image, noun = self.transforms(image, noun)
         if self.caption_mode == "noun":
             return image, noun
-        pronoun = _with_captions(noun, pronoun_targets(task_file.task_id, num_boxes, self.pronoun))
+        pronoun = _with_captions(noun, pronoun_targets(task_file.task_id, num_boxes, self.pronoun, self.vocabulary))
         return image, noun, pronoun
 
     # ------------------------------------------------------------------ sample construction
@@ -211,6 +219,33 @@ class CocoTasksDataset(Dataset):
         return target
 
 
+def _load_with_names(path: PathLike) -> tuple[TaskFile, dict[int, str]]:
+    """A task file and its own class names (``COCO_categories``; {} when it has none).
+
+    The raw JSON is dropped at once: a dataset (copied into every loader worker) must not hold
+    every file twice.
+    """
+    task_file = load_task_file(path, keep_raw=True)
+    raw, task_file.raw = task_file.raw, None
+    if not isinstance(raw, dict) or OWN_CATEGORIES_FIELD not in raw:
+        return task_file, {}
+    return task_file, category_names(raw[OWN_CATEGORIES_FIELD], f"{task_file.path}: field {OWN_CATEGORIES_FIELD!r}")
+
+
+def _merge_names(loaded: Sequence[tuple[TaskFile, dict[int, str]]]) -> dict[int, str]:
+    """One name per class id over all files: a caption must not depend on which file an image came from."""
+    names: dict[int, str] = {}
+    named_by: dict[int, Path] = {}
+    for task_file, own in loaded:
+        for cat_id, name in own.items():
+            if cat_id in names and names[cat_id] != name:
+                raise DataError(f"{task_file.path}: field {OWN_CATEGORIES_FIELD!r}: category id {cat_id} is named "
+                                f"{name!r}, but {named_by[cat_id]} names it {names[cat_id]!r}")
+            names[cat_id] = name
+            named_by.setdefault(cat_id, task_file.path)
+    return names
+
+
 def _with_captions(target: dict, captions: CaptionTargets) -> dict:
     out = dict(target)
     out["caption"] = captions.caption
@@ -260,4 +295,4 @@ def build_dataset(cfg: DataConfig, split: str, caption_mode: Optional[CaptionMod
     files = [cfg.annotation_path(task, split) for task in cfg.tasks]
     return CocoTasksDataset(files, cfg.image_dir(split), caption_mode=caption_mode,
                             transforms=transforms, masks=cfg.masks, pronoun=cfg.pronoun,
-                            check_images=cfg.check_images)
+                            check_images=cfg.check_images, vocabulary=cfg.task_vocabulary())

@@ -8,7 +8,7 @@ from typing import Literal
 
 from toist_core.config import InputSize
 from toist_core.data.transforms import CROP_RESIZE_SIZES, TRAIN_SIZES
-from toist_core.tasks import DEFAULT_PRONOUN, NUM_TASKS
+from toist_core.tasks import COCO_TASKS, DEFAULT_PRONOUN, NUM_TASKS, TaskEntry, TaskVocabulary
 
 CaptionMode = Literal["pronoun", "noun", "distill", "grounding"]
 
@@ -24,6 +24,13 @@ class DataConfig:
 
     root: str = "data/coco-tasks"
     tasks: list[int] = field(default_factory=lambda: list(range(1, NUM_TASKS + 1)))
+    # Task vocabulary file (id, phrase, pronoun; docs/own-data.md); "" = the 14 COCO-Tasks tasks.
+    # Its entries are copied into ``vocabulary_entries`` when the config is built, so that a
+    # training checkpoint (whose config is saved with it) carries the vocabulary itself; recorded
+    # entries win over the file.
+    vocabulary: str = ""
+    vocabulary_entries: list[TaskEntry] = field(default_factory=list)
+    vocabulary_name: str = ""
     train_split: str = "train"
     eval_split: str = "test"
     # Image folder (relative to root) per split; the reference reads test images from val2014.
@@ -42,13 +49,26 @@ class DataConfig:
     test_size: int = 800
 
     def __post_init__(self) -> None:
+        if not self.vocabulary_entries and self.vocabulary:
+            loaded = TaskVocabulary.load(self.vocabulary)
+            self.vocabulary_entries, self.vocabulary_name = list(loaded.entries), loaded.name
+        vocabulary = self.task_vocabulary()
+        if self.vocabulary_entries and self.tasks == list(range(1, NUM_TASKS + 1)):
+            self.tasks = list(vocabulary.ids)  # the untouched default means every task of the vocabulary
         for task in self.tasks:
-            if not 1 <= task <= NUM_TASKS:
-                raise ValueError(f"tasks: {task} is not a COCO-Tasks task id (1..{NUM_TASKS})")
+            if task not in vocabulary:
+                raise ValueError(f"tasks: {task} is not a task of {vocabulary.describe()}: ids 1..{vocabulary.num_tasks}")
         if not self.pronoun:
             raise ValueError("pronoun: must be a non-empty word")
         if not self.train_sizes or not self.crop_resize_sizes:
             raise ValueError("train_sizes / crop_resize_sizes: need at least one size")
+
+    def task_vocabulary(self) -> TaskVocabulary:
+        """The tasks this data's ids mean (COCO-Tasks unless ``vocabulary`` names a file)."""
+        if not self.vocabulary_entries:
+            return COCO_TASKS
+        return TaskVocabulary(self.vocabulary_entries, name=self.vocabulary_name,
+                              source=self.vocabulary or "data.vocabulary_entries")
 
     def annotation_path(self, task_id: int, split: str) -> Path:
         return Path(self.root) / "annotations" / f"task_{task_id}_{split}.json"

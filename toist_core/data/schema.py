@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from toist_core.tasks import NUM_TASKS
 
 _NUMBER_TYPES = frozenset((int, float))  # exact types: JSON true/false (bool) is not a coordinate
 _FILE_NAME = re.compile(r"^task_(\d+)_([A-Za-z0-9]+)\.json$")
@@ -92,10 +91,10 @@ def parse_task_file_name(path: Union[str, Path]) -> tuple[int, str]:
     name = Path(path).name
     match = _FILE_NAME.match(name)
     if match is None:
-        raise DataError(f"{path}: file name must look like task_<k>_<split>.json (k in 1..{NUM_TASKS})")
+        raise DataError(f"{path}: file name must look like task_<k>_<split>.json (k: a task id, 1, 2, ...)")
     task_id = int(match.group(1))
-    if not 1 <= task_id <= NUM_TASKS:
-        raise DataError(f"{path}: task id {task_id} in the file name is outside 1..{NUM_TASKS}")
+    if task_id < 1:
+        raise DataError(f"{path}: task id {task_id} in the file name must be 1 or more")
     return task_id, match.group(2)
 
 
@@ -113,14 +112,19 @@ def load_task_file(path: Union[str, Path], keep_raw: bool = False) -> TaskFile:
     """
     path = Path(path)
     task_id, split = parse_task_file_name(path)
+    return parse_task_data(read_json(path, "annotation file"), path, task_id, split, keep_raw=keep_raw)
+
+
+def read_json(path: Union[str, Path], what: str) -> Any:
+    """The parsed JSON of ``path``; a missing file or invalid JSON is a :class:`DataError`
+    naming the file (``what`` it should have been)."""
     try:
         with open(path, "rb") as handle:
-            data = json.load(handle)
+            return json.load(handle)
     except FileNotFoundError:
-        raise DataError(f"{path}: annotation file not found") from None
+        raise DataError(f"{path}: {what} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON: {exc}") from None
-    return parse_task_data(data, path, task_id, split, keep_raw=keep_raw)
 
 
 def parse_task_data(data: Any, path: Union[str, Path], task_id: int, split: str,

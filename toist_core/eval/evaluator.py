@@ -77,6 +77,9 @@ class EvaluationResult:
 
     tasks: list[TaskResult]
     iou_types: tuple[str, ...]
+    # Task id -> phrase for the tables (None: the COCO-Tasks phrases); a model's own vocabulary
+    # sets it (``toist evaluate --checkpoint``).
+    phrases: Optional[dict[int, str]] = None
 
     def mean_ap50(self, iou_type: str) -> float:
         """``mAP^box`` (iou_type "bbox") / ``mAP^mask`` ("segm"): mean of per-task AP@0.5."""

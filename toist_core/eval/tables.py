@@ -30,8 +30,9 @@ def _fmt(value: float) -> str:
 def result_rows(result: EvaluationResult) -> list[dict]:
     """One dict per task plus a final mean row; AP columns in percent."""
     rows = []
+    phrases = result.phrases or TASK_PHRASES
     for task in result.tasks:
-        row = {"task": task.task_id, "phrase": TASK_PHRASES.get(task.task_id, "").strip(),
+        row = {"task": task.task_id, "phrase": phrases.get(task.task_id, "").strip(),
                "images": task.num_images, "images_with_targets": task.num_images_with_targets,
                "targets": task.num_targets}
         for iou in result.iou_types:

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..config import InferenceConfig, InputSize, ModelConfig, preset
 from ..model.eval_mode import eval_mode
 from ..structures import ImageBatch
-from ..tasks import resolve_task
+from ..tasks import COCO_TASKS, TaskVocabulary, resolve_task
 from ..tokens import NO_OBJECT_INDEX, span_token_indices
 from .device import autocast_dtype, check_on_device, is_channels_last, prepared, resolve_device
 from .images import check_image, preprocess
@@ -37,7 +37,8 @@ class TaskSegmenter:
                  memory_bank: Optional[torch.nn.Module] = None, pronoun: str = DEFAULT_PRONOUN,
                  inference: Optional[InferenceConfig] = None, config: Optional[ModelConfig] = None,
                  task: Union[int, str, None] = None, input_size: Optional[InputSize] = None,
-                 trained_tasks: Optional[Sequence[int]] = None, onnx_network=None):
+                 trained_tasks: Optional[Sequence[int]] = None, onnx_network=None,
+                 vocabulary: TaskVocabulary = COCO_TASKS):
         """Wrap ``model`` as it is: the segmenter never changes a module it is given (device,
         dtype, memory layout and train/eval mode stay the caller's; a module in training mode is
         put in eval mode only for the duration of each forward pass), so a trainer can evaluate
@@ -47,8 +48,10 @@ class TaskSegmenter:
 
         ``input_size``: the size the model was trained at, used where ``inference`` leaves the
         size to the model (default: the reference's 800 / 1333). ``trained_tasks``: the
-        COCO-Tasks ids the model was trained on (None: unknown); setting another task, or free
+        task ids the model was trained on (None: unknown); setting another task, or free
         text, warns once per task (:class:`UntrainedTaskWarning`, and ``TaskState.warning``).
+        ``vocabulary``: what task ids and names mean (a model directory records its own; default
+        the 14 COCO-Tasks tasks); the memory bank has one slot per task of it.
         ``onnx_network``: the :class:`~.onnx_backend.OnnxNetwork` that runs the network when
         ``inference.backend`` is not ``"torch"`` (:meth:`from_pretrained` opens it)."""
         self.device = resolve_device(device)
@@ -69,7 +72,11 @@ class TaskSegmenter:
         self.model = model
         self.config = config
         self.trained_tasks = tuple(sorted(trained_tasks)) if trained_tasks else None
+        self.vocabulary = vocabulary
         self._warned: set = set()
+        if memory_bank is not None and getattr(memory_bank, "num_tasks", vocabulary.num_tasks) != vocabulary.num_tasks:
+            raise ValueError(f"the memory bank has {memory_bank.num_tasks} task slots but {vocabulary.describe()} "
+                             f"has {vocabulary.num_tasks} tasks")
         self.memory_bank = memory_bank.to(self.device) if memory_bank is not None else None
         self._mean = torch.tensor(self.inference.mean, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(self.inference.std, device=self.device).view(3, 1, 1)
@@ -104,7 +111,8 @@ class TaskSegmenter:
         loaded = load_pretrained(path, config=config, text_encoder=text_encoder)
         return cls(prepared(loaded.model, device, inference), device=device, memory_bank=loaded.memory_bank,
                    pronoun=loaded.pronoun, inference=inference, config=loaded.config, task=task,
-                   input_size=loaded.input_size, trained_tasks=loaded.tasks, onnx_network=network)
+                   input_size=loaded.input_size, trained_tasks=loaded.tasks, onnx_network=network,
+                   vocabulary=loaded.vocabulary)
 
     @classmethod
     def from_config(cls, config: Union[str, ModelConfig] = "tiny", device: Union[str, torch.device] = "cpu",
@@ -145,8 +153,9 @@ class TaskSegmenter:
     @torch.inference_mode()
     def encode_task(self, task: Union[int, str]) -> TaskState:
         """Compute the task's :class:`TaskState` (text features, pronoun tokens, CCR centres)
-        without making it current. ``task``: id 1..14, task name, or free text (no CCR)."""
-        query = resolve_task(task, self.pronoun)
+        without making it current. ``task``: an id of the model's vocabulary (1..14 for
+        COCO-Tasks), a task name of it, or free text (no CCR)."""
+        query = resolve_task(task, self.pronoun, self.vocabulary)
         with eval_mode(self.model):  # the text encoder's dropout off, whatever the caller's mode
             text = self.model.encode_text([query.caption])
         tokens: tuple[int, ...] = ()

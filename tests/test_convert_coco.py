@@ -1,0 +1,346 @@
+"""`toist convert-coco`: plain COCO files + a task specification -> COCO-Tasks files, and own
+class names (``COCO_categories``) in the dataset's captions."""
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from toist_core import cli
+from toist_core.data.captions import coco_id2name
+from toist_core.data.coco_tasks import CocoTasksDataset, build_dataset
+from toist_core.data.config import DataConfig
+from toist_core.data.convert_coco import PREFERENCE_CATEGORIES, convert_coco, load_task_spec
+from toist_core.data.schema import DataError, load_task_file
+
+# pycocotools calls np.array(copy=False) on its own objects (numpy 2 warns); not our code.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+SMALL = dict(train_sizes=[64], max_size=100, crop_resize_sizes=[64], crop_min_size=32, crop_max_size=100,
+             test_size=64)
+# Own classes; ids 1 and 62 are also COCO ids (person, chair): the file's names must win.
+CATEGORIES = [{"id": 1, "name": "tape cutter", "supercategory": "tool"}, {"id": 62, "name": "stool"},
+              {"id": 90, "name": "mug"}]
+H, W = 48, 64
+
+SPEC = """\
+name: workshop            # unknown keys are ignored
+tasks:
+  - id: 1
+    phrase: "cut tape with"
+    pronoun: "something"
+    preferred_categories: ["tape cutter", 62]
+  - id: 2
+    phrase: "drink coffee from"
+    preferred_instances: [12, 99]
+"""
+
+
+def _square(x, y, size):
+    return [[x, y, x + size, y, x + size, y + size, x, y + size]]
+
+
+def _rle(x, y, size, compressed):
+    block = np.zeros((H, W), dtype=np.uint8, order="F")
+    block[y:y + size, x:x + size] = 1
+    rle = mask_utils.encode(block)
+    if compressed:
+        return {"size": [H, W], "counts": rle["counts"].decode("ascii")}
+    flat = block.flatten(order="F").tolist()  # uncompressed COCO RLE: run lengths, zeros first
+    counts = ([0] if flat[0] else []) + [len(list(run)) for _, run in itertools.groupby(flat)]
+    return {"size": [H, W], "counts": counts}
+
+
+def _annotation(ann_id, image_id, category, x, y, size, segmentation=None):
+    return {"id": ann_id, "image_id": image_id, "category_id": category, "bbox": [x, y, size, size],
+            "segmentation": segmentation if segmentation is not None else _square(x, y, size),
+            "area": float(size * size), "iscrowd": 0}
+
+
+def _write_coco(folder: Path, name: str, first_image: int, annotations: list) -> Path:
+    """A COCO file with 3 images (written with cv2) in ``folder/pics``."""
+    images = []
+    for k in range(3):
+        image_id = first_image + k
+        file_name = f"pics/img_{image_id}.png"
+        (folder / "pics").mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(folder / file_name), np.full((H, W, 3), 40 * k, dtype=np.uint8))
+        images.append({"id": image_id, "file_name": file_name, "height": H, "width": W, "license": 3})
+    path = folder / name
+    path.write_text(json.dumps({"info": {"description": "own"}, "images": images, "annotations": annotations,
+                                "categories": CATEGORIES}))
+    return path
+
+
+@pytest.fixture
+def coco(tmp_path):
+    """instances_train.json (images 1-3) and instances_test.json (images 4-6), specification."""
+    train = _write_coco(tmp_path, "instances_train.json", 1, [
+        _annotation(10, 1, 1, 4, 4, 16),                                            # tape cutter
+        _annotation(11, 1, 90, 30, 10, 12, _rle(30, 10, 12, compressed=True)),      # mug, RLE
+        _annotation(12, 2, 90, 8, 20, 10, _rle(8, 20, 10, compressed=False)),       # mug, RLE counts list
+        _annotation(13, 2, 62, 30, 6, 20),                                          # stool
+        # image 3: no object at all
+    ])
+    test = _write_coco(tmp_path, "instances_test.json", 4, [
+        _annotation(20, 4, 90, 10, 10, 14),                                         # mug
+        _annotation(21, 5, 1, 20, 20, 12),                                          # tape cutter
+    ])
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    return tmp_path, train, test, spec
+
+
+def _flags(path):
+    task_file = load_task_file(path)
+    return {a.id: a.category_id for anns in task_file.annotations.values() for a in anns}
+
+
+def test_converted_files_pass_the_schema_with_exact_flags(coco):
+    folder, train, test, spec = coco
+    out = folder / "tasks"
+    summary = convert_coco(train, "train", spec, out)
+    convert_coco(test, "test", spec, out)
+
+    assert _flags(out / "annotations" / "task_1_train.json") == {10: 1, 11: 0, 12: 0, 13: 1}
+    assert _flags(out / "annotations" / "task_2_train.json") == {10: 0, 11: 0, 12: 1, 13: 0}
+    assert _flags(out / "annotations" / "task_1_test.json") == {20: 0, 21: 1}
+    assert _flags(out / "annotations" / "task_2_test.json") == {20: 0, 21: 0}
+
+    task_file = load_task_file(out / "annotations" / "task_1_train.json", keep_raw=True)
+    raw = task_file.raw
+    assert [i.id for i in task_file.images] == [1, 2, 3]  # the image without objects stays
+    assert raw["images"][0] == {"id": 1, "file_name": "pics/img_1.png", "height": H, "width": W}
+    assert raw["categories"] == list(PREFERENCE_CATEGORIES)
+    assert raw["COCO_categories"] == [{"id": c["id"], "name": c["name"]} for c in CATEGORIES]
+    source = json.loads(train.read_text())["annotations"]
+    for before, after in zip(source, raw["annotations"]):
+        assert after["COCO_category_id"] == before["category_id"]
+        for key in ("id", "image_id", "bbox", "segmentation", "area", "iscrowd"):
+            assert after[key] == before[key]
+    assert not list((out / "annotations").glob(".*"))  # no temporary file left behind
+
+    by_task = {t.task_id: t for t in summary.tasks}
+    assert (by_task[1].images, by_task[1].annotations, by_task[1].preferred, by_task[1].images_with_preferred) \
+        == (3, 4, 2, 2)
+    assert (by_task[2].preferred, by_task[2].images_with_preferred) == (1, 1)
+    assert by_task[1].path == out / "annotations" / "task_1_train.json"
+
+
+def test_warnings(coco):
+    folder, train, test, spec = coco
+    train_warnings = convert_coco(train, "train", spec, folder / "out").warnings
+    assert len(train_warnings) == 1 and "preferred_instances 99 are not annotations of" in train_warnings[0]
+    test_warnings = convert_coco(test, "test", spec, folder / "out").warnings
+    assert any("task 1: preferred category 'stool' (id 62) has no object in" in w for w in test_warnings)
+    assert any(w.startswith("task 2: no preferred object in") for w in test_warnings)
+
+
+def test_dataset_names_own_classes_in_noun_captions(coco):
+    folder, train, test, spec = coco
+    out = folder / "tasks"
+    summary = convert_coco(train, "train", spec, out, copy_images_from=folder)
+    assert summary.images_copied == 3 and (out / "images" / "train" / "pics" / "img_1.png").is_file()
+    cfg = DataConfig(root=str(out), tasks=[1, 2], image_dirs={"train": "images/train"}, masks=True, **SMALL)
+    dataset = build_dataset(cfg, "train", caption_mode="noun")
+    assert len(dataset) == 6
+    captions = {}
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        task_file, image = dataset.sample_info(index)
+        captions[(task_file.task_id, image.id)] = target["caption"]
+        assert target["masks"].shape[0] == target["boxes"].shape[0]
+    assert captions[(1, 1)] == "step on tape cutter"  # id 1 is "person" in the COCO table
+    assert captions[(1, 2)] == "step on stool"        # id 62 is "chair" there
+    assert captions[(2, 2)] == "sit comfortably on mug"
+    assert captions[(1, 3)] == captions[(2, 1)] == ""  # no preferred object
+
+    # Images not copied: an absolute image folder works as well.
+    cfg = DataConfig(root=str(out), tasks=[1], image_dirs={"train": str(folder)}, **SMALL)
+    assert len(build_dataset(cfg, "train", caption_mode="grounding")) == 3
+
+
+def _task_file(folder: Path, name: str, own_categories=None) -> Path:
+    """A COCO-Tasks file as the real and synthetic ones (``categories`` = the 0/1 pair): one
+    preferred chair (COCO id 62) in a written image."""
+    assert cv2.imwrite(str(folder / "img.png"), np.zeros((H, W, 3), dtype=np.uint8))
+    data = {"images": [{"id": 1, "file_name": "img.png", "height": H, "width": W}],
+            "annotations": [dict(_annotation(1, 1, 0, 4, 4, 16), category_id=1, COCO_category_id=62)],
+            "categories": list(PREFERENCE_CATEGORIES)}
+    if own_categories is not None:
+        data["COCO_categories"] = own_categories
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_files_without_own_categories_use_the_coco_table(tmp_path):
+    plain = _task_file(tmp_path, "a/task_2_train.json")
+    dataset = CocoTasksDataset(plain, tmp_path, caption_mode="noun")
+    assert dataset[0][1]["caption"] == "sit comfortably on chair"
+    assert dataset.id2name == coco_id2name()
+    assert dataset.files[0].raw is None  # the raw JSON is not kept
+
+    own = _task_file(tmp_path, "b/task_2_train.json", [{"id": 62, "name": "stool"}])
+    dataset = CocoTasksDataset([own, plain], tmp_path, caption_mode="noun")
+    assert dataset[0][1]["caption"] == dataset[1][1]["caption"] == "sit comfortably on stool"
+
+
+def test_own_category_name_conflicts_name_both_files(tmp_path):
+    first = _task_file(tmp_path, "a/task_2_train.json", [{"id": 62, "name": "stool"}])
+    second = _task_file(tmp_path, "b/task_2_train.json", [{"id": 62, "name": "bar stool"}])
+    with pytest.raises(DataError, match="category id 62 is named 'bar stool', but .*a/task_2_train.json names "
+                                        "it 'stool'") as info:
+        CocoTasksDataset([first, second], tmp_path, caption_mode="noun")
+    assert str(second) in str(info.value)
+    bad = _task_file(tmp_path, "c/task_2_train.json", [{"id": 62}])
+    with pytest.raises(DataError, match=r"field 'COCO_categories'\[0\] \(id 62\): field 'name'"):
+        CocoTasksDataset(bad, tmp_path)
+
+
+def _spec(folder: Path, text: str) -> Path:
+    path = folder / "bad_spec.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tasks:\n  - {id: 1, preferred_categories: [sissors]}\n",
+     re.escape("bad_spec.yaml: tasks[0] (id 1): preferred_categories: 'sissors' is not a category of ")
+     + ".*instances_train.json; its categories are 'mug', 'stool', 'tape cutter'$"),
+    ("tasks:\n  - {id: 1, preferred_categories: [tape cuter]}\n",
+     "preferred_categories: 'tape cuter' is not a category of .*instances_train.json; did you mean 'tape cutter'\\?"),
+    ("tasks:\n  - {id: 1, preferred_categories: [44]}\n",
+     "bad_spec.yaml: tasks\\[0\\] \\(id 1\\): preferred_categories: 44 is not a category id of .*\\(ids: 1, 62, 90\\)"),
+    ("tasks:\n  - {id: 1, preferred_categories: [mug]}\n  - {id: 3, phrase: x}\n",
+     "bad_spec.yaml: tasks\\[1\\] \\(id 3\\): no preference given"),
+    ("tasks:\n  - {id: 1, preferred_categories: [], preferred_instances: []}\n",
+     "tasks\\[0\\] \\(id 1\\): no preference given"),
+    ("tasks:\n  - {id: 1, preferred_categories: [mug]}\n  - {id: 1, preferred_instances: [3]}\n",
+     "bad_spec.yaml: tasks\\[1\\] \\(id 1\\): duplicate task id \\(also tasks\\[0\\]\\)"),
+    ("tasks:\n  - {id: 0, preferred_categories: [mug]}\n",
+     "bad_spec.yaml: tasks\\[0\\]: field 'id': expected a positive integer, got 0"),
+    ("tasks:\n  - {id: 1, preferred_categories: mug}\n",
+     "tasks\\[0\\] \\(id 1\\): field 'preferred_categories': expected a list of category names or ids, got 'mug'"),
+    ("tasks:\n  - {id: 1, preferred_instances: [12, x]}\n",
+     "field 'preferred_instances'\\[1\\]: expected one of annotation ids \\(integers\\), got 'x'"),
+    ("tasks: [\n", "bad_spec.yaml: not valid YAML"),
+    ("name: x\n", "bad_spec.yaml: expected a mapping with a non-empty list 'tasks'"),
+])
+def test_specification_errors(coco, text, message):
+    folder, train, _, _ = coco
+    with pytest.raises(DataError, match=message):
+        convert_coco(train, "train", _spec(folder, text), folder / "out")
+    assert not (folder / "out").exists()  # nothing is written for bad input
+
+
+def test_unknown_name_suggestion_exact_text(coco):
+    folder, train, _, _ = coco
+    spec = _spec(folder, "tasks:\n  - {id: 1, preferred_categories: [\"Mug\", \"tape cuter\"]}\n")
+    with pytest.raises(DataError) as info:
+        convert_coco(train, "train", spec, folder / "out")
+    assert str(info.value) == (f"{spec}: tasks[0] (id 1): preferred_categories: 'Mug' is not a category of "
+                               f"{train}; did you mean 'mug'?")
+
+
+def _edited(train: Path, edit) -> Path:
+    data = json.loads(train.read_text())
+    edit(data)
+    path = train.with_name("edited.json")
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["annotations"][1].update(image_id=77),
+     r"edited.json: annotations\[1\] \(id 11\): field 'image_id': 77 is not the id of an image in this file"),
+    (lambda d: d["annotations"][2].update(category_id=5),
+     r"edited.json: annotations\[2\] \(id 12\): field 'category_id': 5 is not a category id of .*edited.json "
+     r"\(ids: 1, 62, 90\)"),
+    (lambda d: d["annotations"][3].update(id=10),
+     r"edited.json: annotations\[3\] \(id 10\): duplicate annotation id"),
+    (lambda d: d["images"][2].update(id=1), r"edited.json: images: duplicate image id 1"),
+    (lambda d: d["categories"].append({"id": 90, "name": "cup"}),
+     r"edited.json: categories\[3\] \(id 90\): duplicate category id \(already named 'mug'\)"),
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]),
+     r"edited.json: annotations\[0\] \(id 10\): field 'bbox': expected \[x, y, w, h\] \(4 numbers\), got \[1, 2, 3\]"),
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, float("nan"), 4]),
+     r"annotations\[0\] \(id 10\): field 'bbox': expected finite numbers"),
+    (lambda d: d["annotations"][1]["segmentation"].update(size=[10, 10]),
+     r"annotations\[1\] \(id 11\): field 'segmentation': RLE size \[10, 10\] differs from the size \[48, 64\]"),
+    (lambda d: d["annotations"][0].pop("area"), r"annotations\[0\] \(id 10\): missing field 'area'"),
+    (lambda d: d.pop("categories"), r"edited.json: field 'categories': expected a list, got nothing"),
+])
+def test_source_errors(coco, edit, message):
+    folder, train, _, spec = coco
+    with pytest.raises(DataError, match=message):
+        convert_coco(_edited(train, edit), "train", spec, folder / "out")
+    assert not (folder / "out").exists()
+
+
+def test_missing_image_to_copy_and_bad_split(coco):
+    folder, train, _, spec = coco
+    (folder / "pics" / "img_2.png").unlink()
+    with pytest.raises(DataError, match=r"img_2.png: image file not found \(images\[1\] \(id 2\), field 'file_name'"):
+        convert_coco(train, "train", spec, folder / "out", copy_images_from=folder)
+    assert not (folder / "out").exists()
+    with pytest.raises(DataError, match="split: expected letters and digits only"):
+        convert_coco(train, "train_2", spec, folder / "out")
+
+
+def test_spec_reader_ignores_other_keys(coco):
+    _, _, _, spec = coco
+    tasks = load_task_spec(spec)
+    assert [(t.task_id, t.categories, t.instances) for t in tasks] == [
+        (1, ("tape cutter", 62), frozenset()), (2, (), frozenset({12, 99}))]
+
+
+def test_cli(coco, capsys):
+    folder, train, _, spec = coco
+    out = folder / "cli_out"
+    code = cli.main(["convert-coco", "--coco", str(train), "--split", "train", "--tasks", str(spec),
+                     "--out", str(out), "--copy-images-from", str(folder)])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "wrote 2 task files of split 'train'" in captured.out
+    assert "task   1: 3 images, 4 objects, 2 preferred in 2 images" in captured.out
+    assert "set image_dirs: {train: images/train}" in captured.out
+    assert "warning: task 2: preferred_instances 99 are not annotations of" in captured.err
+    assert (out / "annotations" / "task_2_train.json").is_file()
+
+    bad = _spec(folder, "tasks:\n  - {id: 1, preferred_categories: [sissors]}\n")
+    code = cli.main(["convert-coco", "--coco", str(train), "--split", "train", "--tasks", str(bad),
+                     "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "toist convert-coco: error: " in captured.err and "'sissors' is not a category" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_converted_test_file_is_evaluable(coco):
+    """`toist evaluate` reads the written ``categories``: a perfect prediction scores AP 1."""
+    from toist_core.data.coco_tasks import annotation_rle
+    from toist_core.eval.evaluator import evaluate_task
+    from toist_core.eval.predictions import ImagePredictions
+
+    folder, _, test, spec = coco
+    convert_coco(test, "test", spec, folder / "tasks")
+    path = folder / "tasks" / "annotations" / "task_1_test.json"
+    ground_truth = load_task_file(path)
+    predictions = {}
+    for image in ground_truth.images:
+        anns = [a for a in ground_truth.image_annotations(image.id) if a.is_preferred]
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a.bbox for a in anns)]).reshape(-1, 4)
+        masks = np.zeros((len(anns), H, W), dtype=bool)
+        for k, ann in enumerate(anns):
+            masks[k] = mask_utils.decode(annotation_rle(ann, H, W)).astype(bool)
+        predictions[image.id] = ImagePredictions.from_arrays(boxes, np.ones(len(anns)), masks)
+    result = evaluate_task(path, predictions)
+    assert (result.num_images, result.num_targets) == (3, 1)
+    assert result.ap50 == {"bbox": 1.0, "segm": 1.0}

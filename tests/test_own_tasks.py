@@ -1,0 +1,157 @@
+"""Tasks beyond COCO-Tasks' fourteen: a vocabulary of one's own through teacher, student,
+distillation, export and the node (tiny model, a few updates: the plumbing, not accuracy).
+
+The data are the project's synthetic scenes of generator tasks 1 and 2 under new phrases, as a
+team's own annotated images would be after `toist convert-coco`.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from toist_core import cli
+from toist_core.checkpoint import load_model_dir, save_model_dir
+from toist_core.config import preset
+from toist_core.data.coco_tasks import build_dataset
+from toist_core.data.synth import generate
+from toist_core.distill.memory_bank import MemoryBank
+from toist_core.inference import TaskSegmenter
+from toist_core.model import build_model, load_tokenizer
+from training.config import load_config
+from training.distributed import DistEnv
+from training.loops import Trainer
+from training.stages import build_stage_models
+
+CONFIGS = Path(__file__).resolve().parent.parent / "training" / "configs"
+VOCABULARY = {"name": "workshop", "tasks": [{"id": 1, "phrase": "cut tape with"},
+                                            {"id": 2, "phrase": "put a hot pan on", "pronoun": "something"}]}
+FAST = ["data.tasks=[1,2]", "data.train_sizes=[96,112]", "data.max_size=128", "data.crop_resize_sizes=[96]", "data.crop_min_size=64",
+        "data.crop_max_size=112", "data.test_size=96", "loader.batch_size=2", "loader.num_workers=0",
+        "runtime.progress=false", "runtime.tensorboard=false", "runtime.threads=2",
+        "checkpoint.export_model_dir=false", "eval.enabled=false", "schedule.max_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def workshop(tmp_path_factory):
+    """(data root, vocabulary file) of two own tasks."""
+    root = tmp_path_factory.mktemp("own")
+    generate(root, tasks=[1, 2], splits=("train", "test"), images_per_split=6, min_size=96, max_size=128, seed=5)
+    vocabulary = root / "workshop_tasks.yaml"
+    vocabulary.write_text(yaml.safe_dump(VOCABULARY, sort_keys=False))
+    return root, vocabulary
+
+
+def _config(name, workshop, out, *extra):
+    root, vocabulary = workshop
+    return load_config(CONFIGS / name, [f"data.root={root}", f"data.vocabulary={vocabulary}", f"output_dir={out}",
+                                        *FAST, *extra])
+
+
+def test_captions_read_the_own_phrases(workshop, tmp_path):
+    cfg = _config("tiny_distill.yaml", workshop, tmp_path / "x", "init.load=null", "init.load_noun=null")
+    assert cfg.distill.num_tasks == 2  # one bank slot per task of the vocabulary, not 14
+    dataset = build_dataset(cfg.data, "train", caption_mode="distill")
+    samples = [dataset[i] for i in range(len(dataset))]  # (image, noun target, pronoun target)
+    pronouns = {(pronoun["task_id"], pronoun["caption"]) for _, _, pronoun in samples}
+    assert pronouns == {(1, "cut tape with something"), (2, "put a hot pan on something")}
+    nouns = {noun["caption"] for _, noun, _ in samples if noun["caption"]}
+    assert any(text.startswith("cut tape with ") and text != "cut tape with something" for text in nouns)
+    assert any(text.startswith("put a hot pan on ") for text in nouns)
+    assert not any("sit comfortably on" in text or "step on" in text for text in nouns)
+
+
+@pytest.fixture(scope="module")
+def workshop_model(workshop, tmp_path_factory):
+    """Teacher, student and distilled student on the own tasks, exported with `toist export`."""
+    runs = tmp_path_factory.mktemp("runs")
+    Trainer(_config("tiny_noun.yaml", workshop, runs / "noun"), DistEnv()).run()
+    Trainer(_config("tiny_pronoun.yaml", workshop, runs / "pronoun"), DistEnv()).run()
+    distill = _config("tiny_distill.yaml", workshop, runs / "distill",
+                      f"init.load={runs / 'pronoun' / 'checkpoint.pth'}",
+                      f"init.load_noun={runs / 'noun' / 'checkpoint.pth'}", "distill.bank_size=4")
+    Trainer(distill, DistEnv()).run()
+    model_dir = runs / "workshop_model"
+    assert cli.main(["export", str(runs / "distill" / "checkpoint.pth"), str(model_dir)]) == 0
+    return model_dir
+
+
+def test_own_tasks_train_distil_export_and_resolve_by_phrase(workshop_model):
+    model_dir = workshop_model
+    written = yaml.safe_load((model_dir / "config.yaml").read_text())
+    assert written["vocabulary"]["tasks"] == VOCABULARY["tasks"] and written["tasks"] == [1, 2]
+    loaded = load_model_dir(model_dir)
+    assert loaded.memory_bank.num_tasks == 2 and loaded.vocabulary.num_tasks == 2
+
+    segmenter = TaskSegmenter.from_pretrained(model_dir, device="cpu")
+    tape = segmenter.encode_task("cut tape with")
+    pan = segmenter.encode_task("Put a hot pan on something")
+    assert (tape.task_id, tape.caption) == (1, "cut tape with something")
+    assert (pan.task_id, pan.caption) == (2, "put a hot pan on something")
+    # CCR with each task's own bank slot: the centres differ between the two tasks.
+    assert tape.centres is not None and pan.centres is not None and not torch.equal(tape.centres, pan.centres)
+    with pytest.raises(ValueError, match=r"task '3' looks like a task id but task vocabulary 'workshop' has ids 1\.\.2"):
+        segmenter.encode_task("3")
+    assert segmenter.encode_task("sit comfortably on").task_id is None  # not a task of this model: free text
+    prediction = segmenter.predict(torch.randint(0, 255, (100, 120, 3), dtype=torch.uint8).numpy(), pan)
+    assert prediction.boxes.shape[1] == 4
+
+
+def test_fine_tuning_a_fourteen_task_model_dir_onto_own_tasks_keeps_weights_and_starts_the_bank_empty(workshop,
+                                                                                                        tmp_path):
+    tokenizer = load_tokenizer(preset("tiny").text.tokenizer)
+    torch.manual_seed(0)
+    released = build_model(preset("tiny"), tokenizer=tokenizer)
+    bank = MemoryBank(num_tasks=14, size=4, dim=128, num_clusters=3)
+    bank.update_count.fill_(9.0)  # a used bank
+    source = save_model_dir(released, tmp_path / "released", preset("tiny"), memory_bank=bank)
+    cfg = _config("tiny_distill.yaml", workshop, tmp_path / "ft", f"init.load={source}", f"init.load_noun={source}",
+                  "distill.bank_size=4")
+    models = build_stage_models(cfg, tokenizer, log=lambda *_: None)
+    for key, value in released.state_dict().items():
+        assert torch.equal(models.model.state_dict()[key], value), key
+        assert torch.equal(models.teacher.state_dict()[key], value), key
+    assert models.cluster.bank.num_tasks == 2 and not models.cluster.bank.update_count.any()
+
+
+def test_a_vocabulary_must_number_its_tasks_1_to_n(workshop, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"tasks": [{"id": 1, "phrase": "cut tape with"}, {"id": 3, "phrase": "x y"}]}))
+    with pytest.raises(ValueError, match=r"bad.yaml: tasks\[1\]: id: expected 2 \(ids are 1..N in order"):
+        load_config(CONFIGS / "tiny_pronoun.yaml", [f"data.root={workshop[0]}", f"data.vocabulary={bad}"])
+    # Untouched, data.tasks means every task of the vocabulary.
+    cfg = load_config(CONFIGS / "pronoun.yaml", [f"data.root={workshop[0]}", f"data.vocabulary={workshop[1]}"])
+    assert cfg.data.tasks == [1, 2]
+    with pytest.raises(ValueError, match=r"tasks: 5 is not a task of task vocabulary 'workshop': ids 1..2"):
+        load_config(CONFIGS / "tiny_pronoun.yaml", [f"data.root={workshop[0]}", f"data.vocabulary={workshop[1]}",
+                                                     "data.tasks=[1,5]"])
+
+
+@pytest.mark.ros
+def test_the_node_serves_the_own_tasks_by_phrase_with_ccr(workshop_model):
+    from rclpy.parameter import Parameter
+
+    from ros_support import RosSession
+    from test_ros_node import OVERRIDES, Probe, _photo
+    from toist_ros.perception_node import PerceptionNode
+
+    ros = RosSession()
+    try:
+        overrides = dict(OVERRIDES, checkpoint=str(workshop_model), task="cut tape with")
+        node = PerceptionNode(context=ros.context, parameter_overrides=[Parameter(k, value=v)
+                                                                        for k, v in overrides.items()])
+        ros.add(node)
+        assert (node.active_task.task_id, node.active_task.caption) == (1, "cut tape with something")
+        probe = Probe(ros)
+        answer = probe.set_task("put a hot pan on")
+        assert answer.success and "task 2 of the model's vocabulary" in answer.message
+        assert node.active_task.state.centres is not None  # CCR with task 2's bank slot
+        _, result = probe.roundtrip(_photo(), "own_task_frame")
+        assert (result.task_id, result.task, result.task_revision) == (2, "put a hot pan on something",
+                                                                       answer.revision)
+        refused = probe.set_task("3")
+        assert not refused.success and "task vocabulary 'workshop' has ids 1..2" in refused.message
+        assert node.active_task.task_id == 2  # unchanged
+    finally:
+        ros.close()

@@ -1,0 +1,381 @@
+"""Plain COCO detection / segmentation files -> COCO-Tasks files (``toist convert-coco``).
+
+Input: the COCO file of one split (``images``; ``annotations`` with ``bbox``, ``segmentation``
+(polygons or RLE), ``area``, ``iscrowd``, ``category_id``; ``categories`` with ``id`` and
+``name``) and a task specification YAML (the task vocabulary format; other keys such as
+``phrase`` and ``pronoun`` are ignored here)::
+
+    tasks:
+      - id: 1                                   # positive int -> task_1_<split>.json
+        preferred_categories: ["scissors", 44]  # category names of the COCO file, or ids
+        preferred_instances: [1234]             # annotation ids preferred in addition (optional)
+
+Output, per task k: ``<out_root>/annotations/task_<k>_<split>.json`` listing every image of the
+source (id, file_name, height, width) and every annotation (bbox, segmentation, area, iscrowd
+carried over) with ``COCO_category_id`` = the source ``category_id`` and ``category_id`` = 1 if
+the object is preferred for task k (its class is one of the task's categories, or its id one of
+the task's instances), else 0. ``categories`` is the COCO-Tasks pair (0 non_preferred,
+1 preferred), as in the real files, because that list describes ``category_id`` and the
+evaluation's COCO ground truth reads it; the source's class list goes to ``COCO_categories``
+(:data:`~toist_core.data.captions.OWN_CATEGORIES_FIELD`), where the dataset finds own class
+names for noun captions.
+
+Everything is checked before anything is written, so bad input leaves ``out_root`` untouched;
+each file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Optional, Union
+
+import yaml
+
+from toist_core.data.captions import OWN_CATEGORIES_FIELD, category_names
+from toist_core.data.schema import DataError, TaskFile, parse_task_data, read_json, task_file_path
+
+PathLike = Union[str, Path]
+CategoryRef = Union[str, int]  # a category name or id, as written in the specification
+
+# ``categories`` of a COCO-Tasks file: the meaning of ``category_id`` (as the real and synthetic files).
+PREFERENCE_CATEGORIES = ({"id": 0, "name": "non_preferred"}, {"id": 1, "name": "preferred"})
+_SPLIT = re.compile(r"^[A-Za-z0-9]+$")  # the <split> of task_<k>_<split>.json (schema's file-name rule)
+_ANNOTATION_FIELDS = ("id", "image_id", "bbox", "segmentation", "area", "iscrowd")
+_LISTED = 12  # names or ids shown in an error message before "..."
+
+
+@dataclass(frozen=True)
+class TaskPreference:
+    """One task of the specification: which objects of a COCO file it prefers.
+
+    ``where`` names the entry in messages, e.g. ``"spec.yaml: tasks[0] (id 1)"``.
+    """
+
+    task_id: int
+    categories: tuple[CategoryRef, ...]
+    instances: frozenset[int]
+    where: str
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """What one written task file holds."""
+
+    task_id: int
+    path: Path
+    images: int
+    annotations: int
+    preferred: int              # objects with category_id 1
+    images_with_preferred: int  # images with at least one of them
+
+
+@dataclass
+class ConversionSummary:
+    """Result of :func:`convert_coco`: one entry per task, and what deserves a look."""
+
+    source: Path
+    split: str
+    tasks: list[TaskSummary]
+    warnings: list[str] = field(default_factory=list)
+    image_dir: Optional[Path] = None  # where the images were copied to (``copy_images_from``)
+    images_copied: int = 0
+
+
+# ----------------------------------------------------------------------------- specification
+
+def load_task_spec(path: PathLike) -> list[TaskPreference]:
+    """Read the ``tasks`` of a specification YAML, in file order.
+
+    Raises :class:`DataError` naming the file, the entry (position and id) and the key for a
+    missing or ill-typed id, a duplicate id, or an entry without any preference.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: task specification not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid YAML: {exc}") from None
+    entries = data.get("tasks") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{path}: expected a mapping with a non-empty list 'tasks' of "
+                        f"{{id, preferred_categories, preferred_instances}} entries")
+    tasks: list[TaskPreference] = []
+    position_of: dict[int, int] = {}
+    for index, item in enumerate(entries):
+        task = _task_preference(path, index, item)
+        if task.task_id in position_of:
+            raise DataError(f"{task.where}: duplicate task id (also tasks[{position_of[task.task_id]}])")
+        position_of[task.task_id] = index
+        tasks.append(task)
+    return tasks
+
+
+def _task_preference(path: Path, index: int, item: Any) -> TaskPreference:
+    where = f"{path}: tasks[{index}]"
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected a mapping with 'id' and 'preferred_categories' / "
+                        f"'preferred_instances', got {item!r}")
+    task_id = item.get("id")
+    if type(task_id) is not int or task_id <= 0:
+        raise DataError(f"{where}: field 'id': expected a positive integer, got {task_id!r}")
+    where = f"{where} (id {task_id})"
+    categories = _list_field(where, item, "preferred_categories", "category names or ids",
+                             lambda v: type(v) is int or (type(v) is str and v.strip() != ""))
+    instances = _list_field(where, item, "preferred_instances", "annotation ids (integers)",
+                            lambda v: type(v) is int)
+    if not categories and not instances:
+        raise DataError(f"{where}: no preference given: list 'preferred_categories' (category names or ids) "
+                        f"and/or 'preferred_instances' (annotation ids)")
+    return TaskPreference(task_id, tuple(categories), frozenset(instances), where)
+
+
+def _list_field(where: str, item: dict, name: str, expected: str, check) -> list:
+    values = item.get(name)
+    if values is None:  # absent, or written as an empty YAML value
+        return []
+    if not isinstance(values, list):
+        raise DataError(f"{where}: field {name!r}: expected a list of {expected}, got {values!r}")
+    for k, value in enumerate(values):
+        if not check(value):
+            raise DataError(f"{where}: field {name!r}[{k}]: expected one of {expected}, got {value!r}")
+    return values
+
+
+# ----------------------------------------------------------------------------- source file
+
+@dataclass
+class _Source:
+    """A checked COCO file: class names and the records of a task file (``category_id`` 0)."""
+
+    path: Path
+    names: dict[int, str]
+    images: list[dict]
+    annotations: list[dict]
+    parsed: TaskFile
+
+
+def _read_source(path: PathLike, split: str) -> _Source:
+    """Read and check a plain COCO file; errors name the file, the record and the field."""
+    path = Path(path)
+    data = read_json(path, "COCO file")
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{path}: field {key!r}: expected a list, got "
+                            f"{'nothing' if key not in data else type(data[key]).__name__}")
+    names = category_names(data["categories"], f"{path}: categories")
+    images = [_image_record(path, i, rec) for i, rec in enumerate(data["images"])]
+    annotations = [_annotation_record(path, i, rec, names) for i, rec in enumerate(data["annotations"])]
+    # The records are now task-file records, so the schema's own checks apply; ``path`` names
+    # the source, whose list positions and ids the records keep.
+    parsed = parse_task_data({"images": images, "annotations": annotations}, path, 0, split)
+    _check_values(path, annotations, {image.id: (image.height, image.width) for image in parsed.images})
+    return _Source(path, names, images, annotations, parsed)
+
+
+def _where(path: Path, section: str, index: int, rec: Any) -> str:
+    rec_id = rec.get("id") if isinstance(rec, dict) else None
+    return f"{path}: {section}[{index}]" + (f" (id {rec_id})" if rec_id is not None else "")
+
+
+def _image_record(path: Path, index: int, rec: Any) -> dict:
+    if not isinstance(rec, dict):
+        raise DataError(f"{_where(path, 'images', index, rec)}: expected an object, got {type(rec).__name__}")
+    return {key: rec[key] for key in ("id", "file_name", "height", "width") if key in rec}
+
+
+def _annotation_record(path: Path, index: int, rec: Any, names: dict[int, str]) -> dict:
+    where = _where(path, "annotations", index, rec)
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
+    if "category_id" not in rec:
+        raise DataError(f"{where}: missing field 'category_id'")
+    category = rec["category_id"]
+    if type(category) is not int or category not in names:
+        raise DataError(f"{where}: field 'category_id': {category!r} is not a category id of {path} "
+                        f"(ids: {_listing(sorted(names))})")
+    out = {key: rec[key] for key in _ANNOTATION_FIELDS if key in rec}
+    out["COCO_category_id"] = category
+    out["category_id"] = 0
+    return out
+
+
+def _check_values(path: Path, annotations: list[dict], sizes: dict[int, tuple[int, int]]) -> None:
+    """What the schema leaves to the sample reader: finite numbers, RLE size = image size."""
+    for index, ann in enumerate(annotations):
+        where = _where(path, "annotations", index, ann)
+        if not all(math.isfinite(v) for v in ann["bbox"]):
+            raise DataError(f"{where}: field 'bbox': expected finite numbers, got {ann['bbox']!r}")
+        if not math.isfinite(ann["area"]):
+            raise DataError(f"{where}: field 'area': expected a finite number, got {ann['area']!r}")
+        seg = ann["segmentation"]
+        if isinstance(seg, dict) and tuple(seg["size"]) != sizes[ann["image_id"]]:
+            raise DataError(f"{where}: field 'segmentation': RLE size {seg['size']} differs from the size "
+                            f"[{sizes[ann['image_id']][0]}, {sizes[ann['image_id']][1]}] of image "
+                            f"{ann['image_id']}")
+
+
+def _listing(values: list) -> str:
+    shown = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in values[:_LISTED])
+    return shown + (", ..." if len(values) > _LISTED else "")
+
+
+# ----------------------------------------------------------------------------- preferences
+
+def _resolve_categories(task: TaskPreference, names: dict[int, str], source: PathLike) -> dict[CategoryRef, set[int]]:
+    """Each category reference of ``task`` -> the category ids it means (a name can be shared).
+
+    Raises :class:`DataError` for a name or id that is not a category of ``source``, with the
+    closest name as a suggestion.
+    """
+    ids_of: dict[str, set[int]] = {}
+    for cat_id, name in names.items():
+        ids_of.setdefault(name, set()).add(cat_id)
+    resolved: dict[CategoryRef, set[int]] = {}
+    for ref in task.categories:
+        if isinstance(ref, int):
+            if ref not in names:
+                raise DataError(f"{task.where}: preferred_categories: {ref} is not a category id of {source} "
+                                f"(ids: {_listing(sorted(names))})")
+            resolved[ref] = {ref}
+        elif ref in ids_of:
+            resolved[ref] = ids_of[ref]
+        else:
+            raise DataError(f"{task.where}: preferred_categories: {ref!r} is not a category of {source}"
+                            f"{_suggestion(ref, sorted(ids_of))}")
+    return resolved
+
+
+def _suggestion(name: str, known: list[str]) -> str:
+    by_case = {k.casefold(): k for k in known}
+    close = by_case.get(name.casefold()) or next(iter(difflib.get_close_matches(name, known, n=1)), None)
+    if close is not None:
+        return f"; did you mean {close!r}?"
+    hint = f"; its categories are {_listing(known)}"
+    if name.strip().isdigit():
+        hint += f" (write {name.strip()} without quotes for a category id)"
+    return hint
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root: PathLike, *,
+                 copy_images_from: Optional[PathLike] = None,
+                 image_dir: Optional[PathLike] = None) -> ConversionSummary:
+    """Write ``<out_root>/annotations/task_<k>_<split>.json`` for every task of ``spec_file``.
+
+    Args:
+        coco_file: the plain COCO file of ``split`` (e.g. ``instances_train.json``).
+        split: the split name of the written files (letters and digits: ``train``, ``test``).
+        spec_file: the task specification YAML (see the module docstring).
+        out_root: the dataset root (``DataConfig.root``).
+        copy_images_from: the folder the ``file_name`` of the images are relative to; when
+            given, the images are copied to ``<out_root>/<image_dir>``. Without it, point
+            ``DataConfig.image_dirs[split]`` at the images (an absolute path is fine).
+        image_dir: the copy's folder relative to ``out_root`` (default ``images/<split>``).
+
+    Raises :class:`DataError` (nothing written) for a bad specification, a malformed COCO
+    file or a specification that does not match it.
+    """
+    if not isinstance(split, str) or not _SPLIT.match(split):
+        raise DataError(f"split: expected letters and digits only (it becomes part of task_<k>_<split>.json), "
+                        f"got {split!r}")
+    tasks = load_task_spec(spec_file)
+    source = _read_source(coco_file, split)
+    resolved = [_resolve_categories(task, source.names, source.path) for task in tasks]
+    copies: list[tuple[Path, Path]] = []
+    target_dir: Optional[Path] = None
+    if copy_images_from is not None:
+        target_dir = Path(out_root) / (image_dir if image_dir is not None else f"images/{split}")
+        copies = _image_copies(source, Path(copy_images_from), target_dir)
+
+    summary = ConversionSummary(source.path, split, [], image_dir=target_dir)
+    for task, refs in zip(tasks, resolved):
+        summary.tasks.append(_write_task(source, task, refs, split, Path(out_root), summary.warnings))
+    for src, dst in copies:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not (dst.exists() and os.path.samefile(src, dst)):
+            shutil.copy2(src, dst)
+            summary.images_copied += 1
+    return summary
+
+
+def _write_task(source: _Source, task: TaskPreference, refs: dict[CategoryRef, set[int]], split: str,
+                out_root: Path, warnings: list[str]) -> TaskSummary:
+    """Write one task file; append what deserves a look to ``warnings``."""
+    category_ids = set().union(*refs.values()) if refs else set()
+    annotations = []
+    with_preferred: set[int] = set()
+    for ann in source.annotations:
+        preferred = ann["COCO_category_id"] in category_ids or ann["id"] in task.instances
+        annotations.append({**ann, "category_id": int(preferred)})
+        if preferred:
+            with_preferred.add(ann["image_id"])
+    path = task_file_path(out_root, task.task_id, split)
+    _write_json_atomic(path, {
+        "info": f"COCO-Tasks file written by toist convert-coco from {source.path.name} (task {task.task_id})",
+        "images": source.images,
+        "annotations": annotations,
+        "categories": [dict(c) for c in PREFERENCE_CATEGORIES],
+        OWN_CATEGORIES_FIELD: [{"id": cat_id, "name": name} for cat_id, name in source.names.items()],
+    })
+    num_preferred = sum(a["category_id"] for a in annotations)
+    warnings.extend(_task_warnings(source, task, refs, num_preferred, path))
+    return TaskSummary(task.task_id, path, len(source.images), len(annotations), num_preferred,
+                       len(with_preferred))
+
+
+def _task_warnings(source: _Source, task: TaskPreference, refs: dict[CategoryRef, set[int]],
+                   num_preferred: int, path: Path) -> list[str]:
+    present = {ann["COCO_category_id"] for ann in source.annotations}
+    out = []
+    for ref, ids in refs.items():
+        if not ids & present:
+            label = f"{ref!r}" if isinstance(ref, str) else f"{source.names[ref]!r} (id {ref})"
+            out.append(f"task {task.task_id}: preferred category {label} has no object in {source.path}")
+    known = {ann["id"] for ann in source.annotations}
+    missing = sorted(task.instances - known)
+    if missing:
+        out.append(f"task {task.task_id}: preferred_instances {_listing(missing)} are not annotations of "
+                   f"{source.path} (fine if they belong to another split)")
+    if num_preferred == 0:
+        out.append(f"task {task.task_id}: no preferred object in {source.path}: every image of {path.name} "
+                   f"is an image without a target")
+    return out
+
+
+def _image_copies(source: _Source, from_dir: Path, to_dir: Path) -> list[tuple[Path, Path]]:
+    """(source, destination) per image; every source must exist (checked before writing)."""
+    pairs = []
+    for index, image in enumerate(source.parsed.images):
+        where = f"images[{index}] (id {image.id}), field 'file_name' in {source.path}"
+        relative = PurePosixPath(image.file_name.replace("\\", "/"))
+        if relative.is_absolute() or ".." in relative.parts:
+            raise DataError(f"{source.path}: {where}: {image.file_name!r} must be a relative path inside "
+                            f"the image folder to copy it")
+        src = from_dir / relative
+        if not src.is_file():
+            raise DataError(f"{src}: image file not found ({where})")
+        pairs.append((src, to_dir / relative))
+    return pairs
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary name beside ``path`` and rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, separators=(",", ":"), ensure_ascii=False)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
