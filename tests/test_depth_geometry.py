@@ -158,8 +158,9 @@ def test_no_usable_depth_is_invalid_not_zero():
     for raw, scale in ((np.zeros_like(depth, dtype=np.uint16), 0.001),            # 16UC1 holes
                        (np.full(depth.shape, np.nan, np.float32), 1.0),          # 32FC1 NaN
                        (np.full(depth.shape, 20.0, np.float32), 1.0)):           # beyond depth.max_m
-        result = instance_3d(crop, roi, raw, scale, CENTRED, DepthLimits(0.1, 10.0))
-        assert not result.valid and result.points == 0 and result.fraction == 0.0
+        for limits in (DepthLimits(0.1, 10.0), DepthLimits(0.0, 10.0)):  # 0 is never a depth
+            result = instance_3d(crop, roi, raw, scale, CENTRED, limits)
+            assert not result.valid and result.points == 0 and result.fraction == 0.0
         assert not np.any(result.centroid) and np.all(np.isfinite(result.centroid))
     sparse = np.zeros_like(depth, dtype=np.uint16)
     sparse[rows[:5], cols[:5]] = 1000                                              # 5 points < min_points 10

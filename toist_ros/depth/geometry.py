@@ -162,7 +162,8 @@ def instance_3d(mask_crop: np.ndarray, roi: tuple[int, int, int, int], depth: np
     if depth_scale != 1.0:
         z *= np.float32(depth_scale)
     with np.errstate(invalid="ignore"):
-        usable = (z >= limits.min_m) & (z <= limits.max_m)  # NaN fails both
+        # 0 is "no measurement" in both encodings, even with min_m 0; NaN fails both tests.
+        usable = (z >= max(limits.min_m, 1e-6)) & (z <= limits.max_m)
     chosen = on_mask & usable
     points = int(np.count_nonzero(chosen))
     fraction = points / seen
@@ -173,9 +174,13 @@ def instance_3d(mask_crop: np.ndarray, roi: tuple[int, int, int, int], depth: np
     edges = _depth_edges(z, usable, chosen, noise)
     if edges is not None and points - int(np.count_nonzero(edges)) >= limits.min_points:
         chosen &= ~edges
-    # The range is found on a sample; points within one gap of it are connected to it too.
-    zs = z[chosen]
-    low, high, z_mid = _depth_cluster(zs[:: max(1, zs.size // MAX_SAMPLES)])
+    # The range is found on a sample (a grid of the window with ~MAX_SAMPLES chosen pixels);
+    # points within one gap of it are connected to it too.
+    every = max(1, int(math.sqrt(points / MAX_SAMPLES)))
+    sample = z[::every, ::every][chosen[::every, ::every]]
+    if sample.size < limits.min_points:
+        sample = z[chosen]
+    low, high, z_mid = _depth_cluster(sample)
     kept = chosen & (z >= np.float32(low - _gap(low))) & (z <= np.float32(high + _gap(high)))
     count = int(np.count_nonzero(kept))
     if count < limits.min_points:
@@ -191,10 +196,9 @@ def instance_3d(mask_crop: np.ndarray, roi: tuple[int, int, int, int], depth: np
     centroid = np.array([(col_sum @ us - cam.cx * z_sum) / cam.fx, (row_sum @ vs - cam.cy * z_sum) / cam.fy,
                          z_sum]) / count
     nearest = np.where(kept, z, np.float32(np.inf))
-    farthest = np.where(kept, z, np.float32(-np.inf))
-    col_near, col_far = nearest.min(axis=0), farthest.max(axis=0)
-    row_near, row_far = nearest.min(axis=1), farthest.max(axis=1)
-    cols, rows = np.isfinite(col_near), np.isfinite(row_near)
+    col_near, col_far = nearest.min(axis=0), kept_z.max(axis=0)   # kept depths are > 0
+    row_near, row_far = nearest.min(axis=1), kept_z.max(axis=1)
+    cols, rows = col_sum > 0, row_sum > 0
     x = np.concatenate([(us[cols] - cam.cx) / cam.fx * col_near[cols], (us[cols] - cam.cx) / cam.fx * col_far[cols]])
     y = np.concatenate([(vs[rows] - cam.cy) / cam.fy * row_near[rows], (vs[rows] - cam.cy) / cam.fy * row_far[rows]])
     extent = np.array([x.max() - x.min() + step * z_mid / cam.fx, y.max() - y.min() + step * z_mid / cam.fy,
