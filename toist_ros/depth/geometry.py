@@ -263,27 +263,27 @@ def _depth_edges(z: np.ndarray, usable: np.ndarray, chosen: np.ndarray, noise: f
     EDGE_SLOPE_LIMITS limits): outlines and spill, decided at once. The slope test runs on the
     few pixels in between (steep surfaces, noise).
     """
-    nearest = cv2.erode(np.where(usable, z, np.float32(np.inf)), _KERNEL, borderType=cv2.BORDER_REPLICATE)
+    far = np.where(usable, z, np.float32(np.inf))  # no depth: never the nearest, never "behind"
+    nearest = cv2.erode(far, _KERNEL, borderType=cv2.BORDER_REPLICATE)
     with np.errstate(invalid="ignore"):
         limit = np.maximum(EDGE_JUMP_M + EDGE_JUMP_FRACTION * nearest, np.float32(EDGE_JUMP_SIGMAS * noise))
         jump = z - nearest
         edges = chosen & (jump > (EDGE_SLOPE_LIMITS + 1.0) * limit)
         rows, cols = np.nonzero(chosen & (jump > limit) & ~edges)
-    if rows.size:
-        width = z.shape[1] + 4
-        padded = np.full((z.shape[0] + 4, width), np.nan, dtype=np.float32)
-        padded[2:-2, 2:-2] = np.where(usable, z, np.float32(np.nan))
-        flat = padded.ravel()
-        centre = (rows + 2) * width + cols + 2                                        # [N]
-        offsets = _DIRECTIONS[:, 0] * width + _DIRECTIONS[:, 1]                         # [8]
-        near = flat[centre[:, None] - offsets]                                        # [N, 8] one step back
-        slope = near - flat[centre[:, None] - 2 * offsets]                            # minus two steps back
-        own = limit[rows, cols][:, None]                                              # [N, 1]
-        with np.errstate(invalid="ignore"):
-            # Continue the surface's slope where the two pixels behind lie on one surface.
+        if rows.size:
+            padded = cv2.copyMakeBorder(far, 2, 2, 2, 2, cv2.BORDER_CONSTANT, value=float("inf"))
+            width = padded.shape[1]
+            flat = padded.ravel()
+            centre = (rows + 2) * width + cols + 2                                    # [N]
+            offsets = _DIRECTIONS[:, 0] * width + _DIRECTIONS[:, 1]                     # [8]
+            near = flat[centre[:, None] - offsets]                                    # [N, 8] one step back
+            slope = near - flat[centre[:, None] - 2 * offsets]                        # minus two steps back
+            own = limit[rows, cols][:, None]                                          # [N, 1]
+            # Continue the surface's slope where the two pixels behind lie on one surface; a
+            # neighbour without depth (inf) predicts nothing (z - inf is never > own).
             predicted = np.where(np.abs(slope) <= EDGE_SLOPE_LIMITS * own, near + slope, near)
-            behind = (z[rows, cols][:, None] - predicted > own).any(axis=1)  # NaN compares False
-        edges[rows[behind], cols[behind]] = True
+            behind = (z[rows, cols][:, None] - predicted > own).any(axis=1)
+            edges[rows[behind], cols[behind]] = True
     return edges if edges.any() else None
 
 
