@@ -188,7 +188,8 @@ def test_depth_too_far_apart_in_time_is_unsynced_and_counted(node, probe):
     before = node.counters.get("depth_unsynced")
     result = probe.frame("depth_unsynced_frame", depth_offset_s=0.2)  # > depth.max_dt_s 0.01
     assert result.depth_status == TaskInstances.DEPTH_UNSYNCED
-    assert result.depth_offset_ms == pytest.approx(200.0, abs=60)  # the closest buffered depth
+    # The closest buffered depth: this frame's, 200 ms late, or an earlier frame's, further than 10 ms.
+    assert 10.0 < abs(result.depth_offset_ms) <= 260.0
     assert not any(inst.has_3d for inst in result.instances) and result.instances
     assert node.counters.get("depth_unsynced") > before
     assert wait_for(lambda: (probe.counter("depth_unsynced") or 0) > before, timeout=10)
