@@ -47,6 +47,14 @@ class ImageError(ValueError):
         self.reason = reason
 
 
+def image_header(msg: Any, what: str, error: type = ImageError) -> tuple[int, int, int, str]:
+    """(height, width, step, encoding) of an image message; a zero size raises ``error`` "empty"."""
+    height, width, step, encoding = int(msg.height), int(msg.width), int(msg.step), str(msg.encoding)
+    if height == 0 or width == 0:
+        raise error("empty", f"{what} has zero size ({width}x{height}, encoding {encoding!r})")
+    return height, width, step, encoding
+
+
 def checked_rows(msg: Any, row_bytes: int, unit: str, error: type = ImageError) -> memoryview:
     """The bytes of an image message whose rows need ``row_bytes`` each (``unit``: what a pixel
     is, for the message), after checking ``step`` and the data length; raises ``error`` with
@@ -69,10 +77,7 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     are ignored, as cv_bridge does. For ``rgb8`` without padding the array is a view of
     the message's buffer (no copy).
     """
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    encoding = str(msg.encoding)
-    if height == 0 or width == 0:
-        raise ImageError("empty", f"image has zero size ({width}x{height}, encoding {encoding!r})")
+    height, width, step, encoding = image_header(msg, "image", ImageError)
     channels = CHANNELS.get(encoding.lower())
     if channels is None:
         raise ImageError("encoding", f"unsupported encoding {encoding!r}; supported: {', '.join(SUPPORTED_ENCODINGS)}")

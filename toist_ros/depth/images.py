@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from toist_ros.conversions import ImageError, checked_rows
+from toist_ros.conversions import ImageError, checked_rows, image_header
 from toist_ros.depth.geometry import Intrinsics
 
 # encoding -> (numpy dtype, metres per unit)
@@ -39,10 +39,7 @@ class DepthImage:
 
 def depth_from_image(msg: Any) -> DepthImage:
     """A ``sensor_msgs/Image`` depth image as a :class:`DepthImage`; raises :class:`DepthError`."""
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    encoding = str(msg.encoding)
-    if height == 0 or width == 0:
-        raise DepthError("empty", f"depth image has zero size ({width}x{height}, encoding {encoding!r})")
+    height, width, step, encoding = image_header(msg, "depth image", DepthError)
     known = DEPTH_ENCODINGS.get(encoding.upper())
     if known is None:
         raise DepthError("encoding", f"unsupported depth encoding {encoding!r}; supported: 16UC1 (millimetres), "
