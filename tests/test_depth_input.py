@@ -83,7 +83,9 @@ def test_pairs_the_closest_stamp_within_the_tolerance():
 
 def test_missing_without_depth_or_without_camera_info():
     buffer = DepthBuffer()
-    assert buffer.pair(SECOND, 0.02).status == MISSING
+    start = time.monotonic()
+    assert buffer.pair(SECOND, 0.02, wait_s=1.0).status == MISSING
+    assert time.monotonic() - start < 0.5  # no depth ever received: frames do not wait for one
     buffer.put(SECOND, "depth")
     assert buffer.pair(SECOND, 0.02).status == MISSING  # no CameraInfo yet
     buffer.set_camera(CAMERA)

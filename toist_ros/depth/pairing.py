@@ -5,7 +5,8 @@ about a quarter second at 30 Hz) and return; nothing waits on them. The inferenc
 for the depth of a colour frame *after* the model has run on it (so a depth image that arrives a
 few milliseconds after its colour image is there by then) and gets the buffered one whose
 ``header.stamp`` is closest, if within ``max_dt_s``. When none is that close yet but one still
-could come (nothing newer than the colour stamp has arrived), it waits at most ``wait_s`` for it.
+could come (depth arrives, but nothing newer than the colour stamp yet), it waits at most ``wait_s``
+for it.
 The latest-frame policy is kept: a colour frame never waits for more than ``wait_s``, and depth
 never queues. CameraInfo messages are kept the same way and the one stamped closest to the colour
 frame is used (a camera's intrinsics rarely change, but a zoom or a resolution switch does).
@@ -83,7 +84,8 @@ class DepthBuffer:
                         return Pairing(MISSING)
                     return Pairing(PAIRED, best[1], camera, (best[0] - stamp_ns) * 1e-9)
                 newest = max((item[0] for item in self._frames), default=None)
-                could_come = newest is None or newest < stamp_ns + tolerance
+                # Wait only for a camera that sends depth: with none received yet, no frame waits.
+                could_come = newest is not None and newest < stamp_ns + tolerance
                 remaining = deadline - time.monotonic()
                 if not could_come or remaining <= 0:
                     if best is None:
