@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -46,14 +45,9 @@ class _Session:
         self.node = rclpy.create_node("toist_client", context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
+        from toist_ros.service_call import spin_in_background
 
-    def _spin(self) -> None:
-        try:
-            self.executor.spin()
-        except Exception:  # shut down while waiting
-            pass
+        self._thread = spin_in_background(self.executor)
 
     def call(self, kind: Any, name: str, request: Any, timeout: float) -> Any:
         from toist_ros.service_call import call_service

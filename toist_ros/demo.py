@@ -197,14 +197,9 @@ class _Client:
         self.executor = MultiThreadedExecutor(num_threads=3, context=self.context)
         self.executor.add_node(self.node)
         self.executor.add_node(self.camera)
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
+        from toist_ros.service_call import spin_in_background
 
-    def _spin(self) -> None:
-        try:
-            self.executor.spin()
-        except Exception:
-            pass
+        self._thread = spin_in_background(self.executor)
 
     def _keep_status(self, msg: Any) -> None:
         with self.lock:

@@ -1,10 +1,26 @@
-"""One service call with a deadline, from a thread other than the executor's (the demo and
-``toist_ros.client`` spin their node in a background thread and wait here)."""
+"""A client's executor spun in a background thread, and one service call with a deadline from
+another thread (the demo and ``toist_ros.client`` both work this way)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
+
+
+def spin_in_background(executor: Any) -> threading.Thread:
+    """Start a daemon thread that spins ``executor`` until it is shut down (the exception rclpy
+    raises when the context goes away while it waits ends the thread quietly)."""
+
+    def spin() -> None:
+        try:
+            executor.spin()
+        except Exception:  # shut down while waiting
+            pass
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    return thread
 
 
 def call_service(client: Any, request: Any, timeout: float, hint: str = "") -> Any:
@@ -22,4 +38,4 @@ def call_service(client: Any, request: Any, timeout: float, hint: str = "") -> A
     return future.result()
 
 
-__all__ = ["call_service"]
+__all__ = ["call_service", "spin_in_background"]
