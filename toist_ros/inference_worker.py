@@ -27,6 +27,7 @@ from toist_ros.depth.geometry import DepthLimits
 from toist_ros.depth.inputs import DepthInputs
 from toist_ros.depth.instances3d import add_3d
 from toist_ros.depth.markers import instance_markers
+from toist_ros.depth.pairing import stamp_ns
 from toist_ros.diagnostics import Counters, Percentiles
 from toist_ros.instances import rank_instances, task_instances_msg, to_instance_msgs
 from toist_ros.tasks import ActiveTask
@@ -179,9 +180,8 @@ class InferenceWorker:
     def _add_depth(self, msg: Any, ranked: list, camera: Camera, settings: Any) -> None:
         """Pair the frame with its depth image and fill the 3D fields (counted: depth_paired,
         depth_missing, depth_unsynced; the time goes to ``geometry_ms``)."""
-        stamp = msg.header.stamp
-        pairing = self._depth.buffers[camera.index].pair(stamp.sec * 1_000_000_000 + stamp.nanosec,
-                                                          settings["depth.max_dt_s"], settings["depth.wait_s"])
+        pairing = self._depth.buffers[camera.index].pair(stamp_ns(msg.header.stamp), settings["depth.max_dt_s"],
+                                                          settings["depth.wait_s"])
         self._counters.add(f"depth_{pairing.status}")
         start = time.perf_counter()
         limits = DepthLimits(settings["depth.min_m"], settings["depth.max_m"])

@@ -21,7 +21,7 @@ from sensor_msgs.msg import CameraInfo, Image
 
 from toist_ros.camera_input import QOS_CHECK_PERIOD_S, image_qos, qos_text, wanted_reliable
 from toist_ros.depth.images import DepthError, depth_from_image, has_distortion, intrinsics_from_camera_info
-from toist_ros.depth.pairing import CameraModel, DepthBuffer
+from toist_ros.depth.pairing import CameraModel, DepthBuffer, stamp_ns
 from toist_ros.diagnostics import Counters
 
 
@@ -85,8 +85,7 @@ class DepthInputs:
                                             throttle_duration_sec=5.0)
             return
         self._counters.add("depth_received")
-        stamp = msg.header.stamp
-        self.buffers[index].put(stamp.sec * 1_000_000_000 + stamp.nanosec, depth)
+        self.buffers[index].put(stamp_ns(msg.header.stamp), depth)
 
     def _on_info(self, msg: Any, index: int) -> None:
         try:
@@ -102,9 +101,8 @@ class DepthInputs:
                 f"the CameraInfo of camera {index} has distortion coefficients {list(msg.d)[:5]}: the 3D step "
                 "uses K as a pinhole and ignores them (fine for the small distortion of RGB-D colour cameras; "
                 "else use rectified images, docs/ros.md)")
-        stamp = msg.header.stamp
         self.buffers[index].set_camera(CameraModel(intrinsics, str(msg.header.frame_id), distorted),
-                                       stamp.sec * 1_000_000_000 + stamp.nanosec)
+                                       stamp_ns(msg.header.stamp))
 
 
 __all__ = ["DepthInputs"]

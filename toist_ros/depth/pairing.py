@@ -27,6 +27,11 @@ BUFFER_FRAMES = 8
 PAIRED, MISSING, UNSYNCED = "paired", "missing", "unsynced"
 
 
+def stamp_ns(stamp: Any) -> int:
+    """A ``builtin_interfaces/Time`` (``header.stamp``) in nanoseconds, the buffer's key."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
 @dataclass(frozen=True)
 class CameraModel:
     """The colour camera's latest CameraInfo, checked."""
@@ -94,4 +99,4 @@ class DepthBuffer:
                 self._cond.wait(remaining)
 
 
-__all__ = ["BUFFER_FRAMES", "CameraModel", "DepthBuffer", "MISSING", "PAIRED", "Pairing", "UNSYNCED"]
+__all__ = ["stamp_ns", "BUFFER_FRAMES", "CameraModel", "DepthBuffer", "MISSING", "PAIRED", "Pairing", "UNSYNCED"]
