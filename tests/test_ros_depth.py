@@ -186,9 +186,11 @@ def test_depth_too_far_apart_in_time_is_unsynced_and_counted(node, probe):
     from toist_ros.msg import TaskInstances
 
     before = node.counters.get("depth_unsynced")
-    result = probe.frame("depth_unsynced_frame", depth_offset_s=0.2)  # > depth.max_dt_s 0.01
+    # 200 ms early (> depth.max_dt_s 0.01); stamped in the past, so that no later frame of this
+    # module can pair with it.
+    result = probe.frame("depth_unsynced_frame", depth_offset_s=-0.2)
     assert result.depth_status == TaskInstances.DEPTH_UNSYNCED
-    # The closest buffered depth: this frame's, 200 ms late, or an earlier frame's, further than 10 ms.
+    # The closest buffered depth: this frame's, 200 ms early, or an earlier frame's, further than 10 ms.
     assert 10.0 < abs(result.depth_offset_ms) <= 260.0
     assert not any(inst.has_3d for inst in result.instances) and result.instances
     assert node.counters.get("depth_unsynced") > before
