@@ -15,8 +15,11 @@ measure the node, not the quality of the boxes.
 The 3D step (depth.enabled) is measured first, in this process and without DDS: the node's own
 code (``toist_ros.depth.instances3d.add_3d``) on 10 instances of a rendered 640x480 scene (ten
 20 cm plates at 0.8-1.7 m, 16UC1 depth with noise, holes and flying pixels, masks spilling 2 px),
-per frame. With ``--depth`` the node also runs with depth.enabled, a depth image and CameraInfo
-are published with every frame, and its "3d ms" from /diagnostics are printed.
+per frame, after loading its compiled kernel (time printed: seconds when numba compiles it, the
+first time on a machine); side by side, frames alternating, the same step with the numpy
+implementation the kernel replaced (tests/depth_reference.py), and the ratio of their p50. With
+``--depth`` the node also runs with depth.enabled, a depth image and CameraInfo are published
+with every frame, and its "3d ms" from /diagnostics are printed.
 """
 
 from __future__ import annotations
@@ -42,10 +45,13 @@ def _quantiles(values):
     return tuple(float(v) for v in np.quantile(np.asarray(values, dtype=np.float64), [0.5, 0.95]))
 
 
-def measure_3d_step(frames: int = 200) -> tuple[float, float, int]:
-    """(p50, p95) ms per frame of the node's 3D step for 10 instances at 640x480, and their mask pixels."""
+def measure_3d_step(frames: int = 200) -> tuple[tuple[float, float], tuple[float, float], float, int]:
+    """((p50, p95) ms per frame of the node's 3D step for 10 instances at 640x480, (p50, p95) of the
+    numpy reference in alternate frames, seconds to load the kernel, mask pixels)."""
+    from unittest import mock
+
     import cv2
-    from toist_ros.depth.geometry import DepthLimits, Intrinsics
+    from toist_ros.depth.geometry import DepthLimits, Intrinsics, instance_3d, warm_up
     from toist_ros.depth.images import DepthImage
     from toist_ros.depth.instances3d import add_3d
     from toist_ros.depth.pairing import PAIRED, CameraModel, Pairing
@@ -65,15 +71,23 @@ def measure_3d_step(frames: int = 200) -> tuple[float, float, int]:
         boxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
     ranked = rank_instances(np.array(boxes, np.float32), np.linspace(0.9, 0.6, 10), masks, (640, 480))
     pairing = Pairing(PAIRED, DepthImage(raw, 0.001), CameraModel(cam, "bench_camera", False), 0.0)
-    times = []
-    for _ in range(frames):
-        msg = task_instances_msg(None, (640, 480), "bench", 1, 0.0, to_instance_msgs(ranked, None, with_masks=False))
-        start = time.perf_counter()
-        valid = add_3d(msg, ranked, pairing, DepthLimits())
-        times.append(1000.0 * (time.perf_counter() - start))
-        assert valid == 10, valid
-    p50, p95 = _quantiles(times[frames // 10:])
-    return p50, p95, int(masks.sum())
+    sys.path.insert(0, str(ROOT / "tests"))
+    import depth_reference  # the numpy implementation, for the ratio
+
+    load_s = warm_up()
+    implementations = {"kernel": instance_3d, "numpy": depth_reference.instance_3d}
+    times = {"kernel": [], "numpy": []}
+    for frame in range(frames):
+        for name in ("kernel", "numpy") if frame % 2 else ("numpy", "kernel"):
+            msg = task_instances_msg(None, (640, 480), "bench", 1, 0.0,
+                                     to_instance_msgs(ranked, None, with_masks=False))
+            with mock.patch("toist_ros.depth.instances3d.instance_3d", implementations[name]):
+                start = time.perf_counter()
+                valid = add_3d(msg, ranked, pairing, DepthLimits())
+                times[name].append(1000.0 * (time.perf_counter() - start))
+            assert valid == 10, valid
+    kernel, numpy_reference = (_quantiles(times[name][frames // 10:]) for name in ("kernel", "numpy"))
+    return kernel, numpy_reference, load_s, int(masks.sum())
 
 
 def main() -> int:
@@ -96,9 +110,11 @@ def main() -> int:
                         help="one more node argument (repeat): --node-arg=-p --node-arg=input.max_age_s:=0.0")
     args = parser.parse_args()
 
-    step50, step95, mask_pixels = measure_3d_step()
+    (step50, step95), (numpy50, numpy95), load_s, mask_pixels = measure_3d_step()
     print(f"3D step (toist_ros.depth, in process): 10 instances at 640x480 ({mask_pixels} mask pixels), "
-          f"ms per frame p50 {step50:.2f}  p95 {step95:.2f}")
+          f"ms per frame p50 {step50:.2f}  p95 {step95:.2f}; numpy reference (tests/depth_reference.py, "
+          f"alternate frames) p50 {numpy50:.2f}  p95 {numpy95:.2f}: {numpy50 / step50:.1f}x at p50; "
+          f"kernel loaded in {load_s:.2f} s")
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 100)))
     import rclpy

@@ -29,7 +29,8 @@ def test_recipe_quick_run_trains_every_stage_and_exports_a_model(tmp_path, capfd
     assert list(metrics["rows"]) == MODELS
     assert "mAP50/segm" in metrics["rows"]["distilled student"] and "mAP50/segm" not in metrics["rows"]["untrained"]
     for name in ("plain student", "distilled student"):   # masks measured against their instances too
-        assert {"mask_pairwise_iou_median", "mask_inside_box_mean"} <= set(metrics["rows"][name]), name
+        assert {"mask_pairwise_iou_median", "mask_inside_box_mean", "published_pairwise_iou_median",
+                "published_instances_per_image"} <= set(metrics["rows"][name]), name
     assert recipe.results_table(metrics) in printed and recipe.results_table(metrics) in \
         (model_dir / "MODEL_CARD.md").read_text()
     for stage in ("pretrain", "teacher", "student", "distilled", "student_masks", "distilled_masks"):
@@ -86,9 +87,9 @@ def test_the_node_and_toist_core_name_the_same_default_model():
 def test_committed_students_read_the_verb_and_distillation_stays_close_to_the_plain_student(committed):
     """Both students, trained on pronoun captions, beat the noun teacher reading the same pronoun
     captions by a wide margin; the distilled student stays within 0.05 box mAP@0.5 of the plain one
-    it starts from. The paper's gain from distillation is *not* there on this recipe (0.568 against
-    0.594; with the no-object weight 0.5 and 8 epochs it was +0.031, with 0.1 -0.067):
-    docs/default_model.md, with the ablations. A retrain that breaks distillation fails here."""
+    it starts from. The distilled student is a little above it (0.602 against 0.594, distilling at
+    lr 5e-5; at 2e-4 it was 0.568), but the gain is within what the ablations move (SBTL off 0.622,
+    CCR off 0.607): docs/default_model.md. A retrain that breaks distillation fails here."""
     rows = committed["rows"]
     teacher = rows["teacher (pronoun captions)"]["mAP50/bbox"]
     plain, distilled = rows["plain student"]["mAP50/bbox"], rows["distilled student"]["mAP50/bbox"]
@@ -119,9 +120,9 @@ def _verdicts(seg: TaskSegmenter, settings: dict, count: int = 5) -> tuple[list[
 
 def test_committed_model_finds_the_right_objects_in_held_out_scenes(committed):
     """The demo's check without ROS, on the demo's scenes: a preferred object is among the
-    instances on most of them, and the top instance is one far more often than for the same
-    network untrained. (The top instance is right on 13 of these 20 scenes, 49 of 80 over 20 scenes
-    per task; the issue's target of 15 of 20 is not met, see docs/default_model.md.)"""
+    instances on most of them, the top instance is one far more often than for the same network
+    untrained, and on at least 15 of the 20 scenes (the issue's target; 16 measured, 55 of 80 over
+    20 scenes per task; docs/default_model.md)."""
     settings = committed["settings"]
     segmenter = TaskSegmenter.from_pretrained(DEFAULT_MODEL_DIR, device="cpu",
                                               inference=InferenceConfig(score_threshold=0.0))
@@ -132,33 +133,50 @@ def test_committed_model_finds_the_right_objects_in_held_out_scenes(committed):
                                                            inference=segmenter.inference, seed=0), settings)
     assert sum(anywhere) > len(anywhere) / 2, anywhere
     assert sum(top) >= sum(untrained_top) + 3, (top, untrained_top)
+    assert sum(top) >= 15, top
 
 
 def test_committed_masks_belong_to_their_instances(committed):
     """The masks the node publishes, measured here on the demo's held-out scenes at the node's
     default settings. Before the EMA fix every instance of an image had the same mask (median
     IoU 1.00 between instances, also between instances whose boxes are apart; 45 % of a mask
-    inside its box; mask mAP@0.5 0.105 against box 0.315). Now instances in different places get
-    different masks, masks lie mostly in their boxes (>= 80 %, the issue's target), and mask mAP
-    keeps up with box mAP. With the no-object weight 1.0 the model keeps about 1.3 instances per
-    image (4.3 with 0.1: duplicates and empty boxes at high scores). Not met (docs/default_model.md):
-    the issue's median IoU over *all* pairs < 0.3 (the remaining duplicates of one object share its mask)."""
+    inside its box; mask mAP@0.5 0.105 against box 0.315). Now masks lie mostly in their boxes
+    (>= 80 %, the issue's target) and mask mAP keeps up with box mAP. What was left of "the same
+    mask twice" was one object answered by two queries (their masks coincide): the node drops the
+    lower-scoring of two instances whose masks overlap with IoU above ``duplicate_iou`` (0.7), so
+    what it publishes are different objects: the issue's median IoU between the instances of one
+    image < 0.3 holds on the recipe's test split (metrics.json: 0.88 with every instance kept,
+    0.00 published)."""
     from toist_core.eval.mask_sanity import mask_box_agreement
 
     settings = committed["settings"]
-    segmenter = TaskSegmenter.from_pretrained(DEFAULT_MODEL_DIR, device="cpu")
-    predictions = []
+    published = TaskSegmenter.from_pretrained(DEFAULT_MODEL_DIR, device="cpu")
+    every = TaskSegmenter.from_pretrained(DEFAULT_MODEL_DIR, device="cpu", inference=InferenceConfig(duplicate_iou=None))
+    shown, raw = [], []
     for task in settings["tasks"]:
-        state = segmenter.encode_task(task)
-        # 25 scenes per task: with ~1.3 instances per image, fewer hold no pair of separate instances.
-        predictions += [segmenter.predict(scene.pixels, state) for scene in held_out_scenes(settings, task, count=25)]
-    fit = mask_box_agreement(predictions)
-    assert fit["disjoint_pairs"] >= 3 and fit["disjoint_iou_median"] < 0.9, fit
+        states = published.encode_task(task), every.encode_task(task)
+        # 25 scenes per task: with ~1.1 instances per image, fewer hold no pair of separate instances.
+        for scene in held_out_scenes(settings, task, count=25):
+            shown.append(published.predict(scene.pixels, states[0]))
+            raw.append(every.predict(scene.pixels, states[1]))
+    fit, fit_raw = mask_box_agreement(shown), mask_box_agreement(raw)
+    # The model itself: instances in different places get different masks (1.00 before the EMA fix).
+    assert fit_raw["disjoint_pairs"] >= 3 and fit_raw["disjoint_iou_median"] < 0.9, fit_raw
+    assert fit_raw["instances"] <= 3 * len(raw), fit_raw  # no longer every query above the threshold
+    # Published: duplicates of one object are gone, and no two published masks are one object.
+    assert fit["instances"] < fit_raw["instances"], (fit, fit_raw)
     assert fit["inside_box_mean"] >= 0.8, fit
-    assert fit["instances"] <= 3 * len(predictions), fit  # no longer every query above the threshold
+    for prediction in shown:
+        masks = prediction.masks.reshape(len(prediction), -1).astype(np.float64)
+        overlap = masks @ masks.T
+        union = masks.sum(1)[:, None] + masks.sum(1)[None, :] - overlap
+        iou = np.where(union > 0, overlap / np.maximum(union, 1), 0.0)[np.triu_indices(len(prediction), 1)]
+        # Compared at the mask head's stride 4 against 0.7; at full resolution within a few per cent.
+        assert np.all(iou <= 0.75), iou
     distilled = committed["rows"]["distilled student"]
     assert distilled["mAP50/segm"] >= 0.7 * distilled["mAP50/bbox"], distilled
-    assert segmenter.trained_tasks == tuple(settings["tasks"])
+    assert distilled["published_pairwise_iou_median"] < 0.3, distilled
+    assert published.trained_tasks == tuple(settings["tasks"])
 
 
 def _node_settings(short_side: int, max_side: int) -> dict:

@@ -44,8 +44,9 @@ def _truth(name: str, z: float, cam: Intrinsics):
     return [obj.truth(cam) for obj in _scene(name, z)]
 
 
-def _measure(name: str, z: float, cam: Intrinsics, half: bool, encoding: str, seed: int = 0):
-    """[(Instance3D, Truth)] for each object of a scene."""
+def scene_instances(name: str, z: float, cam: Intrinsics, half: bool, encoding: str, seed: int = 0):
+    """[(mask crop, roi, raw depth, depth scale)]: instance_3d's inputs for each object of a scene
+    (depth with a sensor's faults; masks spilling 2 px)."""
     objects = _scene(name, z)
     depth_cam = cam.scaled(cam.width // 2, cam.height // 2) if half else cam
     depth, _ = render(objects, depth_cam, background_m=4.0)
@@ -54,13 +55,19 @@ def _measure(name: str, z: float, cam: Intrinsics, half: bool, encoding: str, se
     raw, scale = ((np.round(depth * 1000).astype(np.uint16), 0.001) if encoding == "16UC1"
                   else (depth.astype(np.float32), 1.0))
     out = []
-    for index, truth in enumerate(_truth(name, z, cam)):
+    for index in range(len(objects)):
         mask = cv2.dilate((labels == index).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
         rows, cols = np.nonzero(mask)
         x0, y0 = cols.min(), rows.min()
         w, h = cols.max() - x0 + 1, rows.max() - y0 + 1
-        out.append((instance_3d(mask[y0:y0 + h, x0:x0 + w], (x0, y0, w, h), raw, scale, cam), truth))
+        out.append((mask[y0:y0 + h, x0:x0 + w], (x0, y0, w, h), raw, scale))
     return out
+
+
+def _measure(name: str, z: float, cam: Intrinsics, half: bool, encoding: str, seed: int = 0):
+    """[(Instance3D, Truth)] for each object of a scene."""
+    return [(instance_3d(*inputs, cam), truth)
+            for inputs, truth in zip(scene_instances(name, z, cam, half, encoding, seed), _truth(name, z, cam))]
 
 
 def _check(results, z):

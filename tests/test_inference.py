@@ -25,7 +25,7 @@ def random_image(height, width, seed=0):
 @pytest.fixture(scope="module")
 def seg():
     return TaskSegmenter.from_config("tiny_segm", seed=0, task=2,
-                                     inference=InferenceConfig(score_threshold=0.0, max_instances=100, **SMALL))
+                                     inference=InferenceConfig(score_threshold=0.0, duplicate_iou=None, max_instances=100, **SMALL))
 
 
 def reference_outputs(seg, image, caption, memory_hook=None):
@@ -95,7 +95,7 @@ def test_threshold_and_cap(seg):
 
 def test_detection_only_model_has_no_masks():
     seg = TaskSegmenter.from_config("tiny", seed=3, task="water plant with",
-                                    inference=InferenceConfig(score_threshold=0.0, max_instances=5, **SMALL))
+                                    inference=InferenceConfig(score_threshold=0.0, duplicate_iou=None, max_instances=5, **SMALL))
     pred = seg.predict(random_image(40, 90))
     assert pred.masks is None and pred.boxes.shape == (5, 4) and pred.task_id == 5
     assert np.all((pred.boxes[:, 0::2] >= 0) & (pred.boxes[:, 0::2] <= 90))
@@ -106,7 +106,7 @@ def test_detection_only_model_has_no_masks():
 def forced():
     """A model whose every query predicts box (cx, cy, w, h) = (0.4, 0.55, 0.3, 0.5)."""
     seg = TaskSegmenter.from_config("tiny_segm", seed=1, task=5,
-                                    inference=InferenceConfig(score_threshold=0.5, max_instances=3, **SMALL))
+                                    inference=InferenceConfig(score_threshold=0.5, max_instances=3, duplicate_iou=None, **SMALL))
     box = torch.tensor([0.4, 0.55, 0.3, 0.5])
     last = seg.model.detector.bbox_embed.layers[-1]
     with torch.no_grad():
@@ -203,14 +203,14 @@ def test_segmenter_leaves_a_given_module_as_it_is(seg):
     model.detector.transformer.text_encoder.eval()   # a frozen part in eval mode stays so
     modes = [m.training for m in model.modules()]
     storage = {n: (p.data_ptr(), p.stride(), p.dtype, p.device) for n, p in model.named_parameters()}
-    wrapped = TaskSegmenter(model, device="cpu", task=2, inference=InferenceConfig(score_threshold=0.0, **SMALL))
+    wrapped = TaskSegmenter(model, device="cpu", task=2, inference=InferenceConfig(score_threshold=0.0, duplicate_iou=None, **SMALL))
     pred = wrapped.predict(random_image(48, 64, seed=1))
     assert len(pred) > 0
     assert [m.training for m in model.modules()] == modes
     assert {n: (p.data_ptr(), p.stride(), p.dtype, p.device) for n, p in model.named_parameters()} == storage
     # Same result as the module in eval mode (dropout off while predicting).
     model.eval()
-    again = TaskSegmenter(model, device="cpu", task=2, inference=InferenceConfig(score_threshold=0.0, **SMALL))
+    again = TaskSegmenter(model, device="cpu", task=2, inference=InferenceConfig(score_threshold=0.0, duplicate_iou=None, **SMALL))
     assert np.array_equal(again.predict(random_image(48, 64, seed=1)).boxes, pred.boxes)
 
 
@@ -223,7 +223,7 @@ def test_segmenter_refuses_a_module_on_another_device(seg):
 def test_bf16_on_cpu_runs_close_to_fp32(seg):
     image = random_image(64, 80, seed=9)
     fast = TaskSegmenter(seg.model, device="cpu", task=2,
-                         inference=InferenceConfig(precision="bf16", score_threshold=0.0, **SMALL))
+                         inference=InferenceConfig(precision="bf16", score_threshold=0.0, duplicate_iou=None, **SMALL))
     ref = seg.predict(image)
     low = fast.predict(image)
     assert len(low) == 100 and low.masks.shape == (100, 64, 80)
@@ -236,7 +236,7 @@ def distilled():
     bank = MemoryBank(num_tasks=14, size=32, dim=128, num_clusters=3, seed=3)
     bank.full_label.fill_(1)
     seg = TaskSegmenter.from_config("tiny_segm", seed=2, memory_bank=bank,
-                                    inference=InferenceConfig(score_threshold=0.0, **SMALL))
+                                    inference=InferenceConfig(score_threshold=0.0, duplicate_iou=None, **SMALL))
     return seg, bank
 
 
@@ -285,7 +285,7 @@ def test_cli_predict_writes_overlays_and_rle(tmp_path, capsys):
     out = tmp_path / "out"
     code = cli.main(["predict", "--preset", "tiny_segm", "--task", "2", str(image_path), "--out", str(out),
                      "--device", "cpu", "--short-side", "64", "--max-size", "128", "--score-threshold", "0",
-                     "--max-instances", "4"])
+                     "--max-instances", "4", "--duplicate-iou", "0"])
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "kitchen.json").read_text())
     assert result["caption"] == "sit comfortably on something" and result["task_id"] == 2

@@ -472,11 +472,21 @@ def test_parameters_are_validated_at_run_time(node, probe, monkeypatch):
     assert not r.successful and "read-only" in r.reason
     assert node.settings["score_threshold"] == 0.5 and node.get_parameter("device").value == "cpu"
 
+    [r] = probe.set_parameters(name, duplicate_iou=1.5)
+    assert not r.successful and "duplicate_iou" in r.reason
+
     [r] = probe.set_parameters(name, max_instances=3)
     assert r.successful and node.settings["max_instances"] == 3
     try:
+        # Random weights paint nearly one mask for every query: by default (duplicate_iou 0.7) the
+        # node publishes that object once; 0 keeps every instance.
+        _, result = probe.roundtrip(_photo(), "cam_deduplicated")
+        assert 1 <= len(result.instances) < 3
+        [r] = probe.set_parameters(name, duplicate_iou=0.0)
+        assert r.successful
         _, result = probe.roundtrip(_photo(), "cam_three")
         _check_instances(result, 320, 240, 3)
+        assert node.segmenter.inference.duplicate_iou is None
         [r] = probe.set_parameters(name, score_threshold=1.0)  # random weights score < 1: nothing left
         assert r.successful
         _, result = probe.roundtrip(_photo(), "cam_none")
@@ -492,7 +502,8 @@ def test_parameters_are_validated_at_run_time(node, probe, monkeypatch):
         assert all(len(i.mask.data) == 0 and i.mask_area == 0 and i.mask_roi.width > 0 for i in result.instances)
         assert node.segmenter.inference.mask_threshold == 0.9
     finally:
-        probe.set_parameters(name, max_instances=10, score_threshold=0.5, output__masks=True, mask_threshold=0.5)
+        probe.set_parameters(name, max_instances=10, score_threshold=0.5, output__masks=True, mask_threshold=0.5,
+                             duplicate_iou=0.7)
 
 
 def test_debug_image_is_drawn_while_someone_subscribes(ros, node, probe):

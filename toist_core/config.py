@@ -226,6 +226,11 @@ class InferenceConfig:
     score_threshold: float = 0.5
     max_instances: int = 100
     mask_threshold: float = 0.5
+    # One object found twice: of two kept instances whose masks overlap with IoU above this (their
+    # boxes, when masks are not computed), the lower-scoring one is dropped, before the
+    # ``max_instances`` cap. None keeps every query above the threshold, as the reference does
+    # (the evaluators use None; docs/inference.md gives the measured effect).
+    duplicate_iou: Optional[float] = 0.7
     # Images are zero-padded (masked) to a multiple of this many pixels (the backbone's stride;
     # protocol "toist" only: the reference pads to the batch's largest image).
     # Training batches are padded to their largest image, so a trained model rarely sees an image
@@ -261,6 +266,9 @@ class InferenceConfig:
             raise ConfigError(f"inference.max_instances must be >= 0, got {self.max_instances}")
         if self.pad_multiple < 1:
             raise ConfigError(f"inference.pad_multiple must be >= 1, got {self.pad_multiple}")
+        if self.duplicate_iou is not None and not 0.0 < self.duplicate_iou <= 1.0:
+            raise ConfigError(f"inference.duplicate_iou must be in (0, 1] or None (keep duplicates), "
+                              f"got {self.duplicate_iou}")
         if not 0.0 < self.mask_threshold < 1.0:
             raise ConfigError(f"inference.mask_threshold must be in (0, 1), got {self.mask_threshold}")
         if self.precision not in ("fp32", "fp16", "bf16"):

@@ -53,9 +53,11 @@ def predict(segmenter: Any, rgb: np.ndarray, task: ActiveTask, settings: Any) ->
     import torch
 
     config = segmenter.inference
-    if config.mask_threshold != settings["mask_threshold"]:
+    duplicate_iou = float(settings["duplicate_iou"]) or None            # 0: keep duplicates
+    if (config.mask_threshold, config.duplicate_iou) != (settings["mask_threshold"], duplicate_iou):
         # Run-time change: swap in a new config object (the segmenter reads it per call).
-        segmenter.inference = dataclasses.replace(config, mask_threshold=settings["mask_threshold"])
+        segmenter.inference = dataclasses.replace(config, mask_threshold=settings["mask_threshold"],
+                                                  duplicate_iou=duplicate_iou)
     with torch.inference_mode():
         # 3D needs the masks even when they are not published.
         return segmenter.predict(rgb, task_state=task.state, score_threshold=settings["score_threshold"],

@@ -193,4 +193,5 @@ def inference_config(settings: Any, precision: Optional[str] = None):
                            score_threshold=float(settings["score_threshold"]),
                            max_instances=int(settings["max_instances"]),
                            mask_threshold=float(settings["mask_threshold"]),
+                           duplicate_iou=float(settings["duplicate_iou"]) or None,  # 0: keep duplicates
                            precision=precision or settings["precision"], backend=settings["backend"])

@@ -29,6 +29,7 @@ from toist_core.tasks import quote
 from toist_ros import params as parameters
 from toist_ros.camera_input import CameraInputs
 from toist_ros.conversions import ImageError
+from toist_ros.depth.geometry import warm_up as warm_up_3d
 from toist_ros.depth.inputs import DepthInputs
 from toist_ros.diagnostics import Counters, Percentiles, diagnostic_array
 from toist_ros.frame_limits import FrameLimits
@@ -144,6 +145,10 @@ class PerceptionNode(Node):
         start = time.perf_counter()
         predict(self.segmenter, blank, self.active_task, self._settings)
         self.get_logger().info(f"warm-up forward pass: {1000 * (time.perf_counter() - start):.0f} ms")
+        if self._settings["depth.enabled"]:
+            # The 3D step's kernel is compiled (first start on a machine, seconds) or loaded from
+            # numba's cache here, not on the first frame with depth.
+            self.get_logger().info(f"warm-up 3D step: {1000 * warm_up_3d():.0f} ms (numba kernel loaded or compiled)")
 
     def _warn_no_image(self) -> None:
         self._no_image_timer.cancel()

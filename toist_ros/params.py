@@ -64,7 +64,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               read_only=True, low=0, high=2048),
     ParamSpec("input.max_side", 0, "the model's input long-side cap in pixels; 0 = the model's own "
               "(official checkpoints: the reference's 1333)", read_only=True, low=0, high=4096),
-    ParamSpec("warmup", True, "run one forward pass on a blank image before reporting ready", read_only=True),
+    ParamSpec("warmup", True, "run one forward pass on a blank image (and, with depth.enabled, load or compile the "
+              "3D step's kernel: ~10 s the first time on a machine) before reporting ready", read_only=True),
     # Input.
     ParamSpec("input.topics", ["image"], "input image topics (remappable names); outputs of 'cam/image' go to "
               "'cam/instances' and 'cam/debug_image', of 'image' to 'instances' and 'debug_image'",
@@ -90,6 +91,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("mask_threshold", 0.5, "mask probability above which a pixel belongs to the object",
               low=0.0, high=1.0, open_low=True, open_high=True),
     ParamSpec("max_instances", 10, "publish at most this many instances per frame (best first)", low=1, high=100),
+    ParamSpec("duplicate_iou", 0.7, "one object found twice: drop an instance whose mask (box, when masks are not "
+              "computed) overlaps a better-scoring one by more than this IoU; 0 keeps every instance", low=0.0, high=1.0),
     # Depth (3D instances).
     ParamSpec("depth.enabled", False, "read a depth image registered to each colour camera and its CameraInfo, and "
               "give each instance a 3D centroid, extent and surface point (Instance.has_3d) and RViz markers",

@@ -82,10 +82,10 @@ def build_validation_set(cfg: TrainConfig, holdout: Optional[set[int]] = None) -
 
 
 def inference_config(cfg: TrainConfig) -> InferenceConfig:
-    """The reference's evaluation post-processing at the data config's test size."""
+    """The reference's evaluation post-processing (every query) at the data config's test size."""
     size = cfg.data.input_size()
     return InferenceConfig(short_side=size.short_side, max_size=size.max_size,
-                           score_threshold=0.0, max_instances=cfg.model.num_queries)
+                           score_threshold=0.0, max_instances=cfg.model.num_queries, duplicate_iou=None)
 
 
 @torch.no_grad()

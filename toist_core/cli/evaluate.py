@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "paper's)")
     parser.add_argument("--max-size", type=int, default=None,
                         help="inference resize: long side cap (default: the model's; official .pth 1333)")
+    parser.add_argument("--duplicate-iou", type=float, default=0.0,
+                        help="drop an instance whose mask (box) overlaps a better one by more than this IoU, "
+                             "as the node and `toist predict` do (default 0: keep every query, the reference's "
+                             "evaluation; --checkpoint, protocol toist)")
     parser.add_argument("--no-plots", action="store_true", help="skip the precision-recall PNGs")
 
 
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         predictions = {t: predictions[t] for t in tasks}
     else:
         segmenter = load_segmenter(args.checkpoint, args.device, args.text_encoder, args.short_side,
-                                   args.max_size, protocol=args.protocol)
+                                   args.max_size, protocol=args.protocol, duplicate_iou=args.duplicate_iou or None)
         # Default: the tasks the model was trained on, else every task of its vocabulary.
         tasks = (parse_task_list(args.tasks) if args.tasks
                  else sorted(segmenter.trained_tasks or segmenter.vocabulary.ids))
@@ -140,23 +144,25 @@ def _default_image_dir(root: str, split: str) -> Path:
 
 
 def load_segmenter(checkpoint: str, device: str = "auto", text_encoder: Optional[str] = None,
-                   short_side: Optional[int] = None, max_size: Optional[int] = None, protocol: str = "toist"):
+                   short_side: Optional[int] = None, max_size: Optional[int] = None, protocol: str = "toist",
+                   duplicate_iou: Optional[float] = None):
     """``TaskSegmenter`` with the reference's evaluation settings: every query kept
-    (score threshold 0, 100 instances), mask threshold 0.5, resize to the model's own size
-    (official files: 800 / 1333) unless ``short_side`` / ``max_size`` say otherwise.
-    ``protocol``: ``"toist"`` (toist's resize, padding and box clipping) or ``"reference"``
-    (the reference evaluation's exactly; ``InferenceConfig.protocol``)."""
+    (score threshold 0, 100 instances, no duplicate removal unless ``duplicate_iou``), mask
+    threshold 0.5, resize to the model's own size (official files: 800 / 1333) unless
+    ``short_side`` / ``max_size`` say otherwise. ``protocol``: ``"toist"`` (toist's resize,
+    padding and box clipping) or ``"reference"`` (the reference evaluation's exactly;
+    ``InferenceConfig.protocol``)."""
     from toist_core.config import InferenceConfig
     from toist_core.inference import TaskSegmenter
 
     inference = InferenceConfig(short_side=short_side, max_size=max_size, score_threshold=0.0,
-                                max_instances=REFERENCE_MAX_INSTANCES, protocol=protocol)
+                                max_instances=REFERENCE_MAX_INSTANCES, protocol=protocol, duplicate_iou=duplicate_iou)
     return TaskSegmenter.from_pretrained(checkpoint, device=device, text_encoder=text_encoder,
                                          inference=inference)
 
 
 def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[dict] = None,
-                  batch_size: int = 1, log=sys.stderr) -> dict:
+                  batch_size: int = 1, log=None) -> dict:
     """Run ``segmenter`` on the images of each task file -> ``{task: {image: ImagePredictions}}``.
 
     ``segmenter`` follows the ``TaskSegmenter`` API: ``set_task(task_id)`` and
@@ -167,7 +173,8 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
     Under the reference protocol (``segmenter.inference.protocol``) a batch is padded to its
     largest image, so its members matter: images are then batched in ascending image id, the
     order of the reference's loader (torchvision's ``CocoDetection`` sorts the ids, sequential
-    sampler); otherwise in the file's order.
+    sampler); otherwise in the file's order. Progress lines go to ``log`` (default: the
+    ``sys.stderr`` of the moment of the call).
     """
     from toist_core.data.coco_tasks import CocoTasksDataset
     from toist_core.eval.predictions import ImagePredictions, check_image_predictions
@@ -200,5 +207,5 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
                 task_preds[image_id] = pred
         predictions[task_id] = task_preds
         print(f"task {task_id}: predicted {len(task_preds)} images in {time.perf_counter() - started:.1f} s",
-              file=log)
+              file=log or sys.stderr)
     return predictions

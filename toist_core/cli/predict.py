@@ -42,6 +42,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--score-threshold", type=float, default=0.5)
     p.add_argument("--max-instances", type=int, default=100)
+    p.add_argument("--duplicate-iou", type=float, default=0.7,
+                   help="drop an instance whose mask (box, without a mask head) overlaps a better one by more "
+                        "than this IoU: one object found twice (default 0.7; 0 keeps them)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--short-side", type=int, default=None,
                    help="resize: short side (default: the size the model was trained at; official .pth 800)")
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from ..visualize import draw_prediction, load_rgb, save_rgb
 
     inference = InferenceConfig(score_threshold=args.score_threshold, max_instances=args.max_instances,
-                                precision=args.precision, short_side=args.short_side, max_size=args.max_size)
+                                duplicate_iou=args.duplicate_iou or None, precision=args.precision,
+                                short_side=args.short_side, max_size=args.max_size)
     show_load_summary()  # one line: what the checkpoint held (mask head, memory bank, EMA, tokenizer)
     if args.preset:
         seg = TaskSegmenter.from_config(args.preset, device=args.device, text_encoder=args.text_encoder,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import box_iou
 
 
 def select(scores: Tensor, threshold: float, limit: int) -> Tensor:
@@ -15,6 +17,51 @@ def select(scores: Tensor, threshold: float, limit: int) -> Tensor:
     order = scores.argsort(descending=True, stable=True)
     order = order[scores[order] >= threshold]
     return order[:limit]
+
+
+def drop_duplicates(candidates: Tensor, regions: Callable[[Tensor], Tensor], overlap: Callable[[Tensor, Tensor], Tensor],
+                    iou: float, limit: int) -> tuple[Tensor, list[int]]:
+    """Greedy duplicate removal: walk ``candidates`` (query indices ``[N]``, best first) and keep
+    each one whose IoU with every instance kept before it is at most ``iou``, until ``limit`` are
+    kept. ``regions(queries [n]) -> [n, ...]`` describes a chunk of candidates (masks or boxes),
+    computed ``limit`` candidates at a time so that only as many are described as the walk
+    reaches; ``overlap(a [n, ...], b [m, ...]) -> [n, m]`` IoU. Returns the kept queries
+    ``[k]`` and their positions in ``candidates``."""
+    kept: list[int] = []
+    kept_regions: list[Tensor] = []
+    step = max(1, limit)
+    for start in range(0, len(candidates), step):
+        chunk = regions(candidates[start:start + step])
+        for i in range(len(chunk)):
+            region = chunk[i:i + 1]
+            if kept_regions and float(overlap(region, torch.cat(kept_regions)).max()) > iou:
+                continue
+            kept.append(start + i)
+            kept_regions.append(region)
+            if len(kept) == limit:
+                return candidates[kept], kept
+    return candidates[kept], kept
+
+
+def mask_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU ``[n, m]`` of flattened binary masks ``a [n, P]`` and ``b [m, P]``."""
+    a, b = a.float(), b.float()
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+
+
+def binary_low_res(logits: Tensor, size: Sequence[int], padded: Sequence[int], threshold: float) -> Tensor:
+    """``[N, h*w]`` bool: stride-4 mask logits ``[N, h, w]`` cropped to the part that covers the
+    image's resized ``size`` (not its padding) and thresholded, for comparing masks cheaply."""
+    height = math.ceil(size[0] * logits.shape[-2] / padded[0])
+    width = math.ceil(size[1] * logits.shape[-1] / padded[1])
+    return (logits[:, :height, :width].float().sigmoid() > threshold).flatten(1)
+
+
+def boxes_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU ``[n, m]`` of ``(x1, y1, x2, y2)`` boxes ``a [n, 4]`` and ``b [m, 4]``."""
+    return box_iou(a.float(), b.float())
 
 
 def to_pixels(boxes: Tensor, size: tuple[int, int], clip: bool = True) -> Tensor:

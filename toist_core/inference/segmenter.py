@@ -18,7 +18,8 @@ from ..tasks import COCO_TASKS, TaskVocabulary, resolve_task
 from ..tokens import NO_OBJECT_INDEX, span_token_indices
 from .device import autocast_dtype, check_on_device, is_channels_last, prepared, resolve_device
 from .images import check_image, preprocess
-from .postprocess import image_memory, masks_at_original, select, to_pixels
+from .postprocess import (binary_low_res, boxes_iou, drop_duplicates, image_memory, mask_iou, masks_at_original,
+                          select, to_pixels)
 from .processing import Processing, processing_of
 from .results import Prediction, TaskState, UntrainedTaskWarning
 
@@ -63,9 +64,6 @@ class TaskSegmenter:
             raise ValueError(f"precision {self.inference.precision!r} is for the torch backend; the ONNX graphs run "
                              "fp32 (onnxruntime) or fp16 (tensorrt)")
         self._onnx = onnx_network
-        # Resize method, padding and box clipping of ``inference.protocol``; a benchmark may
-        # replace it to isolate one of the three choices.
-        self.processing: Processing = processing_of(self.inference)
         self.pronoun = self.inference.pronoun or pronoun
         self._autocast = autocast_dtype(self.inference.precision, self.device)
         check_on_device(model, self.device)
@@ -84,6 +82,19 @@ class TaskSegmenter:
         self._state: Optional[TaskState] = None
         if task is not None:
             self.set_task(task)
+
+    @property
+    def inference(self) -> InferenceConfig:
+        """Pre- and post-processing settings, read on every call; assign a new config to change
+        them at run time (``dataclasses.replace(seg.inference, ...)``)."""
+        return self._inference
+
+    @inference.setter
+    def inference(self, config: InferenceConfig) -> None:
+        self._inference = config
+        # Resize method, padding, box clipping and duplicate removal of ``config.protocol``; a
+        # benchmark may replace it to isolate one of the choices.
+        self.processing: Processing = processing_of(config)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -219,13 +230,21 @@ class TaskSegmenter:
             pred_logits, pred_boxes, mask_logits = network(batch, state)
             scores_all = 1.0 - pred_logits.float().softmax(-1)[..., NO_OBJECT_INDEX]
             boxes_all = pred_boxes.float()
+            padded = batch.tensors.shape[-2:]
+            masked = with_masks and self.has_masks
             predictions = []
             for b, (orig, size) in enumerate(zip(originals, resized)):
-                keep = select(scores_all[b], threshold, limit)
+                if self.processing.duplicate_iou is None:
+                    keep = select(scores_all[b], threshold, limit)
+                    logits = mask_logits(b, keep)[0] if masked and keep.numel() else None
+                else:
+                    keep, logits = self._distinct(scores_all[b], boxes_all[b], threshold, limit,
+                                                  mask_logits if masked else None, b, size, padded, orig)
                 boxes = to_pixels(boxes_all[b, keep], orig, clip=self.processing.clip_boxes)
                 masks = None
-                if with_masks and self.has_masks:
-                    masks = self._masks(mask_logits, b, keep, size, batch.tensors.shape[-2:], orig)
+                if masked:
+                    masks = (np.zeros((0,) + tuple(orig), dtype=bool) if logits is None else
+                             masks_at_original(logits[None], size, padded, orig, self.inference.mask_threshold))
                 predictions.append(Prediction(
                     boxes=boxes.cpu().numpy().astype(np.float32),
                     scores=scores_all[b, keep].cpu().numpy().astype(np.float32),
@@ -280,9 +299,25 @@ class TaskSegmenter:
                                                       [rows] * text_memory.shape[1], values)
         return memory
 
-    def _masks(self, mask_logits: Callable[[int, Tensor], Tensor], b: int, keep: Tensor, size: tuple[int, int],
-               padded: Sequence[int], orig: tuple[int, int]) -> np.ndarray:
-        """Masks ``[N, H, W]`` bool of the kept queries of image ``b`` at the original resolution."""
-        if keep.numel() == 0:
-            return np.zeros((0,) + tuple(orig), dtype=bool)
-        return masks_at_original(mask_logits(b, keep), size, padded, orig, self.inference.mask_threshold)
+    def _distinct(self, scores: Tensor, boxes: Tensor, threshold: float, limit: int,
+                  mask_logits: Optional[Callable[[int, Tensor], Tensor]], b: int, size: tuple[int, int],
+                  padded: Sequence[int], orig: tuple[int, int]) -> tuple[Tensor, Optional[Tensor]]:
+        """Image ``b``'s queries above ``threshold``, best first, without duplicates of one object
+        (``inference.duplicate_iou``), at most ``limit``; and their stride-4 mask logits
+        ``[k, h, w]`` (None without masks or instances). Masks are compared at stride 4 (the mask
+        head's resolution); without masks the boxes in original-image pixels are."""
+        candidates = select(scores, threshold, len(scores))
+        iou = self.processing.duplicate_iou
+        if mask_logits is None:
+            keep, _ = drop_duplicates(candidates, lambda q: to_pixels(boxes[q], orig), boxes_iou, iou, limit)
+            return keep, None
+        computed: list[Tensor] = []
+
+        def regions(queries: Tensor) -> Tensor:
+            computed.append(mask_logits(b, queries)[0])                     # [n, h, w]
+            return binary_low_res(computed[-1], size, padded, self.inference.mask_threshold)
+
+        keep, positions = drop_duplicates(candidates, regions, mask_iou, iou, limit)
+        if not positions:
+            return keep, None
+        return keep, torch.cat(computed)[positions]
