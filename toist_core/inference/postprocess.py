@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import box_iou
 
 
 def select(scores: Tensor, threshold: float, limit: int) -> Tensor:
@@ -19,8 +18,8 @@ def select(scores: Tensor, threshold: float, limit: int) -> Tensor:
     return order[:limit]
 
 
-def drop_duplicates(candidates: Tensor, regions: Callable[[Tensor], Tensor], overlap: Callable[[Tensor, Tensor], Tensor],
-                    iou: float, limit: int) -> tuple[Tensor, list[int]]:
+def drop_duplicates(candidates: Tensor, regions: Callable[[Tensor], Tensor],
+                    overlap: Callable[[Tensor, Tensor], Tensor], iou: float, limit: int) -> tuple[Tensor, list[int]]:
     """Greedy duplicate removal: walk ``candidates`` (query indices ``[N]``, best first) and keep
     each one whose IoU with every instance kept before it is at most ``iou``, until ``limit`` are
     kept. ``regions(queries [n]) -> [n, ...]`` describes a chunk of candidates (masks or boxes),
@@ -57,11 +56,6 @@ def binary_low_res(logits: Tensor, size: Sequence[int], padded: Sequence[int], t
     height = math.ceil(size[0] * logits.shape[-2] / padded[0])
     width = math.ceil(size[1] * logits.shape[-1] / padded[1])
     return (logits[:, :height, :width].float().sigmoid() > threshold).flatten(1)
-
-
-def boxes_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU ``[n, m]`` of ``(x1, y1, x2, y2)`` boxes ``a [n, 4]`` and ``b [m, 4]``."""
-    return box_iou(a.float(), b.float())
 
 
 def to_pixels(boxes: Tensor, size: tuple[int, int], clip: bool = True) -> Tensor:

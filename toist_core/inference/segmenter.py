@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou
 
 from ..config import InferenceConfig, InputSize, ModelConfig, preset
 from ..model.eval_mode import eval_mode
@@ -18,8 +19,7 @@ from ..tasks import COCO_TASKS, TaskVocabulary, resolve_task
 from ..tokens import NO_OBJECT_INDEX, span_token_indices
 from .device import autocast_dtype, check_on_device, is_channels_last, prepared, resolve_device
 from .images import check_image, preprocess
-from .postprocess import (binary_low_res, boxes_iou, drop_duplicates, image_memory, mask_iou, masks_at_original,
-                          select, to_pixels)
+from .postprocess import binary_low_res, drop_duplicates, image_memory, mask_iou, masks_at_original, select, to_pixels
 from .processing import Processing, processing_of
 from .results import Prediction, TaskState, UntrainedTaskWarning
 
@@ -309,7 +309,7 @@ class TaskSegmenter:
         candidates = select(scores, threshold, len(scores))
         iou = self.processing.duplicate_iou
         if mask_logits is None:
-            keep, _ = drop_duplicates(candidates, lambda q: to_pixels(boxes[q], orig), boxes_iou, iou, limit)
+            keep, _ = drop_duplicates(candidates, lambda q: to_pixels(boxes[q], orig), box_iou, iou, limit)
             return keep, None
         computed: list[Tensor] = []
 
