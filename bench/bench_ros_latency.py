@@ -1,6 +1,7 @@
 """End-to-end latency and throughput of the perception node over DDS, under a 30 Hz camera.
 
-    python bench/bench_ros_latency.py [--seconds 15] [--short-side 480] [--checkpoint X] [--device auto]
+    python bench/bench_ros_latency.py [--seconds 15] [--rate 30] [--fastdds-profile package|none|env|PATH]
+                                      [--short-side 480] [--checkpoint X] [--device auto]
 
 The node runs as its own process (the installed ``perception_node``, as ``ros2 run`` starts
 it); this script publishes 640x480 rgb8 frames at 30 Hz (a real photo, fresh stamp per frame)
@@ -10,7 +11,13 @@ and receives ``instances``. For every result:
                 inference thread, post-processing, message building)
 Throughput = results per second; the node's own counters (received, dropped, lost in
 transport) come from /diagnostics. Embedded default model unless --checkpoint: the figures
-measure the node, not the quality of the boxes.
+measure the node, not the quality of the boxes. The overhead is split at the node's publish
+(its ``latency_ms``): camera -> node (transport, waiting, conversion, ranking, message building)
+and node -> here (transport of ``instances``).
+
+Both processes load the package's Fast DDS profile (config/fastdds_large_images.xml: a 16 MiB
+shared-memory segment, so a VGA frame travels in one piece) unless ``--fastdds-profile none``
+(Fast DDS's defaults: 512 KiB, ~13 ms more per VGA frame) or ``env``.
 
 The 3D step (depth.enabled) is measured first, in this process and without DDS: the node's own
 code (``toist_ros.depth.instances3d.add_3d``) on 10 instances of a rendered 640x480 scene (ten
@@ -90,6 +97,25 @@ def measure_3d_step(frames: int = 200) -> tuple[tuple[float, float], tuple[float
     return kernel, numpy_reference, load_s, int(masks.sum())
 
 
+def use_fastdds_profile(choice: str) -> str:
+    """Point Fast DDS at the chosen XML profile in this process's environment, which the node's
+    process inherits; before rclpy creates a participant. Returns what is in use, for the report."""
+    from toist_ros.fastdds_profile import FAST_DDS_2_VARIABLE, FAST_DDS_3_VARIABLE, profile_environment
+
+    names = (FAST_DDS_2_VARIABLE, FAST_DDS_3_VARIABLE)
+    if choice == "env":
+        return next((os.environ[n] for n in names if os.environ.get(n)), "Fast DDS defaults (environment)")
+    for name in names:
+        os.environ.pop(name, None)
+    if choice == "none":
+        return "Fast DDS defaults"
+    path = ROOT / "config" / "fastdds_large_images.xml" if choice == "package" else Path(choice).resolve()
+    if not path.is_file():
+        raise SystemExit(f"--fastdds-profile: no such file {path}")
+    os.environ.update(profile_environment(path))
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="camera run time")
@@ -105,6 +131,11 @@ def main() -> int:
                              "VGA frames between processes with Fast DDS's default UDP buffers (see docs/ros.md)")
     parser.add_argument("--depth", action="store_true", help="run the node with depth.enabled and publish a depth "
                         "image (a wall at 1.2 m, 16UC1, the frame's stamp) and CameraInfo with every frame")
+    parser.add_argument("--fastdds-profile", default="package",
+                        help="Fast DDS XML profile for this process (the camera) and the node: 'package' = "
+                             "config/fastdds_large_images.xml (16 MiB shared-memory segment: a VGA frame fits), "
+                             "'none' = Fast DDS's defaults (512 KiB segment), 'env' = whatever the environment says, "
+                             "or a path")
     parser.add_argument("--node-env", action="append", default=[], help="NAME=VALUE for the node process only")
     parser.add_argument("--node-arg", action="append", default=[], dest="extra",
                         help="one more node argument (repeat): --node-arg=-p --node-arg=input.max_age_s:=0.0")
@@ -115,6 +146,7 @@ def main() -> int:
           f"ms per frame p50 {step50:.2f}  p95 {step95:.2f}; numpy reference (tests/depth_reference.py, "
           f"alternate frames) p50 {numpy50:.2f}  p95 {numpy95:.2f}: {numpy50 / step50:.1f}x at p50; "
           f"kernel loaded in {load_s:.2f} s")
+    profile = use_fastdds_profile(args.fastdds_profile)
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 100)))
     import rclpy
@@ -231,7 +263,7 @@ def main() -> int:
     o50, o95 = _quantiles(overhead)
     i50, i95 = _quantiles(inference)
     print(f"bench_ros_latency: {args.width}x{args.height} rgb8 at {args.rate:g} Hz for {elapsed:.1f} s; "
-          f"QoS {args.qos}; model input short side {args.short_side}; masks {args.masks}; depth {args.depth}; "
+          f"QoS {args.qos}; Fast DDS profile {profile}; model input short side {args.short_side}; masks {args.masks}; depth {args.depth}; "
           f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'embedded default model (synthetic scenes)'}; "
           f"device {values.get('device', args.device)}")
     print(f"  frames published        {published}")
@@ -240,6 +272,13 @@ def main() -> int:
     print(f"  end-to-end ms           p50 {e50:7.1f}   p95 {e95:7.1f}   (publish -> result received)")
     print(f"  end-to-end - model ms   p50 {o50:7.1f}   p95 {o95:7.1f}   (transport, waiting, conversion, "
           f"post-processing)")
+    inbound = [lat - inf for _, _, inf, lat, _ in got]           # stamp -> node publishes, minus the model
+    outbound = [e - lat for e, (_, _, _, lat, _) in zip(end_to_end, got)]   # node publishes -> received here
+    n50, n95 = _quantiles(inbound)
+    u50, u95 = _quantiles(outbound)
+    print(f"    of which in -> node   p50 {n50:7.1f}   p95 {n95:7.1f}   (camera -> node transport, waiting, "
+          f"conversion, ranking, message building: the node's latency_ms - inference_ms)")
+    print(f"    of which node -> out  p50 {u50:7.1f}   p95 {u95:7.1f}   (instances transport to this process)")
     print(f"  instances per result    mean {np.mean([n for *_, n in got]):.1f}")
     for key in ("received", "processed", "dropped_replaced", "lost_in_transport", "skipped_stale", "rejected",
                 "3d ms p50", "3d ms p95", "depth_paired", "depth_missing", "depth_unsynced", "process rss MiB"):

@@ -2,6 +2,7 @@
 installed executable with `--ros-args --params-file config/perception.yaml -r image:=/cam/image`.
 Also: every start-up failure ends the process with a clear message and its own exit code."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -20,12 +21,13 @@ PARAMS = ROOT / "config" / "perception.yaml"
 FAST = ["-p", "device:=cpu", "-p", "input.short_side:=160", "-p", "input.max_side:=640"]
 
 
-def _start(*ros_args, log_path=None):
+def _start(*ros_args, log_path=None, env=None):
     if not EXECUTABLE.exists():
         pytest.fail(f"{EXECUTABLE} is missing: run `make build`")
     out = open(log_path, "w") if log_path else subprocess.PIPE
     return subprocess.Popen([sys.executable, str(EXECUTABLE), "--ros-args", *ros_args], stdout=out,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env=None if env is None else dict(os.environ, **env))
 
 
 def _stop(process, timeout=30):
@@ -127,6 +129,48 @@ def test_node_process_with_params_file_and_remap(ros, tmp_path, model_dir):
     assert "is not one this model was trained on" not in log
 
 
+def _shared_memory_segments(pid):
+    """Sizes in bytes of the Fast DDS shared-memory segments process ``pid`` maps (its own and
+    the ones it reads from), from /proc/<pid>/maps."""
+    paths = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+             if "/dev/shm/fastdds_" in line and "_port" not in line and not line.rstrip().endswith("_el")}
+    return sorted(os.path.getsize(path) for path in paths if os.path.exists(path))
+
+
+def test_large_images_profile_carries_vga_frames_between_processes(ros, tmp_path):
+    """config/fastdds_large_images.xml as docs/ros.md tells users to use it: loaded by the camera's
+    process and the node's (the variable toist_ros.fastdds_profile names), each gets a segment that
+    holds a 640x480 rgb8 frame, and frames and results still flow to a process without it."""
+    from toist_ros.fastdds_profile import SEGMENT_BYTES, profile_environment, profile_path
+    from toist_ros.msg import TaskInstances
+
+    profile = profile_environment()
+    assert Path(profile_path()).is_file()
+    node_log = tmp_path / "node.log"
+    node = _start("--params-file", str(PARAMS), "-r", "__ns:=/big", "-r", "image:=/big/camera", *FAST,
+                  log_path=node_log, env=profile)
+    camera = subprocess.Popen([sys.executable, "-m", "toist_ros.camera_standin", "--size", "640x480", "--rate", "4",
+                               "--reliable", "--encoding", "rgb8", "--ros-args", "-r", "image:=/big/camera"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                              env=dict(os.environ, **profile))
+    try:
+        results = []
+        ros.node("profile_probe").create_subscription(TaskInstances, "/big/instances", results.append, 10)
+        assert wait_for(lambda: len(results) >= 3 or node.poll() is not None or camera.poll() is not None,
+                        timeout=120), node_log.read_text()[-3000:]
+        assert node.poll() is None and camera.poll() is None, node_log.read_text()[-3000:]
+        assert all((r.image_width, r.image_height) == (640, 480) for r in results)
+        # The profile took effect in both processes (Fast DDS ignores a profile it cannot parse and
+        # falls back to its 512 KiB segment, which would pass everything above, just slower).
+        for name, process in (("node", node), ("camera", camera)):
+            sizes = _shared_memory_segments(process.pid)
+            assert sizes and max(sizes) >= SEGMENT_BYTES > 640 * 480 * 3, (name, sizes)
+        assert "FASTRTPS_DEFAULT_PROFILES_FILE value is used" not in node_log.read_text()  # no deprecated variable
+    finally:
+        codes = (_stop(node), _stop(camera))
+    assert codes == (0, 0), (codes, node_log.read_text()[-2000:])
+
+
 def _bad_checkpoint(tmp_path):
     import torch
 
@@ -204,3 +248,12 @@ def test_demo_runs_the_embedded_model_on_held_out_scenes(tmp_path):
     if depth["instances_box_iou_0.5"]:
         assert depth["median_error_cm_box_iou_0.5"] < 10.0
     assert "3D positions (depth.enabled" in (out / "report.md").read_text()
+
+
+def test_profile_variable_follows_the_fast_dds_version():
+    from toist_ros.fastdds_profile import profile_environment, profile_variable
+
+    assert profile_variable("humble") == profile_variable("jazzy") == "FASTRTPS_DEFAULT_PROFILES_FILE"
+    assert profile_variable("kilted") == profile_variable("rolling") == "FASTDDS_DEFAULT_PROFILES_FILE"
+    assert profile_variable("") == "FASTDDS_DEFAULT_PROFILES_FILE"  # PyPI wheels set no ROS_DISTRO: Kilted
+    assert profile_environment("/x.xml", "Jazzy") == {"FASTRTPS_DEFAULT_PROFILES_FILE": "/x.xml"}
