@@ -12,18 +12,20 @@ rclpy = pytest.importorskip("rclpy", reason="rclpy is installed by `make setup`;
 
 
 class RosSession:
-    """An rclpy context, a multi-threaded executor spinning in a thread, and created nodes.
+    """An rclpy context, the node's executor (``PerceptionExecutor``) spinning in a thread, and created nodes.
 
     Shuts down in the order that keeps rclpy from aborting at exit: executor, thread,
     nodes, context.
     """
 
     def __init__(self) -> None:
-        from rclpy.executors import MultiThreadedExecutor
+        from toist_ros.executor import PerceptionExecutor
 
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        # The node process's executor: a PerceptionNode added here gets its raw image callbacks
+        # run in the spinning thread, as in `perception_node`.
+        self.executor = PerceptionExecutor(num_threads=4, context=self.context)
         self.nodes = []
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._thread.start()
@@ -41,6 +43,7 @@ class RosSession:
 
     def add(self, node) -> None:
         self.nodes.append(node)
+        self.executor.run_inline(getattr(node, "inline_callback_groups", ()))
         self.executor.add_node(node)
 
     def close(self) -> None:

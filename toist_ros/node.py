@@ -222,6 +222,13 @@ class PerceptionNode(Node):
         return result
 
     @property
+    def inline_callback_groups(self) -> tuple:
+        """The callback groups short enough to run in the spinning thread (``PerceptionExecutor``):
+        the raw image and depth subscriptions (validate, convert, put into a slot: ~0.1 ms).
+        Compressed images are decoded in the pool."""
+        return () if self._settings["input.compressed"] else (self._image_group,)
+
+    @property
     def settings(self) -> parameters.Settings:
         return self._settings
 

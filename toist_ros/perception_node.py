@@ -8,6 +8,7 @@ The node is made of one file per idea:
   * ``camera_input``     image subscriptions, latest-frame slots (``frame_slot``), QoS warnings;
   * ``inference_worker`` the inference thread: frames and ``segment_image`` requests -> results;
   * ``health``           the ``/diagnostics`` report and its level (statistics: ``diagnostics``);
+  * ``executor``         raw image callbacks in the spinning thread, the others in a thread pool;
 SIGINT / SIGTERM are a stop request (``toist_core.stop_signals``), acted on by ``main``.
 """
 
@@ -17,10 +18,11 @@ import sys
 from typing import Optional
 
 import rclpy
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException
 from rclpy.signals import SignalHandlerOptions
 
 from toist_core.stop_signals import StopSignals
+from toist_ros.executor import PerceptionExecutor
 from toist_ros.model_loader import EXIT_PARAMETERS, StartupError
 from toist_ros.node import NODE_NAME, PerceptionNode
 
@@ -50,7 +52,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         code = 0
         try:
             node = PerceptionNode()
-            executor = MultiThreadedExecutor(num_threads=4)
+            executor = PerceptionExecutor(node.inline_callback_groups, num_threads=4)
             executor.add_node(node)
             while not stop.requested and rclpy.ok():
                 executor.spin_once(timeout_sec=SPIN_POLL_S)

@@ -1,0 +1,110 @@
+"""toist_ros.executor.PerceptionExecutor with real rclpy on loopback: inline groups run in the
+spinning thread, the others in its pool; a blocked pool callback does not hold up the inline ones;
+errors surface from spin_once."""
+
+import threading
+import time
+
+import pytest
+
+from ros_support import rclpy, wait_for  # noqa: F401  (skips without rclpy)
+
+pytestmark = pytest.mark.ros
+
+
+@pytest.fixture
+def setup():
+    from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+    from toist_ros.executor import PerceptionExecutor
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("executor_probe", context=context)
+    inline, pooled = ReentrantCallbackGroup(), MutuallyExclusiveCallbackGroup()
+    executor = PerceptionExecutor([inline], num_threads=2, context=context)
+    executor.add_node(node)
+    yield node, inline, pooled, executor
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.shutdown(context=context)
+
+
+def _spin_until(executor, predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.05)
+    return predicate()
+
+
+def test_inline_group_runs_in_the_spinning_thread_and_others_in_the_pool(setup):
+    from std_msgs.msg import String
+
+    node, inline, pooled, executor = setup
+    threads = {"inline": [], "pooled": []}
+    node.create_subscription(String, "/exec/inline", lambda m: threads["inline"].append(threading.current_thread()),
+                             10, callback_group=inline)
+    node.create_subscription(String, "/exec/pooled", lambda m: threads["pooled"].append(threading.current_thread()),
+                             10, callback_group=pooled)
+    pubs = [node.create_publisher(String, f"/exec/{name}", 10) for name in ("inline", "pooled")]
+    assert _spin_until(executor, lambda: all(p.get_subscription_count() for p in pubs))
+    for _ in range(3):
+        for pub in pubs:
+            pub.publish(String(data="x"))
+    assert _spin_until(executor, lambda: len(threads["inline"]) == 3 and len(threads["pooled"]) == 3)
+    assert set(threads["inline"]) == {threading.current_thread()}
+    assert all(t.name.startswith("toist_callbacks") for t in threads["pooled"])
+
+
+def test_a_blocked_pool_callback_does_not_hold_up_inline_callbacks(setup):
+    """As segment_image waits for the inference thread while frames keep arriving."""
+    from std_msgs.msg import String
+
+    node, inline, pooled, executor = setup
+    released, finished = threading.Event(), threading.Event()
+
+    def blocking(_msg):
+        finished.set() if released.wait(timeout=15) else None
+
+    node.create_subscription(String, "/exec/block", blocking, 10, callback_group=pooled)
+    node.create_subscription(String, "/exec/frame", lambda m: released.set(), 10, callback_group=inline)
+    block_pub, frame_pub = (node.create_publisher(String, t, 10) for t in ("/exec/block", "/exec/frame"))
+    assert _spin_until(executor, lambda: block_pub.get_subscription_count() and frame_pub.get_subscription_count())
+    block_pub.publish(String(data="wait"))
+    time.sleep(0.2)
+    frame_pub.publish(String(data="frame"))
+    assert _spin_until(executor, finished.is_set, timeout=10)
+
+
+def test_an_inline_callback_error_is_raised_by_spin_once(setup):
+    from std_msgs.msg import String
+
+    node, inline, _pooled, executor = setup
+
+    def broken(_msg):
+        raise RuntimeError("image callback failed")
+
+    node.create_subscription(String, "/exec/broken", broken, 10, callback_group=inline)
+    pub = node.create_publisher(String, "/exec/broken", 10)
+    assert _spin_until(executor, lambda: pub.get_subscription_count() > 0)
+    pub.publish(String(data="x"))
+    with pytest.raises(RuntimeError, match="image callback failed"):
+        _spin_until(executor, lambda: False, timeout=5)
+
+
+def test_spin_until_future_complete_serves_a_service_from_the_pool(setup):
+    """rclpy's Executor.spin_until_future_complete (what client code calls) works on this executor."""
+    from std_srvs.srv import Trigger
+
+    node, _inline, pooled, executor = setup
+
+    def answer(_request, response):
+        response.success, response.message = True, threading.current_thread().name
+        return response
+
+    node.create_service(Trigger, "/exec/trigger", answer, callback_group=pooled)
+    client = node.create_client(Trigger, "/exec/trigger")
+    assert client.wait_for_service(timeout_sec=10)
+    future = client.call_async(Trigger.Request())
+    executor.spin_until_future_complete(future, timeout_sec=10)
+    assert future.done() and future.result().success
+    assert future.result().message.startswith("toist_callbacks")

@@ -1,0 +1,73 @@
+"""The node's executor: raw image callbacks in the spinning thread, every other callback in a pool.
+
+rclpy's ``MultiThreadedExecutor`` hands each ready callback to a thread pool; the worker then
+waits for the GIL while the spinning thread rebuilds its wait set. For a 640x480 frame that
+hand-over cost ~2 ms between the camera's publish and the callback (bare rclpy subscriptions, one
+run each: single-threaded 3.0-3.6 ms, multi-threaded 5.0-5.4 ms; docs/performance.md, "Node
+overhead"). The raw image callbacks only validate, convert and put the frame into its slot
+(~0.1 ms), so they run right where the wait returned them. Everything that may block stays in the
+pool: ``segment_image`` waits for the inference thread, ``set_task`` encodes a caption, and
+compressed images are decoded (several ms each; cameras decode in parallel).
+
+Only public rclpy API: ``Executor.wait_for_ready_callbacks`` and the returned task, run the way
+``SingleThreadedExecutor`` runs it.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Optional
+
+from rclpy.executors import (ConditionReachedException, Executor, ExternalShutdownException, ShutdownException,
+                             TimeoutException)
+
+
+class PerceptionExecutor(Executor):
+    """Runs the callbacks of ``inline_groups`` in the thread that calls ``spin_once``, and every
+    other callback in a pool of ``num_threads`` threads. Exceptions from either are raised by a
+    later ``spin_once``, as rclpy's executors do."""
+
+    def __init__(self, inline_groups: Iterable[Any] = (), num_threads: int = 4, *, context: Any = None) -> None:
+        super().__init__(context=context)
+        self._inline_groups = tuple(inline_groups)
+        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="toist_callbacks")
+        self._pending: list[Future] = []
+
+    def spin_once(self, timeout_sec: Optional[float] = None) -> None:
+        self._spin_once(timeout_sec)
+
+    def spin_once_until_future_complete(self, future: Any, timeout_sec: Optional[float] = None) -> None:
+        future.add_done_callback(lambda _future: self.wake())
+        self._spin_once(timeout_sec, future.done)
+
+    def _spin_once_until_future_complete(self, future: Any, timeout_sec: Any = None) -> None:
+        # The hook rclpy's Executor.spin_until_future_complete calls (which wakes on the future itself).
+        self._spin_once(timeout_sec, future.done)
+
+    def _spin_once(self, timeout_sec: Optional[float], condition: Callable[[], bool] = lambda: False) -> None:
+        try:
+            handler, entity, _node = self.wait_for_ready_callbacks(timeout_sec, None, condition)
+        except (ExternalShutdownException, ShutdownException, TimeoutException, ConditionReachedException):
+            return
+        if any(getattr(entity, "callback_group", None) is group for group in self._inline_groups):
+            handler()
+            exception = handler.exception()
+            if exception is not None:
+                raise exception
+        else:
+            self._pending.append(self._pool.submit(handler))
+        for future in [f for f in self._pending if f.done()]:
+            self._pending.remove(future)
+            future.result()  # raise what the callback raised
+
+    def run_inline(self, groups: Iterable[Any]) -> None:
+        """Also run the callbacks of ``groups`` in the spinning thread (a node added later)."""
+        self._inline_groups += tuple(groups)
+
+    def shutdown(self, timeout_sec: Optional[float] = None) -> bool:
+        done = super().shutdown(timeout_sec)
+        self._pool.shutdown(wait=True)
+        return done
+
+
+__all__ = ["PerceptionExecutor"]
