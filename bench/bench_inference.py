@@ -220,8 +220,11 @@ def main() -> None:
     size = dict(short_side=args.short_side, max_size=1333)
 
     def segmenter(model, channels_last=True, **kw):
+        # duplicate_iou None: N kept queries, as the reference keeps every query. With random
+        # weights all masks look alike, and duplicate removal would run the mask head on query
+        # after query looking for N distinct ones (1.77x slower predict, not what a trained model pays).
         inference = InferenceConfig(score_threshold=0.0, max_instances=args.kept, channels_last=channels_last,
-                                    **size, **kw)
+                                    duplicate_iou=None, **size, **kw)
         return TaskSegmenter(model, device="cpu", task=2, inference=inference)
 
     ref_seg = TaskSegmenter(base, device="cpu", task=2, inference=InferenceConfig(

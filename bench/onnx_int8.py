@@ -1,0 +1,205 @@
+"""Int8 static quantisation (ONNX Runtime, QDQ) of a model directory's ``detector.onnx``.
+
+An experiment of issue 18, kept next to the bench that measures it (``bench/bench_cpu_paths.py``)
+and not in the package: it is not wired into :class:`~toist_core.config.InferenceConfig` or
+``toist export``, because on the embedded default model it fails the accuracy criterion
+(docs/performance.md). A result must pass that criterion on the model it is applied to.
+
+:func:`quantize_detector` writes a *sibling* model directory: every entry of the source
+directory linked in (weights, config, tokenizer, memory bank, ``mask_head.onnx``), except
+``detector.onnx``, which is the calibrated int8 graph (the source's ``toist.*`` metadata kept,
+so :class:`~.onnx_backend.OnnxNetwork` opens it like the fp32 one; ``toist.quantization``
+records what was done). Calibrate on training / validation images, never on the images the
+result is scored on.
+
+Choices (``onnxruntime.quantization.quantize_static``): QDQ format, uint8 activations and
+per-channel int8 weights by default (``weight_type="u8"``: U8U8; ``reduce_range``: 7-bit weights
+against the saturation of the u8 x s8 products of AVX2 without VNNI), MinMax calibration, the
+graph pre-processed with ``quant_pre_process`` (ORT's basic optimisations fold the exported
+``FrozenBatchNorm`` Mul / Add into the convolutions before the weights are quantised).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from toist_core.inference.onnx_export import DETECTOR_FILE, DETECTOR_INPUTS, META_PREFIX
+
+QUANT_KEY = "quantization"
+METHODS_NAMES = ("minmax", "entropy", "percentile")
+
+
+class FeedsReader:
+    """A ``CalibrationDataReader`` over a list of feed dicts (detector inputs)."""
+
+    def __init__(self, feeds: Sequence[dict]):
+        self.feeds = list(feeds)
+        self._start, self._end = 0, len(self.feeds)
+        self._index = 0
+
+    def get_next(self) -> Optional[dict]:
+        if self._start + self._index >= self._end:
+            return None
+        feed = self.feeds[self._start + self._index]
+        self._index += 1
+        return feed
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        feed = self.get_next()
+        if feed is None:
+            raise StopIteration
+        return feed
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._start, self._end, self._index = start_index, min(end_index, len(self.feeds)), 0
+
+    def rewind(self) -> None:
+        self.set_range(0, len(self.feeds))
+
+
+def detector_feeds(segmenter, images: Iterable[np.ndarray], states: Sequence) -> list[dict]:
+    """Detector inputs (``DETECTOR_INPUTS``) of ``images`` as ``segmenter`` preprocesses them,
+    one image at a time, cycling through the task ``states`` (``TaskState``)."""
+    import torch
+
+    from toist_core.inference.onnx_backend import OnnxNetwork
+
+    feeds = []
+    with torch.inference_mode():
+        for index, image in enumerate(images):
+            batch, _ = segmenter.preprocess([image])
+            state = states[index % len(states)]
+            feed = {"image": np.ascontiguousarray(batch.tensors.float().cpu().numpy()),
+                    "pad_mask": batch.mask.cpu().numpy(), **OnnxNetwork.task_inputs(state)}
+            feeds.append({name: feed[name] for name in DETECTOR_INPUTS})
+    return feeds
+
+
+def pad_feeds(feeds: Sequence[dict]) -> list[dict]:
+    """``feeds`` with every image zero-padded (``pad_mask`` True) to the largest height and
+    width among them: ORT's histogram calibrators (entropy, percentile) stack each tensor over
+    the calibration frames and need equal shapes."""
+    height = max(f["image"].shape[2] for f in feeds)
+    width = max(f["image"].shape[3] for f in feeds)
+    out = []
+    for feed in feeds:
+        image, mask = feed["image"], feed["pad_mask"]
+        b, c, h, w = image.shape
+        padded = np.zeros((b, c, height, width), dtype=image.dtype)
+        padded[:, :, :h, :w] = image
+        padded_mask = np.ones((b, height, width), dtype=bool)
+        padded_mask[:, :h, :w] = mask
+        out.append({**feed, "image": padded, "pad_mask": padded_mask})
+    return out
+
+
+def describe(op_types: Sequence[str], per_channel: bool, reduce_range: bool, weight_type: str,
+             exclude: Sequence[str] = (), method: str = "minmax") -> str:
+    return (f"QDQ int8 static ({method}), ops {'+'.join(op_types)}, U8{weight_type.upper()}, "
+            f"{'per-channel' if per_channel else 'per-tensor'} weights{', reduce_range' if reduce_range else ''}"
+            + (f", fp32 kept: {', '.join(exclude)}" if exclude else ""))
+
+
+def quantize_detector(source, target, feeds: Sequence[dict], op_types: Sequence[str] = ("Conv",),
+                      per_channel: bool = True, reduce_range: bool = False, weight_type: str = "s8",
+                      exclude: Sequence[str] = (), calibration_cache=None, preprocess: bool = True,
+                      method: str = "minmax") -> dict:
+    """Write ``target`` (a model directory linked to ``source``'s files) with an int8 static
+    quantised ``detector.onnx`` calibrated on ``feeds``; returns ``{"seconds": {...}, "nodes":
+    {op: count of quantised nodes}, "description", "bytes", "excluded": [node names]}``.
+    ``exclude``: substrings of node names (of ``op_types``) to keep in fp32. ``method``:
+    ``minmax``, ``entropy`` or ``percentile`` (99.999 %) calibration."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source, target = Path(source), Path(target)
+    METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if weight_type not in ("s8", "u8"):
+        raise ValueError(f"weight_type must be 's8' or 'u8', got {weight_type!r}")
+    seconds = {}
+    with tempfile.TemporaryDirectory(prefix="toist_quant_", dir=str(target.parent)) as tmp:
+        tmp = Path(tmp)
+        graph = source / DETECTOR_FILE
+        if preprocess:
+            start = time.perf_counter()
+            pre = tmp / "pre.onnx"
+            try:
+                quant_pre_process(str(graph), str(pre), skip_symbolic_shape=True)
+                graph = pre
+            except Exception as exc:  # the dynamic shapes defeat some shape inference passes
+                print(f"quant_pre_process failed ({type(exc).__name__}: {exc}); quantising the graph as exported")
+            seconds["pre_process"] = time.perf_counter() - start
+        excluded = []
+        if exclude:
+            nodes_in = onnx.load(str(graph), load_external_data=False).graph.node
+            excluded = [n.name for n in nodes_in if n.op_type in op_types and any(p in n.name for p in exclude)]
+        start = time.perf_counter()
+        out = tmp / DETECTOR_FILE
+        reader = FeedsReader(feeds if method == "minmax" else pad_feeds(feeds))
+        quantize_static(str(graph), str(out), reader, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(op_types), per_channel=per_channel, reduce_range=reduce_range,
+                        activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8 if weight_type == "s8" else QuantType.QUInt8,
+                        nodes_to_exclude=excluded, calibrate_method=METHODS[method],
+                        # Not CalibMaxIntermediateOutputs: ORT (1.32 and before) *drops* each full buffer
+                        # without merging its ranges (onnxruntime#18893); the calibration graph keeps only
+                        # ReduceMin / ReduceMax outputs anyway, a few bytes per tensor and frame.
+                        calibration_cache_path=str(calibration_cache) if calibration_cache else None)
+        seconds["calibrate_and_quantize"] = time.perf_counter() - start
+        # The source's toist metadata (digest, format version, ...) + what was done.
+        description = describe(op_types, per_channel, reduce_range, weight_type, exclude, method)
+        original = {p.key: p.value for p in onnx.load(str(source / DETECTOR_FILE), load_external_data=False)
+                    .metadata_props}
+        proto = onnx.load(str(out))
+        nodes: dict[str, int] = {}
+        for node in proto.graph.node:
+            if node.op_type == "DequantizeLinear":
+                nodes["DequantizeLinear"] = nodes.get("DequantizeLinear", 0) + 1
+        quantized_inputs = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+        for node in proto.graph.node:
+            if node.op_type in op_types and any(i in quantized_inputs for i in node.input):
+                nodes[node.op_type] = nodes.get(node.op_type, 0) + 1
+        del proto.metadata_props[:]
+        for key, value in {**original, META_PREFIX + QUANT_KEY: description}.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, str(out))
+        # The sibling directory: the source's entries linked, the int8 detector in.
+        staging = tmp / "dir"
+        staging.mkdir()
+        for entry in source.iterdir():
+            if entry.name == DETECTOR_FILE or entry.name.startswith("."):
+                continue
+            os.symlink(entry.resolve(), staging / entry.name)
+        os.replace(out, staging / DETECTOR_FILE)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return {"seconds": seconds, "nodes": nodes, "description": description, "excluded": excluded,
+            "bytes": (target / DETECTOR_FILE).stat().st_size}
+
+
+def quantization_of(directory) -> Optional[str]:
+    """The ``toist.quantization`` entry of a directory's ``detector.onnx`` (None: fp32)."""
+    import onnx
+
+    proto = onnx.load(str(Path(directory) / DETECTOR_FILE), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}.get(META_PREFIX + QUANT_KEY)
+
+
+__all__ = ["FeedsReader", "detector_feeds", "quantization_of", "quantize_detector"]
