@@ -41,7 +41,6 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_inference import REFERENCE, clock, compare, reference_frame  # noqa: E402
+from bench_inference import REFERENCE, reference_frame, time_rounds  # noqa: E402
 from toist_core.config import InferenceConfig, preset  # noqa: E402
 from toist_core.inference import TaskSegmenter  # noqa: E402
 from toist_core.inference.device import prepared  # noqa: E402
@@ -138,6 +137,16 @@ def ensure_int8(source: Path, variant: str, args, feeds_fn) -> tuple[Path, dict]
     info.update(digest=digest, feeds_s=feeds_s, calibration_frames=len(feeds), ops=op_census(target / DETECTOR_FILE))
     meta_file.write_text(json.dumps(info, indent=1))
     return target, {**info, "cached": False}
+
+
+def int8_summary(info: dict, frames_from: str = "") -> str:
+    """What ``ensure_int8`` did: its description and, unless cached, calibration times and frames."""
+    if info["cached"]:
+        return f"{info['description']}; cached"
+    times = ", ".join(f"{k} {v:.1f} s" for k, v in info["seconds"].items())
+    source = f", {frames_from}" if frames_from else ""
+    return (f"{info['description']}; calibration feeds {info['feeds_s']:.1f} s, {times} "
+            f"({info['calibration_frames']} calibration frames{source})")
 
 
 def op_census(path: Path) -> dict:
@@ -298,13 +307,8 @@ def speed(args) -> None:
     for variant in args.variants:
         directory, info = ensure_int8(work / "paper", variant, args, calibration_feeds)
         paths[f"predict ORT int8 static ({variant})"] = ort_seg(directory)
-        print(f"int8 {variant}: {info['description']}; "
-              + ("cached" if info["cached"] else
-                 f"calibration feeds {info['feeds_s']:.0f} s, " + ", ".join(
-                     f"{k} {v:.0f} s" for k, v in info["seconds"].items())
-                 + f" ({info['calibration_frames']} calibration frames)")
-              + f"; detector.onnx {info['bytes'] / 2**20:.0f} MB; quantised nodes {info['nodes']}; "
-                f"after ORT fusion {info['ops']}", flush=True)
+        print(f"int8 {variant}: {int8_summary(info)}; detector.onnx {info['bytes'] / 2**20:.0f} MB; "
+              f"quantised nodes {info['nodes']}; after ORT fusion {info['ops']}", flush=True)
 
     options = ort.SessionOptions()
     batch, sizes = ref_seg.preprocess([image])
@@ -317,28 +321,11 @@ def speed(args) -> None:
     run = {name: (lambda: reference_frame(ref_seg, image, caption)) if seg is None else
            (lambda seg=seg: seg.predict(image)) for name, seg in paths.items()}
     results = {name: fn() for name, fn in run.items()}  # warm-up
-    cpu = {name: [] for name in run}
-    wall = {name: [] for name in run}
-    for _ in range(args.reps):  # interleaved rounds: every path sees the same machine load
-        for name, fn in run.items():
-            c0, w0 = clock()
-            results[name] = fn()
-            cpu[name].append(time.process_time() - c0)
-            wall[name].append(time.perf_counter() - w0)
-    ref = results[REFERENCE]
-    base_cpu, base_wall = statistics.median(cpu[REFERENCE]), statistics.median(wall[REFERENCE])
-    print(f"\nPer frame, {args.reps} interleaved round(s) after 1 warm-up (median), kept = {args.kept}:")
-    print(f"  {'path':46s} {'CPU ms':>8s} {'speed-up':>8s} {'wall ms':>8s} {'speed-up':>8s}   vs reference")
-    for name in run:
-        c, w = statistics.median(cpu[name]), statistics.median(wall[name])
-        line = f"  {name:46s} {1000 * c:8.0f} {base_cpu / c:7.2f}x {1000 * w:8.0f} {base_wall / w:7.2f}x"
-        if name != REFERENCE:
-            line += "   " + compare(results[name], ref)
-        print(line, flush=True)
+    time_rounds(run, results, args.reps, args.kept)
     if not args.no_stages:
         names = [n for n, seg in paths.items() if seg is not None]
         columns = {name: predictor_stages(paths[name], image, args.kept) for name in names}
-        print(f"\nPredictor stages, CPU ms (one frame each, after the rounds):")
+        print("\nPredictor stages, CPU ms (one frame each, after the rounds):")
         print(f"  {'stage':40s}" + "".join(f"{short(n):>22s}" for n in names))
         for stage in next(iter(columns.values())):
             print(f"  {stage:40s}" + "".join(f"{col[stage]:22.0f}" for col in columns.values()))
@@ -359,7 +346,7 @@ def speed(args) -> None:
 def accuracy(args) -> None:
     import bench_precision_accuracy as bpa
     from toist_core.cli.evaluate import REFERENCE_MAX_INSTANCES, predict_tasks
-    from toist_core.eval.evaluator import evaluate_tasks, load_ground_truth, task_files
+    from toist_core.eval.evaluator import evaluate_tasks
     from toist_core.inference.onnx_export import compare_backends, describe_check
 
     torch.set_num_threads(args.accuracy_threads)
@@ -394,23 +381,14 @@ def accuracy(args) -> None:
                       score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES, backend="onnxruntime"))}
     for variant in args.variants:
         directory, info = ensure_int8(source, variant, args, calibration_feeds)
-        print(f"int8 {variant}: {info['description']}; "
-              + ("cached" if info["cached"] else
-                 f"calibration feeds {info['feeds_s']:.1f} s, " + ", ".join(
-                     f"{k} {v:.1f} s" for k, v in info["seconds"].items())
-                 + f" ({info['calibration_frames']} calibration frames, synthetic train split)")
-              + f"; quantised nodes {info['nodes']} ({len(info.get('excluded', []))} excluded); "
+        print(f"int8 {variant}: {int8_summary(info, 'synthetic train split')}"
+              f"; quantised nodes {info['nodes']} ({len(info.get('excluded', []))} excluded); "
                 f"after ORT fusion {info['ops']}", flush=True)
         segmenters[f"ort int8 {variant}"] = TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(
             score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES, backend="onnxruntime"))
 
     with tempfile.TemporaryDirectory(prefix="toist_precision_") as tmp:
-        root = bpa.write_test_split(settings, Path(tmp))
-        files = task_files(root, settings.tasks, "test")
-        ground_truths = {t: load_ground_truth(path) for t, path in files.items()}
-        image_ids = {t: [img["id"] for img in gt.dataset["images"]] for t, gt in ground_truths.items()}
-        if args.images:
-            image_ids = {t: ids[:args.images] for t, ids in image_ids.items()}
+        root, files, ground_truths, image_ids = bpa.load_test_split(settings, Path(tmp), args.images)
         frames = sum(len(ids) for ids in image_ids.values())
         print(f"test split: tasks {settings.tasks}, {frames} frames ({'first ' + str(args.images) if args.images else 'all'}"
               f" images per task file); {torch.get_num_threads()} torch / ORT thread(s)", flush=True)
@@ -425,20 +403,7 @@ def accuracy(args) -> None:
             seconds[path] = time.perf_counter() - t0
             results[path] = evaluate_tasks(ground_truths, predictions[path], ("bbox", "segm"), image_ids)
 
-    base = results["fp32"]
-    print(f"\nDefault model, synthetic test split, {frames} frames (mAP@0.5, mean over tasks {settings.tasks}):")
-    print(f"  {'path':22s} {'box mAP':>8s} {'diff':>7s} {'mask mAP':>9s} {'diff':>7s} {'same top':>9s} "
-          f"{'top IoU>=.5':>11s} {'ms/frame':>9s}  verdict")
-    for path, result in results.items():
-        box, mask = result.mean_ap50("bbox"), result.mean_ap50("segm")
-        dbox, dmask = box - base.mean_ap50("bbox"), mask - base.mean_ap50("segm")
-        same, overlap = bpa.top_agreement(predictions["fp32"], predictions[path], tops["fp32"], tops[path])
-        ok = abs(dbox) <= bpa.MAP_TOLERANCE and abs(dmask) <= bpa.MAP_TOLERANCE and same >= bpa.TOP_AGREEMENT
-        verdict = "reference" if path == "fp32" else ("passes" if ok else "FAILS")
-        print(f"  {path:22s} {box:8.3f} {dbox:+7.3f} {mask:9.3f} {dmask:+7.3f} {100 * same:8.1f}% "
-              f"{100 * overlap:10.1f}% {1000 * seconds[path] / frames:9.1f}  {verdict}")
-    print(f"\ncriterion: |mAP diff| <= {bpa.MAP_TOLERANCE} (box and mask) and the same top instance on >= "
-          f"{100 * bpa.TOP_AGREEMENT:.0f}% of frames; total {time.perf_counter() - started:.0f} s")
+    bpa.print_verdicts(results, predictions, tops, seconds, frames, settings.tasks, started)
 
 
 def main() -> None:

@@ -190,6 +190,30 @@ def compare(pred, ref: dict) -> str:
     return f"|dscore| {score:.1e}  |dbox| {box:.1e} px  mask IoU >= {iou:.4f}"
 
 
+def time_rounds(run: dict[str, Callable], results: dict, reps: int, kept: int) -> None:
+    """Time every path of ``run`` in ``reps`` interleaved rounds (every path sees the same machine
+    load; ``results`` holds each path's warm-up output and is updated), then print CPU and wall
+    medians, speed-ups over the reference and each path's difference from the reference."""
+    cpu = {name: [] for name in run}
+    wall = {name: [] for name in run}
+    for _ in range(reps):
+        for name, fn in run.items():
+            c0, w0 = clock()
+            results[name] = fn()
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+    ref = results[REFERENCE]
+    base_cpu, base_wall = statistics.median(cpu[REFERENCE]), statistics.median(wall[REFERENCE])
+    print(f"\nPer frame, {reps} interleaved round(s) after 1 warm-up (median), kept = {kept}:")
+    print(f"  {'path':46s} {'CPU ms':>8s} {'speed-up':>8s} {'wall ms':>8s} {'speed-up':>8s}   vs reference")
+    for name in run:
+        c, w = statistics.median(cpu[name]), statistics.median(wall[name])
+        line = f"  {name:46s} {1000 * c:8.0f} {base_cpu / c:7.2f}x {1000 * w:8.0f} {base_wall / w:7.2f}x"
+        if name != REFERENCE:
+            line += "   " + compare(results[name], ref)
+        print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=2, help="interleaved timed rounds of the frame paths "
@@ -270,24 +294,7 @@ def main() -> None:
         print(f"  (stages timed one by one; the frame totals below are timed whole)   "
               f"[{time.perf_counter() - start:.0f} s]", flush=True)
 
-    cpu = {name: [] for name in run}
-    wall = {name: [] for name in run}
-    for _ in range(args.reps):  # interleaved rounds: every path sees the same machine load
-        for name, fn in run.items():
-            c0, w0 = clock()
-            results[name] = fn()
-            cpu[name].append(time.process_time() - c0)
-            wall[name].append(time.perf_counter() - w0)
-    ref = results[REFERENCE]
-    base_cpu, base_wall = statistics.median(cpu[REFERENCE]), statistics.median(wall[REFERENCE])
-    print(f"\nPer frame, {args.reps} interleaved rounds after 1 warm-up (median), kept = {args.kept}:")
-    print(f"  {'path':46s} {'CPU ms':>8s} {'speed-up':>8s} {'wall ms':>8s} {'speed-up':>8s}   vs reference")
-    for name in run:
-        c, w = statistics.median(cpu[name]), statistics.median(wall[name])
-        line = f"  {name:46s} {1000 * c:8.0f} {base_cpu / c:7.2f}x {1000 * w:8.0f} {base_wall / w:7.2f}x"
-        if name != REFERENCE:
-            line += "   " + compare(results[name], ref)
-        print(line)
+    time_rounds(run, results, args.reps, args.kept)
     print(f"\ntotal bench time {time.perf_counter() - start:.0f} s")
 
 

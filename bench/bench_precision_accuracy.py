@@ -118,6 +118,18 @@ def top_agreement(base: dict, other: dict, base_top: list[int], other_top: list[
     return same / max(total, 1), overlap / max(total, 1)
 
 
+def load_test_split(settings, folder: Path, images: int):
+    """Write the recipe's test split into ``folder``: (root, task files, ground truths, image ids
+    per task: the first ``images`` of each task file, 0 = all)."""
+    root = write_test_split(settings, folder)
+    files = task_files(root, settings.tasks, "test")
+    ground_truths = {t: load_ground_truth(path) for t, path in files.items()}
+    image_ids = {t: [img["id"] for img in gt.dataset["images"]] for t, gt in ground_truths.items()}
+    if images:
+        image_ids = {t: ids[:images] for t, ids in image_ids.items()}
+    return root, files, ground_truths, image_ids
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=50, help="first N images of each task file (0 = all)")
@@ -135,12 +147,7 @@ def main() -> None:
     settings = RecipeSettings()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="toist_precision_") as tmp:
-        root = write_test_split(settings, Path(tmp))
-        files = task_files(root, settings.tasks, "test")
-        ground_truths = {t: load_ground_truth(path) for t, path in files.items()}
-        image_ids = {t: [img["id"] for img in gt.dataset["images"]] for t, gt in ground_truths.items()}
-        if args.images:
-            image_ids = {t: ids[:args.images] for t, ids in image_ids.items()}
+        root, files, ground_truths, image_ids = load_test_split(settings, Path(tmp), args.images)
         frames = sum(len(ids) for ids in image_ids.values())
         print(f"test split generated in {time.perf_counter() - started:.0f} s: tasks {settings.tasks}, "
               f"{frames} frames evaluated ({'first ' + str(args.images) if args.images else 'all'} images "
@@ -168,9 +175,17 @@ def main() -> None:
             results[path] = evaluate_tasks(ground_truths, predictions[path], ("bbox", "segm"), image_ids)
             print(f"{path}: {frames} frames in {seconds[path]:.0f} s", flush=True)
 
+    print_verdicts(results, predictions, tops, seconds, frames, settings.tasks, started)
+
+
+def print_verdicts(results: dict, predictions: dict, tops: dict, seconds: dict, frames: int, tasks,
+                   started: float) -> None:
+    """The table: each path's box / mask mAP@0.5 and difference from "fp32", same-top shares,
+    ms per frame and verdict against the criterion."""
+    width = max(6, *(len(path) for path in results))
     base = results["fp32"]
-    print(f"\nDefault model, synthetic test split, {frames} frames (mAP@0.5, mean over tasks {settings.tasks}):")
-    print(f"  {'path':6s} {'box mAP':>8s} {'diff':>7s} {'mask mAP':>9s} {'diff':>7s} {'same top':>9s} "
+    print(f"\nDefault model, synthetic test split, {frames} frames (mAP@0.5, mean over tasks {tasks}):")
+    print(f"  {'path':{width}s} {'box mAP':>8s} {'diff':>7s} {'mask mAP':>9s} {'diff':>7s} {'same top':>9s} "
           f"{'top IoU>=.5':>11s} {'ms/frame':>9s}  verdict")
     for path, result in results.items():
         box, mask = result.mean_ap50("bbox"), result.mean_ap50("segm")
@@ -178,7 +193,7 @@ def main() -> None:
         same, overlap = top_agreement(predictions["fp32"], predictions[path], tops["fp32"], tops[path])
         ok = abs(dbox) <= MAP_TOLERANCE and abs(dmask) <= MAP_TOLERANCE and same >= TOP_AGREEMENT
         verdict = "reference" if path == "fp32" else ("passes" if ok else "FAILS")
-        print(f"  {path:6s} {box:8.3f} {dbox:+7.3f} {mask:9.3f} {dmask:+7.3f} {100 * same:8.1f}% "
+        print(f"  {path:{width}s} {box:8.3f} {dbox:+7.3f} {mask:9.3f} {dmask:+7.3f} {100 * same:8.1f}% "
               f"{100 * overlap:10.1f}% {1000 * seconds[path] / frames:9.1f}  {verdict}")
     print(f"\ncriterion: |mAP diff| <= {MAP_TOLERANCE} (box and mask) and the same top instance on >= "
           f"{100 * TOP_AGREEMENT:.0f}% of frames; total {time.perf_counter() - started:.0f} s")
