@@ -93,7 +93,7 @@ def test_an_inline_callback_error_is_raised_by_spin_once(setup):
 
 def test_spin_until_future_complete_serves_a_service_from_the_pool(setup):
     """rclpy's Executor.spin_until_future_complete (what client code calls) works on this executor."""
-    from std_srvs.srv import Trigger
+    from toist_ros.srv import SetTask
 
     node, _inline, pooled, executor = setup
 
@@ -101,10 +101,10 @@ def test_spin_until_future_complete_serves_a_service_from_the_pool(setup):
         response.success, response.message = True, threading.current_thread().name
         return response
 
-    node.create_service(Trigger, "/exec/trigger", answer, callback_group=pooled)
-    client = node.create_client(Trigger, "/exec/trigger")
+    node.create_service(SetTask, "/exec/trigger", answer, callback_group=pooled)
+    client = node.create_client(SetTask, "/exec/trigger")
     assert client.wait_for_service(timeout_sec=10)
-    future = client.call_async(Trigger.Request())
+    future = client.call_async(SetTask.Request())
     executor.spin_until_future_complete(future, timeout_sec=10)
     assert future.done() and future.result().success
     assert future.result().message.startswith("toist_callbacks")
