@@ -101,7 +101,7 @@ def measure_3d_step(frames: int = 200) -> tuple[tuple[float, float], tuple[float
 def use_fastdds_profile(choice: str) -> str:
     """Point Fast DDS at the chosen XML profile in this process's environment, which the node's
     process inherits; before rclpy creates a participant. Returns what is in use, for the report."""
-    from toist_ros.fastdds_profile import FAST_DDS_2_VARIABLE, FAST_DDS_3_VARIABLE, profile_environment
+    from toist_ros.fastdds_profile import FAST_DDS_2_VARIABLE, FAST_DDS_3_VARIABLE, profile_environment, profile_path
 
     names = (FAST_DDS_2_VARIABLE, FAST_DDS_3_VARIABLE)
     if choice == "env":
@@ -110,7 +110,7 @@ def use_fastdds_profile(choice: str) -> str:
         os.environ.pop(name, None)
     if choice == "none":
         return "Fast DDS defaults"
-    path = ROOT / "config" / "fastdds_large_images.xml" if choice == "package" else Path(choice).resolve()
+    path = profile_path() if choice == "package" else Path(choice).resolve()
     if not path.is_file():
         raise SystemExit(f"--fastdds-profile: no such file {path}")
     os.environ.update(profile_environment(path))

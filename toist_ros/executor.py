@@ -9,8 +9,9 @@ overhead"). The raw image callbacks only validate, convert and put the frame int
 pool: ``segment_image`` waits for the inference thread, ``set_task`` encodes a caption, and
 compressed images are decoded (several ms each; cameras decode in parallel).
 
-Only public rclpy API: ``Executor.wait_for_ready_callbacks`` and the returned task, run the way
-``SingleThreadedExecutor`` runs it.
+Built on rclpy's public ``Executor.wait_for_ready_callbacks``, its task run the way
+``SingleThreadedExecutor`` runs it; ``_spin_once_until_future_complete`` is the one private name,
+the hook that ``Executor.spin_until_future_complete`` calls in Jazzy and later.
 """
 
 from __future__ import annotations
