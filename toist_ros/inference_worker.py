@@ -21,6 +21,7 @@ import numpy as np
 from rclpy.node import Node
 from rclpy.time import Time
 
+from toist_ros import params as parameters
 from toist_ros.camera_input import Camera, CameraInputs, Frame
 from toist_ros.conversions import image_from_array
 from toist_ros.depth.geometry import DepthLimits
@@ -53,7 +54,7 @@ def predict(segmenter: Any, rgb: np.ndarray, task: ActiveTask, settings: Any) ->
     import torch
 
     config = segmenter.inference
-    duplicate_iou = float(settings["duplicate_iou"]) or None            # 0: keep duplicates
+    duplicate_iou = parameters.duplicate_iou(settings)
     if (config.mask_threshold, config.duplicate_iou) != (settings["mask_threshold"], duplicate_iou):
         # Run-time change: swap in a new config object (the segmenter reads it per call).
         segmenter.inference = dataclasses.replace(config, mask_threshold=settings["mask_threshold"],

@@ -187,11 +187,12 @@ def load_model(settings: Any, warn: Callable[[str], None], info: Optional[Callab
 def inference_config(settings: Any, precision: Optional[str] = None):
     """toist_core's InferenceConfig (input size, thresholds, precision) from the node's parameters."""
     from toist_core.config import InferenceConfig
+    from toist_ros.params import duplicate_iou
 
     return InferenceConfig(short_side=int(settings["input.short_side"]) or None,  # 0: the model's own
                            max_size=int(settings["input.max_side"]) or None,
                            score_threshold=float(settings["score_threshold"]),
                            max_instances=int(settings["max_instances"]),
                            mask_threshold=float(settings["mask_threshold"]),
-                           duplicate_iou=float(settings["duplicate_iou"]) or None,  # 0: keep duplicates
+                           duplicate_iou=duplicate_iou(settings),
                            precision=precision or settings["precision"], backend=settings["backend"])

@@ -356,6 +356,12 @@ def ints_to_doubles(params: list) -> list:
     return out
 
 
+def duplicate_iou(settings: Any) -> Optional[float]:
+    """The ``duplicate_iou`` parameter as ``InferenceConfig.duplicate_iou`` takes it: 0 (keep
+    duplicates) is None."""
+    return float(settings["duplicate_iou"]) or None
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)) or type(value).__name__ == "array":
         return list(value)
