@@ -26,7 +26,7 @@ RUN := set +u && source $(VENV)/bin/activate && source install/setup.bash &&
 PYTEST_ARGS ?=
 CHECKPOINT ?=
 
-.PHONY: help setup build demo test bench default-model lock clean distclean robot-setup
+.PHONY: help setup build demo test bench gpu-wheels default-model lock clean distclean robot-setup
 
 help:
 	@echo "make demo     run the perception node on its default input (CHECKPOINT=path for a real model)"
@@ -86,6 +86,16 @@ default-model: setup
 
 bench: setup
 	@for script in bench/bench_*.py; do echo "== $$script"; $(RUN) python $$script; done
+
+# Wheels (CPython 3.12, x86-64) of the dependencies the workplace's lent GPU machines lack, into
+# .whl/ (git-ignored), for bench/gpu_device_run.sh; versions from requirements/lock.txt.
+GPU_WHEELS := pycocotools faster-coco-eval
+gpu-wheels: $(STAMPS)/deps
+	@mkdir -p .whl
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl \
+	  $(foreach w,$(GPU_WHEELS),$(w)==$(shell grep -i '^$(subst -,[-_],$(w))==' requirements/lock.txt | cut -d= -f3))
 
 # Re-pin every installed version (after changing requirements/*.txt on purpose).
 lock: $(STAMPS)/deps

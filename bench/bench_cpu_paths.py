@@ -343,16 +343,12 @@ def speed(args) -> None:
 
 # ----------------------------------------------------------------------------- accuracy
 
-def accuracy(args) -> None:
+def exported_default_model(work: Path, exporter: str = "torchscript") -> Path:
+    """``work/default``: a copy of the embedded default model with its ONNX graphs (cached; made
+    again, and the int8 directories derived from it removed, when the weights changed)."""
     import bench_precision_accuracy as bpa
-    from toist_core.cli.evaluate import REFERENCE_MAX_INSTANCES, predict_tasks
-    from toist_core.eval.evaluator import evaluate_tasks
     from toist_core.inference.onnx_export import compare_backends, describe_check
 
-    torch.set_num_threads(args.accuracy_threads)
-    started = time.perf_counter()
-    settings = bpa.RecipeSettings()
-    work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     source = work / "default"
     if not (source / DETECTOR_FILE).is_file() or model_digest(source) != model_digest(bpa.DEFAULT_MODEL):
@@ -362,9 +358,21 @@ def accuracy(args) -> None:
         shutil.copytree(bpa.DEFAULT_MODEL, source)
         from toist_core.checkpoint import load_pretrained
         t0 = time.perf_counter()
-        export_onnx(load_pretrained(source).model, source, exporter=args.exporter)
-        print(f"default model copied to {source} and exported ({args.exporter}) in {time.perf_counter() - t0:.0f} s; "
+        export_onnx(load_pretrained(source).model, source, exporter=exporter)
+        print(f"default model copied to {source} and exported ({exporter}) in {time.perf_counter() - t0:.0f} s; "
               f"{describe_check(compare_backends(source))}", flush=True)
+    return source
+
+
+def accuracy(args) -> None:
+    import bench_precision_accuracy as bpa
+    from toist_core.cli.evaluate import REFERENCE_MAX_INSTANCES, predict_tasks
+    from toist_core.eval.evaluator import evaluate_tasks
+
+    torch.set_num_threads(args.accuracy_threads)
+    started = time.perf_counter()
+    settings = bpa.RecipeSettings()
+    source = exported_default_model(Path(args.work_dir), args.exporter)
     inference = InferenceConfig(score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES)
     fp32 = TaskSegmenter.from_pretrained(source, device="cpu", inference=inference)
 

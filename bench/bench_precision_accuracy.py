@@ -28,6 +28,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,11 +52,13 @@ MAP_TOLERANCE = 0.01
 TOP_AGREEMENT = 0.95
 
 
-def write_test_split(settings: RecipeSettings, root: Path) -> Path:
-    """The recipe's test split (as ``write_data`` writes it) under ``root/synth``."""
+def write_test_split(settings: RecipeSettings, root: Path, seed: Optional[int] = None) -> Path:
+    """The recipe's test split (as ``write_data`` writes it) under ``root/synth``; ``seed``
+    (default: the recipe's data seed) other than the recipe's gives a validation split: images
+    of the same distribution that were neither trained on nor tested on."""
     generate(root / "synth", tasks=settings.tasks, splits=("test",), images_per_split=settings.test_images,
              min_objects=settings.min_objects, max_objects=settings.max_objects,
-             empty_fraction=settings.empty_fraction, seed=settings.data_seed,
+             empty_fraction=settings.empty_fraction, seed=settings.data_seed if seed is None else seed,
              min_size=settings.min_size, max_size=settings.max_size)
     return root / "synth"
 
@@ -118,10 +121,10 @@ def top_agreement(base: dict, other: dict, base_top: list[int], other_top: list[
     return same / max(total, 1), overlap / max(total, 1)
 
 
-def load_test_split(settings, folder: Path, images: int):
-    """Write the recipe's test split into ``folder``: (root, task files, ground truths, image ids
-    per task: the first ``images`` of each task file, 0 = all)."""
-    root = write_test_split(settings, folder)
+def load_test_split(settings, folder: Path, images: int, seed: Optional[int] = None):
+    """Write the recipe's test split (``seed``: see ``write_test_split``) into ``folder``: (root,
+    task files, ground truths, image ids per task: the first ``images`` of each task file, 0 = all)."""
+    root = write_test_split(settings, folder, seed)
     files = task_files(root, settings.tasks, "test")
     ground_truths = {t: load_ground_truth(path) for t, path in files.items()}
     image_ids = {t: [img["id"] for img in gt.dataset["images"]] for t, gt in ground_truths.items()}

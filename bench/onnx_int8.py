@@ -110,13 +110,14 @@ def describe(op_types: Sequence[str], per_channel: bool, reduce_range: bool, wei
              exclude: Sequence[str] = (), method: str = "minmax") -> str:
     return (f"QDQ int8 static ({method}), ops {'+'.join(op_types)}, U8{weight_type.upper()}, "
             f"{'per-channel' if per_channel else 'per-tensor'} weights{', reduce_range' if reduce_range else ''}"
-            + (f", fp32 kept: {', '.join(exclude)}" if exclude else ""))
+            + (f", fp32 kept: {', '.join(exclude) if len(exclude) <= 3 else f'{len(exclude)} nodes'}"
+               if exclude else ""))
 
 
 def quantize_detector(source, target, feeds: Sequence[dict], op_types: Sequence[str] = ("Conv",),
                       per_channel: bool = True, reduce_range: bool = False, weight_type: str = "s8",
                       exclude: Sequence[str] = (), calibration_cache=None, preprocess: bool = True,
-                      method: str = "minmax") -> dict:
+                      method: str = "minmax", extra_options: Optional[dict] = None) -> dict:
     """Write ``target`` (a model directory linked to ``source``'s files) with an int8 static
     quantised ``detector.onnx`` calibrated on ``feeds``; returns ``{"seconds": {...}, "nodes":
     {op: count of quantised nodes}, "description", "bytes", "excluded": [node names]}``.
@@ -156,6 +157,7 @@ def quantize_detector(source, target, feeds: Sequence[dict], op_types: Sequence[
                         activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8 if weight_type == "s8" else QuantType.QUInt8,
                         nodes_to_exclude=excluded, calibrate_method=METHODS[method],
+                        extra_options=dict(extra_options or {}),
                         # Not CalibMaxIntermediateOutputs: ORT (1.32 and before) *drops* each full buffer
                         # without merging its ranges (onnxruntime#18893); the calibration graph keeps only
                         # ReduceMin / ReduceMax outputs anyway, a few bytes per tensor and frame.
@@ -163,8 +165,6 @@ def quantize_detector(source, target, feeds: Sequence[dict], op_types: Sequence[
         seconds["calibrate_and_quantize"] = time.perf_counter() - start
         # The source's toist metadata (digest, format version, ...) + what was done.
         description = describe(op_types, per_channel, reduce_range, weight_type, exclude, method)
-        original = {p.key: p.value for p in onnx.load(str(source / DETECTOR_FILE), load_external_data=False)
-                    .metadata_props}
         proto = onnx.load(str(out))
         nodes: dict[str, int] = {}
         for node in proto.graph.node:
@@ -174,24 +174,107 @@ def quantize_detector(source, target, feeds: Sequence[dict], op_types: Sequence[
         for node in proto.graph.node:
             if node.op_type in op_types and any(i in quantized_inputs for i in node.input):
                 nodes[node.op_type] = nodes.get(node.op_type, 0) + 1
-        del proto.metadata_props[:]
-        for key, value in {**original, META_PREFIX + QUANT_KEY: description}.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(proto, str(out))
-        # The sibling directory: the source's entries linked, the int8 detector in.
-        staging = tmp / "dir"
-        staging.mkdir()
-        for entry in source.iterdir():
-            if entry.name == DETECTOR_FILE or entry.name.startswith("."):
-                continue
-            os.symlink(entry.resolve(), staging / entry.name)
-        os.replace(out, staging / DETECTOR_FILE)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        _install_sibling(proto, source, target, tmp, description)
     return {"seconds": seconds, "nodes": nodes, "description": description, "excluded": excluded,
             "bytes": (target / DETECTOR_FILE).stat().st_size}
+
+
+CONV_GROUPS = ("stem", "depthwise", "input_proj", "stage:N")
+
+
+def conv_nodes(graph) -> list[tuple[str, int, int]]:
+    """``(name, groups, kernel height)`` of every ``Conv`` node of an ONNX graph, in graph order."""
+    import onnx
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    out = []
+    for node in proto.graph.node:
+        if node.op_type == "Conv":
+            attrs = {a.name: a for a in node.attribute}
+            groups = attrs["group"].i if "group" in attrs else 1
+            kernel = attrs["kernel_shape"].ints[0] if "kernel_shape" in attrs else 0
+            out.append((node.name, groups, kernel))
+    return out
+
+
+def select_convs(graph, groups: Sequence[str]) -> list[str]:
+    """Names of the ``Conv`` nodes of ``graph`` in the structural ``groups`` (``CONV_GROUPS``):
+    ``stem`` the first convolution (on the image), ``depthwise`` every grouped convolution,
+    ``input_proj`` the projection of the backbone's last feature map into the transformer,
+    ``stage:N`` the convolutions of MobileNetV2's ``features.N`` block or ResNet's ``layerN``.
+    Rules by structure rather than by a per-layer scan, so that the same rule names layers of
+    any backbone."""
+    nodes = conv_nodes(graph)
+    chosen: list[str] = []
+    for group in groups:
+        if group == "stem":
+            picked = [nodes[0][0]] if nodes else []
+        elif group == "depthwise":
+            picked = [name for name, count, _ in nodes if count > 1]
+        elif group == "input_proj":
+            picked = [name for name, _, _ in nodes if name.startswith("/input_proj/")]
+        elif group.startswith("stage:") and group[6:].isdigit():
+            index = group[6:]
+            picked = [name for name, _, _ in nodes if f"/features.{index}/" in name or f"/layer{index}/" in name]
+        else:
+            raise ValueError(f"conv group {group!r}: expected one of {', '.join(CONV_GROUPS)}")
+        if not picked:
+            raise ValueError(f"conv group {group!r} names no Conv node of {graph}")
+        chosen += [name for name in picked if name not in chosen]
+    return chosen
+
+
+def fake_quantize_weights(source, target) -> int:
+    """Write ``target``: ``source``'s directory with every convolution's weights (after
+    ``quant_pre_process`` folded the frozen BatchNorms into them) rounded to per-channel
+    symmetric int8 and stored back as fp32; activations untouched. Separates what the weights'
+    rounding costs from what the activations' costs. Returns the number of weights rounded."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source, target = Path(source), Path(target)
+    with tempfile.TemporaryDirectory(prefix="toist_wq_", dir=str(target.parent)) as tmp:
+        tmp = Path(tmp)
+        quant_pre_process(str(source / DETECTOR_FILE), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
+        proto = onnx.load(str(tmp / "pre.onnx"))
+        initializers = {i.name: i for i in proto.graph.initializer}
+        rounded = 0
+        for node in proto.graph.node:
+            if node.op_type == "Conv" and node.input[1] in initializers:
+                weight = numpy_helper.to_array(initializers[node.input[1]])
+                scale = np.abs(weight).reshape(weight.shape[0], -1).max(axis=1) / 127.0
+                scale = np.where(scale == 0, 1.0, scale).reshape(-1, *[1] * (weight.ndim - 1))
+                levels = np.clip(np.round(weight / scale), -127, 127)
+                initializers[node.input[1]].CopyFrom(
+                    numpy_helper.from_array((levels * scale).astype(np.float32), node.input[1]))
+                rounded += 1
+        _install_sibling(proto, source, target, tmp, "int8 weights fake-quantised (fp32 compute)")
+    return rounded
+
+
+def _install_sibling(proto, source: Path, target: Path, tmp: Path, description: str) -> None:
+    """Make ``target`` the sibling directory of ``source`` whose ``detector.onnx`` is ``proto``
+    (with the source's ``toist.*`` metadata, so that ``OnnxNetwork`` opens it like the fp32 one,
+    and ``toist.quantization`` = ``description``); every other entry of ``source`` linked in.
+    Built under ``tmp`` and moved into place last."""
+    import onnx
+
+    original = {p.key: p.value for p in onnx.load(str(source / DETECTOR_FILE), load_external_data=False)
+                .metadata_props}
+    del proto.metadata_props[:]
+    for key, value in {**original, META_PREFIX + QUANT_KEY: description}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    staging = tmp / "dir"
+    staging.mkdir()
+    for entry in source.iterdir():
+        if entry.name != DETECTOR_FILE and not entry.name.startswith("."):
+            os.symlink(entry.resolve(), staging / entry.name)
+    onnx.save(proto, str(staging / DETECTOR_FILE))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
 
 
 def quantization_of(directory) -> Optional[str]:
@@ -202,4 +285,5 @@ def quantization_of(directory) -> Optional[str]:
     return {p.key: p.value for p in proto.metadata_props}.get(META_PREFIX + QUANT_KEY)
 
 
-__all__ = ["FeedsReader", "detector_feeds", "quantization_of", "quantize_detector"]
+__all__ = ["CONV_GROUPS", "FeedsReader", "conv_nodes", "detector_feeds", "fake_quantize_weights", "quantization_of",
+           "quantize_detector", "select_convs"]
