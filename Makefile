@@ -33,6 +33,7 @@ help:
 	@echo "make test     run the test suite"
 	@echo "make setup    create .venv and build the ROS 2 package (done by demo/test)"
 	@echo "make bench    run the benchmark scripts in bench/"
+	@echo "make gpu-wheels  wheels a lent GPU machine lacks, for bench/gpu_device_run.sh (docs/performance.md)"
 	@echo "make default-model  retrain the embedded default model on synthetic data (CPU, < 1 h) and install it"
 	@echo "make robot-setup    on a robot with ROS 2 from apt: venv, torch, colcon build (ARGS=\"--help\"; docs/robot.md)"
 

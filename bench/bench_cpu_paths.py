@@ -4,7 +4,7 @@ Runtime int8 *static* (calibrated, QDQ) quantisation of the detector graph.
     python bench/bench_cpu_paths.py [--reps 1] [--kept 5] [--work-dir /tmp/bench_cpu_paths]
                                     [--variants conv,conv+matmul] [--reduce-range] [--weight-type s8|u8]
                                     [--calibration minmax|entropy|percentile] [--exclude NAME,...] [--profile]
-    python bench/bench_cpu_paths.py --accuracy [--images 50] [--variants conv] [same int8 options]
+    python bench/bench_cpu_paths.py --accuracy [--images 0] [--variants conv] [same int8 options]
 
 Speed (default): the ``paper_segm`` model (ResNet-101, RoBERTa-base-size text encoder, 6 + 6
 layers, 100 queries, mask head) with seeded random weights and the ``builtin:tiny`` tokenizer,
@@ -443,7 +443,7 @@ def main() -> None:
                              "weights give near-identical masks, so with it on predict runs the mask head on "
                              "chunk after chunk of queries; 0.7 = InferenceConfig's default)")
     parser.add_argument("--accuracy", action="store_true", help="accuracy on the embedded default model instead")
-    parser.add_argument("--images", type=int, default=50, help="accuracy: first N images of each task file (0 = all)")
+    parser.add_argument("--images", type=int, default=0, help="accuracy: first N images of each task file (0 = all)")
     parser.add_argument("--calib-train", type=int, default=64, help="accuracy: synthetic train images to calibrate on")
     parser.add_argument("--accuracy-threads", type=int, default=1, help="accuracy: torch / ORT threads")
     args = parser.parse_args()

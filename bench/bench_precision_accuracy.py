@@ -1,7 +1,8 @@
 """Accuracy of the lower-precision inference paths on a trained model: the embedded default
 model on its synthetic test split, fp32 against bf16 autocast and int8 dynamic quantisation.
 
-    python bench/bench_precision_accuracy.py [--images 50] [--paths fp32,bf16,int8] [--threads 1]
+    python bench/bench_precision_accuracy.py [--images 0] [--paths fp32,bf16,int8] [--threads 1]
+    python bench/bench_precision_accuracy.py --device cuda --paths fp32,fp16,bf16      # on a GPU
 
 The test split is generated as ``training/default_model.py``'s ``write_data`` generates it
 (``toist_core.data.synth.generate`` with ``RecipeSettings``' tasks, sizes, object counts, empty
@@ -9,8 +10,11 @@ share and data seed; test split only) into a temporary directory. Each path runs
 ``toist evaluate`` does (``TaskSegmenter.from_pretrained`` on the model directory, every query
 kept, one image at a time, the model's own input size) and is scored with the project's
 evaluator (``toist_core.eval.evaluator.evaluate_tasks``: box and mask AP@0.5 per task, mean over
-the tasks). ``--images``: the first N images of each task file (default 50 of 600, to keep one
-run to a few minutes on 2 shared cores; 0 = all). One CPU thread by default (``--threads``).
+the tasks). ``--images``: the first N images of each task file (default 0 = all 988 frames:
+about 5 minutes on this project's 2-core VM, bf16 emulated there; 200 frames moved the bf16
+verdict from pass to fail by subsampling noise). One CPU thread by default (``--threads``).
+``--device cuda`` runs every path on the GPU (``fp16`` autocast is then a path too; ``int8``
+dynamic quantisation is CPU-only).
 
 Printed per path: box and mask mAP@0.5 and their difference from fp32, and the share of frames
 whose top instance is the same as fp32's (rank 0 is the same query and its box overlaps fp32's
@@ -135,8 +139,9 @@ def load_test_split(settings, folder: Path, images: int, seed: Optional[int] = N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=50, help="first N images of each task file (0 = all)")
-    parser.add_argument("--paths", default="fp32,bf16,int8", help="comma-separated: fp32, bf16, int8")
+    parser.add_argument("--images", type=int, default=0, help="first N images of each task file (0 = all)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--paths", default="fp32,bf16,int8", help="comma-separated: fp32, bf16, fp16 (GPU), int8 (CPU)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory (default: the embedded one)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the model is small, and on a shared machine two "
@@ -147,6 +152,14 @@ def main() -> None:
     wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
     if wanted[0] != "fp32":
         wanted = ["fp32"] + [p for p in wanted if p != "fp32"]
+    on_gpu = args.device.startswith("cuda")
+    for path in wanted:
+        if path not in ("fp32", "bf16", "fp16", "int8"):
+            raise SystemExit(f"unknown path {path!r}: expected fp32, bf16, fp16 or int8")
+        if path == "fp16" and not on_gpu:
+            raise SystemExit("fp16 autocast is a GPU path: add --device cuda")
+        if path == "int8" and on_gpu:
+            raise SystemExit("int8 dynamic quantisation runs on the CPU: leave it out with --device cuda")
     settings = RecipeSettings()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="toist_precision_") as tmp:
@@ -154,21 +167,19 @@ def main() -> None:
         frames = sum(len(ids) for ids in image_ids.values())
         print(f"test split generated in {time.perf_counter() - started:.0f} s: tasks {settings.tasks}, "
               f"{frames} frames evaluated ({'first ' + str(args.images) if args.images else 'all'} images "
-              f"per task file); model {args.model}", flush=True)
+              f"per task file); model {args.model}; device {args.device}", flush=True)
         inference = InferenceConfig(score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES)
-        fp32 = TaskSegmenter.from_pretrained(args.model, device="cpu", inference=inference)
+        fp32 = TaskSegmenter.from_pretrained(args.model, device=args.device, inference=inference)
         results, predictions, seconds, tops = {}, {}, {}, {}
         for path in wanted:
             if path == "fp32":
                 segmenter = fp32
-            elif path == "bf16":
+            elif path in ("bf16", "fp16"):
                 segmenter = TaskSegmenter.from_pretrained(
-                    args.model, device="cpu", inference=InferenceConfig(
-                        score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES, precision="bf16"))
-            elif path == "int8":
-                segmenter = int8_dynamic(fp32)
+                    args.model, device=args.device, inference=InferenceConfig(
+                        score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES, precision=path))
             else:
-                raise SystemExit(f"unknown path {path!r}: expected fp32, bf16 or int8")
+                segmenter = int8_dynamic(fp32)
             recorder = RankZeroRecorder(segmenter)
             t0 = time.perf_counter()
             with open(os.devnull, "w") as quiet:
