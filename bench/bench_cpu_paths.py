@@ -366,8 +366,7 @@ def exported_default_model(work: Path, exporter: str = "torchscript") -> Path:
 
 def accuracy(args) -> None:
     import bench_precision_accuracy as bpa
-    from toist_core.cli.evaluate import REFERENCE_MAX_INSTANCES, predict_tasks
-    from toist_core.eval.evaluator import evaluate_tasks
+    from toist_core.cli.evaluate import REFERENCE_MAX_INSTANCES
 
     torch.set_num_threads(args.accuracy_threads)
     started = time.perf_counter()
@@ -402,14 +401,10 @@ def accuracy(args) -> None:
               f" images per task file); {torch.get_num_threads()} torch / ORT thread(s)", flush=True)
         results, predictions, seconds, tops = {}, {}, {}, {}
         for path, segmenter in segmenters.items():
-            recorder = bpa.RankZeroRecorder(segmenter)
-            t0 = time.perf_counter()
-            with open(os.devnull, "w") as quiet, warnings.catch_warnings():
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                predictions[path] = predict_tasks(recorder, files, bpa._image_dir(root), image_ids, log=quiet)
-            tops[path] = recorder.top_queries
-            seconds[path] = time.perf_counter() - t0
-            results[path] = evaluate_tasks(ground_truths, predictions[path], ("bbox", "segm"), image_ids)
+                predictions[path], tops[path], results[path], seconds[path] = bpa.score_on_split(
+                    segmenter, (root, files, ground_truths, image_ids))
 
     bpa.print_verdicts(results, predictions, tops, seconds, frames, settings.tasks, started)
 

@@ -47,9 +47,8 @@ import torch  # noqa: E402
 import bench_precision_accuracy as bpa  # noqa: E402
 from bench_cpu_paths import exported_default_model, synthetic_images  # noqa: E402
 from onnx_int8 import detector_feeds, fake_quantize_weights, quantize_detector, select_convs  # noqa: E402
-from toist_core.cli.evaluate import REFERENCE_MAX_INSTANCES, predict_tasks  # noqa: E402
+from toist_core.cli.evaluate import REFERENCE_MAX_INSTANCES  # noqa: E402
 from toist_core.config import InferenceConfig  # noqa: E402
-from toist_core.eval.evaluator import evaluate_tasks  # noqa: E402
 from toist_core.inference import TaskSegmenter  # noqa: E402
 from toist_core.inference.onnx_export import DETECTOR_FILE  # noqa: E402
 
@@ -101,19 +100,11 @@ def main() -> None:
                               max_size=settings.max_size, tasks=settings.tasks)
     feeds = detector_feeds(fp32, images, states)
 
-    def scored(segmenter, split):
-        root, files, ground_truths, image_ids = split
-        recorder = bpa.RankZeroRecorder(segmenter)
-        with open(os.devnull, "w") as quiet:
-            predictions = predict_tasks(recorder, files, bpa._image_dir(root), image_ids, log=quiet)
-        return predictions, recorder.top_queries, evaluate_tasks(ground_truths, predictions, ("bbox", "segm"),
-                                                                 image_ids)
-
     with tempfile.TemporaryDirectory(prefix="toist_int8_sensitivity_") as tmp:
         seed = settings.data_seed + VAL_SEED_OFFSET if args.split == "val" else None
         split = bpa.load_test_split(settings, Path(tmp), args.images, seed)
         frames = sum(len(ids) for ids in split[3].values())
-        base_pred, base_top, base = scored(fp32, split)
+        base_pred, base_top, base, _ = bpa.score_on_split(fp32, split)
         box0, mask0 = base.mean_ap50("bbox"), base.mean_ap50("segm")
         print(f"{args.split} split: {frames} frames, tasks {settings.tasks}; fp32 box mAP@0.5 {box0:.3f}, "
               f"mask {mask0:.3f}; calibration: {len(feeds)} train images", flush=True)
@@ -129,7 +120,7 @@ def main() -> None:
                 int8 = str(info["nodes"].get("Conv", 0))
             segmenter = TaskSegmenter.from_pretrained(target, device="cpu", inference=InferenceConfig(
                 score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES, backend="onnxruntime"))
-            pred, top, result = scored(segmenter, split)
+            pred, top, result, _ = bpa.score_on_split(segmenter, split)
             same, overlap = bpa.top_agreement(base_pred, pred, base_top, top)
             published, scores = published_agreement(base_pred, pred, threshold)
             shown = (f"{len(scores)}: {min(scores):.2f} / {statistics.median(scores):.2f} / {max(scores):.2f}"

@@ -125,6 +125,19 @@ def top_agreement(base: dict, other: dict, base_top: list[int], other_top: list[
     return same / max(total, 1), overlap / max(total, 1)
 
 
+def score_on_split(segmenter, split) -> tuple[dict, list[int], object, float]:
+    """Run ``segmenter`` over ``split`` (``load_test_split``'s tuple) as ``toist evaluate`` does
+    and score it: (predictions per task, rank-0 query of each frame, the evaluation, seconds)."""
+    root, files, ground_truths, image_ids = split
+    recorder = RankZeroRecorder(segmenter)
+    start = time.perf_counter()
+    with open(os.devnull, "w") as quiet:
+        predictions = predict_tasks(recorder, files, _image_dir(root), image_ids, log=quiet)
+    seconds = time.perf_counter() - start
+    result = evaluate_tasks(ground_truths, predictions, ("bbox", "segm"), image_ids)
+    return predictions, recorder.top_queries, result, seconds
+
+
 def load_test_split(settings, folder: Path, images: int, seed: Optional[int] = None):
     """Write the recipe's test split (``seed``: see ``write_test_split``) into ``folder``: (root,
     task files, ground truths, image ids per task: the first ``images`` of each task file, 0 = all)."""
@@ -180,13 +193,8 @@ def main() -> None:
                         score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES, precision=path))
             else:
                 segmenter = int8_dynamic(fp32)
-            recorder = RankZeroRecorder(segmenter)
-            t0 = time.perf_counter()
-            with open(os.devnull, "w") as quiet:
-                predictions[path] = predict_tasks(recorder, files, _image_dir(root), image_ids, log=quiet)
-            tops[path] = recorder.top_queries
-            seconds[path] = time.perf_counter() - t0
-            results[path] = evaluate_tasks(ground_truths, predictions[path], ("bbox", "segm"), image_ids)
+            predictions[path], tops[path], results[path], seconds[path] = score_on_split(
+                segmenter, (root, files, ground_truths, image_ids))
             print(f"{path}: {frames} frames in {seconds[path]:.0f} s", flush=True)
 
     print_verdicts(results, predictions, tops, seconds, frames, settings.tasks, started)

@@ -182,18 +182,16 @@ def quantize_detector(source, target, feeds: Sequence[dict], op_types: Sequence[
 CONV_GROUPS = ("stem", "depthwise", "input_proj", "stage:N")
 
 
-def conv_nodes(graph) -> list[tuple[str, int, int]]:
-    """``(name, groups, kernel height)`` of every ``Conv`` node of an ONNX graph, in graph order."""
+def conv_nodes(graph) -> list[tuple[str, int]]:
+    """``(name, groups)`` of every ``Conv`` node of an ONNX graph, in graph order."""
     import onnx
 
     proto = onnx.load(str(graph), load_external_data=False)
     out = []
     for node in proto.graph.node:
         if node.op_type == "Conv":
-            attrs = {a.name: a for a in node.attribute}
-            groups = attrs["group"].i if "group" in attrs else 1
-            kernel = attrs["kernel_shape"].ints[0] if "kernel_shape" in attrs else 0
-            out.append((node.name, groups, kernel))
+            groups = [a.i for a in node.attribute if a.name == "group"]
+            out.append((node.name, groups[0] if groups else 1))
     return out
 
 
@@ -210,15 +208,15 @@ def select_convs(graph, groups: Sequence[str]) -> list[str]:
         if group == "stem":
             picked = [nodes[0][0]] if nodes else []
         elif group == "depthwise":
-            picked = [name for name, count, _ in nodes if count > 1]
+            picked = [name for name, count in nodes if count > 1]
         elif group == "input_proj":
-            picked = [name for name, _, _ in nodes if name.startswith("/input_proj/")]
+            picked = [name for name, _ in nodes if name.startswith("/input_proj/")]
         elif group.startswith("stage:") and group[6:].isdigit():
             index = group[6:]
-            picked = [name for name, _, _ in nodes if f"/features.{index}/" in name or f"/layer{index}/" in name]
+            picked = [name for name, _ in nodes if f"/features.{index}/" in name or f"/layer{index}/" in name]
         else:
             raise ValueError(f"conv group {group!r}: expected one of {', '.join(CONV_GROUPS)}")
-        if not picked:
+        if not picked and group != "depthwise":  # a ResNet has no grouped convolutions
             raise ValueError(f"conv group {group!r} names no Conv node of {graph}")
         chosen += [name for name in picked if name not in chosen]
     return chosen
