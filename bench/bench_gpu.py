@@ -158,7 +158,7 @@ def _build_segmenter(args, device, precision: str, backend=None):
     return seg
 
 
-def _compile(seg, mode: str) -> None:
+def compile_image_path(seg, mode: str) -> None:
     """torch.compile the image path's heavy modules (backbone + transformer) in place."""
     model = seg.model
     detector = getattr(model, "detector", model)
@@ -237,7 +237,7 @@ def inference_sections(args, device, rows: list) -> None:
 
             def compiled(precision=precision, mode=mode):
                 seg = _build_segmenter(args, device, precision)
-                _compile(seg, mode)
+                compile_image_path(seg, mode)
                 rows.append(_time_path(seg, image, args, device, f"{precision} compile:{mode}"))
             _section(f"inference {precision} torch.compile {mode}", rows, compiled)
         del seg

@@ -2,7 +2,7 @@
 reference-equivalent frame against ``TaskSegmenter.predict``, per precision / optimisation.
 
     python bench/bench_inference.py [--reps 2] [--kept 5] [--width 640 --height 480]
-                                    [--stage-reps 1] [--nchw] [--no-int8] [--no-stages]
+                                    [--stage-reps 1] [--nchw] [--no-int8] [--no-stages] [--compile]
 
 One run with the defaults takes about 10 minutes on 2 shared cores (bf16 is the slow path).
 
@@ -25,7 +25,9 @@ padded to 800 x 1088), timed interleaved round by round so that they see the sam
   each exact optimisation added in turn (``--nchw``: NCHW with its BatchNorms; channels-last, as
   before issue 18; BatchNorm folded into the convolutions, which ``from_pretrained`` /
   ``from_config`` now do), in bf16 autocast and, approximate,
-  with int8 dynamic quantisation of the transformer's and heads' ``nn.Linear`` layers; an
+  with int8 dynamic quantisation of the transformer's and heads' ``nn.Linear`` layers,
+  ``--compile``: with ``torch.compile`` (inductor, fixed input size) of the backbone and the
+  transformer (``bench_gpu.compile_image_path``; the first frame compiles); an
   ``onnxruntime`` backend when ``InferenceConfig`` offers one (not in this tree yet: skipped).
 
 Printed: per-stage milliseconds of the reference frame and of the fastest exact and bf16
@@ -50,6 +52,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
@@ -229,6 +232,9 @@ def main() -> None:
                         "(the effect of channels-last alone)")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage tables")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also predict with torch.compile (inductor, this input size) of the folded model's "
+                             "backbone and transformer; the compile time is printed apart")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -266,6 +272,12 @@ def main() -> None:
                  **{k: v for k, v in paths.items() if k != REFERENCE}}
     if not args.no_int8:
         paths["predict int8 dyn. Linear (+ folded)"] = segmenter(quantized_int8(folded))
+    if args.compile:
+        from bench_gpu import compile_image_path
+
+        compiled = segmenter(copy.deepcopy(folded))
+        compile_image_path(compiled, "default")
+        paths["predict fp32 torch.compile (+ folded, ch-last)"] = compiled
     if "backend" in getattr(InferenceConfig, "__dataclass_fields__", {}):
         print("note: InferenceConfig has a backend field; the onnxruntime path needs an exported model "
               "directory and is not timed here")
@@ -279,7 +291,12 @@ def main() -> None:
 
     run = {name: (lambda: reference_frame(ref_seg, image, caption)) if seg is None else
            (lambda seg=seg: seg.predict(image)) for name, seg in paths.items()}
-    results = {name: fn() for name, fn in run.items()}  # warm-up
+    results = {}
+    for name, fn in run.items():  # warm-up (torch.compile compiles here)
+        began = time.perf_counter()
+        results[name] = fn()
+        if "compile" in name:
+            print(f"{name}: first frame (compilation) {time.perf_counter() - began:.0f} s", flush=True)
     if not args.no_stages:
         columns = {"reference": stage_times(ref_seg, image, caption, args.stage_reps, args.kept, reference=True),
                    "fp32 folded": stage_times(paths["predict fp32, channels-last + BN folded"], image, caption,
