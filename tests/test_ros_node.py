@@ -711,6 +711,32 @@ def _stop(ros, node):
     node.destroy_node()
 
 
+def test_a_node_that_cannot_start_leaves_nothing_behind(ros, tmp_path):
+    """A failed start destroys the half-built node at once (its latched status publisher was
+    already up), so nothing of it outlives the rclpy context that `perception_node` then shuts
+    down. The garbage collector is held off: it would otherwise free the node at a random time."""
+    import gc
+
+    from rclpy.parameter import Parameter
+    from toist_ros.model_loader import EXIT_MODEL
+    from toist_ros.perception_node import PerceptionNode
+
+    watcher = ros.node("startup_watcher")
+    missing = str(tmp_path / "nowhere" / "toist.pth")
+    values = {**OVERRIDES, "checkpoint": missing, "warmup": False}
+    gc.disable()
+    try:
+        with pytest.raises(StartupError) as info:
+            PerceptionNode(context=ros.context, namespace="failed_start",
+                           parameter_overrides=[Parameter(k, value=v) for k, v in values.items()])
+        assert info.value.code == EXIT_MODEL and missing in str(info.value)
+        assert wait_for(lambda: watcher.count_publishers("/failed_start/active_task") == 0, timeout=5), \
+            "the failed node's status publisher is still alive"
+        assert "failed_start" not in [ns.strip("/") for _, ns in watcher.get_node_names_and_namespaces()]
+    finally:
+        gc.enable()
+
+
 def test_auto_reliability_follows_the_publishers_on_the_topic(ros, tmp_path, capfd):
     """Best effort while nobody (or a best-effort camera) publishes; reliable once every publisher is
     reliable, so that large frames between processes are not lost; back when a best-effort one joins."""

@@ -50,6 +50,18 @@ class PerceptionNode(Node):
 
     def __init__(self, **node_kwargs: Any) -> None:
         super().__init__(NODE_NAME, **node_kwargs)
+        try:
+            self._start_up()
+        except BaseException:
+            # Nobody holds a node whose constructor failed, so nobody else can destroy it: left to
+            # the garbage collector, its publisher and parameter services were freed whenever it
+            # got to them, possibly after `perception_node` had shut rclpy's context down (a CI
+            # run saw a node that could not start end with SIGSEGV instead of its exit code).
+            self.destroy_node()
+            raise
+
+    def _start_up(self) -> None:
+        """Parameters, model, task, inputs, outputs and the inference thread, in that order."""
         log = self.get_logger()
         try:
             self._settings = parameters.declare(self)
