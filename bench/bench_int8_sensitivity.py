@@ -9,7 +9,8 @@ on the first 64 images of the recipe's synthetic *train* split) with the convolu
 named structural groups kept in fp32 (``onnx_int8.select_convs``: ``stem``, ``depthwise``,
 ``input_proj``, ``stage:N``; joined with ``+``; ``all`` = every convolution int8), or
 ``weights-only``: the weights rounded to int8 and the network run in fp32 (what the weights'
-rounding costs without the activations').
+rounding costs without the activations'), or ``bias-corrected``: every convolution int8 after
+empirical bias correction (``onnx_int8.bias_correct``, on the calibration images; ~4 min).
 
 The validation split is generated as ``training/default_model.py`` generates the test split
 (the same tasks, pool size, sizes, object counts and empty share) with another seed (the
@@ -46,7 +47,8 @@ import torch  # noqa: E402
 
 import bench_precision_accuracy as bpa  # noqa: E402
 from bench_cpu_paths import exported_default_model, synthetic_images  # noqa: E402
-from onnx_int8 import detector_feeds, fake_quantize_weights, quantize_detector, select_convs  # noqa: E402
+from onnx_int8 import (bias_correct, detector_feeds, fake_quantize_weights, quantize_detector,  # noqa: E402
+                       select_convs)
 from toist_core.cli.evaluate import REFERENCE_MAX_INSTANCES  # noqa: E402
 from toist_core.config import InferenceConfig  # noqa: E402
 from toist_core.inference import TaskSegmenter  # noqa: E402
@@ -114,6 +116,10 @@ def main() -> None:
             target = work / recipe.replace("+", "_").replace(":", "")
             if recipe == "weights-only":
                 int8 = f"{fake_quantize_weights(source, target)}w"
+            elif recipe == "bias-corrected":
+                bias_correct(source, work / "bias_corrected_fp32", feeds)
+                info = quantize_detector(work / "bias_corrected_fp32", target, feeds, op_types=("Conv",))
+                int8 = str(info["nodes"].get("Conv", 0))
             else:
                 kept = [] if recipe == "all" else select_convs(source / DETECTOR_FILE, recipe.split("+"))
                 info = quantize_detector(source, target, feeds, op_types=("Conv",), exclude=kept)
