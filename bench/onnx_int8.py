@@ -227,16 +227,12 @@ def fake_quantize_weights(source, target) -> int:
     ``quant_pre_process`` folded the frozen BatchNorms into them) rounded to per-channel
     symmetric int8 and stored back as fp32; activations untouched. Separates what the weights'
     rounding costs from what the activations' costs. Returns the number of weights rounded."""
-    import onnx
     from onnx import numpy_helper
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     source, target = Path(source), Path(target)
     with tempfile.TemporaryDirectory(prefix="toist_wq_", dir=str(target.parent)) as tmp:
         tmp = Path(tmp)
-        quant_pre_process(str(source / DETECTOR_FILE), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
-        proto = onnx.load(str(tmp / "pre.onnx"))
-        initializers = {i.name: i for i in proto.graph.initializer}
+        proto, initializers = _folded_graph(source, tmp)
         rounded = 0
         for node in proto.graph.node:
             if node.op_type == "Conv" and node.input[1] in initializers:
@@ -264,14 +260,11 @@ def bias_correct(source, target, feeds: Sequence[dict]) -> int:
     ``feeds``) for the corrected int8 graph. Returns the number of convolutions corrected."""
     import onnx
     from onnx import numpy_helper
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     source, target = Path(source), Path(target)
     with tempfile.TemporaryDirectory(prefix="toist_bias_", dir=str(target.parent)) as tmp:
         tmp = Path(tmp)
-        quant_pre_process(str(source / DETECTOR_FILE), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
-        proto = onnx.load(str(tmp / "pre.onnx"))
-        initializers = {i.name: i for i in proto.graph.initializer}
+        proto, initializers = _folded_graph(source, tmp)
         convs = [node for node in proto.graph.node if node.op_type == "Conv"]
         for node in convs:  # a bias to correct on every convolution
             if len(node.input) < 3 or not node.input[2]:
@@ -294,6 +287,17 @@ def bias_correct(source, target, feeds: Sequence[dict]) -> int:
             bias.CopyFrom(numpy_helper.from_array(corrected.astype(np.float32), bias.name))
         _install_sibling(proto, source, target, tmp, "fp32, biases corrected for int8 static quantisation")
     return len(convs)
+
+
+def _folded_graph(source: Path, tmp: Path):
+    """(``source``'s ``detector.onnx`` after ``quant_pre_process``, which folds the frozen
+    BatchNorms into the convolutions; its initializers by name), written through ``tmp``."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(source / DETECTOR_FILE), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
+    proto = onnx.load(str(tmp / "pre.onnx"))
+    return proto, {initializer.name: initializer for initializer in proto.graph.initializer}
 
 
 def _conv_output_means(graph, feeds: Sequence[dict], outputs: Sequence[str]) -> dict[str, np.ndarray]:
