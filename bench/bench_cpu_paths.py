@@ -21,7 +21,8 @@ there). Paths, timed interleaved round by round after one warm-up frame each:
   (``onnx_int8``: QDQ, uint8 activations, per-channel int8 weights,
   MinMax calibration on ``--calib-synth`` synthetic training scenes and ``--calib-noise`` noise
   images of other seeds than the timed one), one path per ``--variants`` entry (``conv``:
-  only ``Conv`` nodes; ``conv+matmul``: ``Conv`` and ``MatMul``; the mask head stays fp32).
+  only ``Conv`` nodes; ``conv+act``: ``Conv`` and the ``Clip`` / ``Relu`` activations, which
+  ONNX Runtime then removes; ``conv+matmul``: ``Conv`` and ``MatMul``; the mask head stays fp32).
 
 The paper model's directory, its ONNX graphs and the int8 graphs are cached under
 ``--work-dir`` (the weights are checked by digest; a rerun re-exports only when they differ).
@@ -71,7 +72,11 @@ def short(name: str) -> str:
 
 TORCH = "predict fp32 torch (ch-last + BN folded)"
 ORT_FP32 = "predict onnxruntime fp32"
-VARIANTS = {"conv": ("Conv",), "conv+matmul": ("Conv", "MatMul")}
+# conv+act: the activations after the convolutions (MobileNetV2's ReLU6 = Clip, ResNet's Relu)
+# quantised too, which lets ONNX Runtime drop them and quantise each convolution's output on the
+# activation's range (otherwise the convolution's output is quantised on its own, negative part
+# included, before the activation clips it: far coarser steps where they matter).
+VARIANTS = {"conv": ("Conv",), "conv+act": ("Conv", "Clip", "Relu"), "conv+matmul": ("Conv", "MatMul")}
 INT8_META = "int8.json"
 
 

@@ -2,6 +2,7 @@
 split: the search that chooses an int8 recipe must not look at the test split that judges it.
 
     python bench/bench_int8_sensitivity.py [--images 60] [--recipes all,stem,...] [--split val|test]
+                                           [--variant conv|conv+act]
 
 Each recipe is ONNX Runtime int8 static quantisation of the detector graph's convolutions
 (``bench/onnx_int8.py``: QDQ, uint8 activations, per-channel int8 weights, MinMax calibration
@@ -46,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import bench_precision_accuracy as bpa  # noqa: E402
-from bench_cpu_paths import exported_default_model, synthetic_images  # noqa: E402
+from bench_cpu_paths import VARIANTS, exported_default_model, synthetic_images  # noqa: E402
 from onnx_int8 import (bias_correct, detector_feeds, fake_quantize_weights, quantize_detector,  # noqa: E402
                        select_convs)
 from toist_core.cli.evaluate import REFERENCE_MAX_INSTANCES  # noqa: E402
@@ -84,12 +85,21 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=60, help="first N images of each task file (0 = all)")
     parser.add_argument("--recipes", default=DEFAULT_RECIPES, help="comma-separated recipes (see above)")
     parser.add_argument("--split", choices=["val", "test"], default="val")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="conv",
+                        help="which op types are quantised (bench_cpu_paths.VARIANTS; conv+act: the activations too)")
     parser.add_argument("--work-dir", default="/tmp/bench_cpu_paths", help="cache of the exported default model")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    ops = VARIANTS[args.variant]
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if "bias-corrected" in recipes and args.variant != "conv":
+        # bias_correct compares each convolution's own output in fp32 and int8; with the activations
+        # quantised ONNX Runtime drops them and that output no longer exists in the int8 graph.
+        parser.error(f"--recipes bias-corrected needs --variant conv (got {args.variant}): it reads each "
+                     f"convolution's own output, which the {args.variant} int8 graph does not have")
     settings = bpa.RecipeSettings()
     source = exported_default_model(Path(args.work_dir))
     work = Path(args.work_dir) / "sensitivity"
@@ -112,17 +122,17 @@ def main() -> None:
               f"mask {mask0:.3f}; calibration: {len(feeds)} train images", flush=True)
         print(f"  {'recipe (fp32 kept)':46s} {'int8':>5s} {'box':>7s} {'mask':>7s} {'same top':>9s} "
               f"{'same obj':>9s} {'published':>9s}  frames where published differs: fp32 top score min / median / max")
-        for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
+        for recipe in recipes:
             target = work / recipe.replace("+", "_").replace(":", "")
             if recipe == "weights-only":
                 int8 = f"{fake_quantize_weights(source, target)}w"
             elif recipe == "bias-corrected":
                 bias_correct(source, work / "bias_corrected_fp32", feeds)
-                info = quantize_detector(work / "bias_corrected_fp32", target, feeds, op_types=("Conv",))
+                info = quantize_detector(work / "bias_corrected_fp32", target, feeds, op_types=ops)
                 int8 = str(info["nodes"].get("Conv", 0))
             else:
                 kept = [] if recipe == "all" else select_convs(source / DETECTOR_FILE, recipe.split("+"))
-                info = quantize_detector(source, target, feeds, op_types=("Conv",), exclude=kept)
+                info = quantize_detector(source, target, feeds, op_types=ops, exclude=kept)
                 int8 = str(info["nodes"].get("Conv", 0))
             segmenter = TaskSegmenter.from_pretrained(target, device="cpu", inference=InferenceConfig(
                 score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES, backend="onnxruntime"))

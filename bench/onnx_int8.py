@@ -171,8 +171,9 @@ def quantize_detector(source, target, feeds: Sequence[dict], op_types: Sequence[
             if node.op_type == "DequantizeLinear":
                 nodes["DequantizeLinear"] = nodes.get("DequantizeLinear", 0) + 1
         quantized_inputs = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
-        for node in proto.graph.node:
-            if node.op_type in op_types and any(i in quantized_inputs for i in node.input):
+        for node in proto.graph.node:  # quantised = its weights (second input) are dequantised int8: an
+            # excluded convolution can still read a quantised activation (its producer's, e.g. a Clip's)
+            if node.op_type in op_types and len(node.input) > 1 and node.input[1] in quantized_inputs:
                 nodes[node.op_type] = nodes.get(node.op_type, 0) + 1
         _install_sibling(proto, source, target, tmp, description)
     return {"seconds": seconds, "nodes": nodes, "description": description, "excluded": excluded,
