@@ -135,6 +135,45 @@ def test_tensorrt_without_gpu_says_what_it_needs(dirs):
         TaskSegmenter.from_pretrained(dirs[0], device="cpu", inference=InferenceConfig(backend="tensorrt"))
 
 
+def test_tensorrt_engine_cache_goes_with_the_model_or_to_the_user_cache(dirs, tmp_path, monkeypatch):
+    """The TensorRT options a GPU machine gets (checked here without one): fp16, engine cache in
+    the model directory; a model directory that cannot be written (here its ``trt_cache`` is a
+    file, which no user, root included, can make a folder of) sends the engines to the user's
+    cache under the weights' digest; nowhere writable is a clear error naming both places."""
+    import onnxruntime as ort
+
+    from toist_core.inference import onnx_backend
+    from toist_core.inference.onnx_export import model_digest
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cuda = torch.device("cuda", 1)
+    directory = tmp_path / "model"
+    shutil.copytree(dirs[0], directory)
+
+    def trt_options():
+        providers = onnx_backend.providers_for("tensorrt", cuda, directory)
+        assert [p if isinstance(p, str) else p[0] for p in providers] == [
+            "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        assert providers[0][1]["device_id"] == 1 and providers[0][1]["trt_fp16_enable"] is True
+        return Path(providers[0][1]["trt_engine_cache_path"])
+
+    assert trt_options() == directory / onnx_backend.TRT_CACHE_DIR
+    assert (directory / onnx_backend.TRT_CACHE_DIR).is_dir()
+
+    shutil.rmtree(directory / onnx_backend.TRT_CACHE_DIR)
+    (directory / onnx_backend.TRT_CACHE_DIR).write_text("not a folder")
+    user_folder = tmp_path / "cache" / "toist" / "trt" / model_digest(directory)[:16]
+    assert trt_options() == user_folder and user_folder.is_dir()
+
+    shutil.rmtree(tmp_path / "cache")
+    (tmp_path / "cache").write_text("not a folder either")
+    with pytest.raises(RuntimeError, match=r"no cache folder can be written: .*model/trt_cache: .*; "
+                                           r".*cache/toist/trt/[0-9a-f]{16}: .*XDG_CACHE_HOME"):
+        trt_options()
+
+
 def test_backend_is_validated_and_needs_a_model_directory():
     with pytest.raises(ConfigError, match="inference.backend must be one of torch, onnxruntime, tensorrt"):
         InferenceConfig(backend="openvino")

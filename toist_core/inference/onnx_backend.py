@@ -2,14 +2,17 @@
 
 ``"onnxruntime"``: CPUExecutionProvider (CUDAExecutionProvider first when the segmenter's
 device is CUDA and onnxruntime-gpu provides it). ``"tensorrt"``: TensorrtExecutionProvider in
-fp16 with its engine cache in ``<model_dir>/trt_cache`` (CUDA, then CPU, for the nodes TensorRT
-does not take). Only the network runs here: :class:`~toist_core.inference.TaskSegmenter`'s
+fp16 with its engine cache in ``<model_dir>/trt_cache``, or in the user's cache when the model
+directory cannot be written (:func:`trt_cache_dir`); CUDA, then CPU, for the nodes TensorRT
+does not take. Only the network runs here: :class:`~toist_core.inference.TaskSegmenter`'s
 resize, padding, query selection and mask post-processing are the same Python code for every
 backend, and the text encoder stays in PyTorch (once per task).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,8 +35,33 @@ TRT_MISSING = ("TensorRT needs onnxruntime-gpu with the TensorRT execution provi
 MaskFn = Callable[[int, Tensor], Tensor]
 
 
-def providers_for(backend: str, device: torch.device, directory: Path) -> list:
-    """ONNX Runtime execution providers (with options) for ``backend`` on ``device``."""
+def trt_cache_dir(directory: Path, digest: str) -> Path:
+    """The folder TensorRT engines of the model ``directory`` (weights ``digest``) are cached in,
+    created: ``<directory>/trt_cache``, so that the engines travel with the model, or, when that
+    cannot be written (a model installed read-only, e.g. in a package's share folder owned by
+    root), ``$XDG_CACHE_HOME`` (default ``~/.cache``) ``/toist/trt/<first 16 hex digits of the
+    digest>``: building the engines takes minutes and must not be lost, nor fail the first
+    frame. A clear error naming both places when neither can be written."""
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    candidates = (directory / TRT_CACHE_DIR, user_cache / "toist" / "trt" / digest[:16])
+    problems = []
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            # mkdir succeeds on an existing folder and os.access says yes to root on a read-only
+            # file system: only writing a file proves the engines can be saved there.
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+            return folder
+        except OSError as exc:
+            problems.append(f"{folder}: {exc.strerror or exc}")
+    raise RuntimeError("backend 'tensorrt' caches the TensorRT engines it builds, and no cache folder can be "
+                       "written: " + "; ".join(problems) + " (make one of them writable, or set XDG_CACHE_HOME)")
+
+
+def providers_for(backend: str, device: torch.device, directory: Path, digest: str = "") -> list:
+    """ONNX Runtime execution providers (with options) for ``backend`` on ``device``; for
+    ``tensorrt`` the engine cache folder (:func:`trt_cache_dir`, weights ``digest``) is created."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -43,7 +71,7 @@ def providers_for(backend: str, device: torch.device, directory: Path) -> list:
             where = "" if device.type == "cuda" else f" (the segmenter's device is {device}, not CUDA)"
             raise RuntimeError(TRT_MISSING.format(available=", ".join(available)) + where)
         trt = {"device_id": device_id, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
-               "trt_engine_cache_path": str(directory / TRT_CACHE_DIR)}
+               "trt_engine_cache_path": str(trt_cache_dir(directory, digest or model_digest(directory)))}
         return [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", {"device_id": device_id}),
                 "CPUExecutionProvider"]
     if backend != "onnxruntime":
@@ -75,14 +103,12 @@ class OnnxNetwork:
                                "for CUDA / TensorRT)") from None
         self.device = device
         self.backend = backend
-        providers = providers_for(backend, device, directory)
-        if backend == "tensorrt":
-            (directory / TRT_CACHE_DIR).mkdir(exist_ok=True)
+        digest = model_digest(directory)
+        providers = providers_for(backend, device, directory, digest)
         options = ort.SessionOptions()
         # The same thread count as torch's intra-op pool: the two backends compare like for like.
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.log_severity_level = 3
-        digest = model_digest(directory)
         self.detector = self._session(ort, detector, options, providers, directory, "detector", digest)
         self.has_masks = read_metadata(self.detector.get_modelmeta().custom_metadata_map).get("masks") == "true"
         self.mask_head = None
@@ -146,4 +172,4 @@ def open_network(path, backend: str, device: torch.device) -> OnnxNetwork:
     return OnnxNetwork(path, backend, device)
 
 
-__all__ = ["BACKENDS", "OnnxNetwork", "TRT_CACHE_DIR", "open_network", "providers_for"]
+__all__ = ["BACKENDS", "OnnxNetwork", "TRT_CACHE_DIR", "open_network", "providers_for", "trt_cache_dir"]
