@@ -153,7 +153,7 @@ def test_tensorrt_engine_cache_goes_with_the_model_or_to_the_user_cache(dirs, tm
     shutil.copytree(dirs[0], directory)
 
     def trt_options():
-        providers = onnx_backend.providers_for("tensorrt", cuda, directory)
+        providers = onnx_backend.providers_for("tensorrt", cuda, directory, model_digest(directory))
         assert [p if isinstance(p, str) else p[0] for p in providers] == [
             "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
         assert providers[0][1]["device_id"] == 1 and providers[0][1]["trt_fp16_enable"] is True

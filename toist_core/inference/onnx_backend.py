@@ -40,8 +40,8 @@ def trt_cache_dir(directory: Path, digest: str) -> Path:
     created: ``<directory>/trt_cache``, so that the engines travel with the model, or, when that
     cannot be written (a model installed read-only, e.g. in a package's share folder owned by
     root), ``$XDG_CACHE_HOME`` (default ``~/.cache``) ``/toist/trt/<first 16 hex digits of the
-    digest>``: building the engines takes minutes and must not be lost, nor fail the first
-    frame. A clear error naming both places when neither can be written."""
+    digest>``: building the engines can take minutes, so they must be kept, and the first
+    frame must not fail for want of a place to keep them. A clear error naming both places when neither can be written."""
     user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     candidates = (directory / TRT_CACHE_DIR, user_cache / "toist" / "trt" / digest[:16])
     problems = []
@@ -59,7 +59,7 @@ def trt_cache_dir(directory: Path, digest: str) -> Path:
                        "written: " + "; ".join(problems) + " (make one of them writable, or set XDG_CACHE_HOME)")
 
 
-def providers_for(backend: str, device: torch.device, directory: Path, digest: str = "") -> list:
+def providers_for(backend: str, device: torch.device, directory: Path, digest: str) -> list:
     """ONNX Runtime execution providers (with options) for ``backend`` on ``device``; for
     ``tensorrt`` the engine cache folder (:func:`trt_cache_dir`, weights ``digest``) is created."""
     import onnxruntime as ort
@@ -71,7 +71,7 @@ def providers_for(backend: str, device: torch.device, directory: Path, digest: s
             where = "" if device.type == "cuda" else f" (the segmenter's device is {device}, not CUDA)"
             raise RuntimeError(TRT_MISSING.format(available=", ".join(available)) + where)
         trt = {"device_id": device_id, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
-               "trt_engine_cache_path": str(trt_cache_dir(directory, digest or model_digest(directory)))}
+               "trt_engine_cache_path": str(trt_cache_dir(directory, digest))}
         return [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", {"device_id": device_id}),
                 "CPUExecutionProvider"]
     if backend != "onnxruntime":
