@@ -57,16 +57,19 @@ def main() -> None:
 
     direct = FoldedConv2d.forward
 
+    def to_nnpack(conv) -> bool:
+        """The convolutions the Winograd path sends to NNPACK (the rest stay on oneDNN)."""
+        return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.dilation == (1, 1)
+                and conv.groups == 1 and conv.in_channels >= args.min_channels)
+
     def winograd(self, x):
-        if (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
-                and x.shape[1] >= args.min_channels):
+        if to_nnpack(self):
             out = torch._nnpack_spatial_convolution(x.contiguous(), self.folded_weight.contiguous(),
                                                     self.folded_bias, list(self.padding))
             return out.contiguous(memory_format=torch.channels_last)
         return direct(self, x)
 
-    moved = sum(1 for m in body.modules() if isinstance(m, FoldedConv2d) and m.kernel_size == (3, 3)
-                and m.stride == (1, 1) and m.in_channels >= args.min_channels)
+    moved = sum(1 for m in body.modules() if isinstance(m, FoldedConv2d) and to_nnpack(m))
     paths = {"oneDNN direct (predict today)": direct, f"NNPACK Winograd ({moved} 3x3 convs)": winograd}
     seconds: dict[str, list[float]] = {name: [] for name in paths}
     walls: dict[str, list[float]] = {name: [] for name in paths}
