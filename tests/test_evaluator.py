@@ -357,6 +357,34 @@ def test_cli_on_a_tiny_checkpoint(root, tmp_path, capsys):
     assert (out / "results.csv").is_file()
 
 
+def test_cli_no_ccr_scores_a_distilled_file_as_its_plain_network(root, tmp_path, capsys):
+    """--no-ccr (Table 3's CCR-off files): the bank is left unused, the rest is the same run."""
+    from toist_core.checkpoint import save_model_dir
+    from toist_core.distill.memory_bank import MemoryBank
+    from toist_core.inference import TaskSegmenter
+
+    segmenter = TaskSegmenter.from_config("tiny_segm", seed=0, device="cpu")
+    bank = MemoryBank(num_tasks=14, size=16, dim=segmenter.config.transformer.d_model, num_clusters=3, seed=1)
+    bank.full_label.fill_(1)
+    distilled = save_model_dir(segmenter.model, tmp_path / "distilled", segmenter.config, memory_bank=bank)
+    plain = save_model_dir(segmenter.model, tmp_path / "plain", segmenter.config)
+
+    def scores(model_dir, *extra):
+        saved = tmp_path / f"{model_dir.name}{''.join(extra)}.json"
+        code = cli.main(["evaluate", "--data", str(root), "--checkpoint", str(model_dir), "--tasks", "14",
+                         "--max-images", "2", "--short-side", "96", "--max-size", "160", "--device", "cpu",
+                         "--out", str(tmp_path / "out"), "--save-predictions", str(saved), "--no-plots", *extra])
+        assert code == 0, capsys.readouterr().err
+        return {i: p.scores for i, p in load_predictions(saved)[14].items()}
+
+    without = scores(distilled, "--no-ccr")
+    expected = scores(plain)
+    assert sorted(without) == sorted(expected)
+    assert all(np.array_equal(without[i], expected[i]) for i in expected)
+    replaced = scores(distilled)
+    assert not all(np.allclose(replaced[i], expected[i], atol=1e-4) for i in expected)
+
+
 def test_mask_box_agreement_tells_query_blind_masks_from_instance_masks():
     from toist_core.eval.mask_sanity import mask_box_agreement
 

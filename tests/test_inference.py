@@ -1,5 +1,6 @@
 """TaskSegmenter: pixel boxes, cached text, masks for kept queries, CCR, CLI predict."""
 
+import dataclasses
 import json
 import math
 
@@ -273,6 +274,25 @@ def test_distilled_model_replaces_pronoun_rows_with_task_centre(distilled):
     assert not torch.allclose(scores, plain_scores, atol=1e-4)  # CCR changed the decoder's input
     # Free text has no bank: no replacement.
     assert seg.encode_task("step on something soft").centres is None
+
+
+def test_ccr_off_leaves_the_bank_unused(distilled):
+    """A model trained with CCR off is scored as trained: the plain decoder, the bank untouched."""
+    seg, bank = distilled
+    off = TaskSegmenter(seg.model, device="cpu", memory_bank=bank,
+                        inference=dataclasses.replace(seg.inference, ccr=False))
+    bank_before = {k: v.clone() for k, v in bank.state_dict().items()}
+    state = off.set_task(4)
+    image = random_image(56, 72, seed=5)
+    pred = off.predict(image)
+    assert state.centres is None and not state.uses_ccr and state.pronoun_tokens
+    assert all(torch.equal(v, bank.state_dict()[k]) for k, v in bank_before.items())
+    scores, _, _ = reference_outputs(seg, image, state.caption)
+    order = scores.argsort(descending=True, stable=True)
+    assert pred.queries.tolist() == order.tolist()
+    assert np.allclose(pred.scores, scores[order].numpy(), atol=1e-6)
+    # The same segmenter with CCR on answers differently (the switch is what changed).
+    assert not np.allclose(seg.predict(image, seg.encode_task(4)).scores, pred.scores, atol=1e-4)
 
 
 def test_cli_predict_writes_overlays_and_rle(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Short CPU runs of the training loop on synthetic COCO-Tasks (tiny model, a few updates)."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,35 @@ def test_distillation_updates_and_saves_the_bank(synth_root, tmp_path):
     # ... and the size it was trained at (data.test_size 96, long side capped at data.max_size 128).
     assert (segmenter.inference.short_side, segmenter.inference.max_size) == (96, 128)
     assert torch.equal(segmenter.memory_bank.feature_bank, bank["feature_bank"])
+
+
+def test_distillation_with_ccr_off_is_scored_and_exported_without_it(synth_root, tmp_path, monkeypatch, caplog):
+    """Table 3's CCR-off rows: the bank still serves the cluster loss, but neither the run's
+    evaluation nor a model loaded from it may replace the pronoun's rows."""
+    states = []
+    encode_task = TaskSegmenter.encode_task
+
+    def spy(self, task):
+        states.append(encode_task(self, task))
+        return states[-1]
+
+    monkeypatch.setattr(TaskSegmenter, "encode_task", spy)
+    cfg = _config("tiny_distill.yaml", synth_root, tmp_path / "dis", "schedule.max_steps=2", "distill.ccr=false",
+                  "distill.bank_size=8", "init.load=null", "init.load_noun=null", "eval.enabled=true",
+                  "eval.holdout_fraction=0.25", "eval.max_images=2", "checkpoint.export_model_dir=true")
+    trainer = Trainer(cfg, DistEnv())
+    result = trainer.run()
+    assert "loss_cluster_feature" in result.last_losses and trainer.cluster.bank.update_count.sum() > 0
+    assert states and all(state.pronoun_tokens and state.centres is None for state in states)
+    checkpoint = tmp_path / "dis" / "checkpoint.pth"
+    assert load_training_checkpoint(checkpoint)["cluster_criterion"] is not None
+    for source in (checkpoint, tmp_path / "dis" / "model"):
+        with caplog.at_level(logging.INFO, logger="toist_core"):
+            segmenter = TaskSegmenter.from_pretrained(source, device="cpu")
+        assert not segmenter.is_distilled, source
+        assert segmenter.encode_task(2).centres is None
+    assert "trained without cluster-centre replacement (distill.ccr: false): the bank is not used" in caplog.text
+    assert not (tmp_path / "dis" / "model" / "memory_bank.safetensors").exists()
 
 
 def test_mask_head_stage_trains_only_the_head_on_the_frozen_detector(synth_root, tmp_path):

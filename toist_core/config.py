@@ -246,6 +246,11 @@ class InferenceConfig:
     # Word of the caption whose token rows distilled models replace by a cluster centre;
     # None = the model's own (model directory: its config.yaml; official file: "something").
     pronoun: Optional[str] = None
+    # Cluster-centre replacement (distilled models): the pronoun's rows of the decoder's memory
+    # become the nearest centre of the task's memory bank, as the reference evaluates. False
+    # leaves the bank unused: a model trained without CCR (the paper's Table 3 rows with CCR off)
+    # must also be evaluated without it. Read when a task is encoded (``set_task``).
+    ccr: bool = True
     # "toist" (the choices above) or "reference" (the reference evaluation's processing exactly).
     protocol: Protocol = "toist"
     # What runs the network: "torch", or the model directory's ONNX graphs (`toist export --onnx`)

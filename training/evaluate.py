@@ -82,10 +82,12 @@ def build_validation_set(cfg: TrainConfig, holdout: Optional[set[int]] = None) -
 
 
 def inference_config(cfg: TrainConfig) -> InferenceConfig:
-    """The reference's evaluation post-processing (every query) at the data config's test size."""
+    """The reference's evaluation post-processing (every query) at the data config's test size;
+    cluster-centre replacement only where the model trains with it (``distill.ccr``: a run
+    with CCR off keeps its bank for the cluster loss, and must be scored as it was trained)."""
     size = cfg.data.input_size()
-    return InferenceConfig(short_side=size.short_side, max_size=size.max_size,
-                           score_threshold=0.0, max_instances=cfg.model.num_queries, duplicate_iou=None)
+    return InferenceConfig(short_side=size.short_side, max_size=size.max_size, score_threshold=0.0,
+                           max_instances=cfg.model.num_queries, duplicate_iou=None, ccr=cfg.distill.ccr)
 
 
 @torch.no_grad()

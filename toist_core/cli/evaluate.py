@@ -75,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop an instance whose mask (box) overlaps a better one by more than this IoU, "
                              "as the node and `toist predict` do (default 0: keep every query, the reference's "
                              "evaluation; --checkpoint, protocol toist)")
+    parser.add_argument("--no-ccr", action="store_true",
+                        help="leave a distilled model's memory bank unused (no cluster-centre replacement of the "
+                             "pronoun; --checkpoint): for files trained with CCR off, such as the paper's Table 3 "
+                             "rows 2-4 (toist's own such checkpoints are recognised without it)")
     parser.add_argument("--no-plots", action="store_true", help="skip the precision-recall PNGs")
 
 
@@ -95,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         predictions = {t: predictions[t] for t in tasks}
     else:
         segmenter = load_segmenter(args.checkpoint, args.device, args.text_encoder, args.short_side,
-                                   args.max_size, protocol=args.protocol, duplicate_iou=args.duplicate_iou or None)
+                                   args.max_size, protocol=args.protocol, duplicate_iou=args.duplicate_iou or None,
+                                   ccr=not args.no_ccr)
         # Default: the tasks the model was trained on, else every task of its vocabulary.
         tasks = (parse_task_list(args.tasks) if args.tasks
                  else sorted(segmenter.trained_tasks or segmenter.vocabulary.ids))
@@ -145,18 +150,19 @@ def _default_image_dir(root: str, split: str) -> Path:
 
 def load_segmenter(checkpoint: str, device: str = "auto", text_encoder: Optional[str] = None,
                    short_side: Optional[int] = None, max_size: Optional[int] = None, protocol: str = "toist",
-                   duplicate_iou: Optional[float] = None):
+                   duplicate_iou: Optional[float] = None, ccr: bool = True):
     """``TaskSegmenter`` with the reference's evaluation settings: every query kept
     (score threshold 0, 100 instances, no duplicate removal unless ``duplicate_iou``), mask
     threshold 0.5, resize to the model's own size (official files: 800 / 1333) unless
     ``short_side`` / ``max_size`` say otherwise. ``protocol``: ``"toist"`` (toist's resize,
     padding and box clipping) or ``"reference"`` (the reference evaluation's exactly;
-    ``InferenceConfig.protocol``)."""
+    ``InferenceConfig.protocol``). ``ccr``: ``InferenceConfig.ccr``."""
     from toist_core.config import InferenceConfig
     from toist_core.inference import TaskSegmenter
 
     inference = InferenceConfig(short_side=short_side, max_size=max_size, score_threshold=0.0,
-                                max_instances=REFERENCE_MAX_INSTANCES, protocol=protocol, duplicate_iou=duplicate_iou)
+                                max_instances=REFERENCE_MAX_INSTANCES, protocol=protocol, duplicate_iou=duplicate_iou,
+                                ccr=ccr)
     return TaskSegmenter.from_pretrained(checkpoint, device=device, text_encoder=text_encoder,
                                          inference=inference)
 

@@ -17,8 +17,9 @@ class TaskState:
     task_id:        COCO-Tasks id 1..14, or None for free text.
     text:           cached text features (:class:`toist_core.model.text.TextFeatures`, batch 1).
     pronoun_tokens: token positions of the pronoun in the caption (CCR rows).
-    centres:        ``[K, D]`` k-means centres of the task's memory bank (distilled models and
-                    COCO-Tasks tasks only), else None: no cluster-centre replacement.
+    centres:        ``[K, D]`` k-means centres of the task's memory bank (distilled models,
+                    tasks of the vocabulary, ``InferenceConfig.ccr`` on), else None: no
+                    cluster-centre replacement.
     warning:        why this task's results are not to be trusted (the model was not trained
                     on it), else None.
     """

@@ -165,7 +165,8 @@ class TaskSegmenter:
     def encode_task(self, task: Union[int, str]) -> TaskState:
         """Compute the task's :class:`TaskState` (text features, pronoun tokens, CCR centres)
         without making it current. ``task``: an id of the model's vocabulary (1..14 for
-        COCO-Tasks), a task name of it, or free text (no CCR)."""
+        COCO-Tasks), a task name of it, or free text (no CCR; none either with
+        ``inference.ccr`` off)."""
         query = resolve_task(task, self.pronoun, self.vocabulary)
         with eval_mode(self.model):  # the text encoder's dropout off, whatever the caller's mode
             text = self.model.encode_text([query.caption])
@@ -173,7 +174,7 @@ class TaskSegmenter:
         if query.pronoun_span is not None:
             tokens = tuple(span_token_indices(text.tokenized, 0, [query.pronoun_span]))
         centres = None
-        if self.memory_bank is not None and query.task_id is not None and tokens:
+        if self.inference.ccr and self.memory_bank is not None and query.task_id is not None and tokens:
             num_tasks = self.memory_bank.num_tasks
             if not 1 <= query.task_id <= num_tasks:
                 raise ValueError(f"task {query.task_id}: the memory bank has {num_tasks} tasks")
