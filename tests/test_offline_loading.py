@@ -255,6 +255,22 @@ def test_log_line_of_a_distilled_segmentation_file(tmp_path, caplog):
     assert f"tokenizer 'builtin:tiny' from packaged tiny tokenizer ({TINY_TOKENIZER_DIR})" in line
 
 
+def test_log_line_names_the_bank_slots_training_filled(tmp_path, caplog):
+    """A model trained on some tasks keeps random features in the other slots: the line says
+    which slots hold features, not that there is a bank for all 14."""
+    bank = bank_state()
+    bank["update_count"] = torch.zeros(14)
+    bank["update_count"][[0, 1, 2, 4]] = 8.0
+    path = save_official(tmp_path / "toist_four_tasks.pth", preset("tiny_segm"), cluster=bank)
+    _, line = load_records(caplog, path, preset("tiny_segm"))
+    assert ("distilled: memory bank for 4 of its 14 task slots (tasks 1, 2, 3, 5; "
+            "8 features each, K=3 cluster centres)") in line
+    bank["update_count"] = torch.zeros(14)
+    path = save_official(tmp_path / "toist_unfilled.pth", preset("tiny_segm"), cluster=bank)
+    _, line = load_records(caplog, path, preset("tiny_segm"))
+    assert "distilled: memory bank of 14 task slots, none ever filled (8 features each" in line
+
+
 def test_log_line_of_a_plain_detection_file(tmp_path, caplog):
     path = save_official(tmp_path / "toist_plain.pth", preset("tiny"), ema=False)
     _, line = load_records(caplog, path, preset("tiny"), text_encoder=str(TINY_TOKENIZER_DIR))

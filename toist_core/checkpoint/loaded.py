@@ -38,7 +38,19 @@ def describe_bank(memory_bank: Optional[nn.Module]) -> str:
     """Distilled (memory bank: tasks, entries, cluster centres) or not, for log lines."""
     if memory_bank is None:
         return "not distilled (no memory bank)"
-    tasks = getattr(memory_bank, "num_tasks", "?")
+    slots = getattr(memory_bank, "num_tasks", "?")
     size = getattr(memory_bank, "size", "?")
     clusters = getattr(memory_bank, "num_clusters", "?")
-    return f"distilled: memory bank for {tasks} tasks ({size} features each, K={clusters} cluster centres)"
+    shape = f"{size} features each, K={clusters} cluster centres"
+    counts = getattr(memory_bank, "update_count", None)
+    if counts is None:
+        return f"distilled: memory bank for {slots} tasks ({shape})"
+    # A slot no training update reached still holds its random start: say which slots are real,
+    # so that a model trained on 4 tasks is not announced as one with a bank for 14.
+    filled = [index + 1 for index, count in enumerate(counts.tolist()) if count > 0]
+    if len(filled) == len(counts):
+        return f"distilled: memory bank for {slots} tasks ({shape})"
+    if not filled:
+        return f"distilled: memory bank of {slots} task slots, none ever filled ({shape})"
+    return (f"distilled: memory bank for {len(filled)} of its {slots} task slots "
+            f"(tasks {', '.join(map(str, filled))}; {shape})")
