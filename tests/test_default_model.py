@@ -184,7 +184,29 @@ def _node_settings(short_side: int, max_side: int) -> dict:
     return {"checkpoint": "", "device": "cpu", "allow_cpu_fallback": False, "precision": "fp32",
             "text_encoder": "", "input.short_side": short_side, "input.max_side": max_side,
             "score_threshold": 0.5, "max_instances": 5, "mask_threshold": 0.5, "duplicate_iou": 0.7,
-            "backend": "torch"}
+            "backend": "torch", "ccr": True}
+
+
+def test_node_ccr_parameter_reaches_the_segmenter(committed):
+    """``ccr:=false`` runs the distilled default without its memory bank: the pronoun keeps its own
+    features, so the scores move (by ~1e-3 on this model, whose CCR ablation scores 0.001 lower; the
+    same model on the same input moves by nothing); the default (true) replaces them, as the paper's
+    inference does."""
+    from toist_ros.params import Settings
+
+    settings = Settings().replace({"device": "cpu", "max_instances": 100, "score_threshold": 0.0,
+                                   "duplicate_iou": 0.0})
+    with_ccr = load_model(settings, warn=lambda msg: None).segmenter
+    lines = []
+    without = load_model(settings.replace({"ccr": False}), warn=lambda msg: None, info=lines.append).segmenter
+    assert "ccr false: the model's memory bank is not used" in lines[-1]
+    assert with_ccr.memory_bank is not None and without.inference.ccr is False
+    task = with_ccr.trained_tasks[0]
+    assert with_ccr.set_task(task).uses_ccr and not without.set_task(task).uses_ccr
+    image = held_out_scenes(committed["settings"], task_id=task, count=1)[0].pixels
+    scores_with, scores_without = with_ccr.predict(image).scores, without.predict(image).scores
+    assert len(scores_with) == len(scores_without) > 0
+    assert np.abs(np.sort(scores_with) - np.sort(scores_without)).max() > 1e-4, (scores_with, scores_without)
 
 
 def test_node_resizes_to_the_size_the_default_was_trained_at(committed):

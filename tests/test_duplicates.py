@@ -137,7 +137,7 @@ def test_node_parameter_reaches_the_segmenter(every_query):
     assert specs["duplicate_iou"].default == 0.7
     settings = {"mask_threshold": 0.5, "duplicate_iou": 0.0, "score_threshold": 0.0, "max_instances": 100,
                 "output.masks": True, "depth.enabled": False, "input.short_side": 64, "input.max_side": 128,
-                "precision": "fp32", "backend": "torch"}
+                "precision": "fp32", "backend": "torch", "ccr": True}
     assert inference_config(settings).duplicate_iou is None
     assert inference_config({**settings, "duplicate_iou": 0.4}).duplicate_iou == 0.4
     seg = TaskSegmenter(every_query.model, device="cpu", task=2, inference=dataclasses.replace(

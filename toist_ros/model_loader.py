@@ -181,11 +181,13 @@ def load_model(settings: Any, warn: Callable[[str], None], info: Optional[Callab
     except Exception as exc:  # the loader's own message says which key / file / shape is wrong
         what = f"checkpoint {checkpoint!r}" if checkpoint else f"the embedded default model ({DEFAULT_MODEL_DIR})"
         raise StartupError(EXIT_MODEL, f"cannot load {what}: {type(exc).__name__}: {exc}") from exc
+    if not inference.ccr and segmenter.memory_bank is not None and info is not None:
+        info("ccr false: the model's memory bank is not used (no cluster-centre replacement)")
     return LoadedModel(segmenter, device, description, not checkpoint and default_dir is None)
 
 
 def inference_config(settings: Any, precision: Optional[str] = None):
-    """toist_core's InferenceConfig (input size, thresholds, precision) from the node's parameters."""
+    """toist_core's InferenceConfig (input size, thresholds, precision, CCR) from the node's parameters."""
     from toist_core.config import InferenceConfig
     from toist_ros.params import duplicate_iou
 
@@ -195,4 +197,5 @@ def inference_config(settings: Any, precision: Optional[str] = None):
                            max_instances=int(settings["max_instances"]),
                            mask_threshold=float(settings["mask_threshold"]),
                            duplicate_iou=duplicate_iou(settings),
-                           precision=precision or settings["precision"], backend=settings["backend"])
+                           precision=precision or settings["precision"], backend=settings["backend"],
+                           ccr=bool(settings["ccr"]))

@@ -59,6 +59,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("backend", "torch", "what runs the network: torch, onnxruntime (the model directory's ONNX graphs, "
               "made by `toist export --onnx <dir>`; fp32) or tensorrt (onnxruntime-gpu's TensorRT provider, fp16, "
               "NVIDIA GPU)", read_only=True, choices=("torch", "onnxruntime", "tensorrt")),
+    ParamSpec("ccr", True, "cluster-centre replacement: a distilled model's memory bank stands in for the "
+              "pronoun, as the paper's inference does; false runs the network without it (for official files "
+              "trained with CCR off, Table 3 rows 2-4); models without a bank ignore it", read_only=True),
     ParamSpec("input.short_side", 0, "the model's input short side in pixels; 0 = the size the model was "
               "trained at (a model directory records it; official checkpoints: the reference's 800)",
               read_only=True, low=0, high=2048),
