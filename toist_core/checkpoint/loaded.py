@@ -42,13 +42,11 @@ def describe_bank(memory_bank: Optional[nn.Module]) -> str:
     size = getattr(memory_bank, "size", "?")
     clusters = getattr(memory_bank, "num_clusters", "?")
     shape = f"{size} features each, K={clusters} cluster centres"
-    counts = getattr(memory_bank, "update_count", None)
-    if counts is None:
-        return f"distilled: memory bank for {slots} tasks ({shape})"
     # A slot no training update reached still holds its random start: say which slots are real,
     # so that a model trained on 4 tasks is not announced as one with a bank for 14.
-    filled = [index + 1 for index, count in enumerate(counts.tolist()) if count > 0]
-    if len(filled) == len(counts):
+    counts = getattr(memory_bank, "update_count", None)
+    filled = None if counts is None else [index + 1 for index, count in enumerate(counts.tolist()) if count > 0]
+    if filled is None or len(filled) == len(counts):
         return f"distilled: memory bank for {slots} tasks ({shape})"
     if not filled:
         return f"distilled: memory bank of {slots} task slots, none ever filled ({shape})"
