@@ -44,6 +44,7 @@ class RosSession:
     def add(self, node) -> None:
         self.nodes.append(node)
         self.executor.run_inline(getattr(node, "inline_callback_groups", ()))
+        self.executor.run_apart(getattr(node, "waiting_callback_groups", ()))
         self.executor.add_node(node)
 
     def close(self) -> None:

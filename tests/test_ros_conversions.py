@@ -130,7 +130,6 @@ def test_mask_image_round_trip_is_mono8_0_255():
 def test_boxes_are_clamped_to_the_image_and_ordered():
     np.testing.assert_allclose(clamp_box(np.array([-5.5, 10.0, 700.0, 90.0]), 640, 480), [0, 10, 640, 90])
     np.testing.assert_allclose(clamp_box(np.array([50.0, 60.0, 20.0, 500.0]), 640, 480), [20, 60, 50, 480])
-    np.testing.assert_allclose(clamp_box(np.array([np.nan, 1.0, 2.0, 3.0]), 640, 480), [0, 1, 2, 3])
 
 
 def test_mask_roi_is_the_box_hull_grown_to_cover_the_mask_within_the_margin():
@@ -252,12 +251,27 @@ def test_ranking_threshold_and_cut():
     assert rank_instances(boxes, scores, masks, (64, 48), score_threshold=0.99) == []
 
 
-def test_nan_scores_are_dropped_and_ties_keep_model_order():
+def test_ties_keep_model_order():
     boxes = np.tile(np.array([[0, 0, 4, 4]], np.float32), (4, 1))
     boxes[:, 0] = [0, 1, 2, 3]
-    scores = np.array([0.5, np.nan, 0.5, 0.7], np.float32)
-    ranked = rank_instances(boxes, scores, None, (10, 10))
+    scores = np.array([0.5, 0.2, 0.5, 0.7], np.float32)
+    ranked = rank_instances(boxes, scores, None, (10, 10), score_threshold=0.3)
     assert [float(r.box[0]) for r in ranked] == [3.0, 0.0, 2.0]
+
+
+@pytest.mark.parametrize("where", ["score", "box", "inf box"])
+def test_a_non_finite_score_or_box_fails_the_frame_instead_of_becoming_a_number(where):
+    """A NaN box coordinate used to become 0 (a box stretched to the image edge, published with a
+    good score); a NaN score was dropped silently. Either means a broken model: the frame fails
+    (the inference thread counts it as an inference error)."""
+    boxes = np.array([[10, 20, 100, 80], [5, 5, 9, 9]], np.float32)
+    scores = np.array([0.9, 0.8], np.float32)
+    if where == "score":
+        scores[1] = np.nan
+    else:
+        boxes[0, 0] = np.nan if where == "box" else np.inf
+    with pytest.raises(ValueError, match="non-finite scores or boxes for 1 of 2 instances"):
+        rank_instances(boxes, scores, None, (640, 480))
 
 
 def test_mask_crops_put_back_give_the_full_masks():

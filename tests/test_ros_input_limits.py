@@ -27,8 +27,12 @@ def _png_header_only(width, height):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def _compressed(data, fmt="png"):
-    return SimpleNamespace(data=data, format=fmt)
+def _header(sec=0, nanosec=0):
+    return SimpleNamespace(stamp=SimpleNamespace(sec=sec, nanosec=nanosec), frame_id="cam")
+
+
+def _compressed(data, fmt="png", header=None):
+    return SimpleNamespace(data=data, format=fmt, header=header or _header())
 
 
 def test_compressed_size_reads_the_header_of_real_images():
@@ -78,10 +82,26 @@ def test_the_aspect_bound_follows_the_models_input_size():
 
 
 def test_raw_frames_are_checked_before_their_data():
-    huge = SimpleNamespace(width=10000, height=10000, step=30000, encoding="rgb8", data=b"")
+    huge = SimpleNamespace(width=10000, height=10000, step=30000, encoding="rgb8", data=b"", header=_header())
     with pytest.raises(ImageError) as info:
         LIMITS.image_to_rgb(huge)
     assert info.value.reason == "too_large"
+
+
+def test_a_negative_stamp_is_a_counted_reject_not_an_error_in_the_inference_thread():
+    """rclpy's Time refuses negative seconds: such a frame used to pass here and fail in the
+    inference thread as an 'internal error'; now it is refused with the other bad images."""
+    pixels = np.zeros((48, 64, 3), np.uint8)
+    raw = SimpleNamespace(width=64, height=48, step=192, encoding="rgb8", data=pixels.tobytes(),
+                          is_bigendian=0, header=_header(sec=-1, nanosec=5))
+    ok, png = cv2.imencode(".png", pixels)
+    for convert, msg in ((LIMITS.image_to_rgb, raw), (LIMITS.compressed_to_rgb, _compressed(png.tobytes(),
+                                                                                            header=_header(sec=-1)))):
+        with pytest.raises(ImageError, match="negative seconds") as info:
+            convert(msg)
+        assert info.value.reason == "stamp"
+    raw.header = _header(sec=0)  # unstamped: fine
+    assert LIMITS.image_to_rgb(raw).shape == (48, 64, 3)
 
 
 def _values(errors=0, received=10):

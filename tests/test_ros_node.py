@@ -21,17 +21,38 @@ pytestmark = pytest.mark.ros
 # --- the hand-over and the statistics (no ROS) ------------------------------------------------
 
 from toist_ros.diagnostics import Counters, Percentiles, RateMeter, process_memory_mb  # noqa: E402
-from toist_ros.frame_slot import FrameSlots  # noqa: E402
+from toist_ros.frame_slot import OLDER, REPLACED, STORED, FrameSlots  # noqa: E402
 from toist_ros.model_loader import EXIT_DEVICE, EXIT_PARAMETERS, StartupError, resolve_device  # noqa: E402
 
 
 def test_slot_keeps_the_newest_frame_and_counts_drops():
     slots = FrameSlots()
-    assert slots.put(0, "a") is False
-    assert slots.put(0, "b") is True and slots.put(0, "c") is True
+    assert slots.put(0, "a") == STORED
+    assert slots.put(0, "b") == REPLACED and slots.put(0, "c") == REPLACED
     assert slots.take(timeout=0) == ("frame", "c", 0)
     assert slots.take(timeout=0.01) is None
     assert (slots.received, slots.dropped) == ([3], [2])
+
+
+def test_slot_never_hands_over_a_frame_older_than_one_already_put():
+    """A big compressed frame decoded after a smaller, newer one (decodes run in parallel) used to
+    replace it in the slot and be published after it: results went back in time."""
+    second = 1_000_000_000
+    slots = FrameSlots(2)
+    assert slots.put(0, "newer", order_ns=100 * second) == STORED
+    assert slots.take(0) == ("frame", "newer", 0)
+    assert slots.put(0, "older, decoded late", order_ns=100 * second - second // 4) == OLDER  # taken one is newer
+    assert slots.put(0, "newest", order_ns=101 * second) == STORED
+    assert slots.put(0, "older again", order_ns=100 * second + 1) == OLDER                    # waiting one is newer
+    assert slots.put(1, "other camera", order_ns=50 * second) == STORED                       # per camera
+    assert slots.put(0, "same stamp", order_ns=101 * second) == REPLACED
+    assert slots.put(0, "unstamped, unknown", order_ns=0) == REPLACED
+    # The clock went back by more than the window (a bag played again): a new order starts.
+    assert slots.put(0, "bag restarted", order_ns=10 * second) == REPLACED
+    assert slots.put(0, "after restart", order_ns=11 * second) == REPLACED
+    assert slots.take(0) == ("frame", "other camera", 1)
+    assert slots.take(0) == ("frame", "after restart", 0)
+    assert slots.received == [8, 1] and slots.dropped == [6, 0]
 
 
 def test_slot_serves_requests_first_and_cameras_in_arrival_order():
@@ -433,14 +454,18 @@ def test_bad_images_are_rejected_counted_and_survived(node, probe):
     huge = Image(height=10000, width=10000, encoding="rgb8", step=30000)
     strip = probe.image(np.full((1, 4000, 3), 128, np.uint8), "bad_strip")
     tall = probe.image(np.full((4000, 1, 3), 128, np.uint8), "bad_tall_strip")
+    before_1970 = probe.image(_photo(), "bad_stamp")
+    before_1970.header.stamp.sec = -1
     # One at a time: the image subscription keeps only the newest message (depth 1).
     for msg, key in ((wrong, "rejected_encoding"), (short, "rejected_truncated"), (empty, "rejected_empty"),
-                     (huge, "rejected_too_large"), (strip, "rejected_aspect"), (tall, "rejected_aspect")):
+                     (huge, "rejected_too_large"), (strip, "rejected_aspect"), (tall, "rejected_aspect"),
+                     (before_1970, "rejected_stamp")):
         target = node.counters.get(key) + 1
         probe.image_pub.publish(msg)
         assert wait_for(lambda: node.counters.get(key) >= target, timeout=10), key
-    assert node.counters.get("rejected") >= before.get("rejected", 0) + 6
+    assert node.counters.get("rejected") >= before.get("rejected", 0) + 7
     assert node.counters.get("inference_errors") == before.get("inference_errors", 0)
+    assert node.counters.get("internal_errors") == before.get("internal_errors", 0)
     _, result = probe.roundtrip(_photo(), "good_after_bad")  # still alive and working
     assert result.header.frame_id == "good_after_bad"
 
@@ -842,3 +867,72 @@ def test_the_dev_client_commands_of_docs_ros_md(node, probe, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("client_stream 320x240: task 'water plant with something' (id 5") == 2
     assert client.main(["--ns", "/nobody_here", "--timeout", "1", "set-task", "2"]) == 1
+
+
+class _Gate:
+    """Stands in for ``segmenter.predict``: holds every call until ``release``, counting them."""
+
+    def __init__(self, predict):
+        self.predict, self.calls, self.open = predict, 0, threading.Event()
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        self.open.wait(timeout=120)
+        return self.predict(*args, **kwargs)
+
+
+def test_waiting_segment_image_calls_never_hold_up_a_task_change(ros, tmp_path):
+    """segment_image holds its callback thread until the inference thread serves it. In the shared
+    pool of four, a handful of such calls on a slow device kept set_task, the parameter services
+    and /diagnostics waiting for seconds; they now wait in a pool of their own. The model is held
+    here until set_task has answered: before the fix set_task could not answer at all."""
+    from toist_ros.srv import SegmentImage
+
+    node = _start(ros, "waiting", tmp_path)
+    gate = _Gate(node.segmenter.predict)
+    node.segmenter.predict = gate
+    try:
+        probe = Probe(ros, prefix="/waiting/")
+        request = SegmentImage.Request(image=probe.image(_photo(), "held", age_s=30.0))
+        pending = [probe.segment_client.call_async(request) for _ in range(6)]
+        assert wait_for(lambda: gate.calls == 1, timeout=20)  # the inference thread is held
+        answer = probe.set_task("3")
+        assert answer.success and node.active_task.task_id == 3
+        assert not any(f.done() for f in pending)
+        [changed] = probe.set_parameters(node.get_fully_qualified_name(), score_threshold=0.4)
+        assert changed.successful
+        gate.open.set()
+        assert wait_for(lambda: all(f.done() for f in pending), timeout=60)
+        results = [f.result() for f in pending]
+        assert all(r.success for r in results)
+        # One-shot results carry a latency too (now - the request's stamp), not a made-up 0.
+        assert all(r.result.latency_ms > 30_000 for r in results)
+    finally:
+        gate.open.set()
+        _stop(ros, node)
+
+
+def test_a_segment_image_request_given_up_on_is_not_run_later(ros, tmp_path, monkeypatch):
+    """A request whose caller stopped waiting (SERVICE_TIMEOUT_S) stayed queued ahead of the camera
+    and still took the model's time for nobody; it is now skipped and counted."""
+    from toist_ros import inference_worker
+    from toist_ros.srv import SegmentImage
+
+    node = _start(ros, "abandoned", tmp_path)
+    gate = _Gate(node.segmenter.predict)
+    node.segmenter.predict = gate
+    try:
+        probe = Probe(ros, prefix="/abandoned/")
+        monkeypatch.setattr(inference_worker, "SERVICE_TIMEOUT_S", 0.5)
+        request = SegmentImage.Request(image=probe.image(_photo(), "given_up"))
+        answers = [probe.call(probe.segment_client, request) for _ in range(3)]
+        assert all(not a.success and "no result within" in a.message for a in answers)
+        assert node.counters.get("service_timeouts") == 3 and gate.calls == 1  # one held, two still queued
+        monkeypatch.setattr(inference_worker, "SERVICE_TIMEOUT_S", 60.0)
+        gate.open.set()
+        _, result = probe.roundtrip(_photo(), "after_the_given_up")
+        assert result.header.frame_id == "after_the_given_up"
+        assert gate.calls == 2  # the held request and this frame: the two queued ones were skipped
+    finally:
+        gate.open.set()
+        _stop(ros, node)

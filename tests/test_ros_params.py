@@ -116,6 +116,45 @@ def test_declare_reports_every_bad_override(context):
         node.destroy_node()
 
 
+def test_a_whole_number_for_a_float_parameter_is_that_float_at_start_up_too(context):
+    """`-p score_threshold:=1` or `max_age_s: 2` in a params file arrive as integers: accepted at
+    run time (ints_to_doubles), they used to stop the node at start-up with 'wrong type'."""
+    node = _node(context, [("score_threshold", 1), ("input.max_age_s", 2)])
+    try:
+        settings = P.declare(node)
+        assert settings["score_threshold"] == 1.0 and isinstance(settings["score_threshold"], float)
+        assert settings["input.max_age_s"] == 2.0
+        assert node.get_parameter("input.max_age_s").type_ == node.get_parameter("input.max_age_s").Type.DOUBLE
+        # Still a double parameter with its range afterwards.
+        assert node.describe_parameter("score_threshold").floating_point_range[0].to_value == 1.0
+    finally:
+        node.destroy_node()
+    node = _node(context, [("score_threshold", True), ("mask_threshold", "half")])
+    try:
+        with pytest.raises(P.ParameterError) as info:
+            P.declare(node)
+        assert "score_threshold: wrong type: expected float, got bool True" in str(info.value)
+        assert "mask_threshold: wrong type: expected float, got string 'half'" in str(info.value)
+    finally:
+        node.destroy_node()
+
+
+def test_an_input_size_the_frame_limits_would_refuse_every_frame_for_is_refused(context):
+    """input.short_side 8 used to start the node, which then rejected every frame as 'aspect'."""
+    assert P.check_values({"input.short_side": 8}) == [
+        f"input.short_side: 8 px is under the {P.MIN_MODEL_SIDE} px the model needs at least (every frame would "
+        "be rejected); 0 = the model's own size"]
+    assert P.check_values({"input.max_side": 1})
+    assert P.check_values({"input.short_side": 0, "input.max_side": 0}) == []
+    assert P.check_values({"input.short_side": P.MIN_MODEL_SIDE}) == []
+    node = _node(context, [("input.short_side", 1)])
+    try:
+        with pytest.raises(P.ParameterError, match="input.short_side: 1 px"):
+            P.declare(node)
+    finally:
+        node.destroy_node()
+
+
 def test_task_given_as_a_number_is_the_task_text(context):
     node = _node(context, [("task", 3)])
     try:

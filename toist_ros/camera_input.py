@@ -28,7 +28,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from toist_ros.conversions import ImageError
 from toist_ros.diagnostics import Counters, RateMeter
 from toist_ros.frame_limits import FrameLimits
-from toist_ros.frame_slot import FrameSlots
+from toist_ros.frame_slot import OLDER, REPLACED, FrameSlots
 from toist_ros.msg import TaskInstances
 
 QOS_CHECK_PERIOD_S = 1.0      # auto reliability: how often the publishers on a topic are looked at
@@ -81,6 +81,19 @@ class Camera:
             last = self._last_sequence.get(key)
             self._last_sequence[key] = max(sequence, last or 0)
         return max(0, sequence - last - 1) if last is not None else 0
+
+    def count_arrival(self, lost: int) -> None:
+        """One message arrived, ``lost`` before it did not (the loss window's counts; compressed
+        images arrive on several pool threads at once)."""
+        with self._sequence_lock:
+            self.window[0] += 1
+            self.window[1] += lost
+
+    def close_window(self, now: float) -> tuple[int, int]:
+        """(arrived, lost) of the window that ends ``now``; the next one starts."""
+        with self._sequence_lock:
+            counts, self.window, self.window_start = tuple(self.window), [0, 0], now
+        return counts
 
 
 class CameraInputs:
@@ -165,7 +178,7 @@ class CameraInputs:
         now = time.monotonic()
         if now - camera.window_start < LOSS_WINDOW_S:
             return
-        (arrived, lost), camera.window, camera.window_start = camera.window, [0, 0], now
+        arrived, lost = camera.close_window(now)
         if lost > max(arrived, 2) and now - camera.last_loss_warning >= LOSS_WARNING_PERIOD_S:
             camera.last_loss_warning = now
             self._counters.add("loss_warnings")
@@ -179,23 +192,29 @@ class CameraInputs:
         return any(c.input_rate.rate() > 0 for c in self.cameras)
 
     def _on_image(self, msg: Any, camera: Camera, convert: Any, info: Any = None) -> None:
+        arrival = self._node.get_clock().now()  # before decoding: its time decides the frame's order
         camera.input_rate.tick()
         lost = camera.lost_before(info)
-        camera.window[0] += 1
+        camera.count_arrival(lost)
         if lost:
-            camera.window[1] += lost
             self._counters.add("lost_in_transport", lost)
         try:
             rgb = convert(msg)
         except ImageError as exc:
             self._reject(camera, exc)
             return
-        self._accept(camera, msg.header, rgb)
+        self._accept(camera, Frame(msg.header, rgb, arrival))
 
-    def _accept(self, camera: Camera, header: Any, rgb: np.ndarray) -> None:
+    def _accept(self, camera: Camera, frame: Frame) -> None:
         self._counters.add("received")
-        if self.slots.put(camera.index, Frame(header, rgb, self._node.get_clock().now())):
+        stamp = frame.header.stamp
+        order_ns = int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec) or frame.arrival.nanoseconds
+        outcome = self.slots.put(camera.index, frame, order_ns)
+        if outcome == REPLACED:
             self._counters.add("dropped_replaced")
+        elif outcome == OLDER:
+            # Compressed frames decode in parallel: a big one can finish after a newer, smaller one.
+            self._counters.add("dropped_out_of_order")
 
     def _reject(self, camera: Camera, exc: ImageError) -> None:
         self._counters.add("rejected")

@@ -1,13 +1,16 @@
-"""The node's executor: raw image callbacks in the spinning thread, every other callback in a pool.
+"""The node's executor: raw image callbacks in the spinning thread, callbacks that wait for the
+inference thread in a pool of their own, every other callback in a pool.
 
 rclpy's ``MultiThreadedExecutor`` hands each ready callback to a thread pool; the worker then
 waits for the GIL while the spinning thread rebuilds its wait set. For a 640x480 frame that
 hand-over cost ~2 ms between the camera's publish and the callback (bare rclpy subscriptions, one
 run each: single-threaded 3.0-3.6 ms, multi-threaded 5.0-5.4 ms; docs/performance.md, "Node
 overhead"). The raw image callbacks only validate, convert and put the frame into its slot
-(~0.1 ms), so they run right where the wait returned them. Everything that may block stays in the
-pool: ``segment_image`` waits for the inference thread, ``set_task`` encodes a caption, and
-compressed images are decoded (several ms each; cameras decode in parallel).
+(~0.1 ms), so they run right where the wait returned them. Everything that may block stays in a
+pool: ``set_task`` encodes a caption and compressed images are decoded (several ms each; cameras
+decode in parallel) in the control pool; ``segment_image`` holds its thread until the inference
+thread has served it (a second per request on a slow device), so its calls get a pool of their own:
+requests piling up there never keep a task change, a parameter change or ``/diagnostics`` waiting.
 
 Built on rclpy's public ``Executor.wait_for_ready_callbacks``, its task run the way
 ``SingleThreadedExecutor`` runs it; ``_spin_once_until_future_complete`` is the one private name,
@@ -24,14 +27,18 @@ from rclpy.executors import (ConditionReachedException, Executor, ExternalShutdo
 
 
 class PerceptionExecutor(Executor):
-    """Runs the callbacks of ``inline_groups`` in the thread that calls ``spin_once``, and every
-    other callback in a pool of ``num_threads`` threads. Exceptions from either are raised by a
-    later ``spin_once``, as rclpy's executors do."""
+    """Runs the callbacks of ``inline_groups`` in the thread that calls ``spin_once``, those of
+    ``waiting_groups`` in a pool of ``waiting_threads`` threads, and every other callback in a pool
+    of ``num_threads`` threads. Exceptions from any of them are raised by a later ``spin_once``, as
+    rclpy's executors do."""
 
-    def __init__(self, inline_groups: Iterable[Any] = (), num_threads: int = 4, *, context: Any = None) -> None:
+    def __init__(self, inline_groups: Iterable[Any] = (), num_threads: int = 4, *, context: Any = None,
+                 waiting_groups: Iterable[Any] = (), waiting_threads: int = 4) -> None:
         super().__init__(context=context)
         self._inline_groups = tuple(inline_groups)
+        self._waiting_groups = tuple(waiting_groups)
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="toist_callbacks")
+        self._waiting_pool = ThreadPoolExecutor(waiting_threads, thread_name_prefix="toist_waiting")
         self._pending: list[Future] = []
 
     def spin_once(self, timeout_sec: Optional[float] = None) -> None:
@@ -50,11 +57,14 @@ class PerceptionExecutor(Executor):
             handler, entity, _node = self.wait_for_ready_callbacks(timeout_sec, None, condition)
         except (ExternalShutdownException, ShutdownException, TimeoutException, ConditionReachedException):
             return
-        if any(getattr(entity, "callback_group", None) is group for group in self._inline_groups):
+        group = getattr(entity, "callback_group", None)
+        if any(group is inline for inline in self._inline_groups):
             handler()
             exception = handler.exception()
             if exception is not None:
                 raise exception
+        elif any(group is waiting for waiting in self._waiting_groups):
+            self._pending.append(self._waiting_pool.submit(handler))
         else:
             self._pending.append(self._pool.submit(handler))
         for future in [f for f in self._pending if f.done()]:
@@ -65,9 +75,14 @@ class PerceptionExecutor(Executor):
         """Also run the callbacks of ``groups`` in the spinning thread (a node added later)."""
         self._inline_groups += tuple(groups)
 
+    def run_apart(self, groups: Iterable[Any]) -> None:
+        """Also run the callbacks of ``groups`` in the waiting pool (a node added later)."""
+        self._waiting_groups += tuple(groups)
+
     def shutdown(self, timeout_sec: Optional[float] = None) -> bool:
         done = super().shutdown(timeout_sec)
         self._pool.shutdown(wait=True)
+        self._waiting_pool.shutdown(wait=True)
         return done
 
 

@@ -9,7 +9,9 @@ zero pixels that fails inside the model. Both are refused here with an ``ImageEr
   ``width`` / ``height`` fields, compressed ones from their header (Pillow reads only the
   header), before any pixel is decoded;
 * ``aspect``: at the model's input size (short side ``short_side``, long side at most
-  ``max_side``) the image's short side would be under ``MIN_MODEL_SIDE`` pixels.
+  ``max_side``) the image's short side would be under ``MIN_MODEL_SIDE`` pixels;
+* ``stamp``: ``header.stamp`` before 1970 (negative seconds): no time ROS can compute an age or a
+  latency with.
 """
 
 from __future__ import annotations
@@ -54,15 +56,25 @@ class FrameLimits:
                                        f"{self.max_side / MIN_MODEL_SIDE:.0f}:1 are accepted")
 
     def image_to_rgb(self, msg: Any) -> np.ndarray:
-        """``conversions.image_to_rgb`` after the size checks."""
+        """``conversions.image_to_rgb`` after the stamp and size checks."""
+        check_stamp(msg.header.stamp)
         self.check_size(int(msg.width), int(msg.height))
         return image_to_rgb(msg)
 
     def compressed_to_rgb(self, msg: Any) -> np.ndarray:
-        """``conversions.compressed_to_rgb`` after the size checks on the image's header."""
+        """``conversions.compressed_to_rgb`` after the stamp check and the size checks on the image's header."""
+        check_stamp(msg.header.stamp)
         width, height = compressed_size(msg)
         self.check_size(width, height)
         return compressed_to_rgb(msg)
+
+
+def check_stamp(stamp: Any) -> None:
+    """Raise ImageError for a ``builtin_interfaces/Time`` with negative seconds (rclpy's ``Time``
+    refuses it: the frame would fail in the inference thread instead of being counted here)."""
+    if int(stamp.sec) < 0:
+        raise ImageError("stamp", f"header.stamp is {stamp.sec} s {stamp.nanosec} ns: negative seconds (before "
+                                  "1970) is no time; stamp frames with the capture time, or leave the stamp 0")
 
 
 def compressed_size(msg: Any) -> tuple[int, int]:
@@ -85,4 +97,4 @@ def compressed_size(msg: Any) -> tuple[int, int]:
                                    f"(format {msg.format!r}, first bytes {data[:8].hex()}): {exc}") from None
 
 
-__all__ = ["FrameLimits", "MIN_MODEL_SIDE", "compressed_size"]
+__all__ = ["FrameLimits", "MIN_MODEL_SIDE", "check_stamp", "compressed_size"]

@@ -5,6 +5,12 @@ counted as dropped, so the inference thread always gets the newest frame and nev
 backlog. With several cameras ``take`` serves the camera whose waiting frame arrived
 first, so a fast camera cannot starve a slow one. One-shot requests (the ``segment_image``
 service) go through ``put_request``: queued in order, never dropped, served before frames.
+
+A camera's frames reach the model in time order: a frame older than the newest one already put
+for its camera (by ``order_ns``: header stamp, else arrival) is dropped, not stored, so a big
+compressed frame whose decode finished after a smaller, newer one's can never be published after
+it. Only within ``REORDER_WINDOW_NS``: a frame older by more than that means the clock went back
+(a bag played again, a simulator reset), and it starts the order afresh.
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ import collections
 import threading
 import time
 from typing import Any, Optional
+
+REORDER_WINDOW_NS = 1_000_000_000
+STORED, REPLACED, OLDER = "stored", "replaced", "older"   # what ``put`` did
 
 
 class FrameSlots:
@@ -24,18 +33,27 @@ class FrameSlots:
         self._requests: collections.deque = collections.deque()
         self._closed = False
         self.received = [0] * num_sources   # frames put, per source
-        self.dropped = [0] * num_sources    # frames replaced before inference took them, per source
+        self.dropped = [0] * num_sources    # frames replaced before inference took them or older, per source
+        self._newest_ns = [0] * num_sources
 
-    def put(self, source: int, frame: Any) -> bool:
-        """Store ``frame`` as the newest of ``source``; True when it replaced a waiting one (a drop)."""
+    def put(self, source: int, frame: Any, order_ns: int = 0) -> str:
+        """Store ``frame`` as the newest of ``source`` unless it is older than the newest put
+        (``order_ns``: its time in ns; 0 = unknown, never compared). Returns ``STORED``,
+        ``REPLACED`` (stored; a waiting frame was dropped) or ``OLDER`` (dropped itself)."""
         with self._cond:
+            self.received[source] += 1
+            newest = self._newest_ns[source]
+            if 0 < order_ns < newest and newest - order_ns <= REORDER_WINDOW_NS:
+                self.dropped[source] += 1
+                return OLDER
+            if order_ns > 0:
+                self._newest_ns[source] = order_ns
             replaced = self._frames[source] is not None
             self._frames[source] = (time.monotonic(), frame)
-            self.received[source] += 1
             if replaced:
                 self.dropped[source] += 1
             self._cond.notify()
-            return replaced
+            return REPLACED if replaced else STORED
 
     def put_request(self, request: Any) -> None:
         """Queue a one-shot request; it is served before any frame."""

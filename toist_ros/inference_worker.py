@@ -46,6 +46,8 @@ class _OneShot:
     done: threading.Event
     result: Any = None
     error: str = ""
+    # Set when the caller stopped waiting (SERVICE_TIMEOUT_S): nobody would read the result.
+    abandoned: bool = False
 
 
 def predict(segmenter: Any, rgb: np.ndarray, task: ActiveTask, settings: Any) -> Any:
@@ -113,6 +115,8 @@ class InferenceWorker:
         job = _OneShot(header, rgb, task, threading.Event())
         self._slots.put_request(job)
         if not job.done.wait(SERVICE_TIMEOUT_S):
+            job.abandoned = True  # still queued: the inference thread skips it
+            self._counters.add("service_timeouts")
             return None, f"no result within {SERVICE_TIMEOUT_S:.0f} s"
         return (None, job.error) if job.error else (job.result, "")
 
@@ -148,7 +152,7 @@ class InferenceWorker:
         clock_running = now.nanoseconds > 0
         if not clock_running:
             self._warn_clock_stopped()
-        stamp = Time.from_msg(frame.header.stamp, clock_type=now.clock_type)
+        stamp = Time.from_msg(frame.header.stamp, clock_type=now.clock_type)  # sec >= 0: FrameLimits
         stamped = stamp.nanoseconds > 0
         age_s = (now - (stamp if stamped else frame.arrival)).nanoseconds * 1e-9
         max_age = settings["input.max_age_s"]
@@ -165,13 +169,9 @@ class InferenceWorker:
         msg, ranked = result
         if self._depth is not None:
             self._add_depth(msg, ranked, camera, settings)
-        end = stamp if stamped else frame.arrival
-        published = clock.now()
-        if published.nanoseconds > 0 and end.nanoseconds > 0:
-            msg.latency_ms = (published - end).nanoseconds * 1e-6
+        msg.latency_ms = latency_ms(clock, stamp if stamped else frame.arrival)
+        if np.isfinite(msg.latency_ms):
             self._latency_ms.add(msg.latency_ms)
-        else:
-            msg.latency_ms = float("nan")
         camera.instances_pub.publish(msg)
         camera.output_rate.tick()
         self._counters.add("processed")
@@ -211,28 +211,33 @@ class InferenceWorker:
             "skipped for age and latency_ms is NaN (unknown) until the clock runs")
 
     def _serve_one_shot(self, job: _OneShot) -> None:
+        if job.abandoned:
+            return
         try:
             result = self._run_model(job.rgb, job.header, job.task, self._settings())
             if result is None:
                 job.error = f"inference failed: {self.last_error}"
             else:
                 job.result = result[0]
+                clock = self._node.get_clock()
+                # The request's own stamp (FrameLimits refused negative ones); unknown (NaN) without one.
+                job.result.latency_ms = latency_ms(clock, Time.from_msg(job.header.stamp, clock_type=clock.clock_type))
         finally:
             job.done.set()
 
     def _run_model(self, rgb: np.ndarray, header: Any, task: ActiveTask, settings: Any):
         """(TaskInstances, ranked) or None when inference failed (counted and logged)."""
         start = time.perf_counter()
+        height, width = rgb.shape[:2]
         try:
             prediction = predict(self._segmenter, rgb, task, settings)
+            elapsed_ms = 1000.0 * (time.perf_counter() - start)  # model time (inference_ms): before ranking
+            ranked = rank_instances(prediction.boxes, prediction.scores, prediction.masks, (width, height),
+                                    settings["score_threshold"], settings["max_instances"])
         except Exception as exc:
             self._inference_failed(exc)
             return None
-        elapsed_ms = 1000.0 * (time.perf_counter() - start)
         self._inference_ms.add(elapsed_ms)
-        height, width = rgb.shape[:2]
-        ranked = rank_instances(prediction.boxes, prediction.scores, prediction.masks, (width, height),
-                                settings["score_threshold"], settings["max_instances"])
         msg = task_instances_msg(header, (width, height), task.caption, task.revision, elapsed_ms,
                                  to_instance_msgs(ranked, header, with_masks=settings["output.masks"]),
                                  task_id=task.task_id)
@@ -264,4 +269,13 @@ class InferenceWorker:
                                             throttle_duration_sec=10.0)
 
 
-__all__ = ["InferenceWorker", "SERVICE_TIMEOUT_S", "predict"]
+def latency_ms(clock: Any, since: Time) -> float:
+    """Milliseconds from ``since`` to now on ``clock``; NaN (unknown) when either is time 0 (no
+    stamp, or sim time before /clock ticked)."""
+    now = clock.now()
+    if now.nanoseconds <= 0 or since.nanoseconds <= 0:
+        return float("nan")
+    return (now - since).nanoseconds * 1e-6
+
+
+__all__ = ["InferenceWorker", "SERVICE_TIMEOUT_S", "latency_ms", "predict"]

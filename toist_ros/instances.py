@@ -58,9 +58,10 @@ def rank_instances(boxes: Any, scores: Any, masks: Any, image_size: tuple[int, i
     """Keep, rank and place the instances of one image.
 
     boxes [N, 4] xyxy in original pixels, scores [N], masks [N, H, W] bool (None: boxes only, the
-    mask images stay empty); ``image_size`` = (width, height). Instances with score < threshold or
-    a NaN score are dropped; the rest are sorted by score (ties keep model order) and cut to
-    ``max_instances``.
+    mask images stay empty); ``image_size`` = (width, height). Instances with score < threshold
+    are dropped; the rest are sorted by score (ties keep model order) and cut to
+    ``max_instances``. A NaN or infinite score or box coordinate raises ValueError (a broken
+    model or an fp16 overflow: the frame fails and is counted, it never becomes a made-up box).
     """
     width, height = int(image_size[0]), int(image_size[1])
     boxes = as_numpy(boxes)
@@ -76,7 +77,11 @@ def rank_instances(boxes: Any, scores: Any, masks: Any, image_size: tuple[int, i
         raise ValueError(f"masks are {tuple(masks.shape[1:])} (H, W) but the image is {(height, width)}: "
                          "masks must be in original image pixels")
 
-    keep = np.flatnonzero(np.isfinite(scores) & (scores >= score_threshold))
+    broken = ~(np.isfinite(scores) & np.isfinite(boxes).all(axis=1))
+    if broken.any():
+        raise ValueError(f"the model gave non-finite scores or boxes for {int(broken.sum())} of {len(scores)} "
+                         f"instances (first: score {scores[broken][0]}, box {boxes[broken][0].tolist()})")
+    keep = np.flatnonzero(scores >= score_threshold)
     order = keep[np.argsort(-scores[keep], kind="stable")][: max(0, int(max_instances))]
     out = []
     for rank, index in enumerate(order):
@@ -93,8 +98,8 @@ def rank_instances(boxes: Any, scores: Any, masks: Any, image_size: tuple[int, i
 
 
 def clamp_box(box: np.ndarray, width: int, height: int) -> np.ndarray:
-    """[4] xyxy clipped to the image ([0, W] x [0, H]); corners put in order; NaN -> 0."""
-    box = np.nan_to_num(np.asarray(box, dtype=np.float32), nan=0.0)
+    """[4] xyxy clipped to the image ([0, W] x [0, H]); corners put in order (finite: ``rank_instances``)."""
+    box = np.asarray(box, dtype=np.float32)
     x0, x1 = sorted((float(box[0]), float(box[2])))
     y0, y1 = sorted((float(box[1]), float(box[3])))
     return np.array([min(max(x0, 0.0), width), min(max(y0, 0.0), height),
@@ -160,9 +165,9 @@ def to_instance_msgs(ranked: list[RankedInstance], header: Any = None, with_mask
 
 
 def task_instances_msg(header: Any, image_size: tuple[int, int], task: str, revision: int, inference_ms: float,
-                       instances: list, latency_ms: float = 0.0, task_id: Optional[int] = None):
+                       instances: list, latency_ms: float = float("nan"), task_id: Optional[int] = None):
     """A ``toist_ros/TaskInstances`` carrying the input ``header`` verbatim; ``task_id`` None
-    (free text) is sent as 0."""
+    (free text) is sent as 0; ``latency_ms`` NaN: unknown (the message's convention)."""
     from toist_ros.msg import TaskInstances
 
     msg = TaskInstances()

@@ -3,9 +3,11 @@
 Threads and what they may do:
   * image callbacks (executor, own callback group): validate + convert to RGB (no torch),
     put into the camera's latest-frame slot, return (``camera_input``);
-  * control callbacks (executor, own callback group): ``set_task``, the ``task`` topic,
-    ``segment_image``; a task change encodes the text here, then swaps the active task
+  * control callbacks (executor, own callback group): ``set_task``, the ``task`` topic and
+    parameter changes; a task change encodes the text here, then swaps the active task
     (caption, revision, text features) in one assignment (``tasks``);
+  * ``segment_image`` (executor, own callback group and threads): waits for the inference
+    thread to serve the request, so it never holds up a control callback;
   * the inference thread (not an executor callback): takes the newest frame, skips it when
     older than ``input.max_age_s``, takes one snapshot of the active task, runs the model,
     publishes ``instances`` (and ``debug_image`` while someone subscribes) (``inference_worker``).
@@ -98,6 +100,7 @@ class PerceptionNode(Node):
 
         self._image_group = ReentrantCallbackGroup()
         self._control_group = ReentrantCallbackGroup()
+        self._segment_group = ReentrantCallbackGroup()  # waits for inference: threads of its own
         self._timer_group = MutuallyExclusiveCallbackGroup()
         self._inputs = CameraInputs(self, settings, self.counters, self._image_group, self._limits)
         self._cameras = self._inputs.cameras
@@ -127,7 +130,7 @@ class PerceptionNode(Node):
         self._set_task_srv = self.create_service(SetTask, "set_task", self._on_set_task,
                                                  callback_group=self._control_group)
         self._segment_srv = self.create_service(SegmentImage, "segment_image", self._on_segment_image,
-                                                callback_group=self._control_group)
+                                                callback_group=self._segment_group)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(settings["diagnostics.period_s"], self._publish_diagnostics,
                                              callback_group=self._timer_group)
@@ -239,6 +242,13 @@ class PerceptionNode(Node):
         the raw image and depth subscriptions (validate, convert, put into a slot: ~0.1 ms).
         Compressed images are decoded in the pool."""
         return () if self._settings["input.compressed"] else (self._image_group,)
+
+    @property
+    def waiting_callback_groups(self) -> tuple:
+        """The callback groups that wait for the inference thread (``segment_image``): run in a
+        pool of their own (``PerceptionExecutor``), so that requests waiting there never keep a task
+        or parameter change waiting."""
+        return (self._segment_group,)
 
     @property
     def settings(self) -> parameters.Settings:

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from toist_ros.frame_limits import MIN_MODEL_SIDE
+
 Scalar = Union[bool, int, float, str]
 
 
@@ -219,6 +221,10 @@ def check_values(values: dict[str, Any]) -> list[str]:
             if name in values and len(values[name]) != cameras:
                 reasons.append(f"{name} has {len(values[name])} entries but input.topics has {cameras}: one each "
                                f"per camera, in the same order")
+    for name in ("input.short_side", "input.max_side"):
+        if not reasons and 0 < values.get(name, 0) < MIN_MODEL_SIDE:
+            reasons.append(f"{name}: {values[name]} px is under the {MIN_MODEL_SIDE} px the model needs at least "
+                           "(every frame would be rejected); 0 = the model's own size")
     if not reasons and values.get("input.short_side") and values.get("input.max_side"):
         if values["input.max_side"] < values["input.short_side"]:
             reasons.append(f"input.max_side {values['input.max_side']} is smaller than "
@@ -313,6 +319,9 @@ def declare(node) -> Settings:
         # this module's words; the full descriptor is applied once the value passed.
         loose = copy.deepcopy(full)
         loose.integer_range, loose.floating_point_range, loose.read_only = [], [], False
+        # `-p score_threshold:=1` and `max_age_s: 2` in a YAML file arrive as integers: taken as
+        # the doubles they mean, at start-up as at run time (``ints_to_doubles``).
+        loose.dynamic_typing = loose.dynamic_typing or spec.kind is float
         try:
             param = node.declare_parameter(spec.name, spec.default, loose)
         except InvalidParameterTypeException as exc:
@@ -321,6 +330,13 @@ def declare(node) -> Settings:
         except InvalidParameterValueException as exc:
             problems.append(f"{spec.name}: {exc}")
             continue
+        if spec.kind is float and param.type_ != param.Type.DOUBLE:
+            [param] = ints_to_doubles([param])
+            if param.type_ != param.Type.DOUBLE:
+                problems.append(f"{spec.name}: wrong type: expected float, got {param.type_.name.lower()} "
+                                f"{_plain(param.value)!r}")
+                continue
+            node.set_parameters([param])
         value = _plain(param.value)
         if spec.number_as_text and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)

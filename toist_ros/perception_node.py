@@ -52,7 +52,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         code = 0
         try:
             node = PerceptionNode()
-            executor = PerceptionExecutor(node.inline_callback_groups, num_threads=4)
+            executor = PerceptionExecutor(node.inline_callback_groups, num_threads=4,
+                                          waiting_groups=node.waiting_callback_groups)
             executor.add_node(node)
             while not stop.requested and rclpy.ok():
                 executor.spin_once(timeout_sec=SPIN_POLL_S)
