@@ -266,6 +266,56 @@ def test_cli_export(tmp_path, official_file, segm_model, images, capsys):
     assert "absent.pth" in capsys.readouterr().err
 
 
+def test_export_never_replaces_a_folder_of_other_files(tmp_path, official_file, segm_model, capsys, monkeypatch):
+    """A model directory replaces its folder whole: only a new or empty folder, or a model
+    directory holding toist's own files, may be replaced; refused before the checkpoint is read."""
+    import shutil
+
+    import toist_core.checkpoint.load as load_module
+
+    config_yaml = tmp_path / "tiny_segm.yaml"
+    save_yaml(preset("tiny_segm"), config_yaml)
+    export = ["--config", str(config_yaml)]
+    read = []
+    real = load_module.load_official
+    monkeypatch.setattr(load_module, "load_official", lambda *a, **k: read.append(a) or real(*a, **k))
+    # The checkpoint's own folder: exporting "into" it would have deleted the checkpoint.
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(official_file, run / "toist.pth")
+    (run / "notes.txt").write_text("keep me")
+    assert cli.main(["export", str(run / "toist.pth"), str(run)] + export) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: not empty and not a toist model directory (no config.yaml)" in err
+    assert "would delete notes.txt, toist.pth" in err and "new or empty folder" in err
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt", "toist.pth"] and not read
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tiny_segm.yaml"]   # no staging left
+    # A model directory, also with toist's ONNX graphs and TensorRT cache: re-exported in place.
+    model = tmp_path / "model"
+    assert cli.main(["export", str(official_file), str(model)] + export) == 0
+    (model / "detector.onnx").write_bytes(b"graph")
+    (model / "trt_cache").mkdir()
+    assert cli.main(["export", str(official_file), str(model)] + export) == 0
+    assert len(read) == 2 and not (model / "detector.onnx").exists()
+    # ... but not with a file of the user's in it.
+    (model / "my_eval.csv").write_text("ap\n0.5\n")
+    assert cli.main(["export", str(official_file), str(model)] + export) == 2
+    err = capsys.readouterr().err
+    assert "a toist model directory that also holds other files" in err and "would delete my_eval.csv." in err
+    assert (model / "my_eval.csv").exists() and len(read) == 2
+    # Another tool's config.yaml is no model directory; an empty folder is fine; a file is refused.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text("lr: 0.1\n")
+    with pytest.raises(CheckpointError, match=r"its config.yaml has format None.*would delete config.yaml"):
+        save_model_dir(segm_model, other, preset("tiny_segm"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert load_model_dir(save_model_dir(segm_model, empty, preset("tiny_segm"))).config.masks
+    with pytest.raises(CheckpointError, match="exists and is not a folder"):
+        save_model_dir(segm_model, config_yaml, preset("tiny_segm"))
+
+
 @pytest.mark.slow
 def test_paper_size_segmentation_file_loads_without_config(tmp_path, tokenizer):
     """The released files' key set (paper size, ``detr.``, position_ids) loads strictly, with the

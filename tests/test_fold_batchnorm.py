@@ -16,7 +16,8 @@ from toist_core.config import InferenceConfig, preset
 from toist_core.inference import TaskSegmenter
 from toist_core.inference.device import prepared
 from toist_core.model import build_model, load_tokenizer
-from toist_core.model.fold_batchnorm import FoldedConv2d, count_foldable, count_folded, fold_batchnorm
+from toist_core.model.fold_batchnorm import (FoldedConv2d, count_foldable, count_folded, fold_batchnorm,
+                                             folded_weights)
 from toist_core.structures import ImageBatch
 from toist_core.tokens import NO_OBJECT_INDEX
 
@@ -98,6 +99,32 @@ def test_state_dict_kept_and_reload_refolds():
     want, got = _outputs(other, images), _outputs(folded, images)
     assert float((want["scores"] - got["scores"]).abs().max()) <= 1e-5
     assert float((want["masks"] - got["masks"]).abs().max()) <= 1e-5
+
+
+def test_loading_into_a_submodule_refolds():
+    """load_state_dict into the backbone, one conv or one BatchNorm re-folds what it touched
+    (each folded conv and norm carries the hook; torch runs it for every module it loads into)."""
+    model = _model("tiny_segm")
+    folded = copy.deepcopy(model)
+    fold_batchnorm(folded)
+    other = _model("tiny_segm")
+    _randomise_batchnorm(other, seed=5)
+    images = _images(False)
+    folded.detector.backbone.load_state_dict(other.detector.backbone.state_dict())
+    want, got = _outputs(other, images), _outputs(folded, images)
+    assert float((want["scores"] - got["scores"]).abs().max()) <= 1e-5
+    assert float((want["masks"] - got["masks"]).abs().max()) <= 1e-5
+    # A load into one member of a pair alone: the conv, then its BatchNorm.
+    conv_name = next(name for name, module in folded.named_modules() if isinstance(module, FoldedConv2d))
+    conv = folded.get_submodule(conv_name)
+    with torch.no_grad():
+        doubled = {k: v * 2 for k, v in conv.state_dict().items()}
+        conv.load_state_dict(doubled)
+        assert torch.allclose(conv.folded_weight, folded_weights(conv, conv._norm)[0])
+        norm = conv._norm
+        shifted = {k: (v + 1 if k == "bias" else v) for k, v in norm.state_dict().items()}
+        norm.load_state_dict(shifted)
+        assert torch.equal(conv.folded_bias, folded_weights(conv, norm)[1])
 
 
 def test_given_module_is_not_folded():

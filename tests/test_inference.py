@@ -318,6 +318,29 @@ def test_cli_predict_writes_overlays_and_rle(tmp_path, capsys):
     assert load_rgb(out / "kitchen.png").shape == (45, 70, 3)
 
 
+def test_cli_predict_never_overwrites_an_input(tmp_path, capsys):
+    """--out the images' own folder: <stem>.png is the input itself, so another name is taken."""
+    from toist_core.visualize import save_rgb
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save_rgb(photos / "kitchen.png", random_image(45, 70, seed=8))
+    save_rgb(photos / "kitchen_2.png", random_image(40, 60, seed=9))   # the next name is an input too
+    inputs = {p.name: p.read_bytes() for p in photos.iterdir()}
+    out = tmp_path / "photos" / ".." / "photos"                      # the same folder, spelled otherwise
+    code = cli.main(["predict", "--preset", "tiny_segm", "--task", "2", str(photos / "kitchen.png"),
+                     str(photos / "kitchen_2.png"), "--out", str(out), "--device", "cpu", "--short-side", "64",
+                     "--max-size", "128", "--max-instances", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert {p.name: p.read_bytes() for p in photos.iterdir() if p.name in inputs} == inputs
+    assert sorted(p.name for p in photos.iterdir()) == ["kitchen.png", "kitchen_2.png", "kitchen_2_2.json",
+                                                       "kitchen_2_2.png", "kitchen_3.json", "kitchen_3.png"]
+    assert json.loads((photos / "kitchen_3.json").read_text())["image"] == str(photos / "kitchen.png")
+    assert f"{out / 'kitchen.png'} is an input image and is not overwritten" in captured.err
+    assert f"go to {out / 'kitchen_3'}.png/.json" in captured.err
+
+
 def test_image_batch_rounds_padding_up_and_marks_it():
     images = [torch.ones(3, 40, 70), torch.ones(3, 65, 33)]
     batch = ImageBatch.from_images(images, size_divisibility=32)

@@ -125,6 +125,34 @@ def test_graphs_of_other_weights_are_refused(dirs, tmp_path):
         OnnxNetwork(directory)
 
 
+def test_export_refuses_a_model_that_is_not_the_directory_s(tmp_path):
+    """The graphs carry model.safetensors' digest: a model with other weights (e.g. fine-tuned
+    and not saved) is refused before anything is traced; the directory's own weights pass, also
+    folded and channels-last as a segmenter prepares them, also in a directory without digests."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    from toist_core.inference.device import prepared
+
+    model, cfg = _model(seed=1)
+    directory = save_model_dir(model, tmp_path / "m", cfg)
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        tuned.detector.class_embed.bias[-1] -= 5.0
+    with pytest.raises(CheckpointError, match=r"m: the model given to export_onnx does not hold the weights of "
+                                              r".*model.safetensors.*toist export --onnx"):
+        export_onnx(tuned, directory)
+    assert not any((directory / name).exists() for name in (DETECTOR_FILE, MASK_HEAD_FILE))
+    from toist_core.inference.onnx_export import check_same_weights
+
+    check_same_weights(prepared(copy.deepcopy(model), torch.device("cpu"), None), directory)
+    save_file(load_file(str(directory / "model.safetensors")), str(directory / "model.safetensors"))  # no digest
+    check_same_weights(model, directory)
+    with pytest.raises(CheckpointError, match="does not hold the weights"):
+        check_same_weights(tuned, directory)
+
+
 def test_tensorrt_without_gpu_says_what_it_needs(dirs):
     import onnxruntime as ort
 

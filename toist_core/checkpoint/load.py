@@ -16,7 +16,7 @@ from ..tasks import COCO_TASKS, TaskVocabulary
 from .architecture import config_for_checkpoint, text_config_from_source
 from .errors import CheckpointError, PathLike
 from .loaded import LoadedModel, describe_bank, describe_heads
-from .model_dir import CONFIG_FILE, is_model_dir, load_model_dir, save_model_dir
+from .model_dir import CONFIG_FILE, check_replaceable, is_model_dir, load_model_dir, save_model_dir
 from .official import OfficialCheckpoint, read_official
 from .strict import build_memory_bank, load_official_weights
 
@@ -157,9 +157,12 @@ def export_model_dir(path: PathLike, directory: PathLike, text_encoder: Optional
     """Convert an official file or a toist training checkpoint into a model directory.
 
     The file is read, checked and strictly loaded before anything is written; the directory
-    is then replaced as a whole. Official files: ``text_encoder`` supplies the tokenizer
-    copied into the directory (default roberta-base); training checkpoints name their own.
+    is then replaced as a whole. ``directory`` must be new, empty or a toist model directory,
+    checked before the file is even read (:func:`~.model_dir.check_replaceable`). Official
+    files: ``text_encoder`` supplies the tokenizer copied into the directory (default
+    roberta-base); training checkpoints name their own.
     """
+    check_replaceable(directory)
     loaded = load_official(path, config=config, text_encoder=text_encoder, weights=weights)
     if pronoun:
         loaded.pronoun = pronoun

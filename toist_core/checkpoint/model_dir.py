@@ -7,7 +7,9 @@
     <dir>/tokenizer/                the tokenizer files
 
 A directory is written aside and swapped in whole (:mod:`.atomic_dir`): a reader, or a
-process killed mid-export, sees the old directory or the new one. Tensors are checked against
+process killed mid-export, sees the old directory or the new one. So only a new or empty folder,
+or a model directory holding nothing but toist's own files, is ever replaced
+(:func:`check_replaceable`): never a folder of other files. Tensors are checked against
 their recorded digests when loaded (version 3; older directories carry none).
 """
 
@@ -38,6 +40,15 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 BANK_FILE = "memory_bank.safetensors"
 TOKENIZER_DIR = "tokenizer"
+# What else toist writes into a model directory: the ONNX graphs (`toist export --onnx`, staged
+# as hidden .tmp files first), TensorRT's engine cache (backend "tensorrt") and the default-model
+# recipe's metrics and model card (training/default_model.py).
+DETECTOR_FILE = "detector.onnx"
+MASK_HEAD_FILE = "mask_head.onnx"
+TRT_CACHE_DIR = "trt_cache"
+RECIPE_FILES = ("metrics.json", "MODEL_CARD.md")
+OWN_ENTRIES = frozenset((CONFIG_FILE, WEIGHTS_FILE, BANK_FILE, TOKENIZER_DIR, DETECTOR_FILE, MASK_HEAD_FILE,
+                         f".{DETECTOR_FILE}.tmp", f".{MASK_HEAD_FILE}.tmp", TRT_CACHE_DIR) + RECIPE_FILES)
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +78,8 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
                    source: str = "", input_size: Optional[InputSize] = None,
                    tasks: Optional[Sequence[int]] = None, vocabulary: TaskVocabulary = COCO_TASKS) -> Path:
     """Write ``config.yaml``, ``model.safetensors``, the tokenizer and the memory bank, replacing
-    ``directory`` as a whole (the old one stays intact until the new one is complete)."""
+    ``directory`` as a whole (the old one stays intact until the new one is complete).
+    ``directory`` must be new, empty or a toist model directory (:func:`check_replaceable`)."""
     cfg = copy.deepcopy(config)
     cfg.text.tokenizer = TOKENIZER_DIR  # relative to the directory
     cfg.text.weights = None
@@ -79,6 +91,8 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
         raise CheckpointError(f"the memory bank has {memory_bank.num_tasks} task slots but {vocabulary.describe()} "
                               f"has {vocabulary.num_tasks} tasks; nothing was written")
 
+    check_replaceable(directory)
+
     def write(staging: Path) -> None:
         save_safetensors(model.state_dict(), staging / WEIGHTS_FILE, metadata={"toist": MODEL_DIR_FORMAT})
         model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
@@ -88,6 +102,47 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
         typed_config.save_yaml(manifest, staging / CONFIG_FILE)
 
     return write_directory(directory, write)
+
+
+def check_replaceable(directory: PathLike) -> None:
+    """Refuse to write a model directory over anything but nothing, an empty folder or a toist
+    model directory holding only what toist puts in one (:data:`OWN_ENTRIES`): a directory is
+    replaced as a whole, so whatever else ``directory`` holds (the checkpoint being exported, a
+    run's logs, a user's files) would be deleted. Called before anything is loaded or written."""
+    directory = Path(directory)
+    if not directory.exists() and not directory.is_symlink():
+        return
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: exists and is not a folder; give a new or empty folder "
+                              "for the model directory")
+    entries = sorted(p.name for p in directory.iterdir())
+    if not entries:
+        return
+    what = _model_dir_format(directory)
+    foreign = entries if what != MODEL_DIR_FORMAT else [name for name in entries if name not in OWN_ENTRIES]
+    if not foreign:
+        return
+    shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+    kind = ("a toist model directory that also holds other files" if what == MODEL_DIR_FORMAT else
+            f"not empty and not a toist model directory ({what})")
+    raise CheckpointError(f"{directory}: {kind}; writing the model directory there replaces the folder as a whole "
+                          f"and would delete {shown}. Nothing was written: give a new or empty folder "
+                          f"(e.g. {directory / 'model'}), or move those entries out first")
+
+
+def _model_dir_format(directory: Path) -> str:
+    """``MODEL_DIR_FORMAT`` when ``directory/config.yaml`` says so, else why not (for the error)."""
+    import yaml
+
+    config = directory / CONFIG_FILE
+    if not config.is_file():
+        return f"no {CONFIG_FILE}"
+    try:
+        data = yaml.safe_load(config.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        return f"its {CONFIG_FILE} does not read as YAML: {type(exc).__name__}"
+    found = data.get("format") if isinstance(data, dict) else None
+    return MODEL_DIR_FORMAT if found == MODEL_DIR_FORMAT else f"its {CONFIG_FILE} has format {found!r}"
 
 
 def check_tokenizer_copy(original, copy_dir: Path) -> None:

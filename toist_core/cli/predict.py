@@ -9,7 +9,8 @@ Without ``--checkpoint`` or ``--preset`` it runs the embedded default model
 on stderr: on real images its instances mean nothing.
 
 Per image ``<out>/<stem>.png`` (masks, boxes, scores, caption drawn on the image) and
-``<out>/<stem>.json``::
+``<out>/<stem>.json`` (``<stem>_2``, ... for a second image of that stem, or when one of these
+files is an input image: an input is never overwritten, and stderr says where its results went)::
 
     {"image": ..., "height": H, "width": W, "caption": ..., "task_id": 2,
      "instances": [{"box": [x1, y1, x2, y2], "score": s, "query": q,
@@ -76,6 +77,22 @@ def prediction_to_json(prediction, image_path: str) -> dict:
             "task_id": prediction.task_id, "instances": instances}
 
 
+def output_files(out: Path, name: str) -> tuple[Path, Path]:
+    """The overlay and the JSON written for one image."""
+    return out / f"{name}.png", out / f"{name}.json"
+
+
+def output_name(stem: str, out: Path, used: set, inputs: set) -> str:
+    """The name of an image's outputs in ``out``: its ``stem``, else ``<stem>_2``, ``<stem>_3``, ...
+    when an earlier image of the run took it or when one of its files is an input (``inputs``:
+    resolved paths; e.g. the image itself when ``out`` is its folder): inputs are never overwritten."""
+    name, k = stem, 1
+    while name in used or any(f.resolve() in inputs for f in output_files(out, name)):
+        k += 1
+        name = f"{stem}_{k}"
+    return name
+
+
 def default_checkpoint() -> str:
     """The embedded default model directory, announced on stderr (it knows synthetic scenes only)."""
     from ..checkpoint import default_model_note, require_default_model_dir
@@ -88,7 +105,7 @@ def default_checkpoint() -> str:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import show_load_summary
     from ..config import InferenceConfig
-    from ..inference import TaskSegmenter
+    from ..inference import NonFiniteOutputError, TaskSegmenter
     from ..visualize import draw_prediction, load_rgb, save_rgb
 
     inference = InferenceConfig(score_threshold=args.score_threshold, max_instances=args.max_instances,
@@ -106,16 +123,22 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
+    inputs = {Path(path).resolve() for path in args.images}
     for path in args.images:
         image = load_rgb(path)
-        prediction = seg.predict(image)
+        try:
+            prediction = seg.predict(image)
+        except NonFiniteOutputError as exc:  # name the file (exit code 2, as every error of the command)
+            raise NonFiniteOutputError(f"{path}: {exc}") from None
         stem = Path(path).stem
-        name, k = stem, 1
-        while name in used:
-            k += 1
-            name = f"{stem}_{k}"
+        name = output_name(stem, out, used, inputs)
+        clash = [f for f in output_files(out, stem) if f.resolve() in inputs]
+        if clash:
+            print(f"toist predict: {clash[0]} is an input image and is not overwritten: the results of {path} go "
+                  f"to {out / name}.png/.json", file=sys.stderr)
         used.add(name)
-        save_rgb(out / f"{name}.png", draw_prediction(image, prediction))
-        (out / f"{name}.json").write_text(json.dumps(prediction_to_json(prediction, str(path)), indent=1))
+        overlay, result = output_files(out, name)
+        save_rgb(overlay, draw_prediction(image, prediction))
+        result.write_text(json.dumps(prediction_to_json(prediction, str(path)), indent=1))
         print(f"{path}: {len(prediction)} instance(s) for {prediction.caption!r} -> {out / name}.png/.json")
     return 0

@@ -39,11 +39,15 @@ def resized_hw(height: int, width: int, size: int, max_size: Optional[int] = Non
     ``round(max_size * short / long)`` when the long side would exceed ``max_size``; the long
     side is then ``int(size * long / short)`` (truncated). torchvision's own rule differs by a
     pixel in some cases, so the size is computed here and passed explicitly.
+
+    An image more elongated than ``2 * max_size`` : 1 (e.g. 1 x 2000 at ``max_size`` 256) would
+    get a short side of 0 pixels (the reference's rule asks for an empty image); it keeps 1
+    pixel, and its long side then exceeds ``max_size``. Every other size is the reference's.
     """
     if max_size is not None:
         short, long = float(min(height, width)), float(max(height, width))
         if long / short * size > max_size:
-            size = int(round(max_size * short / long))
+            size = max(1, int(round(max_size * short / long)))
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
     if width < height:

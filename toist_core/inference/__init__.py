@@ -18,15 +18,17 @@ frame). The result is an immutable :class:`TaskState`; ``set_task`` swaps it in 
 attribute assignment, so a thread calling ``predict`` sees either the old or the new task.
 
 Files: :mod:`.segmenter` (:class:`TaskSegmenter`), :mod:`.results` (:class:`TaskState`,
-:class:`Prediction`), :mod:`.images` (frame checks and resize), :mod:`.postprocess` (boxes and
-masks in original pixels), :mod:`.processing` (toist's or the reference's resize, padding and box
+:class:`Prediction`), :mod:`.images` (frame checks and resize), :mod:`.finite` (NaN / inf
+network outputs refused: :class:`NonFiniteOutputError`), :mod:`.postprocess` (boxes and masks in
+original pixels), :mod:`.processing` (toist's or the reference's resize, padding and box
 clipping: ``InferenceConfig.protocol``), :mod:`.device` (device, precision, model preparation).
 """
 
 from .device import resolve_device
+from .finite import NonFiniteOutputError
 from .images import check_image
 from .results import Prediction, TaskState, UntrainedTaskWarning
 from .segmenter import DEFAULT_PRONOUN, TaskSegmenter
 
-__all__ = ["DEFAULT_PRONOUN", "Prediction", "TaskSegmenter", "TaskState", "UntrainedTaskWarning", "check_image",
-           "resolve_device"]
+__all__ = ["DEFAULT_PRONOUN", "NonFiniteOutputError", "Prediction", "TaskSegmenter", "TaskState",
+           "UntrainedTaskWarning", "check_image", "resolve_device"]

@@ -14,25 +14,23 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError
+from ..checkpoint.model_dir import TRT_CACHE_DIR
 from ..config import BACKENDS
 from ..structures import ImageBatch
+from .finite import MaskFn
 from .onnx_export import (DETECTOR_FILE, DETECTOR_INPUTS, MASK_HEAD_FILE, MASK_INPUTS, check_metadata,
                           model_digest, read_metadata)
 from .results import TaskState
 
-TRT_CACHE_DIR = "trt_cache"
 TRT_MISSING = ("TensorRT needs onnxruntime-gpu with the TensorRT execution provider and an NVIDIA GPU; "
                "available providers: {available}")
-
-# Per image: (b, kept query indices [n]) -> mask logits [1, n, H/4, W/4].
-MaskFn = Callable[[int, Tensor], Tensor]
 
 
 def trt_cache_dir(directory: Path, digest: str) -> Path:

@@ -40,11 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import WEIGHTS_FILE, CheckpointError
+from ..checkpoint.model_dir import DETECTOR_FILE, MASK_HEAD_FILE
 from ..structures import ImageBatch
 from ..tokens import NO_OBJECT_INDEX
 
-DETECTOR_FILE = "detector.onnx"
-MASK_HEAD_FILE = "mask_head.onnx"
 ONNX_FORMAT_VERSION = 1
 OPSET = 18
 META_PREFIX = "toist."
@@ -136,6 +135,29 @@ def model_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def check_same_weights(model: nn.Module, directory: Path) -> None:
+    """Refuse ``model`` unless its ``state_dict`` is the directory's ``model.safetensors`` (same
+    names, dtypes, shapes and bytes): the graphs are stamped with that file's digest, and a runner
+    trusts a stamped graph to compute with those weights."""
+    from safetensors import safe_open
+
+    from ..checkpoint.integrity import DIGEST_KEY, load_safetensors, tensor_digest
+
+    path = Path(directory) / WEIGHTS_FILE
+    model_digest(directory)  # refuses a directory without weights
+    with safe_open(str(path), framework="pt") as handle:
+        expected = (handle.metadata() or {}).get(DIGEST_KEY)
+    if expected is None:  # a directory of version < 3 records no tensor digest: compute the file's
+        expected = tensor_digest(load_safetensors(path, required_digest=False))
+    actual = tensor_digest(model.state_dict())
+    if actual != expected:
+        raise CheckpointError(f"{directory}: the model given to export_onnx does not hold the weights of {path} "
+                              f"(state_dict SHA-256 {actual[:12]}..., the file's {expected[:12]}...): its graphs "
+                              "would carry the file's digest and compute with other weights. Save the model there "
+                              "first (save_model_dir), then export it, or export the directory's own weights: "
+                              f"`toist export --onnx {directory}`")
+
+
 def example_inputs(model: nn.Module, text_tokens: int = 6, size: tuple[int, int] = (96, 128),
                    centres: int = 3, batch: int = 2) -> tuple[Tensor, ...]:
     """Detector inputs of the right dtypes and ranks (values only drive the tracing; no dim
@@ -188,13 +210,15 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: Sequence[str], o
 def export_onnx(model: nn.Module, directory, exporter: str = "torchscript") -> list[Path]:
     """Write ``detector.onnx`` (and ``mask_head.onnx`` for segmentation models) of the fp32 CPU
     copy of ``model`` into ``directory`` (a model directory: its ``model.safetensors`` digest is
-    recorded). Files are written aside and renamed in, so a reader never sees half a graph."""
+    recorded). ``model`` must hold exactly that file's tensors (:func:`check_same_weights`).
+    Files are written aside and renamed in, so a reader never sees half a graph."""
     import copy
 
     from .. import __version__
 
     directory = Path(directory)
     digest = model_digest(directory)
+    check_same_weights(model, directory)
     model = copy.deepcopy(model).float().cpu().eval()
     model.to(memory_format=torch.contiguous_format)
     has_masks = bool(getattr(model, "has_masks", False))
@@ -358,5 +382,5 @@ def export_checked(directory, exporter: str = "torchscript", **check) -> dict:
 
 
 __all__ = ["DETECTOR_FILE", "DetectorGraph", "MASK_HEAD_FILE", "MAX_BOX_DIFF", "MAX_LOGIT_DIFF", "MIN_MASK_IOU",
-           "MaskHeadGraph", "OPSET", "check_metadata", "compare_backends", "describe_check", "export_checked",
-           "export_onnx", "model_digest", "read_metadata", "remove_onnx"]
+           "MaskHeadGraph", "OPSET", "check_metadata", "check_same_weights", "compare_backends", "describe_check",
+           "export_checked", "export_onnx", "model_digest", "read_metadata", "remove_onnx"]

@@ -25,10 +25,12 @@ def drop_duplicates(candidates: Tensor, regions: Callable[[Tensor], Tensor],
     kept. ``regions(queries [n]) -> [n, ...]`` describes a chunk of candidates (masks or boxes),
     computed ``limit`` candidates at a time so that only as many are described as the walk
     reaches; ``overlap(a [n, ...], b [m, ...]) -> [n, m]`` IoU. Returns the kept queries
-    ``[k]`` and their positions in ``candidates``."""
+    ``[k]`` and their positions in ``candidates`` (none for ``limit`` 0: nothing is described)."""
     kept: list[int] = []
     kept_regions: list[Tensor] = []
-    step = max(1, limit)
+    if limit <= 0:
+        return candidates[:0], kept
+    step = limit
     for start in range(0, len(candidates), step):
         chunk = regions(candidates[start:start + step])
         for i in range(len(chunk)):

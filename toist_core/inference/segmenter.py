@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+from numbers import Integral, Real
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -18,12 +19,26 @@ from ..structures import ImageBatch
 from ..tasks import COCO_TASKS, TaskVocabulary, resolve_task
 from ..tokens import NO_OBJECT_INDEX, span_token_indices
 from .device import autocast_dtype, check_on_device, is_channels_last, prepared, resolve_device
+from .finite import check_outputs, checked_masks
 from .images import check_image, preprocess
 from .postprocess import binary_low_res, drop_duplicates, image_memory, mask_iou, masks_at_original, select, to_pixels
 from .processing import Processing, processing_of
 from .results import Prediction, TaskState, UntrainedTaskWarning
 
 DEFAULT_PRONOUN = "something"
+
+
+def check_call_limits(score_threshold, max_instances) -> None:
+    """Per-call overrides of ``predict`` / ``predict_batch`` (None: the config's), checked as the
+    config's own fields are: a negative cap would slice off the last instances instead."""
+    if score_threshold is not None and (isinstance(score_threshold, bool) or not isinstance(score_threshold, Real)
+                                        or not 0.0 <= score_threshold <= 1.0):
+        raise ValueError(f"score_threshold must be a number in [0, 1] (None: inference.score_threshold), "
+                         f"got {score_threshold!r}")
+    if max_instances is not None and (isinstance(max_instances, bool) or not isinstance(max_instances, Integral)
+                                      or max_instances < 0):
+        raise ValueError(f"max_instances must be an integer >= 0 (0: no instances; None: inference.max_instances), "
+                         f"got {max_instances!r}")
 
 
 class TaskSegmenter:
@@ -56,16 +71,14 @@ class TaskSegmenter:
         ``onnx_network``: the :class:`~.onnx_backend.OnnxNetwork` that runs the network when
         ``inference.backend`` is not ``"torch"`` (:meth:`from_pretrained` opens it)."""
         self.device = resolve_device(device)
-        self.inference = (inference or InferenceConfig()).with_input_size(input_size or InputSize())
-        if (self.inference.backend != "torch") != (onnx_network is not None):
-            raise ValueError(f"backend {self.inference.backend!r}: the ONNX backends run a model directory's graphs; "
+        inference = inference or InferenceConfig()
+        if (inference.backend != "torch") != (onnx_network is not None):
+            raise ValueError(f"backend {inference.backend!r}: the ONNX backends run a model directory's graphs; "
                              "use TaskSegmenter.from_pretrained(model_dir, inference=...)")
-        if onnx_network is not None and self.inference.precision != "fp32":
-            raise ValueError(f"precision {self.inference.precision!r} is for the torch backend; the ONNX graphs run "
-                             "fp32 (onnxruntime) or fp16 (tensorrt)")
         self._onnx = onnx_network
-        self.pronoun = self.inference.pronoun or pronoun
-        self._autocast = autocast_dtype(self.inference.precision, self.device)
+        # What a config leaves to the model (None): its input size and its pronoun.
+        self._own_input_size = input_size or InputSize()
+        self._own_pronoun = pronoun
         check_on_device(model, self.device)
         self.model = model
         self.config = config
@@ -76,25 +89,48 @@ class TaskSegmenter:
             raise ValueError(f"the memory bank has {memory_bank.num_tasks} task slots but {vocabulary.describe()} "
                              f"has {vocabulary.num_tasks} tasks")
         self.memory_bank = memory_bank.to(self.device) if memory_bank is not None else None
-        self._mean = torch.tensor(self.inference.mean, device=self.device).view(3, 1, 1)
-        self._std = torch.tensor(self.inference.std, device=self.device).view(3, 1, 1)
         self._bank_lock = threading.Lock()
         self._state: Optional[TaskState] = None
+        self.inference = inference  # the setter derives sizes, pronoun, autocast, normalisation, processing
         if task is not None:
             self.set_task(task)
 
     @property
     def inference(self) -> InferenceConfig:
         """Pre- and post-processing settings, read on every call; assign a new config to change
-        them at run time (``dataclasses.replace(seg.inference, ...)``)."""
+        them at run time (``dataclasses.replace(seg.inference, ...)``, or a fresh
+        ``InferenceConfig``: sizes and pronoun left None are the model's own). Assigning applies
+        every field (normalisation, precision, sizes, protocol, thresholds; a changed pronoun or
+        ``ccr`` re-encodes the current task) or, on an error, none; ``backend`` and, on an ONNX
+        backend, ``precision`` are fixed when the segmenter is built."""
         return self._inference
 
     @inference.setter
     def inference(self, config: InferenceConfig) -> None:
-        self._inference = config
+        # The one place a config is applied: everything derived from it is computed first, then
+        # swapped in, so a refused config changes nothing.
+        running = "torch" if self._onnx is None else self._onnx.backend
+        if config.backend != running:
+            raise ValueError(f"inference.backend: this segmenter runs {running!r}, got {config.backend!r}; the "
+                             "backend is chosen when the segmenter is built: TaskSegmenter.from_pretrained(model_dir, "
+                             f"inference=InferenceConfig(backend={config.backend!r}))")
+        if self._onnx is not None and config.precision != "fp32":
+            raise ValueError(f"inference.precision: {config.precision!r} is for the torch backend; backend "
+                             f"{running!r} runs its ONNX graphs in fp32 (onnxruntime) or fp16 (tensorrt): keep 'fp32'")
+        config = config.with_input_size(self._own_input_size)
+        autocast = autocast_dtype(config.precision, self.device)
+        mean = torch.tensor(config.mean, device=self.device).view(3, 1, 1)
+        std = torch.tensor(config.std, device=self.device).view(3, 1, 1)
+        pronoun = config.pronoun or self._own_pronoun
+        state = self._state
+        if state is not None and (pronoun != self.pronoun or config.ccr != self._inference.ccr):
+            state = self._encode(state.task_id if state.task_id is not None else state.caption, pronoun, config.ccr)
+        self._autocast, self._mean, self._std, self.pronoun = autocast, mean, std, pronoun
         # Resize method, padding, box clipping and duplicate removal of ``config.protocol``; a
         # benchmark may replace it to isolate one of the choices.
         self.processing: Processing = processing_of(config)
+        self._inference = config
+        self._state = state
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -167,14 +203,18 @@ class TaskSegmenter:
         without making it current. ``task``: an id of the model's vocabulary (1..14 for
         COCO-Tasks), a task name of it, or free text (no CCR; none either with
         ``inference.ccr`` off)."""
-        query = resolve_task(task, self.pronoun, self.vocabulary)
+        return self._encode(task, self.pronoun, self.inference.ccr)
+
+    @torch.inference_mode()
+    def _encode(self, task: Union[int, str], pronoun: str, ccr: bool) -> TaskState:
+        query = resolve_task(task, pronoun, self.vocabulary)
         with eval_mode(self.model):  # the text encoder's dropout off, whatever the caller's mode
             text = self.model.encode_text([query.caption])
         tokens: tuple[int, ...] = ()
         if query.pronoun_span is not None:
             tokens = tuple(span_token_indices(text.tokenized, 0, [query.pronoun_span]))
         centres = None
-        if self.inference.ccr and self.memory_bank is not None and query.task_id is not None and tokens:
+        if ccr and self.memory_bank is not None and query.task_id is not None and tokens:
             num_tasks = self.memory_bank.num_tasks
             if not 1 <= query.task_id <= num_tasks:
                 raise ValueError(f"task {query.task_id}: the memory bank has {num_tasks} tasks")
@@ -218,8 +258,9 @@ class TaskSegmenter:
         state = task_state if task_state is not None else self._state
         if state is None:
             raise RuntimeError("no task set: call set_task(task) first or pass task_state")
-        threshold = self.inference.score_threshold if score_threshold is None else score_threshold
-        limit = self.inference.max_instances if max_instances is None else max_instances
+        check_call_limits(score_threshold, max_instances)
+        threshold = self.inference.score_threshold if score_threshold is None else float(score_threshold)
+        limit = self.inference.max_instances if max_instances is None else int(max_instances)
         if len(images) == 0:
             return []
         originals = [tuple(check_image(img, f"images[{i}]").shape[:2]) for i, img in enumerate(images)]
@@ -231,6 +272,9 @@ class TaskSegmenter:
             pred_logits, pred_boxes, mask_logits = network(batch, state)
             scores_all = 1.0 - pred_logits.float().softmax(-1)[..., NO_OBJECT_INDEX]
             boxes_all = pred_boxes.float()
+            run, reduced = self._network_run()
+            check_outputs(scores_all, boxes_all, run, reduced)
+            mask_logits = checked_masks(mask_logits, run, reduced)
             padded = batch.tensors.shape[-2:]
             masked = with_masks and self.has_masks
             predictions = []
@@ -252,6 +296,13 @@ class TaskSegmenter:
                     masks=masks, queries=keep.cpu().numpy().astype(np.int64),
                     caption=state.caption, task_id=state.task_id, image_size=orig))
             return predictions
+
+    def _network_run(self) -> tuple[str, bool]:
+        """What ran the network (for errors), and whether it computed in fp16 / bf16."""
+        backend, precision = self.inference.backend, self.inference.precision
+        if backend != "torch":  # the graphs' own precision
+            precision = "fp16" if backend == "tensorrt" else "fp32"
+        return f"backend {backend!r}, precision {precision!r}, device {self.device}", precision != "fp32"
 
     # -- steps -------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[ImageBatch, list[tuple[int, int]]]:

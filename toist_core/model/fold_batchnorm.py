@@ -11,9 +11,10 @@ equal the unfolded model's up to fp32 rounding.
 The module keeps its ``state_dict`` (same keys, same values): the convolution is replaced by a
 :class:`FoldedConv2d` that shares the original ``weight`` / ``bias`` parameters and computes
 with folded copies held in non-persistent buffers; the BatchNorm by a :class:`FoldedNorm` that
-keeps its tensors but passes its input through. Loading a ``state_dict`` into the model
-re-folds (a load hook on the folded model), so the copies never go stale that way; a caller
-that edits the conv or BatchNorm tensors in place must call :func:`refold`. The copies cost the
+keeps its tensors but passes its input through. Loading a ``state_dict`` re-folds, into the
+model or any submodule of it (the conv and the BatchNorm each carry a load post-hook, which
+``load_state_dict`` runs for every module it loads into), so the copies never go stale that
+way; a caller that edits the conv or BatchNorm tensors in place must call :func:`refold`. The copies cost the
 memory of the folded convolutions' weights once more (ResNet-101: ~170 MB in fp32).
 
 Folding changes the module (its submodules' types and its forward): ``TaskSegmenter`` folds
@@ -102,11 +103,15 @@ class FoldedConv2d(nn.Conv2d):
         new.weight = conv.weight
         new.bias = conv.bias
         new.training = conv.training
-        # Not a submodule (it is registered where it was): a plain reference for refold().
+        # Not submodules of each other (each is registered where it was): plain references, for
+        # refold() and for a load into the BatchNorm alone.
         object.__setattr__(new, "_norm", norm)
+        object.__setattr__(norm, "_conv", new)
         new.register_buffer("folded_weight", torch.empty(0), persistent=False)
         new.register_buffer("folded_bias", torch.empty(0), persistent=False)
         new.refold()
+        new.register_load_state_dict_post_hook(_refold_after_load)
+        norm.register_load_state_dict_post_hook(_refold_after_load)
         return new
 
     def refold(self) -> None:
@@ -143,7 +148,10 @@ def refold(model: nn.Module) -> None:
 
 
 def _refold_after_load(module: nn.Module, incompatible_keys) -> None:
-    refold(module)
+    """Load post-hook of a :class:`FoldedConv2d` or :class:`FoldedNorm`: its folded copies from
+    the tensors just loaded. (A load into a parent folds a pair twice, once per member: the
+    second, after both are loaded, is the one that counts.)"""
+    (module if isinstance(module, FoldedConv2d) else module._conv).refold()
 
 
 def fold_batchnorm(model: nn.Module) -> int:
@@ -151,7 +159,7 @@ def fold_batchnorm(model: nn.Module) -> int:
 
     For inference: the model computes the same function (fp32 rounding aside) with one
     elementwise pass less per pair; its ``state_dict`` is unchanged, and ``load_state_dict``
-    re-folds. Its folded BatchNorms no longer train.
+    (into it or any submodule) re-folds. Its folded BatchNorms no longer train.
     """
     count = 0
     for parent in list(model.modules()):
@@ -160,9 +168,6 @@ def fold_batchnorm(model: nn.Module) -> int:
             setattr(parent, norm_name, norm)
             setattr(parent, conv_name, FoldedConv2d.from_pair(getattr(parent, conv_name), norm))
             count += 1
-    if count and not getattr(model, "_refolds_on_load", False):
-        model.register_load_state_dict_post_hook(_refold_after_load)
-        object.__setattr__(model, "_refolds_on_load", True)
     return count
 
 
