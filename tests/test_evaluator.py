@@ -16,15 +16,18 @@ from toist_core import cli
 from toist_core.cli.evaluate import predict_tasks
 from toist_core.data.schema import DataError
 from toist_core.data.synth import generate
-from toist_core.eval.evaluator import evaluate_task, evaluate_tasks, load_ground_truth, task_files
+from toist_core.eval.evaluator import (default_backend, evaluate_task, evaluate_tasks, load_ground_truth,
+                                       task_files)
 from toist_core.eval.plots import plot_pr_curves
 from toist_core.eval.predictions import ImagePredictions, encode_masks, load_predictions, save_predictions
-from toist_core.eval.tables import write_tables
+from toist_core.eval.tables import csv_text, markdown_report, write_tables
 
 # pycocotools calls np.array(copy=False) on its own objects (numpy 2 warns); not our code.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 TASKS = [2, 10, 14]
+# The reference's pycocotools and the default (faster-coco-eval when installed).
+BACKENDS = sorted({"pycocotools", default_backend()})
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +166,65 @@ def test_equals_direct_pycocotools_on_random_predictions(root):
             assert np.allclose(np.nan_to_num(result.curves[iou].precision_with_targets, nan=-1),
                                subset.eval["precision"][0, :, 0, 0, 2])
             assert result.ap50_with_targets[iou] == pytest.approx(subset.stats[1])
+
+
+def _without_targets(gt: COCO) -> list[int]:
+    return [i for i in gt.getImgIds() if not gt.getAnnIds(imgIds=[i], catIds=[1])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_means_are_over_the_tasks_with_a_result(root, backend):
+    """pycocotools' -1 (a task whose evaluated images hold no target) stays the task's value but
+    is no AP: the means leave it out, and a mean over no task is n/a (NaN), not 0 or -1."""
+    files = task_files(root, TASKS)
+    gts = {t: load_ground_truth(p) for t, p in files.items()}
+    preds = {t: _perfect(gt) for t, gt in gts.items()}
+    ids = {2: gts[2].getImgIds(), 10: _without_targets(gts[10])[:3], 14: gts[14].getImgIds()}
+    for image_id in ids[10]:   # a false positive on each: still no AP without a target
+        info = gts[10].imgs[image_id]
+        mask = np.zeros((1, info["height"], info["width"]), dtype=bool)
+        mask[0, 1:20, 1:20] = True
+        preds[10][image_id] = ImagePredictions.from_arrays(np.array([[1.0, 1, 20, 20]]), np.array([0.9]), mask)
+    result = evaluate_tasks(gts, preds, ("bbox", "segm"), ids, backend=backend)
+    for iou in ("bbox", "segm"):
+        direct = _direct_stats(files[10], {i: preds[10][i] for i in ids[10]}, iou, image_ids=ids[10])
+        assert result.task(10).stats[iou] == pytest.approx(list(direct.stats)) and direct.stats[1] == -1
+        assert result.task(2).ap50[iou] == pytest.approx(1.0) and result.task(14).ap50[iou] == pytest.approx(1.0)
+        assert result.mean_ap50(iou) == pytest.approx(1.0)
+        assert result.mean_ap(iou) == pytest.approx(1.0)
+        assert result.mean_ap50_with_targets(iou) == pytest.approx(1.0)
+        assert result.tasks_without_result(iou) == [10]
+    report = markdown_report(result)
+    assert "| AP@0.5 box (mAP^box) | 100.0 | n/a | 100.0 | 100.0 |" in report
+    assert "task(s) 10 have no result" in report
+    assert csv_text(result).splitlines()[-1].startswith("mean,,43,")   # 20 + 3 + 20 images
+    assert "100.0000" in csv_text(result).splitlines()[-1]
+
+    only_empty = evaluate_tasks({10: gts[10]}, {10: preds[10]}, ("bbox",), {10: ids[10]}, backend=backend)
+    assert np.isnan(only_empty.mean_ap50("bbox")) and np.isnan(only_empty.mean_ap("bbox"))
+    assert "mAP^box@0.5 = n/a" in markdown_report(only_empty)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_task_without_evaluated_images_has_no_result(root, backend, tmp_path):
+    """E.g. a training holdout that gives a task no image: n/a for that task, no crash, and
+    pycocotools never sees the empty image list (which it reads as "every image")."""
+    files = task_files(root, TASKS)
+    gts = {t: load_ground_truth(p) for t, p in files.items()}
+    preds = {2: _perfect(gts[2]), 10: _perfect(gts[10]), 14: {}}
+    ids = {2: gts[2].getImgIds(), 10: gts[10].getImgIds()[:5], 14: []}
+    result = evaluate_tasks(gts, preds, ("bbox", "segm"), ids, backend=backend)
+    empty = result.task(14)
+    assert (empty.num_images, empty.num_images_with_targets, empty.num_targets) == (0, 0, 0)
+    for iou in ("bbox", "segm"):
+        assert empty.ap50[iou] == empty.ap[iou] == empty.ap50_with_targets[iou] == -1
+        assert empty.stats[iou] == [-1.0] * 12 and np.isnan(empty.curves[iou].precision_all).all()
+        assert result.tasks_without_result(iou) == [14]
+        assert result.mean_ap50(iou) == pytest.approx(1.0)
+    md_path, csv_path = write_tables(result, tmp_path)
+    assert "| AP@0.5 box (mAP^box) | 100.0 | 100.0 | n/a | 100.0 |" in md_path.read_text()
+    assert [png.name for png in plot_pr_curves(result, tmp_path)] == ["pr_task_2.png", "pr_task_10.png",
+                                                                     "pr_task_14.png"]
 
 
 def test_tables_and_plots_are_written(root, tmp_path):

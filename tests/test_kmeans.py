@@ -103,3 +103,12 @@ def test_cluster_result_is_stored_and_nearest_centre():
     assert bank.cluster_centers[0].flatten().tolist() == [0.0, 3.0]
     assert bank.nearest_centre(0, torch.tensor([2.0])).tolist() == [3.0]
     assert bank.nearest_centre(0, torch.tensor([[1.4], [1.6]])).flatten().tolist() == [0.0, 3.0]
+
+
+def test_non_finite_features_are_refused_instead_of_looping_for_ever():
+    """Without an iteration cap (the reference's setting) a NaN row keeps the shift NaN, which is
+    never under the tolerance: k-means on a bank a diverged model wrote into never returned."""
+    features = torch.randn(20, 4)
+    features[3, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="1 of the 20 feature rows hold NaN/inf"):
+        kmeans(features, features[:3].nan_to_num(), max_iter=None)

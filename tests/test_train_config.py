@@ -80,6 +80,37 @@ def test_wrong_type_is_named(tmp_path):
         load_config(_write(tmp_path, {"stage": "teacher"}))
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=nan", r"optim\.lr: expected a finite number, got 'nan'"),
+    ("optim.lr=.inf", r"optim\.lr: expected a finite number, got inf"),
+    ("optim.lr_backbone=-.inf", r"optim\.lr_backbone: expected a finite number, got -inf"),
+    ("optim.weight_decay=.nan", r"optim\.weight_decay: expected a finite number, got nan"),
+    ("optim.clip_max_norm=nan", r"optim\.clip_max_norm: expected a finite number"),
+    ("loss.ce_loss_coef=nan", r"loss\.ce_loss_coef: expected a finite number"),
+    ("loss.bbox_loss_coef=-5", r"loss: bbox_loss_coef: must be >= 0, got -5\.0"),
+    ("loss.set_cost_giou=-1", r"loss: set_cost_giou: must be >= 0, got -1\.0"),
+    ("loss.temperature=nan", r"loss\.temperature: expected a finite number"),
+    ("distill.cluster_loss=nan", r"distill\.cluster_loss: expected a finite number"),
+    ("distill.kmeans_tol=nan", r"distill\.kmeans_tol: expected a finite number"),
+    ("distill.kmeans_tol=-1e-4", r"distill: kmeans_tol: must be >= 0, got -0\.0001"),
+    ("model.transformer.dropout=nan", r"model\.transformer\.dropout: expected a finite number"),
+    ("distributed.timeout_s=-5", r"distributed: timeout_s: must be >= 1 \(seconds\), got -5"),
+    ("runtime.threads=-2", r"runtime: threads: must be >= 1 or null \(torch's default\), got -2"),
+])
+def test_non_finite_and_out_of_range_values_are_named(override, message):
+    """YAML's .nan / .inf and the strings nan / inf pass no float field (a NaN also slips through
+    every `value < 0` check); the file, the field and the value are named."""
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(CONFIGS / "tiny_distill.yaml", [override])
+    assert "tiny_distill.yaml" in str(info.value)
+
+
+def test_kmeans_without_tolerance_needs_an_iteration_cap():
+    with pytest.raises(ConfigError, match="kmeans_tol: 0 with kmeans_max_iter null would never stop"):
+        load_config(CONFIGS / "tiny_distill.yaml", ["distill.kmeans_tol=0", "distill.kmeans_max_iter=null"])
+    assert load_config(CONFIGS / "tiny_distill.yaml", ["distill.kmeans_tol=0"]).distill.kmeans_tol == 0
+
+
 def test_stage_contradictions_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.caption_mode: stage 'noun' trains on 'noun' captions"):
         load_config(_write(tmp_path, {"stage": "noun"}))

@@ -3,17 +3,25 @@
 Every configuration object in toist is a dataclass; this module turns a plain mapping into
 one (and back) and refuses unknown keys and wrongly typed values with an error that names
 the file and the dotted field path, e.g. ``train.yaml: optim.lr: expected float, got 'fast'``.
+A float field takes finite numbers only: no field of toist's configs means anything by NaN or
+±inf (YAML's ``.nan`` / ``.inf``, or the strings ``nan`` / ``inf``), and a NaN slips through
+every ``value < 0``-style range check.
+
+Files are written whole (:mod:`toist_core.atomic_file`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
 
 import yaml
+
+from .atomic_file import write_text_atomic
 
 T = TypeVar("T")
 
@@ -56,7 +64,7 @@ def read_yaml(path: Union[str, Path], what: str = "configuration file") -> Any:
 
 
 def save_yaml(obj: Any, path: Union[str, Path]) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
 def merge(obj: T, overrides: dict[str, Any], where: str = "overrides") -> T:
@@ -125,15 +133,20 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
             # YAML reads "1e-4" (no dot) as a string: accept numeric strings for floats.
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is None:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")

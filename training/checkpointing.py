@@ -11,6 +11,7 @@ Layout (a superset of the official ``checkpoint.pth``, so ``model`` / ``model_em
      "step": int,            # optimizer updates done (the run resumes at this update)
      "rng": [per-rank generator states],
      "cluster_criterion": memory-bank state_dict | None,
+     "cluster_stale": [T] bool | None,   # tasks whose centres k-means has yet to recompute
      "config": the TrainConfig as plain data, "best": {...}, "metrics": {...}}
 
 Everything is plain tensors, numbers, strings, lists and dicts, so the files load with
@@ -21,18 +22,16 @@ the target: a crash mid-write never leaves a truncated checkpoint behind.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
-from toist_core.checkpoint.atomic_dir import fsync_dir
 from toist_core.checkpoint.errors import CheckpointError  # one error class for every checkpoint
 from toist_core.checkpoint.files import check_torch_file
+from toist_core.atomic_file import atomic_write
 
 FORMAT = "toist-train"
 VERSION = 1
@@ -42,21 +41,7 @@ _REQUIRED = ("model", "optimizer", "scheduler", "step", "epoch", "config", "stag
 
 def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
     """``torch.save`` to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda handle: torch.save(obj, handle), suffix=TMP_SUFFIX)
 
 
 def remove_stale_temporaries(folder: Union[str, Path]) -> list[Path]:

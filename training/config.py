@@ -15,6 +15,7 @@ checked by :func:`check_paths` before anything is built.
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from toist_core.data.config import DataConfig
 from toist_core.distill.config import DistillConfig
 from toist_core.losses.config import LossConfig
 from toist_core.tasks import NUM_TASKS
+from toist_core.atomic_file import write_text_atomic
 from toist_core.typed_config import ConfigError, from_dict, read_yaml, to_dict
 
 Stage = Literal["grounding", "pronoun", "noun", "distill", "mask_head", "mask_head_distill"]
@@ -69,8 +71,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         for name in ("lr", "lr_backbone", "text_encoder_lr", "weight_decay", "clip_max_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:   # NaN fails too
+                raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay: must be in [0, 1], got {self.ema_decay!r}")
 
@@ -159,7 +162,11 @@ class EvalConfig:
 class DistributedConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"   # auto: nccl on GPUs, gloo on CPU
     find_unused_parameters: bool = True
-    timeout_s: int = 1800
+    timeout_s: int = 1800          # how long a collective waits for the other processes
+
+    def __post_init__(self) -> None:
+        if self.timeout_s < 1:
+            raise ValueError(f"timeout_s: must be >= 1 (seconds), got {self.timeout_s!r}")
 
 
 @dataclass
@@ -177,6 +184,8 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.log_every < 1:
             raise ValueError(f"log_every: must be >= 1, got {self.log_every!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads: must be >= 1 or null (torch's default), got {self.threads!r}")
 
 
 @dataclass
@@ -293,7 +302,7 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
 
 
 def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

@@ -17,6 +17,7 @@ uninterrupted run makes after ``s``.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ from toist_core.typed_config import ConfigError
 
 from training import checkpointing as ckpt_io
 from training.config import HOLDOUT, TrainConfig, check_paths, config_to_dict, save_config
-from training.distributed import DistEnv, all_gather_objects, barrier, seed_everything, set_deterministic, wrap_ddp
+from training.distributed import (DistEnv, all_gather_objects, barrier, broadcast_object, seed_everything,
+                                  set_deterministic, wrap_ddp)
 from training.ema import ModelEMA
 from training.evaluate import build_validation_set, evaluate, holdout_ids
 from training.export import export_checkpoint
@@ -87,7 +89,9 @@ class Trainer:
             for stale in ckpt_io.remove_stale_temporaries(self.output_dir):
                 self.log(f"removed {stale}: a checkpoint write cut short by an earlier run")
         resume_state = ckpt_io.load_training_checkpoint(resume) if resume else None
-        if resume_state is None and env.is_main and (self.output_dir / LAST).exists():
+        # Rank 0 writes output_dir, so its view decides; every process refuses together (a
+        # process going on alone would wait in DDP's set-up for the ones that stopped).
+        if resume_state is None and broadcast_object(env.is_main and (self.output_dir / LAST).exists(), env):
             raise ConfigError(f"output_dir: {self.output_dir} already holds {LAST}; continue it with "
                               f"--resume {self.output_dir / LAST} or choose another output_dir")
         if resume_state is not None:
@@ -114,6 +118,10 @@ class Trainer:
                 raise ConfigError("eval.holdout_fraction: every training image went to the holdout")
             train_set = Subset(train_set, keep)
         self.val = build_validation_set(cfg, holdout) if cfg.eval.enabled else None
+        unscored = [task for task, ids in self.val.image_ids.items() if not ids] if self.val is not None else []
+        if unscored:
+            self.log(f"warning: eval: no {cfg.eval.split} image for task(s) {unscored}: their AP is n/a and the "
+                     "mean is over the other tasks")
         self.sampler = EpochBatchSampler(len(train_set), cfg.loader.batch_size, env.world_size, env.rank,
                                          shuffle=True, seed=cfg.runtime.seed)
         self.loader = DataLoader(SeededSamples(train_set), batch_sampler=self.sampler,
@@ -227,11 +235,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             outputs, cluster_losses = self.train_module(images, targets, noun_targets)
+        # Before the losses: the matchers refuse non-finite predictions on their process only,
+        # and the others would then wait in the loss's collectives.
+        bad = _non_finite_tensors(outputs)
+        self._stop_unless_finite(f"NaN/inf in {', '.join(bad)}" if bad else None, "model outputs")
         with torch.autocast(device.type, enabled=False):
             losses = compute_losses(self.criterion, cfg.stage, float_outputs(outputs),
                                     float_outputs(cluster_losses), targets, noun_targets)
             total = weighted_total(losses, self.weight_dict)
-        self._check_finite(total, losses)
+        finite = bool(torch.isfinite(total.detach()))
+        self._stop_unless_finite(None if finite else f"terms {_numbers(losses)}", "loss")
         if not total.requires_grad:
             # E.g. a mask-head batch without any target: the loss is a constant. A zero term
             # through the outputs gives zero gradients (the reference's zero-valued loss) and
@@ -242,9 +255,15 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             total.backward()
-        clip_grad_norm(self.model, cfg.optim.clip_max_norm)
+        norms = {"model": clip_grad_norm(self.model, cfg.optim.clip_max_norm)}
         if self.teacher is not None:
-            clip_grad_norm(self.teacher, cfg.optim.clip_max_norm)
+            norms["teacher"] = clip_grad_norm(self.teacher, cfg.optim.clip_max_norm)
+        if self.scaler is None:
+            # Before the step (and so before any checkpoint of this update): a non-finite gradient
+            # would make every weight NaN. (fp16's scaler skips such an update and lowers its scale.)
+            bad = {name: float(norm) for name, norm in norms.items() if norm is not None and not torch.isfinite(norm)}
+            self._stop_unless_finite(f"{bad} (after clipping to {cfg.optim.clip_max_norm})" if bad else None,
+                                     "gradient norm")
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -266,14 +285,20 @@ class Trainer:
             signum = int(flag.item())
         return signum or None
 
-    def _check_finite(self, total: Tensor, losses: dict) -> None:
-        finite = torch.isfinite(total.detach()).to(torch.float32).reshape(1)
-        if self.env.distributed:  # every process must stop together, not hang in backward
-            torch_dist.all_reduce(finite, op=torch_dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            raise FloatingPointError(f"loss is not finite at update {self.step} (on some process); "
-                                     f"terms: {values}")
+    def _stop_unless_finite(self, problem: Optional[str], what: str) -> None:
+        """Raise the same FloatingPointError on every process if any process has a ``problem``
+        (what is not finite there; None: nothing), so that all stop at the same point of the
+        update instead of the others waiting in its next collective until the timeout."""
+        flag = torch.tensor([0.0 if problem is None else 1.0], device=self.env.device)
+        if self.env.distributed:
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        if flag.item() == 0:
+            return
+        problems = all_gather_objects(problem, self.env)   # every process saw the flag: all are here
+        found = "; ".join(f"process {rank}: {text}" for rank, text in enumerate(problems) if text is not None)
+        raise FloatingPointError(f"{what} not finite in update {self.step + 1} ({found}); stopped before its "
+                                 f"optimizer step and before any checkpoint of it (the last one written, if any: "
+                                 f"{self.output_dir / LAST})")
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -317,12 +342,15 @@ class Trainer:
         self.last_eval_step = self.step
         key = f"mAP50/{cfg.metric_iou_type}"
         value = metrics[key]
-        self.log(f"update {self.step}: {self.val.split} {key} = {value:.4f} "
+        # NaN: no task has a result (no target in its images, or no image): nothing to rank.
+        scored = not math.isnan(value)
+        shown = f"{value:.4f}" if scored else "n/a (no validation task has a target)"
+        self.log(f"update {self.step}: {self.val.split} {key} = {shown} "
                  f"({int(metrics['images'])} images, {metrics['seconds']:.1f} s)")
         if self.writer is not None:
             for name, number in metrics.items():
                 self.writer.add_scalar(f"val_{self.val.split}/{name}", number, self.step)
-        improved = self.best is None or value > self.best["value"]
+        improved = scored and (self.best is None or value > self.best["value"])
         if improved:
             self.best = {"metric": key, "value": value, "step": self.step,
                          "epoch": self.step // self.steps_per_epoch, "split": self.val.split}
@@ -348,6 +376,8 @@ class Trainer:
             "world_size": self.env.world_size,
             "rng": rng,
             "cluster_criterion": bank_state,
+            # Beside the bank's reference keys: which tasks' centres still need k-means.
+            "cluster_stale": self.cluster.bank.stale_flags() if self.cluster is not None else None,
             "config": config_to_dict(self.cfg),
             "best": self.best,
             "metrics": self.metrics,
@@ -372,6 +402,10 @@ class Trainer:
             ckpt_io.check_state_dict(ckpt.get("model_noun_ema"), self.ema_teacher.module, f"{where} [model_noun_ema]")
         if self.cluster is not None:
             ckpt_io.check_state_dict(ckpt.get("cluster_criterion"), self.cluster.bank, f"{where} [cluster_criterion]")
+            stale = ckpt.get("cluster_stale")   # absent in older checkpoints: every task re-clusters
+            if stale is not None and tuple(stale.shape) != (self.cluster.bank.num_tasks,):
+                raise ckpt_io.CheckpointError(f"{where} [cluster_stale]: shape {tuple(stale.shape)}, the bank has "
+                                              f"{self.cluster.bank.num_tasks} tasks")
         try:
             self.schedule.check_compatible(ckpt["scheduler"], where)
         except ValueError as exc:
@@ -397,6 +431,7 @@ class Trainer:
             self.ema_teacher.load_state_dict(ckpt["model_noun_ema"])
         if self.cluster is not None:
             self.cluster.bank.load_state_dict(ckpt["cluster_criterion"])
+            self.cluster.bank.load_stale_flags(ckpt.get("cluster_stale"))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -452,15 +487,31 @@ class Trainer:
         return numbers
 
 
+# Settings the resumed optimizer state brings back from the checkpoint (its parameter groups
+# hold them), whatever the config says.
+OPTIM_FROM_CHECKPOINT = ("lr", "lr_backbone", "text_encoder_lr", "weight_decay")
+
+
 def _check_resume_config(ckpt: dict, cfg: TrainConfig, path) -> None:
-    """The checkpoint must come from the same stage and model (other settings may change)."""
+    """The checkpoint must come from the same stage and model, with the optimizer settings its
+    state restores (other settings may change)."""
     if ckpt["stage"] != cfg.stage:
         raise ckpt_io.CheckpointError(f"{path}: checkpoint of stage {ckpt['stage']!r}, config stage {cfg.stage!r}")
-    saved_model = (ckpt.get("config") or {}).get("model")
-    current = config_to_dict(cfg).get("model")
-    if saved_model is not None and saved_model != current:
-        diffs = _dict_diff(saved_model, current, "model")
+    saved = ckpt.get("config") or {}
+    current = config_to_dict(cfg)
+    saved_model = saved.get("model")
+    if saved_model is not None and saved_model != current.get("model"):
+        diffs = _dict_diff(saved_model, current.get("model"), "model")
         raise ckpt_io.CheckpointError(f"{path}: model config differs from the checkpoint's: " + "; ".join(diffs[:6]))
+    saved_optim = saved.get("optim") or {}
+    diffs = [f"optim.{name}: checkpoint {saved_optim[name]!r}, config {current['optim'][name]!r}"
+             for name in OPTIM_FROM_CHECKPOINT if name in saved_optim and saved_optim[name] != current["optim"][name]]
+    if diffs:
+        raise ckpt_io.CheckpointError(
+            f"{path}: a resume continues the checkpoint's optimizer, whose state holds its own values of "
+            f"{'; '.join(diffs)}. Resume with the checkpoint's values, or, to train on with the new ones, start a "
+            f"new run in another output_dir with init.load={path} (its weights, EMA preferred; a fresh optimizer "
+            "and schedule)")
 
 
 def _dict_diff(a, b, where: str) -> list[str]:
@@ -484,24 +535,38 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
 
 def _zero_through(outputs, params: list) -> Tensor:
     """``0 * sum(outputs)`` over the output tensors that carry a gradient (else over ``params``)."""
-    found = []
-
-    def collect(obj):
-        if isinstance(obj, Tensor):
-            if obj.requires_grad and obj.is_floating_point():
-                found.append(obj.float().sum() * 0.0)
-        elif isinstance(obj, dict):
-            for key, value in obj.items():
-                if key != "tokenized":
-                    collect(value)
-        elif isinstance(obj, (list, tuple)):
-            for value in obj:
-                collect(value)
-
-    collect(outputs)
+    found = [t.float().sum() * 0.0 for _, t in _float_tensors(outputs) if t.requires_grad]
     if not found:
         found = [p.sum() * 0.0 for p in params]
     return torch.stack(found).sum()
+
+
+def _non_finite_tensors(outputs) -> list[str]:
+    """Names (``[1].aux_outputs[0].pred_boxes``) of the output tensors holding NaN or inf."""
+    named = _float_tensors(outputs)
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).tolist()  # one device sync
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+def _float_tensors(obj, name: str = "") -> list[tuple[str, Tensor]]:
+    """The floating tensors of model outputs (nested dicts / lists / tuples; not the tokenizer's)."""
+    if isinstance(obj, Tensor):
+        return [(name or "output", obj)] if obj.is_floating_point() else []
+    found = []
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key != "tokenized":
+                found += _float_tensors(value, f"{name}.{key}" if name else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            found += _float_tensors(value, f"{name}[{index}]")
+    return found
+
+
+def _numbers(losses: dict[str, Tensor]) -> dict[str, float]:
+    return {key: float(value.detach()) for key, value in losses.items()}
 
 
 def _to_device(target: dict, device: torch.device) -> dict:

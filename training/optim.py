@@ -51,10 +51,12 @@ def build_optimizer(model: nn.Module, lr: float, lr_backbone: float, text_encode
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> Optional[torch.Tensor]:
-    """Clip the gradient norm of ``model`` (the reference clips student and teacher separately)."""
-    if max_norm <= 0:
-        return None
+    """Clip the gradient norm of ``model`` to ``max_norm`` (0: no clipping; the reference clips
+    student and teacher separately). Returns the total norm before clipping (NaN / inf when a
+    gradient is), None when no parameter has a gradient."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return None
+    if max_norm <= 0:
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
     return torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from ..atomic_file import fsync_dir
 from .errors import PathLike
 
 _AT_FDCWD = -100
@@ -78,16 +79,3 @@ def _fsync_tree(root: Path) -> None:
             with open(os.path.join(folder, name), "rb") as handle:
                 os.fsync(handle.fileno())
         fsync_dir(Path(folder))
-
-
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

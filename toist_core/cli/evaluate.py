@@ -12,8 +12,9 @@ loader's order), for a like-for-like comparison with the paper's tables; the def
 ``toist`` keeps toist's float resize, padding to a multiple of 32 and box clipping
 (docs/inference.md gives their measured effect). Writes ``results.md`` / ``results.csv``
 (per-task AP@0.5 and AP@[.5:.95], mean over tasks = mAP^box / mAP^mask) and one
-precision-recall plot per task into ``--out``. Invalid predictions (NaN / inf scores or boxes,
-masks not of the image's size) stop the command with exit code 2 before it writes anything.
+precision-recall plot per task into ``--out``. Invalid predictions (NaN / inf scores or boxes:
+the network's outputs are checked as they come, or masks not of the image's size) stop the
+command with exit code 2 before it writes anything.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from toist_core.eval.plots import plot_pr_curves
     from toist_core.eval.predictions import load_predictions, save_predictions
     from toist_core.eval.tables import markdown_report, write_tables
+    from toist_core.atomic_file import write_text_atomic
 
     if args.max_images is not None and args.max_images <= 0:
         raise ValueError(f"--max-images must be positive, got {args.max_images}")
@@ -134,8 +136,7 @@ def run(args: argparse.Namespace) -> int:
     written = [md_path, csv_path]
     if not args.no_plots:
         written += plot_pr_curves(result, args.out)
-    log_path = Path(args.out) / "cocoeval_log.txt"
-    log_path.write_text("\n".join(t.log for t in result.tasks))
+    log_path = write_text_atomic(Path(args.out) / "cocoeval_log.txt", "\n".join(t.log for t in result.tasks))
     written.append(log_path)
     print(f"evaluated {len(result.tasks)} task(s) in {time.perf_counter() - started:.1f} s; "
           f"wrote {len(written)} files to {args.out}")
@@ -184,6 +185,7 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
     """
     from toist_core.data.coco_tasks import CocoTasksDataset
     from toist_core.eval.predictions import ImagePredictions, check_image_predictions
+    from toist_core.inference import NonFiniteOutputError
 
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
@@ -201,10 +203,14 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
             images = [dataset.load_image(i).permute(1, 2, 0).numpy() for i in chunk]
-            if batch_size == 1:
-                outputs = [segmenter.predict(images[0], **keep_all)]
-            else:
-                outputs = segmenter.predict_batch(images, **keep_all)
+            try:
+                if batch_size == 1:
+                    outputs = [segmenter.predict(images[0], **keep_all)]
+                else:
+                    outputs = segmenter.predict_batch(images, **keep_all)
+            except NonFiniteOutputError as exc:  # NaN predictions: exit code 2, naming the images
+                ids = ", ".join(str(dataset.sample_info(i)[1].id) for i in chunk)
+                raise NonFiniteOutputError(f"task {task_id}: image id(s) {ids}: {exc}") from None
             for index, image, out in zip(chunk, images, outputs):
                 image_id = dataset.sample_info(index)[1].id
                 pred = ImagePredictions.from_arrays(out.boxes, out.scores, out.masks)

@@ -38,6 +38,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from toist_core.atomic_file import write_text_atomic
 from toist_core.data.captions import OWN_CATEGORIES_FIELD, category_names
 from toist_core.data.schema import DataError, TaskFile, parse_task_data, read_json, task_file_path
 
@@ -370,12 +371,5 @@ def _image_copies(source: _Source, from_dir: Path, to_dir: Path) -> list[tuple[P
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary name beside ``path`` and rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, separators=(",", ":"), ensure_ascii=False)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Readers never see half a file (:func:`~toist_core.atomic_file.write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, separators=(",", ":"), ensure_ascii=False))

@@ -44,9 +44,10 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.cluster_loss < 0:
+        # Written as `not value >= 0` so that NaN fails as well.
+        if not self.cluster_loss >= 0:
             raise ValueError(f"cluster_loss: must be >= 0, got {self.cluster_loss!r}")
-        if self.sbtl < 0:
+        if not self.sbtl >= 0:
             raise ValueError(f"sbtl: must be >= 0, got {self.sbtl!r}")
         if self.num_clusters < 1:
             raise ValueError(f"num_clusters: must be >= 1, got {self.num_clusters!r}")
@@ -60,6 +61,12 @@ class DistillConfig:
             raise ValueError(f"kmeans_rerun: must be 'on_change' or 'every_use', got {self.kmeans_rerun!r}")
         if self.kmeans_max_iter is not None and self.kmeans_max_iter < 1:
             raise ValueError(f"kmeans_max_iter: must be >= 1 or null, got {self.kmeans_max_iter!r}")
+        if not self.kmeans_tol >= 0:
+            raise ValueError(f"kmeans_tol: must be >= 0, got {self.kmeans_tol!r}")
+        if self.kmeans_tol == 0 and self.kmeans_max_iter is None:
+            # k-means stops when (sum of centre shifts)^2 < tol: never for 0 at a fixed point.
+            raise ValueError("kmeans_tol: 0 with kmeans_max_iter null would never stop; "
+                             "give a tolerance > 0 or an iteration cap")
         if not self.pronoun.strip():
             raise ValueError(f"pronoun: must be a non-empty word, got {self.pronoun!r}")
 

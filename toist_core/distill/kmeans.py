@@ -51,6 +51,11 @@ def kmeans(features: Tensor, init_centres: Tensor, tol: float = 1e-4,
         raise ValueError(f"kmeans: expected features [N, D] and centres [K, D], got "
                          f"{tuple(features.shape)} and {tuple(init_centres.shape)}")
     x = features.float()
+    if not bool(torch.isfinite(x).all()):
+        # A NaN row never lets the centres settle: with no iteration cap this loop would not end.
+        bad = int((~torch.isfinite(x)).any(1).sum())
+        raise FloatingPointError(f"kmeans: {bad} of the {x.shape[0]} feature rows hold NaN/inf (a diverged model "
+                                 "wrote them into the memory bank)")
     centres = init_centres.to(x).clone()
     num_clusters = centres.shape[0]
     iteration = 0

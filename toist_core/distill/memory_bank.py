@@ -54,8 +54,9 @@ class MemoryBank(nn.Module):
         self.register_buffer("cluster_centers", torch.randn((num_tasks, num_clusters, dim), generator=generator))
         self.register_buffer("update_count", torch.zeros(num_tasks))
         self.register_buffer("full_label", torch.zeros(num_tasks))
-        # Centres that do not belong to the current bank (not saved: checkpoints keep the
-        # reference keys). Fresh banks and loaded states start stale.
+        # Centres that do not belong to the current bank. Not in the state_dict (it keeps the
+        # reference keys): a training checkpoint saves it beside (``stale_flags``) for an exact
+        # resume. Fresh banks and loaded states start stale.
         self.register_buffer("_stale", torch.ones(num_tasks, dtype=torch.bool), persistent=False)
 
     def _check_task(self, task_index: int) -> int:
@@ -166,6 +167,23 @@ class MemoryBank(nn.Module):
 
     def _mark_stale(self) -> None:
         self._stale.fill_(True)
+
+    def stale_flags(self) -> Tensor:
+        """``[T]`` bool, True for the tasks whose stored centres k-means has not yet recomputed for
+        their bank. Save it with the state_dict: k-means with few iterations (``max_iter``) moves
+        centres it runs on again, so a resumed bank must re-cluster exactly the tasks the saved one would."""
+        return self._stale.clone()
+
+    def load_stale_flags(self, flags: Optional[Tensor]) -> None:
+        """Restore :meth:`stale_flags` after ``load_state_dict``; None (a file without them): every
+        task stale, as ``load_state_dict`` leaves them."""
+        if flags is None:
+            self._mark_stale()
+            return
+        if tuple(flags.shape) != (self.num_tasks,):
+            raise ValueError(f"MemoryBank.load_stale_flags: expected [{self.num_tasks}] flags, "
+                             f"got {tuple(flags.shape)}")
+        self._stale.copy_(flags.to(self._stale))
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

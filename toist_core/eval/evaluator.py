@@ -9,6 +9,12 @@ a preferred object (all their detections are false positives). Every detection h
 detections); ``mAP^box`` / ``mAP^mask`` = arithmetic mean of the per-task values. AP@[.5:.95]
 (``stats[0]``) is reported as well.
 
+A task without a result, -1 (:data:`NO_RESULT`), is left out of the means: pycocotools gives
+-1 to a task whose evaluated images hold no preferred object, and a task with no evaluated
+image at all gets -1 here without running COCOeval (pycocotools reads an empty image list
+as "every image"). A mean over no task with a result is NaN (reported as n/a). Every COCO-Tasks
+test task has targets, so the paper's means are unchanged.
+
 Precision-recall curves (IoU 0.5) come from ``COCOeval.eval["precision"]`` for all images and
 for the images with at least one target; the second set reuses the per-image matching of the
 first (pycocotools' ``accumulate(p)`` mis-indexes a subset of images, so the per-image records
@@ -41,6 +47,7 @@ from toist_core.data.schema import DataError, parse_task_file_name
 from toist_core.eval.predictions import ImagePredictions, PredictionSet, check_image_predictions
 
 IOU_TYPES = ("bbox", "segm")
+NO_RESULT = -1.0   # pycocotools' AP of a task without ground truth; also a task without images
 BACKENDS = ("faster-coco-eval", "pycocotools")
 PREFERRED = 1
 _RECALL_POINTS = 101
@@ -57,7 +64,8 @@ class PRCurve:
 
 @dataclass
 class TaskResult:
-    """Metrics of one task; AP values are fractions in [0, 1] (-1 where pycocotools has no GT)."""
+    """Metrics of one task; AP values are fractions in [0, 1], or -1 (:data:`NO_RESULT`) where the
+    task has none: no target in its evaluated images (pycocotools' value), or no evaluated image."""
 
     task_id: int
     num_images: int
@@ -82,14 +90,19 @@ class EvaluationResult:
     phrases: Optional[dict[int, str]] = None
 
     def mean_ap50(self, iou_type: str) -> float:
-        """``mAP^box`` (iou_type "bbox") / ``mAP^mask`` ("segm"): mean of per-task AP@0.5."""
-        return float(np.mean([t.ap50[iou_type] for t in self.tasks]))
+        """``mAP^box`` (iou_type "bbox") / ``mAP^mask`` ("segm"): mean of per-task AP@0.5 over the
+        tasks with a result; NaN when none has one."""
+        return _mean_of_results([t.ap50[iou_type] for t in self.tasks])
 
     def mean_ap(self, iou_type: str) -> float:
-        return float(np.mean([t.ap[iou_type] for t in self.tasks]))
+        return _mean_of_results([t.ap[iou_type] for t in self.tasks])
 
     def mean_ap50_with_targets(self, iou_type: str) -> float:
-        return float(np.mean([t.ap50_with_targets[iou_type] for t in self.tasks]))
+        return _mean_of_results([t.ap50_with_targets[iou_type] for t in self.tasks])
+
+    def tasks_without_result(self, iou_type: str) -> list[int]:
+        """Ids of the tasks left out of the means (AP@0.5 = -1)."""
+        return [t.task_id for t in self.tasks if t.ap50[iou_type] == NO_RESULT]
 
     def task(self, task_id: int) -> TaskResult:
         for result in self.tasks:
@@ -209,6 +222,8 @@ def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int
         size = (info["height"], info["width"]) if "segm" in iou_types else None
         check_image_predictions(pred, f"task {task_id}: image {image_id}", size)
 
+    if not selected:
+        return _without_images(task_id, iou_types)
     targets = ground_truth.getAnnIds(imgIds=selected, catIds=[PREFERRED], iscrowd=False)
     with_targets = sorted({ground_truth.anns[a]["image_id"] for a in targets})
     result = TaskResult(task_id, len(selected), len(with_targets), len(targets))
@@ -264,6 +279,23 @@ def task_files(root: Union[str, Path], tasks: Sequence[int], split: str = "test"
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _mean_of_results(values: Sequence[float]) -> float:
+    kept = [v for v in values if v != NO_RESULT]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
+def _without_images(task_id: int, iou_types: Sequence[str]) -> TaskResult:
+    """The result of a task none of whose images is evaluated: no AP (-1), undefined curves."""
+    result = TaskResult(task_id, 0, 0, 0)
+    undefined = np.full(_RECALL_POINTS, np.nan)
+    for iou_type in iou_types:
+        result.stats[iou_type] = [NO_RESULT] * 12
+        result.ap[iou_type] = result.ap50[iou_type] = result.ap50_with_targets[iou_type] = NO_RESULT
+        result.curves[iou_type] = PRCurve(np.linspace(0.0, 1.0, _RECALL_POINTS), undefined, undefined.copy())
+    result.log = "".join(f"[task {task_id} {iou_type}]\nno image evaluated: no result\n" for iou_type in iou_types)
+    return result
+
 
 def _run_cocoeval(backend: str, ground_truth: COCO, detections: COCO, iou_type: str, image_ids: Sequence[int]):
     """COCOeval of ``backend`` with the paper's parameters (catIds=[1], the given images, defaults
@@ -373,7 +405,7 @@ def _pr_precision(precision: np.ndarray) -> np.ndarray:
 
 def _ap(curve: np.ndarray) -> float:
     valid = curve[~np.isnan(curve)]
-    return float(valid.mean()) if valid.size else -1.0
+    return float(valid.mean()) if valid.size else NO_RESULT
 
 
 def _accumulate_subset(coco_eval, image_ids: Sequence[int]) -> Optional[np.ndarray]:

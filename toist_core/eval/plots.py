@@ -10,8 +10,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from toist_core.eval.evaluator import EvaluationResult, TaskResult  # noqa: E402
+from toist_core.eval.evaluator import NO_RESULT, EvaluationResult, TaskResult  # noqa: E402
 from toist_core.tasks import TASK_PHRASES  # noqa: E402
+from toist_core.atomic_file import atomic_write  # noqa: E402
 
 _IOU_LABEL = {"bbox": "box", "segm": "mask"}
 
@@ -23,9 +24,9 @@ def plot_task_pr(task: TaskResult, path: Union[str, Path]) -> Path:
     fig, axes = plt.subplots(1, len(iou_types), figsize=(5 * len(iou_types), 4.2), squeeze=False)
     for ax, iou in zip(axes[0], iou_types):
         curve = task.curves[iou]
-        ax.plot(curve.recall, curve.precision_all, label=f"all images (AP50 {100 * task.ap50[iou]:.1f})")
+        ax.plot(curve.recall, curve.precision_all, label=f"all images (AP50 {_percent(task.ap50[iou])})")
         ax.plot(curve.recall, curve.precision_with_targets, linestyle="--",
-                label=f"images with targets (AP50 {100 * task.ap50_with_targets[iou]:.1f})")
+                label=f"images with targets (AP50 {_percent(task.ap50_with_targets[iou])})")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("recall")
@@ -37,10 +38,13 @@ def plot_task_pr(task: TaskResult, path: Union[str, Path]) -> Path:
     fig.suptitle(f"Task {task.task_id}: {phrase} ({task.num_images} images, "
                  f"{task.num_images_with_targets} with targets)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=90))
     plt.close(fig)
     return path
+
+
+def _percent(ap: float) -> str:
+    return "n/a" if ap == NO_RESULT else f"{100 * ap:.1f}"
 
 
 def plot_pr_curves(result: EvaluationResult, out_dir: Union[str, Path]) -> list[Path]:

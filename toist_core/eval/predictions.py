@@ -28,6 +28,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from toist_core.data.schema import DataError
+from toist_core.atomic_file import atomic_write
 
 FORMAT_NAME = "toist-predictions"
 FORMAT_VERSION = 1
@@ -109,10 +110,10 @@ def _numpy(value) -> np.ndarray:
 # ----------------------------------------------------------------------------- file I/O
 
 def save_predictions(path: Union[str, Path], predictions: PredictionSet) -> Path:
-    """Write ``predictions`` to ``path`` (gzip when it ends in ``.gz``).
+    """Write ``predictions`` to ``path`` (gzip when it ends in ``.gz``), atomically.
 
     Every entry is checked and serialized before the disk is touched: a refused set leaves no
-    file behind and an existing file at ``path`` unchanged.
+    file behind and an existing file at ``path`` unchanged; so does a write cut short.
     """
     path = Path(path)
     tasks: dict[str, Any] = {}
@@ -129,13 +130,15 @@ def save_predictions(path: Union[str, Path], predictions: PredictionSet) -> Path
         tasks[str(task_id)] = task_out
     text = json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, "tasks": tasks},
                       separators=(",", ":"))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode("ascii")
     if path.suffix == ".gz":
-        with gzip.open(path, "wt", encoding="ascii") as handle:
-            handle.write(text)
+        def write(handle):
+            with gzip.GzipFile(filename=path.name, mode="wb", fileobj=handle) as compressed:
+                compressed.write(data)
     else:
-        path.write_text(text)
-    return path
+        def write(handle):
+            handle.write(data)
+    return atomic_write(path, write)
 
 
 def load_predictions(path: Union[str, Path]) -> PredictionSet:

@@ -3,7 +3,9 @@
 The paper's per-task tables have one column per task and a "Mean" column; rows are the
 metrics (AP@0.5 of boxes = mAP^box, of masks = mAP^mask). The Markdown file holds that wide
 table plus a long per-task table with the image/target counts and AP@[.5:.95]; the CSV holds
-the long table (one row per task and a final ``mean`` row), values in percent.
+the long table (one row per task and a final ``mean`` row), values in percent. A task without
+a result (no target in its images, or no image) reads n/a and is left out of the mean; a mean
+over no task is n/a.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Union
 
 from toist_core.eval.evaluator import EvaluationResult
 from toist_core.tasks import TASK_PHRASES
+from toist_core.atomic_file import write_text_atomic
 
 _IOU_LABEL = {"bbox": "box", "segm": "mask"}
 
@@ -80,7 +83,14 @@ def per_task_markdown(result: EvaluationResult) -> str:
 def markdown_report(result: EvaluationResult, title: str = "COCO-Tasks evaluation") -> str:
     parts = [f"# {title}", ""]
     summary = ", ".join(f"mAP^{_IOU_LABEL[i]}@0.5 = {_fmt(_pct(result.mean_ap50(i)))}" for i in result.iou_types)
-    parts += [summary, "", "## Per task (paper layout, %)", "", paper_table_markdown(result), "",
+    parts += [summary, ""]
+    for iou in result.iou_types:
+        left_out = result.tasks_without_result(iou)
+        if left_out:
+            parts += [f"{_IOU_LABEL[iou]}: task(s) {', '.join(map(str, left_out))} have no result (no preferred "
+                      f"object in their evaluated images, or no image): n/a, not in the mean of "
+                      f"{len(result.tasks) - len(left_out)} task(s).", ""]
+    parts += ["## Per task (paper layout, %)", "", paper_table_markdown(result), "",
               "## Details (%)", "", per_task_markdown(result), "",
               "AP@0.5 = COCOeval stats[1] with catIds=[1] on all images of the task file; "
               "'with_targets' = the same on the images with at least one preferred object.", ""]
@@ -103,6 +113,6 @@ def write_tables(result: EvaluationResult, out_dir: Union[str, Path],
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
-    md_path.write_text(markdown_report(result))
-    csv_path.write_text(csv_text(result))
+    write_text_atomic(md_path, markdown_report(result))
+    write_text_atomic(csv_path, csv_text(result))
     return md_path, csv_path

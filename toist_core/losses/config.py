@@ -11,6 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# Costs, weights and the focal exponent: a negative one would reward the error it measures.
+_NON_NEGATIVE = ("set_cost_class", "set_cost_bbox", "set_cost_giou", "ce_loss_coef", "bbox_loss_coef",
+                 "giou_loss_coef", "contrastive_align_loss_coef", "mask_loss_coef", "dice_loss_coef", "eos_coef",
+                 "focal_gamma")
+
+
 @dataclass
 class LossConfig:
     # Hungarian matcher costs.
@@ -38,12 +44,14 @@ class LossConfig:
     num_decoder_layers: int = 6
 
     def __post_init__(self) -> None:
+        # Written as `not value >= 0` so that NaN fails as well.
+        for name in _NON_NEGATIVE:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if self.set_cost_class == 0 and self.set_cost_bbox == 0 and self.set_cost_giou == 0:
             raise ValueError("set_cost_class, set_cost_bbox and set_cost_giou are all 0: the matcher needs a cost")
-        if self.temperature <= 0:
+        if not self.temperature > 0:
             raise ValueError(f"temperature: must be > 0, got {self.temperature!r}")
-        if not 0 <= self.eos_coef:
-            raise ValueError(f"eos_coef: must be >= 0, got {self.eos_coef!r}")
         if not (0 <= self.focal_alpha <= 1 or self.focal_alpha == -1):
             raise ValueError(f"focal_alpha: must be in [0, 1] or -1, got {self.focal_alpha!r}")
         if self.num_decoder_layers < 1:
