@@ -146,3 +146,21 @@ def test_distillation_resume_restores_which_centres_are_current(synth_root, tmp_
     torch.save(ckpt, tmp_path / "older.pth")
     older = Trainer(cfg, DistEnv(), resume=str(tmp_path / "older.pth"))
     assert older.cluster.bank.stale_flags().all()
+
+
+def test_clip_grad_norm_reports_the_norm_with_and_without_clipping():
+    """The loop's finite check reads the norm also when clipping is off (optim.clip_max_norm 0)."""
+    from torch import nn
+
+    from training.optim import clip_grad_norm
+
+    model = nn.Linear(3, 2)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 2.0)
+    expected = 2.0 * math.sqrt(sum(p.numel() for p in model.parameters()))
+    assert float(clip_grad_norm(model, 0.0)) == pytest.approx(expected)
+    assert all(bool((p.grad == 2.0).all()) for p in model.parameters())  # 0: not clipped
+    assert float(clip_grad_norm(model, 1.0)) == pytest.approx(expected)  # the norm before clipping
+    model.weight.grad[0, 0] = float("nan")
+    assert math.isnan(float(clip_grad_norm(model, 0.0)))
+    assert clip_grad_norm(nn.Linear(1, 1), 0.0) is None  # no gradient yet

@@ -58,5 +58,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> Optional[torch.Tensor]:
     if not params:
         return None
     if max_norm <= 0:
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
+        # The norm alone (as clip_grad_norm_ computes it), for the finite check; torch.nn.utils'
+        # get_total_norm is newer than the torch 2.5 that setup.py allows.
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
