@@ -130,11 +130,27 @@ def command_line(options):
     return out + options["arguments"][1:]
 
 
-def exit_message(returncode, fatal_lines=()):
+# Signals that end the node normally: the launch's own SIGINT / SIGTERM at shut-down (the node's
+# own handling ends it with 0; these codes are a process the signal killed outright).
+_STOP_SIGNALS = (2, 15)
+
+
+def exit_message(returncode, fatal_lines=(), shutting_down=False):
     """The launch's error when the node ended with ``returncode`` (None when it ended normally:
-    0, or killed by the launch's own SIGINT / SIGTERM at shut-down)."""
-    if returncode in (0, None) or returncode < 0:
+    0, SIGINT / SIGTERM, or anything while the launch itself is ``shutting_down``, which ends
+    with SIGKILL what does not stop in time). A crash (SIGSEGV, SIGABRT, the out-of-memory
+    killer's SIGKILL) is an error: the launch must not go on without its node."""
+    if returncode in (0, None) or shutting_down or (returncode < 0 and -returncode in _STOP_SIGNALS):
         return None
+    if returncode < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return (f"{NODE_NAME} was killed by {name}" + (" (out of memory?)" if -returncode == 9 else " (a crash)")
+                + ": see its log above")
     reason = EXIT_REASONS.get(returncode, "unexpected exit")
     fatal = next((line.split(FATAL_MARK, 1)[1].strip() for line in reversed(list(fatal_lines)) if FATAL_MARK in line),
                  "")
@@ -183,8 +199,8 @@ def _node_action(context, *args, **kwargs):
         text = event.text.decode(errors="replace") if isinstance(event.text, bytes) else str(event.text)
         fatal_lines.extend(line for line in text.splitlines() if FATAL_MARK in line)
 
-    def on_exit(event, _context):
-        message = exit_message(event.returncode, fatal_lines)
+    def on_exit(event, context):
+        message = exit_message(event.returncode, fatal_lines, shutting_down=bool(getattr(context, "is_shutdown", False)))
         if message:
             # An exception ends `ros2 launch` with exit status 1 and this message as its error.
             raise RuntimeError(message)

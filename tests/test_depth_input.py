@@ -9,7 +9,7 @@ import pytest
 
 from toist_ros.depth.geometry import Intrinsics
 from toist_ros.depth.images import DepthError, depth_from_image, has_distortion, intrinsics_from_camera_info
-from toist_ros.depth.pairing import MISSING, PAIRED, UNSYNCED, CameraModel, DepthBuffer
+from toist_ros.depth.pairing import MAX_FRAMES, MISSING, PAIRED, UNSYNCED, CameraModel, DepthBuffer
 
 
 def _image(array: np.ndarray, encoding: str, big_endian: bool = False, pad: int = 0):
@@ -104,12 +104,49 @@ def test_the_camera_info_stamped_closest_to_the_frame_is_used():
 
 
 def test_the_ring_forgets_old_depth():
-    buffer = DepthBuffer(size=3)
+    buffer = DepthBuffer(horizon_s=0.1)
     buffer.set_camera(CAMERA)
-    for i in range(10):
-        buffer.put(i * SECOND, i)
-    assert buffer.pair(9 * SECOND, 0.01).depth == 9
-    assert buffer.pair(2 * SECOND, 0.01).status == UNSYNCED  # pushed out by newer ones
+    for i in range(20):
+        buffer.put(i * SECOND // 10, i)   # 10 Hz
+    assert buffer.pair(19 * SECOND // 10, 0.01).depth == 19
+    assert len(buffer) == 8               # the newest 8 stay, however old
+    assert buffer.pair(2 * SECOND // 10, 0.01).status == UNSYNCED  # pushed out by newer ones
+
+
+def test_a_slow_model_still_finds_its_depth_image():
+    """A frame is paired after waiting for the frame before it and going through the model: up to
+    two inference periods after its stamp. The ring of the 8 newest images lost the matching one of
+    any model slower than ~0.15 s at 30 Hz (~0.05 s at 90 Hz); it now keeps HORIZON_S of depth."""
+    for hz in (30, 90):
+        buffer = DepthBuffer()
+        buffer.set_camera(CAMERA)
+        period = SECOND // hz
+        frame = 100 * SECOND
+        for i in range(int(0.6 * hz)):   # 0.6 s of depth after the frame: a 0.3 s model, twice
+            buffer.put(frame + i * period, np.zeros((4, 4), np.float32))
+        got = buffer.pair(frame, max_dt_s=0.005)
+        assert got.status == PAIRED and got.offset_s == 0.0, hz
+
+
+def test_the_ring_is_bounded_in_frames_and_bytes():
+    buffer = DepthBuffer()
+    for i in range(200):   # unstamped: every stamp 0, the horizon keeps them all
+        buffer.put(0, np.zeros((4, 4), np.float32))
+    assert len(buffer) == MAX_FRAMES
+    small = DepthBuffer(max_bytes=10 * 480 * 640 * 4)
+    for i in range(30):
+        small.put(SECOND + i, np.zeros((480, 640), np.float32))
+    assert len(small) == 10
+
+
+def test_of_equally_close_depth_images_the_newest_is_paired():
+    """A camera that leaves stamps at 0 (docs/ros.md supports it): every depth image is equally
+    close; the oldest in the ring (up to a second stale) used to be taken as 'paired'."""
+    buffer = DepthBuffer()
+    buffer.set_camera(CAMERA)
+    for i in range(4):
+        buffer.put(0, f"depth{i}")
+    assert buffer.pair(0, 0.01).depth == "depth3"
 
 
 def test_waits_for_a_depth_image_that_can_still_come_and_not_for_one_that_cannot():

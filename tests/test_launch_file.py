@@ -105,6 +105,10 @@ def test_a_start_up_failure_becomes_the_launch_error_with_code_and_reason():
     assert launch.exit_message(3, []) == "toist_perception exited with code 3 (the model cannot be loaded): see its log above"
     # A normal end, or the launch's own SIGINT at shut-down, is not an error.
     assert launch.exit_message(0, fatal) is None and launch.exit_message(-2, fatal) is None
+    assert launch.exit_message(-15, fatal) is None and launch.exit_message(-9, fatal, shutting_down=True) is None
+    # A crash is not a normal end: the launch used to carry on without its node.
+    assert launch.exit_message(-11, []) == "toist_perception was killed by SIGSEGV (a crash): see its log above"
+    assert "SIGKILL (out of memory?)" in launch.exit_message(-9, [])
 
 
 @pytest.mark.parametrize("bad", [{"use_sim_time": "maybe"}, {"log_level": "loud"}, {"image_topic": " "},

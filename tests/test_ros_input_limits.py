@@ -160,3 +160,23 @@ def test_most_frames_lost_gives_one_warning_naming_the_remedies():
     camera.window, camera.window_start, camera.last_loss_warning = [30, 5], camera.window_start - LOSS_WINDOW_S, -1e9
     inputs._check_losses(camera)
     assert len(warnings) == 1
+
+
+def test_every_counter_docs_ros_md_lists_is_on_diagnostics():
+    """dropped_out_of_order and service_timeouts were counted but never reported."""
+    import re
+    from pathlib import Path
+
+    from toist_ros.diagnostics import Counters, Percentiles
+    from toist_ros.health import report_values
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "ros.md").read_text()
+    section = docs[docs.index("### Diagnostics"):]
+    section = section[:section.index("`inference ms p50/p95`")]
+    listed = [name for name in re.findall(r"`([a-z_0-9]+)`", section) if "<" not in name]
+    task = SimpleNamespace(caption="sit comfortably on something", revision=1)
+    model = SimpleNamespace(description="tiny", device="cpu")
+    values = report_values(ready=True, task=task, model=model, counters=Counters(), inference_ms=Percentiles(),
+                           latency_ms=Percentiles(), cameras=[], dropped=[])
+    assert {"dropped_out_of_order", "service_timeouts"} <= set(listed)
+    assert [name for name in listed if name not in values] == []

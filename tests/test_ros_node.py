@@ -91,6 +91,12 @@ def test_percentiles_rates_and_counters():
         rate.tick(now=100.0 + t)
     assert rate.rate(now=110.0) == pytest.approx(10.0, abs=0.6)
     assert rate.rate(now=200.0) == 0.0 and rate.count == 100
+    # A stream that started 1 s ago (30 events) is 30 Hz, not 30 events over the 5 s window (6 Hz).
+    fresh = RateMeter(window_s=5.0)
+    for t in np.arange(0.0, 1.0, 1 / 30):
+        fresh.tick(now=50.0 + t)
+    assert fresh.rate(now=50.0 + 29 / 30) == pytest.approx(30.0)
+    assert fresh.rate(now=56.0) == 0.0
     c = Counters()
     c.add("rejected_encoding")
     c.add("rejected_encoding", 2)

@@ -179,6 +179,20 @@ def _bad_checkpoint(tmp_path):
     return str(path)
 
 
+def _nan_model_dir(tmp_path) -> str:
+    """A model directory whose box head holds NaN (a diverged or damaged training run)."""
+    import torch
+
+    from toist_core.checkpoint import save_model_dir
+    from toist_core.inference import TaskSegmenter
+
+    seg = TaskSegmenter.from_config("tiny_segm", device="cpu")
+    with torch.no_grad():
+        for param in seg.model.detector.bbox_embed.parameters():
+            param.fill_(float("nan"))
+    return str(save_model_dir(seg.model, tmp_path / "nan_model", seg.config))
+
+
 def test_start_up_failures_exit_with_a_clear_message(tmp_path):
     from toist_ros.model_loader import EXIT_DEVICE, EXIT_MODEL, EXIT_PARAMETERS
 
@@ -194,6 +208,9 @@ def test_start_up_failures_exit_with_a_clear_message(tmp_path):
         "cuda absent": (["-p", f"device:={absent_cuda}", "-p", "allow_cpu_fallback:=false"], EXIT_DEVICE,
                         [absent_cuda, "allow_cpu_fallback"]),
         "out of range": (["-p", "score_threshold:=2.0"], EXIT_PARAMETERS, ["score_threshold", "2.0"]),
+        # Loads, then its warm-up pass returns NaN: was a Python traceback and exit code 1.
+        "NaN weights": (["-p", f"checkpoint:={_nan_model_dir(tmp_path)}"], EXIT_MODEL,
+                        ["the warm-up forward pass failed", "NonFiniteOutputError", "non-finite"]),
     }
     processes = {name: _start("--params-file", str(PARAMS), "-p", "input.short_side:=160", *args)
                  for name, (args, _, _) in cases.items()}

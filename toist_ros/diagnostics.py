@@ -18,7 +18,9 @@ OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels (bytes on t
 
 
 class RateMeter:
-    """Events per second over the last ``window_s`` seconds."""
+    """Events per second over the last ``window_s`` seconds; over the time since the first event
+    when the events in the window span less of it (a stream that started or resumed moments ago
+    is not averaged with the silence before it)."""
 
     def __init__(self, window_s: float = 5.0) -> None:
         self.window_s = window_s
@@ -37,7 +39,11 @@ class RateMeter:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._trim(now)
-            return len(self._times) / self.window_s
+            count = len(self._times)
+            span = now - self._times[0] if count else 0.0
+            if count < 2 or span >= 0.9 * self.window_s or span <= 0:
+                return count / self.window_s
+            return (count - 1) / span  # intervals between the events seen, over their span
 
     def _trim(self, now: float) -> None:
         while self._times and self._times[0] < now - self.window_s:

@@ -37,7 +37,7 @@ from toist_ros.diagnostics import Counters, Percentiles, diagnostic_array
 from toist_ros.frame_limits import FrameLimits
 from toist_ros.health import HealthLevel, report_values
 from toist_ros.inference_worker import InferenceWorker, predict
-from toist_ros.model_loader import EXIT_PARAMETERS, StartupError, load_model
+from toist_ros.model_loader import EXIT_MODEL, EXIT_PARAMETERS, StartupError, load_model
 from toist_ros.msg import TaskStatus
 from toist_ros.srv import SegmentImage, SetTask
 from toist_ros.tasks import ONE_SHOT_REVISION, ActiveTask, TaskSwitch, loading_task
@@ -96,7 +96,10 @@ class PerceptionNode(Node):
         except (ValueError, TypeError) as exc:
             raise StartupError(EXIT_PARAMETERS, f"task {quote(settings['task'])} cannot be used: {exc}") from None
         if settings["warmup"]:
-            self._warm_up()
+            try:
+                self._warm_up()
+            except Exception as exc:  # e.g. NaN weights (NonFiniteOutputError): one FATAL line, exit code 3
+                raise StartupError(EXIT_MODEL, f"the warm-up forward pass failed: {type(exc).__name__}: {exc}") from None
 
         self._image_group = ReentrantCallbackGroup()
         self._control_group = ReentrantCallbackGroup()

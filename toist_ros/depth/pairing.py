@@ -1,7 +1,11 @@
 """Pairing a colour frame with the depth frame taken at the same time (no ROS, thread-safe).
 
-Depth callbacks ``put`` each checked depth image into a short ring per camera (``BUFFER_FRAMES``,
-about a quarter second at 30 Hz) and return; nothing waits on them. The inference thread asks
+Depth callbacks ``put`` each checked depth image into a ring per camera and return; nothing waits
+on them. The ring keeps the depth images of the last ``HORIZON_S`` seconds (by stamp; at least the
+``BUFFER_FRAMES`` newest, at most ``MAX_FRAMES`` or ``MAX_BYTES``): a colour frame is paired after
+it waited in its slot for the frame before it and then went through the model, so up to two
+inference periods after its stamp (a ring of the 8 newest, a quarter second at 30 Hz and less at
+60-90 Hz, had lost the matching image of any model slower than ~0.15 s). The inference thread asks
 for the depth of a colour frame *after* the model has run on it (so a depth image that arrives a
 few milliseconds after its colour image is there by then) and gets the buffered one whose
 ``header.stamp`` is closest, if within ``max_dt_s``. When none is that close yet but one still
@@ -22,7 +26,10 @@ from typing import Any, Optional
 
 from toist_ros.depth.geometry import Intrinsics
 
-BUFFER_FRAMES = 8
+BUFFER_FRAMES = 8               # always kept (and CameraInfos: the newest this many)
+HORIZON_S = 1.5                 # depth images older than the newest by more are dropped
+MAX_FRAMES = 64                 # at most, whatever their stamps (unstamped cameras: all stamps 0)
+MAX_BYTES = 128 * 1024 * 1024   # ... and at most this much depth (720p 32FC1: 3.5 MiB an image)
 
 PAIRED, MISSING, UNSYNCED = "paired", "missing", "unsynced"
 
@@ -56,17 +63,31 @@ class Pairing:
 class DepthBuffer:
     """Recent depth images of one camera (by ``header.stamp`` in nanoseconds) and its CameraInfo."""
 
-    def __init__(self, size: int = BUFFER_FRAMES) -> None:
-        self._frames: collections.deque = collections.deque(maxlen=size)  # (stamp_ns, depth), arrival order
-        self._cameras: collections.deque = collections.deque(maxlen=size)  # (stamp_ns, CameraModel)
+    def __init__(self, horizon_s: float = HORIZON_S, max_frames: int = MAX_FRAMES, max_bytes: int = MAX_BYTES) -> None:
+        self._frames: collections.deque = collections.deque()  # (stamp_ns, depth), arrival order
+        self._cameras: collections.deque = collections.deque(maxlen=BUFFER_FRAMES)  # (stamp_ns, CameraModel)
         self._cond = threading.Condition()
+        self._horizon_ns = int(horizon_s * 1e9)
+        self._max_frames = max_frames
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self.received = 0
 
     def put(self, stamp_ns: int, depth: Any) -> None:
         with self._cond:
             self._frames.append((int(stamp_ns), depth))
+            self._bytes += _nbytes(depth)
             self.received += 1
+            newest = max(int(stamp_ns), max(item[0] for item in self._frames))
+            while len(self._frames) > BUFFER_FRAMES and (
+                    len(self._frames) > self._max_frames or self._bytes > self._max_bytes
+                    or self._frames[0][0] < newest - self._horizon_ns):
+                self._bytes -= _nbytes(self._frames.popleft()[1])
             self._cond.notify_all()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._frames)
 
     def set_camera(self, camera: CameraModel, stamp_ns: int = 0) -> None:
         with self._cond:
@@ -82,7 +103,8 @@ class DepthBuffer:
         deadline = time.monotonic() + max(0.0, wait_s)
         with self._cond:
             while True:
-                best = min(self._frames, key=lambda item: abs(item[0] - stamp_ns), default=None)
+                # Newest first: of equally close images (unstamped frames: every stamp 0) the newest wins.
+                best = min(reversed(self._frames), key=lambda item: abs(item[0] - stamp_ns), default=None)
                 if best is not None and abs(best[0] - stamp_ns) <= tolerance:
                     camera = self._camera_at(stamp_ns)
                     if camera is None:
@@ -99,4 +121,8 @@ class DepthBuffer:
                 self._cond.wait(remaining)
 
 
-__all__ = ["stamp_ns", "BUFFER_FRAMES", "CameraModel", "DepthBuffer", "MISSING", "PAIRED", "Pairing", "UNSYNCED"]
+def _nbytes(depth: Any) -> int:
+    return int(getattr(depth, "nbytes", 0))
+
+
+__all__ = ["stamp_ns", "BUFFER_FRAMES", "HORIZON_S", "MAX_BYTES", "MAX_FRAMES", "CameraModel", "DepthBuffer", "MISSING", "PAIRED", "Pairing", "UNSYNCED"]
