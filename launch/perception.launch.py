@@ -17,7 +17,7 @@ Arguments (``ros2 launch toist_ros perception.launch.py --show-args``):
   depth               true | false: 3D instances from a registered depth image (depth.enabled)
   depth_topic         the registered depth image topic; the node's `depth` is remapped to it
   camera_info_topic   the colour camera's CameraInfo topic; the node's `camera_info` is remapped to it
-  use_sim_time        true | false
+  use_sim_time        true | false (use /clock)
   log_level           debug | info | warn | error | fatal
 An empty value keeps the params file's value of that parameter.
 
@@ -58,7 +58,8 @@ ARGUMENTS = (
     ("depth_topic", "depth", "registered depth image topic (16UC1 mm or 32FC1 m) the node's `depth` is remapped to"),
     ("camera_info_topic", "camera_info", "the colour camera's CameraInfo topic the node's `camera_info` is "
                                          "remapped to"),
-    ("use_sim_time", "false", "use /clock (true for bag playback and simulators)"),
+    ("use_sim_time", "", "true | false: use /clock (true for bag playback and simulators); empty = the params "
+                         "file's value (ROS's default: false)"),
     ("log_level", "info", "debug | info | warn | error | fatal"),
 )
 # Launch argument -> node parameter and its type, for the arguments that override one parameter.
@@ -94,14 +95,15 @@ def node_options(args):
     if unknown:
         raise ValueError(f"unknown launch arguments: {sorted(unknown)}")
     args = {name: str(args.get(name, default)) for name, default, _ in ARGUMENTS}
-    sim_time = _flag("use_sim_time", args["use_sim_time"])
     level = args["log_level"].strip().lower()
     if level not in LOG_LEVELS:
         raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {args['log_level']!r}")
     for topic in ("image_topic", "depth_topic", "camera_info_topic"):
         if not args[topic].strip():
             raise ValueError(f"{topic} is empty")
-    overrides = {"use_sim_time": sim_time}
+    overrides = {}
+    if args["use_sim_time"].strip():
+        overrides["use_sim_time"] = _flag("use_sim_time", args["use_sim_time"])
     for name, (parameter, kind) in PARAMETER_ARGUMENTS.items():
         text = args[name].strip()
         if text:

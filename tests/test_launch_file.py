@@ -46,7 +46,7 @@ def test_launch_file_declares_the_contract_arguments():
 def test_defaults_keep_the_params_file_values():
     launch = _load()
     options = launch.node_options({"params_file": "/p.yaml"})
-    assert options["parameters"] == ["/p.yaml", {"use_sim_time": False}]
+    assert options["parameters"] == ["/p.yaml", {}]  # use_sim_time too: a params file's true is kept
     assert options["remappings"] == [("image", "image")] + DEFAULT_REMAPS
     assert options["namespace"] == ""
     assert options["arguments"] == ["--ros-args", "--log-level", "info"]
@@ -70,7 +70,7 @@ def test_depth_arguments_enable_depth_and_remap_its_topics():
     options = launch.node_options({"params_file": "/p.yaml", "image_topic": "/camera/camera/color/image_raw",
                                    "depth": "true", "depth_topic": "/camera/camera/aligned_depth_to_color/image_raw",
                                    "camera_info_topic": "/camera/camera/color/camera_info"})
-    assert options["parameters"][1] == {"use_sim_time": False, "depth.enabled": True}
+    assert options["parameters"][1] == {"depth.enabled": True}
     assert options["remappings"] == [("image", "/camera/camera/color/image_raw"),
                                      ("depth", "/camera/camera/aligned_depth_to_color/image_raw"),
                                      ("camera_info", "/camera/camera/color/camera_info")]
@@ -84,12 +84,12 @@ def test_every_start_up_parameter_users_set_has_an_argument_of_the_right_type():
     options = launch.node_options({"params_file": "/p.yaml", "text_encoder": "/models/roberta",
                                    "allow_cpu_fallback": "true", "precision": "fp16", "compressed": "True",
                                    "reliability": "reliable"})
-    assert options["parameters"][1] == {"use_sim_time": False, "text_encoder": "/models/roberta",
+    assert options["parameters"][1] == {"text_encoder": "/models/roberta",
                                         "allow_cpu_fallback": True, "precision": "fp16", "input.compressed": True,
                                         "input.reliability": "reliable"}
     from toist_ros.params import SPECS, check_values
 
-    overrides = {k: v for k, v in options["parameters"][1].items() if k != "use_sim_time"}
+    overrides = options["parameters"][1]
     assert set(overrides) <= set(SPECS) and check_values(overrides) == []
     assert all(isinstance(v, SPECS[k].kind) for k, v in overrides.items())
 
