@@ -272,6 +272,16 @@ def _edited(train: Path, edit) -> Path:
      r"edited.json: annotations\[0\] \(id 10\): field 'bbox': expected \[x, y, w, h\] \(4 numbers\), got \[1, 2, 3\]"),
     (lambda d: d["annotations"][0].update(bbox=[1, 2, float("nan"), 4]),
      r"annotations\[0\] \(id 10\): field 'bbox': expected finite numbers"),
+    # Polygon coordinates: pycocotools crashes on NaN and rasterises a far-off point at any cost.
+    (lambda d: d["annotations"][0]["segmentation"][0].__setitem__(2, float("nan")),
+     r"annotations\[0\] \(id 10\): field 'segmentation'\[0\]\[2\]: coordinate nan is not finite or not within "
+     r"\[-64, 128\] \(image 64x48"),
+    (lambda d: d["annotations"][3]["segmentation"][0].__setitem__(5, 1e8),
+     r"annotations\[3\] \(id 13\): field 'segmentation'\[0\]\[5\]: coordinate 100000000.0 is not finite"),
+    (lambda d: d["annotations"][0].update(segmentation=[[4, 4, 20, 20]]),
+     r"annotations\[0\] \(id 10\): field 'segmentation'\[0\]: a polygon must be .*got 4 values"),
+    (lambda d: d["annotations"][0].update(area=float("inf")),
+     r"annotations\[0\] \(id 10\): field 'area': expected a finite number, got inf"),
     (lambda d: d["annotations"][1]["segmentation"].update(size=[10, 10]),
      r"annotations\[1\] \(id 11\): field 'segmentation': RLE size \[10, 10\] differs from the size \[48, 64\]"),
     (lambda d: d["annotations"][0].pop("area"), r"annotations\[0\] \(id 10\): missing field 'area'"),
@@ -292,6 +302,23 @@ def test_missing_image_to_copy_and_bad_split(coco):
     assert not (folder / "out").exists()
     with pytest.raises(DataError, match="split: expected letters and digits only"):
         convert_coco(train, "train_2", spec, folder / "out")
+
+
+def test_copied_backslash_names_are_written_as_copied(coco):
+    """A Windows file_name ``pics\\img_1.png`` is copied to ``pics/img_1.png``; the task file must say
+    so, or the dataset cannot find the copy."""
+    folder, train, _, spec = coco
+    data = json.loads(train.read_text())
+    data["images"][0]["file_name"] = "pics\\img_1.png"
+    windows = train.with_name("windows.json")
+    windows.write_text(json.dumps(data))
+    convert_coco(windows, "train", spec, folder / "out", copy_images_from=folder)
+    written = json.loads((folder / "out" / "annotations" / "task_1_train.json").read_text())["images"]
+    assert [i["file_name"] for i in written] == ["pics/img_1.png", "pics/img_2.png", "pics/img_3.png"]
+    assert (folder / "out" / "images" / "train" / "pics" / "img_1.png").is_file()
+    dataset = CocoTasksDataset(folder / "out" / "annotations" / "task_1_train.json", folder / "out" / "images" / "train")
+    assert dataset.image_path(0) == folder / "out" / "images" / "train" / "pics" / "img_1.png"
+    assert tuple(dataset.load_image(0).shape) == (3, H, W)
 
 
 def test_spec_reader_ignores_other_keys(coco):

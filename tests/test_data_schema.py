@@ -74,7 +74,21 @@ def test_missing_file_and_malformed_json(tmp_path):
     ("annotations", "iscrowd", None, "missing field 'iscrowd'"),
     ("annotations", "area", "big", "field 'area': expected a number"),
     ("annotations", "segmentation", [[1, 2, 3]], r"field 'segmentation'\[0\]: a polygon must be"),
-    ("annotations", "segmentation", [[1, 2, 3, "x"]], r"coordinates must be numbers, got 'x'"),
+    ("annotations", "segmentation", [[1, 2, 3, 4, 5, "x"]], r"coordinates must be numbers, got 'x'"),
+    # 4 values: pycocotools would read the polygon as a box and fail with an unnamed TypeError.
+    ("annotations", "segmentation", [[2, 2, 10, 10]],
+     r"field 'segmentation'\[0\]: a polygon must be .* \(>= 6: 3 points\) of coordinates, got 4 values"),
+    ("annotations", "segmentation", [[1, 1, 5, 1, 5, 5], [2, 2, 10, 10]], r"field 'segmentation'\[1\]: a polygon must be"),
+    # Non-finite or absurd numbers (pycocotools crashes or exhausts memory; a NaN box was dropped unseen).
+    ("annotations", "segmentation", [[1, 1, float("nan"), 1, 5, 5]],
+     r"field 'segmentation'\[0\]\[2\]: coordinate nan is not finite or not within \[-\d+, \d+\] \(image \d+x\d+"),
+    ("annotations", "segmentation", [[1, 1, 5, 1, 5, float("-inf")]], r"field 'segmentation'\[0\]\[5\]: coordinate -inf"),
+    ("annotations", "segmentation", [[1, 1, 5, 1, 5, 5], [1, 1, 1e12, 1, 5, 5]],
+     r"field 'segmentation'\[1\]\[2\]: coordinate 1000000000000.0 is not finite or not within"),
+    ("annotations", "bbox", [float("nan"), 2, 8, 8], r"field 'bbox': expected finite numbers, got \[nan, 2, 8, 8\]"),
+    ("annotations", "bbox", [2, 2, 10 ** 400, 8], r"field 'bbox': expected finite numbers"),
+    ("annotations", "area", float("nan"), r"field 'area': expected a finite number, got nan"),
+    ("annotations", "area", float("inf"), r"field 'area': expected a finite number, got inf"),
     ("annotations", "segmentation", {"size": [5], "counts": "x"}, "RLE 'size' must be"),
     ("annotations", "image_id", 424242, "field 'image_id': 424242 is not the id of an image"),
     ("images", "height", "512", "field 'height': expected an integer, got '512'"),
@@ -95,6 +109,19 @@ def test_bad_record_names_file_record_and_field(tmp_path, task_json, section, fi
     assert str(path) in text
     assert f"{section}[{index}] (id {record['id']})" in text
     assert re.search(message, text), text
+
+
+def test_polygon_coordinates_may_lie_one_image_side_outside(tmp_path, task_json):
+    """[-side, 2 * side] (side = the longer image side) is accepted, inclusive; a hair beyond is not."""
+    image = task_json["images"][0]
+    side = max(image["height"], image["width"])
+    ann = next(a for a in task_json["annotations"] if a["image_id"] == image["id"])
+    ann["segmentation"] = [[-side, 0, 2 * side, 0, 2 * side, 2 * side], [1, 1, 5, 1, 5, 5.5]]
+    task_file = load_task_file(_write(tmp_path, task_json))
+    assert task_file.image_annotations(image["id"])[0].segmentation == ann["segmentation"]
+    ann["segmentation"][0][3] = -side - 0.5
+    with pytest.raises(DataError, match=rf"\(id {ann['id']}\): field 'segmentation'\[0\]\[3\]: coordinate {-side - 0.5}"):
+        load_task_file(_write(tmp_path, task_json))
 
 
 def test_duplicate_ids_are_errors(tmp_path, task_json):
@@ -142,3 +169,24 @@ def test_unknown_coco_category_fails_for_noun_captions(synth_root, tmp_path):
     CocoTasksDataset(ann, synth_root / "images" / "val2014", caption_mode="pronoun")  # names not needed
     with pytest.raises(DataError, match=f"annotation id {preferred['id']}: field 'COCO_category_id': 999"):
         CocoTasksDataset(ann, synth_root / "images" / "val2014", caption_mode="noun")
+
+
+def test_unknown_coco_category_of_any_named_object_fails_in_grounding_mode(synth_root, tmp_path):
+    """Grounding captions name every kept object, so a non-preferred one needs a name too (it used to
+    fail later, in a loader worker, with a KeyError naming no file)."""
+    task_json = json.loads((synth_root / "annotations" / "task_1_test.json").read_text())
+    other = next(a for a in task_json["annotations"] if a["category_id"] == 0)
+    other["COCO_category_id"] = 500
+    ann = _write(tmp_path, task_json)
+    CocoTasksDataset(ann, synth_root / "images" / "val2014", caption_mode="noun")  # not named in noun captions
+    with pytest.raises(DataError, match=rf"task_1_test.json: annotation id {other['id']}: field 'COCO_category_id': "
+                                        rf"500 has no class name \(needed for grounding captions\)"):
+        CocoTasksDataset(ann, synth_root / "images" / "val2014", caption_mode="grounding")
+    # An object grounding drops (crowd, or a box that is degenerate in the image) needs no name.
+    other["iscrowd"] = 1
+    CocoTasksDataset(_write(tmp_path, task_json), synth_root / "images" / "val2014", caption_mode="grounding")
+    other["iscrowd"], other["bbox"] = 0, [-50, -50, 10, 10]
+    dataset = CocoTasksDataset(_write(tmp_path, task_json), synth_root / "images" / "val2014", caption_mode="grounding")
+    image_index = next(i for i in range(len(dataset)) if dataset.sample_info(i)[1].id == other["image_id"])
+    kept = [a for a in task_json["annotations"] if a["image_id"] == other["image_id"] and a is not other]
+    assert len(dataset[image_index][1]["boxes"]) == len(kept)  # the sample reads, without the unnamed object

@@ -149,3 +149,33 @@ def test_empty_fraction_keeps_every_image_with_preferred_objects(tmp_path):
         assert chosen.images_with_preferred[(task, "train")] == everything.images_with_preferred[(task, "train")]
     with pytest.raises(ValueError, match="empty_fraction"):
         generate(tmp_path / "bad", tasks=[1], splits=("train",), images_per_split=4, empty_fraction=1.0)
+
+
+def test_refuses_to_overwrite_files_it_did_not_write(tmp_path, capsys):
+    """Task files or a synth.json of someone else stop synth before it writes anything; its own output
+    is rewritten (e.g. a second split generated into the same root), and --overwrite forces it."""
+    small = dict(tasks=[1], splits=("test",), images_per_split=2, min_size=32, max_size=48)
+    own = tmp_path / "annotations" / "task_1_test.json"
+    own.parent.mkdir()
+    own.write_text('{"info": "my labels", "images": [], "annotations": []}')
+    with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path}: holds files toist synth did not write: {own}; "
+                                                        "refusing to overwrite them") + ".*--overwrite"):
+        generate(tmp_path, **small)
+    assert own.read_text() == '{"info": "my labels", "images": [], "annotations": []}'
+    assert not (tmp_path / "images").exists() and not (tmp_path / "synth.json").exists()
+    assert cli.main(["synth", str(tmp_path), "--tasks", "1", "--splits", "test", "--images-per-split", "2",
+                     "--min-size", "32", "--max-size", "48"]) == 2
+    assert "did not write" in capsys.readouterr().err and "my labels" in own.read_text()
+
+    generate(tmp_path, overwrite=True, **small)
+    assert json.loads(own.read_text())["info"] == "COCO-Tasks Dataset. (synthetic: toist synth)"
+    generate(tmp_path, seed=1, **small)  # synth's own files: rewritten without asking
+    generate(tmp_path, **dict(small, splits=("train",)))
+
+    (tmp_path / "synth.json").write_text('{"notes": "mine"}')
+    with pytest.raises(FileExistsError, match="synth.json"):
+        generate(tmp_path, **small)
+    assert cli.main(["synth", str(tmp_path), "--tasks", "1", "--splits", "test", "--images-per-split", "2",
+                     "--min-size", "32", "--max-size", "48", "--overwrite"]) == 0
+    assert "task_preferences" in json.loads((tmp_path / "synth.json").read_text())
+    assert not [p.name for p in tmp_path.rglob(".*")]  # no temporary files left behind

@@ -67,10 +67,16 @@ def draw_prediction(image: np.ndarray, prediction, title: Optional[str] = None, 
 
 
 def load_rgb(path: Union[str, Path]) -> np.ndarray:
-    """Read an image file as RGB uint8 (ValueError naming the file if it cannot be read)."""
+    """Read an image file as RGB uint8 ``[H, W, 3]`` (ValueError naming the file if it cannot be read).
+
+    The pixels are the ones training and evaluation read
+    (:meth:`toist_core.data.coco_tasks.CocoTasksDataset.load_image`): the stored pixel grid, an
+    EXIF orientation tag ignored (COCO annotations are made in that grid, and the reference's PIL
+    loader does not rotate either), 16-bit samples reduced to 8 bits by dropping the low byte.
+    """
     import cv2
 
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         raise ValueError(f"{path}: cannot read the image (missing file or unknown format)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

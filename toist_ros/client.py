@@ -89,16 +89,16 @@ def publish_task(session: _Session, namespace: str, text: str, timeout: float) -
 
 
 def segment(session: _Session, namespace: str, path: str, task: str, timeout: float) -> int:
-    import cv2
-
+    from toist_core.visualize import load_rgb
     from toist_ros.conversions import image_from_array
     from toist_ros.srv import SegmentImage
 
-    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-    if bgr is None:
-        print(f"cannot read image {path!r}", file=sys.stderr)
+    try:
+        rgb = load_rgb(path)  # the pixels `toist predict` and training read (EXIF orientation ignored)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
         return 1
-    request = SegmentImage.Request(image=image_from_array(bgr, "bgr8", source_order="bgr"), task=task)
+    request = SegmentImage.Request(image=image_from_array(rgb, "rgb8"), task=task)
     request.image.header.frame_id = "toist_client"
     response = session.call(SegmentImage, _topic(namespace, "segment_image"), request, timeout)
     print(f"{'ok' if response.success else 'refused'}: {response.message}")

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-objects", type=int, default=5)
     parser.add_argument("--format", choices=["jpg", "png"], default="jpg", dest="image_format",
                         help="jpg (quality 95, real file names) or png (lossless)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write even into a folder holding task files or a synth.json that toist synth "
+                             "did not write (they are replaced)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                        images_per_split=args.images_per_split, images_per_task=args.images_per_task,
                        empty_fraction=args.empty_fraction, seed=args.seed, min_size=args.min_size, max_size=args.max_size,
                        min_objects=args.min_objects, max_objects=args.max_objects,
-                       image_format=args.image_format)
+                       image_format=args.image_format, overwrite=args.overwrite)
     elapsed = time.perf_counter() - started
     print(f"wrote {len(summary.annotation_files)} task files and "
           f"{sum(summary.num_images.values())} images under {summary.root} in {elapsed:.1f} s")

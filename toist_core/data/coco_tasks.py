@@ -118,13 +118,25 @@ class CocoTasksDataset(Dataset):
         return Path(image_dir)
 
     def _check_category_names(self) -> None:
+        """Every object a caption names has a class name: the preferred ones (noun captions), in
+        grounding mode every object a sample keeps (as :meth:`_base_target` keeps them)."""
+        grounding = self.caption_mode == "grounding"
         for task_file in self.files:
             for anns in task_file.annotations.values():
                 for ann in anns:
-                    if ann.is_preferred and ann.coco_category_id not in self.id2name:
+                    if ann.coco_category_id in self.id2name or not (ann.is_preferred or grounding):
+                        continue
+                    if ann.is_preferred or self._named_in_grounding(task_file, ann):
                         raise DataError(f"{task_file.path}: annotation id {ann.id}: field "
                                         f"'COCO_category_id': {ann.coco_category_id} has no class "
-                                        f"name (needed for noun captions)")
+                                        f"name (needed for {'grounding' if grounding else 'noun'} captions)")
+
+    def _named_in_grounding(self, task_file: TaskFile, ann: AnnotationRecord) -> bool:
+        """Whether a grounding sample keeps ``ann`` (only asked for the rare unnamed object)."""
+        if ann.iscrowd:
+            return False
+        image = next(i for i in task_file.images if i.id == ann.image_id)
+        return _clipped_box(ann, image.height, image.width) is not None
 
     def _check_images_exist(self) -> None:
         for k, image in self._samples:
@@ -173,7 +185,14 @@ class CocoTasksDataset(Dataset):
     # ------------------------------------------------------------------ sample construction
 
     def load_image(self, index: int) -> Tensor:
-        """The RGB image of sample ``index`` as a uint8 ``tv_tensors.Image [3, H, W]``."""
+        """The RGB image of sample ``index`` as a uint8 ``tv_tensors.Image [3, H, W]``.
+
+        The stored pixel grid: an EXIF orientation tag is ignored (``decode_image``'s default),
+        as the reference's PIL loader does and as COCO annotations assume. 16-bit PNGs are
+        reduced to 8 bits by dropping the low byte (``v >> 8``), as OpenCV does for ``toist
+        predict`` (:func:`toist_core.visualize.load_rgb`), so training, evaluation and
+        prediction see the same pixels.
+        """
         k, image_rec = self._samples[index]
         path = self._image_dirs[k] / image_rec.file_name
         where = f"image id {image_rec.id} in {self.files[k].path}"
@@ -183,6 +202,10 @@ class CocoTasksDataset(Dataset):
             pixels = decode_image(str(path), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError) as exc:
             raise DataError(f"{path}: cannot decode image ({where}): {exc}") from None
+        if pixels.dtype == torch.uint16:
+            pixels = (pixels.to(torch.int32) >> 8).to(torch.uint8)
+        elif pixels.dtype != torch.uint8:
+            raise DataError(f"{path}: decoded to {pixels.dtype} samples; expected 8 or 16 bits ({where})")
         height, width = pixels.shape[-2:]
         if (height, width) != (image_rec.height, image_rec.width):
             raise DataError(f"{path}: image is {height}x{width} but the record says "
@@ -197,12 +220,10 @@ class CocoTasksDataset(Dataset):
         for ann in task_file.image_annotations(image_rec.id):
             if ann.iscrowd or not (ann.is_preferred or every_object):
                 continue
-            x, y, w, h = ann.bbox
-            x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-            x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-            if x1 > x0 and y1 > y0:  # degenerate boxes are dropped
+            box = _clipped_box(ann, height, width)
+            if box is not None:  # degenerate boxes are dropped
                 kept.append(ann)
-                boxes.append([x0, y0, x1, y1])
+                boxes.append(box)
         target = {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.ones(len(kept), dtype=torch.int64),
@@ -217,6 +238,14 @@ class CocoTasksDataset(Dataset):
         if self.masks:
             target["masks"] = _masks(task_file, image_rec, kept)
         return target
+
+
+def _clipped_box(ann: AnnotationRecord, height: int, width: int) -> Optional[list[float]]:
+    """``[x0, y0, x1, y1]`` of ``ann``'s box clipped to the image; None when that is degenerate."""
+    x, y, w, h = ann.bbox
+    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    return [x0, y0, x1, y1] if x1 > x0 and y1 > y0 else None
 
 
 def _load_with_names(path: PathLike) -> tuple[TaskFile, dict[int, str]]:

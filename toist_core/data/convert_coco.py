@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import os
 import re
 import shutil
@@ -211,13 +210,10 @@ def _annotation_record(path: Path, index: int, rec: Any, names: dict[int, str]) 
 
 
 def _check_values(path: Path, annotations: list[dict], sizes: dict[int, tuple[int, int]]) -> None:
-    """What the schema leaves to the sample reader: finite numbers, RLE size = image size."""
+    """What the schema leaves to the sample reader: RLE size = image size. (Finite numbers and
+    polygon extents are the schema's.)"""
     for index, ann in enumerate(annotations):
         where = _where(path, "annotations", index, ann)
-        if not all(math.isfinite(v) for v in ann["bbox"]):
-            raise DataError(f"{where}: field 'bbox': expected finite numbers, got {ann['bbox']!r}")
-        if not math.isfinite(ann["area"]):
-            raise DataError(f"{where}: field 'area': expected a finite number, got {ann['area']!r}")
         seg = ann["segmentation"]
         if isinstance(seg, dict) and tuple(seg["size"]) != sizes[ann["image_id"]]:
             raise DataError(f"{where}: field 'segmentation': RLE size {seg['size']} differs from the size "
@@ -295,13 +291,16 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
     resolved = [_resolve_categories(task, source.names, source.path) for task in tasks]
     copies: list[tuple[Path, Path]] = []
     target_dir: Optional[Path] = None
+    images = source.images
     if copy_images_from is not None:
         target_dir = Path(out_root) / (image_dir if image_dir is not None else f"images/{split}")
         copies = _image_copies(source, Path(copy_images_from), target_dir)
+        # The written name is the copy's path, or the dataset would not find the copy.
+        images = [{**rec, "file_name": _copied_name(rec["file_name"])} for rec in source.images]
 
     summary = ConversionSummary(source.path, split, [], image_dir=target_dir)
     for task, refs in zip(tasks, resolved):
-        summary.tasks.append(_write_task(source, task, refs, split, Path(out_root), summary.warnings))
+        summary.tasks.append(_write_task(source, images, task, refs, split, Path(out_root), summary.warnings))
     for src, dst in copies:
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not (dst.exists() and os.path.samefile(src, dst)):
@@ -310,9 +309,10 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
     return summary
 
 
-def _write_task(source: _Source, task: TaskPreference, refs: dict[CategoryRef, set[int]], split: str,
-                out_root: Path, warnings: list[str]) -> TaskSummary:
-    """Write one task file; append what deserves a look to ``warnings``."""
+def _write_task(source: _Source, images: list[dict], task: TaskPreference, refs: dict[CategoryRef, set[int]],
+                split: str, out_root: Path, warnings: list[str]) -> TaskSummary:
+    """Write one task file listing ``images`` (the source's records, named as written); append
+    what deserves a look to ``warnings``."""
     category_ids = set().union(*refs.values()) if refs else set()
     annotations = []
     with_preferred: set[int] = set()
@@ -324,14 +324,14 @@ def _write_task(source: _Source, task: TaskPreference, refs: dict[CategoryRef, s
     path = task_file_path(out_root, task.task_id, split)
     _write_json_atomic(path, {
         "info": f"COCO-Tasks file written by toist convert-coco from {source.path.name} (task {task.task_id})",
-        "images": source.images,
+        "images": images,
         "annotations": annotations,
         "categories": [dict(c) for c in PREFERENCE_CATEGORIES],
         OWN_CATEGORIES_FIELD: [{"id": cat_id, "name": name} for cat_id, name in source.names.items()],
     })
     num_preferred = sum(a["category_id"] for a in annotations)
     warnings.extend(_task_warnings(source, task, refs, num_preferred, path))
-    return TaskSummary(task.task_id, path, len(source.images), len(annotations), num_preferred,
+    return TaskSummary(task.task_id, path, len(images), len(annotations), num_preferred,
                        len(with_preferred))
 
 
@@ -359,7 +359,7 @@ def _image_copies(source: _Source, from_dir: Path, to_dir: Path) -> list[tuple[P
     pairs = []
     for index, image in enumerate(source.parsed.images):
         where = f"images[{index}] (id {image.id}), field 'file_name' in {source.path}"
-        relative = PurePosixPath(image.file_name.replace("\\", "/"))
+        relative = PurePosixPath(_copied_name(image.file_name))
         if relative.is_absolute() or ".." in relative.parts:
             raise DataError(f"{source.path}: {where}: {image.file_name!r} must be a relative path inside "
                             f"the image folder to copy it")
@@ -368,6 +368,12 @@ def _image_copies(source: _Source, from_dir: Path, to_dir: Path) -> list[tuple[P
             raise DataError(f"{src}: image file not found ({where})")
         pairs.append((src, to_dir / relative))
     return pairs
+
+
+def _copied_name(file_name: str) -> str:
+    """``file_name`` of a copied image, relative to the copy's folder: "/" for a backslash (a
+    Windows separator), the one rule for where the copy goes and what the task file says."""
+    return file_name.replace("\\", "/")
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

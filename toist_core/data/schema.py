@@ -14,13 +14,19 @@ is skipped silently. The checks are one pass over the records (a real task file 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 
 _NUMBER_TYPES = frozenset((int, float))  # exact types: JSON true/false (bool) is not a coordinate
+_MIN_POLYGON_VALUES = 6  # 3 points; pycocotools reads a 4-value first polygon as a box and fails
+# Polygon coordinates must lie in [-side, 2 * side], side = the longer side of their image. Real
+# annotations stray a pixel or so outside; pycocotools clips to the image anyway, but rasterises
+# the whole outline first, so a far-off point costs memory and time (a NaN crashes it).
+_POLYGON_MARGIN = 1.0
 _FILE_NAME = re.compile(r"^task_(\d+)_([A-Za-z0-9]+)\.json$")
 
 Segmentation = Union[list, dict]  # COCO polygons [[x1, y1, ...], ...] or an RLE {"size", "counts"}
@@ -107,8 +113,9 @@ def load_task_file(path: Union[str, Path], keep_raw: bool = False) -> TaskFile:
     """Read and validate one COCO-Tasks annotation file.
 
     Raises :class:`DataError` for a missing file, invalid JSON, a record with a missing or
-    ill-typed field, a duplicate id, or an annotation whose ``image_id`` is not an image of
-    the file.
+    ill-typed field, a non-finite ``bbox`` / ``area`` / polygon coordinate, a polygon of fewer
+    than 3 points or with a coordinate more than one image side outside its image, a duplicate
+    id, or an annotation whose ``image_id`` is not an image of the file.
     """
     path = Path(path)
     task_id, split = parse_task_file_name(path)
@@ -141,14 +148,16 @@ def parse_task_data(data: Any, path: Union[str, Path], task_id: int, split: str,
 
     images = [_image(path, i, rec) for i, rec in enumerate(data["images"])]
     annotations: dict[int, list[AnnotationRecord]] = {}
+    extents: dict[int, _Extent] = {}
     for image in images:
         if image.id in annotations:
             raise DataError(f"{path}: images: duplicate image id {image.id}")
         annotations[image.id] = []
+        extents[image.id] = _extent(image)
 
     seen_ids: set[int] = set()
     for i, rec in enumerate(data["annotations"]):
-        ann = _annotation(path, i, rec)
+        ann = _annotation(path, i, rec, extents)
         if ann.id in seen_ids:
             raise DataError(f"{path}: annotations[{i}] (id {ann.id}): duplicate annotation id")
         seen_ids.add(ann.id)
@@ -201,7 +210,9 @@ def _image(path: Path, index: int, rec: Any) -> ImageRecord:
     return record
 
 
-def _annotation(path: Path, index: int, rec: Any) -> AnnotationRecord:
+def _annotation(path: Path, index: int, rec: Any, extents: dict[int, "_Extent"]) -> AnnotationRecord:
+    """One record; ``extents``: image id -> polygon coordinate range of the file's images (an
+    unknown ``image_id`` is the caller's error to raise)."""
     where = _where(path, "annotations", index, rec)
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
@@ -210,6 +221,8 @@ def _annotation(path: Path, index: int, rec: Any) -> AnnotationRecord:
         raise DataError(f"{where}: missing field 'bbox'")
     if type(bbox) is not list or len(bbox) != 4 or not _NUMBER_TYPES.issuperset(map(type, bbox)):
         raise DataError(f"{where}: field 'bbox': expected [x, y, w, h] (4 numbers), got {bbox!r}")
+    if not _all_finite(bbox):  # a NaN box would be dropped as degenerate, unnoticed
+        raise DataError(f"{where}: field 'bbox': expected finite numbers, got {bbox!r}")
     category_id = _field(where, rec, "category_id", "int")
     if category_id not in (0, 1):
         raise DataError(f"{where}: field 'category_id': expected 0 (not preferred) or 1 (preferred), "
@@ -220,20 +233,23 @@ def _annotation(path: Path, index: int, rec: Any) -> AnnotationRecord:
     if "segmentation" not in rec:
         raise DataError(f"{where}: missing field 'segmentation'")
     segmentation = rec["segmentation"]
-    _check_segmentation(where, segmentation)
+    image_id = _field(where, rec, "image_id", "int")
+    _check_segmentation(where, segmentation, extents.get(image_id))
     return AnnotationRecord(
         id=_field(where, rec, "id", "int"),
-        image_id=_field(where, rec, "image_id", "int"),
+        image_id=image_id,
         bbox=(float(bbox[0]), float(bbox[1]), float(bbox[2]), float(bbox[3])),
         segmentation=segmentation,
-        area=float(_field(where, rec, "area", "number")),
+        area=_finite_field(where, rec, "area"),
         iscrowd=iscrowd,
         category_id=category_id,
         coco_category_id=_field(where, rec, "COCO_category_id", "int"),
     )
 
 
-def _check_segmentation(where: str, seg: Any) -> None:
+def _check_segmentation(where: str, seg: Any, extent: Optional["_Extent"]) -> None:
+    """Types and shape of a segmentation; with its image's ``extent``, also the range of its
+    polygon coordinates."""
     prefix = f"{where}: field 'segmentation'"
     if isinstance(seg, dict):  # RLE: {"size": [h, w], "counts": str | [int, ...]}
         size, counts = seg.get("size"), seg.get("counts")
@@ -249,10 +265,59 @@ def _check_segmentation(where: str, seg: Any) -> None:
     if not isinstance(seg, list) or not seg:
         raise DataError(f"{prefix}: expected a non-empty list of polygons or an RLE object, got {seg!r}")
     for k, poly in enumerate(seg):
-        if not isinstance(poly, list) or len(poly) < 4 or len(poly) % 2:
-            raise DataError(f"{prefix}[{k}]: a polygon must be a flat list [x1, y1, x2, y2, ...] of "
-                            f"an even number (>= 4) of coordinates, got "
+        if not isinstance(poly, list) or len(poly) < _MIN_POLYGON_VALUES or len(poly) % 2:
+            raise DataError(f"{prefix}[{k}]: a polygon must be a flat list [x1, y1, x2, y2, x3, y3, ...] of "
+                            f"an even number (>= {_MIN_POLYGON_VALUES}: 3 points) of coordinates, got "
                             f"{poly if not isinstance(poly, list) else f'{len(poly)} values'}")
         if not _NUMBER_TYPES.issuperset(map(type, poly)):  # C-speed; a real file has ~1M coordinates
             bad = next(v for v in poly if type(v) not in _NUMBER_TYPES)
             raise DataError(f"{prefix}[{k}]: polygon coordinates must be numbers, got {bad!r}")
+        if extent is None:
+            continue
+        low, high, height, width = extent
+        # C-speed pass. NaN compares False, so min/max can step over it; the sum catches it (the
+        # values are in range by then, so the sum cannot overflow).
+        if low <= min(poly) and max(poly) <= high and not math.isnan(sum(poly)):
+            continue
+        j, bad = next((j, v) for j, v in enumerate(poly) if not low <= v <= high)
+        raise DataError(f"{prefix}[{k}][{j}]: coordinate {bad!r} is not finite or not within "
+                        f"[{low:g}, {high:g}] (image {width}x{height}: a coordinate may "
+                        f"lie at most one image side outside it)")
+
+
+class _Extent(NamedTuple):
+    """Where an image's polygon coordinates may lie: [low, high] (:data:`_POLYGON_MARGIN`)."""
+
+    low: float
+    high: float
+    height: int
+    width: int
+
+
+def _extent(image: ImageRecord) -> _Extent:
+    side = max(image.height, image.width)
+    return _Extent(-_POLYGON_MARGIN * side, (1.0 + _POLYGON_MARGIN) * side, image.height, image.width)
+
+
+def _all_finite(values: list) -> bool:
+    """Every number of ``values`` finite (fast path: their sum is)."""
+    try:
+        if math.isfinite(sum(values)):
+            return True
+    except OverflowError:  # an integer too large for a float
+        pass
+    return all(map(_is_finite, values))  # the sum of finite numbers can still overflow
+
+
+def _is_finite(value: Any) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _finite_field(where: str, rec: dict, name: str) -> float:
+    value = _field(where, rec, name, "number")
+    if not _is_finite(value):
+        raise DataError(f"{where}: field {name!r}: expected a finite number, got {value!r}")
+    return float(value)

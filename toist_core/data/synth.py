@@ -19,6 +19,11 @@ images that all task files of that split share (like COCO images shared by tasks
 annotation ids are unique over the whole generated set and an object keeps its id across
 tasks. Everything is a deterministic function of ``seed`` (an image depends only on seed,
 split and index, so generating fewer tasks or splits yields the same images).
+
+:func:`generate` refuses a root holding task files or a ``synth.json`` it did not write (its
+task files start with ``{"info":"COCO-Tasks Dataset. (synthetic: toist synth)"``, its
+``synth.json`` records the seed, the classes and the preferences) unless told to overwrite;
+every JSON file is written to a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from toist_core.atomic_file import write_text_atomic
 from toist_core.tasks import NUM_TASKS
 
 SPLIT_FOLDERS = {"train": "train2014", "test": "val2014"}
@@ -41,6 +47,12 @@ _ID_STRIDE = 1_000_000        # image id = (split code + 1) * stride + index
 _MAX_OBJECTS = 99             # annotation id = image id * 100 + object index
 _MIN_VISIBLE_FRACTION = 0.35  # objects hidden more than this are left out
 _CATEGORIES = [{"id": 0, "name": "non_preferred"}, {"id": 1, "name": "preferred"}]
+SYNTH_INFO = "COCO-Tasks Dataset. (synthetic: toist synth)"  # "info" of every task file synth writes
+# How a task file synth wrote begins (its first key, compact separators): checked without
+# parsing, since a real task file that must not be overwritten is 23 MB.
+_TASK_FILE_START = json.dumps({"info": SYNTH_INFO}, separators=(",", ":"))[:-1].encode()
+_META_NAME = "synth.json"
+_META_KEYS = frozenset(("seed", "classes", "task_preferences"))  # what every synth.json records
 
 
 @dataclass(frozen=True)
@@ -124,7 +136,7 @@ def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS +
              splits: Sequence[str] = ("train", "test"), images_per_split: int = 24,
              images_per_task: Optional[int] = None, empty_fraction: Optional[float] = None, seed: int = 0,
              min_size: int = 160, max_size: int = 320, min_objects: int = 1, max_objects: int = 5,
-             image_format: str = "jpg") -> SynthSummary:
+             image_format: str = "jpg", overwrite: bool = False) -> SynthSummary:
     """Write a synthetic COCO-Tasks tree under ``root``.
 
     Args:
@@ -139,6 +151,9 @@ def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS +
         min_size, max_size: image height and width are drawn in this range (pixels).
         min_objects, max_objects: objects drawn per image (before hidden ones are dropped).
         image_format: "jpg" (quality 95, the real file names) or "png" (lossless).
+        overwrite: write even into a root holding task files or a ``synth.json`` that synth did
+            not write (otherwise :class:`FileExistsError` naming them, before anything is
+            written). A root of synth's own files is always rewritten.
     """
     tasks = sorted(set(int(t) for t in tasks))
     for task in tasks:
@@ -159,6 +174,8 @@ def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS +
         raise ValueError(f"need 16 <= min_size <= max_size, got {min_size}, {max_size}")
 
     root = Path(root)
+    if not overwrite:
+        _check_foreign_files(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     summary = SynthSummary(root)
     for split in splits:
@@ -186,8 +203,37 @@ def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS +
             "classes": [{"coco_id": c.coco_id, "name": c.name, "shape": c.shape,
                          "colour": list(c.colour), "texture": c.texture} for c in SYNTH_CLASSES],
             "task_preferences": {str(k): list(v) for k, v in TASK_PREFERENCES.items()}}
-    (root / "synth.json").write_text(json.dumps(meta, indent=1))
+    write_text_atomic(root / _META_NAME, json.dumps(meta, indent=1))
     return summary
+
+
+def _check_foreign_files(root: Path) -> None:
+    """FileExistsError naming the task files and ``synth.json`` under ``root`` that synth did
+    not write (they would be overwritten, or mixed with synthetic ones)."""
+    foreign = [path for path in sorted((root / "annotations").glob("task_*.json")) if not _synth_task_file(path)]
+    meta = root / _META_NAME
+    if meta.exists() and not _synth_meta(meta):
+        foreign.append(meta)
+    if foreign:
+        shown = ", ".join(str(p) for p in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{root}: holds files toist synth did not write: {shown}; refusing to overwrite "
+                              f"them. Choose another folder, or pass --overwrite (overwrite=True) to write anyway")
+
+
+def _synth_task_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(_TASK_FILE_START)) == _TASK_FILE_START
+    except OSError:  # e.g. a folder of that name: not ours
+        return False
+
+
+def _synth_meta(path: Path) -> bool:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and _META_KEYS <= meta.keys()
 
 
 # ----------------------------------------------------------------------------- files
@@ -245,10 +291,9 @@ def _write_task_file(root: Path, task: int, split: str, pool: list, images_per_t
             annotations.append(out)
         with_preferred += hits > 0
         num_preferred += hits
-    data = {"info": "COCO-Tasks Dataset. (synthetic: toist synth)", "images": images,
-            "annotations": annotations, "categories": _CATEGORIES}
+    data = {"info": SYNTH_INFO, "images": images, "annotations": annotations, "categories": _CATEGORIES}
     path = root / "annotations" / f"task_{task}_{split}.json"
-    path.write_text(json.dumps(data, separators=(",", ":")))
+    write_text_atomic(path, json.dumps(data, separators=(",", ":")))
     return path, with_preferred, num_preferred
 
 

@@ -1,0 +1,66 @@
+"""Training / evaluation (``CocoTasksDataset.load_image``) and ``toist predict`` (``load_rgb``) read
+the same pixels from one file: EXIF orientation ignored (COCO annotations are made in the stored
+pixel grid), 16-bit PNGs reduced to 8 bits by dropping the low byte."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from toist_core.data.coco_tasks import CocoTasksDataset
+from toist_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from toist_core.visualize import load_rgb
+
+H, W = 20, 40  # stored (raw) pixel grid of every test image
+
+
+def _dataset(tmp_path, names):
+    images = [{"id": k + 1, "file_name": name, "height": H, "width": W} for k, name in enumerate(names)]
+    path = tmp_path / "task_1_test.json"
+    path.write_text(json.dumps({"images": images, "annotations": []}))
+    return CocoTasksDataset(path, tmp_path)
+
+
+def _left_red():
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[:, : W // 2] = (255, 0, 0)
+    return rgb
+
+
+@pytest.mark.parametrize("orientation", [3, 6])  # 180 degrees; 90 degrees (the displayed image is W x H)
+def test_exif_orientation_is_ignored_by_both_loaders(tmp_path, orientation):
+    image = Image.fromarray(_left_red())
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(tmp_path / "turned.jpg", exif=exif, quality=100)
+    dataset = _dataset(tmp_path, ["turned.jpg"])
+
+    train = dataset.load_image(0).permute(1, 2, 0).numpy()
+    predict = load_rgb(tmp_path / "turned.jpg")
+    assert train.shape == predict.shape == (H, W, 3)  # the record's size: boxes stay where annotated
+    for pixels in (train, predict):
+        assert pixels[:, : W // 2 - 2, 0].min() > 240 and pixels[:, W // 2 + 2:].max() < 15  # red on the left
+    assert np.abs(train.astype(int) - predict.astype(int)).max() <= 2  # two JPEG decoders
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_16_bit_png_reads_as_predict_reads_it(tmp_path, channels):
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 2 ** 16, size=(H, W, channels) if channels == 3 else (H, W), dtype=np.uint16)
+    assert cv2.imwrite(str(tmp_path / "deep.png"), raw)  # BGR order on disk for 3 channels
+    dataset = _dataset(tmp_path, ["deep.png"])
+
+    train = dataset.load_image(0)
+    assert train.dtype == torch.uint8
+    predict = load_rgb(tmp_path / "deep.png")
+    assert np.array_equal(train.permute(1, 2, 0).numpy(), predict)
+    expected = (raw >> 8).astype(np.uint8)
+    expected = expected[..., ::-1] if channels == 3 else np.repeat(expected[..., None], 3, axis=2)
+    assert np.array_equal(predict, expected)
+    # Normalised as any 8-bit image (it was divided by 255 as uint16: values up to ~1100).
+    image, _ = dataset[0]
+    top = ((1.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).max()
+    assert image.max() <= top + 1e-5
