@@ -1,7 +1,8 @@
-"""Plain COCO detection / segmentation files -> COCO-Tasks files (``toist convert-coco``).
+"""Plain COCO instance-segmentation files -> COCO-Tasks files (``toist convert-coco``).
 
 Input: the COCO file of one split (``images``; ``annotations`` with ``bbox``, ``segmentation``
-(polygons or RLE), ``area``, ``iscrowd``, ``category_id``; ``categories`` with ``id`` and
+(polygons or RLE; every annotation needs one, as COCO-Tasks' do: a detection-only file with
+empty ``segmentation`` is refused, naming the annotation), ``area``, ``iscrowd``, ``category_id``; ``categories`` with ``id`` and
 ``name``) and a task specification YAML (the task vocabulary format; other keys such as
 ``phrase`` and ``pronoun`` are ignored here)::
 
