@@ -180,6 +180,19 @@ def test_markers_carry_a_box_and_a_label_per_3d_instance(node, probe):
         assert cube.header == result.header and cube.pose.position == inst.centroid
         assert cube.scale.x == pytest.approx(max(inst.extent.x, 0.01)) and cube.scale.z == pytest.approx(0.01)
         assert label.text.startswith(f"#{inst.rank} {inst.score:.2f} ")
+        # They expire (a stopped camera's last markers used to stay in RViz for ever), never
+        # before a few inference periods have passed.
+        for marker in (cube, label):
+            lifetime = marker.lifetime.sec + marker.lifetime.nanosec * 1e-9
+            assert lifetime >= max(1.0, 3 * node.inference_ms.quantiles(0.95)[0] / 1000) - 0.5
+
+
+def test_marker_lifetime_covers_a_few_inference_periods():
+    from toist_ros.depth.markers import marker_lifetime_s
+
+    assert marker_lifetime_s(float("nan")) == 1.0     # nothing timed yet
+    assert marker_lifetime_s(40.0) == 1.0              # fast model: the floor
+    assert marker_lifetime_s(2500.0) == pytest.approx(7.5)   # 2.5 s a frame on a CPU: three periods
 
 
 def test_depth_too_far_apart_in_time_is_unsynced_and_counted(node, probe):

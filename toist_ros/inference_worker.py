@@ -27,7 +27,7 @@ from toist_ros.conversions import image_from_array
 from toist_ros.depth.geometry import DepthLimits
 from toist_ros.depth.inputs import DepthInputs
 from toist_ros.depth.instances3d import add_3d
-from toist_ros.depth.markers import instance_markers
+from toist_ros.depth.markers import instance_markers, marker_lifetime_s
 from toist_ros.depth.pairing import stamp_ns
 from toist_ros.diagnostics import Counters, Percentiles
 from toist_ros.instances import rank_instances, task_instances_msg, to_instance_msgs
@@ -178,7 +178,8 @@ class InferenceWorker:
         if settings["output.debug_image"] and camera.debug_pub.get_subscription_count() > 0:
             self._publish_debug(camera, frame, ranked, task)
         if self._depth is not None and settings["output.markers"] and camera.markers_pub.get_subscription_count() > 0:
-            camera.markers_pub.publish(instance_markers(msg.header, msg.instances, task.caption))
+            lifetime = marker_lifetime_s(self._inference_ms.quantiles(0.95)[0])
+            camera.markers_pub.publish(instance_markers(msg.header, msg.instances, task.caption, lifetime))
 
     def _add_depth(self, msg: Any, ranked: list, camera: Camera, settings: Any) -> None:
         """Pair the frame with its depth image and fill the 3D fields (counted: depth_paired,

@@ -2,11 +2,15 @@
 
 Every array starts with a DELETEALL marker, so the markers of the previous frame disappear even
 when this frame has fewer instances; all markers carry the colour image's header (RViz places
-them through TF at ``header.stamp``). Colours are the debug overlay's, by rank.
+them through TF at ``header.stamp``). Colours are the debug overlay's, by rank. Markers expire
+after ``lifetime_s`` (:func:`marker_lifetime_s`: a few inference periods), so that when no next
+array comes (the camera stopped, frames fail or are skipped as stale, ``output.markers`` turned
+off) RViz does not show the last objects for ever.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 from toist_core.visualize import instance_color
@@ -16,12 +20,24 @@ LABEL_HEIGHT_M = 0.04     # text height
 LABEL_GAP_M = 0.02        # label this far above the box (optical frame: -y is up in the image)
 BOX_ALPHA = 0.45
 NAMESPACE_BOXES, NAMESPACE_LABELS = "toist_boxes", "toist_labels"
+MIN_LIFETIME_S = 1.0      # markers live at least this long ...
+LIFETIME_PERIODS = 3      # ... and at least this many inference periods (p95), so they never blink
 
 
-def instance_markers(header: Any, instances: Sequence[Any], task: str):
-    """The MarkerArray of ``instances`` (``toist_ros/Instance`` messages; those without 3D are skipped)."""
+def marker_lifetime_s(inference_p95_ms: float) -> float:
+    """How long a frame's markers stay in RViz without a newer array (NaN p95: no frame timed yet)."""
+    period_s = inference_p95_ms / 1000.0 if math.isfinite(inference_p95_ms) else 0.0
+    return max(MIN_LIFETIME_S, LIFETIME_PERIODS * period_s)
+
+
+def instance_markers(header: Any, instances: Sequence[Any], task: str, lifetime_s: float = MIN_LIFETIME_S):
+    """The MarkerArray of ``instances`` (``toist_ros/Instance`` messages; those without 3D are
+    skipped), each marker expiring after ``lifetime_s``."""
+    from builtin_interfaces.msg import Duration
     from visualization_msgs.msg import Marker, MarkerArray
 
+    nanoseconds = int(round(lifetime_s * 1e9))
+    lifetime = Duration(sec=nanoseconds // 1_000_000_000, nanosec=nanoseconds % 1_000_000_000)
     clear = Marker()
     clear.header = header
     clear.action = Marker.DELETEALL
@@ -40,6 +56,7 @@ def instance_markers(header: Any, instances: Sequence[Any], task: str):
         box.scale.y = max(instance.extent.y, MIN_SIZE_M)
         box.scale.z = max(instance.extent.z, MIN_SIZE_M)
         box.color.r, box.color.g, box.color.b, box.color.a = r, g, b, BOX_ALPHA
+        box.lifetime = lifetime
         label = Marker()
         label.header = header
         label.ns, label.id = NAMESPACE_LABELS, int(instance.rank)
@@ -51,8 +68,9 @@ def instance_markers(header: Any, instances: Sequence[Any], task: str):
         label.scale.z = LABEL_HEIGHT_M
         label.color.r, label.color.g, label.color.b, label.color.a = r, g, b, 1.0
         label.text = f"#{instance.rank} {instance.score:.2f} {task}"
+        label.lifetime = lifetime
         markers += [box, label]
     return MarkerArray(markers=markers)
 
 
-__all__ = ["instance_markers"]
+__all__ = ["instance_markers", "marker_lifetime_s"]
