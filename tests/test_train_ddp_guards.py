@@ -29,8 +29,9 @@ def _worker(scenario: str, root: str, out: str, report: str) -> None:
     from training.distributed import cleanup_distributed, init_distributed
     from training.loops import Trainer
 
+    evaluation = ["eval.enabled=true", "eval.every_steps=2", "eval.holdout_fraction=0.34"] if scenario == "nan_eval" else []
     cfg = load_config(REPO / "training" / "configs" / "tiny_pronoun.yaml",
-                      [f"data.root={root}", f"output_dir={out}", *FAST])
+                      [f"data.root={root}", f"output_dir={out}", *FAST, *evaluation])
     env = init_distributed("cpu", "gloo", timeout_s=60)
     outcome = {"error": None, "message": None}
     try:
@@ -45,6 +46,18 @@ def _worker(scenario: str, root: str, out: str, report: str) -> None:
                 return outputs
 
             trainer.model.decode = poisoned
+        if scenario == "nan_eval":
+            import training.evaluate as evaluation_module
+            from toist_core.inference import NonFiniteOutputError
+
+            predict = evaluation_module.predict
+
+            def poisoned_predict(*args, **kwargs):   # one image of rank 1's share overflows
+                if env.rank == 1:
+                    raise NonFiniteOutputError("images[0]: the network returned 3 non-finite scores")
+                return predict(*args, **kwargs)
+
+            evaluation_module.predict = poisoned_predict
         outcome["step"] = trainer.run().step
     except Exception as exc:  # noqa: BLE001 - the test compares what every rank raised
         outcome = {"error": type(exc).__name__, "message": str(exc)}
@@ -81,6 +94,16 @@ def test_non_finite_outputs_on_one_rank_stop_every_rank_before_the_matcher(synth
     from training.checkpointing import load_training_checkpoint
 
     assert load_training_checkpoint(out / "checkpoint.pth")["step"] == 1   # the last good one
+
+
+def test_non_finite_predictions_on_one_rank_stop_every_rank_at_evaluation(synth_root, tmp_path):
+    """Evaluation raised on the process that met NaN predictions only; the other waited in the
+    gather until the timeout (NCCL) or died with a connection error (gloo)."""
+    rank0, rank1 = _launch("nan_eval", synth_root, tmp_path / "run", tmp_path / "report")
+    assert rank0 == rank1, (rank0, rank1)
+    assert rank0["error"] == "NonFiniteOutputError"
+    assert rank0["message"] == ("evaluation at the validation set: process 1: images[0]: the network returned 3 "
+                                "non-finite scores")
 
 
 def test_every_rank_refuses_an_output_dir_that_holds_a_checkpoint(synth_root, tmp_path):

@@ -31,7 +31,7 @@ from toist_core.data.captions import noun_targets
 from toist_core.data.coco_tasks import CocoTasksDataset
 from toist_core.eval.evaluator import evaluate_tasks, load_ground_truth
 from toist_core.eval.predictions import ImagePredictions
-from toist_core.inference import TaskSegmenter, TaskState
+from toist_core.inference import NonFiniteOutputError, TaskSegmenter, TaskState
 from toist_core.model.eval_mode import eval_mode
 
 from training.config import HOLDOUT, TrainConfig
@@ -154,8 +154,16 @@ def evaluate(model: nn.Module, val: ValidationSet, cfg: TrainConfig, env: DistEn
     started = time.perf_counter()
     devices = [env.device] if env.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        local = predict(model, val, cfg, env, memory_bank)
+        try:
+            local = predict(model, val, cfg, env, memory_bank)
+        except NonFiniteOutputError as exc:
+            # Said through the gather, so that every process stops here together (one process
+            # raising alone would leave the others waiting in the gather until the timeout).
+            local = f"process {env.rank}: {exc}"
     gathered = all_gather_objects(local, env)
+    failures = [part for part in gathered if isinstance(part, str)]
+    if failures:
+        raise NonFiniteOutputError(f"evaluation at the validation set: {'; '.join(failures)}")
     metrics = None
     if env.is_main:
         merged: dict[int, dict[int, ImagePredictions]] = {task: {} for task in val.ann_files}
