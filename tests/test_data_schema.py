@@ -77,8 +77,9 @@ def test_missing_file_and_malformed_json(tmp_path):
     ("annotations", "segmentation", [[1, 2, 3, 4, 5, "x"]], r"coordinates must be numbers, got 'x'"),
     # 4 values: pycocotools would read the polygon as a box and fail with an unnamed TypeError.
     ("annotations", "segmentation", [[2, 2, 10, 10]],
-     r"field 'segmentation'\[0\]: a polygon must be .* \(>= 6: 3 points\) of coordinates, got 4 values"),
-    ("annotations", "segmentation", [[1, 1, 5, 1, 5, 5], [2, 2, 10, 10]], r"field 'segmentation'\[1\]: a polygon must be"),
+     r"field 'segmentation'\[0\]: a polygon must be .* \(>= 6: 3 points; the first one of an annotation\) of "
+     r"coordinates, got 4 values"),
+    ("annotations", "segmentation", [[1, 1, 5, 1, 5, 5], [2, 2]], r"field 'segmentation'\[1\]: a polygon must be"),
     # Non-finite or absurd numbers (pycocotools crashes or exhausts memory; a NaN box was dropped unseen).
     ("annotations", "segmentation", [[1, 1, float("nan"), 1, 5, 5]],
      r"field 'segmentation'\[0\]\[2\]: coordinate nan is not finite or not within \[-\d+, \d+\] \(image \d+x\d+"),
@@ -122,6 +123,20 @@ def test_polygon_coordinates_may_lie_one_image_side_outside(tmp_path, task_json)
     ann["segmentation"][0][3] = -side - 0.5
     with pytest.raises(DataError, match=rf"\(id {ann['id']}\): field 'segmentation'\[0\]\[3\]: coordinate {-side - 0.5}"):
         load_task_file(_write(tmp_path, task_json))
+
+
+def test_a_two_point_polygon_after_the_first_loads_as_the_reference_loads_it(tmp_path, task_json):
+    """pycocotools fails only when the FIRST polygon has 4 values; a later one of 2 points is
+    rasterised with the rest (real COCO files may hold such parts: they must keep loading)."""
+    from pycocotools import mask as mask_utils
+
+    image = task_json["images"][0]
+    ann = next(a for a in task_json["annotations"] if a["image_id"] == image["id"])
+    ann["segmentation"] = [[1, 1, 9, 1, 9, 9], [2, 2, 6, 2]]
+    task_file = load_task_file(_write(tmp_path, task_json))
+    polygons = task_file.image_annotations(image["id"])[0].segmentation
+    assert polygons == ann["segmentation"]
+    assert len(mask_utils.frPyObjects(polygons, image["height"], image["width"])) == 2
 
 
 def test_duplicate_ids_are_errors(tmp_path, task_json):

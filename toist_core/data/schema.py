@@ -22,7 +22,11 @@ from typing import Any, NamedTuple, Optional, Union
 
 
 _NUMBER_TYPES = frozenset((int, float))  # exact types: JSON true/false (bool) is not a coordinate
-_MIN_POLYGON_VALUES = 6  # 3 points; pycocotools reads a 4-value first polygon as a box and fails
+# pycocotools' frPyObjects takes a list whose FIRST polygon has 4 values for boxes (and fails with
+# an unnamed TypeError); later polygons of 2 points are rasterised like the others (the reference
+# loads them, so real files may hold them).
+_MIN_FIRST_POLYGON_VALUES = 6
+_MIN_POLYGON_VALUES = 4
 # Polygon coordinates must lie in [-side, 2 * side], side = the longer side of their image. Real
 # annotations stray a pixel or so outside; pycocotools clips to the image anyway, but rasterises
 # the whole outline first, so a far-off point costs memory and time (a NaN crashes it).
@@ -113,8 +117,8 @@ def load_task_file(path: Union[str, Path], keep_raw: bool = False) -> TaskFile:
     """Read and validate one COCO-Tasks annotation file.
 
     Raises :class:`DataError` for a missing file, invalid JSON, a record with a missing or
-    ill-typed field, a non-finite ``bbox`` / ``area`` / polygon coordinate, a polygon of fewer
-    than 3 points or with a coordinate more than one image side outside its image, a duplicate
+    ill-typed field, a non-finite ``bbox`` / ``area`` / polygon coordinate, a first polygon of
+    fewer than 3 points (2 for the others) or a coordinate more than one image side outside its image, a duplicate
     id, or an annotation whose ``image_id`` is not an image of the file.
     """
     path = Path(path)
@@ -265,9 +269,11 @@ def _check_segmentation(where: str, seg: Any, extent: Optional["_Extent"]) -> No
     if not isinstance(seg, list) or not seg:
         raise DataError(f"{prefix}: expected a non-empty list of polygons or an RLE object, got {seg!r}")
     for k, poly in enumerate(seg):
-        if not isinstance(poly, list) or len(poly) < _MIN_POLYGON_VALUES or len(poly) % 2:
-            raise DataError(f"{prefix}[{k}]: a polygon must be a flat list [x1, y1, x2, y2, x3, y3, ...] of "
-                            f"an even number (>= {_MIN_POLYGON_VALUES}: 3 points) of coordinates, got "
+        least = _MIN_FIRST_POLYGON_VALUES if k == 0 else _MIN_POLYGON_VALUES
+        if not isinstance(poly, list) or len(poly) < least or len(poly) % 2:
+            raise DataError(f"{prefix}[{k}]: a polygon must be a flat list [x1, y1, x2, y2, ...] of an even number "
+                            f"(>= {least}: {least // 2} points{'; the first one of an annotation' if k == 0 else ''}) "
+                            f"of coordinates, got "
                             f"{poly if not isinstance(poly, list) else f'{len(poly)} values'}")
         if not _NUMBER_TYPES.issuperset(map(type, poly)):  # C-speed; a real file has ~1M coordinates
             bad = next(v for v in poly if type(v) not in _NUMBER_TYPES)
