@@ -26,6 +26,7 @@ from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
 
 from toist_ros.conversions import ImageError
+from toist_ros.depth.pairing import stamp_ns
 from toist_ros.diagnostics import Counters, RateMeter
 from toist_ros.frame_limits import FrameLimits
 from toist_ros.frame_slot import OLDER, REPLACED, FrameSlots
@@ -207,8 +208,7 @@ class CameraInputs:
 
     def _accept(self, camera: Camera, frame: Frame) -> None:
         self._counters.add("received")
-        stamp = frame.header.stamp
-        order_ns = int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec) or frame.arrival.nanoseconds
+        order_ns = stamp_ns(frame.header.stamp) or frame.arrival.nanoseconds
         outcome = self.slots.put(camera.index, frame, order_ns)
         if outcome == REPLACED:
             self._counters.add("dropped_replaced")

@@ -78,7 +78,7 @@ class DepthBuffer:
             self._frames.append((int(stamp_ns), depth))
             self._bytes += _nbytes(depth)
             self.received += 1
-            newest = max(int(stamp_ns), max(item[0] for item in self._frames))
+            newest = max(item[0] for item in self._frames)
             while len(self._frames) > BUFFER_FRAMES and (
                     len(self._frames) > self._max_frames or self._bytes > self._max_bytes
                     or self._frames[0][0] < newest - self._horizon_ns):
