@@ -167,6 +167,31 @@ def test_missing_image_is_an_error(synth_root, tmp_path):
         dataset[3]
 
 
+def test_image_format_torchvision_cannot_decode_is_refused_up_front(synth_root, tmp_path):
+    """A BMP (which ``toist predict`` reads through OpenCV) fails when the dataset is built, not
+    at the first batch that meets it hours into training."""
+    import cv2
+
+    root = tmp_path / "copy"
+    shutil.copytree(synth_root, root)
+    ann = root / "annotations" / "task_1_test.json"
+    task_json = json.loads(ann.read_text())
+    victim = task_json["images"][2]
+    image_dir = root / "images" / "val2014"
+    pixels = cv2.imread(str(image_dir / victim["file_name"]))
+    victim["file_name"] = victim["file_name"].rsplit(".", 1)[0] + ".BMP"
+    assert cv2.imwrite(str(image_dir / victim["file_name"]), pixels)
+    ann.write_text(json.dumps(task_json))
+    with pytest.raises(DataError) as info:
+        CocoTasksDataset(ann, image_dir)
+    text = str(info.value)
+    assert victim["file_name"] in text and "'.BMP'" in text and f"image id {victim['id']}" in text
+    # The suffix list is right: torchvision really cannot decode the file.
+    dataset = CocoTasksDataset(ann, image_dir, check_images=False)
+    with pytest.raises(DataError, match="cannot decode image"):
+        dataset[2]
+
+
 def test_image_size_must_match_record(synth_root, tmp_path):
     task_json = json.loads((synth_root / "annotations" / "task_1_test.json").read_text())
     task_json["images"][1]["height"] += 1

@@ -44,6 +44,10 @@ from toist_core.tasks import COCO_TASKS, DEFAULT_PRONOUN, TaskVocabulary
 
 PathLike = Union[str, Path]
 _CAPTION_MODES = typing.get_args(CaptionMode)
+# Formats OpenCV and PIL read (so ``toist predict`` takes them) but torchvision's ``decode_image``
+# does not: refused when the dataset is built rather than at the first batch that meets one.
+_UNDECODABLE_SUFFIXES = frozenset({".bmp", ".dib", ".tif", ".tiff", ".pbm", ".pgm", ".ppm", ".pnm",
+                                   ".jp2", ".j2k", ".exr", ".hdr", ".avif", ".heic", ".heif"})
 
 
 class CocoTasksDataset(Dataset):
@@ -141,9 +145,13 @@ class CocoTasksDataset(Dataset):
     def _check_images_exist(self) -> None:
         for k, image in self._samples:
             path = self._image_dirs[k] / image.file_name
+            where = f"image id {image.id}, field 'file_name' in {self.files[k].path}"
             if not path.is_file():
-                raise DataError(f"{path}: image file not found (image id {image.id}, field "
-                                f"'file_name' in {self.files[k].path})")
+                raise DataError(f"{path}: image file not found ({where})")
+            if path.suffix.lower() in _UNDECODABLE_SUFFIXES:
+                raise DataError(f"{path}: training and evaluation decode JPEG, PNG, GIF and WebP only "
+                                f"(torchvision's decode_image), not {path.suffix!r} files; convert it, "
+                                f"e.g. to PNG ({where})")
 
     # ------------------------------------------------------------------ dataset protocol
 
