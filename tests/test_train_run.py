@@ -214,3 +214,43 @@ def test_noun_teacher_is_evaluated_on_noun_captions(synth_root, tmp_path, monkey
     assert seen and "something" not in " ".join(seen)
     assert any(caption.startswith(("step on ", "sit comfortably on ")) for caption in seen)
     assert "mAP50/bbox" in result.metrics
+
+
+def test_holdout_images_a_loaded_checkpoint_trained_on_are_reported(synth_root, tmp_path):
+    """A stage validating on a holdout the stage before it trained on reports optimistic numbers:
+    the run says so, naming the checkpoint and how many of its holdout images were seen."""
+    import json
+
+    from training.evaluate import in_holdout
+
+    def warnings_of(*extra, config="tiny_pronoun.yaml"):
+        logs = []
+        Trainer(_config(config, synth_root, tmp_path / f"next{len(extra)}", "eval.enabled=true",
+                        "eval.holdout_fraction=0.5", *extra), DistEnv(), log=logs.append)
+        return [line for line in logs if "holdout images" in line]
+
+    ids = [image["id"] for image in json.loads((synth_root / "annotations" / "task_1_train.json").read_text())["images"]]
+    ids += [image["id"] for image in json.loads((synth_root / "annotations" / "task_2_train.json").read_text())["images"]]
+    holdout = {i for i in set(ids) if in_holdout(i, 0.5, 0)}
+    assert holdout and len(holdout) < len(set(ids))
+
+    # Trained on every image (evaluation off): every holdout image was seen.
+    everything = tmp_path / "all" / "checkpoint.pth"
+    Trainer(_config("tiny_pronoun.yaml", synth_root, tmp_path / "all", "schedule.max_steps=1"), DistEnv()).run()
+    [warning] = warnings_of(f"init.load={everything}")
+    assert f"init.load: {everything} was trained on {len(holdout)} of this run's {len(holdout)} holdout" in warning
+
+    # Trained with the same holdout carved out: nothing seen, nothing said.
+    carved = tmp_path / "carved" / "checkpoint.pth"
+    Trainer(_config("tiny_pronoun.yaml", synth_root, tmp_path / "carved", "schedule.max_steps=1", "eval.enabled=true",
+                    "eval.holdout_fraction=0.5", "eval.max_images=1"), DistEnv()).run()
+    assert warnings_of(f"init.load={carved}") == []
+    # Another seed draws another holdout: the images outside the first one were trained on.
+    other = {i for i in set(ids) if in_holdout(i, 0.5, 1)}
+    seen = len({i for i in other if i not in holdout})
+    assert seen, "seeds 0 and 1 draw the same holdout: pick another seed"
+    [warning] = warnings_of(f"init.load={carved}", "eval.holdout_seed=1")
+    assert f"was trained on {seen} of this run's {len(other)} holdout images" in warning
+    # The frozen detector of a mask stage is checked the same way.
+    [warning] = warnings_of(f"init.frozen_weights={everything}", config="tiny_mask_head.yaml")
+    assert f"init.frozen_weights: {everything} was trained on {len(holdout)}" in warning

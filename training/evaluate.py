@@ -21,7 +21,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from toist_core.eval.predictions import ImagePredictions
 from toist_core.inference import NonFiniteOutputError, TaskSegmenter, TaskState
 from toist_core.model.eval_mode import eval_mode
 
-from training.config import HOLDOUT, TrainConfig
+from training.config import HOLDOUT, EvalConfig, TrainConfig
 from training.distributed import DistEnv, all_gather_objects, broadcast_object
 
 
@@ -62,6 +62,23 @@ def holdout_ids(dataset: CocoTasksDataset, fraction: float, seed: int) -> set[in
     """Image ids of the training dataset that go to the holdout."""
     ids = {dataset.sample_info(i)[1].id for i in range(len(dataset))}
     return {image_id for image_id in ids if in_holdout(image_id, fraction, seed)}
+
+
+def holdout_trained_on(cfg: TrainConfig, holdout: set[int], source_config: Mapping) -> int:
+    """How many of this run's ``holdout`` images the run that wrote a loaded checkpoint trained
+    on (``source_config``: that run's configuration as plain data). 0 when it read another image
+    pool (another ``data.root`` / ``train_split``) or carved the same holdout; its holdout
+    numbers would be optimistic otherwise: the weights have seen the validation images."""
+    data, evaluation = source_config.get("data") or {}, source_config.get("eval") or {}
+    same_pool = (Path(str(data.get("root", ""))).resolve() == Path(cfg.data.root).resolve()
+                 and data.get("train_split") == cfg.data.train_split)
+    if not same_pool:
+        return 0
+    if not (evaluation.get("enabled", True) and evaluation.get("split", HOLDOUT) == HOLDOUT):
+        return len(holdout)  # that run trained on every image of the pool
+    fraction = evaluation.get("holdout_fraction", EvalConfig.holdout_fraction)
+    seed = evaluation.get("holdout_seed", EvalConfig.holdout_seed)
+    return sum(not in_holdout(image_id, fraction, seed) for image_id in holdout)
 
 
 def build_validation_set(cfg: TrainConfig, holdout: Optional[set[int]] = None) -> ValidationSet:

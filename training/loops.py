@@ -41,7 +41,7 @@ from training.config import HOLDOUT, TrainConfig, check_paths, config_to_dict, s
 from training.distributed import (DistEnv, all_gather_objects, barrier, broadcast_object, seed_everything,
                                   set_deterministic, wrap_ddp)
 from training.ema import ModelEMA
-from training.evaluate import build_validation_set, evaluate, holdout_ids
+from training.evaluate import build_validation_set, evaluate, holdout_ids, holdout_trained_on
 from training.export import export_checkpoint
 from training.interrupt import ignore_stop_signals
 from training.optim import build_optimizer, clip_grad_norm
@@ -135,6 +135,12 @@ class Trainer:
 
         # Models, EMA, optimizer, schedule, loss.
         models = build_stage_models(cfg, self.tokenizer, log=self.log)
+        for where, path, source_config in (models.trained_by if holdout else ()):
+            seen = holdout_trained_on(cfg, holdout, source_config)
+            if seen:
+                self.log(f"warning: {where}: {path} was trained on {seen} of this run's {len(holdout)} holdout "
+                         f"images (its eval.split / holdout_fraction / holdout_seed differ): the holdout mAP is "
+                         f"optimistic; use that run's holdout settings")
         self.model = models.model.to(env.device)
         self.teacher = models.teacher.to(env.device) if models.teacher is not None else None
         self.cluster = models.cluster.to(env.device) if models.cluster is not None else None

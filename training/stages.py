@@ -21,7 +21,7 @@ distillation work in between.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -47,6 +47,8 @@ class StageModels:
     model: nn.Module
     teacher: Optional[nn.Module] = None
     cluster: Optional[ClusterModule] = None
+    # (field, path, the run's configuration) of each loaded toist training checkpoint
+    trained_by: list[tuple[str, str, dict]] = field(default_factory=list)
 
 
 def build_stage_models(cfg: TrainConfig, tokenizer, log=print) -> StageModels:
@@ -54,16 +56,24 @@ def build_stage_models(cfg: TrainConfig, tokenizer, log=print) -> StageModels:
     model = build_model(cfg.model, tokenizer=tokenizer)
     teacher = None
     cluster = None
+    trained_by: list[tuple[str, str, dict]] = []
+
+    def note_source(field_name: str, path: str, train_config: Optional[dict]) -> None:
+        if train_config is not None:
+            trained_by.append((field_name, str(path), train_config))
+
     if cfg.init.load is not None:
-        load_weights(model, cfg.init.load, cfg.init.strict, "init.load", log)
+        note_source("init.load", cfg.init.load, load_weights(model, cfg.init.load, cfg.init.strict, "init.load", log))
     if cfg.is_distill:
         teacher = build_model(cfg.model, tokenizer=tokenizer)
         if cfg.init.load_noun is not None:
-            load_weights(teacher, cfg.init.load_noun, cfg.init.strict, "init.load_noun", log)
+            note_source("init.load_noun", cfg.init.load_noun,
+                        load_weights(teacher, cfg.init.load_noun, cfg.init.strict, "init.load_noun", log))
         if cfg.distill.uses_bank:
             cluster = ClusterModule(cfg.distill)
     if cfg.is_mask_stage:
         ckpt = read_official(cfg.init.frozen_weights)
+        note_source("init.frozen_weights", cfg.init.frozen_weights, ckpt.train_config)
         detector_state = ckpt.detector_state_dict()
         if not model.detr.contrastive_align:
             # Trained with contrastive align, used without it (as the reference's mask stage):
@@ -86,10 +96,10 @@ def build_stage_models(cfg: TrainConfig, tokenizer, log=print) -> StageModels:
                     f"the config (distill.num_tasks, bank_size, feature_dim, num_clusters) = {wanted}")
             load_state_dict_strict(cluster.bank, {k: v.float() for k, v in ckpt.cluster_state.items()},
                                    where=f"init.frozen_weights {cfg.init.frozen_weights} [cluster_criterion]")
-    return StageModels(model, teacher, cluster)
+    return StageModels(model, teacher, cluster, trained_by)
 
 
-def load_weights(model: nn.Module, path: str, strict: bool, field: str, log=print) -> None:
+def load_weights(model: nn.Module, path: str, strict: bool, field: str, log=print) -> Optional[dict]:
     """``model_ema`` (else ``model``) of an MDETR / TOIST / toist checkpoint, or the weights of a
     toist model directory, into ``model``.
 
@@ -97,6 +107,8 @@ def load_weights(model: nn.Module, path: str, strict: bool, field: str, log=prin
     rule); the position_ids buffer of old files is dropped. A memory bank in the file is not
     loaded: a distillation builds its own, one slot per task of its data's vocabulary, so
     fine-tuning onto other tasks starts their banks empty, as the reference's bank starts.
+
+    Returns the training configuration of a toist training checkpoint (None for other files).
     """
     if is_model_dir(path):
         loaded = load_model_dir(path)
@@ -108,6 +120,7 @@ def load_weights(model: nn.Module, path: str, strict: bool, field: str, log=prin
     if is_segm_model and not ckpt.is_segmentation:
         state = {"detr." + k: v for k, v in state.items()}
     _load_into(model, state, strict, f"{field} {path} [{ckpt.source_key}]", log)
+    return ckpt.train_config
 
 
 def _load_into(module: nn.Module, state: dict, strict: bool, where: str, log) -> None:
