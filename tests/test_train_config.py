@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from toist_core.data.synth import generate
@@ -105,6 +106,14 @@ def test_non_finite_and_out_of_range_values_are_named(override, message):
     assert "tiny_distill.yaml" in str(info.value)
 
 
+def test_numbered_epoch_checkpoints_need_per_epoch_checkpoints():
+    """Numbered files are written beside the epoch's checkpoint.pth: without per_epoch none came."""
+    with pytest.raises(ConfigError, match=r"checkpoint: keep_epochs: 3 numbered epoch checkpoints .* "
+                                          r"per_epoch, which is false"):
+        load_config(CONFIGS / "tiny_pronoun.yaml", ["checkpoint.keep_epochs=3", "checkpoint.per_epoch=false"])
+    assert load_config(CONFIGS / "tiny_pronoun.yaml", ["checkpoint.keep_epochs=3"]).checkpoint.keep_epochs == 3
+
+
 def test_kmeans_without_tolerance_needs_an_iteration_cap():
     with pytest.raises(ConfigError, match="kmeans_tol: 0 with kmeans_max_iter null would never stop"):
         load_config(CONFIGS / "tiny_distill.yaml", ["distill.kmeans_tol=0", "distill.kmeans_max_iter=null"])
@@ -120,6 +129,22 @@ def test_stage_contradictions_are_named(tmp_path):
         load_config(CONFIGS / "tiny_pronoun.yaml", ["loss.num_decoder_layers=6"])
     with pytest.raises(ConfigError, match=r"distill\.feature_dim \(256\) must equal"):
         load_config(CONFIGS / "tiny_distill.yaml", ["distill.feature_dim=256"])
+    # A detector has no masks to score: the first evaluation would fail with a KeyError, before
+    # the epoch's checkpoint is written.
+    with pytest.raises(ConfigError, match=r"eval\.iou_type: 'segm' scores masks; stage 'pronoun' trains a detector"):
+        load_config(CONFIGS / "tiny_pronoun.yaml", ["eval.iou_type=segm"])
+    assert load_config(CONFIGS / "tiny_mask_head.yaml", ["eval.iou_type=segm"]).metric_iou_type == "segm"
+
+
+def test_device_is_checked_when_read_and_when_resolved(monkeypatch):
+    from training.distributed import resolve_device
+
+    with pytest.raises(ConfigError, match=r"runtime\.device: 'gpu0' is not one of"):
+        load_config(CONFIGS / "tiny_pronoun.yaml", ["runtime.device=gpu0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"runtime\.device: 'cuda' requested but no CUDA device is available"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
 
 
 def test_overrides_and_presets(tmp_path):

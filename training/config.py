@@ -123,6 +123,9 @@ class CheckpointConfig:
         if self.every_steps < 0 or self.keep_epochs < 0:
             raise ValueError(f"every_steps / keep_epochs: must be >= 0, got {self.every_steps!r} / "
                              f"{self.keep_epochs!r}")
+        if self.keep_epochs and not self.per_epoch:
+            raise ValueError(f"keep_epochs: {self.keep_epochs} numbered epoch checkpoints are written at epoch "
+                             "ends with per_epoch, which is false: set per_epoch: true or keep_epochs: 0")
 
 
 @dataclass
@@ -171,7 +174,7 @@ class DistributedConfig:
 
 @dataclass
 class RuntimeConfig:
-    device: str = "auto"           # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda: each process its LOCAL_RANK's GPU
     seed: int = 42                 # each process uses seed + rank (the reference's rule)
     deterministic: bool = True     # torch deterministic kernels where they exist (warn elsewhere)
     amp: Literal["none", "bf16", "fp16"] = "none"  # autocast on GPU; ignored on CPU unless amp_on_cpu
@@ -271,6 +274,9 @@ def stage_problems(cfg: TrainConfig) -> list[str]:
                             "masks are trained in the mask_head stages")
         if cfg.init.frozen_weights is not None:
             problems.append(f"init.frozen_weights: only for the mask_head stages, not {cfg.stage!r}")
+        if cfg.eval.iou_type == "segm":
+            problems.append(f"eval.iou_type: 'segm' scores masks; stage {cfg.stage!r} trains a detector "
+                            "without them (use 'bbox' or 'auto')")
     if cfg.init.load_noun is not None and not cfg.is_distill:
         problems.append(f"init.load_noun: only for the distill stage, not {cfg.stage!r}")
     if cfg.stage == "mask_head_distill" and cfg.init.load is not None:
