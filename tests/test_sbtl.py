@@ -55,6 +55,38 @@ def test_true_positives_are_aligned_by_ground_truth_index():
         pair_queries(probs, probs, boxes, boxes, _match([1], [1]), _match([0], [0]))
 
 
+def test_more_boxes_than_queries_pairs_the_boxes_both_matched():
+    """With 5 boxes and 3 queries each matcher keeps its own 3 boxes: the boxes both kept pair
+    through their index, the other matched queries are paired like unmatched ones."""
+    a, b, c = [0.2, 0.2, 0.1, 0.1], [0.5, 0.5, 0.2, 0.2], [0.8, 0.3, 0.1, 0.3]
+    boxes_t = torch.tensor([a, b, c])
+    boxes_s = torch.tensor([c, b, a])
+    probs = torch.full((3, 2), 0.5)
+    # Teacher: q0 -> GT 4, q1 -> GT 1, q2 -> GT 3. Student: q0 -> GT 2, q1 -> GT 4, q2 -> GT 1.
+    rows_t, rows_s = pair_queries(probs, probs, boxes_t, boxes_s, _match([0, 1, 2], [4, 1, 3]),
+                                  _match([0, 1, 2], [2, 4, 1]))
+    # GT 1: teacher q1 <-> student q2; GT 4: teacher q0 <-> student q1; left: teacher q2 <-> student q0
+    # (the same box c, which the Hungarian pairing finds).
+    assert rows_t.tolist() == [1, 0, 2] and rows_s.tolist() == [2, 1, 0]
+    # Fewer matches than queries means every box was matched: then the sets must agree.
+    with pytest.raises(ValueError, match="different ground-truth"):
+        pair_queries(probs, probs, boxes_t, boxes_s, _match([0, 1], [4, 1]), _match([0, 1], [2, 4]))
+
+
+def test_criterion_takes_more_boxes_than_queries():
+    torch.manual_seed(0)
+    num_queries, num_logits = 3, 256
+    positive_map = torch.zeros(5, num_logits)
+    positive_map[:, :3] = 1
+    targets = [{"boxes": torch.rand(5, 4) * 0.5 + 0.2, "positive_map": positive_map}]
+    criterion = DistillationCriterion(LossConfig(contrastive_align=False, aux_loss=False, num_decoder_layers=1))
+    for _ in range(10):  # random outputs: the two matchers keep different boxes on most draws
+        teacher, student = ({"pred_logits": torch.randn(1, num_queries, num_logits),
+                             "pred_boxes": torch.rand(1, num_queries, 4) * 0.5 + 0.1} for _ in range(2))
+        losses = criterion(teacher, student, targets, targets)
+        assert torch.isfinite(losses["loss_softkd"])
+
+
 def _kl(p, q):
     return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
 

@@ -58,27 +58,34 @@ def match_unpaired_queries(bin_teacher: Tensor, bin_student: Tensor, boxes_teach
     return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
 
 
-def _by_target(match: Match) -> Tensor:
-    """Query indices of a match, ordered by their ground-truth index."""
+def _by_target(match: Match, targets: Tensor) -> Tensor:
+    """Query indices of a match for the ground-truth indices ``targets`` (sorted), in their order."""
     queries, gts = match
-    return queries[torch.argsort(gts)]
+    order = torch.argsort(gts)
+    queries, gts = queries[order], gts[order]
+    return queries[torch.isin(gts, targets)]
 
 
 def pair_queries(bin_teacher: Tensor, bin_student: Tensor, boxes_teacher: Tensor, boxes_student: Tensor,
                  match_teacher: Match, match_student: Match) -> tuple[Tensor, Tensor]:
     """Pair the ``Q`` queries of one image: ``(teacher_rows [Q], student_rows [Q])``.
 
-    The first ``n_matched`` pairs follow the ground-truth index, the rest the Hungarian
-    pairing of the unmatched queries.
+    The first pairs follow the ground-truth index, the rest the Hungarian pairing of the
+    unmatched queries. With more ground-truth boxes than queries each model's matcher keeps
+    its own subset of them (the reference assumes ``Q >= n_gt``): only the boxes both matched
+    pair through their index, the other matched queries join the Hungarian pairing. With
+    ``Q >= n_gt`` both match every box and this is the reference's pairing.
     """
-    gts_t, gts_s = match_teacher[1].sort().values, match_student[1].sort().values
-    if not torch.equal(gts_t, gts_s):
-        raise ValueError(f"soft binary target loss: teacher and student matched different ground-truth boxes "
-                         f"({gts_t.tolist()} vs {gts_s.tolist()}); both must see the same targets")
     num_queries = bin_teacher.shape[0]
     if bin_student.shape[0] != num_queries:
         raise ValueError(f"soft binary target loss: teacher has {num_queries} queries, student {bin_student.shape[0]}")
-    tp_teacher, tp_student = _by_target(match_teacher), _by_target(match_student)
+    gts_t, gts_s = match_teacher[1].sort().values, match_student[1].sort().values
+    if not torch.equal(gts_t, gts_s) and not len(gts_t) == len(gts_s) == num_queries:
+        # Both matched fewer boxes than queries, so each matched every box it was given.
+        raise ValueError(f"soft binary target loss: teacher and student matched different ground-truth boxes "
+                         f"({gts_t.tolist()} vs {gts_s.tolist()}); both must see the same targets")
+    common = gts_t[torch.isin(gts_t, gts_s)]
+    tp_teacher, tp_student = _by_target(match_teacher, common), _by_target(match_student, common)
 
     device = bin_teacher.device
     free_teacher = torch.ones(num_queries, dtype=torch.bool)
