@@ -254,3 +254,32 @@ def test_holdout_images_a_loaded_checkpoint_trained_on_are_reported(synth_root, 
     # The frozen detector of a mask stage is checked the same way.
     [warning] = warnings_of(f"init.frozen_weights={everything}", config="tiny_mask_head.yaml")
     assert f"init.frozen_weights: {everything} was trained on {len(holdout)}" in warning
+
+
+def test_stage_inputs_from_the_wrong_stage_are_reported(synth_root, tmp_path):
+    """Student and teacher swapped in a distillation, or a distilled detector under the plain mask
+    stage (its bank unused), train without error into a model unlike the paper's: the run says so."""
+    for stage in ("noun", "pronoun"):
+        Trainer(_config(f"tiny_{stage}.yaml", synth_root, tmp_path / stage, "schedule.max_steps=1"), DistEnv()).run()
+    noun, pronoun = tmp_path / "noun" / "checkpoint.pth", tmp_path / "pronoun" / "checkpoint.pth"
+
+    def warnings_of(config, *extra):
+        logs = []
+        Trainer(_config(config, synth_root, tmp_path / f"next_{len(logs)}", "distill.bank_size=8", *extra),
+                DistEnv(), log=logs.append)
+        return [line for line in logs if line.startswith("warning")]
+
+    swapped = warnings_of("tiny_distill.yaml", f"init.load={noun}", f"init.load_noun={pronoun}")
+    assert any(f"init.load: {noun} was trained by stage 'noun'; stage 'distill' expects 'pronoun' or "
+               "'distill'" in line for line in swapped), swapped
+    assert any(f"init.load_noun: {pronoun} was trained by stage 'pronoun'; stage 'distill' expects 'noun'"
+               in line for line in swapped), swapped
+    assert warnings_of("tiny_distill.yaml", f"init.load={pronoun}", f"init.load_noun={noun}") == []
+
+    distilled = tmp_path / "distilled" / "checkpoint.pth"
+    Trainer(_config("tiny_distill.yaml", synth_root, tmp_path / "distilled", "schedule.max_steps=1",
+                    "distill.bank_size=8", f"init.load={pronoun}", f"init.load_noun={noun}"), DistEnv()).run()
+    [warning] = warnings_of("tiny_mask_head.yaml", f"init.frozen_weights={distilled}")
+    assert f"init.frozen_weights: {distilled} is a distilled detector" in warning and "mask_head_distill" in warning
+    assert warnings_of("tiny_mask_head.yaml", f"init.frozen_weights={pronoun}") == []
+    assert warnings_of("tiny_mask_head_distill.yaml", f"init.frozen_weights={distilled}") == []

@@ -51,6 +51,11 @@ class StageModels:
     trained_by: list[tuple[str, str, dict]] = field(default_factory=list)
 
 
+# The training stage a loaded toist checkpoint should come from, per (stage, field); a mismatch
+# (a swapped student and teacher) trains without error into a model unlike the paper's.
+_SOURCE_STAGES = {("distill", "init.load"): ("pronoun", "distill"), ("distill", "init.load_noun"): ("noun",)}
+
+
 def build_stage_models(cfg: TrainConfig, tokenizer, log=print) -> StageModels:
     """Build the stage's networks (random init or pretrained parts) and load ``cfg.init``."""
     model = build_model(cfg.model, tokenizer=tokenizer)
@@ -59,8 +64,13 @@ def build_stage_models(cfg: TrainConfig, tokenizer, log=print) -> StageModels:
     trained_by: list[tuple[str, str, dict]] = []
 
     def note_source(field_name: str, path: str, train_config: Optional[dict]) -> None:
-        if train_config is not None:
-            trained_by.append((field_name, str(path), train_config))
+        if train_config is None:
+            return
+        trained_by.append((field_name, str(path), train_config))
+        expected = _SOURCE_STAGES.get((cfg.stage, field_name))
+        if expected and train_config.get("stage") not in expected:
+            log(f"warning: {field_name}: {path} was trained by stage {train_config.get('stage')!r}; stage "
+                f"{cfg.stage!r} expects {' or '.join(map(repr, expected))} there (student and teacher swapped?)")
 
     if cfg.init.load is not None:
         note_source("init.load", cfg.init.load, load_weights(model, cfg.init.load, cfg.init.strict, "init.load", log))
@@ -74,6 +84,10 @@ def build_stage_models(cfg: TrainConfig, tokenizer, log=print) -> StageModels:
     if cfg.is_mask_stage:
         ckpt = read_official(cfg.init.frozen_weights)
         note_source("init.frozen_weights", cfg.init.frozen_weights, ckpt.train_config)
+        if cfg.stage == "mask_head" and ckpt.cluster_state is not None:
+            log(f"warning: init.frozen_weights: {cfg.init.frozen_weights} is a distilled detector (it has a memory "
+                "bank); stage 'mask_head' trains without it, so without cluster-centre replacement: "
+                "stage 'mask_head_distill' keeps it")
         detector_state = ckpt.detector_state_dict()
         if not model.detr.contrastive_align:
             # Trained with contrastive align, used without it (as the reference's mask stage):
