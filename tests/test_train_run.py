@@ -116,9 +116,17 @@ def test_resume_refuses_mismatched_checkpoint_before_writing(synth_root, tmp_pat
     noun = _config("tiny_noun.yaml", synth_root, tmp_path / "c")
     with pytest.raises(ValueError, match="stage 'pronoun'"):
         Trainer(noun, DistEnv(), resume=str(ckpt))
-    # Starting a fresh run over an existing one is refused too.
+    # Starting a fresh run over an existing one is refused too, before anything in the folder
+    # changes: its config.yaml still describes its checkpoint, and a write still in progress
+    # there (another run's temporary file) is left alone.
+    inflight = tmp_path / "a" / ".checkpoint.pth.abc123.tmp"
+    inflight.write_bytes(b"being written")
+    before = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    other_settings = _config("tiny_pronoun.yaml", synth_root, tmp_path / "a", "schedule.max_steps=2", "optim.lr=1e-3",
+                             "runtime.tensorboard=true")
     with pytest.raises(ValueError, match="already holds checkpoint.pth"):
-        Trainer(cfg, DistEnv())
+        Trainer(other_settings, DistEnv())
+    assert {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()} == before
 
 
 def test_distillation_updates_and_saves_the_bank(synth_root, tmp_path):

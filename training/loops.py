@@ -85,9 +85,6 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if env.is_main else None)
         self.output_dir = Path(cfg.output_dir)
         check_paths(cfg, resume)
-        if env.is_main:
-            for stale in ckpt_io.remove_stale_temporaries(self.output_dir):
-                self.log(f"removed {stale}: a checkpoint write cut short by an earlier run")
         resume_state = ckpt_io.load_training_checkpoint(resume) if resume else None
         # Rank 0 writes output_dir, so its view decides; every process refuses together (a
         # process going on alone would wait in DDP's set-up for the ones that stopped).
@@ -96,6 +93,11 @@ class Trainer:
                               f"--resume {self.output_dir / LAST} or choose another output_dir")
         if resume_state is not None:
             _check_resume_config(resume_state, cfg, resume)
+        # Only once the run is accepted: a refused start must not touch a folder that another
+        # run may still be writing into.
+        if env.is_main:
+            for stale in ckpt_io.remove_stale_temporaries(self.output_dir):
+                self.log(f"removed {stale}: a checkpoint write cut short by an earlier run")
 
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
