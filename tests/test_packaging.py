@@ -104,3 +104,21 @@ def test_the_dev_environment_has_a_toist_command_that_works_from_any_directory(t
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage: toist synth" in result.stdout
+
+
+def test_every_import_the_docs_show_works():
+    """The `from toist_core... import ...` / `from training... import ...` lines of the README's
+    and docs' Python blocks name modules and objects that exist (docs drift silently)."""
+    import importlib
+    import re
+
+    pattern = re.compile(r"^\s*from ((?:toist_core|training)(?:\.\w+)*) import \(?([\w, ]+)\)?", re.M)
+    checked = 0
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+        for module_name, names in (match for block in blocks for match in pattern.findall(block)):
+            module = importlib.import_module(module_name)
+            for name in filter(None, (n.strip() for n in names.split(","))):
+                assert hasattr(module, name), f"{doc.name}: `from {module_name} import {name}`: no such name"
+                checked += 1
+    assert checked >= 5, checked  # the pattern still finds the imports

@@ -14,6 +14,8 @@ _LAZY = {
     "TaskSegmenter": "toist_core.inference",
     "TaskState": "toist_core.inference",
     "Prediction": "toist_core.inference",
+    "UntrainedTaskWarning": "toist_core.inference",
+    "NonFiniteOutputError": "toist_core.inference",
     "ModelConfig": "toist_core.config",
     "InferenceConfig": "toist_core.config",
     "preset": "toist_core.config",

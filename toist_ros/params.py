@@ -49,9 +49,9 @@ _TOPIC_PATTERN = r"/?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*"
 PARAMETERS: tuple[ParamSpec, ...] = (
     # Model (fixed at start-up).
     ParamSpec("checkpoint", "", "official TOIST .pth file or model directory; empty = the embedded default "
-              "(the 'tiny' model with RANDOM weights: boxes are meaningless)", read_only=True),
-    ParamSpec("text_encoder", "", "tokenizer / text encoder name or local directory for the checkpoint; "
-              "empty = what the checkpoint or model directory names", read_only=True),
+              "model (trained on synthetic scenes only: its tasks 1, 2, 3, 5; meaningless on real photos)", read_only=True),
+    ParamSpec("text_encoder", "", "tokenizer / text encoder name or local directory for an official .pth; "
+              "empty = roberta-base (local cache first); model directories carry their own", read_only=True),
     ParamSpec("device", "auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N", read_only=True,
               pattern=_DEVICE_PATTERN, pattern_help="auto, cpu, cuda or cuda:N"),
     ParamSpec("allow_cpu_fallback", False, "when device is cuda/cuda:N and CUDA is absent: run on CPU (true) "

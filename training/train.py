@@ -21,7 +21,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-EPILOG = "Stages: pronoun, noun, distill, mask_head, mask_head_distill (see docs/training.md)."
+EPILOG = "Stages: grounding, pronoun, noun, distill, mask_head, mask_head_distill (see docs/training.md)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
