@@ -43,7 +43,7 @@ def test_recipe_quick_run_trains_every_stage_and_exports_a_model(tmp_path, capfd
     scene = held_out_scenes(metrics["settings"], task_id=1, count=1)[0]
     seg.set_task(1)
     prediction = seg.predict(scene.pixels)
-    assert prediction.masks is None or prediction.masks.shape[1:] == scene.pixels.shape[:2]
+    assert prediction.masks is not None and prediction.masks.shape[1:] == scene.pixels.shape[:2]
     # A second run finds every stage done and only evaluates and exports again; the training time
     # it reports is still the first run's (plus the second's few seconds of nothing).
     assert recipe.main(["--out", str(out), "--quick"]) == 0

@@ -228,19 +228,25 @@ def data_root(tmp_path_factory):
 
 
 def test_cli_evaluate_passes_the_protocol(data_root, tmp_path, monkeypatch):
+    """A real model directory through ``--checkpoint``: the protocol and the evaluation's
+    settings reach the segmenter on top of what the directory records."""
     import toist_core.inference as inference
+    from toist_core.checkpoint import save_model_dir
 
+    model_dir = tmp_path / "model"
+    random_seg = TaskSegmenter.from_config("tiny_segm", device="cpu", seed=0)
+    save_model_dir(random_seg.model, model_dir, random_seg.config)
     built = []
+    real_from_pretrained = inference.TaskSegmenter.from_pretrained
 
-    def from_pretrained(path, device="auto", text_encoder=None, config=None, inference=None, task=None):
-        seg = TaskSegmenter.from_config("tiny_segm", seed=0, inference=inference)
-        built.append(seg)
-        return seg
+    def from_pretrained(*args, **kwargs):  # records what the CLI built, building it for real
+        built.append(real_from_pretrained(*args, **kwargs))
+        return built[-1]
 
     monkeypatch.setattr(inference.TaskSegmenter, "from_pretrained", staticmethod(from_pretrained))
     for protocol in ("reference", "toist"):
         saved = tmp_path / f"{protocol}.json"
-        args = ["evaluate", "--data", str(data_root), "--checkpoint", "unused", "--tasks", "14",
+        args = ["evaluate", "--data", str(data_root), "--checkpoint", str(model_dir), "--tasks", "14",
                 "--out", str(tmp_path / protocol), "--save-predictions", str(saved), "--no-plots",
                 "--short-side", "64", "--max-size", "128", "--device", "cpu", "--batch-size", "2"]
         if protocol == "reference":
@@ -248,6 +254,9 @@ def test_cli_evaluate_passes_the_protocol(data_root, tmp_path, monkeypatch):
         assert cli.main(args) == 0
         assert built[-1].inference.protocol == protocol
         assert built[-1].inference.score_threshold == 0.0
+        assert (built[-1].inference.short_side, built[-1].inference.max_size) == (64, 128)
+        for key, value in random_seg.model.state_dict().items():
+            assert torch.equal(built[-1].model.state_dict()[key], value), key
 
 
 class _RecordingSegmenter:
