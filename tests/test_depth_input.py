@@ -1,7 +1,6 @@
 """Depth images, CameraInfo and stamp pairing (no DDS): what is accepted, what is refused and why."""
 
 import threading
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -81,11 +80,43 @@ def test_pairs_the_closest_stamp_within_the_tolerance():
     assert got.status == UNSYNCED and got.depth is None and got.offset_s == pytest.approx(0.016)
 
 
+class _Waits(threading.Condition):
+    """Stands in for a DepthBuffer's condition and clock (``_buffer_waiting_on``): records the
+    timeout of every wait, and no wait blocks. A wait runs the next of ``arrivals`` (what another
+    thread's ``put`` would bring meanwhile; ``put`` notifies) and reports a notify; with none left
+    it moves the clock (``now``, seconds) on by its timeout and reports that it timed out. The lock
+    is re-entrant, as the buffer's own is, so ``put`` can run inside the wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.timeouts = []
+        self.arrivals = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def wait(self, timeout=None) -> bool:
+        self.timeouts.append(timeout)
+        assert len(self.timeouts) < 100, "pair waits on and on"
+        if self.arrivals:
+            self.arrivals.pop(0)()
+            return True
+        self.now += timeout
+        return False
+
+
+def _buffer_waiting_on(waits: _Waits) -> DepthBuffer:
+    buffer = DepthBuffer(clock=waits.clock)
+    buffer._cond = waits  # every wait in pair() goes through it
+    return buffer
+
+
 def test_missing_without_depth_or_without_camera_info():
-    buffer = DepthBuffer()
-    start = time.monotonic()
+    waits = _Waits()
+    buffer = _buffer_waiting_on(waits)
     assert buffer.pair(SECOND, 0.02, wait_s=1.0).status == MISSING
-    assert time.monotonic() - start < 0.5  # no depth ever received: frames do not wait for one
+    assert waits.timeouts == []  # no depth ever received: frames do not wait for one
     buffer.put(SECOND, "depth")
     assert buffer.pair(SECOND, 0.02).status == MISSING  # no CameraInfo yet
     buffer.set_camera(CAMERA)
@@ -150,21 +181,54 @@ def test_of_equally_close_depth_images_the_newest_is_paired():
 
 
 def test_waits_for_a_depth_image_that_can_still_come_and_not_for_one_that_cannot():
-    buffer = DepthBuffer()
+    waits = _Waits()
+    buffer = _buffer_waiting_on(waits)
     buffer.set_camera(CAMERA)
     buffer.put(SECOND, "old")
-    late = threading.Timer(0.05, buffer.put, args=(2 * SECOND, "late"))
-    late.start()
-    start = time.monotonic()
+    waits.arrivals.append(lambda: buffer.put(2 * SECOND, "late"))  # comes while the frame waits
     got = buffer.pair(2 * SECOND, max_dt_s=0.01, wait_s=2.0)
-    late.join()
-    assert got.status == PAIRED and got.depth == "late" and time.monotonic() - start < 1.0
+    assert got.status == PAIRED and got.depth == "late"
+    assert waits.timeouts == [2.0] and waits.now == 0.0  # one wait of at most wait_s, ended by the arrival
     # Something newer than the frame already arrived: its own depth will not come, no wait.
     buffer.put(5 * SECOND, "newer")
-    start = time.monotonic()
     assert buffer.pair(3 * SECOND, max_dt_s=0.01, wait_s=2.0).status == UNSYNCED
-    assert time.monotonic() - start < 0.5
-    # Nothing comes: gives up after wait_s.
-    start = time.monotonic()
+    assert waits.timeouts == [2.0]
+    # Nothing comes: gives up when wait_s has passed, not before and not later.
     assert buffer.pair(9 * SECOND, max_dt_s=0.01, wait_s=0.1).status == UNSYNCED
-    assert 0.09 <= time.monotonic() - start < 1.0
+    assert waits.timeouts == [2.0, 0.1] and waits.now == 0.1
+
+
+class _RecordedWaits(threading.Condition):
+    """A real condition that records each wait: (timeout, whether a notify rather than the timeout
+    ended it); ``waiting`` is set once a wait has begun."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = []
+        self.waiting = threading.Event()
+
+    def wait(self, timeout=None) -> bool:
+        self.waiting.set()  # the lock is still held: a put() from another thread comes after the wait began
+        woken = super().wait(timeout)
+        self.waits.append((timeout, woken))
+        return woken
+
+
+def test_a_depth_image_from_the_depth_callback_wakes_the_waiting_frame():
+    """The depth callback's ``put`` (another thread) ends the colour frame's wait at once, not at its deadline."""
+    waits = _RecordedWaits()
+    buffer = DepthBuffer()
+    buffer._cond = waits
+    buffer.set_camera(CAMERA)
+    buffer.put(SECOND, "old")
+
+    def depth_callback():
+        waits.waiting.wait(timeout=30)
+        buffer.put(2 * SECOND, "late")
+
+    thread = threading.Thread(target=depth_callback)
+    thread.start()
+    got = buffer.pair(2 * SECOND, max_dt_s=0.01, wait_s=30.0)
+    thread.join()
+    assert got.status == PAIRED and got.depth == "late"
+    assert len(waits.waits) == 1 and waits.waits[0][1], waits.waits  # woken by the put, not timed out

@@ -156,6 +156,7 @@ class Probe:
         self.node = ros.node(f"probe_{Probe.made}")
         self.lock = threading.Lock()
         self.results, self.status, self.diagnostics = [], [], []
+        self.arrived_ns = {}  # (stamp sec, stamp nanosec, frame_id) -> this node's clock when the result came
         self.image_pub = self.node.create_publisher(Image, prefix + "image", 10)
         self.task_pub = self.node.create_publisher(String, prefix + "task", 10)
         self.node.create_subscription(TaskInstances, prefix + "instances", self._on_result, 100)
@@ -169,10 +170,12 @@ class Probe:
         assert self.set_task_client.wait_for_service(timeout_sec=20)
 
     def _on_result(self, msg):
+        arrived_ns = self.node.get_clock().now().nanoseconds
         if msg.header.frame_id.startswith(("warm_", "burst_")):
             msg.instances = []  # keep only what the burst test reads: this process's memory is measured
         with self.lock:
             self.results.append((time.monotonic(), msg))
+            self.arrived_ns[(msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id)] = arrived_ns
 
     def _keep(self, store):
         def callback(msg):
@@ -449,31 +452,90 @@ def test_segment_image_answers_while_the_stream_runs(node, probe):
 def test_bad_images_are_rejected_counted_and_survived(node, probe):
     from sensor_msgs.msg import Image
 
+    def own_header(msg, frame_id):
+        """``msg`` with a header of its own, so that a result for it could be told from any other."""
+        msg.header = probe.image(np.zeros((1, 1, 3), np.uint8), frame_id).header
+        return msg
+
     before = node.counters.snapshot()
     wrong = probe.image(_photo(), "bad_encoding")
     wrong.encoding = "yuv422"
     short = probe.image(_photo(), "bad_truncated")
     short.data = short.data[: len(short.data) - 100]
-    empty = Image(height=0, width=0, encoding="rgb8", step=0)
+    empty = own_header(Image(height=0, width=0, encoding="rgb8", step=0), "bad_empty")
     # A header that claims 10000 x 10000 (300 MB of pixels) is refused before its data is looked at;
     # a 4000 x 1 strip would be under one pixel high at the model's input and fail inside the model.
-    huge = Image(height=10000, width=10000, encoding="rgb8", step=30000)
+    huge = own_header(Image(height=10000, width=10000, encoding="rgb8", step=30000), "bad_huge")
     strip = probe.image(np.full((1, 4000, 3), 128, np.uint8), "bad_strip")
     tall = probe.image(np.full((4000, 1, 3), 128, np.uint8), "bad_tall_strip")
     before_1970 = probe.image(_photo(), "bad_stamp")
     before_1970.header.stamp.sec = -1
-    # One at a time: the image subscription keeps only the newest message (depth 1).
+    # One at a time: the image subscription keeps only the newest message (depth 1). A good frame
+    # follows each bad one. A camera's frames reach the model in order and their results are
+    # published in that order (one inference thread, a reliable publisher), so once the good
+    # frame's result is here a result for the bad frame would be here already; and had the good
+    # frame replaced the bad one in its slot before the model took it, the slot would have
+    # received two frames, not one.
     for msg, key in ((wrong, "rejected_encoding"), (short, "rejected_truncated"), (empty, "rejected_empty"),
                      (huge, "rejected_too_large"), (strip, "rejected_aspect"), (tall, "rejected_aspect"),
                      (before_1970, "rejected_stamp")):
         target = node.counters.get(key) + 1
+        received = node.counters.get("received")
         probe.image_pub.publish(msg)
         assert wait_for(lambda: node.counters.get(key) >= target, timeout=10), key
+        good = probe.image(_photo(), f"good_after_{msg.header.frame_id}")
+        probe.image_pub.publish(good)
+        assert probe.result_for(good.header, timeout=20) is not None, f"no result after {key}: the node stopped"
+        assert probe.result_for(msg.header, timeout=0) is None, f"a result was published for the {key} frame"
+        assert node.counters.get("received") == received + 1, f"the {key} frame reached the model's slot"
     assert node.counters.get("rejected") >= before.get("rejected", 0) + 7
     assert node.counters.get("inference_errors") == before.get("inference_errors", 0)
     assert node.counters.get("internal_errors") == before.get("internal_errors", 0)
-    _, result = probe.roundtrip(_photo(), "good_after_bad")  # still alive and working
-    assert result.header.frame_id == "good_after_bad"
+
+
+def test_a_frame_whose_outputs_turn_nan_is_dropped_counted_and_survived(node, probe):
+    """NaN in the weights (a damaged checkpoint; fp16 overflow does the same to activations) turns
+    the network's boxes NaN for a frame while the node streams: the frame is dropped, counted in
+    ``inference_errors`` and said on /diagnostics (WARN, with the reason), never published as
+    "nothing found"; with the weights back the stream goes on."""
+    import torch
+
+    from toist_ros.diagnostics import WARN
+
+    box_head = [p for name, p in node.segmenter.model.named_parameters() if ".bbox_embed." in f".{name}"]
+    assert box_head, "no box head (bbox_embed) among the model's parameters"
+    saved = [p.detach().clone() for p in box_head]
+    errors, processed = node.counters.get("inference_errors"), node.counters.get("processed")
+    frame = probe.image(_photo(), "cam_nan_outputs")
+    try:
+        with torch.no_grad():
+            for p in box_head:
+                p.fill_(float("nan"))
+        probe.image_pub.publish(frame)
+        assert wait_for(lambda: node.counters.get("inference_errors") > errors, timeout=20), "not counted"
+    finally:
+        with torch.no_grad():
+            for p, value in zip(box_head, saved):
+                p.copy_(value)
+    assert node.counters.get("inference_errors") == errors + 1 and node.counters.get("processed") == processed
+    diagnostics_name = f"toist_ros: perception ({node.get_fully_qualified_name()})"
+
+    def reports():
+        """This node's /diagnostics statuses that count the error."""
+        with probe.lock:
+            statuses = [s for array in probe.diagnostics for s in array.status if s.name == diagnostics_name]
+        return [s for s in statuses if {kv.key: kv.value for kv in s.values}["inference_errors"] == str(errors + 1)]
+
+    assert wait_for(lambda: reports(), timeout=10), "/diagnostics does not count the error"
+    status = reports()[-1]
+    assert status.level == bytes([WARN]), status
+    assert "1 inference error(s)" in status.message and "non-finite" in status.message, status.message
+    # Results are published in the order of their frames: had the NaN frame been published, its
+    # result would have come before the next frame's.
+    _, result = probe.roundtrip(_photo(), "cam_after_nan")
+    _check_instances(result, 320, 240, OVERRIDES["max_instances"])
+    assert probe.result_for(frame.header, timeout=0) is None, "the frame with NaN outputs was published"
+    assert node.counters.get("inference_errors") == errors + 1
 
 
 def test_frames_older_than_max_age_are_skipped(node, probe):
@@ -623,18 +685,18 @@ def test_camera_burst_gives_no_backlog_and_no_memory_growth(node, probe):
         got = [(t, r) for t, r in probe.results if r.header.frame_id.startswith("burst_")
                and (r.header.stamp.sec, r.header.stamp.nanosec) in stamps]
     assert got, "no result for the burst"
-    arrivals = np.array([t for t, _ in got])
-    period_ms = 1000 * float(np.median(np.diff(arrivals))) if len(got) > 2 else max(r.inference_ms for _, r in got)
     inference_ms = float(np.median([r.inference_ms for _, r in got]))
-    # No backlog: a frame waits at most for the inference in progress, then takes its own, so its
-    # latency stays within two inference periods. On a shared CPU single inferences spike, so the
-    # period of a result is the larger of the median spacing of results and the model times of this
-    # frame and of the one processed before it.
-    got.sort(key=lambda item: item[0])
-    model_ms = [r.inference_ms for _, r in got]
-    for i, (_, result) in enumerate(got):
-        period_i = max(period_ms, model_ms[i], model_ms[i - 1] if i else model_ms[i])
-        assert result.latency_ms <= 2 * period_i + 30.0, (i, result.latency_ms, model_ms, period_ms)
+    # Each latency counts from the frame's stamp to the result's publication: its own model time
+    # is in it, and it is within the time from the stamp to the result's arrival here (the same
+    # clock). How fast is not bounded here (a shared CPU stalls at random); that a frame waits
+    # only for the inference in progress is shown, without a clock, by
+    # test_a_frame_waits_only_for_the_inference_in_progress.
+    for _, result in got:
+        stamp = result.header.stamp
+        arrived_ms = 1e-6 * (probe.arrived_ns[(stamp.sec, stamp.nanosec, result.header.frame_id)]
+                             - (stamp.sec * 10**9 + stamp.nanosec))
+        assert result.inference_ms <= result.latency_ms <= arrived_ms, (result.header.frame_id, result.inference_ms,
+                                                                      result.latency_ms, arrived_ms)
     delta = {k: counts.get(k, 0) - counts_before.get(k, 0) for k in ("received", "processed", "dropped_replaced",
                                                                      "skipped_stale", "lost_in_transport")}
     # Depth 1 best effort: DDS may drop a frame the executor did not take in time; the node counts those too.
@@ -649,6 +711,44 @@ def test_camera_burst_gives_no_backlog_and_no_memory_growth(node, probe):
     assert (traced_peak - traced_before) / 2**20 < 20.0, traced_peak
     assert (traced_after - traced_before) / 2**20 < 5.0, traced_after  # nothing kept per frame
     # RSS is printed, not asserted: torch / oneDNN / DDS pools move it by tens of MB without a leak.
+
+
+def test_a_frame_waits_only_for_the_inference_in_progress(node, probe, monkeypatch):
+    """No backlog, shown without timing: while the model is held on one frame, five more arrive;
+    once it is released only the newest of them goes through the model and is published (the
+    others were replaced in the slot), and each latency counts from the frame's stamp, the time
+    the frame waited included (the held frame is stamped 0.5 s before it was sent)."""
+    counts_before = node.counters.snapshot()
+    gate = _Gate(node.segmenter.predict)
+    monkeypatch.setattr(node.segmenter, "predict", gate)
+    try:
+        held = probe.image(_photo(), "cam_held", age_s=0.5)
+        probe.image_pub.publish(held)
+        assert wait_for(lambda: gate.calls == 1, timeout=20), "the held frame did not reach the model"
+        waiting = []
+        for i in range(5):
+            received = node.counters.get("received")
+            waiting.append(probe.image(_photo(), f"cam_waiting_{i}"))
+            probe.image_pub.publish(waiting[-1])
+            assert wait_for(lambda: node.counters.get("received") > received, timeout=10), i  # in the slot
+        released_ns = probe.node.get_clock().now().nanoseconds
+        gate.open.set()
+        newest = probe.result_for(waiting[-1].header, timeout=20)
+        assert newest is not None, "the newest frame was not processed"
+    finally:
+        gate.open.set()
+    first = probe.result_for(held.header, timeout=0)
+    assert first is not None
+    # Results come in the order of their frames: a result for an older waiting frame would be here.
+    assert [probe.result_for(m.header, timeout=0) for m in waiting[:-1]] == [None] * 4
+    assert gate.calls == 2  # the held frame and the newest: the four between were never run
+    delta = {k: node.counters.get(k) - counts_before.get(k, 0) for k in ("received", "processed", "dropped_replaced")}
+    assert delta == {"received": 6, "processed": 2, "dropped_replaced": 4}, delta
+    # Both results were published after the release: from its stamp, each frame's latency is at
+    # least the time from its stamp to the release.
+    for msg, result in ((held, first), (waiting[-1], newest)):
+        stamp_ns = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+        assert result.latency_ms >= 1e-6 * (released_ns - stamp_ns), (msg.header.frame_id, result.latency_ms)
 
 
 def test_compressed_input_and_two_cameras_share_one_model(ros):

@@ -22,7 +22,7 @@ import collections
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from toist_ros.depth.geometry import Intrinsics
 
@@ -61,9 +61,12 @@ class Pairing:
 
 
 class DepthBuffer:
-    """Recent depth images of one camera (by ``header.stamp`` in nanoseconds) and its CameraInfo."""
+    """Recent depth images of one camera (by ``header.stamp`` in nanoseconds) and its CameraInfo.
 
-    def __init__(self, horizon_s: float = HORIZON_S, max_frames: int = MAX_FRAMES, max_bytes: int = MAX_BYTES) -> None:
+    ``clock``: monotonic seconds, what ``pair`` measures ``wait_s`` with (tests)."""
+
+    def __init__(self, horizon_s: float = HORIZON_S, max_frames: int = MAX_FRAMES, max_bytes: int = MAX_BYTES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._frames: collections.deque = collections.deque()  # (stamp_ns, depth), arrival order
         self._cameras: collections.deque = collections.deque(maxlen=BUFFER_FRAMES)  # (stamp_ns, CameraModel)
         self._cond = threading.Condition()
@@ -71,6 +74,7 @@ class DepthBuffer:
         self._max_frames = max_frames
         self._max_bytes = max_bytes
         self._bytes = 0
+        self._clock = clock
         self.received = 0
 
     def put(self, stamp_ns: int, depth: Any) -> None:
@@ -100,7 +104,7 @@ class DepthBuffer:
     def pair(self, stamp_ns: int, max_dt_s: float, wait_s: float = 0.0) -> Pairing:
         """The depth image for a colour frame stamped ``stamp_ns`` (see the module docstring)."""
         tolerance = int(max_dt_s * 1e9)
-        deadline = time.monotonic() + max(0.0, wait_s)
+        deadline = self._clock() + max(0.0, wait_s)
         with self._cond:
             while True:
                 # Newest first: of equally close images (unstamped frames: every stamp 0) the newest wins.
@@ -113,7 +117,7 @@ class DepthBuffer:
                 newest = max((item[0] for item in self._frames), default=None)
                 # Wait only for a camera that sends depth: with none received yet, no frame waits.
                 could_come = newest is not None and newest < stamp_ns + tolerance
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self._clock()
                 if not could_come or remaining <= 0:
                     if best is None:
                         return Pairing(MISSING)
