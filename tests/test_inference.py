@@ -1,6 +1,7 @@
 """TaskSegmenter: pixel boxes, cached text, masks for kept queries, CCR, CLI predict."""
 
 import dataclasses
+import io
 import json
 import math
 
@@ -161,6 +162,36 @@ def test_text_is_encoded_once_per_task(seg):
     finally:
         handle.remove()
         seg.set_task(2)
+
+
+def test_loading_new_weights_reencodes_the_current_task(distilled):
+    """The task's text features and centres come from the weights: after a ``load_state_dict`` of
+    the model or of the bank, frames are answered as by a segmenter built on the new weights."""
+    seg, bank = distilled
+    other = TaskSegmenter.from_config("tiny_segm", seed=1, inference=seg.inference)
+    own_weights = {k: v.clone() for k, v in seg.model.state_dict().items()}
+    own_bank = {k: v.clone() for k, v in bank.state_dict().items()}
+    image = random_image(56, 72, seed=5)
+    seg.set_task(4)
+    try:
+        seg.model.load_state_dict(other.model.state_dict())
+        fresh = TaskSegmenter(seg.model, device="cpu", memory_bank=bank, inference=seg.inference, task=4)
+        assert np.array_equal(seg.predict(image).scores, fresh.predict(image).scores)
+        before = seg.task_state.centres
+        bank.load_state_dict({k: v * 2 if k == "feature_bank" else v for k, v in own_bank.items()})
+        assert not torch.allclose(seg.task_state.centres, before)
+        assert torch.equal(seg.task_state.centres, seg.encode_task(4).centres)
+    finally:
+        seg.model.load_state_dict(own_weights)
+        bank.load_state_dict(own_bank)
+    # The hooks stay out of the way of saving the whole module.
+    buffer = io.BytesIO()
+    torch.save(seg.model, buffer)
+    # Back on its own weights, the task state is what it was before.
+    assert torch.equal(seg.task_state.centres, bank.cluster_centers[3])
+    assert np.array_equal(seg.predict(image).scores,
+                          TaskSegmenter(seg.model, device="cpu", memory_bank=bank, inference=seg.inference,
+                                        task=4).predict(image).scores)
 
 
 def test_task_state_snapshot(seg):

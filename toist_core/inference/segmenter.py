@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+import weakref
 from numbers import Integral, Real
 from typing import Callable, Optional, Sequence, Union
 
@@ -39,6 +40,23 @@ def check_call_limits(score_threshold, max_instances) -> None:
                                       or max_instances < 0):
         raise ValueError(f"max_instances must be an integer >= 0 (0: no instances; None: inference.max_instances), "
                          f"got {max_instances!r}")
+
+
+class _ReencodeOnLoad:
+    """``load_state_dict`` post-hook of a segmenter's model and bank (see
+    ``TaskSegmenter._follow_weight_loads``). Holds the segmenter weakly, and pickles as a no-op
+    so that ``torch.save(seg.model)`` still works (a weak reference cannot be pickled)."""
+
+    def __init__(self, segmenter: "TaskSegmenter"):
+        self._segmenter = weakref.ref(segmenter)
+
+    def __call__(self, _module, _incompatible_keys) -> None:
+        segmenter = self._segmenter() if self._segmenter is not None else None
+        if segmenter is not None:
+            segmenter._reencode_current_task()
+
+    def __getstate__(self) -> dict:
+        return {"_segmenter": None}
 
 
 class TaskSegmenter:
@@ -92,8 +110,26 @@ class TaskSegmenter:
         self._bank_lock = threading.Lock()
         self._state: Optional[TaskState] = None
         self.inference = inference  # the setter derives sizes, pronoun, autocast, normalisation, processing
+        self._follow_weight_loads()
         if task is not None:
             self.set_task(task)
+
+    def _follow_weight_loads(self) -> None:
+        """The current task's text features and CCR centres are computed from the weights: a
+        ``load_state_dict`` of the whole model or of the memory bank re-encodes the task, so no
+        frame mixes new image weights with the old weights' text. (A load into a submodule, or
+        weights changed in place, need ``set_task`` again.) The hooks hold the segmenter weakly
+        and leave with it, so a trainer's module does not collect them evaluation after evaluation."""
+        hook = _ReencodeOnLoad(self)
+        for module in (self.model, self.memory_bank):
+            if module is not None:
+                weakref.finalize(self, module.register_load_state_dict_post_hook(hook).remove)
+
+    def _reencode_current_task(self) -> None:
+        state = self._state
+        if state is not None:
+            task = state.task_id if state.task_id is not None else state.caption
+            self._state = self._encode(task, self.pronoun, self.inference.ccr)
 
     @property
     def inference(self) -> InferenceConfig:
