@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from toist_core import cli
-from toist_core.checkpoint import (CheckpointError, detect_architecture, load_model_dir, load_official,
-                                   load_official_weights, load_pretrained, read_official, save_model_dir)
+from toist_core.checkpoint import (CheckpointError, detect_architecture, export_model_dir, load_model_dir,
+                                   load_official, load_official_weights, load_pretrained, read_official,
+                                   save_model_dir)
 from toist_core.config import preset
 from toist_core.model import TOIST, build_model, load_tokenizer
 from toist_core.structures import ImageBatch
@@ -161,6 +162,95 @@ def test_bad_tensors_are_refused_by_name(tmp_path, segm_model, tokenizer, damage
         load_official(tmp_path / "bad.pth", config=preset("tiny_segm"), tokenizer=tokenizer)
     if damage == "misshaped":
         assert "file [5, 128], model [4, 128]" in str(error.value)
+
+
+def test_non_finite_weights_are_refused_naming_file_key_and_count(tmp_path, segm_model, tokenizer):
+    """NaN / inf weights (a diverged training, a damaged file) load nowhere: not from a file, not
+    from a model directory, not into an export; no buffer of the official files holds an inf."""
+    state = {k: v.clone() for k, v in segm_model.state_dict().items()}
+    state["detr.class_embed.weight"][0, :2] = float("nan")
+    state["detr.transformer.encoder.layers.0.linear1.weight"][1, 1] = float("-inf")
+    torch.save(official_container(state, state), tmp_path / "diverged.pth")
+    with pytest.raises(CheckpointError, match=(
+            rf"^{tmp_path / 'diverged.pth'} \[model_ema\]: 2 tensor\(s\) hold non-finite values.*"
+            r"detr.transformer.encoder.layers.0.linear1.weight \(1 of 16384 values NaN/inf\), "
+            r"detr.class_embed.weight \(2 of 32768 values NaN/inf\)")):
+        load_official(tmp_path / "diverged.pth", config=preset("tiny_segm"), tokenizer=tokenizer)
+    with pytest.raises(CheckpointError, match="2 tensor"):
+        export_model_dir(tmp_path / "diverged.pth", tmp_path / "exported", config=preset("tiny_segm"))
+    assert not (tmp_path / "exported").exists()
+    # A model directory written from a model gone NaN in memory is refused when read.
+    with torch.no_grad():
+        broken = build("tiny_segm", tokenizer, seed=0)
+        broken.mask_head.out_lay.bias.fill_(float("inf"))
+    directory = save_model_dir(broken, tmp_path / "model", preset("tiny_segm"))
+    with pytest.raises(CheckpointError, match=rf"^{directory / 'model.safetensors'}: 1 tensor.*"
+                                              r"mask_head.out_lay.bias \(1 of 1 values NaN/inf\)"):
+        load_model_dir(directory)
+    # The memory bank too.
+    bank = bank_state()
+    bank["cluster_centers"][3, 1, :5] = float("nan")
+    torch.save(official_container(segm_model.state_dict(), segm_model.state_dict(), cluster=bank),
+               tmp_path / "bank.pth")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'bank.pth'} \[cluster_criterion\]: 1 tensor.*"
+                                              r"cluster_centers \(5 of 5376 values NaN/inf\)"):
+        load_official(tmp_path / "bank.pth", config=preset("tiny_segm"), tokenizer=tokenizer)
+    # Large finite values whose sum overflows are no NaN (the scan's fast path is a sum).
+    from toist_core.checkpoint.strict import non_finite_tensors
+
+    assert non_finite_tensors({"large": torch.full((4,), 3e38), "half": torch.full((4,), 6e4).half()}) == []
+
+
+@pytest.mark.parametrize("change, says", [
+    (dict(feature_bank=torch.zeros(14, 128)), r"feature_bank has shape \[14, 128\]; expected \[tasks, size, dim\]"),
+    (dict(cluster_centers=torch.zeros(14)), r"cluster_centers has shape \[14\]; expected \[tasks, K, dim\]"),
+    (dict(cluster_centers=torch.zeros(13, 3, 128)),
+     r"cluster_centers \[13, 3, 128\] does not fit feature_bank \[14, 16, 128\]"),
+    (dict(feature_bank=torch.zeros(14, 16, 64), cluster_centers=torch.zeros(14, 3, 64)),
+     r"feature_bank \[14, 16, 64\] holds 64-d features but the model's transformer.d_model is 128"),
+    (dict(cluster_centers=torch.zeros(14, 17, 128)), r"need 1 <= num_clusters <= size, got 17 and 16"),
+])
+def test_memory_bank_that_does_not_fit_the_model_is_refused_by_name(tmp_path, segm_model, tokenizer, change, says):
+    """Not a raw unpack / index error, and not at the first predict of a distilled task."""
+    bank = dict(bank_state(), **change)
+    torch.save(official_container(segm_model.state_dict(), segm_model.state_dict(), cluster=bank),
+               tmp_path / "bank.pth")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'bank.pth'} \[cluster_criterion\]: .*{says}"):
+        load_official(tmp_path / "bank.pth", config=preset("tiny_segm"), tokenizer=tokenizer)
+
+
+def test_model_directory_bank_of_another_width_is_refused(tmp_path, segm_model):
+    from toist_core.distill.memory_bank import MemoryBank
+
+    directory = save_model_dir(segm_model, tmp_path / "model", preset("tiny_segm"),
+                               memory_bank=MemoryBank(num_tasks=14, size=16, dim=64))
+    with pytest.raises(CheckpointError, match=rf"^{directory / 'memory_bank.safetensors'}: memory bank feature_bank "
+                                              r"\[14, 16, 64\] holds 64-d features .*transformer.d_model is 128"):
+        load_model_dir(directory)
+
+
+def test_a_state_dict_of_another_network_is_named_with_its_file(tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    for config in (None, preset("tiny")):
+        with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'resnet18.pth'}: not a TOIST/MDETR state_dict: "
+                                                  "missing query_embed.weight"):
+            load_official(tmp_path / "resnet18.pth", config=config, text_encoder="builtin:tiny")
+
+
+@pytest.mark.parametrize("kept, says", [
+    ("format: toist-model\nversion: 4\n", "no model"),
+    ("version: 4\n", "no format, model"),
+    ("", "it is empty"),
+])
+def test_model_directory_config_must_record_format_version_and_model(tmp_path, segm_model, kept, says):
+    """Defaults would build the paper network for a directory whose config.yaml lost its model."""
+    directory = save_model_dir(segm_model, tmp_path / "model", preset("tiny_segm"))
+    (directory / "config.yaml").write_text(kept)
+    with pytest.raises(CheckpointError, match=rf"^{directory / 'config.yaml'}: not a model directory config: {says} "
+                                              r"\(it must record format, version, model\)"):
+        load_pretrained(directory)
 
 
 def test_config_mismatch_is_named(official_file, tokenizer):

@@ -173,6 +173,31 @@ def test_sigkill_while_exporting_onto_a_directory_leaves_the_old_or_the_new_mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def recorded_source(directory: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((directory / "config.yaml").read_text())["source"]
+
+
+def test_a_symlinked_model_directory_stays_a_link_to_the_replaced_folder(tmp_path):
+    """``current -> models_v1``: writing through the link replaces models_v1 and keeps the link,
+    twice over, with nothing left beside either; a staging entry that is itself a symlink (what
+    exchanging the link used to leave behind) is unlinked, its target kept."""
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg, tokenizer=load_tokenizer(cfg.text.tokenizer))
+    real, link = tmp_path / "models_v1", tmp_path / "current"
+    save_model_dir(model, real, cfg, source="v1")
+    link.symlink_to(real)
+    leftover = tmp_path / ".current.staging-old"
+    leftover.symlink_to(real)
+    for source in ("v2", "v3"):
+        assert save_model_dir(model, link, cfg, source=source) == link
+        assert link.is_symlink() and os.readlink(link) == str(real)
+        assert recorded_source(real) == source and load_pretrained(link).config.masks is False
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "models_v1"]
+
+
 def test_model_directories_record_their_tasks_and_other_tasks_warn_once(train_run, tmp_path):
     out = tmp_path / "model"
     assert cli.main(["export", str(train_run), str(out)]) == 0

@@ -1,5 +1,6 @@
 """Model / inference configuration: presets, YAML round trip, validation."""
 
+import re
 import subprocess
 import sys
 
@@ -109,3 +110,74 @@ def test_config_imports_without_torch():
     code = "import sys, toist_core.config, toist_core.tasks; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("data, says", [
+    ({"transformer": {"nheads": 0}}, "transformer: transformer.nheads must be >= 1, got 0"),
+    ({"text": {"num_heads": 0}}, "text: text.num_heads must be >= 1, got 0"),
+    ({"transformer": {"d_model": 0}}, "transformer: transformer.d_model must be >= 1, got 0"),
+    ({"transformer": {"enc_layers": -1}}, "transformer: transformer.enc_layers must be >= 0, got -1"),
+    ({"transformer": {"dropout": 2.0}}, r"transformer: transformer.dropout must be in \[0, 1\], got 2.0"),
+    ({"text": {"resizer_dropout": -0.1}}, r"text: text.resizer_dropout must be in \[0, 1\], got -0.1"),
+    ({"text": {"max_position_embeddings": 3}}, "text: text.max_position_embeddings 3 leaves no room for a caption"),
+    ({"backbone": {"name": "resnet34", "dilation": True}},
+     "backbone: backbone.dilation: true is not possible with resnet34"),
+    ({"contrastive_dim": 0}, ": contrastive_dim must be >= 1, got 0"),
+])
+def test_out_of_range_model_values_are_refused_naming_file_and_field(tmp_path, data, says):
+    """Refused when the file is read, not later as a ZeroDivisionError, a NotImplementedError of
+    torchvision or an index error inside RoBERTa."""
+    import yaml
+
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}.*{says}"):
+        load_yaml(ModelConfig, path)
+
+
+def test_edge_values_that_build_a_network_are_kept():
+    cfg = merge(preset("tiny"), {"transformer": {"enc_layers": 0, "dropout": 0.0}, "text": {"resizer_dropout": 1.0}})
+    assert cfg.transformer.enc_layers == 0
+    for name in ("resnet50", "resnet101", "mobilenet_v2"):
+        assert BackboneConfig(name=name, dilation=True).dilation
+    assert merge(preset("paper"), {"text": {"max_position_embeddings": 4}}).text.max_position_embeddings == 4
+
+
+def test_normalisation_and_input_size_ranges_are_checked():
+    with pytest.raises(ConfigError, match=r"^inf.yaml: inference.std must be > 0 for every channel, got \[0.0, 0.0"):
+        from_dict(InferenceConfig, {"std": [0, 0, 0]}, "inf.yaml")
+    with pytest.raises(ConfigError, match=r"inference.std must be > 0 .*got \[-1.0, 1.0, 1.0\]"):
+        InferenceConfig(std=(-1.0, 1.0, 1.0))
+    # A model directory's input_size: the error names that section, not inference.short_side.
+    with pytest.raises(ConfigError, match=r"^config.yaml.input_size: input_size.short_side must be >= 1, got 0"):
+        from_dict(InputSize, {"short_side": 0, "max_size": 0}, "config.yaml.input_size")
+    with pytest.raises(ConfigError, match="input_size: need short_side <= max_size, got 800 / 700"):
+        InputSize(800, 700)
+    assert InputSize(64, 64) == InputSize(short_side=64, max_size=64)
+
+
+def test_caption_length_is_capped_by_the_position_table():
+    """RoBERTa numbers positions from pad_token_id + 1: a 100-row table holds 98 tokens. A longer
+    caption is refused by name, not an index error inside the embedding; the usual tables keep
+    the class head's 256-token cap, and captions within the limit tokenize as before."""
+    import torch
+
+    from toist_core.model import build_model, load_tokenizer
+    from toist_core.model.text import max_caption_tokens, tokenize
+
+    tokenizer = load_tokenizer(TINY_TOKENIZER)
+    assert max_caption_tokens(preset("paper").text) == 256                      # 514 rows: 512 usable
+    assert max_caption_tokens(preset("paper_without_pretrain").text) == 256     # 512 rows: 510 usable
+    short = merge(preset("tiny"), {"text": {"max_position_embeddings": 100}})
+    assert max_caption_tokens(short.text) == 98
+    torch.manual_seed(0)
+    model = build_model(short, tokenizer=tokenizer).eval()
+    fits, too_long = " ".join(["on"] * 96), " ".join(["on"] * 98)            # 98 and 100 tokens with <s> </s>
+    assert len(tokenizer(fits)["input_ids"]) == 98 and len(tokenizer(too_long)["input_ids"]) == 100
+    ids = tokenize(tokenizer, [fits], torch.device("cpu"), short.text)["input_ids"]
+    assert ids.tolist() == [tokenizer(fits)["input_ids"]]
+    with torch.no_grad():
+        assert model.encode_text([fits]).num_tokens == 98
+        with pytest.raises(ValueError, match=r"caption too long: 100 tokens \(at most 98: "
+                                             r"text.max_position_embeddings 100 less RoBERTa's pad_token_id \+ 1"):
+            model.encode_text([too_long])

@@ -151,7 +151,9 @@ def nan_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer=load_tokenizer(cfg.text.tokenizer)).eval()
     with torch.no_grad():
-        model.detector.class_embed.weight.fill_(float("nan"))
+        # Finite weights (NaN ones are refused when the directory is read) whose logits overflow
+        # to inf: the scores come out NaN, as from a model that diverged only at run time.
+        model.detector.class_embed.weight.uniform_(-1e38, 1e38, generator=torch.Generator().manual_seed(0))
     return save_model_dir(model, tmp_path_factory.mktemp("nan") / "model", cfg, tasks=[2],
                           input_size=InputSize(short_side=64, max_size=128))
 

@@ -296,3 +296,90 @@ def test_local_text_encoder_directory_gives_tokenizer_and_architecture(tmp_path,
     assert loaded.config.text.num_heads == 2 and loaded.config.masks
     assert f"architecture from {encoder_dir / 'config.json'}" in line
     assert f"from local directory {encoder_dir}" in line
+
+
+def test_home_relative_text_encoder_directory_gives_its_architecture_too(tmp_path, monkeypatch, caplog):
+    """``~/dir`` names the same folder for the tokenizer and for config.json: without the
+    config.json the paper's 12 heads would not divide the 64-wide text encoder."""
+    import shutil
+
+    from toist_core.model.text import roberta_config
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    encoder_dir = tmp_path / "home" / "tok"
+    shutil.copytree(TINY_TOKENIZER_DIR, encoder_dir)
+    roberta_config(preset("tiny_segm").text).save_pretrained(str(encoder_dir))
+    path = save_official(tmp_path / "toist_distilled.pth", preset("tiny_segm"), cluster=bank_state())
+    loaded, line = load_records(caplog, path, None, text_encoder="~/tok")
+    assert loaded.config.text.num_heads == 2
+    assert f"architecture from {encoder_dir / 'config.json'}" in line
+
+
+# -- a tokenizer folder without its vocabulary ------------------------------------------------------
+def vocabulary_files(directory: Path) -> Path:
+    """``vocab.json`` + ``merges.txt`` (what a roberta-base download holds besides
+    tokenizer.json) of the packaged tiny tokenizer, without tokenizer.json."""
+    model = json.loads((TINY_TOKENIZER_DIR / "tokenizer.json").read_text())["model"]
+    directory.mkdir()
+    (directory / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in model["merges"]]
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (directory / "tokenizer_config.json").write_text((TINY_TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    return directory
+
+
+def test_tokenizer_folder_without_vocabulary_is_refused(tmp_path):
+    """transformers builds a tokenizer of the 5 special tokens from tokenizer_config.json or a
+    RoBERTa config.json alone: every caption would become [</s>, <unk>] and every task give the
+    same output. The folder is refused by name; the folders toist and roberta-base ship load."""
+    import shutil
+
+    from toist_core.model.text import roberta_config
+
+    config_only = tmp_path / "config_only"
+    roberta_config(preset("tiny").text).save_pretrained(str(config_only))
+    settings_only = tmp_path / "settings_only"
+    settings_only.mkdir()
+    shutil.copy(TINY_TOKENIZER_DIR / "tokenizer_config.json", settings_only)
+    for folder, holds in ((config_only, "config.json"), (settings_only, "tokenizer_config.json")):
+        with pytest.raises(OSError, match=f"local directory {folder}: it has no vocabulary "
+                                          rf"\(tokenizer.json or vocab.json \+ merges.txt needed; it holds {holds}\)"):
+            fetch_tokenizer(str(folder))
+    caption = "sit comfortably on something"
+    expected = load_tokenizer("builtin:tiny")(caption)["input_ids"]
+    assert load_tokenizer(str(vocabulary_files(tmp_path / "bpe_files")))(caption)["input_ids"] == expected
+    # Exporting with such a folder as the text encoder writes nothing.
+    from toist_core.checkpoint import export_model_dir
+
+    segm = save_official(tmp_path / "tiny_segm.pth", preset("tiny_segm"))
+    with pytest.raises(OSError, match=f"{config_only}: it has no vocabulary"):
+        export_model_dir(segm, tmp_path / "exported", text_encoder=str(config_only), config=preset("tiny_segm"))
+    assert not (tmp_path / "exported").exists()
+
+
+def test_model_directory_that_lost_its_tokenizer_json_is_refused(offline_files, tmp_path):
+    import shutil
+
+    from toist_core.checkpoint import load_pretrained
+
+    broken = tmp_path / "model"
+    shutil.copytree(offline_files["exported"], broken)
+    (broken / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(OSError, match=f"local directory {broken / 'tokenizer'}: it has no vocabulary"):
+        load_pretrained(broken)
+
+
+def test_a_tokenizer_of_special_tokens_only_builds_no_model(tmp_path):
+    """Whatever loaded it: a tokenizer with no ordinary token maps every caption alike."""
+    from transformers import AutoTokenizer
+
+    from toist_core.model.text import roberta_config
+
+    roberta_config(preset("tiny").text).save_pretrained(str(tmp_path / "config_only"))
+    specials_only = AutoTokenizer.from_pretrained(str(tmp_path / "config_only"), local_files_only=True)
+    assert len(specials_only) == 5
+    with pytest.raises(ValueError, match=f"tokenizer '{tmp_path / 'config_only'}' has only its 5 special tokens"):
+        build_model(preset("tiny"), tokenizer=specials_only)
+    wider = preset("tiny")
+    wider.text.vocab_size = 50265
+    build_model(wider, tokenizer=load_tokenizer("builtin:tiny"))  # fewer tokens than rows: fine (test_model_keys)

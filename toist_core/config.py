@@ -42,6 +42,18 @@ _IMAGENET_WHEELS = {
 TINY_TOKENIZER = "builtin:tiny"
 
 
+def _at_least(minimum: int, section: str, **values: int) -> None:
+    """Refuse the first of ``values`` (``field=value``) below ``minimum``, naming ``section.field``."""
+    for name, value in values.items():
+        if value < minimum:
+            raise ConfigError(f"{section}.{name} must be >= {minimum}, got {value}")
+
+
+def _probability(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must be in [0, 1], got {value}")
+
+
 @dataclass
 class BackboneConfig:
     """Convolutional backbone with frozen BatchNorm, torchvision tensor names (``backbone.0.body.*``).
@@ -84,6 +96,12 @@ class BackboneConfig:
         if not path.is_file():
             raise ConfigError(f"backbone.weights: {path} not found")
         return path
+
+    def __post_init__(self) -> None:
+        if self.dilation and self.name in ("resnet18", "resnet34"):
+            # torchvision's BasicBlock has no dilated form (NotImplementedError when built).
+            raise ConfigError(f"backbone.dilation: true is not possible with {self.name} (torchvision's "
+                              "BasicBlock cannot dilate); use resnet50/101/152 or mobilenet_v2, or dilation: false")
 
     @property
     def channels(self) -> tuple[int, int, int, int]:
@@ -128,9 +146,20 @@ class TextEncoderConfig:
     resizer_dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        _at_least(1, "text", vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_heads=self.num_heads,
+                  intermediate_size=self.intermediate_size, type_vocab_size=self.type_vocab_size)
+        _at_least(0, "text", num_layers=self.num_layers, pad_token_id=self.pad_token_id,
+                  bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"text.hidden_size {self.hidden_size} is not divisible by "
                               f"text.num_heads {self.num_heads}")
+        # RoBERTa numbers positions from pad_token_id + 1; a caption is at least <s> </s>.
+        if self.max_position_embeddings - self.pad_token_id - 1 < 2:
+            raise ConfigError(f"text.max_position_embeddings {self.max_position_embeddings} leaves no room for a "
+                              f"caption: RoBERTa positions start at pad_token_id + 1 = {self.pad_token_id + 1}")
+        if not self.layer_norm_eps > 0:
+            raise ConfigError(f"text.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        _probability("text.resizer_dropout", self.resizer_dropout)
 
 
 @dataclass
@@ -145,11 +174,15 @@ class TransformerConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        _at_least(1, "transformer", d_model=self.d_model, nheads=self.nheads, dim_feedforward=self.dim_feedforward)
         if self.d_model % self.nheads:
             raise ConfigError(f"transformer.d_model {self.d_model} is not divisible by "
                               f"transformer.nheads {self.nheads}")
+        # No encoder layer is a valid (if weak) network: the checkpoint reader handles it too.
+        _at_least(0, "transformer", enc_layers=self.enc_layers)
         if self.dec_layers < 1:
             raise ConfigError(f"transformer.dec_layers must be >= 1, got {self.dec_layers}")
+        _probability("transformer.dropout", self.dropout)
 
 
 @dataclass
@@ -171,6 +204,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_queries < 1:
             raise ConfigError(f"num_queries must be >= 1, got {self.num_queries}")
+        if self.contrastive_dim < 1:
+            raise ConfigError(f"contrastive_dim must be >= 1, got {self.contrastive_dim}")
         if self.masks:
             mask_dim = self.transformer.d_model + self.transformer.nheads
             smallest = self.transformer.d_model // 16
@@ -197,6 +232,12 @@ class InputSize:
 
     short_side: int = 800
     max_size: int = 1333
+
+    def __post_init__(self) -> None:
+        if self.short_side < 1:
+            raise ConfigError(f"input_size.short_side must be >= 1, got {self.short_side}")
+        if self.max_size < self.short_side:
+            raise ConfigError(f"input_size: need short_side <= max_size, got {self.short_side} / {self.max_size}")
 
 
 @dataclass
@@ -265,6 +306,9 @@ class InferenceConfig:
                 raise ConfigError(f"inference.{name} must be >= 1 (or None: the model's own), got {value}")
         if self.short_side is not None and self.max_size is not None and self.max_size < self.short_side:
             raise ConfigError(f"inference: need short_side <= max_size, got {self.short_side} / {self.max_size}")
+        if not all(value > 0 for value in self.std):
+            # Normalisation divides by it: 0 gives inf pixels, a negative value flips a channel.
+            raise ConfigError(f"inference.std must be > 0 for every channel, got {list(self.std)}")
         if not 0.0 <= self.score_threshold <= 1.0:
             raise ConfigError(f"inference.score_threshold must be in [0, 1], got {self.score_threshold}")
         if self.max_instances < 0:

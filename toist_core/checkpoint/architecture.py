@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Optional
 
 from torch import Tensor
@@ -14,6 +13,7 @@ from .. import typed_config
 from ..config import ModelConfig, TextEncoderConfig, preset
 from .errors import CheckpointError
 from .official import SEGM_PREFIX, OfficialCheckpoint
+from .strict import check_bank_shapes
 
 _RESNET_BLOCKS = {  # (blocks per layer, bottleneck) -> torchvision name
     ((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
@@ -92,8 +92,9 @@ class Architecture:
 
 
 def detect_architecture(state_dict: Mapping[str, Tensor],
-                        cluster_state: Optional[Mapping[str, Tensor]] = None) -> Architecture:
-    """Read the network sizes from tensor names and shapes (``detr.`` prefix allowed)."""
+                        cluster_state: Optional[Mapping[str, Tensor]] = None, where: str = "") -> Architecture:
+    """Read the network sizes from tensor names and shapes (``detr.`` prefix allowed); ``where``
+    (the file) prefixes the error when a tensor the sizes are read from is missing."""
     masks = any(k.startswith(SEGM_PREFIX) for k in state_dict)
     prefix = SEGM_PREFIX if masks else ""
 
@@ -101,7 +102,8 @@ def detect_architecture(state_dict: Mapping[str, Tensor],
         try:
             return state_dict[prefix + name]
         except KeyError:
-            raise CheckpointError(f"not a TOIST/MDETR state_dict: missing {prefix + name}") from None
+            raise CheckpointError(f"{where + ': ' if where else ''}not a TOIST/MDETR state_dict: "
+                                  f"missing {prefix + name}") from None
 
     def count(pattern: str) -> int:
         regex = re.compile(re.escape(prefix) + pattern)
@@ -140,7 +142,9 @@ def text_config_from_source(text_encoder: Optional[str]) -> Optional[TextEncoder
     for a hub name (the checkpoint's shapes are used instead)."""
     if text_encoder is None:
         return None
-    source = Path(text_encoder)
+    from ..model.hub import local_path  # the tokenizer reads the same path: ~ expanded alike
+
+    source = local_path(text_encoder)
     if not (source / "config.json").is_file():
         return None
     from transformers import RobertaConfig
@@ -162,7 +166,9 @@ def config_for_checkpoint(ckpt: OfficialCheckpoint, config: Optional[ModelConfig
     ``text_encoder``'s ``config.json`` when it is a local directory. A toist training
     checkpoint stores its model config: that is used (and checked the same way).
     """
-    arch = detect_architecture(ckpt.state_dict, ckpt.cluster_state)
+    if ckpt.cluster_state is not None:  # before its shapes are read (d_model: checked when the bank is built)
+        check_bank_shapes(ckpt.cluster_state, f"{ckpt.path} [cluster_criterion]")
+    arch = detect_architecture(ckpt.state_dict, ckpt.cluster_state, where=str(ckpt.path))
     if config is None and ckpt.train_config is not None:
         config = typed_config.from_dict(ModelConfig, ckpt.train_config["model"], f"{ckpt.path} [config.model]")
     if config is not None:

@@ -28,9 +28,18 @@ STAGING_MARK = ".staging-"
 
 def write_directory(target: PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(staging)`` to fill a fresh directory, then make it ``target`` atomically
-    (replacing an existing ``target``). Nothing at ``target`` changes if ``write`` fails."""
-    target = Path(target)
+    (replacing an existing ``target``). Nothing at ``target`` changes if ``write`` fails.
+
+    A symlinked ``target`` (``current -> models_v1``) stays a link: the folder it points to is
+    what gets replaced, as writing through the link would. Returns ``target`` as given.
+    """
+    given = Path(target)
+    # Exchanging the link itself would put a real folder in its place and leave the link in the
+    # staging entry; resolving first swaps the trees beside the folder the link points at.
+    target = given.resolve() if given.is_symlink() else given
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target != given:
+        remove_stale(given)  # what an exchange of the link itself left behind (older toist versions)
     remove_stale(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_MARK}", dir=target.parent))
     try:
@@ -38,14 +47,14 @@ def write_directory(target: PathLike, write: Callable[[Path], None]) -> Path:
         _fsync_tree(staging)
         if target.exists():
             _exchange(staging, target)      # staging now holds the old tree
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove(staging)
         else:
             os.rename(staging, target)
         fsync_dir(target.parent)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove(staging)
         raise
-    return target
+    return given
 
 
 def remove_stale(target: PathLike) -> list[Path]:
@@ -53,8 +62,20 @@ def remove_stale(target: PathLike) -> list[Path]:
     target = Path(target)
     stale = sorted(target.parent.glob(f".{target.name}{STAGING_MARK}*")) if target.parent.is_dir() else []
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path)
     return stale
+
+
+def _remove(path: Path) -> None:
+    """Delete a tree, or a link or file (``rmtree`` refuses a symlink, silently with ``ignore_errors``;
+    older toist versions left an exchanged symlink under a staging name)."""
+    if path.is_symlink() or path.is_file():
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _exchange(a: Path, b: Path) -> None:

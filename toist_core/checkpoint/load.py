@@ -70,7 +70,8 @@ def load_official(path: PathLike, config: Optional[ModelConfig] = None,
     load_official_weights(model, ckpt)
     bank = None
     if ckpt.cluster_state is not None:
-        bank = build_memory_bank(ckpt.cluster_state, where=f"{path} [cluster_criterion]")
+        bank = build_memory_bank(ckpt.cluster_state, where=f"{path} [cluster_criterion]",
+                                 d_model=cfg.transformer.d_model)
     pronoun, input_size, tasks, vocabulary = _training_facts(ckpt)
     logger.info("%s", describe_checkpoint(ckpt, cfg, bank, weights, _text_config_origin(ckpt, config, text_encoder),
                                           f"tokenizer {cfg.text.tokenizer!r} from {tokenizer_origin}"))
@@ -91,7 +92,9 @@ def _text_config_origin(ckpt: OfficialCheckpoint, config: Optional[ModelConfig],
     if ckpt.train_config is not None:
         return "the checkpoint's stored config"
     if text_config_from_source(text_encoder) is not None:
-        return f"{Path(str(text_encoder)) / 'config.json'}"
+        from ..model.hub import local_path
+
+        return f"{local_path(text_encoder) / 'config.json'}"
     return "the tensor shapes (head count: the paper's)"
 
 

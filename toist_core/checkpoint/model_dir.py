@@ -47,6 +47,8 @@ DETECTOR_FILE = "detector.onnx"
 MASK_HEAD_FILE = "mask_head.onnx"
 TRT_CACHE_DIR = "trt_cache"
 RECIPE_FILES = ("metrics.json", "MODEL_CARD.md")
+# What every version of config.yaml records; the other fields have defaults for older versions.
+REQUIRED_FIELDS = ("format", "version", "model")
 OWN_ENTRIES = frozenset((CONFIG_FILE, WEIGHTS_FILE, BANK_FILE, TOKENIZER_DIR, DETECTOR_FILE, MASK_HEAD_FILE,
                          f".{DETECTOR_FILE}.tmp", f".{MASK_HEAD_FILE}.tmp", TRT_CACHE_DIR) + RECIPE_FILES)
 
@@ -171,9 +173,18 @@ def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> Load
     from ..model.text import fetch_tokenizer
 
     directory = Path(directory)
-    manifest = typed_config.load_yaml(ModelDirConfig, directory / CONFIG_FILE)
+    config_file = directory / CONFIG_FILE
+    data = typed_config.read_yaml(config_file, "model directory config")
+    # Defaults stand in for what later versions added, never for these: a config.yaml without
+    # ``model`` would otherwise build the paper network, whatever the weights beside it are.
+    missing = [name for name in REQUIRED_FIELDS if not isinstance(data, dict) or name not in data]
+    if missing:
+        raise CheckpointError(f"{config_file}: not a model directory config: "
+                              f"{'it is empty' if data is None else 'no ' + ', '.join(missing)} (it must record "
+                              f"{', '.join(REQUIRED_FIELDS)}); export the model again (toist export)")
+    manifest = typed_config.from_dict(ModelDirConfig, data, str(config_file))
     if manifest.format != MODEL_DIR_FORMAT or manifest.version > MODEL_DIR_VERSION:
-        raise CheckpointError(f"{directory / CONFIG_FILE}: format {manifest.format!r} version "
+        raise CheckpointError(f"{config_file}: format {manifest.format!r} version "
                               f"{manifest.version} is not a {MODEL_DIR_FORMAT!r} directory of version "
                               f"{MODEL_DIR_VERSION} or older")
     digests = manifest.version >= 3
@@ -194,7 +205,8 @@ def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> Load
         bank_file = directory / BANK_FILE
         if not bank_file.is_file():
             raise CheckpointError(f"{directory}: config.yaml says memory_bank: true but {BANK_FILE} is missing")
-        bank = build_memory_bank(load_safetensors(bank_file, required_digest=digests), where=str(bank_file))
+        bank = build_memory_bank(load_safetensors(bank_file, required_digest=digests), where=str(bank_file),
+                                 d_model=cfg.transformer.d_model)
     try:
         vocabulary = (TaskVocabulary.from_data(manifest.vocabulary, source=f"{directory / CONFIG_FILE} [vocabulary]")
                       if manifest.vocabulary else COCO_TASKS)

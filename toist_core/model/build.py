@@ -27,6 +27,14 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> Model:
         tokenizer = load_tokenizer(cfg.text.tokenizer)
     if len(tokenizer) > cfg.text.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but text.vocab_size is {cfg.text.vocab_size}")
+    # A tokenizer of special tokens only (its vocabulary files were missing) maps every caption to
+    # the same ids: every task would give the same output. Fewer tokens than vocab_size are fine
+    # (the packaged tiny tokenizer serves the paper-size model in tests).
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        source = getattr(tokenizer, "name_or_path", "") or cfg.text.tokenizer
+        raise ValueError(f"tokenizer {source!r} has only its {len(tokenizer)} special tokens "
+                         f"({', '.join(tokenizer.all_special_tokens)}), no vocabulary: every caption would "
+                         "tokenize alike; give a folder with its vocabulary files (tokenizer.json)")
     position = PositionEmbeddingSine(cfg.transformer.d_model // 2, normalize=True)
     backbone = build_backbone(cfg.backbone, position, return_interm_layers=cfg.masks)
     transformer = Transformer(cfg.transformer, cfg.text, tokenizer)

@@ -153,8 +153,14 @@ class Fetched:
     origin: str
 
 
+def local_path(name_or_dir) -> Path:
+    """The local path a tokenizer / text-encoder setting names, ``~`` expanded: the one spelling
+    every reader of such a setting uses, so that none of them looks at a literal ``~`` folder."""
+    return Path(str(name_or_dir)).expanduser()
+
+
 def _is_hub_name(source: str) -> bool:
-    return _HUB_ID.fullmatch(source) is not None and not Path(source).expanduser().exists()
+    return _HUB_ID.fullmatch(source) is not None and not local_path(source).exists()
 
 
 def fetch_pretrained(loader: Callable[..., Any], name_or_dir: str, what: str) -> Fetched:
@@ -166,7 +172,7 @@ def fetch_pretrained(loader: Callable[..., Any], name_or_dir: str, what: str) ->
     does not exist, and ``OSError`` naming the directory when its files cannot be read.
     """
     source = str(name_or_dir)
-    local = Path(source).expanduser()
+    local = local_path(source)
     if local.is_dir():
         try:
             return Fetched(loader(str(local), local_files_only=True), f"local directory {local}")
@@ -195,4 +201,4 @@ def fetch_pretrained(loader: Callable[..., Any], name_or_dir: str, what: str) ->
 
 
 __all__ = ["DEFAULT_HUB_ENDPOINT", "Fetched", "HUB_PROBE_TIMEOUT_S", "TextEncoderUnavailable", "fetch_pretrained",
-           "hub_cache_dir", "hub_endpoint", "hub_offline_reason", "probe_hub"]
+           "hub_cache_dir", "hub_endpoint", "hub_offline_reason", "local_path", "probe_hub"]

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..config import TINY_TOKENIZER, TextEncoderConfig
 from ..tokens import MAX_TEXT_TOKENS
-from .hub import Fetched, fetch_pretrained
+from .hub import Fetched, fetch_pretrained, local_path
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenizer"
 
@@ -28,10 +28,31 @@ def tokenizer_source(name_or_dir: str) -> str:
     return str(TINY_TOKENIZER_DIR) if name_or_dir == TINY_TOKENIZER else str(name_or_dir)
 
 
+# The files a RoBERTa-style (byte-level BPE) tokenizer folder needs, one set or the other:
+# ``save_pretrained`` of a fast tokenizer writes tokenizer.json (the packaged tiny tokenizer and
+# exported model directories hold it), a roberta-base download also has vocab.json + merges.txt.
+# Without them transformers builds, without a word of warning, a tokenizer of the 5 special
+# tokens alone, which turns every caption into [</s>, <unk>].
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def check_tokenizer_dir(directory: Path) -> None:
+    """Refuse a local tokenizer folder that holds none of :data:`TOKENIZER_FILE_SETS`."""
+    if any(all((directory / name).is_file() for name in names) for names in TOKENIZER_FILE_SETS):
+        return
+    present = sorted(p.name for p in directory.iterdir())
+    wanted = " or ".join(" + ".join(names) for names in TOKENIZER_FILE_SETS)
+    raise OSError(f"cannot load the tokenizer from the local directory {directory}: it has no vocabulary "
+                  f"({wanted} needed; it holds {', '.join(present) or 'nothing'})")
+
+
 def fetch_tokenizer(name_or_dir: str) -> Fetched:
     """:func:`load_tokenizer` and where the tokenizer came from."""
     from transformers import AutoTokenizer
 
+    local = local_path(tokenizer_source(name_or_dir))
+    if local.is_dir():
+        check_tokenizer_dir(local)
     fetched = fetch_pretrained(AutoTokenizer.from_pretrained, tokenizer_source(name_or_dir), "tokenizer")
     if name_or_dir == TINY_TOKENIZER:
         fetched = Fetched(fetched.value, f"packaged tiny tokenizer ({TINY_TOKENIZER_DIR})")
@@ -117,8 +138,9 @@ class TextFeatures:
     resized:      ``text_memory_resized [L, B, d]`` (RoBERTa last hidden state -> resizer).
     padding_mask: ``[B, L]`` bool, True on padding tokens.
 
-    Depends on the captions only, so it can be computed once and reused for every frame
-    (a batch-1 instance is broadcast to any image batch).
+    Depends on the captions and on the text encoder's and resizer's weights (and their train /
+    eval mode: dropout), not on the images, so it can be computed once and reused for every frame
+    (a batch-1 instance is broadcast to any image batch) until those weights change.
     """
 
     tokenized: object
@@ -140,17 +162,31 @@ class TextFeatures:
                             self.padding_mask.expand(batch_size, -1))
 
 
-def tokenize(tokenizer, captions: Sequence[str], device: torch.device):
-    """Tokenize with padding to the longest caption; refuse captions longer than the 256 token slots."""
+def max_caption_tokens(cfg: TextEncoderConfig) -> int:
+    """The most tokens a caption may have: the 256 token slots of the class head, or fewer when
+    the RoBERTa position table is shorter. RoBERTa numbers positions from ``pad_token_id + 1``
+    (the ``padding_idx`` offset), so ``max_position_embeddings`` rows hold
+    ``max_position_embeddings - pad_token_id - 1`` tokens (roberta-base: 514 -> 512)."""
+    return min(MAX_TEXT_TOKENS, cfg.max_position_embeddings - cfg.pad_token_id - 1)
+
+
+def tokenize(tokenizer, captions: Sequence[str], device: torch.device, text_cfg: Optional[TextEncoderConfig] = None):
+    """Tokenize with padding to the longest caption; refuse captions longer than the 256 token
+    slots, or than ``text_cfg``'s position table allows (:func:`max_caption_tokens`)."""
     if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
         raise TypeError("captions must be a list of strings")
     tokenized = tokenizer(list(captions), padding="longest", return_tensors="pt")
     length = tokenized["input_ids"].shape[1]
-    if length > MAX_TEXT_TOKENS:
+    limit = MAX_TEXT_TOKENS if text_cfg is None else max_caption_tokens(text_cfg)
+    if length > limit:
         longest = max(captions, key=len)
-        raise ValueError(f"caption too long: {length} tokens (at most {MAX_TEXT_TOKENS}): {longest[:80]!r}...")
+        why = ("" if limit == MAX_TEXT_TOKENS else
+               f": text.max_position_embeddings {text_cfg.max_position_embeddings} less RoBERTa's "
+               f"pad_token_id + 1 = {text_cfg.pad_token_id + 1} offset")
+        raise ValueError(f"caption too long: {length} tokens (at most {limit}{why}): {longest[:80]!r}...")
     return tokenized.to(device)
 
 
-__all__ = ["FeatureResizer", "TextFeatures", "TINY_TOKENIZER_DIR", "build_text_encoder", "fetch_tokenizer",
-           "load_tokenizer", "roberta_config", "text_config_fields", "tokenize", "tokenizer_source"]
+__all__ = ["FeatureResizer", "TextFeatures", "TINY_TOKENIZER_DIR", "build_text_encoder", "check_tokenizer_dir",
+           "fetch_tokenizer", "load_tokenizer", "max_caption_tokens", "roberta_config", "text_config_fields",
+           "tokenize", "tokenizer_source"]

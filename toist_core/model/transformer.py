@@ -125,13 +125,14 @@ class Transformer(nn.Module):
             self.text_encoder.requires_grad_(False)
         self.resizer = FeatureResizer(text_cfg.hidden_size, cfg.d_model, text_cfg.resizer_dropout)
         self.tokenizer = tokenizer
+        self.text_config = copy.copy(text_cfg)  # its position table bounds the caption length
         self.d_model = cfg.d_model
         self.nhead = cfg.nheads
 
     def encode_text(self, captions: Sequence[str], device: Optional[torch.device] = None) -> TextFeatures:
         """Tokenize, run RoBERTa and the resizer: ``[L, B, d]`` features and ``[B, L]`` padding."""
         device = device if device is not None else self.resizer.fc.weight.device
-        tokenized = tokenize(self.tokenizer, captions, device)
+        tokenized = tokenize(self.tokenizer, captions, device, self.text_config)
         encoded = self.text_encoder(input_ids=tokenized["input_ids"],
                                     attention_mask=tokenized["attention_mask"])
         text_memory = encoded.last_hidden_state.transpose(0, 1)
