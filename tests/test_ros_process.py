@@ -179,8 +179,10 @@ def _bad_checkpoint(tmp_path):
     return str(path)
 
 
-def _nan_model_dir(tmp_path) -> str:
-    """A model directory whose box head holds NaN (a diverged or damaged training run)."""
+def _broken_model_dir(tmp_path, kind: str) -> str:
+    """A model directory of a diverged or damaged training run: ``"nan"``: its box head holds NaN
+    (refused when read); ``"overflow"``: finite class-head weights whose logits overflow to inf,
+    so it loads and its outputs come out NaN (a model that diverges only at run time)."""
     import torch
 
     from toist_core.checkpoint import save_model_dir
@@ -188,9 +190,12 @@ def _nan_model_dir(tmp_path) -> str:
 
     seg = TaskSegmenter.from_config("tiny_segm", device="cpu")
     with torch.no_grad():
-        for param in seg.model.detector.bbox_embed.parameters():
-            param.fill_(float("nan"))
-    return str(save_model_dir(seg.model, tmp_path / "nan_model", seg.config))
+        if kind == "nan":
+            for param in seg.model.detector.bbox_embed.parameters():
+                param.fill_(float("nan"))
+        else:
+            seg.model.detector.class_embed.weight.uniform_(-1e38, 1e38, generator=torch.Generator().manual_seed(0))
+    return str(save_model_dir(seg.model, tmp_path / f"{kind}_model", seg.config))
 
 
 def test_start_up_failures_exit_with_a_clear_message(tmp_path):
@@ -208,9 +213,11 @@ def test_start_up_failures_exit_with_a_clear_message(tmp_path):
         "cuda absent": (["-p", f"device:={absent_cuda}", "-p", "allow_cpu_fallback:=false"], EXIT_DEVICE,
                         [absent_cuda, "allow_cpu_fallback"]),
         "out of range": (["-p", "score_threshold:=2.0"], EXIT_PARAMETERS, ["score_threshold", "2.0"]),
+        "NaN weights": (["-p", f"checkpoint:={_broken_model_dir(tmp_path, 'nan')}"], EXIT_MODEL,
+                        ["cannot load checkpoint", "non-finite values", "bbox_embed"]),
         # Loads, then its warm-up pass returns NaN: was a Python traceback and exit code 1.
-        "NaN weights": (["-p", f"checkpoint:={_nan_model_dir(tmp_path)}"], EXIT_MODEL,
-                        ["the warm-up forward pass failed", "NonFiniteOutputError", "non-finite"]),
+        "overflowing weights": (["-p", f"checkpoint:={_broken_model_dir(tmp_path, 'overflow')}"], EXIT_MODEL,
+                                ["the warm-up forward pass failed", "NonFiniteOutputError", "non-finite"]),
     }
     processes = {name: _start("--params-file", str(PARAMS), "-p", "input.short_side:=160", *args)
                  for name, (args, _, _) in cases.items()}
