@@ -39,3 +39,61 @@ def test_right_instances_use_iou_half():
     assert right_instances(boxes, preferred) == [True, True, False, False]
     assert right_instances(boxes, np.zeros((0, 4))) == [False] * 4
     assert right_instances(np.zeros((0, 4)), preferred) == []
+
+
+def _message(boxes, masks=None, size=(60, 40)):
+    """A TaskInstances message of ``boxes`` (scores falling with the order), as the node builds it."""
+    from std_msgs.msg import Header
+
+    from toist_ros.instances import rank_instances, task_instances_msg, to_instance_msgs
+
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    scores = np.linspace(0.9, 0.6, len(boxes)).astype(np.float32)
+    ranked = rank_instances(boxes, scores, masks, size)
+    return task_instances_msg(Header(), size, "task", 1, 5.0, to_instance_msgs(ranked))
+
+
+def test_demo_judgement_counts_each_preferred_object_once():
+    """Two instances on one preferred object are one object found, not "2 / 1"."""
+    from types import SimpleNamespace
+
+    from toist_ros.demo import _judgement
+
+    scene = SimpleNamespace(preferred_boxes=np.array([[10, 10, 30, 30], [40, 5, 55, 20]], dtype=np.float64))
+    verdict = _judgement(scene, _message([[10, 10, 30, 30], [11, 10, 30, 31], [0, 30, 5, 39]]))
+    assert verdict == {"top_right": True, "right": 1, "preferred": 2}
+    verdict = _judgement(scene, _message([[0, 30, 5, 39], [40, 5, 55, 20], [10, 10, 30, 30]]))
+    assert verdict == {"top_right": False, "right": 2, "preferred": 2}
+
+
+def test_demo_positions_skip_instances_on_no_object():
+    """An instance on the background has no true centroid: it is not paired with object 0."""
+    from types import SimpleNamespace
+
+    from toist_ros.demo import _positions
+
+    msg = _message([[10, 10, 30, 30], [45, 25, 58, 38]])
+    for inst, centroid in zip(msg.instances, ((0.1, 0.0, 1.0), (0.5, 0.5, 2.5))):
+        inst.has_3d = True
+        inst.centroid.x, inst.centroid.y, inst.centroid.z = centroid
+    scene = SimpleNamespace(boxes=np.array([[10, 10, 30, 30], [0, 0, 5, 5]], dtype=np.float64))
+    depth = SimpleNamespace(centroids=np.array([[0.1, 0.0, 1.02], [-0.3, -0.3, 1.3]]))
+    rows = _positions(msg, scene, depth)
+    assert [(row["rank"], row["object"], row["error_cm"]) for row in rows] == [(0, 0, 2.0)]
+
+
+def test_demo_overlay_keeps_the_masks_when_one_instance_has_none():
+    from toist_ros.demo import _overlay
+
+    size = (300, 200)
+    masks = np.zeros((2, 200, 300), bool)
+    masks[0, 60:140, 60:140] = True
+    # The second box lies outside the image: clamped to nothing, its mask image is empty.
+    boxes = [[50, 50, 150, 150], [310, 210, 350, 250]]
+    msg = _message(boxes, masks, size)
+    assert msg.instances[0].mask.width > 0 and msg.instances[1].mask.width == 0
+    rgb = np.zeros((200, 300, 3), np.uint8)
+    drawn = _overlay(rgb, msg, "", 1)
+    without_masks = _overlay(rgb, _message(boxes, None, size), "", 1)
+    inside = (slice(90, 110), slice(90, 110))
+    assert drawn[inside].sum() > without_masks[inside].sum() == 0  # the first instance's mask is tinted

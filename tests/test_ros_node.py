@@ -139,6 +139,21 @@ def _photo(width=320, height=240, name="coffee"):
     return fit(load_photos([name])[0][1], width, height)
 
 
+def test_camera_standin_publishes_compressed_frames_where_the_node_listens(ros):
+    """``--compressed`` with ``-r image:=...``: the stand-in publishes ``<remapped image>/compressed``,
+    image_transport's name, which the node subscribes (it published on ``/image/compressed``)."""
+    from toist_ros.camera_standin import CameraStandIn
+
+    remap = ["--ros-args", "-r", "image:=/camera/image"]
+    for compressed, expected in ((True, "/camera/image/compressed"), (False, "/camera/image")):
+        standin = CameraStandIn([("coffee", _photo())], compressed=compressed, start=False, context=ros.context,
+                                cli_args=remap)
+        try:
+            assert standin.publisher.topic_name == expected
+        finally:
+            standin.destroy_node()
+
+
 class Probe:
     """A client node: publishes images, collects results, status, diagnostics and debug images."""
 
@@ -950,7 +965,12 @@ def test_the_dev_client_commands_of_docs_ros_md(node, probe, tmp_path, capsys):
     assert "ok: task '3' -> caption 'place flowers in something'" in capsys.readouterr().out
     assert client.main(["set-task", "15"]) == 1 and "refused" in capsys.readouterr().out
     assert client.main(["publish-task", "5"]) == 0
-    assert wait_for(lambda: node.active_task.revision == before + 2 and node.active_task.task_id == 5, timeout=10)
+    assert "ok: task 'water plant with something' (id 5)" in capsys.readouterr().out
+    assert node.active_task.revision == before + 2 and node.active_task.task_id == 5
+    # A topic has no reply: the client watches active_task, and a refused task leaves it as it was.
+    assert client.main(["--timeout", "6", "publish-task", "15"]) == 1
+    err = capsys.readouterr().err
+    assert "did not take it within 6 s" in err and node.active_task.task_id == 5, err
     photo = tmp_path / "photo.png"
     cv2.imwrite(str(photo), cv2.cvtColor(_photo(), cv2.COLOR_RGB2BGR))
     assert client.main(["segment", str(photo), "--task", "8"]) == 0
@@ -973,6 +993,8 @@ def test_the_dev_client_commands_of_docs_ros_md(node, probe, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("client_stream 320x240: task 'water plant with something' (id 5") == 2
     assert client.main(["--ns", "/nobody_here", "--timeout", "1", "set-task", "2"]) == 1
+    assert client.main(["--ns", "//front", "status"]) == 1
+    assert "--ns '//front': not a usable ROS namespace" in capsys.readouterr().err
 
 
 class _Gate:

@@ -14,6 +14,7 @@ from toist_core.tasks import QUOTE_LIMIT, quote, resolve_task
     ("task_5", 5, "water plant with something"),
     ("Task 5", 5, "water plant with something"),
     ("task5", 5, "water plant with something"),
+    ("task-5", 5, "water plant with something"),
     ("Sit  Comfortably on", 2, "sit comfortably on something"),
     ("open bottle of beer with something", 8, "open bottle of beer with something"),
     ("something to cut bread with", None, "something to cut bread with"),
@@ -28,6 +29,13 @@ def test_ids_names_and_free_text(request_, task_id, caption):
 def test_an_integer_looking_task_is_an_id_and_must_be_valid(request_):
     """"-1" used to become free text (a caption the model answers confidently) while "0" was refused."""
     with pytest.raises(ValueError, match=r"1\.\.14"):
+        resolve_task(request_)
+
+
+@pytest.mark.parametrize("request_", ["3.0", "2e0", ".5", "-1.5", "task_3.0", "1E3"])
+def test_a_number_that_is_not_an_integer_is_refused_not_free_text(request_):
+    """A float-typed "3.0" from a robot is neither a caption nor rounded to a task."""
+    with pytest.raises(ValueError, match=r"is a number but not a task id: ids are the integers 1\.\.14"):
         resolve_task(request_)
 
 

@@ -28,7 +28,9 @@ _OTHER_ENTRY_KEYS = frozenset({"preferred_categories", "preferred_instances"})
 # An integer-looking request ("2", "-1", "+15", "task_3", "Task 3") is a task id and must be valid;
 # it is never read as free text (a robot that sends "-1" or "15" by mistake gets an error, not a
 # caption "-1" that the model answers confidently).
-_ID_PATTERN = re.compile(r"(?:task[_ ]?)?([+-]?\d+)", re.IGNORECASE)
+_ID_PATTERN = re.compile(r"(?:task[_ -]?)?([+-]?\d+)", re.IGNORECASE)
+# Any other number ("3.0", "2e0", ".5") is refused too: never a caption, never rounded to an id.
+_NUMBER_PATTERN = re.compile(r"(?:task[_ -]?)?[+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?", re.IGNORECASE)
 
 
 def _normalise(text: str) -> str:
@@ -236,6 +238,9 @@ def resolve_task(task: Union[int, str], pronoun: str = DEFAULT_PRONOUN,
             raise ValueError(f"task {quote(text)} looks like a task id but {vocabulary.describe()} has ids "
                              f"1..{vocabulary.num_tasks}")
         return resolve_task(task_id, pronoun, vocabulary)
+    if _NUMBER_PATTERN.fullmatch(text):
+        raise ValueError(f"task {quote(text)} is a number but not a task id: ids are the integers "
+                         f"1..{vocabulary.num_tasks} of {vocabulary.describe()}")
     wanted = _normalise(text)
     for entry in vocabulary.entries:
         caption = vocabulary.pronoun_caption(entry.id, pronoun)

@@ -140,7 +140,7 @@ class CameraInputs:
         return CompressedImage if self._settings["input.compressed"] else Image
 
     def _input_topic(self, camera: Camera) -> str:
-        return _compressed_topic(self._node, camera.topic) if self._settings["input.compressed"] else camera.topic
+        return compressed_topic(self._node, camera.topic) if self._settings["input.compressed"] else camera.topic
 
     def _subscribe(self, camera: Camera, reliable: bool) -> None:
         """(Re)create the camera's subscription with the given reliability."""
@@ -306,7 +306,7 @@ def _image_callback(handler: Any, camera: Camera, convert: Any) -> Any:
     return lambda msg: handler(msg, camera, convert)
 
 
-def _compressed_topic(node: Node, topic: str) -> str:
+def compressed_topic(node: Node, topic: str) -> str:
     """``<resolved image topic>/compressed`` (image_transport's name), unless ``<topic>/compressed`` is remapped."""
     name = topic.rstrip("/") + "/compressed"
     remapped = node.resolve_topic_name(name)
@@ -315,4 +315,4 @@ def _compressed_topic(node: Node, topic: str) -> str:
     return node.resolve_topic_name(topic) + "/compressed"
 
 
-__all__ = ["Camera", "CameraInputs", "Frame", "image_qos", "qos_text", "wanted_reliable"]
+__all__ = ["Camera", "CameraInputs", "Frame", "compressed_topic", "image_qos", "qos_text", "wanted_reliable"]

@@ -21,9 +21,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 import rclpy
+from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from toist_ros.camera_input import compressed_topic
 from toist_ros.conversions import compressed_from_array, image_from_array
 
 DEFAULT_PHOTOS = ("coffee", "chelsea", "astronaut", "rocket", "camera")
@@ -82,7 +84,8 @@ class CameraStandIn(Node):
         from sensor_msgs.msg import CompressedImage, Image
 
         kind = CompressedImage if compressed else Image
-        self.publisher = self.create_publisher(kind, topic.rstrip("/") + ("/compressed" if compressed else ""), qos)
+        # The node's name for the compressed stream (image_transport's): after remapping ``image``.
+        self.publisher = self.create_publisher(kind, compressed_topic(self, topic) if compressed else topic, qos)
         self._depth = {name: (_depth_image(depth_mm), _camera_info(camera)) for name, (depth_mm, camera)
                        in (depth or {}).items()}
         if self._depth:
@@ -169,7 +172,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(remove_ros_args(argv)[1:])
     photos = load_photos(args.photos)
     if args.size:
-        width, height = (int(v) for v in args.size.lower().split("x"))
+        try:
+            width, height = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            parser.error(f"--size: expected WIDTHxHEIGHT such as 640x480, got {args.size!r}")
+        if min(width, height) < 1:
+            parser.error(f"--size: width and height must be >= 1, got {args.size!r}")
         photos = [(name, fit(pixels, width, height)) for name, pixels in photos]
     rclpy.init(args=argv)
     node = CameraStandIn(photos, args.topic, args.rate, args.count, args.frame_id, args.encoding, args.compressed,
@@ -177,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         while rclpy.ok() and not node.done.is_set():
             rclpy.spin_once(node, timeout_sec=0.1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ExternalShutdownException):  # Ctrl-C / SIGTERM: rclpy shuts the context down
         pass
     finally:
         node.destroy_node()

@@ -73,18 +73,25 @@ def set_task(session: _Session, namespace: str, text: str, timeout: float) -> in
 
 
 def publish_task(session: _Session, namespace: str, text: str, timeout: float) -> int:
+    """Publish on the task topic, then watch the latched ``active_task`` for the revision that
+    says the node took it: a topic has no reply, and a refused task changes nothing there."""
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from std_msgs.msg import String
 
+    statuses = _latched_status(session, namespace)
     publisher = session.node.create_publisher(String, _topic(namespace, "task"),
                                               QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
-    if not _wait(lambda: publisher.get_subscription_count() > 0, timeout):
-        print(f"nobody subscribes {publisher.topic_name} within {timeout:.0f} s", file=sys.stderr)
+    if not _wait(lambda: publisher.get_subscription_count() > 0 and bool(statuses), timeout):
+        print(f"nobody subscribes {publisher.topic_name}, or no active_task, within {timeout:.0f} s "
+              "(is the node running?)", file=sys.stderr)
         return 1
+    before = statuses[-1].revision
     publisher.publish(String(data=text))
-    time.sleep(0.5)  # let DDS deliver before the process ends
-    print(f"published {text!r} on {publisher.topic_name} (the node logs how it understood it; "
-          "`status` shows the active task)")
+    if not _wait(lambda: statuses[-1].revision > before, timeout):
+        print(f"published {text!r} on {publisher.topic_name}, but the node did not take it within {timeout:.0f} s "
+              "(refused: its log says why; `set-task` answers with the reason)", file=sys.stderr)
+        return 1
+    print(f"ok: {_status_text(statuses[-1])}")
     return 0
 
 
@@ -121,7 +128,8 @@ def read_instances(session: _Session, namespace: str, count: int, timeout: float
     return 0 if len(received) >= count else 1
 
 
-def status(session: _Session, namespace: str, timeout: float) -> int:
+def _latched_status(session: _Session, namespace: str) -> list:
+    """The ``active_task`` messages as they arrive (the latched one first)."""
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
     from toist_ros.msg import TaskStatus
@@ -129,12 +137,22 @@ def status(session: _Session, namespace: str, timeout: float) -> int:
     received: list = []
     latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
     session.node.create_subscription(TaskStatus, _topic(namespace, "active_task"), received.append, latched)
+    return received
+
+
+def _status_text(msg: Any) -> str:
+    if not msg.ready and msg.revision == 0:  # the start-up task, before the model has encoded it
+        return f"task {msg.task!r} (loading: the model is not ready yet)"
+    return (f"task {msg.task!r} (id {msg.task_id or 'none: free text'}), revision {msg.revision}, "
+            f"ready {msg.ready}" + (f"; WARNING: {msg.warning}" if msg.warning else ""))
+
+
+def status(session: _Session, namespace: str, timeout: float) -> int:
+    received = _latched_status(session, namespace)
     if not _wait(lambda: bool(received), timeout):
         print(f"no active_task within {timeout:.0f} s (is the node running?)", file=sys.stderr)
         return 1
-    msg = received[-1]
-    print(f"task {msg.task!r} (id {msg.task_id or 'none: free text'}), revision {msg.revision}, "
-          f"ready {msg.ready}" + (f"; WARNING: {msg.warning}" if msg.warning else ""))
+    print(_status_text(received[-1]))
     return 0
 
 
@@ -155,7 +173,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for the node")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("set-task", help="call set_task").add_argument("task")
-    commands.add_parser("publish-task", help="publish on the task topic").add_argument("task")
+    commands.add_parser("publish-task", help="publish on the task topic (exit 1 if the node does not take it "
+                        "within --timeout)").add_argument("task")
     seg = commands.add_parser("segment", help="call segment_image on an image file")
     seg.add_argument("image")
     seg.add_argument("--task", default="", help="a task for this image only (default: the active task)")
@@ -163,6 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     inst.add_argument("--count", type=int, default=1)
     commands.add_parser("status", help="print the latched active_task")
     args = parser.parse_args(argv)
+    from rclpy.exceptions import NameValidationException
 
     session = _Session()
     try:
@@ -177,6 +197,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return status(session, args.ns, args.timeout)
     except TimeoutError as exc:
         print(str(exc), file=sys.stderr)
+        return 1
+    except NameValidationException as exc:
+        print(f"--ns {args.ns!r}: not a usable ROS namespace ({exc})", file=sys.stderr)
         return 1
     finally:
         session.close()

@@ -245,7 +245,8 @@ def _overlay(rgb: np.ndarray, msg: Any, note: str = "", scale: int = 1) -> np.nd
     boxes = np.array([list(i.box) for i in msg.instances], dtype=np.float32).reshape(-1, 4) * scale
     scores = np.array([i.score for i in msg.instances], dtype=np.float32)
     masks = None
-    if msg.instances and all(i.mask.width > 0 for i in msg.instances):
+    # An instance without a mask (a box clamped to nothing) draws none; the others still do.
+    if any(i.mask.width > 0 for i in msg.instances):
         masks = np.stack([full_mask(i, width, height) for i in msg.instances])
         masks = masks.repeat(scale, axis=1).repeat(scale, axis=2)
     rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
@@ -274,7 +275,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     print(f"toist demo: ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}, "
           f"discovery {os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE']}; outputs in {out}/")
-    plan = _Plan(args)
+    try:
+        plan = _Plan(args)
+    except ValueError as exc:  # e.g. --task 15 for a model of 14 tasks
+        print(f"toist demo: error: {exc}", file=sys.stderr)
+        return 2
     if not args.checkpoint:
         note = DEFAULT_MODEL_NOTE if plan.metrics is not None else FALLBACK_MODEL_NOTE.format(path=DEFAULT_MODEL_DIR)
         print(f"toist demo: NOTE: {note}.")
@@ -290,6 +295,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         code = _run(args, plan, client, node, out)
     except KeyboardInterrupt:
         code = 130
+    except TimeoutError as exc:  # a service call the node did not answer: the summary below says why
+        print(f"toist demo: {exc}", file=sys.stderr)
+        code = 1
     finally:
         if client is not None:
             client.close()
@@ -431,6 +439,8 @@ def _positions(msg: Any, scene: Optional[Any], depth: Optional[Any]) -> list[dic
         if not inst.has_3d:
             continue
         overlaps = box_iou(np.array([list(inst.box)], dtype=np.float64), scene.boxes)[0]
+        if overlaps.max() <= 0:
+            continue  # on no object (the background): no truth to compare with
         target = int(np.argmax(overlaps))
         got = np.array([inst.centroid.x, inst.centroid.y, inst.centroid.z])
         truth = depth.centroids[target]
@@ -442,14 +452,18 @@ def _positions(msg: Any, scene: Optional[Any], depth: Optional[Any]) -> list[dic
 
 
 def _judgement(scene: Optional[Any], msg: Any) -> dict:
-    """On a synthetic scene: which instances hit a preferred object, and whether the top one does."""
-    from toist_ros.demo_scenes import right_instances
+    """On a synthetic scene: whether the top instance hits a preferred object, and how many of the
+    preferred objects some instance hits ("right": two instances on one object count once)."""
+    from toist_ros.demo_scenes import IOU_RIGHT, box_iou, right_instances
 
     if scene is None:
         return {"top_right": None, "right": None}
     boxes = np.array([list(i.box) for i in msg.instances], dtype=np.float64).reshape(-1, 4)
     right = right_instances(boxes, scene.preferred_boxes)
-    return {"top_right": bool(right and right[0]), "right": sum(right), "preferred": len(scene.preferred_boxes)}
+    found = set()
+    if len(boxes) and len(scene.preferred_boxes):
+        found = {int(row.argmax()) for row in box_iou(boxes, scene.preferred_boxes) if row.max() >= IOU_RIGHT}
+    return {"top_right": bool(right and right[0]), "right": len(found), "preferred": len(scene.preferred_boxes)}
 
 
 def _save_overlay(path: Path, pixels: np.ndarray, msg: Any, note: str, row: dict) -> None:
