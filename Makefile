@@ -91,8 +91,10 @@ bench: setup
 # Wheels (CPython 3.12, x86-64) of the dependencies the workplace's lent GPU machines lack, into
 # .whl/ (git-ignored), for bench/gpu_device_run.sh; versions from requirements/lock.txt.
 GPU_WHEELS := pycocotools faster-coco-eval
+# .whl is emptied first: bench/gpu_device_run.sh installs every wheel in it, and two versions of
+# one package stop the whole install.
 gpu-wheels: $(STAMPS)/deps
-	@mkdir -p .whl
+	@rm -rf .whl && mkdir -p .whl
 	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 -d .whl \

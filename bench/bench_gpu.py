@@ -1,44 +1,77 @@
-"""GPU figures of the paper-size segmentation model, in one unattended run (about 8 minutes on
-an H100): inference per precision and optimisation, the TensorRT path when there is one, and
-a few training updates under torchrun with NCCL and AMP.
+"""GPU figures of the paper-size segmentation model, in one unattended run (about 4 minutes on
+an H100 as bench/gpu_device_run.sh runs it: --compile-budget-s bounds the compiled rows):
+inference per precision and optimisation, a few training updates under torchrun with NCCL and
+AMP, and the TensorRT path when there is one.
 
     python bench/bench_gpu.py                         # needs CUDA; exits with a message without it
     python bench/bench_gpu.py --checkpoint toist.pth  # trained weights instead of random ones
     python bench/bench_gpu.py --quick --device cpu    # every code path, tiny sizes, on CPU (no GPU figures)
 
-Inference: ``TaskSegmenter.from_config("paper_segm")`` (random weights, the packaged tiny
-tokenizer: roberta-base's is not needed for timing) or ``--checkpoint``, one 640x480 image
-resized to an 800 px short side, all queries scored, ``--kept`` instances (default 5) through
-the mask head. Paths: fp32, fp16, bf16 (``InferenceConfig.precision``); each precision also
-with ``torch.compile`` (``--compile-modes``, default "reduce-overhead", which uses CUDA graphs;
-"max-autotune" compiles for minutes) of the backbone + transformer, as long as the run is under
-``--compile-budget-s``; and ``InferenceConfig(backend="tensorrt")`` when
-``InferenceConfig`` has a ``backend`` field and the model directory (``--model-dir``) has its
-ONNX files, else "not available". Per path: end-to-end FPS (wall, synchronised), per-stage ms
-from ``torch.cuda.Event`` pairs (preprocess, encode, decoder + heads, masks, post-process),
-peak GPU memory (``torch.cuda.max_memory_allocated``, reset per path).
+Inference: the ``paper_segm`` preset with random weights (the packaged tiny tokenizer:
+roberta-base's is not needed for timing; built once, copied per row) or ``--checkpoint`` /
+``--model-dir``; one 640x480 image resized to an 800 px short side (800 x 1066, padded to
+800 x 1088), all queries scored, ``--kept`` instances (default 5) through the mask head.
+Random weights are made fp16-safe, for the bench only: the last BatchNorm scale of each
+residual block of the backbone is multiplied by ``--residual-scale`` (0.1). Without trained
+BatchNorm statistics the residual stream of ResNet-101 grows block after block and overflows
+fp16 (inf / NaN from layer3 on); the scaled model has the same layers, shapes and kernels.
 
-Training: ``toist synth`` writes a small synthetic COCO-Tasks set (COCO-sized images), then
-``torchrun --standalone --nproc_per_node N`` runs ``toist train`` with the pronoun stage's
-configuration (``training/configs/pronoun.yaml``: paper model, batch 6 per GPU) with random
-weights, NCCL and bf16 AMP, for ``--train-steps`` updates; updates/s over the updates after
-the first ``--train-warmup`` (an optimizer step hook, synchronised) and the peak memory of
-each rank.
+The frame is ``TaskSegmenter.predict``'s (stage by stage, as ``predict_batch`` runs it) with
+duplicate removal off (``duplicate_iou=None``, every row, TensorRT too): with random weights all
+masks look alike and duplicate removal would run the mask head on query after query looking for
+distinct instances, which a trained model does not pay (the CPU bench does the same). The
+finiteness checks of ``predict`` (scores, boxes, mask logits) are part of the frame.
 
-Every section runs in its own try/except: an error is printed and the run goes on. A table
-closes the output.
+Rows, in this order (the important ones first, so that a time limit cuts the least useful):
+
+* ``bf16`` / ``fp16`` / ``fp32`` eager (``InferenceConfig.precision``; fp32 on a GPU runs its
+  convolutions in TF32 with torch's default flags, printed in the header);
+* ``bf16 eager cudnn.benchmark`` (a fixed camera size: cuDNN may pick faster kernels);
+  ``--cudnn-benchmark all`` turns it on for every row instead, ``off`` drops the row;
+* training: ``toist synth`` writes a small synthetic COCO-Tasks set (COCO-sized images), then
+  ``torchrun --standalone --nproc_per_node N`` runs ``toist train`` with the pronoun stage's
+  configuration (``training/configs/pronoun.yaml``: paper model, batch 6 per GPU) with random
+  weights, NCCL (gloo on CPU) and bf16 AMP, for ``--train-steps`` updates, evaluation and
+  checkpoint writes off; one process also creates the process group and wraps the model in DDP
+  (training/distributed.py), and the row says what ran (backend, DDP). updates/s over the
+  updates after the first ``--train-warmup`` (an optimizer step hook, synchronised), the peak
+  memory of each rank;
+* ``torch.compile`` rows (``--compile-modes``, default "reduce-overhead" = CUDA graphs) in the
+  order bf16, fp16, fp32, of the backbone, the transformer's encoder and decoder, and with masks
+  ``bbox_attention`` and ``mask_head`` (the glue between them stays eager). A row starts only
+  when the run's time so far plus the last compiled row's build + warm-up (``--compile-estimate-s``
+  before the first) fits in ``--compile-budget-s``. The row gives the graphs compiled, graph
+  breaks and CUDA-graph skips (torch._dynamo counters; the skip reasons are logged);
+* ``InferenceConfig(backend="tensorrt")`` when onnxruntime has the TensorRT provider and
+  ``--model-dir`` names a model directory with ONNX files, else the reason it is not available.
+
+Per row: end-to-end FPS (wall, synchronised; median), per-stage ms from ``torch.cuda.Event``
+pairs (preprocess, encode, decoder + heads, masks, post-process), GPU memory allocated before
+the row's model was built, after it, and the peak (``torch.cuda.max_memory_allocated``, reset
+per row; each row's model, compiled code and CUDA-graph pools are freed before the next).
+
+Every section runs in its own try/except: an error is printed and the run goes on. Each row is
+printed as JSON when it is measured and the table after every section, so a run stopped by a
+time limit keeps what it measured; SIGTERM (the shell's ``timeout``) stops the training job's
+whole process tree and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import copy
 import dataclasses
+import gc
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -51,6 +84,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 TRAIN_TAG = "BENCH_GPU_TRAIN "
+GOAL_FPS = 60.0
+
+
+class Terminated(BaseException):
+    """SIGTERM (the shell's ``timeout``): a BaseException, so that no section's ``except
+    Exception`` swallows it; ``finally`` blocks stop the training job, main prints the table."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -84,30 +127,227 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _allocated_mib(device: torch.device) -> float:
+    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+
+
 def _peak_mib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
 
 
-def _section(name: str, rows: list, func, *args, **kwargs):
+def _free(device: torch.device) -> None:
+    """Drop what the previous row left behind: its segmenter (once unreferenced), compiled code
+    and CUDA-graph memory pools (dynamo's reset frees the cudagraph trees) and the allocator's
+    cached blocks, so that the next row's memory figures are its own."""
+    gc.collect()
+    try:
+        torch._dynamo.reset()
+    except Exception as exc:  # an older / newer torch: the figures say what was left
+        print(f"torch._dynamo.reset() failed: {type(exc).__name__}: {exc}", flush=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+class Report:
+    """The rows measured so far; each printed as JSON when added, the table on demand."""
+
+    def __init__(self, device: torch.device, args):
+        self.device, self.args = device, args
+        self.rows: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def table(self) -> str:
+        device = self.device
+        lines = [f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU (no GPU figures)'}; "
+                 f"torch {torch.__version__}",
+                 "| path | FPS | ms/frame | preprocess | encode | decoder+heads | masks | post | peak MiB | "
+                 "MiB before / model | note |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in self.rows:
+            if "updates_per_s" in r:
+                lines.append(f"| {r['path']} | | | | | | | | {r['peak_mib']:.0f} | | {r['note']} |")
+            elif "fps" not in r:
+                lines.append(f"| {r['path']} | | | | | | | | | | {r.get('error', '')} |")
+            else:
+                stages = [r.get(f"ms_{k}") for k in ("preprocess", "encode", "decoder+heads", "masks", "post")]
+                if "ms_predict" in r:
+                    stages[1] = r["ms_predict"]  # end to end only (stage split unavailable)
+                cells = " | ".join("" if v is None else f"{v:.1f}" for v in stages)
+                memory = f"{r.get('mib_before', float('nan')):.0f} / {r.get('mib_model', float('nan')):.0f}"
+                lines.append(f"| {r['path']} | {r['fps']:.1f} | {r['ms']:.1f} | {cells} | {r['peak_mib']:.0f} | "
+                             f"{memory} | {r.get('note', '')} |")
+        return "\n".join(lines)
+
+    def goal(self) -> str:
+        fps = [r for r in self.rows if "fps" in r]
+        if not fps:
+            return "goal: no inference row was measured"
+        best = max(fps, key=lambda r: r["fps"])
+        if self.device.type != "cuda" or self.args.quick:
+            return f"goal (>= {GOAL_FPS:.0f} FPS at 800 px on a GPU): not assessed on this run (no GPU figures)"
+        verdict = "met" if best["fps"] >= GOAL_FPS else "NOT met"
+        return (f"goal >= {GOAL_FPS:.0f} FPS end to end at {self.args.short_side} px with masks for "
+                f"{self.args.kept} kept instances: best {best['fps']:.1f} FPS ({best['path']}): {verdict}")
+
+
+def _section(name: str, report: Report, func, *args, **kwargs):
     print(f"\n=== {name}", flush=True)
     started = time.perf_counter()
     try:
         result = func(*args, **kwargs)
     except Exception as exc:  # keep going: the run is unattended
         traceback.print_exc()
-        rows.append({"path": name, "error": f"{type(exc).__name__}: {exc}"[:160]})
+        report.add({"path": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
         result = None
     print(f"=== {name}: {time.perf_counter() - started:.1f} s", flush=True)
+    # The table so far after every section: a run killed by its time limit keeps its figures.
+    print(report.table() + "\n", flush=True)
     return result
+
+
+def header(args, device: torch.device) -> str:
+    lines = [f"torch {torch.__version__}"]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        lines.append(f"GPU {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
+                     f"capability {props.major}.{props.minor}; {torch.cuda.device_count()} GPU(s); CUDA "
+                     f"{torch.version.cuda}; cuDNN {torch.backends.cudnn.version()}")
+    # What "fp32" means on a GPU: with torch's defaults cuDNN convolutions run in TF32 and
+    # matmuls in full fp32; cudnn.benchmark is off (see the cudnn.benchmark row).
+    lines.append(f"flags: cudnn.allow_tf32={torch.backends.cudnn.allow_tf32} "
+                 f"cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32} "
+                 f"float32_matmul_precision={torch.get_float32_matmul_precision()} "
+                 f"cudnn.benchmark={torch.backends.cudnn.benchmark} "
+                 f"cudnn.deterministic={torch.backends.cudnn.deterministic} (--cudnn-benchmark {args.cudnn_benchmark})")
+    weights = (f"weights {args.checkpoint or args.model_dir}" if (args.checkpoint or args.model_dir) else
+               f"preset {args.preset}, random weights (seed 0), residual branches scaled by {args.residual_scale} "
+               "for fp16 range")
+    lines.append(f"{weights}; image {args.width}x{args.height} -> short side {args.short_side} (max {args.max_size}); "
+                 f"{args.kept} kept instances, duplicate_iou=None; warm-up {args.warmup}, {args.reps} timed frames")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- inference
 
-def _frame_impl(seg, image, kept, timer):
-    """One predict() frame, stage by stage (the calls TaskSegmenter.predict_batch makes)."""
+def damp_residual_branches(model: torch.nn.Module, scale: float) -> int:
+    """Multiply the last BatchNorm scale of each residual block (ResNet ``bn3`` / ``bn2``,
+    MobileNetV2's last norm of a residual block) by ``scale``, in place; returns the blocks.
+
+    For random weights only, in this bench: a trained backbone's BatchNorm statistics keep its
+    activations in range, random ones do not: each block adds a branch about as large as its
+    input and ResNet-101's 23-block layer3 overflows fp16 (the zero-init-residual idea, scaled).
+    Same layers and shapes, so the same kernels and times."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    blocks = 0
+    with torch.no_grad():
+        for module in model.modules():
+            norm = None
+            if isinstance(module, Bottleneck):
+                norm = module.bn3
+            elif isinstance(module, BasicBlock):
+                norm = module.bn2
+            elif isinstance(module, InvertedResidual) and module.use_res_connect:
+                norm = module.conv[-1]
+            if norm is not None and getattr(norm, "weight", None) is not None:
+                norm.weight.mul_(scale)
+                blocks += 1
+    return blocks
+
+
+def _template(args):
+    """The random-weight model, built once (seeded) on the CPU and damped; each row gets a copy
+    (a fresh ``from_config`` per row costs seconds of random initialisation)."""
+    if getattr(args, "_template", None) is None:
+        from toist_core.config import preset
+        from toist_core.model import build_model, load_tokenizer
+
+        cfg = preset(args.preset)
+        cfg.text.tokenizer = args.text_encoder or "builtin:tiny"  # offline; cost as roberta-base's
+        torch.manual_seed(0)
+        model = build_model(cfg, tokenizer=load_tokenizer(cfg.text.tokenizer)).eval()
+        blocks = damp_residual_branches(model, args.residual_scale)
+        print(f"random-weight {args.preset} model built; {blocks} residual blocks scaled by {args.residual_scale}",
+              flush=True)
+        args._template = (cfg, model)
+    return args._template
+
+
+def _build_segmenter(args, device, precision: str, backend=None):
+    from toist_core.config import InferenceConfig
+    from toist_core.inference import TaskSegmenter
+    from toist_core.inference.device import prepared
+
+    # duplicate_iou=None: see the module doc (every row, TensorRT included).
+    kwargs = dict(short_side=args.short_side, max_size=args.max_size, precision=precision,
+                  score_threshold=0.0, max_instances=args.kept, duplicate_iou=None)
+    if backend is not None:
+        kwargs["backend"] = backend
+    inference = InferenceConfig(**kwargs)
+    if args.model_dir or args.checkpoint:
+        seg = TaskSegmenter.from_pretrained(args.model_dir or args.checkpoint, device=str(device),
+                                            inference=inference, text_encoder=args.text_encoder)
+    else:
+        # As TaskSegmenter.from_config builds its model: prepared() moves, folds BatchNorm and
+        # converts to channels-last, here on a copy of the one template.
+        cfg, template = _template(args)
+        seg = TaskSegmenter(prepared(copy.deepcopy(template), device, inference), device=device,
+                            inference=inference, config=cfg)
+    seg.set_task(1)
+    return seg
+
+
+def compile_image_path(seg, mode: str) -> list[str]:
+    """torch.compile the modules of a frame's image path in place; returns their names.
+
+    ``Transformer`` itself has no ``forward``: the model calls its ``encode`` / ``decode``
+    methods, which run ``encoder`` / ``decoder``, so those two are compiled, with the backbone
+    and, with masks, ``bbox_attention`` and ``mask_head``. The glue between them (token
+    concatenation, heads, selection) stays eager. (bench/bench_inference.py --compile uses this
+    too.)"""
+    model = seg.model
+    detector = getattr(model, "detector", model)
+    transformer = detector.transformer
+    targets = [("backbone", detector, "backbone"), ("transformer.encoder", transformer, "encoder"),
+               ("transformer.decoder", transformer, "decoder"),
+               ("bbox_attention", model, "bbox_attention"), ("mask_head", model, "mask_head")]
+    compiled = []
+    for label, owner, name in targets:
+        module = getattr(owner, name, None)
+        if isinstance(module, torch.nn.Module) and not hasattr(module, "_orig_mod"):
+            setattr(owner, name, torch.compile(module, mode=mode, dynamic=False))
+            compiled.append(label)
+    if not compiled:  # a model of another shape: the whole encode step
+        model.encode = torch.compile(model.encode, mode=mode, dynamic=False)
+        compiled.append("encode")
+    print(f"torch.compile(mode={mode!r}, dynamic=False) on {', '.join(compiled)}", flush=True)
+    return compiled
+
+
+def _compile_counters() -> dict:
+    """Dynamo / inductor counters (defaultdicts: a name this torch lacks reads 0)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+
+def _frame_impl(seg, image, kept, timer, compiled=False):
+    """One predict() frame, stage by stage (the calls TaskSegmenter.predict_batch makes with
+    duplicate_iou=None, its finiteness checks included)."""
     from toist_core.inference import postprocess
     from toist_core.inference import segmenter as seg_module
+    from toist_core.inference.finite import check_outputs, checked_masks
 
+    if compiled:  # CUDA graphs: a new frame may overwrite the last frame's graph outputs
+        torch.compiler.cudagraph_mark_step_begin()
     state = seg.task_state
     with torch.inference_mode(), seg_module.eval_mode(seg.model):
         timer.mark("start")
@@ -123,78 +363,62 @@ def _frame_impl(seg, image, kept, timer):
             out = detector.predict_heads(hs, memory, aux=False)
         scores = 1.0 - out["pred_logits"].float().softmax(-1)[..., seg_module.NO_OBJECT_INDEX]
         boxes_all = out["pred_boxes"].float()
+        run, reduced = seg._network_run()
+        check_outputs(scores, boxes_all, run, reduced)
         timer.mark("decoder+heads")
         keep = seg_module.select(scores[0], 0.0, kept)
         masks = None
         if seg.has_masks and keep.numel():
-            with seg._autocast_context():
-                logits = seg.model.predict_masks(postprocess.image_memory(memory, 0), hs[-1][0:1, keep])
+            def mask_logits(b, queries):
+                with seg._autocast_context():
+                    return seg.model.predict_masks(postprocess.image_memory(memory, b), hs[-1][b:b + 1, queries])
+            logits = checked_masks(mask_logits, run, reduced)(0, keep)
             masks = postprocess.masks_at_original(logits, resized[0], batch.tensors.shape[-2:], image.shape[:2],
                                                   seg.inference.mask_threshold)
         timer.mark("masks")
         boxes = seg_module.to_pixels(boxes_all[0, keep], image.shape[:2], clip=seg.processing.clip_boxes)
-        result = (boxes.cpu().numpy(), scores[0, keep].cpu().numpy(), masks)
+        result = (boxes.cpu().numpy().astype(np.float32), scores[0, keep].cpu().numpy().astype(np.float32),
+                  keep.cpu().numpy(), masks)
         timer.mark("post")
     return result
 
 
-def _build_segmenter(args, device, precision: str, backend=None):
-    from toist_core.config import InferenceConfig, preset
-    from toist_core.inference import TaskSegmenter
-
-    kwargs = dict(short_side=args.short_side, max_size=args.max_size, precision=precision,
-                  score_threshold=0.0, max_instances=args.kept)
-    if backend is not None:
-        kwargs["backend"] = backend
-    inference = InferenceConfig(**kwargs)
-    if args.model_dir or args.checkpoint:
-        seg = TaskSegmenter.from_pretrained(args.model_dir or args.checkpoint, device=str(device),
-                                            inference=inference, text_encoder=args.text_encoder)
-    else:
-        cfg = preset(args.preset)
-        cfg.text.tokenizer = args.text_encoder or "builtin:tiny"  # offline; cost as roberta-base's
-        seg = TaskSegmenter.from_config(cfg, device=str(device), inference=inference, seed=0)
-    seg.set_task(1)
-    return seg
-
-
-def compile_image_path(seg, mode: str) -> None:
-    """torch.compile the image path's heavy modules (backbone + transformer) in place."""
-    model = seg.model
-    detector = getattr(model, "detector", model)
-    compiled = []
-    for name in ("backbone", "transformer"):
-        for owner in (model, detector):
-            module = getattr(owner, name, None)
-            if isinstance(module, torch.nn.Module) and name not in compiled:
-                setattr(owner, name, torch.compile(module, mode=mode, dynamic=False))
-                compiled.append(name)
-    if not compiled:  # fall back to the whole encode step
-        model.encode = torch.compile(model.encode, mode=mode, dynamic=False)
-        compiled.append("encode")
-    print(f"torch.compile(mode={mode!r}) on {', '.join(compiled)}", flush=True)
-
-
-def _predict_frame(seg, image, kept, timer):
+def _predict_frame(seg, image, kept, timer, compiled=False):
     """Fallback: predict() end to end (no stage split)."""
+    if compiled:
+        torch.compiler.cudagraph_mark_step_begin()
     timer.mark("start")
     seg.predict(image, score_threshold=0.0, max_instances=kept)
     timer.mark("predict")
 
 
-def _time_path(seg, image, args, device, label: str) -> dict:
+def measure_row(report: Report, args, device, image, label: str, precision: str, compile_mode=None,
+                note: str = "") -> dict:
+    """Build a segmenter, (compile,) warm up, time ``args.reps`` frames; add the row."""
+    _free(device)
+    mib_before = _allocated_mib(device)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
+    seg = _build_segmenter(args, device, precision)
+    mib_model = _allocated_mib(device)
+    build_s = time.perf_counter() - started
+    compiled, counters0 = None, None
+    if compile_mode is not None:
+        counters0 = _compile_counters()
+        compiled = compile_image_path(seg, compile_mode)
     frame = _frame_impl
+    first = time.perf_counter()
     try:  # the stage split follows TaskSegmenter's internals; if they moved, time predict() whole
-        frame(seg, image, args.kept, Timer(device))
-    except Exception as exc:
+        frame(seg, image, args.kept, Timer(device), compiled is not None)
+    except (AttributeError, TypeError, ImportError, NameError) as exc:
         print(f"stage split failed ({type(exc).__name__}: {exc}); timing predict() end to end", flush=True)
         frame = _predict_frame
+        frame(seg, image, args.kept, Timer(device), compiled is not None)
+    _sync(device)
+    first_s = time.perf_counter() - first
     for _ in range(args.warmup):
-        frame(seg, image, args.kept, Timer(device))
+        frame(seg, image, args.kept, Timer(device), compiled is not None)
     _sync(device)
     warm_s = time.perf_counter() - started
     stage_runs, walls = [], []
@@ -202,197 +426,366 @@ def _time_path(seg, image, args, device, label: str) -> dict:
         timer = Timer(device)
         _sync(device)
         t0 = time.perf_counter()
-        frame(seg, image, args.kept, timer)
+        frame(seg, image, args.kept, timer, compiled is not None)
         _sync(device)
         walls.append(time.perf_counter() - t0)
         stage_runs.append(timer.stages())
     stages = {k: statistics.median(r[k] for r in stage_runs) for k in stage_runs[0]}
     wall_ms = 1000.0 * statistics.median(walls)
-    row = {"path": label, "fps": 1000.0 / wall_ms, "ms": wall_ms, "peak_mib": _peak_mib(device),
-           "warmup_s": warm_s, **{f"ms_{k}": v for k, v in stages.items()}}
-    print(json.dumps(row), flush=True)
+    notes = [note] if note else []
+    row = {"path": label, "fps": 1000.0 / wall_ms, "ms": wall_ms, "ms_p90": 1000.0 * float(np.percentile(walls, 90)),
+           "peak_mib": _peak_mib(device), "mib_before": mib_before, "mib_model": mib_model,
+           "build_s": build_s, "first_frame_s": first_s, "warmup_s": warm_s,
+           **{f"ms_{k}": v for k, v in stages.items()}}
+    if compiled is not None:
+        counters = _compile_counters()
+        stats = {k: counters[k] - counters0[k] for k in counters}
+        row.update(compiled=compiled, **stats)
+        notes.append(f"{stats['graphs']} graphs, {stats['graph_breaks']} graph breaks, "
+                     f"{stats['cudagraph_skips']} cudagraph skips; compile+warm-up {warm_s:.0f} s")
+    else:
+        notes.append(f"warm-up {warm_s:.0f} s")
+    row["note"] = "; ".join(notes)
+    report.add(row)
+    del seg
+    _free(device)
     return row
 
 
-def inference_sections(args, device, rows: list) -> None:
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
-    precisions = ["fp32", "fp16", "bf16"] if device.type == "cuda" else ["fp32", "bf16"]
-    if args.quick and device.type != "cuda":
-        precisions = ["fp32"]
+def eager_sections(args, device, report: Report, image) -> None:
+    precisions = ["bf16", "fp16", "fp32"] if device.type == "cuda" else ["fp32", "bf16"]
     for precision in precisions:
-        def eager(precision=precision):
-            seg = _build_segmenter(args, device, precision)
-            rows.append(_time_path(seg, image, args, device, f"{precision} eager"))
-            return seg
-        seg = _section(f"inference {precision} eager", rows, eager)
-        if args.no_compile or seg is None:
-            continue
-        for mode in args.compile_modes:
+        _section(f"inference {precision} eager", report, measure_row, report, args, device, image,
+                 f"{precision} eager", precision)
+    if args.cudnn_benchmark == "row":
+        precision = precisions[0]
+
+        def benchmarked():
+            torch.backends.cudnn.benchmark = True
+            try:
+                measure_row(report, args, device, image, f"{precision} eager cudnn.benchmark", precision,
+                            note="cudnn.benchmark on")
+            finally:
+                torch.backends.cudnn.benchmark = False
+        _section(f"inference {precision} eager, cudnn.benchmark", report, benchmarked)
+
+
+def compile_sections(args, device, report: Report, image) -> None:
+    precisions = ["bf16", "fp16", "fp32"] if device.type == "cuda" else ["fp32"]
+    estimate = args.compile_estimate_s
+    for mode in args.compile_modes:
+        for precision in precisions:
+            label = f"{precision} compile:{mode}"
             spent = time.perf_counter() - args.started
-            if spent > args.compile_budget_s:
-                print(f"torch.compile {precision} {mode}: skipped, {spent:.0f} s spent (--compile-budget-s)")
-                rows.append({"path": f"{precision} compile:{mode}", "error": "skipped (time budget)"})
+            if spent + estimate > args.compile_budget_s:
+                message = (f"skipped: {spent:.0f} s spent + ~{estimate:.0f} s to compile > "
+                           f"--compile-budget-s {args.compile_budget_s:.0f}")
+                print(f"torch.compile {label}: {message}", flush=True)
+                report.add({"path": label, "error": message})
                 continue
-
-            def compiled(precision=precision, mode=mode):
-                seg = _build_segmenter(args, device, precision)
-                compile_image_path(seg, mode)
-                rows.append(_time_path(seg, image, args, device, f"{precision} compile:{mode}"))
-            _section(f"inference {precision} torch.compile {mode}", rows, compiled)
-        del seg
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    _section("inference tensorrt", rows, _tensorrt, args, device, image, rows)
+            began = time.perf_counter()
+            row = _section(f"inference {label}", report, measure_row, report, args, device, image, label,
+                           precision, mode)
+            # The next compile of this model costs about what this one did (a failed one: at
+            # least the time it took to fail).
+            estimate = (row["warmup_s"] + args.reps * row["ms"] / 1000.0 if row is not None
+                        else max(estimate, time.perf_counter() - began))
 
 
-def _tensorrt(args, device, image, rows) -> None:
+def _tensorrt(args, device, image, report: Report) -> None:
     from toist_core.config import InferenceConfig
 
     fields = {f.name for f in dataclasses.fields(InferenceConfig)}
+    reasons = []
     if "backend" not in fields:
-        print("TensorRT path: not available (InferenceConfig has no 'backend' field in this tree)")
-        rows.append({"path": "tensorrt", "error": "not available (no InferenceConfig.backend)"})
-        return
-    if not args.model_dir:
-        print("TensorRT path: not available (needs --model-dir: a model directory with ONNX files, `toist export`)")
-        rows.append({"path": "tensorrt", "error": "not available (no --model-dir)"})
-        return
+        reasons.append("InferenceConfig has no 'backend' field in this tree")
+    try:
+        import onnxruntime
+        providers = onnxruntime.get_available_providers()
+        if "TensorrtExecutionProvider" not in providers:
+            reasons.append(f"TensorRT / onnxruntime-gpu not installed (onnxruntime {onnxruntime.__version__} "
+                           f"providers: {', '.join(providers)})")
+    except ImportError:
+        reasons.append("TensorRT / onnxruntime-gpu not installed (no onnxruntime)")
     if device.type != "cuda":
-        print("TensorRT path: not available on CPU")
-        rows.append({"path": "tensorrt", "error": "not available on CPU"})
+        reasons.append("needs CUDA")
+    if not args.model_dir:
+        reasons.append("needs --model-dir: a model directory with ONNX files (`toist export --onnx`)")
+    if reasons:
+        message = "not available: " + "; ".join(reasons)
+        print(f"TensorRT path: {message}", flush=True)
+        report.add({"path": "tensorrt", "error": message})
         return
-    for precision in ("fp16", "fp32"):
-        def run(precision=precision):
-            seg = _build_segmenter(args, device, precision, backend="tensorrt")
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            # The backend may not expose the torch stages: time predict() end to end.
-            for _ in range(args.warmup):
-                seg.predict(image, score_threshold=0.0, max_instances=args.kept)
-            walls = []
-            for _ in range(args.reps):
-                _sync(device)
-                t0 = time.perf_counter()
-                seg.predict(image, score_threshold=0.0, max_instances=args.kept)
-                _sync(device)
-                walls.append(time.perf_counter() - t0)
-            ms = 1000.0 * statistics.median(walls)
-            row = {"path": f"tensorrt {precision}", "fps": 1000.0 / ms, "ms": ms, "peak_mib": _peak_mib(device)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-        _section(f"tensorrt {precision}", rows, run)
+    # The TensorRT backend runs its own fp16 engine (InferenceConfig.precision does not apply);
+    # the backend may not expose the torch stages: predict() is timed end to end.
+    _free(device)
+    mib_before = _allocated_mib(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    seg = _build_segmenter(args, device, "fp32", backend="tensorrt")
+    mib_model = _allocated_mib(device)
+    for _ in range(args.warmup + 1):  # the first frame builds (or loads) the engines
+        seg.predict(image, score_threshold=0.0, max_instances=args.kept)
+    warm_s = time.perf_counter() - started
+    walls = []
+    for _ in range(args.reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        seg.predict(image, score_threshold=0.0, max_instances=args.kept)
+        _sync(device)
+        walls.append(time.perf_counter() - t0)
+    ms = 1000.0 * statistics.median(walls)
+    report.add({"path": "tensorrt (fp16 engine)", "fps": 1000.0 / ms, "ms": ms, "ms_predict": ms,
+                "peak_mib": _peak_mib(device), "mib_before": mib_before, "mib_model": mib_model,
+                "warmup_s": warm_s, "note": f"predict() end to end (torch-side memory only); warm-up {warm_s:.0f} s"})
+    del seg
+    _free(device)
 
 
 # ----------------------------------------------------------------------------- training
 
-def training_section(args, device, rows: list) -> None:
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="toist_bench_gpu_"))
+def _process_tree(root: int) -> set[int]:
+    """Process groups of ``root`` and its descendants (Linux /proc): torchrun starts each worker
+    in a session of its own, and each worker's DataLoader workers sit in the worker's group."""
+    parents: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents[int(fields[1])].append((int(entry.name), int(fields[2])))  # ppid -> (pid, pgid)
+    groups, todo = {root}, [root]
+    while todo:
+        for pid, pgid in parents.get(todo.pop(), []):
+            groups.add(pgid)
+            todo.append(pid)
+    return groups
+
+
+def _stop_tree(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM torchrun's process group (torchrun forwards it to its workers; a worker finishes
+    its update and exits), wait up to ``grace_s``, then SIGKILL every process group of the tree
+    as it was before the signal (workers left behind by a torchrun that died first included)."""
+    groups = _process_tree(proc.pid) if proc.poll() is None else {proc.pid}
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    for group in sorted(groups):
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        print(f"torchrun (pid {proc.pid}) did not exit after SIGKILL", flush=True)
+
+
+def run_torchrun(cmd: list[str], timeout_s: float) -> dict:
+    """Run ``cmd`` (torchrun) in a session of its own, echoing its output as it comes (a run
+    stopped by a time limit keeps it) and collecting the TRAIN_TAG lines; on timeout or SIGTERM
+    stop its whole process tree."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                            start_new_session=True)
+    tails = {"stdout": collections.deque(maxlen=25), "stderr": collections.deque(maxlen=25)}
+    results: list[dict] = []
+
+    def pump(stream, name):
+        for line in stream:
+            line = line.rstrip("\n")
+            tails[name].append(line)
+            if name == "stdout" and line.startswith(TRAIN_TAG):
+                try:
+                    results.append(json.loads(line[len(TRAIN_TAG):]))
+                except json.JSONDecodeError:
+                    pass
+            print(f"  [train {name}] {line}", flush=True)
+
+    pumps = [threading.Thread(target=pump, args=(getattr(proc, name), name), daemon=True) for name in tails]
+    for thread in pumps:
+        thread.start()
+    started = time.perf_counter()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        print(f"torchrun: timed out after {timeout_s:.0f} s: SIGTERM to its process group, SIGKILL after 20 s",
+              flush=True)
+        _stop_tree(proc, 20.0)
+    except BaseException:  # Terminated (SIGTERM to this process), KeyboardInterrupt
+        print("stopping torchrun (this process was signalled)", flush=True)
+        _stop_tree(proc, 8.0)
+        raise
+    finally:
+        for thread in pumps:
+            thread.join(timeout=5)
+    return {"code": proc.returncode, "timed_out": timed_out, "wall_s": time.perf_counter() - started,
+            "results": results, "tails": tails}
+
+
+def _config_batch_size(config: str, overrides: list[str]) -> int:
+    for item in overrides:
+        if item.startswith("loader.batch_size="):
+            return int(item.split("=", 1)[1])
+    import yaml
+
+    return int((yaml.safe_load((ROOT / config).read_text()).get("loader") or {}).get("batch_size", 6))
+
+
+def training_section(args, device, report: Report) -> None:
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="toist_bench_gpu_"))
+    try:
+        _training(args, device, report, workdir)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _training(args, device, report: Report, workdir: Path) -> None:
+    nproc = args.nproc or (torch.cuda.device_count() if device.type == "cuda" else 1)
+    config = "training/configs/tiny_pronoun.yaml" if args.quick else "training/configs/pronoun.yaml"
+    batch = _config_batch_size(config, args.train_override)
+    # One epoch that holds every timed update: an epoch end restarts the loader (and would write
+    # a checkpoint), which is not what updates/s should measure.
+    images = args.train_images or (args.train_steps + 1) * batch * nproc
     data = workdir / "synth"
     if not (data / "annotations").is_dir():
         synth = [sys.executable, "-m", "toist_core.cli", "synth", str(data), "--tasks", "1", "2",
-                 "--splits", "train", "--images-per-split", str(args.train_images),
+                 "--splits", "train", "--images-per-split", str(images),
                  "--min-size", str(args.train_min_size), "--max-size", str(args.train_max_size)]
         print(" ".join(synth), flush=True)
-        subprocess.run(synth, check=True, cwd=ROOT)
-    nproc = args.nproc or (torch.cuda.device_count() if device.type == "cuda" else 1)
-    config = "training/configs/tiny_pronoun.yaml" if args.quick else "training/configs/pronoun.yaml"
+        subprocess.run(synth, check=True, cwd=ROOT, timeout=120)
+    workers = args.train_workers if args.train_workers is not None else \
+        min(8, max(1, (os.cpu_count() or 2) // nproc - 2))
+    amp = args.amp if device.type == "cuda" else "none"
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # Evaluation, checkpoint writes and the model export are off: they are not updates, and the
+    # paper model's checkpoint, BEST copy and export came to ~6.6 GB. (The final checkpoint
+    # that Trainer writes regardless is skipped in the worker, train_worker.)
     overrides = [f"data.root={data}", "data.tasks=[1,2]", f"output_dir={workdir / 'run'}",
-                 f"schedule.max_steps={args.train_steps}", "schedule.epochs=1", "checkpoint.every_steps=0",
-                 "eval.every_epochs=1000", "eval.holdout_fraction=0.25", "runtime.progress=false",
-                 "runtime.tensorboard=false",
-                 "runtime.deterministic=false", "loader.num_workers=2", "init.load=null",
-                 f"runtime.device={'cuda' if device.type == 'cuda' else 'cpu'}"]
-    if device.type == "cuda":
-        overrides += [f"runtime.amp={args.amp}", "distributed.backend=nccl"]
+                 f"schedule.max_steps={args.train_steps}", "schedule.epochs=1",
+                 "checkpoint.every_steps=0", "checkpoint.per_epoch=false", "checkpoint.export_model_dir=false",
+                 "eval.enabled=false", "runtime.progress=false", "runtime.tensorboard=false",
+                 "runtime.deterministic=false", f"loader.num_workers={workers}", "init.load=null",
+                 f"runtime.device={'cuda' if device.type == 'cuda' else 'cpu'}", f"runtime.amp={amp}",
+                 f"distributed.backend={backend}"]
     if not args.quick:
         overrides += ["model.text.tokenizer=builtin:tiny"]
+    overrides += args.train_override
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(Path(__file__).resolve()), "--train-worker", str(args.train_warmup), "--",
+           str(Path(__file__).resolve()), "--train-worker", str(args.train_warmup), str(args.train_steps), "--",
            "--config", config, *overrides]
     print(" ".join(cmd), flush=True)
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.train_timeout)
-    wall = time.perf_counter() - started
-    results = [json.loads(line[len(TRAIN_TAG):]) for line in proc.stdout.splitlines() if line.startswith(TRAIN_TAG)]
-    if proc.returncode != 0 or not results:
-        print(proc.stdout[-4000:], proc.stderr[-6000:], sep="\n")
-        raise RuntimeError(f"torchrun exited with {proc.returncode} after {wall:.0f} s")
-    print(proc.stderr[-1500:])
-    per_rank = sorted(results, key=lambda r: r["rank"])
+    run = run_torchrun(cmd, args.train_timeout)
+    label = f"train {Path(config).stem} x{nproc} {amp if amp != 'none' else 'fp32'}"
+    status = (f"timed out after {args.train_timeout:.0f} s (--train-timeout)" if run["timed_out"] else
+              f"exit code {run['code']}" if run["code"] != 0 else "")
+    if status:  # the output was echoed as it came; its last lines again, together
+        for name, lines in run["tails"].items():
+            print(f"--- torchrun {name}, last {len(lines)} lines:\n" + "\n".join(lines), flush=True)
+    per_rank = sorted(run["results"], key=lambda r: r["rank"])
+    if not per_rank or not any(r["timed_updates"] > 0 for r in per_rank):
+        done = f"{per_rank[0]['steps']} updates done, none timed" if per_rank else "no result line"
+        report.add({"path": label, "error": f"{status or 'finished'}; {done}; {run['wall_s']:.0f} s wall"})
+        return
+    first = per_rank[0]
     rate = statistics.median(r["updates_per_s"] for r in per_rank)
-    row = {"path": f"train {Path(config).stem} x{nproc} {args.amp if device.type == 'cuda' else 'fp32'}",
-           "updates_per_s": rate, "images_per_s": rate * per_rank[0]["batch_size"] * nproc,
-           "peak_mib": max(r["peak_mib"] for r in per_rank), "steps": per_rank[0]["steps"], "wall_s": wall}
-    print(json.dumps(row), flush=True)
-    rows.append(row)
+    group = (f"{first['backend']} group of {first['world_size']}" if first["dist_initialized"] else "no process group")
+    wrapped = "DDP" if first["wrapped_in"] == "DistributedDataParallel" else f"no DDP ({first['wrapped_in']})"
+    note = (f"{rate:.2f} updates/s, {rate * first['batch_size'] * nproc:.1f} img/s, {first['steps']} updates "
+            f"({first['timed_updates']} timed), {group}, {wrapped}, batch {first['batch_size']}/GPU, "
+            f"{workers} loader workers, {run['wall_s']:.0f} s wall" + (f"; {status}" if status else ""))
+    report.add({"path": label, "updates_per_s": rate, "images_per_s": rate * first["batch_size"] * nproc,
+                "peak_mib": max(r["peak_mib"] for r in per_rank), "steps": first["steps"],
+                "timed_updates": first["timed_updates"], "wall_s": run["wall_s"], "exit_code": run["code"],
+                "timed_out": run["timed_out"], "dist_initialized": first["dist_initialized"],
+                "backend": first["backend"], "world_size": first["world_size"], "ddp": first["wrapped_in"],
+                "loader_workers": workers, "note": note})
 
 
-def train_worker(warmup: int, train_argv: list[str]) -> int:
-    """Runs under torchrun: ``toist train`` in this process, optimizer steps timed by a hook."""
+def train_worker(warmup: int, steps: int, train_argv: list[str]) -> int:
+    """Runs under torchrun: ``toist train`` in this process, optimizer steps timed by a hook;
+    the result line is printed as soon as the timed updates are done (a failure after them
+    keeps it)."""
+    import torch.distributed as dist
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    import training.loops as loops
+    from training.distributed import barrier
     from training.train import add_arguments, run
 
+    config = next(train_argv[i + 1] for i, a in enumerate(train_argv) if a == "--config")
+    batch_size = _config_batch_size(config, train_argv)
+    amp = next((a.split("=", 1)[1] for a in train_argv if a.startswith("runtime.amp=")), "none")
     stamps: list[float] = []
-    batch_size = [0]
+    reported = [False]
+    # What ran, read from torch when the trainer wraps its model (the process group exists then;
+    # train.run destroys it before a late report): group, backend, DDP or the module itself.
+    ran = {"dist_initialized": None, "backend": None, "world_size": None, "wrapped_in": "not built"}
+    wrap_ddp = loops.wrap_ddp
+
+    def recording_wrap_ddp(module, env, *a, **kw):
+        result = wrap_ddp(module, env, *a, **kw)
+        initialized = dist.is_available() and dist.is_initialized()
+        ran.update(dist_initialized=initialized, backend=str(dist.get_backend()) if initialized else None,
+                   world_size=dist.get_world_size() if initialized else 1, wrapped_in=type(result).__name__)
+        return result
+    loops.wrap_ddp = recording_wrap_ddp
+
+    # Trainer writes checkpoint.pth after its last update whatever the config says (~3 GB for
+    # the paper model with EMA and optimizer state): not an update, so skipped in this bench.
+    def no_checkpoint(self, name):
+        if self.env.is_main:
+            print(f"bench: {name} not written", file=sys.stderr, flush=True)
+        barrier(self.env)
+    loops.Trainer._save = no_checkpoint
+
+    on_cuda = torch.cuda.is_available()
+
+    def report():
+        if reported[0]:
+            return
+        reported[0] = True
+        timed = stamps[warmup:]
+        rate = (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) >= 2 else float("nan")
+        print(TRAIN_TAG + json.dumps({
+            "rank": int(os.environ.get("RANK", "0")), "steps": len(stamps), "timed_updates": max(len(timed) - 1, 0),
+            "updates_per_s": rate, "batch_size": batch_size, "amp": amp,
+            "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if on_cuda and torch.cuda.is_initialized()
+            else float("nan"), **ran}), flush=True)
 
     def hook(optimizer, args, kwargs):
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if on_cuda and torch.cuda.is_initialized():
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
+        if len(stamps) == steps:
+            report()  # now, inside the run: the process group still exists
 
     register_optimizer_step_post_hook(hook)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    parsed = parser.parse_args(train_argv)
-    code = run(parsed)
-    for arg in train_argv:
-        if arg.startswith("loader.batch_size="):
-            batch_size[0] = int(arg.split("=", 1)[1])
-    if not batch_size[0]:
-        import yaml
-        config = next(train_argv[i + 1] for i, a in enumerate(train_argv) if a == "--config")
-        batch_size[0] = int(yaml.safe_load((ROOT / config).read_text()).get("loader", {}).get("batch_size", 6))
-    timed = stamps[warmup:]
-    rate = (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) >= 2 else float("nan")
-    on_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    print(TRAIN_TAG + json.dumps({
-        "rank": int(os.environ.get("RANK", "0")), "steps": len(stamps), "updates_per_s": rate,
-        "batch_size": batch_size[0],
-        "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if on_cuda else float("nan")}), flush=True)
+    try:
+        code = run(parser.parse_args(train_argv))
+    finally:
+        report()  # fewer updates than asked (a short epoch, a failure): what there was
     return int(code or 0)
 
 
 # ----------------------------------------------------------------------------- main
 
-def _table(rows: list, device: torch.device) -> str:
-    lines = [f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU (no GPU figures)'}; "
-             f"torch {torch.__version__}",
-             "| path | FPS | ms/frame | preprocess | encode | decoder+heads | masks | post | peak MiB | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['path']} | | | | | | | | | {r['error']} |")
-        elif "updates_per_s" in r:
-            lines.append(f"| {r['path']} | | | | | | | | {r['peak_mib']:.0f} | {r['updates_per_s']:.2f} updates/s, "
-                         f"{r['images_per_s']:.1f} img/s, {r['steps']} steps, {r['wall_s']:.0f} s wall |")
-        else:
-            stages = [r.get(f"ms_{k}") for k in ("preprocess", "encode", "decoder+heads", "masks", "post")]
-            if "ms_predict" in r:
-                stages[1] = r["ms_predict"]  # end to end only (stage split unavailable)
-            cells = " | ".join("" if v is None else f"{v:.1f}" for v in stages)
-            lines.append(f"| {r['path']} | {r['fps']:.1f} | {r['ms']:.1f} | {cells} | {r['peak_mib']:.0f} | "
-                         f"{'warm-up %.0f s' % r['warmup_s'] if 'warmup_s' in r else ''} |")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--train-worker"]:
-        rest = argv[1:]
-        warmup = int(rest[0])
-        return train_worker(warmup, rest[2:] if rest[1:2] == ["--"] else rest[1:])
+        warmup, steps, rest = int(argv[1]), int(argv[2]), argv[3:]
+        return train_worker(warmup, steps, rest[1:] if rest[:1] == ["--"] else rest)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N (cpu only with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, every code path (CPU check)")
@@ -400,6 +793,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model-dir", default=None, help="a model directory (toist export): also the TensorRT path")
     parser.add_argument("--text-encoder", default=None, help="tokenizer for official .pth files")
     parser.add_argument("--preset", default="paper_segm")
+    parser.add_argument("--residual-scale", type=float, default=0.1,
+                        help="random weights: scale of each residual block's last BatchNorm (fp16 range; 1 = none)")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--short-side", type=int, default=800)
@@ -407,21 +802,32 @@ def main(argv=None) -> int:
     parser.add_argument("--kept", type=int, default=5, help="instances through the mask head")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--cudnn-benchmark", default="row", choices=["off", "row", "all"],
+                        help="row: one extra eager row with cudnn.benchmark on; all: on for every row")
     parser.add_argument("--compile-modes", nargs="+", default=["reduce-overhead"],
                         help='torch.compile modes ("max-autotune", "reduce-overhead" = CUDA graphs, "default")')
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--compile-budget-s", type=float, default=300,
-                        help="no further torch.compile section starts after this many seconds of the run")
+    parser.add_argument("--compile-budget-s", type=float, default=900,
+                        help="a torch.compile row starts only if the run's time so far plus its expected "
+                             "compile + timing time stays under this many seconds")
+    parser.add_argument("--compile-estimate-s", type=float, default=100,
+                        help="expected compile + timing time of the first compiled row (later: the last one's)")
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--nproc", type=int, default=None, help="torchrun processes (default: all GPUs)")
     parser.add_argument("--amp", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--train-warmup", type=int, default=5, help="updates left out of updates/s")
-    parser.add_argument("--train-images", type=int, default=96)
+    parser.add_argument("--train-images", type=int, default=0,
+                        help="synthetic images per task (0: enough for --train-steps in one epoch)")
     parser.add_argument("--train-min-size", type=int, default=480)
     parser.add_argument("--train-max-size", type=int, default=640)
-    parser.add_argument("--train-timeout", type=int, default=300)
-    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--train-workers", type=int, default=None,
+                        help="DataLoader workers per process (default: min(8, CPUs per process - 2))")
+    parser.add_argument("--train-timeout", type=float, default=300)
+    parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra `toist train` override (repeatable), e.g. loader.batch_size=4")
+    parser.add_argument("--workdir", default=None, help="keep the training data and run here (default: a "
+                                                        "temporary directory, deleted)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -438,19 +844,48 @@ def main(argv=None) -> int:
         args.preset = "tiny_segm" if not (args.checkpoint or args.model_dir) else args.preset
         args.short_side, args.max_size, args.width, args.height = 128, 224, 160, 120
         args.warmup, args.reps = 1, 2
-        args.train_steps, args.train_warmup, args.train_images = 4, 1, 16
+        args.train_steps, args.train_warmup = 4, 1
         args.train_min_size, args.train_max_size = 96, 128
         if device.type != "cuda":
             args.compile_modes = ["default"]  # CPU inductor: checks the path, no CUDA graphs
         print("QUICK run: tiny model and sizes; the figures below are NOT GPU figures.", flush=True)
-    rows: list = []
+    if device.type == "cuda":
+        if device.index is None:  # torch.cuda.set_device refuses a device without an index
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+        if args.cudnn_benchmark == "all":
+            torch.backends.cudnn.benchmark = True
+        try:  # CUDA-graph skips and other inductor performance hints, with their reasons, in the log
+            torch._logging.set_logs(perf_hints=True)
+        except Exception:
+            pass
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    print(header(args, device), flush=True)
+    report = Report(device, args)
     started = args.started = time.perf_counter()
-    inference_sections(args, device, rows)
-    if not args.no_train:
-        _section("training (torchrun)", rows, training_section, args, device, rows)
-    print(f"\ntotal {time.perf_counter() - started:.0f} s\n")
-    print(_table(rows, device))
-    return 0
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
+    code = 0
+    try:
+        # The most wanted rows first: a time limit then cuts compiled rows, not the eager ones or
+        # training.
+        eager_sections(args, device, report, image)
+        if not args.no_train:
+            _section("training (torchrun)", report, training_section, args, device, report)
+        if not args.no_compile:
+            compile_sections(args, device, report, image)
+        _section("inference tensorrt", report, _tensorrt, args, device, image, report)
+    except Terminated:
+        print(f"\nSIGTERM after {time.perf_counter() - started:.0f} s (a time limit): the table holds the rows "
+              "finished so far", flush=True)
+        report.add({"path": "(run stopped)", "error": f"SIGTERM after {time.perf_counter() - started:.0f} s: "
+                                                       "the section in progress was cut"})
+        code = 143
+    finally:
+        print(f"\ntotal {time.perf_counter() - started:.0f} s\n")
+        print(report.table())
+        print(report.goal(), flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -14,12 +14,15 @@ the tasks). ``--images``: the first N images of each task file (default 0 = all 
 about 5 minutes on this project's 2-core VM, bf16 emulated there; 200 frames moved the bf16
 verdict from pass to fail by subsampling noise). One CPU thread by default (``--threads``).
 ``--device cuda`` runs every path on the GPU (``fp16`` autocast is then a path too; ``int8``
-dynamic quantisation is CPU-only).
+dynamic quantisation is CPU-only) with TF32 off (``cudnn.allow_tf32`` and
+``cuda.matmul.allow_tf32`` False: torch's default runs fp32 convolutions in TF32, which would
+make the fp32 reference itself a reduced precision); the flags are printed.
 
 Printed per path: box and mask mAP@0.5 and their difference from fp32, and the share of frames
 whose top instance is the same as fp32's (rank 0 is the same query and its box overlaps fp32's
 rank-0 box at IoU >= 0.5; predictions are sorted by score). Criterion for a lower-precision path: mAP within 0.01 of fp32 and the
-same top instance on >= 95 % of the frames.
+same top instance on >= 95 % of the frames. Each path's line is printed as soon as it is scored
+(a run stopped by a time limit keeps the paths done), the table at the end.
 """
 
 from __future__ import annotations
@@ -166,6 +169,13 @@ def main() -> None:
     if wanted[0] != "fp32":
         wanted = ["fp32"] + [p for p in wanted if p != "fp32"]
     on_gpu = args.device.startswith("cuda")
+    if on_gpu:
+        # The fp32 reference in true fp32: torch's defaults run cuDNN convolutions in TF32.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name(args.device)}; cudnn.allow_tf32="
+              f"{torch.backends.cudnn.allow_tf32} cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32} "
+              f"cudnn.benchmark={torch.backends.cudnn.benchmark}", flush=True)
     for path in wanted:
         if path not in ("fp32", "bf16", "fp16", "int8"):
             raise SystemExit(f"unknown path {path!r}: expected fp32, bf16, fp16 or int8")
@@ -195,28 +205,41 @@ def main() -> None:
                 segmenter = int8_dynamic(fp32)
             predictions[path], tops[path], results[path], seconds[path] = score_on_split(
                 segmenter, (root, files, ground_truths, image_ids))
-            print(f"{path}: {frames} frames in {seconds[path]:.0f} s", flush=True)
+            del segmenter
+            print(f"{path}: {frames} frames in {seconds[path]:.0f} s ({time.perf_counter() - started:.0f} s so far)",
+                  flush=True)
+            if path == "fp32":
+                print(COLUMNS, flush=True)
+            print(verdict_line(path, results, predictions, tops, seconds, frames), flush=True)
 
     print_verdicts(results, predictions, tops, seconds, frames, settings.tasks, started)
 
 
+PATH_WIDTH = 6
+COLUMNS = (f"  {'path':{PATH_WIDTH}s} {'box mAP':>8s} {'diff':>7s} {'mask mAP':>9s} {'diff':>7s} {'same top':>9s} "
+           f"{'top IoU>=.5':>11s} {'ms/frame':>9s}  verdict")
+
+
+def verdict_line(path: str, results: dict, predictions: dict, tops: dict, seconds: dict, frames: int) -> str:
+    """One path's box / mask mAP@0.5 and difference from "fp32", same-top shares, ms per frame
+    and verdict against the criterion ("fp32" must be scored first)."""
+    base, result = results["fp32"], results[path]
+    box, mask = result.mean_ap50("bbox"), result.mean_ap50("segm")
+    dbox, dmask = box - base.mean_ap50("bbox"), mask - base.mean_ap50("segm")
+    same, overlap = top_agreement(predictions["fp32"], predictions[path], tops["fp32"], tops[path])
+    ok = abs(dbox) <= MAP_TOLERANCE and abs(dmask) <= MAP_TOLERANCE and same >= TOP_AGREEMENT
+    verdict = "reference" if path == "fp32" else ("passes" if ok else "FAILS")
+    return (f"  {path:{PATH_WIDTH}s} {box:8.3f} {dbox:+7.3f} {mask:9.3f} {dmask:+7.3f} {100 * same:8.1f}% "
+            f"{100 * overlap:10.1f}% {1000 * seconds[path] / frames:9.1f}  {verdict}")
+
+
 def print_verdicts(results: dict, predictions: dict, tops: dict, seconds: dict, frames: int, tasks,
                    started: float) -> None:
-    """The table: each path's box / mask mAP@0.5 and difference from "fp32", same-top shares,
-    ms per frame and verdict against the criterion."""
-    width = max(6, *(len(path) for path in results))
-    base = results["fp32"]
+    """The table: :func:`verdict_line` of every path."""
     print(f"\nDefault model, synthetic test split, {frames} frames (mAP@0.5, mean over tasks {tasks}):")
-    print(f"  {'path':{width}s} {'box mAP':>8s} {'diff':>7s} {'mask mAP':>9s} {'diff':>7s} {'same top':>9s} "
-          f"{'top IoU>=.5':>11s} {'ms/frame':>9s}  verdict")
-    for path, result in results.items():
-        box, mask = result.mean_ap50("bbox"), result.mean_ap50("segm")
-        dbox, dmask = box - base.mean_ap50("bbox"), mask - base.mean_ap50("segm")
-        same, overlap = top_agreement(predictions["fp32"], predictions[path], tops["fp32"], tops[path])
-        ok = abs(dbox) <= MAP_TOLERANCE and abs(dmask) <= MAP_TOLERANCE and same >= TOP_AGREEMENT
-        verdict = "reference" if path == "fp32" else ("passes" if ok else "FAILS")
-        print(f"  {path:{width}s} {box:8.3f} {dbox:+7.3f} {mask:9.3f} {dmask:+7.3f} {100 * same:8.1f}% "
-              f"{100 * overlap:10.1f}% {1000 * seconds[path] / frames:9.1f}  {verdict}")
+    print(COLUMNS)
+    for path in results:
+        print(verdict_line(path, results, predictions, tops, seconds, frames))
     print(f"\ncriterion: |mAP diff| <= {MAP_TOLERANCE} (box and mask) and the same top instance on >= "
           f"{100 * TOP_AGREEMENT:.0f}% of frames; total {time.perf_counter() - started:.0f} s")
 

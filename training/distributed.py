@@ -3,7 +3,10 @@
 One device needs no launcher: without torchrun's environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``) training runs as a single process with no process group. Under ``torchrun``
 (one node: ``--standalone --nproc_per_node N``; several: ``--nnodes M --rdzv-backend c10d
---rdzv-endpoint host:port``) the default group is created with NCCL on GPUs and gloo on CPU.
+--rdzv-endpoint host:port``) the default group is created with NCCL on GPUs and gloo on CPU,
+also for a single process (``--nproc_per_node 1``): a one-process torchrun job then runs the
+code path of N processes (process group, DDP, collectives), which is what a one-GPU check of a
+multi-GPU set-up needs.
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
-    if world_size <= 1 or "RANK" not in os.environ:
+    # torchrun (and torch.distributed.launch) always set both, also for one process; a plain
+    # `python -m training.train` sets neither. World size 1 under torchrun still gets a group:
+    # NCCL / gloo and DDP work with one rank, so `--nproc_per_node 1` runs the code of N GPUs.
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistEnv(device=dev)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
