@@ -26,8 +26,9 @@ padded to 800 x 1088), timed interleaved round by round so that they see the sam
   before issue 18; BatchNorm folded into the convolutions, which ``from_pretrained`` /
   ``from_config`` now do), in bf16 autocast and, approximate,
   with int8 dynamic quantisation of the transformer's and heads' ``nn.Linear`` layers,
-  ``--compile``: with ``torch.compile`` (inductor, fixed input size) of the backbone and the
-  transformer (``bench_gpu.compile_image_path``; the first frame compiles); an
+  ``--compile``: with ``torch.compile`` (inductor, fixed input size) of the backbone, the
+  transformer's encoder and decoder and the mask head (``bench_gpu.compile_image_path``; the
+  first frame compiles); an
   ``onnxruntime`` backend when ``InferenceConfig`` offers one (not in this tree yet: skipped).
 
 Printed: per-stage milliseconds of the reference frame and of the fastest exact and bf16
