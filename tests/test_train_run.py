@@ -291,3 +291,20 @@ def test_stage_inputs_from_the_wrong_stage_are_reported(synth_root, tmp_path):
     assert f"init.frozen_weights: {distilled} is a distilled detector" in warning and "mask_head_distill" in warning
     assert warnings_of("tiny_mask_head.yaml", f"init.frozen_weights={pronoun}") == []
     assert warnings_of("tiny_mask_head_distill.yaml", f"init.frozen_weights={distilled}") == []
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_init_load_refuses_non_finite_weights_strict_or_not(synth_root, tmp_path, strict):
+    """init.strict: false (the paper configs' setting) is lenient about names and shapes, never
+    about NaN / inf values: a diverged checkpoint is refused by file and tensor either way."""
+    from toist_core.checkpoint import CheckpointError
+
+    Trainer(_config("tiny_pronoun.yaml", synth_root, tmp_path / "src", "schedule.max_steps=1"), DistEnv()).run()
+    ckpt_path = tmp_path / "src" / "checkpoint.pth"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt["model_ema"]["class_embed.weight"].fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "diverged.pth")
+    cfg = _config("tiny_pronoun.yaml", synth_root, tmp_path / "next", f"init.load={tmp_path / 'diverged.pth'}",
+                  f"init.strict={str(strict).lower()}")
+    with pytest.raises(CheckpointError, match=r"diverged\.pth.*class_embed\.weight \(\d+ of \d+ values NaN/inf\)"):
+        Trainer(cfg, DistEnv())

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from toist_core.checkpoint import (CheckpointError, OfficialCheckpoint, is_model_dir, load_model_dir,
-                                   load_state_dict_strict, read_official, state_dict_problems)
+                                   load_state_dict_strict, read_official, refuse_non_finite, state_dict_problems)
 from toist_core.distill.cluster import ClusterModule, pronoun_token_indices
 from toist_core.losses.criterion import DistillationCriterion, SetCriterion, build_weight_dict
 from toist_core.model import build_model
@@ -145,6 +145,7 @@ def _load_into(module: nn.Module, state: dict, strict: bool, where: str, log) ->
     usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not usable:
         raise CheckpointError(f"{where}: no tensor matches the model (wrong file or key prefix?)")
+    refuse_non_finite(usable, where)  # lenient about names and shapes, never about values
     for problem in state_dict_problems(module, state):
         log(f"warning: {where}: {problem} (init.strict is false: skipped)")
     module.load_state_dict(usable, strict=False)

@@ -20,7 +20,8 @@ from .loaded import LoadedModel
 from .model_dir import (BANK_FILE, CONFIG_FILE, MODEL_DIR_FORMAT, MODEL_DIR_VERSION, TOKENIZER_DIR, WEIGHTS_FILE,
                         ModelDirConfig, is_model_dir, load_model_dir, save_model_dir)
 from .official import BANK_KEYS, POSITION_IDS_KEY, SEGM_PREFIX, OfficialCheckpoint, read_official
-from .strict import build_memory_bank, load_official_weights, load_state_dict_strict, state_dict_problems
+from .strict import (build_memory_bank, load_official_weights, load_state_dict_strict, refuse_non_finite,
+                     state_dict_problems)
 
 __all__ = [
     "Architecture", "BANK_FILE", "BANK_KEYS", "CONFIG_FILE", "CheckpointError", "DEFAULT_MODEL_DIR", "LoadedModel",
@@ -28,7 +29,7 @@ __all__ = [
     "MODEL_DIR_VERSION", "ModelDirConfig", "OfficialCheckpoint", "POSITION_IDS_KEY", "SEGM_PREFIX", "TOKENIZER_DIR",
     "WEIGHTS_FILE", "build_memory_bank", "config_for_checkpoint", "detect_architecture", "export_model_dir",
     "is_model_dir", "load_model_dir", "load_official", "load_official_weights", "load_pretrained",
-    "load_state_dict_strict", "read_official", "safe_torch_load", "save_model_dir", "show_load_summary",
-    "state_dict_problems",
+    "load_state_dict_strict", "read_official", "refuse_non_finite", "safe_torch_load", "save_model_dir",
+    "show_load_summary", "state_dict_problems",
     "text_config_from_source",
 ]

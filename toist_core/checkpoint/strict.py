@@ -66,11 +66,17 @@ def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, Tensor], 
     problems = state_dict_problems(module, state_dict)
     if problems:
         raise CheckpointError(f"{where} does not match the model: " + "; ".join(problems))
+    refuse_non_finite(state_dict, where)
+    module.load_state_dict(state_dict, strict=True)
+
+
+def refuse_non_finite(state_dict: Mapping[str, Tensor], where: str = "checkpoint") -> None:
+    """:class:`CheckpointError` naming every tensor of ``state_dict`` that holds NaN / inf values
+    (every load checks this, strict about names and shapes or not)."""
     bad = non_finite_tensors(state_dict)
     if bad:
         raise CheckpointError(f"{where}: {len(bad)} tensor(s) hold non-finite values (the training that wrote "
                               f"them diverged, or the file is damaged): {_listing(bad)}")
-    module.load_state_dict(state_dict, strict=True)
 
 
 def load_official_weights(model: nn.Module, checkpoint: Union[PathLike, OfficialCheckpoint],
