@@ -121,13 +121,11 @@ def run_torchrun(cmd: list[str], timeout_s: float) -> dict:
             "results": results, "tails": tails}
 
 
-def _config_batch_size(config: str, overrides: list[str]) -> int:
-    for item in overrides:
-        if item.startswith("loader.batch_size="):
-            return int(item.split("=", 1)[1])
-    import yaml
+def _train_config(config: str, overrides: list[str]):
+    """The run's TrainConfig as ``toist train`` reads it (presets, defaults, checks)."""
+    from training.config import load_config
 
-    return int((yaml.safe_load((ROOT / config).read_text()).get("loader") or {}).get("batch_size", 6))
+    return load_config(ROOT / config, overrides)
 
 
 def training_section(args, device, report) -> None:
@@ -142,7 +140,7 @@ def training_section(args, device, report) -> None:
 def _training(args, device, report, workdir: Path) -> None:
     nproc = args.nproc or (torch.cuda.device_count() if device.type == "cuda" else 1)
     config = "training/configs/tiny_pronoun.yaml" if args.quick else "training/configs/pronoun.yaml"
-    batch = _config_batch_size(config, args.train_override)
+    batch = _train_config(config, args.train_override).loader.batch_size
     # One epoch that holds every timed update: an epoch end restarts the loader (and would write
     # a checkpoint), which is not what updates/s should measure.
     images = args.train_images or (args.train_steps + 1) * batch * nproc
@@ -213,8 +211,8 @@ def train_worker(warmup: int, steps: int, train_argv: list[str]) -> int:
     from training.train import add_arguments, run
 
     config = next(train_argv[i + 1] for i, a in enumerate(train_argv) if a == "--config")
-    batch_size = _config_batch_size(config, train_argv)
-    amp = next((a.split("=", 1)[1] for a in train_argv if a.startswith("runtime.amp=")), "none")
+    settings = _train_config(config, [a for a in train_argv if "=" in a and not a.startswith("-")])
+    batch_size, amp = settings.loader.batch_size, settings.runtime.amp
     stamps: list[float] = []
     reported = [False]
     # What ran, read from torch when the trainer wraps its model (the process group exists then;

@@ -126,10 +126,12 @@ class TaskSegmenter:
                 weakref.finalize(self, module.register_load_state_dict_post_hook(hook).remove)
 
     def _reencode_current_task(self) -> None:
-        state = self._state
-        if state is not None:
-            task = state.task_id if state.task_id is not None else state.caption
-            self._state = self._encode(task, self.pronoun, self.inference.ccr)
+        if self._state is not None:
+            self._state = self._reencode(self._state, self.pronoun, self.inference.ccr)
+
+    def _reencode(self, state: TaskState, pronoun: str, ccr: bool) -> TaskState:
+        """``state``'s task encoded again (with other weights, pronoun or ``ccr``)."""
+        return self._encode(state.task_id if state.task_id is not None else state.caption, pronoun, ccr)
 
     @property
     def inference(self) -> InferenceConfig:
@@ -160,7 +162,7 @@ class TaskSegmenter:
         pronoun = config.pronoun or self._own_pronoun
         state = self._state
         if state is not None and (pronoun != self.pronoun or config.ccr != self._inference.ccr):
-            state = self._encode(state.task_id if state.task_id is not None else state.caption, pronoun, config.ccr)
+            state = self._reencode(state, pronoun, config.ccr)
         self._autocast, self._mean, self._std, self.pronoun = autocast, mean, std, pronoun
         # Resize method, padding, box clipping and duplicate removal of ``config.protocol``; a
         # benchmark may replace it to isolate one of the choices.
