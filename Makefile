@@ -26,7 +26,7 @@ RUN := set +u && source $(VENV)/bin/activate && source install/setup.bash &&
 PYTEST_ARGS ?=
 CHECKPOINT ?=
 
-.PHONY: help setup build demo test bench gpu-wheels default-model lock clean distclean robot-setup
+.PHONY: FORCE help setup build demo test bench gpu-wheels default-model lock clean distclean robot-setup
 
 help:
 	@echo "make demo     run the perception node on its default input (CHECKPOINT=path for a real model)"
@@ -39,7 +39,8 @@ help:
 
 setup: $(STAMPS)/deps build $(VENV)/bin/toist
 
-$(STAMPS)/venv:
+# A .venv deleted by hand (no $(PY)) makes this stamp, and so every install stamp after it, stale.
+$(STAMPS)/venv: $(if $(wildcard $(PY)),,FORCE)
 	@mkdir -p $(STAMPS)
 	$(PYTHON_BASE) -m venv $(VENV)
 	@touch $@
@@ -61,9 +62,9 @@ build: $(STAMPS)/deps
 	@for item in $(PKG_ITEMS); do ln -sfn ../../../$$item $(PKG_SRC)/$$item; done
 	@source $(VENV)/bin/activate && \
 	  export CMAKE_PREFIX_PATH=$$VIRTUAL_ENV AMENT_PREFIX_PATH=$$VIRTUAL_ENV && \
-	  colcon --log-base log build --base-paths build/src --build-base build --install-base install \
-	    --symlink-install --event-handlers console_direct- console_stderr- summary+ \
-	  || { echo "colcon build failed: see log/latest_build/toist_ros/stdout_stderr.log"; exit 1; }
+	  { colcon --log-base log build --base-paths build/src --build-base build --install-base install \
+	      --symlink-install --event-handlers console_direct- console_stderr- summary+ \
+	    || { echo "colcon build failed: see log/latest_build/toist_ros/stdout_stderr.log"; exit 1; }; }
 
 # The `toist` command of this checkout, usable from any directory once .venv is activated (pip's
 # entry point would need a `pip install .`, which copies the tree and goes stale).
@@ -118,3 +119,5 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) $(STAMPS)
+
+FORCE:

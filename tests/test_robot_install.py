@@ -215,3 +215,235 @@ def test_package_xml_declares_apt_keys_and_no_pip_packages():
     assert {"python3-numpy", "python3-opencv", "python3-scipy", "python3-yaml", "rclpy", "launch_ros"} <= declared
     # pip-only (CUDA builds, PEP 668): never rosdep keys.
     assert not {key for key in declared if re.search(r"torch|transformers|safetensors|pycocotools|-pip$", key)}
+
+
+# --- the script's real (non-dry) paths, against stubs -------------------------------------------
+# A copy of the script whose /opt/ros is a folder in tmp_path, a stub system Python that "creates"
+# a venv holding a stub venv Python, and a stub nvidia-smi: every call is logged, nothing is installed.
+
+_SYSTEM_PY = r"""#!/bin/bash
+echo "SYS_PY $*" >> "$FAKE_LOG"
+case "$*" in
+  *sys.version_info*) echo 3.10 ;;
+  *"import ensurepip, venv"*) exit 0 ;;
+  "-m venv --system-site-packages "*)
+    d="${@: -1}"; mkdir -p "$d/bin"; cp "$FAKE_VENV_PY" "$d/bin/python"; chmod +x "$d/bin/python"
+    printf 'home = /usr/bin\ninclude-system-site-packages = true\nversion = 3.10.12\n' > "$d/pyvenv.cfg"
+    echo 'export VIRTUAL_ENV_FAKE=1' > "$d/bin/activate" ;;
+esac
+exit 0
+"""
+_VENV_PY = r"""#!/bin/bash
+echo "VENV_PY[cwd=$PWD] $*" >> "$FAKE_LOG"
+case "$*" in
+  *sys.version_info*) echo 3.10 ;;
+  *"torch.version.cuda"*) [ -n "${FAKE_TORCH_CUDA:-}" ] && echo "$FAKE_TORCH_CUDA" || exit 1 ;;
+esac
+exit 0
+"""
+_NVIDIA_SMI = r"""#!/bin/bash
+echo "$FAKE_SMI_OUT"
+exit "${FAKE_SMI_RC:-0}"
+"""
+
+
+class Fake:
+    """The stubbed robot: run() runs the copied script (not in dry-run), log() reads the calls."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        (root / "opt" / "ros" / "humble").mkdir(parents=True)
+        (root / "opt" / "ros" / "humble" / "setup.bash").write_text("")
+        (root / "tools").mkdir()
+        self.script = root / "tools" / "robot_setup.sh"
+        self.script.write_text(SCRIPT.read_text().replace("/opt/ros", str(root / "opt" / "ros")))
+        (root / "bin").mkdir()
+        self.python = root / "bin" / "python3"
+        for path, text in ((self.python, _SYSTEM_PY), (root / "venvpy", _VENV_PY),
+                           (root / "bin" / "nvidia-smi", _NVIDIA_SMI)):
+            path.write_text(text)
+            path.chmod(0o755)
+        self.workspace = root / "ws"
+        (self.workspace / "src").mkdir(parents=True)
+        (self.workspace / "src" / "toist").symlink_to(ROOT)
+        self.venv = self.workspace / "venv"
+
+    def run(self, *args: str, cwd: Path | None = None, python: str | None = None,
+            workspace: str | None = None, **env: str) -> subprocess.CompletedProcess:
+        environ = {k: v for k, v in os.environ.items() if k not in ("ROS_DISTRO", "VIRTUAL_ENV")}
+        environ.update(FAKE_LOG=str(self.root / "log.txt"), FAKE_VENV_PY=str(self.root / "venvpy"),
+                       PATH=f"{self.root / 'bin'}:{environ['PATH']}",
+                       FAKE_SMI_OUT=env.pop("FAKE_SMI_OUT", "590.48.01"), **env)
+        return subprocess.run(
+            ["bash", str(self.script), "--distro", "humble", "--skip-rosdep",
+             "--python", python or str(self.python), "--workspace", workspace or str(self.workspace), *args],
+            capture_output=True, text=True, timeout=60, env=environ, cwd=cwd or self.root)
+
+    def log(self) -> str:
+        path = self.root / "log.txt"
+        return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture()
+def fake(tmp_path: Path) -> Fake:
+    return Fake(tmp_path / "fake")
+
+
+def test_fake_install_runs_end_to_end(fake: Fake):
+    result = fake.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = fake.log()
+    assert f"-m venv --system-site-packages {fake.venv}" in log
+    assert f"-m pip --disable-pip-version-check install torch>=2.5 torchvision>=0.20 -c {fake.venv}/toist-constraints.txt" in log
+    assert f"VENV_PY[cwd={fake.workspace}] -m colcon build" in log
+    assert "driver check: driver 590.48.01" in result.stdout
+
+
+def test_switching_the_torch_build_uninstalls_instead_of_force_reinstall(fake: Fake):
+    """--force-reinstall would reinstall numpy too; an uninstall of torch + torchvision does not."""
+    assert fake.run("--skip-build").returncode == 0
+    (fake.root / "log.txt").unlink()
+    result = fake.run("--skip-build", "--torch-index", "https://download.pytorch.org/whl/cu126",
+                      FAKE_TORCH_CUDA="13.0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = fake.log()
+    assert "--force-reinstall" not in log + result.stdout
+    uninstall = log.index("-m pip --disable-pip-version-check uninstall -y torch torchvision")
+    install = log.index("install torch>=2.5 torchvision>=0.20 -c")
+    assert uninstall < install
+    assert "--index-url https://download.pytorch.org/whl/cu126" in log[install:]
+
+
+def test_same_torch_build_is_not_uninstalled(fake: Fake):
+    result = fake.run("--skip-build", FAKE_TORCH_CUDA="13.0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "uninstall" not in fake.log()
+
+
+def test_rerun_keeps_the_torch_index_and_cuda_of_the_first_run(fake: Fake):
+    """A plain re-run must neither stop on the driver check nor swap the torch build."""
+    first = fake.run("--skip-build", "--torch-index", "https://mirror.example/simple", "--cuda", "12.6",
+                     FAKE_SMI_OUT="550.54.15")
+    assert first.returncode == 0, first.stdout + first.stderr
+    (fake.root / "log.txt").unlink()
+    again = fake.run("--skip-build", FAKE_SMI_OUT="550.54.15", FAKE_TORCH_CUDA="12.6")
+    assert again.returncode == 0, again.stdout + again.stderr  # 550 < 580 (PyPI's CUDA 13.0)
+    assert "https://mirror.example/simple" in again.stdout and "12.6" in again.stdout
+    log = fake.log()
+    assert "--index-url https://mirror.example/simple" in log and "uninstall" not in log
+    # Given again, the options win and are stored for the next run.
+    cpu = fake.run("--skip-build", "--torch-index", "https://download.pytorch.org/whl/cpu", FAKE_TORCH_CUDA="12.6")
+    assert cpu.returncode == 0, cpu.stdout + cpu.stderr
+    assert "uninstall -y torch torchvision" in fake.log()
+    (fake.root / "log.txt").unlink()
+    last = fake.run("--skip-build", FAKE_TORCH_CUDA="cpu")
+    assert last.returncode == 0, last.stdout + last.stderr
+    assert "--index-url https://download.pytorch.org/whl/cpu" in fake.log() and "--cuda" not in fake.log()
+    assert "CPU-only" in last.stdout
+
+
+def test_help_says_a_rerun_keeps_the_torch_index():
+    out = _script("--help").stdout
+    assert "toist-setup.env" in out
+    assert "toist-setup.env" in (ROOT / "docs" / "robot.md").read_text()
+
+
+def test_relative_paths_are_made_absolute(fake: Fake):
+    """The script cd's into the workspace before sourcing the venv: relative paths must not break it."""
+    python = os.path.relpath(fake.python, fake.root)
+    result = fake.run("--venv", "myvenv", workspace="ws", python=python)
+    assert result.returncode == 0, result.stdout + result.stderr
+    venv = fake.root / "myvenv"
+    assert (venv / "bin" / "python").exists() and (venv / "COLCON_IGNORE").exists()
+    assert f"-DPython3_EXECUTABLE={venv}/bin/python" in fake.log()
+    assert f"source {fake.workspace}/install/setup.bash" in result.stdout
+
+
+def test_a_new_relative_workspace_is_made_absolute(tmp_path: Path):
+    result = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--distro", "humble", "--skip-rosdep",
+                             "--driver-version", "590.48.01", "--workspace", "new_ws"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"-m venv --system-site-packages {tmp_path}/new_ws/venv\n" in result.stdout
+
+
+@pytest.mark.parametrize("smi", ["Failed to initialize NVML: Driver/library version mismatch",
+                                 "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."])
+def test_failing_nvidia_smi_is_not_a_driver_version(fake: Fake, smi: str):
+    result = fake.run("--skip-build", FAKE_SMI_OUT=smi, FAKE_SMI_RC="18")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert ": ok" not in out and "driver check: driver" not in out
+    assert "WARNING" in out and smi in out
+    assert "not working" in out.lower() and "reboot" in out and "not verified" in out.lower()
+
+
+@pytest.mark.parametrize("version, ok", [("590.48.01", True), ("580", True), ("470.256.02", True),
+                                         ("590.48.01\n", False), ("abc", False), ("590..1", False),
+                                         ("", False), ("Failed to initialize NVML", False), ("5.9a", False)])
+def test_driver_version_syntax(version: str, ok: bool):
+    assert (_bash('is_driver_version "$V"', V=version).returncode == 0) == ok
+
+
+def test_malformed_driver_version_option_is_refused(workspace: Path):
+    result = _script("--dry-run", "--workspace", str(workspace), "--distro", "humble", "--driver-version", "5x0")
+    assert result.returncode == 2 and "--driver-version" in result.stderr
+
+
+def test_paths_are_printed_quoted(tmp_path: Path):
+    workspace = tmp_path / "my ws"
+    (workspace / "src").mkdir(parents=True)
+    (workspace / "src" / "toist").symlink_to(ROOT)
+    result = _script("--dry-run", "--workspace", str(workspace), "--distro", "humble", "--driver-version", "590.48.01")
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    ws = f"'{workspace}'"
+    assert f"+ cd {ws}\n" in out
+    assert f"+ cd {ws} && set +u && source /opt/ros/humble/setup.bash && source '{workspace}/venv/bin/activate'" in out
+    assert f"> '{workspace}/venv/toist-constraints.txt'" in out
+    assert f"  source '{workspace}/install/setup.bash'\n  source '{workspace}/venv/bin/activate'\n" in out
+    assert f"Check the GPU: '{workspace}/venv/bin/python' -c" in out
+
+
+# --- Makefile: the development venv's stamps ---------------------------------------------------
+
+def _make_tree(tmp_path: Path, venv_python: bool) -> Path:
+    """A copy of the Makefile with every stamp up to date; .venv/bin/python only when asked."""
+    import shutil
+    import time
+    tree = tmp_path / "tree"
+    (tree / "requirements").mkdir(parents=True)
+    (tree / "tools").mkdir()
+    shutil.copy(ROOT / "Makefile", tree / "Makefile")
+    old = time.time() - 1000
+    for name in ("requirements/base.txt", "requirements/ros.txt", "requirements/weights.txt",
+                 "requirements/lock.txt", "requirements/torch.txt", "tools/fix_ros_wheel_cmake.py"):
+        (tree / name).write_text("")
+        os.utime(tree / name, (old, old))
+    if venv_python:
+        (tree / ".venv" / "bin").mkdir(parents=True)
+        (tree / ".venv" / "bin" / "python").write_text("#!/bin/sh\n")
+        (tree / ".venv" / "bin" / "python").chmod(0o755)
+        os.utime(tree / ".venv" / "bin" / "python", (old + 10, old + 10))
+    (tree / ".stamps").mkdir()
+    for i, stamp in enumerate(("venv", "torch", "deps")):
+        (tree / ".stamps" / stamp).write_text("")
+        os.utime(tree / ".stamps" / stamp, (old + 100 + i, old + 100 + i))
+    return tree
+
+
+def test_makefile_recreates_a_venv_deleted_by_hand(tmp_path: Path):
+    tree = _make_tree(tmp_path, venv_python=False)
+    result = subprocess.run(["make", "-n", ".stamps/deps"], cwd=tree, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "-m venv .venv" in result.stdout and "install --isolated -r requirements/torch.txt" in result.stdout
+    present = _make_tree(tmp_path / "present", venv_python=True)
+    result = subprocess.run(["make", "-n", ".stamps/deps"], cwd=present, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "-m venv" not in result.stdout and "pip" not in result.stdout
+
+
+def test_makefile_blames_colcon_only_for_colcon(tmp_path: Path):
+    tree = _make_tree(tmp_path, venv_python=True)  # no .venv/bin/activate: source fails, not colcon
+    result = subprocess.run(["make", "build"], cwd=tree, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "colcon build failed" not in result.stdout + result.stderr

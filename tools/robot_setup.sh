@@ -142,6 +142,12 @@ EOF
   echo "driver check: driver $driver >= ${toolkit:-$minimum} for torch's CUDA $cuda build: ok"
 }
 
+# 0 when $1 is a driver version (digits and dots, e.g. 580.65.06), not an nvidia-smi error
+# such as "Failed to initialize NVML: Driver/library version mismatch".
+is_driver_version() {
+  [[ "$1" =~ ^[0-9]+(\.[0-9]+)*$ ]]
+}
+
 # A Jetson (JetPack / L4T) board: PyPI's torch has no CUDA for its integrated GPU.
 is_jetson() {
   [ "${TOIST_ARCH:-$(uname -m)}" = aarch64 ] && [ -e "${TOIST_TEGRA_RELEASE:-/etc/nv_tegra_release}" ]
@@ -171,7 +177,11 @@ Options:
                        https://download.pytorch.org/whl/cu126 for drivers >= 525,
                        https://download.pytorch.org/whl/cpu for no GPU
   --cuda X.Y           CUDA version of that build, when the URL does not end in cuXYZ/cpu
-  --driver-version V   use V as the NVIDIA driver version instead of asking nvidia-smi
+                       (both are stored in VENV/toist-setup.env: a re-run without --torch-index
+                       and --cuda reuses them; pass --torch-index https://pypi.org/simple to go
+                       back to PyPI's build)
+  --driver-version V   use V (digits and dots, e.g. 580.65.06) as the NVIDIA driver version
+                       instead of asking nvidia-smi
   --skip-driver-check  install even when the driver is too old for the torch build (CPU only)
   --skip-rosdep        do not run rosdep install (apt dependencies installed by hand)
   --skip-build         stop before colcon build
@@ -220,9 +230,42 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-WORKSPACE="$(cd "$WORKSPACE" 2>/dev/null && pwd || echo "$WORKSPACE")"
-VENV="${VENV:-$WORKSPACE/venv}"
+if [ -n "$DRIVER" ] && ! is_driver_version "$DRIVER"; then
+  echo "error: --driver-version $DRIVER is not a driver version (digits and dots, e.g. 580.65.06)" >&2
+  exit 2
+fi
+
+# Absolute paths: the script cd's into the workspace before it sources the venv's activate.
+absolute() {
+  case "$1" in
+    /*) printf '%s' "$1" ;;
+    *) printf '%s/%s' "$PWD" "${1#./}" ;;
+  esac
+}
+if [ -d "$WORKSPACE" ]; then
+  WORKSPACE="$(cd "$WORKSPACE" && pwd)"
+else
+  WORKSPACE="$(absolute "$WORKSPACE")"  # not there yet
+fi
+VENV="$(absolute "${VENV:-$WORKSPACE/venv}")"
+case "$PYTHON" in */*) PYTHON="$(absolute "$PYTHON")" ;; esac
 VPY="$VENV/bin/python"
+
+# The torch build chosen on the first run (--torch-index, --cuda), kept for plain re-runs: without
+# it a re-run would take PyPI's build, stop on the driver check or swap the installed build.
+SETTINGS="$VENV/toist-setup.env"
+CUDA_GIVEN="$CUDA"
+REUSED_SETTINGS=0
+if [ -z "$TORCH_INDEX$CUDA" ] && [ -f "$SETTINGS" ]; then
+  while IFS='=' read -r key value; do
+    case "$key" in
+      TORCH_INDEX) TORCH_INDEX="$value" ;;
+      CUDA) CUDA="$value" ;;
+    esac
+  done <"$SETTINGS"
+  CUDA_GIVEN="$CUDA"
+  REUSED_SETTINGS=1
+fi
 
 say() { echo "==> $*"; }
 die() { echo "ERROR: $*" >&2; exit 1; }
@@ -262,6 +305,8 @@ WANT_PY="$(distro_python "$DISTRO")"
 NUMPY_SPEC="$(distro_numpy_spec "$DISTRO")"
 say "ROS 2 $DISTRO (Ubuntu $(distro_ubuntu "$DISTRO"), Python $WANT_PY); workspace $WORKSPACE; venv $VENV"
 say "numpy requirement: $NUMPY_SPEC"
+[ "$REUSED_SETTINGS" = 0 ] ||
+  say "torch build of the earlier run (from $SETTINGS): ${TORCH_INDEX:-PyPI}${CUDA:+, CUDA $CUDA}"
 [ -e "$ROS_SETUP" ] || problem "$ROS_SETUP not found: install ROS 2 $DISTRO from apt first (docs/robot.md)"
 
 # This repository must be in the workspace's src/ (colcon builds what lies there).
@@ -296,11 +341,31 @@ if [ "$JETSON" = 1 ]; then
 elif [ "$SKIP_DRIVER_CHECK" = 1 ]; then
   say "driver check skipped (--skip-driver-check)"
 else
+  SMI_BROKEN=0
   if [ -z "$DRIVER" ] && command -v nvidia-smi >/dev/null 2>&1; then
-    DRIVER="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' ')" || true
+    smi_rc=0
+    smi_out="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>&1)" || smi_rc=$?
+    DRIVER="${smi_out%%$'\n'*}"  # the first GPU's
+    DRIVER="${DRIVER// /}"
+    if [ "$smi_rc" != 0 ] || ! is_driver_version "$DRIVER"; then
+      cat >&2 <<EOF
+
+WARNING: an NVIDIA driver is installed (nvidia-smi is there) but it is NOT WORKING:
+  nvidia-smi (exit code $smi_rc): ${smi_out%%$'\n'*}
+Usually a reboot is due after a driver install or upgrade (the kernel module and the driver
+libraries differ: "Driver/library version mismatch"). Until nvidia-smi prints the driver
+version torch finds no GPU and the node runs on the CPU. The driver check is NOT VERIFIED:
+reboot, check nvidia-smi, and rerun this script.
+
+EOF
+      DRIVER=""
+      SMI_BROKEN=1
+    fi
   fi
-  if [ -z "$DRIVER" ]; then
-    say "no NVIDIA driver found (nvidia-smi missing or failing): torch will run on the CPU"
+  if [ "$SMI_BROKEN" = 1 ]; then
+    say "driver check not verified (nvidia-smi fails, see the warning above); going on"
+  elif [ -z "$DRIVER" ]; then
+    say "no NVIDIA driver found (no nvidia-smi): torch will run on the CPU"
   elif ! check_driver "$DRIVER" "$CUDA"; then
     exit 3
   fi
@@ -314,7 +379,7 @@ else
   ls /etc/ros/rosdep/sources.list.d/*.list >/dev/null 2>&1 ||
     problem "rosdep is not initialised: sudo rosdep init && rosdep update"
   say "apt dependencies of package.xml (may ask for the sudo password)"
-  echo "+ cd $WORKSPACE"
+  echo "+ cd $(quote "$WORKSPACE")"
   (
     [ "$DRY_RUN" = 1 ] || cd "$WORKSPACE"
     run rosdep install --from-paths src --ignore-src -y --rosdistro "$DISTRO"
@@ -340,7 +405,7 @@ run touch "$VENV/COLCON_IGNORE"
 CONSTRAINTS="$VENV/toist-constraints.txt"
 say "pip constraints in $CONSTRAINTS: $NUMPY_SPEC"
 if [ "$DRY_RUN" = 1 ]; then
-  echo "+ echo '$NUMPY_SPEC' > $CONSTRAINTS"
+  echo "+ echo $(quote "$NUMPY_SPEC") > $(quote "$CONSTRAINTS")"
 else
   printf '# written by tools/robot_setup.sh: keep numpy at the ABI of the apt ROS packages\n%s\n' \
     "$NUMPY_SPEC" >"$CONSTRAINTS"
@@ -352,9 +417,9 @@ jetson_torch_help() {
   cat <<EOF
 This is a Jetson: PyPI's torch has no CUDA for its GPU. Install NVIDIA's PyTorch for your
 JetPack release into the venv first, then rerun this script (it keeps that torch):
-  $VENV/bin/pip install <torch wheel for your JetPack, from NVIDIA's PyTorch for Jetson downloads>
-  $VENV/bin/pip install <the torchvision wheel built for that torch, or build it from source>
-Check: $VPY -c 'import torch; print(torch.__version__, torch.cuda.is_available())'
+  $(quote "$VENV/bin/pip") install <torch wheel for your JetPack, from NVIDIA's PyTorch for Jetson downloads>
+  $(quote "$VENV/bin/pip") install <the torchvision wheel built for that torch, or build it from source>
+Check: $(quote "$VPY") -c 'import torch; print(torch.__version__, torch.cuda.is_available())'
 It must print True. Details: docs/robot.md, "Jetson".
 EOF
 }
@@ -369,17 +434,25 @@ if [ "$JETSON" = 1 ]; then
 else
   torch_args=("torch>=$TORCH_MIN" "torchvision>=$TORCHVISION_MIN" -c "$CONSTRAINTS")
   [ -z "$TORCH_INDEX" ] || torch_args+=(--index-url "$TORCH_INDEX")
-  # Switching the CUDA build of an installed torch needs a reinstall (pip sees it as satisfied).
+  # Switching the CUDA build of an installed torch: pip sees it as satisfied, so uninstall it
+  # first (not --force-reinstall, which reinstalls numpy & co. into the venv as well).
   if [ "$DRY_RUN" = 0 ] && [ "$CUDA" != "" ]; then
     have_cuda="$("$VPY" -c 'import torch; print(torch.version.cuda or "cpu")' 2>/dev/null || true)"
     have_cuda="$(echo "$have_cuda" | cut -d. -f1-2)"  # "12.6.77" -> "12.6"
     if [ -n "$have_cuda" ] && [ "$have_cuda" != "$CUDA" ]; then
-      say "installed torch is built for CUDA $have_cuda, want $CUDA: reinstalling torch and torchvision"
-      torch_args+=(--force-reinstall)
+      say "installed torch is built for CUDA $have_cuda, want $CUDA: uninstalling torch and torchvision first"
+      run "${PIP[@]}" uninstall -y torch torchvision
     fi
   fi
   say "torch and torchvision (CUDA ${CUDA:-?} build${TORCH_INDEX:+ from $TORCH_INDEX})"
   run "${PIP[@]}" install "${torch_args[@]}"
+  # Kept for the next run (see SETTINGS above).
+  if [ "$DRY_RUN" = 1 ]; then
+    printf '%s\n' "+ printf 'TORCH_INDEX=%s\\nCUDA=%s\\n' $(quote "$TORCH_INDEX") $(quote "$CUDA_GIVEN") > $(quote "$SETTINGS")"
+  else
+    printf '# written by tools/robot_setup.sh: the torch build of this venv, reused by a re-run\nTORCH_INDEX=%s\nCUDA=%s\n' \
+      "$TORCH_INDEX" "$CUDA_GIVEN" >"$SETTINGS"
+  fi
 fi
 say "transformers, safetensors, pycocotools"
 run "${PIP[@]}" install "transformers>=$TRANSFORMERS_MIN" "safetensors>=$SAFETENSORS_MIN" \
@@ -400,7 +473,7 @@ else
     die "colcon not found: sudo apt install python3-colcon-common-extensions"
   fi
   say "colcon build of toist_ros"
-  echo "+ cd $WORKSPACE && set +u && source $ROS_SETUP && source $VENV/bin/activate"
+  echo "+ cd $(quote "$WORKSPACE") && set +u && source $(quote "$ROS_SETUP") && source $(quote "$VENV/bin/activate")"
   if [ "$DRY_RUN" = 0 ]; then
     cd "$WORKSPACE"
     # ROS's and venv's setup scripts read unset variables.
@@ -418,9 +491,9 @@ fi
 cat <<EOF
 
 Done. In every shell that runs the node (or add both lines to ~/.bashrc):
-  source $WORKSPACE/install/setup.bash
-  source $VENV/bin/activate
+  source $(quote "$WORKSPACE/install/setup.bash")
+  source $(quote "$VENV/bin/activate")
 Then, for example:
   ros2 launch toist_ros perception.launch.py image_topic:=/camera/color/image_raw task:=2
-Check the GPU: $VPY -c 'import torch; print(torch.cuda.is_available())'
+Check the GPU: $(quote "$VPY") -c 'import torch; print(torch.cuda.is_available())'
 EOF
