@@ -93,8 +93,13 @@ def run(args: argparse.Namespace) -> int:
     if args.max_images is not None and args.max_images <= 0:
         raise ValueError(f"--max-images must be positive, got {args.max_images}")
     if args.predictions:
+        if args.save_predictions:
+            raise ValueError("--save-predictions: only with --checkpoint (with --predictions the file already "
+                             "holds them)")
         predictions = load_predictions(args.predictions)
-        tasks = parse_task_list(args.tasks) if args.tasks else sorted(predictions)
+        if not predictions:
+            raise ValueError(f"{args.predictions}: the file holds no task (field 'tasks' is empty)")
+        tasks = parse_task_list(args.tasks, max_id=None) if args.tasks else sorted(predictions)
         absent = [t for t in tasks if t not in predictions]
         if absent:
             raise ValueError(f"{args.predictions}: no predictions for task(s) {absent}")
@@ -104,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                                    args.max_size, protocol=args.protocol, duplicate_iou=args.duplicate_iou or None,
                                    ccr=not args.no_ccr)
         # Default: the tasks the model was trained on, else every task of its vocabulary.
-        tasks = (parse_task_list(args.tasks) if args.tasks
+        tasks = (parse_task_list(args.tasks, max_id=None) if args.tasks
                  else sorted(segmenter.trained_tasks or segmenter.vocabulary.ids))
         predictions = None
     predictions_from_model = predictions is None

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 from toist_core.tasks import NUM_TASKS
 
 
-def parse_task_list(text: Sequence[str]) -> list[int]:
-    """``["1-3", "7"]`` or ``["1,2", "5"]`` -> ``[1, 2, 3, 7]``; checks the ids."""
+def parse_task_list(text: Sequence[str], max_id: Optional[int] = NUM_TASKS) -> list[int]:
+    """``["1-3", "7"]`` or ``["1,2", "5"]`` -> ``[1, 2, 3, 7]``; checks the ids (1..``max_id``;
+    None: any positive id, e.g. an own vocabulary's tasks)."""
     tasks: set[int] = set()
     for chunk in text:
         for part in str(chunk).split(","):
@@ -25,9 +26,10 @@ def parse_task_list(text: Sequence[str]) -> list[int]:
                     tasks.add(int(part))
             except ValueError:
                 raise ValueError(f"--tasks: cannot read {part!r} (use e.g. 1-14 or 2,5)") from None
-    bad = sorted(t for t in tasks if not 1 <= t <= NUM_TASKS)
+    bad = sorted(t for t in tasks if t < 1 or (max_id is not None and t > max_id))
     if bad or not tasks:
-        raise ValueError(f"--tasks: ids must be in 1..{NUM_TASKS}, got {bad or 'none'}")
+        allowed = f"1..{max_id}" if max_id is not None else "positive"
+        raise ValueError(f"--tasks: ids must be {allowed}, got {bad or 'none'}")
     return sorted(tasks)
 
 

@@ -45,6 +45,7 @@ from pycocotools.cocoeval import COCOeval
 
 from toist_core.data.schema import DataError, parse_task_file_name
 from toist_core.eval.predictions import ImagePredictions, PredictionSet, check_image_predictions
+from toist_core.tasks import TASK_PHRASES
 
 IOU_TYPES = ("bbox", "segm")
 NO_RESULT = -1.0   # pycocotools' AP of a task without ground truth; also a task without images
@@ -88,6 +89,10 @@ class EvaluationResult:
     # Task id -> phrase for the tables (None: the COCO-Tasks phrases); a model's own vocabulary
     # sets it (``toist evaluate --checkpoint``).
     phrases: Optional[dict[int, str]] = None
+
+    def phrase(self, task_id: int) -> str:
+        """The task's verb phrase for tables and plots ("" when unknown)."""
+        return (self.phrases if self.phrases is not None else TASK_PHRASES).get(task_id, "").strip()
 
     def mean_ap50(self, iou_type: str) -> float:
         """``mAP^box`` (iou_type "bbox") / ``mAP^mask`` ("segm"): mean of per-task AP@0.5 over the
@@ -207,7 +212,7 @@ def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int
         missing = sorted(set(selected) - known)
         if missing:
             raise DataError(f"task {task_id}: image ids not in {gt_name}: {missing[:10]}")
-    has_masks = all(p.masks is not None for p in predictions.values())
+    has_masks = _all_have_masks({task_id: predictions})
     if iou_types is None:
         iou_types = IOU_TYPES if has_masks and predictions else ("bbox",)
     for iou_type in iou_types:
@@ -253,6 +258,20 @@ def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int
     return result
 
 
+def _all_have_masks(predictions: PredictionSet) -> bool:
+    """Whether every image has masks; some with and some without is refused (scoring boxes only
+    would drop the mask AP of every task without a word)."""
+    without = [(task, image) for task, images in sorted(predictions.items())
+               for image, pred in sorted(images.items()) if pred.masks is None]
+    count = sum(len(images) for images in predictions.values())
+    if without and len(without) < count:
+        listed = ", ".join(f"task {task} image {image}" for task, image in without[:5])
+        raise DataError(f"predictions: {len(without)} of {count} images have no masks ({listed}"
+                        f"{' ...' if len(without) > 5 else ''}) while the others have: give masks for "
+                        "every image, or none to score boxes only")
+    return not without
+
+
 def evaluate_tasks(ground_truths: Mapping[int, Union[str, Path, COCO]], predictions: PredictionSet,
                    iou_types: Optional[Sequence[str]] = None,
                    image_ids: Optional[Mapping[int, Sequence[int]]] = None,
@@ -264,8 +283,7 @@ def evaluate_tasks(ground_truths: Mapping[int, Union[str, Path, COCO]], predicti
     if missing:
         raise DataError(f"no annotation file given for predicted task(s) {missing}")
     if iou_types is None:
-        has_masks = all(p.masks is not None for images in predictions.values() for p in images.values())
-        iou_types = IOU_TYPES if has_masks else ("bbox",)
+        iou_types = IOU_TYPES if _all_have_masks(predictions) else ("bbox",)
     results = [evaluate_task(ground_truths[task_id], predictions[task_id], iou_types,
                              None if image_ids is None else image_ids.get(task_id), task_id=task_id,
                              backend=backend)

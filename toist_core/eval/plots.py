@@ -11,14 +11,13 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from toist_core.eval.evaluator import NO_RESULT, EvaluationResult, TaskResult  # noqa: E402
-from toist_core.tasks import TASK_PHRASES  # noqa: E402
 from toist_core.atomic_file import atomic_write  # noqa: E402
 
 _IOU_LABEL = {"bbox": "box", "segm": "mask"}
 
 
-def plot_task_pr(task: TaskResult, path: Union[str, Path]) -> Path:
-    """One PNG with a panel per IoU type, two curves each."""
+def plot_task_pr(task: TaskResult, path: Union[str, Path], phrase: str = "") -> Path:
+    """One PNG with a panel per IoU type, two curves each; ``phrase`` the task's, in the title."""
     path = Path(path)
     iou_types = list(task.curves)
     fig, axes = plt.subplots(1, len(iou_types), figsize=(5 * len(iou_types), 4.2), squeeze=False)
@@ -34,7 +33,6 @@ def plot_task_pr(task: TaskResult, path: Union[str, Path]) -> Path:
         ax.set_title(f"{_IOU_LABEL[iou]}, IoU 0.5")
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
-    phrase = TASK_PHRASES.get(task.task_id, "").strip()
     fig.suptitle(f"Task {task.task_id}: {phrase} ({task.num_images} images, "
                  f"{task.num_images_with_targets} with targets)")
     fig.tight_layout()
@@ -50,4 +48,5 @@ def _percent(ap: float) -> str:
 def plot_pr_curves(result: EvaluationResult, out_dir: Union[str, Path]) -> list[Path]:
     """``pr_task_<k>.png`` for every task in ``result``; returns the written paths."""
     out_dir = Path(out_dir)
-    return [plot_task_pr(task, out_dir / f"pr_task_{task.task_id}.png") for task in result.tasks]
+    return [plot_task_pr(task, out_dir / f"pr_task_{task.task_id}.png", result.phrase(task.task_id))
+            for task in result.tasks]

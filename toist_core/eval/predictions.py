@@ -82,6 +82,14 @@ def check_image_predictions(pred: ImagePredictions, where: str,
         if len(bad):
             k = int(bad[0][0])
             raise DataError(f"{where}: {name}[{k}] is {values[k].tolist()}")
+    # An inverted box has a negative area, outside COCOeval's area range: it would be ignored
+    # instead of counted as a false positive (AP goes up). xywh boxes written as xyxy show so too.
+    inverted = np.argwhere((pred.boxes[:, 2] < pred.boxes[:, 0]) | (pred.boxes[:, 3] < pred.boxes[:, 1])) \
+        if len(pred.boxes) else []
+    if len(inverted):
+        k = int(inverted[0][0])
+        raise DataError(f"{where}: boxes[{k}] is {pred.boxes[k].tolist()}: x1 < x0 or y1 < y0 (boxes are "
+                        "x0, y0, x1, y1 in pixels)")
     if image_size is not None and pred.masks is not None:
         for k, rle in enumerate(pred.masks):
             if list(rle["size"]) != list(image_size):
@@ -121,7 +129,8 @@ def save_predictions(path: Union[str, Path], predictions: PredictionSet) -> Path
         task_out = {}
         for image_id, pred in sorted(images.items()):
             check_image_predictions(pred, f"task {task_id}: image {image_id}")
-            entry: dict[str, Any] = {"boxes": pred.boxes.round(3).tolist(),
+            # Unrounded (float repr round-trips): re-scoring the file gives the run's numbers.
+            entry: dict[str, Any] = {"boxes": pred.boxes.tolist(),
                                      "scores": [float(s) for s in pred.scores]}
             if pred.masks is not None:
                 entry["masks"] = [{"size": list(m["size"]), "counts": _counts_str(m["counts"])}
@@ -147,13 +156,13 @@ def load_predictions(path: Union[str, Path]) -> PredictionSet:
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rt", encoding="ascii") as handle:
-                data = json.load(handle)
+                data = json.load(handle, object_pairs_hook=_refuse_duplicate_keys)
         else:
             with open(path, "rb") as handle:
-                data = json.load(handle)
+                data = json.load(handle, object_pairs_hook=_refuse_duplicate_keys)
     except FileNotFoundError:
         raise DataError(f"{path}: predictions file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+    except (json.JSONDecodeError, _DuplicateKey, UnicodeDecodeError, OSError) as exc:
         raise DataError(f"{path}: not a valid predictions JSON file: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise DataError(f"{path}: field 'format': expected {FORMAT_NAME!r}")
@@ -165,12 +174,31 @@ def load_predictions(path: Union[str, Path]) -> PredictionSet:
     result: PredictionSet = {}
     for task_key, images in tasks.items():
         task_id = _int_key(path, f"tasks.{task_key}", task_key)
+        if task_id in result:
+            raise DataError(f"{path}: tasks: task {task_id} appears twice (key {task_key!r})")
         if not isinstance(images, dict):
             raise DataError(f"{path}: task {task_key}: expected an object image id -> predictions")
-        result[task_id] = {_int_key(path, f"task {task_key}: image {image_key}", image_key):
-                           _entry(path, f"task {task_key}: image {image_key}", entry)
-                           for image_key, entry in images.items()}
+        result[task_id] = {}
+        for image_key, entry in images.items():
+            image_id = _int_key(path, f"task {task_key}: image {image_key}", image_key)
+            if image_id in result[task_id]:  # "02000000" beside "2000000": one would replace the other
+                raise DataError(f"{path}: task {task_key}: image {image_id} appears twice (key {image_key!r})")
+            result[task_id][image_id] = _entry(path, f"task {task_key}: image {image_key}", entry)
     return result
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list) -> dict:
+    """``json`` keeps the last of two equal keys: the first image's predictions would vanish."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(f"key {key!r} appears twice in one object")
+        seen[key] = value
+    return seen
 
 
 def _int_key(path: Path, where: str, key: str) -> int:

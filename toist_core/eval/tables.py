@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Union
 
 from toist_core.eval.evaluator import EvaluationResult
-from toist_core.tasks import TASK_PHRASES
 from toist_core.atomic_file import write_text_atomic
 
 _IOU_LABEL = {"bbox": "box", "segm": "mask"}
@@ -33,9 +32,8 @@ def _fmt(value: float) -> str:
 def result_rows(result: EvaluationResult) -> list[dict]:
     """One dict per task plus a final mean row; AP columns in percent."""
     rows = []
-    phrases = result.phrases or TASK_PHRASES
     for task in result.tasks:
-        row = {"task": task.task_id, "phrase": phrases.get(task.task_id, "").strip(),
+        row = {"task": task.task_id, "phrase": result.phrase(task.task_id),
                "images": task.num_images, "images_with_targets": task.num_images_with_targets,
                "targets": task.num_targets}
         for iou in result.iou_types:
