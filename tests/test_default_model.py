@@ -257,3 +257,53 @@ def test_run_plan_refuses_a_stage_whose_inputs_are_not_planned(tmp_path):
     orphan = recipe.Stage("distilled", "tiny_distill.yaml", 1, [], after=("teacher",))
     with pytest.raises(ValueError, match="'distilled' starts from \\['teacher'\\]"):
         recipe.run_plan(recipe.RecipeSettings(), tmp_path, [orphan])
+
+
+def test_recipe_work_directory_holds_one_set_of_settings(tmp_path):
+    """Finished stages are reused by their folder: a --quick run into the full recipe's folder, or
+    edited settings, would reuse what they did not train (and label the card with the new ones)."""
+    recipe.check_settings(recipe.RecipeSettings(), tmp_path)
+    recipe.check_settings(recipe.RecipeSettings(jobs=1), tmp_path)  # how many at once changes nothing trained
+    with pytest.raises(ValueError, match=r"recipe_settings\.json: .* was written with other recipe settings "
+                                         r"\(distill_lr: 5e-05 there, 0\.0002 now"):
+        recipe.check_settings(recipe.RecipeSettings(distill_lr=2e-4), tmp_path)
+
+
+def test_recipe_refuses_quick_install_and_no_jobs(tmp_path, capsys):
+    for argv, message in ((["--quick", "--install"], "--install with --quick"), (["--jobs", "0"], "--jobs: must be >= 1")):
+        with pytest.raises(SystemExit) as info:
+            recipe.main(["--out", str(tmp_path / "w"), *argv])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_recipe_data_cut_short_is_written_again(tmp_path, monkeypatch):
+    settings = recipe.RecipeSettings(tasks=[1], train_images=3, test_images=2, pretrain_images=2)
+    generate = recipe.generate
+
+    def interrupted(root, splits, **kwargs):
+        if tuple(splits) == ("test",):
+            raise KeyboardInterrupt
+        return generate(root, splits=splits, **kwargs)
+
+    monkeypatch.setattr(recipe, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.write_data(settings, tmp_path)
+    monkeypatch.setattr(recipe, "generate", generate)
+    recipe.write_data(settings, tmp_path)
+    assert (tmp_path / "synth" / "annotations" / "task_1_test.json").is_file()
+
+
+def test_a_stage_trained_from_an_earlier_upstream_run_is_not_reused(tmp_path):
+    """Deleting a stage's folder retrains it; the stages that started from the old one must not
+    be reused as if nothing had changed."""
+    import json
+
+    stage = recipe.Stage("after", "tiny_pronoun.yaml", 1, [], after=("before",))
+    for name, record in (("before", {"finished": 2.0}), ("after", {"finished": 1.5, "upstream": {"before": 1.0}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / recipe.DONE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"stage 'after' was trained from earlier runs of before .*delete"):
+        recipe.run_stage(recipe.RecipeSettings(), tmp_path, stage)
+    (tmp_path / "before" / recipe.DONE).write_text(json.dumps({"finished": 1.0}))
+    assert recipe.run_stage(recipe.RecipeSettings(), tmp_path, stage)["upstream"] == {"before": 1.0}

@@ -61,6 +61,8 @@ from training.loops import BEST, LAST, Trainer
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PACKAGE_MODEL_DIR = Path(toist_core.__file__).resolve().parent / "assets" / "default_model"
 DONE = "done.json"
+DATA_DONE = "recipe_data_done"     # in a data folder: every split of it is written
+RECIPE_FILE = "recipe_settings.json"  # in the work directory: the settings its data and stages come from
 TRAINING_MINUTES = "training_minutes.json"
 ABLATION_SUFFIX = " off"             # results rows of the ablations: "distilled, CCR off", ...
 
@@ -205,17 +207,31 @@ def stage_config(settings: RecipeSettings, out: Path, stage: Stage) -> TrainConf
         f"eval.every_epochs={max(1, stage.epochs // 4)}", *stage.overrides])
 
 
+def _upstream(out: Path, stage: Stage) -> dict[str, float]:
+    """When each stage ``stage`` starts from finished (their done.json), as this stage saw them."""
+    return {name: json.loads((out / name / DONE).read_text()).get("finished", 0.0) for name in stage.after}
+
+
 def run_stage(settings: RecipeSettings, out: Path, stage: Stage) -> dict:
     """Train one stage unless it finished before (resumes a stage that was cut short). Picklable
-    for a worker process: the Trainer sets the stage's torch threads (``runtime.threads``)."""
+    for a worker process: the Trainer sets the stage's torch threads (``runtime.threads``).
+
+    A finished stage is reused only if the stages it starts from are the ones it trained from:
+    one retrained since (its folder deleted) stops the recipe here, naming what to delete."""
     run_dir = out / stage.name
     if (run_dir / DONE).is_file():
-        return json.loads((run_dir / DONE).read_text())
+        record = json.loads((run_dir / DONE).read_text())
+        if record.get("upstream", {}) != _upstream(out, stage) and "upstream" in record:
+            raise ValueError(f"{run_dir / DONE}: stage {stage.name!r} was trained from earlier runs of "
+                             f"{', '.join(stage.after)} than the ones now in {out}: delete {run_dir} to retrain it")
+        return record
     cfg = stage_config(settings, out, stage)
     last = run_dir / LAST
     started = time.perf_counter()
+    upstream = _upstream(out, stage)
     result = Trainer(cfg, DistEnv(), resume=str(last) if last.is_file() else None).run()
-    record = {"updates": result.step, "minutes": (time.perf_counter() - started) / 60, "best": result.best}
+    record = {"updates": result.step, "minutes": (time.perf_counter() - started) / 60, "best": result.best,
+              "finished": time.time(), "upstream": upstream}
     print(f"[{stage.name}] {result.step} updates in {record['minutes']:.1f} min; best {result.best}", flush=True)
     (run_dir / DONE).write_text(json.dumps(record, indent=1))
     return record
@@ -249,16 +265,38 @@ def run_plan(settings: RecipeSettings, out: Path, plan: Sequence[Stage]) -> dict
 
 def write_data(settings: RecipeSettings, out: Path) -> None:
     """``out/synth`` (the tasks' train and test splits) and ``out/synth_pretrain`` (single-object
-    scenes of every class, listed by all 14 task files; a different seed, so other images)."""
+    scenes of every class, listed by all 14 task files; a different seed, so other images).
+
+    A folder counts as written once ``DATA_DONE`` marks it, after its last split: a run cut
+    short while writing the test split writes both again (the same images: seeded)."""
     sizes = dict(min_size=settings.min_size, max_size=settings.max_size)
-    if not (out / "synth" / "synth.json").is_file():
+    if not (out / "synth" / DATA_DONE).is_file():
         for split, count in (("train", settings.train_images), ("test", settings.test_images)):
             generate(out / "synth", tasks=settings.tasks, splits=(split,), images_per_split=count,
                      min_objects=settings.min_objects, max_objects=settings.max_objects,
                      empty_fraction=settings.empty_fraction, seed=settings.data_seed, **sizes)
-    if not (out / "synth_pretrain" / "synth.json").is_file():
+        (out / "synth" / DATA_DONE).write_text("{}")
+    if not (out / "synth_pretrain" / DATA_DONE).is_file():
         generate(out / "synth_pretrain", splits=("train",), images_per_split=settings.pretrain_images,
                  min_objects=1, max_objects=1, seed=settings.data_seed + 1, **sizes)
+        (out / "synth_pretrain" / DATA_DONE).write_text("{}")
+
+
+def check_settings(settings: RecipeSettings, out: Path) -> None:
+    """``out`` holds the data and stages of one set of settings (``RECIPE_FILE``): a finished
+    stage is reused by its folder alone, so other settings (``--quick`` into the full recipe's
+    folder, an edited ``RecipeSettings``) would silently reuse what they did not train."""
+    path = out / RECIPE_FILE
+    wanted = json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "jobs"}))
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        changed = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
+        if changed:
+            detail = "; ".join(f"{k}: {recorded.get(k)!r} there, {wanted.get(k)!r} now" for k in changed[:6])
+            raise ValueError(f"{path}: {out} was written with other recipe settings ({detail}): give another "
+                             "--out, or delete it to start over")
+    else:
+        path.write_text(json.dumps(wanted, indent=1))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -545,14 +583,24 @@ def export_default(settings: RecipeSettings, out: Path, results: dict, minutes: 
 
 
 def install(model_dir: Path, destination: Path = PACKAGE_MODEL_DIR) -> Path:
-    """Replace the packaged default model with ``model_dir`` (written aside, then renamed)."""
+    """Replace the packaged default model with ``model_dir``: written aside, the old one renamed
+    away, the new one renamed in (a crash in between leaves the old one, ``.old``, restorable),
+    then the old one deleted."""
     staging = destination.with_name(destination.name + ".new")
-    if staging.exists():
-        shutil.rmtree(staging)
+    previous = destination.with_name(destination.name + ".old")
+    for leftover in (staging, previous):
+        if leftover.exists():
+            shutil.rmtree(leftover)
     shutil.copytree(model_dir, staging)
     if destination.exists():
-        shutil.rmtree(destination)
-    staging.rename(destination)
+        destination.rename(previous)
+    try:
+        staging.rename(destination)
+    except OSError:
+        if previous.exists():
+            previous.rename(destination)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
     return destination
 
 
@@ -567,6 +615,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few updates per stage (checks the recipe, "
                                                               "proves nothing)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs: must be >= 1, got {args.jobs}")
+    if args.quick and args.install:
+        parser.error("--install with --quick would replace the packaged default model with a model of a few "
+                     "updates: install only a full run")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = RecipeSettings(jobs=args.jobs)
     if args.quick:
@@ -575,6 +628,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   mask_epochs=1, jobs=args.jobs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_settings(settings, out)
     torch.set_num_threads(settings.threads)
     started = time.perf_counter()
     write_data(settings, out)

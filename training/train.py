@@ -103,7 +103,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (ValueError, OSError) as exc:  # ConfigError, CheckpointError, DataError are ValueErrors
+    # As `toist train` (toist_core.cli): ConfigError, CheckpointError, DataError are ValueErrors;
+    # RuntimeError: torch set-up failures (process group, device) in one line, not a traceback.
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
 
