@@ -371,3 +371,23 @@ def test_converted_test_file_is_evaluable(coco):
     result = evaluate_task(path, predictions)
     assert (result.num_images, result.num_targets) == (3, 1)
     assert result.ap50 == {"bbox": 1.0, "segm": 1.0}
+
+
+def test_task_files_convert_coco_did_not_write_are_refused_unless_overwrite(coco):
+    """A conversion into a folder of synthetic (or real COCO-Tasks, or hand-edited) task files
+    replaced them without a word; its own files from an earlier run are replaced as before."""
+    from toist_core.data.synth import generate
+
+    folder, train, test, spec = coco
+    out = folder / "mixed"
+    generate(out, tasks=[1], splits=("train",), images_per_split=2, min_size=64, max_size=64, seed=0)
+    theirs = out / "annotations" / "task_1_train.json"
+    before = theirs.read_bytes()
+    with pytest.raises(FileExistsError, match=r"would replace task files toist convert-coco did not write: .*"
+                                              r"task_1_train\.json; .*--overwrite"):
+        convert_coco(train, "train", spec, out)
+    assert theirs.read_bytes() == before and not (out / "annotations" / "task_2_train.json").exists()
+    convert_coco(train, "train", spec, out, overwrite=True)
+    assert _flags(theirs) == {10: 1, 11: 0, 12: 0, 13: 1}
+    convert_coco(train, "train", spec, out)  # its own files: replaced again without --overwrite
+    assert _flags(out / "annotations" / "task_2_train.json") == {10: 0, 11: 0, 12: 1, 13: 0}

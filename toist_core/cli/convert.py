@@ -20,6 +20,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="folder the images' file_name are relative to: copy them to <out>/<image-dir>")
     parser.add_argument("--image-dir", default=None,
                         help="where the images are copied, relative to --out (default images/<split>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace task files convert-coco did not write (its own are replaced anyway)")
     parser.set_defaults(func=run)
     return parser
 
@@ -28,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from toist_core.data.convert_coco import convert_coco
 
     summary = convert_coco(args.coco, args.split, args.tasks, args.out,
-                           copy_images_from=args.copy_images_from, image_dir=args.image_dir)
+                           copy_images_from=args.copy_images_from, image_dir=args.image_dir,
+                           overwrite=args.overwrite)
     print(f"wrote {len(summary.tasks)} task files of split {summary.split!r} from {summary.source}")
     for task in summary.tasks:
         print(f"  task {task.task_id:3d}: {task.images} images, {task.annotations} objects, "

@@ -266,9 +266,14 @@ def _suggestion(name: str, known: list[str]) -> str:
 
 # ----------------------------------------------------------------------------- conversion
 
+# How the files convert-coco writes begin ("info" first, compact JSON): a re-run replaces them.
+_OWN_INFO = "COCO-Tasks file written by toist convert-coco"
+_OWN_FILE_START = ('{"info":"' + _OWN_INFO).encode()
+
+
 def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root: PathLike, *,
                  copy_images_from: Optional[PathLike] = None,
-                 image_dir: Optional[PathLike] = None) -> ConversionSummary:
+                 image_dir: Optional[PathLike] = None, overwrite: bool = False) -> ConversionSummary:
     """Write ``<out_root>/annotations/task_<k>_<split>.json`` for every task of ``spec_file``.
 
     Args:
@@ -280,14 +285,19 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
             given, the images are copied to ``<out_root>/<image_dir>``. Without it, point
             ``DataConfig.image_dirs[split]`` at the images (an absolute path is fine).
         image_dir: the copy's folder relative to ``out_root`` (default ``images/<split>``).
+        overwrite: replace task files that convert-coco did not write (the real COCO-Tasks
+            files, ``toist synth``'s, hand-edited ones); its own are replaced in any case.
 
     Raises :class:`DataError` (nothing written) for a bad specification, a malformed COCO
-    file or a specification that does not match it.
+    file or a specification that does not match it, and ``FileExistsError`` (nothing written)
+    for task files of other origin without ``overwrite``.
     """
     if not isinstance(split, str) or not _SPLIT.match(split):
         raise DataError(f"split: expected letters and digits only (it becomes part of task_<k>_<split>.json), "
                         f"got {split!r}")
     tasks = load_task_spec(spec_file)
+    if not overwrite:
+        _refuse_foreign_task_files(Path(out_root), [task.task_id for task in tasks], split)
     source = _read_source(coco_file, split)
     resolved = [_resolve_categories(task, source.names, source.path) for task in tasks]
     copies: list[tuple[Path, Path]] = []
@@ -310,6 +320,25 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
     return summary
 
 
+def _refuse_foreign_task_files(out_root: Path, task_ids: list[int], split: str) -> None:
+    """``FileExistsError`` naming the task files a conversion would replace that it did not write."""
+    foreign = []
+    for task_id in task_ids:
+        path = task_file_path(out_root, task_id, split)
+        if path.exists():
+            try:
+                with open(path, "rb") as handle:
+                    ours = handle.read(len(_OWN_FILE_START)) == _OWN_FILE_START
+            except OSError:
+                ours = False
+            if not ours:
+                foreign.append(path)
+    if foreign:
+        shown = ", ".join(map(str, foreign[:5])) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{out_root}: would replace task files toist convert-coco did not write: {shown}; "
+                              "choose another --out, or pass --overwrite (overwrite=True) to replace them")
+
+
 def _write_task(source: _Source, images: list[dict], task: TaskPreference, refs: dict[CategoryRef, set[int]],
                 split: str, out_root: Path, warnings: list[str]) -> TaskSummary:
     """Write one task file listing ``images`` (the source's records, named as written); append
@@ -324,7 +353,7 @@ def _write_task(source: _Source, images: list[dict], task: TaskPreference, refs:
             with_preferred.add(ann["image_id"])
     path = task_file_path(out_root, task.task_id, split)
     _write_json_atomic(path, {
-        "info": f"COCO-Tasks file written by toist convert-coco from {source.path.name} (task {task.task_id})",
+        "info": f"{_OWN_INFO} from {source.path.name} (task {task.task_id})",
         "images": images,
         "annotations": annotations,
         "categories": [dict(c) for c in PREFERENCE_CATEGORIES],
