@@ -308,3 +308,21 @@ def test_init_load_refuses_non_finite_weights_strict_or_not(synth_root, tmp_path
                   f"init.strict={str(strict).lower()}")
     with pytest.raises(CheckpointError, match=r"diverged\.pth.*class_embed\.weight \(\d+ of \d+ values NaN/inf\)"):
         Trainer(cfg, DistEnv())
+
+
+def test_check_gives_the_refusals_a_start_would_give(synth_root, tmp_path, capsys):
+    """`toist train --check` said "configuration and paths OK" for a run that then refused at once."""
+    from training.train import main as train_main
+
+    run = tmp_path / "run"
+    Trainer(_config("tiny_pronoun.yaml", synth_root, run, "schedule.max_steps=1"), DistEnv()).run()
+    common = [f"data.root={synth_root}", *FAST]
+    assert train_main(["--config", str(CONFIGS / "tiny_pronoun.yaml"), "--output-dir", str(run), "--check",
+                       *common]) == 2
+    assert f"{run} already holds checkpoint.pth; continue it with --resume" in capsys.readouterr().err
+    assert train_main(["--config", str(CONFIGS / "tiny_noun.yaml"), "--output-dir", str(tmp_path / "noun"),
+                       "--resume", str(run / "checkpoint.pth"), "--check", *common]) == 2
+    assert "checkpoint of stage 'pronoun', config stage 'noun'" in capsys.readouterr().err
+    assert train_main(["--config", str(CONFIGS / "tiny_pronoun.yaml"), "--output-dir", str(run),
+                       "--resume", str(run / "checkpoint.pth"), "--check", *common]) == 0
+    assert "configuration and paths OK" in capsys.readouterr().err

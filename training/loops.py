@@ -89,8 +89,7 @@ class Trainer:
         # Rank 0 writes output_dir, so its view decides; every process refuses together (a
         # process going on alone would wait in DDP's set-up for the ones that stopped).
         if resume_state is None and broadcast_object(env.is_main and (self.output_dir / LAST).exists(), env):
-            raise ConfigError(f"output_dir: {self.output_dir} already holds {LAST}; continue it with "
-                              f"--resume {self.output_dir / LAST} or choose another output_dir")
+            _refuse_existing_run(self.output_dir)
         if resume_state is not None:
             _check_resume_config(resume_state, cfg, resume)
         # Only once the run is accepted: a refused start must not touch a folder that another
@@ -498,6 +497,20 @@ class Trainer:
 # Settings the resumed optimizer state brings back from the checkpoint (its parameter groups
 # hold them), whatever the config says.
 OPTIM_FROM_CHECKPOINT = ("lr", "lr_backbone", "text_encoder_lr", "weight_decay")
+
+
+def check_start(cfg: TrainConfig, resume: Optional[str] = None) -> None:
+    """What ``Trainer`` refuses before it writes anything, for ``toist train --check``: a fresh
+    start in an output_dir that holds a run, a ``resume`` checkpoint of another stage or model."""
+    if resume:
+        _check_resume_config(ckpt_io.load_training_checkpoint(resume), cfg, resume)
+    elif (Path(cfg.output_dir) / LAST).exists():
+        _refuse_existing_run(Path(cfg.output_dir))
+
+
+def _refuse_existing_run(output_dir: Path) -> None:
+    raise ConfigError(f"output_dir: {output_dir} already holds {LAST}; continue it with "
+                      f"--resume {output_dir / LAST} or choose another output_dir")
 
 
 def _check_resume_config(ckpt: dict, cfg: TrainConfig, path) -> None:

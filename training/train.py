@@ -44,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         import yaml
 
+        from training.loops import check_start
+
+        check_start(cfg, args.resume)  # the refusals a real start would give, before it writes
+
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         print(f"{args.config}: configuration and paths OK", file=sys.stderr)
         return 0
