@@ -307,3 +307,11 @@ def test_a_stage_trained_from_an_earlier_upstream_run_is_not_reused(tmp_path):
         recipe.run_stage(recipe.RecipeSettings(), tmp_path, stage)
     (tmp_path / "before" / recipe.DONE).write_text(json.dumps({"finished": 1.0}))
     assert recipe.run_stage(recipe.RecipeSettings(), tmp_path, stage)["upstream"] == {"before": 1.0}
+
+
+def test_a_failed_parallel_stage_is_reported_at_once(tmp_path, capsys):
+    """With --jobs 2 a failure surfaced only when the other running stage ended (up to ~35 min)."""
+    plan = [recipe.Stage("broken", "no_such_config.yaml", 1, []), recipe.Stage("other", "no_such_either.yaml", 1, [])]
+    with pytest.raises(Exception, match="no_such"):
+        recipe.run_plan(recipe.RecipeSettings(jobs=2), tmp_path, plan)
+    assert "failed: " in capsys.readouterr().err

@@ -337,6 +337,14 @@ def test_cli_predictions_file_edge_cases(root, tmp_path, capsys):
     assert cli.main(["evaluate", "--data", str(root), "--predictions", str(preds), "--tasks", "20",
                      "--out", str(out)]) == 2
     assert "no predictions for task(s) [20]" in capsys.readouterr().err
+    # Predictions of an image the task file does not list: both files are named.
+    stray = load_predictions(preds)
+    stray[2][999] = ImagePredictions([[0, 0, 1, 1]], [0.5], encode_masks(np.ones((1, 4, 4), bool)))
+    save_predictions(tmp_path / "stray.json", stray)
+    assert cli.main(["evaluate", "--data", str(root), "--predictions", str(tmp_path / "stray.json"),
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"stray.json: task 2: predictions for image ids not in {root / 'annotations' / 'task_2_test.json'}: [999]" in err
 
 
 def test_tables_and_plots_name_the_models_own_tasks(root, tmp_path, monkeypatch):

@@ -259,7 +259,17 @@ def run_plan(settings: RecipeSettings, out: Path, plan: Sequence[Stage]) -> dict
                 running[pool.submit(run_stage, settings, out, stage)] = stage
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                records[running.pop(future).name] = future.result()
+                stage = running.pop(future)
+                try:
+                    records[stage.name] = future.result()
+                except BaseException as exc:
+                    # Said now: leaving the pool waits for the stage still training (up to ~35 min).
+                    others = ", ".join(s.name for s in running.values())
+                    print(f"[{stage.name}] failed: {type(exc).__name__}: {exc}"
+                          + (f"; stopping once {others} ends (no new stage starts)" if others else ""),
+                          file=sys.stderr, flush=True)
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
     return {stage.name: records[stage.name] for stage in plan}
 
 

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from toist_core.eval.predictions import load_predictions, save_predictions
     from toist_core.eval.tables import markdown_report, write_tables
     from toist_core.atomic_file import write_text_atomic
+    from toist_core.data.schema import DataError
 
     if args.max_images is not None and args.max_images <= 0:
         raise ValueError(f"--max-images must be positive, got {args.max_images}")
@@ -133,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
                       f"predictions entry; they count as images without detections", file=sys.stderr)
 
     started = time.perf_counter()
-    result = evaluate_tasks(ground_truths, predictions, args.iou_types, image_ids)
+    try:
+        result = evaluate_tasks(ground_truths, predictions, args.iou_types, image_ids)
+    except DataError as exc:  # name the predictions file too (the task files are named already)
+        raise DataError(f"{args.predictions}: {exc}" if args.predictions else str(exc)) from None
     if predictions_from_model:
         result.phrases = {entry.id: entry.phrase for entry in segmenter.vocabulary.entries}
     print(markdown_report(result))

@@ -143,15 +143,18 @@ def resolve_backend(backend: Optional[str]) -> str:
 
 
 def load_ground_truth(path: Union[str, Path]) -> COCO:
-    """pycocotools COCO object of a task file (its printing captured)."""
+    """pycocotools COCO object of a task file (its printing captured); ``source_path`` names
+    the file in later error messages."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found")
     with contextlib.redirect_stdout(io.StringIO()):
         try:
-            return COCO(str(path))
+            coco = COCO(str(path))
         except ValueError as exc:  # json errors are ValueErrors
             raise DataError(f"{path}: not valid JSON: {exc}") from None
+    coco.source_path = str(path)
+    return coco
 
 
 def detections_to_coco(predictions: Mapping[int, ImagePredictions], iou_type: str,
@@ -197,7 +200,7 @@ def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int
         gt_name = str(ground_truth)
         ground_truth = load_ground_truth(ground_truth)
     else:
-        gt_name = "ground truth"
+        gt_name = getattr(ground_truth, "source_path", "ground truth")
     task_id = 0 if task_id is None else task_id
     gt_image_ids = ground_truth.getImgIds()
     known = set(gt_image_ids)
