@@ -413,6 +413,12 @@ def test_cli_on_predictions_file(root, tmp_path, capsys):
     assert {p.name for p in out.iterdir()} >= {"results.md", "results.csv", "pr_task_2.png", "cocoeval_log.txt"}
     assert cli.main(["evaluate", "--data", str(root), "--predictions", str(tmp_path / "preds.json"),
                           "--tasks", "5", "--out", str(out)]) == 2
+    # A later run of fewer tasks into the same folder says which plots are not its own.
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--data", str(root), "--predictions", str(tmp_path / "preds.json"),
+                     "--tasks", str(TASKS[0]), "--out", str(out)]) == 0
+    others = ", ".join(f"pr_task_{t}.png" for t in sorted(TASKS[1:]))
+    assert f"note: {others} in {out} are from an earlier run, not this one" in capsys.readouterr().err
 
 
 class _OracleSegmenter:

@@ -644,7 +644,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_data(settings, out)
     plan = stages(settings, out, args.ablations)
     training_started = time.perf_counter()
-    timings = run_plan(settings, out, plan)
+    try:
+        timings = run_plan(settings, out, plan)
+    except BaseException:  # interrupted or failed: its training time still counts in the total
+        add_training_minutes(out, (time.perf_counter() - training_started) / 60)
+        raise
     minutes = add_training_minutes(out, (time.perf_counter() - training_started) / 60)
     results = evaluate_all(settings, out, plan, DistEnv())
     results["stages"] = timings

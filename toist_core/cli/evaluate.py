@@ -149,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
     written.append(log_path)
     print(f"evaluated {len(result.tasks)} task(s) in {time.perf_counter() - started:.1f} s; "
           f"wrote {len(written)} files to {args.out}")
+    stale = sorted(set(Path(args.out).glob("pr_task_*.png")) - set(map(Path, written)))
+    if stale:  # an earlier run's, of tasks the tables above do not hold: left as they are
+        print(f"note: {', '.join(p.name for p in stale)} in {args.out} are from an earlier run, not this one",
+              file=sys.stderr)
     return 0
 
 
