@@ -40,7 +40,7 @@ import yaml
 
 from toist_core.atomic_file import write_text_atomic
 from toist_core.data.captions import OWN_CATEGORIES_FIELD, category_names
-from toist_core.data.schema import DataError, TaskFile, parse_task_data, read_json, task_file_path
+from toist_core.data.schema import DataError, TaskFile, parse_task_data, read_json, task_file_path, written_by
 
 PathLike = Union[str, Path]
 CategoryRef = Union[str, int]  # a category name or id, as written in the specification
@@ -322,20 +322,11 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
 
 def _refuse_foreign_task_files(out_root: Path, task_ids: list[int], split: str) -> None:
     """``FileExistsError`` naming the task files a conversion would replace that it did not write."""
-    foreign = []
-    for task_id in task_ids:
-        path = task_file_path(out_root, task_id, split)
-        if path.exists():
-            try:
-                with open(path, "rb") as handle:
-                    ours = handle.read(len(_OWN_FILE_START)) == _OWN_FILE_START
-            except OSError:
-                ours = False
-            if not ours:
-                foreign.append(path)
+    paths = [task_file_path(out_root, task_id, split) for task_id in task_ids]
+    foreign = [path for path in paths if path.exists() and not written_by(path, _OWN_FILE_START)]
     if foreign:
-        shown = ", ".join(map(str, foreign[:5])) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise FileExistsError(f"{out_root}: would replace task files toist convert-coco did not write: {shown}; "
+        raise FileExistsError(f"{out_root}: would replace task files toist convert-coco did not write: "
+                              f"{_listing(foreign)}; "
                               "choose another --out, or pass --overwrite (overwrite=True) to replace them")
 
 

@@ -113,6 +113,16 @@ def task_file_path(root: Union[str, Path], task_id: int, split: str) -> Path:
     return Path(root) / "annotations" / f"task_{task_id}_{split}.json"
 
 
+def written_by(path: Union[str, Path], start: bytes) -> bool:
+    """Whether the file at ``path`` begins with ``start``: how the task files a toist tool writes
+    (``toist synth``, ``toist convert-coco``) are told from others before they are replaced."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(start)) == start
+    except OSError:  # e.g. a folder of that name: not ours
+        return False
+
+
 def load_task_file(path: Union[str, Path], keep_raw: bool = False) -> TaskFile:
     """Read and validate one COCO-Tasks annotation file.
 

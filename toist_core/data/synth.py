@@ -39,6 +39,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from toist_core.atomic_file import write_text_atomic
+from toist_core.data.schema import written_by
 from toist_core.tasks import NUM_TASKS
 
 SPLIT_FOLDERS = {"train": "train2014", "test": "val2014"}
@@ -221,11 +222,7 @@ def _check_foreign_files(root: Path) -> None:
 
 
 def _synth_task_file(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(len(_TASK_FILE_START)) == _TASK_FILE_START
-    except OSError:  # e.g. a folder of that name: not ours
-        return False
+    return written_by(path, _TASK_FILE_START)
 
 
 def _synth_meta(path: Path) -> bool:
