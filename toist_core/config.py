@@ -145,6 +145,13 @@ class TextEncoderConfig:
     # Dropout of the FeatureResizer (Linear -> LayerNorm -> Dropout).
     resizer_dropout: float = 0.1
 
+    @property
+    def position_slots(self) -> int:
+        """Tokens the position table can place: RoBERTa numbers positions from ``pad_token_id + 1``
+        (the ``padding_idx`` offset), so ``max_position_embeddings - pad_token_id - 1``
+        (roberta-base: 514 -> 512)."""
+        return self.max_position_embeddings - self.pad_token_id - 1
+
     def __post_init__(self) -> None:
         _at_least(1, "text", vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_heads=self.num_heads,
                   intermediate_size=self.intermediate_size, type_vocab_size=self.type_vocab_size)
@@ -153,8 +160,7 @@ class TextEncoderConfig:
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"text.hidden_size {self.hidden_size} is not divisible by "
                               f"text.num_heads {self.num_heads}")
-        # RoBERTa numbers positions from pad_token_id + 1; a caption is at least <s> </s>.
-        if self.max_position_embeddings - self.pad_token_id - 1 < 2:
+        if self.position_slots < 2:  # a caption is at least <s> </s>
             raise ConfigError(f"text.max_position_embeddings {self.max_position_embeddings} leaves no room for a "
                               f"caption: RoBERTa positions start at pad_token_id + 1 = {self.pad_token_id + 1}")
         if not self.layer_norm_eps > 0:

@@ -164,10 +164,8 @@ class TextFeatures:
 
 def max_caption_tokens(cfg: TextEncoderConfig) -> int:
     """The most tokens a caption may have: the 256 token slots of the class head, or fewer when
-    the RoBERTa position table is shorter. RoBERTa numbers positions from ``pad_token_id + 1``
-    (the ``padding_idx`` offset), so ``max_position_embeddings`` rows hold
-    ``max_position_embeddings - pad_token_id - 1`` tokens (roberta-base: 514 -> 512)."""
-    return min(MAX_TEXT_TOKENS, cfg.max_position_embeddings - cfg.pad_token_id - 1)
+    the RoBERTa position table is shorter (:attr:`TextEncoderConfig.position_slots`)."""
+    return min(MAX_TEXT_TOKENS, cfg.position_slots)
 
 
 def tokenize(tokenizer, captions: Sequence[str], device: torch.device, text_cfg: Optional[TextEncoderConfig] = None):
