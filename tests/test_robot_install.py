@@ -56,6 +56,19 @@ def _script(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env={**environ, **(env or {})})
 
 
+def _dry_run_finished(result: subprocess.CompletedProcess) -> None:
+    """A dry run that printed the whole install: status 0 when no check failed on this machine,
+    else 5, with every warned problem listed at the end (this VM has no /opt/ros, a robot has)."""
+    warned = re.findall(r"^WARNING \(dry run, continuing\): (.*)$", result.stdout, re.M)
+    if not warned:
+        assert result.returncode == 0, result.stdout + result.stderr
+        return
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert f"DRY RUN FAILED: the install would stop at the first of these {len(warned)} problem(s):" in result.stderr
+    for problem in warned:
+        assert f"  - {problem}\n" in result.stderr
+
+
 @pytest.fixture()
 def workspace(tmp_path: Path) -> Path:
     """A colcon workspace with this repository in src/ (as a symlink)."""
@@ -83,7 +96,7 @@ def test_dry_run_prints_the_install(distro: str, workspace: Path):
     venv = workspace / "venv"
     result = _script("--dry-run", "--workspace", str(workspace), "--distro", distro, "--driver-version", "590.48.01")
     out = result.stdout
-    assert result.returncode == 0, out + result.stderr
+    _dry_run_finished(result)
     assert f"ROS 2 {distro} (Ubuntu {'22.04' if distro == 'humble' else '24.04'}, Python {python})" in out
     assert f"numpy requirement: {numpy_spec}" in out
     assert f"+ rosdep install --from-paths src --ignore-src -y --rosdistro {distro}" in out
@@ -106,7 +119,7 @@ def test_dry_run_prints_the_install(distro: str, workspace: Path):
 def test_dry_run_with_another_torch_index(workspace: Path):
     result = _script("--dry-run", "--workspace", str(workspace), "--distro", "jazzy", "--skip-rosdep",
                      "--driver-version", "550.54.15", "--torch-index", "https://download.pytorch.org/whl/cu126")
-    assert result.returncode == 0, result.stdout + result.stderr
+    _dry_run_finished(result)
     assert "--index-url https://download.pytorch.org/whl/cu126" in result.stdout
     assert "rosdep install" not in result.stdout
     assert "CUDA 12.6" in result.stdout and "minor version" in result.stdout  # 550 < 560.28.03, >= 525
@@ -125,7 +138,8 @@ def test_dry_run_stops_on_a_driver_too_old_for_pypi_torch(workspace: Path):
 def test_dry_run_installs_anyway_with_skip_driver_check(workspace: Path):
     result = _script("--dry-run", "--workspace", str(workspace), "--distro", "humble",
                      "--driver-version", "535.183.01", "--skip-driver-check")
-    assert result.returncode == 0 and "'torch>=2.5'" in result.stdout
+    _dry_run_finished(result)
+    assert "'torch>=2.5'" in result.stdout
 
 
 def test_jetson_keeps_nvidia_torch(workspace: Path, tmp_path: Path):
@@ -134,7 +148,7 @@ def test_jetson_keeps_nvidia_torch(workspace: Path, tmp_path: Path):
     result = _script("--dry-run", "--workspace", str(workspace), "--distro", "humble", "--skip-rosdep",
                      env={"TOIST_ARCH": "aarch64", "TOIST_TEGRA_RELEASE": str(tegra)})
     out = result.stdout
-    assert result.returncode == 0, out + result.stderr
+    _dry_run_finished(result)
     assert "Jetson detected" in out and "JetPack" in out
     assert "'torch>=" not in out  # no torch from PyPI
     assert "'transformers>=4.45'" in out and "colcon build" in out
@@ -299,6 +313,26 @@ def test_fake_install_runs_end_to_end(fake: Fake):
     assert "driver check: driver 590.48.01" in result.stdout
 
 
+def test_dry_run_fails_after_listing_every_problem(fake: Fake):
+    """A dry run goes on past a failed check to show the whole install, then exits 5 naming them."""
+    (fake.root / "opt" / "ros" / "humble" / "setup.bash").unlink()
+    (fake.workspace / "src" / "toist").unlink()
+    result = fake.run("--dry-run")
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert "colcon build" in result.stdout  # it went on to the end
+    assert "the first of these 2 problem(s)" in result.stderr
+    assert f"  - {fake.root}/opt/ros/humble/setup.bash not found" in result.stderr
+    assert f"  - no toist_ros package under {fake.workspace}/src" in result.stderr
+    assert fake.log().count("-m venv") == 0  # nothing ran
+
+
+def test_dry_run_without_problems_exits_0(fake: Fake):
+    result = fake.run("--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WARNING" not in result.stdout and "DRY RUN FAILED" not in result.stderr
+    assert f"+ {fake.venv}/bin/python -m colcon build" in result.stdout
+
+
 def test_switching_the_torch_build_uninstalls_instead_of_force_reinstall(fake: Fake):
     """--force-reinstall would reinstall numpy too; an uninstall of torch + torchvision does not."""
     assert fake.run("--skip-build").returncode == 0
@@ -363,7 +397,7 @@ def test_a_new_relative_workspace_is_made_absolute(tmp_path: Path):
     result = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--distro", "humble", "--skip-rosdep",
                              "--driver-version", "590.48.01", "--workspace", "new_ws"],
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
+    _dry_run_finished(result)
     assert f"-m venv --system-site-packages {tmp_path}/new_ws/venv\n" in result.stdout
 
 
@@ -396,7 +430,7 @@ def test_paths_are_printed_quoted(tmp_path: Path):
     (workspace / "src" / "toist").symlink_to(ROOT)
     result = _script("--dry-run", "--workspace", str(workspace), "--distro", "humble", "--driver-version", "590.48.01")
     out = result.stdout
-    assert result.returncode == 0, out + result.stderr
+    _dry_run_finished(result)
     ws = f"'{workspace}'"
     assert f"+ cd {ws}\n" in out
     assert f"+ cd {ws} && set +u && source /opt/ros/humble/setup.bash && source '{workspace}/venv/bin/activate'" in out
@@ -436,7 +470,9 @@ def test_makefile_recreates_a_venv_deleted_by_hand(tmp_path: Path):
     tree = _make_tree(tmp_path, venv_python=False)
     result = subprocess.run(["make", "-n", ".stamps/deps"], cwd=tree, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "-m venv .venv" in result.stdout and "install --isolated -r requirements/torch.txt" in result.stdout
+    assert "-m venv .venv" in result.stdout
+    # torch's own dependencies (CUDA libraries, triton...) come at the locked versions too.
+    assert "install --isolated -r requirements/torch.txt -c requirements/lock.txt" in result.stdout
     present = _make_tree(tmp_path / "present", venv_python=True)
     result = subprocess.run(["make", "-n", ".stamps/deps"], cwd=present, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "-m venv" not in result.stdout and "pip" not in result.stdout
@@ -447,3 +483,17 @@ def test_makefile_blames_colcon_only_for_colcon(tmp_path: Path):
     result = subprocess.run(["make", "build"], cwd=tree, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "colcon build failed" not in result.stdout + result.stderr
+
+
+def test_make_lock_keeps_the_old_lock_when_pip_freeze_fails(tmp_path: Path):
+    tree = _make_tree(tmp_path, venv_python=True)
+    (tree / ".venv" / "bin" / "python").write_text("#!/bin/sh\necho 'pip: broken' >&2\nexit 1\n")
+    lock = tree / "requirements" / "lock.txt"
+    written = lock.stat().st_mtime
+    lock.write_text("torch==2.13.0\n")
+    os.utime(lock, (written, written))  # the stamps stay up to date: only the freeze runs
+    result = subprocess.run(["make", "lock"], cwd=tree, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "pip: broken" in result.stderr
+    assert "install" not in result.stdout
+    assert lock.read_text() == "torch==2.13.0\n"
+    assert not (tree / "requirements" / "lock.txt.new").exists()

@@ -185,7 +185,8 @@ Options:
   --skip-driver-check  install even when the driver is too old for the torch build (CPU only)
   --skip-rosdep        do not run rosdep install (apt dependencies installed by hand)
   --skip-build         stop before colcon build
-  --dry-run            print the commands instead of running them
+  --dry-run            print the commands instead of running them; exits 5 after listing
+                       the checks that failed (a real run would stop at the first)
   -h, --help           this text
 
 Torch CUDA build -> minimum NVIDIA driver (Linux): CUDA 13.x >= 580, CUDA 12.x >= 525
@@ -283,9 +284,16 @@ run() {
   echo "$line"
   [ "$DRY_RUN" = 1 ] || "$@"
 }
-# A problem that --dry-run reports and carries on past (this machine may not be the robot).
+# A problem that --dry-run reports and carries on past (this machine may not be the robot);
+# the dry run still exits non-zero at the end, listing them, since the real run would stop.
+DRY_RUN_PROBLEMS=()
 problem() {
-  if [ "$DRY_RUN" = 1 ]; then echo "WARNING (dry run, continuing): $*"; else die "$*"; fi
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "WARNING (dry run, continuing): $*"
+    DRY_RUN_PROBLEMS+=("$*")
+  else
+    die "$*"
+  fi
 }
 
 # --- 1. Checks -----------------------------------------------------------------------------
@@ -497,3 +505,12 @@ Then, for example:
   ros2 launch toist_ros perception.launch.py image_topic:=/camera/color/image_raw task:=2
 Check the GPU: $(quote "$VPY") -c 'import torch; print(torch.cuda.is_available())'
 EOF
+
+if [ "${#DRY_RUN_PROBLEMS[@]}" -gt 0 ]; then
+  {
+    echo
+    echo "DRY RUN FAILED: the install would stop at the first of these ${#DRY_RUN_PROBLEMS[@]} problem(s):"
+    printf '  - %s\n' "${DRY_RUN_PROBLEMS[@]}"
+  } >&2
+  exit 5
+fi
