@@ -26,20 +26,21 @@ One command, CPU only (2 cores: well under an hour), deterministic:
 Stages that do not depend on each other (teacher and plain student, the mask heads, the
 ablations) train at the same time in worker processes (``--jobs``, default 2, one thread each).
 Each stage keeps its run directory: an interrupted recipe continues where it stopped
-(finished stages are skipped, a stage cut short resumes from its last checkpoint).
+(finished stages are skipped, a stage cut short resumes from its last checkpoint). Ctrl-C /
+SIGTERM stop every training stage at the end of its update, checkpoint written, and the recipe
+exits 130 / 143 (``training.stage_processes``).
 ``--ablations`` also trains the distilled student with CCR, the cluster loss or SBTL off.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import multiprocessing
 import os
 import shutil
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -56,7 +57,9 @@ from training.config import TrainConfig, load_config
 from training.distributed import DistEnv, seed_everything
 from training.evaluate import build_validation_set, evaluate
 from training.export import export_checkpoint
+from training.interrupt import exit_code
 from training.loops import BEST, LAST, Trainer
+from training.stage_processes import StageStopped, WorkDirBusy, run_stages, stage_lock, stage_stop, work_dir_lock
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PACKAGE_MODEL_DIR = Path(toist_core.__file__).resolve().parent / "assets" / "default_model"
@@ -217,59 +220,42 @@ def run_stage(settings: RecipeSettings, out: Path, stage: Stage) -> dict:
     for a worker process: the Trainer sets the stage's torch threads (``runtime.threads``).
 
     A finished stage is reused only if the stages it starts from are the ones it trained from:
-    one retrained since (its folder deleted) stops the recipe here, naming what to delete."""
+    one retrained since (its folder deleted) stops the recipe here, naming what to delete.
+    SIGINT / SIGTERM end the stage after its update in progress, checkpoint written
+    (:class:`~training.stage_processes.StageStopped`)."""
     run_dir = out / stage.name
-    if (run_dir / DONE).is_file():
-        record = json.loads((run_dir / DONE).read_text())
-        if record.get("upstream", {}) != _upstream(out, stage) and "upstream" in record:
-            raise ValueError(f"{run_dir / DONE}: stage {stage.name!r} was trained from earlier runs of "
-                             f"{', '.join(stage.after)} than the ones now in {out}: delete {run_dir} to retrain it")
+    with stage_lock(out, stage.name), stage_stop() as stop:
+        if (run_dir / DONE).is_file():
+            record = json.loads((run_dir / DONE).read_text())
+            if record.get("upstream", {}) != _upstream(out, stage) and "upstream" in record:
+                raise ValueError(f"{run_dir / DONE}: stage {stage.name!r} was trained from earlier runs of "
+                                 f"{', '.join(stage.after)} than the ones now in {out}: delete {run_dir} to "
+                                 f"retrain it")
+            return record
+        cfg = stage_config(settings, out, stage)
+        last = run_dir / LAST
+        started = time.perf_counter()
+        upstream = _upstream(out, stage)
+        result = Trainer(cfg, DistEnv(), resume=str(last) if last.is_file() else None, stop=stop).run()
+        if result.stopped_by is not None:
+            raise StageStopped(stage.name, result.stopped_by)
+        record = {"updates": result.step, "minutes": (time.perf_counter() - started) / 60, "best": result.best,
+                  "finished": time.time(), "upstream": upstream}
+        print(f"[{stage.name}] {result.step} updates in {record['minutes']:.1f} min; best {result.best}", flush=True)
+        (run_dir / DONE).write_text(json.dumps(record, indent=1))
         return record
-    cfg = stage_config(settings, out, stage)
-    last = run_dir / LAST
-    started = time.perf_counter()
-    upstream = _upstream(out, stage)
-    result = Trainer(cfg, DistEnv(), resume=str(last) if last.is_file() else None).run()
-    record = {"updates": result.step, "minutes": (time.perf_counter() - started) / 60, "best": result.best,
-              "finished": time.time(), "upstream": upstream}
-    print(f"[{stage.name}] {result.step} updates in {record['minutes']:.1f} min; best {result.best}", flush=True)
-    (run_dir / DONE).write_text(json.dumps(record, indent=1))
-    return record
 
 
 def run_plan(settings: RecipeSettings, out: Path, plan: Sequence[Stage]) -> dict[str, dict]:
     """Train every stage of ``plan``, up to ``settings.jobs`` at once, each once the stages it
-    starts from are done; returns each stage's record (updates, minutes, best), in plan order."""
+    starts from are done; returns each stage's record (updates, minutes, best), in plan order.
+    Stopping, failures and worker processes: :mod:`training.stage_processes`."""
     names = {stage.name for stage in plan}
     for stage in plan:
         if not set(stage.after) <= names:
             raise ValueError(f"stage {stage.name!r} starts from {sorted(set(stage.after) - names)}, "
                              f"which are not in the plan")
-    records: dict[str, dict] = {}
-    if settings.jobs <= 1:
-        for stage in plan:
-            records[stage.name] = run_stage(settings, out, stage)
-        return records
-    pending, running = list(plan), {}
-    with ProcessPoolExecutor(max_workers=settings.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        while pending or running:
-            ready = [stage for stage in pending if all(name in records for name in stage.after)]
-            for stage in ready[: settings.jobs - len(running)]:
-                pending.remove(stage)
-                running[pool.submit(run_stage, settings, out, stage)] = stage
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                stage = running.pop(future)
-                try:
-                    records[stage.name] = future.result()
-                except BaseException as exc:
-                    # Said now: leaving the pool waits for the stage still training (up to ~35 min).
-                    others = ", ".join(s.name for s in running.values())
-                    print(f"[{stage.name}] failed: {type(exc).__name__}: {exc}"
-                          + (f"; stopping once {others} ends (no new stage starts)" if others else ""),
-                          file=sys.stderr, flush=True)
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
+    records = run_stages(plan, functools.partial(run_stage, settings, out), settings.jobs)
     return {stage.name: records[stage.name] for stage in plan}
 
 
@@ -638,11 +624,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   mask_epochs=1, jobs=args.jobs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        with work_dir_lock(out):
+            return _run(settings, out, args.ablations, args.install)
+    except StageStopped as stopped:
+        print(f"stopped ({stopped}); every stage cut short wrote its checkpoint: run the same command again "
+              f"to continue", file=sys.stderr)
+        return exit_code(stopped.signum)
+    except WorkDirBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(settings: RecipeSettings, out: Path, ablations: bool, install_model: bool) -> int:
     check_settings(settings, out)
     torch.set_num_threads(settings.threads)
     started = time.perf_counter()
     write_data(settings, out)
-    plan = stages(settings, out, args.ablations)
+    plan = stages(settings, out, ablations)
     training_started = time.perf_counter()
     try:
         timings = run_plan(settings, out, plan)
@@ -658,7 +657,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\nmAP@0.5 on the synthetic test split (tasks {settings.tasks}, {results['test_pairs']} "
           f"(task, image) pairs; training {minutes:.1f} min):\n\n{results_table(results)}\n")
     print(f"model directory: {model_dir}")
-    if args.install:
+    if install_model:
         print(f"installed: {install(model_dir)}")
     print(f"recipe finished in {(time.perf_counter() - started) / 60:.1f} min")
     return 0
