@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # The recipe's main() with --quick settings and a plan of long stages (a checkpoint every update):
 # "a" and "b" train at once; "d" is short, and "c" starts from "a": with "d,a,c" the worker that
-# trained "d" waits idle while "a" trains.
+# trained "d" waits idle while "a" trains; "x" fails as it starts, after "d".
 _DRIVER = """
 import sys
 from training import default_model as recipe
@@ -35,7 +35,8 @@ def plan(settings, out, ablations):
     stages = {"a": recipe.Stage("a", "tiny_pronoun.yaml", 500, every),
               "b": recipe.Stage("b", "tiny_noun.yaml", 500, every),
               "c": recipe.Stage("c", "tiny_pronoun.yaml", 500, every, after=("a",)),
-              "d": recipe.Stage("d", "tiny_pronoun.yaml", 1, ["eval.enabled=false", "loader.num_workers=0"])}
+              "d": recipe.Stage("d", "tiny_pronoun.yaml", 1, ["eval.enabled=false", "loader.num_workers=0"]),
+              "x": recipe.Stage("x", "no_such_config.yaml", 1, [], after=("d",))}
     return [stages[name] for name in plan_names]
 recipe.stages = plan
 sys.exit(recipe.main(["--out", sys.argv[1], "--quick", "--jobs", "2"]))
@@ -141,6 +142,18 @@ def test_a_recipe_killed_outright_takes_its_workers_with_it(tmp_path, start):
         assert time.monotonic() < deadline, "a worker outlived the recipe"
         time.sleep(0.1)
     _stopped_cleanly(out, ["a", "b"], stderr, signal.SIGTERM)
+
+
+def test_a_failed_stage_stops_the_others_with_their_checkpoints(tmp_path, start):
+    """They used to train on (up to ~35 min) before the failure was raised."""
+    out = tmp_path / "recipe"
+    proc = start(out, "d,a,x")
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "[x] failed: " in stderr and "no_such_config.yaml" in stderr
+    assert "stopping a at the end of its update" in stderr
+    _stopped_cleanly(out, ["a"], stderr, signal.SIGTERM)
+    assert (out / "d" / recipe.DONE).is_file()
 
 
 def test_one_recipe_per_work_directory(tmp_path, capsys):
