@@ -5,6 +5,7 @@ import copy
 import csv
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -19,8 +20,10 @@ from toist_core.data.synth import generate
 from toist_core.eval.evaluator import (default_backend, evaluate_task, evaluate_tasks, load_ground_truth,
                                        task_files)
 from toist_core.eval.plots import plot_pr_curves
-from toist_core.eval.predictions import ImagePredictions, encode_masks, load_predictions, save_predictions
+from toist_core.eval.predictions import (ImagePredictions, encode_masks, load_prediction_file, load_predictions,
+                                         save_predictions)
 from toist_core.eval.tables import csv_text, markdown_report, write_tables
+from toist_core.tasks import TASK_PHRASES
 
 # pycocotools calls np.array(copy=False) on its own objects (numpy 2 warns); not our code.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -497,6 +500,43 @@ def test_cli_on_a_tiny_checkpoint(root, tmp_path, capsys):
         assert pred.masks[0]["size"] == [gt.imgs[image_id]["height"], gt.imgs[image_id]["width"]]
         assert np.all(np.diff(pred.scores) <= 0)
     assert (out / "results.csv").is_file()
+
+
+def test_a_rescored_predictions_file_names_the_tasks_as_the_model_did(root, tmp_path, capsys):
+    """An own vocabulary's phrases go into --save-predictions' file, and re-scoring it with
+    --predictions titles the tables with them, not with COCO-Tasks' phrases of the same ids."""
+    from toist_core.checkpoint import save_model_dir
+    from toist_core.inference import TaskSegmenter
+    from toist_core.tasks import TaskEntry, TaskVocabulary
+
+    vocabulary = TaskVocabulary([TaskEntry(k, f"own task number {k} with") for k in range(1, 15)], name="own")
+    segmenter = TaskSegmenter.from_config("tiny_segm", seed=0, device="cpu")
+    model_dir = save_model_dir(segmenter.model, tmp_path / "own", segmenter.config, vocabulary=vocabulary)
+    saved = tmp_path / "p.json.gz"
+    common = ["--data", str(root), "--tasks", "14", "--max-images", "2", "--no-plots"]
+    assert cli.main(["evaluate", *common, "--checkpoint", str(model_dir), "--short-side", "96", "--max-size", "160",
+                     "--device", "cpu", "--out", str(tmp_path / "run"), "--save-predictions", str(saved)]) == 0
+    assert load_prediction_file(saved).phrases == {14: "own task number 14 with"}
+    assert cli.main(["evaluate", *common, "--predictions", str(saved), "--out", str(tmp_path / "again")]) == 0
+    printed = capsys.readouterr().out
+    for out in ("run", "again"):
+        report = (tmp_path / out / "results.md").read_text()
+        assert "| 14 | own task number 14 with |" in report and TASK_PHRASES[14].strip() not in report, out
+    assert (tmp_path / "run" / "results.md").read_text() == (tmp_path / "again" / "results.md").read_text()
+    assert printed.count("| 14 | own task number 14 with |") == 2
+
+
+def test_predictions_file_phrases_are_checked(tmp_path):
+    preds = {2: {1: ImagePredictions([[0, 0, 1, 1]], [0.5])}}
+    assert load_prediction_file(save_predictions(tmp_path / "none.json", preds)).phrases is None
+    written = save_predictions(tmp_path / "p.json", preds, phrases={2: "schneiden mit \u00e4", 5: "unused"})
+    assert load_prediction_file(written).phrases == {2: "schneiden mit \u00e4"}  # only tasks with predictions
+    content = json.loads(written.read_text())
+    for phrases, message in (([], "field 'phrases': expected an object"), ({"x": "a"}, "phrases.x: key must be an "
+                             "integer id"), ({"2": 3}, "field 'phrases.2': expected a string, got 3")):
+        (tmp_path / "bad.json").write_text(json.dumps({**content, "phrases": phrases}))
+        with pytest.raises(DataError, match=re.escape(f"bad.json: {message}")):
+            load_prediction_file(tmp_path / "bad.json")
 
 
 def test_cli_no_ccr_scores_a_distilled_file_as_its_plain_network(root, tmp_path, capsys):

@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from toist_core.eval.evaluator import evaluate_tasks, load_ground_truth, task_files
     from toist_core.eval.plots import plot_pr_curves
-    from toist_core.eval.predictions import load_predictions, save_predictions
+    from toist_core.eval.predictions import load_prediction_file, save_predictions
     from toist_core.eval.tables import markdown_report, write_tables
     from toist_core.atomic_file import write_text_atomic
     from toist_core.data.schema import DataError
@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         if args.save_predictions:
             raise ValueError("--save-predictions: only with --checkpoint (with --predictions the file already "
                              "holds them)")
-        predictions = load_predictions(args.predictions)
+        predictions_file = load_prediction_file(args.predictions)
+        predictions, phrases = predictions_file.tasks, predictions_file.phrases
         if not predictions:
             raise ValueError(f"{args.predictions}: the file holds no task (field 'tasks' is empty)")
         tasks = parse_task_list(args.tasks, max_id=None) if args.tasks else sorted(predictions)
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         tasks = (parse_task_list(args.tasks, max_id=None) if args.tasks
                  else sorted(segmenter.trained_tasks or segmenter.vocabulary.ids))
         predictions = None
-    predictions_from_model = predictions is None
+        phrases = {entry.id: entry.phrase for entry in segmenter.vocabulary.entries}
     files = task_files(args.data, tasks, args.split)
     ground_truths = {t: load_ground_truth(path) for t, path in files.items()}
     image_ids = {t: gt.getImgIds() for t, gt in ground_truths.items()}
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         image_dir = Path(args.image_dir) if args.image_dir else _default_image_dir(args.data, args.split)
         predictions = predict_tasks(segmenter, files, image_dir, image_ids, batch_size=args.batch_size)
         if args.save_predictions:
-            print(f"predictions written to {save_predictions(args.save_predictions, predictions)}")
+            print(f"predictions written to {save_predictions(args.save_predictions, predictions, phrases)}")
     else:
         for t in tasks:
             absent = [i for i in image_ids[t] if i not in predictions[t]]
@@ -138,8 +139,7 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_tasks(ground_truths, predictions, args.iou_types, image_ids)
     except DataError as exc:  # name the predictions file too (the task files are named already)
         raise DataError(f"{args.predictions}: {exc}" if args.predictions else str(exc)) from None
-    if predictions_from_model:
-        result.phrases = {entry.id: entry.phrase for entry in segmenter.vocabulary.entries}
+    result.phrases = phrases  # None (a file without them): COCO-Tasks' phrases
     print(markdown_report(result))
     md_path, csv_path = write_tables(result, args.out)
     written = [md_path, csv_path]

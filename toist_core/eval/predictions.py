@@ -13,7 +13,9 @@ File format (``.json``, or gzip-compressed when the name ends in ``.gz``)::
 
 ``masks`` is omitted (or null) for box-only predictions. Scores and box coordinates must be
 finite (:func:`check_image_predictions`): saving, loading and evaluating refuse NaN / inf.
-Errors name the file, task, image and field.
+Errors name the file, task, image and field. An optional ``"phrases": {"<task_id>": "<verb
+phrase>"}`` records the tasks' phrases of the model that predicted (its own vocabulary may not
+be COCO-Tasks'), so that the tables and plots of a re-scored file name the tasks as the run did.
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ class ImagePredictions:
 PredictionSet = dict[int, dict[int, ImagePredictions]]  # task id -> image id -> predictions
 
 
+@dataclass
+class PredictionFile:
+    """A predictions file's content: the predictions and, when it records them, the task phrases."""
+
+    tasks: PredictionSet
+    phrases: Optional[dict[int, str]] = None
+
+
 def check_image_predictions(pred: ImagePredictions, where: str,
                             image_size: Optional[tuple[int, int]] = None) -> None:
     """Refuse what pycocotools would take silently: :class:`DataError` ``"<where>: scores[2] is nan"``.
@@ -117,8 +127,10 @@ def _numpy(value) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- file I/O
 
-def save_predictions(path: Union[str, Path], predictions: PredictionSet) -> Path:
-    """Write ``predictions`` to ``path`` (gzip when it ends in ``.gz``), atomically.
+def save_predictions(path: Union[str, Path], predictions: PredictionSet,
+                     phrases: Optional[dict[int, str]] = None) -> Path:
+    """Write ``predictions`` to ``path`` (gzip when it ends in ``.gz``), atomically, with the
+    ``phrases`` of their tasks when given (those of tasks without predictions are left out).
 
     Every entry is checked and serialized before the disk is touched: a refused set leaves no
     file behind and an existing file at ``path`` unchanged; so does a write cut short.
@@ -137,9 +149,12 @@ def save_predictions(path: Union[str, Path], predictions: PredictionSet) -> Path
                                   for m in pred.masks]
             task_out[str(image_id)] = entry
         tasks[str(task_id)] = task_out
-    text = json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, "tasks": tasks},
-                      separators=(",", ":"))
-    data = text.encode("ascii")
+    content: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tasks": tasks}
+    if phrases is not None:
+        content["phrases"] = {str(task_id): str(phrases[task_id]) for task_id in sorted(predictions)
+                              if task_id in phrases}
+    # ensure_ascii (the default): a phrase's non-ASCII letters are written as \u escapes.
+    data = json.dumps(content, separators=(",", ":")).encode("ascii")
     if path.suffix == ".gz":
         def write(handle):
             with gzip.GzipFile(filename=path.name, mode="wb", fileobj=handle) as compressed:
@@ -152,6 +167,11 @@ def save_predictions(path: Union[str, Path], predictions: PredictionSet) -> Path
 
 def load_predictions(path: Union[str, Path]) -> PredictionSet:
     """Read a predictions file written by :func:`save_predictions`, validating every field."""
+    return load_prediction_file(path).tasks
+
+
+def load_prediction_file(path: Union[str, Path]) -> PredictionFile:
+    """:func:`load_predictions`, with the task phrases the file records (None: it has none)."""
     path = Path(path)
     try:
         if path.suffix == ".gz":
@@ -184,6 +204,20 @@ def load_predictions(path: Union[str, Path]) -> PredictionSet:
             if image_id in result[task_id]:  # "02000000" beside "2000000": one would replace the other
                 raise DataError(f"{path}: task {task_key}: image {image_id} appears twice (key {image_key!r})")
             result[task_id][image_id] = _entry(path, f"task {task_key}: image {image_key}", entry)
+    return PredictionFile(result, _phrases(path, data.get("phrases")))
+
+
+def _phrases(path: Path, phrases: Any) -> Optional[dict[int, str]]:
+    if phrases is None:
+        return None
+    if not isinstance(phrases, dict):
+        raise DataError(f"{path}: field 'phrases': expected an object task id -> verb phrase")
+    result = {}
+    for key, phrase in phrases.items():
+        task_id = _int_key(path, f"phrases.{key}", key)
+        if not isinstance(phrase, str):
+            raise DataError(f"{path}: field 'phrases.{key}': expected a string, got {phrase!r}")
+        result[task_id] = phrase
     return result
 
 
