@@ -389,63 +389,69 @@ def _predict_frame(seg, image, kept, timer, compiled=False):
 
 
 def measure_row(report: Report, args, device, image, label: str, precision: str, compile_mode=None,
-                note: str = "") -> dict:
-    """Build a segmenter, (compile,) warm up, time ``args.reps`` frames; add the row."""
-    _free(device)
+                note: str = "", backend=None) -> dict:
+    """Build a segmenter, (compile,) warm up, time ``args.reps`` frames; add the row. Another
+    ``backend`` (TensorRT) does not expose the torch stages: its ``predict()`` is timed whole.
+    Whatever the row leaves is freed at its end, failed or not (:func:`_free`)."""
     mib_before = _allocated_mib(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    seg = _build_segmenter(args, device, precision)
-    mib_model = _allocated_mib(device)
-    build_s = time.perf_counter() - started
-    compiled, counters0 = None, None
-    if compile_mode is not None:
-        counters0 = _compile_counters()
-        compiled = compile_image_path(seg, compile_mode)
-    frame = _frame_impl
-    first = time.perf_counter()
-    try:  # the stage split follows TaskSegmenter's internals; if they moved, time predict() whole
-        frame(seg, image, args.kept, Timer(device), compiled is not None)
-    except (AttributeError, TypeError, ImportError, NameError) as exc:
-        print(f"stage split failed ({type(exc).__name__}: {exc}); timing predict() end to end", flush=True)
-        frame = _predict_frame
-        frame(seg, image, args.kept, Timer(device), compiled is not None)
-    _sync(device)
-    first_s = time.perf_counter() - first
-    for _ in range(args.warmup):
-        frame(seg, image, args.kept, Timer(device), compiled is not None)
-    _sync(device)
-    warm_s = time.perf_counter() - started
-    stage_runs, walls = [], []
-    for _ in range(args.reps):
-        timer = Timer(device)
+    seg = None
+    try:
+        started = time.perf_counter()
+        seg = _build_segmenter(args, device, precision, backend=backend)
+        mib_model = _allocated_mib(device)
+        build_s = time.perf_counter() - started
+        compiled, counters0 = None, None
+        if compile_mode is not None:
+            counters0 = _compile_counters()
+            compiled = compile_image_path(seg, compile_mode)
+        frame = _frame_impl if backend is None else _predict_frame
+        first = time.perf_counter()
+        try:  # the stage split follows TaskSegmenter's internals; if they moved, time predict() whole
+            frame(seg, image, args.kept, Timer(device), compiled is not None)
+        except (AttributeError, TypeError, ImportError, NameError) as exc:
+            if frame is _predict_frame:
+                raise
+            print(f"stage split failed ({type(exc).__name__}: {exc}); timing predict() end to end", flush=True)
+            frame = _predict_frame
+            frame(seg, image, args.kept, Timer(device), compiled is not None)
         _sync(device)
-        t0 = time.perf_counter()
-        frame(seg, image, args.kept, timer, compiled is not None)
+        first_s = time.perf_counter() - first
+        for _ in range(args.warmup):
+            frame(seg, image, args.kept, Timer(device), compiled is not None)
         _sync(device)
-        walls.append(time.perf_counter() - t0)
-        stage_runs.append(timer.stages())
-    stages = {k: statistics.median(r[k] for r in stage_runs) for k in stage_runs[0]}
-    wall_ms = 1000.0 * statistics.median(walls)
-    notes = [note] if note else []
-    row = {"path": label, "fps": 1000.0 / wall_ms, "ms": wall_ms, "ms_p90": 1000.0 * float(np.percentile(walls, 90)),
-           "peak_mib": _peak_mib(device), "mib_before": mib_before, "mib_model": mib_model,
-           "build_s": build_s, "first_frame_s": first_s, "warmup_s": warm_s,
-           **{f"ms_{k}": v for k, v in stages.items()}}
-    if compiled is not None:
-        counters = _compile_counters()
-        stats = {k: counters[k] - counters0[k] for k in counters}
-        row.update(compiled=compiled, **stats)
-        notes.append(f"{stats['graphs']} graphs, {stats['graph_breaks']} graph breaks, "
-                     f"{stats['cudagraph_skips']} cudagraph skips; compile+warm-up {warm_s:.0f} s")
-    else:
-        notes.append(f"warm-up {warm_s:.0f} s")
-    row["note"] = "; ".join(notes)
-    report.add(row)
-    del seg
-    _free(device)
-    return row
+        warm_s = time.perf_counter() - started
+        stage_runs, walls = [], []
+        for _ in range(args.reps):
+            timer = Timer(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            frame(seg, image, args.kept, timer, compiled is not None)
+            _sync(device)
+            walls.append(time.perf_counter() - t0)
+            stage_runs.append(timer.stages())
+        stages = {k: statistics.median(r[k] for r in stage_runs) for k in stage_runs[0]}
+        wall_ms = 1000.0 * statistics.median(walls)
+        notes = [note] if note else []
+        row = {"path": label, "fps": 1000.0 / wall_ms, "ms": wall_ms,
+               "ms_p90": 1000.0 * float(np.percentile(walls, 90)), "peak_mib": _peak_mib(device),
+               "mib_before": mib_before, "mib_model": mib_model, "build_s": build_s, "first_frame_s": first_s,
+               "warmup_s": warm_s, **{f"ms_{k}": v for k, v in stages.items()}}
+        if compiled is not None:
+            counters = _compile_counters()
+            stats = {k: counters[k] - counters0[k] for k in counters}
+            row.update(compiled=compiled, **stats)
+            notes.append(f"{stats['graphs']} graphs, {stats['graph_breaks']} graph breaks, "
+                         f"{stats['cudagraph_skips']} cudagraph skips; compile+warm-up {warm_s:.0f} s")
+        else:
+            notes.append(f"warm-up {warm_s:.0f} s")
+        row["note"] = "; ".join(notes)
+        report.add(row)
+        return row
+    finally:
+        del seg
+        _free(device)
 
 
 def eager_sections(args, device, report: Report, image) -> None:
@@ -513,29 +519,9 @@ def _tensorrt(args, device, image, report: Report) -> None:
         report.add({"path": "tensorrt", "error": message})
         return
     # The TensorRT backend runs its own fp16 engine (InferenceConfig.precision does not apply);
-    # the backend may not expose the torch stages: predict() is timed end to end.
-    _free(device)
-    mib_before = _allocated_mib(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    seg = _build_segmenter(args, device, "fp32", backend="tensorrt")
-    mib_model = _allocated_mib(device)
-    for _ in range(args.warmup + 1):  # the first frame builds (or loads) the engines
-        seg.predict(image, score_threshold=0.0, max_instances=args.kept)
-    warm_s = time.perf_counter() - started
-    walls = []
-    for _ in range(args.reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        seg.predict(image, score_threshold=0.0, max_instances=args.kept)
-        _sync(device)
-        walls.append(time.perf_counter() - t0)
-    ms = 1000.0 * statistics.median(walls)
-    report.add({"path": "tensorrt (fp16 engine)", "fps": 1000.0 / ms, "ms": ms, "ms_predict": ms,
-                "peak_mib": _peak_mib(device), "mib_before": mib_before, "mib_model": mib_model,
-                "warmup_s": warm_s, "note": f"predict() end to end (torch-side memory only); warm-up {warm_s:.0f} s"})
-    del seg
-    _free(device)
+    # its first frame builds (or loads) the engines.
+    measure_row(report, args, device, image, "tensorrt (fp16 engine)", "fp32", backend="tensorrt",
+                note="predict() end to end (torch-side memory only)")
 
 
 # ----------------------------------------------------------------------------- main
