@@ -64,6 +64,10 @@ def test_demo_judgement_counts_each_preferred_object_once():
     assert verdict == {"top_right": True, "right": 1, "preferred": 2}
     verdict = _judgement(scene, _message([[0, 30, 5, 39], [40, 5, 55, 20], [10, 10, 30, 30]]))
     assert verdict == {"top_right": False, "right": 2, "preferred": 2}
+    assert _judgement(scene, _message([])) == {"top_right": False, "right": 0, "preferred": 2}
+    nothing_preferred = SimpleNamespace(preferred_boxes=np.zeros((0, 4)))
+    assert _judgement(nothing_preferred, _message([[10, 10, 30, 30]])) == {"top_right": False, "right": 0,
+                                                                         "preferred": 0}
 
 
 def test_demo_positions_skip_instances_on_no_object():

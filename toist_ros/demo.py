@@ -454,16 +454,17 @@ def _positions(msg: Any, scene: Optional[Any], depth: Optional[Any]) -> list[dic
 def _judgement(scene: Optional[Any], msg: Any) -> dict:
     """On a synthetic scene: whether the top instance hits a preferred object, and how many of the
     preferred objects some instance hits ("right": two instances on one object count once)."""
-    from toist_ros.demo_scenes import IOU_RIGHT, box_iou, right_instances
+    from toist_ros.demo_scenes import IOU_RIGHT, box_iou
 
     if scene is None:
         return {"top_right": None, "right": None}
     boxes = np.array([list(i.box) for i in msg.instances], dtype=np.float64).reshape(-1, 4)
-    right = right_instances(boxes, scene.preferred_boxes)
-    found = set()
-    if len(boxes) and len(scene.preferred_boxes):
-        found = {int(row.argmax()) for row in box_iou(boxes, scene.preferred_boxes) if row.max() >= IOU_RIGHT}
-    return {"top_right": bool(right and right[0]), "right": len(found), "preferred": len(scene.preferred_boxes)}
+    if not len(boxes) or not len(scene.preferred_boxes):
+        return {"top_right": False, "right": 0, "preferred": len(scene.preferred_boxes)}
+    overlaps = box_iou(boxes, scene.preferred_boxes)  # [instances, preferred objects]
+    hits = overlaps.max(axis=1) >= IOU_RIGHT
+    found = {int(row.argmax()) for row, hit in zip(overlaps, hits) if hit}
+    return {"top_right": bool(hits[0]), "right": len(found), "preferred": len(scene.preferred_boxes)}
 
 
 def _save_overlay(path: Path, pixels: np.ndarray, msg: Any, note: str, row: dict) -> None:
