@@ -302,6 +302,24 @@ def test_masks_off_leaves_an_empty_mask_image():
     assert all(m.mask_roi.width > 0 for m in msgs)
 
 
+def test_masks_computed_for_3d_only_give_the_box_hull_as_mask_roi():
+    """output.masks:=false with depth on: masks exist (for 3D) but are not published, and
+    mask_roi is the box's pixel hull as docs/ros.md says, not the hull grown to unseen mask pixels."""
+    from toist_ros.instances import box_hull, to_instance_msgs
+
+    boxes = np.array([[20.3, 10.2, 30.7, 20.5]], np.float32)
+    masks = np.zeros((1, 48, 64), bool)
+    masks[0, 8:22, 18:33] = True  # spills past the box, inside its crop window
+    ranked = rank_instances(boxes, np.array([0.9], np.float32), masks, (64, 48))
+    assert ranked[0].roi != ranked[0].hull  # published with masks: grown to the mask
+    [with_masks] = to_instance_msgs(ranked)
+    [without] = to_instance_msgs(ranked, with_masks=False)
+    roi = lambda m: (m.mask_roi.x_offset, m.mask_roi.y_offset, m.mask_roi.width, m.mask_roi.height)  # noqa: E731
+    assert roi(with_masks) == ranked[0].roi
+    x0, y0, x1, y1 = box_hull(boxes[0], 64, 48)
+    assert roi(without) == (x0, y0, x1 - x0, y1 - y0) == (20, 10, 11, 11) and without.mask.width == 0
+
+
 def test_inconsistent_predictions_are_refused():
     boxes, scores, masks = _prediction()
     with pytest.raises(ValueError, match="6 boxes but 5 scores"):

@@ -104,8 +104,28 @@ def test_a_negative_stamp_is_a_counted_reject_not_an_error_in_the_inference_thre
     assert LIMITS.image_to_rgb(raw).shape == (48, 64, 3)
 
 
-def _values(errors=0, received=10):
-    return {"received": received, "rejected": 0, "lost_in_transport": 0, "inference_errors": errors, "cuda_oom": 0}
+def _values(errors=0, received=10, processed=None, rejected=0, stale=0):
+    return {"received": received, "rejected": rejected, "lost_in_transport": 0, "inference_errors": errors,
+            "cuda_oom": 0, "processed": received if processed is None else processed, "skipped_stale": stale}
+
+
+def test_health_warns_while_frames_arrive_but_none_is_published():
+    """Every frame rejected (a depth topic remapped to image) or too old (clocks out of sync):
+    the node runs, its users get nothing; that is not "running"."""
+    health = HealthLevel()
+    assert health.judge(_values(), ready=True, last_error="", receiving=True) == (OK, "running")
+    level, message = health.judge(_values(received=10, processed=10, rejected=40), ready=True, last_error="",
+                                  receiving=True)
+    assert level == WARN and message.startswith("no result published since the last report: the frames were 40 "
+                                                "rejected")
+    level, message = health.judge(_values(received=50, processed=10, rejected=40, stale=40), ready=True,
+                                  last_error="", receiving=True)
+    assert level == WARN and "40 older than input.max_age_s" in message and "rejected" not in message
+    # Frames published again; a slow model that published none in a window but turned none away.
+    assert health.judge(_values(received=52, processed=11, rejected=40, stale=41), ready=True, last_error="",
+                        receiving=True) == (OK, "running")
+    assert health.judge(_values(received=60, processed=11, rejected=40, stale=41), ready=True, last_error="",
+                        receiving=True) == (OK, "running")
 
 
 def test_health_recovers_after_an_old_error():
@@ -136,6 +156,25 @@ def test_health_warns_while_no_frame_gets_depth_and_recovers_when_one_does():
     assert health.judge({**_values(), **depth}, ready=True, last_error="", receiving=True) == (OK, "running")
     # Without depth keys (depth.enabled false) nothing is said about depth.
     assert health.judge(_values(), ready=True, last_error="", receiving=True) == (OK, "running")
+
+
+def test_no_image_warning_is_decided_per_camera():
+    """A camera whose images were rejected has its own warnings; the other camera, which got
+    nothing at all, still gets its no-image warning."""
+    from toist_ros.camera_input import CameraInputs, ImageError
+    from toist_ros.diagnostics import Counters
+
+    warnings = []
+    logger = SimpleNamespace(warning=lambda text, **_: warnings.append(text))
+    node = SimpleNamespace(get_logger=lambda: logger, get_publishers_info_by_topic=lambda topic: [])
+    inputs = CameraInputs(node, {"input.topics": ["front/image", "rear/image"], "input.reliability": "auto",
+                                 "input.no_image_warning_s": 5.0}, Counters(), None, LIMITS)
+    front, rear = inputs.cameras
+    front.subscribed_name, rear.subscribed_name = "/front/image", "/rear/image"
+    inputs._reject(front, ImageError("encoding", "16UC1 is a depth encoding"))
+    warnings.clear()
+    inputs.warn_no_image()
+    assert len(warnings) == 1 and warnings[0].startswith("no image on /rear/image after 5 s")
 
 
 def test_most_frames_lost_gives_one_warning_naming_the_remedies():

@@ -354,6 +354,25 @@ def test_task_topic_changes_the_task(node, probe):
     assert node.active_task.revision == before + 1
 
 
+def test_task_messages_are_applied_in_the_order_they_were_published(node, probe, monkeypatch):
+    """A burst on the task topic: each message applied in turn, the last one active (the
+    executor's threads used to race for the encoder and could end on an earlier message)."""
+    from std_msgs.msg import String
+
+    applied = []
+    publish = node._tasks._publish
+    monkeypatch.setattr(node._tasks, "_publish", lambda task: (applied.append(task.request), publish(task)))
+    burst = ["1", "3", "5", "sit comfortably on", "open bottle of beer with", "2", "dig hole with", "8"]
+    for round_ in range(6):
+        sequence = burst[round_:] + burst[:round_]
+        before = node.active_task.revision
+        applied.clear()
+        for text in sequence:
+            probe.task_pub.publish(String(data=text))
+        assert wait_for(lambda: node.active_task.revision == before + len(sequence), timeout=30)
+        assert applied == sequence and node.active_task.request == sequence[-1]
+
+
 UNTRAINED = "is not one this model was trained on"
 
 
@@ -924,14 +943,22 @@ def test_sim_time_without_clock_and_misspelt_parameters(ros, tmp_path, capfd):
     from toist_ros.conversions import image_from_array
     from toist_ros.msg import TaskInstances
 
+    from diagnostic_msgs.msg import DiagnosticArray
+
     node = _start(ros, "sim_time", tmp_path, use_sim_time=True, score_treshold=0.9, device="auto")
     try:
         assert node.get_clock().now().nanoseconds == 0
         client = ros.node("sim_camera")
-        results = []
+        results, reports = [], []
         client.create_subscription(TaskInstances, "/sim_time/instances", results.append, 10)
+        client.create_subscription(DiagnosticArray, "/diagnostics", lambda msg: reports.extend(
+            s for s in msg.status if s.name.endswith("(/sim_time/toist_perception)")), 10)
         pub = client.create_publisher(Image, "/sim_time/image", 10)
         assert wait_for(lambda: pub.get_subscription_count() > 0)
+        # The node's housekeeping runs on the steady clock while the ROS clock stands still: the
+        # automatic reliability follows the (reliable) camera, /diagnostics keeps reporting.
+        assert wait_for(lambda: node._cameras[0].reliable, timeout=10)
+        assert wait_for(lambda: len(reports) >= 2, timeout=10)
         for index in range(2):
             msg = image_from_array(_photo(), "rgb8")
             msg.header.stamp = Time(sec=1_700_000_000 + index)  # a wall-clock stamp: "old" by no clock

@@ -155,6 +155,26 @@ def test_an_input_size_the_frame_limits_would_refuse_every_frame_for_is_refused(
         node.destroy_node()
 
 
+def test_cameras_must_not_share_outputs_or_leave_the_namespace(context):
+    """front_image and rear_image both published on instances: nothing said which camera a result
+    came from; /cam/image put its outputs outside the node's namespace."""
+    assert P.check_values({"input.topics": ["front/image", "rear/image", "image"]}) == []
+    assert P.check_values({"input.topics": ["front_image", "rear_image"]}) == [
+        "input.topics: front_image and rear_image would publish on the same instances and debug_image: give "
+        "each camera a folder of its own (front/image, rear/image)"]
+    assert P.check_values({"input.topics": ["cam/image", "cam/compressed_image"]}) == [
+        "input.topics: cam/image and cam/compressed_image would publish on the same cam/instances and "
+        "cam/debug_image: give each camera a folder of its own (front/image, rear/image)"]
+    [reason] = P.check_values({"input.topics": ["/cam/image"]})
+    assert reason.startswith("input.topics: ['/cam/image']: give relative names") and "-r front/image:=" in reason
+    node = _node(context, [("input.topics", ["front_image", "rear_image"])])
+    try:
+        with pytest.raises(P.ParameterError, match="would publish on the same instances"):
+            P.declare(node)
+    finally:
+        node.destroy_node()
+
+
 def test_task_given_as_a_number_is_the_task_text(context):
     node = _node(context, [("task", 3)])
     try:

@@ -31,6 +31,8 @@ from toist_ros.diagnostics import Counters, RateMeter
 from toist_ros.frame_limits import FrameLimits
 from toist_ros.frame_slot import OLDER, REPLACED, FrameSlots
 from toist_ros.msg import TaskInstances
+from toist_ros.params import output_prefix
+from toist_ros.steady_timer import steady_timer
 
 QOS_CHECK_PERIOD_S = 1.0      # auto reliability: how often the publishers on a topic are looked at
 LOSS_WINDOW_S = 5.0           # "most frames lost in transport" is judged over this window
@@ -53,12 +55,13 @@ class Camera:
     def __init__(self, index: int, topic: str) -> None:
         self.index = index
         self.topic = topic
-        self.prefix = topic[: topic.rfind("/") + 1]  # "" for "image", "front/" for "front/image"
+        self.prefix = output_prefix(topic)  # "" for "image", "front/" for "front/image"
         self.input_rate = RateMeter()
         self.output_rate = RateMeter()
         self.subscription = None
         self.subscribed_name = ""
         self.reliable = False            # the subscription's reliability now
+        self.rejected = 0                # images turned away (their warnings say why)
         self.window = [0, 0]             # (arrived, lost) since window_start
         self.window_start = time.monotonic()
         self.last_loss_warning = float("-inf")
@@ -134,7 +137,7 @@ class CameraInputs:
                                    f"{qos_text(image_qos(camera.reliable))}, input.reliability "
                                    f"{self.reliability}) -> {camera.instances_pub.topic_name}, "
                                    f"{camera.debug_pub.topic_name}")
-        self._timer = node.create_timer(QOS_CHECK_PERIOD_S, self.check, callback_group=self._group)
+        self._timer = steady_timer(node, QOS_CHECK_PERIOD_S, self.check, self._group)
 
     def _kind(self) -> type:
         return CompressedImage if self._settings["input.compressed"] else Image
@@ -217,6 +220,7 @@ class CameraInputs:
             self._counters.add("dropped_out_of_order")
 
     def _reject(self, camera: Camera, exc: ImageError) -> None:
+        camera.rejected += 1
         self._counters.add("rejected")
         self._counters.add(f"rejected_{exc.reason}")
         self._node.get_logger().warning(f"rejected an image on {camera.subscribed_name}: {exc}",
@@ -226,7 +230,7 @@ class CameraInputs:
         """For each camera that got nothing: one warning with the publishers on its topic and their QoS."""
         settings = self._settings
         for camera in self.cameras:
-            if self.slots.received[camera.index] or self._counters.get("rejected"):
+            if self.slots.received[camera.index] or camera.rejected:  # its own warnings said why
                 continue
             self._counters.add("no_image_warnings")
             publishers = self._node.get_publishers_info_by_topic(camera.subscribed_name)

@@ -1,8 +1,9 @@
 """What the node reports on ``/diagnostics``: its key/values, and one level with its reason.
 
-ERROR while loading; WARN when most images never reached the node since the last report, on
-inference errors in the last ``ERROR_WINDOW_S`` seconds, or with no input; OK otherwise (a single
-error long ago does not keep the node in WARN: the counters keep the history).
+ERROR while loading; WARN when most images never reached the node since the last report, when
+images arrived but none was published (all rejected or too old), on inference errors in the last
+``ERROR_WINDOW_S`` seconds, or with no input; OK otherwise (a single error long ago does not keep
+the node in WARN: the counters keep the history).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class HealthLevel:
     def __init__(self) -> None:
         self._previous_arrivals = (0, 0)  # (arrived, lost) at the last diagnostics report
         self._previous_depth = (0, 0, 0)  # (paired, missing, unsynced) at the last report
+        self._previous_outcomes = (0, 0, 0)  # (processed, rejected, skipped_stale) at the last report
         self._errors: collections.deque = collections.deque()  # (monotonic time, error total) per report
 
     def judge(self, values: dict[str, Any], *, ready: bool, last_error: str, receiving: bool,
@@ -86,11 +88,14 @@ class HealthLevel:
         # Errors since the oldest report inside the window (or since start, early on).
         recent_errors = errors - (self._errors[0][1] if self._errors[0][0] <= now - ERROR_WINDOW_S else 0)
         depth_problem = self._depth_problem(values)
+        nothing_published = self._nothing_published(values)
         if not ready:
             return ERROR, "not ready"
         if recent_lost > max(recent_arrived, 2):
             return WARN, (f"most images never reached the node ({recent_lost} lost, {recent_arrived} "
                           "arrived since the last report): DDS transport or QoS (see docs/ros.md)")
+        if nothing_published:
+            return WARN, nothing_published
         if depth_problem:
             return WARN, depth_problem
         if recent_errors > 0:
@@ -99,6 +104,21 @@ class HealthLevel:
         if not receiving:
             return WARN, "no input images"
         return OK, "running"
+
+    def _nothing_published(self, values: dict[str, Any]) -> str:
+        """Why no camera frame since the last report was published although frames came ("" when
+        one was, or none was turned away): the node runs, yet its users get nothing."""
+        now = (values["processed"], values["rejected"], values["skipped_stale"])
+        processed, rejected, stale = (a - b for a, b in zip(now, self._previous_outcomes))
+        self._previous_outcomes = now
+        if processed > 0 or rejected + stale == 0:
+            return ""
+        causes = []
+        if rejected:
+            causes.append(f"{rejected} rejected (the rejected_<reason> counters and the log say why)")
+        if stale:
+            causes.append(f"{stale} older than input.max_age_s (camera and node clocks in sync? use_sim_time?)")
+        return f"no result published since the last report: the frames were {' and '.join(causes)}"
 
     def _depth_problem(self, values: dict[str, Any]) -> str:
         """Why no frame since the last report got depth ("" when some did, or depth is off)."""

@@ -42,6 +42,7 @@ class RankedInstance:
     roi: tuple[int, int, int, int]  # x_offset, y_offset, width, height of the mask crop
     mask_crop: Optional[np.ndarray]  # [roi h, roi w] bool, None when masks are off
     mask_area: int
+    hull: tuple[int, int, int, int]  # x_offset, y_offset, width, height of the box's pixel hull
 
 
 def as_numpy(value: Any) -> Optional[np.ndarray]:
@@ -93,7 +94,8 @@ def rank_instances(boxes: Any, scores: Any, masks: Any, image_size: tuple[int, i
             x, y, w, h = roi
             crop = mask[y:y + h, x:x + w]
             area = int(np.count_nonzero(crop))  # published pixels: what full_mask gives back
-        out.append(RankedInstance(rank, float(scores[index]), box, roi, crop, area))
+        x0, y0, x1, y1 = box_hull(box, width, height)
+        out.append(RankedInstance(rank, float(scores[index]), box, roi, crop, area, (x0, y0, x1 - x0, y1 - y0)))
     return out
 
 
@@ -145,7 +147,8 @@ def mask_roi(box: np.ndarray, mask: Optional[np.ndarray], width: int, height: in
 
 def to_instance_msgs(ranked: list[RankedInstance], header: Any = None, with_masks: bool = True) -> list:
     """``toist_ros/Instance`` messages (masks as mono8 crops; an empty Image when the instance has
-    no mask or ``with_masks`` is false, e.g. masks computed for 3D only)."""
+    no mask or ``with_masks`` is false, e.g. masks computed for 3D only: ``mask_roi`` is then the
+    box's pixel hull, as without masks, not a crop nobody receives)."""
     from toist_ros.msg import Instance
 
     out = []
@@ -154,7 +157,7 @@ def to_instance_msgs(ranked: list[RankedInstance], header: Any = None, with_mask
         msg.score = item.score
         msg.rank = item.rank
         msg.box = item.box
-        x, y, w, h = item.roi
+        x, y, w, h = item.roi if with_masks else item.hull
         msg.mask_roi.x_offset, msg.mask_roi.y_offset = x, y
         msg.mask_roi.width, msg.mask_roi.height = w, h
         if item.mask_crop is not None and with_masks:

@@ -39,6 +39,7 @@ from toist_ros.health import HealthLevel, report_values
 from toist_ros.inference_worker import InferenceWorker, predict
 from toist_ros.model_loader import EXIT_MODEL, EXIT_PARAMETERS, StartupError, load_model
 from toist_ros.msg import TaskStatus
+from toist_ros.steady_timer import steady_timer
 from toist_ros.srv import SegmentImage, SetTask
 from toist_ros.tasks import ONE_SHOT_REVISION, ActiveTask, TaskSwitch, loading_task
 
@@ -103,6 +104,9 @@ class PerceptionNode(Node):
 
         self._image_group = ReentrantCallbackGroup()
         self._control_group = ReentrantCallbackGroup()
+        # Task messages one at a time, in arrival order: on the reentrant group the executor's
+        # threads raced for the encoder and the node could end on a task published before the last.
+        self._task_topic_group = MutuallyExclusiveCallbackGroup()
         self._segment_group = ReentrantCallbackGroup()  # waits for inference: threads of its own
         self._timer_group = MutuallyExclusiveCallbackGroup()
         self._inputs = CameraInputs(self, settings, self.counters, self._image_group, self._limits)
@@ -129,16 +133,16 @@ class PerceptionNode(Node):
         settings = self._settings
         self._task_sub = self.create_subscription(String, "task", self._on_task_topic,
                                                   QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE),
-                                                  callback_group=self._control_group)
+                                                  callback_group=self._task_topic_group)
         self._set_task_srv = self.create_service(SetTask, "set_task", self._on_set_task,
                                                  callback_group=self._control_group)
         self._segment_srv = self.create_service(SegmentImage, "segment_image", self._on_segment_image,
                                                 callback_group=self._segment_group)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._diag_timer = self.create_timer(settings["diagnostics.period_s"], self._publish_diagnostics,
-                                             callback_group=self._timer_group)
-        self._no_image_timer = self.create_timer(settings["input.no_image_warning_s"], self._warn_no_image,
-                                                 callback_group=self._timer_group)
+        self._diag_timer = steady_timer(self, settings["diagnostics.period_s"], self._publish_diagnostics,
+                                        self._timer_group)
+        self._no_image_timer = steady_timer(self, settings["input.no_image_warning_s"], self._warn_no_image,
+                                            self._timer_group)
         self.get_logger().info(
             f"task input {self._task_sub.topic_name} (std_msgs/String, reliable depth 10); services "
             f"{self._set_task_srv.srv_name}, {self._segment_srv.srv_name}; status "

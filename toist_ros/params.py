@@ -201,6 +201,27 @@ def unknown_overrides(names: Any) -> list[str]:
 _RENAMED = {"input.reliable": ("input.reliability", "auto, reliable or best_effort; true meant reliable")}
 
 
+def output_prefix(topic: str) -> str:
+    """Where an input topic's outputs go: ``"front/"`` for ``front/image``, ``""`` for ``image``."""
+    return topic[: topic.rfind("/") + 1]
+
+
+def _input_topic_problems(topics: list[str]) -> list[str]:
+    """Cameras whose outputs would land on one topic (nothing in a result says which camera it
+    came from), and absolute names (their outputs would leave the node's namespace)."""
+    absolute = [topic for topic in topics if topic.startswith("/")]
+    if absolute:
+        return [f"input.topics: {absolute}: give relative names (front/image) and remap them "
+                f"(-r front/image:=/cam_front/image_raw): each camera's outputs go next to its input name, "
+                f"inside the node's namespace"]
+    by_prefix: dict[str, list[str]] = {}
+    for topic in topics:
+        by_prefix.setdefault(output_prefix(topic), []).append(topic)
+    return [f"input.topics: {' and '.join(shared)} would publish on the same {prefix}instances and "
+            f"{prefix}debug_image: give each camera a folder of its own (front/image, rear/image)"
+            for prefix, shared in by_prefix.items() if len(shared) > 1]
+
+
 def check_values(values: dict[str, Any]) -> list[str]:
     """Reasons for every invalid value in ``values`` (names must be declared parameters)."""
     reasons = []
@@ -215,6 +236,8 @@ def check_values(values: dict[str, Any]) -> list[str]:
     if not reasons and "depth.min_m" in values and "depth.max_m" in values:
         if values["depth.max_m"] <= values["depth.min_m"]:
             reasons.append(f"depth.max_m {values['depth.max_m']} must be greater than depth.min_m {values['depth.min_m']}")
+    if not reasons and "input.topics" in values:
+        reasons += _input_topic_problems(values["input.topics"])
     if not reasons and values.get("depth.enabled") and "input.topics" in values:
         cameras = len(values["input.topics"])
         for name in ("depth.topics", "depth.camera_info_topics"):

@@ -20,6 +20,7 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 
 from toist_ros.camera_input import QOS_CHECK_PERIOD_S, image_qos, qos_text, wanted_reliable
+from toist_ros.steady_timer import steady_timer
 from toist_ros.depth.images import DepthError, depth_from_image, has_distortion, intrinsics_from_camera_info
 from toist_ros.depth.pairing import CameraModel, DepthBuffer, stamp_ns
 from toist_ros.diagnostics import Counters
@@ -58,7 +59,7 @@ class DepthInputs:
                                    f"{qos_text(image_qos(self._reliable[index]))}) with {info.topic_name} "
                                    "(sensor_msgs/CameraInfo)")
         if self._mode == "auto":
-            self._timer = node.create_timer(QOS_CHECK_PERIOD_S, self._check_qos, callback_group=self._group)
+            self._timer = steady_timer(node, QOS_CHECK_PERIOD_S, self._check_qos, self._group)
 
     def _subscribe(self, index: int, reliable: bool) -> None:
         if self._subscriptions[index] is not None:
