@@ -265,3 +265,46 @@ def test_size_rule_is_the_reference_s_wherever_that_gives_an_image():
                 assert resized_hw(int(height), int(width), size, max_size) == want
                 checked += 1
     assert checked > 10000
+
+
+def test_inference_config_is_frozen_and_checks_types():
+    """A field changed in place was half applied (duplicate_iou, std, precision... ignored; a
+    negative max_instances sliced instances off); a float size failed at the first frame in torch."""
+    from toist_core.typed_config import ConfigError
+
+    config = InferenceConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.duplicate_iou = None
+    for field, value in (("short_side", 64.0), ("max_instances", 2.5), ("pad_multiple", 2.5), ("max_size", True),
+                         ("score_threshold", "0.5"), ("mask_threshold", None), ("std", (1.0, 1.0)),
+                         ("mean", "abc")):
+        with pytest.raises(ConfigError, match=rf"inference\.{field} must be"):
+            InferenceConfig(**{field: value})
+    assert InferenceConfig(mean=[0.5, 0.5, 0.5]).mean == (0.5, 0.5, 0.5)  # a YAML list is taken, as a tuple
+    assert dataclasses.replace(config, max_instances=3).max_instances == 3
+
+
+def test_a_new_config_does_not_undo_a_task_set_meanwhile(monkeypatch):
+    """seg.inference = ... read the task state, then wrote it back: a set_task of another thread
+    in between was lost (the segmenter reverted to the older task)."""
+    from toist_core.inference import segmenter as segmenter_module
+
+    seg = TaskSegmenter.from_config("tiny", seed=0, device="cpu")
+    seg.set_task(1)
+    meanwhile = [seg.encode_task(3), seg.encode_task(5)]
+    processing_of = segmenter_module.processing_of
+
+    def set_task_meanwhile(config):  # another thread's set_task, inside the setter's window
+        seg.set_task(meanwhile[0])
+        return processing_of(config)
+
+    monkeypatch.setattr(segmenter_module, "processing_of", set_task_meanwhile)
+    seg.inference = dataclasses.replace(seg.inference, score_threshold=0.2)
+    assert seg.task_state is meanwhile[0]
+    # A pronoun change re-encodes the current task, still only if no task was set meanwhile.
+    meanwhile.pop(0)
+    seg.inference = dataclasses.replace(seg.inference, pronoun="it")
+    assert seg.task_state is meanwhile[0]
+    monkeypatch.setattr(segmenter_module, "processing_of", processing_of)
+    seg.inference = dataclasses.replace(seg.inference, pronoun="thing")
+    assert seg.task_state.caption.endswith(" thing") and seg.task_state.task_id == 5

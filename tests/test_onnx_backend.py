@@ -109,6 +109,63 @@ def test_segmenter_backend_onnxruntime_returns_the_same_instances(dirs):
     assert onnx_seg.predict(images[0], with_masks=False).masks is None
 
 
+def test_weights_loaded_into_an_onnx_segmenter_are_refused_not_mixed(dirs):
+    """The graphs hold the exported weights: a load_state_dict of new weights used to re-encode
+    the text with them while the detector ran the old ones, without a word."""
+    seg = TaskSegmenter.from_pretrained(dirs[0], device="cpu", task=2,
+                                        inference=InferenceConfig(backend="onnxruntime", **SMALL))
+    before = seg.predict(_image(48, 64, seed=0))
+    other, _ = _model(seed=1)
+    with pytest.raises(CheckpointError, match=r"loaded anew .* `toist export --onnx` it and open a new TaskSegmenter"):
+        seg.model.load_state_dict(other.state_dict())
+    with pytest.raises(CheckpointError, match="the graphs still hold the exported weights"):
+        seg.predict(_image(48, 64, seed=0))
+    # A memory bank's load is fine: the centres are an input of the graph.
+    distilled = TaskSegmenter.from_pretrained(dirs[1], device="cpu", task=2,
+                                              inference=InferenceConfig(backend="onnxruntime", **SMALL))
+    distilled.memory_bank.load_state_dict(distilled.memory_bank.state_dict())
+    assert len(distilled.predict(_image(48, 64, seed=0))) >= 0 and len(before) >= 0
+
+
+def test_a_provider_that_did_not_start_is_not_run_under_the_backend_s_name(dirs, monkeypatch):
+    """onnxruntime falls back to the next provider when TensorRT (or CUDA) fails to start: the
+    session is created without fallback and must run on the provider asked for first."""
+    import onnxruntime as ort
+
+    from toist_core.inference import onnx_backend
+
+    created = []
+    real = ort.InferenceSession
+
+    class FellBack(real):
+        def __init__(self, *args, **kwargs):
+            created.append(kwargs)
+            super().__init__(*args, **{**kwargs, "providers": ["CPUExecutionProvider"]})
+
+    monkeypatch.setattr(ort, "InferenceSession", FellBack)
+    monkeypatch.setattr(onnx_backend, "providers_for", lambda *a: [("CUDAExecutionProvider", {}), "CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match=r"opened detector.onnx on CPUExecutionProvider, not on "
+                                           r"CUDAExecutionProvider; is the CUDA provider's runtime"):
+        OnnxNetwork(dirs[0], "onnxruntime")
+    assert created and all(kwargs.get("enable_fallback") == 0 for kwargs in created)
+    monkeypatch.setattr(onnx_backend, "providers_for", lambda *a: [("TensorrtExecutionProvider", {}), "CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match=r"not on TensorrtExecutionProvider; TensorRT needs onnxruntime-gpu"):
+        OnnxNetwork(dirs[0], "tensorrt")
+
+
+def test_export_errors_name_the_command_that_fits(dirs, tmp_path):
+    from toist_core.checkpoint import export_model_dir
+    from toist_core.inference.onnx_export import export_checked
+
+    with pytest.raises(CheckpointError, match=r"plain: a model directory already, not a checkpoint file"):
+        export_model_dir(dirs[0], tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+    official = tmp_path / "off.pth"
+    torch.save({"model": {}}, official)
+    with pytest.raises(CheckpointError, match=rf"make one first: `toist export {official} <model_dir> --onnx`"):
+        export_checked(official)
+
+
 def test_missing_onnx_files_name_the_export_command(tmp_path):
     model, cfg = _model(seed=1)
     directory = save_model_dir(model, tmp_path / "bare", cfg)

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -246,9 +247,13 @@ class InputSize:
             raise ConfigError(f"input_size: need short_side <= max_size, got {self.short_side} / {self.max_size}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class InferenceConfig:
     """Pre- and post-processing of :class:`toist_core.inference.TaskSegmenter`.
+
+    Frozen: a segmenter derives state from a config when it is assigned (normalisation,
+    processing, autocast, the re-encoded task), so a field changed in place would be half
+    applied; change one with ``seg.inference = dataclasses.replace(seg.inference, ...)``.
 
     Defaults are the reference evaluation's (the model's own input size: 800 / 1333 for
     official checkpoints; ImageNet normalisation, mask threshold 0.5), plus a score threshold
@@ -306,6 +311,23 @@ class InferenceConfig:
     backend: Backend = "torch"
 
     def __post_init__(self) -> None:
+        # Types first: a float size or cap would otherwise fail at the first frame, in torch,
+        # naming no field.
+        for name in ("short_side", "max_size", "max_instances", "pad_multiple"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)):
+                raise ConfigError(f"inference.{name} must be an integer, got {value!r}")
+        for name in ("score_threshold", "mask_threshold", "duplicate_iou"):
+            value = getattr(self, name)
+            if (value is None and name != "duplicate_iou") or (
+                    value is not None and (isinstance(value, bool) or not isinstance(value, Real))):
+                raise ConfigError(f"inference.{name} must be a number, got {value!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if (not isinstance(value, (tuple, list)) or len(value) != 3
+                    or not all(isinstance(v, Real) and not isinstance(v, bool) for v in value)):
+                raise ConfigError(f"inference.{name} must be 3 numbers (R, G, B), got {value!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
         for name in ("short_side", "max_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -166,6 +166,9 @@ def export_model_dir(path: PathLike, directory: PathLike, text_encoder: Optional
     roberta-base); training checkpoints name their own.
     """
     check_replaceable(directory)
+    if is_model_dir(path):
+        raise CheckpointError(f"{path}: a model directory already, not a checkpoint file: nothing to convert (copy "
+                              f"the folder to move it; `toist export --onnx {path}` adds its ONNX graphs)")
     loaded = load_official(path, config=config, text_encoder=text_encoder, weights=weights)
     if pronoun:
         loaded.pronoun = pronoun

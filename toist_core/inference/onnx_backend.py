@@ -79,6 +79,16 @@ def providers_for(backend: str, device: torch.device, directory: Path, digest: s
     return ["CPUExecutionProvider"]
 
 
+def check_provider(session, wanted: str, backend: str, path: Path) -> None:
+    """Refuse a session that does not run on the provider the backend asked for first."""
+    running = session.get_providers()
+    if not running or running[0] != wanted:
+        raise RuntimeError(f"backend {backend!r}: onnxruntime opened {path.name} on {', '.join(running) or 'nothing'}, "
+                           f"not on {wanted}; " + (TRT_MISSING.format(available=", ".join(running))
+                                                    if wanted == "TensorrtExecutionProvider" else
+                                                    "is the CUDA provider's runtime (CUDA, cuDNN) installed?"))
+
+
 class OnnxNetwork:
     """The detector and mask-head graphs of a model directory in ONNX Runtime sessions.
 
@@ -118,9 +128,20 @@ class OnnxNetwork:
             self.mask_head = self._session(ort, mask_file, options, providers, directory, "mask_head", digest)
         self._outputs = [o.name for o in self.detector.get_outputs()]
 
-    @staticmethod
-    def _session(ort, path: Path, options, providers: list, directory: Path, graph: str, digest: str):
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    def _session(self, ort, path: Path, options, providers: list, directory: Path, graph: str, digest: str):
+        # No fallback: onnxruntime would otherwise answer a TensorRT (or CUDA) provider that
+        # fails to start, e.g. without the TensorRT libraries, by printing a line and running on
+        # the next provider in the list, and the segmenter would call itself tensorrt/fp16
+        # while running CUDA fp32, or the CPU.
+        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers, enable_fallback=0)
+        except Exception as exc:
+            if wanted == "CPUExecutionProvider":
+                raise
+            raise RuntimeError(f"backend {self.backend!r}: onnxruntime could not run {path.name} on {wanted}: "
+                               f"{type(exc).__name__}: {exc}") from None
+        check_provider(session, wanted, self.backend, path)
         check_metadata(path, read_metadata(session.get_modelmeta().custom_metadata_map), directory, graph, digest)
         return session
 
@@ -170,4 +191,5 @@ def open_network(path, backend: str, device: torch.device) -> OnnxNetwork:
     return OnnxNetwork(path, backend, device)
 
 
-__all__ = ["BACKENDS", "OnnxNetwork", "TRT_CACHE_DIR", "open_network", "providers_for", "trt_cache_dir"]
+__all__ = ["BACKENDS", "OnnxNetwork", "TRT_CACHE_DIR", "check_provider", "open_network", "providers_for",
+           "trt_cache_dir"]

@@ -364,8 +364,9 @@ def export_checked(directory, exporter: str = "torchscript", **check) -> dict:
     from ..checkpoint import is_model_dir, load_pretrained
 
     if not is_model_dir(directory):
-        raise CheckpointError(f"{directory}: not a model directory (no config.yaml); make one first: "
-                              f"`toist export <checkpoint.pth> {directory} --onnx`")
+        command = (f"toist export {directory} <model_dir> --onnx" if Path(directory).is_file()
+                   else f"toist export <checkpoint.pth> {directory} --onnx")
+        raise CheckpointError(f"{directory}: not a model directory (no config.yaml); make one first: `{command}`")
     export_onnx(load_pretrained(directory).model, directory, exporter=exporter)
     try:
         result = compare_backends(directory, **check)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from ..checkpoint import CheckpointError
 from ..config import InferenceConfig, InputSize, ModelConfig, preset
 from ..model.eval_mode import eval_mode
 from ..structures import ImageBatch
@@ -50,10 +51,10 @@ class _ReencodeOnLoad:
     def __init__(self, segmenter: "TaskSegmenter"):
         self._segmenter = weakref.ref(segmenter)
 
-    def __call__(self, _module, _incompatible_keys) -> None:
+    def __call__(self, module, _incompatible_keys) -> None:
         segmenter = self._segmenter() if self._segmenter is not None else None
         if segmenter is not None:
-            segmenter._reencode_current_task()
+            segmenter._weights_loaded(module)
 
     def __getstate__(self) -> dict:
         return {"_segmenter": None}
@@ -108,7 +109,12 @@ class TaskSegmenter:
                              f"has {vocabulary.num_tasks} tasks")
         self.memory_bank = memory_bank.to(self.device) if memory_bank is not None else None
         self._bank_lock = threading.Lock()
+        # Task state swaps: set_task, a re-encode after a weight load or a new config; one of them
+        # must not write back a state read before another's swap (the newer task would be lost).
+        self._state_lock = threading.Lock()
         self._state: Optional[TaskState] = None
+        # Why the ONNX graphs no longer match the model (its weights were loaded anew), or None.
+        self._stale_graphs: Optional[str] = None
         self.inference = inference  # the setter derives sizes, pronoun, autocast, normalisation, processing
         self._follow_weight_loads()
         if task is not None:
@@ -125,9 +131,26 @@ class TaskSegmenter:
             if module is not None:
                 weakref.finalize(self, module.register_load_state_dict_post_hook(hook).remove)
 
-    def _reencode_current_task(self) -> None:
-        if self._state is not None:
-            self._state = self._reencode(self._state, self.pronoun, self.inference.ccr)
+    def _weights_loaded(self, module: torch.nn.Module) -> None:
+        """After a ``load_state_dict`` of the model or the bank: re-encode the current task. On an
+        ONNX backend the network's weights are the exported graphs', which a load cannot change:
+        the segmenter refuses to run from then on rather than mix the two sets of weights."""
+        if self._onnx is not None and module is self.model:
+            self._stale_graphs = (f"the model's weights were loaded anew (load_state_dict) after its ONNX graphs were "
+                                  f"opened (backend {self._onnx.backend!r}); the graphs still hold the exported "
+                                  "weights: save the new weights as a model directory, `toist export --onnx` it and "
+                                  "open a new TaskSegmenter")
+            raise CheckpointError(self._stale_graphs)
+        state = self._state
+        if state is not None:
+            self._replace_state(state, self._reencode(state, self.pronoun, self.inference.ccr))
+
+    def _replace_state(self, expected: TaskState, state: TaskState) -> None:
+        """Make ``state`` current if ``expected`` still is: a task another thread set meanwhile
+        is newer (and was encoded with the settings of its time)."""
+        with self._state_lock:
+            if self._state is expected:
+                self._state = state
 
     def _reencode(self, state: TaskState, pronoun: str, ccr: bool) -> TaskState:
         """``state``'s task encoded again (with other weights, pronoun or ``ccr``)."""
@@ -161,14 +184,16 @@ class TaskSegmenter:
         std = torch.tensor(config.std, device=self.device).view(3, 1, 1)
         pronoun = config.pronoun or self._own_pronoun
         state = self._state
+        reencoded = None
         if state is not None and (pronoun != self.pronoun or config.ccr != self._inference.ccr):
-            state = self._reencode(state, pronoun, config.ccr)
+            reencoded = self._reencode(state, pronoun, config.ccr)
         self._autocast, self._mean, self._std, self.pronoun = autocast, mean, std, pronoun
         # Resize method, padding, box clipping and duplicate removal of ``config.protocol``; a
         # benchmark may replace it to isolate one of the choices.
         self.processing: Processing = processing_of(config)
         self._inference = config
-        self._state = state
+        if reencoded is not None:
+            self._replace_state(state, reencoded)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -271,7 +296,8 @@ class TaskSegmenter:
     def set_task(self, task: Union[int, str, TaskState]) -> TaskState:
         """Make ``task`` current (text encoded here, once). Thread-safe: one attribute swap."""
         state = task if isinstance(task, TaskState) else self.encode_task(task)
-        self._state = state
+        with self._state_lock:
+            self._state = state
         key = state.task_id if state.task_id is not None else state.caption
         if state.warning is not None and key not in self._warned:
             self._warned.add(key)
@@ -293,6 +319,8 @@ class TaskSegmenter:
                       score_threshold: Optional[float] = None,
                       max_instances: Optional[int] = None, with_masks: bool = True) -> list[Prediction]:
         """:meth:`predict` for several images at once (padded into one batch)."""
+        if self._stale_graphs is not None:
+            raise CheckpointError(self._stale_graphs)
         state = task_state if task_state is not None else self._state
         if state is None:
             raise RuntimeError("no task set: call set_task(task) first or pass task_state")
