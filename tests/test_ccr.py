@@ -137,3 +137,11 @@ def test_pronoun_is_found_at_its_last_occurrence(tokenizer):
     assert pronoun_token_indices(tokenized, captions, "it") == [[4], [4]]
     with pytest.raises(ValueError, match="does not contain the pronoun"):
         pronoun_token_indices(tokenized, captions, "something")
+    # Whole words only: "it" of "sit" is no pronoun; each caption may have its own.
+    mixed = ["sit comfortably on something", "dig hole with it"]
+    tokenized = tokenizer(mixed, padding="longest", return_tensors="pt")
+    with pytest.raises(ValueError, match="'sit comfortably on something' does not contain the pronoun 'it'"):
+        pronoun_token_indices(tokenized, mixed, "it")
+    assert pronoun_token_indices(tokenized, mixed, ["something", "it"]) == [[4], [4]]
+    with pytest.raises(ValueError, match="1 pronouns for 2 captions"):
+        pronoun_token_indices(tokenized, mixed, ["it"])

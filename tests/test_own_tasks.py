@@ -62,6 +62,38 @@ def test_captions_read_the_own_phrases(workshop, tmp_path):
     assert not any("sit comfortably on" in text or "step on" in text for text in nouns)
 
 
+def test_a_task_s_own_pronoun_is_the_word_distillation_replaces(workshop, tmp_path, monkeypatch):
+    """A vocabulary entry's own pronoun ("sit on it"): the cluster loss and CCR looked for the
+    configured pronoun ("something") and stopped the run, and with data.pronoun "it" they found
+    the "it" inside "sit" instead of the last word."""
+    from toist_core.distill import cluster
+
+    root, _ = workshop
+    vocabulary = tmp_path / "own_pronoun.yaml"
+    vocabulary.write_text(yaml.safe_dump({"name": "seats", "tasks": [
+        {"id": 1, "phrase": "sit on", "pronoun": "it"}, {"id": 2, "phrase": "put a hot pan on"}]}))
+    found = []
+    real = cluster.pronoun_token_indices
+
+    def recording(tokenized, captions, pronouns):
+        indices = real(tokenized, captions, pronouns)
+        for b, caption in enumerate(captions):
+            found.append((caption, tokenizer.decode(tokenized["input_ids"][b][indices[b]].tolist())))
+        return indices
+
+    monkeypatch.setattr(cluster, "pronoun_token_indices", recording)
+    for pronoun in ("something", "it"):
+        cfg = _config("tiny_distill.yaml", (root, vocabulary), tmp_path / pronoun, "init.load=null",
+                      "init.load_noun=null", "distill.bank_size=4", f"data.pronoun={pronoun}",
+                      f"distill.pronoun={pronoun}", "schedule.max_steps=2")
+        tokenizer = load_tokenizer(cfg.model.text.tokenizer)
+        Trainer(cfg, DistEnv()).run()
+    assert found and {caption for caption, _ in found} <= {"sit on it", "put a hot pan on something",
+                                                          "put a hot pan on it"}
+    for caption, token in found:
+        assert token == " " + caption.rsplit(" ", 1)[1], (caption, token)
+
+
 @pytest.fixture(scope="module")
 def workshop_model(workshop, tmp_path_factory):
     """Teacher, student and distilled student on the own tasks, exported with `toist export`."""

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from toist_core.checkpoint import (CheckpointError, OfficialCheckpoint, is_model_dir, load_model_dir,
                                    load_state_dict_strict, read_official, refuse_non_finite, state_dict_problems)
-from toist_core.distill.cluster import ClusterModule, pronoun_token_indices
+from toist_core.distill.cluster import ClusterModule, pronoun_token_indices, target_pronouns
 from toist_core.losses.criterion import DistillationCriterion, SetCriterion, build_weight_dict
 from toist_core.model import build_model
 from toist_core.structures import ImageBatch
@@ -174,7 +174,7 @@ class StepModule(nn.Module):
         captions = [t["caption"] for t in targets]
         memory = self.model.encode(images, captions)
         if self.cluster is not None:  # mask_head_distill: the frozen detector's CCR
-            indices = pronoun_token_indices(memory["tokenized"], captions, self.pronoun)
+            indices = pronoun_token_indices(memory["tokenized"], captions, target_pronouns(targets, self.pronoun))
             memory = self.cluster.inference_step(memory, [int(t["task_id"]) for t in targets], indices)
         return self.model.decode(memory), {}
 

@@ -46,6 +46,9 @@ class CaptionTargets:
     caption: str
     tokens_positive: list[list[Span]]       # per box: the spans its query must point at
     noun_tokens_positive: list[list[Span]]  # per box: the noun (or pronoun) span
+    # A pronoun caption's pronoun (the task's own where its vocabulary entry has one), which
+    # the distillation's cluster loss and CCR must find; "" for other captions.
+    pronoun: str = ""
 
 
 @lru_cache(maxsize=1)
@@ -104,7 +107,7 @@ def pronoun_targets(task_id: int, num_boxes: int, pronoun: str = DEFAULT_PRONOUN
     whole = [(0, len(caption))]
     pronoun_span = [(len(phrase), len(caption))]  # the appended word, wherever else it may occur
     return CaptionTargets(caption, [list(whole) for _ in range(num_boxes)],
-                          [list(pronoun_span) for _ in range(num_boxes)])
+                          [list(pronoun_span) for _ in range(num_boxes)], pronoun=caption[len(phrase):])
 
 
 def noun_caption(task_id: int, names: Sequence[str],

@@ -288,6 +288,8 @@ def _with_captions(target: dict, captions: CaptionTargets) -> dict:
     out["caption"] = captions.caption
     out["tokens_positive"] = captions.tokens_positive
     out["noun_tokens_positive"] = captions.noun_tokens_positive
+    if captions.pronoun:
+        out["pronoun"] = captions.pronoun
     return out
 
 

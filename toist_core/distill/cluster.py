@@ -19,7 +19,8 @@ The memory dict is the model's encode cache: ``text_memory [L, B, D]``, ``img_me
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import re
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -86,19 +87,30 @@ def noun_features(memory: dict, targets: Sequence[dict]) -> tuple[Tensor, list[l
     return features, union, valid
 
 
-def pronoun_token_indices(tokenized, captions: Sequence[str], pronoun: str) -> list[list[int]]:
-    """Token indices of the pronoun in each caption (its last occurrence: the pronoun ends
-    the caption, and a short pronoun such as "it" may also occur inside the verb phrase)."""
+def pronoun_token_indices(tokenized, captions: Sequence[str], pronouns: Union[str, Sequence[str]]) -> list[list[int]]:
+    """Token indices of the pronoun in each caption: its last occurrence as a whole word (the
+    pronoun ends the caption; a short pronoun such as "it" may also occur inside the verb
+    phrase, "sit", or as a word of it). ``pronouns``: one word for every caption, or each
+    caption's own (a task vocabulary may give a task its own pronoun)."""
+    words = [pronouns] * len(captions) if isinstance(pronouns, str) else list(pronouns)
+    if len(words) != len(captions):
+        raise ValueError(f"{len(words)} pronouns for {len(captions)} captions")
     result = []
-    for b, caption in enumerate(captions):
-        begin = caption.rfind(pronoun)
-        if begin < 0:
+    for b, (caption, pronoun) in enumerate(zip(captions, words)):
+        matches = list(re.finditer(rf"(?<!\w){re.escape(pronoun)}(?!\w)", caption)) if pronoun else []
+        if not matches:
             raise ValueError(f"caption {b} {caption!r} does not contain the pronoun {pronoun!r}")
+        begin = matches[-1].start()
         indices = span_token_indices(tokenized, b, [(begin, begin + len(pronoun))])
         if not indices:
             raise ValueError(f"caption {b} {caption!r}: the pronoun {pronoun!r} maps to no token")
         result.append(indices)
     return result
+
+
+def target_pronouns(targets: Sequence[dict], default: str) -> list[str]:
+    """Each target's pronoun (``"pronoun"``, set by the data set's pronoun captions), else ``default``."""
+    return [target.get("pronoun") or default for target in targets]
 
 
 class ClusterModule(nn.Module):
@@ -153,7 +165,8 @@ class ClusterModule(nn.Module):
             if "caption" not in target:
                 raise KeyError(f"targets[{b}] has no 'caption' (needed to find the pronoun)")
             captions.append(target["caption"])
-        token_indices = pronoun_token_indices(_require(memory, "tokenized"), captions, self.config.pronoun)
+        token_indices = pronoun_token_indices(_require(memory, "tokenized"), captions,
+                                              target_pronouns(targets, self.config.pronoun))
         pronoun = mean_token_features(text, token_indices)  # [B, D], with gradient
         centres = []
         for b, target in enumerate(targets):
