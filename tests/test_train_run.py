@@ -326,3 +326,24 @@ def test_check_gives_the_refusals_a_start_would_give(synth_root, tmp_path, capsy
     assert train_main(["--config", str(CONFIGS / "tiny_pronoun.yaml"), "--output-dir", str(run),
                        "--resume", str(run / "checkpoint.pth"), "--check", *common]) == 0
     assert "configuration and paths OK" in capsys.readouterr().err
+
+
+def test_mask_head_distill_refuses_a_detector_distilled_without_ccr_or_with_another_pronoun(synth_root, tmp_path):
+    """A detector distilled with distill.ccr false never saw cluster centres (and is evaluated and
+    exported without them): mask_head_distill switched CCR back on for it, and shipped a bank."""
+    from toist_core.checkpoint import CheckpointError
+
+    common = ("distill.bank_size=8", "init.load=null", "init.load_noun=null", "schedule.max_steps=1")
+    for name, extra in (("ccr_off", ("distill.ccr=false",)), ("it", ("data.pronoun=it", "distill.pronoun=it"))):
+        Trainer(_config("tiny_distill.yaml", synth_root, tmp_path / name, *common, *extra), DistEnv()).run()
+    ccr_off, it = tmp_path / "ccr_off" / "checkpoint.pth", tmp_path / "it" / "checkpoint.pth"
+    with pytest.raises(CheckpointError, match=rf"{ccr_off} was distilled with distill.ccr false: .* stage 'mask_head'"):
+        Trainer(_config("tiny_mask_head_distill.yaml", synth_root, tmp_path / "mask_off", "distill.bank_size=8",
+                        f"init.frozen_weights={ccr_off}"), DistEnv())
+    logs = []  # the plain mask stage is right for it: no "use mask_head_distill" warning
+    Trainer(_config("tiny_mask_head.yaml", synth_root, tmp_path / "mask_plain", f"init.frozen_weights={ccr_off}"),
+            DistEnv(), log=logs.append)
+    assert not [line for line in logs if line.startswith("warning")], logs
+    with pytest.raises(CheckpointError, match=rf"{it} was distilled with the pronoun 'it'; .* data.pronoun 'something'"):
+        Trainer(_config("tiny_mask_head_distill.yaml", synth_root, tmp_path / "mask_it", "distill.bank_size=8",
+                        f"init.frozen_weights={it}"), DistEnv())

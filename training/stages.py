@@ -84,7 +84,11 @@ def build_stage_models(cfg: TrainConfig, tokenizer, log=print) -> StageModels:
     if cfg.is_mask_stage:
         ckpt = read_official(cfg.init.frozen_weights)
         note_source("init.frozen_weights", cfg.init.frozen_weights, ckpt.train_config)
-        if cfg.stage == "mask_head" and ckpt.cluster_state is not None:
+        # A toist distillation run records whether it replaced the pronoun (distill.ccr) and
+        # which pronoun; official files record neither (the reference always replaces).
+        distilled_as = (ckpt.train_config or {}).get("distill") or {}
+        detector_ccr = ckpt.cluster_state is not None and distilled_as.get("ccr", True)
+        if cfg.stage == "mask_head" and detector_ccr:
             log(f"warning: init.frozen_weights: {cfg.init.frozen_weights} is a distilled detector (it has a memory "
                 "bank); stage 'mask_head' trains without it, so without cluster-centre replacement: "
                 "stage 'mask_head_distill' keeps it")
@@ -101,6 +105,15 @@ def build_stage_models(cfg: TrainConfig, tokenizer, log=print) -> StageModels:
             if ckpt.cluster_state is None:
                 raise CheckpointError(f"init.frozen_weights: {cfg.init.frozen_weights} has no memory bank "
                                       "('cluster_criterion'); mask_head_distill needs a distilled detector")
+            if not detector_ccr:
+                raise CheckpointError(f"init.frozen_weights: {cfg.init.frozen_weights} was distilled with distill.ccr "
+                                      "false: its decoder never saw cluster centres, and it is evaluated and exported "
+                                      "without them; train its mask head with stage 'mask_head' (no CCR)")
+            if distilled_as.get("pronoun", cfg.data.pronoun) != cfg.data.pronoun:
+                raise CheckpointError(f"init.frozen_weights: {cfg.init.frozen_weights} was distilled with the pronoun "
+                                      f"{distilled_as['pronoun']!r}; this stage's captions end with data.pronoun "
+                                      f"{cfg.data.pronoun!r}: set data.pronoun and distill.pronoun to "
+                                      f"{distilled_as['pronoun']!r}")
             cluster = ClusterModule(cfg.distill)
             found = tuple(ckpt.cluster_state["feature_bank"].shape) + (ckpt.cluster_state["cluster_centers"].shape[1],)
             wanted = (cfg.distill.num_tasks, cfg.distill.bank_size, cfg.distill.feature_dim, cfg.distill.num_clusters)
