@@ -69,3 +69,64 @@ def test_saved_predictions_read_back(tmp_path):
         loaded = load_predictions(save_predictions(tmp_path / name, _predictions()))
         assert sorted(loaded[1]) == list(range(5))
         assert np.allclose(loaded[1][3].boxes, _predictions()[1][3].boxes, atol=1e-3)   # saved to 3 decimals
+
+
+@contextlib.contextmanager
+def _umask(mask: int):
+    import os
+
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_written_files_and_model_directories_are_readable_by_others():
+    """mkstemp / mkdtemp / safetensors write owner-only (0600 / 0700): a model directory exported
+    by one user was unreadable for the node running as another, and a folder replaced by an
+    export lost its permissions."""
+    import tempfile
+
+    from toist_core.checkpoint import save_model_dir
+    from toist_core.config import preset
+    from toist_core.inference import TaskSegmenter
+
+    segmenter = TaskSegmenter.from_config("tiny", seed=0, device="cpu")
+    with _umask(0o022), tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_dir = save_model_dir(segmenter.model, root / "model", preset("tiny"))
+        assert _mode(model_dir) == 0o755
+        files = [p for p in model_dir.rglob("*") if p.is_file()]
+        assert files and {_mode(p) for p in files} == {0o644}, {p.name: oct(_mode(p)) for p in files}
+        assert {_mode(p) for p in model_dir.rglob("*") if p.is_dir()} <= {0o755}
+        model_dir.chmod(0o750)  # the owner's choice for the folder is kept when it is replaced
+        save_model_dir(segmenter.model, model_dir, preset("tiny"))
+        assert _mode(model_dir) == 0o750 and _mode(model_dir / "model.safetensors") == 0o644
+        table = WRITERS["predictions.json"](root / "predictions.json")
+        assert _mode(table) == 0o644
+        table.chmod(0o600)  # a replaced file keeps its mode
+        WRITERS["predictions.json"](table)
+        assert _mode(table) == 0o600
+    with _umask(0o077), tempfile.TemporaryDirectory() as tmp:  # and the umask is still the user's
+        assert _mode(WRITERS["predictions.json"](Path(tmp) / "p.json")) == 0o600
+
+
+def test_a_mount_point_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """Neither rename nor exchange can move a mount point: the export used to fail at the swap,
+    with a bare OSError, after writing the whole model beside it."""
+    import os
+
+    from toist_core.checkpoint import atomic_dir
+
+    mount = tmp_path / "usb"
+    mount.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == mount)
+    written = []
+    with pytest.raises(OSError, match=rf"{mount} is a mount point: .* give a folder inside it"):
+        atomic_dir.write_directory(mount, written.append)
+    assert written == [] and sorted(tmp_path.iterdir()) == [mount]

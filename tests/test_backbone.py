@@ -66,6 +66,13 @@ def test_local_state_dict_file_and_bad_files(tmp_path):
         BackboneConfig(name="resnet18", weights=str(tmp_path / "missing.pth")).weights_path()
     with pytest.raises(ConfigError, match="no packaged ImageNet weights for 'resnet101'"):
         BackboneConfig(name="resnet101", weights=IMAGENET).weights_path()
+    # A whole pickled module, or a damaged file: refused by name, never "use weights_only=False".
+    torch.save(torchvision.models.resnet18(), tmp_path / "module.pth")
+    with pytest.raises(ValueError, match=r"module.pth: refused: the file contains a pickled object"):
+        Backbone(BackboneConfig(name="resnet18", weights=str(tmp_path / "module.pth")), False)
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "r18.pth").read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"cut.pth"):
+        Backbone(BackboneConfig(name="resnet18", weights=str(tmp_path / "cut.pth")), False)
 
 
 def test_mobile_segm_preset_forward():

@@ -114,6 +114,7 @@ def test_config_imports_without_torch():
 
 @pytest.mark.parametrize("data, says", [
     ({"transformer": {"nheads": 0}}, "transformer: transformer.nheads must be >= 1, got 0"),
+    ({"transformer": {"d_model": 130, "nheads": 2}}, "transformer.d_model must be a multiple of 4"),
     ({"text": {"num_heads": 0}}, "text: text.num_heads must be >= 1, got 0"),
     ({"transformer": {"d_model": 0}}, "transformer: transformer.d_model must be >= 1, got 0"),
     ({"transformer": {"enc_layers": -1}}, "transformer: transformer.enc_layers must be >= 0, got -1"),

@@ -185,6 +185,9 @@ class TransformerConfig:
         if self.d_model % self.nheads:
             raise ConfigError(f"transformer.d_model {self.d_model} is not divisible by "
                               f"transformer.nheads {self.nheads}")
+        if self.d_model % 4:  # the sine position code gives d_model / 2 features per image axis, in sin/cos pairs
+            raise ConfigError(f"transformer.d_model must be a multiple of 4 (the position code's sine and cosine of "
+                              f"x and y), got {self.d_model}")
         # No encoder layer is a valid (if weak) network: the checkpoint reader handles it too.
         _at_least(0, "transformer", enc_layers=self.enc_layers)
         if self.dec_layers < 1:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ..atomic_file import fsync_dir
+from ..atomic_file import default_mode, fsync_dir
 from .errors import PathLike
 
 _AT_FDCWD = -100
@@ -38,12 +39,17 @@ def write_directory(target: PathLike, write: Callable[[Path], None]) -> Path:
     # staging entry; resolving first swaps the trees beside the folder the link points at.
     target = given.resolve() if given.is_symlink() else given
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir() and os.path.ismount(target):
+        # Neither an exchange nor a rename can move a mount point: refused before writing anything.
+        raise OSError(errno.EBUSY, f"{target} is a mount point: a directory cannot be swapped in there as a whole; "
+                                   f"give a folder inside it (e.g. {target / 'model'})")
     if target != given:
         remove_stale(given)  # what an exchange of the link itself left behind (older toist versions)
     remove_stale(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_MARK}", dir=target.parent))
     try:
         write(staging)
+        _open_up(staging, target)
         _fsync_tree(staging)
         if target.exists():
             _exchange(staging, target)      # staging now holds the old tree
@@ -84,14 +90,36 @@ def _exchange(a: Path, b: Path) -> None:
     if renameat2 is not None:
         if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
             return
-        errno = ctypes.get_errno()
-        if errno not in (22, 38, 95):   # EINVAL / ENOSYS / EOPNOTSUPP: no exchange here, fall back
-            raise OSError(errno, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(errno)}")
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # no exchange here: fall back
+            raise OSError(code, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(code)}")
     displaced = Path(tempfile.mkdtemp(prefix=f".{b.name}{STAGING_MARK}", dir=b.parent))
     os.rename(b, displaced / b.name)
     os.rename(a, b)
     os.rename(displaced / b.name, a)
     displaced.rmdir()
+
+
+def _open_up(staging: Path, target: Path) -> None:
+    """Give the new tree the permissions a folder made with ``mkdir`` would have (the replaced
+    folder's own, when there is one), and its files a new file's: ``mkdtemp`` makes the
+    staging folder owner-only and some writers (safetensors) their files too, and a model
+    directory only its writer can read is no use to a node running as another user."""
+    file_mode = default_mode(directory=False)
+    folder_mode = default_mode(directory=True)
+    for folder, folders, files in os.walk(staging):
+        for name in folders + files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):  # chmod would change what the link points to
+                continue
+            if name in folders:
+                os.chmod(path, folder_mode)
+            else:  # executables stay executable
+                os.chmod(path, file_mode | (os.stat(path).st_mode & 0o111 & folder_mode))
+    try:
+        os.chmod(staging, target.stat().st_mode & 0o7777)
+    except OSError:  # no folder there yet
+        os.chmod(staging, folder_mode)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -146,7 +146,11 @@ def _mobilenet_trains(name: str) -> bool:
 
 
 def _read_torchvision_weights(path: Path) -> dict[str, Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    # The checkpoints' checked loader: a damaged archive or a pickled module is refused by name
+    # (a raw UnpicklingError advised weights_only=False).
+    from ..checkpoint.files import safe_torch_load  # the checkpoint package builds models: imported late
+
+    state = safe_torch_load(path)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a torchvision state_dict, got {type(state).__name__}")
     return state
