@@ -23,7 +23,7 @@ from toist_core.eval.plots import plot_pr_curves
 from toist_core.eval.predictions import (ImagePredictions, encode_masks, load_prediction_file, load_predictions,
                                          save_predictions)
 from toist_core.eval.tables import csv_text, markdown_report, write_tables
-from toist_core.tasks import TASK_PHRASES
+from toist_core.tasks import COCO_TASKS, TASK_PHRASES
 
 # pycocotools calls np.array(copy=False) on its own objects (numpy 2 warns); not our code.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -448,6 +448,9 @@ class _OracleSegmenter:
 
 class _NanSegmenter:
     """A model gone wrong: one detection with a NaN score per image."""
+
+    vocabulary = COCO_TASKS
+    trained_tasks = None
 
     def set_task(self, task_id):
         pass
