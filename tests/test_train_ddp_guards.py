@@ -104,6 +104,11 @@ def test_non_finite_predictions_on_one_rank_stop_every_rank_at_evaluation(synth_
     assert rank0["error"] == "NonFiniteOutputError"
     assert rank0["message"] == ("evaluation at the validation set: process 1: images[0]: the network returned 3 "
                                 "non-finite scores")
+    # Raised on every process together: all of them wrote the update's checkpoint first.
+    from training.checkpointing import load_training_checkpoint
+
+    ckpt = load_training_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert ckpt["step"] == 2 and ckpt["eval_pending"] and len(ckpt["rng"]) == 2
 
 
 def test_every_rank_refuses_an_output_dir_that_holds_a_checkpoint(synth_root, tmp_path):

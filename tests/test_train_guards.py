@@ -164,3 +164,136 @@ def test_clip_grad_norm_reports_the_norm_with_and_without_clipping():
     model.weight.grad[0, 0] = float("nan")
     assert math.isnan(float(clip_grad_norm(model, 0.0)))
     assert clip_grad_norm(nn.Linear(1, 1), 0.0) is None  # no gradient yet
+
+
+@pytest.mark.parametrize("leftover", ["BEST_checkpoint.pth", "checkpoint_epoch0002.pth"])
+def test_fresh_start_refuses_another_runs_checkpoints_not_only_checkpoint_pth(synth_root, tmp_path, leftover):
+    """A run that evaluated and crashed before its first checkpoint.pth leaves BEST_checkpoint.pth
+    alone; a new run there started, and exported that run's best weights as its model."""
+    from toist_core.typed_config import ConfigError
+    from training.loops import check_start
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / leftover).write_bytes(b"an earlier run's checkpoint")
+    cfg = _config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=1")
+    for start in (lambda: Trainer(cfg, DistEnv()), lambda: check_start(cfg)):
+        with pytest.raises(ConfigError, match=f"output_dir: {out} already holds {leftover}") as info:
+            start()
+        if leftover == "BEST_checkpoint.pth":   # nothing to resume
+            assert "without a checkpoint.pth to resume" in str(info.value)
+        else:
+            assert f"--resume {out / leftover}" in str(info.value)
+    assert [p.name for p in out.iterdir()] == [leftover]
+
+
+def _synth_with_test_split(root):
+    from toist_core.data.synth import generate
+
+    generate(root, tasks=[1, 2], splits=("train", "test"), images_per_split=4, min_size=96, max_size=128, seed=3)
+    return root
+
+
+def test_missing_validation_image_is_refused_at_the_start(tmp_path):
+    """data.check_images covered the training images only: a missing test image stopped the run at
+    the first evaluation, after the training that led there."""
+    from toist_core.data.schema import DataError
+
+    root = _synth_with_test_split(tmp_path / "synth")
+    task_file = json.loads((root / "annotations" / "task_1_test.json").read_text())
+    image = task_file["images"][-1]
+    missing = root / "images" / "val2014" / image["file_name"]
+    missing.unlink()
+    out = tmp_path / "run"
+    evaluate_test = ["eval.enabled=true", "eval.split=test", "schedule.max_steps=1"]
+    with pytest.raises(DataError) as info:
+        Trainer(_config("tiny_pronoun.yaml", root, out, *evaluate_test), DistEnv())
+    assert str(info.value).startswith(f"{missing}: validation image file not found (image id {image['id']}, field "
+                                      f"'file_name' in {root / 'annotations' / 'task_1_test.json'}; eval.split 'test'")
+    assert not out.exists()
+    # Only the images evaluation reads are required (eval.max_images keeps the first per task).
+    Trainer(_config("tiny_pronoun.yaml", root, out, *evaluate_test, "eval.max_images=1"), DistEnv())
+
+
+def test_failed_evaluation_keeps_the_update_and_resumes_exactly(synth_root, tmp_path, monkeypatch):
+    """An evaluation runs before its update's checkpoint: one that raised lost every update since
+    the last checkpoint. Now checkpoint.pth is written first, and a resume from it repeats the
+    evaluation and ends as an uninterrupted run does."""
+    import training.loops as loops
+    from test_train_resume import _assert_same, _comparable
+
+    common = ["eval.enabled=true", "eval.holdout_fraction=0.25", "eval.max_images=2", "eval.every_steps=2",
+              "eval.every_epochs=0", "checkpoint.every_steps=0", "checkpoint.per_epoch=false",
+              "schedule.max_steps=3", "model.transformer.dropout=0.1"]
+    full = Trainer(_config("tiny_pronoun.yaml", synth_root, tmp_path / "full", *common), DistEnv())
+    full.run()
+
+    evaluate = loops.evaluate
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("validation images unreadable (disk gone)")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loops, "evaluate", failing_once)
+    out = tmp_path / "failed"
+    logged = []
+    with pytest.raises(OSError, match="disk gone"):
+        Trainer(_config("tiny_pronoun.yaml", synth_root, out, *common), DistEnv(), log=logged.append).run()
+    ckpt = load_training_checkpoint(out / "checkpoint.pth")
+    assert ckpt["step"] == 2 and ckpt["eval_pending"] and ckpt["last_eval_step"] == -1
+    assert any(line.startswith("evaluation of update 2 failed (OSError);") for line in logged)
+
+    torch.manual_seed(12345)   # the resume must restore every random state itself
+    logged.clear()
+    resumed = Trainer(_config("tiny_pronoun.yaml", synth_root, out, *common), DistEnv(), resume=str(out / "checkpoint.pth"),
+                      log=logged.append)
+    resumed.run()
+    assert any("repeating its evaluation" in line for line in logged)
+    assert len(calls) == 3   # the failed one, update 2 again, update 3 (the last)
+    _assert_same(_comparable(full.state()), _comparable(resumed.state()), "resumed after a failed evaluation")
+    best = load_training_checkpoint(out / "BEST_checkpoint.pth")
+    _assert_same(_comparable(load_training_checkpoint(tmp_path / "full" / "BEST_checkpoint.pth")), _comparable(best),
+                 "BEST_checkpoint.pth")
+
+
+def test_best_starts_over_when_a_resume_scores_on_another_split(tmp_path):
+    """A resume with another eval.split compared its scores with the checkpoint's best, scored on
+    the other split."""
+    root = _synth_with_test_split(tmp_path / "synth")
+    for task in (1, 2):   # a "val" split: the same images under another name
+        (root / "annotations" / f"task_{task}_val.json").write_text(
+            (root / "annotations" / f"task_{task}_test.json").read_text())
+    dirs = "data.image_dirs={train: images/train2014, test: images/val2014, val: images/val2014}"
+    common = [dirs, "eval.enabled=true", "eval.every_steps=2", "eval.every_epochs=0",
+              "checkpoint.every_steps=2"]
+    out = tmp_path / "run"
+    first = Trainer(_config("tiny_pronoun.yaml", root, out, *common, "eval.split=test", "schedule.max_steps=2"),
+                    DistEnv()).run()
+    assert first.best["split"] == "test" and first.best["step"] == 2
+    logged = []
+    resumed = Trainer(_config("tiny_pronoun.yaml", root, out, *common, "eval.split=val", "schedule.max_steps=4"),
+                      DistEnv(), resume=str(out / "checkpoint.pth"), log=logged.append).run()
+    assert resumed.best["split"] == "val" and resumed.best["step"] == 4
+    assert any(line.startswith("update 4: the best so far (mAP50/bbox = ") and "on 'test', update 2) was scored "
+               "otherwise than this run's mAP50/bbox on 'val': the best starts over" in line for line in logged), logged
+
+
+def test_schedule_refusal_names_the_field_and_says_what_follows_from_the_data(synth_root, tmp_path):
+    out = tmp_path / "run"
+    Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=1"), DistEnv()).run()
+    ckpt = str(out / "checkpoint.pth")
+    with pytest.raises(CheckpointError) as info:
+        Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.lr_drop=3"), DistEnv(), resume=ckpt)
+    assert "(schedule.lr_drop: checkpoint 20 vs config 3)" in str(info.value)
+    assert "Updates per epoch" not in str(info.value) and "init.load" in str(info.value)
+    with pytest.raises(CheckpointError) as info:
+        Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.epochs=31"), DistEnv(), resume=ckpt)
+    assert "(schedule.epochs: checkpoint 30 vs config 31; total_steps" in str(info.value)
+    assert "Updates per epoch" not in str(info.value)
+    with pytest.raises(CheckpointError) as info:
+        Trainer(_config("tiny_pronoun.yaml", synth_root, out, "loader.batch_size=4"), DistEnv(), resume=ckpt)
+    assert "steps_per_epoch (updates per epoch): checkpoint" in str(info.value)
+    assert "Updates per epoch follow from the data, loader.batch_size and the number of processes" in str(info.value)

@@ -347,3 +347,59 @@ def test_mask_head_distill_refuses_a_detector_distilled_without_ccr_or_with_anot
     with pytest.raises(CheckpointError, match=rf"{it} was distilled with the pronoun 'it'; .* data.pronoun 'something'"):
         Trainer(_config("tiny_mask_head_distill.yaml", synth_root, tmp_path / "mask_it", "distill.bank_size=8",
                         f"init.frozen_weights={it}"), DistEnv())
+
+
+EVAL_AT_2 = ["eval.enabled=true", "eval.holdout_fraction=0.25", "eval.max_images=2", "eval.every_steps=2",
+             "eval.every_epochs=0", "checkpoint.export_model_dir=true", "schedule.max_steps=2"]
+
+
+def _exported(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "model" / "model.safetensors")
+
+
+def _same_weights(exported: dict, state: dict) -> bool:
+    return all(torch.equal(tensor, state[key]) for key, tensor in exported.items())
+
+
+def test_export_takes_best_only_when_it_is_this_runs(synth_root, tmp_path):
+    """model/ came from whatever BEST_checkpoint.pth lay in output_dir: a run that evaluated
+    nothing exported another run's best weights as its own."""
+    logged = []
+    Trainer(_config("tiny_pronoun.yaml", synth_root, tmp_path / "a", *EVAL_AT_2), DistEnv(), log=logged.append).run()
+    other_best = load_training_checkpoint(tmp_path / "a" / "BEST_checkpoint.pth")
+    assert other_best["best"]["step"] == 2
+    assert "exported BEST_checkpoint.pth (ema weights) to the model directory" in " ".join(logged)
+    assert _same_weights(_exported(tmp_path / "a"), other_best["model_ema"])
+
+    # Run b (another seed, no evaluation) finds a's BEST beside its files (it was resumed from a
+    # checkpoint of another folder, say): it exports its own last checkpoint, and says why.
+    out = tmp_path / "b"
+    logged.clear()
+    trainer = Trainer(_config("tiny_pronoun.yaml", synth_root, out, "runtime.seed=1", "schedule.max_steps=2",
+                              "checkpoint.export_model_dir=true"), DistEnv(), log=logged.append)
+    (out / "BEST_checkpoint.pth").write_bytes((tmp_path / "a" / "BEST_checkpoint.pth").read_bytes())
+    trainer.run()
+    assert not _same_weights(_exported(out), other_best["model_ema"])
+    assert _same_weights(_exported(out), load_training_checkpoint(out / "checkpoint.pth")["model_ema"])
+    assert "no evaluation of this run chose a best checkpoint: exporting checkpoint.pth" in logged
+
+    # A best of its own, but the file holds another update's: the last checkpoint again.
+    logged.clear()
+    trainer.best = dict(other_best["best"], step=1)
+    trainer.export(out / "model")
+    assert any(line.startswith(f"{out / 'BEST_checkpoint.pth'} holds update 2, not this run's best (update 1")
+               and line.endswith("exporting checkpoint.pth") for line in logged), logged
+
+
+def test_export_takes_the_weights_evaluation_scored(synth_root, tmp_path):
+    """eval.use_ema: false chose the best on the raw weights, then model/ shipped the EMA's."""
+    out = tmp_path / "raw"
+    logged = []
+    Trainer(_config("tiny_pronoun.yaml", synth_root, out, *EVAL_AT_2, "eval.use_ema=false"), DistEnv(),
+            log=logged.append).run()
+    best = load_training_checkpoint(out / "BEST_checkpoint.pth")
+    assert not torch.equal(best["model"]["class_embed.weight"], best["model_ema"]["class_embed.weight"])
+    assert _same_weights(_exported(out), best["model"])
+    assert "exported BEST_checkpoint.pth (model weights) to the model directory" in " ".join(logged)

@@ -94,3 +94,19 @@ def test_schedule_compatibility_check():
         sched.check_compatible(other)
     with pytest.raises(ValueError, match="lr_drop"):
         LRSchedule(10, 5, 0)
+
+
+def test_schedule_mismatch_names_config_fields_and_the_differing_entries():
+    """The refusal named `lr_drop` / `epochs`, which are no config keys: `schedule.` is part of the name."""
+    from training.schedule import ScheduleMismatch
+
+    sched = LRSchedule(10, 5, 2)
+    with pytest.raises(ScheduleMismatch) as info:
+        sched.check_compatible(LRSchedule(10, 5, 3).state_dict(), "ckpt.pth")
+    assert str(info.value) == ("ckpt.pth: learning-rate schedule differs from the configuration (schedule.lr_drop: "
+                               "checkpoint 3 vs config 2); exact resume needs the same schedule")
+    assert info.value.keys == ["lr_drop"]
+    with pytest.raises(ScheduleMismatch) as info:
+        sched.check_compatible(LRSchedule(10, 6, 2).state_dict())
+    assert "schedule.epochs: checkpoint 6 vs config 5; total_steps (steps_per_epoch x schedule.epochs)" in str(info.value)
+    assert info.value.keys == ["epochs", "total_steps", "warmup_steps"]

@@ -12,7 +12,9 @@ Layout (a superset of the official ``checkpoint.pth``, so ``model`` / ``model_em
      "rng": [per-rank generator states],
      "cluster_criterion": memory-bank state_dict | None,
      "cluster_stale": [T] bool | None,   # tasks whose centres k-means has yet to recompute
-     "config": the TrainConfig as plain data, "best": {...}, "metrics": {...}}
+     "config": the TrainConfig as plain data, "best": {...}, "metrics": {...},
+     "last_eval_step": int,  # the update last evaluated
+     "eval_pending": bool}   # update `step`'s evaluation raised (written then): a resume repeats it
 
 Everything is plain tensors, numbers, strings, lists and dicts, so the files load with
 ``torch.load(weights_only=True)``; unlike the reference no ``argparse.Namespace`` is pickled.

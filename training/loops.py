@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Subset
 
 from toist_core.data.coco_tasks import build_dataset
 from toist_core.data.collate import Collator
+from toist_core.inference import NonFiniteOutputError
 from toist_core.losses.criterion import weighted_total
 from toist_core.model import load_tokenizer
 from toist_core.stop_signals import StopSignals
@@ -46,11 +47,12 @@ from training.export import export_checkpoint
 from training.interrupt import ignore_stop_signals
 from training.optim import build_optimizer, clip_grad_norm
 from training.sampling import EpochBatchSampler, SeededSamples
-from training.schedule import LRSchedule
+from training.schedule import LRSchedule, ScheduleMismatch
 from training.stages import StepModule, build_criterion, build_stage_models, compute_losses, float_outputs
 
 LAST = "checkpoint.pth"
 BEST = "BEST_checkpoint.pth"
+EPOCH_PATTERN = "checkpoint_epoch*.pth"   # numbered copies (checkpoint.keep_epochs)
 MODEL_DIR = "model"
 
 
@@ -88,8 +90,10 @@ class Trainer:
         resume_state = ckpt_io.load_training_checkpoint(resume) if resume else None
         # Rank 0 writes output_dir, so its view decides; every process refuses together (a
         # process going on alone would wait in DDP's set-up for the ones that stopped).
-        if resume_state is None and broadcast_object(env.is_main and (self.output_dir / LAST).exists(), env):
-            _refuse_existing_run(self.output_dir)
+        if resume_state is None:
+            found = broadcast_object(_earlier_run_file(self.output_dir) if env.is_main else None, env)
+            if found is not None:
+                _refuse_existing_run(self.output_dir, found)
         if resume_state is not None:
             _check_resume_config(resume_state, cfg, resume)
         # Only once the run is accepted: a refused start must not touch a folder that another
@@ -169,6 +173,7 @@ class Trainer:
         self.best: Optional[dict] = None
         self.metrics: Optional[dict] = None
         self.last_eval_step = -1
+        self.eval_pending = False   # the evaluation of update `step` failed: repeat it first
         if resume_state is not None:
             self._restore(resume_state, resume)
         else:
@@ -191,6 +196,8 @@ class Trainer:
                  f"(batch {cfg.loader.batch_size} x {env.world_size} process(es)), from update {self.step}, "
                  f"until {self.max_steps}; device {env.device}")
         result.stopped_by = self._stop_signal()
+        if self.eval_pending and result.stopped_by is None:
+            self._finish_pending_eval()
         while self.step < self.max_steps and result.stopped_by is None:
             epoch = self.step // self.steps_per_epoch
             self.sampler.set_epoch(epoch, self.step % self.steps_per_epoch)
@@ -327,22 +334,62 @@ class Trainer:
         eval_due = cfg.eval.enabled and (
             (epoch_end and every_epochs > 0 and (step // self.steps_per_epoch) % every_epochs == 0)
             or (every_steps > 0 and step % every_steps == 0) or final)
-        improved = self._run_eval() if eval_due else False
+        improved = self._evaluate_keeping_state() if eval_due else False
+        self._write_checkpoints(improved)
+
+    def _write_checkpoints(self, improved: bool, last: bool = False) -> None:
+        """The checkpoints due after the update just taken (``last``: ``checkpoint.pth`` anyway)."""
+        cfg, step = self.cfg, self.step
+        epoch_end = step % self.steps_per_epoch == 0
+        final = step == self.max_steps
         ckpt_every = cfg.checkpoint.every_steps
-        if (epoch_end and cfg.checkpoint.per_epoch) or final or (ckpt_every and step % ckpt_every == 0):
+        if last or (epoch_end and cfg.checkpoint.per_epoch) or final or (ckpt_every and step % ckpt_every == 0):
             self._save(LAST)
             if epoch_end and cfg.checkpoint.keep_epochs > 0:
                 self._save(f"checkpoint_epoch{step // self.steps_per_epoch:04d}.pth")
                 if self.env.is_main:
-                    ckpt_io.prune_step_checkpoints(self.output_dir, cfg.checkpoint.keep_epochs,
-                                                   "checkpoint_epoch*.pth")
+                    ckpt_io.prune_step_checkpoints(self.output_dir, cfg.checkpoint.keep_epochs, EPOCH_PATTERN)
         if improved:
             self._save(BEST)
+
+    def _evaluate_keeping_state(self) -> bool:
+        """:meth:`_run_eval`; if it raises, ``checkpoint.pth`` of the update is written first.
+
+        An evaluation comes before the update's checkpoint, so a failing one (a validation image
+        gone, NaN predictions) would lose every update since the last checkpoint. The checkpoint
+        marks the evaluation as pending: a resume from it evaluates that update first and then
+        goes on as from the update's normal checkpoint (evaluation leaves the training state alone).
+        """
+        try:
+            return self._run_eval()
+        except Exception as exc:
+            # Every process must take part in the save (it gathers the random states): one
+            # process alone, or an error evaluate() raises on every process together.
+            if self.env.world_size == 1 or isinstance(exc, NonFiniteOutputError):
+                self.eval_pending = True
+                self._save(LAST)
+                self.log(f"evaluation of update {self.step} failed ({type(exc).__name__}); {self.output_dir / LAST} "
+                         f"written first: a resume from it evaluates update {self.step} again, then trains on")
+            raise
+
+    def _finish_pending_eval(self) -> None:
+        """The evaluation the resumed checkpoint's run could not finish, then the checkpoints
+        that update's normal end would have written (``checkpoint.pth`` again, now recording the
+        evaluation)."""
+        if not self.cfg.eval.enabled:
+            self.log(f"update {self.step}: its evaluation failed in the run that wrote the checkpoint; not repeated "
+                     "(eval.enabled is false)")
+            self.eval_pending = False
+            return
+        self.log(f"update {self.step}: repeating its evaluation, which failed in the run that wrote the checkpoint")
+        improved = self._evaluate_keeping_state()
+        self.eval_pending = False
+        self._write_checkpoints(improved, last=True)
 
     def _run_eval(self) -> bool:
         """Evaluate on the validation split; True when the selection metric improved."""
         cfg = self.cfg
-        model = self.ema.module if (cfg.eval.use_ema and self.ema is not None) else self.model
+        model = self.ema.module if self._evaluated_weights() == "ema" else self.model
         bank = self.cluster.bank if self.cluster is not None else None
         metrics = evaluate(model, self.val, cfg, self.env, bank)
         self.metrics = metrics
@@ -357,11 +404,23 @@ class Trainer:
         if self.writer is not None:
             for name, number in metrics.items():
                 self.writer.add_scalar(f"val_{self.val.split}/{name}", number, self.step)
+        self._forget_incomparable_best(key)
         improved = scored and (self.best is None or value > self.best["value"])
         if improved:
             self.best = {"metric": key, "value": value, "step": self.step,
                          "epoch": self.step // self.steps_per_epoch, "split": self.val.split}
         return improved
+
+    def _forget_incomparable_best(self, key: str) -> None:
+        """Start the best over when it was scored with another metric or on another split (a
+        resume with other eval settings): the numbers do not compare."""
+        best = self.best
+        if best is None or (best["metric"], best["split"]) == (key, self.val.split):
+            return
+        self.log(f"update {self.step}: the best so far ({best['metric']} = {best['value']:.4f} on {best['split']!r}, "
+                 f"update {best['step']}) was scored otherwise than this run's {key} on {self.val.split!r}: the best "
+                 "starts over")
+        self.best = None
 
     # ------------------------------------------------------------------------ checkpoints
 
@@ -389,6 +448,7 @@ class Trainer:
             "best": self.best,
             "metrics": self.metrics,
             "last_eval_step": self.last_eval_step,
+            "eval_pending": self.eval_pending,
         }
 
     def _save(self, name: str) -> None:
@@ -415,11 +475,14 @@ class Trainer:
                                               f"{self.cluster.bank.num_tasks} tasks")
         try:
             self.schedule.check_compatible(ckpt["scheduler"], where)
-        except ValueError as exc:
+        except ScheduleMismatch as exc:
+            # Said only when it is what differs: a changed schedule.epochs changes total_steps, not it.
+            hint = (f" Updates per epoch follow from the data, loader.batch_size and the number of processes "
+                    f"({ckpt.get('world_size')} in the checkpoint, {self.env.world_size} now)."
+                    if "steps_per_epoch" in exc.keys else "")
             raise ckpt_io.CheckpointError(
-                f"{exc}. Updates per epoch follow from the data, loader.batch_size and the number of "
-                f"processes ({ckpt.get('world_size')} in the checkpoint, {self.env.world_size} now); to go "
-                "on with other settings start a new run with init.load pointing at the checkpoint") from None
+                f"{exc}.{hint} To go on with other settings start a new run with init.load pointing at the "
+                "checkpoint") from None
         if len(ckpt["optimizer"].get("param_groups", [])) != len(self.optimizer.param_groups):
             raise ckpt_io.CheckpointError(f"{where} [optimizer]: {len(ckpt['optimizer'].get('param_groups', []))} "
                                           f"parameter groups, this run has {len(self.optimizer.param_groups)}")
@@ -447,6 +510,7 @@ class Trainer:
         self.best = ckpt.get("best")
         self.metrics = ckpt.get("metrics")
         self.last_eval_step = int(ckpt.get("last_eval_step", -1))
+        self.eval_pending = bool(ckpt.get("eval_pending", False))
         if same_world:
             ckpt_io.restore_rng_state(rng[self.env.rank], self.env.device)
         else:
@@ -455,14 +519,41 @@ class Trainer:
         self.log(f"resumed from {where} at update {step} (epoch {step // self.steps_per_epoch})")
 
     def export(self, directory: Path) -> Path:
-        """The best (else the last) checkpoint's EMA (else raw) weights as a model directory."""
-        source = self.output_dir / BEST
-        if not source.exists():
+        """This run's best (else its last) checkpoint as a model directory, with the weights
+        evaluation scored (EMA unless ``eval.use_ema`` is false or there is no EMA)."""
+        source = self._best_file()
+        if source is None:
             source = self.output_dir / LAST
-        weights = "ema" if self.ema is not None else "model"
+        weights = self._evaluated_weights()
         path = export_checkpoint(source, directory, weights)
         self.log(f"exported {source.name} ({weights} weights) to the model directory {path}")
         return path
+
+    def _evaluated_weights(self) -> str:
+        """Which weights evaluation scores ("ema" or "model"), and so the ones the best is chosen on."""
+        return "ema" if self.ema is not None and self.cfg.eval.use_ema else "model"
+
+    def _best_file(self) -> Optional[Path]:
+        """``BEST_checkpoint.pth`` when it holds this run's best (else None, said in the log).
+
+        The file in output_dir need not be: this run may have resumed from another folder's
+        checkpoint, started its best over, or resumed from a checkpoint older than the file (the
+        interrupted run wrote it later). Only the file whose update and best record are this
+        run's is exported.
+        """
+        source = self.output_dir / BEST
+        if self.best is None:
+            self.log(f"no evaluation of this run chose a best checkpoint: exporting {LAST}")
+            return None
+        if not source.exists():
+            self.log(f"{source} not found (best: update {self.best['step']}): exporting {LAST}")
+            return None
+        recorded = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        if recorded.get("step") != self.best["step"] or recorded.get("best") != self.best:
+            self.log(f"{source} holds update {recorded.get('step')}, not this run's best (update "
+                     f"{self.best['step']}, {self.best['metric']} = {self.best['value']:.4f}): exporting {LAST}")
+            return None
+        return source
 
     # ---------------------------------------------------------------------------- logging
 
@@ -504,13 +595,33 @@ def check_start(cfg: TrainConfig, resume: Optional[str] = None) -> None:
     start in an output_dir that holds a run, a ``resume`` checkpoint of another stage or model."""
     if resume:
         _check_resume_config(ckpt_io.load_training_checkpoint(resume), cfg, resume)
-    elif (Path(cfg.output_dir) / LAST).exists():
-        _refuse_existing_run(Path(cfg.output_dir))
+        return
+    found = _earlier_run_file(Path(cfg.output_dir))
+    if found is not None:
+        _refuse_existing_run(Path(cfg.output_dir), found)
 
 
-def _refuse_existing_run(output_dir: Path) -> None:
-    raise ConfigError(f"output_dir: {output_dir} already holds {LAST}; continue it with "
-                      f"--resume {output_dir / LAST} or choose another output_dir")
+def _earlier_run_file(output_dir: Path) -> Optional[str]:
+    """The name of a checkpoint an earlier run left in ``output_dir`` (None: none).
+
+    Not only ``checkpoint.pth``: a run that evaluated and then crashed before its first
+    ``checkpoint.pth`` leaves ``BEST_checkpoint.pth`` alone, and a new run there would export it
+    as its own model at the end.
+    """
+    if (output_dir / LAST).exists():
+        return LAST
+    if (output_dir / BEST).exists():
+        return BEST
+    epochs = sorted(output_dir.glob(EPOCH_PATTERN))
+    return epochs[-1].name if epochs else None
+
+
+def _refuse_existing_run(output_dir: Path, found: str) -> None:
+    if found == BEST:   # the best weights of a run that never wrote a resumable checkpoint.pth
+        raise ConfigError(f"output_dir: {output_dir} already holds {BEST} of an earlier run (without a {LAST} "
+                          "to resume); choose another output_dir, or move the file away to start over there")
+    raise ConfigError(f"output_dir: {output_dir} already holds {found}; continue it with "
+                      f"--resume {output_dir / found} or choose another output_dir")
 
 
 def _check_resume_config(ckpt: dict, cfg: TrainConfig, path) -> None:

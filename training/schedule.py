@@ -72,12 +72,33 @@ class LRSchedule:
                 "gamma": self.gamma, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
 
     def check_compatible(self, state: Optional[dict], where: str = "checkpoint") -> None:
-        """Refuse to resume with a schedule other than the one the checkpoint was trained with."""
+        """Refuse to resume with a schedule other than the one the checkpoint was trained with
+        (:class:`ScheduleMismatch`, naming each differing value by its config field)."""
         if not state:
             return
         mine = self.state_dict()
-        diffs = [f"{k}: checkpoint {state.get(k)!r} vs config {v!r}" for k, v in mine.items()
-                 if k in state and state[k] != v]
-        if diffs:
-            raise ValueError(f"{where}: learning-rate schedule differs from the configuration ("
-                             + "; ".join(diffs) + "); exact resume needs the same schedule")
+        differing = [k for k, v in mine.items() if k in state and state[k] != v]
+        if differing:
+            diffs = [f"{STATE_NAMES.get(k, k)}: checkpoint {state[k]!r} vs config {mine[k]!r}" for k in differing]
+            raise ScheduleMismatch(f"{where}: learning-rate schedule differs from the configuration ("
+                                   + "; ".join(diffs) + "); exact resume needs the same schedule", differing)
+
+
+# How the schedule's recorded values are named in a refusal: the config field, or for the
+# values derived from others, what they follow from.
+STATE_NAMES = {
+    "epochs": "schedule.epochs",
+    "lr_drop": "schedule.lr_drop",
+    "steps_per_epoch": "steps_per_epoch (updates per epoch)",
+    "total_steps": "total_steps (steps_per_epoch x schedule.epochs)",
+    "warmup_steps": "warmup_steps (schedule.warmup_fraction x total_steps)",
+}
+
+
+class ScheduleMismatch(ValueError):
+    """A checkpoint's schedule differs from the configuration's; ``keys``: the differing
+    :meth:`LRSchedule.state_dict` entries."""
+
+    def __init__(self, message: str, keys: list[str]):
+        super().__init__(message)
+        self.keys = keys
