@@ -220,10 +220,13 @@ def test_memory_bank_that_does_not_fit_the_model_is_refused_by_name(tmp_path, se
 
 
 def test_model_directory_bank_of_another_width_is_refused(tmp_path, segm_model):
+    from toist_core.checkpoint.integrity import save_safetensors
     from toist_core.distill.memory_bank import MemoryBank
 
+    # save_model_dir refuses such a bank itself; a directory whose bank file was replaced must be refused too.
     directory = save_model_dir(segm_model, tmp_path / "model", preset("tiny_segm"),
-                               memory_bank=MemoryBank(num_tasks=14, size=16, dim=64))
+                               memory_bank=MemoryBank(num_tasks=14, size=16, dim=128))
+    save_safetensors(MemoryBank(num_tasks=14, size=16, dim=64).state_dict(), directory / "memory_bank.safetensors")
     with pytest.raises(CheckpointError, match=rf"^{directory / 'memory_bank.safetensors'}: memory bank feature_bank "
                                               r"\[14, 16, 64\] holds 64-d features .*transformer.d_model is 128"):
         load_model_dir(directory)
@@ -334,11 +337,11 @@ def test_model_directory_records_the_input_size_inference_uses(tmp_path, segm_mo
     assert (seg.inference.short_side, seg.inference.max_size) == (64, 256)
     config = directory / "config.yaml"
     text = config.read_text()
-    assert "input_size:" in text and "version: 4" in text
-    config.write_text(text.split("input_size:")[0].replace("version: 4", "version: 1"))
+    assert "input_size:" in text and "version: 5" in text
+    config.write_text(text.split("input_size:")[0].replace("version: 5", "version: 1"))
     assert load_model_dir(directory).input_size == InputSize(800, 1333)
-    config.write_text(text.replace("version: 4", "version: 5"))
-    with pytest.raises(CheckpointError, match="version 5 is not a 'toist-model' directory of version 4 or older"):
+    config.write_text(text.replace("version: 5", "version: 6"))
+    with pytest.raises(CheckpointError, match="version 6 is not a 'toist-model' directory of version 5 or older"):
         load_model_dir(directory)
 
 

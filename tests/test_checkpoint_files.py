@@ -50,6 +50,16 @@ def train_run(tmp_path_factory):
     return out / "checkpoint.pth"
 
 
+def test_a_checkpoint_recording_the_removed_data_eval_split_still_loads(train_run, tmp_path):
+    """Checkpoints of earlier versions record data.eval_split (removed: it did nothing); their
+    data section is read strictly for the tasks and the input size, and must not be refused."""
+    ckpt = torch.load(train_run, map_location="cpu", weights_only=False)
+    ckpt["config"]["data"]["eval_split"] = "val"
+    torch.save(ckpt, tmp_path / "older.pth")
+    loaded = load_pretrained(tmp_path / "older.pth")
+    assert loaded.tasks == (1, 2) and loaded.input_size.short_side == 96
+
+
 def _flip_tensor_byte(path: Path) -> str:
     """Flip one byte inside the largest tensor record of a torch.save archive; returns its name."""
     with zipfile.ZipFile(path) as archive:

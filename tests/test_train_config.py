@@ -70,6 +70,12 @@ def test_unknown_key_is_named(tmp_path):
         load_config(_write(tmp_path, {}), ["model.transformer.heads=4"])
 
 
+def test_data_eval_split_is_refused(tmp_path):
+    """data.eval_split was accepted and did nothing (evaluation reads eval.split): gone, so refused."""
+    with pytest.raises(ConfigError, match=r"data: unknown key\(s\) \['eval_split'\]"):
+        load_config(_write(tmp_path, {"data": {"eval_split": "test"}}))
+
+
 def test_wrong_type_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"loader\.batch_size: expected an integer, got 'six'"):
         load_config(_write(tmp_path, {"loader": {"batch_size": "six"}}))

@@ -18,7 +18,7 @@ from .errors import CheckpointError, PathLike
 from .loaded import LoadedModel, describe_bank, describe_heads
 from .model_dir import CONFIG_FILE, check_replaceable, is_model_dir, load_model_dir, save_model_dir
 from .official import OfficialCheckpoint, read_official
-from .strict import build_memory_bank, load_official_weights
+from .strict import BankSettings, build_memory_bank, load_official_weights
 
 # The released TOIST models are trained on all 14 COCO-Tasks with the pronoun "something".
 OFFICIAL_TASKS = tuple(range(1, 15))
@@ -70,8 +70,9 @@ def load_official(path: PathLike, config: Optional[ModelConfig] = None,
     load_official_weights(model, ckpt)
     bank = None
     if ckpt.cluster_state is not None:
-        bank = build_memory_bank(ckpt.cluster_state, where=f"{path} [cluster_criterion]",
-                                 d_model=cfg.transformer.d_model)
+        where = f"{path} [cluster_criterion]"
+        bank = build_memory_bank(ckpt.cluster_state, where=where, d_model=cfg.transformer.d_model,
+                                 settings=bank_settings(ckpt), stale=ckpt.cluster_stale)
     pronoun, input_size, tasks, vocabulary = _training_facts(ckpt)
     logger.info("%s", describe_checkpoint(ckpt, cfg, bank, weights, _text_config_origin(ckpt, config, text_encoder),
                                           f"tokenizer {cfg.text.tokenizer!r} from {tokenizer_origin}"))
@@ -83,6 +84,32 @@ def load_official(path: PathLike, config: Optional[ModelConfig] = None,
         # replace the pronoun's rows the training never replaced.
         bank = None
     return LoadedModel(model.eval(), cfg, bank, pronoun, str(path), input_size, tasks, vocabulary)
+
+
+def bank_settings(ckpt: OfficialCheckpoint) -> BankSettings:
+    """The k-means settings a file's memory bank was filled with: a toist training checkpoint's
+    ``distill`` section (its seed, tolerance, iteration cap, rerun and update rules; the sizes it
+    records must be the bank's); official files record none: the reference's (the defaults)."""
+    if ckpt.train_config is None or ckpt.cluster_state is None:
+        return BankSettings()
+    from .. import typed_config
+    from ..distill.config import DistillConfig
+
+    where = f"{ckpt.path} [config.distill]"
+    try:  # what the run used: a section without some keys ran with DistillConfig's defaults
+        distill = typed_config.from_dict(DistillConfig, dict(ckpt.train_config.get("distill") or {}), where)
+    except (typed_config.ConfigError, ValueError) as exc:
+        raise CheckpointError(str(exc)) from None
+    tasks, size, dim = ckpt.cluster_state["feature_bank"].shape
+    found = {"num_tasks": tasks, "bank_size": size, "feature_dim": dim,
+             "num_clusters": ckpt.cluster_state["cluster_centers"].shape[1]}
+    differ = [f"{name} {getattr(distill, name)}, bank {value}" for name, value in found.items()
+              if getattr(distill, name) != value]
+    if differ:
+        raise CheckpointError(f"{where}: does not describe the file's memory bank ({'; '.join(differ)}); its "
+                              "k-means settings cannot be trusted for it")
+    return BankSettings(seed=distill.seed, kmeans_tol=distill.kmeans_tol, kmeans_max_iter=distill.kmeans_max_iter,
+                        kmeans_rerun=distill.kmeans_rerun, update=distill.update)
 
 
 def _text_config_origin(ckpt: OfficialCheckpoint, config: Optional[ModelConfig], text_encoder: Optional[str]) -> str:
@@ -116,8 +143,11 @@ def describe_checkpoint(ckpt: OfficialCheckpoint, cfg: ModelConfig, bank, reques
     distilled = describe_bank(bank)
     if bank is not None and not _trained_with_ccr(ckpt):
         distilled += ", trained without cluster-centre replacement (distill.ccr: false): the bank is not used"
+    weights = _describe_weights(ckpt, requested)
+    if ckpt.stripped_prefix:
+        weights += f" (saved from a wrapper: the {ckpt.stripped_prefix!r} prefix of every key removed)"
     return (f"loaded {ckpt.path} ({kind}): {describe_heads(cfg)}; {distilled}; "
-            f"{_describe_weights(ckpt, requested)}; {encoder}; {tokenizer}")
+            f"{weights}; {encoder}; {tokenizer}")
 
 
 def _trained_with_ccr(ckpt: OfficialCheckpoint) -> bool:
@@ -136,6 +166,7 @@ def _training_facts(ckpt: OfficialCheckpoint) -> tuple[str, InputSize, tuple[int
     from ..data.config import DataConfig
 
     data = dict(ckpt.train_config.get("data", {}))
+    data.pop("eval_split", None)  # recorded by checkpoints written before the unused field was removed
     if data.get("vocabulary_entries"):
         data["vocabulary"] = ""  # the recorded entries are the vocabulary; the file may be elsewhere now
     data = typed_config.from_dict(DataConfig, data, f"{ckpt.path} [config.data]")

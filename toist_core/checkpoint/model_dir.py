@@ -3,7 +3,8 @@
     <dir>/config.yaml               format, version, model config, pronoun, bank flag, source,
                                     input size, tasks it was trained on and its task vocabulary
     <dir>/model.safetensors         the model's state_dict (toist names) + SHA-256 in its metadata
-    <dir>/memory_bank.safetensors   distilled models: feature_bank, cluster_centers, ... (+ SHA-256)
+    <dir>/memory_bank.safetensors   distilled models: feature_bank, cluster_centers, ..., cluster_stale
+                                    (+ SHA-256); config.yaml records its k-means settings
     <dir>/tokenizer/                the tokenizer files
 
 A directory is written aside and swapped in whole (:mod:`.atomic_dir`): a reader, or a
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
 from torch import nn
 
 from .. import typed_config
@@ -30,16 +32,20 @@ from .errors import CheckpointError, PathLike
 from .integrity import load_safetensors, save_safetensors
 from ..tasks import COCO_TASKS, TaskVocabulary
 from .loaded import LoadedModel, describe_bank, describe_heads
-from .strict import build_memory_bank, load_state_dict_strict
+from .official import SEGM_PREFIX
+from .strict import BankSettings, build_memory_bank, load_state_dict_strict
 
 MODEL_DIR_FORMAT = "toist-model"
 # 2: input_size (version 1 loads with the reference size); 3: tasks, tensor digests (required);
-# 4: the task vocabulary (older directories: the COCO-Tasks one).
-MODEL_DIR_VERSION = 4
+# 4: the task vocabulary (older directories: the COCO-Tasks one); 5: the memory bank's k-means
+# settings and stale flags (older directories: the reference's settings, every task stale).
+MODEL_DIR_VERSION = 5
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 BANK_FILE = "memory_bank.safetensors"
 TOKENIZER_DIR = "tokenizer"
+# Beside the bank's reference keys in BANK_FILE: which tasks' centres k-means has yet to recompute.
+BANK_STALE_KEY = "cluster_stale"
 # What else toist writes into a model directory: the ONNX graphs (`toist export --onnx`, staged
 # as hidden .tmp files first), TensorRT's engine cache (backend "tensorrt") and the default-model
 # recipe's metrics and model card (training/default_model.py).
@@ -73,6 +79,9 @@ class ModelDirConfig:
     tasks: list[int] = field(default_factory=list)
     # What its task ids mean: {"name", "tasks": [{"id", "phrase", "pronoun"?}]}; empty: COCO-Tasks.
     vocabulary: dict = field(default_factory=dict)
+    # How the memory bank re-runs k-means (the training's distill.* settings); None: no bank, or
+    # written before version 5 (the reference's settings).
+    memory_bank_settings: Optional[BankSettings] = None
 
 
 def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
@@ -81,17 +90,24 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
                    tasks: Optional[Sequence[int]] = None, vocabulary: TaskVocabulary = COCO_TASKS) -> Path:
     """Write ``config.yaml``, ``model.safetensors``, the tokenizer and the memory bank, replacing
     ``directory`` as a whole (the old one stays intact until the new one is complete).
-    ``directory`` must be new, empty or a toist model directory (:func:`check_replaceable`)."""
+    ``directory`` must be new, empty or a toist model directory (:func:`check_replaceable`).
+
+    ``model`` must be what ``config`` builds (:func:`check_model_matches_config`): the directory
+    is rebuilt from ``config`` when loaded, so a config of another variant or head count would
+    replace a good directory with one that does not load, or loads another network."""
     cfg = copy.deepcopy(config)
     cfg.text.tokenizer = TOKENIZER_DIR  # relative to the directory
     cfg.text.weights = None
     cfg.backbone.weights = None
     manifest = ModelDirConfig(model=cfg, pronoun=pronoun, memory_bank=memory_bank is not None, source=source,
                               input_size=input_size or InputSize(), tasks=sorted(set(tasks or ())),
-                              vocabulary=vocabulary.to_data())
+                              vocabulary=vocabulary.to_data(),
+                              memory_bank_settings=BankSettings.of_bank(memory_bank) if memory_bank is not None
+                              else None)
     if memory_bank is not None and getattr(memory_bank, "num_tasks", vocabulary.num_tasks) != vocabulary.num_tasks:
         raise CheckpointError(f"the memory bank has {memory_bank.num_tasks} task slots but {vocabulary.describe()} "
                               f"has {vocabulary.num_tasks} tasks; nothing was written")
+    check_model_matches_config(model, cfg, memory_bank, where=str(directory))
 
     check_replaceable(directory)
 
@@ -100,10 +116,137 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
         model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         check_tokenizer_copy(model.tokenizer, staging / TOKENIZER_DIR)
         if memory_bank is not None:
-            save_safetensors(memory_bank.state_dict(), staging / BANK_FILE)
+            save_safetensors(bank_tensors(memory_bank), staging / BANK_FILE)
         typed_config.save_yaml(manifest, staging / CONFIG_FILE)
 
     return write_directory(directory, write)
+
+
+def bank_tensors(memory_bank: nn.Module) -> dict[str, torch.Tensor]:
+    """The bank's state (reference keys) and, for a MemoryBank, its stale flags: a bank whose
+    centres are current must not re-run k-means on them when loaded (with an iteration cap,
+    a warm-started k-means moves them)."""
+    tensors = dict(memory_bank.state_dict())
+    if hasattr(memory_bank, "stale_flags"):
+        tensors[BANK_STALE_KEY] = memory_bank.stale_flags()
+    return tensors
+
+
+# Wrappers whose state_dict prefixes every key of the module they wrap: (prefix, what to pass).
+_WRAPPERS = (("_orig_mod.", "model._orig_mod, the module torch.compile wrapped"),
+             ("module.", "model.module, the module DataParallel / DistributedDataParallel wrapped"))
+
+
+def check_model_matches_config(model: nn.Module, config: ModelConfig, memory_bank: Optional[nn.Module] = None,
+                               where: str = "model directory") -> None:
+    """Refuse, before anything is written, a model that ``config`` does not build: other tensor
+    names or shapes (a config of another variant, a wrapper's prefixed keys), other attention
+    head counts, or another module setting (e.g. a dilated backbone); and a memory bank of
+    another width. The comparison model is built on the meta device (no memory, no weights).
+    ``where`` (the directory) starts the error."""
+    state = model.state_dict()
+    for prefix, remedy in _WRAPPERS:
+        if state and all(key.startswith(prefix) for key in state):
+            raise CheckpointError(f"{where}: every tensor name of the model starts with {prefix!r}: it is a wrapper, "
+                                  f"not the model (a directory of these names would not load); pass {remedy}. "
+                                  "Nothing was written")
+    reference = _build_reference(config, model, where)
+    problems = _variant_difference(state, config) + _state_dict_differences(state, reference.state_dict())
+    if not problems:
+        problems = _head_differences(model, reference, config) + _setting_differences(model, reference)
+    dim = getattr(memory_bank, "dim", None)
+    if dim is not None and dim != config.transformer.d_model:
+        problems.append(f"memory bank of {dim}-d features, config transformer.d_model {config.transformer.d_model}")
+    if problems:
+        raise CheckpointError(f"{where}: the model does not match the config given for the model directory (which "
+                              "is what loading it builds): " + "; ".join(problems) + ". Nothing was written: pass "
+                              "the config the model was built with")
+
+
+def _build_reference(config: ModelConfig, model: nn.Module, where: str) -> nn.Module:
+    """What loading the directory will build from ``config``: on the meta device (shapes and
+    modules, no memory); on the CPU if some part cannot be built there."""
+    from ..model import build_model
+
+    tokenizer = getattr(model, "tokenizer", None)
+    try:
+        try:
+            with torch.device("meta"):
+                return build_model(config, tokenizer=tokenizer)
+        except (NotImplementedError, RuntimeError):  # an operation without a meta kernel
+            return build_model(config, tokenizer=tokenizer)
+    except (ValueError, RuntimeError, NotImplementedError) as exc:
+        raise CheckpointError(f"{where}: the config given for the model directory does not build a model ({exc}); "
+                              "nothing was written") from None
+
+
+def _listing(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _variant_difference(state: dict, config: ModelConfig) -> list[str]:
+    """The usual cause of a wholesale name mismatch, said first: a segmentation model (its
+    detector under ``detr.``) with a detection config, or the other way round."""
+    segmentation = any(key.startswith(SEGM_PREFIX) for key in state)
+    if segmentation == config.masks:
+        return []
+    return [f"the model is {'a segmentation model (detr.* tensors, mask head)' if segmentation else 'a detector'} "
+            f"but the config has masks: {str(config.masks).lower()}"]
+
+
+def _state_dict_differences(found: dict, wanted: dict) -> list[str]:
+    missing = [key for key in wanted if key not in found]
+    extra = [key for key in found if key not in wanted]
+    shapes = [f"{key} (model {list(found[key].shape)}, config {list(wanted[key].shape)})" for key in wanted
+              if key in found and tuple(found[key].shape) != tuple(wanted[key].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) the config has and the model lacks: {_listing(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} tensor(s) of the model the config does not have: {_listing(extra)}")
+    if shapes:
+        problems.append(f"{len(shapes)} tensor(s) of other shapes: {_listing(shapes)}")
+    return problems
+
+
+def _heads(module: nn.Module) -> Optional[int]:
+    """Attention heads of a module: nn.MultiheadAttention / the mask head's MHAttentionMap
+    (``num_heads``), RoBERTa's self-attention (``num_attention_heads``); None for others."""
+    for name in ("num_heads", "num_attention_heads"):
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _head_differences(model: nn.Module, reference: nn.Module, config: ModelConfig) -> list[str]:
+    """Head counts cannot be read from tensor shapes: a model of 4 heads loads into 8 and computes
+    something else. One line per config field, naming the first module that differs."""
+    wanted = {name: _heads(module) for name, module in reference.named_modules()}
+    differ: dict[str, str] = {}
+    for name, module in model.named_modules():
+        heads = _heads(module)
+        if heads is None or wanted.get(name) is None or heads == wanted[name]:
+            continue
+        # RoBERTa lives under transformer.text_encoder; every other attention is the transformer's.
+        field, value = (("text.num_heads", config.text.num_heads) if "text_encoder" in name
+                        else ("transformer.nheads", config.transformer.nheads))
+        differ.setdefault(field, f"{field}: model {heads} ({name}), config {value}")
+    return list(differ.values())
+
+
+def _setting_differences(model: nn.Module, reference: nn.Module) -> list[str]:
+    """Module settings that leave the shapes alone (a convolution's dilation, a LayerNorm's eps),
+    read from ``extra_repr``; dropout is left out (training only)."""
+    wanted = {name: module for name, module in reference.named_modules()}
+    differ = []
+    for name, module in model.named_modules():
+        other = wanted.get(name)
+        if other is None or isinstance(module, nn.Dropout) or type(module) is not type(other):
+            continue
+        if module.extra_repr() != other.extra_repr():
+            differ.append(f"{name} (model {module.extra_repr()}, config {other.extra_repr()})")
+    return [f"{len(differ)} module(s) set up otherwise: {_listing(differ, 3)}"] if differ else []
 
 
 def check_replaceable(directory: PathLike) -> None:
@@ -205,8 +348,10 @@ def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> Load
         bank_file = directory / BANK_FILE
         if not bank_file.is_file():
             raise CheckpointError(f"{directory}: config.yaml says memory_bank: true but {BANK_FILE} is missing")
-        bank = build_memory_bank(load_safetensors(bank_file, required_digest=digests), where=str(bank_file),
-                                 d_model=cfg.transformer.d_model)
+        bank_state = load_safetensors(bank_file, required_digest=digests)
+        stale = bank_state.pop(BANK_STALE_KEY, None)
+        bank = build_memory_bank(bank_state, where=str(bank_file), d_model=cfg.transformer.d_model,
+                                 settings=manifest.memory_bank_settings, stale=stale)
     try:
         vocabulary = (TaskVocabulary.from_data(manifest.vocabulary, source=f"{directory / CONFIG_FILE} [vocabulary]")
                       if manifest.vocabulary else COCO_TASKS)

@@ -30,6 +30,10 @@ POSITION_IDS_KEY = "transformer.text_encoder.embeddings.position_ids"
 SEGM_PREFIX = "detr."
 BANK_KEYS = ("feature_bank", "cluster_centers", "update_count", "full_label")
 TRAIN_FORMAT = "toist-train"   # training/checkpointing.py FORMAT
+# Prefixes a wrapper puts before every key of the model it wraps: DataParallel /
+# DistributedDataParallel (``module.``) and torch.compile (``_orig_mod.``). A state_dict saved
+# from the wrapper instead of the model holds them on every key, and nothing else is different.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -46,8 +50,11 @@ class OfficialCheckpoint:
                    ``position_ids`` buffer, names as in the file (``detr.`` kept).
     source_key:    which entry the weights came from (``model_ema``, ``model`` or ``<file>``
                    for a bare state_dict).
-    args:          the training ``argparse.Namespace`` (or None).
+    args:          the training ``argparse.Namespace`` (or None; a file that stores it as a dict,
+                   ``vars(args)``, gives the same Namespace).
     cluster_state: ``cluster_criterion`` buffers of a distilled model (or None).
+    cluster_stale: toist training checkpoints: ``[T]`` bool, the tasks whose stored centres
+                   k-means has yet to recompute (None: not recorded, every task is).
     had_position_ids: the file carried the ``position_ids`` buffer.
     train_config:  toist training checkpoints: the run's configuration as plain data (its
                    ``model`` section is the exact model config; official files have none).
@@ -60,6 +67,8 @@ class OfficialCheckpoint:
     cluster_state: Optional[dict[str, Tensor]] = None
     had_position_ids: bool = False
     train_config: Optional[dict] = None
+    cluster_stale: Optional[Tensor] = None
+    stripped_prefix: str = ""
 
     @property
     def is_segmentation(self) -> bool:
@@ -88,19 +97,11 @@ def read_official(path: PathLike, weights: str = "ema") -> OfficialCheckpoint:
     if _is_state_dict(blob):
         state, source = dict(blob), "<file>"
     elif isinstance(blob, Mapping):
-        if weights == "ema" and blob.get("model_ema") is not None:
-            state, source = blob["model_ema"], "model_ema"
-        elif blob.get("model") is not None:
-            state, source = blob["model"], "model"
-        else:
-            raise CheckpointError(f"{path}: no 'model_ema' or 'model' weights in the checkpoint "
-                                  f"(keys: {sorted(map(str, blob))})")
+        state, source = _chosen_weights(blob, weights, path)
         if not _is_state_dict(state):
             raise CheckpointError(f"{path}: '{source}' is not a state_dict of tensors")
         state = dict(state)
-        args = blob.get("args")
-        if args is not None and not isinstance(args, argparse.Namespace):
-            raise CheckpointError(f"{path}: 'args' is a {type(args).__name__}, expected argparse.Namespace")
+        args = _read_args(blob.get("args"), path)
         cluster_state = blob.get("cluster_criterion")
         if cluster_state is not None:
             if not _is_state_dict(cluster_state):
@@ -111,13 +112,60 @@ def read_official(path: PathLike, weights: str = "ema") -> OfficialCheckpoint:
             cluster_state = dict(cluster_state)
     else:
         raise CheckpointError(f"{path}: expected a checkpoint dict, found a {type(blob).__name__}")
-    train_config = None
+    train_config, cluster_stale = None, None
     if isinstance(blob, Mapping) and blob.get("format") == TRAIN_FORMAT:
         train_config = blob.get("config")
         if not isinstance(train_config, Mapping) or not isinstance(train_config.get("model"), Mapping):
             raise CheckpointError(f"{path}: a {TRAIN_FORMAT} checkpoint without its 'config.model' section")
+        cluster_stale = blob.get("cluster_stale") if cluster_state is not None else None
+        if cluster_stale is not None and not isinstance(cluster_stale, Tensor):
+            raise CheckpointError(f"{path}: 'cluster_stale' is a {type(cluster_stale).__name__}, expected a "
+                                  "tensor of one bool per task")
+    state, stripped = _strip_wrapper_prefix(state)
     state, had_position_ids = _drop_position_ids(state, path)
-    return OfficialCheckpoint(str(path), state, source, args, cluster_state, had_position_ids, train_config)
+    return OfficialCheckpoint(str(path), state, source, args, cluster_state, had_position_ids, train_config,
+                              cluster_stale, stripped)
+
+
+def _chosen_weights(blob: Mapping, weights: str, path: Path) -> tuple[Any, str]:
+    """(state_dict, key) of the weights ``weights`` asks for; the error says which entries are
+    absent and which are None (a file saved without --ema has ``model_ema: None``)."""
+    if weights == "ema" and blob.get("model_ema") is not None:
+        return blob["model_ema"], "model_ema"
+    if blob.get("model") is not None:
+        return blob["model"], "model"
+
+    def state_of(key: str) -> str:
+        return "absent" if key not in blob else "None" if blob[key] is None else "present"
+
+    if weights == "model" and blob.get("model_ema") is not None:
+        raise CheckpointError(f"{path}: 'model' is {state_of('model')} in the checkpoint but 'model_ema' holds "
+                              "weights: load the EMA weights instead (weights='ema', toist export --weights ema)")
+    raise CheckpointError(f"{path}: no 'model_ema' or 'model' weights in the checkpoint ('model_ema' is "
+                          f"{state_of('model_ema')}, 'model' is {state_of('model')}; keys: {sorted(map(str, blob))})")
+
+
+def _read_args(args: Any, path: Path) -> Optional[argparse.Namespace]:
+    """The reference's ``args`` as a Namespace. Some re-saved files store ``vars(args)``, a
+    dict: the same fields (only a few, such as ``nheads`` and ``dilation``, are ever read)."""
+    if args is None or isinstance(args, argparse.Namespace):
+        return args
+    if isinstance(args, Mapping):
+        return argparse.Namespace(**{key: value for key, value in args.items() if isinstance(key, str)})
+    raise CheckpointError(f"{path}: 'args' is a {type(args).__name__}, expected argparse.Namespace "
+                          "(or a dict of its fields)")
+
+
+def _strip_wrapper_prefix(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    """Remove a prefix that every key carries because the weights were saved from a
+    DataParallel / torch.compile wrapper (``module.``, ``_orig_mod.``); returns what was removed."""
+    stripped = ""
+    while True:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            return state, stripped
+        state = {k[len(prefix):]: v for k, v in state.items()}
+        stripped += prefix
 
 
 def _drop_position_ids(state: dict[str, Tensor], where: PathLike) -> tuple[dict[str, Tensor], bool]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -114,11 +115,50 @@ def check_bank_shapes(cluster_state: Mapping[str, Tensor], where: str, d_model: 
                               f"features but the model's transformer.d_model is {d_model}")
 
 
+@dataclass
+class BankSettings:
+    """How a loaded memory bank re-runs k-means (and would update): what ``distill.*`` the
+    training that filled it used. The defaults are the reference's, and what official files
+    (which record none) load with: seed 0, tolerance 1e-4, no iteration cap.
+
+    They matter after loading: a task whose bank is not yet full draws its k-means start rows
+    from ``seed``, and ``kmeans_max_iter`` moves warm-started centres it runs on again, so a
+    bank rebuilt with other settings gives other centres than the training's evaluation used.
+    """
+
+    seed: int = 0
+    kmeans_tol: float = 1e-4
+    kmeans_max_iter: Optional[int] = None
+    kmeans_rerun: Literal["on_change", "every_use"] = "on_change"
+    update: Literal["closest", "fifo"] = "closest"
+
+    def __post_init__(self) -> None:
+        # As DistillConfig: a config.yaml edited by hand must not start a k-means that never stops.
+        if self.kmeans_max_iter is not None and self.kmeans_max_iter < 1:
+            raise ValueError(f"kmeans_max_iter: must be >= 1 or null, got {self.kmeans_max_iter!r}")
+        if not self.kmeans_tol >= 0 or (self.kmeans_tol == 0 and self.kmeans_max_iter is None):
+            raise ValueError(f"kmeans_tol: must be > 0, or >= 0 with an iteration cap, got {self.kmeans_tol!r}")
+
+    @classmethod
+    def of_bank(cls, bank: nn.Module) -> "BankSettings":
+        """The settings a :class:`~toist_core.distill.memory_bank.MemoryBank` runs with (the
+        defaults for any other module)."""
+        default = cls()
+        return cls(seed=getattr(bank, "seed", default.seed), kmeans_tol=getattr(bank, "tol", default.kmeans_tol),
+                   kmeans_max_iter=getattr(bank, "max_iter", default.kmeans_max_iter),
+                   kmeans_rerun=getattr(bank, "rerun", default.kmeans_rerun),
+                   update=getattr(bank, "update_rule", default.update))
+
+
 def build_memory_bank(cluster_state: Mapping[str, Tensor], where: str = "cluster_criterion",
-                      d_model: Optional[int] = None):
+                      d_model: Optional[int] = None, settings: Optional[BankSettings] = None,
+                      stale: Optional[Tensor] = None):
     """A :class:`toist_core.distill.memory_bank.MemoryBank` holding an official bank state.
 
     ``d_model``: the model's width, which the bank's feature dim must equal (None: not checked).
+    ``settings``: its k-means settings (None: :class:`BankSettings` defaults, the reference's).
+    ``stale``: ``[T]`` bool, the tasks whose centres k-means has yet to recompute, as saved
+    beside the state (None: every task, what loading a state leaves).
     """
     from ..distill.memory_bank import MemoryBank
 
@@ -128,9 +168,17 @@ def build_memory_bank(cluster_state: Mapping[str, Tensor], where: str = "cluster
     check_bank_shapes(cluster_state, where, d_model)
     num_tasks, size, dim = cluster_state["feature_bank"].shape
     num_clusters = cluster_state["cluster_centers"].shape[1]
+    settings = settings or BankSettings()
     try:
-        bank = MemoryBank(num_tasks=num_tasks, size=size, dim=dim, num_clusters=num_clusters)
+        bank = MemoryBank(num_tasks=num_tasks, size=size, dim=dim, num_clusters=num_clusters,
+                          update=settings.update, seed=settings.seed, tol=settings.kmeans_tol,
+                          max_iter=settings.kmeans_max_iter, rerun=settings.kmeans_rerun)
     except ValueError as exc:  # e.g. more cluster centres than bank entries
         raise CheckpointError(f"{where}: {exc}") from None
     load_state_dict_strict(bank, {k: v.float() for k, v in cluster_state.items()}, where=where)
+    if stale is not None:
+        if stale.dtype != torch.bool or tuple(stale.shape) != (num_tasks,):
+            raise CheckpointError(f"{where}: its stale flags are {stale.dtype} {list(stale.shape)}; expected "
+                                  f"[{num_tasks}] bool (one per task of the bank)")
+        bank.load_stale_flags(stale)
     return bank

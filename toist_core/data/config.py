@@ -32,7 +32,7 @@ class DataConfig:
     vocabulary_entries: list[TaskEntry] = field(default_factory=list)
     vocabulary_name: str = ""
     train_split: str = "train"
-    eval_split: str = "test"
+    # The validation split is the training config's eval.split (there is no data.eval_split).
     # Image folder (relative to root) per split; the reference reads test images from val2014.
     image_dirs: dict[str, str] = field(default_factory=lambda: {
         "train": "images/train2014", "test": "images/val2014"})
