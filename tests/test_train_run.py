@@ -403,3 +403,18 @@ def test_export_takes_the_weights_evaluation_scored(synth_root, tmp_path):
     assert not torch.equal(best["model"]["class_embed.weight"], best["model_ema"]["class_embed.weight"])
     assert _same_weights(_exported(out), best["model"])
     assert "exported BEST_checkpoint.pth (model weights) to the model directory" in " ".join(logged)
+
+
+def test_the_recipe_scores_a_distilled_run_with_its_own_k_means_settings(synth_root, tmp_path):
+    """The default-model recipe rebuilt each run's bank with the reference's defaults (seed 0),
+    while the exported model directory keeps the run's: metrics.json would describe another CCR."""
+    from toist_core.model import load_tokenizer
+    from training import default_model as recipe
+
+    cfg = _config("tiny_distill.yaml", synth_root, tmp_path / "distilled", "init.load=null", "init.load_noun=null",
+                  "distill.bank_size=8", "distill.seed=7", "distill.kmeans_rerun=every_use", "schedule.max_steps=1")
+    Trainer(cfg, DistEnv()).run()
+    checkpoint = tmp_path / "distilled" / "checkpoint.pth"
+    _, bank = recipe._load(cfg, checkpoint, load_tokenizer(cfg.model.text.tokenizer))
+    assert (bank.seed, bank.rerun) == (7, "every_use")
+    assert torch.equal(bank.stale_flags(), load_training_checkpoint(checkpoint)["cluster_stale"])

@@ -298,14 +298,18 @@ def check_settings(settings: RecipeSettings, out: Path) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 def _load(cfg: TrainConfig, checkpoint: Path, tokenizer):
-    """EMA weights of a run's best checkpoint (the paper evaluates EMA weights) and its bank."""
+    """EMA weights of a run's best checkpoint (the paper evaluates EMA weights) and its bank,
+    with the run's k-means settings and stale flags, as its exported model directory loads it."""
     from toist_core.checkpoint import build_memory_bank
+    from toist_core.checkpoint.strict import BankSettings
 
     ckpt = load_training_checkpoint(checkpoint)
     model = build_model(cfg.model, tokenizer=tokenizer)
     model.load_state_dict(ckpt["model_ema"])
     bank = ckpt.get("cluster_criterion")
-    return model, (build_memory_bank(bank) if bank is not None else None)
+    if bank is None:
+        return model, None
+    return model, build_memory_bank(bank, settings=BankSettings.of_distill(cfg.distill), stale=ckpt.get("cluster_stale"))
 
 
 def evaluate_all(settings: RecipeSettings, out: Path, plan: Sequence[Stage], env: DistEnv) -> dict:

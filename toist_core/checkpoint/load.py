@@ -108,8 +108,7 @@ def bank_settings(ckpt: OfficialCheckpoint) -> BankSettings:
     if differ:
         raise CheckpointError(f"{where}: does not describe the file's memory bank ({'; '.join(differ)}); its "
                               "k-means settings cannot be trusted for it")
-    return BankSettings(seed=distill.seed, kmeans_tol=distill.kmeans_tol, kmeans_max_iter=distill.kmeans_max_iter,
-                        kmeans_rerun=distill.kmeans_rerun, update=distill.update)
+    return BankSettings.of_distill(distill)
 
 
 def _text_config_origin(ckpt: OfficialCheckpoint, config: Optional[ModelConfig], text_encoder: Optional[str]) -> str:

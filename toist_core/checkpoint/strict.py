@@ -140,6 +140,12 @@ class BankSettings:
             raise ValueError(f"kmeans_tol: must be > 0, or >= 0 with an iteration cap, got {self.kmeans_tol!r}")
 
     @classmethod
+    def of_distill(cls, distill) -> "BankSettings":
+        """The settings of a run's :class:`~toist_core.distill.config.DistillConfig`."""
+        return cls(seed=distill.seed, kmeans_tol=distill.kmeans_tol, kmeans_max_iter=distill.kmeans_max_iter,
+                   kmeans_rerun=distill.kmeans_rerun, update=distill.update)
+
+    @classmethod
     def of_bank(cls, bank: nn.Module) -> "BankSettings":
         """The settings a :class:`~toist_core.distill.memory_bank.MemoryBank` runs with (the
         defaults for any other module)."""
