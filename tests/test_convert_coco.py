@@ -391,3 +391,17 @@ def test_task_files_convert_coco_did_not_write_are_refused_unless_overwrite(coco
     assert _flags(theirs) == {10: 1, 11: 0, 12: 0, 13: 1}
     convert_coco(train, "train", spec, out)  # its own files: replaced again without --overwrite
     assert _flags(out / "annotations" / "task_2_train.json") == {10: 0, 11: 0, 12: 1, 13: 0}
+
+
+def test_image_dir_without_copying_is_refused(coco, capsys):
+    """--image-dir is where --copy-images-from copies to; alone it did nothing, silently."""
+    folder, train, _, spec = coco
+    with pytest.raises(ValueError, match=r"image_dir \(--image-dir\) 'pics' is where the images are copied to, so it "
+                                         r"needs copy_images_from \(--copy-images-from DIR\)"):
+        convert_coco(train, "train", spec, folder / "out", image_dir="pics")
+    assert not (folder / "out").exists()
+    assert cli.main(["convert-coco", "--coco", str(train), "--split", "train", "--tasks", str(spec),
+                     "--out", str(folder / "out"), "--image-dir", "pics"]) == 2
+    err = capsys.readouterr().err
+    assert "toist convert-coco: error: image_dir (--image-dir) 'pics'" in err and "Traceback" not in err
+    assert not (folder / "out").exists()

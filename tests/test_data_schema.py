@@ -1,14 +1,19 @@
 """Reading COCO-Tasks JSON: valid files parse exactly; every kind of bad input names file, record and field."""
 
+import itertools
 import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 
 from toist_core.data.coco_tasks import CocoTasksDataset
 from toist_core.data.schema import DataError, load_task_file, parse_task_file_name
 from toist_core.data.synth import generate
+
+# pycocotools calls np.array(copy=False) on its own objects (numpy 2 warns); not our code.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +235,134 @@ def test_unknown_coco_category_of_any_named_object_fails_in_grounding_mode(synth
     image_index = next(i for i in range(len(dataset)) if dataset.sample_info(i)[1].id == other["image_id"])
     kept = [a for a in task_json["annotations"] if a["image_id"] == other["image_id"] and a is not other]
     assert len(dataset[image_index][1]["boxes"]) == len(kept)  # the sample reads, without the unnamed object
+
+
+# ----------------------------------------------------------------------------- RLE segmentations
+
+def _image_rle(image, rows=0, counts=None):
+    """A compressed RLE of a block in ``image`` (``rows`` extra rows: a size not the image's)."""
+    from pycocotools import mask as mask_utils
+
+    h, w = image["height"] + rows, image["width"]
+    block = np.zeros((h, w), dtype=np.uint8, order="F")
+    block[2:12, 3:15] = 1
+    encoded = mask_utils.encode(block)["counts"].decode()
+    return {"size": [h, w], "counts": encoded if counts is None else counts}
+
+
+def _list_counts(rle):
+    from pycocotools import mask as mask_utils
+
+    flat = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).flatten(order="F").tolist()
+    runs = [len(list(group)) for _, group in itertools.groupby(flat)]
+    return runs if flat[0] == 0 else [0] + runs
+
+
+def test_rle_segmentations_must_be_masks_of_their_image(tmp_path, task_json):
+    """pycocotools decodes an RLE as it is: counts not adding up to height * width gave masks read
+    from uninitialised memory (different at every read), and a size not the image's mis-scored
+    the evaluation. Valid compressed and uncompressed RLEs load as before."""
+    image = task_json["images"][0]
+    index, ann = next((i, a) for i, a in enumerate(task_json["annotations"]) if a["image_id"] == image["id"])
+    h, w = image["height"], image["width"]
+    good = _image_rle(image)
+    for segmentation in (good, dict(good, counts=_list_counts(good))):
+        ann["segmentation"] = segmentation
+        loaded = load_task_file(_write(tmp_path, task_json)).image_annotations(image["id"])[0]
+        assert loaded.segmentation == segmentation
+    cases = [
+        (_image_rle(image, rows=1), rf"RLE size \[{h + 1}, {w}\] differs from the size \[{h}, {w}\] of its image"),
+        # cut short after the first run ("P" and above: a character that wants more)
+        (dict(good, counts=good["counts"][:next(i for i, c in enumerate(good["counts"]) if c < "P") + 1]),
+         rf"RLE 'counts' cover {2 + 3 * h} pixels, not height \* width = {h * w}"),
+        (dict(good, counts=[3, 7]), rf"RLE 'counts' cover 10 pixels, not height \* width = {h * w}"),
+        (dict(good, counts=[h * w, True]), r"RLE 'counts' list must hold non-negative integers, got True"),
+        (dict(good, counts=[h * w + 1, -1]), r"RLE 'counts' list must hold non-negative integers, got -1"),
+        (dict(good, counts="!!!!"), r"RLE 'counts' string holds '!' at position 0"),
+        (dict(good, counts=good["counts"] + "Q"), r"RLE 'counts' string ends inside a number"),
+        (dict(good, counts=""), rf"RLE 'counts' cover 0 pixels"),
+    ]
+    for segmentation, message in cases:
+        ann["segmentation"] = segmentation
+        path = _write(tmp_path, task_json)
+        with pytest.raises(DataError) as info:
+            load_task_file(path)
+        text = str(info.value)
+        assert text.startswith(f"{path}: annotations[{index}] (id {ann['id']}): field 'segmentation'"), text
+        assert re.search(message, text), text
+
+
+def test_a_present_categories_field_must_be_a_list_of_records_with_ids(tmp_path, task_json):
+    """The dataset does not read 'categories' (a file may lack it), but pycocotools indexes it by id."""
+    del task_json["categories"]
+    load_task_file(_write(tmp_path, task_json))
+    for value, message in [({"0": "x"}, r"field 'categories': expected a list"),
+                           ([{"name": "preferred"}], r"categories\[0\]: missing field 'id'"),
+                           ([{"id": 1}, {"id": 1}], r"categories\[1\] \(id 1\): duplicate category id 1"),
+                           (["preferred"], r"categories\[0\]: expected an object")]:
+        task_json["categories"] = value
+        with pytest.raises(DataError, match=message):
+            load_task_file(_write(tmp_path, task_json))
+
+
+def _reference_runs(counts: str) -> list[int]:
+    """pycocotools' rleFrString in plain Python, exact integers (the test's own, slow one)."""
+    runs, p = [], 0
+    while p < len(counts):
+        value, k, more = 0, 0, True
+        while more:
+            c = ord(counts[p]) - 48
+            value |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                value |= -1 << (5 * k)
+        runs.append(value + (runs[-2] if len(runs) > 2 else 0))
+    return runs
+
+
+def test_rle_counts_check_agrees_with_pycocotools_decoding():
+    """Random masks (pycocotools' encodings: all valid), and random strings of valid characters
+    judged against a plain decoding, checked many to a batch as the evaluation checks an image."""
+    from pycocotools import mask as mask_utils
+
+    from toist_core.data.rle import counts_problem, first_bad_counts
+
+    rng = np.random.default_rng(0)
+    counts, pixels = [], []
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(1, 70, 2))
+        mask = (rng.random((h, w)) < rng.choice([0.0, 0.05, 0.5, 1.0])).astype(np.uint8)
+        counts.append(mask_utils.encode(np.asfortranarray(mask))["counts"].decode())
+        pixels.append(h * w)
+    assert first_bad_counts(counts, pixels) is None
+    assert first_bad_counts([c.encode() for c in counts], pixels) is None  # bytes, as pycocotools returns them
+    big = np.zeros((1200, 1500), np.uint8, order="F")
+    big[100:1100, 1:1499] = 1                                               # runs of 5-character numbers
+    assert counts_problem(mask_utils.encode(big)["counts"], 1200, 1500) is None
+
+    checked = 0
+    for _ in range(400):
+        text = "".join(chr(48 + int(g)) for g in rng.integers(0, 64, int(rng.integers(1, 12))))
+        text = text[:-1] + chr(48 + (ord(text[-1]) - 48) % 32)            # ends a number
+        if any(len(n) > 6 for n in re.findall(r"[P-o]*[0-O]", text)):
+            continue
+        runs = _reference_runs(text)
+        total = sum(runs)
+        valid = min(runs) >= 0 and total > 0
+        problem = counts_problem(text, 1, max(total, 1))
+        assert (problem is None) == valid, (text, runs, problem)
+        # Valid strings among valid ones: the batch names the right one.
+        batch = counts[:5] + [text] + counts[5:9]
+        found = first_bad_counts(batch, pixels[:5] + [max(total, 1)] + pixels[5:9])
+        assert (found is None) if valid else (found[0] == 5), (text, found)
+        if valid:
+            assert int(mask_utils.area({"size": [1, total], "counts": text.encode()})) == sum(runs[1::2])
+        checked += 1
+    assert checked > 300
+    # Empty inputs, a string holding a non-ASCII letter, a number longer than pycocotools reads.
+    assert first_bad_counts([], []) is None
+    assert counts_problem("", 0, 5) is None
+    assert "holds 'é' at position 1" in counts_problem("0é", 2, 2)
+    assert "number of 7 characters at position 0" in counts_problem("oooooo0", 2, 2)

@@ -149,6 +149,32 @@ def test_crowd_degenerate_rle_and_clipping(root, edited):
     assert torch.allclose(target["area"], torch.tensor([a["area"] for a in kept], dtype=torch.float32))
 
 
+def test_rle_counts_that_are_not_a_mask_of_the_image_are_refused_not_decoded(root, tmp_path):
+    """pycocotools decoded a cut-short counts string (or a list adding up to 10 of h * w pixels)
+    into a mask read from uninitialised memory: a different mask at every read of the sample."""
+    from toist_core.data.schema import DataError
+
+    data = json.loads((root / "annotations" / "task_2_test.json").read_text())
+    image = data["images"][0]
+    h, w = image["height"], image["width"]
+    block = np.zeros((h, w), dtype=np.uint8, order="F")
+    block[10:30, 20:50] = 1
+    whole = mask_utils.encode(block)["counts"].decode()
+    ann = next(a for a in data["annotations"] if a["image_id"] == image["id"])
+    path = tmp_path / "task_2_test.json"
+    first_number = whole[:next(i for i, c in enumerate(whole) if c < "P") + 1]  # cut short after one run
+    for counts in (first_number, [3, 7]):
+        ann["segmentation"] = {"size": [h, w], "counts": counts}
+        path.write_text(json.dumps(data))
+        with pytest.raises(DataError, match=rf"\(id {ann['id']}\): field 'segmentation' \(RLE size \[{h}, {w}\]\): "
+                                            rf"RLE 'counts' cover \d+ pixels, not height \* width = {h * w}"):
+            CocoTasksDataset(path, root / "images" / "val2014", masks=True)
+    ann["segmentation"] = {"size": [h, w], "counts": whole}
+    path.write_text(json.dumps(data))
+    dataset = CocoTasksDataset(path, root / "images" / "val2014", masks=True)
+    assert dataset.sample_info(0)[1].id == image["id"]
+
+
 def test_noun_and_distill_modes(root):
     ann = root / "annotations" / "task_14_train.json"
     coco = _coco(ann)

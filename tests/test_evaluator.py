@@ -598,3 +598,216 @@ class _Pred:
 
     def __len__(self):
         return len(self.boxes)
+
+
+# ------------------------------------------------------------------------------ RLE masks, ground truth
+
+def _square_mask(height=100, width=100, box=(10, 10, 30, 30)) -> dict:
+    x0, y0, x1, y1 = box
+    mask = np.zeros((1, height, width), bool)
+    mask[0, y0:y1, x0:x1] = True
+    return encode_masks(mask)[0]
+
+
+# counts that are not a 100 x 100 mask, and what the error says of them
+_BAD_COUNTS = [
+    (_square_mask()["counts"][:3], r"RLE 'counts' cover 1010 pixels, not height \* width = 10000"),  # cut short
+    ("!!!!", r"RLE 'counts' string holds '!' at position 0; a compressed RLE uses the characters '0' to 'o'"),
+    ("", r"RLE 'counts' cover 0 pixels, not height \* width = 10000"),
+    ("Q", r"RLE 'counts' string ends inside a number"),             # 'Q' = 48 + 33: a group that wants more
+    ("0@", r"RLE 'counts' string decodes to a negative run \(-16 pixels, run 1\)"),
+]
+
+
+@pytest.mark.parametrize("counts, message", _BAD_COUNTS)
+def test_predictions_whose_rle_counts_are_not_a_mask_of_their_size_are_refused(tmp_path, counts, message):
+    """A cut-short counts string made pycocotools' mask IoU loop for ever (toist evaluate hung);
+    other bad strings changed the mask AP without a word. Loading, saving and evaluating refuse
+    them, naming file, task, image and mask."""
+    entry = {"boxes": [[10, 10, 30, 30], [0, 0, 5, 5]], "scores": [0.9, 0.8],
+             "masks": [_square_mask(), {"size": [100, 100], "counts": counts}]}
+    (tmp_path / "bad.json").write_text(_predictions_text(3, 1, entry))
+    where = r"task 3: image 1: masks\[1\] \(size \[100, 100\]\): "
+    with pytest.raises(DataError, match=rf"bad\.json: {where}{message}"):
+        load_predictions(tmp_path / "bad.json")
+    pred = ImagePredictions(entry["boxes"], entry["scores"], entry["masks"])
+    with pytest.raises(DataError, match=rf"^{where}{message}"):
+        save_predictions(tmp_path / "p.json", {3: {1: pred}})
+    assert not (tmp_path / "p.json").exists()
+    from toist_core.eval.predictions import check_image_predictions
+    with pytest.raises(DataError, match=rf"^{where}{message}"):
+        check_image_predictions(pred, "task 3: image 1", (100, 100))
+
+
+@pytest.mark.parametrize("counts, message", [_BAD_COUNTS[1], _BAD_COUNTS[2]])
+def test_evaluating_masks_that_are_not_valid_rle_is_refused(tmp_path, counts, message):
+    """(Cases whose evaluation ended before the fix: the cut-short one never did.) Boxes alone are
+    still scored: a box evaluation does not read the masks."""
+    path = _hand_file(tmp_path)
+    preds = {1: ImagePredictions([[10, 10, 30, 30]], [0.9], [{"size": [100, 100], "counts": counts}])}
+    for backend in BACKENDS:
+        with pytest.raises(DataError, match=rf"^task 3: image 1: masks\[0\] \(size \[100, 100\]\): {message}"):
+            evaluate_task(path, preds, backend=backend)
+    assert evaluate_task(path, preds, iou_types=["bbox"]).ap50["bbox"] > 0
+
+
+def test_masks_found_valid_are_checked_again_once_changed(tmp_path):
+    """An image's masks are decoded once (when read, then evaluated, the same strings are not
+    decoded again); a string replaced or a size changed in place is checked anew."""
+    from toist_core.eval.predictions import check_image_predictions
+
+    path = _hand_file(tmp_path)
+    pred = ImagePredictions([[10, 10, 30, 30]], [0.9], [_square_mask()])
+    assert evaluate_task(path, {1: pred}).ap50["segm"] > 0
+    check_image_predictions(pred, "again")                                   # remembered: not decoded
+    pred.masks[0]["counts"] = "!!!!"
+    with pytest.raises(DataError, match=r"^task 3: image 1: masks\[0\] \(size \[100, 100\]\): RLE 'counts' "
+                                        r"string holds"):
+        evaluate_task(path, {1: pred})
+    pred.masks[0] = _square_mask()
+    check_image_predictions(pred, "valid again")
+    pred.masks[0]["size"][1] = 50                                            # same string, other size
+    with pytest.raises(DataError, match=r"^here: masks\[0\] \(size \[100, 50\]\): RLE 'counts' cover 10000 pixels"):
+        check_image_predictions(pred, "here")
+
+
+def test_save_refuses_exactly_what_load_refuses(tmp_path):
+    """save_predictions wrote mask entries load_predictions then refused (uncompressed counts, a
+    3-number size) or failed with a bare KeyError (no size)."""
+    refused = {"uncompressed RLE (list counts)": {"size": [4, 4], "counts": [0, 16]},
+               "size of 3 numbers": {"size": [4, 4, 1], "counts": "04"},
+               "no size": {"counts": "04"},
+               "size not integers": {"size": [4.0, 4], "counts": "04"},
+               "size true/false": {"size": [True, 16], "counts": "04"},
+               "negative size": {"size": [-4, -4], "counts": "04"},
+               "no counts": {"size": [4, 4]},
+               "not an object": "04"}
+    for label, mask in refused.items():
+        pred = ImagePredictions([[0, 0, 2, 2]], [0.5], [mask])
+        with pytest.raises(DataError, match=r"^task 1: image 7: field 'masks\[0\]': expected \{'size': \[h, w\], "
+                                            r"'counts': str\}"):
+            save_predictions(tmp_path / "p.json", {1: {7: pred}})
+        assert not (tmp_path / "p.json").exists(), label
+        (tmp_path / "hand.json").write_text(_predictions_text(1, 7, {"boxes": [[0, 0, 2, 2]], "scores": [0.5],
+                                                                     "masks": [mask]}))
+        with pytest.raises(DataError, match=r"hand\.json: task 1: image 7: field 'masks\[0\]': expected"):
+            load_predictions(tmp_path / "hand.json")
+    # What saving accepts in memory (bytes counts, numpy sizes, a tuple) loads back as written.
+    counts = _square_mask(4, 4, (0, 0, 2, 2))["counts"]
+    accepted = [{"size": (np.int64(4), np.int64(4)), "counts": counts.encode()}, {"size": [4, 4], "counts": counts}]
+    pred = ImagePredictions([[0, 0, 2, 2], [0, 0, 4, 4]], [0.5, 0.4], accepted)
+    loaded = load_predictions(save_predictions(tmp_path / "p.json", {1: {7: pred}}))[1][7]
+    assert loaded.masks == [{"size": [4, 4], "counts": counts}] * 2
+
+
+def _edited_task_file(root, tmp_path, edit, name="task_2_test.json"):
+    data = json.loads((root / "annotations" / "task_2_test.json").read_text())
+    edit(data)
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _rle_on_the_first_image(data, rows=0, counts=None):
+    """The first image's first object becomes an RLE block (``rows`` more rows than the image;
+    ``counts`` instead of the block's)."""
+    image = data["images"][0]
+    h, w = image["height"], image["width"]
+    mask = np.zeros((h + rows, w), np.uint8, order="F")
+    mask[2:10, 3:12] = 1
+    rle = mask_utils.encode(mask)
+    ann = next(a for a in data["annotations"] if a["image_id"] == image["id"])
+    ann["segmentation"] = {"size": [h + rows, w], "counts": counts if counts is not None else rle["counts"].decode()}
+
+
+@pytest.mark.parametrize("edit, message", [
+    # The dataset refuses these; the evaluator took them and mis-scored them, or failed with an
+    # AssertionError traceback.
+    (lambda d: d["annotations"].append(dict(d["annotations"][0])),
+     r"annotations\[\d+\] \(id \d+\): duplicate annotation id"),
+    (lambda d: d["annotations"].append(dict(d["annotations"][0], id=999999, image_id=1234567)),
+     r"\(id 999999\): field 'image_id': 1234567 is not the id of an image in this file"),
+    (lambda d: d["annotations"][0].update(category_id=2),
+     r"annotations\[0\] \(id \d+\): field 'category_id': expected 0"),
+    (lambda d: d["images"].append(dict(d["images"][1], height=d["images"][1]["height"] + 7)),
+     r"images: duplicate image id"),
+    (lambda d: _rle_on_the_first_image(d, rows=1),
+     r"field 'segmentation': RLE size \[\d+, \d+\] differs from the size"),
+    (lambda d: _rle_on_the_first_image(d, counts="da19"),
+     r"field 'segmentation' \(RLE size \[\d+, \d+\]\): RLE 'counts' cover"),
+    (lambda d: d.update(categories={"1": "preferred"}), r"field 'categories': expected a list"),
+])
+def test_ground_truth_passes_the_dataset_schema(root, tmp_path, edit, message):
+    path = _edited_task_file(root, tmp_path, edit)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: .*{message}"):
+        load_ground_truth(path)
+    with pytest.raises(DataError, match=message):
+        evaluate_task(path, {})
+
+
+def test_ground_truth_that_is_not_a_json_object_is_refused(tmp_path):
+    (tmp_path / "task_2_test.json").write_text("[]")
+    with pytest.raises(DataError, match=r"task_2_test\.json: top level must be a JSON object, got list"):
+        load_ground_truth(tmp_path / "task_2_test.json")
+
+
+def test_a_task_file_without_categories_is_evaluated_with_the_coco_tasks_pair(root, tmp_path, capsys):
+    """The dataset does not need 'categories'; pycocotools' loadRes did (KeyError)."""
+    path = _edited_task_file(root, tmp_path, lambda d: d.pop("categories"))
+    gt = load_ground_truth(path)
+    assert gt.dataset["categories"] == [{"id": 0, "name": "non_preferred"}, {"id": 1, "name": "preferred"}]
+    perfect = _perfect(load_ground_truth(root / "annotations" / "task_2_test.json"))
+    for backend in BACKENDS:
+        result = evaluate_task(path, perfect, backend=backend)
+        assert result.ap50 == {"bbox": pytest.approx(1.0), "segm": pytest.approx(1.0)}
+    data_root = tmp_path / "data"
+    (data_root / "annotations").mkdir(parents=True)
+    path.rename(data_root / "annotations" / "task_2_test.json")
+    save_predictions(tmp_path / "p.json", {2: perfect})
+    assert cli.main(["evaluate", "--data", str(data_root), "--predictions", str(tmp_path / "p.json"),
+                     "--out", str(tmp_path / "out"), "--no-plots"]) == 0, capsys.readouterr().err
+
+
+class _DetectorOnly:
+    """A detection checkpoint: boxes, no masks; ``has_masks`` as TaskSegmenter says it (or not at all)."""
+
+    vocabulary = COCO_TASKS
+    trained_tasks = None
+
+    def __init__(self, has_masks):
+        if has_masks is not None:
+            self.has_masks = has_masks
+        self.calls = 0
+
+    def set_task(self, task_id):
+        pass
+
+    def predict(self, rgb, score_threshold=None, max_instances=None):
+        self.calls += 1
+        return type("Prediction", (), {"boxes": np.array([[1.0, 1.0, 20.0, 20.0]]), "scores": np.array([0.5]),
+                                       "masks": None})
+
+
+@pytest.mark.parametrize("has_masks, predicted", [(False, 0), (None, 1)])
+def test_cli_segm_of_a_detection_model_stops_before_writing_predictions(root, tmp_path, capsys, monkeypatch,
+                                                                         has_masks, predicted):
+    """`--iou-types segm` of a model without a mask head predicted every image, overwrote
+    --save-predictions, then exited 2: now refused before predicting (or at the first image when
+    the model does not say), and the predictions file is written only after the evaluation."""
+    import toist_core.cli.evaluate as evaluate_cli
+
+    model = _DetectorOnly(has_masks)
+    monkeypatch.setattr(evaluate_cli, "load_segmenter", lambda *args, **kwargs: model)
+    saved, out = tmp_path / "p.json", tmp_path / "out"
+    saved.write_text("previous run's predictions\n")
+    assert cli.main(["evaluate", "--data", str(root), "--checkpoint", "detector", "--tasks", "14", "--iou-types",
+                     "segm", "--out", str(out), "--save-predictions", str(saved), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert ("detection model (no mask head)" if has_masks is False else "the model predicted no masks") in err
+    assert model.calls == predicted
+    assert saved.read_text() == "previous run's predictions\n" and not out.exists()
+    # Boxes of the same model: evaluated, and only then saved.
+    assert cli.main(["evaluate", "--data", str(root), "--checkpoint", "detector", "--tasks", "14", "--iou-types",
+                     "bbox", "--max-images", "3", "--out", str(out), "--save-predictions", str(saved),
+                     "--no-plots"]) == 0
+    assert len(load_predictions(saved)[14]) == 3

@@ -179,3 +179,48 @@ def test_refuses_to_overwrite_files_it_did_not_write(tmp_path, capsys):
                      "--min-size", "32", "--max-size", "48", "--overwrite"]) == 0
     assert "task_preferences" in json.loads((tmp_path / "synth.json").read_text())
     assert not [p.name for p in tmp_path.rglob(".*")]  # no temporary files left behind
+
+
+def test_redrawing_a_split_refuses_to_leave_other_tasks_files_describing_old_images(tmp_path, capsys):
+    """Re-running synth on its own root with another seed (or sizes, object counts) and fewer
+    tasks left the other tasks' files of the split labelling images that had been redrawn."""
+    small = dict(splits=("test",), images_per_split=3, min_size=48, max_size=64)
+    generate(tmp_path, tasks=[1, 2, 3], seed=0, **small)
+    annotations = tmp_path / "annotations"
+    before = {p.name: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    stale = [annotations / "task_2_test.json", annotations / "task_3_test.json"]
+    for other in (dict(seed=1), dict(max_size=80), dict(max_objects=2)):
+        with pytest.raises(FileExistsError, match=re.escape(f"{stale[0]}, {stale[1]} were written with other") +
+                           ".*--overwrite"):
+            generate(tmp_path, tasks=[1], **{**small, **other})
+        assert {p.name: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    assert cli.main(["synth", str(tmp_path), "--tasks", "1", "--splits", "test", "--images-per-split", "3",
+                     "--min-size", "48", "--max-size", "64", "--seed", "1"]) == 2
+    assert "task_2_test.json" in capsys.readouterr().err
+
+    # Drawn as before: a task is added (or rewritten) without asking; another split is independent.
+    generate(tmp_path, tasks=[4], seed=0, **small)
+    generate(tmp_path, tasks=[1], seed=5, **dict(small, splits=("train",)))
+    assert (annotations / "task_4_test.json").is_file() and (annotations / "task_2_test.json").is_file()
+    meta = json.loads((tmp_path / "synth.json").read_text())
+    assert meta["splits"]["test"]["seed"] == 0 and meta["splits"]["train"]["seed"] == 5
+    # Every task file of the split rewritten: nothing left to describe the old images.
+    generate(tmp_path, tasks=[1, 2, 3, 4], seed=2, **small)
+    # --overwrite removes synth's own stale files (not others').
+    generate(tmp_path, tasks=[1], seed=3, overwrite=True, **small)
+    assert sorted(p.name for p in annotations.iterdir()) == ["task_1_test.json", "task_1_train.json"]
+    assert json.loads((tmp_path / "synth.json").read_text())["splits"]["test"]["seed"] == 3
+
+
+def test_a_synth_json_without_drawing_settings_counts_as_other_settings(tmp_path):
+    """A root written by an older synth records no drawing settings: its other tasks' files of a
+    redrawn split cannot be told current, so they are refused too."""
+    small = dict(splits=("test",), images_per_split=2, min_size=32, max_size=48)
+    generate(tmp_path, tasks=[1, 2], **small)
+    meta = json.loads((tmp_path / "synth.json").read_text())
+    del meta["splits"]
+    (tmp_path / "synth.json").write_text(json.dumps(meta))
+    with pytest.raises(FileExistsError, match="task_2_test.json were written with other \\(or unrecorded\\)"):
+        generate(tmp_path, tasks=[1], **small)
+    generate(tmp_path, tasks=[1, 2], **small)
+    generate(tmp_path, tasks=[1], **small)  # recorded now

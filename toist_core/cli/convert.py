@@ -19,7 +19,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--copy-images-from", default=None,
                         help="folder the images' file_name are relative to: copy them to <out>/<image-dir>")
     parser.add_argument("--image-dir", default=None,
-                        help="where the images are copied, relative to --out (default images/<split>)")
+                        help="where the images are copied, relative to --out (default images/<split>); "
+                             "only with --copy-images-from")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace task files convert-coco did not write (its own are replaced anyway)")
     parser.set_defaults(func=run)

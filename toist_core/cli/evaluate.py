@@ -13,8 +13,10 @@ loader's order), for a like-for-like comparison with the paper's tables; the def
 (docs/inference.md gives their measured effect). Writes ``results.md`` / ``results.csv``
 (per-task AP@0.5 and AP@[.5:.95], mean over tasks = mAP^box / mAP^mask) and one
 precision-recall plot per task into ``--out``. Invalid predictions (NaN / inf scores or boxes:
-the network's outputs are checked as they come, or masks not of the image's size) stop the
-command with exit code 2 before it writes anything.
+the network's outputs are checked as they come, or masks not of the image's size), and
+``--iou-types segm`` for a model without a mask head (refused before predicting), stop the
+command with exit code 2 before it writes anything: ``--save-predictions`` is written after
+the evaluation succeeded.
 """
 
 from __future__ import annotations
@@ -110,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
         segmenter = load_segmenter(args.checkpoint, args.device, args.text_encoder, args.short_side,
                                    args.max_size, protocol=args.protocol, duplicate_iou=args.duplicate_iou or None,
                                    ccr=not args.no_ccr)
+        if "segm" in (args.iou_types or ()) and getattr(segmenter, "has_masks", None) is False:
+            raise DataError(f"--iou-types segm: {args.checkpoint} is a detection model (no mask head): it predicts "
+                            "boxes only; evaluate with --iou-types bbox")
         # Default: the tasks the model was trained on, else every task of its vocabulary.
         tasks = (parse_task_list(args.tasks, max_id=None) if args.tasks
                  else sorted(segmenter.trained_tasks or segmenter.vocabulary.ids))
@@ -124,9 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
     if predictions is None:
         image_dir = Path(args.image_dir) if args.image_dir else _default_image_dir(args.data, args.split)
-        predictions = predict_tasks(segmenter, files, image_dir, image_ids, batch_size=args.batch_size)
-        if args.save_predictions:
-            print(f"predictions written to {save_predictions(args.save_predictions, predictions, phrases)}")
+        predictions = predict_tasks(segmenter, files, image_dir, image_ids, batch_size=args.batch_size,
+                                    require_masks="segm" in (args.iou_types or ()))
     else:
         for t in tasks:
             absent = [i for i in image_ids[t] if i not in predictions[t]]
@@ -140,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     except DataError as exc:  # name the predictions file too (the task files are named already)
         raise DataError(f"{args.predictions}: {exc}" if args.predictions else str(exc)) from None
     result.phrases = phrases  # None (a file without them): COCO-Tasks' phrases
+    if args.save_predictions:  # only now: a refused evaluation leaves an existing file as it was
+        print(f"predictions written to {save_predictions(args.save_predictions, predictions, phrases)}")
     print(markdown_report(result))
     md_path, csv_path = write_tables(result, args.out)
     written = [md_path, csv_path]
@@ -182,7 +188,7 @@ def load_segmenter(checkpoint: str, device: str = "auto", text_encoder: Optional
 
 
 def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[dict] = None,
-                  batch_size: int = 1, log=None) -> dict:
+                  batch_size: int = 1, log=None, require_masks: bool = False) -> dict:
     """Run ``segmenter`` on the images of each task file -> ``{task: {image: ImagePredictions}}``.
 
     ``segmenter`` follows the ``TaskSegmenter`` API: ``set_task(task_id)`` and
@@ -194,9 +200,12 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
     largest image, so its members matter: images are then batched in ascending image id, the
     order of the reference's loader (torchvision's ``CocoDetection`` sorts the ids, sequential
     sampler); otherwise in the file's order. Progress lines go to ``log`` (default: the
-    ``sys.stderr`` of the moment of the call).
+    ``sys.stderr`` of the moment of the call). ``require_masks`` (a segm evaluation follows):
+    the first image predicted without masks stops it with a :class:`DataError`, for a
+    segmenter that does not tell whether it has a mask head.
     """
     from toist_core.data.coco_tasks import CocoTasksDataset
+    from toist_core.data.schema import DataError
     from toist_core.eval.predictions import ImagePredictions, check_image_predictions
     from toist_core.inference import NonFiniteOutputError
 
@@ -226,6 +235,9 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
                 raise NonFiniteOutputError(f"task {task_id}: image id(s) {ids}: {exc}") from None
             for index, image, out in zip(chunk, images, outputs):
                 image_id = dataset.sample_info(index)[1].id
+                if require_masks and out.masks is None:
+                    raise DataError(f"task {task_id}: image {image_id}: the model predicted no masks: "
+                                    "--iou-types segm needs a segmentation model (use --iou-types bbox)")
                 pred = ImagePredictions.from_arrays(out.boxes, out.scores, out.masks)
                 # Stop at the first bad image, not after predicting every task.
                 check_image_predictions(pred, f"task {task_id}: image {image_id}", image.shape[:2])

@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="jpg (quality 95, real file names) or png (lossless)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write even into a folder holding task files or a synth.json that toist synth "
-                             "did not write (they are replaced)")
+                             "did not write (they are replaced), and remove synth's task files of other tasks "
+                             "of a split redrawn with other settings (seed, sizes, object counts)")
 
 
 def run(args: argparse.Namespace) -> int:

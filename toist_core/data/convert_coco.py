@@ -40,13 +40,12 @@ import yaml
 
 from toist_core.atomic_file import write_text_atomic
 from toist_core.data.captions import OWN_CATEGORIES_FIELD, category_names
-from toist_core.data.schema import DataError, TaskFile, parse_task_data, read_json, task_file_path, written_by
+from toist_core.data.schema import (PREFERENCE_CATEGORIES, DataError, TaskFile, parse_task_data, read_json,
+                                     task_file_path, written_by)
 
 PathLike = Union[str, Path]
 CategoryRef = Union[str, int]  # a category name or id, as written in the specification
 
-# ``categories`` of a COCO-Tasks file: the meaning of ``category_id`` (as the real and synthetic files).
-PREFERENCE_CATEGORIES = ({"id": 0, "name": "non_preferred"}, {"id": 1, "name": "preferred"})
 _SPLIT = re.compile(r"^[A-Za-z0-9]+$")  # the <split> of task_<k>_<split>.json (schema's file-name rule)
 _ANNOTATION_FIELDS = ("id", "image_id", "bbox", "segmentation", "area", "iscrowd")
 _LISTED = 12  # names or ids shown in an error message before "..."
@@ -176,10 +175,9 @@ def _read_source(path: PathLike, split: str) -> _Source:
     names = category_names(data["categories"], f"{path}: categories")
     images = [_image_record(path, i, rec) for i, rec in enumerate(data["images"])]
     annotations = [_annotation_record(path, i, rec, names) for i, rec in enumerate(data["annotations"])]
-    # The records are now task-file records, so the schema's own checks apply; ``path`` names
-    # the source, whose list positions and ids the records keep.
+    # The records are now task-file records, so the schema's own checks apply (RLE sizes and
+    # counts included); ``path`` names the source, whose list positions and ids the records keep.
     parsed = parse_task_data({"images": images, "annotations": annotations}, path, 0, split)
-    _check_values(path, annotations, {image.id: (image.height, image.width) for image in parsed.images})
     return _Source(path, names, images, annotations, parsed)
 
 
@@ -208,18 +206,6 @@ def _annotation_record(path: Path, index: int, rec: Any, names: dict[int, str]) 
     out["COCO_category_id"] = category
     out["category_id"] = 0
     return out
-
-
-def _check_values(path: Path, annotations: list[dict], sizes: dict[int, tuple[int, int]]) -> None:
-    """What the schema leaves to the sample reader: RLE size = image size. (Finite numbers and
-    polygon extents are the schema's.)"""
-    for index, ann in enumerate(annotations):
-        where = _where(path, "annotations", index, ann)
-        seg = ann["segmentation"]
-        if isinstance(seg, dict) and tuple(seg["size"]) != sizes[ann["image_id"]]:
-            raise DataError(f"{where}: field 'segmentation': RLE size {seg['size']} differs from the size "
-                            f"[{sizes[ann['image_id']][0]}, {sizes[ann['image_id']][1]}] of image "
-                            f"{ann['image_id']}")
 
 
 def _listing(values: list) -> str:
@@ -284,7 +270,8 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
         copy_images_from: the folder the ``file_name`` of the images are relative to; when
             given, the images are copied to ``<out_root>/<image_dir>``. Without it, point
             ``DataConfig.image_dirs[split]`` at the images (an absolute path is fine).
-        image_dir: the copy's folder relative to ``out_root`` (default ``images/<split>``).
+        image_dir: the copy's folder relative to ``out_root`` (default ``images/<split>``); only
+            with ``copy_images_from`` (:class:`ValueError` otherwise: nothing would be copied there).
         overwrite: replace task files that convert-coco did not write (the real COCO-Tasks
             files, ``toist synth``'s, hand-edited ones); its own are replaced in any case.
 
@@ -292,6 +279,12 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
     file or a specification that does not match it, and ``FileExistsError`` (nothing written)
     for task files of other origin without ``overwrite``.
     """
+    if image_dir is not None and copy_images_from is None:
+        # Nothing would go there, and the task files would not say where the images are: refused,
+        # not ignored (a user who meant "my images are in X" would find nothing done).
+        raise ValueError(f"image_dir (--image-dir) {image_dir!r} is where the images are copied to, so it needs "
+                         "copy_images_from (--copy-images-from DIR); without copying, point the data "
+                         f"configuration's image_dirs[{split!r}] at the folder that holds the images")
     if not isinstance(split, str) or not _SPLIT.match(split):
         raise DataError(f"split: expected letters and digits only (it becomes part of task_<k>_<split>.json), "
                         f"got {split!r}")

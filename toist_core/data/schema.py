@@ -2,8 +2,9 @@
 
 A COCO-Tasks file is a COCO detection file whose annotations carry two category fields:
 ``COCO_category_id`` (the COCO class, 62 = chair) and ``category_id`` in {0, 1}, where 1 marks
-an object *preferred* for the file's task. Every object of an image is listed; images without
-a preferred object are part of the set.
+an object *preferred* for the file's task (its ``categories`` list, :data:`PREFERENCE_CATEGORIES`
+in the real and synthetic files, names the two). Every object of an image is listed; images
+without a preferred object are part of the set.
 
 Validation is strict: a malformed file, a missing field or a field of the wrong type raises
 :class:`DataError` naming the file, the record (list position and id) and the field. Nothing
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
+from toist_core.data.rle import counts_problem
+
 
 _NUMBER_TYPES = frozenset((int, float))  # exact types: JSON true/false (bool) is not a coordinate
 # pycocotools' frPyObjects takes a list whose FIRST polygon has 4 values for boxes (and fails with
@@ -34,6 +37,9 @@ _POLYGON_MARGIN = 1.0
 _FILE_NAME = re.compile(r"^task_(\d+)_([A-Za-z0-9]+)\.json$")
 
 Segmentation = Union[list, dict]  # COCO polygons [[x1, y1, ...], ...] or an RLE {"size", "counts"}
+# ``categories`` of a COCO-Tasks file: the meaning of ``category_id`` (as the real and synthetic
+# files). The evaluation's COCO ground truth needs the list; a file without one gets this.
+PREFERENCE_CATEGORIES = ({"id": 0, "name": "non_preferred"}, {"id": 1, "name": "preferred"})
 
 
 class DataError(ValueError):
@@ -128,8 +134,10 @@ def load_task_file(path: Union[str, Path], keep_raw: bool = False) -> TaskFile:
 
     Raises :class:`DataError` for a missing file, invalid JSON, a record with a missing or
     ill-typed field, a non-finite ``bbox`` / ``area`` / polygon coordinate, a first polygon of
-    fewer than 3 points (2 for the others) or a coordinate more than one image side outside its image, a duplicate
-    id, or an annotation whose ``image_id`` is not an image of the file.
+    fewer than 3 points (2 for the others) or a coordinate more than one image side outside its image, an RLE
+    whose ``size`` is not its image's or whose ``counts`` are not a mask of that size, a duplicate
+    id, an annotation whose ``image_id`` is not an image of the file, or a ``categories`` field
+    that is not a list of ``{"id": int, ...}`` records (the field may be absent).
     """
     path = Path(path)
     task_id, split = parse_task_file_name(path)
@@ -160,6 +168,7 @@ def parse_task_data(data: Any, path: Union[str, Path], task_id: int, split: str,
         if not isinstance(data[key], list):
             raise DataError(f"{path}: field {key!r} must be a list, got {type(data[key]).__name__}")
 
+    _check_categories(path, data.get("categories"))
     images = [_image(path, i, rec) for i, rec in enumerate(data["images"])]
     annotations: dict[int, list[AnnotationRecord]] = {}
     extents: dict[int, _Extent] = {}
@@ -184,6 +193,26 @@ def parse_task_data(data: Any, path: Union[str, Path], task_id: int, split: str,
 
 
 # ----------------------------------------------------------------------------- record checks
+
+def _check_categories(path: Path, categories: Any) -> None:
+    """``categories`` is optional (the dataset does not read it; the evaluation supplies
+    :data:`PREFERENCE_CATEGORIES` when it is absent), but pycocotools indexes a present one by
+    ``id``: a malformed list would crash the evaluation with a bare KeyError / TypeError."""
+    if categories is None:
+        return
+    if not isinstance(categories, list):
+        raise DataError(f"{path}: field 'categories': expected a list of {{id, name}} records, "
+                        f"got {type(categories).__name__}")
+    seen: set[int] = set()
+    for index, rec in enumerate(categories):
+        where = _where(path, "categories", index, rec)
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
+        cat_id = _field(where, rec, "id", "int")
+        if cat_id in seen:
+            raise DataError(f"{where}: duplicate category id {cat_id}")
+        seen.add(cat_id)
+
 
 def _where(path: Path, section: str, index: int, rec: Any) -> str:
     rec_id = rec.get("id") if isinstance(rec, dict) else None
@@ -263,18 +292,10 @@ def _annotation(path: Path, index: int, rec: Any, extents: dict[int, "_Extent"])
 
 def _check_segmentation(where: str, seg: Any, extent: Optional["_Extent"]) -> None:
     """Types and shape of a segmentation; with its image's ``extent``, also the range of its
-    polygon coordinates."""
+    polygon coordinates, or an RLE's size."""
     prefix = f"{where}: field 'segmentation'"
     if isinstance(seg, dict):  # RLE: {"size": [h, w], "counts": str | [int, ...]}
-        size, counts = seg.get("size"), seg.get("counts")
-        if (not isinstance(size, list) or len(size) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
-            raise DataError(f"{prefix}: RLE 'size' must be [height, width], got {size!r}")
-        if not isinstance(counts, (str, list)):
-            raise DataError(f"{prefix}: RLE 'counts' must be a string or a list of integers, "
-                            f"got {type(counts).__name__}")
-        if isinstance(counts, list) and not (set(map(type, counts)) <= {int} and min(counts, default=0) >= 0):
-            raise DataError(f"{prefix}: RLE 'counts' list must hold non-negative integers")
+        _check_rle(prefix, seg, extent)
         return
     if not isinstance(seg, list) or not seg:
         raise DataError(f"{prefix}: expected a non-empty list of polygons or an RLE object, got {seg!r}")
@@ -299,6 +320,24 @@ def _check_segmentation(where: str, seg: Any, extent: Optional["_Extent"]) -> No
         raise DataError(f"{prefix}[{k}][{j}]: coordinate {bad!r} is not finite or not within "
                         f"[{low:g}, {high:g}] (image {width}x{height}: a coordinate may "
                         f"lie at most one image side outside it)")
+
+
+def _check_rle(prefix: str, seg: dict, extent: Optional["_Extent"]) -> None:
+    """An RLE of its image's size (when ``extent`` is known) whose counts are a mask of that size:
+    pycocotools decodes whatever it is given, from memory past the counts if need be."""
+    size, counts = seg.get("size"), seg.get("counts")
+    if (not isinstance(size, list) or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise DataError(f"{prefix}: RLE 'size' must be [height, width], got {size!r}")
+    if extent is not None and size != [extent.height, extent.width]:
+        raise DataError(f"{prefix}: RLE size {size} differs from the size [{extent.height}, {extent.width}] "
+                        "of its image (height, width)")
+    if not isinstance(counts, (str, list)):
+        raise DataError(f"{prefix}: RLE 'counts' must be a string or a list of integers, "
+                        f"got {type(counts).__name__}")
+    problem = counts_problem(counts, size[0], size[1])
+    if problem is not None:
+        raise DataError(f"{prefix} (RLE size {size}): {problem}")
 
 
 class _Extent(NamedTuple):

@@ -23,7 +23,10 @@ split and index, so generating fewer tasks or splits yields the same images).
 :func:`generate` refuses a root holding task files or a ``synth.json`` it did not write (its
 task files start with ``{"info":"COCO-Tasks Dataset. (synthetic: toist synth)"``, its
 ``synth.json`` records the seed, the classes and the preferences) unless told to overwrite;
-every JSON file is written to a temporary name and renamed into place.
+every JSON file is written to a temporary name and renamed into place. ``synth.json`` also
+records, per split, the settings that drew its images (:data:`DRAWING_SETTINGS`): a run that
+redraws a split with other settings refuses to leave synth's task files of that split's other
+tasks behind (they would describe the old images), and removes them when told to overwrite.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from toist_core.atomic_file import write_text_atomic
-from toist_core.data.schema import written_by
+from toist_core.data.schema import PREFERENCE_CATEGORIES, DataError, parse_task_file_name, written_by
 from toist_core.tasks import NUM_TASKS
 
 SPLIT_FOLDERS = {"train": "train2014", "test": "val2014"}
@@ -47,13 +50,15 @@ _SPLIT_CODES = {"train": 0, "test": 1}
 _ID_STRIDE = 1_000_000        # image id = (split code + 1) * stride + index
 _MAX_OBJECTS = 99             # annotation id = image id * 100 + object index
 _MIN_VISIBLE_FRACTION = 0.35  # objects hidden more than this are left out
-_CATEGORIES = [{"id": 0, "name": "non_preferred"}, {"id": 1, "name": "preferred"}]
 SYNTH_INFO = "COCO-Tasks Dataset. (synthetic: toist synth)"  # "info" of every task file synth writes
 # How a task file synth wrote begins (its first key, compact separators): checked without
 # parsing, since a real task file that must not be overwritten is 23 MB.
 _TASK_FILE_START = json.dumps({"info": SYNTH_INFO}, separators=(",", ":"))[:-1].encode()
 _META_NAME = "synth.json"
 _META_KEYS = frozenset(("seed", "classes", "task_preferences"))  # what every synth.json records
+# The arguments an image depends on (with its split and index): a split's task files describe
+# its images only if they were written with the same values (synth.json's "splits" records them).
+DRAWING_SETTINGS = ("seed", "min_size", "max_size", "min_objects", "max_objects")
 
 
 @dataclass(frozen=True)
@@ -154,7 +159,10 @@ def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS +
         image_format: "jpg" (quality 95, the real file names) or "png" (lossless).
         overwrite: write even into a root holding task files or a ``synth.json`` that synth did
             not write (otherwise :class:`FileExistsError` naming them, before anything is
-            written). A root of synth's own files is always rewritten.
+            written), and remove synth's own task files of a redrawn split that this run does not
+            rewrite (otherwise :class:`FileExistsError`, see :func:`stale_task_files`). A root of
+            synth's own files drawn with the same settings is always rewritten (e.g. to add a
+            split or a task).
     """
     tasks = sorted(set(int(t) for t in tasks))
     for task in tasks:
@@ -177,6 +185,17 @@ def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS +
     root = Path(root)
     if not overwrite:
         _check_foreign_files(root)
+    drawing = dict(seed=seed, min_size=min_size, max_size=max_size, min_objects=min_objects, max_objects=max_objects)
+    stale = stale_task_files(root, tasks, splits, drawing)
+    if stale and not overwrite:
+        raise FileExistsError(
+            f"{root}: {_listing(stale)} were written with other (or unrecorded) drawing settings than this run's "
+            f"({_settings_text(drawing)}), and the images of their split are redrawn now: they would describe images "
+            "that are no longer there. Generate those tasks too (--tasks), choose another folder, or pass "
+            "--overwrite (overwrite=True) to remove them")
+    previous_splits = _recorded_splits(root)
+    for path in stale:  # overwrite: synth's own files that no longer match the images
+        path.unlink()
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     summary = SynthSummary(root)
     for split in splits:
@@ -199,13 +218,58 @@ def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS +
             summary.annotation_files.append(path)
             summary.images_with_preferred[(task, split)] = with_preferred
             summary.num_preferred[(task, split)] = preferred
+    # Splits this run did not draw keep their record (if synth wrote the previous synth.json).
+    recorded = {**previous_splits, **{split: dict(drawing, images_per_split=images_per_split,
+                                                  image_format=image_format) for split in splits}}
     meta = {"seed": seed, "images_per_split": images_per_split, "images_per_task": images_per_task,
             "empty_fraction": empty_fraction,
             "classes": [{"coco_id": c.coco_id, "name": c.name, "shape": c.shape,
                          "colour": list(c.colour), "texture": c.texture} for c in SYNTH_CLASSES],
-            "task_preferences": {str(k): list(v) for k, v in TASK_PREFERENCES.items()}}
+            "task_preferences": {str(k): list(v) for k, v in TASK_PREFERENCES.items()},
+            "splits": {split: recorded[split] for split in sorted(recorded)}}
     write_text_atomic(root / _META_NAME, json.dumps(meta, indent=1))
     return summary
+
+
+def stale_task_files(root: Union[str, Path], tasks: Iterable[int], splits: Sequence[str],
+                     drawing: dict) -> list[Path]:
+    """synth's own task files under ``root`` that a run writing ``tasks`` of ``splits`` with the
+    :data:`DRAWING_SETTINGS` ``drawing`` would leave describing redrawn images: those of the
+    other tasks of a split that ``synth.json`` records as drawn with other values, or does not
+    record (a ``synth.json`` of an older toist, or none). A run that rewrites every task file of
+    a split, or draws it as before, leaves none. Files synth did not write are not listed."""
+    root, tasks = Path(root), set(tasks)
+    recorded = _recorded_splits(root)
+    stale = []
+    for split in splits:
+        before = recorded.get(split)
+        if before is not None and all(before.get(key) == drawing[key] for key in DRAWING_SETTINGS):
+            continue
+        for path in sorted((root / "annotations").glob(f"task_*_{split}.json")):
+            try:
+                task, file_split = parse_task_file_name(path)
+            except DataError:  # not a task file name: not synth's
+                continue
+            if file_split == split and task not in tasks and _synth_task_file(path):
+                stale.append(path)
+    return stale
+
+
+def _recorded_splits(root: Path) -> dict[str, dict]:
+    """synth.json's per-split settings ({} when synth did not write it, or an older synth did)."""
+    meta = root / _META_NAME
+    if not _synth_meta(meta):
+        return {}
+    splits = json.loads(meta.read_text(encoding="utf-8")).get("splits")
+    return {k: v for k, v in splits.items() if isinstance(v, dict)} if isinstance(splits, dict) else {}
+
+
+def _settings_text(drawing: dict) -> str:
+    return ", ".join(f"{key} {drawing[key]}" for key in DRAWING_SETTINGS)
+
+
+def _listing(paths: list[Path]) -> str:
+    return ", ".join(str(p) for p in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
 
 
 def _check_foreign_files(root: Path) -> None:
@@ -216,9 +280,9 @@ def _check_foreign_files(root: Path) -> None:
     if meta.exists() and not _synth_meta(meta):
         foreign.append(meta)
     if foreign:
-        shown = ", ".join(str(p) for p in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise FileExistsError(f"{root}: holds files toist synth did not write: {shown}; refusing to overwrite "
-                              f"them. Choose another folder, or pass --overwrite (overwrite=True) to write anyway")
+        raise FileExistsError(f"{root}: holds files toist synth did not write: {_listing(foreign)}; refusing to "
+                              "overwrite them. Choose another folder, or pass --overwrite (overwrite=True) to write "
+                              "anyway")
 
 
 def _synth_task_file(path: Path) -> bool:
@@ -288,7 +352,8 @@ def _write_task_file(root: Path, task: int, split: str, pool: list, images_per_t
             annotations.append(out)
         with_preferred += hits > 0
         num_preferred += hits
-    data = {"info": SYNTH_INFO, "images": images, "annotations": annotations, "categories": _CATEGORIES}
+    data = {"info": SYNTH_INFO, "images": images, "annotations": annotations,
+            "categories": [dict(c) for c in PREFERENCE_CATEGORIES]}
     path = root / "annotations" / f"task_{task}_{split}.json"
     write_text_atomic(path, json.dumps(data, separators=(",", ":")))
     return path, with_preferred, num_preferred

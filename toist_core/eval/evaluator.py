@@ -43,7 +43,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from toist_core.data.schema import DataError, parse_task_file_name
+from toist_core.data.schema import PREFERENCE_CATEGORIES, DataError, parse_task_data, parse_task_file_name, read_json
 from toist_core.eval.predictions import ImagePredictions, PredictionSet, check_image_predictions
 from toist_core.tasks import TASK_PHRASES
 
@@ -143,16 +143,32 @@ def resolve_backend(backend: Optional[str]) -> str:
 
 
 def load_ground_truth(path: Union[str, Path]) -> COCO:
-    """pycocotools COCO object of a task file (its printing captured); ``source_path`` names
-    the file in later error messages."""
+    """pycocotools COCO object of a task file; ``source_path`` names the file in later error
+    messages.
+
+    The file passes the dataset's schema first (:func:`~toist_core.data.schema.parse_task_data`,
+    on the one parsed JSON), so the evaluation refuses what training refuses with a
+    :class:`DataError` naming file, record and field: pycocotools would take duplicate ids,
+    annotations of unknown images, a ``category_id`` other than 0 / 1 or an RLE that is not a
+    mask of its image, and mis-score them or fail with a bare AssertionError. A file without
+    ``categories`` (the dataset does not need it) gets the COCO-Tasks pair
+    :data:`~toist_core.data.schema.PREFERENCE_CATEGORIES`, as the real files have it.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found")
+    data = read_json(path, "annotation file")
+    try:
+        task_id, split = parse_task_file_name(path)
+    except DataError:  # any name will do here; the schema only names the file
+        task_id, split = 0, ""
+    parse_task_data(data, path, task_id, split)
+    if "categories" not in data:
+        data["categories"] = [dict(c) for c in PREFERENCE_CATEGORIES]
+    coco = COCO()
+    coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
-        try:
-            coco = COCO(str(path))
-        except ValueError as exc:  # json errors are ValueErrors
-            raise DataError(f"{path}: not valid JSON: {exc}") from None
+        coco.createIndex()
     coco.source_path = str(path)
     return coco
 
@@ -183,7 +199,8 @@ def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int
     """Evaluate one task's predictions ``{image_id: ImagePredictions}``.
 
     Raises :class:`DataError` (naming task, image and field) for predictions of images not in
-    the file, NaN / inf scores or boxes, and masks whose size is not the image's.
+    the file, NaN / inf scores or boxes, and (segm) masks whose size is not the image's or
+    whose RLE counts are not a mask of that size.
 
     Args:
         ground_truth: the task's annotation file (its name gives the task id) or a COCO object.
@@ -224,11 +241,12 @@ def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int
         if iou_type == "segm" and not has_masks:
             without = [i for i, p in predictions.items() if p.masks is None][:10]
             raise DataError(f"task {task_id}: segm evaluation needs masks; images without masks: {without}")
+    segm = "segm" in iou_types
     for image_id, pred in predictions.items():
         info = ground_truth.imgs[image_id]
-        # Mask sizes matter (and the file's image sizes are needed) only for segm.
-        size = (info["height"], info["width"]) if "segm" in iou_types else None
-        check_image_predictions(pred, f"task {task_id}: image {image_id}", size)
+        # Masks (their sizes: the file's image sizes, and RLE counts) matter only for segm.
+        size = (info["height"], info["width"]) if segm else None
+        check_image_predictions(pred, f"task {task_id}: image {image_id}", size, check_masks=segm)
 
     if not selected:
         return _without_images(task_id, iou_types)

@@ -12,7 +12,8 @@ File format (``.json``, or gzip-compressed when the name ends in ``.gz``)::
                                             "masks": [{"size": [h, w], "counts": "<rle>"}, ...]}}}}
 
 ``masks`` is omitted (or null) for box-only predictions. Scores and box coordinates must be
-finite (:func:`check_image_predictions`): saving, loading and evaluating refuse NaN / inf.
+finite and every mask a valid compressed RLE of its ``size`` (:func:`check_image_predictions`):
+saving, loading and evaluating refuse NaN / inf and counts that are not a mask of that size.
 Errors name the file, task, image and field. An optional ``"phrases": {"<task_id>": "<verb
 phrase>"}`` records the tasks' phrases of the model that predicted (its own vocabulary may not
 be COCO-Tasks'), so that the tables and plots of a re-scored file name the tasks as the run did.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -29,6 +31,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from toist_core.data.rle import first_bad_counts
 from toist_core.data.schema import DataError
 from toist_core.atomic_file import atomic_write
 
@@ -36,6 +39,7 @@ FORMAT_NAME = "toist-predictions"
 FORMAT_VERSION = 1
 
 RLE = dict  # {"size": [h, w], "counts": str}
+_MASK_FORMAT = "{'size': [h, w], 'counts': str}"
 
 
 @dataclass
@@ -80,12 +84,15 @@ class PredictionFile:
 
 
 def check_image_predictions(pred: ImagePredictions, where: str,
-                            image_size: Optional[tuple[int, int]] = None) -> None:
+                            image_size: Optional[tuple[int, int]] = None, check_masks: bool = True) -> None:
     """Refuse what pycocotools would take silently: :class:`DataError` ``"<where>: scores[2] is nan"``.
 
     A NaN score ranks last and a NaN / inf box matches nothing, so the AP would look normal;
-    a mask whose RLE size is not the image's gets IoU -1 (no match). ``where`` names the task
-    and image (and file); masks are checked against ``image_size`` = (height, width) when given.
+    a mask whose RLE size is not the image's gets IoU -1 (no match), and one whose counts are
+    not a mask of its size makes pycocotools read past the string or loop for ever
+    (:mod:`toist_core.data.rle`). ``where`` names the task and image (and file); masks are
+    checked against ``image_size`` = (height, width) when given, and not at all without
+    ``check_masks`` (a box evaluation never reads them).
     """
     for name, values in (("scores", pred.scores), ("boxes", pred.boxes)):
         bad = np.argwhere(~np.isfinite(values))
@@ -100,11 +107,70 @@ def check_image_predictions(pred: ImagePredictions, where: str,
         k = int(inverted[0][0])
         raise DataError(f"{where}: boxes[{k}] is {pred.boxes[k].tolist()}: x1 < x0 or y1 < y0 (boxes are "
                         "x0, y0, x1, y1 in pixels)")
-    if image_size is not None and pred.masks is not None:
-        for k, rle in enumerate(pred.masks):
-            if list(rle["size"]) != list(image_size):
-                raise DataError(f"{where}: masks[{k}] has size {list(rle['size'])}, "
-                                f"the image is {list(image_size)} (height, width)")
+    if pred.masks is not None and check_masks:
+        _check_masks(pred, where, image_size)
+
+
+def _check_masks(pred: ImagePredictions, where: str, image_size: Optional[tuple[int, int]]) -> None:
+    """Each mask ``{"size": [h, w], "counts": str}`` (bytes in memory), of the image's size when
+    given, its counts a compressed RLE of exactly h * w pixels (all masks decoded in one pass).
+
+    An image's masks are checked when read (or predicted) and again when evaluated. Strings are
+    immutable, so the very string objects found valid at the same sizes are not decoded again
+    (``pred._valid_rle``); any other string is."""
+    sizes, counts = _mask_fields(pred.masks, where)
+    if image_size is not None:
+        expected = [int(v) for v in image_size]
+        wrong = [k for k, size in enumerate(sizes) if size != expected]
+        if wrong:
+            raise DataError(f"{where}: masks[{wrong[0]}] has size {sizes[wrong[0]]}, "
+                            f"the image is {expected} (height, width)")
+    shape = list(map(tuple, sizes))  # a copy: a size list changed in place must not match
+    valid = getattr(pred, "_valid_rle", None)
+    if (valid is not None and valid[1] == shape and len(valid[0]) == len(counts)
+            and all(map(operator.is_, counts, valid[0]))):
+        return
+    found = first_bad_counts(counts, [h * w for h, w in sizes])
+    if found is not None:
+        k, problem = found
+        raise DataError(f"{where}: masks[{k}] (size {sizes[k]}): {problem}")
+    pred._valid_rle = (counts, shape)
+
+
+def _mask_fields(masks: Sequence[Any], where: str) -> tuple[list[list[int]], list]:
+    """The masks' sizes as ``[h, w]`` int lists and their counts; :class:`DataError` naming the
+    first mask that is not ``{"size": [h, w], "counts": str}`` (h, w non-negative integers: what
+    the file format holds, so that saving refuses what loading would). C-speed passes for the
+    usual masks (lists of Python ints); the others get a look each."""
+    try:
+        sizes = [m["size"] for m in masks]
+        counts = [m["counts"] for m in masks]
+    except (TypeError, KeyError, IndexError):
+        sizes = counts = None
+    if (sizes is not None and set(map(type, counts)) <= {str, bytes} and set(map(type, sizes)) <= {list}
+            and set(map(len, sizes)) <= {2}):
+        values = [v for size in sizes for v in size]
+        if set(map(type, values)) <= {int} and min(values, default=0) >= 0:
+            return sizes, counts
+    for k, m in enumerate(masks):
+        if not _is_mask(m):
+            shown = {key: m[key] for key in ("size", "counts") if key in m} if isinstance(m, dict) else m
+            raise DataError(f"{where}: field 'masks[{k}]': expected {_MASK_FORMAT} (h, w non-negative "
+                            f"integers, a compressed RLE string), got {_short(shown)}")
+    return [[int(v) for v in m["size"]] for m in masks], [m["counts"] for m in masks]
+
+
+def _is_mask(m: Any) -> bool:
+    if not isinstance(m, dict) or type(m.get("counts")) not in (str, bytes):
+        return False
+    size = m.get("size")
+    return type(size) in (list, tuple) and len(size) == 2 and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in size)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def encode_masks(masks: np.ndarray) -> list[RLE]:
@@ -144,8 +210,8 @@ def save_predictions(path: Union[str, Path], predictions: PredictionSet,
             # Unrounded (float repr round-trips): re-scoring the file gives the run's numbers.
             entry: dict[str, Any] = {"boxes": pred.boxes.tolist(),
                                      "scores": [float(s) for s in pred.scores]}
-            if pred.masks is not None:
-                entry["masks"] = [{"size": list(m["size"]), "counts": _counts_str(m["counts"])}
+            if pred.masks is not None:  # checked above: the file holds what loading accepts
+                entry["masks"] = [{"size": [int(v) for v in m["size"]], "counts": _counts_str(m["counts"])}
                                   for m in pred.masks]
             task_out[str(image_id)] = entry
         tasks[str(task_id)] = task_out
@@ -259,16 +325,11 @@ def _entry(path: Path, where: str, entry: Any) -> ImagePredictions:
         raise DataError(f"{path}: {where}: field 'scores': expected {len(boxes.reshape(-1, 4))} "
                         f"scores, got shape {scores.shape}")
     masks = entry.get("masks")
-    if masks is not None:
-        if not isinstance(masks, list) or len(masks) != len(scores):
-            raise DataError(f"{path}: {where}: field 'masks': expected a list of {len(scores)} RLEs")
-        for k, m in enumerate(masks):
-            if (not isinstance(m, dict) or not isinstance(m.get("counts"), str)
-                    or not isinstance(m.get("size"), list) or len(m["size"]) != 2):
-                raise DataError(f"{path}: {where}: field 'masks[{k}]': expected "
-                                f"{{'size': [h, w], 'counts': str}}")
+    if masks is not None and (not isinstance(masks, list) or len(masks) != len(scores)):
+        raise DataError(f"{path}: {where}: field 'masks': expected a list of {len(scores)} RLEs")
     pred = ImagePredictions(boxes, scores, masks)
-    check_image_predictions(pred, f"{path}: {where}")  # json reads NaN / Infinity tokens
+    # json reads NaN / Infinity tokens; masks: their fields and RLE counts against their size.
+    check_image_predictions(pred, f"{path}: {where}")
     return pred
 
 
