@@ -33,7 +33,7 @@ from .integrity import load_safetensors, save_safetensors
 from ..tasks import COCO_TASKS, TaskVocabulary
 from .loaded import LoadedModel, describe_bank, describe_heads
 from .official import SEGM_PREFIX
-from .strict import BankSettings, build_memory_bank, load_state_dict_strict
+from .strict import BankSettings, build_memory_bank, listing, load_state_dict_strict, tensor_differences
 
 MODEL_DIR_FORMAT = "toist-model"
 # 2: input_size (version 1 loads with the reference size); 3: tasks, tensor digests (required);
@@ -151,7 +151,8 @@ def check_model_matches_config(model: nn.Module, config: ModelConfig, memory_ban
                                   f"not the model (a directory of these names would not load); pass {remedy}. "
                                   "Nothing was written")
     reference = _build_reference(config, model, where)
-    problems = _variant_difference(state, config) + _state_dict_differences(state, reference.state_dict())
+    problems = _variant_difference(state, config) + tensor_differences(state, reference.state_dict(), "model",
+                                                                           "config", limit=4)
     if not problems:
         problems = _head_differences(model, reference, config) + _setting_differences(model, reference)
     dim = getattr(memory_bank, "dim", None)
@@ -180,10 +181,6 @@ def _build_reference(config: ModelConfig, model: nn.Module, where: str) -> nn.Mo
                               "nothing was written") from None
 
 
-def _listing(names: list[str], limit: int = 4) -> str:
-    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
 def _variant_difference(state: dict, config: ModelConfig) -> list[str]:
     """The usual cause of a wholesale name mismatch, said first: a segmentation model (its
     detector under ``detr.``) with a detection config, or the other way round."""
@@ -192,21 +189,6 @@ def _variant_difference(state: dict, config: ModelConfig) -> list[str]:
         return []
     return [f"the model is {'a segmentation model (detr.* tensors, mask head)' if segmentation else 'a detector'} "
             f"but the config has masks: {str(config.masks).lower()}"]
-
-
-def _state_dict_differences(found: dict, wanted: dict) -> list[str]:
-    missing = [key for key in wanted if key not in found]
-    extra = [key for key in found if key not in wanted]
-    shapes = [f"{key} (model {list(found[key].shape)}, config {list(wanted[key].shape)})" for key in wanted
-              if key in found and tuple(found[key].shape) != tuple(wanted[key].shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) the config has and the model lacks: {_listing(missing)}")
-    if extra:
-        problems.append(f"{len(extra)} tensor(s) of the model the config does not have: {_listing(extra)}")
-    if shapes:
-        problems.append(f"{len(shapes)} tensor(s) of other shapes: {_listing(shapes)}")
-    return problems
 
 
 def _heads(module: nn.Module) -> Optional[int]:
@@ -246,7 +228,7 @@ def _setting_differences(model: nn.Module, reference: nn.Module) -> list[str]:
             continue
         if module.extra_repr() != other.extra_repr():
             differ.append(f"{name} (model {module.extra_repr()}, config {other.extra_repr()})")
-    return [f"{len(differ)} module(s) set up otherwise: {_listing(differ, 3)}"] if differ else []
+    return [f"{len(differ)} module(s) set up otherwise: {listing(differ, 3)}"] if differ else []
 
 
 def check_replaceable(directory: PathLike) -> None:

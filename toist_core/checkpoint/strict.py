@@ -12,32 +12,39 @@ from .errors import CheckpointError, PathLike
 from .official import BANK_KEYS, OfficialCheckpoint, read_official
 
 
-def _listing(names: list[str], limit: int = 8) -> str:
+def listing(names: list[str], limit: int = 8) -> str:
+    """The first ``limit`` names, and how many more there are."""
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def state_dict_problems(module: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
     """Human-readable differences between ``state_dict`` and ``module``'s tensors (empty = loadable)."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+    return tensor_differences(state_dict, module.state_dict())
+
+
+def tensor_differences(given: Mapping[str, Tensor], expected: Mapping[str, Tensor], given_as: str = "file",
+                       expected_as: str = "model", limit: int = 8) -> list[str]:
+    """Tensors of ``expected`` that ``given`` lacks, has in excess, or has in another shape (or
+    an integer tensor for a float one); ``given_as`` / ``expected_as`` name the two sides."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
     misshaped = []
     for key, want in expected.items():
-        have = state_dict.get(key)
+        have = given.get(key)
         if have is None:
             continue
         if tuple(have.shape) != tuple(want.shape):
-            misshaped.append(f"{key} (file {list(have.shape)}, model {list(want.shape)})")
+            misshaped.append(f"{key} ({given_as} {list(have.shape)}, {expected_as} {list(want.shape)})")
         elif have.dtype.is_floating_point != want.dtype.is_floating_point:
-            misshaped.append(f"{key} (file dtype {have.dtype}, model dtype {want.dtype})")
+            misshaped.append(f"{key} ({given_as} dtype {have.dtype}, {expected_as} dtype {want.dtype})")
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {_listing(missing)}")
+        problems.append(f"{len(missing)} missing tensor(s): {listing(missing, limit)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {_listing(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {listing(unexpected, limit)}")
     if misshaped:
-        problems.append(f"{len(misshaped)} mis-shaped tensor(s): {_listing(misshaped)}")
+        problems.append(f"{len(misshaped)} mis-shaped tensor(s): {listing(misshaped, limit)}")
     return problems
 
 
@@ -77,7 +84,7 @@ def refuse_non_finite(state_dict: Mapping[str, Tensor], where: str = "checkpoint
     bad = non_finite_tensors(state_dict)
     if bad:
         raise CheckpointError(f"{where}: {len(bad)} tensor(s) hold non-finite values (the training that wrote "
-                              f"them diverged, or the file is damaged): {_listing(bad)}")
+                              f"them diverged, or the file is damaged): {listing(bad)}")
 
 
 def load_official_weights(model: nn.Module, checkpoint: Union[PathLike, OfficialCheckpoint],
