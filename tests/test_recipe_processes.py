@@ -129,6 +129,19 @@ def test_a_signal_to_the_recipe_stops_every_stage_with_its_checkpoint(tmp_path, 
     assert minutes["minutes"] > 0
 
 
+def test_a_signal_to_one_worker_stops_the_run_as_one(tmp_path, start):
+    """`kill <worker pid>`: that stage stops with its checkpoint; the recipe used to drop the
+    stop, leave the stages after it unstarted and fail on the missing record (KeyError)."""
+    out = tmp_path / "recipe"
+    proc = start(out, "a,b")
+    workers = _wait_for_checkpoints(proc, out, ["a", "b"])
+    os.kill(workers[0], signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "run the same command again to continue" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    _stopped_cleanly(out, ["a", "b"], stderr, signal.SIGTERM)
+
+
 def test_a_recipe_killed_outright_takes_its_workers_with_it(tmp_path, start):
     """SIGKILL (the OOM killer): no handler runs in the recipe; its workers get a SIGTERM from
     Linux and stop at the end of their update with their checkpoints, instead of training on."""

@@ -188,14 +188,15 @@ def run_stages(plan: Sequence[Stage], train: Callable[[Stage], dict], jobs: int)
     pending: list[Stage] = list(plan)
     running: dict[Future, Stage] = {}
     failure: BaseException | None = None
+    stopped: StageStopped | None = None  # a stage stopped by a signal to its worker alone
     context = multiprocessing.get_context("spawn")
     recipe_stop = context.Value("i", 0)
     with StopSignals() as stop, ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
                                                     initargs=(os.getpid(), recipe_stop)) as pool:
         while pending or running:
-            if (stop.requested or failure is not None) and not recipe_stop.value:
-                pending.clear()
-                recipe_stop.value = stop.signum or signal.SIGTERM
+            if (stop.requested or failure is not None or stopped is not None) and not recipe_stop.value:
+                pending.clear()  # the stages after a stopped one could not start anyway
+                recipe_stop.value = stop.signum or (stopped.signum if stopped is not None else signal.SIGTERM)
             ready = [stage for stage in pending if all(n in records for n in stage.after)]
             for stage in ready[: jobs - len(running)]:
                 pending.remove(stage)
@@ -207,8 +208,8 @@ def run_stages(plan: Sequence[Stage], train: Callable[[Stage], dict], jobs: int)
                 stage = running.pop(future)
                 try:
                     records[stage.name] = future.result()
-                except StageStopped:
-                    pass
+                except StageStopped as exc:
+                    stopped = stopped or exc
                 except BaseException as exc:
                     others = ", ".join(s.name for s in running.values())
                     print(f"[{stage.name}] failed: {type(exc).__name__}: {exc}"
@@ -217,6 +218,7 @@ def run_stages(plan: Sequence[Stage], train: Callable[[Stage], dict], jobs: int)
                     failure = failure or exc
     if failure is not None:
         raise failure
-    if stop.requested:
-        raise StageStopped(", ".join(s.name for s in plan if s.name not in records), stop.signum)
+    if stop.requested or stopped is not None:
+        raise StageStopped(", ".join(s.name for s in plan if s.name not in records),
+                           stop.signum or stopped.signum)
     return records
