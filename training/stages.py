@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from toist_core.checkpoint import (CheckpointError, OfficialCheckpoint, is_model_dir, load_model_dir,
                                    load_state_dict_strict, read_official, refuse_non_finite, state_dict_problems)
+from toist_core.checkpoint.load import trained_with_ccr
 from toist_core.distill.cluster import ClusterModule, pronoun_token_indices, target_pronouns
 from toist_core.losses.criterion import DistillationCriterion, SetCriterion, build_weight_dict
 from toist_core.model import build_model
@@ -87,7 +88,7 @@ def build_stage_models(cfg: TrainConfig, tokenizer, log=print) -> StageModels:
         # A toist distillation run records whether it replaced the pronoun (distill.ccr) and
         # which pronoun; official files record neither (the reference always replaces).
         distilled_as = (ckpt.train_config or {}).get("distill") or {}
-        detector_ccr = ckpt.cluster_state is not None and distilled_as.get("ccr", True)
+        detector_ccr = ckpt.cluster_state is not None and trained_with_ccr(ckpt)
         if cfg.stage == "mask_head" and detector_ccr:
             log(f"warning: init.frozen_weights: {cfg.init.frozen_weights} is a distilled detector (it has a memory "
                 "bank); stage 'mask_head' trains without it, so without cluster-centre replacement: "

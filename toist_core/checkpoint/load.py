@@ -79,7 +79,7 @@ def load_official(path: PathLike, config: Optional[ModelConfig] = None,
     if bank is not None and bank.num_tasks != vocabulary.num_tasks:
         raise CheckpointError(f"{path}: its memory bank has {bank.num_tasks} task slots but it was trained with "
                               f"{vocabulary.describe()} ({vocabulary.num_tasks} tasks)")
-    if not _trained_with_ccr(ckpt):
+    if not trained_with_ccr(ckpt):
         # Its bank served the cluster loss only; inference (and an exported directory) must not
         # replace the pronoun's rows the training never replaced.
         bank = None
@@ -140,7 +140,7 @@ def describe_checkpoint(ckpt: OfficialCheckpoint, cfg: ModelConfig, bank, reques
     encoder = (f"text encoder RoBERTa {text.num_layers} layers x {text.hidden_size}, {text.max_position_embeddings} "
                f"positions (weights from the file, architecture from {text_config_origin})")
     distilled = describe_bank(bank)
-    if bank is not None and not _trained_with_ccr(ckpt):
+    if bank is not None and not trained_with_ccr(ckpt):
         distilled += ", trained without cluster-centre replacement (distill.ccr: false): the bank is not used"
     weights = _describe_weights(ckpt, requested)
     if ckpt.stripped_prefix:
@@ -149,7 +149,7 @@ def describe_checkpoint(ckpt: OfficialCheckpoint, cfg: ModelConfig, bank, reques
             f"{weights}; {encoder}; {tokenizer}")
 
 
-def _trained_with_ccr(ckpt: OfficialCheckpoint) -> bool:
+def trained_with_ccr(ckpt: OfficialCheckpoint) -> bool:
     """False for a toist training checkpoint whose distillation ran with CCR off (its config's
     ``distill.ccr``); official files record no such switch (the reference always replaces)."""
     if ckpt.train_config is None:
