@@ -671,6 +671,30 @@ def test_masks_found_valid_are_checked_again_once_changed(tmp_path):
         check_image_predictions(pred, "here")
 
 
+def test_masks_encoded_from_arrays_are_not_decoded_to_be_checked(tmp_path, monkeypatch):
+    """Training and `toist evaluate` encode ~100 predicted masks an image with pycocotools: valid
+    by construction, so evaluating them decodes none for the check (each was decoded once more
+    before); masks handed in as RLE dicts still are, and a string changed later is checked anew."""
+    import toist_core.eval.predictions as predictions
+
+    path = _hand_file(tmp_path)
+    checked = []
+    real = predictions.first_bad_counts
+    monkeypatch.setattr(predictions, "first_bad_counts", lambda counts, pixels: checked.append(len(counts))
+                        or real(counts, pixels))
+    square = np.zeros((2, 100, 100), bool)
+    square[:, 10:30, 10:30] = True
+    pred = ImagePredictions.from_arrays(np.array([[10.0, 10, 30, 30]] * 2), np.array([0.9, 0.8]), square)
+    assert evaluate_task(path, {1: pred}).ap50["segm"] > 0
+    assert checked == []
+    as_dicts = ImagePredictions.from_arrays(pred.boxes, pred.scores, [dict(m) for m in pred.masks])
+    assert evaluate_task(path, {1: as_dicts}).ap50["segm"] > 0
+    assert checked == [2]
+    pred.masks[1]["counts"] = "!!!!"
+    with pytest.raises(DataError, match=r"^task 3: image 1: masks\[1\] \(size \[100, 100\]\)"):
+        evaluate_task(path, {1: pred})
+
+
 def test_save_refuses_exactly_what_load_refuses(tmp_path):
     """save_predictions wrote mask entries load_predictions then refused (uncompressed counts, a
     3-number size) or failed with a bare KeyError (no size)."""

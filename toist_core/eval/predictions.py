@@ -65,11 +65,13 @@ class ImagePredictions:
     def from_arrays(cls, boxes, scores, masks=None) -> "ImagePredictions":
         """From array-likes (numpy or torch): masks ``[N, H, W]`` bool are RLE-encoded here."""
         boxes, scores = _numpy(boxes), _numpy(scores)
-        rles = None
-        if masks is not None:
-            rles = masks if isinstance(masks, list) and (not masks or isinstance(masks[0], dict)) \
-                else encode_masks(_numpy(masks))
-        return cls(boxes, scores, rles)
+        if masks is None or (isinstance(masks, list) and (not masks or isinstance(masks[0], dict))):
+            return cls(boxes, scores, masks)
+        pred = cls(boxes, scores, encode_masks(_numpy(masks)))
+        # pycocotools' encoder wrote these counts: valid for their sizes by construction, so an
+        # evaluation need not decode them again (training evaluates ~100 masks an image).
+        _remember_valid(pred, *_mask_fields(pred.masks, "encoded masks"))
+        return pred
 
 
 PredictionSet = dict[int, dict[int, ImagePredictions]]  # task id -> image id -> predictions
@@ -116,8 +118,9 @@ def _check_masks(pred: ImagePredictions, where: str, image_size: Optional[tuple[
     given, its counts a compressed RLE of exactly h * w pixels (all masks decoded in one pass).
 
     An image's masks are checked when read (or predicted) and again when evaluated. Strings are
-    immutable, so the very string objects found valid at the same sizes are not decoded again
-    (``pred._valid_rle``); any other string is."""
+    immutable, so the very string objects found valid at the same sizes, or encoded by
+    :meth:`ImagePredictions.from_arrays`, are not decoded again (``pred._valid_rle``); any other
+    string is."""
     sizes, counts = _mask_fields(pred.masks, where)
     if image_size is not None:
         expected = [int(v) for v in image_size]
@@ -125,16 +128,21 @@ def _check_masks(pred: ImagePredictions, where: str, image_size: Optional[tuple[
         if wrong:
             raise DataError(f"{where}: masks[{wrong[0]}] has size {sizes[wrong[0]]}, "
                             f"the image is {expected} (height, width)")
-    shape = list(map(tuple, sizes))  # a copy: a size list changed in place must not match
     valid = getattr(pred, "_valid_rle", None)
-    if (valid is not None and valid[1] == shape and len(valid[0]) == len(counts)
+    if (valid is not None and valid[1] == list(map(tuple, sizes)) and len(valid[0]) == len(counts)
             and all(map(operator.is_, counts, valid[0]))):
         return
     found = first_bad_counts(counts, [h * w for h, w in sizes])
     if found is not None:
         k, problem = found
         raise DataError(f"{where}: masks[{k}] (size {sizes[k]}): {problem}")
-    pred._valid_rle = (counts, shape)
+    _remember_valid(pred, sizes, counts)
+
+
+def _remember_valid(pred: ImagePredictions, sizes: list[list[int]], counts: list) -> None:
+    """Record that these very count strings are valid RLEs at these sizes (a copy of the sizes:
+    a size list changed in place must not match)."""
+    pred._valid_rle = (counts, list(map(tuple, sizes)))
 
 
 def _mask_fields(masks: Sequence[Any], where: str) -> tuple[list[list[int]], list]:
