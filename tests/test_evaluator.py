@@ -671,6 +671,21 @@ def test_masks_found_valid_are_checked_again_once_changed(tmp_path):
         check_image_predictions(pred, "here")
 
 
+def test_a_ground_truth_object_scores_again_as_a_fresh_one(root):
+    """Training reads the validation ground truth once and evaluates against the same COCO
+    objects all run long; pycocotools' COCOeval writes into them (polygons become RLEs, ignore
+    flags), so each later evaluation must equal one on a freshly loaded file, with each backend."""
+    path = task_files(root, TASKS)[10]
+    for backend in BACKENDS:
+        kept = load_ground_truth(path)
+        for seed in (1, 2, 3):
+            preds = _random(load_ground_truth(path), np.random.default_rng(seed))
+            again = evaluate_task(kept, preds, task_id=10, backend=backend)
+            fresh = evaluate_task(path, preds, backend=backend)
+            assert again.ap50 == fresh.ap50 and again.ap == fresh.ap, (backend, seed)
+            assert np.isfinite(list(again.ap.values())).all()
+
+
 def test_masks_encoded_from_arrays_are_not_decoded_to_be_checked(tmp_path, monkeypatch):
     """Training and `toist evaluate` encode ~100 predicted masks an image with pycocotools: valid
     by construction, so evaluating them decodes none for the check (each was decoded once more

@@ -297,3 +297,21 @@ def test_schedule_refusal_names_the_field_and_says_what_follows_from_the_data(sy
         Trainer(_config("tiny_pronoun.yaml", synth_root, out, "loader.batch_size=4"), DistEnv(), resume=ckpt)
     assert "steps_per_epoch (updates per epoch): checkpoint" in str(info.value)
     assert "Updates per epoch follow from the data, loader.batch_size and the number of processes" in str(info.value)
+
+
+def test_validation_ground_truth_is_read_once_per_run(synth_root, tmp_path, monkeypatch):
+    """Every evaluation parsed and schema-checked each task's ground truth file again; a run now
+    reads each once and scores its later evaluations against the same objects."""
+    import training.evaluate as evaluation
+
+    read = []
+    load = evaluation.load_ground_truth
+    monkeypatch.setattr(evaluation, "load_ground_truth", lambda path: read.append(path) or load(path))
+    logged = []
+    trainer = Trainer(_config("tiny_pronoun.yaml", synth_root, tmp_path / "run", "eval.enabled=true",
+                              "eval.holdout_fraction=0.25", "eval.max_images=2", "eval.every_steps=1",
+                              "eval.every_epochs=0", "schedule.max_steps=3"), DistEnv(), log=logged.append)
+    trainer.run()
+    evaluations = [line for line in logged if " mAP50/bbox = " in line]
+    assert len(evaluations) == 3, logged
+    assert sorted(read) == sorted(trainer.val.ann_files.values())
