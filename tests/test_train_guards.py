@@ -4,6 +4,7 @@ override, a validation task without images; and the memory bank resuming exactly
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -213,6 +214,14 @@ def test_missing_validation_image_is_refused_at_the_start(tmp_path):
     assert not out.exists()
     # Only the images evaluation reads are required (eval.max_images keeps the first per task).
     Trainer(_config("tiny_pronoun.yaml", root, out, *evaluate_test, "eval.max_images=1"), DistEnv())
+    # A file evaluation could not decode is refused at the start too, as a training image's is.
+    first = task_file["images"][0]
+    shutil.copyfile(root / "images" / "val2014" / first["file_name"], root / "images" / "val2014" / "first.bmp")
+    first["file_name"] = "first.bmp"
+    (root / "annotations" / "task_1_test.json").write_text(json.dumps(task_file))
+    with pytest.raises(DataError, match=r"first\.bmp: training and evaluation decode JPEG, PNG, GIF and WebP only"):
+        Trainer(_config("tiny_pronoun.yaml", root, tmp_path / "bmp", *evaluate_test, "eval.max_images=1"), DistEnv())
+    assert not (tmp_path / "bmp").exists()
 
 
 def test_failed_evaluation_keeps_the_update_and_resumes_exactly(synth_root, tmp_path, monkeypatch):

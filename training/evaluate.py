@@ -30,7 +30,6 @@ from torch import nn
 from toist_core.config import InferenceConfig
 from toist_core.data.captions import noun_targets
 from toist_core.data.coco_tasks import CocoTasksDataset
-from toist_core.data.schema import DataError
 from toist_core.eval.evaluator import evaluate_tasks, load_ground_truth
 from toist_core.eval.predictions import ImagePredictions
 from toist_core.inference import NonFiniteOutputError, TaskSegmenter, TaskState
@@ -106,22 +105,12 @@ def build_validation_set(cfg: TrainConfig, holdout: Optional[set[int]] = None) -
         if cfg.eval.max_images is not None:
             ids = ids[:cfg.eval.max_images]
         if cfg.data.check_images:
-            check_validation_images(dataset, set(ids), cfg.eval.split)
+            # Checked when the run starts, as the training images are: found missing at the first
+            # evaluation, it would stop the run after the training that led there.
+            dataset.check_image_files(set(ids), "validation image", f"; eval.split {cfg.eval.split!r}; checked "
+                                      "before training as data.check_images is true")
         val.image_ids[task] = ids
     return val
-
-
-def check_validation_images(dataset: CocoTasksDataset, ids: set[int], split: str) -> None:
-    """Every image evaluation will read exists (``data.check_images``), checked when the run
-    starts as the training images are: found missing at the first evaluation, it would stop
-    the run after the training that led there."""
-    for index in range(len(dataset)):
-        task_file, record = dataset.sample_info(index)
-        path = dataset.image_path(index)
-        if record.id in ids and not path.is_file():
-            raise DataError(f"{path}: validation image file not found (image id {record.id}, field 'file_name' in "
-                            f"{task_file.path}; eval.split {split!r}; checked before training as data.check_images is "
-                            "true)")
 
 
 def inference_config(cfg: TrainConfig) -> InferenceConfig:

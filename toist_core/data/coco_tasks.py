@@ -25,7 +25,7 @@ from __future__ import annotations
 import typing
 import warnings
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Collection, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -108,7 +108,7 @@ class CocoTasksDataset(Dataset):
         if caption_mode != "pronoun":
             self._check_category_names()
         if check_images:
-            self._check_images_exist()
+            self.check_image_files()
 
     # ------------------------------------------------------------------ construction checks
 
@@ -142,12 +142,18 @@ class CocoTasksDataset(Dataset):
         image = next(i for i in task_file.images if i.id == ann.image_id)
         return _clipped_box(ann, image.height, image.width) is not None
 
-    def _check_images_exist(self) -> None:
+    def check_image_files(self, image_ids: Optional[Collection[int]] = None, what: str = "image",
+                     note: str = "") -> None:
+        """Every sample's image file (only those of ``image_ids`` when given) exists and is of a
+        kind training and evaluation decode; else :class:`DataError` ``"<path>: <what> file not
+        found (image id 7, field 'file_name' in <task file><note>)"``."""
         for k, image in self._samples:
+            if image_ids is not None and image.id not in image_ids:
+                continue
             path = self._image_dirs[k] / image.file_name
-            where = f"image id {image.id}, field 'file_name' in {self.files[k].path}"
+            where = f"image id {image.id}, field 'file_name' in {self.files[k].path}{note}"
             if not path.is_file():
-                raise DataError(f"{path}: image file not found ({where})")
+                raise DataError(f"{path}: {what} file not found ({where})")
             if path.suffix.lower() in _UNDECODABLE_SUFFIXES:
                 raise DataError(f"{path}: training and evaluation decode JPEG, PNG, GIF and WebP only "
                                 f"(torchvision's decode_image), not {path.suffix!r} files; convert it, "
