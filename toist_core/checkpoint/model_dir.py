@@ -32,7 +32,7 @@ from .errors import CheckpointError, PathLike
 from .integrity import load_safetensors, save_safetensors
 from ..tasks import COCO_TASKS, TaskVocabulary
 from .loaded import LoadedModel, describe_bank, describe_heads
-from .official import SEGM_PREFIX
+from .official import SEGM_PREFIX, WRAPPERS
 from .strict import BankSettings, build_memory_bank, listing, load_state_dict_strict, tensor_differences
 
 MODEL_DIR_FORMAT = "toist-model"
@@ -132,11 +132,6 @@ def bank_tensors(memory_bank: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-# Wrappers whose state_dict prefixes every key of the module they wrap: (prefix, what to pass).
-_WRAPPERS = (("_orig_mod.", "model._orig_mod, the module torch.compile wrapped"),
-             ("module.", "model.module, the module DataParallel / DistributedDataParallel wrapped"))
-
-
 def check_model_matches_config(model: nn.Module, config: ModelConfig, memory_bank: Optional[nn.Module] = None,
                                where: str = "model directory") -> None:
     """Refuse, before anything is written, a model that ``config`` does not build: other tensor
@@ -145,7 +140,7 @@ def check_model_matches_config(model: nn.Module, config: ModelConfig, memory_ban
     another width. The comparison model is built on the meta device (no memory, no weights).
     ``where`` (the directory) starts the error."""
     state = model.state_dict()
-    for prefix, remedy in _WRAPPERS:
+    for prefix, remedy in WRAPPERS.items():
         if state and all(key.startswith(prefix) for key in state):
             raise CheckpointError(f"{where}: every tensor name of the model starts with {prefix!r}: it is a wrapper, "
                                   f"not the model (a directory of these names would not load); pass {remedy}. "

@@ -33,7 +33,10 @@ TRAIN_FORMAT = "toist-train"   # training/checkpointing.py FORMAT
 # Prefixes a wrapper puts before every key of the model it wraps: DataParallel /
 # DistributedDataParallel (``module.``) and torch.compile (``_orig_mod.``). A state_dict saved
 # from the wrapper instead of the model holds them on every key, and nothing else is different.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Each with the attribute that holds the wrapped model (what to save instead).
+WRAPPERS = {"module.": "model.module, the module DataParallel / DistributedDataParallel wrapped",
+            "_orig_mod.": "model._orig_mod, the module torch.compile wrapped"}
+WRAPPER_PREFIXES = tuple(WRAPPERS)
 
 
 def _is_state_dict(obj: Any) -> bool:
