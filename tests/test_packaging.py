@@ -53,6 +53,16 @@ def test_package_xml_is_format_3_ament_cmake():
     assert "rosidl_interface_packages" in [e.text for e in root.findall("member_of_group")]
 
 
+def test_the_declared_license_is_the_license_file():
+    """package.xml and setup.py declared Apache-2.0 and no LICENSE file said what that grants."""
+    declared = ET.parse(ROOT / "package.xml").getroot().findtext("license")
+    assert declared == "Apache-2.0"
+    assert 'license="Apache-2.0"' in (ROOT / "setup.py").read_text()
+    text = (ROOT / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "END OF TERMS AND CONDITIONS" in text
+
+
 def test_cmake_generates_every_interface_file():
     cmake = (ROOT / "CMakeLists.txt").read_text()
     files = sorted(p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("msg/*.msg"), *ROOT.glob("srv/*.srv")])
@@ -76,6 +86,8 @@ def test_pip_install_gives_the_libraries_and_the_toist_command(tmp_path):
          "--no-index", "--target", str(target), str(ROOT)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    licenses = [p for p in target.glob("*.dist-info/**/LICENSE") if p.read_text() == (ROOT / "LICENSE").read_text()]
+    assert licenses, "the installed distribution carries no LICENSE"
     for path in ["toist_core/inference/segmenter.py", "toist_core/checkpoint/load.py", "toist_core/cli/__init__.py",
                  "toist_core/assets/tiny_tokenizer/tokenizer.json", "toist_ros/node.py",
                  "toist_core/data/coco_id2name.json", "training/configs/pronoun.yaml",
