@@ -403,6 +403,17 @@ def test_export_takes_the_weights_evaluation_scored(synth_root, tmp_path):
     assert not torch.equal(best["model"]["class_embed.weight"], best["model_ema"]["class_embed.weight"])
     assert _same_weights(_exported(out), best["model"])
     assert "exported BEST_checkpoint.pth (model weights) to the model directory" in " ".join(logged)
+    # `toist export` of the file, and loading it directly, took the EMA's all the same: they now
+    # take the weights the file's run evaluated too, unless told otherwise.
+    from safetensors.torch import load_file
+    from toist_core.checkpoint import load_official
+    from toist_core.cli import main as toist
+
+    assert toist(["export", str(out / "BEST_checkpoint.pth"), str(tmp_path / "cli")]) == 0
+    assert _same_weights(load_file(tmp_path / "cli" / "model.safetensors"), best["model"])
+    assert _same_weights(load_official(out / "BEST_checkpoint.pth").model.state_dict(), best["model"])
+    assert toist(["export", str(out / "BEST_checkpoint.pth"), str(tmp_path / "ema"), "--weights", "ema"]) == 0
+    assert _same_weights(load_file(tmp_path / "ema" / "model.safetensors"), best["model_ema"])
 
 
 def test_the_recipe_scores_a_distilled_run_with_its_own_k_means_settings(synth_root, tmp_path):

@@ -4,7 +4,8 @@
 
 The same as ``toist export`` (one code path: :func:`toist_core.checkpoint.export_model_dir`):
 the model config, pronoun, input size, tasks and memory bank come from the checkpoint; the
-weights are the EMA ones by default (the reference's reported numbers are the EMA model's).
+weights are the ones the run evaluated by default: EMA (the reference's reported numbers are
+the EMA model's) unless its ``eval.use_ema`` was false.
 Training writes ``<output_dir>/model`` this way at the end of a run.
 """
 
@@ -18,8 +19,9 @@ from typing import Optional, Sequence, Union
 from toist_core.checkpoint import export_model_dir
 
 
-def export_checkpoint(path: Union[str, Path], directory: Union[str, Path], weights: str = "ema") -> Path:
-    """Write ``directory`` from a training checkpoint (``weights``: "ema" or "model")."""
+def export_checkpoint(path: Union[str, Path], directory: Union[str, Path], weights: Optional[str] = None) -> Path:
+    """Write ``directory`` from a training checkpoint (``weights``: "ema", "model", or None: the
+    ones the run evaluated)."""
     export_model_dir(path, directory, weights=weights)
     return Path(directory)
 
@@ -29,7 +31,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint.pth / BEST_checkpoint.pth of a training run")
     parser.add_argument("directory", help="output model directory")
-    parser.add_argument("--weights", choices=["ema", "model"], default="ema")
+    parser.add_argument("--weights", choices=["ema", "model"], default=None,
+                        help="default: the weights the run evaluated (EMA unless eval.use_ema was false)")
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.directory, args.weights)

@@ -45,13 +45,14 @@ def show_load_summary(stream=None) -> None:
 
 
 def load_official(path: PathLike, config: Optional[ModelConfig] = None,
-                  text_encoder: Optional[str] = None, tokenizer=None, weights: str = "ema") -> LoadedModel:
+                  text_encoder: Optional[str] = None, tokenizer=None, weights: Optional[str] = None) -> LoadedModel:
     """Build the model a ``.pth`` file describes and strictly load its weights (and bank).
 
     Official files: ``text_encoder`` (hub name or local directory) supplies the tokenizer;
     default ``config.text.tokenizer`` or ``roberta-base``. ``tokenizer`` (an object) overrides
     both. toist training checkpoints bring their own config, pronoun, input size and tasks.
-    ``weights``: ``"ema"`` (``model_ema`` when the file has it) or ``"model"``.
+    ``weights``: ``"ema"`` (``model_ema`` when the file has it), ``"model"``, or None: the ones
+    the file's run evaluated (``"model"`` after ``eval.use_ema: false``, else ``"ema"``).
     """
     from ..model import build_model
     from ..model.hub import TextEncoderUnavailable
@@ -186,7 +187,7 @@ def load_pretrained(path: PathLike, config: Optional[ModelConfig] = None,
 
 def export_model_dir(path: PathLike, directory: PathLike, text_encoder: Optional[str] = None,
                      config: Optional[ModelConfig] = None, pronoun: Optional[str] = None,
-                     weights: str = "ema") -> LoadedModel:
+                     weights: Optional[str] = None) -> LoadedModel:
     """Convert an official file or a toist training checkpoint into a model directory.
 
     The file is read, checked and strictly loaded before anything is written; the directory

@@ -90,9 +90,11 @@ def read_official(path: PathLike, weights: str = "ema") -> OfficialCheckpoint:
     of ``toist train``) or a bare state_dict file, safely and checked for corruption.
 
     ``weights``: ``"ema"`` takes ``model_ema`` when present, else ``model``; ``"model"`` takes
-    ``model`` (the raw weights of the last update)."""
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights: expected 'ema' or 'model', got {weights!r}")
+    ``model`` (the raw weights of the last update); None: the weights the file's own run
+    evaluated: ``"model"`` for a toist training checkpoint of a run with ``eval.use_ema: false``
+    (its best was chosen on them), else ``"ema"``."""
+    if weights not in ("ema", "model", None):
+        raise ValueError(f"weights: expected 'ema', 'model' or None, got {weights!r}")
     path = Path(path)
     blob = safe_torch_load(path)
     args = None
@@ -100,7 +102,7 @@ def read_official(path: PathLike, weights: str = "ema") -> OfficialCheckpoint:
     if _is_state_dict(blob):
         state, source = dict(blob), "<file>"
     elif isinstance(blob, Mapping):
-        state, source = _chosen_weights(blob, weights, path)
+        state, source = _chosen_weights(blob, weights or _evaluated_weights(blob), path)
         if not _is_state_dict(state):
             raise CheckpointError(f"{path}: '{source}' is not a state_dict of tensors")
         state = dict(state)
@@ -128,6 +130,14 @@ def read_official(path: PathLike, weights: str = "ema") -> OfficialCheckpoint:
     state, had_position_ids = _drop_position_ids(state, path)
     return OfficialCheckpoint(str(path), state, source, args, cluster_state, had_position_ids, train_config,
                               cluster_stale, stripped)
+
+
+def _evaluated_weights(blob: Mapping) -> str:
+    """"model" when the file is a toist training checkpoint whose run evaluated its raw weights
+    (``eval.use_ema: false``), else "ema" (the reference's reported numbers are the EMA's)."""
+    config = blob.get("config") if blob.get("format") == TRAIN_FORMAT else None
+    evaluation = config.get("eval") if isinstance(config, Mapping) else None
+    return "model" if isinstance(evaluation, Mapping) and evaluation.get("use_ema") is False else "ema"
 
 
 def _chosen_weights(blob: Mapping, weights: str, path: Path) -> tuple[Any, str]:

@@ -47,8 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--config", default=None, help="model config YAML (default: read from the checkpoint)")
     p.add_argument("--pronoun", default=None, help="pronoun of the captions (default: the checkpoint's, "
                                                    "else something)")
-    p.add_argument("--weights", choices=["ema", "model"], default="ema",
-                   help="EMA weights when the file has them (default), or the raw model weights")
+    p.add_argument("--weights", choices=["ema", "model"], default=None,
+                   help="EMA weights when the file has them, or the raw model weights (default: the ones the "
+                        "file's run evaluated: raw after a toist run's eval.use_ema: false, else EMA)")
     p.add_argument("--onnx", action="store_true",
                    help="also write the ONNX graphs of the network into the model directory and check them "
                         "against PyTorch (backend: onnxruntime | tensorrt)")
