@@ -432,3 +432,75 @@ def test_paper_size_segmentation_file_loads_without_config(tmp_path, tokenizer):
     ckpt.state_dict["detr.transformer.text_encoder.embeddings.position_embeddings.weight"] = torch.zeros(512, 768)
     variant = detect_architecture(ckpt.state_dict).apply_to(preset("paper"))
     assert (variant.text.max_position_embeddings, variant.text.layer_norm_eps, variant.masks) == (512, 1e-12, True)
+
+
+def _distilled_dir(model, directory, seed):
+    """A model directory of ``model`` with a memory bank of its own (tiny_segm, 14 task slots)."""
+    from toist_core.distill.memory_bank import MemoryBank
+
+    torch.manual_seed(seed)
+    bank = MemoryBank(num_tasks=14, size=16, dim=128)
+    bank.feature_bank.normal_()
+    return save_model_dir(model, directory, preset("tiny_segm"), memory_bank=bank), bank
+
+
+def test_a_directory_replaced_while_it_loads_is_read_again_whole(tmp_path, tokenizer, monkeypatch):
+    """Files are read one by one, by path: an export to the same directory between reading the
+    weights and the bank gave a model with one export's weights and the other's bank, without a
+    word. The load now notices the change and reads the directory again."""
+    import toist_core.checkpoint.model_dir as model_dir
+
+    first, second = build("tiny_segm", tokenizer, seed=1), build("tiny_segm", tokenizer, seed=2)
+    directory, _ = _distilled_dir(first, tmp_path / "model", seed=1)
+    read = model_dir.read_safetensors
+    replaced = []
+
+    def export_in_between(path, **kwargs):
+        if pathlib.Path(path).name == "memory_bank.safetensors" and not replaced:
+            replaced.append(_distilled_dir(second, directory, seed=2)[1])
+        return read(path, **kwargs)
+
+    monkeypatch.setattr(model_dir, "read_safetensors", export_in_between)
+    loaded = load_model_dir(directory)
+    assert replaced
+    assert all(torch.equal(v, second.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+    assert torch.equal(loaded.memory_bank.feature_bank, replaced[0].feature_bank)
+
+    # A config.yaml of another model read before its weights: read again, not a shape error.
+    other = build("tiny", tokenizer, seed=3)
+    directory, _ = _distilled_dir(first, tmp_path / "again", seed=1)
+    replaced.clear()
+
+    def export_before_weights(path, **kwargs):
+        if pathlib.Path(path).name == "model.safetensors" and not replaced:
+            replaced.append(save_model_dir(other, directory, preset("tiny")))
+        return read(path, **kwargs)
+
+    monkeypatch.setattr(model_dir, "read_safetensors", export_before_weights)
+    loaded = load_model_dir(directory)
+    assert replaced and not loaded.config.masks and loaded.memory_bank is None
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+
+    # Replaced at every read: an error that says so, after a bounded number of reads.
+    def export_every_time(path, **kwargs):
+        if pathlib.Path(path).name == "model.safetensors":
+            save_model_dir(other, directory, preset("tiny"))
+        return read(path, **kwargs)
+
+    monkeypatch.setattr(model_dir, "read_safetensors", export_every_time)
+    with pytest.raises(CheckpointError, match=rf"^{directory}: replaced while it loaded, 3 times in a row"):
+        load_model_dir(directory)
+
+
+def test_a_bank_file_of_another_export_is_refused(tmp_path, tokenizer):
+    """A memory bank copied in from another export of the same model (same shapes) loaded as if
+    it belonged to these weights; the files record which export wrote them."""
+    model = build("tiny_segm", tokenizer, seed=1)
+    directory, _ = _distilled_dir(model, tmp_path / "a", seed=1)
+    other, _ = _distilled_dir(model, tmp_path / "b", seed=2)
+    assert load_model_dir(directory).memory_bank is not None
+    (directory / "memory_bank.safetensors").write_bytes((other / "memory_bank.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=rf"^{directory / 'memory_bank.safetensors'}: written by another export "
+                                              rf"than {directory / 'model.safetensors'} \(export ids [0-9a-f]{{32}} "
+                                              r"and [0-9a-f]{32}\): the two files were put together"):
+        load_model_dir(directory)

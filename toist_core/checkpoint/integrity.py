@@ -69,18 +69,35 @@ def check_tensor_digest(path: PathLike, tensors: Mapping[str, Tensor], metadata:
 
 def load_safetensors(path: PathLike, required_digest: bool) -> dict[str, Tensor]:
     """A safetensors file's tensors, checked against their recorded digest."""
+    return read_safetensors(path, required_digest)[0]
+
+
+def read_safetensors(path: PathLike, required_digest: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A safetensors file's tensors, checked against their recorded digest, and its metadata,
+    both from one opening of the file (a file replaced in between cannot give one version's
+    metadata with another's tensors)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata()
-        tensors = load_file(str(path))
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as exc:  # header damage: SafetensorError, OSError, ...
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
     check_tensor_digest(path, tensors, metadata, required_digest)
-    return tensors
+    return tensors, metadata
+
+
+def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file (its header only); {} when it cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except Exception:  # the caller compares it with what it read before: a difference is what counts
+        return {}
 
 
 def save_safetensors(tensors: Mapping[str, Tensor], path: PathLike, metadata: Optional[dict] = None) -> None:

@@ -2,22 +2,25 @@
 
     <dir>/config.yaml               format, version, model config, pronoun, bank flag, source,
                                     input size, tasks it was trained on and its task vocabulary
-    <dir>/model.safetensors         the model's state_dict (toist names) + SHA-256 in its metadata
+    <dir>/model.safetensors         the model's state_dict (toist names) + SHA-256 and export id in
+                                    its metadata
     <dir>/memory_bank.safetensors   distilled models: feature_bank, cluster_centers, ..., cluster_stale
-                                    (+ SHA-256); config.yaml records its k-means settings
+                                    (+ SHA-256, export id); config.yaml records its k-means settings
     <dir>/tokenizer/                the tokenizer files
 
 A directory is written aside and swapped in whole (:mod:`.atomic_dir`): a reader, or a
 process killed mid-export, sees the old directory or the new one. So only a new or empty folder,
 or a model directory holding nothing but toist's own files, is ever replaced
 (:func:`check_replaceable`): never a folder of other files. Tensors are checked against
-their recorded digests when loaded (version 3; older directories carry none).
+their recorded digests when loaded (version 3; older directories carry none), and a load
+during which another export replaced the directory reads it again (:func:`load_model_dir`).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,7 +32,7 @@ from .. import typed_config
 from ..config import InputSize, ModelConfig
 from .atomic_dir import write_directory
 from .errors import CheckpointError, PathLike
-from .integrity import load_safetensors, save_safetensors
+from .integrity import read_safetensors, read_safetensors_metadata, save_safetensors
 from ..tasks import COCO_TASKS, TaskVocabulary
 from .loaded import LoadedModel, describe_bank, describe_heads
 from .official import SEGM_PREFIX, WRAPPERS
@@ -57,6 +60,13 @@ RECIPE_FILES = ("metrics.json", "MODEL_CARD.md")
 REQUIRED_FIELDS = ("format", "version", "model")
 OWN_ENTRIES = frozenset((CONFIG_FILE, WEIGHTS_FILE, BANK_FILE, TOKENIZER_DIR, DETECTOR_FILE, MASK_HEAD_FILE,
                          f".{DETECTOR_FILE}.tmp", f".{MASK_HEAD_FILE}.tmp", TRT_CACHE_DIR) + RECIPE_FILES)
+
+# Safetensors metadata that ties a directory's files to one export: the same random id in its
+# model and bank files (directories written before have none and load as before).
+EXPORT_ID_KEY = "toist_export_id"
+# A directory replaced while it loads (an export to the same path) is read again from the start,
+# this many times in all.
+LOAD_ATTEMPTS = 3
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +122,12 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
     check_replaceable(directory)
 
     def write(staging: Path) -> None:
-        save_safetensors(model.state_dict(), staging / WEIGHTS_FILE, metadata={"toist": MODEL_DIR_FORMAT})
+        stamp = {"toist": MODEL_DIR_FORMAT, EXPORT_ID_KEY: uuid.uuid4().hex}
+        save_safetensors(model.state_dict(), staging / WEIGHTS_FILE, metadata=stamp)
         model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         check_tokenizer_copy(model.tokenizer, staging / TOKENIZER_DIR)
         if memory_bank is not None:
-            save_safetensors(bank_tensors(memory_bank), staging / BANK_FILE)
+            save_safetensors(bank_tensors(memory_bank), staging / BANK_FILE, metadata=stamp)
         typed_config.save_yaml(manifest, staging / CONFIG_FILE)
 
     return write_directory(directory, write)
@@ -288,11 +299,43 @@ def is_model_dir(path: PathLike) -> bool:
 
 
 def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> LoadedModel:
-    """Build and strictly load a model directory (no network: the tokenizer is inside it)."""
+    """Build and strictly load a model directory (no network: the tokenizer is inside it).
+
+    Its files are read by path, one after another; an export replacing the directory meanwhile
+    would give this load the config of one export and the weights, bank or tokenizer of another.
+    A load during which the directory changed (its ``config.yaml`` or its weights' export id,
+    :data:`EXPORT_ID_KEY`) starts again, :data:`LOAD_ATTEMPTS` times in all; an error raised
+    while it changed is not reported either."""
+    directory = Path(directory)
+    for attempt in range(1, LOAD_ATTEMPTS + 1):
+        before = _export_snapshot(directory)
+        try:
+            loaded = _load_model_dir_once(directory, tokenizer)
+        except Exception:
+            if attempt == LOAD_ATTEMPTS or _export_snapshot(directory) == before:
+                raise
+        else:
+            if _export_snapshot(directory) == before:
+                return loaded
+        logger.info("%s was replaced while it loaded (an export to it); reading it again", directory)
+    raise CheckpointError(f"{directory}: replaced while it loaded, {LOAD_ATTEMPTS} times in a row (an export writing "
+                          "to it again and again?); load it when the export is done")
+
+
+def _export_snapshot(directory: Path) -> tuple[Optional[str], Optional[str]]:
+    """What changes when another export replaces ``directory``: its config.yaml text and its
+    weights' export id (None where missing or unreadable)."""
+    try:
+        config_text = (directory / CONFIG_FILE).read_text()
+    except (OSError, UnicodeDecodeError):
+        config_text = None
+    return config_text, read_safetensors_metadata(directory / WEIGHTS_FILE).get(EXPORT_ID_KEY)
+
+
+def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedModel:
     from ..model import build_model
     from ..model.text import fetch_tokenizer
 
-    directory = Path(directory)
     config_file = directory / CONFIG_FILE
     data = typed_config.read_yaml(config_file, "model directory config")
     # Defaults stand in for what later versions added, never for these: a config.yaml without
@@ -319,13 +362,13 @@ def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> Load
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory}: {WEIGHTS_FILE} not found")
-    state = load_safetensors(weights, required_digest=digests)
+    state, weights_metadata = read_safetensors(weights, required_digest=digests)
     bank = None
     if manifest.memory_bank:
         bank_file = directory / BANK_FILE
         if not bank_file.is_file():
             raise CheckpointError(f"{directory}: config.yaml says memory_bank: true but {BANK_FILE} is missing")
-        bank_state = load_safetensors(bank_file, required_digest=digests)
+        bank_state, bank_metadata = read_safetensors(bank_file, required_digest=digests)
         stale = bank_state.pop(BANK_STALE_KEY, None)
         bank = build_memory_bank(bank_state, where=str(bank_file), d_model=cfg.transformer.d_model,
                                  settings=manifest.memory_bank_settings, stale=stale)
@@ -340,6 +383,11 @@ def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> Load
     fetched = fetch_tokenizer(cfg.text.tokenizer)
     model = build_model(cfg, tokenizer=fetched.value)
     load_state_dict_strict(model, state, where=str(weights))
+    # After the files' own checks, whose errors say more about a file that cannot fit.
+    if bank is not None and bank_metadata.get(EXPORT_ID_KEY) != weights_metadata.get(EXPORT_ID_KEY):
+        raise CheckpointError(f"{bank_file}: written by another export than {weights} (export ids "
+                              f"{bank_metadata.get(EXPORT_ID_KEY)} and {weights_metadata.get(EXPORT_ID_KEY)}): "
+                              "the two files were put together from different exports; export the model again")
     logger.info("loaded model directory %s (version %d, from %s): %s; %s; tokenizer from %s", directory,
                 manifest.version, manifest.source or "?", describe_heads(cfg), describe_bank(bank), fetched.origin)
     return LoadedModel(model.eval(), cfg, bank, manifest.pronoun, str(directory), manifest.input_size,
