@@ -182,3 +182,22 @@ def test_caption_length_is_capped_by_the_position_table():
         with pytest.raises(ValueError, match=r"caption too long: 100 tokens \(at most 98: "
                                              r"text.max_position_embeddings 100 less RoBERTa's pad_token_id \+ 1"):
             model.encode_text([too_long])
+    # A text longer than any 98 tokens can be is refused unread: the tokenizer took seconds for
+    # millions of characters (a task topic message) before the token count refused it.
+    from toist_core.model.text import MAX_CHARS_PER_TOKEN
+
+    class Counting:
+        calls = 0
+
+        def __call__(self, *args, **kwargs):
+            Counting.calls += 1
+            return tokenizer(*args, **kwargs)
+
+    huge = "on " * (98 * MAX_CHARS_PER_TOKEN // 3 + 1)
+    with pytest.raises(ValueError, match=rf"caption too long: {len(huge)} characters, more than 98 tokens can hold"):
+        tokenize(Counting(), ["sit on", huge], torch.device("cpu"), short.text)
+    assert Counting.calls == 0
+    longest_fitting = "x" * (98 * MAX_CHARS_PER_TOKEN)   # refused by its token count, after tokenizing
+    with pytest.raises(ValueError, match=r"caption too long: \d+ tokens"):
+        tokenize(Counting(), [longest_fitting], torch.device("cpu"), short.text)
+    assert Counting.calls == 1

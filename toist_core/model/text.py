@@ -162,6 +162,12 @@ class TextFeatures:
                             self.padding_mask.expand(batch_size, -1))
 
 
+# More characters than any token of a BPE vocabulary covers (GPT-2 / RoBERTa's longest are runs of
+# ~64-128 characters): a longer text cannot fit the token limit, and is refused before the
+# tokenizer reads it all (a task of 4 million characters kept a robot's node busy for 5 s).
+MAX_CHARS_PER_TOKEN = 128
+
+
 def max_caption_tokens(cfg: TextEncoderConfig) -> int:
     """The most tokens a caption may have: the 256 token slots of the class head, or fewer when
     the RoBERTa position table is shorter (:attr:`TextEncoderConfig.position_slots`)."""
@@ -173,9 +179,13 @@ def tokenize(tokenizer, captions: Sequence[str], device: torch.device, text_cfg:
     slots, or than ``text_cfg``'s position table allows (:func:`max_caption_tokens`)."""
     if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
         raise TypeError("captions must be a list of strings")
+    limit = MAX_TEXT_TOKENS if text_cfg is None else max_caption_tokens(text_cfg)
+    longest = max(captions, key=len, default="")
+    if len(longest) > limit * MAX_CHARS_PER_TOKEN:
+        raise ValueError(f"caption too long: {len(longest)} characters, more than {limit} tokens can hold (at most "
+                         f"{MAX_CHARS_PER_TOKEN} characters each): {longest[:80]!r}...")
     tokenized = tokenizer(list(captions), padding="longest", return_tensors="pt")
     length = tokenized["input_ids"].shape[1]
-    limit = MAX_TEXT_TOKENS if text_cfg is None else max_caption_tokens(text_cfg)
     if length > limit:
         longest = max(captions, key=len)
         why = ("" if limit == MAX_TEXT_TOKENS else
