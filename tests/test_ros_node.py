@@ -312,11 +312,11 @@ def test_result_header_is_the_input_header(node, probe):
 
 def test_set_task_results_carry_the_returned_revision_and_task(ros, node, probe):
     before = node.active_task.revision
-    response = probe.set_task("sit comfortably on")
+    response = probe.set_task("open bottle of beer with")
     assert response.success, response.message
-    assert response.revision == before + 1 and "sit comfortably on something" in response.message
+    assert response.revision == before + 1 and "open bottle of beer with something" in response.message
     _, result = probe.roundtrip(_photo(), "cam_after_set_task")
-    assert result.task_revision == response.revision and result.task == "sit comfortably on something"
+    assert result.task_revision == response.revision and result.task == "open bottle of beer with something"
 
     response = probe.set_task("something to cut bread with")
     assert response.success and response.revision == before + 2 and "free text" in response.message
@@ -354,6 +354,41 @@ def test_task_topic_changes_the_task(node, probe):
     assert node.active_task.revision == before + 1
 
 
+def test_the_active_task_asked_for_again_changes_nothing(node, probe, monkeypatch):
+    """`ros2 topic pub /task ...` repeats its message every second: each one was encoded again,
+    got a new revision (every result in flight looked outdated) and an INFO line. Now the
+    active task asked for again, by the same text or another name of it, keeps its revision;
+    active_task says it again (a client watching it sees the request taken)."""
+    from std_msgs.msg import String
+
+    first = probe.set_task("sit comfortably on")
+    assert first.success
+    encoded, logged = [], []
+    encode = node._tasks._encode_task
+    monkeypatch.setattr(node._tasks, "_encode_task", lambda task: (encoded.append(task), encode(task))[1])
+    info = node._tasks._log.info
+    monkeypatch.setattr(node._tasks._log, "info", lambda message, *a, **k: (logged.append(message), info(message)))
+    seen = len(probe.status)
+    for text in ("sit comfortably on", "  sit comfortably on ", "2", "sit comfortably on something"):
+        again = probe.set_task(text)
+        assert again.success and again.revision == first.revision, (text, again.message)
+        assert "is the active task already" in again.message and "nothing changed" in again.message
+    assert wait_for(lambda: len(probe.status) > seen, timeout=10)
+    seen = len(probe.status)
+    for _ in range(3):
+        probe.task_pub.publish(String(data="sit comfortably on"))
+    assert wait_for(lambda: len(probe.status) > seen, timeout=10)   # said again (the subscriber keeps 1)
+    time.sleep(0.5)
+    assert {s.revision for s in probe.status[seen - 1:]} == {first.revision}
+    assert node.active_task.revision == first.revision
+    assert encoded == ["2", "sit comfortably on something"]   # the same text is not encoded again
+    assert [line for line in logged if "caption" in line] == []
+    _, result = probe.roundtrip(_photo(), "cam_same_task")
+    assert result.task_revision == first.revision
+    changed = probe.set_task("3")                             # another task still changes it
+    assert changed.success and changed.revision == first.revision + 1
+
+
 def test_task_messages_are_applied_in_the_order_they_were_published(node, probe, monkeypatch):
     """A burst on the task topic: each message applied in turn, the last one active (the
     executor's threads used to race for the encoder and could end on an earlier message)."""
@@ -362,7 +397,7 @@ def test_task_messages_are_applied_in_the_order_they_were_published(node, probe,
     applied = []
     publish = node._tasks._publish
     monkeypatch.setattr(node._tasks, "_publish", lambda task: (applied.append(task.request), publish(task)))
-    burst = ["1", "3", "5", "sit comfortably on", "open bottle of beer with", "2", "dig hole with", "8"]
+    burst = ["1", "3", "5", "sit comfortably on", "open bottle of beer with", "4", "dig hole with", "8"]
     original = node.active_task.request
     try:
         for round_ in range(6):
@@ -991,6 +1026,8 @@ def test_the_dev_client_commands_of_docs_ros_md(node, probe, tmp_path, capsys):
 
     assert client.main(["status"]) == 0
     assert f"revision {node.active_task.revision}, ready True" in capsys.readouterr().out
+    assert probe.set_task("1").success    # not task 3, whatever the tests before left active
+    assert client.main(["status"]) == 0 and "(id 1)" in capsys.readouterr().out
     before = node.active_task.revision
     assert client.main(["set-task", "3"]) == 0
     assert "ok: task '3' -> caption 'place flowers in something'" in capsys.readouterr().out
@@ -998,6 +1035,8 @@ def test_the_dev_client_commands_of_docs_ros_md(node, probe, tmp_path, capsys):
     assert client.main(["publish-task", "5"]) == 0
     assert "ok: task 'water plant with something' (id 5)" in capsys.readouterr().out
     assert node.active_task.revision == before + 2 and node.active_task.task_id == 5
+    assert client.main(["publish-task", "5"]) == 0     # the active task again: taken, nothing changed
+    assert f"(id 5), revision {before + 2}" in capsys.readouterr().out and node.active_task.revision == before + 2
     # A topic has no reply: the client watches active_task, and a refused task leaves it as it was.
     assert client.main(["--timeout", "6", "publish-task", "15"]) == 1
     err = capsys.readouterr().err

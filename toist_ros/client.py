@@ -73,8 +73,9 @@ def set_task(session: _Session, namespace: str, text: str, timeout: float) -> in
 
 
 def publish_task(session: _Session, namespace: str, text: str, timeout: float) -> int:
-    """Publish on the task topic, then watch the latched ``active_task`` for the revision that
-    says the node took it: a topic has no reply, and a refused task changes nothing there."""
+    """Publish on the task topic, then watch the latched ``active_task`` for the message that
+    says the node took it (a new revision, or the active task said again when it was asked for):
+    a topic has no reply, and a refused task changes nothing there."""
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from std_msgs.msg import String
 
@@ -85,9 +86,10 @@ def publish_task(session: _Session, namespace: str, text: str, timeout: float) -
         print(f"nobody subscribes {publisher.topic_name}, or no active_task, within {timeout:.0f} s "
               "(is the node running?)", file=sys.stderr)
         return 1
-    before = statuses[-1].revision
+    before, seen = statuses[-1].revision, len(statuses)
     publisher.publish(String(data=text))
-    if not _wait(lambda: statuses[-1].revision > before, timeout):
+    # A new revision; or the active task asked for again: the node says it again, same revision.
+    if not _wait(lambda: len(statuses) > seen and statuses[-1].revision >= before, timeout):
         print(f"published {text!r} on {publisher.topic_name}, but the node did not take it within {timeout:.0f} s "
               "(refused: its log says why; `set-task` answers with the reason)", file=sys.stderr)
         return 1

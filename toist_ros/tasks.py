@@ -80,11 +80,19 @@ class TaskSwitch:
             self._publish(self._task)
 
     def set(self, text: str) -> tuple[bool, str, int]:
-        """Encode ``text`` and make it the active task; (success, message, revision)."""
+        """Encode ``text`` and make it the active task; (success, message, revision).
+
+        The active task asked for again (``ros2 topic pub`` repeats its message every second)
+        changes nothing: no encoding when the text is the same, no new revision (results would
+        look outdated), no log line; ``active_task`` is published again, so that a client
+        watching it sees its request taken."""
         text = text.strip()
         if not text:
             return False, ("task is empty: give a task id of the model's vocabulary (COCO-Tasks: 1..14), a task name "
                            "or free text"), self._task.revision
+        unchanged = self._unchanged(text, lambda active: text == active.request.strip())
+        if unchanged is not None:
+            return unchanged
         try:
             state = self._encode(text)
         except (ValueError, TypeError) as exc:
@@ -92,9 +100,13 @@ class TaskSwitch:
         except Exception as exc:  # never let a task request take the node down
             self._log.error(f"encoding task {quote(text)} failed: {type(exc).__name__}: {exc}")
             return False, f"encoding task {quote(text)} failed: {type(exc).__name__}: {exc}", self._task.revision
+        caption, task_id = _caption(state, text), _task_id(state)
+        unchanged = self._unchanged(text, lambda active: (caption, task_id) == (active.caption, active.task_id))
+        if unchanged is not None:  # another name of the active task ("2" for "sit comfortably on")
+            return unchanged
         with self._lock:
             revision = self._task.revision + 1
-            task = ActiveTask(text, _caption(state, text), _task_id(state), revision, state)
+            task = ActiveTask(text, caption, task_id, revision, state)
             self._task = task  # one assignment: a frame sees the old or the new task, never a mix
             self._publish(task)
         how = (f"task {task.task_id} of the model's vocabulary" if task.task_id is not None
@@ -105,6 +117,17 @@ class TaskSwitch:
         if task.warning:
             message += f"; WARNING: {task.warning}"
         return True, message, revision
+
+    def _unchanged(self, text: str, same: Callable[[ActiveTask], bool]) -> Optional[tuple[bool, str, int]]:
+        """The reply to a request for the active task (``same(active)``), said again on
+        ``active_task``; None when the active task is another one (changed meanwhile)."""
+        with self._lock:
+            active = self._task
+            if not same(active):
+                return None
+            self._publish(active)
+        return True, (f"task {quote(text)} is the active task already (caption {quote(active.caption)}, revision "
+                      f"{active.revision}): nothing changed"), active.revision
 
     def one_shot(self, text: str) -> ActiveTask:
         """The encoded task for one ``segment_image`` request (the active task stays as it is);
