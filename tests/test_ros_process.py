@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,8 @@ def test_node_process_with_params_file_and_remap(ros, tmp_path, model_dir):
     assert f"model: {embedded}" in log and "embedded" not in checkpoint_log.read_text()
     assert "input resized to short side 160 px, long side at most 640 px" in log  # FAST's sizes
     assert f"checkpoint {model_dir}" in checkpoint_log.read_text()
+    # Services are logged with their full names, as the topics beside them (were: "set_task").
+    assert "services /ckpt/set_task, /ckpt/segment_image; status /ckpt/active_task" in checkpoint_log.read_text()
     untrained = [line for line in checkpoint_log.read_text().splitlines()
                  if "is not one this model was trained on" in line]
     assert len(untrained) == 1 and untrained[0].startswith("[WARN]"), untrained  # once, not per frame
@@ -169,6 +172,58 @@ def test_large_images_profile_carries_vga_frames_between_processes(ros, tmp_path
     finally:
         codes = (_stop(node), _stop(camera))
     assert codes == (0, 0), (codes, node_log.read_text()[-2000:])
+
+
+def test_start_up_is_reported_on_diagnostics_and_a_stop_signal_interrupts_it(ros, tmp_path):
+    """Model loading and warm-up happen before any executor spins: /diagnostics said nothing for
+    that time (docs promised ERROR), and Ctrl-C waited for the whole start-up (the node got
+    ready, said so on active_task, then stopped; ros2 launch SIGKILLs a node that takes long).
+    The embedded default model at its own input size: a few seconds of start-up on 2 cores."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from toist_ros.msg import TaskStatus
+
+    client = ros.node("startup_probe")
+    reports, status = {"/run": [], "/stop": []}, {"/run": [], "/stop": []}
+
+    def keep_report(msg):
+        for item in msg.status:
+            for namespace, store in reports.items():
+                if f"({namespace}/toist_perception)" in item.name:
+                    store.append((time.monotonic(), item.level[0], item.message))
+
+    client.create_subscription(DiagnosticArray, "/diagnostics", keep_report, 50)
+    latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    for namespace, store in status.items():
+        client.create_subscription(TaskStatus, f"{namespace}/active_task",
+                                   lambda msg, store=store: store.append((time.monotonic(), msg.ready)), latched)
+
+    run_log, stop_log = tmp_path / "run.log", tmp_path / "stop.log"
+    run = _start("--params-file", str(PARAMS), "-r", "__ns:=/run", "-p", "device:=cpu", log_path=run_log)
+    try:
+        assert wait_for(lambda: any(ready for _, ready in status["/run"]) or run.poll() is not None, timeout=120), \
+            run_log.read_text()[-3000:]
+        ready_at = next(t for t, ready in status["/run"] if ready)
+        starting = [(level, message) for t, level, message in reports["/run"] if t < ready_at]
+        assert ("starting: loading the model" in [m for _, m in starting]
+                and {level for level, _ in starting} == {2}), starting   # 2: ERROR
+        assert "starting: warming up the network" in [m for _, m in starting]
+        assert wait_for(lambda: any(not m.startswith("starting") for _, _, m in reports["/run"]), timeout=15)
+    finally:
+        assert _stop(run) == 0, run_log.read_text()[-3000:]
+
+    stop = _start("--params-file", str(PARAMS), "-r", "__ns:=/stop", "-p", "device:=cpu", log_path=stop_log)
+    try:
+        assert wait_for(lambda: bool(reports["/stop"]) or stop.poll() is not None, timeout=60), \
+            stop_log.read_text()[-3000:]
+        stop.send_signal(signal.SIGINT)   # while the model loads
+        stop.wait(timeout=60)
+    finally:
+        code = _stop(stop)
+    log = stop_log.read_text()
+    assert code == 0, log[-3000:]
+    assert not any(ready for _, ready in status["/stop"]) and "ready: task" not in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
 
 
 def _bad_checkpoint(tmp_path):

@@ -8,9 +8,10 @@ program stops (under torchrun a worker receives Ctrl-C twice: from the terminal,
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
-from typing import Optional
+from typing import Iterator, Optional
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -24,6 +25,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: Optional[int] = None
         self._previous: dict[int, object] = {}
+        self._raising = False
 
     @property
     def requested(self) -> bool:
@@ -40,6 +42,21 @@ class StopSignals:
             signal.signal(signum, handler)
         self._previous.clear()
 
+    @contextlib.contextmanager
+    def raising(self) -> Iterator[None]:
+        """Inside, the first stop signal also raises ``KeyboardInterrupt`` where the main thread
+        is (as soon as the C call under way returns): for work with no point at which to look for
+        a request, such as a model loading for seconds. One received before raises on entry."""
+        if self.requested:
+            raise KeyboardInterrupt
+        self._raising = True
+        try:
+            yield
+        finally:
+            self._raising = False
+
     def _record(self, signum: int, frame) -> None:
         if self.signum is None:
             self.signum = signum
+            if self._raising:
+                raise KeyboardInterrupt

@@ -39,6 +39,7 @@ from toist_ros.health import HealthLevel, report_values
 from toist_ros.inference_worker import InferenceWorker, predict
 from toist_ros.model_loader import EXIT_MODEL, EXIT_PARAMETERS, StartupError, load_model
 from toist_ros.msg import TaskStatus
+from toist_ros.startup_status import StartupDiagnostics
 from toist_ros.steady_timer import steady_timer
 from toist_ros.srv import SegmentImage, SetTask
 from toist_ros.tasks import ONE_SHOT_REVISION, ActiveTask, TaskSwitch, loading_task
@@ -64,7 +65,8 @@ class PerceptionNode(Node):
             raise
 
     def _start_up(self) -> None:
-        """Parameters, model, task, inputs, outputs and the inference thread, in that order."""
+        """Parameters, then :meth:`_start_steps` reported on ``/diagnostics`` as they go
+        (:mod:`toist_ros.startup_status`), then ready."""
         log = self.get_logger()
         try:
             self._settings = parameters.declare(self)
@@ -82,6 +84,17 @@ class PerceptionNode(Node):
 
         self._status_pub = self.create_publisher(TaskStatus, "active_task", _latched_qos())
         self._publish_status(loading_task(settings["task"]))  # ready=false while the model loads
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        with StartupDiagnostics(self._publish_startup_report, settings["diagnostics.period_s"]) as startup:
+            self._start_steps(startup)
+        self._ready = True
+        self._tasks.publish_active()
+        log.info(f"ready: task {quote(self.active_task.caption)} (revision {self.active_task.revision})")
+
+    def _start_steps(self, startup: StartupDiagnostics) -> None:
+        """Model, task, warm-up, inputs, outputs and the inference thread, each step reported."""
+        log, settings = self.get_logger(), self._settings
+        startup.step("loading the model")
 
         self.model = load_model(settings, log.warning, log.info)
         self.segmenter = self.model.segmenter
@@ -92,16 +105,19 @@ class PerceptionNode(Node):
             log.warning(self.model.description)
         self._limits = FrameLimits(settings["input.max_pixels"], size.short_side, size.max_size)
         self._tasks = TaskSwitch(self.segmenter.encode_task, self._publish_status, log)
+        startup.step("encoding the start-up task")
         try:
             self._tasks.start(settings["task"])
         except (ValueError, TypeError) as exc:
             raise StartupError(EXIT_PARAMETERS, f"task {quote(settings['task'])} cannot be used: {exc}") from None
         if settings["warmup"]:
+            startup.step("warming up the network")
             try:
                 self._warm_up()
             except Exception as exc:  # e.g. NaN weights (NonFiniteOutputError): one FATAL line, exit code 3
                 raise StartupError(EXIT_MODEL, f"the warm-up forward pass failed: {type(exc).__name__}: {exc}") from None
 
+        startup.step("opening inputs and outputs")
         self._image_group = ReentrantCallbackGroup()
         self._control_group = ReentrantCallbackGroup()
         # Task messages one at a time, in arrival order: on the reentrant group the executor's
@@ -122,9 +138,6 @@ class PerceptionNode(Node):
                                        lambda: self._settings, self.counters, self.inference_ms, self.latency_ms,
                                        self._depth, self.geometry_ms)
         self._worker.start()
-        self._ready = True
-        self._tasks.publish_active()
-        log.info(f"ready: task {quote(self.active_task.caption)} (revision {self.active_task.revision})")
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -138,14 +151,13 @@ class PerceptionNode(Node):
                                                  callback_group=self._control_group)
         self._segment_srv = self.create_service(SegmentImage, "segment_image", self._on_segment_image,
                                                 callback_group=self._segment_group)
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = steady_timer(self, settings["diagnostics.period_s"], self._publish_diagnostics,
                                         self._timer_group)
         self._no_image_timer = steady_timer(self, settings["input.no_image_warning_s"], self._warn_no_image,
                                             self._timer_group)
         self.get_logger().info(
             f"task input {self._task_sub.topic_name} (std_msgs/String, reliable depth 10); services "
-            f"{self._set_task_srv.srv_name}, {self._segment_srv.srv_name}; status "
+            f"{_resolved_name(self._set_task_srv)}, {_resolved_name(self._segment_srv)}; status "
             f"{self._status_pub.topic_name} (transient local); diagnostics {self._diag_pub.topic_name}")
 
     def _open_depth(self) -> DepthInputs:
@@ -271,9 +283,19 @@ class PerceptionNode(Node):
         values = self.diagnostics_values()
         level, message = self._health.judge(values, ready=self._ready, last_error=self._worker.last_error,
                                             receiving=self._inputs.receiving())
-        self._diag_pub.publish(diagnostic_array(self.get_clock().now().to_msg(),
-                                                f"toist_ros: perception ({self.get_fully_qualified_name()})",
+        self._diag_pub.publish(diagnostic_array(self.get_clock().now().to_msg(), self._diagnostics_name(),
                                                 self.model.device, level, message, values))
+
+    def _publish_startup_report(self, level: int, message: str) -> None:
+        """The status while the node starts (:mod:`toist_ros.startup_status`): what it was asked to load."""
+        settings = self._settings
+        values = {"task": settings["task"], "checkpoint": settings["checkpoint"] or "(the embedded default model)",
+                  "device": settings["device"]}
+        self._diag_pub.publish(diagnostic_array(self.get_clock().now().to_msg(), self._diagnostics_name(),
+                                                settings["device"], level, message, values))
+
+    def _diagnostics_name(self) -> str:
+        return f"toist_ros: perception ({self.get_fully_qualified_name()})"
 
     # --- shut-down ---------------------------------------------------------------------------
 
@@ -288,6 +310,13 @@ class PerceptionNode(Node):
     def destroy_node(self) -> None:
         self.stop()
         super().destroy_node()
+
+
+def _resolved_name(service: Any) -> str:
+    """A service's full name (``/robot/set_task`` in namespace ``/robot``, after remapping), as
+    logged for topics; ``srv_name`` is the name as given. (rclpy before Jazzy: no
+    ``service_name``, the name as given.)"""
+    return getattr(service, "service_name", None) or service.srv_name
 
 
 def _latched_qos() -> QoSProfile:

@@ -9,7 +9,8 @@ The node is made of one file per idea:
   * ``inference_worker`` the inference thread: frames and ``segment_image`` requests -> results;
   * ``health``           the ``/diagnostics`` report and its level (statistics: ``diagnostics``);
   * ``executor``         raw image callbacks in the spinning thread, the others in a thread pool;
-SIGINT / SIGTERM are a stop request (``toist_core.stop_signals``), acted on by ``main``.
+SIGINT / SIGTERM are a stop request (``toist_core.stop_signals``), acted on by ``main``; while
+the node starts (model loading, warm-up) they interrupt it at once.
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         executor = None
         code = 0
         try:
-            node = PerceptionNode()
+            # Loading and warming up the model has no point at which to look for a stop request:
+            # Ctrl-C there waited for the whole start-up (a launch file's SIGKILL came first).
+            with stop.raising():
+                node = PerceptionNode()
             executor = PerceptionExecutor(node.inline_callback_groups, num_threads=4,
                                           waiting_groups=node.waiting_callback_groups)
             executor.add_node(node)

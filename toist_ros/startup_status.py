@@ -1,0 +1,52 @@
+"""``/diagnostics`` while the node starts.
+
+The model loads, the start-up task is encoded and the network warms up before any executor
+spins, so no timer can report then: that takes seconds (a real TOIST checkpoint on a robot,
+tens of seconds), and a monitor saw no status at all, as if the node were not there. A thread
+publishes the status "starting: <step>" at ERROR level every ``diagnostics.period_s`` until the
+node is ready (or failed), when the regular report takes over.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from toist_ros.health import ERROR
+
+
+class StartupDiagnostics:
+    """``with StartupDiagnostics(publish, period_s) as startup: startup.step("loading the model")``.
+
+    ``publish(level, message)`` sends one report; it is called at once for every step and then
+    every ``period_s`` seconds from a thread of its own, until the ``with`` block ends."""
+
+    def __init__(self, publish: Callable[[int, str], None], period_s: float) -> None:
+        self._publish = publish
+        self._period_s = period_s
+        self._step = "starting"
+        self._lock = threading.Lock()  # one report at a time: the thread's and a step's
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="toist_startup_diagnostics", daemon=True)
+
+    def __enter__(self) -> "StartupDiagnostics":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def step(self, name: str) -> None:
+        """The start-up step now under way, reported at once."""
+        self._step = name
+        self._report()
+
+    def _run(self) -> None:
+        while not self._done.wait(self._period_s):
+            self._report()
+
+    def _report(self) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                self._publish(ERROR, f"starting: {self._step}")
