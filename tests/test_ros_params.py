@@ -49,6 +49,25 @@ def test_check_values_catches_unknown_names_and_size_order():
     # 0 leaves a size to the model (the other one is then not compared with it).
     assert P.check_values({"input.short_side": 800, "input.max_side": 0}) == []
     assert P.check_values({"input.short_side": 0, "input.max_side": 600}) == []
+    # A depth range needs max above min: equal is no range.
+    assert P.check_values({"depth.min_m": 1.0, "depth.max_m": 1.0}) == [
+        "depth.max_m 1.0 must be greater than depth.min_m 1.0"]
+    assert P.check_values({"depth.min_m": 1.0, "depth.max_m": 1.5}) == []
+
+
+def test_every_bad_value_is_listed_at_once():
+    """The checks of values together and of the input size ran only when every value was fine on
+    its own: a start-up refused for one value, and next time for another (docs: "lists every bad
+    value")."""
+    reasons = P.check_values({"score_threshold": 1.5, "input.short_side": 8, "depth.min_m": 2.0, "depth.max_m": 1.0,
+                              "input.topics": ["image", "/abs/image"]})
+    assert reasons[0] == "score_threshold: 1.5 is out of range [0.0, 1.0]"
+    assert any(r.startswith("input.short_side: 8 px is under the") for r in reasons), reasons
+    assert "depth.max_m 1.0 must be greater than depth.min_m 2.0" in reasons
+    assert any("/abs/image" in r for r in reasons) and len(reasons) == 4, reasons
+    # A value bad on its own is not compared with another (no second, confusing reason).
+    assert P.check_values({"depth.min_m": -1.0, "depth.max_m": -2.0}) == [
+        P.check_value(P.SPECS["depth.min_m"], -1.0), P.check_value(P.SPECS["depth.max_m"], -2.0)]
 
 
 def test_defaults_are_valid_and_the_yaml_file_matches_the_table():

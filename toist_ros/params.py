@@ -233,25 +233,26 @@ def check_values(values: dict[str, Any]) -> list[str]:
         reason = check_value(spec, value)
         if reason:
             reasons.append(reason)
-    if not reasons and "depth.min_m" in values and "depth.max_m" in values:
-        if values["depth.max_m"] <= values["depth.min_m"]:
-            reasons.append(f"depth.max_m {values['depth.max_m']} must be greater than depth.min_m {values['depth.min_m']}")
-    if not reasons and "input.topics" in values:
-        reasons += _input_topic_problems(values["input.topics"])
-    if not reasons and values.get("depth.enabled") and "input.topics" in values:
-        cameras = len(values["input.topics"])
+    # Checks of values together, or against the model's needs: on the values that are fine on
+    # their own (each problem is reported, whatever else is wrong; nothing compares a bad type).
+    valid = {name: value for name, value in values.items() if name in SPECS and not check_value(SPECS[name], value)}
+    if "depth.min_m" in valid and "depth.max_m" in valid and valid["depth.max_m"] <= valid["depth.min_m"]:
+        reasons.append(f"depth.max_m {valid['depth.max_m']} must be greater than depth.min_m {valid['depth.min_m']}")
+    if "input.topics" in valid:
+        reasons += _input_topic_problems(valid["input.topics"])
+    if valid.get("depth.enabled") and "input.topics" in valid:
+        cameras = len(valid["input.topics"])
         for name in ("depth.topics", "depth.camera_info_topics"):
-            if name in values and len(values[name]) != cameras:
-                reasons.append(f"{name} has {len(values[name])} entries but input.topics has {cameras}: one each "
+            if name in valid and len(valid[name]) != cameras:
+                reasons.append(f"{name} has {len(valid[name])} entries but input.topics has {cameras}: one each "
                                f"per camera, in the same order")
     for name in ("input.short_side", "input.max_side"):
-        if not reasons and 0 < values.get(name, 0) < MIN_MODEL_SIDE:
-            reasons.append(f"{name}: {values[name]} px is under the {MIN_MODEL_SIDE} px the model needs at least "
+        if 0 < valid.get(name, 0) < MIN_MODEL_SIDE:
+            reasons.append(f"{name}: {valid[name]} px is under the {MIN_MODEL_SIDE} px the model needs at least "
                            "(every frame would be rejected); 0 = the model's own size")
-    if not reasons and values.get("input.short_side") and values.get("input.max_side"):
-        if values["input.max_side"] < values["input.short_side"]:
-            reasons.append(f"input.max_side {values['input.max_side']} is smaller than "
-                           f"input.short_side {values['input.short_side']}")
+    short, longest = valid.get("input.short_side"), valid.get("input.max_side")
+    if short and longest and MIN_MODEL_SIDE <= short and MIN_MODEL_SIDE <= longest and longest < short:
+        reasons.append(f"input.max_side {longest} is smaller than input.short_side {short}")
     return reasons
 
 
