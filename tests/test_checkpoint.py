@@ -148,6 +148,8 @@ def test_segmentation_file_into_detector_needs_detector_only(official_file, segm
     ("missing", "detr.class_embed.bias", "1 missing tensor"),
     ("extra", "detr.class_embed.extra", "1 unexpected tensor"),
     ("misshaped", "detr.bbox_embed.layers.2.weight", "1 mis-shaped tensor"),
+    # load_state_dict would cast integers into the float weight without a word.
+    ("integer", "detr.bbox_embed.layers.2.weight", "1 mis-shaped tensor"),
 ])
 def test_bad_tensors_are_refused_by_name(tmp_path, segm_model, tokenizer, damage, named, says):
     state = dict(segm_model.state_dict())
@@ -155,6 +157,8 @@ def test_bad_tensors_are_refused_by_name(tmp_path, segm_model, tokenizer, damage
         del state[named]
     elif damage == "extra":
         state[named] = torch.zeros(3)
+    elif damage == "integer":
+        state[named] = torch.ones(4, 128, dtype=torch.int64)
     else:
         state[named] = torch.zeros(5, 128)
     torch.save(official_container(state, state), tmp_path / "bad.pth")
@@ -162,6 +166,8 @@ def test_bad_tensors_are_refused_by_name(tmp_path, segm_model, tokenizer, damage
         load_official(tmp_path / "bad.pth", config=preset("tiny_segm"), tokenizer=tokenizer)
     if damage == "misshaped":
         assert "file [5, 128], model [4, 128]" in str(error.value)
+    if damage == "integer":
+        assert "file dtype torch.int64, model dtype torch.float32" in str(error.value)
 
 
 def test_non_finite_weights_are_refused_naming_file_key_and_count(tmp_path, segm_model, tokenizer):

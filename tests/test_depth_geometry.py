@@ -194,3 +194,23 @@ def test_large_instances_are_read_on_a_grid_within_the_bounds():
     truth = obj.truth(CENTRED)
     assert np.linalg.norm(result.centroid - truth.centroid) <= 0.01
     assert np.max(np.abs(result.extent - truth.extent)) <= 0.02 * math.sqrt(2)
+
+
+def test_the_depth_window_is_the_roi_scaled_and_two_pixels_wider_each_side():
+    """The window the kernel reads: the ROI in depth pixels (floor / ceil of its scaled corners)
+    plus 2 pixels on each side for the flying-pixel edge test, clamped to the depth image, read
+    every step-th pixel beyond WINDOW_PIXELS. (The kernel-versus-numpy tests share this function,
+    so only a test of its own sees a margin lost.)"""
+    from toist_ros.depth.geometry import WINDOW_PIXELS, depth_window
+
+    colour = Intrinsics(500.0, 500.0, 319.5, 239.5, 640, 480)
+    window = depth_window((101, 51, 40, 30), (240, 320), colour)                # depth at half size
+    assert (window.u0, window.u1, window.v0, window.v1, window.step) == (48, 73, 23, 43, 1)
+    assert (window.s, window.t) == (0.5, 0.5)
+    corner = depth_window((0, 0, 10, 10), (240, 320), colour)
+    assert (corner.u0, corner.v0, corner.u1, corner.v1) == (0, 0, 7, 7)
+    far_corner = depth_window((630, 470, 10, 10), (240, 320), colour)
+    assert (far_corner.u0, far_corner.v0, far_corner.u1, far_corner.v1) == (313, 233, 320, 240)
+    whole = depth_window((0, 0, 640, 480), (480, 640), colour)
+    assert whole.step == math.ceil(math.sqrt(640 * 480 / WINDOW_PIXELS)) == 3
+    assert depth_window((10, 10, 0, 5), (240, 320), colour) is None

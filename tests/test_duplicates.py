@@ -42,6 +42,13 @@ def test_greedy_walk_keeps_best_of_each_group_and_describes_only_what_it_reaches
     assert drop_duplicates(torch.tensor([0, 1]), lambda q: half[q], mask_iou, 0.34, 10)[0].tolist() == [0, 1]
     assert drop_duplicates(torch.tensor([0, 1]), lambda q: half[q], mask_iou, 0.33, 10)[0].tolist() == [0]
     assert drop_duplicates(torch.tensor([], dtype=torch.long), describe, mask_iou, 0.5, 3)[0].numel() == 0
+    # "Above" the setting, as documented: an IoU of exactly the setting is kept, so 1.0 drops
+    # nothing (not even identical masks: IoU 1.0), as None.
+    pair = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)                    # IoU 2/4
+    assert drop_duplicates(torch.tensor([0, 1]), lambda q: pair[q], mask_iou, 0.5, 10)[0].tolist() == [0, 1]
+    same = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    assert drop_duplicates(torch.tensor([0, 1]), lambda q: same[q], mask_iou, 1.0, 10)[0].tolist() == [0, 1]
+    assert drop_duplicates(torch.tensor([0, 1]), lambda q: same[q], mask_iou, 0.999, 10)[0].tolist() == [0]
 
 
 def test_setting_is_checked():
@@ -87,10 +94,11 @@ def test_masks_overlapping_a_better_instance_are_dropped(every_query):
     # The instance cap counts survivors: the first two of them, not two of the raw list.
     capped = seg.predict(frame, max_instances=2)
     assert capped.queries.tolist() == kept.queries[:2].tolist()
-    # IoU 1.0 drops only identical masks.
-    identical = TaskSegmenter(every_query.model, device="cpu", task=2, inference=dataclasses.replace(
+    # IoU above 1.0 cannot be: 1.0 keeps every query, as None does (the masks of this frame are
+    # all alike, so any setting below it keeps fewer).
+    at_one = TaskSegmenter(every_query.model, device="cpu", task=2, inference=dataclasses.replace(
         every_query.inference, duplicate_iou=1.0)).predict(frame)
-    assert len(kept) <= len(identical) <= len(full)
+    assert at_one.queries.tolist() == full.queries.tolist() and len(kept) < len(full)
 
 
 def test_without_masks_boxes_decide(every_query):

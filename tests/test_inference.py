@@ -303,6 +303,26 @@ def test_distilled_model_replaces_pronoun_rows_with_task_centre(distilled):
     assert pred.queries.tolist() == order.tolist()
     assert np.allclose(pred.scores, scores[order].numpy(), atol=1e-6)
     assert not torch.allclose(scores, plain_scores, atol=1e-4)  # CCR changed the decoder's input
+    # The centre nearest to the image's pronoun feature p, wherever it is in the list (the random
+    # bank's nearest was its first centre: "always the first" passed the check above).
+    features = []
+    reference_outputs(seg, image, state.caption,
+                      memory_hook=lambda memory: features.append(memory["text_memory"][rows, 0].mean(0)) or memory)
+    p = features[0]
+    u = torch.ones_like(p) / p.numel() ** 0.5
+    near, far = p + 0.01 * u, [-p, p + 50 * u]    # -p: the nearest to anything but p's direction
+
+    def with_centre(centre):
+        def hook(memory):
+            modified = memory["img_memory"].clone()
+            modified[[memory["img_memory"].shape[0] - memory["text_memory"].shape[0] + r for r in rows], 0] = centre
+            return {**memory, "img_memory_mod": modified}
+        return hook
+
+    expected, _, _ = reference_outputs(seg, image, state.caption, memory_hook=with_centre(near))
+    for centres in ([near, *far], [*far, near], [far[0], near, far[1]]):
+        got = seg.predict_batch([image], dataclasses.replace(state, centres=torch.stack(centres)))[0]
+        assert np.allclose(got.scores, expected[got.queries].numpy(), atol=1e-6)
     # Free text has no bank: no replacement.
     assert seg.encode_task("step on something soft").centres is None
 

@@ -28,6 +28,12 @@ def test_state_dict_uses_reference_names_and_loads_strictly():
     other = MemoryBank()
     other.load_state_dict(official, strict=True)
     assert torch.equal(other.feature_bank, official["feature_bank"]) and other.is_full(13)
+    # Loaded centres need not belong to the loaded bank: every task re-clusters at first use.
+    other.cluster(13)
+    assert not other.stale_flags()[13]
+    other.load_state_dict(official, strict=True)
+    assert other.stale_flags().all()
+    assert not torch.equal(other.cluster(13), official["cluster_centers"][13])
 
 
 def test_seeded_initialisation_agrees_between_instances():

@@ -249,6 +249,10 @@ def test_ranking_threshold_and_cut():
         index = int(np.flatnonzero(scores == np.float32(r.score))[0])
         np.testing.assert_allclose(r.box, clamp_box(boxes[index], 64, 48))
     assert rank_instances(boxes, scores, masks, (64, 48), score_threshold=0.99) == []
+    # "score_threshold: keep instances scoring at least this": a score equal to it is kept.
+    at = float(np.sort(scores)[-2])
+    assert [r.score for r in rank_instances(boxes, scores, masks, (64, 48), score_threshold=at)] == \
+        [float(v) for v in np.sort(scores)[::-1][:2]]
 
 
 def test_ties_keep_model_order():

@@ -42,6 +42,27 @@ def test_non_finite_gradient_stops_before_the_step_and_keeps_the_last_checkpoint
     assert all(torch.equal(ckpt["model"][k], v) for k, v in saved[1].items())
 
 
+def test_a_non_finite_loss_term_stops_the_update_naming_the_terms(synth_root, tmp_path, monkeypatch):
+    """Finite outputs, a NaN loss term (a log of 0 in a loss): the run stops before backward,
+    naming the terms. Without this check fp32 runs stopped later, blaming the gradient; fp16's
+    scaler would have skipped the update without a word."""
+    import training.loops as loops
+
+    trainer = Trainer(_config("tiny_pronoun.yaml", synth_root, tmp_path / "run", "schedule.max_steps=3"), DistEnv())
+    compute = loops.compute_losses
+
+    def poisoned(*args, **kwargs):
+        losses = compute(*args, **kwargs)
+        if trainer.step == 1:
+            losses["loss_giou"] = losses["loss_giou"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(loops, "compute_losses", poisoned)
+    with pytest.raises(FloatingPointError, match=r"loss not finite in update 2 \(process 0: terms \{.*'loss_giou': nan"):
+        trainer.run()
+    assert trainer.step == 1 and _all_finite(trainer.model.state_dict())
+
+
 def test_non_finite_outputs_stop_before_the_matcher(synth_root, tmp_path):
     """NaN predictions (an fp16 overflow, a diverged model) end the run with the loop's
     FloatingPointError naming the tensors, not with the matcher's ValueError."""
