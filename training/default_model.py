@@ -515,8 +515,8 @@ REAL_PHOTOS = ("coffee", "chelsea", "astronaut", "rocket", "camera")
 
 def real_photo_scores(checkpoint: Path, tasks: Sequence[int]) -> dict[str, list[float]]:
     """``{"<photo>/task_<k>": scores of the instances}`` of a model on scikit-image's sample photos
-    at the node's default settings (score >= 0.5, the model's input size); empty without
-    scikit-image."""
+    at the node's default settings (score >= 0.5, the model's input size, masks computed, so
+    duplicates are found by mask overlap as the node finds them); empty without scikit-image."""
     try:
         import skimage.data
     except ImportError:
@@ -531,7 +531,7 @@ def real_photo_scores(checkpoint: Path, tasks: Sequence[int]) -> dict[str, list[
         pixels = np.asarray(getattr(skimage.data, name)())
         pixels = np.ascontiguousarray(np.stack([pixels] * 3, -1) if pixels.ndim == 2 else pixels[..., :3])
         for task in tasks:
-            prediction = segmenter.predict(pixels, segmenter.encode_task(task), with_masks=False)
+            prediction = segmenter.predict(pixels, segmenter.encode_task(task))
             scores[f"{name}/task_{task}"] = [round(float(v), 3) for v in prediction.scores]
     return scores
 
