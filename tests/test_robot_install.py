@@ -125,14 +125,18 @@ def test_dry_run_with_another_torch_index(workspace: Path):
     assert "CUDA 12.6" in result.stdout and "minor version" in result.stdout  # 550 < 560.28.03, >= 525
 
 
-def test_dry_run_stops_on_a_driver_too_old_for_pypi_torch(workspace: Path):
+def test_dry_run_lists_a_driver_too_old_for_pypi_torch_with_the_other_problems(workspace: Path):
+    """The dry run stopped at the driver (exit 3) instead of listing it with the rest and exiting
+    5 (docs/robot.md, --help); a real run still stops there with exit 3."""
     result = _script("--dry-run", "--workspace", str(workspace), "--distro", "humble", "--driver-version", "535.183.01")
-    assert result.returncode == 3
+    assert result.returncode == 5, result.stdout[-3000:]
     out = result.stdout
     assert "535.183.01" in out and "CUDA 13.0" in out and ">= 580" in out
     assert "--torch-index https://download.pytorch.org/whl/cu126" in out
     assert "--skip-driver-check" in out
-    assert "-m venv" not in out and "pip" not in out  # nothing installed
+    assert "DRY RUN FAILED" in result.stderr
+    assert "NVIDIA driver 535.183.01 is too old for torch's CUDA 13.0 build" in result.stderr
+    assert "-m venv" in out   # the later steps were still shown
 
 
 def test_dry_run_installs_anyway_with_skip_driver_check(workspace: Path):

@@ -375,7 +375,9 @@ EOF
   elif [ -z "$DRIVER" ]; then
     say "no NVIDIA driver found (no nvidia-smi): torch will run on the CPU"
   elif ! check_driver "$DRIVER" "$CUDA"; then
-    exit 3
+    # A real run stops here (exit 3); a dry run lists it with the others and exits 5 at the end.
+    [ "$DRY_RUN" = 1 ] || exit 3
+    DRY_RUN_PROBLEMS+=("NVIDIA driver $DRIVER is too old for torch's CUDA $CUDA build (the ERROR above says what to do)")
   fi
 fi
 
