@@ -253,6 +253,18 @@ def _broken_model_dir(tmp_path, kind: str) -> str:
     return str(save_model_dir(seg.model, tmp_path / f"{kind}_model", seg.config))
 
 
+def _vocabulary_model_dir(tmp_path, num_tasks: int) -> str:
+    """A model directory whose own task vocabulary has ``num_tasks`` tasks."""
+    from toist_core.checkpoint import save_model_dir
+    from toist_core.inference import TaskSegmenter
+    from toist_core.tasks import TaskVocabulary
+
+    vocabulary = TaskVocabulary.from_data({"name": "many", "tasks": [
+        {"id": k, "phrase": f"do thing number {k} with"} for k in range(1, num_tasks + 1)]})
+    seg = TaskSegmenter.from_config("tiny_segm", device="cpu")
+    return str(save_model_dir(seg.model, tmp_path / f"vocabulary_{num_tasks}", seg.config, vocabulary=vocabulary))
+
+
 def test_start_up_failures_exit_with_a_clear_message(tmp_path):
     from toist_ros.model_loader import EXIT_DEVICE, EXIT_MODEL, EXIT_PARAMETERS
 
@@ -273,6 +285,9 @@ def test_start_up_failures_exit_with_a_clear_message(tmp_path):
         # Loads, then its warm-up pass returns NaN: was a Python traceback and exit code 1.
         "overflowing weights": (["-p", f"checkpoint:={_broken_model_dir(tmp_path, 'overflow')}"], EXIT_MODEL,
                                 ["the warm-up forward pass failed", "NonFiniteOutputError", "non-finite"]),
+        # Task 300 was published as id 44 (uint8 task_id).
+        "300 tasks": (["-p", f"checkpoint:={_vocabulary_model_dir(tmp_path, 300)}", "-p", "task:=300"], EXIT_MODEL,
+                      ["has 300 tasks", "task ids 1..255 (uint8 task_id)"]),
     }
     processes = {name: _start("--params-file", str(PARAMS), "-p", "input.short_side:=160", *args)
                  for name, (args, _, _) in cases.items()}

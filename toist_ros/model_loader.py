@@ -136,6 +136,10 @@ def _load_summary_to(info: Callable[[str], None]) -> Iterator[None]:
         source.setLevel(level)
 
 
+# The largest task id the messages can carry (TaskStatus.task_id, TaskInstances.task_id: uint8).
+MAX_TASK_ID = 255
+
+
 def load_model(settings: Any, warn: Callable[[str], None], info: Optional[Callable[[str], None]] = None) -> LoadedModel:
     """Build or load the TaskSegmenter the parameters ask for (no warm-up here); ``info`` gets the
     loader's line saying what the checkpoint held (mask head, memory bank, EMA weights, tokenizer)."""
@@ -181,6 +185,11 @@ def load_model(settings: Any, warn: Callable[[str], None], info: Optional[Callab
     except Exception as exc:  # the loader's own message says which key / file / shape is wrong
         what = f"checkpoint {checkpoint!r}" if checkpoint else f"the embedded default model ({DEFAULT_MODEL_DIR})"
         raise StartupError(EXIT_MODEL, f"cannot load {what}: {type(exc).__name__}: {exc}") from exc
+    if segmenter.vocabulary.num_tasks > MAX_TASK_ID:
+        # TaskStatus / TaskInstances carry the id as uint8: task 300 would be published as 44.
+        raise StartupError(EXIT_MODEL, f"{checkpoint!r}: its task vocabulary ({segmenter.vocabulary.describe()}) "
+                                       f"has {segmenter.vocabulary.num_tasks} tasks; the node's messages carry task "
+                                       f"ids 1..{MAX_TASK_ID} (uint8 task_id)")
     if not inference.ccr and segmenter.memory_bank is not None and info is not None:
         info("ccr false: the model's memory bank is not used (no cluster-centre replacement)")
     return LoadedModel(segmenter, device, description, not checkpoint and default_dir is None)
