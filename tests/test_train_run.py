@@ -393,7 +393,7 @@ def test_export_takes_best_only_when_it_is_this_runs(synth_root, tmp_path):
                and line.endswith("exporting checkpoint.pth") for line in logged), logged
 
 
-def test_export_takes_the_weights_evaluation_scored(synth_root, tmp_path):
+def test_export_takes_the_weights_evaluation_scored(synth_root, tmp_path, caplog):
     """eval.use_ema: false chose the best on the raw weights, then model/ shipped the EMA's."""
     out = tmp_path / "raw"
     logged = []
@@ -411,7 +411,9 @@ def test_export_takes_the_weights_evaluation_scored(synth_root, tmp_path):
 
     assert toist(["export", str(out / "BEST_checkpoint.pth"), str(tmp_path / "cli")]) == 0
     assert _same_weights(load_file(tmp_path / "cli" / "model.safetensors"), best["model"])
-    assert _same_weights(load_official(out / "BEST_checkpoint.pth").model.state_dict(), best["model"])
+    with caplog.at_level(logging.INFO, logger="toist_core.checkpoint.load"):
+        assert _same_weights(load_official(out / "BEST_checkpoint.pth").model.state_dict(), best["model"])
+    assert "raw weights (model: the ones its run evaluated, eval.use_ema false)" in caplog.text
     assert toist(["export", str(out / "BEST_checkpoint.pth"), str(tmp_path / "ema"), "--weights", "ema"]) == 0
     assert _same_weights(load_file(tmp_path / "ema" / "model.safetensors"), best["model_ema"])
 

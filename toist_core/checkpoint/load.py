@@ -17,7 +17,7 @@ from .architecture import config_for_checkpoint, text_config_from_source
 from .errors import CheckpointError, PathLike
 from .loaded import LoadedModel, describe_bank, describe_heads
 from .model_dir import CONFIG_FILE, check_replaceable, is_model_dir, load_model_dir, save_model_dir
-from .official import OfficialCheckpoint, read_official
+from .official import OfficialCheckpoint, evaluated_weights, read_official
 from .strict import BankSettings, build_memory_bank, load_official_weights
 
 # The released TOIST models are trained on all 14 COCO-Tasks with the pronoun "something".
@@ -125,15 +125,19 @@ def _text_config_origin(ckpt: OfficialCheckpoint, config: Optional[ModelConfig],
     return "the tensor shapes (head count: the paper's)"
 
 
-def _describe_weights(ckpt: OfficialCheckpoint, requested: str) -> str:
+def _describe_weights(ckpt: OfficialCheckpoint, requested: Optional[str]) -> str:
     if ckpt.source_key == "model_ema":
         return "EMA weights (model_ema)"
     if ckpt.source_key == "model":
-        return "raw weights (model, as asked)" if requested == "model" else "raw weights (model; the file has no EMA)"
+        if requested == "model":
+            return "raw weights (model, as asked)"
+        if requested is None and evaluated_weights(ckpt.train_config) == "model":
+            return "raw weights (model: the ones its run evaluated, eval.use_ema false)"
+        return "raw weights (model; the file has no EMA)"
     return "a bare state_dict (EMA or raw: not recorded)"
 
 
-def describe_checkpoint(ckpt: OfficialCheckpoint, cfg: ModelConfig, bank, requested: str,
+def describe_checkpoint(ckpt: OfficialCheckpoint, cfg: ModelConfig, bank, requested: Optional[str],
                         text_config_origin: str, tokenizer: str) -> str:
     """The one log line saying what a loaded ``.pth`` turned out to hold."""
     kind = "toist training checkpoint" if ckpt.train_config is not None else "official TOIST/MDETR file"

@@ -133,10 +133,13 @@ def read_official(path: PathLike, weights: str = "ema") -> OfficialCheckpoint:
 
 
 def _evaluated_weights(blob: Mapping) -> str:
-    """"model" when the file is a toist training checkpoint whose run evaluated its raw weights
+    return evaluated_weights(blob.get("config") if blob.get("format") == TRAIN_FORMAT else None)
+
+
+def evaluated_weights(train_config: Optional[Mapping]) -> str:
+    """"model" when a toist training run (its ``config``) evaluated its raw weights
     (``eval.use_ema: false``), else "ema" (the reference's reported numbers are the EMA's)."""
-    config = blob.get("config") if blob.get("format") == TRAIN_FORMAT else None
-    evaluation = config.get("eval") if isinstance(config, Mapping) else None
+    evaluation = train_config.get("eval") if isinstance(train_config, Mapping) else None
     return "model" if isinstance(evaluation, Mapping) and evaluation.get("use_ema") is False else "ema"
 
 
