@@ -223,6 +223,7 @@ def test_start_up_is_reported_on_diagnostics_and_a_stop_signal_interrupts_it(ros
     log = stop_log.read_text()
     assert code == 0, log[-3000:]
     assert not any(ready for _, ready in status["/stop"]) and "ready: task" not in log, log[-3000:]
+    assert "stopped while starting (stop signal)" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
 
 

@@ -33,7 +33,8 @@ SPIN_POLL_S = 0.1             # the main thread looks for a stop signal at least
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``perception_node``: exit code 0 after a normal shut-down, non-zero on start-up failure.
 
-    SIGINT/SIGTERM are only recorded; rclpy's own signal handlers are not installed: with them a
+    SIGINT/SIGTERM are recorded (while the node starts they also interrupt it:
+    ``StopSignals.raising``); rclpy's own signal handlers are not installed: with them a
     signal raised KeyboardInterrupt at an arbitrary point of the main thread while rclpy's signal
     thread was still triggering the executor's SIGINT guard condition, which
     ``executor.shutdown()`` frees; that race ended the process with SIGSEGV now and then. The main
@@ -64,7 +65,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         except StartupError as exc:
             rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
             code = exc.code
-        except (KeyboardInterrupt, ExternalShutdownException):
+        except KeyboardInterrupt:
+            if node is None:  # stopped while starting: say so, the log would end without a word
+                rclpy.logging.get_logger(NODE_NAME).info("stopped while starting (stop signal)")
+        except ExternalShutdownException:
             pass
         finally:
             if node is not None:

@@ -27,6 +27,9 @@ class StartupDiagnostics:
         self._step = "starting"
         self._lock = threading.Lock()  # one report at a time: the thread's and a step's
         self._done = threading.Event()
+        # Waited on instead of Thread.join: Python 3.11's join, interrupted by a signal's
+        # exception, marks a thread still running as stopped, and a second join returns at once.
+        self._ended = threading.Event()
         self._thread = threading.Thread(target=self._run, name="toist_startup_diagnostics", daemon=True)
 
     def __enter__(self) -> "StartupDiagnostics":
@@ -35,7 +38,13 @@ class StartupDiagnostics:
 
     def __exit__(self, *exc) -> None:
         self._done.set()
-        self._thread.join()
+        try:
+            self._ended.wait()
+        except BaseException:
+            # A stop signal raised here (start-up is interruptible): the thread must still end
+            # before the node it publishes through is destroyed. Only the first signal raises.
+            self._ended.wait()
+            raise
 
     def step(self, name: str) -> None:
         """The start-up step now under way, reported at once."""
@@ -43,8 +52,11 @@ class StartupDiagnostics:
         self._report()
 
     def _run(self) -> None:
-        while not self._done.wait(self._period_s):
-            self._report()
+        try:
+            while not self._done.wait(self._period_s):
+                self._report()
+        finally:
+            self._ended.set()
 
     def _report(self) -> None:
         with self._lock:
