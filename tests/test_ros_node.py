@@ -1018,6 +1018,21 @@ def test_sim_time_without_clock_and_misspelt_parameters(ros, tmp_path, capfd):
         _stop(ros, node)
 
 
+def test_service_names_are_logged_in_the_node_namespace_without_service_name(node):
+    """rclpy before Jazzy has no Service.service_name: the name as given is put in the node's
+    namespace (the log line names topics and services alike)."""
+    from types import SimpleNamespace
+
+    from toist_ros.node import _resolved_name
+
+    robot = SimpleNamespace(get_namespace=lambda: "/robot")
+    assert _resolved_name(robot, SimpleNamespace(srv_name="set_task")) == "/robot/set_task"
+    assert _resolved_name(SimpleNamespace(get_namespace=lambda: "/"), SimpleNamespace(srv_name="set_task")) == \
+        "/set_task"
+    assert _resolved_name(robot, SimpleNamespace(srv_name="/global/set_task")) == "/global/set_task"
+    assert _resolved_name(node, node._set_task_srv) == f"{node.get_namespace().rstrip('/')}/set_task"
+
+
 def test_the_dev_client_commands_of_docs_ros_md(node, probe, tmp_path, capsys):
     """`python -m toist_ros.client ...`: what docs/ros.md gives for an environment without the ros2 CLI."""
     import cv2
@@ -1037,10 +1052,27 @@ def test_the_dev_client_commands_of_docs_ros_md(node, probe, tmp_path, capsys):
     assert node.active_task.revision == before + 2 and node.active_task.task_id == 5
     assert client.main(["publish-task", "5"]) == 0     # the active task again: taken, nothing changed
     assert f"(id 5), revision {before + 2}" in capsys.readouterr().out and node.active_task.revision == before + 2
-    # A topic has no reply: the client watches active_task, and a refused task leaves it as it was.
-    assert client.main(["--timeout", "6", "publish-task", "15"]) == 1
+    # A topic has no reply: the client watches active_task, and a refused task leaves it as it was,
+    # also while another publisher keeps asking for the active task (active_task said again).
+    from std_msgs.msg import String
+
+    repeating = threading.Event()
+
+    def repeat_active_task():
+        while not repeating.wait(0.3):
+            probe.task_pub.publish(String(data="5"))
+
+    repeater = threading.Thread(target=repeat_active_task, daemon=True)
+    repeater.start()
+    try:
+        assert client.main(["--timeout", "6", "publish-task", "15"]) == 1
+    finally:
+        repeating.set()
+        repeater.join()
     err = capsys.readouterr().err
     assert "did not take it within 6 s" in err and node.active_task.task_id == 5, err
+    assert client.main(["publish-task", "water plant with"]) == 0    # the active task by its phrase
+    capsys.readouterr()
     photo = tmp_path / "photo.png"
     cv2.imwrite(str(photo), cv2.cvtColor(_photo(), cv2.COLOR_RGB2BGR))
     assert client.main(["segment", str(photo), "--task", "8"]) == 0

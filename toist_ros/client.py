@@ -88,13 +88,24 @@ def publish_task(session: _Session, namespace: str, text: str, timeout: float) -
         return 1
     before, seen = statuses[-1].revision, len(statuses)
     publisher.publish(String(data=text))
-    # A new revision; or the active task asked for again: the node says it again, same revision.
-    if not _wait(lambda: len(statuses) > seen and statuses[-1].revision >= before, timeout):
+    # A new revision; or the active task asked for again (the node says it again, same revision),
+    # when it is the task asked for: another publisher repeating its task must not pass for ours.
+    if not _wait(lambda: len(statuses) > seen and (statuses[-1].revision > before or _names(statuses[-1], text)),
+                 timeout):
         print(f"published {text!r} on {publisher.topic_name}, but the node did not take it within {timeout:.0f} s "
               "(refused: its log says why; `set-task` answers with the reason)", file=sys.stderr)
         return 1
     print(f"ok: {_status_text(statuses[-1])}")
     return 0
+
+
+def _names(status, text: str) -> bool:
+    """Whether ``text`` names the task of ``status``: its id ("2", "task_2"), its caption, or the
+    caption's phrase (the caption less its last word, the pronoun)."""
+    text = " ".join(text.split())
+    caption = status.task
+    return (text in (str(status.task_id), f"task_{status.task_id}") and status.task_id > 0) or \
+        text in (caption, caption.rsplit(" ", 1)[0])
 
 
 def segment(session: _Session, namespace: str, path: str, task: str, timeout: float) -> int:

@@ -157,7 +157,7 @@ class PerceptionNode(Node):
                                             self._timer_group)
         self.get_logger().info(
             f"task input {self._task_sub.topic_name} (std_msgs/String, reliable depth 10); services "
-            f"{_resolved_name(self._set_task_srv)}, {_resolved_name(self._segment_srv)}; status "
+            f"{_resolved_name(self, self._set_task_srv)}, {_resolved_name(self, self._segment_srv)}; status "
             f"{self._status_pub.topic_name} (transient local); diagnostics {self._diag_pub.topic_name}")
 
     def _open_depth(self) -> DepthInputs:
@@ -312,11 +312,16 @@ class PerceptionNode(Node):
         super().destroy_node()
 
 
-def _resolved_name(service: Any) -> str:
-    """A service's full name (``/robot/set_task`` in namespace ``/robot``, after remapping), as
-    logged for topics; ``srv_name`` is the name as given. (rclpy before Jazzy: no
-    ``service_name``, the name as given.)"""
-    return getattr(service, "service_name", None) or service.srv_name
+def _resolved_name(node: Node, service: Any) -> str:
+    """A service's full name (``/robot/set_task`` in namespace ``/robot``), as logged for topics:
+    rclpy's ``service_name`` (after remapping) where it has one; older rclpy (Humble) has only
+    ``srv_name``, the name as given, which is put in the node's namespace here (remapping not
+    applied)."""
+    name = getattr(service, "service_name", None)
+    if name:
+        return name
+    given = service.srv_name
+    return given if given.startswith("/") else f"{node.get_namespace().rstrip('/')}/{given}"
 
 
 def _latched_qos() -> QoSProfile:
