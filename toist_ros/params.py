@@ -50,8 +50,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     # Model (fixed at start-up).
     ParamSpec("checkpoint", "", "official TOIST .pth file or model directory; empty = the embedded default "
               "model (trained on synthetic scenes only: its tasks 1, 2, 3, 5; meaningless on real photos)", read_only=True),
-    ParamSpec("text_encoder", "", "tokenizer / text encoder name or local directory for an official .pth; "
-              "empty = roberta-base (local cache first); model directories carry their own", read_only=True),
+    ParamSpec("text_encoder", "", "tokenizer / text encoder name or local directory, used instead of the "
+              "checkpoint's; empty = the checkpoint's own (model directories, toist .pth), roberta-base for an "
+              "official .pth (local cache first)", read_only=True),
     ParamSpec("device", "auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N", read_only=True,
               pattern=_DEVICE_PATTERN, pattern_help="auto, cpu, cuda or cuda:N"),
     ParamSpec("allow_cpu_fallback", False, "when device is cuda/cuda:N and CUDA is absent: run on CPU (true) "
