@@ -2,6 +2,7 @@
 installed executable with `--ros-args --params-file config/perception.yaml -r image:=/cam/image`.
 Also: every start-up failure ends the process with a clear message and its own exit code."""
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -286,6 +287,11 @@ def test_start_up_failures_exit_with_a_clear_message(tmp_path):
         # Loads, then its warm-up pass returns NaN: was a Python traceback and exit code 1.
         "overflowing weights": (["-p", f"checkpoint:={_broken_model_dir(tmp_path, 'overflow')}"], EXIT_MODEL,
                                 ["the warm-up forward pass failed", "NonFiniteOutputError", "non-finite"]),
+        # Asked for, vision_msgs output must not go missing without a word (not installable here).
+        **({} if importlib.util.find_spec("vision_msgs") else {
+            "vision_msgs missing": (["-p", "output.detections:=true"], EXIT_PARAMETERS,
+                                    ["output.detections is true but vision_msgs cannot be imported",
+                                     "ros-$ROS_DISTRO-vision-msgs"])}),
         # Task 300 was published as id 44 (uint8 task_id).
         "300 tasks": (["-p", f"checkpoint:={_vocabulary_model_dir(tmp_path, 300)}", "-p", "task:=300"], EXIT_MODEL,
                       ["has 300 tasks", "task ids 1..255 (uint8 task_id)"]),

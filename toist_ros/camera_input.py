@@ -69,6 +69,7 @@ class Camera:
         self._sequence_lock = threading.Lock()
         self.instances_pub = None
         self.debug_pub = None
+        self.detections_pub = None       # output.detections: vision_msgs/Detection2DArray
 
     def lost_before(self, info: Any) -> int:
         """Messages a publisher sent that never reached this subscription (gaps in its sequence numbers).

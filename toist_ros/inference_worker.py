@@ -29,6 +29,7 @@ from toist_ros.depth.inputs import DepthInputs
 from toist_ros.depth.instances3d import add_3d
 from toist_ros.depth.markers import instance_markers, marker_lifetime_s
 from toist_ros.depth.pairing import stamp_ns
+from toist_ros.detections import detection_array
 from toist_ros.diagnostics import Counters, Percentiles
 from toist_ros.instances import rank_instances, task_instances_msg, to_instance_msgs
 from toist_ros.tasks import ActiveTask
@@ -173,6 +174,8 @@ class InferenceWorker:
         if np.isfinite(msg.latency_ms):
             self._latency_ms.add(msg.latency_ms)
         camera.instances_pub.publish(msg)
+        if camera.detections_pub is not None:
+            camera.detections_pub.publish(detection_array(msg.header, msg.instances, task.caption))
         camera.output_rate.tick()
         self._counters.add("processed")
         if settings["output.debug_image"] and camera.debug_pub.get_subscription_count() > 0:

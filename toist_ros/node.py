@@ -32,6 +32,7 @@ from toist_ros import params as parameters
 from toist_ros.camera_input import CameraInputs
 from toist_ros.conversions import ImageError
 from toist_ros.depth.geometry import warm_up as warm_up_3d
+from toist_ros.detections import DetectionsUnavailable, detection_array_type
 from toist_ros.depth.inputs import DepthInputs
 from toist_ros.diagnostics import Counters, Percentiles, diagnostic_array
 from toist_ros.frame_limits import FrameLimits
@@ -128,6 +129,8 @@ class PerceptionNode(Node):
         self._inputs = CameraInputs(self, settings, self.counters, self._image_group, self._limits)
         self._cameras = self._inputs.cameras
         self._inputs.open()
+        if settings["output.detections"]:
+            self._open_detections()
         self._depth = self._open_depth() if settings["depth.enabled"] else None
         self._create_control_io()
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -159,6 +162,19 @@ class PerceptionNode(Node):
             f"task input {self._task_sub.topic_name} (std_msgs/String, reliable depth 10); services "
             f"{_resolved_name(self, self._set_task_srv)}, {_resolved_name(self, self._segment_srv)}; status "
             f"{self._status_pub.topic_name} (transient local); diagnostics {self._diag_pub.topic_name}")
+
+    def _open_detections(self) -> None:
+        """A ``detections`` publisher (vision_msgs/Detection2DArray) per camera; exit code 2 when
+        vision_msgs is not installed (asked for, it must not be missing silently)."""
+        try:
+            detections = detection_array_type()
+        except DetectionsUnavailable as exc:
+            raise StartupError(EXIT_PARAMETERS, str(exc)) from None
+        for camera in self._cameras:
+            camera.detections_pub = self.create_publisher(detections, camera.prefix + "detections",
+                                                          QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
+            self.get_logger().info(f"detections on {camera.detections_pub.topic_name} "
+                                   "(vision_msgs/Detection2DArray)")
 
     def _open_depth(self) -> DepthInputs:
         """Depth and CameraInfo subscriptions, and a ``markers`` publisher per camera."""

@@ -121,6 +121,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("output.debug_image", True, "publish the debug_image overlay while someone subscribes to it"),
     ParamSpec("output.markers", True, "with depth: publish visualization_msgs/MarkerArray on markers while someone "
               "subscribes (a box and a label per instance with 3D)"),
+    ParamSpec("output.detections", False, "also publish vision_msgs/Detection2DArray on detections (boxes, scores, "
+              "the task as class_id; needs ros-<distro>-vision-msgs)", read_only=True),
     ParamSpec("diagnostics.period_s", 1.0, "period of /diagnostics messages (s)", read_only=True, low=0.1, high=60.0),
 )
 
