@@ -17,6 +17,7 @@ Arguments (``ros2 launch toist_ros perception.launch.py --show-args``):
   depth               true | false: 3D instances from a registered depth image (depth.enabled)
   depth_topic         the registered depth image topic; the node's `depth` is remapped to it
   camera_info_topic   the colour camera's CameraInfo topic; the node's `camera_info` is remapped to it
+  detections          true | false: also vision_msgs/Detection2DArray on `detections` (output.detections)
   use_sim_time        true | false (use /clock)
   log_level           debug | info | warn | error | fatal
 An empty value keeps the params file's value of that parameter.
@@ -58,6 +59,8 @@ ARGUMENTS = (
     ("depth_topic", "depth", "registered depth image topic (16UC1 mm or 32FC1 m) the node's `depth` is remapped to"),
     ("camera_info_topic", "camera_info", "the colour camera's CameraInfo topic the node's `camera_info` is "
                                          "remapped to"),
+    ("detections", "", "true | false: also publish vision_msgs/Detection2DArray on `detections` (output.detections; "
+                       "needs vision_msgs); empty = the params file's value"),
     ("use_sim_time", "", "true | false: use /clock (true for bag playback and simulators); empty = the params "
                          "file's value (ROS's default: false)"),
     ("log_level", "info", "debug | info | warn | error | fatal"),
@@ -67,7 +70,7 @@ PARAMETER_ARGUMENTS = {
     "checkpoint": ("checkpoint", str), "text_encoder": ("text_encoder", str), "device": ("device", str),
     "allow_cpu_fallback": ("allow_cpu_fallback", bool), "precision": ("precision", str), "task": ("task", str),
     "compressed": ("input.compressed", bool), "reliability": ("input.reliability", str),
-    "depth": ("depth.enabled", bool),
+    "depth": ("depth.enabled", bool), "detections": ("output.detections", bool),
 }
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 _TRUE = ("true", "1", "yes", "on")

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = ROOT / "launch" / "perception.launch.py"
 CONTRACT_ARGUMENTS = {"namespace", "image_topic", "params_file", "checkpoint", "device", "task", "use_sim_time",
                       "log_level", "text_encoder", "allow_cpu_fallback", "precision", "compressed", "reliability",
-                      "depth", "depth_topic", "camera_info_topic"}
+                      "depth", "depth_topic", "camera_info_topic", "detections"}
 DEFAULT_REMAPS = [("depth", "depth"), ("camera_info", "camera_info")]
 
 
@@ -76,6 +76,8 @@ def test_depth_arguments_enable_depth_and_remap_its_topics():
                                      ("camera_info", "/camera/camera/color/camera_info")]
     with pytest.raises(ValueError, match="depth_topic is empty"):
         launch.node_options({"params_file": "/p.yaml", "depth_topic": ""})
+    detections = launch.node_options({"params_file": "/p.yaml", "detections": "true"})
+    assert detections["parameters"][1] == {"output.detections": True}
 
 
 def test_every_start_up_parameter_users_set_has_an_argument_of_the_right_type():
