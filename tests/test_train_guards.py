@@ -325,8 +325,40 @@ def test_schedule_refusal_names_the_field_and_says_what_follows_from_the_data(sy
     assert "Updates per epoch" not in str(info.value)
     with pytest.raises(CheckpointError) as info:
         Trainer(_config("tiny_pronoun.yaml", synth_root, out, "loader.batch_size=4"), DistEnv(), resume=ckpt)
-    assert "steps_per_epoch (updates per epoch): checkpoint" in str(info.value)
-    assert "Updates per epoch follow from the data, loader.batch_size and the number of processes" in str(info.value)
+    assert "loader.batch_size: checkpoint 2, config 4: it sets the updates per epoch" in str(info.value)
+    # `toist train --check` gives the refusals the start gives (it said "configuration and paths OK").
+    from training.loops import check_start
+
+    for override, says in (("schedule.lr_drop=3", "(schedule.lr_drop: checkpoint 20 vs config 3)"),
+                           ("schedule.epochs=31", "(schedule.epochs: checkpoint 30 vs config 31; total_steps"),
+                           ("schedule.warmup_fraction=0.2", "warmup_steps (schedule.warmup_fraction x total_steps)"),
+                           ("loader.batch_size=4", "loader.batch_size: checkpoint 2, config 4")):
+        with pytest.raises(CheckpointError) as info:
+            check_start(_config("tiny_pronoun.yaml", synth_root, out, override), ckpt)
+        assert says in str(info.value) and "init.load" in str(info.value), override
+    check_start(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=5"), ckpt)   # may change
+
+
+def test_a_resume_keeps_the_holdout_it_trained_without(synth_root, tmp_path):
+    """A resume with another eval.holdout_seed (or fraction, or from holdout to a named split)
+    was taken without a word: images it had validated on trained, images it trained on
+    validated, and the best compared scores of different image sets."""
+    from training.loops import check_start
+
+    out = tmp_path / "run"
+    holdout = ["eval.enabled=true", "eval.holdout_fraction=0.25", "eval.every_epochs=0", "schedule.max_steps=1"]
+    Trainer(_config("tiny_pronoun.yaml", synth_root, out, *holdout), DistEnv()).run()
+    ckpt = str(out / "checkpoint.pth")
+    for override, says in (("eval.holdout_seed=58", "eval.holdout_seed: checkpoint 0, config 58"),
+                           ("eval.holdout_fraction=0.5", "eval.holdout_fraction: checkpoint 0.25, config 0.5"),
+                           ("eval.enabled=false", "eval.split: checkpoint 'holdout' (enabled True), config "
+                                                  "'holdout' (enabled False)")):
+        for start in (lambda cfg: Trainer(cfg, DistEnv(), resume=ckpt), lambda cfg: check_start(cfg, ckpt)):
+            with pytest.raises(CheckpointError) as info:
+                start(_config("tiny_pronoun.yaml", synth_root, out, *holdout, override, "schedule.max_steps=2"))
+            assert says in str(info.value) and "a resume keeps the checkpoint's" in str(info.value), override
+    Trainer(_config("tiny_pronoun.yaml", synth_root, out, *holdout, "schedule.max_steps=2"), DistEnv(),
+            resume=ckpt).run()
 
 
 def test_validation_ground_truth_is_read_once_per_run(synth_root, tmp_path, monkeypatch):

@@ -38,7 +38,7 @@ from toist_core.stop_signals import StopSignals
 from toist_core.typed_config import ConfigError
 
 from training import checkpointing as ckpt_io
-from training.config import HOLDOUT, TrainConfig, check_paths, config_to_dict, save_config
+from training.config import HOLDOUT, EvalConfig, TrainConfig, check_paths, config_to_dict, save_config
 from training.distributed import (DistEnv, all_gather_objects, barrier, broadcast_object, seed_everything,
                                   set_deterministic, wrap_ddp)
 from training.ema import ModelEMA
@@ -644,6 +644,59 @@ def _check_resume_config(ckpt: dict, cfg: TrainConfig, path) -> None:
             f"{'; '.join(diffs)}. Resume with the checkpoint's values, or, to train on with the new ones, start a "
             f"new run in another output_dir with init.load={path} (its weights, EMA preferred; a fresh optimizer "
             "and schedule)")
+    _check_resume_schedule(ckpt, cfg, path)
+    _check_resume_holdout(saved, current, path)
+
+
+def _check_resume_schedule(ckpt: dict, cfg: TrainConfig, path) -> None:
+    """The schedule the checkpoint continues, as far as the config alone decides it (epochs,
+    lr_drop, warmup, batch size): ``--check`` passed what the start then refused. (Updates per
+    epoch also follow from the data and the process count: checked when the run starts.)"""
+    state = ckpt.get("scheduler") or {}
+    saved_batch = ((ckpt.get("config") or {}).get("loader") or {}).get("batch_size")
+    if saved_batch is not None and saved_batch != cfg.loader.batch_size:
+        raise ckpt_io.CheckpointError(
+            f"{path}: loader.batch_size: checkpoint {saved_batch!r}, config {cfg.loader.batch_size!r}: it sets the "
+            f"updates per epoch, and so the learning-rate schedule; exact resume needs the same. "
+            f"{_NEW_RUN_ADVICE}")
+    if "steps_per_epoch" not in state:
+        return
+    schedule = LRSchedule(int(state["steps_per_epoch"]), cfg.schedule.epochs, cfg.schedule.lr_drop,
+                          cfg.schedule.warmup_fraction)
+    try:
+        schedule.check_compatible(state, str(path))
+    except ScheduleMismatch as exc:
+        raise ckpt_io.CheckpointError(f"{exc}. {_NEW_RUN_ADVICE}") from None
+
+
+def _check_resume_holdout(saved: dict, current: dict, path) -> None:
+    """A holdout decides which training images train: a resume that carves another one trains on
+    images it validated on before (and scores on images it trained on), without a word."""
+    def holdout(config: dict) -> Optional[dict]:
+        evaluation = config.get("eval") or {}
+        if not evaluation.get("enabled", True) or evaluation.get("split", HOLDOUT) != HOLDOUT:
+            return None
+        return {"eval.holdout_fraction": evaluation.get("holdout_fraction", EvalConfig.holdout_fraction),
+                "eval.holdout_seed": evaluation.get("holdout_seed", EvalConfig.holdout_seed)}
+
+    before, now = holdout(saved), holdout(current)
+    if before == now or not saved.get("eval"):
+        return
+    if before is None or now is None:
+        said = (f"eval.split: checkpoint {'holdout' if before else (saved.get('eval') or {}).get('split')!r} "
+                f"(enabled {(saved.get('eval') or {}).get('enabled', True)}), config "
+                f"{'holdout' if now else (current.get('eval') or {}).get('split')!r} "
+                f"(enabled {(current.get('eval') or {}).get('enabled', True)})")
+    else:
+        said = "; ".join(f"{name}: checkpoint {before[name]!r}, config {now[name]!r}" for name in before
+                         if before[name] != now[name])
+    raise ckpt_io.CheckpointError(
+        f"{path}: {said}: the holdout decides which training images train and which validate; a resume keeps "
+        f"the checkpoint's. {_NEW_RUN_ADVICE}")
+
+
+_NEW_RUN_ADVICE = ("To go on with other settings start a new run in another output_dir with init.load pointing at "
+                   "the checkpoint (its weights; a fresh optimizer and schedule)")
 
 
 def _dict_diff(a, b, where: str) -> list[str]:
