@@ -363,6 +363,33 @@ def _same_weights(exported: dict, state: dict) -> bool:
     return all(torch.equal(tensor, state[key]) for key, tensor in exported.items())
 
 
+def test_distillation_starts_from_a_model_used_without_contrastive_align(synth_root, tmp_path):
+    """docs/own-data.md: a released TOIST file or a toist model directory can be the distill
+    stage's init.load / init.load_noun. Those come from mask stages, which drop the contrastive
+    projections; the strict load refused them for 4 missing tensors."""
+    from toist_core.checkpoint import save_model_dir
+    from toist_core.model import build_model, load_tokenizer
+    from toist_core.typed_config import merge
+
+    cfg = _config("tiny_distill.yaml", synth_root, tmp_path / "run", "schedule.max_steps=1")
+    assert cfg.model.contrastive_align and cfg.init.strict
+    segm_cfg = merge(cfg.model, {"masks": True, "contrastive_align": False})
+    torch.manual_seed(3)
+    segm = build_model(segm_cfg, tokenizer=load_tokenizer(cfg.model.text.tokenizer)).eval()
+    directory = save_model_dir(segm, tmp_path / "segm_model", segm_cfg)
+    logged = []
+    trainer = Trainer(_config("tiny_distill.yaml", synth_root, tmp_path / "run", "schedule.max_steps=1",
+                              f"init.load={directory}", f"init.load_noun={directory}"), DistEnv(), log=logged.append)
+    detector = {k[len("detr."):]: v for k, v in segm.state_dict().items() if k.startswith("detr.")}
+    for module in (trainer.model, trainer.teacher):
+        state = module.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in detector.items())
+        assert any("contrastive_align_projection_" in k for k in state)
+    said = [line for line in logged if "has no contrastive-align projections" in line]
+    assert len(said) == 2 and "contrastive_align_projection_image" in said[0], logged
+    trainer.run()
+
+
 def test_export_takes_best_only_when_it_is_this_runs(synth_root, tmp_path):
     """model/ came from whatever BEST_checkpoint.pth lay in output_dir: a run that evaluated
     nothing exported another run's best weights as its own."""

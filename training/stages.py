@@ -147,6 +147,15 @@ def load_weights(model: nn.Module, path: str, strict: bool, field: str, log=prin
     state = ckpt.state_dict if (is_segm_model or not ckpt.is_segmentation) else ckpt.detector_state_dict()
     if is_segm_model and not ckpt.is_segmentation:
         state = {"detr." + k: v for k, v in state.items()}
+    own = model.state_dict()
+    projections = [k for k in own if _CONTRASTIVE in k]
+    if projections and not any(_CONTRASTIVE in k for k in state):
+        # Weights of a model used without contrastive align (a mask stage's model directory, a
+        # released segmentation file): those projections only serve a training loss, so they
+        # start from this run's initialisation, as the mask stage drops them the other way.
+        state = {**state, **{k: own[k] for k in projections}}
+        log(f"{field}: {path} has no contrastive-align projections (a model used without them): "
+            f"{', '.join(sorted({k.split('.')[-2] for k in projections}))} start from this run's initialisation")
     _load_into(model, state, strict, f"{field} {path} [{ckpt.source_key}]", log)
     return ckpt.train_config
 
