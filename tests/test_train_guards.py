@@ -13,6 +13,7 @@ import yaml
 from test_train_run import _config, synth_root  # noqa: F401  (synth_root: the module-scoped fixture)
 from toist_core.checkpoint import CheckpointError
 from training.checkpointing import load_training_checkpoint
+from training.config import config_to_dict
 from training.distributed import DistEnv
 from training.evaluate import in_holdout
 from training.loops import Trainer
@@ -377,3 +378,22 @@ def test_validation_ground_truth_is_read_once_per_run(synth_root, tmp_path, monk
     evaluations = [line for line in logged if " mAP50/bbox = " in line]
     assert len(evaluations) == 3, logged
     assert sorted(read) == sorted(trainer.val.ann_files.values())
+
+
+@pytest.mark.parametrize("config, says, never", [
+    ("tiny_pronoun.yaml", "with init.load=old/checkpoint.pth (its weights", None),
+    ("tiny_distill.yaml", "init.load_noun at the teacher's own checkpoint", None),
+    ("tiny_mask_head_distill.yaml", "from the same init.frozen_weights", "init.load="),
+])
+def test_a_refused_resume_advises_a_start_the_stage_takes(synth_root, tmp_path, config, says, never):
+    """The advice was init.load=<checkpoint> for every stage: a mask-head stage refuses init.load,
+    and a distillation started so reads the student as the teacher and loses its bank."""
+    from training.loops import _check_resume_config
+
+    cfg = _config(config, synth_root, tmp_path / "run")
+    saved = config_to_dict(cfg)
+    saved["optim"]["lr"] = cfg.optim.lr * 2
+    with pytest.raises(CheckpointError) as info:
+        _check_resume_config({"stage": cfg.stage, "config": saved}, cfg, "old/checkpoint.pth")
+    assert "Resume with the checkpoint's values. To go on with other settings" in str(info.value)
+    assert says in str(info.value) and (never is None or never not in str(info.value)), str(info.value)

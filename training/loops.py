@@ -480,9 +480,7 @@ class Trainer:
             hint = (f" Updates per epoch follow from the data, loader.batch_size and the number of processes "
                     f"({ckpt.get('world_size')} in the checkpoint, {self.env.world_size} now)."
                     if "steps_per_epoch" in exc.keys else "")
-            raise ckpt_io.CheckpointError(
-                f"{exc}.{hint} To go on with other settings start a new run with init.load pointing at the "
-                "checkpoint") from None
+            raise ckpt_io.CheckpointError(f"{exc}.{hint} {new_run_advice(self.cfg.stage, path)}") from None
         if len(ckpt["optimizer"].get("param_groups", [])) != len(self.optimizer.param_groups):
             raise ckpt_io.CheckpointError(f"{where} [optimizer]: {len(ckpt['optimizer'].get('param_groups', []))} "
                                           f"parameter groups, this run has {len(self.optimizer.param_groups)}")
@@ -641,11 +639,9 @@ def _check_resume_config(ckpt: dict, cfg: TrainConfig, path) -> None:
     if diffs:
         raise ckpt_io.CheckpointError(
             f"{path}: a resume continues the checkpoint's optimizer, whose state holds its own values of "
-            f"{'; '.join(diffs)}. Resume with the checkpoint's values, or, to train on with the new ones, start a "
-            f"new run in another output_dir with init.load={path} (its weights, EMA preferred; a fresh optimizer "
-            "and schedule)")
+            f"{'; '.join(diffs)}. Resume with the checkpoint's values. {new_run_advice(cfg.stage, path)}")
     _check_resume_schedule(ckpt, cfg, path)
-    _check_resume_holdout(saved, current, path)
+    _check_resume_holdout(saved, current, path, cfg.stage)
 
 
 def _check_resume_schedule(ckpt: dict, cfg: TrainConfig, path) -> None:
@@ -658,7 +654,7 @@ def _check_resume_schedule(ckpt: dict, cfg: TrainConfig, path) -> None:
         raise ckpt_io.CheckpointError(
             f"{path}: loader.batch_size: checkpoint {saved_batch!r}, config {cfg.loader.batch_size!r}: it sets the "
             f"updates per epoch, and so the learning-rate schedule; exact resume needs the same. "
-            f"{_NEW_RUN_ADVICE}")
+            f"{new_run_advice(cfg.stage, path)}")
     if "steps_per_epoch" not in state:
         return
     schedule = LRSchedule(int(state["steps_per_epoch"]), cfg.schedule.epochs, cfg.schedule.lr_drop,
@@ -666,10 +662,10 @@ def _check_resume_schedule(ckpt: dict, cfg: TrainConfig, path) -> None:
     try:
         schedule.check_compatible(state, str(path))
     except ScheduleMismatch as exc:
-        raise ckpt_io.CheckpointError(f"{exc}. {_NEW_RUN_ADVICE}") from None
+        raise ckpt_io.CheckpointError(f"{exc}. {new_run_advice(cfg.stage, path)}") from None
 
 
-def _check_resume_holdout(saved: dict, current: dict, path) -> None:
+def _check_resume_holdout(saved: dict, current: dict, path, stage: str) -> None:
     """A holdout decides which training images train: a resume that carves another one trains on
     images it validated on before (and scores on images it trained on), without a word."""
     def holdout(config: dict) -> Optional[dict]:
@@ -692,11 +688,22 @@ def _check_resume_holdout(saved: dict, current: dict, path) -> None:
                          if before[name] != now[name])
     raise ckpt_io.CheckpointError(
         f"{path}: {said}: the holdout decides which training images train and which validate; a resume keeps "
-        f"the checkpoint's. {_NEW_RUN_ADVICE}")
+        f"the checkpoint's. {new_run_advice(stage, path)}")
 
 
-_NEW_RUN_ADVICE = ("To go on with other settings start a new run in another output_dir with init.load pointing at "
-                   "the checkpoint (its weights; a fresh optimizer and schedule)")
+def new_run_advice(stage: str, path) -> str:
+    """How to train on from checkpoint ``path`` of ``stage`` with settings a resume refuses: a
+    new run, started as the stage allows (only init.load for the stages that take it)."""
+    if stage in ("mask_head", "mask_head_distill"):
+        return ("To go on with other settings start a new run in another output_dir from the same "
+                "init.frozen_weights (a mask-head stage takes no init.load: its head trains from the start)")
+    if stage == "distill":
+        return (f"To go on with other settings start a new run in another output_dir with init.load={path} (the "
+                "student's weights, EMA preferred) and init.load_noun at the teacher's own checkpoint (the noun "
+                "stage's; the teacher in this checkpoint is not read), a fresh optimizer and schedule; its memory "
+                "bank starts empty and refills")
+    return (f"To go on with other settings start a new run in another output_dir with init.load={path} (its "
+            "weights, EMA preferred; a fresh optimizer and schedule)")
 
 
 def _dict_diff(a, b, where: str) -> list[str]:
