@@ -208,3 +208,19 @@ def test_toist_cli_has_the_train_subcommand(capsys):
 
     args = build_parser().parse_args(["train", "--config", "x.yaml", "optim.lr=1"])
     assert args.command == "train" and args.overrides == ["optim.lr=1"] and args.config == "x.yaml"
+
+
+def test_docs_list_every_configuration_key_with_its_default_and_meaning():
+    """docs/training.md named some keys and left others (checkpoint.per_epoch, eval.max_images,
+    runtime.amp_on_cpu, ...) undocumented. Its table is generated from the dataclasses: it must be
+    the generator's output, and every key needs a comment on its field."""
+    from pathlib import Path
+
+    from training.config_reference import markdown, rows
+
+    missing = [key for key, _, meaning in rows() if not meaning]
+    assert missing == [], f"fields without a comment (their meaning in the table): {missing}"
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    table = text.split("<!-- config-reference:start -->\n", 1)[1].split("<!-- config-reference:end -->", 1)[0]
+    assert table == markdown(), "docs/training.md's key table is stale: paste `python -m training.config_reference`"
+    assert "| `checkpoint.per_epoch` | `true` |" in table and "| `eval.max_images` | `null` |" in table

@@ -33,7 +33,8 @@ from toist_core.typed_config import ConfigError, from_dict, read_yaml, to_dict
 
 Stage = Literal["grounding", "pronoun", "noun", "distill", "mask_head", "mask_head_distill"]
 STAGES: tuple[str, ...] = typing.get_args(Stage)
-# Training captions of each stage (evaluation is always on pronoun captions).
+# Training captions of each stage (evaluation: pronoun captions; noun captions for the noun and
+# grounding stages, training/evaluate.py).
 STAGE_CAPTIONS = {"grounding": "grounding", "pronoun": "pronoun", "noun": "noun", "distill": "distill",
                   "mask_head": "pronoun", "mask_head_distill": "pronoun"}
 # Split name that carves the validation images out of the training split.
@@ -53,21 +54,21 @@ class InitConfig:
     missing / unexpected ones are listed and skipped, as the reference's ``strict=False``).
     """
 
-    load: Optional[str] = None
-    load_noun: Optional[str] = None
-    frozen_weights: Optional[str] = None
-    strict: bool = True
+    load: Optional[str] = None  # student / model weights (reference --load; model_ema first)
+    load_noun: Optional[str] = None  # the distillation's teacher (reference --load_noun)
+    frozen_weights: Optional[str] = None  # mask-head stages: the trained detector (and its bank)
+    strict: bool = True  # every tensor must match; false: list and skip the others
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-5
-    lr_backbone: float = 1e-5
-    text_encoder_lr: float = 1e-5
-    weight_decay: float = 1e-4
+    lr: float = 5e-5  # transformer, heads (and the teacher's)
+    lr_backbone: float = 1e-5  # the image backbone
+    text_encoder_lr: float = 1e-5  # RoBERTa (after its warm-up)
+    weight_decay: float = 1e-4  # AdamW
     clip_max_norm: float = 0.1      # applied to student and teacher separately; 0 = off
-    ema: bool = True
-    ema_decay: float = 0.9998
+    ema: bool = True  # keep an EMA copy of the weights (what the reference reports)
+    ema_decay: float = 0.9998  # EMA decay per update
 
     def __post_init__(self) -> None:
         for name in ("lr", "lr_backbone", "text_encoder_lr", "weight_decay", "clip_max_norm"):
@@ -80,7 +81,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    epochs: int = 60
+    epochs: int = 60  # length of the run and of its learning-rate schedule
     lr_drop: int = 7                # rest / backbone lr x0.1 every lr_drop epochs
     warmup_fraction: float = 0.01   # text encoder: linear warm-up over this fraction of all steps
     # Stop after this many optimizer updates (smoke tests); the schedule still spans `epochs`.
@@ -100,9 +101,9 @@ class ScheduleConfig:
 @dataclass
 class LoaderConfig:
     batch_size: int = 6            # per process (reference: 6 for stage 1, 3 distillation, 2 masks)
-    eval_batch_size: int = 8
-    num_workers: int = 5
-    pin_memory: bool = True
+    eval_batch_size: int = 8  # images per forward pass at evaluation
+    num_workers: int = 5  # DataLoader worker processes per training process
+    pin_memory: bool = True  # pinned host memory for GPU copies
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -140,11 +141,11 @@ class EvalConfig:
     held-out numbers.
     """
 
-    enabled: bool = True
-    split: str = HOLDOUT
-    holdout_fraction: float = 0.05
-    holdout_seed: int = 0
-    every_epochs: int = 1
+    enabled: bool = True  # evaluate during training (false: no best checkpoint)
+    split: str = HOLDOUT  # holdout, or a split name: task_k_<split>.json
+    holdout_fraction: float = 0.05  # share of the training images held out (split holdout)
+    holdout_seed: int = 0  # which images the holdout takes (a hash of seed and image id)
+    every_epochs: int = 1  # evaluate every N epochs (0 = only at the end)
     every_steps: int = 0           # additionally every N updates (0 = off)
     use_ema: bool = True           # evaluate the EMA weights (the reference's reported numbers)
     iou_type: Literal["auto", "bbox", "segm"] = "auto"  # metric for the best checkpoint; auto = segm for mask stages
@@ -164,7 +165,7 @@ class EvalConfig:
 @dataclass
 class DistributedConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"   # auto: nccl on GPUs, gloo on CPU
-    find_unused_parameters: bool = True
+    find_unused_parameters: bool = True  # DDP: some heads get no gradient in some stages
     timeout_s: int = 1800          # how long a collective waits for the other processes
 
     def __post_init__(self) -> None:
@@ -178,11 +179,11 @@ class RuntimeConfig:
     seed: int = 42                 # each process uses seed + rank (the reference's rule)
     deterministic: bool = True     # torch deterministic kernels where they exist (warn elsewhere)
     amp: Literal["none", "bf16", "fp16"] = "none"  # autocast on GPU; ignored on CPU unless amp_on_cpu
-    amp_on_cpu: bool = False
+    amp_on_cpu: bool = False  # autocast on CPU too (bf16; slow without CPU bf16 support)
     threads: Optional[int] = None  # torch intra-op threads (None = torch's default)
     log_every: int = 20            # TensorBoard / console scalars every N updates
     progress: bool = True          # progress bar on rank 0
-    tensorboard: bool = True
+    tensorboard: bool = True  # write tb/ (scalars every log_every updates)
 
     def __post_init__(self) -> None:
         if self.log_every < 1:
@@ -193,8 +194,8 @@ class RuntimeConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Stage = "pronoun"
-    output_dir: str = "runs/toist"
+    stage: Stage = "pronoun"  # grounding | noun | pronoun | distill | mask_head | mask_head_distill
+    output_dir: str = "runs/toist"  # checkpoints, config.yaml, tb/ and the exported model/
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)

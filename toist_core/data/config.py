@@ -22,31 +22,32 @@ class DataConfig:
     The defaults are the reference's (``configs/tdod.json``, ``datasets/tdod.py``).
     """
 
-    root: str = "data/coco-tasks"
-    tasks: list[int] = field(default_factory=lambda: list(range(1, NUM_TASKS + 1)))
+    root: str = "data/coco-tasks"  # folder with annotations/ and images/
+    tasks: list[int] = field(default_factory=lambda: list(range(1, NUM_TASKS + 1)))  # task ids to read (default: all)
     # Task vocabulary file (id, phrase, pronoun; docs/own-data.md); "" = the 14 COCO-Tasks tasks.
     # Its entries are copied into ``vocabulary_entries`` when the config is built, so that a
     # training checkpoint (whose config is saved with it) carries the vocabulary itself; recorded
     # entries win over the file.
     vocabulary: str = ""
-    vocabulary_entries: list[TaskEntry] = field(default_factory=list)
-    vocabulary_name: str = ""
-    train_split: str = "train"
+    vocabulary_entries: list[TaskEntry] = field(default_factory=list)  # filled from `vocabulary`
+    vocabulary_name: str = ""  # filled from `vocabulary`
+    train_split: str = "train"  # reads task_k_<train_split>.json
     # The validation split is the training config's eval.split (there is no data.eval_split).
     # Image folder (relative to root) per split; the reference reads test images from val2014.
     image_dirs: dict[str, str] = field(default_factory=lambda: {
         "train": "images/train2014", "test": "images/val2014"})
-    caption_mode: CaptionMode = "pronoun"  # training captions; evaluation is always pronoun
-    pronoun: str = DEFAULT_PRONOUN
+    caption_mode: CaptionMode = "pronoun"  # training captions (evaluation: pronoun; noun and grounding runs: noun)
+    pronoun: str = DEFAULT_PRONOUN  # the word for the object in pronoun captions
     masks: bool = False                    # load instance masks (mask-head training / segm eval)
     check_images: bool = True              # verify every listed image exists when the dataset is built
     # Transforms (reference values; shrink them for tiny CPU runs on synthetic images).
-    train_sizes: list[int] = field(default_factory=lambda: list(TRAIN_SIZES))
-    max_size: int = 1333
+    train_sizes: list[int] = field(default_factory=lambda: list(TRAIN_SIZES))  # training short side, one per sample
+    max_size: int = 1333  # training resize: long side cap
+    # random-crop branch: first resize
     crop_resize_sizes: list[int] = field(default_factory=lambda: list(CROP_RESIZE_SIZES))
-    crop_min_size: int = 384
-    crop_max_size: int = 1333
-    test_size: int = 800
+    crop_min_size: int = 384  # random crop: smallest side
+    crop_max_size: int = 1333  # random crop: largest side
+    test_size: int = 800  # evaluation resize: short side (long side at most max_size)
 
     def __post_init__(self) -> None:
         if not self.vocabulary_entries and self.vocabulary:

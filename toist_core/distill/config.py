@@ -26,15 +26,15 @@ class DistillConfig:
     # Weight of the soft binary target loss (and of each aux layer's copy); 0 = off.
     sbtl: float = 50.0
     # Memory bank: features per task, feature size, number of tasks.
-    bank_size: int = 1024
-    feature_dim: int = 256
-    num_tasks: int = NUM_TASKS
+    bank_size: int = 1024  # features kept per task
+    feature_dim: int = 256  # = model.transformer.d_model
+    num_tasks: int = NUM_TASKS  # one bank slot per task of the data's vocabulary
     # Once the bank is full: "closest" = one-to-one L1 assignment overwrite, "fifo" = queue.
     update: Literal["closest", "fifo"] = "closest"
     # k-means: K, tolerance on (sum of centre shifts)^2, iteration cap (None = none).
-    num_clusters: int = 3
-    kmeans_tol: float = 1e-4
-    kmeans_max_iter: Optional[int] = 1000
+    num_clusters: int = 3  # K: cluster centres per task
+    kmeans_tol: float = 1e-4  # stop when (sum of centre shifts)^2 is below this
+    kmeans_max_iter: Optional[int] = 1000  # iteration cap (null = none)
     # "on_change": re-run k-means of a task only when its bank changed since the last run
     # (deterministic across ranks); "every_use": re-run at every use as the reference does.
     kmeans_rerun: Literal["on_change", "every_use"] = "on_change"

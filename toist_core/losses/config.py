@@ -20,28 +20,28 @@ _NON_NEGATIVE = ("set_cost_class", "set_cost_bbox", "set_cost_giou", "ce_loss_co
 @dataclass
 class LossConfig:
     # Hungarian matcher costs.
-    set_cost_class: float = 1.0
-    set_cost_bbox: float = 5.0
-    set_cost_giou: float = 2.0
+    set_cost_class: float = 1.0  # matcher: class (soft-token) cost
+    set_cost_bbox: float = 5.0  # matcher: L1 box cost
+    set_cost_giou: float = 2.0  # matcher: GIoU cost
     # Loss weights.
-    ce_loss_coef: float = 1.0
-    bbox_loss_coef: float = 5.0
-    giou_loss_coef: float = 2.0
-    contrastive_align_loss_coef: float = 1.0
-    mask_loss_coef: float = 1.0
-    dice_loss_coef: float = 1.0
+    ce_loss_coef: float = 1.0  # soft-token cross-entropy
+    bbox_loss_coef: float = 5.0  # L1 box loss
+    giou_loss_coef: float = 2.0  # GIoU loss
+    contrastive_align_loss_coef: float = 1.0  # box-token contrastive loss
+    mask_loss_coef: float = 1.0  # sigmoid focal mask loss
+    dice_loss_coef: float = 1.0  # dice mask loss
     # Weight of the no-object rows in the soft-token cross-entropy.
     eos_coef: float = 0.1
     # Box-token contrastive alignment (needs proj_queries / proj_tokens in the outputs).
     contrastive_align: bool = True
-    temperature: float = 0.07
+    temperature: float = 0.07  # of the contrastive alignment
     # Mask losses (segmentation model; last decoder layer only).
     masks: bool = False
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25  # mask focal loss alpha (-1 = none)
+    focal_gamma: float = 2.0  # mask focal loss gamma
     # Auxiliary losses on the intermediate decoder layers (num_decoder_layers - 1 of them).
     aux_loss: bool = True
-    num_decoder_layers: int = 6
+    num_decoder_layers: int = 6  # = the model's decoder layers (aux losses on all but the last)
 
     def __post_init__(self) -> None:
         # Written as `not value >= 0` so that NaN fails as well.
