@@ -1,8 +1,11 @@
 """Short CPU runs of the training loop on synthetic COCO-Tasks (tiny model, a few updates)."""
 
+import io
+import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -222,6 +225,41 @@ def test_noun_teacher_is_evaluated_on_noun_captions(synth_root, tmp_path, monkey
     assert seen and "something" not in " ".join(seen)
     assert any(caption.startswith(("step on ", "sit comfortably on ")) for caption in seen)
     assert "mAP50/bbox" in result.metrics
+
+
+def test_toist_evaluate_with_noun_captions_predicts_what_training_scored(tmp_path):
+    """A noun teacher is trained and scored on each image's noun caption; `toist evaluate` read
+    the pronoun caption only, so its number for the teacher was not the one training chose its
+    best on. --captions noun predicts exactly what training's evaluation predicts."""
+    from test_train_guards import _synth_with_test_split
+    from toist_core.cli import main as toist
+    from toist_core.cli.evaluate import load_segmenter, predict_tasks
+    from toist_core.eval.evaluator import task_files
+    from training.evaluate import build_validation_set, predict as training_predictions
+
+    root = _synth_with_test_split(tmp_path / "synth")
+    out = tmp_path / "noun"
+    cfg = _config("tiny_noun.yaml", root, out, "data.image_dirs={train: images/train2014, test: images/val2014}",
+                  "eval.enabled=true", "eval.split=test", "eval.max_images=3", "schedule.max_steps=2",
+                  "data.tasks=[1,2]")
+    Trainer(cfg, DistEnv()).run()
+    segmenter = load_segmenter(str(out / "BEST_checkpoint.pth"), "cpu", None, None, None)
+    val = build_validation_set(cfg)
+    trained = training_predictions(segmenter.model, val, cfg, DistEnv())
+    files = task_files(root, [1, 2], "test")
+    by_captions = {captions: predict_tasks(segmenter, files, root / "images" / "val2014", val.image_ids,
+                                           captions=captions, log=io.StringIO()) for captions in ("noun", "pronoun")}
+    differs = 0
+    for task, images in trained.items():
+        assert sorted(images) == sorted(by_captions["noun"][task]) and images
+        for image_id, expected in images.items():
+            got, pronoun = by_captions["noun"][task][image_id], by_captions["pronoun"][task][image_id]
+            assert np.allclose(got.boxes, expected.boxes, atol=1e-4) and np.allclose(got.scores, expected.scores,
+                                                                                     atol=1e-6)
+            differs += not np.allclose(pronoun.scores, expected.scores, atol=1e-6)
+    assert differs > 0   # what the command predicted before: another input
+    assert toist(["evaluate", "--checkpoint", str(out / "BEST_checkpoint.pth"), "--data", str(root), "--tasks", "1",
+                  "2", "--max-images", "3", "--captions", "noun", "--batch-size", "2", "--out", str(tmp_path / "e")]) == 2
 
 
 def test_holdout_images_a_loaded_checkpoint_trained_on_are_reported(synth_root, tmp_path):

@@ -28,11 +28,11 @@ from pycocotools.coco import COCO
 from torch import nn
 
 from toist_core.config import InferenceConfig
-from toist_core.data.captions import noun_targets
 from toist_core.data.coco_tasks import CocoTasksDataset
 from toist_core.eval.evaluator import evaluate_tasks, load_ground_truth
 from toist_core.eval.predictions import ImagePredictions
-from toist_core.inference import NonFiniteOutputError, TaskSegmenter, TaskState
+from toist_core.inference import NonFiniteOutputError, TaskSegmenter
+from toist_core.inference.noun_captions import noun_caption_state
 from toist_core.model.eval_mode import eval_mode
 
 from training.config import HOLDOUT, EvalConfig, TrainConfig
@@ -165,16 +165,6 @@ def predict(model: nn.Module, val: ValidationSet, cfg: TrainConfig, env: DistEnv
                         task_preds[image_id] = ImagePredictions.from_arrays(out.boxes, out.scores, out.masks)
             predictions[task] = task_preds
     return predictions
-
-
-def noun_caption_state(model: nn.Module, dataset: CocoTasksDataset, index: int, task: int) -> TaskState:
-    """The teacher's input for one image: the noun caption of its preferred objects' classes
-    (the empty caption when it has none), as the dataset builds it in "noun" mode."""
-    task_file, record = dataset.sample_info(index)
-    classes = [a.coco_category_id for a in task_file.image_annotations(record.id) if a.is_preferred and not a.iscrowd]
-    caption = noun_targets(task, classes, dataset.id2name, dataset.vocabulary).caption
-    with torch.inference_mode():
-        return TaskState(caption, None, model.encode_text([caption]), ())
 
 
 def evaluate(model: nn.Module, val: ValidationSet, cfg: TrainConfig, env: DistEnv,

@@ -82,6 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave a distilled model's memory bank unused (no cluster-centre replacement of the "
                              "pronoun; --checkpoint): for files trained with CCR off, such as the paper's Table 3 "
                              "rows 2-4 (toist's own such checkpoints are recognised without it)")
+    parser.add_argument("--captions", choices=["pronoun", "noun"], default="pronoun",
+                        help="what the model reads (--checkpoint): the task's pronoun caption (default), or each "
+                             "image's noun caption, naming its preferred objects' classes: how a noun teacher "
+                             "(stage noun) is trained and scored, the reference's eval_dete_noun.sh; one image "
+                             "per forward pass, no cluster-centre replacement")
     parser.add_argument("--no-plots", action="store_true", help="skip the precision-recall PNGs")
 
 
@@ -95,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_images is not None and args.max_images <= 0:
         raise ValueError(f"--max-images must be positive, got {args.max_images}")
+    if args.captions == "noun" and (args.predictions or args.batch_size != 1):
+        raise ValueError("--captions noun: with --checkpoint and --batch-size 1 only (every image has its own "
+                         "caption)")
     if args.predictions:
         if args.save_predictions:
             raise ValueError("--save-predictions: only with --checkpoint (with --predictions the file already "
@@ -130,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     if predictions is None:
         image_dir = Path(args.image_dir) if args.image_dir else _default_image_dir(args.data, args.split)
         predictions = predict_tasks(segmenter, files, image_dir, image_ids, batch_size=args.batch_size,
+                                    captions=args.captions,
                                     require_masks="segm" in (args.iou_types or ()))
     else:
         for t in tasks:
@@ -188,7 +197,7 @@ def load_segmenter(checkpoint: str, device: str = "auto", text_encoder: Optional
 
 
 def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[dict] = None,
-                  batch_size: int = 1, log=None, require_masks: bool = False) -> dict:
+                  batch_size: int = 1, log=None, require_masks: bool = False, captions: str = "pronoun") -> dict:
     """Run ``segmenter`` on the images of each task file -> ``{task: {image: ImagePredictions}}``.
 
     ``segmenter`` follows the ``TaskSegmenter`` API: ``set_task(task_id)`` and
@@ -202,15 +211,20 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
     sampler); otherwise in the file's order. Progress lines go to ``log`` (default: the
     ``sys.stderr`` of the moment of the call). ``require_masks`` (a segm evaluation follows):
     the first image predicted without masks stops it with a :class:`DataError`, for a
-    segmenter that does not tell whether it has a mask head.
+    segmenter that does not tell whether it has a mask head. ``captions="noun"``: each image is
+    read with its own noun caption (:func:`toist_core.inference.noun_captions.noun_caption_state`;
+    ``segmenter.model`` encodes it), one image at a time.
     """
     from toist_core.data.coco_tasks import CocoTasksDataset
     from toist_core.data.schema import DataError
     from toist_core.eval.predictions import ImagePredictions, check_image_predictions
     from toist_core.inference import NonFiniteOutputError
+    from toist_core.inference.noun_captions import noun_caption_state
 
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
+    if captions not in ("pronoun", "noun") or (captions == "noun" and batch_size != 1):
+        raise ValueError(f"captions {captions!r} with batch size {batch_size}: pronoun, or noun one image at a time")
     keep_all = dict(score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES)
     reference_order = getattr(getattr(segmenter, "inference", None), "protocol", "toist") == "reference"
     predictions = {}
@@ -226,7 +240,10 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
             chunk = indices[start:start + batch_size]
             images = [dataset.load_image(i).permute(1, 2, 0).numpy() for i in chunk]
             try:
-                if batch_size == 1:
+                if captions == "noun":
+                    state = noun_caption_state(segmenter.model, dataset, chunk[0], task_id)
+                    outputs = [segmenter.predict(images[0], state, **keep_all)]
+                elif batch_size == 1:
                     outputs = [segmenter.predict(images[0], **keep_all)]
                 else:
                     outputs = segmenter.predict_batch(images, **keep_all)

@@ -1,0 +1,30 @@
+"""The noun teacher's input at evaluation: each image's own noun caption.
+
+The teacher (stage ``noun``) and a grounding run read captions that name the image's objects
+("sit comfortably on chair"), not the task's pronoun caption; the reference scores the teacher
+so (``--verb_noun_input``, ``eval_dete_noun.sh``). Used by training's evaluation and by
+``toist evaluate --captions noun``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.captions import noun_targets
+from ..data.coco_tasks import CocoTasksDataset
+from .results import TaskState
+
+
+def noun_caption_state(model: nn.Module, dataset: CocoTasksDataset, index: int, task: int) -> TaskState:
+    """The teacher's input for sample ``index``: the noun caption of its preferred objects'
+    classes (the empty caption when it has none), as the dataset builds it in "noun" mode;
+    no task id, so no cluster-centre replacement."""
+    task_file, record = dataset.sample_info(index)
+    classes = [a.coco_category_id for a in task_file.image_annotations(record.id) if a.is_preferred and not a.iscrowd]
+    caption = noun_targets(task, classes, dataset.id2name, dataset.vocabulary).caption
+    with torch.inference_mode():
+        return TaskState(caption, None, model.encode_text([caption]), ())
+
+
+__all__ = ["noun_caption_state"]
