@@ -382,7 +382,8 @@ def test_validation_ground_truth_is_read_once_per_run(synth_root, tmp_path, monk
 
 @pytest.mark.parametrize("config, says, never", [
     ("tiny_pronoun.yaml", "with init.load=old/checkpoint.pth (its weights", None),
-    ("tiny_distill.yaml", "init.load_noun at the teacher's own checkpoint", None),
+    ("tiny_distill.yaml", "init.load=old/checkpoint.pth and init.load_noun=old/checkpoint.pth (its student and its "
+                          "teacher", None),
     ("tiny_mask_head_distill.yaml", "from the same init.frozen_weights", "init.load="),
 ])
 def test_a_refused_resume_advises_a_start_the_stage_takes(synth_root, tmp_path, config, says, never):

@@ -157,6 +157,15 @@ def test_distillation_updates_and_saves_the_bank(synth_root, tmp_path):
     # ... and the size it was trained at (data.test_size 96, long side capped at data.max_size 128).
     assert (segmenter.inference.short_side, segmenter.inference.max_size) == (96, 128)
     assert torch.equal(segmenter.memory_bank.feature_bank, bank["feature_bank"])
+    # A new distillation from this checkpoint (what a refused resume advises): init.load reads its
+    # student, init.load_noun its teacher (model_noun_ema; the student was read as the teacher).
+    logged = []
+    again = Trainer(_config("tiny_distill.yaml", synth_root, tmp_path / "again", "schedule.max_steps=1",
+                            f"init.load={tmp_path / 'dis' / 'checkpoint.pth'}",
+                            f"init.load_noun={tmp_path / 'dis' / 'checkpoint.pth'}"), DistEnv(), log=logged.append)
+    assert all(torch.equal(v, ckpt["model_noun_ema"][k]) for k, v in again.teacher.state_dict().items())
+    assert all(torch.equal(v, ckpt["model_ema"][k]) for k, v in again.model.state_dict().items())
+    assert not any("swapped" in line for line in logged), logged
 
 
 def test_distillation_with_ccr_off_is_scored_and_exported_without_it(synth_root, tmp_path, monkeypatch, caplog):

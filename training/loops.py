@@ -698,10 +698,9 @@ def new_run_advice(stage: str, path) -> str:
         return ("To go on with other settings start a new run in another output_dir from the same "
                 "init.frozen_weights (a mask-head stage takes no init.load: its head trains from the start)")
     if stage == "distill":
-        return (f"To go on with other settings start a new run in another output_dir with init.load={path} (the "
-                "student's weights, EMA preferred) and init.load_noun at the teacher's own checkpoint (the noun "
-                "stage's; the teacher in this checkpoint is not read), a fresh optimizer and schedule; its memory "
-                "bank starts empty and refills")
+        return (f"To go on with other settings start a new run in another output_dir with init.load={path} and "
+                f"init.load_noun={path} (its student and its teacher, EMA preferred; a fresh optimizer and "
+                "schedule; the memory bank starts empty and refills)")
     return (f"To go on with other settings start a new run in another output_dir with init.load={path} (its "
             "weights, EMA preferred; a fresh optimizer and schedule)")
 

@@ -54,7 +54,8 @@ class StageModels:
 
 # The training stage a loaded toist checkpoint should come from, per (stage, field); a mismatch
 # (a swapped student and teacher) trains without error into a model unlike the paper's.
-_SOURCE_STAGES = {("distill", "init.load"): ("pronoun", "distill"), ("distill", "init.load_noun"): ("noun",)}
+_SOURCE_STAGES = {("distill", "init.load"): ("pronoun", "distill"),
+                  ("distill", "init.load_noun"): ("noun", "distill")}   # distill: its teacher is read
 
 
 def build_stage_models(cfg: TrainConfig, tokenizer, log=print) -> StageModels:
@@ -79,7 +80,7 @@ def build_stage_models(cfg: TrainConfig, tokenizer, log=print) -> StageModels:
         teacher = build_model(cfg.model, tokenizer=tokenizer)
         if cfg.init.load_noun is not None:
             note_source("init.load_noun", cfg.init.load_noun,
-                        load_weights(teacher, cfg.init.load_noun, cfg.init.strict, "init.load_noun", log))
+                        load_weights(teacher, cfg.init.load_noun, cfg.init.strict, "init.load_noun", log, teacher=True))
         if cfg.distill.uses_bank:
             cluster = ClusterModule(cfg.distill)
     if cfg.is_mask_stage:
@@ -127,9 +128,11 @@ def build_stage_models(cfg: TrainConfig, tokenizer, log=print) -> StageModels:
     return StageModels(model, teacher, cluster, trained_by)
 
 
-def load_weights(model: nn.Module, path: str, strict: bool, field: str, log=print) -> Optional[dict]:
+def load_weights(model: nn.Module, path: str, strict: bool, field: str, log=print,
+                 teacher: bool = False) -> Optional[dict]:
     """``model_ema`` (else ``model``) of an MDETR / TOIST / toist checkpoint, or the weights of a
-    toist model directory, into ``model``.
+    toist model directory, into ``model``; ``teacher`` (init.load_noun): a distillation file's
+    teacher, ``model_noun_ema`` (else ``model_noun``), where it holds one.
 
     A segmentation file loads into a detector through its ``detr.`` weights (the reference's
     rule); the position_ids buffer of old files is dropped. A memory bank in the file is not
@@ -142,7 +145,8 @@ def load_weights(model: nn.Module, path: str, strict: bool, field: str, log=prin
         loaded = load_model_dir(path)
         ckpt = OfficialCheckpoint(str(path), loaded.model.state_dict(), "model directory")
     else:
-        ckpt = read_official(path)
+        # The teacher of a distillation file (its model_noun) is what init.load_noun means there.
+        ckpt = read_official(path, network="teacher" if teacher else "model")
     is_segm_model = hasattr(model, "detr")
     state = ckpt.state_dict if (is_segm_model or not ckpt.is_segmentation) else ckpt.detector_state_dict()
     if is_segm_model and not ckpt.is_segmentation:

@@ -85,14 +85,18 @@ class OfficialCheckpoint:
         return {k[len(SEGM_PREFIX):]: v for k, v in self.state_dict.items() if k.startswith(SEGM_PREFIX)}
 
 
-def read_official(path: PathLike, weights: str = "ema") -> OfficialCheckpoint:
+def read_official(path: PathLike, weights: str = "ema", network: str = "model") -> OfficialCheckpoint:
     """Read an official TOIST / MDETR checkpoint, a toist training checkpoint (``checkpoint.pth``
     of ``toist train``) or a bare state_dict file, safely and checked for corruption.
 
     ``weights``: ``"ema"`` takes ``model_ema`` when present, else ``model``; ``"model"`` takes
     ``model`` (the raw weights of the last update); None: the weights the file's own run
     evaluated: ``"model"`` for a toist training checkpoint of a run with ``eval.use_ema: false``
-    (its best was chosen on them), else ``"ema"``."""
+    (its best was chosen on them), else ``"ema"``. ``network``: ``"model"`` (the student / the
+    model), or ``"teacher"``: a distillation file's teacher (``model_noun_ema`` / ``model_noun``)
+    where the file holds one, else its model (a noun-stage file)."""
+    if network not in ("model", "teacher"):
+        raise ValueError(f"network: expected 'model' or 'teacher', got {network!r}")
     if weights not in ("ema", "model", None):
         raise ValueError(f"weights: expected 'ema', 'model' or None, got {weights!r}")
     path = Path(path)
@@ -102,7 +106,9 @@ def read_official(path: PathLike, weights: str = "ema") -> OfficialCheckpoint:
     if _is_state_dict(blob):
         state, source = dict(blob), "<file>"
     elif isinstance(blob, Mapping):
-        state, source = _chosen_weights(blob, weights or _evaluated_weights(blob), path)
+        holds_teacher = any(blob.get(key) is not None for key in ("model_noun_ema", "model_noun"))
+        state, source = _chosen_weights(blob, weights or _evaluated_weights(blob), path,
+                                        "model_noun" if network == "teacher" and holds_teacher else "model")
         if not _is_state_dict(state):
             raise CheckpointError(f"{path}: '{source}' is not a state_dict of tensors")
         state = dict(state)
@@ -143,22 +149,24 @@ def evaluated_weights(train_config: Optional[Mapping]) -> str:
     return "model" if isinstance(evaluation, Mapping) and evaluation.get("use_ema") is False else "ema"
 
 
-def _chosen_weights(blob: Mapping, weights: str, path: Path) -> tuple[Any, str]:
-    """(state_dict, key) of the weights ``weights`` asks for; the error says which entries are
-    absent and which are None (a file saved without --ema has ``model_ema: None``)."""
-    if weights == "ema" and blob.get("model_ema") is not None:
-        return blob["model_ema"], "model_ema"
-    if blob.get("model") is not None:
-        return blob["model"], "model"
+def _chosen_weights(blob: Mapping, weights: str, path: Path, network: str = "model") -> tuple[Any, str]:
+    """(state_dict, key) of the weights ``weights`` asks for of ``network`` (``model`` or
+    ``model_noun``); the error says which entries are absent and which are None (a file saved
+    without --ema has ``model_ema: None``)."""
+    raw, ema = network, f"{network}_ema"
+    if weights == "ema" and blob.get(ema) is not None:
+        return blob[ema], ema
+    if blob.get(raw) is not None:
+        return blob[raw], raw
 
     def state_of(key: str) -> str:
         return "absent" if key not in blob else "None" if blob[key] is None else "present"
 
-    if weights == "model" and blob.get("model_ema") is not None:
-        raise CheckpointError(f"{path}: 'model' is {state_of('model')} in the checkpoint but 'model_ema' holds "
+    if weights == "model" and blob.get(ema) is not None:
+        raise CheckpointError(f"{path}: '{raw}' is {state_of(raw)} in the checkpoint but '{ema}' holds "
                               "weights: load the EMA weights instead (weights='ema', toist export --weights ema)")
-    raise CheckpointError(f"{path}: no 'model_ema' or 'model' weights in the checkpoint ('model_ema' is "
-                          f"{state_of('model_ema')}, 'model' is {state_of('model')}; keys: {sorted(map(str, blob))})")
+    raise CheckpointError(f"{path}: no '{ema}' or '{raw}' weights in the checkpoint ('{ema}' is "
+                          f"{state_of(ema)}, '{raw}' is {state_of(raw)}; keys: {sorted(map(str, blob))})")
 
 
 def _read_args(args: Any, path: Path) -> Optional[argparse.Namespace]:
