@@ -228,6 +228,7 @@ def _input_topic_problems(topics: list[str]) -> list[str]:
 def check_values(values: dict[str, Any]) -> list[str]:
     """Reasons for every invalid value in ``values`` (names must be declared parameters)."""
     reasons = []
+    valid = {}   # the values fine on their own
     for name, value in values.items():
         spec = SPECS.get(name)
         if spec is None:
@@ -236,9 +237,10 @@ def check_values(values: dict[str, Any]) -> list[str]:
         reason = check_value(spec, value)
         if reason:
             reasons.append(reason)
+        else:
+            valid[name] = value
     # Checks of values together, or against the model's needs: on the values that are fine on
     # their own (each problem is reported, whatever else is wrong; nothing compares a bad type).
-    valid = {name: value for name, value in values.items() if name in SPECS and not check_value(SPECS[name], value)}
     if "depth.min_m" in valid and "depth.max_m" in valid and valid["depth.max_m"] <= valid["depth.min_m"]:
         reasons.append(f"depth.max_m {valid['depth.max_m']} must be greater than depth.min_m {valid['depth.min_m']}")
     if "input.topics" in valid:
