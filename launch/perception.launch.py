@@ -20,6 +20,10 @@ Arguments (``ros2 launch toist_ros perception.launch.py --show-args``):
   detections          true | false: also vision_msgs/Detection2DArray on `detections` (output.detections)
   use_sim_time        true | false (use /clock)
   log_level           debug | info | warn | error | fatal
+  lifecycle           true | false: a lifecycle (managed) node, unconfigured until a manager
+                      configures and activates it (perception_lifecycle_node)
+  autostart           true | false: with lifecycle:=true, configure and activate it at launch
+                      (later transitions stay with `ros2 lifecycle set` or a manager)
 An empty value keeps the params file's value of that parameter.
 
 When the node cannot start (exit 2: a parameter, 3: the model, 4: the device), the launch stops
@@ -38,6 +42,7 @@ import os
 
 PACKAGE = "toist_ros"
 EXECUTABLE = "perception_node"
+LIFECYCLE_EXECUTABLE = "perception_lifecycle_node"
 NODE_NAME = "toist_perception"
 
 # (name, default, description); "<share>" is replaced by the package's share directory.
@@ -64,6 +69,9 @@ ARGUMENTS = (
     ("use_sim_time", "", "true | false: use /clock (true for bag playback and simulators); empty = the params "
                          "file's value (ROS's default: false)"),
     ("log_level", "info", "debug | info | warn | error | fatal"),
+    ("lifecycle", "false", "true | false: start a lifecycle (managed) node, unconfigured until a lifecycle manager "
+                           "configures and activates it"),
+    ("autostart", "false", "true | false: with lifecycle:=true, configure and activate the node at launch"),
 )
 # Launch argument -> node parameter and its type, for the arguments that override one parameter.
 PARAMETER_ARGUMENTS = {
@@ -90,9 +98,10 @@ def _flag(name, text):
 def node_options(args):
     """What the node is started with, from the launch arguments (a dict of strings).
 
-    Returns a dict with ``namespace``, ``parameters`` (the params file, then a dict of typed
-    overrides: strings stay strings, so ``task:=2`` is the text "2", not the integer 2),
-    ``remappings`` and ``arguments`` (``--ros-args --log-level ...``).
+    Returns a dict with ``executable``, ``lifecycle`` and ``autostart`` (booleans),
+    ``namespace``, ``parameters`` (the params file, then a dict of typed overrides: strings stay
+    strings, so ``task:=2`` is the text "2", not the integer 2), ``remappings`` and
+    ``arguments`` (``--ros-args --log-level ...``).
     """
     unknown = set(args) - {name for name, _, _ in ARGUMENTS}
     if unknown:
@@ -104,6 +113,9 @@ def node_options(args):
     for topic in ("image_topic", "depth_topic", "camera_info_topic"):
         if not args[topic].strip():
             raise ValueError(f"{topic} is empty")
+    lifecycle, autostart = _flag("lifecycle", args["lifecycle"]), _flag("autostart", args["autostart"])
+    if autostart and not lifecycle:
+        raise ValueError("autostart:=true is for a lifecycle node: add lifecycle:=true (a plain node starts by itself)")
     overrides = {}
     if args["use_sim_time"].strip():
         overrides["use_sim_time"] = _flag("use_sim_time", args["use_sim_time"])
@@ -112,6 +124,9 @@ def node_options(args):
         if text:
             overrides[parameter] = _flag(name, text) if kind is bool else text
     return {
+        "executable": LIFECYCLE_EXECUTABLE if lifecycle else EXECUTABLE,
+        "lifecycle": lifecycle,
+        "autostart": autostart,
         "namespace": args["namespace"].strip(),
         "parameters": [args["params_file"], overrides],
         "remappings": [("image", args["image_topic"].strip()), ("depth", args["depth_topic"].strip()),
@@ -178,7 +193,7 @@ def _node_action(context, *args, **kwargs):
     from launch.actions import RegisterEventHandler
     from launch.event_handlers import OnProcessExit, OnProcessIO
     from launch.substitutions import LaunchConfiguration
-    from launch_ros.actions import Node
+    from launch_ros.actions import LifecycleNode, Node
     from launch_ros.parameter_descriptions import ParameterValue
 
     values = {name: LaunchConfiguration(name).perform(context) for name, _, _ in ARGUMENTS}
@@ -187,9 +202,9 @@ def _node_action(context, *args, **kwargs):
     # ParameterValue with an explicit type: launch_ros would otherwise YAML-parse "2" into an int.
     typed = {name: ParameterValue(value, value_type=str) if isinstance(value, str) else value
              for name, value in overrides.items()}
-    node = Node(
+    node = (LifecycleNode if options["lifecycle"] else Node)(
         package=PACKAGE,
-        executable=EXECUTABLE,
+        executable=options["executable"],
         name=NODE_NAME,
         namespace=options["namespace"],
         parameters=[params_file, typed],
@@ -212,4 +227,23 @@ def _node_action(context, *args, **kwargs):
 
     return [node,
             RegisterEventHandler(OnProcessIO(target_action=node, on_stdout=remember_fatal, on_stderr=remember_fatal)),
-            RegisterEventHandler(OnProcessExit(target_action=node, on_exit=on_exit))]
+            RegisterEventHandler(OnProcessExit(target_action=node, on_exit=on_exit))] + (
+        _autostart(node) if options["autostart"] else [])
+
+
+def _autostart(node):
+    """Configure the lifecycle node once it is up, and activate it when that configure has ended
+    (only that one: a later deactivate also ends in *inactive*, and must stay there)."""
+    from launch.actions import EmitEvent, RegisterEventHandler
+    from launch.events import matches_action
+    from launch_ros.event_handlers import OnStateTransition
+    from launch_ros.events.lifecycle import ChangeState
+    from lifecycle_msgs.msg import Transition
+
+    def change(transition_id):
+        return EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(node), transition_id=transition_id))
+
+    activate = RegisterEventHandler(OnStateTransition(target_lifecycle_node=node, start_state="configuring",
+                                                      goal_state="inactive",
+                                                      entities=[change(Transition.TRANSITION_ACTIVATE)]))
+    return [activate, change(Transition.TRANSITION_CONFIGURE)]

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = ROOT / "launch" / "perception.launch.py"
 CONTRACT_ARGUMENTS = {"namespace", "image_topic", "params_file", "checkpoint", "device", "task", "use_sim_time",
                       "log_level", "text_encoder", "allow_cpu_fallback", "precision", "compressed", "reliability",
-                      "depth", "depth_topic", "camera_info_topic", "detections"}
+                      "depth", "depth_topic", "camera_info_topic", "detections", "lifecycle", "autostart"}
 DEFAULT_REMAPS = [("depth", "depth"), ("camera_info", "camera_info")]
 
 
@@ -50,6 +50,25 @@ def test_defaults_keep_the_params_file_values():
     assert options["remappings"] == [("image", "image")] + DEFAULT_REMAPS
     assert options["namespace"] == ""
     assert options["arguments"] == ["--ros-args", "--log-level", "info"]
+    assert (options["executable"], options["lifecycle"], options["autostart"]) == ("perception_node", False, False)
+
+
+def test_lifecycle_starts_the_managed_executable_which_is_installed():
+    launch = _load()
+    managed = launch.node_options({"params_file": "/p.yaml", "lifecycle": "true"})
+    assert (managed["executable"], managed["lifecycle"], managed["autostart"]) == (
+        "perception_lifecycle_node", True, False)
+    started = launch.node_options({"params_file": "/p.yaml", "lifecycle": "True", "autostart": "yes"})
+    assert started["autostart"] and started["executable"] == "perception_lifecycle_node"
+    # The same parameters, remappings and command line as the plain node.
+    plain = launch.node_options({"params_file": "/p.yaml"})
+    assert launch.command_line(managed) == launch.command_line(plain)
+    with pytest.raises(ValueError, match="add lifecycle:=true"):
+        launch.node_options({"params_file": "/p.yaml", "autostart": "true"})
+    assert "scripts/perception_lifecycle_node" in (ROOT / "CMakeLists.txt").read_text()
+    installed = ROOT / "install" / "toist_ros" / "lib" / "toist_ros" / "perception_lifecycle_node"
+    if installed.parent.exists():
+        assert installed.exists(), "run `make build`"
 
 
 def test_arguments_become_typed_overrides_and_a_remap():
@@ -115,7 +134,7 @@ def test_a_start_up_failure_becomes_the_launch_error_with_code_and_reason():
 
 @pytest.mark.parametrize("bad", [{"use_sim_time": "maybe"}, {"log_level": "loud"}, {"image_topic": " "},
                                  {"camera": "x"}, {"allow_cpu_fallback": "sure"}, {"compressed": "2"},
-                                 {"depth": "maybe"}])
+                                 {"depth": "maybe"}, {"lifecycle": "managed"}, {"autostart": "2"}])
 def test_bad_arguments_are_refused(bad):
     launch = _load()
     with pytest.raises(ValueError):

@@ -19,7 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tools" / "robot_setup.sh"
 # Everything that runs on a robot or a training machine (tests/ run only here, on 3.11).
-SOURCES = ["toist_core", "toist_ros", "training", "launch", "tools", "bench", "scripts/perception_node"]
+SOURCES = ["toist_core", "toist_ros", "training", "launch", "tools", "bench", "scripts/perception_node",
+           "scripts/perception_lifecycle_node"]
 
 DISTROS = {  # distro: (Python, numpy requirement in the venv)
     "humble": ("3.10", "numpy>=1.21.5,<2"),
@@ -230,7 +231,8 @@ def test_setup_py_and_docs_promise_the_script_minimums():
 def test_package_xml_declares_apt_keys_and_no_pip_packages():
     root = ET.parse(ROOT / "package.xml").getroot()
     declared = {e.text for e in root if e.tag.endswith("depend")}
-    assert {"python3-numpy", "python3-opencv", "python3-scipy", "python3-yaml", "rclpy", "launch_ros"} <= declared
+    assert {"python3-numpy", "python3-opencv", "python3-scipy", "python3-yaml", "rclpy", "launch_ros",
+            "lifecycle_msgs"} <= declared
     # pip-only (CUDA builds, PEP 668): never rosdep keys.
     assert not {key for key in declared if re.search(r"torch|transformers|safetensors|pycocotools|-pip$", key)}
 

@@ -70,6 +70,7 @@ class Camera:
         self.instances_pub = None
         self.debug_pub = None
         self.detections_pub = None       # output.detections: vision_msgs/Detection2DArray
+        self.markers_pub = None          # depth.enabled: visualization_msgs/MarkerArray
 
     def lost_before(self, info: Any) -> int:
         """Messages a publisher sent that never reached this subscription (gaps in its sequence numbers).
@@ -123,22 +124,50 @@ class CameraInputs:
     def reliability(self) -> str:
         return self._settings["input.reliability"]
 
-    def open(self) -> None:
-        """Subscribe every camera and create its outputs (``instances``, ``debug_image``); log each.
-        Starts the periodic QoS and loss check."""
+    def create_outputs(self) -> None:
+        """Each camera's outputs (``instances``, ``debug_image``): created once, when the node is
+        configured; images are taken only between :meth:`subscribe` and :meth:`unsubscribe`."""
         node = self._node
         for camera in self.cameras:
             camera.subscribed_name = node.resolve_topic_name(self._input_topic(camera))
-            self._subscribe(camera, self._wanted_reliable(camera, current=False))
             camera.instances_pub = node.create_publisher(TaskInstances, camera.prefix + "instances",
                                                          QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
             camera.debug_pub = node.create_publisher(Image, camera.prefix + "debug_image",
                                                      QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
+
+    def subscribe(self) -> None:
+        """Subscribe every camera (log each with its outputs) and start the periodic QoS and loss
+        check; the slots take frames again (after :meth:`unsubscribe`)."""
+        node = self._node
+        self.slots.reopen()
+        for camera in self.cameras:
+            self._subscribe(camera, self._wanted_reliable(camera, current=False))
             node.get_logger().info(f"input {camera.subscribed_name} ({self._kind().__name__}, QoS "
                                    f"{qos_text(image_qos(camera.reliable))}, input.reliability "
                                    f"{self.reliability}) -> {camera.instances_pub.topic_name}, "
                                    f"{camera.debug_pub.topic_name}")
         self._timer = steady_timer(node, QOS_CHECK_PERIOD_S, self.check, self._group)
+
+    def unsubscribe(self) -> None:
+        """Stop taking images (lifecycle deactivate): subscriptions and the QoS check go; a frame
+        still waiting in a slot is dropped (the inference thread has stopped: :meth:`FrameSlots.close`)."""
+        node = self._node
+        if self._timer is not None:
+            node.destroy_timer(self._timer)
+            self._timer = None
+        for camera in self.cameras:
+            if camera.subscription is not None:
+                node.destroy_subscription(camera.subscription)
+                camera.subscription = None
+
+    def destroy_outputs(self) -> None:
+        """The publishers of :meth:`create_outputs` and any the node added per camera (lifecycle cleanup)."""
+        for camera in self.cameras:
+            for name in ("instances_pub", "debug_pub", "detections_pub", "markers_pub"):
+                publisher = getattr(camera, name, None)
+                if publisher is not None:
+                    self._node.destroy_publisher(publisher)
+                    setattr(camera, name, None)
 
     def _kind(self) -> type:
         return CompressedImage if self._settings["input.compressed"] else Image

@@ -55,11 +55,15 @@ class FrameSlots:
             self._cond.notify()
             return REPLACED if replaced else STORED
 
-    def put_request(self, request: Any) -> None:
-        """Queue a one-shot request; it is served before any frame."""
+    def put_request(self, request: Any) -> bool:
+        """Queue a one-shot request; it is served before any frame. False (not queued) once
+        closed: nobody would take it."""
         with self._cond:
+            if self._closed:
+                return False
             self._requests.append(request)
             self._cond.notify()
+            return True
 
     def take(self, timeout: Optional[float] = None) -> Optional[tuple[str, Any, int]]:
         """The next work item: ``("request", request, -1)`` or ``("frame", frame, source)``.
@@ -96,3 +100,14 @@ class FrameSlots:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def reopen(self) -> None:
+        """Take frames and requests again after :meth:`close` (a lifecycle node activated again);
+        frames left from before are dropped (and counted): they are as old as the pause."""
+        with self._cond:
+            for source, item in enumerate(self._frames):
+                if item is not None:
+                    self.dropped[source] += 1
+            self._frames = [None] * len(self._frames)
+            self._newest_ns = [0] * len(self._frames)
+            self._closed = False

@@ -35,6 +35,7 @@ from toist_ros.instances import rank_instances, task_instances_msg, to_instance_
 from toist_ros.tasks import ActiveTask
 
 SERVICE_TIMEOUT_S = 60.0      # segment_image gives up waiting for the inference thread after this
+STOPPED = "the inference thread stopped (the node is shutting down or was deactivated)"
 
 
 @dataclass
@@ -108,13 +109,14 @@ class InferenceWorker:
         self._slots.close()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
-            self._fail_pending()
+        self._fail_pending()
 
     def segment(self, header: Any, rgb: np.ndarray, task: ActiveTask) -> tuple[Any, str]:
         """One image through the inference thread (from a service callback; waits for it):
         (TaskInstances, "") or (None, why it failed)."""
         job = _OneShot(header, rgb, task, threading.Event())
-        self._slots.put_request(job)
+        if not self._slots.put_request(job):
+            return None, STOPPED
         if not job.done.wait(SERVICE_TIMEOUT_S):
             job.abandoned = True  # still queued: the inference thread skips it
             self._counters.add("service_timeouts")
@@ -140,7 +142,7 @@ class InferenceWorker:
 
     def _fail_pending(self) -> None:
         for job in self._slots.pending_requests():
-            job.error = "the node is shutting down"
+            job.error = STOPPED
             job.done.set()
 
     def _process_frame(self, frame: Frame, camera: Camera) -> None:

@@ -34,7 +34,7 @@ from toist_ros.conversions import ImageError
 from toist_ros.depth.geometry import warm_up as warm_up_3d
 from toist_ros.detections import DetectionsUnavailable, detection_array_type
 from toist_ros.depth.inputs import DepthInputs
-from toist_ros.diagnostics import Counters, Percentiles, diagnostic_array
+from toist_ros.diagnostics import OK, Counters, Percentiles, diagnostic_array
 from toist_ros.frame_limits import FrameLimits
 from toist_ros.health import HealthLevel, report_values
 from toist_ros.inference_worker import InferenceWorker, predict
@@ -46,17 +46,33 @@ from toist_ros.srv import SegmentImage, SetTask
 from toist_ros.tasks import ONE_SHOT_REVISION, ActiveTask, TaskSwitch, loading_task
 
 NODE_NAME = "toist_perception"
+# The node's phases, named as the lifecycle states they are in a managed node.
+UNCONFIGURED, CONFIGURING, INACTIVE, ACTIVE = "unconfigured", "configuring", "inactive", "active"
+FINALIZED = "finalized"
 
 
 class PerceptionNode(Node):
     """The node, ready when constructed: model loaded, start-up task encoded, warmed up,
     subscribed, inference thread running. Raises :class:`StartupError` (with the exit code)
-    when it cannot start."""
+    when it cannot start.
+
+    Its life in phases, which :class:`~toist_ros.lifecycle_node.ManagedPerceptionNode` runs one
+    lifecycle transition each (this class runs them all in its constructor): ``_declare``
+    (parameters, status and diagnostics), ``_configure`` (model, task, warm-up, outputs,
+    services), ``_activate`` (subscriptions, inference thread), ``_deactivate``, ``_cleanup``.
+    """
+
+    MANAGED = False  # ManagedPerceptionNode: the phases wait for lifecycle transitions
 
     def __init__(self, **node_kwargs: Any) -> None:
         super().__init__(NODE_NAME, **node_kwargs)
         try:
-            self._start_up()
+            self._declare()
+            if not self.MANAGED:
+                period_s = self._settings["diagnostics.period_s"]
+                with StartupDiagnostics(self._publish_startup_report, period_s) as startup:
+                    self._configure(startup)
+                    self._activate()
         except BaseException:
             # Nobody holds a node whose constructor failed, so nobody else can destroy it: left to
             # the garbage collector, its publisher and parameter services were freed whenever it
@@ -65,9 +81,9 @@ class PerceptionNode(Node):
             self.destroy_node()
             raise
 
-    def _start_up(self) -> None:
-        """Parameters, then :meth:`_start_steps` reported on ``/diagnostics`` as they go
-        (:mod:`toist_ros.startup_status`), then ready."""
+    def _declare(self) -> None:
+        """Parameters, statistics, callback groups, the task status (``ready`` false) and
+        ``/diagnostics``: what the node has before it loads a model."""
         log = self.get_logger()
         try:
             self._settings = parameters.declare(self)
@@ -80,21 +96,38 @@ class PerceptionNode(Node):
         self.inference_ms = Percentiles()
         self.latency_ms = Percentiles()
         self.geometry_ms = Percentiles()
-        self._ready = False
+        self._phase = UNCONFIGURED
         self._health = HealthLevel()
+        self.model = self.segmenter = self._tasks = self._inputs = self._depth = self._worker = None
+        self._cameras: list = []
+        self._task_sub = self._set_task_srv = self._segment_srv = None  # _create_control_io
+        self._no_image_timer = None
+
+        self._image_group = ReentrantCallbackGroup()
+        self._control_group = ReentrantCallbackGroup()
+        # Task messages one at a time, in arrival order: on the reentrant group the executor's
+        # threads raced for the encoder and the node could end on a task published before the last.
+        self._task_topic_group = MutuallyExclusiveCallbackGroup()
+        self._segment_group = ReentrantCallbackGroup()  # waits for inference: threads of its own
+        self._timer_group = MutuallyExclusiveCallbackGroup()
 
         self._status_pub = self.create_publisher(TaskStatus, "active_task", _latched_qos())
         self._publish_status(loading_task(settings["task"]))  # ready=false while the model loads
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        with StartupDiagnostics(self._publish_startup_report, settings["diagnostics.period_s"]) as startup:
-            self._start_steps(startup)
-        self._ready = True
-        self._tasks.publish_active()
-        log.info(f"ready: task {quote(self.active_task.caption)} (revision {self.active_task.revision})")
+        self._diag_timer = steady_timer(self, settings["diagnostics.period_s"], self._publish_diagnostics,
+                                        self._timer_group)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        if hasattr(self, "add_pre_set_parameters_callback"):  # Iron and later
+            self.add_pre_set_parameters_callback(parameters.ints_to_doubles)
 
-    def _start_steps(self, startup: StartupDiagnostics) -> None:
-        """Model, task, warm-up, inputs, outputs and the inference thread, each step reported."""
+    @property
+    def _ready(self) -> bool:
+        return self._phase == ACTIVE
+
+    def _configure(self, startup: StartupDiagnostics) -> None:
+        """Model, task, warm-up, outputs and services, each step reported (``startup``)."""
         log, settings = self.get_logger(), self._settings
+        self._phase = CONFIGURING
         startup.step("loading the model")
 
         self.model = load_model(settings, log.warning, log.info)
@@ -118,35 +151,69 @@ class PerceptionNode(Node):
             except Exception as exc:  # e.g. NaN weights (NonFiniteOutputError): one FATAL line, exit code 3
                 raise StartupError(EXIT_MODEL, f"the warm-up forward pass failed: {type(exc).__name__}: {exc}") from None
 
-        startup.step("opening inputs and outputs")
-        self._image_group = ReentrantCallbackGroup()
-        self._control_group = ReentrantCallbackGroup()
-        # Task messages one at a time, in arrival order: on the reentrant group the executor's
-        # threads raced for the encoder and the node could end on a task published before the last.
-        self._task_topic_group = MutuallyExclusiveCallbackGroup()
-        self._segment_group = ReentrantCallbackGroup()  # waits for inference: threads of its own
-        self._timer_group = MutuallyExclusiveCallbackGroup()
+        startup.step("opening outputs and services")
         self._inputs = CameraInputs(self, settings, self.counters, self._image_group, self._limits)
         self._cameras = self._inputs.cameras
-        self._inputs.open()
+        self._inputs.create_outputs()
         if settings["output.detections"]:
             self._open_detections()
         self._depth = self._open_depth() if settings["depth.enabled"] else None
         self._create_control_io()
-        self.add_on_set_parameters_callback(self._on_set_parameters)
-        if hasattr(self, "add_pre_set_parameters_callback"):  # Iron and later
-            self.add_pre_set_parameters_callback(parameters.ints_to_doubles)
+        self._phase = INACTIVE
 
+    def _activate(self) -> None:
+        """Subscribe the cameras (and depth), start the inference thread; ready."""
+        self._inputs.subscribe()
+        if self._depth is not None:
+            self._depth.subscribe()
         self._worker = InferenceWorker(self, self.segmenter, self._inputs, lambda: self._tasks.active,
                                        lambda: self._settings, self.counters, self.inference_ms, self.latency_ms,
                                        self._depth, self.geometry_ms)
         self._worker.start()
+        self._no_image_timer = steady_timer(self, self._settings["input.no_image_warning_s"], self._warn_no_image,
+                                            self._timer_group)
+        self._phase = ACTIVE
+        self._tasks.publish_active()
+        self.get_logger().info(f"ready: task {quote(self.active_task.caption)} "
+                               f"(revision {self.active_task.revision})")
+
+    def _deactivate(self) -> None:
+        """Stop the inference thread (the frame in progress ends first) and the subscriptions;
+        the model, the task, the outputs and ``set_task`` stay."""
+        self._phase = INACTIVE
+        self.stop()
+        self._inputs.unsubscribe()
+        if self._depth is not None:
+            self._depth.unsubscribe()
+        if self._no_image_timer is not None:
+            self.destroy_timer(self._no_image_timer)
+            self._no_image_timer = None
+        self._tasks.publish_active()
+
+    def _cleanup(self) -> None:
+        """Back to before :meth:`_configure`: outputs and services destroyed, the model released
+        (its GPU memory with it)."""
+        if self._task_sub is not None:
+            self.destroy_subscription(self._task_sub)
+            self.destroy_service(self._set_task_srv)
+            self.destroy_service(self._segment_srv)
+            self._task_sub = self._set_task_srv = self._segment_srv = None
+        if self._inputs is not None:
+            self._inputs.destroy_outputs()
+        device = str(getattr(self.model, "device", "cpu"))
+        self.model = self.segmenter = self._tasks = self._inputs = self._depth = self._worker = None
+        self._cameras = []
+        self._phase = UNCONFIGURED
+        if device.startswith("cuda"):
+            import torch  # the model's device was CUDA: torch is loaded already
+
+            torch.cuda.empty_cache()
+        self._publish_status(loading_task(self._settings["task"]))
 
     # --- set-up ------------------------------------------------------------------------------
 
     def _create_control_io(self) -> None:
-        """The task topic, the services, ``/diagnostics`` and the timers (cameras: ``CameraInputs.open``)."""
-        settings = self._settings
+        """The task topic and the services (cameras: ``CameraInputs``)."""
         self._task_sub = self.create_subscription(String, "task", self._on_task_topic,
                                                   QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE),
                                                   callback_group=self._task_topic_group)
@@ -154,10 +221,6 @@ class PerceptionNode(Node):
                                                  callback_group=self._control_group)
         self._segment_srv = self.create_service(SegmentImage, "segment_image", self._on_segment_image,
                                                 callback_group=self._segment_group)
-        self._diag_timer = steady_timer(self, settings["diagnostics.period_s"], self._publish_diagnostics,
-                                        self._timer_group)
-        self._no_image_timer = steady_timer(self, settings["input.no_image_warning_s"], self._warn_no_image,
-                                            self._timer_group)
         self.get_logger().info(
             f"task input {self._task_sub.topic_name} (std_msgs/String, reliable depth 10); services "
             f"{_resolved_name(self, self._set_task_srv)}, {_resolved_name(self, self._segment_srv)}; status "
@@ -177,11 +240,10 @@ class PerceptionNode(Node):
                                    "(vision_msgs/Detection2DArray)")
 
     def _open_depth(self) -> DepthInputs:
-        """Depth and CameraInfo subscriptions, and a ``markers`` publisher per camera."""
+        """The depth inputs (subscribed by :meth:`_activate`) and a ``markers`` publisher per camera."""
         from visualization_msgs.msg import MarkerArray  # only with depth: 2D users need not install it
 
         depth = DepthInputs(self, self._settings, self.counters, self._image_group)
-        depth.open()
         for camera in self._cameras:
             camera.markers_pub = self.create_publisher(MarkerArray, camera.prefix + "markers",
                                                        QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
@@ -208,7 +270,8 @@ class PerceptionNode(Node):
 
     @property
     def active_task(self) -> ActiveTask:
-        return self._tasks.active
+        tasks = self._tasks
+        return tasks.active if tasks is not None else loading_task(self._settings["task"])
 
     def set_task(self, text: str) -> tuple[bool, str, int]:
         """Encode ``text`` and make it the active task; (success, message, revision)."""
@@ -234,6 +297,11 @@ class PerceptionNode(Node):
         self._status_pub.publish(status)
 
     def _on_segment_image(self, request: Any, response: Any) -> Any:
+        worker = self._worker
+        if not self._ready or worker is None:
+            response.success, response.message = False, (f"the node is {self._phase} (lifecycle): activate it to "
+                                                         "segment images")
+            return response
         try:
             rgb = self._limits.image_to_rgb(request.image)
         except ImageError as exc:
@@ -247,7 +315,7 @@ class PerceptionNode(Node):
         except Exception as exc:
             response.success, response.message = False, f"task {quote(text)} rejected: {exc}"
             return response
-        result, error = self._worker.segment(request.image.header, rgb, task)
+        result, error = worker.segment(request.image.header, rgb, task)
         if result is None:
             response.success, response.message = False, error
         else:
@@ -296,9 +364,19 @@ class PerceptionNode(Node):
                              geometry_ms=self.geometry_ms if self._depth is not None else None)
 
     def _publish_diagnostics(self) -> None:
+        phase = self._phase
+        if phase == CONFIGURING:  # StartupDiagnostics reports each step
+            return
+        if phase in (UNCONFIGURED, FINALIZED):
+            self._publish_startup_report(OK, "unconfigured (lifecycle): configure it to load the model"
+                                         if phase == UNCONFIGURED else "finalized (lifecycle): shut down, nothing runs")
+            return
         values = self.diagnostics_values()
-        level, message = self._health.judge(values, ready=self._ready, last_error=self._worker.last_error,
-                                            receiving=self._inputs.receiving())
+        if phase == ACTIVE:
+            level, message = self._health.judge(values, ready=True, last_error=self._worker.last_error,
+                                                receiving=self._inputs.receiving())
+        else:
+            level, message = OK, "inactive (lifecycle): model loaded, no images taken until activated"
         self._diag_pub.publish(diagnostic_array(self.get_clock().now().to_msg(), self._diagnostics_name(),
                                                 self.model.device, level, message, values))
 
@@ -317,11 +395,11 @@ class PerceptionNode(Node):
 
     def stop(self) -> None:
         """Stop the inference thread (waits for the frame in progress)."""
-        worker = getattr(self, "_worker", None)
+        worker, inputs = getattr(self, "_worker", None), getattr(self, "_inputs", None)
         if worker is not None:
             worker.stop()
-        elif hasattr(self, "_inputs"):
-            self._inputs.slots.close()
+        elif inputs is not None:
+            inputs.slots.close()
 
     def destroy_node(self) -> None:
         self.stop()

@@ -1,8 +1,10 @@
-"""The toist perception node's entry point (``ros2 run toist_ros perception_node``,
-``python -m toist_ros.perception_node``): camera images + a task in, ranked task instances out.
+"""The toist perception node's entry points (``ros2 run toist_ros perception_node``,
+``python -m toist_ros.perception_node``; ``perception_lifecycle_node`` for the lifecycle
+(managed) node): camera images + a task in, ranked task instances out.
 
 The node is made of one file per idea:
   * ``node``             ``PerceptionNode``: start-up, wiring, services, parameters, shut-down;
+  * ``lifecycle_node``   ``ManagedPerceptionNode``: the same in lifecycle states, moved by a manager;
   * ``model_loader``     device choice, checkpoint loading, start-up errors and exit codes;
   * ``tasks``            the active task: encoded once per change, swapped with a revision;
   * ``camera_input``     image subscriptions, latest-frame slots (``frame_slot``), QoS warnings;
@@ -30,8 +32,13 @@ from toist_ros.node import NODE_NAME, PerceptionNode
 SPIN_POLL_S = 0.1             # the main thread looks for a stop signal at least this often
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, managed: bool = False) -> int:
     """Entry point of ``perception_node``: exit code 0 after a normal shut-down, non-zero on start-up failure.
+
+    ``managed``: a :class:`~toist_ros.lifecycle_node.ManagedPerceptionNode`, which starts
+    unconfigured and loads its model when a lifecycle manager configures it (a failed
+    transition is the manager's to handle: the process goes on); a stop signal during a
+    transition takes effect when the step under way (a model load) has ended.
 
     SIGINT/SIGTERM are recorded (while the node starts they also interrupt it:
     ``StopSignals.raising``); rclpy's own signal handlers are not installed: with them a
@@ -56,7 +63,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             # Loading and warming up the model has no point at which to look for a stop request:
             # Ctrl-C there waited for the whole start-up (a launch file's SIGKILL came first).
             with stop.raising():
-                node = PerceptionNode()
+                node = _managed_node() if managed else PerceptionNode()
             executor = PerceptionExecutor(node.inline_callback_groups, num_threads=4,
                                           waiting_groups=node.waiting_callback_groups)
             executor.add_node(node)
@@ -81,7 +88,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     return code
 
 
-__all__ = ["NODE_NAME", "PerceptionNode", "main"]
+def lifecycle_main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``perception_lifecycle_node`` (the lifecycle node; launch ``lifecycle:=true``)."""
+    return main(argv, managed=True)
+
+
+def _managed_node() -> PerceptionNode:
+    from toist_ros.lifecycle_node import ManagedPerceptionNode  # rclpy.lifecycle: only when asked for
+
+    return ManagedPerceptionNode()
+
+
+__all__ = ["NODE_NAME", "PerceptionNode", "lifecycle_main", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -45,8 +45,10 @@ class DepthInputs:
         self._distortion_warned = False
         self._timer = None
 
-    def open(self) -> None:
+    def subscribe(self) -> None:
+        """The depth and CameraInfo subscriptions (and, with ``auto`` reliability, the QoS check)."""
         node = self._node
+        self._info_subscriptions = []
         for index, (depth_topic, info_topic) in enumerate(zip(self._depth_topics, self._info_topics)):
             self._names[index] = node.resolve_topic_name(depth_topic)
             self._subscribe(index, wanted_reliable(node, self._names[index], self._mode, current=False))
@@ -60,6 +62,22 @@ class DepthInputs:
                                    "(sensor_msgs/CameraInfo)")
         if self._mode == "auto":
             self._timer = steady_timer(node, QOS_CHECK_PERIOD_S, self._check_qos, self._group)
+
+    def unsubscribe(self) -> None:
+        """Stop taking depth (lifecycle deactivate); the buffers forget what they held."""
+        node = self._node
+        if self._timer is not None:
+            node.destroy_timer(self._timer)
+            self._timer = None
+        for index, subscription in enumerate(self._subscriptions):
+            if subscription is not None:
+                node.destroy_subscription(subscription)
+                self._subscriptions[index] = None
+        for subscription in self._info_subscriptions:
+            node.destroy_subscription(subscription)
+        self._info_subscriptions = []
+        for buffer in self.buffers:
+            buffer.clear()
 
     def _subscribe(self, index: int, reliable: bool) -> None:
         if self._subscriptions[index] is not None:

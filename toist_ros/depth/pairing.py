@@ -89,6 +89,13 @@ class DepthBuffer:
                 self._bytes -= _nbytes(self._frames.popleft()[1])
             self._cond.notify_all()
 
+    def clear(self) -> None:
+        """Forget every depth image and camera model (the node stopped taking them)."""
+        with self._cond:
+            self._frames.clear()
+            self._cameras.clear()
+            self._bytes = 0
+
     def __len__(self) -> int:
         with self._cond:
             return len(self._frames)

@@ -1,0 +1,253 @@
+"""The lifecycle (managed) perception node, driven through the standard lifecycle services as a
+manager drives it (nav2's lifecycle_manager, `ros2 lifecycle set`): real rclpy on loopback, the
+`tiny` model's random weights as a model directory, the node in this process; and the installed
+`perception_lifecycle_node` executable as a process."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ros_support import RosSession, random_model_dir, wait_for
+
+pytestmark = pytest.mark.ros
+
+ROOT = Path(__file__).resolve().parents[1]
+EXECUTABLE = ROOT / "install" / "toist_ros" / "lib" / "toist_ros" / "perception_lifecycle_node"
+OVERRIDES = {"device": "cpu", "input.short_side": 160, "input.max_side": 640, "task": "2", "max_instances": 5,
+             "score_threshold": 0.5, "input.no_image_warning_s": 60.0, "diagnostics.period_s": 0.3}
+
+
+class Manager:
+    """A lifecycle manager and client of one managed node in namespace ``ns``: lifecycle
+    services, images in, instances / status / diagnostics out, the node's services."""
+
+    made = 0
+
+    def __init__(self, ros, ns):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from lifecycle_msgs.srv import ChangeState, GetState
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import Image
+        from toist_ros.msg import TaskInstances, TaskStatus
+        from toist_ros.srv import SegmentImage, SetTask
+
+        Manager.made += 1
+        self.ns = ns
+        self.node = ros.node(f"lifecycle_manager_{Manager.made}")
+        self.results, self.status, self.diagnostics = [], [], []
+        self.image_pub = self.node.create_publisher(Image, f"{ns}/image", 10)
+        self.node.create_subscription(TaskInstances, f"{ns}/instances", self.results.append, 10)
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.node.create_subscription(TaskStatus, f"{ns}/active_task", self.status.append, latched)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
+        self.change_client = self.node.create_client(ChangeState, f"{ns}/toist_perception/change_state")
+        self.state_client = self.node.create_client(GetState, f"{ns}/toist_perception/get_state")
+        self.set_task_client = self.node.create_client(SetTask, f"{ns}/set_task")
+        self.segment_client = self.node.create_client(SegmentImage, f"{ns}/segment_image")
+        assert self.change_client.wait_for_service(timeout_sec=20) and self.state_client.wait_for_service(timeout_sec=20)
+
+    def _on_diagnostics(self, msg):
+        self.diagnostics.extend(s for s in msg.status if f"({self.ns}/toist_perception)" in s.name)
+
+    def call(self, client, request, timeout=60.0):
+        future = client.call_async(request)
+        assert wait_for(future.done, timeout=timeout), "service did not answer"
+        return future.result()
+
+    def transition(self, label):
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState
+
+        ids = {"configure": Transition.TRANSITION_CONFIGURE, "activate": Transition.TRANSITION_ACTIVATE,
+               "deactivate": Transition.TRANSITION_DEACTIVATE, "cleanup": Transition.TRANSITION_CLEANUP,
+               "shutdown": Transition.TRANSITION_ACTIVE_SHUTDOWN}
+        request = ChangeState.Request(transition=Transition(id=ids[label]))
+        return self.call(self.change_client, request).success
+
+    def state(self):
+        from lifecycle_msgs.srv import GetState
+
+        return self.call(self.state_client, GetState.Request()).current_state.label
+
+    def set_task(self, text):
+        from toist_ros.srv import SetTask
+
+        assert self.set_task_client.wait_for_service(timeout_sec=20)
+        return self.call(self.set_task_client, SetTask.Request(task=text))
+
+    def segment(self, pixels):
+        from toist_ros.conversions import image_from_array
+        from toist_ros.srv import SegmentImage
+
+        assert self.segment_client.wait_for_service(timeout_sec=20)
+        return self.call(self.segment_client, SegmentImage.Request(image=image_from_array(pixels, "rgb8")))
+
+    def image_subscribers(self):
+        return self.image_pub.get_subscription_count()
+
+    def roundtrip(self, pixels, timeout=30.0):
+        """Publish frames until one's result arrives; the result or None."""
+        from toist_ros.conversions import image_from_array
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = image_from_array(pixels, "rgb8")
+            msg.header.stamp = self.node.get_clock().now().to_msg()
+            msg.header.frame_id = "camera"
+            self.image_pub.publish(msg)
+            if wait_for(lambda: any(r.header == msg.header for r in self.results), timeout=3):
+                return next(r for r in self.results if r.header == msg.header)
+        return None
+
+    def newest_diagnostic(self, since):
+        assert wait_for(lambda: len(self.diagnostics) > since, timeout=10)
+        return self.diagnostics[-1]
+
+
+def _pixels():
+    return np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def ros():
+    session = RosSession()
+    yield session
+    session.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return random_model_dir(tmp_path_factory.mktemp("model") / "tiny_random")
+
+
+def _managed_node(ros, ns, **overrides):
+    from rclpy.parameter import Parameter
+    from toist_ros.lifecycle_node import ManagedPerceptionNode
+
+    values = {**OVERRIDES, **overrides}
+    node = ManagedPerceptionNode(context=ros.context, namespace=ns,
+                                 parameter_overrides=[Parameter(k, value=v) for k, v in values.items()])
+    ros.add(node)
+    return node
+
+
+def test_a_managed_node_goes_through_its_states_as_its_manager_says(ros, model_dir):
+    node = _managed_node(ros, "/managed", checkpoint=model_dir)
+    manager = Manager(ros, "/managed")
+
+    # unconfigured: parameters only; no model, no camera subscription, no services, not ready.
+    assert manager.state() == "unconfigured" and node.model is None
+    assert wait_for(lambda: any(not s.ready for s in manager.status), timeout=10)
+    assert manager.image_subscribers() == 0 and not manager.set_task_client.wait_for_service(timeout_sec=0.5)
+    report = manager.newest_diagnostic(0)
+    assert report.level == b"\x00" and "unconfigured (lifecycle)" in report.message
+
+    # configure: model loaded and warmed up, task encoded, services there; still no images taken.
+    assert manager.transition("configure") and manager.state() == "inactive"
+    assert node.model is not None
+    reply = manager.set_task("1")
+    assert reply.success and reply.revision == 2
+    refused = manager.segment(_pixels())
+    assert not refused.success and "inactive (lifecycle): activate it" in refused.message
+    assert manager.image_subscribers() == 0
+    seen = len(manager.diagnostics)
+    assert "inactive (lifecycle)" in manager.newest_diagnostic(seen).message
+    assert not manager.status[-1].ready and manager.status[-1].revision == 2
+
+    # activate: images in, instances out; segment_image answers; ready.
+    assert manager.transition("activate") and manager.state() == "active"
+    assert wait_for(lambda: manager.status[-1].ready, timeout=10)
+    result = manager.roundtrip(_pixels())
+    assert result is not None and result.task_revision == 2 and len(result.instances) > 0
+    assert manager.segment(_pixels()).success
+
+    # deactivate: no subscription, inference thread ended, the model and the task stay.
+    assert manager.transition("deactivate") and manager.state() == "inactive"
+    assert wait_for(lambda: manager.image_subscribers() == 0, timeout=10)
+    assert not node._worker._thread.is_alive() and node.model is not None
+    assert wait_for(lambda: not manager.status[-1].ready, timeout=10)
+    count = len(manager.results)
+    manager.image_pub.publish(_image_msg(manager))
+    time.sleep(1.0)
+    assert len(manager.results) == count
+    assert not manager.segment(_pixels()).success
+
+    # activate again: a new inference thread, frames processed again (a thread cannot restart).
+    assert manager.transition("activate") and manager.state() == "active"
+    assert manager.roundtrip(_pixels()) is not None
+
+    # deactivate + cleanup: the model released, services gone; configure + activate again works.
+    assert manager.transition("deactivate") and manager.transition("cleanup")
+    assert manager.state() == "unconfigured" and node.model is None
+    assert wait_for(lambda: not manager.set_task_client.service_is_ready(), timeout=10)
+    assert manager.transition("configure") and manager.transition("activate")
+    result = manager.roundtrip(_pixels())
+    assert result is not None and result.task_revision == 1  # the start-up task again, encoded anew
+
+    # shutdown from active: finalized, nothing runs.
+    worker = node._worker
+    assert manager.transition("shutdown") and manager.state() == "finalized"
+    assert not worker._thread.is_alive() and node.model is None
+    assert manager.image_subscribers() == 0
+    seen = len(manager.diagnostics)
+    assert "finalized (lifecycle)" in manager.newest_diagnostic(seen).message
+
+
+def _image_msg(manager):
+    from toist_ros.conversions import image_from_array
+
+    msg = image_from_array(_pixels(), "rgb8")
+    msg.header.stamp = manager.node.get_clock().now().to_msg()
+    return msg
+
+
+def test_a_configure_that_fails_leaves_the_node_unconfigured_and_can_be_retried(ros, tmp_path, capfd):
+    """A checkpoint that is not there (yet: the model is still being copied to the robot) fails
+    the configure transition with the reason in the log; the node goes on, unconfigured, and
+    configures once the file is there."""
+    missing = tmp_path / "arriving_model"
+    node = _managed_node(ros, "/retry", checkpoint=str(missing))
+    manager = Manager(ros, "/retry")
+    assert not manager.transition("configure")
+    error = next((line for line in capfd.readouterr().err.splitlines() if "lifecycle configure failed" in line), "")
+    assert error.startswith("[ERROR]") and str(missing) in error, error
+    assert manager.state() == "unconfigured" and node.model is None
+    assert manager.image_subscribers() == 0 and not manager.set_task_client.service_is_ready()
+    random_model_dir(missing)
+    assert manager.transition("configure") and manager.transition("activate")
+    assert manager.roundtrip(_pixels()) is not None
+
+
+def test_the_lifecycle_executable_waits_for_its_manager_and_stops_on_sigint(ros, tmp_path, model_dir):
+    """`perception_lifecycle_node` (what `lifecycle:=true` launches): unconfigured until told,
+    the whole way to active over DDS, exit code 0 on SIGINT."""
+    if not EXECUTABLE.exists():
+        pytest.fail(f"{EXECUTABLE} is missing: run `make build`")
+    log_path = tmp_path / "node.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(EXECUTABLE), "--ros-args", "-r", "__ns:=/process", "-p", "device:=cpu",
+             "-p", "input.short_side:=160", "-p", "input.max_side:=640", "-p", f"checkpoint:={model_dir}"],
+            stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        manager = Manager(ros, "/process")
+        assert manager.state() == "unconfigured"
+        assert manager.transition("configure") and manager.transition("activate"), log_path.read_text()[-3000:]
+        assert manager.roundtrip(_pixels()) is not None
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        try:
+            code = process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
+    assert "lifecycle configure: now inactive" in text and "lifecycle activate: now active" in text
