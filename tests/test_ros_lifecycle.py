@@ -173,18 +173,25 @@ def test_a_managed_node_goes_through_its_states_as_its_manager_says(ros, model_d
     assert not node._worker._thread.is_alive() and node.model is not None
     assert wait_for(lambda: not manager.status[-1].ready, timeout=10)
     count = len(manager.results)
-    manager.image_pub.publish(_image_msg(manager))
-    time.sleep(1.0)
+    for _ in range(20):  # the camera goes on publishing during the pause
+        manager.image_pub.publish(_image_msg(manager))
+        time.sleep(0.02)
+    time.sleep(0.5)
     assert len(manager.results) == count
     assert not manager.segment(_pixels()).success
 
-    # activate again: a new inference thread, frames processed again (a thread cannot restart).
+    # activate again: a new inference thread, frames processed again (a thread cannot restart);
+    # what the camera sent during the pause is not "lost in transport" (no WARN for it).
     assert manager.transition("activate") and manager.state() == "active"
     assert manager.roundtrip(_pixels()) is not None
+    assert node.counters.get("lost_in_transport") == 0
 
     # deactivate + cleanup: the model released, services gone; configure + activate again works.
     assert manager.transition("deactivate") and manager.transition("cleanup")
     assert manager.state() == "unconfigured" and node.model is None
+    # A task message whose callback runs after the cleanup is refused, not an AttributeError.
+    ok, message, _ = node.set_task("3")
+    assert not ok and "unconfigured (lifecycle)" in message
     assert wait_for(lambda: not manager.set_task_client.service_is_ready(), timeout=10)
     assert manager.transition("configure") and manager.transition("activate")
     result = manager.roundtrip(_pixels())
@@ -212,7 +219,7 @@ def test_a_configure_that_fails_leaves_the_node_unconfigured_and_can_be_retried(
     the configure transition with the reason in the log; the node goes on, unconfigured, and
     configures once the file is there."""
     missing = tmp_path / "arriving_model"
-    node = _managed_node(ros, "/retry", checkpoint=str(missing))
+    node = _managed_node(ros, "/retry", checkpoint=str(missing), **{"input.no_image_warning_s": 1.0})
     manager = Manager(ros, "/retry")
     assert not manager.transition("configure")
     error = next((line for line in capfd.readouterr().err.splitlines() if "lifecycle configure failed" in line), "")
@@ -222,6 +229,43 @@ def test_a_configure_that_fails_leaves_the_node_unconfigured_and_can_be_retried(
     random_model_dir(missing)
     assert manager.transition("configure") and manager.transition("activate")
     assert manager.roundtrip(_pixels()) is not None
+
+    # A camera that stops during a pause is reported after the next activate, as at start-up.
+    assert manager.transition("deactivate")
+    before = node.counters.get("no_image_warnings")
+    assert manager.transition("activate")
+    assert wait_for(lambda: node.counters.get("no_image_warnings") == before + 1, timeout=10)
+
+
+def test_a_task_change_encoding_during_cleanup_publishes_nothing_after_it():
+    """`set_task` encoding while a lifecycle cleanup ran published its task over the status the
+    cleanup had just published (a node without a model announcing a task)."""
+    import threading
+
+    from toist_ros.tasks import TaskSwitch
+
+    published, encoding, release = [], threading.Event(), threading.Event()
+
+    def encode(text):
+        if text == "slow":
+            encoding.set()
+            release.wait(5)
+        return type("State", (), {"caption": f"caption of {text}", "task_id": None})()
+
+    log = type("Log", (), {"info": print, "warning": print, "error": print})()
+    tasks = TaskSwitch(encode, published.append, log)
+    tasks.start("2")
+    replies = []
+    thread = threading.Thread(target=lambda: replies.append(tasks.set("slow")))
+    thread.start()
+    assert encoding.wait(5)
+    tasks.close()
+    release.set()
+    thread.join(5)
+    assert replies and not replies[0][0] and "lifecycle cleanup" in replies[0][1]
+    assert published == [] and tasks.active.revision == 1
+    tasks.publish_active()
+    assert published == []
 
 
 def test_the_lifecycle_executable_waits_for_its_manager_and_stops_on_sigint(ros, tmp_path, model_dir):

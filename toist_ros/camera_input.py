@@ -95,6 +95,13 @@ class Camera:
             self.window[0] += 1
             self.window[1] += lost
 
+    def forget_arrivals(self) -> None:
+        """A new subscription (after a lifecycle pause): what publishers sent while there was none
+        was never meant to arrive, so the sequence numbers and the loss window start afresh."""
+        with self._sequence_lock:
+            self._last_sequence.clear()
+            self.window, self.window_start = [0, 0], time.monotonic()
+
     def close_window(self, now: float) -> tuple[int, int]:
         """(arrived, lost) of the window that ends ``now``; the next one starts."""
         with self._sequence_lock:
@@ -119,6 +126,9 @@ class CameraInputs:
         self.cameras = [Camera(i, topic) for i, topic in enumerate(settings["input.topics"])]
         self.slots = FrameSlots(len(self.cameras))
         self._timer = None
+        # Per camera (images received, rejected) when last subscribed: the no-image warning is
+        # about the current subscription.
+        self._subscribed_counts = [(0, 0)] * len(self.cameras)
 
     @property
     def reliability(self) -> str:
@@ -140,7 +150,9 @@ class CameraInputs:
         check; the slots take frames again (after :meth:`unsubscribe`)."""
         node = self._node
         self.slots.reopen()
+        self._subscribed_counts = [(self.slots.received[c.index], c.rejected) for c in self.cameras]
         for camera in self.cameras:
+            camera.forget_arrivals()
             self._subscribe(camera, self._wanted_reliable(camera, current=False))
             node.get_logger().info(f"input {camera.subscribed_name} ({self._kind().__name__}, QoS "
                                    f"{qos_text(image_qos(camera.reliable))}, input.reliability "
@@ -260,7 +272,8 @@ class CameraInputs:
         """For each camera that got nothing: one warning with the publishers on its topic and their QoS."""
         settings = self._settings
         for camera in self.cameras:
-            if self.slots.received[camera.index] or camera.rejected:  # its own warnings said why
+            received, rejected = self._subscribed_counts[camera.index]
+            if self.slots.received[camera.index] > received or camera.rejected > rejected:  # its warnings said why
                 continue
             self._counters.add("no_image_warnings")
             publishers = self._node.get_publishers_info_by_topic(camera.subscribed_name)

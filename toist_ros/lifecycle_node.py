@@ -13,9 +13,10 @@ Started by ``perception_lifecycle_node`` (launch argument ``lifecycle:=true``), 
   shutdown    whatever is running stops -> *finalized*
 
 A transition that cannot be made (a checkpoint that does not load, an unusable start-up task)
-logs the reason at ERROR and fails: the node stays *unconfigured* and can be configured again
-(after its parameters are changed). Parameters marked read-only (``checkpoint``, ``device``, ...)
-cannot be changed at run time in either mode; they come from the command line or params file.
+logs the reason at ERROR, undoes what it had done and fails: the node stays where it was, and
+can try again (a checkpoint still being copied is taken once it is there). Parameters marked
+read-only (``checkpoint``, ``device``, ``task``, ...) cannot be changed at run time in either
+mode; they come from the command line or params file.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ replaced by the next one and counted as dropped.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -97,6 +98,9 @@ class PerceptionNode(Node):
         self.latency_ms = Percentiles()
         self.geometry_ms = Percentiles()
         self._phase = UNCONFIGURED
+        # Held while a transition clears what callbacks read (the model, the inputs, the timers),
+        # and by the timer callbacks that read them: a lifecycle cleanup runs beside them.
+        self._state_lock = threading.Lock()
         self._health = HealthLevel()
         self.model = self.segmenter = self._tasks = self._inputs = self._depth = self._worker = None
         self._cameras: list = []
@@ -185,14 +189,17 @@ class PerceptionNode(Node):
         self._inputs.unsubscribe()
         if self._depth is not None:
             self._depth.unsubscribe()
-        if self._no_image_timer is not None:
-            self.destroy_timer(self._no_image_timer)
-            self._no_image_timer = None
+        with self._state_lock:
+            timer, self._no_image_timer = self._no_image_timer, None
+        if timer is not None:
+            self.destroy_timer(timer)
         self._tasks.publish_active()
 
     def _cleanup(self) -> None:
         """Back to before :meth:`_configure`: outputs and services destroyed, the model released
         (its GPU memory with it)."""
+        if self._tasks is not None:
+            self._tasks.close()  # a task change encoding now publishes nothing over the status below
         if self._task_sub is not None:
             self.destroy_subscription(self._task_sub)
             self.destroy_service(self._set_task_srv)
@@ -201,9 +208,10 @@ class PerceptionNode(Node):
         if self._inputs is not None:
             self._inputs.destroy_outputs()
         device = str(getattr(self.model, "device", "cpu"))
-        self.model = self.segmenter = self._tasks = self._inputs = self._depth = self._worker = None
-        self._cameras = []
-        self._phase = UNCONFIGURED
+        with self._state_lock:
+            self._phase = UNCONFIGURED
+            self.model = self.segmenter = self._tasks = self._inputs = self._depth = self._worker = None
+            self._cameras = []
         if device.startswith("cuda"):
             import torch  # the model's device was CUDA: torch is loaded already
 
@@ -263,8 +271,12 @@ class PerceptionNode(Node):
             self.get_logger().info(f"warm-up 3D step: {1000 * warm_up_3d():.0f} ms (numba kernel loaded or compiled)")
 
     def _warn_no_image(self) -> None:
-        self._no_image_timer.cancel()
-        self._inputs.warn_no_image()
+        with self._state_lock:
+            timer, inputs = self._no_image_timer, self._inputs
+            if timer is None or inputs is None or self._phase != ACTIVE:
+                return
+            timer.cancel()  # one warning per activation
+            inputs.warn_no_image()
 
     # --- tasks -------------------------------------------------------------------------------
 
@@ -275,7 +287,10 @@ class PerceptionNode(Node):
 
     def set_task(self, text: str) -> tuple[bool, str, int]:
         """Encode ``text`` and make it the active task; (success, message, revision)."""
-        return self._tasks.set(text)
+        tasks = self._tasks
+        if tasks is None:  # a task message that came while a lifecycle cleanup ran
+            return False, f"the node is {self._phase} (lifecycle): configure it to set a task", 0
+        return tasks.set(text)
 
     def _on_set_task(self, request: Any, response: Any) -> Any:
         response.success, response.message, response.revision = self.set_task(request.task)
@@ -297,8 +312,8 @@ class PerceptionNode(Node):
         self._status_pub.publish(status)
 
     def _on_segment_image(self, request: Any, response: Any) -> Any:
-        worker = self._worker
-        if not self._ready or worker is None:
+        worker, tasks = self._worker, self._tasks
+        if not self._ready or worker is None or tasks is None:
             response.success, response.message = False, (f"the node is {self._phase} (lifecycle): activate it to "
                                                          "segment images")
             return response
@@ -311,7 +326,7 @@ class PerceptionNode(Node):
             return response
         text = request.task.strip()
         try:
-            task = self.active_task if not text else self._tasks.one_shot(text)
+            task = tasks.active if not text else tasks.one_shot(text)
         except Exception as exc:
             response.success, response.message = False, f"task {quote(text)} rejected: {exc}"
             return response
@@ -364,21 +379,23 @@ class PerceptionNode(Node):
                              geometry_ms=self.geometry_ms if self._depth is not None else None)
 
     def _publish_diagnostics(self) -> None:
-        phase = self._phase
-        if phase == CONFIGURING:  # StartupDiagnostics reports each step
-            return
-        if phase in (UNCONFIGURED, FINALIZED):
-            self._publish_startup_report(OK, "unconfigured (lifecycle): configure it to load the model"
-                                         if phase == UNCONFIGURED else "finalized (lifecycle): shut down, nothing runs")
-            return
-        values = self.diagnostics_values()
-        if phase == ACTIVE:
-            level, message = self._health.judge(values, ready=True, last_error=self._worker.last_error,
-                                                receiving=self._inputs.receiving())
-        else:
-            level, message = OK, "inactive (lifecycle): model loaded, no images taken until activated"
+        with self._state_lock:
+            phase = self._phase
+            if phase == CONFIGURING:  # StartupDiagnostics reports each step
+                return
+            if phase in (UNCONFIGURED, FINALIZED):
+                self._publish_startup_report(OK, "unconfigured (lifecycle): configure it to load the model"
+                                             if phase == UNCONFIGURED else "finalized (lifecycle): shut down")
+                return
+            values = self.diagnostics_values()
+            if phase == ACTIVE:
+                level, message = self._health.judge(values, ready=True, last_error=self._worker.last_error,
+                                                    receiving=self._inputs.receiving())
+            else:
+                level, message = OK, "inactive (lifecycle): model loaded, no images taken until activated"
+            device = self.model.device
         self._diag_pub.publish(diagnostic_array(self.get_clock().now().to_msg(), self._diagnostics_name(),
-                                                self.model.device, level, message, values))
+                                                device, level, message, values))
 
     def _publish_startup_report(self, level: int, message: str) -> None:
         """The status while the node starts (:mod:`toist_ros.startup_status`): what it was asked to load."""

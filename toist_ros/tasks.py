@@ -19,6 +19,7 @@ ONE_SHOT_TASK_CACHE = 8       # encoded one-shot tasks kept (segment_image with 
 # The revision of a segment_image result computed for a task of its own (not the active task).
 # Active tasks count from 1, so 0 cannot be mistaken for an active-task result.
 ONE_SHOT_REVISION = 0
+CLOSED = "the node released its model (lifecycle cleanup)"
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class TaskSwitch:
         self._one_shot_tasks: collections.OrderedDict = collections.OrderedDict()
         self._one_shot_lock = threading.Lock()
         self._warned: set = set()  # tasks whose "not trained on" warning was logged (once each)
+        self._closed = False       # close(): the node released its model
 
     @property
     def active(self) -> ActiveTask:
@@ -77,7 +79,14 @@ class TaskSwitch:
     def publish_active(self) -> None:
         """Publish the active task again (``ready`` changed)."""
         with self._lock:
-            self._publish(self._task)
+            if not self._closed:
+                self._publish(self._task)
+
+    def close(self) -> None:
+        """No task change and no status message from now on (the node released its model:
+        lifecycle cleanup); a change still being encoded is refused when its encoding ends."""
+        with self._lock:
+            self._closed = True
 
     def set(self, text: str) -> tuple[bool, str, int]:
         """Encode ``text`` and make it the active task; (success, message, revision).
@@ -105,6 +114,8 @@ class TaskSwitch:
         if unchanged is not None:  # another name of the active task ("2" for "sit comfortably on")
             return unchanged
         with self._lock:
+            if self._closed:
+                return False, f"task {quote(text)} not taken: {CLOSED}", self._task.revision
             revision = self._task.revision + 1
             task = ActiveTask(text, caption, task_id, revision, state)
             self._task = task  # one assignment: a frame sees the old or the new task, never a mix
@@ -123,6 +134,8 @@ class TaskSwitch:
         ``active_task``; None when the active task is another one (changed meanwhile)."""
         with self._lock:
             active = self._task
+            if self._closed:
+                return False, f"task {quote(text)} not taken: {CLOSED}", active.revision
             if not same(active):
                 return None
             self._publish(active)
