@@ -270,6 +270,42 @@ def test_toist_evaluate_with_noun_captions_predicts_what_training_scored(tmp_pat
     assert toist(["evaluate", "--checkpoint", str(out / "BEST_checkpoint.pth"), "--data", str(root), "--tasks", "1",
                   "2", "--max-images", "3", "--captions", "noun", "--batch-size", "2", "--out", str(tmp_path / "e")]) == 2
 
+    # Without --captions: the checkpoint says it is a noun teacher (stage noun), and is read so.
+    from toist_core.eval.predictions import load_prediction_file
+
+    assert segmenter.captions == "noun"
+    saved = tmp_path / "auto.json"
+    assert toist(["evaluate", "--checkpoint", str(out / "BEST_checkpoint.pth"), "--data", str(root), "--tasks", "1",
+                  "2", "--max-images", "3", "--device", "cpu", "--save-predictions", str(saved), "--no-plots",
+                  "--out", str(tmp_path / "auto")]) == 0
+    auto = load_prediction_file(saved).tasks
+    for task, images in trained.items():
+        for image_id, expected in images.items():
+            assert np.allclose(auto[task][image_id].scores, expected.scores, atol=1e-6)
+    assert toist(["evaluate", "--checkpoint", str(out / "BEST_checkpoint.pth"), "--data", str(root), "--tasks", "1",
+                  "--max-images", "3", "--batch-size", "2", "--out", str(tmp_path / "e2")]) == 2
+
+
+def test_which_captions_a_checkpoint_was_trained_on():
+    """`toist evaluate --captions auto` reads noun captions for a noun teacher: a toist training
+    checkpoint of stage noun or grounding, or an official file trained with --verb_noun_input;
+    the pronoun otherwise (a distillation file's network is its pronoun student)."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from toist_core.checkpoint.load import training_captions
+
+    def official(**args):
+        return SimpleNamespace(train_config=None, args=Namespace(**args))
+
+    assert training_captions(official(verb_noun_input=True, distillation=False)) == "noun"
+    assert training_captions(official(verb_noun_input=True, distillation=True)) == "pronoun"
+    assert training_captions(official(verb_noun_input=False)) == "pronoun"
+    assert training_captions(SimpleNamespace(train_config=None, args=None)) == "pronoun"  # a bare state_dict
+    for stage, expected in (("noun", "noun"), ("grounding", "noun"), ("pronoun", "pronoun"), ("distill", "pronoun"),
+                            ("mask_head", "pronoun")):
+        assert training_captions(SimpleNamespace(train_config={"stage": stage}, args=None)) == expected
+
 
 def test_holdout_images_a_loaded_checkpoint_trained_on_are_reported(synth_root, tmp_path):
     """A stage validating on a holdout the stage before it trained on reports optimistic numbers:

@@ -27,6 +27,7 @@ import torch
 from pycocotools.coco import COCO
 from torch import nn
 
+from toist_core.checkpoint.load import NOUN_CAPTION_STAGES
 from toist_core.config import InferenceConfig
 from toist_core.data.coco_tasks import CocoTasksDataset
 from toist_core.eval.evaluator import evaluate_tasks, load_ground_truth
@@ -144,7 +145,7 @@ def predict(model: nn.Module, val: ValidationSet, cfg: TrainConfig, env: DistEnv
             indices = [i for i in range(len(dataset)) if dataset.sample_info(i)[1].id in wanted]
             mine = indices[env.rank::env.world_size]
             task_preds = {}
-            if cfg.stage in ("noun", "grounding"):
+            if cfg.stage in NOUN_CAPTION_STAGES:
                 # The teacher reads noun captions (reference --verb_noun_input at evaluation too):
                 # one caption per image, from its ground-truth classes. A grounding
                 # pre-training run is scored the same way (its own task has no task metric).

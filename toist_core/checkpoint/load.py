@@ -23,6 +23,8 @@ from .strict import BankSettings, build_memory_bank, load_official_weights
 # The released TOIST models are trained on all 14 COCO-Tasks with the pronoun "something".
 OFFICIAL_TASKS = tuple(range(1, 15))
 OFFICIAL_PRONOUN = "something"
+# The training stages whose models read noun captions (the teacher; grounding pre-training).
+NOUN_CAPTION_STAGES = ("noun", "grounding")
 
 logger = logging.getLogger(__name__)
 _SUMMARY_LOGGER = "toist_core.checkpoint"  # load.py and model_dir.py log one summary line per load
@@ -84,7 +86,21 @@ def load_official(path: PathLike, config: Optional[ModelConfig] = None,
         # Its bank served the cluster loss only; inference (and an exported directory) must not
         # replace the pronoun's rows the training never replaced.
         bank = None
-    return LoadedModel(model.eval(), cfg, bank, pronoun, str(path), input_size, tasks, vocabulary)
+    return LoadedModel(model.eval(), cfg, bank, pronoun, str(path), input_size, tasks, vocabulary,
+                       training_captions(ckpt))
+
+
+def training_captions(ckpt: OfficialCheckpoint) -> str:
+    """``"noun"`` for a file whose model was trained on noun captions: a toist training
+    checkpoint of a stage in :data:`NOUN_CAPTION_STAGES`, or an official file trained with
+    ``--verb_noun_input`` (the reference's noun teacher; a distillation run's file holds the
+    pronoun student); else ``"pronoun"``."""
+    if ckpt.train_config is not None:
+        return "noun" if ckpt.train_config.get("stage") in NOUN_CAPTION_STAGES else "pronoun"
+    args = ckpt.args
+    if getattr(args, "verb_noun_input", False) and not getattr(args, "distillation", False):
+        return "noun"
+    return "pronoun"
 
 
 def bank_settings(ckpt: OfficialCheckpoint) -> BankSettings:

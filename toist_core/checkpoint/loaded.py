@@ -17,6 +17,9 @@ class LoadedModel:
 
     tasks: the task ids it was trained on (None: not recorded, e.g. a version-2 directory).
     vocabulary: what its task ids mean (COCO-Tasks for official files and older directories).
+    captions: what it was trained to read: ``"pronoun"`` (the task's caption, "sit comfortably on
+    something") or ``"noun"`` (each image's own noun caption: a noun teacher, a grounding run;
+    recorded by toist training checkpoints and official files, not by model directories).
     """
 
     model: nn.Module
@@ -27,6 +30,7 @@ class LoadedModel:
     input_size: InputSize = field(default_factory=InputSize)
     tasks: Optional[tuple[int, ...]] = None
     vocabulary: TaskVocabulary = COCO_TASKS
+    captions: str = "pronoun"
 
 
 def describe_heads(config: ModelConfig) -> str:

@@ -82,11 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave a distilled model's memory bank unused (no cluster-centre replacement of the "
                              "pronoun; --checkpoint): for files trained with CCR off, such as the paper's Table 3 "
                              "rows 2-4 (toist's own such checkpoints are recognised without it)")
-    parser.add_argument("--captions", choices=["pronoun", "noun"], default="pronoun",
-                        help="what the model reads (--checkpoint): the task's pronoun caption (default), or each "
-                             "image's noun caption, naming its preferred objects' classes: how a noun teacher "
-                             "(stage noun) is trained and scored, the reference's eval_dete_noun.sh; one image "
-                             "per forward pass, no cluster-centre replacement")
+    parser.add_argument("--captions", choices=["auto", "pronoun", "noun"], default="auto",
+                        help="what the model reads (--checkpoint): the task's pronoun caption, or each image's "
+                             "noun caption, naming its preferred objects' classes: how a noun teacher (stage "
+                             "noun) is trained and scored, the reference's eval_dete_noun.sh; one image per "
+                             "forward pass, no cluster-centre replacement. auto (default): noun for a file that "
+                             "records noun training (a toist checkpoint of stage noun or grounding, an official "
+                             "file trained with --verb_noun_input), else pronoun; a model directory records no "
+                             "stage: give noun for an exported teacher")
     parser.add_argument("--no-plots", action="store_true", help="skip the precision-recall PNGs")
 
 
@@ -103,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.captions == "noun" and (args.predictions or args.batch_size != 1):
         raise ValueError("--captions noun: with --checkpoint and --batch-size 1 only (every image has its own "
                          "caption)")
+    captions = args.captions
     if args.predictions:
         if args.save_predictions:
             raise ValueError("--save-predictions: only with --checkpoint (with --predictions the file already "
@@ -123,6 +127,15 @@ def run(args: argparse.Namespace) -> int:
         if "segm" in (args.iou_types or ()) and getattr(segmenter, "has_masks", None) is False:
             raise DataError(f"--iou-types segm: {args.checkpoint} is a detection model (no mask head): it predicts "
                             "boxes only; evaluate with --iou-types bbox")
+        if captions == "auto":
+            captions = getattr(segmenter, "captions", "pronoun")  # a segmenter that does not say: pronoun
+            if captions == "noun":
+                if args.batch_size != 1:
+                    raise ValueError(f"{args.checkpoint} was trained on noun captions (a noun teacher): it is "
+                                     "evaluated one image at a time, each with its own caption; use --batch-size 1 "
+                                     "(or --captions pronoun to give it the task captions)")
+                print(f"{args.checkpoint}: trained on noun captions (a noun teacher): each image is read with its "
+                      "own noun caption (--captions noun; --captions pronoun for the task captions)", file=sys.stderr)
         # Default: the tasks the model was trained on, else every task of its vocabulary.
         tasks = (parse_task_list(args.tasks, max_id=None) if args.tasks
                  else sorted(segmenter.trained_tasks or segmenter.vocabulary.ids))
@@ -138,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     if predictions is None:
         image_dir = Path(args.image_dir) if args.image_dir else _default_image_dir(args.data, args.split)
         predictions = predict_tasks(segmenter, files, image_dir, image_ids, batch_size=args.batch_size,
-                                    captions=args.captions,
+                                    captions=captions,
                                     require_masks="segm" in (args.iou_types or ()))
     else:
         for t in tasks:

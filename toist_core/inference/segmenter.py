@@ -73,7 +73,7 @@ class TaskSegmenter:
                  inference: Optional[InferenceConfig] = None, config: Optional[ModelConfig] = None,
                  task: Union[int, str, None] = None, input_size: Optional[InputSize] = None,
                  trained_tasks: Optional[Sequence[int]] = None, onnx_network=None,
-                 vocabulary: TaskVocabulary = COCO_TASKS):
+                 vocabulary: TaskVocabulary = COCO_TASKS, captions: str = "pronoun"):
         """Wrap ``model`` as it is: the segmenter never changes a module it is given (device,
         dtype, memory layout and train/eval mode stay the caller's; a module in training mode is
         put in eval mode only for the duration of each forward pass), so a trainer can evaluate
@@ -88,7 +88,9 @@ class TaskSegmenter:
         ``vocabulary``: what task ids and names mean (a model directory records its own; default
         the 14 COCO-Tasks tasks); the memory bank has one slot per task of it.
         ``onnx_network``: the :class:`~.onnx_backend.OnnxNetwork` that runs the network when
-        ``inference.backend`` is not ``"torch"`` (:meth:`from_pretrained` opens it)."""
+        ``inference.backend`` is not ``"torch"`` (:meth:`from_pretrained` opens it).
+        ``captions``: what the model was trained to read, ``"pronoun"`` or ``"noun"`` (a noun
+        teacher; ``toist evaluate`` then gives it each image's noun caption)."""
         self.device = resolve_device(device)
         inference = inference or InferenceConfig()
         if (inference.backend != "torch") != (onnx_network is not None):
@@ -103,6 +105,9 @@ class TaskSegmenter:
         self.config = config
         self.trained_tasks = tuple(sorted(trained_tasks)) if trained_tasks else None
         self.vocabulary = vocabulary
+        if captions not in ("pronoun", "noun"):
+            raise ValueError(f"captions must be 'pronoun' or 'noun', got {captions!r}")
+        self.captions = captions
         self._warned: set = set()
         if memory_bank is not None and getattr(memory_bank, "num_tasks", vocabulary.num_tasks) != vocabulary.num_tasks:
             raise ValueError(f"the memory bank has {memory_bank.num_tasks} task slots but {vocabulary.describe()} "
@@ -222,7 +227,7 @@ class TaskSegmenter:
         return cls(prepared(loaded.model, device, inference), device=device, memory_bank=loaded.memory_bank,
                    pronoun=loaded.pronoun, inference=inference, config=loaded.config, task=task,
                    input_size=loaded.input_size, trained_tasks=loaded.tasks, onnx_network=network,
-                   vocabulary=loaded.vocabulary)
+                   vocabulary=loaded.vocabulary, captions=loaded.captions)
 
     @classmethod
     def from_config(cls, config: Union[str, ModelConfig] = "tiny", device: Union[str, torch.device] = "cpu",
