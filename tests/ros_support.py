@@ -55,6 +55,14 @@ class RosSession:
         rclpy.shutdown(context=self.context)
 
 
+@pytest.fixture(scope="module")
+def ros_per_module():
+    """One :class:`RosSession` shared by a module's tests (import it as ``ros``)."""
+    session = RosSession()
+    yield session
+    session.close()
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.02) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` seconds passed."""
     deadline = time.monotonic() + timeout

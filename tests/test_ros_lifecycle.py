@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ros_support import RosSession, random_model_dir, wait_for
+from ros_support import random_model_dir, wait_for
+from ros_support import ros_per_module as ros  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.ros
 
@@ -112,13 +113,6 @@ class Manager:
 
 def _pixels():
     return np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
-
-
-@pytest.fixture(scope="module")
-def ros():
-    session = RosSession()
-    yield session
-    session.close()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from ros_support import RosSession, random_model_dir, wait_for
+from ros_support import random_model_dir, wait_for
+from ros_support import ros_per_module as ros  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.ros
 
@@ -249,13 +250,6 @@ class Probe:
         response = self.call(client, request)
         self.node.destroy_client(client)
         return response.results
-
-
-@pytest.fixture(scope="module")
-def ros():
-    session = RosSession()
-    yield session
-    session.close()
 
 
 @pytest.fixture(scope="module")
