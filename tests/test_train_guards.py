@@ -194,7 +194,7 @@ def test_fresh_start_refuses_another_runs_checkpoints_not_only_checkpoint_pth(sy
     """A run that evaluated and crashed before its first checkpoint.pth leaves BEST_checkpoint.pth
     alone; a new run there started, and exported that run's best weights as its model."""
     from toist_core.typed_config import ConfigError
-    from training.loops import check_start
+    from training.start_checks import check_start
 
     out = tmp_path / "run"
     out.mkdir()
@@ -328,7 +328,7 @@ def test_schedule_refusal_names_the_field_and_says_what_follows_from_the_data(sy
         Trainer(_config("tiny_pronoun.yaml", synth_root, out, "loader.batch_size=4"), DistEnv(), resume=ckpt)
     assert "loader.batch_size: checkpoint 2, config 4: it sets the updates per epoch" in str(info.value)
     # `toist train --check` gives the refusals the start gives (it said "configuration and paths OK").
-    from training.loops import check_start
+    from training.start_checks import check_start
 
     for override, says in (("schedule.lr_drop=3", "(schedule.lr_drop: checkpoint 20 vs config 3)"),
                            ("schedule.epochs=31", "(schedule.epochs: checkpoint 30 vs config 31; total_steps"),
@@ -344,7 +344,7 @@ def test_a_resume_keeps_the_holdout_it_trained_without(synth_root, tmp_path):
     """A resume with another eval.holdout_seed (or fraction, or from holdout to a named split)
     was taken without a word: images it had validated on trained, images it trained on
     validated, and the best compared scores of different image sets."""
-    from training.loops import check_start
+    from training.start_checks import check_start
 
     out = tmp_path / "run"
     holdout = ["eval.enabled=true", "eval.holdout_fraction=0.25", "eval.every_epochs=0", "schedule.max_steps=1"]
@@ -389,12 +389,68 @@ def test_validation_ground_truth_is_read_once_per_run(synth_root, tmp_path, monk
 def test_a_refused_resume_advises_a_start_the_stage_takes(synth_root, tmp_path, config, says, never):
     """The advice was init.load=<checkpoint> for every stage: a mask-head stage refuses init.load,
     and a distillation started so reads the student as the teacher and loses its bank."""
-    from training.loops import _check_resume_config
+    from training.start_checks import check_resume_config
 
     cfg = _config(config, synth_root, tmp_path / "run")
     saved = config_to_dict(cfg)
     saved["optim"]["lr"] = cfg.optim.lr * 2
     with pytest.raises(CheckpointError) as info:
-        _check_resume_config({"stage": cfg.stage, "config": saved}, cfg, "old/checkpoint.pth")
+        check_resume_config({"stage": cfg.stage, "config": saved}, cfg, "old/checkpoint.pth")
     assert "Resume with the checkpoint's values. To go on with other settings" in str(info.value)
     assert says in str(info.value) and (never is None or never not in str(info.value)), str(info.value)
+
+
+def test_a_run_killed_between_its_checkpoint_and_its_best_writes_the_best_when_resumed(synth_root, tmp_path,
+                                                                                      monkeypatch):
+    """checkpoint.pth of an improving update is written before BEST_checkpoint.pth: a run killed
+    between the two resumed with BEST holding an older update, which `make default-model`'s next
+    stage (and an export) took as the best. The resumed run writes the best's own weights again."""
+    import training.loops as loops
+
+    def improving(model, val, cfg, env, bank=None):  # every evaluation better than the one before
+        improving.calls += 1
+        return {"mAP50/bbox": 0.1 * improving.calls, "images": 3.0, "seconds": 0.0}
+
+    improving.calls = 0
+    monkeypatch.setattr(loops, "evaluate", improving)
+    out = tmp_path / "run"
+    cfg = _config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=3", "eval.enabled=true",
+                  "eval.holdout_fraction=0.3", "eval.every_steps=1", "checkpoint.every_steps=1",
+                  "checkpoint.export_model_dir=false")
+    save = Trainer._save
+
+    def killed_before_the_last_best(self, name):
+        if name == "BEST_checkpoint.pth" and self.step == 3:
+            raise SystemExit("killed")
+        save(self, name)
+
+    monkeypatch.setattr(Trainer, "_save", killed_before_the_last_best)
+    with pytest.raises(SystemExit):
+        Trainer(cfg, DistEnv()).run()
+    monkeypatch.setattr(Trainer, "_save", save)
+    last = load_training_checkpoint(out / "checkpoint.pth")
+    assert last["step"] == 3 and last["best"]["step"] == 3
+    assert load_training_checkpoint(out / "BEST_checkpoint.pth")["step"] == 2   # the older best
+
+    logs = []
+    result = Trainer(cfg, DistEnv(), resume=str(out / "checkpoint.pth"), log=logs.append).run()
+    assert result.best["step"] == 3
+    best = load_training_checkpoint(out / "BEST_checkpoint.pth")
+    assert best["step"] == 3 and best["best"] == last["best"]
+    assert all(torch.equal(best["model_ema"][k], last["model_ema"][k]) for k in last["model_ema"])
+    assert any("BEST_checkpoint.pth holds the older update 2: written from it" in line for line in logs)
+
+    # Resumed from an older update than the file holds (a rerun from checkpoint_epochNNNN.pth, or
+    # here the update-2 checkpoint): the later best is kept, not replaced by an older update.
+    earlier = tmp_path / "update2.pth"
+    cfg_again = _config("tiny_pronoun.yaml", synth_root, tmp_path / "again", "schedule.max_steps=2",
+                        "eval.enabled=true", "eval.holdout_fraction=0.3", "eval.every_steps=1",
+                        "checkpoint.every_steps=1", "checkpoint.export_model_dir=false")
+    Trainer(cfg_again, DistEnv()).run()
+    shutil.copy(tmp_path / "again" / "checkpoint.pth", earlier)
+    assert load_training_checkpoint(earlier)["best"]["step"] == 2
+    logs.clear()
+    Trainer(cfg, DistEnv(), resume=str(earlier), log=logs.append)._write_interrupted_best()
+    kept = load_training_checkpoint(out / "BEST_checkpoint.pth")
+    assert kept["step"] == 3 and any("later than update 2 this run resumed from: left as it is" in line
+                                     for line in logs)

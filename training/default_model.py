@@ -58,7 +58,8 @@ from training.distributed import DistEnv, seed_everything
 from training.evaluate import build_validation_set, evaluate
 from training.export import export_checkpoint
 from training.interrupt import exit_code
-from training.loops import BEST, LAST, Trainer
+from training.loops import Trainer
+from training.start_checks import BEST, LAST
 from training.stage_processes import StageStopped, WorkDirBusy, run_stages, stage_lock, stage_stop, work_dir_lock
 
 CONFIGS = Path(__file__).resolve().parent / "configs"

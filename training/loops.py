@@ -38,7 +38,7 @@ from toist_core.stop_signals import StopSignals
 from toist_core.typed_config import ConfigError
 
 from training import checkpointing as ckpt_io
-from training.config import HOLDOUT, EvalConfig, TrainConfig, check_paths, config_to_dict, save_config
+from training.config import HOLDOUT, TrainConfig, check_paths, config_to_dict, save_config
 from training.distributed import (DistEnv, all_gather_objects, barrier, broadcast_object, seed_everything,
                                   set_deterministic, wrap_ddp)
 from training.ema import ModelEMA
@@ -49,10 +49,9 @@ from training.optim import build_optimizer, clip_grad_norm
 from training.sampling import EpochBatchSampler, SeededSamples
 from training.schedule import LRSchedule, ScheduleMismatch
 from training.stages import StepModule, build_criterion, build_stage_models, compute_losses, float_outputs
+from training.start_checks import (BEST, EPOCH_PATTERN, LAST, check_resume_config, earlier_run_file,
+                                   new_run_advice, refuse_existing_run)
 
-LAST = "checkpoint.pth"
-BEST = "BEST_checkpoint.pth"
-EPOCH_PATTERN = "checkpoint_epoch*.pth"   # numbered copies (checkpoint.keep_epochs)
 MODEL_DIR = "model"
 
 
@@ -91,11 +90,11 @@ class Trainer:
         # Rank 0 writes output_dir, so its view decides; every process refuses together (a
         # process going on alone would wait in DDP's set-up for the ones that stopped).
         if resume_state is None:
-            found = broadcast_object(_earlier_run_file(self.output_dir) if env.is_main else None, env)
+            found = broadcast_object(earlier_run_file(self.output_dir) if env.is_main else None, env)
             if found is not None:
-                _refuse_existing_run(self.output_dir, found)
+                refuse_existing_run(self.output_dir, found)
         if resume_state is not None:
-            _check_resume_config(resume_state, cfg, resume)
+            check_resume_config(resume_state, cfg, resume)
         # Only once the run is accepted: a refused start must not touch a folder that another
         # run may still be writing into.
         if env.is_main:
@@ -198,6 +197,8 @@ class Trainer:
         result.stopped_by = self._stop_signal()
         if self.eval_pending and result.stopped_by is None:
             self._finish_pending_eval()
+        if result.stopped_by is None:
+            self._write_interrupted_best()
         while self.step < self.max_steps and result.stopped_by is None:
             epoch = self.step // self.steps_per_epoch
             self.sampler.set_epoch(epoch, self.step % self.steps_per_epoch)
@@ -546,12 +547,47 @@ class Trainer:
         if not source.exists():
             self.log(f"{source} not found (best: update {self.best['step']}): exporting {LAST}")
             return None
-        recorded = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-        if recorded.get("step") != self.best["step"] or recorded.get("best") != self.best:
-            self.log(f"{source} holds update {recorded.get('step')}, not this run's best (update "
+        step, record = self._best_file_record()
+        if (step, record) != (self.best["step"], self.best):
+            self.log(f"{source} holds update {step}, not this run's best (update "
                      f"{self.best['step']}, {self.best['metric']} = {self.best['value']:.4f}): exporting {LAST}")
             return None
         return source
+
+    def _best_file_record(self) -> tuple[Optional[int], Optional[dict]]:
+        """(update, best record) ``BEST_checkpoint.pth`` holds; (None, None) without the file."""
+        source = self.output_dir / BEST
+        if not source.exists():
+            return None, None
+        recorded = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        return recorded.get("step"), recorded.get("best")
+
+    def _write_interrupted_best(self) -> None:
+        """Write ``BEST_checkpoint.pth`` again when the run resumed from the very update its best
+        is and the file lacks it: the earlier run was killed after that update's
+        ``checkpoint.pth`` and before its ``BEST_checkpoint.pth`` (written in that order), so the
+        file held an older update, which the next stage, or an export, took as the best. A file
+        holding a later update (a resume from an older ``checkpoint_epochNNNN.pth``) is left as it is."""
+        best = self.best
+        if best is None or best["step"] != self.step:
+            return
+        why = None
+        if self.env.is_main:
+            step, record = self._best_file_record()
+            if step is None:
+                why = "is missing"
+            elif step < self.step:
+                why = f"holds the older update {step}"
+            elif step == self.step and record != best:
+                why = f"holds another run's update {step}"
+            elif step > self.step:
+                self.log(f"{self.output_dir / BEST} holds update {step}, later than update {self.step} this run "
+                         "resumed from: left as it is")
+        why = broadcast_object(why, self.env)
+        if why:  # every process takes part in the save
+            self.log(f"update {self.step}, which this run resumed from, is its best ({best['metric']} = "
+                     f"{best['value']:.4f}) and {self.output_dir / BEST} {why}: written from it")
+            self._save(BEST)
 
     # ---------------------------------------------------------------------------- logging
 
@@ -581,137 +617,6 @@ class Trainer:
                 self.writer.add_scalar(f"lr/{group['name']}", group["lr"], self.step)
             self.writer.add_scalar("train/samples_per_s", rate, self.step)
         return numbers
-
-
-# Settings the resumed optimizer state brings back from the checkpoint (its parameter groups
-# hold them), whatever the config says.
-OPTIM_FROM_CHECKPOINT = ("lr", "lr_backbone", "text_encoder_lr", "weight_decay")
-
-
-def check_start(cfg: TrainConfig, resume: Optional[str] = None) -> None:
-    """What ``Trainer`` refuses before it writes anything, for ``toist train --check``: a fresh
-    start in an output_dir that holds a run, a ``resume`` checkpoint of another stage or model."""
-    if resume:
-        _check_resume_config(ckpt_io.load_training_checkpoint(resume), cfg, resume)
-        return
-    found = _earlier_run_file(Path(cfg.output_dir))
-    if found is not None:
-        _refuse_existing_run(Path(cfg.output_dir), found)
-
-
-def _earlier_run_file(output_dir: Path) -> Optional[str]:
-    """The name of a checkpoint an earlier run left in ``output_dir`` (None: none).
-
-    Not only ``checkpoint.pth``: a run that evaluated and then crashed before its first
-    ``checkpoint.pth`` leaves ``BEST_checkpoint.pth`` alone, and a new run there would export it
-    as its own model at the end.
-    """
-    if (output_dir / LAST).exists():
-        return LAST
-    if (output_dir / BEST).exists():
-        return BEST
-    epochs = sorted(output_dir.glob(EPOCH_PATTERN))
-    return epochs[-1].name if epochs else None
-
-
-def _refuse_existing_run(output_dir: Path, found: str) -> None:
-    if found == BEST:   # the best weights of a run that never wrote a resumable checkpoint.pth
-        raise ConfigError(f"output_dir: {output_dir} already holds {BEST} of an earlier run (without a {LAST} "
-                          "to resume); choose another output_dir, or move the file away to start over there")
-    raise ConfigError(f"output_dir: {output_dir} already holds {found}; continue it with "
-                      f"--resume {output_dir / found} or choose another output_dir")
-
-
-def _check_resume_config(ckpt: dict, cfg: TrainConfig, path) -> None:
-    """The checkpoint must come from the same stage and model, with the optimizer settings its
-    state restores (other settings may change)."""
-    if ckpt["stage"] != cfg.stage:
-        raise ckpt_io.CheckpointError(f"{path}: checkpoint of stage {ckpt['stage']!r}, config stage {cfg.stage!r}")
-    saved = ckpt.get("config") or {}
-    current = config_to_dict(cfg)
-    saved_model = saved.get("model")
-    if saved_model is not None and saved_model != current.get("model"):
-        diffs = _dict_diff(saved_model, current.get("model"), "model")
-        raise ckpt_io.CheckpointError(f"{path}: model config differs from the checkpoint's: " + "; ".join(diffs[:6]))
-    saved_optim = saved.get("optim") or {}
-    diffs = [f"optim.{name}: checkpoint {saved_optim[name]!r}, config {current['optim'][name]!r}"
-             for name in OPTIM_FROM_CHECKPOINT if name in saved_optim and saved_optim[name] != current["optim"][name]]
-    if diffs:
-        raise ckpt_io.CheckpointError(
-            f"{path}: a resume continues the checkpoint's optimizer, whose state holds its own values of "
-            f"{'; '.join(diffs)}. Resume with the checkpoint's values. {new_run_advice(cfg.stage, path)}")
-    _check_resume_schedule(ckpt, cfg, path)
-    _check_resume_holdout(saved, current, path, cfg.stage)
-
-
-def _check_resume_schedule(ckpt: dict, cfg: TrainConfig, path) -> None:
-    """The schedule the checkpoint continues, as far as the config alone decides it (epochs,
-    lr_drop, warmup, batch size): ``--check`` passed what the start then refused. (Updates per
-    epoch also follow from the data and the process count: checked when the run starts.)"""
-    state = ckpt.get("scheduler") or {}
-    saved_batch = ((ckpt.get("config") or {}).get("loader") or {}).get("batch_size")
-    if saved_batch is not None and saved_batch != cfg.loader.batch_size:
-        raise ckpt_io.CheckpointError(
-            f"{path}: loader.batch_size: checkpoint {saved_batch!r}, config {cfg.loader.batch_size!r}: it sets the "
-            f"updates per epoch, and so the learning-rate schedule; exact resume needs the same. "
-            f"{new_run_advice(cfg.stage, path)}")
-    if "steps_per_epoch" not in state:
-        return
-    schedule = LRSchedule(int(state["steps_per_epoch"]), cfg.schedule.epochs, cfg.schedule.lr_drop,
-                          cfg.schedule.warmup_fraction)
-    try:
-        schedule.check_compatible(state, str(path))
-    except ScheduleMismatch as exc:
-        raise ckpt_io.CheckpointError(f"{exc}. {new_run_advice(cfg.stage, path)}") from None
-
-
-def _check_resume_holdout(saved: dict, current: dict, path, stage: str) -> None:
-    """A holdout decides which training images train: a resume that carves another one trains on
-    images it validated on before (and scores on images it trained on), without a word."""
-    def holdout(config: dict) -> Optional[dict]:
-        evaluation = config.get("eval") or {}
-        if not evaluation.get("enabled", True) or evaluation.get("split", HOLDOUT) != HOLDOUT:
-            return None
-        return {"eval.holdout_fraction": evaluation.get("holdout_fraction", EvalConfig.holdout_fraction),
-                "eval.holdout_seed": evaluation.get("holdout_seed", EvalConfig.holdout_seed)}
-
-    before, now = holdout(saved), holdout(current)
-    if before == now or not saved.get("eval"):
-        return
-    if before is None or now is None:
-        said = (f"eval.split: checkpoint {'holdout' if before else (saved.get('eval') or {}).get('split')!r} "
-                f"(enabled {(saved.get('eval') or {}).get('enabled', True)}), config "
-                f"{'holdout' if now else (current.get('eval') or {}).get('split')!r} "
-                f"(enabled {(current.get('eval') or {}).get('enabled', True)})")
-    else:
-        said = "; ".join(f"{name}: checkpoint {before[name]!r}, config {now[name]!r}" for name in before
-                         if before[name] != now[name])
-    raise ckpt_io.CheckpointError(
-        f"{path}: {said}: the holdout decides which training images train and which validate; a resume keeps "
-        f"the checkpoint's. {new_run_advice(stage, path)}")
-
-
-def new_run_advice(stage: str, path) -> str:
-    """How to train on from checkpoint ``path`` of ``stage`` with settings a resume refuses: a
-    new run, started as the stage allows (only init.load for the stages that take it)."""
-    if stage in ("mask_head", "mask_head_distill"):
-        return ("To go on with other settings start a new run in another output_dir from the same "
-                "init.frozen_weights (a mask-head stage takes no init.load: its head trains from the start)")
-    if stage == "distill":
-        return (f"To go on with other settings start a new run in another output_dir with init.load={path} and "
-                f"init.load_noun={path} (its student and its teacher, EMA preferred; a fresh optimizer and "
-                "schedule; the memory bank starts empty and refills)")
-    return (f"To go on with other settings start a new run in another output_dir with init.load={path} (its "
-            "weights, EMA preferred; a fresh optimizer and schedule)")
-
-
-def _dict_diff(a, b, where: str) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in sorted(set(a) | set(b)):
-            out += _dict_diff(a.get(key), b.get(key), f"{where}.{key}")
-        return out
-    return [] if a == b else [f"{where}: checkpoint {a!r}, config {b!r}"]
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:

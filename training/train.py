@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         import yaml
 
-        from training.loops import check_start
+        from training.start_checks import check_start
 
         check_start(cfg, args.resume)  # the refusals a real start would give, before it writes
 
@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from training.distributed import cleanup_distributed, init_distributed
     from toist_core.stop_signals import StopSignals
     from training.interrupt import exit_code
-    from training.loops import LAST, Trainer
+    from training.loops import Trainer
+    from training.start_checks import LAST
 
     with StopSignals() as stop:
         env = init_distributed(cfg.runtime.device, cfg.distributed.backend, cfg.distributed.timeout_s)

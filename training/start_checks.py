@@ -1,0 +1,149 @@
+"""What a training run checks before it starts or resumes, and the checkpoint file names it
+works with: a fresh start refuses an output_dir holding another run's checkpoints; a resume
+refuses a checkpoint of another stage or model, or with optimizer, schedule or holdout settings
+its state cannot continue. ``toist train --check`` runs the same checks (:func:`check_start`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from toist_core.typed_config import ConfigError
+
+from training import checkpointing as ckpt_io
+from training.config import HOLDOUT, EvalConfig, TrainConfig, config_to_dict
+from training.schedule import LRSchedule, ScheduleMismatch
+
+LAST = "checkpoint.pth"
+BEST = "BEST_checkpoint.pth"
+EPOCH_PATTERN = "checkpoint_epoch*.pth"   # numbered copies (checkpoint.keep_epochs)
+
+# Settings the resumed optimizer state brings back from the checkpoint (its parameter groups
+# hold them), whatever the config says.
+OPTIM_FROM_CHECKPOINT = ("lr", "lr_backbone", "text_encoder_lr", "weight_decay")
+
+
+def check_start(cfg: TrainConfig, resume: Optional[str] = None) -> None:
+    """What ``Trainer`` refuses before it writes anything, for ``toist train --check``: a fresh
+    start in an output_dir that holds a run, a ``resume`` checkpoint of another stage or model."""
+    if resume:
+        check_resume_config(ckpt_io.load_training_checkpoint(resume), cfg, resume)
+        return
+    found = earlier_run_file(Path(cfg.output_dir))
+    if found is not None:
+        refuse_existing_run(Path(cfg.output_dir), found)
+
+
+def earlier_run_file(output_dir: Path) -> Optional[str]:
+    """The name of a checkpoint an earlier run left in ``output_dir`` (None: none).
+
+    Not only ``checkpoint.pth``: a run that evaluated and then crashed before its first
+    ``checkpoint.pth`` leaves ``BEST_checkpoint.pth`` alone, and a new run there would export it
+    as its own model at the end.
+    """
+    if (output_dir / LAST).exists():
+        return LAST
+    if (output_dir / BEST).exists():
+        return BEST
+    epochs = sorted(output_dir.glob(EPOCH_PATTERN))
+    return epochs[-1].name if epochs else None
+
+
+def refuse_existing_run(output_dir: Path, found: str) -> None:
+    if found == BEST:   # the best weights of a run that never wrote a resumable checkpoint.pth
+        raise ConfigError(f"output_dir: {output_dir} already holds {BEST} of an earlier run (without a {LAST} "
+                          "to resume); choose another output_dir, or move the file away to start over there")
+    raise ConfigError(f"output_dir: {output_dir} already holds {found}; continue it with "
+                      f"--resume {output_dir / found} or choose another output_dir")
+
+
+def check_resume_config(ckpt: dict, cfg: TrainConfig, path) -> None:
+    """The checkpoint must come from the same stage and model, with the optimizer settings its
+    state restores (other settings may change)."""
+    if ckpt["stage"] != cfg.stage:
+        raise ckpt_io.CheckpointError(f"{path}: checkpoint of stage {ckpt['stage']!r}, config stage {cfg.stage!r}")
+    saved = ckpt.get("config") or {}
+    current = config_to_dict(cfg)
+    saved_model = saved.get("model")
+    if saved_model is not None and saved_model != current.get("model"):
+        diffs = _dict_diff(saved_model, current.get("model"), "model")
+        raise ckpt_io.CheckpointError(f"{path}: model config differs from the checkpoint's: " + "; ".join(diffs[:6]))
+    saved_optim = saved.get("optim") or {}
+    diffs = [f"optim.{name}: checkpoint {saved_optim[name]!r}, config {current['optim'][name]!r}"
+             for name in OPTIM_FROM_CHECKPOINT if name in saved_optim and saved_optim[name] != current["optim"][name]]
+    if diffs:
+        raise ckpt_io.CheckpointError(
+            f"{path}: a resume continues the checkpoint's optimizer, whose state holds its own values of "
+            f"{'; '.join(diffs)}. Resume with the checkpoint's values. {new_run_advice(cfg.stage, path)}")
+    _check_resume_schedule(ckpt, cfg, path)
+    _check_resume_holdout(saved, current, path, cfg.stage)
+
+
+def _check_resume_schedule(ckpt: dict, cfg: TrainConfig, path) -> None:
+    """The schedule the checkpoint continues, as far as the config alone decides it (epochs,
+    lr_drop, warmup, batch size): ``--check`` passed what the start then refused. (Updates per
+    epoch also follow from the data and the process count: checked when the run starts.)"""
+    state = ckpt.get("scheduler") or {}
+    saved_batch = ((ckpt.get("config") or {}).get("loader") or {}).get("batch_size")
+    if saved_batch is not None and saved_batch != cfg.loader.batch_size:
+        raise ckpt_io.CheckpointError(
+            f"{path}: loader.batch_size: checkpoint {saved_batch!r}, config {cfg.loader.batch_size!r}: it sets the "
+            f"updates per epoch, and so the learning-rate schedule; exact resume needs the same. "
+            f"{new_run_advice(cfg.stage, path)}")
+    if "steps_per_epoch" not in state:
+        return
+    schedule = LRSchedule(int(state["steps_per_epoch"]), cfg.schedule.epochs, cfg.schedule.lr_drop,
+                          cfg.schedule.warmup_fraction)
+    try:
+        schedule.check_compatible(state, str(path))
+    except ScheduleMismatch as exc:
+        raise ckpt_io.CheckpointError(f"{exc}. {new_run_advice(cfg.stage, path)}") from None
+
+
+def _check_resume_holdout(saved: dict, current: dict, path, stage: str) -> None:
+    """A holdout decides which training images train: a resume that carves another one trains on
+    images it validated on before (and scores on images it trained on), without a word."""
+    def holdout(config: dict) -> Optional[dict]:
+        evaluation = config.get("eval") or {}
+        if not evaluation.get("enabled", True) or evaluation.get("split", HOLDOUT) != HOLDOUT:
+            return None
+        return {"eval.holdout_fraction": evaluation.get("holdout_fraction", EvalConfig.holdout_fraction),
+                "eval.holdout_seed": evaluation.get("holdout_seed", EvalConfig.holdout_seed)}
+
+    before, now = holdout(saved), holdout(current)
+    if before == now or not saved.get("eval"):
+        return
+    if before is None or now is None:
+        said = (f"eval.split: checkpoint {'holdout' if before else (saved.get('eval') or {}).get('split')!r} "
+                f"(enabled {(saved.get('eval') or {}).get('enabled', True)}), config "
+                f"{'holdout' if now else (current.get('eval') or {}).get('split')!r} "
+                f"(enabled {(current.get('eval') or {}).get('enabled', True)})")
+    else:
+        said = "; ".join(f"{name}: checkpoint {before[name]!r}, config {now[name]!r}" for name in before
+                         if before[name] != now[name])
+    raise ckpt_io.CheckpointError(
+        f"{path}: {said}: the holdout decides which training images train and which validate; a resume keeps "
+        f"the checkpoint's. {new_run_advice(stage, path)}")
+
+
+def new_run_advice(stage: str, path) -> str:
+    """How to train on from checkpoint ``path`` of ``stage`` with settings a resume refuses: a
+    new run, started as the stage allows (only init.load for the stages that take it)."""
+    if stage in ("mask_head", "mask_head_distill"):
+        return ("To go on with other settings start a new run in another output_dir from the same "
+                "init.frozen_weights (a mask-head stage takes no init.load: its head trains from the start)")
+    if stage == "distill":
+        return (f"To go on with other settings start a new run in another output_dir with init.load={path} and "
+                f"init.load_noun={path} (its student and its teacher, EMA preferred; a fresh optimizer and "
+                "schedule; the memory bank starts empty and refills)")
+    return (f"To go on with other settings start a new run in another output_dir with init.load={path} (its "
+            "weights, EMA preferred; a fresh optimizer and schedule)")
+
+
+def _dict_diff(a, b, where: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _dict_diff(a.get(key), b.get(key), f"{where}.{key}")
+        return out
+    return [] if a == b else [f"{where}: checkpoint {a!r}, config {b!r}"]
