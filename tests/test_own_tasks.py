@@ -130,6 +130,22 @@ def test_own_tasks_train_distil_export_and_resolve_by_phrase(workshop_model):
     assert prediction.boxes.shape[1] == 4
 
 
+def test_toist_evaluate_reads_the_own_noun_teacher_with_its_own_phrases(workshop, workshop_model, tmp_path,
+                                                                        monkeypatch):
+    """`toist evaluate` of the own tasks' noun teacher (noun captions, --captions auto) built its
+    captions from COCO-Tasks' phrases ("step on chair" for task 1), not the ones training scored."""
+    import toist_core.inference.noun_captions as noun_captions
+    from test_train_run import record_noun_captions
+
+    seen = record_noun_captions(monkeypatch, noun_captions)
+    root, _ = workshop
+    teacher = workshop_model.parent / "noun" / "checkpoint.pth"
+    assert cli.main(["evaluate", "--checkpoint", str(teacher), "--data", str(root), "--max-images", "2", "--device",
+                     "cpu", "--no-plots", "--out", str(tmp_path / "eval")]) == 0
+    captions = [caption for caption in seen if caption]  # "": an image without a preferred object
+    assert captions and all(c.startswith(("cut tape with ", "put a hot pan on ")) for c in captions), captions
+
+
 def test_fine_tuning_a_fourteen_task_model_dir_onto_own_tasks_keeps_weights_and_starts_the_bank_empty(workshop,
                                                                                                         tmp_path):
     tokenizer = load_tokenizer(preset("tiny").text.tokenizer)

@@ -216,18 +216,24 @@ def test_mask_head_stage_trains_only_the_head_on_the_frozen_detector(synth_root,
     assert {"loss_mask", "loss_dice"} <= set(result.last_losses)
 
 
-def test_noun_teacher_is_evaluated_on_noun_captions(synth_root, tmp_path, monkeypatch):
-    import training.evaluate as evaluation
-
+def record_noun_captions(monkeypatch, module) -> list:
+    """The captions ``module``'s ``noun_caption_state`` builds from now on, in order."""
     seen = []
-    original = evaluation.noun_caption_state
+    original = module.noun_caption_state
 
     def spy(model, dataset, index, task):
         state = original(model, dataset, index, task)
         seen.append(state.caption)
         return state
 
-    monkeypatch.setattr(evaluation, "noun_caption_state", spy)
+    monkeypatch.setattr(module, "noun_caption_state", spy)
+    return seen
+
+
+def test_noun_teacher_is_evaluated_on_noun_captions(synth_root, tmp_path, monkeypatch):
+    import training.evaluate as evaluation
+
+    seen = record_noun_captions(monkeypatch, evaluation)
     cfg = _config("tiny_noun.yaml", synth_root, tmp_path / "noun", "schedule.max_steps=1", "eval.enabled=true",
                   "eval.holdout_fraction=0.3", "eval.max_images=3")
     result = Trainer(cfg, DistEnv()).run()

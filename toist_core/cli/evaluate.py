@@ -131,11 +131,12 @@ def run(args: argparse.Namespace) -> int:
             captions = getattr(segmenter, "captions", "pronoun")  # a segmenter that does not say: pronoun
             if captions == "noun":
                 if args.batch_size != 1:
-                    raise ValueError(f"{args.checkpoint} was trained on noun captions (a noun teacher): it is "
-                                     "evaluated one image at a time, each with its own caption; use --batch-size 1 "
-                                     "(or --captions pronoun to give it the task captions)")
-                print(f"{args.checkpoint}: trained on noun captions (a noun teacher): each image is read with its "
-                      "own noun caption (--captions noun; --captions pronoun for the task captions)", file=sys.stderr)
+                    raise ValueError(f"{args.checkpoint} is scored on noun captions (a noun teacher or grounding "
+                                     "run): one image at a time, each with its own caption; use --batch-size 1 (or "
+                                     "--captions pronoun to give it the task captions)")
+                print(f"{args.checkpoint}: a noun teacher (or grounding run), scored as its training scored it: each "
+                      "image is read with its own noun caption (--captions noun; --captions pronoun for the task "
+                      "captions)", file=sys.stderr)
         # Default: the tasks the model was trained on, else every task of its vocabulary.
         tasks = (parse_task_list(args.tasks, max_id=None) if args.tasks
                  else sorted(segmenter.trained_tasks or segmenter.vocabulary.ids))
@@ -241,8 +242,9 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
     keep_all = dict(score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES)
     reference_order = getattr(getattr(segmenter, "inference", None), "protocol", "toist") == "reference"
     predictions = {}
+    vocabulary = getattr(segmenter, "vocabulary", None)  # noun captions: the model's own task phrases
     for task_id, path in sorted(files.items()):
-        dataset = CocoTasksDataset(path, image_dir, check_images=True)
+        dataset = CocoTasksDataset(path, image_dir, check_images=True, vocabulary=vocabulary)
         wanted = None if image_ids is None else set(image_ids[task_id])
         indices = [i for i in range(len(dataset)) if wanted is None or dataset.sample_info(i)[1].id in wanted]
         if reference_order:
