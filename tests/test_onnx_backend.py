@@ -302,3 +302,48 @@ def test_the_node_parameter_selects_the_backend(dirs, tmp_path):
     with pytest.raises(StartupError) as info:
         load_model(settings.replace({"checkpoint": str(bare)}), warnings.append)
     assert info.value.code == EXIT_MODEL and "toist export --onnx" in str(info.value)
+
+
+def test_a_directory_replaced_between_its_graphs_and_its_weights_is_read_again(dirs, tmp_path, monkeypatch):
+    """The graphs are opened before the weights load: an export replacing the directory in between
+    paired one export's graphs with another's text encoder (its cached task features fed into
+    graphs of other weights). Both are now read again, as for a torch load."""
+    from toist_core.inference import onnx_backend
+    from toist_core.inference.onnx_export import model_digest
+
+    other_model, cfg = _model(seed=1)
+    other = save_model_dir(other_model, tmp_path / "other", cfg)
+    export_onnx(other_model, other)
+    directory = tmp_path / "model"
+    shutil.copytree(dirs[0], directory)
+    opened = onnx_backend.open_network
+    calls = []
+
+    def export_after_opening(path, backend, device):
+        network = opened(path, backend, device)
+        calls.append(network.digest)
+        if len(calls) == 1:  # `toist export --onnx` to the same directory, just then
+            shutil.rmtree(directory)
+            shutil.copytree(other, directory)
+        return network
+
+    monkeypatch.setattr(onnx_backend, "open_network", export_after_opening)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seg = TaskSegmenter.from_pretrained(directory, device="cpu",
+                                            inference=InferenceConfig(backend="onnxruntime", **SMALL))
+    assert len(calls) == 2 and calls[0] != calls[1]
+    assert seg._onnx.digest == model_digest(directory) == model_digest(other)
+    assert all(torch.equal(v, other_model.state_dict()[k]) for k, v in seg.model.state_dict().items())
+
+    # Replaced at every opening: an error that says so, after a bounded number of reads.
+    def export_every_time(path, backend, device):
+        network = opened(path, backend, device)
+        source = dirs[0] if model_digest(directory) == model_digest(other) else other
+        shutil.rmtree(directory)
+        shutil.copytree(source, directory)
+        return network
+
+    monkeypatch.setattr(onnx_backend, "open_network", export_every_time)
+    with pytest.raises(CheckpointError, match=rf"^{directory}: replaced while its ONNX graphs and weights loaded, 3"):
+        TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(backend="onnxruntime", **SMALL))

@@ -11,6 +11,7 @@ backend, and the text encoder stays in PyTorch (once per task).
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -28,6 +29,8 @@ from .finite import MaskFn
 from .onnx_export import (DETECTOR_FILE, DETECTOR_INPUTS, MASK_HEAD_FILE, MASK_INPUTS, check_metadata,
                           model_digest, read_metadata)
 from .results import TaskState
+
+logger = logging.getLogger(__name__)
 
 TRT_MISSING = ("TensorRT needs onnxruntime-gpu with the TensorRT execution provider and an NVIDIA GPU; "
                "available providers: {available}")
@@ -112,6 +115,7 @@ class OnnxNetwork:
         self.device = device
         self.backend = backend
         digest = model_digest(directory)
+        self.digest = digest  # the weights the graphs were checked against (model.safetensors' SHA-256)
         providers = providers_for(backend, device, directory, digest)
         options = ort.SessionOptions()
         # The same thread count as torch's intra-op pool: the two backends compare like for like.
@@ -191,5 +195,26 @@ def open_network(path, backend: str, device: torch.device) -> OnnxNetwork:
     return OnnxNetwork(path, backend, device)
 
 
-__all__ = ["BACKENDS", "OnnxNetwork", "TRT_CACHE_DIR", "check_provider", "open_network", "providers_for",
-           "trt_cache_dir"]
+def load_with_network(path, backend: str, device: torch.device, config=None, text_encoder: Optional[str] = None):
+    """(LoadedModel, :class:`OnnxNetwork`) of one export of the model directory ``path``.
+
+    The graphs are opened (and checked against the weights then in the directory) before the
+    weights load, so that a directory without usable graphs is refused first. An export
+    replacing the directory in between would pair the graphs of one export with the text
+    encoder and memory bank of another: then both are read again, as ``load_model_dir`` reads
+    a directory replaced while it loads."""
+    from ..checkpoint import load_pretrained
+    from ..checkpoint.model_dir import LOAD_ATTEMPTS
+
+    for _ in range(LOAD_ATTEMPTS):
+        network = open_network(path, backend, device)
+        loaded = load_pretrained(path, config=config, text_encoder=text_encoder)
+        if model_digest(path) == network.digest:
+            return loaded, network
+        logger.info("%s was replaced while it loaded (an export to it); reading it again", path)
+    raise CheckpointError(f"{path}: replaced while its ONNX graphs and weights loaded, {LOAD_ATTEMPTS} times in a "
+                          "row (an export writing to it again and again?); load it when the export is done")
+
+
+__all__ = ["BACKENDS", "OnnxNetwork", "TRT_CACHE_DIR", "check_provider", "load_with_network", "open_network",
+           "providers_for", "trt_cache_dir"]

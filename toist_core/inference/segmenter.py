@@ -218,12 +218,12 @@ class TaskSegmenter:
         from ..checkpoint import load_pretrained
 
         device = resolve_device(device)
-        network = None
-        if inference is not None and inference.backend != "torch":
-            from .onnx_backend import open_network
+        if inference is None or inference.backend == "torch":
+            loaded, network = load_pretrained(path, config=config, text_encoder=text_encoder), None
+        else:
+            from .onnx_backend import load_with_network
 
-            network = open_network(path, inference.backend, device)  # refused before the weights load
-        loaded = load_pretrained(path, config=config, text_encoder=text_encoder)
+            loaded, network = load_with_network(path, inference.backend, device, config, text_encoder)
         return cls(prepared(loaded.model, device, inference), device=device, memory_bank=loaded.memory_bank,
                    pronoun=loaded.pronoun, inference=inference, config=loaded.config, task=task,
                    input_size=loaded.input_size, trained_tasks=loaded.tasks, onnx_network=network,
