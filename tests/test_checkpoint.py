@@ -450,6 +450,29 @@ def _distilled_dir(model, directory, seed):
     return save_model_dir(model, directory, preset("tiny_segm"), memory_bank=bank), bank
 
 
+def test_a_directory_records_the_captions_its_model_reads(tmp_path, tokenizer):
+    """What the model was trained to read (a noun teacher: noun captions) is in the weights'
+    metadata, which older toist ignores; a directory without it reads pronoun captions, and a
+    value that is neither is refused by file, key and value."""
+    from toist_core.checkpoint.integrity import read_safetensors, save_safetensors
+
+    model = build("tiny", tokenizer, seed=1)
+    plain = save_model_dir(model, tmp_path / "plain", preset("tiny"))
+    teacher = save_model_dir(model, tmp_path / "teacher", preset("tiny"), captions="noun")
+    assert (load_model_dir(plain).captions, load_model_dir(teacher).captions) == ("pronoun", "noun")
+    with pytest.raises(CheckpointError, match="captions must be one of"):
+        save_model_dir(model, tmp_path / "bad", preset("tiny"), captions="verb")
+    assert not (tmp_path / "bad").exists()
+
+    weights = teacher / "model.safetensors"
+    state, metadata = read_safetensors(weights, required_digest=True)
+    save_safetensors(state, weights, metadata={k: v for k, v in metadata.items() if k != "toist_captions"})
+    assert load_model_dir(teacher).captions == "pronoun"   # written before the key
+    save_safetensors(state, weights, metadata={**metadata, "toist_captions": "nouns"})
+    with pytest.raises(CheckpointError, match=rf"^{weights}: metadata toist_captions is 'nouns'"):
+        load_model_dir(teacher)
+
+
 def test_a_directory_replaced_while_it_loads_is_read_again_whole(tmp_path, tokenizer, monkeypatch):
     """Files are read one by one, by path: an export to the same directory between reading the
     weights and the bank gave a model with one export's weights and the other's bank, without a

@@ -291,6 +291,19 @@ def test_toist_evaluate_with_noun_captions_predicts_what_training_scored(tmp_pat
     assert toist(["evaluate", "--checkpoint", str(out / "BEST_checkpoint.pth"), "--data", str(root), "--tasks", "1",
                   "--max-images", "3", "--batch-size", "2", "--out", str(tmp_path / "e2")]) == 2
 
+    # Exported, the teacher says so still: its directory's evaluation reads the same captions.
+    teacher_dir = tmp_path / "teacher_dir"
+    assert toist(["export", str(out / "BEST_checkpoint.pth"), str(teacher_dir)]) == 0
+    assert load_segmenter(str(teacher_dir), "cpu", None, None, None).captions == "noun"
+    saved_dir = tmp_path / "auto_dir.json"
+    assert toist(["evaluate", "--checkpoint", str(teacher_dir), "--data", str(root), "--tasks", "1", "2",
+                  "--max-images", "3", "--device", "cpu", "--save-predictions", str(saved_dir), "--no-plots",
+                  "--out", str(tmp_path / "auto_dir")]) == 0
+    from_dir = load_prediction_file(saved_dir).tasks
+    for task, images in trained.items():
+        for image_id, expected in images.items():
+            assert np.allclose(from_dir[task][image_id].scores, expected.scores, atol=1e-6)
+
 
 def test_which_captions_a_checkpoint_was_trained_on():
     """`toist evaluate --captions auto` reads noun captions for a noun teacher: a toist training

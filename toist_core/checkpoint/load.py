@@ -225,5 +225,5 @@ def export_model_dir(path: PathLike, directory: PathLike, text_encoder: Optional
         loaded.pronoun = pronoun
     save_model_dir(loaded.model, directory, loaded.config, memory_bank=loaded.memory_bank,
                    pronoun=loaded.pronoun, source=Path(path).name, input_size=loaded.input_size,
-                   tasks=loaded.tasks, vocabulary=loaded.vocabulary)
+                   tasks=loaded.tasks, vocabulary=loaded.vocabulary, captions=loaded.captions)
     return loaded

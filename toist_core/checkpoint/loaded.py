@@ -19,7 +19,8 @@ class LoadedModel:
     vocabulary: what its task ids mean (COCO-Tasks for official files and older directories).
     captions: what it was trained to read: ``"pronoun"`` (the task's caption, "sit comfortably on
     something") or ``"noun"`` (each image's own noun caption: a noun teacher, a grounding run;
-    recorded by toist training checkpoints and official files, not by model directories).
+    recorded by toist training checkpoints, official files and model directories exported from
+    either; older directories: pronoun).
     """
 
     model: nn.Module

@@ -2,8 +2,8 @@
 
     <dir>/config.yaml               format, version, model config, pronoun, bank flag, source,
                                     input size, tasks it was trained on and its task vocabulary
-    <dir>/model.safetensors         the model's state_dict (toist names) + SHA-256 and export id in
-                                    its metadata
+    <dir>/model.safetensors         the model's state_dict (toist names) + SHA-256, export id and the
+                                    captions it was trained on in its metadata
     <dir>/memory_bank.safetensors   distilled models: feature_bank, cluster_centers, ..., cluster_stale
                                     (+ SHA-256, export id); config.yaml records its k-means settings
     <dir>/tokenizer/                the tokenizer files
@@ -64,6 +64,10 @@ OWN_ENTRIES = frozenset((CONFIG_FILE, WEIGHTS_FILE, BANK_FILE, TOKENIZER_DIR, DE
 # Safetensors metadata that ties a directory's files to one export: the same random id in its
 # model and bank files (directories written before have none and load as before).
 EXPORT_ID_KEY = "toist_export_id"
+# Also in the weights' metadata (older toist ignores it; directories without it: "pronoun"): what
+# the model was trained to read, "pronoun" or "noun" (a noun teacher: LoadedModel.captions).
+CAPTIONS_KEY = "toist_captions"
+CAPTIONS = ("pronoun", "noun")
 # A directory replaced while it loads (an export to the same path) is read again from the start,
 # this many times in all.
 LOAD_ATTEMPTS = 3
@@ -97,14 +101,18 @@ class ModelDirConfig:
 def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
                    memory_bank: Optional[nn.Module] = None, pronoun: str = "something",
                    source: str = "", input_size: Optional[InputSize] = None,
-                   tasks: Optional[Sequence[int]] = None, vocabulary: TaskVocabulary = COCO_TASKS) -> Path:
+                   tasks: Optional[Sequence[int]] = None, vocabulary: TaskVocabulary = COCO_TASKS,
+                   captions: str = "pronoun") -> Path:
     """Write ``config.yaml``, ``model.safetensors``, the tokenizer and the memory bank, replacing
     ``directory`` as a whole (the old one stays intact until the new one is complete).
     ``directory`` must be new, empty or a toist model directory (:func:`check_replaceable`).
 
     ``model`` must be what ``config`` builds (:func:`check_model_matches_config`): the directory
     is rebuilt from ``config`` when loaded, so a config of another variant or head count would
-    replace a good directory with one that does not load, or loads another network."""
+    replace a good directory with one that does not load, or loads another network.
+    ``captions``: what the model was trained to read (``LoadedModel.captions``)."""
+    if captions not in CAPTIONS:
+        raise CheckpointError(f"captions must be one of {CAPTIONS}, got {captions!r}; nothing was written")
     cfg = copy.deepcopy(config)
     cfg.text.tokenizer = TOKENIZER_DIR  # relative to the directory
     cfg.text.weights = None
@@ -123,7 +131,7 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
 
     def write(staging: Path) -> None:
         stamp = {"toist": MODEL_DIR_FORMAT, EXPORT_ID_KEY: uuid.uuid4().hex}
-        save_safetensors(model.state_dict(), staging / WEIGHTS_FILE, metadata=stamp)
+        save_safetensors(model.state_dict(), staging / WEIGHTS_FILE, metadata={**stamp, CAPTIONS_KEY: captions})
         model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         check_tokenizer_copy(model.tokenizer, staging / TOKENIZER_DIR)
         if memory_bank is not None:
@@ -363,6 +371,10 @@ def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedMod
     if not weights.is_file():
         raise CheckpointError(f"{directory}: {WEIGHTS_FILE} not found")
     state, weights_metadata = read_safetensors(weights, required_digest=digests)
+    captions = weights_metadata.get(CAPTIONS_KEY, "pronoun")
+    if captions not in CAPTIONS:
+        raise CheckpointError(f"{weights}: metadata {CAPTIONS_KEY} is {captions!r}, expected one of {CAPTIONS}; "
+                              "export the model again (toist export)")
     bank = None
     if manifest.memory_bank:
         bank_file = directory / BANK_FILE
@@ -391,4 +403,4 @@ def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedMod
     logger.info("loaded model directory %s (version %d, from %s): %s; %s; tokenizer from %s", directory,
                 manifest.version, manifest.source or "?", describe_heads(cfg), describe_bank(bank), fetched.origin)
     return LoadedModel(model.eval(), cfg, bank, manifest.pronoun, str(directory), manifest.input_size,
-                       tuple(manifest.tasks) or None, vocabulary)
+                       tuple(manifest.tasks) or None, vocabulary, captions)

@@ -88,8 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "noun) is trained and scored, the reference's eval_dete_noun.sh; one image per "
                              "forward pass, no cluster-centre replacement. auto (default): noun for a file that "
                              "records noun training (a toist checkpoint of stage noun or grounding, an official "
-                             "file trained with --verb_noun_input), else pronoun; a model directory records no "
-                             "stage: give noun for an exported teacher")
+                             "file trained with --verb_noun_input, a model directory exported from either), else "
+                             "pronoun")
     parser.add_argument("--no-plots", action="store_true", help="skip the precision-recall PNGs")
 
 
