@@ -460,6 +460,15 @@ def test_a_directory_records_the_captions_its_model_reads(tmp_path, tokenizer):
     plain = save_model_dir(model, tmp_path / "plain", preset("tiny"))
     teacher = save_model_dir(model, tmp_path / "teacher", preset("tiny"), captions="noun")
     assert (load_model_dir(plain).captions, load_model_dir(teacher).captions) == ("pronoun", "noun")
+    # Given a task's pronoun caption, a noun teacher's results mean little: said, as for an untrained task.
+    from toist_core.inference import TaskSegmenter
+
+    segmenter = TaskSegmenter.from_pretrained(teacher, device="cpu")
+    assert segmenter.captions == "noun"
+    assert "noun teacher" in segmenter.encode_task(2).warning and "'sit comfortably on chair'" in \
+        segmenter.encode_task(2).warning
+    assert segmenter.encode_task("sit comfortably on couch").warning is None   # free text naming the object
+    assert TaskSegmenter.from_pretrained(plain, device="cpu").encode_task(2).warning is None
     with pytest.raises(CheckpointError, match="captions must be one of"):
         save_model_dir(model, tmp_path / "bad", preset("tiny"), captions="verb")
     assert not (tmp_path / "bad").exists()

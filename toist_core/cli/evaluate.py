@@ -249,7 +249,8 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
         indices = [i for i in range(len(dataset)) if wanted is None or dataset.sample_info(i)[1].id in wanted]
         if reference_order:
             indices.sort(key=lambda i: dataset.sample_info(i)[1].id)
-        segmenter.set_task(task_id)
+        if captions == "pronoun":  # noun captions: a state of its own per image
+            segmenter.set_task(task_id)
         started, task_preds = time.perf_counter(), {}
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]

@@ -289,9 +289,15 @@ class TaskSegmenter:
             with self._bank_lock:
                 # Warm-started k-means on the fixed bank: the same centres for every frame.
                 centres = self.memory_bank.cluster(query.task_id - 1).detach().clone().float()
-        return TaskState(query.caption, query.task_id, text, tokens, centres, self._untrained(query.task_id))
+        return TaskState(query.caption, query.task_id, text, tokens, centres, self._warning(query.task_id))
 
-    def _untrained(self, task_id: Optional[int]) -> Optional[str]:
+    def _warning(self, task_id: Optional[int]) -> Optional[str]:
+        """Why the task's results mean little, or None: a noun teacher given a task's pronoun
+        caption, a task the model was not trained on."""
+        if self.captions == "noun" and task_id is not None:
+            example = self.vocabulary.phrase(task_id) + "chair"  # phrase() ends with the joining space
+            return (f"this model is a noun teacher, trained on captions that name the objects ({example!r}), not "
+                    "on a task's pronoun caption: give it free text naming the objects")
         if self.trained_tasks is None or task_id in self.trained_tasks:
             return None
         what = f"task {task_id}" if task_id is not None else "free-text task"
