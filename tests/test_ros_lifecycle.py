@@ -175,8 +175,12 @@ def test_a_managed_node_goes_through_its_states_as_its_manager_says(ros, model_d
     assert not manager.segment(_pixels()).success
 
     # activate again: a new inference thread, frames processed again (a thread cannot restart);
-    # what the camera sent during the pause is not "lost in transport" (no WARN for it).
+    # what the camera sent during the pause is not "lost in transport" (no WARN for it); a frame
+    # left waiting from before the pause is dropped, in the per-camera count and in the total.
+    node._inputs.slots.put(0, "a frame that waited through the pause")
+    replaced = node.counters.get("dropped_replaced")
     assert manager.transition("activate") and manager.state() == "active"
+    assert node.counters.get("dropped_replaced") == replaced + 1
     assert manager.roundtrip(_pixels()) is not None
     assert node.counters.get("lost_in_transport") == 0
 

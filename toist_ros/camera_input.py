@@ -149,7 +149,9 @@ class CameraInputs:
         """Subscribe every camera (log each with its outputs) and start the periodic QoS and loss
         check; the slots take frames again (after :meth:`unsubscribe`)."""
         node = self._node
-        self.slots.reopen()
+        left = self.slots.reopen()
+        if left:  # in the per-camera drops and in their total, as any frame replaced unprocessed
+            self._counters.add("dropped_replaced", left)
         self._subscribed_counts = [(self.slots.received[c.index], c.rejected) for c in self.cameras]
         for camera in self.cameras:
             camera.forget_arrivals()

@@ -101,13 +101,17 @@ class FrameSlots:
             self._closed = True
             self._cond.notify_all()
 
-    def reopen(self) -> None:
+    def reopen(self) -> int:
         """Take frames and requests again after :meth:`close` (a lifecycle node activated again);
-        frames left from before are dropped (and counted): they are as old as the pause."""
+        frames left from before are dropped (counted per source, and returned): they are as old as
+        the pause."""
         with self._cond:
+            left = 0
             for source, item in enumerate(self._frames):
                 if item is not None:
                     self.dropped[source] += 1
+                    left += 1
             self._frames = [None] * len(self._frames)
             self._newest_ns = [0] * len(self._frames)
             self._closed = False
+            return left
