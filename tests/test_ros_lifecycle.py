@@ -293,3 +293,36 @@ def test_the_lifecycle_executable_waits_for_its_manager_and_stops_on_sigint(ros,
     text = log_path.read_text()
     assert code == 0, text[-3000:]
     assert "lifecycle configure: now inactive" in text and "lifecycle activate: now active" in text
+
+
+def test_a_stop_during_configure_ends_it_at_its_next_step(ros, model_dir, capfd, monkeypatch):
+    """A configure runs in an executor thread, which a stop signal cannot interrupt: `main` asks
+    the node to stop, and the configure ends after the step under way (here the model load)
+    instead of going on to warm up (seconds more on a CPU, past launch's SIGKILL)."""
+    import threading
+
+    import toist_ros.node as node_module
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    loading, release = threading.Event(), threading.Event()
+    load = node_module.load_model
+
+    def slow_load(*args, **kwargs):
+        loading.set()
+        release.wait(10)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(node_module, "load_model", slow_load)
+    node = _managed_node(ros, "/stopping", checkpoint=model_dir)
+    warmed = []
+    monkeypatch.setattr(node, "_warm_up", lambda: warmed.append(True))
+    result = []
+    thread = threading.Thread(target=lambda: result.append(node.trigger_configure()))
+    thread.start()
+    assert loading.wait(10)
+    node.request_stop()       # what perception_node's main does on SIGINT / SIGTERM
+    release.set()
+    thread.join(30)
+    assert result == [TransitionCallbackReturn.FAILURE]
+    assert not warmed and node.model is None and node._phase == "unconfigured"
+    assert "lifecycle configure stopped before 'encoding the start-up task' (a stop signal)" in capfd.readouterr().err

@@ -27,7 +27,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 
 from toist_ros.model_loader import StartupError
 from toist_ros.node import ACTIVE, FINALIZED, UNCONFIGURED, PerceptionNode
-from toist_ros.startup_status import StartupDiagnostics
+from toist_ros.startup_status import StartupDiagnostics, StartupStopped
 
 
 class ManagedPerceptionNode(PerceptionNode, LifecycleNode):
@@ -37,7 +37,8 @@ class ManagedPerceptionNode(PerceptionNode, LifecycleNode):
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         def configure() -> None:
-            with StartupDiagnostics(self._publish_startup_report, self._settings["diagnostics.period_s"]) as startup:
+            with StartupDiagnostics(self._publish_startup_report, self._settings["diagnostics.period_s"],
+                                    stop=self._stopping) as startup:
                 self._configure(startup)
 
         return self._transition("configure", configure, undo=self._cleanup)
@@ -77,8 +78,11 @@ class ManagedPerceptionNode(PerceptionNode, LifecycleNode):
         try:
             step()
         except Exception as exc:
-            reason = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
-            log.error(f"lifecycle {name} failed: {reason}")
+            if isinstance(exc, StartupStopped):
+                log.info(f"lifecycle {name} {exc}")
+            else:
+                reason = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
+                log.error(f"lifecycle {name} failed: {reason}")
             if undo is not None:
                 try:
                     undo()

@@ -101,6 +101,7 @@ class PerceptionNode(Node):
         # Held while a transition clears what callbacks read (the model, the inputs, the timers),
         # and by the timer callbacks that read them: a lifecycle cleanup runs beside them.
         self._state_lock = threading.Lock()
+        self._stopping = threading.Event()  # request_stop(): a transition under way ends at its next step
         self._health = HealthLevel()
         self.model = self.segmenter = self._tasks = self._inputs = self._depth = self._worker = None
         self._cameras: list = []
@@ -409,6 +410,11 @@ class PerceptionNode(Node):
         return f"toist_ros: perception ({self.get_fully_qualified_name()})"
 
     # --- shut-down ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """A stop signal came: a lifecycle transition under way ends at its next step (the step in
+        progress, e.g. a model load, ends first)."""
+        self._stopping.set()
 
     def stop(self) -> None:
         """Stop the inference thread (waits for the frame in progress)."""

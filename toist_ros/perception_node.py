@@ -38,7 +38,7 @@ def main(argv: Optional[list[str]] = None, managed: bool = False) -> int:
     ``managed``: a :class:`~toist_ros.lifecycle_node.ManagedPerceptionNode`, which starts
     unconfigured and loads its model when a lifecycle manager configures it (a failed
     transition is the manager's to handle: the process goes on); a stop signal during a
-    transition takes effect when the step under way (a model load) has ended.
+    configure ends it at its next step (the step under way, e.g. the model load, ends first).
 
     SIGINT/SIGTERM are recorded (while the node starts they also interrupt it:
     ``StopSignals.raising``); rclpy's own signal handlers are not installed: with them a
@@ -79,6 +79,7 @@ def main(argv: Optional[list[str]] = None, managed: bool = False) -> int:
             pass
         finally:
             if node is not None:
+                node.request_stop()  # a lifecycle transition under way ends at its next step
                 node.stop()
             if executor is not None:
                 executor.shutdown()

@@ -10,19 +10,27 @@ node is ready (or failed), when the regular report takes over.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Callable, Optional
 
 from toist_ros.health import ERROR
+
+
+class StartupStopped(Exception):
+    """A stop was asked for while the node started: raised at the next step (a lifecycle
+    transition runs in an executor thread, which a signal cannot interrupt)."""
 
 
 class StartupDiagnostics:
     """``with StartupDiagnostics(publish, period_s) as startup: startup.step("loading the model")``.
 
     ``publish(level, message)`` sends one report; it is called at once for every step and then
-    every ``period_s`` seconds from a thread of its own, until the ``with`` block ends."""
+    every ``period_s`` seconds from a thread of its own, until the ``with`` block ends.
+    ``stop``: set when a stop is asked for; the next :meth:`step` then raises :class:`StartupStopped`."""
 
-    def __init__(self, publish: Callable[[int, str], None], period_s: float) -> None:
+    def __init__(self, publish: Callable[[int, str], None], period_s: float,
+                 stop: Optional[threading.Event] = None) -> None:
         self._publish = publish
+        self._stop = stop
         self._period_s = period_s
         self._step = "starting"
         self._lock = threading.Lock()  # one report at a time: the thread's and a step's
@@ -47,7 +55,9 @@ class StartupDiagnostics:
             raise
 
     def step(self, name: str) -> None:
-        """The start-up step now under way, reported at once."""
+        """The start-up step now under way, reported at once (unless a stop was asked for)."""
+        if self._stop is not None and self._stop.is_set():
+            raise StartupStopped(f"stopped before {name!r} (a stop signal)")
         self._step = name
         self._report()
 
