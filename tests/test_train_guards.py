@@ -454,3 +454,37 @@ def test_a_run_killed_between_its_checkpoint_and_its_best_writes_the_best_when_r
     kept = load_training_checkpoint(out / "BEST_checkpoint.pth")
     assert kept["step"] == 3 and any("later than update 2 this run resumed from: left as it is" in line
                                      for line in logs)
+
+
+def test_an_improving_update_writes_its_checkpoint_with_its_best_whatever_the_cadence(synth_root, tmp_path,
+                                                                                   monkeypatch):
+    """Evaluating more often than checkpoint.pth is written (eval.every_steps, per-epoch
+    checkpoints off) wrote BEST_checkpoint.pth alone: a run killed then left a BEST without the
+    checkpoint.pth to resume, and starting again there was refused (an earlier run's leftover)."""
+    import training.loops as loops
+
+    def improving(model, val, cfg, env, bank=None):
+        improving.calls += 1
+        return {"mAP50/bbox": 0.1 * improving.calls, "images": 3.0, "seconds": 0.0}
+
+    improving.calls = 0
+    monkeypatch.setattr(loops, "evaluate", improving)
+    out = tmp_path / "run"
+    cfg = _config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=3", "eval.enabled=true",
+                  "eval.holdout_fraction=0.3", "eval.every_steps=1", "checkpoint.every_steps=0",
+                  "checkpoint.per_epoch=false", "checkpoint.export_model_dir=false")
+    save = Trainer._save
+
+    def killed_after_the_first_best(self, name):
+        save(self, name)
+        if name == "BEST_checkpoint.pth":
+            raise SystemExit("killed")
+
+    monkeypatch.setattr(Trainer, "_save", killed_after_the_first_best)
+    with pytest.raises(SystemExit):
+        Trainer(cfg, DistEnv()).run()
+    monkeypatch.setattr(Trainer, "_save", save)
+    last = load_training_checkpoint(out / "checkpoint.pth")
+    assert last["step"] == 1 == load_training_checkpoint(out / "BEST_checkpoint.pth")["step"]
+    result = Trainer(cfg, DistEnv(), resume=str(out / "checkpoint.pth")).run()
+    assert result.step == 3 and result.best["step"] == 3

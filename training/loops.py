@@ -344,7 +344,11 @@ class Trainer:
         epoch_end = step % self.steps_per_epoch == 0
         final = step == self.max_steps
         ckpt_every = cfg.checkpoint.every_steps
-        if last or (epoch_end and cfg.checkpoint.per_epoch) or final or (ckpt_every and step % ckpt_every == 0):
+        # An improving update's BEST_checkpoint.pth comes after its checkpoint.pth, whatever the
+        # cadence: a run stopped after writing BEST resumes from that very update (a BEST alone
+        # was an earlier run's leftover that a restart refused).
+        due = (epoch_end and cfg.checkpoint.per_epoch) or final or (ckpt_every and step % ckpt_every == 0)
+        if last or due or improved:
             self._save(LAST)
             if epoch_end and cfg.checkpoint.keep_epochs > 0:
                 self._save(f"checkpoint_epoch{step // self.steps_per_epoch:04d}.pth")
