@@ -326,3 +326,30 @@ def test_a_stop_during_configure_ends_it_at_its_next_step(ros, model_dir, capfd,
     assert result == [TransitionCallbackReturn.FAILURE]
     assert not warmed and node.model is None and node._phase == "unconfigured"
     assert "lifecycle configure stopped before 'encoding the start-up task' (a stop signal)" in capfd.readouterr().err
+
+
+def test_depth_inputs_follow_the_lifecycle_too(ros, model_dir):
+    """With depth.enabled the depth image and CameraInfo subscriptions come with activate and go
+    with deactivate, as the camera's; the markers output is there from configure on."""
+    from sensor_msgs.msg import CameraInfo, Image
+    from visualization_msgs.msg import MarkerArray
+
+    node = _managed_node(ros, "/rgbd", checkpoint=model_dir, warmup=False, **{"depth.enabled": True})
+    manager = Manager(ros, "/rgbd")
+    depth_pub = manager.node.create_publisher(Image, "/rgbd/depth", 1)
+    info_pub = manager.node.create_publisher(CameraInfo, "/rgbd/camera_info", 1)
+    markers = manager.node.create_subscription(MarkerArray, "/rgbd/markers", lambda msg: None, 1)
+
+    def subscribed():
+        return (depth_pub.get_subscription_count(), info_pub.get_subscription_count())
+
+    assert manager.transition("configure") and subscribed() == (0, 0)
+    assert wait_for(lambda: markers.get_publisher_count() == 1, timeout=10)
+    for _ in range(2):  # activate, deactivate, and once more: subscribed again
+        assert manager.transition("activate")
+        assert wait_for(lambda: subscribed() == (1, 1), timeout=10), subscribed()
+        assert manager.transition("deactivate")
+        assert wait_for(lambda: subscribed() == (0, 0), timeout=10), subscribed()
+    assert manager.transition("cleanup")
+    assert wait_for(lambda: markers.get_publisher_count() == 0, timeout=10)
+    assert node.model is None
