@@ -400,19 +400,24 @@ def test_a_refused_resume_advises_a_start_the_stage_takes(synth_root, tmp_path, 
     assert says in str(info.value) and (never is None or never not in str(info.value)), str(info.value)
 
 
-def test_a_run_killed_between_its_checkpoint_and_its_best_writes_the_best_when_resumed(synth_root, tmp_path,
-                                                                                      monkeypatch):
-    """checkpoint.pth of an improving update is written before BEST_checkpoint.pth: a run killed
-    between the two resumed with BEST holding an older update, which `make default-model`'s next
-    stage (and an export) took as the best. The resumed run writes the best's own weights again."""
+def _every_evaluation_improves(monkeypatch) -> None:
+    """Training's evaluation replaced by one whose mAP@0.5 rises at every call (0.1, 0.2, ...)."""
     import training.loops as loops
 
-    def improving(model, val, cfg, env, bank=None):  # every evaluation better than the one before
+    def improving(model, val, cfg, env, bank=None):
         improving.calls += 1
         return {"mAP50/bbox": 0.1 * improving.calls, "images": 3.0, "seconds": 0.0}
 
     improving.calls = 0
     monkeypatch.setattr(loops, "evaluate", improving)
+
+
+def test_a_run_killed_between_its_checkpoint_and_its_best_writes_the_best_when_resumed(synth_root, tmp_path,
+                                                                                      monkeypatch):
+    """checkpoint.pth of an improving update is written before BEST_checkpoint.pth: a run killed
+    between the two resumed with BEST holding an older update, which `make default-model`'s next
+    stage (and an export) took as the best. The resumed run writes the best's own weights again."""
+    _every_evaluation_improves(monkeypatch)
     out = tmp_path / "run"
     cfg = _config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=3", "eval.enabled=true",
                   "eval.holdout_fraction=0.3", "eval.every_steps=1", "checkpoint.every_steps=1",
@@ -461,14 +466,7 @@ def test_an_improving_update_writes_its_checkpoint_with_its_best_whatever_the_ca
     """Evaluating more often than checkpoint.pth is written (eval.every_steps, per-epoch
     checkpoints off) wrote BEST_checkpoint.pth alone: a run killed then left a BEST without the
     checkpoint.pth to resume, and starting again there was refused (an earlier run's leftover)."""
-    import training.loops as loops
-
-    def improving(model, val, cfg, env, bank=None):
-        improving.calls += 1
-        return {"mAP50/bbox": 0.1 * improving.calls, "images": 3.0, "seconds": 0.0}
-
-    improving.calls = 0
-    monkeypatch.setattr(loops, "evaluate", improving)
+    _every_evaluation_improves(monkeypatch)
     out = tmp_path / "run"
     cfg = _config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=3", "eval.enabled=true",
                   "eval.holdout_fraction=0.3", "eval.every_steps=1", "checkpoint.every_steps=0",
