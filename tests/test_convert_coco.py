@@ -230,6 +230,9 @@ def _spec(folder: Path, text: str) -> Path:
      "tasks\\[0\\] \\(id 1\\): field 'preferred_categories': expected a list of category names or ids, got 'mug'"),
     ("tasks:\n  - {id: 1, preferred_instances: [12, x]}\n",
      "field 'preferred_instances'\\[1\\]: expected one of annotation ids \\(integers\\), got 'x'"),
+    # A misspelt key (the file is also the task vocabulary, which refuses it) left the task without it.
+    ("tasks:\n  - {id: 1, preferred_categorie: [mug], preferred_instances: [12]}\n",
+     "tasks\\[0\\] \\(id 1\\): unknown key\\(s\\) \\['preferred_categorie'\\]; expected id, phrase, preferred_categories"),
     ("tasks: [\n", "bad_spec.yaml: not valid YAML"),
     ("name: x\n", "bad_spec.yaml: expected a mapping with a non-empty list 'tasks'"),
 ])
@@ -286,6 +289,13 @@ def _edited(train: Path, edit) -> Path:
      r"annotations\[1\] \(id 11\): field 'segmentation': RLE size \[10, 10\] differs from the size \[48, 64\]"),
     (lambda d: d["annotations"][0].pop("area"), r"annotations\[0\] \(id 10\): missing field 'area'"),
     (lambda d: d.pop("categories"), r"edited.json: field 'categories': expected a list, got nothing"),
+    # One file under two records: one picture as two samples, each with half its objects labelled.
+    (lambda d: d["images"][1].update(file_name="pics/img_1.png"),
+     r"edited.json: images\[1\] \(id 2\) and images\[0\] \(id 1\) have the same field 'file_name' "
+     r"'pics/img_1.png': one record per image file"),
+    # A format training cannot decode: said now, not when training meets it.
+    (lambda d: d["images"][2].update(file_name="pics/img_3.bmp"),
+     r"pics/img_3.bmp: training and evaluation decode JPEG, PNG, GIF and WebP only .*\(images\[2\] \(id 3\)"),
 ])
 def test_source_errors(coco, edit, message):
     folder, train, _, spec = coco
@@ -405,3 +415,53 @@ def test_image_dir_without_copying_is_refused(coco, capsys):
     err = capsys.readouterr().err
     assert "toist convert-coco: error: image_dir (--image-dir) 'pics'" in err and "Traceback" not in err
     assert not (folder / "out").exists()
+
+
+def test_preferred_objects_training_skips_are_said(coco):
+    """CVAT's COCO export marks every mask iscrowd 1, and a box can be empty or outside the image:
+    training skips such objects, so a task could train on no target at all, without a word."""
+    folder, train, _, spec = coco
+
+    def edit(data):
+        data["annotations"][0]["iscrowd"] = 1             # id 10, tape cutter: preferred by task 1
+        data["annotations"][3]["bbox"] = [30, 6, 0, 20]    # id 13, stool: preferred by task 1
+
+    warnings = convert_coco(_edited(train, edit), "train", spec, folder / "out").warnings
+    crowd = [w for w in warnings if "crowd annotations" in w]
+    empty = [w for w in warnings if "empty inside the image" in w]
+    assert len(crowd) == 1 and crowd[0].startswith("task 1: 1 preferred object(s)") and "ids 10" in crowd[0]
+    assert "set iscrowd to 0" in crowd[0]
+    assert len(empty) == 1 and empty[0].startswith("task 1: 1 preferred object(s)") and "ids 13" in empty[0]
+    assert not [w for w in convert_coco(train, "train", spec, folder / "again").warnings
+                if "crowd" in w or "empty inside" in w]
+
+
+def test_a_file_or_folder_in_the_way_is_refused_before_anything_is_written(coco):
+    """Task files were written first and the images copied after: a file where the image folder
+    goes left task files naming images that were never copied (and a folder where a task file
+    goes, the task files before it)."""
+    folder, train, _, spec = coco
+    out = folder / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "train").write_text("not a folder")
+    with pytest.raises(DataError, match=r"images/train: a file is where the copied images' folder goes"):
+        convert_coco(train, "train", spec, out, copy_images_from=folder)
+    assert not (out / "annotations").exists()
+    (out / "images" / "train").unlink()
+    (out / "annotations" / "task_2_train.json").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"task_2_train.json: a folder is where this task file goes"):
+        convert_coco(train, "train", spec, out, copy_images_from=folder, overwrite=True)
+    assert not (out / "annotations" / "task_1_train.json").exists() and not (out / "images" / "train").exists()
+
+
+
+def test_messages_for_a_file_without_categories_and_an_absolute_image_name(coco):
+    folder, train, _, spec = coco
+    empty = _edited(train, lambda d: d.update(categories=[], annotations=[]))
+    with pytest.raises(DataError, match=r"'tape cutter' is not a category of .*edited.json; it has no category at all$"):
+        convert_coco(empty, "train", spec, folder / "out")
+    absolute = _edited(train, lambda d: d["images"][0].update(file_name=str(folder / "pics" / "img_1.png")))
+    with pytest.raises(DataError) as info:
+        convert_coco(absolute, "train", spec, folder / "out", copy_images_from=folder)
+    assert str(info.value) == (f"{str(folder / 'pics' / 'img_1.png')!r} must be a relative path inside the image "
+                               f"folder to copy it (images[0] (id 1), field 'file_name' in {absolute})")

@@ -38,16 +38,13 @@ from torchvision.io import ImageReadMode, decode_image
 from toist_core.data.captions import (OWN_CATEGORIES_FIELD, CaptionTargets, category_names, coco_id2name,
                                       grounding_targets, noun_targets, pronoun_targets)
 from toist_core.data.config import CaptionMode, DataConfig
-from toist_core.data.schema import AnnotationRecord, DataError, ImageRecord, TaskFile, load_task_file
+from toist_core.data.schema import (AnnotationRecord, DataError, ImageRecord, TaskFile, check_decodable, clipped_box,
+                                    load_task_file)
 from toist_core.data.transforms import Normalize, make_transforms
 from toist_core.tasks import COCO_TASKS, DEFAULT_PRONOUN, TaskVocabulary
 
 PathLike = Union[str, Path]
 _CAPTION_MODES = typing.get_args(CaptionMode)
-# Formats OpenCV and PIL read (so ``toist predict`` takes them) but torchvision's ``decode_image``
-# does not: refused when the dataset is built rather than at the first batch that meets one.
-_UNDECODABLE_SUFFIXES = frozenset({".bmp", ".dib", ".tif", ".tiff", ".pbm", ".pgm", ".ppm", ".pnm",
-                                   ".jp2", ".j2k", ".exr", ".hdr", ".avif", ".heic", ".heif"})
 
 
 class CocoTasksDataset(Dataset):
@@ -140,7 +137,7 @@ class CocoTasksDataset(Dataset):
         if ann.iscrowd:
             return False
         image = next(i for i in task_file.images if i.id == ann.image_id)
-        return _clipped_box(ann, image.height, image.width) is not None
+        return clipped_box(ann, image.height, image.width) is not None
 
     def check_image_files(self, image_ids: Optional[Collection[int]] = None, what: str = "image",
                      note: str = "") -> None:
@@ -154,10 +151,7 @@ class CocoTasksDataset(Dataset):
             where = f"image id {image.id}, field 'file_name' in {self.files[k].path}{note}"
             if not path.is_file():
                 raise DataError(f"{path}: {what} file not found ({where})")
-            if path.suffix.lower() in _UNDECODABLE_SUFFIXES:
-                raise DataError(f"{path}: training and evaluation decode JPEG, PNG, GIF and WebP only "
-                                f"(torchvision's decode_image), not {path.suffix!r} files; convert it, "
-                                f"e.g. to PNG ({where})")
+            check_decodable(path, where)
 
     # ------------------------------------------------------------------ dataset protocol
 
@@ -234,7 +228,7 @@ class CocoTasksDataset(Dataset):
         for ann in task_file.image_annotations(image_rec.id):
             if ann.iscrowd or not (ann.is_preferred or every_object):
                 continue
-            box = _clipped_box(ann, height, width)
+            box = clipped_box(ann, height, width)
             if box is not None:  # degenerate boxes are dropped
                 kept.append(ann)
                 boxes.append(box)
@@ -252,14 +246,6 @@ class CocoTasksDataset(Dataset):
         if self.masks:
             target["masks"] = _masks(task_file, image_rec, kept)
         return target
-
-
-def _clipped_box(ann: AnnotationRecord, height: int, width: int) -> Optional[list[float]]:
-    """``[x0, y0, x1, y1]`` of ``ann``'s box clipped to the image; None when that is degenerate."""
-    x, y, w, h = ann.bbox
-    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-    x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-    return [x0, y0, x1, y1] if x1 > x0 and y1 > y0 else None
 
 
 def _load_with_names(path: PathLike) -> tuple[TaskFile, dict[int, str]]:

@@ -40,14 +40,16 @@ import yaml
 
 from toist_core.atomic_file import write_text_atomic
 from toist_core.data.captions import OWN_CATEGORIES_FIELD, category_names
-from toist_core.data.schema import (PREFERENCE_CATEGORIES, DataError, TaskFile, parse_task_data, read_json,
-                                     task_file_path, written_by)
+from toist_core.data.schema import (PREFERENCE_CATEGORIES, DataError, TaskFile, check_decodable, clipped_box,
+                                    parse_task_data, read_json, task_file_path, written_by)
 
 PathLike = Union[str, Path]
 CategoryRef = Union[str, int]  # a category name or id, as written in the specification
 
 _SPLIT = re.compile(r"^[A-Za-z0-9]+$")  # the <split> of task_<k>_<split>.json (schema's file-name rule)
 _ANNOTATION_FIELDS = ("id", "image_id", "bbox", "segmentation", "area", "iscrowd")
+# Keys of a task entry of the spec, which is also the task vocabulary (toist_core.tasks).
+_SPEC_KEYS = frozenset({"id", "phrase", "pronoun", "preferred_categories", "preferred_instances"})
 _LISTED = 12  # names or ids shown in an error message before "..."
 
 
@@ -127,6 +129,9 @@ def _task_preference(path: Path, index: int, item: Any) -> TaskPreference:
     if type(task_id) is not int or task_id <= 0:
         raise DataError(f"{where}: field 'id': expected a positive integer, got {task_id!r}")
     where = f"{where} (id {task_id})"
+    unknown = sorted(set(item) - _SPEC_KEYS)
+    if unknown:  # a misspelt preference would otherwise leave the task without it, silently
+        raise DataError(f"{where}: unknown key(s) {unknown}; expected {', '.join(sorted(_SPEC_KEYS))}")
     categories = _list_field(where, item, "preferred_categories", "category names or ids",
                              lambda v: type(v) is int or (type(v) is str and v.strip() != ""))
     instances = _list_field(where, item, "preferred_instances", "annotation ids (integers)",
@@ -178,7 +183,24 @@ def _read_source(path: PathLike, split: str) -> _Source:
     # The records are now task-file records, so the schema's own checks apply (RLE sizes and
     # counts included); ``path`` names the source, whose list positions and ids the records keep.
     parsed = parse_task_data({"images": images, "annotations": annotations}, path, 0, split)
+    _check_image_files(path, parsed)
     return _Source(path, names, images, annotations, parsed)
+
+
+def _check_image_files(path: Path, parsed: TaskFile) -> None:
+    """One record per image file, in a format training decodes: two records of one file gave
+    one picture as two samples, each with half its objects labelled (the others as background)."""
+    first: dict[str, int] = {}
+    for index, image in enumerate(parsed.images):
+        where = f"images[{index}] (id {image.id}), field 'file_name' in {path}"
+        name = _copied_name(image.file_name)
+        if name in first:
+            other = parsed.images[first[name]]
+            raise DataError(f"{path}: images[{index}] (id {image.id}) and images[{first[name]}] (id {other.id}) "
+                            f"have the same field 'file_name' {image.file_name!r}: one record per image file "
+                            "(merge their annotations under one image id)")
+        first[name] = index
+        check_decodable(name, where)
 
 
 def _where(path: Path, section: str, index: int, rec: Any) -> str:
@@ -244,7 +266,7 @@ def _suggestion(name: str, known: list[str]) -> str:
     close = by_case.get(name.casefold()) or next(iter(difflib.get_close_matches(name, known, n=1)), None)
     if close is not None:
         return f"; did you mean {close!r}?"
-    hint = f"; its categories are {_listing(known)}"
+    hint = f"; its categories are {_listing(known)}" if known else "; it has no category at all"
     if name.strip().isdigit():
         hint += f" (write {name.strip()} without quotes for a category id)"
     return hint
@@ -302,15 +324,34 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
         # The written name is the copy's path, or the dataset would not find the copy.
         images = [{**rec, "file_name": _copied_name(rec["file_name"])} for rec in source.images]
 
+    _check_destinations(Path(out_root), [task.task_id for task in tasks], split, copies)
+
+    # The images first: a copy that fails leaves no task file naming images that are not there.
     summary = ConversionSummary(source.path, split, [], image_dir=target_dir)
-    for task, refs in zip(tasks, resolved):
-        summary.tasks.append(_write_task(source, images, task, refs, split, Path(out_root), summary.warnings))
     for src, dst in copies:
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not (dst.exists() and os.path.samefile(src, dst)):
             shutil.copy2(src, dst)
             summary.images_copied += 1
+    for task, refs in zip(tasks, resolved):
+        summary.tasks.append(_write_task(source, images, task, refs, split, Path(out_root), summary.warnings))
     return summary
+
+
+def _check_destinations(out_root: Path, task_ids: list[int], split: str, copies: list[tuple[Path, Path]]) -> None:
+    """DataError, before anything is written, for a file or folder in the way of what will be."""
+    for path in [task_file_path(out_root, task_id, split) for task_id in task_ids]:
+        if path.is_dir():
+            raise DataError(f"{path}: a folder is where this task file goes; move it away")
+    for _, dst in copies:
+        if dst.is_dir():
+            raise DataError(f"{dst}: a folder is where this image is copied to (--copy-images-from); move it away")
+        for parent in dst.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise DataError(f"{parent}: a file is where the copied images' folder goes "
+                                    "(--copy-images-from, --image-dir); move it away")
+                break
 
 
 def _refuse_foreign_task_files(out_root: Path, task_ids: list[int], split: str) -> None:
@@ -345,6 +386,7 @@ def _write_task(source: _Source, images: list[dict], task: TaskPreference, refs:
     })
     num_preferred = sum(a["category_id"] for a in annotations)
     warnings.extend(_task_warnings(source, task, refs, num_preferred, path))
+    warnings.extend(_skipped_preferred(source, task, category_ids))
     return TaskSummary(task.task_id, path, len(images), len(annotations), num_preferred,
                        len(with_preferred))
 
@@ -368,6 +410,32 @@ def _task_warnings(source: _Source, task: TaskPreference, refs: dict[CategoryRef
     return out
 
 
+def _skipped_preferred(source: _Source, task: TaskPreference, category_ids: set[int]) -> list[str]:
+    """Preferred objects that training will not see as targets (what the dataset skips): crowd
+    annotations, boxes empty once clipped to the image. CVAT's COCO export marks every mask
+    annotation ``iscrowd: 1``, which left a task with no target at all, without a word."""
+    crowd, empty = [], []
+    sizes = {image.id: (image.height, image.width) for image in source.parsed.images}
+    for image_id, records in source.parsed.annotations.items():
+        for ann in records:
+            if ann.coco_category_id not in category_ids and ann.id not in task.instances:
+                continue
+            if ann.iscrowd:
+                crowd.append(ann.id)
+            elif clipped_box(ann, *sizes[image_id]) is None:
+                empty.append(ann.id)
+    out = []
+    if crowd:
+        out.append(f"task {task.task_id}: {len(crowd)} preferred object(s) of {source.path} are crowd annotations "
+                   f"(iscrowd 1: annotation ids {_listing(crowd)}), which training skips; if they are single objects "
+                   "(CVAT exports every mask with iscrowd 1) set iscrowd to 0")
+    if empty:
+        out.append(f"task {task.task_id}: {len(empty)} preferred object(s) of {source.path} have a box that is "
+                   f"empty inside the image (annotation ids {_listing(empty)}: 'bbox' width or height <= 0, or "
+                   "outside the image), which training skips")
+    return out
+
+
 def _image_copies(source: _Source, from_dir: Path, to_dir: Path) -> list[tuple[Path, Path]]:
     """(source, destination) per image; every source must exist (checked before writing)."""
     pairs = []
@@ -375,8 +443,8 @@ def _image_copies(source: _Source, from_dir: Path, to_dir: Path) -> list[tuple[P
         where = f"images[{index}] (id {image.id}), field 'file_name' in {source.path}"
         relative = PurePosixPath(_copied_name(image.file_name))
         if relative.is_absolute() or ".." in relative.parts:
-            raise DataError(f"{source.path}: {where}: {image.file_name!r} must be a relative path inside "
-                            f"the image folder to copy it")
+            raise DataError(f"{image.file_name!r} must be a relative path inside the image folder to copy it "
+                            f"({where})")
         src = from_dir / relative
         if not src.is_file():
             raise DataError(f"{src}: image file not found ({where})")

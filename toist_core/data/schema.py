@@ -376,3 +376,25 @@ def _finite_field(where: str, rec: dict, name: str) -> float:
     if not _is_finite(value):
         raise DataError(f"{where}: field {name!r}: expected a finite number, got {value!r}")
     return float(value)
+
+
+def clipped_box(ann: AnnotationRecord, height: int, width: int) -> Optional[list[float]]:
+    """``[x0, y0, x1, y1]`` of ``ann``'s box clipped to the image; None when that is degenerate."""
+    x, y, w, h = ann.bbox
+    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    return [x0, y0, x1, y1] if x1 > x0 and y1 > y0 else None
+
+
+# Formats OpenCV and PIL read (so ``toist predict`` takes them) but torchvision's ``decode_image``
+# does not: refused when a dataset is built or a COCO file converted, not at the first batch.
+UNDECODABLE_SUFFIXES = frozenset({".bmp", ".dib", ".tif", ".tiff", ".pbm", ".pgm", ".ppm", ".pnm",
+                                  ".jp2", ".j2k", ".exr", ".hdr", ".avif", ".heic", ".heif"})
+
+
+def check_decodable(path: Union[str, Path], where: str) -> None:
+    """DataError when training could not decode the image file ``path`` (by its suffix)."""
+    suffix = Path(path).suffix
+    if suffix.lower() in UNDECODABLE_SUFFIXES:
+        raise DataError(f"{path}: training and evaluation decode JPEG, PNG, GIF and WebP only "
+                        f"(torchvision's decode_image), not {suffix!r} files; convert it, e.g. to PNG ({where})")
