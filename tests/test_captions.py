@@ -100,6 +100,15 @@ def test_noun_caption_spans_unique_names():
     assert caption[slice(*spans["cup"][1])] == "cup"
 
 
+def test_noun_caption_may_name_classes_without_boxes():
+    targets = noun_targets(2, [COUCH], caption_category_ids=[COUCH, CHAIR])
+    assert targets.caption == "sit comfortably on chair sit comfortably on couch"
+    (begin, end), = targets.tokens_positive[0]
+    assert targets.caption[begin:end] == "sit comfortably on couch"
+    with pytest.raises(ValueError, match=r"\[63\] are not named"):
+        noun_targets(2, [COUCH], caption_category_ids=[CHAIR])
+
+
 def test_unknown_category_is_an_error():
     with pytest.raises(KeyError, match="12345"):
         noun_targets(1, [12345])

@@ -186,7 +186,8 @@ def test_noun_and_distill_modes(root):
     for index in range(len(noun)):
         _, target = noun[index]
         kept = _kept(coco, target["image_id"])
-        cats = sorted({a["COCO_category_id"] for a in kept})
+        # The reference's rule: every preferred object's class (tdod.py's obj_caption)
+        cats = sorted({a["COCO_category_id"] for a in coco.imgToAnns[target["image_id"]] if a["category_id"] == 1})
         assert target["caption"] == " ".join(TASK_PHRASES[14] + names[c] for c in cats)
         for spans, nspans, a in zip(target["tokens_positive"], target["noun_tokens_positive"], kept):
             (b, e), = spans
@@ -203,6 +204,45 @@ def test_noun_and_distill_modes(root):
             assert torch.equal(t_noun[key], t_pron[key])
         assert t_pron["tokens_positive"] == [[(0, len(t_pron["caption"]))]] * len(kept)
     assert saw_empty and saw_boxes
+
+
+def test_noun_caption_names_preferred_objects_whose_boxes_are_dropped(root, tmp_path):
+    """The reference builds the teacher's caption from every preferred object of the image, then
+    drops crowd objects and empty or outside boxes from the targets; the caption named only the
+    kept boxes' classes. Training's item and the teacher's evaluation input are one caption."""
+    from toist_core.inference.noun_captions import noun_caption_state
+
+    data = json.loads((root / "annotations" / "task_2_train.json").read_text())
+    image = data["images"][0]
+    h, w = image["height"], image["width"]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != image["id"]]
+    base = {"image_id": image["id"], "area": 100.0, "category_id": 1, "iscrowd": 0,
+            "segmentation": [[10, 10, 50, 10, 50, 50, 10, 50]]}
+    data["annotations"] += [
+        dict(base, id=1, bbox=[10, 10, 40, 40], COCO_category_id=62),                   # chair: kept
+        dict(base, id=2, bbox=[5, 5, 40, 40], COCO_category_id=63, iscrowd=1,          # couch: crowd
+             segmentation={"size": [h, w], "counts": [0, h * w]}),
+        dict(base, id=3, bbox=[20, 20, 0, 30], COCO_category_id=15),                    # bench: empty box
+        dict(base, id=4, bbox=[w + 5, 5, 10, 10], COCO_category_id=57),                 # carrot: outside
+        dict(base, id=5, bbox=[30, 30, 10, 10], COCO_category_id=1, category_id=0),     # person: not preferred
+    ]
+    path = tmp_path / "task_2_train.json"
+    path.write_text(json.dumps(data))
+    dataset = CocoTasksDataset(path, root / "images" / "train2014", caption_mode="noun")
+    index = next(i for i in range(len(dataset)) if dataset.sample_info(i)[1].id == image["id"])
+    _, target = dataset[index]
+    names = coco_id2name()
+    phrase = TASK_PHRASES[2]
+    assert target["caption"] == " ".join(phrase + names[c] for c in (15, 57, 62, 63))
+    assert len(target["boxes"]) == 1
+    (begin, end), = target["tokens_positive"][0]
+    assert target["caption"][begin:end] == phrase + "chair"
+
+    class Encoder:
+        def encode_text(self, captions):
+            return captions
+
+    assert noun_caption_state(Encoder(), dataset, index, 2).caption == target["caption"]
 
 
 def test_grounding_mode_names_every_object_once_per_image(root):

@@ -141,18 +141,26 @@ def noun_caption(task_id: int, names: Sequence[str],
 
 def noun_targets(task_id: int, box_category_ids: Sequence[int],
                  id2name: Optional[Mapping[int, str]] = None,
-                 vocabulary: Optional[TaskVocabulary] = None) -> CaptionTargets:
+                 vocabulary: Optional[TaskVocabulary] = None,
+                 caption_category_ids: Optional[Sequence[int]] = None) -> CaptionTargets:
     """Teacher caption for boxes of the given COCO classes.
 
+    ``caption_category_ids`` are the classes the caption names (default: the boxes'); the
+    reference names every preferred object of the image, crowd objects and empty or outside
+    boxes included, before it drops those boxes (:func:`~toist_core.data.coco_tasks.noun_caption_classes`).
     Parts are ordered by COCO category id (deterministic); each box points at the part of its
     class (``tokens_positive``) and at the class name inside it (``noun_tokens_positive``).
-    Images without boxes get the empty caption, as in the reference.
+    Images without named classes get the empty caption, as in the reference.
     """
     id2name = coco_id2name() if id2name is None else id2name
-    for cat in box_category_ids:
+    named = list(box_category_ids) if caption_category_ids is None else list(caption_category_ids)
+    for cat in [*box_category_ids, *named]:
         if cat not in id2name:
             raise KeyError(f"COCO category id {cat} has no name in the id -> name table")
-    ordered_names = [id2name[cat] for cat in sorted(set(box_category_ids))]
+    unnamed = sorted(set(box_category_ids) - set(named))
+    if unnamed:
+        raise ValueError(f"boxes of COCO category ids {unnamed} are not named by the caption's classes {named}")
+    ordered_names = [id2name[cat] for cat in sorted(set(named))]
     caption, spans = noun_caption(task_id, ordered_names, vocabulary)
     tokens_positive = [[spans[id2name[cat]][0]] for cat in box_category_ids]
     noun_positive = [[spans[id2name[cat]][1]] for cat in box_category_ids]

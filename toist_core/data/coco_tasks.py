@@ -183,7 +183,8 @@ class CocoTasksDataset(Dataset):
         if self.caption_mode == "pronoun":
             return self.transforms(image, _with_captions(base, pronoun_targets(
                 task_file.task_id, num_boxes, self.pronoun, self.vocabulary)))
-        noun = _with_captions(base, noun_targets(task_file.task_id, preferred, self.id2name, self.vocabulary))
+        noun = _with_captions(base, noun_targets(task_file.task_id, preferred, self.id2name, self.vocabulary,
+                                                 noun_caption_classes(task_file, image_rec)))
         image, noun = self.transforms(image, noun)
         if self.caption_mode == "noun":
             return image, noun
@@ -246,6 +247,13 @@ class CocoTasksDataset(Dataset):
         if self.masks:
             target["masks"] = _masks(task_file, image_rec, kept)
         return target
+
+
+def noun_caption_classes(task_file: TaskFile, image_rec: ImageRecord) -> list[int]:
+    """The COCO classes an image's noun (teacher) caption names: of every preferred object, crowd
+    objects and boxes empty or outside the image included, as the reference builds its caption
+    before it drops those objects' boxes; training and evaluation read the same caption."""
+    return [ann.coco_category_id for ann in task_file.image_annotations(image_rec.id) if ann.is_preferred]
 
 
 def _load_with_names(path: PathLike) -> tuple[TaskFile, dict[int, str]]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..data.captions import noun_targets
-from ..data.coco_tasks import CocoTasksDataset
+from ..data.coco_tasks import CocoTasksDataset, noun_caption_classes
 from .results import TaskState
 
 
@@ -21,8 +21,7 @@ def noun_caption_state(model: nn.Module, dataset: CocoTasksDataset, index: int, 
     classes (the empty caption when it has none), as the dataset builds it in "noun" mode;
     no task id, so no cluster-centre replacement."""
     task_file, record = dataset.sample_info(index)
-    classes = [a.coco_category_id for a in task_file.image_annotations(record.id) if a.is_preferred and not a.iscrowd]
-    caption = noun_targets(task, classes, dataset.id2name, dataset.vocabulary).caption
+    caption = noun_targets(task, noun_caption_classes(task_file, record), dataset.id2name, dataset.vocabulary).caption
     with torch.inference_mode():
         return TaskState(caption, None, model.encode_text([caption]), ())
 
