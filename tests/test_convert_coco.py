@@ -465,3 +465,36 @@ def test_messages_for_a_file_without_categories_and_an_absolute_image_name(coco)
         convert_coco(absolute, "train", spec, folder / "out", copy_images_from=folder)
     assert str(info.value) == (f"{str(folder / 'pics' / 'img_1.png')!r} must be a relative path inside the image "
                                f"folder to copy it (images[0] (id 1), field 'file_name' in {absolute})")
+
+
+def test_an_image_whose_size_is_not_its_records_is_refused_before_anything_is_written(coco):
+    """The dataset refuses it when it reads the sample, hours into training; with the images
+    at hand (--copy-images-from) the conversion reads their headers. A phone photo whose EXIF
+    orientation turns it was annotated turned: the message says so."""
+    from PIL import Image
+
+    folder, train, _, spec = coco
+    out = folder / "out"
+    picture = folder / "pics" / "img_2.png"
+    assert cv2.imwrite(str(picture), np.zeros((H + 1, W, 3), dtype=np.uint8))
+    with pytest.raises(DataError, match=rf"img_2.png: image is {H + 1}x{W} \(height x width\) but the record says "
+                                        rf"{H}x{W} \(fields 'height'/'width' of images\[1\] \(id 2\)"):
+        convert_coco(train, "train", spec, out, copy_images_from=folder)
+    assert not out.exists()
+
+    turned = folder / "pics" / "img_2.jpg"   # stored W x H, displayed a quarter turned: H x W
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (H, W)).save(turned, exif=exif)
+    data = json.loads(train.read_text())
+    data["images"][1]["file_name"] = "pics/img_2.jpg"
+    phone = train.with_name("phone.json")
+    phone.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"EXIF orientation \(6\) turns it a quarter.*exif_transpose"):
+        convert_coco(phone, "train", spec, out, copy_images_from=folder)
+    assert not out.exists()
+
+    turned.write_bytes(b"\xff\xd8 cut short")
+    with pytest.raises(DataError, match=r"img_2.jpg: cannot read the image \(images\[1\] \(id 2\)"):
+        convert_coco(phone, "train", spec, out, copy_images_from=folder)
+    assert not out.exists()
