@@ -104,7 +104,6 @@ class PerceptionNode(Node):
         self._stopping = threading.Event()  # request_stop(): a transition under way ends at its next step
         self._health = HealthLevel()
         self.model = self.segmenter = self._tasks = self._inputs = self._depth = self._worker = None
-        self._cameras: list = []
         self._task_sub = self._set_task_srv = self._segment_srv = None  # _create_control_io
         self._no_image_timer = None
 
@@ -128,6 +127,11 @@ class PerceptionNode(Node):
     @property
     def _ready(self) -> bool:
         return self._phase == ACTIVE
+
+    @property
+    def _cameras(self) -> list:
+        """The configured cameras (none before :meth:`_configure` and after :meth:`_cleanup`)."""
+        return self._inputs.cameras if self._inputs is not None else []
 
     def _configure(self, startup: StartupDiagnostics) -> None:
         """Model, task, warm-up, outputs and services, each step reported (``startup``)."""
@@ -158,7 +162,6 @@ class PerceptionNode(Node):
 
         startup.step("opening outputs and services")
         self._inputs = CameraInputs(self, settings, self.counters, self._image_group, self._limits)
-        self._cameras = self._inputs.cameras
         self._inputs.create_outputs()
         if settings["output.detections"]:
             self._open_detections()
@@ -212,7 +215,6 @@ class PerceptionNode(Node):
         with self._state_lock:
             self._phase = UNCONFIGURED
             self.model = self.segmenter = self._tasks = self._inputs = self._depth = self._worker = None
-            self._cameras = []
         if device.startswith("cuda"):
             import torch  # the model's device was CUDA: torch is loaded already
 
