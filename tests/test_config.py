@@ -101,6 +101,21 @@ def test_inference_sizes_left_to_the_model_come_from_its_input_size():
     assert InferenceConfig().with_input_size(InputSize()).short_side == 800  # the reference's
 
 
+@pytest.mark.parametrize("field, value, says", [
+    ("ccr", "false", "inference.ccr must be true or false, got 'false'"),      # a non-empty string is true
+    ("channels_last", 1, "inference.channels_last must be true or false, got 1"),
+    ("pronoun", 5, "inference.pronoun must be a word"),
+    ("pronoun", " ", "inference.pronoun must be a word"),
+    ("mean", (float("nan"), 0.5, 0.5), r"inference.mean must be finite numbers, got \[nan, 0.5, 0.5\]"),
+    ("std", (float("inf"), 0.2, 0.2), "inference.std must be finite numbers"),
+    ("short_side", 800.0, "inference.short_side must be an integer, got 800.0"),
+    ("score_threshold", True, "inference.score_threshold must be a number, got True"),
+])
+def test_inference_config_refuses_ill_typed_fields(field, value, says):
+    with pytest.raises(ConfigError, match=says):
+        InferenceConfig(**{field: value})
+
+
 def test_backbone_channels():
     assert BackboneConfig(name="resnet34").channels == (64, 128, 256, 512)
     assert BackboneConfig(name="resnet50").channels == (256, 512, 1024, 2048)

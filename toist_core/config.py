@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
@@ -330,7 +331,15 @@ class InferenceConfig:
             if (not isinstance(value, (tuple, list)) or len(value) != 3
                     or not all(isinstance(v, Real) and not isinstance(v, bool) for v in value)):
                 raise ConfigError(f"inference.{name} must be 3 numbers (R, G, B), got {value!r}")
+            if not all(math.isfinite(v) for v in value):
+                raise ConfigError(f"inference.{name} must be finite numbers, got {list(value)}")
             object.__setattr__(self, name, tuple(float(v) for v in value))
+        for name in ("channels_last", "ccr"):
+            # "false" from a hand-written config would be true (a non-empty string)
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"inference.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.pronoun is not None and (not isinstance(self.pronoun, str) or not self.pronoun.strip()):
+            raise ConfigError(f"inference.pronoun must be a word (or None: the model's own), got {self.pronoun!r}")
         for name in ("short_side", "max_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
