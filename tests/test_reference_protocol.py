@@ -289,3 +289,30 @@ def test_reference_protocol_batches_in_ascending_image_id(data_root):
         predict_tasks(fake, files, data_root / "images" / "val2014", batch_size=2, log=io.StringIO())
         assert [size for batch in fake.batches for size in batch] == expected
         assert [len(batch) for batch in fake.batches] == [2, 2]
+
+
+def test_cli_evaluate_forms_the_reference_scripts_batches(data_root, tmp_path, monkeypatch):
+    """Under the reference protocol a batch is padded to its largest image, so the batch size
+    is part of the protocol: eval_seg.sh's 4 for a segmentation model, eval_dete.sh's 8 for a
+    detection one; the default protocol reads one image at a time; --batch-size wins."""
+    import toist_core.cli.evaluate as evaluate
+    from toist_core.checkpoint import save_model_dir
+
+    used = []
+    real_predict_tasks = evaluate.predict_tasks
+
+    def predict_tasks(*args, **kwargs):
+        used.append(kwargs["batch_size"])
+        return real_predict_tasks(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "predict_tasks", predict_tasks)
+    for preset in ("tiny_segm", "tiny"):
+        seg = TaskSegmenter.from_config(preset, device="cpu", seed=0)
+        save_model_dir(seg.model, tmp_path / preset, seg.config)
+    runs = [("tiny_segm", ["--protocol", "reference"], 4), ("tiny", ["--protocol", "reference"], 8),
+            ("tiny_segm", [], 1), ("tiny", ["--protocol", "reference", "--batch-size", "3"], 3)]
+    for k, (preset, extra, expected) in enumerate(runs):
+        assert cli.main(["evaluate", "--data", str(data_root), "--checkpoint", str(tmp_path / preset), "--tasks", "14",
+                         "--out", str(tmp_path / f"out{k}"), "--no-plots", "--short-side", "64", "--max-size", "128",
+                         "--device", "cpu", *extra]) == 0
+        assert used[-1] == expected, (preset, extra)

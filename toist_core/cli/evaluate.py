@@ -8,7 +8,8 @@ With a checkpoint, every image of each task's test file is run through
 kept: score threshold 0, up to 100 instances). ``--protocol reference`` also processes images
 and boxes exactly as the reference's evaluation (PIL resize of the uint8 image, padding to the
 batch's largest image only, boxes not clipped; batches in ascending image id, the reference
-loader's order), for a like-for-like comparison with the paper's tables; the default
+loader's order, of the reference scripts' size unless ``--batch-size``: 8 for a detection model,
+4 for a segmentation or distilled one), for a like-for-like comparison with the paper's tables; the default
 ``toist`` keeps toist's float resize, padding to a multiple of 32 and box clipping
 (docs/inference.md gives their measured effect). Writes ``results.md`` / ``results.csv``
 (per-task AP@0.5 and AP@[.5:.95], mean over tasks = mAP^box / mAP^mask) and one
@@ -62,7 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="torch device for --checkpoint (auto, cpu, cuda)")
     parser.add_argument("--text-encoder", default=None,
                         help="tokenizer / text encoder for official .pth files (hub name or local dir)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (--checkpoint)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per forward pass (--checkpoint; default 1, with --protocol reference the "
+                             "reference scripts' batches: 8 for a detection model, 4 for a segmentation or "
+                             "distilled one)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="toist",
                         help="pre/post-processing (--checkpoint): toist's (default: float resize, padding to a "
                              "multiple of 32, clipped boxes) or exactly the reference evaluation's (PIL resize, "
@@ -103,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_images is not None and args.max_images <= 0:
         raise ValueError(f"--max-images must be positive, got {args.max_images}")
-    if args.captions == "noun" and (args.predictions or args.batch_size != 1):
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.captions == "noun" and (args.predictions or args.batch_size not in (None, 1)):
         raise ValueError("--captions noun: with --checkpoint and --batch-size 1 only (every image has its own "
                          "caption)")
     captions = args.captions
@@ -130,13 +136,17 @@ def run(args: argparse.Namespace) -> int:
         if captions == "auto":
             captions = getattr(segmenter, "captions", "pronoun")  # a segmenter that does not say: pronoun
             if captions == "noun":
-                if args.batch_size != 1:
+                if args.batch_size not in (None, 1):
                     raise ValueError(f"{args.checkpoint} is scored on noun captions (a noun teacher or grounding "
                                      "run): one image at a time, each with its own caption; use --batch-size 1 (or "
                                      "--captions pronoun to give it the task captions)")
                 print(f"{args.checkpoint}: a noun teacher (or grounding run), scored as its training scored it: each "
                       "image is read with its own noun caption (--captions noun; --captions pronoun for the task "
                       "captions)", file=sys.stderr)
+        batch_size = args.batch_size or default_batch_size(segmenter, args.protocol, captions)
+        if args.batch_size is None and batch_size > 1:
+            print(f"--protocol reference: batches of {batch_size} images, the reference evaluation script's for "
+                  f"this model (a batch is padded to its largest image; --batch-size to change it)", file=sys.stderr)
         # Default: the tasks the model was trained on, else every task of its vocabulary.
         tasks = (parse_task_list(args.tasks, max_id=None) if args.tasks
                  else sorted(segmenter.trained_tasks or segmenter.vocabulary.ids))
@@ -151,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
     if predictions is None:
         image_dir = Path(args.image_dir) if args.image_dir else _default_image_dir(args.data, args.split)
-        predictions = predict_tasks(segmenter, files, image_dir, image_ids, batch_size=args.batch_size,
+        predictions = predict_tasks(segmenter, files, image_dir, image_ids, batch_size=batch_size,
                                     captions=captions,
                                     require_masks="segm" in (args.iou_types or ()))
     else:
@@ -183,6 +193,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {', '.join(p.name for p in stale)} in {args.out} are from an earlier run, not this one",
               file=sys.stderr)
     return 0
+
+
+def default_batch_size(segmenter, protocol: str, captions: str) -> int:
+    """Images per forward pass when ``--batch-size`` is not given: under the reference protocol
+    a batch is padded to its largest image, so the batch is part of the protocol: the reference
+    scripts' (eval_dete.sh 8; eval_seg.sh, eval_seg_dis.sh and eval_dete_dis.sh 4). Otherwise,
+    and for noun captions (each image its own caption), one image."""
+    if protocol != "reference" or captions == "noun":
+        return 1
+    return 4 if getattr(segmenter, "has_masks", False) or getattr(segmenter, "is_distilled", False) else 8
 
 
 def _default_image_dir(root: str, split: str) -> Path:

@@ -90,7 +90,8 @@ def markdown_report(result: EvaluationResult, title: str = "COCO-Tasks evaluatio
                       f"{len(result.tasks) - len(left_out)} task(s).", ""]
     parts += ["## Per task (paper layout, %)", "", paper_table_markdown(result), "",
               "## Details (%)", "", per_task_markdown(result), "",
-              "AP@0.5 = COCOeval stats[1] with catIds=[1] on all images of the task file; "
+              "AP@0.5 = COCOeval stats[1] with catIds=[1] on the evaluated images of the task file (column "
+              "'images': all of them unless the run was limited, e.g. --max-images); "
               "'with_targets' = the same on the images with at least one preferred object.", ""]
     return "\n".join(parts)
 
