@@ -1,6 +1,6 @@
 """Training / evaluation (``CocoTasksDataset.load_image``) and ``toist predict`` (``load_rgb``) read
 the same pixels from one file: EXIF orientation ignored (COCO annotations are made in the stored
-pixel grid), 16-bit PNGs reduced to 8 bits by dropping the low byte."""
+pixel grid), 16-bit PNGs reduced to 8 bits by dropping the low byte, a JPEG cut short refused."""
 
 import json
 
@@ -43,7 +43,7 @@ def test_exif_orientation_is_ignored_by_both_loaders(tmp_path, orientation):
     assert train.shape == predict.shape == (H, W, 3)  # the record's size: boxes stay where annotated
     for pixels in (train, predict):
         assert pixels[:, : W // 2 - 2, 0].min() > 240 and pixels[:, W // 2 + 2:].max() < 15  # red on the left
-    assert np.abs(train.astype(int) - predict.astype(int)).max() <= 2  # two JPEG decoders
+    assert np.array_equal(train, predict)  # one decoder
 
 
 @pytest.mark.parametrize("channels", [3, 1])
@@ -64,3 +64,31 @@ def test_16_bit_png_reads_as_predict_reads_it(tmp_path, channels):
     image, _ = dataset[0]
     top = ((1.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).max()
     assert image.max() <= top + 1e-5
+
+
+def test_a_jpeg_cut_short_is_refused_by_both_loaders(tmp_path):
+    """OpenCV decoded it as far as it went (grey below) and `toist predict` wrote results for it;
+    training refused it."""
+    Image.fromarray(_left_red()).save(tmp_path / "whole.jpg", quality=95)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ValueError, match=r"cut.jpg: cannot decode image"):
+        load_rgb(tmp_path / "cut.jpg")
+    with pytest.raises(ValueError, match=r"cut.jpg: cannot decode image \(image id 1 in .*task_1_test.json\)"):
+        _dataset(tmp_path, ["cut.jpg"]).load_image(0)
+
+
+def test_cmyk_jpeg_and_other_formats(tmp_path):
+    """A CMYK JPEG gives training's pixels exactly (OpenCV's differed by a level); BMP, which
+    training does not decode, is still read by OpenCV; a folder or a text file is refused by name."""
+    rgb = _left_red()
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "print.jpg", quality=95)
+    train = _dataset(tmp_path, ["print.jpg"]).load_image(0).permute(1, 2, 0).numpy()
+    assert np.array_equal(load_rgb(tmp_path / "print.jpg"), train)
+    assert cv2.imwrite(str(tmp_path / "plain.bmp"), rgb[..., ::-1])
+    assert np.array_equal(load_rgb(tmp_path / "plain.bmp"), rgb)
+    with pytest.raises(ValueError, match=r"folder: cannot read the image: Is a directory"):
+        load_rgb(tmp_path.joinpath("folder").mkdir() or tmp_path / "folder")
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(ValueError, match=r"notes.png: cannot read the image \(not a format toist reads"):
+        load_rgb(tmp_path / "notes.png")

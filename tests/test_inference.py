@@ -5,6 +5,7 @@ import io
 import json
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -28,6 +29,18 @@ def random_image(height, width, seed=0):
 def seg():
     return TaskSegmenter.from_config("tiny_segm", seed=0, task=2,
                                      inference=InferenceConfig(score_threshold=0.0, duplicate_iou=None, max_instances=100, **SMALL))
+
+
+def test_a_read_only_frame_is_read_without_a_warning_and_a_task_id_is_no_task_state(seg, recwarn):
+    image = random_image(40, 50, seed=2)
+    expected = seg.predict(image)
+    frozen = np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(image.shape)   # a ROS message's buffer
+    assert not frozen.flags.writeable
+    got = seg.predict(frozen)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+    assert np.array_equal(got.boxes, expected.boxes) and np.array_equal(got.scores, expected.scores)
+    with pytest.raises(TypeError, match=r"task_state must be a TaskState .*got int; for a task id or name use seg.set_task"):
+        seg.predict(image, task_state=2)
 
 
 def reference_outputs(seg, image, caption, memory_hook=None):
@@ -388,8 +401,39 @@ def test_cli_predict_never_overwrites_an_input(tmp_path, capsys):
     assert sorted(p.name for p in photos.iterdir()) == ["kitchen.png", "kitchen_2.png", "kitchen_2_2.json",
                                                        "kitchen_2_2.png", "kitchen_3.json", "kitchen_3.png"]
     assert json.loads((photos / "kitchen_3.json").read_text())["image"] == str(photos / "kitchen.png")
-    assert f"{out / 'kitchen.png'} is an input image and is not overwritten" in captured.err
+    assert f"{out / 'kitchen'}.png/.json is an input image or a file toist did not write, not overwritten" \
+        in captured.err
     assert f"go to {out / 'kitchen_3'}.png/.json" in captured.err
+
+
+def test_cli_predict_keeps_other_files_and_the_other_images_results(tmp_path, capsys):
+    """--out the images' folder holding another photo <stem>.png that is not an input: it was
+    overwritten. An unreadable image stopped the run and lost the next images' results; a path
+    that is not a file is said before the model loads. A second run replaces its own results."""
+    from toist_core.visualize import save_rgb
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save_rgb(photos / "desk.png", random_image(40, 60, seed=3))      # another photo, not an input
+    (photos / "desk.jpg").write_bytes(cv2.imencode(".jpg", random_image(45, 70, seed=4))[1].tobytes())
+    (photos / "broken.jpg").write_bytes((photos / "desk.jpg").read_bytes()[:300])
+    save_rgb(photos / "shelf.png", random_image(45, 70, seed=5))
+    other = (photos / "desk.png").read_bytes()
+    base = ["predict", "--preset", "tiny_segm", "--task", "task_2", "--out", str(photos), "--device", "cpu",
+            "--short-side", "64", "--max-size", "128", "--max-instances", "2"]
+    args = base + [str(photos / name) for name in ("desk.jpg", "broken.jpg", "shelf.png")]
+    for run in range(2):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert (photos / "desk.png").read_bytes() == other
+        assert f"skipped: {photos / 'broken.jpg'}: cannot decode image" in err
+        assert f"1 of 3 image(s) could not be read and have no results: {photos / 'broken.jpg'}" in err
+        assert json.loads((photos / "desk_2.json").read_text())["image"] == str(photos / "desk.jpg")
+        assert json.loads((photos / "shelf_2.json").read_text())["task_id"] == 2   # shelf.png is an input
+        assert not (photos / "desk_3.json").exists() and not (photos / "broken.json").exists()
+    assert cli.main(base + [str(photos / "shelf.png"), str(photos / "nowhere.png"), str(photos)]) == 2
+    assert f"not a file: {photos / 'nowhere.png'}, {photos} (image arguments must name files" in \
+        capsys.readouterr().err
 
 
 def test_image_batch_rounds_padding_up_and_marks_it():

@@ -46,6 +46,14 @@ def test_unusable_requests(request_, error):
         resolve_task(request_)
 
 
+def test_numpy_integers_are_ids():
+    import numpy as np
+
+    assert resolve_task(np.int64(3)) == resolve_task(3)
+    with pytest.raises(ValueError, match="has ids 1..14"):
+        resolve_task(np.int32(15))
+
+
 def test_errors_quote_at_most_80_characters():
     assert quote("short") == "'short'"
     long_text = "9" * 2000

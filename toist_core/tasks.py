@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -223,7 +224,8 @@ def resolve_task(task: Union[int, str], pronoun: str = DEFAULT_PRONOUN,
     vocabulary = vocabulary or COCO_TASKS
     if isinstance(task, bool):
         raise TypeError("task must be an int id or a string, not bool")
-    if isinstance(task, int):
+    if isinstance(task, Integral):  # numpy's integers too (an id read from an array)
+        task = int(task)
         caption = vocabulary.pronoun_caption(task, pronoun)
         return TaskQuery(caption, task, _span(caption, vocabulary.pronoun_of(task, pronoun)))
     if not isinstance(task, str):

@@ -1,4 +1,5 @@
-"""Draw predictions on images (numpy + OpenCV; no torch), for the CLI and the ROS node.
+"""Draw predictions on images (numpy + OpenCV), for the CLI and the ROS node; read image files
+(torch only for JPEG, PNG, GIF and WebP files: :func:`load_rgb`).
 
 Everything works on RGB ``H x W x 3`` uint8 arrays; only :func:`save_rgb` converts to the
 BGR order OpenCV writes.
@@ -69,16 +70,26 @@ def draw_prediction(image: np.ndarray, prediction, title: Optional[str] = None, 
 def load_rgb(path: Union[str, Path]) -> np.ndarray:
     """Read an image file as RGB uint8 ``[H, W, 3]`` (ValueError naming the file if it cannot be read).
 
-    The pixels are the ones training and evaluation read
-    (:meth:`toist_core.data.coco_tasks.CocoTasksDataset.load_image`): the stored pixel grid, an
-    EXIF orientation tag ignored (COCO annotations are made in that grid, and the reference's PIL
-    loader does not rotate either), 16-bit samples reduced to 8 bits by dropping the low byte.
+    JPEG, PNG, GIF and WebP give the pixels training and evaluation read
+    (:func:`toist_core.data.pixels.decode_rgb`: the stored pixel grid, an EXIF orientation tag
+    ignored, 16-bit samples reduced to 8 bits by dropping the low byte; a file cut short is
+    refused); other formats OpenCV reads (BMP, TIFF, ...) are read by OpenCV, the same way.
     """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the image: {exc.strerror or exc}") from None
+    from toist_core.data.pixels import decode_rgb, decodes
+
+    if decodes(head):
+        return np.ascontiguousarray(decode_rgb(path).permute(1, 2, 0).numpy())
     import cv2
 
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
-        raise ValueError(f"{path}: cannot read the image (missing file or unknown format)")
+        raise ValueError(f"{path}: cannot read the image (not a format toist reads: JPEG, PNG, GIF, WebP, or what "
+                         "OpenCV reads, e.g. BMP and TIFF)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

@@ -10,7 +10,10 @@ on stderr: on real images its instances mean nothing.
 
 Per image ``<out>/<stem>.png`` (masks, boxes, scores, caption drawn on the image) and
 ``<out>/<stem>.json`` (``<stem>_2``, ... for a second image of that stem, or when one of these
-files is an input image: an input is never overwritten, and stderr says where its results went)::
+files is an input image or another file that is not an earlier toist result: those are never
+overwritten, and stderr says where the results went). An image that cannot be read is skipped
+and named on stderr; the others are processed and the command then exits with code 2. A path
+that is not a file stops it before the model loads::
 
     {"image": ..., "height": H, "width": W, "caption": ..., "task_id": 2,
      "instances": [{"box": [x1, y1, x2, y2], "score": s, "query": q,
@@ -84,13 +87,33 @@ def output_files(out: Path, name: str) -> tuple[Path, Path]:
 
 def output_name(stem: str, out: Path, used: set, inputs: set) -> str:
     """The name of an image's outputs in ``out``: its ``stem``, else ``<stem>_2``, ``<stem>_3``, ...
-    when an earlier image of the run took it or when one of its files is an input (``inputs``:
-    resolved paths; e.g. the image itself when ``out`` is its folder): inputs are never overwritten."""
+    when an earlier image of the run took it or when one of its files must not be overwritten
+    (``inputs``: resolved paths of the run's images, e.g. the image itself when ``out`` is its
+    folder; or a file that is not an earlier toist result, e.g. another photo ``<stem>.png``)."""
     name, k = stem, 1
-    while name in used or any(f.resolve() in inputs for f in output_files(out, name)):
+    while name in used or not _replaceable(out, name, inputs):
         k += 1
         name = f"{stem}_{k}"
     return name
+
+
+def _replaceable(out: Path, name: str, inputs: set) -> bool:
+    """Whether ``name``'s outputs may be written: neither is an input, and each is absent or an
+    earlier run's result (a toist JSON, and the overlay beside such a JSON)."""
+    overlay, result = output_files(out, name)
+    if overlay.resolve() in inputs or result.resolve() in inputs:
+        return False
+    if not (overlay.exists() or result.exists()):
+        return True
+    return _is_toist_result(result)
+
+
+def _is_toist_result(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"image", "instances", "caption"} <= set(data)
 
 
 def default_checkpoint() -> str:
@@ -111,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     inference = InferenceConfig(score_threshold=args.score_threshold, max_instances=args.max_instances,
                                 duplicate_iou=args.duplicate_iou or None, precision=args.precision,
                                 short_side=args.short_side, max_size=args.max_size)
+    _check_paths(args.images)
     show_load_summary()  # one line: what the checkpoint held (mask head, memory bank, EMA, tokenizer)
     if args.preset:
         seg = TaskSegmenter.from_config(args.preset, device=args.device, text_encoder=args.text_encoder,
@@ -118,27 +142,41 @@ def run(args: argparse.Namespace) -> int:
     else:
         seg = TaskSegmenter.from_pretrained(args.checkpoint or default_checkpoint(), device=args.device,
                                             text_encoder=args.text_encoder, inference=inference)
-    task = int(args.task) if args.task.strip().isdigit() else args.task
-    seg.set_task(task)
+    seg.set_task(args.task)  # an id ("2", "task_2"), a task name or free text
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     inputs = {Path(path).resolve() for path in args.images}
+    unreadable: list[str] = []
     for path in args.images:
-        image = load_rgb(path)
+        try:
+            image = load_rgb(path)
+        except ValueError as exc:  # one bad file does not lose the others' results
+            print(f"toist predict: skipped: {exc}", file=sys.stderr)
+            unreadable.append(str(path))
+            continue
         try:
             prediction = seg.predict(image)
         except NonFiniteOutputError as exc:  # name the file (exit code 2, as every error of the command)
             raise NonFiniteOutputError(f"{path}: {exc}") from None
         stem = Path(path).stem
         name = output_name(stem, out, used, inputs)
-        clash = [f for f in output_files(out, stem) if f.resolve() in inputs]
-        if clash:
-            print(f"toist predict: {clash[0]} is an input image and is not overwritten: the results of {path} go "
-                  f"to {out / name}.png/.json", file=sys.stderr)
+        if name != stem and stem not in used:
+            print(f"toist predict: {out / stem}.png/.json is an input image or a file toist did not write, not "
+                  f"overwritten: the results of {path} go to {out / name}.png/.json", file=sys.stderr)
         used.add(name)
         overlay, result = output_files(out, name)
         save_rgb(overlay, draw_prediction(image, prediction))
         result.write_text(json.dumps(prediction_to_json(prediction, str(path)), indent=1))
         print(f"{path}: {len(prediction)} instance(s) for {prediction.caption!r} -> {out / name}.png/.json")
+    if unreadable:
+        raise ValueError(f"{len(unreadable)} of {len(args.images)} image(s) could not be read and have no results: "
+                         f"{', '.join(unreadable)}")
     return 0
+
+
+def _check_paths(images: list[str]) -> None:
+    """Every image argument names a file: a typo is said before the model loads."""
+    missing = [path for path in images if not Path(path).is_file()]
+    if missing:
+        raise ValueError(f"not a file: {', '.join(missing)} (image arguments must name files; nothing was written)")

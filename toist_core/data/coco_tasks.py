@@ -33,11 +33,11 @@ from pycocotools import mask as mask_utils
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 
 from toist_core.data.captions import (OWN_CATEGORIES_FIELD, CaptionTargets, category_names, coco_id2name,
                                       grounding_targets, noun_targets, pronoun_targets)
 from toist_core.data.config import CaptionMode, DataConfig
+from toist_core.data.pixels import decode_rgb
 from toist_core.data.schema import (AnnotationRecord, DataError, ImageRecord, TaskFile, check_decodable, clipped_box,
                                     load_task_file)
 from toist_core.data.transforms import Normalize, make_transforms
@@ -194,27 +194,13 @@ class CocoTasksDataset(Dataset):
     # ------------------------------------------------------------------ sample construction
 
     def load_image(self, index: int) -> Tensor:
-        """The RGB image of sample ``index`` as a uint8 ``tv_tensors.Image [3, H, W]``.
-
-        The stored pixel grid: an EXIF orientation tag is ignored (``decode_image``'s default),
-        as the reference's PIL loader does and as COCO annotations assume. 16-bit PNGs are
-        reduced to 8 bits by dropping the low byte (``v >> 8``), as OpenCV does for ``toist
-        predict`` (:func:`toist_core.visualize.load_rgb`), so training, evaluation and
-        prediction see the same pixels.
-        """
+        """The RGB image of sample ``index`` as a uint8 ``tv_tensors.Image [3, H, W]``: the
+        stored pixel grid (:func:`toist_core.data.pixels.decode_rgb`, which ``toist predict``
+        reads too), of the size its record says."""
         k, image_rec = self._samples[index]
         path = self._image_dirs[k] / image_rec.file_name
         where = f"image id {image_rec.id} in {self.files[k].path}"
-        if not path.is_file():
-            raise DataError(f"{path}: image file not found ({where})")
-        try:
-            pixels = decode_image(str(path), mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError) as exc:
-            raise DataError(f"{path}: cannot decode image ({where}): {exc}") from None
-        if pixels.dtype == torch.uint16:
-            pixels = (pixels.to(torch.int32) >> 8).to(torch.uint8)
-        elif pixels.dtype != torch.uint8:
-            raise DataError(f"{path}: decoded to {pixels.dtype} samples; expected 8 or 16 bits ({where})")
+        pixels = decode_rgb(path, where)
         height, width = pixels.shape[-2:]
         if (height, width) != (image_rec.height, image_rec.width):
             raise DataError(f"{path}: image is {height}x{width} but the record says "

@@ -56,7 +56,10 @@ def preprocess(images: Sequence[np.ndarray], inference: InferenceConfig, mean: t
 def resize_float(image: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
     """``H x W x 3`` uint8 -> ``[3, h, w]`` float in [0, 1] at ``size`` = (h, w): antialiased
     bilinear on the float image, on ``device`` (no round trip through uint8)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float().div_(255.0)
+    # A read-only array (a ROS message's buffer, np.frombuffer) is copied: torch warns on every
+    # such array, though nothing here writes to it.
+    pixels = np.ascontiguousarray(image) if image.flags.writeable else image.copy()
+    x = torch.from_numpy(pixels).to(device).permute(2, 0, 1).float().div_(255.0)
     if size != tuple(image.shape[:2]):
         x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
     return x

@@ -335,6 +335,9 @@ class TaskSegmenter:
         state = task_state if task_state is not None else self._state
         if state is None:
             raise RuntimeError("no task set: call set_task(task) first or pass task_state")
+        if not isinstance(state, TaskState):
+            raise TypeError(f"task_state must be a TaskState (from seg.encode_task(task)), got "
+                            f"{type(state).__name__}; for a task id or name use seg.set_task(task)")
         check_call_limits(score_threshold, max_instances)
         threshold = self.inference.score_threshold if score_threshold is None else float(score_threshold)
         limit = self.inference.max_instances if max_instances is None else int(max_instances)
