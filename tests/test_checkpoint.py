@@ -3,6 +3,7 @@
 import argparse
 import fractions
 import pathlib
+import re
 
 import pytest
 import torch
@@ -542,3 +543,92 @@ def test_a_bank_file_of_another_export_is_refused(tmp_path, tokenizer):
                                               rf"than {directory / 'model.safetensors'} \(export ids [0-9a-f]{{32}} "
                                               r"and [0-9a-f]{32}\): the two files were put together"):
         load_model_dir(directory)
+
+
+def _edit_config(directory, edit):
+    import yaml
+
+    data = yaml.safe_load((directory / "config.yaml").read_text())
+    edit(data)
+    (directory / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda d: d["model"]["text"].update(num_heads=4), r"model.text.num_heads \(2 when exported, 4 now\)"),
+    (lambda d: d["model"]["text"].update(layer_norm_eps=1e-12), r"model.text.layer_norm_eps \(1e-05 when exported"),
+    (lambda d: d.update(memory_bank=False), "says memory_bank: false but memory_bank.safetensors is there"),
+    (lambda d: d.update(tasks=[2, 99]), r"field 'tasks': \[99\] are not task ids of"),
+    (lambda d: d.update(version=0), "field 'version': 0 is not a version"),
+])
+def test_an_edited_directory_config_is_refused_not_loaded_into_another_network(tmp_path, tokenizer, edit, says):
+    """config.yaml rebuilds the network: an edited head count or LayerNorm eps loaded the same
+    weights into another network (other logits, no error), memory_bank: false dropped cluster-
+    centre replacement, and out-of-range fields loaded. The weights record the exported network."""
+    model = build("tiny_segm", tokenizer, seed=1)
+    directory, _ = _distilled_dir(model, tmp_path / "model", seed=1)
+    _edit_config(directory, lambda d: d.update(tasks=[1, 2]))   # not a network field: still loads
+    assert load_model_dir(directory).tasks == (1, 2)
+    _edit_config(directory, edit)
+    with pytest.raises(CheckpointError, match=f"{directory / 'config.yaml'}: .*{says}"):
+        load_model_dir(directory)
+
+
+def test_a_text_encoder_given_for_a_directory_must_be_its_own_tokenizer(tmp_path, tokenizer):
+    """`--text-encoder /data/roberta-base`, kept from an official file's command line, replaced a
+    directory's own tokenizer: ids of another vocabulary (an IndexError mid-forward, or wrong
+    rows). The directory's own tokenizer given again is fine."""
+    import json
+    import shutil
+
+    model = build("tiny_segm", tokenizer, seed=1)
+    directory = save_model_dir(model, tmp_path / "model", preset("tiny_segm"))
+    assert load_model_dir(directory, tokenizer=str(directory / "tokenizer")).model is not None
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(directory / "tokenizer", other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[10:12]
+    vocab[first], vocab[second] = vocab[second], vocab[first]       # the same words, other ids
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=rf"text_encoder '{other}' is not the tokenizer this model directory "
+                                              r"was exported with .*leave text_encoder \(--text-encoder\) out"):
+        load_model_dir(directory, tokenizer=str(other))
+
+
+def test_export_targets_and_inputs_that_cannot_work_are_named(tmp_path, official_file, capsys, monkeypatch):
+    """`toist export x.pth .` read the whole file, then failed on an exchange of "." (EBUSY); a
+    link to a folder not yet made was "not a folder"; a folder given as the checkpoint was "not
+    found"; a config that is not UTF-8 named no file."""
+    config_yaml = tmp_path / "tiny_segm.yaml"
+    save_yaml(preset("tiny_segm"), config_yaml)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    cases = [
+        (["export", str(official_file), ".", "--config", str(config_yaml)],
+         rf"\.: is the current folder \({here}\) or holds it"),
+        (["export", str(official_file), str(tmp_path), "--config", str(config_yaml)], "or holds it"),
+        (["export", str(tmp_path / "download"), str(tmp_path / "out"), "--config", str(config_yaml)],
+         "download: a folder without config.yaml, so not a model directory; give the checkpoint file"),
+        (["export", str(official_file), str(tmp_path / "current"), "--config", str(config_yaml)],
+         rf"current: a link to {tmp_path / 'v2'}, which does not exist; create that folder first"),
+        (["export", str(official_file), str(tmp_path / "out"), "--config", str(tmp_path / "latin1.yaml")],
+         r"latin1.yaml: not a UTF-8 text file \(invalid start byte at byte 0\)"),
+    ]
+    (tmp_path / "download").mkdir()
+    (tmp_path / "download" / "toist_distilled.pth").write_bytes(b"")
+    (tmp_path / "current").symlink_to(tmp_path / "v2")
+    (tmp_path / "latin1.yaml").write_bytes(b"\xff\xfe model: {}")
+    for args, says in cases:
+        assert cli.main(args) == 2, args
+        assert re.search(says, capsys.readouterr().err), (args, says)
+    assert sorted(p.name for p in here.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_path_may_start_with_the_home_folder(tmp_path, tokenizer, monkeypatch):
+    """`checkpoint:=~/models/toist` reaches the node unexpanded (no shell)."""
+    from toist_core.checkpoint import load_pretrained
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_model_dir(build("tiny_segm", tokenizer, seed=1), tmp_path / "models" / "toist", preset("tiny_segm"))
+    assert load_pretrained("~/models/toist").source == str(tmp_path / "models" / "toist")

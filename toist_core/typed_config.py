@@ -61,6 +61,10 @@ def read_yaml(path: Union[str, Path], what: str = "configuration file") -> Any:
         raise ConfigError(f"{path}: {what} not found") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); is it the {what}?") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a {what}") from None
 
 
 def save_yaml(obj: Any, path: Union[str, Path]) -> None:

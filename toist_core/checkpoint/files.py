@@ -28,6 +28,9 @@ _PICKLE_PROTO = b"\x80"  # legacy torch.save files start with a pickle (protocol
 def check_torch_file(path: PathLike) -> Path:
     """Refuse a missing file, one that is not a ``torch.save`` file, or a damaged archive."""
     path = Path(path)
+    if path.is_dir():  # e.g. an unzipped download: the .pth file is inside
+        raise CheckpointError(f"{path}: a folder without config.yaml, so not a model directory; give the checkpoint "
+                              "file (.pth) or a model directory written by `toist export` / training")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     with open(path, "rb") as handle:

@@ -16,7 +16,7 @@ from ..tasks import COCO_TASKS, TaskVocabulary
 from .architecture import config_for_checkpoint, text_config_from_source
 from .errors import CheckpointError, PathLike
 from .loaded import LoadedModel, describe_bank, describe_heads
-from .model_dir import CONFIG_FILE, check_replaceable, is_model_dir, load_model_dir, save_model_dir
+from .model_dir import check_replaceable, is_model_dir, load_model_dir, save_model_dir
 from .official import OfficialCheckpoint, evaluated_weights, read_official
 from .strict import BankSettings, build_memory_bank, load_official_weights
 
@@ -195,13 +195,13 @@ def _training_facts(ckpt: OfficialCheckpoint) -> tuple[str, InputSize, tuple[int
 
 def load_pretrained(path: PathLike, config: Optional[ModelConfig] = None,
                     text_encoder: Optional[str] = None, tokenizer=None) -> LoadedModel:
-    """A model directory or a ``.pth`` file (official or toist training), whichever ``path`` is."""
+    """A model directory or a ``.pth`` file (official or toist training), whichever ``path`` is
+    (``~`` is the home folder: a ROS parameter gets no shell expansion)."""
+    path = Path(path).expanduser()
     if is_model_dir(path):
         if config is not None:
             raise CheckpointError(f"{path}: a model directory carries its own config; do not pass one")
         return load_model_dir(path, tokenizer=text_encoder)
-    if Path(path).is_dir():
-        raise CheckpointError(f"{path}: directory without {CONFIG_FILE}; not a toist model directory")
     return load_official(path, config=config, text_encoder=text_encoder, tokenizer=tokenizer)
 
 

@@ -19,7 +19,9 @@ during which another export replaced the directory reads it again (:func:`load_m
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,10 @@ EXPORT_ID_KEY = "toist_export_id"
 # the model was trained to read, "pronoun" or "noun" (a noun teacher: LoadedModel.captions).
 CAPTIONS_KEY = "toist_captions"
 CAPTIONS = ("pronoun", "noun")
+# And the network's config.yaml ``model`` section as exported (JSON; older directories: none):
+# the network is rebuilt from config.yaml, so an edited head count or LayerNorm eps would load
+# the same weights into another network, without an error.
+MODEL_CONFIG_KEY = "toist_model_config"
 # A directory replaced while it loads (an export to the same path) is read again from the start,
 # this many times in all.
 LOAD_ATTEMPTS = 3
@@ -131,7 +137,8 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
 
     def write(staging: Path) -> None:
         stamp = {"toist": MODEL_DIR_FORMAT, EXPORT_ID_KEY: uuid.uuid4().hex}
-        save_safetensors(model.state_dict(), staging / WEIGHTS_FILE, metadata={**stamp, CAPTIONS_KEY: captions})
+        save_safetensors(model.state_dict(), staging / WEIGHTS_FILE,
+                         metadata={**stamp, CAPTIONS_KEY: captions, MODEL_CONFIG_KEY: _network_json(cfg)})
         model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         check_tokenizer_copy(model.tokenizer, staging / TOKENIZER_DIR)
         if memory_bank is not None:
@@ -139,6 +146,62 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
         typed_config.save_yaml(manifest, staging / CONFIG_FILE)
 
     return write_directory(directory, write)
+
+
+def _network_json(cfg: ModelConfig) -> str:
+    """``cfg`` as recorded in the weights' metadata: all but the tokenizer (``text_encoder=``
+    may stand in for the directory's own) and the pretrained-weight sources (unused at load)."""
+    data = typed_config.to_dict(cfg)
+    for section, name in (("text", "tokenizer"), ("text", "weights"), ("backbone", "weights")):
+        data.get(section, {}).pop(name, None)
+    return json.dumps(data, sort_keys=True)
+
+
+def _check_network_unchanged(config_file: Path, cfg: ModelConfig, recorded: Optional[str]) -> None:
+    """Refuse a config.yaml whose network fields were edited after the export (``recorded``:
+    the weights' :data:`MODEL_CONFIG_KEY`; None for directories written before it)."""
+    if recorded is None:
+        return
+    try:
+        exported = json.loads(recorded)
+    except ValueError:
+        raise CheckpointError(f"{config_file.parent / WEIGHTS_FILE}: metadata {MODEL_CONFIG_KEY} is not JSON; "
+                              "export the model again (toist export)") from None
+    now = json.loads(_network_json(cfg))
+    changed = [f"model.{name} ({was!r} when exported, {now_flat.get(name)!r} now)"
+               for now_flat in [_flatten(now)] for name, was in sorted(_flatten(exported).items())
+               if name in now_flat and now_flat[name] != was]
+    if changed:
+        raise CheckpointError(f"{config_file}: {listing(changed, 4)} differ from the network its weights were "
+                              "exported with; the network is built from config.yaml, so the weights would run in "
+                              "another network. Undo the edit, or export the model again")
+
+
+def _check_tokenizer_override(directory: Path, given: Optional[str], tokenizer, vocab_size: int) -> None:
+    """A ``text_encoder`` given for a model directory must split text as the directory's own
+    tokenizer does (a ``--text-encoder`` kept from an official file's command line): token ids
+    of another vocabulary index other embedding rows, or none (an IndexError mid-forward)."""
+    if given is None:
+        return
+    from ..model.text import fetch_tokenizer
+
+    own = directory / TOKENIZER_DIR
+    if own.is_dir() and fetch_tokenizer(str(own)).value.get_vocab() != tokenizer.get_vocab():
+        raise CheckpointError(f"{directory}: text_encoder {given!r} is not the tokenizer this model directory was "
+                              f"exported with ({own}): leave text_encoder (--text-encoder) out for a model directory")
+    if len(tokenizer) > vocab_size:
+        raise CheckpointError(f"{directory}: text_encoder {given!r} has {len(tokenizer)} tokens, the model's text "
+                              f"encoder {vocab_size} (model.text.vocab_size): not this model's tokenizer")
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def bank_tensors(memory_bank: nn.Module) -> dict[str, torch.Tensor]:
@@ -251,11 +314,19 @@ def check_replaceable(directory: PathLike) -> None:
     replaced as a whole, so whatever else ``directory`` holds (the checkpoint being exported, a
     run's logs, a user's files) would be deleted. Called before anything is loaded or written."""
     directory = Path(directory)
-    if not directory.exists() and not directory.is_symlink():
+    if directory.is_symlink() and not directory.exists():
+        raise CheckpointError(f"{directory}: a link to {os.readlink(directory)}, which does not exist; create that "
+                              "folder first (the folder a link points to is what gets replaced), or give a new folder")
+    if not directory.exists():
         return
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: exists and is not a folder; give a new or empty folder "
                               "for the model directory")
+    here = Path.cwd().resolve()
+    if directory.resolve() in (here, *here.parents):
+        # A folder in use as the working directory cannot be swapped out ("." cannot even be renamed).
+        raise CheckpointError(f"{directory}: is the current folder ({here}) or holds it; the model directory replaces "
+                              f"the folder as a whole: give a new folder, e.g. {directory / 'model'}")
     entries = sorted(p.name for p in directory.iterdir())
     if not entries:
         return
@@ -358,6 +429,9 @@ def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedMod
         raise CheckpointError(f"{config_file}: format {manifest.format!r} version "
                               f"{manifest.version} is not a {MODEL_DIR_FORMAT!r} directory of version "
                               f"{MODEL_DIR_VERSION} or older")
+    if manifest.version < 1:
+        raise CheckpointError(f"{config_file}: field 'version': {manifest.version} is not a version (1 to "
+                              f"{MODEL_DIR_VERSION})")
     digests = manifest.version >= 3
     cfg = manifest.model
     if tokenizer is not None:
@@ -371,11 +445,16 @@ def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedMod
     if not weights.is_file():
         raise CheckpointError(f"{directory}: {WEIGHTS_FILE} not found")
     state, weights_metadata = read_safetensors(weights, required_digest=digests)
+    _check_network_unchanged(config_file, cfg, weights_metadata.get(MODEL_CONFIG_KEY))
     captions = weights_metadata.get(CAPTIONS_KEY, "pronoun")
     if captions not in CAPTIONS:
         raise CheckpointError(f"{weights}: metadata {CAPTIONS_KEY} is {captions!r}, expected one of {CAPTIONS}; "
                               "export the model again (toist export)")
     bank = None
+    if not manifest.memory_bank and (directory / BANK_FILE).is_file():
+        raise CheckpointError(f"{config_file}: says memory_bank: false but {BANK_FILE} is there: the model would run "
+                              "without cluster-centre replacement, unlike its training. Undo the edit; to leave the "
+                              "bank unused, set the inference option ccr: false (toist evaluate --no-ccr)")
     if manifest.memory_bank:
         bank_file = directory / BANK_FILE
         if not bank_file.is_file():
@@ -389,10 +468,14 @@ def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedMod
                       if manifest.vocabulary else COCO_TASKS)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
+    unknown = [task for task in manifest.tasks if task not in vocabulary]
+    if unknown:
+        raise CheckpointError(f"{config_file}: field 'tasks': {unknown} are not task ids of {vocabulary.describe()}")
     if bank is not None and bank.num_tasks != vocabulary.num_tasks:
         raise CheckpointError(f"{directory}: its memory bank has {bank.num_tasks} task slots but its vocabulary "
                               f"{vocabulary.num_tasks} tasks")
     fetched = fetch_tokenizer(cfg.text.tokenizer)
+    _check_tokenizer_override(directory, tokenizer, fetched.value, cfg.text.vocab_size)
     model = build_model(cfg, tokenizer=fetched.value)
     load_state_dict_strict(model, state, where=str(weights))
     # After the files' own checks, whose errors say more about a file that cannot fit.
