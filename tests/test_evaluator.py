@@ -313,6 +313,23 @@ def test_inverted_boxes_and_partial_masks_are_refused(tmp_path):
     assert evaluate_tasks({3: path}, {3: good}).iou_types == ("bbox",)
 
 
+def test_an_image_without_detections_may_say_masks_null_in_a_file_with_masks(root, tmp_path):
+    """It has nothing to give; it was "1 of N images have no masks" and the file was refused."""
+    gt = load_ground_truth(root / "annotations" / "task_2_test.json")
+    preds = {2: _random(gt, np.random.default_rng(2))}
+    data = json.loads(save_predictions(tmp_path / "p.json", preds).read_text())
+    empty = next(iter(data["tasks"]["2"]))
+    data["tasks"]["2"][empty] = {"boxes": [], "scores": [], "masks": None}
+    (tmp_path / "null.json").write_text(json.dumps(data))
+    loaded = load_predictions(tmp_path / "null.json")
+    assert loaded[2][int(empty)].masks == []
+    assert set(evaluate_task(root / "annotations" / "task_2_test.json", loaded[2]).ap50) == {"bbox", "segm"}
+    data["tasks"]["2"][empty] = {"boxes": [[0, 0, 1, 1]], "scores": [0.5], "masks": None}   # a detection: not so
+    (tmp_path / "half.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match="1 of .* images have no masks"):
+        evaluate_task(root / "annotations" / "task_2_test.json", load_predictions(tmp_path / "half.json")[2])
+
+
 def test_a_predictions_file_holding_an_image_twice_is_refused(tmp_path):
     entry = {"boxes": [[0, 0, 1, 1]], "scores": [0.5]}
     body = json.dumps({"2000000": entry})[:-1] + ', "02000000": {"boxes": [], "scores": []}}'

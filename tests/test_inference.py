@@ -436,6 +436,25 @@ def test_cli_predict_keeps_other_files_and_the_other_images_results(tmp_path, ca
         capsys.readouterr().err
 
 
+def test_cli_predict_stopped_mid_image_leaves_what_the_next_run_replaces(tmp_path, monkeypatch, capsys):
+    """The result is written before the overlay: an overlay left alone would be taken for another
+    picture and kept, and the next run's results would go to <stem>_2."""
+    import toist_core.visualize as visualize
+    from toist_core.visualize import save_rgb
+
+    save_rgb(tmp_path / "kitchen.png", random_image(45, 70, seed=8))
+    out = tmp_path / "out"
+    args = ["predict", "--preset", "tiny_segm", "--task", "2", str(tmp_path / "kitchen.png"), "--out", str(out),
+            "--device", "cpu", "--short-side", "64", "--max-size", "128", "--max-instances", "2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(visualize, "save_rgb", lambda *_: (_ for _ in ()).throw(OSError("disk full")))
+        assert cli.main(args) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["kitchen.json"]
+    assert cli.main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["kitchen.json", "kitchen.png"]
+    capsys.readouterr()
+
+
 def test_image_batch_rounds_padding_up_and_marks_it():
     images = [torch.ones(3, 40, 70), torch.ones(3, 65, 33)]
     batch = ImageBatch.from_images(images, size_divisibility=32)

@@ -94,10 +94,20 @@ def load_rgb(path: Union[str, Path]) -> np.ndarray:
 
 
 def save_rgb(path: Union[str, Path], image: np.ndarray) -> None:
+    """Write an RGB uint8 image, in the format its suffix names, as a whole (an interrupted write
+    leaves the old file or none, never half a picture)."""
     import cv2
 
-    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"{path}: cannot write the image")
+    from .atomic_file import atomic_write
+
+    suffix = Path(path).suffix or ".png"
+    try:
+        ok, encoded = cv2.imencode(suffix, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise OSError(f"{path}: cannot write the image (format {suffix!r})")
+    atomic_write(path, lambda handle: handle.write(encoded.tobytes()))
 
 
 __all__ = ["PALETTE", "draw_instances", "draw_prediction", "instance_color", "load_rgb", "save_rgb"]

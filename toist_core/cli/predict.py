@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import show_load_summary
     from ..config import InferenceConfig
     from ..inference import NonFiniteOutputError, TaskSegmenter
+    from ..atomic_file import write_text_atomic
     from ..visualize import draw_prediction, load_rgb, save_rgb
 
     inference = InferenceConfig(score_threshold=args.score_threshold, max_instances=args.max_instances,
@@ -166,8 +167,10 @@ def run(args: argparse.Namespace) -> int:
                   f"overwritten: the results of {path} go to {out / name}.png/.json", file=sys.stderr)
         used.add(name)
         overlay, result = output_files(out, name)
+        # The result first: a run stopped between the two leaves a result the next run replaces
+        # (an overlay alone would look like someone else's picture, kept).
+        write_text_atomic(result, json.dumps(prediction_to_json(prediction, str(path)), indent=1))
         save_rgb(overlay, draw_prediction(image, prediction))
-        result.write_text(json.dumps(prediction_to_json(prediction, str(path)), indent=1))
         print(f"{path}: {len(prediction)} instance(s) for {prediction.caption!r} -> {out / name}.png/.json")
     if unreadable:
         raise ValueError(f"{len(unreadable)} of {len(args.images)} image(s) could not be read and have no results: "

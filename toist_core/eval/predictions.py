@@ -24,7 +24,7 @@ from __future__ import annotations
 import gzip
 import json
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -278,7 +278,16 @@ def load_prediction_file(path: Union[str, Path]) -> PredictionFile:
             if image_id in result[task_id]:  # "02000000" beside "2000000": one would replace the other
                 raise DataError(f"{path}: task {task_key}: image {image_id} appears twice (key {image_key!r})")
             result[task_id][image_id] = _entry(path, f"task {task_key}: image {image_key}", entry)
-    return PredictionFile(result, _phrases(path, data.get("phrases")))
+    return PredictionFile(_no_detection_no_masks(result), _phrases(path, data.get("phrases")))
+
+
+def _no_detection_no_masks(predictions: PredictionSet) -> PredictionSet:
+    """In a file with masks, an image without detections may say ``"masks": null`` (nothing to
+    give): it has no masks, ``[]``, rather than being a box-only image among mask images."""
+    if not any(pred.masks is not None for images in predictions.values() for pred in images.values()):
+        return predictions
+    return {task: {image: replace(pred, masks=[]) if pred.masks is None and len(pred.scores) == 0
+                   else pred for image, pred in images.items()} for task, images in predictions.items()}
 
 
 def _phrases(path: Path, phrases: Any) -> Optional[dict[int, str]]:
