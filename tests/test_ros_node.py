@@ -935,6 +935,19 @@ def test_a_node_that_cannot_start_leaves_nothing_behind(ros, tmp_path):
         gc.enable()
 
 
+def test_a_checkpoint_parameter_may_start_with_the_home_folder(tmp_path, monkeypatch):
+    """`checkpoint:=~/models/toist.pth` reaches the node unexpanded (no shell): it was "not found"."""
+    from toist_ros.model_loader import EXIT_MODEL, check_checkpoint_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "toist.pth").write_bytes(b"")
+    check_checkpoint_path("~/models/toist.pth")
+    with pytest.raises(StartupError) as info:
+        check_checkpoint_path("~/models/other.pth")
+    assert info.value.code == EXIT_MODEL
+
+
 def test_auto_reliability_follows_the_publishers_on_the_topic(ros, tmp_path, capfd):
     """Best effort while nobody (or a best-effort camera) publishes; reliable once every publisher is
     reliable, so that large frames between processes are not lost; back when a best-effort one joins."""

@@ -102,7 +102,7 @@ def no_cuda_reason() -> str:
 
 def check_checkpoint_path(path: str) -> None:
     """Fail early (before torch is imported) when the checkpoint path does not exist."""
-    if path and not os.path.exists(path):
+    if path and not os.path.exists(os.path.expanduser(path)):  # "~/models/x": no shell expands a parameter
         raise StartupError(EXIT_MODEL, f"checkpoint {path!r} not found (working directory {os.getcwd()!r}); "
                                        "give the path of an official TOIST .pth file or a model directory, "
                                        "or leave checkpoint empty for the embedded default")
