@@ -17,6 +17,7 @@ import math
 import types
 import typing
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Optional, TypeVar, Union
 
 import yaml
@@ -65,6 +66,17 @@ def read_yaml(path: Union[str, Path], what: str = "configuration file") -> Any:
         raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); is it the {what}?") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: a folder, not a {what}") from None
+
+
+def flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
+    """A nested plain config (:func:`to_dict`) as ``{"text.num_heads": 12, ...}``."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def save_yaml(obj: Any, path: Union[str, Path]) -> None:

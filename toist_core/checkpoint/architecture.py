@@ -292,20 +292,11 @@ def recorded_mismatches(recorded: ModelConfig, config: ModelConfig, already: Seq
     checkpoint's model config that changes what the network computes (not :data:`_INFERENCE_NEUTRAL`)
     and differs from ``config``; fields ``already`` reported are left out."""
     named = {problem.split(":", 1)[0] for problem in already}
-    found, wanted = _flatten(typed_config.to_dict(recorded)), _flatten(typed_config.to_dict(config))
+    found = typed_config.flatten(typed_config.to_dict(recorded))
+    wanted = typed_config.flatten(typed_config.to_dict(config))
     return [f"{name}: checkpoint {found[name]!r} (its stored config.model), config {wanted.get(name)!r}"
             for name in found
             if name not in _INFERENCE_NEUTRAL and name not in named and found[name] != wanted.get(name)]
-
-
-def _flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _config_from_shapes(ckpt: OfficialCheckpoint, arch: Architecture, text_encoder: Optional[str]) -> ModelConfig:

@@ -164,13 +164,14 @@ def _check_network_unchanged(config_file: Path, cfg: ModelConfig, recorded: Opti
         return
     try:
         exported = json.loads(recorded)
+        if not isinstance(exported, dict):
+            raise ValueError(exported)
     except ValueError:
-        raise CheckpointError(f"{config_file.parent / WEIGHTS_FILE}: metadata {MODEL_CONFIG_KEY} is not JSON; "
+        raise CheckpointError(f"{config_file.parent / WEIGHTS_FILE}: metadata {MODEL_CONFIG_KEY} is not a JSON object; "
                               "export the model again (toist export)") from None
-    now = json.loads(_network_json(cfg))
-    changed = [f"model.{name} ({was!r} when exported, {now_flat.get(name)!r} now)"
-               for now_flat in [_flatten(now)] for name, was in sorted(_flatten(exported).items())
-               if name in now_flat and now_flat[name] != was]
+    exported, now = typed_config.flatten(exported), typed_config.flatten(json.loads(_network_json(cfg)))
+    changed = [f"model.{name} ({was!r} when exported, {now[name]!r} now)"
+               for name, was in sorted(exported.items()) if name in now and now[name] != was]
     if changed:
         raise CheckpointError(f"{config_file}: {listing(changed, 4)} differ from the network its weights were "
                               "exported with; the network is built from config.yaml, so the weights would run in "
@@ -192,16 +193,6 @@ def _check_tokenizer_override(directory: Path, given: Optional[str], tokenizer, 
     if len(tokenizer) > vocab_size:
         raise CheckpointError(f"{directory}: text_encoder {given!r} has {len(tokenizer)} tokens, the model's text "
                               f"encoder {vocab_size} (model.text.vocab_size): not this model's tokenizer")
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def bank_tensors(memory_bank: nn.Module) -> dict[str, torch.Tensor]:
