@@ -108,6 +108,22 @@ def test_compressed_jpeg_and_png():
     assert out[10, 10, 0] > 150 and out[10, 50, 2] > 150
 
 
+def test_a_compressed_jpeg_is_read_in_its_stored_grid_whatever_its_exif_orientation(tmp_path):
+    """As training, `toist predict` and `client segment` read it: OpenCV turned it on the topic."""
+    from PIL import Image as PILImage
+
+    from toist_core.visualize import load_rgb
+
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = (255, 0, 0)
+    picture = PILImage.fromarray(stored)
+    exif = picture.getexif()
+    exif[0x0112] = 6                                   # displayed a quarter turned: 40 x 20
+    picture.save(tmp_path / "turned.jpg", exif=exif, quality=100)
+    msg = CompressedImage(format="jpeg", data=(tmp_path / "turned.jpg").read_bytes())
+    np.testing.assert_array_equal(compressed_to_rgb(msg), load_rgb(tmp_path / "turned.jpg"))
+
+
 @pytest.mark.parametrize("data, reason", [(b"", "empty"), (b"\xff\xd8\xff\x00garbage" * 20, "decode"),
                                           (bytes(range(256)), "decode")])
 def test_garbage_compressed_bytes_are_rejected(data, reason):

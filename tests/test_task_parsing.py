@@ -3,7 +3,7 @@ parameter, topic and service: ids, names, free text, and what is refused."""
 
 import pytest
 
-from toist_core.tasks import QUOTE_LIMIT, quote, resolve_task
+from toist_core.tasks import QUOTE_LIMIT, names_task, quote, resolve_task
 
 
 @pytest.mark.parametrize("request_, task_id, caption", [
@@ -44,6 +44,18 @@ def test_a_number_that_is_not_an_integer_is_refused_not_free_text(request_):
 def test_unusable_requests(request_, error):
     with pytest.raises(error):
         resolve_task(request_)
+
+
+@pytest.mark.parametrize("text", ["2", "02", "Task_2", "task 2", "Sit Comfortably On", "SIT  comfortably on SOMETHING",
+                                  " sit comfortably on something "])
+def test_a_client_knows_the_names_of_a_task_as_the_node_resolves_them(text):
+    """`client publish-task "Task_2"` waited for an active_task it took for another task and said
+    "refused" though the node had taken it."""
+    query = resolve_task(text)
+    assert (query.task_id, query.caption) == (2, "sit comfortably on something")
+    assert names_task(text, 2, query.caption)
+    assert not names_task(text, 3, resolve_task(3).caption)
+    assert not names_task("2", 0, "2 something")      # an id never names free text
 
 
 def test_numpy_integers_are_ids():

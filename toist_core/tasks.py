@@ -252,6 +252,18 @@ def resolve_task(task: Union[int, str], pronoun: str = DEFAULT_PRONOUN,
     return TaskQuery(text, None, span)
 
 
+def names_task(text: str, task_id: int, caption: str) -> bool:
+    """Whether the request ``text`` names the task of id ``task_id`` (0: free text) and ``caption``
+    as :func:`resolve_task` reads it: its id ("2", "task_2", "Task 2", "02"), its caption or its
+    phrase (the caption less its pronoun), case and spacing aside. For a client that watches
+    ``active_task`` without the node's vocabulary."""
+    number = _ID_PATTERN.fullmatch(text.strip())
+    if number:
+        return task_id > 0 and int(number.group(1)) == task_id
+    wanted = _normalise(text)
+    return wanted in (_normalise(caption), _normalise(caption.rsplit(" ", 1)[0]))
+
+
 def quote(text: object, limit: int = QUOTE_LIMIT) -> str:
     """``repr`` of a request for a message, cut to ``limit`` characters (a 2,000-character
     caption should not fill a log line or a service answer)."""

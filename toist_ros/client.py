@@ -79,6 +79,8 @@ def publish_task(session: _Session, namespace: str, text: str, timeout: float) -
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from std_msgs.msg import String
 
+    from toist_core.tasks import names_task
+
     statuses = _latched_status(session, namespace)
     publisher = session.node.create_publisher(String, _topic(namespace, "task"),
                                               QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
@@ -90,22 +92,14 @@ def publish_task(session: _Session, namespace: str, text: str, timeout: float) -
     publisher.publish(String(data=text))
     # A new revision; or the active task asked for again (the node says it again, same revision),
     # when it is the task asked for: another publisher repeating its task must not pass for ours.
-    if not _wait(lambda: len(statuses) > seen and (statuses[-1].revision > before or _names(statuses[-1], text)),
+    if not _wait(lambda: len(statuses) > seen and (statuses[-1].revision > before or
+                                                   names_task(text, statuses[-1].task_id, statuses[-1].task)),
                  timeout):
         print(f"published {text!r} on {publisher.topic_name}, but the node did not take it within {timeout:.0f} s "
               "(refused: its log says why; `set-task` answers with the reason)", file=sys.stderr)
         return 1
     print(f"ok: {_status_text(statuses[-1])}")
     return 0
-
-
-def _names(status, text: str) -> bool:
-    """Whether ``text`` names the task of ``status``: its id ("2", "task_2"), its caption, or the
-    caption's phrase (the caption less its last word, the pronoun)."""
-    text = " ".join(text.split())
-    caption = status.task
-    return (text in (str(status.task_id), f"task_{status.task_id}") and status.task_id > 0) or \
-        text in (caption, caption.rsplit(" ", 1)[0])
 
 
 def segment(session: _Session, namespace: str, path: str, task: str, timeout: float) -> int:
@@ -155,7 +149,8 @@ def _latched_status(session: _Session, namespace: str) -> list:
 
 def _status_text(msg: Any) -> str:
     if not msg.ready and msg.revision == 0:  # the start-up task, before the model has encoded it
-        return f"task {msg.task!r} (loading: the model is not ready yet)"
+        return (f"task {msg.task!r} (not ready: the model is loading, or a lifecycle node waits to be "
+                "configured)")
     return (f"task {msg.task!r} (id {msg.task_id or 'none: free text'}), revision {msg.revision}, "
             f"ready {msg.ready}" + (f"; WARNING: {msg.warning}" if msg.warning else ""))
 

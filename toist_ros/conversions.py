@@ -102,7 +102,9 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
     data = np.frombuffer(memoryview(msg.data).cast("B"), dtype=np.uint8)
     if data.size == 0:
         raise ImageError("empty", f"compressed image has no data (format {msg.format!r})")
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    # The stored pixel grid, as training and `toist predict` read it (OpenCV would apply an EXIF
+    # orientation: one JPEG, two grids, boxes that disagree between the topic and the service).
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None or bgr.size == 0:
         raise ImageError("decode", f"OpenCV cannot decode the {data.size} bytes of compressed image "
                                    f"(format {msg.format!r}, first bytes {bytes(data[:8]).hex()})")
