@@ -176,6 +176,29 @@ def test_a_vocabulary_must_number_its_tasks_1_to_n(workshop, tmp_path):
                                                      "data.tasks=[1,5]"])
 
 
+def test_a_vocabulary_named_again_is_read_again_and_an_edited_one_is_said(workshop, tmp_path):
+    """A run's config.yaml records the vocabulary's entries, which won over a file named on the
+    command line: `--config runs/x/config.yaml data.vocabulary=new.yaml` trained on the old phrases."""
+    from training.config import save_config
+
+    saved = tmp_path / "config.yaml"
+    save_config(_config("tiny_pronoun.yaml", workshop, tmp_path / "run"), saved)
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump({"name": "workshop", "tasks": [{"id": 1, "phrase": "seal a box with"},
+                                                                     {"id": 2, "phrase": "put a hot pan on"}]}))
+    cfg = load_config(saved, [f"data.vocabulary={changed}"])
+    assert cfg.data.task_vocabulary().phrase(1).strip() == "seal a box with"
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(workshop[1].read_text())
+    cfg = load_config(saved, [f"data.vocabulary={edited}"])                  # recorded from edited.yaml
+    save_config(cfg, saved)
+    edited.write_text(changed.read_text())
+    with pytest.warns(UserWarning, match=r"edited.yaml: its tasks differ from the data.vocabulary_entries this "
+                                         r"configuration recorded from it; the recorded ones are used"):
+        cfg = load_config(saved)
+    assert cfg.data.task_vocabulary().phrase(1).strip() == "cut tape with"
+
+
 @pytest.mark.ros
 def test_the_node_serves_the_own_tasks_by_phrase_with_ccr(workshop_model):
     from rclpy.parameter import Parameter

@@ -305,6 +305,12 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         raise ConfigError(f"{path}: expected a mapping at the top level")
     for item in overrides or []:
         _apply_override(data, item)
+    named = {item.split("=", 1)[0].strip() for item in overrides or []}
+    if "data.vocabulary" in named and "data.vocabulary_entries" not in named and isinstance(data.get("data"), dict):
+        # A vocabulary file named on the command line is read: the entries a run's config.yaml
+        # recorded are those of the file it named, and they would win over the new one.
+        data["data"].pop("vocabulary_entries", None)
+        data["data"].pop("vocabulary_name", None)
     return config_from_dict(data, where=str(path) + (" + overrides" if overrides else ""))
 
 

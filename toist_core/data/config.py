@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -53,6 +54,8 @@ class DataConfig:
         if not self.vocabulary_entries and self.vocabulary:
             loaded = TaskVocabulary.load(self.vocabulary)
             self.vocabulary_entries, self.vocabulary_name = list(loaded.entries), loaded.name
+        elif self.vocabulary and Path(self.vocabulary).is_file():
+            self._warn_if_file_changed()
         vocabulary = self.task_vocabulary()
         if self.vocabulary_entries and self.tasks == list(range(1, NUM_TASKS + 1)):
             self.tasks = list(vocabulary.ids)  # the untouched default means every task of the vocabulary
@@ -63,6 +66,17 @@ class DataConfig:
             raise ValueError("pronoun: must be a non-empty word")
         if not self.train_sizes or not self.crop_resize_sizes:
             raise ValueError("train_sizes / crop_resize_sizes: need at least one size")
+
+    def _warn_if_file_changed(self) -> None:
+        """The recorded entries are used; a file edited since they were recorded is said."""
+        try:
+            now = TaskVocabulary.load(self.vocabulary)
+        except ValueError:
+            return  # not readable now: the recorded entries stand
+        if list(now.entries) != list(self.vocabulary_entries):
+            warnings.warn(f"{self.vocabulary}: its tasks differ from the data.vocabulary_entries this configuration "
+                          "recorded from it; the recorded ones are used (name the file on the command line, "
+                          f"data.vocabulary={self.vocabulary}, to read it again)", stacklevel=3)
 
     def task_vocabulary(self) -> TaskVocabulary:
         """The tasks this data's ids mean (COCO-Tasks unless ``vocabulary`` names a file)."""
