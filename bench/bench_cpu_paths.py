@@ -117,9 +117,10 @@ def int8_options(args) -> dict:
                 exclude=args.exclude, method=args.calibration)
 
 
-def ensure_int8(source: Path, variant: str, args, feeds_fn) -> tuple[Path, dict]:
-    """The int8 sibling directory of ``source`` for ``variant`` (cached: same description and
-    the same source digest)."""
+def ensure_int8(source: Path, variant: str, args, feeds_fn, calibration: str) -> tuple[Path, dict]:
+    """The int8 sibling directory of ``source`` for ``variant`` (cached: same description, the
+    same source digest and the same ``calibration`` frames, e.g. ``"train64"``; ONNX Runtime
+    also reuses its calibration file whenever it exists, so that file is named by them too)."""
     options = int8_options(args)
     suffix = ("_rr" if args.reduce_range else "") + ("_u8" if args.weight_type == "u8" else "") + \
         ("_pt" if args.per_tensor else "") + ("" if args.calibration == "minmax" else "_" + args.calibration) + \
@@ -130,16 +131,17 @@ def ensure_int8(source: Path, variant: str, args, feeds_fn) -> tuple[Path, dict]
     meta_file = target / INT8_META
     if meta_file.is_file() and (target / DETECTOR_FILE).is_file():
         meta = json.loads(meta_file.read_text())
-        if meta.get("description") == desc and meta.get("digest") == digest:
+        if meta.get("description") == desc and meta.get("digest") == digest and meta.get("calibration") == calibration:
             return target, {**meta, "cached": True}
-    cache = source.parent / f"calib_{source.name}_{variant.replace('+', '_')}_{args.calibration}.json"
+    cache = source.parent / f"calib_{source.name}_{variant.replace('+', '_')}_{args.calibration}_{calibration}.json"
     start = time.perf_counter()
     feeds = feeds_fn()
     feeds_s = time.perf_counter() - start
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         info = quantize_detector(source, target, feeds, op_types=VARIANTS[variant], calibration_cache=cache, **options)
-    info.update(digest=digest, feeds_s=feeds_s, calibration_frames=len(feeds), ops=op_census(target / DETECTOR_FILE))
+    info.update(digest=digest, calibration=calibration, feeds_s=feeds_s, calibration_frames=len(feeds),
+                ops=op_census(target / DETECTOR_FILE))
     meta_file.write_text(json.dumps(info, indent=1))
     return target, {**info, "cached": False}
 
@@ -310,7 +312,8 @@ def speed(args) -> None:
         return detector_feeds(torch_seg, images, [state])
 
     for variant in args.variants:
-        directory, info = ensure_int8(work / "paper", variant, args, calibration_feeds)
+        directory, info = ensure_int8(work / "paper", variant, args, calibration_feeds,
+                                      f"synth{args.calib_synth}_noise{args.calib_noise}")
         paths[f"predict ORT int8 static ({variant})"] = ort_seg(directory)
         print(f"int8 {variant}: {int8_summary(info)}; detector.onnx {info['bytes'] / 2**20:.0f} MB; "
               f"quantised nodes {info['nodes']}; after ORT fusion {info['ops']}", flush=True)
@@ -371,13 +374,13 @@ def exported_default_model(work: Path, exporter: str = "torchscript") -> Path:
 
 def accuracy(args) -> None:
     import bench_precision_accuracy as bpa
-    from toist_core.cli.evaluate import REFERENCE_MAX_INSTANCES
+    from toist_core.cli.evaluate import evaluation_inference
 
     torch.set_num_threads(args.accuracy_threads)
     started = time.perf_counter()
     settings = bpa.RecipeSettings()
     source = exported_default_model(Path(args.work_dir), args.exporter)
-    inference = InferenceConfig(score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES)
+    inference = evaluation_inference()
     fp32 = TaskSegmenter.from_pretrained(source, device="cpu", inference=inference)
 
     def calibration_feeds():
@@ -389,15 +392,15 @@ def accuracy(args) -> None:
         return detector_feeds(fp32, images, states)
 
     segmenters = {"fp32": fp32,
-                  "ort fp32": TaskSegmenter.from_pretrained(source, device="cpu", inference=InferenceConfig(
-                      score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES, backend="onnxruntime"))}
+                  "ort fp32": TaskSegmenter.from_pretrained(source, device="cpu",
+                                                            inference=evaluation_inference(backend="onnxruntime"))}
     for variant in args.variants:
-        directory, info = ensure_int8(source, variant, args, calibration_feeds)
+        directory, info = ensure_int8(source, variant, args, calibration_feeds, f"train{args.calib_train}")
         print(f"int8 {variant}: {int8_summary(info, 'synthetic train split')}"
               f"; quantised nodes {info['nodes']} ({len(info.get('excluded', []))} excluded); "
                 f"after ORT fusion {info['ops']}", flush=True)
-        segmenters[f"ort int8 {variant}"] = TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(
-            score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES, backend="onnxruntime"))
+        segmenters[f"ort int8 {variant}"] = TaskSegmenter.from_pretrained(
+            directory, device="cpu", inference=evaluation_inference(backend="onnxruntime"))
 
     with tempfile.TemporaryDirectory(prefix="toist_precision_") as tmp:
         root, files, ground_truths, image_ids = bpa.load_test_split(settings, Path(tmp), args.images)

@@ -8,11 +8,12 @@ The test split is generated as ``training/default_model.py``'s ``write_data`` ge
 (``toist_core.data.synth.generate`` with ``RecipeSettings``' tasks, sizes, object counts, empty
 share and data seed; test split only) into a temporary directory. Each path runs the model as
 ``toist evaluate`` does (``TaskSegmenter.from_pretrained`` on the model directory, every query
-kept, one image at a time, the model's own input size) and is scored with the project's
-evaluator (``toist_core.eval.evaluator.evaluate_tasks``: box and mask AP@0.5 per task, mean over
-the tasks). ``--images``: the first N images of each task file (default 0 = all 988 frames:
-about 5 minutes on this project's 2-core VM, bf16 emulated there; 200 frames moved the bf16
-verdict from pass to fail by subsampling noise). One CPU thread by default (``--threads``).
+kept: ``evaluation_inference``, no duplicate removal; one image at a time, the model's own
+input size) and is scored with the project's evaluator
+(``toist_core.eval.evaluator.evaluate_tasks``: box and mask AP@0.5 per task, mean over the
+tasks). ``--images``: the first N images of each task file (default 0 = all 988 frames: a few
+minutes on this project's 2-core VM; 200 frames moved the bf16 verdict from pass to fail by
+subsampling noise). One CPU thread by default (``--threads``).
 ``--device cuda`` runs every path on the GPU (``fp16`` autocast is then a path too; ``int8``
 dynamic quantisation is CPU-only) with TF32 off (``cudnn.allow_tf32`` and
 ``cuda.matmul.allow_tf32`` False: torch's default runs fp32 convolutions in TF32, which would
@@ -45,8 +46,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import toist_core  # noqa: E402
-from toist_core.cli.evaluate import REFERENCE_MAX_INSTANCES, predict_tasks  # noqa: E402
-from toist_core.config import InferenceConfig  # noqa: E402
+from toist_core.cli.evaluate import evaluation_inference, predict_tasks  # noqa: E402
 from toist_core.data.synth import generate  # noqa: E402
 from toist_core.eval.evaluator import evaluate_tasks, load_ground_truth, task_files  # noqa: E402
 from toist_core.inference import TaskSegmenter  # noqa: E402
@@ -191,7 +191,7 @@ def main() -> None:
         print(f"test split generated in {time.perf_counter() - started:.0f} s: tasks {settings.tasks}, "
               f"{frames} frames evaluated ({'first ' + str(args.images) if args.images else 'all'} images "
               f"per task file); model {args.model}; device {args.device}", flush=True)
-        inference = InferenceConfig(score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES)
+        inference = evaluation_inference()
         fp32 = TaskSegmenter.from_pretrained(args.model, device=args.device, inference=inference)
         results, predictions, seconds, tops = {}, {}, {}, {}
         for path in wanted:
@@ -199,8 +199,7 @@ def main() -> None:
                 segmenter = fp32
             elif path in ("bf16", "fp16"):
                 segmenter = TaskSegmenter.from_pretrained(
-                    args.model, device=args.device, inference=InferenceConfig(
-                        score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES, precision=path))
+                    args.model, device=args.device, inference=evaluation_inference(precision=path))
             else:
                 segmenter = int8_dynamic(fp32)
             predictions[path], tops[path], results[path], seconds[path] = score_on_split(

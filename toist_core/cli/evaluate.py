@@ -220,14 +220,21 @@ def load_segmenter(checkpoint: str, device: str = "auto", text_encoder: Optional
     ``short_side`` / ``max_size`` say otherwise. ``protocol``: ``"toist"`` (toist's resize,
     padding and box clipping) or ``"reference"`` (the reference evaluation's exactly;
     ``InferenceConfig.protocol``). ``ccr``: ``InferenceConfig.ccr``."""
-    from toist_core.config import InferenceConfig
     from toist_core.inference import TaskSegmenter
 
-    inference = InferenceConfig(short_side=short_side, max_size=max_size, score_threshold=0.0,
-                                max_instances=REFERENCE_MAX_INSTANCES, protocol=protocol, duplicate_iou=duplicate_iou,
-                                ccr=ccr)
+    inference = evaluation_inference(short_side=short_side, max_size=max_size, protocol=protocol,
+                                     duplicate_iou=duplicate_iou, ccr=ccr)
     return TaskSegmenter.from_pretrained(checkpoint, device=device, text_encoder=text_encoder,
                                          inference=inference)
+
+
+def evaluation_inference(**settings):
+    """The reference evaluation's ``InferenceConfig``: every query kept (score threshold 0, 100
+    instances, no duplicate removal); ``settings`` (e.g. ``precision``, ``backend``) on top."""
+    from toist_core.config import InferenceConfig
+
+    return InferenceConfig(**{"score_threshold": 0.0, "max_instances": REFERENCE_MAX_INSTANCES, "duplicate_iou": None,
+                              **settings})
 
 
 def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[dict] = None,
