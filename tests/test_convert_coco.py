@@ -4,6 +4,7 @@ class names (``COCO_categories``) in the dataset's captions."""
 import itertools
 import json
 import re
+import shutil
 from pathlib import Path
 
 import cv2
@@ -498,3 +499,24 @@ def test_an_image_whose_size_is_not_its_records_is_refused_before_anything_is_wr
     with pytest.raises(DataError, match=r"img_2.jpg: cannot read the image \(images\[1\] \(id 2\)"):
         convert_coco(phone, "train", spec, out, copy_images_from=folder)
     assert not out.exists()
+
+
+def test_another_picture_at_a_copy_destination_is_refused_unless_overwrite(coco):
+    """Train and test exports both with pics/img_1.png copied to one --image-dir: the test
+    picture replaced the train one under the train annotations, silently. A re-run over its own
+    copies goes on."""
+    folder, train, _, spec = coco
+    out = folder / "out"
+    convert_coco(train, "train", spec, out, copy_images_from=folder, image_dir="images")
+    copied = out / "images" / "pics" / "img_1.png"
+    ours = copied.read_bytes()
+    convert_coco(train, "train", spec, out, copy_images_from=folder, image_dir="images")   # its own copies
+    other = folder / "other"
+    shutil.copytree(folder / "pics", other / "pics")                  # the same pictures but one
+    assert cv2.imwrite(str(other / "pics" / "img_1.png"), np.full((H, W, 3), 200, dtype=np.uint8))
+    with pytest.raises(FileExistsError, match=rf"{copied}: 1 image\(s\) where this conversion copies its images hold "
+                                              r"other pictures .*nothing was written"):
+        convert_coco(train, "test", spec, out, copy_images_from=other, image_dir="images")
+    assert copied.read_bytes() == ours and not (out / "annotations" / "task_1_test.json").exists()
+    convert_coco(train, "test", spec, out, copy_images_from=other, image_dir="images", overwrite=True)
+    assert copied.read_bytes() == (other / "pics" / "img_1.png").read_bytes()

@@ -441,6 +441,34 @@ def test_cli_on_predictions_file(root, tmp_path, capsys):
     assert f"note: {others} in {out} are from an earlier run, not this one" in capsys.readouterr().err
 
 
+def test_cli_replaces_only_what_an_evaluation_wrote(root, tmp_path, capsys):
+    """--save-predictions given the ground-truth file replaced it with predictions, and --out
+    replaced a user's own results.md; both are refused before anything runs. A run's own files
+    are replaced by the next run (.json and .json.gz)."""
+    files = task_files(root, TASKS)
+    preds = {t: _perfect(load_ground_truth(p)) for t, p in files.items()}
+    save_predictions(tmp_path / "preds.json", preds)
+    base = ["evaluate", "--data", str(root), "--predictions", str(tmp_path / "preds.json"), "--no-plots"]
+    ground_truth = files[TASKS[0]].read_bytes()
+    assert cli.main(base + ["--out", str(tmp_path / "a"), "--save-predictions", str(files[TASKS[0]])]) == 2
+    assert "exists and is not a toist predictions file; nothing was replaced" in capsys.readouterr().err
+    assert files[TASKS[0]].read_bytes() == ground_truth and not (tmp_path / "a").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("# My results\n")
+    assert cli.main(base + ["--out", str(mine)]) == 2
+    assert f"{mine / 'results.md'} exist and are not toist evaluation tables" in capsys.readouterr().err
+    assert (mine / "results.md").read_text() == "# My results\n"
+    for _ in range(2):   # the second run replaces the first's tables
+        assert cli.main(base + ["--out", str(tmp_path / "b")]) == 0
+    from toist_core.eval.predictions import is_prediction_file
+
+    assert is_prediction_file(save_predictions(tmp_path / "p.json.gz", preds)) and is_prediction_file(tmp_path /
+                                                                                                      "preds.json")
+    assert not is_prediction_file(files[TASKS[0]]) and not is_prediction_file(tmp_path / "absent.json")
+    capsys.readouterr()
+
+
 class _OracleSegmenter:
     """Stands in for TaskSegmenter: returns the ground truth of the image it is shown."""
 
@@ -855,13 +883,14 @@ def test_cli_segm_of_a_detection_model_stops_before_writing_predictions(root, tm
     model = _DetectorOnly(has_masks)
     monkeypatch.setattr(evaluate_cli, "load_segmenter", lambda *args, **kwargs: model)
     saved, out = tmp_path / "p.json", tmp_path / "out"
-    saved.write_text("previous run's predictions\n")
+    save_predictions(saved, {14: {1: ImagePredictions([[0, 0, 1, 1]], [0.5])}})   # a previous run's
+    previous = saved.read_bytes()
     assert cli.main(["evaluate", "--data", str(root), "--checkpoint", "detector", "--tasks", "14", "--iou-types",
                      "segm", "--out", str(out), "--save-predictions", str(saved), "--no-plots"]) == 2
     err = capsys.readouterr().err
     assert ("detection model (no mask head)" if has_masks is False else "the model predicted no masks") in err
     assert model.calls == predicted
-    assert saved.read_text() == "previous run's predictions\n" and not out.exists()
+    assert saved.read_bytes() == previous and not out.exists()
     # Boxes of the same model: evaluated, and only then saved.
     assert cli.main(["evaluate", "--data", str(root), "--checkpoint", "detector", "--tasks", "14", "--iou-types",
                      "bbox", "--max-images", "3", "--out", str(out), "--save-predictions", str(saved),

@@ -210,6 +210,25 @@ def test_fresh_start_refuses_another_runs_checkpoints_not_only_checkpoint_pth(sy
     assert [p.name for p in out.iterdir()] == [leftover]
 
 
+def test_a_model_folder_of_other_files_is_refused_before_training_not_after(synth_root, tmp_path):
+    """<output_dir>/model is replaced whole by the export at the end: a folder of the user's
+    files there failed the export after the whole run (exit 2, no model); --check said OK."""
+    from toist_core.typed_config import ConfigError
+    from training.start_checks import check_start
+
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "notes.txt").write_text("mine")
+    cfg = _config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=1", "checkpoint.export_model_dir=true")
+    for start in (lambda: Trainer(cfg, DistEnv()), lambda: check_start(cfg)):
+        with pytest.raises(ConfigError, match=rf"output_dir: the run exports its model to {out / 'model'}: not empty "
+                                              r"and not a toist model directory .*would delete notes.txt"):
+            start()
+    assert sorted(p.name for p in out.rglob("*")) == ["model", "notes.txt"]
+    cfg = _config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=1", "checkpoint.export_model_dir=false")
+    check_start(cfg)
+
+
 def _synth_with_test_split(root):
     from toist_core.data.synth import generate
 

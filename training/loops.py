@@ -49,10 +49,9 @@ from training.optim import build_optimizer, clip_grad_norm
 from training.sampling import EpochBatchSampler, SeededSamples
 from training.schedule import LRSchedule, ScheduleMismatch
 from training.stages import StepModule, build_criterion, build_stage_models, compute_losses, float_outputs
-from training.start_checks import (BEST, EPOCH_PATTERN, LAST, check_resume_config, earlier_run_file,
-                                   new_run_advice, refuse_existing_run)
+from training.start_checks import (BEST, EPOCH_PATTERN, LAST, MODEL_DIR, check_resume_config, earlier_run_file,
+                                   model_dir_problem, new_run_advice, refuse_existing_run)
 
-MODEL_DIR = "model"
 
 
 @dataclass
@@ -89,6 +88,9 @@ class Trainer:
         resume_state = ckpt_io.load_training_checkpoint(resume) if resume else None
         # Rank 0 writes output_dir, so its view decides; every process refuses together (a
         # process going on alone would wait in DDP's set-up for the ones that stopped).
+        problem = broadcast_object(model_dir_problem(cfg) if env.is_main else None, env)
+        if problem is not None:
+            raise ConfigError(problem)
         if resume_state is None:
             found = broadcast_object(earlier_run_file(self.output_dir) if env.is_main else None, env)
             if found is not None:

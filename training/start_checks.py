@@ -17,6 +17,7 @@ from training.schedule import LRSchedule, ScheduleMismatch
 LAST = "checkpoint.pth"
 BEST = "BEST_checkpoint.pth"
 EPOCH_PATTERN = "checkpoint_epoch*.pth"   # numbered copies (checkpoint.keep_epochs)
+MODEL_DIR = "model"                        # the model directory a run exports at its end
 
 # Settings the resumed optimizer state brings back from the checkpoint (its parameter groups
 # hold them), whatever the config says.
@@ -26,12 +27,31 @@ OPTIM_FROM_CHECKPOINT = ("lr", "lr_backbone", "text_encoder_lr", "weight_decay")
 def check_start(cfg: TrainConfig, resume: Optional[str] = None) -> None:
     """What ``Trainer`` refuses before it writes anything, for ``toist train --check``: a fresh
     start in an output_dir that holds a run, a ``resume`` checkpoint of another stage or model."""
+    problem = model_dir_problem(cfg)
+    if problem is not None:
+        raise ConfigError(problem)
     if resume:
         check_resume_config(ckpt_io.load_training_checkpoint(resume), cfg, resume)
         return
     found = earlier_run_file(Path(cfg.output_dir))
     if found is not None:
         refuse_existing_run(Path(cfg.output_dir), found)
+
+
+def model_dir_problem(cfg: TrainConfig) -> Optional[str]:
+    """Why the model directory the run exports at its end (``<output_dir>/model``) could not be
+    written there (a folder of other files: it is replaced whole), or None; said before a run
+    that would otherwise train for hours and then fail to export."""
+    if not cfg.checkpoint.export_model_dir:
+        return None
+    from toist_core.checkpoint import CheckpointError
+    from toist_core.checkpoint.model_dir import check_replaceable
+
+    try:
+        check_replaceable(Path(cfg.output_dir) / MODEL_DIR)
+    except CheckpointError as exc:
+        return f"output_dir: the run exports its model to {exc} (checkpoint.export_model_dir=false exports nothing)"
+    return None
 
 
 def earlier_run_file(output_dir: Path) -> Optional[str]:

@@ -22,7 +22,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="where the images are copied, relative to --out (default images/<split>); "
                              "only with --copy-images-from")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace task files convert-coco did not write (its own are replaced anyway)")
+                        help="replace task files convert-coco did not write (its own are replaced anyway) and "
+                             "images at the copy's destination that are other pictures")
     parser.set_defaults(func=run)
     return parser
 

@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_images is not None and args.max_images <= 0:
         raise ValueError(f"--max-images must be positive, got {args.max_images}")
+    _refuse_replacing_other_files(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if args.captions == "noun" and (args.predictions or args.batch_size not in (None, 1)):
@@ -193,6 +194,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {', '.join(p.name for p in stale)} in {args.out} are from an earlier run, not this one",
               file=sys.stderr)
     return 0
+
+
+def _refuse_replacing_other_files(args: argparse.Namespace) -> None:
+    """Before anything runs: ``--save-predictions`` and ``--out`` replace only what an earlier
+    evaluation wrote (a ground-truth file given as --save-predictions was replaced by predictions)."""
+    from toist_core.eval.predictions import is_prediction_file
+    from toist_core.eval.tables import foreign_table_files
+
+    if args.save_predictions and Path(args.save_predictions).exists() and not is_prediction_file(args.save_predictions):
+        raise FileExistsError(f"--save-predictions {args.save_predictions}: exists and is not a toist predictions file; "
+                              "nothing was replaced: give another file name")
+    foreign = foreign_table_files(args.out)
+    if foreign:
+        raise FileExistsError(f"--out {args.out}: {', '.join(map(str, foreign))} exist and are not toist evaluation "
+                              "tables; nothing was replaced: give another folder")
 
 
 def default_batch_size(segmenter, protocol: str, captions: str) -> int:

@@ -28,6 +28,7 @@ each file is written to a temporary name and renamed into place.
 from __future__ import annotations
 
 import difflib
+import filecmp
 import json
 import os
 import re
@@ -295,11 +296,13 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
         image_dir: the copy's folder relative to ``out_root`` (default ``images/<split>``); only
             with ``copy_images_from`` (:class:`ValueError` otherwise: nothing would be copied there).
         overwrite: replace task files that convert-coco did not write (the real COCO-Tasks
-            files, ``toist synth``'s, hand-edited ones); its own are replaced in any case.
+            files, ``toist synth``'s, hand-edited ones; its own are replaced in any case) and
+            images at the copy's destination that are another picture than their source.
 
     Raises :class:`DataError` (nothing written) for a bad specification, a malformed COCO
     file or a specification that does not match it, and ``FileExistsError`` (nothing written)
-    for task files of other origin without ``overwrite``.
+    for task files of other origin or images of other content at the copy's destination
+    without ``overwrite``.
     """
     if image_dir is not None and copy_images_from is None:
         # Nothing would go there, and the task files would not say where the images are: refused,
@@ -325,12 +328,14 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
         images = [{**rec, "file_name": _copied_name(rec["file_name"])} for rec in source.images]
 
     _check_destinations(Path(out_root), [task.task_id for task in tasks], split, copies)
+    if not overwrite:
+        _refuse_other_images(copies)
 
     # The images first: a copy that fails leaves no task file naming images that are not there.
     summary = ConversionSummary(source.path, split, [], image_dir=target_dir)
     for src, dst in copies:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if not (dst.exists() and os.path.samefile(src, dst)):
+        if not (dst.exists() and _same_file_content(src, dst)):
             shutil.copy2(src, dst)
             summary.images_copied += 1
     for task, refs in zip(tasks, resolved):
@@ -352,6 +357,31 @@ def _check_destinations(out_root: Path, task_ids: list[int], split: str, copies:
                     raise DataError(f"{parent}: a file is where the copied images' folder goes "
                                     "(--copy-images-from, --image-dir); move it away")
                 break
+
+
+def _refuse_other_images(copies: list[tuple[Path, Path]]) -> None:
+    """``FileExistsError``, before anything is written, naming copy destinations that hold
+    another picture: two exports each with a ``frame_000000.png`` copied to one folder gave one
+    split the other's pixels under its own annotations, silently."""
+    others = [dst for src, dst in copies if dst.is_file() and not _same_file_content(src, dst)]
+    if others:
+        shown = ", ".join(map(str, others[:5])) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise FileExistsError(f"{shown}: {len(others)} image(s) where this conversion copies its images hold other "
+                              "pictures (another split's or export's of the same file name?); nothing was written. "
+                              "Copy to another folder (--image-dir), or --overwrite to replace them")
+
+
+def _same_file_content(a: Path, b: Path) -> bool:
+    """Whether ``b`` is ``a`` or a copy of it (size and time first, as ``copy2`` keeps them, then
+    the bytes)."""
+    if os.path.samefile(a, b):
+        return True
+    first, second = a.stat(), b.stat()
+    if first.st_size != second.st_size:
+        return False
+    if int(first.st_mtime) == int(second.st_mtime):
+        return True
+    return filecmp.cmp(a, b, shallow=False)
 
 
 def _refuse_foreign_task_files(out_root: Path, task_ids: list[int], split: str) -> None:

@@ -244,6 +244,18 @@ def load_predictions(path: Union[str, Path]) -> PredictionSet:
     return load_prediction_file(path).tasks
 
 
+def is_prediction_file(path: Union[str, Path]) -> bool:
+    """Whether ``path`` starts as :func:`save_predictions` writes a file (its first bytes only)."""
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as handle:
+            head = handle.read(64)
+    except (OSError, EOFError):
+        return False
+    return head.startswith(b'{"format":"' + FORMAT_NAME.encode() + b'"')
+
+
 def load_prediction_file(path: Union[str, Path]) -> PredictionFile:
     """:func:`load_predictions`, with the task phrases the file records (None: it has none)."""
     path = Path(path)

@@ -78,7 +78,10 @@ def per_task_markdown(result: EvaluationResult) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(result: EvaluationResult, title: str = "COCO-Tasks evaluation") -> str:
+REPORT_TITLE = "COCO-Tasks evaluation"
+
+
+def markdown_report(result: EvaluationResult, title: str = REPORT_TITLE) -> str:
     parts = [f"# {title}", ""]
     summary = ", ".join(f"mAP^{_IOU_LABEL[i]}@0.5 = {_fmt(_pct(result.mean_ap50(i)))}" for i in result.iou_types)
     parts += [summary, ""]
@@ -104,6 +107,24 @@ def csv_text(result: EvaluationResult) -> str:
     for row in rows:
         writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
     return buffer.getvalue()
+
+
+def foreign_table_files(out_dir: Union[str, Path], stem: str = "results") -> list[Path]:
+    """The files :func:`write_tables` would replace in ``out_dir`` that it did not write (its
+    ``.md`` starts with the report's title line, its ``.csv`` with the table's header)."""
+    out_dir = Path(out_dir)
+    starts = {out_dir / f"{stem}.md": f"# {REPORT_TITLE}\n", out_dir / f"{stem}.csv": "task,phrase,"}
+    foreign = []
+    for path, start in starts.items():
+        if path.exists():
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    ours = handle.read(len(start)) == start
+            except (OSError, UnicodeDecodeError):
+                ours = False
+            if not ours:
+                foreign.append(path)
+    return foreign
 
 
 def write_tables(result: EvaluationResult, out_dir: Union[str, Path],
