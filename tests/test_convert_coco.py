@@ -520,3 +520,22 @@ def test_another_picture_at_a_copy_destination_is_refused_unless_overwrite(coco)
     assert copied.read_bytes() == ours and not (out / "annotations" / "task_1_test.json").exists()
     convert_coco(train, "test", spec, out, copy_images_from=other, image_dir="images", overwrite=True)
     assert copied.read_bytes() == (other / "pics" / "img_1.png").read_bytes()
+
+
+@pytest.mark.parametrize("tasks, says", [
+    ([{"id": 1, "phrase": "cut tape with", "preferred_categories": ["mug"]},
+      {"id": 3, "phrase": "drink coffee from", "preferred_categories": ["mug"]}], r"tasks\[1\]: id: expected 2"),
+    ([{"id": 1, "phrase": "cut tape with", "preferred_categories": ["mug"]},
+      {"id": 2, "preferred_categories": ["mug"]}], "phrase"),
+])
+def test_a_specification_with_phrases_must_be_a_vocabulary_training_reads(coco, tasks, says):
+    """The same file is the converter's specification and training's vocabulary: one that
+    training would refuse was converted, and the task files written for it."""
+    import yaml
+
+    folder, train, _, _ = coco
+    spec = folder / "own.yaml"
+    spec.write_text(yaml.safe_dump({"tasks": tasks}))
+    with pytest.raises(DataError, match=rf"own.yaml.*{says}.*also the task vocabulary training reads"):
+        convert_coco(train, "train", spec, folder / "out")
+    assert not (folder / "out").exists()

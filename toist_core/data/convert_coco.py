@@ -118,6 +118,16 @@ def load_task_spec(path: PathLike) -> list[TaskPreference]:
             raise DataError(f"{task.where}: duplicate task id (also tasks[{position_of[task.task_id]}])")
         position_of[task.task_id] = index
         tasks.append(task)
+    if any(isinstance(item, dict) and "phrase" in item for item in entries):
+        # Phrases make it a task vocabulary too (docs/own-data.md: one file for both): what
+        # training would refuse (ids not 1..N in order, a task without a phrase) is refused here,
+        # before task files are written for it.
+        from toist_core.tasks import TaskVocabulary
+
+        try:
+            TaskVocabulary.load(path)
+        except ValueError as exc:
+            raise DataError(f"{exc} (the file is also the task vocabulary training reads)") from None
     return tasks
 
 
