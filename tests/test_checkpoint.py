@@ -556,7 +556,8 @@ def _edit_config(directory, edit):
 @pytest.mark.parametrize("edit, says", [
     (lambda d: d["model"]["text"].update(num_heads=4), r"model.text.num_heads \(2 when exported, 4 now\)"),
     (lambda d: d["model"]["text"].update(layer_norm_eps=1e-12), r"model.text.layer_norm_eps \(1e-05 when exported"),
-    (lambda d: d.update(memory_bank=False), "says memory_bank: false but memory_bank.safetensors is there"),
+    (lambda d: d.update(memory_bank=False), "says memory_bank: false but .*memory_bank.safetensors, written by the same "
+                                            "export, is there"),
     (lambda d: d.update(tasks=[2, 99]), r"field 'tasks': \[99\] are not task ids of"),
     (lambda d: d.update(version=0), "field 'version': 0 is not a version"),
 ])
@@ -567,6 +568,8 @@ def test_an_edited_directory_config_is_refused_not_loaded_into_another_network(t
     model = build("tiny_segm", tokenizer, seed=1)
     directory, _ = _distilled_dir(model, tmp_path / "model", seed=1)
     _edit_config(directory, lambda d: d.update(tasks=[1, 2]))   # not a network field: still loads
+    _edit_config(directory, lambda d: d["model"].update(aux_loss=not d["model"]["aux_loss"]))   # training-only
+    _edit_config(directory, lambda d: d["model"]["transformer"].update(dropout=0.5))
     assert load_model_dir(directory).tasks == (1, 2)
     _edit_config(directory, edit)
     with pytest.raises(CheckpointError, match=f"{directory / 'config.yaml'}: .*{says}"):
@@ -632,3 +635,31 @@ def test_a_checkpoint_path_may_start_with_the_home_folder(tmp_path, tokenizer, m
     monkeypatch.setenv("HOME", str(tmp_path))
     save_model_dir(build("tiny_segm", tokenizer, seed=1), tmp_path / "models" / "toist", preset("tiny_segm"))
     assert load_pretrained("~/models/toist").source == str(tmp_path / "models" / "toist")
+    import toist_core.inference.onnx_backend as onnx_backend
+    from toist_core.config import InferenceConfig
+    from toist_core.inference import TaskSegmenter
+
+    given = []
+    monkeypatch.setattr(onnx_backend, "load_with_network",
+                        lambda path, *args: given.append(path) or (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):   # the ONNX backends are given the expanded path too
+        TaskSegmenter.from_pretrained("~/models/toist", device="cpu", inference=InferenceConfig(backend="onnxruntime"))
+    assert given == [tmp_path / "models" / "toist"]
+
+
+def test_a_bank_file_an_older_export_left_beside_memory_bank_false_is_ignored_and_said(tmp_path, tokenizer, caplog):
+    """The first toist versions re-exported into a folder without clearing it: a model without a
+    bank exported over a distilled one left the old bank file; those directories loaded, without
+    the bank, and still do."""
+    import logging
+
+    from toist_core.checkpoint.integrity import save_safetensors
+    from toist_core.checkpoint.model_dir import bank_tensors
+
+    model = build("tiny_segm", tokenizer, seed=1)
+    directory = save_model_dir(model, tmp_path / "model", preset("tiny_segm"))
+    _, bank = _distilled_dir(model, tmp_path / "distilled", seed=1)
+    save_safetensors(bank_tensors(bank), directory / "memory_bank.safetensors", metadata={})   # no export id
+    with caplog.at_level(logging.WARNING, logger="toist_core.checkpoint"):
+        assert load_model_dir(directory).memory_bank is None
+    assert "memory_bank.safetensors: not this model's (config.yaml says memory_bank: false" in caplog.text

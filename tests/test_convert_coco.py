@@ -528,14 +528,61 @@ def test_another_picture_at_a_copy_destination_is_refused_unless_overwrite(coco)
     ([{"id": 1, "phrase": "cut tape with", "preferred_categories": ["mug"]},
       {"id": 2, "preferred_categories": ["mug"]}], "phrase"),
 ])
-def test_a_specification_with_phrases_must_be_a_vocabulary_training_reads(coco, tasks, says):
+def test_a_specification_with_phrases_that_training_would_refuse_is_warned_about(coco, tasks, says):
     """The same file is the converter's specification and training's vocabulary: one that
-    training would refuse was converted, and the task files written for it."""
+    training would refuse as a vocabulary was converted without a word. (A specification for
+    COCO-Tasks ids with their phrases kept for readability is fine: converted, with the warning.)"""
     import yaml
 
     folder, train, _, _ = coco
     spec = folder / "own.yaml"
     spec.write_text(yaml.safe_dump({"tasks": tasks}))
-    with pytest.raises(DataError, match=rf"own.yaml.*{says}.*also the task vocabulary training reads"):
-        convert_coco(train, "train", spec, folder / "out")
-    assert not (folder / "out").exists()
+    summary = convert_coco(train, "train", spec, folder / "out")
+    assert [w for w in summary.warnings if re.search(rf"own.yaml.*{says}.*training would refuse this file", w)]
+    plain = folder / "plain.yaml"
+    plain.write_text(yaml.safe_dump({"tasks": [{k: v for k, v in t.items() if k != "phrase"} for t in tasks]}))
+    assert not [w for w in convert_coco(train, "train", plain, folder / "out2").warnings if "vocabulary" in w]
+
+
+def test_two_pictures_of_one_size_and_time_are_told_apart_and_a_huge_image_header_is_read(coco):
+    """Size and modification time alone took two different pictures for one (the copy skipped,
+    even with --overwrite); a 180-megapixel aerial tile stopped the header check with PIL's
+    decompression-bomb error, a traceback."""
+    import os
+    import struct
+    import zlib
+
+    folder, train, _, spec = coco
+    out = folder / "out"
+    stored = [cv2.IMWRITE_PNG_COMPRESSION, 0]   # uncompressed: the file size depends on the image size only
+    assert cv2.imwrite(str(folder / "pics" / "img_1.png"), np.full((H, W, 3), 10, np.uint8), stored)
+    convert_coco(train, "train", spec, out, copy_images_from=folder, image_dir="images")
+    copied = out / "images" / "pics" / "img_1.png"
+    other = folder / "other"
+    shutil.copytree(folder / "pics", other / "pics")
+    picture = other / "pics" / "img_1.png"
+    assert cv2.imwrite(str(picture), np.full((H, W, 3), 250, np.uint8), stored)
+    assert picture.stat().st_size == copied.stat().st_size and picture.read_bytes() != copied.read_bytes()
+    stamp = copied.stat().st_mtime
+    os.utime(picture, (stamp, stamp))
+    with pytest.raises(FileExistsError, match="hold other pictures"):
+        convert_coco(train, "test", spec, out, copy_images_from=other, image_dir="images")
+    convert_coco(train, "test", spec, out, copy_images_from=other, image_dir="images", overwrite=True)
+    assert copied.read_bytes() == picture.read_bytes()
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    huge = folder / "tile.png"   # a header only: 15000 x 12000, never decoded
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 15000, 12000, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    coco_data = json.loads(train.read_text())
+    coco_data["images"][0].update(file_name="tile.png", height=12000, width=15000)
+    coco_data["annotations"] = [a for a in coco_data["annotations"] if a["image_id"] != coco_data["images"][0]["id"]]
+    tile = folder / "tile.json"
+    tile.write_text(json.dumps(coco_data))
+    convert_coco(tile, "train", spec, folder / "out3", copy_images_from=folder)
+    coco_data["images"][0].update(height=15000, width=12000)
+    tile.write_text(json.dumps(coco_data))
+    with pytest.raises(DataError, match=r"tile.png: image is 12000x15000 \(height x width\) but the record says"):
+        convert_coco(tile, "train", spec, folder / "out4", copy_images_from=folder)

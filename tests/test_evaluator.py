@@ -459,6 +459,11 @@ def test_cli_replaces_only_what_an_evaluation_wrote(root, tmp_path, capsys):
     assert cli.main(base + ["--out", str(mine)]) == 2
     assert f"{mine / 'results.md'} exist and are not toist evaluation tables" in capsys.readouterr().err
     assert (mine / "results.md").read_text() == "# My results\n"
+    reserved = tmp_path / "reserved.json"   # mktemp: a name reserved as an empty file
+    reserved.write_bytes(b"")
+    from toist_core.cli.evaluate import _refuse_replacing_other_files
+
+    _refuse_replacing_other_files(type("Args", (), {"save_predictions": str(reserved), "out": str(tmp_path / "c")}))
     for _ in range(2):   # the second run replaces the first's tables
         assert cli.main(base + ["--out", str(tmp_path / "b")]) == 0
     from toist_core.eval.predictions import is_prediction_file

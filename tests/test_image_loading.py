@@ -92,3 +92,15 @@ def test_cmyk_jpeg_and_other_formats(tmp_path):
     (tmp_path / "notes.png").write_text("not a picture")
     with pytest.raises(ValueError, match=r"notes.png: cannot read the image \(not a format toist reads"):
         load_rgb(tmp_path / "notes.png")
+
+
+def test_an_animated_gif_is_read_as_its_first_frame_by_both_loaders(tmp_path):
+    """torchvision returns every frame of an animated GIF: `toist predict` stopped on it (OpenCV
+    and PIL, the reference's loader, read the first frame)."""
+    first = Image.fromarray(_left_red())
+    second = Image.fromarray(np.zeros((H, W, 3), np.uint8))
+    first.save(tmp_path / "moving.gif", save_all=True, append_images=[second], duration=100)
+    predict = load_rgb(tmp_path / "moving.gif")
+    train = _dataset(tmp_path, ["moving.gif"]).load_image(0).permute(1, 2, 0).numpy()
+    assert predict.shape == (H, W, 3) and np.array_equal(predict, train)
+    assert predict[:, : W // 2 - 2, 0].min() > 200   # the red first frame, not the black second

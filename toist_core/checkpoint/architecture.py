@@ -28,7 +28,7 @@ _UNSUPPORTED_ARGS = (
 )
 # Fields of a ModelConfig that do not change what a trained network computes at inference
 # (training switches, and where starting weights come from); every other field does.
-_INFERENCE_NEUTRAL = frozenset(("aux_loss", "backbone.train", "backbone.weights", "text.tokenizer", "text.weights",
+INFERENCE_NEUTRAL = frozenset(("aux_loss", "backbone.train", "backbone.weights", "text.tokenizer", "text.weights",
                                 "text.freeze", "text.resizer_dropout", "transformer.dropout"))
 # The RoBERTa sizes a local text encoder's config.json must share with the checkpoint before
 # its head count (which shapes cannot tell) is believed.
@@ -289,14 +289,14 @@ def config_for_checkpoint(ckpt: OfficialCheckpoint, config: Optional[ModelConfig
 
 def recorded_mismatches(recorded: ModelConfig, config: ModelConfig, already: Sequence[str] = ()) -> list[str]:
     """``field: checkpoint X (its stored config.model), config Y`` for every field of a training
-    checkpoint's model config that changes what the network computes (not :data:`_INFERENCE_NEUTRAL`)
+    checkpoint's model config that changes what the network computes (not :data:`INFERENCE_NEUTRAL`)
     and differs from ``config``; fields ``already`` reported are left out."""
     named = {problem.split(":", 1)[0] for problem in already}
     found = typed_config.flatten(typed_config.to_dict(recorded))
     wanted = typed_config.flatten(typed_config.to_dict(config))
     return [f"{name}: checkpoint {found[name]!r} (its stored config.model), config {wanted.get(name)!r}"
             for name in found
-            if name not in _INFERENCE_NEUTRAL and name not in named and found[name] != wanted.get(name)]
+            if name not in INFERENCE_NEUTRAL and name not in named and found[name] != wanted.get(name)]
 
 
 def _config_from_shapes(ckpt: OfficialCheckpoint, arch: Architecture, text_encoder: Optional[str]) -> ModelConfig:

@@ -30,7 +30,7 @@ def check_torch_file(path: PathLike) -> Path:
     path = Path(path)
     if path.is_dir():  # e.g. an unzipped download: the .pth file is inside
         raise CheckpointError(f"{path}: a folder without config.yaml, so not a model directory; give the checkpoint "
-                              "file (.pth) or a model directory written by `toist export` / training")
+                              "file (.pth) inside it")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     with open(path, "rb") as handle:

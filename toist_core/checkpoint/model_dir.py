@@ -37,6 +37,7 @@ from .errors import CheckpointError, PathLike
 from .integrity import read_safetensors, read_safetensors_metadata, save_safetensors
 from ..tasks import COCO_TASKS, TaskVocabulary
 from .loaded import LoadedModel, describe_bank, describe_heads
+from .architecture import INFERENCE_NEUTRAL
 from .official import SEGM_PREFIX, WRAPPERS
 from .strict import BankSettings, build_memory_bank, listing, load_state_dict_strict, tensor_differences
 
@@ -149,12 +150,11 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
 
 
 def _network_json(cfg: ModelConfig) -> str:
-    """``cfg`` as recorded in the weights' metadata: all but the tokenizer (``text_encoder=``
-    may stand in for the directory's own) and the pretrained-weight sources (unused at load)."""
-    data = typed_config.to_dict(cfg)
-    for section, name in (("text", "tokenizer"), ("text", "weights"), ("backbone", "weights")):
-        data.get(section, {}).pop(name, None)
-    return json.dumps(data, sort_keys=True)
+    """``cfg`` as recorded in the weights' metadata: all but the fields that leave inference
+    alone (the tokenizer, which ``text_encoder=`` may stand in for, weight sources, dropout,
+    freezing, aux losses: :data:`~.architecture.INFERENCE_NEUTRAL`)."""
+    flat = typed_config.flatten(typed_config.to_dict(cfg))
+    return json.dumps({name: value for name, value in flat.items() if name not in INFERENCE_NEUTRAL}, sort_keys=True)
 
 
 def _check_network_unchanged(config_file: Path, cfg: ModelConfig, recorded: Optional[str]) -> None:
@@ -169,13 +169,29 @@ def _check_network_unchanged(config_file: Path, cfg: ModelConfig, recorded: Opti
     except ValueError:
         raise CheckpointError(f"{config_file.parent / WEIGHTS_FILE}: metadata {MODEL_CONFIG_KEY} is not a JSON object; "
                               "export the model again (toist export)") from None
-    exported, now = typed_config.flatten(exported), typed_config.flatten(json.loads(_network_json(cfg)))
+    exported, now = typed_config.flatten(exported), json.loads(_network_json(cfg))
     changed = [f"model.{name} ({was!r} when exported, {now[name]!r} now)"
                for name, was in sorted(exported.items()) if name in now and now[name] != was]
     if changed:
         raise CheckpointError(f"{config_file}: {listing(changed, 4)} differ from the network its weights were "
                               "exported with; the network is built from config.yaml, so the weights would run in "
                               "another network. Undo the edit, or export the model again")
+
+
+def _check_unlisted_bank(directory: Path, weights_metadata: dict) -> None:
+    """A bank file beside ``memory_bank: false``: written by this export (the same export id),
+    the config was edited and the model would run without its cluster-centre replacement:
+    refused; otherwise a file an older export left behind (the first toist versions re-exported
+    into a folder without clearing it): ignored, as they loaded it, and said."""
+    bank_file = directory / BANK_FILE
+    exported = weights_metadata.get(EXPORT_ID_KEY)
+    if exported is not None and read_safetensors_metadata(bank_file).get(EXPORT_ID_KEY) == exported:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: says memory_bank: false but {bank_file}, written by the same "
+                              "export, is there: the model would run without cluster-centre replacement, unlike its "
+                              "training. Undo the edit; to leave the bank unused, set the inference option ccr: false "
+                              "(toist evaluate --no-ccr)")
+    logger.warning("%s: not this model's (config.yaml says memory_bank: false; a file an earlier export left "
+                   "behind?): not used; delete it", bank_file)
 
 
 def _check_tokenizer_override(directory: Path, given: Optional[str], tokenizer, vocab_size: int) -> None:
@@ -443,9 +459,7 @@ def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedMod
                               "export the model again (toist export)")
     bank = None
     if not manifest.memory_bank and (directory / BANK_FILE).is_file():
-        raise CheckpointError(f"{config_file}: says memory_bank: false but {BANK_FILE} is there: the model would run "
-                              "without cluster-centre replacement, unlike its training. Undo the edit; to leave the "
-                              "bank unused, set the inference option ccr: false (toist evaluate --no-ccr)")
+        _check_unlisted_bank(directory, weights_metadata)
     if manifest.memory_bank:
         bank_file = directory / BANK_FILE
         if not bank_file.is_file():

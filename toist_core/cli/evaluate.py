@@ -202,7 +202,9 @@ def _refuse_replacing_other_files(args: argparse.Namespace) -> None:
     from toist_core.eval.predictions import is_prediction_file
     from toist_core.eval.tables import foreign_table_files
 
-    if args.save_predictions and Path(args.save_predictions).exists() and not is_prediction_file(args.save_predictions):
+    saved = Path(args.save_predictions) if args.save_predictions else None
+    if saved is not None and saved.exists() and not (saved.is_file() and saved.stat().st_size == 0) \
+            and not is_prediction_file(saved):  # an empty file: a name reserved (mktemp)
         raise FileExistsError(f"--save-predictions {args.save_predictions}: exists and is not a toist predictions file; "
                               "nothing was replaced: give another file name")
     foreign = foreign_table_files(args.out)

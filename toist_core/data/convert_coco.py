@@ -118,17 +118,26 @@ def load_task_spec(path: PathLike) -> list[TaskPreference]:
             raise DataError(f"{task.where}: duplicate task id (also tasks[{position_of[task.task_id]}])")
         position_of[task.task_id] = index
         tasks.append(task)
-    if any(isinstance(item, dict) and "phrase" in item for item in entries):
-        # Phrases make it a task vocabulary too (docs/own-data.md: one file for both): what
-        # training would refuse (ids not 1..N in order, a task without a phrase) is refused here,
-        # before task files are written for it.
-        from toist_core.tasks import TaskVocabulary
-
-        try:
-            TaskVocabulary.load(path)
-        except ValueError as exc:
-            raise DataError(f"{exc} (the file is also the task vocabulary training reads)") from None
     return tasks
+
+
+def vocabulary_problem(path: PathLike) -> Optional[str]:
+    """Why a specification with phrases would not load as the task vocabulary training reads
+    (docs/own-data.md: one file for both; ids 1..N in order, a phrase per task), or None. A
+    specification for COCO-Tasks ids with phrases kept for readability is fine to convert:
+    a warning, not an error."""
+    from toist_core.tasks import TaskVocabulary
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        entries = data.get("tasks") if isinstance(data, dict) else None
+        if not any(isinstance(item, dict) and "phrase" in item for item in entries or ()):
+            return None
+        TaskVocabulary.load(path)
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        return (f"{exc}: as a task vocabulary (data.vocabulary) training would refuse this file; fine if the "
+                "ids are COCO-Tasks' and training uses COCO-Tasks' tasks")
+    return None
 
 
 def _task_preference(path: Path, index: int, item: Any) -> TaskPreference:
@@ -343,6 +352,9 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
 
     # The images first: a copy that fails leaves no task file naming images that are not there.
     summary = ConversionSummary(source.path, split, [], image_dir=target_dir)
+    problem = vocabulary_problem(spec_file)
+    if problem is not None:
+        summary.warnings.append(problem)
     for src, dst in copies:
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not (dst.exists() and _same_file_content(src, dst)):
@@ -382,16 +394,11 @@ def _refuse_other_images(copies: list[tuple[Path, Path]]) -> None:
 
 
 def _same_file_content(a: Path, b: Path) -> bool:
-    """Whether ``b`` is ``a`` or a copy of it (size and time first, as ``copy2`` keeps them, then
-    the bytes)."""
+    """Whether ``b`` is ``a`` or a copy of it: the same size, then the same bytes (size and time
+    alone would take two same-size pictures saved in one second for one)."""
     if os.path.samefile(a, b):
         return True
-    first, second = a.stat(), b.stat()
-    if first.st_size != second.st_size:
-        return False
-    if int(first.st_mtime) == int(second.st_mtime):
-        return True
-    return filecmp.cmp(a, b, shallow=False)
+    return a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False)
 
 
 def _refuse_foreign_task_files(out_root: Path, task_ids: list[int], split: str) -> None:
@@ -502,14 +509,17 @@ def _check_image_size(path: Path, height: int, width: int, where: str) -> None:
     the dataset refuses a mismatch when it reads the sample, which is hours into a training run."""
     from PIL import Image, UnidentifiedImageError  # torchvision's dependency
 
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the header only: a big aerial tile is fine
     try:
         with Image.open(path) as picture:
             stored_width, stored_height = picture.size
-            orientation = picture.getexif().get(0x0112)  # the EXIF Orientation tag
+            if (stored_height, stored_width) == (height, width):
+                return
+            orientation = _exif_orientation(picture)
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: cannot read the image ({where}): {exc}") from None
-    if (stored_height, stored_width) == (height, width):
-        return
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     message = (f"{path}: image is {stored_height}x{stored_width} (height x width) but the record says "
                f"{height}x{width} (fields 'height'/'width' of {where})")
     if orientation in _QUARTER_TURNS and (stored_height, stored_width) == (width, height):
@@ -517,6 +527,14 @@ def _check_image_size(path: Path, height: int, width: int, where: str) -> None:
                     "annotations were drawn on the turned picture while training reads the stored pixels "
                     "(as COCO does): save the images turned (e.g. PIL.ImageOps.exif_transpose) and convert again")
     raise DataError(message)
+
+
+def _exif_orientation(picture) -> Optional[int]:
+    """The EXIF Orientation tag, or None (none, or unreadable: it only words a message)."""
+    try:
+        return picture.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a PNG may be decoded to find it, and fail
+        return None
 
 
 def _copied_name(file_name: str) -> str:

@@ -41,6 +41,8 @@ def decode_rgb(path: Union[str, Path], where: str = "") -> "Tensor":
         pixels = decode_image(str(path), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode image{context}: {exc}") from None
+    if pixels.ndim == 4:  # an animated GIF: its first frame, as PIL (the reference's loader) and OpenCV read it
+        pixels = pixels[0]
     if pixels.dtype == torch.uint16:
         pixels = (pixels.to(torch.int32) >> 8).to(torch.uint8)
     elif pixels.dtype != torch.uint8:

@@ -7,6 +7,7 @@ import threading
 import warnings
 import weakref
 from numbers import Integral, Real
+from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -217,6 +218,7 @@ class TaskSegmenter:
         """
         from ..checkpoint import load_pretrained
 
+        path = Path(path).expanduser()  # "~/models/x" (a ROS parameter gets no shell expansion), every backend
         device = resolve_device(device)
         if inference is None or inference.backend == "torch":
             loaded, network = load_pretrained(path, config=config, text_encoder=text_encoder), None
