@@ -224,3 +224,17 @@ def test_a_synth_json_without_drawing_settings_counts_as_other_settings(tmp_path
         generate(tmp_path, tasks=[1], **small)
     generate(tmp_path, tasks=[1, 2], **small)
     generate(tmp_path, tasks=[1], **small)  # recorded now
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--images-per-task", "0", r"images_per_task must be >= 1"),
+    ("--images-per-task", "-2", r"images_per_task must be >= 1"),
+    ("--seed", "-1", r"seed must be in 0..2\*\*32-1"),
+    ("--max-size", "100000", r"need 16 <= min_size <= max_size <= 4096"),
+])
+def test_out_of_range_options_are_named(tmp_path, capsys, option, value, says):
+    """They failed inside numpy (negative dimensions, a seed), ran out of memory with a traceback,
+    or wrote task files listing no image."""
+    assert cli.main(["synth", str(tmp_path / "out"), "--tasks", "1", "--images-per-split", "2", option, value]) == 2
+    assert re.search(says, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

@@ -3,7 +3,7 @@
     python -m training.default_model --out runs/default_model            # or: make default-model
     python -m training.default_model --out runs/default_model --install  # + copy into the package
 
-One command, CPU only (2 cores: well under an hour), deterministic:
+One command, CPU only (2 idle cores: about 70 minutes; docs/default_model.md), deterministic:
 
 1. writes a synthetic COCO-Tasks tree (``toist_core.data.synth``: train and test splits) and a
    set of single-object scenes for pre-training,
@@ -136,6 +136,11 @@ class RecipeSettings:
         return max(1, self.threads // self.jobs)
 
     @property
+    def distill_batch_size(self) -> int:
+        """The distillation's batch: half the others' (teacher and student in memory at once)."""
+        return max(1, self.batch_size // 2)
+
+    @property
     def input_size(self) -> InputSize:
         """Evaluation resize (``data.test_size`` / ``data.max_size``, what the exported model
         records): short side the largest training size, as the reference tests at 800 after
@@ -186,7 +191,7 @@ def stages(settings: RecipeSettings, out: Path, ablations: bool) -> list[Stage]:
         Stage("student", "tiny_pronoun.yaml", settings.student_epochs, [f"init.load={pretrained}"], ("pretrain",)),
         Stage("distilled", "tiny_distill.yaml", settings.distill_epochs,
               [f"init.load={student}", f"init.load_noun={teacher}",
-               f"loader.batch_size={max(1, settings.batch_size // 2)}",
+               f"loader.batch_size={settings.distill_batch_size}",
                f"distill.cluster_loss={settings.cluster_loss}",
                f"optim.lr={settings.distill_lr}", f"optim.text_encoder_lr={settings.distill_lr}"], ("teacher", "student")),
         Stage("student_masks", "tiny_mask_head.yaml", settings.mask_epochs,
@@ -480,7 +485,8 @@ docs/checkpoints.md). Setting a task other than {task_list} warns that its resul
   epochs); the distilled student {distill_epochs} epochs from both at lr {distill_lr:g} (a fine-tune of the
   trained student; student and teacher trained, bank {bank_size} per task, 3 clusters, cluster-loss weight {cluster_loss:g}: the paper's 1e4
   dominates the loss at this model's feature scale); the mask head {mask_epochs} epochs on each frozen
-  student. AdamW lr {lr} (backbone frozen after pre-training), batch {batch_size}, EMA, best checkpoints on a 10%
+  student. AdamW lr {lr} (backbone frozen after pre-training), batch {batch_size} (the distillation {distill_batch}: two
+  models in memory), EMA, best checkpoints on a 10%
   holdout of the training images.
 
 ## Metrics (synthetic test split, never seen in training; mean over tasks)
@@ -578,7 +584,8 @@ def export_default(settings: RecipeSettings, out: Path, results: dict, minutes: 
                              ablation_flag=" --ablations" if ablations else "",
                              ablation_time=" with the ablations" if ablations else "",
                              empty_pct=round(100 * settings.empty_fraction), test_size=settings.input_size.short_side,
-                             long_side=settings.input_size.max_size, **asdict(settings))
+                             long_side=settings.input_size.max_size, distill_batch=settings.distill_batch_size,
+                             **asdict(settings))
     (model_dir / "MODEL_CARD.md").write_text(card)
     return model_dir
 

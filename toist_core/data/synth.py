@@ -49,6 +49,7 @@ SPLIT_FOLDERS = {"train": "train2014", "test": "val2014"}
 _SPLIT_CODES = {"train": 0, "test": 1}
 _ID_STRIDE = 1_000_000        # image id = (split code + 1) * stride + index
 _MAX_OBJECTS = 99             # annotation id = image id * 100 + object index
+_MAX_SIDE = 4096              # pixels: synthetic scenes need no more (a typo of 100000 ran out of memory)
 _MIN_VISIBLE_FRACTION = 0.35  # objects hidden more than this are left out
 SYNTH_INFO = "COCO-Tasks Dataset. (synthetic: toist synth)"  # "info" of every task file synth writes
 # How a task file synth wrote begins (its first key, compact separators): checked without
@@ -179,8 +180,12 @@ def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS +
         raise ValueError(f"need 1 <= min_objects <= max_objects <= {_MAX_OBJECTS}")
     if empty_fraction is not None and not 0.0 <= empty_fraction < 1.0:
         raise ValueError(f"empty_fraction must be in [0, 1), got {empty_fraction}")
-    if not 16 <= min_size <= max_size:
-        raise ValueError(f"need 16 <= min_size <= max_size, got {min_size}, {max_size}")
+    if not 16 <= min_size <= max_size <= _MAX_SIDE:
+        raise ValueError(f"need 16 <= min_size <= max_size <= {_MAX_SIDE}, got {min_size}, {max_size}")
+    if images_per_task is not None and not 1 <= images_per_task:
+        raise ValueError(f"images_per_task must be >= 1 (or None: every image of the pool), got {images_per_task}")
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be in 0..2**32-1 (numpy's seed range), got {seed}")
 
     root = Path(root)
     if not overwrite:
