@@ -31,6 +31,21 @@ def seg():
                                      inference=InferenceConfig(score_threshold=0.0, duplicate_iou=None, max_instances=100, **SMALL))
 
 
+def test_duplicates_whose_masks_are_empty_are_told_apart_by_their_boxes(seg):
+    """A mask threshold above every pixel's probability leaves every mask empty: their IoU was 0,
+    so nothing was dropped and one object came back 100 times; with masks off the boxes decide."""
+    image = random_image(40, 50, seed=2)
+    settings = dataclasses.replace(seg.inference, duplicate_iou=0.7, mask_threshold=0.999999)
+    previous, seg.inference = seg.inference, settings
+    try:
+        with_masks = seg.predict(image)
+        boxes_only = seg.predict(image, with_masks=False)
+    finally:
+        seg.inference = previous
+    assert not with_masks.masks.any()
+    assert len(boxes_only) < 100 and np.array_equal(with_masks.queries, boxes_only.queries)
+
+
 def test_a_read_only_frame_is_read_without_a_warning_and_a_task_id_is_no_task_state(seg, recwarn):
     image = random_image(40, 50, seed=2)
     expected = seg.predict(image)

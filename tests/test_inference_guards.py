@@ -137,7 +137,8 @@ def test_nan_outputs_are_refused_not_dropped(nan_models):
 def test_nan_outputs_of_an_onnx_backend_are_refused(model):
     for backend in ("onnxruntime", "tensorrt"):
         seg = TaskSegmenter(model, device="cpu", task=2, onnx_network=FakeOnnx(backend, nan_image=1),
-                            inference=InferenceConfig(backend=backend, score_threshold=0.0, **SMALL))
+                            inference=InferenceConfig(backend=backend, score_threshold=0.0, duplicate_iou=None,
+                                                      **SMALL))
         images = [random_image(40, 60), random_image(60, 40)]
         with pytest.raises(NonFiniteOutputError, match=rf"^images\[1\]: the network returned 1 non-finite scores "
                                                        rf"for its 7 queries \(backend '{backend}'"):

@@ -142,8 +142,8 @@ class PerceptionNode(Node):
         self.model = load_model(settings, log.warning, log.info)
         self.segmenter = self.model.segmenter
         size = self.segmenter.inference
-        log.info(f"model: {self.model.description}; device {self.model.device}; input resized to short side "
-                 f"{size.short_side} px, long side at most {size.max_size} px")
+        log.info(f"model: {self.model.description}; device {self.model.device}; precision {size.precision}, backend "
+                 f"{size.backend}; input resized to short side {size.short_side} px, long side at most {size.max_size} px")
         if self.model.is_random_default:
             log.warning(self.model.description)
         self._limits = FrameLimits(settings["input.max_pixels"], size.short_side, size.max_size)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import box_iou
 
 
 def select(scores: Tensor, threshold: float, limit: int) -> Tensor:
@@ -50,6 +51,16 @@ def mask_iou(a: Tensor, b: Tensor) -> Tensor:
     inter = a @ b.T
     union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
     return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+
+
+def mask_or_box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU ``[n, m]`` of instances described as ``[mask (P values, 0/1), box (x1, y1, x2, y2)]``
+    rows ``a [n, P + 4]``, ``b [m, P + 4]``: their masks' IoU, their boxes' where either mask is
+    empty (a mask threshold above every pixel's probability leaves no shape to compare, and one
+    object found twice would be kept twice)."""
+    masks_a, masks_b = a[:, :-4], b[:, :-4]
+    empty = (masks_a.sum(1) == 0)[:, None] | (masks_b.sum(1) == 0)[None, :]
+    return torch.where(empty, box_iou(a[:, -4:], b[:, -4:]), mask_iou(masks_a, masks_b))
 
 
 def binary_low_res(logits: Tensor, size: Sequence[int], padded: Sequence[int], threshold: float) -> Tensor:

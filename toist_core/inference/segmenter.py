@@ -24,7 +24,8 @@ from ..tokens import NO_OBJECT_INDEX, span_token_indices
 from .device import autocast_dtype, check_on_device, is_channels_last, prepared, resolve_device
 from .finite import check_outputs, checked_masks
 from .images import check_image, preprocess
-from .postprocess import binary_low_res, drop_duplicates, image_memory, mask_iou, masks_at_original, select, to_pixels
+from .postprocess import (binary_low_res, drop_duplicates, image_memory, mask_or_box_iou, masks_at_original, select,
+                          to_pixels)
 from .processing import Processing, processing_of
 from .results import Prediction, TaskState, UntrainedTaskWarning
 
@@ -449,9 +450,10 @@ class TaskSegmenter:
 
         def regions(queries: Tensor) -> Tensor:
             computed.append(mask_logits(b, queries)[0])                     # [n, h, w]
-            return binary_low_res(computed[-1], size, padded, self.inference.mask_threshold)
+            masks = binary_low_res(computed[-1], size, padded, self.inference.mask_threshold)
+            return torch.cat([masks.float(), to_pixels(boxes[queries], orig).float()], dim=1)   # [n, P + 4]
 
-        keep, positions = drop_duplicates(candidates, regions, mask_iou, iou, limit)
+        keep, positions = drop_duplicates(candidates, regions, mask_or_box_iou, iou, limit)
         if not positions:
             return keep, None
         return keep, torch.cat(computed)[positions]
