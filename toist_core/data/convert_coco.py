@@ -347,8 +347,10 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
         images = [{**rec, "file_name": _copied_name(rec["file_name"])} for rec in source.images]
 
     _check_destinations(Path(out_root), [task.task_id for task in tasks], split, copies)
+    # Which destinations already hold their picture, each read once (a re-run copies nothing).
+    copied_before = {dst: _same_file_content(src, dst) for src, dst in copies if dst.is_file()}
     if not overwrite:
-        _refuse_other_images(copies)
+        _refuse_other_images([dst for dst, same in copied_before.items() if not same])
 
     # The images first: a copy that fails leaves no task file naming images that are not there.
     summary = ConversionSummary(source.path, split, [], image_dir=target_dir)
@@ -357,7 +359,7 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
         summary.warnings.append(problem)
     for src, dst in copies:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if not (dst.exists() and _same_file_content(src, dst)):
+        if not copied_before.get(dst, False):
             shutil.copy2(src, dst)
             summary.images_copied += 1
     for task, refs in zip(tasks, resolved):
@@ -381,11 +383,10 @@ def _check_destinations(out_root: Path, task_ids: list[int], split: str, copies:
                 break
 
 
-def _refuse_other_images(copies: list[tuple[Path, Path]]) -> None:
+def _refuse_other_images(others: list[Path]) -> None:
     """``FileExistsError``, before anything is written, naming copy destinations that hold
     another picture: two exports each with a ``frame_000000.png`` copied to one folder gave one
     split the other's pixels under its own annotations, silently."""
-    others = [dst for src, dst in copies if dst.is_file() and not _same_file_content(src, dst)]
     if others:
         shown = ", ".join(map(str, others[:5])) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise FileExistsError(f"{shown}: {len(others)} image(s) where this conversion copies its images hold other "
