@@ -126,10 +126,10 @@ def default_checkpoint() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic_file import write_text_atomic
     from ..checkpoint import show_load_summary
     from ..config import InferenceConfig
     from ..inference import NonFiniteOutputError, TaskSegmenter
-    from ..atomic_file import write_text_atomic
     from ..visualize import draw_prediction, load_rgb, save_rgb
 
     inference = InferenceConfig(score_threshold=args.score_threshold, max_instances=args.max_instances,
