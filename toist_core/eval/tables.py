@@ -17,6 +17,7 @@ from typing import Union
 
 from toist_core.eval.evaluator import EvaluationResult
 from toist_core.atomic_file import write_text_atomic
+from toist_core.data.schema import written_by
 
 _IOU_LABEL = {"bbox": "box", "segm": "mask"}
 
@@ -114,17 +115,7 @@ def foreign_table_files(out_dir: Union[str, Path], stem: str = "results") -> lis
     ``.md`` starts with the report's title line, its ``.csv`` with the table's header)."""
     out_dir = Path(out_dir)
     starts = {out_dir / f"{stem}.md": f"# {REPORT_TITLE}\n", out_dir / f"{stem}.csv": "task,phrase,"}
-    foreign = []
-    for path, start in starts.items():
-        if path.exists():
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    ours = handle.read(len(start)) == start
-            except (OSError, UnicodeDecodeError):
-                ours = False
-            if not ours:
-                foreign.append(path)
-    return foreign
+    return [path for path, start in starts.items() if path.exists() and not written_by(path, start.encode())]
 
 
 def write_tables(result: EvaluationResult, out_dir: Union[str, Path],
