@@ -620,6 +620,18 @@ def test_frames_older_than_max_age_are_skipped(node, probe):
         probe.set_parameters(node.get_fully_qualified_name(), input__max_age_s=1.0)
 
 
+def test_frames_stamped_ahead_of_the_clock_stay_out_of_the_latency_percentiles(node, probe):
+    """A camera clock 30 s ahead: the result is published with its negative latency (it shows the
+    skew), counted as future_stamped, and the latency percentiles keep only real latencies."""
+    ahead = node.counters.get("future_stamped")
+    _, result = probe.roundtrip(_photo(), "cam_ahead", age_s=-30.0)
+    assert -30_000 < result.latency_ms < -29_000
+    assert node.counters.get("future_stamped") == ahead + 1
+    assert len(node.latency_ms) == 0 or node.latency_ms.quantiles(0.0)[0] >= 0.0
+    _, result = probe.roundtrip(_photo(), "cam_in_sync")
+    assert result.latency_ms > 0 and node.latency_ms.quantiles(0.0)[0] >= 0.0
+
+
 def test_parameters_are_validated_at_run_time(node, probe, monkeypatch):
     name = node.get_fully_qualified_name()
     [r] = probe.set_parameters(name, score_threshold=1.5)
@@ -693,7 +705,7 @@ def test_diagnostics_report_rates_drops_rejects_and_timings(node, probe):
     assert node.get_fully_qualified_name() in status.name
     values = {kv.key: kv.value for kv in status.values}
     for key in ("inference ms p50", "inference ms p95", "latency ms p50", "latency ms p95", "received", "processed",
-                "dropped_replaced", "skipped_stale", "rejected", "process rss MiB", "/image input Hz"):
+                "dropped_replaced", "skipped_stale", "future_stamped", "rejected", "process rss MiB", "/image input Hz"):
         assert key in values, key
     assert float(values["inference ms p95"]) >= float(values["inference ms p50"]) > 0
     assert int(values["processed"]) > 0 and int(values["rejected"]) >= 3

@@ -173,7 +173,15 @@ class InferenceWorker:
         if self._depth is not None:
             self._add_depth(msg, ranked, camera, settings)
         msg.latency_ms = latency_ms(clock, stamp if stamped else frame.arrival)
-        if np.isfinite(msg.latency_ms):
+        if msg.latency_ms < 0:
+            # Stamped ahead of the node's clock: published as measured (it shows the skew), kept
+            # out of the latency percentiles, which it would drag below the model time.
+            self._counters.add("future_stamped")
+            self._node.get_logger().warning(
+                f"a frame from {camera.subscribed_name} is stamped {-msg.latency_ms / 1000.0:.3f} s ahead of the "
+                "node's clock at publish (camera and node clocks in sync? use_sim_time?); its latency_ms is "
+                "negative and left out of the latency percentiles", throttle_duration_sec=5.0)
+        elif np.isfinite(msg.latency_ms):
             self._latency_ms.add(msg.latency_ms)
         camera.instances_pub.publish(msg)
         if camera.detections_pub is not None:
