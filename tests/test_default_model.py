@@ -243,6 +243,28 @@ def test_node_falls_back_to_random_weights_when_the_default_is_missing(monkeypat
     assert "RANDOM" in loaded.description and loaded.segmenter.config.backbone.name == "resnet18"
 
 
+@pytest.mark.parametrize("default_present", [True, False])
+def test_node_logs_emulated_bf16_once_through_its_logger(monkeypatch, tmp_path, default_present):
+    """precision:=bf16 on a CPU without bf16 instructions: one line in the node's log (not a Python
+    warning on stderr as well), for the default model and for the random fallback."""
+    import warnings
+
+    from toist_core.inference import SlowPrecisionWarning, device
+    from toist_ros import model_loader
+
+    monkeypatch.setattr(device, "cpu_computes_bf16", lambda: False)
+    if not default_present:
+        monkeypatch.setattr(model_loader, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    said = []
+    settings = dict(_node_settings(short_side=160, max_side=320), precision="bf16")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_model(settings, warn=said.append)
+    assert loaded.segmenter.inference.precision == "bf16"
+    assert [line for line in said if "bf16" in line] == [device.EMULATED_BF16]
+    assert not [w for w in caught if issubclass(w.category, SlowPrecisionWarning)]
+
+
 def test_ablation_stages_are_the_distillation_with_one_switch_off(tmp_path):
     plan = {stage.name: stage for stage in recipe.stages(recipe.RecipeSettings(), tmp_path, ablations=True)}
     distilled = plan["distilled"]

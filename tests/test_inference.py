@@ -291,6 +291,40 @@ def test_bf16_on_cpu_runs_close_to_fp32(seg):
     assert np.abs(low.boxes[by_query] - ref.boxes[np.argsort(ref.queries)]).max() < 0.1 * 80
 
 
+@pytest.mark.parametrize("has_bf16", [False, True, None])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(seg, monkeypatch, has_bf16):
+    """Emulated bf16 is slower than fp32: said when a segmenter is built or configured for it;
+    nothing when the CPU has the instructions or cannot tell (None: no /proc/cpuinfo)."""
+    import warnings
+
+    from toist_core.inference import SlowPrecisionWarning
+    from toist_core.inference import device
+
+    monkeypatch.setattr(device, "cpu_computes_bf16", lambda: has_bf16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = TaskSegmenter(seg.model, device="cpu", inference=InferenceConfig(precision="bf16", **SMALL))
+        fast.inference = dataclasses.replace(fast.inference, precision="fp32")
+        fast.inference = dataclasses.replace(fast.inference, precision="bf16")
+    slow = [w for w in caught if issubclass(w.category, SlowPrecisionWarning)]
+    if has_bf16 is False:
+        assert len(slow) == 2 and "bf16" in str(slow[0].message) and "fp32" in str(slow[0].message)
+    else:
+        assert slow == []
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags():
+    from toist_core.inference.device import cpu_computes_bf16
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = next(line for line in cpuinfo if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        assert cpu_computes_bf16() is None
+        return
+    assert cpu_computes_bf16() is bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
 @pytest.fixture(scope="module")
 def distilled():
     bank = MemoryBank(num_tasks=14, size=32, dim=128, num_clusters=3, seed=3)

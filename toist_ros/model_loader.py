@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -161,6 +162,10 @@ def load_model(settings: Any, warn: Callable[[str], None], info: Optional[Callab
         warn("precision 'fp16' needs CUDA; the CPU runs fp32 (bf16 works on CPUs with bf16 support)")
         precision = "fp32"
     from toist_core.inference import TaskSegmenter
+    from toist_core.inference.device import EMULATED_BF16, SlowPrecisionWarning, cpu_computes_bf16
+
+    if device == "cpu" and precision == "bf16" and cpu_computes_bf16() is False:
+        warn(EMULATED_BF16)
 
     inference = inference_config(settings, precision)
     text_encoder = settings["text_encoder"].strip() or None
@@ -168,7 +173,8 @@ def load_model(settings: Any, warn: Callable[[str], None], info: Optional[Callab
         default_dir = None if checkpoint else default_model_dir()
         if checkpoint or default_dir is not None:
             source = checkpoint or str(default_dir)
-            with _load_summary_to(info or (lambda _text: None)):
+            with _load_summary_to(info or (lambda _text: None)), warnings.catch_warnings():
+                warnings.simplefilter("ignore", SlowPrecisionWarning)  # said above, through the node's log
                 segmenter = TaskSegmenter.from_pretrained(source, device=device, text_encoder=text_encoder,
                                                           inference=inference)
             description = f"checkpoint {checkpoint}" if checkpoint else DEFAULT_MODEL_NOTE
@@ -177,8 +183,10 @@ def load_model(settings: Any, warn: Callable[[str], None], info: Optional[Callab
                 warn(f"backend {inference.backend!r} needs a model directory with ONNX graphs; the random-weight "
                      "fallback model runs on torch")
                 inference = dataclasses.replace(inference, backend="torch")
-            segmenter = TaskSegmenter.from_config(FALLBACK_MODEL, device=device, text_encoder=text_encoder,
-                                                  inference=inference, seed=FALLBACK_SEED)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SlowPrecisionWarning)
+                segmenter = TaskSegmenter.from_config(FALLBACK_MODEL, device=device, text_encoder=text_encoder,
+                                                      inference=inference, seed=FALLBACK_SEED)
             description = FALLBACK_MODEL_NOTE.format(path=DEFAULT_MODEL_DIR)
     except StartupError:
         raise

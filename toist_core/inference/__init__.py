@@ -24,11 +24,11 @@ original pixels), :mod:`.processing` (toist's or the reference's resize, padding
 clipping: ``InferenceConfig.protocol``), :mod:`.device` (device, precision, model preparation).
 """
 
-from .device import resolve_device
+from .device import SlowPrecisionWarning, resolve_device
 from .finite import NonFiniteOutputError
 from .images import check_image
 from .results import Prediction, TaskState, UntrainedTaskWarning
 from .segmenter import DEFAULT_PRONOUN, TaskSegmenter
 
-__all__ = ["DEFAULT_PRONOUN", "NonFiniteOutputError", "Prediction", "TaskSegmenter", "TaskState",
-           "UntrainedTaskWarning", "check_image", "resolve_device"]
+__all__ = ["DEFAULT_PRONOUN", "NonFiniteOutputError", "Prediction", "SlowPrecisionWarning", "TaskSegmenter",
+           "TaskState", "UntrainedTaskWarning", "check_image", "resolve_device"]

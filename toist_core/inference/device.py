@@ -3,7 +3,9 @@ models the segmenter builds itself (a module it is given is used as it is)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -38,7 +40,32 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
         if device.type != "cuda":
             raise ValueError("precision fp16 needs a CUDA device; use bf16 on CPU")
         return torch.float16
+    if device.type == "cpu" and cpu_computes_bf16() is False:
+        warnings.warn(EMULATED_BF16, SlowPrecisionWarning, stacklevel=2)
     return torch.bfloat16
+
+
+class SlowPrecisionWarning(UserWarning):
+    """The precision asked for is emulated on this machine: slower than fp32, no faster."""
+
+
+EMULATED_BF16 = ("precision bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX-BF16): emulated, slower than "
+                 "fp32 (docs/performance.md); use precision fp32 on this CPU")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_computes_bf16() -> Optional[bool]:
+    """Whether this CPU has bf16 instructions (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo);
+    None where that cannot be read (not Linux): unknown, nothing is said."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    names = set(flags.split(":", 1)[-1].split())
+    return bool(names & {"avx512_bf16", "amx_bf16"})
 
 
 def prepared(model: torch.nn.Module, device: torch.device, inference: Optional[InferenceConfig]) -> torch.nn.Module:
