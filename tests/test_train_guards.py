@@ -82,6 +82,48 @@ def test_non_finite_outputs_stop_before_the_matcher(synth_root, tmp_path):
         trainer.run()
 
 
+def _poison_moments(optimizer) -> None:
+    """NaN in every first moment of the optimizer (a damaged file, a diverged run's state)."""
+    for moments in optimizer.state.values():
+        moments["exp_avg"].fill_(float("nan"))
+
+
+def test_weights_made_non_finite_by_the_step_never_replace_the_last_checkpoint(synth_root, tmp_path):
+    """Finite gradients, NaN optimizer moments: the step makes the weights NaN; the checkpoint of
+    that update is refused and checkpoint.pth stays the previous, good update's."""
+    out = tmp_path / "run"
+    trainer = Trainer(_config("tiny_pronoun.yaml", synth_root, out, "checkpoint.every_steps=1",
+                              "schedule.max_steps=4"), DistEnv())
+    trainer.on_step = lambda t, step: _poison_moments(t.optimizer) if step == 1 else None
+    with pytest.raises(FloatingPointError, match=r"weights not finite after update 2: .*checkpoint.pth is left as it was"):
+        trainer.run()
+    ckpt = load_training_checkpoint(out / "checkpoint.pth")
+    assert ckpt["step"] == 1 and _all_finite(ckpt["model"]) and _all_finite(ckpt["model_ema"])
+
+
+@pytest.mark.parametrize("damage", ["model", "model_ema", "optimizer"])
+def test_resume_refuses_non_finite_weights_or_moments_before_writing(synth_root, tmp_path, damage):
+    """A checkpoint holding NaN (weights, EMA copy or optimizer moments) is refused at resume,
+    naming the file, the entry and the tensor, and nothing in the run folder is written."""
+    out = tmp_path / "run"
+    Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=2"), DistEnv()).run()
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    if damage == "optimizer":
+        for moments in ckpt["optimizer"]["state"].values():
+            moments["exp_avg"].fill_(float("nan"))
+        tensor = r"state\.0\.exp_avg"
+    else:
+        ckpt[damage]["class_embed.weight"][0, 0] = float("nan")
+        tensor = r"class_embed\.weight \(1 of"
+    damaged = tmp_path / "damaged.pth"
+    torch.save(ckpt, damaged)
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(CheckpointError, match=rf"damaged\.pth \[{damage}\]: .*non-finite.*{tensor}"):
+        Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=4"), DistEnv(),
+                resume=str(damaged))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
+
+
 def test_resume_refuses_changed_optimizer_settings_before_writing(synth_root, tmp_path):
     """The checkpoint's optimizer state holds lr / weight decay and would silently win over the
     config, which config.yaml would then misreport: refused, each field with both values."""

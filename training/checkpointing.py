@@ -33,6 +33,7 @@ import torch
 
 from toist_core.checkpoint.errors import CheckpointError  # one error class for every checkpoint
 from toist_core.checkpoint.files import check_torch_file
+from toist_core.checkpoint.strict import refuse_non_finite
 from toist_core.atomic_file import atomic_write
 
 FORMAT = "toist-train"
@@ -79,7 +80,8 @@ def load_training_checkpoint(path: Union[str, Path], map_location: Union[str, to
 
 
 def check_state_dict(state: Optional[dict], module: torch.nn.Module, where: str) -> None:
-    """Refuse a state_dict whose keys or shapes differ from ``module``'s (before loading anything)."""
+    """Refuse a state_dict whose keys or shapes differ from ``module``'s, or that holds NaN / inf
+    (before loading anything)."""
     if state is None:
         raise CheckpointError(f"{where}: missing")
     own = module.state_dict()
@@ -93,6 +95,15 @@ def check_state_dict(state: Optional[dict], module: torch.nn.Module, where: str)
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise CheckpointError(f"{where}: {key} has shape {tuple(state[key].shape)}, "
                                   f"the model expects {tuple(tensor.shape)}")
+    refuse_non_finite(state, where)
+
+
+def check_optimizer_state(state: dict, where: str) -> None:
+    """Refuse an optimizer state whose moments hold NaN / inf: its first step would make every
+    weight it updates NaN, and the next checkpoint would replace the good one with them."""
+    tensors = {f"state.{index}.{name}": value for index, moments in state.get("state", {}).items()
+               for name, value in moments.items() if isinstance(value, torch.Tensor)}
+    refuse_non_finite(tensors, where)
 
 
 def capture_rng_state(device: torch.device) -> dict:

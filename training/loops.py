@@ -29,6 +29,7 @@ import torch.distributed as torch_dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from toist_core.checkpoint.strict import listing, non_finite_tensors
 from toist_core.data.coco_tasks import build_dataset
 from toist_core.data.collate import Collator
 from toist_core.inference import NonFiniteOutputError
@@ -459,6 +460,14 @@ class Trainer:
         }
 
     def _save(self, name: str) -> None:
+        # Every process holds the same weights, so all stop here together; the file on disk (the
+        # last good one) is not replaced by NaN weights.
+        trained = {"model": self.model, "model_noun": self.teacher}
+        bad = [f"{key} {entry}" for key, module in trained.items() if module is not None
+               for entry in non_finite_tensors(module.state_dict())]
+        if bad:
+            raise FloatingPointError(f"weights not finite after update {self.step}: {listing(bad)}; "
+                                     f"{self.output_dir / name} is left as it was (not replaced)")
         state = self.state()
         if self.env.is_main:
             ckpt_io.atomic_save(state, self.output_dir / name)
@@ -491,6 +500,7 @@ class Trainer:
         if len(ckpt["optimizer"].get("param_groups", [])) != len(self.optimizer.param_groups):
             raise ckpt_io.CheckpointError(f"{where} [optimizer]: {len(ckpt['optimizer'].get('param_groups', []))} "
                                           f"parameter groups, this run has {len(self.optimizer.param_groups)}")
+        ckpt_io.check_optimizer_state(ckpt["optimizer"], f"{where} [optimizer]")
         step = int(ckpt["step"])
         if not 0 <= step <= self.total_steps:
             raise ckpt_io.CheckpointError(f"{where}: step {step} outside this run's {self.total_steps} updates")
