@@ -411,6 +411,26 @@ def test_loading_non_finite_predictions_names_file_task_image_and_field(tmp_path
             load_predictions(tmp_path / "bad.json")
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("scores", [0.5, True], r"field 'scores': expected numbers, got True"),
+    ("scores", [0.5, "0.9"], r"field 'scores': expected numbers, got '0\.9'"),
+    ("scores", [None, 0.4], r"field 'scores': expected numbers, got None"),
+    ("scores", [0.5, 10 ** 400], r"field 'scores': 1000000.* is too large for a number"),
+    ("scores", 0.5, r"field 'scores': expected a list of numbers, got 0\.5"),
+    ("boxes", [[0, 0, 1, 1], [0, 0, "2", 2]], r"field 'boxes': expected numbers, got '2'"),
+    ("boxes", [[0, 0, 1, 1], [0, 0, 2, -10 ** 400]], r"field 'boxes': -1000000.* is too large for a number"),
+    ("boxes", [[0, 0, 1, 1], 7], r"field 'boxes': expected a list of \[x1, y1, x2, y2\] lists, got \[\[0, 0, 1, 1\], 7\]"),
+    ("boxes", [[0, 0, 1, 1], [0, 0, 2]], r"field 'boxes': expected \[N, 4\]"),
+])
+def test_predictions_that_are_not_plain_numbers_are_refused_by_field(tmp_path, field, value, message):
+    """numpy would read true as 1.0, "0.9" as 0.9 and null as NaN (said as NaN, which the file
+    does not hold), and an integer beyond float range crashed with an unnamed OverflowError."""
+    entry = {"boxes": [[0, 0, 1, 1], [0, 0, 2, 2]], "scores": [0.5, 0.4], field: value}
+    (tmp_path / "bad.json").write_text(_predictions_text(7, 42, entry))
+    with pytest.raises(DataError, match=rf"bad\.json: task 7: image 42: {message}"):
+        load_predictions(tmp_path / "bad.json")
+
+
 def test_cli_refuses_non_finite_predictions_and_writes_nothing(root, tmp_path, capsys):
     image_id = load_ground_truth(root / "annotations" / "task_2_test.json").getImgIds()[0]
     bad = tmp_path / "bad.json"

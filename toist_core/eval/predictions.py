@@ -22,8 +22,10 @@ be COCO-Tasks'), so that the tables and plots of a re-scored file name the tasks
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import operator
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -343,11 +345,8 @@ def _entry(path: Path, where: str, entry: Any) -> ImagePredictions:
     for name in ("boxes", "scores"):
         if name not in entry:
             raise DataError(f"{path}: {where}: missing field {name!r}")
-    try:
-        boxes = np.asarray(entry["boxes"], dtype=np.float64)
-        scores = np.asarray(entry["scores"], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise DataError(f"{path}: {where}: fields 'boxes'/'scores' must hold numbers") from None
+    boxes = _numbers(path, where, "boxes", entry["boxes"], rows=True)
+    scores = _numbers(path, where, "scores", entry["scores"], rows=False)
     if boxes.size and (boxes.ndim != 2 or boxes.shape[1] != 4):
         raise DataError(f"{path}: {where}: field 'boxes': expected [N, 4], got shape {boxes.shape}")
     if scores.ndim != 1 or len(scores) != len(boxes.reshape(-1, 4)):
@@ -360,6 +359,35 @@ def _entry(path: Path, where: str, entry: Any) -> ImagePredictions:
     # json reads NaN / Infinity tokens; masks: their fields and RLE counts against their size.
     check_image_predictions(pred, f"{path}: {where}")
     return pred
+
+
+_NUMBER_TYPES = frozenset((int, float))  # exact types: JSON true, "0.9" and null are not numbers
+
+
+def _numbers(path: Path, where: str, name: str, value: Any, rows: bool) -> np.ndarray:
+    """Field ``name``: a list of numbers (``rows``: of lists of numbers) as float64. numpy would
+    read true as 1.0, "0.9" as 0.9 and null as NaN: refused, naming the first such value, as
+    is an integer too large for a float. (Types are gathered per list, not per value in Python:
+    a COCO-Tasks-sized file holds millions.)"""
+    if type(value) is not list or (rows and not {list}.issuperset(map(type, value))):
+        shape = "a list of [x1, y1, x2, y2] lists" if rows else "a list of numbers"
+        raise DataError(f"{path}: {where}: field {name!r}: expected {shape}, got {_short(value)}")
+    flat = list(itertools.chain.from_iterable(value)) if rows else value
+    if not _NUMBER_TYPES.issuperset(map(type, flat)):
+        bad = next(v for v in flat if type(v) not in _NUMBER_TYPES)
+        raise DataError(f"{path}: {where}: field {name!r}: expected numbers, got {_short(bad)}")
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except OverflowError:
+        bad = next(v for v in flat if type(v) is int and abs(v) > sys.float_info.max)
+        raise DataError(f"{path}: {where}: field {name!r}: {_short(bad)} is too large for a number") from None
+    except ValueError:  # rows of different lengths: the shape check below says which
+        return np.asarray(value, dtype=object)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _counts_str(counts: Union[str, bytes]) -> str:
