@@ -94,6 +94,37 @@ def test_cmyk_jpeg_and_other_formats(tmp_path):
         load_rgb(tmp_path / "notes.png")
 
 
+@pytest.mark.parametrize("suffix", [".tiff", ".bmp"])
+@pytest.mark.parametrize("layout", ["grey", "bgr", "bgra"])
+def test_opencv_formats_give_the_pixels_imread_color_gave(tmp_path, suffix, layout):
+    """Files training does not decode are read by OpenCV as stored, then made RGB as IMREAD_COLOR
+    made them (grey repeated, alpha dropped)."""
+    rng = np.random.default_rng(1)
+    stored = rng.integers(0, 256, size={"grey": (H, W), "bgr": (H, W, 3), "bgra": (H, W, 4)}[layout], dtype=np.uint8)
+    path = tmp_path / f"picture{suffix}"
+    assert cv2.imwrite(str(path), stored)
+    expected = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(load_rgb(path), expected)
+
+
+def test_a_16_bit_tiff_drops_its_low_byte_as_16_bit_png_does(tmp_path):
+    raw = np.random.default_rng(2).integers(0, 2 ** 16, size=(H, W, 3), dtype=np.uint16)
+    assert cv2.imwrite(str(tmp_path / "deep.tiff"), raw)
+    assert np.array_equal(load_rgb(tmp_path / "deep.tiff"), (raw >> 8).astype(np.uint8)[..., ::-1])
+
+
+@pytest.mark.parametrize("suffix", [".pfm", ".tiff"])
+def test_float_pixels_are_refused_not_made_black(tmp_path, suffix):
+    """A float image with NaN read through IMREAD_COLOR gave black pixels (PFM) and `toist predict`
+    wrote results for them; a float TIFF was said not to be an image at all."""
+    pixels = np.full((H, W, 3), 0.5, np.float32)
+    pixels[: H // 2] = np.nan
+    path = tmp_path / f"float{suffix}"
+    assert cv2.imwrite(str(path), pixels)
+    with pytest.raises(ValueError, match=rf"float{suffix}: float32 pixels; toist reads 8- and 16-bit images"):
+        load_rgb(path)
+
+
 def test_an_animated_gif_is_read_as_its_first_frame_by_both_loaders(tmp_path):
     """torchvision returns every frame of an animated GIF: `toist predict` stopped on it (OpenCV
     and PIL, the reference's loader, read the first frame)."""

@@ -73,7 +73,8 @@ def load_rgb(path: Union[str, Path]) -> np.ndarray:
     JPEG, PNG, GIF and WebP give the pixels training and evaluation read
     (:func:`toist_core.data.pixels.decode_rgb`: the stored pixel grid, an EXIF orientation tag
     ignored, 16-bit samples reduced to 8 bits by dropping the low byte; a file cut short is
-    refused); other formats OpenCV reads (BMP, TIFF, ...) are read by OpenCV, the same way.
+    refused); other formats OpenCV reads (BMP, TIFF, ...) are read by OpenCV, the same way (8- and
+    16-bit samples; float pixels, e.g. PFM or float TIFF, refused).
     """
     try:
         with open(path, "rb") as handle:
@@ -86,11 +87,21 @@ def load_rgb(path: Union[str, Path]) -> np.ndarray:
         return np.ascontiguousarray(decode_rgb(path).permute(1, 2, 0).numpy())
     import cv2
 
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None:
+    # As stored: IMREAD_COLOR would turn float pixels (PFM, HDR, float TIFF) into 8 bits its own
+    # way per format, NaN into black, without a word.
+    stored = cv2.imread(str(path), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    if stored is None:
         raise ValueError(f"{path}: cannot read the image (not a format toist reads: JPEG, PNG, GIF, WebP, or what "
                          "OpenCV reads, e.g. BMP and TIFF)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if stored.dtype == np.uint16:
+        stored = (stored >> 8).astype(np.uint8)  # as decode_rgb: the low byte dropped
+    elif stored.dtype != np.uint8:
+        raise ValueError(f"{path}: {stored.dtype} pixels; toist reads 8- and 16-bit images (convert it, e.g. to PNG, "
+                         "choosing how its values map to 0-255)")
+    if stored.ndim == 2 or stored.shape[2] <= 2:  # grey, or grey + alpha
+        grey = stored if stored.ndim == 2 else stored[..., 0]
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.ascontiguousarray(stored[..., 2::-1])  # BGR or BGRA (alpha dropped, as IMREAD_COLOR did)
 
 
 def save_rgb(path: Union[str, Path], image: np.ndarray) -> None:
