@@ -206,6 +206,10 @@ def test_means_are_over_the_tasks_with_a_result(root, backend):
     only_empty = evaluate_tasks({10: gts[10]}, {10: preds[10]}, ("bbox",), {10: ids[10]}, backend=backend)
     assert np.isnan(only_empty.mean_ap50("bbox")) and np.isnan(only_empty.mean_ap("bbox"))
     assert "mAP^box@0.5 = n/a" in markdown_report(only_empty)
+    rows = list(csv.DictReader(io.StringIO(csv_text(only_empty))))
+    assert [row["task"] for row in rows] == ["10", "mean"]
+    numbers = [value for row in rows for key, value in row.items() if key not in ("task", "phrase")]
+    assert "nan" not in numbers and [row["AP50_box"] for row in rows] == ["n/a", "n/a"], rows
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

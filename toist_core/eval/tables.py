@@ -30,6 +30,10 @@ def _fmt(value: float) -> str:
     return "n/a" if value != value else f"{value:.1f}"  # NaN -> n/a
 
 
+def _csv_number(value: float) -> str:
+    return "n/a" if value != value else f"{value:.4f}"  # NaN -> n/a (pandas reads it as NaN)
+
+
 def result_rows(result: EvaluationResult) -> list[dict]:
     """One dict per task plus a final mean row; AP columns in percent."""
     rows = []
@@ -106,7 +110,7 @@ def csv_text(result: EvaluationResult) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (_csv_number(v) if isinstance(v, float) else v) for k, v in row.items()})
     return buffer.getvalue()
 
 
