@@ -321,7 +321,7 @@ def test_demo_runs_the_embedded_model_on_held_out_scenes(tmp_path):
     result = subprocess.run([sys.executable, "-m", "toist_ros.demo", "--device", "cpu", "--scenes", "3",
                              "--out", str(out)], capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(), parse_constant=lambda token: pytest.fail(f"{token} in JSON"))
     assert report["results"] >= 1 and not report["random_weights"] and default_model_dir() is not None
     scenes = [r for r in report["frames"] if r["image"].startswith("synth_test_")]
     photos = [r for r in report["frames"] if not r["image"].startswith("synth_test_")]

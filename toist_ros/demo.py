@@ -30,7 +30,6 @@ random ROS_DOMAIN_ID unless one is set.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
+from toist_core.json_text import dumps_null_for_nan
 
 NAMESPACE = "/toist_demo"
 CAMERA_TOPIC = f"{NAMESPACE}/camera/image"
@@ -413,7 +414,7 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
         "frames": rows,
         "depth": _depth_summary(rows, results, bool(plan.depth)),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.json").write_text(dumps_null_for_nan(report, indent=2) + "\n")  # null: no latency measured
     text = _report_text(report)
     (out / "report.md").write_text(text)
     print(text)

@@ -50,6 +50,7 @@ import torch
 import toist_core
 from toist_core.config import InputSize
 from toist_core.data.synth import generate
+from toist_core.json_text import dumps_null_for_nan
 from toist_core.model import build_model, load_tokenizer
 
 from training.checkpointing import load_training_checkpoint
@@ -573,7 +574,8 @@ def export_default(settings: RecipeSettings, out: Path, results: dict, minutes: 
     if model_dir.exists():
         shutil.rmtree(model_dir)
     export_checkpoint(out / "distilled_masks" / BEST, model_dir)
-    (model_dir / "metrics.json").write_text(json.dumps({**results, "settings": asdict(settings)}, indent=1))
+    # Null where nothing was measured (a median over no pair): NaN tokens are not JSON.
+    (model_dir / "metrics.json").write_text(dumps_null_for_nan({**results, "settings": asdict(settings)}, indent=1))
     from toist_core.data.synth import SYNTH_CLASSES
 
     ablations = any(name.endswith(ABLATION_SUFFIX) for name in results["rows"])
