@@ -62,6 +62,7 @@ def test_camera_info_gives_the_intrinsics_and_refuses_an_uncalibrated_camera():
     with pytest.raises(DepthError, match="non-finite"):
         intrinsics_from_camera_info(_info([float("nan"), 0, 320.5, 0, 616.0, 241.0, 0, 0, 1]))
     assert not has_distortion(_info([1] * 9)) and has_distortion(_info([1] * 9, d=(0.1, 0, 0, 0, 0)))
+    assert has_distortion(_info([1] * 9, d=(float("nan"),) * 5)) and has_distortion(_info([1] * 9, d=(0, float("inf"))))
 
 
 CAMERA = CameraModel(Intrinsics(615.0, 615.0, 320.0, 240.0, 640, 480), "cam", False)

@@ -67,8 +67,9 @@ def intrinsics_from_camera_info(msg: Any) -> Intrinsics:
 
 
 def has_distortion(msg: Any) -> bool:
-    """Whether a CameraInfo carries non-zero distortion coefficients (which the geometry ignores)."""
-    return any(abs(float(v)) > 1e-6 for v in msg.d)
+    """Whether a CameraInfo carries non-zero distortion coefficients (which the geometry ignores);
+    a NaN coefficient counts (``abs(nan) > 1e-6`` is False: it passed for none)."""
+    return any(not abs(float(v)) <= 1e-6 for v in msg.d)
 
 
 __all__ = ["DEPTH_ENCODINGS", "DepthError", "DepthImage", "depth_from_image", "has_distortion",
