@@ -41,15 +41,23 @@ def closed_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-def official_container(state, ema=True, cluster=None):
-    """The dict the reference's ``main.py`` saves (``position_ids`` of transformers 4.5 included)."""
+def toist_args(distilled: bool, **options) -> dict:
+    """The TOIST options every run's ``args`` holds (argparse writes their defaults)."""
+    return {"cluster": distilled, "distillation": distilled, "verb_noun_input": False, "without_pretrain": False,
+            **options}
+
+
+def official_container(state, ema=True, cluster=None, args=None):
+    """The dict the reference's ``main.py`` saves (``position_ids`` of transformers 4.5 included);
+    ``args``: the run's options (default: a TOIST run's, distilled when there is a bank)."""
     state = dict(state)
     prefix = "detr." if any(k.startswith("detr.") for k in state) else ""
     rows = state[prefix + "transformer.text_encoder.embeddings.position_embeddings.weight"].shape[0]
     state[prefix + POSITION_IDS] = torch.arange(rows).unsqueeze(0)
     return {"model": state, "model_ema": dict(state) if ema else None, "model_noun": None, "model_noun_ema": None,
             "optimizer": {"state": {}, "param_groups": []}, "epoch": 59,
-            "args": argparse.Namespace(nheads=8, masks=bool(prefix), text_encoder_type="roberta-base"),
+            "args": argparse.Namespace(nheads=8, masks=bool(prefix), text_encoder_type="roberta-base",
+                                       **(toist_args(cluster is not None) if args is None else args)),
             "cluster_criterion": cluster}
 
 
@@ -60,10 +68,10 @@ def bank_state(num_clusters=3, dim=128, size=8):
             "update_count": torch.full((14,), float(size)), "full_label": torch.ones(14)}
 
 
-def save_official(path, config, ema=True, cluster=None, seed=0):
+def save_official(path, config, ema=True, cluster=None, seed=0, args=None):
     torch.manual_seed(seed)
     model = build_model(config, tokenizer=load_tokenizer("builtin:tiny"))
-    torch.save(official_container(model.state_dict(), ema=ema, cluster=cluster), path)
+    torch.save(official_container(model.state_dict(), ema=ema, cluster=cluster, args=args), path)
     return path
 
 
@@ -261,6 +269,45 @@ def test_log_line_of_a_distilled_segmentation_file(tmp_path, caplog):
     assert "EMA weights (model_ema)" in line
     assert "text encoder RoBERTa 2 layers x 64, 514 positions (weights from the file" in line
     assert f"tokenizer 'builtin:tiny' from packaged tiny tokenizer ({TINY_TOKENIZER_DIR})" in line
+
+
+@pytest.mark.parametrize("kind", ["mdetr", "noun teacher"])
+def test_mdetr_and_noun_teacher_files_say_what_they_read_and_warn_on_task_captions(tmp_path, caplog, capsys, kind):
+    """MDETR's pre-training file (args without TOIST's options) and TOIST's noun teacher loaded as
+    pronoun TOIST models without a word, and `toist export` offered them to the node."""
+    from toist_core.inference import TaskSegmenter, UntrainedTaskWarning
+
+    args = {} if kind == "mdetr" else toist_args(False, verb_noun_input=True)
+    path = save_official(tmp_path / f"{kind.replace(' ', '_')}.pth", preset("tiny"), args=args)
+    loaded, line = load_records(caplog, path, preset("tiny"))
+    assert loaded.captions == "noun"
+    if kind == "mdetr":
+        assert f"loaded {path} (MDETR file, not TOIST: trained on captions naming objects, on no COCO-Tasks task" in line
+        assert loaded.tasks == ()
+    else:
+        assert f"loaded {path} (official TOIST file, noun teacher: reads captions naming the objects" in line
+        assert loaded.tasks == tuple(range(1, 15))
+    seg = TaskSegmenter.from_pretrained(str(path), device="cpu", config=preset("tiny"))
+    with pytest.warns(UntrainedTaskWarning, match="trained on captions that name the objects"):
+        seg.set_task(2)
+    out = tmp_path / "exported"
+    assert cli.main(["export", str(path), str(out), "--config", str(_config_file(tmp_path, "tiny"))]) == 0
+    printed = capsys.readouterr().out
+    assert "not the node" in printed and "checkpoint:=" not in printed
+    assert TaskSegmenter.from_pretrained(str(out), device="cpu").captions == "noun"
+
+
+def test_a_toist_file_is_offered_to_the_node(tmp_path, capsys):
+    path = save_official(tmp_path / "toist_plain.pth", preset("tiny"))
+    out = tmp_path / "exported"
+    assert cli.main(["export", str(path), str(out), "--config", str(_config_file(tmp_path, "tiny"))]) == 0
+    assert f"checkpoint:={out} for the node" in capsys.readouterr().out
+
+
+def _config_file(tmp_path, name):
+    path = tmp_path / f"{name}.yaml"
+    save_yaml(preset(name), path)
+    return path
 
 
 def test_log_line_names_the_bank_slots_training_filled(tmp_path, caplog):

@@ -25,6 +25,9 @@ OFFICIAL_TASKS = tuple(range(1, 15))
 OFFICIAL_PRONOUN = "something"
 # The training stages whose models read noun captions (the teacher; grounding pre-training).
 NOUN_CAPTION_STAGES = ("noun", "grounding")
+# Options of TOIST's main.py that every TOIST run's args hold (argparse writes their defaults);
+# MDETR's main.py, which TOIST forked, has none of them.
+TOIST_ARGS = ("cluster", "distillation", "verb_noun_input", "without_pretrain")
 
 logger = logging.getLogger(__name__)
 _SUMMARY_LOGGER = "toist_core.checkpoint"  # load.py and model_dir.py log one summary line per load
@@ -90,13 +93,23 @@ def load_official(path: PathLike, config: Optional[ModelConfig] = None,
                        training_captions(ckpt))
 
 
+def is_mdetr_file(ckpt: OfficialCheckpoint) -> bool:
+    """An official file whose args hold none of :data:`TOIST_ARGS`: MDETR's (e.g. the
+    pre-training file TOIST's training starts from), trained on captions naming objects and on
+    no COCO-Tasks task. A bare state_dict (no args) cannot tell: read as TOIST's."""
+    args = ckpt.args
+    return ckpt.train_config is None and args is not None and not any(hasattr(args, name) for name in TOIST_ARGS)
+
+
 def training_captions(ckpt: OfficialCheckpoint) -> str:
-    """``"noun"`` for a file whose model was trained on noun captions: a toist training
-    checkpoint of a stage in :data:`NOUN_CAPTION_STAGES`, or an official file trained with
+    """``"noun"`` for a file whose model was trained on captions naming the objects: a toist
+    training checkpoint of a stage in :data:`NOUN_CAPTION_STAGES`, an official file trained with
     ``--verb_noun_input`` (the reference's noun teacher; a distillation run's file holds the
-    pronoun student); else ``"pronoun"``."""
+    pronoun student) or an MDETR file (:func:`is_mdetr_file`); else ``"pronoun"``."""
     if ckpt.train_config is not None:
         return "noun" if ckpt.train_config.get("stage") in NOUN_CAPTION_STAGES else "pronoun"
+    if is_mdetr_file(ckpt):
+        return "noun"
     args = ckpt.args
     if getattr(args, "verb_noun_input", False) and not getattr(args, "distillation", False):
         return "noun"
@@ -156,7 +169,7 @@ def _describe_weights(ckpt: OfficialCheckpoint, requested: Optional[str]) -> str
 def describe_checkpoint(ckpt: OfficialCheckpoint, cfg: ModelConfig, bank, requested: Optional[str],
                         text_config_origin: str, tokenizer: str) -> str:
     """The one log line saying what a loaded ``.pth`` turned out to hold."""
-    kind = "toist training checkpoint" if ckpt.train_config is not None else "official TOIST/MDETR file"
+    kind = _file_kind(ckpt)
     text = cfg.text
     encoder = (f"text encoder RoBERTa {text.num_layers} layers x {text.hidden_size}, {text.max_position_embeddings} "
                f"positions (weights from the file, architecture from {text_config_origin})")
@@ -170,6 +183,19 @@ def describe_checkpoint(ckpt: OfficialCheckpoint, cfg: ModelConfig, bank, reques
             f"{weights}; {encoder}; {tokenizer}")
 
 
+def _file_kind(ckpt: OfficialCheckpoint) -> str:
+    noun = training_captions(ckpt) == "noun"
+    if ckpt.train_config is not None:
+        stage = ckpt.train_config.get("stage")
+        return f"toist training checkpoint, stage {stage}" + (": reads captions naming the objects" if noun else "")
+    if is_mdetr_file(ckpt):
+        return ("MDETR file, not TOIST: trained on captions naming objects, on no COCO-Tasks task; TOIST's training "
+                "starts from it (init.load), its answers to task captions mean nothing")
+    if noun:
+        return "official TOIST file, noun teacher: reads captions naming the objects, not a task's pronoun caption"
+    return "official TOIST/MDETR file"
+
+
 def trained_with_ccr(ckpt: OfficialCheckpoint) -> bool:
     """False for a toist training checkpoint whose distillation ran with CCR off (its config's
     ``distill.ccr``); official files record no such switch (the reference always replaces)."""
@@ -181,7 +207,7 @@ def trained_with_ccr(ckpt: OfficialCheckpoint) -> bool:
 def _training_facts(ckpt: OfficialCheckpoint) -> tuple[str, InputSize, tuple[int, ...], TaskVocabulary]:
     """(pronoun, input size, tasks, task vocabulary) the file was trained with."""
     if ckpt.train_config is None:
-        return OFFICIAL_PRONOUN, InputSize(), OFFICIAL_TASKS, COCO_TASKS
+        return OFFICIAL_PRONOUN, InputSize(), () if is_mdetr_file(ckpt) else OFFICIAL_TASKS, COCO_TASKS
     from .. import typed_config
     from ..data.config import DataConfig
 

@@ -76,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
     kind = "segmentation" if loaded.config.masks else "detection"
     bank = ", memory bank" if loaded.memory_bank is not None else ""
     tasks = f", tasks {','.join(map(str, loaded.tasks))}" if loaded.tasks else ""
-    print(f"{args.checkpoint} -> {args.directory} ({kind}{bank}{tasks}; tokenizer inside: loads offline, "
-          f"e.g. checkpoint:={args.directory} for the node)")
+    use = (f"e.g. checkpoint:={args.directory} for the node" if loaded.captions == "pronoun" else
+           "it reads captions naming the objects, not task captions: for training and evaluation, not the node")
+    print(f"{args.checkpoint} -> {args.directory} ({kind}{bank}{tasks}; tokenizer inside: loads offline; {use})")
     return run_onnx(args.directory, args.onnx_exporter) if args.onnx else 0
 
 

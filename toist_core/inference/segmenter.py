@@ -299,8 +299,8 @@ class TaskSegmenter:
         caption, a task the model was not trained on."""
         if self.captions == "noun" and task_id is not None:
             example = self.vocabulary.phrase(task_id) + "chair"  # phrase() ends with the joining space
-            return (f"this model is a noun teacher, trained on captions that name the objects ({example!r}), not "
-                    "on a task's pronoun caption: give it free text naming the objects")
+            return (f"this model is a noun teacher (or MDETR's), trained on captions that name the objects "
+                    f"({example!r}), not on a task's pronoun caption: give it free text naming the objects")
         if self.trained_tasks is None or task_id in self.trained_tasks:
             return None
         what = f"task {task_id}" if task_id is not None else "free-text task"
