@@ -265,6 +265,24 @@ def test_node_logs_emulated_bf16_once_through_its_logger(monkeypatch, tmp_path, 
     assert not [w for w in caught if issubclass(w.category, SlowPrecisionWarning)]
 
 
+def test_node_says_a_detection_checkpoint_gives_boxes_only(tmp_path):
+    """output.masks (the default) with a checkpoint without a mask head: said at start-up, not
+    left to be found in empty mask fields."""
+    from toist_core.checkpoint import save_model_dir
+    from toist_core.inference import TaskSegmenter
+    from toist_ros.params import Settings
+
+    seg = TaskSegmenter.from_config("tiny", device="cpu")
+    folder = save_model_dir(seg.model, tmp_path / "detection_only", seg.config)
+    said = []
+    loaded = load_model(Settings().replace({"checkpoint": str(folder), "device": "cpu"}), warn=said.append)
+    assert not loaded.segmenter.has_masks
+    assert said == ["the model has no mask head (a detection checkpoint): its instances carry boxes only, no masks"]
+    said.clear()
+    load_model(Settings().replace({"checkpoint": str(folder), "device": "cpu", "output.masks": False}), warn=said.append)
+    assert said == []
+
+
 def test_ablation_stages_are_the_distillation_with_one_switch_off(tmp_path):
     plan = {stage.name: stage for stage in recipe.stages(recipe.RecipeSettings(), tmp_path, ablations=True)}
     distilled = plan["distilled"]

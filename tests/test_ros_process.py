@@ -267,6 +267,15 @@ def _vocabulary_model_dir(tmp_path, num_tasks: int) -> str:
     return str(save_model_dir(seg.model, tmp_path / f"vocabulary_{num_tasks}", seg.config, vocabulary=vocabulary))
 
 
+def _detection_model_dir(tmp_path) -> str:
+    from toist_core.checkpoint import save_model_dir
+    from toist_core.inference import TaskSegmenter
+
+    seg = TaskSegmenter.from_config("tiny", device="cpu")
+    assert not seg.has_masks
+    return str(save_model_dir(seg.model, tmp_path / "detection_only", seg.config))
+
+
 def test_start_up_failures_exit_with_a_clear_message(tmp_path):
     from toist_ros.model_loader import EXIT_DEVICE, EXIT_MODEL, EXIT_PARAMETERS
 
@@ -292,6 +301,10 @@ def test_start_up_failures_exit_with_a_clear_message(tmp_path):
             "vision_msgs missing": (["-p", "output.detections:=true"], EXIT_PARAMETERS,
                                     ["output.detections is true but vision_msgs cannot be imported",
                                      "ros-$ROS_DISTRO-vision-msgs"])}),
+        # A detection checkpoint gave no mask, so no 3D, on every frame without a word.
+        "depth without masks": (["-p", f"checkpoint:={_detection_model_dir(tmp_path)}", "-p", "depth.enabled:=true"],
+                                EXIT_PARAMETERS, ["depth.enabled is true but checkpoint", "has no mask head",
+                                                  "depth.enabled:=false"]),
         # Task 300 was published as id 44 (uint8 task_id).
         "300 tasks": (["-p", f"checkpoint:={_vocabulary_model_dir(tmp_path, 300)}", "-p", "task:=300"], EXIT_MODEL,
                       ["has 300 tasks", "task ids 1..255 (uint8 task_id)"]),

@@ -198,6 +198,14 @@ def load_model(settings: Any, warn: Callable[[str], None], info: Optional[Callab
         raise StartupError(EXIT_MODEL, f"{checkpoint!r}: its task vocabulary ({segmenter.vocabulary.describe()}) "
                                        f"has {segmenter.vocabulary.num_tasks} tasks; the node's messages carry task "
                                        f"ids 1..{MAX_TASK_ID} (uint8 task_id)")
+    if not segmenter.has_masks:
+        # Detection-only checkpoints exist among the released files (which ones is not published).
+        if settings["depth.enabled"]:
+            raise StartupError(EXIT_PARAMETERS, f"depth.enabled is true but {description.split(';')[0]} has no mask "
+                                                "head (a detection checkpoint): the 3D positions are computed from the "
+                                                "masks; use a segmentation checkpoint or depth.enabled:=false")
+        if settings["output.masks"]:
+            warn("the model has no mask head (a detection checkpoint): its instances carry boxes only, no masks")
     if not inference.ccr and segmenter.memory_bank is not None and info is not None:
         info("ccr false: the model's memory bank is not used (no cluster-centre replacement)")
     return LoadedModel(segmenter, device, description, not checkpoint and default_dir is None)
