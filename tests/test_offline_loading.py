@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from toist_core import cli
-from toist_core.checkpoint import load_official
+from toist_core.checkpoint import export_model_dir, load_official
 from toist_core.config import preset
 from toist_core.model import build_model, load_tokenizer
 from toist_core.model import hub as hub_module
@@ -409,6 +409,28 @@ def test_tokenizer_folder_without_vocabulary_is_refused(tmp_path):
     segm = save_official(tmp_path / "tiny_segm.pth", preset("tiny_segm"))
     with pytest.raises(OSError, match=f"{config_only}: it has no vocabulary"):
         export_model_dir(segm, tmp_path / "exported", text_encoder=str(config_only), config=preset("tiny_segm"))
+    assert not (tmp_path / "exported").exists()
+
+
+def test_a_tokenizer_of_another_vocabulary_is_refused_before_anything_is_written(tmp_path):
+    """A saved WordPiece (BERT-style) tokenizer given as --text-encoder for an official file was
+    accepted: captions became ids the RoBERTa never learnt, and export froze it into the folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+    wordpiece.train_from_iterator(["sit comfortably on something", "step on chair"] * 10,
+                                  trainers.WordPieceTrainer(vocab_size=100, special_tokens=["[PAD]", "[UNK]", "[CLS]",
+                                                                                            "[SEP]"]))
+    folder = tmp_path / "bert_tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=wordpiece, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]").save_pretrained(folder)
+    path = save_official(tmp_path / "toist.pth", preset("tiny"))
+    config = preset("tiny")
+    with pytest.raises(ValueError, match=r"pads with token id 0, the text encoder with 1 \(text.pad_token_id\): "
+                                         r"a tokenizer of another vocabulary"):
+        export_model_dir(path, tmp_path / "exported", text_encoder=str(folder), config=config)
     assert not (tmp_path / "exported").exists()
 
 
