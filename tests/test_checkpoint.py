@@ -647,6 +647,23 @@ def test_a_checkpoint_path_may_start_with_the_home_folder(tmp_path, tokenizer, m
     assert given == [tmp_path / "models" / "toist"]
 
 
+def test_the_export_api_expands_the_home_folder_in_both_paths(tmp_path, tokenizer, monkeypatch):
+    """export_model_dir("~/d.pth", "~/models/x") said the file was not found, and wrote a folder
+    named "~" into the working directory before failing on its tokenizer."""
+    from toist_core.checkpoint import export_model_dir, load_pretrained, read_official
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    model = build("tiny_segm", tokenizer, seed=1)
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(nheads=8, masks=True)},
+               tmp_path / "home" / "toist.pth")
+    assert read_official("~/toist.pth").path == str(tmp_path / "home" / "toist.pth")
+    export_model_dir("~/toist.pth", "~/models/toist", text_encoder="builtin:tiny", config=preset("tiny_segm"))
+    assert not (tmp_path / "~").exists()
+    assert load_pretrained(tmp_path / "home" / "models" / "toist").config.masks
+
+
 def test_a_bank_file_an_older_export_left_beside_memory_bank_false_is_ignored_and_said(tmp_path, tokenizer, caplog):
     """The first toist versions re-exported into a folder without clearing it: a model without a
     bank exported over a distilled one left the old bank file; those directories loaded, without

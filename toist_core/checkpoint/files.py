@@ -27,7 +27,7 @@ _PICKLE_PROTO = b"\x80"  # legacy torch.save files start with a pickle (protocol
 
 def check_torch_file(path: PathLike) -> Path:
     """Refuse a missing file, one that is not a ``torch.save`` file, or a damaged archive."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():  # e.g. an unzipped download: the .pth file is inside
         raise CheckpointError(f"{path}: a folder without config.yaml, so not a model directory; give the checkpoint "
                               "file (.pth) inside it")

@@ -240,8 +240,9 @@ def export_model_dir(path: PathLike, directory: PathLike, text_encoder: Optional
     is then replaced as a whole. ``directory`` must be new, empty or a toist model directory,
     checked before the file is even read (:func:`~.model_dir.check_replaceable`). Official
     files: ``text_encoder`` supplies the tokenizer copied into the directory (default
-    roberta-base); training checkpoints name their own.
+    roberta-base); training checkpoints name their own. ``~`` is the home folder in both paths.
     """
+    path, directory = Path(path).expanduser(), Path(directory).expanduser()
     check_replaceable(directory)
     if is_model_dir(path):
         raise CheckpointError(f"{path}: a model directory already, not a checkpoint file: nothing to convert (copy "

@@ -117,7 +117,9 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
     ``model`` must be what ``config`` builds (:func:`check_model_matches_config`): the directory
     is rebuilt from ``config`` when loaded, so a config of another variant or head count would
     replace a good directory with one that does not load, or loads another network.
-    ``captions``: what the model was trained to read (``LoadedModel.captions``)."""
+    ``captions``: what the model was trained to read (``LoadedModel.captions``). ``~`` is the
+    home folder."""
+    directory = Path(directory).expanduser()
     if captions not in CAPTIONS:
         raise CheckpointError(f"captions must be one of {CAPTIONS}, got {captions!r}; nothing was written")
     cfg = copy.deepcopy(config)
@@ -320,7 +322,7 @@ def check_replaceable(directory: PathLike) -> None:
     model directory holding only what toist puts in one (:data:`OWN_ENTRIES`): a directory is
     replaced as a whole, so whatever else ``directory`` holds (the checkpoint being exported, a
     run's logs, a user's files) would be deleted. Called before anything is loaded or written."""
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     if directory.is_symlink() and not directory.exists():
         raise CheckpointError(f"{directory}: a link to {os.readlink(directory)}, which does not exist; create that "
                               "folder first (the folder a link points to is what gets replaced), or give a new folder")
@@ -381,7 +383,7 @@ def check_tokenizer_copy(original, copy_dir: Path) -> None:
 
 
 def is_model_dir(path: PathLike) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
+    return (Path(path).expanduser() / CONFIG_FILE).is_file()
 
 
 def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> LoadedModel:
@@ -392,7 +394,7 @@ def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> Load
     A load during which the directory changed (its ``config.yaml`` or its weights' export id,
     :data:`EXPORT_ID_KEY`) starts again, :data:`LOAD_ATTEMPTS` times in all; an error raised
     while it changed is not reported either."""
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     for attempt in range(1, LOAD_ATTEMPTS + 1):
         before = _export_snapshot(directory)
         try:

@@ -99,7 +99,7 @@ def read_official(path: PathLike, weights: str = "ema", network: str = "model") 
         raise ValueError(f"network: expected 'model' or 'teacher', got {network!r}")
     if weights not in ("ema", "model", None):
         raise ValueError(f"weights: expected 'ema', 'model' or None, got {weights!r}")
-    path = Path(path)
+    path = Path(path).expanduser()
     blob = safe_torch_load(path)
     args = None
     cluster_state = None
