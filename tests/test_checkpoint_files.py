@@ -4,6 +4,7 @@ directories replaced whole (SIGKILL mid-export leaves the old or the new model),
 tasks a model was trained on recorded and warned about."""
 
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -112,6 +113,30 @@ def test_a_file_that_is_no_checkpoint_gets_a_clear_error(content, tmp_path, caps
     err = capsys.readouterr().err
     assert "not a PyTorch checkpoint" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("holds, says", [
+    ({"TOIST/distilled.pth": b"PK\x03\x04 a checkpoint", "TOIST/README.txt": b"weights"},
+     r"download.pth: a zip archive holding TOIST/distilled.pth, not a checkpoint itself: unzip it and give that file"),
+    ({"README.txt": b"hello", "data/values.csv": b"1,2"},
+     r"download.pth: a zip archive, but not one torch.save writes \(no <folder>/data.pkl among its 2 entries\)"),
+])
+def test_a_zip_that_torch_save_did_not_write_is_named_as_such(tmp_path, capsys, holds, says):
+    """A cloud drive's folder download (a zip holding the .pth) renamed .pth got torch's internal
+    errors ('Expected hasRecord("version") to be true ... Could this error message be improved?')."""
+    import zipfile
+
+    path = tmp_path / "download.pth"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in holds.items():
+            archive.writestr(name, data)
+    with pytest.raises(CheckpointError, match=says):
+        read_official(path)
+    with pytest.raises(CheckpointError, match=says):
+        load_training_checkpoint(path)
+    assert cli.main(["export", str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(says, err) and "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 def test_a_flipped_byte_in_a_training_checkpoint_is_refused_before_anything_is_written(train_run, tmp_path):

@@ -32,6 +32,8 @@ def verify_zip(path: PathLike) -> None:
             return
     try:
         with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            _check_torch_layout(path, names)
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise CheckpointError(f"{path}: damaged checkpoint archive ({exc}); the file is truncated or "
@@ -39,6 +41,21 @@ def verify_zip(path: PathLike) -> None:
     if damaged is not None:
         raise CheckpointError(f"{path}: corrupted: record {damaged!r} fails its CRC-32 check (the bytes "
                               "changed after torch.save wrote them); restore or re-download the file")
+
+
+def _check_torch_layout(path: Path, names: list[str]) -> None:
+    """``torch.save`` archives keep every record under one folder, with ``<folder>/data.pkl``.
+    Another zip (a cloud drive's folder download holding the ``.pth``, anything renamed) got
+    torch's internal errors ("Expected hasRecord("version") to be true")."""
+    if any(name.count("/") == 1 and name.endswith("/data.pkl") for name in names):
+        return
+    inside = [name for name in names if name.endswith((".pth", ".pt", ".ckpt", ".safetensors"))]
+    if inside:
+        raise CheckpointError(f"{path}: a zip archive holding {', '.join(inside[:3])}"
+                              f"{' ...' if len(inside) > 3 else ''}, not a checkpoint itself: unzip it and give "
+                              "that file")
+    raise CheckpointError(f"{path}: a zip archive, but not one torch.save writes (no <folder>/data.pkl among its "
+                          f"{len(names)} entries): not a PyTorch checkpoint")
 
 
 def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
