@@ -5,6 +5,7 @@ Run as a script, this file is the worker that trains and kills itself with SIGKI
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,7 +142,9 @@ def test_sigkilled_run_resumes_bit_identical(stage, synth_root, frozen_detector,
     from training.distributed import DistEnv
     from training.loops import Trainer
 
-    extra = _extra(stage, frozen_detector)
+    if stage == "mask_head":   # a copy: it is removed before the resume, which must not need it
+        frozen_detector = Path(shutil.copy(frozen_detector, tmp_path / "detector.pth"))
+    extra = _extra(stage, frozen_detector) + ["runtime.tensorboard=true"]   # the default: on
     full = Trainer(_config(stage, synth_root, tmp_path / "full", extra), DistEnv())
     full.run()
     assert full.last_eval_step == 6
@@ -155,13 +158,74 @@ def test_sigkilled_run_resumes_bit_identical(stage, synth_root, frozen_detector,
     assert ckpt["step"] == 3 and ckpt["last_eval_step"] == 2   # evaluated before and after it
     assert not (killed / "model").exists()
 
+    if stage == "mask_head":
+        # The checkpoint holds all the init file gave; a later rerun of the detector stage may
+        # have replaced or removed it (the resume refused: "init.frozen_weights: ... not found").
+        frozen_detector.unlink()
     torch.manual_seed(12345)   # the resume must restore every random state itself
     resumed = Trainer(_config(stage, synth_root, killed, extra), DistEnv(), resume=str(killed / "checkpoint.pth"))
     resumed.run()
+    resumed.writer.close()
+    full.writer.close()
     _assert_same(_comparable(full.state()), _comparable(resumed.state()), stage)
+    # TensorBoard: updates 4-5, logged by the killed run and again by the resume, shown once.
+    assert _scalars(killed / "tb") == _scalars(tmp_path / "full" / "tb")
     for name in ("model.safetensors", "memory_bank.safetensors"):
         if (tmp_path / "full" / "model" / name).exists() or name == "model.safetensors":
             _assert_same(load_file(tmp_path / "full" / "model" / name), load_file(killed / "model" / name), name)
+
+
+def _scalars(tb_dir: Path) -> dict:
+    """What TensorBoard shows: tag -> [(step, value)], the timings (throughput, evaluation
+    seconds) left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+            if tag != "train/samples_per_s" and not tag.endswith("/seconds")}
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL in-process (nothing catches a BaseException that is not an Exception)."""
+
+
+def test_a_run_stopped_between_its_epoch_copy_and_its_checkpoint_keeps_every_epoch_copy(synth_root, tmp_path,
+                                                                                       monkeypatch):
+    """checkpoint.keep_epochs: the numbered copy of an epoch end was written after checkpoint.pth;
+    a run stopped between the two resumed from that epoch end and never wrote the copy."""
+    from training.checkpointing import load_training_checkpoint
+    from training.distributed import DistEnv
+    from training.loops import Trainer
+
+    extra = ["checkpoint.per_epoch=true", "checkpoint.keep_epochs=5", "checkpoint.every_steps=2",
+             "eval.enabled=false", "schedule.max_steps=null", "schedule.epochs=2"]
+    full = Trainer(_config("pronoun", synth_root, tmp_path / "full", extra), DistEnv())
+    full.run()
+    copies = sorted(p.name for p in (tmp_path / "full").glob("checkpoint_epoch*.pth"))
+    assert copies == ["checkpoint_epoch0001.pth", "checkpoint_epoch0002.pth"]
+
+    stopped = tmp_path / "stopped"
+    trainer = Trainer(_config("pronoun", synth_root, stopped, extra), DistEnv())
+    epoch_end = trainer.steps_per_epoch
+    save, saves_at_epoch_end = trainer._save, []
+
+    def stop_between_the_two(name):
+        if trainer.step == epoch_end:
+            saves_at_epoch_end.append(name)
+            if len(saves_at_epoch_end) == 2:
+                raise _Killed(name)
+        save(name)
+
+    monkeypatch.setattr(trainer, "_save", stop_between_the_two)
+    with pytest.raises(_Killed):
+        trainer.run()
+    resumed = Trainer(_config("pronoun", synth_root, stopped, extra), DistEnv(), resume=str(stopped / "checkpoint.pth"))
+    resumed.run()
+    assert sorted(p.name for p in stopped.glob("checkpoint_epoch*.pth")) == copies
+    for name in copies:
+        _assert_same(_comparable(load_training_checkpoint(tmp_path / "full" / name)),
+                     _comparable(load_training_checkpoint(stopped / name)), name)
 
 
 if __name__ == "__main__":

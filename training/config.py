@@ -387,7 +387,7 @@ def check_paths(cfg: TrainConfig, resume: Optional[str] = None) -> None:
             if not ann.is_file():
                 raise ConfigError(f"data.root: annotation file {ann} not found (task {task}, split "
                                   f"{split!r} from {field_name})")
-    for name in ("load", "load_noun", "frozen_weights"):
+    for name in ("load", "load_noun", "frozen_weights") if resume is None else ():  # a resume does not read them
         value = getattr(cfg.init, name)
         if value is not None and not Path(value).exists():
             raise ConfigError(f"init.{name}: {value} not found")

@@ -141,7 +141,7 @@ class Trainer:
         self.max_steps = min(self.total_steps, cfg.schedule.max_steps or self.total_steps)
 
         # Models, EMA, optimizer, schedule, loss.
-        models = build_stage_models(cfg, self.tokenizer, log=self.log)
+        models = build_stage_models(cfg, self.tokenizer, log=self.log, load_init=resume_state is None)
         for where, path, source_config in (models.trained_by if holdout else ()):
             seen = holdout_trained_on(cfg, holdout, source_config)
             if seen:
@@ -187,7 +187,10 @@ class Trainer:
             if cfg.runtime.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(self.output_dir / "tb"))
+                # A resume replays the updates after its checkpoint, which the interrupted run may
+                # have logged already: TensorBoard drops those events (each update shown once).
+                self.writer = SummaryWriter(str(self.output_dir / "tb"),
+                                            purge_step=self.step + 1 if resume_state is not None else None)
 
     # ------------------------------------------------------------------------------ running
 
@@ -352,11 +355,13 @@ class Trainer:
         # was an earlier run's leftover that a restart refused).
         due = (epoch_end and cfg.checkpoint.per_epoch) or final or (ckpt_every and step % ckpt_every == 0)
         if last or due or improved:
-            self._save(LAST)
+            # The numbered copy first: a run stopped between the two resumes from the previous
+            # checkpoint.pth and writes both again (after checkpoint.pth, it was never written).
             if epoch_end and cfg.checkpoint.keep_epochs > 0:
                 self._save(f"checkpoint_epoch{step // self.steps_per_epoch:04d}.pth")
                 if self.env.is_main:
                     ckpt_io.prune_step_checkpoints(self.output_dir, cfg.checkpoint.keep_epochs, EPOCH_PATTERN)
+            self._save(LAST)
         if improved:
             self._save(BEST)
 

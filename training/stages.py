@@ -58,74 +58,98 @@ _SOURCE_STAGES = {("distill", "init.load"): ("pronoun", "distill"),
                   ("distill", "init.load_noun"): ("noun", "distill")}   # distill: its teacher is read
 
 
-def build_stage_models(cfg: TrainConfig, tokenizer, log=print) -> StageModels:
-    """Build the stage's networks (random init or pretrained parts) and load ``cfg.init``."""
+def build_stage_models(cfg: TrainConfig, tokenizer, log=print, load_init: bool = True) -> StageModels:
+    """Build the stage's networks (random init or pretrained parts) and load ``cfg.init``.
+
+    ``load_init`` False (a resume): the networks only; ``cfg.init``'s files are not read. The
+    resume checkpoint restores everything they gave, and a later run of an earlier stage may
+    have overwritten or removed them since (the checks on them were made when the run started)."""
     model = build_model(cfg.model, tokenizer=tokenizer)
+    trained_by: list[tuple[str, str, dict]] = []
+    if load_init and cfg.init.load is not None:
+        _note_source(cfg, trained_by, "init.load", cfg.init.load,
+                     load_weights(model, cfg.init.load, cfg.init.strict, "init.load", log), log)
     teacher = None
     cluster = None
-    trained_by: list[tuple[str, str, dict]] = []
-
-    def note_source(field_name: str, path: str, train_config: Optional[dict]) -> None:
-        if train_config is None:
-            return
-        trained_by.append((field_name, str(path), train_config))
-        expected = _SOURCE_STAGES.get((cfg.stage, field_name))
-        if expected and train_config.get("stage") not in expected:
-            log(f"warning: {field_name}: {path} was trained by stage {train_config.get('stage')!r}; stage "
-                f"{cfg.stage!r} expects {' or '.join(map(repr, expected))} there (student and teacher swapped?)")
-
-    if cfg.init.load is not None:
-        note_source("init.load", cfg.init.load, load_weights(model, cfg.init.load, cfg.init.strict, "init.load", log))
     if cfg.is_distill:
         teacher = build_model(cfg.model, tokenizer=tokenizer)
-        if cfg.init.load_noun is not None:
-            note_source("init.load_noun", cfg.init.load_noun,
-                        load_weights(teacher, cfg.init.load_noun, cfg.init.strict, "init.load_noun", log, teacher=True))
+        if load_init and cfg.init.load_noun is not None:
+            _note_source(cfg, trained_by, "init.load_noun", cfg.init.load_noun,
+                         load_weights(teacher, cfg.init.load_noun, cfg.init.strict, "init.load_noun", log, teacher=True),
+                         log)
         if cfg.distill.uses_bank:
             cluster = ClusterModule(cfg.distill)
     if cfg.is_mask_stage:
-        ckpt = read_official(cfg.init.frozen_weights)
-        note_source("init.frozen_weights", cfg.init.frozen_weights, ckpt.train_config)
-        # A toist distillation run records whether it replaced the pronoun (distill.ccr) and
-        # which pronoun; official files record neither (the reference always replaces).
-        distilled_as = (ckpt.train_config or {}).get("distill") or {}
-        detector_ccr = ckpt.cluster_state is not None and trained_with_ccr(ckpt)
-        if cfg.stage == "mask_head" and detector_ccr:
-            log(f"warning: init.frozen_weights: {cfg.init.frozen_weights} is a distilled detector (it has a memory "
-                "bank); stage 'mask_head' trains without it, so without cluster-centre replacement: "
-                "stage 'mask_head_distill' keeps it")
-        detector_state = ckpt.detector_state_dict()
-        if not model.detr.contrastive_align:
-            # Trained with contrastive align, used without it (as the reference's mask stage):
-            # those projections only serve the training loss.
-            detector_state = {k: v for k, v in detector_state.items() if not k.startswith(_CONTRASTIVE)}
-        _load_into(model.detr, detector_state, cfg.init.strict,
-                   f"init.frozen_weights {cfg.init.frozen_weights} [{ckpt.source_key}]", log)
+        detector = _load_frozen_detector(cfg, model, trained_by, log) if load_init else None
         # The reference freezes the whole detector (RoBERTa included); only the heads train.
         model.detr.requires_grad_(False)
         if cfg.stage == "mask_head_distill":
-            if ckpt.cluster_state is None:
-                raise CheckpointError(f"init.frozen_weights: {cfg.init.frozen_weights} has no memory bank "
-                                      "('cluster_criterion'); mask_head_distill needs a distilled detector")
-            if not detector_ccr:
-                raise CheckpointError(f"init.frozen_weights: {cfg.init.frozen_weights} was distilled with distill.ccr "
-                                      "false: its decoder never saw cluster centres, and it is evaluated and exported "
-                                      "without them; train its mask head with stage 'mask_head' (no CCR)")
-            if distilled_as.get("pronoun", cfg.data.pronoun) != cfg.data.pronoun:
-                raise CheckpointError(f"init.frozen_weights: {cfg.init.frozen_weights} was distilled with the pronoun "
-                                      f"{distilled_as['pronoun']!r}; this stage's captions end with data.pronoun "
-                                      f"{cfg.data.pronoun!r}: set data.pronoun and distill.pronoun to "
-                                      f"{distilled_as['pronoun']!r}")
             cluster = ClusterModule(cfg.distill)
-            found = tuple(ckpt.cluster_state["feature_bank"].shape) + (ckpt.cluster_state["cluster_centers"].shape[1],)
-            wanted = (cfg.distill.num_tasks, cfg.distill.bank_size, cfg.distill.feature_dim, cfg.distill.num_clusters)
-            if found != wanted:
-                raise CheckpointError(
-                    f"init.frozen_weights: the bank of {cfg.init.frozen_weights} has (tasks, size, dim, K) = {found}, "
-                    f"the config (distill.num_tasks, bank_size, feature_dim, num_clusters) = {wanted}")
-            load_state_dict_strict(cluster.bank, {k: v.float() for k, v in ckpt.cluster_state.items()},
-                                   where=f"init.frozen_weights {cfg.init.frozen_weights} [cluster_criterion]")
+            if detector is not None:
+                _load_frozen_bank(cfg, cluster, detector)
     return StageModels(model, teacher, cluster, trained_by)
+
+
+def _note_source(cfg: TrainConfig, trained_by: list, field_name: str, path: str, train_config: Optional[dict],
+                 log) -> None:
+    """Record a loaded toist training checkpoint's configuration (for the holdout check) and
+    warn when it comes from another stage than the field expects."""
+    if train_config is None:
+        return
+    trained_by.append((field_name, str(path), train_config))
+    expected = _SOURCE_STAGES.get((cfg.stage, field_name))
+    if expected and train_config.get("stage") not in expected:
+        log(f"warning: {field_name}: {path} was trained by stage {train_config.get('stage')!r}; stage "
+            f"{cfg.stage!r} expects {' or '.join(map(repr, expected))} there (student and teacher swapped?)")
+
+
+def _load_frozen_detector(cfg: TrainConfig, model: nn.Module, trained_by: list, log) -> OfficialCheckpoint:
+    """``init.frozen_weights``' detector into ``model.detr``, after checking that the file suits
+    the mask stage (a distilled detector for ``mask_head_distill``, with CCR, its pronoun); the
+    file as read."""
+    ckpt = read_official(cfg.init.frozen_weights)
+    _note_source(cfg, trained_by, "init.frozen_weights", cfg.init.frozen_weights, ckpt.train_config, log)
+    # A toist distillation run records whether it replaced the pronoun (distill.ccr) and
+    # which pronoun; official files record neither (the reference always replaces).
+    distilled_as = (ckpt.train_config or {}).get("distill") or {}
+    detector_ccr = ckpt.cluster_state is not None and trained_with_ccr(ckpt)
+    if cfg.stage == "mask_head" and detector_ccr:
+        log(f"warning: init.frozen_weights: {cfg.init.frozen_weights} is a distilled detector (it has a memory "
+            "bank); stage 'mask_head' trains without it, so without cluster-centre replacement: "
+            "stage 'mask_head_distill' keeps it")
+    if cfg.stage == "mask_head_distill":
+        if ckpt.cluster_state is None:
+            raise CheckpointError(f"init.frozen_weights: {cfg.init.frozen_weights} has no memory bank "
+                                  "('cluster_criterion'); mask_head_distill needs a distilled detector")
+        if not detector_ccr:
+            raise CheckpointError(f"init.frozen_weights: {cfg.init.frozen_weights} was distilled with distill.ccr "
+                                  "false: its decoder never saw cluster centres, and it is evaluated and exported "
+                                  "without them; train its mask head with stage 'mask_head' (no CCR)")
+        if distilled_as.get("pronoun", cfg.data.pronoun) != cfg.data.pronoun:
+            raise CheckpointError(f"init.frozen_weights: {cfg.init.frozen_weights} was distilled with the pronoun "
+                                  f"{distilled_as['pronoun']!r}; this stage's captions end with data.pronoun "
+                                  f"{cfg.data.pronoun!r}: set data.pronoun and distill.pronoun to "
+                                  f"{distilled_as['pronoun']!r}")
+    detector_state = ckpt.detector_state_dict()
+    if not model.detr.contrastive_align:
+        # Trained with contrastive align, used without it (as the reference's mask stage):
+        # those projections only serve the training loss.
+        detector_state = {k: v for k, v in detector_state.items() if not k.startswith(_CONTRASTIVE)}
+    _load_into(model.detr, detector_state, cfg.init.strict,
+               f"init.frozen_weights {cfg.init.frozen_weights} [{ckpt.source_key}]", log)
+    return ckpt
+
+
+def _load_frozen_bank(cfg: TrainConfig, cluster: ClusterModule, ckpt: OfficialCheckpoint) -> None:
+    """The distilled detector's memory bank (fixed in ``mask_head_distill``: used for CCR)."""
+    found = tuple(ckpt.cluster_state["feature_bank"].shape) + (ckpt.cluster_state["cluster_centers"].shape[1],)
+    wanted = (cfg.distill.num_tasks, cfg.distill.bank_size, cfg.distill.feature_dim, cfg.distill.num_clusters)
+    if found != wanted:
+        raise CheckpointError(
+            f"init.frozen_weights: the bank of {cfg.init.frozen_weights} has (tasks, size, dim, K) = {found}, "
+            f"the config (distill.num_tasks, bank_size, feature_dim, num_clusters) = {wanted}")
+    load_state_dict_strict(cluster.bank, {k: v.float() for k, v in ckpt.cluster_state.items()},
+                           where=f"init.frozen_weights {cfg.init.frozen_weights} [cluster_criterion]")
 
 
 def load_weights(model: nn.Module, path: str, strict: bool, field: str, log=print,
