@@ -502,6 +502,14 @@ def test_segment_image_answers_while_the_stream_runs(node, probe):
         default = probe.call(probe.segment_client, SegmentImage.Request(image=probe.image(_photo(), "oneshot2")))
         assert default.success and default.result.task == active.caption
         assert default.result.task_revision == active.revision and "task_revision 0" not in default.message
+        # The active task spelt otherwise (as set_task judges "already active"): its revision, not 0.
+        assert active.task_id is not None
+        for spelling in (f"task_{active.task_id}", f" {active.task_id} ", active.caption):
+            same = probe.call(probe.segment_client, SegmentImage.Request(image=probe.image(_photo(), "oneshot3"),
+                                                                          task=spelling))
+            assert same.success and (same.result.task_revision, same.result.task_id) == (active.revision,
+                                                                                         active.task_id), spelling
+            assert "task_revision 0" not in same.message, (spelling, same.message)
         huge = SegmentImage.Request(image=Image(width=20000, height=20000, encoding="rgb8", step=60000))
         refused = probe.call(probe.segment_client, huge)
         assert not refused.success and "input.max_pixels" in refused.message

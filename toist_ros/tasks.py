@@ -144,23 +144,25 @@ class TaskSwitch:
 
     def one_shot(self, text: str) -> ActiveTask:
         """The encoded task for one ``segment_image`` request (the active task stays as it is);
-        the last few are cached. Its revision is :data:`ONE_SHOT_REVISION` unless ``text`` is the
-        active task's request. Raises what the encoder raises."""
-        active = self._task
-        if text == active.request:
-            return active
+        the last few are cached. Its revision is :data:`ONE_SHOT_REVISION` unless ``text`` names
+        the active task, however spelt ("2", "task_2", its phrase: as ``set`` judges it): then
+        the active task itself. Raises what the encoder raises."""
+        text = text.strip()
+        if text == self._task.request.strip():
+            return self._task
         with self._one_shot_lock:
-            cached = self._one_shot_tasks.get(text)
-            if cached is not None:
+            task = self._one_shot_tasks.get(text)
+            if task is not None:
                 self._one_shot_tasks.move_to_end(text)
-                return cached
-        state = self._encode(text)
-        task = ActiveTask(text, _caption(state, text), _task_id(state), ONE_SHOT_REVISION, state)
-        with self._one_shot_lock:
-            self._one_shot_tasks[text] = task
-            while len(self._one_shot_tasks) > ONE_SHOT_TASK_CACHE:
-                self._one_shot_tasks.popitem(last=False)
-        return task
+        if task is None:
+            state = self._encode(text)
+            task = ActiveTask(text, _caption(state, text), _task_id(state), ONE_SHOT_REVISION, state)
+            with self._one_shot_lock:
+                self._one_shot_tasks[text] = task
+                while len(self._one_shot_tasks) > ONE_SHOT_TASK_CACHE:
+                    self._one_shot_tasks.popitem(last=False)
+        active = self._task  # now: it may have changed while the text was encoded
+        return active if (task.caption, task.task_id) == (active.caption, active.task_id) else task
 
     def _encode(self, task: Any) -> Any:
         """Encode a task's text once (the expensive part of a task change).
