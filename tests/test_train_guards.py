@@ -124,6 +124,33 @@ def test_resume_refuses_non_finite_weights_or_moments_before_writing(synth_root,
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
 
 
+def test_a_fresh_start_keeps_a_config_yaml_no_run_wrote(synth_root, tmp_path):
+    """A configuration a user keeps in the output folder was replaced by the run's resolved one
+    (comments and all gone); a config.yaml a run wrote is replaced as before."""
+    from toist_core.typed_config import ConfigError
+    from training.start_checks import check_start
+
+    out = tmp_path / "run"
+    out.mkdir()
+    mine = "# my settings for the pronoun stage\nstage: pronoun\noptim: {lr: 1.0e-4}\n"
+    (out / "config.yaml").write_text(mine)
+    cfg = _config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=1", "eval.enabled=false")
+    says = rf"output_dir: {out / 'config.yaml'} exists and was not written by toist train"
+    with pytest.raises(ConfigError, match=says):
+        check_start(cfg)   # toist train --check
+    with pytest.raises(ConfigError, match=says):
+        Trainer(cfg, DistEnv())
+    assert (out / "config.yaml").read_text() == mine and sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+    # A run's own config.yaml (a run stopped before its first checkpoint, here: set up only): a new
+    # start replaces it.
+    other = tmp_path / "other"
+    Trainer(_config("tiny_pronoun.yaml", synth_root, other, "schedule.max_steps=1", "eval.enabled=false"), DistEnv())
+    Trainer(_config("tiny_pronoun.yaml", synth_root, other, "schedule.max_steps=1", "eval.enabled=false",
+                    "optim.weight_decay=0.001"), DistEnv())
+    assert yaml.safe_load((other / "config.yaml").read_text())["optim"]["weight_decay"] == 0.001
+
+
 def test_resume_refuses_changed_optimizer_settings_before_writing(synth_root, tmp_path):
     """The checkpoint's optimizer state holds lr / weight decay and would silently win over the
     config, which config.yaml would then misreport: refused, each field with both values."""

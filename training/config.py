@@ -314,8 +314,13 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     return config_from_dict(data, where=str(path) + (" + overrides" if overrides else ""))
 
 
+# The first line of the config.yaml a run writes into its output_dir: how a fresh start tells
+# its own (replaced) from a configuration a user keeps there (refused, not overwritten).
+RUN_CONFIG_HEADER = "# toist train: this run's resolved configuration (written at each start; edit a copy)\n"
+
+
 def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
-    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, RUN_CONFIG_HEADER + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

@@ -50,8 +50,9 @@ from training.optim import build_optimizer, clip_grad_norm
 from training.sampling import EpochBatchSampler, SeededSamples
 from training.schedule import LRSchedule, ScheduleMismatch
 from training.stages import StepModule, build_criterion, build_stage_models, compute_losses, float_outputs
-from training.start_checks import (BEST, EPOCH_PATTERN, LAST, MODEL_DIR, check_resume_config, earlier_run_file,
-                                   model_dir_problem, new_run_advice, refuse_existing_run)
+from training.start_checks import (BEST, EPOCH_PATTERN, LAST, MODEL_DIR, RUN_CONFIG, check_resume_config,
+                                   earlier_run_file, foreign_config_problem, model_dir_problem, new_run_advice,
+                                   refuse_existing_run)
 
 
 
@@ -96,6 +97,9 @@ class Trainer:
             found = broadcast_object(earlier_run_file(self.output_dir) if env.is_main else None, env)
             if found is not None:
                 refuse_existing_run(self.output_dir, found)
+            problem = broadcast_object(foreign_config_problem(self.output_dir) if env.is_main else None, env)
+            if problem is not None:
+                raise ConfigError(problem)
         if resume_state is not None:
             check_resume_config(resume_state, cfg, resume)
         # Only once the run is accepted: a refused start must not touch a folder that another
@@ -183,7 +187,7 @@ class Trainer:
         self.writer = None
         if env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / "config.yaml")
+            save_config(cfg, self.output_dir / RUN_CONFIG)
             if cfg.runtime.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 

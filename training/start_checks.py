@@ -11,13 +11,14 @@ from typing import Optional
 from toist_core.typed_config import ConfigError
 
 from training import checkpointing as ckpt_io
-from training.config import HOLDOUT, EvalConfig, TrainConfig, config_to_dict
+from training.config import HOLDOUT, RUN_CONFIG_HEADER, EvalConfig, TrainConfig, config_to_dict
 from training.schedule import LRSchedule, ScheduleMismatch
 
 LAST = "checkpoint.pth"
 BEST = "BEST_checkpoint.pth"
 EPOCH_PATTERN = "checkpoint_epoch*.pth"   # numbered copies (checkpoint.keep_epochs)
 MODEL_DIR = "model"                        # the model directory a run exports at its end
+RUN_CONFIG = "config.yaml"                 # the run's resolved configuration
 
 # Settings the resumed optimizer state brings back from the checkpoint (its parameter groups
 # hold them), whatever the config says.
@@ -36,6 +37,9 @@ def check_start(cfg: TrainConfig, resume: Optional[str] = None) -> None:
     found = earlier_run_file(Path(cfg.output_dir))
     if found is not None:
         refuse_existing_run(Path(cfg.output_dir), found)
+    problem = foreign_config_problem(Path(cfg.output_dir))
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def model_dir_problem(cfg: TrainConfig) -> Optional[str]:
@@ -67,6 +71,19 @@ def earlier_run_file(output_dir: Path) -> Optional[str]:
         return BEST
     epochs = sorted(output_dir.glob(EPOCH_PATTERN))
     return epochs[-1].name if epochs else None
+
+
+def foreign_config_problem(output_dir: Path) -> Optional[str]:
+    """Why a fresh start must not write ``<output_dir>/config.yaml`` (a file there that no run
+    wrote: a configuration the user keeps beside the run, lost when replaced), or None."""
+    from toist_core.data.schema import written_by
+
+    path = output_dir / RUN_CONFIG
+    if not path.exists() or written_by(path, RUN_CONFIG_HEADER.encode()):
+        return None
+    return (f"output_dir: {path} exists and was not written by toist train (a configuration of yours?); a run "
+            "writes its resolved configuration there: move the file (give it with --config from elsewhere), or "
+            "choose another output_dir")
 
 
 def refuse_existing_run(output_dir: Path, found: str) -> None:
