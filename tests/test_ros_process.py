@@ -291,6 +291,9 @@ def test_start_up_failures_exit_with_a_clear_message(tmp_path):
         "cuda absent": (["-p", f"device:={absent_cuda}", "-p", "allow_cpu_fallback:=false"], EXIT_DEVICE,
                         [absent_cuda, "allow_cpu_fallback"]),
         "out of range": (["-p", "score_threshold:=2.0"], EXIT_PARAMETERS, ["score_threshold", "2.0"]),
+        # Two nodes of a robot (remapped names): the FATAL line says which one could not start.
+        "renamed": (["-r", "__node:=front_perception", "-r", "__ns:=/robot", "-p", "max_instances:=0"],
+                    EXIT_PARAMETERS, ["[robot.front_perception]: cannot start", "max_instances"]),
         "NaN weights": (["-p", f"checkpoint:={_broken_model_dir(tmp_path, 'nan')}"], EXIT_MODEL,
                         ["cannot load checkpoint", "non-finite values", "bbox_embed"]),
         # Loads, then its warm-up pass returns NaN: was a Python traceback and exit code 1.

@@ -50,6 +50,7 @@ class StartupError(RuntimeError):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+        self.logger_name: Optional[str] = None  # the node's logger, once a node was created
 
 
 def resolve_device(requested: str, allow_cpu_fallback: bool, cuda_devices: int) -> tuple[str, Optional[str]]:

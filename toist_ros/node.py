@@ -74,7 +74,9 @@ class PerceptionNode(Node):
                 with StartupDiagnostics(self._publish_startup_report, period_s) as startup:
                     self._configure(startup)
                     self._activate()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, StartupError):  # its FATAL line goes under the node's (remapped) name
+                exc.logger_name = self.get_logger().name
             # Nobody holds a node whose constructor failed, so nobody else can destroy it: left to
             # the garbage collector, its publisher and parameter services were freed whenever it
             # got to them, possibly after `perception_node` had shut rclpy's context down (a CI

@@ -70,7 +70,7 @@ def main(argv: Optional[list[str]] = None, managed: bool = False) -> int:
             while not stop.requested and rclpy.ok():
                 executor.spin_once(timeout_sec=SPIN_POLL_S)
         except StartupError as exc:
-            rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
+            rclpy.logging.get_logger(exc.logger_name or NODE_NAME).fatal(f"cannot start: {exc}")
             code = exc.code
         except KeyboardInterrupt:
             if node is None:  # stopped while starting: say so, the log would end without a word
