@@ -177,6 +177,33 @@ def test_a_flipped_byte_in_a_model_directory_is_refused(train_run, tmp_path):
         TaskSegmenter.from_pretrained(out, device="cpu")
 
 
+def test_a_changed_tokenizer_file_in_a_model_directory_is_refused(train_run, tmp_path):
+    """The tokenizer folder had no checksum: an edited tokenizer.json (two vocabulary entries'
+    ids swapped) loaded and turned captions into other tokens; a damaged one failed in the
+    tokenizers library with an error naming no file."""
+    import json
+
+    out = tmp_path / "model"
+    assert cli.main(["export", str(train_run), str(out)]) == 0
+    load_pretrained(out)   # as exported: loads
+    vocab_file = out / "tokenizer" / "tokenizer.json"
+    exported = vocab_file.read_bytes()
+    data = json.loads(exported)
+    vocab = data["model"]["vocab"]
+    vocab["sit"], vocab["on"] = vocab["on"], vocab["sit"]
+    vocab_file.write_text(json.dumps(data))
+    from toist_core.model import load_tokenizer
+
+    assert load_tokenizer(str(out / "tokenizer"))("sit on")["input_ids"] != load_tokenizer("builtin:tiny")("sit on")[
+        "input_ids"]  # loads, and reads other tokens
+    for damaged in (json.dumps(data), exported[: len(exported) // 2].decode("utf-8", "ignore")):
+        vocab_file.write_text(damaged)
+        with pytest.raises(CheckpointError, match=r"tokenizer: its files changed since the export"):
+            load_pretrained(out)
+        with pytest.raises(CheckpointError, match=r"tokenizer: its files changed since the export"):
+            TaskSegmenter.from_pretrained(out, device="cpu")
+
+
 def test_sigkill_while_exporting_onto_a_directory_leaves_the_old_or_the_new_model(train_run, tmp_path):
     """The old directory (100 queries) is replaced by an export of the training checkpoint
     (7 queries); SIGKILL at five moments after writing began: one of the two always loads."""

@@ -68,6 +68,16 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
+def folder_digest(folder: PathLike) -> str:
+    """SHA-256 hex over every file under ``folder``: relative path and bytes, in path order."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}\n".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def check_tensor_digest(path: PathLike, tensors: Mapping[str, Tensor], metadata: Optional[Mapping[str, str]],
                         required: bool) -> None:
     """Compare ``tensors`` (read from ``path``) with the digest stored in its metadata.

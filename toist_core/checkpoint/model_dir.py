@@ -34,7 +34,7 @@ from .. import typed_config
 from ..config import InputSize, ModelConfig
 from .atomic_dir import write_directory
 from .errors import CheckpointError, PathLike
-from .integrity import read_safetensors, read_safetensors_metadata, save_safetensors
+from .integrity import folder_digest, read_safetensors, read_safetensors_metadata, save_safetensors
 from ..tasks import COCO_TASKS, TaskVocabulary
 from .loaded import LoadedModel, describe_bank, describe_heads
 from .architecture import INFERENCE_NEUTRAL
@@ -70,6 +70,9 @@ EXPORT_ID_KEY = "toist_export_id"
 # Also in the weights' metadata (older toist ignores it; directories without it: "pronoun"): what
 # the model was trained to read, "pronoun" or "noun" (a noun teacher: LoadedModel.captions).
 CAPTIONS_KEY = "toist_captions"
+# Weights metadata: SHA-256 of the tokenizer folder's files as exported (a damaged or edited
+# tokenizer.json turns captions into other tokens, silently). Older directories lack it.
+TOKENIZER_DIGEST_KEY = "toist_tokenizer_sha256"
 CAPTIONS = ("pronoun", "noun")
 # And the network's config.yaml ``model`` section as exported (JSON; older directories: none):
 # the network is rebuilt from config.yaml, so an edited head count or LayerNorm eps would load
@@ -140,10 +143,11 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
 
     def write(staging: Path) -> None:
         stamp = {"toist": MODEL_DIR_FORMAT, EXPORT_ID_KEY: uuid.uuid4().hex}
-        save_safetensors(model.state_dict(), staging / WEIGHTS_FILE,
-                         metadata={**stamp, CAPTIONS_KEY: captions, MODEL_CONFIG_KEY: _network_json(cfg)})
         model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         check_tokenizer_copy(model.tokenizer, staging / TOKENIZER_DIR)
+        save_safetensors(model.state_dict(), staging / WEIGHTS_FILE,
+                         metadata={**stamp, CAPTIONS_KEY: captions, MODEL_CONFIG_KEY: _network_json(cfg),
+                                   TOKENIZER_DIGEST_KEY: folder_digest(staging / TOKENIZER_DIR)})
         if memory_bank is not None:
             save_safetensors(bank_tensors(memory_bank), staging / BANK_FILE, metadata=stamp)
         typed_config.save_yaml(manifest, staging / CONFIG_FILE)
@@ -157,6 +161,15 @@ def _network_json(cfg: ModelConfig) -> str:
     freezing, aux losses: :data:`~.architecture.INFERENCE_NEUTRAL`)."""
     flat = typed_config.flatten(typed_config.to_dict(cfg))
     return json.dumps({name: value for name, value in flat.items() if name not in INFERENCE_NEUTRAL}, sort_keys=True)
+
+
+def _check_tokenizer_unchanged(folder: Path, recorded: Optional[str]) -> None:
+    """Refuse a tokenizer folder whose files differ from the export's (``recorded``: None for
+    directories written before the digest)."""
+    if recorded is not None and folder_digest(folder) != recorded:
+        raise CheckpointError(f"{folder}: its files changed since the export (their SHA-256 is not the one recorded "
+                              f"in {WEIGHTS_FILE}): a damaged or edited tokenizer gives the model other tokens; "
+                              "restore the folder or export the model again (toist export)")
 
 
 def _check_network_unchanged(config_file: Path, cfg: ModelConfig, recorded: Optional[str]) -> None:
@@ -422,7 +435,7 @@ def _export_snapshot(directory: Path) -> tuple[Optional[str], Optional[str]]:
 
 def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedModel:
     from ..model import build_model
-    from ..model.text import fetch_tokenizer
+    from ..model.text import check_tokenizer_dir, fetch_tokenizer
 
     config_file = directory / CONFIG_FILE
     data = typed_config.read_yaml(config_file, "model directory config")
@@ -481,6 +494,9 @@ def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedMod
     if bank is not None and bank.num_tasks != vocabulary.num_tasks:
         raise CheckpointError(f"{directory}: its memory bank has {bank.num_tasks} task slots but its vocabulary "
                               f"{vocabulary.num_tasks} tasks")
+    if tokenizer is None:  # a missing vocabulary file is named first; then any change, before parsing
+        check_tokenizer_dir(directory / TOKENIZER_DIR)
+        _check_tokenizer_unchanged(directory / TOKENIZER_DIR, weights_metadata.get(TOKENIZER_DIGEST_KEY))
     fetched = fetch_tokenizer(cfg.text.tokenizer)
     _check_tokenizer_override(directory, tokenizer, fetched.value, cfg.text.vocab_size)
     model = build_model(cfg, tokenizer=fetched.value)
