@@ -51,22 +51,41 @@ def test_slot_never_hands_over_a_frame_older_than_one_already_put():
     # The clock went back by more than the window (a bag played again): a new order starts.
     assert slots.put(0, "bag restarted", order_ns=10 * second) == REPLACED
     assert slots.put(0, "after restart", order_ns=11 * second) == REPLACED
+    assert slots.take(0) == ("frame", "after restart", 0)   # camera 0's slot has waited longer
     assert slots.take(0) == ("frame", "other camera", 1)
-    assert slots.take(0) == ("frame", "after restart", 0)
     assert slots.received == [8, 1] and slots.dropped == [6, 0]
 
 
-def test_slot_serves_requests_first_and_cameras_in_arrival_order():
+def test_slot_serves_requests_first_and_cameras_in_turn():
     slots = FrameSlots(3)
     slots.put(2, "late camera frame")
     time.sleep(0.002)
     slots.put(0, "camera 0")
     slots.put_request("one-shot")
-    slots.put(2, "camera 2 newer")  # replaces; arrival time is now the newest
+    slots.put(2, "camera 2 newer")  # replaces the waiting frame, keeps its place in the turn
     assert slots.take(0) == ("request", "one-shot", -1)
-    assert slots.take(0) == ("frame", "camera 0", 0)
     assert slots.take(0) == ("frame", "camera 2 newer", 2)
+    assert slots.take(0) == ("frame", "camera 0", 0)
     assert slots.dropped == [0, 0, 1]
+
+
+def test_a_camera_faster_than_the_model_is_not_starved_by_a_slow_one():
+    """A 100 Hz camera and a 10 Hz one, the model taking 150 ms: the fast camera's replacing frames
+    made it the youngest waiting one at every take, and the slow camera got 39 of 40 passes."""
+    slots = FrameSlots(2)
+    served = [0, 0]
+    clock_ms = 0
+    for _ in range(40):                      # each pass: 150 ms of frames arrive, then one take
+        for t in range(clock_ms, clock_ms + 150):
+            if t % 10 == 0:
+                slots.put(0, f"fast {t}")
+            if t % 100 == 0:
+                slots.put(1, f"slow {t}")
+            time.sleep(0) if t % 50 else time.sleep(0.0005)   # distinct monotonic stamps
+        clock_ms += 150
+        _, _, source = slots.take(0)
+        served[source] += 1
+    assert min(served) >= 15, served        # in turn while both have frames waiting
 
 
 def test_slot_close_wakes_a_waiting_taker():

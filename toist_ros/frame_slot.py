@@ -2,8 +2,10 @@
 
 Image callbacks ``put`` and return at once; a frame that was still waiting is replaced and
 counted as dropped, so the inference thread always gets the newest frame and never a
-backlog. With several cameras ``take`` serves the camera whose waiting frame arrived
-first, so a fast camera cannot starve a slow one. One-shot requests (the ``segment_image``
+backlog. With several cameras ``take`` serves the camera that has waited longest: since its
+slot was filled, a replacing frame keeping the slot's place (had the newest frame's arrival
+counted, a camera faster than the model would always be the youngest waiting and never served
+while another camera had a frame waiting). So the cameras are served in turn. One-shot requests (the ``segment_image``
 service) go through ``put_request``: queued in order, never dropped, served before frames.
 
 A camera's frames reach the model in time order: a frame older than the newest one already put
@@ -48,8 +50,9 @@ class FrameSlots:
                 return OLDER
             if order_ns > 0:
                 self._newest_ns[source] = order_ns
-            replaced = self._frames[source] is not None
-            self._frames[source] = (time.monotonic(), frame)
+            waiting = self._frames[source]
+            replaced = waiting is not None
+            self._frames[source] = (waiting[0] if replaced else time.monotonic(), frame)  # its place in the turn
             if replaced:
                 self.dropped[source] += 1
             self._cond.notify()
