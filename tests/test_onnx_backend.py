@@ -266,23 +266,84 @@ def test_backend_is_validated_and_needs_a_model_directory():
         TaskSegmenter.from_config("tiny_segm", inference=InferenceConfig(backend="onnxruntime"))
 
 
-def test_failed_check_removes_the_graphs_and_fails(tmp_path, monkeypatch, capsys):
+def _dir_with_graphs(dirs, target: Path) -> Path:
+    """A copy of the plain directory, graphs included (exported once by the fixture)."""
+    shutil.copytree(dirs[0], target)
+    return target
+
+
+def _staging_leftovers(directory: Path) -> list:
+    return [p.name for p in directory.parent.iterdir() if ".onnx-staging-" in p.name]
+
+
+def test_a_failed_check_keeps_the_graphs_the_directory_had(dirs, tmp_path, monkeypatch, capsys):
+    """The new graphs were renamed in before the check, and a failed check deleted them: a
+    directory whose graphs worked lost them (a node with backend:=onnxruntime then did not start)."""
     from toist_core.cli.export import run_onnx
 
-    model, cfg = _model(seed=1)
-    directory = save_model_dir(model, tmp_path / "m", cfg)
-
-    def fake_export(model, directory, exporter="torchscript"):
-        for name in (DETECTOR_FILE, MASK_HEAD_FILE):
-            (Path(directory) / name).write_bytes(b"graph")
-
+    directory = _dir_with_graphs(dirs, tmp_path / "m")
+    before = {name: (directory / name).read_bytes() for name in (DETECTOR_FILE, MASK_HEAD_FILE)}
     bad = {"logits": 3e-3, "boxes": 1e-6, "mask_iou": 1.0, "images": 3, "tasks": [1, 2],
            "providers": ["CPUExecutionProvider"], "masks": True}
-    monkeypatch.setattr(onnx_export, "export_onnx", fake_export)
-    monkeypatch.setattr(onnx_export, "compare_backends", lambda directory, **kw: bad)
+    checked = []
+    monkeypatch.setattr(onnx_export, "compare_backends", lambda directory, **kw: checked.append(kw) or bad)
     assert run_onnx(str(directory), "torchscript") == 1
-    assert not (directory / DETECTOR_FILE).exists() and not (directory / MASK_HEAD_FILE).exists()
-    assert "max |logits diff| 3.00e-03" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "max |logits diff| 3.00e-03" in err and "were not installed (the ones it had stay)" in err
+    assert {name: (directory / name).read_bytes() for name in before} == before
+    assert not _staging_leftovers(directory)
+    assert checked[0]["tasks"] == (1, 2, "a cup on a table")   # two of the model's tasks and free text
+
+
+def test_an_interrupted_check_keeps_the_graphs_and_leaves_nothing_behind(dirs, tmp_path, monkeypatch):
+    from toist_core.inference.onnx_export import export_checked
+
+    directory = _dir_with_graphs(dirs, tmp_path / "m")
+    before = (directory / DETECTOR_FILE).read_bytes()
+
+    def interrupted(directory, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "compare_backends", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_checked(directory)
+    assert (directory / DETECTOR_FILE).read_bytes() == before and not _staging_leftovers(directory)
+    assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in dirs[0].iterdir())
+
+
+def test_a_one_task_vocabulary_exports_and_checks(tmp_path):
+    """The check ran tasks 1 and 2 whatever the model's vocabulary: a one-task model could never
+    be exported (unknown task id 2), and its graphs were deleted."""
+    from toist_core.inference.onnx_export import export_checked
+    from toist_core.tasks import TaskVocabulary
+
+    model, cfg = _model(seed=1)
+    vocabulary = TaskVocabulary.from_data({"name": "workshop", "tasks": [{"id": 1, "phrase": "tighten a screw with"}]})
+    directory = save_model_dir(model, tmp_path / "workshop", cfg, vocabulary=vocabulary)
+    result = export_checked(directory, sizes=((48, 64),))
+    assert result["tasks"] == [1, "a cup on a table"] and check_passes(result)
+    assert (directory / DETECTOR_FILE).is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_graph_is_refused_naming_the_file_and_the_command(dirs, tmp_path, damage):
+    directory = _dir_with_graphs(dirs, tmp_path / "m")
+    graph = directory / DETECTOR_FILE
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2] if damage == "truncated" else b"")
+    with pytest.raises(CheckpointError, match=rf"detector.onnx: onnxruntime cannot read it .*damaged or cut short: "
+                                              rf"run `toist export --onnx {directory}` again"):
+        TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(backend="onnxruntime"))
+
+
+def test_the_export_api_expands_the_home_folder(dirs, tmp_path, monkeypatch):
+    from toist_core.inference.onnx_export import export_checked
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    directory = _dir_with_graphs(dirs, tmp_path / "m")
+    (directory / DETECTOR_FILE).unlink()
+    (directory / MASK_HEAD_FILE).unlink()
+    assert check_passes(export_checked("~/m", sizes=((48, 64),)))
+    assert (directory / DETECTOR_FILE).is_file() and (directory / MASK_HEAD_FILE).is_file()
 
 
 def test_the_node_parameter_selects_the_backend(dirs, tmp_path):

@@ -118,6 +118,22 @@ def test_the_dev_environment_has_a_toist_command_that_works_from_any_directory(t
     assert "usage: toist synth" in result.stdout
 
 
+def test_the_warnings_and_errors_the_readme_names_are_in_the_public_api():
+    """The README says the whole public API is in `toist_core`: the warnings and errors it tells
+    users to expect (to catch or filter) must be importable from there."""
+    import builtins
+    import re
+
+    import toist_core
+
+    section = (ROOT / "README.md").read_text().split("## Inference API", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(\w+(?:Warning|Error))`", section)) - set(dir(builtins))
+    assert {"UntrainedTaskWarning", "SlowPrecisionWarning", "NonFiniteOutputError"} <= named, named
+    missing = sorted(name for name in named if not hasattr(toist_core, name))
+    assert not missing, f"README names {missing}, which `toist_core` does not export"
+    assert all(hasattr(toist_core, name) for name in toist_core.__all__)
+
+
 def test_every_import_the_docs_show_works():
     """The `from toist_core... import ...` / `from training... import ...` lines of the README's
     and docs' Python blocks name modules and objects that exist (docs drift silently)."""

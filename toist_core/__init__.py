@@ -16,6 +16,8 @@ _LAZY = {
     "Prediction": "toist_core.inference",
     "UntrainedTaskWarning": "toist_core.inference",
     "NonFiniteOutputError": "toist_core.inference",
+    "SlowPrecisionWarning": "toist_core.inference",
+    "CheckpointError": "toist_core.checkpoint",
     "ModelConfig": "toist_core.config",
     "InferenceConfig": "toist_core.config",
     "preset": "toist_core.config",

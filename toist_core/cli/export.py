@@ -19,9 +19,10 @@ is fetched once into the Hugging Face cache) or a local copy of the tokenizer fi
 
 ``--onnx`` adds the per-frame network as ONNX graphs (detector.onnx, mask_head.onnx) for the
 ``onnxruntime`` / ``tensorrt`` backends, to an existing model directory or to the one being
-exported, then checks them: ONNX Runtime (CPU, fp32) against PyTorch on random images of three
-sizes and two tasks; the graphs are removed and the command fails when logits or boxes differ by
-more than 1e-4 or a mask IoU is under 0.999:
+exported, checked before they are installed: ONNX Runtime (CPU, fp32) against PyTorch on random
+images of three sizes, two of the model's tasks and a free-text caption; the command fails, and
+the directory keeps the graphs it had, when logits or boxes differ by more than 1e-4 or a mask IoU
+is under 0.999:
 
     toist export --onnx models/my_distilled
     toist export toist_distilled.pth toist_distilled/ --text-encoder roberta-base --onnx
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_onnx(directory: str, exporter: str) -> int:
-    """Export and check the ONNX graphs of a model directory; non-zero (graphs removed) on a failed check."""
+    """Export and check the ONNX graphs of a model directory; non-zero (nothing installed) on a failed check."""
     from ..checkpoint import CheckpointError
     from ..inference.onnx_export import describe_check, export_checked
 

@@ -102,7 +102,7 @@ class OnnxNetwork:
 
     def __init__(self, directory, backend: str = "onnxruntime", device: torch.device = torch.device("cpu"),
                  threads: Optional[int] = None):
-        directory = Path(directory)
+        directory = Path(directory).expanduser()
         detector = directory / DETECTOR_FILE
         if not detector.is_file():
             raise CheckpointError(f"{directory}: no {DETECTOR_FILE}: backend {backend!r} runs the model directory's "
@@ -141,8 +141,9 @@ class OnnxNetwork:
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers, enable_fallback=0)
         except Exception as exc:
-            if wanted == "CPUExecutionProvider":
-                raise
+            if wanted == "CPUExecutionProvider":  # the CPU runs any valid graph: the file is damaged
+                raise CheckpointError(f"{path}: onnxruntime cannot read it ({type(exc).__name__}: {exc}); the file is "
+                                      f"damaged or cut short: run `toist export --onnx {directory}` again") from None
             raise RuntimeError(f"backend {self.backend!r}: onnxruntime could not run {path.name} on {wanted}: "
                                f"{type(exc).__name__}: {exc}") from None
         check_provider(session, wanted, self.backend, path)

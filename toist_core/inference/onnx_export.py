@@ -30,15 +30,19 @@ refuses a graph whose digest is not the directory's (:func:`check_metadata`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..atomic_file import fsync_dir
 from ..checkpoint import WEIGHTS_FILE, CheckpointError
 from ..checkpoint.model_dir import DETECTOR_FILE, MASK_HEAD_FILE
 from ..structures import ImageBatch
@@ -211,12 +215,20 @@ def export_onnx(model: nn.Module, directory, exporter: str = "torchscript") -> l
     """Write ``detector.onnx`` (and ``mask_head.onnx`` for segmentation models) of the fp32 CPU
     copy of ``model`` into ``directory`` (a model directory: its ``model.safetensors`` digest is
     recorded). ``model`` must hold exactly that file's tensors (:func:`check_same_weights`).
-    Files are written aside and renamed in, so a reader never sees half a graph."""
+    The graphs are written in a folder of their own beside ``directory``, flushed to disk and
+    renamed in: a reader never sees half a graph, and an interrupted export changes nothing."""
+    directory = Path(directory).expanduser()
+    with _staging_folder(directory) as staging:
+        graphs = _write_graphs(model, directory, staging, exporter)
+        return _install(graphs, directory, model_digest(directory))
+
+
+def _write_graphs(model: nn.Module, directory: Path, into: Path, exporter: str) -> list[Path]:
+    """The graphs of ``model`` (the weights of ``directory``) written into the folder ``into``."""
     import copy
 
     from .. import __version__
 
-    directory = Path(directory)
     digest = model_digest(directory)
     check_same_weights(model, directory)
     model = copy.deepcopy(model).float().cpu().eval()
@@ -230,12 +242,10 @@ def export_onnx(model: nn.Module, directory, exporter: str = "torchscript") -> l
     meta = {"format_version": str(ONNX_FORMAT_VERSION), "opset": str(OPSET), "toist_version": __version__,
             "model_sha256": digest, "masks": str(has_masks).lower(), "exporter": exporter,
             "input": "padded normalised image [B, 3, H, W] float32, any H, W (toist's resize and padding in Python)"}
-    written = []
+    written = [into / DETECTOR_FILE]
     with torch.no_grad():
-        staged = directory / f".{DETECTOR_FILE}.tmp"
-        _export(DetectorGraph(model).eval(), args, staged, DETECTOR_INPUTS, outputs, detector_dynamic, exporter)
-        _write_metadata(staged, {**meta, "graph": "detector"})
-        written.append((staged, directory / DETECTOR_FILE))
+        _export(DetectorGraph(model).eval(), args, written[0], DETECTOR_INPUTS, outputs, detector_dynamic, exporter)
+        _write_metadata(written[0], {**meta, "graph": "detector"})
         if has_masks:
             feats = DetectorGraph(model).eval()(*args)
             mask_args = tuple(f[:1] for f in feats[3:]) + (feats[2][:1, :3],)
@@ -244,16 +254,47 @@ def export_onnx(model: nn.Module, directory, exporter: str = "torchscript") -> l
             mask_dynamic = {"key_map": {2: "h32", 3: "w32"}, "image_mask": {1: "h32", 2: "w32"},
                             "src_proj": {2: "h32", 3: "w32"}, "feat4": {2: "h4", 3: "w4"},
                             "feat8": {2: "h8", 3: "w8"}, "feat16": {2: "h16", 3: "w16"}, "queries": {1: "queries"}}
-            staged_mask = directory / f".{MASK_HEAD_FILE}.tmp"
-            _export(MaskHeadGraph(model).eval(), mask_args, staged_mask, MASK_INPUTS, MASK_OUTPUTS, mask_dynamic,
+            written.append(into / MASK_HEAD_FILE)
+            _export(MaskHeadGraph(model).eval(), mask_args, written[1], MASK_INPUTS, MASK_OUTPUTS, mask_dynamic,
                     exporter)
-            _write_metadata(staged_mask, {**meta, "graph": "mask_head"})
-            written.append((staged_mask, directory / MASK_HEAD_FILE))
-    for staged, final in written:
-        os.replace(staged, final)
-    if not has_masks:  # a stale mask head of an older segmentation export
+            _write_metadata(written[1], {**meta, "graph": "mask_head"})
+    for path in written:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    return written
+
+
+def _install(graphs: list[Path], directory: Path, digest: str) -> list[Path]:
+    """Rename ``graphs`` (exported from weights of SHA-256 ``digest``) into ``directory``."""
+    if model_digest(directory) != digest:
+        raise CheckpointError(f"{directory / WEIGHTS_FILE}: replaced while its ONNX graphs were exported; nothing "
+                              f"was installed: run `toist export --onnx {directory}` again")
+    installed = []
+    for graph in graphs:
+        os.replace(graph, directory / graph.name)
+        installed.append(directory / graph.name)
+    if MASK_HEAD_FILE not in {graph.name for graph in graphs}:  # a stale mask head of an older export
         (directory / MASK_HEAD_FILE).unlink(missing_ok=True)
-    return [final for _, final in written]
+    fsync_dir(directory)
+    return installed
+
+
+@contextlib.contextmanager
+def _staging_folder(directory: Path) -> Iterator[Path]:
+    """A fresh folder beside ``directory`` (same file system: renames from it are atomic),
+    removed afterwards whatever happens (Ctrl-C included)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.onnx-staging-", dir=directory.parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, target)
 
 
 def _write_metadata(path: Path, meta: dict) -> None:
@@ -285,12 +326,6 @@ def check_metadata(path: Path, meta: dict, directory: Path, graph: str, digest: 
     if meta["model_sha256"] != digest:
         raise CheckpointError(f"{path}: exported from other weights (model SHA-256 {meta['model_sha256'][:12]}..., "
                               f"{directory / WEIGHTS_FILE} has {digest[:12]}...); {again}")
-
-
-def remove_onnx(directory) -> None:
-    """Delete the ONNX graphs of a model directory (after a failed check)."""
-    for name in (DETECTOR_FILE, MASK_HEAD_FILE):
-        (Path(directory) / name).unlink(missing_ok=True)
 
 
 # What `toist export --onnx` accepts (fp32, ONNX Runtime on CPU against PyTorch).
@@ -359,29 +394,44 @@ def describe_check(result: dict) -> str:
 
 
 def export_checked(directory, exporter: str = "torchscript", **check) -> dict:
-    """:func:`export_onnx` of a model directory's own weights, then :func:`compare_backends`;
-    on a failed check the graphs are deleted and :class:`CheckpointError` says by how much."""
+    """:func:`export_onnx` of a model directory's own weights, checked by :func:`compare_backends`
+    before they are installed: the new graphs run beside a linked copy of the directory, and only
+    graphs that pass replace the directory's (a failed or interrupted check leaves the graphs it
+    had, :class:`CheckpointError` saying by how much). ``check``: :func:`compare_backends`'s
+    options; its tasks default to two of the model's and a free-text caption."""
     from ..checkpoint import is_model_dir, load_pretrained
 
+    directory = Path(directory).expanduser()
     if not is_model_dir(directory):
-        command = (f"toist export {directory} <model_dir> --onnx" if Path(directory).is_file()
+        command = (f"toist export {directory} <model_dir> --onnx" if directory.is_file()
                    else f"toist export <checkpoint.pth> {directory} --onnx")
         raise CheckpointError(f"{directory}: not a model directory (no config.yaml); make one first: `{command}`")
-    export_onnx(load_pretrained(directory).model, directory, exporter=exporter)
-    try:
-        result = compare_backends(directory, **check)
-    except BaseException:
-        remove_onnx(directory)
-        raise
-    if not check_passes(result):
-        remove_onnx(directory)
-        raise CheckpointError(f"{directory}: the ONNX graphs do not match PyTorch and were removed: "
-                              f"{describe_check(result)}")
+    loaded = load_pretrained(directory)
+    check.setdefault("tasks", _check_tasks(loaded))
+    digest = model_digest(directory)
+    with _staging_folder(directory) as staging:
+        trial = staging / directory.name
+        shutil.copytree(directory, trial, copy_function=_link_or_copy,
+                        ignore=shutil.ignore_patterns(DETECTOR_FILE, MASK_HEAD_FILE))
+        graphs = _write_graphs(loaded.model, trial, staging, exporter)
+        for graph in graphs:  # the trial directory runs them; the originals stay for the install
+            _link_or_copy(str(graph), str(trial / graph.name))
+        result = compare_backends(trial, **check)
+        if not check_passes(result):
+            raise CheckpointError(f"{directory}: the new ONNX graphs do not match PyTorch and were not installed"
+                                  f"{' (the ones it had stay)' if (directory / DETECTOR_FILE).exists() else ''}: "
+                                  f"{describe_check(result)}")
+        _install(graphs, directory, digest)
     return result
 
 
+def _check_tasks(loaded) -> tuple:
+    """What the export's check runs: two of the tasks the model was trained on (or of its
+    vocabulary: one for a one-task vocabulary) and a free-text caption (no memory bank)."""
+    ids = tuple(loaded.tasks or (entry.id for entry in loaded.vocabulary.entries))
+    return ids[:2] + ("a cup on a table",)
 
 
 __all__ = ["DETECTOR_FILE", "DetectorGraph", "MASK_HEAD_FILE", "MAX_BOX_DIFF", "MAX_LOGIT_DIFF", "MIN_MASK_IOU",
            "MaskHeadGraph", "OPSET", "check_metadata", "check_same_weights", "compare_backends", "describe_check",
-           "export_checked", "export_onnx", "model_digest", "read_metadata", "remove_onnx"]
+           "export_checked", "export_onnx", "model_digest", "read_metadata"]
