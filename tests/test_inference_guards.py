@@ -309,3 +309,32 @@ def test_a_new_config_does_not_undo_a_task_set_meanwhile(monkeypatch):
     monkeypatch.setattr(segmenter_module, "processing_of", processing_of)
     seg.inference = dataclasses.replace(seg.inference, pronoun="thing")
     assert seg.task_state.caption.endswith(" thing") and seg.task_state.task_id == 5
+
+
+def test_a_config_assigned_during_a_call_leaves_that_call_on_the_old_one(monkeypatch):
+    """``seg.inference = ...`` from another thread while a frame was between its network pass and
+    its masks gave that frame one config's queries and the other's mask threshold (masks all
+    empty): a call now reads its settings once."""
+    from toist_core.config import InferenceConfig
+    from toist_core.inference import TaskSegmenter
+
+    sizes = dict(short_side=64, max_size=128, score_threshold=0.0, duplicate_iou=None)
+    loose = InferenceConfig(mask_threshold=0.05, max_instances=20, **sizes)
+    strict = InferenceConfig(mask_threshold=0.95, max_instances=2, **sizes)
+    seg = TaskSegmenter.from_config("tiny_segm", device="cpu", seed=4, inference=loose, task=2)
+    image = np.random.default_rng(3).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    expected = seg.predict(image)
+    detect = seg._detect
+
+    def detect_then_reconfigure(*args, **kwargs):
+        out = detect(*args, **kwargs)
+        seg.inference = strict   # "another thread", at the worst moment
+        return out
+
+    monkeypatch.setattr(seg, "_detect", detect_then_reconfigure)
+    during = seg.predict(image)
+    assert len(during) == len(expected) == 20
+    assert np.array_equal(during.masks, expected.masks) and np.array_equal(during.boxes, expected.boxes)
+    monkeypatch.undo()
+    after = seg.predict(image)   # the next call: the new config
+    assert len(after) == 2 and after.masks.sum() < expected.masks[:2].sum()

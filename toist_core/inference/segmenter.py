@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import warnings
 import weakref
@@ -30,6 +31,19 @@ from .processing import Processing, processing_of
 from .results import Prediction, TaskState, UntrainedTaskWarning
 
 DEFAULT_PRONOUN = "something"
+_OWN = object()  # "the segmenter's current setting" for the optional arguments of the network steps
+
+
+@dataclasses.dataclass(frozen=True)
+class _Applied:
+    """Everything a call derives from the segmenter's ``InferenceConfig``, swapped as one object."""
+
+    config: InferenceConfig
+    processing: Processing
+    autocast: Optional[torch.dtype]
+    mean: Tensor            # [3, 1, 1] on the device
+    std: Tensor             # [3, 1, 1]
+    pronoun: str
 
 
 def check_call_limits(score_threshold, max_instances) -> None:
@@ -150,7 +164,8 @@ class TaskSegmenter:
             raise CheckpointError(self._stale_graphs)
         state = self._state
         if state is not None:
-            self._replace_state(state, self._reencode(state, self.pronoun, self.inference.ccr))
+            applied = self._applied
+            self._replace_state(state, self._reencode(state, applied.pronoun, applied.config.ccr))
 
     def _replace_state(self, expected: TaskState, state: TaskState) -> None:
         """Make ``state`` current if ``expected`` still is: a task another thread set meanwhile
@@ -171,7 +186,7 @@ class TaskSegmenter:
         every field (normalisation, precision, sizes, protocol, thresholds; a changed pronoun or
         ``ccr`` re-encodes the current task) or, on an error, none; ``backend`` and, on an ONNX
         backend, ``precision`` are fixed when the segmenter is built."""
-        return self._inference
+        return self._applied.config
 
     @inference.setter
     def inference(self, config: InferenceConfig) -> None:
@@ -192,15 +207,28 @@ class TaskSegmenter:
         pronoun = config.pronoun or self._own_pronoun
         state = self._state
         reencoded = None
-        if state is not None and (pronoun != self.pronoun or config.ccr != self._inference.ccr):
+        if state is not None and (pronoun != self.pronoun or config.ccr != self.inference.ccr):
             reencoded = self._reencode(state, pronoun, config.ccr)
-        self._autocast, self._mean, self._std, self.pronoun = autocast, mean, std, pronoun
-        # Resize method, padding, box clipping and duplicate removal of ``config.protocol``; a
-        # benchmark may replace it to isolate one of the choices.
-        self.processing: Processing = processing_of(config)
-        self._inference = config
+        # One assignment: a call running in another thread reads the old settings or the new,
+        # never some of each (e.g. one config's queries with the other's mask threshold).
+        self._applied = _Applied(config, processing_of(config), autocast, mean, std, pronoun)
         if reencoded is not None:
             self._replace_state(state, reencoded)
+
+    @property
+    def processing(self) -> Processing:
+        """Resize method, padding, box clipping and duplicate removal of ``inference.protocol``;
+        a benchmark may replace it to isolate one of the choices."""
+        return self._applied.processing
+
+    @processing.setter
+    def processing(self, processing: Processing) -> None:
+        self._applied = dataclasses.replace(self._applied, processing=processing)
+
+    @property
+    def pronoun(self) -> str:
+        """The caption word cluster-centre replacement replaces (``inference.pronoun`` or the model's)."""
+        return self._applied.pronoun
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -274,7 +302,8 @@ class TaskSegmenter:
         without making it current. ``task``: an id of the model's vocabulary (1..14 for
         COCO-Tasks), a task name of it, or free text (no CCR; none either with
         ``inference.ccr`` off)."""
-        return self._encode(task, self.pronoun, self.inference.ccr)
+        applied = self._applied  # one read: the pronoun and ccr of one config
+        return self._encode(task, applied.pronoun, applied.config.ccr)
 
     @torch.inference_mode()
     def _encode(self, task: Union[int, str], pronoun: str, ccr: bool) -> TaskState:
@@ -342,37 +371,40 @@ class TaskSegmenter:
             raise TypeError(f"task_state must be a TaskState (from seg.encode_task(task)), got "
                             f"{type(state).__name__}; for a task id or name use seg.set_task(task)")
         check_call_limits(score_threshold, max_instances)
-        threshold = self.inference.score_threshold if score_threshold is None else float(score_threshold)
-        limit = self.inference.max_instances if max_instances is None else int(max_instances)
+        applied = self._applied  # this call's settings, whatever another thread assigns meanwhile
+        threshold = applied.config.score_threshold if score_threshold is None else float(score_threshold)
+        limit = applied.config.max_instances if max_instances is None else int(max_instances)
         if len(images) == 0:
             return []
         originals = [tuple(check_image(img, f"images[{i}]").shape[:2]) for i, img in enumerate(images)]
         # The mask head runs after the decoder: one eval-mode span for both.
         with eval_mode(self.model):
-            batch, resized = self.preprocess(images)
+            batch, resized = self._preprocess(images, applied)
             # Only the network differs between backends: selection and post-processing below are shared.
-            network = self._detect if self._onnx is None else self._onnx.detect
-            pred_logits, pred_boxes, mask_logits = network(batch, state)
+            if self._onnx is None:
+                pred_logits, pred_boxes, mask_logits = self._detect(batch, state, applied.autocast)
+            else:
+                pred_logits, pred_boxes, mask_logits = self._onnx.detect(batch, state)
             scores_all = 1.0 - pred_logits.float().softmax(-1)[..., NO_OBJECT_INDEX]
             boxes_all = pred_boxes.float()
-            run, reduced = self._network_run()
+            run, reduced = self._network_run(applied.config)
             check_outputs(scores_all, boxes_all, run, reduced)
             mask_logits = checked_masks(mask_logits, run, reduced)
             padded = batch.tensors.shape[-2:]
             masked = with_masks and self.has_masks
             predictions = []
             for b, (orig, size) in enumerate(zip(originals, resized)):
-                if self.processing.duplicate_iou is None:
+                if applied.processing.duplicate_iou is None:
                     keep = select(scores_all[b], threshold, limit)
                     logits = mask_logits(b, keep)[0] if masked and keep.numel() else None
                 else:
                     keep, logits = self._distinct(scores_all[b], boxes_all[b], threshold, limit,
-                                                  mask_logits if masked else None, b, size, padded, orig)
-                boxes = to_pixels(boxes_all[b, keep], orig, clip=self.processing.clip_boxes)
+                                                  mask_logits if masked else None, b, size, padded, orig, applied)
+                boxes = to_pixels(boxes_all[b, keep], orig, clip=applied.processing.clip_boxes)
                 masks = None
                 if masked:
                     masks = (np.zeros((0,) + tuple(orig), dtype=bool) if logits is None else
-                             masks_at_original(logits[None], size, padded, orig, self.inference.mask_threshold))
+                             masks_at_original(logits[None], size, padded, orig, applied.config.mask_threshold))
                 predictions.append(Prediction(
                     boxes=boxes.cpu().numpy().astype(np.float32),
                     scores=scores_all[b, keep].cpu().numpy().astype(np.float32),
@@ -380,9 +412,11 @@ class TaskSegmenter:
                     caption=state.caption, task_id=state.task_id, image_size=orig))
             return predictions
 
-    def _network_run(self) -> tuple[str, bool]:
-        """What ran the network (for errors), and whether it computed in fp16 / bf16."""
-        backend, precision = self.inference.backend, self.inference.precision
+    def _network_run(self, config: Optional[InferenceConfig] = None) -> tuple[str, bool]:
+        """What ran the network (for errors), and whether it computed in fp16 / bf16 (``config``:
+        the call's settings; default: the segmenter's)."""
+        config = config or self.inference
+        backend, precision = config.backend, config.precision
         if backend != "torch":  # the graphs' own precision
             precision = "fp16" if backend == "tensorrt" else "fp32"
         return f"backend {backend!r}, precision {precision!r}, device {self.device}", precision != "fp32"
@@ -393,13 +427,19 @@ class TaskSegmenter:
         (``inference.protocol``: toist's float resize and padding to a multiple of
         ``pad_multiple``, or the reference's PIL resize and padding to the largest image);
         returns the padded batch ``[B, 3, H, W]`` and each image's resized ``(h, w)``."""
-        return preprocess(images, self.inference, self._mean, self._std,
-                          self.inference.channels_last and is_channels_last(self.model), self.processing)
+        return self._preprocess(images, self._applied)
 
-    def _detect(self, batch: ImageBatch, state: TaskState) -> tuple[Tensor, Tensor, Callable[[int, Tensor], Tensor]]:
+    def _preprocess(self, images: Sequence[np.ndarray], applied: "_Applied") -> tuple[ImageBatch, list[tuple[int, int]]]:
+        config = applied.config
+        return preprocess(images, config, applied.mean, applied.std,
+                          config.channels_last and is_channels_last(self.model), applied.processing)
+
+    def _detect(self, batch: ImageBatch, state: TaskState, autocast=_OWN,
+                ) -> tuple[Tensor, Tensor, Callable[[int, Tensor], Tensor]]:
         """The torch network: ``pred_logits [B, Q, 256]``, ``pred_boxes [B, Q, 4]`` and a function
-        ``(b, keep [n]) -> mask logits [1, n, H/4, W/4]`` of image ``b``'s kept queries."""
-        with self._autocast_context():
+        ``(b, keep [n]) -> mask logits [1, n, H/4, W/4]`` of image ``b``'s kept queries
+        (``autocast``: the dtype to compute in, None: fp32; default: the segmenter's precision)."""
+        with self._autocast_context(autocast):
             memory = self.model.encode(batch, text=state.text)
             if state.uses_ccr:
                 memory = self._replace_pronoun_rows(memory, state)
@@ -408,15 +448,18 @@ class TaskSegmenter:
             out = detector.predict_heads(hs, memory, aux=False)
 
         def mask_logits(b: int, keep: Tensor) -> Tensor:
-            with self._autocast_context():
+            with self._autocast_context(autocast):
                 return self.model.predict_masks(image_memory(memory, b), hs[-1][b:b + 1, keep])
 
         return out["pred_logits"], out["pred_boxes"], mask_logits
 
-    def _autocast_context(self):
-        if self._autocast is None:
+    def _autocast_context(self, dtype=_OWN):
+        """Autocast to ``dtype`` (None: none; default: the segmenter's precision)."""
+        if dtype is _OWN:
+            dtype = self._applied.autocast
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self._autocast)
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _replace_pronoun_rows(self, memory: dict, state: TaskState) -> dict:
         """CCR: the pronoun rows of the decoder's memory <- the task centre nearest to the
@@ -436,13 +479,13 @@ class TaskSegmenter:
 
     def _distinct(self, scores: Tensor, boxes: Tensor, threshold: float, limit: int,
                   mask_logits: Optional[Callable[[int, Tensor], Tensor]], b: int, size: tuple[int, int],
-                  padded: Sequence[int], orig: tuple[int, int]) -> tuple[Tensor, Optional[Tensor]]:
+                  padded: Sequence[int], orig: tuple[int, int], applied: "_Applied") -> tuple[Tensor, Optional[Tensor]]:
         """Image ``b``'s queries above ``threshold``, best first, without duplicates of one object
         (``inference.duplicate_iou``), at most ``limit``; and their stride-4 mask logits
         ``[k, h, w]`` (None without masks or instances). Masks are compared at stride 4 (the mask
         head's resolution); without masks the boxes in original-image pixels are."""
         candidates = select(scores, threshold, len(scores))
-        iou = self.processing.duplicate_iou
+        iou = applied.processing.duplicate_iou
         if mask_logits is None:
             keep, _ = drop_duplicates(candidates, lambda q: to_pixels(boxes[q], orig), box_iou, iou, limit)
             return keep, None
@@ -450,7 +493,7 @@ class TaskSegmenter:
 
         def regions(queries: Tensor) -> Tensor:
             computed.append(mask_logits(b, queries)[0])                     # [n, h, w]
-            masks = binary_low_res(computed[-1], size, padded, self.inference.mask_threshold)
+            masks = binary_low_res(computed[-1], size, padded, applied.config.mask_threshold)
             return torch.cat([masks.float(), to_pixels(boxes[queries], orig).float()], dim=1)   # [n, P + 4]
 
         keep, positions = drop_duplicates(candidates, regions, mask_or_box_iou, iou, limit)
