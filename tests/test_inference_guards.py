@@ -287,28 +287,25 @@ def test_inference_config_is_frozen_and_checks_types():
 
 def test_a_new_config_does_not_undo_a_task_set_meanwhile(monkeypatch):
     """seg.inference = ... read the task state, then wrote it back: a set_task of another thread
-    in between was lost (the segmenter reverted to the older task)."""
-    from toist_core.inference import segmenter as segmenter_module
-
+    in between was lost (the segmenter reverted to the older task). A changed pronoun re-encodes
+    the current task: a task set while it re-encodes wins."""
     seg = TaskSegmenter.from_config("tiny", seed=0, device="cpu")
     seg.set_task(1)
-    meanwhile = [seg.encode_task(3), seg.encode_task(5)]
-    processing_of = segmenter_module.processing_of
+    meanwhile = seg.encode_task(3)
+    seg.inference = dataclasses.replace(seg.inference, score_threshold=0.2)   # no re-encoding
+    assert seg.task_state.task_id == 1
+    reencode = seg._reencode
 
-    def set_task_meanwhile(config):  # another thread's set_task, inside the setter's window
-        seg.set_task(meanwhile[0])
-        return processing_of(config)
+    def set_task_meanwhile(state, pronoun, ccr):  # another thread's set_task, inside the setter's window
+        seg.set_task(meanwhile)
+        return reencode(state, pronoun, ccr)
 
-    monkeypatch.setattr(segmenter_module, "processing_of", set_task_meanwhile)
-    seg.inference = dataclasses.replace(seg.inference, score_threshold=0.2)
-    assert seg.task_state is meanwhile[0]
-    # A pronoun change re-encodes the current task, still only if no task was set meanwhile.
-    meanwhile.pop(0)
+    monkeypatch.setattr(seg, "_reencode", set_task_meanwhile)
     seg.inference = dataclasses.replace(seg.inference, pronoun="it")
-    assert seg.task_state is meanwhile[0]
-    monkeypatch.setattr(segmenter_module, "processing_of", processing_of)
+    assert seg.task_state is meanwhile
+    monkeypatch.undo()
     seg.inference = dataclasses.replace(seg.inference, pronoun="thing")
-    assert seg.task_state.caption.endswith(" thing") and seg.task_state.task_id == 5
+    assert seg.task_state.caption.endswith(" thing") and seg.task_state.task_id == 3
 
 
 def test_a_config_assigned_during_a_call_leaves_that_call_on_the_old_one(monkeypatch):

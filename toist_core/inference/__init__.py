@@ -21,7 +21,8 @@ Files: :mod:`.segmenter` (:class:`TaskSegmenter`), :mod:`.results` (:class:`Task
 :class:`Prediction`), :mod:`.images` (frame checks and resize), :mod:`.finite` (NaN / inf
 network outputs refused: :class:`NonFiniteOutputError`), :mod:`.postprocess` (boxes and masks in
 original pixels), :mod:`.processing` (toist's or the reference's resize, padding and box
-clipping: ``InferenceConfig.protocol``), :mod:`.device` (device, precision, model preparation).
+clipping: ``InferenceConfig.protocol``), :mod:`.settings` (what an applied config derives, swapped
+as one object), :mod:`.device` (device, precision, model preparation).
 """
 
 from .device import SlowPrecisionWarning, resolve_device

@@ -7,7 +7,6 @@ import dataclasses
 import threading
 import warnings
 import weakref
-from numbers import Integral, Real
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -22,41 +21,17 @@ from ..model.eval_mode import eval_mode
 from ..structures import ImageBatch
 from ..tasks import COCO_TASKS, TaskVocabulary, resolve_task
 from ..tokens import NO_OBJECT_INDEX, span_token_indices
-from .device import autocast_dtype, check_on_device, is_channels_last, prepared, resolve_device
+from .device import check_on_device, is_channels_last, prepared, resolve_device
 from .finite import check_outputs, checked_masks
 from .images import check_image, preprocess
 from .postprocess import (binary_low_res, drop_duplicates, image_memory, mask_or_box_iou, masks_at_original, select,
                           to_pixels)
-from .processing import Processing, processing_of
+from .processing import Processing
 from .results import Prediction, TaskState, UntrainedTaskWarning
+from .settings import AppliedSettings, check_call_limits
 
 DEFAULT_PRONOUN = "something"
 _OWN = object()  # "the segmenter's current setting" for the optional arguments of the network steps
-
-
-@dataclasses.dataclass(frozen=True)
-class _Applied:
-    """Everything a call derives from the segmenter's ``InferenceConfig``, swapped as one object."""
-
-    config: InferenceConfig
-    processing: Processing
-    autocast: Optional[torch.dtype]
-    mean: Tensor            # [3, 1, 1] on the device
-    std: Tensor             # [3, 1, 1]
-    pronoun: str
-
-
-def check_call_limits(score_threshold, max_instances) -> None:
-    """Per-call overrides of ``predict`` / ``predict_batch`` (None: the config's), checked as the
-    config's own fields are: a negative cap would slice off the last instances instead."""
-    if score_threshold is not None and (isinstance(score_threshold, bool) or not isinstance(score_threshold, Real)
-                                        or not 0.0 <= score_threshold <= 1.0):
-        raise ValueError(f"score_threshold must be a number in [0, 1] (None: inference.score_threshold), "
-                         f"got {score_threshold!r}")
-    if max_instances is not None and (isinstance(max_instances, bool) or not isinstance(max_instances, Integral)
-                                      or max_instances < 0):
-        raise ValueError(f"max_instances must be an integer >= 0 (0: no instances; None: inference.max_instances), "
-                         f"got {max_instances!r}")
 
 
 class _ReencodeOnLoad:
@@ -200,18 +175,14 @@ class TaskSegmenter:
         if self._onnx is not None and config.precision != "fp32":
             raise ValueError(f"inference.precision: {config.precision!r} is for the torch backend; backend "
                              f"{running!r} runs its ONNX graphs in fp32 (onnxruntime) or fp16 (tensorrt): keep 'fp32'")
-        config = config.with_input_size(self._own_input_size)
-        autocast = autocast_dtype(config.precision, self.device)
-        mean = torch.tensor(config.mean, device=self.device).view(3, 1, 1)
-        std = torch.tensor(config.std, device=self.device).view(3, 1, 1)
-        pronoun = config.pronoun or self._own_pronoun
+        applied = AppliedSettings.of(config, self.device, self._own_input_size, self._own_pronoun)
         state = self._state
         reencoded = None
-        if state is not None and (pronoun != self.pronoun or config.ccr != self.inference.ccr):
-            reencoded = self._reencode(state, pronoun, config.ccr)
+        if state is not None and (applied.pronoun != self.pronoun or applied.config.ccr != self.inference.ccr):
+            reencoded = self._reencode(state, applied.pronoun, applied.config.ccr)
         # One assignment: a call running in another thread reads the old settings or the new,
         # never some of each (e.g. one config's queries with the other's mask threshold).
-        self._applied = _Applied(config, processing_of(config), autocast, mean, std, pronoun)
+        self._applied = applied
         if reencoded is not None:
             self._replace_state(state, reencoded)
 
@@ -429,7 +400,7 @@ class TaskSegmenter:
         returns the padded batch ``[B, 3, H, W]`` and each image's resized ``(h, w)``."""
         return self._preprocess(images, self._applied)
 
-    def _preprocess(self, images: Sequence[np.ndarray], applied: "_Applied") -> tuple[ImageBatch, list[tuple[int, int]]]:
+    def _preprocess(self, images: Sequence[np.ndarray], applied: AppliedSettings) -> tuple[ImageBatch, list[tuple[int, int]]]:
         config = applied.config
         return preprocess(images, config, applied.mean, applied.std,
                           config.channels_last and is_channels_last(self.model), applied.processing)
@@ -479,7 +450,7 @@ class TaskSegmenter:
 
     def _distinct(self, scores: Tensor, boxes: Tensor, threshold: float, limit: int,
                   mask_logits: Optional[Callable[[int, Tensor], Tensor]], b: int, size: tuple[int, int],
-                  padded: Sequence[int], orig: tuple[int, int], applied: "_Applied") -> tuple[Tensor, Optional[Tensor]]:
+                  padded: Sequence[int], orig: tuple[int, int], applied: AppliedSettings) -> tuple[Tensor, Optional[Tensor]]:
         """Image ``b``'s queries above ``threshold``, best first, without duplicates of one object
         (``inference.duplicate_iou``), at most ``limit``; and their stride-4 mask logits
         ``[k, h, w]`` (None without masks or instances). Masks are compared at stride 4 (the mask
