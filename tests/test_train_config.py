@@ -210,6 +210,29 @@ def test_toist_cli_has_the_train_subcommand(capsys):
     assert args.command == "train" and args.overrides == ["optim.lr=1"] and args.config == "x.yaml"
 
 
+@pytest.mark.parametrize("entry", ["toist train", "python -m training.train"])
+def test_overrides_may_follow_an_option(synth_root, capsys, entry):
+    """`toist train --config run.yaml --check optim.lr=1e-4` (an override added after a docs
+    command) failed with the top-level usage: "unrecognized arguments: optim.lr=1e-4"."""
+    from toist_core import cli
+
+    def run(*args):
+        return cli.main(["train", *args]) if entry == "toist train" else train_main(list(args))
+
+    code = run("--config", str(CONFIGS / "tiny_pronoun.yaml"), f"data.root={synth_root}", "data.tasks=[2]",
+               "--check", "data.tasks=[1]", "optim.lr=3e-5")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    resolved = yaml.safe_load(captured.out)
+    assert resolved["data"]["tasks"] == [1] and resolved["optim"]["lr"] == 3e-5   # in order: the later wins
+    with pytest.raises(SystemExit) as info:
+        run("--config", str(CONFIGS / "tiny_pronoun.yaml"), "--check", "--chek")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --chek" in err and ("usage: toist train" in err if entry == "toist train"
+                                                         else "usage: python -m training.train" in err)
+
+
 def test_docs_list_every_configuration_key_with_its_default_and_meaning():
     """docs/training.md named some keys and left others (checkpoint.per_epoch, eval.max_images,
     runtime.amp_on_cpu, ...) undocumented. Its table is generated from the dataclasses: it must be

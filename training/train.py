@@ -18,6 +18,7 @@ Also available as ``toist train``.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from typing import Optional, Sequence
 
@@ -31,6 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true",
                         help="only read and check the configuration and its paths, then exit")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="configuration overrides")
+    parser.set_defaults(take_extra=functools.partial(take_late_overrides, parser))
+
+
+def take_late_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequence[str]) -> None:
+    """Overrides typed after an option (``--check optim.lr=1e-4``), which argparse leaves over
+    (``parse_known_args``): appended in order; anything else is refused with this parser's usage."""
+    late = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in late]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(args.overrides or []) + late
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,7 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    args.take_extra(args, extra)
     try:
         return run(args)
     # As `toist train` (toist_core.cli): ConfigError, CheckpointError, DataError are ValueErrors;
