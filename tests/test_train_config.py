@@ -140,6 +140,11 @@ def test_stage_contradictions_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.iou_type: 'segm' scores masks; stage 'pronoun' trains a detector"):
         load_config(CONFIGS / "tiny_pronoun.yaml", ["eval.iou_type=segm"])
     assert load_config(CONFIGS / "tiny_mask_head.yaml", ["eval.iou_type=segm"]).metric_iou_type == "segm"
+    # Both mask stages (only mask_head_distill refused it; mask_head then failed at the start, or
+    # loaded a head silently): `--check` gives the refusal a start gives.
+    for config in ("tiny_mask_head.yaml", "tiny_mask_head_distill.yaml"):
+        with pytest.raises(ConfigError, match=r"init\.load: stage 'mask_head(_distill)?' takes no init\.load"):
+            load_config(CONFIGS / config, ["init.load=runs/pronoun/BEST_checkpoint.pth"])
 
 
 def test_device_is_checked_when_read_and_when_resolved(monkeypatch):

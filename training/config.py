@@ -280,8 +280,9 @@ def stage_problems(cfg: TrainConfig) -> list[str]:
                             "without them (use 'bbox' or 'auto')")
     if cfg.init.load_noun is not None and not cfg.is_distill:
         problems.append(f"init.load_noun: only for the distill stage, not {cfg.stage!r}")
-    if cfg.stage == "mask_head_distill" and cfg.init.load is not None:
-        problems.append("init.load: the mask_head stages take the detector from init.frozen_weights")
+    if cfg.is_mask_stage and cfg.init.load is not None:
+        problems.append(f"init.load: stage {cfg.stage!r} takes no init.load: the mask_head stages take the detector "
+                        "from init.frozen_weights, and the mask head trains from the start")
     return problems
 
 
