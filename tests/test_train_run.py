@@ -458,6 +458,21 @@ def test_mask_head_distill_refuses_a_detector_distilled_without_ccr_or_with_anot
                         f"init.frozen_weights={it}"), DistEnv())
 
 
+@pytest.mark.parametrize("stage", ["mask_head", "mask_head_distill"])
+def test_a_mask_stage_refuses_a_noun_caption_detector(synth_root, tmp_path, stage):
+    """A noun teacher as init.frozen_weights trained without a word: its frozen detector reads
+    noun captions, the head trained and evaluated on pronoun captions over it."""
+    from toist_core.checkpoint import CheckpointError
+
+    Trainer(_config("tiny_noun.yaml", synth_root, tmp_path / "noun", "schedule.max_steps=1"), DistEnv()).run()
+    teacher = tmp_path / "noun" / "checkpoint.pth"
+    with pytest.raises(CheckpointError, match=rf"{teacher} reads captions naming the objects \(stage 'noun'\); stage "
+                                              rf"'{stage}' trains its mask head on pronoun captions"):
+        Trainer(_config(f"tiny_{stage}.yaml", synth_root, tmp_path / "masks", "distill.bank_size=8",
+                        f"init.frozen_weights={teacher}"), DistEnv())
+    assert not (tmp_path / "masks" / "checkpoint.pth").exists()
+
+
 EVAL_AT_2 = ["eval.enabled=true", "eval.holdout_fraction=0.25", "eval.max_images=2", "eval.every_steps=2",
              "eval.every_epochs=0", "checkpoint.export_model_dir=true", "schedule.max_steps=2"]
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from toist_core.checkpoint import (CheckpointError, OfficialCheckpoint, is_model_dir, load_model_dir,
                                    load_state_dict_strict, read_official, refuse_non_finite, state_dict_problems)
-from toist_core.checkpoint.load import trained_with_ccr
+from toist_core.checkpoint.load import trained_with_ccr, training_captions
 from toist_core.distill.cluster import ClusterModule, pronoun_token_indices, target_pronouns
 from toist_core.losses.criterion import DistillationCriterion, SetCriterion, build_weight_dict
 from toist_core.model import build_model
@@ -109,6 +109,13 @@ def _load_frozen_detector(cfg: TrainConfig, model: nn.Module, trained_by: list, 
     file as read."""
     ckpt = read_official(cfg.init.frozen_weights)
     _note_source(cfg, trained_by, "init.frozen_weights", cfg.init.frozen_weights, ckpt.train_config, log)
+    if training_captions(ckpt) == "noun":  # frozen: it never learns this stage's pronoun captions
+        stage = (ckpt.train_config or {}).get("stage")
+        raise CheckpointError(f"init.frozen_weights: {cfg.init.frozen_weights} reads captions naming the objects "
+                              f"({f'stage {stage!r}' if stage else 'a noun teacher or an MDETR file'}); stage "
+                              f"{cfg.stage!r} trains its mask head on pronoun captions over that frozen detector, "
+                              "whose boxes would then mean little: give the pronoun detector (stage 'pronoun') or "
+                              "the distilled one (stage 'distill')")
     # A toist distillation run records whether it replaced the pronoun (distill.ccr) and
     # which pronoun; official files record neither (the reference always replaces).
     distilled_as = (ckpt.train_config or {}).get("distill") or {}
