@@ -450,6 +450,28 @@ def test_a_resume_keeps_the_holdout_it_trained_without(synth_root, tmp_path):
             resume=ckpt).run()
 
 
+def test_a_resume_reads_the_tasks_it_trained_on(synth_root, tmp_path):
+    """A resume with another data.tasks of the same length (or the same tasks reordered) was taken
+    silently: the weights trained on a mix, the checkpoint recorded one set and the export the other."""
+    from training.start_checks import check_start
+
+    out = tmp_path / "run"
+    Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=1", "eval.enabled=false"), DistEnv()).run()
+    ckpt = str(out / "checkpoint.pth")
+    for override, says in (("data.tasks=[2,1]", "data.tasks: checkpoint [1, 2], config [2, 1]"),
+                           ("data.pronoun=it", "data.pronoun: checkpoint 'something', config 'it'")):
+        for start in (lambda cfg: Trainer(cfg, DistEnv(), resume=ckpt), lambda cfg: check_start(cfg, ckpt)):
+            with pytest.raises(CheckpointError) as info:
+                start(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=2", "eval.enabled=false",
+                              override))
+            assert says in str(info.value) and "a resume reads the same" in str(info.value), str(info.value)
+    # Where the data lies may change.
+    moved = tmp_path / "moved"
+    shutil.copytree(synth_root, moved)
+    assert Trainer(_config("tiny_pronoun.yaml", moved, out, "schedule.max_steps=2", "eval.enabled=false"), DistEnv(),
+                   resume=ckpt).run().step == 2
+
+
 def test_validation_ground_truth_is_read_once_per_run(synth_root, tmp_path, monkeypatch):
     """Every evaluation parsed and schema-checked each task's ground truth file again; a run now
     reads each once and scores its later evaluations against the same objects."""

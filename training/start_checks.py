@@ -114,6 +114,22 @@ def check_resume_config(ckpt: dict, cfg: TrainConfig, path) -> None:
             f"{'; '.join(diffs)}. Resume with the checkpoint's values. {new_run_advice(cfg.stage, path)}")
     _check_resume_schedule(ckpt, cfg, path)
     _check_resume_holdout(saved, current, path, cfg.stage)
+    _check_resume_data(saved, current, path, cfg.stage)
+
+
+# What the training data is, beyond where it lies (data.root may move): a resume that reads other
+# tasks, or another order of them, trains the checkpoint's weights on a mix without a word.
+RESUME_DATA_FIELDS = ("tasks", "vocabulary_entries", "train_split", "caption_mode", "pronoun")
+
+
+def _check_resume_data(saved: dict, current: dict, path, stage: str) -> None:
+    before, now = saved.get("data") or {}, current.get("data") or {}
+    diffs = [f"data.{name}: checkpoint {before[name]!r}, config {now.get(name)!r}" for name in RESUME_DATA_FIELDS
+             if name in before and before[name] != now.get(name)]
+    if diffs:
+        raise ckpt_io.CheckpointError(
+            f"{path}: {'; '.join(diffs)}: the checkpoint trained on that data, in that order; a resume reads the "
+            f"same. {new_run_advice(stage, path)}")
 
 
 def _check_resume_schedule(ckpt: dict, cfg: TrainConfig, path) -> None:
