@@ -291,8 +291,11 @@ def test_a_model_folder_of_other_files_is_refused_before_training_not_after(synt
     cfg = _config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=1", "checkpoint.export_model_dir=true")
     for start in (lambda: Trainer(cfg, DistEnv()), lambda: check_start(cfg)):
         with pytest.raises(ConfigError, match=rf"output_dir: the run exports its model to {out / 'model'}: not empty "
-                                              r"and not a toist model directory .*would delete notes.txt"):
+                                              r"and not a toist model directory .*would delete notes.txt") as info:
             start()
+        # Advice a run can take (its export folder is fixed): not "give a new folder, e.g. .../model/model".
+        assert "choose another output_dir, or set checkpoint.export_model_dir=false" in str(info.value)
+        assert "model/model" not in str(info.value)
     assert sorted(p.name for p in out.rglob("*")) == ["model", "notes.txt"]
     cfg = _config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=1", "checkpoint.export_model_dir=false")
     check_start(cfg)

@@ -51,10 +51,12 @@ def model_dir_problem(cfg: TrainConfig) -> Optional[str]:
     from toist_core.checkpoint import CheckpointError
     from toist_core.checkpoint.model_dir import check_replaceable
 
-    try:
-        check_replaceable(Path(cfg.output_dir) / MODEL_DIR)
+    try:  # the folder is <output_dir>/model: another folder means another output_dir
+        check_replaceable(Path(cfg.output_dir) / MODEL_DIR,
+                          remedy="move those entries out, choose another output_dir, or set "
+                                 "checkpoint.export_model_dir=false (nothing exported)")
     except CheckpointError as exc:
-        return f"output_dir: the run exports its model to {exc} (checkpoint.export_model_dir=false exports nothing)"
+        return f"output_dir: the run exports its model to {exc}"
     return None
 
 

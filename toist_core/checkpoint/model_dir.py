@@ -330,11 +330,13 @@ def _setting_differences(model: nn.Module, reference: nn.Module) -> list[str]:
     return [f"{len(differ)} module(s) set up otherwise: {listing(differ, 3)}"] if differ else []
 
 
-def check_replaceable(directory: PathLike) -> None:
+def check_replaceable(directory: PathLike, remedy: Optional[str] = None) -> None:
     """Refuse to write a model directory over anything but nothing, an empty folder or a toist
     model directory holding only what toist puts in one (:data:`OWN_ENTRIES`): a directory is
     replaced as a whole, so whatever else ``directory`` holds (the checkpoint being exported, a
-    run's logs, a user's files) would be deleted. Called before anything is loaded or written."""
+    run's logs, a user's files) would be deleted. Called before anything is loaded or written.
+    ``remedy``: what to do instead, where the caller cannot take another folder (default: give
+    one)."""
     directory = Path(directory).expanduser()
     if directory.is_symlink() and not directory.exists():
         raise CheckpointError(f"{directory}: a link to {os.readlink(directory)}, which does not exist; create that "
@@ -342,8 +344,8 @@ def check_replaceable(directory: PathLike) -> None:
     if not directory.exists():
         return
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: exists and is not a folder; give a new or empty folder "
-                              "for the model directory")
+        raise CheckpointError(f"{directory}: exists and is not a folder; "
+                              f"{remedy or 'give a new or empty folder for the model directory'}")
     here = Path.cwd().resolve()
     if directory.resolve() in (here, *here.parents):
         # A folder in use as the working directory cannot be swapped out ("." cannot even be renamed).
@@ -359,9 +361,9 @@ def check_replaceable(directory: PathLike) -> None:
     shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
     kind = ("a toist model directory that also holds other files" if what == MODEL_DIR_FORMAT else
             f"not empty and not a toist model directory ({what})")
+    remedy = remedy or f"give a new or empty folder (e.g. {directory / 'model'}), or move those entries out first"
     raise CheckpointError(f"{directory}: {kind}; writing the model directory there replaces the folder as a whole "
-                          f"and would delete {shown}. Nothing was written: give a new or empty folder "
-                          f"(e.g. {directory / 'model'}), or move those entries out first")
+                          f"and would delete {shown}. Nothing was written: {remedy}")
 
 
 def _model_dir_format(directory: Path) -> str:
