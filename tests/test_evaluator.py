@@ -579,6 +579,29 @@ def test_cli_on_a_tiny_checkpoint(root, tmp_path, capsys):
     assert (out / "results.csv").is_file()
 
 
+def test_a_split_without_a_default_image_folder_names_the_option(root, tmp_path, capsys):
+    """`--split val` said "image_dirs: no image folder configured", a config field this command
+    has not: the option to give is --image-dir."""
+    import shutil
+
+    from toist_core.checkpoint import save_model_dir
+    from toist_core.inference import TaskSegmenter
+
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    shutil.copy(data / "annotations" / "task_14_test.json", data / "annotations" / "task_14_val.json")
+    segmenter = TaskSegmenter.from_config("tiny_segm", seed=0, device="cpu")
+    model_dir = save_model_dir(segmenter.model, tmp_path / "tiny", segmenter.config)
+    common = ["evaluate", "--data", str(data), "--split", "val", "--checkpoint", str(model_dir), "--tasks", "14",
+              "--max-images", "1", "--short-side", "64", "--max-size", "96", "--device", "cpu", "--no-plots"]
+    assert cli.main(common + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--split val: no default image folder for that split" in err and "give it with --image-dir" in err
+    assert not (tmp_path / "out").exists()
+    images = data / "images" / "val2014" if (data / "images" / "val2014").is_dir() else next((data / "images").iterdir())
+    assert cli.main(common + ["--out", str(tmp_path / "out"), "--image-dir", str(images)]) == 0, capsys.readouterr().err
+
+
 def test_a_rescored_predictions_file_names_the_tasks_as_the_model_did(root, tmp_path, capsys):
     """An own vocabulary's phrases go into --save-predictions' file, and re-scoring it with
     --predictions titles the tables with them, not with COCO-Tasks' phrases of the same ids."""

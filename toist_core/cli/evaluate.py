@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: bbox, plus segm when the predictions have masks")
     parser.add_argument("--max-images", type=int, default=None,
                         help="evaluate only the first N images of each task file (quick runs)")
-    parser.add_argument("--out", default="eval_out", help="folder for tables and plots")
+    parser.add_argument("--out", default="eval_out", help="folder for tables and plots (default: eval_out)")
     parser.add_argument("--save-predictions", default=None, help="also write the predictions here")
     parser.add_argument("--device", default="auto", help="torch device for --checkpoint (auto, cpu, cuda)")
     parser.add_argument("--text-encoder", default=None,
@@ -226,7 +226,12 @@ def default_batch_size(segmenter, protocol: str, captions: str) -> int:
 def _default_image_dir(root: str, split: str) -> Path:
     from toist_core.data.config import DataConfig
 
-    return DataConfig(root=root).image_dir(split)
+    data = DataConfig(root=root)
+    if split not in data.image_dirs:  # the config field's message would name no option of this command
+        raise ValueError(f"--split {split}: no default image folder for that split (defaults: "
+                         f"{', '.join(f'{name}: <data>/{folder}' for name, folder in sorted(data.image_dirs.items()))}); "
+                         "give it with --image-dir")
+    return data.image_dir(split)
 
 
 def load_segmenter(checkpoint: str, device: str = "auto", text_encoder: Optional[str] = None,
