@@ -440,10 +440,10 @@ def results_table(results: dict) -> str:
              "| mask inside its box |", "|---|---|---|---|---|---|---|"]
 
     def cell(value, fmt="{:.3f}"):
-        return "-" if value is None else fmt.format(value)
+        return "-" if value is None or value != value else fmt.format(value)  # None / NaN: not measured
 
     def two(metrics, raw, shown, fmt):
-        if metrics.get(raw) is None:
+        if cell(metrics.get(raw)) == "-":
             return "-"
         return f"{cell(metrics.get(raw), fmt)} / {cell(metrics.get(shown), fmt)}"
 

@@ -27,13 +27,6 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> Model:
         tokenizer = load_tokenizer(cfg.text.tokenizer)
     if len(tokenizer) > cfg.text.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but text.vocab_size is {cfg.text.vocab_size}")
-    if tokenizer.pad_token_id != cfg.text.pad_token_id:
-        # Another vocabulary (a BERT WordPiece tokenizer pads with 0): every caption would become
-        # other tokens than the encoder learnt, silently.
-        source = getattr(tokenizer, "name_or_path", "") or cfg.text.tokenizer
-        raise ValueError(f"tokenizer {source!r} pads with token id {tokenizer.pad_token_id}, the text encoder "
-                         f"with {cfg.text.pad_token_id} (text.pad_token_id): a tokenizer of another vocabulary; "
-                         "give the one the model was trained with (RoBERTa's: roberta-base)")
     # A tokenizer of special tokens only (its vocabulary files were missing) maps every caption to
     # the same ids: every task would give the same output. Fewer tokens than vocab_size are fine
     # (the packaged tiny tokenizer serves the paper-size model in tests).
@@ -42,6 +35,13 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> Model:
         raise ValueError(f"tokenizer {source!r} has only its {len(tokenizer)} special tokens "
                          f"({', '.join(tokenizer.all_special_tokens)}), no vocabulary: every caption would "
                          "tokenize alike; give a folder with its vocabulary files (tokenizer.json)")
+    if tokenizer.pad_token_id != cfg.text.pad_token_id:
+        # Another vocabulary (a BERT WordPiece tokenizer pads with 0): every caption would become
+        # other tokens than the encoder learnt, silently.
+        source = getattr(tokenizer, "name_or_path", "") or cfg.text.tokenizer
+        raise ValueError(f"tokenizer {source!r} pads with token id {tokenizer.pad_token_id}, the text encoder "
+                         f"with {cfg.text.pad_token_id} (text.pad_token_id): a tokenizer of another vocabulary; "
+                         "give the one the model was trained with (RoBERTa's: roberta-base)")
     position = PositionEmbeddingSine(cfg.transformer.d_model // 2, normalize=True)
     backbone = build_backbone(cfg.backbone, position, return_interm_layers=cfg.masks)
     transformer = Transformer(cfg.transformer, cfg.text, tokenizer)
