@@ -186,6 +186,9 @@ def test_a_changed_tokenizer_file_in_a_model_directory_is_refused(train_run, tmp
     out = tmp_path / "model"
     assert cli.main(["export", str(train_run), str(out)]) == 0
     load_pretrained(out)   # as exported: loads
+    (out / "tokenizer" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")   # a stray file a copy adds: still loads
+    (out / "tokenizer" / "._tokenizer.json").write_bytes(b"\0\5\26\7")
+    load_pretrained(out)
     vocab_file = out / "tokenizer" / "tokenizer.json"
     exported = vocab_file.read_bytes()
     data = json.loads(exported)

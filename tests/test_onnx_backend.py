@@ -273,7 +273,7 @@ def _dir_with_graphs(dirs, target: Path) -> Path:
 
 
 def _staging_leftovers(directory: Path) -> list:
-    return [p.name for p in directory.parent.iterdir() if ".onnx-staging-" in p.name]
+    return [p.name for folder in (directory, directory.parent) for p in folder.iterdir() if ".onnx-staging-" in p.name]
 
 
 def test_a_failed_check_keeps_the_graphs_the_directory_had(dirs, tmp_path, monkeypatch, capsys):
@@ -333,6 +333,38 @@ def test_a_damaged_graph_is_refused_naming_the_file_and_the_command(dirs, tmp_pa
     with pytest.raises(CheckpointError, match=rf"detector.onnx: onnxruntime cannot read it .*damaged or cut short: "
                                               rf"run `toist export --onnx {directory}` again"):
         TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(backend="onnxruntime"))
+
+
+def test_the_export_stages_inside_the_directory_wherever_it_lies(dirs, tmp_path, monkeypatch):
+    """Staged beside the directory, the export failed for a directory reached through a link to
+    another file system (a rename across devices), under a parent it may not write, and for "."
+    (run from inside the directory). Staged inside it, each works, and a staging folder a killed
+    export left does not make the directory "a folder of other files"."""
+    import os
+    import tempfile
+
+    from toist_core.checkpoint.model_dir import check_replaceable
+    from toist_core.inference.onnx_export import export_checked
+
+    shm = Path("/dev/shm")
+    elsewhere = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() and shm.stat().st_dev != tmp_path.stat().st_dev
+                                      else tmp_path))
+    try:
+        target = _dir_with_graphs(dirs, elsewhere / "m")
+        for name in (DETECTOR_FILE, MASK_HEAD_FILE):
+            (target / name).unlink()
+        (tmp_path / "link").symlink_to(target)
+        assert check_passes(export_checked(tmp_path / "link", sizes=((48, 64),)))
+        assert (target / DETECTOR_FILE).is_file() and (tmp_path / "link").is_symlink()
+        assert os.path.samefile(tmp_path / "link", target) and not _staging_leftovers(target)
+        monkeypatch.chdir(target)
+        assert check_passes(export_checked(".", sizes=((48, 64),)))
+        assert not _staging_leftovers(target)
+        monkeypatch.chdir(tmp_path)
+        (target / ".onnx-staging-abc123").mkdir()   # left by an export that was killed
+        check_replaceable(target)
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
 
 
 def test_the_export_api_expands_the_home_folder(dirs, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import zipfile
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -68,13 +68,15 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def folder_digest(folder: PathLike) -> str:
-    """SHA-256 hex over every file under ``folder``: relative path and bytes, in path order."""
+def folder_digest(folder: PathLike, names: Sequence[str]) -> str:
+    """SHA-256 hex over the files ``names`` of ``folder``, in name order: each name, then its
+    bytes, or a mark that it is absent (a file removed changes the digest as one edited does)."""
     folder = Path(folder)
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder).as_posix()}\n".encode())
-        digest.update(path.read_bytes())
+    for name in sorted(names):
+        path = folder / name
+        digest.update(f"{name}\n".encode())
+        digest.update(path.read_bytes() if path.is_file() else b"\0absent\0")
     return digest.hexdigest()
 
 

@@ -63,6 +63,13 @@ RECIPE_FILES = ("metrics.json", "MODEL_CARD.md")
 REQUIRED_FIELDS = ("format", "version", "model")
 OWN_ENTRIES = frozenset((CONFIG_FILE, WEIGHTS_FILE, BANK_FILE, TOKENIZER_DIR, DETECTOR_FILE, MASK_HEAD_FILE,
                          f".{DETECTOR_FILE}.tmp", f".{MASK_HEAD_FILE}.tmp", TRT_CACHE_DIR) + RECIPE_FILES)
+# The folder `toist export --onnx` stages its graphs in (inside the directory: same file system,
+# and the parent need not be writable); one an interrupted export left is toist's too.
+ONNX_STAGING_PREFIX = ".onnx-staging-"
+# The tokenizer files transformers reads, which the export's tokenizer digest covers (a stray
+# file a copy adds, .DS_Store or ._*, changes nothing and is not hashed).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json")
 
 # Safetensors metadata that ties a directory's files to one export: the same random id in its
 # model and bank files (directories written before have none and load as before).
@@ -147,7 +154,7 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
         check_tokenizer_copy(model.tokenizer, staging / TOKENIZER_DIR)
         save_safetensors(model.state_dict(), staging / WEIGHTS_FILE,
                          metadata={**stamp, CAPTIONS_KEY: captions, MODEL_CONFIG_KEY: _network_json(cfg),
-                                   TOKENIZER_DIGEST_KEY: folder_digest(staging / TOKENIZER_DIR)})
+                                   TOKENIZER_DIGEST_KEY: folder_digest(staging / TOKENIZER_DIR, TOKENIZER_FILES)})
         if memory_bank is not None:
             save_safetensors(bank_tensors(memory_bank), staging / BANK_FILE, metadata=stamp)
         typed_config.save_yaml(manifest, staging / CONFIG_FILE)
@@ -166,7 +173,7 @@ def _network_json(cfg: ModelConfig) -> str:
 def _check_tokenizer_unchanged(folder: Path, recorded: Optional[str]) -> None:
     """Refuse a tokenizer folder whose files differ from the export's (``recorded``: None for
     directories written before the digest)."""
-    if recorded is not None and folder_digest(folder) != recorded:
+    if recorded is not None and folder_digest(folder, TOKENIZER_FILES) != recorded:
         raise CheckpointError(f"{folder}: its files changed since the export (their SHA-256 is not the one recorded "
                               f"in {WEIGHTS_FILE}): a damaged or edited tokenizer gives the model other tokens; "
                               "restore the folder or export the model again (toist export)")
@@ -355,7 +362,8 @@ def check_replaceable(directory: PathLike, remedy: Optional[str] = None) -> None
     if not entries:
         return
     what = _model_dir_format(directory)
-    foreign = entries if what != MODEL_DIR_FORMAT else [name for name in entries if name not in OWN_ENTRIES]
+    foreign = entries if what != MODEL_DIR_FORMAT else [name for name in entries if name not in OWN_ENTRIES
+                                                        and not name.startswith(ONNX_STAGING_PREFIX)]
     if not foreign:
         return
     shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..atomic_file import fsync_dir
 from ..checkpoint import WEIGHTS_FILE, CheckpointError
-from ..checkpoint.model_dir import DETECTOR_FILE, MASK_HEAD_FILE
+from ..checkpoint.model_dir import DETECTOR_FILE, MASK_HEAD_FILE, ONNX_STAGING_PREFIX
 from ..structures import ImageBatch
 from ..tokens import NO_OBJECT_INDEX
 
@@ -215,9 +215,9 @@ def export_onnx(model: nn.Module, directory, exporter: str = "torchscript") -> l
     """Write ``detector.onnx`` (and ``mask_head.onnx`` for segmentation models) of the fp32 CPU
     copy of ``model`` into ``directory`` (a model directory: its ``model.safetensors`` digest is
     recorded). ``model`` must hold exactly that file's tensors (:func:`check_same_weights`).
-    The graphs are written in a folder of their own beside ``directory``, flushed to disk and
+    The graphs are written in a folder of their own inside ``directory``, flushed to disk and
     renamed in: a reader never sees half a graph, and an interrupted export changes nothing."""
-    directory = Path(directory).expanduser()
+    directory = Path(directory).expanduser().resolve()
     with _staging_folder(directory) as staging:
         graphs = _write_graphs(model, directory, staging, exporter)
         return _install(graphs, directory, model_digest(directory))
@@ -281,9 +281,10 @@ def _install(graphs: list[Path], directory: Path, digest: str) -> list[Path]:
 
 @contextlib.contextmanager
 def _staging_folder(directory: Path) -> Iterator[Path]:
-    """A fresh folder beside ``directory`` (same file system: renames from it are atomic),
-    removed afterwards whatever happens (Ctrl-C included)."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.onnx-staging-", dir=directory.parent))
+    """A fresh folder inside ``directory`` (the same file system, so renames from it are atomic,
+    and only the directory need be writable), removed afterwards whatever happens (Ctrl-C
+    included); one a killed export left is the directory's own entry (``ONNX_STAGING_PREFIX``)."""
+    staging = Path(tempfile.mkdtemp(prefix=ONNX_STAGING_PREFIX, dir=directory))
     try:
         yield staging
     finally:
@@ -395,13 +396,13 @@ def describe_check(result: dict) -> str:
 
 def export_checked(directory, exporter: str = "torchscript", **check) -> dict:
     """:func:`export_onnx` of a model directory's own weights, checked by :func:`compare_backends`
-    before they are installed: the new graphs run beside a linked copy of the directory, and only
+    before they are installed: the new graphs run in a linked copy of the directory, and only
     graphs that pass replace the directory's (a failed or interrupted check leaves the graphs it
     had, :class:`CheckpointError` saying by how much). ``check``: :func:`compare_backends`'s
     options; its tasks default to two of the model's and a free-text caption."""
     from ..checkpoint import is_model_dir, load_pretrained
 
-    directory = Path(directory).expanduser()
+    directory = Path(directory).expanduser().resolve()  # "." has no name to give the trial copy
     if not is_model_dir(directory):
         command = (f"toist export {directory} <model_dir> --onnx" if directory.is_file()
                    else f"toist export <checkpoint.pth> {directory} --onnx")
@@ -410,9 +411,9 @@ def export_checked(directory, exporter: str = "torchscript", **check) -> dict:
     check.setdefault("tasks", _check_tasks(loaded))
     digest = model_digest(directory)
     with _staging_folder(directory) as staging:
-        trial = staging / directory.name
+        trial = staging / "trial"
         shutil.copytree(directory, trial, copy_function=_link_or_copy,
-                        ignore=shutil.ignore_patterns(DETECTOR_FILE, MASK_HEAD_FILE))
+                        ignore=shutil.ignore_patterns(DETECTOR_FILE, MASK_HEAD_FILE, f"{ONNX_STAGING_PREFIX}*"))
         graphs = _write_graphs(loaded.model, trial, staging, exporter)
         for graph in graphs:  # the trial directory runs them; the originals stay for the install
             _link_or_copy(str(graph), str(trial / graph.name))
