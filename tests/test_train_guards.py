@@ -149,6 +149,12 @@ def test_a_fresh_start_keeps_a_config_yaml_no_run_wrote(synth_root, tmp_path):
     Trainer(_config("tiny_pronoun.yaml", synth_root, other, "schedule.max_steps=1", "eval.enabled=false",
                     "optim.weight_decay=0.001"), DistEnv())
     assert yaml.safe_load((other / "config.yaml").read_text())["optim"]["weight_decay"] == 0.001
+    # One a run wrote before the header line existed (every section, resolved): replaced too.
+    text = (other / "config.yaml").read_text()
+    (other / "config.yaml").write_text(text.split("\n", 1)[1])
+    assert not text.split("\n", 1)[1].startswith("#")
+    Trainer(_config("tiny_pronoun.yaml", synth_root, other, "schedule.max_steps=1", "eval.enabled=false"), DistEnv())
+    assert (other / "config.yaml").read_text().startswith("# toist train")
 
 
 def test_resume_refuses_changed_optimizer_settings_before_writing(synth_root, tmp_path):

@@ -81,11 +81,25 @@ def foreign_config_problem(output_dir: Path) -> Optional[str]:
     from toist_core.data.schema import written_by
 
     path = output_dir / RUN_CONFIG
-    if not path.exists() or written_by(path, RUN_CONFIG_HEADER.encode()):
+    if not path.exists() or written_by(path, RUN_CONFIG_HEADER.encode()) or _resolved_dump(path):
         return None
     return (f"output_dir: {path} exists and was not written by toist train (a configuration of yours?); a run "
             "writes its resolved configuration there: move the file (give it with --config from elsewhere), or "
             "choose another output_dir")
+
+
+def _resolved_dump(path: Path) -> bool:
+    """Whether ``path`` is a run's resolved configuration as toist wrote it before the header
+    line: every section of a ``TrainConfig`` at the top level (a hand-written one names a few)."""
+    import dataclasses
+
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and set(data) == {field.name for field in dataclasses.fields(TrainConfig)}
 
 
 def refuse_existing_run(output_dir: Path, found: str) -> None:
