@@ -264,7 +264,7 @@ def test_log_line_of_a_distilled_segmentation_file(tmp_path, caplog):
     path = save_official(tmp_path / "toist_distilled.pth", preset("tiny_segm"), cluster=bank_state())
     loaded, line = load_records(caplog, path, preset("tiny_segm"))
     assert loaded.memory_bank is not None
-    assert line.startswith(f"loaded {path} (official TOIST/MDETR file): segmentation (mask head); ")
+    assert line.startswith(f"loaded {path} (official TOIST file): segmentation (mask head); ")
     assert "distilled: memory bank for 14 tasks (8 features each, K=3 cluster centres)" in line
     assert "EMA weights (model_ema)" in line
     assert "text encoder RoBERTa 2 layers x 64, 514 positions (weights from the file" in line
@@ -295,6 +295,17 @@ def test_mdetr_and_noun_teacher_files_say_what_they_read_and_warn_on_task_captio
     printed = capsys.readouterr().out
     assert "not the node" in printed and "checkpoint:=" not in printed
     assert TaskSegmenter.from_pretrained(str(out), device="cpu").captions == "noun"
+
+
+def test_a_bare_state_dict_says_it_cannot_tell_and_loads_as_toist(tmp_path, caplog):
+    """No args to read: neither MDETR nor a noun teacher can be told; loaded as a TOIST file."""
+    torch.manual_seed(0)
+    model = build_model(preset("tiny"), tokenizer=load_tokenizer("builtin:tiny"))
+    path = tmp_path / "weights_only.pth"
+    torch.save(model.state_dict(), path)
+    loaded, line = load_records(caplog, path, preset("tiny"))
+    assert f"loaded {path} (official file without its args (TOIST or MDETR)): " in line
+    assert loaded.captions == "pronoun" and loaded.tasks == tuple(range(1, 15))
 
 
 def test_a_toist_file_is_offered_to_the_node(tmp_path, capsys):

@@ -193,7 +193,7 @@ def _file_kind(ckpt: OfficialCheckpoint) -> str:
                 "starts from it (init.load), its answers to task captions mean nothing")
     if noun:
         return "official TOIST file, noun teacher: reads captions naming the objects, not a task's pronoun caption"
-    return "official TOIST/MDETR file"
+    return "official TOIST file" if ckpt.args is not None else "official file without its args (TOIST or MDETR)"
 
 
 def trained_with_ccr(ckpt: OfficialCheckpoint) -> bool:
