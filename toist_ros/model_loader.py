@@ -170,29 +170,28 @@ def load_model(settings: Any, warn: Callable[[str], None], info: Optional[Callab
 
     inference = inference_config(settings, precision)
     text_encoder = settings["text_encoder"].strip() or None
+    what = f"checkpoint {checkpoint!r}" if checkpoint else f"the embedded default model ({DEFAULT_MODEL_DIR})"
     try:
-        default_dir = None if checkpoint else default_model_dir()
-        if checkpoint or default_dir is not None:
-            source = checkpoint or str(default_dir)
-            with _load_summary_to(info or (lambda _text: None)), warnings.catch_warnings():
-                warnings.simplefilter("ignore", SlowPrecisionWarning)  # said above, through the node's log
-                segmenter = TaskSegmenter.from_pretrained(source, device=device, text_encoder=text_encoder,
-                                                          inference=inference)
-            description = f"checkpoint {checkpoint}" if checkpoint else DEFAULT_MODEL_NOTE
-        else:
-            if inference.backend != "torch":
-                warn(f"backend {inference.backend!r} needs a model directory with ONNX graphs; the random-weight "
-                     "fallback model runs on torch")
-                inference = dataclasses.replace(inference, backend="torch")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", SlowPrecisionWarning)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SlowPrecisionWarning)  # said above, through the node's log
+            default_dir = None if checkpoint else default_model_dir()
+            if checkpoint or default_dir is not None:
+                source = checkpoint or str(default_dir)
+                with _load_summary_to(info or (lambda _text: None)):
+                    segmenter = TaskSegmenter.from_pretrained(source, device=device, text_encoder=text_encoder,
+                                                              inference=inference)
+                description = f"checkpoint {checkpoint}" if checkpoint else DEFAULT_MODEL_NOTE
+            else:
+                if inference.backend != "torch":
+                    warn(f"backend {inference.backend!r} needs a model directory with ONNX graphs; the random-weight "
+                         "fallback model runs on torch")
+                    inference = dataclasses.replace(inference, backend="torch")
                 segmenter = TaskSegmenter.from_config(FALLBACK_MODEL, device=device, text_encoder=text_encoder,
                                                       inference=inference, seed=FALLBACK_SEED)
-            description = FALLBACK_MODEL_NOTE.format(path=DEFAULT_MODEL_DIR)
+                description = FALLBACK_MODEL_NOTE.format(path=DEFAULT_MODEL_DIR)
     except StartupError:
         raise
     except Exception as exc:  # the loader's own message says which key / file / shape is wrong
-        what = f"checkpoint {checkpoint!r}" if checkpoint else f"the embedded default model ({DEFAULT_MODEL_DIR})"
         raise StartupError(EXIT_MODEL, f"cannot load {what}: {type(exc).__name__}: {exc}") from exc
     if segmenter.vocabulary.num_tasks > MAX_TASK_ID:
         # TaskStatus / TaskInstances carry the id as uint8: task 300 would be published as 44.
@@ -202,9 +201,9 @@ def load_model(settings: Any, warn: Callable[[str], None], info: Optional[Callab
     if not segmenter.has_masks:
         # Detection-only checkpoints exist among the released files (which ones is not published).
         if settings["depth.enabled"]:
-            raise StartupError(EXIT_PARAMETERS, f"depth.enabled is true but {description.split(';')[0]} has no mask "
-                                                "head (a detection checkpoint): the 3D positions are computed from the "
-                                                "masks; use a segmentation checkpoint or depth.enabled:=false")
+            raise StartupError(EXIT_PARAMETERS, f"depth.enabled is true but {what} has no mask head (a detection "
+                                                "checkpoint): the 3D positions are computed from the masks; use a "
+                                                "segmentation checkpoint or depth.enabled:=false")
         if settings["output.masks"]:
             warn("the model has no mask head (a detection checkpoint): its instances carry boxes only, no masks")
     if not inference.ccr and segmenter.memory_bank is not None and info is not None:

@@ -74,9 +74,8 @@ def build_stage_models(cfg: TrainConfig, tokenizer, log=print, load_init: bool =
     if cfg.is_distill:
         teacher = build_model(cfg.model, tokenizer=tokenizer)
         if load_init and cfg.init.load_noun is not None:
-            _note_source(cfg, trained_by, "init.load_noun", cfg.init.load_noun,
-                         load_weights(teacher, cfg.init.load_noun, cfg.init.strict, "init.load_noun", log, teacher=True),
-                         log)
+            loaded = load_weights(teacher, cfg.init.load_noun, cfg.init.strict, "init.load_noun", log, teacher=True)
+            _note_source(cfg, trained_by, "init.load_noun", cfg.init.load_noun, loaded, log)
         if cfg.distill.uses_bank:
             cluster = ClusterModule(cfg.distill)
     if cfg.is_mask_stage:

@@ -228,8 +228,8 @@ def _default_image_dir(root: str, split: str) -> Path:
 
     data = DataConfig(root=root)
     if split not in data.image_dirs:  # the config field's message would name no option of this command
-        raise ValueError(f"--split {split}: no default image folder for that split (defaults: "
-                         f"{', '.join(f'{name}: <data>/{folder}' for name, folder in sorted(data.image_dirs.items()))}); "
+        defaults = ", ".join(f"{name}: <data>/{folder}" for name, folder in sorted(data.image_dirs.items()))
+        raise ValueError(f"--split {split}: no default image folder for that split (defaults: {defaults}); "
                          "give it with --image-dir")
     return data.image_dir(split)
 

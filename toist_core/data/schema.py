@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Optional, Union
 from toist_core.data.rle import counts_problem
 
 
-_NUMBER_TYPES = frozenset((int, float))  # exact types: JSON true/false (bool) is not a coordinate
+NUMBER_TYPES = frozenset((int, float))  # exact types: JSON true/false (bool), strings and null are not numbers
 # pycocotools' frPyObjects takes a list whose FIRST polygon has 4 values for boxes (and fails with
 # an unnamed TypeError); later polygons of 2 points are rasterised like the others (the reference
 # loads them, so real files may hold them).
@@ -221,7 +221,7 @@ def _where(path: Path, section: str, index: int, rec: Any) -> str:
 
 _KINDS = {
     "int": (lambda v: type(v) is int, "an integer"),
-    "number": (lambda v: type(v) in _NUMBER_TYPES, "a number"),
+    "number": (lambda v: type(v) in NUMBER_TYPES, "a number"),
     "str": (lambda v: type(v) is str and v != "", "a non-empty string"),
 }
 
@@ -262,7 +262,7 @@ def _annotation(path: Path, index: int, rec: Any, extents: dict[int, "_Extent"])
     bbox = rec.get("bbox")
     if "bbox" not in rec:
         raise DataError(f"{where}: missing field 'bbox'")
-    if type(bbox) is not list or len(bbox) != 4 or not _NUMBER_TYPES.issuperset(map(type, bbox)):
+    if type(bbox) is not list or len(bbox) != 4 or not NUMBER_TYPES.issuperset(map(type, bbox)):
         raise DataError(f"{where}: field 'bbox': expected [x, y, w, h] (4 numbers), got {bbox!r}")
     if not _all_finite(bbox):  # a NaN box would be dropped as degenerate, unnoticed
         raise DataError(f"{where}: field 'bbox': expected finite numbers, got {bbox!r}")
@@ -306,8 +306,8 @@ def _check_segmentation(where: str, seg: Any, extent: Optional["_Extent"]) -> No
                             f"(>= {least}: {least // 2} points{'; the first one of an annotation' if k == 0 else ''}) "
                             f"of coordinates, got "
                             f"{poly if not isinstance(poly, list) else f'{len(poly)} values'}")
-        if not _NUMBER_TYPES.issuperset(map(type, poly)):  # C-speed; a real file has ~1M coordinates
-            bad = next(v for v in poly if type(v) not in _NUMBER_TYPES)
+        if not NUMBER_TYPES.issuperset(map(type, poly)):  # C-speed; a real file has ~1M coordinates
+            bad = next(v for v in poly if type(v) not in NUMBER_TYPES)
             raise DataError(f"{prefix}[{k}]: polygon coordinates must be numbers, got {bad!r}")
         if extent is None:
             continue

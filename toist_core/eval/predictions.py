@@ -34,7 +34,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from toist_core.data.rle import first_bad_counts
-from toist_core.data.schema import DataError
+from toist_core.data.schema import NUMBER_TYPES, DataError
 from toist_core.atomic_file import atomic_write
 
 FORMAT_NAME = "toist-predictions"
@@ -361,9 +361,6 @@ def _entry(path: Path, where: str, entry: Any) -> ImagePredictions:
     return pred
 
 
-_NUMBER_TYPES = frozenset((int, float))  # exact types: JSON true, "0.9" and null are not numbers
-
-
 def _numbers(path: Path, where: str, name: str, value: Any, rows: bool) -> np.ndarray:
     """Field ``name``: a list of numbers (``rows``: of lists of numbers) as float64. numpy would
     read true as 1.0, "0.9" as 0.9 and null as NaN: refused, naming the first such value, as
@@ -373,8 +370,8 @@ def _numbers(path: Path, where: str, name: str, value: Any, rows: bool) -> np.nd
         shape = "a list of [x1, y1, x2, y2] lists" if rows else "a list of numbers"
         raise DataError(f"{path}: {where}: field {name!r}: expected {shape}, got {_short(value)}")
     flat = list(itertools.chain.from_iterable(value)) if rows else value
-    if not _NUMBER_TYPES.issuperset(map(type, flat)):
-        bad = next(v for v in flat if type(v) not in _NUMBER_TYPES)
+    if not NUMBER_TYPES.issuperset(map(type, flat)):
+        bad = next(v for v in flat if type(v) not in NUMBER_TYPES)
         raise DataError(f"{path}: {where}: field {name!r}: expected numbers, got {_short(bad)}")
     try:
         return np.asarray(value, dtype=np.float64)

@@ -26,12 +26,8 @@ def _pct(value: float) -> float:
     return 100.0 * value if value >= 0 else float("nan")
 
 
-def _fmt(value: float) -> str:
-    return "n/a" if value != value else f"{value:.1f}"  # NaN -> n/a
-
-
-def _csv_number(value: float) -> str:
-    return "n/a" if value != value else f"{value:.4f}"  # NaN -> n/a (pandas reads it as NaN)
+def _fmt(value: float, decimals: int = 1) -> str:
+    return "n/a" if value != value else f"{value:.{decimals}f}"  # NaN -> n/a (pandas reads it as NaN)
 
 
 def result_rows(result: EvaluationResult) -> list[dict]:
@@ -110,7 +106,7 @@ def csv_text(result: EvaluationResult) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (_csv_number(v) if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (_fmt(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
     return buffer.getvalue()
 
 

@@ -400,7 +400,8 @@ class TaskSegmenter:
         returns the padded batch ``[B, 3, H, W]`` and each image's resized ``(h, w)``."""
         return self._preprocess(images, self._applied)
 
-    def _preprocess(self, images: Sequence[np.ndarray], applied: AppliedSettings) -> tuple[ImageBatch, list[tuple[int, int]]]:
+    def _preprocess(self, images: Sequence[np.ndarray],
+                    applied: AppliedSettings) -> tuple[ImageBatch, list[tuple[int, int]]]:
         config = applied.config
         return preprocess(images, config, applied.mean, applied.std,
                           config.channels_last and is_channels_last(self.model), applied.processing)
@@ -450,7 +451,8 @@ class TaskSegmenter:
 
     def _distinct(self, scores: Tensor, boxes: Tensor, threshold: float, limit: int,
                   mask_logits: Optional[Callable[[int, Tensor], Tensor]], b: int, size: tuple[int, int],
-                  padded: Sequence[int], orig: tuple[int, int], applied: AppliedSettings) -> tuple[Tensor, Optional[Tensor]]:
+                  padded: Sequence[int], orig: tuple[int, int],
+                  applied: AppliedSettings) -> tuple[Tensor, Optional[Tensor]]:
         """Image ``b``'s queries above ``threshold``, best first, without duplicates of one object
         (``inference.duplicate_iou``), at most ``limit``; and their stride-4 mask logits
         ``[k, h, w]`` (None without masks or instances). Masks are compared at stride 4 (the mask
