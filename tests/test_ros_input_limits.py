@@ -104,58 +104,86 @@ def test_a_negative_stamp_is_a_counted_reject_not_an_error_in_the_inference_thre
     assert LIMITS.image_to_rgb(raw).shape == (48, 64, 3)
 
 
+CAMERA = ["/image"]
+
+
 def _values(errors=0, received=10, processed=None, rejected=0, stale=0):
+    """A report of one camera, ``/image``, whose counts are the totals."""
+    processed = received if processed is None else processed
     return {"received": received, "rejected": rejected, "lost_in_transport": 0, "inference_errors": errors,
-            "cuda_oom": 0, "processed": received if processed is None else processed, "skipped_stale": stale}
+            "cuda_oom": 0, "processed": processed, "skipped_stale": stale,
+            "/image published": processed, "/image rejected": rejected, "/image skipped stale": stale}
+
+
+def _judge(health, values, last_error="", now=None, cameras=CAMERA):
+    return health.judge(values, ready=True, last_error=last_error, receiving=True, cameras=cameras, now=now)
 
 
 def test_health_warns_while_frames_arrive_but_none_is_published():
     """Every frame rejected (a depth topic remapped to image) or too old (clocks out of sync):
     the node runs, its users get nothing; that is not "running"."""
     health = HealthLevel()
-    assert health.judge(_values(), ready=True, last_error="", receiving=True) == (OK, "running")
-    level, message = health.judge(_values(received=10, processed=10, rejected=40), ready=True, last_error="",
-                                  receiving=True)
-    assert level == WARN and message.startswith("no result published since the last report: the frames were 40 "
-                                                "rejected")
-    level, message = health.judge(_values(received=50, processed=10, rejected=40, stale=40), ready=True,
-                                  last_error="", receiving=True)
+    assert _judge(health, _values()) == (OK, "running")
+    level, message = _judge(health, _values(received=10, processed=10, rejected=40))
+    assert level == WARN and message.startswith("no result published for /image since the last report: its frames "
+                                                "were 40 rejected")
+    level, message = _judge(health, _values(received=50, processed=10, rejected=40, stale=40))
     assert level == WARN and "40 older than input.max_age_s" in message and "rejected" not in message
     # Frames published again; a slow model that published none in a window but turned none away.
-    assert health.judge(_values(received=52, processed=11, rejected=40, stale=41), ready=True, last_error="",
-                        receiving=True) == (OK, "running")
-    assert health.judge(_values(received=60, processed=11, rejected=40, stale=41), ready=True, last_error="",
-                        receiving=True) == (OK, "running")
+    assert _judge(health, _values(received=52, processed=11, rejected=40, stale=41)) == (OK, "running")
+    assert _judge(health, _values(received=60, processed=11, rejected=40, stale=41)) == (OK, "running")
+
+
+def test_health_warns_for_one_camera_whose_frames_are_all_turned_away_beside_a_working_one():
+    """Judged on the totals, the front camera's results hid the rear camera's: every rear frame
+    rejected (a depth topic remapped to its image) left the level OK."""
+    cameras = ["/front/image", "/rear/image"]
+    health = HealthLevel()
+
+    def report(front_published, rear_rejected, rear_stale=0):
+        values = _values(received=front_published, processed=front_published, rejected=rear_rejected,
+                         stale=rear_stale)
+        values.update({"/front/image published": front_published, "/front/image rejected": 0,
+                       "/front/image skipped stale": 0, "/rear/image published": 0,
+                       "/rear/image rejected": rear_rejected, "/rear/image skipped stale": rear_stale})
+        return _judge(health, values, cameras=cameras)
+
+    assert report(10, 0) == (OK, "running")
+    level, message = report(20, 12)
+    assert level == WARN and message.startswith("no result published for /rear/image since the last report: its "
+                                                "frames were 12 rejected")
+    assert "/front/image" not in message
+    level, message = report(30, 12, rear_stale=5)  # no new rejects; stale ones
+    assert level == WARN and "5 older than input.max_age_s" in message and "rejected" not in message
+    assert report(40, 12, rear_stale=5) == (OK, "running")  # nothing turned away since the last report
 
 
 def test_health_recovers_after_an_old_error():
     health = HealthLevel()
-    assert health.judge(_values(), ready=True, last_error="", receiving=True, now=0.0) == (OK, "running")
-    level, message = health.judge(_values(errors=1), ready=True, last_error="RuntimeError: x", receiving=True, now=1.0)
+    assert _judge(health, _values(), now=0.0) == (OK, "running")
+    level, message = _judge(health, _values(errors=1), last_error="RuntimeError: x", now=1.0)
     assert level == WARN and "1 inference error(s)" in message and "RuntimeError: x" in message
     t = 2.0
     while t < 1.0 + ERROR_WINDOW_S:
-        assert health.judge(_values(errors=1), ready=True, last_error="RuntimeError: x", receiving=True, now=t)[0] == WARN
+        assert _judge(health, _values(errors=1), last_error="RuntimeError: x", now=t)[0] == WARN
         t += 1.0
-    assert health.judge(_values(errors=1), ready=True, last_error="RuntimeError: x", receiving=True,
-                        now=2.0 + ERROR_WINDOW_S) == (OK, "running")
+    assert _judge(health, _values(errors=1), last_error="RuntimeError: x", now=2.0 + ERROR_WINDOW_S) == (OK, "running")
     # A new error brings it back.
-    assert health.judge(_values(errors=2), ready=True, last_error="RuntimeError: y", receiving=True,
-                        now=3.0 + ERROR_WINDOW_S)[0] == WARN
+    assert _judge(health, _values(errors=2), last_error="RuntimeError: y", now=3.0 + ERROR_WINDOW_S)[0] == WARN
 
 
 def test_health_warns_while_no_frame_gets_depth_and_recovers_when_one_does():
     health = HealthLevel()
     depth = {"depth_paired": 0, "depth_missing": 0, "depth_unsynced": 0}
-    assert health.judge({**_values(), **depth}, ready=True, last_error="", receiving=True) == (OK, "running")
+    assert _judge(health, {**_values(), **depth}) == (OK, "running")
     depth.update(depth_missing=3, depth_unsynced=2)
-    level, message = health.judge({**_values(), **depth}, ready=True, last_error="", receiving=True)
+    level, message = _judge(health, {**_values(), **depth})
     assert level == WARN and "no depth paired with the last 5 frame(s) (3 without a depth image" in message
     assert "2 with depth stamped more than depth.max_dt_s apart" in message
     depth.update(depth_paired=1, depth_unsynced=3)  # one frame got depth since the last report
-    assert health.judge({**_values(), **depth}, ready=True, last_error="", receiving=True) == (OK, "running")
+    assert _judge(health, {**_values(), **depth}) == (OK, "running")
     # Without depth keys (depth.enabled false) nothing is said about depth.
-    assert health.judge(_values(), ready=True, last_error="", receiving=True) == (OK, "running")
+    assert _judge(health, _values()) == (OK, "running")
 
 
 def test_no_image_warning_is_decided_per_camera():

@@ -859,9 +859,11 @@ def test_a_frame_waits_only_for_the_inference_in_progress(node, probe, monkeypat
 
 def test_compressed_input_and_two_cameras_share_one_model(ros):
     from builtin_interfaces.msg import Time
+    from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.parameter import Parameter
     from sensor_msgs.msg import CompressedImage
     from toist_ros.conversions import compressed_from_array
+    from toist_ros.diagnostics import WARN
     from toist_ros.msg import TaskInstances
     from toist_ros.perception_node import PerceptionNode
 
@@ -879,10 +881,9 @@ def test_compressed_input_and_two_cameras_share_one_model(ros):
             pubs[side] = client.create_publisher(CompressedImage, f"/twin/{side}/image/compressed", 10)
         assert wait_for(lambda: all(p.get_subscription_count() > 0 for p in pubs.values()))
 
-        garbage = CompressedImage(format="jpeg")
-        garbage.data = b"\xff\xd8 definitely not a jpeg" * 10
-        pubs["left"].publish(garbage)
-        assert wait_for(lambda: node.counters.get("rejected_decode") >= 1, timeout=10)
+        statuses = []
+        client.create_subscription(DiagnosticArray, "/diagnostics",
+                                   lambda array: statuses.extend(s for s in array.status if "twin" in s.name), 10)
 
         def send(side):
             msg = compressed_from_array(_photo(), "jpeg")
@@ -891,6 +892,23 @@ def test_compressed_input_and_two_cameras_share_one_model(ros):
             msg.header.frame_id = f"{side}_optical"
             pubs[side].publish(msg)
             return msg.header
+
+        # Every left frame rejected while the right camera publishes: the right camera's results
+        # must not hide the left one's failure (the totals did; the level stayed OK).
+        garbage = CompressedImage(format="jpeg")
+        garbage.data = b"\xff\xd8 definitely not a jpeg" * 10
+        pubs["left"].publish(garbage)
+        assert wait_for(lambda: node.counters.get("rejected_decode") >= 1, timeout=10)
+        right = send("right")
+        assert wait_for(lambda: any(r.header == right for r in results["right"]), timeout=15)
+        left_name = "/twin/left/image/compressed"
+        assert wait_for(lambda: any(s.message.startswith(f"no result published for {left_name}") for s in statuses),
+                        timeout=10)
+        warned = next(s for s in statuses if s.message.startswith(f"no result published for {left_name}"))
+        assert warned.level == bytes([WARN]) and "1 rejected" in warned.message
+        values = {kv.key: kv.value for kv in warned.values}
+        assert values[f"{left_name} rejected"] == "1" and values[f"{left_name} published"] == "0"
+        assert values["/twin/right/image/compressed published"] == "1"
 
         headers = {side: send(side) for side in results}
         for side, header in headers.items():

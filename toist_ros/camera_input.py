@@ -62,6 +62,7 @@ class Camera:
         self.subscribed_name = ""
         self.reliable = False            # the subscription's reliability now
         self.rejected = 0                # images turned away (their warnings say why)
+        self.skipped_stale = 0           # frames older than input.max_age_s when their turn came
         self.window = [0, 0]             # (arrived, lost) since window_start
         self.window_start = time.monotonic()
         self.last_loss_warning = float("-inf")

@@ -1,7 +1,8 @@
 """What the node reports on ``/diagnostics``: its key/values, and one level with its reason.
 
 ERROR while loading; WARN when most images never reached the node since the last report, when
-images arrived but none was published (all rejected or too old), on inference errors in the last
+a camera's images arrived but none of its was published (all rejected or too old: judged per camera,
+so one broken camera among working ones is not hidden by their results), on inference errors in the last
 ``ERROR_WINDOW_S`` seconds, or with no input; OK otherwise (a single error long ago does not keep
 the node in WARN: the counters keep the history).
 """
@@ -47,6 +48,9 @@ def report_values(*, ready: bool, task: Any, model: Any, counters: Counters, inf
         values[f"{name} input Hz"] = f"{camera.input_rate.rate():.2f}"
         values[f"{name} output Hz"] = f"{camera.output_rate.rate():.2f}"
         values[f"{name} dropped (replaced)"] = dropped[camera.index]
+        values[f"{name} published"] = camera.output_rate.count
+        values[f"{name} rejected"] = camera.rejected
+        values[f"{name} skipped stale"] = camera.skipped_stale
     for key in _COUNTERS:
         values[key] = counts.get(key, 0)
     for key in sorted(k for k in counts if k.startswith("rejected_") and k != "rejected_service"):
@@ -69,14 +73,15 @@ class HealthLevel:
     def __init__(self) -> None:
         self._previous_arrivals = (0, 0)  # (arrived, lost) at the last diagnostics report
         self._previous_depth = (0, 0, 0)  # (paired, missing, unsynced) at the last report
-        self._previous_outcomes = (0, 0, 0)  # (processed, rejected, skipped_stale) at the last report
+        self._previous_outcomes: dict[str, tuple[int, int, int]] = {}  # per camera: (published, rejected,
+        # skipped stale) at the last report
         self._errors: collections.deque = collections.deque()  # (monotonic time, error total) per report
 
     def judge(self, values: dict[str, Any], *, ready: bool, last_error: str, receiving: bool,
-              now: Optional[float] = None) -> tuple[int, str]:
+              cameras: Sequence[str], now: Optional[float] = None) -> tuple[int, str]:
         """(level, message) for ``values`` (from :func:`report_values`). ``last_error``: the last
         inference error ("" when none); ``receiving``: whether any camera delivers images now;
-        ``now``: monotonic seconds (tests)."""
+        ``cameras``: the input topics ``values`` reports on; ``now``: monotonic seconds (tests)."""
         now = time.monotonic() if now is None else now
         arrived, lost = values["received"] + values["rejected"], values["lost_in_transport"]
         previous, self._previous_arrivals = self._previous_arrivals, (arrived, lost)
@@ -88,7 +93,7 @@ class HealthLevel:
         # Errors since the oldest report inside the window (or since start, early on).
         recent_errors = errors - (self._errors[0][1] if self._errors[0][0] <= now - ERROR_WINDOW_S else 0)
         depth_problem = self._depth_problem(values)
-        nothing_published = self._nothing_published(values)
+        nothing_published = self._nothing_published(values, cameras)
         if not ready:
             return ERROR, "not ready"
         if recent_lost > max(recent_arrived, 2):
@@ -105,20 +110,25 @@ class HealthLevel:
             return WARN, "no input images"
         return OK, "running"
 
-    def _nothing_published(self, values: dict[str, Any]) -> str:
-        """Why no camera frame since the last report was published although frames came ("" when
-        one was, or none was turned away): the node runs, yet its users get nothing."""
-        now = (values["processed"], values["rejected"], values["skipped_stale"])
-        processed, rejected, stale = (a - b for a, b in zip(now, self._previous_outcomes))
-        self._previous_outcomes = now
-        if processed > 0 or rejected + stale == 0:
-            return ""
-        causes = []
-        if rejected:
-            causes.append(f"{rejected} rejected (the rejected_<reason> counters and the log say why)")
-        if stale:
-            causes.append(f"{stale} older than input.max_age_s (camera and node clocks in sync? use_sim_time?)")
-        return f"no result published since the last report: the frames were {' and '.join(causes)}"
+    def _nothing_published(self, values: dict[str, Any], cameras: Sequence[str]) -> str:
+        """Why a camera published no frame since the last report although its frames came ("" when
+        each camera published one, or turned none away): the node runs, yet that camera's users get
+        nothing. Per camera, because the other cameras' results would hide it in the totals."""
+        reasons = []
+        for name in cameras:
+            now = (values[f"{name} published"], values[f"{name} rejected"], values[f"{name} skipped stale"])
+            published, rejected, stale = (a - b for a, b in zip(now, self._previous_outcomes.get(name, (0, 0, 0))))
+            self._previous_outcomes[name] = now
+            if published > 0 or rejected + stale == 0:
+                continue
+            causes = []
+            if rejected:
+                causes.append(f"{rejected} rejected (the rejected_<reason> counters and the log say why)")
+            if stale:
+                causes.append(f"{stale} older than input.max_age_s (camera and node clocks in sync? use_sim_time?)")
+            reasons.append(f"no result published for {name} since the last report: its frames were "
+                           f"{' and '.join(causes)}")
+        return "; ".join(reasons)
 
     def _depth_problem(self, values: dict[str, Any]) -> str:
         """Why no frame since the last report got depth ("" when some did, or depth is off)."""

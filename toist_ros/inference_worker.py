@@ -161,6 +161,7 @@ class InferenceWorker:
         max_age = settings["input.max_age_s"]
         if clock_running and max_age > 0 and age_s > max_age:
             self._counters.add("skipped_stale")
+            camera.skipped_stale += 1
             self._node.get_logger().warning(
                 f"skipped a frame from {camera.subscribed_name}: {age_s:.2f} s old > input.max_age_s {max_age} "
                 "(camera and node clocks in sync? use_sim_time?)", throttle_duration_sec=5.0)

@@ -395,7 +395,8 @@ class PerceptionNode(Node):
             values = self.diagnostics_values()
             if phase == ACTIVE:
                 level, message = self._health.judge(values, ready=True, last_error=self._worker.last_error,
-                                                    receiving=self._inputs.receiving())
+                                                    receiving=self._inputs.receiving(),
+                                                    cameras=[camera.subscribed_name for camera in self._cameras])
             else:
                 level, message = OK, "inactive (lifecycle): model loaded, no images taken until activated"
             device = self.model.device
