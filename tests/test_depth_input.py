@@ -8,7 +8,7 @@ import pytest
 
 from toist_ros.depth.geometry import Intrinsics
 from toist_ros.depth.images import DepthError, depth_from_image, has_distortion, intrinsics_from_camera_info
-from toist_ros.depth.pairing import MAX_FRAMES, MISSING, PAIRED, UNSYNCED, CameraModel, DepthBuffer
+from toist_ros.depth.pairing import HORIZON_S, MAX_FRAMES, MISSING, PAIRED, UNSYNCED, CameraModel, DepthBuffer
 
 
 def _image(array: np.ndarray, encoding: str, big_endian: bool = False, pad: int = 0):
@@ -16,7 +16,7 @@ def _image(array: np.ndarray, encoding: str, big_endian: bool = False, pad: int 
     rows = [row.tobytes() + bytes(pad) for row in data]
     return SimpleNamespace(height=array.shape[0], width=array.shape[1], encoding=encoding,
                            is_bigendian=int(big_endian), step=array.shape[1] * array.itemsize + pad,
-                           data=b"".join(rows))
+                           data=b"".join(rows), header=SimpleNamespace(frame_id="camera_color_optical_frame"))
 
 
 @pytest.mark.parametrize("big_endian", [False, True])
@@ -48,8 +48,10 @@ def test_bad_depth_images_are_refused_with_the_reason(change, reason, words):
     assert caught.value.reason == reason and words in str(caught.value)
 
 
-def _info(k, width=640, height=480, d=(0.0,) * 5, frame="camera_color_optical_frame"):
-    return SimpleNamespace(k=list(k), width=width, height=height, d=list(d), header=SimpleNamespace(frame_id=frame))
+def _info(k, width=640, height=480, d=(0.0,) * 5, frame="camera_color_optical_frame", p=(0.0,) * 12, roi=None):
+    roi = roi or SimpleNamespace(x_offset=0, y_offset=0, width=0, height=0)
+    return SimpleNamespace(k=list(k), width=width, height=height, d=list(d), p=list(p), roi=roi,
+                           header=SimpleNamespace(frame_id=frame))
 
 
 def test_camera_info_gives_the_intrinsics_and_refuses_an_uncalibrated_camera():
@@ -63,6 +65,41 @@ def test_camera_info_gives_the_intrinsics_and_refuses_an_uncalibrated_camera():
         intrinsics_from_camera_info(_info([float("nan"), 0, 320.5, 0, 616.0, 241.0, 0, 0, 1]))
     assert not has_distortion(_info([1] * 9)) and has_distortion(_info([1] * 9, d=(0.1, 0, 0, 0, 0)))
     assert has_distortion(_info([1] * 9, d=(float("nan"),) * 5)) and has_distortion(_info([1] * 9, d=(0, float("inf"))))
+
+
+def test_the_rectified_images_projection_p_is_used_when_set():
+    """A calibrated camera with distortion: image_rect (what docs/ros.md says to feed) is seen
+    through P, not K; reading it through K placed objects 3 cm off at 1 m."""
+    k = [600.0, 0, 330.0, 0, 605.0, 236.0, 0, 0, 1]
+    p = [560.0, 0, 322.0, 0, 0, 570.0, 244.0, 0, 0, 0, 1, 0]
+    assert intrinsics_from_camera_info(_info(k, p=p, d=(-0.3, 0.1, 0, 0, 0))) == Intrinsics(560.0, 570.0, 322.0, 244.0,
+                                                                                            640, 480)
+    assert intrinsics_from_camera_info(_info(k)) == Intrinsics(600.0, 605.0, 330.0, 236.0, 640, 480)  # P unset: K
+    with pytest.raises(DepthError, match=r"focal lengths must be > 0 .*\(P\)$"):
+        intrinsics_from_camera_info(_info(k, p=[0.0, 0, 322.0, 0, 0, 570.0, 244.0, 0, 0, 0, 1, 0]))
+    with pytest.raises(DepthError, match="P has 9 entries, expected 12"):
+        intrinsics_from_camera_info(_info(k, p=k))
+
+
+def test_a_region_of_interest_moves_the_principal_point_and_sizes_the_image():
+    """A driver's or image_proc's crop: the image is the ROI, K is the full sensor's. It was read
+    as the full image scaled down (58 mm off, extents twice as large)."""
+    k = [600.0, 0, 320.0, 0, 600.0, 240.0, 0, 0, 1]
+    roi = SimpleNamespace(x_offset=100, y_offset=60, width=320, height=240)
+    got = intrinsics_from_camera_info(_info(k, roi=roi))
+    assert got == Intrinsics(600.0, 600.0, 220.0, 180.0, 320, 240)
+    # The cropped image binned by 2 (160x120) is then read through the scaling, as any other size.
+    assert got.scaled(160, 120) == Intrinsics(300.0, 300.0, 109.75, 89.75, 160, 120)
+
+
+def test_registration_problem_refuses_another_aspect_ratio_and_accepts_another_resolution():
+    from toist_ros.depth.instances3d import registration_problem
+
+    assert registration_problem((640, 480), (320, 240), (1280, 960)) == ""
+    assert registration_problem((1280, 720), (427, 240), (1280, 720)) == ""  # binned by 3, rounded
+    problem = registration_problem((640, 480), (848, 480), (640, 480))  # the raw depth stream, not the aligned one
+    assert "the depth image is 848x480 and the colour image 640x480: another aspect ratio" in problem
+    assert "CameraInfo is 1280x720" in registration_problem((640, 480), (640, 480), (1280, 720))
 
 
 CAMERA = CameraModel(Intrinsics(615.0, 615.0, 320.0, 240.0, 640, 480), "cam", False)
@@ -169,6 +206,36 @@ def test_the_ring_is_bounded_in_frames_and_bytes():
     for i in range(30):
         small.put(SECOND + i, np.zeros((480, 640), np.float32))
     assert len(small) == 10
+
+
+def test_the_byte_cap_counts_the_depth_images_the_node_buffers():
+    """The node buffers DepthImage objects; they had no ``nbytes``, so MAX_BYTES never applied
+    (64 ZED 1080p 32FC1 images: 530 MB per camera)."""
+    from toist_ros.depth.images import DepthImage
+
+    small = DepthBuffer(max_bytes=10 * 480 * 640 * 4)
+    for i in range(30):
+        small.put(SECOND + i, DepthImage(np.zeros((480, 640), np.float32), 1.0))
+    assert len(small) == 10
+
+
+def test_an_unstamped_cameras_depth_is_paired_only_while_it_is_recent():
+    """Every stamp 0: stamps cannot tell old depth from new, so after the depth stream stopped the
+    last image was paired for ever (depth_offset_ms 0)."""
+    waits = _Waits()
+    buffer = _buffer_waiting_on(waits)
+    buffer.set_camera(CAMERA)
+    buffer.put(0, "last")
+    waits.now = 1.0
+    assert buffer.pair(0, 0.02).depth == "last"
+    waits.now = 1.0 + HORIZON_S   # the stream stopped HORIZON_S ago
+    assert buffer.pair(0, 0.02).status == MISSING
+    buffer.put(0, "again")
+    assert buffer.pair(0, 0.02).depth == "again"
+    # Stamped frames are paired by stamp, however long ago the depth arrived.
+    buffer.put(5 * SECOND, "stamped")
+    waits.now += 10.0
+    assert buffer.pair(5 * SECOND, 0.02).depth == "stamped"
 
 
 def test_of_equally_close_depth_images_the_newest_is_paired():

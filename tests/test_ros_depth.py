@@ -61,16 +61,17 @@ class DepthProbe(Probe):
         info.distortion_model = "plumb_bob"
         return info
 
-    def depth(self, header, encoding="16UC1", offset_s=0.0):
-        """The wall at WALL_M at half resolution, stamped ``offset_s`` after ``header``."""
+    def depth(self, header, encoding="16UC1", offset_s=0.0, size=(WIDTH // 2, HEIGHT // 2), depth_frame=None):
+        """The wall at WALL_M at half resolution (or ``size``), stamped ``offset_s`` after ``header``
+        (in its frame, or ``depth_frame``)."""
         from builtin_interfaces.msg import Time
         from sensor_msgs.msg import Image
 
         msg = Image()
         ns = header.stamp.sec * 10**9 + header.stamp.nanosec + int(offset_s * 1e9)
         msg.header.stamp = Time(sec=ns // 10**9, nanosec=ns % 10**9)
-        msg.header.frame_id = header.frame_id
-        msg.height, msg.width, msg.encoding = HEIGHT // 2, WIDTH // 2, encoding
+        msg.header.frame_id = header.frame_id if depth_frame is None else depth_frame
+        (msg.width, msg.height), msg.encoding = size, encoding
         if encoding == "16UC1":
             pixels = np.full((msg.height, msg.width), int(WALL_M * 1000), np.uint16)
         else:
@@ -79,13 +80,14 @@ class DepthProbe(Probe):
         msg.data = pixels.tobytes()
         return msg
 
-    def frame(self, frame_id, depth_offset_s=None, encoding="16UC1", tries=3):
-        """Publish CameraInfo, a colour frame and (unless None) its depth; the result for it."""
+    def frame(self, frame_id, depth_offset_s=None, encoding="16UC1", tries=3, **depth):
+        """Publish CameraInfo, a colour frame and (unless None) its depth (``depth``: more
+        arguments of :meth:`depth`); the result for it."""
         for _ in range(tries):
             colour = self.image(_photo(WIDTH, HEIGHT), frame_id, encoding="rgb8")
             self.info_pub.publish(self.camera_info())
             if depth_offset_s is not None:
-                self.depth_pub.publish(self.depth(colour.header, encoding, depth_offset_s))
+                self.depth_pub.publish(self.depth(colour.header, encoding, depth_offset_s, **depth))
             self.image_pub.publish(colour)
             result = self.result_for(colour.header, timeout=8.0)
             if result is not None:
@@ -193,6 +195,10 @@ def test_marker_lifetime_covers_a_few_inference_periods():
     assert marker_lifetime_s(float("nan")) == 1.0     # nothing timed yet
     assert marker_lifetime_s(40.0) == 1.0              # fast model: the floor
     assert marker_lifetime_s(2500.0) == pytest.approx(7.5)   # 2.5 s a frame on a CPU: three periods
+    # Four cameras sharing a 0.5 s model get a result every 2 s each: markers lived 1.5 s and blinked.
+    assert marker_lifetime_s(500.0, output_hz=0.5) == pytest.approx(6.0)
+    assert marker_lifetime_s(500.0, output_hz=10.0) == pytest.approx(1.5)  # the model is the slower
+    assert marker_lifetime_s(float("nan"), output_hz=0.0) == 1.0            # nothing known yet
 
 
 def test_depth_too_far_apart_in_time_is_unsynced_and_counted(node, probe):
@@ -216,6 +222,25 @@ def test_a_bad_depth_encoding_is_rejected_and_counted(node, probe):
     assert wait_for(lambda: (probe.counter("depth_rejected_encoding") or 0) >= 1, timeout=10)
     assert probe.counter("depth_rejected") >= 1 and probe.counter("depth_paired") >= 1
     assert probe.counter("depth_missing") >= 1
+
+
+def test_depth_of_another_aspect_ratio_is_refused_not_stretched(node, probe, capfd):
+    """The raw depth stream wired instead of the registered one (848x480 beside 640x480 colour)
+    was stretched onto the colour image: 3D results, 2.5 cm off, without a word. Its frame is
+    another too: one warning says so."""
+    from toist_ros.msg import TaskInstances
+
+    result = probe.frame("depth_aspect_frame", depth_offset_s=0.0, size=(WIDTH // 2 + 40, HEIGHT // 2),
+                         depth_frame="depth_optical")
+    assert result.depth_status == TaskInstances.DEPTH_MISSING
+    assert result.instances and not any(inst.has_3d for inst in result.instances)
+    assert node.counters.get("depth_rejected_aspect") >= 1
+    assert wait_for(lambda: (probe.counter("depth_rejected_aspect") or 0) >= 1, timeout=10)
+    logged = capfd.readouterr().err
+    assert "the depth image is 200x120 and the colour image 320x240: another aspect ratio" in logged
+    assert "the depth image's frame 'depth_optical' is not the colour image's 'depth_aspect_frame'" in logged
+    # The same camera at another resolution of the same view is read as before.
+    assert any(inst.has_3d for inst in probe.frame("depth_after_aspect", depth_offset_s=0.0).instances)
 
 
 def test_3d_without_publishing_masks_and_min_max_checked_together(node, probe):

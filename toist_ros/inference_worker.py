@@ -26,9 +26,9 @@ from toist_ros.camera_input import Camera, CameraInputs, Frame
 from toist_ros.conversions import image_from_array
 from toist_ros.depth.geometry import DepthLimits
 from toist_ros.depth.inputs import DepthInputs
-from toist_ros.depth.instances3d import add_3d
+from toist_ros.depth.instances3d import add_3d, registration_problem
 from toist_ros.depth.markers import instance_markers, marker_lifetime_s
-from toist_ros.depth.pairing import stamp_ns
+from toist_ros.depth.pairing import MISSING, PAIRED, Pairing, stamp_ns
 from toist_ros.detections import detection_array
 from toist_ros.diagnostics import Counters, Percentiles
 from toist_ros.instances import rank_instances, task_instances_msg, to_instance_msgs
@@ -95,6 +95,7 @@ class InferenceWorker:
         self._depth = depth
         self._geometry_ms = geometry_ms if geometry_ms is not None else Percentiles()
         self._frame_warned = False
+        self._depth_frame_warned = False
         self._stopping = threading.Event()
         self.last_error = ""
         self._clock_warned = False
@@ -192,7 +193,7 @@ class InferenceWorker:
         if settings["output.debug_image"] and camera.debug_pub.get_subscription_count() > 0:
             self._publish_debug(camera, frame, ranked, task)
         if self._depth is not None and settings["output.markers"] and camera.markers_pub.get_subscription_count() > 0:
-            lifetime = marker_lifetime_s(self._inference_ms.quantiles(0.95)[0])
+            lifetime = marker_lifetime_s(self._inference_ms.quantiles(0.95)[0], camera.output_rate.rate())
             camera.markers_pub.publish(instance_markers(msg.header, msg.instances, task.caption, lifetime))
 
     def _add_depth(self, msg: Any, ranked: list, camera: Camera, settings: Any) -> None:
@@ -200,6 +201,9 @@ class InferenceWorker:
         depth_missing, depth_unsynced; the time goes to ``geometry_ms``)."""
         pairing = self._depth.buffers[camera.index].pair(stamp_ns(msg.header.stamp), settings["depth.max_dt_s"],
                                                           settings["depth.wait_s"])
+        if pairing.status == PAIRED:
+            pairing = self._registered(pairing, msg.header.frame_id, (int(msg.image_width), int(msg.image_height)),
+                                       camera)
         self._counters.add(f"depth_{pairing.status}")
         start = time.perf_counter()
         limits = DepthLimits(settings["depth.min_m"], settings["depth.max_m"])
@@ -207,6 +211,26 @@ class InferenceWorker:
         if pairing.camera is not None:
             self._geometry_ms.add(1000.0 * (time.perf_counter() - start))
             self._check_frame(pairing.camera.frame_id, msg.header.frame_id)
+
+    def _registered(self, pairing: Pairing, image_frame: str, colour_size: tuple[int, int], camera: Camera) -> Pairing:
+        """``pairing``, or MISSING when its depth image or CameraInfo has another aspect ratio than
+        the colour frame (counted as a rejected depth image: ``depth_rejected_aspect``). A depth
+        image in another frame than the colour image's is used, with one warning."""
+        depth_frame = pairing.depth.frame_id
+        if not self._depth_frame_warned and depth_frame and image_frame and depth_frame != image_frame:
+            self._depth_frame_warned = True
+            self._node.get_logger().warning(
+                f"the depth image's frame {depth_frame!r} is not the colour image's {image_frame!r}: the 3D step reads "
+                "depth registered to the colour image; is depth_topic the aligned/registered stream (e.g. "
+                "aligned_depth_to_color)?")
+        problem = registration_problem(colour_size, pairing.depth.size,
+                                       (pairing.camera.intrinsics.width, pairing.camera.intrinsics.height))
+        if not problem:
+            return pairing
+        self._counters.add("depth_rejected")
+        self._counters.add("depth_rejected_aspect")
+        self._node.get_logger().warning(f"no 3D for {camera.subscribed_name}: {problem}", throttle_duration_sec=10.0)
+        return Pairing(MISSING)
 
     def _check_frame(self, info_frame: str, image_frame: str) -> None:
         if self._frame_warned or not info_frame or not image_frame or info_frame == image_frame:

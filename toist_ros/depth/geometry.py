@@ -78,7 +78,7 @@ WINDOW_PIXELS = 40_000      # an instance is read on a grid of at most ~this man
 
 @dataclass(frozen=True)
 class Intrinsics:
-    """Pinhole intrinsics of a ``width`` x ``height`` image (from CameraInfo's K)."""
+    """Pinhole intrinsics of a ``width`` x ``height`` image (from CameraInfo's P or K)."""
 
     fx: float
     fy: float
@@ -99,9 +99,9 @@ class Intrinsics:
         """Why these intrinsics cannot be used (None when they can)."""
         values = (self.fx, self.fy, self.cx, self.cy)
         if not all(math.isfinite(v) for v in values):
-            return f"K has a non-finite entry (fx {self.fx}, fy {self.fy}, cx {self.cx}, cy {self.cy})"
+            return f"a non-finite entry (fx {self.fx}, fy {self.fy}, cx {self.cx}, cy {self.cy})"
         if self.fx <= 0 or self.fy <= 0:
-            return f"K has fx {self.fx}, fy {self.fy}: focal lengths must be > 0 (an uncalibrated camera publishes 0)"
+            return f"fx {self.fx}, fy {self.fy}: focal lengths must be > 0 (an uncalibrated camera publishes 0)"
         if self.width <= 0 or self.height <= 0:
             return f"size {self.width}x{self.height}: width and height must be > 0"
         return None

@@ -26,15 +26,21 @@ class DepthError(ImageError):
 @dataclass(frozen=True)
 class DepthImage:
     """A depth image as received: ``raw`` [H, W] (uint16 or float32, a view of the message's
-    buffer where possible) and the factor to metres."""
+    buffer where possible), the factor to metres and the header's ``frame_id``."""
 
     raw: np.ndarray
     scale: float
+    frame_id: str = ""
 
     @property
     def size(self) -> tuple[int, int]:
         """(width, height)"""
         return int(self.raw.shape[1]), int(self.raw.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of depth held (what the pairing ring's MAX_BYTES counts)."""
+        return int(self.raw.nbytes)
 
 
 def depth_from_image(msg: Any) -> DepthImage:
@@ -51,19 +57,43 @@ def depth_from_image(msg: Any) -> DepthImage:
     raw = np.ndarray((height, width), dtype=dtype, buffer=data, strides=(step, dtype.itemsize))
     if not dtype.isnative:
         raw = raw.astype(dtype.newbyteorder("="))
-    return DepthImage(raw, scale)
+    return DepthImage(raw, scale, str(msg.header.frame_id))
 
 
 def intrinsics_from_camera_info(msg: Any) -> Intrinsics:
-    """The pinhole intrinsics of a ``sensor_msgs/CameraInfo`` (K); raises :class:`DepthError`."""
-    k = [float(v) for v in msg.k]
-    if len(k) != 9:
-        raise DepthError("camera_info", f"CameraInfo K has {len(k)} entries, expected 9")
-    intrinsics = Intrinsics(fx=k[0], fy=k[4], cx=k[2], cy=k[5], width=int(msg.width), height=int(msg.height))
+    """The pinhole intrinsics of the image a ``sensor_msgs/CameraInfo`` describes; raises
+    :class:`DepthError`.
+
+    P's left 3x3 when P is set, as image_geometry and depth_image_proc read it: the camera of the
+    rectified image (``image_rect``, what the node is told to be fed when the lens distorts), and K
+    itself for an undistorted camera (the RGB-D drivers publish P = K); K when P is all zeros (a
+    driver that fills K only). A region of interest (``roi``, a driver's or image_proc's crop) moves
+    the principal point by its offset and gives the image's size before binning."""
+    frame = msg.header.frame_id
+    k, p = _matrix(msg.k, 9, "K", frame), _matrix(msg.p, 12, "P", frame)
+    if any(p):
+        fx, fy, cx, cy = p[0], p[5], p[2], p[6]
+    else:
+        fx, fy, cx, cy = k[0], k[4], k[2], k[5]
+    width, height = int(msg.width), int(msg.height)
+    roi = msg.roi
+    if int(roi.width) > 0 and int(roi.height) > 0:
+        cx, cy = cx - int(roi.x_offset), cy - int(roi.y_offset)
+        width, height = int(roi.width), int(roi.height)
+    intrinsics = Intrinsics(fx=fx, fy=fy, cx=cx, cy=cy, width=width, height=height)
     problem = intrinsics.check()
     if problem:
-        raise DepthError("camera_info", f"CameraInfo (frame {msg.header.frame_id!r}) cannot be used: {problem}")
+        raise DepthError("camera_info", f"CameraInfo (frame {frame!r}) cannot be used: {problem} "
+                                        f"({'P' if any(p) else 'K, P unset'})")
     return intrinsics
+
+
+def _matrix(values: Any, size: int, name: str, frame: str) -> list[float]:
+    entries = [float(v) for v in values]
+    if len(entries) != size:
+        raise DepthError("camera_info", f"CameraInfo (frame {frame!r}) {name} has {len(entries)} entries, "
+                                        f"expected {size}")
+    return entries
 
 
 def has_distortion(msg: Any) -> bool:

@@ -118,8 +118,9 @@ class DepthInputs:
             self._distortion_warned = True
             self._node.get_logger().warning(
                 f"the CameraInfo of camera {index} has distortion coefficients {list(msg.d)[:5]}: the 3D step "
-                "uses K as a pinhole and ignores them (fine for the small distortion of RGB-D colour cameras; "
-                "else use rectified images, docs/ros.md)")
+                "reads the images as rectified, through P (image_geometry's convention), and ignores them; "
+                "feed the rectified colour and depth images (image_proc's image_rect) unless the distortion is "
+                "as small as RGB-D colour cameras' (docs/ros.md)")
         self.buffers[index].set_camera(CameraModel(intrinsics, str(msg.header.frame_id), distorted),
                                        stamp_ns(msg.header.stamp))
 

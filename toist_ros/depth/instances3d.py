@@ -14,6 +14,22 @@ from toist_ros.depth.geometry import DepthLimits, instance_3d
 from toist_ros.depth.pairing import MISSING, PAIRED, UNSYNCED, Pairing
 
 _STATUS = {PAIRED: 1, MISSING: 2, UNSYNCED: 3}  # TaskInstances.DEPTH_* values
+ASPECT_TOLERANCE = 0.01  # relative; integer sizes of a binned or half-resolution stream differ by < 0.3 %
+
+
+def registration_problem(colour_size: tuple[int, int], depth_size: tuple[int, int],
+                         camera_size: tuple[int, int]) -> str:
+    """Why a depth image of ``depth_size`` or intrinsics of ``camera_size`` cannot be registered to a
+    colour frame of ``colour_size`` (all (width, height)); "" when both can. Another resolution of the
+    same view is read through scaled intrinsics; another aspect ratio is another view (the raw depth
+    stream instead of the aligned one, a crop) and would stretch every instance's geometry."""
+    width, height = colour_size
+    for what, (other_width, other_height) in (("depth image", depth_size), ("CameraInfo", camera_size)):
+        if abs((other_width * height) / (other_height * width) - 1.0) > ASPECT_TOLERANCE:
+            return (f"the {what} is {other_width}x{other_height} and the colour image {width}x{height}: another "
+                    "aspect ratio, so not registered to the colour image (depth: the aligned/registered stream, "
+                    "e.g. aligned_depth_to_color; CameraInfo: the colour camera's)")
+    return ""
 
 
 def add_3d(msg: Any, ranked: Sequence[Any], pairing: Pairing, limits: DepthLimits) -> int:
@@ -43,4 +59,4 @@ def add_3d(msg: Any, ranked: Sequence[Any], pairing: Pairing, limits: DepthLimit
     return valid
 
 
-__all__ = ["add_3d"]
+__all__ = ["ASPECT_TOLERANCE", "add_3d", "registration_problem"]

@@ -3,7 +3,7 @@
 Every array starts with a DELETEALL marker, so the markers of the previous frame disappear even
 when this frame has fewer instances; all markers carry the colour image's header (RViz places
 them through TF at ``header.stamp``). Colours are the debug overlay's, by rank. Markers expire
-after ``lifetime_s`` (:func:`marker_lifetime_s`: a few inference periods), so that when no next
+after ``lifetime_s`` (:func:`marker_lifetime_s`: a few of the camera's result periods), so that when no next
 array comes (the camera stopped, frames fail or are skipped as stale, ``output.markers`` turned
 off) RViz does not show the last objects for ever.
 """
@@ -21,12 +21,17 @@ LABEL_GAP_M = 0.02        # label this far above the box (optical frame: -y is u
 BOX_ALPHA = 0.45
 NAMESPACE_BOXES, NAMESPACE_LABELS = "toist_boxes", "toist_labels"
 MIN_LIFETIME_S = 1.0      # markers live at least this long ...
-LIFETIME_PERIODS = 3      # ... and at least this many inference periods (p95), so they never blink
+LIFETIME_PERIODS = 3      # ... and at least this many result periods of the camera, so they never blink
 
 
-def marker_lifetime_s(inference_p95_ms: float) -> float:
-    """How long a frame's markers stay in RViz without a newer array (NaN p95: no frame timed yet)."""
+def marker_lifetime_s(inference_p95_ms: float, output_hz: float = 0.0) -> float:
+    """How long a frame's markers stay in RViz without a newer array: three periods of the
+    camera's results, the longer of the model's time (p95; NaN: no frame timed yet) and the time
+    between the camera's results (``output_hz``; 0: unknown). Cameras share the model in turn, and
+    a slow camera sends seldom, so a camera's next array can come several model times later."""
     period_s = inference_p95_ms / 1000.0 if math.isfinite(inference_p95_ms) else 0.0
+    if math.isfinite(output_hz) and output_hz > 0:
+        period_s = max(period_s, 1.0 / output_hz)
     return max(MIN_LIFETIME_S, LIFETIME_PERIODS * period_s)
 
 

@@ -67,7 +67,7 @@ class DepthBuffer:
 
     def __init__(self, horizon_s: float = HORIZON_S, max_frames: int = MAX_FRAMES, max_bytes: int = MAX_BYTES,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._frames: collections.deque = collections.deque()  # (stamp_ns, depth), arrival order
+        self._frames: collections.deque = collections.deque()  # (stamp_ns, depth, arrival), arrival order
         self._cameras: collections.deque = collections.deque(maxlen=BUFFER_FRAMES)  # (stamp_ns, CameraModel)
         self._cond = threading.Condition()
         self._horizon_ns = int(horizon_s * 1e9)
@@ -79,7 +79,7 @@ class DepthBuffer:
 
     def put(self, stamp_ns: int, depth: Any) -> None:
         with self._cond:
-            self._frames.append((int(stamp_ns), depth))
+            self._frames.append((int(stamp_ns), depth, self._clock()))
             self._bytes += _nbytes(depth)
             self.received += 1
             newest = max(item[0] for item in self._frames)
@@ -115,7 +115,8 @@ class DepthBuffer:
         with self._cond:
             while True:
                 # Newest first: of equally close images (unstamped frames: every stamp 0) the newest wins.
-                best = min(reversed(self._frames), key=lambda item: abs(item[0] - stamp_ns), default=None)
+                best = min(reversed(self._candidates(stamp_ns)), key=lambda item: abs(item[0] - stamp_ns),
+                           default=None)
                 if best is not None and abs(best[0] - stamp_ns) <= tolerance:
                     camera = self._camera_at(stamp_ns)
                     if camera is None:
@@ -130,6 +131,17 @@ class DepthBuffer:
                         return Pairing(MISSING)
                     return Pairing(UNSYNCED, offset_s=(best[0] - stamp_ns) * 1e-9)
                 self._cond.wait(remaining)
+
+
+    def _candidates(self, stamp_ns: int) -> list:
+        """The buffered images a frame stamped ``stamp_ns`` may be paired with: all of them, or for
+        an unstamped frame those that arrived within the horizon. Stamps cannot tell an unstamped
+        camera's old depth from new (every stamp is 0), so after its depth stream stopped the last
+        image would be paired for ever."""
+        if stamp_ns != 0:
+            return list(self._frames)
+        since = self._clock() - self._horizon_ns * 1e-9
+        return [item for item in self._frames if item[2] >= since]
 
 
 def _nbytes(depth: Any) -> int:
