@@ -86,8 +86,10 @@ def instance_3d(mask_crop: np.ndarray, roi: tuple[int, int, int, int], depth: np
     widening = 2.0 * math.sqrt(2.0 * math.log(max(count, 2))) * noise
     extent[2] = math.sqrt(max(0.0, extent[2] ** 2 - widening ** 2))
 
+    box_center = np.array([(x.max() + x.min()) / 2.0, (y.max() + y.min()) / 2.0,
+                           (float(col_near[cols].min()) + float(col_far[cols].max())) / 2.0])
     surface = _surface_point(centroid, z, kept, u0, v0, step, cam)
-    return Instance3D(True, centroid, extent, surface, points, fraction)
+    return Instance3D(True, centroid, extent, surface, box_center, points, fraction)
 
 
 def _mask_on_depth(mask_crop: np.ndarray, x0: int, y0: int, us: np.ndarray, vs: np.ndarray,

@@ -20,7 +20,7 @@ def assert_same(inputs, cam, limits=DepthLimits()):
     new = instance_3d(*inputs, cam, limits)
     old = depth_reference.instance_3d(*inputs, cam, limits)
     assert (new.valid, new.points, new.fraction) == (old.valid, old.points, old.fraction)
-    for field in ("centroid", "extent", "surface_point"):
+    for field in ("centroid", "extent", "surface_point", "box_center"):
         np.testing.assert_allclose(getattr(new, field), getattr(old, field), rtol=1e-12, atol=1e-12, err_msg=field)
     return new
 

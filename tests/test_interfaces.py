@@ -49,7 +49,7 @@ def test_generated_types_have_the_contract_fields():
     from toist_ros.srv import SegmentImage, SetTask
 
     assert set(Instance.get_fields_and_field_types()) == {
-        "score", "rank", "box", "mask_roi", "mask", "mask_area", "has_3d", "centroid", "extent", "surface_point",
+        "score", "rank", "box", "mask_roi", "mask", "mask_area", "has_3d", "centroid", "extent", "box_center", "surface_point",
         "depth_points", "depth_fraction"}
     assert Instance.get_fields_and_field_types()["centroid"] == "geometry_msgs/Point"
     assert Instance.get_fields_and_field_types()["extent"] == "geometry_msgs/Vector3"

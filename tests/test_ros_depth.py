@@ -151,6 +151,10 @@ def test_paired_depth_gives_each_instance_its_3d_centroid_extent_and_surface_poi
         # x extent: the mask's columns on the depth grid, at the wall, plus one depth pixel.
         cols = np.nonzero(np.any(_mask_on_depth(inst), axis=0))[0]
         assert inst.extent.x == pytest.approx((cols.max() - cols.min() + 1) * WALL_M / (FX / 2), rel=1e-3)
+        # The box extent measures is centred on the middle of those columns, not on the centroid.
+        middle = (cols.min() + cols.max()) / 2.0
+        assert inst.box_center.x == pytest.approx((middle - ((CX + 0.5) / 2 - 0.5)) * WALL_M / (FX / 2), abs=1e-6)
+        assert inst.box_center.z == pytest.approx(WALL_M, abs=1e-3)
     assert measured >= 1, "no instance large enough to measure: the test saw nothing"
 
 
@@ -179,7 +183,7 @@ def test_markers_carry_a_box_and_a_label_per_3d_instance(node, probe):
     labels = [m for m in array if m.type == Marker.TEXT_VIEW_FACING]
     assert len(boxes) == len(labels) == len(with_3d) >= 1
     for inst, cube, label in zip(with_3d, boxes, labels):
-        assert cube.header == result.header and cube.pose.position == inst.centroid
+        assert cube.header == result.header and cube.pose.position == inst.box_center
         assert cube.scale.x == pytest.approx(max(inst.extent.x, 0.01)) and cube.scale.z == pytest.approx(0.01)
         assert label.text.startswith(f"#{inst.rank} {inst.score:.2f} ")
         # They expire (a stopped camera's last markers used to stay in RViz for ever), never

@@ -44,7 +44,9 @@ they grew by one pixel's, and a pixel's neighbours are the grid's):
    less the widening by the depth noise, in quadrature: ``sqrt(max(0, range^2 - (2 k sigma)^2))``
    with ``k = sqrt(2 ln N)`` (about the largest of N normal deviates) and sigma estimated from
    second differences along rows (``1.4826 MAD / sqrt(6)``: a second difference cancels a
-   surface's slope and has variance 6 sigma^2 for independent noise);
+   surface's slope and has variance 6 sigma^2 for independent noise); the box it measures is
+   centred on the middle of the ranges (``box_center``), which for a tilted or many-sided surface
+   is not the centroid;
 6. surface point: the ray through the centroid, scaled to the median depth of the inliers within
    ``SURFACE_WINDOW_PX`` depth pixels of the centroid's projection (the nearest inlier pixel's
    depth when none is that close: a ring seen through its hole).
@@ -124,13 +126,14 @@ class Instance3D:
     centroid: np.ndarray        # [3] x, y, z: centre of the visible surface
     extent: np.ndarray          # [3] axis-aligned size of the visible surface
     surface_point: np.ndarray   # [3] where the ray through the centroid meets the surface
+    box_center: np.ndarray      # [3] centre of the axis-aligned box ``extent`` measures
     points: int                 # usable depth pixels of the mask (inliers and outliers)
     fraction: float             # points / mask pixels seen by the depth image (0 when none)
 
 
 def invalid_3d(points: int = 0, fraction: float = 0.0) -> Instance3D:
     zero = np.zeros(3, dtype=np.float64)
-    return Instance3D(False, zero, zero, zero, int(points), float(fraction))
+    return Instance3D(False, zero, zero, zero, zero, int(points), float(fraction))
 
 
 def instance_3d(mask_crop: np.ndarray, roi: tuple[int, int, int, int], depth: np.ndarray, depth_scale: float,
@@ -162,7 +165,7 @@ def instance_3d(mask_crop: np.ndarray, roi: tuple[int, int, int, int], depth: np
     fraction = points / seen
     if not valid:
         return invalid_3d(points, fraction)
-    return Instance3D(True, vectors[0:3], vectors[3:6], vectors[6:9], int(points), fraction)
+    return Instance3D(True, vectors[0:3], vectors[3:6], vectors[6:9], vectors[9:12], int(points), fraction)
 
 
 @dataclass(frozen=True)

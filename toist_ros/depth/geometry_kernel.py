@@ -341,7 +341,7 @@ def _kth_smallest(values, k):
 
 @njit([_signature()], cache=True)
 def measure(mask, depth, x0, y0, u0, v0, step, s, t, scale, fx, fy, cx, cy, min_m, max_m, min_points):
-    """Steps 1-6 for one instance: (points, seen, valid, [9] centroid, extent, surface point).
+    """Steps 1-6 for one instance: (points, seen, valid, [12] centroid, extent, surface point, box centre).
 
     mask [h, w] bool: the colour crop at (x0, y0); depth [H, W] float32 raw (metres = value *
     ``scale``): the instance's window of the depth image, its pixel (i, j) being depth pixel
@@ -350,7 +350,7 @@ def measure(mask, depth, x0, y0, u0, v0, step, s, t, scale, fx, fy, cx, cy, min_
     pixels, ``seen``: mask pixels in the window; not ``valid``: too few depths (the vector is zeros).
     """
     h, w = depth.shape
-    out = np.zeros(9)
+    out = np.zeros(12)
     far = np.full((h + 4, w + 4), np.inf, np.float32)
     state = np.zeros((h, w), np.uint8)
     seen, points = _read_window(mask, depth, x0, y0, u0, v0, step, s, t, scale, min_m, max_m, far, state)
@@ -411,6 +411,11 @@ def measure(mask, depth, x0, y0, u0, v0, step, s, t, scale, fx, fy, cx, cy, min_
     z_range = np.float64(z_far - z_near)  # float32 difference, as numpy's
     widening = 2.0 * math.sqrt(2.0 * math.log(max(kept, 2))) * noise
     out[5] = math.sqrt(max(0.0, z_range ** 2 - widening ** 2))
+    # The middle of the ranges: the box extent measures is centred there (the footprint and the
+    # noise change each range at both ends alike), not on the centroid.
+    out[9] = (x_low + x_high) / 2.0
+    out[10] = (y_low + y_high) / 2.0
+    out[11] = (np.float64(z_near) + np.float64(z_far)) / 2.0
 
     # Step 6: the centroid's projection, in window pixels (round: half to even, as Python's).
     col = round((fx * out[0] / out[2] + cx - u0) / step)

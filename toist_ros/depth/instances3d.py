@@ -54,6 +54,7 @@ def add_3d(msg: Any, ranked: Sequence[Any], pairing: Pairing, limits: DepthLimit
         instance.has_3d = True
         instance.centroid.x, instance.centroid.y, instance.centroid.z = (float(v) for v in result.centroid)
         instance.extent.x, instance.extent.y, instance.extent.z = (float(v) for v in result.extent)
+        instance.box_center.x, instance.box_center.y, instance.box_center.z = (float(v) for v in result.box_center)
         point = instance.surface_point
         point.x, point.y, point.z = (float(v) for v in result.surface_point)
     return valid

@@ -55,7 +55,7 @@ def instance_markers(header: Any, instances: Sequence[Any], task: str, lifetime_
         box.header = header
         box.ns, box.id = NAMESPACE_BOXES, int(instance.rank)
         box.type, box.action = Marker.CUBE, Marker.ADD
-        box.pose.position = instance.centroid
+        box.pose.position = instance.box_center  # the box extent measures (the centroid is not its middle)
         box.pose.orientation.w = 1.0
         box.scale.x = max(instance.extent.x, MIN_SIZE_M)
         box.scale.y = max(instance.extent.y, MIN_SIZE_M)
@@ -66,9 +66,9 @@ def instance_markers(header: Any, instances: Sequence[Any], task: str, lifetime_
         label.header = header
         label.ns, label.id = NAMESPACE_LABELS, int(instance.rank)
         label.type, label.action = Marker.TEXT_VIEW_FACING, Marker.ADD
-        label.pose.position.x = instance.centroid.x
-        label.pose.position.y = instance.centroid.y - box.scale.y / 2 - LABEL_GAP_M
-        label.pose.position.z = instance.centroid.z
+        label.pose.position.x = instance.box_center.x
+        label.pose.position.y = instance.box_center.y - box.scale.y / 2 - LABEL_GAP_M
+        label.pose.position.z = instance.box_center.z
         label.pose.orientation.w = 1.0
         label.scale.z = LABEL_HEIGHT_M
         label.color.r, label.color.g, label.color.b, label.color.a = r, g, b, 1.0

@@ -72,6 +72,7 @@ class Truth:
     centroid: np.ndarray        # [3]
     extent: np.ndarray          # [3]
     surface_point: np.ndarray   # [3]
+    box_center: np.ndarray      # [3] centre of the box ``extent`` measures
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ class SceneObject:
         lows, highs = zip(*(p.bounds() for p in self.visible()))
         ray = centroid / centroid[2]
         surface = ray * float(self.hit(ray[None])[0])
-        return Truth(centroid, np.max(highs, axis=0) - np.min(lows, axis=0), surface)
+        low, high = np.min(lows, axis=0), np.max(highs, axis=0)
+        return Truth(centroid, high - low, surface, (low + high) / 2.0)
 
     def hit(self, rays: np.ndarray) -> np.ndarray:
         return np.min([p.hit(rays) for p in self.visible()], axis=0)
