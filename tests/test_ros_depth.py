@@ -226,6 +226,8 @@ def test_a_bad_depth_encoding_is_rejected_and_counted(node, probe):
     assert wait_for(lambda: (probe.counter("depth_rejected_encoding") or 0) >= 1, timeout=10)
     assert probe.counter("depth_rejected") >= 1 and probe.counter("depth_paired") >= 1
     assert probe.counter("depth_missing") >= 1
+    # Per camera too (the level is judged per camera).
+    assert probe.counter("/image depth missing") >= 1 and probe.counter("/image depth paired") >= 1
 
 
 def test_depth_of_another_aspect_ratio_is_refused_not_stretched(node, probe, capfd):

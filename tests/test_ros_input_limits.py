@@ -174,16 +174,36 @@ def test_health_recovers_after_an_old_error():
 
 def test_health_warns_while_no_frame_gets_depth_and_recovers_when_one_does():
     health = HealthLevel()
-    depth = {"depth_paired": 0, "depth_missing": 0, "depth_unsynced": 0}
+    depth = {"/image depth paired": 0, "/image depth missing": 0, "/image depth unsynced": 0}
     assert _judge(health, {**_values(), **depth}) == (OK, "running")
-    depth.update(depth_missing=3, depth_unsynced=2)
+    depth.update({"/image depth missing": 3, "/image depth unsynced": 2})
     level, message = _judge(health, {**_values(), **depth})
-    assert level == WARN and "no depth paired with the last 5 frame(s) (3 without a depth image" in message
+    assert level == WARN and "no 3D for /image: no depth paired with the last 5 frame(s) (3 without a depth" in message
     assert "2 with depth stamped more than depth.max_dt_s apart" in message
-    depth.update(depth_paired=1, depth_unsynced=3)  # one frame got depth since the last report
+    depth.update({"/image depth paired": 1, "/image depth unsynced": 3})  # one frame got depth since the last report
     assert _judge(health, {**_values(), **depth}) == (OK, "running")
     # Without depth keys (depth.enabled false) nothing is said about depth.
     assert _judge(health, _values()) == (OK, "running")
+
+
+def test_health_warns_for_one_camera_without_depth_beside_one_with_depth():
+    """Judged on the totals, the front camera's paired frames hid a rear camera that never got
+    depth (its depth topic not remapped)."""
+    cameras = ["/front/image", "/rear/image"]
+    health = HealthLevel()
+    values = {**_values(), "/front/image published": 10, "/rear/image published": 0, "/rear/image rejected": 0,
+              "/rear/image skipped stale": 0, "/front/image rejected": 0, "/front/image skipped stale": 0}
+
+    def report(front_paired, rear_missing):
+        depth = {"/front/image depth paired": front_paired, "/front/image depth missing": 0,
+                 "/front/image depth unsynced": 0, "/rear/image depth paired": 0,
+                 "/rear/image depth missing": rear_missing, "/rear/image depth unsynced": 0}
+        return _judge(health, {**values, **depth}, cameras=cameras)
+
+    assert report(0, 0) == (OK, "running")
+    level, message = report(5, 4)
+    assert level == WARN and message.startswith("no 3D for /rear/image: no depth paired with the last 4 frame(s)")
+    assert report(10, 4) == (OK, "running")
 
 
 def test_no_image_warning_is_decided_per_camera():

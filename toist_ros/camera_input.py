@@ -63,6 +63,7 @@ class Camera:
         self.reliable = False            # the subscription's reliability now
         self.rejected = 0                # images turned away (their warnings say why)
         self.skipped_stale = 0           # frames older than input.max_age_s when their turn came
+        self.depth_outcomes = {"paired": 0, "missing": 0, "unsynced": 0}  # depth.enabled: frames by pairing
         self.window = [0, 0]             # (arrived, lost) since window_start
         self.window_start = time.monotonic()
         self.last_loss_warning = float("-inf")

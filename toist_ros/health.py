@@ -1,10 +1,11 @@
 """What the node reports on ``/diagnostics``: its key/values, and one level with its reason.
 
 ERROR while loading; WARN when most images never reached the node since the last report, when
-a camera's images arrived but none of its was published (all rejected or too old: judged per camera,
-so one broken camera among working ones is not hidden by their results), on inference errors in the last
-``ERROR_WINDOW_S`` seconds, or with no input; OK otherwise (a single error long ago does not keep
-the node in WARN: the counters keep the history).
+a camera's images arrived but none of them was published (all rejected or too old), when a
+camera's frames got no depth (depth.enabled), on inference errors in the last ``ERROR_WINDOW_S``
+seconds, or with no input; OK otherwise (a single error long ago does not keep the node in WARN:
+the counters keep the history). Cameras are judged one by one, so one broken camera among
+working ones is not hidden by their results.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def report_values(*, ready: bool, task: Any, model: Any, counters: Counters, inf
     for key in sorted(k for k in counts if k.startswith("rejected_") and k != "rejected_service"):
         values[key] = counts[key]
     if geometry_ms is not None:
+        for camera in cameras:
+            for outcome, count in camera.depth_outcomes.items():
+                values[f"{camera.subscribed_name} depth {outcome}"] = count
         g50, g95 = geometry_ms.quantiles(0.5, 0.95)
         values["3d ms p50"], values["3d ms p95"] = fmt_ms(g50), fmt_ms(g95)
         for key in _DEPTH_COUNTERS:
@@ -72,7 +76,8 @@ class HealthLevel:
 
     def __init__(self) -> None:
         self._previous_arrivals = (0, 0)  # (arrived, lost) at the last diagnostics report
-        self._previous_depth = (0, 0, 0)  # (paired, missing, unsynced) at the last report
+        self._previous_depth: dict[str, tuple[int, int, int]] = {}  # per camera: (paired, missing, unsynced)
+        # at the last report
         self._previous_outcomes: dict[str, tuple[int, int, int]] = {}  # per camera: (published, rejected,
         # skipped stale) at the last report
         self._errors: collections.deque = collections.deque()  # (monotonic time, error total) per report
@@ -92,7 +97,7 @@ class HealthLevel:
             self._errors.popleft()
         # Errors since the oldest report inside the window (or since start, early on).
         recent_errors = errors - (self._errors[0][1] if self._errors[0][0] <= now - ERROR_WINDOW_S else 0)
-        depth_problem = self._depth_problem(values)
+        depth_problem = self._depth_problem(values, cameras)
         nothing_published = self._nothing_published(values, cameras)
         if not ready:
             return ERROR, "not ready"
@@ -130,17 +135,22 @@ class HealthLevel:
                            f"{' and '.join(causes)}")
         return "; ".join(reasons)
 
-    def _depth_problem(self, values: dict[str, Any]) -> str:
-        """Why no frame since the last report got depth ("" when some did, or depth is off)."""
-        if "depth_paired" not in values:
-            return ""
-        now = (values["depth_paired"], values["depth_missing"], values["depth_unsynced"])
-        paired, missing, unsynced = (a - b for a, b in zip(now, self._previous_depth))
-        self._previous_depth = now
-        if paired > 0 or missing + unsynced == 0:
-            return ""
-        return (f"no 3D: no depth paired with the last {missing + unsynced} frame(s) ({missing} without a depth image "
-                f"or CameraInfo, {unsynced} with depth stamped more than depth.max_dt_s apart; see docs/ros.md)")
+    def _depth_problem(self, values: dict[str, Any], cameras: Sequence[str]) -> str:
+        """Why a camera got depth for none of its frames since the last report ("" when each camera
+        got some, or depth is off); per camera, as :meth:`_nothing_published`."""
+        reasons = []
+        for name in cameras:
+            if f"{name} depth paired" not in values:
+                continue
+            now = tuple(values[f"{name} depth {outcome}"] for outcome in ("paired", "missing", "unsynced"))
+            paired, missing, unsynced = (a - b for a, b in zip(now, self._previous_depth.get(name, (0, 0, 0))))
+            self._previous_depth[name] = now
+            if paired > 0 or missing + unsynced == 0:
+                continue
+            reasons.append(f"no 3D for {name}: no depth paired with the last {missing + unsynced} frame(s) ({missing} "
+                           f"without a depth image or CameraInfo, {unsynced} with depth stamped more than "
+                           "depth.max_dt_s apart; see docs/ros.md)")
+        return "; ".join(reasons)
 
 
 __all__ = ["HealthLevel", "report_values"]

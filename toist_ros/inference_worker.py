@@ -205,6 +205,7 @@ class InferenceWorker:
             pairing = self._registered(pairing, msg.header.frame_id, (int(msg.image_width), int(msg.image_height)),
                                        camera)
         self._counters.add(f"depth_{pairing.status}")
+        camera.depth_outcomes[pairing.status] += 1
         start = time.perf_counter()
         limits = DepthLimits(settings["depth.min_m"], settings["depth.max_m"])
         self._counters.add("instances_3d", add_3d(msg, ranked, pairing, limits))
