@@ -300,3 +300,24 @@ def test_a_depth_image_from_the_depth_callback_wakes_the_waiting_frame():
     thread.join()
     assert got.status == PAIRED and got.depth == "late"
     assert len(waits.waits) == 1 and waits.waits[0][1], waits.waits  # woken by the put, not timed out
+
+
+def test_distortion_is_warned_about_once_per_camera():
+    """The warning was once per node: a second camera's distortion went unsaid."""
+    from toist_ros.depth.inputs import DepthInputs
+    from toist_ros.diagnostics import Counters
+
+    warnings = []
+    logger = SimpleNamespace(warning=lambda text, **kwargs: warnings.append(text))
+    node = SimpleNamespace(get_logger=lambda: logger)
+    settings = {"input.reliability": "auto", "depth.topics": ["front/depth", "rear/depth"],
+                "depth.camera_info_topics": ["front/camera_info", "rear/camera_info"]}
+    inputs = DepthInputs(node, settings, Counters(), callback_group=None)
+    k = [600.0, 0, 320.0, 0, 600.0, 240.0, 0, 0, 1]
+    distorted = _info(k, d=(-0.2, 0.05, 0, 0, 0))
+    distorted.header.stamp = SimpleNamespace(sec=1, nanosec=0)
+    for index in (0, 0, 1, 1):
+        inputs._on_info(distorted, index)
+    assert [text.split(" has distortion")[0] for text in warnings] == ["the CameraInfo of camera 0",
+                                                                     "the CameraInfo of camera 1"]
+    assert all(buffer._cameras for buffer in inputs.buffers)  # used all the same

@@ -42,7 +42,7 @@ class DepthInputs:
         self._reliable = [False] * len(self.buffers)
         self._names = [""] * len(self.buffers)
         self._info_subscriptions: list = []
-        self._distortion_warned = False
+        self._distortion_warned: set[int] = set()  # cameras whose distortion was warned about
         self._timer = None
 
     def subscribe(self) -> None:
@@ -114,8 +114,8 @@ class DepthInputs:
             self._node.get_logger().warning(f"camera {index}: {exc}", throttle_duration_sec=10.0)
             return
         distorted = has_distortion(msg)
-        if distorted and not self._distortion_warned:
-            self._distortion_warned = True
+        if distorted and index not in self._distortion_warned:
+            self._distortion_warned.add(index)
             self._node.get_logger().warning(
                 f"the CameraInfo of camera {index} has distortion coefficients {list(msg.d)[:5]}: the 3D step "
                 "reads the images as rectified, through P (image_geometry's convention), and ignores them; "
