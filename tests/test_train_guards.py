@@ -437,6 +437,23 @@ def test_schedule_refusal_names_the_field_and_says_what_follows_from_the_data(sy
     check_start(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=5"), ckpt)   # may change
 
 
+def test_a_resume_with_another_process_count_is_refused_before_writing(synth_root, tmp_path):
+    """Updates per epoch (ceil(N / processes) // batch) can come out equal for two process counts;
+    the resume was then taken with a warning, halving the images per update (docs: refused)."""
+    out = tmp_path / "run"
+    Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=1"), DistEnv()).run()
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    ckpt["world_size"], ckpt["rng"] = 2, ckpt["rng"] * 2   # as two processes write it
+    two = tmp_path / "two_processes.pth"
+    torch.save(ckpt, two)
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(CheckpointError) as info:
+        Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=2"), DistEnv(), resume=str(two))
+    assert "two_processes.pth was written by 2 process(es), this run has 1" in str(info.value)
+    assert "torchrun --nproc_per_node 2" in str(info.value) and "init.load=" in str(info.value)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
+
+
 def test_a_resume_keeps_the_holdout_it_trained_without(synth_root, tmp_path):
     """A resume with another eval.holdout_seed (or fraction, or from holdout to a named split)
     was taken without a word: images it had validated on trained, images it trained on

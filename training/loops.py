@@ -498,12 +498,20 @@ class Trainer:
             if stale is not None and tuple(stale.shape) != (self.cluster.bank.num_tasks,):
                 raise ckpt_io.CheckpointError(f"{where} [cluster_stale]: shape {tuple(stale.shape)}, the bank has "
                                               f"{self.cluster.bank.num_tasks} tasks")
+        written_by = ckpt.get("world_size")
+        if written_by is not None and written_by != self.env.world_size:
+            # Updates per epoch can come out equal (ceil(N / processes) // batch), but the images
+            # per update, each process's share of the data mid-epoch and the random streams change.
+            raise ckpt_io.CheckpointError(
+                f"{where} was written by {written_by} process(es), this run has {self.env.world_size}: a resume "
+                f"runs with the same number (torchrun --nproc_per_node {written_by}; over several nodes, the same "
+                f"total), or the images per update and each process's data would change. "
+                f"{new_run_advice(self.cfg.stage, path)}")
         try:
             self.schedule.check_compatible(ckpt["scheduler"], where)
         except ScheduleMismatch as exc:
             # Said only when it is what differs: a changed schedule.epochs changes total_steps, not it.
-            hint = (f" Updates per epoch follow from the data, loader.batch_size and the number of processes "
-                    f"({ckpt.get('world_size')} in the checkpoint, {self.env.world_size} now)."
+            hint = (" Updates per epoch follow from the data, loader.batch_size and the number of processes."
                     if "steps_per_epoch" in exc.keys else "")
             raise ckpt_io.CheckpointError(f"{exc}.{hint} {new_run_advice(self.cfg.stage, path)}") from None
         if len(ckpt["optimizer"].get("param_groups", [])) != len(self.optimizer.param_groups):
@@ -514,7 +522,7 @@ class Trainer:
         if not 0 <= step <= self.total_steps:
             raise ckpt_io.CheckpointError(f"{where}: step {step} outside this run's {self.total_steps} updates")
         rng = ckpt.get("rng") or []
-        same_world = ckpt.get("world_size") == self.env.world_size and len(rng) == self.env.world_size
+        same_world = written_by == self.env.world_size and len(rng) == self.env.world_size
 
         self.model.load_state_dict(ckpt["model"])
         if self.ema is not None:
