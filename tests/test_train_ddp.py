@@ -22,16 +22,19 @@ FAST = [
 ]
 
 
-def _worker(root: str, out: str) -> None:
+def _worker(root: str, out: str, *extra: str) -> None:
+    """``extra``: more overrides, and ``--resume=<checkpoint>``."""
     from training.config import load_config
     from training.distributed import cleanup_distributed, init_distributed
     from training.loops import Trainer
 
+    resume = next((arg.split("=", 1)[1] for arg in extra if arg.startswith("--resume=")), None)
+    overrides = [arg for arg in extra if not arg.startswith("--resume=")]
     cfg = load_config(REPO / "training" / "configs" / "tiny_distill.yaml",
-                      [f"data.root={root}", f"output_dir={out}", *FAST])
+                      [f"data.root={root}", f"output_dir={out}", *FAST, *overrides])
     env = init_distributed("cpu", "auto")
     assert env.distributed and env.backend == "gloo" and env.world_size == int(os.environ["WORLD_SIZE"])
-    trainer = Trainer(cfg, env)
+    trainer = Trainer(cfg, env, resume=resume)
     result = trainer.run()
     torch.save({"model": trainer.model.state_dict(), "model_ema": trainer.ema.state_dict(),
                 "teacher": trainer.teacher.state_dict(), "bank": trainer.cluster.bank.state_dict(),
@@ -45,18 +48,19 @@ def _worker(root: str, out: str) -> None:
     cleanup_distributed()
 
 
-def _torchrun(tmp_path, nproc: int) -> Path:
+def _torchrun(tmp_path, nproc: int, *extra: str, run: str = "run") -> Path:
     """This file as the worker under ``torchrun --nproc_per_node nproc`` on a small synthetic
-    set; returns the run's output folder."""
+    set (``extra``: see :func:`_worker`); returns the run's output folder ``tmp_path / run``."""
     from toist_core.data.synth import generate
 
     root = tmp_path / "synth"
-    generate(root, tasks=[1, 2], splits=("train",), images_per_split=6, min_size=96, max_size=112, seed=5)
-    out = tmp_path / "run"
+    if not root.exists():
+        generate(root, tasks=[1, 2], splits=("train",), images_per_split=6, min_size=96, max_size=112, seed=5)
+    out = tmp_path / run
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", str(nproc),
-                           str(Path(__file__).resolve()), str(root), str(out)],
+                           str(Path(__file__).resolve()), str(root), str(out), *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
@@ -94,5 +98,27 @@ def test_two_process_gloo_run_has_identical_weights(tmp_path):
         assert torch.equal(ckpt["model"][key], value)
 
 
+def test_every_use_kmeans_resumes_exactly_on_each_process(tmp_path):
+    """distill.kmeans_rerun every_use (the reference's): each process's warm-started k-means runs
+    move its own centres. The checkpoint held rank 0's only and a resume gave them to every process:
+    rank 1 continued from other centres (its losses and all weights differed from an uninterrupted run)."""
+    every_use = ["distill.kmeans_rerun=every_use", "distill.bank_size=4", "loader.batch_size=2",
+                 "eval.enabled=false", "checkpoint.keep_epochs=5", "checkpoint.every_steps=0"]
+    full = _torchrun(tmp_path, 2, *every_use, "schedule.max_steps=6", run="full")
+    epochs = sorted(full.glob("checkpoint_epoch*.pth"))
+    assert len(epochs) == 2, epochs  # 3 updates an epoch
+    ckpt = torch.load(epochs[0], weights_only=True)
+    centres = ckpt["cluster_centers_per_rank"]
+    assert len(centres) == 2 and not torch.equal(centres[0], centres[1]), "the processes' centres never parted"
+    resumed = _torchrun(tmp_path, 2, *every_use, "schedule.max_steps=6", f"--resume={epochs[0]}", run="resumed")
+    for rank in (0, 1):
+        a = torch.load(full / f"rank{rank}.pt", weights_only=True)
+        b = torch.load(resumed / f"rank{rank}.pt", weights_only=True)
+        assert a["step"] == b["step"] == 6
+        for part in ("model", "teacher", "bank"):
+            for key, value in a[part].items():
+                assert torch.equal(value, b[part][key]), f"rank {rank}: {part}.{key} differs after the resume"
+
+
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+    _worker(*sys.argv[1:])

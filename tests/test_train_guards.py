@@ -454,6 +454,21 @@ def test_a_resume_with_another_process_count_is_refused_before_writing(synth_roo
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
 
 
+def test_per_process_centres_are_checked_like_the_bank():
+    from training.checkpointing import check_per_rank_centres
+
+    good = torch.zeros(2, 3, 8)
+    check_per_rank_centres(None, (2, 3, 8), "old.pth [cluster_centers_per_rank]")  # older files: none
+    check_per_rank_centres([good, good.clone()], (2, 3, 8), "run.pth [cluster_centers_per_rank]")
+    with pytest.raises(CheckpointError, match=r"run\.pth \[cluster_centers_per_rank\]: process 1's centres are "
+                                              r"\(2, 3, 4\), the bank's are \(2, 3, 8\)"):
+        check_per_rank_centres([good, torch.zeros(2, 3, 4)], (2, 3, 8), "run.pth [cluster_centers_per_rank]")
+    bad = good.clone()
+    bad[1, 2, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"cluster_centers_per_rank.*non-finite.*process 1"):
+        check_per_rank_centres([good, bad], (2, 3, 8), "run.pth [cluster_centers_per_rank]")
+
+
 def test_a_resume_keeps_the_holdout_it_trained_without(synth_root, tmp_path):
     """A resume with another eval.holdout_seed (or fraction, or from holdout to a named split)
     was taken without a word: images it had validated on trained, images it trained on

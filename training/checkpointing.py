@@ -98,6 +98,18 @@ def check_state_dict(state: Optional[dict], module: torch.nn.Module, where: str)
     refuse_non_finite(state, where)
 
 
+def check_per_rank_centres(per_rank: Optional[list], shape: tuple, where: str) -> None:
+    """Refuse per-process cluster centres (``cluster_centers_per_rank``) of another shape than the
+    bank's ``shape``, or holding NaN / inf; None (a file without them) passes."""
+    if per_rank is None:
+        return
+    for rank, centres in enumerate(per_rank):
+        if not isinstance(centres, torch.Tensor) or tuple(centres.shape) != tuple(shape):
+            got = tuple(centres.shape) if isinstance(centres, torch.Tensor) else type(centres).__name__
+            raise CheckpointError(f"{where}: process {rank}'s centres are {got}, the bank's are {tuple(shape)}")
+    refuse_non_finite({f"process {rank}": centres for rank, centres in enumerate(per_rank)}, where)
+
+
 def check_optimizer_state(state: dict, where: str) -> None:
     """Refuse an optimizer state whose moments hold NaN / inf: its first step would make every
     weight it updates NaN, and the next checkpoint would replace the good one with them."""

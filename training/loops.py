@@ -445,6 +445,11 @@ class Trainer:
         """The checkpoint dict (every process must call it: it gathers the random states)."""
         rng = all_gather_objects(ckpt_io.capture_rng_state(self.env.device), self.env)
         bank_state = self.cluster.bank.state_dict() if self.cluster is not None else None
+        # Every process's stored centres: the same under kmeans_rerun on_change; under every_use
+        # each process's k-means (one per image it reads, warm-started) moves its own, as the
+        # reference's do, so a resume with rank 0's everywhere would not continue exactly.
+        centres = (all_gather_objects(self.cluster.bank.cluster_centers.detach().cpu(), self.env)
+                   if self.cluster is not None else None)
         return {
             "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "stage": self.cfg.stage,
             "model": self.model.state_dict(),
@@ -461,6 +466,7 @@ class Trainer:
             "cluster_criterion": bank_state,
             # Beside the bank's reference keys: which tasks' centres still need k-means.
             "cluster_stale": self.cluster.bank.stale_flags() if self.cluster is not None else None,
+            "cluster_centers_per_rank": centres,
             "config": config_to_dict(self.cfg),
             "best": self.best,
             "metrics": self.metrics,
@@ -498,6 +504,9 @@ class Trainer:
             if stale is not None and tuple(stale.shape) != (self.cluster.bank.num_tasks,):
                 raise ckpt_io.CheckpointError(f"{where} [cluster_stale]: shape {tuple(stale.shape)}, the bank has "
                                               f"{self.cluster.bank.num_tasks} tasks")
+            ckpt_io.check_per_rank_centres(ckpt.get("cluster_centers_per_rank"),
+                                           tuple(self.cluster.bank.cluster_centers.shape),
+                                           f"{where} [cluster_centers_per_rank]")
         written_by = ckpt.get("world_size")
         if written_by is not None and written_by != self.env.world_size:
             # Updates per epoch can come out equal (ceil(N / processes) // batch), but the images
@@ -534,6 +543,9 @@ class Trainer:
         if self.cluster is not None:
             self.cluster.bank.load_state_dict(ckpt["cluster_criterion"])
             self.cluster.bank.load_stale_flags(ckpt.get("cluster_stale"))
+            per_rank = ckpt.get("cluster_centers_per_rank")  # absent in older checkpoints: rank 0's
+            if per_rank is not None and len(per_rank) == self.env.world_size:
+                self.cluster.bank.cluster_centers.copy_(per_rank[self.env.rank])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
