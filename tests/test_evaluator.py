@@ -710,6 +710,7 @@ def _square_mask(height=100, width=100, box=(10, 10, 30, 30)) -> dict:
 _BAD_COUNTS = [
     (_square_mask()["counts"][:3], r"RLE 'counts' cover 1010 pixels, not height \* width = 10000"),  # cut short
     ("!!!!", r"RLE 'counts' string holds '!' at position 0; a compressed RLE uses the characters '0' to 'o'"),
+    ("0p0", r"RLE 'counts' string holds 'p' at position 1; a compressed RLE uses the characters '0' to 'o'"),
     ("", r"RLE 'counts' cover 0 pixels, not height \* width = 10000"),
     ("Q", r"RLE 'counts' string ends inside a number"),             # 'Q' = 48 + 33: a group that wants more
     ("0@", r"RLE 'counts' string decodes to a negative run \(-16 pixels, run 1\)"),

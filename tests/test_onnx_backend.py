@@ -311,6 +311,38 @@ def test_an_interrupted_check_keeps_the_graphs_and_leaves_nothing_behind(dirs, t
     assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in dirs[0].iterdir())
 
 
+@pytest.mark.parametrize("checked", [False, True], ids=["export_onnx", "export_checked"])
+def test_weights_replaced_while_the_graphs_are_written_get_no_graphs(dirs, tmp_path, monkeypatch, checked):
+    """export_onnx compared the directory's weights after writing with themselves (read after
+    writing, not before): graphs of the old weights were installed beside new weights, replacing
+    graphs that worked, and the node then refused the directory."""
+    from toist_core.checkpoint.model_dir import WEIGHTS_FILE
+    from toist_core.inference.onnx_export import export_checked
+
+    directory = _dir_with_graphs(dirs, tmp_path / "m")
+    graphs_before = {name: (directory / name).read_bytes() for name in (DETECTOR_FILE, MASK_HEAD_FILE)}
+    other, cfg = _model(seed=7)
+    save_model_dir(other, tmp_path / "other", cfg)
+    write = onnx_export._write_graphs
+
+    def replaced_meanwhile(*args, **kwargs):
+        written = write(*args, **kwargs)
+        shutil.copy(tmp_path / "other" / WEIGHTS_FILE, directory / WEIGHTS_FILE)  # another export lands
+        return written
+
+    monkeypatch.setattr(onnx_export, "_write_graphs", replaced_meanwhile)
+    with pytest.raises(CheckpointError, match="replaced while its ONNX graphs were exported; nothing was installed"):
+        if checked:
+            monkeypatch.setattr(onnx_export, "compare_backends", lambda directory, **kw: {
+                "logits": 0.0, "boxes": 0.0, "mask_iou": 1.0, "images": 1, "tasks": [1],
+                "providers": ["CPUExecutionProvider"], "masks": True})
+            export_checked(directory)
+        else:
+            export_onnx(_model(seed=0)[0], directory)
+    assert {name: (directory / name).read_bytes() for name in graphs_before} == graphs_before
+    assert not _staging_leftovers(directory)
+
+
 def test_a_one_task_vocabulary_exports_and_checks(tmp_path):
     """The check ran tasks 1 and 2 whatever the model's vocabulary: a one-task model could never
     be exported (unknown task id 2), and its graphs were deleted."""

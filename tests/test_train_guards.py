@@ -611,6 +611,21 @@ def test_a_run_killed_between_its_checkpoint_and_its_best_writes_the_best_when_r
     assert kept["step"] == 3 and any("later than update 2 this run resumed from: left as it is" in line
                                      for line in logs)
 
+    # Killed before the first BEST was ever written: no BEST at all, written from the resume too.
+    (out / "BEST_checkpoint.pth").unlink()
+    logs.clear()
+    Trainer(cfg, DistEnv(), resume=str(out / "checkpoint.pth"), log=logs.append)._write_interrupted_best()
+    assert load_training_checkpoint(out / "BEST_checkpoint.pth")["step"] == 3
+    assert any("BEST_checkpoint.pth is missing: written from it" in line for line in logs)
+    # A BEST of the same update number from another run (another record): replaced as well.
+    other = load_training_checkpoint(out / "BEST_checkpoint.pth")
+    other["best"] = dict(other["best"], value=-1.0)
+    torch.save(other, out / "BEST_checkpoint.pth")
+    logs.clear()
+    Trainer(cfg, DistEnv(), resume=str(out / "checkpoint.pth"), log=logs.append)._write_interrupted_best()
+    assert load_training_checkpoint(out / "BEST_checkpoint.pth")["best"] == last["best"]
+    assert any("BEST_checkpoint.pth holds another run's update 3: written from it" in line for line in logs)
+
 
 def test_an_improving_update_writes_its_checkpoint_with_its_best_whatever_the_cadence(synth_root, tmp_path,
                                                                                    monkeypatch):

@@ -219,12 +219,13 @@ def export_onnx(model: nn.Module, directory, exporter: str = "torchscript") -> l
     renamed in: a reader never sees half a graph, and an interrupted export changes nothing."""
     directory = Path(directory).expanduser().resolve()
     with _staging_folder(directory) as staging:
-        graphs = _write_graphs(model, directory, staging, exporter)
-        return _install(graphs, directory, model_digest(directory))
+        graphs, digest = _write_graphs(model, directory, staging, exporter)
+        return _install(graphs, directory, digest)
 
 
-def _write_graphs(model: nn.Module, directory: Path, into: Path, exporter: str) -> list[Path]:
-    """The graphs of ``model`` (the weights of ``directory``) written into the folder ``into``."""
+def _write_graphs(model: nn.Module, directory: Path, into: Path, exporter: str) -> tuple[list[Path], str]:
+    """The graphs of ``model`` (the weights of ``directory``) written into the folder ``into``, and
+    the SHA-256 of the weights file they record (what the install checks the directory still holds)."""
     import copy
 
     from .. import __version__
@@ -261,7 +262,7 @@ def _write_graphs(model: nn.Module, directory: Path, into: Path, exporter: str) 
     for path in written:
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
-    return written
+    return written, digest
 
 
 def _install(graphs: list[Path], directory: Path, digest: str) -> list[Path]:
@@ -414,7 +415,7 @@ def export_checked(directory, exporter: str = "torchscript", **check) -> dict:
         trial = staging / "trial"
         shutil.copytree(directory, trial, copy_function=_link_or_copy,
                         ignore=shutil.ignore_patterns(DETECTOR_FILE, MASK_HEAD_FILE, f"{ONNX_STAGING_PREFIX}*"))
-        graphs = _write_graphs(loaded.model, trial, staging, exporter)
+        graphs, _ = _write_graphs(loaded.model, trial, staging, exporter)
         for graph in graphs:  # the trial directory runs them; the originals stay for the install
             _link_or_copy(str(graph), str(trial / graph.name))
         result = compare_backends(trial, **check)
