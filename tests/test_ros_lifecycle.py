@@ -172,15 +172,28 @@ def test_a_managed_node_goes_through_its_states_as_its_manager_says(ros, model_d
         time.sleep(0.02)
     time.sleep(0.5)
     assert len(manager.results) == count
-    assert not manager.segment(_pixels()).success
+    refused = manager.segment(_pixels())
+    assert not refused.success and "inactive (lifecycle): activate it" in refused.message
+    # Straight to the stopped worker (a request racing the deactivate): answered at once, not
+    # after the service's 60 s timeout.
+    from toist_ros.inference_worker import STOPPED
+
+    started = time.monotonic()
+    assert node._worker.segment(_image_msg(manager).header, _pixels(), node.active_task) == (None, STOPPED)
+    assert time.monotonic() - started < 5.0
 
     # activate again: a new inference thread, frames processed again (a thread cannot restart);
     # what the camera sent during the pause is not "lost in transport" (no WARN for it); a frame
     # left waiting from before the pause is dropped, in the per-camera count and in the total.
     node._inputs.slots.put(0, "a frame that waited through the pause")
-    replaced = node.counters.get("dropped_replaced")
+    replaced, camera_dropped = node.counters.get("dropped_replaced"), node._inputs.slots.dropped[0]
+    warned = node.counters.get("no_image_warnings")
     assert manager.transition("activate") and manager.state() == "active"
     assert node.counters.get("dropped_replaced") == replaced + 1
+    assert node._inputs.slots.dropped[0] == camera_dropped + 1
+    # The no-image warning watches this activation: frames came before the pause, none since.
+    node._inputs.warn_no_image()
+    assert node.counters.get("no_image_warnings") == warned + 1
     assert manager.roundtrip(_pixels()) is not None
     assert node.counters.get("lost_in_transport") == 0
 
@@ -263,6 +276,11 @@ def test_a_task_change_encoding_during_cleanup_publishes_nothing_after_it():
     assert replies and not replies[0][0] and "lifecycle cleanup" in replies[0][1]
     assert published == [] and tasks.active.revision == 1
     tasks.publish_active()
+    assert published == []
+    # The active task asked for again after the cleanup (a `ros2 topic pub` repeating): refused
+    # as any other, not said again on active_task by a node without a model.
+    ok, message, _ = tasks.set("2")
+    assert not ok and "not taken" in message and "lifecycle cleanup" in message
     assert published == []
 
 

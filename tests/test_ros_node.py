@@ -88,6 +88,19 @@ def test_a_camera_faster_than_the_model_is_not_starved_by_a_slow_one():
     assert min(served) >= 15, served        # in turn while both have frames waiting
 
 
+def test_a_closed_slot_queues_no_request_and_reopening_drops_what_was_left():
+    """A request queued after close waited its whole service timeout (60 s) for a thread that had
+    stopped; frames left from before a pause are dropped when it reopens, counted per camera."""
+    slots = FrameSlots(2)
+    slots.put(1, "before the pause")
+    slots.close()
+    assert slots.put_request("late") is False and slots.pending_requests() == []
+    assert slots.take(0) is None
+    assert slots.reopen() == 1 and slots.dropped == [0, 1]
+    assert slots.take(0) is None                  # nothing from before the pause is served
+    assert slots.put_request("now") is True and slots.take(0) == ("request", "now", -1)
+
+
 def test_slot_close_wakes_a_waiting_taker():
     slots = FrameSlots()
     got = []

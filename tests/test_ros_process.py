@@ -267,6 +267,16 @@ def _vocabulary_model_dir(tmp_path, num_tasks: int) -> str:
     return str(save_model_dir(seg.model, tmp_path / f"vocabulary_{num_tasks}", seg.config, vocabulary=vocabulary))
 
 
+def test_a_vocabulary_of_255_tasks_fits_the_messages(tmp_path):
+    """uint8 task_id holds 1..255: the 255th task is the last the node takes (300 are refused by
+    the start-up test above)."""
+    from toist_ros.model_loader import load_model
+    from toist_ros.params import flat_defaults
+
+    settings = dict(flat_defaults(), checkpoint=_vocabulary_model_dir(tmp_path, 255), device="cpu")
+    assert load_model(settings, warn=lambda message: None).segmenter.vocabulary.num_tasks == 255
+
+
 def _detection_model_dir(tmp_path) -> str:
     from toist_core.checkpoint import save_model_dir
     from toist_core.inference import TaskSegmenter
