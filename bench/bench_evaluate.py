@@ -17,23 +17,31 @@ files, so masks are encoded once per image and only the scores differ per task.
     python bench/bench_evaluate.py                      # full size
     python bench/bench_evaluate.py --images 100         # quick check
     python bench/bench_evaluate.py --backends pycocotools   # one backend only
+
+Beside toist's two backends (both check every prediction and accumulate once more for the
+images with targets), the bench times what the reference's evaluator runs per task and IoU
+type, nothing more: COCO results -> loadRes -> COCOeval (catIds=[1]) evaluate, accumulate,
+summarize (``--no-plain`` leaves it out). Its speed-up is the one the target is about.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toist_core.data.synth import generate  # noqa: E402
-from toist_core.eval.evaluator import (BACKENDS, EvaluationResult, evaluate_task, load_ground_truth,  # noqa: E402
-                                       task_files)
+from toist_core.eval.evaluator import (BACKENDS, EvaluationResult, detections_to_coco, evaluate_task,  # noqa: E402
+                                       load_ground_truth, task_files)
 from toist_core.eval.predictions import ImagePredictions, load_predictions, save_predictions  # noqa: E402
 from toist_core.eval.tables import paper_table_markdown  # noqa: E402
 
@@ -70,6 +78,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backends", nargs="+", default=["pycocotools", "faster-coco-eval"], choices=BACKENDS,
                         help="COCOeval implementations to time (default: both, interleaved per task)")
+    parser.add_argument("--no-plain", action="store_true",
+                        help="leave out the plain pycocotools run (the reference's evaluator, no checks)")
     args = parser.parse_args()
 
     tasks = list(range(1, args.tasks + 1))
@@ -113,22 +123,28 @@ def main() -> None:
               f"load {time.perf_counter() - started:.1f} s")
 
     backends = list(dict.fromkeys(args.backends))
-    timings = {(b, i): 0.0 for b in backends for i in args.iou_types}
+    runs = backends + ([] if args.no_plain else [PLAIN])
+    timings = {(b, i): 0.0 for b in runs for i in args.iou_types}
     results = {b: [] for b in backends}
+    plain_stats = {i: [] for i in args.iou_types}  # per task, the plain run's 12 numbers
     for index, t in enumerate(tasks):
-        order = backends if index % 2 == 0 else backends[::-1]
+        order = runs if index % 2 == 0 else runs[::-1]
         per_backend = {}
         for backend in order:
             per_iou = []
             for iou_type in args.iou_types:
                 started = time.perf_counter()
-                per_iou.append(evaluate_task(ground_truths[t], predictions[t], [iou_type], task_id=t,
-                                             backend=backend))
+                if backend == PLAIN:
+                    plain_stats[iou_type].append(_plain_pycocotools(ground_truths[t], predictions[t], iou_type))
+                else:
+                    per_iou.append(evaluate_task(ground_truths[t], predictions[t], [iou_type], task_id=t,
+                                                 backend=backend))
                 timings[backend, iou_type] += time.perf_counter() - started
-            per_backend[backend] = _merge_tasks(per_iou)
+            if backend != PLAIN:
+                per_backend[backend] = _merge_tasks(per_iou)
         for backend in backends:
             results[backend].append(per_backend[backend])
-        print(f"task {t}: " + ", ".join(f"{b} {sum(timings[b, i] for i in args.iou_types):.1f} s" for b in backends)
+        print(f"task {t}: " + ", ".join(f"{b} {sum(timings[b, i] for i in args.iou_types):.1f} s" for b in runs)
               + " (cumulative)", flush=True)
 
     print(f"\n{len(tasks)} tasks x {len(shared)} images x {args.dets} detections = {total}, CPU, "
@@ -148,10 +164,41 @@ def main() -> None:
                      for name in ("ap50", "stats", "ap50_with_targets")]
             row += f" | {secs[0] / secs[1]:.2f}x | " + " | ".join(f"{d:.1e}" for d in diffs)
         print(row + " |")
+    if not args.no_plain:
+        plain = {i: timings[PLAIN, i] for i in args.iou_types}
+        print(f"\n{PLAIN} (the reference's evaluator: loadRes, COCOeval evaluate / accumulate / summarize, no "
+              "checks, no second accumulate):")
+        for iou_type in args.iou_types + ["total"]:
+            secs = sum(plain.values()) if iou_type == "total" else plain[iou_type]
+            kinds = args.iou_types if iou_type == "total" else [iou_type]
+            line = f"  {iou_type}: {secs:.1f} s"
+            for backend in backends:
+                own = sum(timings[backend, i] for i in kinds)
+                diff = max(float(np.max(np.abs(np.asarray(plain_stats[i][k]) - np.asarray(results[backend][k].stats[i]))))
+                           for i in kinds for k in range(len(tasks)))
+                line += f"; {backend} {own:.1f} s, {secs / own:.2f}x, max |12 stats diff| {diff:.1e}"
+            print(line)
     for backend in backends:
         combined = EvaluationResult(results[backend], tuple(args.iou_types))
         print(f"\n{backend}: " + ", ".join(f"mAP@0.5 {i} = {100 * combined.mean_ap50(i):.3f}" for i in args.iou_types))
     print(paper_table_markdown(EvaluationResult(results[backends[-1]], tuple(args.iou_types))))
+
+
+PLAIN = "plain pycocotools"
+
+
+def _plain_pycocotools(ground_truth, predictions, iou_type) -> list[float]:
+    """What the reference's evaluator runs for one task and IoU type: results -> loadRes ->
+    COCOeval (catIds=[1], every image) evaluate, accumulate, summarize; its 12 numbers."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        detections = ground_truth.loadRes(detections_to_coco(predictions, iou_type))
+        coco_eval = COCOeval(ground_truth, detections, iouType=iou_type)
+        coco_eval.params.catIds = [1]
+        coco_eval.params.imgIds = sorted(ground_truth.getImgIds())
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return [float(v) for v in coco_eval.stats]
 
 
 def _merge_tasks(parts):

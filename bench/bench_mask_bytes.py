@@ -15,7 +15,7 @@ For each it prints bytes per message with
              max(8 px, 10 % of its side) on each side (``toist_ros.instances.crop_window``);
   bound      the documented ceiling: the crop windows' pixels + the message's metadata (everything
              but the mask pixels, measured by serializing the message with its pixel bytes removed)
-             + 3 B CDR alignment per instance;
+             + up to 7 B of CDR alignment per instance (the next 8-byte field after the mask bytes);
 the median time to build and serialize one message (wall, indicative), and the mask pixels the new
 rule does not publish (read back with ``full_mask``), of which inside the boxes (must be 0).
 """
@@ -122,11 +122,13 @@ def main() -> int:
     window_bytes = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in windows)
     metadata = len(serialize_message(build(boxes, scores, masks_for("spill", boxes, width, height), width, height,
                                            "metadata")))
-    bound = window_bytes + metadata + 3 * n
+    # CDR alignment: a mask's bytes end anywhere, and the next 8-byte field (Instance's float64
+    # points, after mask_area and has_3d) starts on a multiple of 8: up to 7 B per instance.
+    bound = window_bytes + metadata + 7 * n
     box_bytes = sum((math.ceil(b[2]) - math.floor(b[0])) * (math.ceil(b[3]) - math.floor(b[1])) for b in boxes)
     print(f"{n} instances in a {width}x{height} frame; box hulls {box_bytes:,} px in all, "
           f"crop windows {window_bytes:,} px in all; message metadata {metadata:,} B")
-    print(f"bound (new rule) = windows + metadata + 3 B x {n} = {bound:,} B per message "
+    print(f"bound (new rule) = windows + metadata + 7 B x {n} = {bound:,} B per message "
           f"(old rule worst case: {n} x {width}x{height} = {n * width * height:,} B of crops)\n")
     print(f"{'masks':<9} {'OLD rule B/msg':>15} {'NEW rule B/msg':>15} {'new/old':>8} {'<= bound':>9} "
           f"{'old ms':>7} {'new ms':>7}  {'NEW drops px':>12} {'of them in box':>14}")
