@@ -1,7 +1,7 @@
 """CPU inference paths of issue 18 side by side: PyTorch fp32 against ONNX Runtime fp32 and ONNX
 Runtime int8 *static* (calibrated, QDQ) quantisation of the detector graph.
 
-    python bench/bench_cpu_paths.py [--reps 1] [--kept 5] [--work-dir /tmp/bench_cpu_paths]
+    python bench/bench_cpu_paths.py [--reps 3] [--kept 5] [--work-dir /tmp/bench_cpu_paths]
                                     [--variants conv,conv+matmul] [--reduce-range] [--weight-type s8|u8]
                                     [--calibration minmax|entropy|percentile] [--exclude NAME,...] [--profile]
     python bench/bench_cpu_paths.py --accuracy [--images 0] [--variants conv] [same int8 options]
@@ -429,7 +429,7 @@ def main() -> None:
                         "kept fp32 (e.g. input_proj)")
     parser.add_argument("--calibration", choices=["minmax", "entropy", "percentile"], default="minmax")
     parser.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
-    parser.add_argument("--reps", type=int, default=1, help="interleaved timed rounds (after 1 warm-up)")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved timed rounds (after 1 warm-up)")
     parser.add_argument("--kept", type=int, default=5)
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)

@@ -1,10 +1,11 @@
 """Per-frame CPU time of the paper-size TOIST segmentation model (random weights): the
 reference-equivalent frame against ``TaskSegmenter.predict``, per precision / optimisation.
 
-    python bench/bench_inference.py [--reps 2] [--kept 5] [--width 640 --height 480]
+    python bench/bench_inference.py [--reps 3] [--kept 5] [--width 640 --height 480]
                                     [--stage-reps 1] [--nchw] [--no-int8] [--no-stages] [--compile]
 
-One run with the defaults takes about 10 minutes on 2 shared cores (bf16 is the slow path).
+One run with the defaults takes about 2-3 minutes on the 2-core Zen 4 VM (docs/performance.md;
+on a CPU without bf16 instructions bf16 runs emulated and is the slow path).
 
 The model is the ``paper_segm`` preset (ResNet-101, RoBERTa-base-size text encoder, 6 + 6
 transformer layers, 100 queries, mask head) with random weights. Its tokenizer is the packaged
@@ -28,12 +29,13 @@ padded to 800 x 1088), timed interleaved round by round so that they see the sam
   with int8 dynamic quantisation of the transformer's and heads' ``nn.Linear`` layers,
   ``--compile``: with ``torch.compile`` (inductor, fixed input size) of the backbone, the
   transformer's encoder and decoder and the mask head (``bench_gpu.compile_image_path``; the
-  first frame compiles); an
-  ``onnxruntime`` backend when ``InferenceConfig`` offers one (not in this tree yet: skipped).
+  first frame compiles). The ONNX Runtime paths need an exported model directory:
+  ``bench/bench_cpu_paths.py``.
 
 Printed: per-stage milliseconds of the reference frame and of the fastest exact and bf16
 predictor; per-frame time of each path and its speed-up over the reference (CPU time of this
-process, all threads, and wall time; medians); the largest score / box (px) difference and the
+process, all threads, and wall time; medians, with each path's spread over the rounds and a
+warning when it exceeds ``SPREAD_WARNING`` of the median: a loaded machine); the largest score / box (px) difference and the
 smallest mask IoU of each predictor path against the reference on the kept queries.
 
 Random weights score every query alike, so "kept" is fixed by ``max_instances``. Figures on a
@@ -194,6 +196,9 @@ def compare(pred, ref: dict) -> str:
     return f"|dscore| {score:.1e}  |dbox| {box:.1e} px  mask IoU >= {iou:.4f}"
 
 
+SPREAD_WARNING = 0.20  # rounds of one path further apart than this (of the median): a loaded machine
+
+
 def time_rounds(run: dict[str, Callable], results: dict, reps: int, kept: int) -> None:
     """Time every path of ``run`` in ``reps`` interleaved rounds (every path sees the same machine
     load; ``results`` holds each path's warm-up output and is updated), then print CPU and wall
@@ -208,20 +213,32 @@ def time_rounds(run: dict[str, Callable], results: dict, reps: int, kept: int) -
             wall[name].append(time.perf_counter() - w0)
     ref = results[REFERENCE]
     base_cpu, base_wall = statistics.median(cpu[REFERENCE]), statistics.median(wall[REFERENCE])
-    print(f"\nPer frame, {reps} interleaved round(s) after 1 warm-up (median), kept = {kept}:")
-    print(f"  {'path':46s} {'CPU ms':>8s} {'speed-up':>8s} {'wall ms':>8s} {'speed-up':>8s}   vs reference")
+    print(f"\nPer frame, {reps} interleaved round(s) after 1 warm-up (median; spread = (max - min) / median "
+          f"of the CPU times), kept = {kept}:")
+    print(f"  {'path':46s} {'CPU ms':>8s} {'speed-up':>8s} {'wall ms':>8s} {'speed-up':>8s} {'spread':>7s}   "
+          "vs reference")
+    unsteady = []
     for name in run:
         c, w = statistics.median(cpu[name]), statistics.median(wall[name])
-        line = f"  {name:46s} {1000 * c:8.0f} {base_cpu / c:7.2f}x {1000 * w:8.0f} {base_wall / w:7.2f}x"
+        spread = (max(cpu[name]) - min(cpu[name])) / c
+        if spread > SPREAD_WARNING:
+            unsteady.append(name)
+        line = (f"  {name:46s} {1000 * c:8.0f} {base_cpu / c:7.2f}x {1000 * w:8.0f} {base_wall / w:7.2f}x "
+                f"{100 * spread:6.0f}%")
         if name != REFERENCE:
             line += "   " + compare(results[name], ref)
         print(line, flush=True)
+    if reps < 3:
+        print(f"  note: {reps} round(s): one slow sample moves the median; use --reps 3 or more for figures")
+    if unsteady:
+        print(f"  WARNING: the rounds of {', '.join(unsteady)} differ by more than {100 * SPREAD_WARNING:.0f} % "
+              "(a loaded machine?): these ratios are not figures to keep")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=2, help="interleaved timed rounds of the frame paths "
-                        "(after 1 warm-up); default 2")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved timed rounds of the frame paths "
+                        "(after 1 warm-up); default 3")
     parser.add_argument("--stage-reps", type=int, default=1, help="timed repetitions per stage (after the frame "
                         "warm-up); default 1")
     parser.add_argument("--kept", type=int, default=5, help="instances kept by predict (max_instances)")
@@ -281,9 +298,6 @@ def main() -> None:
         compiled = segmenter(copy.deepcopy(folded))
         compile_image_path(compiled, "default")
         paths["predict fp32 torch.compile (+ folded, ch-last)"] = compiled
-    if "backend" in getattr(InferenceConfig, "__dataclass_fields__", {}):
-        print("note: InferenceConfig has a backend field; the onnxruntime path needs an exported model "
-              "directory and is not timed here")
     caption = ref_seg.task_state.caption
     image = np.random.default_rng(0).integers(0, 256, size=(args.height, args.width, 3), dtype=np.uint8)
     batch, sizes = ref_seg.preprocess([image])
