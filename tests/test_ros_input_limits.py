@@ -158,6 +158,21 @@ def test_health_warns_for_one_camera_whose_frames_are_all_turned_away_beside_a_w
     assert report(40, 12, rear_stale=5) == (OK, "running")  # nothing turned away since the last report
 
 
+def test_health_counts_a_camera_made_anew_from_zero_not_as_negative_frames():
+    """A lifecycle cleanup and configure makes new cameras whose counts start at 0 again: the
+    first report after it said "its frames were -40 rejected" (WARN) for a camera doing nothing."""
+    health = HealthLevel()
+    assert _judge(health, _values(received=10, processed=10)) == (OK, "running")
+    assert _judge(health, _values(received=50, processed=10, rejected=40))[0] == WARN
+    assert _judge(health, _values(received=0, processed=0, rejected=0)) == (OK, "running")
+    depth = {"/image depth paired": 0, "/image depth missing": 9, "/image depth unsynced": 0}
+    assert _judge(health, {**_values(), **depth})[0] == WARN
+    depth.update({"/image depth missing": 0})
+    assert _judge(health, {**_values(), **depth}) == (OK, "running")
+    level, message = _judge(health, _values(received=3, processed=0, rejected=3))  # new rejects after it
+    assert level == WARN and "its frames were 3 rejected" in message
+
+
 def test_health_recovers_after_an_old_error():
     health = HealthLevel()
     assert _judge(health, _values(), now=0.0) == (OK, "running")

@@ -122,8 +122,7 @@ class HealthLevel:
         reasons = []
         for name in cameras:
             now = (values[f"{name} published"], values[f"{name} rejected"], values[f"{name} skipped stale"])
-            published, rejected, stale = (a - b for a, b in zip(now, self._previous_outcomes.get(name, (0, 0, 0))))
-            self._previous_outcomes[name] = now
+            published, rejected, stale = _since_last(self._previous_outcomes, name, now)
             if published > 0 or rejected + stale == 0:
                 continue
             causes = []
@@ -143,14 +142,24 @@ class HealthLevel:
             if f"{name} depth paired" not in values:
                 continue
             now = tuple(values[f"{name} depth {outcome}"] for outcome in ("paired", "missing", "unsynced"))
-            paired, missing, unsynced = (a - b for a, b in zip(now, self._previous_depth.get(name, (0, 0, 0))))
-            self._previous_depth[name] = now
+            paired, missing, unsynced = _since_last(self._previous_depth, name, now)
             if paired > 0 or missing + unsynced == 0:
                 continue
             reasons.append(f"no 3D for {name}: no depth paired with the last {missing + unsynced} frame(s) ({missing} "
                            f"without a depth image or CameraInfo, {unsynced} with depth stamped more than "
                            "depth.max_dt_s apart; see docs/ros.md)")
         return "; ".join(reasons)
+
+
+def _since_last(previous: dict[str, tuple[int, ...]], name: str, now: tuple[int, ...]) -> tuple[int, ...]:
+    """``now`` minus the counts ``previous`` holds for camera ``name`` (which then holds ``now``).
+    A count below its previous value means the camera's counts started again (a lifecycle cleanup
+    and configure makes new cameras): counted from zero, never as negative frames."""
+    before = previous.get(name)
+    previous[name] = now
+    if before is None or any(a < b for a, b in zip(now, before)):
+        return now
+    return tuple(a - b for a, b in zip(now, before))
 
 
 __all__ = ["HealthLevel", "report_values"]

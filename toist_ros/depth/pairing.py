@@ -132,7 +132,6 @@ class DepthBuffer:
                     return Pairing(UNSYNCED, offset_s=(best[0] - stamp_ns) * 1e-9)
                 self._cond.wait(remaining)
 
-
     def _candidates(self, stamp_ns: int) -> list:
         """The buffered images a frame stamped ``stamp_ns`` may be paired with: all of them, or for
         an unstamped frame those that arrived within the horizon. Stamps cannot tell an unstamped
