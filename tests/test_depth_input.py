@@ -219,6 +219,30 @@ def test_the_byte_cap_counts_the_depth_images_the_node_buffers():
     assert len(small) == 10
 
 
+def test_a_frame_whose_depth_the_cap_dropped_is_said_to_be_evicted():
+    """With the byte cap applied, large depth images span little time: a slow model's frame finds
+    its depth gone. That is told apart from depth that never came (UNSYNCED or MISSING alone)."""
+    from toist_ros.depth.images import DepthImage
+
+    buffer = DepthBuffer(max_bytes=10 * 480 * 640 * 4)   # 10 VGA 32FC1 images
+    buffer.set_camera(CAMERA)
+    period = SECOND // 30
+    for i in range(30):   # one second at 30 Hz: the first 20 are dropped by the cap
+        buffer.put(100 * SECOND + i * period, DepthImage(np.zeros((480, 640), np.float32), 1.0))
+    late = buffer.pair(100 * SECOND + 5 * period, max_dt_s=0.005)
+    assert late.status == UNSYNCED and late.evicted
+    assert buffer.pair(100 * SECOND + 25 * period, max_dt_s=0.005).status == PAIRED
+    never = buffer.pair(100 * SECOND + 60 * period, max_dt_s=0.005)   # later than any depth: not dropped
+    assert never.status == UNSYNCED and not never.evicted
+    roomy = DepthBuffer()
+    roomy.set_camera(CAMERA)
+    for i in range(30):
+        roomy.put(100 * SECOND + i * period, DepthImage(np.zeros((480, 640), np.float32), 1.0))
+    assert roomy.pair(100 * SECOND + 5 * period, max_dt_s=0.005).status == PAIRED
+    before_any = roomy.pair(99 * SECOND, max_dt_s=0.005)   # older than the stream: nothing was dropped
+    assert before_any.status == UNSYNCED and not before_any.evicted
+
+
 def test_an_unstamped_cameras_depth_is_paired_only_while_it_is_recent():
     """Every stamp 0: stamps cannot tell old depth from new, so after the depth stream stopped the
     last image was paired for ever (depth_offset_ms 0)."""
@@ -311,7 +335,7 @@ def test_distortion_is_warned_about_once_per_camera():
     logger = SimpleNamespace(warning=lambda text, **kwargs: warnings.append(text))
     node = SimpleNamespace(get_logger=lambda: logger)
     settings = {"input.reliability": "auto", "depth.topics": ["front/depth", "rear/depth"],
-                "depth.camera_info_topics": ["front/camera_info", "rear/camera_info"]}
+                "depth.camera_info_topics": ["front/camera_info", "rear/camera_info"], "depth.buffer_mb": 128}
     inputs = DepthInputs(node, settings, Counters(), callback_group=None)
     k = [600.0, 0, 320.0, 0, 600.0, 240.0, 0, 0, 1]
     distorted = _info(k, d=(-0.2, 0.05, 0, 0, 0))

@@ -249,6 +249,31 @@ def test_depth_of_another_aspect_ratio_is_refused_not_stretched(node, probe, cap
     assert any(inst.has_3d for inst in probe.frame("depth_after_aspect", depth_offset_s=0.0).instances)
 
 
+def test_a_frame_whose_depth_the_buffer_dropped_is_counted_as_evicted(node, probe, capfd):
+    """More depth images than the buffer holds arrive after a frame's own (a slow model, large
+    depth): the frame's depth is gone when its turn comes. Said as such, not as unsynced depth."""
+    from toist_ros.depth.pairing import MAX_FRAMES
+    from toist_ros.msg import TaskInstances
+
+    buffer = node._depth.buffers[0]
+    before = node.counters.get("depth_evicted")
+    # Stamped 3 s ahead, so that the depth sent first is not too old for the frame when it goes.
+    colour = probe.image(_photo(WIDTH, HEIGHT), "depth_evicted_frame", encoding="rgb8", age_s=-3.0)
+    probe.info_pub.publish(probe.camera_info())
+    for k in range(MAX_FRAMES + 6):   # its own, then more than the buffer keeps, 10 ms apart
+        received = buffer.received
+        probe.depth_pub.publish(probe.depth(colour.header, offset_s=0.01 * k))
+        assert wait_for(lambda: buffer.received > received, timeout=5)
+    stamp_ns = colour.header.stamp.sec * 10**9 + colour.header.stamp.nanosec
+    assert wait_for(lambda: probe.node.get_clock().now().nanoseconds > stamp_ns, timeout=10)
+    probe.image_pub.publish(colour)
+    result = probe.result_for(colour.header, timeout=10.0)
+    assert result is not None and result.depth_status == TaskInstances.DEPTH_UNSYNCED
+    assert node.counters.get("depth_evicted") == before + 1
+    assert "its depth image was dropped from the buffer" in capfd.readouterr().err
+    buffer.clear()   # the later tests' frames are paired afresh, not among these future stamps
+
+
 def test_3d_without_publishing_masks_and_min_max_checked_together(node, probe):
     [ok] = probe.set_parameters(node.get_fully_qualified_name(), output__masks=False)
     try:

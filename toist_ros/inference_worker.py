@@ -28,7 +28,7 @@ from toist_ros.depth.geometry import DepthLimits
 from toist_ros.depth.inputs import DepthInputs
 from toist_ros.depth.instances3d import add_3d, registration_problem
 from toist_ros.depth.markers import instance_markers, marker_lifetime_s
-from toist_ros.depth.pairing import MISSING, PAIRED, Pairing, stamp_ns
+from toist_ros.depth.pairing import MAX_FRAMES, MISSING, PAIRED, Pairing, stamp_ns
 from toist_ros.detections import detection_array
 from toist_ros.diagnostics import Counters, Percentiles
 from toist_ros.instances import rank_instances, task_instances_msg, to_instance_msgs
@@ -204,6 +204,13 @@ class InferenceWorker:
         if pairing.status == PAIRED:
             pairing = self._registered(pairing, msg.header.frame_id, (int(msg.image_width), int(msg.image_height)),
                                        camera)
+        elif pairing.evicted:
+            self._counters.add("depth_evicted")
+            self._node.get_logger().warning(
+                f"no 3D for a frame of {camera.subscribed_name}: its depth image was dropped from the buffer (at most "
+                f"{settings['depth.buffer_mb']} MiB and {MAX_FRAMES} images per camera) before the model finished "
+                "with the frame; raise depth.buffer_mb, or send smaller depth images (16UC1, lower resolution)",
+                throttle_duration_sec=10.0)
         self._counters.add(f"depth_{pairing.status}")
         camera.depth_outcomes[pairing.status] += 1
         start = time.perf_counter()

@@ -37,7 +37,8 @@ class DepthInputs:
         self._mode = settings["input.reliability"]
         self._depth_topics: Sequence[str] = settings["depth.topics"]
         self._info_topics: Sequence[str] = settings["depth.camera_info_topics"]
-        self.buffers = [DepthBuffer() for _ in self._depth_topics]
+        self.buffers = [DepthBuffer(max_bytes=int(settings["depth.buffer_mb"]) * 1024 * 1024)
+                        for _ in self._depth_topics]
         self._subscriptions: list = [None] * len(self.buffers)
         self._reliable = [False] * len(self.buffers)
         self._names = [""] * len(self.buffers)

@@ -58,6 +58,7 @@ class Pairing:
     depth: Any = None
     camera: Optional[CameraModel] = None
     offset_s: float = float("nan")
+    evicted: bool = False   # not PAIRED because the ring's image or byte cap dropped this frame's depth
 
 
 class DepthBuffer:
@@ -76,6 +77,7 @@ class DepthBuffer:
         self._bytes = 0
         self._clock = clock
         self.received = 0
+        self._capped_until = -1   # the newest stamp the image or byte cap (not the horizon) dropped
 
     def put(self, stamp_ns: int, depth: Any) -> None:
         with self._cond:
@@ -86,7 +88,10 @@ class DepthBuffer:
             while len(self._frames) > BUFFER_FRAMES and (
                     len(self._frames) > self._max_frames or self._bytes > self._max_bytes
                     or self._frames[0][0] < newest - self._horizon_ns):
-                self._bytes -= _nbytes(self._frames.popleft()[1])
+                stamp, dropped, _ = self._frames.popleft()
+                self._bytes -= _nbytes(dropped)
+                if stamp >= newest - self._horizon_ns:  # within the horizon: the cap dropped it
+                    self._capped_until = max(self._capped_until, stamp)
             self._cond.notify_all()
 
     def clear(self) -> None:
@@ -95,6 +100,7 @@ class DepthBuffer:
             self._frames.clear()
             self._cameras.clear()
             self._bytes = 0
+            self._capped_until = -1
 
     def __len__(self) -> int:
         with self._cond:
@@ -127,9 +133,12 @@ class DepthBuffer:
                 could_come = newest is not None and newest < stamp_ns + tolerance
                 remaining = deadline - self._clock()
                 if not could_come or remaining <= 0:
+                    # Older than every image kept, and the cap dropped images as recent as it.
+                    evicted = (stamp_ns > 0 and stamp_ns - tolerance <= self._capped_until
+                               and all(item[0] > stamp_ns + tolerance for item in self._frames))
                     if best is None:
-                        return Pairing(MISSING)
-                    return Pairing(UNSYNCED, offset_s=(best[0] - stamp_ns) * 1e-9)
+                        return Pairing(MISSING, evicted=evicted)
+                    return Pairing(UNSYNCED, offset_s=(best[0] - stamp_ns) * 1e-9, evicted=evicted)
                 self._cond.wait(remaining)
 
     def _candidates(self, stamp_ns: int) -> list:
