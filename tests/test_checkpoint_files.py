@@ -5,6 +5,7 @@ tasks a model was trained on recorded and warned about."""
 
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from toist_core import cli
@@ -290,3 +292,56 @@ def test_model_directories_record_their_tasks_and_other_tasks_warn_once(train_ru
     with pytest.warns(UntrainedTaskWarning, match="task 8 is not one this model was trained on"):
         assert cli.main(["predict", "--checkpoint", str(out), "--task", "8", "--device", "cpu", str(image),
                          "--out", str(tmp_path / "pred")]) == 0
+
+
+def _tiny_model_dir(directory: Path) -> Path:
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    return save_model_dir(build_model(cfg, tokenizer=load_tokenizer(cfg.text.tokenizer)), directory, cfg)
+
+
+def _edit_config(directory: Path, edit) -> None:
+    config = directory / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    edit(data)
+    config.write_text(yaml.safe_dump(data))
+
+
+def test_a_model_directory_reads_its_own_tokenizer_and_no_starting_weights(tmp_path):
+    """config.yaml's model.text.tokenizer pointed anywhere (another folder: other token ids, past
+    the digest check of the directory's own; a hub name: the network) and its starting weights
+    (model.text.weights, model.backbone.weights) were fetched only to be overwritten."""
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(_tiny_model_dir(tmp_path / "model") / "tokenizer", other)
+    for value in (str(other), "../other_tokenizer", "roberta-base"):
+        directory = tmp_path / f"edited_{len(value)}"
+        shutil.copytree(tmp_path / "model", directory)
+        _edit_config(directory, lambda data: data["model"]["text"].update(tokenizer=value))
+        with pytest.raises(CheckpointError, match=rf"config.yaml: field 'model.text.tokenizer' is {re.escape(repr(value))}; "
+                                                  r"a model directory reads its own tokenizer folder"):
+            load_pretrained(directory)
+    # text_encoder given: the caller's choice, as documented.
+    assert load_pretrained(tmp_path / "model", text_encoder=str(other)).model is not None
+    starting = tmp_path / "starting"
+    shutil.copytree(tmp_path / "model", starting)
+    _edit_config(starting, lambda data: (data["model"]["text"].update(weights="roberta-base"),
+                                         data["model"]["backbone"].update(weights="imagenet")))
+    assert load_pretrained(starting).model is not None   # offline: no fetch of either
+
+
+def test_a_compressed_record_is_no_torch_save_archive_and_is_not_inflated(tmp_path):
+    """A 2 MB repacked .pth with one deflated 2 GiB record took 40 s and 2.5 GB before torch
+    refused it; torch.save stores every record as it is."""
+    import zipfile
+
+    source = tmp_path / "plain.pth"
+    torch.save({"w": torch.zeros(4)}, source)
+    repacked = tmp_path / "repacked.pth"
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(repacked, "w") as out:
+        for info in original.infolist():
+            out.writestr(info.filename, original.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(CheckpointError, match=r"repacked.pth: record '.+' is compressed; torch.save stores every "
+                                              r"record as it is"):
+        read_official(repacked)
+    with pytest.raises(CheckpointError, match="is compressed"):
+        load_training_checkpoint(repacked)

@@ -65,6 +65,30 @@ def test_yaml_errors_name_the_field(tmp_path):
         from_dict(ModelConfig, {"num_querys": 3})
 
 
+def test_yaml_aliases_and_deep_nesting_are_refused_naming_the_file(tmp_path):
+    """A kilobyte of nested aliases ("billion laughs") expands to billions of nodes once printed
+    in an error (30 s and 1.8 GB at eight levels); deep nesting raised a bare RecursionError."""
+    from toist_core.typed_config import read_yaml
+
+    bomb = tmp_path / "bomb.yaml"
+    levels = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    levels += [f"a{k}: &a{k} [" + ", ".join([f"*a{k - 1}"] * 10) + "]" for k in range(1, 9)]
+    bomb.write_text("\n".join(levels) + "\ntransformer:\n  d_model: *a8\n")
+    with pytest.raises(ConfigError, match=r"bomb\.yaml: not valid YAML: an alias \(\*name\): toist's YAML files take none"):
+        load_yaml(ModelConfig, bomb)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 50000 + "]" * 50000)
+    with pytest.raises(ConfigError, match=r"deep\.yaml: not valid YAML: nested too deeply to read"):
+        read_yaml(deep)
+    assert read_yaml(_plain(tmp_path)) == {"a": [1, 2]}
+
+
+def _plain(tmp_path):
+    path = tmp_path / "plain.yaml"
+    path.write_text("a: [1, 2]\n")
+    return path
+
+
 def test_merge_and_validation():
     cfg = merge(preset("tiny"), {"masks": True, "transformer": {"dec_layers": 3}})
     assert cfg.masks and cfg.transformer.dec_layers == 3 and cfg.transformer.d_model == 128

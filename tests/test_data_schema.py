@@ -65,6 +65,14 @@ def test_missing_file_and_malformed_json(tmp_path):
     path = _write(tmp_path, [1, 2])
     with pytest.raises(DataError, match="top level must be a JSON object"):
         load_task_file(path)
+    # Nested past the parser's recursion, or a number of more digits than Python converts: named,
+    # not a bare RecursionError / ValueError.
+    path = _write(tmp_path, '{"images": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(DataError, match=r"task_1_test.json: not valid annotation file: nested too deeply to read"):
+        load_task_file(path)
+    path = _write(tmp_path, '{"images": [{"id": ' + "7" * 5000 + "}]}")
+    with pytest.raises(DataError, match=r"task_1_test.json: not valid annotation file: Exceeds the limit"):
+        load_task_file(path)
     path = _write(tmp_path, {"images": []})
     with pytest.raises(DataError, match="missing top-level field 'annotations'"):
         load_task_file(path)

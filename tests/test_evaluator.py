@@ -344,6 +344,12 @@ def test_a_predictions_file_holding_an_image_twice_is_refused(tmp_path):
     (tmp_path / "same.json").write_text('{"format": "toist-predictions", "version": 1, "tasks": {"1": ' + same_key + "}}")
     with pytest.raises(DataError, match=r"same\.json: not a valid predictions JSON file: key '2000000' appears twice"):
         load_predictions(tmp_path / "same.json")
+    (tmp_path / "deep.json").write_text('{"format": "toist-predictions", "tasks": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(DataError, match=r"deep\.json: not a valid predictions JSON file: nested too deeply"):
+        load_predictions(tmp_path / "deep.json")
+    (tmp_path / "long.json").write_text('{"format": "toist-predictions", "version": ' + "1" * 5000 + "}")
+    with pytest.raises(DataError, match=r"long\.json: not a valid predictions JSON file: Exceeds the limit"):
+        load_predictions(tmp_path / "long.json")
 
 
 def test_cli_predictions_file_edge_cases(root, tmp_path, capsys):

@@ -357,11 +357,26 @@ def test_a_one_task_vocabulary_exports_and_checks(tmp_path):
     assert (directory / DETECTOR_FILE).is_file()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "one byte"])
 def test_a_damaged_graph_is_refused_naming_the_file_and_the_command(dirs, tmp_path, damage):
+    """The digests the export recorded catch any change, a flipped byte in a weight included (it
+    loaded and ran); without them (an older export) onnxruntime's own failure to read is named."""
+    from toist_core.checkpoint.model_dir import ONNX_DIGESTS_FILE
+
     directory = _dir_with_graphs(dirs, tmp_path / "m")
     graph = directory / DETECTOR_FILE
-    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2] if damage == "truncated" else b"")
+    data = bytearray(graph.read_bytes())
+    if damage == "one byte":
+        data[len(data) // 2] ^= 0x01   # inside the largest initializer: a valid graph still
+    graph.write_bytes(bytes(data[: len(data) // 2]) if damage == "truncated" else b"" if damage == "empty"
+                      else bytes(data))
+    with pytest.raises(CheckpointError, match=rf"detector.onnx: its SHA-256 is not the one the export recorded in "
+                                              rf"onnx_sha256.json .*run `toist export --onnx {directory}` again"):
+        TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(backend="onnxruntime"))
+    (directory / ONNX_DIGESTS_FILE).unlink()
+    if damage == "one byte":   # what went unseen before the digests were recorded
+        TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(backend="onnxruntime"))
+        return
     with pytest.raises(CheckpointError, match=rf"detector.onnx: onnxruntime cannot read it .*damaged or cut short: "
                                               rf"run `toist export --onnx {directory}` again"):
         TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(backend="onnxruntime"))

@@ -168,6 +168,12 @@ def test_a_vocabulary_must_number_its_tasks_1_to_n(workshop, tmp_path):
     bad.write_text(yaml.safe_dump({"tasks": [{"id": 1, "phrase": "cut tape with"}, {"id": 3, "phrase": "x y"}]}))
     with pytest.raises(ValueError, match=r"bad.yaml: tasks\[1\]: id: expected 2 \(ids are 1..N in order"):
         load_config(CONFIGS / "tiny_pronoun.yaml", [f"data.root={workshop[0]}", f"data.vocabulary={bad}"])
+    # A name that is a list or mapping (an alias bomb's payload was one) is refused, not printed.
+    from toist_core.tasks import TaskVocabulary
+
+    with pytest.raises(ValueError, match=r"shop: name: expected text, got a list"):
+        TaskVocabulary.from_data({"name": ["x"] * 3, "tasks": [{"id": 1, "phrase": "cut tape with"}]}, source="shop")
+    assert TaskVocabulary.from_data({"name": 2024, "tasks": [{"id": 1, "phrase": "cut tape with"}]}).name == "2024"
     # Untouched, data.tasks means every task of the vocabulary.
     cfg = load_config(CONFIGS / "pronoun.yaml", [f"data.root={workshop[0]}", f"data.vocabulary={workshop[1]}"])
     assert cfg.data.tasks == [1, 2]

@@ -627,6 +627,24 @@ def test_a_run_killed_between_its_checkpoint_and_its_best_writes_the_best_when_r
     assert any("BEST_checkpoint.pth holds another run's update 3: written from it" in line for line in logs)
 
 
+def test_a_damaged_best_checkpoint_is_named_when_a_resume_reads_it(synth_root, tmp_path):
+    """The run's BEST_checkpoint.pth was read with a bare torch.load: a truncated file gave
+    torch's zip error naming no file, one holding a list an AttributeError."""
+    out = tmp_path / "run"
+    Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=1"), DistEnv()).run()
+    cfg = _config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=2")
+    best = out / "BEST_checkpoint.pth"
+    data = (out / "checkpoint.pth").read_bytes()
+    best.write_bytes(data[: len(data) // 2])
+    trainer = Trainer(cfg, DistEnv(), resume=str(out / "checkpoint.pth"))
+    with pytest.raises(CheckpointError, match=r"BEST_checkpoint\.pth: damaged checkpoint archive"):
+        trainer._best_file_record()
+    torch.save([1, 2], best)
+    with pytest.raises(CheckpointError, match=r"BEST_checkpoint\.pth: expected a dict checkpoint, got list; move it "
+                                              r"away and this run writes its best again"):
+        trainer._best_file_record()
+
+
 def test_an_improving_update_writes_its_checkpoint_with_its_best_whatever_the_cadence(synth_root, tmp_path,
                                                                                    monkeypatch):
     """Evaluating more often than checkpoint.pth is written (eval.every_steps, per-epoch

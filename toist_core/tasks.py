@@ -88,7 +88,10 @@ class TaskVocabulary:
             unknown = set(data) - {"name", "tasks"}
             if unknown:
                 raise ValueError(f"{source}: unknown key(s) {sorted(unknown)}; expected 'name' and 'tasks'")
-            name = str(data.get("name", "") or "")
+            name = data.get("name", "") or ""
+            if isinstance(name, (dict, list)):
+                raise ValueError(f"{source}: name: expected text, got a {type(name).__name__}")
+            name = str(name)
             data = data.get("tasks")
         if not isinstance(data, list):
             raise ValueError(f"{source}: tasks: expected a list of {{id, phrase, pronoun}} entries, got "

@@ -23,6 +23,7 @@ from typing import Any, Optional, TypeVar, Union
 import yaml
 
 from .atomic_file import write_text_atomic
+from .yaml_text import parse_yaml
 
 T = TypeVar("T")
 
@@ -57,7 +58,7 @@ def read_yaml(path: Union[str, Path], what: str = "configuration file") -> Any:
     naming the file (``what`` it should have been)."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return parse_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
     except yaml.YAMLError as exc:

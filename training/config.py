@@ -28,6 +28,7 @@ from toist_core.data.config import DataConfig
 from toist_core.distill.config import DistillConfig
 from toist_core.losses.config import LossConfig
 from toist_core.tasks import NUM_TASKS
+from toist_core.yaml_text import parse_yaml
 from toist_core.atomic_file import write_text_atomic
 from toist_core.typed_config import ConfigError, from_dict, read_yaml, to_dict
 
@@ -336,7 +337,7 @@ def _apply_override(data: dict, item: str) -> None:
     if not parts:
         raise ConfigError(f"override {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
     node = data

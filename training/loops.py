@@ -604,7 +604,15 @@ class Trainer:
         source = self.output_dir / BEST
         if not source.exists():
             return None, None
-        recorded = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        ckpt_io.check_torch_file(source)   # a torch.save archive, every CRC-32 intact
+        try:
+            recorded = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001  (what torch raises for a file it cannot read varies)
+            raise ckpt_io.CheckpointError(f"{source}: not a readable checkpoint ({type(exc).__name__}: {exc}); move "
+                                          "it away and this run writes its best again") from None
+        if not isinstance(recorded, dict):
+            raise ckpt_io.CheckpointError(f"{source}: expected a dict checkpoint, got {type(recorded).__name__}; "
+                                          "move it away and this run writes its best again")
         return recorded.get("step"), recorded.get("best")
 
     def _write_interrupted_best(self) -> None:

@@ -95,8 +95,10 @@ def _resolved_dump(path: Path) -> bool:
 
     import yaml
 
+    from toist_core.yaml_text import parse_yaml
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
     return isinstance(data, dict) and set(data) == {field.name for field in dataclasses.fields(TrainConfig)}

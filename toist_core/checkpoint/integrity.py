@@ -34,6 +34,7 @@ def verify_zip(path: PathLike) -> None:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             _check_torch_layout(path, names)
+            _check_stored(path, archive.infolist())
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise CheckpointError(f"{path}: damaged checkpoint archive ({exc}); the file is truncated or "
@@ -41,6 +42,20 @@ def verify_zip(path: PathLike) -> None:
     if damaged is not None:
         raise CheckpointError(f"{path}: corrupted: record {damaged!r} fails its CRC-32 check (the bytes "
                               "changed after torch.save wrote them); restore or re-download the file")
+
+
+def _check_stored(path: Path, records: list) -> None:
+    """``torch.save`` stores its records uncompressed. A compressed record is not its writing, and
+    can be a zip bomb: a 2 MB file whose 2 GiB record the CRC check and torch.load would inflate
+    (40 s and 2.5 GB before torch refused it)."""
+    size = path.stat().st_size
+    for record in records:
+        if record.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"{path}: record {record.filename!r} is compressed; torch.save stores every record "
+                                  "as it is: not a checkpoint torch.save wrote (repacked?)")
+        if record.file_size > size:
+            raise CheckpointError(f"{path}: record {record.filename!r} claims {record.file_size} bytes in a file of "
+                                  f"{size}: damaged or crafted archive")
 
 
 def _check_torch_layout(path: Path, names: list[str]) -> None:
@@ -65,6 +80,15 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_digest(path: PathLike) -> str:
+    """SHA-256 hex of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 

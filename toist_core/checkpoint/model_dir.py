@@ -57,12 +57,14 @@ BANK_STALE_KEY = "cluster_stale"
 # recipe's metrics and model card (training/default_model.py).
 DETECTOR_FILE = "detector.onnx"
 MASK_HEAD_FILE = "mask_head.onnx"
+ONNX_DIGESTS_FILE = "onnx_sha256.json"  # each graph's SHA-256 as `toist export --onnx` installed it
 TRT_CACHE_DIR = "trt_cache"
 RECIPE_FILES = ("metrics.json", "MODEL_CARD.md")
 # What every version of config.yaml records; the other fields have defaults for older versions.
 REQUIRED_FIELDS = ("format", "version", "model")
 OWN_ENTRIES = frozenset((CONFIG_FILE, WEIGHTS_FILE, BANK_FILE, TOKENIZER_DIR, DETECTOR_FILE, MASK_HEAD_FILE,
-                         f".{DETECTOR_FILE}.tmp", f".{MASK_HEAD_FILE}.tmp", TRT_CACHE_DIR) + RECIPE_FILES)
+                         ONNX_DIGESTS_FILE, f".{DETECTOR_FILE}.tmp", f".{MASK_HEAD_FILE}.tmp", TRT_CACHE_DIR)
+                        + RECIPE_FILES)
 # The folder `toist export --onnx` stages its graphs in (inside the directory: same file system,
 # and the parent need not be writable); one an interrupted export left is toist's too.
 ONNX_STAGING_PREFIX = ".onnx-staging-"
@@ -188,7 +190,7 @@ def _check_network_unchanged(config_file: Path, cfg: ModelConfig, recorded: Opti
         exported = json.loads(recorded)
         if not isinstance(exported, dict):
             raise ValueError(exported)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CheckpointError(f"{config_file.parent / WEIGHTS_FILE}: metadata {MODEL_CONFIG_KEY} is not a JSON object; "
                               "export the model again (toist export)") from None
     exported, now = typed_config.flatten(exported), json.loads(_network_json(cfg))
@@ -378,11 +380,13 @@ def _model_dir_format(directory: Path) -> str:
     """``MODEL_DIR_FORMAT`` when ``directory/config.yaml`` says so, else why not (for the error)."""
     import yaml
 
+    from ..yaml_text import parse_yaml
+
     config = directory / CONFIG_FILE
     if not config.is_file():
         return f"no {CONFIG_FILE}"
     try:
-        data = yaml.safe_load(config.read_text())
+        data = parse_yaml(config.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         return f"its {CONFIG_FILE} does not read as YAML: {type(exc).__name__}"
     found = data.get("format") if isinstance(data, dict) else None
@@ -466,11 +470,21 @@ def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedMod
                               f"{MODEL_DIR_VERSION})")
     digests = manifest.version >= 3
     cfg = manifest.model
+    # The directory's weights provide every weight: starting weights a config.yaml names (a hub
+    # name, a file elsewhere) would only be fetched to be overwritten, as for a .pth.
+    cfg.text.weights = None
+    cfg.backbone.weights = None
     if tokenizer is not None:
         cfg.text.tokenizer = str(tokenizer)
-    elif not Path(cfg.text.tokenizer).is_absolute() and (directory / cfg.text.tokenizer).is_dir():
-        cfg.text.tokenizer = str(directory / cfg.text.tokenizer)
-    elif cfg.text.tokenizer == TOKENIZER_DIR:  # never mistake the missing folder for a hub name
+    elif cfg.text.tokenizer != TOKENIZER_DIR:
+        # Its own folder is the one checked against the weights (digest, vocabulary); another path
+        # or a hub name would give other token ids unchecked, or reach for the network.
+        raise CheckpointError(f"{config_file}: field 'model.text.tokenizer' is {cfg.text.tokenizer!r}; a model "
+                              f"directory reads its own tokenizer folder ({TOKENIZER_DIR!r}, as toist export writes "
+                              f"it): put {TOKENIZER_DIR!r} back, or pass text_encoder=<tokenizer> to use another")
+    elif (directory / TOKENIZER_DIR).is_dir():
+        cfg.text.tokenizer = str(directory / TOKENIZER_DIR)
+    else:  # never mistake the missing folder for a hub name
         raise CheckpointError(f"{directory}: its tokenizer folder {directory / TOKENIZER_DIR} is missing; export "
                               f"the model again (toist export) or pass text_encoder=<tokenizer directory>")
     weights = directory / WEIGHTS_FILE

@@ -40,6 +40,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from toist_core.atomic_file import write_text_atomic
+from toist_core.yaml_text import parse_yaml
 from toist_core.data.captions import OWN_CATEGORIES_FIELD, category_names
 from toist_core.data.schema import (PREFERENCE_CATEGORIES, DataError, TaskFile, check_decodable, clipped_box,
                                     parse_task_data, read_json, task_file_path, written_by)
@@ -101,7 +102,7 @@ def load_task_spec(path: PathLike) -> list[TaskPreference]:
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: task specification not found") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -129,7 +130,7 @@ def vocabulary_problem(path: PathLike) -> Optional[str]:
     from toist_core.tasks import TaskVocabulary
 
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = parse_yaml(Path(path).read_text(encoding="utf-8"))
         entries = data.get("tasks") if isinstance(data, dict) else None
         if not any(isinstance(item, dict) and "phrase" in item for item in entries or ()):
             return None

@@ -154,6 +154,10 @@ def read_json(path: Union[str, Path], what: str) -> Any:
         raise DataError(f"{path}: {what} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DataError(f"{path}: not valid {what}: nested too deeply to read") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise DataError(f"{path}: not valid {what}: {exc}") from None
 
 
 def parse_task_data(data: Any, path: Union[str, Path], task_id: int, split: str,

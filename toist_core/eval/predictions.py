@@ -272,6 +272,10 @@ def load_prediction_file(path: Union[str, Path]) -> PredictionFile:
         raise DataError(f"{path}: predictions file not found") from None
     except (json.JSONDecodeError, _DuplicateKey, UnicodeDecodeError, OSError) as exc:
         raise DataError(f"{path}: not a valid predictions JSON file: {exc}") from None
+    except RecursionError:
+        raise DataError(f"{path}: not a valid predictions JSON file: nested too deeply to read") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise DataError(f"{path}: not a valid predictions JSON file: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise DataError(f"{path}: field 'format': expected {FORMAT_NAME!r}")
     if data.get("version") != FORMAT_VERSION:

@@ -26,8 +26,8 @@ from ..checkpoint.model_dir import TRT_CACHE_DIR
 from ..config import BACKENDS
 from ..structures import ImageBatch
 from .finite import MaskFn
-from .onnx_export import (DETECTOR_FILE, DETECTOR_INPUTS, MASK_HEAD_FILE, MASK_INPUTS, check_metadata,
-                          model_digest, read_metadata)
+from .onnx_export import (DETECTOR_FILE, DETECTOR_INPUTS, MASK_HEAD_FILE, MASK_INPUTS, check_graph_digests,
+                          check_metadata, model_digest, read_metadata)
 from .results import TaskState
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ class OnnxNetwork:
                                "for CUDA / TensorRT)") from None
         self.device = device
         self.backend = backend
+        check_graph_digests(directory)
         digest = model_digest(directory)
         self.digest = digest  # the weights the graphs were checked against (model.safetensors' SHA-256)
         providers = providers_for(backend, device, directory, digest)

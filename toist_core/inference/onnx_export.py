@@ -31,7 +31,7 @@ refuses a graph whose digest is not the directory's (:func:`check_metadata`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -42,9 +42,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..atomic_file import fsync_dir
+from ..atomic_file import fsync_dir, write_text_atomic
 from ..checkpoint import WEIGHTS_FILE, CheckpointError
-from ..checkpoint.model_dir import DETECTOR_FILE, MASK_HEAD_FILE, ONNX_STAGING_PREFIX
+from ..checkpoint.integrity import file_digest
+from ..checkpoint.model_dir import DETECTOR_FILE, MASK_HEAD_FILE, ONNX_DIGESTS_FILE, ONNX_STAGING_PREFIX
 from ..structures import ImageBatch
 from ..tokens import NO_OBJECT_INDEX
 
@@ -132,11 +133,7 @@ def model_digest(directory: Path) -> str:
         recorded = (handle.metadata() or {}).get(DIGEST_KEY)
     if recorded:
         return recorded
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path)
 
 
 def check_same_weights(model: nn.Module, directory: Path) -> None:
@@ -270,14 +267,37 @@ def _install(graphs: list[Path], directory: Path, digest: str) -> list[Path]:
     if model_digest(directory) != digest:
         raise CheckpointError(f"{directory / WEIGHTS_FILE}: replaced while its ONNX graphs were exported; nothing "
                               f"was installed: run `toist export --onnx {directory}` again")
+    digests = {graph.name: file_digest(graph) for graph in graphs}  # as written and flushed
     installed = []
     for graph in graphs:
         os.replace(graph, directory / graph.name)
         installed.append(directory / graph.name)
     if MASK_HEAD_FILE not in {graph.name for graph in graphs}:  # a stale mask head of an older export
         (directory / MASK_HEAD_FILE).unlink(missing_ok=True)
+    write_text_atomic(directory / ONNX_DIGESTS_FILE, json.dumps(digests, indent=1, sort_keys=True) + "\n")
     fsync_dir(directory)
     return installed
+
+
+def check_graph_digests(directory: Path) -> None:
+    """Refuse a graph whose bytes are not the ones ``toist export --onnx`` installed (its
+    ``onnx_sha256.json``): a flipped byte in a weight ran, silently. Directories exported before
+    the digests were recorded have no such file and are not checked."""
+    record = directory / ONNX_DIGESTS_FILE
+    if not record.is_file():
+        return
+    again = f"run `toist export --onnx {directory}` again"
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+        if not isinstance(recorded, dict):
+            raise ValueError(type(recorded).__name__)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{record}: not the JSON object `toist export --onnx` writes ({exc}); {again}") from None
+    for name in (DETECTOR_FILE, MASK_HEAD_FILE):
+        path = directory / name
+        if path.is_file() and recorded.get(name) != file_digest(path):
+            raise CheckpointError(f"{path}: its SHA-256 is not the one the export recorded in {ONNX_DIGESTS_FILE} "
+                                  f"(the file changed after it was written: damaged, or from another export); {again}")
 
 
 @contextlib.contextmanager
@@ -414,7 +434,8 @@ def export_checked(directory, exporter: str = "torchscript", **check) -> dict:
     with _staging_folder(directory) as staging:
         trial = staging / "trial"
         shutil.copytree(directory, trial, copy_function=_link_or_copy,
-                        ignore=shutil.ignore_patterns(DETECTOR_FILE, MASK_HEAD_FILE, f"{ONNX_STAGING_PREFIX}*"))
+                        ignore=shutil.ignore_patterns(DETECTOR_FILE, MASK_HEAD_FILE, ONNX_DIGESTS_FILE,
+                                                      f"{ONNX_STAGING_PREFIX}*"))
         graphs, _ = _write_graphs(loaded.model, trial, staging, exporter)
         for graph in graphs:  # the trial directory runs them; the originals stay for the install
             _link_or_copy(str(graph), str(trial / graph.name))
@@ -436,4 +457,4 @@ def _check_tasks(loaded) -> tuple:
 
 __all__ = ["DETECTOR_FILE", "DetectorGraph", "MASK_HEAD_FILE", "MAX_BOX_DIFF", "MAX_LOGIT_DIFF", "MIN_MASK_IOU",
            "MaskHeadGraph", "OPSET", "check_metadata", "check_same_weights", "compare_backends", "describe_check",
-           "export_checked", "export_onnx", "model_digest", "read_metadata"]
+           "check_graph_digests", "export_checked", "export_onnx", "model_digest", "read_metadata"]

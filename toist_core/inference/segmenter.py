@@ -29,6 +29,7 @@ from .postprocess import (binary_low_res, drop_duplicates, image_memory, mask_or
 from .processing import Processing
 from .results import Prediction, TaskState, UntrainedTaskWarning
 from .settings import AppliedSettings, check_call_limits
+from .warn_once import WarnOnce
 
 DEFAULT_PRONOUN = "something"
 _OWN = object()  # "the segmenter's current setting" for the optional arguments of the network steps
@@ -99,7 +100,7 @@ class TaskSegmenter:
         if captions not in ("pronoun", "noun"):
             raise ValueError(f"captions must be 'pronoun' or 'noun', got {captions!r}")
         self.captions = captions
-        self._warned: set = set()
+        self._warned = WarnOnce()  # tasks whose UntrainedTaskWarning was given
         if memory_bank is not None and getattr(memory_bank, "num_tasks", vocabulary.num_tasks) != vocabulary.num_tasks:
             raise ValueError(f"the memory bank has {memory_bank.num_tasks} task slots but {vocabulary.describe()} "
                              f"has {vocabulary.num_tasks} tasks")
@@ -313,8 +314,7 @@ class TaskSegmenter:
         with self._state_lock:
             self._state = state
         key = state.task_id if state.task_id is not None else state.caption
-        if state.warning is not None and key not in self._warned:
-            self._warned.add(key)
+        if state.warning is not None and self._warned.first(key):
             warnings.warn(f"{state.caption!r}: {state.warning}", UntrainedTaskWarning, stacklevel=2)
         return state
 
