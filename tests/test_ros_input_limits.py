@@ -280,5 +280,24 @@ def test_every_counter_docs_ros_md_lists_is_on_diagnostics():
     model = SimpleNamespace(description="tiny", device="cpu")
     values = report_values(ready=True, task=task, model=model, counters=Counters(), inference_ms=Percentiles(),
                            latency_ms=Percentiles(), cameras=[], dropped=[])
-    assert {"dropped_out_of_order", "service_timeouts"} <= set(listed)
+    assert {"dropped_out_of_order", "service_timeouts", "no_image_warnings", "debug_errors"} <= set(listed)
     assert [name for name in listed if name not in values] == []
+
+
+def test_gaps_in_a_publishers_sequence_are_lost_frames_and_few_publishers_are_remembered():
+    """Each publisher's last sequence number was kept for ever: a driver restarted many times (a
+    new publisher each time) grew the table without end."""
+    from toist_ros.camera_input import PUBLISHERS_KEPT, Camera
+
+    camera = Camera(0, "image")
+
+    def info(publisher, sequence):
+        return {"publication_sequence_number": sequence, "publisher_gid": {"data": [publisher] * 16}}
+
+    assert [camera.lost_before(info(1, s)) for s in (1, 2, 5, 6)] == [0, 0, 2, 0]
+    for publisher in range(2, PUBLISHERS_KEPT + 40):   # restarts
+        camera.lost_before(info(publisher, 1))
+    camera.lost_before(info(PUBLISHERS_KEPT + 38, 4))   # a recent one still counts its gaps
+    assert len(camera._last_sequence) == PUBLISHERS_KEPT
+    assert camera.lost_before(info(PUBLISHERS_KEPT + 38, 10)) == 5
+    assert camera.lost_before(info(1, 9)) == 0   # forgotten: its next message starts afresh

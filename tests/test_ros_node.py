@@ -101,6 +101,27 @@ def test_a_closed_slot_queues_no_request_and_reopening_drops_what_was_left():
     assert slots.put_request("now") is True and slots.take(0) == ("request", "now", -1)
 
 
+def test_untrained_task_warnings_are_once_per_task_and_remember_a_bounded_number():
+    """Every distinct free-text caption was kept for ever to warn once (a robot fed generated task
+    phrases grew without end); the most recent WARN_ONCE_LIMIT are kept."""
+    from toist_core.inference.warn_once import WARN_ONCE_LIMIT
+    from toist_ros.tasks import TaskSwitch
+
+    def encode(text):
+        return type("State", (), {"caption": text, "task_id": None, "warning": "free text: not trained on"})()
+
+    warned = []
+    log = type("Log", (), {"info": lambda *a, **k: None, "warning": warned.append, "error": print})()
+    tasks = TaskSwitch(encode, lambda task: None, log)
+    tasks.start("first caption")
+    tasks.set("another caption")
+    tasks.set("first caption")   # warned already: not again
+    assert len(warned) == 2
+    for k in range(3 * WARN_ONCE_LIMIT):
+        tasks.set(f"generated caption {k}")
+    assert len(warned) == 2 + 3 * WARN_ONCE_LIMIT and len(tasks._warned) == WARN_ONCE_LIMIT
+
+
 def test_slot_close_wakes_a_waiting_taker():
     slots = FrameSlots()
     got = []
@@ -185,6 +206,20 @@ def test_camera_standin_publishes_compressed_frames_where_the_node_listens(ros):
             assert standin.publisher.topic_name == expected
         finally:
             standin.destroy_node()
+
+
+def test_camera_standin_remembers_a_bounded_number_of_stamps(ros):
+    """``sent`` kept every stamp it ever published: run "forever" at 30 Hz it grew 18 MiB an hour."""
+    from toist_ros.camera_standin import SENT_KEPT, CameraStandIn
+
+    standin = CameraStandIn([("coffee", _photo(32, 24))], start=False, context=ros.context)
+    try:
+        for _ in range(SENT_KEPT + 50):
+            standin.publish_next()
+        assert len(standin.sent) == SENT_KEPT and standin.published == SENT_KEPT + 50
+        assert list(standin.sent.values())[-1] == "coffee" and max(standin.sent) == list(standin.sent)[-1]
+    finally:
+        standin.destroy_node()
 
 
 class Probe:

@@ -37,6 +37,7 @@ from toist_ros.steady_timer import steady_timer
 QOS_CHECK_PERIOD_S = 1.0      # auto reliability: how often the publishers on a topic are looked at
 LOSS_WINDOW_S = 5.0           # "most frames lost in transport" is judged over this window
 LOSS_WARNING_PERIOD_S = 30.0  # at most one such warning per camera in this time
+PUBLISHERS_KEPT = 64          # publishers whose sequence numbers a camera remembers (the most recent)
 REMEDIES = ("input.compressed:=true (sensor_msgs/CompressedImage is ~10x smaller), "
             "input.reliability:=reliable with a reliable camera, or a DDS set-up for large data "
             "(Fast DDS: FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA; larger net.core.rmem_max; docs/ros.md)")
@@ -86,8 +87,10 @@ class Camera:
         gid = info.get("publisher_gid")
         key = bytes(gid["data"]) if isinstance(gid, dict) and "data" in gid else repr(gid)
         with self._sequence_lock:
-            last = self._last_sequence.get(key)
-            self._last_sequence[key] = max(sequence, last or 0)
+            last = self._last_sequence.pop(key, None)
+            self._last_sequence[key] = max(sequence, last or 0)  # re-inserted: the dict runs oldest first
+            if len(self._last_sequence) > PUBLISHERS_KEPT:  # a driver restarted many times: drop the oldest
+                del self._last_sequence[next(iter(self._last_sequence))]
         return max(0, sequence - last - 1) if last is not None else 0
 
     def count_arrival(self, lost: int) -> None:

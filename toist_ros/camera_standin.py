@@ -4,8 +4,8 @@
     python -m toist_ros.camera_standin --rate 30 --count 100 --compressed
 
 Each frame is stamped with the publishing time and ``frame_id`` (default ``standin_camera``);
-``CameraStandIn.sent`` maps every stamp to the photo it carried, so a client can match the
-results. The photos cycle through the supported encodings (rgb8, bgr8, rgba8, bgra8; the
+``CameraStandIn.sent`` maps each stamp to the photo it carried (the last ``SENT_KEPT``), so a
+client can match the results. The photos cycle through the supported encodings (rgb8, bgr8, rgba8, bgra8; the
 grayscale photo as mono8) unless one encoding is asked for. Given ``depth`` (name -> 16UC1
 millimetres and the camera's intrinsics), a frame that has depth is preceded by its CameraInfo and
 its depth image, with the same stamp and frame, as an RGB-D driver publishes them.
@@ -29,6 +29,7 @@ from toist_ros.camera_input import compressed_topic
 from toist_ros.conversions import compressed_from_array, image_from_array
 
 DEFAULT_PHOTOS = ("coffee", "chelsea", "astronaut", "rocket", "camera")
+SENT_KEPT = 1000   # stamps remembered in ``sent``: results come back within seconds, not minutes
 _COLOUR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8")
 
 
@@ -127,6 +128,8 @@ class CameraStandIn(Node):
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.header.frame_id = self.frame_id
         self.sent[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = name
+        if len(self.sent) > SENT_KEPT:  # "forever" at 30 Hz grew 18 MiB an hour
+            del self.sent[next(iter(self.sent))]
         if name in self._depth:
             depth, info = self._depth[name]
             depth.header = info.header = msg.header

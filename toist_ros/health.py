@@ -21,7 +21,8 @@ ERROR_WINDOW_S = 30.0        # inference errors keep the level at WARN this long
 # Always reported, 0 until something happens (the rejected_<reason> counters follow them).
 _COUNTERS = ("received", "processed", "dropped_replaced", "dropped_out_of_order", "skipped_stale",
              "future_stamped", "lost_in_transport", "rejected", "inference_errors", "cuda_oom", "rejected_service",
-             "service_timeouts", "internal_errors", "qos_incompatible", "qos_switches", "loss_warnings")
+             "service_timeouts", "internal_errors", "qos_incompatible", "qos_switches", "loss_warnings",
+             "no_image_warnings", "debug_images", "debug_errors")
 
 
 # Reported with depth.enabled, 0 until something happens (depth_rejected_<reason> follow them).

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from toist_core.inference.warn_once import WarnOnce
 from toist_core.tasks import quote
 
 ONE_SHOT_TASK_CACHE = 8       # encoded one-shot tasks kept (segment_image with its own task text)
@@ -61,7 +62,7 @@ class TaskSwitch:
         self._encode_lock = threading.Lock()
         self._one_shot_tasks: collections.OrderedDict = collections.OrderedDict()
         self._one_shot_lock = threading.Lock()
-        self._warned: set = set()  # tasks whose "not trained on" warning was logged (once each)
+        self._warned = WarnOnce()  # tasks whose "not trained on" warning was logged (once each)
         self._closed = False       # close(): the node released its model
 
     @property
@@ -183,10 +184,8 @@ class TaskSwitch:
         if not task.warning:
             return
         key = task.task_id if task.task_id is not None else task.caption
-        with self._lock:
-            if key in self._warned:
-                return
-            self._warned.add(key)
+        if not self._warned.first(key):
+            return
         self._log.warning(f"task {quote(task.request)} ({quote(task.caption)}): {task.warning}")
 
 
