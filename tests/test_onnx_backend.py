@@ -343,6 +343,46 @@ def test_weights_replaced_while_the_graphs_are_written_get_no_graphs(dirs, tmp_p
     assert not _staging_leftovers(directory)
 
 
+@pytest.mark.parametrize("moment", ["a reader between the renames", "killed before the record is final"])
+def test_graphs_swapped_in_load_at_every_moment_of_the_swap(dirs, tmp_path, monkeypatch, moment):
+    """The digests were recorded after the graphs were renamed in: a node starting during a
+    re-export (new graph bytes, old digests) was refused as "damaged", and so was every load
+    after an export killed between the renames and the record."""
+    import toist_core
+    from toist_core.atomic_file import write_text_atomic
+
+    directory = _dir_with_graphs(dirs, tmp_path / "m")
+    before = (directory / DETECTOR_FILE).read_bytes()
+    monkeypatch.setattr(toist_core, "__version__", "9.9.9-other")   # other graph bytes, same weights
+    loaded = []
+    replace = onnx_export.os.replace
+
+    def replace_then_read(source, target):
+        replace(source, target)
+        if moment.startswith("a reader") and Path(target).name == DETECTOR_FILE:
+            loaded.append(TaskSegmenter.from_pretrained(directory, device="cpu",
+                                                        inference=InferenceConfig(backend="onnxruntime")))
+
+    writes = []
+
+    def killed_at_the_second_write(path, text, **kwargs):
+        writes.append(path)
+        if moment.startswith("killed") and len(writes) == 2:
+            raise KeyboardInterrupt
+        return write_text_atomic(path, text, **kwargs)
+
+    monkeypatch.setattr(onnx_export.os, "replace", replace_then_read)
+    monkeypatch.setattr(onnx_export, "write_text_atomic", killed_at_the_second_write)
+    if moment.startswith("killed"):
+        with pytest.raises(KeyboardInterrupt):
+            export_onnx(_model(seed=0)[0], directory)
+    else:
+        export_onnx(_model(seed=0)[0], directory)
+        assert len(loaded) == 1
+    assert (directory / DETECTOR_FILE).read_bytes() != before   # the new graph is in place
+    TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(backend="onnxruntime"))
+
+
 def test_a_one_task_vocabulary_exports_and_checks(tmp_path):
     """The check ran tasks 1 and 2 whatever the model's vocabulary: a one-task model could never
     be exported (unknown task id 2), and its graphs were deleted."""

@@ -148,7 +148,8 @@ class HealthLevel:
                 continue
             reasons.append(f"no 3D for {name}: no depth paired with the last {missing + unsynced} frame(s) ({missing} "
                            f"without a depth image or CameraInfo, {unsynced} with depth stamped more than "
-                           "depth.max_dt_s apart; see docs/ros.md)")
+                           "depth.max_dt_s apart; depth_rejected_<reason>, depth_evicted and the log say more; "
+                           "see docs/ros.md)")
         return "; ".join(reasons)
 
 

@@ -114,7 +114,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               low=0.0, high=1.0),
     ParamSpec("depth.wait_s", 0.02, "after inference, wait at most this long for a depth image that could still "
               "pair with the frame (s)", low=0.0, high=1.0),
-    ParamSpec("depth.buffer_mb", 128, "depth images kept per camera for pairing, at most this many MiB (and 64 "
+    ParamSpec("depth.buffer_mb", 256, "depth images kept per camera for pairing, at most this many MiB (and 64 "
               "images, 1.5 s of stamps); raise it when a slow model meets large depth images (depth_evicted)",
               read_only=True, low=8, high=65536),
     ParamSpec("depth.min_m", 0.1, "depths below this are no measurement (m)", low=0.0, high=100.0),

@@ -558,8 +558,9 @@ class Trainer:
         if same_world:
             ckpt_io.restore_rng_state(rng[self.env.rank], self.env.device)
         else:
-            self.log(f"warning: {where} was written by {ckpt.get('world_size')} process(es), this run has "
-                     f"{self.env.world_size}: random states re-seeded, the continuation is not bit-exact")
+            self.log(f"warning: {where} holds the random states of {len(rng)} process(es) (an older or edited "
+                     f"file), this run has {self.env.world_size}: random states re-seeded, the continuation is "
+                     "not bit-exact")
         self.log(f"resumed from {where} at update {step} (epoch {step // self.steps_per_epoch})")
 
     def export(self, directory: Path) -> Path:

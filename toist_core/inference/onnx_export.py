@@ -267,16 +267,36 @@ def _install(graphs: list[Path], directory: Path, digest: str) -> list[Path]:
     if model_digest(directory) != digest:
         raise CheckpointError(f"{directory / WEIGHTS_FILE}: replaced while its ONNX graphs were exported; nothing "
                               f"was installed: run `toist export --onnx {directory}` again")
-    digests = {graph.name: file_digest(graph) for graph in graphs}  # as written and flushed
+    record = directory / ONNX_DIGESTS_FILE
+    new = {graph.name: [file_digest(graph)] for graph in graphs}  # as written and flushed
+    # While the graphs are renamed in one by one, a reader (a node starting) may see old and new
+    # files, and a kill may stop the swap half way: the record names both generations until the
+    # new one is complete, so every whole graph of either loads and a changed byte is still refused.
+    during = _recorded_digests(record)
+    for name, values in new.items():
+        during[name] = sorted(set(during.get(name, [])) | set(values))
+    write_text_atomic(record, json.dumps(during, indent=1, sort_keys=True) + "\n")
     installed = []
     for graph in graphs:
         os.replace(graph, directory / graph.name)
         installed.append(directory / graph.name)
     if MASK_HEAD_FILE not in {graph.name for graph in graphs}:  # a stale mask head of an older export
         (directory / MASK_HEAD_FILE).unlink(missing_ok=True)
-    write_text_atomic(directory / ONNX_DIGESTS_FILE, json.dumps(digests, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(record, json.dumps(new, indent=1, sort_keys=True) + "\n")
     fsync_dir(directory)
     return installed
+
+
+def _recorded_digests(record: Path) -> dict[str, list[str]]:
+    """``{graph file: [SHA-256, ...]}`` of an ``onnx_sha256.json`` ({} when absent or unreadable)."""
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {str(name): [value] if isinstance(value, str) else [str(v) for v in value]
+            for name, value in recorded.items() if isinstance(value, (str, list))}
 
 
 def check_graph_digests(directory: Path) -> None:
@@ -295,7 +315,9 @@ def check_graph_digests(directory: Path) -> None:
         raise CheckpointError(f"{record}: not the JSON object `toist export --onnx` writes ({exc}); {again}") from None
     for name in (DETECTOR_FILE, MASK_HEAD_FILE):
         path = directory / name
-        if path.is_file() and recorded.get(name) != file_digest(path):
+        allowed = recorded.get(name)
+        allowed = [allowed] if isinstance(allowed, str) else allowed if isinstance(allowed, list) else []
+        if path.is_file() and file_digest(path) not in allowed:
             raise CheckpointError(f"{path}: its SHA-256 is not the one the export recorded in {ONNX_DIGESTS_FILE} "
                                   f"(the file changed after it was written: damaged, or from another export); {again}")
 

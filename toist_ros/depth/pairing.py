@@ -29,7 +29,7 @@ from toist_ros.depth.geometry import Intrinsics
 BUFFER_FRAMES = 8               # always kept (and CameraInfos: the newest this many)
 HORIZON_S = 1.5                 # depth images older than the newest by more are dropped
 MAX_FRAMES = 64                 # at most, whatever their stamps (unstamped cameras: all stamps 0)
-MAX_BYTES = 128 * 1024 * 1024   # ... and at most this much depth (720p 32FC1: 3.5 MiB an image)
+MAX_BYTES = 256 * 1024 * 1024   # ... and at most this much depth (depth.buffer_mb; 1080p 32FC1: 8 MiB an image)
 
 PAIRED, MISSING, UNSYNCED = "paired", "missing", "unsynced"
 
