@@ -301,3 +301,25 @@ def test_gaps_in_a_publishers_sequence_are_lost_frames_and_few_publishers_are_re
     assert len(camera._last_sequence) == PUBLISHERS_KEPT
     assert camera.lost_before(info(PUBLISHERS_KEPT + 38, 10)) == 5
     assert camera.lost_before(info(1, 9)) == 0   # forgotten: its next message starts afresh
+
+
+def test_free_memory_is_given_back_after_a_thread_that_allocated_ended():
+    """What a thread's malloc arena held stayed with the process after the thread ended (the
+    lifecycle node starts one inference thread per activation)."""
+    import threading
+
+    from toist_ros.diagnostics import process_memory_mb, return_free_memory
+
+    pinned = []
+
+    def allocate_and_free():
+        blocks = [bytes(60000) for _ in range(2000)]   # 120 MB through malloc, not mmap
+        pinned.append(bytes(60000))                    # allocated last: the heap cannot shrink by itself
+        del blocks
+
+    thread = threading.Thread(target=allocate_and_free)
+    thread.start()
+    thread.join()
+    before = process_memory_mb()
+    assert return_free_memory() is True   # glibc (Linux, where the node runs)
+    assert process_memory_mb() < before - 8   # ~16 MB of the thread's freed blocks stay without it

@@ -161,8 +161,18 @@ def test_a_managed_node_goes_through_its_states_as_its_manager_says(ros, model_d
     assert result is not None and result.task_revision == 2 and len(result.instances) > 0
     assert manager.segment(_pixels()).success
 
-    # deactivate: no subscription, inference thread ended, the model and the task stay.
-    assert manager.transition("deactivate") and manager.state() == "inactive"
+    # deactivate: no subscription, inference thread ended, the model and the task stay; the ended
+    # thread's malloc arena is given back (each cycle kept it: ~200 MiB over 40 cycles).
+    import toist_ros.node as node_module
+
+    trims = []
+    real_trim = node_module.return_free_memory
+    node_module.return_free_memory = lambda: trims.append(1) or real_trim()
+    try:
+        assert manager.transition("deactivate") and manager.state() == "inactive"
+    finally:
+        node_module.return_free_memory = real_trim
+    assert trims == [1]
     assert wait_for(lambda: manager.image_subscribers() == 0, timeout=10)
     assert not node._worker._thread.is_alive() and node.model is not None
     assert wait_for(lambda: not manager.status[-1].ready, timeout=10)

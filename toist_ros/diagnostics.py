@@ -106,6 +106,19 @@ def process_memory_mb() -> float:
     return float("nan")
 
 
+def return_free_memory() -> bool:
+    """Give the C allocator's free pages back to the system (glibc's ``malloc_trim``). Each
+    activation's inference thread allocates in a malloc arena of its own, and what it freed stayed
+    with the process: 40 lifecycle activate / deactivate cycles grew the RSS by ~200 MiB. False
+    where there is no glibc (nothing to do there)."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def device_memory(device: Any) -> dict[str, str]:
     """Memory figures for the model's device: CUDA allocated/reserved/peak, and the process RSS."""
     out = {"process rss MiB": f"{process_memory_mb():.1f}"}

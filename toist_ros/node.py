@@ -35,7 +35,7 @@ from toist_ros.conversions import ImageError
 from toist_ros.depth.geometry import warm_up as warm_up_3d
 from toist_ros.detections import DetectionsUnavailable, detection_array_type
 from toist_ros.depth.inputs import DepthInputs
-from toist_ros.diagnostics import OK, Counters, Percentiles, diagnostic_array
+from toist_ros.diagnostics import OK, Counters, Percentiles, diagnostic_array, return_free_memory
 from toist_ros.frame_limits import FrameLimits
 from toist_ros.health import HealthLevel, report_values
 from toist_ros.inference_worker import InferenceWorker, predict
@@ -199,6 +199,7 @@ class PerceptionNode(Node):
             timer, self._no_image_timer = self._no_image_timer, None
         if timer is not None:
             self.destroy_timer(timer)
+        return_free_memory()  # what the ended inference thread's arena held
         self._tasks.publish_active()
 
     def _cleanup(self) -> None:
@@ -221,6 +222,7 @@ class PerceptionNode(Node):
             import torch  # the model's device was CUDA: torch is loaded already
 
             torch.cuda.empty_cache()
+        return_free_memory()
         self._publish_status(loading_task(self._settings["task"]))
 
     # --- set-up ------------------------------------------------------------------------------
