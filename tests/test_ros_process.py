@@ -200,7 +200,10 @@ def test_start_up_is_reported_on_diagnostics_and_a_stop_signal_interrupts_it(ros
                                    lambda msg, store=store: store.append((time.monotonic(), msg.ready)), latched)
 
     run_log, stop_log = tmp_path / "run.log", tmp_path / "stop.log"
-    run = _start("--params-file", str(PARAMS), "-r", "__ns:=/run", "-p", "device:=cpu", log_path=run_log)
+    # Reported every 0.1 s: the probe's subscription is matched some time after the process
+    # starts, and a one-second period let a short model load pass unseen on a loaded machine.
+    run = _start("--params-file", str(PARAMS), "-r", "__ns:=/run", "-p", "device:=cpu", "-p",
+                 "diagnostics.period_s:=0.1", log_path=run_log)
     try:
         assert wait_for(lambda: any(ready for _, ready in status["/run"]) or run.poll() is not None, timeout=120), \
             run_log.read_text()[-3000:]
