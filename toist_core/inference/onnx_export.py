@@ -288,15 +288,15 @@ def _install(graphs: list[Path], directory: Path, digest: str) -> list[Path]:
 
 
 def _recorded_digests(record: Path) -> dict[str, list[str]]:
-    """``{graph file: [SHA-256, ...]}`` of an ``onnx_sha256.json`` ({} when absent or unreadable)."""
+    """``{graph file: [SHA-256, ...]}`` of an ``onnx_sha256.json``; {} when absent or unreadable
+    (the swap then names the new graphs only)."""
     try:
         recorded = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return {}
     if not isinstance(recorded, dict):
         return {}
-    return {str(name): [value] if isinstance(value, str) else [str(v) for v in value]
-            for name, value in recorded.items() if isinstance(value, (str, list))}
+    return {name: value for name, value in recorded.items() if isinstance(value, list)}
 
 
 def check_graph_digests(directory: Path) -> None:
@@ -316,8 +316,7 @@ def check_graph_digests(directory: Path) -> None:
     for name in (DETECTOR_FILE, MASK_HEAD_FILE):
         path = directory / name
         allowed = recorded.get(name)
-        allowed = [allowed] if isinstance(allowed, str) else allowed if isinstance(allowed, list) else []
-        if path.is_file() and file_digest(path) not in allowed:
+        if path.is_file() and (not isinstance(allowed, list) or file_digest(path) not in allowed):
             raise CheckpointError(f"{path}: its SHA-256 is not the one the export recorded in {ONNX_DIGESTS_FILE} "
                                   f"(the file changed after it was written: damaged, or from another export); {again}")
 
