@@ -94,8 +94,7 @@ class InferenceWorker:
         self._latency_ms = latency_ms
         self._depth = depth
         self._geometry_ms = geometry_ms if geometry_ms is not None else Percentiles()
-        self._frame_warned = False
-        self._depth_frame_warned = False
+        self._frames_warned: set[str] = set()  # which inputs' frame_id mismatch was warned about (once each)
         self._stopping = threading.Event()
         self.last_error = ""
         self._clock_warned = False
@@ -218,19 +217,18 @@ class InferenceWorker:
         self._counters.add("instances_3d", add_3d(msg, ranked, pairing, limits))
         if pairing.camera is not None:
             self._geometry_ms.add(1000.0 * (time.perf_counter() - start))
-            self._check_frame(pairing.camera.frame_id, msg.header.frame_id)
+            self._check_frame("CameraInfo", pairing.camera.frame_id, msg.header.frame_id,
+                              "3D points are given in the colour image's frame with the CameraInfo's intrinsics; is "
+                              "the CameraInfo the colour camera's (the depth image must be registered to the colour "
+                              "image)?")
 
     def _registered(self, pairing: Pairing, image_frame: str, colour_size: tuple[int, int], camera: Camera) -> Pairing:
         """``pairing``, or MISSING when its depth image or CameraInfo has another aspect ratio than
         the colour frame (counted as a rejected depth image: ``depth_rejected_aspect``). A depth
         image in another frame than the colour image's is used, with one warning."""
-        depth_frame = pairing.depth.frame_id
-        if not self._depth_frame_warned and depth_frame and image_frame and depth_frame != image_frame:
-            self._depth_frame_warned = True
-            self._node.get_logger().warning(
-                f"the depth image's frame {depth_frame!r} is not the colour image's {image_frame!r}: the 3D step reads "
-                "depth registered to the colour image; is depth_topic the aligned/registered stream (e.g. "
-                "aligned_depth_to_color)?")
+        self._check_frame("depth image", pairing.depth.frame_id, image_frame,
+                          "the 3D step reads depth registered to the colour image; is depth_topic the "
+                          "aligned/registered stream (e.g. aligned_depth_to_color)?")
         problem = registration_problem(colour_size, pairing.depth.size,
                                        (pairing.camera.intrinsics.width, pairing.camera.intrinsics.height))
         if not problem:
@@ -240,14 +238,13 @@ class InferenceWorker:
         self._node.get_logger().warning(f"no 3D for {camera.subscribed_name}: {problem}", throttle_duration_sec=10.0)
         return Pairing(MISSING)
 
-    def _check_frame(self, info_frame: str, image_frame: str) -> None:
-        if self._frame_warned or not info_frame or not image_frame or info_frame == image_frame:
+    def _check_frame(self, what: str, frame: str, image_frame: str, advice: str) -> None:
+        """One warning per input (``what``) whose ``frame_id`` is not the colour image's."""
+        if what in self._frames_warned or not frame or not image_frame or frame == image_frame:
             return
-        self._frame_warned = True
-        self._node.get_logger().warning(
-            f"the CameraInfo's frame {info_frame!r} is not the colour image's {image_frame!r}: 3D points are given "
-            "in the colour image's frame with the CameraInfo's K; is the CameraInfo the colour camera's (the depth "
-            "image must be registered to the colour image)?")
+        self._frames_warned.add(what)
+        self._node.get_logger().warning(f"the {what}'s frame {frame!r} is not the colour image's {image_frame!r}: "
+                                        f"{advice}")
 
     def _warn_clock_stopped(self) -> None:
         if self._clock_warned:
