@@ -3,6 +3,7 @@ the same pixels from one file: EXIF orientation ignored (COCO annotations are ma
 pixel grid), 16-bit PNGs reduced to 8 bits by dropping the low byte, a JPEG cut short refused."""
 
 import json
+import os
 
 import cv2
 import numpy as np
@@ -135,3 +136,27 @@ def test_an_animated_gif_is_read_as_its_first_frame_by_both_loaders(tmp_path):
     train = _dataset(tmp_path, ["moving.gif"]).load_image(0).permute(1, 2, 0).numpy()
     assert predict.shape == (H, W, 3) and np.array_equal(predict, train)
     assert predict[:, : W // 2 - 2, 0].min() > 200   # the red first frame, not the black second
+
+
+def test_file_names_that_are_not_utf8_are_read_by_both_loaders(tmp_path):
+    """Linux allows any bytes in a file name. torchvision's reader refused a Latin-1 name as
+    undecodable (a valid PNG skipped by `toist predict`, training stopped), and OpenCV's killed
+    the process (segmentation fault) on a BMP so named."""
+    rgb = _left_red()
+    folder = tmp_path / os.fsdecode(b"photos_\xe9t\xe9")  # Latin-1 "été": not UTF-8
+    folder.mkdir()
+    for suffix in (".png", ".bmp"):
+        path = folder / os.fsdecode(b"caf\xe9" + suffix.encode())
+        assert path.write_bytes(cv2.imencode(suffix, rgb[..., ::-1])[1].tobytes())
+        assert np.array_equal(load_rgb(path), rgb)
+    train = _dataset(folder, [os.fsdecode(b"caf\xe9.png")]).load_image(0).permute(1, 2, 0).numpy()
+    assert np.array_equal(train, rgb)
+
+
+def test_an_empty_file_is_refused_by_name_by_both_loaders(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "empty.bmp").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.bmp: cannot read the image \(not a format toist reads"):
+        load_rgb(tmp_path / "empty.bmp")
+    with pytest.raises(ValueError, match=r"empty.png: cannot decode image \(image id 1 .*\): the file is empty"):
+        _dataset(tmp_path, ["empty.png"]).load_image(0)

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import os
 import re
 
 import cv2
@@ -238,3 +239,14 @@ def test_out_of_range_options_are_named(tmp_path, capsys, option, value, says):
     assert cli.main(["synth", str(tmp_path / "out"), "--tasks", "1", "--images-per-split", "2", option, value]) == 2
     assert re.search(says, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_name_that_is_not_utf8(tmp_path):
+    """OpenCV's file writer killed the process (segmentation fault) under such a folder; Linux
+    allows any bytes in a name."""
+    root = tmp_path / os.fsdecode(b"donn\xe9es")  # Latin-1 "données"
+    generate(root, tasks=[1], splits=("test",), images_per_split=2, seed=0, image_format="jpg")
+    images = sorted((root / "images" / "val2014").iterdir())
+    assert len(images) == 2
+    for path in images:
+        assert cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR).shape[2] == 3

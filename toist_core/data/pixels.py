@@ -38,7 +38,15 @@ def decode_rgb(path: Union[str, Path], where: str = "") -> "Tensor":
     if not Path(path).is_file():
         raise DataError(f"{path}: image file not found{context}")
     try:
-        pixels = decode_image(str(path), mode=ImageReadMode.RGB)
+        # The bytes, read here: torchvision's own file reader takes the name as UTF-8 and refuses
+        # one that is not (Linux allows any bytes in a file name).
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the image file{context}: {exc.strerror or exc}") from None
+    try:
+        if not data:
+            raise ValueError("the file is empty")
+        pixels = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode image{context}: {exc}") from None
     if pixels.ndim == 4:  # an animated GIF: its first frame, as PIL (the reference's loader) and OpenCV read it

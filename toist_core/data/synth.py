@@ -306,8 +306,12 @@ def _synth_meta(path: Path) -> bool:
 
 def _write_image(path: Path, rgb: np.ndarray, image_format: str) -> None:
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if image_format == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params):
-        raise OSError(f"{path}: could not write image")
+    # Encoded here and written by Python: OpenCV's own file writer crashes the process on a
+    # folder name that is not UTF-8.
+    ok, encoded = cv2.imencode(f".{image_format}", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise OSError(f"{path}: could not encode the image as {image_format}")
+    path.write_bytes(encoded.tobytes())
 
 
 def _annotations(image_id: int, objects: Sequence[SynthObject], hw: tuple[int, int]) -> list[dict]:
