@@ -7,6 +7,7 @@ import io
 import json
 import re
 
+import cv2
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -487,13 +488,29 @@ def test_cli_replaces_only_what_an_evaluation_wrote(root, tmp_path, capsys):
     mine.mkdir()
     (mine / "results.md").write_text("# My results\n")
     assert cli.main(base + ["--out", str(mine)]) == 2
-    assert f"{mine / 'results.md'} exist and are not toist evaluation tables" in capsys.readouterr().err
+    assert f"{mine / 'results.md'} exist and are not what toist evaluate writes" in capsys.readouterr().err
     assert (mine / "results.md").read_text() == "# My results\n"
+    # Nor the log or a plot of the same names (they were replaced without a word).
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "cocoeval_log.txt").write_text("my own notes\n")
+    plot = notes / f"pr_task_{TASKS[0]}.png"
+    plot.write_bytes(cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8))[1].tobytes())
+    plotted = [arg for arg in base if arg != "--no-plots"]
+    assert cli.main(plotted + ["--out", str(notes)]) == 2
+    assert (f"{notes / 'cocoeval_log.txt'}, {plot} exist and are not what toist evaluate writes"
+            in capsys.readouterr().err)
+    (notes / "cocoeval_log.txt").unlink()
+    assert cli.main(plotted + ["--out", str(notes)]) == 2
+    assert f"{plot} exist and are not" in capsys.readouterr().err
+    assert cli.main(base + ["--out", str(notes)]) == 0  # --no-plots: the plot is not replaced
+    assert cv2.imdecode(np.fromfile(plot, np.uint8), cv2.IMREAD_COLOR).shape == (4, 4, 3)
     reserved = tmp_path / "reserved.json"   # mktemp: a name reserved as an empty file
     reserved.write_bytes(b"")
     from toist_core.cli.evaluate import _refuse_replacing_other_files
 
-    _refuse_replacing_other_files(type("Args", (), {"save_predictions": str(reserved), "out": str(tmp_path / "c")}))
+    _refuse_replacing_other_files(type("Args", (), {"save_predictions": str(reserved), "out": str(tmp_path / "c"),
+                                                    "no_plots": False}))
     for _ in range(2):   # the second run replaces the first's tables
         assert cli.main(base + ["--out", str(tmp_path / "b")]) == 0
     from toist_core.eval.predictions import is_prediction_file

@@ -33,6 +33,8 @@ from toist_core.config import PROTOCOLS
 from toist_core.tasks import NUM_TASKS
 
 REFERENCE_MAX_INSTANCES = 100  # the reference keeps all 100 queries
+LOG_NAME = "cocoeval_log.txt"
+LOG_START = b"[task "  # how every task's part of that log begins (told from a user's file of that name)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -185,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     written = [md_path, csv_path]
     if not args.no_plots:
         written += plot_pr_curves(result, args.out)
-    log_path = write_text_atomic(Path(args.out) / "cocoeval_log.txt", "\n".join(t.log for t in result.tasks))
+    log_path = write_text_atomic(Path(args.out) / LOG_NAME, "\n".join(t.log for t in result.tasks))
     written.append(log_path)
     print(f"evaluated {len(result.tasks)} task(s) in {time.perf_counter() - started:.1f} s; "
           f"wrote {len(written)} files to {args.out}")
@@ -200,6 +202,8 @@ def _refuse_replacing_other_files(args: argparse.Namespace) -> None:
     """Before anything runs: ``--save-predictions`` and ``--out`` replace only what an earlier
     evaluation wrote (a ground-truth file given as --save-predictions was replaced by predictions)."""
     from toist_core.eval.predictions import is_prediction_file
+    from toist_core.data.schema import written_by
+    from toist_core.eval.plots import foreign_plot_files
     from toist_core.eval.tables import foreign_table_files
 
     saved = Path(args.save_predictions) if args.save_predictions else None
@@ -208,9 +212,14 @@ def _refuse_replacing_other_files(args: argparse.Namespace) -> None:
         raise FileExistsError(f"--save-predictions {args.save_predictions}: exists and is not a toist predictions file; "
                               "nothing was replaced: give another file name")
     foreign = foreign_table_files(args.out)
+    log = Path(args.out) / LOG_NAME
+    if log.exists() and not written_by(log, LOG_START):
+        foreign.append(log)
+    if not args.no_plots:
+        foreign += foreign_plot_files(args.out)
     if foreign:
-        raise FileExistsError(f"--out {args.out}: {', '.join(map(str, foreign))} exist and are not toist evaluation "
-                              "tables; nothing was replaced: give another folder")
+        raise FileExistsError(f"--out {args.out}: {', '.join(map(str, foreign))} exist and are not what toist evaluate "
+                              "writes; nothing was replaced: give another folder")
 
 
 def default_batch_size(segmenter, protocol: str, captions: str) -> int:

@@ -14,6 +14,7 @@ from toist_core.eval.evaluator import NO_RESULT, EvaluationResult, TaskResult  #
 from toist_core.atomic_file import atomic_write  # noqa: E402
 
 _IOU_LABEL = {"bbox": "box", "segm": "mask"}
+PLOT_SOFTWARE = "toist evaluate"  # the PNG's Software text
 
 
 def plot_task_pr(task: TaskResult, path: Union[str, Path], phrase: str = "") -> Path:
@@ -36,9 +37,26 @@ def plot_task_pr(task: TaskResult, path: Union[str, Path], phrase: str = "") -> 
     fig.suptitle(f"Task {task.task_id}: {phrase} ({task.num_images} images, "
                  f"{task.num_images_with_targets} with targets)")
     fig.tight_layout()
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=90))
+    metadata = {"Software": PLOT_SOFTWARE}  # how a later run tells its own plots from a user's files
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=90, metadata=metadata))
     plt.close(fig)
     return path
+
+
+def foreign_plot_files(out_dir: Union[str, Path]) -> list[Path]:
+    """The ``pr_task_*.png`` in ``out_dir`` that :func:`plot_task_pr` did not write."""
+    from PIL import Image, UnidentifiedImageError
+
+    foreign = []
+    for path in sorted(Path(out_dir).glob("pr_task_*.png")):
+        try:
+            with Image.open(path) as image:
+                ours = image.format == "PNG" and image.info.get("Software") == PLOT_SOFTWARE
+        except (OSError, UnidentifiedImageError):  # a folder of that name, a text file, ...
+            ours = False
+        if not ours:
+            foreign.append(path)
+    return foreign
 
 
 def _percent(ap: float) -> str:
