@@ -50,15 +50,33 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
         cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness)
         label = f"{float(score):.2f}"
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
+        tx = min(max(x1, 0), max(0, canvas.shape[1] - tw))  # inside the image: a box at its right edge
         ty = max(y1, th + base)
-        cv2.rectangle(canvas, (x1, ty - th - base), (x1 + tw, ty), color, -1)
-        cv2.putText(canvas, label, (x1, ty - base), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1,
+        cv2.rectangle(canvas, (tx, ty - th - base), (tx + tw, ty), color, -1)
+        cv2.putText(canvas, label, (tx, ty - base), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1,
                     cv2.LINE_AA)
     if title:
-        (tw, th), base = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 1)
+        title, scale = _fitted(title, canvas.shape[1] - 8)
+        (tw, th), base = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         cv2.rectangle(canvas, (0, 0), (tw + 8, th + base + 8), (0, 0, 0), -1)
-        cv2.putText(canvas, title, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(canvas, title, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
     return canvas
+
+
+def _fitted(text: str, width: int, scale: float = 0.6, smallest: float = 0.4) -> tuple[str, float]:
+    """``text`` and a font scale at which it fits ``width`` pixels: smaller type down to
+    ``smallest``, then the end cut off and marked ``...`` (a caption longer than a narrow image)."""
+    import cv2
+
+    def text_width(candidate: str, size: float) -> int:
+        return cv2.getTextSize(candidate, cv2.FONT_HERSHEY_SIMPLEX, size, 1)[0][0]
+
+    scale = max(smallest, min(scale, scale * width / max(1, text_width(text, scale))))
+    if text_width(text, scale) <= width:
+        return text, scale
+    while len(text) > 1 and text_width(text + "...", scale) > width:
+        text = text[:-1]
+    return text.rstrip() + "...", scale
 
 
 def draw_prediction(image: np.ndarray, prediction, title: Optional[str] = None, **kwargs) -> np.ndarray:

@@ -1,0 +1,31 @@
+"""Overlays written by `toist predict` and the demo: labels and the caption stay inside the image."""
+
+import cv2
+import numpy as np
+
+from toist_core.visualize import _fitted, draw_instances, instance_color
+
+
+def test_a_score_label_at_the_right_edge_is_drawn_whole():
+    """A box at the image's right edge had its score label cut to the 10 pixels left of it."""
+    image = np.zeros((60, 200, 3), np.uint8)
+    drawn = draw_instances(image, np.array([[190.0, 20.0, 199.0, 50.0]]), np.array([0.87]))
+    assert not image.any()   # the caller's image is untouched
+    (tw, th), base = cv2.getTextSize("0.87", cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
+    band = drawn[20 - th - base:20]   # the label's rows, above the box's top
+    filled = np.all(band == instance_color(0), axis=2).any(axis=0) | (band.min(axis=2) > 200).any(axis=0)
+    assert filled.sum() >= tw and filled[-1]
+
+
+def test_a_caption_longer_than_the_image_is_fitted():
+    caption = "something to sit on (task 1 of the synthetic scenes)"
+    text, scale = _fitted(caption, 112)
+    width = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+    assert width <= 112 and text.endswith("...") and caption.startswith(text[:-3])
+    assert _fitted("sit", 112) == ("sit", 0.6)   # a short one as it was
+    room = cv2.getTextSize("something to sit on", cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)[0][0]
+    shrunk, smaller = _fitted("something to sit on", room)
+    assert shrunk == "something to sit on" and 0.4 <= smaller < 0.6   # smaller type before cutting
+    drawn = draw_instances(np.full((40, 120, 3), 255, np.uint8), np.zeros((0, 4)), np.zeros(0), title=caption)
+    assert (drawn[0, :100] == 0).all()   # the caption's black bar ...
+    assert (drawn[0, -1] == 255).all()   # ... ends inside the image: the caption is not cut by its edge
