@@ -349,3 +349,39 @@ def test_concatenated_tasks_and_config(root):
     assert len(build_dataset(noun_cfg, "train")[0]) == 3
     with pytest.raises(ValueError, match="tasks: 15"):
         DataConfig(tasks=[15])
+
+
+def test_boxes_are_clipped_and_tested_in_float32_as_the_reference_does():
+    """The reference makes the boxes a float32 tensor before x + w and the degenerate test: a
+    width below float32's resolution at x is dropped (it was kept as a zero-width target, which
+    also blocked every random crop of its image)."""
+    from toist_core.data.schema import AnnotationRecord, clipped_box
+
+    def record(bbox):
+        return AnnotationRecord(id=1, image_id=1, bbox=bbox, segmentation=[], area=1.0, iscrowd=0,
+                                category_id=1, coco_category_id=63)
+
+    assert clipped_box(record((100.0, 20.0, 1e-6, 10.0)), 200, 300) is None
+    for bbox in [(0.1, 0.7, 33.3, 12.9), (290.15, 190.05, 20.0, 20.0), (-3.3, 5.5, 10.1, 0.3)]:
+        reference = torch.tensor([bbox], dtype=torch.float32)
+        reference[:, 2:] += reference[:, :2]
+        reference[:, 0::2].clamp_(min=0, max=300)
+        reference[:, 1::2].clamp_(min=0, max=200)
+        assert clipped_box(record(bbox), 200, 300) == reference[0].tolist()
+
+
+@pytest.mark.parametrize("sizes, message", [
+    (dict(max_size=0), "max_size: 0: a size in pixels"),          # trained on 1 x 1 images
+    (dict(train_sizes=[96, -96]), "train_sizes: -96: sizes are pixels"),
+    (dict(test_size=0), "test_size: 0: a size in pixels"),
+    (dict(crop_max_size=0), "crop_max_size: 0: a size in pixels"),
+    (dict(crop_min_size=300, crop_max_size=200), "crop_min_size: 300 is above crop_max_size 200"),
+])
+def test_sizes_that_are_not_pixels_are_refused_by_field(sizes, message):
+    from training.config import load_config
+
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**dict(SMALL, **sizes))
+    overrides = [f"data.{name}={value}" for name, value in sizes.items()]
+    with pytest.raises(ValueError, match=rf"tiny_noun.yaml \+ overrides.data: {message}"):
+        load_config(Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny_noun.yaml", overrides)

@@ -66,6 +66,17 @@ class DataConfig:
             raise ValueError("pronoun: must be a non-empty word")
         if not self.train_sizes or not self.crop_resize_sizes:
             raise ValueError("train_sizes / crop_resize_sizes: need at least one size")
+        # Pixel sizes: 0 trained on 1 x 1 images without a word, a negative one failed in a
+        # loader worker without naming the field.
+        for name in ("train_sizes", "crop_resize_sizes"):
+            bad = [size for size in getattr(self, name) if size < 1]
+            if bad:
+                raise ValueError(f"{name}: {bad[0]}: sizes are pixels, at least 1")
+        for name in ("max_size", "crop_min_size", "crop_max_size", "test_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)}: a size in pixels, at least 1")
+        if self.crop_min_size > self.crop_max_size:
+            raise ValueError(f"crop_min_size: {self.crop_min_size} is above crop_max_size {self.crop_max_size}")
 
     def _warn_if_file_changed(self) -> None:
         """The recorded entries are used; a file edited since they were recorded is said."""

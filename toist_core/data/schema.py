@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
+import numpy as np
+
 from toist_core.data.rle import counts_problem
 
 
@@ -383,11 +385,16 @@ def _finite_field(where: str, rec: dict, name: str) -> float:
 
 
 def clipped_box(ann: AnnotationRecord, height: int, width: int) -> Optional[list[float]]:
-    """``[x0, y0, x1, y1]`` of ``ann``'s box clipped to the image; None when that is degenerate."""
-    x, y, w, h = ann.bbox
-    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-    x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-    return [x0, y0, x1, y1] if x1 > x0 and y1 > y0 else None
+    """``[x0, y0, x1, y1]`` of ``ann``'s box clipped to the image; None when that is degenerate.
+
+    In float32, as the reference converts (its boxes become a float32 tensor before ``x + w`` and
+    the test): a width below float32's resolution at ``x`` (``x=100, w=1e-6``) is a zero-width box,
+    dropped, not a target of zero width."""
+    x, y, w, h = (np.float32(v) for v in ann.bbox)
+    zero = np.float32(0.0)
+    x0, y0 = min(max(x, zero), np.float32(width)), min(max(y, zero), np.float32(height))
+    x1, y1 = min(max(x + w, zero), np.float32(width)), min(max(y + h, zero), np.float32(height))
+    return [float(x0), float(y0), float(x1), float(y1)] if x1 > x0 and y1 > y0 else None
 
 
 # Formats OpenCV and PIL read (so ``toist predict`` takes them) but torchvision's ``decode_image``
