@@ -296,7 +296,7 @@ def speed(args) -> None:
         network = OnnxNetwork(directory, "onnxruntime", torch.device("cpu"), threads=args.threads)
         seg = TaskSegmenter(folded, device="cpu", onnx_network=network, inference=InferenceConfig(
             backend="onnxruntime", score_threshold=0.0, max_instances=args.kept, channels_last=False, **size))
-        seg.set_task(state)
+        seg.set_task(2)   # the same text features as torch_seg's (one model)
         return seg
 
     paths = {REFERENCE: None, TORCH: torch_seg}

@@ -200,11 +200,19 @@ def test_loading_new_weights_reencodes_the_current_task(distilled):
     own_weights = {k: v.clone() for k, v in seg.model.state_dict().items()}
     own_bank = {k: v.clone() for k, v in bank.state_dict().items()}
     image = random_image(56, 72, seed=5)
-    seg.set_task(4)
+    pinned = seg.set_task(4)   # a state kept by the caller (the Threads pattern)
+    assert seg.predict(image, task_state=pinned).task_id == 4
+    with pytest.raises(ValueError, match=r"task_state: encoded by another TaskSegmenter"):
+        seg.predict(image, task_state=other.encode_task(4))   # another model's text features
     try:
         seg.model.load_state_dict(other.model.state_dict())
         fresh = TaskSegmenter(seg.model, device="cpu", memory_bank=bank, inference=seg.inference, task=4)
         assert np.array_equal(seg.predict(image).scores, fresh.predict(image).scores)
+        # The kept state holds the old weights' text: refused, not mixed with the new image weights.
+        with pytest.raises(ValueError, match=r"task_state: encoded before this segmenter's weights were loaded"):
+            seg.predict(image, task_state=pinned)
+        with pytest.raises(ValueError, match=r"set_task: encoded before"):
+            seg.set_task(pinned)
         before = seg.task_state.centres
         bank.load_state_dict({k: v * 2 if k == "feature_bank" else v for k, v in own_bank.items()})
         assert not torch.allclose(seg.task_state.centres, before)
@@ -244,6 +252,11 @@ def test_bad_inputs_are_named(seg):
         seg.predict(np.zeros((10, 10, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="H x W x 3"):
         seg.predict(np.zeros((10, 10), dtype=np.uint8))
+    # The public preprocess step checks them as predict does (uint16 was divided by 255).
+    with pytest.raises(ValueError, match=r"images\[1\].*uint8"):
+        seg.preprocess([random_image(10, 10), np.zeros((10, 10, 3), dtype=np.uint16)])
+    with pytest.raises(ValueError, match=r"images\[0\].*H x W x 3"):
+        seg.preprocess([np.zeros((10, 10, 4), dtype=np.uint8)])
     fresh = TaskSegmenter(seg.model, device="cpu")
     with pytest.raises(RuntimeError, match="set_task"):
         fresh.predict(random_image(10, 10))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -22,6 +22,8 @@ class TaskState:
                     cluster-centre replacement.
     warning:        why this task's results are not to be trusted (the model was not trained
                     on it), else None.
+    origin:         which segmenter encoded it, with which weights (set by ``encode_task``;
+                    a state built by hand has none and is taken as it is).
     """
 
     caption: str
@@ -30,6 +32,7 @@ class TaskState:
     pronoun_tokens: tuple[int, ...]
     centres: Optional[Tensor] = None
     warning: Optional[str] = None
+    origin: Optional[tuple[object, int]] = field(default=None, compare=False, repr=False)
 
     @property
     def uses_ccr(self) -> bool:

@@ -110,6 +110,10 @@ class TaskSegmenter:
         # must not write back a state read before another's swap (the newer task would be lost).
         self._state_lock = threading.Lock()
         self._state: Optional[TaskState] = None
+        # Stamped on every state this segmenter encodes: a state of another segmenter, or one
+        # encoded before a weight load, holds other weights' text features (refused, not mixed).
+        self._identity = object()
+        self._weights_generation = 0
         # Why the ONNX graphs no longer match the model (its weights were loaded anew), or None.
         self._stale_graphs: Optional[str] = None
         self.inference = inference  # the setter derives sizes, pronoun, autocast, normalisation, processing
@@ -138,6 +142,7 @@ class TaskSegmenter:
                                   "weights: save the new weights as a model directory, `toist export --onnx` it and "
                                   "open a new TaskSegmenter")
             raise CheckpointError(self._stale_graphs)
+        self._weights_generation += 1
         state = self._state
         if state is not None:
             applied = self._applied
@@ -293,7 +298,20 @@ class TaskSegmenter:
             with self._bank_lock:
                 # Warm-started k-means on the fixed bank: the same centres for every frame.
                 centres = self.memory_bank.cluster(query.task_id - 1).detach().clone().float()
-        return TaskState(query.caption, query.task_id, text, tokens, centres, self._warning(query.task_id))
+        return TaskState(query.caption, query.task_id, text, tokens, centres, self._warning(query.task_id),
+                         origin=(self._identity, self._weights_generation))
+
+    def _check_origin(self, state: TaskState, name: str) -> None:
+        """``state`` was encoded by this segmenter with its current weights (or built by hand)."""
+        if state.origin is None:
+            return
+        identity, generation = state.origin
+        if identity is not self._identity:
+            raise ValueError(f"{name}: encoded by another TaskSegmenter (its text features are that model's): "
+                             "encode the task with this one, seg.encode_task(task)")
+        if generation != self._weights_generation:
+            raise ValueError(f"{name}: encoded before this segmenter's weights were loaded anew (load_state_dict): "
+                             "its text features are the old weights'; encode the task again, seg.encode_task(task)")
 
     def _warning(self, task_id: Optional[int]) -> Optional[str]:
         """Why the task's results mean little, or None: a noun teacher given a task's pronoun
@@ -310,6 +328,8 @@ class TaskSegmenter:
 
     def set_task(self, task: Union[int, str, TaskState]) -> TaskState:
         """Make ``task`` current (text encoded here, once). Thread-safe: one attribute swap."""
+        if isinstance(task, TaskState):
+            self._check_origin(task, "set_task")
         state = task if isinstance(task, TaskState) else self.encode_task(task)
         with self._state_lock:
             self._state = state
@@ -341,6 +361,8 @@ class TaskSegmenter:
         if not isinstance(state, TaskState):
             raise TypeError(f"task_state must be a TaskState (from seg.encode_task(task)), got "
                             f"{type(state).__name__}; for a task id or name use seg.set_task(task)")
+        if task_state is not None:  # the current state follows weight loads by itself
+            self._check_origin(state, "task_state")
         check_call_limits(score_threshold, max_instances)
         applied = self._applied  # this call's settings, whatever another thread assigns meanwhile
         threshold = applied.config.score_threshold if score_threshold is None else float(score_threshold)
@@ -398,6 +420,8 @@ class TaskSegmenter:
         (``inference.protocol``: toist's float resize and padding to a multiple of
         ``pad_multiple``, or the reference's PIL resize and padding to the largest image);
         returns the padded batch ``[B, 3, H, W]`` and each image's resized ``(h, w)``."""
+        for i, img in enumerate(images):  # as predict checks them (a uint16 image was divided by 255)
+            check_image(img, f"images[{i}]")
         return self._preprocess(images, self._applied)
 
     def _preprocess(self, images: Sequence[np.ndarray],
