@@ -39,6 +39,7 @@ The file imports `launch` / `launch_ros` only inside ``generate_launch_descripti
 """
 
 import os
+import re
 
 PACKAGE = "toist_ros"
 EXECUTABLE = "perception_node"
@@ -110,6 +111,10 @@ def node_options(args):
     level = args["log_level"].strip().lower()
     if level not in LOG_LEVELS:
         raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {args['log_level']!r}")
+    params_file = args["params_file"].strip()
+    if not os.path.isfile(params_file):  # launch_ros would log it and start the node without its parameters
+        raise ValueError(f"params_file {params_file!r}: no such file"
+                         + (" (a folder)" if os.path.isdir(params_file) else ""))
     for topic in ("image_topic", "depth_topic", "camera_info_topic"):
         if not args[topic].strip():
             raise ValueError(f"{topic} is empty")
@@ -128,7 +133,7 @@ def node_options(args):
         "lifecycle": lifecycle,
         "autostart": autostart,
         "namespace": args["namespace"].strip(),
-        "parameters": [args["params_file"], overrides],
+        "parameters": [params_file, overrides],
         "remappings": [("image", args["image_topic"].strip()), ("depth", args["depth_topic"].strip()),
                        ("camera_info", args["camera_info_topic"].strip())],
         "arguments": ["--ros-args", "--log-level", level],
@@ -143,7 +148,8 @@ def command_line(options):
         out += ["-r", f"__ns:=/{options['namespace'].strip('/')}"]
     out += ["--params-file", params_file]
     for name, value in overrides.items():
-        text = str(value).lower() if isinstance(value, bool) else f"'{value}'"  # quoted: a YAML string
+        # Quoted: a YAML string ("2" stays text), an apostrophe doubled as YAML escapes it there.
+        text = str(value).lower() if isinstance(value, bool) else "'" + str(value).replace("'", "''") + "'"
         out += ["-p", f"{name}:={text}"]
     for source, target in options["remappings"]:
         out += ["-r", f"{source}:={target}"]
@@ -155,9 +161,52 @@ def command_line(options):
 _STOP_SIGNALS = (2, 15)
 
 
-def exit_message(returncode, fatal_lines=(), shutting_down=False):
-    """The launch's error when the node ended with ``returncode`` (None when it ended normally:
-    0, SIGINT / SIGTERM, or anything while the launch itself is ``shutting_down``, which ends
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # rcutils colours its output on a terminal (emulate_tty)
+
+
+class FatalReason:
+    """The node's FATAL start-up reason, read from its output as launch hands it over: chunks
+    of either stream, cut anywhere. One log record may span lines (``invalid parameters:`` then
+    one indented line per parameter): the indented lines right after the FATAL line belong to it.
+    Only the last reason is kept, so a node that logs for hours keeps nothing here."""
+
+    def __init__(self):
+        self._partial = {}    # stream -> the end of its last chunk, not yet a whole line
+        self._open = {}       # stream -> whether its last whole line belonged to a FATAL record
+        self._record = []
+
+    def feed(self, chunk, stream="stderr"):
+        text = self._partial.pop(stream, "") + (chunk.decode(errors="replace") if isinstance(chunk, bytes)
+                                                else str(chunk))
+        lines = text.split("\n")
+        self._partial[stream] = lines.pop()
+        for line in lines:
+            self._line(line, stream)
+
+    def _line(self, line, stream):
+        line = _COLOUR.sub("", line).rstrip("\r")
+        if FATAL_MARK in line:
+            self._record = [line.split(FATAL_MARK, 1)[1].strip()]
+            self._open[stream] = True
+        elif self._open.get(stream) and line[:1] in (" ", "\t") and line.strip():
+            self._record.append(line.strip())
+        else:
+            self._open[stream] = False
+
+    @property
+    def text(self):
+        """The reason, its lines joined by ``; `` ("" when the node gave none)."""
+        for stream, rest in list(self._partial.items()):  # a last line without its newline
+            if rest:
+                self._partial[stream] = ""
+                self._line(rest, stream)
+        head, *details = self._record or [""]
+        return " ".join([head] + ["; ".join(details)]) if details else head
+
+
+def exit_message(returncode, fatal="", shutting_down=False):
+    """The launch's error when the node ended with ``returncode``, ``fatal`` being its FATAL
+    reason (:class:`FatalReason`'s text). None when it ended normally: 0, SIGINT / SIGTERM, or anything while the launch itself is ``shutting_down``, which ends
     with SIGKILL what does not stop in time). A crash (SIGSEGV, SIGABRT, the out-of-memory
     killer's SIGKILL) is an error: the launch must not go on without its node."""
     if returncode in (0, None) or shutting_down or (returncode < 0 and -returncode in _STOP_SIGNALS):
@@ -172,8 +221,6 @@ def exit_message(returncode, fatal_lines=(), shutting_down=False):
         return (f"{NODE_NAME} was killed by {name}" + (" (out of memory?)" if -returncode == 9 else " (a crash)")
                 + ": see its log above")
     reason = EXIT_REASONS.get(returncode, "unexpected exit")
-    fatal = next((line.split(FATAL_MARK, 1)[1].strip() for line in reversed(list(fatal_lines)) if FATAL_MARK in line),
-                 "")
     return (f"{NODE_NAME} exited with code {returncode} ({reason})" + (f": {fatal}" if fatal else
                                                                         ": see its log above"))
 
@@ -213,20 +260,17 @@ def _node_action(context, *args, **kwargs):
         output="screen",
         emulate_tty=True,
     )
-    fatal_lines = []
-
-    def remember_fatal(event):
-        text = event.text.decode(errors="replace") if isinstance(event.text, bytes) else str(event.text)
-        fatal_lines.extend(line for line in text.splitlines() if FATAL_MARK in line)
+    fatal = FatalReason()
 
     def on_exit(event, context):
-        message = exit_message(event.returncode, fatal_lines, shutting_down=bool(getattr(context, "is_shutdown", False)))
+        message = exit_message(event.returncode, fatal.text, shutting_down=bool(getattr(context, "is_shutdown", False)))
         if message:
             # An exception ends `ros2 launch` with exit status 1 and this message as its error.
             raise RuntimeError(message)
 
     return [node,
-            RegisterEventHandler(OnProcessIO(target_action=node, on_stdout=remember_fatal, on_stderr=remember_fatal)),
+            RegisterEventHandler(OnProcessIO(target_action=node, on_stdout=lambda event: fatal.feed(event.text, "stdout"),
+                                             on_stderr=lambda event: fatal.feed(event.text, "stderr"))),
             RegisterEventHandler(OnProcessExit(target_action=node, on_exit=on_exit))] + (
         _autostart(node) if options["autostart"] else [])
 

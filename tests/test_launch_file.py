@@ -15,6 +15,7 @@ LAUNCH_FILE = ROOT / "launch" / "perception.launch.py"
 CONTRACT_ARGUMENTS = {"namespace", "image_topic", "params_file", "checkpoint", "device", "task", "use_sim_time",
                       "log_level", "text_encoder", "allow_cpu_fallback", "precision", "compressed", "reliability",
                       "depth", "depth_topic", "camera_info_topic", "detections", "lifecycle", "autostart"}
+P_YAML = str(ROOT / "config" / "perception.yaml")  # a params file that exists
 DEFAULT_REMAPS = [("depth", "depth"), ("camera_info", "camera_info")]
 
 
@@ -45,8 +46,8 @@ def test_launch_file_declares_the_contract_arguments():
 
 def test_defaults_keep_the_params_file_values():
     launch = _load()
-    options = launch.node_options({"params_file": "/p.yaml"})
-    assert options["parameters"] == ["/p.yaml", {}]  # use_sim_time too: a params file's true is kept
+    options = launch.node_options({"params_file": P_YAML})
+    assert options["parameters"] == [P_YAML, {}]  # use_sim_time too: a params file's true is kept
     assert options["remappings"] == [("image", "image")] + DEFAULT_REMAPS
     assert options["namespace"] == ""
     assert options["arguments"] == ["--ros-args", "--log-level", "info"]
@@ -55,16 +56,16 @@ def test_defaults_keep_the_params_file_values():
 
 def test_lifecycle_starts_the_managed_executable_which_is_installed():
     launch = _load()
-    managed = launch.node_options({"params_file": "/p.yaml", "lifecycle": "true"})
+    managed = launch.node_options({"params_file": P_YAML, "lifecycle": "true"})
     assert (managed["executable"], managed["lifecycle"], managed["autostart"]) == (
         "perception_lifecycle_node", True, False)
-    started = launch.node_options({"params_file": "/p.yaml", "lifecycle": "True", "autostart": "yes"})
+    started = launch.node_options({"params_file": P_YAML, "lifecycle": "True", "autostart": "yes"})
     assert started["autostart"] and started["executable"] == "perception_lifecycle_node"
     # The same parameters, remappings and command line as the plain node.
-    plain = launch.node_options({"params_file": "/p.yaml"})
+    plain = launch.node_options({"params_file": P_YAML})
     assert launch.command_line(managed) == launch.command_line(plain)
     with pytest.raises(ValueError, match="add lifecycle:=true"):
-        launch.node_options({"params_file": "/p.yaml", "autostart": "true"})
+        launch.node_options({"params_file": P_YAML, "autostart": "true"})
     assert "scripts/perception_lifecycle_node" in (ROOT / "CMakeLists.txt").read_text()
     installed = ROOT / "install" / "toist_ros" / "lib" / "toist_ros" / "perception_lifecycle_node"
     if installed.parent.exists():
@@ -74,7 +75,7 @@ def test_lifecycle_starts_the_managed_executable_which_is_installed():
 def test_arguments_become_typed_overrides_and_a_remap():
     launch = _load()
     options = launch.node_options({"namespace": "front", "image_topic": "/camera/color/image_raw",
-                                   "params_file": "/p.yaml", "checkpoint": "/models/toist.pth", "device": "cuda:1",
+                                   "params_file": P_YAML, "checkpoint": "/models/toist.pth", "device": "cuda:1",
                                    "task": "2", "use_sim_time": "True", "log_level": "DEBUG"})
     assert options["namespace"] == "front"
     assert options["parameters"][1] == {"use_sim_time": True, "checkpoint": "/models/toist.pth", "device": "cuda:1",
@@ -86,7 +87,7 @@ def test_arguments_become_typed_overrides_and_a_remap():
 
 def test_depth_arguments_enable_depth_and_remap_its_topics():
     launch = _load()
-    options = launch.node_options({"params_file": "/p.yaml", "image_topic": "/camera/camera/color/image_raw",
+    options = launch.node_options({"params_file": P_YAML, "image_topic": "/camera/camera/color/image_raw",
                                    "depth": "true", "depth_topic": "/camera/camera/aligned_depth_to_color/image_raw",
                                    "camera_info_topic": "/camera/camera/color/camera_info"})
     assert options["parameters"][1] == {"depth.enabled": True}
@@ -94,15 +95,15 @@ def test_depth_arguments_enable_depth_and_remap_its_topics():
                                      ("depth", "/camera/camera/aligned_depth_to_color/image_raw"),
                                      ("camera_info", "/camera/camera/color/camera_info")]
     with pytest.raises(ValueError, match="depth_topic is empty"):
-        launch.node_options({"params_file": "/p.yaml", "depth_topic": ""})
-    detections = launch.node_options({"params_file": "/p.yaml", "detections": "true"})
+        launch.node_options({"params_file": P_YAML, "depth_topic": ""})
+    detections = launch.node_options({"params_file": P_YAML, "detections": "true"})
     assert detections["parameters"][1] == {"output.detections": True}
 
 
 def test_every_start_up_parameter_users_set_has_an_argument_of_the_right_type():
     """The node's own FATAL message says `allow_cpu_fallback:=true`: as a launch argument it must arrive."""
     launch = _load()
-    options = launch.node_options({"params_file": "/p.yaml", "text_encoder": "/models/roberta",
+    options = launch.node_options({"params_file": P_YAML, "text_encoder": "/models/roberta",
                                    "allow_cpu_fallback": "true", "precision": "fp16", "compressed": "True",
                                    "reliability": "reliable"})
     assert options["parameters"][1] == {"text_encoder": "/models/roberta",
@@ -117,38 +118,86 @@ def test_every_start_up_parameter_users_set_has_an_argument_of_the_right_type():
 
 def test_a_start_up_failure_becomes_the_launch_error_with_code_and_reason():
     launch = _load()
-    fatal = ["[INFO] [toist_perception]: loading", "[FATAL] [1733.1] [toist_perception]: cannot start: device "
-             "'cuda' requested but no CUDA device is visible; use device:=cpu or device:=auto, or set "
-             "allow_cpu_fallback:=true"]
+    reason = launch.FatalReason()
+    for line in ["[INFO] [toist_perception]: loading", "[FATAL] [1733.1] [toist_perception]: cannot start: device "
+                 "'cuda' requested but no CUDA device is visible; use device:=cpu or device:=auto, or set "
+                 "allow_cpu_fallback:=true"]:
+        reason.feed(line + "\n")
+    fatal = reason.text
     message = launch.exit_message(4, fatal)
     assert message.startswith("toist_perception exited with code 4 (the requested device cannot be used): device")
     assert "allow_cpu_fallback:=true" in message
-    assert launch.exit_message(3, []) == "toist_perception exited with code 3 (the model cannot be loaded): see its log above"
+    assert launch.exit_message(3, "") == "toist_perception exited with code 3 (the model cannot be loaded): see its log above"
     # A normal end, or the launch's own SIGINT at shut-down, is not an error.
     assert launch.exit_message(0, fatal) is None and launch.exit_message(-2, fatal) is None
     assert launch.exit_message(-15, fatal) is None and launch.exit_message(-9, fatal, shutting_down=True) is None
     # A crash is not a normal end: the launch used to carry on without its node.
-    assert launch.exit_message(-11, []) == "toist_perception was killed by SIGSEGV (a crash): see its log above"
-    assert "SIGKILL (out of memory?)" in launch.exit_message(-9, [])
+    assert launch.exit_message(-11, "") == "toist_perception was killed by SIGSEGV (a crash): see its log above"
+    assert "SIGKILL (out of memory?)" in launch.exit_message(-9, "")
+
+
+def test_a_fatal_record_of_several_lines_in_colour_and_in_pieces():
+    """As the node prints it under launch's emulate_tty: rcutils' colour codes around one record
+    whose parameters are on indented lines, handed over in chunks cut anywhere; only the
+    record's header used to reach the launch's error (and the colour codes with it)."""
+    launch = _load()
+    output = ("\x1b[32m[INFO] [1.0] [toist_perception]: loading\x1b[0m\r\n"
+              "\x1b[31m[FATAL] [1.2] [toist_perception]: cannot start: invalid parameters:\r\n"
+              "  input.reliability: 'BEST_EFFORT' is not one of auto, reliable, best_effort\r\n"
+              "  score_threshold: 1.5 is out of range [0, 1]\x1b[0m\r\n"
+              "[INFO] [1.3] [rclpy]: shutting down\r\n")
+    for size in (1, 5, 64, len(output)):
+        reason = launch.FatalReason()
+        for start in range(0, len(output), size):
+            reason.feed(output[start:start + size].encode(), "stderr")
+        reason.feed("   stray stdout line\n", "stdout")   # another stream's lines are its own
+        assert reason.text == ("invalid parameters: input.reliability: 'BEST_EFFORT' is not one of auto, reliable, "
+                               "best_effort; score_threshold: 1.5 is out of range [0, 1]")
+    last = launch.FatalReason()
+    last.feed("[FATAL] [t] [n]: cannot start: no newline at the end")
+    assert last.text == "no newline at the end"
 
 
 @pytest.mark.parametrize("bad", [{"use_sim_time": "maybe"}, {"log_level": "loud"}, {"image_topic": " "},
                                  {"camera": "x"}, {"allow_cpu_fallback": "sure"}, {"compressed": "2"},
-                                 {"depth": "maybe"}, {"lifecycle": "managed"}, {"autostart": "2"}])
+                                 {"depth": "maybe"}, {"lifecycle": "managed"}, {"autostart": "2"},
+                                 {"params_file": "/nowhere/perception.yaml"}, {"params_file": "/tmp"}])
 def test_bad_arguments_are_refused(bad):
     launch = _load()
     with pytest.raises(ValueError):
-        launch.node_options({"params_file": "/p.yaml", **bad})
+        launch.node_options({"params_file": P_YAML, **bad})
 
 
 def test_command_line_matches_what_launch_ros_passes():
     launch = _load()
-    options = launch.node_options({"namespace": "front", "image_topic": "/cam/image", "params_file": "/p.yaml",
+    options = launch.node_options({"namespace": "front", "image_topic": "/cam/image", "params_file": P_YAML,
                                    "task": "2", "use_sim_time": "false"})
     assert launch.command_line(options) == [
-        "--ros-args", "-r", "__node:=toist_perception", "-r", "__ns:=/front", "--params-file", "/p.yaml",
+        "--ros-args", "-r", "__node:=toist_perception", "-r", "__ns:=/front", "--params-file", P_YAML,
         "-p", "use_sim_time:=false", "-p", "task:='2'", "-r", "image:=/cam/image", "-r", "depth:=depth",
         "-r", "camera_info:=camera_info", "--log-level", "info"]
+
+
+def test_command_line_values_are_read_by_rcl_as_the_text_given():
+    """A task with an apostrophe made a `-p` rule rcl refused ("Couldn't parse parameter override
+    rule"); launch_ros writes the value as YAML and passes it."""
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.node import Node
+
+    launch = _load()
+    task = "pour the baby's milk with"
+    options = launch.node_options({"params_file": P_YAML, "task": task, "device": "2", "compressed": "true"})
+    context = Context()
+    rclpy.init(args=launch.command_line(options), context=context)
+    try:
+        node = Node(launch.NODE_NAME, context=context, automatically_declare_parameters_from_overrides=True)
+        assert node.get_parameter("task").value == task
+        assert node.get_parameter("device").value == "2"   # text, not the integer 2
+        assert node.get_parameter("input.compressed").value is True
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
 
 
 def test_launch_file_and_config_are_installed_with_the_package():

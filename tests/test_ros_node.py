@@ -721,6 +721,20 @@ def test_parameters_are_validated_at_run_time(node, probe, monkeypatch):
 
     [r] = probe.set_parameters(name, duplicate_iou=1.5)
     assert not r.successful and "duplicate_iou" in r.reason
+    # A wrong type names the parameter and the value (rclpy's words named neither), and a
+    # parameter cannot be deleted.
+    results = probe.set_parameters(name, output__masks=0, score_threshold="abc", max_instances=None)
+    assert [r.successful for r in results] == [False] * 3
+    assert "output.masks: expected bool, got int 0" in results[0].reason
+    assert "score_threshold: expected float, got str 'abc'" in results[1].reason
+    assert "max_instances: expected int, got NoneType None" in results[2].reason
+    assert node.get_parameter("output.masks").value is True and node.get_parameter("max_instances").value == 10
+    # On Humble (no pre-set callback) a whole number reaches the check itself: the node uses the float.
+    from rclpy.parameter import Parameter
+
+    assert node._on_set_parameters([Parameter("score_threshold", value=1)]).successful
+    assert node.settings["score_threshold"] == 1.0 and isinstance(node.settings["score_threshold"], float)
+    assert node._on_set_parameters([Parameter("score_threshold", value=0.5)]).successful
 
     [r] = probe.set_parameters(name, max_instances=3)
     assert r.successful and node.settings["max_instances"] == 3

@@ -130,7 +130,7 @@ def test_declare_reports_every_bad_override(context):
         with pytest.raises(P.ParameterError) as info:
             P.declare(node)
         text = str(info.value)
-        assert "score_threshold" in text and "device: 'tpu'" in text and "max_instances: wrong type" in text
+        assert "score_threshold" in text and "device: 'tpu'" in text and "max_instances: expected int, got str 'ten'" in text
     finally:
         node.destroy_node()
 

@@ -294,6 +294,10 @@ def test_start_up_failures_exit_with_a_clear_message(tmp_path):
 
     import torch
 
+    spec = importlib.util.spec_from_file_location("perception_launch", ROOT / "launch" / "perception.launch.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+
     missing = str(tmp_path / "nowhere" / "toist.pth")
     absent_cuda = f"cuda:{torch.cuda.device_count()}"  # never present, with or without a GPU
     cases = {
@@ -304,6 +308,9 @@ def test_start_up_failures_exit_with_a_clear_message(tmp_path):
         "cuda absent": (["-p", f"device:={absent_cuda}", "-p", "allow_cpu_fallback:=false"], EXIT_DEVICE,
                         [absent_cuda, "allow_cpu_fallback"]),
         "out of range": (["-p", "score_threshold:=2.0"], EXIT_PARAMETERS, ["score_threshold", "2.0"]),
+        # One FATAL record of several lines, one per parameter: the launch's error kept only the first.
+        "two bad values": (["-p", "input.reliability:=BEST_EFFORT", "-p", "score_threshold:=1.5"], EXIT_PARAMETERS,
+                           ["input.reliability", "BEST_EFFORT", "score_threshold", "1.5"]),
         # Two nodes of a robot (remapped names): the FATAL line says which one could not start.
         "renamed": (["-r", "__node:=front_perception", "-r", "__ns:=/robot", "-p", "max_instances:=0"],
                     EXIT_PARAMETERS, ["[robot.front_perception]: cannot start", "max_instances"]),
@@ -336,8 +343,15 @@ def test_start_up_failures_exit_with_a_clear_message(tmp_path):
         _, code, words = cases[name]
         assert process.returncode == code, (name, process.returncode, output[-2000:])
         assert "cannot start" in output, (name, output[-2000:])
+        # The launch file's error (`ros2 launch` cannot run here): from the output as launch hands
+        # it over, in pieces cut anywhere.
+        reason = launch.FatalReason()
+        for start in range(0, len(output), 7):
+            reason.feed(output[start:start + 7].encode(), "stderr")
+        error = launch.exit_message(process.returncode, reason.text)
         for word in words:
             assert word in output, (name, word, output[-2000:])
+            assert "cannot start" in word or word in error, (name, word, error)   # (the log prefix is not)
 
 
 def test_demo_runs_the_embedded_model_on_held_out_scenes(tmp_path):

@@ -357,7 +357,9 @@ class PerceptionNode(Node):
         result = parameters.check_parameter_changes(params, self._settings.values)
         if result.successful:
             # Replace the whole settings object: the inference thread reads one consistent set.
-            self._settings = self._settings.replace({p.name: parameters._plain(p.value) for p in params
+            # (ints_to_doubles again: Humble has no pre-set callback, and `1` means 1.0 there too.)
+            self._settings = self._settings.replace({p.name: parameters._plain(p.value)
+                                                     for p in parameters.ints_to_doubles(params)
                                                      if p.name in parameters.SPECS})
         return result
 
