@@ -254,3 +254,23 @@ def test_a_misspelt_command_line_parameter_is_found_on_a_real_node(context):
         assert "'score_treshold'" in warning and "'score_threshold'" in warning
     finally:
         node.destroy_node()
+
+
+def test_a_command_line_value_rcl_dropped_for_its_type_is_refused(context):
+    """rcl drops a `-p` rule whose type differs from the params file's value of that name,
+    without a word: `-p output.masks:=0` beside the package's params file left masks on."""
+    params_file = str(Path(__file__).resolve().parents[1] / "config" / "perception.yaml")
+    argv = ["perception_node", "--ros-args", "--params-file", params_file, "-p", "output.masks:=0",
+            "-p", "max_instances:=0.5", "-p", "score_threshold:=1", "-p", "task:=3"]
+    node = rclpy.create_node("toist_perception", context=context, cli_args=argv[1:])
+    try:
+        assert node._parameter_overrides["output.masks"].value is True   # what rcl made of it
+        with pytest.raises(P.ParameterError) as info:
+            P.declare(node, argv)
+        text = str(info.value)
+        assert "output.masks: -p output.masks:=0 was not applied: ROS keeps the params file's bool True" in text
+        assert "give true or false" in text
+        assert "max_instances: -p max_instances:=0.5 was not applied" in text and "give a whole number" in text
+        assert "score_threshold" not in text and "task" not in text   # 1 is 1.0; "3" is the text it means
+    finally:
+        node.destroy_node()

@@ -308,6 +308,9 @@ def test_start_up_failures_exit_with_a_clear_message(tmp_path):
         "cuda absent": (["-p", f"device:={absent_cuda}", "-p", "allow_cpu_fallback:=false"], EXIT_DEVICE,
                         [absent_cuda, "allow_cpu_fallback"]),
         "out of range": (["-p", "score_threshold:=2.0"], EXIT_PARAMETERS, ["score_threshold", "2.0"]),
+        # rcl drops a -p value whose type differs from the params file's: masks stayed on.
+        "dropped -p": (["-p", "output.masks:=0"], EXIT_PARAMETERS,
+                       ["output.masks: -p output.masks:=0 was not applied", "give true or false"]),
         # One FATAL record of several lines, one per parameter: the launch's error kept only the first.
         "two bad values": (["-p", "input.reliability:=BEST_EFFORT", "-p", "score_threshold:=1.5"], EXIT_PARAMETERS,
                            ["input.reliability", "BEST_EFFORT", "score_threshold", "1.5"]),

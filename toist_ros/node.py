@@ -17,6 +17,7 @@ replaced by the next one and counted as dropped.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
@@ -89,7 +90,7 @@ class PerceptionNode(Node):
         ``/diagnostics``: what the node has before it loads a model."""
         log = self.get_logger()
         try:
-            self._settings = parameters.declare(self)
+            self._settings = parameters.declare(self, sys.argv)
         except parameters.ParameterError as exc:
             raise StartupError(EXIT_PARAMETERS, str(exc)) from None
         for warning in parameters.unknown_overrides(getattr(self, "_parameter_overrides", {})):

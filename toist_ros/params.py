@@ -203,6 +203,43 @@ def unknown_overrides(names: Any) -> list[str]:
     return out
 
 
+_KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list"}
+
+
+def dropped_command_line_rules(argv: list[str], overrides: dict[str, Any]) -> list[str]:
+    """Why each ``-p name:=value`` of ``argv`` for one of this node's parameters is not what the
+    node got (``overrides``: name -> the value rcl resolved). rcl drops a ``-p`` rule whose type
+    differs from a ``--params-file`` value of the same name without a word: ``-p
+    output.masks:=0`` beside the package's params file left masks on."""
+    import yaml
+
+    rules: dict[str, str] = {}
+    ros_args = False
+    for token, following in zip(argv, list(argv[1:]) + [None]):
+        if token == "--ros-args":
+            ros_args = True
+        elif token == "--":
+            ros_args = False
+        elif ros_args and token in ("-p", "--param") and following and ":=" in following:
+            name, raw = following.split(":=", 1)
+            rules[name] = raw
+    out = []
+    for name, raw in rules.items():
+        if name not in SPECS or name not in overrides:
+            continue
+        try:
+            given = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            continue  # rcl refused the whole command line already
+        got = _plain(overrides[name])
+        if type(given) is not type(got) and not (isinstance(given, int) and isinstance(got, float)
+                                                 and not isinstance(given, bool)):
+            out.append(f"{name}: -p {name}:={raw} was not applied: ROS keeps the params file's "
+                       f"{type(got).__name__} {got!r} when a -p value has another type; give "
+                       f"{_KIND_WORDS[SPECS[name].kind]}")
+    return out
+
+
 # Parameters that were renamed: the old name's override gets a precise warning.
 _RENAMED = {"input.reliable": ("input.reliability", "auto, reliable or best_effort; true meant reliable")}
 
@@ -334,8 +371,9 @@ def descriptor(spec: ParamSpec):
     return desc
 
 
-def declare(node) -> Settings:
-    """Declare every parameter on ``node`` (overrides from --params-file / -p apply) and check them all.
+def declare(node, argv: Optional[list[str]] = None) -> Settings:
+    """Declare every parameter on ``node`` (overrides from --params-file / -p apply) and check them
+    all; ``argv``: the process's command line, for the ``-p`` rules rcl dropped.
 
     Raises ParameterError naming every bad value (wrong types included: every parameter is
     declared with dynamic typing, its type checked here); rclpy's own errors at declaration are
@@ -377,6 +415,8 @@ def declare(node) -> Settings:
         if check_value(spec, value) is None:
             node.set_descriptor(spec.name, full)
     problems += check_values(values)
+    problems += dropped_command_line_rules(list(argv or ()), {
+        name: param.value for name, param in getattr(node, "_parameter_overrides", {}).items()})
     if problems:
         raise ParameterError("invalid parameters:\n  " + "\n  ".join(problems))
     return Settings(values)
