@@ -32,7 +32,8 @@ without it (a node that is not running publishes nothing, which is easy to miss 
 
 Several cameras: include this file once per camera with its own `namespace` and
 `image_topic`, or list the cameras in the `input.topics` parameter of one node (one model
-shared by all cameras; see docs/ros.md).
+shared by all cameras); `image_topic` remaps only `image`, so remap those topics with a
+`GroupAction` of `SetRemap`s around the include (docs/ros.md, "Several cameras").
 
 The file imports `launch` / `launch_ros` only inside ``generate_launch_description``, so
 ``node_options`` (what the node is given) can be checked where they are not installed.

@@ -404,3 +404,14 @@ def test_profile_variable_follows_the_fast_dds_version():
     assert profile_variable("kilted") == profile_variable("rolling") == "FASTDDS_DEFAULT_PROFILES_FILE"
     assert profile_variable("") == "FASTDDS_DEFAULT_PROFILES_FILE"  # PyPI wheels set no ROS_DISTRO: Kilted
     assert profile_environment("/x.xml", "Jazzy") == {"FASTRTPS_DEFAULT_PROFILES_FILE": "/x.xml"}
+
+
+def test_a_stop_signal_while_the_libraries_load_is_a_normal_stop():
+    """Ctrl-C in the first seconds (torch and rclpy still importing, before the node's own stop
+    handling) ended the node with a KeyboardInterrupt traceback and exit status -2."""
+    process = _start("--params-file", str(PARAMS))
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-2000:]
+    assert "Traceback" not in output and "stopped while starting (stop signal)" in output, output[-2000:]

@@ -36,6 +36,7 @@ from toist_ros.conversions import ImageError
 from toist_ros.depth.geometry import warm_up as warm_up_3d
 from toist_ros.detections import DetectionsUnavailable, detection_array_type
 from toist_ros.depth.inputs import DepthInputs
+from toist_ros.entry import NODE_NAME
 from toist_ros.diagnostics import OK, Counters, Percentiles, diagnostic_array, return_free_memory
 from toist_ros.frame_limits import FrameLimits
 from toist_ros.health import HealthLevel, report_values
@@ -47,7 +48,6 @@ from toist_ros.steady_timer import steady_timer
 from toist_ros.srv import SegmentImage, SetTask
 from toist_ros.tasks import ONE_SHOT_REVISION, ActiveTask, TaskSwitch, loading_task
 
-NODE_NAME = "toist_perception"
 # The node's phases, named as the lifecycle states they are in a managed node.
 UNCONFIGURED, CONFIGURING, INACTIVE, ACTIVE = "unconfigured", "configuring", "inactive", "active"
 FINALIZED = "finalized"
