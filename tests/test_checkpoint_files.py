@@ -211,13 +211,13 @@ def test_a_changed_tokenizer_file_in_a_model_directory_is_refused(train_run, tmp
 
 def test_sigkill_while_exporting_onto_a_directory_leaves_the_old_or_the_new_model(train_run, tmp_path):
     """The old directory (100 queries) is replaced by an export of the training checkpoint
-    (7 queries); SIGKILL at five moments after writing began: one of the two always loads."""
+    (7 queries); SIGKILL at three moments after writing began: one of the two always loads."""
     target = tmp_path / "model"
     cfg = preset("tiny")
     old_model = build_model(cfg, tokenizer=load_tokenizer(cfg.text.tokenizer))
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     found = set()
-    for delay in (0.0, 0.002, 0.01, 0.03, 0.1):
+    for delay in (0.0, 0.01, 0.1):
         save_model_dir(old_model, target, cfg)
         entries = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
         proc = subprocess.Popen([sys.executable, "-m", "toist_core.cli", "export", str(train_run), str(target)],

@@ -1191,12 +1191,12 @@ def test_the_dev_client_commands_of_docs_ros_md(node, probe, tmp_path, capsys):
     repeater = threading.Thread(target=repeat_active_task, daemon=True)
     repeater.start()
     try:
-        assert client.main(["--timeout", "6", "publish-task", "15"]) == 1
+        assert client.main(["--timeout", "3", "publish-task", "15"]) == 1
     finally:
         repeating.set()
         repeater.join()
     err = capsys.readouterr().err
-    assert "did not take it within 6 s" in err and node.active_task.task_id == 5, err
+    assert "did not take it within 3 s" in err and node.active_task.task_id == 5, err
     assert client.main(["publish-task", "water plant with"]) == 0    # the active task by its phrase
     capsys.readouterr()
     photo = tmp_path / "photo.png"
