@@ -207,8 +207,9 @@ class FatalReason:
 
 def exit_message(returncode, fatal="", shutting_down=False):
     """The launch's error when the node ended with ``returncode``, ``fatal`` being its FATAL
-    reason (:class:`FatalReason`'s text). None when it ended normally: 0, SIGINT / SIGTERM, or anything while the launch itself is ``shutting_down``, which ends
-    with SIGKILL what does not stop in time). A crash (SIGSEGV, SIGABRT, the out-of-memory
+    reason (:class:`FatalReason`'s text). None when it ended normally: 0, SIGINT / SIGTERM, or
+    anything while the launch itself is ``shutting_down`` (which ends with SIGKILL what does
+    not stop in time). A crash (SIGSEGV, SIGABRT, the out-of-memory
     killer's SIGKILL) is an error: the launch must not go on without its node."""
     if returncode in (0, None) or shutting_down or (returncode < 0 and -returncode in _STOP_SIGNALS):
         return None

@@ -274,3 +274,29 @@ def test_a_command_line_value_rcl_dropped_for_its_type_is_refused(context):
         assert "score_threshold" not in text and "task" not in text   # 1 is 1.0; "3" is the text it means
     finally:
         node.destroy_node()
+
+
+def test_the_type_of_a_command_line_value_is_read_as_rcl_reads_it(context):
+    """A `-p` value's type as rcl gives it: a wrong guess would refuse a good value
+    (`-p score_threshold:=1e-3` is a double to rcl, text to PyYAML)."""
+    raws = ["yes", "on", "y", "True", "off", "1e-3", ".5", "1.", "-inf", ".inf", "nan", "0x10", "+5", "7",
+            "[a, b]", "'3'", '"true"', "~", "null", "1_000", "2024-01-01", "cuda:1", "sit on"]
+    args = ["--ros-args"]
+    for i, raw in enumerate(raws):
+        args += ["-p", f"p{i}:={raw}"]
+    node = rclpy.create_node("rule_types", context=context, cli_args=args)
+    try:
+        for i, raw in enumerate(raws):
+            value = P._plain(node._parameter_overrides[f"p{i}"].value)
+            assert P._rule_type(raw) is type(value), (raw, value)
+    finally:
+        node.destroy_node()
+    params_file = str(Path(__file__).resolve().parents[1] / "config" / "perception.yaml")
+    argv = ["perception_node", "--ros-args", "--params-file", params_file, "-p", "score_threshold:=1e-3",
+            "-p", "output.masks:=off", "-p", "input.reliability:=reliable"]
+    node = rclpy.create_node("toist_perception", context=context, cli_args=argv[1:])
+    try:
+        settings = P.declare(node, argv)   # every rule applied: nothing refused
+        assert settings["score_threshold"] == 1e-3 and settings["output.masks"] is False
+    finally:
+        node.destroy_node()

@@ -211,8 +211,6 @@ def dropped_command_line_rules(argv: list[str], overrides: dict[str, Any]) -> li
     node got (``overrides``: name -> the value rcl resolved). rcl drops a ``-p`` rule whose type
     differs from a ``--params-file`` value of the same name without a word: ``-p
     output.masks:=0`` beside the package's params file left masks on."""
-    import yaml
-
     rules: dict[str, str] = {}
     ros_args = False
     for token, following in zip(argv, list(argv[1:]) + [None]):
@@ -227,17 +225,40 @@ def dropped_command_line_rules(argv: list[str], overrides: dict[str, Any]) -> li
     for name, raw in rules.items():
         if name not in SPECS or name not in overrides:
             continue
-        try:
-            given = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            continue  # rcl refused the whole command line already
+        given = _rule_type(raw)
         got = _plain(overrides[name])
-        if type(given) is not type(got) and not (isinstance(given, int) and isinstance(got, float)
-                                                 and not isinstance(given, bool)):
+        if given is not type(got) and not (given is int and isinstance(got, float)):
             out.append(f"{name}: -p {name}:={raw} was not applied: ROS keeps the params file's "
                        f"{type(got).__name__} {got!r} when a -p value has another type; give "
                        f"{_KIND_WORDS[SPECS[name].kind]}")
     return out
+
+
+def _rule_type(raw: str) -> type:
+    """The type rcl gives a ``-p name:=raw`` value (its YAML reading, measured on Kilted:
+    ``yes``/``on``/``y`` are true, ``1e-3``/``.5``/``inf`` doubles, ``0x10``/``+5`` integers,
+    ``1_000`` and ``null`` text, a quoted value text)."""
+    text = raw.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return str
+    if text.lower() in ("y", "yes", "true", "on", "n", "no", "false", "off"):
+        return bool
+    if text.startswith("["):
+        return list
+    if "_" not in text:
+        try:
+            int(text, 0)
+            return int
+        except ValueError:
+            pass
+        if text.lower().lstrip("+-") in (".inf", ".nan"):
+            return float
+        try:
+            float(text)
+            return float
+        except ValueError:
+            pass
+    return str
 
 
 # Parameters that were renamed: the old name's override gets a precise warning.
