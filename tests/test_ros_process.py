@@ -363,9 +363,13 @@ def test_demo_runs_the_embedded_model_on_held_out_scenes(tmp_path):
     from toist_ros.model_loader import default_model_dir
 
     out = tmp_path / "demo"
+    out.mkdir()
+    (out / "holiday.png").write_bytes(b"mine")   # a user's file: was deleted with every other PNG
+    (out / "frame_07_synth_test_9.png").write_bytes(b"an earlier run's overlay")
     result = subprocess.run([sys.executable, "-m", "toist_ros.demo", "--device", "cpu", "--scenes", "3",
                              "--out", str(out)], capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert (out / "holiday.png").read_bytes() == b"mine" and not (out / "frame_07_synth_test_9.png").exists()
     report = json.loads((out / "report.json").read_text(), parse_constant=lambda token: pytest.fail(f"{token} in JSON"))
     assert report["results"] >= 1 and not report["random_weights"] and default_model_dir() is not None
     scenes = [r for r in report["frames"] if r["image"].startswith("synth_test_")]

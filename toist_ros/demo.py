@@ -44,8 +44,10 @@ from typing import Any, Optional
 import numpy as np
 
 from toist_core.json_text import dumps_null_for_nan
+from toist_ros.service_call import ServerGone
 
-NAMESPACE = "/toist_demo"
+# One namespace per run: two demos in one ROS domain took each other's results.
+NAMESPACE = f"/toist_demo_{os.getpid()}"
 CAMERA_TOPIC = f"{NAMESPACE}/camera/image"
 # The embedded model knows the recipe's tasks only (toist_core/assets/default_model/MODEL_CARD.md).
 DEPTH_TOPIC, CAMERA_INFO_TOPIC = f"{NAMESPACE}/camera/depth", f"{NAMESPACE}/camera/camera_info"
@@ -127,7 +129,7 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="held-out synthetic scenes per task (embedded model only)")
     parser.add_argument("--frames", type=int, default=0,
                         help="frames the camera stand-in publishes (default: every scene and photo once)")
-    parser.add_argument("--rate", type=float, default=5.0, help="camera frame rate (Hz)")
+    parser.add_argument("--rate", type=_positive_rate, default=5.0, help="camera frame rate (Hz)")
     parser.add_argument("--short-side", type=int, default=0,
                         help="model input short side (default: the size the model was trained at, which a "
                              "model directory records; 800 for an official .pth)")
@@ -136,9 +138,29 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _positive_rate(text: str) -> float:
+    rate = float(text)
+    if not rate > 0 or rate == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: frames per second, above 0")
+    return rate
+
+
+MAX_DOMAIN_ID = 232  # the highest id whose DDS ports fit (ROS 2 docs, "The ROS_DOMAIN_ID")
+
+
 def _ros_environment() -> None:
+    """Loopback discovery and a random domain unless the environment names them; ValueError for
+    a domain id DDS cannot use (Fast DDS ended the process from C, the node left running)."""
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 100)))
+    domain = os.environ["ROS_DOMAIN_ID"].strip()
+    if not domain.isdigit() or int(domain) > MAX_DOMAIN_ID:
+        raise ValueError(f"ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']!r}: a domain id is a whole number "
+                         f"0..{MAX_DOMAIN_ID}")
+
+
+def _raise_system_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _node_command(args: argparse.Namespace, short_side: int, depth: bool = False) -> list[str]:
@@ -210,10 +232,12 @@ class _Client:
         with self.lock:
             self.results.append((time.time(), msg))
 
-    def call(self, client: Any, request: Any, timeout: float) -> Any:
+    def call(self, client: Any, request: Any, timeout: float, node: subprocess.Popen) -> Any:
+        """``request``'s response; :class:`ServerGone` at once when the ``node`` process exits."""
         from toist_ros.service_call import call_service
 
-        return call_service(client, request, timeout)
+        return call_service(client, request, timeout, server_gone=lambda: (
+            f"the node exited with code {node.returncode} before answering" if node.poll() is not None else None))
 
     def close(self) -> None:
         import rclpy
@@ -267,11 +291,15 @@ def _quantiles(values: list[float]) -> tuple[float, float]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parse(argv)
-    _ros_environment()
+    try:
+        _ros_environment()
+    except ValueError as exc:
+        print(f"toist demo: error: {exc}", file=sys.stderr)
+        return 2
+    # SIGTERM ends the demo as Ctrl-C does: through the clean-up below, which stops the node
+    # (it was left running, orphaned).
+    signal.signal(signal.SIGTERM, _raise_system_exit)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.png"):
-        old.unlink()
     from toist_ros.model_loader import DEFAULT_MODEL_NOTE, FALLBACK_MODEL_NOTE, DEFAULT_MODEL_DIR
 
     print(f"toist demo: ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}, "
@@ -281,6 +309,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as exc:  # e.g. --task 15 for a model of 14 tasks
         print(f"toist demo: error: {exc}", file=sys.stderr)
         return 2
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("frame_*.png")) + list(out.glob("oneshot_*.png")):  # an earlier run's overlays only
+        old.unlink()
     if not args.checkpoint:
         note = DEFAULT_MODEL_NOTE if plan.metrics is not None else FALLBACK_MODEL_NOTE.format(path=DEFAULT_MODEL_DIR)
         print(f"toist demo: NOTE: {note}.")
@@ -288,21 +319,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     log_path = out / "node.log"
     print("toist demo: starting the node:", " ".join(command))
     log = open(log_path, "w")
-    node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-    client = None
+    node, client = None, None
     code = 1
-    try:
+    try:  # from the node's start: a stop signal at any point after it stops the node too
+        node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
         client = _Client(args, plan)
         code = _run(args, plan, client, node, out)
     except KeyboardInterrupt:
         code = 130
-    except TimeoutError as exc:  # a service call the node did not answer: the summary below says why
+    except (TimeoutError, ServerGone) as exc:  # a service call the node did not answer: the summary below says why
         print(f"toist demo: {exc}", file=sys.stderr)
         code = 1
     finally:
         if client is not None:
             client.close()
-        if node.poll() is None:
+        if node is not None and node.poll() is None:
             node.send_signal(signal.SIGINT)
             try:
                 node.wait(30)
@@ -332,7 +363,7 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
         return 1
     print(f"toist demo: node ready after {time.monotonic() - start:.1f} s")
 
-    response = client.call(client.set_task_client, SetTask.Request(task=plan.task), timeout=60)
+    response = client.call(client.set_task_client, SetTask.Request(task=plan.task), timeout=60, node=node)
     if not response.success:
         print(f"toist demo: set_task refused: {response.message}", file=sys.stderr)
         return 1
@@ -353,7 +384,9 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
     _wait(last_frame_answered, 120, node)
 
     with client.lock:
-        results = [(t, m) for t, m in client.results if m.task_revision == revision]
+        # Results of this run's own frames only (a frame it did not send is another publisher's).
+        results = [(t, m) for t, m in client.results if m.task_revision == revision
+                   and (m.header.stamp.sec, m.header.stamp.nanosec) in client.camera.sent]
         stale = sum(1 for _, m in client.results if m.task_revision != revision)
     if not results:
         print("toist demo: no result carried the revision set_task returned", file=sys.stderr)
@@ -381,7 +414,7 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
         request = SegmentImage.Request(image=image_from_array(_as_rgb(shot.pixels), "rgb8"), task=shot.task)
         request.image.header.frame_id = "standin_camera"
         request.image.header.stamp = client.node.get_clock().now().to_msg()
-        answer = client.call(client.segment_client, request, timeout=120)
+        answer = client.call(client.segment_client, request, timeout=120, node=node)
         if not answer.success:
             print(f"toist demo: segment_image failed: {answer.message}", file=sys.stderr)
             return 1

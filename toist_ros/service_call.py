@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 
 def spin_in_background(executor: Any) -> threading.Thread:
@@ -23,19 +23,35 @@ def spin_in_background(executor: Any) -> threading.Thread:
     return thread
 
 
-def call_service(client: Any, request: Any, timeout: float, hint: str = "") -> Any:
+class ServerGone(RuntimeError):
+    """The process serving a call ended before it answered."""
+
+
+def call_service(client: Any, request: Any, timeout: float, hint: str = "",
+                 server_gone: Optional[Callable[[], Optional[str]]] = None) -> Any:
     """The response of ``client`` (an rclpy client whose node is spun elsewhere) to ``request``;
     TimeoutError naming the service (and ``hint``) when it is absent or does not answer in
-    ``timeout`` seconds."""
-    if not client.wait_for_service(timeout_sec=timeout):
-        raise TimeoutError(f"no service {client.srv_name} within {timeout:.0f} s{hint}")
+    ``timeout`` seconds. ``server_gone``, polled while waiting, says why the server is gone (e.g.
+    its process exited) or None: :class:`ServerGone` then at once, not at the timeout."""
+
+    def check_server() -> None:
+        reason = server_gone() if server_gone is not None else None
+        if reason:
+            raise ServerGone(f"service {client.srv_name}: {reason}")
+
+    deadline = time.monotonic() + timeout
+    while not client.wait_for_service(timeout_sec=min(0.5, max(0.0, deadline - time.monotonic()))):
+        check_server()
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"no service {client.srv_name} within {timeout:.0f} s{hint}")
     future = client.call_async(request)
     deadline = time.monotonic() + timeout
     while not future.done() and time.monotonic() < deadline:
+        check_server()
         time.sleep(0.02)
     if not future.done():
         raise TimeoutError(f"service {client.srv_name} did not answer within {timeout:.0f} s")
     return future.result()
 
 
-__all__ = ["call_service", "spin_in_background"]
+__all__ = ["ServerGone", "call_service", "spin_in_background"]

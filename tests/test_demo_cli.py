@@ -1,0 +1,86 @@
+"""`make demo`'s program (toist_ros.demo): what it refuses before starting anything, what it
+removes from its output folder, and that a stop signal takes its node process with it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _demo(*args, env=None, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "toist_ros.demo", "--device", "cpu", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, **(env or {})), **kwargs)
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--rate", "0"], {}, "argument --rate: '0': frames per second, above 0"),   # was a ZeroDivisionError
+    (["--rate", "-5"], {}, "argument --rate: '-5': frames per second"),   # was an RCLError
+    ([], {"ROS_DOMAIN_ID": "300"}, "ROS_DOMAIN_ID='300': a domain id is a whole number 0..232"),
+    (["--task", "15"], {}, "error: "),
+])
+def test_bad_settings_are_refused_before_the_node_starts_and_nothing_is_removed(tmp_path, args, env, message):
+    """A user's PNGs in --out were deleted, even by a run refused at once."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "holiday.png").write_bytes(b"mine")
+    process = _demo("--out", str(out), *args, env=env)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, output[-2000:]
+    assert message in output and "starting the node" not in output, output[-2000:]
+    assert (out / "holiday.png").read_bytes() == b"mine"
+
+
+def _running(pattern: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    return [pid for pid in found if pid != str(os.getpid())]
+
+
+def test_sigterm_stops_the_node_it_started(tmp_path):
+    """The demo ended on SIGTERM (exit 143) and left its perception node running, orphaned."""
+    out = tmp_path / "out"
+    process = _demo("--out", str(out), "--scenes", "1")
+    namespace = f"__ns:=/toist_demo_{process.pid}"   # on the node's command line: this run's node only
+    deadline = time.monotonic() + 120
+    while not _running(namespace) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert _running(namespace), "the demo did not start its node"
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert not _running(namespace), "the node outlived the demo"
+
+
+def test_a_call_ends_at_once_when_the_server_process_has_exited():
+    """The node killed mid-run: the demo waited out its 120 s timeout and blamed the service."""
+    from toist_ros.service_call import ServerGone, call_service
+
+    class Absent:
+        srv_name = "/toist_demo_1/segment_image"
+
+        def wait_for_service(self, timeout_sec):
+            time.sleep(timeout_sec)
+            return False
+
+    class Silent(Absent):
+        def wait_for_service(self, timeout_sec):
+            return True
+
+        def call_async(self, request):
+            return type("Pending", (), {"done": lambda self: False})()
+
+    exited = iter([None, None, "the node exited with code -9 before answering"])
+    for client in (Absent(), Silent()):
+        gone = (lambda: next(exited, "the node exited with code -9 before answering"))
+        started = time.monotonic()
+        with pytest.raises(ServerGone, match=r"/toist_demo_1/segment_image: the node exited with code -9"):
+            call_service(client, object(), timeout=120, server_gone=gone)
+        assert time.monotonic() - started < 5
+    with pytest.raises(TimeoutError, match="no service /toist_demo_1/segment_image within 1 s"):
+        call_service(Absent(), object(), timeout=1, server_gone=lambda: None)
