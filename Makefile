@@ -25,17 +25,23 @@ PKG_ITEMS := CMakeLists.txt package.xml msg srv toist_ros toist_core scripts lau
 RUN := set +u && source $(VENV)/bin/activate && source install/setup.bash &&
 PYTEST_ARGS ?=
 CHECKPOINT ?=
+TEXT_ENCODER ?=
 
 .PHONY: FORCE help setup build demo test bench gpu-wheels default-model lock clean distclean robot-setup
 
 help:
-	@echo "make demo     run the perception node on its default input (CHECKPOINT=path for a real model)"
-	@echo "make test     run the test suite"
+	@echo "make demo     run the perception node on its default input (CHECKPOINT=path for a real model,"
+	@echo "              TEXT_ENCODER=dir for an official .pth offline)"
+	@echo "make test     run the test suite (PYTEST_ARGS=... for pytest)"
 	@echo "make setup    create .venv and build the ROS 2 package (done by demo/test)"
+	@echo "make build    colcon build of the ROS 2 package only (after changing toist_ros/, msg/, srv/)"
 	@echo "make bench    run the benchmark scripts in bench/"
 	@echo "make gpu-wheels  wheels a lent GPU machine lacks, for bench/gpu_device_run.sh (docs/performance.md)"
-	@echo "make default-model  retrain the embedded default model on synthetic data (CPU, < 1 h) and install it"
+	@echo "make default-model  retrain the embedded default model on synthetic data (2 CPU cores: about"
+	@echo "              70 min idle, more on a loaded machine) and install it"
+	@echo "make lock     re-pin requirements/lock.txt to the installed versions"
 	@echo "make robot-setup    on a robot with ROS 2 from apt: venv, torch, colcon build (ARGS=\"--help\"; docs/robot.md)"
+	@echo "make clean    remove the colcon build (build/, install/, log/); make distclean: also .venv"
 
 setup: $(STAMPS)/deps build $(VENV)/bin/toist
 
@@ -78,7 +84,8 @@ $(VENV)/bin/toist: $(STAMPS)/venv Makefile
 	@chmod +x $@
 
 demo: setup
-	$(RUN) python -m toist_ros.demo $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(RUN) python -m toist_ros.demo $(if $(CHECKPOINT),--checkpoint '$(CHECKPOINT)') \
+	  $(if $(TEXT_ENCODER),--text-encoder '$(TEXT_ENCODER)')
 
 test: setup
 	$(RUN) python -m pytest $(PYTEST_ARGS)
@@ -94,14 +101,17 @@ bench: setup
 # Wheels (CPython 3.12, x86-64) of the dependencies the workplace's lent GPU machines lack, into
 # .whl/ (git-ignored), for bench/gpu_device_run.sh; versions from requirements/lock.txt.
 GPU_WHEELS := pycocotools faster-coco-eval
-# .whl is emptied first: bench/gpu_device_run.sh installs every wheel in it, and two versions of
-# one package stop the whole install.
+# Downloaded into .whl.new, which replaces .whl only when every wheel came: bench/gpu_device_run.sh
+# installs every wheel in .whl (two versions of one package stop the whole install), and a failed
+# download (offline) must not leave it empty.
 gpu-wheels: $(STAMPS)/deps
-	@rm -rf .whl && mkdir -p .whl
+	@rm -rf .whl.new && mkdir -p .whl.new
 	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-	  --platform manylinux2014_x86_64 -d .whl \
-	  $(foreach w,$(GPU_WHEELS),$(w)==$(shell grep -i '^$(subst -,[-_],$(w))==' requirements/lock.txt | cut -d= -f3))
+	  --platform manylinux2014_x86_64 -d .whl.new \
+	  $(foreach w,$(GPU_WHEELS),$(w)==$(shell grep -i '^$(subst -,[-_],$(w))==' requirements/lock.txt | cut -d= -f3)) \
+	  || { rm -rf .whl.new; echo "gpu-wheels: download failed; .whl left as it was"; exit 1; }
+	@rm -rf .whl && mv .whl.new .whl
 
 # Re-pin every installed version (after changing requirements/*.txt on purpose). Written next
 # to the lock and moved over it: a failed pip freeze leaves the old lock as it was.
@@ -110,7 +120,9 @@ lock: $(STAMPS)/deps
 	   echo "# Regenerate with: make lock"; \
 	   $(PIP) freeze | grep -v -E '^(toist|-e )' ) > requirements/lock.txt.new \
 	  || { rm -f requirements/lock.txt.new; exit 1; }
-	@mv requirements/lock.txt.new requirements/lock.txt
+	@# Moved only when it changed: a newer lock.txt makes every install stamp stale (pip runs again).
+	@if cmp -s requirements/lock.txt.new requirements/lock.txt; then rm requirements/lock.txt.new; \
+	 else mv requirements/lock.txt.new requirements/lock.txt; fi
 
 # On a robot with ROS 2 Humble/Jazzy/Kilted from apt (not this development set-up): rosdep,
 # a venv with system site packages, torch & co., colcon build in the workspace. ARGS are passed

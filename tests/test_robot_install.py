@@ -503,3 +503,39 @@ def test_make_lock_keeps_the_old_lock_when_pip_freeze_fails(tmp_path: Path):
     assert "install" not in result.stdout
     assert lock.read_text() == "torch==2.13.0\n"
     assert not (tree / "requirements" / "lock.txt.new").exists()
+
+
+def test_make_lock_leaves_an_unchanged_lock_alone(tmp_path: Path):
+    """An unchanged lock was still moved over the old one: every install stamp went stale and the
+    next make ran pip again."""
+    tree = _make_tree(tmp_path, venv_python=True)
+    (tree / ".venv" / "bin" / "python").write_text("#!/bin/sh\necho 'torch==2.13.0'\n")
+    lock = tree / "requirements" / "lock.txt"
+    written = lock.stat().st_mtime
+    lock.write_text("# Full version lock of the development environment (pip freeze), used as constraints.\n"
+                    "# Regenerate with: make lock\ntorch==2.13.0\n")
+    os.utime(lock, (written, written))
+    assert subprocess.run(["make", "lock"], cwd=tree, capture_output=True, text=True, timeout=60).returncode == 0
+    assert lock.stat().st_mtime == written and not (tree / "requirements" / "lock.txt.new").exists()
+    assert subprocess.run(["make", "-q", ".stamps/deps"], cwd=tree, timeout=60).returncode == 0   # up to date
+    (tree / ".venv" / "bin" / "python").write_text("#!/bin/sh\necho 'torch==2.14.0'\n")
+    assert subprocess.run(["make", "lock"], cwd=tree, capture_output=True, text=True, timeout=60).returncode == 0
+    assert lock.read_text().endswith("torch==2.14.0\n")
+
+
+def test_a_failed_gpu_wheels_download_keeps_the_wheels_there_were(tmp_path: Path):
+    tree = _make_tree(tmp_path, venv_python=True)
+    (tree / ".venv" / "bin" / "python").write_text("#!/bin/sh\necho 'no index reachable' >&2\nexit 1\n")
+    (tree / ".whl").mkdir()
+    (tree / ".whl" / "pycocotools-2.0.10-cp312.whl").write_bytes(b"wheel")
+    result = subprocess.run(["make", "gpu-wheels"], cwd=tree, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "download failed; .whl left as it was" in result.stdout
+    assert (tree / ".whl" / "pycocotools-2.0.10-cp312.whl").read_bytes() == b"wheel"
+    assert not (tree / ".whl.new").exists()
+
+
+def test_make_demo_quotes_the_checkpoint_and_passes_a_text_encoder():
+    result = subprocess.run(["make", "-n", "demo", "CHECKPOINT=/models dir/toist.pth", "TEXT_ENCODER=/models/roberta"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--checkpoint '/models dir/toist.pth'" in result.stdout and "--text-encoder '/models/roberta'" in result.stdout
