@@ -346,10 +346,40 @@ def test_model_directory_records_the_input_size_inference_uses(tmp_path, segm_mo
     text = config.read_text()
     assert "input_size:" in text and "version: 5" in text
     config.write_text(text.split("input_size:")[0].replace("version: 5", "version: 1"))
+    # (Weights as the toist of that version wrote them: no record of config.yaml's fields.)
+    from toist_core.checkpoint.integrity import read_safetensors, save_safetensors
+
+    weights = directory / "model.safetensors"
+    state, metadata = read_safetensors(weights, required_digest=True)
+    save_safetensors(state, weights, metadata={k: v for k, v in metadata.items() if k != "toist_manifest"})
     assert load_model_dir(directory).input_size == InputSize(800, 1333)
     config.write_text(text.replace("version: 5", "version: 6"))
     with pytest.raises(CheckpointError, match="version 6 is not a 'toist-model' directory of version 5 or older"):
         load_model_dir(directory)
+
+
+@pytest.mark.parametrize("cut", ["tasks", "pronoun", "vocabulary"])
+def test_a_config_yaml_cut_short_or_edited_is_refused_naming_its_fields(tmp_path, segm_model, cut):
+    """A copy cut short inside config.yaml loaded with defaults for what it lost: trained tasks
+    1..7 of 14, a phrase cut to 'pound ca', pronoun captions with 'something' instead of 'it'."""
+    directory = save_model_dir(segm_model, tmp_path / "model", preset("tiny_segm"), pronoun="it",
+                               tasks=list(range(1, 15)))
+    config = directory / "config.yaml"
+    text = config.read_text()
+    assert load_model_dir(directory).pronoun == "it"
+    if cut == "tasks":
+        broken = text[: text.index("- 8", text.index("tasks:"))]   # the list's end lost: tasks 1..7
+    elif cut == "pronoun":
+        broken = text.replace("pronoun: it\n", "")
+    else:
+        start = text.index("phrase: pound carpet")
+        broken = text[: start + len("phrase: pound ca")]
+    config.write_text(broken)
+    with pytest.raises(CheckpointError, match=rf"config.yaml: {cut} \(.* when exported, .* now\).* differ from what "
+                                              "was exported with its weights"):
+        load_model_dir(directory)
+    config.write_text(text.replace("source: ''", "source: my note") + "# a comment\n")   # neither changes the model
+    assert load_model_dir(directory).pronoun == "it"
 
 
 def test_cli_export(tmp_path, official_file, segm_model, images, capsys):
@@ -567,10 +597,10 @@ def test_an_edited_directory_config_is_refused_not_loaded_into_another_network(t
     centre replacement, and out-of-range fields loaded. The weights record the exported network."""
     model = build("tiny_segm", tokenizer, seed=1)
     directory, _ = _distilled_dir(model, tmp_path / "model", seed=1)
-    _edit_config(directory, lambda d: d.update(tasks=[1, 2]))   # not a network field: still loads
+    _edit_config(directory, lambda d: d.update(source="my note"))   # says nothing about the model: still loads
     _edit_config(directory, lambda d: d["model"].update(aux_loss=not d["model"]["aux_loss"]))   # training-only
     _edit_config(directory, lambda d: d["model"]["transformer"].update(dropout=0.5))
-    assert load_model_dir(directory).tasks == (1, 2)
+    assert load_model_dir(directory).model is not None
     _edit_config(directory, edit)
     with pytest.raises(CheckpointError, match=f"{directory / 'config.yaml'}: .*{says}"):
         load_model_dir(directory)
@@ -680,3 +710,41 @@ def test_a_bank_file_an_older_export_left_beside_memory_bank_false_is_ignored_an
     with caplog.at_level(logging.WARNING, logger="toist_core.checkpoint"):
         assert load_model_dir(directory).memory_bank is None
     assert "memory_bank.safetensors: not this model's (config.yaml says memory_bank: false" in caplog.text
+
+
+def test_a_weights_file_its_reader_may_not_read_is_said_to_be_unreadable(tmp_path, segm_model):
+    """safetensors said "No such file or directory" for a file that is there (mode 000: an export
+    under umask 077 read by a node running as another user)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("capsh") is None:
+        pytest.skip("capsh (libcap) is not installed: root cannot be denied a read without it")
+    directory = save_model_dir(segm_model, tmp_path / "model", preset("tiny_segm"))
+    (directory / "model.safetensors").chmod(0)
+    script = ("import sys; from toist_core.checkpoint import load_model_dir\n"
+              "try:\n    load_model_dir(sys.argv[1])\nexcept Exception as exc:\n    print(exc)\n")
+    # Root without the capability to override file permissions, as another user would be.
+    result = subprocess.run(["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c",
+                             f'"{sys.executable}" -c "$0" "$1"', script, str(directory)],
+                            capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert f"{directory / 'model.safetensors'}: permission denied: make it readable" in result.stdout, \
+        (result.stdout, result.stderr)
+
+
+def test_a_folder_or_file_of_a_model_directory_given_wrongly_is_explained(tmp_path, segm_model):
+    """A copy nested one level down, one without config.yaml, or the weights file itself were all
+    told to "give the checkpoint file (.pth) inside it", which none of them holds."""
+    directory = save_model_dir(segm_model, tmp_path / "copies" / "model", preset("tiny_segm"))
+    with pytest.raises(CheckpointError, match=rf"copies: a folder without config.yaml, so not a model directory; "
+                                              rf"it holds the model directory {directory} \(a copy nested one level"):
+        load_pretrained(tmp_path / "copies")
+    (directory / "config.yaml").unlink()
+    with pytest.raises(CheckpointError, match=r"it holds model.safetensors: an incomplete copy of a model directory "
+                                              r"\(config.yaml is missing\)"):
+        load_pretrained(directory)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: not a PyTorch checkpoint .*it is a model "
+                                              rf"directory's weights file: give its folder, {directory}"):
+        load_pretrained(directory / "model.safetensors")

@@ -28,18 +28,35 @@ _PICKLE_PROTO = b"\x80"  # legacy torch.save files start with a pickle (protocol
 def check_torch_file(path: PathLike) -> Path:
     """Refuse a missing file, one that is not a ``torch.save`` file, or a damaged archive."""
     path = Path(path).expanduser()
-    if path.is_dir():  # e.g. an unzipped download: the .pth file is inside
-        raise CheckpointError(f"{path}: a folder without config.yaml, so not a model directory; give the checkpoint "
-                              "file (.pth) inside it")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder without config.yaml, so not a model directory; {_folder_hint(path)}")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     with open(path, "rb") as handle:
         head = handle.read(4)
     if not (head == ZIP_MAGIC or head[:1] == _PICKLE_PROTO):
+        hint = (f"; it is a model directory's weights file: give its folder, {path.parent}"
+                if path.suffix == ".safetensors" else "")
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (it starts with bytes {head!r}; a file "
-                              "written by torch.save is a zip archive starting with b'PK\\x03\\x04')")
+                              f"written by torch.save is a zip archive starting with b'PK\\x03\\x04'){hint}")
     verify_zip(path)
     return path
+
+
+def _folder_hint(folder: Path) -> str:
+    """What the folder given as a checkpoint probably is: a copy that lost its config.yaml, a
+    copy nested one level down (``cp -r model /models/model/`` onto an existing folder), or an
+    unzipped download with the .pth inside."""
+    entries = sorted(folder.iterdir())
+    if any(entry.name == "model.safetensors" for entry in entries):
+        return "it holds model.safetensors: an incomplete copy of a model directory (config.yaml is missing); copy it again"
+    nested = [entry for entry in entries if (entry / "config.yaml").is_file()]
+    if nested:
+        return f"it holds the model directory {nested[0]} (a copy nested one level down?): give that folder"
+    files = [entry.name for entry in entries if entry.suffix == ".pth"]
+    if files:
+        return f"give the checkpoint file inside it ({', '.join(files[:3])})"
+    return "give a model directory (config.yaml, model.safetensors, tokenizer/) or a checkpoint file (.pth)"
 
 
 def safe_torch_load(path: PathLike) -> Any:

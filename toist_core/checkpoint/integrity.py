@@ -132,6 +132,14 @@ def read_safetensors(path: PathLike, required_digest: bool) -> tuple[dict[str, T
     from safetensors import safe_open
 
     path = Path(path)
+    try:  # safetensors says "No such file or directory" for a file it may not read
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied: make it readable by the user that loads the model "
+                              "(e.g. chmod a+r; an export under umask 077 writes files only its owner reads)") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

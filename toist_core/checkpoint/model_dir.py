@@ -87,6 +87,11 @@ CAPTIONS = ("pronoun", "noun")
 # the network is rebuilt from config.yaml, so an edited head count or LayerNorm eps would load
 # the same weights into another network, without an error.
 MODEL_CONFIG_KEY = "toist_model_config"
+# And config.yaml's other fields that change what the model does (JSON; older directories: none):
+# a config.yaml cut short by a copy took defaults for what it lost (tasks, pronoun, vocabulary),
+# silently.
+MANIFEST_KEY = "toist_manifest"
+MANIFEST_FIELDS = ("pronoun", "memory_bank", "input_size", "tasks", "vocabulary", "memory_bank_settings")
 # A directory replaced while it loads (an export to the same path) is read again from the start,
 # this many times in all.
 LOAD_ATTEMPTS = 3
@@ -156,6 +161,7 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
         check_tokenizer_copy(model.tokenizer, staging / TOKENIZER_DIR)
         save_safetensors(model.state_dict(), staging / WEIGHTS_FILE,
                          metadata={**stamp, CAPTIONS_KEY: captions, MODEL_CONFIG_KEY: _network_json(cfg),
+                                   MANIFEST_KEY: _manifest_json(manifest),
                                    TOKENIZER_DIGEST_KEY: folder_digest(staging / TOKENIZER_DIR, TOKENIZER_FILES)})
         if memory_bank is not None:
             save_safetensors(bank_tensors(memory_bank), staging / BANK_FILE, metadata=stamp)
@@ -170,6 +176,38 @@ def _network_json(cfg: ModelConfig) -> str:
     freezing, aux losses: :data:`~.architecture.INFERENCE_NEUTRAL`)."""
     flat = typed_config.flatten(typed_config.to_dict(cfg))
     return json.dumps({name: value for name, value in flat.items() if name not in INFERENCE_NEUTRAL}, sort_keys=True)
+
+
+def _manifest_json(manifest: ModelDirConfig) -> str:
+    """``manifest``'s :data:`MANIFEST_FIELDS` as recorded in the weights' metadata."""
+    data = typed_config.to_dict(manifest)
+    return json.dumps({name: data[name] for name in MANIFEST_FIELDS}, sort_keys=True)
+
+
+def _check_manifest_unchanged(config_file: Path, manifest: ModelDirConfig, recorded: Optional[str]) -> None:
+    """Refuse a config.yaml whose other behaviour fields differ from the export's (``recorded``:
+    the weights' :data:`MANIFEST_KEY`; None for directories written before it)."""
+    if recorded is None:
+        return
+    try:
+        exported = json.loads(recorded)
+        if not isinstance(exported, dict):
+            raise ValueError(exported)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{config_file.parent / WEIGHTS_FILE}: metadata {MANIFEST_KEY} is not a JSON object; "
+                              "export the model again (toist export)") from None
+    now = json.loads(_manifest_json(manifest))
+    changed = [f"{name} ({_short(exported[name])} when exported, {_short(now[name])} now)"
+               for name in MANIFEST_FIELDS if name in exported and exported[name] != now[name]]
+    if changed:
+        raise CheckpointError(f"{config_file}: {listing(changed, 4)} differ from what was exported with its weights "
+                              "(a copy cut short, or an edit): the model would read other tasks or captions. Copy "
+                              "the file again, undo the edit, or export the model again (toist export)")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_tokenizer_unchanged(folder: Path, recorded: Optional[str]) -> None:
@@ -518,6 +556,8 @@ def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedMod
     if bank is not None and bank.num_tasks != vocabulary.num_tasks:
         raise CheckpointError(f"{directory}: its memory bank has {bank.num_tasks} task slots but its vocabulary "
                               f"{vocabulary.num_tasks} tasks")
+    # After the checks that say more about one field (a bank beside memory_bank: false, unknown task ids).
+    _check_manifest_unchanged(config_file, manifest, weights_metadata.get(MANIFEST_KEY))
     if tokenizer is None:  # a missing vocabulary file is named first; then any change, before parsing
         check_tokenizer_dir(directory / TOKENIZER_DIR)
         _check_tokenizer_unchanged(directory / TOKENIZER_DIR, weights_metadata.get(TOKENIZER_DIGEST_KEY))
