@@ -107,12 +107,13 @@ def test_a_negative_stamp_is_a_counted_reject_not_an_error_in_the_inference_thre
 CAMERA = ["/image"]
 
 
-def _values(errors=0, received=10, processed=None, rejected=0, stale=0):
+def _values(errors=0, received=10, processed=None, rejected=0, stale=0, replaced=0, service_calls=0):
     """A report of one camera, ``/image``, whose counts are the totals."""
     processed = received if processed is None else processed
     return {"received": received, "rejected": rejected, "lost_in_transport": 0, "inference_errors": errors,
-            "cuda_oom": 0, "processed": processed, "skipped_stale": stale,
-            "/image published": processed, "/image rejected": rejected, "/image skipped stale": stale}
+            "cuda_oom": 0, "processed": processed, "skipped_stale": stale, "service_calls": service_calls,
+            "/image published": processed, "/image rejected": rejected, "/image skipped stale": stale,
+            "/image dropped (replaced)": replaced}
 
 
 def _judge(health, values, last_error="", now=None, cameras=CAMERA):
@@ -134,6 +135,20 @@ def test_health_warns_while_frames_arrive_but_none_is_published():
     assert _judge(health, _values(received=60, processed=11, rejected=40, stale=41)) == (OK, "running")
 
 
+def test_health_warns_while_segment_image_calls_keep_a_camera_from_being_served():
+    """Back-to-back segment_image calls took every turn: the camera's frames only replaced each
+    other (1 result in 20 s) and the level said "running". A model slower than the report period,
+    which finished nothing since the last report, is no fault."""
+    health = HealthLevel()
+    assert _judge(health, _values(received=10, processed=10)) == (OK, "running")
+    level, message = _judge(health, _values(received=40, processed=10, replaced=30, service_calls=25))
+    assert level == WARN and message.startswith("no result published for /image since the last report: its frames "
+                                                "were 30 replaced by newer ones before inference took them")
+    # Nothing served at all since the last report (a slow model between two results): no fault.
+    assert _judge(health, _values(received=45, processed=10, replaced=35, service_calls=25)) == (OK, "running")
+    assert _judge(health, _values(received=50, processed=11, replaced=39, service_calls=25)) == (OK, "running")
+
+
 def test_health_warns_for_one_camera_whose_frames_are_all_turned_away_beside_a_working_one():
     """Judged on the totals, the front camera's results hid the rear camera's: every rear frame
     rejected (a depth topic remapped to its image) left the level OK."""
@@ -145,7 +160,8 @@ def test_health_warns_for_one_camera_whose_frames_are_all_turned_away_beside_a_w
                          stale=rear_stale)
         values.update({"/front/image published": front_published, "/front/image rejected": 0,
                        "/front/image skipped stale": 0, "/rear/image published": 0,
-                       "/rear/image rejected": rear_rejected, "/rear/image skipped stale": rear_stale})
+                       "/rear/image rejected": rear_rejected, "/rear/image skipped stale": rear_stale,
+                       "/front/image dropped (replaced)": 0, "/rear/image dropped (replaced)": 0})
         return _judge(health, values, cameras=cameras)
 
     assert report(10, 0) == (OK, "running")
@@ -207,7 +223,8 @@ def test_health_warns_for_one_camera_without_depth_beside_one_with_depth():
     cameras = ["/front/image", "/rear/image"]
     health = HealthLevel()
     values = {**_values(), "/front/image published": 10, "/rear/image published": 0, "/rear/image rejected": 0,
-              "/rear/image skipped stale": 0, "/front/image rejected": 0, "/front/image skipped stale": 0}
+              "/rear/image skipped stale": 0, "/front/image rejected": 0, "/front/image skipped stale": 0,
+              "/front/image dropped (replaced)": 0, "/rear/image dropped (replaced)": 0}
 
     def report(front_paired, rear_missing):
         depth = {"/front/image depth paired": front_paired, "/front/image depth missing": 0,

@@ -168,6 +168,22 @@ def test_a_managed_node_goes_through_its_states_as_its_manager_says(ros, model_d
     trims = []
     real_trim = node_module.return_free_memory
     node_module.return_free_memory = lambda: trims.append(1) or real_trim()
+    # The QoS check (a timer callback) deciding to re-subscribe just as a deactivate in another
+    # thread destroys the subscriptions: it re-created one after them (it outlived the cleanup,
+    # and the next activate took every frame twice).
+    inputs = node._inputs
+    camera = inputs.cameras[0]
+
+    def deactivated_meanwhile(camera_, current):
+        inputs.unsubscribe()
+        return not current
+
+    inputs._wanted_reliable = deactivated_meanwhile
+    try:
+        inputs.check()
+    finally:
+        del inputs._wanted_reliable
+    assert camera.subscription is None
     try:
         assert manager.transition("deactivate") and manager.state() == "inactive"
     finally:
@@ -208,7 +224,23 @@ def test_a_managed_node_goes_through_its_states_as_its_manager_says(ros, model_d
     assert node.counters.get("lost_in_transport") == 0
 
     # deactivate + cleanup: the model released, services gone; configure + activate again works.
-    assert manager.transition("deactivate") and manager.transition("cleanup")
+    # A frame still waiting at the deactivate is counted dropped then (the cleanup throws the
+    # slots away: it was never counted, received ran ahead of the other totals).
+    replaced = node.counters.get("dropped_replaced")
+    inputs = node._inputs
+    real_unsubscribe = inputs.unsubscribe
+
+    def unsubscribe_after_a_late_frame():   # it came after the inference thread stopped
+        inputs.slots.put(0, "a frame left at the deactivate")
+        real_unsubscribe()
+
+    inputs.unsubscribe = unsubscribe_after_a_late_frame
+    try:
+        assert manager.transition("deactivate")
+    finally:
+        del inputs.unsubscribe
+    assert node.counters.get("dropped_replaced") == replaced + 1
+    assert manager.transition("cleanup")
     assert manager.state() == "unconfigured" and node.model is None
     # A task message whose callback runs after the cleanup is refused, not an AttributeError.
     ok, message, _ = node.set_task("3")

@@ -69,6 +69,23 @@ def test_slot_serves_requests_first_and_cameras_in_turn():
     assert slots.dropped == [0, 0, 1]
 
 
+def test_back_to_back_requests_leave_every_other_turn_to_a_waiting_frame():
+    """Four segment_image clients calling back to back always had a request queued: requests
+    were always served first and the camera's frames only replaced each other (1 result in 20 s)."""
+    slots = FrameSlots(1)
+    for k in range(3):
+        slots.put_request(f"call {k}")
+    slots.put(0, "frame a")
+    assert slots.take(0) == ("request", "call 0", -1)
+    assert slots.take(0) == ("frame", "frame a", 0)          # between two requests
+    slots.put(0, "frame b")
+    assert slots.take(0) == ("request", "call 1", -1)
+    assert slots.take(0) == ("frame", "frame b", 0)
+    assert slots.take(0) == ("request", "call 2", -1)        # no frame waiting: the queue goes on
+    slots.put_request("call 3")
+    assert slots.take(0) == ("request", "call 3", -1)
+
+
 def test_a_camera_faster_than_the_model_is_not_starved_by_a_slow_one():
     """A 100 Hz camera and a 10 Hz one, the model taking 150 ms: the fast camera's replacing frames
     made it the youngest waiting one at every take, and the slow camera got 39 of 40 passes."""
@@ -90,13 +107,14 @@ def test_a_camera_faster_than_the_model_is_not_starved_by_a_slow_one():
 
 def test_a_closed_slot_queues_no_request_and_reopening_drops_what_was_left():
     """A request queued after close waited its whole service timeout (60 s) for a thread that had
-    stopped; frames left from before a pause are dropped when it reopens, counted per camera."""
+    stopped; frames left from before a pause are dropped, counted per camera, and never served."""
     slots = FrameSlots(2)
     slots.put(1, "before the pause")
     slots.close()
     assert slots.put_request("late") is False and slots.pending_requests() == []
     assert slots.take(0) is None
-    assert slots.reopen() == 1 and slots.dropped == [0, 1]
+    assert slots.drop_waiting() == 1 and slots.dropped == [0, 1]
+    slots.reopen()
     assert slots.take(0) is None                  # nothing from before the pause is served
     assert slots.put_request("now") is True and slots.take(0) == ("request", "now", -1)
 
@@ -1201,7 +1219,8 @@ def test_the_dev_client_commands_of_docs_ros_md(node, probe, tmp_path, capsys):
     capsys.readouterr()
     photo = tmp_path / "photo.png"
     cv2.imwrite(str(photo), cv2.cvtColor(_photo(), cv2.COLOR_RGB2BGR))
-    assert client.main(["segment", str(photo), "--task", "8"]) == 0
+    # --timeout after the command too (docs/ros.md: a slow model needs `segment photo.jpg --timeout 120`).
+    assert client.main(["segment", str(photo), "--task", "8", "--timeout", "60"]) == 0
     out = capsys.readouterr().out
     assert "(id 8, revision 0)" in out and "320x240" in out and "#0 score" in out
     stop = threading.Event()
@@ -1221,6 +1240,8 @@ def test_the_dev_client_commands_of_docs_ros_md(node, probe, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("client_stream 320x240: task 'water plant with something' (id 5") == 2
     assert client.main(["--ns", "/nobody_here", "--timeout", "1", "set-task", "2"]) == 1
+    assert client.main(["set-task", "2", "--ns", "/nobody_here", "--timeout", "1"]) == 1   # after the command
+    assert "no service /nobody_here/set_task within 1 s" in capsys.readouterr().err
     assert client.main(["--ns", "//front", "status"]) == 1
     assert "--ns '//front': not a usable ROS namespace" in capsys.readouterr().err
 

@@ -131,6 +131,11 @@ class CameraInputs:
         self.cameras = [Camera(i, topic) for i, topic in enumerate(settings["input.topics"])]
         self.slots = FrameSlots(len(self.cameras))
         self._timer = None
+        # Held while subscriptions are made or destroyed: the QoS check (a timer callback) and a
+        # lifecycle deactivate (another thread) ran together, and a check under way re-created a
+        # subscription after unsubscribe had destroyed them (it outlived cleanup: frames twice).
+        self._subscriptions_lock = threading.Lock()
+        self._subscribed = False
         # Per camera (images received, rejected) when last subscribed: the no-image warning is
         # about the current subscription.
         self._subscribed_counts = [(0, 0)] * len(self.cameras)
@@ -154,30 +159,43 @@ class CameraInputs:
         """Subscribe every camera (log each with its outputs) and start the periodic QoS and loss
         check; the slots take frames again (after :meth:`unsubscribe`)."""
         node = self._node
-        left = self.slots.reopen()
-        if left:  # in the per-camera drops and in their total, as any frame replaced unprocessed
-            self._counters.add("dropped_replaced", left)
+        self._count_left_frames()
+        self.slots.reopen()
         self._subscribed_counts = [(self.slots.received[c.index], c.rejected) for c in self.cameras]
-        for camera in self.cameras:
-            camera.forget_arrivals()
-            self._subscribe(camera, self._wanted_reliable(camera, current=False))
-            node.get_logger().info(f"input {camera.subscribed_name} ({self._kind().__name__}, QoS "
-                                   f"{qos_text(image_qos(camera.reliable))}, input.reliability "
-                                   f"{self.reliability}) -> {camera.instances_pub.topic_name}, "
-                                   f"{camera.debug_pub.topic_name}")
-        self._timer = steady_timer(node, QOS_CHECK_PERIOD_S, self.check, self._group)
+        with self._subscriptions_lock:
+            self._subscribed = True
+            for camera in self.cameras:
+                camera.forget_arrivals()
+                self._subscribe(camera, self._wanted_reliable(camera, current=False))
+                node.get_logger().info(f"input {camera.subscribed_name} ({self._kind().__name__}, QoS "
+                                       f"{qos_text(image_qos(camera.reliable))}, input.reliability "
+                                       f"{self.reliability}) -> {camera.instances_pub.topic_name}, "
+                                       f"{camera.debug_pub.topic_name}")
+            self._timer = steady_timer(node, QOS_CHECK_PERIOD_S, self.check, self._group)
 
     def unsubscribe(self) -> None:
         """Stop taking images (lifecycle deactivate): subscriptions and the QoS check go; a frame
         still waiting in a slot is dropped (the inference thread has stopped: :meth:`FrameSlots.close`)."""
         node = self._node
-        if self._timer is not None:
-            node.destroy_timer(self._timer)
-            self._timer = None
-        for camera in self.cameras:
-            if camera.subscription is not None:
-                node.destroy_subscription(camera.subscription)
-                camera.subscription = None
+        with self._subscriptions_lock:
+            self._subscribed = False
+            if self._timer is not None:
+                node.destroy_timer(self._timer)
+                self._timer = None
+            for camera in self.cameras:
+                if camera.subscription is not None:
+                    node.destroy_subscription(camera.subscription)
+                    camera.subscription = None
+        # Frames that came in before the subscriptions went: dropped now, counted now (a cleanup
+        # next throws the slots away, and they were never counted: received ran ahead of the rest).
+        self._count_left_frames()
+
+    def _count_left_frames(self) -> None:
+        """Drop the frames waiting in the slots, counted in the per-camera drops and their total,
+        as any frame replaced unprocessed."""
+        left = self.slots.drop_waiting()
+        if left:
+            self._counters.add("dropped_replaced", left)
 
     def destroy_outputs(self) -> None:
         """The publishers of :meth:`create_outputs` and any the node added per camera (lifecycle cleanup)."""
@@ -217,7 +235,10 @@ class CameraInputs:
             if self.reliability == "auto":
                 wanted = self._wanted_reliable(camera, camera.reliable)
                 if wanted != camera.reliable:
-                    self._subscribe(camera, wanted)
+                    with self._subscriptions_lock:
+                        if not self._subscribed:  # unsubscribed meanwhile (lifecycle deactivate)
+                            return
+                        self._subscribe(camera, wanted)
                     self._counters.add("qos_switches")
                     self._node.get_logger().info(
                         f"the publishers on {camera.subscribed_name} now all offer "

@@ -6,7 +6,9 @@ backlog. With several cameras ``take`` serves the camera that has waited longest
 slot was filled, a replacing frame keeping the slot's place (had the newest frame's arrival
 counted, a camera faster than the model would always be the youngest waiting and never served
 while another camera had a frame waiting). So the cameras are served in turn. One-shot requests (the ``segment_image``
-service) go through ``put_request``: queued in order, never dropped, served before frames.
+service) go through ``put_request``: queued in order, never dropped, served before frames, but
+never twice in a row while a frame waits (four clients calling back to back stopped every camera:
+its frames only replaced each other).
 
 A camera's frames reach the model in time order: a frame older than the newest one already put
 for its camera (by ``order_ns``: header stamp, else arrival) is dropped, not stored, so a big
@@ -34,6 +36,7 @@ class FrameSlots:
         self._frames: list[Optional[tuple[float, Any]]] = [None] * num_sources
         self._requests: collections.deque = collections.deque()
         self._closed = False
+        self._request_served_last = False
         self.received = [0] * num_sources   # frames put, per source
         self.dropped = [0] * num_sources    # frames replaced before inference took them or older, per source
         self._newest_ns = [0] * num_sources
@@ -59,8 +62,8 @@ class FrameSlots:
             return REPLACED if replaced else STORED
 
     def put_request(self, request: Any) -> bool:
-        """Queue a one-shot request; it is served before any frame. False (not queued) once
-        closed: nobody would take it."""
+        """Queue a one-shot request; it is served before any frame (but a waiting frame goes
+        between two requests). False (not queued) once closed: nobody would take it."""
         with self._cond:
             if self._closed:
                 return False
@@ -78,10 +81,12 @@ class FrameSlots:
             while True:
                 if self._closed:
                     return None
-                if self._requests:
-                    return "request", self._requests.popleft(), -1
                 waiting = [(item[0], source) for source, item in enumerate(self._frames) if item is not None]
+                if self._requests and not (waiting and self._request_served_last):
+                    self._request_served_last = True
+                    return "request", self._requests.popleft(), -1
                 if waiting:
+                    self._request_served_last = False
                     _, source = min(waiting)
                     _, frame = self._frames[source]
                     self._frames[source] = None
@@ -104,10 +109,8 @@ class FrameSlots:
             self._closed = True
             self._cond.notify_all()
 
-    def reopen(self) -> int:
-        """Take frames and requests again after :meth:`close` (a lifecycle node activated again);
-        frames left from before are dropped (counted per source, and returned): they are as old as
-        the pause."""
+    def drop_waiting(self) -> int:
+        """Drop the frames waiting (counted per source); returns how many."""
         with self._cond:
             left = 0
             for source, item in enumerate(self._frames):
@@ -115,6 +118,12 @@ class FrameSlots:
                     self.dropped[source] += 1
                     left += 1
             self._frames = [None] * len(self._frames)
+            return left
+
+    def reopen(self) -> None:
+        """Take frames and requests again after :meth:`close` (a lifecycle node activated again).
+        Frames left from before are the caller's to drop first (:meth:`drop_waiting`, counted):
+        they are as old as the pause."""
+        with self._cond:
             self._newest_ns = [0] * len(self._frames)
             self._closed = False
-            return left

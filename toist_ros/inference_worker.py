@@ -257,6 +257,7 @@ class InferenceWorker:
     def _serve_one_shot(self, job: _OneShot) -> None:
         if job.abandoned:
             return
+        self._counters.add("service_calls")
         try:
             result = self._run_model(job.rgb, job.header, job.task, self._settings())
             if result is None:
