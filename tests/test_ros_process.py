@@ -370,6 +370,9 @@ def test_demo_runs_the_embedded_model_on_held_out_scenes(tmp_path):
                              "--out", str(out)], capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert (out / "holiday.png").read_bytes() == b"mine" and not (out / "frame_07_synth_test_9.png").exists()
+    # Said at WARN (a robot's log level may hide INFO): the embedded model knows a synthetic world only.
+    assert any(line.startswith("[WARN]") and "embedded default model: a small TOIST" in line
+               for line in (out / "node.log").read_text().splitlines())
     report = json.loads((out / "report.json").read_text(), parse_constant=lambda token: pytest.fail(f"{token} in JSON"))
     assert report["results"] >= 1 and not report["random_weights"] and default_model_dir() is not None
     scenes = [r for r in report["frames"] if r["image"].startswith("synth_test_")]

@@ -179,16 +179,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ns", default="", help="the node's namespace (e.g. /front)")
     parser.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for the node")
+    # The same two options after the command too (`segment photo.jpg --timeout 120` was refused);
+    # SUPPRESS: a command that is not given them leaves the values above as they are.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--ns", default=argparse.SUPPRESS, help="the node's namespace (e.g. /front)")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for the node")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("set-task", help="call set_task").add_argument("task")
+    commands.add_parser("set-task", help="call set_task", parents=[common]).add_argument("task")
     commands.add_parser("publish-task", help="publish on the task topic (exit 1 if the node does not take it "
-                        "within --timeout)").add_argument("task")
-    seg = commands.add_parser("segment", help="call segment_image on an image file")
+                        "within --timeout)", parents=[common]).add_argument("task")
+    seg = commands.add_parser("segment", help="call segment_image on an image file", parents=[common])
     seg.add_argument("image")
     seg.add_argument("--task", default="", help="a task for this image only (default: the active task)")
-    inst = commands.add_parser("instances", help="print TaskInstances messages")
+    inst = commands.add_parser("instances", help="print TaskInstances messages", parents=[common])
     inst.add_argument("--count", type=int, default=1)
-    commands.add_parser("status", help="print the latched active_task")
+    commands.add_parser("status", help="print the latched active_task", parents=[common])
     args = parser.parse_args(argv)
     from rclpy.exceptions import NameValidationException
 
@@ -204,7 +209,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return read_instances(session, args.ns, args.count, args.timeout)
         return status(session, args.ns, args.timeout)
     except TimeoutError as exc:
-        print(str(exc), file=sys.stderr)
+        hint = (f"; give it more time with --timeout SECONDS (a paper-size model on a CPU takes tens of seconds "
+                "a frame)" if "did not answer" in str(exc) else "")
+        print(f"{exc}{hint}", file=sys.stderr)
         return 1
     except NameValidationException as exc:
         print(f"--ns {args.ns!r}: not a usable ROS namespace ({exc})", file=sys.stderr)

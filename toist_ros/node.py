@@ -147,7 +147,9 @@ class PerceptionNode(Node):
         size = self.segmenter.inference
         log.info(f"model: {self.model.description}; device {self.model.device}; precision {size.precision}, backend "
                  f"{size.backend}; input resized to short side {size.short_side} px, long side at most {size.max_size} px")
-        if self.model.is_random_default:
+        if self.model.is_random_default or not settings["checkpoint"].strip():
+            # The embedded model knows a synthetic world only: said at WARN, a robot's log level
+            # may hide INFO, and its instances on a real camera mean nothing.
             log.warning(self.model.description)
         self._limits = FrameLimits(settings["input.max_pixels"], size.short_side, size.max_size)
         self._tasks = TaskSwitch(self.segmenter.encode_task, self._publish_status, log)
