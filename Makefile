@@ -26,6 +26,8 @@ RUN := set +u && source $(VENV)/bin/activate && source install/setup.bash &&
 PYTEST_ARGS ?=
 CHECKPOINT ?=
 TEXT_ENCODER ?=
+# One shell word, whatever the path holds (spaces, an apostrophe: /data/o'brien/model).
+shell_quote = '$(subst ','\'',$(1))'
 
 .PHONY: FORCE help setup build demo test bench gpu-wheels default-model lock clean distclean robot-setup
 
@@ -84,8 +86,8 @@ $(VENV)/bin/toist: $(STAMPS)/venv Makefile
 	@chmod +x $@
 
 demo: setup
-	$(RUN) python -m toist_ros.demo $(if $(CHECKPOINT),--checkpoint '$(CHECKPOINT)') \
-	  $(if $(TEXT_ENCODER),--text-encoder '$(TEXT_ENCODER)')
+	$(RUN) python -m toist_ros.demo $(if $(CHECKPOINT),--checkpoint $(call shell_quote,$(CHECKPOINT))) \
+	  $(if $(TEXT_ENCODER),--text-encoder $(call shell_quote,$(TEXT_ENCODER)))
 
 test: setup
 	$(RUN) python -m pytest $(PYTEST_ARGS)

@@ -174,11 +174,16 @@ class FatalReason:
     def __init__(self):
         self._partial = {}    # stream -> the end of its last chunk, not yet a whole line
         self._open = {}       # stream -> whether its last whole line belonged to a FATAL record
+        self._decoders = {}   # stream -> UTF-8 decoder (a character may be cut between two chunks)
         self._record = []
 
     def feed(self, chunk, stream="stderr"):
-        text = self._partial.pop(stream, "") + (chunk.decode(errors="replace") if isinstance(chunk, bytes)
-                                                else str(chunk))
+        if isinstance(chunk, bytes):
+            import codecs
+
+            decoder = self._decoders.setdefault(stream, codecs.getincrementaldecoder("utf-8")(errors="replace"))
+            chunk = decoder.decode(chunk)
+        text = self._partial.pop(stream, "") + str(chunk)
         lines = text.split("\n")
         self._partial[stream] = lines.pop()
         for line in lines:

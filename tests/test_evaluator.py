@@ -504,6 +504,9 @@ def test_cli_replaces_only_what_an_evaluation_wrote(root, tmp_path, capsys):
     assert cli.main(plotted + ["--out", str(notes)]) == 2
     assert f"{plot} exist and are not" in capsys.readouterr().err
     assert cli.main(base + ["--out", str(notes)]) == 0  # --no-plots: the plot is not replaced
+    # Nor is it checked by a run of other tasks, which would not replace it.
+    other = [str(t) for t in TASKS if t != TASKS[0]]
+    assert cli.main(plotted + ["--tasks", *other, "--out", str(notes)]) == 0
     assert cv2.imdecode(np.fromfile(plot, np.uint8), cv2.IMREAD_COLOR).shape == (4, 4, 3)
     reserved = tmp_path / "reserved.json"   # mktemp: a name reserved as an empty file
     reserved.write_bytes(b"")

@@ -202,6 +202,11 @@ def test_loading_new_weights_reencodes_the_current_task(distilled):
     image = random_image(56, 72, seed=5)
     pinned = seg.set_task(4)   # a state kept by the caller (the Threads pattern)
     assert seg.predict(image, task_state=pinned).task_id == 4
+    import copy
+    import pickle
+
+    for kept in (copy.deepcopy(pinned), pickle.loads(pickle.dumps(pinned))):   # copies are the same state
+        assert seg.predict(image, task_state=kept).task_id == 4
     with pytest.raises(ValueError, match=r"task_state: encoded by another TaskSegmenter"):
         seg.predict(image, task_state=other.encode_task(4))   # another model's text features
     try:

@@ -229,3 +229,15 @@ def test_show_args_on_a_ros_install():
     assert result.returncode == 0, result.stderr
     for name in CONTRACT_ARGUMENTS:
         assert f"'{name}'" in result.stdout
+
+
+def test_a_character_cut_between_two_chunks_is_read_whole():
+    """Each chunk was decoded alone: a path such as /home/josé/... cut inside its é read as two
+    replacement characters."""
+    launch = _load()
+    output = "[FATAL] [1.2] [toist_perception]: cannot start: /home/josé/models: not found\n".encode()
+    cut = output.index("é".encode()) + 1   # inside the character's two bytes
+    reason = launch.FatalReason()
+    reason.feed(output[:cut], "stderr")
+    reason.feed(output[cut:], "stderr")
+    assert reason.text == "/home/josé/models: not found"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -535,7 +536,11 @@ def test_a_failed_gpu_wheels_download_keeps_the_wheels_there_were(tmp_path: Path
 
 
 def test_make_demo_quotes_the_checkpoint_and_passes_a_text_encoder():
-    result = subprocess.run(["make", "-n", "demo", "CHECKPOINT=/models dir/toist.pth", "TEXT_ENCODER=/models/roberta"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["make", "-n", "demo", "CHECKPOINT=/models/o'brien dir/toist.pth",
+                             "TEXT_ENCODER=/models/roberta"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "--checkpoint '/models dir/toist.pth'" in result.stdout and "--text-encoder '/models/roberta'" in result.stdout
+    joined = result.stdout.replace("\\\n", " ")   # make -n prints the recipe's continued lines as they are
+    line = next(line for line in joined.splitlines() if "toist_ros.demo" in line)
+    words = shlex.split(line[line.index("python -m toist_ros.demo"):])
+    assert words[words.index("--checkpoint") + 1] == "/models/o'brien dir/toist.pth"
+    assert words[words.index("--text-encoder") + 1] == "/models/roberta"

@@ -135,20 +135,6 @@ def test_health_warns_while_frames_arrive_but_none_is_published():
     assert _judge(health, _values(received=60, processed=11, rejected=40, stale=41)) == (OK, "running")
 
 
-def test_health_warns_while_segment_image_calls_keep_a_camera_from_being_served():
-    """Back-to-back segment_image calls took every turn: the camera's frames only replaced each
-    other (1 result in 20 s) and the level said "running". A model slower than the report period,
-    which finished nothing since the last report, is no fault."""
-    health = HealthLevel()
-    assert _judge(health, _values(received=10, processed=10)) == (OK, "running")
-    level, message = _judge(health, _values(received=40, processed=10, replaced=30, service_calls=25))
-    assert level == WARN and message.startswith("no result published for /image since the last report: its frames "
-                                                "were 30 replaced by newer ones before inference took them")
-    # Nothing served at all since the last report (a slow model between two results): no fault.
-    assert _judge(health, _values(received=45, processed=10, replaced=35, service_calls=25)) == (OK, "running")
-    assert _judge(health, _values(received=50, processed=11, replaced=39, service_calls=25)) == (OK, "running")
-
-
 def test_health_warns_for_one_camera_whose_frames_are_all_turned_away_beside_a_working_one():
     """Judged on the totals, the front camera's results hid the rear camera's: every rear frame
     rejected (a depth topic remapped to its image) left the level OK."""

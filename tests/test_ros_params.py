@@ -268,7 +268,7 @@ def test_a_command_line_value_rcl_dropped_for_its_type_is_refused(context):
         with pytest.raises(P.ParameterError) as info:
             P.declare(node, argv)
         text = str(info.value)
-        assert "output.masks: -p output.masks:=0 was not applied: ROS keeps the params file's bool True" in text
+        assert "output.masks: -p output.masks:=0 was not applied: ROS kept the params file's bool True" in text
         assert "give true or false" in text
         assert "max_instances: -p max_instances:=0.5 was not applied" in text and "give a whole number" in text
         assert "score_threshold" not in text and "task" not in text   # 1 is 1.0; "3" is the text it means
@@ -279,8 +279,8 @@ def test_a_command_line_value_rcl_dropped_for_its_type_is_refused(context):
 def test_the_type_of_a_command_line_value_is_read_as_rcl_reads_it(context):
     """A `-p` value's type as rcl gives it: a wrong guess would refuse a good value
     (`-p score_threshold:=1e-3` is a double to rcl, text to PyYAML)."""
-    raws = ["yes", "on", "y", "True", "off", "1e-3", ".5", "1.", "-inf", ".inf", "nan", "0x10", "+5", "7",
-            "[a, b]", "'3'", '"true"', "~", "null", "1_000", "2024-01-01", "cuda:1", "sit on"]
+    raws = ["yes", "On", "y", "True", "off", "yEs", "1e-3", ".5", "1.", "-inf", ".inf", "nan", "0x10", "+5", "7",
+            "010", "0x1p-1", "'3'", '"true"', "~", "null", "1_000", "2024-01-01", "cuda:1", "sit on"]
     args = ["--ros-args"]
     for i, raw in enumerate(raws):
         args += ["-p", f"p{i}:={raw}"]
@@ -288,15 +288,17 @@ def test_the_type_of_a_command_line_value_is_read_as_rcl_reads_it(context):
     try:
         for i, raw in enumerate(raws):
             value = P._plain(node._parameter_overrides[f"p{i}"].value)
-            assert P._rule_type(raw) is type(value), (raw, value)
+            assert P._same_value(P._rule_value(raw)[0], value), (raw, value)
     finally:
         node.destroy_node()
     params_file = str(Path(__file__).resolve().parents[1] / "config" / "perception.yaml")
     argv = ["perception_node", "--ros-args", "--params-file", params_file, "-p", "score_threshold:=1e-3",
-            "-p", "output.masks:=off", "-p", "input.reliability:=reliable"]
+            "-p", "output.masks:=off", "-p", "input.reliability:=reliable", "-p", "max_instances:=010",
+            "-p", "checkpoint:=yEs", "-p", "mask_threshold:=0x1p-1"]
     node = rclpy.create_node("toist_perception", context=context, cli_args=argv[1:])
     try:
-        settings = P.declare(node, argv)   # every rule applied: nothing refused
+        settings = P.declare(node, argv)   # every rule applied (as rcl reads them): nothing refused
         assert settings["score_threshold"] == 1e-3 and settings["output.masks"] is False
+        assert settings["max_instances"] == 8 and settings["mask_threshold"] == 0.5 and settings["checkpoint"] == "yEs"
     finally:
         node.destroy_node()

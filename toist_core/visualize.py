@@ -107,13 +107,15 @@ def load_rgb(path: Union[str, Path]) -> np.ndarray:
 
     # As stored: IMREAD_COLOR would turn float pixels (PFM, HDR, float TIFF) into 8 bits its own
     # way per format, NaN into black, without a word.
-    # Decoded from the bytes, read here: OpenCV's own file reader crashes the process on a file
-    # name that is not UTF-8 (Linux allows any bytes in one).
+    flags = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
     try:
+        str(path).encode("utf-8")
+        stored = cv2.imread(str(path), flags)   # reads no more than the signature of a file it cannot decode
+    except UnicodeEncodeError:
+        # A file name that is not UTF-8 (Linux allows any bytes in one) crashes OpenCV's own file
+        # reader (segmentation fault): the bytes are read here and decoded.
         data = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read the image: {exc.strerror or exc}") from None
-    stored = (cv2.imdecode(data, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None)
+        stored = cv2.imdecode(data, flags) if data.size else None
     if stored is None:
         raise ValueError(f"{path}: cannot read the image (not a format toist reads: JPEG, PNG, GIF, WebP, or what "
                          "OpenCV reads, e.g. BMP and TIFF)")

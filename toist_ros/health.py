@@ -79,9 +79,8 @@ class HealthLevel:
         self._previous_arrivals = (0, 0)  # (arrived, lost) at the last diagnostics report
         self._previous_depth: dict[str, tuple[int, int, int]] = {}  # per camera: (paired, missing, unsynced)
         # at the last report
-        self._previous_outcomes: dict[str, tuple[int, ...]] = {}  # per camera: (published, rejected,
-        # skipped stale, replaced) at the last report
-        self._previous_work = (0, 0)  # (frames processed, segment_image calls served) at the last report
+        self._previous_outcomes: dict[str, tuple[int, int, int]] = {}  # per camera: (published, rejected,
+        # skipped stale) at the last report
         self._errors: collections.deque = collections.deque()  # (monotonic time, error total) per report
 
     def judge(self, values: dict[str, Any], *, ready: bool, last_error: str, receiving: bool,
@@ -100,10 +99,7 @@ class HealthLevel:
         # Errors since the oldest report inside the window (or since start, early on).
         recent_errors = errors - (self._errors[0][1] if self._errors[0][0] <= now - ERROR_WINDOW_S else 0)
         depth_problem = self._depth_problem(values, cameras)
-        work = (values["processed"], values["service_calls"])
-        inference_busy = any(now_count > before for now_count, before in zip(work, self._previous_work))
-        self._previous_work = work
-        nothing_published = self._nothing_published(values, cameras, inference_busy)
+        nothing_published = self._nothing_published(values, cameras)
         if not ready:
             return ERROR, "not ready"
         if recent_lost > max(recent_arrived, 2):
@@ -120,29 +116,23 @@ class HealthLevel:
             return WARN, "no input images"
         return OK, "running"
 
-    def _nothing_published(self, values: dict[str, Any], cameras: Sequence[str], inference_busy: bool) -> str:
+    def _nothing_published(self, values: dict[str, Any], cameras: Sequence[str]) -> str:
         """Why a camera published no frame since the last report although its frames came ("" when
         each camera published one, or turned none away): the node runs, yet that camera's users get
         nothing. Per camera, because the other cameras' results would hide it in the totals.
-        Frames replaced by newer ones count only while inference did other work meanwhile
-        (``inference_busy``: other cameras, segment_image calls); with a model slower than the
-        report period, a report without a finished frame is no fault."""
+        (Frames replaced by newer ones are no fault: a camera served in turn, or a model slower
+        than the report period, leaves reports without a result of that camera.)"""
         reasons = []
         for name in cameras:
-            now = (values[f"{name} published"], values[f"{name} rejected"], values[f"{name} skipped stale"],
-                   values[f"{name} dropped (replaced)"])
-            published, rejected, stale, replaced = _since_last(self._previous_outcomes, name, now)
-            replaced = replaced if inference_busy else 0
-            if published > 0 or rejected + stale + replaced == 0:
+            now = (values[f"{name} published"], values[f"{name} rejected"], values[f"{name} skipped stale"])
+            published, rejected, stale = _since_last(self._previous_outcomes, name, now)
+            if published > 0 or rejected + stale == 0:
                 continue
             causes = []
             if rejected:
                 causes.append(f"{rejected} rejected (the rejected_<reason> counters and the log say why)")
             if stale:
                 causes.append(f"{stale} older than input.max_age_s (camera and node clocks in sync? use_sim_time?)")
-            if replaced:
-                causes.append(f"{replaced} replaced by newer ones before inference took them (inference busy with "
-                              "other work: segment_image calls, other cameras?)")
             reasons.append(f"no result published for {name} since the last report: its frames were "
                            f"{' and '.join(causes)}")
         return "; ".join(reasons)

@@ -358,6 +358,14 @@ class PerceptionNode(Node):
 
     def _on_set_parameters(self, params: list) -> Any:
         result = parameters.check_parameter_changes(params, self._settings.values)
+        if not result.successful:
+            # Dynamic typing (params.declare) let rclpy give the stored descriptor the refused
+            # value's type before asking here: `ros2 param describe` (and rqt's editors) showed a
+            # string type for a refused score_threshold. Put back the type of the value kept.
+            for param in params:
+                kept = self._descriptors.get(param.name) if param.name in parameters.SPECS else None
+                if kept is not None and self.has_parameter(param.name):
+                    kept.type = self.get_parameter(param.name).type_.value
         if result.successful:
             # Replace the whole settings object: the inference thread reads one consistent set.
             # (ints_to_doubles again: Humble has no pre-set callback, and `1` means 1.0 there too.)

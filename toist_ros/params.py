@@ -208,8 +208,8 @@ _KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", 
 
 def dropped_command_line_rules(argv: list[str], overrides: dict[str, Any]) -> list[str]:
     """Why each ``-p name:=value`` of ``argv`` for one of this node's parameters is not what the
-    node got (``overrides``: name -> the value rcl resolved). rcl drops a ``-p`` rule whose type
-    differs from a ``--params-file`` value of the same name without a word: ``-p
+    node got (``overrides``: name -> the value rcl resolved). rcl drops some ``-p`` rules whose
+    type differs from a ``--params-file`` value of the same name, without a word: ``-p
     output.masks:=0`` beside the package's params file left masks on."""
     rules: dict[str, str] = {}
     ros_args = False
@@ -225,40 +225,52 @@ def dropped_command_line_rules(argv: list[str], overrides: dict[str, Any]) -> li
     for name, raw in rules.items():
         if name not in SPECS or name not in overrides:
             continue
-        given = _rule_type(raw)
+        given = _rule_value(raw)
         got = _plain(overrides[name])
-        if given is not type(got) and not (given is int and isinstance(got, float)):
-            out.append(f"{name}: -p {name}:={raw} was not applied: ROS keeps the params file's "
-                       f"{type(got).__name__} {got!r} when a -p value has another type; give "
-                       f"{_KIND_WORDS[SPECS[name].kind]}")
+        if given is not None and not _same_value(given[0], got):
+            out.append(f"{name}: -p {name}:={raw} was not applied: ROS kept the params file's "
+                       f"{type(got).__name__} {got!r} (rcl drops some -p values whose type differs from the "
+                       f"file's); give {_KIND_WORDS[SPECS[name].kind]}")
     return out
 
 
-def _rule_type(raw: str) -> type:
-    """The type rcl gives a ``-p name:=raw`` value (its YAML reading, measured on Kilted:
-    ``yes``/``on``/``y`` are true, ``1e-3``/``.5``/``inf`` doubles, ``0x10``/``+5`` integers,
-    ``1_000`` and ``null`` text, a quoted value text)."""
+_TRUE_WORDS = frozenset("y Y yes Yes YES true True TRUE on On ON".split())
+_FALSE_WORDS = frozenset("n N no No NO false False FALSE off Off OFF".split())
+
+
+def _rule_value(raw: str) -> Optional[tuple[Any]]:
+    """``(value,)`` as rcl reads a ``-p name:=raw`` value (YAML 1.1, measured on Kilted: ``yes``,
+    ``On``, ``y`` true, case as listed; ``010`` octal 8, ``0x10`` 16, ``+5`` 5; ``1e-3``, ``.5``,
+    ``.inf``, ``0x1p-1`` doubles; ``1_000``, ``null`` and quoted values text), or None where this
+    reading is not sure (lists): nothing is then said about that rule."""
     text = raw.strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return str
-    if text.lower() in ("y", "yes", "true", "on", "n", "no", "false", "off"):
-        return bool
+        return (text[1:-1],)
+    if text in _TRUE_WORDS or text in _FALSE_WORDS:
+        return (text in _TRUE_WORDS,)
     if text.startswith("["):
-        return list
-    if "_" not in text:
+        return None
+    if "_" in text:
+        return (text,)
+    if re.fullmatch(r"[+-]?0[0-7]+", text):
+        return (int(text, 8),)
+    for parse in (lambda t: int(t, 0), float, float.fromhex):
         try:
-            int(text, 0)
-            return int
+            return (parse(text),)
         except ValueError:
             pass
-        if text.lower().lstrip("+-") in (".inf", ".nan"):
-            return float
-        try:
-            float(text)
-            return float
-        except ValueError:
-            pass
-    return str
+    special = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}.get(text.lower())
+    return (special,) if special is not None else (text,)
+
+
+def _same_value(given: Any, got: Any) -> bool:
+    """Whether rcl's value for a rule is ``given``: a bool only as that bool, numbers by value (an
+    integer rule for a double parameter is that double), NaN as NaN."""
+    if isinstance(given, bool) or isinstance(got, bool):
+        return type(given) is type(got) and given == got
+    if isinstance(given, (int, float)) and isinstance(got, (int, float)):
+        return given == got or (math.isnan(given) and math.isnan(got))
+    return given == got
 
 
 # Parameters that were renamed: the old name's override gets a precise warning.

@@ -215,8 +215,9 @@ def _refuse_replacing_other_files(args: argparse.Namespace) -> None:
     log = Path(args.out) / LOG_NAME
     if log.exists() and not written_by(log, LOG_START):
         foreign.append(log)
-    if not args.no_plots:
-        foreign += foreign_plot_files(args.out)
+    if not args.no_plots:  # the plots of the tasks asked for (all, when the tasks come from the data)
+        tasks = parse_task_list(args.tasks, max_id=None) if getattr(args, "tasks", None) else None
+        foreign += foreign_plot_files(args.out, tasks)
     if foreign:
         raise FileExistsError(f"--out {args.out}: {', '.join(map(str, foreign))} exist and are not what toist evaluate "
                               "writes; nothing was replaced: give another folder")

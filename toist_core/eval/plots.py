@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import matplotlib
 
@@ -43,12 +43,16 @@ def plot_task_pr(task: TaskResult, path: Union[str, Path], phrase: str = "") -> 
     return path
 
 
-def foreign_plot_files(out_dir: Union[str, Path]) -> list[Path]:
-    """The ``pr_task_*.png`` in ``out_dir`` that :func:`plot_task_pr` did not write."""
+def foreign_plot_files(out_dir: Union[str, Path], tasks: Optional[Sequence[int]] = None) -> list[Path]:
+    """The ``pr_task_<k>.png`` in ``out_dir`` (of ``tasks``; None: every one) that
+    :func:`plot_task_pr` did not write."""
     from PIL import Image, UnidentifiedImageError
 
+    out_dir = Path(out_dir)
+    paths = (sorted(out_dir.glob("pr_task_*.png")) if tasks is None
+             else [out_dir / f"pr_task_{task}.png" for task in tasks if (out_dir / f"pr_task_{task}.png").exists()])
     foreign = []
-    for path in sorted(Path(out_dir).glob("pr_task_*.png")):
+    for path in paths:
         try:
             with Image.open(path) as image:
                 ours = image.format == "PNG" and image.info.get("Software") == PLOT_SOFTWARE

@@ -32,7 +32,7 @@ class TaskState:
     pronoun_tokens: tuple[int, ...]
     centres: Optional[Tensor] = None
     warning: Optional[str] = None
-    origin: Optional[tuple[object, int]] = field(default=None, compare=False, repr=False)
+    origin: Optional[tuple[str, int]] = field(default=None, compare=False, repr=False)
 
     @property
     def uses_ccr(self) -> bool:

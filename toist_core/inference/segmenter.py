@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import uuid
 import warnings
 import weakref
 from pathlib import Path
@@ -112,7 +113,7 @@ class TaskSegmenter:
         self._state: Optional[TaskState] = None
         # Stamped on every state this segmenter encodes: a state of another segmenter, or one
         # encoded before a weight load, holds other weights' text features (refused, not mixed).
-        self._identity = object()
+        self._identity = uuid.uuid4().hex   # a value, not an object: a copied or pickled state keeps it
         self._weights_generation = 0
         # Why the ONNX graphs no longer match the model (its weights were loaded anew), or None.
         self._stale_graphs: Optional[str] = None
@@ -306,7 +307,7 @@ class TaskSegmenter:
         if state.origin is None:
             return
         identity, generation = state.origin
-        if identity is not self._identity:
+        if identity != self._identity:
             raise ValueError(f"{name}: encoded by another TaskSegmenter (its text features are that model's): "
                              "encode the task with this one, seg.encode_task(task)")
         if generation != self._weights_generation:
