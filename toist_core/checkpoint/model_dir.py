@@ -189,13 +189,7 @@ def _check_manifest_unchanged(config_file: Path, manifest: ModelDirConfig, recor
     the weights' :data:`MANIFEST_KEY`; None for directories written before it)."""
     if recorded is None:
         return
-    try:
-        exported = json.loads(recorded)
-        if not isinstance(exported, dict):
-            raise ValueError(exported)
-    except (ValueError, RecursionError):
-        raise CheckpointError(f"{config_file.parent / WEIGHTS_FILE}: metadata {MANIFEST_KEY} is not a JSON object; "
-                              "export the model again (toist export)") from None
+    exported = _recorded_json(config_file.parent / WEIGHTS_FILE, MANIFEST_KEY, recorded)
     now = json.loads(_manifest_json(manifest))
     changed = [f"{name} ({_short(exported[name])} when exported, {_short(now[name])} now)"
                for name in MANIFEST_FIELDS if name in exported and exported[name] != now[name]]
@@ -203,6 +197,18 @@ def _check_manifest_unchanged(config_file: Path, manifest: ModelDirConfig, recor
         raise CheckpointError(f"{config_file}: {listing(changed, 4)} differ from what was exported with its weights "
                               "(a copy cut short, or an edit): the model would read other tasks or captions. Copy "
                               "the file again, undo the edit, or export the model again (toist export)")
+
+
+def _recorded_json(weights: Path, key: str, recorded: str) -> dict:
+    """The JSON object the weights' metadata ``key`` holds; CheckpointError when it is not one."""
+    try:
+        value = json.loads(recorded)
+        if not isinstance(value, dict):
+            raise ValueError(value)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{weights}: metadata {key} is not a JSON object; export the model again "
+                              "(toist export)") from None
+    return value
 
 
 def _short(value) -> str:
@@ -224,13 +230,7 @@ def _check_network_unchanged(config_file: Path, cfg: ModelConfig, recorded: Opti
     the weights' :data:`MODEL_CONFIG_KEY`; None for directories written before it)."""
     if recorded is None:
         return
-    try:
-        exported = json.loads(recorded)
-        if not isinstance(exported, dict):
-            raise ValueError(exported)
-    except (ValueError, RecursionError):
-        raise CheckpointError(f"{config_file.parent / WEIGHTS_FILE}: metadata {MODEL_CONFIG_KEY} is not a JSON object; "
-                              "export the model again (toist export)") from None
+    exported = _recorded_json(config_file.parent / WEIGHTS_FILE, MODEL_CONFIG_KEY, recorded)
     exported, now = typed_config.flatten(exported), json.loads(_network_json(cfg))
     changed = [f"model.{name} ({was!r} when exported, {now[name]!r} now)"
                for name, was in sorted(exported.items()) if name in now and now[name] != was]
