@@ -354,7 +354,8 @@ def test_model_directory_records_the_input_size_inference_uses(tmp_path, segm_mo
     save_safetensors(state, weights, metadata={k: v for k, v in metadata.items() if k != "toist_manifest"})
     assert load_model_dir(directory).input_size == InputSize(800, 1333)
     config.write_text(text.replace("version: 5", "version: 6"))
-    with pytest.raises(CheckpointError, match="version 6 is not a 'toist-model' directory of version 5 or older"):
+    with pytest.raises(CheckpointError, match="version 6 is not a 'toist-model' directory of version 5 or older; a "
+                                              "newer toist wrote it: update toist here"):
         load_model_dir(directory)
 
 
@@ -748,3 +749,13 @@ def test_a_folder_or_file_of_a_model_directory_given_wrongly_is_explained(tmp_pa
     with pytest.raises(CheckpointError, match=rf"model.safetensors: not a PyTorch checkpoint .*it is a model "
                                               rf"directory's weights file: give its folder, {directory}"):
         load_pretrained(directory / "model.safetensors")
+
+
+def test_a_weights_file_cut_short_says_to_copy_it_again(tmp_path, segm_model):
+    """safetensors' own words ("incomplete metadata, file not fully covered") did not say what to do."""
+    directory = save_model_dir(segm_model, tmp_path / "model", preset("tiny_segm"))
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file \(.*\); a copy "
+                                              r"cut short or damaged\? copy it again"):
+        load_model_dir(directory)

@@ -145,7 +145,8 @@ def read_safetensors(path: PathLike, required_digest: bool) -> tuple[dict[str, T
             metadata = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as exc:  # header damage: SafetensorError, OSError, ...
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); a copy cut "
+                              "short or damaged? copy it again, or export the model again") from None
     check_tensor_digest(path, tensors, metadata, required_digest)
     return tensors, metadata
 

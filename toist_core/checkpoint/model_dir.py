@@ -500,9 +500,12 @@ def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedMod
                               f"{', '.join(REQUIRED_FIELDS)}); export the model again (toist export)")
     manifest = typed_config.from_dict(ModelDirConfig, data, str(config_file))
     if manifest.format != MODEL_DIR_FORMAT or manifest.version > MODEL_DIR_VERSION:
+        newer = manifest.format == MODEL_DIR_FORMAT  # written by a newer toist (a robot not yet updated)
         raise CheckpointError(f"{config_file}: format {manifest.format!r} version "
                               f"{manifest.version} is not a {MODEL_DIR_FORMAT!r} directory of version "
-                              f"{MODEL_DIR_VERSION} or older")
+                              f"{MODEL_DIR_VERSION} or older"
+                              + ("; a newer toist wrote it: update toist here, or export the model with this "
+                                 "version" if newer else ""))
     if manifest.version < 1:
         raise CheckpointError(f"{config_file}: field 'version': {manifest.version} is not a version (1 to "
                               f"{MODEL_DIR_VERSION})")
