@@ -7,6 +7,7 @@ publishes images and calls the services over DDS. The model input is small (shor
 """
 
 import copy
+import signal
 import threading
 import time
 import tracemalloc
@@ -1317,3 +1318,21 @@ def test_a_segment_image_request_given_up_on_is_not_run_later(ros, tmp_path, mon
     finally:
         gate.open.set()
         _stop(ros, node)
+
+
+def test_a_stop_signal_seen_by_the_start_up_steps_ends_the_start_up(ros, tmp_path):
+    """The KeyboardInterrupt a stop signal raises while the node starts can be lost (raised inside
+    a __del__, Python prints it and goes on): the node then got ready. The signal's event is also
+    looked at by every start-up step."""
+    from rclpy.parameter import Parameter
+    from toist_core.stop_signals import StopSignals
+    from toist_ros.perception_node import PerceptionNode
+    from toist_ros.startup_status import StartupStopped
+
+    with StopSignals() as stop:
+        stop._record(signal.SIGINT, None)   # recorded (outside ``raising``: nothing raised here)
+    assert stop.event.is_set()
+    overrides = {**OVERRIDES, "checkpoint": random_model_dir(tmp_path / "tiny"), "warmup": False}
+    with pytest.raises(StartupStopped, match="stopped before 'loading the model'"):
+        PerceptionNode(stop=stop.event, context=ros.context, namespace="stopped_at_start",
+                       parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])

@@ -24,6 +24,9 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        # Set with the first signal, for code that looks at its own steps (a KeyboardInterrupt that
+        # ``raising`` sends can be lost: raised inside a __del__, Python prints it and goes on).
+        self.event = threading.Event()
         self._previous: dict[int, object] = {}
         self._raising = False
 
@@ -58,5 +61,6 @@ class StopSignals:
     def _record(self, signum: int, frame) -> None:
         if self.signum is None:
             self.signum = signum
+            self.event.set()
             if self._raising:
                 raise KeyboardInterrupt

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
@@ -66,13 +66,14 @@ class PerceptionNode(Node):
 
     MANAGED = False  # ManagedPerceptionNode: the phases wait for lifecycle transitions
 
-    def __init__(self, **node_kwargs: Any) -> None:
+    def __init__(self, stop: Optional[threading.Event] = None, **node_kwargs: Any) -> None:
+        """``stop``: set when the process is asked to stop; the start-up ends at its next step."""
         super().__init__(NODE_NAME, **node_kwargs)
         try:
             self._declare()
             if not self.MANAGED:
                 period_s = self._settings["diagnostics.period_s"]
-                with StartupDiagnostics(self._publish_startup_report, period_s) as startup:
+                with StartupDiagnostics(self._publish_startup_report, period_s, stop=stop) as startup:
                     self._configure(startup)
                     self._activate()
         except BaseException as exc:

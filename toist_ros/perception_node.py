@@ -28,6 +28,7 @@ from toist_core.stop_signals import StopSignals
 from toist_ros.executor import PerceptionExecutor
 from toist_ros.model_loader import EXIT_PARAMETERS, StartupError
 from toist_ros.node import NODE_NAME, PerceptionNode
+from toist_ros.startup_status import StartupStopped
 
 SPIN_POLL_S = 0.1             # the main thread looks for a stop signal at least this often
 
@@ -63,7 +64,7 @@ def main(argv: Optional[list[str]] = None, managed: bool = False) -> int:
             # Loading and warming up the model has no point at which to look for a stop request:
             # Ctrl-C there waited for the whole start-up (a launch file's SIGKILL came first).
             with stop.raising():
-                node = _managed_node() if managed else PerceptionNode()
+                node = _managed_node() if managed else PerceptionNode(stop=stop.event)
             executor = PerceptionExecutor(node.inline_callback_groups, num_threads=4,
                                           waiting_groups=node.waiting_callback_groups)
             executor.add_node(node)
@@ -72,7 +73,7 @@ def main(argv: Optional[list[str]] = None, managed: bool = False) -> int:
         except StartupError as exc:
             rclpy.logging.get_logger(exc.logger_name or NODE_NAME).fatal(f"cannot start: {exc}")
             code = exc.code
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, StartupStopped):  # the latter: a step saw the signal's event
             if node is None:  # stopped while starting: say so, the log would end without a word
                 rclpy.logging.get_logger(NODE_NAME).info("stopped while starting (stop signal)")
         except ExternalShutdownException:
