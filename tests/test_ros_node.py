@@ -486,7 +486,9 @@ def test_task_messages_are_applied_in_the_order_they_were_published(node, probe,
             applied.clear()
             for text in sequence:
                 probe.task_pub.publish(String(data=text))
-            assert wait_for(lambda: node.active_task.revision == before + len(sequence), timeout=30)
+            # (The revision is swapped in just before its status goes out: wait for both.)
+            assert wait_for(lambda: node.active_task.revision == before + len(sequence)
+                            and len(applied) == len(sequence), timeout=30)
             assert applied == sequence and node.active_task.request == sequence[-1]
     finally:  # the module's node serves the later tests with its own task
         assert probe.set_task(original).success
