@@ -58,6 +58,32 @@ def test_sigterm_stops_the_node_it_started(tmp_path):
     assert not _running(namespace), "the node outlived the demo"
 
 
+def test_a_demo_killed_outright_stops_its_node(tmp_path):
+    """SIGKILL runs none of the demo's clean-up: its node ran on, orphaned. The node process is
+    started by the demo's own function; a stand-in program records the signal it gets."""
+    got = tmp_path / "signal.txt"
+    node = ("import signal, sys, time\n"
+            f"signal.signal(signal.SIGTERM, lambda n, f: (open({str(got)!r}, 'w').write(str(n)), sys.exit(0)))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(120)\n")
+    demo = ("import sys, time\n"
+            "from toist_ros.demo import _start_node\n"
+            f"node = _start_node([sys.executable, '-c', {node!r}], open({str(tmp_path / 'node.log')!r}, 'w'))\n"
+            "print(node.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    process = subprocess.Popen([sys.executable, "-c", demo], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    node_pid = int(process.stdout.readline())
+    deadline = time.monotonic() + 30
+    while "ready" not in (tmp_path / "node.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{node_pid}").exists() and not got.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert got.exists() and got.read_text() == str(int(signal.SIGTERM)), "the node outlived the demo"
+
+
 def test_a_call_ends_at_once_when_the_server_process_has_exited():
     """The node killed mid-run: the demo waited out its 120 s timeout and blamed the service."""
     from toist_ros.service_call import ServerGone, call_service

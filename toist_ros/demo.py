@@ -21,7 +21,8 @@
    ``depth.enabled`` and the stand-in publishes a depth image and CameraInfo with each synthetic
    scene (a 3D layout of its shapes, ``toist_ros.demo_depth``): the report gives every instance's
    3D centroid next to the true one of the object it covers,
-6. stops the node (SIGINT) and exits 0 when everything above worked.
+6. stops the node (SIGINT) and exits 0 when everything above worked. Stopped by Ctrl-C or
+   SIGTERM it stops the node the same way; killed outright, its node gets a SIGTERM from Linux.
 
 ROS traffic stays on this machine (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST unless set) in a
 random ROS_DOMAIN_ID unless one is set.
@@ -39,11 +40,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 import numpy as np
 
 from toist_core.json_text import dumps_null_for_nan
+from toist_core.parent_death import signal_when_parent_dies
 from toist_ros.service_call import ServerGone
 
 # One namespace per run: two demos in one ROS domain took each other's results.
@@ -323,7 +325,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     node, client = None, None
     code = 1
     try:  # from the node's start: a stop signal at any point after it stops the node too
-        node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        node = _start_node(command, log)
         client = _Client(args, plan)
         code = _run(args, plan, client, node, out)
     except KeyboardInterrupt:
@@ -350,6 +352,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         tail = log_path.read_text()[-3000:]
         print(f"toist demo: FAILED (exit {code}). Last node output ({log_path}):\n{tail}", file=sys.stderr)
     return code
+
+
+def _start_node(command: list[str], log: IO[str]) -> subprocess.Popen:
+    """The node process, sent SIGTERM (its normal stop) when the demo exits however it exits: a
+    demo killed outright (SIGKILL) runs no clean-up and left its node running, orphaned."""
+    demo = os.getpid()
+
+    def end_with_the_demo() -> None:   # in the child, before exec
+        if not signal_when_parent_dies(signal.SIGTERM, demo):
+            os._exit(128 + signal.SIGTERM)
+
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=end_with_the_demo)
 
 
 def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subprocess.Popen, out: Path) -> int:

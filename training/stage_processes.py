@@ -21,7 +21,6 @@ A stage trains in a worker process (``--jobs`` > 1) or in the recipe's own proce
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import multiprocessing
 import os
@@ -31,12 +30,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence, TypeVar
 
+from toist_core.parent_death import signal_when_parent_dies
 from toist_core.stop_signals import StopSignals
 
 __all__ = ["StageStopped", "WorkDirBusy", "run_stages", "stage_lock", "stage_stop", "work_dir_lock"]
 
 WORK_DIR_LOCK = ".recipe.lock"
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _POLL_S = 0.5          # how soon the scheduler sees a stop signal while stages train
 
 
@@ -132,9 +131,7 @@ def _init_worker(parent: int, recipe_stop) -> None:
     global _recipe_stop, _recipe_pid
     _recipe_stop, _recipe_pid = recipe_stop, parent
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # it died before the call above
+    if not signal_when_parent_dies(signal.SIGTERM, parent):  # it died before the request
         os.kill(os.getpid(), signal.SIGTERM)
 
 
