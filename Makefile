@@ -24,6 +24,8 @@ PKG_ITEMS := CMakeLists.txt package.xml msg srv toist_ros toist_core scripts lau
 # Everything run "in the project's Python" goes through this: venv + colcon install overlay.
 RUN := set +u && source $(VENV)/bin/activate && source install/setup.bash &&
 PYTEST_ARGS ?=
+# Passed on to the demo's (or robot-setup's) program as written: make demo ARGS="--task 5".
+ARGS ?=
 CHECKPOINT ?=
 TEXT_ENCODER ?=
 # One shell word, whatever the path holds (spaces, an apostrophe: /data/o'brien/model).
@@ -33,7 +35,8 @@ shell_quote = '$(subst ','\'',$(1))'
 
 help:
 	@echo "make demo     run the perception node on its default input (CHECKPOINT=path for a real model,"
-	@echo "              TEXT_ENCODER=dir for an official .pth offline)"
+	@echo "              TEXT_ENCODER=dir for an official .pth offline; ARGS=\"--task 5 --device cuda\":"
+	@echo "              more options, python -m toist_ros.demo --help)"
 	@echo "make test     run the test suite (PYTEST_ARGS=... for pytest)"
 	@echo "make setup    create .venv and build the ROS 2 package (done by demo/test)"
 	@echo "make build    colcon build of the ROS 2 package only (after changing toist_ros/, msg/, srv/)"
@@ -87,7 +90,7 @@ $(VENV)/bin/toist: $(STAMPS)/venv Makefile
 
 demo: setup
 	$(RUN) python -m toist_ros.demo $(if $(CHECKPOINT),--checkpoint $(call shell_quote,$(CHECKPOINT))) \
-	  $(if $(TEXT_ENCODER),--text-encoder $(call shell_quote,$(TEXT_ENCODER)))
+	  $(if $(TEXT_ENCODER),--text-encoder $(call shell_quote,$(TEXT_ENCODER))) $(ARGS)
 
 test: setup
 	$(RUN) python -m pytest $(PYTEST_ARGS)
@@ -129,7 +132,6 @@ lock: $(STAMPS)/deps
 # On a robot with ROS 2 Humble/Jazzy/Kilted from apt (not this development set-up): rosdep,
 # a venv with system site packages, torch & co., colcon build in the workspace. ARGS are passed
 # on, e.g. make robot-setup ARGS="--torch-index https://download.pytorch.org/whl/cu126".
-ARGS ?=
 robot-setup:
 	tools/robot_setup.sh $(ARGS)
 

@@ -535,12 +535,13 @@ def test_a_failed_gpu_wheels_download_keeps_the_wheels_there_were(tmp_path: Path
     assert not (tree / ".whl.new").exists()
 
 
-def test_make_demo_quotes_the_checkpoint_and_passes_a_text_encoder():
+def test_make_demo_quotes_the_checkpoint_and_passes_a_text_encoder_and_more_options():
     result = subprocess.run(["make", "-n", "demo", "CHECKPOINT=/models/o'brien dir/toist.pth",
-                             "TEXT_ENCODER=/models/roberta"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+                             "TEXT_ENCODER=/models/roberta", "ARGS=--task 5 --out '/tmp/my demo'"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     joined = result.stdout.replace("\\\n", " ")   # make -n prints the recipe's continued lines as they are
     line = next(line for line in joined.splitlines() if "toist_ros.demo" in line)
     words = shlex.split(line[line.index("python -m toist_ros.demo"):])
     assert words[words.index("--checkpoint") + 1] == "/models/o'brien dir/toist.pth"
     assert words[words.index("--text-encoder") + 1] == "/models/roberta"
+    assert words[words.index("--task") + 1] == "5" and words[words.index("--out") + 1] == "/tmp/my demo"
