@@ -48,10 +48,11 @@ def test_bad_depth_images_are_refused_with_the_reason(change, reason, words):
     assert caught.value.reason == reason and words in str(caught.value)
 
 
-def _info(k, width=640, height=480, d=(0.0,) * 5, frame="camera_color_optical_frame", p=(0.0,) * 12, roi=None):
+def _info(k, width=640, height=480, d=(0.0,) * 5, frame="camera_color_optical_frame", p=(0.0,) * 12, roi=None,
+          binning=(0, 0)):
     roi = roi or SimpleNamespace(x_offset=0, y_offset=0, width=0, height=0)
     return SimpleNamespace(k=list(k), width=width, height=height, d=list(d), p=list(p), roi=roi,
-                           header=SimpleNamespace(frame_id=frame))
+                           binning_x=binning[0], binning_y=binning[1], header=SimpleNamespace(frame_id=frame))
 
 
 def test_camera_info_gives_the_intrinsics_and_refuses_an_uncalibrated_camera():
@@ -92,14 +93,48 @@ def test_a_region_of_interest_moves_the_principal_point_and_sizes_the_image():
     assert got.scaled(160, 120) == Intrinsics(300.0, 300.0, 109.75, 89.75, 160, 120)
 
 
+def test_binning_divides_each_axis_by_its_own_factor():
+    """binning_x 2, binning_y 1 (a 320x480 image) was read as 640x480 and refused as another aspect
+    ratio; the factors were taken from the sizes, never from the message."""
+    k = [600.0, 0, 320.0, 0, 610.0, 240.0, 0, 0, 1]
+    got = intrinsics_from_camera_info(_info(k, binning=(2, 1)))
+    assert got == Intrinsics(300.0, 610.0, 159.75, 240.0, 320, 480)
+    assert intrinsics_from_camera_info(_info(k, binning=(2, 2))) == Intrinsics(300.0, 305.0, 159.75, 119.75, 320, 240)
+    # A region of interest first (full-resolution pixels), then the binning of what it keeps.
+    roi = SimpleNamespace(x_offset=100, y_offset=60, width=321, height=240)
+    assert intrinsics_from_camera_info(_info(k, roi=roi, binning=(2, 3))) == Intrinsics(300.0, 610.0 / 3, 109.75,
+                                                                                       (180 + 0.5) / 3 - 0.5, 160, 80)
+    from toist_ros.depth.instances3d import registration_problem
+
+    assert registration_problem((320, 480), (320, 480), (got.width, got.height)) == ""
+
+
 def test_registration_problem_refuses_another_aspect_ratio_and_accepts_another_resolution():
     from toist_ros.depth.instances3d import registration_problem
 
     assert registration_problem((640, 480), (320, 240), (1280, 960)) == ""
     assert registration_problem((1280, 720), (427, 240), (1280, 720)) == ""  # binned by 3, rounded
+    assert registration_problem((101, 75), (50, 37), (101, 75)) == ""  # halved, rounded down: 0.35 % off
     problem = registration_problem((640, 480), (848, 480), (640, 480))  # the raw depth stream, not the aligned one
     assert "the depth image is 848x480 and the colour image 640x480: another aspect ratio" in problem
     assert "CameraInfo is 1280x720" in registration_problem((640, 480), (640, 480), (1280, 720))
+    # RealSense's raw depth beside 16:9 colour: 0.6 % off, within the 1 % that was allowed.
+    assert "848x480" in registration_problem((1280, 720), (848, 480), (1280, 720))
+    assert "424x240" in registration_problem((640, 360), (424, 240), (640, 360))
+
+
+def test_frame_problem_names_the_input_in_another_frame():
+    from toist_ros.depth.instances3d import frame_problem
+
+    colour = "camera_color_optical_frame"
+    assert frame_problem(colour, colour, colour) == ""
+    assert frame_problem(colour, "/" + colour, colour) == ""       # a ROS 1 bag's leading slash
+    assert frame_problem("", "camera_depth_optical_frame", "x") == ""     # nothing to compare with
+    assert frame_problem(colour, "", "") == ""
+    problem = frame_problem(colour, "camera_depth_optical_frame", colour)
+    assert problem.startswith("the depth image's frame 'camera_depth_optical_frame' is not the colour image's "
+                              "'camera_color_optical_frame'") and "aligned_depth_to_color" in problem
+    assert frame_problem(colour, colour, "camera_depth_optical_frame").startswith("the CameraInfo's frame")
 
 
 CAMERA = CameraModel(Intrinsics(615.0, 615.0, 320.0, 240.0, 640, 480), "cam", False)

@@ -50,11 +50,14 @@ class DepthProbe(Probe):
         assert wait_for(lambda: self.depth_pub.get_subscription_count() > 0 and
                         self.info_pub.get_subscription_count() > 0), "depth inputs not discovered"
 
-    def camera_info(self):
+    def camera_info(self, frame_id=""):
+        """The colour camera's CameraInfo, unstamped (a static one). In no frame by default: the
+        tests name each colour frame apart (``frame_id`` identifies its result), and a CameraInfo
+        in another frame than the colour image's is refused."""
         from sensor_msgs.msg import CameraInfo
 
         info = CameraInfo()
-        info.header.frame_id = "cam_optical"
+        info.header.frame_id = frame_id
         info.width, info.height = WIDTH, HEIGHT
         info.k = [FX, 0.0, CX, 0.0, FY, CY, 0.0, 0.0, 1.0]
         info.d = [0.0] * 5
@@ -80,12 +83,12 @@ class DepthProbe(Probe):
         msg.data = pixels.tobytes()
         return msg
 
-    def frame(self, frame_id, depth_offset_s=None, encoding="16UC1", tries=3, **depth):
-        """Publish CameraInfo, a colour frame and (unless None) its depth (``depth``: more
-        arguments of :meth:`depth`); the result for it."""
+    def frame(self, frame_id, depth_offset_s=None, encoding="16UC1", tries=3, info_frame="", **depth):
+        """Publish CameraInfo (in ``info_frame``), a colour frame and (unless None) its depth
+        (``depth``: more arguments of :meth:`depth`); the result for it."""
         for _ in range(tries):
             colour = self.image(_photo(WIDTH, HEIGHT), frame_id, encoding="rgb8")
-            self.info_pub.publish(self.camera_info())
+            self.info_pub.publish(self.camera_info(info_frame))
             if depth_offset_s is not None:
                 self.depth_pub.publish(self.depth(colour.header, encoding, depth_offset_s, **depth))
             self.image_pub.publish(colour)
@@ -232,21 +235,49 @@ def test_a_bad_depth_encoding_is_rejected_and_counted(node, probe):
 
 def test_depth_of_another_aspect_ratio_is_refused_not_stretched(node, probe, capfd):
     """The raw depth stream wired instead of the registered one (848x480 beside 640x480 colour)
-    was stretched onto the colour image: 3D results, 2.5 cm off, without a word. Its frame is
-    another too: one warning says so."""
+    was stretched onto the colour image: 3D results, 2.5 cm off, without a word."""
     from toist_ros.msg import TaskInstances
 
-    result = probe.frame("depth_aspect_frame", depth_offset_s=0.0, size=(WIDTH // 2 + 40, HEIGHT // 2),
-                         depth_frame="depth_optical")
+    result = probe.frame("depth_aspect_frame", depth_offset_s=0.0, size=(WIDTH // 2 + 40, HEIGHT // 2))
     assert result.depth_status == TaskInstances.DEPTH_MISSING
     assert result.instances and not any(inst.has_3d for inst in result.instances)
     assert node.counters.get("depth_rejected_aspect") >= 1
     assert wait_for(lambda: (probe.counter("depth_rejected_aspect") or 0) >= 1, timeout=10)
     logged = capfd.readouterr().err
     assert "the depth image is 200x120 and the colour image 320x240: another aspect ratio" in logged
-    assert "the depth image's frame 'depth_optical' is not the colour image's 'depth_aspect_frame'" in logged
     # The same camera at another resolution of the same view is read as before.
     assert any(inst.has_3d for inst in probe.frame("depth_after_aspect", depth_offset_s=0.0).instances)
+
+
+def test_depth_in_another_frame_is_refused_unless_same_frame_is_off(node, probe, capfd):
+    """RealSense's raw depth (camera_depth_optical_frame) wired instead of the aligned stream, at the
+    colour image's size: taken as registered, 3D positions centimetres off, one warning per process
+    (none for a second camera wired the same way)."""
+    from toist_ros.msg import TaskInstances
+
+    before = node.counters.get("depth_rejected_frame")
+    result = probe.frame("camera_color_optical_frame", depth_offset_s=0.0, size=(WIDTH, HEIGHT),
+                         depth_frame="camera_depth_optical_frame", info_frame="camera_color_optical_frame")
+    assert result.depth_status == TaskInstances.DEPTH_MISSING
+    assert result.instances and not any(inst.has_3d for inst in result.instances)
+    assert node.counters.get("depth_rejected_frame") == before + 1
+    assert wait_for(lambda: (probe.counter("depth_rejected_frame") or 0) >= 1, timeout=10)
+    logged = capfd.readouterr().err
+    assert ("no 3D for /image: the depth image's frame 'camera_depth_optical_frame' is not the colour image's "
+            "'camera_color_optical_frame'") in logged and "depth.same_frame:=false" in logged
+    # A driver that labels its registered depth with its own frame: switched off, used, said once.
+    [ok] = probe.set_parameters(node.get_fully_qualified_name(), depth__same_frame=False)
+    try:
+        assert ok.successful
+        for _ in range(2):
+            result = probe.frame("camera_color_optical_frame", depth_offset_s=0.0,
+                                 depth_frame="camera_depth_optical_frame")
+            assert result.depth_status == TaskInstances.DEPTH_PAIRED
+        assert node.counters.get("depth_rejected_frame") == before + 1
+        logged = capfd.readouterr().err
+        assert logged.count("(used anyway: depth.same_frame is false)") == 1, logged[-2000:]
+    finally:
+        probe.set_parameters(node.get_fully_qualified_name(), depth__same_frame=True)
 
 
 def test_a_frame_whose_depth_the_buffer_dropped_is_counted_as_evicted(node, probe, capfd):

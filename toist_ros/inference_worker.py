@@ -26,7 +26,7 @@ from toist_ros.camera_input import Camera, CameraInputs, Frame
 from toist_ros.conversions import image_from_array
 from toist_ros.depth.geometry import DepthLimits
 from toist_ros.depth.inputs import DepthInputs
-from toist_ros.depth.instances3d import add_3d, registration_problem
+from toist_ros.depth.instances3d import add_3d, frame_problem, registration_problem
 from toist_ros.depth.markers import instance_markers, marker_lifetime_s
 from toist_ros.depth.pairing import MAX_FRAMES, MISSING, PAIRED, Pairing, stamp_ns
 from toist_ros.detections import detection_array
@@ -94,7 +94,7 @@ class InferenceWorker:
         self._latency_ms = latency_ms
         self._depth = depth
         self._geometry_ms = geometry_ms if geometry_ms is not None else Percentiles()
-        self._frames_warned: set[str] = set()  # which inputs' frame_id mismatch was warned about (once each)
+        self._frames_warned: set[int] = set()  # cameras whose accepted frame_id mismatch was warned about
         self._stopping = threading.Event()
         self.last_error = ""
         self._clock_warned = False
@@ -202,7 +202,7 @@ class InferenceWorker:
                                                           settings["depth.wait_s"])
         if pairing.status == PAIRED:
             pairing = self._registered(pairing, msg.header.frame_id, (int(msg.image_width), int(msg.image_height)),
-                                       camera)
+                                       camera, settings["depth.same_frame"])
         elif pairing.evicted:
             self._counters.add("depth_evicted")
             self._node.get_logger().warning(
@@ -217,34 +217,35 @@ class InferenceWorker:
         self._counters.add("instances_3d", add_3d(msg, ranked, pairing, limits))
         if pairing.camera is not None:
             self._geometry_ms.add(1000.0 * (time.perf_counter() - start))
-            self._check_frame("CameraInfo", pairing.camera.frame_id, msg.header.frame_id,
-                              "3D points are given in the colour image's frame with the CameraInfo's intrinsics; is "
-                              "the CameraInfo the colour camera's (the depth image must be registered to the colour "
-                              "image)?")
 
-    def _registered(self, pairing: Pairing, image_frame: str, colour_size: tuple[int, int], camera: Camera) -> Pairing:
-        """``pairing``, or MISSING when its depth image or CameraInfo has another aspect ratio than
-        the colour frame (counted as a rejected depth image: ``depth_rejected_aspect``). A depth
-        image in another frame than the colour image's is used, with one warning."""
-        self._check_frame("depth image", pairing.depth.frame_id, image_frame,
-                          "the 3D step reads depth registered to the colour image; is depth_topic the "
-                          "aligned/registered stream (e.g. aligned_depth_to_color)?")
-        problem = registration_problem(colour_size, pairing.depth.size,
-                                       (pairing.camera.intrinsics.width, pairing.camera.intrinsics.height))
+    def _registered(self, pairing: Pairing, image_frame: str, colour_size: tuple[int, int], camera: Camera,
+                    same_frame: bool) -> Pairing:
+        """``pairing``, or MISSING when its depth image or CameraInfo is not of the colour image's
+        view: in another ``frame_id`` (``depth.same_frame``: the raw depth stream or the depth
+        camera's CameraInfo, which gave 3D positions centimetres off without a word; counted as
+        ``depth_rejected_frame``) or of another aspect ratio (``depth_rejected_aspect``)."""
+        frames = frame_problem(image_frame, pairing.depth.frame_id, pairing.camera.frame_id)
+        problem, reason = (frames, "frame") if frames and same_frame else ("", "")
+        if frames and not same_frame and camera.index not in self._frames_warned:
+            self._frames_warned.add(camera.index)
+            self._node.get_logger().warning(f"{camera.subscribed_name}: {frames} (used anyway: depth.same_frame is "
+                                            "false)")
+        if not problem:
+            problem, reason = registration_problem(colour_size, pairing.depth.size,
+                                                   (pairing.camera.intrinsics.width,
+                                                    pairing.camera.intrinsics.height)), "aspect"
         if not problem:
             return pairing
         self._counters.add("depth_rejected")
-        self._counters.add("depth_rejected_aspect")
-        self._node.get_logger().warning(f"no 3D for {camera.subscribed_name}: {problem}", throttle_duration_sec=10.0)
+        self._counters.add(f"depth_rejected_{reason}")
+        # Throttled per call site: one for each reason, so that one problem does not hide the other.
+        log = self._node.get_logger()
+        if reason == "frame":
+            log.warning(f"no 3D for {camera.subscribed_name}: {problem}; depth.same_frame:=false if the driver "
+                        "labels registered depth with another frame", throttle_duration_sec=10.0)
+        else:
+            log.warning(f"no 3D for {camera.subscribed_name}: {problem}", throttle_duration_sec=10.0)
         return Pairing(MISSING)
-
-    def _check_frame(self, what: str, frame: str, image_frame: str, advice: str) -> None:
-        """One warning per input (``what``) whose ``frame_id`` is not the colour image's."""
-        if what in self._frames_warned or not frame or not image_frame or frame == image_frame:
-            return
-        self._frames_warned.add(what)
-        self._node.get_logger().warning(f"the {what}'s frame {frame!r} is not the colour image's {image_frame!r}: "
-                                        f"{advice}")
 
     def _warn_clock_stopped(self) -> None:
         if self._clock_warned:

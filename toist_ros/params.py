@@ -117,6 +117,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("depth.buffer_mb", 256, "depth images kept per camera for pairing, at most this many MiB (and 64 "
               "images, 1.5 s of stamps); raise it when a slow model meets large depth images (depth_evicted)",
               read_only=True, low=8, high=65536),
+    ParamSpec("depth.same_frame", True, "refuse a depth image or CameraInfo whose header.frame_id is not the colour "
+              "image's (the raw depth stream or the depth camera's CameraInfo: 3D positions centimetres off); false "
+              "for a driver that labels registered depth with its own frame"),
     ParamSpec("depth.min_m", 0.1, "depths below this are no measurement (m)", low=0.0, high=100.0),
     ParamSpec("depth.max_m", 10.0, "depths above this are no measurement (m)", low=0.0, high=1000.0, open_low=True),
     # Output.

@@ -68,7 +68,9 @@ def intrinsics_from_camera_info(msg: Any) -> Intrinsics:
     rectified image (``image_rect``, what the node is told to be fed when the lens distorts), and K
     itself for an undistorted camera (the RGB-D drivers publish P = K); K when P is all zeros (a
     driver that fills K only). A region of interest (``roi``, a driver's or image_proc's crop) moves
-    the principal point by its offset and gives the image's size before binning."""
+    the principal point by its offset and gives the image's size before binning; binning
+    (``binning_x``, ``binning_y``: one pixel per block of that many, each axis its own) divides the
+    size and the focal length and maps the principal point as pixel centres map."""
     frame = msg.header.frame_id
     k, p = _matrix(msg.k, 9, "K", frame), _matrix(msg.p, 12, "P", frame)
     if any(p):
@@ -80,6 +82,11 @@ def intrinsics_from_camera_info(msg: Any) -> Intrinsics:
     if int(roi.width) > 0 and int(roi.height) > 0:
         cx, cy = cx - int(roi.x_offset), cy - int(roi.y_offset)
         width, height = int(roi.width), int(roi.height)
+    bin_x, bin_y = max(1, int(msg.binning_x)), max(1, int(msg.binning_y))   # 0 means 1 (no binning)
+    if bin_x > 1 or bin_y > 1:
+        # Binned pixel j covers full-resolution pixels [b j, b j + b): centre b j + (b - 1) / 2.
+        fx, cx, width = fx / bin_x, (cx + 0.5) / bin_x - 0.5, width // bin_x
+        fy, cy, height = fy / bin_y, (cy + 0.5) / bin_y - 0.5, height // bin_y
     intrinsics = Intrinsics(fx=fx, fy=fy, cx=cx, cy=cy, width=width, height=height)
     problem = intrinsics.check()
     if problem:

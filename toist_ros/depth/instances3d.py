@@ -14,7 +14,22 @@ from toist_ros.depth.geometry import DepthLimits, instance_3d
 from toist_ros.depth.pairing import MISSING, PAIRED, UNSYNCED, Pairing
 
 _STATUS = {PAIRED: 1, MISSING: 2, UNSYNCED: 3}  # TaskInstances.DEPTH_* values
-ASPECT_TOLERANCE = 0.01  # relative; integer sizes of a binned or half-resolution stream differ by < 0.3 %
+# How a driver may round the size of a resized or binned stream: down, up or to the nearest pixel
+# (the same way on both axes): the interval the true size lies in, relative to the integer size.
+_ROUNDINGS = ((0.0, 1.0), (-1.0, 0.0), (-0.5, 0.5))
+
+
+def _same_view(size: tuple[int, int], other: tuple[int, int]) -> bool:
+    """Whether ``other`` (width, height) is ``size`` scaled by one factor and rounded to whole pixels.
+    A relative aspect tolerance would have to be loose for small images (101x75 halved is 50x37,
+    0.35 % off) and then let through RealSense's raw depth (848x480 beside 1280x720 colour, 0.6 %)."""
+    (width, height), (other_width, other_height) = size, other
+    for low, high in _ROUNDINGS:
+        smallest = max((other_width + low) / width, (other_height + low) / height)
+        largest = min((other_width + high) / width, (other_height + high) / height)
+        if smallest <= largest:
+            return True
+    return False
 
 
 def registration_problem(colour_size: tuple[int, int], depth_size: tuple[int, int],
@@ -25,10 +40,25 @@ def registration_problem(colour_size: tuple[int, int], depth_size: tuple[int, in
     stream instead of the aligned one, a crop) and would stretch every instance's geometry."""
     width, height = colour_size
     for what, (other_width, other_height) in (("depth image", depth_size), ("CameraInfo", camera_size)):
-        if abs((other_width * height) / (other_height * width) - 1.0) > ASPECT_TOLERANCE:
+        if not _same_view(colour_size, (other_width, other_height)):
             return (f"the {what} is {other_width}x{other_height} and the colour image {width}x{height}: another "
                     "aspect ratio, so not registered to the colour image (depth: the aligned/registered stream, "
                     "e.g. aligned_depth_to_color; CameraInfo: the colour camera's)")
+    return ""
+
+
+def frame_problem(colour_frame: str, depth_frame: str, camera_frame: str) -> str:
+    """Why the depth image (``depth_frame``) or the CameraInfo (``camera_frame``) is not in the colour
+    image's optical frame; "" when they are, or when a ``frame_id`` is empty (nothing to compare).
+    Compared as tf2 compares frames (a leading "/" of ROS 1 bags does not count)."""
+    colour = colour_frame.lstrip("/")
+    for what, frame, advice in (
+            ("depth image", depth_frame, "the 3D step reads depth registered to the colour image; wire the "
+                                         "aligned/registered stream (e.g. aligned_depth_to_color)"),
+            ("CameraInfo", camera_frame, "3D points are computed with the colour camera's intrinsics; wire the "
+                                         "colour camera's CameraInfo")):
+        if colour and frame and frame.lstrip("/") != colour:
+            return f"the {what}'s frame {frame!r} is not the colour image's {colour_frame!r}: {advice}"
     return ""
 
 
@@ -60,4 +90,4 @@ def add_3d(msg: Any, ranked: Sequence[Any], pairing: Pairing, limits: DepthLimit
     return valid
 
 
-__all__ = ["ASPECT_TOLERANCE", "add_3d", "registration_problem"]
+__all__ = ["add_3d", "frame_problem", "registration_problem"]
