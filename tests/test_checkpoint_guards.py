@@ -233,6 +233,62 @@ def test_a_training_checkpoint_stored_config_is_compared_with_a_given_config(tmp
     assert load_official(path, tokenizer=tokenizer).config.transformer.nheads == 4
 
 
+def test_a_training_checkpoint_never_opens_the_vocabulary_file_it_names(tmp_path, tokenizer, monkeypatch):
+    """A downloaded file whose config.data named a vocabulary path without its entries had that path
+    read (any YAML on the machine became the model's tasks; /dev/zero was read until memory ran
+    out; an unreadable file's error quoted its content)."""
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text("name: elsewhere\ntasks:\n- {id: 1, phrase: 'not the checkpoint's'}\n")
+    cfg = tiny()
+    checkpoint = training_checkpoint(build(cfg, tokenizer), cfg)
+    checkpoint["config"]["data"] = {"vocabulary": str(elsewhere), "tasks": [1]}
+    torch.save(checkpoint, tmp_path / "named.pth")
+    from toist_core import tasks
+
+    opened = []
+    monkeypatch.setattr(tasks.TaskVocabulary, "load", classmethod(lambda cls, path: opened.append(path)))
+    with pytest.raises(CheckpointError, match=r"named\.pth: \[config\.data\] names the vocabulary file .*elsewhere"
+                                              r"\.yaml' but records no vocabulary_entries"):
+        load_official(tmp_path / "named.pth", tokenizer=tokenizer)
+    assert opened == []
+    # With its entries (what training writes) the path is left alone, wherever it points.
+    checkpoint["config"]["data"] = {"vocabulary": "/dev/zero", "vocabulary_name": "mine", "tasks": [1],
+                                    "vocabulary_entries": [{"id": 1, "phrase": "cut paper with"}]}
+    torch.save(checkpoint, tmp_path / "recorded.pth")
+    loaded = load_official(tmp_path / "recorded.pth", tokenizer=tokenizer)
+    assert [e.phrase for e in loaded.vocabulary.entries] == ["cut paper with"] and opened == []
+
+
+def test_a_config_naming_a_far_larger_network_is_refused_before_it_is_built(tmp_path, tokenizer):
+    """400 million queries in a model directory's config.yaml (older directories record no config
+    beside the weights to compare it with) or a training checkpoint's stored config: 205 GB asked
+    for, and a bare RuntimeError, before the strict load could name the tensor."""
+    import yaml
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = tiny()
+    model = build(cfg, tokenizer)
+    directory = save_model_dir(model, tmp_path / "model", cfg)
+    weights = directory / "model.safetensors"
+    with safe_open(str(weights), "pt") as handle:
+        metadata, tensors = dict(handle.metadata()), {k: handle.get_tensor(k) for k in handle.keys()}
+    for key in ("toist_model_config", "toist_manifest"):   # as a directory written before they were recorded
+        metadata.pop(key)
+    save_file(tensors, str(weights), metadata=metadata)
+    settings = yaml.safe_load((directory / "config.yaml").read_text())
+    settings["model"]["num_queries"] = 400_000_000
+    (directory / "config.yaml").write_text(yaml.safe_dump(settings))
+    with pytest.raises(CheckpointError, match=r"query_embed\.weight \(file \[100, 128\], model \[400000000, 128\]\)"):
+        load_model_dir(directory, tokenizer="builtin:tiny")
+    checkpoint = training_checkpoint(model, cfg)
+    checkpoint["config"]["model"]["num_queries"] = 400_000_000
+    torch.save(checkpoint, tmp_path / "huge.pth")
+    with pytest.raises(CheckpointError, match=r"stored config\.model differ: num_queries: checkpoint 100, config "
+                                              r"400000000"):
+        load_official(tmp_path / "huge.pth", tokenizer=tokenizer)
+
+
 def test_a_text_encoder_folder_of_another_roberta_is_refused(tmp_path, tokenizer):
     """Its head count (8) divides the checkpoint's width and loaded silently, with other logits."""
     path = tmp_path / "tiny.pth"

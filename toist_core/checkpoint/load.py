@@ -72,6 +72,8 @@ def load_official(path: PathLike, config: Optional[ModelConfig] = None,
         except TextEncoderUnavailable as exc:  # the export recipe should name this very file
             raise exc.for_checkpoint(str(path)) from None
         tokenizer, tokenizer_origin = fetched.value, fetched.origin
+    # (Its config comes from the file's tensor shapes, or a training checkpoint's stored config
+    # checked against them: no file can ask for more network than it holds.)
     model = build_model(cfg, tokenizer=tokenizer)
     load_official_weights(model, ckpt)
     bank = None
@@ -213,8 +215,13 @@ def _training_facts(ckpt: OfficialCheckpoint) -> tuple[str, InputSize, tuple[int
 
     data = dict(ckpt.train_config.get("data", {}))
     data.pop("eval_split", None)  # recorded by checkpoints written before the unused field was removed
-    if data.get("vocabulary_entries"):
-        data["vocabulary"] = ""  # the recorded entries are the vocabulary; the file may be elsewhere now
+    if data.get("vocabulary") and not data.get("vocabulary_entries"):
+        # Training records a vocabulary file's entries; without them the file would be opened by
+        # the path the checkpoint names: a downloaded file choosing what is read on this machine.
+        raise CheckpointError(f"{ckpt.path}: [config.data] names the vocabulary file {data['vocabulary']!r} but "
+                              "records no vocabulary_entries (toist training records them): the file is damaged "
+                              "or not from toist's training; a checkpoint never opens the files it names")
+    data["vocabulary"] = ""  # the recorded entries are the vocabulary; the file may be elsewhere now
     data = typed_config.from_dict(DataConfig, data, f"{ckpt.path} [config.data]")
     return data.pronoun, data.input_size(), tuple(data.tasks), data.task_vocabulary()
 

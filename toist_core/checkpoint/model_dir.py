@@ -39,7 +39,8 @@ from ..tasks import COCO_TASKS, TaskVocabulary
 from .loaded import LoadedModel, describe_bank, describe_heads
 from .architecture import INFERENCE_NEUTRAL
 from .official import SEGM_PREFIX, WRAPPERS
-from .strict import BankSettings, build_memory_bank, listing, load_state_dict_strict, tensor_differences
+from .strict import (BankSettings, build_for_state, build_memory_bank, listing, load_state_dict_strict, meta_model,
+                     tensor_differences)
 
 MODEL_DIR_FORMAT = "toist-model"
 # 2: input_size (version 1 loads with the reference size); 3: tasks, tensor digests (required);
@@ -311,17 +312,9 @@ def check_model_matches_config(model: nn.Module, config: ModelConfig, memory_ban
 
 
 def _build_reference(config: ModelConfig, model: nn.Module, where: str) -> nn.Module:
-    """What loading the directory will build from ``config``: on the meta device (shapes and
-    modules, no memory); on the CPU if some part cannot be built there."""
-    from ..model import build_model
-
-    tokenizer = getattr(model, "tokenizer", None)
+    """What loading the directory will build from ``config``, on the meta device (:func:`meta_model`)."""
     try:
-        try:
-            with torch.device("meta"):
-                return build_model(config, tokenizer=tokenizer)
-        except (NotImplementedError, RuntimeError):  # an operation without a meta kernel
-            return build_model(config, tokenizer=tokenizer)
+        return meta_model(config, getattr(model, "tokenizer", None))
     except (ValueError, RuntimeError, NotImplementedError) as exc:
         raise CheckpointError(f"{where}: the config given for the model directory does not build a model ({exc}); "
                               "nothing was written") from None
@@ -486,7 +479,6 @@ def _export_snapshot(directory: Path) -> tuple[Optional[str], Optional[str]]:
 
 
 def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedModel:
-    from ..model import build_model
     from ..model.text import check_tokenizer_dir, fetch_tokenizer
 
     config_file = directory / CONFIG_FILE
@@ -566,7 +558,7 @@ def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedMod
         _check_tokenizer_unchanged(directory / TOKENIZER_DIR, weights_metadata.get(TOKENIZER_DIGEST_KEY))
     fetched = fetch_tokenizer(cfg.text.tokenizer)
     _check_tokenizer_override(directory, tokenizer, fetched.value, cfg.text.vocab_size)
-    model = build_model(cfg, tokenizer=fetched.value)
+    model = build_for_state(cfg, fetched.value, state, where=str(weights))
     load_state_dict_strict(model, state, where=str(weights))
     # After the files' own checks, whose errors say more about a file that cannot fit.
     if bank is not None and bank_metadata.get(EXPORT_ID_KEY) != weights_metadata.get(EXPORT_ID_KEY):

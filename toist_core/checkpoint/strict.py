@@ -68,6 +68,31 @@ def non_finite_tensors(state_dict: Mapping[str, Tensor]) -> list[str]:
     return bad
 
 
+def meta_model(config, tokenizer=None) -> nn.Module:
+    """``build_model(config)`` on the meta device: its modules and tensor shapes, no memory (on the
+    CPU if some part has no meta kernel)."""
+    from ..model import build_model
+
+    try:
+        with torch.device("meta"):
+            return build_model(config, tokenizer=tokenizer)
+    except (NotImplementedError, RuntimeError):  # an operation without a meta kernel
+        return build_model(config, tokenizer=tokenizer)
+
+
+def build_for_state(config, tokenizer, state_dict: Mapping[str, Tensor], where: str) -> nn.Module:
+    """The model ``config`` describes (a ModelConfig), built once ``state_dict``'s tensors are known
+    to fit it: a config that names a network far larger than its weights (a damaged or crafted
+    file: 400 million queries) took that memory, or ended in a bare RuntimeError, before the
+    strict load could say what was wrong."""
+    from ..model import build_model
+
+    problems = state_dict_problems(meta_model(config, tokenizer), state_dict)
+    if problems:
+        raise CheckpointError(f"{where} does not match the model: " + "; ".join(problems))
+    return build_model(config, tokenizer=tokenizer)
+
+
 def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, Tensor], where: str = "checkpoint") -> None:
     """Load every tensor or nothing: any missing / unexpected / mis-shaped tensor, or one holding
     NaN / inf values, raises :class:`CheckpointError` naming them."""
