@@ -220,6 +220,26 @@ def test_tensorrt_without_gpu_says_what_it_needs(dirs):
         TaskSegmenter.from_pretrained(dirs[0], device="cpu", inference=InferenceConfig(backend="tensorrt"))
 
 
+def test_onnxruntime_on_a_cuda_device_needs_the_cuda_provider(dirs, monkeypatch):
+    """With the CPU-only onnxruntime wheel a segmenter on cuda ran its graphs on the CPU, saying
+    cuda (the tensorrt backend refused the same)."""
+    import onnxruntime as ort
+
+    from toist_core.inference import onnx_backend
+    from toist_core.inference.onnx_export import model_digest
+
+    digest = model_digest(dirs[0])
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match=r"backend 'onnxruntime' on cuda:0: this onnxruntime has no "
+                                           r"CUDAExecutionProvider \(available: CPUExecutionProvider\); install "
+                                           r"onnxruntime-gpu"):
+        onnx_backend.providers_for("onnxruntime", torch.device("cuda", 0), dirs[0], digest)
+    assert onnx_backend.providers_for("onnxruntime", torch.device("cpu"), dirs[0], digest) == ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert onnx_backend.providers_for("onnxruntime", torch.device("cuda", 1), dirs[0], digest) == [
+        ("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+
+
 def test_tensorrt_engine_cache_goes_with_the_model_or_to_the_user_cache(dirs, tmp_path, monkeypatch):
     """The TensorRT options a GPU machine gets (checked here without one): fp16, engine cache in
     the model directory; a model directory that cannot be written (here its ``trt_cache`` is a
@@ -400,7 +420,11 @@ def test_a_one_task_vocabulary_exports_and_checks(tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "empty", "one byte"])
 def test_a_damaged_graph_is_refused_naming_the_file_and_the_command(dirs, tmp_path, damage):
     """The digests the export recorded catch any change, a flipped byte in a weight included (it
-    loaded and ran); without them (an older export) onnxruntime's own failure to read is named."""
+    loaded and ran), and are required (graphs copied without them ran unchecked); a graph the
+    record vouches for that onnxruntime cannot read is named too."""
+    import json
+
+    from toist_core.checkpoint.integrity import file_digest
     from toist_core.checkpoint.model_dir import ONNX_DIGESTS_FILE
 
     directory = _dir_with_graphs(dirs, tmp_path / "m")
@@ -413,10 +437,15 @@ def test_a_damaged_graph_is_refused_naming_the_file_and_the_command(dirs, tmp_pa
     with pytest.raises(CheckpointError, match=rf"detector.onnx: its SHA-256 is not the one the export recorded in "
                                               rf"onnx_sha256.json .*run `toist export --onnx {directory}` again"):
         TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(backend="onnxruntime"))
+    record = json.loads((directory / ONNX_DIGESTS_FILE).read_text())
     (directory / ONNX_DIGESTS_FILE).unlink()
-    if damage == "one byte":   # what went unseen before the digests were recorded
+    with pytest.raises(CheckpointError, match=rf"onnx_sha256.json: missing beside detector.onnx, mask_head.onnx "
+                                              rf".*run `toist export --onnx {directory}` again"):
         TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(backend="onnxruntime"))
+    if damage == "one byte":
         return
+    record[DETECTOR_FILE].append(file_digest(graph))   # a record that vouches for the damaged bytes
+    (directory / ONNX_DIGESTS_FILE).write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match=rf"detector.onnx: onnxruntime cannot read it .*damaged or cut short: "
                                               rf"run `toist export --onnx {directory}` again"):
         TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(backend="onnxruntime"))

@@ -5,6 +5,7 @@ The data are the project's synthetic scenes of generator tasks 1 and 2 under new
 team's own annotated images would be after `toist convert-coco`.
 """
 
+import re
 from pathlib import Path
 
 import pytest
@@ -131,7 +132,7 @@ def test_own_tasks_train_distil_export_and_resolve_by_phrase(workshop_model):
 
 
 def test_toist_evaluate_reads_the_own_noun_teacher_with_its_own_phrases(workshop, workshop_model, tmp_path,
-                                                                        monkeypatch):
+                                                                        monkeypatch, capsys):
     """`toist evaluate` of the own tasks' noun teacher (noun captions, --captions auto) built its
     captions from COCO-Tasks' phrases ("step on chair" for task 1), not the ones training scored."""
     import toist_core.inference.noun_captions as noun_captions
@@ -144,6 +145,11 @@ def test_toist_evaluate_reads_the_own_noun_teacher_with_its_own_phrases(workshop
                      "cpu", "--no-plots", "--out", str(tmp_path / "eval")]) == 0
     captions = [caption for caption in seen if caption]  # "": an image without a preferred object
     assert captions and all(c.startswith(("cut tape with ", "put a hot pan on ")) for c in captions), captions
+    # A task the model does not have: said as such (it was "task_3_test.json: annotation file not found").
+    assert cli.main(["evaluate", "--checkpoint", str(teacher), "--data", str(root), "--tasks", "3", "--device", "cpu",
+                     "--no-plots", "--out", str(tmp_path / "eval3")]) == 2
+    assert (f"--tasks: task 3 is not a task of {teacher}: task vocabulary 'workshop' has ids 1..2"
+            in capsys.readouterr().err)
 
 
 def test_fine_tuning_a_fourteen_task_model_dir_onto_own_tasks_keeps_weights_and_starts_the_bank_empty(workshop,
@@ -161,6 +167,29 @@ def test_fine_tuning_a_fourteen_task_model_dir_onto_own_tasks_keeps_weights_and_
         assert torch.equal(models.model.state_dict()[key], value), key
         assert torch.equal(models.teacher.state_dict()[key], value), key
     assert models.cluster.bank.num_tasks == 2 and not models.cluster.bank.update_count.any()
+
+
+@pytest.mark.parametrize("tasks, says", [
+    # Task 2's caption is task 1's phrase: asking for "sit on it" gave task 1.
+    ([{"id": 1, "phrase": "sit on it"}, {"id": 2, "phrase": "sit on", "pronoun": "it"}],
+     "the phrase of task 1 and the caption of task 2 are both 'sit on it'"),
+    ([{"id": 1, "phrase": "sit on", "pronoun": "it"}, {"id": 2, "phrase": "sit", "pronoun": "on it"}],
+     "the caption of task 1 and the caption of task 2 are both 'sit on it'"),
+    ([{"id": 1, "phrase": "lean on something"}],
+     "task 1: phrase 'lean on something' ends with its pronoun 'something', which the caption adds"),
+    ([{"id": 1, "phrase": "cut tape with"}, {"id": 2, "phrase": "2"}],
+     "task 2: phrase '2' reads as a number: a request for it would be taken as a task id"),
+])
+def test_every_task_of_a_vocabulary_can_be_requested_by_its_phrase_and_caption(tasks, says):
+    from toist_core.tasks import TaskVocabulary, resolve_task
+
+    with pytest.raises(ValueError, match=re.escape(f"shop: {says}")):
+        TaskVocabulary.from_data({"name": "shop", "tasks": tasks}, source="shop")
+    shop = TaskVocabulary.from_data({"name": "shop", "tasks": [{"id": 1, "phrase": "sit on"},
+                                                              {"id": 2, "phrase": "sit on it and"}]})
+    for text, task_id in (("sit on", 1), ("Sit on something", 1), ("sit on it and", 2),
+                          ("sit on it and something", 2), ("2", 2)):
+        assert resolve_task(text, vocabulary=shop).task_id == task_id, text
 
 
 def test_a_vocabulary_must_number_its_tasks_1_to_n(workshop, tmp_path):

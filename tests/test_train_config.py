@@ -1,5 +1,6 @@
 """The training configuration: strict YAML, stage consistency, path checks before training."""
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -163,7 +164,7 @@ def test_overrides_and_presets(tmp_path):
     assert cfg.optim.lr == 3e-4 and cfg.data.tasks == [2, 5] and cfg.eval.split == "test"
     assert cfg.model.backbone.name == "resnet18"  # from the tiny preset
     assert cfg.model.transformer.dropout == 0.0   # the YAML's change on top of the preset
-    with pytest.raises(ConfigError, match="unknown model preset 'huge'"):
+    with pytest.raises(ConfigError, match=r"cfg\.yaml\.model\.preset: unknown model preset 'huge'"):
         load_config(_write(tmp_path, {"model": {"preset": "huge"}}))
     with pytest.raises(ConfigError, match="expected key.path=value"):
         load_config(CONFIGS / "tiny_pronoun.yaml", ["optim.lr"])
@@ -206,6 +207,42 @@ def test_cli_fails_before_training_and_names_the_problem(tmp_path, synth_root, c
     captured = capsys.readouterr()
     assert code == 0 and "configuration and paths OK" in captured.err
     assert yaml.safe_load(captured.out)["data"]["tasks"] == [1]
+
+
+def test_data_tasks_are_read_as_listed(tmp_path):
+    """An explicit data.tasks of 1..14 with a 16-task vocabulary was replaced by every task (the
+    default could not be told from it); [1, 1] trained on task 1 twice as often."""
+    spec = tmp_path / "sixteen.yaml"
+    spec.write_text("name: sixteen\ntasks:\n" + "".join(f"- {{id: {k}, phrase: 'use thing {k} for'}}\n"
+                                                           for k in range(1, 17)))
+    listed = list(range(1, 15))
+    cfg = load_config(CONFIGS / "tiny_pronoun.yaml", [f"data.vocabulary={spec}", f"data.tasks={listed}"])
+    assert cfg.data.tasks == listed
+    assert load_config(CONFIGS / "tiny_pronoun.yaml", [f"data.vocabulary={spec}", "data.tasks=[]"]).data.tasks == \
+        list(range(1, 17))                                                  # []: every task of the vocabulary
+    assert load_config(CONFIGS / "tiny_pronoun.yaml", ["data.tasks=[]"]).data.tasks == list(range(1, 15))
+    with pytest.raises(ConfigError, match=r"overrides\.data: tasks: \[1\] listed more than once"):
+        load_config(CONFIGS / "tiny_pronoun.yaml", ["data.tasks=[1, 2, 1]"])
+
+
+def test_output_dir_is_a_path_as_written_and_a_torchrun_resume_says_torchrun(synth_root, capsys, monkeypatch):
+    """--output-dir 'runs/exp #2' became runs/exp (YAML comment), 2024-05-01 a date; under
+    torchrun --nproc_per_node 1 the resume command printed was a plain python one."""
+    from training.train import resume_command
+
+    for name in ("runs/exp #2", "2024-05-01", "yes", "exp: a"):
+        code = train_main(["--config", str(CONFIGS / "tiny_pronoun.yaml"), f"data.root={synth_root}",
+                           "data.tasks=[1]", "--output-dir", name, "--check"])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert yaml.safe_load(captured.out)["output_dir"] == name
+    args = argparse.Namespace(config="run.yaml", output_dir=None, overrides=[])
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resume_command(args, "runs/x/checkpoint.pth", 1).startswith("torchrun --standalone --nproc_per_node 1 "
+                                                                        "-m training.train --config run.yaml")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert resume_command(args, "runs/x/checkpoint.pth", 1).startswith("python -m training.train --config run.yaml")
 
 
 def test_toist_cli_has_the_train_subcommand(capsys):

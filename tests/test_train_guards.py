@@ -285,6 +285,70 @@ def test_fresh_start_refuses_another_runs_checkpoints_not_only_checkpoint_pth(sy
     assert [p.name for p in out.iterdir()] == [leftover]
 
 
+def test_a_resume_into_another_runs_folder_is_refused_and_into_a_new_one_continues(synth_root, tmp_path):
+    """A resume pointed at another run's output_dir (a forgotten --output-dir: the config's own
+    holds an earlier run) replaced that run's checkpoint.pth, config.yaml and model; --check said OK.
+    A finished run resumed into a new folder trained nothing and failed at the export."""
+    from toist_core.typed_config import ConfigError
+    from training.start_checks import check_start
+
+    first, second, fork = tmp_path / "first", tmp_path / "second", tmp_path / "fork"
+    for out in (first, second):
+        Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=1", "eval.enabled=false",
+                        "checkpoint.export_model_dir=false"), DistEnv()).run()
+    kept = (first / "checkpoint.pth").read_bytes()
+    ckpt = str(second / "checkpoint.pth")
+    cfg = _config("tiny_pronoun.yaml", synth_root, first, "schedule.max_steps=1", "checkpoint.export_model_dir=true")
+    for start in (lambda: Trainer(cfg, DistEnv(), resume=ckpt), lambda: check_start(cfg, ckpt)):
+        with pytest.raises(ConfigError, match=f"output_dir: {first} already holds checkpoint.pth of another run "
+                                              f"than --resume {ckpt}; continue it in its own folder "
+                                              f"\\(--output-dir {second}\\)"):
+            start()
+    assert (first / "checkpoint.pth").read_bytes() == kept and not (first / "model").exists()
+    # In its own folder, or a new one: it continues (here it had finished: the new folder gets its
+    # checkpoint and model all the same).
+    cfg = _config("tiny_pronoun.yaml", synth_root, fork, "schedule.max_steps=1", "checkpoint.export_model_dir=true")
+    check_start(cfg, ckpt)
+    assert Trainer(cfg, DistEnv(), resume=ckpt).run().step == 1
+    assert (fork / "checkpoint.pth").is_file() and (fork / "model" / "model.safetensors").is_file()
+
+
+def test_training_data_without_targets_is_refused_and_a_task_without_them_said(synth_root, tmp_path):
+    """Every object a crowd region (as CVAT may export): the run trained to find nothing, its
+    mAP "n/a", without a word about the training data."""
+    from toist_core.typed_config import ConfigError
+
+    def crowded(root, tasks):
+        (root / "annotations").mkdir(parents=True)
+        (root / "images").symlink_to(synth_root / "images")
+        for task in (1, 2):
+            data = json.loads((synth_root / "annotations" / f"task_{task}_train.json").read_text())
+            for ann in data["annotations"]:
+                ann["iscrowd"] = int(task in tasks)
+            (root / "annotations" / f"task_{task}_train.json").write_text(json.dumps(data))
+        return root
+
+    root = crowded(tmp_path / "all", (1, 2))
+    with pytest.raises(ConfigError, match=rf"data: the train split of {root} has no object to train on for task\(s\) "
+                                          r"\[1, 2\]: no preferred object that is not a crowd region"):
+        Trainer(_config("tiny_pronoun.yaml", root, tmp_path / "run"), DistEnv())
+    assert not (tmp_path / "run").exists()
+    logged = []
+    Trainer(_config("tiny_pronoun.yaml", crowded(tmp_path / "one", (2,)), tmp_path / "run"), DistEnv(),
+            log=logged.append)
+    assert any("task(s) [2] have no object to train on" in line for line in logged), logged
+
+
+def test_a_batch_larger_than_the_data_names_the_field(synth_root, tmp_path):
+    from toist_core.typed_config import ConfigError
+
+    cfg = _config("tiny_pronoun.yaml", synth_root, tmp_path / "run", "loader.batch_size=500")
+    with pytest.raises(ConfigError, match=r"^loader\.batch_size: batch_size 500 x 1 process\(es\) is larger than "
+                                          r"the dataset \(\d+ samples\)"):
+        Trainer(cfg, DistEnv())
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_model_folder_of_other_files_is_refused_before_training_not_after(synth_root, tmp_path):
     """<output_dir>/model is replaced whole by the export at the end: a folder of the user's
     files there failed the export after the whole run (exit 2, no model); --check said OK."""
@@ -500,7 +564,9 @@ def test_a_resume_reads_the_tasks_it_trained_on(synth_root, tmp_path):
     Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=1", "eval.enabled=false"), DistEnv()).run()
     ckpt = str(out / "checkpoint.pth")
     for override, says in (("data.tasks=[2,1]", "data.tasks: checkpoint [1, 2], config [2, 1]"),
-                           ("data.pronoun=it", "data.pronoun: checkpoint 'something', config 'it'")):
+                           ("data.pronoun=it", "data.pronoun: checkpoint 'something', config 'it'"),
+                           # Another order of every epoch's samples: some fed twice, some never.
+                           ("runtime.seed=7", "runtime.seed: checkpoint 42, config 7")):
         for start in (lambda cfg: Trainer(cfg, DistEnv(), resume=ckpt), lambda cfg: check_start(cfg, ckpt)):
             with pytest.raises(CheckpointError) as info:
                 start(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=2", "eval.enabled=false",
@@ -603,7 +669,10 @@ def test_a_run_killed_between_its_checkpoint_and_its_best_writes_the_best_when_r
                         "eval.enabled=true", "eval.holdout_fraction=0.3", "eval.every_steps=1",
                         "checkpoint.every_steps=1", "checkpoint.export_model_dir=false")
     Trainer(cfg_again, DistEnv()).run()
-    shutil.copy(tmp_path / "again" / "checkpoint.pth", earlier)
+    # The same updates as this run's first two (deterministic): its update-2 checkpoint, once it
+    # names this run (a checkpoint of another run is refused there: it would overwrite this one).
+    update2 = load_training_checkpoint(tmp_path / "again" / "checkpoint.pth")
+    torch.save(dict(update2, run_id=last["run_id"]), earlier)
     assert load_training_checkpoint(earlier)["best"]["step"] == 2
     logs.clear()
     Trainer(cfg, DistEnv(), resume=str(earlier), log=logs.append)._write_interrupted_best()

@@ -114,10 +114,12 @@ def test_ema_follows_every_parameter_across_evaluations(synth_root, tmp_path):
 
 
 def _comparable(state: dict) -> dict:
-    """A trainer's full checkpoint state without the wall-clock evaluation time."""
+    """A trainer's full checkpoint state without the wall-clock evaluation time and what names the
+    run (its output_dir, its run_id: the uninterrupted run compared with is another run)."""
     state = dict(state)
     state["metrics"] = {k: v for k, v in (state["metrics"] or {}).items() if k != "seconds"}
-    state.pop("config")   # names the run's own output_dir
+    state.pop("config")
+    assert isinstance(state.pop("run_id"), str)
     return state
 
 
@@ -164,6 +166,7 @@ def test_sigkilled_run_resumes_bit_identical(stage, synth_root, frozen_detector,
         frozen_detector.unlink()
     torch.manual_seed(12345)   # the resume must restore every random state itself
     resumed = Trainer(_config(stage, synth_root, killed, extra), DistEnv(), resume=str(killed / "checkpoint.pth"))
+    assert resumed.run_id == ckpt["run_id"] != full.run_id   # the same run goes on
     resumed.run()
     resumed.writer.close()
     full.writer.close()

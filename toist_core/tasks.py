@@ -76,7 +76,29 @@ class TaskVocabulary:
             if key in seen:
                 raise ValueError(f"{where}: tasks {seen[key]} and {entry.id} have the same phrase {entry.phrase!r}")
             seen[key] = entry.id
+        self._check_requests_tell_tasks_apart(where)
         self._by_id = {entry.id: entry for entry in self.entries}
+
+    def _check_requests_tell_tasks_apart(self, where: str) -> None:
+        """A task is requested by its phrase or its caption (:func:`resolve_task`): each must name
+        one task only, and read as text. Accepted before: "sit on" beside "sit on something" (task 2's
+        caption asked for task 1), "lean on something" (caption "lean on something something"), a
+        phrase "2" (read as the id 2)."""
+        names: dict[str, tuple[int, str]] = {}
+        for entry in self.entries:
+            phrase, pronoun = entry.phrase.strip(), (entry.pronoun or DEFAULT_PRONOUN).strip()
+            if _NUMBER_PATTERN.fullmatch(phrase):
+                raise ValueError(f"{where}: task {entry.id}: phrase {entry.phrase!r} reads as a number: a request "
+                                 "for it would be taken as a task id; write the verb phrase")
+            if _normalise(phrase) == _normalise(pronoun) or _normalise(phrase).endswith(" " + _normalise(pronoun)):
+                raise ValueError(f"{where}: task {entry.id}: phrase {entry.phrase!r} ends with its pronoun "
+                                 f"{pronoun!r}, which the caption adds ({phrase + ' ' + pronoun!r}); write the "
+                                 "phrase without it")
+            for kind, text in (("phrase", phrase), ("caption", f"{phrase} {pronoun}")):
+                other = names.setdefault(_normalise(text), (entry.id, kind))
+                if other[0] != entry.id:
+                    raise ValueError(f"{where}: the {other[1]} of task {other[0]} and the {kind} of task {entry.id} "
+                                     f"are both {text!r}: a request by that text could not tell the two apart")
 
     # --- construction ----------------------------------------------------------------------
 

@@ -358,7 +358,10 @@ def _expand_model_preset(data: dict, where: str) -> dict:
         name = model.pop("preset")
         if not isinstance(name, str):
             raise ConfigError(f"{where}.model.preset: expected a preset name, got {name!r}")
-        base = to_dict(preset(name))
+        try:
+            base = to_dict(preset(name))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.model.preset: {exc}") from None
         _deep_update(base, model, f"{where}.model")
         data["model"] = base
     return data

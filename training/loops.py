@@ -20,6 +20,7 @@ import contextlib
 import math
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -51,8 +52,8 @@ from training.sampling import EpochBatchSampler, SeededSamples
 from training.schedule import LRSchedule, ScheduleMismatch
 from training.stages import StepModule, build_criterion, build_stage_models, compute_losses, float_outputs
 from training.start_checks import (BEST, EPOCH_PATTERN, LAST, MODEL_DIR, RUN_CONFIG, check_resume_config,
-                                   earlier_run_file, foreign_config_problem, model_dir_problem, new_run_advice,
-                                   refuse_existing_run)
+                                   foreign_config_problem, model_dir_problem, new_run_advice, other_run_file,
+                                   refuse_existing_run, resumes_in_place)
 
 
 
@@ -93,10 +94,15 @@ class Trainer:
         problem = broadcast_object(model_dir_problem(cfg) if env.is_main else None, env)
         if problem is not None:
             raise ConfigError(problem)
-        if resume_state is None:
-            found = broadcast_object(earlier_run_file(self.output_dir) if env.is_main else None, env)
-            if found is not None:
-                refuse_existing_run(self.output_dir, found)
+        # Which run this is: a resume continues its checkpoint's (kept through every resume).
+        resume_run = resume_state.get("run_id") if resume_state is not None else None
+        self.run_id = broadcast_object(resume_run or uuid.uuid4().hex if env.is_main else None, env)
+        # A fresh start, or a resume into another folder than its checkpoint's, would overwrite the
+        # folder's own run (its checkpoint.pth, model/, config.yaml).
+        found = broadcast_object(other_run_file(self.output_dir, resume, resume_run) if env.is_main else None, env)
+        if found is not None:
+            refuse_existing_run(self.output_dir, found, resume)
+        if not resumes_in_place(self.output_dir, resume):
             problem = broadcast_object(foreign_config_problem(self.output_dir) if env.is_main else None, env)
             if problem is not None:
                 raise ConfigError(problem)
@@ -118,6 +124,7 @@ class Trainer:
         # Data: training samples (minus the holdout) and the validation images.
         self.tokenizer = load_tokenizer(cfg.model.text.tokenizer)
         train_set = build_dataset(cfg.data, cfg.data.train_split)
+        self._check_targets(train_set.target_counts())
         holdout = None
         if cfg.eval.enabled and cfg.eval.split == HOLDOUT:
             holdout = holdout_ids(train_set, cfg.eval.holdout_fraction, cfg.eval.holdout_seed)
@@ -133,8 +140,11 @@ class Trainer:
         if unscored:
             self.log(f"warning: eval: no {cfg.eval.split} image for task(s) {unscored}: their AP is n/a and the "
                      "mean is over the other tasks")
-        self.sampler = EpochBatchSampler(len(train_set), cfg.loader.batch_size, env.world_size, env.rank,
-                                         shuffle=True, seed=cfg.runtime.seed)
+        try:
+            self.sampler = EpochBatchSampler(len(train_set), cfg.loader.batch_size, env.world_size, env.rank,
+                                             shuffle=True, seed=cfg.runtime.seed)
+        except ValueError as exc:
+            raise ConfigError(f"loader.batch_size: {exc}") from None
         self.loader = DataLoader(SeededSamples(train_set), batch_sampler=self.sampler,
                                  collate_fn=Collator(self.tokenizer), num_workers=cfg.loader.num_workers,
                                  worker_init_fn=ignore_stop_signals,
@@ -198,6 +208,20 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ running
 
+    def _check_targets(self, counts: dict[int, int]) -> None:
+        """Refuse training data without a single target (e.g. every object a crowd region, as some
+        annotation tools export): the run trained to find nothing, without a word; warn about a
+        task without one."""
+        where = f"data: the {self.cfg.data.train_split} split of {self.cfg.data.root}"
+        if not any(counts.values()):
+            raise ConfigError(f"{where} has no object to train on for task(s) {sorted(counts)}: no preferred "
+                              "object that is not a crowd region (iscrowd 1 is never a target); check the "
+                              "annotations (toist convert-coco reports such tasks)")
+        empty = sorted(task for task, found in counts.items() if not found)
+        if empty:
+            self.log(f"warning: {where}: task(s) {empty} have no object to train on (no preferred object that is "
+                     "not a crowd region): the model learns to find nothing for them")
+
     def run(self) -> TrainResult:
         cfg, env = self.cfg, self.env
         result = TrainResult(step=self.step, epoch=self.step // self.steps_per_epoch, output_dir=self.output_dir)
@@ -238,6 +262,11 @@ class Trainer:
                     break
             if progress is not None:
                 progress.close()
+        # A finished run resumed into a new folder trains nothing, so wrote no checkpoint there
+        # (and the export read a file that was not there): the folder gets the run's state.
+        if result.stopped_by is None and broadcast_object(not (self.output_dir / LAST).exists()
+                                                          if env.is_main else None, env):
+            self._save(LAST)
         if cfg.checkpoint.export_model_dir and env.is_main and result.stopped_by is None:
             self.export(self.output_dir / MODEL_DIR)
         barrier(env)
@@ -451,7 +480,7 @@ class Trainer:
         centres = (all_gather_objects(self.cluster.bank.cluster_centers.detach().cpu(), self.env)
                    if self.cluster is not None else None)
         return {
-            "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "stage": self.cfg.stage,
+            "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "stage": self.cfg.stage, "run_id": self.run_id,
             "model": self.model.state_dict(),
             "model_ema": self.ema.state_dict() if self.ema is not None else None,
             "model_noun": self.teacher.state_dict() if self.teacher is not None else None,

@@ -31,12 +31,16 @@ def check_start(cfg: TrainConfig, resume: Optional[str] = None) -> None:
     problem = model_dir_problem(cfg)
     if problem is not None:
         raise ConfigError(problem)
+    resume_run = None
     if resume:
-        check_resume_config(ckpt_io.load_training_checkpoint(resume), cfg, resume)
-        return
-    found = earlier_run_file(Path(cfg.output_dir))
+        ckpt = ckpt_io.load_training_checkpoint(resume)
+        check_resume_config(ckpt, cfg, resume)
+        resume_run = ckpt.get("run_id")
+        if resumes_in_place(Path(cfg.output_dir), resume):
+            return
+    found = other_run_file(Path(cfg.output_dir), resume, resume_run)
     if found is not None:
-        refuse_existing_run(Path(cfg.output_dir), found)
+        refuse_existing_run(Path(cfg.output_dir), found, resume)
     problem = foreign_config_problem(Path(cfg.output_dir))
     if problem is not None:
         raise ConfigError(problem)
@@ -58,6 +62,37 @@ def model_dir_problem(cfg: TrainConfig) -> Optional[str]:
     except CheckpointError as exc:
         return f"output_dir: the run exports its model to {exc}"
     return None
+
+
+def resumes_in_place(output_dir: Path, resume: Optional[str]) -> bool:
+    """Whether the run continues ``resume`` in the checkpoint's own folder (which it then writes on)."""
+    return bool(resume) and Path(resume).resolve().parent == Path(output_dir).resolve()
+
+
+def run_id_of(path: Path) -> Optional[str]:
+    """The run a checkpoint belongs to (its ``run_id``, kept through resumes); None for a file
+    without one (written before runs recorded it) or one that cannot be read. The tensors are
+    memory-mapped, not read."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    run = ckpt.get("run_id") if isinstance(ckpt, dict) else None
+    return run if isinstance(run, str) else None
+
+
+def other_run_file(output_dir: Path, resume: Optional[str] = None, resume_run: Optional[str] = None) -> Optional[str]:
+    """The checkpoint of another run that a start in ``output_dir`` would overwrite (None: none).
+    A fresh start wants the folder free of runs; a resume continues in its checkpoint's own folder
+    or in one of the same run (``resume_run``: a copy of one of its checkpoints resumed there)."""
+    if resumes_in_place(output_dir, resume):
+        return None
+    found = earlier_run_file(output_dir)
+    if found is not None and resume and run_id_of(output_dir / found) == resume_run:
+        return None
+    return found
 
 
 def earlier_run_file(output_dir: Path) -> Optional[str]:
@@ -104,7 +139,10 @@ def _resolved_dump(path: Path) -> bool:
     return isinstance(data, dict) and set(data) == {field.name for field in dataclasses.fields(TrainConfig)}
 
 
-def refuse_existing_run(output_dir: Path, found: str) -> None:
+def refuse_existing_run(output_dir: Path, found: str, resume: Optional[str] = None) -> None:
+    if resume:   # continuing a checkpoint of another folder: this folder's run would be overwritten
+        raise ConfigError(f"output_dir: {output_dir} already holds {found} of another run than --resume {resume}; "
+                          f"continue it in its own folder (--output-dir {Path(resume).parent}) or in a new one")
     if found == BEST:   # the best weights of a run that never wrote a resumable checkpoint.pth
         raise ConfigError(f"output_dir: {output_dir} already holds {BEST} of an earlier run (without a {LAST} "
                           "to resume); choose another output_dir, or move the file away to start over there")
@@ -137,13 +175,17 @@ def check_resume_config(ckpt: dict, cfg: TrainConfig, path) -> None:
 
 # What the training data is, beyond where it lies (data.root may move): a resume that reads other
 # tasks, or another order of them, trains the checkpoint's weights on a mix without a word.
-RESUME_DATA_FIELDS = ("tasks", "vocabulary_entries", "train_split", "caption_mode", "pronoun")
+RESUME_DATA_FIELDS = ("data.tasks", "data.vocabulary_entries", "data.train_split", "data.caption_mode",
+                      "data.pronoun", "runtime.seed")   # the seed orders every epoch's samples
 
 
 def _check_resume_data(saved: dict, current: dict, path, stage: str) -> None:
-    before, now = saved.get("data") or {}, current.get("data") or {}
-    diffs = [f"data.{name}: checkpoint {before[name]!r}, config {now.get(name)!r}" for name in RESUME_DATA_FIELDS
-             if name in before and before[name] != now.get(name)]
+    diffs = []
+    for name in RESUME_DATA_FIELDS:
+        section, key = name.split(".")
+        before, now = saved.get(section) or {}, current.get(section) or {}
+        if key in before and before[key] != now.get(key):
+            diffs.append(f"{name}: checkpoint {before[key]!r}, config {now.get(key)!r}")
     if diffs:
         raise ckpt_io.CheckpointError(
             f"{path}: {'; '.join(diffs)}: the checkpoint trained on that data, in that order; a resume reads the "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from typing import Optional, Sequence
 
@@ -49,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from training.config import check_paths, config_to_dict, load_config
 
     overrides = list(args.overrides or [])
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
+    if args.output_dir:   # a path as written, not YAML ("runs/exp #2" lost its "#2" as a comment)
+        overrides.append(f"output_dir={json.dumps(args.output_dir)}")
     cfg = load_config(args.config, overrides)
     check_paths(cfg, args.resume)
     if args.check:
@@ -103,7 +104,7 @@ def resume_command(args: argparse.Namespace, checkpoint, world_size: int) -> str
     if args.output_dir:
         command += ["--output-dir", args.output_dir]
     command += list(args.overrides or [])
-    if world_size > 1:   # under torchrun: the same number of processes (exact resume needs it)
+    if world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ:   # under torchrun: the same processes
         if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:   # rendezvous options are not visible here
             launcher = "torchrun <the same --nnodes / --rdzv options on every node>"
         else:

@@ -153,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
         # Default: the tasks the model was trained on, else every task of its vocabulary.
         tasks = (parse_task_list(args.tasks, max_id=None) if args.tasks
                  else sorted(segmenter.trained_tasks or segmenter.vocabulary.ids))
+        for task in tasks:   # before the data is read: a missing task file hid the real reason
+            if task not in segmenter.vocabulary:
+                raise ValueError(f"--tasks: task {task} is not a task of {args.checkpoint}: "
+                                 f"{segmenter.vocabulary.describe()} has ids 1..{segmenter.vocabulary.num_tasks}")
         predictions = None
         phrases = {entry.id: entry.phrase for entry in segmenter.vocabulary.entries}
     files = task_files(args.data, tasks, args.split)

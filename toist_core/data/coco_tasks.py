@@ -155,6 +155,17 @@ class CocoTasksDataset(Dataset):
 
     # ------------------------------------------------------------------ dataset protocol
 
+    def target_counts(self) -> dict[int, int]:
+        """``{task id: objects it trains on}``: the preferred objects (every object for grounding
+        captions) that are not crowd regions, which are never targets."""
+        every = self.caption_mode == "grounding"
+        counts: dict[int, int] = {}
+        for task_file in self.files:
+            found = sum(1 for objects in task_file.annotations.values() for ann in objects
+                        if not ann.iscrowd and (ann.is_preferred or every))
+            counts[task_file.task_id] = counts.get(task_file.task_id, 0) + found
+        return counts
+
     def __len__(self) -> int:
         return len(self._samples)
 

@@ -9,7 +9,7 @@ from typing import Literal
 
 from toist_core.config import InputSize
 from toist_core.data.transforms import CROP_RESIZE_SIZES, TRAIN_SIZES
-from toist_core.tasks import COCO_TASKS, DEFAULT_PRONOUN, NUM_TASKS, TaskEntry, TaskVocabulary
+from toist_core.tasks import COCO_TASKS, DEFAULT_PRONOUN, TaskEntry, TaskVocabulary
 
 CaptionMode = Literal["pronoun", "noun", "distill", "grounding"]
 
@@ -24,7 +24,7 @@ class DataConfig:
     """
 
     root: str = "data/coco-tasks"  # folder with annotations/ and images/
-    tasks: list[int] = field(default_factory=lambda: list(range(1, NUM_TASKS + 1)))  # task ids to read (default: all)
+    tasks: list[int] = field(default_factory=list)  # task ids to read, as listed; [] (default): every task of the vocabulary
     # Task vocabulary file (id, phrase, pronoun; docs/own-data.md); "" = the 14 COCO-Tasks tasks.
     # Its entries are copied into ``vocabulary_entries`` when the config is built, so that a
     # training checkpoint (whose config is saved with it) carries the vocabulary itself; recorded
@@ -57,8 +57,11 @@ class DataConfig:
         elif self.vocabulary and Path(self.vocabulary).is_file():
             self._warn_if_file_changed()
         vocabulary = self.task_vocabulary()
-        if self.vocabulary_entries and self.tasks == list(range(1, NUM_TASKS + 1)):
-            self.tasks = list(vocabulary.ids)  # the untouched default means every task of the vocabulary
+        if not self.tasks:
+            self.tasks = list(vocabulary.ids)
+        repeated = sorted({task for task in self.tasks if self.tasks.count(task) > 1})
+        if repeated:   # read twice, trained on twice as often
+            raise ValueError(f"tasks: {repeated} listed more than once")
         for task in self.tasks:
             if task not in vocabulary:
                 raise ValueError(f"tasks: {task} is not a task of {vocabulary.describe()}: ids 1..{vocabulary.num_tasks}")

@@ -77,7 +77,12 @@ def providers_for(backend: str, device: torch.device, directory: Path, digest: s
                 "CPUExecutionProvider"]
     if backend != "onnxruntime":
         raise ValueError(f"backend must be one of {BACKENDS[1:]} for ONNX Runtime, got {backend!r}")
-    if device.type == "cuda" and "CUDAExecutionProvider" in available:
+    if device.type == "cuda":
+        # The CPU-only onnxruntime wheel ran the graphs on the CPU while the segmenter said cuda.
+        if "CUDAExecutionProvider" not in available:
+            raise RuntimeError(f"backend 'onnxruntime' on {device}: this onnxruntime has no CUDAExecutionProvider "
+                               f"(available: {', '.join(available)}); install onnxruntime-gpu instead of "
+                               "onnxruntime, or use device 'cpu'")
         return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 

@@ -49,7 +49,7 @@ from ..checkpoint.model_dir import DETECTOR_FILE, MASK_HEAD_FILE, ONNX_DIGESTS_F
 from ..structures import ImageBatch
 from ..tokens import NO_OBJECT_INDEX
 
-ONNX_FORMAT_VERSION = 1
+ONNX_FORMAT_VERSION = 2   # 2: the graphs come with their onnx_sha256.json, required when they are loaded
 OPSET = 18
 META_PREFIX = "toist."
 DETECTOR_INPUTS = ("image", "pad_mask", "text", "text_mask", "ccr_rows", "centres")
@@ -301,12 +301,14 @@ def _recorded_digests(record: Path) -> dict[str, list[str]]:
 
 def check_graph_digests(directory: Path) -> None:
     """Refuse a graph whose bytes are not the ones ``toist export --onnx`` installed (its
-    ``onnx_sha256.json``): a flipped byte in a weight ran, silently. Directories exported before
-    the digests were recorded have no such file and are not checked."""
+    ``onnx_sha256.json``): a flipped byte in a weight ran, silently. The record is required (graphs
+    of format 2 are written with it; graphs copied without it ran unchecked)."""
     record = directory / ONNX_DIGESTS_FILE
-    if not record.is_file():
-        return
     again = f"run `toist export --onnx {directory}` again"
+    graphs = [name for name in (DETECTOR_FILE, MASK_HEAD_FILE) if (directory / name).is_file()]
+    if graphs and not record.is_file():
+        raise CheckpointError(f"{record}: missing beside {', '.join(graphs)} (the export records their SHA-256s "
+                              f"there; graphs copied without it cannot be checked); copy it too, or {again}")
     try:
         recorded = json.loads(record.read_text(encoding="utf-8"))
         if not isinstance(recorded, dict):
