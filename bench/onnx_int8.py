@@ -21,6 +21,7 @@ graph pre-processed with ``quant_pre_process`` (ORT's basic optimisations fold t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from toist_core.checkpoint.integrity import file_digest
+from toist_core.checkpoint.model_dir import ONNX_DIGESTS_FILE
 from toist_core.inference.onnx_export import DETECTOR_FILE, DETECTOR_INPUTS, META_PREFIX
 
 QUANT_KEY = "quantization"
@@ -338,9 +341,14 @@ def _install_sibling(proto, source: Path, target: Path, tmp: Path, description: 
     staging = tmp / "dir"
     staging.mkdir()
     for entry in source.iterdir():
-        if entry.name != DETECTOR_FILE and not entry.name.startswith("."):
+        if entry.name not in (DETECTOR_FILE, ONNX_DIGESTS_FILE) and not entry.name.startswith("."):
             os.symlink(entry.resolve(), staging / entry.name)
     onnx.save(proto, str(staging / DETECTOR_FILE))
+    # The graphs' SHA-256 record, as the export writes it, with this detector's (OnnxNetwork
+    # requires it and refuses a detector whose bytes it does not list).
+    record = json.loads((source / ONNX_DIGESTS_FILE).read_text())
+    record[DETECTOR_FILE] = [file_digest(staging / DETECTOR_FILE)]
+    (staging / ONNX_DIGESTS_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)

@@ -307,6 +307,14 @@ def test_inverted_boxes_and_partial_masks_are_refused(tmp_path):
     inverted = {**good, 1: ImagePredictions([[10, 10, 30, 30], [60, 5, 40, 25]], [0.9, 0.8])}
     with pytest.raises(DataError, match=r"^task 3: image 1: boxes\[1\] is \[60\.0, 5\.0, 40\.0, 25\.0\]: x1 < x0"):
         evaluate_tasks({3: path}, {3: inverted})
+    # So is a box above COCOeval's largest area (1e10 px^2): one such false positive per image
+    # raised the AP instead of lowering it.
+    huge = {**good, 2: ImagePredictions([[5, 5, 55, 55], [0, 0, 2e5, 1e5]], [0.95, 0.99])}
+    with pytest.raises(DataError, match=r"^task 3: image 2: boxes\[1\] is \[0\.0, 0\.0, 200000\.0, 100000\.0\]: "
+                                        r"an area of 2e\+10 px\^2, above COCOeval's largest \(1e\+10\)"):
+        evaluate_tasks({3: path}, {3: huge})
+    # (What an image predicts within it is scored as before.)
+    assert evaluate_tasks({3: path}, {3: {**good, 2: ImagePredictions([[0, 0, 1e5, 1e5]], [0.99])}}).tasks
     masked = {image: ImagePredictions(p.boxes, p.scores, encode_masks(np.ones((len(p.boxes), 100, 100), bool)))
               for image, p in good.items()}
     partial = {**masked, 2: good[2]}
@@ -316,6 +324,7 @@ def test_inverted_boxes_and_partial_masks_are_refused(tmp_path):
         evaluate_task(path, partial, task_id=3)
     assert set(evaluate_tasks({3: path}, {3: masked}).iou_types) == {"bbox", "segm"}
     assert evaluate_tasks({3: path}, {3: good}).iou_types == ("bbox",)
+    assert evaluate_tasks({3: path}, {3: {}}).iou_types == ("bbox",)   # no image: no mask AP of 0 either
 
 
 def test_an_image_without_detections_may_say_masks_null_in_a_file_with_masks(root, tmp_path):
@@ -470,6 +479,47 @@ def test_cli_on_predictions_file(root, tmp_path, capsys):
                      "--tasks", str(TASKS[0]), "--out", str(out)]) == 0
     others = ", ".join(f"pr_task_{t}.png" for t in sorted(TASKS[1:]))
     assert f"note: {others} in {out} are from an earlier run, not this one" in capsys.readouterr().err
+
+
+def test_cli_refuses_output_paths_it_cannot_write_before_anything_runs(root, tmp_path, capsys):
+    """--out naming a file, or --save-predictions under one, failed after the whole inference run
+    with "[Errno 17] File exists", the predictions lost."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    base = ["evaluate", "--data", str(root), "--checkpoint", str(tmp_path / "never_loaded"), "--no-plots"]
+    assert cli.main(base + ["--out", str(notes)]) == 2
+    assert f"--out {notes}: exists and is not a folder" in capsys.readouterr().err
+    assert cli.main(base + ["--out", str(tmp_path / "out"), "--save-predictions", str(notes / "p.json")]) == 2
+    assert f"--save-predictions {notes / 'p.json'}: {notes} is a file, not a folder" in capsys.readouterr().err
+    assert cli.main(base + ["--out", str(notes / "deeper" / "out")]) == 2
+    assert f"--out {notes / 'deeper' / 'out'}: {notes} is a file, not a folder" in capsys.readouterr().err
+    assert notes.read_text() == "mine\n" and not (tmp_path / "out").exists()
+
+
+def test_cli_writes_its_files_as_one_set(root, tmp_path, capsys, monkeypatch):
+    """Stopped while its plots were drawn, a run left its new results.md beside the earlier run's
+    results.csv, log and plots; repeated IoU types were evaluated and reported twice; a phrase with
+    a "|" added a column to the Markdown table."""
+    import toist_core.eval.plots as plots
+
+    files = task_files(root, TASKS)
+    preds = {t: _perfect(load_ground_truth(p)) for t, p in files.items()}
+    save_predictions(tmp_path / "preds.json", preds, phrases={t: f"cut | slice\nwith {t}" for t in TASKS})
+    out = tmp_path / "out"
+    base = ["evaluate", "--data", str(root), "--predictions", str(tmp_path / "preds.json"), "--out", str(out)]
+    assert cli.main(base + ["--iou-types", "bbox", "bbox"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("mAP^box@0.5") == 1 and "mAP^mask" not in printed
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert f"| {TASKS[0]} | cut \\| slice with {TASKS[0]} |" in before["results.md"].decode()
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_task_pr", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(base)   # bbox and segm this time: other tables
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before   # the earlier set, whole
 
 
 def test_cli_replaces_only_what_an_evaluation_wrote(root, tmp_path, capsys):

@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("onnxruntime", reason="onnxruntime is in requirements/base.txt: run `make setup`")
 
 from toist_core.checkpoint import CheckpointError, save_model_dir  # noqa: E402
+from toist_core.checkpoint.model_dir import ONNX_DIGESTS_FILE  # noqa: E402
 from toist_core.config import InferenceConfig, preset  # noqa: E402
 from toist_core.distill.memory_bank import MemoryBank  # noqa: E402
 from toist_core.inference import TaskSegmenter  # noqa: E402
@@ -47,7 +48,7 @@ def dirs(tmp_path_factory):
     bank = MemoryBank(num_tasks=14, size=32, dim=128, num_clusters=3, seed=3)
     bank.full_label.fill_(1)
     distilled = save_model_dir(model, root / "distilled", cfg, memory_bank=bank)
-    for name in (DETECTOR_FILE, MASK_HEAD_FILE):
+    for name in (DETECTOR_FILE, MASK_HEAD_FILE, ONNX_DIGESTS_FILE):
         shutil.copy(plain / name, distilled / name)
     return plain, distilled
 
@@ -176,7 +177,7 @@ def test_missing_onnx_files_name_the_export_command(tmp_path):
 def test_graphs_of_other_weights_are_refused(dirs, tmp_path):
     model, cfg = _model(seed=1)
     directory = save_model_dir(model, tmp_path / "other", cfg)
-    for name in (DETECTOR_FILE, MASK_HEAD_FILE):
+    for name in (DETECTOR_FILE, MASK_HEAD_FILE, ONNX_DIGESTS_FILE):   # whole, as copied: the record passes
         shutil.copy(dirs[0] / name, directory / name)
     with pytest.raises(CheckpointError, match="exported from other weights"):
         OnnxNetwork(directory)
@@ -425,7 +426,6 @@ def test_a_damaged_graph_is_refused_naming_the_file_and_the_command(dirs, tmp_pa
     import json
 
     from toist_core.checkpoint.integrity import file_digest
-    from toist_core.checkpoint.model_dir import ONNX_DIGESTS_FILE
 
     directory = _dir_with_graphs(dirs, tmp_path / "m")
     graph = directory / DETECTOR_FILE

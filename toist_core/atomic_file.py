@@ -5,15 +5,18 @@ The new content is written to a temporary file beside the target (``.<name>.<ran
 same folder, so the rename cannot cross file systems), flushed to disk, renamed over the target,
 and the folder is synced so that the rename itself survives a power loss. Used for everything
 toist writes that a later run reads: ``config.yaml``, training checkpoints, predictions, the
-evaluation tables, plots and logs. (Whole directories: ``toist_core.checkpoint.atomic_dir``.)
+evaluation tables, plots and logs. (Whole directories: ``toist_core.checkpoint.atomic_dir``;
+files that belong together: written into a :func:`staging_folder`, then renamed into place.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable, Iterator, Union
 
 PathLike = Union[str, Path]
 
@@ -89,3 +92,15 @@ def fsync_dir(folder: PathLike) -> None:
 
 
 __all__ = ["atomic_write", "default_mode", "fsync_dir", "write_text_atomic"]
+
+
+@contextlib.contextmanager
+def staging_folder(directory: PathLike, prefix: str) -> Iterator[Path]:
+    """A fresh folder inside ``directory`` (the same file system, so renames from it are atomic,
+    and only the directory need be writable), removed afterwards whatever happens (Ctrl-C
+    included); one a killed process left is a hidden entry named ``prefix...``."""
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=directory))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -23,6 +23,7 @@ the evaluation succeeded.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from toist_core.tasks import NUM_TASKS
 
 REFERENCE_MAX_INSTANCES = 100  # the reference keeps all 100 queries
 LOG_NAME = "cocoeval_log.txt"
+EVAL_STAGING_PREFIX = ".eval-staging-"   # the folder inside --out a run writes its files into first
 LOG_START = b"[task "  # how every task's part of that log begins (told from a user's file of that name)
 
 
@@ -104,11 +106,13 @@ def run(args: argparse.Namespace) -> int:
     from toist_core.eval.plots import plot_pr_curves
     from toist_core.eval.predictions import load_prediction_file, save_predictions
     from toist_core.eval.tables import markdown_report, write_tables
-    from toist_core.atomic_file import write_text_atomic
+    from toist_core.atomic_file import fsync_dir, staging_folder, write_text_atomic
     from toist_core.data.schema import DataError
 
     if args.max_images is not None and args.max_images <= 0:
         raise ValueError(f"--max-images must be positive, got {args.max_images}")
+    if args.iou_types:   # "bbox bbox" evaluated and reported each twice
+        args.iou_types = list(dict.fromkeys(args.iou_types))
     _refuse_replacing_other_files(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
@@ -184,15 +188,22 @@ def run(args: argparse.Namespace) -> int:
     except DataError as exc:  # name the predictions file too (the task files are named already)
         raise DataError(f"{args.predictions}: {exc}" if args.predictions else str(exc)) from None
     result.phrases = phrases  # None (a file without them): COCO-Tasks' phrases
+    print(markdown_report(result))
     if args.save_predictions:  # only now: a refused evaluation leaves an existing file as it was
         print(f"predictions written to {save_predictions(args.save_predictions, predictions, phrases)}")
-    print(markdown_report(result))
-    md_path, csv_path = write_tables(result, args.out)
-    written = [md_path, csv_path]
-    if not args.no_plots:
-        written += plot_pr_curves(result, args.out)
-    log_path = write_text_atomic(Path(args.out) / LOG_NAME, "\n".join(t.log for t in result.tasks))
-    written.append(log_path)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Written beside, then renamed into place together: a run stopped while its plots were drawn
+    # left the new results.md beside the old results.csv, plots and log, nothing saying so.
+    with staging_folder(out, EVAL_STAGING_PREFIX) as staging:
+        staged = list(write_tables(result, staging))
+        if not args.no_plots:
+            staged += plot_pr_curves(result, staging)
+        staged.append(write_text_atomic(staging / LOG_NAME, "\n".join(t.log for t in result.tasks)))
+        written = [out / path.name for path in staged]
+        for path, target in zip(staged, written):
+            os.replace(path, target)
+        fsync_dir(out)
     print(f"evaluated {len(result.tasks)} task(s) in {time.perf_counter() - started:.1f} s; "
           f"wrote {len(written)} files to {args.out}")
     stale = sorted(set(Path(args.out).glob("pr_task_*.png")) - set(map(Path, written)))
@@ -210,7 +221,14 @@ def _refuse_replacing_other_files(args: argparse.Namespace) -> None:
     from toist_core.eval.plots import foreign_plot_files
     from toist_core.eval.tables import foreign_table_files
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # found after hours of inference, as "[Errno 17] File exists"
+        raise FileExistsError(f"--out {args.out}: exists and is not a folder; give a folder for the tables and plots")
     saved = Path(args.save_predictions) if args.save_predictions else None
+    for option, path in (("--out", out), ("--save-predictions", saved)):
+        parent = None if path is None else next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise FileExistsError(f"{option} {path}: {parent} is a file, not a folder; give another path")
     if saved is not None and saved.exists() and not (saved.is_file() and saved.stat().st_size == 0) \
             and not is_prediction_file(saved):  # an empty file: a name reserved (mktemp)
         raise FileExistsError(f"--save-predictions {args.save_predictions}: exists and is not a toist predictions file; "

@@ -303,8 +303,9 @@ def evaluate_tasks(ground_truths: Mapping[int, Union[str, Path, COCO]], predicti
     missing = sorted(set(predictions) - set(ground_truths))
     if missing:
         raise DataError(f"no annotation file given for predicted task(s) {missing}")
-    if iou_types is None:
-        iou_types = IOU_TYPES if _all_have_masks(predictions) else ("bbox",)
+    if iou_types is None:   # masks when every image has them, and there is an image (none got a mask AP of 0)
+        has_images = any(predictions.values())
+        iou_types = IOU_TYPES if _all_have_masks(predictions) and has_images else ("bbox",)
     results = [evaluate_task(ground_truths[task_id], predictions[task_id], iou_types,
                              None if image_ids is None else image_ids.get(task_id), task_id=task_id,
                              backend=backend)

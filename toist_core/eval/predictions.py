@@ -39,6 +39,7 @@ from toist_core.atomic_file import atomic_write
 
 FORMAT_NAME = "toist-predictions"
 FORMAT_VERSION = 1
+MAX_BOX_AREA = 1e10  # COCOeval's area range "all" ends there: [0, 1e5 ** 2]
 
 RLE = dict  # {"size": [h, w], "counts": str}
 _MASK_FORMAT = "{'size': [h, w], 'counts': str}"
@@ -111,6 +112,17 @@ def check_image_predictions(pred: ImagePredictions, where: str,
         k = int(inverted[0][0])
         raise DataError(f"{where}: boxes[{k}] is {pred.boxes[k].tolist()}: x1 < x0 or y1 < y0 (boxes are "
                         "x0, y0, x1, y1 in pixels)")
+    # So is a box above COCOeval's largest area, 1e10 px^2 (coordinates in other units, a huge
+    # finite value): one wrong false positive per image raised the AP from 12.6 to 25.1.
+    areas = (pred.boxes[:, 2].astype(np.float64) - pred.boxes[:, 0]) * (pred.boxes[:, 3].astype(np.float64)
+                                                                         - pred.boxes[:, 1]) \
+        if len(pred.boxes) else np.zeros(0)
+    huge = np.argwhere(~(areas <= MAX_BOX_AREA))
+    if len(huge):
+        k = int(huge[0][0])
+        raise DataError(f"{where}: boxes[{k}] is {pred.boxes[k].tolist()}: an area of {areas[k]:.3g} px^2, above "
+                        f"COCOeval's largest ({MAX_BOX_AREA:.0e}), where a detection is ignored, not counted "
+                        "(boxes are x0, y0, x1, y1 in pixels)")
     if pred.masks is not None and check_masks:
         _check_masks(pred, where, image_size)
 

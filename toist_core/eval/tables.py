@@ -69,13 +69,19 @@ def paper_table_markdown(result: EvaluationResult) -> str:
     return "\n".join(lines)
 
 
+def _cell(text: str) -> str:
+    """Text as one Markdown table cell: a phrase "cut | slice" added a column, a line break
+    split the row."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
 def per_task_markdown(result: EvaluationResult) -> str:
     rows = result_rows(result)
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |",
              "|" + "|".join("---:" if c not in ("phrase",) else "---" for c in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(v) if isinstance(v, float) else str(v) for v in row.values()) + " |")
+        lines.append("| " + " | ".join(_fmt(v) if isinstance(v, float) else _cell(str(v)) for v in row.values()) + " |")
     return "\n".join(lines)
 
 

@@ -30,19 +30,17 @@ refuses a graph whose digest is not the directory's (:func:`check_metadata`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..atomic_file import fsync_dir, write_text_atomic
+from ..atomic_file import fsync_dir, staging_folder, write_text_atomic
 from ..checkpoint import WEIGHTS_FILE, CheckpointError
 from ..checkpoint.integrity import file_digest
 from ..checkpoint.model_dir import DETECTOR_FILE, MASK_HEAD_FILE, ONNX_DIGESTS_FILE, ONNX_STAGING_PREFIX
@@ -215,7 +213,7 @@ def export_onnx(model: nn.Module, directory, exporter: str = "torchscript") -> l
     The graphs are written in a folder of their own inside ``directory``, flushed to disk and
     renamed in: a reader never sees half a graph, and an interrupted export changes nothing."""
     directory = Path(directory).expanduser().resolve()
-    with _staging_folder(directory) as staging:
+    with staging_folder(directory, ONNX_STAGING_PREFIX) as staging:
         graphs, digest = _write_graphs(model, directory, staging, exporter)
         return _install(graphs, directory, digest)
 
@@ -268,23 +266,31 @@ def _install(graphs: list[Path], directory: Path, digest: str) -> list[Path]:
         raise CheckpointError(f"{directory / WEIGHTS_FILE}: replaced while its ONNX graphs were exported; nothing "
                               f"was installed: run `toist export --onnx {directory}` again")
     record = directory / ONNX_DIGESTS_FILE
-    new = {graph.name: [file_digest(graph)] for graph in graphs}  # as written and flushed
+    new = _digests(graphs)  # as written and flushed
     # While the graphs are renamed in one by one, a reader (a node starting) may see old and new
     # files, and a kill may stop the swap half way: the record names both generations until the
     # new one is complete, so every whole graph of either loads and a changed byte is still refused.
     during = _recorded_digests(record)
     for name, values in new.items():
         during[name] = sorted(set(during.get(name, [])) | set(values))
-    write_text_atomic(record, json.dumps(during, indent=1, sort_keys=True) + "\n")
+    _write_record(record, during)
     installed = []
     for graph in graphs:
         os.replace(graph, directory / graph.name)
         installed.append(directory / graph.name)
     if MASK_HEAD_FILE not in {graph.name for graph in graphs}:  # a stale mask head of an older export
         (directory / MASK_HEAD_FILE).unlink(missing_ok=True)
-    write_text_atomic(record, json.dumps(new, indent=1, sort_keys=True) + "\n")
+    _write_record(record, new)
     fsync_dir(directory)
     return installed
+
+
+def _digests(graphs: list[Path]) -> dict[str, list[str]]:
+    return {graph.name: [file_digest(graph)] for graph in graphs}
+
+
+def _write_record(record: Path, digests: dict[str, list[str]]) -> None:
+    write_text_atomic(record, json.dumps(digests, indent=1, sort_keys=True) + "\n")
 
 
 def _recorded_digests(record: Path) -> dict[str, list[str]]:
@@ -321,18 +327,6 @@ def check_graph_digests(directory: Path) -> None:
         if path.is_file() and (not isinstance(allowed, list) or file_digest(path) not in allowed):
             raise CheckpointError(f"{path}: its SHA-256 is not the one the export recorded in {ONNX_DIGESTS_FILE} "
                                   f"(the file changed after it was written: damaged, or from another export); {again}")
-
-
-@contextlib.contextmanager
-def _staging_folder(directory: Path) -> Iterator[Path]:
-    """A fresh folder inside ``directory`` (the same file system, so renames from it are atomic,
-    and only the directory need be writable), removed afterwards whatever happens (Ctrl-C
-    included); one a killed export left is the directory's own entry (``ONNX_STAGING_PREFIX``)."""
-    staging = Path(tempfile.mkdtemp(prefix=ONNX_STAGING_PREFIX, dir=directory))
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -454,7 +448,7 @@ def export_checked(directory, exporter: str = "torchscript", **check) -> dict:
     loaded = load_pretrained(directory)
     check.setdefault("tasks", _check_tasks(loaded))
     digest = model_digest(directory)
-    with _staging_folder(directory) as staging:
+    with staging_folder(directory, ONNX_STAGING_PREFIX) as staging:
         trial = staging / "trial"
         shutil.copytree(directory, trial, copy_function=_link_or_copy,
                         ignore=shutil.ignore_patterns(DETECTOR_FILE, MASK_HEAD_FILE, ONNX_DIGESTS_FILE,
@@ -462,6 +456,7 @@ def export_checked(directory, exporter: str = "torchscript", **check) -> dict:
         graphs, _ = _write_graphs(loaded.model, trial, staging, exporter)
         for graph in graphs:  # the trial directory runs them; the originals stay for the install
             _link_or_copy(str(graph), str(trial / graph.name))
+        _write_record(trial / ONNX_DIGESTS_FILE, _digests(graphs))   # loaded as the installed ones will be
         result = compare_backends(trial, **check)
         if not check_passes(result):
             raise CheckpointError(f"{directory}: the new ONNX graphs do not match PyTorch and were not installed"
