@@ -18,6 +18,8 @@ _LAZY = {
     "NonFiniteOutputError": "toist_core.inference",
     "SlowPrecisionWarning": "toist_core.inference",
     "CheckpointError": "toist_core.checkpoint",
+    "ConfigError": "toist_core.typed_config",            # a bad InferenceConfig / config field
+    "TextEncoderUnavailable": "toist_core.model.hub",   # the tokenizer neither cached nor reachable
     "ModelConfig": "toist_core.config",
     "InferenceConfig": "toist_core.config",
     "preset": "toist_core.config",
