@@ -106,7 +106,10 @@ def _load_frozen_detector(cfg: TrainConfig, model: nn.Module, trained_by: list, 
     """``init.frozen_weights``' detector into ``model.detr``, after checking that the file suits
     the mask stage (a distilled detector for ``mask_head_distill``, with CCR, its pronoun); the
     file as read."""
-    ckpt = read_official(cfg.init.frozen_weights)
+    try:
+        ckpt = read_official(cfg.init.frozen_weights)
+    except CheckpointError as exc:
+        raise CheckpointError(f"init.frozen_weights: {exc}") from None
     _note_source(cfg, trained_by, "init.frozen_weights", cfg.init.frozen_weights, ckpt.train_config, log)
     if training_captions(ckpt) == "noun":  # frozen: it never learns this stage's pronoun captions
         stage = (ckpt.train_config or {}).get("stage")
@@ -171,12 +174,15 @@ def load_weights(model: nn.Module, path: str, strict: bool, field: str, log=prin
 
     Returns the training configuration of a toist training checkpoint (None for other files).
     """
-    if is_model_dir(path):
-        loaded = load_model_dir(path)
-        ckpt = OfficialCheckpoint(str(path), loaded.model.state_dict(), "model directory")
-    else:
-        # The teacher of a distillation file (its model_noun) is what init.load_noun means there.
-        ckpt = read_official(path, network="teacher" if teacher else "model")
+    try:   # a damaged file's error names the file; the config field it came from, too
+        if is_model_dir(path):
+            loaded = load_model_dir(path)
+            ckpt = OfficialCheckpoint(str(path), loaded.model.state_dict(), "model directory")
+        else:
+            # The teacher of a distillation file (its model_noun) is what init.load_noun means there.
+            ckpt = read_official(path, network="teacher" if teacher else "model")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{field}: {exc}") from None
     is_segm_model = hasattr(model, "detr")
     state = ckpt.state_dict if (is_segm_model or not ckpt.is_segmentation) else ckpt.detector_state_dict()
     if is_segm_model and not ckpt.is_segmentation:
