@@ -676,6 +676,12 @@ def test_a_split_without_a_default_image_folder_names_the_option(root, tmp_path,
     assert not (tmp_path / "out").exists()
     images = data / "images" / "val2014" if (data / "images" / "val2014").is_dir() else next((data / "images").iterdir())
     assert cli.main(common + ["--out", str(tmp_path / "out"), "--image-dir", str(images)]) == 0, capsys.readouterr().err
+    # Own data whose images lie elsewhere (images/test): said once, not as each image "not found".
+    (data / "images" / "val2014").rename(data / "images" / "test")
+    test = [arg if arg != "val" else "test" for arg in common]
+    assert cli.main(test + ["--out", str(tmp_path / "out2")]) == 2
+    assert (f"--image-dir: not given, and the default image folder of --split test, {data / 'images' / 'val2014'}, "
+            "does not exist" in capsys.readouterr().err)
 
 
 def test_a_rescored_predictions_file_names_the_tasks_as_the_model_did(root, tmp_path, capsys):

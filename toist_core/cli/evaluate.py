@@ -263,7 +263,11 @@ def _default_image_dir(root: str, split: str) -> Path:
         defaults = ", ".join(f"{name}: <data>/{folder}" for name, folder in sorted(data.image_dirs.items()))
         raise ValueError(f"--split {split}: no default image folder for that split (defaults: {defaults}); "
                          "give it with --image-dir")
-    return data.image_dir(split)
+    folder = data.image_dir(split)
+    if not folder.is_dir():  # own data keeps its images elsewhere: every image was "not found" in turn
+        raise ValueError(f"--image-dir: not given, and the default image folder of --split {split}, {folder}, "
+                         "does not exist; give the folder with --image-dir")
+    return folder
 
 
 def load_segmenter(checkpoint: str, device: str = "auto", text_encoder: Optional[str] = None,
