@@ -493,6 +493,9 @@ def test_cli_refuses_output_paths_it_cannot_write_before_anything_runs(root, tmp
     assert f"--save-predictions {notes / 'p.json'}: {notes} is a file, not a folder" in capsys.readouterr().err
     assert cli.main(base + ["--out", str(notes / "deeper" / "out")]) == 2
     assert f"--out {notes / 'deeper' / 'out'}: {notes} is a file, not a folder" in capsys.readouterr().err
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    assert cli.main(base + ["--out", str(tmp_path / "dangling")]) == 2
+    assert f"--out {tmp_path / 'dangling'}: a link to {tmp_path / 'gone'}, which does not exist" in capsys.readouterr().err
     assert notes.read_text() == "mine\n" and not (tmp_path / "out").exists()
 
 

@@ -236,6 +236,22 @@ def test_onnxruntime_on_a_cuda_device_needs_the_cuda_provider(dirs, monkeypatch)
                                            r"onnxruntime-gpu"):
         onnx_backend.providers_for("onnxruntime", torch.device("cuda", 0), dirs[0], digest)
     assert onnx_backend.providers_for("onnxruntime", torch.device("cpu"), dirs[0], digest) == ["CPUExecutionProvider"]
+    # device "auto" on a GPU machine with the CPU-only wheel (what `make setup` installs): the CPU,
+    # said once, for the API and the node alike (refusing it broke their documented default).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.warns(RuntimeWarning, match="device auto: backend 'onnxruntime' runs on the CPU: this onnxruntime "
+                                            "has no CUDAExecutionProvider"):
+        seg = TaskSegmenter.from_pretrained(dirs[0], device="auto", inference=InferenceConfig(backend="onnxruntime"))
+    assert seg.device.type == "cpu"
+    from toist_ros import model_loader
+    from toist_ros.params import Settings
+
+    monkeypatch.setattr(model_loader, "cuda_device_count", lambda: 1)
+    said = []
+    loaded = model_loader.load_model(Settings().replace({"checkpoint": str(dirs[0]), "backend": "onnxruntime"}),
+                                     warn=said.append)
+    assert loaded.device == "cpu" and loaded.segmenter.device.type == "cpu"
+    assert any(line.startswith("device auto: backend 'onnxruntime' runs on the CPU") for line in said), said
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert onnx_backend.providers_for("onnxruntime", torch.device("cuda", 1), dirs[0], digest) == [
         ("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]

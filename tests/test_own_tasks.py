@@ -20,6 +20,7 @@ from toist_core.data.synth import generate
 from toist_core.distill.memory_bank import MemoryBank
 from toist_core.inference import TaskSegmenter
 from toist_core.model import build_model, load_tokenizer
+from toist_core.typed_config import ConfigError
 from training.config import load_config
 from training.distributed import DistEnv
 from training.loops import Trainer
@@ -169,6 +170,12 @@ def test_fine_tuning_a_fourteen_task_model_dir_onto_own_tasks_keeps_weights_and_
     assert models.cluster.bank.num_tasks == 2 and not models.cluster.bank.update_count.any()
 
 
+def _spec(folder, tasks):
+    path = folder / f"spec_{len(list(folder.glob('spec_*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump({"name": "shop", "tasks": tasks}))
+    return path
+
+
 @pytest.mark.parametrize("tasks, says", [
     # Task 2's caption is task 1's phrase: asking for "sit on it" gave task 1.
     ([{"id": 1, "phrase": "sit on it"}, {"id": 2, "phrase": "sit on", "pronoun": "it"}],
@@ -180,11 +187,28 @@ def test_fine_tuning_a_fourteen_task_model_dir_onto_own_tasks_keeps_weights_and_
     ([{"id": 1, "phrase": "cut tape with"}, {"id": 2, "phrase": "2"}],
      "task 2: phrase '2' reads as a number: a request for it would be taken as a task id"),
 ])
-def test_every_task_of_a_vocabulary_can_be_requested_by_its_phrase_and_caption(tasks, says):
+def test_every_task_of_a_vocabulary_can_be_requested_by_its_phrase_and_caption(tasks, says, workshop, tmp_path):
+    """Refused where a run takes the vocabulary up (and said by the converter); a model trained on
+    one before keeps loading and serving its ids."""
     from toist_core.tasks import TaskVocabulary, resolve_task
 
-    with pytest.raises(ValueError, match=re.escape(f"shop: {says}")):
-        TaskVocabulary.from_data({"name": "shop", "tasks": tasks}, source="shop")
+    spec = tmp_path / "shop.yaml"
+    spec.write_text(yaml.safe_dump({"name": "shop", "tasks": tasks}))
+    with pytest.raises(ConfigError, match=re.escape(f"data: vocabulary: shop: {says}")):
+        load_config(CONFIGS / "tiny_pronoun.yaml", [f"data.root={workshop[0]}", f"data.vocabulary={spec}",
+                                                     "data.tasks=[]"])
+    from toist_core.data.convert_coco import vocabulary_problem
+
+    assert says in vocabulary_problem(spec)
+    assert TaskVocabulary.from_data({"name": "shop", "tasks": tasks}).num_tasks == len(tasks)   # recorded: read
+    # With the run's own pronoun: "hold something" is fine when the captions end with "it", and
+    # "sit on it" beside "sit on" (caption "sit on it") is not.
+    fine = _spec(tmp_path, [{"id": 1, "phrase": "hold something"}])
+    assert load_config(CONFIGS / "tiny_pronoun.yaml", ["data.pronoun=it", "data.tasks=[]",
+                                                       f"data.vocabulary={fine}"]).data.pronoun == "it"
+    clash = _spec(tmp_path, [{"id": 1, "phrase": "sit on"}, {"id": 2, "phrase": "sit on it"}])
+    with pytest.raises(ConfigError, match=r"task 2: phrase 'sit on it' ends with its pronoun 'it'"):
+        load_config(CONFIGS / "tiny_pronoun.yaml", ["data.pronoun=it", "data.tasks=[]", f"data.vocabulary={clash}"])
     shop = TaskVocabulary.from_data({"name": "shop", "tasks": [{"id": 1, "phrase": "sit on"},
                                                               {"id": 2, "phrase": "sit on it and"}]})
     for text, task_id in (("sit on", 1), ("Sit on something", 1), ("sit on it and", 2),

@@ -311,6 +311,19 @@ def test_a_resume_into_another_runs_folder_is_refused_and_into_a_new_one_continu
     check_start(cfg, ckpt)
     assert Trainer(cfg, DistEnv(), resume=ckpt).run().step == 1
     assert (fork / "checkpoint.pth").is_file() and (fork / "model" / "model.safetensors").is_file()
+    # The fork is a run of its own: neither folder takes the other's checkpoints for its own.
+    forked = load_training_checkpoint(fork / "checkpoint.pth")["run_id"]
+    assert forked != load_training_checkpoint(ckpt)["run_id"]
+    cfg = _config("tiny_pronoun.yaml", synth_root, second, "schedule.max_steps=1")
+    with pytest.raises(ConfigError, match=f"output_dir: {second} already holds checkpoint.pth of another run"):
+        Trainer(cfg, DistEnv(), resume=str(fork / "checkpoint.pth"))
+    # Files without a run_id (written before runs recorded one) prove nothing: refused as well.
+    for path in (first / "checkpoint.pth", second / "checkpoint.pth"):
+        state = load_training_checkpoint(path)
+        state.pop("run_id")
+        torch.save(state, path)
+    with pytest.raises(ConfigError, match=f"output_dir: {first} already holds checkpoint.pth of another run"):
+        check_start(_config("tiny_pronoun.yaml", synth_root, first, "schedule.max_steps=1"), ckpt)
 
 
 def test_training_data_without_targets_is_refused_and_a_task_without_them_said(synth_root, tmp_path):

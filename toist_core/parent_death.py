@@ -20,9 +20,9 @@ _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("lin
 
 
 def signal_when_parent_dies(signum: int, parent: int) -> bool:
-    """In the child: ask for ``signum`` when the parent process exits. ``parent`` is the pid the
-    child was started by; False where it has already gone (the request came too late: the caller
-    must end by itself) or the platform has no such request (not Linux: nothing is asked)."""
+    """In the child: ask for ``signum`` when the parent process exits (Linux; elsewhere nothing is
+    asked). ``parent`` is the pid the child was started by; False when it has already gone (the
+    request came too late: the caller must end by itself)."""
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
     return os.getppid() == parent

@@ -76,29 +76,31 @@ class TaskVocabulary:
             if key in seen:
                 raise ValueError(f"{where}: tasks {seen[key]} and {entry.id} have the same phrase {entry.phrase!r}")
             seen[key] = entry.id
-        self._check_requests_tell_tasks_apart(where)
         self._by_id = {entry.id: entry for entry in self.entries}
 
-    def _check_requests_tell_tasks_apart(self, where: str) -> None:
-        """A task is requested by its phrase or its caption (:func:`resolve_task`): each must name
-        one task only, and read as text. Accepted before: "sit on" beside "sit on something" (task 2's
-        caption asked for task 1), "lean on something" (caption "lean on something something"), a
-        phrase "2" (read as the id 2)."""
+    def request_problem(self, pronoun: str = DEFAULT_PRONOUN) -> str:
+        """Why some task could not be requested by its phrase or caption (:func:`resolve_task`)
+        with ``pronoun`` (the model's; a task's own wins), "" when each names one task and reads
+        as text. Checked where a vocabulary is taken up for training (and by the converter), not
+        when a trained model's recorded one is read: a model trained on it still serves its ids.
+        Accepted before: "sit on" beside "sit on something" (task 2's caption asked for task 1),
+        "lean on something" (caption "lean on something something"), a phrase "2" (read as id 2)."""
         names: dict[str, tuple[int, str]] = {}
+        where = self.name or self.source
         for entry in self.entries:
-            phrase, pronoun = entry.phrase.strip(), (entry.pronoun or DEFAULT_PRONOUN).strip()
+            phrase, own = entry.phrase.strip(), (entry.pronoun or pronoun).strip()
             if _NUMBER_PATTERN.fullmatch(phrase):
-                raise ValueError(f"{where}: task {entry.id}: phrase {entry.phrase!r} reads as a number: a request "
-                                 "for it would be taken as a task id; write the verb phrase")
-            if _normalise(phrase) == _normalise(pronoun) or _normalise(phrase).endswith(" " + _normalise(pronoun)):
-                raise ValueError(f"{where}: task {entry.id}: phrase {entry.phrase!r} ends with its pronoun "
-                                 f"{pronoun!r}, which the caption adds ({phrase + ' ' + pronoun!r}); write the "
-                                 "phrase without it")
-            for kind, text in (("phrase", phrase), ("caption", f"{phrase} {pronoun}")):
+                return (f"{where}: task {entry.id}: phrase {entry.phrase!r} reads as a number: a request for it "
+                        "would be taken as a task id; write the verb phrase")
+            if _normalise(phrase) == _normalise(own) or _normalise(phrase).endswith(" " + _normalise(own)):
+                return (f"{where}: task {entry.id}: phrase {entry.phrase!r} ends with its pronoun {own!r}, which "
+                        f"the caption adds ({phrase + ' ' + own!r}); write the phrase without it")
+            for kind, text in (("phrase", phrase), ("caption", f"{phrase} {own}")):
                 other = names.setdefault(_normalise(text), (entry.id, kind))
                 if other[0] != entry.id:
-                    raise ValueError(f"{where}: the {other[1]} of task {other[0]} and the {kind} of task {entry.id} "
-                                     f"are both {text!r}: a request by that text could not tell the two apart")
+                    return (f"{where}: the {other[1]} of task {other[0]} and the {kind} of task {entry.id} are both "
+                            f"{text!r}: a request by that text could not tell the two apart")
+        return ""
 
     # --- construction ----------------------------------------------------------------------
 

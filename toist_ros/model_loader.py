@@ -150,6 +150,15 @@ def load_model(settings: Any, warn: Callable[[str], None], info: Optional[Callab
     device, note = resolve_device(settings["device"], settings["allow_cpu_fallback"], cuda_device_count())
     if note:
         warn(note)
+    elif device != "cpu" and settings["device"].strip().lower() == "auto" and settings["backend"] == "onnxruntime":
+        import torch
+
+        from toist_core.inference.onnx_backend import auto_device
+
+        resolved, note = auto_device(settings["backend"], torch.device(device))
+        if note:
+            warn(note)
+            device = str(resolved)
     elif device == "cpu" and settings["device"].strip().lower() == "auto":
         # Not silent: on a robot this usually means a driver older than the torch build needs,
         # and the paper model then takes ~15 s per frame.

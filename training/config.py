@@ -313,7 +313,14 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         # recorded are those of the file it named, and they would win over the new one.
         data["data"].pop("vocabulary_entries", None)
         data["data"].pop("vocabulary_name", None)
-    return config_from_dict(data, where=str(path) + (" + overrides" if overrides else ""))
+    where = str(path) + (" + overrides" if overrides else "")
+    cfg = config_from_dict(data, where=where)
+    # A run takes its vocabulary up here: every task must be requestable by its phrase and caption
+    # (with this run's pronoun). Models trained before this check keep serving theirs.
+    problem = cfg.data.task_vocabulary().request_problem(cfg.data.pronoun)
+    if problem:
+        raise ConfigError(f"{where}.data: vocabulary: {problem}")
+    return cfg
 
 
 # The first line of the config.yaml a run writes into its output_dir: how a fresh start tells

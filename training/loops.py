@@ -52,7 +52,7 @@ from training.sampling import EpochBatchSampler, SeededSamples
 from training.schedule import LRSchedule, ScheduleMismatch
 from training.stages import StepModule, build_criterion, build_stage_models, compute_losses, float_outputs
 from training.start_checks import (BEST, EPOCH_PATTERN, LAST, MODEL_DIR, RUN_CONFIG, check_resume_config,
-                                   foreign_config_problem, model_dir_problem, new_run_advice, other_run_file,
+                                   continued_run, foreign_config_problem, model_dir_problem, new_run_advice, other_run_file,
                                    refuse_existing_run, resumes_in_place)
 
 
@@ -94,14 +94,15 @@ class Trainer:
         problem = broadcast_object(model_dir_problem(cfg) if env.is_main else None, env)
         if problem is not None:
             raise ConfigError(problem)
-        # Which run this is: a resume continues its checkpoint's (kept through every resume).
-        resume_run = resume_state.get("run_id") if resume_state is not None else None
-        self.run_id = broadcast_object(resume_run or uuid.uuid4().hex if env.is_main else None, env)
         # A fresh start, or a resume into another folder than its checkpoint's, would overwrite the
         # folder's own run (its checkpoint.pth, model/, config.yaml).
+        resume_run = resume_state.get("run_id") if resume_state is not None else None
         found = broadcast_object(other_run_file(self.output_dir, resume, resume_run) if env.is_main else None, env)
         if found is not None:
             refuse_existing_run(self.output_dir, found, resume)
+        # Which run this is: the one it continues (kept through every resume), else a new one.
+        self.run_id = broadcast_object((continued_run(self.output_dir, resume, resume_run) or uuid.uuid4().hex)
+                                       if env.is_main else None, env)
         if not resumes_in_place(self.output_dir, resume):
             problem = broadcast_object(foreign_config_problem(self.output_dir) if env.is_main else None, env)
             if problem is not None:
@@ -144,7 +145,7 @@ class Trainer:
             self.sampler = EpochBatchSampler(len(train_set), cfg.loader.batch_size, env.world_size, env.rank,
                                              shuffle=True, seed=cfg.runtime.seed)
         except ValueError as exc:
-            raise ConfigError(f"loader.batch_size: {exc}") from None
+            raise ConfigError(f"loader.batch_size: {exc}" if str(exc).startswith("batch_size") else str(exc)) from None
         self.loader = DataLoader(SeededSamples(train_set), batch_sampler=self.sampler,
                                  collate_fn=Collator(self.tokenizer), num_workers=cfg.loader.num_workers,
                                  worker_init_fn=ignore_stop_signals,
@@ -215,12 +216,12 @@ class Trainer:
         where = f"data: the {self.cfg.data.train_split} split of {self.cfg.data.root}"
         if not any(counts.values()):
             raise ConfigError(f"{where} has no object to train on for task(s) {sorted(counts)}: no preferred "
-                              "object that is not a crowd region (iscrowd 1 is never a target); check the "
-                              "annotations (toist convert-coco reports such tasks)")
+                              "object that is not a crowd region (iscrowd 1 is never a target) and whose box lies "
+                              "inside its image; check the annotations (toist convert-coco reports such tasks)")
         empty = sorted(task for task, found in counts.items() if not found)
         if empty:
             self.log(f"warning: {where}: task(s) {empty} have no object to train on (no preferred object that is "
-                     "not a crowd region): the model learns to find nothing for them")
+                     "not a crowd region, with a box inside its image): the model learns to find nothing for them")
 
     def run(self) -> TrainResult:
         cfg, env = self.cfg, self.env

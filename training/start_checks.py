@@ -90,9 +90,18 @@ def other_run_file(output_dir: Path, resume: Optional[str] = None, resume_run: O
     if resumes_in_place(output_dir, resume):
         return None
     found = earlier_run_file(output_dir)
-    if found is not None and resume and run_id_of(output_dir / found) == resume_run:
-        return None
+    if found is not None and resume and resume_run is not None and run_id_of(output_dir / found) == resume_run:
+        return None   # (a file without a run_id, written before runs recorded one, is no proof of the same run)
     return found
+
+
+def continued_run(output_dir: Path, resume: Optional[str], resume_run: Optional[str]) -> Optional[str]:
+    """The run a start in ``output_dir`` continues (``resume_run``, when the folder is its
+    checkpoint's or holds that run), else None: a new run, which gets its own id (a resume into a
+    new folder forks the run: the two folders must not take each other's checkpoints for their own)."""
+    if resume_run is None or other_run_file(output_dir, resume, resume_run) is not None:
+        return None
+    return resume_run if resumes_in_place(output_dir, resume) or earlier_run_file(output_dir) else None
 
 
 def earlier_run_file(output_dir: Path) -> Optional[str]:

@@ -224,6 +224,9 @@ def _refuse_replacing_other_files(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # found after hours of inference, as "[Errno 17] File exists"
         raise FileExistsError(f"--out {args.out}: exists and is not a folder; give a folder for the tables and plots")
+    if out.is_symlink() and not out.exists():
+        raise FileExistsError(f"--out {args.out}: a link to {os.readlink(out)}, which does not exist; create that "
+                              "folder or give another --out")
     saved = Path(args.save_predictions) if args.save_predictions else None
     for option, path in (("--out", out), ("--save-predictions", saved)):
         parent = None if path is None else next((p for p in path.parents if p.exists()), None)

@@ -156,14 +156,13 @@ class CocoTasksDataset(Dataset):
     # ------------------------------------------------------------------ dataset protocol
 
     def target_counts(self) -> dict[int, int]:
-        """``{task id: objects it trains on}``: the preferred objects (every object for grounding
-        captions) that are not crowd regions, which are never targets."""
+        """``{task id: objects its samples train on}``: the targets of :meth:`__getitem__`, counted
+        over this dataset's samples (each image once per task)."""
         every = self.caption_mode == "grounding"
-        counts: dict[int, int] = {}
-        for task_file in self.files:
-            found = sum(1 for objects in task_file.annotations.values() for ann in objects
-                        if not ann.iscrowd and (ann.is_preferred or every))
-            counts[task_file.task_id] = counts.get(task_file.task_id, 0) + found
+        counts = {task_file.task_id: 0 for task_file in self.files}
+        for k, image in self._samples:
+            task_file = self.files[k]
+            counts[task_file.task_id] += len(_target_objects(task_file, image, every))
         return counts
 
     def __len__(self) -> int:
@@ -221,15 +220,9 @@ class CocoTasksDataset(Dataset):
     def _base_target(self, task_file: TaskFile, image_rec: ImageRecord, every_object: bool = False) -> dict:
         """Target of the preferred objects (``every_object``: of all objects)."""
         height, width = image_rec.height, image_rec.width
-        kept: list[AnnotationRecord] = []
-        boxes: list[list[float]] = []
-        for ann in task_file.image_annotations(image_rec.id):
-            if ann.iscrowd or not (ann.is_preferred or every_object):
-                continue
-            box = clipped_box(ann, height, width)
-            if box is not None:  # degenerate boxes are dropped
-                kept.append(ann)
-                boxes.append(box)
+        objects = _target_objects(task_file, image_rec, every_object)
+        kept = [ann for ann, _ in objects]
+        boxes = [box for _, box in objects]
         target = {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.ones(len(kept), dtype=torch.int64),
@@ -244,6 +237,20 @@ class CocoTasksDataset(Dataset):
         if self.masks:
             target["masks"] = _masks(task_file, image_rec, kept)
         return target
+
+
+def _target_objects(task_file: TaskFile, image_rec: ImageRecord,
+                    every_object: bool = False) -> list[tuple[AnnotationRecord, list[float]]]:
+    """(object, its box clipped to the image) of each target of an image: the preferred objects
+    (``every_object``: all objects) except crowd regions and boxes empty inside the image."""
+    found = []
+    for ann in task_file.image_annotations(image_rec.id):
+        if ann.iscrowd or not (ann.is_preferred or every_object):
+            continue
+        box = clipped_box(ann, image_rec.height, image_rec.width)
+        if box is not None:  # degenerate boxes are dropped
+            found.append((ann, box))
+    return found
 
 
 def noun_caption_classes(task_file: TaskFile, image_rec: ImageRecord) -> list[int]:

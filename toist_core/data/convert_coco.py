@@ -134,7 +134,9 @@ def vocabulary_problem(path: PathLike) -> Optional[str]:
         entries = data.get("tasks") if isinstance(data, dict) else None
         if not any(isinstance(item, dict) and "phrase" in item for item in entries or ()):
             return None
-        TaskVocabulary.load(path)
+        problem = TaskVocabulary.load(path).request_problem()
+        if problem:
+            raise ValueError(problem)
     except (OSError, yaml.YAMLError, ValueError) as exc:
         return (f"{exc}: as a task vocabulary (data.vocabulary) training would refuse this file; fine if the "
                 "ids are COCO-Tasks' and training uses COCO-Tasks' tasks")

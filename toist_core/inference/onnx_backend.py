@@ -60,6 +60,22 @@ def trt_cache_dir(directory: Path, digest: str) -> Path:
                        "written: " + "; ".join(problems) + " (make one of them writable, or set XDG_CACHE_HOME)")
 
 
+def auto_device(backend: str, device: torch.device) -> tuple[torch.device, str]:
+    """The device ``"auto"`` gives ``backend`` (``device``: what "auto" resolved to), and why when
+    it is another: the onnxruntime backend of the CPU-only wheel (what ``make setup`` installs)
+    runs on the CPU, where a CUDA device it cannot use is refused (:func:`providers_for`)."""
+    if backend != "onnxruntime" or device.type != "cuda":
+        return device, ""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return device, ""   # its own error says what to install
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return device, ""
+    return torch.device("cpu"), ("device auto: backend 'onnxruntime' runs on the CPU: this onnxruntime has no "
+                                 "CUDAExecutionProvider (install onnxruntime-gpu for CUDA; device cpu silences this)")
+
+
 def providers_for(backend: str, device: torch.device, directory: Path, digest: str) -> list:
     """ONNX Runtime execution providers (with options) for ``backend`` on ``device``; for
     ``tensorrt`` the engine cache folder (:func:`trt_cache_dir`, weights ``digest``) is created."""

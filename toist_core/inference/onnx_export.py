@@ -47,7 +47,7 @@ from ..checkpoint.model_dir import DETECTOR_FILE, MASK_HEAD_FILE, ONNX_DIGESTS_F
 from ..structures import ImageBatch
 from ..tokens import NO_OBJECT_INDEX
 
-ONNX_FORMAT_VERSION = 2   # 2: the graphs come with their onnx_sha256.json, required when they are loaded
+ONNX_FORMAT_VERSION = 1
 OPSET = 18
 META_PREFIX = "toist."
 DETECTOR_INPUTS = ("image", "pad_mask", "text", "text_mask", "ccr_rows", "centres")
@@ -307,14 +307,15 @@ def _recorded_digests(record: Path) -> dict[str, list[str]]:
 
 def check_graph_digests(directory: Path) -> None:
     """Refuse a graph whose bytes are not the ones ``toist export --onnx`` installed (its
-    ``onnx_sha256.json``): a flipped byte in a weight ran, silently. The record is required (graphs
-    of format 2 are written with it; graphs copied without it ran unchecked)."""
+    ``onnx_sha256.json``): a flipped byte in a weight ran, silently. The record is required: graphs
+    copied without it, or exported before toist wrote it, ran unchecked."""
     record = directory / ONNX_DIGESTS_FILE
     again = f"run `toist export --onnx {directory}` again"
     graphs = [name for name in (DETECTOR_FILE, MASK_HEAD_FILE) if (directory / name).is_file()]
     if graphs and not record.is_file():
         raise CheckpointError(f"{record}: missing beside {', '.join(graphs)} (the export records their SHA-256s "
-                              f"there; graphs copied without it cannot be checked); copy it too, or {again}")
+                              f"there; graphs copied without it, or exported before toist wrote it, cannot be "
+                              f"checked); copy it with them, or {again}")
     try:
         recorded = json.loads(record.read_text(encoding="utf-8"))
         if not isinstance(recorded, dict):

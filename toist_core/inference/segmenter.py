@@ -226,12 +226,16 @@ class TaskSegmenter:
         from ..checkpoint import load_pretrained
 
         path = Path(path).expanduser()  # "~/models/x" (a ROS parameter gets no shell expansion), every backend
-        device = resolve_device(device)
+        asked, device = device, resolve_device(device)
         if inference is None or inference.backend == "torch":
             loaded, network = load_pretrained(path, config=config, text_encoder=text_encoder), None
         else:
-            from .onnx_backend import load_with_network
+            from .onnx_backend import auto_device, load_with_network
 
+            if asked == "auto":
+                device, note = auto_device(inference.backend, device)
+                if note:
+                    warnings.warn(note, RuntimeWarning, stacklevel=2)
             loaded, network = load_with_network(path, inference.backend, device, config, text_encoder)
         return cls(prepared(loaded.model, device, inference), device=device, memory_bank=loaded.memory_bank,
                    pronoun=loaded.pronoun, inference=inference, config=loaded.config, task=task,
