@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import traceback
 from typing import Callable
 
 import pytest
@@ -33,8 +35,11 @@ class RosSession:
     def _spin(self) -> None:
         try:
             self.executor.spin()
-        except Exception:  # executor shut down while waiting
-            pass
+        except Exception:  # shut down while waiting; or a callback raised, which ends the spinning
+            if self.context.ok() and not getattr(self.executor, "_is_shutdown", False):
+                # Said, not swallowed: every later service call of the module then "did not answer".
+                print("ros_support: the executor stopped spinning (a callback raised):\n" + traceback.format_exc(),
+                      file=sys.stderr, flush=True)
 
     def node(self, name: str):
         node = rclpy.create_node(name, context=self.context)
