@@ -479,6 +479,7 @@ def _export_snapshot(directory: Path) -> tuple[Optional[str], Optional[str]]:
 
 
 def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedModel:
+    from ..model import build_model
     from ..model.text import check_tokenizer_dir, fetch_tokenizer
 
     config_file = directory / CONFIG_FILE
@@ -558,7 +559,12 @@ def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedMod
         _check_tokenizer_unchanged(directory / TOKENIZER_DIR, weights_metadata.get(TOKENIZER_DIGEST_KEY))
     fetched = fetch_tokenizer(cfg.text.tokenizer)
     _check_tokenizer_override(directory, tokenizer, fetched.value, cfg.text.vocab_size)
-    model = build_for_state(cfg, fetched.value, state, where=str(weights))
+    if weights_metadata.get(MODEL_CONFIG_KEY) is None:
+        # Nothing recorded beside the weights vouches for config.yaml (a directory written before
+        # toist recorded it): its network is checked against the tensors on a skeleton first.
+        model = build_for_state(cfg, fetched.value, state, where=str(weights))
+    else:   # config.yaml is the network the weights were saved from (_check_network_unchanged)
+        model = build_model(cfg, tokenizer=fetched.value)
     load_state_dict_strict(model, state, where=str(weights))
     # After the files' own checks, whose errors say more about a file that cannot fit.
     if bank is not None and bank_metadata.get(EXPORT_ID_KEY) != weights_metadata.get(EXPORT_ID_KEY):
