@@ -58,7 +58,14 @@ class Manager:
 
     def call(self, client, request, timeout=60.0):
         future = client.call_async(request)
-        assert wait_for(future.done, timeout=timeout), "service did not answer"
+        if not wait_for(future.done, timeout=timeout):
+            # Seen once on a fresh clone, never reproduced: where every thread stands tells a lost
+            # response from a blocked executor.
+            import faulthandler
+            import sys
+
+            faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)   # fd 2 (captured too)
+            pytest.fail(f"service {client.srv_name} did not answer within {timeout} s (thread stacks above)")
         return future.result()
 
     def transition(self, label):
