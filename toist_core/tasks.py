@@ -88,14 +88,15 @@ class TaskVocabulary:
         names: dict[str, tuple[int, str]] = {}
         where = self.name or self.source
         for entry in self.entries:
-            phrase, own = entry.phrase.strip(), (entry.pronoun or pronoun).strip()
+            phrase, own = entry.phrase.strip(), self.pronoun_of(entry.id, pronoun).strip()
+            caption = self.pronoun_caption(entry.id, pronoun).strip()
             if _NUMBER_PATTERN.fullmatch(phrase):
                 return (f"{where}: task {entry.id}: phrase {entry.phrase!r} reads as a number: a request for it "
                         "would be taken as a task id; write the verb phrase")
             if _normalise(phrase) == _normalise(own) or _normalise(phrase).endswith(" " + _normalise(own)):
                 return (f"{where}: task {entry.id}: phrase {entry.phrase!r} ends with its pronoun {own!r}, which "
-                        f"the caption adds ({phrase + ' ' + own!r}); write the phrase without it")
-            for kind, text in (("phrase", phrase), ("caption", f"{phrase} {own}")):
+                        f"the caption adds ({caption!r}); write the phrase without it")
+            for kind, text in (("phrase", phrase), ("caption", caption)):
                 other = names.setdefault(_normalise(text), (entry.id, kind))
                 if other[0] != entry.id:
                     return (f"{where}: the {other[1]} of task {other[0]} and the {kind} of task {entry.id} are both "

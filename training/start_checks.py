@@ -96,10 +96,11 @@ def other_run_file(output_dir: Path, resume: Optional[str] = None, resume_run: O
 
 
 def continued_run(output_dir: Path, resume: Optional[str], resume_run: Optional[str]) -> Optional[str]:
-    """The run a start in ``output_dir`` continues (``resume_run``, when the folder is its
-    checkpoint's or holds that run), else None: a new run, which gets its own id (a resume into a
-    new folder forks the run: the two folders must not take each other's checkpoints for their own)."""
-    if resume_run is None or other_run_file(output_dir, resume, resume_run) is not None:
+    """The run a start that :func:`other_run_file` accepted continues (``resume_run``, when the
+    folder is its checkpoint's or holds a run, which that check found to be this one), else None:
+    a new run, which gets its own id (a resume into a new folder forks the run: the two folders
+    must not take each other's checkpoints for their own)."""
+    if resume_run is None:
         return None
     return resume_run if resumes_in_place(output_dir, resume) or earlier_run_file(output_dir) else None
 
