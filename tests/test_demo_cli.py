@@ -79,7 +79,8 @@ def test_a_demo_killed_outright_stops_its_node(tmp_path):
     process.kill()
     process.wait()
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{node_pid}").exists() and not got.exists() and time.monotonic() < deadline:
+    # Until the handler's write is in (the file exists, empty, from its open on: a fresh-clone run read it then).
+    while not (got.exists() and got.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert got.exists() and got.read_text() == str(int(signal.SIGTERM)), "the node outlived the demo"
 
