@@ -21,7 +21,7 @@ def _photo(height=37, width=53, seed=0):
 
 def _raw(pixels, encoding, step_pad=0):
     """An Image written by hand (not by image_from_array), optionally with padded rows."""
-    channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}[encoding]
+    channels = pixels.shape[2] if pixels.ndim == 3 else 1
     h, w = pixels.shape[:2]
     rows = np.zeros((h, w * channels + step_pad), dtype=np.uint8)
     rows[:, : w * channels] = pixels.reshape(h, w * channels)
@@ -62,6 +62,21 @@ def test_image_from_array_round_trips(encoding):
         assert np.abs(back[:, :, 0].astype(float) - expected).max() <= 1.0
     else:
         np.testing.assert_array_equal(back, rgb)
+
+
+def test_opencv_type_names_are_read_as_cv_bridge_reads_them():
+    """cv_bridge's cv2_to_imgmsg(frame) says "8UC3" (its default "passthrough"): an OpenCV frame,
+    BGR. Such cameras were refused ("unsupported encoding '8UC3'")."""
+    rgb = _photo(seed=5)
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    alpha = np.full(rgb.shape[:2] + (1,), 255, np.uint8)
+    np.testing.assert_array_equal(image_to_rgb(_raw(bgr, "8UC3", 0)), rgb)
+    np.testing.assert_array_equal(image_to_rgb(_raw(np.concatenate([bgr, alpha], axis=2), "8UC4", 2)), rgb)
+    gray = np.ascontiguousarray(rgb[:, :, 1:2])
+    np.testing.assert_array_equal(image_to_rgb(_raw(gray, "8UC1", 0)), np.repeat(gray, 3, axis=2))
+    wide = _raw(bgr, "16UC3", 0)
+    with pytest.raises(ImageError, match="16UC3"):   # not 8-bit: still refused
+        image_to_rgb(wide)
 
 
 def test_encoding_names_are_case_insensitive():

@@ -279,7 +279,7 @@ def test_every_counter_docs_ros_md_lists_is_on_diagnostics():
     task = SimpleNamespace(caption="sit comfortably on something", revision=1)
     model = SimpleNamespace(description="tiny", device="cpu")
     values = report_values(ready=True, task=task, model=model, counters=Counters(), inference_ms=Percentiles(),
-                           latency_ms=Percentiles(), cameras=[], dropped=[])
+                           latency_ms=Percentiles(), cameras=[], dropped=[], out_of_order=[])
     assert {"dropped_out_of_order", "service_timeouts", "no_image_warnings", "debug_errors"} <= set(listed)
     assert [name for name in listed if name not in values] == []
 

@@ -21,6 +21,9 @@ import numpy as np
 # Encoding -> channels of the 8-bit encodings the node accepts (REP 104 / sensor_msgs names).
 CHANNELS: dict[str, int] = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}
 SUPPORTED_ENCODINGS = tuple(CHANNELS)
+# OpenCV type names, read as cv_bridge reads them: ``cv2_to_imgmsg(frame)`` (encoding
+# "passthrough") labels an OpenCV frame, BGR(A) or grey, "8UC3" / "8UC4" / "8UC1".
+_OPENCV_TYPES = {"8uc3": "bgr8", "8uc4": "bgra8", "8uc1": "mono8"}
 
 # cv2 colour conversion from each encoding to RGB (None: already RGB).
 _TO_RGB = {
@@ -78,14 +81,16 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     the message's buffer (no copy).
     """
     height, width, step, encoding = image_header(msg, "image", ImageError)
-    channels = CHANNELS.get(encoding.lower())
+    name = _OPENCV_TYPES.get(encoding.lower(), encoding.lower())
+    channels = CHANNELS.get(name)
     if channels is None:
-        raise ImageError("encoding", f"unsupported encoding {encoding!r}; supported: {', '.join(SUPPORTED_ENCODINGS)}")
+        raise ImageError("encoding", f"unsupported encoding {encoding!r}; supported: {', '.join(SUPPORTED_ENCODINGS)} "
+                                     f"(and OpenCV's 8UC3 / 8UC4 / 8UC1, read as bgr8 / bgra8 / mono8)")
     row_bytes = width * channels
     data = checked_rows(msg, row_bytes, f"{channels} channels", ImageError)
     rows = np.frombuffer(data, dtype=np.uint8, count=step * height).reshape(height, step)[:, :row_bytes]
     pixels = rows.reshape(height, width, channels)
-    conversion = _TO_RGB[encoding.lower()]
+    conversion = _TO_RGB[name]
     if conversion is None:
         return np.ascontiguousarray(pixels)
     if channels == 1:

@@ -38,7 +38,8 @@ class FrameSlots:
         self._closed = False
         self._request_served_last = False
         self.received = [0] * num_sources   # frames put, per source
-        self.dropped = [0] * num_sources    # frames replaced before inference took them or older, per source
+        self.dropped = [0] * num_sources        # frames replaced before inference took them, per source
+        self.out_of_order = [0] * num_sources   # frames older than one already put (dropped), per source
         self._newest_ns = [0] * num_sources
 
     def put(self, source: int, frame: Any, order_ns: int = 0) -> str:
@@ -49,7 +50,7 @@ class FrameSlots:
             self.received[source] += 1
             newest = self._newest_ns[source]
             if 0 < order_ns < newest and newest - order_ns <= REORDER_WINDOW_NS:
-                self.dropped[source] += 1
+                self.out_of_order[source] += 1
                 return OLDER
             if order_ns > 0:
                 self._newest_ns[source] = order_ns

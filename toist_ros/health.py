@@ -32,10 +32,11 @@ _DEPTH_COUNTERS = ("depth_received", "depth_paired", "depth_missing", "depth_uns
 
 def report_values(*, ready: bool, task: Any, model: Any, counters: Counters, inference_ms: Percentiles,
                   latency_ms: Percentiles, cameras: Sequence[Any], dropped: Sequence[int],
-                  geometry_ms: Optional[Percentiles] = None) -> dict[str, Any]:
+                  out_of_order: Sequence[int], geometry_ms: Optional[Percentiles] = None) -> dict[str, Any]:
     """The flat report: task, model, timings, per camera rates and drops, counters, memory.
-    ``dropped``: frames replaced in each camera's slot, indexed like ``cameras``; ``geometry_ms``:
-    the 3D step's time per frame (None: depth is off, no depth keys)."""
+    ``dropped`` / ``out_of_order``: frames replaced in each camera's slot / dropped as older than
+    one already put, indexed like ``cameras``; ``geometry_ms``: the 3D step's time per frame
+    (None: depth is off, no depth keys)."""
     counts = counters.snapshot()
     inf50, inf95 = inference_ms.quantiles(0.5, 0.95)
     lat50, lat95 = latency_ms.quantiles(0.5, 0.95)
@@ -50,6 +51,7 @@ def report_values(*, ready: bool, task: Any, model: Any, counters: Counters, inf
         values[f"{name} input Hz"] = f"{camera.input_rate.rate():.2f}"
         values[f"{name} output Hz"] = f"{camera.output_rate.rate():.2f}"
         values[f"{name} dropped (replaced)"] = dropped[camera.index]
+        values[f"{name} dropped (out of order)"] = out_of_order[camera.index]
         values[f"{name} published"] = camera.output_rate.count
         values[f"{name} rejected"] = camera.rejected
         values[f"{name} skipped stale"] = camera.skipped_stale

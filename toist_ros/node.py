@@ -357,16 +357,31 @@ class PerceptionNode(Node):
 
     # --- parameters and diagnostics ----------------------------------------------------------
 
+    def set_parameters(self, parameter_list: list) -> list:
+        try:
+            return super().set_parameters(parameter_list)
+        finally:
+            self._keep_value_types(parameter_list)
+
+    def set_parameters_atomically(self, parameter_list: list) -> Any:
+        # (The parameter services call this one, for single sets too.)
+        try:
+            return super().set_parameters_atomically(parameter_list)
+        finally:
+            self._keep_value_types(parameter_list)
+
+    def _keep_value_types(self, params: list) -> None:
+        """Dynamic typing (params.declare) lets rclpy give a stored descriptor the incoming value's
+        type before any check: a refused set (by rclpy's range check of another parameter of the
+        same atomic set, or by :meth:`_on_set_parameters`) left `ros2 param describe` (and rqt's
+        editors) saying string for score_threshold. The type is the kept value's again."""
+        for param in params:
+            kept = self._descriptors.get(param.name) if param.name in parameters.SPECS else None
+            if kept is not None and self.has_parameter(param.name):
+                kept.type = self.get_parameter(param.name).type_.value
+
     def _on_set_parameters(self, params: list) -> Any:
         result = parameters.check_parameter_changes(params, self._settings.values)
-        if not result.successful:
-            # Dynamic typing (params.declare) let rclpy give the stored descriptor the refused
-            # value's type before asking here: `ros2 param describe` (and rqt's editors) showed a
-            # string type for a refused score_threshold. Put back the type of the value kept.
-            for param in params:
-                kept = self._descriptors.get(param.name) if param.name in parameters.SPECS else None
-                if kept is not None and self.has_parameter(param.name):
-                    kept.type = self.get_parameter(param.name).type_.value
         if result.successful:
             # Replace the whole settings object: the inference thread reads one consistent set.
             # (ints_to_doubles again: Humble has no pre-set callback, and `1` means 1.0 there too.)
@@ -397,6 +412,7 @@ class PerceptionNode(Node):
         return report_values(ready=self._ready, task=self.active_task, model=self.model, counters=self.counters,
                              inference_ms=self.inference_ms, latency_ms=self.latency_ms,
                              cameras=self._cameras, dropped=self._inputs.slots.dropped,
+                             out_of_order=self._inputs.slots.out_of_order,
                              geometry_ms=self.geometry_ms if self._depth is not None else None)
 
     def _publish_diagnostics(self) -> None:
