@@ -30,7 +30,7 @@ setup(
         "pycocotools>=2.0.7",
         "faster-coco-eval>=1.8",  # the evaluator's default backend (pycocotools stays the reference)
         "opencv-python-headless",
-        "numba",  # the compiled kernel of toist_ros's 3D step (toist_ros/depth/geometry_kernel.py)
+        "numba>=0.55.1",  # the compiled kernel of toist_ros's 3D step (toist_ros/depth/geometry_kernel.py)
         "pyyaml",
         "safetensors>=0.4.3",
         "tensorboard",

@@ -23,7 +23,8 @@ Arguments (``ros2 launch toist_ros perception.launch.py --show-args``):
   lifecycle           true | false: a lifecycle (managed) node, unconfigured until a manager
                       configures and activates it (perception_lifecycle_node)
   autostart           true | false: with lifecycle:=true, configure and activate it at launch
-                      (later transitions stay with `ros2 lifecycle set` or a manager)
+                      (later transitions stay with `ros2 lifecycle set` or a manager); ignored,
+                      and said, for a plain node
 An empty value keeps the params file's value of that parameter.
 
 When the node cannot start (exit 2: a parameter, 3: the model, 4: the device), the launch stops
@@ -100,7 +101,8 @@ def _flag(name, text):
 def node_options(args):
     """What the node is started with, from the launch arguments (a dict of strings).
 
-    Returns a dict with ``executable``, ``lifecycle`` and ``autostart`` (booleans),
+    Returns a dict with ``executable``, ``lifecycle`` and ``autostart`` (booleans), ``notes``
+    (what the launch says before starting the node),
     ``namespace``, ``parameters`` (the params file, then a dict of typed overrides: strings stay
     strings, so ``task:=2`` is the text "2", not the integer 2), ``remappings`` and
     ``arguments`` (``--ros-args --log-level ...``).
@@ -120,8 +122,13 @@ def node_options(args):
         if not args[topic].strip():
             raise ValueError(f"{topic} is empty")
     lifecycle, autostart = _flag("lifecycle", args["lifecycle"]), _flag("autostart", args["autostart"])
+    notes = []
     if autostart and not lifecycle:
-        raise ValueError("autostart:=true is for a lifecycle node: add lifecycle:=true (a plain node starts by itself)")
+        # Not an error: an included launch file reads the including one's launch configurations,
+        # and robot bringups (nav2's) declare autostart:=true for their own lifecycle nodes.
+        notes.append("autostart:=true ignored: it is for a lifecycle node (lifecycle:=true); this plain node "
+                     "starts by itself (an including launch file's autostart reaches this one too)")
+        autostart = False
     overrides = {}
     if args["use_sim_time"].strip():
         overrides["use_sim_time"] = _flag("use_sim_time", args["use_sim_time"])
@@ -138,6 +145,7 @@ def node_options(args):
         "remappings": [("image", args["image_topic"].strip()), ("depth", args["depth_topic"].strip()),
                        ("camera_info", args["camera_info_topic"].strip())],
         "arguments": ["--ros-args", "--log-level", level],
+        "notes": notes,
     }
 
 
@@ -244,7 +252,7 @@ def generate_launch_description():
 
 
 def _node_action(context, *args, **kwargs):
-    from launch.actions import RegisterEventHandler
+    from launch.actions import LogInfo, RegisterEventHandler
     from launch.event_handlers import OnProcessExit, OnProcessIO
     from launch.substitutions import LaunchConfiguration
     from launch_ros.actions import LifecycleNode, Node
@@ -275,10 +283,12 @@ def _node_action(context, *args, **kwargs):
             # An exception ends `ros2 launch` with exit status 1 and this message as its error.
             raise RuntimeError(message)
 
-    return [node,
-            RegisterEventHandler(OnProcessIO(target_action=node, on_stdout=lambda event: fatal.feed(event.text, "stdout"),
-                                             on_stderr=lambda event: fatal.feed(event.text, "stderr"))),
-            RegisterEventHandler(OnProcessExit(target_action=node, on_exit=on_exit))] + (
+    notes = [LogInfo(msg=note) for note in options["notes"]]
+    return notes + [node,
+                    RegisterEventHandler(OnProcessIO(target_action=node,
+                                                     on_stdout=lambda event: fatal.feed(event.text, "stdout"),
+                                                     on_stderr=lambda event: fatal.feed(event.text, "stderr"))),
+                    RegisterEventHandler(OnProcessExit(target_action=node, on_exit=on_exit))] + (
         _autostart(node) if options["autostart"] else [])
 
 

@@ -627,6 +627,11 @@ def test_a_text_encoder_given_for_a_directory_must_be_its_own_tokenizer(tmp_path
     with pytest.raises(CheckpointError, match=rf"text_encoder '{other}' is not the tokenizer this model directory "
                                               r"was exported with .*leave text_encoder \(--text-encoder\) out"):
         load_model_dir(directory, tokenizer=str(other))
+    # A hub name kept from an official file's command line, offline: the remedy is to leave it
+    # out (the hub error's own remedy, `toist export`, is what made the directory).
+    with pytest.raises(CheckpointError, match=r"text_encoder 'toist-tests/not-cached' is not on this machine .*own tokenizer "
+                                              r"folder \('tokenizer'\): leave text_encoder \(--text-encoder\) out"):
+        load_model_dir(directory, tokenizer="toist-tests/not-cached")
 
 
 def test_export_targets_and_inputs_that_cannot_work_are_named(tmp_path, official_file, capsys, monkeypatch):

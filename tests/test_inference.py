@@ -298,6 +298,18 @@ def test_segmenter_refuses_a_module_on_another_device(seg):
         TaskSegmenter(meta, device="cpu")
 
 
+@pytest.mark.parametrize("device", ["cuda:0", torch.device("cuda:0"), "mps", torch.device("meta")])
+def test_a_device_this_machine_lacks_is_refused_before_the_model_loads(device, monkeypatch):
+    """A torch.device skipped the checks: cuda:0 on a machine without CUDA loaded the model, then
+    failed with torch's "Found no NVIDIA driver"."""
+    from toist_core.inference import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device .*(CUDA is not available|expected 'auto', 'cpu')"):
+        resolve_device(device)
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+
 def test_bf16_on_cpu_runs_close_to_fp32(seg):
     image = random_image(64, 80, seed=9)
     fast = TaskSegmenter(seg.model, device="cpu", task=2,
@@ -500,6 +512,13 @@ def test_cli_predict_keeps_other_files_and_the_other_images_results(tmp_path, ca
         assert not (photos / "desk_3.json").exists() and not (photos / "broken.json").exists()
     assert cli.main(base + [str(photos / "shelf.png"), str(photos / "nowhere.png"), str(photos)]) == 2
     assert f"not a file: {photos / 'nowhere.png'}, {photos} (image arguments must name files" in \
+        capsys.readouterr().err
+    # An --out that cannot be a folder is said before the model loads (the checkpoint is never read).
+    unloaded = ["predict", "--checkpoint", str(tmp_path / "never_loaded.pth"), "--task", "2", str(photos / "desk.jpg")]
+    assert cli.main(unloaded + ["--out", str(photos / "desk.jpg")]) == 2
+    assert f"--out {photos / 'desk.jpg'}: exists and is not a folder" in capsys.readouterr().err
+    assert cli.main(unloaded + ["--out", str(photos / "shelf.png" / "results")]) == 2
+    assert f"--out {photos / 'shelf.png' / 'results'}: {photos / 'shelf.png'} is a file, not a folder" in \
         capsys.readouterr().err
 
 

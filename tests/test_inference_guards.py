@@ -67,6 +67,20 @@ def test_max_instances_zero_gives_no_instances_on_every_path(model, duplicate_io
     assert [len(p) for p in keep_all.predict_batch([image, image], max_instances=0)] == [0, 0]
 
 
+def test_predict_batch_takes_any_sequence_and_names_one_image_given_alone(model):
+    """A generator failed with "object of type 'generator' has no len()"; one H x W x 3 image
+    with "images[0]: expected shape H x W x 3 (RGB), got (50, 3)" (its first row)."""
+    seg = segmenter(model)
+    images = [random_image(50, 70, seed=1), random_image(40, 60, seed=2)]
+    listed = seg.predict_batch(images)
+    generated = seg.predict_batch(image for image in images)
+    assert [p.boxes.tolist() for p in generated] == [p.boxes.tolist() for p in listed]
+    with pytest.raises(TypeError, match=r"got one array of shape \(50, 70, 3\): use predict\(image\)"):
+        seg.predict_batch(images[0])
+    stacked = seg.predict_batch(np.stack([images[0], images[0]]))   # [N, H, W, 3] is a batch
+    assert [p.boxes.tolist() for p in stacked] == [listed[0].boxes.tolist()] * 2
+
+
 def test_drop_duplicates_with_limit_zero_describes_nothing():
     described = []
 
@@ -239,6 +253,11 @@ def test_what_cannot_change_after_construction_is_refused(model):
                       inference=InferenceConfig(backend="onnxruntime", precision="bf16"))
     onnx.inference = dataclasses.replace(onnx.inference, score_threshold=0.9)   # the rest may change
     assert onnx.inference.score_threshold == 0.9
+    # A fresh config (backend "torch" by default) is told how to keep the backend.
+    with pytest.raises(ValueError, match=r"got 'torch' \(to change other settings keep it: dataclasses.replace"):
+        onnx.inference = InferenceConfig(score_threshold=0.3)
+    onnx.inference = InferenceConfig(backend="onnxruntime", score_threshold=0.3, **SMALL)
+    assert onnx.inference.score_threshold == 0.3
 
 
 # ------------------------------------------------------------------ very elongated images

@@ -107,7 +107,7 @@ def test_dry_run_prints_the_install(distro: str, workspace: Path):
     assert f"echo '{numpy_spec}' > {venv}/toist-constraints.txt" in out
     assert f"install 'torch>=2.5' 'torchvision>=0.20' -c {venv}/toist-constraints.txt" in out
     assert "--index-url" not in out  # default: PyPI
-    assert f"'transformers>=4.45' 'safetensors>=0.4.3' 'pycocotools>=2.0.7' '{numpy_spec}'" in out
+    assert f"'transformers>=4.45' 'safetensors>=0.4.3' 'pycocotools>=2.0.7' 'numba>=0.55.1' '{numpy_spec}'" in out
     assert (f"+ {venv}/bin/python -m colcon build --packages-select toist_ros --cmake-args "
             f"-DPython3_EXECUTABLE={venv}/bin/python -DPYTHON_EXECUTABLE={venv}/bin/python") in out
     assert f"source /opt/ros/{distro}/setup.bash" in out
@@ -217,7 +217,7 @@ def test_makefile_target_runs_the_script():
 def _script_minimums() -> dict[str, str]:
     text = SCRIPT.read_text()
     return {name.lower(): re.search(rf"^{name}_MIN=(\S+)", text, re.M).group(1)
-            for name in ("TORCH", "TORCHVISION", "TRANSFORMERS", "SAFETENSORS", "PYCOCOTOOLS", "NUMPY")}
+            for name in ("TORCH", "TORCHVISION", "TRANSFORMERS", "SAFETENSORS", "PYCOCOTOOLS", "NUMBA", "NUMPY")}
 
 
 def test_setup_py_and_docs_promise_the_script_minimums():
@@ -234,8 +234,10 @@ def test_package_xml_declares_apt_keys_and_no_pip_packages():
     declared = {e.text for e in root if e.tag.endswith("depend")}
     assert {"python3-numpy", "python3-opencv", "python3-scipy", "python3-yaml", "rclpy", "launch_ros",
             "lifecycle_msgs"} <= declared
-    # pip-only (CUDA builds, PEP 668): never rosdep keys.
-    assert not {key for key in declared if re.search(r"torch|transformers|safetensors|pycocotools|-pip$", key)}
+    # pip-only (CUDA builds, PEP 668): never rosdep keys. Nor python3-numba: rosdistro's key names
+    # Ubuntu 18.04 and 20.04 only, and rosdep install stopped on 22.04 / 24.04 ("No definition of
+    # [python3-numba] for OS version [jammy]"): the script installs numba with pip.
+    assert not {key for key in declared if re.search(r"torch|transformers|safetensors|pycocotools|numba|-pip$", key)}
 
 
 # --- the script's real (non-dry) paths, against stubs -------------------------------------------

@@ -29,3 +29,17 @@ def test_a_caption_longer_than_the_image_is_fitted():
     drawn = draw_instances(np.full((40, 120, 3), 255, np.uint8), np.zeros((0, 4)), np.zeros(0), title=caption)
     assert (drawn[0, :100] == 0).all()   # the caption's black bar ...
     assert (drawn[0, -1] == 255).all()   # ... ends inside the image: the caption is not cut by its edge
+
+
+def test_a_score_label_at_the_top_is_not_under_the_caption():
+    """The caption's bar, drawn last, covered the score of a box at the top of the image."""
+    image = np.full((200, 300, 3), 128, np.uint8)
+    box, score = np.array([[10.0, 0.0, 150.0, 120.0]]), np.array([0.93])
+    titled = draw_instances(image, box, score, title="sit comfortably on something")
+    untitled = draw_instances(image, box, score)
+    # The label's fill: the box's colour inside the box, its edges (2 px) left out.
+    label_pixels = lambda drawn: int(np.all(drawn[2:100, 13:60] == instance_color(0), axis=2).sum())  # noqa: E731
+    assert label_pixels(titled) >= 0.9 * label_pixels(untitled) > 150
+    far = draw_instances(image, np.array([[250.0, 0.0, 299.0, 50.0]]), score, title="sit")
+    (tw, th), base = cv2.getTextSize("0.93", cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
+    assert np.all(far[th + base - 2, 250:250 + tw] != 128)   # right of a short bar: at the top, as before

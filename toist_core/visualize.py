@@ -44,6 +44,11 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
             color = np.array(instance_color(i), dtype=np.float32)
             overlay[mask] = overlay[mask] * (1.0 - alpha) + color * alpha
         canvas = overlay.round().clip(0, 255).astype(np.uint8)
+    bar_width = bar_height = 0   # the title's bar, drawn last: a score label under it was hidden
+    if title:
+        title, title_scale = _fitted(title, canvas.shape[1] - 8)
+        (title_w, title_h), title_base = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, title_scale, 1)
+        bar_width, bar_height = title_w + 8, title_h + title_base + 8
     for i, (box, score) in enumerate(zip(boxes, scores)):
         color = instance_color(i)
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
@@ -51,15 +56,15 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
         label = f"{float(score):.2f}"
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
         tx = min(max(x1, 0), max(0, canvas.shape[1] - tw))  # inside the image: a box at its right edge
-        ty = max(y1, th + base)
+        top = bar_height + 1 if tx <= bar_width else 0       # below the title's bar where it would be under it
+        ty = max(y1, top + th + base)
         cv2.rectangle(canvas, (tx, ty - th - base), (tx + tw, ty), color, -1)
         cv2.putText(canvas, label, (tx, ty - base), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1,
                     cv2.LINE_AA)
     if title:
-        title, scale = _fitted(title, canvas.shape[1] - 8)
-        (tw, th), base = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-        cv2.rectangle(canvas, (0, 0), (tw + 8, th + base + 8), (0, 0, 0), -1)
-        cv2.putText(canvas, title, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.rectangle(canvas, (0, 0), (bar_width, bar_height), (0, 0, 0), -1)
+        cv2.putText(canvas, title, (4, title_h + 4), cv2.FONT_HERSHEY_SIMPLEX, title_scale, (255, 255, 255), 1,
+                    cv2.LINE_AA)
     return canvas
 
 
@@ -99,6 +104,8 @@ def load_rgb(path: Union[str, Path]) -> np.ndarray:
             head = handle.read(12)
     except OSError as exc:
         raise ValueError(f"{path}: cannot read the image: {exc.strerror or exc}") from None
+    if not head:   # (not "not a format toist reads": it is no format at all)
+        raise ValueError(f"{path}: cannot read the image: the file is empty")
     from toist_core.data.pixels import decode_rgb, decodes
 
     if decodes(head):

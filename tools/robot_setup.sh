@@ -20,6 +20,7 @@ TORCHVISION_MIN=0.20     # the torchvision of torch 2.5
 TRANSFORMERS_MIN=4.45     # tokenizers >= 0.20 reads the packaged tokenizer.json files
 SAFETENSORS_MIN=0.4.3
 PYCOCOTOOLS_MIN=2.0.7
+NUMBA_MIN=0.55.1         # the 3D step's kernel; rosdistro's python3-numba key has no Ubuntu 22.04 / 24.04
 NUMPY_MIN=1.21.5         # Ubuntu 22.04's python3-numpy; checked with torch 2.13 (docs/robot.md)
 SUPPORTED_DISTROS="humble jazzy kilted"
 # torch 2.13 on PyPI is built for CUDA 13.0 (x86-64); other builds come from download.pytorch.org.
@@ -464,9 +465,9 @@ else
       "$TORCH_INDEX" "$CUDA_GIVEN" >"$SETTINGS"
   fi
 fi
-say "transformers, safetensors, pycocotools"
+say "transformers, safetensors, pycocotools, numba"
 run "${PIP[@]}" install "transformers>=$TRANSFORMERS_MIN" "safetensors>=$SAFETENSORS_MIN" \
-  "pycocotools>=$PYCOCOTOOLS_MIN" "$NUMPY_SPEC" -c "$CONSTRAINTS"
+  "pycocotools>=$PYCOCOTOOLS_MIN" "numba>=$NUMBA_MIN" "$NUMPY_SPEC" -c "$CONSTRAINTS"
 
 # --- 5. colcon build -----------------------------------------------------------------------
 if [ "$SKIP_BUILD" = 1 ]; then

@@ -480,6 +480,7 @@ def _export_snapshot(directory: Path) -> tuple[Optional[str], Optional[str]]:
 
 def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedModel:
     from ..model import build_model
+    from ..model.hub import TextEncoderUnavailable
     from ..model.text import check_tokenizer_dir, fetch_tokenizer
 
     config_file = directory / CONFIG_FILE
@@ -557,7 +558,15 @@ def _load_model_dir_once(directory: Path, tokenizer: Optional[str]) -> LoadedMod
     if tokenizer is None:  # a missing vocabulary file is named first; then any change, before parsing
         check_tokenizer_dir(directory / TOKENIZER_DIR)
         _check_tokenizer_unchanged(directory / TOKENIZER_DIR, weights_metadata.get(TOKENIZER_DIGEST_KEY))
-    fetched = fetch_tokenizer(cfg.text.tokenizer)
+    try:
+        fetched = fetch_tokenizer(cfg.text.tokenizer)
+    except TextEncoderUnavailable as exc:
+        if tokenizer is None:
+            raise
+        # Its remedy (export the model) is done already: the override is what is not needed.
+        raise CheckpointError(f"{directory}: text_encoder {str(tokenizer)!r} is not on this machine ({exc.reason}); "
+                              f"a model directory reads its own tokenizer folder ({TOKENIZER_DIR!r}): leave "
+                              "text_encoder (--text-encoder) out") from None
     _check_tokenizer_override(directory, tokenizer, fetched.value, cfg.text.vocab_size)
     if weights_metadata.get(MODEL_CONFIG_KEY) is None:
         # Nothing recorded beside the weights vouches for config.yaml (a directory written before

@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-predictions", default=None, help="also write the predictions here")
     parser.add_argument("--device", default="auto", help="torch device for --checkpoint (auto, cpu, cuda)")
     parser.add_argument("--text-encoder", default=None,
-                        help="tokenizer / text encoder for official .pth files (hub name or local dir)")
+                        help="tokenizer / text encoder for official .pth files (hub name or local dir); a "
+                             "model directory reads its own tokenizer folder: leave this out")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per forward pass (--checkpoint; default 1, with --protocol reference the "
                              "reference scripts' batches: 8 for a detection model, 4 for a segmentation or "
@@ -221,17 +222,12 @@ def _refuse_replacing_other_files(args: argparse.Namespace) -> None:
     from toist_core.eval.plots import foreign_plot_files
     from toist_core.eval.tables import foreign_table_files
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():  # found after hours of inference, as "[Errno 17] File exists"
-        raise FileExistsError(f"--out {args.out}: exists and is not a folder; give a folder for the tables and plots")
-    if out.is_symlink() and not out.exists():
-        raise FileExistsError(f"--out {args.out}: a link to {os.readlink(out)}, which does not exist; create that "
-                              "folder or give another --out")
+    from .output_paths import check_output_folder, check_output_parent
+
+    check_output_folder("--out", args.out)   # found after hours of inference, as "[Errno 17] File exists"
     saved = Path(args.save_predictions) if args.save_predictions else None
-    for option, path in (("--out", out), ("--save-predictions", saved)):
-        parent = None if path is None else next((p for p in path.parents if p.exists()), None)
-        if parent is not None and not parent.is_dir():
-            raise FileExistsError(f"{option} {path}: {parent} is a file, not a folder; give another path")
+    if saved is not None:
+        check_output_parent("--save-predictions", saved)
     if saved is not None and saved.exists() and not (saved.is_file() and saved.stat().st_size == 0) \
             and not is_prediction_file(saved):  # an empty file: a name reserved (mktemp)
         raise FileExistsError(f"--save-predictions {args.save_predictions}: exists and is not a toist predictions file; "

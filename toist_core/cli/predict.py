@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--text-encoder", default=None,
-                   help="tokenizer / RoBERTa name or local directory (official files; default roberta-base)")
+                   help="tokenizer / RoBERTa name or local directory, for an official .pth (default "
+                        "roberta-base); a model directory reads its own tokenizer folder: leave this out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--score-threshold", type=float, default=0.5)
     p.add_argument("--max-instances", type=int, default=100)
@@ -131,11 +132,13 @@ def run(args: argparse.Namespace) -> int:
     from ..config import InferenceConfig
     from ..inference import NonFiniteOutputError, TaskSegmenter
     from ..visualize import draw_prediction, load_rgb, save_rgb
+    from .output_paths import check_output_folder
 
     inference = InferenceConfig(score_threshold=args.score_threshold, max_instances=args.max_instances,
                                 duplicate_iou=args.duplicate_iou or None, precision=args.precision,
                                 short_side=args.short_side, max_size=args.max_size)
     _check_paths(args.images)
+    check_output_folder("--out", args.out)
     show_load_summary()  # one line: what the checkpoint held (mask head, memory bank, EMA, tokenizer)
     if args.preset:
         seg = TaskSegmenter.from_config(args.preset, device=args.device, text_encoder=args.text_encoder,

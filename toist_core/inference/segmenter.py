@@ -176,7 +176,9 @@ class TaskSegmenter:
         # swapped in, so a refused config changes nothing.
         running = "torch" if self._onnx is None else self._onnx.backend
         if config.backend != running:
-            raise ValueError(f"inference.backend: this segmenter runs {running!r}, got {config.backend!r}; the "
+            kept = (f" (to change other settings keep it: dataclasses.replace(seg.inference, ...), or "
+                    f"InferenceConfig(backend={running!r}, ...))" if running != "torch" else "")
+            raise ValueError(f"inference.backend: this segmenter runs {running!r}, got {config.backend!r}{kept}; the "
                              "backend is chosen when the segmenter is built: TaskSegmenter.from_pretrained(model_dir, "
                              f"inference=InferenceConfig(backend={config.backend!r}))")
         if self._onnx is not None and config.precision != "fp32":
@@ -372,6 +374,10 @@ class TaskSegmenter:
         applied = self._applied  # this call's settings, whatever another thread assigns meanwhile
         threshold = applied.config.score_threshold if score_threshold is None else float(score_threshold)
         limit = applied.config.max_instances if max_instances is None else int(max_instances)
+        if getattr(images, "ndim", None) == 3:   # one image: its rows were taken for images
+            raise TypeError(f"predict_batch takes a sequence of images (a list, or an [N, H, W, 3] array), got one "
+                            f"array of shape {tuple(images.shape)}: use predict(image) or predict_batch([image])")
+        images = list(images)   # a generator too (it has no len())
         if len(images) == 0:
             return []
         originals = [tuple(check_image(img, f"images[{i}]").shape[:2]) for i, img in enumerate(images)]
