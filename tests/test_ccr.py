@@ -103,6 +103,38 @@ def test_student_step_pronoun_rows_and_cluster_loss(tokenizer):
     assert losses["loss_cluster_choice"].item() == 0
 
 
+def test_each_sample_keeps_the_centre_chosen_for_it_when_kmeans_reruns_every_use(tokenizer):
+    """kmeans_rerun every_use: the second sample of a task re-ran k-means in place, and the first
+    sample's centre, a view of the stored centres, became the second run's (its CCR row and
+    cluster loss used a centre nobody chose for it)."""
+    captions = ["sit comfortably on something", "sit comfortably on something"]
+    memory = _memory(tokenizer, captions, seed=3)
+    targets = [{"boxes": torch.rand(1, 4), "task_id": 2, "caption": caption} for caption in captions]
+    module = ClusterModule(DistillConfig(bank_size=16, feature_dim=DIM, num_clusters=3, kmeans_rerun="every_use",
+                                         kmeans_max_iter=1))
+    torch.manual_seed(0)
+    module.bank.feature_bank.copy_(torch.randn_like(module.bank.feature_bank))
+    module.bank.full_label.fill_(1)   # full: k-means warm-starts from the stored centres, one step per use
+    chosen, centre_of = [], module._centre
+
+    def recorded(task, query):
+        centre = centre_of(task, query)
+        chosen.append(centre.clone())   # as chosen, before the next sample's k-means
+        return centre
+
+    module._centre = recorded
+    out, losses = module.student_step(memory, targets)
+    assert len(chosen) == 2 and not torch.equal(chosen[0], chosen[1])   # k-means moved in between
+    indices = pronoun_token_indices(memory["tokenized"], captions, "something")
+    for b in range(2):
+        for t in indices[b]:
+            assert torch.equal(out["img_memory_mod"][NUM_IMAGE_TOKENS + t, b], chosen[b])
+    text = memory["text_memory"]
+    pronoun = torch.stack([text[indices[b], b].mean(0) for b in range(2)])
+    expected = sum(((pronoun[b] - chosen[b]) ** 2).mean() for b in range(2)) / 2
+    assert losses["loss_cluster_feature"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_ccr_switch_off_keeps_memory_but_cluster_loss_stays(tokenizer):
     captions = ["step on something"]
     memory = _memory(tokenizer, captions)

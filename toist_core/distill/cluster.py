@@ -125,9 +125,11 @@ class ClusterModule(nn.Module):
                                max_iter=cfg.kmeans_max_iter, rerun=cfg.kmeans_rerun)
 
     def _centre(self, task: int, query: Tensor) -> Tensor:
-        """k-means of the task (stored), then the centre nearest to ``query [D]``."""
+        """k-means of the task (stored), then the centre nearest to ``query [D]``: a copy (a view
+        of the stored centres changed under a caller that kept it when a later sample of the same
+        task re-ran k-means, ``kmeans_rerun: every_use``)."""
         centres = self.bank.cluster(task)
-        return centres[self.bank.nearest_centre_index(task, query.detach())[0]]
+        return centres[self.bank.nearest_centre_index(task, query.detach())[0]].clone()
 
     def teacher_step(self, memory: dict, targets: Sequence[dict]) -> dict:
         """Push the batch's noun features (of all processes) into the bank; teacher CCR.
