@@ -186,3 +186,35 @@ def test_seeded_samples_are_reproducible_and_leave_global_rng_alone():
     assert data[(2, 1234)] == first
     assert data[(2, 1235)] != first
     assert float(torch.rand(())) == after
+
+
+def test_seeded_samples_leave_the_cuda_generators_alone(monkeypatch):
+    """torch.manual_seed also seeds every CUDA generator: a GPU run loading in its own process
+    (loader.num_workers 0) had its GPU dropout reseeded by each sample it loaded."""
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)   # what a GPU process would get
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeded.append)
+    data = SeededSamples(type("One", (torch.utils.data.Dataset,), {"__len__": lambda self: 1,
+                                                                  "__getitem__": lambda self, i: float(torch.rand(()))})())
+    first = data[(0, 77)]
+    assert seeded == [] and data[(0, 77)] == first
+
+
+def test_the_loader_pins_the_images_too(monkeypatch):
+    """loader.pin_memory pinned the targets only: ImageBatch passed through the DataLoader's
+    pinning unchanged, and its copy to the GPU was not asynchronous."""
+    from torch.utils.data._utils.pin_memory import pin_memory as loader_pinning
+
+    from toist_core.structures import ImageBatch
+
+    pinned = []
+
+    def pin(tensor, *args):   # what page-locking would return; here (no CUDA) a recorded copy
+        pinned.append(tuple(tensor.shape))
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    images = ImageBatch.from_images([torch.rand(3, 8, 10), torch.rand(3, 6, 12)])
+    out, targets = loader_pinning((images, [{"boxes": torch.rand(1, 4)}]))
+    assert isinstance(out, ImageBatch) and torch.equal(out.tensors, images.tensors) and torch.equal(out.mask, images.mask)
+    assert sorted(pinned) == sorted([(2, 3, 8, 12), (2, 8, 12), (1, 4)])

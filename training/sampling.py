@@ -96,7 +96,9 @@ class SeededSamples(Dataset):
         index, seed = key
         python_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # The CPU generator only (what the transforms draw from): torch.manual_seed would
+            # reseed the CUDA generators too, which fork_rng(devices=[]) does not restore.
+            torch.default_generator.manual_seed(seed)
             random.seed(seed)
             try:
                 return self.dataset[index]
