@@ -286,9 +286,13 @@ def test_a_configure_that_fails_leaves_the_node_unconfigured_and_can_be_retried(
     assert error.startswith("[ERROR]") and str(missing) in error, error
     assert manager.state() == "unconfigured" and node.model is None
     assert manager.image_subscribers() == 0 and not manager.set_task_client.service_is_ready()
+    # /diagnostics says so (it said OK, "configure it to load the model", of a model that cannot load).
+    report = manager.newest_diagnostic(len(manager.diagnostics))
+    assert report.level == b"\x02" and "configure failed" in report.message and str(missing) in report.message
     random_model_dir(missing)
     assert manager.transition("configure") and manager.transition("activate")
     assert manager.roundtrip(_pixels()) is not None
+    assert manager.newest_diagnostic(len(manager.diagnostics)).level == b"\x00"
 
     # A camera that stops during a pause is reported after the next activate, as at start-up.
     assert manager.transition("deactivate")
@@ -393,6 +397,111 @@ def test_a_stop_during_configure_ends_it_at_its_next_step(ros, model_dir, capfd,
     assert result == [TransitionCallbackReturn.FAILURE]
     assert not warmed and node.model is None and node._phase == "unconfigured"
     assert "lifecycle configure stopped before 'encoding the start-up task' (a stop signal)" in capfd.readouterr().err
+
+
+def test_state_and_parameters_answer_while_a_transition_runs(ros, model_dir, monkeypatch):
+    """The lifecycle services shared the node's default callback group with the parameter
+    services: during a configure (a model load, a warm-up: tens of seconds) `ros2 lifecycle get`
+    and `ros2 param get/set` got no answer."""
+    import threading
+
+    import toist_ros.node as node_module
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+    from rcl_interfaces.srv import GetParameters
+
+    loading, release = threading.Event(), threading.Event()
+    load = node_module.load_model
+
+    def slow_load(*args, **kwargs):
+        loading.set()
+        release.wait(20)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(node_module, "load_model", slow_load)
+    node = _managed_node(ros, "/busy", checkpoint=model_dir)
+    manager = Manager(ros, "/busy")
+    try:
+        configured = manager.change_client.call_async(ChangeState.Request(transition=Transition(
+            id=Transition.TRANSITION_CONFIGURE)))
+        assert loading.wait(20)
+        state = manager.call(manager.state_client, GetState.Request(), timeout=10)
+        assert state.current_state.label == "configuring"
+        params = manager.node.create_client(GetParameters, "/busy/toist_perception/get_parameters")
+        assert params.wait_for_service(timeout_sec=10)
+        answer = manager.call(params, GetParameters.Request(names=["score_threshold"]), timeout=10)
+        assert answer.values[0].double_value == 0.5
+        # A second transition asked meanwhile is refused, not run beside the first.
+        again = manager.call(manager.change_client, ChangeState.Request(transition=Transition(
+            id=Transition.TRANSITION_CONFIGURE)), timeout=10)
+        assert not again.success
+    finally:
+        release.set()
+    assert wait_for(configured.done, timeout=60) and configured.result().success
+    assert manager.state() == "inactive" and node.model is not None
+    assert manager.transition("cleanup") and manager.state() == "unconfigured"
+
+
+def test_a_forward_pass_outliving_deactivate_publishes_nothing_and_holds_activate_back(ros, model_dir, monkeypatch):
+    """deactivate waited 30 s for the frame in progress, then said SUCCESS with the thread still
+    running; activate started a second inference thread beside it."""
+    import threading
+
+    import toist_ros.inference_worker as worker_module
+    from toist_ros.conversions import image_from_array
+
+    node = _managed_node(ros, "/stuck", checkpoint=model_dir)
+    manager = Manager(ros, "/stuck")
+    assert manager.transition("configure") and manager.transition("activate")
+    assert manager.roundtrip(_pixels()) is not None
+    inside, release = threading.Event(), threading.Event()
+    predict = worker_module.predict
+
+    def stuck(*args, **kwargs):   # a hung GPU / a frame far too big for the CPU
+        inside.set()
+        release.wait(30)
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "predict", stuck)
+    monkeypatch.setattr(worker_module, "STOP_WAIT_S", 0.5)
+    try:
+        manager.image_pub.publish(image_from_array(_pixels(), "rgb8"))
+        assert inside.wait(20)
+        old = node._worker
+        published = len(manager.results)
+        assert manager.transition("deactivate") and manager.state() == "inactive" and old.running
+        assert not manager.transition("activate") and manager.state() == "inactive"   # one thread at a time
+        release.set()
+        assert wait_for(lambda: not old.running, timeout=30)
+        time.sleep(0.3)
+        assert len(manager.results) == published   # its frame's result is not published
+    finally:
+        release.set()
+    monkeypatch.setattr(worker_module, "predict", predict)
+    assert manager.transition("activate") and manager.state() == "active"
+    assert node._worker is not old and node._worker.running and not old.running   # one thread at a time
+    assert manager.roundtrip(_pixels()) is not None
+    assert manager.transition("deactivate") and manager.transition("cleanup")
+
+
+def test_a_deactivate_that_fails_part_way_ends_unconfigured_not_active(ros, model_dir, monkeypatch):
+    """FAILURE from a step without an undo told the manager "still active" of a node that had
+    stopped its inference thread (and /diagnostics said inactive): error processing now releases
+    it, and it can be configured again."""
+    node = _managed_node(ros, "/halfway", checkpoint=model_dir)
+    manager = Manager(ros, "/halfway")
+    assert manager.transition("configure") and manager.transition("activate")
+
+    def broken():
+        raise RuntimeError("the middleware refused")
+
+    monkeypatch.setattr(node._inputs, "unsubscribe", broken)
+    assert not manager.transition("deactivate")
+    assert manager.state() == "unconfigured" and node.model is None and node._phase == "unconfigured"
+    monkeypatch.undo()
+    assert manager.transition("configure") and manager.transition("activate")
+    assert manager.roundtrip(_pixels()) is not None
+    assert manager.transition("deactivate") and manager.transition("cleanup")
 
 
 def test_depth_inputs_follow_the_lifecycle_too(ros, model_dir):

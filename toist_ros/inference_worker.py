@@ -35,6 +35,7 @@ from toist_ros.instances import rank_instances, task_instances_msg, to_instance_
 from toist_ros.tasks import ActiveTask
 
 SERVICE_TIMEOUT_S = 60.0      # segment_image gives up waiting for the inference thread after this
+STOP_WAIT_S = 30.0            # stop() waits this long for the forward pass in progress
 STOPPED = "the inference thread stopped (the node is shutting down or was deactivated)"
 
 
@@ -103,13 +104,21 @@ class InferenceWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the thread (waits for the frame in progress); pending requests fail."""
+    def stop(self) -> bool:
+        """Stop the thread (waits up to ``STOP_WAIT_S`` for the frame in progress); pending
+        requests fail. True when the thread has ended; False when it is still in its forward pass
+        (it ends after it, publishing nothing)."""
         self._stopping.set()
         self._slots.close()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=STOP_WAIT_S)
         self._fail_pending()
+        return not self.running
+
+    @property
+    def running(self) -> bool:
+        """Whether the thread is still running (a forward pass that outlived :meth:`stop`)."""
+        return self._thread.is_alive() and self._thread is not threading.current_thread()
 
     def segment(self, header: Any, rgb: np.ndarray, task: ActiveTask) -> tuple[Any, str]:
         """One image through the inference thread (from a service callback; waits for it):
@@ -171,6 +180,8 @@ class InferenceWorker:
         if result is None:
             return
         msg, ranked = result
+        if self._stopping.is_set():   # stopped during the forward pass (deactivated): nothing more
+            return
         if self._depth is not None:
             self._add_depth(msg, ranked, camera, settings)
         msg.latency_ms = latency_ms(clock, stamp if stamped else frame.arrival)

@@ -23,14 +23,31 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.lifecycle import LifecycleNode, LifecycleNodeMixin, LifecycleState, TransitionCallbackReturn
+from rclpy.node import Node
 
 from toist_ros.model_loader import StartupError
 from toist_ros.node import ACTIVE, FINALIZED, UNCONFIGURED, PerceptionNode
 from toist_ros.startup_status import StartupDiagnostics, StartupStopped
 
 
-class ManagedPerceptionNode(PerceptionNode, LifecycleNode):
+class _LifecycleServicesApart(LifecycleNode):
+    """``LifecycleNode`` whose lifecycle services have a reentrant callback group of their own.
+
+    rclpy puts them in the node's default group, where the parameter services are, and runs a
+    transition inside the ``change_state`` callback: for the whole of a configure (a model load
+    and a warm-up, tens of seconds) `ros2 lifecycle get` and `ros2 param get/set` got no answer.
+    A ``change_state`` asked while a transition runs is refused by the state machine (no such
+    transition from a transition state), so the transitions still run one at a time."""
+
+    def __init__(self, node_name: str, *, enable_communication_interface: bool = True, **kwargs) -> None:
+        Node.__init__(self, node_name, **kwargs)
+        LifecycleNodeMixin.__init__(self, enable_communication_interface=enable_communication_interface,
+                                    callback_group=ReentrantCallbackGroup())
+
+
+class ManagedPerceptionNode(PerceptionNode, _LifecycleServicesApart):
     """The perception node in lifecycle states; see the module docstring."""
 
     MANAGED = True
@@ -44,6 +61,13 @@ class ManagedPerceptionNode(PerceptionNode, LifecycleNode):
         return self._transition("configure", configure, undo=self._cleanup)
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        old = self._outliving_worker
+        if old is not None and old.running:   # two threads on the GPU, or a second model call at once
+            self.transition_failure = ("activate refused: the previous inference thread is still in its forward "
+                                       "pass (deactivate could not wait for it); activate again when it ends")
+            self.get_logger().error(f"lifecycle {self.transition_failure}")
+            return TransitionCallbackReturn.FAILURE
+        self._outliving_worker = None
         return self._transition("activate", self._activate, undo=self._deactivate)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -73,7 +97,10 @@ class ManagedPerceptionNode(PerceptionNode, LifecycleNode):
     def _transition(self, name: str, step: Callable[[], None],
                     undo: Optional[Callable[[], None]] = None) -> TransitionCallbackReturn:
         """Run one transition's step; on an error log why at ERROR, undo what the step had done
-        (the node is then as it was before the transition) and report FAILURE."""
+        (the node is then as it was before the transition) and report FAILURE. A step without an
+        undo (deactivate, cleanup, shutdown) that fails part-way reports ERROR: the node is in
+        neither state, and error processing (:meth:`on_error`) releases everything (FAILURE told
+        the manager "still active" of a node without its inference thread)."""
         log = self.get_logger()
         try:
             step()
@@ -83,14 +110,17 @@ class ManagedPerceptionNode(PerceptionNode, LifecycleNode):
             else:
                 reason = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
                 log.error(f"lifecycle {name} failed: {reason}")
-            if undo is not None:
-                try:
-                    undo()
-                except Exception as undo_exc:  # the node is in an unknown state: say so; ERROR -> on_error
-                    log.error(f"undoing the failed {name} failed too: {type(undo_exc).__name__}: {undo_exc}")
-                    return TransitionCallbackReturn.ERROR
+                self.transition_failure = f"{name} failed: {reason}"   # on /diagnostics, at ERROR
+            if undo is None:
+                return TransitionCallbackReturn.ERROR
+            try:
+                undo()
+            except Exception as undo_exc:  # the node is in an unknown state: say so; ERROR -> on_error
+                log.error(f"undoing the failed {name} failed too: {type(undo_exc).__name__}: {undo_exc}")
+                return TransitionCallbackReturn.ERROR
             return TransitionCallbackReturn.FAILURE
         log.info(f"lifecycle {name}: now {self._phase}")
+        self.transition_failure = ""
         return TransitionCallbackReturn.SUCCESS
 
 

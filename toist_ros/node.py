@@ -37,10 +37,10 @@ from toist_ros.depth.geometry import warm_up as warm_up_3d
 from toist_ros.detections import DetectionsUnavailable, detection_array_type
 from toist_ros.depth.inputs import DepthInputs
 from toist_ros.entry import NODE_NAME
-from toist_ros.diagnostics import OK, Counters, Percentiles, diagnostic_array, return_free_memory
+from toist_ros.diagnostics import ERROR, OK, Counters, Percentiles, diagnostic_array, return_free_memory
 from toist_ros.frame_limits import FrameLimits
 from toist_ros.health import HealthLevel, report_values
-from toist_ros.inference_worker import InferenceWorker, predict
+from toist_ros.inference_worker import STOP_WAIT_S, InferenceWorker, predict
 from toist_ros.model_loader import EXIT_MODEL, EXIT_PARAMETERS, StartupError, load_model
 from toist_ros.msg import TaskStatus
 from toist_ros.startup_status import StartupDiagnostics
@@ -110,6 +110,8 @@ class PerceptionNode(Node):
         self.model = self.segmenter = self._tasks = self._inputs = self._depth = self._worker = None
         self._task_sub = self._set_task_srv = self._segment_srv = None  # _create_control_io
         self._no_image_timer = None
+        self._outliving_worker = None  # an inference thread deactivate could not wait for
+        self.transition_failure = ""  # the last lifecycle transition's failure, until one succeeds
 
         self._image_group = ReentrantCallbackGroup()
         self._control_group = ReentrantCallbackGroup()
@@ -195,7 +197,13 @@ class PerceptionNode(Node):
         """Stop the inference thread (the frame in progress ends first) and the subscriptions;
         the model, the task, the outputs and ``set_task`` stay."""
         self._phase = INACTIVE
-        self.stop()
+        if not self.stop():
+            # A forward pass longer than the wait (a hung GPU, a huge frame on a CPU): the thread
+            # ends after it and publishes nothing; activate waits for it (lifecycle_node).
+            self._outliving_worker = self._worker
+            self.get_logger().warning(f"deactivate: the inference thread is still in a forward pass after "
+                                      f"{STOP_WAIT_S:g} s; it publishes nothing when it ends, and activate is "
+                                      "refused until then")
         self._inputs.unsubscribe()
         if self._depth is not None:
             self._depth.unsubscribe()
@@ -420,15 +428,21 @@ class PerceptionNode(Node):
             phase = self._phase
             if phase == CONFIGURING:  # StartupDiagnostics reports each step
                 return
+            failure = self.transition_failure
             if phase in (UNCONFIGURED, FINALIZED):
-                self._publish_startup_report(OK, "unconfigured (lifecycle): configure it to load the model"
-                                             if phase == UNCONFIGURED else "finalized (lifecycle): shut down")
+                if failure:   # a model that cannot load reported OK (the plain node exits with code 3)
+                    self._publish_startup_report(ERROR, f"{phase} (lifecycle): {failure}")
+                else:
+                    self._publish_startup_report(OK, "unconfigured (lifecycle): configure it to load the model"
+                                                 if phase == UNCONFIGURED else "finalized (lifecycle): shut down")
                 return
             values = self.diagnostics_values()
             if phase == ACTIVE:
                 level, message = self._health.judge(values, ready=True, last_error=self._worker.last_error,
                                                     receiving=self._inputs.receiving(),
                                                     cameras=[camera.subscribed_name for camera in self._cameras])
+            elif failure:
+                level, message = ERROR, f"inactive (lifecycle): {failure}"
             else:
                 level, message = OK, "inactive (lifecycle): model loaded, no images taken until activated"
             device = self.model.device
@@ -453,13 +467,15 @@ class PerceptionNode(Node):
         progress, e.g. a model load, ends first)."""
         self._stopping.set()
 
-    def stop(self) -> None:
-        """Stop the inference thread (waits for the frame in progress)."""
+    def stop(self) -> bool:
+        """Stop the inference thread (waits for the frame in progress, up to
+        ``inference_worker.STOP_WAIT_S``); False when it is still in that forward pass."""
         worker, inputs = getattr(self, "_worker", None), getattr(self, "_inputs", None)
         if worker is not None:
-            worker.stop()
-        elif inputs is not None:
+            return worker.stop()
+        if inputs is not None:
             inputs.slots.close()
+        return True
 
     def destroy_node(self) -> None:
         self.stop()
