@@ -22,6 +22,7 @@ def _demo(*args, env=None, **kwargs):
 @pytest.mark.parametrize("args, env, message", [
     (["--rate", "0"], {}, "argument --rate: '0': frames per second, above 0"),   # was a ZeroDivisionError
     (["--rate", "-5"], {}, "argument --rate: '-5': frames per second"),   # was an RCLError
+    (["--frames", "-1"], {}, "argument --frames: '-1': an integer >= 0"),   # ran for 2 minutes first
     ([], {"ROS_DOMAIN_ID": "300"}, "ROS_DOMAIN_ID='300': a domain id is a whole number 0..232"),
     # (An empty ROS_DOMAIN_ID is rcl's default domain, not an error: a random one is taken.)
     (["--task", "15"], {"ROS_DOMAIN_ID": ""}, "error: task '15' looks like a task id but the COCO-Tasks vocabulary"),
@@ -41,6 +42,18 @@ def test_bad_settings_are_refused_before_the_node_starts_and_nothing_is_removed(
 def _running(pattern: str) -> list[str]:
     found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
     return [pid for pid in found if pid != str(os.getpid())]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rate", "0"], "argument --rate: '0': frames per second, above 0"),          # was a ZeroDivisionError
+    (["--count", "0"], "argument --count: '0': an integer >= 1"),
+    (["--encoding", "16UC1"], "argument --encoding: invalid choice: '16UC1'"),      # was a ValueError traceback
+    (["--photos", "nosuch"], "--photos: scikit-image has no sample image 'nosuch'"),
+])
+def test_the_camera_stand_in_refuses_bad_options_by_name(args, message):
+    result = subprocess.run([sys.executable, "-m", "toist_ros.camera_standin", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_sigterm_stops_the_node_it_started(tmp_path):

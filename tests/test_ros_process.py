@@ -379,6 +379,9 @@ def test_demo_runs_the_embedded_model_on_held_out_scenes(tmp_path):
                for line in (out / "node.log").read_text().splitlines())
     report = json.loads((out / "report.json").read_text(), parse_constant=lambda token: pytest.fail(f"{token} in JSON"))
     assert report["results"] >= 1 and not report["random_weights"] and default_model_dir() is not None
+    # set_task switches for real: the node started on another task ("already the active task,
+    # nothing changed", revision 1, when both were task 2).
+    assert report["task"]["revision"] == 2, report["task"]
     scenes = [r for r in report["frames"] if r["image"].startswith("synth_test_")]
     photos = [r for r in report["frames"] if not r["image"].startswith("synth_test_")]
     assert scenes and all(r["top_right"] is not None and r["preferred"] >= 1 for r in scenes)

@@ -33,6 +33,31 @@ SENT_KEPT = 1000   # stamps remembered in ``sent``: results come back within sec
 _COLOUR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8")
 
 
+def positive_rate(text: str) -> float:
+    """argparse type: frames per second, above 0 and finite (0 divided by zero, a negative
+    rate reached rclpy as an RCLError)."""
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: frames per second, a number above 0") from None
+    if not rate > 0 or rate == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: frames per second, above 0")
+    return rate
+
+
+def at_least(minimum: int):
+    """argparse type: an integer >= ``minimum`` (a negative frame count ran for minutes first)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: an integer >= {minimum}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: an integer >= {minimum}")
+        return value
+    return parse
+
+
 def load_photos(names: Sequence[str] = DEFAULT_PHOTOS) -> list[tuple[str, np.ndarray]]:
     """(name, [H, W, 3] or [H, W] uint8) of scikit-image sample photos shipped inside its wheel."""
     import skimage.data
@@ -164,16 +189,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv if argv is None else argv
     parser = argparse.ArgumentParser(prog="camera_standin", description=__doc__.split("\n\n")[0])
     parser.add_argument("--topic", default="image")
-    parser.add_argument("--rate", type=float, default=5.0, help="frames per second")
-    parser.add_argument("--count", type=int, default=None, help="stop after this many frames")
+    parser.add_argument("--rate", type=positive_rate, default=5.0, help="frames per second")
+    parser.add_argument("--count", type=at_least(1), default=None, help="stop after this many frames")
     parser.add_argument("--photos", nargs="+", default=list(DEFAULT_PHOTOS), help="scikit-image sample names")
     parser.add_argument("--size", default="", help="WxH: scale and crop every photo to this size")
-    parser.add_argument("--encoding", default=None, help="one encoding for every photo (default: cycle)")
+    parser.add_argument("--encoding", default=None, choices=_COLOUR_ENCODINGS + ("mono8",),
+                        help="one encoding for every photo (default: cycle)")
     parser.add_argument("--compressed", action="store_true", help="publish sensor_msgs/CompressedImage (JPEG)")
     parser.add_argument("--reliable", action="store_true", help="reliable QoS (default best effort)")
     parser.add_argument("--frame-id", default="standin_camera")
     args = parser.parse_args(remove_ros_args(argv)[1:])
-    photos = load_photos(args.photos)
+    try:
+        photos = load_photos(args.photos)
+    except ValueError as exc:
+        parser.error(f"--photos: {exc}")
     if args.size:
         try:
             width, height = (int(v) for v in args.size.lower().split("x"))

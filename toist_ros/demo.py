@@ -46,6 +46,7 @@ import numpy as np
 
 from toist_core.json_text import dumps_null_for_nan
 from toist_core.parent_death import signal_when_parent_dies
+from toist_ros.camera_standin import at_least, positive_rate
 from toist_ros.service_call import ServerGone
 
 # One namespace per run: two demos in one ROS domain took each other's results.
@@ -84,6 +85,9 @@ class _Plan:
         trained_default = self.metrics is not None
         self.task = args.task or (DEFAULT_TASK if trained_default else CHECKPOINT_TASK)
         self.one_shot_task = args.one_shot_task or CHECKPOINT_ONE_SHOT_TASK
+        # The node's start-up task ("" = its params file's, task 2): another of the model's tasks,
+        # so that set_task switches for real and the results of the task before are told apart.
+        self.start_task = ""
         self.scenes = {}
         self.one_shots: list[_OneShot] = []
         self.short_side = args.short_side
@@ -91,6 +95,7 @@ class _Plan:
         if trained_default:
             settings = self.metrics["settings"]
             task_id = resolve_task(self.task).task_id
+            self.start_task = next((str(t) for t in settings["tasks"] if t != task_id), "")
             if task_id is not None:
                 self.scenes = {s.name: s for s in held_out_scenes(settings, task_id, args.scenes)}
             # The same number of held-out scenes of every other task the model knows (or of the
@@ -127,24 +132,17 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--one-shot-task", default="", help="task of the segment_image calls (default: every "
                         "other task of the embedded model, on its held-out scenes; with a checkpoint "
                         f"{CHECKPOINT_ONE_SHOT_TASK!r} on a photo)")
-    parser.add_argument("--scenes", type=int, default=5,
+    parser.add_argument("--scenes", type=at_least(0), default=5,
                         help="held-out synthetic scenes per task (embedded model only)")
-    parser.add_argument("--frames", type=int, default=0,
+    parser.add_argument("--frames", type=at_least(0), default=0,
                         help="frames the camera stand-in publishes (default: every scene and photo once)")
-    parser.add_argument("--rate", type=_positive_rate, default=5.0, help="camera frame rate (Hz)")
+    parser.add_argument("--rate", type=positive_rate, default=5.0, help="camera frame rate (Hz)")
     parser.add_argument("--short-side", type=int, default=0,
                         help="model input short side (default: the size the model was trained at, which a "
                              "model directory records; 800 for an official .pth)")
     parser.add_argument("--out", default="out/demo", help="output directory")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
     return parser.parse_args(argv)
-
-
-def _positive_rate(text: str) -> float:
-    rate = float(text)
-    if not rate > 0 or rate == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: frames per second, above 0")
-    return rate
 
 
 MAX_DOMAIN_ID = 232  # the highest id whose DDS ports fit (ROS 2 docs, "The ROS_DOMAIN_ID")
@@ -166,7 +164,7 @@ def _raise_system_exit(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _node_command(args: argparse.Namespace, short_side: int, depth: bool = False) -> list[str]:
+def _node_command(args: argparse.Namespace, short_side: int, depth: bool = False, start_task: str = "") -> list[str]:
     """The installed perception_node (what `ros2 run toist_ros perception_node` runs) with its params file."""
     try:
         from ament_index_python.packages import get_package_prefix, get_package_share_directory
@@ -190,6 +188,8 @@ def _node_command(args: argparse.Namespace, short_side: int, depth: bool = False
         ros_args += ["-p", f"text_encoder:={args.text_encoder}"]
     if depth:
         ros_args += ["-p", "depth.enabled:=true", "-r", f"depth:={DEPTH_TOPIC}", "-r", f"camera_info:={CAMERA_INFO_TOPIC}"]
+    if start_task:   # quoted: the parameter is a string ("1", not the integer 1)
+        ros_args += ["-p", f"task:='{start_task}'"]
     return command + ros_args
 
 
@@ -318,7 +318,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.checkpoint:
         note = DEFAULT_MODEL_NOTE if plan.metrics is not None else FALLBACK_MODEL_NOTE.format(path=DEFAULT_MODEL_DIR)
         print(f"toist demo: NOTE: {note}.")
-    command = _node_command(args, plan.short_side, depth=bool(plan.depth))
+    command = _node_command(args, plan.short_side, depth=bool(plan.depth), start_task=plan.start_task)
     log_path = out / "node.log"
     print("toist demo: starting the node:", " ".join(command))
     log = open(log_path, "w")
@@ -407,6 +407,9 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
         return 1
 
     note = " - RANDOM WEIGHTS, meaningless" if not args.checkpoint and plan.metrics is None else ""
+    # The embedded model knows synthetic scenes only: a photo's overlay, shared without the
+    # report, must not look like a real detection.
+    photo_note = note or (" - synthetic-only model: meaningless on photos" if not args.checkpoint else "")
     rows, latencies, node_latencies, inference = [], [], [], []
     for index, (received, msg) in enumerate(results):
         name = client.camera.sent.get((msg.header.stamp.sec, msg.header.stamp.nanosec), "?")
@@ -420,7 +423,7 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
         pixels = plan.pixels(name)
         if pixels is not None:
             row["overlay"] = f"frame_{index:02d}_{name}.png"
-            _save_overlay(out / row["overlay"], pixels, msg, note, row)
+            _save_overlay(out / row["overlay"], pixels, msg, note, row, photo_note)
         rows.append(row)
 
     one_shot_rows = []
@@ -434,7 +437,7 @@ def _run(args: argparse.Namespace, plan: _Plan, client: _Client, node: subproces
             return 1
         row = {"call": index, "image": shot.name, "overlay": f"oneshot_{index:02d}_{shot.name}.png",
                **_result_cells(answer.result, shot.scene)}
-        _save_overlay(out / row["overlay"], shot.pixels, answer.result, note, row)
+        _save_overlay(out / row["overlay"], shot.pixels, answer.result, note, row, photo_note)
         one_shot_rows.append(row)
 
     model = _model_line(out / "node.log", bool(args.checkpoint))
@@ -515,12 +518,13 @@ def _judgement(scene: Optional[Any], msg: Any) -> dict:
     return {"top_right": bool(hits[0]), "right": len(found), "preferred": len(scene.preferred_boxes)}
 
 
-def _save_overlay(path: Path, pixels: np.ndarray, msg: Any, note: str, row: dict) -> None:
+def _save_overlay(path: Path, pixels: np.ndarray, msg: Any, note: str, row: dict, photo_note: str = "") -> None:
     """The overlay of one answer; on a judged (synthetic, ~100 px) scene enlarged and titled
-    with its verdict."""
+    with its verdict; on a photo titled with ``photo_note``."""
     from toist_core.visualize import save_rgb
 
     judged = row["top_right"] is not None
+    note = note if judged else photo_note
     verdict = f" - top {'RIGHT' if row['top_right'] else 'wrong'}" if judged else ""
     save_rgb(path, _overlay(_as_rgb(pixels), msg, note + verdict, SCENE_OVERLAY_SCALE if judged else 1))
 
@@ -610,7 +614,9 @@ def _report_text(report: dict) -> str:
                   "images in the node's ring), with their 2D results all the same; median centroid error "
                   f"{depth['median_error_cm_box_iou_0.5']} cm over the {depth['instances_box_iou_0.5']} instances "
                   f"that cover their object (box IoU >= 0.5), {depth['median_error_cm_all']} cm over all "
-                  f"{depth['instances_3d']} (a mask that covers two objects is measured on the nearer).", "",
+                  f"{depth['instances_3d']} (a mask that covers two objects is measured on the nearer). The "
+                  "synthetic depth is exact (no sensor noise, no holes): these errors come from the masks, and "
+                  "check the 3D plumbing, not a depth camera's accuracy (docs/ros.md, \"3D instances\").", "",
                   "| frame | image | rank | centroid (m) | object | box IoU | true centroid (m) | error cm |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in report["frames"]:
