@@ -366,24 +366,34 @@ def test_the_lifecycle_executable_waits_for_its_manager_and_stops_on_sigint(ros,
     assert "lifecycle configure: now inactive" in text and "lifecycle activate: now active" in text
 
 
+def _held_model_load(monkeypatch):
+    """The node's model load waits (up to 20 s) until ``release`` is set; ``loading`` is set
+    when it has begun. Returns (loading, release)."""
+    import threading
+
+    import toist_ros.node as node_module
+
+    loading, release = threading.Event(), threading.Event()
+    load = node_module.load_model
+
+    def held_load(*args, **kwargs):
+        loading.set()
+        release.wait(20)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(node_module, "load_model", held_load)
+    return loading, release
+
+
 def test_a_stop_during_configure_ends_it_at_its_next_step(ros, model_dir, capfd, monkeypatch):
     """A configure runs in an executor thread, which a stop signal cannot interrupt: `main` asks
     the node to stop, and the configure ends after the step under way (here the model load)
     instead of going on to warm up (seconds more on a CPU, past launch's SIGKILL)."""
     import threading
 
-    import toist_ros.node as node_module
     from rclpy.lifecycle import TransitionCallbackReturn
 
-    loading, release = threading.Event(), threading.Event()
-    load = node_module.load_model
-
-    def slow_load(*args, **kwargs):
-        loading.set()
-        release.wait(10)
-        return load(*args, **kwargs)
-
-    monkeypatch.setattr(node_module, "load_model", slow_load)
+    loading, release = _held_model_load(monkeypatch)
     node = _managed_node(ros, "/stopping", checkpoint=model_dir)
     warmed = []
     monkeypatch.setattr(node, "_warm_up", lambda: warmed.append(True))
@@ -403,22 +413,11 @@ def test_state_and_parameters_answer_while_a_transition_runs(ros, model_dir, mon
     """The lifecycle services shared the node's default callback group with the parameter
     services: during a configure (a model load, a warm-up: tens of seconds) `ros2 lifecycle get`
     and `ros2 param get/set` got no answer."""
-    import threading
-
-    import toist_ros.node as node_module
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState, GetState
     from rcl_interfaces.srv import GetParameters
 
-    loading, release = threading.Event(), threading.Event()
-    load = node_module.load_model
-
-    def slow_load(*args, **kwargs):
-        loading.set()
-        release.wait(20)
-        return load(*args, **kwargs)
-
-    monkeypatch.setattr(node_module, "load_model", slow_load)
+    loading, release = _held_model_load(monkeypatch)
     node = _managed_node(ros, "/busy", checkpoint=model_dir)
     manager = Manager(ros, "/busy")
     try:
