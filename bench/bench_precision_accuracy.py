@@ -2,7 +2,7 @@
 model on its synthetic test split, fp32 against bf16 autocast and int8 dynamic quantisation.
 
     python bench/bench_precision_accuracy.py [--images 0] [--paths fp32,bf16,int8] [--threads 1]
-    python bench/bench_precision_accuracy.py --device cuda --paths fp32,fp16,bf16      # on a GPU
+    python bench/bench_precision_accuracy.py --device cuda --paths fp32,bf16,fp16      # on a GPU
 
 The test split is generated as ``training/default_model.py``'s ``write_data`` generates it
 (``toist_core.data.synth.generate`` with ``RecipeSettings``' tasks, sizes, object counts, empty

@@ -168,7 +168,10 @@ def _training(args, device, report, workdir: Path) -> None:
     if not args.quick:
         overrides += ["model.text.tokenizer=builtin:tiny"]
     overrides += args.train_override
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    # --local-addr: --standalone gives the workers this host's name to reach the store; a VM
+    # whose name resolves nowhere (no /etc/hosts entry, no DNS) lost the training row.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
+           f"--nproc_per_node={nproc}",
            str(Path(__file__).resolve()), str(args.train_warmup), str(args.train_steps), "--",
            "--config", config, *overrides]
     print(" ".join(cmd), flush=True)
