@@ -490,17 +490,35 @@ def test_a_deactivate_that_fails_part_way_ends_unconfigured_not_active(ros, mode
     node = _managed_node(ros, "/halfway", checkpoint=model_dir)
     manager = Manager(ros, "/halfway")
     assert manager.transition("configure") and manager.transition("activate")
+    assert manager.roundtrip(_pixels()) is not None
+    worker, unsubscribe, calls = node._worker, node._inputs.unsubscribe, []
 
-    def broken():
-        raise RuntimeError("the middleware refused")
+    def broken_once():   # refused the first time; error processing tries again
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the middleware refused")
+        unsubscribe()
 
-    monkeypatch.setattr(node._inputs, "unsubscribe", broken)
+    monkeypatch.setattr(node._inputs, "unsubscribe", broken_once)
     assert not manager.transition("deactivate")
     assert manager.state() == "unconfigured" and node.model is None and node._phase == "unconfigured"
+    # Released for real: no camera subscription, no inference thread (they were left running).
+    assert not worker.running and wait_for(lambda: manager.image_subscribers() == 0, timeout=10)
+    report = manager.newest_diagnostic(len(manager.diagnostics))   # error processing kept the reason
+    assert report.level == b"\x02" and "deactivate failed: RuntimeError: the middleware refused" in report.message
     monkeypatch.undo()
     assert manager.transition("configure") and manager.transition("activate")
     assert manager.roundtrip(_pixels()) is not None
-    assert manager.transition("deactivate") and manager.transition("cleanup")
+    # A shutdown that fails part-way still ends finalized (ERROR went back to unconfigured).
+    cleanup = node._cleanup
+
+    def broken_cleanup():
+        cleanup()
+        raise RuntimeError("the driver refused")
+
+    monkeypatch.setattr(node, "_cleanup", broken_cleanup)
+    assert not manager.transition("shutdown")
+    assert manager.state() == "finalized" and node.model is None
 
 
 def test_depth_inputs_follow_the_lifecycle_too(ros, model_dir):

@@ -97,6 +97,7 @@ class InferenceWorker:
         self._geometry_ms = geometry_ms if geometry_ms is not None else Percentiles()
         self._frames_warned: set[int] = set()  # cameras whose accepted frame_id mismatch was warned about
         self._stopping = threading.Event()
+        self._abandoned = threading.Event()   # stop() gave up waiting: the frame's result is not published
         self.last_error = ""
         self._clock_warned = False
         self._thread = threading.Thread(target=self._loop, name="toist_inference", daemon=True)
@@ -112,6 +113,8 @@ class InferenceWorker:
         self._slots.close()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=STOP_WAIT_S)
+            if self._thread.is_alive():
+                self._abandoned.set()
         self._fail_pending()
         return not self.running
 
@@ -180,7 +183,7 @@ class InferenceWorker:
         if result is None:
             return
         msg, ranked = result
-        if self._stopping.is_set():   # stopped during the forward pass (deactivated): nothing more
+        if self._abandoned.is_set():   # stop() stopped waiting for this forward pass: nothing more
             return
         if self._depth is not None:
             self._add_depth(msg, ranked, camera, settings)

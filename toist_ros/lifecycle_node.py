@@ -39,7 +39,9 @@ class _LifecycleServicesApart(LifecycleNode):
     transition inside the ``change_state`` callback: for the whole of a configure (a model load
     and a warm-up, tens of seconds) `ros2 lifecycle get` and `ros2 param get/set` got no answer.
     A ``change_state`` asked while a transition runs is refused by the state machine (no such
-    transition from a transition state), so the transitions still run one at a time."""
+    transition from a transition state: rclpy with ros2/rclpy#1319 answers it ``success: false``;
+    an older one, as it does for any transition the state does not have, logs the error and
+    answers nothing), so the transitions still run one at a time."""
 
     def __init__(self, node_name: str, *, enable_communication_interface: bool = True, **kwargs) -> None:
         Node.__init__(self, node_name, **kwargs)
@@ -78,20 +80,28 @@ class ManagedPerceptionNode(PerceptionNode, _LifecycleServicesApart):
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         def shut_down() -> None:
-            self._release()
-            self._phase = FINALIZED
+            try:
+                self._release()
+            finally:
+                self._phase = FINALIZED
 
-        return self._transition("shutdown", shut_down)
+        # A shutdown that fails part-way reports FAILURE, which ends *finalized* too (ERROR would
+        # go through error processing back to *unconfigured*: a node asked to end, configurable).
+        return self._transition("shutdown", shut_down, undo=lambda: None)
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         """After a transition raised: release everything and go back to *unconfigured*."""
         return self._transition("error processing", self._release)
 
     def _release(self) -> None:
-        """Stop whatever runs and release the model, from any state."""
-        if self._phase == ACTIVE:
-            self._deactivate()
+        """Stop whatever runs and release the model, from any state, whatever the phase says
+        (a deactivate that failed part-way says inactive; its steps are tried again)."""
         if self._phase != UNCONFIGURED:
+            try:
+                if self._inputs is not None:   # (a configure that failed early has none)
+                    self._deactivate()
+            except Exception as exc:   # what it could stop is stopped; the model is released below
+                self.get_logger().error(f"releasing: {type(exc).__name__}: {exc}")
             self._cleanup()
 
     def _transition(self, name: str, step: Callable[[], None],
@@ -120,7 +130,8 @@ class ManagedPerceptionNode(PerceptionNode, _LifecycleServicesApart):
                 return TransitionCallbackReturn.ERROR
             return TransitionCallbackReturn.FAILURE
         log.info(f"lifecycle {name}: now {self._phase}")
-        self.transition_failure = ""
+        if name != "error processing":   # the failure that led to it stays on /diagnostics
+            self.transition_failure = ""
         return TransitionCallbackReturn.SUCCESS
 
 

@@ -195,8 +195,24 @@ class PerceptionNode(Node):
 
     def _deactivate(self) -> None:
         """Stop the inference thread (the frame in progress ends first) and the subscriptions;
-        the model, the task, the outputs and ``set_task`` stay."""
+        the model, the task, the outputs and ``set_task`` stay. Every step is tried, whatever
+        the one before did (a step that raised left the thread or the subscriptions running
+        under a node that said it was inactive, then released); the first error is raised after."""
         self._phase = INACTIVE
+        errors = []
+        for step in (self._stop_inference, self._inputs.unsubscribe,
+                     self._depth.unsubscribe if self._depth is not None else None, self._destroy_no_image_timer):
+            try:
+                if step is not None:
+                    step()
+            except Exception as exc:
+                errors.append(exc)
+        return_free_memory()  # what the ended inference thread's arena held
+        self._tasks.publish_active()
+        if errors:
+            raise errors[0]
+
+    def _stop_inference(self) -> None:
         if not self.stop():
             # A forward pass longer than the wait (a hung GPU, a huge frame on a CPU): the thread
             # ends after it and publishes nothing; activate waits for it (lifecycle_node).
@@ -204,15 +220,12 @@ class PerceptionNode(Node):
             self.get_logger().warning(f"deactivate: the inference thread is still in a forward pass after "
                                       f"{STOP_WAIT_S:g} s; it publishes nothing when it ends, and activate is "
                                       "refused until then")
-        self._inputs.unsubscribe()
-        if self._depth is not None:
-            self._depth.unsubscribe()
+
+    def _destroy_no_image_timer(self) -> None:
         with self._state_lock:
             timer, self._no_image_timer = self._no_image_timer, None
         if timer is not None:
             self.destroy_timer(timer)
-        return_free_memory()  # what the ended inference thread's arena held
-        self._tasks.publish_active()
 
     def _cleanup(self) -> None:
         """Back to before :meth:`_configure`: outputs and services destroyed, the model released

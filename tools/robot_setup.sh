@@ -57,6 +57,16 @@ distro_numpy_spec() {
   esac
 }
 
+# numba for the distro's Python and numpy: on Humble below 0.58 (0.57 is the last that takes
+# numpy 1.21; a newer one would replace Ubuntu 22.04's numpy in the venv, under apt's SciPy 1.8).
+distro_numba_spec() {
+  case "$1" in
+    humble) echo "numba>=${NUMBA_MIN},<0.58" ;;
+    jazzy | kilted) echo "numba>=0.59" ;;   # the first numba for Python 3.12
+    *) return 1 ;;
+  esac
+}
+
 # The CUDA version of the torch build an index serves: "13.0" for PyPI, "12.6" for .../cu126,
 # "cpu" for .../cpu; empty when the URL does not say.
 index_cuda() {
@@ -312,6 +322,7 @@ esac
 ROS_SETUP="/opt/ros/$DISTRO/setup.bash"
 WANT_PY="$(distro_python "$DISTRO")"
 NUMPY_SPEC="$(distro_numpy_spec "$DISTRO")"
+NUMBA_SPEC="$(distro_numba_spec "$DISTRO")"
 say "ROS 2 $DISTRO (Ubuntu $(distro_ubuntu "$DISTRO"), Python $WANT_PY); workspace $WORKSPACE; venv $VENV"
 say "numpy requirement: $NUMPY_SPEC"
 [ "$REUSED_SETTINGS" = 0 ] ||
@@ -467,7 +478,7 @@ else
 fi
 say "transformers, safetensors, pycocotools, numba"
 run "${PIP[@]}" install "transformers>=$TRANSFORMERS_MIN" "safetensors>=$SAFETENSORS_MIN" \
-  "pycocotools>=$PYCOCOTOOLS_MIN" "numba>=$NUMBA_MIN" "$NUMPY_SPEC" -c "$CONSTRAINTS"
+  "pycocotools>=$PYCOCOTOOLS_MIN" "$NUMBA_SPEC" "$NUMPY_SPEC" -c "$CONSTRAINTS"
 
 # --- 5. colcon build -----------------------------------------------------------------------
 if [ "$SKIP_BUILD" = 1 ]; then
