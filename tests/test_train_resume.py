@@ -204,7 +204,8 @@ def test_a_run_stopped_between_its_epoch_copy_and_its_checkpoint_keeps_every_epo
     from training.loops import Trainer
 
     extra = ["checkpoint.per_epoch=true", "checkpoint.keep_epochs=5", "checkpoint.every_steps=2",
-             "eval.enabled=false", "schedule.max_steps=null", "schedule.epochs=2"]
+             "eval.enabled=false", "schedule.max_steps=null", "schedule.epochs=2",
+             "data.tasks=[1]"]   # one task: shorter epochs (4 epochs are trained in all)
     full = Trainer(_config("pronoun", synth_root, tmp_path / "full", extra), DistEnv())
     full.run()
     copies = sorted(p.name for p in (tmp_path / "full").glob("checkpoint_epoch*.pth"))
