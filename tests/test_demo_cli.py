@@ -56,6 +56,17 @@ def test_the_camera_stand_in_refuses_bad_options_by_name(args, message):
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--timeout", "nan", "set-task", "2"], "argument --timeout: 'nan': seconds, a number above 0"),  # spun for ever
+    (["set-task", "2", "--timeout", "-5"], "argument --timeout: '-5': seconds"),
+    (["instances", "--count", "0"], "argument --count: '0': an integer >= 1"),
+])
+def test_the_dev_client_refuses_bad_numbers_by_name(args, message):
+    result = subprocess.run([sys.executable, "-m", "toist_ros.client", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_sigterm_stops_the_node_it_started(tmp_path):
     """The demo ended on SIGTERM (exit 143) and left its perception node running, orphaned."""
     out = tmp_path / "out"

@@ -92,9 +92,12 @@ def test_demo_overlay_keeps_the_masks_when_one_instance_has_none():
     size = (300, 200)
     masks = np.zeros((2, 200, 300), bool)
     masks[0, 60:140, 60:140] = True
-    # The second box lies outside the image: clamped to nothing, its mask image is empty.
-    boxes = [[50, 50, 150, 150], [310, 210, 350, 250]]
+    # The second instance's mask image is empty (a node that computed no mask for it).
+    from sensor_msgs.msg import Image
+
+    boxes = [[50, 50, 150, 150], [160, 20, 200, 60]]
     msg = _message(boxes, masks, size)
+    msg.instances[1].mask = Image()
     assert msg.instances[0].mask.width > 0 and msg.instances[1].mask.width == 0
     rgb = np.zeros((200, 300, 3), np.uint8)
     drawn = _overlay(rgb, msg, "", 1)

@@ -286,6 +286,17 @@ def test_ranking_threshold_and_cut():
         [float(v) for v in np.sort(scores)[::-1][:2]]
 
 
+def test_a_box_with_no_area_in_the_image_is_not_published():
+    """A box wholly outside the image (or of zero width) clipped to a line, took a rank and a
+    max_instances place, and was published with a 0 x 30 mask."""
+    boxes = np.array([[650, 10, 700, 40], [5, 5, 20, 20], [30, 30, 30, 45], [100, 100, 140, 160]], np.float32)
+    scores = np.array([0.9, 0.8, 0.85, 0.7], np.float32)
+    masks = np.ones((4, 480, 640), bool)
+    ranked = rank_instances(boxes, scores, masks, (640, 480), max_instances=2)
+    assert [r.score for r in ranked] == [pytest.approx(0.8), pytest.approx(0.7)] and [r.rank for r in ranked] == [0, 1]
+    assert all(r.roi[2] > 0 and r.roi[3] > 0 for r in ranked)
+
+
 def test_ties_keep_model_order():
     boxes = np.tile(np.array([[0, 0, 4, 4]], np.float32), (4, 1))
     boxes[:, 0] = [0, 1, 2, 3]

@@ -97,7 +97,8 @@ PROBE = textwrap.dedent("""
                 "instances": [[i.rank, i.score, list(map(float, i.box))] for i in inst.instances],
                 "detections": [[d.id, d.header == inst.header, [[r.hypothesis.class_id, r.hypothesis.score]
                                 for r in d.results], d.bbox.center.position.x, d.bbox.center.position.y,
-                                d.bbox.size_x, d.bbox.size_y] for d in det.detections]}))
+                                d.bbox.size_x, d.bbox.size_y, [list(r.pose.covariance[:15:7]) for r in d.results]]
+                               for d in det.detections]}))
             sys.exit(0)
     sys.exit("no frame came back on both topics")
 """)
@@ -156,7 +157,12 @@ def test_detections_carry_every_instance_box_score_and_task(standin, tmp_path):
     assert frame["same_header"] and frame["frame_id"] == "cam_optical"
     instances, detections = frame["instances"], frame["detections"]
     assert instances and len(detections) == len(instances)
-    for (rank, score, (x0, y0, x1, y1)), (det_id, same_header, results, cx, cy, sx, sy) in zip(instances, detections):
-        assert det_id == str(rank) and same_header
+    assert [rank for rank, _, _ in instances] == list(range(len(instances)))   # the array's order is the rank
+    for (rank, score, (x0, y0, x1, y1)), (det_id, same_header, results, cx, cy, sx, sy, variances) in zip(
+            instances, detections):
+        # No identity across frames (a tracker would key on it): empty, as vision_msgs allows;
+        # the rank is the order (it was id = rank, and two objects whose scores swapped swapped ids).
+        assert det_id == "" and same_header
         assert results == [[frame["task"], pytest.approx(score, abs=1e-6)]]
         assert (cx, cy, sx, sy) == pytest.approx(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), abs=1e-4)
+        assert variances == [[-1.0, -1.0, -1.0]]   # no depth here: no position, not the camera's centre

@@ -43,3 +43,23 @@ def test_a_score_label_at_the_top_is_not_under_the_caption():
     far = draw_instances(image, np.array([[250.0, 0.0, 299.0, 50.0]]), score, title="sit")
     (tw, th), base = cv2.getTextSize("0.93", cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
     assert np.all(far[th + base - 2, 250:250 + tw] != 128)   # right of a short bar: at the top, as before
+
+
+def test_box_lines_lie_on_the_box_own_pixels():
+    """Box corners are pixel edges (columns 10 to 19 are 10 .. 20): the right and bottom lines were
+    drawn a pixel outside the box, and outside the image (not at all) for a box over the frame.
+    The ROS node's debug_image draws its boxes the same way (toist_ros.overlay)."""
+    from types import SimpleNamespace
+
+    from toist_ros.overlay import draw_overlay
+
+    image = np.zeros((100, 200, 3), np.uint8)
+    whole = draw_instances(image, np.array([[0.0, 0.0, 200.0, 100.0]]), np.array([0.9]), thickness=1)
+    lit = np.all(whole == instance_color(0), axis=2)
+    assert lit[50:, -1].all() and lit[-1, 100:].all()   # right column, bottom row (below/right of the label)
+    small = np.all(draw_instances(image, np.array([[50.0, 20.0, 60.0, 30.0]]), np.array([0.9]), thickness=1)
+                   == instance_color(0), axis=2)
+    assert small[25, 59] and not small[25, 60] and small[29, 55] and not small[30, 55]
+    ranked = [SimpleNamespace(rank=0, score=0.9, box=(0.0, 0.0, 200.0, 100.0), mask_crop=None, roi=(0, 0, 200, 100))]
+    debug = np.all(draw_overlay(image, ranked) == instance_color(0)[::-1], axis=2)   # BGR
+    assert debug[50:, -1].all() and debug[-1, 100:].all()

@@ -7,6 +7,7 @@ BGR order OpenCV writes.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional, Union
 
@@ -22,6 +23,16 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 
 def instance_color(index: int) -> tuple[int, int, int]:
     return PALETTE[index % len(PALETTE)]
+
+
+def box_pixels(box) -> tuple[int, int, int, int]:
+    """The first and last pixel (x0, y0, x1, y1, inclusive) a box ``(x1, y1, x2, y2)`` in pixel
+    edges covers (columns 10 to 19 are ``10 .. 20``): what ``cv2.rectangle`` takes. Drawn to the
+    edge itself, a box's right and bottom lines were a pixel outside it (outside the image for a
+    box over the whole frame: not drawn at all)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    left, top = math.floor(x1), math.floor(y1)
+    return left, top, max(left, math.ceil(x2) - 1), max(top, math.ceil(y2) - 1)
 
 
 def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
@@ -51,7 +62,7 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
         bar_width, bar_height = title_w + 8, title_h + title_base + 8
     for i, (box, score) in enumerate(zip(boxes, scores)):
         color = instance_color(i)
-        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        x1, y1, x2, y2 = box_pixels(box)
         cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness)
         label = f"{float(score):.2f}"
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
@@ -154,4 +165,4 @@ def save_rgb(path: Union[str, Path], image: np.ndarray) -> None:
     atomic_write(path, lambda handle: handle.write(encoded.tobytes()))
 
 
-__all__ = ["PALETTE", "draw_instances", "draw_prediction", "instance_color", "load_rgb", "save_rgb"]
+__all__ = ["PALETTE", "box_pixels", "draw_instances", "draw_prediction", "instance_color", "load_rgb", "save_rgb"]

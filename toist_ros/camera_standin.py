@@ -25,37 +25,13 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from toist_ros.arg_types import at_least, positive_rate
 from toist_ros.camera_input import compressed_topic
 from toist_ros.conversions import compressed_from_array, image_from_array
 
 DEFAULT_PHOTOS = ("coffee", "chelsea", "astronaut", "rocket", "camera")
 SENT_KEPT = 1000   # stamps remembered in ``sent``: results come back within seconds, not minutes
 _COLOUR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8")
-
-
-def positive_rate(text: str) -> float:
-    """argparse type: frames per second, above 0 and finite (0 divided by zero, a negative
-    rate reached rclpy as an RCLError)."""
-    try:
-        rate = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: frames per second, a number above 0") from None
-    if not rate > 0 or rate == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: frames per second, above 0")
-    return rate
-
-
-def at_least(minimum: int):
-    """argparse type: an integer >= ``minimum`` (a negative frame count ran for minutes first)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: an integer >= {minimum}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r}: an integer >= {minimum}")
-        return value
-    return parse
 
 
 def load_photos(names: Sequence[str] = DEFAULT_PHOTOS) -> list[tuple[str, np.ndarray]]:

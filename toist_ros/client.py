@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from toist_ros.arg_types import at_least, seconds
+
 
 def _topic(namespace: str, name: str) -> str:
     return f"{namespace.rstrip('/')}/{name}" if namespace.strip("/") else name
@@ -178,12 +180,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m toist_ros.client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ns", default="", help="the node's namespace (e.g. /front)")
-    parser.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for the node")
+    parser.add_argument("--timeout", type=seconds, default=20.0, help="seconds to wait for the node (inf: no limit)")
     # The same two options after the command too (`segment photo.jpg --timeout 120` was refused);
     # SUPPRESS: a command that is not given them leaves the values above as they are.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ns", default=argparse.SUPPRESS, help="the node's namespace (e.g. /front)")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for the node")
+    common.add_argument("--timeout", type=seconds, default=argparse.SUPPRESS, help="seconds to wait for the node")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("set-task", help="call set_task", parents=[common]).add_argument("task")
     commands.add_parser("publish-task", help="publish on the task topic (exit 1 if the node does not take it "
@@ -192,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seg.add_argument("image")
     seg.add_argument("--task", default="", help="a task for this image only (default: the active task)")
     inst = commands.add_parser("instances", help="print TaskInstances messages", parents=[common])
-    inst.add_argument("--count", type=int, default=1)
+    inst.add_argument("--count", type=at_least(1), default=1)
     commands.add_parser("status", help="print the latched active_task", parents=[common])
     args = parser.parse_args(argv)
     from rclpy.exceptions import NameValidationException

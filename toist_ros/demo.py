@@ -46,7 +46,7 @@ import numpy as np
 
 from toist_core.json_text import dumps_null_for_nan
 from toist_core.parent_death import signal_when_parent_dies
-from toist_ros.camera_standin import at_least, positive_rate
+from toist_ros.arg_types import at_least, positive_rate, seconds
 from toist_ros.service_call import ServerGone
 
 # One namespace per run: two demos in one ROS domain took each other's results.
@@ -141,7 +141,7 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="model input short side (default: the size the model was trained at, which a "
                              "model directory records; 800 for an official .pth)")
     parser.add_argument("--out", default="out/demo", help="output directory")
-    parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
+    parser.add_argument("--ready-timeout", type=seconds, default=600.0, help="seconds to wait for the model to load")
     return parser.parse_args(argv)
 
 

@@ -60,8 +60,9 @@ def rank_instances(boxes: Any, scores: Any, masks: Any, image_size: tuple[int, i
 
     boxes [N, 4] xyxy in original pixels, scores [N], masks [N, H, W] bool (None: boxes only, the
     mask images stay empty); ``image_size`` = (width, height). Instances with score < threshold
-    are dropped; the rest are sorted by score (ties keep model order) and cut to
-    ``max_instances``. A NaN or infinite score or box coordinate raises ValueError (a broken
+    are dropped, and so are those whose box, clipped to the image, has no area (outside the
+    image, or degenerate: published, they took a rank and a ``max_instances`` place with a 0 x N
+    mask); the rest are sorted by score (ties keep model order) and cut to ``max_instances``. A NaN or infinite score or box coordinate raises ValueError (a broken
     model or an fp16 overflow: the frame fails and is counted, it never becomes a made-up box).
     """
     width, height = int(image_size[0]), int(image_size[1])
@@ -82,11 +83,12 @@ def rank_instances(boxes: Any, scores: Any, masks: Any, image_size: tuple[int, i
     if broken.any():
         raise ValueError(f"the model gave non-finite scores or boxes for {int(broken.sum())} of {len(scores)} "
                          f"instances (first: score {scores[broken][0]}, box {boxes[broken][0].tolist()})")
-    keep = np.flatnonzero(scores >= score_threshold)
+    clamped = {int(i): clamp_box(boxes[i], width, height) for i in np.flatnonzero(scores >= score_threshold)}
+    keep = np.array([i for i, box in clamped.items() if box[2] > box[0] and box[3] > box[1]], dtype=np.int64)
     order = keep[np.argsort(-scores[keep], kind="stable")][: max(0, int(max_instances))]
     out = []
     for rank, index in enumerate(order):
-        box = clamp_box(boxes[index], width, height)
+        box = clamped[int(index)]
         mask = masks[index].astype(bool, copy=False) if masks is not None else None
         roi = mask_roi(box, mask, width, height)
         crop, area = None, 0

@@ -11,7 +11,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from toist_core.visualize import instance_color
+from toist_core.visualize import box_pixels, instance_color
 
 
 def draw_overlay(rgb: np.ndarray, ranked: Sequence, title: str = "", alpha: float = 0.45) -> np.ndarray:
@@ -29,7 +29,7 @@ def draw_overlay(rgb: np.ndarray, ranked: Sequence, title: str = "", alpha: floa
             tint[:] = colour
             blended = cv2.addWeighted(region, 1.0 - alpha, tint, alpha, 0.0)
             region[crop] = blended[crop]
-        x0, y0, x1, y1 = (int(round(float(v))) for v in item.box)
+        x0, y0, x1, y1 = box_pixels(item.box)
         cv2.rectangle(out, (x0, y0), (x1, y1), colour, thickness)
         _label(out, f"#{item.rank} {item.score:.2f}", (x0, y0), colour, scale)
     if title:
