@@ -2,6 +2,7 @@
 (loads, its card and metrics agree, it finds the right objects in held-out synthetic scenes),
 and the node's fallback when it is missing."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -325,6 +326,18 @@ def test_recipe_work_directory_holds_one_set_of_settings(tmp_path):
     with pytest.raises(ValueError, match=r"recipe_settings\.json: .* was written with other recipe settings "
                                          r"\(distill_lr: 5e-05 there, 0\.0002 now"):
         recipe.check_settings(recipe.RecipeSettings(distill_lr=2e-4), tmp_path)
+    # Data and stages without the record (written before it existed, or the record deleted): whose
+    # settings they are is unknown, and finished stages would be reused under the new card.
+    unknown = tmp_path / "older"
+    (unknown / "teacher").mkdir(parents=True)
+    (unknown / ".recipe.lock").write_text("")
+    with pytest.raises(ValueError, match=r"older holds teacher but no recipe_settings\.json .* delete it to start over"):
+        recipe.check_settings(recipe.RecipeSettings(), unknown)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".recipe.lock").write_text("")   # the lock taken before the check: not content
+    recipe.check_settings(recipe.RecipeSettings(), fresh)
+    assert (fresh / recipe.RECIPE_FILE).is_file()
 
 
 def test_recipe_refuses_quick_install_and_no_jobs(tmp_path, capsys):
@@ -365,6 +378,14 @@ def test_a_stage_trained_from_an_earlier_upstream_run_is_not_reused(tmp_path):
         recipe.run_stage(recipe.RecipeSettings(), tmp_path, stage)
     (tmp_path / "before" / recipe.DONE).write_text(json.dumps({"finished": 1.0}))
     assert recipe.run_stage(recipe.RecipeSettings(), tmp_path, stage)["upstream"] == {"before": 1.0}
+    # Cut short (a checkpoint, no done.json) and its upstream retrained since: the resume, which
+    # takes no init.* of the config, would go on from the old one; refused as a finished stage is.
+    (tmp_path / "after" / recipe.DONE).unlink()
+    (tmp_path / "after" / recipe.LAST).write_bytes(b"a checkpoint of the first teacher")
+    (tmp_path / "after" / recipe.STARTED).write_text(json.dumps({"before": 1.0}))
+    (tmp_path / "before" / recipe.DONE).write_text(json.dumps({"finished": 3.0}))
+    with pytest.raises(ValueError, match=r"checkpoint\.pth: stage 'after' was started from earlier runs of before"):
+        recipe.run_stage(recipe.RecipeSettings(), tmp_path, stage)
 
 
 def test_a_failed_parallel_stage_is_reported_at_once(tmp_path, capsys):
@@ -373,3 +394,16 @@ def test_a_failed_parallel_stage_is_reported_at_once(tmp_path, capsys):
     with pytest.raises(Exception, match="no_such"):
         recipe.run_plan(recipe.RecipeSettings(jobs=2), tmp_path, plan)
     assert "failed: " in capsys.readouterr().err
+
+
+def test_a_run_whose_model_fails_the_checks_is_not_installed(committed):
+    """--install replaced the packaged model with whatever the run made; the checks the tests make
+    of the committed model come first now (the committed figures pass them)."""
+    assert recipe.install_problems(committed) == []
+    broken = json.loads(json.dumps(committed))
+    broken["rows"]["distilled student"]["mAP50/bbox"] = 0.1
+    problems = recipe.install_problems(broken)
+    assert any("more than 0.05 below the plain one" in p for p in problems)
+    assert any("do not read the verb" in p for p in problems)
+    del broken["rows"]["untrained"]
+    assert recipe.install_problems(broken) == ["no box mAP@0.5 for untrained"]

@@ -66,6 +66,7 @@ from training.stage_processes import StageStopped, WorkDirBusy, run_stages, stag
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PACKAGE_MODEL_DIR = Path(toist_core.__file__).resolve().parent / "assets" / "default_model"
 DONE = "done.json"
+STARTED = "started.json"   # in a stage folder: the upstream stages it started from (its resume checks them)
 DATA_DONE = "recipe_data_done"     # in a data folder: every split of it is written
 RECIPE_FILE = "recipe_settings.json"  # in the work directory: the settings its data and stages come from
 TRAINING_MINUTES = "training_minutes.json"
@@ -243,6 +244,15 @@ def run_stage(settings: RecipeSettings, out: Path, stage: Stage) -> dict:
         last = run_dir / LAST
         started = time.perf_counter()
         upstream = _upstream(out, stage)
+        # The stages it starts from, recorded when it starts: a resume (which takes no init.* of
+        # the config) from a checkpoint of earlier upstream runs is refused as a finished one is.
+        begun = run_dir / STARTED
+        if last.is_file() and begun.is_file() and json.loads(begun.read_text()) != upstream:
+            raise ValueError(f"{last}: stage {stage.name!r} was started from earlier runs of {', '.join(stage.after)} "
+                             f"than the ones now in {out}: delete {run_dir} to retrain it")
+        if not last.is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            begun.write_text(json.dumps(upstream))
         result = Trainer(cfg, DistEnv(), resume=str(last) if last.is_file() else None, stop=stop).run()
         if result.stopped_by is not None:
             raise StageStopped(stage.name, result.stopped_by)
@@ -299,6 +309,14 @@ def check_settings(settings: RecipeSettings, out: Path) -> None:
             raise ValueError(f"{path}: {out} was written with other recipe settings ({detail}): give another "
                              "--out, or delete it to start over")
     else:
+        # No record but data or stages there (a folder of a toist before the record, or one whose
+        # record was deleted): whose settings they are nobody can tell, and a finished stage would be
+        # reused by its folder alone (an install then shipped a 1-epoch teacher under a 25-epoch card).
+        found = sorted(p.name for p in out.iterdir() if p.is_dir()) if out.is_dir() else []   # (not its lock)
+        if found:
+            raise ValueError(f"{out} holds {', '.join(found[:6])}{' ...' if len(found) > 6 else ''} but no {RECIPE_FILE} "
+                             "saying which recipe settings wrote them: give another --out, or delete it to start over")
+        out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(wanted, indent=1))
 
 
@@ -650,6 +668,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
+def install_problems(results: dict) -> list[str]:
+    """Why a finished run's model must not replace the packaged one (empty: it may): the checks
+    the tests make of the committed model (tests/test_default_model.py), on the new figures.
+    A run that finished with a broken model overwrote the packaged one; the tests found it after."""
+    rows = {name: row.get("mAP50/bbox") for name, row in results["rows"].items()}
+    needed = ("untrained", "teacher (noun captions)", "teacher (pronoun captions)", "plain student",
+              "distilled student")
+    missing = [name for name in needed if rows.get(name) is None]
+    if missing:
+        return [f"no box mAP@0.5 for {', '.join(missing)}"]
+    problems = []
+    floor = max(0.05, 10 * rows["untrained"])
+    problems += [f"{name}: box mAP@0.5 {rows[name]:.3f} is not above {floor:.3f} (0.05, and 10x the untrained model)"
+                 for name in needed[1:] if name != "teacher (pronoun captions)" and not rows[name] > floor]
+    teacher, plain, distilled = rows["teacher (pronoun captions)"], rows["plain student"], rows["distilled student"]
+    if not min(plain, distilled) > teacher + 0.05:
+        problems.append(f"the students ({plain:.3f}, {distilled:.3f}) are not 0.05 above the noun teacher reading "
+                        f"pronoun captions ({teacher:.3f}): they do not read the verb")
+    if not distilled > plain - 0.05:
+        problems.append(f"the distilled student ({distilled:.3f}) is more than 0.05 below the plain one ({plain:.3f})")
+    return problems
+
+
 def _run(settings: RecipeSettings, out: Path, ablations: bool, install_model: bool) -> int:
     check_settings(settings, out)
     torch.set_num_threads(settings.threads)
@@ -672,6 +713,11 @@ def _run(settings: RecipeSettings, out: Path, ablations: bool, install_model: bo
           f"(task, image) pairs; training {minutes:.1f} min):\n\n{results_table(results)}\n")
     print(f"model directory: {model_dir}")
     if install_model:
+        problems = install_problems(results)
+        if problems:
+            print("not installed (the packaged model is left as it was): " + "; ".join(problems)
+                  + f"; the new model is in {model_dir}", file=sys.stderr)
+            return 1
         print(f"installed: {install(model_dir)}")
     print(f"recipe finished in {(time.perf_counter() - started) / 60:.1f} min")
     return 0
