@@ -408,3 +408,35 @@ def test_a_run_whose_model_fails_the_checks_is_not_installed(committed):
     assert any("do not read the verb" in p for p in problems)
     del broken["rows"]["untrained"]
     assert recipe.install_problems(broken) == ["no box mAP@0.5 for untrained"]
+
+
+def test_a_stage_records_the_upstream_it_starts_from_and_a_failing_model_is_not_installed(tmp_path, monkeypatch,
+                                                                                           committed, capsys):
+    """started.json is what the resume check reads: written when the stage starts, before its
+    first update (a stage stopped at once keeps it). And `--install` goes through the gate."""
+    from types import SimpleNamespace
+
+    (tmp_path / "before").mkdir()
+    (tmp_path / "before" / recipe.DONE).write_text(json.dumps({"finished": 4.0}))
+    stage = recipe.Stage("after", "tiny_pronoun.yaml", 1, [], after=("before",))
+
+    class StoppedAtOnce:
+        def __init__(self, cfg, env, resume=None, stop=None):
+            assert resume is None
+
+        def run(self):
+            return SimpleNamespace(stopped_by=15, step=0, best=None)
+
+    monkeypatch.setattr(recipe, "stage_config", lambda *args: None)
+    monkeypatch.setattr(recipe, "Trainer", StoppedAtOnce)
+    with pytest.raises(recipe.StageStopped):
+        recipe.run_stage(recipe.RecipeSettings(), tmp_path, stage)
+    assert json.loads((tmp_path / "after" / recipe.STARTED).read_text()) == {"before": 4.0}
+
+    installed = []
+    monkeypatch.setattr(recipe, "install", lambda model_dir: installed.append(model_dir) or model_dir)
+    broken = json.loads(json.dumps(committed))
+    broken["rows"]["distilled student"]["mAP50/bbox"] = 0.1
+    assert recipe.install_checked(broken, tmp_path / "model") == 1 and installed == []
+    assert "not installed (the packaged model is left as it was)" in capsys.readouterr().err
+    assert recipe.install_checked(committed, tmp_path / "model") == 0 and installed == [tmp_path / "model"]

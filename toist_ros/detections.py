@@ -4,7 +4,7 @@ vision_msgs is the ecosystem's detection message (RViz plugins, trackers, Foxglo
 has no masks and no task: each instance becomes a ``Detection2D`` with its box (centre and size in
 original image pixels), one hypothesis whose ``class_id`` is the task's caption (what the object
 affords) and whose ``score`` is the instance's, the 3D centroid in the hypothesis pose when depth
-gave one (else a zero pose, covariance -1 on its diagonal: unknown), and ``id`` empty: vision_msgs
+gave one (else a zero pose, covariance -1 on the position diagonal: unknown), and ``id`` empty: vision_msgs
 keeps ``id`` for one object across messages (trackers key on it), which a rank is not (two objects
 whose scores swap swap ranks); the rank is the array's order. vision_msgs is not a dependency: it is imported only when the
 output is asked for (ROS 2 Humble and later: vision_msgs 4.x, ``bbox.center.position``).

@@ -48,6 +48,7 @@ from typing import Optional, Sequence
 import torch
 
 import toist_core
+from toist_core.atomic_file import write_text_atomic
 from toist_core.config import InputSize
 from toist_core.data.synth import generate
 from toist_core.json_text import dumps_null_for_nan
@@ -251,8 +252,7 @@ def run_stage(settings: RecipeSettings, out: Path, stage: Stage) -> dict:
             raise ValueError(f"{last}: stage {stage.name!r} was started from earlier runs of {', '.join(stage.after)} "
                              f"than the ones now in {out}: delete {run_dir} to retrain it")
         if not last.is_file():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            begun.write_text(json.dumps(upstream))
+            write_text_atomic(begun, json.dumps(upstream))
         result = Trainer(cfg, DistEnv(), resume=str(last) if last.is_file() else None, stop=stop).run()
         if result.stopped_by is not None:
             raise StageStopped(stage.name, result.stopped_by)
@@ -691,6 +691,18 @@ def install_problems(results: dict) -> list[str]:
     return problems
 
 
+def install_checked(results: dict, model_dir: Path) -> int:
+    """Install ``model_dir`` if its figures pass :func:`install_problems` (0); else say why and
+    leave the packaged model as it was (1)."""
+    problems = install_problems(results)
+    if problems:
+        print("not installed (the packaged model is left as it was): " + "; ".join(problems)
+              + f"; the new model is in {model_dir}", file=sys.stderr)
+        return 1
+    print(f"installed: {install(model_dir)}")
+    return 0
+
+
 def _run(settings: RecipeSettings, out: Path, ablations: bool, install_model: bool) -> int:
     check_settings(settings, out)
     torch.set_num_threads(settings.threads)
@@ -712,15 +724,9 @@ def _run(settings: RecipeSettings, out: Path, ablations: bool, install_model: bo
     print(f"\nmAP@0.5 on the synthetic test split (tasks {settings.tasks}, {results['test_pairs']} "
           f"(task, image) pairs; training {minutes:.1f} min):\n\n{results_table(results)}\n")
     print(f"model directory: {model_dir}")
-    if install_model:
-        problems = install_problems(results)
-        if problems:
-            print("not installed (the packaged model is left as it was): " + "; ".join(problems)
-                  + f"; the new model is in {model_dir}", file=sys.stderr)
-            return 1
-        print(f"installed: {install(model_dir)}")
+    code = install_checked(results, model_dir) if install_model else 0
     print(f"recipe finished in {(time.perf_counter() - started) / 60:.1f} min")
-    return 0
+    return code
 
 
 if __name__ == "__main__":
