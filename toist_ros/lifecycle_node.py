@@ -28,7 +28,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleNodeMixin, LifecycleState, T
 from rclpy.node import Node
 
 from toist_ros.model_loader import StartupError
-from toist_ros.node import ACTIVE, FINALIZED, UNCONFIGURED, PerceptionNode
+from toist_ros.node import FINALIZED, UNCONFIGURED, PerceptionNode
 from toist_ros.startup_status import StartupDiagnostics, StartupStopped
 
 
