@@ -332,7 +332,8 @@ def test_recipe_work_directory_holds_one_set_of_settings(tmp_path):
     unknown = tmp_path / "older"
     (unknown / "teacher").mkdir(parents=True)
     (unknown / ".recipe.lock").write_text("")
-    with pytest.raises(ValueError, match=r"older holds teacher but no recipe_settings\.json .* delete it to start over"):
+    with pytest.raises(ValueError, match=r"older holds teacher but no recipe_settings\.json .* delete it to "
+                                         r"start over"):
         recipe.check_settings(recipe.RecipeSettings(), unknown)
     fresh = tmp_path / "fresh"
     fresh.mkdir()

@@ -62,8 +62,10 @@ def rank_instances(boxes: Any, scores: Any, masks: Any, image_size: tuple[int, i
     mask images stay empty); ``image_size`` = (width, height). Instances with score < threshold
     are dropped, and so are those whose box, clipped to the image, has no area (outside the
     image, or degenerate: they were published, ranked, with a 0 x N mask; the segmenter's own
-    ``max_instances`` cut comes before this, so one may still leave a place empty); the rest are sorted by score (ties keep model order) and cut to ``max_instances``. A NaN or infinite score or box coordinate raises ValueError (a broken
-    model or an fp16 overflow: the frame fails and is counted, it never becomes a made-up box).
+    ``max_instances`` cut comes before this, so one may still leave a place empty); the rest are
+    sorted by score (ties keep model order) and cut to ``max_instances``. A NaN or infinite
+    score or box coordinate raises ValueError (a broken model or an fp16 overflow: the frame
+    fails and is counted, it never becomes a made-up box).
     """
     width, height = int(image_size[0]), int(image_size[1])
     boxes = as_numpy(boxes)
