@@ -13,6 +13,7 @@ from toist_core.inference import TaskSegmenter
 from toist_ros.demo_scenes import held_out_scenes, model_metrics, right_instances
 from toist_ros.model_loader import DEFAULT_MODEL_DIR, FALLBACK_MODEL_NOTE, default_model_dir, load_model
 from training import default_model as recipe
+from training.stage_processes import RecipeRefused
 
 # pycocotools calls np.array(copy=False) on its own objects (numpy 2 warns); not our code.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -324,7 +325,7 @@ def test_recipe_work_directory_holds_one_set_of_settings(tmp_path):
     edited settings, would reuse what they did not train (and label the card with the new ones)."""
     recipe.check_settings(recipe.RecipeSettings(), tmp_path)
     recipe.check_settings(recipe.RecipeSettings(jobs=1), tmp_path)  # how many at once changes nothing trained
-    with pytest.raises(ValueError, match=r"recipe_settings\.json: .* was written with other recipe settings "
+    with pytest.raises(RecipeRefused, match=r"recipe_settings\.json: .* was written with other recipe settings "
                                          r"\(distill_lr: 5e-05 there, 0\.0002 now"):
         recipe.check_settings(recipe.RecipeSettings(distill_lr=2e-4), tmp_path)
     # Data and stages without the record (written before it existed, or the record deleted): whose
@@ -332,7 +333,7 @@ def test_recipe_work_directory_holds_one_set_of_settings(tmp_path):
     unknown = tmp_path / "older"
     (unknown / "teacher").mkdir(parents=True)
     (unknown / ".recipe.lock").write_text("")
-    with pytest.raises(ValueError, match=r"older holds teacher but no recipe_settings\.json .* delete it to "
+    with pytest.raises(RecipeRefused, match=r"older holds teacher but no recipe_settings\.json .* delete it to "
                                          r"start over"):
         recipe.check_settings(recipe.RecipeSettings(), unknown)
     fresh = tmp_path / "fresh"
@@ -340,6 +341,23 @@ def test_recipe_work_directory_holds_one_set_of_settings(tmp_path):
     (fresh / ".recipe.lock").write_text("")   # the lock taken before the check: not content
     recipe.check_settings(recipe.RecipeSettings(), fresh)
     assert (fresh / recipe.RECIPE_FILE).is_file()
+
+
+def test_recipe_refusals_are_errors_not_tracebacks(tmp_path, capsys):
+    """A work directory of other settings, or a record that does not parse, is said in one line
+    naming the file (exit 1), not raised as a traceback, and nothing is written over."""
+    work = tmp_path / "w"
+    recipe.check_settings(recipe.RecipeSettings(distill_lr=2e-4), work)
+    written = (work / recipe.RECIPE_FILE).read_text()
+    assert recipe.main(["--out", str(work)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "recipe_settings.json" in err and "Traceback" not in err
+    assert (work / recipe.RECIPE_FILE).read_text() == written
+    (work / recipe.RECIPE_FILE).write_text('{"distill_lr": 5e-05,')   # cut short (a full disk)
+    assert recipe.main(["--out", str(work)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {work / recipe.RECIPE_FILE}: not a record this recipe can read")
+    assert sorted(p.name for p in work.iterdir()) == [".recipe.lock", recipe.RECIPE_FILE]
 
 
 def test_recipe_refuses_quick_install_and_no_jobs(tmp_path, capsys):
@@ -376,7 +394,7 @@ def test_a_stage_trained_from_an_earlier_upstream_run_is_not_reused(tmp_path):
     for name, record in (("before", {"finished": 2.0}), ("after", {"finished": 1.5, "upstream": {"before": 1.0}})):
         (tmp_path / name).mkdir()
         (tmp_path / name / recipe.DONE).write_text(json.dumps(record))
-    with pytest.raises(ValueError, match=r"stage 'after' was trained from earlier runs of before .*delete"):
+    with pytest.raises(RecipeRefused, match=r"stage 'after' was trained from earlier runs of before .*delete"):
         recipe.run_stage(recipe.RecipeSettings(), tmp_path, stage)
     (tmp_path / "before" / recipe.DONE).write_text(json.dumps({"finished": 1.0}))
     assert recipe.run_stage(recipe.RecipeSettings(), tmp_path, stage)["upstream"] == {"before": 1.0}
@@ -386,7 +404,7 @@ def test_a_stage_trained_from_an_earlier_upstream_run_is_not_reused(tmp_path):
     (tmp_path / "after" / recipe.LAST).write_bytes(b"a checkpoint of the first teacher")
     (tmp_path / "after" / recipe.STARTED).write_text(json.dumps({"before": 1.0}))
     (tmp_path / "before" / recipe.DONE).write_text(json.dumps({"finished": 3.0}))
-    with pytest.raises(ValueError, match=r"checkpoint\.pth: stage 'after' was started from earlier runs of before"):
+    with pytest.raises(RecipeRefused, match=r"checkpoint\.pth: stage 'after' was started from earlier runs of before"):
         recipe.run_stage(recipe.RecipeSettings(), tmp_path, stage)
 
 

@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -62,7 +62,7 @@ from training.export import export_checkpoint
 from training.interrupt import exit_code
 from training.loops import Trainer
 from training.start_checks import BEST, LAST
-from training.stage_processes import StageStopped, WorkDirBusy, run_stages, stage_lock, stage_stop, work_dir_lock
+from training.stage_processes import RecipeRefused, StageStopped, WorkDirBusy, run_stages, stage_lock, stage_stop, work_dir_lock
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PACKAGE_MODEL_DIR = Path(toist_core.__file__).resolve().parent / "assets" / "default_model"
@@ -221,7 +221,17 @@ def stage_config(settings: RecipeSettings, out: Path, stage: Stage) -> TrainConf
 
 def _upstream(out: Path, stage: Stage) -> dict[str, float]:
     """When each stage ``stage`` starts from finished (their done.json), as this stage saw them."""
-    return {name: json.loads((out / name / DONE).read_text()).get("finished", 0.0) for name in stage.after}
+    return {name: _record(out / name / DONE).get("finished", 0.0) for name in stage.after}
+
+
+def _record(path: Path) -> Any:
+    """The JSON record the recipe wrote at ``path``; one that does not parse (a disk filled, an
+    edit) is refused naming the file, not shown as a traceback."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecipeRefused(f"{path}: not a record this recipe can read ({exc}): delete it (and its stage's "
+                            "folder, if it is a stage's) to start that part over") from None
 
 
 def run_stage(settings: RecipeSettings, out: Path, stage: Stage) -> dict:
@@ -235,9 +245,9 @@ def run_stage(settings: RecipeSettings, out: Path, stage: Stage) -> dict:
     run_dir = out / stage.name
     with stage_lock(out, stage.name), stage_stop() as stop:
         if (run_dir / DONE).is_file():
-            record = json.loads((run_dir / DONE).read_text())
+            record = _record(run_dir / DONE)
             if record.get("upstream", {}) != _upstream(out, stage) and "upstream" in record:
-                raise ValueError(f"{run_dir / DONE}: stage {stage.name!r} was trained from earlier runs of "
+                raise RecipeRefused(f"{run_dir / DONE}: stage {stage.name!r} was trained from earlier runs of "
                                  f"{', '.join(stage.after)} than the ones now in {out}: delete {run_dir} to "
                                  f"retrain it")
             return record
@@ -248,8 +258,8 @@ def run_stage(settings: RecipeSettings, out: Path, stage: Stage) -> dict:
         # The stages it starts from, recorded when it starts: a resume (which takes no init.* of
         # the config) from a checkpoint of earlier upstream runs is refused as a finished one is.
         begun = run_dir / STARTED
-        if last.is_file() and begun.is_file() and json.loads(begun.read_text()) != upstream:
-            raise ValueError(f"{last}: stage {stage.name!r} was started from earlier runs of {', '.join(stage.after)} "
+        if last.is_file() and begun.is_file() and _record(begun) != upstream:
+            raise RecipeRefused(f"{last}: stage {stage.name!r} was started from earlier runs of {', '.join(stage.after)} "
                              f"than the ones now in {out}: delete {run_dir} to retrain it")
         if not last.is_file():
             write_text_atomic(begun, json.dumps(upstream))
@@ -302,11 +312,11 @@ def check_settings(settings: RecipeSettings, out: Path) -> None:
     path = out / RECIPE_FILE
     wanted = json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "jobs"}))
     if path.is_file():
-        recorded = json.loads(path.read_text())
+        recorded = _record(path)
         changed = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
         if changed:
             detail = "; ".join(f"{k}: {recorded.get(k)!r} there, {wanted.get(k)!r} now" for k in changed[:6])
-            raise ValueError(f"{path}: {out} was written with other recipe settings ({detail}): give another "
+            raise RecipeRefused(f"{path}: {out} was written with other recipe settings ({detail}): give another "
                              "--out, or delete it to start over")
     else:
         # No record but data or stages there (a folder of a toist before the record, or one whose
@@ -314,7 +324,7 @@ def check_settings(settings: RecipeSettings, out: Path) -> None:
         # reused by its folder alone (an install then shipped a 1-epoch teacher under a 25-epoch card).
         found = sorted(p.name for p in out.iterdir() if p.is_dir()) if out.is_dir() else []   # (not its lock)
         if found:
-            raise ValueError(f"{out} holds {', '.join(found[:6])}{' ...' if len(found) > 6 else ''} but no {RECIPE_FILE} "
+            raise RecipeRefused(f"{out} holds {', '.join(found[:6])}{' ...' if len(found) > 6 else ''} but no {RECIPE_FILE} "
                              "saying which recipe settings wrote them: give another --out, or delete it to start over")
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(wanted, indent=1))
@@ -582,7 +592,7 @@ def add_training_minutes(out: Path, minutes: float) -> float:
     """The work directory's training wall time over all its runs, this one's ``minutes`` added
     (a resumed run, or one adding the ablations, does not report only its own part)."""
     path = out / TRAINING_MINUTES
-    total = (json.loads(path.read_text())["minutes"] if path.is_file() else 0.0) + minutes
+    total = (_record(path)["minutes"] if path.is_file() else 0.0) + minutes
     path.write_text(json.dumps({"minutes": total}))
     return total
 
@@ -663,7 +673,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"stopped ({stopped}); every stage cut short wrote its checkpoint: run the same command again "
               f"to continue", file=sys.stderr)
         return exit_code(stopped.signum)
-    except WorkDirBusy as exc:
+    except (WorkDirBusy, RecipeRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Protocol, Sequence, TypeVar
 from toist_core.parent_death import signal_when_parent_dies
 from toist_core.stop_signals import StopSignals
 
-__all__ = ["StageStopped", "WorkDirBusy", "run_stages", "stage_lock", "stage_stop", "work_dir_lock"]
+__all__ = ["RecipeRefused", "StageStopped", "WorkDirBusy", "run_stages", "stage_lock", "stage_stop", "work_dir_lock"]
 
 WORK_DIR_LOCK = ".recipe.lock"
 _POLL_S = 0.5          # how soon the scheduler sees a stop signal while stages train
@@ -62,6 +62,13 @@ class StageStopped(Exception):
 
 class WorkDirBusy(RuntimeError):
     """Another recipe run holds the work directory's lock."""
+
+
+class RecipeRefused(ValueError):
+    """The work directory holds what this run must not build on (other settings, a stage trained
+    from since-retrained stages, an unreadable record); the message names the file and what to
+    delete or change. Said to the user as an error, not a traceback (picklable: it crosses from a
+    worker process to the recipe)."""
 
 
 def _locked(path: Path, blocking: bool) -> int | None:
