@@ -136,3 +136,14 @@ def test_a_call_ends_at_once_when_the_server_process_has_exited():
         assert time.monotonic() - started < 5
     with pytest.raises(TimeoutError, match="no service /toist_demo_1/segment_image within 1 s"):
         call_service(Absent(), object(), timeout=1, server_gone=lambda: None)
+
+
+@pytest.mark.parametrize("domain", ["²", "٣", "7.0", "-1", "233"])
+def test_a_domain_id_dds_cannot_use_is_refused_by_name(monkeypatch, domain):
+    """Not ASCII digits ('²' was int()'s "invalid literal" message; '٣' read as 3, which rcl
+    does not) or out of range: the variable and its value named."""
+    from toist_ros import demo
+
+    monkeypatch.setenv("ROS_DOMAIN_ID", domain)
+    with pytest.raises(ValueError, match=f"ROS_DOMAIN_ID={domain!r}: a domain id is a whole number 0..232"):
+        demo._ros_environment()

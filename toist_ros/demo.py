@@ -155,7 +155,7 @@ def _ros_environment() -> None:
     if not os.environ.get("ROS_DOMAIN_ID", "").strip():  # unset or empty (rcl's domain 0): a random one
         os.environ["ROS_DOMAIN_ID"] = str(random.randint(1, 100))
     domain = os.environ["ROS_DOMAIN_ID"].strip()
-    if not domain.isdigit() or int(domain) > MAX_DOMAIN_ID:
+    if not (domain.isascii() and domain.isdigit()) or int(domain) > MAX_DOMAIN_ID:
         raise ValueError(f"ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']!r}: a domain id is a whole number "
                          f"0..{MAX_DOMAIN_ID}")
 
