@@ -169,6 +169,32 @@ def test_distillation_updates_and_saves_the_bank(synth_root, tmp_path):
     assert not any("swapped" in line for line in logged), logged
 
 
+def test_pretrained_text_encoder_trains_with_dropout_through_evaluations(synth_root, tmp_path):
+    """A text encoder from model.text.weights (from_pretrained hands it back in eval mode) trained
+    with its dropout off, student and teacher, while the reference's model.train() each epoch
+    turns it on; evaluations in between must not leave anything in eval mode either."""
+    from transformers import RobertaModel
+
+    from toist_core.model.text import roberta_config
+
+    encoder_dir = tmp_path / "roberta"
+    base = _config("tiny_distill.yaml", synth_root, tmp_path / "unused")
+    RobertaModel(roberta_config(base.model.text), add_pooling_layer=True).save_pretrained(str(encoder_dir))
+    cfg = _config("tiny_distill.yaml", synth_root, tmp_path / "dis", "schedule.max_steps=3", "distill.bank_size=8",
+                  "init.load=null", "init.load_noun=null", f"model.text.weights={encoder_dir}",
+                  "eval.enabled=true", "eval.every_steps=1", "eval.holdout_fraction=0.25", "eval.max_images=2")
+    trainer = Trainer(cfg, DistEnv())
+    in_eval_mode = []
+
+    def forward_modes(module, args):
+        in_eval_mode.append(sorted(name for name, m in trainer.step_module.named_modules() if not m.training))
+
+    trainer.step_module.register_forward_pre_hook(forward_modes)
+    trainer.run()
+    assert len(in_eval_mode) == 3 and in_eval_mode == [[]] * 3, in_eval_mode[0][:5]
+    assert trainer.model.transformer.text_encoder.config.hidden_dropout_prob > 0   # dropout there to switch on
+
+
 def test_distillation_with_ccr_off_is_scored_and_exported_without_it(synth_root, tmp_path, monkeypatch, caplog):
     """Table 3's CCR-off rows: the bank still serves the cluster loss, but neither the run's
     evaluation nor a model loaded from it may replace the pronoun's rows."""

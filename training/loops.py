@@ -236,6 +236,7 @@ class Trainer:
             self._write_interrupted_best()
         while self.step < self.max_steps and result.stopped_by is None:
             epoch = self.step // self.steps_per_epoch
+            self.train_module.train()   # the reference's model.train() each epoch: dropout on, whatever built the modules
             self.sampler.set_epoch(epoch, self.step % self.steps_per_epoch)
             progress = self._progress(epoch)
             window_start, window_samples = time.perf_counter(), 0

@@ -105,7 +105,9 @@ def build_text_encoder(cfg: TextEncoderConfig) -> nn.Module:
     def from_pretrained(source: str, **kwargs: Any) -> nn.Module:
         return RobertaModel.from_pretrained(source, add_pooling_layer=True, **kwargs)
 
-    model = fetch_pretrained(from_pretrained, cfg.weights, "text encoder weights").value
+    # from_pretrained hands the model back in eval mode: built here it starts in train mode as
+    # every module does, or a run training it would do so with its dropout off.
+    model = fetch_pretrained(from_pretrained, cfg.weights, "text encoder weights").value.train()
     found = text_config_fields(model.config)
     wanted = text_config_fields(roberta_config(cfg))
     diff = {k: (wanted[k], found[k]) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads",
