@@ -103,6 +103,38 @@ def test_student_step_pronoun_rows_and_cluster_loss(tokenizer):
     assert losses["loss_cluster_choice"].item() == 0
 
 
+def test_bank_features_and_cluster_loss_are_fp32_under_autocast(tokenizer):
+    """runtime.amp=bf16 on CPU: the encoder's rows come out bf16; the bank stored bf16-rounded
+    means and the cluster loss (weight 1e4) and its gradient were computed in bf16."""
+    def bf16(memory):
+        text_len = memory["text_memory"].shape[0]
+        img_memory = memory["img_memory"].bfloat16().requires_grad_()
+        return {**memory, "img_memory": img_memory, "text_memory": img_memory[-text_len:]}
+
+    noun_caption, pronoun_caption = "sit comfortably on chair or couch", "sit comfortably on something"
+    teacher = bf16(_memory(tokenizer, [noun_caption], seed=2))
+    student = bf16(_memory(tokenizer, [pronoun_caption] * 2, seed=3))
+    module = ClusterModule(DistillConfig(bank_size=8, feature_dim=DIM, num_clusters=2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module.teacher_step(teacher, [{"boxes": torch.rand(1, 4), "task_id": 2, "caption": noun_caption,
+                                       "noun_tokens_positive": [_span(noun_caption, "chair"),
+                                                                _span(noun_caption, "couch")]}])
+        _, losses = module.student_step(student, [{"boxes": torch.rand(1, 4), "task_id": 2,
+                                                   "caption": pronoun_caption}] * 2)
+    nouns = [pronoun_token_indices(teacher["tokenized"], [noun_caption], noun)[0] for noun in ("chair", "couch")]
+    noun_rows = teacher["text_memory"].detach().double()[:, 0]
+    assert module.bank.feature_bank.dtype == torch.float32
+    assert torch.allclose(module.bank.feature_bank[1, -1].double(),
+                          torch.stack([noun_rows[rows].mean(0) for rows in nouns]).mean(0), atol=1e-6, rtol=0)
+    loss = losses["loss_cluster_feature"]
+    assert loss.dtype == torch.float32
+    text = student["text_memory"].detach().double()
+    indices = pronoun_token_indices(student["tokenized"], [pronoun_caption] * 2, "something")
+    rows = torch.stack([text[indices[b], b].mean(0) for b in range(2)])
+    centres = torch.stack([module.bank.nearest_centre(1, rows[b].float()) for b in range(2)]).double()
+    assert loss.item() == pytest.approx(((rows - centres) ** 2).mean(1).mean().item(), rel=1e-5)
+
+
 def test_each_sample_keeps_the_centre_chosen_for_it_when_kmeans_reruns_every_use(tokenizer):
     """kmeans_rerun every_use: the second sample of a task re-ran k-means in place, and the first
     sample's centre, a view of the stored centres, became the second run's (its CCR row and

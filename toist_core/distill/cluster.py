@@ -67,7 +67,8 @@ def noun_features(memory: dict, targets: Sequence[dict]) -> tuple[Tensor, list[l
     image, the union of its noun-span tokens) and ``valid [B]`` bool: the image has a box
     whose noun span maps to at least one token (others get a zero feature).
     """
-    text = _require(memory, "text_memory").detach()
+    # In fp32 whatever autocast made of the encoder's output: the bank keeps fp32 features.
+    text = _require(memory, "text_memory").detach().float()
     tokenized = _require(memory, "tokenized")
     features = text.new_zeros((text.shape[1], text.shape[2]))
     valid = torch.zeros(text.shape[1], dtype=torch.bool)
@@ -169,7 +170,9 @@ class ClusterModule(nn.Module):
             captions.append(target["caption"])
         token_indices = pronoun_token_indices(_require(memory, "tokenized"), captions,
                                               target_pronouns(targets, self.config.pronoun))
-        pronoun = mean_token_features(text, token_indices)  # [B, D], with gradient
+        # [B, D], with gradient; fp32 under autocast too (the loss is weighted 1e4: in bf16 it and
+        # its gradient kept ~3 significant digits).
+        pronoun = mean_token_features(text.float(), token_indices)
         centres = []
         for b, target in enumerate(targets):
             centres.append(self._centre(_task_index(target, b, self.config.num_tasks), pronoun[b]).to(pronoun))
