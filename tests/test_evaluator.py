@@ -322,6 +322,11 @@ def test_inverted_boxes_and_partial_masks_are_refused(tmp_path):
         evaluate_tasks({3: path}, {3: partial})
     with pytest.raises(DataError, match=r"1 of 2 images have no masks \(task 3 image 2\)"):
         evaluate_task(path, partial, task_id=3)
+    # Boxes asked for alone are scored: the masks are not read (it was the same refusal).
+    boxes_only = evaluate_tasks({3: path}, {3: partial}, iou_types=["bbox"]).tasks[0].ap50
+    assert boxes_only == evaluate_tasks({3: path}, {3: good}, iou_types=["bbox"]).tasks[0].ap50
+    with pytest.raises(DataError, match=r"1 of 2 images have no masks"):
+        evaluate_tasks({3: path}, {3: partial}, iou_types=["bbox", "segm"])
     assert set(evaluate_tasks({3: path}, {3: masked}).iou_types) == {"bbox", "segm"}
     assert evaluate_tasks({3: path}, {3: good}).iou_types == ("bbox",)
     assert evaluate_tasks({3: path}, {3: {}}).iou_types == ("bbox",)   # no image: no mask AP of 0 either

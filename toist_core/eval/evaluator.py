@@ -232,7 +232,9 @@ def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int
         missing = sorted(set(selected) - known)
         if missing:
             raise DataError(f"task {task_id}: image ids not in {gt_name}: {missing[:10]}")
-    has_masks = _all_have_masks({task_id: predictions})
+    # Masks are looked at only where they may be scored: boxes asked for alone are scored whatever
+    # masks some images carry.
+    has_masks = _all_have_masks({task_id: predictions}) if iou_types is None or "segm" in iou_types else False
     if iou_types is None:
         iou_types = IOU_TYPES if has_masks and predictions else ("bbox",)
     for iou_type in iou_types:
