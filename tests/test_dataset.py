@@ -385,3 +385,25 @@ def test_sizes_that_are_not_pixels_are_refused_by_field(sizes, message):
     overrides = [f"data.{name}={value}" for name, value in sizes.items()]
     with pytest.raises(ValueError, match=rf"tiny_noun.yaml \+ overrides.data: {message}"):
         load_config(Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny_noun.yaml", overrides)
+
+
+def test_an_image_of_another_size_than_its_record_is_refused_when_the_dataset_is_built(root, tmp_path):
+    """It passed construction and stopped a training run (or an evaluation) when that sample was
+    first read; now the header is read at construction (check_images, the default)."""
+    from PIL import Image
+
+    from toist_core.data.schema import DataError
+
+    ann = root / "annotations" / "task_2_test.json"
+    record = json.loads(ann.read_text())["images"][-1]
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in {im["file_name"] for im in json.loads(ann.read_text())["images"]}:
+        (images / name).symlink_to(root / "images" / "val2014" / name)
+    stored = images / record["file_name"]
+    stored.unlink()
+    Image.new("RGB", (record["height"], record["width"])).save(stored)   # stored transposed
+    with pytest.raises(DataError, match=rf"{stored}: image is {record['width']}x{record['height']} \(height x width\) "
+                                        rf"but the record says {record['height']}x{record['width']} \(fields "
+                                        rf"'height'/'width' of image id {record['id']} in {ann}\)"):
+        CocoTasksDataset(ann, images)

@@ -18,11 +18,11 @@ from toist_core.visualize import load_rgb
 H, W = 20, 40  # stored (raw) pixel grid of every test image
 
 
-def _dataset(tmp_path, names):
+def _dataset(tmp_path, names, check_images=True):
     images = [{"id": k + 1, "file_name": name, "height": H, "width": W} for k, name in enumerate(names)]
     path = tmp_path / "task_1_test.json"
     path.write_text(json.dumps({"images": images, "annotations": []}))
-    return CocoTasksDataset(path, tmp_path)
+    return CocoTasksDataset(path, tmp_path, check_images=check_images)
 
 
 def _left_red():
@@ -76,7 +76,9 @@ def test_a_jpeg_cut_short_is_refused_by_both_loaders(tmp_path):
     with pytest.raises(ValueError, match=r"cut.jpg: cannot decode image"):
         load_rgb(tmp_path / "cut.jpg")
     with pytest.raises(ValueError, match=r"cut.jpg: cannot decode image \(image id 1 in .*task_1_test.json\)"):
-        _dataset(tmp_path, ["cut.jpg"]).load_image(0)
+        _dataset(tmp_path, ["cut.jpg"], check_images=False).load_image(0)
+    with pytest.raises(ValueError, match=r"cut.jpg: cannot read the image \(image id 1 in .*task_1_test.json\)"):
+        _dataset(tmp_path, ["cut.jpg"])   # its header is cut short too: refused when the dataset is built
 
 
 def test_cmyk_jpeg_and_other_formats(tmp_path):
@@ -160,4 +162,6 @@ def test_an_empty_file_is_refused_by_name_by_both_loaders(tmp_path):
         with pytest.raises(ValueError, match=rf"{name}: cannot read the image: the file is empty"):
             load_rgb(tmp_path / name)
     with pytest.raises(ValueError, match=r"empty.png: cannot decode image \(image id 1 .*\): the file is empty"):
-        _dataset(tmp_path, ["empty.png"]).load_image(0)
+        _dataset(tmp_path, ["empty.png"], check_images=False).load_image(0)
+    with pytest.raises(ValueError, match=r"empty.png: cannot read the image \(image id 1 .*\): the file is empty$"):
+        _dataset(tmp_path, ["empty.png"])

@@ -38,8 +38,8 @@ from toist_core.data.captions import (OWN_CATEGORIES_FIELD, CaptionTargets, cate
                                       grounding_targets, noun_targets, pronoun_targets)
 from toist_core.data.config import CaptionMode, DataConfig
 from toist_core.data.pixels import decode_rgb
-from toist_core.data.schema import (AnnotationRecord, DataError, ImageRecord, TaskFile, check_decodable, clipped_box,
-                                    load_task_file)
+from toist_core.data.schema import (AnnotationRecord, DataError, ImageRecord, TaskFile, check_decodable,
+                                    check_image_size, clipped_box, load_task_file)
 from toist_core.data.transforms import Normalize, make_transforms
 from toist_core.tasks import COCO_TASKS, DEFAULT_PRONOUN, TaskVocabulary
 
@@ -62,7 +62,8 @@ class CocoTasksDataset(Dataset):
         transforms: called as ``transforms(image_uint8, target)``; must end with
             :class:`~toist_core.data.transforms.Normalize`. None -> normalisation only.
         masks: load instance masks.
-        check_images: fail at construction if a listed image file is missing.
+        check_images: fail at construction if a listed image file is missing, not decodable by
+            its suffix, or of another size than its record says.
         id2name: class id -> name for ``COCO_category_id`` (None: the COCO table). A file's
             own ``COCO_categories`` list (``toist convert-coco``) wins for the ids it names.
         vocabulary: what the files' task ids mean (their phrases and pronouns; None: COCO-Tasks).
@@ -141,9 +142,11 @@ class CocoTasksDataset(Dataset):
 
     def check_image_files(self, image_ids: Optional[Collection[int]] = None, what: str = "image",
                      note: str = "") -> None:
-        """Every sample's image file (only those of ``image_ids`` when given) exists and is of a
-        kind training and evaluation decode; else :class:`DataError` ``"<path>: <what> file not
-        found (image id 7, field 'file_name' in <task file><note>)"``."""
+        """Every sample's image file (only those of ``image_ids`` when given) exists, is of a
+        kind training and evaluation decode, and is of the size its record says (its header
+        read); else :class:`DataError` ``"<path>: <what> file not found (image id 7, field
+        'file_name' in <task file><note>)"`` or the like."""
+        checked: set[tuple[Path, int, int]] = set()   # an image of several task files: read once
         for k, image in self._samples:
             if image_ids is not None and image.id not in image_ids:
                 continue
@@ -152,6 +155,9 @@ class CocoTasksDataset(Dataset):
             if not path.is_file():
                 raise DataError(f"{path}: {what} file not found ({where})")
             check_decodable(path, where)
+            if (path, image.height, image.width) not in checked:
+                check_image_size(path, image.height, image.width, f"image id {image.id} in {self.files[k].path}{note}")
+                checked.add((path, image.height, image.width))
 
     # ------------------------------------------------------------------ dataset protocol
 

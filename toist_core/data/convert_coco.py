@@ -42,8 +42,8 @@ import yaml
 from toist_core.atomic_file import write_text_atomic
 from toist_core.yaml_text import parse_yaml
 from toist_core.data.captions import OWN_CATEGORIES_FIELD, category_names
-from toist_core.data.schema import (PREFERENCE_CATEGORIES, DataError, TaskFile, check_decodable, clipped_box,
-                                    parse_task_data, read_json, task_file_path, written_by)
+from toist_core.data.schema import (PREFERENCE_CATEGORIES, DataError, TaskFile, check_decodable, check_image_size,
+                                    clipped_box, parse_task_data, read_json, task_file_path, written_by)
 
 PathLike = Union[str, Path]
 CategoryRef = Union[str, int]  # a category name or id, as written in the specification
@@ -499,46 +499,9 @@ def _image_copies(source: _Source, from_dir: Path, to_dir: Path) -> list[tuple[P
         src = from_dir / relative
         if not src.is_file():
             raise DataError(f"{src}: image file not found ({where})")
-        _check_image_size(src, image.height, image.width, where)
+        check_image_size(src, image.height, image.width, where)
         pairs.append((src, to_dir / relative))
     return pairs
-
-
-# EXIF orientations that turn the picture a quarter (their displayed width is the stored height).
-_QUARTER_TURNS = frozenset({5, 6, 7, 8})
-
-
-def _check_image_size(path: Path, height: int, width: int, where: str) -> None:
-    """The record's ``height``/``width`` are the stored picture's (the header alone is read):
-    the dataset refuses a mismatch when it reads the sample, which is hours into a training run."""
-    from PIL import Image, UnidentifiedImageError  # torchvision's dependency
-
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the header only: a big aerial tile is fine
-    try:
-        with Image.open(path) as picture:
-            stored_width, stored_height = picture.size
-            if (stored_height, stored_width) == (height, width):
-                return
-            orientation = _exif_orientation(picture)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path}: cannot read the image ({where}): {exc}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-    message = (f"{path}: image is {stored_height}x{stored_width} (height x width) but the record says "
-               f"{height}x{width} (fields 'height'/'width' of {where})")
-    if orientation in _QUARTER_TURNS and (stored_height, stored_width) == (width, height):
-        message += (f"; the file's EXIF orientation ({orientation}) turns it a quarter when displayed, and the "
-                    "annotations were drawn on the turned picture while training reads the stored pixels "
-                    "(as COCO does): save the images turned (e.g. PIL.ImageOps.exif_transpose) and convert again")
-    raise DataError(message)
-
-
-def _exif_orientation(picture) -> Optional[int]:
-    """The EXIF Orientation tag, or None (none, or unreadable: it only words a message)."""
-    try:
-        return picture.getexif().get(0x0112)
-    except Exception:  # noqa: BLE001 - a PNG may be decoded to find it, and fail
-        return None
 
 
 def _copied_name(file_name: str) -> str:

@@ -409,3 +409,42 @@ def check_decodable(path: Union[str, Path], where: str) -> None:
     if suffix.lower() in UNDECODABLE_SUFFIXES:
         raise DataError(f"{path}: training and evaluation decode JPEG, PNG, GIF and WebP only "
                         f"(torchvision's decode_image), not {suffix!r} files; convert it, e.g. to PNG ({where})")
+
+
+# EXIF orientations that turn the picture a quarter (their displayed width is the stored height).
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+
+def check_image_size(path: Union[str, Path], height: int, width: int, where: str) -> None:
+    """DataError unless the record's ``height``/``width`` are the stored picture's (the header
+    alone is read): found when the sample is read, it was hours into a training run."""
+    from PIL import Image, UnidentifiedImageError  # torchvision's dependency
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the header only: a big aerial tile is fine
+    try:
+        with Image.open(path) as picture:
+            stored_width, stored_height = picture.size
+            if (stored_height, stored_width) == (height, width):
+                return
+            orientation = _exif_orientation(picture)
+    except (UnidentifiedImageError, OSError) as exc:
+        # (PIL words an empty file "cannot identify image file": a copy that never happened)
+        reason = "the file is empty" if Path(path).stat().st_size == 0 else exc
+        raise DataError(f"{path}: cannot read the image ({where}): {reason}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    message = (f"{path}: image is {stored_height}x{stored_width} (height x width) but the record says "
+               f"{height}x{width} (fields 'height'/'width' of {where})")
+    if orientation in _QUARTER_TURNS and (stored_height, stored_width) == (width, height):
+        message += (f"; the file's EXIF orientation ({orientation}) turns it a quarter when displayed, and the "
+                    "annotations were drawn on the turned picture while training reads the stored pixels "
+                    "(as COCO does): save the images turned (e.g. PIL.ImageOps.exif_transpose)")
+    raise DataError(message)
+
+
+def _exif_orientation(picture) -> Optional[int]:
+    """The EXIF Orientation tag, or None (none, or unreadable: it only words a message)."""
+    try:
+        return picture.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a PNG may be decoded to find it, and fail
+        return None
