@@ -216,6 +216,19 @@ def test_image_size_must_match_record(synth_root, tmp_path):
         dataset[1]
 
 
+def test_a_task_the_vocabulary_lacks_is_refused_by_file_when_the_dataset_is_built(synth_root, tmp_path):
+    """task_15_test.json with the 14 COCO-Tasks: it was built, and the first sample read (in a
+    loader worker) failed with "unknown task id 15", naming neither the file nor the setting."""
+    ann = tmp_path / "task_15_test.json"
+    ann.write_text((synth_root / "annotations" / "task_1_test.json").read_text())
+    for mode in ("pronoun", "noun", "distill"):
+        with pytest.raises(DataError, match=rf"^{ann}: task 15 \(from the file name\) is not in the COCO-Tasks "
+                                            r"vocabulary \(ids 1, 2, .*, 14\): name the task vocabulary file"):
+            CocoTasksDataset(ann, synth_root / "images" / "val2014", caption_mode=mode)
+    grounding = CocoTasksDataset(ann, synth_root / "images" / "val2014", caption_mode="grounding")
+    assert grounding[0][1]["caption"]   # object names: the task is not read
+
+
 def test_unknown_coco_category_fails_for_noun_captions(synth_root, tmp_path):
     task_json = json.loads((synth_root / "annotations" / "task_1_test.json").read_text())
     preferred = next(a for a in task_json["annotations"] if a["category_id"] == 1)
@@ -224,6 +237,22 @@ def test_unknown_coco_category_fails_for_noun_captions(synth_root, tmp_path):
     CocoTasksDataset(ann, synth_root / "images" / "val2014", caption_mode="pronoun")  # names not needed
     with pytest.raises(DataError, match=f"annotation id {preferred['id']}: field 'COCO_category_id': 999"):
         CocoTasksDataset(ann, synth_root / "images" / "val2014", caption_mode="noun")
+
+
+def test_toist_evaluate_with_noun_captions_checks_class_names_before_predicting(synth_root, tmp_path):
+    """--captions noun read each image's classes as it predicted it: a bare KeyError ("COCO
+    category id 999 has no name ...") naming no file, after the images before it."""
+    from types import SimpleNamespace
+
+    from toist_core.cli.evaluate import predict_tasks
+
+    task_json = json.loads((synth_root / "annotations" / "task_1_test.json").read_text())
+    preferred = next(a for a in task_json["annotations"] if a["category_id"] == 1)
+    preferred["COCO_category_id"] = 999
+    ann = _write(tmp_path, task_json)
+    segmenter = SimpleNamespace()   # nothing is predicted: any use of it would fail
+    with pytest.raises(DataError, match=f"{ann}: annotation id {preferred['id']}: field 'COCO_category_id': 999"):
+        predict_tasks(segmenter, {1: ann}, synth_root / "images" / "val2014", captions="noun")
 
 
 def test_unknown_coco_category_of_any_named_object_fails_in_grounding_mode(synth_root, tmp_path):

@@ -285,3 +285,37 @@ def test_the_node_serves_the_own_tasks_by_phrase_with_ccr(workshop_model):
         assert node.active_task.task_id == 2  # unchanged
     finally:
         ros.close()
+
+
+def test_validation_reads_the_own_vocabulary_and_checks_noun_names_when_the_run_starts(workshop, tmp_path):
+    """The validation set was built with the COCO-Tasks vocabulary (a task 15 of one's own is
+    not there) and in pronoun mode: a teacher's validation image whose preferred object has no
+    class name stopped the run at its first evaluation with a bare KeyError."""
+    import json
+
+    from toist_core.data.schema import DataError
+    from training.evaluate import build_validation_set
+
+    root, _ = workshop
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    (data / "images").symlink_to(root / "images")
+    for split in ("train", "test"):
+        (data / "annotations" / f"task_15_{split}.json").write_text(
+            (root / "annotations" / f"task_1_{split}.json").read_text())
+    vocabulary = tmp_path / "fifteen.yaml"
+    vocabulary.write_text(yaml.safe_dump({"name": "fifteen", "tasks": [{"id": k, "phrase": f"use tool {k} with"}
+                                                                       for k in range(1, 16)]}))
+    settings = [f"data.root={data}", f"data.vocabulary={vocabulary}", "data.tasks=[15]", "eval.split=test"]
+    cfg = load_config(CONFIGS / "tiny_noun.yaml", [*settings, f"output_dir={tmp_path / 'run'}", *FAST[1:]])
+    assert build_validation_set(cfg).image_ids[15]
+    test_file = data / "annotations" / "task_15_test.json"
+    records = json.loads(test_file.read_text())
+    preferred = next(a for a in records["annotations"] if a["category_id"] == 1)
+    preferred["COCO_category_id"] = 999
+    test_file.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=rf"{test_file}: annotation id {preferred['id']}: field 'COCO_category_id': "
+                                        r"999 has no class name \(needed for noun captions\)"):
+        build_validation_set(cfg)
+    pronoun = load_config(CONFIGS / "tiny_pronoun.yaml", [*settings, f"output_dir={tmp_path / 'p'}", *FAST[1:]])
+    assert build_validation_set(pronoun).image_ids[15]   # pronoun captions name no class

@@ -406,7 +406,7 @@ def mask_agreement(cfg: TrainConfig, checkpoint: Path) -> dict[str, float]:
     for task in cfg.data.tasks:
         states = (every.encode_task(task), published.encode_task(task))
         dataset = CocoTasksDataset(cfg.data.annotation_path(task, "test"), cfg.data.image_dir("test"),
-                                   check_images=False)
+                                   check_images=False, vocabulary=cfg.data.task_vocabulary())
         for index in range(min(MASK_AGREEMENT_IMAGES, len(dataset))):
             image = dataset.load_image(index).permute(1, 2, 0).numpy()
             raw.append(every.predict(image, states[0]))

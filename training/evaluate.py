@@ -99,7 +99,10 @@ def build_validation_set(cfg: TrainConfig, holdout: Optional[set[int]] = None) -
     image_dir = cfg.data.image_dir(split)
     val = ValidationSet(cfg.eval.split, files, image_dir)
     for task, path in files.items():
-        dataset = CocoTasksDataset(path, image_dir, check_images=False)
+        # Built as predict() reads it: a noun-caption stage's class names and every task's phrase
+        # are checked here, when the run starts, not at its first evaluation.
+        dataset = CocoTasksDataset(path, image_dir, caption_mode=_caption_mode(cfg), check_images=False,
+                                   vocabulary=cfg.data.task_vocabulary())
         ids = [dataset.sample_info(i)[1].id for i in range(len(dataset))]
         if holdout is not None:
             ids = [i for i in ids if i in holdout]
@@ -112,6 +115,12 @@ def build_validation_set(cfg: TrainConfig, holdout: Optional[set[int]] = None) -
                                       "before training as data.check_images is true")
         val.image_ids[task] = ids
     return val
+
+
+def _caption_mode(cfg: TrainConfig) -> str:
+    """The captions evaluation reads: each image's noun caption for the teacher and a grounding
+    run (:data:`NOUN_CAPTION_STAGES`), the task's pronoun caption otherwise."""
+    return "noun" if cfg.stage in NOUN_CAPTION_STAGES else "pronoun"
 
 
 def inference_config(cfg: TrainConfig) -> InferenceConfig:
@@ -139,7 +148,7 @@ def predict(model: nn.Module, val: ValidationSet, cfg: TrainConfig, env: DistEnv
     predictions: dict[int, dict[int, ImagePredictions]] = {}
     with eval_mode(model):
         for task, path in sorted(val.ann_files.items()):
-            dataset = CocoTasksDataset(path, val.image_dir, check_images=False,
+            dataset = CocoTasksDataset(path, val.image_dir, caption_mode=_caption_mode(cfg), check_images=False,
                                        vocabulary=cfg.data.task_vocabulary())
             wanted = set(val.image_ids[task])
             indices = [i for i in range(len(dataset)) if dataset.sample_info(i)[1].id in wanted]

@@ -329,7 +329,8 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
     predictions = {}
     vocabulary = getattr(segmenter, "vocabulary", None)  # noun captions: the model's own task phrases
     for task_id, path in sorted(files.items()):
-        dataset = CocoTasksDataset(path, image_dir, check_images=True, vocabulary=vocabulary)
+        # In the mode of its captions: noun captions' class names are checked before predicting.
+        dataset = CocoTasksDataset(path, image_dir, caption_mode=captions, check_images=True, vocabulary=vocabulary)
         wanted = None if image_ids is None else set(image_ids[task_id])
         indices = [i for i in range(len(dataset)) if wanted is None or dataset.sample_info(i)[1].id in wanted]
         if reference_order:

@@ -88,6 +88,8 @@ class CocoTasksDataset(Dataset):
         self.vocabulary = vocabulary or COCO_TASKS
         loaded = [_load_with_names(p) for p in ann_files]
         self.files: list[TaskFile] = [task_file for task_file, _ in loaded]
+        if caption_mode != "grounding":   # its captions name objects, not the task
+            self._check_task_ids()
         self.id2name = dict(coco_id2name() if id2name is None else id2name)
         self.id2name.update(_merge_names(loaded))  # own class names win over the table
         self._image_dirs = [self._image_dir_for(image_dir, f) for f in self.files]
@@ -118,6 +120,15 @@ class CocoTasksDataset(Dataset):
                                 f"{task_file.split!r} (have {sorted(image_dir)})")
             return Path(image_dir[task_file.split])
         return Path(image_dir)
+
+    def _check_task_ids(self) -> None:
+        """Every file's task (its name's ``k``) has a phrase in the vocabulary: found by the first
+        sample read, it was "unknown task id 15" naming neither file nor setting."""
+        for task_file in self.files:
+            if task_file.task_id not in self.vocabulary:
+                raise DataError(f"{task_file.path}: task {task_file.task_id} (from the file name) is not in "
+                                f"{self.vocabulary.describe()} (ids {', '.join(map(str, self.vocabulary.ids))}): "
+                                "name the task vocabulary file that defines it (data.vocabulary of a training config; docs/own-data.md)")
 
     def _check_category_names(self) -> None:
         """Every object a caption names has a class name: the preferred ones (noun captions), in
