@@ -345,3 +345,93 @@ def test_a_compressed_record_is_no_torch_save_archive_and_is_not_inflated(tmp_pa
         read_official(repacked)
     with pytest.raises(CheckpointError, match="is compressed"):
         load_training_checkpoint(repacked)
+
+
+def _run_folder(folder: Path, files=("BEST_checkpoint.pth", "checkpoint.pth"), header=True) -> Path:
+    """A `toist train` output_dir: its config.yaml (with or without the header line of runs since
+    it was added) and the given files (weights never read: the folder is refused before)."""
+    from training.config import TrainConfig, config_to_dict, save_config
+
+    folder.mkdir(parents=True)
+    if header:
+        save_config(TrainConfig(), folder / "config.yaml")
+    else:
+        (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(TrainConfig()), sort_keys=False))
+    for name in files:
+        torch.save({"epoch": 1}, folder / name)
+    return folder
+
+
+def test_a_training_run_folder_is_named_as_such_with_what_to_give_instead(tmp_path, capsys):
+    """A run folder has a config.yaml too: it was "a model directory already" to `toist export`
+    (which then suggested `toist export --onnx` on it) and "not a model directory config ... export
+    the model again" to a load."""
+    run = _run_folder(tmp_path / "runs" / "distill")
+    model = _tiny_model_dir(run / "model")
+    what = rf"^{run}: a toist train run folder \(its config.yaml is the run's configuration\), not "
+    give = rf"give {run / 'BEST_checkpoint.pth'} \(or {run / 'checkpoint.pth'}\)"
+    with pytest.raises(CheckpointError, match=rf"{what}a model directory: {give}, or {model} \(its exported model "
+                                              r"directory\)$"):
+        load_pretrained(run)
+    with pytest.raises(CheckpointError, match=rf"{what}a model directory: {give}, or {model} "):
+        TaskSegmenter.from_pretrained(run, device="cpu")
+    assert cli.main(["export", str(run), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"a toist train run folder .*not a checkpoint file: {give}; {model} is the model directory "
+                     r"it exported already", err), err
+    assert "model directory already" not in err and not (tmp_path / "out").exists()
+    assert cli.main(["export", "--onnx", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"{run}: a toist train run folder .*not a model directory: give {model} ", err), err
+    assert load_pretrained(model).model is not None   # its model directory still is one
+    # An older run (no header line; only its last checkpoint, no model/): only what it holds is named.
+    older = _run_folder(tmp_path / "runs" / "older", files=("checkpoint.pth",), header=False)
+    with pytest.raises(CheckpointError, match=rf"^{older}: a toist train run folder .*: give "
+                                              rf"{older / 'checkpoint.pth'}$"):
+        load_pretrained(older)
+    started = _run_folder(tmp_path / "runs" / "started", files=())
+    with pytest.raises(CheckpointError, match=rf"^{started}: a toist train run folder .*holds no checkpoint yet"):
+        load_pretrained(started)
+
+
+def test_what_a_run_folder_holds_is_named_as_training_writes_it():
+    """toist_core restates training's file names (a robot installs it without `training`)."""
+    from toist_core.checkpoint import files
+    from training import start_checks
+    from training.config import RUN_CONFIG_HEADER
+
+    assert RUN_CONFIG_HEADER.encode().startswith(files.RUN_CONFIG_MARK)
+    assert files.RUN_CHECKPOINTS == (start_checks.BEST, start_checks.LAST)
+    assert (files.RUN_EPOCH_PATTERN, files.RUN_MODEL_DIR) == (start_checks.EPOCH_PATTERN, start_checks.MODEL_DIR)
+
+
+def test_a_zip_checkpoint_is_memory_mapped_and_a_legacy_one_still_loads(tmp_path, monkeypatch):
+    """A distillation file (~6 GB: optimizer, teacher, raw and EMA copies) was read whole into
+    memory to use one state_dict of it: out of memory on an 8 GB robot. A zip archive is mapped
+    (only the pages read come in); a legacy pickle file cannot be and is read as before. Both give
+    the very tensors saved, and the loaded model owns its weights (the file may be replaced)."""
+    import argparse
+
+    from toist_core.checkpoint import load_official
+
+    cfg = preset("tiny")
+    tokenizer = load_tokenizer(cfg.text.tokenizer)
+    torch.manual_seed(0)
+    state = build_model(cfg, tokenizer=tokenizer).state_dict()
+    container = {"model": {k: torch.zeros_like(v) for k, v in state.items()}, "model_ema": state,
+                 "optimizer": {"state": {0: {"exp_avg": torch.ones(1000)}}, "param_groups": []},
+                 "args": argparse.Namespace(nheads=8)}
+    torch.save(container, tmp_path / "zip.pth")
+    torch.save(container, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    mapped, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: mapped.append(kwargs.get("mmap")) or real_load(
+        *args, **kwargs))
+    for name, mmap in (("zip.pth", True), ("legacy.pth", False)):
+        ckpt = read_official(tmp_path / name)
+        assert bool(mapped[-1]) is mmap, name
+        assert ckpt.source_key == "model_ema" and ckpt.state_dict.keys() == state.keys()
+        assert all(torch.equal(ckpt.state_dict[k], v) for k, v in state.items()), name
+    loaded = load_official(tmp_path / "zip.pth", config=cfg, tokenizer=tokenizer)
+    with open(tmp_path / "zip.pth", "r+b") as handle:   # overwritten in place, as no toist writer does
+        handle.write(bytes((tmp_path / "zip.pth").stat().st_size))
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in state.items())

@@ -210,6 +210,53 @@ def test_the_reference_defaults_of_those_options_load(tmp_path, tokenizer):
     assert load_official(path, config=preset("tiny"), tokenizer=tokenizer).config.transformer.nheads == 8
 
 
+def _renamed_backbone(state, old, new, drop=()):
+    return {k.replace(old, new): v for k, v in state.items() if not k.startswith(tuple(drop))}
+
+
+@pytest.mark.parametrize("args, edit, says", [
+    (argparse.Namespace(nheads=8, backbone="timm_tf_efficientnet_b3_ns"),
+     lambda state: _renamed_backbone(state, "backbone.0.body.", "backbone.0.body.blocks_"),   # timm's names
+     r"trained with args\.backbone='timm_tf_efficientnet_b3_ns'; its state_dict holds backbone tensors of another "
+     r"network \(backbone\.0\.body\.blocks_conv1\.weight, "),
+    (None, lambda state: _renamed_backbone(state, "", "", drop=("backbone.0.body.layer3.1.",)),
+     r"its state_dict holds a ResNet of 2, 2, 1, 2 basic blocks in layer1\.\.4, which no torchvision ResNet has"),
+    (argparse.Namespace(nheads=8), lambda state: _renamed_backbone(state, "", "", drop=("backbone.0.body.",)),
+     r"its state_dict holds no backbone tensors \(backbone\.0\.body\.\*\)"),
+], ids=["efficientnet", "resnet_of_other_blocks", "no_backbone"])
+def test_a_backbone_toist_cannot_build_is_refused_by_name_before_a_model_is_built(tmp_path, tokenizer, monkeypatch,
+                                                                                  args, edit, says):
+    """An MDETR EfficientNet file built a paper-size ResNet-101 (the paper's backbone stood in for
+    the one the keys did not name), whose strict load then listed 520 missing tensors."""
+    import toist_core.model
+
+    path = tmp_path / "other_backbone.pth"
+    state = edit(build(tiny(), tokenizer).state_dict())
+    torch.save(official(state, args) if args is not None else state, path)
+    monkeypatch.setattr(toist_core.model, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    supported = r"toist builds only the torchvision backbones resnet18, resnet34, resnet50, resnet101, resnet152, " \
+                r"mobilenet_v2, so these weights cannot be loaded"
+    # With the text encoder's config.json every other size derives: only the backbone is unknown.
+    folder = text_encoder_folder(tmp_path / "roberta", preset("tiny").text)
+    with pytest.raises(CheckpointError, match=rf"^{path}: {says}.*: {supported}$"):
+        load_official(path, text_encoder=str(folder))
+    with pytest.raises(CheckpointError, match=supported):   # a given config does not make it loadable
+        load_official(path, config=preset("tiny"), tokenizer=tokenizer)
+
+
+def test_a_mobilenet_file_is_recognised_by_its_keys(tmp_path, tokenizer, image):
+    """Without a config, a MobileNetV2 backbone (the default model's) was taken for the paper's
+    ResNet-101; with a config of another backbone its strict load listed 360 tensors by name."""
+    trained = build(tiny(backbone=BackboneConfig(name="mobilenet_v2")), tokenizer)
+    path = tmp_path / "mobilenet.pth"
+    torch.save(official(trained.state_dict(), argparse.Namespace(nheads=8)), path)
+    with pytest.raises(CheckpointError, match=r"backbone\.name: checkpoint 'mobilenet_v2', config 'resnet18'"):
+        load_official(path, config=preset("tiny"), tokenizer=tokenizer)
+    loaded = load_official(path, text_encoder=str(text_encoder_folder(tmp_path / "roberta", preset("tiny").text)))
+    assert loaded.config.backbone.name == "mobilenet_v2"
+    assert torch.equal(logits(loaded.model, image), logits(trained, image))
+
+
 def test_a_segmentation_file_whose_args_contradict_its_mask_head_is_refused(tmp_path, tokenizer):
     """The mask head takes d_model + nheads channels: its shape tells the head count."""
     path = tmp_path / "segm.pth"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, get_args
 
 from torch import Tensor
 
 from .. import typed_config
-from ..config import ModelConfig, TextEncoderConfig, preset
+from ..config import BackboneName, ModelConfig, TextEncoderConfig, preset
 from .errors import CheckpointError
 from .official import SEGM_PREFIX, OfficialCheckpoint
 from .strict import check_bank_shapes
@@ -40,6 +40,8 @@ _RESNET_BLOCKS = {  # (blocks per layer, bottleneck) -> torchvision name
     ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101",
     ((3, 8, 36, 3), True): "resnet152",
 }
+_MOBILENET_BLOCKS = {19: "mobilenet_v2"}  # torchvision's ``features.0`` ... ``features.18`` -> name
+_BACKBONE_PREFIX = "backbone.0.body."
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,8 @@ def detect_architecture(state_dict: Mapping[str, Tensor],
                         args: Any = None) -> Architecture:
     """Read the network sizes from tensor names and shapes (``detr.`` prefix allowed), and the
     settings the reference's ``args`` record (``nheads``, ``dilation``); ``where`` (the file)
-    prefixes the error when a tensor the sizes are read from is missing."""
+    prefixes the error when a tensor the sizes are read from is missing, or when the backbone is
+    none toist builds (refused here, before any model is built: :func:`_backbone_name`)."""
     masks = any(k.startswith(SEGM_PREFIX) for k in state_dict)
     prefix = SEGM_PREFIX if masks else ""
 
@@ -152,18 +155,17 @@ def detect_architecture(state_dict: Mapping[str, Tensor],
         regex = re.compile(re.escape(prefix) + pattern)
         return len({m.group(1) for k in state_dict if (m := regex.match(k))})
 
-    blocks = tuple(count(rf"backbone\.0\.body\.layer{i}\.(\d+)\.") for i in range(1, 5))
-    bottleneck = prefix + "backbone.0.body.layer1.0.conv3.weight" in state_dict
     contrastive = prefix + "contrastive_align_projection_image.weight" in state_dict
     num_clusters = None
     if cluster_state is not None and "cluster_centers" in cluster_state:
         num_clusters = int(cluster_state["cluster_centers"].shape[1])
     d_model = int(get("query_embed.weight").shape[1])
+    backbone = _backbone_name(state_dict, prefix, count, args, where)
     nheads, nheads_source = _recorded_nheads(state_dict, d_model, args, where)
     return Architecture(
         masks=masks,
         contrastive_align=contrastive,
-        backbone=_RESNET_BLOCKS.get((blocks, bottleneck)),
+        backbone=backbone,
         d_model=d_model,
         num_queries=int(get("query_embed.weight").shape[0]),
         enc_layers=count(r"transformer\.encoder\.layers\.(\d+)\."),
@@ -183,6 +185,34 @@ def detect_architecture(state_dict: Mapping[str, Tensor],
         nheads_source=nheads_source,
         dilation=_arg(args, "dilation", bool, where),
     )
+
+
+def _backbone_name(state_dict: Mapping[str, Tensor], prefix: str, count, args: Any, where: str) -> str:
+    """The torchvision backbone (:data:`~toist_core.config.BackboneName`) whose tensor names and
+    block counts ``backbone.0.body.*`` holds: a ResNet by its blocks per layer and block type, a
+    MobileNetV2 by its ``features`` blocks. Any other (MDETR's EfficientNet files,
+    ``args.backbone`` ``timm_tf_efficientnet_b3_ns``) is refused here, naming what the file
+    holds: a paper-size ResNet-101 was built first, and its strict load then listed ~500 missing
+    tensors. ``count(pattern)``: the distinct indices a key pattern matches (after ``prefix``)."""
+    blocks = tuple(count(rf"backbone\.0\.body\.layer{i}\.(\d+)\.") for i in range(1, 5))
+    bottleneck = prefix + _BACKBONE_PREFIX + "layer1.0.conv3.weight" in state_dict
+    name = _RESNET_BLOCKS.get((blocks, bottleneck)) or _MOBILENET_BLOCKS.get(
+        count(r"backbone\.0\.body\.features\.(\d+)\."))
+    if name is not None:
+        return name
+    body = [key[len(prefix):] for key in state_dict if key.startswith(prefix + _BACKBONE_PREFIX)]
+    if not body:
+        held = f"no backbone tensors ({prefix}{_BACKBONE_PREFIX}*)"
+    elif any(blocks):
+        held = (f"a ResNet of {', '.join(map(str, blocks))} {'bottleneck' if bottleneck else 'basic'} blocks "
+                "in layer1..4, which no torchvision ResNet has")
+    else:
+        held = f"backbone tensors of another network ({', '.join(body[:3])}{', ...' if len(body) > 3 else ''})"
+    recorded = getattr(args, "backbone", None) if args is not None else None
+    trained = f"trained with args.backbone={recorded!r}; " if recorded is not None else ""
+    raise CheckpointError(f"{where + ': ' if where else ''}{trained}its state_dict holds {held}: toist builds only "
+                          f"the torchvision backbones {', '.join(get_args(BackboneName))}, so these weights cannot "
+                          "be loaded")
 
 
 def _arg(args: Any, name: str, kind: type, where: str) -> Any:

@@ -34,6 +34,7 @@ from .. import typed_config
 from ..config import InputSize, ModelConfig
 from .atomic_dir import write_directory
 from .errors import CheckpointError, PathLike
+from .files import is_run_folder
 from .integrity import folder_digest, read_safetensors, read_safetensors_metadata, save_safetensors
 from ..tasks import COCO_TASKS, TaskVocabulary
 from .loaded import LoadedModel, describe_bank, describe_heads
@@ -441,7 +442,12 @@ def check_tokenizer_copy(original, copy_dir: Path) -> None:
 
 
 def is_model_dir(path: PathLike) -> bool:
-    return (Path(path).expanduser() / CONFIG_FILE).is_file()
+    """Whether ``path`` is (meant as) a model directory: a folder with a config.yaml that is not a
+    ``toist train`` run folder's (:func:`~.files.is_run_folder`: its config.yaml is the run's
+    configuration, beside checkpoints). A model directory whose config.yaml is damaged still counts:
+    loading it says what is wrong with that file."""
+    path = Path(path).expanduser()
+    return (path / CONFIG_FILE).is_file() and not is_run_folder(path)
 
 
 def load_model_dir(directory: PathLike, tokenizer: Optional[str] = None) -> LoadedModel:
