@@ -280,7 +280,9 @@ def test_the_type_of_a_command_line_value_is_read_as_rcl_reads_it(context):
     """A `-p` value's type as rcl gives it: a wrong guess would refuse a good value
     (`-p score_threshold:=1e-3` is a double to rcl, text to PyYAML)."""
     raws = ["yes", "On", "y", "True", "off", "yEs", "1e-3", ".5", "1.", "-inf", ".inf", "nan", "0x10", "+5", "7",
-            "010", "0x1p-1", "'3'", '"true"', "~", "null", "1_000", "2024-01-01", "cuda:1", "sit on"]
+            "010", "0x1p-1", "'3'", '"true"', "~", "null", "1_000", "2024-01-01", "cuda:1", "sit on",
+            # words of hex digits (float.fromhex read "fp16" as 983040.0 and refused -p precision:=fp16)
+            "fp16", "bf16", "bed", "a", "dead", "1p3", "0X1P-1", "-0x10", "08", "0b1", "0o7", "infinity", "NaN"]
     args = ["--ros-args"]
     for i, raw in enumerate(raws):
         args += ["-p", f"p{i}:={raw}"]
@@ -294,11 +296,12 @@ def test_the_type_of_a_command_line_value_is_read_as_rcl_reads_it(context):
     params_file = str(Path(__file__).resolve().parents[1] / "config" / "perception.yaml")
     argv = ["perception_node", "--ros-args", "--params-file", params_file, "-p", "score_threshold:=1e-3",
             "-p", "output.masks:=off", "-p", "input.reliability:=reliable", "-p", "max_instances:=010",
-            "-p", "checkpoint:=yEs", "-p", "mask_threshold:=0x1p-1"]
+            "-p", "checkpoint:=yEs", "-p", "mask_threshold:=0x1p-1", "-p", "precision:=bf16", "-p", "task:=bed"]
     node = rclpy.create_node("toist_perception", context=context, cli_args=argv[1:])
     try:
         settings = P.declare(node, argv)   # every rule applied (as rcl reads them): nothing refused
         assert settings["score_threshold"] == 1e-3 and settings["output.masks"] is False
         assert settings["max_instances"] == 8 and settings["mask_threshold"] == 0.5 and settings["checkpoint"] == "yEs"
+        assert settings["precision"] == "bf16" and settings["task"] == "bed"
     finally:
         node.destroy_node()

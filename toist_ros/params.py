@@ -257,9 +257,17 @@ def _rule_value(raw: str) -> Optional[tuple[Any]]:
         return (text,)
     if re.fullmatch(r"[+-]?0[0-7]+", text):
         return (int(text, 8),)
-    for parse in (lambda t: int(t, 0), float, float.fromhex):
+    # rcl tries strtol (base 0), then strtod: Python's int(t, 0) also takes "0b1" / "0o7", and
+    # float.fromhex hex digits without "0x" ("fp16" as 983040.0, "bed"), which rcl keeps as text.
+    if re.fullmatch(r"[+-]?(0[xX][0-9a-fA-F]+|[1-9][0-9]*|0)", text):
+        return (int(text, 0),)
+    try:
+        return (float(text),)   # as strtod: "08", "1e-3", ".5", "inf", "nan", "infinity"
+    except ValueError:
+        pass
+    if re.fullmatch(r"[+-]?0[xX][0-9a-fA-F.]+([pP][+-]?[0-9]+)?", text):
         try:
-            return (parse(text),)
+            return (float.fromhex(text),)   # strtod's hex doubles: "0x1p-1"
         except ValueError:
             pass
     special = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}.get(text.lower())
