@@ -40,7 +40,7 @@ class DataConfig:
     caption_mode: CaptionMode = "pronoun"  # training captions (evaluation: pronoun; noun and grounding runs: noun)
     pronoun: str = DEFAULT_PRONOUN  # the word for the object in pronoun captions
     masks: bool = False                    # load instance masks (mask-head training / segm eval)
-    check_images: bool = True              # verify every listed image exists, with its size, when the dataset is built
+    check_images: bool = True              # when the dataset is built: each image exists, of a decodable kind and its record's size
     # Transforms (reference values; shrink them for tiny CPU runs on synthetic images).
     train_sizes: list[int] = field(default_factory=lambda: list(TRAIN_SIZES))  # training short side, one per sample
     max_size: int = 1333  # training resize: long side cap
