@@ -316,3 +316,57 @@ def test_cli_evaluate_forms_the_reference_scripts_batches(data_root, tmp_path, m
                          "--out", str(tmp_path / f"out{k}"), "--no-plots", "--short-side", "64", "--max-size", "128",
                          "--device", "cpu", *extra]) == 0
         assert used[-1] == expected, (preset, extra)
+
+
+def test_noun_captions_in_a_batch_are_each_images_own_and_match_one_at_a_time(tmp_path):
+    """eval_dete_noun.sh scores the noun teacher in batches of 8, each image with its own noun
+    caption (encoded together, padded to the longest); toist read noun captions one image at a
+    time only. Images of one size (no padding between them): a batch gives each image what it
+    gets alone, to fp32 noise, so the caption padding is masked and each image reads its own."""
+    from toist_core.cli.evaluate import predict_tasks
+    from toist_core.data.synth import generate
+
+    generate(tmp_path, tasks=[14], splits=("test",), images_per_split=6, seed=5, min_size=80, max_size=80)
+    files = {14: tmp_path / "annotations" / "task_14_test.json"}
+    images = tmp_path / "images" / "val2014"
+    segmenter = TaskSegmenter.from_config("tiny", device="cpu", seed=0,
+                                          inference=InferenceConfig(protocol="reference", score_threshold=0.0))
+    alone, batched = (predict_tasks(segmenter, files, images, batch_size=size, captions="noun", log=io.StringIO())[14]
+                      for size in (1, 3))
+    assert sorted(alone) == sorted(batched) and len(alone) == 6
+    for image_id, one in alone.items():   # (near-tied scores may swap places: rows matched by value)
+        together = batched[image_id]
+        np.testing.assert_allclose(np.sort(together.scores), np.sort(one.scores), atol=1e-5, rtol=0)
+        rows_one = np.concatenate([np.asarray(one.boxes), np.asarray(one.scores)[:, None]], axis=1)
+        rows_together = np.concatenate([np.asarray(together.boxes), np.asarray(together.scores)[:, None]], axis=1)
+        nearest = np.abs(rows_together[:, None] - rows_one[None]).max(-1).min(1)
+        assert nearest.max() < 1e-4, (image_id, nearest.max())
+    from toist_core.data.coco_tasks import CocoTasksDataset
+    from toist_core.inference.noun_captions import noun_caption_state
+
+    dataset = CocoTasksDataset(files[14], images, caption_mode="noun")
+    captions = noun_caption_state(segmenter.model, dataset, [0, 1, 2], 14).caption.split("\n")
+    assert len(set(captions)) == 3   # of different lengths ("... chair", "", "... baseball bat"): padded together
+
+
+def test_cli_evaluate_scores_a_noun_teacher_in_the_reference_scripts_batches(data_root, tmp_path, monkeypatch):
+    """--protocol reference with noun captions: eval_dete_noun.sh's 8 (it was always 1, and
+    --batch-size was refused)."""
+    import toist_core.cli.evaluate as evaluate
+    from toist_core.checkpoint import save_model_dir
+
+    used = []
+    real_predict_tasks = evaluate.predict_tasks
+
+    def predict_tasks(*args, **kwargs):
+        used.append((kwargs["batch_size"], kwargs["captions"]))
+        return real_predict_tasks(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "predict_tasks", predict_tasks)
+    seg = TaskSegmenter.from_config("tiny", device="cpu", seed=0)
+    save_model_dir(seg.model, tmp_path / "tiny", seg.config)
+    for k, extra in enumerate((["--protocol", "reference"], ["--batch-size", "2"])):
+        assert cli.main(["evaluate", "--data", str(data_root), "--checkpoint", str(tmp_path / "tiny"), "--tasks", "14",
+                         "--out", str(tmp_path / f"out{k}"), "--no-plots", "--short-side", "64", "--max-size", "128",
+                         "--device", "cpu", "--captions", "noun", *extra]) == 0
+    assert used == [(8, "noun"), (2, "noun")]

@@ -94,8 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--captions", choices=["auto", "pronoun", "noun"], default="auto",
                         help="what the model reads (--checkpoint): the task's pronoun caption, or each image's "
                              "noun caption, naming its preferred objects' classes: how a noun teacher (stage "
-                             "noun) is trained and scored, the reference's eval_dete_noun.sh; one image per "
-                             "forward pass, no cluster-centre replacement. auto (default): noun for a file that "
+                             "noun) is trained and scored, the reference's eval_dete_noun.sh (a batch's captions "
+                             "encoded together, padded to the longest), no cluster-centre replacement. auto (default): noun for a file that "
                              "records noun training (a toist checkpoint of stage noun or grounding, an official "
                              "file trained with --verb_noun_input, a model directory exported from either), else "
                              "pronoun")
@@ -117,9 +117,8 @@ def run(args: argparse.Namespace) -> int:
     _refuse_replacing_other_files(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.captions == "noun" and (args.predictions or args.batch_size not in (None, 1)):
-        raise ValueError("--captions noun: with --checkpoint and --batch-size 1 only (every image has its own "
-                         "caption)")
+    if args.captions == "noun" and args.predictions:
+        raise ValueError("--captions noun: with --checkpoint only (it says what the model reads)")
     captions = args.captions
     if args.predictions:
         if args.save_predictions:
@@ -144,14 +143,10 @@ def run(args: argparse.Namespace) -> int:
         if captions == "auto":
             captions = getattr(segmenter, "captions", "pronoun")  # a segmenter that does not say: pronoun
             if captions == "noun":
-                if args.batch_size not in (None, 1):
-                    raise ValueError(f"{args.checkpoint} is scored on noun captions (a noun teacher or grounding "
-                                     "run): one image at a time, each with its own caption; use --batch-size 1 (or "
-                                     "--captions pronoun to give it the task captions)")
                 print(f"{args.checkpoint}: a noun teacher (or grounding run), scored as its training scored it: each "
                       "image is read with its own noun caption (--captions noun; --captions pronoun for the task "
                       "captions)", file=sys.stderr)
-        batch_size = args.batch_size or default_batch_size(segmenter, args.protocol, captions)
+        batch_size = args.batch_size or default_batch_size(segmenter, args.protocol)
         if args.batch_size is None and batch_size > 1:
             print(f"--protocol reference: batches of {batch_size} images, the reference evaluation script's for "
                   f"this model (a batch is padded to its largest image; --batch-size to change it)", file=sys.stderr)
@@ -244,12 +239,12 @@ def _refuse_replacing_other_files(args: argparse.Namespace) -> None:
                               "writes; nothing was replaced: give another folder")
 
 
-def default_batch_size(segmenter, protocol: str, captions: str) -> int:
+def default_batch_size(segmenter, protocol: str) -> int:
     """Images per forward pass when ``--batch-size`` is not given: under the reference protocol
     a batch is padded to its largest image, so the batch is part of the protocol: the reference
-    scripts' (eval_dete.sh 8; eval_seg.sh, eval_seg_dis.sh and eval_dete_dis.sh 4). Otherwise,
-    and for noun captions (each image its own caption), one image."""
-    if protocol != "reference" or captions == "noun":
+    scripts' (eval_dete.sh and eval_dete_noun.sh 8, the latter's captions one per image, encoded
+    together; eval_seg.sh, eval_seg_dis.sh and eval_dete_dis.sh 4). Otherwise one image."""
+    if protocol != "reference":
         return 1
     return 4 if getattr(segmenter, "has_masks", False) or getattr(segmenter, "is_distilled", False) else 8
 
@@ -312,7 +307,8 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
     the first image predicted without masks stops it with a :class:`DataError`, for a
     segmenter that does not tell whether it has a mask head. ``captions="noun"``: each image is
     read with its own noun caption (:func:`toist_core.inference.noun_captions.noun_caption_state`;
-    ``segmenter.model`` encodes it), one image at a time.
+    ``segmenter.model`` encodes a batch's captions together, padded to the longest, as the
+    reference's batches are).
     """
     from toist_core.data.coco_tasks import CocoTasksDataset
     from toist_core.data.schema import DataError
@@ -322,8 +318,8 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
 
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
-    if captions not in ("pronoun", "noun") or (captions == "noun" and batch_size != 1):
-        raise ValueError(f"captions {captions!r} with batch size {batch_size}: pronoun, or noun one image at a time")
+    if captions not in ("pronoun", "noun"):
+        raise ValueError(f"captions {captions!r}: pronoun or noun")
     keep_all = dict(score_threshold=0.0, max_instances=REFERENCE_MAX_INSTANCES)
     reference_order = getattr(getattr(segmenter, "inference", None), "protocol", "toist") == "reference"
     predictions = {}
@@ -342,9 +338,9 @@ def predict_tasks(segmenter, files: dict, image_dir: Path, image_ids: Optional[d
             chunk = indices[start:start + batch_size]
             images = [dataset.load_image(i).permute(1, 2, 0).numpy() for i in chunk]
             try:
-                if captions == "noun":
-                    state = noun_caption_state(segmenter.model, dataset, chunk[0], task_id)
-                    outputs = [segmenter.predict(images[0], state, **keep_all)]
+                if captions == "noun":   # each image its own caption; a batch's encoded together
+                    state = noun_caption_state(segmenter.model, dataset, chunk, task_id)
+                    outputs = segmenter.predict_batch(images, state, **keep_all)
                 elif batch_size == 1:
                     outputs = [segmenter.predict(images[0], **keep_all)]
                 else:
