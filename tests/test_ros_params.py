@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from toist_ros import params as P
+from toist_ros.param_sources import rule_value, same_value
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,12 +269,55 @@ def test_a_command_line_value_rcl_dropped_for_its_type_is_refused(context):
         with pytest.raises(P.ParameterError) as info:
             P.declare(node, argv)
         text = str(info.value)
-        assert "output.masks: -p output.masks:=0 was not applied: ROS kept the params file's bool True" in text
-        assert "give true or false" in text
+        assert (f"output.masks: -p output.masks:=0 was not applied: ROS kept {params_file}'s True (rcl drops a "
+                "later value of another type; give true or false)") in text
         assert "max_instances: -p max_instances:=0.5 was not applied" in text and "give a whole number" in text
         assert "score_threshold" not in text and "task" not in text   # 1 is 1.0; "3" is the text it means
     finally:
         node.destroy_node()
+
+
+def _own_file(tmp_path, name, key, **values):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({key: {"ros__parameters": values}}))
+    return str(path)
+
+
+def _declared(context, argv):
+    node = rclpy.create_node("toist_perception", context=context, cli_args=argv)
+    try:
+        return P.declare(node, ["perception_node", *argv])
+    finally:
+        node.destroy_node()
+
+
+def test_what_the_command_line_sets_last_is_what_the_node_takes(context, tmp_path):
+    """rcl keeps a file's value over a later one of a lower-ranked type: `score_threshold: 1` in
+    one's own params file and a later `-p score_threshold:=0.3` was refused ("give a number", a
+    number given); a params file's `task: 3` beside a launch argument's `task: bed` started the
+    node on task 3 without a word; quoted -p text with YAML's escapes was refused."""
+    own = _own_file(tmp_path, "own.yaml", "/**", score_threshold=1, task=3, **{"input.max_age_s": 2})
+    settings = _declared(context, ["--ros-args", "--params-file", own, "-p", "score_threshold:=0.3",
+                                   "-p", "input.max_age_s:=0.5", "-p", "task:=bed"])
+    assert (settings["score_threshold"], settings["input.max_age_s"], settings["task"]) == (0.3, 0.5, "bed")
+    assert not settings.notes
+    for raw, text in (("'it''s a cup'", "it's a cup"), ('"say \\"hi\\""', 'say "hi"')):
+        assert _declared(context, ["--ros-args", "-p", f"task:={raw}"])["task"] == text
+    # A file after a -p rule wins, as ROS orders them: taken, and the rule said to be overridden.
+    config = str(Path(__file__).resolve().parents[1] / "config" / "perception.yaml")
+    settings = _declared(context, ["--ros-args", "-p", "score_threshold:=0.3", "--params-file", config])
+    assert settings["score_threshold"] == 0.5
+    assert settings.notes == [f"score_threshold: -p score_threshold:=0.3 is overridden by {config}'s 0.5, which comes "
+                              "after it (ROS applies -p and --params-file in order: put -p last)"]
+    # Two files (a launch's params_file, then the file it writes of its arguments): refused, both named.
+    launch = _own_file(tmp_path, "launch.yaml", "/toist_perception", task="bed")
+    by_name = _own_file(tmp_path, "by_name.yaml", "/toist_perception", task=3)
+    with pytest.raises(P.ParameterError, match=rf"task: {launch}'s 'bed' was not applied: ROS kept {by_name}'s 3 "
+                                               r"\(under one node key rcl does not replace a value by a later one"):
+        _declared(context, ["--ros-args", "--params-file", by_name, "--params-file", launch])
+    assert _declared(context, ["--ros-args", "--params-file", by_name, "-p", "task:=bed"])["task"] == "bed"  # keys apart
+    with pytest.raises(P.ParameterError, match=r"input.topics"):   # [] beside the file was its default, unsaid
+        _declared(context, ["--ros-args", "--params-file", config, "-p", "input.topics:=[]"])
 
 
 def test_the_type_of_a_command_line_value_is_read_as_rcl_reads_it(context):
@@ -290,7 +334,7 @@ def test_the_type_of_a_command_line_value_is_read_as_rcl_reads_it(context):
     try:
         for i, raw in enumerate(raws):
             value = P._plain(node._parameter_overrides[f"p{i}"].value)
-            assert P._same_value(P._rule_value(raw)[0], value), (raw, value)
+            assert same_value(rule_value(raw)[0], value), (raw, value)
     finally:
         node.destroy_node()
     params_file = str(Path(__file__).resolve().parents[1] / "config" / "perception.yaml")

@@ -94,7 +94,7 @@ class PerceptionNode(Node):
             self._settings = parameters.declare(self, sys.argv)
         except parameters.ParameterError as exc:
             raise StartupError(EXIT_PARAMETERS, str(exc)) from None
-        for warning in parameters.unknown_overrides(getattr(self, "_parameter_overrides", {})):
+        for warning in parameters.unknown_overrides(getattr(self, "_parameter_overrides", {})) + self._settings.notes:
             log.warning(warning)
         settings = self._settings
         self.counters = Counters()

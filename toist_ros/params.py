@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from toist_ros.frame_limits import MIN_MODEL_SIDE
+from toist_ros.param_sources import resolve as resolve_command_line
 
 Scalar = Union[bool, int, float, str]
 
@@ -209,79 +210,15 @@ def unknown_overrides(names: Any) -> list[str]:
 _KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list"}
 
 
-def dropped_command_line_rules(argv: list[str], overrides: dict[str, Any]) -> list[str]:
-    """Why each ``-p name:=value`` of ``argv`` for one of this node's parameters is not what the
-    node got (``overrides``: name -> the value rcl resolved). rcl drops some ``-p`` rules whose
-    type differs from a ``--params-file`` value of the same name, without a word: ``-p
-    output.masks:=0`` beside the package's params file left masks on."""
-    rules: dict[str, str] = {}
-    ros_args = False
-    for token, following in zip(argv, list(argv[1:]) + [None]):
-        if token == "--ros-args":
-            ros_args = True
-        elif token == "--":
-            ros_args = False
-        elif ros_args and token in ("-p", "--param") and following and ":=" in following:
-            name, raw = following.split(":=", 1)
-            rules[name] = raw
-    out = []
-    for name, raw in rules.items():
-        if name not in SPECS or name not in overrides:
-            continue
-        given = _rule_value(raw)
-        got = _plain(overrides[name])
-        if given is not None and not _same_value(given[0], got):
-            out.append(f"{name}: -p {name}:={raw} was not applied: ROS kept the params file's "
-                       f"{type(got).__name__} {got!r} (rcl drops some -p values whose type differs from the "
-                       f"file's); give {_KIND_WORDS[SPECS[name].kind]}")
-    return out
-
-
-_TRUE_WORDS = frozenset("y Y yes Yes YES true True TRUE on On ON".split())
-_FALSE_WORDS = frozenset("n N no No NO false False FALSE off Off OFF".split())
-
-
-def _rule_value(raw: str) -> Optional[tuple[Any]]:
-    """``(value,)`` as rcl reads a ``-p name:=raw`` value (YAML 1.1, measured on Kilted: ``yes``,
-    ``On``, ``y`` true, case as listed; ``010`` octal 8, ``0x10`` 16, ``+5`` 5; ``1e-3``, ``.5``,
-    ``.inf``, ``0x1p-1`` doubles; ``1_000``, ``null`` and quoted values text), or None where this
-    reading is not sure (lists): nothing is then said about that rule."""
-    text = raw.strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return (text[1:-1],)
-    if text in _TRUE_WORDS or text in _FALSE_WORDS:
-        return (text in _TRUE_WORDS,)
-    if text.startswith("["):
-        return None
-    if "_" in text:
-        return (text,)
-    if re.fullmatch(r"[+-]?0[0-7]+", text):
-        return (int(text, 8),)
-    # rcl tries strtol (base 0), then strtod: Python's int(t, 0) also takes "0b1" / "0o7", and
-    # float.fromhex hex digits without "0x" ("fp16" as 983040.0, "bed"), which rcl keeps as text.
-    if re.fullmatch(r"[+-]?(0[xX][0-9a-fA-F]+|[1-9][0-9]*|0)", text):
-        return (int(text, 0),)
-    try:
-        return (float(text),)   # as strtod: "08", "1e-3", ".5", "inf", "nan", "infinity"
-    except ValueError:
-        pass
-    if re.fullmatch(r"[+-]?0[xX][0-9a-fA-F.]+([pP][+-]?[0-9]+)?", text):
-        try:
-            return (float.fromhex(text),)   # strtod's hex doubles: "0x1p-1"
-        except ValueError:
-            pass
-    special = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}.get(text.lower())
-    return (special,) if special is not None else (text,)
-
-
-def _same_value(given: Any, got: Any) -> bool:
-    """Whether rcl's value for a rule is ``given``: a bool only as that bool, numbers by value (an
-    integer rule for a double parameter is that double), NaN as NaN."""
-    if isinstance(given, bool) or isinstance(got, bool):
-        return type(given) is type(got) and given == got
-    if isinstance(given, (int, float)) and isinstance(got, (int, float)):
-        return given == got or (math.isnan(given) and math.isnan(got))
-    return given == got
+def _as_parameter_takes(name: str, value: Any) -> Optional[Any]:
+    """``value`` as parameter ``name`` takes it (1 -> 1.0 for a double, 2 -> "2" for a task), or
+    None when it is not a valid value of it."""
+    spec = SPECS[name]
+    if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif spec.number_as_text and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    return value if check_value(spec, value) is None else None
 
 
 # Parameters that were renamed: the old name's override gets a precise warning.
@@ -350,6 +287,7 @@ class Settings:
     """The node's parameter values, typed; replaced as a whole when run-time parameters change."""
 
     values: dict[str, Any] = field(default_factory=lambda: {s.name: s.default for s in PARAMETERS})
+    notes: list[str] = field(default_factory=list)   # start-up: -p rules a later params file overrode
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
@@ -425,8 +363,16 @@ def declare(node, argv: Optional[list[str]] = None) -> Settings:
     """
     from rclpy.exceptions import InvalidParameterValueException
 
+    from rclpy.parameter import Parameter
+
     values = {}
-    problems = []
+    # What the command line sets last, where rcl kept something else (its type ranking).
+    command_line = resolve_command_line(
+        list(argv or ()), node.get_fully_qualified_name(),
+        {name: _plain(param.value) for name, param in getattr(node, "_parameter_overrides", {}).items()
+         if name in SPECS},
+        _as_parameter_takes, lambda name: _KIND_WORDS[SPECS[name].kind])
+    problems = list(command_line.problems)
     for spec in PARAMETERS:
         full = descriptor(spec)
         # Typed by this module, not by rclpy: its refusal of a wrong type named neither the
@@ -443,6 +389,9 @@ def declare(node, argv: Optional[list[str]] = None) -> Settings:
         except InvalidParameterValueException as exc:
             problems.append(f"{spec.name}: {exc}")
             continue
+        if spec.name in command_line.apply:
+            node.set_parameters([Parameter(spec.name, value=command_line.apply[spec.name])])
+            param = node.get_parameter(spec.name)
         # `-p score_threshold:=1` and `max_age_s: 2` in a YAML file arrive as integers: taken as
         # the doubles they mean, at start-up as at run time (``ints_to_doubles``).
         if spec.kind is float and param.type_ != param.Type.DOUBLE:
@@ -459,11 +408,9 @@ def declare(node, argv: Optional[list[str]] = None) -> Settings:
         if check_value(spec, value) is None:
             node.set_descriptor(spec.name, full)
     problems += check_values(values)
-    problems += dropped_command_line_rules(list(argv or ()), {
-        name: param.value for name, param in getattr(node, "_parameter_overrides", {}).items()})
     if problems:
         raise ParameterError("invalid parameters:\n  " + "\n  ".join(problems))
-    return Settings(values)
+    return Settings(values, notes=command_line.notes)
 
 
 def check_parameter_changes(params: list, current: Optional[dict[str, Any]] = None) -> Any:

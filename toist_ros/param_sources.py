@@ -1,0 +1,192 @@
+"""Where a start-up parameter's value came from: the command line's ``--params-file`` files and
+``-p`` rules, in their order, against what rcl resolved.
+
+ROS applies them in order, the last setting of a name winning, except where rcl keeps an
+earlier value without a word: under the same node key (``-p`` rules are ``/**`` entries), a value
+is not replaced by a later one of a lower-ranked type (bool, then whole number, then number,
+then text: ``score_threshold: 1`` in a ``/**`` file outlives a later ``-p score_threshold:=0.3``,
+a ``/toist_perception:`` file's ``task: 3`` the launch file's ``task: bed`` under that key).
+:func:`resolve` says which settings were lost so: a ``-p`` rule of a valid value is applied after
+all (it is what the command line says last), anything else is refused naming both settings. A
+``-p`` rule a later file overrides, as ROS means it to, is only noted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+_TRUE_WORDS = frozenset("y Y yes Yes YES true True TRUE on On ON".split())
+_FALSE_WORDS = frozenset("n N no No NO false False FALSE off Off OFF".split())
+_WILDCARD_KEYS = ("/**", "**")
+
+
+def rule_value(raw: str) -> Optional[tuple[Any]]:
+    """``(value,)`` as rcl reads a ``-p name:=raw`` value (YAML 1.1, measured on Kilted: ``yes``,
+    ``On``, ``y`` true, case as listed; ``010`` octal 8, ``0x10`` 16, ``+5`` 5; ``1e-3``, ``.5``,
+    ``.inf``, ``0x1p-1`` doubles; ``1_000``, ``null`` and quoted values text, YAML's escapes
+    undone), or None where this reading is not sure (lists other than ``[]``): nothing is then
+    said about that rule."""
+    text = raw.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return (_unquoted(text),)
+    if text in _TRUE_WORDS or text in _FALSE_WORDS:
+        return (text in _TRUE_WORDS,)
+    if text == "[]":
+        return ([],)
+    if text.startswith("["):
+        return None
+    if "_" in text:
+        return (text,)
+    if re.fullmatch(r"[+-]?0[0-7]+", text):
+        return (int(text, 8),)
+    # rcl tries strtol (base 0), then strtod: Python's int(t, 0) also takes "0b1" / "0o7", and
+    # float.fromhex hex digits without "0x" ("fp16" as 983040.0, "bed"), which rcl keeps as text.
+    if re.fullmatch(r"[+-]?(0[xX][0-9a-fA-F]+|[1-9][0-9]*|0)", text):
+        return (int(text, 0),)
+    try:
+        return (float(text),)   # as strtod: "08", "1e-3", ".5", "inf", "nan", "infinity"
+    except ValueError:
+        pass
+    if re.fullmatch(r"[+-]?0[xX][0-9a-fA-F.]+([pP][+-]?[0-9]+)?", text):
+        try:
+            return (float.fromhex(text),)   # strtod's hex doubles: "0x1p-1"
+        except ValueError:
+            pass
+    special = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}.get(text.lower())
+    return (special,) if special is not None else (text,)
+
+
+def _unquoted(text: str) -> str:
+    """A quoted YAML scalar's text: ``'it''s'`` -> ``it's``, ``"say \\"hi\\""`` -> ``say "hi"``."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text[1:-1]
+    return value if isinstance(value, str) else text[1:-1]
+
+
+def same_value(given: Any, got: Any) -> bool:
+    """Whether rcl's value is ``given``: a bool only as that bool, numbers by value (an integer
+    for a double parameter is that double), NaN as NaN, lists item by item."""
+    if isinstance(given, bool) or isinstance(got, bool):
+        return type(given) is type(got) and given == got
+    if isinstance(given, (int, float)) and isinstance(got, (int, float)):
+        return given == got or (math.isnan(given) and math.isnan(got))
+    if isinstance(given, (list, tuple)) and isinstance(got, (list, tuple)):
+        return len(given) == len(got) and all(same_value(a, b) for a, b in zip(given, got))
+    return given == got
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a parameter on the command line, in argv order."""
+
+    value: Any
+    where: str              # "-p task:=bed" or "file.yaml's 3"
+    source: str             # "-p" or the params file
+
+    @property
+    def rule(self) -> bool:
+        return self.source == "-p"
+
+
+@dataclass
+class Resolution:
+    apply: dict[str, Any] = field(default_factory=dict)   # -p values rcl lost, to set after all
+    problems: list[str] = field(default_factory=list)     # settings lost that cannot be applied
+    notes: list[str] = field(default_factory=list)        # -p rules a later file overrides
+
+
+def settings_in_order(argv: list[str], node_name: str, names: Any) -> dict[str, list[Setting]]:
+    """Every setting of ``names`` in ``argv``'s ``--ros-args`` sections, in order: ``-p`` rules
+    (as :func:`rule_value` reads them; unsure ones left out) and the entries of each
+    ``--params-file`` that apply to ``node_name`` (``/**``, ``**`` or its own name)."""
+    found: dict[str, list[Setting]] = {}
+    ros_args = False
+    tokens = list(argv)
+    for index, token in enumerate(tokens):
+        following = tokens[index + 1] if index + 1 < len(tokens) else None
+        if token == "--ros-args":
+            ros_args = True
+        elif token == "--":
+            ros_args = False
+        elif not ros_args or following is None:
+            continue
+        elif token in ("-p", "--param") and ":=" in following:
+            name, raw = following.split(":=", 1)
+            value = rule_value(raw) if name in names else None
+            if value is not None:
+                found.setdefault(name, []).append(Setting(value[0], f"-p {name}:={raw}", "-p"))
+        elif token == "--params-file":
+            for name, value in _file_entries(following, node_name):
+                if name in names:
+                    found.setdefault(name, []).append(Setting(value, f"{following}'s {value!r}", following))
+    return found
+
+
+def _file_entries(path: str, node_name: str) -> list[tuple[str, Any]]:
+    """``(name, value)`` of a params file's entries for ``node_name`` (its own name, ``/**`` or
+    ``**``; dotted names for nested maps); none for a file that does not read (rcl says so)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    out = []
+    for key, entry in (data or {}).items() if isinstance(data, dict) else ():
+        if not (str(key).strip("/") == node_name.strip("/") or key in _WILDCARD_KEYS) or not isinstance(entry, dict):
+            continue
+        params = entry.get("ros__parameters")
+        out += _flattened(params if isinstance(params, dict) else {})
+    return out
+
+
+def _flattened(params: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out += _flattened(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def resolve(argv: list[str], node_name: str, resolved: dict[str, Any],
+            valid_value: Callable[[str, Any], Optional[Any]], kind_words: Callable[[str], str]) -> Resolution:
+    """Compare what ``argv`` sets last with what rcl ``resolved`` (name -> value) for this
+    node's parameters. ``valid_value(name, value)``: the value as the parameter takes it, or
+    None when it is not a valid one (a rule of a wrong type is refused, not applied);
+    ``kind_words(name)``: what the parameter takes, in words ("a number")."""
+    out = Resolution()
+    for name, settings in settings_in_order(argv, node_name, set(resolved)).items():
+        got, last = resolved[name], settings[-1]
+        for earlier in settings[:-1]:
+            if earlier.rule and not last.rule and not same_value(earlier.value, last.value):
+                out.notes.append(f"{name}: {earlier.where} is overridden by {last.where}, which comes after it "
+                                 "(ROS applies -p and --params-file in order: put -p last)")
+        if same_value(last.value, got):
+            continue
+        kept = next((s for s in reversed(settings[:-1]) if same_value(s.value, got)), None)
+        if last.rule and kept is not None and valid_value(name, last.value) is not None:
+            # (Applied as rclpy's own override would be: before the parameter is declared read-only.)
+            out.apply[name] = valid_value(name, last.value)   # rcl's type ranking lost it: what was meant
+            continue
+        if kept is None:
+            if last.rule:   # rcl read it otherwise than this module: say so rather than guess
+                out.problems.append(f"{name}: {last.where} was not applied: ROS gave {type(got).__name__} {got!r}")
+            continue        # a file's value of a wrong type: the parameter check names it
+        if valid_value(name, last.value) is None:
+            reason = f"rcl drops a later value of another type; give {kind_words(name)}"
+        else:
+            reason = ("under one node key rcl does not replace a value by a later one of a lower-ranked type "
+                      "(bool, then whole number, then number, then text): write it there as the later one is "
+                      "written (1.0, \"3\"), or set it in one place")
+        out.problems.append(f"{name}: {last.where} was not applied: ROS kept {kept.where} ({reason})")
+    return out
