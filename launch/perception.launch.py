@@ -149,17 +149,41 @@ def node_options(args):
     }
 
 
-def command_line(options):
-    """The node's ``--ros-args`` equivalent of ``node_options`` (what launch_ros hands the process)."""
+def overrides_file(options, directory=None):
+    """The launch arguments' parameter overrides (``node_options``' dict) as a params file under
+    the node's own name (``/<namespace>/toist_perception``), every text double-quoted; its path.
+
+    launch_ros writes a dict's strings plain, and rcl reads a plain ``08`` as the double 8.0,
+    ``y`` as true, ``inf`` as infinity: ``task:=08`` or ``checkpoint:=inf`` then reached the node
+    as numbers. (Keyed by name, not ``/**``: under one key rcl keeps a params file's ``task: 3``
+    over a later text, under two the later file wins, as the launch arguments should.)"""
+    import tempfile
+
+    import yaml
+
+    class QuotedText(yaml.SafeDumper):
+        pass
+
+    QuotedText.add_representer(str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text,
+                                                                                 style='"'))
+    _, overrides = options["parameters"]
+    key = "/" + "/".join(part for part in (options["namespace"].strip("/"), NODE_NAME) if part)
+    handle, path = tempfile.mkstemp(prefix="toist_launch_", suffix=".yaml", dir=directory)
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        yaml.dump({key: {"ros__parameters": overrides}}, out, Dumper=QuotedText, allow_unicode=True)
+    return path
+
+
+def command_line(options, directory=None):
+    """The node's ``--ros-args`` as the launch starts it (``directory``: where the overrides'
+    params file goes; default the system's temporary folder, as launch_ros's own)."""
     params_file, overrides = options["parameters"]
     out = ["--ros-args", "-r", f"__node:={NODE_NAME}"]
     if options["namespace"]:
         out += ["-r", f"__ns:=/{options['namespace'].strip('/')}"]
     out += ["--params-file", params_file]
-    for name, value in overrides.items():
-        # Quoted: a YAML string ("2" stays text), an apostrophe doubled as YAML escapes it there.
-        text = str(value).lower() if isinstance(value, bool) else "'" + str(value).replace("'", "''") + "'"
-        out += ["-p", f"{name}:={text}"]
+    if overrides:
+        out += ["--params-file", overrides_file(options, directory)]
     for source, target in options["remappings"]:
         out += ["-r", f"{source}:={target}"]
     return out + options["arguments"][1:]
@@ -256,20 +280,17 @@ def _node_action(context, *args, **kwargs):
     from launch.event_handlers import OnProcessExit, OnProcessIO
     from launch.substitutions import LaunchConfiguration
     from launch_ros.actions import LifecycleNode, Node
-    from launch_ros.parameter_descriptions import ParameterValue
 
     values = {name: LaunchConfiguration(name).perform(context) for name, _, _ in ARGUMENTS}
     options = node_options(values)
     params_file, overrides = options["parameters"]
-    # ParameterValue with an explicit type: launch_ros would otherwise YAML-parse "2" into an int.
-    typed = {name: ParameterValue(value, value_type=str) if isinstance(value, str) else value
-             for name, value in overrides.items()}
+    # A params file of our own, not a dict: launch_ros would write "2" or "08" plain, read as numbers.
     node = (LifecycleNode if options["lifecycle"] else Node)(
         package=PACKAGE,
         executable=options["executable"],
         name=NODE_NAME,
         namespace=options["namespace"],
-        parameters=[params_file, typed],
+        parameters=[params_file] + ([overrides_file(options)] if overrides else []),
         remappings=options["remappings"],
         arguments=options["arguments"],
         output="screen",

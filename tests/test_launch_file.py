@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = ROOT / "launch" / "perception.launch.py"
@@ -172,36 +173,53 @@ def test_bad_arguments_are_refused(bad):
         launch.node_options({"params_file": P_YAML, **bad})
 
 
-def test_command_line_matches_what_launch_ros_passes():
+def test_command_line_matches_what_launch_ros_passes(tmp_path):
     launch = _load()
     options = launch.node_options({"namespace": "front", "image_topic": "/cam/image", "params_file": P_YAML,
                                    "task": "2", "use_sim_time": "false"})
-    assert launch.command_line(options) == [
+    line = launch.command_line(options, tmp_path)
+    [overrides] = list(tmp_path.iterdir())
+    assert line == [
         "--ros-args", "-r", "__node:=toist_perception", "-r", "__ns:=/front", "--params-file", P_YAML,
-        "-p", "use_sim_time:=false", "-p", "task:='2'", "-r", "image:=/cam/image", "-r", "depth:=depth",
+        "--params-file", str(overrides), "-r", "image:=/cam/image", "-r", "depth:=depth",
         "-r", "camera_info:=camera_info", "--log-level", "info"]
+    assert yaml.safe_load(overrides.read_text()) == {
+        "/front/toist_perception": {"ros__parameters": {"use_sim_time": False, "task": "2"}}}
+    assert launch.command_line(launch.node_options({"params_file": P_YAML}), tmp_path).count("--params-file") == 1
 
 
-def test_command_line_values_are_read_by_rcl_as_the_text_given():
+@pytest.mark.parametrize("namespace", ["", "front"])
+def test_command_line_values_are_read_by_rcl_as_the_text_given(tmp_path, namespace):
     """A task with an apostrophe made a `-p` rule rcl refused ("Couldn't parse parameter override
-    rule"); launch_ros writes the value as YAML and passes it."""
+    rule"); launch_ros wrote a dict's text plain, which rcl read as numbers or bools (task:=08 the
+    double 8.0, task:=y true, checkpoint:=inf infinity). The launch writes the overrides' params
+    file itself, text quoted, under the node's own name (a params_file's `task: 3` under /** is
+    then replaced, not kept for its type)."""
     import rclpy
     from rclpy.context import Context
-    from rclpy.node import Node
+
+    from toist_ros import params as P
 
     launch = _load()
-    task = "pour the baby's milk with"
-    options = launch.node_options({"params_file": P_YAML, "task": task, "device": "2", "compressed": "true"})
-    context = Context()
-    rclpy.init(args=launch.command_line(options), context=context)
-    try:
-        node = Node(launch.NODE_NAME, context=context, automatically_declare_parameters_from_overrides=True)
-        assert node.get_parameter("task").value == task
-        assert node.get_parameter("device").value == "2"   # text, not the integer 2
-        assert node.get_parameter("input.compressed").value is True
-        node.destroy_node()
-    finally:
-        rclpy.shutdown(context=context)
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"task": 3, "score_threshold": 0.3}}}))
+    for task, checkpoint, encoder in (("pour the baby's milk with", "say \"hi\".pth", "2"), ("08", "inf", "y"),
+                                      ("1e3", "nan", "0x10"), ("5", "ü.pth", "on")):
+        options = launch.node_options({"params_file": str(own), "namespace": namespace, "task": task,
+                                       "checkpoint": checkpoint, "text_encoder": encoder, "device": "cuda:0",
+                                       "compressed": "true"})
+        argv = launch.command_line(options, tmp_path)
+        context = Context()
+        rclpy.init(context=context)
+        try:
+            node = rclpy.create_node(launch.NODE_NAME, namespace=namespace, context=context, cli_args=argv)
+            settings = P.declare(node, ["perception_node", *argv])
+            assert (settings["task"], settings["checkpoint"], settings["text_encoder"]) == (task, checkpoint, encoder)
+            assert settings["device"] == "cuda:0"
+            assert settings["input.compressed"] is True and settings["score_threshold"] == 0.3
+            node.destroy_node()
+        finally:
+            rclpy.shutdown(context=context)
 
 
 def test_launch_file_and_config_are_installed_with_the_package():
