@@ -149,6 +149,18 @@ def node_options(args):
     }
 
 
+def stray_parameter_arguments(configurations):
+    """A note for each launch configuration named as a node parameter that is no argument of this
+    file (``score_threshold:=0.5``, ``output.masks:=false``): ``ros2 launch`` takes any
+    ``name:=value`` without a word, and the node never sees it."""
+    from toist_ros.params import SPECS
+
+    declared = {name for name, _, _ in ARGUMENTS}
+    return [f"{name}:={value} is a parameter of the node, not an argument of this launch file, and is ignored: "
+            f"set it in the params file (params_file:=...)" for name, value in sorted(configurations.items())
+            if name in SPECS and name not in declared]
+
+
 def overrides_file(options, directory=None):
     """The launch arguments' parameter overrides (``node_options``' dict) as a params file under
     the node's own name (``/<namespace>/toist_perception``), every text double-quoted; its path.
@@ -304,7 +316,7 @@ def _node_action(context, *args, **kwargs):
             # An exception ends `ros2 launch` with exit status 1 and this message as its error.
             raise RuntimeError(message)
 
-    notes = [LogInfo(msg=note) for note in options["notes"]]
+    notes = [LogInfo(msg=note) for note in options["notes"] + stray_parameter_arguments(context.launch_configurations)]
     return notes + [node,
                     RegisterEventHandler(OnProcessIO(target_action=node,
                                                      on_stdout=lambda event: fatal.feed(event.text, "stdout"),

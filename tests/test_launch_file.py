@@ -173,6 +173,16 @@ def test_bad_arguments_are_refused(bad):
         launch.node_options({"params_file": P_YAML, **bad})
 
 
+def test_node_parameters_given_as_launch_arguments_are_named_not_lost():
+    """`ros2 launch ... score_threshold:=0.5` is taken without a word and reaches nothing."""
+    launch = _load()
+    notes = launch.stray_parameter_arguments({"score_threshold": "0.5", "output.masks": "false", "task": "2",
+                                              "image_topic": "/cam", "robot_model": "x"})
+    assert notes == [f"{name}:={value} is a parameter of the node, not an argument of this launch file, and is "
+                     "ignored: set it in the params file (params_file:=...)"
+                     for name, value in (("output.masks", "false"), ("score_threshold", "0.5"))]
+
+
 def test_command_line_matches_what_launch_ros_passes(tmp_path):
     launch = _load()
     options = launch.node_options({"namespace": "front", "image_topic": "/cam/image", "params_file": P_YAML,
