@@ -383,6 +383,14 @@ def test_a_training_run_folder_is_named_as_such_with_what_to_give_instead(tmp_pa
     assert cli.main(["export", "--onnx", str(run)]) == 1
     err = capsys.readouterr().err
     assert re.search(rf"{run}: a toist train run folder .*not a model directory: give {model} ", err), err
+    # The ONNX backends too (the node's backend:=onnxruntime) and the export's own check.
+    from toist_core.inference.onnx_backend import open_network
+    from toist_core.inference.onnx_export import export_checked
+
+    for attempt in (lambda: open_network(run, "onnxruntime", torch.device("cpu")), lambda: export_checked(run)):
+        with pytest.raises(CheckpointError, match=rf"^{run}: a toist train run folder .*not a model directory: give "
+                                                  rf"{model} "):
+            attempt()
     assert load_pretrained(model).model is not None   # its model directory still is one
     # An older run (no header line; only its last checkpoint, no model/): only what it holds is named.
     older = _run_folder(tmp_path / "runs" / "older", files=("checkpoint.pth",), header=False)

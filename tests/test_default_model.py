@@ -353,11 +353,27 @@ def test_recipe_refusals_are_errors_not_tracebacks(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "recipe_settings.json" in err and "Traceback" not in err
     assert (work / recipe.RECIPE_FILE).read_text() == written
-    (work / recipe.RECIPE_FILE).write_text('{"distill_lr": 5e-05,')   # cut short (a full disk)
-    assert recipe.main(["--out", str(work)]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {work / recipe.RECIPE_FILE}: not a record this recipe can read")
+    for broken in ('{"distill_lr": 5e-05,', "[]"):   # cut short (a full disk); not an object
+        (work / recipe.RECIPE_FILE).write_text(broken)
+        assert recipe.main(["--out", str(work)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {work / recipe.RECIPE_FILE}: not a record this recipe can read")
+        assert "give another --out, or delete the work directory" in err   # the record alone: refused again
     assert sorted(p.name for p in work.iterdir()) == [".recipe.lock", recipe.RECIPE_FILE]
+
+
+def test_a_training_minutes_record_that_does_not_read_does_not_hide_the_failure(tmp_path, monkeypatch, capsys):
+    """Read on the way out of a failed or stopped run, it replaced the failure (or the stop and
+    its exit code) with its own refusal."""
+    def out_of_memory(settings, out, plan):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(recipe, "write_data", lambda settings, out: None)
+    monkeypatch.setattr(recipe, "run_plan", out_of_memory)
+    (tmp_path / recipe.TRAINING_MINUTES).write_text('{"minutes": 3')
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        recipe._run(recipe.RecipeSettings(), tmp_path, False, False)
+    assert f"error: {tmp_path / recipe.TRAINING_MINUTES}: not a record" in capsys.readouterr().err
 
 
 def test_recipe_refuses_quick_install_and_no_jobs(tmp_path, capsys):

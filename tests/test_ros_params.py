@@ -316,6 +316,16 @@ def test_what_the_command_line_sets_last_is_what_the_node_takes(context, tmp_pat
                                                r"\(under one node key rcl does not replace a value by a later one"):
         _declared(context, ["--ros-args", "--params-file", by_name, "--params-file", launch])
     assert _declared(context, ["--ros-args", "--params-file", by_name, "-p", "task:=bed"])["task"] == "bed"  # keys apart
+    # A file's plain scalars as rcl reads them (PyYAML: the text "n", "1e-3"): agreeing, not refused.
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("/**:\n  ros__parameters:\n    output:\n      masks: n\n    score_threshold: 1e-3\n")
+    settings = _declared(context, ["--ros-args", "-p", "output.masks:=false", "-p", "score_threshold:=0.001",
+                                   "--params-file", str(plain)])
+    assert settings["output.masks"] is False and settings["score_threshold"] == 0.001 and not settings.notes
+    # A key this check does not read (wildcards): ROS's order taken, and said.
+    wild = _own_file(tmp_path, "wild.yaml", "/**/toist_perception", score_threshold=0.7)
+    settings = _declared(context, ["--ros-args", "-p", "score_threshold:=0.3", "--params-file", wild])
+    assert settings["score_threshold"] == 0.7 and "from a setting this check does not read" in settings.notes[0]
     with pytest.raises(P.ParameterError, match=r"input.topics"):   # [] beside the file was its default, unsaid
         _declared(context, ["--ros-args", "--params-file", config, "-p", "input.topics:=[]"])
 

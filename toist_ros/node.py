@@ -66,8 +66,12 @@ class PerceptionNode(Node):
 
     MANAGED = False  # ManagedPerceptionNode: the phases wait for lifecycle transitions
 
-    def __init__(self, stop: Optional[threading.Event] = None, **node_kwargs: Any) -> None:
-        """``stop``: set when the process is asked to stop; the start-up ends at its next step."""
+    def __init__(self, stop: Optional[threading.Event] = None, argv: Optional[list[str]] = None,
+                 **node_kwargs: Any) -> None:
+        """``stop``: set when the process is asked to stop; the start-up ends at its next step.
+        ``argv``: the command line rclpy was initialised with (default ``sys.argv``), read for
+        where each start-up parameter's value came from."""
+        self._argv = list(sys.argv if argv is None else argv)
         super().__init__(NODE_NAME, **node_kwargs)
         try:
             self._declare()
@@ -91,7 +95,7 @@ class PerceptionNode(Node):
         ``/diagnostics``: what the node has before it loads a model."""
         log = self.get_logger()
         try:
-            self._settings = parameters.declare(self, sys.argv)
+            self._settings = parameters.declare(self, self._argv)
         except parameters.ParameterError as exc:
             raise StartupError(EXIT_PARAMETERS, str(exc)) from None
         for warning in parameters.unknown_overrides(getattr(self, "_parameter_overrides", {})) + self._settings.notes:

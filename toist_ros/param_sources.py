@@ -94,6 +94,15 @@ class Setting:
     def rule(self) -> bool:
         return self.source == "-p"
 
+    def gives(self, got: Any) -> bool:
+        """Whether rcl's value ``got`` is this setting's: a file's text also as rcl reads a plain
+        scalar (PyYAML reads ``n`` and ``1e-3`` as text, rcl as false and 0.001; a quoted one
+        PyYAML gives as the text it is)."""
+        if same_value(self.value, got):
+            return True
+        plain = rule_value(self.value) if isinstance(self.value, str) and not self.rule else None
+        return plain is not None and same_value(plain[0], got)
+
 
 @dataclass
 class Resolution:
@@ -167,21 +176,24 @@ def resolve(argv: list[str], node_name: str, resolved: dict[str, Any],
     out = Resolution()
     for name, settings in settings_in_order(argv, node_name, set(resolved)).items():
         got, last = resolved[name], settings[-1]
-        for earlier in settings[:-1]:
-            if earlier.rule and not last.rule and not same_value(earlier.value, last.value):
-                out.notes.append(f"{name}: {earlier.where} is overridden by {last.where}, which comes after it "
-                                 "(ROS applies -p and --params-file in order: put -p last)")
-        if same_value(last.value, got):
+        if last.gives(got):
+            out.notes += [f"{name}: {earlier.where} is overridden by {last.where}, which comes after it (ROS applies "
+                          "-p and --params-file in order: put -p last)" for earlier in settings[:-1]
+                          if earlier.rule and not last.rule and not earlier.gives(got)]
             continue
-        kept = next((s for s in reversed(settings[:-1]) if same_value(s.value, got)), None)
+        kept = next((s for s in reversed(settings[:-1]) if s.gives(got)), None)
         if last.rule and kept is not None and valid_value(name, last.value) is not None:
             # (Applied as rclpy's own override would be: before the parameter is declared read-only.)
             out.apply[name] = valid_value(name, last.value)   # rcl's type ranking lost it: what was meant
             continue
         if kept is None:
-            if last.rule:   # rcl read it otherwise than this module: say so rather than guess
-                out.problems.append(f"{name}: {last.where} was not applied: ROS gave {type(got).__name__} {got!r}")
-            continue        # a file's value of a wrong type: the parameter check names it
+            # From a setting not read here (a key with wildcards such as /**/toist_perception, a
+            # node-scoped -p): ROS's order, most likely; said, not refused. (A file's value of a
+            # wrong type the parameter check names.)
+            if last.rule:
+                out.notes.append(f"{name}: {last.where} was not applied: the node got {got!r}, from a setting "
+                                 "this check does not read (a params-file key with wildcards, a node-scoped -p)")
+            continue
         if valid_value(name, last.value) is None:
             reason = f"rcl drops a later value of another type; give {kind_words(name)}"
         else:

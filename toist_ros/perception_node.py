@@ -64,7 +64,7 @@ def main(argv: Optional[list[str]] = None, managed: bool = False) -> int:
             # Loading and warming up the model has no point at which to look for a stop request:
             # Ctrl-C there waited for the whole start-up (a launch file's SIGKILL came first).
             with stop.raising():
-                node = _managed_node() if managed else PerceptionNode(stop=stop.event)
+                node = _managed_node(argv) if managed else PerceptionNode(stop=stop.event, argv=argv)
             executor = PerceptionExecutor(node.inline_callback_groups, num_threads=4,
                                           waiting_groups=node.waiting_callback_groups)
             executor.add_node(node)
@@ -95,10 +95,10 @@ def lifecycle_main(argv: Optional[list[str]] = None) -> int:
     return main(argv, managed=True)
 
 
-def _managed_node() -> PerceptionNode:
+def _managed_node(argv: list[str]) -> PerceptionNode:
     from toist_ros.lifecycle_node import ManagedPerceptionNode  # rclpy.lifecycle: only when asked for
 
-    return ManagedPerceptionNode()
+    return ManagedPerceptionNode(argv=argv)
 
 
 __all__ = ["NODE_NAME", "PerceptionNode", "lifecycle_main", "main"]

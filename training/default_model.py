@@ -224,14 +224,19 @@ def _upstream(out: Path, stage: Stage) -> dict[str, float]:
     return {name: _record(out / name / DONE).get("finished", 0.0) for name in stage.after}
 
 
-def _record(path: Path) -> Any:
-    """The JSON record the recipe wrote at ``path``; one that does not parse (a disk filled, an
-    edit) is refused naming the file, not shown as a traceback."""
+def _record(path: Path, remedy: str = "delete it (and its stage's folder, if it is a stage's) to start that part "
+                                      "over") -> dict:
+    """The JSON record (an object) the recipe wrote at ``path``; one that does not parse or is
+    not an object (a disk filled, an edit) is refused naming the file and ``remedy``, not shown
+    as a traceback."""
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RecipeRefused(f"{path}: not a record this recipe can read ({exc}): delete it (and its stage's "
-                            "folder, if it is a stage's) to start that part over") from None
+        raise RecipeRefused(f"{path}: not a record this recipe can read ({exc}): {remedy}") from None
+    if not isinstance(record, dict):
+        raise RecipeRefused(f"{path}: not a record this recipe can read (a JSON {type(record).__name__}, not an "
+                            f"object): {remedy}")
+    return record
 
 
 def run_stage(settings: RecipeSettings, out: Path, stage: Stage) -> dict:
@@ -269,7 +274,7 @@ def run_stage(settings: RecipeSettings, out: Path, stage: Stage) -> dict:
         record = {"updates": result.step, "minutes": (time.perf_counter() - started) / 60, "best": result.best,
                   "finished": time.time(), "upstream": upstream}
         print(f"[{stage.name}] {result.step} updates in {record['minutes']:.1f} min; best {result.best}", flush=True)
-        (run_dir / DONE).write_text(json.dumps(record, indent=1))
+        write_text_atomic(run_dir / DONE, json.dumps(record, indent=1))
         return record
 
 
@@ -312,7 +317,7 @@ def check_settings(settings: RecipeSettings, out: Path) -> None:
     path = out / RECIPE_FILE
     wanted = json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "jobs"}))
     if path.is_file():
-        recorded = _record(path)
+        recorded = _record(path, "give another --out, or delete the work directory to start over")
         changed = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
         if changed:
             detail = "; ".join(f"{k}: {recorded.get(k)!r} there, {wanted.get(k)!r} now" for k in changed[:6])
@@ -327,7 +332,7 @@ def check_settings(settings: RecipeSettings, out: Path) -> None:
             raise RecipeRefused(f"{out} holds {', '.join(found[:6])}{' ...' if len(found) > 6 else ''} but no {RECIPE_FILE} "
                              "saying which recipe settings wrote them: give another --out, or delete it to start over")
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(wanted, indent=1))
+        write_text_atomic(path, json.dumps(wanted, indent=1))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -592,8 +597,12 @@ def add_training_minutes(out: Path, minutes: float) -> float:
     """The work directory's training wall time over all its runs, this one's ``minutes`` added
     (a resumed run, or one adding the ablations, does not report only its own part)."""
     path = out / TRAINING_MINUTES
-    total = (_record(path)["minutes"] if path.is_file() else 0.0) + minutes
-    path.write_text(json.dumps({"minutes": total}))
+    recorded = _record(path, "delete it (the total then counts from this run)").get("minutes") if path.is_file() else 0.0
+    if not isinstance(recorded, (int, float)):
+        raise RecipeRefused(f"{path}: field 'minutes' is {recorded!r}, not a number: delete it (the total then counts "
+                            "from this run)")
+    total = recorded + minutes
+    write_text_atomic(path, json.dumps({"minutes": total}))
     return total
 
 
@@ -723,7 +732,10 @@ def _run(settings: RecipeSettings, out: Path, ablations: bool, install_model: bo
     try:
         timings = run_plan(settings, out, plan)
     except BaseException:  # interrupted or failed: its training time still counts in the total
-        add_training_minutes(out, (time.perf_counter() - training_started) / 60)
+        try:
+            add_training_minutes(out, (time.perf_counter() - training_started) / 60)
+        except RecipeRefused as exc:   # not instead of the failure or stop under way: beside it
+            print(f"error: {exc}", file=sys.stderr)
         raise
     minutes = add_training_minutes(out, (time.perf_counter() - training_started) / 60)
     results = evaluate_all(settings, out, plan, DistEnv())

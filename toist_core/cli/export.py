@@ -86,12 +86,8 @@ def run(args: argparse.Namespace) -> int:
 def run_onnx(directory: str, exporter: str) -> int:
     """Export and check the ONNX graphs of a model directory; non-zero (nothing installed) on a failed check."""
     from ..checkpoint import CheckpointError
-    from ..checkpoint.files import is_run_folder, run_folder_note
     from ..inference.onnx_export import describe_check, export_checked
 
-    if is_run_folder(directory):   # it has a config.yaml too: name what it holds, not "no config.yaml"
-        print(f"toist export --onnx: {run_folder_note(directory, purpose='onnx')}", file=sys.stderr)
-        return 1
     try:
         result = export_checked(directory, exporter=exporter)
     except CheckpointError as exc:

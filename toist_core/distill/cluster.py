@@ -200,7 +200,7 @@ class ClusterModule(nn.Module):
             raise ValueError(f"inference_step: {len(task_ids)} task ids and {len(pronoun_token_indices)} index lists "
                              f"for a batch of {text.shape[1]}")
         chosen = [list(ix) if task_id is not None else [] for task_id, ix in zip(task_ids, pronoun_token_indices)]
-        pronoun = mean_token_features(text.detach(), chosen)
+        pronoun = mean_token_features(text.detach().float(), chosen)   # fp32 under autocast, as the segmenter's CCR
         values = pronoun.clone()
         for b, task_id in enumerate(task_ids):
             if task_id is None or not chosen[b]:
