@@ -184,6 +184,9 @@ def test_pretrained_text_encoder_trains_with_dropout_through_evaluations(synth_r
                   "init.load=null", "init.load_noun=null", f"model.text.weights={encoder_dir}",
                   "eval.enabled=true", "eval.every_steps=1", "eval.holdout_fraction=0.25", "eval.max_images=1")
     trainer = Trainer(cfg, DistEnv())
+    # Built in train mode (from_pretrained's eval mode undone) ...
+    assert all(m.training for m in trainer.model.transformer.text_encoder.modules())
+    trainer.step_module.eval()   # ... and trained in it whatever mode a caller left (the loop's train())
     in_eval_mode = []
 
     def forward_modes(module, args):
