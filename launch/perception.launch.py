@@ -152,23 +152,28 @@ def node_options(args):
 def stray_parameter_arguments(configurations):
     """A note for each launch configuration named as a node parameter that is no argument of this
     file (``score_threshold:=0.5``, ``output.masks:=false``): ``ros2 launch`` takes any
-    ``name:=value`` without a word, and the node never sees it."""
-    from toist_ros.params import SPECS
-
+    ``name:=value`` without a word, and the node never sees it. (An including launch's own
+    arguments are here too, hence "if it was meant for this node".)"""
+    try:
+        from toist_ros.params import SPECS
+    except Exception:  # noqa: BLE001 - a note is not worth failing the launch for (the node reports)
+        return []
     declared = {name for name, _, _ in ARGUMENTS}
-    return [f"{name}:={value} is a parameter of the node, not an argument of this launch file, and is ignored: "
-            f"set it in the params file (params_file:=...)" for name, value in sorted(configurations.items())
-            if name in SPECS and name not in declared]
+    return [f"{name}:={value} does not reach the toist node: it is one of its parameters but no argument of this "
+            f"launch file; if it was meant for the node, set it in the params file (params_file:=...)"
+            for name, value in sorted(configurations.items()) if name in SPECS and name not in declared]
 
 
 def overrides_file(options, directory=None):
-    """The launch arguments' parameter overrides (``node_options``' dict) as a params file under
-    the node's own name (``/<namespace>/toist_perception``), every text double-quoted; its path.
+    """The launch arguments' parameter overrides (``node_options``' dict) as a params file for
+    the node (``/**/toist_perception``), every text double-quoted; its path.
 
     launch_ros writes a dict's strings plain, and rcl reads a plain ``08`` as the double 8.0,
     ``y`` as true, ``inf`` as infinity: ``task:=08`` or ``checkpoint:=inf`` then reached the node
-    as numbers. (Keyed by name, not ``/**``: under one key rcl keeps a params file's ``task: 3``
-    over a later text, under two the later file wins, as the launch arguments should.)"""
+    as numbers. The key is one no params file uses: under one key rcl keeps an earlier value of
+    a higher-ranked type (a ``params_file``'s ``task: 3`` over ``task:=bed``), under two the later
+    file wins, as launch arguments should; and ``/**/`` matches the node in whatever namespace an
+    including launch pushes (``PushRosNamespace``), which ``namespace`` alone does not say."""
     import tempfile
 
     import yaml
@@ -179,7 +184,7 @@ def overrides_file(options, directory=None):
     QuotedText.add_representer(str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text,
                                                                                  style='"'))
     _, overrides = options["parameters"]
-    key = "/" + "/".join(part for part in (options["namespace"].strip("/"), NODE_NAME) if part)
+    key = f"/**/{NODE_NAME}"
     handle, path = tempfile.mkstemp(prefix="toist_launch_", suffix=".yaml", dir=directory)
     with os.fdopen(handle, "w", encoding="utf-8") as out:
         yaml.dump({key: {"ros__parameters": overrides}}, out, Dumper=QuotedText, allow_unicode=True)

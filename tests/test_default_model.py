@@ -370,10 +370,11 @@ def test_a_training_minutes_record_that_does_not_read_does_not_hide_the_failure(
 
     monkeypatch.setattr(recipe, "write_data", lambda settings, out: None)
     monkeypatch.setattr(recipe, "run_plan", out_of_memory)
-    (tmp_path / recipe.TRAINING_MINUTES).write_text('{"minutes": 3')
-    with pytest.raises(RuntimeError, match="CUDA out of memory"):
-        recipe._run(recipe.RecipeSettings(), tmp_path, False, False)
-    assert f"error: {tmp_path / recipe.TRAINING_MINUTES}: not a record" in capsys.readouterr().err
+    for broken, said in (('{"minutes": 3', "not a record"), ('{"minutes": true}', "field 'minutes' is True")):
+        (tmp_path / recipe.TRAINING_MINUTES).write_text(broken)
+        with pytest.raises(RuntimeError, match="CUDA out of memory"):
+            recipe._run(recipe.RecipeSettings(), tmp_path, False, False)
+        assert f"error: {tmp_path / recipe.TRAINING_MINUTES}: {said}" in capsys.readouterr().err
 
 
 def test_recipe_refuses_quick_install_and_no_jobs(tmp_path, capsys):

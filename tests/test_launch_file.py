@@ -178,8 +178,8 @@ def test_node_parameters_given_as_launch_arguments_are_named_not_lost():
     launch = _load()
     notes = launch.stray_parameter_arguments({"score_threshold": "0.5", "output.masks": "false", "task": "2",
                                               "image_topic": "/cam", "robot_model": "x"})
-    assert notes == [f"{name}:={value} is a parameter of the node, not an argument of this launch file, and is "
-                     "ignored: set it in the params file (params_file:=...)"
+    assert notes == [f"{name}:={value} does not reach the toist node: it is one of its parameters but no argument of "
+                     "this launch file; if it was meant for the node, set it in the params file (params_file:=...)"
                      for name, value in (("output.masks", "false"), ("score_threshold", "0.5"))]
 
 
@@ -194,7 +194,7 @@ def test_command_line_matches_what_launch_ros_passes(tmp_path):
         "--params-file", str(overrides), "-r", "image:=/cam/image", "-r", "depth:=depth",
         "-r", "camera_info:=camera_info", "--log-level", "info"]
     assert yaml.safe_load(overrides.read_text()) == {
-        "/front/toist_perception": {"ros__parameters": {"use_sim_time": False, "task": "2"}}}
+        "/**/toist_perception": {"ros__parameters": {"use_sim_time": False, "task": "2"}}}
     assert launch.command_line(launch.node_options({"params_file": P_YAML}), tmp_path).count("--params-file") == 1
 
 
@@ -203,16 +203,17 @@ def test_command_line_values_are_read_by_rcl_as_the_text_given(tmp_path, namespa
     """A task with an apostrophe made a `-p` rule rcl refused ("Couldn't parse parameter override
     rule"); launch_ros wrote a dict's text plain, which rcl read as numbers or bools (task:=08 the
     double 8.0, task:=y true, checkpoint:=inf infinity). The launch writes the overrides' params
-    file itself, text quoted, under the node's own name (a params_file's `task: 3` under /** is
-    then replaced, not kept for its type)."""
+    file itself, text quoted, under a key of its own (/**/toist_perception: a params_file's `task:
+    3` under /** or the node's name is then replaced, not kept for its type)."""
     import rclpy
     from rclpy.context import Context
 
     from toist_ros import params as P
 
     launch = _load()
-    own = tmp_path / "own.yaml"
-    own.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"task": 3, "score_threshold": 0.3}}}))
+    own = tmp_path / "own.yaml"   # keyed as the package's file, or by the node's name: either way replaced
+    key = "/**" if not namespace else f"/{namespace}/toist_perception"
+    own.write_text(yaml.safe_dump({key: {"ros__parameters": {"task": 3, "score_threshold": 0.3}}}))
     for task, checkpoint, encoder in (("pour the baby's milk with", "say \"hi\".pth", "2"), ("08", "inf", "y"),
                                       ("1e3", "nan", "0x10"), ("5", "ü.pth", "on")):
         options = launch.node_options({"params_file": str(own), "namespace": namespace, "task": task,

@@ -322,10 +322,16 @@ def test_what_the_command_line_sets_last_is_what_the_node_takes(context, tmp_pat
     settings = _declared(context, ["--ros-args", "-p", "output.masks:=false", "-p", "score_threshold:=0.001",
                                    "--params-file", str(plain)])
     assert settings["output.masks"] is False and settings["score_threshold"] == 0.001 and not settings.notes
-    # A key this check does not read (wildcards): ROS's order taken, and said.
+    # /**/toist_perception (the launch's own key) is read; a key this check does not read (/*) is
+    # ROS's order taken, and said; and a -p rule before such a file is not applied over it (the
+    # file repeating an earlier value made it look lost to type ranking).
     wild = _own_file(tmp_path, "wild.yaml", "/**/toist_perception", score_threshold=0.7)
     settings = _declared(context, ["--ros-args", "-p", "score_threshold:=0.3", "--params-file", wild])
-    assert settings["score_threshold"] == 0.7 and "from a setting this check does not read" in settings.notes[0]
+    assert settings["score_threshold"] == 0.7 and "is overridden by" in settings.notes[0]
+    star = _own_file(tmp_path, "star.yaml", "/*", score_threshold=1)
+    settings = _declared(context, ["--ros-args", "--params-file", own, "-p", "score_threshold:=0.3",
+                                   "--params-file", star])
+    assert settings["score_threshold"] == 1.0 and "from a setting this check does not read" in settings.notes[0]
     with pytest.raises(P.ParameterError, match=r"input.topics"):   # [] beside the file was its default, unsaid
         _declared(context, ["--ros-args", "--params-file", config, "-p", "input.topics:=[]"])
 

@@ -89,6 +89,7 @@ class Setting:
     value: Any
     where: str              # "-p task:=bed" or "file.yaml's 3"
     source: str             # "-p" or the params file
+    index: int = 0          # its place on the command line
 
     @property
     def rule(self) -> bool:
@@ -111,11 +112,14 @@ class Resolution:
     notes: list[str] = field(default_factory=list)        # -p rules a later file overrides
 
 
-def settings_in_order(argv: list[str], node_name: str, names: Any) -> dict[str, list[Setting]]:
+def settings_in_order(argv: list[str], node_name: str, names: Any) -> tuple[dict[str, list[Setting]], int]:
     """Every setting of ``names`` in ``argv``'s ``--ros-args`` sections, in order: ``-p`` rules
     (as :func:`rule_value` reads them; unsure ones left out) and the entries of each
-    ``--params-file`` that apply to ``node_name`` (``/**``, ``**`` or its own name)."""
+    ``--params-file`` that apply to ``node_name`` (``/**``, ``**``, ``/**/<name>`` or its own
+    name); and the place of the last file holding entries not read here (-1: none), which may
+    set anything."""
     found: dict[str, list[Setting]] = {}
+    last_unread = -1
     ros_args = False
     tokens = list(argv)
     for index, token in enumerate(tokens):
@@ -130,31 +134,41 @@ def settings_in_order(argv: list[str], node_name: str, names: Any) -> dict[str, 
             name, raw = following.split(":=", 1)
             value = rule_value(raw) if name in names else None
             if value is not None:
-                found.setdefault(name, []).append(Setting(value[0], f"-p {name}:={raw}", "-p"))
+                found.setdefault(name, []).append(Setting(value[0], f"-p {name}:={raw}", "-p", index))
         elif token == "--params-file":
-            for name, value in _file_entries(following, node_name):
+            entries, unread = _file_entries(following, node_name)
+            last_unread = index if unread else last_unread
+            for name, value in entries:
                 if name in names:
-                    found.setdefault(name, []).append(Setting(value, f"{following}'s {value!r}", following))
-    return found
+                    found.setdefault(name, []).append(Setting(value, f"{following}'s {value!r}", following, index))
+    return found, last_unread
 
 
-def _file_entries(path: str, node_name: str) -> list[tuple[str, Any]]:
-    """``(name, value)`` of a params file's entries for ``node_name`` (its own name, ``/**`` or
-    ``**``; dotted names for nested maps); none for a file that does not read (rcl says so)."""
+def _file_entries(path: str, node_name: str) -> tuple[list[tuple[str, Any]], bool]:
+    """``(name, value)`` of a params file's entries for ``node_name`` (its own name, ``/**``,
+    ``**`` or ``/**/<its base name>``; dotted names for nested maps), and whether the file holds
+    entries that may apply but are not read here (other wildcard keys, namespaces as nested maps,
+    a file that does not read: rcl reads UTF-16, for one)."""
     import yaml
 
+    base = node_name.rstrip("/").rsplit("/", 1)[-1]
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, "rb") as handle:   # bytes: PyYAML finds the encoding as libyaml does
             data = yaml.safe_load(handle)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return []
-    out = []
+    except (OSError, ValueError, yaml.YAMLError):
+        return [], True
+    out, unread = [], False
     for key, entry in (data or {}).items() if isinstance(data, dict) else ():
-        if not (str(key).strip("/") == node_name.strip("/") or key in _WILDCARD_KEYS) or not isinstance(entry, dict):
+        key = str(key)
+        mine = key.strip("/") == node_name.strip("/") or key in _WILDCARD_KEYS or key in (f"/**/{base}", f"**/{base}")
+        if not isinstance(entry, dict):
+            continue
+        if not mine or "ros__parameters" not in entry:
+            unread = unread or "*" in key or key.rstrip("/").endswith(base) or "ros__parameters" not in entry
             continue
         params = entry.get("ros__parameters")
         out += _flattened(params if isinstance(params, dict) else {})
-    return out
+    return out, unread
 
 
 def _flattened(params: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -174,7 +188,8 @@ def resolve(argv: list[str], node_name: str, resolved: dict[str, Any],
     None when it is not a valid one (a rule of a wrong type is refused, not applied);
     ``kind_words(name)``: what the parameter takes, in words ("a number")."""
     out = Resolution()
-    for name, settings in settings_in_order(argv, node_name, set(resolved)).items():
+    found, last_unread = settings_in_order(argv, node_name, set(resolved))
+    for name, settings in found.items():
         got, last = resolved[name], settings[-1]
         if last.gives(got):
             out.notes += [f"{name}: {earlier.where} is overridden by {last.where}, which comes after it (ROS applies "
@@ -182,11 +197,11 @@ def resolve(argv: list[str], node_name: str, resolved: dict[str, Any],
                           if earlier.rule and not last.rule and not earlier.gives(got)]
             continue
         kept = next((s for s in reversed(settings[:-1]) if s.gives(got)), None)
-        if last.rule and kept is not None and valid_value(name, last.value) is not None:
+        if last.rule and kept is not None and valid_value(name, last.value) is not None and last.index > last_unread:
             # (Applied as rclpy's own override would be: before the parameter is declared read-only.)
             out.apply[name] = valid_value(name, last.value)   # rcl's type ranking lost it: what was meant
             continue
-        if kept is None:
+        if kept is None or (last.rule and last.index < last_unread):
             # From a setting not read here (a key with wildcards such as /**/toist_perception, a
             # node-scoped -p): ROS's order, most likely; said, not refused. (A file's value of a
             # wrong type the parameter check names.)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import shutil
 import sys
@@ -598,7 +599,7 @@ def add_training_minutes(out: Path, minutes: float) -> float:
     (a resumed run, or one adding the ablations, does not report only its own part)."""
     path = out / TRAINING_MINUTES
     recorded = _record(path, "delete it (the total then counts from this run)").get("minutes") if path.is_file() else 0.0
-    if not isinstance(recorded, (int, float)):
+    if isinstance(recorded, bool) or not isinstance(recorded, (int, float)) or not math.isfinite(recorded):
         raise RecipeRefused(f"{path}: field 'minutes' is {recorded!r}, not a number: delete it (the total then counts "
                             "from this run)")
     total = recorded + minutes
@@ -734,7 +735,7 @@ def _run(settings: RecipeSettings, out: Path, ablations: bool, install_model: bo
     except BaseException:  # interrupted or failed: its training time still counts in the total
         try:
             add_training_minutes(out, (time.perf_counter() - training_started) / 60)
-        except RecipeRefused as exc:   # not instead of the failure or stop under way: beside it
+        except (RecipeRefused, OSError) as exc:   # not instead of the failure or stop under way: beside it
             print(f"error: {exc}", file=sys.stderr)
         raise
     minutes = add_training_minutes(out, (time.perf_counter() - training_started) / 60)

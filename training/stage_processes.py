@@ -216,7 +216,9 @@ def run_stages(plan: Sequence[Stage], train: Callable[[Stage], dict], jobs: int)
                     stopped = stopped or exc
                 except BaseException as exc:
                     others = ", ".join(s.name for s in running.values())
-                    said = isinstance(exc, RecipeRefused)   # the recipe's one error line says it below
+                    # A refusal that will be raised (the first failure) is said below in the recipe's
+                    # one error line; any other, here in full.
+                    said = isinstance(exc, RecipeRefused) and failure is None
                     print(f"[{stage.name}] " + ("refused" if said else f"failed: {type(exc).__name__}: {exc}")
                           + (f"; stopping {others} at the end of its update (checkpoint written, a re-run "
                              f"continues it)" if others else ""), file=sys.stderr, flush=True)
