@@ -109,7 +109,7 @@ class Setting:
 class Resolution:
     apply: dict[str, Any] = field(default_factory=dict)   # -p values rcl lost, to set after all
     problems: list[str] = field(default_factory=list)     # settings lost that cannot be applied
-    notes: list[str] = field(default_factory=list)        # -p rules a later file overrides
+    notes: list[str] = field(default_factory=list)        # -p rules a later setting overrides
 
 
 def settings_in_order(argv: list[str], node_name: str, names: Any) -> tuple[dict[str, list[Setting]], int]:
@@ -159,15 +159,14 @@ def _file_entries(path: str, node_name: str) -> tuple[list[tuple[str, Any]], boo
         return [], True
     out, unread = [], False
     for key, entry in (data or {}).items() if isinstance(data, dict) else ():
-        key = str(key)
-        mine = key.strip("/") == node_name.strip("/") or key in _WILDCARD_KEYS or key in (f"/**/{base}", f"**/{base}")
         if not isinstance(entry, dict):
             continue
-        if not mine or "ros__parameters" not in entry:
-            unread = unread or "*" in key or key.rstrip("/").endswith(base) or "ros__parameters" not in entry
-            continue
-        params = entry.get("ros__parameters")
-        out += _flattened(params if isinstance(params, dict) else {})
+        key, params = str(key), entry.get("ros__parameters")
+        mine = key.strip("/") == node_name.strip("/") or key in (*_WILDCARD_KEYS, f"/**/{base}", f"**/{base}")
+        if mine and isinstance(params, dict):
+            out += _flattened(params)
+        elif "*" in key or key.rstrip("/").endswith(base) or params is None:
+            unread = True   # wildcards, its name in another form, a namespace as a nested map: may apply
     return out, unread
 
 
