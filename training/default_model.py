@@ -44,7 +44,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -63,7 +63,8 @@ from training.export import export_checkpoint
 from training.interrupt import exit_code
 from training.loops import Trainer
 from training.start_checks import BEST, LAST
-from training.stage_processes import RecipeRefused, StageStopped, WorkDirBusy, run_stages, stage_lock, stage_stop, work_dir_lock
+from training.stage_processes import (RecipeRefused, StageStopped, WorkDirBusy, run_stages, stage_lock, stage_stop,
+                                      work_dir_lock)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PACKAGE_MODEL_DIR = Path(toist_core.__file__).resolve().parent / "assets" / "default_model"
@@ -254,8 +255,8 @@ def run_stage(settings: RecipeSettings, out: Path, stage: Stage) -> dict:
             record = _record(run_dir / DONE)
             if record.get("upstream", {}) != _upstream(out, stage) and "upstream" in record:
                 raise RecipeRefused(f"{run_dir / DONE}: stage {stage.name!r} was trained from earlier runs of "
-                                 f"{', '.join(stage.after)} than the ones now in {out}: delete {run_dir} to "
-                                 f"retrain it")
+                                    f"{', '.join(stage.after)} than the ones now in {out}: delete {run_dir} to "
+                                    f"retrain it")
             return record
         cfg = stage_config(settings, out, stage)
         last = run_dir / LAST
@@ -265,8 +266,8 @@ def run_stage(settings: RecipeSettings, out: Path, stage: Stage) -> dict:
         # the config) from a checkpoint of earlier upstream runs is refused as a finished one is.
         begun = run_dir / STARTED
         if last.is_file() and begun.is_file() and _record(begun) != upstream:
-            raise RecipeRefused(f"{last}: stage {stage.name!r} was started from earlier runs of {', '.join(stage.after)} "
-                             f"than the ones now in {out}: delete {run_dir} to retrain it")
+            raise RecipeRefused(f"{last}: stage {stage.name!r} was started from earlier runs of "
+                                f"{', '.join(stage.after)} than the ones now in {out}: delete {run_dir} to retrain it")
         if not last.is_file():
             write_text_atomic(begun, json.dumps(upstream))
         result = Trainer(cfg, DistEnv(), resume=str(last) if last.is_file() else None, stop=stop).run()
@@ -323,15 +324,16 @@ def check_settings(settings: RecipeSettings, out: Path) -> None:
         if changed:
             detail = "; ".join(f"{k}: {recorded.get(k)!r} there, {wanted.get(k)!r} now" for k in changed[:6])
             raise RecipeRefused(f"{path}: {out} was written with other recipe settings ({detail}): give another "
-                             "--out, or delete it to start over")
+                                "--out, or delete it to start over")
     else:
         # No record but data or stages there (a folder of a toist before the record, or one whose
         # record was deleted): whose settings they are nobody can tell, and a finished stage would be
         # reused by its folder alone (an install then shipped a 1-epoch teacher under a 25-epoch card).
         found = sorted(p.name for p in out.iterdir() if p.is_dir()) if out.is_dir() else []   # (not its lock)
         if found:
-            raise RecipeRefused(f"{out} holds {', '.join(found[:6])}{' ...' if len(found) > 6 else ''} but no {RECIPE_FILE} "
-                             "saying which recipe settings wrote them: give another --out, or delete it to start over")
+            raise RecipeRefused(f"{out} holds {', '.join(found[:6])}{' ...' if len(found) > 6 else ''} but no "
+                                f"{RECIPE_FILE} saying which recipe settings wrote them: give another --out, or delete "
+                                "it to start over")
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(wanted, indent=1))
 
@@ -598,10 +600,10 @@ def add_training_minutes(out: Path, minutes: float) -> float:
     """The work directory's training wall time over all its runs, this one's ``minutes`` added
     (a resumed run, or one adding the ablations, does not report only its own part)."""
     path = out / TRAINING_MINUTES
-    recorded = _record(path, "delete it (the total then counts from this run)").get("minutes") if path.is_file() else 0.0
+    remedy = "delete it (the total then counts from this run)"
+    recorded = _record(path, remedy).get("minutes") if path.is_file() else 0.0
     if isinstance(recorded, bool) or not isinstance(recorded, (int, float)) or not math.isfinite(recorded):
-        raise RecipeRefused(f"{path}: field 'minutes' is {recorded!r}, not a number: delete it (the total then counts "
-                            "from this run)")
+        raise RecipeRefused(f"{path}: field 'minutes' is {recorded!r}, not a number: {remedy}")
     total = recorded + minutes
     write_text_atomic(path, json.dumps({"minutes": total}))
     return total

@@ -128,7 +128,8 @@ class CocoTasksDataset(Dataset):
             if task_file.task_id not in self.vocabulary:
                 raise DataError(f"{task_file.path}: task {task_file.task_id} (from the file name) is not in "
                                 f"{self.vocabulary.describe()} (ids {', '.join(map(str, self.vocabulary.ids))}): "
-                                "name the task vocabulary file that defines it (data.vocabulary of a training config; docs/own-data.md)")
+                                "name the task vocabulary file that defines it (data.vocabulary of a training "
+                                "config; docs/own-data.md)")
 
     def _check_category_names(self) -> None:
         """Every object a caption names has a class name: the preferred ones (noun captions), in
