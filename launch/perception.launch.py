@@ -171,9 +171,10 @@ def overrides_file(options, directory=None):
     launch_ros writes a dict's strings plain, and rcl reads a plain ``08`` as the double 8.0,
     ``y`` as true, ``inf`` as infinity: ``task:=08`` or ``checkpoint:=inf`` then reached the node
     as numbers. The key is one no params file uses: under one key rcl keeps an earlier value of
-    a higher-ranked type (a ``params_file``'s ``task: 3`` over ``task:=bed``), under two the later
-    file wins, as launch arguments should; and ``/**/`` matches the node in whatever namespace an
-    including launch pushes (``PushRosNamespace``), which ``namespace`` alone does not say."""
+    a higher-ranked type (a ``params_file``'s ``task: 3`` over ``task:=bed``), while keys apply in
+    the order each first appears, so this one, first seen after ``params_file``'s, wins, as
+    launch arguments should; and ``/**/`` matches the node in whatever namespace an including
+    launch pushes (``PushRosNamespace``), which ``namespace`` alone does not say."""
     import tempfile
 
     import yaml

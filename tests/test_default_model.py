@@ -370,7 +370,8 @@ def test_a_training_minutes_record_that_does_not_read_does_not_hide_the_failure(
 
     monkeypatch.setattr(recipe, "write_data", lambda settings, out: None)
     monkeypatch.setattr(recipe, "run_plan", out_of_memory)
-    for broken, said in (('{"minutes": 3', "not a record"), ('{"minutes": true}', "field 'minutes' is True")):
+    for broken, said in (('{"minutes": 3', "not a record"), ('{"minutes": true}', "field 'minutes' is True"),
+                         ('{"minutes": 1' + "0" * 400 + "}", "field 'minutes' is 1000"), ('{"minutes": -5}', "field 'minutes' is -5")):
         (tmp_path / recipe.TRAINING_MINUTES).write_text(broken)
         with pytest.raises(RuntimeError, match="CUDA out of memory"):
             recipe._run(recipe.RecipeSettings(), tmp_path, False, False)

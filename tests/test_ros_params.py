@@ -328,10 +328,24 @@ def test_what_the_command_line_sets_last_is_what_the_node_takes(context, tmp_pat
     wild = _own_file(tmp_path, "wild.yaml", "/**/toist_perception", score_threshold=0.7)
     settings = _declared(context, ["--ros-args", "-p", "score_threshold:=0.3", "--params-file", wild])
     assert settings["score_threshold"] == 0.7 and "is overridden by" in settings.notes[0]
-    star = _own_file(tmp_path, "star.yaml", "/*", score_threshold=1)
+    star = _own_file(tmp_path, "star.yaml", "/*", score_threshold=1)   # rcl's * (one token) matches the node
     settings = _declared(context, ["--ros-args", "--params-file", own, "-p", "score_threshold:=0.3",
                                    "--params-file", star])
-    assert settings["score_threshold"] == 1.0 and "from a setting this check does not read" in settings.notes[0]
+    assert settings["score_threshold"] == 1.0 and f"is overridden by {star}'s 1" in settings.notes[0]
+    # Another node's keys, wildcards or namespaces as nested maps, set nothing of ours.
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"/**/camera_driver": {"ros__parameters": {"score_threshold": 1}},
+                                     "front": {"toist_perception": {"ros__parameters": {"score_threshold": 1}}}}))
+    settings = _declared(context, ["--ros-args", "--params-file", own, "-p", "score_threshold:=0.3",
+                                   "--params-file", str(other)])
+    assert settings["score_threshold"] == 0.3 and not settings.notes
+    # rcl applies a node's keys in the order each first appears: a later /** file loses to an
+    # earlier /**/toist_perception one (the launch's) when /** came first; refused, saying so.
+    launch = _own_file(tmp_path, "launch_own.yaml", "/**/toist_perception", task="bed")
+    later = _own_file(tmp_path, "later.yaml", "/**", task="cup")
+    with pytest.raises(P.ParameterError, match=rf"task: {later}'s 'cup' was not applied: ROS kept {launch}'s 'bed' "
+                                               r"\(rcl applies a node's keys in the order each first appears"):
+        _declared(context, ["--ros-args", "--params-file", config, "--params-file", launch, "--params-file", later])
     with pytest.raises(P.ParameterError, match=r"input.topics"):   # [] beside the file was its default, unsaid
         _declared(context, ["--ros-args", "--params-file", config, "-p", "input.topics:=[]"])
 

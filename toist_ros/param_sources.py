@@ -4,8 +4,9 @@
 ROS applies them in order, the last setting of a name winning, except where rcl keeps an
 earlier value without a word: under the same node key (``-p`` rules are ``/**`` entries), a value
 is not replaced by a later one of a lower-ranked type (bool, then whole number, then number,
-then text: ``score_threshold: 1`` in a ``/**`` file outlives a later ``-p score_threshold:=0.3``,
-a ``/toist_perception:`` file's ``task: 3`` the launch file's ``task: bed`` under that key).
+then text: ``score_threshold: 1`` in a ``/**`` file outlives a later ``-p score_threshold:=0.3``),
+and the node's keys apply in the order each first appears on the command line (a later ``/**``
+file loses to an earlier ``/**/toist_perception`` one when ``/**`` came first, in another file).
 :func:`resolve` says which settings were lost so: a ``-p`` rule of a valid value is applied after
 all (it is what the command line says last), anything else is refused naming both settings. A
 ``-p`` rule a later file overrides, as ROS means it to, is only noted.
@@ -20,7 +21,7 @@ from typing import Any, Callable, Optional
 
 _TRUE_WORDS = frozenset("y Y yes Yes YES true True TRUE on On ON".split())
 _FALSE_WORDS = frozenset("n N no No NO false False FALSE off Off OFF".split())
-_WILDCARD_KEYS = ("/**", "**")
+RULE_KEY = "/**"   # the node key of -p rules
 
 
 def rule_value(raw: str) -> Optional[tuple[Any]]:
@@ -90,6 +91,7 @@ class Setting:
     where: str              # "-p task:=bed" or "file.yaml's 3"
     source: str             # "-p" or the params file
     index: int = 0          # its place on the command line
+    key: str = RULE_KEY     # the node key it is under ("/**" for -p rules)
 
     @property
     def rule(self) -> bool:
@@ -109,17 +111,27 @@ class Setting:
 class Resolution:
     apply: dict[str, Any] = field(default_factory=dict)   # -p values rcl lost, to set after all
     problems: list[str] = field(default_factory=list)     # settings lost that cannot be applied
-    notes: list[str] = field(default_factory=list)        # -p rules a later setting overrides
+    notes: list[str] = field(default_factory=list)        # settings a later one overrides, or not read here
 
 
-def settings_in_order(argv: list[str], node_name: str, names: Any) -> tuple[dict[str, list[Setting]], int]:
-    """Every setting of ``names`` in ``argv``'s ``--ros-args`` sections, in order: ``-p`` rules
-    (as :func:`rule_value` reads them; unsure ones left out) and the entries of each
-    ``--params-file`` that apply to ``node_name`` (``/**``, ``**``, ``/**/<name>`` or its own
-    name); and the place of the last file holding entries not read here (-1: none), which may
-    set anything."""
-    found: dict[str, list[Setting]] = {}
-    last_unread = -1
+@dataclass
+class CommandLine:
+    """The settings of the command line, by parameter name, in order; where each node key first
+    appeared (rcl applies a node's keys in that order); the place of the last params file that
+    did not read here (-1: none), which may set anything."""
+
+    settings: dict[str, list[Setting]] = field(default_factory=dict)
+    first_seen: dict[str, int] = field(default_factory=dict)
+    last_unread: int = -1
+
+
+def settings_in_order(argv: list[str], node_name: str, names: Any) -> CommandLine:
+    """Every setting of ``names`` for the node ``node_name`` (its fully qualified name) in
+    ``argv``'s ``--ros-args`` sections: ``-p`` rules (as :func:`rule_value` reads them; unsure
+    ones left out) and the entries of each ``--params-file`` under keys that match the node as
+    rcl matches them (``/**``, ``/**/toist_perception``, ``/front/toist_perception``, nested
+    namespace maps)."""
+    out = CommandLine()
     ros_args = False
     tokens = list(argv)
     for index, token in enumerate(tokens):
@@ -131,43 +143,57 @@ def settings_in_order(argv: list[str], node_name: str, names: Any) -> tuple[dict
         elif not ros_args or following is None:
             continue
         elif token in ("-p", "--param") and ":=" in following:
+            out.first_seen.setdefault(RULE_KEY, index)
             name, raw = following.split(":=", 1)
             value = rule_value(raw) if name in names else None
             if value is not None:
-                found.setdefault(name, []).append(Setting(value[0], f"-p {name}:={raw}", "-p", index))
+                out.settings.setdefault(name, []).append(Setting(value[0], f"-p {name}:={raw}", "-p", index))
         elif token == "--params-file":
-            entries, unread = _file_entries(following, node_name)
-            last_unread = index if unread else last_unread
-            for name, value in entries:
-                if name in names:
-                    found.setdefault(name, []).append(Setting(value, f"{following}'s {value!r}", following, index))
-    return found, last_unread
+            entries = _file_entries(following)
+            if entries is None:
+                out.last_unread = index
+                continue
+            for key, name, value in entries:
+                out.first_seen.setdefault(key, index)
+                if name in names and _matches(key, node_name):
+                    out.settings.setdefault(name, []).append(
+                        Setting(value, f"{following}'s {value!r}", following, index, key))
+    return out
 
 
-def _file_entries(path: str, node_name: str) -> tuple[list[tuple[str, Any]], bool]:
-    """``(name, value)`` of a params file's entries for ``node_name`` (its own name, ``/**``,
-    ``**`` or ``/**/<its base name>``; dotted names for nested maps), and whether the file holds
-    entries that may apply but are not read here (other wildcard keys, namespaces as nested maps,
-    a file that does not read: rcl reads UTF-16, for one)."""
+def _file_entries(path: str) -> Optional[list[tuple[str, str, Any]]]:
+    """``(node key, name, value)`` of every entry of a params file (dotted names for nested
+    maps; namespaces written as nested maps joined into their key), or None for a file that
+    does not read here (rcl reads UTF-16, for one: read as bytes, PyYAML finds it too)."""
     import yaml
 
-    base = node_name.rstrip("/").rsplit("/", 1)[-1]
     try:
-        with open(path, "rb") as handle:   # bytes: PyYAML finds the encoding as libyaml does
+        with open(path, "rb") as handle:
             data = yaml.safe_load(handle)
     except (OSError, ValueError, yaml.YAMLError):
-        return [], True
-    out, unread = [], False
-    for key, entry in (data or {}).items() if isinstance(data, dict) else ():
-        if not isinstance(entry, dict):
-            continue
-        key, params = str(key), entry.get("ros__parameters")
-        mine = key.strip("/") == node_name.strip("/") or key in (*_WILDCARD_KEYS, f"/**/{base}", f"**/{base}")
-        if mine and isinstance(params, dict):
-            out += _flattened(params)
-        elif "*" in key or key.rstrip("/").endswith(base) or params is None:
-            unread = True   # wildcards, its name in another form, a namespace as a nested map: may apply
-    return out, unread
+        return None
+    out: list[tuple[str, str, Any]] = []
+
+    def walk(entries: Any, key: str) -> None:
+        for part, entry in entries.items() if isinstance(entries, dict) else ():
+            if not isinstance(entry, dict):
+                continue
+            nested = f"{key}/{str(part).strip('/')}"
+            if isinstance(entry.get("ros__parameters"), dict):
+                out.extend((nested, name, value) for name, value in _flattened(entry["ros__parameters"]))
+            else:
+                walk(entry, nested)
+
+    walk(data, "")
+    return out
+
+
+def _matches(key: str, node_name: str) -> bool:
+    """Whether the node key ``key`` ("/**", "/*/toist_perception", ...) names the node of fully
+    qualified name ``node_name``: ``*`` one namespace or name token, ``**`` any number of them."""
+    pattern = "".join("(?:/[^/]+)*" if token == "**" else "/[^/]+" if token == "*" else "/" + re.escape(token)
+                      for token in key.strip("/").split("/") if token)
+    return re.fullmatch(pattern, "/" + node_name.strip("/")) is not None
 
 
 def _flattened(params: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -187,8 +213,8 @@ def resolve(argv: list[str], node_name: str, resolved: dict[str, Any],
     None when it is not a valid one (a rule of a wrong type is refused, not applied);
     ``kind_words(name)``: what the parameter takes, in words ("a number")."""
     out = Resolution()
-    found, last_unread = settings_in_order(argv, node_name, set(resolved))
-    for name, settings in found.items():
+    line = settings_in_order(argv, node_name, set(resolved))
+    for name, settings in line.settings.items():
         got, last = resolved[name], settings[-1]
         if last.gives(got):
             out.notes += [f"{name}: {earlier.where} is overridden by {last.where}, which comes after it (ROS applies "
@@ -196,20 +222,23 @@ def resolve(argv: list[str], node_name: str, resolved: dict[str, Any],
                           if earlier.rule and not last.rule and not earlier.gives(got)]
             continue
         kept = next((s for s in reversed(settings[:-1]) if s.gives(got)), None)
-        if last.rule and kept is not None and valid_value(name, last.value) is not None and last.index > last_unread:
-            # (Applied as rclpy's own override would be: before the parameter is declared read-only.)
-            out.apply[name] = valid_value(name, last.value)   # rcl's type ranking lost it: what was meant
+        if kept is None or last.index < line.last_unread:
+            # From a setting not read here (a file that does not read, a node-scoped -p): ROS's
+            # order, most likely; said, not refused. (A file's value of a wrong type the parameter
+            # check names.)
+            out.notes.append(f"{name}: {last.where} was not applied: the node got {got!r}, from a setting this "
+                             "check does not read (a params file it cannot read, a node-scoped -p)")
             continue
-        if kept is None or (last.rule and last.index < last_unread):
-            # From a setting not read here (a key with wildcards such as /**/toist_perception, a
-            # node-scoped -p): ROS's order, most likely; said, not refused. (A file's value of a
-            # wrong type the parameter check names.)
-            if last.rule:
-                out.notes.append(f"{name}: {last.where} was not applied: the node got {got!r}, from a setting "
-                                 "this check does not read (a params-file key with wildcards, a node-scoped -p)")
+        if last.rule and valid_value(name, last.value) is not None:
+            # rcl's key order or type ranking lost it: what the command line says last. (Applied
+            # as rclpy's own override would be: before the parameter is declared read-only.)
+            out.apply[name] = valid_value(name, last.value)
             continue
         if valid_value(name, last.value) is None:
             reason = f"rcl drops a later value of another type; give {kind_words(name)}"
+        elif line.first_seen[kept.key] > line.first_seen[last.key]:
+            reason = (f"rcl applies a node's keys in the order each first appears on the command line, and "
+                      f"{kept.key} first appears after {last.key}: set it under one key, or in one file")
         else:
             reason = ("under one node key rcl does not replace a value by a later one of a lower-ranked type "
                       "(bool, then whole number, then number, then text): write it there as the later one is "

@@ -602,9 +602,14 @@ def add_training_minutes(out: Path, minutes: float) -> float:
     path = out / TRAINING_MINUTES
     remedy = "delete it (the total then counts from this run)"
     recorded = _record(path, remedy).get("minutes") if path.is_file() else 0.0
-    if isinstance(recorded, bool) or not isinstance(recorded, (int, float)) or not math.isfinite(recorded):
-        raise RecipeRefused(f"{path}: field 'minutes' is {recorded!r}, not a number: {remedy}")
-    total = recorded + minutes
+    number = isinstance(recorded, (int, float)) and not isinstance(recorded, bool)
+    try:
+        minutes_so_far = float(recorded) if number else math.nan
+    except OverflowError:   # an integer of 400 digits
+        minutes_so_far = math.inf
+    if not 0 <= minutes_so_far < math.inf:
+        raise RecipeRefused(f"{path}: field 'minutes' is {str(recorded)[:40]}, not a number of minutes: {remedy}")
+    total = minutes_so_far + minutes
     write_text_atomic(path, json.dumps({"minutes": total}))
     return total
 
