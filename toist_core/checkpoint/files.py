@@ -108,12 +108,23 @@ def run_folder_note(folder: PathLike, purpose: str = "load") -> str:
     return what + "a model directory: give " + ", or ".join(choices)
 
 
+def refuse_run_folder(path: PathLike, purpose: str = "load") -> None:
+    """CheckpointError naming what to give instead when ``path`` is a ``toist train`` run folder
+    (``purpose``: :func:`run_folder_note`'s): it has a config.yaml as a model directory has."""
+    if is_run_folder(path):
+        raise CheckpointError(run_folder_note(path, purpose))
+
+
 def check_torch_file(path: PathLike) -> Path:
     """Refuse a missing file, one that is not a ``torch.save`` file, or a damaged archive."""
+    return _checked_torch_file(path)[0]
+
+
+def _checked_torch_file(path: PathLike) -> tuple[Path, bytes]:
+    """:func:`check_torch_file`'s path, and the file's first bytes (a zip archive's or a pickle's)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        if is_run_folder(path):
-            raise CheckpointError(run_folder_note(path))
+        refuse_run_folder(path)
         raise CheckpointError(f"{path}: a folder without config.yaml, so not a model directory; {_folder_hint(path)}")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
@@ -125,12 +136,7 @@ def check_torch_file(path: PathLike) -> Path:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (it starts with bytes {head!r}; a file "
                               f"written by torch.save is a zip archive starting with b'PK\\x03\\x04'){hint}")
     verify_zip(path)
-    return path
-
-
-def _is_zip_archive(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    return path, head
 
 
 def _folder_hint(folder: Path) -> str:
@@ -156,12 +162,11 @@ def safe_torch_load(path: PathLike) -> Any:
     on write: changing one never writes to the file), read when used. Whoever keeps weights
     beyond the load copies them (``load_state_dict`` copies into the model's own parameters), so
     a file replaced afterwards (training renames a new one over it) changes no loaded model."""
-    path = check_torch_file(path)
+    path, head = _checked_torch_file(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            # check_torch_file let through a zip archive (b"PK\x03\x04") or a legacy pickle only;
-            # torch refuses mmap=True for the latter.
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip_archive(path))
+            # A zip archive or a legacy pickle, checked; torch refuses mmap=True for the latter.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=head == ZIP_MAGIC)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc)) or re.search(r"Unsupported global: ([\w.]+)", str(exc))
         if found is None:

@@ -15,7 +15,7 @@ from ..config import InputSize, ModelConfig
 from ..tasks import COCO_TASKS, TaskVocabulary
 from .architecture import config_for_checkpoint, text_config_from_source
 from .errors import CheckpointError, PathLike
-from .files import is_run_folder, run_folder_note
+from .files import refuse_run_folder
 from .loaded import LoadedModel, describe_bank, describe_heads
 from .model_dir import check_replaceable, is_model_dir, load_model_dir, save_model_dir
 from .official import OfficialCheckpoint, evaluated_weights, read_official
@@ -252,8 +252,7 @@ def export_model_dir(path: PathLike, directory: PathLike, text_encoder: Optional
     """
     path, directory = Path(path).expanduser(), Path(directory).expanduser()
     check_replaceable(directory)
-    if is_run_folder(path):
-        raise CheckpointError(run_folder_note(path, purpose="convert"))
+    refuse_run_folder(path, purpose="convert")
     if is_model_dir(path):
         raise CheckpointError(f"{path}: a model directory already, not a checkpoint file: nothing to convert (copy "
                               f"the folder to move it; `toist export --onnx {path}` adds its ONNX graphs)")

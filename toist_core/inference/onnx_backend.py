@@ -211,10 +211,9 @@ class OnnxNetwork:
 def open_network(path, backend: str, device: torch.device) -> OnnxNetwork:
     """The ONNX network of a model directory for ``backend``; a clear error for anything else."""
     from ..checkpoint import is_model_dir
-    from ..checkpoint.files import is_run_folder, run_folder_note
+    from ..checkpoint.files import refuse_run_folder
 
-    if is_run_folder(path):   # it has a config.yaml too: name what it holds
-        raise CheckpointError(run_folder_note(path, purpose="onnx"))
+    refuse_run_folder(path, purpose="onnx")   # it has a config.yaml too: name what it holds
     if not is_model_dir(path):
         raise CheckpointError(f"{path}: backend {backend!r} runs the ONNX graphs of a model directory; convert the "
                               f"checkpoint first: `toist export {path} <model_dir> --onnx`")

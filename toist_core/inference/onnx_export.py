@@ -440,11 +440,10 @@ def export_checked(directory, exporter: str = "torchscript", **check) -> dict:
     had, :class:`CheckpointError` saying by how much). ``check``: :func:`compare_backends`'s
     options; its tasks default to two of the model's and a free-text caption."""
     from ..checkpoint import is_model_dir, load_pretrained
-    from ..checkpoint.files import is_run_folder, run_folder_note
+    from ..checkpoint.files import refuse_run_folder
 
     directory = Path(directory).expanduser().resolve()  # "." has no name to give the trial copy
-    if is_run_folder(directory):
-        raise CheckpointError(run_folder_note(directory, purpose="onnx"))
+    refuse_run_folder(directory, purpose="onnx")
     if not is_model_dir(directory):
         command = (f"toist export {directory} <model_dir> --onnx" if directory.is_file()
                    else f"toist export <checkpoint.pth> {directory} --onnx")
