@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from toist_ros import params as P
+from toist_core.typed_config import flatten
 from toist_ros.param_sources import rule_value, same_value
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,10 +75,10 @@ def test_every_bad_value_is_listed_at_once():
 def test_defaults_are_valid_and_the_yaml_file_matches_the_table():
     assert P.check_values(P.flat_defaults()) == []
     data = yaml.safe_load((ROOT / "config" / "perception.yaml").read_text())
-    values = P.flatten(data["/**"]["ros__parameters"])
+    values = flatten(data["/**"]["ros__parameters"])
     assert set(values) == set(P.SPECS), set(values) ^ set(P.SPECS)
     assert values == P.flat_defaults()
-    assert P.flatten(P.nested_defaults()) == P.flat_defaults()
+    assert flatten(P.nested_defaults()) == P.flat_defaults()
 
 
 def test_run_time_switches_are_not_read_only_and_model_settings_are():

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from toist_core.typed_config import flatten
+
 _TRUE_WORDS = frozenset("y Y yes Yes YES true True TRUE on On ON".split())
 _FALSE_WORDS = frozenset("n N no No NO false False FALSE off Off OFF".split())
 RULE_KEY = "/**"   # the node key of -p rules
@@ -180,7 +182,7 @@ def _file_entries(path: str) -> Optional[list[tuple[str, str, Any]]]:
                 continue
             nested = f"{key}/{str(part).strip('/')}"
             if isinstance(entry.get("ros__parameters"), dict):
-                out.extend((nested, name, value) for name, value in _flattened(entry["ros__parameters"]))
+                out.extend((nested, name, value) for name, value in flatten(entry["ros__parameters"]).items())
             else:
                 walk(entry, nested)
 
@@ -194,16 +196,6 @@ def _matches(key: str, node_name: str) -> bool:
     pattern = "".join("(?:/[^/]+)*" if token == "**" else "/[^/]+" if token == "*" else "/" + re.escape(token)
                       for token in key.strip("/").split("/") if token)
     return re.fullmatch(pattern, "/" + node_name.strip("/")) is not None
-
-
-def _flattened(params: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for key, value in params.items():
-        if isinstance(value, dict):
-            out += _flattened(value, f"{prefix}{key}.")
-        else:
-            out.append((f"{prefix}{key}", value))
-    return out
 
 
 def resolve(argv: list[str], node_name: str, resolved: dict[str, Any],
@@ -229,12 +221,13 @@ def resolve(argv: list[str], node_name: str, resolved: dict[str, Any],
             out.notes.append(f"{name}: {last.where} was not applied: the node got {got!r}, from a setting this "
                              "check does not read (a params file it cannot read, a node-scoped -p)")
             continue
-        if last.rule and valid_value(name, last.value) is not None:
+        meant = valid_value(name, last.value)
+        if last.rule and meant is not None:
             # rcl's key order or type ranking lost it: what the command line says last. (Applied
             # as rclpy's own override would be: before the parameter is declared read-only.)
-            out.apply[name] = valid_value(name, last.value)
+            out.apply[name] = meant
             continue
-        if valid_value(name, last.value) is None:
+        if meant is None:
             reason = f"rcl drops a later value of another type; give {kind_words(name)}"
         elif line.first_seen[kept.key] > line.first_seen[last.key]:
             reason = (f"rcl applies a node's keys in the order each first appears on the command line, and "

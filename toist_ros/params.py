@@ -140,13 +140,21 @@ class ParameterError(ValueError):
     """One or more parameter values are invalid; the text lists each name, value and reason."""
 
 
+def _as_taken(spec: ParamSpec, value: Any) -> Any:
+    """``value`` as the parameter takes it: a whole number for a double parameter is that double
+    (``-p score_threshold:=1``), one for a ``number_as_text`` parameter its text (``task:=2``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if spec.kind is float:
+            return float(value)
+        if spec.number_as_text:
+            return str(value)
+    return value
+
+
 def check_value(spec: ParamSpec, value: Any) -> Optional[str]:
     """Why ``value`` is not acceptable for ``spec`` (None when it is)."""
     kind = spec.kind
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if spec.number_as_text and isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
+    value = _as_taken(spec, value)
     if kind is list:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             return f"{spec.name}: expected a list of strings, got {value!r}"
@@ -213,12 +221,8 @@ _KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", 
 def _as_parameter_takes(name: str, value: Any) -> Optional[Any]:
     """``value`` as parameter ``name`` takes it (1 -> 1.0 for a double, 2 -> "2" for a task), or
     None when it is not a valid value of it."""
-    spec = SPECS[name]
-    if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    elif spec.number_as_text and isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    return value if check_value(spec, value) is None else None
+    value = _as_taken(SPECS[name], value)
+    return value if check_value(SPECS[name], value) is None else None
 
 
 # Parameters that were renamed: the old name's override gets a precise warning.
@@ -312,18 +316,6 @@ def nested_defaults() -> dict[str, Any]:
     return out
 
 
-def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"input": {"max_age_s": 1.0}}`` -> ``{"input.max_age_s": 1.0}`` (ROS's parameter naming)."""
-    out = {}
-    for key, value in nested.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 # --- ROS side --------------------------------------------------------------------------------
 
 def descriptor(spec: ParamSpec):
@@ -401,9 +393,7 @@ def declare(node, argv: Optional[list[str]] = None) -> Settings:
                                 f"{_plain(param.value)!r}")
                 continue
             node.set_parameters([param])
-        value = _plain(param.value)
-        if spec.number_as_text and isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)
+        value = _as_taken(spec, _plain(param.value))
         values[spec.name] = value
         if check_value(spec, value) is None:
             node.set_descriptor(spec.name, full)
