@@ -95,10 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what the model reads (--checkpoint): the task's pronoun caption, or each image's "
                              "noun caption, naming its preferred objects' classes: how a noun teacher (stage "
                              "noun) is trained and scored, the reference's eval_dete_noun.sh (a batch's captions "
-                             "encoded together, padded to the longest), no cluster-centre replacement. auto (default): noun for a file that "
-                             "records noun training (a toist checkpoint of stage noun or grounding, an official "
-                             "file trained with --verb_noun_input, a model directory exported from either), else "
-                             "pronoun")
+                             "encoded together, padded to the longest), no cluster-centre replacement. auto "
+                             "(default): noun for a file that records noun training (a toist checkpoint of stage "
+                             "noun or grounding, an official file trained with --verb_noun_input, a model directory "
+                             "exported from either), else pronoun")
     parser.add_argument("--no-plots", action="store_true", help="skip the precision-recall PNGs")
 
 
