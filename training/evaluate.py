@@ -146,15 +146,16 @@ def predict(model: nn.Module, val: ValidationSet, cfg: TrainConfig, env: DistEnv
                               inference=inference_config(cfg), config=cfg.model,
                               vocabulary=cfg.data.task_vocabulary())
     predictions: dict[int, dict[int, ImagePredictions]] = {}
+    captions = _caption_mode(cfg)
     with eval_mode(model):
         for task, path in sorted(val.ann_files.items()):
-            dataset = CocoTasksDataset(path, val.image_dir, caption_mode=_caption_mode(cfg), check_images=False,
+            dataset = CocoTasksDataset(path, val.image_dir, caption_mode=captions, check_images=False,
                                        vocabulary=cfg.data.task_vocabulary())
             wanted = set(val.image_ids[task])
             indices = [i for i in range(len(dataset)) if dataset.sample_info(i)[1].id in wanted]
             mine = indices[env.rank::env.world_size]
             task_preds = {}
-            if cfg.stage in NOUN_CAPTION_STAGES:
+            if captions == "noun":
                 # The teacher reads noun captions (reference --verb_noun_input at evaluation too):
                 # one caption per image, from its ground-truth classes. A grounding
                 # pre-training run is scored the same way (its own task has no task metric).
