@@ -380,3 +380,45 @@ def test_distortion_is_warned_about_once_per_camera():
     assert [text.split(" has distortion")[0] for text in warnings] == ["the CameraInfo of camera 0",
                                                                      "the CameraInfo of camera 1"]
     assert all(buffer._cameras for buffer in inputs.buffers)  # used all the same
+
+
+def test_a_jump_of_the_depth_clock_starts_the_ring_again():
+    """One depth image stamped an hour ahead (a driver glitch) made every other image look stale:
+    the ring fell to its 8 newest (a slow model's frames unpaired for over a second), and once the
+    cap dropped that image its future stamp stayed the cap's mark, so frames older than every kept
+    image were said to be evicted for ever ("raise depth.buffer_mb", the wrong advice)."""
+    waits = _Waits()
+    buffer = _buffer_waiting_on(waits)
+    buffer.set_camera(CAMERA)
+    period = SECOND // 30
+    start = 100 * SECOND
+    jumps = []
+    for k in range(200):
+        jumps.append(buffer.put(start + k * period, np.zeros((4, 4), np.uint16)))
+        if k == 100:
+            jumps.append(buffer.put(start + k * period + 3600 * SECOND, np.zeros((4, 4), np.uint16)))
+        waits.now += 1 / 30
+        if k >= 120:   # a 0.5 s model: the frame stamped 15 images ago is paired now
+            assert buffer.pair(start + (k - 15) * period, 0.005).status == PAIRED, k
+    assert [round(j) for j in jumps if j is not None] == [3600, -3600]
+    old = buffer.pair(start + 199 * period - 2 * SECOND, 0.005)   # older than every image kept
+    assert old.status == UNSYNCED and not old.evicted
+    # A bag that loops: its stamps start again; they pair at once.
+    assert round(buffer.put(start, np.zeros((4, 4), np.uint16))) == round(-199 / 30)
+    assert buffer.pair(start, 0.005).status == PAIRED
+    # Depth stamped out of order by less than the horizon is no jump.
+    assert buffer.put(start - SECOND, np.zeros((4, 4), np.uint16)) is None and len(buffer) == 2
+
+
+def test_a_frame_does_not_wait_for_an_unstamped_cameras_stopped_depth():
+    """Every stamp 0: the last depth image of a stopped stream is not paired (it arrived too long
+    ago), yet its stamp said a newer one could still come, so every frame waited depth.wait_s."""
+    waits = _Waits()
+    buffer = _buffer_waiting_on(waits)
+    buffer.set_camera(CAMERA)
+    buffer.put(0, "last")
+    waits.now = 5.0   # the stream stopped 5 s ago
+    assert buffer.pair(0, 0.02, wait_s=0.2).status == MISSING
+    assert waits.timeouts == []
+    buffer.put(0, "again")   # it sends again: a frame waits for a newer image no more than before
+    assert buffer.pair(0, 0.02, wait_s=0.2).depth == "again"

@@ -105,7 +105,13 @@ class DepthInputs:
                                             throttle_duration_sec=5.0)
             return
         self._counters.add("depth_received")
-        self.buffers[index].put(stamp_ns(msg.header.stamp), depth)
+        jump_s = self.buffers[index].put(stamp_ns(msg.header.stamp), depth)
+        if jump_s is not None:
+            self._counters.add("depth_clock_jumps")
+            self._node.get_logger().warning(
+                f"depth on {self._names[index]}: header.stamp jumped {jump_s:+.3f} s from the newest depth image "
+                "kept (a looping bag, a restarted driver or a wrong stamp); the depth images before it were "
+                "dropped", throttle_duration_sec=5.0)
 
     def _on_info(self, msg: Any, index: int) -> None:
         try:

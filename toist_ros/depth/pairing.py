@@ -79,12 +79,25 @@ class DepthBuffer:
         self.received = 0
         self._capped_until = -1   # the newest stamp the image or byte cap (not the horizon) dropped
 
-    def put(self, stamp_ns: int, depth: Any) -> None:
+    def put(self, stamp_ns: int, depth: Any) -> Optional[float]:
+        """Keep ``depth``; returns the jump (seconds from the newest image kept) when its stamp is
+        more than the horizon away from it: the images kept before are then forgotten."""
+        stamp_ns = int(stamp_ns)
+        jump_s = None
         with self._cond:
-            self._frames.append((int(stamp_ns), depth, self._clock()))
+            newest = max((item[0] for item in self._frames), default=stamp_ns)
+            if abs(stamp_ns - newest) > self._horizon_ns:
+                # The camera's clock jumped (a bag that loops, a driver restarted, one image stamped
+                # far off): what is kept belongs to the other time line. Kept, its stamps would drop
+                # every image of this one as too old (or one far-future image all the others), and
+                # the cap's mark from that time line would call frames of this one evicted.
+                self._forget_frames()
+                jump_s = (stamp_ns - newest) * 1e-9
+                newest = stamp_ns
+            self._frames.append((stamp_ns, depth, self._clock()))
             self._bytes += _nbytes(depth)
             self.received += 1
-            newest = max(item[0] for item in self._frames)
+            newest = max(newest, stamp_ns)
             while len(self._frames) > BUFFER_FRAMES and (
                     len(self._frames) > self._max_frames or self._bytes > self._max_bytes
                     or self._frames[0][0] < newest - self._horizon_ns):
@@ -93,14 +106,18 @@ class DepthBuffer:
                 if stamp >= newest - self._horizon_ns:  # within the horizon: the cap dropped it
                     self._capped_until = max(self._capped_until, stamp)
             self._cond.notify_all()
+        return jump_s
 
     def clear(self) -> None:
         """Forget every depth image and camera model (the node stopped taking them)."""
         with self._cond:
-            self._frames.clear()
+            self._forget_frames()
             self._cameras.clear()
-            self._bytes = 0
-            self._capped_until = -1
+
+    def _forget_frames(self) -> None:
+        self._frames.clear()
+        self._bytes = 0
+        self._capped_until = -1
 
     def __len__(self) -> int:
         with self._cond:
@@ -128,8 +145,9 @@ class DepthBuffer:
                     if camera is None:
                         return Pairing(MISSING)
                     return Pairing(PAIRED, best[1], camera, (best[0] - stamp_ns) * 1e-9)
-                newest = max((item[0] for item in self._frames), default=None)
-                # Wait only for a camera that sends depth: with none received yet, no frame waits.
+                # Wait only for a camera that sends depth: with none received yet, or none recent
+                # enough to pair (an unstamped camera's stopped stream), no frame waits.
+                newest = max((item[0] for item in self._candidates(stamp_ns)), default=None)
                 could_come = newest is not None and newest < stamp_ns + tolerance
                 remaining = deadline - self._clock()
                 if not could_come or remaining <= 0:
