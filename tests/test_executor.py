@@ -108,3 +108,65 @@ def test_spin_until_future_complete_serves_a_service_from_the_pool(setup):
     executor.spin_until_future_complete(future, timeout_sec=10)
     assert future.done() and future.result().success
     assert future.result().message.startswith("toist_callbacks")
+
+
+@pytest.mark.parametrize("pool", ["callbacks", "waiting"])
+def test_a_pool_callback_error_is_raised_by_spin_once(setup, pool):
+    """rclpy's Task keeps what its callback raised; the pool's future held None, so every pooled
+    callback's error was dropped without a word (a service that raised never answered)."""
+    from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+    from std_msgs.msg import String
+
+    node, _inline, pooled, executor = setup
+    group = pooled
+    if pool == "waiting":
+        group = MutuallyExclusiveCallbackGroup()
+        executor.run_apart([group])
+
+    def broken(_msg):
+        raise RuntimeError(f"{pool} callback failed")
+
+    node.create_subscription(String, "/exec/broken_pooled", broken, 10, callback_group=group)
+    pub = node.create_publisher(String, "/exec/broken_pooled", 10)
+    assert _spin_until(executor, lambda: pub.get_subscription_count() > 0)
+    pub.publish(String(data="x"))
+    with pytest.raises(RuntimeError, match=f"{pool} callback failed"):
+        _spin_until(executor, lambda: False, timeout=5)
+
+
+def test_callback_errors_go_to_on_callback_error_and_spinning_goes_on():
+    """The node process's choice: a fault in one callback is reported, and the others keep running."""
+    from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+    from std_msgs.msg import String
+    from toist_ros.executor import PerceptionExecutor
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("executor_errors", context=context)
+    inline, pooled = ReentrantCallbackGroup(), MutuallyExclusiveCallbackGroup()
+    errors, served = [], []
+    executor = PerceptionExecutor([inline], num_threads=2, context=context, on_callback_error=errors.append)
+    executor.add_node(node)
+    try:
+        def broken(msg):
+            if msg.data == "fail":
+                raise RuntimeError(f"failed in {threading.current_thread().name}")
+            served.append(msg.data)
+
+        for topic, group in (("/exec/e_inline", inline), ("/exec/e_pooled", pooled)):
+            node.create_subscription(String, topic, broken, 10, callback_group=group)
+        pubs = [node.create_publisher(String, topic, 10) for topic in ("/exec/e_inline", "/exec/e_pooled")]
+        assert _spin_until(executor, lambda: all(p.get_subscription_count() for p in pubs))
+        for pub in pubs:
+            pub.publish(String(data="fail"))
+        assert _spin_until(executor, lambda: len(errors) == 2)
+        for pub in pubs:
+            pub.publish(String(data="after"))
+        assert _spin_until(executor, lambda: served == ["after", "after"])
+        names = sorted(str(e) for e in errors)
+        assert names[0] == f"failed in {threading.current_thread().name}"   # the inline one
+        assert names[1].startswith("failed in toist_callbacks")
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)

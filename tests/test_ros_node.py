@@ -1364,3 +1364,51 @@ def test_a_stop_signal_seen_by_the_start_up_steps_ends_the_start_up(ros, tmp_pat
     with pytest.raises(StartupStopped, match="stopped before 'loading the model'"):
         PerceptionNode(stop=stop.event, context=ros.context, namespace="stopped_at_start",
                        parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+
+
+def test_a_callback_that_raises_is_logged_and_counted_and_the_node_goes_on(ros, tmp_path, capfd):
+    """The process's executor (``node_executor``, as ``perception_node`` spins it): what a pooled
+    callback (set_task, the task topic, segment_image, timers) raised was swallowed without a word
+    (the pool's future held None; rclpy's Task held the exception), so a failing service never
+    answered and nothing said why. Now logged with its traceback and counted in internal_errors."""
+    from rclpy.parameter import Parameter
+    from toist_ros.perception_node import PerceptionNode, node_executor
+    from toist_ros.srv import SetTask
+
+    values = {**OVERRIDES, "checkpoint": random_model_dir(tmp_path / "raising"), "warmup": False}
+    node = PerceptionNode(context=ros.context, namespace="raising",
+                          parameter_overrides=[Parameter(k, value=v) for k, v in values.items()])
+    executor = node_executor(node, ros.context)
+    stop = threading.Event()
+
+    def spin():   # as perception_node.main does
+        while not stop.is_set():
+            executor.spin_once(timeout_sec=0.05)
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    caller = ros.node("raising_caller")
+    client = caller.create_client(SetTask, "/raising/set_task")
+    try:
+        assert client.wait_for_service(timeout_sec=20)
+
+        def broken(_text):
+            raise RuntimeError("a fault in set_task")
+
+        node.set_task = broken
+        future = client.call_async(SetTask.Request(task="1"))
+        assert wait_for(lambda: node.counters.get("internal_errors") == 1, timeout=20)
+        assert not future.done()   # no response: the client's own timeout decides
+        del node.set_task
+        answered = client.call_async(SetTask.Request(task="1"))
+        assert wait_for(answered.done, timeout=20) and answered.result().success   # the node went on
+        assert spinner.is_alive()
+        log = capfd.readouterr().err
+        assert "unexpected error in a callback" in log and "RuntimeError: a fault in set_task" in log
+        assert "Traceback" in log
+    finally:
+        stop.set()
+        spinner.join(timeout=10)
+        caller.destroy_client(client)
+        executor.shutdown()
+        node.destroy_node()

@@ -19,7 +19,7 @@ the hook that ``Executor.spin_until_future_complete`` calls in Jazzy and later.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Optional
 
 from rclpy.executors import (ConditionReachedException, Executor, ExternalShutdownException, ShutdownException,
@@ -29,17 +29,22 @@ from rclpy.executors import (ConditionReachedException, Executor, ExternalShutdo
 class PerceptionExecutor(Executor):
     """Runs the callbacks of ``inline_groups`` in the thread that calls ``spin_once``, those of
     ``waiting_groups`` in a pool of ``waiting_threads`` threads, and every other callback in a pool
-    of ``num_threads`` threads. Exceptions from any of them are raised by a later ``spin_once``, as
-    rclpy's executors do."""
+    of ``num_threads`` threads. What any of them raises is raised by a later ``spin_once``, as
+    rclpy's executors do, or given to ``on_callback_error`` when there is one (the node process:
+    logged and counted, the node goes on)."""
 
     def __init__(self, inline_groups: Iterable[Any] = (), num_threads: int = 4, *, context: Any = None,
-                 waiting_groups: Iterable[Any] = (), waiting_threads: int = 4) -> None:
+                 waiting_groups: Iterable[Any] = (), waiting_threads: int = 4,
+                 on_callback_error: Optional[Callable[[BaseException], None]] = None) -> None:
         super().__init__(context=context)
         self._inline_groups = tuple(inline_groups)
         self._waiting_groups = tuple(waiting_groups)
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="toist_callbacks")
         self._waiting_pool = ThreadPoolExecutor(waiting_threads, thread_name_prefix="toist_waiting")
-        self._pending: list[Future] = []
+        self._on_callback_error = on_callback_error
+        # rclpy Tasks handed to a pool: the Task, not the pool's future, holds what the callback
+        # raised (Task.__call__ catches it; the pool's future only ever held None).
+        self._pending: list[Any] = []
 
     def spin_once(self, timeout_sec: Optional[float] = None) -> None:
         self._spin_once(timeout_sec)
@@ -60,16 +65,23 @@ class PerceptionExecutor(Executor):
         group = getattr(entity, "callback_group", None)
         if any(group is inline for inline in self._inline_groups):
             handler()
-            exception = handler.exception()
-            if exception is not None:
-                raise exception
-        elif any(group is waiting for waiting in self._waiting_groups):
-            self._pending.append(self._waiting_pool.submit(handler))
+            self._finished(handler)
         else:
-            self._pending.append(self._pool.submit(handler))
-        for future in [f for f in self._pending if f.done()]:
-            self._pending.remove(future)
-            future.result()  # raise what the callback raised
+            pool = self._waiting_pool if any(group is waiting for waiting in self._waiting_groups) else self._pool
+            pool.submit(handler)
+            self._pending.append(handler)
+        for task in [t for t in self._pending if t.done()]:
+            self._pending.remove(task)
+            self._finished(task)
+
+    def _finished(self, task: Any) -> None:
+        """Raise (or hand to ``on_callback_error``) what the callback of a done ``task`` raised."""
+        exception = task.exception()
+        if exception is None:
+            return
+        if self._on_callback_error is None:
+            raise exception
+        self._on_callback_error(exception)
 
     def run_inline(self, groups: Iterable[Any]) -> None:
         """Also run the callbacks of ``groups`` in the spinning thread (a node added later)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import traceback
 from typing import Any, Optional
 
 import numpy as np
@@ -476,6 +477,15 @@ class PerceptionNode(Node):
 
     def _diagnostics_name(self) -> str:
         return f"toist_ros: perception ({self.get_fully_qualified_name()})"
+
+    def callback_failed(self, exc: BaseException) -> None:
+        """A callback raised (a fault of the node: bad input each callback answers itself): logged
+        with its traceback and counted in ``internal_errors``; the node goes on, as its inference
+        thread does (``PerceptionExecutor``'s ``on_callback_error``). A service callback that
+        raised sends no response: its client waits until its own timeout."""
+        self.counters.add("internal_errors")
+        self.get_logger().error("unexpected error in a callback (the node goes on): "
+                                + "".join(traceback.format_exception(exc)).rstrip(), throttle_duration_sec=5.0)
 
     # --- shut-down ---------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ the node starts (model loading, warm-up) they interrupt it at once.
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 import rclpy
 from rclpy.executors import ExternalShutdownException
@@ -65,9 +65,7 @@ def main(argv: Optional[list[str]] = None, managed: bool = False) -> int:
             # Ctrl-C there waited for the whole start-up (a launch file's SIGKILL came first).
             with stop.raising():
                 node = _managed_node(argv) if managed else PerceptionNode(stop=stop.event, argv=argv)
-            executor = PerceptionExecutor(node.inline_callback_groups, num_threads=4,
-                                          waiting_groups=node.waiting_callback_groups)
-            executor.add_node(node)
+            executor = node_executor(node)
             while not stop.requested and rclpy.ok():
                 executor.spin_once(timeout_sec=SPIN_POLL_S)
         except StartupError as exc:
@@ -88,6 +86,17 @@ def main(argv: Optional[list[str]] = None, managed: bool = False) -> int:
                 node.destroy_node()
             rclpy.try_shutdown()
     return code
+
+
+def node_executor(node: PerceptionNode, context: Any = None) -> PerceptionExecutor:
+    """The process's executor for ``node``: its image callbacks in the spinning thread, its
+    waiting ones apart; a callback that raises is logged and counted (``callback_failed``) and
+    the node goes on."""
+    executor = PerceptionExecutor(node.inline_callback_groups, num_threads=4, context=context,
+                                  waiting_groups=node.waiting_callback_groups,
+                                  on_callback_error=node.callback_failed)
+    executor.add_node(node)
+    return executor
 
 
 def lifecycle_main(argv: Optional[list[str]] = None) -> int:
