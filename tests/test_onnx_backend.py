@@ -26,7 +26,8 @@ from toist_core.model import build_model, load_tokenizer  # noqa: E402
 from toist_core.typed_config import ConfigError  # noqa: E402
 
 SMALL = dict(short_side=64, max_size=128)
-# (H, W) of the test images: landscape, portrait, sizes that are no multiple of 32 once resized.
+# (H, W) of the test images: landscape, portrait, odd sizes (padded to multiples of 32 under the
+# default pad_multiple; test_..._padded_sizes_of_no_multiple_of_32 runs them unpadded).
 SIZES = ((48, 64), (90, 50), (53, 97))
 
 
@@ -65,6 +66,16 @@ def test_onnxruntime_matches_torch_on_dynamic_sizes_and_tasks(dirs, which):
     assert result["logits"] <= MAX_LOGIT_DIFF and result["boxes"] <= MAX_BOX_DIFF, result
     assert result["mask_iou"] >= MIN_MASK_IOU, result
     assert check_passes(result)
+
+
+@pytest.mark.parametrize("inference", [dict(pad_multiple=1), dict(protocol="reference")])
+def test_onnxruntime_matches_torch_on_padded_sizes_of_no_multiple_of_32(dirs, inference):
+    """The graphs' separate stride-4/8/16 sizes exist for such inputs (pad_multiple other than 32,
+    the reference protocol's padding to the batch); the images above, padded to multiples of 32,
+    never gave one."""
+    result = compare_backends(dirs[1], tasks=(1,), sizes=SIZES, **SMALL, **inference)
+    assert all(h % 32 or w % 32 for h, w in result["padded"]), result["padded"]
+    assert check_passes(result), result
 
 
 def test_distilled_graph_applies_cluster_centre_replacement(dirs):
@@ -465,6 +476,18 @@ def test_a_damaged_graph_is_refused_naming_the_file_and_the_command(dirs, tmp_pa
     with pytest.raises(CheckpointError, match=rf"detector.onnx: onnxruntime cannot read it .*damaged or cut short: "
                                               rf"run `toist export --onnx {directory}` again"):
         TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(backend="onnxruntime"))
+
+
+def test_damaged_weights_are_refused_naming_the_file_on_the_onnx_backend_too(dirs, tmp_path):
+    """The torch backend said "not a readable safetensors file"; the ONNX backend's digest check
+    read the same header with a bare SafetensorError that named no file."""
+    import os
+
+    directory = _dir_with_graphs(dirs, tmp_path / "m")
+    os.truncate(directory / "model.safetensors", 1000)
+    for backend in ("torch", "onnxruntime"):
+        with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file"):
+            TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(backend=backend))
 
 
 def test_the_export_stages_inside_the_directory_wherever_it_lies(dirs, tmp_path, monkeypatch):

@@ -345,7 +345,9 @@ class InferenceConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"inference.{name} must be >= 1 (or None: the model's own), got {value}")
         if self.short_side is not None and self.max_size is not None and self.max_size < self.short_side:
-            raise ConfigError(f"inference: need short_side <= max_size, got {self.short_side} / {self.max_size}")
+            # seg.inference holds both resolved: dataclasses.replace(seg.inference, short_side=1500) keeps the cap
+            raise ConfigError(f"inference: need short_side <= max_size, got {self.short_side} / {self.max_size} "
+                              "(give max_size with it, or max_size=None: the model's cap, or the short side if larger)")
         if not all(value > 0 for value in self.std):
             # Normalisation divides by it: 0 gives inf pixels, a negative value flips a channel.
             raise ConfigError(f"inference.std must be > 0 for every channel, got {list(self.std)}")

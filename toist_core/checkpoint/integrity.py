@@ -9,10 +9,11 @@ so it does not depend on the file layout) and :func:`check_tensor_digest` recomp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import zipfile
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -129,9 +130,26 @@ def read_safetensors(path: PathLike, required_digest: bool) -> tuple[dict[str, T
     """A safetensors file's tensors, checked against their recorded digest, and its metadata,
     both from one opening of the file (a file replaced in between cannot give one version's
     metadata with another's tensors)."""
+    path = Path(path)
+    with _opened_safetensors(path) as handle:
+        metadata = handle.metadata() or {}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    check_tensor_digest(path, tensors, metadata, required_digest)
+    return tensors, metadata
+
+
+def safetensors_metadata(path: PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file (its header only); a file that cannot be read is a
+    :class:`CheckpointError` naming it, as :func:`read_safetensors` says it."""
+    with _opened_safetensors(Path(path)) as handle:
+        return handle.metadata() or {}
+
+
+@contextlib.contextmanager
+def _opened_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open`` of ``path``; what keeps it from being read is a :class:`CheckpointError`."""
     from safetensors import safe_open
 
-    path = Path(path)
     try:  # safetensors says "No such file or directory" for a file it may not read
         with open(path, "rb"):
             pass
@@ -142,13 +160,12 @@ def read_safetensors(path: PathLike, required_digest: bool) -> tuple[dict[str, T
         raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            yield handle
+    except CheckpointError:
+        raise
     except Exception as exc:  # header damage: SafetensorError, OSError, ...
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); a copy cut "
                               "short or damaged? copy it again, or export the model again") from None
-    check_tensor_digest(path, tensors, metadata, required_digest)
-    return tensors, metadata
 
 
 def read_safetensors_metadata(path: PathLike) -> dict[str, str]:

@@ -34,7 +34,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -120,15 +120,12 @@ class MaskHeadGraph(nn.Module):
 def model_digest(directory: Path) -> str:
     """SHA-256 identifying a directory's weights: the tensor digest ``model.safetensors`` records
     (checked against its tensors whenever the directory is loaded), else the file's own SHA-256."""
-    from safetensors import safe_open
-
-    from ..checkpoint.integrity import DIGEST_KEY
+    from ..checkpoint.integrity import DIGEST_KEY, safetensors_metadata
 
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: {WEIGHTS_FILE} not found: not a model directory")
-    with safe_open(str(path), framework="pt") as handle:
-        recorded = (handle.metadata() or {}).get(DIGEST_KEY)
+    recorded = safetensors_metadata(path).get(DIGEST_KEY)
     if recorded:
         return recorded
     return file_digest(path)
@@ -138,14 +135,11 @@ def check_same_weights(model: nn.Module, directory: Path) -> None:
     """Refuse ``model`` unless its ``state_dict`` is the directory's ``model.safetensors`` (same
     names, dtypes, shapes and bytes): the graphs are stamped with that file's digest, and a runner
     trusts a stamped graph to compute with those weights."""
-    from safetensors import safe_open
-
-    from ..checkpoint.integrity import DIGEST_KEY, load_safetensors, tensor_digest
+    from ..checkpoint.integrity import DIGEST_KEY, load_safetensors, safetensors_metadata, tensor_digest
 
     path = Path(directory) / WEIGHTS_FILE
     model_digest(directory)  # refuses a directory without weights
-    with safe_open(str(path), framework="pt") as handle:
-        expected = (handle.metadata() or {}).get(DIGEST_KEY)
+    expected = safetensors_metadata(path).get(DIGEST_KEY)
     if expected is None:  # a directory of version < 3 records no tensor digest: compute the file's
         expected = tensor_digest(load_safetensors(path, required_digest=False))
     actual = tensor_digest(model.state_dict())
@@ -377,18 +371,19 @@ CHECK_SIZES = ((48, 64), (72, 40), (53, 97))   # (H, W): landscape, portrait, od
 
 def compare_backends(directory, tasks: Sequence = (1, 2), sizes: Sequence[tuple[int, int]] = CHECK_SIZES,
                      short_side: Optional[int] = None, max_size: Optional[int] = None, top: int = 10,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, **inference: Any) -> dict:
     """Run the directory's network in PyTorch and in ONNX Runtime (CPU, fp32) on random images
     of ``sizes`` for each task; returns the largest ``logits`` / ``boxes`` differences (over all
     queries) and the smallest ``mask_iou`` (full-resolution masks of the ``top`` queries).
-    ``short_side`` / ``max_size``: the resize (default: the model's own input size)."""
+    ``short_side`` / ``max_size``: the resize (default: the model's own input size); ``inference``:
+    other :class:`InferenceConfig` fields (``pad_multiple``, ``protocol``)."""
     import warnings
 
     from ..config import InferenceConfig
     from .postprocess import masks_at_original
     from .segmenter import TaskSegmenter
 
-    sizes_cfg = dict(short_side=short_side, max_size=max_size, score_threshold=0.0)
+    sizes_cfg = dict(short_side=short_side, max_size=max_size, score_threshold=0.0, **inference)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained-task warnings: the check runs any task
         reference = TaskSegmenter.from_pretrained(directory, device="cpu", inference=InferenceConfig(**sizes_cfg))
@@ -397,11 +392,12 @@ def compare_backends(directory, tasks: Sequence = (1, 2), sizes: Sequence[tuple[
         states = [reference.encode_task(task) for task in tasks]
     rng = np.random.default_rng(seed)
     worst = {"logits": 0.0, "boxes": 0.0, "mask_iou": 1.0, "images": len(sizes), "tasks": list(tasks),
-             "providers": onnx._onnx.providers, "masks": reference.has_masks}
+             "providers": onnx._onnx.providers, "masks": reference.has_masks, "padded": []}
     for height, width in sizes:
         image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         with torch.inference_mode():
             batch, resized = reference.preprocess([image])
+            worst["padded"].append(tuple(batch.tensors.shape[-2:]))
             for state in states:
                 ref_logits, ref_boxes, ref_masks = reference._detect(batch, state)
                 ort_logits, ort_boxes, ort_masks = onnx._onnx.detect(batch, state)
