@@ -170,3 +170,52 @@ def test_callback_errors_go_to_on_callback_error_and_spinning_goes_on():
         executor.shutdown()
         node.destroy_node()
         rclpy.shutdown(context=context)
+
+
+def test_an_entity_destroyed_while_the_wait_set_is_built_is_not_an_error(setup):
+    """rclpy adds waitables (a subscription's QoS event handlers) to the wait set unguarded; one
+    that another thread destroyed meanwhile (a lifecycle deactivate unsubscribing the cameras,
+    seen under load) raised InvalidHandle out of spin_once and ended the node's process."""
+    from rclpy.exceptions import InvalidHandle
+    from rclpy.waitable import NumberOfEntities, Waitable
+    from std_msgs.msg import String
+
+    node, inline, _pooled, executor = setup
+
+    class DestroyedMeanwhile(Waitable):
+        def __init__(self):
+            super().__init__(inline)
+            self.raised = 0
+
+        def __enter__(self):   # rclpy holds a waitable's handles while it builds the wait set
+            return None
+
+        def __exit__(self, *exc_info):
+            return None
+
+        def get_num_entities(self):
+            return NumberOfEntities()
+
+        def add_to_wait_set(self, wait_set):
+            if not self.raised:
+                self.raised += 1
+                raise InvalidHandle("cannot use Destroyable because destruction was requested")
+
+        def is_ready(self, wait_set):
+            return False
+
+        def take_data(self):
+            return None
+
+        async def execute(self, taken_data):
+            return None
+
+    waitable = DestroyedMeanwhile()
+    node.add_waitable(waitable)
+    got = []
+    node.create_subscription(String, "/exec/after_destroyed", got.append, 10, callback_group=inline)
+    pub = node.create_publisher(String, "/exec/after_destroyed", 10)
+    assert _spin_until(executor, lambda: pub.get_subscription_count() > 0 and waitable.raised == 1)
+    node.remove_waitable(waitable)
+    pub.publish(String(data="x"))
+    assert _spin_until(executor, lambda: len(got) == 1)   # spinning went on

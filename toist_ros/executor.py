@@ -22,6 +22,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Optional
 
+from rclpy.exceptions import InvalidHandle
 from rclpy.executors import (ConditionReachedException, Executor, ExternalShutdownException, ShutdownException,
                              TimeoutException)
 
@@ -62,6 +63,11 @@ class PerceptionExecutor(Executor):
             handler, entity, _node = self.wait_for_ready_callbacks(timeout_sec, None, condition)
         except (ExternalShutdownException, ShutdownException, TimeoutException, ConditionReachedException):
             return
+        except InvalidHandle:
+            # rclpy adds a waitable (a subscription's QoS event handler) to the wait set unguarded:
+            # one destroyed meanwhile by another thread (a lifecycle deactivate unsubscribing the
+            # cameras) raised here and ended the process. The next call builds the set anew.
+            return
         group = getattr(entity, "callback_group", None)
         if any(group is inline for inline in self._inline_groups):
             handler()
@@ -77,8 +83,8 @@ class PerceptionExecutor(Executor):
     def _finished(self, task: Any) -> None:
         """Raise (or hand to ``on_callback_error``) what the callback of a done ``task`` raised."""
         exception = task.exception()
-        if exception is None:
-            return
+        if exception is None or isinstance(exception, InvalidHandle):
+            return   # the latter: its entity destroyed by another thread while the callback took from it
         if self._on_callback_error is None:
             raise exception
         self._on_callback_error(exception)
