@@ -40,7 +40,9 @@ LOSS_WARNING_PERIOD_S = 30.0  # at most one such warning per camera in this time
 PUBLISHERS_KEPT = 64          # publishers whose sequence numbers a camera remembers (the most recent)
 REMEDIES = ("input.compressed:=true (sensor_msgs/CompressedImage is ~10x smaller), "
             "input.reliability:=reliable with a reliable camera, or a DDS set-up for large data "
-            "(Fast DDS: FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA; larger net.core.rmem_max; docs/ros.md)")
+            "(Fast DDS: FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA; larger net.core.rmem_max; docs/ros.md); with "
+            "the model on a CPU it may also take the cores DDS needs to read the frames (device:=cuda, or fewer "
+            "torch threads: OMP_NUM_THREADS)")
 
 
 @dataclass
