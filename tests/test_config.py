@@ -244,3 +244,21 @@ def test_caption_length_is_capped_by_the_position_table():
     with pytest.raises(ValueError, match=r"caption too long: \d+ tokens"):
         tokenize(Counting(), [longest_fitting], torch.device("cpu"), short.text)
     assert Counting.calls == 1
+
+
+def test_yaml_files_are_read_as_utf_8_whatever_the_locale(tmp_path):
+    """A task vocabulary with `phrase: "découper avec"` was refused as "not a UTF-8 text file"
+    under LANG=C (Python read it in the locale's encoding; convert-coco read the same file as
+    UTF-8). Model directories' config.yaml files are read the same way."""
+    import os
+
+    vocabulary = tmp_path / "vocabulary.yaml"
+    vocabulary.write_text('name: atelier\ntasks:\n  - {id: 1, phrase: "découper avec", pronoun: "quelque chose"}\n',
+                          encoding="utf-8")
+    code = ("import sys; from toist_core.typed_config import read_yaml; "
+            "print(read_yaml(sys.argv[1])['tasks'][0]['phrase'].encode('utf-8').hex())")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run([sys.executable, "-X", "utf8=0", "-c", code, str(vocabulary)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert bytes.fromhex(done.stdout.strip()).decode("utf-8") == "découper avec"

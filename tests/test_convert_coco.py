@@ -294,9 +294,14 @@ def _edited(train: Path, edit) -> Path:
     (lambda d: d["images"][1].update(file_name="pics/img_1.png"),
      r"edited.json: images\[1\] \(id 2\) and images\[0\] \(id 1\) have the same field 'file_name' "
      r"'pics/img_1.png': one record per image file"),
+    (lambda d: d["images"][1].update(file_name="./pics/img_1.png"),   # the same file, named otherwise
+     r"edited.json: images\[1\] \(id 2\) and images\[0\] \(id 1\) have the same field 'file_name' "
+     r"'./pics/img_1.png': one record per image file"),
     # A format training cannot decode: said now, not when training meets it.
     (lambda d: d["images"][2].update(file_name="pics/img_3.bmp"),
      r"pics/img_3.bmp: training and evaluation decode JPEG, PNG, GIF and WebP only .*\(images\[2\] \(id 3\)"),
+    # An export of a split no image was given to: nothing to convert (it converted, 0 images).
+    (lambda d: d.update(images=[], annotations=[]), r"edited.json: field 'images' is empty: no image to convert"),
 ])
 def test_source_errors(coco, edit, message):
     folder, train, _, spec = coco
@@ -449,6 +454,11 @@ def test_a_file_or_folder_in_the_way_is_refused_before_anything_is_written(coco)
         convert_coco(train, "train", spec, out, copy_images_from=folder)
     assert not (out / "annotations").exists()
     (out / "images" / "train").unlink()
+    (out / "annotations").write_text("not a folder")   # the images were copied, then "File exists"
+    with pytest.raises(DataError, match=r"out/annotations: a file is where the task files' folder goes \(--out\)"):
+        convert_coco(train, "train", spec, out, copy_images_from=folder)
+    assert not (out / "images" / "train").exists()
+    (out / "annotations").unlink()
     (out / "annotations" / "task_2_train.json").mkdir(parents=True)
     with pytest.raises(DataError, match=r"task_2_train.json: a folder is where this task file goes"):
         convert_coco(train, "train", spec, out, copy_images_from=folder, overwrite=True)
@@ -492,6 +502,13 @@ def test_an_image_whose_size_is_not_its_records_is_refused_before_anything_is_wr
     phone = train.with_name("phone.json")
     phone.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"EXIF orientation \(6\) turns it a quarter.*exif_transpose"):
+        convert_coco(phone, "train", spec, out, copy_images_from=folder)
+    assert not out.exists()
+
+    # A BMP named .jpg: the suffix passes, torchvision's decoder does not (refused at the first read).
+    Image.new("RGB", (W, H)).save(turned, format="BMP")
+    with pytest.raises(DataError, match=r"img_2.jpg: training and evaluation decode JPEG, PNG, GIF and WebP only "
+                                        r".*this file is BMP although named .jpg: convert it.*\(images\[1\] \(id 2\)"):
         convert_coco(phone, "train", spec, out, copy_images_from=folder)
     assert not out.exists()
 

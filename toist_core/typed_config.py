@@ -58,7 +58,7 @@ def read_yaml(path: Union[str, Path], what: str = "configuration file") -> Any:
     naming the file (``what`` it should have been)."""
     path = Path(path)
     try:
-        return parse_yaml(path.read_text())
+        return parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
     except yaml.YAMLError as exc:

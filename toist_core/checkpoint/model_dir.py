@@ -418,7 +418,7 @@ def _model_dir_format(directory: Path) -> str:
     if not config.is_file():
         return f"no {CONFIG_FILE}"
     try:
-        data = parse_yaml(config.read_text())
+        data = parse_yaml(config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         return f"its {CONFIG_FILE} does not read as YAML: {type(exc).__name__}"
     found = data.get("format") if isinstance(data, dict) else None
@@ -478,7 +478,7 @@ def _export_snapshot(directory: Path) -> tuple[Optional[str], Optional[str]]:
     """What changes when another export replaces ``directory``: its config.yaml text and its
     weights' export id (None where missing or unreadable)."""
     try:
-        config_text = (directory / CONFIG_FILE).read_text()
+        config_text = (directory / CONFIG_FILE).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         config_text = None
     return config_text, read_safetensors_metadata(directory / WEIGHTS_FILE).get(EXPORT_ID_KEY)

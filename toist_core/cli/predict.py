@@ -111,7 +111,7 @@ def _replaceable(out: Path, name: str, inputs: set) -> bool:
 
 def _is_toist_result(path: Path) -> bool:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and {"image", "instances", "caption"} <= set(data)

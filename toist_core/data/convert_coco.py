@@ -31,6 +31,7 @@ import difflib
 import filecmp
 import json
 import os
+import posixpath
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -200,6 +201,8 @@ def _read_source(path: PathLike, split: str) -> _Source:
         if not isinstance(data.get(key), list):
             raise DataError(f"{path}: field {key!r}: expected a list, got "
                             f"{'nothing' if key not in data else type(data[key]).__name__}")
+    if not data["images"]:   # e.g. an annotation tool's export of a split no image was given to
+        raise DataError(f"{path}: field 'images' is empty: no image to convert (a split without images?)")
     names = category_names(data["categories"], f"{path}: categories")
     images = [_image_record(path, i, rec) for i, rec in enumerate(data["images"])]
     annotations = [_annotation_record(path, i, rec, names) for i, rec in enumerate(data["annotations"])]
@@ -216,7 +219,7 @@ def _check_image_files(path: Path, parsed: TaskFile) -> None:
     first: dict[str, int] = {}
     for index, image in enumerate(parsed.images):
         where = f"images[{index}] (id {image.id}), field 'file_name' in {path}"
-        name = _copied_name(image.file_name)
+        name = posixpath.normpath(_copied_name(image.file_name))   # "./a.png" is "a.png"
         if name in first:
             other = parsed.images[first[name]]
             raise DataError(f"{path}: images[{index}] (id {image.id}) and images[{first[name]}] (id {other.id}) "
@@ -375,15 +378,20 @@ def _check_destinations(out_root: Path, task_ids: list[int], split: str, copies:
     for path in [task_file_path(out_root, task_id, split) for task_id in task_ids]:
         if path.is_dir():
             raise DataError(f"{path}: a folder is where this task file goes; move it away")
+        _refuse_file_above(path, "the task files' folder", "--out")
     for _, dst in copies:
         if dst.is_dir():
             raise DataError(f"{dst}: a folder is where this image is copied to (--copy-images-from); move it away")
-        for parent in dst.parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise DataError(f"{parent}: a file is where the copied images' folder goes "
-                                    "(--copy-images-from, --image-dir); move it away")
-                break
+        _refuse_file_above(dst, "the copied images' folder", "--copy-images-from, --image-dir")
+
+
+def _refuse_file_above(path: Path, what: str, options: str) -> None:
+    """DataError when the nearest existing folder above ``path`` is a file."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"{parent}: a file is where {what} goes ({options}); move it away")
+            return
 
 
 def _refuse_other_images(others: list[Path]) -> None:

@@ -416,13 +416,24 @@ _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 
 
 def check_image_size(path: Union[str, Path], height: int, width: int, where: str) -> None:
-    """DataError unless the record's ``height``/``width`` are the stored picture's (the header
-    alone is read): found when the sample is read, it was hours into a training run."""
+    """DataError unless the file is of a format training decodes, by its first bytes (a BMP or
+    TIFF saved as ``.jpg`` passes :func:`check_decodable`), and the record's ``height``/``width``
+    are the stored picture's (the header alone is read): found when the sample is read, it was
+    hours into a training run."""
     from PIL import Image, UnidentifiedImageError  # torchvision's dependency
+
+    from toist_core.data.pixels import decodes  # (pixels imports this module)
 
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the header only: a big aerial tile is fine
     try:
         with Image.open(path) as picture:
+            with open(path, "rb") as handle:
+                head = handle.read(12)
+            if not decodes(head):
+                raise DataError(f"{path}: training and evaluation decode JPEG, PNG, GIF and WebP only "
+                                f"(torchvision's decode_image); this file is {picture.format or 'of another format'}"
+                                f"{f' although named {Path(path).suffix}' if Path(path).suffix else ''}: "
+                                f"convert it, e.g. to PNG ({where})")
             stored_width, stored_height = picture.size
             if (stored_height, stored_width) == (height, width):
                 return
