@@ -370,3 +370,37 @@ def test_cli_evaluate_scores_a_noun_teacher_in_the_reference_scripts_batches(dat
                          "--out", str(tmp_path / f"out{k}"), "--no-plots", "--short-side", "64", "--max-size", "128",
                          "--device", "cpu", "--captions", "noun", *extra]) == 0
     assert used == [(8, "noun"), (2, "noun")]
+
+
+def test_reference_resize_works_with_a_pillow_older_than_9_1(monkeypatch):
+    """Image.Resampling is Pillow 9.1; Ubuntu 22.04 (Humble) ships 9.0.1, which the robot's venv
+    sees: every image of --protocol reference stopped with an AttributeError."""
+    from toist_core.inference import images
+
+    class Pillow90:
+        """PIL.Image as 9.0 has it: no Resampling (deleting it from Pillow 13 breaks its own resize)."""
+
+        def __getattr__(self, name):
+            if name == "Resampling":
+                raise AttributeError("module 'PIL.Image' has no attribute 'Resampling'")
+            return getattr(Image, name)
+
+    image = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    expected = images.resize_pil(image, (21, 35))
+    monkeypatch.setattr(images, "Image", Pillow90())
+    assert torch.equal(images.resize_pil(image, (21, 35)), expected)
+
+
+def test_a_failing_lazy_import_keeps_its_cause(tmp_path, monkeypatch):
+    """`from toist_core import TaskSegmenter` whose import raised an AttributeError (a library too
+    old beside ours) said only "cannot import name 'TaskSegmenter'": Python turns an AttributeError
+    from a module's __getattr__ into that, the cause lost."""
+    import toist_core
+
+    (tmp_path / "toist_broken_probe.py").write_text(
+        "raise AttributeError(\"module 'PIL.Image' has no attribute 'Resampling'\")\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(toist_core._LAZY, "BrokenProbe", "toist_broken_probe")
+    with pytest.raises(ImportError, match=r"importing toist_broken_probe \(for toist_core.BrokenProbe\) failed: "
+                                          r"AttributeError: module 'PIL.Image' has no attribute 'Resampling'"):
+        from toist_core import BrokenProbe  # noqa: F401

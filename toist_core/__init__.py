@@ -30,7 +30,15 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except AttributeError as exc:
+            # `from toist_core import X` turns an AttributeError raised here into "cannot import
+            # name X", cause and traceback lost (e.g. a too old library beside ours); an
+            # ImportError passes through with both.
+            raise ImportError(f"importing {_LAZY[name]} (for toist_core.{name}) failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        return getattr(module, name)
     raise AttributeError(f"module 'toist_core' has no attribute {name!r}")
 
 

@@ -72,6 +72,7 @@ def resize_pil(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     height, width = size
     pil = Image.fromarray(np.ascontiguousarray(image))              # H x W x 3 uint8 -> an RGB image
     if (height, width) != tuple(image.shape[:2]):
-        pil = pil.resize((width, height), Image.Resampling.BILINEAR)
+        # Image.Resampling is Pillow >= 9.1; Ubuntu 22.04 (Humble) ships 9.0.1. The same constant.
+        pil = pil.resize((width, height), getattr(Image, "Resampling", Image).BILINEAR)
     pixels = torch.from_numpy(np.array(pil, dtype=np.uint8))      # [h, w, 3], a writable copy
     return pixels.permute(2, 0, 1).contiguous().float().div(255.0)
