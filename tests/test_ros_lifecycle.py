@@ -138,9 +138,12 @@ def _managed_node(ros, ns, **overrides):
     return node
 
 
-def test_a_managed_node_goes_through_its_states_as_its_manager_says(ros, model_dir):
+def test_a_managed_node_goes_through_its_states_as_its_manager_says(ros, model_dir, capfd):
     node = _managed_node(ros, "/managed", checkpoint=model_dir)
     manager = Manager(ros, "/managed")
+    # Said at once (it logged nothing until configured: it looked hung).
+    assert ("lifecycle node unconfigured: configure it to load the model, then activate it "
+            "(ros2 lifecycle set /managed/toist_perception configure)") in capfd.readouterr().err
 
     # unconfigured: parameters only; no model, no camera subscription, no services, not ready.
     assert manager.state() == "unconfigured" and node.model is None

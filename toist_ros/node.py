@@ -81,6 +81,9 @@ class PerceptionNode(Node):
                 with StartupDiagnostics(self._publish_startup_report, period_s, stop=stop) as startup:
                     self._configure(startup)
                     self._activate()
+            else:   # a lifecycle node silent until configured looked hung
+                self.get_logger().info(f"lifecycle node unconfigured: configure it to load the model, then activate "
+                                       f"it (ros2 lifecycle set {self.get_fully_qualified_name()} configure)")
         except BaseException as exc:
             if isinstance(exc, StartupError):  # its FATAL line goes under the node's (remapped) name
                 exc.logger_name = self.get_logger().name
