@@ -483,11 +483,15 @@ def compile_sections(args, device, report: Report, image, first: bool) -> None:
     precisions = ["bf16", "fp16", "fp32"] if device.type == "cuda" else ["fp32"]
     rows = [(mode, precision) for mode in args.compile_modes for precision in precisions]
     estimate = getattr(args, "compile_estimate", args.compile_estimate_s)
+    # The first row runs before training: it must leave training its time (a compile that took
+    # the budget left the training row to the time limit's SIGTERM).
+    reserve = args.train_reserve_s if first and not args.no_train else 0.0
     for mode, precision in (rows[:1] if first else rows[1:]):
         label = f"{precision} compile:{mode}"
         spent = time.perf_counter() - args.started
-        if spent + estimate > args.compile_budget_s:
-            message = (f"skipped: {spent:.0f} s spent + ~{estimate:.0f} s to compile > "
+        if spent + estimate + reserve > args.compile_budget_s:
+            message = (f"skipped: {spent:.0f} s spent + ~{estimate:.0f} s to compile"
+                       f"{f' + {reserve:.0f} s kept for training' if reserve else ''} > "
                        f"--compile-budget-s {args.compile_budget_s:.0f}")
             print(f"torch.compile {label}: {message}", flush=True)
             report.add({"path": label, "error": message})
@@ -573,7 +577,10 @@ def main(argv=None) -> int:
     parser.add_argument("--train-max-size", type=int, default=640)
     parser.add_argument("--train-workers", type=int, default=None,
                         help="DataLoader workers per process (default: min(8, CPUs per process - 2))")
-    parser.add_argument("--train-timeout", type=float, default=300)
+    parser.add_argument("--train-timeout", type=float, default=300,
+                        help="training's own limit (cut to what --compile-budget-s leaves when it starts)")
+    parser.add_argument("--train-reserve-s", type=float, default=90,
+                        help="seconds of --compile-budget-s the first compiled row leaves to training after it")
     parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra `toist train` override (repeatable), e.g. loader.batch_size=4")
     parser.add_argument("--workdir", default=None, help="keep the training data and run here (default: a "

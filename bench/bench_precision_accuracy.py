@@ -169,6 +169,9 @@ def main() -> None:
     if wanted[0] != "fp32":
         wanted = ["fp32"] + [p for p in wanted if p != "fp32"]
     on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit(f"bench_precision_accuracy: --device {args.device}, but CUDA is not available on this "
+                         "machine (torch.cuda.is_available() is False); nothing measured")
     if on_gpu:
         # The fp32 reference in true fp32: torch's defaults run cuDNN convolutions in TF32.
         torch.backends.cudnn.allow_tf32 = False
@@ -214,7 +217,7 @@ def main() -> None:
     print_verdicts(results, predictions, tops, seconds, frames, settings.tasks, started)
 
 
-PATH_WIDTH = 6
+PATH_WIDTH = 20   # bench_cpu_paths' names too ("ort int8 conv+matmul")
 COLUMNS = (f"  {'path':{PATH_WIDTH}s} {'box mAP':>8s} {'diff':>7s} {'mask mAP':>9s} {'diff':>7s} {'same top':>9s} "
            f"{'top IoU>=.5':>11s} {'ms/frame':>9s}  verdict")
 

@@ -175,9 +175,11 @@ def _training(args, device, report, workdir: Path) -> None:
            str(Path(__file__).resolve()), str(args.train_warmup), str(args.train_steps), "--",
            "--config", config, *overrides]
     print(" ".join(cmd), flush=True)
-    run = run_torchrun(cmd, args.train_timeout)
+    # What the run's budget leaves, so that a time limit outside does not cut the row unwritten.
+    timeout = max(15.0, min(args.train_timeout, args.compile_budget_s - (time.perf_counter() - args.started)))
+    run = run_torchrun(cmd, timeout)
     label = f"train {Path(config).stem} x{nproc} {amp if amp != 'none' else 'fp32'}"
-    status = (f"timed out after {args.train_timeout:.0f} s (--train-timeout)" if run["timed_out"] else
+    status = (f"timed out after {timeout:.0f} s (--train-timeout, or what the budget left)" if run["timed_out"] else
               f"exit code {run['code']}" if run["code"] != 0 else "")
     if status:  # the output was echoed as it came; its last lines again, together
         for name, lines in run["tails"].items():
