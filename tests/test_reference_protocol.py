@@ -404,3 +404,18 @@ def test_a_failing_lazy_import_keeps_its_cause(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"importing toist_broken_probe \(for toist_core.BrokenProbe\) failed: "
                                           r"AttributeError: module 'PIL.Image' has no attribute 'Resampling'"):
         from toist_core import BrokenProbe  # noqa: F401
+
+
+def test_training_evaluation_takes_the_protocol_from_eval_protocol():
+    """docs/training.md said training's evaluation used the reference's post-processing; it used
+    toist's, with no way to choose. eval.protocol chooses (default toist, as the node)."""
+    from toist_core.inference.processing import REFERENCE, processing_of
+    from training.config import load_config
+    from training.evaluate import inference_config
+
+    default = inference_config(load_config("training/configs/distill.yaml"))
+    assert default.protocol == "toist" and processing_of(default).clip_boxes
+    chosen = inference_config(load_config("training/configs/distill.yaml", ["eval.protocol=reference"]))
+    assert processing_of(chosen) == REFERENCE and chosen.ccr and chosen.score_threshold == 0.0
+    with pytest.raises(ConfigError, match="protocol"):
+        load_config("training/configs/distill.yaml", ["eval.protocol=paper"])

@@ -187,6 +187,22 @@ def test_missing_data_paths_are_named(tmp_path, synth_root):
                                                       "init.load=missing/ckpt.pth"])
     with pytest.raises(ConfigError, match=r"init\.load: missing/ckpt\.pth not found"):
         check_paths(cfg)
+    # A file that is there but no checkpoint (an empty or cut copy): refused now, by --check too;
+    # it was found when the weights were loaded, after the dataset had been built and checked.
+    import torch
+
+    (tmp_path / "empty.pth").write_bytes(b"")
+    torch.save({"model": {"w": torch.ones(3)}}, tmp_path / "good.pth")
+    cut = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(cut[: len(cut) // 2])
+    for name, says in (("empty.pth", "not a PyTorch checkpoint"), ("cut.pth", "damaged checkpoint archive")):
+        cfg = load_config(CONFIGS / "tiny_pronoun.yaml", [f"data.root={synth_root}", "data.tasks=[1]",
+                                                          f"init.load={tmp_path / name}"])
+        with pytest.raises(ConfigError, match=rf"init\.load: .*{name}: {says}"):
+            check_paths(cfg)
+    cfg = load_config(CONFIGS / "tiny_pronoun.yaml", [f"data.root={synth_root}", "data.tasks=[1]",
+                                                      f"init.load={tmp_path / 'good.pth'}"])
+    check_paths(cfg)
     cfg = load_config(CONFIGS / "tiny_pronoun.yaml", [f"data.root={synth_root}", "data.tasks=[1]"])
     check_paths(cfg)
     with pytest.raises(ConfigError, match=r"--resume: .*nope\.pth not found"):

@@ -428,15 +428,16 @@ def test_stage_inputs_from_the_wrong_stage_are_reported(synth_root, tmp_path):
     assert f"init.frozen_weights: {distilled} is a distilled detector" in warning and "mask_head_distill" in warning
     assert warnings_of("tiny_mask_head.yaml", f"init.frozen_weights={pronoun}") == []
     assert warnings_of("tiny_mask_head_distill.yaml", f"init.frozen_weights={distilled}") == []
-    # A damaged file is named with the field that gave it (the message named the file only).
-    from toist_core.checkpoint import CheckpointError
+    # A damaged file is named with the field that gave it (the message named the file only),
+    # before anything is built (it was found at the weights' load, after the dataset).
+    from toist_core.typed_config import ConfigError
 
     cut = tmp_path / "cut.pth"
     cut.write_bytes(noun.read_bytes()[: noun.stat().st_size // 2])
     for config, extra in (("tiny_distill.yaml", [f"init.load={pronoun}", f"init.load_noun={cut}"]),
                           ("tiny_mask_head.yaml", [f"init.frozen_weights={cut}"])):
         field = extra[-1].split("=")[0]
-        with pytest.raises(CheckpointError, match=rf"^{field}: {cut}: "):
+        with pytest.raises(ConfigError, match=rf"^{field}: {cut}: damaged checkpoint archive"):
             warnings_of(config, *extra)
 
 

