@@ -219,3 +219,14 @@ def test_an_entity_destroyed_while_the_wait_set_is_built_is_not_an_error(setup):
     node.remove_waitable(waitable)
     pub.publish(String(data="x"))
     assert _spin_until(executor, lambda: len(got) == 1)   # spinning went on
+    # One that stays invalid is raised, not spun on (no callback would ever run again).
+    from toist_ros.executor import MAX_INVALID_IN_A_ROW
+
+    for_ever = DestroyedMeanwhile()
+    for_ever.add_to_wait_set = lambda wait_set: (_ for _ in ()).throw(InvalidHandle("destroyed"))
+    node.add_waitable(for_ever)
+    for _ in range(MAX_INVALID_IN_A_ROW):
+        executor.spin_once(timeout_sec=0.05)
+    with pytest.raises(InvalidHandle):
+        executor.spin_once(timeout_sec=0.05)
+    node.remove_waitable(for_ever)

@@ -482,8 +482,17 @@ def test_best_starts_over_when_a_resume_scores_on_another_split(tmp_path):
     resumed = Trainer(_config("tiny_pronoun.yaml", root, out, *common, "eval.split=val", "schedule.max_steps=4"),
                       DistEnv(), resume=str(out / "checkpoint.pth"), log=logged.append).run()
     assert resumed.best["split"] == "val" and resumed.best["step"] == 4
-    assert any(line.startswith("update 4: the best so far (mAP50/bbox = ") and "on 'test', update 2) was scored "
-               "otherwise than this run's mAP50/bbox on 'val': the best starts over" in line for line in logged), logged
+    assert any(line.startswith("update 4: the best so far (mAP50/bbox = ") and "on 'test', protocol 'toist', update 2) "
+               "was scored otherwise than this run's mAP50/bbox on 'val', protocol 'toist': the best starts over"
+               in line for line in logged), logged
+    # Another eval.protocol: its numbers do not compare either (the best was kept).
+    logged.clear()
+    again = Trainer(_config("tiny_pronoun.yaml", root, out, *common, "eval.split=val", "eval.protocol=reference",
+                            "schedule.max_steps=6"), DistEnv(), resume=str(out / "checkpoint.pth"),
+                    log=logged.append).run()
+    assert again.best["protocol"] == "reference" and again.best["step"] == 6
+    assert any("protocol 'toist', update 4) was scored otherwise than this run's mAP50/bbox on 'val', protocol "
+               "'reference': the best starts over" in line for line in logged), logged
 
 
 def test_schedule_refusal_names_the_field_and_says_what_follows_from_the_data(synth_root, tmp_path):

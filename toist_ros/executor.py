@@ -27,6 +27,11 @@ from rclpy.executors import (ConditionReachedException, Executor, ExternalShutdo
                              TimeoutException)
 
 
+# Wait sets in a row that may meet an entity another thread is destroying (a race lasts one
+# build); more means one stays invalid, which is raised rather than spun on.
+MAX_INVALID_IN_A_ROW = 100
+
+
 class PerceptionExecutor(Executor):
     """Runs the callbacks of ``inline_groups`` in the thread that calls ``spin_once``, those of
     ``waiting_groups`` in a pool of ``waiting_threads`` threads, and every other callback in a pool
@@ -43,6 +48,7 @@ class PerceptionExecutor(Executor):
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="toist_callbacks")
         self._waiting_pool = ThreadPoolExecutor(waiting_threads, thread_name_prefix="toist_waiting")
         self._on_callback_error = on_callback_error
+        self._invalid_in_a_row = 0   # wait sets that met a destroyed entity, one after the other
         # rclpy Tasks handed to a pool: the Task, not the pool's future, holds what the callback
         # raised (Task.__call__ catches it; the pool's future only ever held None).
         self._pending: list[Any] = []
@@ -66,8 +72,13 @@ class PerceptionExecutor(Executor):
         except InvalidHandle:
             # rclpy adds a waitable (a subscription's QoS event handler) to the wait set unguarded:
             # one destroyed meanwhile by another thread (a lifecycle deactivate unsubscribing the
-            # cameras) raised here and ended the process. The next call builds the set anew.
+            # cameras) raised here and ended the process. The next call builds the set anew; an
+            # entity that stays invalid (destroyed the wrong way) would spin here for ever, idle.
+            self._invalid_in_a_row += 1
+            if self._invalid_in_a_row > MAX_INVALID_IN_A_ROW:
+                raise
             return
+        self._invalid_in_a_row = 0
         group = getattr(entity, "callback_group", None)
         if any(group is inline for inline in self._inline_groups):
             handler()

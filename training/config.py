@@ -151,7 +151,7 @@ class EvalConfig:
     use_ema: bool = True           # evaluate the EMA weights (the reference's reported numbers)
     iou_type: Literal["auto", "bbox", "segm"] = "auto"  # metric for the best checkpoint; auto = segm for mask stages
     max_images: Optional[int] = None  # per task (quick looks)
-    protocol: Literal["toist", "reference"] = "toist"  # pre/post-processing: toist's, or exactly the reference evaluation's (InferenceConfig.protocol)
+    protocol: Literal["toist", "reference"] = "toist"  # pre/post-processing: toist's, or the reference evaluation's (InferenceConfig.protocol; batches as training evaluates)
 
     def __post_init__(self) -> None:
         if not self.split:

@@ -456,18 +456,22 @@ class Trainer:
         improved = scored and (self.best is None or value > self.best["value"])
         if improved:
             self.best = {"metric": key, "value": value, "step": self.step,
-                         "epoch": self.step // self.steps_per_epoch, "split": self.val.split}
+                         "epoch": self.step // self.steps_per_epoch, "split": self.val.split,
+                         "protocol": cfg.eval.protocol}
         return improved
 
     def _forget_incomparable_best(self, key: str) -> None:
-        """Start the best over when it was scored with another metric or on another split (a
-        resume with other eval settings): the numbers do not compare."""
+        """Start the best over when it was scored with another metric, on another split or under
+        another ``eval.protocol`` (a resume with other eval settings): the numbers do not compare.
+        (A best recorded before the protocol was recorded was scored under toist's.)"""
         best = self.best
-        if best is None or (best["metric"], best["split"]) == (key, self.val.split):
+        protocol = self.cfg.eval.protocol
+        if best is None or (best["metric"], best["split"], best.get("protocol", "toist")) == (key, self.val.split,
+                                                                                              protocol):
             return
         self.log(f"update {self.step}: the best so far ({best['metric']} = {best['value']:.4f} on {best['split']!r}, "
-                 f"update {best['step']}) was scored otherwise than this run's {key} on {self.val.split!r}: the best "
-                 "starts over")
+                 f"protocol {best.get('protocol', 'toist')!r}, update {best['step']}) was scored otherwise than this "
+                 f"run's {key} on {self.val.split!r}, protocol {protocol!r}: the best starts over")
         self.best = None
 
     # ------------------------------------------------------------------------ checkpoints
