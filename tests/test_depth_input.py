@@ -8,7 +8,7 @@ import pytest
 
 from toist_ros.depth.geometry import Intrinsics
 from toist_ros.depth.images import DepthError, depth_from_image, has_distortion, intrinsics_from_camera_info
-from toist_ros.depth.pairing import HORIZON_S, MAX_FRAMES, MISSING, PAIRED, UNSYNCED, CameraModel, DepthBuffer
+from toist_ros.depth.pairing import HORIZON_S, MAX_FRAMES, MISSING, PAIRED, UNSYNCED, Arrival, CameraModel, DepthBuffer
 
 
 def _image(array: np.ndarray, encoding: str, big_endian: bool = False, pad: int = 0):
@@ -317,7 +317,7 @@ def test_waits_for_a_depth_image_that_can_still_come_and_not_for_one_that_cannot
     assert got.status == PAIRED and got.depth == "late"
     assert waits.timeouts == [2.0] and waits.now == 0.0  # one wait of at most wait_s, ended by the arrival
     # Something newer than the frame already arrived: its own depth will not come, no wait.
-    buffer.put(5 * SECOND, "newer")
+    buffer.put(7 * SECOND // 2, "newer")   # (no further than the horizon: in line with the stream)
     assert buffer.pair(3 * SECOND, max_dt_s=0.01, wait_s=2.0).status == UNSYNCED
     assert waits.timeouts == [2.0]
     # Nothing comes: gives up when wait_s has passed, not before and not later.
@@ -382,32 +382,87 @@ def test_distortion_is_warned_about_once_per_camera():
     assert all(buffer._cameras for buffer in inputs.buffers)  # used all the same
 
 
-def test_a_jump_of_the_depth_clock_starts_the_ring_again():
-    """One depth image stamped an hour ahead (a driver glitch) made every other image look stale:
-    the ring fell to its 8 newest (a slow model's frames unpaired for over a second), and once the
-    cap dropped that image its future stamp stayed the cap's mark, so frames older than every kept
-    image were said to be evicted for ever ("raise depth.buffer_mb", the wrong advice)."""
+def _stream(buffer, waits, start_ns, count, period_ns, every_put=None):
+    """``count`` depth images at ``period_ns`` (stamps and arrival clock alike); their Arrivals."""
+    outcomes = []
+    for k in range(count):
+        outcomes.append(buffer.put(start_ns + k * period_ns, np.zeros((4, 4), np.uint16)))
+        waits.now += period_ns * 1e-9
+        if every_put is not None:
+            every_put(k)
+    return outcomes
+
+
+@pytest.mark.parametrize("stray", ["an hour ahead", "stamped 0", "two seconds late"])
+def test_a_lone_depth_image_stamped_out_of_line_is_dropped_and_costs_no_pairing(stray):
+    """One depth image stamped far off (a driver glitch, an image delivered late) made every other
+    image look stale (an hour ahead: the ring fell to its 8 newest, a slow model's frames unpaired
+    for over a second, and the cap's mark from the future said "evicted" for ever); emptying the
+    ring at such a stamp (the first mend) cost half a second of pairing, twice. Now it is set
+    aside, and dropped when the next image is in line with the stream."""
     waits = _Waits()
     buffer = _buffer_waiting_on(waits)
     buffer.set_camera(CAMERA)
-    period = SECOND // 30
-    start = 100 * SECOND
-    jumps = []
-    for k in range(200):
-        jumps.append(buffer.put(start + k * period, np.zeros((4, 4), np.uint16)))
-        if k == 100:
-            jumps.append(buffer.put(start + k * period + 3600 * SECOND, np.zeros((4, 4), np.uint16)))
-        waits.now += 1 / 30
-        if k >= 120:   # a 0.5 s model: the frame stamped 15 images ago is paired now
+    period, start = SECOND // 30, 100 * SECOND
+    off = {"an hour ahead": 3600 * SECOND, "stamped 0": None, "two seconds late": -2 * SECOND}[stray]
+    strays = []
+
+    def each(k):
+        if k == 100:   # the stray, between two images of the stream
+            at = 0 if off is None else start + k * period + off
+            assert buffer.put(at, np.zeros((4, 4), np.uint16)) == Arrival()   # set aside, nothing said yet
+        if k == 101:
+            strays.append(last[0])
+        if k >= 20:    # a 0.5 s model: the frame stamped 15 images ago is paired now
             assert buffer.pair(start + (k - 15) * period, 0.005).status == PAIRED, k
-    assert [round(j) for j in jumps if j is not None] == [3600, -3600]
+
+    last = []
+    outcomes = []
+    for k in range(200):
+        arrival = buffer.put(start + k * period, np.zeros((4, 4), np.uint16))
+        outcomes.append(arrival)
+        last[:] = [arrival]
+        waits.now += 1 / 30
+        each(k)
+    said = [a for a in outcomes if a != Arrival()]
+    if off is None:   # stamp 0 is an unstamped image's: not judged by stamps (kept, harmless)
+        assert said == []
+    else:
+        assert len(said) == 1 and said[0].jump_s is None and round(said[0].stray_s) == round(off / SECOND)
     old = buffer.pair(start + 199 * period - 2 * SECOND, 0.005)   # older than every image kept
     assert old.status == UNSYNCED and not old.evicted
-    # A bag that loops: its stamps start again; they pair at once.
-    assert round(buffer.put(start, np.zeros((4, 4), np.uint16))) == round(-199 / 30)
-    assert buffer.pair(start, 0.005).status == PAIRED
-    # Depth stamped out of order by less than the horizon is no jump.
-    assert buffer.put(start - SECOND, np.zeros((4, 4), np.uint16)) is None and len(buffer) == 2
+
+
+def test_a_jump_of_the_depth_clock_confirmed_by_a_second_image_starts_the_ring_again():
+    """A bag that loops: its stamps go back and go on from there. The first image is set aside,
+    the second agrees with it: the ring starts again from the two (the old time line's stamps
+    would have made every new image look stale)."""
+    waits = _Waits()
+    buffer = _buffer_waiting_on(waits)
+    buffer.set_camera(CAMERA)
+    period, start = SECOND // 30, 100 * SECOND
+    _stream(buffer, waits, start, 60, period)
+    first = buffer.put(start, np.zeros((4, 4), np.uint16))
+    waits.now += 1 / 30
+    second = buffer.put(start + period, np.zeros((4, 4), np.uint16))
+    assert first == Arrival() and second.stray_s is None and round(second.jump_s) == -2
+    assert len(buffer) == 2 and buffer.pair(start, 0.005).status == PAIRED
+
+
+def test_a_pause_or_a_slow_depth_stream_is_no_jump():
+    """Stamps and the arrival clock move alike: a stream that pauses 3 s, or sends every 2 s,
+    was said to jump at every image (and lost its ring) under the first mend."""
+    waits = _Waits()
+    buffer = _buffer_waiting_on(waits)
+    buffer.set_camera(CAMERA)
+    outcomes = _stream(buffer, waits, 100 * SECOND, 10, SECOND // 30)
+    waits.now += 3.0
+    outcomes += _stream(buffer, waits, 100 * SECOND + 3 * SECOND + 10 * (SECOND // 30), 10, SECOND // 30)
+    outcomes += _stream(buffer, waits, 200 * SECOND, 5, 2 * SECOND)   # 0.5 Hz
+    assert [a for a in outcomes[:20] if a != Arrival()] == []
+    assert all(a.stray_s is None for a in outcomes[20:])   # the move to 200 s: a jump, once
+    assert sum(a.jump_s is not None for a in outcomes) == 1
+    assert len(buffer) == 5
 
 
 def test_a_frame_does_not_wait_for_an_unstamped_cameras_stopped_depth():
@@ -422,3 +477,34 @@ def test_a_frame_does_not_wait_for_an_unstamped_cameras_stopped_depth():
     assert waits.timeouts == []
     buffer.put(0, "again")   # it sends again: a frame waits for a newer image no more than before
     assert buffer.pair(0, 0.02, wait_s=0.2).depth == "again"
+
+
+def test_the_node_counts_and_says_strays_and_jumps_of_its_depth_stamps():
+    """Through the depth callback: a stray is a refused image (depth_rejected_stamp), a confirmed
+    jump is depth_clock_jumps, each with a warning that says what it was."""
+    from toist_ros.depth.inputs import DepthInputs
+    from toist_ros.diagnostics import Counters
+
+    warnings, counters = [], Counters()
+    logger = SimpleNamespace(warning=lambda text, **kwargs: warnings.append(text))
+    node = SimpleNamespace(get_logger=lambda: logger)
+    settings = {"input.reliability": "auto", "depth.topics": ["depth"], "depth.camera_info_topics": ["camera_info"],
+                "depth.buffer_mb": 128}
+    inputs = DepthInputs(node, settings, counters, callback_group=None)
+    inputs._names[0] = "/cam/depth"
+    waits = _Waits()
+    inputs.buffers[0]._clock = waits.clock
+
+    def send(seconds):
+        msg = _image(np.full((4, 4), 1000, np.uint16), "16UC1")
+        msg.header.stamp = SimpleNamespace(sec=int(seconds), nanosec=int(round(seconds % 1 * 1e9)))
+        inputs._on_depth(msg, 0)
+        waits.now += 0.1
+
+    for seconds in (100.0, 100.1, 4000.0, 100.3, 100.4, 50.0, 50.1, 50.2):   # a stray, then a loop back
+        send(seconds)
+    assert counters.get("depth_rejected_stamp") == 1 and counters.get("depth_rejected") == 1
+    assert counters.get("depth_clock_jumps") == 1 and counters.get("depth_received") == 8
+    assert warnings[0].startswith("rejected a depth image on /cam/depth: its header.stamp was +3899.800 s off")
+    assert warnings[1].startswith("depth on /cam/depth: header.stamp jumped -50.500 s")
+    assert len(inputs.buffers[0]) == 3   # 50.0, 50.1, 50.2

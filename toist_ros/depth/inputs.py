@@ -105,13 +105,20 @@ class DepthInputs:
                                             throttle_duration_sec=5.0)
             return
         self._counters.add("depth_received")
-        jump_s = self.buffers[index].put(stamp_ns(msg.header.stamp), depth)
-        if jump_s is not None:
+        arrival = self.buffers[index].put(stamp_ns(msg.header.stamp), depth)
+        if arrival.jump_s is not None:
             self._counters.add("depth_clock_jumps")
             self._node.get_logger().warning(
-                f"depth on {self._names[index]}: header.stamp jumped {jump_s:+.3f} s from the newest depth image "
-                "kept (a looping bag, a restarted driver or a wrong stamp); the depth images before it were "
-                "dropped", throttle_duration_sec=5.0)
+                f"depth on {self._names[index]}: header.stamp jumped {arrival.jump_s:+.3f} s against the time between "
+                "the images (a looping bag, a restarted driver); the depth images before it were dropped",
+                throttle_duration_sec=5.0)
+        if arrival.stray_s is not None:   # counted as refused images are (depth_rejected_<reason>)
+            self._counters.add("depth_rejected")
+            self._counters.add("depth_rejected_stamp")
+            self._node.get_logger().warning(
+                f"rejected a depth image on {self._names[index]}: its header.stamp was {arrival.stray_s:+.3f} s off "
+                "the stream's (the images before and after it agree; a wrong stamp, or one delivered late)",
+                throttle_duration_sec=5.0)
 
     def _on_info(self, msg: Any, index: int) -> None:
         try:

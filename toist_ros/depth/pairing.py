@@ -14,6 +14,9 @@ for it.
 The latest-frame policy is kept: a colour frame never waits for more than ``wait_s``, and depth
 never queues. CameraInfo messages are kept the same way and the one stamped closest to the colour
 frame is used (a camera's intrinsics rarely change, but a zoom or a resolution switch does).
+A depth image stamped out of line with its stream is set aside until the next one says whether it
+was a stray (dropped) or the first of a jump of the camera's clock (the ring starts again):
+:class:`Arrival`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import collections
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from toist_ros.depth.geometry import Intrinsics
 
@@ -61,6 +64,26 @@ class Pairing:
     evicted: bool = False   # not PAIRED because the ring's image or byte cap dropped this frame's depth
 
 
+class Arrival(NamedTuple):
+    """What :meth:`DepthBuffer.put` made of an image. One stamped out of line with the stream
+    (its stamp moved more than the horizon further or less than the time since the last image
+    kept: one image stamped 0 or an hour ahead, one delivered seconds late) is set aside; if the
+    next one is in line with the stream, it was a stray and is dropped (``stray_s``: how far off
+    it was); if the next one is in line with it instead, the camera's clock jumped (a bag that
+    loops, a driver restarted; ``jump_s``): the ring starts again from the two."""
+
+    jump_s: Optional[float] = None
+    stray_s: Optional[float] = None
+
+
+def _pending_off(pending: tuple, last: Optional[tuple]) -> float:
+    """Seconds the image set aside, ``pending`` ((stamp_ns, arrival, depth)), was off the line
+    of ``last`` ((stamp_ns, arrival))."""
+    if last is None:
+        return float("nan")
+    return ((pending[0] - last[0]) - (pending[1] - last[1]) * 1e9) * 1e-9
+
+
 class DepthBuffer:
     """Recent depth images of one camera (by ``header.stamp`` in nanoseconds) and its CameraInfo.
 
@@ -77,36 +100,57 @@ class DepthBuffer:
         self._bytes = 0
         self._clock = clock
         self.received = 0
-        self._capped_until = -1   # the newest stamp the image or byte cap (not the horizon) dropped
+        self._forget_frames()
 
-    def put(self, stamp_ns: int, depth: Any) -> Optional[float]:
-        """Keep ``depth``; returns the jump (seconds from the newest image kept) when its stamp is
-        more than the horizon away from it: the images kept before are then forgotten."""
+    def put(self, stamp_ns: int, depth: Any) -> "Arrival":
+        """Keep ``depth``, unless its stamp is out of line with the stream's (see :class:`Arrival`)."""
         stamp_ns = int(stamp_ns)
-        jump_s = None
+        arrival = self._clock()
+        outcome = Arrival()
         with self._cond:
-            newest = max((item[0] for item in self._frames), default=stamp_ns)
-            if abs(stamp_ns - newest) > self._horizon_ns:
-                # The camera's clock jumped (a bag that loops, a driver restarted, one image stamped
-                # far off): what is kept belongs to the other time line. Kept, its stamps would drop
-                # every image of this one as too old (or one far-future image all the others), and
-                # the cap's mark from that time line would call frames of this one evicted.
-                self._forget_frames()
-                jump_s = (stamp_ns - newest) * 1e-9
-                newest = stamp_ns
-            self._frames.append((stamp_ns, depth, self._clock()))
-            self._bytes += _nbytes(depth)
             self.received += 1
-            newest = max(newest, stamp_ns)
-            while len(self._frames) > BUFFER_FRAMES and (
-                    len(self._frames) > self._max_frames or self._bytes > self._max_bytes
-                    or self._frames[0][0] < newest - self._horizon_ns):
-                stamp, dropped, _ = self._frames.popleft()
-                self._bytes -= _nbytes(dropped)
-                if stamp >= newest - self._horizon_ns:  # within the horizon: the cap dropped it
-                    self._capped_until = max(self._capped_until, stamp)
+            off_ns = self._off_line_ns(stamp_ns, arrival, self._last)
+            if off_ns is not None:
+                pending, self._pending = self._pending, None
+                if pending is None or self._off_line_ns(stamp_ns, arrival, pending[:2]) is not None:
+                    # Alone out of line (so far): set aside; a second image in line with it is a jump.
+                    self._pending = (stamp_ns, arrival, depth)
+                    return Arrival(stray_s=None if pending is None else _pending_off(pending, self._last))
+                # Two images agree on a new time line: the camera's clock jumped (a bag that
+                # loops, a driver restarted). Kept, the old stamps would drop every new image as
+                # too old (or the new ones the old), and the cap's mark from the old time line
+                # would call frames of the new one evicted.
+                self._forget_frames()
+                self._keep(pending[0], pending[2], pending[1])
+                outcome = Arrival(jump_s=off_ns * 1e-9)
+            elif self._pending is not None:   # the image set aside was a stray: this one is in line
+                outcome = Arrival(stray_s=_pending_off(self._pending, self._last))
+                self._pending = None
+            self._keep(stamp_ns, depth, arrival)
             self._cond.notify_all()
-        return jump_s
+        return outcome
+
+    def _off_line_ns(self, stamp_ns: int, arrival: float, last: Optional[tuple]) -> Optional[int]:
+        """How far ``stamp_ns`` is off the line of the image ``last`` ((stamp_ns, arrival)): its
+        step in stamps minus its step in arrival time, when more than the horizon; else None. A
+        stream that pauses moves both alike; unstamped images (stamp 0) are never off line."""
+        if last is None or stamp_ns == 0 or last[0] == 0:
+            return None
+        off = (stamp_ns - last[0]) - int((arrival - last[1]) * 1e9)
+        return off if abs(off) > self._horizon_ns else None
+
+    def _keep(self, stamp_ns: int, depth: Any, arrival: float) -> None:
+        self._frames.append((stamp_ns, depth, arrival))
+        self._bytes += _nbytes(depth)
+        self._last = (stamp_ns, arrival)
+        newest = max(item[0] for item in self._frames)
+        while len(self._frames) > BUFFER_FRAMES and (
+                len(self._frames) > self._max_frames or self._bytes > self._max_bytes
+                or self._frames[0][0] < newest - self._horizon_ns):
+            stamp, dropped, _ = self._frames.popleft()
+            self._bytes -= _nbytes(dropped)
+            if stamp >= newest - self._horizon_ns:  # within the horizon: the cap dropped it
+                self._capped_until = max(self._capped_until, stamp)
 
     def clear(self) -> None:
         """Forget every depth image and camera model (the node stopped taking them)."""
@@ -118,6 +162,8 @@ class DepthBuffer:
         self._frames.clear()
         self._bytes = 0
         self._capped_until = -1
+        self._last = None      # (stamp_ns, arrival) of the image kept last: the stream's line
+        self._pending = None   # (stamp_ns, arrival, depth): one image out of that line, set aside
 
     def __len__(self) -> int:
         with self._cond:
@@ -174,4 +220,4 @@ def _nbytes(depth: Any) -> int:
     return int(getattr(depth, "nbytes", 0))
 
 
-__all__ = ["stamp_ns", "BUFFER_FRAMES", "HORIZON_S", "MAX_BYTES", "MAX_FRAMES", "CameraModel", "DepthBuffer", "MISSING", "PAIRED", "Pairing", "UNSYNCED"]
+__all__ = ["stamp_ns", "Arrival", "BUFFER_FRAMES", "HORIZON_S", "MAX_BYTES", "MAX_FRAMES", "CameraModel", "DepthBuffer", "MISSING", "PAIRED", "Pairing", "UNSYNCED"]
