@@ -292,9 +292,11 @@ def test_an_unstamped_cameras_depth_is_paired_only_while_it_is_recent():
     buffer.put(0, "again")
     assert buffer.pair(0, 0.02).depth == "again"
     # Stamped frames are paired by stamp, however long ago the depth arrived.
-    buffer.put(5 * SECOND, "stamped")
+    stamped = _buffer_waiting_on(waits)
+    stamped.set_camera(CAMERA)
+    stamped.put(5 * SECOND, "stamped")
     waits.now += 10.0
-    assert buffer.pair(5 * SECOND, 0.02).depth == "stamped"
+    assert stamped.pair(5 * SECOND, 0.02).depth == "stamped"
 
 
 def test_of_equally_close_depth_images_the_newest_is_paired():
@@ -424,11 +426,10 @@ def test_a_lone_depth_image_stamped_out_of_line_is_dropped_and_costs_no_pairing(
         last[:] = [arrival]
         waits.now += 1 / 30
         each(k)
-    said = [a for a in outcomes if a != Arrival()]
-    if off is None:   # stamp 0 is an unstamped image's: not judged by stamps (kept, harmless)
-        assert said == []
-    else:
-        assert len(said) == 1 and said[0].jump_s is None and round(said[0].stray_s) == round(off / SECOND)
+    said = [a for a in outcomes if a != Arrival(kept=1)]
+    at = 0 if off is None else start + 100 * period + off
+    expected = (at - (start + 100 * period)) / SECOND - 1 / 30   # its stamp step less the time step
+    assert len(said) == 1 and said[0].jump_s is None and said[0].stray_s == pytest.approx(expected, abs=1e-6)
     old = buffer.pair(start + 199 * period - 2 * SECOND, 0.005)   # older than every image kept
     assert old.status == UNSYNCED and not old.evicted
 
@@ -445,7 +446,7 @@ def test_a_jump_of_the_depth_clock_confirmed_by_a_second_image_starts_the_ring_a
     first = buffer.put(start, np.zeros((4, 4), np.uint16))
     waits.now += 1 / 30
     second = buffer.put(start + period, np.zeros((4, 4), np.uint16))
-    assert first == Arrival() and second.stray_s is None and round(second.jump_s) == -2
+    assert first == Arrival() and second.stray_s is None and round(second.jump_s) == -2 and second.kept == 2
     assert len(buffer) == 2 and buffer.pair(start, 0.005).status == PAIRED
 
 
@@ -459,7 +460,7 @@ def test_a_pause_or_a_slow_depth_stream_is_no_jump():
     waits.now += 3.0
     outcomes += _stream(buffer, waits, 100 * SECOND + 3 * SECOND + 10 * (SECOND // 30), 10, SECOND // 30)
     outcomes += _stream(buffer, waits, 200 * SECOND, 5, 2 * SECOND)   # 0.5 Hz
-    assert [a for a in outcomes[:20] if a != Arrival()] == []
+    assert [a for a in outcomes[:20] if a != Arrival(kept=1)] == []
     assert all(a.stray_s is None for a in outcomes[20:])   # the move to 200 s: a jump, once
     assert sum(a.jump_s is not None for a in outcomes) == 1
     assert len(buffer) == 5
@@ -493,7 +494,7 @@ def test_the_node_counts_and_says_strays_and_jumps_of_its_depth_stamps():
     inputs = DepthInputs(node, settings, counters, callback_group=None)
     inputs._names[0] = "/cam/depth"
     waits = _Waits()
-    inputs.buffers[0]._clock = waits.clock
+    inputs.buffers[0]._clock = inputs.buffers[0]._stream_clock = waits.clock
 
     def send(seconds):
         msg = _image(np.full((4, 4), 1000, np.uint16), "16UC1")
@@ -504,7 +505,35 @@ def test_the_node_counts_and_says_strays_and_jumps_of_its_depth_stamps():
     for seconds in (100.0, 100.1, 4000.0, 100.3, 100.4, 50.0, 50.1, 50.2):   # a stray, then a loop back
         send(seconds)
     assert counters.get("depth_rejected_stamp") == 1 and counters.get("depth_rejected") == 1
-    assert counters.get("depth_clock_jumps") == 1 and counters.get("depth_received") == 8
+    # received: the 7 images kept (the stray only as refused: 7 + 1 arrived, as for colour images)
+    assert counters.get("depth_clock_jumps") == 1 and counters.get("depth_received") == 7
     assert warnings[0].startswith("rejected a depth image on /cam/depth: its header.stamp was +3899.800 s off")
     assert warnings[1].startswith("depth on /cam/depth: header.stamp jumped -50.500 s")
     assert len(inputs.buffers[0]) == 3   # 50.0, 50.1, 50.2
+
+
+def test_late_images_flushed_after_a_stall_and_a_slowly_replayed_bag_stay_in_line():
+    """A driver that flushes 2 s of queued images at once: judged by the arrival clock alone, the
+    first was "a clock jump" and the ring was emptied (a frame stamped before the stall lost its
+    depth). A bag replayed at 0.1x under use_sim_time: the stamps follow the node's (sim) clock,
+    not the wall clock; judged by the wall clock every image was a stray."""
+    waits = _Waits()
+    buffer = _buffer_waiting_on(waits)
+    buffer.set_camera(CAMERA)
+    period, start = SECOND // 30, 100 * SECOND
+    outcomes = _stream(buffer, waits, start, 30, period)
+    waits.now += 2.0   # the stall; then its 60 images at once
+    for k in range(30, 90):
+        outcomes.append(buffer.put(start + k * period, np.zeros((4, 4), np.uint16)))
+        if k == 31:   # a frame stamped before the stall, still in the model when the flush comes
+            assert buffer.pair(start + 25 * period, 0.005).status == PAIRED
+    assert all(a == Arrival(kept=1) for a in outcomes)
+
+    sim = [0.0]
+    slow = DepthBuffer(clock=waits.clock, stream_clock=lambda: sim[0])
+    slow.set_camera(CAMERA)
+    for k in range(20):   # 5 Hz depth in sim time, 0.1x: 2 s of wall clock between images
+        assert slow.put(start + k * (SECOND // 5), np.zeros((4, 4), np.uint16)) == Arrival(kept=1), k
+        sim[0] += 0.2
+        waits.now += 2.0
+    assert len(slow) == 8 and slow.pair(start + 19 * (SECOND // 5), 0.005).status == PAIRED

@@ -67,7 +67,10 @@ class PerceptionExecutor(Executor):
     def _spin_once(self, timeout_sec: Optional[float], condition: Callable[[], bool] = lambda: False) -> None:
         try:
             handler, entity, _node = self.wait_for_ready_callbacks(timeout_sec, None, condition)
-        except (ExternalShutdownException, ShutdownException, TimeoutException, ConditionReachedException):
+        except (TimeoutException, ConditionReachedException):
+            self._invalid_in_a_row = 0   # a wait set was built: none of its entities was invalid
+            return
+        except (ExternalShutdownException, ShutdownException):
             return
         except InvalidHandle:
             # rclpy adds a waitable (a subscription's QoS event handler) to the wait set unguarded:

@@ -37,7 +37,8 @@ class DepthInputs:
         self._mode = settings["input.reliability"]
         self._depth_topics: Sequence[str] = settings["depth.topics"]
         self._info_topics: Sequence[str] = settings["depth.camera_info_topics"]
-        self.buffers = [DepthBuffer(max_bytes=int(settings["depth.buffer_mb"]) * 1024 * 1024)
+        self.buffers = [DepthBuffer(max_bytes=int(settings["depth.buffer_mb"]) * 1024 * 1024,
+                                    stream_clock=lambda: node.get_clock().now().nanoseconds * 1e-9)
                         for _ in self._depth_topics]
         self._subscriptions: list = [None] * len(self.buffers)
         self._reliable = [False] * len(self.buffers)
@@ -104,8 +105,9 @@ class DepthInputs:
             self._node.get_logger().warning(f"rejected a depth image on {self._names[index]}: {exc}",
                                             throttle_duration_sec=5.0)
             return
-        self._counters.add("depth_received")
         arrival = self.buffers[index].put(stamp_ns(msg.header.stamp), depth)
+        if arrival.kept:   # (an image set aside is counted when the next one says what it was)
+            self._counters.add("depth_received", arrival.kept)
         if arrival.jump_s is not None:
             self._counters.add("depth_clock_jumps")
             self._node.get_logger().warning(

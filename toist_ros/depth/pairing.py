@@ -66,14 +66,17 @@ class Pairing:
 
 class Arrival(NamedTuple):
     """What :meth:`DepthBuffer.put` made of an image. One stamped out of line with the stream
-    (its stamp moved more than the horizon further or less than the time since the last image
-    kept: one image stamped 0 or an hour ahead, one delivered seconds late) is set aside; if the
-    next one is in line with the stream, it was a stray and is dropped (``stray_s``: how far off
-    it was); if the next one is in line with it instead, the camera's clock jumped (a bag that
-    loops, a driver restarted; ``jump_s``): the ring starts again from the two."""
+    (more than the horizon from the newest stamp kept, and its stamp moved more than the horizon
+    further or less than the stream clock since the last image kept: one image stamped 0 or an
+    hour ahead, one delivered seconds after the others) is set aside; if the next one is in line
+    with the stream, it was a stray and is dropped (``stray_s``: how far off it was); if the
+    next one is in line with it instead, the camera's clock jumped (a bag that loops, a driver
+    restarted; ``jump_s``): the ring starts again from the two. ``kept``: images that went into
+    the ring (0: set aside)."""
 
     jump_s: Optional[float] = None
     stray_s: Optional[float] = None
+    kept: int = 0
 
 
 def _pending_off(pending: tuple, last: Optional[tuple]) -> float:
@@ -87,10 +90,13 @@ def _pending_off(pending: tuple, last: Optional[tuple]) -> float:
 class DepthBuffer:
     """Recent depth images of one camera (by ``header.stamp`` in nanoseconds) and its CameraInfo.
 
-    ``clock``: monotonic seconds, what ``pair`` measures ``wait_s`` with (tests)."""
+    ``clock``: monotonic seconds, what ``pair`` measures ``wait_s`` with (tests);
+    ``stream_clock``: seconds on the clock the camera stamps by (the node's ROS clock: sim time
+    under use_sim_time; default ``clock``), what says whether a stamp is in line (:class:`Arrival`)."""
 
     def __init__(self, horizon_s: float = HORIZON_S, max_frames: int = MAX_FRAMES, max_bytes: int = MAX_BYTES,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 stream_clock: Optional[Callable[[], float]] = None) -> None:
         self._frames: collections.deque = collections.deque()  # (stamp_ns, depth, arrival), arrival order
         self._cameras: collections.deque = collections.deque(maxlen=BUFFER_FRAMES)  # (stamp_ns, CameraModel)
         self._cond = threading.Condition()
@@ -99,50 +105,59 @@ class DepthBuffer:
         self._max_bytes = max_bytes
         self._bytes = 0
         self._clock = clock
+        self._stream_clock = clock if stream_clock is None else stream_clock
         self.received = 0
         self._forget_frames()
 
     def put(self, stamp_ns: int, depth: Any) -> "Arrival":
         """Keep ``depth``, unless its stamp is out of line with the stream's (see :class:`Arrival`)."""
         stamp_ns = int(stamp_ns)
-        arrival = self._clock()
-        outcome = Arrival()
+        arrival, now = self._clock(), self._stream_clock()
         with self._cond:
             self.received += 1
-            off_ns = self._off_line_ns(stamp_ns, arrival, self._last)
+            newest = max((item[0] for item in self._frames), default=None)
+            off_ns = self._off_line_ns(stamp_ns, now, newest, self._last)
+            outcome = Arrival(kept=1)
             if off_ns is not None:
                 pending, self._pending = self._pending, None
-                if pending is None or self._off_line_ns(stamp_ns, arrival, pending[:2]) is not None:
+                if pending is None or self._off_line_ns(stamp_ns, now, pending[0], pending[:2]) is not None:
                     # Alone out of line (so far): set aside; a second image in line with it is a jump.
-                    self._pending = (stamp_ns, arrival, depth)
+                    self._pending = (stamp_ns, now, depth, arrival)
                     return Arrival(stray_s=None if pending is None else _pending_off(pending, self._last))
                 # Two images agree on a new time line: the camera's clock jumped (a bag that
                 # loops, a driver restarted). Kept, the old stamps would drop every new image as
                 # too old (or the new ones the old), and the cap's mark from the old time line
                 # would call frames of the new one evicted.
                 self._forget_frames()
-                self._keep(pending[0], pending[2], pending[1])
-                outcome = Arrival(jump_s=off_ns * 1e-9)
+                self._keep(pending[0], pending[2], pending[3], pending[1])
+                outcome = Arrival(jump_s=off_ns * 1e-9, kept=2)
             elif self._pending is not None:   # the image set aside was a stray: this one is in line
-                outcome = Arrival(stray_s=_pending_off(self._pending, self._last))
+                outcome = Arrival(stray_s=_pending_off(self._pending, self._last), kept=1)
                 self._pending = None
-            self._keep(stamp_ns, depth, arrival)
+            self._keep(stamp_ns, depth, arrival, now)
             self._cond.notify_all()
         return outcome
 
-    def _off_line_ns(self, stamp_ns: int, arrival: float, last: Optional[tuple]) -> Optional[int]:
-        """How far ``stamp_ns`` is off the line of the image ``last`` ((stamp_ns, arrival)): its
-        step in stamps minus its step in arrival time, when more than the horizon; else None. A
-        stream that pauses moves both alike; unstamped images (stamp 0) are never off line."""
-        if last is None or stamp_ns == 0 or last[0] == 0:
+    def _off_line_ns(self, stamp_ns: int, now: float, newest_ns: Optional[int],
+                     last: Optional[tuple]) -> Optional[int]:
+        """How far ``stamp_ns`` is off the stream's line, when it is: more than the horizon from
+        the newest stamp kept (``newest_ns``) *and* its step from the image kept last (``last``:
+        (stamp_ns, stream clock)) more than the horizon longer or shorter than the time between
+        them on the stream clock (the node's: sim time under use_sim_time); else None. A stream
+        that pauses, or sends every few seconds, moves both alike; late images flushed together
+        after a stall are stamped near the newest. An unstamped camera (stamps 0) is never off
+        line; one image stamped 0 in a stamped stream is."""
+        if last is None or newest_ns is None or (stamp_ns == 0 and last[0] == 0):
             return None
-        off = (stamp_ns - last[0]) - int((arrival - last[1]) * 1e9)
+        if abs(stamp_ns - newest_ns) <= self._horizon_ns:
+            return None
+        off = (stamp_ns - last[0]) - int((now - last[1]) * 1e9)
         return off if abs(off) > self._horizon_ns else None
 
-    def _keep(self, stamp_ns: int, depth: Any, arrival: float) -> None:
+    def _keep(self, stamp_ns: int, depth: Any, arrival: float, now: float) -> None:
         self._frames.append((stamp_ns, depth, arrival))
         self._bytes += _nbytes(depth)
-        self._last = (stamp_ns, arrival)
+        self._last = (stamp_ns, now)
         newest = max(item[0] for item in self._frames)
         while len(self._frames) > BUFFER_FRAMES and (
                 len(self._frames) > self._max_frames or self._bytes > self._max_bytes
@@ -162,8 +177,8 @@ class DepthBuffer:
         self._frames.clear()
         self._bytes = 0
         self._capped_until = -1
-        self._last = None      # (stamp_ns, arrival) of the image kept last: the stream's line
-        self._pending = None   # (stamp_ns, arrival, depth): one image out of that line, set aside
+        self._last = None      # (stamp_ns, stream clock) of the image kept last: the stream's line
+        self._pending = None   # (stamp_ns, stream clock, depth, arrival): one image out of line, set aside
 
     def __len__(self) -> int:
         with self._cond:
