@@ -8,7 +8,7 @@ import pytest
 
 from toist_ros.depth.geometry import Intrinsics
 from toist_ros.depth.images import DepthError, depth_from_image, has_distortion, intrinsics_from_camera_info
-from toist_ros.depth.pairing import HORIZON_S, MAX_FRAMES, MISSING, PAIRED, UNSYNCED, Arrival, CameraModel, DepthBuffer
+from toist_ros.depth.pairing import HORIZON_S, MAX_FRAMES, MISSING, PAIRED, UNSYNCED, CameraModel, DepthBuffer
 
 
 def _image(array: np.ndarray, encoding: str, big_endian: bool = False, pad: int = 0):
@@ -208,10 +208,12 @@ def test_the_camera_info_stamped_closest_to_the_frame_is_used():
 
 
 def test_the_ring_forgets_old_depth():
-    buffer = DepthBuffer(horizon_s=0.1)
+    waits = _Waits()
+    buffer = DepthBuffer(horizon_s=0.1, clock=waits.clock)
     buffer.set_camera(CAMERA)
     for i in range(20):
         buffer.put(i * SECOND // 10, i)   # 10 Hz
+        waits.now += 0.1
     assert buffer.pair(19 * SECOND // 10, 0.01).depth == 19
     assert len(buffer) == 8               # the newest 8 stay, however old
     assert buffer.pair(2 * SECOND // 10, 0.01).status == UNSYNCED  # pushed out by newer ones
@@ -384,88 +386,6 @@ def test_distortion_is_warned_about_once_per_camera():
     assert all(buffer._cameras for buffer in inputs.buffers)  # used all the same
 
 
-def _stream(buffer, waits, start_ns, count, period_ns, every_put=None):
-    """``count`` depth images at ``period_ns`` (stamps and arrival clock alike); their Arrivals."""
-    outcomes = []
-    for k in range(count):
-        outcomes.append(buffer.put(start_ns + k * period_ns, np.zeros((4, 4), np.uint16)))
-        waits.now += period_ns * 1e-9
-        if every_put is not None:
-            every_put(k)
-    return outcomes
-
-
-@pytest.mark.parametrize("stray", ["an hour ahead", "stamped 0", "two seconds late"])
-def test_a_lone_depth_image_stamped_out_of_line_is_dropped_and_costs_no_pairing(stray):
-    """One depth image stamped far off (a driver glitch, an image delivered late) made every other
-    image look stale (an hour ahead: the ring fell to its 8 newest, a slow model's frames unpaired
-    for over a second, and the cap's mark from the future said "evicted" for ever); emptying the
-    ring at such a stamp (the first mend) cost half a second of pairing, twice. Now it is set
-    aside, and dropped when the next image is in line with the stream."""
-    waits = _Waits()
-    buffer = _buffer_waiting_on(waits)
-    buffer.set_camera(CAMERA)
-    period, start = SECOND // 30, 100 * SECOND
-    off = {"an hour ahead": 3600 * SECOND, "stamped 0": None, "two seconds late": -2 * SECOND}[stray]
-    strays = []
-
-    def each(k):
-        if k == 100:   # the stray, between two images of the stream
-            at = 0 if off is None else start + k * period + off
-            assert buffer.put(at, np.zeros((4, 4), np.uint16)) == Arrival()   # set aside, nothing said yet
-        if k == 101:
-            strays.append(last[0])
-        if k >= 20:    # a 0.5 s model: the frame stamped 15 images ago is paired now
-            assert buffer.pair(start + (k - 15) * period, 0.005).status == PAIRED, k
-
-    last = []
-    outcomes = []
-    for k in range(200):
-        arrival = buffer.put(start + k * period, np.zeros((4, 4), np.uint16))
-        outcomes.append(arrival)
-        last[:] = [arrival]
-        waits.now += 1 / 30
-        each(k)
-    said = [a for a in outcomes if a != Arrival(kept=1)]
-    at = 0 if off is None else start + 100 * period + off
-    expected = (at - (start + 100 * period)) / SECOND - 1 / 30   # its stamp step less the time step
-    assert len(said) == 1 and said[0].jump_s is None and said[0].stray_s == pytest.approx(expected, abs=1e-6)
-    old = buffer.pair(start + 199 * period - 2 * SECOND, 0.005)   # older than every image kept
-    assert old.status == UNSYNCED and not old.evicted
-
-
-def test_a_jump_of_the_depth_clock_confirmed_by_a_second_image_starts_the_ring_again():
-    """A bag that loops: its stamps go back and go on from there. The first image is set aside,
-    the second agrees with it: the ring starts again from the two (the old time line's stamps
-    would have made every new image look stale)."""
-    waits = _Waits()
-    buffer = _buffer_waiting_on(waits)
-    buffer.set_camera(CAMERA)
-    period, start = SECOND // 30, 100 * SECOND
-    _stream(buffer, waits, start, 60, period)
-    first = buffer.put(start, np.zeros((4, 4), np.uint16))
-    waits.now += 1 / 30
-    second = buffer.put(start + period, np.zeros((4, 4), np.uint16))
-    assert first == Arrival() and second.stray_s is None and round(second.jump_s) == -2 and second.kept == 2
-    assert len(buffer) == 2 and buffer.pair(start, 0.005).status == PAIRED
-
-
-def test_a_pause_or_a_slow_depth_stream_is_no_jump():
-    """Stamps and the arrival clock move alike: a stream that pauses 3 s, or sends every 2 s,
-    was said to jump at every image (and lost its ring) under the first mend."""
-    waits = _Waits()
-    buffer = _buffer_waiting_on(waits)
-    buffer.set_camera(CAMERA)
-    outcomes = _stream(buffer, waits, 100 * SECOND, 10, SECOND // 30)
-    waits.now += 3.0
-    outcomes += _stream(buffer, waits, 100 * SECOND + 3 * SECOND + 10 * (SECOND // 30), 10, SECOND // 30)
-    outcomes += _stream(buffer, waits, 200 * SECOND, 5, 2 * SECOND)   # 0.5 Hz
-    assert [a for a in outcomes[:20] if a != Arrival(kept=1)] == []
-    assert all(a.stray_s is None for a in outcomes[20:])   # the move to 200 s: a jump, once
-    assert sum(a.jump_s is not None for a in outcomes) == 1
-    assert len(buffer) == 5
-
-
 def test_a_frame_does_not_wait_for_an_unstamped_cameras_stopped_depth():
     """Every stamp 0: the last depth image of a stopped stream is not paired (it arrived too long
     ago), yet its stamp said a newer one could still come, so every frame waited depth.wait_s."""
@@ -480,60 +400,66 @@ def test_a_frame_does_not_wait_for_an_unstamped_cameras_stopped_depth():
     assert buffer.pair(0, 0.02, wait_s=0.2).depth == "again"
 
 
-def test_the_node_counts_and_says_strays_and_jumps_of_its_depth_stamps():
-    """Through the depth callback: a stray is a refused image (depth_rejected_stamp), a confirmed
-    jump is depth_clock_jumps, each with a warning that says what it was."""
-    from toist_ros.depth.inputs import DepthInputs
-    from toist_ros.diagnostics import Counters
-
-    warnings, counters = [], Counters()
-    logger = SimpleNamespace(warning=lambda text, **kwargs: warnings.append(text))
-    node = SimpleNamespace(get_logger=lambda: logger)
-    settings = {"input.reliability": "auto", "depth.topics": ["depth"], "depth.camera_info_topics": ["camera_info"],
-                "depth.buffer_mb": 128}
-    inputs = DepthInputs(node, settings, counters, callback_group=None)
-    inputs._names[0] = "/cam/depth"
-    waits = _Waits()
-    inputs.buffers[0]._clock = inputs.buffers[0]._stream_clock = waits.clock
-
-    def send(seconds):
-        msg = _image(np.full((4, 4), 1000, np.uint16), "16UC1")
-        msg.header.stamp = SimpleNamespace(sec=int(seconds), nanosec=int(round(seconds % 1 * 1e9)))
-        inputs._on_depth(msg, 0)
-        waits.now += 0.1
-
-    for seconds in (100.0, 100.1, 4000.0, 100.3, 100.4, 50.0, 50.1, 50.2):   # a stray, then a loop back
-        send(seconds)
-    assert counters.get("depth_rejected_stamp") == 1 and counters.get("depth_rejected") == 1
-    # received: the 7 images kept (the stray only as refused: 7 + 1 arrived, as for colour images)
-    assert counters.get("depth_clock_jumps") == 1 and counters.get("depth_received") == 7
-    assert warnings[0].startswith("rejected a depth image on /cam/depth: its header.stamp was +3899.800 s off")
-    assert warnings[1].startswith("depth on /cam/depth: header.stamp jumped -50.500 s")
-    assert len(inputs.buffers[0]) == 3   # 50.0, 50.1, 50.2
+def _stream(buffer, waits, start_ns, count, period_ns, each=None):
+    """``count`` depth images ``period_ns`` apart, in stamps and in arrival time alike."""
+    for k in range(count):
+        buffer.put(start_ns + k * period_ns, np.zeros((4, 4), np.uint16))
+        waits.now += period_ns * 1e-9
+        if each is not None:
+            each(k)
 
 
-def test_late_images_flushed_after_a_stall_and_a_slowly_replayed_bag_stay_in_line():
-    """A driver that flushes 2 s of queued images at once: judged by the arrival clock alone, the
-    first was "a clock jump" and the ring was emptied (a frame stamped before the stall lost its
-    depth). A bag replayed at 0.1x under use_sim_time: the stamps follow the node's (sim) clock,
-    not the wall clock; judged by the wall clock every image was a stray."""
+@pytest.mark.parametrize("stray", ["an hour ahead", "stamped 0", "two seconds late"])
+def test_a_depth_image_stamped_far_off_costs_nothing_but_its_slot(stray):
+    """The ring was trimmed by the newest stamp: one image stamped an hour ahead (a driver glitch)
+    made every other image look stale (the ring fell to its 8 newest: a slow model's frames went
+    unpaired for over a second), and once the cap dropped it, its future stamp stayed the cap's
+    mark: frames older than every kept image were said to be evicted for ever ("raise
+    depth.buffer_mb"). Now the ring keeps what arrived in the last HORIZON_S."""
     waits = _Waits()
     buffer = _buffer_waiting_on(waits)
     buffer.set_camera(CAMERA)
     period, start = SECOND // 30, 100 * SECOND
-    outcomes = _stream(buffer, waits, start, 30, period)
+    at = {"an hour ahead": start + 3700 * SECOND, "stamped 0": 0, "two seconds late": start + 100 * period - 2 * SECOND}
+
+    def each(k):
+        if k == 100:
+            buffer.put(at[stray], np.zeros((4, 4), np.uint16))
+        if k >= 20:    # a 0.5 s model: the frame stamped 15 images ago is paired now
+            assert buffer.pair(start + (k - 15) * period, 0.005).status == PAIRED, k
+
+    _stream(buffer, waits, start, 200, period, each)
+    assert len(buffer) in (45, 46)   # HORIZON_S of arrivals at 30 Hz
+    old = buffer.pair(start + 199 * period - 2 * SECOND, 0.005)   # older than every image kept
+    assert old.status == UNSYNCED and not old.evicted
+
+
+def test_a_looping_bag_pairs_at_once_when_its_stamps_go_back():
+    waits = _Waits()
+    buffer = _buffer_waiting_on(waits)
+    buffer.set_camera(CAMERA)
+    period, start = SECOND // 30, 100 * SECOND
+    _stream(buffer, waits, start, 60, period)
+    _stream(buffer, waits, start, 3, period)   # the bag again from its start
+    assert buffer.pair(start + period, 0.005).status == PAIRED
+    _stream(buffer, waits, start + 3 * period, 60, period)
+    assert len(buffer) in (45, 46)   # the first pass's images aged out
+
+
+def test_late_images_flushed_after_a_stall_and_a_slow_depth_stream_are_kept():
+    """Kept by arrival: a driver that flushes 2 s of queued images at once, and a depth stream
+    of one image every 2 s, pair as any other."""
+    waits = _Waits()
+    buffer = _buffer_waiting_on(waits)
+    buffer.set_camera(CAMERA)
+    period, start = SECOND // 30, 100 * SECOND
+    _stream(buffer, waits, start, 30, period)
     waits.now += 2.0   # the stall; then its 60 images at once
     for k in range(30, 90):
-        outcomes.append(buffer.put(start + k * period, np.zeros((4, 4), np.uint16)))
+        buffer.put(start + k * period, np.zeros((4, 4), np.uint16))
         if k == 31:   # a frame stamped before the stall, still in the model when the flush comes
             assert buffer.pair(start + 25 * period, 0.005).status == PAIRED
-    assert all(a == Arrival(kept=1) for a in outcomes)
-
-    sim = [0.0]
-    slow = DepthBuffer(clock=waits.clock, stream_clock=lambda: sim[0])
+    slow = _buffer_waiting_on(waits)
     slow.set_camera(CAMERA)
-    for k in range(20):   # 5 Hz depth in sim time, 0.1x: 2 s of wall clock between images
-        assert slow.put(start + k * (SECOND // 5), np.zeros((4, 4), np.uint16)) == Arrival(kept=1), k
-        sim[0] += 0.2
-        waits.now += 2.0
-    assert len(slow) == 8 and slow.pair(start + 19 * (SECOND // 5), 0.005).status == PAIRED
+    _stream(slow, waits, 200 * SECOND, 12, 2 * SECOND)
+    assert len(slow) == 8 and slow.pair(200 * SECOND + 22 * SECOND, 0.005).status == PAIRED

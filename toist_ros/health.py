@@ -27,7 +27,7 @@ _COUNTERS = ("received", "processed", "dropped_replaced", "dropped_out_of_order"
 
 # Reported with depth.enabled, 0 until something happens (depth_rejected_<reason> follow them).
 _DEPTH_COUNTERS = ("depth_received", "depth_paired", "depth_missing", "depth_unsynced", "depth_evicted",
-                   "depth_clock_jumps", "depth_rejected", "camera_info_rejected", "instances_3d")
+                   "depth_rejected", "camera_info_rejected", "instances_3d")
 
 
 def report_values(*, ready: bool, task: Any, model: Any, counters: Counters, inference_ms: Percentiles,

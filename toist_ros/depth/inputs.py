@@ -37,8 +37,7 @@ class DepthInputs:
         self._mode = settings["input.reliability"]
         self._depth_topics: Sequence[str] = settings["depth.topics"]
         self._info_topics: Sequence[str] = settings["depth.camera_info_topics"]
-        self.buffers = [DepthBuffer(max_bytes=int(settings["depth.buffer_mb"]) * 1024 * 1024,
-                                    stream_clock=lambda: node.get_clock().now().nanoseconds * 1e-9)
+        self.buffers = [DepthBuffer(max_bytes=int(settings["depth.buffer_mb"]) * 1024 * 1024)
                         for _ in self._depth_topics]
         self._subscriptions: list = [None] * len(self.buffers)
         self._reliable = [False] * len(self.buffers)
@@ -105,22 +104,8 @@ class DepthInputs:
             self._node.get_logger().warning(f"rejected a depth image on {self._names[index]}: {exc}",
                                             throttle_duration_sec=5.0)
             return
-        arrival = self.buffers[index].put(stamp_ns(msg.header.stamp), depth)
-        if arrival.kept:   # (an image set aside is counted when the next one says what it was)
-            self._counters.add("depth_received", arrival.kept)
-        if arrival.jump_s is not None:
-            self._counters.add("depth_clock_jumps")
-            self._node.get_logger().warning(
-                f"depth on {self._names[index]}: header.stamp jumped {arrival.jump_s:+.3f} s against the time between "
-                "the images (a looping bag, a restarted driver); the depth images before it were dropped",
-                throttle_duration_sec=5.0)
-        if arrival.stray_s is not None:   # counted as refused images are (depth_rejected_<reason>)
-            self._counters.add("depth_rejected")
-            self._counters.add("depth_rejected_stamp")
-            self._node.get_logger().warning(
-                f"rejected a depth image on {self._names[index]}: its header.stamp was {arrival.stray_s:+.3f} s off "
-                "the stream's (the images before and after it agree; a wrong stamp, or one delivered late)",
-                throttle_duration_sec=5.0)
+        self._counters.add("depth_received")
+        self.buffers[index].put(stamp_ns(msg.header.stamp), depth)
 
     def _on_info(self, msg: Any, index: int) -> None:
         try:
