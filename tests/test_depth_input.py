@@ -463,3 +463,46 @@ def test_late_images_flushed_after_a_stall_and_a_slow_depth_stream_are_kept():
     slow.set_camera(CAMERA)
     _stream(slow, waits, 200 * SECOND, 12, 2 * SECOND)
     assert len(slow) == 8 and slow.pair(200 * SECOND + 22 * SECOND, 0.005).status == PAIRED
+
+
+def test_evicted_only_when_a_larger_buffer_would_have_kept_the_frames_depth():
+    """Said as "raise depth.buffer_mb": true only for an image the cap dropped while its age
+    (HORIZON_S since it arrived) would have kept it; not for one that aged out anyway, nor, after
+    a bag looped, for a frame whose depth never came although the last pass's image of that stamp
+    was capped."""
+    from toist_ros.depth.images import DepthImage
+
+    def big():
+        return DepthImage(np.zeros((480, 640), np.float32), 1.0)
+
+    waits = _Waits()
+    buffer = DepthBuffer(max_bytes=10 * 480 * 640 * 4, clock=waits.clock)   # 10 VGA 32FC1 images
+    buffer.set_camera(CAMERA)
+    period, start = SECOND // 30, 100 * SECOND
+    for k in range(30):
+        buffer.put(start + k * period, big())
+        waits.now += 1 / 30
+    assert buffer.pair(start + 5 * period, 0.005).evicted   # capped at 0.5 s of age: a larger buffer helps
+    waits.now += 2.0
+    buffer.put(start + 90 * period, big())
+    aged = buffer.pair(start + 5 * period, 0.005)           # 3 s later: it would have aged out anyway
+    assert aged.status == UNSYNCED and not aged.evicted
+    for k in range(30):   # the bag again: stamps repeat; image 12 of this pass never comes
+        if k != 12:
+            buffer.put(start + k * period, big())
+        waits.now += 1 / 30
+    waits.now += 2.0
+    never = buffer.pair(start + 12 * period, 0.005)
+    assert never.status == UNSYNCED and not never.evicted
+
+
+def test_no_frame_waits_for_a_stamped_camera_whose_depth_stopped():
+    """Its last images stay in the ring, stamped before every later frame: each frame waited the
+    whole depth.wait_s for an image that could not come."""
+    waits = _Waits()
+    buffer = _buffer_waiting_on(waits)
+    buffer.set_camera(CAMERA)
+    _stream(buffer, waits, 100 * SECOND, 30, SECOND // 30)
+    waits.now += 9.0   # the depth stream stopped 9 s ago
+    assert buffer.pair(109 * SECOND, 0.02, wait_s=0.2).status == UNSYNCED
+    assert waits.timeouts == []

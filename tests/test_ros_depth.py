@@ -286,23 +286,33 @@ def test_a_frame_whose_depth_the_buffer_dropped_is_counted_as_evicted(node, prob
     from toist_ros.depth.pairing import MAX_FRAMES
     from toist_ros.msg import TaskInstances
 
+    import time
+
     buffer = node._depth.buffers[0]
     before = node.counters.get("depth_evicted")
-    # Stamped 3 s ahead, so that the depth sent first is not too old for the frame when it goes.
-    colour = probe.image(_photo(WIDTH, HEIGHT), "depth_evicted_frame", encoding="rgb8", age_s=-3.0)
-    probe.info_pub.publish(probe.camera_info())
-    for k in range(MAX_FRAMES + 6):   # its own, then more than the buffer keeps, 10 ms apart
-        received = buffer.received
-        probe.depth_pub.publish(probe.depth(colour.header, offset_s=0.01 * k))
-        assert wait_for(lambda: buffer.received > received, timeout=5)
-    stamp_ns = colour.header.stamp.sec * 10**9 + colour.header.stamp.nanosec
-    assert wait_for(lambda: probe.node.get_clock().now().nanoseconds > stamp_ns, timeout=10)
-    probe.image_pub.publish(colour)
-    result = probe.result_for(colour.header, timeout=10.0)
-    assert result is not None and result.depth_status == TaskInstances.DEPTH_UNSYNCED
-    assert node.counters.get("depth_evicted") == before + 1
-    assert "its depth image was dropped from the buffer" in capfd.readouterr().err
-    buffer.clear()   # the later tests' frames are paired afresh, not among these future stamps
+    # The buffer's clock at a tenth of the speed: the frame goes ~3 s after its depth arrived, and
+    # only depth the cap dropped within 1.5 s of its arrival is "evicted" (older depth would have
+    # aged out anyway); in the buffer's time it then went 0.3 s after.
+    began = time.monotonic()
+    buffer._clock = lambda: began + 0.1 * (time.monotonic() - began)
+    try:
+        # Stamped 3 s ahead, so that the depth sent first is not too old for the frame when it goes.
+        colour = probe.image(_photo(WIDTH, HEIGHT), "depth_evicted_frame", encoding="rgb8", age_s=-3.0)
+        probe.info_pub.publish(probe.camera_info())
+        for k in range(MAX_FRAMES + 6):   # its own, then more than the buffer keeps, 10 ms apart
+            received = buffer.received
+            probe.depth_pub.publish(probe.depth(colour.header, offset_s=0.01 * k))
+            assert wait_for(lambda: buffer.received > received, timeout=5)
+        stamp_ns = colour.header.stamp.sec * 10**9 + colour.header.stamp.nanosec
+        assert wait_for(lambda: probe.node.get_clock().now().nanoseconds > stamp_ns, timeout=10)
+        probe.image_pub.publish(colour)
+        result = probe.result_for(colour.header, timeout=10.0)
+        assert result is not None and result.depth_status == TaskInstances.DEPTH_UNSYNCED
+        assert node.counters.get("depth_evicted") == before + 1
+        assert "its depth image was dropped from the buffer" in capfd.readouterr().err
+    finally:
+        buffer._clock = time.monotonic
+        buffer.clear()   # the later tests' frames are paired afresh, not among these future stamps
 
 
 def test_3d_without_publishing_masks_and_min_max_checked_together(node, probe):

@@ -222,7 +222,8 @@ class InferenceWorker:
             self._node.get_logger().warning(
                 f"no 3D for a frame of {camera.subscribed_name}: its depth image was dropped from the buffer (at most "
                 f"{settings['depth.buffer_mb']} MiB and {MAX_FRAMES} images per camera) before the model finished "
-                "with the frame; raise depth.buffer_mb, or send smaller depth images (16UC1, lower resolution)",
+                "with the frame; raise depth.buffer_mb, or send smaller depth images (16UC1, lower resolution), or "
+                f"fewer (at most {MAX_FRAMES} are kept: a lower depth rate)",
                 throttle_duration_sec=10.0)
         self._counters.add(f"depth_{pairing.status}")
         camera.depth_outcomes[pairing.status] += 1

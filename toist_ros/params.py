@@ -116,7 +116,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("depth.wait_s", 0.02, "after inference, wait at most this long for a depth image that could still "
               "pair with the frame (s)", low=0.0, high=1.0),
     ParamSpec("depth.buffer_mb", 256, "depth images kept per camera for pairing, at most this many MiB (and 64 "
-              "images, those of the last 1.5 s); raise it when a slow model meets large depth images (depth_evicted)",
+              "images, those of the last 1.5 s; the 8 newest whatever their size); raise it when a slow model meets "
+              "large depth images (depth_evicted)",
               read_only=True, low=8, high=65536),
     ParamSpec("depth.same_frame", True, "refuse a depth image or CameraInfo whose header.frame_id is not the colour "
               "image's (the raw depth stream or the depth camera's CameraInfo: 3D positions centimetres off); false "

@@ -79,8 +79,9 @@ class DepthBuffer:
         self._bytes = 0
         self._clock = clock
         self.received = 0
-        # Stamps of images the image or byte cap (not their age) dropped, the newest few hundred:
-        # a frame whose depth is among them is told it was evicted (raise depth.buffer_mb).
+        # (stamp_ns, arrival) of images the image or byte cap (not their age) dropped, the newest
+        # few hundred: a frame whose depth is among them, and would still be kept but for the cap
+        # (arrived within the horizon), is told it was evicted (raise depth.buffer_mb).
         self._capped: collections.deque = collections.deque(maxlen=4 * max_frames)
 
     def put(self, stamp_ns: int, depth: Any) -> None:
@@ -96,7 +97,7 @@ class DepthBuffer:
                 stamp, dropped, arrived = self._frames.popleft()
                 self._bytes -= _nbytes(dropped)
                 if arrived >= since:   # not its age: the cap dropped it
-                    self._capped.append(stamp)
+                    self._capped.append((stamp, arrived))
             self._cond.notify_all()
 
     def clear(self) -> None:
@@ -133,15 +134,19 @@ class DepthBuffer:
                     if camera is None:
                         return Pairing(MISSING)
                     return Pairing(PAIRED, best[1], camera, (best[0] - stamp_ns) * 1e-9)
-                # Wait only for a camera that sends depth: with none received yet, or none recent
-                # enough to pair (an unstamped camera's stopped stream), no frame waits; nor once
-                # the latest image to arrive is stamped after the frame (its own came before).
+                # Wait only for a camera that sends depth now: with none received, or none for the
+                # horizon (a stopped stream), no frame waits; nor once the latest image to arrive
+                # is stamped after the frame (its own came before).
                 candidates = self._candidates(stamp_ns)
-                could_come = bool(candidates) and candidates[-1][0] < stamp_ns + tolerance
-                remaining = deadline - self._clock()
+                now = self._clock()
+                could_come = (bool(candidates) and candidates[-1][2] >= now - self._horizon_s
+                              and candidates[-1][0] < stamp_ns + tolerance)
+                remaining = deadline - now
                 if not could_come or remaining <= 0:
-                    # Its own image was there, and the cap dropped it.
-                    evicted = stamp_ns > 0 and any(abs(stamp - stamp_ns) <= tolerance for stamp in self._capped)
+                    # Its own image was there, and the cap dropped it while its age would have kept it.
+                    since = now - self._horizon_s
+                    evicted = stamp_ns > 0 and any(abs(stamp - stamp_ns) <= tolerance and arrived >= since
+                                                   for stamp, arrived in self._capped)
                     if best is None:
                         return Pairing(MISSING, evicted=evicted)
                     return Pairing(UNSYNCED, offset_s=(best[0] - stamp_ns) * 1e-9, evicted=evicted)
