@@ -7,8 +7,9 @@ after it waited in its slot for the frame before it and then went through the mo
 two inference periods after it arrived (a ring of the 8 newest, a quarter second at 30 Hz and
 less at 60-90 Hz, had lost the matching image of any model slower than ~0.15 s). What is kept is
 decided by arrival, not by stamp: one image stamped far off (an hour ahead, 0, a bag that loops)
-then costs nothing but its own slot, where judged by the newest stamp it had made every other
-image look too old. The inference thread asks for the depth of a colour frame *after* the model
+then takes only its own slot (and, while it is the latest to arrive, a frame's wait for depth),
+where judged by the newest stamp it had made every other image look too old. The horizon is wall
+time: a bag played at half speed keeps 0.75 s of its stamps. The inference thread asks for the depth of a colour frame *after* the model
 has run on it (so a depth image that arrives a few milliseconds after its colour image is there
 by then) and gets the buffered one whose ``header.stamp`` is closest, if within ``max_dt_s``.
 When none is that close yet but one still could come (depth arrives, but the latest image is
