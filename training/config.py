@@ -385,6 +385,11 @@ def _deep_update(base: dict, new: dict, where: str) -> None:
 
 # ----------------------------------------------------------------------------- path checks
 
+# Init files this process has checked whole, as (path, size, mtime): `toist train` checks the
+# paths before building the Trainer, which checks them again (for API users).
+_CHECKED_INIT_FILES: set[tuple[str, int, int]] = set()
+
+
 def _check_init_file(field_name: str, value: str) -> None:
     """A checkpoint file (not a model directory, whose loading checks its digests) that is no
     ``torch.save`` file or a damaged one, refused now: found when the weights were loaded, after
@@ -394,10 +399,16 @@ def _check_init_file(field_name: str, value: str) -> None:
 
     if is_model_dir(value):
         return
+    path = Path(value).expanduser()
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _CHECKED_INIT_FILES:
+        return
     try:
-        check_torch_file(value)   # its first bytes and every CRC-32 (one read of the file)
+        check_torch_file(path)   # its first bytes and every CRC-32 (one read of the file)
     except CheckpointError as exc:
         raise ConfigError(f"{field_name}: {exc}") from None
+    _CHECKED_INIT_FILES.add(key)
 
 
 def check_paths(cfg: TrainConfig, resume: Optional[str] = None) -> None:
