@@ -127,9 +127,9 @@ class DepthBuffer:
         deadline = self._clock() + max(0.0, wait_s)
         with self._cond:
             while True:
+                candidates = self._candidates(stamp_ns)
                 # Newest first: of equally close images (unstamped frames: every stamp 0) the newest wins.
-                best = min(reversed(self._candidates(stamp_ns)), key=lambda item: abs(item[0] - stamp_ns),
-                           default=None)
+                best = min(reversed(candidates), key=lambda item: abs(item[0] - stamp_ns), default=None)
                 if best is not None and abs(best[0] - stamp_ns) <= tolerance:
                     camera = self._camera_at(stamp_ns)
                     if camera is None:
@@ -138,14 +138,13 @@ class DepthBuffer:
                 # Wait only for a camera that sends depth now: with none received, or none for the
                 # horizon (a stopped stream), no frame waits; nor once the latest image to arrive
                 # is stamped after the frame (its own came before).
-                candidates = self._candidates(stamp_ns)
                 now = self._clock()
-                could_come = (bool(candidates) and candidates[-1][2] >= now - self._horizon_s
+                since = now - self._horizon_s
+                could_come = (bool(candidates) and candidates[-1][2] >= since
                               and candidates[-1][0] < stamp_ns + tolerance)
                 remaining = deadline - now
                 if not could_come or remaining <= 0:
                     # Its own image was there, and the cap dropped it while its age would have kept it.
-                    since = now - self._horizon_s
                     evicted = stamp_ns > 0 and any(abs(stamp - stamp_ns) <= tolerance and arrived >= since
                                                    for stamp, arrived in self._capped)
                     if best is None:
