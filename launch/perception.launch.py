@@ -98,6 +98,30 @@ def _flag(name, text):
     return value in _TRUE
 
 
+def _file_enables_depth(path):
+    """Whether the params file sets ``depth.enabled: true`` under any node key (the launch does
+    not match keys against the node: this only decides whether a note is worth saying)."""
+    import yaml
+
+    try:
+        with open(path, "rb") as handle:
+            data = yaml.safe_load(handle)
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+
+    def enables(entries):
+        if not isinstance(entries, dict):
+            return False
+        parameters = entries.get("ros__parameters")
+        if isinstance(parameters, dict):
+            depth = parameters.get("depth")
+            if parameters.get("depth.enabled") is True or (isinstance(depth, dict) and depth.get("enabled") is True):
+                return True
+        return any(enables(entry) for key, entry in entries.items() if key != "ros__parameters")
+
+    return enables(data)
+
+
 def node_options(args):
     """What the node is started with, from the launch arguments (a dict of strings).
 
@@ -136,6 +160,11 @@ def node_options(args):
         text = args[name].strip()
         if text:
             overrides[parameter] = _flag(name, text) if kind is bool else text
+    depth_topics = [f"{name}:={args[name].strip()}" for name, default, _ in ARGUMENTS
+                    if name in ("depth_topic", "camera_info_topic") and args[name].strip() != default]
+    if depth_topics and not overrides.get("depth.enabled") and not _file_enables_depth(params_file):
+        notes.append(f"{' and '.join(depth_topics)} {'has' if len(depth_topics) == 1 else 'have'} no effect: 3D is off (add depth:=true, or depth.enabled: true "
+                     "in params_file)")
     return {
         "executable": LIFECYCLE_EXECUTABLE if lifecycle else EXECUTABLE,
         "lifecycle": lifecycle,
@@ -166,15 +195,18 @@ def stray_parameter_arguments(configurations):
 
 def overrides_file(options, directory=None):
     """The launch arguments' parameter overrides (``node_options``' dict) as a params file for
-    the node (``/**/toist_perception``), every text double-quoted; its path.
+    the node (``/**/**/toist_perception``), every text double-quoted; its path.
 
     launch_ros writes a dict's strings plain, and rcl reads a plain ``08`` as the double 8.0,
     ``y`` as true, ``inf`` as infinity: ``task:=08`` or ``checkpoint:=inf`` then reached the node
-    as numbers. The key is one no params file uses: under one key rcl keeps an earlier value of
-    a higher-ranked type (a ``params_file``'s ``task: 3`` over ``task:=bed``), while keys apply in
-    the order each first appears, so this one, first seen after ``params_file``'s, wins, as
-    launch arguments should; and ``/**/`` matches the node in whatever namespace an including
-    launch pushes (``PushRosNamespace``), which ``namespace`` alone does not say."""
+    as numbers. The key must be one no params file uses: under one key rcl keeps an earlier value
+    of a higher-ranked type (a ``params_file``'s ``task: 3`` over ``task:=bed``: the node stopped,
+    naming this file), while keys apply in the order each first appears, so a key of its own,
+    first seen after ``params_file``'s, wins, as launch arguments should. ``/**/toist_perception``
+    was that key until a params file keyed the same way met it; ``/**/**/toist_perception``
+    matches the same nodes (``**``: any number of namespace tokens, twice) and nobody writes it.
+    ``/**/`` matches the node in whatever namespace an including launch pushes
+    (``PushRosNamespace``), which ``namespace`` alone does not say."""
     import tempfile
 
     import yaml
@@ -185,7 +217,7 @@ def overrides_file(options, directory=None):
     QuotedText.add_representer(str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text,
                                                                                  style='"'))
     _, overrides = options["parameters"]
-    key = f"/**/{NODE_NAME}"
+    key = f"/**/**/{NODE_NAME}"
     handle, path = tempfile.mkstemp(prefix="toist_launch_", suffix=".yaml", dir=directory)
     with os.fdopen(handle, "w", encoding="utf-8") as out:
         yaml.dump({key: {"ros__parameters": overrides}}, out, Dumper=QuotedText, allow_unicode=True)

@@ -105,6 +105,22 @@ def test_depth_arguments_enable_depth_and_remap_its_topics():
     assert detections["parameters"][1] == {"output.detections": True}
 
 
+def test_depth_topics_without_depth_are_named(tmp_path):
+    """depth_topic:= / camera_info_topic:= without depth:=true remapped topics nobody subscribes
+    to, and nothing said so: 3D stayed off."""
+    launch = _load()
+    topics = {"depth_topic": "/cam/aligned_depth", "camera_info_topic": "/cam/info"}
+    options = launch.node_options({"params_file": P_YAML, **topics})
+    assert options["notes"] == ["depth_topic:=/cam/aligned_depth and camera_info_topic:=/cam/info have no effect: 3D is "
+                                "off (add depth:=true, or depth.enabled: true in params_file)"]
+    assert launch.node_options({"params_file": P_YAML, "depth": "true", **topics})["notes"] == []
+    enabled = tmp_path / "depth_on.yaml"   # the user's own file enables 3D: nothing to say
+    enabled.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"depth": {"enabled": True}}}}))
+    assert launch.node_options({"params_file": str(enabled), **topics})["notes"] == []
+    assert launch.node_options({"params_file": P_YAML, "depth": "false", "depth_topic": "/cam/d"})["notes"] == [
+        "depth_topic:=/cam/d has no effect: 3D is off (add depth:=true, or depth.enabled: true in params_file)"]
+
+
 def test_every_start_up_parameter_users_set_has_an_argument_of_the_right_type():
     """The node's own FATAL message says `allow_cpu_fallback:=true`: as a launch argument it must arrive."""
     launch = _load()
@@ -194,25 +210,27 @@ def test_command_line_matches_what_launch_ros_passes(tmp_path):
         "--params-file", str(overrides), "-r", "image:=/cam/image", "-r", "depth:=depth",
         "-r", "camera_info:=camera_info", "--log-level", "info"]
     assert yaml.safe_load(overrides.read_text()) == {
-        "/**/toist_perception": {"ros__parameters": {"use_sim_time": False, "task": "2"}}}
+        "/**/**/toist_perception": {"ros__parameters": {"use_sim_time": False, "task": "2"}}}
     assert launch.command_line(launch.node_options({"params_file": P_YAML}), tmp_path).count("--params-file") == 1
 
 
-@pytest.mark.parametrize("namespace", ["", "front"])
-def test_command_line_values_are_read_by_rcl_as_the_text_given(tmp_path, namespace):
+@pytest.mark.parametrize("namespace, key", [("", "/**"), ("", "/**/toist_perception"),
+                                            ("front", "/front/toist_perception"), ("front", "/**/toist_perception")])
+def test_command_line_values_are_read_by_rcl_as_the_text_given(tmp_path, namespace, key):
     """A task with an apostrophe made a `-p` rule rcl refused ("Couldn't parse parameter override
     rule"); launch_ros wrote a dict's text plain, which rcl read as numbers or bools (task:=08 the
     double 8.0, task:=y true, checkpoint:=inf infinity). The launch writes the overrides' params
-    file itself, text quoted, under a key of its own (/**/toist_perception: a params_file's `task:
-    3` under /** or the node's name is then replaced, not kept for its type)."""
+    file itself, text quoted, under a key of its own (/**/**/toist_perception: a params_file's
+    `task: 3` under /**, the node's name or /**/toist_perception is then replaced, not kept for its
+    type; under /**/toist_perception, the launch's key until then, the node stopped, naming the
+    launch's own file)."""
     import rclpy
     from rclpy.context import Context
 
     from toist_ros import params as P
 
     launch = _load()
-    own = tmp_path / "own.yaml"   # keyed as the package's file, or by the node's name: either way replaced
-    key = "/**" if not namespace else f"/{namespace}/toist_perception"
+    own = tmp_path / "own.yaml"   # keyed as the package's file, by the node's name or wildcard: replaced
     own.write_text(yaml.safe_dump({key: {"ros__parameters": {"task": 3, "score_threshold": 0.3}}}))
     for task, checkpoint, encoder in (("pour the baby's milk with", "say \"hi\".pth", "2"), ("08", "inf", "y"),
                                       ("1e3", "nan", "0x10"), ("5", "ü.pth", "on")):

@@ -292,6 +292,44 @@ def _declared(context, argv):
         node.destroy_node()
 
 
+def test_a_blank_task_is_refused_before_the_model_loads(context, tmp_path):
+    """task: "" or "  " passed the parameter check and stopped the node only after the model had
+    loaded ("task text is empty"); a lifecycle node failed every configure until restarted."""
+    for blank in ("", "  ", "\n"):
+        own = _own_file(tmp_path, "blank.yaml", "/**", task=blank)
+        with pytest.raises(P.ParameterError, match=r"task: .* is not valid; expected a task id, a task name or free "
+                                                   r"text, not blank"):
+            _declared(context, ["--ros-args", "--params-file", own])
+    own = _own_file(tmp_path, "text.yaml", "/**", task=" sit on ")
+    assert _declared(context, ["--ros-args", "--params-file", own])["task"] == " sit on "
+
+
+def test_a_params_file_keyed_for_another_node_is_named(context, tmp_path):
+    """A params file keyed by the executable's name (perception_node:), or by the node's name
+    without the namespace it runs in, set nothing and nothing said so: every value silently the
+    default."""
+    by_executable = _own_file(tmp_path, "by_executable.yaml", "perception_node", score_threshold=0.9)
+    settings = _declared(context, ["--ros-args", "--params-file", by_executable])
+    assert settings["score_threshold"] == 0.5
+    assert [n for n in settings.notes if n.startswith(f"{by_executable} sets nothing for this node (/toist_perception): "
+                                                      "its keys are /perception_node;")]
+    no_namespace = _own_file(tmp_path, "no_namespace.yaml", "/toist_perception", score_threshold=0.9)
+    node = rclpy.create_node("toist_perception", namespace="front", context=context,
+                             cli_args=["--ros-args", "--params-file", no_namespace])
+    try:
+        settings = P.declare(node, ["perception_node", "--ros-args", "--params-file", no_namespace])
+    finally:
+        node.destroy_node()
+    assert settings["score_threshold"] == 0.5
+    assert any(n.startswith(f"{no_namespace} sets nothing for this node (/front/toist_perception)") for n in settings.notes)
+    # A file with this node's key among others' is read, and nothing is said.
+    shared = tmp_path / "shared.yaml"
+    shared.write_text(yaml.safe_dump({"camera_driver": {"ros__parameters": {"fps": 30}},
+                                      "toist_perception": {"ros__parameters": {"score_threshold": 0.9}}}))
+    settings = _declared(context, ["--ros-args", "--params-file", str(shared)])
+    assert settings["score_threshold"] == 0.9 and not settings.notes
+
+
 def test_what_the_command_line_sets_last_is_what_the_node_takes(context, tmp_path):
     """rcl keeps a file's value over a later one of a lower-ranked type: `score_threshold: 1` in
     one's own params file and a later `-p score_threshold:=0.3` was refused ("give a number", a
@@ -339,7 +377,10 @@ def test_what_the_command_line_sets_last_is_what_the_node_takes(context, tmp_pat
                                      "front": {"toist_perception": {"ros__parameters": {"score_threshold": 1}}}}))
     settings = _declared(context, ["--ros-args", "--params-file", own, "-p", "score_threshold:=0.3",
                                    "--params-file", str(other)])
-    assert settings["score_threshold"] == 0.3 and not settings.notes
+    assert settings["score_threshold"] == 0.3
+    assert settings.notes == [f"{other} sets nothing for this node (/toist_perception): its keys are "
+                              "/**/camera_driver, /front/toist_perception; key it /** or by the node's name with its "
+                              "namespace (e.g. /front/toist_perception, or /**/toist_perception in any namespace)"]
     # rcl applies a node's keys in the order each first appears: a later /** file loses to an
     # earlier /**/toist_perception one (the launch's) when /** came first; refused, saying so.
     launch = _own_file(tmp_path, "launch_own.yaml", "/**/toist_perception", task="bed")

@@ -125,6 +125,8 @@ class CommandLine:
     settings: dict[str, list[Setting]] = field(default_factory=dict)
     first_seen: dict[str, int] = field(default_factory=dict)
     last_unread: int = -1
+    # Params files that read but have no key for this node: (path, their node keys).
+    not_for_this_node: list[tuple[str, list[str]]] = field(default_factory=list)
 
 
 def settings_in_order(argv: list[str], node_name: str, names: Any) -> CommandLine:
@@ -155,6 +157,9 @@ def settings_in_order(argv: list[str], node_name: str, names: Any) -> CommandLin
             if entries is None:
                 out.last_unread = index
                 continue
+            keys = list(dict.fromkeys(key for key, _, _ in entries))
+            if keys and not any(_matches(key, node_name) for key in keys):
+                out.not_for_this_node.append((following, keys))
             for key, name, value in entries:
                 out.first_seen.setdefault(key, index)
                 if name in names and _matches(key, node_name):
@@ -206,6 +211,11 @@ def resolve(argv: list[str], node_name: str, resolved: dict[str, Any],
     ``kind_words(name)``: what the parameter takes, in words ("a number")."""
     out = Resolution()
     line = settings_in_order(argv, node_name, set(resolved))
+    for path, keys in line.not_for_this_node:
+        shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        out.notes.append(f"{path} sets nothing for this node ({'/' + node_name.strip('/')}): its keys are {shown}; "
+                         "key it /** or by the node's name with its namespace (e.g. /front/toist_perception, or "
+                         "/**/toist_perception in any namespace)")
     for name, settings in line.settings.items():
         got, last = resolved[name], settings[-1]
         if last.gives(got):

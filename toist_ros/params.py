@@ -93,7 +93,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     # Task and post-processing (changeable at run time).
     ParamSpec("task", "2", "the task at start: a COCO-Tasks id ('2'), a task name ('sit comfortably on') "
               "or free text; change it at run time with the set_task service or the task topic", read_only=True,
-              number_as_text=True),
+              number_as_text=True, pattern=r"(?s).*\S.*", pattern_help="a task id, a task name or free text, not blank"),
     ParamSpec("score_threshold", 0.5, "keep instances with score >= this", low=0.0, high=1.0),
     ParamSpec("mask_threshold", 0.5, "mask probability above which a pixel belongs to the object",
               low=0.0, high=1.0, open_low=True, open_high=True),
