@@ -146,6 +146,12 @@ def test_stage_contradictions_are_named(tmp_path):
     for config in ("tiny_mask_head.yaml", "tiny_mask_head_distill.yaml"):
         with pytest.raises(ConfigError, match=r"init\.load: stage 'mask_head(_distill)?' takes no init\.load"):
             load_config(CONFIGS / config, ["init.load=runs/pronoun/BEST_checkpoint.pth"])
+    # mask_head_distill with distill.ccr false trained, evaluated and exported the mask head over
+    # the distilled detector without its cluster-centre replacement (nor its bank), silently.
+    with pytest.raises(ConfigError, match=r"distill\.ccr: stage 'mask_head_distill' keeps the distilled detector's "
+                                          r"cluster-centre replacement .* stage 'mask_head'"):
+        load_config(CONFIGS / "tiny_mask_head_distill.yaml", ["distill.ccr=false"])
+    assert load_config(CONFIGS / "tiny_mask_head.yaml", ["distill.ccr=false"]).stage == "mask_head"
 
 
 def test_device_is_checked_when_read_and_when_resolved(monkeypatch):
@@ -203,6 +209,23 @@ def test_missing_data_paths_are_named(tmp_path, synth_root):
     cfg = load_config(CONFIGS / "tiny_pronoun.yaml", [f"data.root={synth_root}", "data.tasks=[1]",
                                                       f"init.load={tmp_path / 'good.pth'}"])
     check_paths(cfg)
+    # A model directory (toist export's output) as the mask stage's detector: --check said OK, and
+    # the start failed after building the data set, saying config.yaml was missing (it was not).
+    model_dir = tmp_path / "exported"
+    model_dir.mkdir()
+    (model_dir / "config.yaml").write_text("format: toist-model-dir\n")
+    (model_dir / "model.safetensors").write_bytes(b"")
+    cfg = load_config(CONFIGS / "tiny_mask_head_distill.yaml", [f"data.root={synth_root}", "data.tasks=[1]",
+                                                                f"init.frozen_weights={model_dir}"])
+    with pytest.raises(ConfigError, match=r"init\.frozen_weights: .*exported is a model directory \(toist export's "
+                                          r"output\); the mask stages take the detector's checkpoint file"):
+        check_paths(cfg)
+    from toist_core.checkpoint import CheckpointError
+    from toist_core.checkpoint.files import check_torch_file
+
+    with pytest.raises(CheckpointError, match=r"exported: a model directory, not a checkpoint file \(torch\.save\); "
+                                              r"give the \.pth it was exported from"):
+        check_torch_file(model_dir)
     cfg = load_config(CONFIGS / "tiny_pronoun.yaml", [f"data.root={synth_root}", "data.tasks=[1]"])
     check_paths(cfg)
     with pytest.raises(ConfigError, match=r"--resume: .*nope\.pth not found"):

@@ -254,6 +254,12 @@ def stage_problems(cfg: TrainConfig) -> list[str]:
     if cfg.loss.num_decoder_layers != cfg.model.transformer.dec_layers:
         problems.append(f"loss.num_decoder_layers ({cfg.loss.num_decoder_layers}) must equal "
                         f"model.transformer.dec_layers ({cfg.model.transformer.dec_layers})")
+    if cfg.stage == "mask_head_distill" and not cfg.distill.ccr:
+        # It would train, evaluate and export the mask head over the distilled detector without
+        # its cluster-centre replacement (and without its bank), without a word.
+        problems.append("distill.ccr: stage 'mask_head_distill' keeps the distilled detector's cluster-centre "
+                        "replacement (its bank fixed, CCR on); set it to true, or train the mask head without "
+                        "CCR with stage 'mask_head'")
     if (cfg.is_distill or cfg.stage == "mask_head_distill") and cfg.distill.pronoun != cfg.data.pronoun:
         problems.append(f"distill.pronoun ({cfg.distill.pronoun!r}) must equal data.pronoun ({cfg.data.pronoun!r})")
     vocabulary = cfg.data.task_vocabulary()
@@ -398,6 +404,13 @@ def _check_init_file(field_name: str, value: str) -> None:
     from toist_core.checkpoint.files import check_torch_file
 
     if is_model_dir(value):
+        if field_name == "init.frozen_weights":
+            # The mask stages read the detector, its bank and how it was trained from a checkpoint
+            # file (read_official): --check said OK and the start failed with a wrong message.
+            raise ConfigError(f"{field_name}: {value} is a model directory (toist export's output); the mask "
+                              "stages take the detector's checkpoint file: the run's checkpoint.pth or "
+                              "BEST_checkpoint.pth (the one the directory was exported from), or an official "
+                              "TOIST .pth")
         return
     path = Path(value).expanduser()
     stat = path.stat()

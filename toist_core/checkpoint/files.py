@@ -125,6 +125,9 @@ def _checked_torch_file(path: PathLike) -> tuple[Path, bytes]:
     path = Path(path).expanduser()
     if path.is_dir():
         refuse_run_folder(path)
+        if (path / _CONFIG).is_file():   # not a run folder (above): a model directory
+            raise CheckpointError(f"{path}: a model directory, not a checkpoint file (torch.save); give the .pth it "
+                                  "was exported from")
         raise CheckpointError(f"{path}: a folder without config.yaml, so not a model directory; {_folder_hint(path)}")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
