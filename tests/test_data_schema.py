@@ -103,6 +103,9 @@ def test_missing_file_and_malformed_json(tmp_path):
     ("annotations", "bbox", [2, 2, 10 ** 400, 8], r"field 'bbox': expected finite numbers"),
     ("annotations", "area", float("nan"), r"field 'area': expected a finite number, got nan"),
     ("annotations", "area", float("inf"), r"field 'area': expected a finite number, got inf"),
+    # COCOeval ignores such a target, which the table still counted (a miss scored as no miss).
+    ("annotations", "area", -1, r"field 'area': -1\.0 is outside \[0, 1e\+10\], the range of areas COCOeval scores"),
+    ("annotations", "area", 1e11, r"field 'area': 100000000000\.0 is outside \[0, 1e\+10\]"),
     ("annotations", "segmentation", {"size": [5], "counts": "x"}, "RLE 'size' must be"),
     ("annotations", "image_id", 424242, "field 'image_id': 424242 is not the id of an image"),
     ("images", "height", "512", "field 'height': expected an integer, got '512'"),

@@ -163,3 +163,25 @@ def test_backends_agree_without_predictions(files):
             for b in ("pycocotools", "faster-coco-eval")]
     _assert_same(*runs)
     assert runs[1].ap50["bbox"] == -1.0 and runs[1].num_images_with_targets == 0
+
+
+def test_image_ids_beyond_exact_doubles_are_scored(files, tmp_path):
+    """Own data with nanosecond-timestamp image ids: faster-coco-eval holds ids as doubles, so
+    neighbouring ids collided and the default backend failed ("invalid detection dimension")
+    where pycocotools scores them; such a file is now scored by pycocotools, the same numbers."""
+    data = json.loads(files[4].read_text())
+    first = 1_700_000_000_123_456_789
+    renamed = {image["id"]: first + k for k, image in enumerate(data["images"])}
+    for image in data["images"]:
+        image["id"] = renamed[image["id"]]
+    for annotation in data["annotations"]:
+        annotation["image_id"] = renamed[annotation["image_id"]]
+    path = tmp_path / "task_4_test.json"
+    path.write_text(json.dumps(data))
+    gt = load_ground_truth(path)
+    predictions = _predictions(gt, np.random.default_rng(3))
+    runs = [evaluate_task(gt, predictions, ("bbox", "segm"), task_id=4, backend=b)
+            for b in ("pycocotools", "faster-coco-eval", None)]
+    _assert_same(runs[0], runs[1])
+    _assert_same(runs[0], runs[2])
+    assert 0 < runs[2].ap50["bbox"] < 0.999

@@ -21,8 +21,8 @@ from toist_core.data.synth import generate
 from toist_core.eval.evaluator import (default_backend, evaluate_task, evaluate_tasks, load_ground_truth,
                                        task_files)
 from toist_core.eval.plots import plot_pr_curves
-from toist_core.eval.predictions import (ImagePredictions, encode_masks, load_prediction_file, load_predictions,
-                                         save_predictions)
+from toist_core.eval.predictions import (ImagePredictions, encode_masks, is_prediction_file, load_prediction_file,
+                                         load_predictions, save_predictions)
 from toist_core.eval.tables import csv_text, markdown_report, write_tables
 from toist_core.tasks import COCO_TASKS, TASK_PHRASES
 
@@ -390,6 +390,60 @@ def test_cli_predictions_file_edge_cases(root, tmp_path, capsys):
                      "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"stray.json: task 2: predictions for image ids not in {root / 'annotations' / 'task_2_test.json'}: [999]" in err
+
+
+def test_cli_options_that_would_not_act_are_refused_before_anything_runs(root, tmp_path, capsys):
+    """Checkpoint-only options with --predictions were ignored (a rerun "with --protocol reference"
+    gave the same numbers), --duplicate-iou under --protocol reference too; --save-predictions
+    as --out failed after all the inference, or as --out/results.csv was replaced by the table."""
+    preds = tmp_path / "preds.json"
+    save_predictions(preds, {2: _perfect(load_ground_truth(root / "annotations" / "task_2_test.json"))})
+    out = tmp_path / "out"
+    base = ["evaluate", "--data", str(root), "--out", str(out)]
+    for extra, says in ((["--protocol", "reference"], "--protocol"), (["--batch-size", "4", "--no-ccr"],
+                                                                       "--batch-size, --no-ccr"),
+                        (["--short-side", "10", "--duplicate-iou", "0.5", "--device", "cpu"],
+                         "--short-side, --duplicate-iou, --device"), (["--image-dir", str(tmp_path)], "--image-dir")):
+        assert cli.main(base + ["--predictions", str(preds)] + extra) == 2
+        assert f"{says}: only with --checkpoint (they say how the model predicts; {preds}'s predictions are " \
+               "scored as they are)" in capsys.readouterr().err
+    assert cli.main(base + ["--checkpoint", "unused", "--protocol", "reference", "--duplicate-iou", "0.3"]) == 2
+    assert "--duplicate-iou 0.3: protocol toist only" in capsys.readouterr().err
+    for saved, says in ((out, "the --out folder itself"), (out / "results.csv", "a file toist evaluate writes into"),
+                        (out / "cocoeval_log.txt", "a file toist evaluate writes into"),
+                        (out / "pr_task_2.png", "a file toist evaluate writes into")):
+        assert cli.main(base + ["--checkpoint", "unused", "--save-predictions", str(saved)]) == 2
+        assert f"--save-predictions {saved}: {says}" in capsys.readouterr().err
+    assert not out.exists()
+    # A file of another split: refused, and not after a warning per task that its images have no entries.
+    stray = {t: {999: ImagePredictions([[0, 0, 1, 1]], [0.5])} for t in (2, 10)}
+    save_predictions(tmp_path / "other_split.json", stray)
+    assert cli.main(base + ["--predictions", str(tmp_path / "other_split.json")]) == 2
+    err = capsys.readouterr().err
+    assert "predictions for image ids not in" in err and "warning" not in err
+    # Images without entries in a file that is right: warned, and scored.
+    partial = {2: dict(list(_perfect(load_ground_truth(root / "annotations" / "task_2_test.json")).items())[:5])}
+    save_predictions(tmp_path / "partial.json", partial)
+    assert cli.main(base + ["--predictions", str(tmp_path / "partial.json"), "--no-plots"]) == 0
+    assert "warning: task 2: 15 of 20 evaluated images have no predictions entry" in capsys.readouterr().err
+
+
+def test_a_damaged_gzip_predictions_file_is_named_not_a_traceback(root, tmp_path, capsys):
+    """A .json.gz cut short (EOFError) or with damaged bytes (zlib.error) ended toist evaluate with
+    a traceback (exit 1), as did --save-predictions onto such a file."""
+    preds = tmp_path / "preds.json.gz"
+    save_predictions(preds, {2: _perfect(load_ground_truth(root / "annotations" / "task_2_test.json"))})
+    whole = preds.read_bytes()
+    cut, damaged = tmp_path / "cut.json.gz", tmp_path / "damaged.json.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    damaged.write_bytes(whole[:12] + bytes(b ^ 0x5A for b in whole[12:40]) + whole[40:])
+    for path in (cut, damaged):
+        with pytest.raises(DataError, match=rf"{path.name}: not a valid predictions file: damaged gzip data"):
+            load_predictions(path)
+        assert cli.main(["evaluate", "--data", str(root), "--predictions", str(path), "--out",
+                         str(tmp_path / "out")]) == 2
+        assert f"{path.name}: not a valid predictions file: damaged gzip data" in capsys.readouterr().err
+    assert is_prediction_file(damaged) is False   # raised zlib.error (--save-predictions onto it)
 
 
 def test_tables_and_plots_name_the_models_own_tasks(root, tmp_path, monkeypatch):

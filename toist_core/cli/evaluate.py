@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -119,6 +120,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if args.captions == "noun" and args.predictions:
         raise ValueError("--captions noun: with --checkpoint only (it says what the model reads)")
+    if args.predictions:
+        # They change how predictions are made; a file's are scored as they are (a rerun "with
+        # --protocol reference" gave the same numbers without a word).
+        given = [option for option, value, default in _checkpoint_only_options(args) if value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --checkpoint (they say how the model predicts; "
+                             f"{args.predictions}'s predictions are scored as they are)")
+    if args.protocol == "reference" and args.duplicate_iou:
+        raise ValueError(f"--duplicate-iou {args.duplicate_iou}: protocol toist only (--protocol reference keeps "
+                         "every query, as the reference's evaluation does)")
     captions = args.captions
     if args.predictions:
         if args.save_predictions:
@@ -171,18 +182,20 @@ def run(args: argparse.Namespace) -> int:
         predictions = predict_tasks(segmenter, files, image_dir, image_ids, batch_size=batch_size,
                                     captions=captions,
                                     require_masks="segm" in (args.iou_types or ()))
-    else:
-        for t in tasks:
-            absent = [i for i in image_ids[t] if i not in predictions[t]]
-            if absent:
-                print(f"warning: task {t}: {len(absent)} of {len(image_ids[t])} evaluated images have no "
-                      f"predictions entry; they count as images without detections", file=sys.stderr)
 
     started = time.perf_counter()
     try:
         result = evaluate_tasks(ground_truths, predictions, args.iou_types, image_ids)
     except DataError as exc:  # name the predictions file too (the task files are named already)
         raise DataError(f"{args.predictions}: {exc}" if args.predictions else str(exc)) from None
+    if args.predictions:
+        # After the evaluation accepted the file: a file of another split was refused after a
+        # warning per task that its images had no entries.
+        for t in tasks:
+            absent = [i for i in image_ids[t] if i not in predictions[t]]
+            if absent:
+                print(f"warning: task {t}: {len(absent)} of {len(image_ids[t])} evaluated images have no "
+                      f"predictions entry; they counted as images without detections", file=sys.stderr)
     result.phrases = phrases  # None (a file without them): COCO-Tasks' phrases
     print(markdown_report(result))
     if args.save_predictions:  # only now: a refused evaluation leaves an existing file as it was
@@ -209,6 +222,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_only_options(args: argparse.Namespace) -> list[tuple[str, object, object]]:
+    """(option, value given, default) of the options that only say how a checkpoint predicts."""
+    return [("--protocol", args.protocol, "toist"), ("--batch-size", args.batch_size, None),
+            ("--short-side", args.short_side, None), ("--max-size", args.max_size, None),
+            ("--duplicate-iou", args.duplicate_iou, 0.0), ("--image-dir", args.image_dir, None),
+            ("--device", args.device, "auto"), ("--text-encoder", args.text_encoder, None),
+            ("--no-ccr", args.no_ccr, False)]
+
+
+def _refuse_saving_into_what_out_holds(saved: Path, out: Path) -> None:
+    """``--save-predictions`` as ``--out`` itself (written, then --out failed as "File exists",
+    after all the inference) or as a file evaluate writes into it (the table replaced the
+    predictions, with rc 0)."""
+    from toist_core.eval.tables import TABLE_STEM
+
+    target, folder = saved.resolve(), out.resolve()
+    written = {f"{TABLE_STEM}.md", f"{TABLE_STEM}.csv", LOG_NAME}
+    if target == folder or (target.parent == folder and (target.name in written or
+                                                           re.fullmatch(r"pr_task_.*\.png", target.name))):
+        what = "the --out folder itself" if target == folder else f"a file toist evaluate writes into --out {out}"
+        raise ValueError(f"--save-predictions {saved}: {what}; give another name (e.g. {out / 'predictions.json'})")
+
+
 def _refuse_replacing_other_files(args: argparse.Namespace) -> None:
     """Before anything runs: ``--save-predictions`` and ``--out`` replace only what an earlier
     evaluation wrote (a ground-truth file given as --save-predictions was replaced by predictions)."""
@@ -223,6 +259,7 @@ def _refuse_replacing_other_files(args: argparse.Namespace) -> None:
     saved = Path(args.save_predictions) if args.save_predictions else None
     if saved is not None:
         check_output_parent("--save-predictions", saved)
+        _refuse_saving_into_what_out_holds(saved, Path(args.out))
     if saved is not None and saved.exists() and not (saved.is_file() and saved.stat().st_size == 0) \
             and not is_prediction_file(saved):  # an empty file: a name reserved (mktemp)
         raise FileExistsError(f"--save-predictions {args.save_predictions}: exists and is not a toist predictions file; "

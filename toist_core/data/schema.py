@@ -27,6 +27,7 @@ from toist_core.data.rle import counts_problem
 
 
 NUMBER_TYPES = frozenset((int, float))  # exact types: JSON true/false (bool), strings and null are not numbers
+COCOEVAL_MAX_AREA = 1e10  # COCOeval's area range "all" ends there, [0, 1e5 ** 2]: a larger area is ignored
 # pycocotools' frPyObjects takes a list whose FIRST polygon has 4 values for boxes (and fails with
 # an unnamed TypeError); later polygons of 2 points are rasterised like the others (the reference
 # loads them, so real files may hold them).
@@ -289,7 +290,7 @@ def _annotation(path: Path, index: int, rec: Any, extents: dict[int, "_Extent"])
         image_id=image_id,
         bbox=(float(bbox[0]), float(bbox[1]), float(bbox[2]), float(bbox[3])),
         segmentation=segmentation,
-        area=_finite_field(where, rec, "area"),
+        area=_target_area(where, rec),
         iscrowd=iscrowd,
         category_id=category_id,
         coco_category_id=_field(where, rec, "COCO_category_id", "int"),
@@ -375,6 +376,16 @@ def _is_finite(value: Any) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an integer too large for a float
         return False
+
+
+def _target_area(where: str, rec: dict) -> float:
+    """An annotation's ``area``: COCOeval ignores a target whose area is outside [0, 1e10] (its
+    "all" range), and counted it in the task's table as a target all the same."""
+    area = _finite_field(where, rec, "area")
+    if not 0.0 <= area <= COCOEVAL_MAX_AREA:
+        raise DataError(f"{where}: field 'area': {area!r} is outside [0, {COCOEVAL_MAX_AREA:.0e}], the range of "
+                        "areas COCOeval scores (it would ignore this target)")
+    return area
 
 
 def _finite_field(where: str, rec: dict, name: str) -> float:

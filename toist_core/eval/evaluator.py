@@ -208,7 +208,8 @@ def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int
         image_ids: images to evaluate (default: every image of the file). Images without a
             predictions entry count as images with no detections.
         backend: ``"faster-coco-eval"`` or ``"pycocotools"`` (None: :func:`default_backend`);
-            the numbers are the same.
+            the numbers are the same. A file with image ids beyond 2**53 is scored by pycocotools
+            (faster-coco-eval holds ids as doubles).
     """
     backend = resolve_backend(backend)
     if not isinstance(ground_truth, COCO):
@@ -220,6 +221,10 @@ def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int
         gt_name = getattr(ground_truth, "source_path", "ground truth")
     task_id = 0 if task_id is None else task_id
     gt_image_ids = ground_truth.getImgIds()
+    if backend != "pycocotools" and any(abs(i) > _EXACT_DOUBLE_INT for i in gt_image_ids):
+        # faster-coco-eval holds image ids as doubles: ids beyond 2**53 (nanosecond timestamps)
+        # collide and it fails. pycocotools, which gives the same numbers, keeps them as ints.
+        backend = "pycocotools"
     known = set(gt_image_ids)
     unknown = sorted(set(predictions) - known)
     if unknown:
@@ -337,6 +342,10 @@ def _without_images(task_id: int, iou_types: Sequence[str]) -> TaskResult:
         result.curves[iou_type] = PRCurve(np.linspace(0.0, 1.0, _RECALL_POINTS), undefined, undefined.copy())
     result.log = "".join(f"[task {task_id} {iou_type}]\nno image evaluated: no result\n" for iou_type in iou_types)
     return result
+
+
+# The largest magnitude up to which every integer is a double (faster-coco-eval's image ids).
+_EXACT_DOUBLE_INT = 2 ** 53
 
 
 def _run_cocoeval(backend: str, ground_truth: COCO, detections: COCO, iou_type: str, image_ids: Sequence[int]):

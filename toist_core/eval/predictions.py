@@ -26,6 +26,7 @@ import itertools
 import json
 import operator
 import sys
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -34,12 +35,11 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from toist_core.data.rle import first_bad_counts
-from toist_core.data.schema import NUMBER_TYPES, DataError
+from toist_core.data.schema import COCOEVAL_MAX_AREA, NUMBER_TYPES, DataError
 from toist_core.atomic_file import atomic_write
 
 FORMAT_NAME = "toist-predictions"
 FORMAT_VERSION = 1
-MAX_BOX_AREA = 1e10  # COCOeval's area range "all" ends there: [0, 1e5 ** 2]
 
 RLE = dict  # {"size": [h, w], "counts": str}
 _MASK_FORMAT = "{'size': [h, w], 'counts': str}"
@@ -117,11 +117,11 @@ def check_image_predictions(pred: ImagePredictions, where: str,
     areas = (pred.boxes[:, 2].astype(np.float64) - pred.boxes[:, 0]) * (pred.boxes[:, 3].astype(np.float64)
                                                                          - pred.boxes[:, 1]) \
         if len(pred.boxes) else np.zeros(0)
-    huge = np.argwhere(~(areas <= MAX_BOX_AREA))
+    huge = np.argwhere(~(areas <= COCOEVAL_MAX_AREA))
     if len(huge):
         k = int(huge[0][0])
         raise DataError(f"{where}: boxes[{k}] is {pred.boxes[k].tolist()}: an area of {areas[k]:.3g} px^2, above "
-                        f"COCOeval's largest ({MAX_BOX_AREA:.0e}), where a detection is ignored, not counted "
+                        f"COCOeval's largest ({COCOEVAL_MAX_AREA:.0e}), where a detection is ignored, not counted "
                         "(boxes are x0, y0, x1, y1 in pixels)")
     if pred.masks is not None and check_masks:
         _check_masks(pred, where, image_size)
@@ -265,7 +265,7 @@ def is_prediction_file(path: Union[str, Path]) -> bool:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as handle:
             head = handle.read(64)
-    except (OSError, EOFError):
+    except (OSError, EOFError, zlib.error):   # zlib.error: a damaged gzip stream
         return False
     return head.startswith(b'{"format":"' + FORMAT_NAME.encode() + b'"')
 
@@ -284,6 +284,8 @@ def load_prediction_file(path: Union[str, Path]) -> PredictionFile:
         raise DataError(f"{path}: predictions file not found") from None
     except (json.JSONDecodeError, _DuplicateKey, UnicodeDecodeError, OSError) as exc:
         raise DataError(f"{path}: not a valid predictions JSON file: {exc}") from None
+    except (EOFError, zlib.error) as exc:   # a gzip file cut short, or damaged
+        raise DataError(f"{path}: not a valid predictions file: damaged gzip data ({exc})") from None
     except RecursionError:
         raise DataError(f"{path}: not a valid predictions JSON file: nested too deeply to read") from None
     except ValueError as exc:  # an integer of more digits than Python converts

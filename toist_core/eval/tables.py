@@ -86,6 +86,7 @@ def per_task_markdown(result: EvaluationResult) -> str:
 
 
 REPORT_TITLE = "COCO-Tasks evaluation"
+TABLE_STEM = "results"   # write_tables' <stem>.md and <stem>.csv
 
 
 def markdown_report(result: EvaluationResult, title: str = REPORT_TITLE) -> str:
@@ -116,7 +117,7 @@ def csv_text(result: EvaluationResult) -> str:
     return buffer.getvalue()
 
 
-def foreign_table_files(out_dir: Union[str, Path], stem: str = "results") -> list[Path]:
+def foreign_table_files(out_dir: Union[str, Path], stem: str = TABLE_STEM) -> list[Path]:
     """The files :func:`write_tables` would replace in ``out_dir`` that it did not write (its
     ``.md`` starts with the report's title line, its ``.csv`` with the table's header)."""
     out_dir = Path(out_dir)
@@ -125,7 +126,7 @@ def foreign_table_files(out_dir: Union[str, Path], stem: str = "results") -> lis
 
 
 def write_tables(result: EvaluationResult, out_dir: Union[str, Path],
-                 stem: str = "results") -> tuple[Path, Path]:
+                 stem: str = TABLE_STEM) -> tuple[Path, Path]:
     """Write ``<stem>.md`` and ``<stem>.csv`` into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
