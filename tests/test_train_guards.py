@@ -5,6 +5,7 @@ override, a validation task without images; and the memory bank resuming exactly
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,29 @@ def test_non_finite_gradient_stops_before_the_step_and_keeps_the_last_checkpoint
     ckpt = load_training_checkpoint(out / "checkpoint.pth")
     assert ckpt["step"] == 1 and _all_finite(ckpt["model"])
     assert all(torch.equal(ckpt["model"][k], v) for k, v in saved[1].items())
+
+
+def test_a_run_stopped_for_nan_ends_in_one_error_line_not_a_traceback(synth_root, tmp_path, monkeypatch, capsys):
+    """The trainer's FloatingPointError (and k-means' on a bank holding NaN) went through both
+    command lines' error handling (ValueError, OSError, RuntimeError) as a traceback."""
+    import training.loops as loops
+    from toist_core import cli
+    from training.train import main as train_main
+
+    compute = loops.compute_losses
+
+    def poisoned(*args, **kwargs):
+        losses = compute(*args, **kwargs)
+        losses["loss_giou"] = losses["loss_giou"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(loops, "compute_losses", poisoned)
+    config = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny_pronoun.yaml")
+    overrides = [f"data.root={synth_root}", "data.tasks=[1]", "schedule.max_steps=2"]
+    assert train_main(["--config", config, f"output_dir={tmp_path / 'a'}"] + overrides) == 2
+    assert "train: error: loss not finite in update 1" in capsys.readouterr().err
+    assert cli.main(["train", "--config", config, f"output_dir={tmp_path / 'b'}"] + overrides) == 2
+    assert "toist train: error: loss not finite in update 1" in capsys.readouterr().err
 
 
 def test_a_non_finite_loss_term_stops_the_update_naming_the_terms(synth_root, tmp_path, monkeypatch):

@@ -123,8 +123,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return run(args)
     # As `toist train` (toist_core.cli): ConfigError, CheckpointError, DataError are ValueErrors;
-    # RuntimeError: torch set-up failures (process group, device) in one line, not a traceback.
-    except (ValueError, OSError, RuntimeError) as exc:
+    # RuntimeError: torch set-up failures (process group, device) in one line, not a traceback;
+    # FloatingPointError: a run stopped for NaN/inf (it names what and where).
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
 

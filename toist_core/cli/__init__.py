@@ -48,6 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, RuntimeError) as exc:
+    # FloatingPointError: a training run stopped for NaN/inf (the message names what and where).
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as exc:
         print(f"toist {args.command}: error: {exc}", file=sys.stderr)
         return 2
