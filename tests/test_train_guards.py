@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from test_train_run import _config, synth_root  # noqa: F401  (synth_root: the module-scoped fixture)
+from test_train_run import FAST, _config, synth_root  # noqa: F401  (synth_root: the module-scoped fixture)
 from toist_core.checkpoint import CheckpointError
 from training.checkpointing import load_training_checkpoint
 from training.config import config_to_dict
@@ -60,7 +60,7 @@ def test_a_run_stopped_for_nan_ends_in_one_error_line_not_a_traceback(synth_root
 
     monkeypatch.setattr(loops, "compute_losses", poisoned)
     config = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny_pronoun.yaml")
-    overrides = [f"data.root={synth_root}", "data.tasks=[1]", "schedule.max_steps=2"]
+    overrides = [f"data.root={synth_root}", *FAST, "schedule.max_steps=2"]
     assert train_main(["--config", config, f"output_dir={tmp_path / 'a'}"] + overrides) == 2
     assert "train: error: loss not finite in update 1" in capsys.readouterr().err
     assert cli.main(["train", "--config", config, f"output_dir={tmp_path / 'b'}"] + overrides) == 2
