@@ -268,6 +268,13 @@ def test_distillation_resume_restores_which_centres_are_current(synth_root, tmp_
     torch.save(ckpt, tmp_path / "older.pth")
     older = Trainer(cfg, DistEnv(), resume=str(tmp_path / "older.pth"))
     assert older.cluster.bank.stale_flags().all()
+    # Resumed with the bank switched off: it was dropped without a word (nothing written since).
+    before = (out / "checkpoint.pth").read_bytes()
+    without = _config("tiny_distill.yaml", synth_root, out, *distill, "distill.ccr=false", "distill.cluster_loss=0")
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pth holds a memory bank \(its run used distill\.ccr or "
+                                              r"distill\.cluster_loss\), this config uses none .* start a new run"):
+        Trainer(without, DistEnv(), resume=str(out / "checkpoint.pth"))
+    assert (out / "checkpoint.pth").read_bytes() == before
 
 
 def test_clip_grad_norm_reports_the_norm_with_and_without_clipping():

@@ -178,6 +178,12 @@ def check_resume_config(ckpt: dict, cfg: TrainConfig, path) -> None:
         raise ckpt_io.CheckpointError(
             f"{path}: a resume continues the checkpoint's optimizer, whose state holds its own values of "
             f"{'; '.join(diffs)}. Resume with the checkpoint's values. {new_run_advice(cfg.stage, path)}")
+    if ckpt.get("cluster_criterion") is not None and not cfg.uses_bank:
+        # The bank is training state as the optimizer's is: it was dropped without a word.
+        raise ckpt_io.CheckpointError(
+            f"{path} holds a memory bank (its run used distill.ccr or distill.cluster_loss), this config uses none "
+            "(distill.ccr false and distill.cluster_loss 0): a resume keeps the run's settings. "
+            f"{new_run_advice(cfg.stage, path)}")
     _check_resume_schedule(ckpt, cfg, path)
     _check_resume_holdout(saved, current, path, cfg.stage)
     _check_resume_data(saved, current, path, cfg.stage)
