@@ -110,6 +110,17 @@ def test_opencv_formats_give_the_pixels_imread_color_gave(tmp_path, suffix, layo
     assert np.array_equal(load_rgb(path), expected)
 
 
+@pytest.mark.parametrize("suffix", [".tiff", ".bmp"])
+def test_an_opencv_format_cut_short_is_called_damaged_not_unsupported(tmp_path, suffix):
+    """A BMP or TIFF cut short was "not a format toist reads", though both are read."""
+    path = tmp_path / f"picture{suffix}"
+    assert cv2.imwrite(str(path), np.random.default_rng(3).integers(0, 256, size=(300, 400, 3), dtype=np.uint8))
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=rf"picture\{suffix}: cannot decode the image: damaged or cut short"):
+        load_rgb(path)
+
+
 def test_a_16_bit_tiff_drops_its_low_byte_as_16_bit_png_does(tmp_path):
     raw = np.random.default_rng(2).integers(0, 2 ** 16, size=(H, W, 3), dtype=np.uint16)
     assert cv2.imwrite(str(tmp_path / "deep.tiff"), raw)

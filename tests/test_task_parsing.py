@@ -58,6 +58,17 @@ def test_a_client_knows_the_names_of_a_task_as_the_node_resolves_them(text):
     assert not names_task("2", 0, "2 something")      # an id never names free text
 
 
+def test_the_listed_caption_names_its_task_whatever_pronoun_the_model_reads():
+    """With pronoun "it", "sit comfortably on something" (the caption the task tables list) was
+    free text: no task id, no cluster-centre replacement, an untrained-task warning."""
+    for text in ("sit comfortably on something", "Sit comfortably on IT", "sit comfortably on"):
+        query = resolve_task(text, pronoun="it")
+        assert (query.task_id, query.caption) == (2, "sit comfortably on it")
+        assert names_task(text, 2, query.caption)
+    assert not names_task("sit comfortably on something", 0, "sit comfortably on it")   # free text stays itself
+    assert resolve_task("sit comfortably on that", pronoun="it").task_id is None
+
+
 def test_numpy_integers_are_ids():
     import numpy as np
 

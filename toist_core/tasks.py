@@ -244,7 +244,8 @@ def resolve_task(task: Union[int, str], pronoun: str = DEFAULT_PRONOUN,
       * an id ``2`` or an integer-looking string ``"2"`` (also ``"task_2"``, ``"Task 2"``); an
         integer outside the vocabulary's 1..N (``"0"``, ``"-1"``, ``"15"``) is an error, never free text,
       * a task name: the verb phrase (``"sit comfortably on"``) or the full caption
-        (``"sit comfortably on something"``), case- and whitespace-insensitive,
+        (``"sit comfortably on something"``, or with the ``pronoun`` the model reads),
+        case- and whitespace-insensitive,
       * any other non-empty text, used verbatim as the caption (no task id).
 
     Errors quote at most :data:`QUOTE_LIMIT` characters of the request.
@@ -274,7 +275,10 @@ def resolve_task(task: Union[int, str], pronoun: str = DEFAULT_PRONOUN,
     wanted = _normalise(text)
     for entry in vocabulary.entries:
         caption = vocabulary.pronoun_caption(entry.id, pronoun)
-        if wanted in (_normalise(entry.phrase), _normalise(caption)):
+        # The caption as the task tables list it ("... something") names the task whatever
+        # pronoun this model reads: with pronoun "it" it was free text, without CCR.
+        listed = vocabulary.pronoun_caption(entry.id, DEFAULT_PRONOUN)
+        if wanted in (_normalise(entry.phrase), _normalise(caption), _normalise(listed)):
             return TaskQuery(caption, entry.id, _span(caption, vocabulary.pronoun_of(entry.id, pronoun)))
     span = _span(text, pronoun) if pronoun in text else None
     return TaskQuery(text, None, span)
@@ -289,7 +293,9 @@ def names_task(text: str, task_id: int, caption: str) -> bool:
     if number:
         return task_id > 0 and int(number.group(1)) == task_id
     wanted = _normalise(text)
-    return wanted in (_normalise(caption), _normalise(caption.rsplit(" ", 1)[0]))
+    phrase = caption.rsplit(" ", 1)[0]
+    return wanted in (_normalise(caption), _normalise(phrase)) or (
+        task_id > 0 and wanted == _normalise(f"{phrase} {DEFAULT_PRONOUN}"))   # as resolve_task: the listed caption
 
 
 def quote(text: object, limit: int = QUOTE_LIMIT) -> str:

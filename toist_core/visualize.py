@@ -101,6 +101,19 @@ def draw_prediction(image: np.ndarray, prediction, title: Optional[str] = None, 
                           title=prediction.caption if title is None else title, **kwargs)
 
 
+def _opencv_knows_the_format(path: Union[str, Path]) -> bool:
+    """Whether OpenCV has a reader for the file's signature (False for a name that is not UTF-8,
+    which OpenCV's own file reader cannot open)."""
+    import cv2
+
+    name = str(path)
+    try:
+        name.encode("utf-8")
+        return bool(cv2.haveImageReader(name))
+    except (UnicodeEncodeError, cv2.error):
+        return False
+
+
 def load_rgb(path: Union[str, Path]) -> np.ndarray:
     """Read an image file as RGB uint8 ``[H, W, 3]`` (ValueError naming the file if it cannot be read).
 
@@ -135,6 +148,9 @@ def load_rgb(path: Union[str, Path]) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)
         stored = cv2.imdecode(data, flags) if data.size else None
     if stored is None:
+        if _opencv_knows_the_format(path):   # a BMP or TIFF cut short was said to be of no format toist reads
+            raise ValueError(f"{path}: cannot decode the image: damaged or cut short (its format is one OpenCV "
+                             "reads)")
         raise ValueError(f"{path}: cannot read the image (not a format toist reads: JPEG, PNG, GIF, WebP, or what "
                          "OpenCV reads, e.g. BMP and TIFF)")
     if stored.dtype == np.uint16:
