@@ -28,6 +28,10 @@ first time on a machine); side by side, frames alternating, the same step with t
 implementation the kernel replaced (tests/depth_reference.py), and the ratio of their p50. With
 ``--depth`` the node also runs with depth.enabled, a depth image and CameraInfo are published
 with every frame, and its "3d ms" from /diagnostics are printed.
+
+``--breakdown`` runs the node under ``bench/ros_latency_probe.py``, which marks the seams a frame
+passes (rclpy's wait and take, the image callback, the inference thread, the model, ranking,
+messages, publish), and prints each stage's p50 / p95: where the overhead goes.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -98,6 +103,58 @@ def measure_3d_step(frames: int = 200) -> tuple[tuple[float, float], tuple[float
     return kernel, numpy_reference, load_s, int(masks.sum())
 
 
+def _stamp_ns(stamp) -> int:
+    return stamp.sec * 1_000_000_000 + stamp.nanosec
+
+
+# (label, from, to): the seams bench/ros_latency_probe.py marks in the node, plus the camera's
+# publish returning ("sent") and the result arriving here ("received"); "stamp" is the frame's stamp.
+STAGES = (
+    ("camera publish call (this process)", "stamp", "sent"),
+    ("DDS: camera -> the node's wait returns", "sent", "wait"),
+    ("rclpy executor: wait -> take", "wait", "take0"),
+    ("rclpy take: message to Python", "take0", "take1"),
+    ("image callback: convert, frame to slot", "take1", "cb1"),
+    ("slot -> inference thread", "cb1", "inf0"),
+    ("before the model (age, snapshots)", "inf0", "model0"),
+    ("model (inference_ms)", "model0", "model1"),
+    ("rank_instances", "model1", "ranked"),
+    ("instance messages", "ranked", "built"),
+    ("publish call (node)", "built", "published"),
+    ("DDS: node -> this process", "published", "received"),
+)
+
+
+def print_breakdown(probe_out: str, sent_at: dict, received_at: dict, first_stamp_ns: int) -> None:
+    """Per stage p50 / p95 ms over the measured frames (those after the warm-up)."""
+    rows = []
+    try:
+        lines = Path(probe_out).read_text().splitlines()
+    except OSError as exc:
+        print(f"  breakdown: no probe output ({exc}); see out/bench_ros_latency_node.log")
+        return
+    for line in lines:
+        stamp_ns, *fields = line.split("\t")
+        stamp_ns = int(stamp_ns)
+        if stamp_ns < first_stamp_ns or stamp_ns not in sent_at or stamp_ns not in received_at:
+            continue
+        times = {key: float(value) for key, value in (field.split("=", 1) for field in fields)}
+        times.update(stamp=stamp_ns * 1e-9, sent=sent_at[stamp_ns], received=received_at[stamp_ns])
+        rows.append(times)
+    if not rows:
+        print("  breakdown: no frame went through all the probe's points")
+        return
+    print(f"  breakdown over {len(rows)} frames (bench/ros_latency_probe.py; ms, p50 / p95):")
+    for label, start, end in STAGES:
+        p50, p95 = _quantiles([1000.0 * (row[end] - row[start]) for row in rows if start in row and end in row])
+        print(f"    {label:<42}{p50:7.2f} {p95:7.2f}")
+    total50, total95 = _quantiles([1000.0 * (row["received"] - row["stamp"]) for row in rows])
+    print(f"    {'end to end':<42}{total50:7.2f} {total95:7.2f}")
+    rest50, rest95 = _quantiles([1000.0 * (row["received"] - row["stamp"] - row["model1"] + row["model0"])
+                                 for row in rows])
+    print(f"    {'end to end - model':<42}{rest50:7.2f} {rest95:7.2f}")
+
+
 def use_fastdds_profile(choice: str) -> str:
     """Point Fast DDS at the chosen XML profile in this process's environment, which the node's
     process inherits; before rclpy creates a participant. Returns what is in use, for the report."""
@@ -137,6 +194,10 @@ def main() -> int:
                              "config/fastdds_large_images.xml (16 MiB shared-memory segment: a VGA frame fits), "
                              "'none' = Fast DDS's defaults (512 KiB segment), 'env' = whatever the environment says, "
                              "or a path")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="run the node under bench/ros_latency_probe.py and print where each frame's time goes, "
+                             "stage by stage (camera publish, DDS, rclpy take, callback, hand-over, model, ranking, "
+                             "messages, publish, DDS back)")
     parser.add_argument("--node-env", action="append", default=[], help="NAME=VALUE for the node process only")
     parser.add_argument("--node-arg", action="append", default=[], dest="extra",
                         help="one more node argument (repeat): --node-arg=-p --node-arg=input.max_age_s:=0.0")
@@ -169,6 +230,10 @@ def main() -> int:
         command += ["-p", "depth.enabled:=true", "-r", "depth:=/bench/depth", "-r", "camera_info:=/bench/camera_info"]
     if args.checkpoint:
         command += ["-p", f"checkpoint:={os.path.abspath(args.checkpoint)}"]
+    probe_out = ""
+    if args.breakdown:
+        probe_out = os.path.join(tempfile.mkdtemp(prefix="toist_probe_"), "frames.tsv")
+        command = [sys.executable, str(ROOT / "bench" / "ros_latency_probe.py"), probe_out] + command[1:]
     node_log = open(ROOT / "out" / "bench_ros_latency_node.log", "w") if (ROOT / "out").is_dir() else subprocess.DEVNULL
     node_env = dict(os.environ, **dict(item.split("=", 1) for item in args.node_env))
     node = subprocess.Popen(command, stdout=node_log, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=node_env)
@@ -178,9 +243,11 @@ def main() -> int:
     client = rclpy.create_node("bench_ros_latency", context=context)
     lock = threading.Lock()
     results, status, diagnostics = [], [], []
+    sent_at, received_at = {}, {}   # --breakdown: stamp ns -> camera's publish returned / result received
 
     def on_result(msg):
         now = time.time()
+        received_at[_stamp_ns(msg.header.stamp)] = now
         with lock:
             results.append((now, msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9, msg.inference_ms,
                             msg.latency_ms, len(msg.instances)))
@@ -225,6 +292,7 @@ def main() -> int:
                 info_pub.publish(info)
                 depth_pub.publish(depth_msg)
             pub.publish(msg)
+            sent_at[_stamp_ns(msg.header.stamp)] = time.time()
         # Warm-up: a few frames whose results are not counted.
         for _ in range(int(args.rate)):
             publish()
@@ -232,6 +300,7 @@ def main() -> int:
         time.sleep(2.0)
         with lock:
             results.clear()
+        first_stamp_ns = _stamp_ns(client.get_clock().now().to_msg())
         published = 0
         start = time.monotonic()
         next_time = start
@@ -285,6 +354,8 @@ def main() -> int:
                 "3d ms p50", "3d ms p95", "depth_paired", "depth_missing", "depth_unsynced", "process rss MiB"):
         if key in values:
             print(f"  node {key:<22}{values[key]}  (whole run incl. warm-up)")
+    if args.breakdown:
+        print_breakdown(probe_out, sent_at, received_at, first_stamp_ns)
     return code
 
 
