@@ -169,7 +169,9 @@ def node_options(args):
         "executable": LIFECYCLE_EXECUTABLE if lifecycle else EXECUTABLE,
         "lifecycle": lifecycle,
         "autostart": autostart,
-        "namespace": args["namespace"].strip(),
+        # A trailing slash ("front/") is no valid ROS namespace: launch_ros passed it on and rcl
+        # refused it; a leading one keeps its meaning (absolute: no namespace an include pushes).
+        "namespace": args["namespace"].strip().rstrip("/"),
         "parameters": [params_file, overrides],
         "remappings": [("image", args["image_topic"].strip()), ("depth", args["depth_topic"].strip()),
                        ("camera_info", args["camera_info_topic"].strip())],

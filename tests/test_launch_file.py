@@ -105,6 +105,12 @@ def test_depth_arguments_enable_depth_and_remap_its_topics():
     assert detections["parameters"][1] == {"output.detections": True}
 
 
+def test_a_namespace_with_a_trailing_slash_is_a_valid_one():
+    launch = _load()
+    for given, passed in (("front/", "front"), ("/front/", "/front"), ("/", ""), (" front ", "front")):
+        assert launch.node_options({"params_file": P_YAML, "namespace": given})["namespace"] == passed
+
+
 def test_depth_topics_without_depth_are_named(tmp_path):
     """depth_topic:= / camera_info_topic:= without depth:=true remapped topics nobody subscribes
     to, and nothing said so: 3D stayed off."""
