@@ -292,6 +292,18 @@ def _declared(context, argv):
         node.destroy_node()
 
 
+def test_a_task_cut_at_a_yaml_comment_is_said(context):
+    """rcl reads `-p "task:=sit on # it"` as "sit on" (YAML comment); this check read the whole
+    text, and said the value came "from a setting this check does not read"."""
+    settings = _declared(context, ["--ros-args", "-p", "task:=sit on # it"])
+    assert settings["task"] == "sit on"
+    assert settings.notes == ["task: -p task:=sit on # it reached the node as 'sit on': in a -p value whitespace "
+                              "then '#' starts a YAML comment; quote the value to keep it whole (-p 'task:=\"...\"')"]
+    settings = _declared(context, ["--ros-args", "-p", "task:='sit on # it'"])
+    assert settings["task"] == "sit on # it" and not settings.notes
+    assert _declared(context, ["--ros-args", "-p", "task:=C#"])["task"] == "C#"
+
+
 def test_a_blank_task_is_refused_before_the_model_loads(context, tmp_path):
     """task: "" or "  " passed the parameter check and stopped the node only after the model had
     loaded ("task text is empty"); a lifecycle node failed every configure until restarted."""

@@ -24,6 +24,7 @@ from toist_core.typed_config import flatten
 _TRUE_WORDS = frozenset("y Y yes Yes YES true True TRUE on On ON".split())
 _FALSE_WORDS = frozenset("n N no No NO false False FALSE off Off OFF".split())
 RULE_KEY = "/**"   # the node key of -p rules
+_COMMENT = re.compile(r"\s+#")
 
 
 def rule_value(raw: str) -> Optional[tuple[Any]]:
@@ -35,6 +36,7 @@ def rule_value(raw: str) -> Optional[tuple[Any]]:
     text = raw.strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         return (_unquoted(text),)
+    text = _COMMENT.split(text, 1)[0]   # YAML: whitespace then "#" starts a comment (rcl: "x #c" is "x")
     if text in _TRUE_WORDS or text in _FALSE_WORDS:
         return (text in _TRUE_WORDS,)
     if text == "[]":
@@ -127,6 +129,7 @@ class CommandLine:
     last_unread: int = -1
     # Params files that read but have no key for this node: (path, their node keys).
     not_for_this_node: list[tuple[str, list[str]]] = field(default_factory=list)
+    comment_cut: list[str] = field(default_factory=list)   # -p values rcl cut at a YAML comment
 
 
 def settings_in_order(argv: list[str], node_name: str, names: Any) -> CommandLine:
@@ -150,6 +153,10 @@ def settings_in_order(argv: list[str], node_name: str, names: Any) -> CommandLin
             out.first_seen.setdefault(RULE_KEY, index)
             name, raw = following.split(":=", 1)
             value = rule_value(raw) if name in names else None
+            if value is not None and _COMMENT.search(raw.strip()) and raw.strip()[:1] not in "'\"":
+                out.comment_cut.append(f"{name}: -p {name}:={raw} reached the node as {value[0]!r}: in a -p value "
+                                       "whitespace then '#' starts a YAML comment; quote the value to keep it whole "
+                                       f"(-p '{name}:=\"...\"')")
             if value is not None:
                 out.settings.setdefault(name, []).append(Setting(value[0], f"-p {name}:={raw}", "-p", index))
         elif token == "--params-file":
@@ -211,6 +218,7 @@ def resolve(argv: list[str], node_name: str, resolved: dict[str, Any],
     ``kind_words(name)``: what the parameter takes, in words ("a number")."""
     out = Resolution()
     line = settings_in_order(argv, node_name, set(resolved))
+    out.notes += line.comment_cut
     for path, keys in line.not_for_this_node:
         shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
         out.notes.append(f"{path} sets nothing for this node ({'/' + node_name.strip('/')}): its keys are {shown}; "
