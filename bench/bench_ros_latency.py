@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,7 +235,8 @@ def main() -> int:
     if args.breakdown:
         probe_out = os.path.join(tempfile.mkdtemp(prefix="toist_probe_"), "frames.tsv")
         command = [sys.executable, str(ROOT / "bench" / "ros_latency_probe.py"), probe_out] + command[1:]
-    node_log = open(ROOT / "out" / "bench_ros_latency_node.log", "w") if (ROOT / "out").is_dir() else subprocess.DEVNULL
+    (ROOT / "out").mkdir(exist_ok=True)   # the node's log: "see out/..." below must be true
+    node_log = open(ROOT / "out" / "bench_ros_latency_node.log", "w")
     node_env = dict(os.environ, **dict(item.split("=", 1) for item in args.node_env))
     node = subprocess.Popen(command, stdout=node_log, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=node_env)
 
@@ -356,6 +358,7 @@ def main() -> int:
             print(f"  node {key:<22}{values[key]}  (whole run incl. warm-up)")
     if args.breakdown:
         print_breakdown(probe_out, sent_at, received_at, first_stamp_ns)
+        shutil.rmtree(os.path.dirname(probe_out), ignore_errors=True)
     return code
 
 

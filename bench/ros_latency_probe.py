@@ -15,8 +15,10 @@ Wraps, before the node's code runs, the places a raw camera frame passes through
   built       ``to_instance_msgs`` and ``task_instances_msg`` done
   published   ``publish`` of ``instances`` returned
 
-Only private names are wrapped (they may change; the bench then says which one is missing). Each
-point costs a few microseconds. Raw images only: their callbacks run in the spinning thread right
+Only private names are wrapped (they may change: the node then fails to start, its log,
+out/bench_ros_latency_node.log, naming the one missing; tests/test_bench_probe.py checks them).
+Each point costs a few microseconds. "publish call (node)" and the transport back overlap: the
+bench may receive the result before the node's publish returns. Raw images only: their callbacks run in the spinning thread right
 after the take, which is what pairs a take with its frame (compressed images decode in a pool).
 """
 
@@ -69,11 +71,13 @@ def install(out_path: str) -> None:
     on_image = camera_input.CameraInputs._on_image
 
     def timed_on_image(self, msg, *args, **kwargs):
-        start = time.time()
+        # The take that gave this message, read before the callback runs (a pool thread may take
+        # something else meanwhile).
+        times = {"wait": last.get("wait", 0.0), "take0": last.get("take0", 0.0), "take1": last.get("take1", 0.0),
+                 "cb0": time.time()}
         on_image(self, msg, *args, **kwargs)
-        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
-        frames[stamp] = {"wait": last.get("wait", 0.0), "take0": last.get("take0", 0.0),
-                         "take1": last.get("take1", 0.0), "cb0": start, "cb1": time.time()}
+        times["cb1"] = time.time()
+        frames[msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec] = times
 
     camera_input.CameraInputs._on_image = timed_on_image
 

@@ -109,13 +109,22 @@ def _file_enables_depth(path):
     except (OSError, ValueError, yaml.YAMLError):
         return False
 
+    def true(value):   # as rcl reads a plain scalar: YAML 1.1's y, yes, on too
+        if isinstance(value, str):
+            try:
+                from toist_ros.param_sources import rule_value
+            except Exception:  # noqa: BLE001 - a note is not worth failing the launch for
+                return False
+            value = (rule_value(value) or (None,))[0]
+        return value is True
+
     def enables(entries):
         if not isinstance(entries, dict):
             return False
         parameters = entries.get("ros__parameters")
         if isinstance(parameters, dict):
             depth = parameters.get("depth")
-            if parameters.get("depth.enabled") is True or (isinstance(depth, dict) and depth.get("enabled") is True):
+            if true(parameters.get("depth.enabled")) or (isinstance(depth, dict) and true(depth.get("enabled"))):
                 return True
         return any(enables(entry) for key, entry in entries.items() if key != "ros__parameters")
 
@@ -162,7 +171,8 @@ def node_options(args):
             overrides[parameter] = _flag(name, text) if kind is bool else text
     depth_topics = [f"{name}:={args[name].strip()}" for name, default, _ in ARGUMENTS
                     if name in ("depth_topic", "camera_info_topic") and args[name].strip() != default]
-    if depth_topics and not overrides.get("depth.enabled") and not _file_enables_depth(params_file):
+    depth_on = overrides["depth.enabled"] if "depth.enabled" in overrides else _file_enables_depth(params_file)
+    if depth_topics and not depth_on:
         notes.append(f"{' and '.join(depth_topics)} {'has' if len(depth_topics) == 1 else 'have'} no effect: 3D is off (add depth:=true, or depth.enabled: true "
                      "in params_file)")
     return {

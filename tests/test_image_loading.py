@@ -121,6 +121,19 @@ def test_an_opencv_format_cut_short_is_called_damaged_not_unsupported(tmp_path, 
         load_rgb(path)
 
 
+def test_a_header_claiming_more_pixels_than_opencv_decodes_is_refused_by_name(tmp_path):
+    """A 70-byte BMP whose header says 40000 x 30000 ended toist predict with cv2.error's traceback."""
+    import struct
+
+    width, height = 40000, 30000
+    header = b"BM" + struct.pack("<IHHI", 70, 0, 0, 54) + struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0,
+                                                                        2835, 2835, 0, 0)
+    (tmp_path / "big_header.bmp").write_bytes(header + bytes(16))
+    with pytest.raises(ValueError, match=r"big_header\.bmp: cannot decode the image: OpenCV refused it \(pixels <= "
+                                         r"CV_IO_MAX_IMAGE_PIXELS\)"):
+        load_rgb(tmp_path / "big_header.bmp")
+
+
 def test_a_16_bit_tiff_drops_its_low_byte_as_16_bit_png_does(tmp_path):
     raw = np.random.default_rng(2).integers(0, 2 ** 16, size=(H, W, 3), dtype=np.uint16)
     assert cv2.imwrite(str(tmp_path / "deep.tiff"), raw)

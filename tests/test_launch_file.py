@@ -123,6 +123,13 @@ def test_depth_topics_without_depth_are_named(tmp_path):
     enabled = tmp_path / "depth_on.yaml"   # the user's own file enables 3D: nothing to say
     enabled.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"depth": {"enabled": True}}}}))
     assert launch.node_options({"params_file": str(enabled), **topics})["notes"] == []
+    plain = tmp_path / "depth_y.yaml"   # `enabled: y`, which rcl reads as true (PyYAML as text)
+    plain.write_text("/**:\n  ros__parameters:\n    depth:\n      enabled: y\n")
+    assert launch.node_options({"params_file": str(plain), **topics})["notes"] == []
+    # depth:=false wins over the file's true: 3D is off, and the topics have no effect.
+    assert launch.node_options({"params_file": str(enabled), "depth": "false", **topics})["notes"] == [
+        "depth_topic:=/cam/aligned_depth and camera_info_topic:=/cam/info have no effect: 3D is off (add "
+        "depth:=true, or depth.enabled: true in params_file)"]
     assert launch.node_options({"params_file": P_YAML, "depth": "false", "depth_topic": "/cam/d"})["notes"] == [
         "depth_topic:=/cam/d has no effect: 3D is off (add depth:=true, or depth.enabled: true in params_file)"]
 

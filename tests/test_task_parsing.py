@@ -3,7 +3,7 @@ parameter, topic and service: ids, names, free text, and what is refused."""
 
 import pytest
 
-from toist_core.tasks import QUOTE_LIMIT, names_task, quote, resolve_task
+from toist_core.tasks import QUOTE_LIMIT, TaskEntry, TaskVocabulary, names_task, quote, resolve_task
 
 
 @pytest.mark.parametrize("request_, task_id, caption", [
@@ -67,6 +67,12 @@ def test_the_listed_caption_names_its_task_whatever_pronoun_the_model_reads():
         assert names_task(text, 2, query.caption)
     assert not names_task("sit comfortably on something", 0, "sit comfortably on it")   # free text stays itself
     assert resolve_task("sit comfortably on that", pronoun="it").task_id is None
+    # A task with its own pronoun: the client's reading and the node's agree.
+    own = TaskVocabulary([TaskEntry(1, "cut with", "it"), TaskEntry(2, "sit on")], name="own")
+    for text in ("cut with something", "cut with it", "cut with"):
+        query = resolve_task(text, "that", vocabulary=own)
+        assert (query.task_id, query.caption) == (1, "cut with it")
+        assert names_task(text, 1, query.caption)
 
 
 def test_numpy_integers_are_ids():

@@ -275,9 +275,10 @@ def resolve_task(task: Union[int, str], pronoun: str = DEFAULT_PRONOUN,
     wanted = _normalise(text)
     for entry in vocabulary.entries:
         caption = vocabulary.pronoun_caption(entry.id, pronoun)
-        # The caption as the task tables list it ("... something") names the task whatever
-        # pronoun this model reads: with pronoun "it" it was free text, without CCR.
-        listed = vocabulary.pronoun_caption(entry.id, DEFAULT_PRONOUN)
+        # The phrase with the generic pronoun, as the COCO-Tasks tables list a task ("... something"),
+        # names the task whatever pronoun this model or entry reads (with pronoun "it" it was free
+        # text, without CCR); names_task reads it the same way.
+        listed = vocabulary.phrase(entry.id) + DEFAULT_PRONOUN
         if wanted in (_normalise(entry.phrase), _normalise(caption), _normalise(listed)):
             return TaskQuery(caption, entry.id, _span(caption, vocabulary.pronoun_of(entry.id, pronoun)))
     span = _span(text, pronoun) if pronoun in text else None

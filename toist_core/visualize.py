@@ -8,6 +8,7 @@ BGR order OpenCV writes.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -140,13 +141,19 @@ def load_rgb(path: Union[str, Path]) -> np.ndarray:
     # way per format, NaN into black, without a word.
     flags = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
     try:
-        str(path).encode("utf-8")
-        stored = cv2.imread(str(path), flags)   # reads no more than the signature of a file it cannot decode
-    except UnicodeEncodeError:
-        # A file name that is not UTF-8 (Linux allows any bytes in one) crashes OpenCV's own file
-        # reader (segmentation fault): the bytes are read here and decoded.
-        data = np.fromfile(path, dtype=np.uint8)
-        stored = cv2.imdecode(data, flags) if data.size else None
+        try:
+            str(path).encode("utf-8")
+            stored = cv2.imread(str(path), flags)   # reads no more than the signature of a file it cannot decode
+        except UnicodeEncodeError:
+            # A file name that is not UTF-8 (Linux allows any bytes in one) crashes OpenCV's own file
+            # reader (segmentation fault): the bytes are read here and decoded.
+            data = np.fromfile(path, dtype=np.uint8)
+            stored = cv2.imdecode(data, flags) if data.size else None
+    except cv2.error as exc:   # e.g. a header claiming more pixels than OpenCV decodes: a traceback
+        # "OpenCV(5.0.0) <source>:79: error: (-215:Assertion failed) <check> in function '<name>'"
+        found = re.search(r"error: \([^)]*\) (.*?)(?: in function .*)?$", str(exc).strip().splitlines()[-1])
+        raise ValueError(f"{path}: cannot decode the image: OpenCV refused it "
+                         f"({found.group(1) if found else str(exc).strip()})") from None
     if stored is None:
         if _opencv_knows_the_format(path):   # a BMP or TIFF cut short was said to be of no format toist reads
             raise ValueError(f"{path}: cannot decode the image: damaged or cut short (its format is one OpenCV "

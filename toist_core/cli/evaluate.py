@@ -118,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
     _refuse_replacing_other_files(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.captions == "noun" and args.predictions:
-        raise ValueError("--captions noun: with --checkpoint only (it says what the model reads)")
+    if args.captions != "auto" and args.predictions:
+        raise ValueError(f"--captions {args.captions}: with --checkpoint only (it says what the model reads)")
     if args.predictions:
         # They change how predictions are made; a file's are scored as they are (a rerun "with
         # --protocol reference" gave the same numbers without a word).
@@ -232,16 +232,17 @@ def _checkpoint_only_options(args: argparse.Namespace) -> list[tuple[str, object
 
 
 def _refuse_saving_into_what_out_holds(saved: Path, out: Path) -> None:
-    """``--save-predictions`` as ``--out`` itself (written, then --out failed as "File exists",
-    after all the inference) or as a file evaluate writes into it (the table replaced the
-    predictions, with rc 0)."""
+    """``--save-predictions`` as ``--out`` itself or a folder above it (written, then --out failed
+    as "File exists" or "Not a directory", after all the inference) or as a file evaluate writes
+    into it (the table replaced the predictions, with rc 0)."""
     from toist_core.eval.tables import TABLE_STEM
 
     target, folder = saved.resolve(), out.resolve()
     written = {f"{TABLE_STEM}.md", f"{TABLE_STEM}.csv", LOG_NAME}
-    if target == folder or (target.parent == folder and (target.name in written or
-                                                           re.fullmatch(r"pr_task_.*\.png", target.name))):
-        what = "the --out folder itself" if target == folder else f"a file toist evaluate writes into --out {out}"
+    if target == folder or target in folder.parents or (
+            target.parent == folder and (target.name in written or re.fullmatch(r"pr_task_.*\.png", target.name))):
+        what = ("the --out folder itself" if target == folder else f"a folder --out {out} is in"
+                if target in folder.parents else f"a file toist evaluate writes into --out {out}")
         raise ValueError(f"--save-predictions {saved}: {what}; give another name (e.g. {out / 'predictions.json'})")
 
 
