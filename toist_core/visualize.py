@@ -156,8 +156,8 @@ def load_rgb(path: Union[str, Path]) -> np.ndarray:
                          f"({found.group(1) if found else str(exc).strip()})") from None
     if stored is None:
         if _opencv_knows_the_format(path):   # a BMP or TIFF cut short was said to be of no format toist reads
-            raise ValueError(f"{path}: cannot decode the image: damaged or cut short (its format is one OpenCV "
-                             "reads)")
+            raise ValueError(f"{path}: cannot decode the image: damaged or cut short, or a variant of its format "
+                             "that OpenCV does not decode (OpenCV reads the format)")
         raise ValueError(f"{path}: cannot read the image (not a format toist reads: JPEG, PNG, GIF, WebP, or what "
                          "OpenCV reads, e.g. BMP and TIFF)")
     if stored.dtype == np.uint16:
