@@ -1,6 +1,7 @@
 """Official checkpoint files and model directories: safe, strict, exact."""
 
 import argparse
+import decimal
 import fractions
 import pathlib
 import re
@@ -272,13 +273,24 @@ def test_config_mismatch_is_named(official_file, tokenizer):
         load_official(official_file, config=preset("tiny"), tokenizer=tokenizer)
 
 
-@pytest.mark.parametrize("foreign", [fractions.Fraction(1, 3), pathlib.PurePosixPath("/data/out")])
+@pytest.mark.parametrize("foreign", [fractions.Fraction(1, 3), decimal.Decimal("0.5")])
 def test_foreign_pickled_objects_are_refused(tmp_path, segm_model, foreign):
     container = official_container(segm_model.state_dict(), segm_model.state_dict())
     container["args"].output_dir = foreign  # hidden inside the allowed Namespace
     torch.save(container, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match=f"refused.*{type(foreign).__name__}"):
         read_official(tmp_path / "evil.pth")
+
+
+@pytest.mark.parametrize("path", [pathlib.PosixPath("/checkpoint/mdetr/1234"), pathlib.PurePosixPath("/data/out"),
+                                  pathlib.PureWindowsPath("C:/runs/out")])
+def test_paths_in_args_load_as_mdetr_submitit_runs_saved_them(tmp_path, segm_model, path):
+    """MDETR's run_with_submitit.py sets args.output_dir / job_dir to pathlib paths, saved with
+    the checkpoint (its pre-trained R101 file): refused as a foreign pickled object."""
+    container = official_container(segm_model.state_dict(), segm_model.state_dict())
+    container["args"].output_dir = container["args"].job_dir = path
+    torch.save(container, tmp_path / "submitit.pth")
+    assert read_official(tmp_path / "submitit.pth").args.output_dir == path
 
 
 def test_not_a_checkpoint(tmp_path):

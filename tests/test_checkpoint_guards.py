@@ -280,6 +280,33 @@ def test_a_training_checkpoint_stored_config_is_compared_with_a_given_config(tmp
     assert load_official(path, tokenizer=tokenizer).config.transformer.nheads == 4
 
 
+def test_a_text_encoder_of_another_vocabulary_than_the_training_checkpoints_is_refused(tmp_path, tokenizer):
+    """A training checkpoint took any text_encoder: its captions became other token ids, and an
+    export carried that tokenizer on, without a word (a model directory refused the same)."""
+    import json
+
+    cfg = tiny()   # records builtin:tiny, which is here to compare with
+    path = tmp_path / "train.pth"
+    torch.save(training_checkpoint(build(cfg, tokenizer), cfg), path)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(TINY_TOKENIZER_DIR, swapped)
+    data = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    first, second = tokenizer("sit comfortably on something")["input_ids"][1:3]
+    names = {index: token for token, index in vocab.items()}
+    vocab[names[first]], vocab[names[second]] = second, first   # two ordinary tokens' ids swapped
+    (swapped / "tokenizer.json").write_text(json.dumps(data))
+    for call in (lambda: load_official(path, text_encoder=str(swapped)),
+                 lambda: export_model_dir(path, tmp_path / "exported", text_encoder=str(swapped))):
+        with pytest.raises(CheckpointError, match=r"train\.pth: text_encoder '.*swapped' is not the tokenizer this "
+                                                  r"checkpoint was trained with \('builtin:tiny', whose vocabulary"):
+            call()
+    assert not (tmp_path / "exported").exists()
+    same = tmp_path / "same"   # a copy of the recorded tokenizer: fine
+    shutil.copytree(TINY_TOKENIZER_DIR, same)
+    assert load_official(path, text_encoder=str(same)).model is not None
+
+
 def test_a_training_checkpoint_never_opens_the_vocabulary_file_it_names(tmp_path, tokenizer, monkeypatch):
     """A downloaded file whose config.data named a vocabulary path without its entries had that path
     read (any YAML on the machine became the model's tasks; /dev/zero was read until memory ran

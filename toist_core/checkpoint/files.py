@@ -15,6 +15,7 @@ cache the system can drop again). Legacy (pre-zip) files cannot be mapped and ar
 from __future__ import annotations
 
 import argparse
+import pathlib
 import pickle
 import re
 from pathlib import Path
@@ -25,8 +26,10 @@ import torch
 from .errors import CheckpointError, PathLike
 from .integrity import ZIP_MAGIC, verify_zip
 
-# Non-tensor classes an official checkpoint may contain (its `args`).
-SAFE_GLOBALS = [argparse.Namespace]
+# Non-tensor classes an official checkpoint may contain (its `args`): MDETR's submitit runs (how
+# its pre-trained R101 file was trained) store `output_dir` / `job_dir` as paths. Unpickling a
+# path calls its class on strings, nothing else.
+SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
 _PICKLE_PROTO = b"\x80"  # legacy torch.save files start with a pickle (protocol >= 2)
 
 # What `toist train` writes into its output_dir beside its config.yaml (training/start_checks.py
