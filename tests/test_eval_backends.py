@@ -185,3 +185,25 @@ def test_image_ids_beyond_exact_doubles_are_scored(files, tmp_path):
     _assert_same(runs[0], runs[1])
     _assert_same(runs[0], runs[2])
     assert 0 < runs[2].ap50["bbox"] < 0.999
+
+
+def test_a_target_of_annotation_id_0_is_scored_as_found(files, tmp_path):
+    """COCOeval marks a detection by the id of the target it matched, 0 meaning none: exporters that
+    number annotations from 0 had that target's perfect detection scored as a false positive
+    (AP@0.5 0.855 instead of 1.0 on this set), by both backends."""
+    data = json.loads(files[9].read_text())
+    preferred = next(a for a in data["annotations"] if a["category_id"] == 1 and not a["iscrowd"])
+    preferred["id"] = 0
+    path = tmp_path / "task_9_test.json"
+    path.write_text(json.dumps(data))
+    gt = load_ground_truth(path)
+    perfect = {}
+    for image_id in gt.getImgIds():
+        targets = [a for a in gt.imgToAnns[image_id] if a["category_id"] == 1 and not a["iscrowd"]]
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in targets)]).reshape(-1, 4)
+        masks = np.stack([gt.annToMask(a).astype(bool) for a in targets]) if targets else None
+        perfect[image_id] = ImagePredictions.from_arrays(boxes, np.linspace(0.9, 0.5, len(targets)), masks) \
+            if targets else ImagePredictions.from_arrays(np.zeros((0, 4)), np.zeros(0))
+    for backend in ("pycocotools", "faster-coco-eval"):
+        result = evaluate_task(gt, perfect, ("bbox",), task_id=9, backend=backend)
+        assert result.ap50["bbox"] == pytest.approx(1.0), backend

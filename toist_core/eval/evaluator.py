@@ -163,6 +163,11 @@ def load_ground_truth(path: Union[str, Path]) -> COCO:
     except DataError:  # any name will do here; the schema only names the file
         task_id, split = 0, ""
     parse_task_data(data, path, task_id, split)
+    if any(annotation["id"] == 0 for annotation in data.get("annotations", ())):
+        # COCOeval marks a detection by the id of the target it matched, 0 meaning "none": a
+        # target of id 0 (exporters that count from 0) was found and scored as missed
+        # (cocodataset/cocoapi#331). The ids serve the matching only: numbered 1..N instead.
+        data["annotations"] = [dict(annotation, id=number) for number, annotation in enumerate(data["annotations"], 1)]
     if "categories" not in data:
         data["categories"] = [dict(c) for c in PREFERENCE_CATEGORIES]
     coco = COCO()
