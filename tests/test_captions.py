@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toist_core.data.captions import find_word, noun_caption, noun_targets, pronoun_targets
+from toist_core.data.captions import find_word, grounding_targets, noun_caption, noun_targets, pronoun_targets
 from toist_core.data.collate import add_positive_maps
 from toist_core.tasks import TASK_PHRASES
 
@@ -132,3 +132,12 @@ def test_positive_maps_from_tokenizer_offsets(tokenizer):
                if tok not in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)]
     assert torch.equal(pronoun_map[0], pronoun_map[1])
     assert torch.nonzero(pronoun_map[0]).flatten().tolist() == content
+
+
+def test_grounding_captions_name_each_class_once_and_point_each_box_at_it():
+    """Two category ids of one name (an own COCO_categories list) gave 'cup. cup' (the noun
+    caption named it once); boxes keep their own class's span."""
+    targets = grounding_targets([1, 7, 3, 1], {1: "cup", 3: "knife", 7: "cup"})
+    assert targets.caption == "cup. knife"
+    assert targets.tokens_positive == [[(0, 3)], [(0, 3)], [(5, 10)], [(0, 3)]]
+    assert grounding_targets([1, 3], {1: "cup", 3: "knife"}).caption == "cup. knife"

@@ -171,22 +171,27 @@ GROUNDING_SEPARATOR = ". "
 
 
 def grounding_targets(box_category_ids: Sequence[int], id2name: Optional[Mapping[int, str]] = None) -> CaptionTargets:
-    """Caption naming every object class of an image (ordered by COCO category id, each once),
-    each box positive on its class name: the phrase-grounding task MDETR is pre-trained on,
-    which the teacher and the student then start from."""
+    """Caption naming every object class of an image (ordered by COCO category id, each name
+    once: two ids of one name, as an own ``COCO_categories`` list may have, share its part, as
+    the noun caption's do), each box positive on its class name: the phrase-grounding task MDETR
+    is pre-trained on, which the teacher and the student then start from."""
     id2name = coco_id2name() if id2name is None else id2name
     for cat in box_category_ids:
         if cat not in id2name:
             raise KeyError(f"COCO category id {cat} has no name in the id -> name table")
     spans: dict[int, Span] = {}
+    by_name: dict[str, Span] = {}
     parts: list[str] = []
     cursor = 0
     for cat in sorted(set(box_category_ids)):
-        if parts:
-            cursor += len(GROUNDING_SEPARATOR)
-        spans[cat] = (cursor, cursor + len(id2name[cat]))
-        parts.append(id2name[cat])
-        cursor += len(id2name[cat])
+        name = id2name[cat]
+        if name not in by_name:
+            if parts:
+                cursor += len(GROUNDING_SEPARATOR)
+            by_name[name] = (cursor, cursor + len(name))
+            parts.append(name)
+            cursor += len(name)
+        spans[cat] = by_name[name]
     caption = GROUNDING_SEPARATOR.join(parts)
     positive = [[spans[cat]] for cat in box_category_ids]
     return CaptionTargets(caption, positive, [list(p) for p in positive])

@@ -12,7 +12,8 @@ train (``cautious=True`` in ``datasets/tdod.py``: no horizontal flip), with prob
 test: RandomResize([800], max 1333);
 then Normalize: ImageNet mean/std, boxes -> cx, cy, w, h normalised to the image size.
 
-Randomness comes from torch's global generator (seeded per DataLoader worker by torch).
+Randomness comes from torch's global CPU generator (and Python's); training seeds both per
+sample, from (seed, epoch, index), through ``training.sampling.SeededSamples``.
 """
 
 from __future__ import annotations
