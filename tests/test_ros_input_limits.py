@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from toist_ros.conversions import ImageError
-from toist_ros.diagnostics import OK, WARN
+from toist_ros.diagnostics import ERROR, OK, WARN
 from toist_ros.frame_limits import MIN_MODEL_SIDE, FrameLimits, compressed_size
-from toist_ros.health import ERROR_WINDOW_S, HealthLevel
+from toist_ros.health import ERROR_WINDOW_S, HealthLevel, stuck_after_s
 
 LIMITS = FrameLimits(max_pixels=4096 * 4096, short_side=800, max_side=1333)
 
@@ -107,12 +107,21 @@ def test_a_negative_stamp_is_a_counted_reject_not_an_error_in_the_inference_thre
 CAMERA = ["/image"]
 
 
-def _values(errors=0, received=10, processed=None, rejected=0, stale=0):
+def _values(errors=0, received=10, processed=None, rejected=0, stale=0, lost=0, busy_s=0.0, stuck_after_s=10.0,
+            internal=0, service_timeouts=0):
     """A report of one camera, ``/image``, whose counts are the totals."""
     processed = received if processed is None else processed
-    return {"received": received, "rejected": rejected, "lost_in_transport": 0, "inference_errors": errors,
-            "cuda_oom": 0, "processed": processed, "skipped_stale": stale,
-            "/image published": processed, "/image rejected": rejected, "/image skipped stale": stale}
+    return {"received": received, "rejected": rejected, "lost_in_transport": lost, "inference_errors": errors,
+            "cuda_oom": 0, "internal_errors": internal, "service_timeouts": service_timeouts, "processed": processed,
+            "skipped_stale": stale, "forward pass running s": f"{busy_s:.1f}", "stuck after s": f"{stuck_after_s:.1f}",
+            "/image published": processed, "/image rejected": rejected, "/image skipped stale": stale,
+            "/image arrived": received + rejected, "/image lost in transport": lost}
+
+
+def _camera(name, published=0, rejected=0, stale=0, arrived=0, lost=0):
+    """The per-camera keys of a report for camera ``name``."""
+    return {f"{name} published": published, f"{name} rejected": rejected, f"{name} skipped stale": stale,
+            f"{name} arrived": arrived, f"{name} lost in transport": lost}
 
 
 def _judge(health, values, last_error="", now=None, cameras=CAMERA):
@@ -143,9 +152,8 @@ def test_health_warns_for_one_camera_whose_frames_are_all_turned_away_beside_a_w
     def report(front_published, rear_rejected, rear_stale=0):
         values = _values(received=front_published, processed=front_published, rejected=rear_rejected,
                          stale=rear_stale)
-        values.update({"/front/image published": front_published, "/front/image rejected": 0,
-                       "/front/image skipped stale": 0, "/rear/image published": 0,
-                       "/rear/image rejected": rear_rejected, "/rear/image skipped stale": rear_stale})
+        values.update({**_camera("/front/image", published=front_published, arrived=front_published),
+                       **_camera("/rear/image", rejected=rear_rejected, stale=rear_stale, arrived=rear_rejected)})
         return _judge(health, values, cameras=cameras)
 
     assert report(10, 0) == (OK, "running")
@@ -177,7 +185,8 @@ def test_health_recovers_after_an_old_error():
     health = HealthLevel()
     assert _judge(health, _values(), now=0.0) == (OK, "running")
     level, message = _judge(health, _values(errors=1), last_error="RuntimeError: x", now=1.0)
-    assert level == WARN and "1 inference error(s)" in message and "RuntimeError: x" in message
+    assert level == WARN and "1 error(s) of the inference thread or its services" in message
+    assert "RuntimeError: x" in message
     t = 2.0
     while t < 1.0 + ERROR_WINDOW_S:
         assert _judge(health, _values(errors=1), last_error="RuntimeError: x", now=t)[0] == WARN
@@ -185,6 +194,48 @@ def test_health_recovers_after_an_old_error():
     assert _judge(health, _values(errors=1), last_error="RuntimeError: x", now=2.0 + ERROR_WINDOW_S) == (OK, "running")
     # A new error brings it back.
     assert _judge(health, _values(errors=2), last_error="RuntimeError: y", now=3.0 + ERROR_WINDOW_S)[0] == WARN
+
+
+def test_health_reports_a_forward_pass_that_does_not_end():
+    """A hung forward pass (a device that never returns): frames kept arriving and were replaced,
+    processed stood still, and /diagnostics said OK "running" for ever."""
+    health = HealthLevel()
+    assert _judge(health, _values(busy_s=9.0, stuck_after_s=10.0)) == (OK, "running")
+    level, message = _judge(health, _values(busy_s=11.0, stuck_after_s=10.0))
+    assert level == WARN and message.startswith("a forward pass has run for 11 s (stuck after 10 s")
+    assert _judge(health, _values(busy_s=130.0, stuck_after_s=10.0))[0] == ERROR
+    assert _judge(health, _values(busy_s=0.0, stuck_after_s=10.0)) == (OK, "running")   # it ended
+    # The limit follows the model: five times its p95, at least 10 s.
+    assert stuck_after_s(float("nan")) == 10.0 and stuck_after_s(1000.0) == 10.0 and stuck_after_s(4000.0) == 20.0
+
+
+def test_health_counts_internal_errors_and_service_timeouts():
+    """The inference thread failing outside the model (internal_errors) on every frame, or
+    segment_image timing out, left the level OK."""
+    for extra in ({"internal": 1}, {"service_timeouts": 1}):
+        health = HealthLevel()
+        assert _judge(health, _values(), now=0.0) == (OK, "running")
+        assert _judge(health, _values(**extra), now=1.0)[0] == WARN
+        assert _judge(health, _values(**extra), now=2.0 + ERROR_WINDOW_S) == (OK, "running")
+
+
+def test_health_warns_for_one_camera_losing_its_images_beside_a_working_one():
+    """Judged on the node's totals, a front camera delivering everything hid a rear one losing
+    two images of three (the log warned; /diagnostics said "running")."""
+    cameras = ["/front/image", "/rear/image"]
+    health = HealthLevel()
+
+    def report(front, rear_arrived, rear_lost):
+        values = {**_values(received=front + rear_arrived, lost=rear_lost),
+                  **_camera("/front/image", published=front, arrived=front),
+                  **_camera("/rear/image", published=rear_arrived, arrived=rear_arrived, lost=rear_lost)}
+        return _judge(health, values, cameras=cameras)
+
+    assert report(30, 10, 0) == (OK, "running")
+    level, message = report(60, 20, 20)
+    assert level == WARN and message.startswith("most images on /rear/image never reached the node (20 lost, 10 "
+                                                "arrived since the last report)")
+    assert report(90, 40, 20) == (OK, "running")
 
 
 def test_health_warns_while_no_frame_gets_depth_and_recovers_when_one_does():
@@ -206,8 +257,7 @@ def test_health_warns_for_one_camera_without_depth_beside_one_with_depth():
     depth (its depth topic not remapped)."""
     cameras = ["/front/image", "/rear/image"]
     health = HealthLevel()
-    values = {**_values(), "/front/image published": 10, "/rear/image published": 0, "/rear/image rejected": 0,
-              "/rear/image skipped stale": 0, "/front/image rejected": 0, "/front/image skipped stale": 0}
+    values = {**_values(), **_camera("/front/image", published=10, arrived=10), **_camera("/rear/image")}
 
     def report(front_paired, rear_missing):
         depth = {"/front/image depth paired": front_paired, "/front/image depth missing": 0,

@@ -469,6 +469,8 @@ def test_a_forward_pass_outliving_deactivate_publishes_nothing_and_holds_activat
     try:
         manager.image_pub.publish(image_from_array(_pixels(), "rgb8"))
         assert inside.wait(20)
+        time.sleep(0.2)
+        assert float(node.diagnostics_values()["forward pass running s"]) > 0.1   # /diagnostics sees the pass
         old = node._worker
         published = len(manager.results)
         assert manager.transition("deactivate") and manager.state() == "inactive" and old.running
@@ -477,6 +479,7 @@ def test_a_forward_pass_outliving_deactivate_publishes_nothing_and_holds_activat
         assert wait_for(lambda: not old.running, timeout=30)
         time.sleep(0.3)
         assert len(manager.results) == published   # its frame's result is not published
+        assert node.counters.get("dropped_abandoned") == 1   # received, and counted as what became of it
     finally:
         release.set()
     monkeypatch.setattr(worker_module, "predict", predict)

@@ -68,6 +68,8 @@ class Camera:
         self.skipped_stale = 0           # frames older than input.max_age_s when their turn came
         self.depth_outcomes = {"paired": 0, "missing": 0, "unsynced": 0}  # depth.enabled: frames by pairing
         self.window = [0, 0]             # (arrived, lost) since window_start
+        self.arrived = 0                 # messages that reached the subscription, in all
+        self.lost = 0                    # messages its publishers sent that never did (sequence gaps)
         self.window_start = time.monotonic()
         self.last_loss_warning = float("-inf")
         self._last_sequence: dict[Any, int] = {}
@@ -101,6 +103,8 @@ class Camera:
         with self._sequence_lock:
             self.window[0] += 1
             self.window[1] += lost
+            self.arrived += 1
+            self.lost += lost
 
     def forget_arrivals(self) -> None:
         """A new subscription (after a lifecycle pause): what publishers sent while there was none

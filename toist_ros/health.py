@@ -1,11 +1,14 @@
 """What the node reports on ``/diagnostics``: its key/values, and one level with its reason.
 
-ERROR while loading; WARN when most images never reached the node since the last report, when
-a camera's images arrived but none of them was published (all rejected or too old), when a
-camera's frames got no depth (depth.enabled), on inference errors in the last ``ERROR_WINDOW_S``
-seconds, or with no input; OK otherwise (a single error long ago does not keep the node in WARN:
-the counters keep the history). Cameras are judged one by one, so one broken camera among
-working ones is not hidden by their results.
+ERROR while loading, and when a forward pass has run for ``STUCK_ERROR_S`` (a hung device);
+WARN when a forward pass has run far longer than the model takes (``stuck_after_s``), when most
+of a camera's images never reached the node since the last report, when a camera's images
+arrived but none of them was published (all rejected or too old), when a camera's frames got no
+depth (depth.enabled), on errors of the inference thread (inference errors, CUDA out of memory,
+internal errors, service timeouts) in the last ``ERROR_WINDOW_S`` seconds, or with no input; OK
+otherwise (a single error long ago does not keep the node in WARN: the counters keep the
+history). Cameras are judged one by one, so one broken camera among working ones is not hidden
+by their results.
 """
 
 from __future__ import annotations
@@ -17,9 +20,20 @@ from typing import Any, Optional, Sequence
 from toist_ros.diagnostics import ERROR, OK, WARN, Counters, Percentiles, device_memory, fmt_ms
 
 ERROR_WINDOW_S = 30.0        # inference errors keep the level at WARN this long
+STUCK_MIN_S = 10.0           # a forward pass this long (and 5x the model's p95) is reported as stuck
+STUCK_ERROR_S = 120.0        # ... and as an ERROR past this
+# The errors of the inference thread and its services that keep the level at WARN.
+_ERROR_COUNTERS = ("inference_errors", "cuda_oom", "internal_errors", "service_timeouts")
+
+
+def stuck_after_s(inference_p95_ms: float) -> float:
+    """How long a forward pass may run before /diagnostics calls it stuck: five times the model's
+    p95 (none yet: the first pass, warm-up done), at least ``STUCK_MIN_S``."""
+    typical = inference_p95_ms / 1000.0 if inference_p95_ms == inference_p95_ms else 0.0   # NaN: no pass yet
+    return max(STUCK_MIN_S, 5.0 * typical)
 
 # Always reported, 0 until something happens (the rejected_<reason> counters follow them).
-_COUNTERS = ("received", "processed", "dropped_replaced", "dropped_out_of_order", "skipped_stale",
+_COUNTERS = ("received", "processed", "dropped_replaced", "dropped_out_of_order", "dropped_abandoned", "skipped_stale",
              "future_stamped", "lost_in_transport", "rejected", "inference_errors", "cuda_oom", "rejected_service",
              "service_timeouts", "internal_errors", "qos_incompatible", "qos_switches", "loss_warnings",
              "no_image_warnings", "debug_images", "debug_errors", "service_calls")
@@ -32,11 +46,13 @@ _DEPTH_COUNTERS = ("depth_received", "depth_paired", "depth_missing", "depth_uns
 
 def report_values(*, ready: bool, task: Any, model: Any, counters: Counters, inference_ms: Percentiles,
                   latency_ms: Percentiles, cameras: Sequence[Any], dropped: Sequence[int],
-                  out_of_order: Sequence[int], geometry_ms: Optional[Percentiles] = None) -> dict[str, Any]:
+                  out_of_order: Sequence[int], geometry_ms: Optional[Percentiles] = None,
+                  busy_s: float = 0.0) -> dict[str, Any]:
     """The flat report: task, model, timings, per camera rates and drops, counters, memory.
     ``dropped`` / ``out_of_order``: frames replaced in each camera's slot / dropped as older than
     one already put, indexed like ``cameras``; ``geometry_ms``: the 3D step's time per frame
-    (None: depth is off, no depth keys)."""
+    (None: depth is off, no depth keys); ``busy_s``: how long the forward pass in progress has
+    run (0: none)."""
     counts = counters.snapshot()
     inf50, inf95 = inference_ms.quantiles(0.5, 0.95)
     lat50, lat95 = latency_ms.quantiles(0.5, 0.95)
@@ -45,6 +61,7 @@ def report_values(*, ready: bool, task: Any, model: Any, counters: Counters, inf
         "model": model.description, "device": model.device,
         "inference ms p50": fmt_ms(inf50), "inference ms p95": fmt_ms(inf95),
         "latency ms p50": fmt_ms(lat50), "latency ms p95": fmt_ms(lat95),
+        "forward pass running s": f"{busy_s:.1f}", "stuck after s": f"{stuck_after_s(inf95):.1f}",
     }
     for camera in cameras:
         name = camera.subscribed_name
@@ -55,6 +72,8 @@ def report_values(*, ready: bool, task: Any, model: Any, counters: Counters, inf
         values[f"{name} published"] = camera.output_rate.count
         values[f"{name} rejected"] = camera.rejected
         values[f"{name} skipped stale"] = camera.skipped_stale
+        values[f"{name} arrived"] = camera.arrived
+        values[f"{name} lost in transport"] = camera.lost
     for key in _COUNTERS:
         values[key] = counts.get(key, 0)
     for key in sorted(k for k in counts if k.startswith("rejected_") and k != "rejected_service"):
@@ -78,7 +97,7 @@ class HealthLevel:
     images lost" is judged on what happened since then."""
 
     def __init__(self) -> None:
-        self._previous_arrivals = (0, 0)  # (arrived, lost) at the last diagnostics report
+        self._previous_arrivals: dict[str, tuple[int, int]] = {}  # per camera: (arrived, lost) at the last report
         self._previous_depth: dict[str, tuple[int, int, int]] = {}  # per camera: (paired, missing, unsynced)
         # at the last report
         self._previous_outcomes: dict[str, tuple[int, int, int]] = {}  # per camera: (published, rejected,
@@ -91,10 +110,8 @@ class HealthLevel:
         inference error ("" when none); ``receiving``: whether any camera delivers images now;
         ``cameras``: the input topics ``values`` reports on; ``now``: monotonic seconds (tests)."""
         now = time.monotonic() if now is None else now
-        arrived, lost = values["received"] + values["rejected"], values["lost_in_transport"]
-        previous, self._previous_arrivals = self._previous_arrivals, (arrived, lost)
-        recent_arrived, recent_lost = arrived - previous[0], lost - previous[1]
-        errors = values["inference_errors"] + values["cuda_oom"]
+        losses = self._losses(values, cameras)
+        errors = sum(values[key] for key in _ERROR_COUNTERS)
         self._errors.append((now, errors))
         while len(self._errors) > 1 and self._errors[1][0] <= now - ERROR_WINDOW_S:
             self._errors.popleft()
@@ -104,19 +121,37 @@ class HealthLevel:
         nothing_published = self._nothing_published(values, cameras)
         if not ready:
             return ERROR, "not ready"
-        if recent_lost > max(recent_arrived, 2):
-            return WARN, (f"most images never reached the node ({recent_lost} lost, {recent_arrived} "
-                          "arrived since the last report): DDS transport or QoS (see docs/ros.md)")
+        busy, limit = float(values["forward pass running s"]), float(values["stuck after s"])
+        if busy > limit:
+            # Frames keep arriving and are replaced, which alone is no fault: nothing else said it.
+            return (ERROR if busy > max(STUCK_ERROR_S, limit) else WARN), (
+                f"a forward pass has run for {busy:.0f} s (stuck after {limit:.0f} s: 5x the model's p95, at least "
+                f"{STUCK_MIN_S:.0f} s): the device or the model may hang; nothing is published meanwhile")
+        if losses:
+            return WARN, losses
         if nothing_published:
             return WARN, nothing_published
         if depth_problem:
             return WARN, depth_problem
         if recent_errors > 0:
-            return WARN, (f"{recent_errors} inference error(s) in the last {ERROR_WINDOW_S:.0f} s "
-                          f"(last: {last_error or 'unknown'})")
+            return WARN, (f"{recent_errors} error(s) of the inference thread or its services in the last "
+                          f"{ERROR_WINDOW_S:.0f} s (inference_errors, cuda_oom, internal_errors, service_timeouts; "
+                          f"last inference error: {last_error or 'none'})")
         if not receiving:
             return WARN, "no input images"
         return OK, "running"
+
+    def _losses(self, values: dict[str, Any], cameras: Sequence[str]) -> str:
+        """The cameras most of whose images never reached the node since the last report (""
+        when none): per camera, as the node-wide totals let one healthy camera hide a lossy one."""
+        reasons = []
+        for name in cameras:
+            arrived, lost = _since_last(self._previous_arrivals, name,
+                                        (values[f"{name} arrived"], values[f"{name} lost in transport"]))
+            if lost > max(arrived, 2):
+                reasons.append(f"most images on {name} never reached the node ({lost} lost, {arrived} arrived since "
+                               "the last report): DDS transport or QoS (see docs/ros.md)")
+        return "; ".join(reasons)
 
     def _nothing_published(self, values: dict[str, Any], cameras: Sequence[str]) -> str:
         """Why a camera published no frame since the last report although its frames came ("" when

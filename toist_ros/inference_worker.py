@@ -100,6 +100,7 @@ class InferenceWorker:
         self._abandoned = threading.Event()   # stop() gave up waiting: the frame's result is not published
         self.last_error = ""
         self._clock_warned = False
+        self._busy_since: Optional[float] = None   # monotonic start of the forward pass in progress
         self._thread = threading.Thread(target=self._loop, name="toist_inference", daemon=True)
 
     def start(self) -> None:
@@ -117,6 +118,12 @@ class InferenceWorker:
                 self._abandoned.set()
         self._fail_pending()
         return not self.running
+
+    def busy_s(self) -> float:
+        """Seconds the forward pass in progress has run (0 when none is): a pass that never ends
+        (a hung device) otherwise looked like a slow model on /diagnostics, the frames replaced."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     @property
     def running(self) -> bool:
@@ -184,6 +191,7 @@ class InferenceWorker:
             return
         msg, ranked = result
         if self._abandoned.is_set():   # stop() stopped waiting for this forward pass: nothing more
+            self._counters.add("dropped_abandoned")   # received, so counted somewhere
             return
         if self._depth is not None:
             self._add_depth(msg, ranked, camera, settings)
@@ -290,8 +298,12 @@ class InferenceWorker:
         """(TaskInstances, ranked) or None when inference failed (counted and logged)."""
         start = time.perf_counter()
         height, width = rgb.shape[:2]
+        self._busy_since = time.monotonic()
         try:
-            prediction = predict(self._segmenter, rgb, task, settings)
+            try:
+                prediction = predict(self._segmenter, rgb, task, settings)
+            finally:
+                self._busy_since = None
             elapsed_ms = 1000.0 * (time.perf_counter() - start)  # model time (inference_ms): before ranking
             ranked = rank_instances(prediction.boxes, prediction.scores, prediction.masks, (width, height),
                                     settings["score_threshold"], settings["max_instances"])

@@ -442,7 +442,8 @@ class PerceptionNode(Node):
                              inference_ms=self.inference_ms, latency_ms=self.latency_ms,
                              cameras=self._cameras, dropped=self._inputs.slots.dropped,
                              out_of_order=self._inputs.slots.out_of_order,
-                             geometry_ms=self.geometry_ms if self._depth is not None else None)
+                             geometry_ms=self.geometry_ms if self._depth is not None else None,
+                             busy_s=self._worker.busy_s() if self._worker is not None else 0.0)
 
     def _publish_diagnostics(self) -> None:
         with self._state_lock:
