@@ -138,6 +138,29 @@ def test_a_call_ends_at_once_when_the_server_process_has_exited():
         call_service(Absent(), object(), timeout=1, server_gone=lambda: None)
 
 
+def test_a_call_given_up_is_withdrawn_from_the_client():
+    """A timed-out call stayed among the client's pending requests; its late answer was kept."""
+    from toist_ros.service_call import call_service
+
+    class Silent:
+        srv_name = "/toist_demo_1/segment_image"
+        withdrawn = []
+
+        def wait_for_service(self, timeout_sec):
+            return True
+
+        def call_async(self, request):
+            return type("Pending", (), {"done": lambda self: False})()
+
+        def remove_pending_request(self, future):
+            self.withdrawn.append(future)
+
+    client = Silent()
+    with pytest.raises(TimeoutError, match="/toist_demo_1/segment_image did not answer within 0 s"):
+        call_service(client, object(), timeout=0.2)
+    assert len(client.withdrawn) == 1
+
+
 @pytest.mark.parametrize("domain", ["²", "٣", "7.0", "-1", "233"])
 def test_a_domain_id_dds_cannot_use_is_refused_by_name(monkeypatch, domain):
     """Not ASCII digits ('²' was int()'s "invalid literal" message; '٣' read as 3, which rcl

@@ -30,9 +30,12 @@ class ServerGone(RuntimeError):
 def call_service(client: Any, request: Any, timeout: float, hint: str = "",
                  server_gone: Optional[Callable[[], Optional[str]]] = None) -> Any:
     """The response of ``client`` (an rclpy client whose node is spun elsewhere) to ``request``;
-    TimeoutError naming the service (and ``hint``) when it is absent or does not answer in
-    ``timeout`` seconds. ``server_gone``, polled while waiting, says why the server is gone (e.g.
-    its process exited) or None: :class:`ServerGone` then at once, not at the timeout."""
+    TimeoutError naming the service (and ``hint``) when it does not appear within ``timeout``
+    seconds, or, once it is there, does not answer within ``timeout`` seconds more (each phase
+    has its own: a node still loading its model must not eat the time of the call). ``server_gone``,
+    polled while waiting, says why the server is gone (e.g. its process exited) or None:
+    :class:`ServerGone` then at once, not at the timeout. A call given up is withdrawn from the
+    client (its late answer is dropped, not kept for ever)."""
 
     def check_server() -> None:
         reason = server_gone() if server_gone is not None else None
@@ -50,6 +53,9 @@ def call_service(client: Any, request: Any, timeout: float, hint: str = "",
         check_server()
         time.sleep(0.02)
     if not future.done():
+        withdraw = getattr(client, "remove_pending_request", None)
+        if withdraw is not None:
+            withdraw(future)
         raise TimeoutError(f"service {client.srv_name} did not answer within {timeout:.0f} s")
     return future.result()
 
