@@ -353,6 +353,23 @@ def test_gaps_in_a_publishers_sequence_are_lost_frames_and_few_publishers_are_re
     assert camera.lost_before(info(1, 9)) == 0   # forgotten: its next message starts afresh
 
 
+def test_a_message_decoded_out_of_order_takes_its_loss_back():
+    """Compressed images are decoded on several pool threads: sequence numbers 10, 12, 11 counted
+    11 as lost for good."""
+    from toist_ros.camera_input import Camera
+
+    camera = Camera(0, "image")
+
+    def info(sequence):
+        return {"publication_sequence_number": sequence, "publisher_gid": {"data": [7] * 16}}
+
+    losses = [camera.lost_before(info(n)) for n in (10, 12, 11, 11, 13, 20, 15, 9)]
+    assert losses == [0, 1, -1, 0, 0, 6, -1, 0]   # 11 twice, or 9 never counted: no take-back
+    for lost in losses:
+        camera.count_arrival(lost)
+    assert (camera.arrived, camera.lost) == (8, 5)   # 14, 16, 17, 18, 19 never came
+
+
 def test_free_memory_is_given_back_after_a_thread_that_allocated_ended():
     """What a thread's malloc arena held stayed with the process after the thread ended (the
     lifecycle node starts one inference thread per activation)."""

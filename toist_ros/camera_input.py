@@ -38,6 +38,7 @@ QOS_CHECK_PERIOD_S = 1.0      # auto reliability: how often the publishers on a 
 LOSS_WINDOW_S = 5.0           # "most frames lost in transport" is judged over this window
 LOSS_WARNING_PERIOD_S = 30.0  # at most one such warning per camera in this time
 PUBLISHERS_KEPT = 64          # publishers whose sequence numbers a camera remembers (the most recent)
+REORDER_KEPT = 16             # sequence numbers counted lost that a late arrival may still take back
 REMEDIES = ("input.compressed:=true (sensor_msgs/CompressedImage is ~10x smaller), "
             "input.reliability:=reliable with a reliable camera, or a DDS set-up for large data "
             "(Fast DDS: FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA; larger net.core.rmem_max; docs/ros.md); with "
@@ -73,6 +74,7 @@ class Camera:
         self.window_start = time.monotonic()
         self.last_loss_warning = float("-inf")
         self._last_sequence: dict[Any, int] = {}
+        self._missing: dict[Any, set[int]] = {}   # per publisher: recent sequence numbers counted lost
         self._sequence_lock = threading.Lock()
         self.instances_pub = None
         self.debug_pub = None
@@ -83,7 +85,9 @@ class Camera:
         """Messages a publisher sent that never reached this subscription (gaps in its sequence numbers).
 
         The image subscription keeps only the newest message (depth 1), so DDS itself drops
-        what the executor did not take in time; this makes those drops visible too.
+        what the executor did not take in time; this makes those drops visible too. -1 for a
+        message counted lost that came after all: compressed images are decoded on several pool
+        threads, which can reach here out of order (10, 12, 11 counted 11 as lost).
         """
         sequence = info.get("publication_sequence_number") if info else None
         if not sequence:
@@ -93,9 +97,21 @@ class Camera:
         with self._sequence_lock:
             last = self._last_sequence.pop(key, None)
             self._last_sequence[key] = max(sequence, last or 0)  # re-inserted: the dict runs oldest first
+            missing = self._missing.pop(key, set())
+            if last is not None and sequence < last and sequence in missing:
+                missing.discard(sequence)
+                lost = -1
+            else:
+                lost = max(0, sequence - last - 1) if last is not None else 0
+                # The most recent gaps only: a message later than these is no reordering.
+                missing.update(range(max(last + 1 if last is not None else sequence, sequence - REORDER_KEPT), sequence))
+            if missing:
+                self._missing[key] = {n for n in missing if n > sequence - REORDER_KEPT}
             if len(self._last_sequence) > PUBLISHERS_KEPT:  # a driver restarted many times: drop the oldest
-                del self._last_sequence[next(iter(self._last_sequence))]
-        return max(0, sequence - last - 1) if last is not None else 0
+                oldest = next(iter(self._last_sequence))
+                del self._last_sequence[oldest]
+                self._missing.pop(oldest, None)
+        return lost
 
     def count_arrival(self, lost: int) -> None:
         """One message arrived, ``lost`` before it did not (the loss window's counts; compressed
@@ -111,6 +127,7 @@ class Camera:
         was never meant to arrive, so the sequence numbers and the loss window start afresh."""
         with self._sequence_lock:
             self._last_sequence.clear()
+            self._missing.clear()
             self.window, self.window_start = [0, 0], time.monotonic()
 
     def close_window(self, now: float) -> tuple[int, int]:
