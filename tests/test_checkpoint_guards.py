@@ -296,15 +296,24 @@ def test_a_text_encoder_of_another_vocabulary_than_the_training_checkpoints_is_r
     names = {index: token for token, index in vocab.items()}
     vocab[names[first]], vocab[names[second]] = second, first   # two ordinary tokens' ids swapped
     (swapped / "tokenizer.json").write_text(json.dumps(data))
+    in_config = tiny()
+    in_config.text.tokenizer = str(swapped)
     for call in (lambda: load_official(path, text_encoder=str(swapped)),
-                 lambda: export_model_dir(path, tmp_path / "exported", text_encoder=str(swapped))):
-        with pytest.raises(CheckpointError, match=r"train\.pth: text_encoder '.*swapped' is not the tokenizer this "
-                                                  r"checkpoint was trained with \('builtin:tiny', whose vocabulary"):
+                 lambda: export_model_dir(path, tmp_path / "exported", text_encoder=str(swapped)),
+                 lambda: export_model_dir(path, tmp_path / "exported", config=in_config)):
+        with pytest.raises(CheckpointError, match=r"train\.pth: tokenizer '.*swapped' is not the one this checkpoint "
+                                                  r"was trained with \('builtin:tiny', whose vocabulary differs\)"):
             call()
     assert not (tmp_path / "exported").exists()
     same = tmp_path / "same"   # a copy of the recorded tokenizer: fine
     shutil.copytree(TINY_TOKENIZER_DIR, same)
     assert load_official(path, text_encoder=str(same)).model is not None
+    # Another recorded name (a hub name, a folder of the training machine) is never opened here
+    # (nor the network): the one used is logged beside it.
+    elsewhere = training_checkpoint(build(cfg, tokenizer), cfg)
+    elsewhere["config"]["model"]["text"]["tokenizer"] = str(tmp_path / "training_machine" / "roberta")
+    torch.save(elsewhere, tmp_path / "elsewhere.pth")
+    assert load_official(tmp_path / "elsewhere.pth", text_encoder=str(same)).model is not None
 
 
 def test_a_training_checkpoint_never_opens_the_vocabulary_file_it_names(tmp_path, tokenizer, monkeypatch):

@@ -474,6 +474,9 @@ def test_a_forward_pass_outliving_deactivate_publishes_nothing_and_holds_activat
         old = node._worker
         published = len(manager.results)
         assert manager.transition("deactivate") and manager.state() == "inactive" and old.running
+        report = manager.newest_diagnostic(len(manager.diagnostics))   # not OK "inactive": a hung pass
+        assert report.level == b"\x01" and "inactive (lifecycle): the previous forward pass has run for" in \
+            report.message, report.message
         assert not manager.transition("activate") and manager.state() == "inactive"   # one thread at a time
         release.set()
         assert wait_for(lambda: not old.running, timeout=30)

@@ -97,6 +97,11 @@ class FrameSlots:
                     return None
                 self._cond.wait(remaining)
 
+    def queued_requests(self) -> int:
+        """How many requests wait (nothing removed)."""
+        with self._cond:
+            return len(self._requests)
+
     def pending_requests(self) -> list:
         """Remove and return the queued requests (to answer them when shutting down)."""
         with self._cond:

@@ -28,9 +28,11 @@ _ERROR_COUNTERS = ("inference_errors", "cuda_oom", "internal_errors", "service_t
 
 def stuck_after_s(inference_p95_ms: float) -> float:
     """How long a forward pass may run before /diagnostics calls it stuck: five times the model's
-    p95 (none yet: the first pass, warm-up done), at least ``STUCK_MIN_S``."""
-    typical = inference_p95_ms / 1000.0 if inference_p95_ms == inference_p95_ms else 0.0   # NaN: no pass yet
-    return max(STUCK_MIN_S, 5.0 * typical)
+    p95, at least ``STUCK_MIN_S``; before any pass was timed (the first after a start: a slow
+    model on a CPU may take long), ``STUCK_ERROR_S``."""
+    if inference_p95_ms != inference_p95_ms:   # NaN: no pass timed yet
+        return STUCK_ERROR_S
+    return max(STUCK_MIN_S, 5.0 * inference_p95_ms / 1000.0)
 
 # Always reported, 0 until something happens (the rejected_<reason> counters follow them).
 _COUNTERS = ("received", "processed", "dropped_replaced", "dropped_out_of_order", "dropped_abandoned", "skipped_stale",
@@ -146,8 +148,13 @@ class HealthLevel:
         when none): per camera, as the node-wide totals let one healthy camera hide a lossy one."""
         reasons = []
         for name in cameras:
-            arrived, lost = _since_last(self._previous_arrivals, name,
-                                        (values[f"{name} arrived"], values[f"{name} lost in transport"]))
+            now = (values[f"{name} arrived"], values[f"{name} lost in transport"])
+            before = self._previous_arrivals.get(name)
+            self._previous_arrivals[name] = now
+            if before is None or now[0] < before[0]:   # a camera made anew (cleanup, configure): from zero
+                arrived, lost = now
+            else:   # a loss taken back (a frame decoded late) lowers the count: none, not a new camera
+                arrived, lost = now[0] - before[0], max(0, now[1] - before[1])
             if lost > max(arrived, 2):
                 reasons.append(f"most images on {name} never reached the node ({lost} lost, {arrived} arrived since "
                                "the last report): DDS transport or QoS (see docs/ros.md)")

@@ -34,7 +34,8 @@ from toist_ros.diagnostics import Counters, Percentiles
 from toist_ros.instances import rank_instances, task_instances_msg, to_instance_msgs
 from toist_ros.tasks import ActiveTask
 
-SERVICE_TIMEOUT_S = 60.0      # segment_image gives up waiting for the inference thread after this (or 3x p95)
+SERVICE_TIMEOUT_S = 60.0      # segment_image gives up waiting for the inference thread after this (or longer
+                              # for a slow model: see segment)
 STOP_WAIT_S = 30.0            # stop() waits this long for the forward pass in progress
 STOPPED = "the inference thread stopped (the node is shutting down or was deactivated)"
 
@@ -134,12 +135,15 @@ class InferenceWorker:
         """One image through the inference thread (from a service callback; waits for it):
         (TaskInstances, "") or (None, why it failed)."""
         job = _OneShot(header, rgb, task, threading.Event())
+        ahead = self._slots.queued_requests()
         if not self._slots.put_request(job):
             return None, STOPPED
-        # The frame in progress, then this one: a model slower than SERVICE_TIMEOUT_S / 2 per
-        # pass (a paper-size model on a small CPU) would always time out.
+        # The frame in progress, the requests queued before this one, a camera frame served
+        # between two requests, then this one: a slow model (a paper-size one on a small CPU)
+        # timed out at a fixed 60 s.
         typical_s = self._inference_ms.quantiles(0.95)[0] / 1000.0
-        wait_s = max(SERVICE_TIMEOUT_S, 3.0 * typical_s) if typical_s == typical_s else SERVICE_TIMEOUT_S
+        wait_s = (max(SERVICE_TIMEOUT_S, (2 * ahead + 2) * typical_s) if typical_s == typical_s
+                  else SERVICE_TIMEOUT_S)
         if not job.done.wait(wait_s):
             job.abandoned = True  # still queued: the inference thread skips it
             self._counters.add("service_timeouts")

@@ -38,7 +38,7 @@ from toist_ros.depth.geometry import warm_up as warm_up_3d
 from toist_ros.detections import DetectionsUnavailable, detection_array_type
 from toist_ros.depth.inputs import DepthInputs
 from toist_ros.entry import NODE_NAME
-from toist_ros.diagnostics import ERROR, OK, Counters, Percentiles, diagnostic_array, return_free_memory
+from toist_ros.diagnostics import ERROR, OK, WARN, Counters, Percentiles, diagnostic_array, return_free_memory
 from toist_ros.frame_limits import FrameLimits
 from toist_ros.health import HealthLevel, report_values
 from toist_ros.inference_worker import STOP_WAIT_S, InferenceWorker, predict
@@ -465,6 +465,11 @@ class PerceptionNode(Node):
                                                     cameras=[camera.subscribed_name for camera in self._cameras])
             elif failure:
                 level, message = ERROR, f"inactive (lifecycle): {failure}"
+            elif self._outliving_worker is not None and self._outliving_worker.running:
+                # OK "inactive" said nothing of a hung pass that will refuse the next activate.
+                level, message = WARN, (f"inactive (lifecycle): the previous forward pass has run for "
+                                        f"{self._outliving_worker.busy_s():.0f} s and not ended (deactivate could "
+                                        "not wait for it); activate is refused until it does")
             else:
                 level, message = OK, "inactive (lifecycle): model loaded, no images taken until activated"
             device = self.model.device

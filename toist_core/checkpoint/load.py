@@ -73,7 +73,7 @@ def load_official(path: PathLike, config: Optional[ModelConfig] = None,
         except TextEncoderUnavailable as exc:  # the export recipe should name this very file
             raise exc.for_checkpoint(str(path)) from None
         tokenizer, tokenizer_origin = fetched.value, fetched.origin
-        _check_recorded_tokenizer(ckpt, text_encoder, tokenizer)
+        _check_recorded_tokenizer(ckpt, cfg.text.tokenizer, tokenizer)
     # (Its config comes from the file's tensor shapes, or a training checkpoint's stored config
     # checked against them: no file can ask for more network than it holds.)
     model = build_model(cfg, tokenizer=tokenizer)
@@ -97,22 +97,27 @@ def load_official(path: PathLike, config: Optional[ModelConfig] = None,
                        training_captions(ckpt))
 
 
-def _check_recorded_tokenizer(ckpt: OfficialCheckpoint, text_encoder: Optional[str], tokenizer) -> None:
-    """A ``text_encoder`` given for a toist training checkpoint must split text as the tokenizer
-    its run recorded (``config.model.text.tokenizer``), when that one is here to compare with:
-    another vocabulary turned every caption into other token ids, and an export carried it on,
-    without a word (a model directory refuses the same). A recorded tokenizer that is not here
-    (a hub name, offline: the usual robot) is not compared."""
-    from ..model.text import local_tokenizer
+def _check_recorded_tokenizer(ckpt: OfficialCheckpoint, used: str, tokenizer) -> None:
+    """A tokenizer other than the one a toist training checkpoint's run recorded
+    (``config.model.text.tokenizer``; given as ``text_encoder`` or in ``config``) must split text
+    the same way: another vocabulary turned every caption into other token ids, and an export
+    carried it on, without a word (a model directory refuses the same). Compared where the
+    recorded one is packaged with toist (``builtin:*``); a checkpoint never opens the files it
+    names, nor the network, so another recorded name (``roberta-base``, a folder of the training
+    machine) is only logged beside the one used."""
+    from ..model.text import fetch_tokenizer
 
     recorded = (((ckpt.train_config or {}).get("model") or {}).get("text") or {}).get("tokenizer")
-    if text_encoder is None or not recorded or str(recorded) == str(text_encoder):
+    if not recorded or str(recorded) == str(used):
         return
-    own = local_tokenizer(str(recorded))
-    if own is not None and own.get_vocab() != tokenizer.get_vocab():
-        raise CheckpointError(f"{ckpt.path}: text_encoder {str(text_encoder)!r} is not the tokenizer this checkpoint "
-                              f"was trained with ({recorded!r}, whose vocabulary differs): leave text_encoder "
-                              "(--text-encoder) out, or give a copy of that tokenizer")
+    if str(recorded).startswith("builtin:"):
+        if fetch_tokenizer(str(recorded)).value.get_vocab() != tokenizer.get_vocab():
+            raise CheckpointError(f"{ckpt.path}: tokenizer {str(used)!r} is not the one this checkpoint was trained "
+                                  f"with ({recorded!r}, whose vocabulary differs): leave text_encoder "
+                                  "(--text-encoder) and config's text.tokenizer out")
+        return
+    logger.info("%s was trained with tokenizer %r; %r is used instead: it must split text the same way (the same "
+                "vocabulary), or every caption becomes other token ids", ckpt.path, recorded, str(used))
 
 
 def is_mdetr_file(ckpt: OfficialCheckpoint) -> bool:

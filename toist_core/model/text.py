@@ -61,19 +61,6 @@ def fetch_tokenizer(name_or_dir: str) -> Fetched:
     return fetched
 
 
-def local_tokenizer(name_or_dir: str):
-    """The tokenizer ``name_or_dir`` names when it is here without the network (a local
-    directory, ``builtin:tiny``, the Hugging Face cache), else None."""
-    from transformers import AutoTokenizer
-
-    source = tokenizer_source(name_or_dir)
-    try:
-        return AutoTokenizer.from_pretrained(str(local_path(source)) if local_path(source).is_dir() else source,
-                                             local_files_only=True)
-    except (OSError, ValueError):
-        return None
-
-
 def load_tokenizer(name_or_dir: str):
     """A fast RoBERTa-style tokenizer from a hub name, a local directory or ``builtin:tiny``.
 
