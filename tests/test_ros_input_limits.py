@@ -207,7 +207,8 @@ def test_health_reports_a_forward_pass_that_does_not_end():
     assert _judge(health, _values(busy_s=0.0, stuck_after_s=10.0)) == (OK, "running")   # it ended
     # The limit follows the model: five times its p95, at least 10 s.
     assert stuck_after_s(1000.0) == 10.0 and stuck_after_s(4000.0) == 20.0
-    # Before any pass was timed (the first after a start; a slow model on a CPU): only past 120 s.
+    # Before a frame was timed: five times the warm-up pass; 120 s when there was none either.
+    assert stuck_after_s(float("nan"), 3000.0) == 15.0 and stuck_after_s(float("nan"), 50.0) == 10.0
     assert stuck_after_s(float("nan")) == 120.0
 
 
@@ -371,11 +372,13 @@ def test_a_message_decoded_out_of_order_takes_its_loss_back():
     def info(sequence):
         return {"publication_sequence_number": sequence, "publisher_gid": {"data": [7] * 16}}
 
-    losses = [camera.lost_before(info(n)) for n in (10, 12, 11, 11, 13, 20, 15, 9)]
+    counted = []
+    losses = [camera.arrive(info(n), counted.append) for n in (10, 12, 11, 11, 13, 20, 15, 9)]
     assert losses == [0, 1, -1, 0, 0, 6, -1, 0]   # 11 twice, or 9 never counted: no take-back
-    for lost in losses:
-        camera.count_arrival(lost)
-    assert (camera.arrived, camera.lost) == (8, 5)   # 14, 16, 17, 18, 19 never came
+    assert (camera.arrived, camera.lost) == (8, 5) and sum(counted) == 5   # 14, 16, 17, 18, 19 never came
+    # A publisher's 16 most recent numbers can be taken back, not older ones.
+    camera = Camera(0, "image")
+    assert [camera.arrive(info(n), counted.append) for n in (10, 28, 11, 12, 27)] == [0, 17, 0, -1, -1]
 
 
 def test_free_memory_is_given_back_after_a_thread_that_allocated_ended():

@@ -114,12 +114,12 @@ def test_a_closed_slot_queues_no_request_and_reopening_drops_what_was_left():
     slots = FrameSlots(2)
     slots.put(1, "before the pause")
     slots.close()
-    assert slots.put_request("late") is False and slots.pending_requests() == []
+    assert slots.put_request("late") is None and slots.pending_requests() == []
     assert slots.take(0) is None
     assert slots.drop_waiting() == 1 and slots.dropped == [0, 1]
     slots.reopen()
     assert slots.take(0) is None                  # nothing from before the pause is served
-    assert slots.put_request("now") is True and slots.take(0) == ("request", "now", -1)
+    assert slots.put_request("now") == 0 and slots.take(0) == ("request", "now", -1)
 
 
 def test_untrained_task_warnings_are_once_per_task_and_remember_a_bounded_number():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from rclpy.node import Node
@@ -76,10 +76,23 @@ class Camera:
         self._last_sequence: dict[Any, int] = {}
         self._missing: dict[Any, set[int]] = {}   # per publisher: recent sequence numbers counted lost
         self._sequence_lock = threading.Lock()
+        self._arrival_lock = threading.Lock()   # arrive(): lost_before and the counts as one step
         self.instances_pub = None
         self.debug_pub = None
         self.detections_pub = None       # output.detections: vision_msgs/Detection2DArray
         self.markers_pub = None          # depth.enabled: visualization_msgs/MarkerArray
+
+    def arrive(self, info: Any, count_lost: Callable[[int], Any]) -> int:
+        """One message arrived with ``info``: :meth:`lost_before` and the counts, in one locked
+        step (``count_lost(n)`` is called with the lost messages, when any, under the same lock):
+        two pool threads decoding compressed images could otherwise count a take-back before the
+        loss it takes back, and a report in between read -1."""
+        with self._arrival_lock:
+            lost = self.lost_before(info)
+            self.count_arrival(lost)
+            if lost:
+                count_lost(lost)
+        return lost
 
     def lost_before(self, info: Any) -> int:
         """Messages a publisher sent that never reached this subscription (gaps in its sequence numbers).
@@ -106,7 +119,7 @@ class Camera:
                 # The most recent gaps only: a message later than these is no reordering.
                 missing.update(range(max(last + 1 if last is not None else sequence, sequence - REORDER_KEPT), sequence))
             if missing:
-                self._missing[key] = {n for n in missing if n > sequence - REORDER_KEPT}
+                self._missing[key] = {n for n in missing if n >= sequence - REORDER_KEPT}
             if len(self._last_sequence) > PUBLISHERS_KEPT:  # a driver restarted many times: drop the oldest
                 oldest = next(iter(self._last_sequence))
                 del self._last_sequence[oldest]
@@ -291,10 +304,7 @@ class CameraInputs:
     def _on_image(self, msg: Any, camera: Camera, convert: Any, info: Any = None) -> None:
         arrival = self._node.get_clock().now()  # before decoding: its time decides the frame's order
         camera.input_rate.tick()
-        lost = camera.lost_before(info)
-        camera.count_arrival(lost)
-        if lost:
-            self._counters.add("lost_in_transport", lost)
+        camera.arrive(info, lambda lost: self._counters.add("lost_in_transport", lost))
         try:
             rgb = convert(msg)
         except ImageError as exc:

@@ -62,15 +62,17 @@ class FrameSlots:
             self._cond.notify()
             return REPLACED if replaced else STORED
 
-    def put_request(self, request: Any) -> bool:
+    def put_request(self, request: Any) -> Optional[int]:
         """Queue a one-shot request; it is served before any frame (but a waiting frame goes
-        between two requests). False (not queued) once closed: nobody would take it."""
+        between two requests). The number of requests queued before it, counted as it is queued;
+        None (not queued) once closed: nobody would take it."""
         with self._cond:
             if self._closed:
-                return False
+                return None
+            ahead = len(self._requests)
             self._requests.append(request)
             self._cond.notify()
-            return True
+            return ahead
 
     def take(self, timeout: Optional[float] = None) -> Optional[tuple[str, Any, int]]:
         """The next work item: ``("request", request, -1)`` or ``("frame", frame, source)``.
@@ -96,11 +98,6 @@ class FrameSlots:
                 if remaining is not None and remaining <= 0:
                     return None
                 self._cond.wait(remaining)
-
-    def queued_requests(self) -> int:
-        """How many requests wait (nothing removed)."""
-        with self._cond:
-            return len(self._requests)
 
     def pending_requests(self) -> list:
         """Remove and return the queued requests (to answer them when shutting down)."""

@@ -26,13 +26,19 @@ STUCK_ERROR_S = 120.0        # ... and as an ERROR past this
 _ERROR_COUNTERS = ("inference_errors", "cuda_oom", "internal_errors", "service_timeouts")
 
 
-def stuck_after_s(inference_p95_ms: float) -> float:
-    """How long a forward pass may run before /diagnostics calls it stuck: five times the model's
-    p95, at least ``STUCK_MIN_S``; before any pass was timed (the first after a start: a slow
-    model on a CPU may take long), ``STUCK_ERROR_S``."""
-    if inference_p95_ms != inference_p95_ms:   # NaN: no pass timed yet
+STUCK_RULE = ("5x the model's p95, or its warm-up pass before a frame was timed, at least 10 s; 120 s "
+              "when neither is known")
+
+
+def stuck_after_s(inference_p95_ms: float, warmup_ms: float = float("nan")) -> float:
+    """How long a forward pass may run before /diagnostics calls it stuck (:data:`STUCK_RULE`):
+    five times the model's p95 (NaN: no frame timed yet), else five times the warm-up pass (NaN:
+    none), at least ``STUCK_MIN_S``; ``STUCK_ERROR_S`` when neither is known (a slow model's first
+    pass on a CPU may take long)."""
+    typical = inference_p95_ms if inference_p95_ms == inference_p95_ms else warmup_ms
+    if typical != typical:
         return STUCK_ERROR_S
-    return max(STUCK_MIN_S, 5.0 * inference_p95_ms / 1000.0)
+    return max(STUCK_MIN_S, 5.0 * typical / 1000.0)
 
 # Always reported, 0 until something happens (the rejected_<reason> counters follow them).
 _COUNTERS = ("received", "processed", "dropped_replaced", "dropped_out_of_order", "dropped_abandoned", "skipped_stale",
@@ -49,12 +55,12 @@ _DEPTH_COUNTERS = ("depth_received", "depth_paired", "depth_missing", "depth_uns
 def report_values(*, ready: bool, task: Any, model: Any, counters: Counters, inference_ms: Percentiles,
                   latency_ms: Percentiles, cameras: Sequence[Any], dropped: Sequence[int],
                   out_of_order: Sequence[int], geometry_ms: Optional[Percentiles] = None,
-                  busy_s: float = 0.0) -> dict[str, Any]:
+                  busy_s: float = 0.0, warmup_ms: float = float("nan")) -> dict[str, Any]:
     """The flat report: task, model, timings, per camera rates and drops, counters, memory.
     ``dropped`` / ``out_of_order``: frames replaced in each camera's slot / dropped as older than
     one already put, indexed like ``cameras``; ``geometry_ms``: the 3D step's time per frame
     (None: depth is off, no depth keys); ``busy_s``: how long the forward pass in progress has
-    run (0: none)."""
+    run (0: none); ``warmup_ms``: the warm-up pass (NaN: none)."""
     counts = counters.snapshot()
     inf50, inf95 = inference_ms.quantiles(0.5, 0.95)
     lat50, lat95 = latency_ms.quantiles(0.5, 0.95)
@@ -63,7 +69,7 @@ def report_values(*, ready: bool, task: Any, model: Any, counters: Counters, inf
         "model": model.description, "device": model.device,
         "inference ms p50": fmt_ms(inf50), "inference ms p95": fmt_ms(inf95),
         "latency ms p50": fmt_ms(lat50), "latency ms p95": fmt_ms(lat95),
-        "forward pass running s": f"{busy_s:.1f}", "stuck after s": f"{stuck_after_s(inf95):.1f}",
+        "forward pass running s": f"{busy_s:.1f}", "stuck after s": f"{stuck_after_s(inf95, warmup_ms):.1f}",
     }
     for camera in cameras:
         name = camera.subscribed_name
@@ -127,8 +133,8 @@ class HealthLevel:
         if busy > limit:
             # Frames keep arriving and are replaced, which alone is no fault: nothing else said it.
             return (ERROR if busy > max(STUCK_ERROR_S, limit) else WARN), (
-                f"a forward pass has run for {busy:.0f} s (stuck after {limit:.0f} s: 5x the model's p95, at least "
-                f"{STUCK_MIN_S:.0f} s): the device or the model may hang; nothing is published meanwhile")
+                f"a forward pass has run for {busy:.0f} s (stuck after {limit:.0f} s: {STUCK_RULE}): the device or "
+                "the model may hang; nothing is published meanwhile")
         if losses:
             return WARN, losses
         if nothing_published:

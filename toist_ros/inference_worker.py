@@ -135,14 +135,14 @@ class InferenceWorker:
         """One image through the inference thread (from a service callback; waits for it):
         (TaskInstances, "") or (None, why it failed)."""
         job = _OneShot(header, rgb, task, threading.Event())
-        ahead = self._slots.queued_requests()
-        if not self._slots.put_request(job):
+        ahead = self._slots.put_request(job)
+        if ahead is None:
             return None, STOPPED
-        # The frame in progress, the requests queued before this one, a camera frame served
-        # between two requests, then this one: a slow model (a paper-size one on a small CPU)
-        # timed out at a fixed 60 s.
+        # The pass in progress (maybe a request: then a camera frame comes before the next), each
+        # request queued before this one and the camera frame served after it, then this one: a
+        # slow model (a paper-size one on a small CPU) timed out at a fixed 60 s.
         typical_s = self._inference_ms.quantiles(0.95)[0] / 1000.0
-        wait_s = (max(SERVICE_TIMEOUT_S, (2 * ahead + 2) * typical_s) if typical_s == typical_s
+        wait_s = (max(SERVICE_TIMEOUT_S, (2 * ahead + 3) * typical_s) if typical_s == typical_s
                   else SERVICE_TIMEOUT_S)
         if not job.done.wait(wait_s):
             job.abandoned = True  # still queued: the inference thread skips it

@@ -119,6 +119,7 @@ class PerceptionNode(Node):
         self._task_sub = self._set_task_srv = self._segment_srv = None  # _create_control_io
         self._no_image_timer = None
         self._outliving_worker = None  # an inference thread deactivate could not wait for
+        self._warmup_ms = float("nan")  # the warm-up forward pass (NaN: none, warmup false)
         self.transition_failure = ""  # the last lifecycle transition's failure, until one succeeds
 
         self._image_group = ReentrantCallbackGroup()
@@ -304,7 +305,8 @@ class PerceptionNode(Node):
         blank = np.zeros((side, side * 4 // 3, 3), dtype=np.uint8)
         start = time.perf_counter()
         predict(self.segmenter, blank, self.active_task, self._settings)
-        self.get_logger().info(f"warm-up forward pass: {1000 * (time.perf_counter() - start):.0f} ms")
+        self._warmup_ms = 1000 * (time.perf_counter() - start)   # what a pass takes, before a frame is timed
+        self.get_logger().info(f"warm-up forward pass: {self._warmup_ms:.0f} ms")
         if self._settings["depth.enabled"]:
             # The 3D step's kernel is compiled (first start on a machine, seconds) or loaded from
             # numba's cache here, not on the first frame with depth.
@@ -443,7 +445,8 @@ class PerceptionNode(Node):
                              cameras=self._cameras, dropped=self._inputs.slots.dropped,
                              out_of_order=self._inputs.slots.out_of_order,
                              geometry_ms=self.geometry_ms if self._depth is not None else None,
-                             busy_s=self._worker.busy_s() if self._worker is not None else 0.0)
+                             busy_s=self._worker.busy_s() if self._worker is not None else 0.0,
+                             warmup_ms=self._warmup_ms)
 
     def _publish_diagnostics(self) -> None:
         with self._state_lock:
@@ -451,8 +454,13 @@ class PerceptionNode(Node):
             if phase == CONFIGURING:  # StartupDiagnostics reports each step
                 return
             failure = self.transition_failure
+            hung = self._outliving_worker is not None and self._outliving_worker.running
             if phase in (UNCONFIGURED, FINALIZED):
-                if failure:   # a model that cannot load reported OK (the plain node exits with code 3)
+                if hung:   # it refuses the next activate; OK "unconfigured" said nothing of it
+                    self._publish_startup_report(WARN, f"{phase} (lifecycle): the previous forward pass has run for "
+                                                 f"{self._outliving_worker.busy_s():.0f} s and not ended; activate "
+                                                 "is refused until it does")
+                elif failure:   # a model that cannot load reported OK (the plain node exits with code 3)
                     self._publish_startup_report(ERROR, f"{phase} (lifecycle): {failure}")
                 else:
                     self._publish_startup_report(OK, "unconfigured (lifecycle): configure it to load the model"
@@ -465,7 +473,7 @@ class PerceptionNode(Node):
                                                     cameras=[camera.subscribed_name for camera in self._cameras])
             elif failure:
                 level, message = ERROR, f"inactive (lifecycle): {failure}"
-            elif self._outliving_worker is not None and self._outliving_worker.running:
+            elif hung:
                 # OK "inactive" said nothing of a hung pass that will refuse the next activate.
                 level, message = WARN, (f"inactive (lifecycle): the previous forward pass has run for "
                                         f"{self._outliving_worker.busy_s():.0f} s and not ended (deactivate could "

@@ -29,9 +29,9 @@ from .integrity import ZIP_MAGIC, verify_zip
 # Non-tensor classes an official checkpoint may contain (its `args`): MDETR's submitit runs (how
 # its pre-trained R101 file was trained) store `output_dir` / `job_dir` as paths. Unpickling a
 # path calls its class on strings, nothing else.
-# Named as the pickles name them: from Python 3.13 the classes live in pathlib._local.
-SAFE_GLOBALS = [argparse.Namespace, (pathlib.PosixPath, "pathlib.PosixPath"),
-                (pathlib.PurePosixPath, "pathlib.PurePosixPath"), (pathlib.PureWindowsPath, "pathlib.PureWindowsPath")]
+# Both as this Python names them (pathlib._local.PosixPath from 3.13) and as older pickles do.
+_PATH_CLASSES = (pathlib.PosixPath, pathlib.PurePosixPath, pathlib.PureWindowsPath)
+SAFE_GLOBALS = [argparse.Namespace, *_PATH_CLASSES, *((cls, f"pathlib.{cls.__name__}") for cls in _PATH_CLASSES)]
 _PICKLE_PROTO = b"\x80"  # legacy torch.save files start with a pickle (protocol >= 2)
 
 # What `toist train` writes into its output_dir beside its config.yaml (training/start_checks.py
