@@ -483,6 +483,7 @@ def test_a_forward_pass_outliving_deactivate_publishes_nothing_and_holds_activat
         time.sleep(0.3)
         assert len(manager.results) == published   # its frame's result is not published
         assert node.counters.get("dropped_abandoned") == 1   # received, and counted as what became of it
+        assert old._segmenter is None   # the ended worker, kept until activate, holds no model (GPU memory)
     finally:
         release.set()
     monkeypatch.setattr(worker_module, "predict", predict)

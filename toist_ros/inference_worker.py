@@ -166,6 +166,9 @@ class InferenceWorker:
                 self._node.get_logger().error(
                     f"unexpected error in the inference thread: {type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
         self._fail_pending()
+        # Ended: a worker kept after it (a pass that outlived deactivate) must not keep the model
+        # (GPU memory) alive beside the one a later configure loads.
+        self._segmenter = None
 
     def _fail_pending(self) -> None:
         for job in self._slots.pending_requests():

@@ -456,12 +456,13 @@ class PerceptionNode(Node):
             failure = self.transition_failure
             hung = self._outliving_worker is not None and self._outliving_worker.running
             if phase in (UNCONFIGURED, FINALIZED):
-                if hung:   # it refuses the next activate; OK "unconfigured" said nothing of it
-                    self._publish_startup_report(WARN, f"{phase} (lifecycle): the previous forward pass has run for "
-                                                 f"{self._outliving_worker.busy_s():.0f} s and not ended; activate "
-                                                 "is refused until it does")
-                elif failure:   # a model that cannot load reported OK (the plain node exits with code 3)
+                if failure:   # a model that cannot load reported OK (the plain node exits with code 3)
                     self._publish_startup_report(ERROR, f"{phase} (lifecycle): {failure}")
+                elif hung:   # OK "unconfigured" said nothing of it
+                    running = f"the last forward pass has run for {self._outliving_worker.busy_s():.0f} s and not ended"
+                    self._publish_startup_report(WARN, f"unconfigured (lifecycle): {running}; activate is refused "
+                                                 "until it does" if phase == UNCONFIGURED
+                                                 else f"finalized (lifecycle): shut down; {running}")
                 else:
                     self._publish_startup_report(OK, "unconfigured (lifecycle): configure it to load the model"
                                                  if phase == UNCONFIGURED else "finalized (lifecycle): shut down")
