@@ -408,7 +408,7 @@ def test_cli_options_that_would_not_act_are_refused_before_anything_runs(root, t
         assert f"{says}: only with --checkpoint (they say how the model predicts; {preds}'s predictions are " \
                "scored as they are)" in capsys.readouterr().err
     assert cli.main(base + ["--predictions", str(preds), "--captions", "pronoun"]) == 2
-    assert "--captions pronoun: with --checkpoint only" in capsys.readouterr().err
+    assert "--captions: only with --checkpoint" in capsys.readouterr().err
     assert cli.main(base + ["--checkpoint", "unused", "--protocol", "reference", "--duplicate-iou", "0.3"]) == 2
     assert "--duplicate-iou 0.3: protocol toist only" in capsys.readouterr().err
     for saved, says in ((out, "the --out folder itself"), (tmp_path, f"a folder --out {out} is in"),

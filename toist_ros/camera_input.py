@@ -116,8 +116,8 @@ class Camera:
                 lost = -1
             else:
                 lost = max(0, sequence - last - 1) if last is not None else 0
-                # The most recent gaps only: a message later than these is no reordering.
-                missing.update(range(max(last + 1 if last is not None else sequence, sequence - REORDER_KEPT), sequence))
+                if lost:   # the most recent gaps only: a message later than these is no reordering
+                    missing.update(range(max(last + 1, sequence - REORDER_KEPT), sequence))
             if missing:
                 self._missing[key] = {n for n in missing if n >= sequence - REORDER_KEPT}
             if len(self._last_sequence) > PUBLISHERS_KEPT:  # a driver restarted many times: drop the oldest

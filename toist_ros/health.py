@@ -22,12 +22,10 @@ from toist_ros.diagnostics import ERROR, OK, WARN, Counters, Percentiles, device
 ERROR_WINDOW_S = 30.0        # inference errors keep the level at WARN this long
 STUCK_MIN_S = 10.0           # a forward pass this long (and 5x the model's p95) is reported as stuck
 STUCK_ERROR_S = 120.0        # ... and as an ERROR past this
-# The errors of the inference thread and its services that keep the level at WARN.
-_ERROR_COUNTERS = ("inference_errors", "cuda_oom", "internal_errors", "service_timeouts")
-
-
 STUCK_RULE = ("5x the model's p95, or its warm-up pass before a frame was timed, at least 10 s; 120 s "
               "when neither is known")
+# The errors of the inference thread and its services that keep the level at WARN.
+_ERROR_COUNTERS = ("inference_errors", "cuda_oom", "internal_errors", "service_timeouts")
 
 
 def stuck_after_s(inference_p95_ms: float, warmup_ms: float = float("nan")) -> float:

@@ -118,8 +118,6 @@ def run(args: argparse.Namespace) -> int:
     _refuse_replacing_other_files(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.captions != "auto" and args.predictions:
-        raise ValueError(f"--captions {args.captions}: with --checkpoint only (it says what the model reads)")
     if args.predictions:
         # They change how predictions are made; a file's are scored as they are (a rerun "with
         # --protocol reference" gave the same numbers without a word).
@@ -224,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _checkpoint_only_options(args: argparse.Namespace) -> list[tuple[str, object, object]]:
     """(option, value given, default) of the options that only say how a checkpoint predicts."""
-    return [("--protocol", args.protocol, "toist"), ("--batch-size", args.batch_size, None),
+    return [("--captions", args.captions, "auto"), ("--protocol", args.protocol, "toist"),
+            ("--batch-size", args.batch_size, None),
             ("--short-side", args.short_side, None), ("--max-size", args.max_size, None),
             ("--duplicate-iou", args.duplicate_iou, 0.0), ("--image-dir", args.image_dir, None),
             ("--device", args.device, "auto"), ("--text-encoder", args.text_encoder, None),
