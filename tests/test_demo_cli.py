@@ -39,6 +39,47 @@ def test_bad_settings_are_refused_before_the_node_starts_and_nothing_is_removed(
     assert (out / "holiday.png").read_bytes() == b"mine"
 
 
+def test_the_out_folder_takes_only_a_demo_runs_files(tmp_path):
+    """Every run deleted all frame_*.png / oneshot_*.png in --out, whoever wrote them, and
+    replaced report.md there; --out naming a file was a FileExistsError traceback."""
+    from toist_ros import demo
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "frame_holiday.png").write_bytes(b"mine")
+    assert "holds files no demo run wrote (frame_holiday.png); nothing was removed" in demo._out_problem(mine)
+    (tmp_path / "afile").write_text("x")
+    assert demo._out_problem(tmp_path / "afile").endswith("afile: a file, not a folder")
+    assert demo._out_problem(tmp_path / "new") == "" and demo._out_problem(mine / "..") != ""
+    # An earlier run's folder: its recorded files go, anything else stays.
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    demo._record_written(earlier, *demo.REPORT_FILES, fresh=True)
+    demo._record_written(earlier, "frame_00_coffee.png")
+    (earlier / "frame_00_coffee.png").write_bytes(b"overlay")
+    (earlier / "frame_holiday.png").write_bytes(b"mine")
+    assert demo._out_problem(earlier) == ""
+    assert demo._written_before(earlier) == ["report.md", "report.json", "node.log", "frame_00_coffee.png"]
+    # A folder of a demo from before the record: the overlays its report.json lists.
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "report.json").write_text('{"frames": [{"overlay": "frame_00_a.png"}], "one_shots": '
+                                       '[{"overlay": "oneshot_00_b.png"}, {"overlay": "../escape.png"}]}')
+    assert demo._out_problem(older) == "" and demo._written_before(older) == ["frame_00_a.png", "oneshot_00_b.png"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "{tmp}/holiday.png"], "a file, not a folder"),
+    (["--out", "{tmp}"], "holds files no demo run wrote"),
+])
+def test_an_out_folder_that_is_not_the_demos_is_refused_before_the_node_starts(tmp_path, args, message):
+    (tmp_path / "holiday.png").write_bytes(b"mine")
+    process = _demo(*[arg.format(tmp=tmp_path) for arg in args])
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2 and message in output and "starting the node" not in output, output[-2000:]
+    assert (tmp_path / "holiday.png").read_bytes() == b"mine"
+
+
 def _running(pattern: str) -> list[str]:
     found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
     return [pid for pid in found if pid != str(os.getpid())]

@@ -1248,7 +1248,16 @@ def test_the_dev_client_commands_of_docs_ros_md(node, probe, tmp_path, capsys):
         repeater.join()
     err = capsys.readouterr().err
     assert "did not take it within 3 s" in err and node.active_task.task_id == 5, err
-    assert client.main(["publish-task", "water plant with"]) == 0    # the active task by its phrase
+    # Another task taken meanwhile (another client; a lifecycle node activating with its start-up
+    # task) moved the revision: the refused task read "ok".
+    other = threading.Timer(0.5, lambda: probe.task_pub.publish(String(data="3")))
+    other.start()
+    try:
+        assert client.main(["--timeout", "3", "publish-task", "15"]) == 1
+    finally:
+        other.cancel()
+    assert "did not take it within 3 s" in capsys.readouterr().err and node.active_task.task_id == 3
+    assert client.main(["publish-task", "water plant with"]) == 0    # by its phrase
     capsys.readouterr()
     photo = tmp_path / "photo.png"
     cv2.imwrite(str(photo), cv2.cvtColor(_photo(), cv2.COLOR_RGB2BGR))

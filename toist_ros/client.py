@@ -90,12 +90,12 @@ def publish_task(session: _Session, namespace: str, text: str, timeout: float) -
         print(f"nobody subscribes {publisher.topic_name}, or no active_task, within {timeout:.0f} s "
               "(is the node running?)", file=sys.stderr)
         return 1
-    before, seen = statuses[-1].revision, len(statuses)
+    seen = len(statuses)
     publisher.publish(String(data=text))
-    # A new revision; or the active task asked for again (the node says it again, same revision),
-    # when it is the task asked for: another publisher repeating its task must not pass for ours.
-    if not _wait(lambda: len(statuses) > seen and (statuses[-1].revision > before or
-                                                   names_task(text, statuses[-1].task_id, statuses[-1].task)),
+    # A status after the publish that names the task asked for (a new revision, or the active
+    # task said again): any new revision passed, and a lifecycle node activating published its
+    # start-up task's, so a refused task read "ok".
+    if not _wait(lambda: len(statuses) > seen and names_task(text, statuses[-1].task_id, statuses[-1].task),
                  timeout):
         print(f"published {text!r} on {publisher.topic_name}, but the node did not take it within {timeout:.0f} s "
               "(refused: its log says why; `set-task` answers with the reason)", file=sys.stderr)
@@ -218,6 +218,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NameValidationException as exc:
         print(f"--ns {args.ns!r}: not a usable ROS namespace ({exc})", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # Ctrl-C while waiting (--timeout inf, a wrong namespace): no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         session.close()
 

@@ -59,6 +59,10 @@ CHECKPOINT_TASK, CHECKPOINT_ONE_SHOT_TASK = "place flowers in", "open bottle of 
 ONE_SHOT_PHOTO = "astronaut"
 # Synthetic scenes are ~100 px: overlays are drawn this many times larger to be readable.
 SCENE_OVERLAY_SCALE = 4
+# In --out: the files a demo run writes (recorded as it writes them, so that a run stopped half-way
+# is known too), the only ones a later run removes or replaces.
+WRITTEN_LIST = ".toist_demo_files"
+REPORT_FILES = ("report.md", "report.json", "node.log")
 
 
 @dataclass
@@ -137,7 +141,7 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--frames", type=at_least(0), default=0,
                         help="frames the camera stand-in publishes (default: every scene and photo once)")
     parser.add_argument("--rate", type=positive_rate, default=5.0, help="camera frame rate (Hz)")
-    parser.add_argument("--short-side", type=int, default=0,
+    parser.add_argument("--short-side", type=at_least(0), default=0,
                         help="model input short side (default: the size the model was trained at, which a "
                              "model directory records; 800 for an official .pth)")
     parser.add_argument("--out", default="out/demo", help="output directory")
@@ -312,9 +316,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as exc:  # e.g. --task 15 for a model of 14 tasks
         print(f"toist demo: error: {exc}", file=sys.stderr)
         return 2
+    problem = _out_problem(out)
+    if problem:   # a user's pictures there were deleted, their report.md replaced
+        print(f"toist demo: error: {problem}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("frame_*.png")) + list(out.glob("oneshot_*.png")):  # an earlier run's overlays only
-        old.unlink()
+    for name in _written_before(out):   # an earlier run's files only
+        (out / name).unlink(missing_ok=True)
+    _record_written(out, *REPORT_FILES, fresh=True)
     if not args.checkpoint:
         note = DEFAULT_MODEL_NOTE if plan.metrics is not None else FALLBACK_MODEL_NOTE.format(path=DEFAULT_MODEL_DIR)
         print(f"toist demo: NOTE: {note}.")
@@ -518,9 +527,48 @@ def _judgement(scene: Optional[Any], msg: Any) -> dict:
     return {"top_right": bool(hits[0]), "right": len(found), "preferred": len(scene.preferred_boxes)}
 
 
+def _written_before(out: Path) -> list[str]:
+    """The files an earlier demo run wrote into ``out``: its record, else (runs before the record)
+    the overlays its report.json lists; [] for none."""
+    import json
+
+    record = out / WRITTEN_LIST
+    if record.is_file():
+        return [name for name in record.read_text(encoding="utf-8").splitlines() if name and "/" not in name]
+    try:
+        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    rows = (report.get("frames") or []) + (report.get("one_shots") or []) if isinstance(report, dict) else []
+    return [row["overlay"] for row in rows if isinstance(row, dict) and isinstance(row.get("overlay"), str)
+            and row["overlay"] and "/" not in row["overlay"]]
+
+
+def _out_problem(out: Path) -> str:
+    """Why ``out`` cannot take this run's files ("" when it can): a file, or a folder holding files
+    no demo run wrote (new, empty, or an earlier demo's folder are fine)."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out}: a file, not a folder"
+    if not out.is_dir() or (out / WRITTEN_LIST).is_file() or (out / "report.json").is_file():
+        return ""   # new, or an earlier demo's (whose other files are left as they are)
+    foreign = sorted(entry.name for entry in out.iterdir())
+    if not foreign:
+        return ""
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    return (f"--out {out}: holds files no demo run wrote ({shown}); nothing was removed: give a new or empty "
+            "folder, or an earlier demo's")
+
+
+def _record_written(out: Path, *names: str, fresh: bool = False) -> None:
+    """Add ``names`` to ``out``'s record of the files this run writes (``fresh``: a new record)."""
+    with open(out / WRITTEN_LIST, "w" if fresh else "a", encoding="utf-8") as record:
+        record.writelines(f"{name}\n" for name in names)
+
+
 def _save_overlay(path: Path, pixels: np.ndarray, msg: Any, note: str, row: dict, photo_note: str = "") -> None:
     """The overlay of one answer; on a judged (synthetic, ~100 px) scene enlarged and titled
     with its verdict; on a photo titled with ``photo_note``."""
+    _record_written(path.parent, path.name)
     from toist_core.visualize import save_rgb
 
     judged = row["top_right"] is not None
