@@ -369,7 +369,8 @@ def test_demo_runs_the_embedded_model_on_held_out_scenes(tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
     (out / "holiday.png").write_bytes(b"mine")   # a user's file: was deleted with every other PNG
-    (out / "frame_07_synth_test_9.png").write_bytes(b"an earlier run's overlay")
+    (out / "frame_07_synth_test_9.png").write_bytes(b"an earlier run's overlay")   # recorded by that run
+    (out / ".toist_demo_files").write_text("report.md\nreport.json\nnode.log\nframe_07_synth_test_9.png\n")
     result = subprocess.run([sys.executable, "-m", "toist_ros.demo", "--device", "cpu", "--scenes", "3",
                              "--out", str(out)], capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
