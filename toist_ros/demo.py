@@ -45,6 +45,7 @@ from typing import IO, Any, Optional
 import numpy as np
 
 from toist_core.json_text import dumps_null_for_nan
+from toist_core.listing import listing
 from toist_core.parent_death import signal_when_parent_dies
 from toist_ros.arg_types import at_least, positive_rate, seconds
 from toist_ros.service_call import ServerGone
@@ -554,8 +555,7 @@ def _out_problem(out: Path) -> str:
     foreign = sorted(entry.name for entry in out.iterdir())
     if not foreign:
         return ""
-    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-    return (f"--out {out}: holds files no demo run wrote ({shown}); nothing was removed: give a new or empty "
+    return (f"--out {out}: holds files no demo run wrote ({listing(foreign)}); nothing was removed: give a new or empty "
             "folder, or an earlier demo's")
 
 

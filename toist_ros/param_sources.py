@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from toist_core.listing import listing
 from toist_core.typed_config import flatten
 
 _TRUE_WORDS = frozenset("y Y yes Yes YES true True TRUE on On ON".split())
@@ -220,8 +221,7 @@ def resolve(argv: list[str], node_name: str, resolved: dict[str, Any],
     line = settings_in_order(argv, node_name, set(resolved))
     out.notes += line.comment_cut
     for path, keys in line.not_for_this_node:
-        shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-        out.notes.append(f"{path} sets nothing for this node ({'/' + node_name.strip('/')}): its keys are {shown}; "
+        out.notes.append(f"{path} sets nothing for this node ({'/' + node_name.strip('/')}): its keys are {listing(keys)}; "
                          "key it /** or by the node's name with its namespace (e.g. /front/toist_perception, or "
                          "/**/toist_perception in any namespace)")
     for name, settings in line.settings.items():

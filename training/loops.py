@@ -30,7 +30,8 @@ import torch.distributed as torch_dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from toist_core.checkpoint.strict import listing, non_finite_tensors
+from toist_core.checkpoint.strict import non_finite_tensors
+from toist_core.listing import listing
 from toist_core.data.coco_tasks import build_dataset
 from toist_core.data.collate import Collator
 from toist_core.inference import NonFiniteOutputError
@@ -516,7 +517,7 @@ class Trainer:
         bad = [f"{key} {entry}" for key, module in trained.items() if module is not None
                for entry in non_finite_tensors(module.state_dict())]
         if bad:
-            raise FloatingPointError(f"weights not finite after update {self.step}: {listing(bad)}; "
+            raise FloatingPointError(f"weights not finite after update {self.step}: {listing(bad, 8)}; "
                                      f"{self.output_dir / name} is left as it was (not replaced)")
         state = self.state()
         if self.env.is_main:

@@ -32,6 +32,7 @@ from torch import nn
 
 from .. import typed_config
 from ..config import InputSize, ModelConfig
+from ..listing import listing
 from .atomic_dir import write_directory
 from .errors import CheckpointError, PathLike
 from .files import is_run_folder
@@ -40,7 +41,7 @@ from ..tasks import COCO_TASKS, TaskVocabulary
 from .loaded import LoadedModel, describe_bank, describe_heads
 from .architecture import INFERENCE_NEUTRAL
 from .official import SEGM_PREFIX, WRAPPERS
-from .strict import (BankSettings, build_for_state, build_memory_bank, listing, load_state_dict_strict, meta_model,
+from .strict import (BankSettings, build_for_state, build_memory_bank, load_state_dict_strict, meta_model,
                      tensor_differences)
 
 MODEL_DIR_FORMAT = "toist-model"
@@ -400,7 +401,7 @@ def check_replaceable(directory: PathLike, remedy: Optional[str] = None) -> None
                                                         and not name.startswith(ONNX_STAGING_PREFIX)]
     if not foreign:
         return
-    shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+    shown = listing(foreign, 8)
     kind = ("a toist model directory that also holds other files" if what == MODEL_DIR_FORMAT else
             f"not empty and not a toist model directory ({what})")
     remedy = remedy or f"give a new or empty folder (e.g. {directory / 'model'}), or move those entries out first"

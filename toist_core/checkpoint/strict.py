@@ -8,14 +8,10 @@ from typing import Literal, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from toist_core.listing import listing
+
 from .errors import CheckpointError, PathLike
 from .official import BANK_KEYS, OfficialCheckpoint, read_official
-
-
-def listing(names: list[str], limit: int = 8) -> str:
-    """The first ``limit`` names, and how many more there are."""
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def state_dict_problems(module: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
@@ -109,7 +105,7 @@ def refuse_non_finite(state_dict: Mapping[str, Tensor], where: str = "checkpoint
     bad = non_finite_tensors(state_dict)
     if bad:
         raise CheckpointError(f"{where}: {len(bad)} tensor(s) hold non-finite values (the training that wrote "
-                              f"them diverged, or the file is damaged): {listing(bad)}")
+                              f"them diverged, or the file is damaged): {listing(bad, 8)}")
 
 
 def load_official_weights(model: nn.Module, checkpoint: Union[PathLike, OfficialCheckpoint],

@@ -41,6 +41,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from toist_core.atomic_file import write_text_atomic
+from toist_core.listing import listing
 from toist_core.yaml_text import parse_yaml
 from toist_core.data.captions import OWN_CATEGORIES_FIELD, category_names
 from toist_core.data.schema import (PREFERENCE_CATEGORIES, DataError, TaskFile, check_decodable, check_image_size,
@@ -399,8 +400,7 @@ def _refuse_other_images(others: list[Path]) -> None:
     another picture: two exports each with a ``frame_000000.png`` copied to one folder gave one
     split the other's pixels under its own annotations, silently."""
     if others:
-        shown = ", ".join(map(str, others[:5])) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        raise FileExistsError(f"{shown}: {len(others)} image(s) where this conversion copies its images hold other "
+        raise FileExistsError(f"{listing(others)}: {len(others)} image(s) where this conversion copies its images hold other "
                               "pictures (another split's or export's of the same file name?); nothing was written. "
                               "Copy to another folder (--image-dir), or --overwrite to replace them")
 

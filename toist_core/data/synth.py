@@ -42,6 +42,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from toist_core.atomic_file import write_text_atomic
+from toist_core.listing import listing
 from toist_core.data.schema import PREFERENCE_CATEGORIES, DataError, parse_task_file_name, written_by
 from toist_core.tasks import NUM_TASKS
 
@@ -194,7 +195,7 @@ def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS +
     stale = stale_task_files(root, tasks, splits, drawing)
     if stale and not overwrite:
         raise FileExistsError(
-            f"{root}: {_listing(stale)} were written with other (or unrecorded) drawing settings than this run's "
+            f"{root}: {listing(stale)} were written with other (or unrecorded) drawing settings than this run's "
             f"({_settings_text(drawing)}), and the images of their split are redrawn now: they would describe images "
             "that are no longer there. Generate those tasks too (--tasks), choose another folder, or pass "
             "--overwrite (overwrite=True) to remove them")
@@ -273,10 +274,6 @@ def _settings_text(drawing: dict) -> str:
     return ", ".join(f"{key} {drawing[key]}" for key in DRAWING_SETTINGS)
 
 
-def _listing(paths: list[Path]) -> str:
-    return ", ".join(str(p) for p in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
-
-
 def _check_foreign_files(root: Path) -> None:
     """FileExistsError naming the task files and ``synth.json`` under ``root`` that synth did
     not write (they would be overwritten, or mixed with synthetic ones)."""
@@ -285,7 +282,7 @@ def _check_foreign_files(root: Path) -> None:
     if meta.exists() and not _synth_meta(meta):
         foreign.append(meta)
     if foreign:
-        raise FileExistsError(f"{root}: holds files toist synth did not write: {_listing(foreign)}; refusing to "
+        raise FileExistsError(f"{root}: holds files toist synth did not write: {listing(foreign)}; refusing to "
                               "overwrite them. Choose another folder, or pass --overwrite (overwrite=True) to write "
                               "anyway")
 
