@@ -549,3 +549,21 @@ def test_make_demo_quotes_the_checkpoint_and_passes_a_text_encoder_and_more_opti
     assert words[words.index("--checkpoint") + 1] == "/models/o'brien dir/toist.pth"
     assert words[words.index("--text-encoder") + 1] == "/models/roberta"
     assert words[words.index("--task") + 1] == "5" and words[words.index("--out") + 1] == "/tmp/my demo"
+
+
+def test_the_offline_downloads_fetch_what_the_script_asks_each_distro_for():
+    """docs/robot.md's offline `pip download` gave Humble's numba / numpy pins only: on Jazzy or
+    Kilted (Python 3.12) numba < 0.58 has no wheel, and the script's `numba>=0.59` found nothing
+    in the wheels folder. Every distro's numba and numpy specs must be in one of the commands
+    (one command per Python), with the script's own minimums for the rest."""
+    section = (ROOT / "docs" / "robot.md").read_text().split("## A robot without internet", 1)[1].split("\n## ", 1)[0]
+    commands = [line.split("pip download", 1)[1] for line in section.replace("\\\n", " ").splitlines()
+                if "pip download" in line and "--index-url" not in line]
+    minimums = _script_minimums()
+    for distro in sorted(DISTROS):
+        wanted = _bash(f"distro_numba_spec {distro}; distro_numpy_spec {distro}").stdout.split()
+        assert len(wanted) == 2, wanted
+        fitting = [c for c in commands if all(f"'{spec}'" in c for spec in wanted)]
+        assert fitting, f"docs/robot.md offline: no pip download with {wanted} ({distro})"
+        for package in ("torch", "torchvision", "transformers", "safetensors", "pycocotools"):
+            assert f"'{package}>={minimums[package]}'" in fitting[0], f"{distro}: {package}>={minimums[package]}"

@@ -326,3 +326,57 @@ def test_3d_without_publishing_masks_and_min_max_checked_together(node, probe):
         probe.set_parameters(node.get_fully_qualified_name(), output__masks=True)
     [bad] = probe.set_parameters(node.get_fully_qualified_name(), depth__min_m=20.0)  # above depth.max_m 10
     assert not bad.successful and "depth.max_m 10.0 must be greater than depth.min_m 20.0" in bad.reason
+
+
+def _calibration(width=WIDTH, height=HEIGHT):
+    from sensor_msgs.msg import CameraInfo
+
+    info = CameraInfo(width=width, height=height, distortion_model="plumb_bob", d=[0.0] * 5)
+    info.k = [FX, 0.0, CX, 0.0, FY, CY, 0.0, 0.0, 1.0]
+    return info
+
+
+def test_a_camera_info_published_once_and_latched_is_received(ros):
+    """A calibration published once with transient-local durability (a static CameraInfo
+    publisher, `ros2 topic pub --once --qos-durability transient_local`): the best-effort volatile
+    subscription never received it, and every frame stayed DEPTH_MISSING. Latched before the node
+    subscribes, and latched by a publisher that appears later; a volatile publisher joining turns
+    the subscription back to best effort volatile (which matches both)."""
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CameraInfo
+    from toist_ros.depth.inputs import DepthInputs
+    from toist_ros.diagnostics import Counters
+
+    latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    publisher_node = ros.node("latched_calibration")
+    host = ros.node("depth_inputs_host")
+    settings = {"input.reliability": "auto", "depth.topics": ["/latched_test/a/depth", "/latched_test/b/depth"],
+                "depth.camera_info_topics": ["/latched_test/a/camera_info", "/latched_test/b/camera_info"],
+                "depth.buffer_mb": 16}
+    before = publisher_node.create_publisher(CameraInfo, "/latched_test/a/camera_info", latched)
+    before.publish(_calibration())
+    counters = Counters()
+    inputs = DepthInputs(host, settings, counters, callback_group=None)
+    assert wait_for(lambda: host.count_publishers("/latched_test/a/camera_info") == 1, timeout=10)
+    inputs.subscribe()
+    try:
+        assert wait_for(lambda: len(inputs.buffers[0]._cameras) == 1, timeout=10), \
+            "a CameraInfo latched before the subscription never arrived"
+        assert inputs._info_latched == [True, False]
+
+        later = publisher_node.create_publisher(CameraInfo, "/latched_test/b/camera_info", latched)
+        later.publish(_calibration())
+        assert wait_for(lambda: inputs._info_latched == [True, True], timeout=10), \
+            "the CameraInfo subscription did not follow a latching publisher that came later"
+        assert len(inputs.buffers[1]._cameras) >= 1 and counters.snapshot().get("qos_switches") == 1
+
+        volatile = publisher_node.create_publisher(CameraInfo, "/latched_test/b/camera_info", 1)
+        assert wait_for(lambda: inputs._info_latched == [True, False], timeout=10)
+        assert wait_for(lambda: volatile.get_subscription_count() == 1, timeout=10)
+        sent = _calibration()
+        sent.header.stamp.sec = 7
+        volatile.publish(sent)
+        assert wait_for(lambda: any(stamp == 7 * 10**9 for stamp, _ in inputs.buffers[1]._cameras), timeout=10)
+    finally:
+        inputs.unsubscribe()
+    assert inputs._info_subscriptions == [None, None] and inputs._timer is None

@@ -7,16 +7,20 @@ Bad depth images are counted like bad colour images (``depth_rejected``,
 ``camera_info_rejected`` and keeps the previous one.
 
 Reliability follows ``input.reliability`` as the colour image does (auto: match the publishers,
-looked at again every ``QOS_CHECK_PERIOD_S``); CameraInfo is small and read best effort, which
-matches every publisher.
+looked at again every ``QOS_CHECK_PERIOD_S``). CameraInfo is small and read best effort, which
+matches every publisher, and volatile, unless every publisher on its topic offers reliable
+transient-local (a calibration published once and latched): then the subscription is made
+reliable transient-local, which alone receives what was published before it; looked at again
+every ``QOS_CHECK_PERIOD_S`` whatever ``input.reliability`` says.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 from rclpy.node import Node
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 
 from toist_ros.camera_input import QOS_CHECK_PERIOD_S, image_qos, qos_text, wanted_reliable
@@ -42,41 +46,44 @@ class DepthInputs:
         self._subscriptions: list = [None] * len(self.buffers)
         self._reliable = [False] * len(self.buffers)
         self._names = [""] * len(self.buffers)
-        self._info_subscriptions: list = []
+        self._info_subscriptions: list = [None] * len(self.buffers)
+        self._info_latched = [False] * len(self.buffers)
+        self._info_names = [""] * len(self.buffers)
         self._distortion_warned: set[int] = set()  # cameras whose distortion was warned about
         self._timer = None
+        # The QoS check (spinning thread) re-creates subscriptions; a lifecycle deactivate (a pool
+        # thread) destroys them: one at a time, and no re-creation once unsubscribed.
+        self._subscriptions_lock = threading.Lock()
+        self._subscribed = False
 
     def subscribe(self) -> None:
-        """The depth and CameraInfo subscriptions (and, with ``auto`` reliability, the QoS check)."""
+        """The depth and CameraInfo subscriptions, and the check of their publishers' QoS."""
         node = self._node
-        self._info_subscriptions = []
+        with self._subscriptions_lock:
+            self._subscribed = True
         for index, (depth_topic, info_topic) in enumerate(zip(self._depth_topics, self._info_topics)):
             self._names[index] = node.resolve_topic_name(depth_topic)
             self._subscribe(index, wanted_reliable(node, self._names[index], self._mode, current=False))
-            info = node.create_subscription(
-                CameraInfo, info_topic, lambda msg, i=index: self._on_info(msg, i),
-                QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT),
-                callback_group=self._group)
-            self._info_subscriptions.append(info)
+            self._info_names[index] = node.resolve_topic_name(info_topic)
+            self._subscribe_info(index, latched_info(node, self._info_names[index], current=False))
             node.get_logger().info(f"depth input {self._names[index]} (sensor_msgs/Image 16UC1 mm or 32FC1 m, QoS "
-                                   f"{qos_text(image_qos(self._reliable[index]))}) with {info.topic_name} "
-                                   "(sensor_msgs/CameraInfo)")
-        if self._mode == "auto":
-            self._timer = steady_timer(node, QOS_CHECK_PERIOD_S, self._check_qos, self._group)
+                                   f"{qos_text(image_qos(self._reliable[index]))}) with {self._info_names[index]} "
+                                   f"(sensor_msgs/CameraInfo, QoS {qos_text(info_qos(self._info_latched[index]))})")
+        self._timer = steady_timer(node, QOS_CHECK_PERIOD_S, self._check_qos, self._group)
 
     def unsubscribe(self) -> None:
         """Stop taking depth (lifecycle deactivate); the buffers forget what they held."""
         node = self._node
-        if self._timer is not None:
-            node.destroy_timer(self._timer)
-            self._timer = None
-        for index, subscription in enumerate(self._subscriptions):
-            if subscription is not None:
-                node.destroy_subscription(subscription)
-                self._subscriptions[index] = None
-        for subscription in self._info_subscriptions:
-            node.destroy_subscription(subscription)
-        self._info_subscriptions = []
+        with self._subscriptions_lock:
+            self._subscribed = False
+            if self._timer is not None:
+                node.destroy_timer(self._timer)
+                self._timer = None
+            for subscriptions in (self._subscriptions, self._info_subscriptions):
+                for index, subscription in enumerate(subscriptions):
+                    if subscription is not None:
+                        node.destroy_subscription(subscription)
+                        subscriptions[index] = None
         for buffer in self.buffers:
             buffer.clear()
 
@@ -88,12 +95,33 @@ class DepthInputs:
             callback_group=self._group)
         self._reliable[index] = reliable
 
+    def _subscribe_info(self, index: int, latched: bool) -> None:
+        if self._info_subscriptions[index] is not None:
+            self._node.destroy_subscription(self._info_subscriptions[index])
+        self._info_subscriptions[index] = self._node.create_subscription(
+            CameraInfo, self._info_names[index], lambda msg, i=index: self._on_info(msg, i), info_qos(latched),
+            callback_group=self._group)
+        self._info_latched[index] = latched
+
     def _check_qos(self) -> None:
+        with self._subscriptions_lock:
+            if self._subscribed:   # not unsubscribed meanwhile (lifecycle deactivate)
+                self._match_publishers()
+
+    def _match_publishers(self) -> None:
         for index, name in enumerate(self._names):
             wanted = wanted_reliable(self._node, name, self._mode, self._reliable[index])
             if wanted != self._reliable[index]:
                 self._subscribe(index, wanted)
                 self._counters.add("qos_switches")
+            latched = latched_info(self._node, self._info_names[index], self._info_latched[index])
+            if latched != self._info_latched[index]:
+                self._subscribe_info(index, latched)
+                self._counters.add("qos_switches")
+                self._node.get_logger().info(
+                    f"the publishers on {self._info_names[index]} now all offer "
+                    f"{'reliable transient local (latched)' if latched else 'volatile or best effort'}: CameraInfo "
+                    f"subscription re-created as {qos_text(info_qos(latched))}")
 
     def _on_depth(self, msg: Any, index: int) -> None:
         try:
@@ -126,4 +154,24 @@ class DepthInputs:
                                        stamp_ns(msg.header.stamp))
 
 
-__all__ = ["DepthInputs"]
+def latched_info(node: Node, topic: str, current: bool) -> bool:
+    """Whether the CameraInfo subscription to ``topic`` should be reliable transient-local now:
+    when every publisher offers that (``current`` while nobody publishes)."""
+    offered = [p.qos_profile for p in node.get_publishers_info_by_topic(topic)]
+    if not offered:
+        return current
+    return all(q.durability == DurabilityPolicy.TRANSIENT_LOCAL and q.reliability == ReliabilityPolicy.RELIABLE
+               for q in offered)
+
+
+def info_qos(latched: bool) -> QoSProfile:
+    """Keep last 1: best effort volatile (matches every publisher), or reliable transient-local
+    (receives a CameraInfo latched before the subscription; matches only such publishers)."""
+    if latched:
+        return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT,
+                      durability=DurabilityPolicy.VOLATILE)
+
+
+__all__ = ["DepthInputs", "info_qos", "latched_info"]
