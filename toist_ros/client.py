@@ -180,7 +180,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m toist_ros.client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ns", default="", help="the node's namespace (e.g. /front)")
-    parser.add_argument("--timeout", type=seconds, default=20.0, help="seconds to wait for the node (inf: no limit)")
+    parser.add_argument("--timeout", type=seconds, default=20.0,
+                        help="seconds to wait for the node, per wait: a service call waits this long for the "
+                             "service, then this long for its answer (inf: no limit)")
     # The same two options after the command too (`segment photo.jpg --timeout 120` was refused);
     # SUPPRESS: a command that is not given them leaves the values above as they are.
     common = argparse.ArgumentParser(add_help=False)
