@@ -132,11 +132,48 @@ def test_weights_loaded_into_an_onnx_segmenter_are_refused_not_mixed(dirs):
         seg.model.load_state_dict(other.state_dict())
     with pytest.raises(CheckpointError, match="the graphs still hold the exported weights"):
         seg.predict(_image(48, 64, seed=0))
+    # A load into a submodule (the detector alone) was accepted: the text was re-encoded with
+    # the new weights at the next set_task while the graphs ran the exported ones.
+    seg = TaskSegmenter.from_pretrained(dirs[0], device="cpu", task=2,
+                                        inference=InferenceConfig(backend="onnxruntime", **SMALL))
+    with pytest.raises(CheckpointError, match=r"loaded anew"):
+        seg.model.detr.load_state_dict(other.detr.state_dict())
+    with pytest.raises(CheckpointError, match="the graphs still hold the exported weights"):
+        seg.set_task(3)
+        seg.predict(_image(48, 64, seed=0))
     # A memory bank's load is fine: the centres are an input of the graph.
     distilled = TaskSegmenter.from_pretrained(dirs[1], device="cpu", task=2,
                                               inference=InferenceConfig(backend="onnxruntime", **SMALL))
     distilled.memory_bank.load_state_dict(distilled.memory_bank.state_dict())
     assert len(distilled.predict(_image(48, 64, seed=0))) >= 0 and len(before) >= 0
+
+
+@pytest.mark.parametrize("side", ["onnxruntime", "torch"])
+def test_a_non_finite_output_on_either_side_fails_the_check(dirs, monkeypatch, side):
+    """max(0.0, nan) is 0.0: a NaN in ONNX Runtime's (or PyTorch's) outputs passed the export
+    check as "max |logits diff| 0.00e+00" and the graphs were installed."""
+    if side == "onnxruntime":
+        real = OnnxNetwork.detect
+
+        def detect(self, batch, state):
+            logits, boxes, masks = real(self, batch, state)
+            logits = logits.clone()
+            logits[:, :5] = float("nan")
+            return logits, boxes, masks
+
+        monkeypatch.setattr(OnnxNetwork, "detect", detect)
+    else:
+        real = TaskSegmenter._detect
+
+        def detect(self, batch, state):
+            logits, boxes, masks = real(self, batch, state)
+            return logits, boxes.clone().fill_(float("inf")), masks
+
+        monkeypatch.setattr(TaskSegmenter, "_detect", detect)
+    result = compare_backends(dirs[0], tasks=(2,), sizes=SIZES[:1], **SMALL)
+    assert not check_passes(result), result
+    what = "logits of ONNX Runtime" if side == "onnxruntime" else "boxes of PyTorch"
+    assert what in result["non_finite"] and what in onnx_export.describe_check(result)
 
 
 def test_a_provider_that_did_not_start_is_not_run_under_the_backend_s_name(dirs, monkeypatch):

@@ -31,6 +31,7 @@ refuses a graph whose digest is not the directory's (:func:`check_metadata`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -392,7 +393,7 @@ def compare_backends(directory, tasks: Sequence = (1, 2), sizes: Sequence[tuple[
         states = [reference.encode_task(task) for task in tasks]
     rng = np.random.default_rng(seed)
     worst = {"logits": 0.0, "boxes": 0.0, "mask_iou": 1.0, "images": len(sizes), "tasks": list(tasks),
-             "providers": onnx._onnx.providers, "masks": reference.has_masks, "padded": []}
+             "providers": onnx._onnx.providers, "masks": reference.has_masks, "padded": [], "non_finite": []}
     for height, width in sizes:
         image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         with torch.inference_mode():
@@ -401,15 +402,19 @@ def compare_backends(directory, tasks: Sequence = (1, 2), sizes: Sequence[tuple[
             for state in states:
                 ref_logits, ref_boxes, ref_masks = reference._detect(batch, state)
                 ort_logits, ort_boxes, ort_masks = onnx._onnx.detect(batch, state)
-                worst["logits"] = max(worst["logits"], float((ref_logits.float() - ort_logits).abs().max()))
-                worst["boxes"] = max(worst["boxes"], float((ref_boxes.float() - ort_boxes).abs().max()))
+                worst["logits"] = max(worst["logits"], _largest_difference(ref_logits, ort_logits, "logits", worst))
+                worst["boxes"] = max(worst["boxes"], _largest_difference(ref_boxes, ort_boxes, "boxes", worst))
                 if not reference.has_masks:
                     continue
                 scores = 1.0 - ref_logits[0].float().softmax(-1)[:, NO_OBJECT_INDEX]
-                keep = scores.argsort(descending=True)[:top]
+                keep = scores.nan_to_num(-1.0).argsort(descending=True)[:top]
                 padded = batch.tensors.shape[-2:]
-                a = masks_at_original(ref_masks(0, keep), resized[0], padded, (height, width), 0.5)
-                b = masks_at_original(ort_masks(0, keep), resized[0], padded, (height, width), 0.5)
+                ref_mask_logits, ort_mask_logits = ref_masks(0, keep), ort_masks(0, keep)
+                if _largest_difference(ref_mask_logits, ort_mask_logits, "mask logits", worst) == math.inf:
+                    worst["mask_iou"] = 0.0   # a NaN mask logit is no pixel either way: no IoU to trust
+                    continue
+                a = masks_at_original(ref_mask_logits, resized[0], padded, (height, width), 0.5)
+                b = masks_at_original(ort_mask_logits, resized[0], padded, (height, width), 0.5)
                 for ma, mb in zip(a, b):
                     union = np.logical_or(ma, mb).sum()
                     iou = 1.0 if union == 0 else float(np.logical_and(ma, mb).sum() / union)
@@ -417,16 +422,32 @@ def compare_backends(directory, tasks: Sequence = (1, 2), sizes: Sequence[tuple[
     return worst
 
 
+def _largest_difference(reference: Tensor, other: Tensor, what: str, worst: dict) -> float:
+    """max |reference - other|, or inf (noted in ``worst["non_finite"]``) when either holds a NaN
+    or an infinity: ``max(0.0, nan)`` is 0.0, so one NaN passed the check and hid every other
+    difference of its image."""
+    reference, other = reference.float(), other.float()
+    sides = [name for name, values in (("PyTorch", reference), ("ONNX Runtime", other))
+             if not bool(torch.isfinite(values).all())]
+    if sides:
+        note = f"{what} of {' and '.join(sides)}"
+        if note not in worst["non_finite"]:
+            worst["non_finite"].append(note)
+        return math.inf
+    return float((reference - other).abs().max()) if reference.numel() else 0.0
+
+
 def check_passes(result: dict) -> bool:
-    return (result["logits"] <= MAX_LOGIT_DIFF and result["boxes"] <= MAX_BOX_DIFF
-            and result["mask_iou"] >= MIN_MASK_IOU)
+    return (not result.get("non_finite") and result["logits"] <= MAX_LOGIT_DIFF
+            and result["boxes"] <= MAX_BOX_DIFF and result["mask_iou"] >= MIN_MASK_IOU)
 
 
 def describe_check(result: dict) -> str:
     return (f"ONNX Runtime ({', '.join(result['providers'])}) vs PyTorch, fp32, {result['images']} random images x "
             f"tasks {', '.join(map(str, result['tasks']))}: max |logits diff| {result['logits']:.2e} "
             f"(<= {MAX_LOGIT_DIFF:g}), max |boxes diff| {result['boxes']:.2e} (<= {MAX_BOX_DIFF:g}), "
-            + (f"min mask IoU {result['mask_iou']:.5f} (>= {MIN_MASK_IOU})" if result["masks"] else "no mask head"))
+            + (f"min mask IoU {result['mask_iou']:.5f} (>= {MIN_MASK_IOU})" if result["masks"] else "no mask head")
+            + (f"; not finite: {', '.join(result['non_finite'])}" if result.get("non_finite") else ""))
 
 
 def export_checked(directory, exporter: str = "torchscript", **check) -> dict:

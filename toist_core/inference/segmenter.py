@@ -53,6 +53,11 @@ class _ReencodeOnLoad:
         return {"_segmenter": None}
 
 
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 class TaskSegmenter:
     """Finds the objects an image offers for a task (and their masks) with a TOIST model.
 
@@ -125,19 +130,23 @@ class TaskSegmenter:
     def _follow_weight_loads(self) -> None:
         """The current task's text features and CCR centres are computed from the weights: a
         ``load_state_dict`` of the whole model or of the memory bank re-encodes the task, so no
-        frame mixes new image weights with the old weights' text. (A load into a submodule, or
-        weights changed in place, need ``set_task`` again.) The hooks hold the segmenter weakly
-        and leave with it, so a trainer's module does not collect them evaluation after evaluation."""
+        frame mixes new image weights with the old weights' text. (On the torch backend a load
+        into a submodule, or weights changed in place, need ``set_task`` again; on an ONNX backend
+        every submodule is watched, since any load there leaves the graphs behind.) The hooks hold
+        the segmenter weakly and leave with it, so a trainer's module does not collect them
+        evaluation after evaluation."""
         hook = _ReencodeOnLoad(self)
-        for module in (self.model, self.memory_bank):
-            if module is not None:
-                weakref.finalize(self, module.register_load_state_dict_post_hook(hook).remove)
+        watched = [self.model] if self._onnx is None else list(self.model.modules())
+        if self.memory_bank is not None:
+            watched.append(self.memory_bank)
+        handles = [module.register_load_state_dict_post_hook(hook) for module in watched]
+        weakref.finalize(self, _remove_hooks, handles)
 
     def _weights_loaded(self, module: torch.nn.Module) -> None:
         """After a ``load_state_dict`` of the model or the bank: re-encode the current task. On an
         ONNX backend the network's weights are the exported graphs', which a load cannot change:
         the segmenter refuses to run from then on rather than mix the two sets of weights."""
-        if self._onnx is not None and module is self.model:
+        if self._onnx is not None and module is not self.memory_bank:
             self._stale_graphs = (f"the model's weights were loaded anew (load_state_dict) after its ONNX graphs were "
                                   f"opened (backend {self._onnx.backend!r}); the graphs still hold the exported "
                                   "weights: save the new weights as a model directory, `toist export --onnx` it and "
