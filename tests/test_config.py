@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -262,3 +263,31 @@ def test_yaml_files_are_read_as_utf_8_whatever_the_locale(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert bytes.fromhex(done.stdout.strip()).decode("utf-8") == "découper avec"
+
+
+def test_a_key_given_twice_is_refused_naming_the_file_and_both_lines(tmp_path):
+    """yaml.safe_load keeps the last copy of a repeated key: a second `optim:` block appended to a
+    training config replaced the first, its other fields back at their defaults, and --check
+    said OK. Merge keys overridden beside them stay fine."""
+    from training.config import load_config
+    from toist_core.typed_config import read_yaml
+
+    base = (Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny_pronoun.yaml").read_text()
+    doubled = tmp_path / "doubled.yaml"
+    doubled.write_text(base + "optim:\n  lr: 0.5\n")
+    first = next(n for n, line in enumerate(base.splitlines(), 1) if line.startswith("optim:"))
+    second = len(base.splitlines()) + 1
+    with pytest.raises(ConfigError, match=rf"doubled\.yaml: not valid YAML: key 'optim' given twice, on line "
+                                          rf"{first} and on line {second}"):
+        load_config(doubled)
+    inline = tmp_path / "inline.yaml"
+    inline.write_text("optim: {lr: 1.0e-4, lr: 2.0e-4}\n")
+    with pytest.raises(ConfigError, match=r"inline\.yaml: not valid YAML: key 'lr' given twice, on line 1 and on line 1"):
+        read_yaml(inline)
+    original = tmp_path / "original.yaml"
+    original.write_text(base)
+    with pytest.raises(ConfigError, match=r"key 'lr' given twice"):   # in an override's value too
+        load_config(original, ["optim={lr: 1.0e-4, lr: 2.0e-4}"])
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: &base {d_model: 64, nheads: 4}\ntransformer:\n  <<: *base\n  d_model: 32\n")
+    assert read_yaml(merged)["transformer"] == {"d_model": 32, "nheads": 4}

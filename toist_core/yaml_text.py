@@ -1,4 +1,9 @@
-"""YAML as toist reads it: ``yaml.safe_load``, with two failures turned into YAML errors.
+"""YAML as toist reads it: ``yaml.safe_load``, with three failures turned into YAML errors.
+
+* A key given twice in one mapping. ``safe_load`` keeps the last copy without a word: a second
+  ``optim:`` block appended to a training config replaced the whole first one, every field it
+  did not repeat back at its default, and ``--check`` said OK. Refused with the line of each copy.
+  (A key merged in with ``<<:`` and set again beside it is an override, not a repeat.)
 
 * Aliases that expand too far. Anchors and aliases (``&defaults`` / ``*defaults``, ``<<:``) are
   fine in a hand-written config, but they are also what makes a "billion laughs" file: a
@@ -20,12 +25,34 @@ import yaml
 MAX_VALUES = 1_000_000  # values a YAML file may expand to (toist's largest config has a few hundred)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first_seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first_seen.setdefault(key, key_node.start_mark)
+                except TypeError:   # an unhashable key: the constructor below says so
+                    continue
+                if earlier is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice, on line {earlier.line + 1} and on line "
+                        f"{key_node.start_mark.line + 1}: the second copy would silently replace the first; "
+                        "give each key once", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def parse_yaml(text: str) -> Any:
     """The plain data of YAML ``text`` (as ``yaml.safe_load``); raises ``yaml.YAMLError`` for
-    invalid YAML, aliases expanding to more than ``MAX_VALUES`` values, or nesting deeper than
-    the parser's recursion allows."""
+    invalid YAML, a key repeated in one mapping, aliases expanding to more than ``MAX_VALUES``
+    values, or nesting deeper than the parser's recursion allows."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except RecursionError:
         raise yaml.YAMLError("nested too deeply to read") from None
     _check_expansion(data)
