@@ -230,6 +230,15 @@ def test_missing_data_paths_are_named(tmp_path, synth_root):
     check_paths(cfg)
     with pytest.raises(ConfigError, match=r"--resume: .*nope\.pth not found"):
         check_paths(cfg, resume=str(tmp_path / "nope.pth"))
+    # A run folder given for its checkpoint: it exists, "not found" sent people looking for it.
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(ConfigError, match=r"--resume: .*run is a folder; give the checkpoint file in it \(it holds no "
+                                          r"checkpoint\.pth\)"):
+        check_paths(cfg, resume=str(run))
+    (run / "checkpoint.pth").write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"--resume: .*run is a folder; .*: --resume {run / 'checkpoint.pth'}"):
+        check_paths(cfg, resume=str(run))
 
 
 def test_cli_fails_before_training_and_names_the_problem(tmp_path, synth_root, capsys):
@@ -328,3 +337,15 @@ def test_docs_list_every_configuration_key_with_its_default_and_meaning():
     table = text.split("<!-- config-reference:start -->\n", 1)[1].split("<!-- config-reference:end -->", 1)[0]
     assert table == markdown(), "docs/training.md's key table is stale: paste `python -m training.config_reference`"
     assert "| `checkpoint.per_epoch` | `true` |" in table and "| `eval.max_images` | `null` |" in table
+
+
+def test_an_override_into_a_mapping_the_file_does_not_set_adds_to_its_defaults():
+    """docs/training.md gives the val split's images "as data.image_dirs.val": on a config
+    without image_dirs the override replaced the default folders ("no image folder for split
+    'train'")."""
+    cfg = load_config(CONFIGS / "tiny_pronoun.yaml", ["data.image_dirs.val=images/val", "eval.split=val"])
+    assert cfg.data.image_dirs == {"train": "images/train2014", "test": "images/val2014", "val": "images/val"}
+    # A whole mapping given replaces, as in a file; a section's other fields keep their values.
+    cfg = load_config(CONFIGS / "tiny_pronoun.yaml", ["data.image_dirs={train: a, test: b}", "optim.lr=0.001"])
+    assert cfg.data.image_dirs == {"train": "a", "test": "b"}
+    assert cfg.optim.lr == 0.001 and cfg.optim.ema_decay == load_config(CONFIGS / "tiny_pronoun.yaml").optim.ema_decay

@@ -4,6 +4,7 @@ override, a validation task without images; and the memory bank resuming exactly
 
 import json
 import math
+import random
 import shutil
 from pathlib import Path
 
@@ -145,6 +146,50 @@ def test_resume_refuses_non_finite_weights_or_moments_before_writing(synth_root,
     with pytest.raises(CheckpointError, match=rf"damaged\.pth \[{damage}\]: .*non-finite.*{tensor}"):
         Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=4"), DistEnv(),
                 resume=str(damaged))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
+
+
+def test_a_checkpoint_with_fields_of_the_wrong_kind_is_refused_naming_the_field(synth_root, tmp_path):
+    """Hand-edited files, or ones of another version: a `config` string, a `best` without its
+    step, optimizer groups without `params`, a step of 3.7 or "abc", a damaged random state failed
+    half-way through a resume with a bare AttributeError / KeyError / ValueError (a `best` without
+    its step after the run had written config.yaml and tb/), or resumed at update 3."""
+    import copy
+
+    out = tmp_path / "run"
+    Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=2"), DistEnv()).run()
+    good = torch.load(out / "checkpoint.pth", weights_only=True)
+
+    def without_params(ckpt):
+        del ckpt["optimizer"]["param_groups"][0]["params"]
+
+    def short_rng(ckpt):
+        ckpt["rng"][0]["python"][1] = ckpt["rng"][0]["python"][1][:10]
+
+    edits = {
+        "config": (lambda c: c.update(config="oops"), r"\[config\]: a str, not a mapping"),
+        "best": (lambda c: c.update(best={"metric": "x"}), r"\[best\]: step None, not a whole number"),
+        "params": (without_params, r"\[optimizer\]: param_groups is not a list of groups"),
+        "step text": (lambda c: c.update(step="abc"), r"\[step\]: 'abc', not a whole number"),
+        "step fraction": (lambda c: c.update(step=3.7), r"\[step\]: 3\.7, not a whole number"),
+        "rng": (short_rng, r"\[rng\]\[0\]: not a generator state that restores"),
+        "eval_pending": (lambda c: c.update(eval_pending="yes"), r"\[eval_pending\]: 'yes', not true / false"),
+    }
+    for name, (edit, says) in edits.items():
+        ckpt = copy.deepcopy(good)
+        edit(ckpt)
+        path = tmp_path / f"{name.replace(' ', '_')}.pth"
+        torch.save(ckpt, path)
+        with pytest.raises(CheckpointError, match=rf"{path.name} {says}.*nothing was loaded"):
+            load_training_checkpoint(path)
+    state = random.getstate()
+    load_training_checkpoint(out / "checkpoint.pth")   # the trial restore puts the generators back
+    assert random.getstate() == state
+    # Through a resume: refused before anything in the run folder is written.
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(CheckpointError, match=r"best\.pth \[best\]"):
+        Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=4"), DistEnv(),
+                resume=str(tmp_path / "best.pth"))
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
 
 

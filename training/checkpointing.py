@@ -76,7 +76,73 @@ def load_training_checkpoint(path: Union[str, Path], map_location: Union[str, to
     missing = [k for k in _REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}")
+    problem = _layout_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"{path} {problem} (an edited file, or one of another version); nothing was loaded")
     return ckpt
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _layout_problem(ckpt: dict) -> Optional[str]:
+    """``"[field]: what is wrong"`` for a field whose type is not what a resume reads, else None:
+    such a file failed half-way through a resume with a bare KeyError / AttributeError (after
+    the run had written to its folder), or was read wrongly (``step`` 3.7 resumed at update 3)."""
+    for name in ("step", "epoch"):
+        if not _whole(ckpt[name]) or ckpt[name] < 0:
+            return f"[{name}]: {ckpt[name]!r}, not a whole number of updates / epochs"
+    for name in ("last_eval_step", "world_size"):
+        if name in ckpt and not _whole(ckpt[name]):
+            return f"[{name}]: {ckpt[name]!r}, not a whole number"
+    if "eval_pending" in ckpt and not isinstance(ckpt["eval_pending"], bool):
+        return f"[eval_pending]: {ckpt['eval_pending']!r}, not true / false"
+    for name in ("model", "optimizer", "scheduler"):
+        if not isinstance(ckpt[name], dict):
+            return f"[{name}]: a {type(ckpt[name]).__name__}, not a mapping"
+    if not isinstance(ckpt["stage"], str):
+        return f"[stage]: {ckpt['stage']!r}, not a stage name"
+    for name in ("config", "best", "metrics"):
+        if ckpt.get(name) is not None and not isinstance(ckpt[name], dict):
+            return f"[{name}]: a {type(ckpt[name]).__name__}, not a mapping"
+    best = ckpt.get("best")
+    if best is not None and not _whole(best.get("step")):
+        return f"[best]: step {best.get('step')!r}, not a whole number (best = {best!r})"
+    groups = ckpt["optimizer"].get("param_groups")
+    if not isinstance(groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) and all(_whole(i) for i in g["params"])
+            for g in groups):
+        return "[optimizer]: param_groups is not a list of groups, each with its list of parameter numbers"
+    if not isinstance(ckpt["optimizer"].get("state", {}), dict):
+        return "[optimizer]: state is not a mapping"
+    rng = ckpt.get("rng")
+    if rng is not None:
+        if not isinstance(rng, list):
+            return f"[rng]: a {type(rng).__name__}, not a list of per-process states"
+        for rank, state in enumerate(rng):
+            problem = _rng_problem(state)
+            if problem:
+                return f"[rng][{rank}]: {problem}"
+    return None
+
+
+def _rng_problem(state: Any) -> Optional[str]:
+    """What keeps ``restore_rng_state`` from restoring ``state`` (tried on this process's CPU
+    generators, which are put back as they were), or None."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a generator state"
+    cuda = state.get("cuda")
+    if cuda is not None and not (isinstance(cuda, torch.Tensor) and cuda.dtype == torch.uint8):
+        return "cuda: not a CUDA generator state"
+    saved = capture_rng_state(torch.device("cpu"))
+    try:
+        restore_rng_state({**state, "cuda": None}, torch.device("cpu"))
+    except Exception as exc:   # the generators say what they refuse (wrong sizes, types, names)
+        return f"not a generator state that restores ({type(exc).__name__}: {exc})"
+    finally:
+        restore_rng_state(saved, torch.device("cpu"))
+    return None
 
 
 def check_state_dict(state: Optional[dict], module: torch.nn.Module, where: str) -> None:

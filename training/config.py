@@ -15,6 +15,8 @@ checked by :func:`check_paths` before anything is built.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
@@ -355,14 +357,27 @@ def _apply_override(data: dict, item: str) -> None:
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
     node = data
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1], start=1):
         child = node.get(part)
         if child is None:
-            child = node[part] = {}
+            child = node[part] = _default_mapping(parts[:depth])
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _default_mapping(parts: list[str]) -> dict:
+    """A copy of the default of the mapping-valued field at ``parts`` (``data.image_dirs``), or {}
+    (a section: its other fields keep their defaults anyway). So `data.image_dirs.val=...` on a
+    file that does not set image_dirs adds the split to the default folders, as it would to a
+    file's own; it replaced them (no folder for 'train' any more)."""
+    value: Any = TrainConfig()
+    for part in parts:
+        if not dataclasses.is_dataclass(value) or not hasattr(value, part):
+            return {}
+        value = getattr(value, part)
+    return copy.deepcopy(value) if isinstance(value, dict) else {}
 
 
 def _expand_model_preset(data: dict, where: str) -> dict:
@@ -455,6 +470,10 @@ def check_paths(cfg: TrainConfig, resume: Optional[str] = None) -> None:
     if text_weights is not None and (text_weights.startswith((".", "/", "~")) or Path(text_weights).exists()):
         if not Path(text_weights).expanduser().exists():
             raise ConfigError(f"model.text.weights: {text_weights} not found")
+    if resume is not None and Path(resume).is_dir():
+        last = Path(resume) / "checkpoint.pth"
+        raise ConfigError(f"--resume: {resume} is a folder; give the checkpoint file in it"
+                          + (f": --resume {last}" if last.is_file() else f" (it holds no {last.name})"))
     if resume is not None and not Path(resume).is_file():
         raise ConfigError(f"--resume: {resume} not found")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -114,15 +115,20 @@ def wrap_ddp(module: nn.Module, env: DistEnv, find_unused_parameters: bool = Tru
 
     ``find_unused_parameters`` defaults to True: RoBERTa's pooler (kept for key compatibility)
     and, depending on the stage, other trainable parameters get no gradient in a step.
-    Parameters and buffers are broadcast from rank 0 once, here; ``broadcast_buffers=False``
-    skips the per-step buffer broadcast (for buffers kept identical by other means).
+    Parameters are broadcast from rank 0 once, here, and so are buffers unless
+    ``broadcast_buffers=False``, which also skips the per-step buffer broadcast (for buffers kept
+    identical by other means). torch 2.13 calls ``broadcast_buffers`` deprecated and warns in every
+    process at every start; its replacement (``forward_sync_buffers``) still syncs buffers at start
+    and older torch lacks it, so the argument stays and that one warning is left out.
     """
     if not env.distributed or not any(p.requires_grad for p in module.parameters()):
         return module
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
-                                               find_unused_parameters=find_unused_parameters,
-                                               broadcast_buffers=broadcast_buffers)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
+                                                   find_unused_parameters=find_unused_parameters,
+                                                   broadcast_buffers=broadcast_buffers)
 
 
 def all_gather_objects(obj, env: DistEnv) -> list:
