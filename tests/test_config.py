@@ -291,3 +291,8 @@ def test_a_key_given_twice_is_refused_naming_the_file_and_both_lines(tmp_path):
     merged = tmp_path / "merged.yaml"
     merged.write_text("base: &base {d_model: 64, nheads: 4}\ntransformer:\n  <<: *base\n  d_model: 32\n")
     assert read_yaml(merged)["transformer"] == {"d_model": 32, "nheads": 4}
+    # An anchored mapping with its own merge and override, merged again at a shallower level:
+    # PyYAML splices the merged pairs into the node in place, which read as the key given twice.
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("a:\n  b: &base\n    <<: {k: 0}\n    k: 1\nc:\n  <<: *base\n  k: 2\n")
+    assert read_yaml(nested) == {"a": {"b": {"k": 1}}, "c": {"k": 2}}

@@ -26,25 +26,37 @@ MAX_VALUES = 1_000_000  # values a YAML file may expand to (toist's largest conf
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key repeated in one mapping."""
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping.
 
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
-        if isinstance(node, yaml.MappingNode):
-            first_seen: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    earlier = first_seen.setdefault(key, key_node.start_mark)
-                except TypeError:   # an unhashable key: the constructor below says so
-                    continue
-                if earlier is not key_node.start_mark:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} given twice, on line {earlier.line + 1} and on line "
-                        f"{key_node.start_mark.line + 1}: the second copy would silently replace the first; "
-                        "give each key once", key_node.start_mark)
-        return super().construct_mapping(node, deep)
+    Checked where PyYAML first touches a mapping, ``flatten_mapping``, once per node: that call
+    also splices merged (``<<:``) pairs into the node in place, so a mapping merged elsewhere
+    before it is built would afterwards hold its merged keys beside its own overrides."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            self._refuse_repeats(node)
+        super().flatten_mapping(node)
+
+    def _refuse_repeats(self, node: yaml.MappingNode) -> None:
+        first_seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = first_seen.setdefault(key, key_node.start_mark)
+            except TypeError:   # an unhashable key: the constructor says so when it builds the mapping
+                continue
+            if earlier is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice, on line {earlier.line + 1} and on line "
+                    f"{key_node.start_mark.line + 1}: the second copy would silently replace the first; "
+                    "give each key once", key_node.start_mark)
 
 
 def parse_yaml(text: str) -> Any:

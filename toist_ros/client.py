@@ -187,7 +187,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # SUPPRESS: a command that is not given them leaves the values above as they are.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ns", default=argparse.SUPPRESS, help="the node's namespace (e.g. /front)")
-    common.add_argument("--timeout", type=seconds, default=argparse.SUPPRESS, help="seconds to wait for the node")
+    common.add_argument("--timeout", type=seconds, default=argparse.SUPPRESS,
+                        help="seconds to wait for the node, per wait (see the main --help)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("set-task", help="call set_task", parents=[common]).add_argument("task")
     commands.add_parser("publish-task", help="publish on the task topic (exit 1 if the node does not take it "

@@ -147,11 +147,17 @@ class TaskSegmenter:
         ONNX backend the network's weights are the exported graphs', which a load cannot change:
         the segmenter refuses to run from then on rather than mix the two sets of weights."""
         if self._onnx is not None and module is not self.memory_bank:
-            self._stale_graphs = (f"the model's weights were loaded anew (load_state_dict) after its ONNX graphs were "
+            loaded = ("the model's weights were" if module is self.model else
+                      f"weights of a part of the model ({type(module).__name__}) were")
+            self._stale_graphs = (f"{loaded} loaded anew (load_state_dict) after its ONNX graphs were "
                                   f"opened (backend {self._onnx.backend!r}); the graphs still hold the exported "
                                   "weights: save the new weights as a model directory, `toist export --onnx` it and "
                                   "open a new TaskSegmenter")
-            raise CheckpointError(self._stale_graphs)
+            if module is self.model:
+                raise CheckpointError(self._stale_graphs)
+            # A part's hook runs inside the load (the parts first, the whole model last): raising
+            # here would stop a whole-model load half-way. Every later frame is refused instead.
+            return
         self._weights_generation += 1
         state = self._state
         if state is not None:

@@ -59,17 +59,18 @@ class DepthInputs:
     def subscribe(self) -> None:
         """The depth and CameraInfo subscriptions, and the check of their publishers' QoS."""
         node = self._node
-        with self._subscriptions_lock:
+        with self._subscriptions_lock:   # (a QoS check left over from an earlier activation waits)
             self._subscribed = True
-        for index, (depth_topic, info_topic) in enumerate(zip(self._depth_topics, self._info_topics)):
-            self._names[index] = node.resolve_topic_name(depth_topic)
-            self._subscribe(index, wanted_reliable(node, self._names[index], self._mode, current=False))
-            self._info_names[index] = node.resolve_topic_name(info_topic)
-            self._subscribe_info(index, latched_info(node, self._info_names[index], current=False))
-            node.get_logger().info(f"depth input {self._names[index]} (sensor_msgs/Image 16UC1 mm or 32FC1 m, QoS "
-                                   f"{qos_text(image_qos(self._reliable[index]))}) with {self._info_names[index]} "
-                                   f"(sensor_msgs/CameraInfo, QoS {qos_text(info_qos(self._info_latched[index]))})")
-        self._timer = steady_timer(node, QOS_CHECK_PERIOD_S, self._check_qos, self._group)
+            for index, (depth_topic, info_topic) in enumerate(zip(self._depth_topics, self._info_topics)):
+                self._names[index] = node.resolve_topic_name(depth_topic)
+                self._subscribe(index, wanted_reliable(node, self._names[index], self._mode, current=False))
+                self._info_names[index] = node.resolve_topic_name(info_topic)
+                self._subscribe_info(index, latched_info(node, self._info_names[index], current=False))
+                node.get_logger().info(
+                    f"depth input {self._names[index]} (sensor_msgs/Image 16UC1 mm or 32FC1 m, QoS "
+                    f"{qos_text(image_qos(self._reliable[index]))}) with {self._info_names[index]} "
+                    f"(sensor_msgs/CameraInfo, QoS {qos_text(info_qos(self._info_latched[index]))})")
+            self._timer = steady_timer(node, QOS_CHECK_PERIOD_S, self._check_qos, self._group)
 
     def unsubscribe(self) -> None:
         """Stop taking depth (lifecycle deactivate); the buffers forget what they held."""
