@@ -368,7 +368,7 @@ def test_cli(coco, capsys):
 
 def test_converted_test_file_is_evaluable(coco):
     """`toist evaluate` reads the written ``categories``: a perfect prediction scores AP 1."""
-    from toist_core.data.coco_tasks import annotation_rle
+    from toist_core.data.schema import annotation_rle
     from toist_core.eval.evaluator import evaluate_task
     from toist_core.eval.predictions import ImagePredictions
 
@@ -440,6 +440,30 @@ def test_preferred_objects_training_skips_are_said(coco):
     assert len(empty) == 1 and empty[0].startswith("task 1: 1 preferred object(s)") and "ids 13" in empty[0]
     assert not [w for w in convert_coco(train, "train", spec, folder / "again").warnings
                 if "crowd" in w or "empty inside" in w]
+
+
+def test_targets_whose_box_or_mask_misleads_the_evaluation_or_the_mask_head_are_said(coco):
+    """A box reaching past the image (training clips it, the evaluation scored the exact visible
+    box of the object as missed: AP 0), a box far from its own mask (an exporter writing x0, y0,
+    x1, y1), a polygon without area (an empty mask target): converted without a word."""
+    folder, train, _, spec = coco
+
+    def edit(data):
+        data["annotations"][0]["bbox"] = [-3, 4, 19, 16]                        # id 10: past the image's left
+        data["annotations"][3]["bbox"] = [2, 26, 20, 20]                        # id 13: not where its mask is
+        data["annotations"][2]["segmentation"] = [[8, 20, 12, 24, 16, 28]]      # id 12: a line, no pixel
+
+    warnings = convert_coco(_edited(train, edit), "train", spec, folder / "out").warnings
+    past = [w for w in warnings if "reaching past the image" in w]
+    astray = [w for w in warnings if "far from their own mask" in w]
+    no_pixel = [w for w in warnings if "a mask of no pixel" in w]
+    assert len(past) == 1 and past[0].startswith("task 1: 1 preferred object(s)") and "ids 10)" in past[0]
+    assert len(astray) == 1 and astray[0].startswith("task 1: 1 preferred object(s)") and "ids 13)" in astray[0]
+    assert "[x0, y0, x1, y1]" in astray[0]
+    assert len(no_pixel) == 1 and no_pixel[0].startswith("task 2: 1 preferred object(s)") and "ids 12:" in no_pixel[0]
+    # Objects no task prefers are no target: not looked at. The fixture's own file: nothing said.
+    assert not [w for w in convert_coco(train, "train", spec, folder / "again").warnings
+                if "past the image" in w or "far from" in w or "no pixel" in w]
 
 
 def test_a_file_or_folder_in_the_way_is_refused_before_anything_is_written(coco):
@@ -603,3 +627,36 @@ def test_two_pictures_of_one_size_and_time_are_told_apart_and_a_huge_image_heade
     tile.write_text(json.dumps(coco_data))
     with pytest.raises(DataError, match=r"tile.png: image is 12000x15000 \(height x width\) but the record says"):
         convert_coco(tile, "train", spec, folder / "out4", copy_images_from=folder)
+
+
+def test_preferred_instances_may_be_given_per_split(coco):
+    """Annotation ids of a list apply to every split: an export numbering its ids from 1 (CVAT,
+    per export) gave another object the same id in the other split, which became preferred too,
+    without a word. Per split, each file prefers its own."""
+    folder, train, test, _ = coco
+    spec = _spec(folder, """\
+tasks:
+  - id: 2
+    phrase: "drink coffee from"
+    preferred_instances: {train: [12], test: [21, 77]}
+""")
+    out = folder / "per_split"
+    train_summary = convert_coco(train, "train", spec, out)
+    test_summary = convert_coco(test, "test", spec, out)
+    assert _flags(out / "annotations" / "task_2_train.json") == {10: 0, 11: 0, 12: 1, 13: 0}
+    assert _flags(out / "annotations" / "task_2_test.json") == {20: 0, 21: 1}
+    assert not [w for w in train_summary.warnings if "are not annotations" in w]
+    assert [w for w in test_summary.warnings if "preferred_instances of this split 77 are not annotations" in w]
+    # The list form still applies to every split, and says how to give them per split.
+    listed = _spec(folder, "tasks:\n  - id: 2\n    preferred_instances: [12, 21]\n")
+    warnings = convert_coco(train, "train", listed, folder / "listed").warnings
+    assert _flags(folder / "listed" / "annotations" / "task_2_train.json")[12] == 1
+    assert [w for w in warnings if "give them per split, {train: [...], test: [...]}" in w]
+    bad = _spec(folder, "tasks:\n  - id: 2\n    preferred_instances: {train/x: [1]}\n")
+    with pytest.raises(DataError, match=r"field 'preferred_instances': keys are split names .*'train/x'"):
+        convert_coco(train, "train", bad, folder / "bad")
+    bad = _spec(folder, "tasks:\n  - id: 2\n    preferred_instances: {train: [one]}\n")
+    with pytest.raises(DataError, match=r"field 'preferred_instances': field 'train'\[0\]: expected one of annotation "
+                                        r"ids \(integers\), got 'one'"):
+        convert_coco(train, "train", bad, folder / "bad")
+    assert not (folder / "bad").exists()

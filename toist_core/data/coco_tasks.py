@@ -38,8 +38,8 @@ from toist_core.data.captions import (OWN_CATEGORIES_FIELD, CaptionTargets, cate
                                       grounding_targets, noun_targets, pronoun_targets)
 from toist_core.data.config import CaptionMode, DataConfig
 from toist_core.data.pixels import decode_rgb
-from toist_core.data.schema import (AnnotationRecord, DataError, ImageRecord, TaskFile, check_decodable,
-                                    check_image_size, clipped_box, load_task_file)
+from toist_core.data.schema import (AnnotationRecord, DataError, ImageRecord, TaskFile, annotation_rle,
+                                    check_decodable, check_image_size, clipped_box, load_task_file)
 from toist_core.data.transforms import Normalize, make_transforms
 from toist_core.tasks import COCO_TASKS, DEFAULT_PRONOUN, TaskVocabulary
 
@@ -325,20 +325,6 @@ def _masks(task_file: TaskFile, image_rec: ImageRecord, anns: Sequence[Annotatio
         warnings.simplefilter("ignore", DeprecationWarning)
         decoded = mask_utils.decode(rles)  # [H, W, n] uint8, Fortran order
     return torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1))).bool()
-
-
-def annotation_rle(ann: AnnotationRecord, height: int, width: int, path: PathLike = "") -> dict:
-    """Compressed RLE of an annotation's segmentation (polygons, uncompressed or compressed RLE)."""
-    seg = ann.segmentation
-    where = f"{path}: annotation id {ann.id} (image id {ann.image_id}): field 'segmentation'"
-    if isinstance(seg, list):
-        return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-    if list(seg["size"]) != [height, width]:
-        raise DataError(f"{where}: RLE size {seg['size']} differs from the image size [{height}, {width}]")
-    if isinstance(seg["counts"], list):
-        return mask_utils.frPyObjects(seg, height, width)
-    counts = seg["counts"]
-    return {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
 def build_dataset(cfg: DataConfig, split: str, caption_mode: Optional[CaptionMode] = None,

@@ -10,6 +10,12 @@ empty ``segmentation`` is refused, naming the annotation), ``area``, ``iscrowd``
       - id: 1                                   # positive int -> task_1_<split>.json
         preferred_categories: ["scissors", 44]  # category names of the COCO file, or ids
         preferred_instances: [1234]             # annotation ids preferred in addition (optional)
+      - id: 2
+        preferred_instances: {train: [4], test: [17]}   # ids per split: exports numbering from 1
+
+Annotation ids of a list apply to every split converted; an export that numbers its ids from 1
+(CVAT does, per export) gives the same id to other objects in other splits, so give such ids
+per split (a split not named then prefers no single object).
 
 Output, per task k: ``<out_root>/annotations/task_<k>_<split>.json`` listing every image of the
 source (id, file_name, height, width) and every annotation (bbox, segmentation, area, iscrowd
@@ -34,7 +40,7 @@ import os
 import posixpath
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional, Union
 
@@ -44,8 +50,9 @@ from toist_core.atomic_file import write_text_atomic
 from toist_core.listing import listing
 from toist_core.yaml_text import parse_yaml
 from toist_core.data.captions import OWN_CATEGORIES_FIELD, category_names
-from toist_core.data.schema import (PREFERENCE_CATEGORIES, DataError, TaskFile, check_decodable, check_image_size,
-                                    clipped_box, parse_task_data, read_json, task_file_path, written_by)
+from toist_core.data.schema import (PREFERENCE_CATEGORIES, DataError, TaskFile, annotation_rle, check_decodable,
+                                    check_image_size, clipped_box, parse_task_data, read_json, task_file_path,
+                                    written_by)
 
 PathLike = Union[str, Path]
 CategoryRef = Union[str, int]  # a category name or id, as written in the specification
@@ -66,8 +73,15 @@ class TaskPreference:
 
     task_id: int
     categories: tuple[CategoryRef, ...]
-    instances: frozenset[int]
+    instances: frozenset[int]        # the list form's ids, or this split's (see :meth:`for_split`)
     where: str
+    per_split: Optional[dict[str, frozenset[int]]] = None   # the mapping form: ids per split
+
+    def for_split(self, split: str) -> "TaskPreference":
+        """This task as it applies to ``split``: the ids of the list form, or the split's own."""
+        if self.per_split is None:
+            return self
+        return replace(self, instances=self.per_split.get(split, frozenset()))
 
 
 @dataclass(frozen=True)
@@ -159,12 +173,23 @@ def _task_preference(path: Path, index: int, item: Any) -> TaskPreference:
         raise DataError(f"{where}: unknown key(s) {unknown}; expected {', '.join(sorted(_SPEC_KEYS))}")
     categories = _list_field(where, item, "preferred_categories", "category names or ids",
                              lambda v: type(v) is int or (type(v) is str and v.strip() != ""))
-    instances = _list_field(where, item, "preferred_instances", "annotation ids (integers)",
-                            lambda v: type(v) is int)
+    per_split = None
+    if isinstance(item.get("preferred_instances"), dict):
+        per_split = {}
+        for split, ids in item["preferred_instances"].items():
+            if not isinstance(split, str) or not _SPLIT.match(split):
+                raise DataError(f"{where}: field 'preferred_instances': keys are split names (letters and digits, "
+                                f"as --split), got {split!r}")
+            per_split[split] = frozenset(_list_field(f"{where}: field 'preferred_instances'", {split: ids}, split,
+                                                     "annotation ids (integers)", lambda v: type(v) is int))
+        instances = sorted(set().union(*per_split.values()))
+    else:
+        instances = _list_field(where, item, "preferred_instances", "annotation ids (integers)",
+                                lambda v: type(v) is int)
     if not categories and not instances:
         raise DataError(f"{where}: no preference given: list 'preferred_categories' (category names or ids) "
-                        f"and/or 'preferred_instances' (annotation ids)")
-    return TaskPreference(task_id, tuple(categories), frozenset(instances), where)
+                        f"and/or 'preferred_instances' (annotation ids, a list or per split)")
+    return TaskPreference(task_id, tuple(categories), frozenset(instances), where, per_split)
 
 
 def _list_field(where: str, item: dict, name: str, expected: str, check) -> list:
@@ -339,7 +364,7 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
     if not isinstance(split, str) or not _SPLIT.match(split):
         raise DataError(f"split: expected letters and digits only (it becomes part of task_<k>_<split>.json), "
                         f"got {split!r}")
-    tasks = load_task_spec(spec_file)
+    tasks = [task.for_split(split) for task in load_task_spec(spec_file)]
     if not overwrite:
         _refuse_foreign_task_files(Path(out_root), [task.task_id for task in tasks], split)
     source = _read_source(coco_file, split)
@@ -460,9 +485,13 @@ def _task_warnings(source: _Source, task: TaskPreference, refs: dict[CategoryRef
             out.append(f"task {task.task_id}: preferred category {label} has no object in {source.path}")
     known = {ann["id"] for ann in source.annotations}
     missing = sorted(task.instances - known)
-    if missing:
+    if missing and task.per_split is not None:
+        out.append(f"task {task.task_id}: preferred_instances of this split {_listing(missing)} are not annotations "
+                   f"of {source.path}")
+    elif missing:
         out.append(f"task {task.task_id}: preferred_instances {_listing(missing)} are not annotations of "
-                   f"{source.path} (fine if they belong to another split)")
+                   f"{source.path} (fine if they belong to another split; the ids of a list apply to every split: "
+                   "if your exports number their ids each from 1, give them per split, {train: [...], test: [...]})")
     if num_preferred == 0:
         out.append(f"task {task.task_id}: no preferred object in {source.path}: every image of {path.name} "
                    f"is an image without a target")
@@ -472,27 +501,65 @@ def _task_warnings(source: _Source, task: TaskPreference, refs: dict[CategoryRef
 def _skipped_preferred(source: _Source, task: TaskPreference, category_ids: set[int]) -> list[str]:
     """Preferred objects that training will not see as targets (what the dataset skips): crowd
     annotations, boxes empty once clipped to the image. CVAT's COCO export marks every mask
-    annotation ``iscrowd: 1``, which left a task with no target at all, without a word."""
-    crowd, empty = [], []
+    annotation ``iscrowd: 1``, which left a task with no target at all, without a word. And
+    targets whose box or mask is not what the evaluation and the mask head need: a ``bbox``
+    past the image (training clips it, the evaluation scores against it as written: the exact
+    visible box of such an object scored AP 0), one far from its own mask (``[x0, y0, x1, y1]``
+    written as ``[x, y, w, h]``), an empty mask (a mask target of no pixel)."""
+    from pycocotools import mask as mask_utils
+
+    crowd, empty, past, astray, no_pixel = [], [], [], [], []
     sizes = {image.id: (image.height, image.width) for image in source.parsed.images}
     for image_id, records in source.parsed.annotations.items():
+        height, width = sizes[image_id]
         for ann in records:
             if ann.coco_category_id not in category_ids and ann.id not in task.instances:
                 continue
             if ann.iscrowd:
                 crowd.append(ann.id)
-            elif clipped_box(ann, *sizes[image_id]) is None:
+                continue
+            if clipped_box(ann, height, width) is None:
                 empty.append(ann.id)
+                continue
+            x, y, w, h = ann.bbox
+            if x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
+                past.append(ann.id)
+            rle = annotation_rle(ann, height, width, source.path)
+            if int(mask_utils.area(rle)) == 0:
+                no_pixel.append(ann.id)
+            elif _box_iou((x, y, w, h), [float(v) for v in mask_utils.toBbox(rle)]) < 0.5:
+                astray.append(ann.id)
     out = []
+    where = f"task {task.task_id}: {{}} preferred object(s) of {source.path}"
     if crowd:
-        out.append(f"task {task.task_id}: {len(crowd)} preferred object(s) of {source.path} are crowd annotations "
+        out.append(f"{where.format(len(crowd))} are crowd annotations "
                    f"(iscrowd 1: annotation ids {_listing(crowd)}), which training skips; if they are single objects "
                    "(CVAT exports every mask with iscrowd 1) set iscrowd to 0")
     if empty:
-        out.append(f"task {task.task_id}: {len(empty)} preferred object(s) of {source.path} have a box that is "
+        out.append(f"{where.format(len(empty))} have a box that is "
                    f"empty inside the image (annotation ids {_listing(empty)}: 'bbox' width or height <= 0, or "
                    "outside the image), which training skips")
+    if past:
+        out.append(f"{where.format(len(past))} have a 'bbox' reaching past the image (annotation ids "
+                   f"{_listing(past)}): training clips it, the evaluation scores against it as written, so even "
+                   "the exact visible box of the object may count as missed; clip the boxes to the image")
+    if astray:
+        out.append(f"{where.format(len(astray))} have a 'bbox' far from their own mask (box IoU under 0.5 with the "
+                   f"mask's extent; annotation ids {_listing(astray)}): are the boxes [x0, y0, x1, y1] rather than "
+                   "COCO's [x, y, width, height]?")
+    if no_pixel:
+        out.append(f"{where.format(len(no_pixel))} have a mask of no pixel (annotation ids {_listing(no_pixel)}: a "
+                   "polygon without area, or an empty RLE): their mask targets are empty")
     return out
+
+
+def _box_iou(a: tuple, b: list) -> float:
+    """IoU of two ``[x, y, w, h]`` boxes (0 when either has no area)."""
+    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
+    x1, y1 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _image_copies(source: _Source, from_dir: Path, to_dir: Path) -> list[tuple[Path, Path]]:

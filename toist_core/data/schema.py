@@ -408,6 +408,22 @@ def clipped_box(ann: AnnotationRecord, height: int, width: int) -> Optional[list
     return [float(x0), float(y0), float(x1), float(y1)] if x1 > x0 and y1 > y0 else None
 
 
+def annotation_rle(ann: AnnotationRecord, height: int, width: int, path: Union[str, Path] = "") -> dict:
+    """Compressed RLE of an annotation's segmentation (polygons, uncompressed or compressed RLE)."""
+    from pycocotools import mask as mask_utils
+
+    seg = ann.segmentation
+    where = f"{path}: annotation id {ann.id} (image id {ann.image_id}): field 'segmentation'"
+    if isinstance(seg, list):
+        return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    if list(seg["size"]) != [height, width]:
+        raise DataError(f"{where}: RLE size {seg['size']} differs from the image size [{height}, {width}]")
+    if isinstance(seg["counts"], list):
+        return mask_utils.frPyObjects(seg, height, width)
+    counts = seg["counts"]
+    return {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
 # Formats OpenCV and PIL read (so ``toist predict`` takes them) but torchvision's ``decode_image``
 # does not: refused when a dataset is built or a COCO file converted, not at the first batch.
 UNDECODABLE_SUFFIXES = frozenset({".bmp", ".dib", ".tif", ".tiff", ".pbm", ".pgm", ".ppm", ".pnm",
