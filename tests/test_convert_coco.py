@@ -541,6 +541,15 @@ def test_an_image_whose_size_is_not_its_records_is_refused_before_anything_is_wr
         convert_coco(phone, "train", spec, out, copy_images_from=folder)
     assert not out.exists()
 
+    # Cut short after its header (an interrupted copy): the header read passed it, and training
+    # failed at its first read.
+    whole = folder / "whole.png"
+    assert cv2.imwrite(str(whole), np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8))
+    picture.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    with pytest.raises(DataError, match=r"img_2.png: cannot decode the image \(images\[1\] \(id 2\).*cut short"):
+        convert_coco(train, "train", spec, out, copy_images_from=folder)
+    assert not out.exists()
+
 
 def test_another_picture_at_a_copy_destination_is_refused_unless_overwrite(coco):
     """Train and test exports both with pics/img_1.png copied to one --image-dir: the test
@@ -588,7 +597,8 @@ def test_a_specification_with_phrases_that_training_would_refuse_is_warned_about
 def test_two_pictures_of_one_size_and_time_are_told_apart_and_a_huge_image_header_is_read(coco):
     """Size and modification time alone took two different pictures for one (the copy skipped,
     even with --overwrite); a 180-megapixel aerial tile stopped the header check with PIL's
-    decompression-bomb error, a traceback."""
+    decompression-bomb error, a traceback (the conversion decodes what it copies, with PIL's
+    limit lifted as well)."""
     import os
     import struct
     import zlib
@@ -614,19 +624,23 @@ def test_two_pictures_of_one_size_and_time_are_told_apart_and_a_huge_image_heade
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    huge = folder / "tile.png"   # a header only: 15000 x 12000, never decoded
+    from toist_core.data.schema import check_image_size
+
+    huge = folder / "tile.png"   # a header only: 15000 x 12000 (the header check never decodes it)
     huge.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 15000, 12000, 8, 2, 0, 0, 0))
                      + chunk(b"IEND", b""))
+    check_image_size(huge, 12000, 15000, "the tile")   # the dataset's check_images: no decompression-bomb error
+    with pytest.raises(DataError, match=r"tile.png: image is 12000x15000 \(height x width\) but the record says"):
+        check_image_size(huge, 15000, 12000, "the tile")
     coco_data = json.loads(train.read_text())
     coco_data["images"][0].update(file_name="tile.png", height=12000, width=15000)
     coco_data["annotations"] = [a for a in coco_data["annotations"] if a["image_id"] != coco_data["images"][0]["id"]]
     tile = folder / "tile.json"
     tile.write_text(json.dumps(coco_data))
-    convert_coco(tile, "train", spec, folder / "out3", copy_images_from=folder)
-    coco_data["images"][0].update(height=15000, width=12000)
-    tile.write_text(json.dumps(coco_data))
-    with pytest.raises(DataError, match=r"tile.png: image is 12000x15000 \(height x width\) but the record says"):
-        convert_coco(tile, "train", spec, folder / "out4", copy_images_from=folder)
+    # The conversion decodes what it copies: a header without pixels is a file cut short.
+    with pytest.raises(DataError, match=r"tile.png: cannot decode the image .*cut short"):
+        convert_coco(tile, "train", spec, folder / "out3", copy_images_from=folder)
+    assert not (folder / "out3").exists()
 
 
 def test_preferred_instances_may_be_given_per_split(coco):

@@ -575,8 +575,26 @@ def _image_copies(source: _Source, from_dir: Path, to_dir: Path) -> list[tuple[P
         if not src.is_file():
             raise DataError(f"{src}: image file not found ({where})")
         check_image_size(src, image.height, image.width, where)
+        _check_complete(src, where)
         pairs.append((src, to_dir / relative))
     return pairs
+
+
+def _check_complete(path: Path, where: str) -> None:
+    """DataError unless every pixel of the image decodes: the size check reads the header only,
+    so a file cut short (an interrupted copy or download) was converted and copied, and failed at
+    its first read in training. Decoded once here, a one-off step."""
+    from PIL import Image
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None   # its size was checked against the record
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot decode the image ({where}): {exc}; a file cut short (an interrupted copy "
+                        "or download)?") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _copied_name(file_name: str) -> str:
