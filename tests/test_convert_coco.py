@@ -674,3 +674,27 @@ tasks:
                                         r"ids \(integers\), got 'one'"):
         convert_coco(train, "train", bad, folder / "bad")
     assert not (folder / "bad").exists()
+
+
+def test_a_copy_cut_short_leaves_no_part_of_the_picture(coco, monkeypatch):
+    """shutil.copy2 wrote in place: a copy interrupted half-way left half a picture, which the
+    re-run took for another picture ("hold other pictures"), with --overwrite the only way on."""
+    import toist_core.data.convert_coco as convert
+
+    folder, train, _, spec = coco
+    out = folder / "out"
+    real = shutil.copyfileobj
+
+    def cut_short(source, target, length=0):
+        target.write(source.read(20))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert.shutil, "copyfileobj", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        convert_coco(train, "train", spec, out, copy_images_from=folder)
+    copied = out / "images" / "train" / "pics"
+    assert not copied.exists() or not [p for p in copied.rglob("*") if p.is_file()]   # nor a temporary file
+    monkeypatch.setattr(convert.shutil, "copyfileobj", real)
+    summary = convert_coco(train, "train", spec, out, copy_images_from=folder)
+    assert summary.images_copied == 3
+    assert (copied / "img_1.png").read_bytes() == (folder / "pics" / "img_1.png").read_bytes()

@@ -46,7 +46,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from toist_core.atomic_file import write_text_atomic
+from toist_core.atomic_file import atomic_write, write_text_atomic
 from toist_core.listing import listing
 from toist_core.yaml_text import parse_yaml
 from toist_core.data.captions import OWN_CATEGORIES_FIELD, category_names
@@ -392,7 +392,7 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
     for src, dst in copies:
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not copied_before.get(dst, False):
-            shutil.copy2(src, dst)
+            _copy_atomic(src, dst)
             summary.images_copied += 1
     for task, refs in zip(tasks, resolved):
         summary.tasks.append(_write_task(source, images, task, refs, split, Path(out_root), summary.warnings))
@@ -595,6 +595,14 @@ def _check_complete(path: Path, where: str) -> None:
                         "or download)?") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """``shutil.copy2`` through a temporary file: a copy cut short (Ctrl-C, a full disk) left a
+    part of the picture at ``dst``, which the re-run then took for another picture and refused."""
+    with open(src, "rb") as source:
+        atomic_write(dst, lambda handle: shutil.copyfileobj(source, handle, 1 << 20))
+    shutil.copystat(src, dst)
 
 
 def _copied_name(file_name: str) -> str:

@@ -338,7 +338,8 @@ def _check_rle(prefix: str, seg: dict, extent: Optional["_Extent"]) -> None:
         raise DataError(f"{prefix}: RLE 'size' must be [height, width], got {size!r}")
     if extent is not None and size != [extent.height, extent.width]:
         raise DataError(f"{prefix}: RLE size {size} differs from the size [{extent.height}, {extent.width}] "
-                        "of its image (height, width)")
+                        "of its image (height, width): the mask is of another image, or the image record's "
+                        "'height' / 'width' are wrong")
     if not isinstance(counts, (str, list)):
         raise DataError(f"{prefix}: RLE 'counts' must be a string or a list of integers, "
                         f"got {type(counts).__name__}")
