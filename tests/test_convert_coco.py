@@ -698,3 +698,19 @@ def test_a_copy_cut_short_leaves_no_part_of_the_picture(coco, monkeypatch):
     summary = convert_coco(train, "train", spec, out, copy_images_from=folder)
     assert summary.images_copied == 3
     assert (copied / "img_1.png").read_bytes() == (folder / "pics" / "img_1.png").read_bytes()
+
+
+def test_category_names_match_whatever_their_unicode_form(coco):
+    """A name typed in one Unicode form (NFC "Café") and exported in the other (NFD: "e" and a
+    combining accent) looked the same and was refused with "did you mean 'Café'?"."""
+    import unicodedata
+
+    folder, train, _, _ = coco
+    data = json.loads(train.read_text())
+    data["categories"][2]["name"] = unicodedata.normalize("NFD", "Café mug")
+    exported = train.with_name("nfd.json")
+    exported.write_text(json.dumps(data))
+    spec = _spec(folder, 'tasks:\n  - id: 1\n    phrase: "drink from"\n    preferred_categories: ["Café mug"]\n')
+    assert unicodedata.normalize("NFC", "Café mug") in spec.read_text()
+    convert_coco(exported, "train", spec, folder / "out")
+    assert _flags(folder / "out" / "annotations" / "task_1_train.json") == {10: 0, 11: 1, 12: 1, 13: 0}

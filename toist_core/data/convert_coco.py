@@ -40,6 +40,7 @@ import os
 import posixpath
 import re
 import shutil
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional, Union
@@ -295,9 +296,11 @@ def _resolve_categories(task: TaskPreference, names: dict[int, str], source: Pat
     Raises :class:`DataError` for a name or id that is not a category of ``source``, with the
     closest name as a suggestion.
     """
+    # Names compared in one Unicode form (NFC): "Café" typed on one system and exported on another
+    # (NFD: "e" + a combining accent) looked the same and was refused, "did you mean 'Café'?".
     ids_of: dict[str, set[int]] = {}
     for cat_id, name in names.items():
-        ids_of.setdefault(name, set()).add(cat_id)
+        ids_of.setdefault(unicodedata.normalize("NFC", name), set()).add(cat_id)
     resolved: dict[CategoryRef, set[int]] = {}
     for ref in task.categories:
         if isinstance(ref, int):
@@ -305,8 +308,8 @@ def _resolve_categories(task: TaskPreference, names: dict[int, str], source: Pat
                 raise DataError(f"{task.where}: preferred_categories: {ref} is not a category id of {source} "
                                 f"(ids: {_listing(sorted(names))})")
             resolved[ref] = {ref}
-        elif ref in ids_of:
-            resolved[ref] = ids_of[ref]
+        elif unicodedata.normalize("NFC", ref) in ids_of:
+            resolved[ref] = ids_of[unicodedata.normalize("NFC", ref)]
         else:
             raise DataError(f"{task.where}: preferred_categories: {ref!r} is not a category of {source}"
                             f"{_suggestion(ref, sorted(ids_of))}")
