@@ -296,3 +296,11 @@ def test_a_key_given_twice_is_refused_naming_the_file_and_both_lines(tmp_path):
     nested = tmp_path / "nested.yaml"
     nested.write_text("a:\n  b: &base\n    <<: {k: 0}\n    k: 1\nc:\n  <<: *base\n  k: 2\n")
     assert read_yaml(nested) == {"a": {"b": {"k": 1}}, "c": {"k": 2}}
+    # The same key node twice through an alias is a repeat too; "=" (YAML's value key) is a key.
+    aliased = tmp_path / "aliased.yaml"
+    aliased.write_text("&k lr: 1\n*k : 2\n")
+    with pytest.raises(ConfigError, match=r"aliased\.yaml: not valid YAML: key 'lr' given twice"):
+        read_yaml(aliased)
+    equals = tmp_path / "equals.yaml"
+    equals.write_text("a: {=: 1, b: 2}\n")
+    assert read_yaml(equals) == {"a": {"=": 1, "b": 2}}

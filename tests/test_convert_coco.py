@@ -456,13 +456,24 @@ def test_targets_whose_box_or_mask_misleads_the_evaluation_or_the_mask_head_are_
     warnings = convert_coco(_edited(train, edit), "train", spec, folder / "out").warnings
     past = [w for w in warnings if "reaching past the image" in w]
     astray = [w for w in warnings if "far from their own mask" in w]
-    no_pixel = [w for w in warnings if "a mask of no pixel" in w]
+    no_pixel = [w for w in warnings if "a mask that covers no pixel" in w]
     assert len(past) == 1 and past[0].startswith("task 1: 1 preferred object(s)") and "ids 10)" in past[0]
     assert len(astray) == 1 and astray[0].startswith("task 1: 1 preferred object(s)") and "ids 13)" in astray[0]
     assert "[x0, y0, x1, y1]" in astray[0]
     assert len(no_pixel) == 1 and no_pixel[0].startswith("task 2: 1 preferred object(s)") and "ids 12:" in no_pixel[0]
     # Objects no task prefers are no target: not looked at. The fixture's own file: nothing said.
     assert not [w for w in convert_coco(train, "train", spec, folder / "again").warnings
+                if "past the image" in w or "far from" in w or "no pixel" in w]
+
+    # Nor for small and thin objects whose box COCO takes from the polygon's outline while the
+    # mask is drawn in whole pixels (a box IoU test took them for wrong boxes).
+    def small(data):
+        data["annotations"][0].update(segmentation=[[4, 10.5, 34, 10.5, 34, 11.5, 4, 11.5]],
+                                      bbox=[4, 10.5, 30, 1], area=30.0)           # id 10: a 30 x 1 bar
+        data["annotations"][3].update(segmentation=[[30.6, 6.6, 33.4, 6.6, 30.6, 9.4]],
+                                      bbox=[30.6, 6.6, 2.8, 2.8], area=3.9)       # id 13: a 2.8 px triangle
+
+    assert not [w for w in convert_coco(_edited(train, small), "train", spec, folder / "small").warnings
                 if "past the image" in w or "far from" in w or "no pixel" in w]
 
 
@@ -546,7 +557,15 @@ def test_an_image_whose_size_is_not_its_records_is_refused_before_anything_is_wr
     whole = folder / "whole.png"
     assert cv2.imwrite(str(whole), np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8))
     picture.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
-    with pytest.raises(DataError, match=r"img_2.png: cannot decode the image \(images\[1\] \(id 2\).*cut short"):
+    with pytest.raises(DataError, match=r"img_2.png: cannot decode image \(images\[1\] \(id 2\).*cut short"):
+        convert_coco(train, "train", spec, out, copy_images_from=folder)
+    assert not out.exists()
+
+    # A damaged header PIL reads with a ValueError ("Truncated IHDR chunk"): a bare error naming no file.
+    damaged = bytearray(whole.read_bytes())
+    damaged[11] = 12   # the IHDR chunk's length
+    picture.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"img_2.png: cannot read the image \(images\[1\] \(id 2\).*IHDR"):
         convert_coco(train, "train", spec, out, copy_images_from=folder)
     assert not out.exists()
 
@@ -638,7 +657,7 @@ def test_two_pictures_of_one_size_and_time_are_told_apart_and_a_huge_image_heade
     tile = folder / "tile.json"
     tile.write_text(json.dumps(coco_data))
     # The conversion decodes what it copies: a header without pixels is a file cut short.
-    with pytest.raises(DataError, match=r"tile.png: cannot decode the image .*cut short"):
+    with pytest.raises(DataError, match=r"tile.png: cannot decode image .*cut short"):
         convert_coco(tile, "train", spec, folder / "out3", copy_images_from=folder)
     assert not (folder / "out3").exists()
 
@@ -666,6 +685,14 @@ tasks:
     warnings = convert_coco(train, "train", listed, folder / "listed").warnings
     assert _flags(folder / "listed" / "annotations" / "task_2_train.json")[12] == 1
     assert [w for w in warnings if "give them per split, {train: [...], test: [...]}" in w]
+    # A split the mapping does not name (misspelt, or another case) is said, not skipped silently;
+    # a year as the split name is read as one (YAML reads `2017:` as a number).
+    misspelt = _spec(folder, "tasks:\n  - id: 2\n    preferred_instances: {trian: [12], test: [21]}\n")
+    warnings = convert_coco(train, "train", misspelt, folder / "misspelt").warnings
+    assert [w for w in warnings if "names the splits 'test', 'trian', not 'train': no single object is preferred" in w]
+    year = _spec(folder, "tasks:\n  - id: 2\n    preferred_instances: {2017: [12]}\n")
+    convert_coco(train, "2017", year, folder / "year")
+    assert _flags(folder / "year" / "annotations" / "task_2_2017.json")[12] == 1
     bad = _spec(folder, "tasks:\n  - id: 2\n    preferred_instances: {train/x: [1]}\n")
     with pytest.raises(DataError, match=r"field 'preferred_instances': keys are split names .*'train/x'"):
         convert_coco(train, "train", bad, folder / "bad")

@@ -47,16 +47,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
-            key = self.construct_object(key_node, deep=True)
+            # "=" (YAML's value key) has no constructor of its own: PyYAML reads it as the string.
+            key = "=" if key_node.tag == "tag:yaml.org,2002:value" else self.construct_object(key_node, deep=True)
             try:
-                earlier = first_seen.setdefault(key, key_node.start_mark)
+                earlier = first_seen.get(key)
             except TypeError:   # an unhashable key: the constructor says so when it builds the mapping
                 continue
-            if earlier is not key_node.start_mark:
+            if earlier is not None:   # (an alias repeats the very node: its mark is the same)
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} given twice, on line {earlier.line + 1} and on line "
                     f"{key_node.start_mark.line + 1}: the second copy would silently replace the first; "
                     "give each key once", key_node.start_mark)
+            first_seen[key] = key_node.start_mark
 
 
 def parse_yaml(text: str) -> Any:

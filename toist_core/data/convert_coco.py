@@ -178,6 +178,8 @@ def _task_preference(path: Path, index: int, item: Any) -> TaskPreference:
     if isinstance(item.get("preferred_instances"), dict):
         per_split = {}
         for split, ids in item["preferred_instances"].items():
+            if type(split) is int and split >= 0:   # YAML reads `2017:` as a number
+                split = str(split)
             if not isinstance(split, str) or not _SPLIT.match(split):
                 raise DataError(f"{where}: field 'preferred_instances': keys are split names (letters and digits, "
                                 f"as --split), got {split!r}")
@@ -472,14 +474,14 @@ def _write_task(source: _Source, images: list[dict], task: TaskPreference, refs:
         OWN_CATEGORIES_FIELD: [{"id": cat_id, "name": name} for cat_id, name in source.names.items()],
     })
     num_preferred = sum(a["category_id"] for a in annotations)
-    warnings.extend(_task_warnings(source, task, refs, num_preferred, path))
+    warnings.extend(_task_warnings(source, task, refs, num_preferred, path, split))
     warnings.extend(_skipped_preferred(source, task, category_ids))
     return TaskSummary(task.task_id, path, len(images), len(annotations), num_preferred,
                        len(with_preferred))
 
 
 def _task_warnings(source: _Source, task: TaskPreference, refs: dict[CategoryRef, set[int]],
-                   num_preferred: int, path: Path) -> list[str]:
+                   num_preferred: int, path: Path, split: str) -> list[str]:
     present = {ann["COCO_category_id"] for ann in source.annotations}
     out = []
     for ref, ids in refs.items():
@@ -488,6 +490,9 @@ def _task_warnings(source: _Source, task: TaskPreference, refs: dict[CategoryRef
             out.append(f"task {task.task_id}: preferred category {label} has no object in {source.path}")
     known = {ann["id"] for ann in source.annotations}
     missing = sorted(task.instances - known)
+    if task.per_split is not None and split not in task.per_split:
+        out.append(f"task {task.task_id}: preferred_instances names the splits {_listing(sorted(task.per_split))}, "
+                   f"not {split!r}: no single object is preferred in {source.path} (a misspelt split name?)")
     if missing and task.per_split is not None:
         out.append(f"task {task.task_id}: preferred_instances of this split {_listing(missing)} are not annotations "
                    f"of {source.path}")
@@ -525,12 +530,12 @@ def _skipped_preferred(source: _Source, task: TaskPreference, category_ids: set[
                 empty.append(ann.id)
                 continue
             x, y, w, h = ann.bbox
+            rle = annotation_rle(ann, height, width, source.path)
             if x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
                 past.append(ann.id)
-            rle = annotation_rle(ann, height, width, source.path)
-            if int(mask_utils.area(rle)) == 0:
+            elif int(mask_utils.area(rle)) == 0:
                 no_pixel.append(ann.id)
-            elif _box_iou((x, y, w, h), [float(v) for v in mask_utils.toBbox(rle)]) < 0.5:
+            elif _far_from(ann.bbox, [float(v) for v in mask_utils.toBbox(rle)]):
                 astray.append(ann.id)
     out = []
     where = f"task {task.task_id}: {{}} preferred object(s) of {source.path}"
@@ -547,22 +552,25 @@ def _skipped_preferred(source: _Source, task: TaskPreference, category_ids: set[
                    f"{_listing(past)}): training clips it, the evaluation scores against it as written, so even "
                    "the exact visible box of the object may count as missed; clip the boxes to the image")
     if astray:
-        out.append(f"{where.format(len(astray))} have a 'bbox' far from their own mask (box IoU under 0.5 with the "
-                   f"mask's extent; annotation ids {_listing(astray)}): are the boxes [x0, y0, x1, y1] rather than "
-                   "COCO's [x, y, width, height]?")
+        out.append(f"{where.format(len(astray))} have a 'bbox' far from their own mask (an edge more than 2 px and "
+                   f"a quarter of the object off the mask's extent; annotation ids {_listing(astray)}): are the "
+                   "boxes [x0, y0, x1, y1] rather than COCO's [x, y, width, height], or of other objects?")
     if no_pixel:
-        out.append(f"{where.format(len(no_pixel))} have a mask of no pixel (annotation ids {_listing(no_pixel)}: a "
-                   "polygon without area, or an empty RLE): their mask targets are empty")
+        out.append(f"{where.format(len(no_pixel))} have a mask that covers no pixel (annotation ids "
+                   f"{_listing(no_pixel)}: a polygon or RLE too thin or without area): their mask targets are empty")
     return out
 
 
-def _box_iou(a: tuple, b: list) -> float:
-    """IoU of two ``[x, y, w, h]`` boxes (0 when either has no area)."""
-    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
-    x1, y1 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
-    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0
+def _far_from(box: tuple, extent: list) -> bool:
+    """Whether an edge of the ``[x, y, w, h]`` box is off the mask's extent by more than 2 px and
+    a quarter of the object's size along that axis. COCO takes a box from the polygon's outline
+    and the mask is drawn in whole pixels: a pixel apart on every edge is normal, and a box IoU
+    test took most objects a few pixels across (or one thick) for wrong boxes."""
+    x, y, w, h = box
+    mx, my, mw, mh = extent
+    tolerance_x, tolerance_y = max(2.0, 0.25 * mw), max(2.0, 0.25 * mh)
+    return (abs(x - mx) > tolerance_x or abs(x + w - (mx + mw)) > tolerance_x
+            or abs(y - my) > tolerance_y or abs(y + h - (my + mh)) > tolerance_y)
 
 
 def _image_copies(source: _Source, from_dir: Path, to_dir: Path) -> list[tuple[Path, Path]]:
@@ -584,20 +592,16 @@ def _image_copies(source: _Source, from_dir: Path, to_dir: Path) -> list[tuple[P
 
 
 def _check_complete(path: Path, where: str) -> None:
-    """DataError unless every pixel of the image decodes: the size check reads the header only,
-    so a file cut short (an interrupted copy or download) was converted and copied, and failed at
-    its first read in training. Decoded once here, a one-off step."""
-    from PIL import Image
+    """DataError unless training's own decoder (:func:`~toist_core.data.pixels.decode_rgb`)
+    reads every pixel of the image: the size check reads the header only, so a file cut short
+    (an interrupted copy or download) was converted and copied, and failed at its first read in
+    training. Decoded once here, a one-off step (~2 ms per VGA JPEG)."""
+    from toist_core.data.pixels import decode_rgb   # (imports torch: only when images are copied)
 
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None   # its size was checked against the record
     try:
-        with Image.open(path) as picture:
-            picture.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot decode the image ({where}): {exc}; a file cut short (an interrupted copy "
-                        "or download)?") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+        decode_rgb(path, where)
+    except DataError as exc:
+        raise DataError(f"{exc}; a file cut short (an interrupted copy or download)?") from None
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:

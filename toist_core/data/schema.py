@@ -466,8 +466,9 @@ def check_image_size(path: Union[str, Path], height: int, width: int, where: str
             if (stored_height, stored_width) == (height, width):
                 return
             orientation = _exif_orientation(picture)
-    except (UnidentifiedImageError, OSError) as exc:
-        # (PIL words an empty file "cannot identify image file": a copy that never happened)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        # (PIL words an empty file "cannot identify image file": a copy that never happened; a
+        # damaged header can raise ValueError / SyntaxError, e.g. "Truncated IHDR chunk")
         reason = "the file is empty" if Path(path).stat().st_size == 0 else exc
         raise DataError(f"{path}: cannot read the image ({where}): {reason}") from None
     finally:
