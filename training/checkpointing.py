@@ -109,7 +109,7 @@ def _layout_problem(ckpt: dict) -> Optional[str]:
     best = ckpt.get("best")
     if best is not None and not _whole(best.get("step")):
         return f"[best]: step {best.get('step')!r}, not a whole number (best = {best!r})"
-    groups = ckpt["optimizer"].get("param_groups")
+    groups = ckpt["optimizer"].get("param_groups", [])   # none: the resume's group count says so
     if not isinstance(groups, list) or not all(
             isinstance(g, dict) and isinstance(g.get("params"), list) and all(_whole(i) for i in g["params"])
             for g in groups):
