@@ -170,3 +170,18 @@ def test_cli_predict_drops_duplicates_by_default(tmp_path, capsys):
                          "--score-threshold", "0", *extra]) == 0, capsys.readouterr().err
         counts[name] = len(json.loads((out / "scene.json").read_text())["instances"])
     assert 1 <= counts["default"] < counts["off"] == 100
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_bad_duplicate_iou_is_refused_in_the_option_s_words(tmp_path, capsys, command):
+    """`--duplicate-iou -1` was refused by the config field, "duplicate_iou must be in (0, 1] or None",
+    a value the command line cannot give (its "keep duplicates" is 0)."""
+    from toist_core import cli
+
+    for bad in ("-1", "1.5", "nan", "lots"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([command, "--duplicate-iou", bad])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--duplicate-iou" in err and "or None" not in err, err
+        assert ("must be in (0, 1], or 0 to keep duplicates" in err) or ("expected a number" in err), err

@@ -9,7 +9,9 @@ import sys
 
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "convert-coco", help="turn a COCO detection/segmentation file into COCO-Tasks files (own data)",
+        "convert-coco",
+        help="turn a COCO instance-segmentation file (every object with a segmentation) into COCO-Tasks files "
+             "(own data)",
         description=__doc__ + " See docs/data.md, 'Own data'.")
     parser.add_argument("--coco", required=True, help="COCO file of one split, e.g. instances_train.json")
     parser.add_argument("--split", required=True, help="split name of the written files (train, test, ...)")

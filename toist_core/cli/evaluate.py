@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from toist_core.cli.arg_types import duplicate_iou
 from toist_core.cli.synth import parse_task_list
 from toist_core.config import PROTOCOLS
 from toist_core.tasks import NUM_TASKS
@@ -84,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "paper's)")
     parser.add_argument("--max-size", type=int, default=None,
                         help="inference resize: long side cap (default: the model's; official .pth 1333)")
-    parser.add_argument("--duplicate-iou", type=float, default=0.0,
+    parser.add_argument("--duplicate-iou", type=duplicate_iou, default=0.0,
                         help="drop an instance whose mask (box) overlaps a better one by more than this IoU, "
                              "as the node and `toist predict` do (default 0: keep every query, the reference's "
                              "evaluation; --checkpoint, protocol toist)")

@@ -29,6 +29,8 @@ import json
 import sys
 from pathlib import Path
 
+from .arg_types import duplicate_iou
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="segment the objects an image offers for a task",
@@ -47,7 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--score-threshold", type=float, default=0.5)
     p.add_argument("--max-instances", type=int, default=100)
-    p.add_argument("--duplicate-iou", type=float, default=0.7,
+    p.add_argument("--duplicate-iou", type=duplicate_iou, default=0.7,
                    help="drop an instance whose mask (box, without a mask head) overlaps a better one by more "
                         "than this IoU: one object found twice (default 0.7; 0 keeps them)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")

@@ -4,7 +4,8 @@
     seg.set_task(2)                       # "sit comfortably on something": text encoded once here
     pred = seg.predict(rgb_uint8_image)   # boxes / scores / masks in original-image pixels
 
-Per frame: resize (short side 800, long side <= 1333) + ImageNet normalisation -> backbone
+Per frame: resize (the model's input size: official .pth short side 800, long side <= 1333) +
+ImageNet normalisation -> backbone
 -> transformer encoder over the image tokens and the task's cached text tokens -> (distilled
 models) the pronoun rows of the decoder's memory replaced by the task's nearest cluster
 centre -> decoder -> score = 1 - p(no object) -> threshold / top-k -> mask head for the kept

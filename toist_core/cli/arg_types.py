@@ -1,0 +1,21 @@
+"""Argument types the ``toist`` commands share: a bad value is refused by argparse in the
+command's own words (``--duplicate-iou``), not by a config field the user never named."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def duplicate_iou(text: str) -> float:
+    """``--duplicate-iou``: an IoU in (0, 1], or 0 to keep duplicates (what the commands read as None)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], or 0 to keep duplicates, got {text}")
+    return value
+
+
+__all__ = ["duplicate_iou"]
