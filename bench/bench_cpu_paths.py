@@ -61,7 +61,8 @@ from toist_core.config import InferenceConfig, preset  # noqa: E402
 from toist_core.inference import TaskSegmenter  # noqa: E402
 from toist_core.inference.device import prepared  # noqa: E402
 from toist_core.inference.onnx_backend import OnnxNetwork  # noqa: E402
-from toist_core.inference.onnx_export import DETECTOR_FILE, MASK_HEAD_FILE, export_onnx, model_digest  # noqa: E402
+from toist_core.inference.onnx_export import (DETECTOR_FILE, MASK_HEAD_FILE, META_PREFIX, export_onnx,  # noqa: E402
+                                              model_digest)
 from onnx_int8 import describe, detector_feeds, quantize_detector  # noqa: E402
 from toist_core.inference.postprocess import masks_at_original, select  # noqa: E402
 from toist_core.tokens import NO_OBJECT_INDEX  # noqa: E402
@@ -84,13 +85,15 @@ INT8_META = "int8.json"
 
 def ensure_exported(model, cfg, directory: Path, exporter: str) -> dict:
     """``directory``: ``model``'s model directory with its ONNX graphs; rebuilt unless the cached
-    one holds the same weights (tensor digest) and both graphs."""
+    one holds the same weights (tensor digest) and both graphs, exported by ``exporter`` (a
+    torchscript export was reused for ``--exporter dynamo``, silently)."""
     from toist_core.checkpoint.integrity import tensor_digest
     from toist_core.checkpoint.model_dir import save_model_dir
 
     digest = tensor_digest(model.state_dict())
     if ((directory / DETECTOR_FILE).is_file() and (directory / MASK_HEAD_FILE).is_file()
-            and (directory / "model.safetensors").is_file() and model_digest(directory) == digest):
+            and (directory / "model.safetensors").is_file() and model_digest(directory) == digest
+            and all(_graph_exporter(directory / name) == exporter for name in (DETECTOR_FILE, MASK_HEAD_FILE))):
         return {"cached": True, "digest": digest}
     start = time.perf_counter()
     save_model_dir(model, directory, cfg, source="bench_cpu_paths")
@@ -102,6 +105,14 @@ def ensure_exported(model, cfg, directory: Path, exporter: str) -> dict:
     return {"cached": False, "digest": digest, "save_s": saved, "export_s": exported,
             "detector_mb": (directory / DETECTOR_FILE).stat().st_size / 2**20,
             "mask_head_mb": (directory / MASK_HEAD_FILE).stat().st_size / 2**20}
+
+
+def _graph_exporter(path: Path) -> str:
+    """The exporter a toist graph records in its metadata ("" when none)."""
+    import onnx
+
+    props = onnx.load(str(path), load_external_data=False).metadata_props
+    return next((p.value for p in props if p.key == META_PREFIX + "exporter"), "")
 
 
 def remove_derived(directory: Path) -> None:

@@ -26,7 +26,8 @@ padded to 800 x 1088), timed interleaved round by round so that they see the sam
   each exact optimisation added in turn (``--nchw``: NCHW with its BatchNorms; channels-last, as
   before issue 18; BatchNorm folded into the convolutions, which ``from_pretrained`` /
   ``from_config`` now do), in bf16 autocast and, approximate,
-  with int8 dynamic quantisation of the transformer's and heads' ``nn.Linear`` layers,
+  with int8 dynamic quantisation of the ``nn.Linear`` layers (the transformer's, the heads', and
+  the text encoder's, which the cached text does not run per frame),
   ``--compile``: with ``torch.compile`` (inductor, fixed input size) of the backbone, the
   transformer's encoder and decoder and the mask head (``bench_gpu.compile_image_path``; the
   first frame compiles). The ONNX Runtime paths need an exported model directory:
@@ -172,8 +173,9 @@ def stage_times(seg: TaskSegmenter, image: np.ndarray, caption: str, reps: int, 
 # ----------------------------------------------------------------------------- paths
 
 def quantized_int8(model: nn.Module) -> nn.Module:
-    """A copy with int8 dynamic quantisation of the ``nn.Linear`` layers of the transformer and
-    the heads (``bbox_attention`` reads its key weight as a conv kernel: kept fp32)."""
+    """A copy with int8 dynamic quantisation of every ``nn.Linear`` layer (the transformer's, the
+    heads', the resizer's and the text encoder's; the cached text runs the last once per task),
+    except ``bbox_attention``'s (it reads its key weight as a conv kernel: kept fp32)."""
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
     spec = {name: default_dynamic_qconfig for name, module in model.named_modules()

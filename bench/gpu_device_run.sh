@@ -17,7 +17,8 @@
 #      800 px, the bf16 torch.compile row (CUDA graphs), 20 training updates of the paper model
 #      under torchrun (NCCL, DDP, bf16 AMP), the fp16 and fp32 compiled rows as long as they fit,
 #      TensorRT when installed (it is not: neither onnxruntime-gpu nor tensorrt is, and their
-#      wheels exceed what a call carries, 64 MiB); then any process still on the GPU is killed;
+#      wheels exceed what a call carries, 64 MiB); then any process still on the GPU is logged
+#      (not killed: nvidia-smi's pids may be another namespace's);
 #   4. bench/bench_precision_accuracy.py --device cuda (<= 150 s): fp32 (TF32 off) / fp16 / bf16
 #      accuracy of the embedded default model, each path printed when done;
 #   5. only with BENCH_CPU_BF16=1 (or =auto and amx_bf16 / avx512_bf16 in /proc/cpuinfo):
@@ -27,7 +28,8 @@
 #
 # Output under $OUT (logs written as they go, so a killed step keeps what it printed):
 # nvidia-smi.txt, cpu.txt, steps.txt, setup.log, bench_gpu.log, bench_precision_accuracy_gpu.log,
-# bench_inference_cpu.log. Arguments are passed on to bench_gpu.py; a CPU rehearsal:
+# bench_inference_cpu.log. Exit status 1 when a step that ran failed (steps.txt says which), else 0.
+# Arguments are passed on to bench_gpu.py; a CPU rehearsal:
 #   OUT=/tmp/x BENCH_ACCURACY_ARGS="--device cpu --paths fp32,bf16 --images 10" \
 #     bash bench/gpu_device_run.sh --quick --device cpu
 set -uo pipefail
@@ -35,6 +37,7 @@ OUT=${OUT:-/tmp/bench_gpu_out}
 mkdir -p "$OUT"
 TOTAL_S=${BENCH_TOTAL_S:-480}
 START=$SECONDS
+FAILED_STEPS=""
 
 log() { echo "[gpu_device_run +$((SECONDS - START))s] $*" | tee -a "$OUT/steps.txt"; }
 left() { echo $((TOTAL_S - (SECONDS - START))); }
@@ -54,6 +57,7 @@ step() {
     timeout -k 20 "$limit" "$@" 2>&1 | tee -a "$OUT/$logfile"
     rc=${PIPESTATUS[0]}
     STEP_RC=$rc
+    [ "$rc" -eq 0 ] || FAILED_STEPS="$FAILED_STEPS $name;"
     log "$name: exit $rc after $((SECONDS - t0))s$( [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo " (timed out)")"
     return 0
 }
@@ -104,5 +108,9 @@ step "bench_precision_accuracy.py" "$(min 150 $(( $(left) - CPU_RESERVE )))" ben
 if [ "$CPU_BF16" = 1 ]; then
     step "bench_inference.py (CPU, 2 cores)" "$(min 110 "$(left)")" bench_inference_cpu.log \
         taskset -c 0,1 python3 bench/bench_inference.py --reps 1 --threads 2 --no-int8 --no-stages
+fi
+if [ -n "$FAILED_STEPS" ]; then
+    log "done; failed:$FAILED_STEPS"
+    exit 1
 fi
 log "done"

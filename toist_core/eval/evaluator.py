@@ -231,7 +231,7 @@ def _collector_held():
     per-image results) next to none of which form reference cycles (pycocotools leaves a few
     hundred per task, collected once the collector is back on); but every 700 allocations it
     runs, and its full passes walk every object the process holds (a COCO-Tasks-sized prediction
-    set is ~10^6): measured, 0.7-1 s of a task's 2.4 s. Acyclic objects are freed by reference
+    set is ~10^6): measured, 0.6-1 s of a task's 2.4-2.8 s. Acyclic objects are freed by reference
     counting as before; the collector is process-wide, so a concurrent block elsewhere only runs
     with it off for a while."""
     was_on = gc.isenabled()
