@@ -188,7 +188,10 @@ PLAIN = "plain pycocotools"
 
 
 def _task_count(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of tasks, 1..14, got {text!r}") from None
     if not 1 <= value <= 14:
         raise argparse.ArgumentTypeError(f"the COCO-Tasks-sized set has tasks 1..14, got {value}")
     return value
