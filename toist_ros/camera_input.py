@@ -378,10 +378,16 @@ def wanted_reliable(node: Node, topic: str, mode: str, current: bool) -> bool:
     ``mode`` (auto: when every publisher offers reliable; ``current`` while nobody publishes)."""
     if mode != "auto":
         return mode == "reliable"
-    offered = [p.qos_profile.reliability for p in node.get_publishers_info_by_topic(topic)]
+    return every_publisher_offers(node, topic, lambda qos: qos.reliability == ReliabilityPolicy.RELIABLE, current)
+
+
+def every_publisher_offers(node: Node, topic: str, accept: Callable[[QoSProfile], bool], current: bool) -> bool:
+    """Whether ``accept`` holds for the QoS of every publisher on ``topic`` now; ``current`` while
+    nobody publishes (keep what we have until someone does)."""
+    offered = [p.qos_profile for p in node.get_publishers_info_by_topic(topic)]
     if not offered:
-        return current  # nobody publishes: keep what we have until someone does
-    return all(r == ReliabilityPolicy.RELIABLE for r in offered)
+        return current
+    return all(accept(qos) for qos in offered)
 
 
 def image_qos(reliable: bool) -> QoSProfile:
@@ -423,4 +429,5 @@ def compressed_topic(node: Node, topic: str) -> str:
     return node.resolve_topic_name(topic) + "/compressed"
 
 
-__all__ = ["Camera", "CameraInputs", "Frame", "compressed_topic", "image_qos", "qos_text", "wanted_reliable"]
+__all__ = ["Camera", "CameraInputs", "Frame", "compressed_topic", "every_publisher_offers", "image_qos", "qos_text",
+           "wanted_reliable"]

@@ -23,7 +23,8 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 
-from toist_ros.camera_input import QOS_CHECK_PERIOD_S, image_qos, qos_text, wanted_reliable
+from toist_ros.camera_input import (QOS_CHECK_PERIOD_S, every_publisher_offers, image_qos, qos_text,
+                                   wanted_reliable)
 from toist_ros.steady_timer import steady_timer
 from toist_ros.depth.images import DepthError, depth_from_image, has_distortion, intrinsics_from_camera_info
 from toist_ros.depth.pairing import CameraModel, DepthBuffer, stamp_ns
@@ -158,21 +159,19 @@ class DepthInputs:
 def latched_info(node: Node, topic: str, current: bool) -> bool:
     """Whether the CameraInfo subscription to ``topic`` should be reliable transient-local now:
     when every publisher offers that (``current`` while nobody publishes)."""
-    offered = [p.qos_profile for p in node.get_publishers_info_by_topic(topic)]
-    if not offered:
-        return current
-    return all(q.durability == DurabilityPolicy.TRANSIENT_LOCAL and q.reliability == ReliabilityPolicy.RELIABLE
-               for q in offered)
+    return every_publisher_offers(
+        node, topic, lambda qos: (qos.durability == DurabilityPolicy.TRANSIENT_LOCAL
+                                  and qos.reliability == ReliabilityPolicy.RELIABLE), current)
 
 
 def info_qos(latched: bool) -> QoSProfile:
-    """Keep last 1: best effort volatile (matches every publisher), or reliable transient-local
-    (receives a CameraInfo latched before the subscription; matches only such publishers)."""
+    """Keep last 1: best effort volatile (the images' sensor-data QoS: matches every publisher), or
+    reliable transient-local (receives a CameraInfo latched before the subscription; matches only
+    such publishers)."""
     if latched:
         return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
                           durability=DurabilityPolicy.TRANSIENT_LOCAL)
-    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT,
-                      durability=DurabilityPolicy.VOLATILE)
+    return image_qos(reliable=False)
 
 
 __all__ = ["DepthInputs", "info_qos", "latched_info"]
