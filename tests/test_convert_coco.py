@@ -253,6 +253,19 @@ def test_unknown_name_suggestion_exact_text(coco):
                                f"{train}; did you mean 'mug'?")
 
 
+def test_an_unknown_name_among_many_categories_lists_some_and_counts_the_rest(coco):
+    folder, train, _, _ = coco
+    many = _edited(train, lambda data: data["categories"].extend(
+        {"id": 100 + k, "name": f"thing, {k}"} for k in range(12)))
+    spec = _spec(folder, "tasks:\n  - {id: 1, preferred_categories: [sissors]}\n")
+    with pytest.raises(DataError) as info:
+        convert_coco(many, "train", spec, folder / "out")
+    # Quoted (a name may hold a comma), the package's "and N more" for the 3 not shown.
+    assert str(info.value).endswith("its categories are 'mug', 'stool', 'tape cutter', 'thing, 0', 'thing, 1', "
+                                    "'thing, 10', 'thing, 11', 'thing, 2', 'thing, 3', 'thing, 4', 'thing, 5', "
+                                    "'thing, 6' and 3 more")
+
+
 def _edited(train: Path, edit) -> Path:
     data = json.loads(train.read_text())
     edit(data)

@@ -1,5 +1,5 @@
-"""Argument types the ``toist`` commands share: a bad value is refused by argparse in the
-command's own words (``--duplicate-iou``), not by a config field the user never named."""
+"""Argument types and help the ``toist`` commands share: a bad value is refused by argparse in
+the command's own words (``--duplicate-iou``), not by a config field the user never named."""
 
 from __future__ import annotations
 
@@ -18,4 +18,12 @@ def duplicate_iou(text: str) -> float:
     return value
 
 
-__all__ = ["duplicate_iou"]
+# ``--text-encoder`` of the commands that load a checkpoint to run it (predict, evaluate). Its
+# default differs by what is loaded: an official .pth records no tokenizer, a toist training
+# checkpoint records its run's (load_official), a model directory carries its own folder.
+TEXT_ENCODER_HELP = ("tokenizer / RoBERTa: hub name or local directory; default roberta-base for an official "
+                     ".pth, the tokenizer its run recorded for a toist training checkpoint; a model directory "
+                     "reads its own tokenizer folder: leave this out")
+
+
+__all__ = ["TEXT_ENCODER_HELP", "duplicate_iou"]

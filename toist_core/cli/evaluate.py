@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from toist_core.cli.arg_types import duplicate_iou
+from toist_core.cli.arg_types import TEXT_ENCODER_HELP, duplicate_iou
 from toist_core.cli.synth import parse_task_list
 from toist_core.config import PROTOCOLS
 from toist_core.tasks import NUM_TASKS
@@ -67,9 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="eval_out", help="folder for tables and plots (default: eval_out)")
     parser.add_argument("--save-predictions", default=None, help="also write the predictions here")
     parser.add_argument("--device", default="auto", help="torch device for --checkpoint (auto, cpu, cuda)")
-    parser.add_argument("--text-encoder", default=None,
-                        help="tokenizer / text encoder for official .pth files (hub name or local dir); a "
-                             "model directory reads its own tokenizer folder: leave this out")
+    parser.add_argument("--text-encoder", default=None, help=TEXT_ENCODER_HELP)
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per forward pass (--checkpoint; default 1, with --protocol reference the "
                              "reference scripts' batches: 8 for a detection model, 4 for a segmentation or "

@@ -29,7 +29,7 @@ import json
 import sys
 from pathlib import Path
 
-from .arg_types import duplicate_iou
+from .arg_types import TEXT_ENCODER_HELP, duplicate_iou
 
 
 def register(subparsers) -> None:
@@ -43,9 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--task", required=True, help="task id 1-14, task name, or free text")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--text-encoder", default=None,
-                   help="tokenizer / RoBERTa name or local directory, for an official .pth (default "
-                        "roberta-base); a model directory reads its own tokenizer folder: leave this out")
+    p.add_argument("--text-encoder", default=None, help=TEXT_ENCODER_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--score-threshold", type=float, default=0.5)
     p.add_argument("--max-instances", type=int, default=100)

@@ -44,21 +44,23 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("root", help="output folder (annotations/ and images/ are created in it)")
-    parser.add_argument("--tasks", nargs="+", default=[f"1-{NUM_TASKS}"], help="task ids, e.g. 1-14 or 2 5 7")
-    parser.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"])
-    parser.add_argument("--images-per-split", type=int, default=24, help="shared image pool per split")
+    parser.add_argument("--tasks", nargs="+", default=[f"1-{NUM_TASKS}"], help=f"task ids, e.g. 1-14 or 2 5 7 (default 1-{NUM_TASKS})")
+    parser.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"],
+                        help="splits written (default both)")
+    parser.add_argument("--images-per-split", type=int, default=24,
+                        help="shared image pool per split (default %(default)s)")
     parser.add_argument("--images-per-task", type=int, default=None,
                         help="images listed per task file (seeded subset of the pool; default all)")
     parser.add_argument("--empty-fraction", type=float, default=None,
                         help="list every image with a preferred object and about this share without "
                              "(default: every pool image, most without)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-size", type=int, default=160, help="smallest image side (px)")
-    parser.add_argument("--max-size", type=int, default=320, help="largest image side (px)")
-    parser.add_argument("--min-objects", type=int, default=1)
-    parser.add_argument("--max-objects", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the scenes (default %(default)s)")
+    parser.add_argument("--min-size", type=int, default=160, help="smallest image side (px, default %(default)s)")
+    parser.add_argument("--max-size", type=int, default=320, help="largest image side (px, default %(default)s)")
+    parser.add_argument("--min-objects", type=int, default=1, help="fewest objects per image (default %(default)s)")
+    parser.add_argument("--max-objects", type=int, default=5, help="most objects per image (default %(default)s)")
     parser.add_argument("--format", choices=["jpg", "png"], default="jpg", dest="image_format",
-                        help="jpg (quality 95, real file names) or png (lossless)")
+                        help="jpg (quality 95, real file names; the default) or png (lossless)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write even into a folder holding task files or a synth.json that toist synth "
                              "did not write (they are replaced), and remove synth's task files of other tasks "

@@ -62,7 +62,7 @@ _SPLIT = re.compile(r"^[A-Za-z0-9]+$")  # the <split> of task_<k>_<split>.json (
 _ANNOTATION_FIELDS = ("id", "image_id", "bbox", "segmentation", "area", "iscrowd")
 # Keys of a task entry of the spec, which is also the task vocabulary (toist_core.tasks).
 _SPEC_KEYS = frozenset({"id", "phrase", "pronoun", "preferred_categories", "preferred_instances"})
-_LISTED = 12  # names or ids shown in an error message before "..."
+_LISTED = 12  # names or ids shown in an error message before "and N more"
 
 
 @dataclass(frozen=True)
@@ -286,8 +286,8 @@ def _annotation_record(path: Path, index: int, rec: Any, names: dict[int, str]) 
 
 
 def _listing(values: list) -> str:
-    shown = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in values[:_LISTED])
-    return shown + (", ..." if len(values) > _LISTED else "")
+    """Names quoted (a category name may hold a comma or spaces), in the package's wording."""
+    return listing([repr(v) if isinstance(v, str) else v for v in values], _LISTED)
 
 
 # ----------------------------------------------------------------------------- preferences
