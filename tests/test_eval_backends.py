@@ -187,26 +187,46 @@ def test_image_ids_beyond_exact_doubles_are_scored(files, tmp_path):
     assert 0 < runs[2].ap50["bbox"] < 0.999
 
 
-def test_a_target_of_annotation_id_0_is_scored_as_found(files, tmp_path):
-    """COCOeval marks a detection by the id of the target it matched, 0 meaning none: exporters that
-    number annotations from 0 had that target's perfect detection scored as a false positive
-    (AP@0.5 0.855 instead of 1.0 on this set), by both backends."""
-    data = json.loads(files[9].read_text())
-    preferred = next(a for a in data["annotations"] if a["category_id"] == 1 and not a["iscrowd"])
-    preferred["id"] = 0
-    path = tmp_path / "task_9_test.json"
-    path.write_text(json.dumps(data))
-    gt = load_ground_truth(path)
+def _perfect(gt):
+    """Every preferred, non-crowd target found exactly, one detection each."""
     perfect = {}
     for image_id in gt.getImgIds():
         targets = [a for a in gt.imgToAnns[image_id] if a["category_id"] == 1 and not a["iscrowd"]]
         boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in targets)]).reshape(-1, 4)
-        masks = np.stack([gt.annToMask(a).astype(bool) for a in targets]) if targets else None
-        perfect[image_id] = ImagePredictions.from_arrays(boxes, np.linspace(0.9, 0.5, len(targets)), masks) \
-            if targets else ImagePredictions.from_arrays(np.zeros((0, 4)), np.zeros(0))
+        size = (gt.imgs[image_id]["height"], gt.imgs[image_id]["width"])
+        masks = np.stack([gt.annToMask(a).astype(bool) for a in targets]) if targets else np.zeros((0, *size), bool)
+        perfect[image_id] = ImagePredictions.from_arrays(boxes, np.linspace(0.9, 0.5, len(targets)), masks)
+    return perfect
+
+
+@pytest.mark.parametrize("first_id, every", [(0, False), (-7, False), (-7, True), (2 ** 64 + 3, False)])
+def test_targets_of_annotation_ids_cocoeval_cannot_match_by_are_scored_as_found(files, tmp_path, first_id, every):
+    """COCOeval marks a detection by the id of the target it matched, 0 meaning none: exporters that
+    number annotations from 0 had that target's perfect detection scored as a false positive
+    (AP@0.5 0.855 instead of 1.0 on this set), by both backends; faster-coco-eval (the default)
+    scored targets of negative ids, or ids past 2**64, as never found (AP 0.0 with every id
+    negative). Such ids are numbered 1..N at load; a COCO object built elsewhere is refused."""
+    data = json.loads(files[9].read_text())
+    preferred = [a for a in data["annotations"] if a["category_id"] == 1 and not a["iscrowd"]]
+    for k, annotation in enumerate(preferred if every else preferred[:1]):
+        annotation["id"] = first_id - k if first_id <= 0 else first_id + k
+    path = tmp_path / "task_9_test.json"
+    path.write_text(json.dumps(data))
+    gt = load_ground_truth(path)
+    perfect = _perfect(gt)
     for backend in ("pycocotools", "faster-coco-eval"):
-        result = evaluate_task(gt, perfect, ("bbox",), task_id=9, backend=backend)
+        result = evaluate_task(gt, perfect, ("bbox", "segm"), task_id=9, backend=backend)
         assert result.ap50["bbox"] == pytest.approx(1.0), backend
+        assert result.ap50["segm"] == pytest.approx(1.0), backend
+
+    from pycocotools.coco import COCO
+
+    elsewhere = COCO()
+    elsewhere.dataset = data
+    elsewhere.createIndex()
+    with pytest.raises(evaluator.DataError, match=rf"task 9: .*annotation ids {first_id}.* are not 1\.\.2\*\*53.*"
+                                                  "load_ground_truth"):
+        evaluate_task(elsewhere, perfect, ("bbox",), task_id=9)
 
 
 @pytest.mark.parametrize("backend", ["faster-coco-eval", "pycocotools"])
@@ -245,3 +265,31 @@ def test_the_collector_is_held_off_during_a_task_and_restored(files, monkeypatch
         assert not gc.isenabled(), "a caller's choice to keep the collector off was overridden"
     finally:
         gc.enable()
+
+
+def test_evaluations_in_threads_keep_their_own_summaries_and_stdout(files, capsys):
+    """pycocotools prints its summary; the evaluator captures it by swapping the process-wide
+    ``sys.stdout``. Evaluations in four threads interleaved the swaps: logs without their
+    summary (5-9 of 20), summaries on the terminal, and once ``sys.stdout`` left a discarded
+    buffer, every later print of the process lost."""
+    import sys
+    import threading
+
+    gt = load_ground_truth(files[1])
+    predictions = _predictions(gt, np.random.default_rng(5))
+    before = sys.stdout
+    results = []
+
+    def evaluate_some():
+        for _ in range(4):
+            results.append(evaluate_task(gt, predictions, ("bbox",), task_id=1, backend="pycocotools"))
+
+    threads = [threading.Thread(target=evaluate_some) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sys.stdout is before
+    assert len(results) == 16
+    assert all(result.log.count("Average Precision") == 6 for result in results)
+    assert "Average Precision" not in capsys.readouterr().out

@@ -254,6 +254,22 @@ def test_tables_and_plots_are_written(root, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def test_plots_draw_an_own_phrase_with_dollar_signs_as_written(root, tmp_path):
+    """matplotlib reads text between two "$" as a formula: an own vocabulary's phrase such as
+    "cut \\ with $x_$" failed the run's plots with its parser's error after the whole evaluation."""
+    import dataclasses
+
+    import matplotlib.pyplot as plt
+
+    files = task_files(root, [2])
+    result = evaluate_tasks(files, {2: _random(load_ground_truth(files[2]), np.random.default_rng(4))})
+    phrased = dataclasses.replace(result, phrases={2: "cut \\ with $x_$ or pay $5 or $10"})
+    figures_before = plt.get_fignums()
+    (png,) = plot_pr_curves(phrased, tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plt.get_fignums() == figures_before  # closed
+
+
 def test_predictions_roundtrip_and_errors(root, tmp_path):
     gt = load_ground_truth(root / "annotations" / "task_2_test.json")
     preds = {2: _random(gt, np.random.default_rng(2))}
@@ -784,6 +800,33 @@ def test_predictions_file_phrases_are_checked(tmp_path):
         (tmp_path / "bad.json").write_text(json.dumps({**content, "phrases": phrases}))
         with pytest.raises(DataError, match=re.escape(f"bad.json: {message}")):
             load_prediction_file(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("edit, message", [
+    # int() read "2000_000" as image 2000000, and other scripts' digits as ids.
+    (lambda tasks: tasks["2"].update({"1_0": tasks["2"].pop("1")}), "task 2: image 1_0: key must be an integer id"),
+    (lambda tasks: tasks["2"].update({"\u0661": tasks["2"].pop("1")}), "task 2: image \u0661: key must be an integer id"),
+    # A task key 0 or -1 was reported as a missing task_0_test.json.
+    (lambda tasks: tasks.update({"0": tasks.pop("2")}), "tasks.0: a task id is a positive integer, got '0'"),
+    (lambda tasks: tasks.update({"-1": tasks.pop("2")}), "tasks.-1: a task id is a positive integer"),
+    # [[]] was read as "no box" beside its scores, without a word.
+    (lambda tasks: tasks["2"]["1"].update(boxes=[[]], scores=[]),
+     "task 2: image 1: field 'boxes': expected [N, 4], got shape (1, 0)"),
+])
+def test_predictions_file_keys_and_empty_box_rows_are_checked(tmp_path, edit, message):
+    written = save_predictions(tmp_path / "p.json", {2: {1: ImagePredictions([[0, 0, 1, 1]], [0.5])}})
+    content = json.loads(written.read_text())
+    edit(content["tasks"])
+    (tmp_path / "bad.json").write_text(json.dumps(content))
+    with pytest.raises(DataError, match=re.escape(f"bad.json: {message}")):
+        load_prediction_file(tmp_path / "bad.json")
+
+
+def test_predictions_file_without_boxes_reads_as_no_detection(tmp_path):
+    written = save_predictions(tmp_path / "p.json", {2: {1: ImagePredictions(np.zeros((0, 4)), np.zeros(0))}})
+    assert json.loads(written.read_text())["tasks"]["2"]["1"]["boxes"] == []
+    loaded = load_prediction_file(written).tasks[2][1]
+    assert loaded.boxes.shape == (0, 4) and loaded.scores.shape == (0,)
 
 
 def test_cli_no_ccr_scores_a_distilled_file_as_its_plain_network(root, tmp_path, capsys):

@@ -127,6 +127,11 @@ def test_cli(tmp_path, capsys):
     assert parse_task_list(["1-3", "7,9"]) == [1, 2, 3, 7, 9]
     with pytest.raises(ValueError, match="1..14"):
         parse_task_list(["0-2"])
+    # A reversed range was "ids must be 1..14, got none".
+    with pytest.raises(ValueError, match=r"^--tasks: '3-1' is an empty range \(did you mean 1-3\?\)$"):
+        parse_task_list(["2", "3-1"])
+    with pytest.raises(ValueError, match=r"cannot read '1-x'"):
+        parse_task_list(["1-x"])
     code = cli.main(["synth", str(tmp_path), "--tasks", "4", "5", "--splits", "test", "--images-per-split", "3",
                        "--seed", "2", "--max-size", "200"])
     assert code == 0

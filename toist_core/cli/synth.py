@@ -19,13 +19,12 @@ def parse_task_list(text: Sequence[str], max_id: Optional[int] = NUM_TASKS) -> l
             if not part:
                 continue
             try:
-                if "-" in part:
-                    lo, hi = (int(v) for v in part.split("-", 1))
-                    tasks.update(range(lo, hi + 1))
-                else:
-                    tasks.add(int(part))
+                lo, hi = (int(v) for v in part.split("-", 1)) if "-" in part else (int(part), int(part))
             except ValueError:
                 raise ValueError(f"--tasks: cannot read {part!r} (use e.g. 1-14 or 2,5)") from None
+            if lo > hi:  # range() would give no task, and the message "got none"
+                raise ValueError(f"--tasks: {part!r} is an empty range (did you mean {hi}-{lo}?)")
+            tasks.update(range(lo, hi + 1))
     bad = sorted(t for t in tasks if t < 1 or (max_id is not None and t > max_id))
     if bad or not tasks:
         allowed = f"1..{max_id}" if max_id is not None else "positive"

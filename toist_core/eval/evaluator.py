@@ -36,6 +36,7 @@ import contextlib
 import copy
 import gc
 import io
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -46,6 +47,7 @@ from pycocotools.cocoeval import COCOeval
 
 from toist_core.data.schema import PREFERENCE_CATEGORIES, DataError, parse_task_data, parse_task_file_name, read_json
 from toist_core.eval.predictions import ImagePredictions, PredictionSet, check_image_predictions
+from toist_core.listing import listing
 from toist_core.tasks import TASK_PHRASES
 
 IOU_TYPES = ("bbox", "segm")
@@ -164,16 +166,17 @@ def load_ground_truth(path: Union[str, Path]) -> COCO:
     except DataError:  # any name will do here; the schema only names the file
         task_id, split = 0, ""
     parse_task_data(data, path, task_id, split)
-    if any(annotation["id"] == 0 for annotation in data.get("annotations", ())):
+    if _unsafe_annotation_ids(data.get("annotations", ())):
         # COCOeval marks a detection by the id of the target it matched, 0 meaning "none": a
         # target of id 0 (exporters that count from 0) was found and scored as missed
-        # (cocodataset/cocoapi#331). The ids serve the matching only: numbered 1..N instead.
+        # (cocodataset/cocoapi#331); faster-coco-eval scores targets of negative ids or ids past
+        # 2**64 as never found. The ids serve the matching only: numbered 1..N instead.
         data["annotations"] = [dict(annotation, id=number) for number, annotation in enumerate(data["annotations"], 1)]
     if "categories" not in data:
         data["categories"] = [dict(c) for c in PREFERENCE_CATEGORIES]
     coco = COCO()
     coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _prints_into(io.StringIO()):
         coco.createIndex()
     coco.source_path = str(path)
     return coco
@@ -223,6 +226,20 @@ def evaluate_task(ground_truth: Union[str, Path, COCO], predictions: Mapping[int
         return _evaluate_task(ground_truth, predictions, iou_types, image_ids, task_id, backend)
 
 
+_STDOUT_SWAP = threading.RLock()
+
+
+@contextlib.contextmanager
+def _prints_into(buffer: io.StringIO):
+    """pycocotools' prints (its progress lines, the summary) into ``buffer`` for the block.
+    ``redirect_stdout`` swaps the process-wide ``sys.stdout``: evaluations in two threads
+    interleaved their swaps, lost each other's summaries from their logs and could leave
+    ``sys.stdout`` a discarded buffer (every later print of the process gone). One swap at a
+    time; what another thread prints meanwhile still lands in ``buffer``."""
+    with _STDOUT_SWAP, contextlib.redirect_stdout(buffer):
+        yield buffer
+
+
 @contextlib.contextmanager
 def _collector_held():
     """Python's cyclic garbage collector off for the block, back on after (if it was on).
@@ -253,6 +270,11 @@ def _evaluate_task(ground_truth, predictions, iou_types, image_ids, task_id, bac
     else:
         gt_name = getattr(ground_truth, "source_path", "ground truth")
     task_id = 0 if task_id is None else task_id
+    unsafe = _unsafe_annotation_ids(ground_truth.dataset.get("annotations", ()))
+    if unsafe:  # a COCO object built elsewhere (load_ground_truth renumbers them)
+        raise DataError(f"task {task_id}: {gt_name}: annotation ids {listing(unsafe)} are not 1..2**53: COCOeval "
+                        "takes 0 for 'matched nothing' and faster-coco-eval mis-scores negative ones, so their "
+                        "targets would count as missed; load the file with load_ground_truth (it numbers them 1..N)")
     gt_image_ids = ground_truth.getImgIds()
     if backend != "pycocotools" and any(abs(i) > _EXACT_DOUBLE_INT for i in gt_image_ids):
         # faster-coco-eval holds image ids as doubles: ids beyond 2**53 (nanosecond timestamps)
@@ -297,7 +319,7 @@ def _evaluate_task(ground_truth, predictions, iou_types, image_ids, task_id, bac
     selected_set = set(selected)
     for iou_type in iou_types:
         log = io.StringIO()
-        with contextlib.redirect_stdout(log):
+        with _prints_into(log):
             if backend == "pycocotools":
                 records = detections_to_coco(predictions, iou_type, selected_set)
                 detections = ground_truth.loadRes(records) if records else COCO()
@@ -379,6 +401,11 @@ def _without_images(task_id: int, iou_types: Sequence[str]) -> TaskResult:
 
 # The largest magnitude up to which every integer is a double (faster-coco-eval's image ids).
 _EXACT_DOUBLE_INT = 2 ** 53
+
+
+def _unsafe_annotation_ids(annotations) -> list:
+    """The annotation ids COCOeval cannot match by: 0 (its "none"), negative or past 2**53."""
+    return [a["id"] for a in annotations if not 1 <= a["id"] <= _EXACT_DOUBLE_INT]
 
 
 def _run_cocoeval(backend: str, ground_truth: COCO, detections: COCO, iou_type: str, image_ids: Sequence[int]):
@@ -517,6 +544,6 @@ def _accumulate_subset(coco_eval, image_ids: Sequence[int]) -> Optional[np.ndarr
     sub.params = sub_params
     sub._paramsEval = copy.deepcopy(sub_params)
     sub.evalImgs = selected
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _prints_into(io.StringIO()):
         sub.accumulate()
     return sub.eval["precision"]

@@ -34,12 +34,16 @@ def plot_task_pr(task: TaskResult, path: Union[str, Path], phrase: str = "") -> 
         ax.set_title(f"{_IOU_LABEL[iou]}, IoU 0.5")
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
+    # The phrase as written: matplotlib reads text between two "$" as a formula ("pay $5 or
+    # $10 with" drawn as maths; "$x_$" failed the whole run's plots with its parser's error).
     fig.suptitle(f"Task {task.task_id}: {phrase} ({task.num_images} images, "
-                 f"{task.num_images_with_targets} with targets)")
-    fig.tight_layout()
-    metadata = {"Software": PLOT_SOFTWARE}  # how a later run tells its own plots from a user's files
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=90, metadata=metadata))
-    plt.close(fig)
+                 f"{task.num_images_with_targets} with targets)", parse_math=False)
+    try:
+        fig.tight_layout()
+        metadata = {"Software": PLOT_SOFTWARE}  # how a later run tells its own plots from a user's files
+        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=90, metadata=metadata))
+    finally:
+        plt.close(fig)
     return path
 
 

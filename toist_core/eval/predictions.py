@@ -25,6 +25,7 @@ import gzip
 import itertools
 import json
 import operator
+import re
 import sys
 import zlib
 from dataclasses import dataclass, replace
@@ -300,6 +301,8 @@ def load_prediction_file(path: Union[str, Path]) -> PredictionFile:
     result: PredictionSet = {}
     for task_key, images in tasks.items():
         task_id = _int_key(path, f"tasks.{task_key}", task_key)
+        if task_id < 1:
+            raise DataError(f"{path}: tasks.{task_key}: a task id is a positive integer, got {task_key!r}")
         if task_id in result:
             raise DataError(f"{path}: tasks: task {task_id} appears twice (key {task_key!r})")
         if not isinstance(images, dict):
@@ -350,11 +353,15 @@ def _refuse_duplicate_keys(pairs: list) -> dict:
     return seen
 
 
+_INTEGER_KEY = re.compile(r"-?[0-9]+")
+
+
 def _int_key(path: Path, where: str, key: str) -> int:
-    try:
-        return int(key)
-    except ValueError:
-        raise DataError(f"{path}: {where}: key must be an integer id, got {key!r}") from None
+    # ASCII digits only: Python's int() also reads "2000_000", " 7" and other scripts' digits,
+    # which no writer of ids means.
+    if not _INTEGER_KEY.fullmatch(key):
+        raise DataError(f"{path}: {where}: key must be an integer id, got {key!r}")
+    return int(key)
 
 
 def _entry(path: Path, where: str, entry: Any) -> ImagePredictions:
@@ -365,7 +372,7 @@ def _entry(path: Path, where: str, entry: Any) -> ImagePredictions:
             raise DataError(f"{path}: {where}: missing field {name!r}")
     boxes = _numbers(path, where, "boxes", entry["boxes"], rows=True)
     scores = _numbers(path, where, "scores", entry["scores"], rows=False)
-    if boxes.size and (boxes.ndim != 2 or boxes.shape[1] != 4):
+    if boxes.shape != (0,) and (boxes.ndim != 2 or boxes.shape[1] != 4):   # no box: [], not [[]]
         raise DataError(f"{path}: {where}: field 'boxes': expected [N, 4], got shape {boxes.shape}")
     if scores.ndim != 1 or len(scores) != len(boxes.reshape(-1, 4)):
         raise DataError(f"{path}: {where}: field 'scores': expected {len(boxes.reshape(-1, 4))} "
