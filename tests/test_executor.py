@@ -246,3 +246,53 @@ def test_an_entity_destroyed_while_the_wait_set_is_built_is_not_an_error(setup):
     with pytest.raises(InvalidHandle):
         executor.spin_once(timeout_sec=0.05)
     node.remove_waitable(for_ever)
+
+
+def test_a_callback_queued_behind_a_busy_pool_runs_and_is_reported_once():
+    """rclpy yields a task again after every wait until it starts running: while a slow callback
+    held the pool, a queued one was submitted (and kept) once per wait, so the exception it
+    raised was reported once per copy (41 times in 3 s here; the node's internal_errors counted
+    each). Reported once."""
+    from rclpy.callback_groups import ReentrantCallbackGroup
+    from toist_ros.executor import PerceptionExecutor
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("executor_busy_pool", context=context)
+    group, inline = ReentrantCallbackGroup(), ReentrantCallbackGroup()
+    errors, ran = [], {"slow": 0, "raising": 0}
+    executor = PerceptionExecutor([inline], num_threads=1, context=context, on_callback_error=errors.append)
+    executor.add_node(node)
+    try:
+        release = threading.Event()
+
+        def slow():
+            ran["slow"] += 1
+            slow_timer.cancel()
+            release.wait(10)
+
+        def raising():
+            ran["raising"] += 1
+            raising_timer.cancel()
+            raise RuntimeError("boom")
+
+        slow_timer = node.create_timer(0.01, slow, callback_group=group)
+        assert _spin_until(executor, lambda: ran["slow"] == 1)
+        raising_timer = node.create_timer(0.01, raising, callback_group=group)
+        ticks = []
+        # Waits keep ending while the pool is busy (as frames do in the node: inline callbacks).
+        ticker = node.create_timer(0.02, lambda: ticks.append(1), callback_group=inline)
+        assert _spin_until(executor, lambda: len(ticks) >= 20)
+        assert ran["raising"] == 0   # still queued behind the slow one
+        release.set()
+        assert _spin_until(executor, lambda: ran["raising"] == 1 and errors, timeout=10)
+        ticked = len(ticks)
+        assert _spin_until(executor, lambda: len(ticks) >= ticked + 10)
+        assert ran == {"slow": 1, "raising": 1}
+        assert [str(e) for e in errors] == ["boom"]
+    finally:
+        release.set()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+

@@ -69,6 +69,7 @@ class PerceptionExecutor(Executor):
             handler, entity, _node = self.wait_for_ready_callbacks(timeout_sec, None, condition)
         except (TimeoutException, ConditionReachedException):
             self._invalid_in_a_row = 0   # a wait set was built: none of its entities was invalid
+            self._reap()
             return
         except (ExternalShutdownException, ShutdownException):
             return
@@ -83,13 +84,22 @@ class PerceptionExecutor(Executor):
             return
         self._invalid_in_a_row = 0
         group = getattr(entity, "callback_group", None)
-        if any(group is inline for inline in self._inline_groups):
+        if any(handler is task for task in self._pending):
+            # rclpy yields a task again after every wait until it starts running: this one waits
+            # in a busy pool's queue already. Submitted again, it was reported once per copy
+            # (one exception counted 41 times while a slow callback held the pool).
+            pass
+        elif any(group is inline for inline in self._inline_groups):
             handler()
             self._finished(handler)
         else:
             pool = self._waiting_pool if any(group is waiting for waiting in self._waiting_groups) else self._pool
             pool.submit(handler)
             self._pending.append(handler)
+        self._reap()
+
+    def _reap(self) -> None:
+        """Report the pooled callbacks that have finished (after every wait, one that timed out too)."""
         for task in [t for t in self._pending if t.done()]:
             self._pending.remove(task)
             self._finished(task)
