@@ -187,11 +187,31 @@ def test_non_finite_weights_are_refused_naming_file_key_and_count(tmp_path, segm
     with pytest.raises(CheckpointError, match="2 tensor"):
         export_model_dir(tmp_path / "diverged.pth", tmp_path / "exported", config=preset("tiny_segm"))
     assert not (tmp_path / "exported").exists()
-    # A model directory written from a model gone NaN in memory is refused when read.
+    # A model gone NaN in memory is not written: the directory it would replace stays as it was
+    # (it was replaced by one that never loads).
+    from toist_core.distill.memory_bank import MemoryBank
+
+    directory = save_model_dir(build("tiny_segm", tokenizer, seed=0), tmp_path / "model", preset("tiny_segm"))
+    good = (directory / "model.safetensors").read_bytes()
     with torch.no_grad():
         broken = build("tiny_segm", tokenizer, seed=0)
         broken.mask_head.out_lay.bias.fill_(float("inf"))
-    directory = save_model_dir(broken, tmp_path / "model", preset("tiny_segm"))
+    with pytest.raises(CheckpointError, match=rf"^the model to be written to {directory}: 1 tensor.*"
+                                              r"mask_head.out_lay.bias \(1 of 1 values NaN/inf\); nothing was written$"):
+        save_model_dir(broken, directory, preset("tiny_segm"))
+    nan_bank = MemoryBank(num_tasks=14, size=16, dim=128)
+    with torch.no_grad():
+        nan_bank.cluster_centers[2, 0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=rf"^the memory bank to be written to {directory}: 1 tensor.*"
+                                              r"cluster_centers.*; nothing was written$"):
+        save_model_dir(build("tiny_segm", tokenizer, seed=0), directory, preset("tiny_segm"), memory_bank=nan_bank)
+    assert (directory / "model.safetensors").read_bytes() == good
+    assert not (directory / "memory_bank.safetensors").exists()
+    load_model_dir(directory)
+    # One that holds them anyway (damaged, edited, an older toist's) is refused when read.
+    from damaged_model_dirs import fill, with_weights_edited
+
+    with_weights_edited(directory, lambda tensors: fill(tensors, "mask_head.out_lay.bias", float("inf")))
     with pytest.raises(CheckpointError, match=rf"^{directory / 'model.safetensors'}: 1 tensor.*"
                                               r"mask_head.out_lay.bias \(1 of 1 values NaN/inf\)"):
         load_model_dir(directory)
@@ -766,6 +786,13 @@ def test_a_folder_or_file_of_a_model_directory_given_wrongly_is_explained(tmp_pa
     with pytest.raises(CheckpointError, match=rf"model.safetensors: not a PyTorch checkpoint .*it is a model "
                                               rf"directory's weights file: give its folder, {directory}"):
         load_pretrained(directory / "model.safetensors")
+    # A safetensors file of another name, not in a model directory: that advice led nowhere.
+    alone = tmp_path / "converted.safetensors"
+    alone.write_bytes((directory / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=r"converted.safetensors: not a PyTorch checkpoint .*; a .safetensors "
+                                              r"file alone is not a checkpoint toist reads: give the official .pth "
+                                              r"file, or a model directory that toist export wrote$"):
+        load_pretrained(alone)
 
 
 def test_a_weights_file_cut_short_says_to_copy_it_again(tmp_path, segm_model):

@@ -265,6 +265,51 @@ def test_a_symlinked_model_directory_stays_a_link_to_the_replaced_folder(tmp_pat
         assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "models_v1"]
 
 
+def test_two_replacements_of_one_folder_at_once_both_complete(tmp_path):
+    """Two exports into one folder at the same time: the second removed the first's staging tree
+    as a crash's leftover, and the first failed with a bare FileNotFoundError. Trees of writers
+    still running are left alone; those of dead ones (or unnamed, older toist versions) go, and
+    a folder name with glob characters matches only its own."""
+    import threading
+
+    from toist_core.checkpoint.atomic_dir import write_directory
+
+    target = tmp_path / "model"
+    first_inside, go_on = threading.Event(), threading.Event()
+    errors = []
+
+    def slow(staging: Path) -> None:
+        (staging / "who").write_text("first")
+        first_inside.set()
+        go_on.wait(10)
+        (staging / "done").write_text("yes")
+
+    def first() -> None:
+        try:
+            write_directory(target, slow)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert first_inside.wait(10)
+    write_directory(target, lambda staging: (staging / "who").write_text("second"))
+    assert (target / "who").read_text() == "second"
+    go_on.set()
+    thread.join(10)
+    assert errors == []
+    assert (target / "who").read_text() == "first" and (target / "done").is_file()   # the last to finish
+
+    target = tmp_path / "model[1]"
+    dead = tmp_path / ".model[1].staging-999999999-abc"    # no such process id
+    unnamed = tmp_path / ".model[1].staging-old"
+    other = tmp_path / ".model1.staging-999999999-abc"     # another folder's
+    for folder in (dead, unnamed, other):
+        folder.mkdir()
+    write_directory(target, lambda staging: (staging / "who").write_text("third"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model1.staging-999999999-abc", "model", "model[1]"]
+
+
 def test_model_directories_record_their_tasks_and_other_tasks_warn_once(train_run, tmp_path):
     out = tmp_path / "model"
     assert cli.main(["export", str(train_run), str(out)]) == 0

@@ -69,8 +69,8 @@ def test_fifo_fill_and_full_flag_after_count_exceeds_size():
     assert torch.equal(bank.feature_bank[1], other_task)  # task 1 never touched
 
 
-def _full_bank(values, update="closest"):
-    bank = _bank(update=update)
+def _full_bank(values, update="closest", **kwargs):
+    bank = _bank(update=update, **kwargs)
     state = bank.state_dict()
     state["feature_bank"][0] = _rows(*values)
     state["full_label"][0] = 1
@@ -125,6 +125,29 @@ def test_bad_input_is_rejected():
         bank.update(torch.zeros(1, 3), [0])
     with pytest.raises(ValueError, match="update must be"):
         MemoryBank(update="nearest")
+
+
+@pytest.mark.parametrize("bank_state", ["filling", "full_closest", "full_fifo_every_use"])
+def test_non_finite_features_are_refused_before_anything_is_stored(bank_state):
+    """A diverged teacher's NaN noun features: a full bank's one-to-one matching failed with scipy's
+    "matrix contains invalid numeric entries" (no word of a diverged model), a filling one stored
+    them first and k-means refused them later (bank damaged in memory); under every_use one
+    process raised and another stored the same gathered rows without a word."""
+    if bank_state == "filling":
+        bank = _bank()
+    elif bank_state == "full_closest":
+        bank = _full_bank([0, 10, 20, 30])
+    else:
+        bank = _full_bank([0, 10, 20, 30], update="fifo", rerun="every_use")
+    before = {k: v.clone() for k, v in bank.state_dict().items()}
+    rows = _rows(5, 6, 7)
+    rows[1, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"^MemoryBank.update: 1 of the 3 noun feature rows hold NaN/inf "
+                                                 r"\(a diverged model.*the bank is left as it was$"):
+        bank.update(rows, [0, 0, 1])
+    assert all(torch.equal(before[k], v) for k, v in bank.state_dict().items())
+    bank.update(rows, [0, -1, 1])   # a row that is skipped is not stored, NaN or not
+    assert torch.isfinite(bank.feature_bank).all()
 
 
 def test_saved_stale_flags_make_a_reloaded_bank_continue_exactly():

@@ -252,14 +252,16 @@ def _broken_model_dir(tmp_path, kind: str) -> str:
     from toist_core.checkpoint import save_model_dir
     from toist_core.inference import TaskSegmenter
 
+    from damaged_model_dirs import fill, with_weights_edited
+
     seg = TaskSegmenter.from_config("tiny_segm", device="cpu")
-    with torch.no_grad():
-        if kind == "nan":
-            for param in seg.model.detector.bbox_embed.parameters():
-                param.fill_(float("nan"))
-        else:
+    if kind == "overflow":
+        with torch.no_grad():
             seg.model.detector.class_embed.weight.uniform_(-1e38, 1e38, generator=torch.Generator().manual_seed(0))
-    return str(save_model_dir(seg.model, tmp_path / f"{kind}_model", seg.config))
+    directory = save_model_dir(seg.model, tmp_path / f"{kind}_model", seg.config)
+    if kind == "nan":   # (save_model_dir refuses to write NaN weights)
+        with_weights_edited(directory, lambda tensors: fill(tensors, ".bbox_embed.", float("nan")))
+    return str(directory)
 
 
 def _vocabulary_model_dir(tmp_path, num_tasks: int) -> str:

@@ -107,6 +107,34 @@ def test_non_finite_outputs_stop_before_the_matcher(synth_root, tmp_path):
         trainer.run()
 
 
+def test_a_diverged_teacher_stops_the_distillation_update_naming_it(synth_root, tmp_path):
+    """NaN noun features of the teacher reach the memory bank inside the forward, before the
+    loop looks at the outputs: the run ended with k-means' or scipy's error, without the update
+    or a word of what was kept. Now the loop's FloatingPointError, with the update."""
+    out = tmp_path / "run"
+    trainer = Trainer(_config("tiny_distill.yaml", synth_root, out, "init.load=null", "init.load_noun=null",
+                              "distill.bank_size=3", "distill.num_clusters=2", "schedule.max_steps=4",
+                              "checkpoint.every_steps=1"), DistEnv())
+    encode = trainer.teacher.encode
+
+    def poisoned(images, captions):
+        memory = encode(images, captions)
+        if trainer.step == 1:
+            memory = dict(memory, text_memory=memory["text_memory"] * float("nan"))
+        return memory
+
+    trainer.teacher.encode = poisoned
+    bank = trainer.cluster.bank
+    before = {}
+    trainer.on_step = lambda t, step: before.update({k: v.clone() for k, v in bank.state_dict().items()})
+    with pytest.raises(FloatingPointError, match=r"^update 2: MemoryBank.update: \d+ of the \d+ noun feature rows "
+                                                 r"hold NaN/inf .*the bank is left as it was; stopped before its "
+                                                 r"optimizer step and before any checkpoint of it"):
+        trainer.run()
+    assert trainer.step == 1 and all(torch.equal(before[k], v) for k, v in bank.state_dict().items())
+    assert load_training_checkpoint(out / "checkpoint.pth")["step"] == 1
+
+
 def _poison_moments(optimizer) -> None:
     """NaN in every first moment of the optimizer (a damaged file, a diverged run's state)."""
     for moments in optimizer.state.values():

@@ -291,7 +291,14 @@ class Trainer:
         targets = [_to_device(t, device) for t in targets]
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            outputs, cluster_losses = self.train_module(images, targets, noun_targets)
+            try:
+                outputs, cluster_losses = self.train_module(images, targets, noun_targets)
+            except FloatingPointError as exc:
+                # The memory bank's update and k-means run inside the forward, on rows gathered
+                # from every process: all raise it at the same point.
+                raise FloatingPointError(f"update {self.step + 1}: {exc}; stopped before its optimizer step and "
+                                         f"before any checkpoint of it (the last one written, if any: "
+                                         f"{self.output_dir / LAST})") from None
         # Before the losses: the matchers refuse non-finite predictions on their process only,
         # and the others would then wait in the loss's collectives.
         bad = _non_finite_tensors(outputs)

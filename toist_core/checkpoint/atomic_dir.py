@@ -5,7 +5,9 @@ system), flushed, then swapped in with one ``renameat2(RENAME_EXCHANGE)`` (Linux
 glibc >= 2.28): the target path points at the old tree until that call and at the new one
 after it. Where the exchange is unavailable the old tree is renamed away and the new one
 renamed in: a crash between the two renames leaves no target (but both trees beside it).
-Staging and displaced trees a crash left behind are removed by the next replacement.
+Staging and displaced trees a crash left behind are removed by the next replacement; their
+names carry the writer's process id, so a replacement running beside another (two exports to
+one folder) leaves the other's tree alone: the last one to finish is the directory.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import glob
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,14 +43,13 @@ def write_directory(target: PathLike, write: Callable[[Path], None]) -> Path:
     # staging entry; resolving first swaps the trees beside the folder the link points at.
     target = given.resolve() if given.is_symlink() else given
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_dir() and os.path.ismount(target):
-        # Neither an exchange nor a rename can move a mount point: refused before writing anything.
-        raise OSError(errno.EBUSY, f"{target} is a mount point: a directory cannot be swapped in there as a whole; "
-                                   f"give a folder inside it (e.g. {target / 'model'})")
+    problem = mount_point_problem(target)
+    if problem:
+        raise OSError(errno.EBUSY, problem)
     if target != given:
         remove_stale(given)  # what an exchange of the link itself left behind (older toist versions)
     remove_stale(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_MARK}", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
     try:
         write(staging)
         _open_up(staging, target)
@@ -63,13 +66,50 @@ def write_directory(target: PathLike, write: Callable[[Path], None]) -> Path:
     return given
 
 
+def mount_point_problem(target: PathLike) -> str:
+    """What is wrong with replacing ``target`` (followed through a link) as a whole when it is a
+    mount point ("" when it is not): neither an exchange nor a rename can move one."""
+    given = Path(target)
+    target = given.resolve() if given.is_symlink() else given
+    if target.is_dir() and os.path.ismount(target):
+        return (f"{given} is a mount point: a directory cannot be swapped in there as a whole; give a folder "
+                f"inside it (e.g. {given / 'model'})")
+    return ""
+
+
 def remove_stale(target: PathLike) -> list[Path]:
-    """Delete staging / displaced trees of ``target`` left by an interrupted replacement."""
+    """Delete staging / displaced trees of ``target`` left by an interrupted replacement: those
+    whose writer is no longer running (or that do not say, older toist versions). Another
+    export to the same folder lost its staging tree mid-write and failed with a bare
+    FileNotFoundError."""
     target = Path(target)
-    stale = sorted(target.parent.glob(f".{target.name}{STAGING_MARK}*")) if target.parent.is_dir() else []
+    if not target.parent.is_dir():
+        return []
+    # (escaped: "model[1]" is a name, not a pattern that matches ".model1.staging-*")
+    found = sorted(target.parent.glob(glob.escape(f".{target.name}{STAGING_MARK}") + "*"))
+    stale = [path for path in found if not _writer_running(path.name[len(target.name) + 1 + len(STAGING_MARK):])]
     for path in stale:
         _remove(path)
     return stale
+
+
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}{STAGING_MARK}{os.getpid()}-"
+
+
+def _writer_running(suffix: str) -> bool:
+    """Whether the process that named a staging tree ``<pid>-<random>`` still runs (this one
+    included: another thread may be writing it)."""
+    match = re.match(r"([0-9]+)-", suffix)
+    if match is None:
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except (ProcessLookupError, OverflowError):   # (the latter: a number past any process id)
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:
@@ -93,7 +133,7 @@ def _exchange(a: Path, b: Path) -> None:
         code = ctypes.get_errno()
         if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # no exchange here: fall back
             raise OSError(code, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(code)}")
-    displaced = Path(tempfile.mkdtemp(prefix=f".{b.name}{STAGING_MARK}", dir=b.parent))
+    displaced = Path(tempfile.mkdtemp(prefix=_staging_prefix(b), dir=b.parent))
     os.rename(b, displaced / b.name)
     os.rename(a, b)
     os.rename(displaced / b.name, a)

@@ -43,6 +43,7 @@ RUN_EPOCH_PATTERN = "checkpoint_epoch*.pth"
 RUN_MODEL_DIR = "model"
 RUN_CONFIG_MARK = b"# toist train:"
 _CONFIG = "config.yaml"   # model_dir.CONFIG_FILE (model_dir imports this module)
+_WEIGHTS = "model.safetensors"   # model_dir.WEIGHTS_FILE
 _MODEL_DIR_FORMAT = "toist-model"   # model_dir.MODEL_DIR_FORMAT
 
 
@@ -139,8 +140,12 @@ def _checked_torch_file(path: PathLike) -> tuple[Path, bytes]:
     with open(path, "rb") as handle:
         head = handle.read(4)
     if not (head == ZIP_MAGIC or head[:1] == _PICKLE_PROTO):
-        hint = (f"; it is a model directory's weights file: give its folder, {path.parent}"
-                if path.suffix == ".safetensors" else "")
+        hint = ""
+        if path.suffix == ".safetensors":
+            hint = (f"; it is a model directory's weights file: give its folder, {path.parent}"
+                    if (path.parent / _CONFIG).is_file() or path.name == _WEIGHTS else
+                    "; a .safetensors file alone is not a checkpoint toist reads: give the official .pth file, or "
+                    "a model directory that toist export wrote")
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (it starts with bytes {head!r}; a file "
                               f"written by torch.save is a zip archive starting with b'PK\\x03\\x04'){hint}")
     verify_zip(path)
@@ -152,7 +157,7 @@ def _folder_hint(folder: Path) -> str:
     copy nested one level down (``cp -r model /models/model/`` onto an existing folder), or an
     unzipped download with the .pth inside."""
     entries = sorted(folder.iterdir())
-    if any(entry.name == "model.safetensors" for entry in entries):
+    if any(entry.name == _WEIGHTS for entry in entries):
         return "it holds model.safetensors: an incomplete copy of a model directory (config.yaml is missing); copy it again"
     nested = [entry for entry in entries if (entry / _CONFIG).is_file() and not is_run_folder(entry)]
     if nested:

@@ -33,7 +33,7 @@ from torch import nn
 from .. import typed_config
 from ..config import InputSize, ModelConfig
 from ..listing import listing
-from .atomic_dir import write_directory
+from .atomic_dir import mount_point_problem, write_directory
 from .errors import CheckpointError, PathLike
 from .files import is_run_folder
 from .integrity import folder_digest, read_safetensors, read_safetensors_metadata, save_safetensors
@@ -42,7 +42,7 @@ from .loaded import LoadedModel, describe_bank, describe_heads
 from .architecture import INFERENCE_NEUTRAL
 from .official import SEGM_PREFIX, WRAPPERS
 from .strict import (BankSettings, build_for_state, build_memory_bank, load_state_dict_strict, meta_model,
-                     tensor_differences)
+                     refuse_non_finite, tensor_differences)
 
 MODEL_DIR_FORMAT = "toist-model"
 # 2: input_size (version 1 loads with the reference size); 3: tasks, tensor digests (required);
@@ -155,6 +155,14 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
         raise CheckpointError(f"the memory bank has {memory_bank.num_tasks} task slots but {vocabulary.describe()} "
                               f"has {vocabulary.num_tasks} tasks; nothing was written")
     check_model_matches_config(model, cfg, memory_bank, where=str(directory))
+    # Every load refuses non-finite tensors: written, the directory would replace a good one
+    # with one that never loads.
+    for what, tensors in (("the model", model.state_dict()),
+                          ("the memory bank", bank_tensors(memory_bank) if memory_bank is not None else {})):
+        try:
+            refuse_non_finite(tensors, where=f"{what} to be written to {directory}")
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; nothing was written") from None
 
     check_replaceable(directory)
 
@@ -388,6 +396,9 @@ def check_replaceable(directory: PathLike, remedy: Optional[str] = None) -> None
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: exists and is not a folder; "
                               f"{remedy or 'give a new or empty folder for the model directory'}")
+    problem = mount_point_problem(directory)
+    if problem:   # (write_directory refuses it too, but only after the checkpoint was read and loaded)
+        raise CheckpointError(problem)
     here = Path.cwd().resolve()
     if directory.resolve() in (here, *here.parents):
         # A folder in use as the working directory cannot be swapped out ("." cannot even be renamed).

@@ -81,6 +81,14 @@ class MemoryBank(nn.Module):
         if features.ndim != 2 or features.shape[1] != self.dim or features.shape[0] != task_indices.shape[0]:
             raise ValueError(f"MemoryBank.update: expected features [n, {self.dim}] with n task indices, got "
                              f"{tuple(features.shape)} and {tuple(task_indices.shape)}")
+        finite = torch.isfinite(features).all(dim=1) | (task_indices < 0).to(features.device)
+        if not bool(finite.all()):
+            # Before any row is stored: a full bank's matching (linear_sum_assignment) failed on
+            # them with scipy's "matrix contains invalid numeric entries", and a filling bank kept
+            # them until k-means refused them.
+            raise FloatingPointError(f"MemoryBank.update: {int((~finite).sum())} of the {features.shape[0]} noun "
+                                     "feature rows hold NaN/inf (a diverged model: the teacher's noun features); "
+                                     "the bank is left as it was")
         for task in task_indices.unique().tolist():
             if task < 0:
                 continue
