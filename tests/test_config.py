@@ -114,7 +114,7 @@ def test_inference_config_validation():
         from_dict(InferenceConfig, {"precision": "int8"})
     with pytest.raises(ConfigError, match="short_side"):
         InferenceConfig(short_side=900, max_size=800)
-    with pytest.raises(ConfigError, match="max_size must be >= 1"):
+    with pytest.raises(ConfigError, match="max_size must be 1..8192"):
         InferenceConfig(max_size=0)
     assert to_dict(InferenceConfig())["mean"] == [0.485, 0.456, 0.406]
 
@@ -133,8 +133,14 @@ def test_inference_sizes_left_to_the_model_come_from_its_input_size():
 @pytest.mark.parametrize("field, value, says", [
     ("ccr", "false", "inference.ccr must be true or false, got 'false'"),      # a non-empty string is true
     ("channels_last", 1, "inference.channels_last must be true or false, got 1"),
-    ("pronoun", 5, "inference.pronoun must be a word"),
-    ("pronoun", " ", "inference.pronoun must be a word"),
+    ("pronoun", 5, "inference.pronoun: expected a word"),
+    ("pronoun", " ", "inference.pronoun: expected a word"),
+    # kept in every caption as tokens of their own: every score moved, without a word
+    ("pronoun", " something ", "inference.pronoun: expected a word without spaces or newlines around it"),
+    ("pronoun", "something\n", "inference.pronoun: expected a word without spaces"),
+    # reached predict, which asked torch for 9e18 bytes
+    ("short_side", 10 ** 9, r"inference.short_side must be 1..8192 \(or None"),
+    ("max_size", 20000, r"inference.max_size must be 1..8192"),
     ("mean", (float("nan"), 0.5, 0.5), r"inference.mean must be finite numbers, got \[nan, 0.5, 0.5\]"),
     ("std", (float("inf"), 0.2, 0.2), "inference.std must be finite numbers"),
     ("short_side", 800.0, "inference.short_side must be an integer, got 800.0"),
@@ -194,10 +200,12 @@ def test_normalisation_and_input_size_ranges_are_checked():
     with pytest.raises(ConfigError, match=r"inference.std must be > 0 .*got \[-1.0, 1.0, 1.0\]"):
         InferenceConfig(std=(-1.0, 1.0, 1.0))
     # A model directory's input_size: the error names that section, not inference.short_side.
-    with pytest.raises(ConfigError, match=r"^config.yaml.input_size: input_size.short_side must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"^config.yaml.input_size: input_size.short_side must be 1\.\.8192, got 0"):
         from_dict(InputSize, {"short_side": 0, "max_size": 0}, "config.yaml.input_size")
     with pytest.raises(ConfigError, match="input_size: need short_side <= max_size, got 800 / 700"):
         InputSize(800, 700)
+    with pytest.raises(ConfigError, match=r"input_size.max_size must be at most 8192, got 100000"):
+        InputSize(800, 100000)
     assert InputSize(64, 64) == InputSize(short_side=64, max_size=64)
 
 

@@ -201,7 +201,8 @@ def test_image_format_torchvision_cannot_decode_is_refused_up_front(synth_root, 
     with pytest.raises(DataError) as info:
         CocoTasksDataset(ann, image_dir)
     text = str(info.value)
-    assert victim["file_name"] in text and "'.BMP'" in text and f"image id {victim['id']}" in text
+    assert victim["file_name"] in text and "this file is BMP although named .BMP" in text
+    assert f"image id {victim['id']}" in text
     # The suffix list is right: torchvision really cannot decode the file.
     dataset = CocoTasksDataset(ann, image_dir, check_images=False)
     with pytest.raises(DataError, match="cannot decode image"):

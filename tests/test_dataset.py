@@ -243,6 +243,10 @@ def test_noun_caption_names_preferred_objects_whose_boxes_are_dropped(root, tmp_
             return captions
 
     assert noun_caption_state(Encoder(), dataset, index, 2).caption == target["caption"]
+    import numpy as np
+
+    # An index read from an array (it was taken for a sequence: "'numpy.int64' is not iterable").
+    assert noun_caption_state(Encoder(), dataset, np.int64(index), 2).caption == target["caption"]
 
 
 def test_grounding_mode_names_every_object_once_per_image(root):

@@ -129,8 +129,10 @@ def test_a_header_claiming_more_pixels_than_opencv_decodes_is_refused_by_name(tm
     header = b"BM" + struct.pack("<IHHI", 70, 0, 0, 54) + struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0,
                                                                         2835, 2835, 0, 0)
     (tmp_path / "big_header.bmp").write_bytes(header + bytes(16))
-    with pytest.raises(ValueError, match=r"big_header\.bmp: cannot decode the image: OpenCV refused it \(pixels <= "
-                                         r"CV_IO_MAX_IMAGE_PIXELS\)"):
+    # (toist's own limit, from the header, comes before OpenCV's: "OpenCV refused it (pixels <=
+    # CV_IO_MAX_IMAGE_PIXELS)" before it existed)
+    with pytest.raises(ValueError, match=r"big_header\.bmp: the image declares .*more than the 100,000,000 toist "
+                                         r"decodes"):
         load_rgb(tmp_path / "big_header.bmp")
 
 
@@ -189,3 +191,56 @@ def test_an_empty_file_is_refused_by_name_by_both_loaders(tmp_path):
         _dataset(tmp_path, ["empty.png"], check_images=False).load_image(0)
     with pytest.raises(ValueError, match=r"empty.png: cannot read the image \(image id 1 .*\): the file is empty$"):
         _dataset(tmp_path, ["empty.png"])
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_a_turned_tiff_is_refused_naming_its_tag_not_read_turned(tmp_path, orientation):
+    """OpenCV applies a TIFF's orientation tag although told to ignore it (tag 3: the picture
+    came out turned 180 degrees, silently), and fails on tags 5-8 (the file was called damaged)."""
+    Image.fromarray(_left_red()).save(tmp_path / "turned.tif", tiffinfo={274: orientation})
+    with pytest.raises(ValueError, match=rf"turned.tif: a TIFF whose orientation tag is {orientation} .*save it upright"):
+        load_rgb(tmp_path / "turned.tif")
+    Image.fromarray(_left_red()).save(tmp_path / "upright.tif", tiffinfo={274: 1})
+    assert np.array_equal(load_rgb(tmp_path / "upright.tif"), _left_red())
+
+
+def test_an_animated_webp_is_refused_when_the_dataset_is_checked(tmp_path):
+    """The header check passed it, and training's decoder refused it at its first read."""
+    first = Image.fromarray(_left_red())
+    first.save(tmp_path / "moving.webp", save_all=True, append_images=[Image.new("RGB", (W, H))], duration=100,
+               lossless=True)
+    with pytest.raises(Exception, match=r"moving.webp: an animated WebP, which training and evaluation do not decode"):
+        _dataset(tmp_path, ["moving.webp"])
+    first.save(tmp_path / "still.webp", lossless=True)
+    _dataset(tmp_path, ["still.webp"])
+
+
+def test_a_file_of_another_format_is_named_once_in_its_refusal(tmp_path):
+    """The refusal was wrapped in a second one: "x.jpg: cannot read the image (...): x.jpg: ... (...)"."""
+    Image.fromarray(_left_red()).save(tmp_path / "bitmap.jpg", format="BMP")
+    with pytest.raises(Exception) as info:
+        _dataset(tmp_path, ["bitmap.jpg"])
+    message = str(info.value)
+    assert "this file is BMP although named .jpg" in message and "cannot read the image" not in message
+    assert message.count(str(tmp_path / "bitmap.jpg")) == 1
+
+
+@pytest.mark.parametrize("width, height", [(12000, 9000), (20000, 20000)])
+def test_a_picture_declaring_too_many_pixels_is_refused_from_its_header(tmp_path, width, height):
+    """A 656 KB PNG declaring 15000 x 15000 pixels was decoded whole (4.1 GB); a few MB more and
+    the process was killed for want of memory, without a word. (20000 x 20000 passes Pillow's own
+    limit too.)"""
+    import struct
+    import zlib
+
+    from toist_core.visualize import MAX_IMAGE_PIXELS
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                        + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    assert width * height > MAX_IMAGE_PIXELS
+    with pytest.raises(ValueError, match=r"bomb.png: the image declares .*more than the 100,000,000 toist decodes"):
+        load_rgb(tmp_path / "bomb.png")

@@ -250,6 +250,10 @@ def test_task_state_snapshot(seg):
     assert np.array_equal(with_state.boxes, current.boxes)
     free = seg.encode_task("reach the top shelf with")
     assert free.task_id is None and free.centres is None and free.pronoun_tokens == ()
+    # Compared and hashed by identity (== compared tensors: "Boolean value of Tensor ... ambiguous").
+    again = seg.encode_task(7)
+    assert state_7 == state_7 and state_7 != again and state_7 in [again, state_7]
+    assert {state_7: 1, again: 2}[again] == 2
 
 
 def test_bad_inputs_are_named(seg):

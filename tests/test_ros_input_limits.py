@@ -401,3 +401,54 @@ def test_free_memory_is_given_back_after_a_thread_that_allocated_ended():
     before = process_memory_mb()
     assert return_free_memory() is True   # glibc (Linux, where the node runs)
     assert process_memory_mb() < before - 8   # ~16 MB of the thread's freed blocks stay without it
+
+
+def test_a_garbled_avif_is_a_decode_reject_not_an_error_of_the_node():
+    """Pillow's AVIF plugin raises RuntimeError on a damaged file ("Missing or empty image item"):
+    it reached the node's callback as an internal error, traceback and all."""
+    import io
+    import random
+
+    from PIL import Image, features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF plugin")
+    out = io.BytesIO()
+    Image.fromarray(np.zeros((37, 53, 3), np.uint8)).save(out, format="AVIF")
+    rng = random.Random(0)
+    garbled = None
+    for _ in range(2000):   # three bytes changed at random until one is a RuntimeError to Pillow
+        data = bytearray(out.getvalue())
+        for _ in range(3):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            with Image.open(io.BytesIO(bytes(data))) as image:
+                image.size
+        except RuntimeError:
+            garbled = bytes(data)
+            break
+        except Exception:   # noqa: BLE001 (other damage: not the case looked for)
+            continue
+    assert garbled is not None, "no damaged AVIF made Pillow raise RuntimeError"
+    with pytest.raises(ImageError) as info:
+        LIMITS.compressed_to_rgb(_compressed(garbled, fmt="avif"))
+    assert info.value.reason == "decode"
+
+
+@pytest.mark.parametrize("orientation, refused", [(1, False), (3, True), (6, True)])
+def test_a_turned_tiff_on_a_compressed_topic_is_refused_naming_its_tag(orientation, refused):
+    """OpenCV's decoder turned it by its tag (a 96x128 picture came out 128x96) although the node
+    reads the stored grid, as training and `toist predict` do."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.zeros((96, 128, 3), np.uint8)).save(out, format="TIFF", tiffinfo={274: orientation})
+    msg = _compressed(out.getvalue(), fmt="tiff")
+    if not refused:
+        assert LIMITS.compressed_to_rgb(msg).shape == (96, 128, 3)
+        return
+    with pytest.raises(ImageError, match=rf"a TIFF whose orientation tag is {orientation}") as info:
+        LIMITS.compressed_to_rgb(msg)
+    assert info.value.reason == "decode"

@@ -46,6 +46,23 @@ def test_unusable_requests(request_, error):
         resolve_task(request_)
 
 
+@pytest.mark.parametrize("request_", ["\u200b", "\x00", " \u200b\u2060 "])
+def test_invisible_text_is_empty_not_a_caption(request_):
+    """A zero-width space or a NUL was taken as a free-text caption."""
+    with pytest.raises(ValueError, match=r"^task text is empty \(only invisible characters"):
+        resolve_task(request_)
+
+
+def test_ids_of_thousands_of_digits_get_the_task_id_message():
+    """int() of 4,301+ digits raised Python's own "Exceeds the limit (4300 digits)" message, and
+    a valid id written with 5,000 leading zeros was refused with it."""
+    with pytest.raises(ValueError, match=r"looks like a task id but .* has ids 1\.\.14"):
+        resolve_task("1" * 5000)
+    assert resolve_task("task_" + "0" * 5000 + "2").task_id == 2
+    assert names_task("0" * 5000 + "2", 2, "sit comfortably on something")
+    assert not names_task("1" * 5000, 2, "sit comfortably on something")
+
+
 @pytest.mark.parametrize("text", ["2", "02", "Task_2", "task 2", "Sit Comfortably On", "SIT  comfortably on SOMETHING",
                                   " sit comfortably on something "])
 def test_a_client_knows_the_names_of_a_task_as_the_node_resolves_them(text):

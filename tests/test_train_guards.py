@@ -515,13 +515,22 @@ def test_missing_validation_image_is_refused_at_the_start(tmp_path):
     # Only the images evaluation reads are required (eval.max_images keeps the first per task).
     Trainer(_config("tiny_pronoun.yaml", root, out, *evaluate_test, "eval.max_images=1"), DistEnv())
     # A file evaluation could not decode is refused at the start too, as a training image's is.
+    from PIL import Image
+
     first = task_file["images"][0]
-    shutil.copyfile(root / "images" / "val2014" / first["file_name"], root / "images" / "val2014" / "first.bmp")
+    original = root / "images" / "val2014" / first["file_name"]
+    with Image.open(original) as picture:
+        picture.convert("RGB").save(root / "images" / "val2014" / "first.bmp", format="BMP")
     first["file_name"] = "first.bmp"
     (root / "annotations" / "task_1_test.json").write_text(json.dumps(task_file))
-    with pytest.raises(DataError, match=r"first\.bmp: training and evaluation decode JPEG, PNG, GIF and WebP only"):
+    with pytest.raises(DataError, match=r"first\.bmp: training and evaluation decode JPEG, PNG, GIF and WebP only "
+                                        r".*this file is BMP although named \.bmp"):
         Trainer(_config("tiny_pronoun.yaml", root, tmp_path / "bmp", *evaluate_test, "eval.max_images=1"), DistEnv())
     assert not (tmp_path / "bmp").exists()
+    # Judged by content, not by name: the JPEG itself named .bmp is read (it was refused by its suffix).
+    shutil.copyfile(original, root / "images" / "val2014" / "first.bmp")
+    Trainer(_config("tiny_pronoun.yaml", root, tmp_path / "jpeg_named_bmp", *evaluate_test, "eval.max_images=1"),
+            DistEnv())
 
 
 def test_failed_evaluation_keeps_the_update_and_resumes_exactly(synth_root, tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Literal, Optional
 
+from .tasks import pronoun_problem
 from .typed_config import ConfigError
 
 BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2"]
@@ -54,6 +55,11 @@ def _at_least(minimum: int, section: str, **values: int) -> None:
 def _probability(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"{name} must be in [0, 1], got {value}")
+
+
+# Largest input side accepted (short side or cap), ten times the reference's 800 short side;
+# beyond it a forward pass asks for more memory than any machine has.
+MAX_INPUT_SIDE = 8192
 
 
 @dataclass
@@ -245,8 +251,10 @@ class InputSize:
     max_size: int = 1333
 
     def __post_init__(self) -> None:
-        if self.short_side < 1:
-            raise ConfigError(f"input_size.short_side must be >= 1, got {self.short_side}")
+        if not 1 <= self.short_side <= MAX_INPUT_SIDE:
+            raise ConfigError(f"input_size.short_side must be 1..{MAX_INPUT_SIDE}, got {self.short_side}")
+        if self.max_size > MAX_INPUT_SIDE:
+            raise ConfigError(f"input_size.max_size must be at most {MAX_INPUT_SIDE}, got {self.max_size}")
         if self.max_size < self.short_side:
             raise ConfigError(f"input_size: need short_side <= max_size, got {self.short_side} / {self.max_size}")
 
@@ -338,12 +346,15 @@ class InferenceConfig:
             # "false" from a hand-written config would be true (a non-empty string)
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"inference.{name} must be true or false, got {getattr(self, name)!r}")
-        if self.pronoun is not None and (not isinstance(self.pronoun, str) or not self.pronoun.strip()):
-            raise ConfigError(f"inference.pronoun must be a word (or None: the model's own), got {self.pronoun!r}")
+        if self.pronoun is not None and pronoun_problem(self.pronoun):
+            raise ConfigError(f"inference.pronoun: {pronoun_problem(self.pronoun)} (or None: the model's own), "
+                              f"got {self.pronoun!r}")
         for name in ("short_side", "max_size"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"inference.{name} must be >= 1 (or None: the model's own), got {value}")
+            if value is not None and not 1 <= value <= MAX_INPUT_SIDE:
+                # (10**9 reached predict and asked torch for 9e18 bytes)
+                raise ConfigError(f"inference.{name} must be 1..{MAX_INPUT_SIDE} (or None: the model's own), "
+                                  f"got {value}")
         if self.short_side is not None and self.max_size is not None and self.max_size < self.short_side:
             # seg.inference holds both resolved: dataclasses.replace(seg.inference, short_side=1500) keeps the cap
             raise ConfigError(f"inference: need short_side <= max_size, got {self.short_side} / {self.max_size} "

@@ -38,6 +38,26 @@ def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _id_of(number: re.Match) -> Optional[int]:
+    """The id of an :data:`_ID_PATTERN` match ("task_000...02" is 2); None for more digits than
+    any id has (``int()`` of 4,301 digits or more raised Python's own message)."""
+    digits = number.group(1).lstrip("+-").lstrip("0") or "0"
+    if len(digits) > 9:
+        return None
+    return -int(digits) if number.group(1).startswith("-") else int(digits)
+
+
+def pronoun_problem(pronoun: object) -> str:
+    """What is wrong with ``pronoun`` as the word a caption ends with ("" when nothing): a space
+    or newline around it (a YAML or ROS value with a stray space) was kept in every caption, as
+    tokens of its own, and moved every score without a word."""
+    if not isinstance(pronoun, str) or not pronoun.strip():
+        return "expected a word"
+    if pronoun != pronoun.strip():
+        return "expected a word without spaces or newlines around it"
+    return ""
+
+
 @dataclass(frozen=True)
 class TaskEntry:
     """One task of a vocabulary: ``id`` (1-based), its verb ``phrase`` (no trailing space) and,
@@ -68,8 +88,9 @@ class TaskVocabulary:
             if not isinstance(entry.phrase, str) or not entry.phrase.strip():
                 raise ValueError(f"{at} (id {entry.id}): phrase: expected a non-empty verb phrase, got "
                                  f"{entry.phrase!r}")
-            if not isinstance(entry.pronoun, str) or (entry.pronoun and not entry.pronoun.strip()):
-                raise ValueError(f"{at} (id {entry.id}): pronoun: expected a word, got {entry.pronoun!r}")
+            if not isinstance(entry.pronoun, str) or (entry.pronoun and pronoun_problem(entry.pronoun)):
+                raise ValueError(f"{at} (id {entry.id}): pronoun: {pronoun_problem(entry.pronoun)}, got "
+                                 f"{entry.pronoun!r}")
         seen: dict[str, int] = {}
         for entry in self.entries:
             key = _normalise(entry.phrase)
@@ -260,12 +281,13 @@ def resolve_task(task: Union[int, str], pronoun: str = DEFAULT_PRONOUN,
     if not isinstance(task, str):
         raise TypeError(f"task must be an int id or a string, got {type(task).__name__}")
     text = task.strip()
-    if not text:
-        raise ValueError("task text is empty")
+    if not any(character.isprintable() and not character.isspace() for character in text):
+        # (a zero-width space, a NUL: nothing the model could read as a task)
+        raise ValueError("task text is empty" + (f" (only invisible characters: {text!r})" if text else ""))
     number = _ID_PATTERN.fullmatch(text)
     if number:
-        task_id = int(number.group(1))
-        if task_id not in vocabulary:
+        task_id = _id_of(number)
+        if task_id is None or task_id not in vocabulary:
             raise ValueError(f"task {quote(text)} looks like a task id but {vocabulary.describe()} has ids "
                              f"1..{vocabulary.num_tasks}")
         return resolve_task(task_id, pronoun, vocabulary)
@@ -292,7 +314,7 @@ def names_task(text: str, task_id: int, caption: str) -> bool:
     ``active_task`` without the node's vocabulary."""
     number = _ID_PATTERN.fullmatch(text.strip())
     if number:
-        return task_id > 0 and int(number.group(1)) == task_id
+        return task_id > 0 and _id_of(number) == task_id
     wanted = _normalise(text)
     phrase = caption.rsplit(" ", 1)[0]
     return wanted in (_normalise(caption), _normalise(phrase)) or (

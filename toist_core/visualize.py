@@ -14,6 +14,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from toist_core.data.tiff_orientation import TIFF_SIGNATURES, tiff_orientation_problem
+
 # Distinct, saturated RGB colours; instance i gets PALETTE[i % len(PALETTE)].
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -133,6 +135,7 @@ def load_rgb(path: Union[str, Path]) -> np.ndarray:
         raise ValueError(f"{path}: cannot read the image: the file is empty")
     from toist_core.data.pixels import decode_rgb, decodes
 
+    _refuse_huge_or_turned(path, head)
     if decodes(head):
         return np.ascontiguousarray(decode_rgb(path).permute(1, 2, 0).numpy())
     import cv2
@@ -169,6 +172,37 @@ def load_rgb(path: Union[str, Path]) -> np.ndarray:
         grey = stored if stored.ndim == 2 else stored[..., 0]
         return np.repeat(grey[..., None], 3, axis=2)
     return np.ascontiguousarray(stored[..., 2::-1])  # BGR or BGRA (alpha dropped, as IMREAD_COLOR did)
+
+
+# Largest picture `load_rgb` decodes: a few kilobytes of PNG can declare 40000 x 40000 pixels, and
+# decoding one that big ended the process for want of memory, without a word (~18 bytes a pixel
+# by the time it is a model input: 100 million pixels is ~2 GB; a 48-megapixel photo is fine).
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+def _refuse_huge_or_turned(path: Union[str, Path], head: bytes) -> None:
+    """ValueError for a picture whose header declares more than :data:`MAX_IMAGE_PIXELS`, or a
+    TIFF stored turned (:mod:`toist_core.data.tiff_orientation`); the header alone is read, and
+    what Pillow cannot identify is left to the decoders to name."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    too_many = f"more than the {MAX_IMAGE_PIXELS:,} toist decodes (a decompression bomb, or a picture to downscale first)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # (ours is below)
+            with Image.open(path) as image:
+                width, height = image.size
+                problem = tiff_orientation_problem(image) if head[:4] in TIFF_SIGNATURES else ""
+    except Image.DecompressionBombError as exc:   # (Pillow's own limit, above ours)
+        raise ValueError(f"{path}: the image declares {too_many}: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, RuntimeError):
+        return
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{path}: the image declares {width}x{height} pixels, {too_many}")
+    if problem:
+        raise ValueError(f"{path}: {problem}")
 
 
 def save_rgb(path: Union[str, Path], image: np.ndarray) -> None:

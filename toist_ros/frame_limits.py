@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from toist_core.data.tiff_orientation import tiff_orientation_problem
 from toist_ros.conversions import ImageError, compressed_to_rgb, image_to_rgb
 
 # Under half the backbone's 32-pixel stride the feature map of the short side is a single row
@@ -89,12 +90,18 @@ def compressed_size(msg: Any) -> tuple[int, int]:
             # Pillow warns (or refuses) above its own pixel limit; ours is input.max_pixels.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
-                return image.size
+                problem = tiff_orientation_problem(image)
+                size = image.size
     except Image.DecompressionBombError as exc:
         raise ImageError("too_large", f"compressed image declares too many pixels ({exc})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    # A decoder's own RuntimeError too (Pillow's AVIF plugin on a garbled file: it reached the
+    # node's callback as an internal error, traceback and all, not a rejected frame).
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, RuntimeError) as exc:
         raise ImageError("decode", f"cannot read the header of the {len(data)} bytes of compressed image "
                                    f"(format {msg.format!r}, first bytes {data[:8].hex()}): {exc}") from None
+    if problem:
+        raise ImageError("decode", f"compressed image (format {msg.format!r}): {problem}")
+    return size
 
 
 __all__ = ["FrameLimits", "MIN_MODEL_SIDE", "check_stamp", "compressed_size"]

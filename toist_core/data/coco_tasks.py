@@ -39,7 +39,7 @@ from toist_core.data.captions import (OWN_CATEGORIES_FIELD, CaptionTargets, cate
 from toist_core.data.config import CaptionMode, DataConfig
 from toist_core.data.pixels import decode_rgb
 from toist_core.data.schema import (AnnotationRecord, DataError, ImageRecord, TaskFile, annotation_rle,
-                                    check_decodable, check_image_size, clipped_box, load_task_file)
+                                    check_image_size, clipped_box, load_task_file)
 from toist_core.data.transforms import Normalize, make_transforms
 from toist_core.tasks import COCO_TASKS, DEFAULT_PRONOUN, TaskVocabulary
 
@@ -166,7 +166,7 @@ class CocoTasksDataset(Dataset):
             where = f"image id {image.id}, field 'file_name' in {self.files[k].path}{note}"
             if not path.is_file():
                 raise DataError(f"{path}: {what} file not found ({where})")
-            check_decodable(path, where)
+            # (by content, not by name: a PNG named .bmp reads; a BMP named .jpg does not)
             if (path, image.height, image.width) not in checked:
                 check_image_size(path, image.height, image.width, f"image id {image.id} in {self.files[k].path}{note}")
                 checked.add((path, image.height, image.width))

@@ -462,10 +462,16 @@ def check_image_size(path: Union[str, Path], height: int, width: int, where: str
                                 f"(torchvision's decode_image); this file is {picture.format or 'of another format'}"
                                 f"{f' although named {Path(path).suffix}' if Path(path).suffix else ''}: "
                                 f"convert it, e.g. to PNG ({where})")
+            if picture.format == "WEBP" and getattr(picture, "n_frames", 1) > 1:
+                # (the size check passed it, and the first training read refused it)
+                raise DataError(f"{path}: an animated WebP, which training and evaluation do not decode "
+                                f"(torchvision's decode_image); save its first frame, e.g. as PNG ({where})")
             stored_width, stored_height = picture.size
             if (stored_height, stored_width) == (height, width):
                 return
             orientation = _exif_orientation(picture)
+    except DataError:   # (a ValueError: it was wrapped in "cannot read the image" by the clause below)
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         # (PIL words an empty file "cannot identify image file": a copy that never happened; a
         # damaged header can raise ValueError / SyntaxError, e.g. "Truncated IHDR chunk")

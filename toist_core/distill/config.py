@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from ..tasks import DEFAULT_PRONOUN, NUM_TASKS
+from ..tasks import DEFAULT_PRONOUN, NUM_TASKS, pronoun_problem
 
 
 @dataclass
@@ -67,8 +67,8 @@ class DistillConfig:
             # k-means stops when (sum of centre shifts)^2 < tol: never for 0 at a fixed point.
             raise ValueError("kmeans_tol: 0 with kmeans_max_iter null would never stop; "
                              "give a tolerance > 0 or an iteration cap")
-        if not self.pronoun.strip():
-            raise ValueError(f"pronoun: must be a non-empty word, got {self.pronoun!r}")
+        if pronoun_problem(self.pronoun):
+            raise ValueError(f"pronoun: {pronoun_problem(self.pronoun)}, got {self.pronoun!r}")
 
     @property
     def uses_bank(self) -> bool:

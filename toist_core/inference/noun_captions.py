@@ -8,6 +8,7 @@ so (``--verb_noun_input``, ``eval_dete_noun.sh``). Used by training's evaluation
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Sequence, Union
 
 import torch
@@ -27,7 +28,7 @@ def noun_caption_state(model: nn.Module, dataset: CocoTasksDataset, index: Union
     ``index`` a sequence: one caption per sample, encoded together as the reference's batches
     are (padded to the longest, the padding masked), for ``predict_batch`` of those samples'
     images in that order; ``caption`` then holds them one per line."""
-    indices = [index] if isinstance(index, int) else list(index)
+    indices = [index] if isinstance(index, Integral) else list(index)
     captions = []
     for i in indices:
         task_file, record = dataset.sample_info(i)

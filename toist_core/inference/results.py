@@ -9,7 +9,7 @@ import numpy as np
 from torch import Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)   # compared by identity: its fields are tensors
 class TaskState:
     """Everything about the current task that does not depend on the image (immutable).
 

@@ -8,20 +8,38 @@ records which modules were training and gives exactly those their flag back.
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from typing import Iterator
 
 from torch import nn
 
+# Per model: how many spans are open (in any thread) and the modules the first one switched.
+# A span that ended while another still ran gave the training flags back under it: a set_task
+# beside a predict on a model handed over in training mode encoded its task with dropout on.
+_open_spans: "weakref.WeakKeyDictionary[nn.Module, tuple[int, list[nn.Module]]]" = weakref.WeakKeyDictionary()
+_spans_lock = threading.Lock()
+
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``with eval_mode(model):`` runs in eval mode; a model already in eval mode is not touched
-    (so concurrent callers never race on the flags)."""
-    training = [module for module in model.modules() if module.training]
-    for module in training:
-        module.training = False
+    """``with eval_mode(model):`` runs in eval mode; the modules that were training get their
+    flag back when the last span open on ``model`` (in any thread) ends, so overlapping callers
+    never run part of a forward in training mode. A model already in eval mode is not touched."""
+    with _spans_lock:
+        count, switched = _open_spans.get(model, (0, []))
+        if count == 0:
+            switched = [module for module in model.modules() if module.training]
+            for module in switched:
+                module.training = False
+        _open_spans[model] = (count + 1, switched)
     try:
         yield model
     finally:
-        for module in training:
-            module.training = True
+        with _spans_lock:
+            count, switched = _open_spans.pop(model)
+            if count > 1:
+                _open_spans[model] = (count - 1, switched)
+            else:
+                for module in switched:
+                    module.training = True
