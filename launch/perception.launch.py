@@ -59,6 +59,8 @@ ARGUMENTS = (
     ("allow_cpu_fallback", "", "true | false: run on the CPU when the CUDA device is missing; "
                                "empty = the params file's value"),
     ("precision", "", "fp32 | fp16 | bf16; empty = the params file's value"),
+    ("backend", "", "torch | onnxruntime | tensorrt (a model directory's ONNX graphs, from `toist export --onnx`); "
+                    "empty = the params file's value"),
     ("task", "", "task at start (id, name or free text); empty = the params file's value"),
     ("compressed", "", "true | false: subscribe <image_topic>/compressed; empty = the params file's value"),
     ("reliability", "", "auto | reliable | best_effort image subscription; empty = the params file's value"),
@@ -80,6 +82,7 @@ ARGUMENTS = (
 PARAMETER_ARGUMENTS = {
     "checkpoint": ("checkpoint", str), "text_encoder": ("text_encoder", str), "device": ("device", str),
     "allow_cpu_fallback": ("allow_cpu_fallback", bool), "precision": ("precision", str), "task": ("task", str),
+    "backend": ("backend", str),
     "compressed": ("input.compressed", bool), "reliability": ("input.reliability", str),
     "depth": ("depth.enabled", bool), "detections": ("output.detections", bool),
 }

@@ -138,3 +138,9 @@ def test_a_mount_point_is_refused_before_anything_is_written(tmp_path, monkeypat
     (tmp_path / "link").symlink_to(mount)
     with pytest.raises(CheckpointError, match=r"link is a mount point"):
         export_model_dir(tmp_path / "not_read.pth", tmp_path / "link")
+    # A caller that cannot take a folder inside it (a training run exports to <output_dir>/model)
+    # gives its own advice, not "e.g. .../model/model".
+    from toist_core.checkpoint.model_dir import check_replaceable
+
+    with pytest.raises(CheckpointError, match=r"is a mount point: .*; choose another output_dir$"):
+        check_replaceable(mount, remedy="choose another output_dir")

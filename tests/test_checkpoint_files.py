@@ -267,9 +267,9 @@ def test_a_symlinked_model_directory_stays_a_link_to_the_replaced_folder(tmp_pat
 
 def test_two_replacements_of_one_folder_at_once_both_complete(tmp_path):
     """Two exports into one folder at the same time: the second removed the first's staging tree
-    as a crash's leftover, and the first failed with a bare FileNotFoundError. Trees of writers
-    still running are left alone; those of dead ones (or unnamed, older toist versions) go, and
-    a folder name with glob characters matches only its own."""
+    as a crash's leftover, and the first failed with a bare FileNotFoundError. Trees a writer
+    holds (its lock) are left alone, every other leftover goes, and a folder name with glob
+    characters matches only its own."""
     import threading
 
     from toist_core.checkpoint.atomic_dir import write_directory
@@ -301,13 +301,14 @@ def test_two_replacements_of_one_folder_at_once_both_complete(tmp_path):
     assert (target / "who").read_text() == "first" and (target / "done").is_file()   # the last to finish
 
     target = tmp_path / "model[1]"
-    dead = tmp_path / ".model[1].staging-999999999-abc"    # no such process id
-    unnamed = tmp_path / ".model[1].staging-old"
-    other = tmp_path / ".model1.staging-999999999-abc"     # another folder's
-    for folder in (dead, unnamed, other):
+    crashed = tmp_path / ".model[1].staging-abc"
+    # A leftover named like a live process's (process ids are reused after a reboot; 1 in a container)
+    reused = tmp_path / f".model[1].staging-{os.getpid()}-old"
+    other = tmp_path / ".model1.staging-abc"     # another folder's
+    for folder in (crashed, reused, other):
         folder.mkdir()
     write_directory(target, lambda staging: (staging / "who").write_text("third"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".model1.staging-999999999-abc", "model", "model[1]"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model1.staging-abc", "model", "model[1]"]
 
 
 def test_model_directories_record_their_tasks_and_other_tasks_warn_once(train_run, tmp_path):

@@ -56,3 +56,16 @@ def test_a_span_ending_while_another_runs_leaves_eval_mode_on():
     thread.join(10)
     assert seen_by_b == [[False] * 5]
     assert _training(model) == before
+
+
+def test_a_model_put_back_into_training_mode_during_a_span_is_switched_by_the_next():
+    """Only the first of overlapping spans switched modules: a model set to training mode while
+    one was open (a trainer's train()) ran the next span's forward with dropout on."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    model.eval()
+    with eval_mode(model):
+        model.train()
+        with eval_mode(model):
+            assert not any(_training(model))
+        assert not any(_training(model))   # the outer span still open
+    assert all(_training(model))           # as the caller last left it

@@ -296,3 +296,45 @@ def test_a_callback_queued_behind_a_busy_pool_runs_and_is_reported_once():
         node.destroy_node()
         rclpy.shutdown(context=context)
 
+
+
+def test_coroutine_callbacks_resume_after_an_await():
+    """A coroutine paused at an await is yielded again by rclpy to resume: the check that kept a
+    queued task from being submitted twice dropped it every time, and it never finished."""
+    from rclpy.callback_groups import ReentrantCallbackGroup
+    from rclpy.task import Future
+    from toist_ros.executor import PerceptionExecutor
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("executor_coroutines", context=context)
+    pooled, inline = ReentrantCallbackGroup(), ReentrantCallbackGroup()
+    errors, done = [], []
+    executor = PerceptionExecutor([inline], num_threads=2, context=context, on_callback_error=errors.append)
+    executor.add_node(node)
+    try:
+        later = Future()
+
+        async def waiting_callback():
+            first.cancel()
+            await later
+            done.append("callback")
+
+        def setter():
+            second.cancel()
+            later.set_result(1)
+
+        async def waiting_task():
+            await later
+            done.append("task")
+
+        first = node.create_timer(0.01, waiting_callback, callback_group=pooled)
+        second = node.create_timer(0.2, setter, callback_group=pooled)
+        task = executor.create_task(waiting_task())
+        assert _spin_until(executor, lambda: len(done) == 2 and task.done(), timeout=10), done
+        assert sorted(done) == ["callback", "task"] and errors == []
+        assert _spin_until(executor, lambda: not executor._pending, timeout=5)
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = ROOT / "launch" / "perception.launch.py"
 CONTRACT_ARGUMENTS = {"namespace", "image_topic", "params_file", "checkpoint", "device", "task", "use_sim_time",
                       "log_level", "text_encoder", "allow_cpu_fallback", "precision", "compressed", "reliability",
-                      "depth", "depth_topic", "camera_info_topic", "detections", "lifecycle", "autostart"}
+                      "depth", "depth_topic", "camera_info_topic", "detections", "lifecycle", "autostart", "backend"}
 P_YAML = str(ROOT / "config" / "perception.yaml")  # a params file that exists
 DEFAULT_REMAPS = [("depth", "depth"), ("camera_info", "camera_info")]
 
@@ -103,6 +103,9 @@ def test_depth_arguments_enable_depth_and_remap_its_topics():
         launch.node_options({"params_file": P_YAML, "depth_topic": ""})
     detections = launch.node_options({"params_file": P_YAML, "detections": "true"})
     assert detections["parameters"][1] == {"output.detections": True}
+    # What `toist export --onnx` tells users to pass (it was no launch argument: refused as unknown).
+    onnx = launch.node_options({"params_file": P_YAML, "backend": "onnxruntime"})
+    assert onnx["parameters"][1] == {"backend": "onnxruntime"}
 
 
 def test_a_namespace_with_a_trailing_slash_is_a_valid_one():

@@ -109,3 +109,14 @@ def test_errors_quote_at_most_80_characters():
     with pytest.raises(ValueError) as info:
         resolve_task(long_text)  # integer-looking: an id, and out of range
     assert len(str(info.value)) < 200
+
+
+def test_a_pronoun_with_spaces_around_it_is_refused_where_a_vocabulary_is_taken_up():
+    """Kept in every caption of the task as tokens of their own; a model's recorded vocabulary
+    is read as it is (a model trained on it still serves its ids)."""
+    recorded = TaskVocabulary.from_data({"tasks": [{"id": 1, "phrase": "step on", "pronoun": "them "}]})
+    assert recorded.pronoun_of(1) == "them "
+    assert recorded.request_problem() == "task vocabulary: task 1: pronoun 'them ': expected a word without " \
+                                         "spaces or newlines around it"
+    assert TaskVocabulary.from_data({"tasks": [{"id": 1, "phrase": "step on", "pronoun": "those ones"}]}) \
+        .request_problem() == ""

@@ -300,6 +300,25 @@ def test_toist_cli_has_the_train_subcommand(capsys):
     assert args.command == "train" and args.overrides == ["optim.lr=1"] and args.config == "x.yaml"
 
 
+def test_a_comment_in_an_override_is_refused_and_a_quoted_hash_kept(synth_root, tmp_path, capsys):
+    """'output_dir=runs/exp #2' trained into runs/exp: YAML read ' #2' as a comment."""
+    with pytest.raises(ConfigError, match=r"override 'output_dir=runs/exp #2': a '#' after a space starts a YAML "
+                                          r"comment, .*output_dir='runs/exp #2'"):
+        load_config(CONFIGS / "tiny_pronoun.yaml", ["output_dir=runs/exp #2"])
+    assert load_config(CONFIGS / "tiny_pronoun.yaml", ["output_dir='runs/exp #2'"]).output_dir == "runs/exp #2"
+    assert load_config(CONFIGS / "tiny_pronoun.yaml", ["output_dir=runs/exp#2"]).output_dir == "runs/exp#2"
+
+
+def test_check_names_an_output_dir_that_is_a_file_and_a_tokenizer_it_cannot_load(synth_root, tmp_path, capsys):
+    """Both passed --check and failed the start late: a mkdir error naming no field, minutes in."""
+    (tmp_path / "afile").write_text("")
+    common = ["--config", str(CONFIGS / "tiny_pronoun.yaml"), "--check", f"data.root={synth_root}", "data.tasks=[1]"]
+    assert train_main([*common, f"output_dir={tmp_path / 'afile'}"]) == 2
+    assert f"output_dir: {tmp_path / 'afile'} exists and is not a folder" in capsys.readouterr().err
+    assert train_main([*common, f"output_dir={tmp_path / 'run'}", f"model.text.tokenizer={tmp_path / 'nothing'}"]) == 2
+    assert str(tmp_path / "nothing") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("entry", ["toist train", "python -m training.train"])
 def test_overrides_may_follow_an_option(synth_root, capsys, entry):
     """`toist train --config run.yaml --check optim.lr=1e-4` (an override added after a docs

@@ -272,6 +272,15 @@ def test_resume_refuses_changed_optimizer_settings_before_writing(synth_root, tm
     assert f"init.load={ckpt}" in message
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
     assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"] == 1e-4
+    # Nor is the EMA switched off (its weights were dropped from every later checkpoint) or on.
+    from training.start_checks import check_start
+
+    without_ema = _config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=2", "optim.ema=false")
+    for start in (lambda: Trainer(without_ema, DistEnv(), resume=str(ckpt)), lambda: check_start(without_ema, str(ckpt))):
+        with pytest.raises(CheckpointError, match=r"optim.ema: checkpoint True, config False: its EMA weights .* "
+                                                  r"would be dropped. Resume with optim.ema=true"):
+            start()
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
     # The same optimizer settings resume (other settings may change).
     same = _config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=2", "optim.clip_max_norm=0.2")
     assert Trainer(same, DistEnv(), resume=str(ckpt)).run().step == 2
@@ -454,6 +463,11 @@ def test_training_data_without_targets_is_refused_and_a_task_without_them_said(s
     Trainer(_config("tiny_pronoun.yaml", crowded(tmp_path / "one", (2,)), tmp_path / "run"), DistEnv(),
             log=logged.append)
     assert any("task(s) [2] have no object to train on" in line for line in logged), logged
+    # Grounding keeps each shared image once, under its first task, and trains on every object:
+    # the other tasks counting none there is no problem (the recipe's pretraining said so each run).
+    logged.clear()
+    Trainer(_config("tiny_grounding.yaml", synth_root, tmp_path / "grounding"), DistEnv(), log=logged.append)
+    assert not any("have no object to train on" in line for line in logged), logged
 
 
 def test_a_batch_larger_than_the_data_names_the_field(synth_root, tmp_path):

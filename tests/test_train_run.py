@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -498,18 +499,35 @@ def test_mask_head_distill_refuses_a_detector_distilled_without_ccr_or_with_anot
 
 
 @pytest.mark.parametrize("stage", ["mask_head", "mask_head_distill"])
-def test_a_mask_stage_refuses_a_noun_caption_detector(synth_root, tmp_path, stage):
+def test_a_mask_stage_refuses_a_noun_caption_detector(synth_root, tmp_path, stage, monkeypatch, capsys):
     """A noun teacher as init.frozen_weights trained without a word: its frozen detector reads
-    noun captions, the head trained and evaluated on pronoun captions over it."""
+    noun captions, the head trained and evaluated on pronoun captions over it. Refused before
+    the dataset is built (it was refused after: minutes on COCO-Tasks), and by --check (it said OK)."""
+    import training.loops as loops
     from toist_core.checkpoint import CheckpointError
+    from training.train import main as train_main
 
     Trainer(_config("tiny_noun.yaml", synth_root, tmp_path / "noun", "schedule.max_steps=1"), DistEnv()).run()
     teacher = tmp_path / "noun" / "checkpoint.pth"
-    with pytest.raises(CheckpointError, match=rf"{teacher} reads captions naming the objects \(stage 'noun'\); stage "
-                                              rf"'{stage}' trains its mask head on pronoun captions"):
+    says = rf"{teacher} reads captions naming the objects \(stage 'noun'\); stage '{stage}' trains its mask head"
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("the dataset was built before the detector was checked")
+
+    monkeypatch.setattr(loops, "build_dataset", not_yet)
+    with pytest.raises(CheckpointError, match=says):
         Trainer(_config(f"tiny_{stage}.yaml", synth_root, tmp_path / "masks", "distill.bank_size=8",
                         f"init.frozen_weights={teacher}"), DistEnv())
     assert not (tmp_path / "masks" / "checkpoint.pth").exists()
+    config = str(Path(__file__).resolve().parents[1] / "training" / "configs" / f"tiny_{stage}.yaml")
+    common = ["--config", config, "--check", f"output_dir={tmp_path / 'checked'}", f"data.root={synth_root}", *FAST,
+              "distill.bank_size=8"]
+    assert train_main([*common, f"init.frozen_weights={teacher}"]) == 2
+    assert re.search(says, capsys.readouterr().err)
+    # A run folder given there: the advice names its checkpoint files, not its model directory.
+    assert train_main([*common, f"init.frozen_weights={tmp_path / 'noun'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"a checkpoint file: give {teacher}" in err and "model directory)" not in err
 
 
 EVAL_AT_2 = ["eval.enabled=true", "eval.holdout_fraction=0.25", "eval.max_images=2", "eval.every_steps=2",

@@ -57,8 +57,9 @@ def _probability(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be in [0, 1], got {value}")
 
 
-# Largest input side accepted (short side or cap), ten times the reference's 800 short side;
-# beyond it a forward pass asks for more memory than any machine has.
+# Largest input side an inference setting may ask for (short side or cap), ten times the
+# reference's 800 short side; beyond it a forward pass asks for more memory than any machine
+# has. (A model's own input size, recorded by its training, is not judged by it.)
 MAX_INPUT_SIDE = 8192
 
 
@@ -251,10 +252,8 @@ class InputSize:
     max_size: int = 1333
 
     def __post_init__(self) -> None:
-        if not 1 <= self.short_side <= MAX_INPUT_SIDE:
-            raise ConfigError(f"input_size.short_side must be 1..{MAX_INPUT_SIDE}, got {self.short_side}")
-        if self.max_size > MAX_INPUT_SIDE:
-            raise ConfigError(f"input_size.max_size must be at most {MAX_INPUT_SIDE}, got {self.max_size}")
+        if self.short_side < 1:
+            raise ConfigError(f"input_size.short_side must be >= 1, got {self.short_side}")
         if self.max_size < self.short_side:
             raise ConfigError(f"input_size: need short_side <= max_size, got {self.short_side} / {self.max_size}")
 

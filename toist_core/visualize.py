@@ -14,7 +14,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from toist_core.data.tiff_orientation import TIFF_SIGNATURES, tiff_orientation_problem
+from toist_core.data.tiff_orientation import tiff_orientation_problem
 
 # Distinct, saturated RGB colours; instance i gets PALETTE[i % len(PALETTE)].
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -135,7 +135,7 @@ def load_rgb(path: Union[str, Path]) -> np.ndarray:
         raise ValueError(f"{path}: cannot read the image: the file is empty")
     from toist_core.data.pixels import decode_rgb, decodes
 
-    _refuse_huge_or_turned(path, head)
+    _refuse_huge_or_turned(path)
     if decodes(head):
         return np.ascontiguousarray(decode_rgb(path).permute(1, 2, 0).numpy())
     import cv2
@@ -176,11 +176,12 @@ def load_rgb(path: Union[str, Path]) -> np.ndarray:
 
 # Largest picture `load_rgb` decodes: a few kilobytes of PNG can declare 40000 x 40000 pixels, and
 # decoding one that big ended the process for want of memory, without a word (~18 bytes a pixel
-# by the time it is a model input: 100 million pixels is ~2 GB; a 48-megapixel photo is fine).
-MAX_IMAGE_PIXELS = 100_000_000
+# by the time it is a model input). Pillow's own decompression-bomb limit: a 108-megapixel phone
+# photo is read (~2 GB), a 200-megapixel one is refused.
+MAX_IMAGE_PIXELS = 178_956_970
 
 
-def _refuse_huge_or_turned(path: Union[str, Path], head: bytes) -> None:
+def _refuse_huge_or_turned(path: Union[str, Path]) -> None:
     """ValueError for a picture whose header declares more than :data:`MAX_IMAGE_PIXELS`, or a
     TIFF stored turned (:mod:`toist_core.data.tiff_orientation`); the header alone is read, and
     what Pillow cannot identify is left to the decoders to name."""
@@ -194,7 +195,7 @@ def _refuse_huge_or_turned(path: Union[str, Path], head: bytes) -> None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # (ours is below)
             with Image.open(path) as image:
                 width, height = image.size
-                problem = tiff_orientation_problem(image) if head[:4] in TIFF_SIGNATURES else ""
+                problem = tiff_orientation_problem(image)   # (BigTIFF too: by Pillow's reading, not a signature)
     except Image.DecompressionBombError as exc:   # (Pillow's own limit, above ours)
         raise ValueError(f"{path}: the image declares {too_many}: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, RuntimeError):

@@ -19,7 +19,7 @@ the hook that ``Executor.spin_until_future_complete`` calls in Jazzy and later.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Optional
 
 from rclpy.exceptions import InvalidHandle
@@ -49,9 +49,10 @@ class PerceptionExecutor(Executor):
         self._waiting_pool = ThreadPoolExecutor(waiting_threads, thread_name_prefix="toist_waiting")
         self._on_callback_error = on_callback_error
         self._invalid_in_a_row = 0   # wait sets that met a destroyed entity, one after the other
-        # rclpy Tasks handed to a pool: the Task, not the pool's future, holds what the callback
-        # raised (Task.__call__ catches it; the pool's future only ever held None).
-        self._pending: list[Any] = []
+        # rclpy Tasks handed to a pool, by id: (the Task, the pool's future of that hand-over). The
+        # Task, not the future, holds what the callback raised (Task.__call__ catches it; the
+        # future only ever holds None); the future says whether the hand-over has run.
+        self._pending: dict[int, tuple[Any, Future]] = {}
 
     def spin_once(self, timeout_sec: Optional[float] = None) -> None:
         self._spin_once(timeout_sec)
@@ -84,25 +85,27 @@ class PerceptionExecutor(Executor):
             return
         self._invalid_in_a_row = 0
         group = getattr(entity, "callback_group", None)
-        if any(handler is task for task in self._pending):
-            # rclpy yields a task again after every wait until it starts running: this one waits
-            # in a busy pool's queue already. Submitted again, it was reported once per copy
-            # (one exception counted 41 times while a slow callback held the pool).
+        submitted = self._pending.get(id(handler))
+        if submitted is not None and not submitted[1].done():
+            # rclpy yields a task again after every wait until it runs: this one waits in a busy
+            # pool's queue already. Submitted again, it was reported once per copy (one exception
+            # counted 41 times while a slow callback held the pool). (A coroutine paused at an
+            # await, its hand-over done, is handed over again below to resume.)
             pass
         elif any(group is inline for inline in self._inline_groups):
             handler()
             self._finished(handler)
         else:
             pool = self._waiting_pool if any(group is waiting for waiting in self._waiting_groups) else self._pool
-            pool.submit(handler)
-            self._pending.append(handler)
+            self._pending[id(handler)] = (handler, pool.submit(handler))
         self._reap()
 
     def _reap(self) -> None:
         """Report the pooled callbacks that have finished (after every wait, one that timed out too)."""
-        for task in [t for t in self._pending if t.done()]:
-            self._pending.remove(task)
-            self._finished(task)
+        for key, (task, _future) in list(self._pending.items()):
+            if task.done():
+                del self._pending[key]
+                self._finished(task)
 
     def _finished(self, task: Any) -> None:
         """Raise (or hand to ``on_callback_error``) what the callback of a done ``task`` raised."""

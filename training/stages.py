@@ -104,13 +104,34 @@ def _note_source(cfg: TrainConfig, trained_by: list, field_name: str, path: str,
 
 def _load_frozen_detector(cfg: TrainConfig, model: nn.Module, trained_by: list, log) -> OfficialCheckpoint:
     """``init.frozen_weights``' detector into ``model.detr``, after checking that the file suits
-    the mask stage (a distilled detector for ``mask_head_distill``, with CCR, its pronoun); the
-    file as read."""
+    the mask stage (:func:`check_frozen_detector`); the file as read."""
+    ckpt = read_frozen_detector(cfg)
+    _note_source(cfg, trained_by, "init.frozen_weights", cfg.init.frozen_weights, ckpt.train_config, log)
+    check_frozen_detector(cfg, ckpt, log)
+    detector_state = ckpt.detector_state_dict()
+    if not model.detr.contrastive_align:
+        # Trained with contrastive align, used without it (as the reference's mask stage):
+        # those projections only serve the training loss.
+        detector_state = {k: v for k, v in detector_state.items() if not k.startswith(_CONTRASTIVE)}
+    _load_into(model.detr, detector_state, cfg.init.strict,
+               f"init.frozen_weights {cfg.init.frozen_weights} [{ckpt.source_key}]", log)
+    return ckpt
+
+
+def read_frozen_detector(cfg: TrainConfig) -> OfficialCheckpoint:
+    """The file ``init.frozen_weights`` names, read (mapped); an error names the field."""
     try:
-        ckpt = read_official(cfg.init.frozen_weights)
+        return read_official(cfg.init.frozen_weights)
     except CheckpointError as exc:
         raise CheckpointError(f"init.frozen_weights: {exc}") from None
-    _note_source(cfg, trained_by, "init.frozen_weights", cfg.init.frozen_weights, ckpt.train_config, log)
+
+
+def check_frozen_detector(cfg: TrainConfig, ckpt: OfficialCheckpoint, log=None) -> None:
+    """CheckpointError unless ``init.frozen_weights`` suits the mask stage: a pronoun detector, a
+    distilled one with CCR, its pronoun and a bank of the config's shape for
+    ``mask_head_distill``. Needs no model, so ``check_paths`` runs it before the dataset is built
+    and for ``toist train --check`` (which said OK for what the start then refused, minutes in).
+    ``log``: where warnings go (None: not said)."""
     if training_captions(ckpt) == "noun":  # frozen: it never learns this stage's pronoun captions
         stage = (ckpt.train_config or {}).get("stage")
         raise CheckpointError(f"init.frozen_weights: {cfg.init.frozen_weights} reads captions naming the objects "
@@ -122,7 +143,7 @@ def _load_frozen_detector(cfg: TrainConfig, model: nn.Module, trained_by: list, 
     # which pronoun; official files record neither (the reference always replaces).
     distilled_as = (ckpt.train_config or {}).get("distill") or {}
     detector_ccr = ckpt.cluster_state is not None and trained_with_ccr(ckpt)
-    if cfg.stage == "mask_head" and detector_ccr:
+    if cfg.stage == "mask_head" and detector_ccr and log is not None:
         log(f"warning: init.frozen_weights: {cfg.init.frozen_weights} is a distilled detector (it has a memory "
             "bank); stage 'mask_head' trains without it, so without cluster-centre replacement: "
             "stage 'mask_head_distill' keeps it")
@@ -139,24 +160,17 @@ def _load_frozen_detector(cfg: TrainConfig, model: nn.Module, trained_by: list, 
                                   f"{distilled_as['pronoun']!r}; this stage's captions end with data.pronoun "
                                   f"{cfg.data.pronoun!r}: set data.pronoun and distill.pronoun to "
                                   f"{distilled_as['pronoun']!r}")
-    detector_state = ckpt.detector_state_dict()
-    if not model.detr.contrastive_align:
-        # Trained with contrastive align, used without it (as the reference's mask stage):
-        # those projections only serve the training loss.
-        detector_state = {k: v for k, v in detector_state.items() if not k.startswith(_CONTRASTIVE)}
-    _load_into(model.detr, detector_state, cfg.init.strict,
-               f"init.frozen_weights {cfg.init.frozen_weights} [{ckpt.source_key}]", log)
-    return ckpt
+        found = tuple(ckpt.cluster_state["feature_bank"].shape) + (ckpt.cluster_state["cluster_centers"].shape[1],)
+        wanted = (cfg.distill.num_tasks, cfg.distill.bank_size, cfg.distill.feature_dim, cfg.distill.num_clusters)
+        if found != wanted:
+            raise CheckpointError(
+                f"init.frozen_weights: the bank of {cfg.init.frozen_weights} has (tasks, size, dim, K) = {found}, "
+                f"the config (distill.num_tasks, bank_size, feature_dim, num_clusters) = {wanted}")
 
 
 def _load_frozen_bank(cfg: TrainConfig, cluster: ClusterModule, ckpt: OfficialCheckpoint) -> None:
-    """The distilled detector's memory bank (fixed in ``mask_head_distill``: used for CCR)."""
-    found = tuple(ckpt.cluster_state["feature_bank"].shape) + (ckpt.cluster_state["cluster_centers"].shape[1],)
-    wanted = (cfg.distill.num_tasks, cfg.distill.bank_size, cfg.distill.feature_dim, cfg.distill.num_clusters)
-    if found != wanted:
-        raise CheckpointError(
-            f"init.frozen_weights: the bank of {cfg.init.frozen_weights} has (tasks, size, dim, K) = {found}, "
-            f"the config (distill.num_tasks, bank_size, feature_dim, num_clusters) = {wanted}")
+    """The distilled detector's memory bank (fixed in ``mask_head_distill``: used for CCR; its
+    shape checked by :func:`check_frozen_detector`)."""
     load_state_dict_strict(cluster.bank, {k: v.float() for k, v in ckpt.cluster_state.items()},
                            where=f"init.frozen_weights {cfg.init.frozen_weights} [cluster_criterion]")
 

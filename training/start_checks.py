@@ -178,6 +178,15 @@ def check_resume_config(ckpt: dict, cfg: TrainConfig, path) -> None:
         raise ckpt_io.CheckpointError(
             f"{path}: a resume continues the checkpoint's optimizer, whose state holds its own values of "
             f"{'; '.join(diffs)}. Resume with the checkpoint's values. {new_run_advice(cfg.stage, path)}")
+    saved_ema = saved_optim.get("ema")
+    if saved_ema is not None and saved_ema != cfg.optim.ema:
+        # Resumed with the EMA off, the run's EMA (the weights its evaluations scored, its best
+        # was chosen on, the paper reports) was dropped from every later checkpoint, silently.
+        lost = ("its EMA weights (what its evaluations scored and its best was chosen on) would be dropped"
+                if saved_ema else "an EMA begun mid-run from the current weights is not the run's")
+        raise ckpt_io.CheckpointError(f"{path}: optim.ema: checkpoint {saved_ema!r}, config {cfg.optim.ema!r}: {lost}. "
+                                      f"Resume with optim.ema={str(saved_ema).lower()}. "
+                                      f"{new_run_advice(cfg.stage, path)}")
     if ckpt.get("cluster_criterion") is not None and not cfg.uses_bank:
         # The bank is training state as the optimizer's is: it was dropped without a word.
         raise ckpt_io.CheckpointError(

@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         from training.start_checks import check_start
 
         check_start(cfg, args.resume)  # the refusals a real start would give, before it writes
+        from toist_core.model import load_tokenizer
+
+        load_tokenizer(cfg.model.text.tokenizer)   # offline without it, the start's first failure
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         print(f"{args.config}: configuration and paths OK", file=sys.stderr)

@@ -5,19 +5,21 @@ system), flushed, then swapped in with one ``renameat2(RENAME_EXCHANGE)`` (Linux
 glibc >= 2.28): the target path points at the old tree until that call and at the new one
 after it. Where the exchange is unavailable the old tree is renamed away and the new one
 renamed in: a crash between the two renames leaves no target (but both trees beside it).
-Staging and displaced trees a crash left behind are removed by the next replacement; their
-names carry the writer's process id, so a replacement running beside another (two exports to
-one folder) leaves the other's tree alone: the last one to finish is the directory.
+Staging and displaced trees a crash left behind are removed by the next replacement. A writer
+holds an advisory lock (``flock``) on its staging tree while it works, and the lock ends with its
+process: a replacement running beside another (two exports to one folder) leaves the other's
+tree alone, and the last one to finish is the directory.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import contextlib
 import errno
+import fcntl
 import glob
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -51,30 +53,33 @@ def write_directory(target: PathLike, write: Callable[[Path], None]) -> Path:
     remove_stale(target)
     staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
     try:
-        write(staging)
-        _open_up(staging, target)
-        _fsync_tree(staging)
-        if target.exists():
-            _exchange(staging, target)      # staging now holds the old tree
-            _remove(staging)
-        else:
-            os.rename(staging, target)
-        fsync_dir(target.parent)
+        with _held(staging):
+            write(staging)
+            _open_up(staging, target)
+            _fsync_tree(staging)
+            if target.exists():
+                _exchange(staging, target)      # staging now holds the old tree
+                _remove(staging)
+            else:
+                os.rename(staging, target)
+            fsync_dir(target.parent)
     except BaseException:
         _remove(staging)
         raise
     return given
 
 
-def mount_point_problem(target: PathLike) -> str:
+def mount_point_problem(target: PathLike, remedy: str = "") -> str:
     """What is wrong with replacing ``target`` (followed through a link) as a whole when it is a
-    mount point ("" when it is not): neither an exchange nor a rename can move one."""
+    mount point ("" when it is not): neither an exchange nor a rename can move one. ``remedy``:
+    what to do instead (default: give a folder inside it)."""
     given = Path(target)
     target = given.resolve() if given.is_symlink() else given
-    if target.is_dir() and os.path.ismount(target):
-        return (f"{given} is a mount point: a directory cannot be swapped in there as a whole; give a folder "
-                f"inside it (e.g. {given / 'model'})")
-    return ""
+    if not (target.is_dir() and os.path.ismount(target)):
+        return ""
+    inside = given / "model"
+    return (f"{given} is a mount point: a directory cannot be swapped in there as a whole; "
+            f"{remedy or f'give a folder inside it (e.g. {inside})'}")
 
 
 def remove_stale(target: PathLike) -> list[Path]:
@@ -87,29 +92,47 @@ def remove_stale(target: PathLike) -> list[Path]:
         return []
     # (escaped: "model[1]" is a name, not a pattern that matches ".model1.staging-*")
     found = sorted(target.parent.glob(glob.escape(f".{target.name}{STAGING_MARK}") + "*"))
-    stale = [path for path in found if not _writer_running(path.name[len(target.name) + 1 + len(STAGING_MARK):])]
-    for path in stale:
-        _remove(path)
+    stale = []
+    for path in found:
+        if not _being_written(path):
+            _remove(path)
+            stale.append(path)
     return stale
 
 
 def _staging_prefix(target: Path) -> str:
-    return f".{target.name}{STAGING_MARK}{os.getpid()}-"
+    return f".{target.name}{STAGING_MARK}"
 
 
-def _writer_running(suffix: str) -> bool:
-    """Whether the process that named a staging tree ``<pid>-<random>`` still runs (this one
-    included: another thread may be writing it)."""
-    match = re.match(r"([0-9]+)-", suffix)
-    if match is None:
+@contextlib.contextmanager
+def _held(tree: Path):
+    """An exclusive ``flock`` on the folder ``tree`` for the block (the inode: it holds through
+    the exchange that renames the folder)."""
+    handle = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)   # (the lock goes with it, and with the process however it ends)
+
+
+def _being_written(path: Path) -> bool:
+    """Whether a writer (any process, this one included) holds ``path``'s lock."""
+    if path.is_symlink() or not path.is_dir():
         return False
     try:
-        os.kill(int(match.group(1)), 0)
-    except (ProcessLookupError, OverflowError):   # (the latter: a number past any process id)
+        handle = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
         return False
-    except PermissionError:   # another user's process
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    return True
+    except OSError:   # a file system without locks: as before, a leftover
+        return False
+    finally:
+        os.close(handle)
+    return False
 
 
 def _remove(path: Path) -> None:
@@ -134,9 +157,10 @@ def _exchange(a: Path, b: Path) -> None:
         if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # no exchange here: fall back
             raise OSError(code, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(code)}")
     displaced = Path(tempfile.mkdtemp(prefix=_staging_prefix(b), dir=b.parent))
-    os.rename(b, displaced / b.name)
-    os.rename(a, b)
-    os.rename(displaced / b.name, a)
+    with _held(displaced):
+        os.rename(b, displaced / b.name)
+        os.rename(a, b)
+        os.rename(displaced / b.name, a)
     displaced.rmdir()
 
 

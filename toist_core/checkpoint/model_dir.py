@@ -396,7 +396,7 @@ def check_replaceable(directory: PathLike, remedy: Optional[str] = None) -> None
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: exists and is not a folder; "
                               f"{remedy or 'give a new or empty folder for the model directory'}")
-    problem = mount_point_problem(directory)
+    problem = mount_point_problem(directory, remedy or "")
     if problem:   # (write_directory refuses it too, but only after the checkpoint was read and loaded)
         raise CheckpointError(problem)
     here = Path.cwd().resolve()

@@ -95,6 +95,6 @@ def run_onnx(directory: str, exporter: str) -> int:
         return 1
     print(f"{directory}: detector.onnx{', mask_head.onnx' if result['masks'] else ''} written; "
           f"check passed: {describe_check(result)}")
-    print("use it with InferenceConfig(backend='onnxruntime') (or 'tensorrt' on an NVIDIA GPU), the node's "
-          "backend:=onnxruntime")
+    print("use it with InferenceConfig(backend='onnxruntime') (or 'tensorrt' on an NVIDIA GPU), or the node's "
+          "backend parameter (ros2 launch toist_ros perception.launch.py checkpoint:=<dir> backend:=onnxruntime)")
     return 0

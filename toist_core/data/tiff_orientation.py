@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
 _ORIENTATION_TAG = 274
 
 
@@ -28,4 +27,4 @@ def tiff_orientation_problem(image: Any) -> str:
             "(e.g. as PNG)")
 
 
-__all__ = ["TIFF_SIGNATURES", "tiff_orientation_problem"]
+__all__ = ["tiff_orientation_problem"]

@@ -28,11 +28,12 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     never run part of a forward in training mode. A model already in eval mode is not touched."""
     with _spans_lock:
         count, switched = _open_spans.get(model, (0, []))
-        if count == 0:
-            switched = [module for module in model.modules() if module.training]
-            for module in switched:
-                module.training = False
-        _open_spans[model] = (count + 1, switched)
+        # (in an open span too: a model put back into training mode meanwhile is switched again)
+        training = [module for module in model.modules() if module.training]
+        for module in training:
+            module.training = False
+        known = {id(module) for module in switched}
+        _open_spans[model] = (count + 1, switched + [m for m in training if id(m) not in known])
     try:
         yield model
     finally:
