@@ -224,7 +224,10 @@ def test_sigkill_while_exporting_onto_a_directory_leaves_the_old_or_the_new_mode
                                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
-            now = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.exists()}
+            try:
+                now = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+            except FileNotFoundError:   # an entry renamed while listed: it has begun
+                break
             if now.keys() != entries.keys() or any(now.get(p) != t for p, t in entries.items()):
                 break   # it began writing
         time.sleep(delay)
@@ -305,10 +308,15 @@ def test_two_replacements_of_one_folder_at_once_both_complete(tmp_path):
     # A leftover named like a live process's (process ids are reused after a reboot; 1 in a container)
     reused = tmp_path / f".model[1].staging-{os.getpid()}-old"
     other = tmp_path / ".model1.staging-abc"     # another folder's
-    for folder in (crashed, reused, other):
+    crashed_new = tmp_path / ".model[1].new-abc"   # a crash before its tree was locked and named
+    for folder in (crashed, reused, other, crashed_new):
         folder.mkdir()
+    os.utime(crashed_new, (time.time() - 120, time.time() - 120))
+    fresh = tmp_path / ".model[1].new-xyz"   # made this instant: its writer may be about to lock it
+    fresh.mkdir()
     write_directory(target, lambda staging: (staging / "who").write_text("third"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".model1.staging-abc", "model", "model[1]"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model1.staging-abc", ".model[1].new-xyz", "model",
+                                                          "model[1]"]
 
 
 def test_model_directories_record_their_tasks_and_other_tasks_warn_once(train_run, tmp_path):

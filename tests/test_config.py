@@ -204,8 +204,11 @@ def test_normalisation_and_input_size_ranges_are_checked():
         from_dict(InputSize, {"short_side": 0, "max_size": 0}, "config.yaml.input_size")
     with pytest.raises(ConfigError, match="input_size: need short_side <= max_size, got 800 / 700"):
         InputSize(800, 700)
-    # A training's recorded size is the model's own, whatever an inference setting may ask for.
+    # A training's recorded size is the model's own, whatever an inference setting may ask for: a
+    # model directory recording it loaded nowhere ("inference.max_size must be 1..8192", unasked).
     assert InputSize(800, 10000).max_size == 10000
+    resolved = InferenceConfig(score_threshold=0.3).with_input_size(InputSize(800, 10000))
+    assert (resolved.short_side, resolved.max_size, resolved.score_threshold) == (800, 10000, 0.3)
     assert InputSize(64, 64) == InputSize(short_side=64, max_size=64)
 
 

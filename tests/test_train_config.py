@@ -302,7 +302,7 @@ def test_toist_cli_has_the_train_subcommand(capsys):
 
 def test_a_comment_in_an_override_is_refused_and_a_quoted_hash_kept(synth_root, tmp_path, capsys):
     """'output_dir=runs/exp #2' trained into runs/exp: YAML read ' #2' as a comment."""
-    with pytest.raises(ConfigError, match=r"override 'output_dir=runs/exp #2': a '#' after a space starts a YAML "
+    with pytest.raises(ConfigError, match=r"override 'output_dir=runs/exp #2': a '#' there starts a YAML "
                                           r"comment, .*output_dir='runs/exp #2'"):
         load_config(CONFIGS / "tiny_pronoun.yaml", ["output_dir=runs/exp #2"])
     assert load_config(CONFIGS / "tiny_pronoun.yaml", ["output_dir='runs/exp #2'"]).output_dir == "runs/exp #2"

@@ -388,7 +388,12 @@ class InferenceConfig:
         short = self.short_side if self.short_side is not None else (
             own.short_side if self.max_size is None else min(own.short_side, self.max_size))
         cap = self.max_size if self.max_size is not None else max(own.max_size, short)
-        return dataclasses.replace(self, short_side=short, max_size=cap)
+        resolved = dataclasses.replace(self)   # (a copy, checked as given)
+        # Set, not checked again: MAX_INPUT_SIDE bounds what a setting asks for, not the size a
+        # model was trained at (short <= cap holds by construction).
+        object.__setattr__(resolved, "short_side", short)
+        object.__setattr__(resolved, "max_size", cap)
+        return resolved
 
 
 def _paper() -> ModelConfig:

