@@ -144,3 +144,34 @@ def test_a_mount_point_is_refused_before_anything_is_written(tmp_path, monkeypat
 
     with pytest.raises(CheckpointError, match=r"is a mount point: .*; choose another output_dir$"):
         check_replaceable(mount, remedy="choose another output_dir")
+
+
+def test_the_two_rename_fallback_keeps_the_old_directory_when_the_new_cannot_go_in(tmp_path, monkeypatch):
+    """Where renameat2 is missing (not Linux), a failure after the old tree was moved aside and
+    before the new one went in left no target and the old model in an unlocked staging folder,
+    which the next export's clean-up deleted."""
+    import os
+
+    from toist_core.checkpoint import atomic_dir
+
+    monkeypatch.setattr(atomic_dir.ctypes, "CDLL", lambda *args, **kwargs: object())   # no renameat2
+    target = tmp_path / "model"
+    atomic_dir.write_directory(target, lambda staging: (staging / "who").write_text("old"))
+    atomic_dir.write_directory(target, lambda staging: (staging / "who").write_text("new"))   # the fallback
+    assert (target / "who").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+    real_rename = os.rename
+
+    def failing_new_into_place(src, dst):
+        if Path(dst) == target and Path(src).name.startswith(".model.staging-"):   # the new tree into place
+            raise OSError(5, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(atomic_dir.os, "rename", failing_new_into_place)
+    with pytest.raises(OSError, match="Input/output error"):
+        atomic_dir.write_directory(target, lambda staging: (staging / "who").write_text("newer"))
+    monkeypatch.setattr(atomic_dir.os, "rename", real_rename)
+    assert (target / "who").read_text() == "new"
+    atomic_dir.remove_stale(target)
+    assert (target / "who").read_text() == "new"

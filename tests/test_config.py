@@ -114,7 +114,7 @@ def test_inference_config_validation():
         from_dict(InferenceConfig, {"precision": "int8"})
     with pytest.raises(ConfigError, match="short_side"):
         InferenceConfig(short_side=900, max_size=800)
-    with pytest.raises(ConfigError, match="max_size must be 1..8192"):
+    with pytest.raises(ConfigError, match="max_size must be 1..16384"):
         InferenceConfig(max_size=0)
     assert to_dict(InferenceConfig())["mean"] == [0.485, 0.456, 0.406]
 
@@ -139,8 +139,8 @@ def test_inference_sizes_left_to_the_model_come_from_its_input_size():
     ("pronoun", " something ", "inference.pronoun: expected a word without spaces or newlines around it"),
     ("pronoun", "something\n", "inference.pronoun: expected a word without spaces"),
     # reached predict, which asked torch for 9e18 bytes
-    ("short_side", 10 ** 9, r"inference.short_side must be 1..8192 \(or None"),
-    ("max_size", 20000, r"inference.max_size must be 1..8192"),
+    ("short_side", 10 ** 9, r"inference.short_side must be 1..16384 \(or None"),
+    ("max_size", 20000, r"inference.max_size must be 1..16384"),
     ("mean", (float("nan"), 0.5, 0.5), r"inference.mean must be finite numbers, got \[nan, 0.5, 0.5\]"),
     ("std", (float("inf"), 0.2, 0.2), "inference.std must be finite numbers"),
     ("short_side", 800.0, "inference.short_side must be an integer, got 800.0"),
@@ -200,15 +200,23 @@ def test_normalisation_and_input_size_ranges_are_checked():
     with pytest.raises(ConfigError, match=r"inference.std must be > 0 .*got \[-1.0, 1.0, 1.0\]"):
         InferenceConfig(std=(-1.0, 1.0, 1.0))
     # A model directory's input_size: the error names that section, not inference.short_side.
-    with pytest.raises(ConfigError, match=r"^config.yaml.input_size: input_size.short_side must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"^config.yaml.input_size: input_size.short_side must be 1\.\.16384, got 0"):
         from_dict(InputSize, {"short_side": 0, "max_size": 0}, "config.yaml.input_size")
     with pytest.raises(ConfigError, match="input_size: need short_side <= max_size, got 800 / 700"):
         InputSize(800, 700)
-    # A training's recorded size is the model's own, whatever an inference setting may ask for: a
-    # model directory recording it loaded nowhere ("inference.max_size must be 1..8192", unasked).
-    assert InputSize(800, 10000).max_size == 10000
+    # A "no cap" 10000 of a training config is a size a model may record; 10**9 (a damaged or
+    # crafted directory) is refused when read, not when predict asked torch for 9e18 bytes.
     resolved = InferenceConfig(score_threshold=0.3).with_input_size(InputSize(800, 10000))
     assert (resolved.short_side, resolved.max_size, resolved.score_threshold) == (800, 10000, 0.3)
+    import dataclasses
+
+    assert dataclasses.replace(resolved, mask_threshold=0.6).max_size == 10000   # a run-time change
+    with pytest.raises(ConfigError, match=r"input_size.max_size must be 1..16384, got 1000000000"):
+        InputSize(800, 10 ** 9)
+    from toist_core.data.config import DataConfig
+
+    with pytest.raises(ValueError, match=r"max_size: 20000: a size in pixels, 1..16384"):
+        DataConfig(max_size=20000)
     assert InputSize(64, 64) == InputSize(short_side=64, max_size=64)
 
 

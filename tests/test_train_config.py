@@ -307,6 +307,11 @@ def test_a_comment_in_an_override_is_refused_and_a_quoted_hash_kept(synth_root, 
         load_config(CONFIGS / "tiny_pronoun.yaml", ["output_dir=runs/exp #2"])
     assert load_config(CONFIGS / "tiny_pronoun.yaml", ["output_dir='runs/exp #2'"]).output_dir == "runs/exp #2"
     assert load_config(CONFIGS / "tiny_pronoun.yaml", ["output_dir=runs/exp#2"]).output_dir == "runs/exp#2"
+    # The advice works for a value holding a quote too.
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "tiny_pronoun.yaml", ["output_dir=it's #2"])
+    advice = str(info.value).split("quote a value that holds one: ")[1].split(" (in the shell")[0]
+    assert load_config(CONFIGS / "tiny_pronoun.yaml", [advice]).output_dir == "it's #2"
 
 
 def test_check_names_an_output_dir_that_is_a_file_and_a_tokenizer_it_cannot_load(synth_root, tmp_path, capsys):

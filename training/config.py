@@ -370,9 +370,9 @@ def _apply_override(data: dict, item: str) -> None:
     if raw.count("#") > _hashes(value):
         # YAML read a '#' (first, or after a space) as a comment: 'output_dir=runs/exp #2' trained
         # into runs/exp.
+        quoted = "'" + raw.strip().replace("'", "''") + "'"   # (YAML's single quotes: '' is one ')
         raise ConfigError(f"override {item!r}: a '#' there starts a YAML comment, so the value would be cut short; "
-                          f"quote a value that holds one: {key}='{raw.strip()}' (in the shell: "
-                          f"\"{key}='{raw.strip()}'\")")
+                          f"quote a value that holds one: {key}={quoted} (in the shell: \"{key}={quoted}\")")
     node = data
     for depth, part in enumerate(parts[:-1], start=1):
         child = node.get(part)

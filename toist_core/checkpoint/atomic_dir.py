@@ -180,9 +180,18 @@ def _exchange(a: Path, b: Path) -> None:
             raise OSError(code, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(code)}")
     with _locked_tree(b) as displaced:
         os.rename(b, displaced / b.name)
-        os.rename(a, b)
-        os.rename(displaced / b.name, a)
-        displaced.rmdir()
+        try:
+            os.rename(a, b)
+        except BaseException:
+            # The old tree back where it was: else the target was gone, the old model waited in
+            # an unlocked staging folder, and the next export's clean-up deleted it.
+            os.rename(displaced / b.name, b)
+            raise
+        try:   # as an exchange leaves it: ``a`` names the old tree, which the caller removes
+            os.rename(displaced / b.name, a)
+            displaced.rmdir()
+        except OSError:   # the new tree is in place; the old one is left to the next clean-up
+            pass
 
 
 def _open_up(staging: Path, target: Path) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from toist_core.config import InputSize
+from toist_core.config import MAX_INPUT_SIDE, InputSize
 from toist_core.data.transforms import CROP_RESIZE_SIZES, TRAIN_SIZES
 from toist_core.tasks import COCO_TASKS, DEFAULT_PRONOUN, TaskEntry, TaskVocabulary
 
@@ -72,12 +72,13 @@ class DataConfig:
         # Pixel sizes: 0 trained on 1 x 1 images without a word, a negative one failed in a
         # loader worker without naming the field.
         for name in ("train_sizes", "crop_resize_sizes"):
-            bad = [size for size in getattr(self, name) if size < 1]
+            bad = [size for size in getattr(self, name) if not 1 <= size <= MAX_INPUT_SIDE]
             if bad:
-                raise ValueError(f"{name}: {bad[0]}: sizes are pixels, at least 1")
+                raise ValueError(f"{name}: {bad[0]}: sizes are pixels, 1..{MAX_INPUT_SIDE}")
         for name in ("max_size", "crop_min_size", "crop_max_size", "test_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: {getattr(self, name)}: a size in pixels, at least 1")
+            # (past the cap the run started, trained, and failed at its first evaluation)
+            if not 1 <= getattr(self, name) <= MAX_INPUT_SIDE:
+                raise ValueError(f"{name}: {getattr(self, name)}: a size in pixels, 1..{MAX_INPUT_SIDE}")
         if self.crop_min_size > self.crop_max_size:
             raise ValueError(f"crop_min_size: {self.crop_min_size} is above crop_max_size {self.crop_max_size}")
 
