@@ -462,7 +462,11 @@ def _check_init_file(field_name: str, value: str, cfg: Optional["TrainConfig"] =
     if cfg is not None:
         from training.stages import check_frozen_detector, read_frozen_detector   # (stages imports this module)
 
-        check_frozen_detector(cfg, read_frozen_detector(cfg))   # (read_official checks every CRC-32)
+        try:   # (read_official checks every CRC-32; a damaged file is a ConfigError as every init file's)
+            frozen = read_frozen_detector(cfg)
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from None
+        check_frozen_detector(cfg, frozen)
     else:
         try:
             check_torch_file(path)   # its first bytes and every CRC-32 (one read of the file)
