@@ -2,6 +2,7 @@
 spinning thread, the others in its pool; a blocked pool callback does not hold up the inline ones;
 errors surface from spin_once."""
 
+import contextlib
 import threading
 import time
 
@@ -34,6 +35,27 @@ def _spin_until(executor, predicate, timeout=20.0):
     while not predicate() and time.monotonic() < deadline:
         executor.spin_once(timeout_sec=0.05)
     return predicate()
+
+
+@contextlib.contextmanager
+def _reporting_executor(name, num_threads=2):
+    """A node with an inline group, and a PerceptionExecutor that hands callback errors to a list
+    (as the node process does): yields (node, inline group, executor, errors)."""
+    from rclpy.callback_groups import ReentrantCallbackGroup
+    from toist_ros.executor import PerceptionExecutor
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node(name, context=context)
+    inline, errors = ReentrantCallbackGroup(), []
+    executor = PerceptionExecutor([inline], num_threads=num_threads, context=context, on_callback_error=errors.append)
+    executor.add_node(node)
+    try:
+        yield node, inline, executor, errors
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
 
 
 def test_inline_group_runs_in_the_spinning_thread_and_others_in_the_pool(setup):
@@ -136,18 +158,12 @@ def test_a_pool_callback_error_is_raised_by_spin_once(setup, pool):
 
 def test_callback_errors_go_to_on_callback_error_and_spinning_goes_on():
     """The node process's choice: a fault in one callback is reported, and the others keep running."""
-    from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+    from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
     from std_msgs.msg import String
-    from toist_ros.executor import PerceptionExecutor
 
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node("executor_errors", context=context)
-    inline, pooled = ReentrantCallbackGroup(), MutuallyExclusiveCallbackGroup()
-    errors, served = [], []
-    executor = PerceptionExecutor([inline], num_threads=2, context=context, on_callback_error=errors.append)
-    executor.add_node(node)
-    try:
+    with _reporting_executor("executor_errors") as (node, inline, executor, errors):
+        pooled, served = MutuallyExclusiveCallbackGroup(), []
+
         def broken(msg):
             if msg.data == "fail":
                 raise RuntimeError(f"failed in {threading.current_thread().name}")
@@ -166,10 +182,6 @@ def test_callback_errors_go_to_on_callback_error_and_spinning_goes_on():
         names = sorted(str(e) for e in errors)
         assert names[0] == f"failed in {threading.current_thread().name}"   # the inline one
         assert names[1].startswith("failed in toist_callbacks")
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=context)
 
 
 def test_an_entity_destroyed_while_the_wait_set_is_built_is_not_an_error(setup):
@@ -254,17 +266,10 @@ def test_a_callback_queued_behind_a_busy_pool_runs_and_is_reported_once():
     raised was reported once per copy (41 times in 3 s here; the node's internal_errors counted
     each). Reported once."""
     from rclpy.callback_groups import ReentrantCallbackGroup
-    from toist_ros.executor import PerceptionExecutor
 
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node("executor_busy_pool", context=context)
-    group, inline = ReentrantCallbackGroup(), ReentrantCallbackGroup()
-    errors, ran = [], {"slow": 0, "raising": 0}
-    executor = PerceptionExecutor([inline], num_threads=1, context=context, on_callback_error=errors.append)
-    executor.add_node(node)
-    try:
-        release = threading.Event()
+    release = threading.Event()
+    with _reporting_executor("executor_busy_pool", num_threads=1) as (node, inline, executor, errors):
+        group, ran = ReentrantCallbackGroup(), {"slow": 0, "raising": 0}
 
         def slow():
             ran["slow"] += 1
@@ -276,26 +281,23 @@ def test_a_callback_queued_behind_a_busy_pool_runs_and_is_reported_once():
             raising_timer.cancel()
             raise RuntimeError("boom")
 
-        slow_timer = node.create_timer(0.01, slow, callback_group=group)
-        assert _spin_until(executor, lambda: ran["slow"] == 1)
-        raising_timer = node.create_timer(0.01, raising, callback_group=group)
-        ticks = []
-        # Waits keep ending while the pool is busy (as frames do in the node: inline callbacks).
-        ticker = node.create_timer(0.02, lambda: ticks.append(1), callback_group=inline)
-        assert _spin_until(executor, lambda: len(ticks) >= 20)
-        assert ran["raising"] == 0   # still queued behind the slow one
-        release.set()
-        assert _spin_until(executor, lambda: ran["raising"] == 1 and errors, timeout=10)
-        ticked = len(ticks)
-        assert _spin_until(executor, lambda: len(ticks) >= ticked + 10)
-        assert ran == {"slow": 1, "raising": 1}
-        assert [str(e) for e in errors] == ["boom"]
-    finally:
-        release.set()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=context)
-
+        try:
+            slow_timer = node.create_timer(0.01, slow, callback_group=group)
+            assert _spin_until(executor, lambda: ran["slow"] == 1)
+            raising_timer = node.create_timer(0.01, raising, callback_group=group)
+            ticks = []
+            # Waits keep ending while the pool is busy (as frames do in the node: inline callbacks).
+            node.create_timer(0.02, lambda: ticks.append(1), callback_group=inline)
+            assert _spin_until(executor, lambda: len(ticks) >= 20)
+            assert ran["raising"] == 0   # still queued behind the slow one
+            release.set()
+            assert _spin_until(executor, lambda: ran["raising"] == 1 and errors, timeout=10)
+            ticked = len(ticks)
+            assert _spin_until(executor, lambda: len(ticks) >= ticked + 10)
+            assert ran == {"slow": 1, "raising": 1}
+            assert [str(e) for e in errors] == ["boom"]
+        finally:
+            release.set()   # (before the executor's shutdown waits for the pool)
 
 
 def test_coroutine_callbacks_resume_after_an_await():
@@ -303,17 +305,9 @@ def test_coroutine_callbacks_resume_after_an_await():
     queued task from being submitted twice dropped it every time, and it never finished."""
     from rclpy.callback_groups import ReentrantCallbackGroup
     from rclpy.task import Future
-    from toist_ros.executor import PerceptionExecutor
 
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node("executor_coroutines", context=context)
-    pooled, inline = ReentrantCallbackGroup(), ReentrantCallbackGroup()
-    errors, done = [], []
-    executor = PerceptionExecutor([inline], num_threads=2, context=context, on_callback_error=errors.append)
-    executor.add_node(node)
-    try:
-        later = Future()
+    with _reporting_executor("executor_coroutines") as (node, inline, executor, errors):
+        pooled, done, later = ReentrantCallbackGroup(), [], Future()
 
         async def waiting_callback():
             first.cancel()
@@ -334,7 +328,3 @@ def test_coroutine_callbacks_resume_after_an_await():
         assert _spin_until(executor, lambda: len(done) == 2 and task.done(), timeout=10), done
         assert sorted(done) == ["callback", "task"] and errors == []
         assert _spin_until(executor, lambda: not executor._pending, timeout=5)
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=context)
