@@ -11,6 +11,7 @@ Arguments (``ros2 launch toist_ros perception.launch.py --show-args``):
   device              auto | cpu | cuda | cuda:N
   allow_cpu_fallback  true | false: run on the CPU when the CUDA device is missing
   precision           fp32 | fp16 | bf16
+  backend             torch | onnxruntime | tensorrt (a model directory's ONNX graphs)
   task                task at start: "2", "sit comfortably on", free text
   compressed          true | false: subscribe <image_topic>/compressed
   reliability         auto | reliable | best_effort (image subscription)

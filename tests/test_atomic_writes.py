@@ -127,22 +127,22 @@ def test_a_mount_point_is_refused_before_anything_is_written(tmp_path, monkeypat
     mount.mkdir()
     monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == mount)
     written = []
-    with pytest.raises(OSError, match=rf"{mount} is a mount point: .* give a folder inside it"):
+    with pytest.raises(OSError, match=rf"{mount}: a mount point: .* give a folder inside it"):
         atomic_dir.write_directory(mount, written.append)
     assert written == [] and sorted(tmp_path.iterdir()) == [mount]
     # toist export says so before it reads the checkpoint (minutes for a 6 GB file), not after.
     from toist_core.checkpoint import CheckpointError, export_model_dir
 
-    with pytest.raises(CheckpointError, match=rf"^{mount} is a mount point: .* give a folder inside it"):
+    with pytest.raises(CheckpointError, match=rf"^{mount}: a mount point: .* give a folder inside it"):
         export_model_dir(tmp_path / "not_read.pth", mount)
     (tmp_path / "link").symlink_to(mount)
-    with pytest.raises(CheckpointError, match=r"link is a mount point"):
+    with pytest.raises(CheckpointError, match=r"link: a mount point"):
         export_model_dir(tmp_path / "not_read.pth", tmp_path / "link")
     # A caller that cannot take a folder inside it (a training run exports to <output_dir>/model)
     # gives its own advice, not "e.g. .../model/model".
     from toist_core.checkpoint.model_dir import check_replaceable
 
-    with pytest.raises(CheckpointError, match=r"is a mount point: .*; choose another output_dir$"):
+    with pytest.raises(CheckpointError, match=r": a mount point: .*; choose another output_dir$"):
         check_replaceable(mount, remedy="choose another output_dir")
 
 

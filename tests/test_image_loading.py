@@ -131,7 +131,7 @@ def test_a_header_claiming_more_pixels_than_opencv_decodes_is_refused_by_name(tm
     (tmp_path / "big_header.bmp").write_bytes(header + bytes(16))
     # (toist's own limit, from the header, comes before OpenCV's: "OpenCV refused it (pixels <=
     # CV_IO_MAX_IMAGE_PIXELS)" before it existed)
-    with pytest.raises(ValueError, match=r"big_header\.bmp: the image declares .*more than the 178,956,970 toist "
+    with pytest.raises(ValueError, match=r"big_header\.bmp: the image declares .*more than the 178,956,970 pixels toist "
                                          r"decodes"):
         load_rgb(tmp_path / "big_header.bmp")
 
@@ -253,5 +253,5 @@ def test_a_picture_declaring_too_many_pixels_is_refused_from_its_header(tmp_path
             load_rgb(tmp_path / "bomb.png")
         assert "toist decodes" not in str(info.value)
         return
-    with pytest.raises(ValueError, match=r"bomb.png: the image declares .*more than the 178,956,970 toist decodes"):
+    with pytest.raises(ValueError, match=r"bomb.png: the image declares .*more than the 178,956,970 pixels toist decodes"):
         load_rgb(tmp_path / "bomb.png")

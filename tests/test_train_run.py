@@ -527,7 +527,7 @@ def test_a_mask_stage_refuses_a_noun_caption_detector(synth_root, tmp_path, stag
     # A run folder given there: the advice names its checkpoint files, not its model directory.
     assert train_main([*common, f"init.frozen_weights={tmp_path / 'noun'}"]) == 2
     err = capsys.readouterr().err
-    assert f"a checkpoint file: give {teacher}" in err and "model directory)" not in err
+    assert f"a checkpoint file: give {teacher}" in err and "model directory" not in err
 
 
 EVAL_AT_2 = ["eval.enabled=true", "eval.holdout_fraction=0.25", "eval.max_images=2", "eval.every_steps=2",

@@ -189,7 +189,8 @@ def _refuse_huge_or_turned(path: Union[str, Path]) -> None:
 
     from PIL import Image, UnidentifiedImageError
 
-    too_many = f"more than the {MAX_IMAGE_PIXELS:,} toist decodes (a decompression bomb, or a picture to downscale first)"
+    too_many = (f"more than the {MAX_IMAGE_PIXELS:,} pixels toist decodes (a decompression bomb, or a picture to "
+                "downscale first)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # (ours is below)

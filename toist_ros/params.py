@@ -84,7 +84,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "effort), reliable, or best_effort (sensor-data QoS); depth 1 in every case", read_only=True,
               choices=("auto", "reliable", "best_effort")),
     ParamSpec("input.max_pixels", 16_777_216, "largest image accepted, in pixels (width x height; compressed "
-              "images are checked from their header before decoding); larger frames are rejected and counted",
+              "images are checked from their header before decoding, and Pillow refuses them past 178,956,970 "
+              "whatever this says); larger frames are rejected and counted",
               read_only=True, low=1, high=1 << 30),
     ParamSpec("input.max_age_s", 1.0, "skip frames whose header.stamp is older than this (seconds); 0 = never skip",
               low=0.0, high=3600.0),

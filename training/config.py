@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shlex
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,7 +373,8 @@ def _apply_override(data: dict, item: str) -> None:
         # into runs/exp.
         quoted = "'" + raw.strip().replace("'", "''") + "'"   # (YAML's single quotes: '' is one ')
         raise ConfigError(f"override {item!r}: a '#' there starts a YAML comment, so the value would be cut short; "
-                          f"quote a value that holds one: {key}={quoted} (in the shell: \"{key}={quoted}\")")
+                          f"quote a value that holds one: {key}={quoted} (in the shell: "
+                          f"{shlex.quote(f'{key}={quoted}')})")
     node = data
     for depth, part in enumerate(parts[:-1], start=1):
         child = node.get(part)
@@ -450,7 +452,7 @@ def _check_init_file(field_name: str, value: str, cfg: Optional["TrainConfig"] =
     path = Path(value).expanduser()
     if field_name == "init.frozen_weights":
         try:   # (a run folder's model directory is no choice here: advice for a checkpoint file)
-            refuse_run_folder(path, purpose="convert")
+            refuse_run_folder(path, purpose="checkpoint")
         except CheckpointError as exc:
             raise ConfigError(f"{field_name}: {exc}") from None
     stat = path.stat()

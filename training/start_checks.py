@@ -57,8 +57,8 @@ def model_dir_problem(cfg: TrainConfig) -> Optional[str]:
 
     try:  # the folder is <output_dir>/model: another folder means another output_dir
         check_replaceable(Path(cfg.output_dir) / MODEL_DIR,
-                          remedy="move those entries out, choose another output_dir, or set "
-                                 "checkpoint.export_model_dir=false (nothing exported)")
+                          remedy="choose another output_dir, or set checkpoint.export_model_dir=false "
+                                 "(nothing exported)")
     except CheckpointError as exc:
         return f"output_dir: the run exports its model to {exc}"
     return None

@@ -80,7 +80,7 @@ def mount_point_problem(target: PathLike, remedy: str = "") -> str:
     if not (target.is_dir() and os.path.ismount(target)):
         return ""
     inside = given / "model"
-    return (f"{given} is a mount point: a directory cannot be swapped in there as a whole; "
+    return (f"{given}: a mount point: a directory cannot be swapped in there as a whole; "
             f"{remedy or f'give a folder inside it (e.g. {inside})'}")
 
 

@@ -89,7 +89,8 @@ def run_folder_note(folder: PathLike, purpose: str = "load") -> str:
     """What to give instead of a ``toist train`` run folder, naming only what it holds.
 
     ``purpose``: ``"load"`` (a model: a checkpoint or its exported model directory), ``"convert"``
-    (``toist export``: a checkpoint file) or ``"onnx"`` (``toist export --onnx``: a model directory).
+    (``toist export``: a checkpoint file), ``"checkpoint"`` (a checkpoint file and nothing else:
+    a mask stage's frozen detector) or ``"onnx"`` (``toist export --onnx``: a model directory).
     """
     folder = Path(folder).expanduser()
     checkpoints = _run_checkpoints(folder)
@@ -97,11 +98,12 @@ def run_folder_note(folder: PathLike, purpose: str = "load") -> str:
     what = f"{folder}: a toist train run folder (its {_CONFIG} is the run's configuration), not "
     files = (f"{checkpoints[0]}" + (f" (or {checkpoints[1]})" if len(checkpoints) > 1 else "")) if checkpoints else ""
     exported = f"{model} (its exported model directory)" if model is not None else ""
-    if purpose == "convert":
+    if purpose in ("convert", "checkpoint"):
         if not checkpoints:
             return what + "a checkpoint file, and it holds no checkpoint yet: give one once the run has written it"
         return (what + f"a checkpoint file: give {files}"
-                + (f"; {model} is the model directory it exported already" if model is not None else ""))
+                + (f"; {model} is the model directory it exported already" if model is not None
+                   and purpose == "convert" else ""))
     if purpose == "onnx":
         if model is not None:
             return what + f"a model directory: give {exported}"

@@ -40,7 +40,8 @@ def register(subparsers) -> None:
                         help="official TOIST/MDETR .pth file, toist training checkpoint or model directory "
                              "(default: the embedded default model, trained on synthetic scenes only)")
     source.add_argument("--preset", help="random weights from a model preset (tiny, tiny_segm, paper, ...)")
-    p.add_argument("--task", required=True, help="task id 1-14, task name, or free text")
+    p.add_argument("--task", required=True, help="task id (COCO-Tasks: 1-14; a model's own vocabulary: its ids), task name, "
+                                                    "or free text")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--text-encoder", default=None, help=TEXT_ENCODER_HELP)

@@ -426,17 +426,20 @@ def annotation_rle(ann: AnnotationRecord, height: int, width: int, path: Union[s
 
 
 # Formats OpenCV and PIL read (so ``toist predict`` takes them) but torchvision's ``decode_image``
-# does not: refused when a dataset is built or a COCO file converted, not at the first batch.
+# does not: refused by name when a COCO file is converted (which may not see the files; a
+# dataset being built judges each file by its content, check_image_size).
 UNDECODABLE_SUFFIXES = frozenset({".bmp", ".dib", ".tif", ".tiff", ".pbm", ".pgm", ".ppm", ".pnm",
                                   ".jp2", ".j2k", ".exr", ".hdr", ".avif", ".heic", ".heif"})
 
 
 def check_decodable(path: Union[str, Path], where: str) -> None:
-    """DataError when training could not decode the image file ``path`` (by its suffix)."""
+    """DataError when the image file ``path`` is named as a format training does not decode
+    (by its suffix alone: convert-coco, which may not see the file)."""
     suffix = Path(path).suffix
     if suffix.lower() in UNDECODABLE_SUFFIXES:
         raise DataError(f"{path}: training and evaluation decode JPEG, PNG, GIF and WebP only "
-                        f"(torchvision's decode_image), not {suffix!r} files; convert it, e.g. to PNG ({where})")
+                        f"(torchvision's decode_image), and a {suffix!r} file is named as another format; convert "
+                        f"it, e.g. to PNG ({where})")
 
 
 # EXIF orientations that turn the picture a quarter (their displayed width is the stored height).
