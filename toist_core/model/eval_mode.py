@@ -14,7 +14,7 @@ from typing import Iterator
 
 from torch import nn
 
-# Per model: how many spans are open (in any thread) and the modules the first one switched.
+# Per model: how many spans are open (in any thread) and the modules they switched to eval mode.
 # A span that ended while another still ran gave the training flags back under it: a set_task
 # beside a predict on a model handed over in training mode encoded its task with dropout on.
 _open_spans: "weakref.WeakKeyDictionary[nn.Module, tuple[int, list[nn.Module]]]" = weakref.WeakKeyDictionary()
