@@ -298,9 +298,7 @@ class Trainer:
             except FloatingPointError as exc:
                 # The memory bank's update and k-means run inside the forward, on rows gathered
                 # from every process: all raise it at the same point.
-                raise FloatingPointError(f"update {self.step + 1}: {exc}; stopped before its optimizer step and "
-                                         f"before any checkpoint of it (the last one written, if any: "
-                                         f"{self.output_dir / LAST})") from None
+                raise FloatingPointError(f"update {self.step + 1}: {exc}; {self._stopped_note()}") from None
         # Before the losses: the matchers refuse non-finite predictions on their process only,
         # and the others would then wait in the loss's collectives.
         bad = _non_finite_tensors(outputs)
@@ -362,9 +360,12 @@ class Trainer:
             return
         problems = all_gather_objects(problem, self.env)   # every process saw the flag: all are here
         found = "; ".join(f"process {rank}: {text}" for rank, text in enumerate(problems) if text is not None)
-        raise FloatingPointError(f"{what} not finite in update {self.step + 1} ({found}); stopped before its "
-                                 f"optimizer step and before any checkpoint of it (the last one written, if any: "
-                                 f"{self.output_dir / LAST})")
+        raise FloatingPointError(f"{what} not finite in update {self.step + 1} ({found}); {self._stopped_note()}")
+
+    def _stopped_note(self) -> str:
+        """What a run stopped for non-finite numbers in the current update kept."""
+        return (f"stopped before its optimizer step and before any checkpoint of it (the last one written, if "
+                f"any: {self.output_dir / LAST})")
 
     def _autocast(self):
         if self.amp_dtype is None:
