@@ -293,6 +293,19 @@ def test_output_dir_is_a_path_as_written_and_a_torchrun_resume_says_torchrun(syn
     assert resume_command(args, "runs/x/checkpoint.pth", 1).startswith("python -m training.train --config run.yaml")
 
 
+def test_an_empty_output_dir_is_refused_not_the_current_folder(synth_root, capsys):
+    """`--output-dir "$RUN"` with RUN unset was ignored (the config's folder was used) and
+    output_dir="" wrote the run into the current folder."""
+    for argv in (["--output-dir", ""], ["output_dir=''"], ["output_dir='  '"]):
+        code = train_main(["--config", str(CONFIGS / "tiny_pronoun.yaml"), f"data.root={synth_root}",
+                           "data.tasks=[1]", "--check"] + argv)
+        err = capsys.readouterr().err
+        assert code == 2 and "names no folder" in err, (argv, err)
+    with pytest.raises(ConfigError, match=r"output_dir: '' names no folder; give the run's folder"):
+        load_config(CONFIGS / "tiny_pronoun.yaml", ["output_dir=''"])
+    assert load_config(CONFIGS / "tiny_pronoun.yaml", ["output_dir=."]).output_dir == "."
+
+
 def test_toist_cli_has_the_train_subcommand(capsys):
     from toist_core.cli import build_parser
 

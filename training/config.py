@@ -220,6 +220,9 @@ class TrainConfig:
             # The default bank is one slot per COCO-Tasks task: one per task of the data's vocabulary.
             self.distill.num_tasks = vocabulary.num_tasks
         problems = stage_problems(self)
+        if not self.output_dir.strip():   # `--output-dir "$RUN"` with RUN unset: the run went into the current folder
+            problems.insert(0, f"output_dir: {self.output_dir!r} names no folder; give the run's folder "
+                               "(\".\" for the current one)")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from training.config import check_paths, config_to_dict, load_config
 
     overrides = list(args.overrides or [])
-    if args.output_dir:   # a path as written, not YAML ("runs/exp #2" lost its "#2" as a comment)
+    if args.output_dir is not None:   # a path as written, not YAML ("runs/exp #2" lost its "#2" as a comment)
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")
     cfg = load_config(args.config, overrides)
     check_paths(cfg, args.resume)
@@ -104,7 +104,7 @@ def resume_command(args: argparse.Namespace, checkpoint, world_size: int) -> str
     import shlex
 
     command = ["--config", args.config, "--resume", str(checkpoint)]
-    if args.output_dir:
+    if args.output_dir is not None:
         command += ["--output-dir", args.output_dir]
     command += list(args.overrides or [])
     if world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ:   # under torchrun: the same processes
