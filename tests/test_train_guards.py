@@ -593,7 +593,7 @@ def test_failed_evaluation_keeps_the_update_and_resumes_exactly(synth_root, tmp_
 
 def test_best_starts_over_when_a_resume_scores_on_another_split(tmp_path):
     """A resume with another eval.split compared its scores with the checkpoint's best, scored on
-    the other split."""
+    the other split (and with eval.use_ema changed, with the best of the other weights)."""
     root = _synth_with_test_split(tmp_path / "synth")
     for task in (1, 2):   # a "val" split: the same images under another name
         (root / "annotations" / f"task_{task}_val.json").write_text(
@@ -609,17 +609,25 @@ def test_best_starts_over_when_a_resume_scores_on_another_split(tmp_path):
     resumed = Trainer(_config("tiny_pronoun.yaml", root, out, *common, "eval.split=val", "schedule.max_steps=4"),
                       DistEnv(), resume=str(out / "checkpoint.pth"), log=logged.append).run()
     assert resumed.best["split"] == "val" and resumed.best["step"] == 4
-    assert any(line.startswith("update 4: the best so far (mAP50/bbox = ") and "on 'test', protocol 'toist', update 2) "
-               "was scored otherwise than this run's mAP50/bbox on 'val', protocol 'toist': the best starts over"
-               in line for line in logged), logged
+    assert any(line.startswith("update 4: the best so far (mAP50/bbox = ") and "on 'test', protocol 'toist', ema "
+               "weights, update 2) was scored otherwise than this run's mAP50/bbox on 'val', protocol 'toist', ema "
+               "weights: the best starts over" in line for line in logged), logged
     # Another eval.protocol: its numbers do not compare either (the best was kept).
     logged.clear()
     again = Trainer(_config("tiny_pronoun.yaml", root, out, *common, "eval.split=val", "eval.protocol=reference",
                             "schedule.max_steps=6"), DistEnv(), resume=str(out / "checkpoint.pth"),
                     log=logged.append).run()
     assert again.best["protocol"] == "reference" and again.best["step"] == 6
-    assert any("protocol 'toist', update 4) was scored otherwise than this run's mAP50/bbox on 'val', protocol "
-               "'reference': the best starts over" in line for line in logged), logged
+    assert any("protocol 'toist', ema weights, update 4) was scored otherwise than this run's mAP50/bbox on 'val', "
+               "protocol 'reference', ema weights: the best starts over" in line for line in logged), logged
+    # The raw weights instead of the EMA's (eval.use_ema=false): another model's scores.
+    logged.clear()
+    raw = Trainer(_config("tiny_pronoun.yaml", root, out, *common, "eval.split=val", "eval.protocol=reference",
+                          "eval.use_ema=false", "schedule.max_steps=8"), DistEnv(),
+                  resume=str(out / "checkpoint.pth"), log=logged.append).run()
+    assert raw.best["weights"] == "model" and raw.best["step"] == 8
+    assert any("protocol 'reference', ema weights, update 6) was scored otherwise than this run's mAP50/bbox on "
+               "'val', protocol 'reference', model weights: the best starts over" in line for line in logged), logged
 
 
 def test_schedule_refusal_names_the_field_and_says_what_follows_from_the_data(synth_root, tmp_path):

@@ -468,21 +468,23 @@ class Trainer:
         if improved:
             self.best = {"metric": key, "value": value, "step": self.step,
                          "epoch": self.step // self.steps_per_epoch, "split": self.val.split,
-                         "protocol": cfg.eval.protocol}
+                         "protocol": cfg.eval.protocol, "weights": self._evaluated_weights()}
         return improved
 
     def _forget_incomparable_best(self, key: str) -> None:
-        """Start the best over when it was scored with another metric, on another split or under
-        another ``eval.protocol`` (a resume with other eval settings): the numbers do not compare.
-        (A best recorded before the protocol was recorded was scored under toist's.)"""
+        """Start the best over when it was scored with another metric, on another split, under
+        another ``eval.protocol`` or on other weights (``eval.use_ema``) — a resume with other
+        eval settings: the numbers do not compare. (A best recorded before the protocol was
+        recorded was scored under toist's; one recorded before the weights were, is kept.)"""
         best = self.best
-        protocol = self.cfg.eval.protocol
-        if best is None or (best["metric"], best["split"], best.get("protocol", "toist")) == (key, self.val.split,
-                                                                                              protocol):
+        protocol, weights = self.cfg.eval.protocol, self._evaluated_weights()
+        if best is None or (best["metric"], best["split"], best.get("protocol", "toist"),
+                            best.get("weights", weights)) == (key, self.val.split, protocol, weights):
             return
         self.log(f"update {self.step}: the best so far ({best['metric']} = {best['value']:.4f} on {best['split']!r}, "
-                 f"protocol {best.get('protocol', 'toist')!r}, update {best['step']}) was scored otherwise than this "
-                 f"run's {key} on {self.val.split!r}, protocol {protocol!r}: the best starts over")
+                 f"protocol {best.get('protocol', 'toist')!r}, {best.get('weights', weights)} weights, update "
+                 f"{best['step']}) was scored otherwise than this run's {key} on {self.val.split!r}, protocol "
+                 f"{protocol!r}, {weights} weights: the best starts over")
         self.best = None
 
     # ------------------------------------------------------------------------ checkpoints
