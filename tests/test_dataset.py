@@ -16,6 +16,7 @@ from toist_core.data.captions import coco_id2name
 from toist_core.data.coco_tasks import CocoTasksDataset, build_dataset
 from toist_core.data.collate import Collator, collate
 from toist_core.data.config import DataConfig
+from toist_core.data.schema import DataError
 from toist_core.data.synth import generate
 from toist_core.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomSizeCrop, crop, make_transforms,
                                         resized_hw)
@@ -265,6 +266,41 @@ def test_grounding_mode_names_every_object_once_per_image(root):
             assert target["caption"][span[0]:span[1]] == names[a["COCO_category_id"]]
     with pytest.raises(ValueError, match="caption_mode"):
         CocoTasksDataset(files, root / "images" / "train2014", caption_mode="nouns")
+
+
+def test_caption_texts_are_the_items_captions_in_every_mode(root):
+    files = [root / "annotations" / f"task_{k}_train.json" for k in (2, 14)]
+    for mode in ("pronoun", "noun", "distill", "grounding"):
+        dataset = CocoTasksDataset(files, root / "images" / "train2014", caption_mode=mode)
+        for index in range(len(dataset)):
+            item = dataset[index]
+            assert dataset.caption_texts(index) == [target["caption"] for target in item[1:]], (mode, index)
+
+
+def test_a_caption_longer_than_the_model_reads_is_refused_before_training(root, tmp_path):
+    """An image of many named classes gave a noun caption over the 256 token slots: training met
+    it at that image's first batch ("caption too long", naming no file), hours in."""
+    from toist_core.model import load_tokenizer
+
+    tokenizer = load_tokenizer(str(TOKENIZER_DIR))
+    data = json.loads((root / "annotations" / "task_14_train.json").read_text())
+    image = data["images"][3]
+    data["COCO_categories"] = [{"id": 1000 + k, "name": f"kitchen utensil number {k}"} for k in range(40)]
+    data["annotations"] += [{"id": 9000 + k, "image_id": image["id"], "bbox": [2, 2, 10, 10], "area": 100.0,
+                             "iscrowd": 0, "category_id": 1, "COCO_category_id": 1000 + k,
+                             "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]} for k in range(40)]
+    path = tmp_path / "task_14_train.json"
+    path.write_text(json.dumps(data))
+    for mode in ("noun", "distill", "grounding"):
+        dataset = CocoTasksDataset(path, root / "images" / "train2014", caption_mode=mode)
+        with pytest.raises(DataError, match=rf"{path}: image id {image['id']}: its {mode} caption is \d+ tokens, "
+                                            r"the model reads at most 256 \('"):
+            dataset.check_caption_lengths(tokenizer, 256)
+    # Pronoun captions name no class; the untouched file passes in every mode.
+    CocoTasksDataset(path, root / "images" / "train2014", caption_mode="pronoun").check_caption_lengths(tokenizer, 256)
+    for mode in ("noun", "distill", "grounding"):
+        CocoTasksDataset(root / "annotations" / "task_14_train.json", root / "images" / "train2014",
+                         caption_mode=mode).check_caption_lengths(tokenizer, 256)
 
 
 def test_train_transform_keeps_boxes_and_masks_together(root):

@@ -470,6 +470,29 @@ def test_training_data_without_targets_is_refused_and_a_task_without_them_said(s
     assert not any("have no object to train on" in line for line in logged), logged
 
 
+def test_a_caption_longer_than_the_model_reads_stops_the_start_not_its_batch(synth_root, tmp_path):
+    """A noun caption naming 40 classes outgrew the 256 token slots: the run died at that image's
+    first batch with "caption too long", naming no file."""
+    from toist_core.data.schema import DataError
+
+    root = tmp_path / "data"
+    (root / "annotations").mkdir(parents=True)
+    (root / "images").symlink_to(synth_root / "images")
+    for task in (1, 2):
+        data = json.loads((synth_root / "annotations" / f"task_{task}_train.json").read_text())
+        if task == 2:
+            image = data["images"][-1]
+            data["COCO_categories"] = [{"id": 1000 + k, "name": f"kitchen utensil number {k}"} for k in range(40)]
+            data["annotations"] += [{"id": 90000 + k, "image_id": image["id"], "bbox": [2, 2, 10, 10],
+                                     "area": 100.0, "iscrowd": 0, "category_id": 1, "COCO_category_id": 1000 + k,
+                                     "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]} for k in range(40)]
+        (root / "annotations" / f"task_{task}_train.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match=rf"task_2_train.json: image id {image['id']}: its noun caption is \d+ "
+                                        r"tokens, the model reads at most 256"):
+        Trainer(_config("tiny_noun.yaml", root, tmp_path / "run"), DistEnv())
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_batch_larger_than_the_data_names_the_field(synth_root, tmp_path):
     from toist_core.typed_config import ConfigError
 

@@ -37,6 +37,7 @@ from toist_core.data.collate import Collator
 from toist_core.inference import NonFiniteOutputError
 from toist_core.losses.criterion import weighted_total
 from toist_core.model import load_tokenizer
+from toist_core.model.text import max_caption_tokens
 from toist_core.stop_signals import StopSignals
 from toist_core.typed_config import ConfigError
 
@@ -127,6 +128,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model.text.tokenizer)
         train_set = build_dataset(cfg.data, cfg.data.train_split)
         self._check_targets(train_set.target_counts())
+        train_set.check_caption_lengths(self.tokenizer, max_caption_tokens(cfg.model.text))
         holdout = None
         if cfg.eval.enabled and cfg.eval.split == HOLDOUT:
             holdout = holdout_ids(train_set, cfg.eval.holdout_fraction, cfg.eval.holdout_seed)

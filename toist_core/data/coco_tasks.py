@@ -204,20 +204,52 @@ class CocoTasksDataset(Dataset):
         task_file = self.files[k]
         image = self.load_image(index)
         base = self._base_target(task_file, image_rec, every_object=self.caption_mode == "grounding")
-        preferred = base.pop("_coco_category_ids")
-        num_boxes = len(preferred)
+        captions = self._caption_targets(task_file, image_rec, base.pop("_coco_category_ids"))
+        image, target = self.transforms(image, _with_captions(base, captions[0]))
+        if self.caption_mode != "distill":
+            return image, target
+        return image, target, _with_captions(target, captions[1])   # the noun target's boxes, pronoun caption
+
+    def check_caption_lengths(self, tokenizer, limit: int) -> None:
+        """:class:`DataError` unless every caption a sample trains on is at most ``limit`` tokens
+        of ``tokenizer`` (noun and grounding captions name one object class per part: an image of
+        many classes outgrows the model's 256 token slots, which training met at that image's
+        first batch, hours in). The error names the task file, the image and the count."""
+        first_sample: dict[str, int] = {}   # one tokenisation per distinct caption
+        for index in range(len(self._samples)):
+            for caption in self.caption_texts(index):
+                first_sample.setdefault(caption, index)
+        texts = list(first_sample)
+        for start in range(0, len(texts), 1024):
+            chunk = texts[start:start + 1024]
+            for text, ids in zip(chunk, tokenizer(chunk)["input_ids"]):
+                if len(ids) > limit:
+                    task_file, image = self.sample_info(first_sample[text])
+                    raise DataError(f"{task_file.path}: image id {image.id}: its {self.caption_mode} caption is "
+                                    f"{len(ids)} tokens, the model reads at most {limit} ({text[:80]!r}...); "
+                                    "leave out classes or images with that many named objects")
+
+    def caption_texts(self, index: int) -> list[str]:
+        """The caption(s) sample ``index`` trains on, without reading its image: one, or in
+        ``"distill"`` mode the noun caption and the pronoun caption."""
+        k, image_rec = self._samples[index]
+        task_file = self.files[k]
+        objects = _target_objects(task_file, image_rec, self.caption_mode == "grounding")
+        preferred = [ann.coco_category_id for ann, _ in objects]
+        return [c.caption for c in self._caption_targets(task_file, image_rec, preferred)]
+
+    def _caption_targets(self, task_file: TaskFile, image_rec: ImageRecord,
+                         preferred: Sequence[int]) -> list[CaptionTargets]:
+        """The captions of a sample whose target objects have the classes ``preferred``:
+        ``[grounding]``, ``[pronoun]``, ``[noun]`` or (distill) ``[noun, pronoun]``."""
         if self.caption_mode == "grounding":
-            return self.transforms(image, _with_captions(base, grounding_targets(preferred, self.id2name)))
+            return [grounding_targets(preferred, self.id2name)]
+        pronoun = pronoun_targets(task_file.task_id, len(preferred), self.pronoun, self.vocabulary)
         if self.caption_mode == "pronoun":
-            return self.transforms(image, _with_captions(base, pronoun_targets(
-                task_file.task_id, num_boxes, self.pronoun, self.vocabulary)))
-        noun = _with_captions(base, noun_targets(task_file.task_id, preferred, self.id2name, self.vocabulary,
-                                                 noun_caption_classes(task_file, image_rec)))
-        image, noun = self.transforms(image, noun)
-        if self.caption_mode == "noun":
-            return image, noun
-        pronoun = _with_captions(noun, pronoun_targets(task_file.task_id, num_boxes, self.pronoun, self.vocabulary))
-        return image, noun, pronoun
+            return [pronoun]
+        noun = noun_targets(task_file.task_id, preferred, self.id2name, self.vocabulary,
+                            noun_caption_classes(task_file, image_rec))
+        return [noun] if self.caption_mode == "noun" else [noun, pronoun]
 
     # ------------------------------------------------------------------ sample construction
 
