@@ -115,11 +115,14 @@ def _mask_on_depth(mask_crop: np.ndarray, x0: int, y0: int, us: np.ndarray, vs: 
 
 
 def _depth_noise(z: np.ndarray, chosen: np.ndarray) -> float:
-    """Depth noise sigma (metres) from second differences along rows over ``chosen`` pixels
-    (on every k-th row, enough for ~``NOISE_SAMPLES`` of them)."""
+    """Depth noise sigma (metres) from second differences along rows over ``chosen`` pixels of
+    one surface (consecutive depths within the gap of step 3; on every k-th row, enough for
+    ~``NOISE_SAMPLES`` of them)."""
     every = max(1, z.shape[0] * z.shape[1] // (4 * NOISE_SAMPLES))
     z, chosen = z[::every], chosen[::every]
-    both = chosen[:, :-2] & chosen[:, 1:-1] & chosen[:, 2:]
+    gap = np.float32(GAP_M) + np.float32(GAP_FRACTION) * z[:, 1:-1]
+    both = (chosen[:, :-2] & chosen[:, 1:-1] & chosen[:, 2:]
+            & (np.abs(z[:, 1:-1] - z[:, :-2]) <= gap) & (np.abs(z[:, 2:] - z[:, 1:-1]) <= gap))
     if np.count_nonzero(both) < 10:
         return 0.0
     second = (z[:, :-2] - 2.0 * z[:, 1:-1] + z[:, 2:])[both]

@@ -43,7 +43,9 @@ they grew by one pixel's, and a pixel's neighbours are the grid's):
    median Z / f: points are sample centres, so a surface n samples wide spans n, not n - 1, steps); on z
    less the widening by the depth noise, in quadrature: ``sqrt(max(0, range^2 - (2 k sigma)^2))``
    with ``k = sqrt(2 ln N)`` (about the largest of N normal deviates) and sigma estimated from
-   second differences along rows (``1.4826 MAD / sqrt(6)``: a second difference cancels a
+   second differences along rows, of three pixels of one surface (consecutive depths within the
+   gap of step 3: across a thin object's outline they measure the jump to what lies behind)
+   (``1.4826 MAD / sqrt(6)``: a second difference cancels a
    surface's slope and has variance 6 sigma^2 for independent noise); the box it measures is
    centred on the middle of the ranges (``box_center``), which for a tilted or many-sided surface
    is not the centroid;

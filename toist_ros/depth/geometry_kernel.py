@@ -92,8 +92,9 @@ def _mask_on_window(mask, x0, y0, u0, v0, step, s, t, h, w):
 
 @njit
 def _depth_noise(far, state):
-    """Step 5's sigma (metres): from second differences along rows over chosen pixels, on every
-    k-th row (enough for ~NOISE_SAMPLES of them), then every m-th of them; 0 with fewer than 10."""
+    """Step 5's sigma (metres): from second differences along rows over chosen pixels of one
+    surface (consecutive depths within step 3's gap), on every k-th row (enough for
+    ~NOISE_SAMPLES of them), then every m-th of them; 0 with fewer than 10."""
     h, w = state.shape
     every = max(1, h * w // (4 * NOISE_SAMPLES))
     second = np.empty(max(1, ((h + every - 1) // every) * (w - 2)), np.float32)
@@ -102,8 +103,13 @@ def _depth_noise(far, state):
     for i in range(0, h, every):
         for j in range(w - 2):
             if state[i, j] != 0 and state[i, j + 1] != 0 and state[i, j + 2] != 0:
-                second[count] = far[i + 2, j + 2] - two * far[i + 2, j + 3] + far[i + 2, j + 4]
-                count += 1
+                a, b, c = far[i + 2, j + 2], far[i + 2, j + 3], far[i + 2, j + 4]
+                # A triplet across the object's outline measures the jump to the wall behind, not the
+                # noise: on a thin upright object most of them do, and sigma grew 100-fold.
+                gap = np.float32(GAP_M) + np.float32(GAP_FRACTION) * b
+                if abs(b - a) <= gap and abs(c - b) <= gap:
+                    second[count] = a - two * b + c
+                    count += 1
     if count < 10:
         return 0.0
     second = second[:count:max(1, count // NOISE_SAMPLES)].copy()
