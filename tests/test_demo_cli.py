@@ -66,6 +66,15 @@ def test_the_out_folder_takes_only_a_demo_runs_files(tmp_path):
     (older / "report.json").write_text('{"frames": [{"overlay": "frame_00_a.png"}], "one_shots": '
                                        '[{"overlay": "oneshot_00_b.png"}, {"overlay": "../escape.png"}]}')
     assert demo._out_problem(older) == "" and demo._written_before(older) == ["frame_00_a.png", "oneshot_00_b.png"]
+    # A user's own report.json / report.md (not a demo's report): their folder, refused; the
+    # next run had deleted both.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "report.json").write_text('{"experiment": 3}')
+    (notes / "report.md").write_text("my notes")
+    assert ("holds files no demo run wrote (report.json, report.md); nothing was removed"
+            in demo._out_problem(notes))
+    assert demo._written_before(notes) == []
 
 
 @pytest.mark.parametrize("args, message", [
@@ -87,6 +96,7 @@ def _running(pattern: str) -> list[str]:
 
 @pytest.mark.parametrize("args, message", [
     (["--rate", "0"], "argument --rate: '0': frames per second, above 0"),          # was a ZeroDivisionError
+    (["--rate", "1e-10"], "argument --rate: '1e-10': frames per second, at least 0.001"),   # a TypeError of rclpy
     (["--count", "0"], "argument --count: '0': an integer >= 1"),
     (["--encoding", "16UC1"], "argument --encoding: invalid choice: '16UC1'"),      # was a ValueError traceback
     (["--photos", "nosuch"], "--photos: scikit-image has no sample image 'nosuch'"),
@@ -197,7 +207,7 @@ def test_a_call_given_up_is_withdrawn_from_the_client():
             self.withdrawn.append(future)
 
     client = Silent()
-    with pytest.raises(TimeoutError, match="/toist_demo_1/segment_image did not answer within 0 s"):
+    with pytest.raises(TimeoutError, match="/toist_demo_1/segment_image did not answer within 0.2 s"):
         call_service(client, object(), timeout=0.2)
     assert len(client.withdrawn) == 1
 
@@ -211,3 +221,31 @@ def test_a_domain_id_dds_cannot_use_is_refused_by_name(monkeypatch, domain):
     monkeypatch.setenv("ROS_DOMAIN_ID", domain)
     with pytest.raises(ValueError, match=f"ROS_DOMAIN_ID={domain!r}: a domain id is a whole number 0..232"):
         demo._ros_environment()
+
+
+def test_the_nodes_text_parameters_reach_it_whole(tmp_path, monkeypatch):
+    """A checkpoint path with " #" reached the node cut at the '#' (rcl reads -p values as YAML),
+    one with ": " did not parse, a task with a quote broke its quoting: read back here through
+    rcl's own parsing of the demo's command line."""
+    import argparse
+
+    import rclpy
+    from rclpy.node import Node
+
+    from toist_ros import demo
+
+    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    checkpoint = str(tmp_path / "run #1" / "a: b")
+    args = argparse.Namespace(device="cpu", checkpoint=checkpoint, text_encoder="/models/roberta #2")
+    command = demo._node_command(args, 0, start_task="open a bottle of beer with 'it' \"now\"")
+    context = rclpy.Context()
+    rclpy.init(args=command, context=context)
+    try:
+        node = Node("demo_args_probe", context=context, automatically_declare_parameters_from_overrides=True,
+                    cli_args=command[command.index("--ros-args"):])
+        got = {name: node.get_parameter(name).value for name in ("checkpoint", "text_encoder", "task")}
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+    assert got == {"checkpoint": checkpoint, "text_encoder": "/models/roberta #2",
+                   "task": "open a bottle of beer with 'it' \"now\""}

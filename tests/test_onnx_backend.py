@@ -384,6 +384,45 @@ def test_a_failed_check_keeps_the_graphs_the_directory_had(dirs, tmp_path, monke
     assert checked[0]["tasks"] == (1, 2, "a cup on a table")   # two of the model's tasks and free text
 
 
+def test_exporting_a_checkpoint_with_onnx_replaces_the_directory_only_once_its_graphs_pass(dirs, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """`toist export b.pth DIR --onnx` replaced DIR (b's weights, its graphs deleted) before the
+    check: a failed check left a directory without graphs, which backend:=onnxruntime refused."""
+    from test_checkpoint import official_container
+    from toist_core import cli
+    from toist_core.typed_config import save_yaml
+
+    model, cfg = _model(seed=7)
+    save_yaml(cfg, tmp_path / "tiny_segm.yaml")
+    torch.save(official_container(model.state_dict(), model.state_dict()), tmp_path / "b.pth")
+    directory = _dir_with_graphs(dirs, tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+    assert DETECTOR_FILE in before and MASK_HEAD_FILE in before
+    command = ["export", str(tmp_path / "b.pth"), str(directory), "--text-encoder", "builtin:tiny",
+               "--config", str(tmp_path / "tiny_segm.yaml"), "--onnx"]
+    bad = {"logits": 3e-3, "boxes": 1e-6, "mask_iou": 1.0, "images": 3, "tasks": [1, 2],
+           "providers": ["CPUExecutionProvider"], "masks": True}
+    monkeypatch.setattr(onnx_export, "compare_backends", lambda directory, **kw: bad)
+    assert cli.main(command) == 1
+    err = capsys.readouterr().err
+    assert (f"toist export --onnx: {directory}: the new ONNX graphs do not match PyTorch and were not installed: "
+            in err and f"; {directory} was not written (it stays as it was)" in err), err
+    assert {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no staging left
+    # A check that passes installs b's weights and their graphs in one swap: they load together.
+    monkeypatch.undo()
+    assert cli.main(command) == 0
+    assert "detector.onnx, mask_head.onnx written; check passed" in capsys.readouterr().out
+    inference = dict(score_threshold=0.0, max_instances=10, **SMALL)
+    onnx_seg = TaskSegmenter.from_pretrained(directory, device="cpu", task=2,
+                                             inference=InferenceConfig(backend="onnxruntime", **inference))
+    torch_seg = TaskSegmenter.from_pretrained(directory, device="cpu", task=2, inference=InferenceConfig(**inference))
+    got, want = onnx_seg.predict(_image(48, 64, 0)), torch_seg.predict(_image(48, 64, 0))
+    assert len(want) >= 1
+    np.testing.assert_array_equal(got.queries, want.queries)
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
+
+
 def test_an_interrupted_check_keeps_the_graphs_and_leaves_nothing_behind(dirs, tmp_path, monkeypatch):
     from toist_core.inference.onnx_export import export_checked
 

@@ -238,9 +238,12 @@ def test_every_parameter_is_documented():
 def test_unknown_overrides_name_the_closest_parameter():
     warnings = P.unknown_overrides(["score_treshold", "use_sim_time", "qos_overrides./image.subscription.depth",
                                     "max_instances", "zzz_nothing_like_it", "input.reliable"])
-    assert len(warnings) == 3, warnings
+    assert len(warnings) == 4, warnings
     by_name = {w.split("'")[1]: w for w in warnings}
     assert "did you mean 'score_threshold'?" in by_name["score_treshold"]
+    # ROS's QoS override of a topic that takes none: ignored by ROS without a word before.
+    assert ("is ignored: this node's topics take no QoS overrides (the image subscriptions' reliability is "
+            "input.reliability" in by_name["qos_overrides./image.subscription.depth"])
     assert "is ignored" in by_name["zzz_nothing_like_it"] and "ros2 param list" in by_name["zzz_nothing_like_it"]
     assert "'input.reliability'" in by_name["input.reliable"]
 
@@ -431,5 +434,17 @@ def test_the_type_of_a_command_line_value_is_read_as_rcl_reads_it(context):
         assert settings["score_threshold"] == 1e-3 and settings["output.masks"] is False
         assert settings["max_instances"] == 8 and settings["mask_threshold"] == 0.5 and settings["checkpoint"] == "yEs"
         assert settings["precision"] == "bf16" and settings["task"] == "bed"
+    finally:
+        node.destroy_node()
+
+
+def test_an_empty_list_on_the_command_line_is_said_to_need_an_entry(context):
+    """rcl reads `-p input.topics:=[]` as no value: the refusal read "expected a list of strings,
+    got None"."""
+    node = rclpy.create_node("toist_perception", context=context,
+                             cli_args=["--ros-args", "-p", "input.topics:=[]"])
+    try:
+        with pytest.raises(P.ParameterError, match=r"input.topics: needs at least one entry, got none"):
+            P.declare(node)
     finally:
         node.destroy_node()

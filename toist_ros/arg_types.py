@@ -8,14 +8,20 @@ import argparse
 import math
 
 
+MIN_RATE = 0.001   # frames per second: one in about 17 minutes (1e-10 overflowed rclpy's timer period)
+
+
 def positive_rate(text: str) -> float:
-    """Frames per second: above 0 and finite (a negative rate reached rclpy as an RCLError)."""
+    """Frames per second: at least MIN_RATE and finite (a negative rate reached rclpy as an
+    RCLError, a tiny one as a TypeError of its timer)."""
     try:
         rate = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: frames per second, a number above 0") from None
     if not rate > 0 or rate == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r}: frames per second, above 0")
+    if rate < MIN_RATE:
+        raise argparse.ArgumentTypeError(f"{text!r}: frames per second, at least {MIN_RATE:g}")
     return rate
 
 

@@ -87,7 +87,7 @@ def publish_task(session: _Session, namespace: str, text: str, timeout: float) -
     publisher = session.node.create_publisher(String, _topic(namespace, "task"),
                                               QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
     if not _wait(lambda: publisher.get_subscription_count() > 0 and bool(statuses), timeout):
-        print(f"nobody subscribes {publisher.topic_name}, or no active_task, within {timeout:.0f} s "
+        print(f"nobody subscribes {publisher.topic_name}, or no active_task, within {timeout:g} s "
               "(is the node running?)", file=sys.stderr)
         return 1
     seen = len(statuses)
@@ -97,7 +97,7 @@ def publish_task(session: _Session, namespace: str, text: str, timeout: float) -
     # start-up task's, so a refused task read "ok".
     if not _wait(lambda: len(statuses) > seen and names_task(text, statuses[-1].task_id, statuses[-1].task),
                  timeout):
-        print(f"published {text!r} on {publisher.topic_name}, but the node did not take it within {timeout:.0f} s "
+        print(f"published {text!r} on {publisher.topic_name}, but the node did not take it within {timeout:g} s "
               "(refused: its log says why; `set-task` answers with the reason)", file=sys.stderr)
         return 1
     print(f"ok: {_status_text(statuses[-1])}")
@@ -130,7 +130,7 @@ def read_instances(session: _Session, namespace: str, count: int, timeout: float
     received: list = []
     session.node.create_subscription(TaskInstances, _topic(namespace, "instances"), received.append, 10)
     if not _wait(lambda: len(received) >= count, timeout):
-        print(f"{len(received)} of {count} TaskInstances messages within {timeout:.0f} s (is a camera "
+        print(f"{len(received)} of {count} TaskInstances messages within {timeout:g} s (is a camera "
               "publishing on the node's image topic?)", file=sys.stderr)
     for msg in received[:count]:
         print(_instances_text(msg))
@@ -160,7 +160,7 @@ def _status_text(msg: Any) -> str:
 def status(session: _Session, namespace: str, timeout: float) -> int:
     received = _latched_status(session, namespace)
     if not _wait(lambda: bool(received), timeout):
-        print(f"no active_task within {timeout:.0f} s (is the node running?)", file=sys.stderr)
+        print(f"no active_task within {timeout:g} s (is the node running?)", file=sys.stderr)
         return 1
     print(_status_text(received[-1]))
     return 0

@@ -188,14 +188,23 @@ def _node_command(args: argparse.Namespace, short_side: int, depth: bool = False
     if short_side:
         ros_args += ["-p", f"input.short_side:={short_side}", "-p", f"input.max_side:={2 * short_side}"]
     if args.checkpoint:
-        ros_args += ["-p", f"checkpoint:={os.path.abspath(args.checkpoint)}"]
+        ros_args += ["-p", f"checkpoint:={_yaml_string(os.path.abspath(args.checkpoint))}"]
     if args.text_encoder:
-        ros_args += ["-p", f"text_encoder:={args.text_encoder}"]
+        ros_args += ["-p", f"text_encoder:={_yaml_string(args.text_encoder)}"]
     if depth:
         ros_args += ["-p", "depth.enabled:=true", "-r", f"depth:={DEPTH_TOPIC}", "-r", f"camera_info:={CAMERA_INFO_TOPIC}"]
-    if start_task:   # quoted: the parameter is a string ("1", not the integer 1)
-        ros_args += ["-p", f"task:='{start_task}'"]
+    if start_task:   # a string parameter: "1", not the integer 1
+        ros_args += ["-p", f"task:={_yaml_string(start_task)}"]
     return command + ros_args
+
+
+def _yaml_string(text: str) -> str:
+    """``text`` as a YAML double-quoted string, the form a ``-p name:=value`` keeps whole: rcl
+    reads the value as YAML ("runs/exp #1" lost its "#1" as a comment, "a: b" did not parse, a
+    task with a quote broke its single quotes). JSON's string escapes are YAML's."""
+    import json
+
+    return json.dumps(text)
 
 
 class _Client:
@@ -531,18 +540,25 @@ def _judgement(scene: Optional[Any], msg: Any) -> dict:
 def _written_before(out: Path) -> list[str]:
     """The files an earlier demo run wrote into ``out``: its record, else (runs before the record)
     the overlays its report.json lists; [] for none."""
-    import json
-
     record = out / WRITTEN_LIST
     if record.is_file():
         return [name for name in record.read_text(encoding="utf-8").splitlines() if name and "/" not in name]
+    report = _demo_report(out)
+    rows = (report.get("frames") or []) + (report.get("one_shots") or []) if report is not None else []
+    return [row["overlay"] for row in rows if isinstance(row, dict) and isinstance(row.get("overlay"), str)
+            and row["overlay"] and "/" not in row["overlay"]]
+
+
+def _demo_report(out: Path) -> Optional[dict]:
+    """``out``'s report.json when a demo run wrote it (a mapping with its "frames" list), else None:
+    a report.json of the user's own does not make the folder a demo's."""
+    import json
+
     try:
         report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return []
-    rows = (report.get("frames") or []) + (report.get("one_shots") or []) if isinstance(report, dict) else []
-    return [row["overlay"] for row in rows if isinstance(row, dict) and isinstance(row.get("overlay"), str)
-            and row["overlay"] and "/" not in row["overlay"]]
+        return None
+    return report if isinstance(report, dict) and isinstance(report.get("frames"), list) else None
 
 
 def _out_problem(out: Path) -> str:
@@ -550,7 +566,7 @@ def _out_problem(out: Path) -> str:
     no demo run wrote (new, empty, or an earlier demo's folder are fine)."""
     if out.exists() and not out.is_dir():
         return f"--out {out}: a file, not a folder"
-    if not out.is_dir() or (out / WRITTEN_LIST).is_file() or (out / "report.json").is_file():
+    if not out.is_dir() or (out / WRITTEN_LIST).is_file() or _demo_report(out) is not None:
         return ""   # new, or an earlier demo's (whose other files are left as they are)
     foreign = sorted(entry.name for entry in out.iterdir())
     if not foreign:

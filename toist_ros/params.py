@@ -158,6 +158,8 @@ def check_value(spec: ParamSpec, value: Any) -> Optional[str]:
     kind = spec.kind
     value = _as_taken(spec, value)
     if kind is list:
+        if value is None:   # rcl reads `-p input.topics:=[]` as no value at all
+            return f"{spec.name}: needs at least one entry, got none"
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             return f"{spec.name}: expected a list of strings, got {value!r}"
         if not value:
@@ -197,7 +199,9 @@ def _range_text(spec: ParamSpec) -> str:
 
 # Parameters rclpy or rcl declare on every node: overrides of these are not ours to question.
 _ROS_PARAMETERS = ("use_sim_time", "start_type_description_service")
-_ROS_PARAMETER_PREFIXES = ("qos_overrides.",)
+# ROS's QoS overrides apply only to the publishers and subscriptions that opt in; this node's do
+# not (their QoS follows input.reliability and the contract in docs/ros.md): ignored, said so.
+_QOS_OVERRIDE_PREFIX = "qos_overrides."
 
 
 def unknown_overrides(names: Any) -> list[str]:
@@ -206,7 +210,11 @@ def unknown_overrides(names: Any) -> list[str]:
     silently, so ``-p score_treshold:=0.9`` would otherwise leave the threshold at its default."""
     out = []
     for name in sorted(set(names)):
-        if name in SPECS or name in _ROS_PARAMETERS or name.startswith(_ROS_PARAMETER_PREFIXES):
+        if name in SPECS or name in _ROS_PARAMETERS:
+            continue
+        if name.startswith(_QOS_OVERRIDE_PREFIX):
+            out.append(f"parameter override {name!r} is ignored: this node's topics take no QoS overrides (the "
+                       "image subscriptions' reliability is input.reliability; docs/ros.md lists every QoS)")
             continue
         close = difflib.get_close_matches(name, list(SPECS) + list(_ROS_PARAMETERS), n=1, cutoff=0.6)
         renamed = _RENAMED.get(name)

@@ -46,7 +46,7 @@ def call_service(client: Any, request: Any, timeout: float, hint: str = "",
     while not client.wait_for_service(timeout_sec=min(0.5, max(0.0, deadline - time.monotonic()))):
         check_server()
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"no service {client.srv_name} within {timeout:.0f} s{hint}")
+            raise TimeoutError(f"no service {client.srv_name} within {timeout:g} s{hint}")
     future = client.call_async(request)
     deadline = time.monotonic() + timeout
     while not future.done() and time.monotonic() < deadline:
@@ -56,7 +56,7 @@ def call_service(client: Any, request: Any, timeout: float, hint: str = "",
         withdraw = getattr(client, "remove_pending_request", None)
         if withdraw is not None:
             withdraw(future)
-        raise TimeoutError(f"service {client.srv_name} did not answer within {timeout:.0f} s")
+        raise TimeoutError(f"service {client.srv_name} did not answer within {timeout:g} s")
     return future.result()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..config import InputSize, ModelConfig
 from ..tasks import COCO_TASKS, TaskVocabulary
@@ -271,7 +271,8 @@ def load_pretrained(path: PathLike, config: Optional[ModelConfig] = None,
 
 def export_model_dir(path: PathLike, directory: PathLike, text_encoder: Optional[str] = None,
                      config: Optional[ModelConfig] = None, pronoun: Optional[str] = None,
-                     weights: Optional[str] = None) -> LoadedModel:
+                     weights: Optional[str] = None,
+                     before_install: Optional[Callable[[Path], None]] = None) -> LoadedModel:
     """Convert an official file or a toist training checkpoint into a model directory.
 
     The file is read, checked and strictly loaded before anything is written; the directory
@@ -279,6 +280,7 @@ def export_model_dir(path: PathLike, directory: PathLike, text_encoder: Optional
     checked before the file is even read (:func:`~.model_dir.check_replaceable`). Official
     files: ``text_encoder`` supplies the tokenizer copied into the directory (default
     roberta-base); training checkpoints name their own. ``~`` is the home folder in both paths.
+    ``before_install``: as :func:`~.model_dir.save_model_dir`'s.
     """
     path, directory = Path(path).expanduser(), Path(directory).expanduser()
     check_replaceable(directory)
@@ -291,5 +293,6 @@ def export_model_dir(path: PathLike, directory: PathLike, text_encoder: Optional
         loaded.pronoun = pronoun
     save_model_dir(loaded.model, directory, loaded.config, memory_bank=loaded.memory_bank,
                    pronoun=loaded.pronoun, source=Path(path).name, input_size=loaded.input_size,
-                   tasks=loaded.tasks, vocabulary=loaded.vocabulary, captions=loaded.captions)
+                   tasks=loaded.tasks, vocabulary=loaded.vocabulary, captions=loaded.captions,
+                   before_install=before_install)
     return loaded

@@ -25,7 +25,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -129,9 +129,11 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
                    memory_bank: Optional[nn.Module] = None, pronoun: str = "something",
                    source: str = "", input_size: Optional[InputSize] = None,
                    tasks: Optional[Sequence[int]] = None, vocabulary: TaskVocabulary = COCO_TASKS,
-                   captions: str = "pronoun") -> Path:
+                   captions: str = "pronoun", before_install: Optional[Callable[[Path], None]] = None) -> Path:
     """Write ``config.yaml``, ``model.safetensors``, the tokenizer and the memory bank, replacing
     ``directory`` as a whole (the old one stays intact until the new one is complete).
+    ``before_install(staged)``: called on the complete new directory before it replaces the old
+    one (``toist export ... --onnx`` adds and checks its graphs there); if it raises, nothing changes.
     ``directory`` must be new, empty or a toist model directory (:func:`check_replaceable`).
 
     ``model`` must be what ``config`` builds (:func:`check_model_matches_config`): the directory
@@ -177,6 +179,8 @@ def save_model_dir(model: nn.Module, directory: PathLike, config: ModelConfig,
         if memory_bank is not None:
             save_safetensors(bank_tensors(memory_bank), staging / BANK_FILE, metadata=stamp)
         typed_config.save_yaml(manifest, staging / CONFIG_FILE)
+        if before_install is not None:
+            before_install(staging)
 
     return write_directory(directory, write)
 

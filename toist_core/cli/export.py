@@ -20,9 +20,10 @@ is fetched once into the Hugging Face cache) or a local copy of the tokenizer fi
 ``--onnx`` adds the per-frame network as ONNX graphs (detector.onnx, mask_head.onnx) for the
 ``onnxruntime`` / ``tensorrt`` backends, to an existing model directory or to the one being
 exported, checked before they are installed: ONNX Runtime (CPU, fp32) against PyTorch on random
-images of three sizes, two of the model's tasks and a free-text caption; the command fails, and
-the directory keeps the graphs it had, when logits or boxes differ by more than 1e-4 or a mask IoU
-is under 0.999:
+images of three sizes, two of the model's tasks and a free-text caption; the command fails when
+logits or boxes differ by more than 1e-4 or a mask IoU is under 0.999, and the directory keeps
+the graphs it had (exporting a checkpoint with --onnx: the new directory and its graphs are
+checked before either replaces anything, so the old directory stays as it was, graphs and all):
 
     toist export --onnx models/my_distilled
     toist export toist_distilled.pth toist_distilled/ --text-encoder roberta-base --onnx
@@ -61,7 +62,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import typed_config
-    from ..checkpoint import export_model_dir, show_load_summary
+    from ..checkpoint import CheckpointError, export_model_dir, show_load_summary
     from ..config import ModelConfig
 
     if args.directory is None:
@@ -72,27 +73,58 @@ def run(args: argparse.Namespace) -> int:
         return run_onnx(args.checkpoint, args.onnx_exporter)
     show_load_summary()  # one line: what the file held (mask head, memory bank, EMA, tokenizer source)
     config = typed_config.load_yaml(ModelConfig, args.config) if args.config else None
-    loaded = export_model_dir(args.checkpoint, args.directory, text_encoder=args.text_encoder, config=config,
-                              pronoun=args.pronoun, weights=args.weights)
+    checked: dict = {}
+    refused: list = []
+
+    def add_onnx(staged) -> None:
+        # In the new directory before it replaces the old: a failed check leaves the old one,
+        # graphs and all (replaced first, it was left with new weights and no graphs).
+        from ..inference.onnx_export import export_checked
+
+        try:
+            checked.update(export_checked(staged, exporter=args.onnx_exporter, shown=args.directory))
+        except CheckpointError as exc:
+            refused.append(exc)
+            raise
+
+    try:
+        loaded = export_model_dir(args.checkpoint, args.directory, text_encoder=args.text_encoder, config=config,
+                                  pronoun=args.pronoun, weights=args.weights,
+                                  before_install=add_onnx if args.onnx else None)
+    except CheckpointError:
+        if not refused:
+            raise
+        print(f"toist export --onnx: {refused[0]}; {args.directory} was not written (it stays as it was)",
+              file=sys.stderr)
+        return 1
     kind = "segmentation" if loaded.config.masks else "detection"
     bank = ", memory bank" if loaded.memory_bank is not None else ""
     tasks = f", tasks {','.join(map(str, loaded.tasks))}" if loaded.tasks else ""
     use = (f"e.g. checkpoint:={args.directory} for the node" if loaded.captions == "pronoun" else
            "it reads captions naming the objects, not task captions: for training and evaluation, not the node")
     print(f"{args.checkpoint} -> {args.directory} ({kind}{bank}{tasks}; tokenizer inside: loads offline; {use})")
-    return run_onnx(args.directory, args.onnx_exporter) if args.onnx else 0
+    if args.onnx:
+        _say_onnx_written(args.directory, checked)
+    return 0
 
 
 def run_onnx(directory: str, exporter: str) -> int:
     """Export and check the ONNX graphs of a model directory; non-zero (nothing installed) on a failed check."""
     from ..checkpoint import CheckpointError
-    from ..inference.onnx_export import describe_check, export_checked
+    from ..inference.onnx_export import export_checked
 
     try:
         result = export_checked(directory, exporter=exporter)
     except CheckpointError as exc:
         print(f"toist export --onnx: {exc}", file=sys.stderr)
         return 1
+    _say_onnx_written(directory, result)
+    return 0
+
+
+def _say_onnx_written(directory: str, result: dict) -> None:
+    from ..inference.onnx_export import describe_check
+
     print(f"{directory}: detector.onnx{', mask_head.onnx' if result['masks'] else ''} written; "
           f"check passed: {describe_check(result)}")
     print("use it with InferenceConfig(backend='onnxruntime') (or 'tensorrt' on an NVIDIA GPU), or the node's "

@@ -450,12 +450,13 @@ def describe_check(result: dict) -> str:
             + (f"; not finite: {', '.join(result['non_finite'])}" if result.get("non_finite") else ""))
 
 
-def export_checked(directory, exporter: str = "torchscript", **check) -> dict:
+def export_checked(directory, exporter: str = "torchscript", shown: Optional[str] = None, **check) -> dict:
     """:func:`export_onnx` of a model directory's own weights, checked by :func:`compare_backends`
     before they are installed: the new graphs run in a linked copy of the directory, and only
     graphs that pass replace the directory's (a failed or interrupted check leaves the graphs it
     had, :class:`CheckpointError` saying by how much). ``check``: :func:`compare_backends`'s
-    options; its tasks default to two of the model's and a free-text caption."""
+    options; its tasks default to two of the model's and a free-text caption. ``shown``: the
+    name a failed check gives the directory (a staged one: the folder it is to become)."""
     from ..checkpoint import is_model_dir, load_pretrained
     from ..checkpoint.files import refuse_run_folder
 
@@ -479,7 +480,7 @@ def export_checked(directory, exporter: str = "torchscript", **check) -> dict:
         _write_record(trial / ONNX_DIGESTS_FILE, _digests(graphs))   # loaded as the installed ones will be
         result = compare_backends(trial, **check)
         if not check_passes(result):
-            raise CheckpointError(f"{directory}: the new ONNX graphs do not match PyTorch and were not installed"
+            raise CheckpointError(f"{shown or directory}: the new ONNX graphs do not match PyTorch and were not installed"
                                   f"{' (the ones it had stay)' if (directory / DETECTOR_FILE).exists() else ''}: "
                                   f"{describe_check(result)}")
         _install(graphs, directory, digest)
