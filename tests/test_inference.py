@@ -266,6 +266,10 @@ def test_bad_inputs_are_named(seg):
         seg.preprocess([random_image(10, 10), np.zeros((10, 10, 3), dtype=np.uint16)])
     with pytest.raises(ValueError, match=r"images\[0\].*H x W x 3"):
         seg.preprocess([np.zeros((10, 10, 4), dtype=np.uint8)])
+    # A generator, spent by those checks, reached the batching empty ("an empty list of images").
+    images = [random_image(10, 12), random_image(9, 7)]
+    batch, sizes = seg.preprocess(image for image in images)
+    assert sizes == seg.preprocess(images)[1] and batch.tensors.shape[0] == 2
     fresh = TaskSegmenter(seg.model, device="cpu")
     with pytest.raises(RuntimeError, match="set_task"):
         fresh.predict(random_image(10, 10))

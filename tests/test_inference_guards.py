@@ -354,3 +354,37 @@ def test_a_config_assigned_during_a_call_leaves_that_call_on_the_old_one(monkeyp
     monkeypatch.undo()
     after = seg.predict(image)   # the next call: the new config
     assert len(after) == 2 and after.masks.sum() < expected.masks[:2].sum()
+
+
+@pytest.mark.parametrize("command, option, value, message", [
+    ("predict", "--short-side", "20000", "pixels, 1..16384, got 20000"),
+    ("predict", "--max-size", "0", "pixels, 1..16384, got 0"),
+    ("predict", "--score-threshold", "2", "a score in [0, 1], got 2"),
+    ("predict", "--score-threshold", "nan", "a score in [0, 1], got nan"),
+    ("predict", "--max-instances", "-1", "a whole number >= 0, got -1"),
+    ("evaluate", "--short-side", "20000", "pixels, 1..16384, got 20000"),
+    ("evaluate", "--max-size", "x", "expected a whole number of pixels, got 'x'"),
+])
+def test_predict_and_evaluate_refuse_bad_numbers_in_the_option_s_words(capsys, command, option, value, message):
+    """`toist predict --short-side 20000` was refused as "inference.short_side must be 1..16384",
+    a field the user never typed."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, option, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {option}: {message}" in err and "inference." not in err, err
+
+
+def test_a_short_side_above_the_cap_is_refused_naming_both_options(tmp_path, capsys):
+    from toist_core.visualize import save_rgb
+
+    image = tmp_path / "frame.png"
+    save_rgb(image, random_image(45, 70))
+    code = cli.main(["predict", "--preset", "tiny", "--task", "2", str(image), "--out", str(tmp_path / "out"),
+                     "--device", "cpu", "--short-side", "500", "--max-size", "400"])
+    err = capsys.readouterr().err
+    assert code == 2 and "toist predict: error: --short-side 500 is above --max-size 400" in err, err
+    assert not (tmp_path / "out").exists()
+    code = cli.main(["evaluate", "--data", str(tmp_path), "--checkpoint", str(tmp_path / "none"), "--out",
+                     str(tmp_path / "eval"), "--short-side", "500", "--max-size", "400"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--short-side 500 is above --max-size 400" in err and "inference:" not in err, err

@@ -306,6 +306,14 @@ def test_an_empty_output_dir_is_refused_not_the_current_folder(synth_root, capsy
     assert load_config(CONFIGS / "tiny_pronoun.yaml", ["output_dir=."]).output_dir == "."
 
 
+def test_an_evaluation_size_above_the_long_side_cap_is_refused():
+    """data.test_size 800 with data.max_size 600: evaluation resized a 480 x 640 image to
+    600 x 800, the reference's test transform (and docs/training.md) to 450 x 600."""
+    with pytest.raises(ConfigError, match=r"data.test_size \(800\) must be at most data.max_size \(600\)"):
+        load_config(CONFIGS / "tiny_pronoun.yaml", ["data.test_size=800", "data.max_size=600"])
+    assert load_config(CONFIGS / "tiny_pronoun.yaml", ["data.test_size=600", "data.max_size=600"]).data.test_size == 600
+
+
 def test_toist_cli_has_the_train_subcommand(capsys):
     from toist_core.cli import build_parser
 

@@ -63,3 +63,21 @@ def test_box_lines_lie_on_the_box_own_pixels():
     ranked = [SimpleNamespace(rank=0, score=0.9, box=(0.0, 0.0, 200.0, 100.0), mask_crop=None, roi=(0, 0, 200, 100))]
     debug = np.all(draw_overlay(image, ranked) == instance_color(0)[::-1], axis=2)   # BGR
     assert debug[50:, -1].all() and debug[-1, 100:].all()
+
+
+def test_masks_decoded_from_rles_paint_the_mask_not_rows_0_and_1():
+    """pycocotools' decode gives uint8 0/1 masks: indexed with them, the overlay painted image
+    rows 0 and 1 instead of the mask."""
+    import pytest
+    from pycocotools import mask as mask_utils
+
+    mask = np.zeros((40, 50), bool)
+    mask[10:20, 20:40] = True
+    decoded = mask_utils.decode(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8))))
+    assert decoded.dtype == np.uint8
+    image = np.zeros((40, 50, 3), np.uint8)
+    from_bool = draw_instances(image, np.zeros((0, 4)), np.zeros(0), masks=mask[None])
+    from_rle = draw_instances(image, np.zeros((0, 4)), np.zeros(0), masks=decoded[None])
+    assert np.array_equal(from_rle, from_bool) and (from_bool.any(axis=2) == mask).all()
+    with pytest.raises(ValueError, match=r"masks must be bool or 0/1 integers, got float32"):
+        draw_instances(image, np.zeros((0, 4)), np.zeros(0), masks=mask[None].astype(np.float32))

@@ -43,7 +43,8 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
                    alpha: float = 0.45, thickness: int = 2) -> np.ndarray:
     """A copy of ``image`` (RGB uint8) with masks blended in, boxes, scores and a title.
 
-    boxes ``[N, 4]`` (x1, y1, x2, y2 pixels), scores ``[N]``, masks ``[N, H, W]`` bool or None.
+    boxes ``[N, 4]`` (x1, y1, x2, y2 pixels), scores ``[N]``, masks ``[N, H, W]`` bool, or 0/1
+    integers (what ``pycocotools.mask.decode`` returns for ``toist predict``'s RLEs), or None.
     """
     import cv2
 
@@ -51,6 +52,13 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
         raise ValueError(f"draw_instances: expected an H x W x 3 uint8 image, got {image.shape} {image.dtype}")
     canvas = image.copy()
     if masks is not None and len(masks):
+        masks = np.asarray(masks)
+        if masks.dtype != np.bool_:
+            # Integer 0/1 masks index rows 0 and 1 (numpy's integer indexing), not the mask.
+            if not (np.issubdtype(masks.dtype, np.integer) and masks.min() >= 0 and masks.max() <= 1):
+                raise ValueError(f"draw_instances: masks must be bool or 0/1 integers, got {masks.dtype} "
+                                 f"values {masks.min()}..{masks.max()}")
+            masks = masks.astype(bool)
         if masks.shape[1:] != image.shape[:2]:
             raise ValueError(f"draw_instances: masks {masks.shape} do not match the image {image.shape[:2]}")
         overlay = canvas.astype(np.float32)

@@ -268,6 +268,11 @@ def stage_problems(cfg: TrainConfig) -> list[str]:
                         "CCR with stage 'mask_head'")
     if (cfg.is_distill or cfg.stage == "mask_head_distill") and cfg.distill.pronoun != cfg.data.pronoun:
         problems.append(f"distill.pronoun ({cfg.distill.pronoun!r}) must equal data.pronoun ({cfg.data.pronoun!r})")
+    if cfg.data.test_size > cfg.data.max_size:
+        # The reference's test resize caps the long side first (a 480 x 640 image at 800 / 600:
+        # 450 x 600); evaluation and the exported model took the short side (600 x 800).
+        problems.append(f"data.test_size ({cfg.data.test_size}) must be at most data.max_size ({cfg.data.max_size}): "
+                        "the long side is capped at max_size, so the short side never reaches test_size")
     vocabulary = cfg.data.task_vocabulary()
     if cfg.distill.num_tasks != vocabulary.num_tasks:
         problems.append(f"distill.num_tasks ({cfg.distill.num_tasks}) must equal the number of tasks of "

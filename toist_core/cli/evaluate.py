@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from toist_core.cli.arg_types import TEXT_ENCODER_HELP, duplicate_iou
+from toist_core.cli.arg_types import TEXT_ENCODER_HELP, duplicate_iou, image_side, resize_problem
 from toist_core.cli.synth import parse_task_list
 from toist_core.config import PROTOCOLS
 from toist_core.tasks import NUM_TASKS
@@ -77,11 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "multiple of 32, clipped boxes) or exactly the reference evaluation's (PIL resize, "
                              "padding to the batch's largest image, unclipped boxes; the reference scripts "
                              "evaluate in batches of 8 for detection, 4 for segmentation)")
-    parser.add_argument("--short-side", type=int, default=None,
+    parser.add_argument("--short-side", type=image_side, default=None,
                         help="inference resize: short side (default: the size the model was trained at, which "
                              "an official .pth does not record: the reference's 800; smaller = quicker, not the "
                              "paper's)")
-    parser.add_argument("--max-size", type=int, default=None,
+    parser.add_argument("--max-size", type=image_side, default=None,
                         help="inference resize: long side cap (default: the model's; official .pth 1333)")
     parser.add_argument("--duplicate-iou", type=duplicate_iou, default=0.0,
                         help="drop an instance whose mask (box) overlaps a better one by more than this IoU, "
@@ -117,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     _refuse_replacing_other_files(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if resize_problem(args.short_side, args.max_size):
+        raise ValueError(resize_problem(args.short_side, args.max_size))
     if args.predictions:
         # They change how predictions are made; a file's are scored as they are (a rerun "with
         # --protocol reference" gave the same numbers without a word).

@@ -29,7 +29,7 @@ import json
 import sys
 from pathlib import Path
 
-from .arg_types import TEXT_ENCODER_HELP, duplicate_iou
+from .arg_types import TEXT_ENCODER_HELP, count, duplicate_iou, image_side, resize_problem, score
 
 
 def register(subparsers) -> None:
@@ -46,15 +46,16 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--text-encoder", default=None, help=TEXT_ENCODER_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--score-threshold", type=float, default=0.5)
-    p.add_argument("--max-instances", type=int, default=100)
+    p.add_argument("--score-threshold", type=score, default=0.5)
+    p.add_argument("--max-instances", type=count, default=100)
     p.add_argument("--duplicate-iou", type=duplicate_iou, default=0.7,
                    help="drop an instance whose mask (box, without a mask head) overlaps a better one by more "
                         "than this IoU: one object found twice (default 0.7; 0 keeps them)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    p.add_argument("--short-side", type=int, default=None,
+    p.add_argument("--short-side", type=image_side, default=None,
                    help="resize: short side (default: the size the model was trained at; official .pth 800)")
-    p.add_argument("--max-size", type=int, default=None, help="resize: long side cap (default: the model's; 1333)")
+    p.add_argument("--max-size", type=image_side, default=None,
+                   help="resize: long side cap (default: the model's; 1333)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (--preset)")
     p.set_defaults(func=run)
 
@@ -135,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
     from ..visualize import draw_prediction, load_rgb, save_rgb
     from .output_paths import check_output_folder
 
+    problem = resize_problem(args.short_side, args.max_size)
+    if problem:
+        print(f"toist predict: error: {problem}", file=sys.stderr)
+        return 2
     inference = InferenceConfig(score_threshold=args.score_threshold, max_instances=args.max_instances,
                                 duplicate_iou=args.duplicate_iou or None, precision=args.precision,
                                 short_side=args.short_side, max_size=args.max_size)

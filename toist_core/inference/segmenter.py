@@ -446,6 +446,7 @@ class TaskSegmenter:
         (``inference.protocol``: toist's float resize and padding to a multiple of
         ``pad_multiple``, or the reference's PIL resize and padding to the largest image);
         returns the padded batch ``[B, 3, H, W]`` and each image's resized ``(h, w)``."""
+        images = list(images)   # a generator, spent by the checks, reached the batching empty
         for i, img in enumerate(images):  # as predict checks them (a uint16 image was divided by 255)
             check_image(img, f"images[{i}]")
         return self._preprocess(images, self._applied)
