@@ -48,7 +48,7 @@ class DataConfig:
     crop_resize_sizes: list[int] = field(default_factory=lambda: list(CROP_RESIZE_SIZES))
     crop_min_size: int = 384  # random crop: smallest side
     crop_max_size: int = 1333  # random crop: largest side
-    test_size: int = 800  # evaluation resize: short side (long side at most max_size)
+    test_size: int = 800  # evaluation resize: short side, at most max_size (the long side's cap)
 
     def __post_init__(self) -> None:
         if not self.vocabulary_entries and self.vocabulary:
