@@ -328,3 +328,45 @@ def test_coroutine_callbacks_resume_after_an_await():
         assert _spin_until(executor, lambda: len(done) == 2 and task.done(), timeout=10), done
         assert sorted(done) == ["callback", "task"] and errors == []
         assert _spin_until(executor, lambda: not executor._pending, timeout=5)
+
+
+def test_an_error_in_the_inference_thread_is_logged_with_its_traceback_and_counted():
+    """The inference thread (where frames, depth and detections are handled) logged a fault of
+    the node's own code as a bare "KeyError: 'missing_key'", naming no line; callbacks' faults
+    came with their traceback."""
+    import time
+    import types
+
+    from toist_ros.diagnostics import Counters, Percentiles
+    from toist_ros.frame_slot import FrameSlots
+    from toist_ros.inference_worker import InferenceWorker
+
+    logged = []
+
+    class Logger:
+        def error(self, message, **_):
+            logged.append(message)
+
+        warning = info = error
+
+    node = types.SimpleNamespace(get_logger=Logger)
+    slots = FrameSlots(1)
+    worker = InferenceWorker(node, None, types.SimpleNamespace(cameras=[None], slots=slots), lambda: None,
+                             lambda: {}, Counters(), Percentiles(), Percentiles())
+
+    def a_step_of_the_frame():
+        return {}["missing_key"]
+
+    worker._process_frame = lambda frame, camera: a_step_of_the_frame()
+    worker.start()
+    try:
+        slots.put(0, "frame")
+        deadline = time.monotonic() + 10
+        while not logged and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        worker.stop()
+    assert worker._counters.snapshot()["internal_errors"] == 1
+    [message] = logged
+    assert message.startswith("unexpected error in the inference thread (the node goes on): Traceback")
+    assert "in a_step_of_the_frame" in message and "KeyError: 'missing_key'" in message

@@ -620,6 +620,22 @@ def test_segment_image_answers_while_the_stream_runs(node, probe):
         bad.image.encoding = "yuv422"
         refused = probe.call(probe.segment_client, bad)
         assert not refused.success and "yuv422" in refused.message
+        # A fault of the node while encoding the task was answered "rejected", as a bad task is,
+        # and neither logged nor counted.
+        faults = node.counters.get("internal_errors")
+
+        def faulty(text):
+            raise RuntimeError("encoder fault")
+
+        node._tasks.one_shot = faulty
+        try:
+            failed = probe.call(probe.segment_client, SegmentImage.Request(image=probe.image(_photo(), "fault"),
+                                                                            task="pour water into"))
+        finally:
+            del node._tasks.one_shot
+        assert not failed.success and failed.message == ("encoding task 'pour water into' failed: RuntimeError: "
+                                                         "encoder fault"), failed.message
+        assert node.counters.get("internal_errors") == faults + 1
         after = node.counters.get("processed")
         assert wait_for(lambda: node.counters.get("processed") >= after + 2, timeout=20)  # the stream goes on
     finally:

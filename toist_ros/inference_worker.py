@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -163,8 +164,10 @@ class InferenceWorker:
                     self._process_frame(payload, self._cameras[source])
             except Exception as exc:  # last line of defence: the thread must keep running
                 self._counters.add("internal_errors")
+                # With its traceback, as a callback's (a bare "KeyError: 'x'" named no line).
                 self._node.get_logger().error(
-                    f"unexpected error in the inference thread: {type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
+                    "unexpected error in the inference thread (the node goes on): "
+                    + "".join(traceback.format_exception(exc)).rstrip(), throttle_duration_sec=5.0)
         self._fail_pending()
         # Ended: a worker kept after it (a pass that outlived deactivate) must not keep the model
         # (GPU memory) alive beside the one a later configure loads.

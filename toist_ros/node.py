@@ -369,8 +369,12 @@ class PerceptionNode(Node):
         text = request.task.strip()
         try:
             task = tasks.active if not text else tasks.one_shot(text)
-        except Exception as exc:
+        except (ValueError, TypeError) as exc:   # the request's task (the encoder's refusals)
             response.success, response.message = False, f"task {quote(text)} rejected: {exc}"
+            return response
+        except Exception as exc:  # noqa: BLE001  a fault of the node: logged and counted, as set_task's
+            self.callback_failed(exc)
+            response.success, response.message = False, f"encoding task {quote(text)} failed: {type(exc).__name__}: {exc}"
             return response
         result, error = worker.segment(request.image.header, rgb, task)
         if result is None:
