@@ -234,9 +234,9 @@ def predictor_stages(seg: TaskSegmenter, image: np.ndarray, kept: int) -> dict[s
 
 
 def profile_detector(seg: TaskSegmenter, image: np.ndarray, threads: int) -> dict[str, float]:
-    """ms per part of ``detector.onnx`` from ONNX Runtime's profiler (one run after a warm-up,
-    a separate session with the same options): backbone / encoder / decoder / other nodes, and
-    the op types taking the most time."""
+    """ms per part of ``detector.onnx`` from ONNX Runtime's profiler (the last of three runs of
+    one session with the same options: warm, as the timed paths are): backbone / encoder /
+    decoder / other nodes, and the op types taking the most time."""
     import onnxruntime as ort
 
     path = seg._onnx.detector._model_path  # the detector.onnx the segmenter's session runs
@@ -253,15 +253,16 @@ def profile_detector(seg: TaskSegmenter, image: np.ndarray, threads: int) -> dic
         feeds = {"image": np.ascontiguousarray(batch.tensors.float().numpy()), "pad_mask": batch.mask.numpy(),
                  **OnnxNetwork.task_inputs(seg.task_state)}
         feeds = {k: feeds[k] for k in DETECTOR_INPUTS}
-        session.run(None, feeds)
-        session.end_profiling()
-        session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
-        session.run(None, feeds)
+        for _ in range(3):   # a new session's first run was profiled: cold, unlike every timed path
+            session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
+    last = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][-1]
     parts: dict[str, float] = {}
     ops: dict[str, float] = {}
     for event in events:
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        if not last["ts"] <= event["ts"] <= last["ts"] + last["dur"]:   # the last run's nodes only
             continue
         name = event["name"].strip("/")
         part = name.split("/")[0] if name.split("/")[0] in ("backbone", "encoder", "decoder") else "other"
@@ -324,8 +325,10 @@ def speed(args) -> None:
         return detector_feeds(torch_seg, images, [state])
 
     for variant in args.variants:
+        # (the calibration images' size is part of the graph's identity: another size calibrates anew)
         directory, info = ensure_int8(work / "paper", variant, args, calibration_feeds,
-                                      f"synth{args.calib_synth}_noise{args.calib_noise}")
+                                      f"synth{args.calib_synth}_noise{args.calib_noise}_{args.width}x{args.height}"
+                                      f"_s{args.short_side}")
         paths[f"predict ORT int8 static ({variant})"] = ort_seg(directory)
         print(f"int8 {variant}: {int8_summary(info)}; detector.onnx {info['bytes'] / 2**20:.0f} MB; "
               f"quantised nodes {info['nodes']}; after ORT fusion {info['ops']}", flush=True)

@@ -54,7 +54,9 @@ per row; each row's model, compiled code and CUDA-graph pools are freed before t
 Every section runs in its own try/except: an error is printed and the run goes on. Each row is
 printed as JSON when it is measured and the table after every section, so a run stopped by a
 time limit keeps what it measured; SIGTERM (the shell's ``timeout``) stops the training job's
-whole process tree and prints the table.
+whole process tree and prints the table. Exit status: 0 when every row that ran was measured
+(rows skipped for the budget or an absent TensorRT are no failure), 1 when a row failed or none
+was measured, 2 without CUDA, 143 after SIGTERM.
 """
 
 from __future__ import annotations
@@ -183,6 +185,12 @@ class Report:
                 lines.append(f"| {r['path']} | {r['fps']:.1f} | {r['ms']:.1f} | {cells} | {r['peak_mib']:.0f} | "
                              f"{memory} | {r.get('note', '')} |")
         return "\n".join(lines)
+
+    def failed(self) -> list[str]:
+        """The rows that failed: not the ones skipped for --compile-budget-s or an absent
+        TensorRT, nor the row a SIGTERM's stop adds (its exit status says so)."""
+        return [r["path"] for r in self.rows if r.get("error") and r["path"] != "(run stopped)"
+                and not r["error"].startswith(("skipped:", "not available:"))]
 
     def goal(self) -> str:
         fps = [r for r in self.rows if "fps" in r]
@@ -645,6 +653,18 @@ def main(argv=None) -> int:
         print(f"\ntotal {time.perf_counter() - started:.0f} s\n")
         print(report.table())
         print(report.goal(), flush=True)
+    return exit_status(report, code)
+
+
+def exit_status(report: Report, code: int) -> int:
+    """``code`` (143 after SIGTERM), else 1 when a row failed or none was measured, else 0. Each
+    section keeps going past a failure (the run is unattended); the status still says it, for
+    gpu_device_run.sh's steps.txt (a run whose every row failed exited 0: a good run, read there)."""
+    failed = report.failed()
+    if code == 0 and (failed or not any("fps" in r for r in report.rows)):
+        print(f"bench_gpu: failed: {', '.join(failed) or 'no inference row was measured'}", file=sys.stderr,
+              flush=True)
+        return 1
     return code
 
 

@@ -166,6 +166,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if not wanted:
+        parser.error(f"--paths {args.paths!r}: name at least one of fp32, bf16, fp16, int8")
     if wanted[0] != "fp32":
         wanted = ["fp32"] + [p for p in wanted if p != "fp32"]
     on_gpu = args.device.startswith("cuda")
