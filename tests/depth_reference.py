@@ -121,8 +121,9 @@ def _depth_noise(z: np.ndarray, chosen: np.ndarray) -> float:
     every = max(1, z.shape[0] * z.shape[1] // (4 * NOISE_SAMPLES))
     z, chosen = z[::every], chosen[::every]
     gap = np.float32(GAP_M) + np.float32(GAP_FRACTION) * z[:, 1:-1]
-    both = (chosen[:, :-2] & chosen[:, 1:-1] & chosen[:, 2:]
-            & (np.abs(z[:, 1:-1] - z[:, :-2]) <= gap) & (np.abs(z[:, 2:] - z[:, 1:-1]) <= gap))
+    with np.errstate(invalid="ignore"):   # inf - inf where pixels are not chosen: masked out below
+        one_surface = (np.abs(z[:, 1:-1] - z[:, :-2]) <= gap) & (np.abs(z[:, 2:] - z[:, 1:-1]) <= gap)
+    both = chosen[:, :-2] & chosen[:, 1:-1] & chosen[:, 2:] & one_surface
     if np.count_nonzero(both) < 10:
         return 0.0
     second = (z[:, :-2] - 2.0 * z[:, 1:-1] + z[:, 2:])[both]

@@ -491,6 +491,19 @@ def test_a_caption_longer_than_the_model_reads_stops_the_start_not_its_batch(syn
                                         r"tokens, the model reads at most 256"):
         Trainer(_config("tiny_noun.yaml", root, tmp_path / "run"), DistEnv())
     assert not (tmp_path / "run").exists()
+    # The same image in the evaluation split: the teacher is scored on its noun caption, and the
+    # run stopped at its first evaluation, after the training that led there.
+    (root / "annotations" / "task_2_test.json").write_text((root / "annotations" / "task_2_train.json").read_text())
+    (root / "annotations" / "task_1_test.json").write_text(
+        (synth_root / "annotations" / "task_1_train.json").read_text())
+    for task in (1, 2):
+        (root / "annotations" / f"task_{task}_train.json").write_text(
+            (synth_root / "annotations" / f"task_{task}_train.json").read_text())
+    with pytest.raises(DataError, match=rf"task_2_test.json: image id {image['id']}: its noun caption is \d+ "
+                                        r"tokens, the model reads at most 256"):
+        Trainer(_config("tiny_noun.yaml", root, tmp_path / "run", "eval.enabled=true", "eval.split=test",
+                        "data.image_dirs={train: images/train2014, test: images/train2014}"), DistEnv())
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_batch_larger_than_the_data_names_the_field(synth_root, tmp_path):
@@ -651,6 +664,14 @@ def test_best_starts_over_when_a_resume_scores_on_another_split(tmp_path):
     assert raw.best["weights"] == "model" and raw.best["step"] == 8
     assert any("protocol 'reference', ema weights, update 6) was scored otherwise than this run's mAP50/bbox on "
                "'val', protocol 'reference', model weights: the best starts over" in line for line in logged), logged
+    # Resumed back to the EMA with nothing left to train (no evaluation to start the best over):
+    # the export took BEST_checkpoint.pth's EMA weights, which no evaluation had chosen.
+    logged.clear()
+    Trainer(_config("tiny_pronoun.yaml", root, out, *common, "eval.split=val", "eval.protocol=reference",
+                    "schedule.max_steps=8", "checkpoint.export_model_dir=true"), DistEnv(),
+            resume=str(out / "checkpoint.pth"), log=logged.append).run()
+    assert any("the best (update 8) was chosen on the model weights, this run exports the ema weights "
+               "(eval.use_ema): exporting checkpoint.pth" in line for line in logged), logged
 
 
 def test_schedule_refusal_names_the_field_and_says_what_follows_from_the_data(synth_root, tmp_path):

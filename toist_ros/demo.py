@@ -201,10 +201,11 @@ def _node_command(args: argparse.Namespace, short_side: int, depth: bool = False
 def _yaml_string(text: str) -> str:
     """``text`` as a YAML double-quoted string, the form a ``-p name:=value`` keeps whole: rcl
     reads the value as YAML ("runs/exp #1" lost its "#1" as a comment, "a: b" did not parse, a
-    task with a quote broke its single quotes). JSON's string escapes are YAML's."""
+    task with a quote broke its single quotes). JSON's string escapes are YAML's; characters are
+    kept as they are (an emoji as JSON's surrogate-pair escapes is no YAML rcl reads)."""
     import json
 
-    return json.dumps(text)
+    return json.dumps(text, ensure_ascii=False)
 
 
 class _Client:

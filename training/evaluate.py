@@ -35,6 +35,7 @@ from toist_core.eval.predictions import ImagePredictions
 from toist_core.inference import NonFiniteOutputError, TaskSegmenter
 from toist_core.inference.noun_captions import noun_caption_state
 from toist_core.model.eval_mode import eval_mode
+from toist_core.model.text import max_caption_tokens
 
 from training.config import HOLDOUT, EvalConfig, TrainConfig
 from training.distributed import DistEnv, all_gather_objects, broadcast_object
@@ -92,8 +93,10 @@ def holdout_trained_on(cfg: TrainConfig, holdout: set[int], source_config: Mappi
     return sum(not in_holdout(image_id, fraction, seed) for image_id in holdout)
 
 
-def build_validation_set(cfg: TrainConfig, holdout: Optional[set[int]] = None) -> ValidationSet:
-    """The validation images of every configured task (``holdout``: ids from the train split)."""
+def build_validation_set(cfg: TrainConfig, holdout: Optional[set[int]] = None, tokenizer=None) -> ValidationSet:
+    """The validation images of every configured task (``holdout``: ids from the train split).
+    With ``tokenizer``, their captions are checked to fit the model (a noun-caption stage's name
+    an image's classes: too long, the run stopped at its first evaluation)."""
     split = cfg.data.train_split if cfg.eval.split == HOLDOUT else cfg.eval.split
     files = {task: cfg.data.annotation_path(task, split) for task in cfg.data.tasks}
     image_dir = cfg.data.image_dir(split)
@@ -108,6 +111,8 @@ def build_validation_set(cfg: TrainConfig, holdout: Optional[set[int]] = None) -
             ids = [i for i in ids if i in holdout]
         if cfg.eval.max_images is not None:
             ids = ids[:cfg.eval.max_images]
+        if tokenizer is not None:
+            dataset.check_caption_lengths(tokenizer, max_caption_tokens(cfg.model.text), set(ids))
         if cfg.data.check_images:
             # Checked when the run starts, as the training images are: found missing at the first
             # evaluation, it would stop the run after the training that led there.

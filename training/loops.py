@@ -139,7 +139,7 @@ class Trainer:
             if not keep:
                 raise ConfigError("eval.holdout_fraction: every training image went to the holdout")
             train_set = Subset(train_set, keep)
-        self.val = build_validation_set(cfg, holdout) if cfg.eval.enabled else None
+        self.val = build_validation_set(cfg, holdout, self.tokenizer) if cfg.eval.enabled else None
         unscored = [task for task, ids in self.val.image_ids.items() if not ids] if self.val is not None else []
         if unscored:
             self.log(f"warning: eval: no {cfg.eval.split} image for task(s) {unscored}: their AP is n/a and the "
@@ -642,6 +642,12 @@ class Trainer:
             return None
         if not source.exists():
             self.log(f"{source} not found (best: update {self.best['step']}): exporting {LAST}")
+            return None
+        chosen_on, exported = self.best.get("weights", self._evaluated_weights()), self._evaluated_weights()
+        if chosen_on != exported:
+            # (a resume with eval.use_ema changed that evaluated nothing kept the best of the others)
+            self.log(f"the best (update {self.best['step']}) was chosen on the {chosen_on} weights, this run exports "
+                     f"the {exported} weights (eval.use_ema): exporting {LAST}")
             return None
         step, record = self._best_file_record()
         if (step, record) != (self.best["step"], self.best):

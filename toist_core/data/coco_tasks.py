@@ -210,13 +210,16 @@ class CocoTasksDataset(Dataset):
             return image, target
         return image, target, _with_captions(target, captions[1])   # the noun target's boxes, pronoun caption
 
-    def check_caption_lengths(self, tokenizer, limit: int) -> None:
-        """:class:`DataError` unless every caption a sample trains on is at most ``limit`` tokens
-        of ``tokenizer`` (noun and grounding captions name one object class per part: an image of
-        many classes outgrows the model's 256 token slots, which training met at that image's
-        first batch, hours in). The error names the task file, the image and the count."""
+    def check_caption_lengths(self, tokenizer, limit: int, image_ids: Optional[Collection[int]] = None) -> None:
+        """:class:`DataError` unless every caption a sample trains on (of ``image_ids`` when given)
+        is at most ``limit`` tokens of ``tokenizer`` (noun and grounding captions name one object
+        class per part: an image of many classes outgrows the model's 256 token slots, which
+        training met at that image's first batch, hours in). The error names the task file, the
+        image and the count."""
         first_sample: dict[str, int] = {}   # one tokenisation per distinct caption
         for index in range(len(self._samples)):
+            if image_ids is not None and self._samples[index][1].id not in image_ids:
+                continue
             for caption in self.caption_texts(index):
                 first_sample.setdefault(caption, index)
         texts = list(first_sample)
