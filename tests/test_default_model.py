@@ -445,6 +445,15 @@ def test_a_run_whose_model_fails_the_checks_is_not_installed(committed):
     assert any("do not read the verb" in p for p in problems)
     del broken["rows"]["untrained"]
     assert recipe.install_problems(broken) == ["no box mAP@0.5 for untrained"]
+    # Masks broken as the EMA bug broke them (box figures fine): refused too; a figure missing fails.
+    masks = json.loads(json.dumps(committed))
+    masks["rows"]["distilled student"].update({"mAP50/segm": 0.105, "published_pairwise_iou_median": 0.95,
+                                               "published_inside_box_mean": 0.45})
+    problems = recipe.install_problems(masks)
+    assert len(problems) == 3 and "mask mAP@0.5 0.105 is below 0.7x its box mAP@0.5" in problems[0], problems
+    assert "is 0.95, not below 0.3" in problems[1] and "45% of a published mask lies in its box" in problems[2]
+    del masks["rows"]["distilled student"]["published_pairwise_iou_median"]
+    assert any("is nan, not below 0.3" in p for p in recipe.install_problems(masks))
 
 
 def test_a_stage_records_the_upstream_it_starts_from_and_a_failing_model_is_not_installed(tmp_path, monkeypatch,

@@ -715,6 +715,28 @@ def install_problems(results: dict) -> list[str]:
                         f"pronoun captions ({teacher:.3f}): they do not read the verb")
     if not distilled > plain - 0.05:
         problems.append(f"the distilled student ({distilled:.3f}) is more than 0.05 below the plain one ({plain:.3f})")
+    problems += _mask_problems(results["rows"]["distilled student"])
+    return problems
+
+
+def _mask_problems(row: dict) -> list[str]:
+    """The packaged model's masks as test_committed_masks_belong_to_their_instances judges them:
+    mask mAP keeping up with box mAP, published instances whose masks are different objects and
+    lie in their boxes (a run with every mask alike, mask mAP 0.105, passed the box checks)."""
+    def number(key: str) -> float:
+        value = row.get(key)
+        return float("nan") if value is None else float(value)   # missing or NaN: fails every check below
+
+    segm, bbox = number("mAP50/segm"), row["mAP50/bbox"]
+    problems = []
+    if not segm >= 0.7 * bbox:
+        problems.append(f"distilled student: mask mAP@0.5 {segm:.3f} is below 0.7x its box mAP@0.5 ({bbox:.3f})")
+    if not number("published_pairwise_iou_median") < 0.3:
+        problems.append(f"distilled student: the median mask IoU between published instances of an image is "
+                        f"{number('published_pairwise_iou_median'):.2f}, not below 0.3 (one object twice)")
+    if not number("published_inside_box_mean") >= 0.8:
+        problems.append(f"distilled student: {number('published_inside_box_mean'):.0%} of a published mask lies in "
+                        "its box on average, not 80 %")
     return problems
 
 
