@@ -319,3 +319,27 @@ def test_validation_reads_the_own_vocabulary_and_checks_noun_names_when_the_run_
         build_validation_set(cfg)
     pronoun = load_config(CONFIGS / "tiny_pronoun.yaml", [*settings, f"output_dir={tmp_path / 'p'}", *FAST[1:]])
     assert build_validation_set(pronoun).image_ids[15]   # pronoun captions name no class
+
+
+def test_a_mask_stage_refuses_a_frozen_detector_of_other_phrases(workshop, workshop_model, tmp_path):
+    """Phrases reordered between the distillation and its mask head: the run trained over captions
+    the detector never read, bank slot 2 (task 2's pronoun features) served task 2's new phrase,
+    and the exported model recorded the new phrases, without a word."""
+    from toist_core.checkpoint import CheckpointError
+    from training.config import check_paths
+
+    root, vocabulary = workshop
+    detector = workshop_model.parent / "distill" / "checkpoint.pth"
+    swapped = tmp_path / "swapped.yaml"
+    tasks = VOCABULARY["tasks"]
+    swapped.write_text(yaml.safe_dump({"name": "swapped", "tasks": [dict(tasks[0], phrase=tasks[1]["phrase"]),
+                                                                    dict(tasks[1], phrase=tasks[0]["phrase"])]}))
+    for stage in ("tiny_mask_head_distill.yaml", "tiny_mask_head.yaml"):
+        extra = [f"init.frozen_weights={detector}", "distill.bank_size=4"]
+        check_paths(_config(stage, workshop, tmp_path / "ok", *extra))   # its own phrases: accepted
+        cfg = _config(stage, (root, swapped), tmp_path / "run", *extra)
+        with pytest.raises(CheckpointError, match=r"init.frozen_weights: .*checkpoint.pth was trained on task "
+                                                  r"vocabulary 'workshop', this run's data is task vocabulary "
+                                                  r"'swapped': task 1 is 'cut tape with' there, 'put a hot pan on' "
+                                                  r"here; the frozen detector reads only the captions it was"):
+            check_paths(cfg)

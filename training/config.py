@@ -465,7 +465,8 @@ def _check_init_file(field_name: str, value: str, cfg: Optional["TrainConfig"] =
             raise ConfigError(f"{field_name}: {exc}") from None
     stat = path.stat()
     frozen_for = None if cfg is None else (cfg.stage, cfg.data.pronoun, cfg.distill.num_tasks, cfg.distill.bank_size,
-                                           cfg.distill.feature_dim, cfg.distill.num_clusters)
+                                           cfg.distill.feature_dim, cfg.distill.num_clusters,
+                                           tuple((e.id, e.phrase, e.pronoun) for e in cfg.data.task_vocabulary().entries))
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, frozen_for)
     if key in _CHECKED_INIT_FILES:
         return

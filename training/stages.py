@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from toist_core.checkpoint import (CheckpointError, OfficialCheckpoint, is_model_dir, load_model_dir,
                                    load_state_dict_strict, read_official, refuse_non_finite, state_dict_problems)
-from toist_core.checkpoint.load import trained_with_ccr, training_captions
+from toist_core.checkpoint.load import trained_with_ccr, training_captions, training_vocabulary
 from toist_core.distill.cluster import ClusterModule, pronoun_token_indices, target_pronouns
 from toist_core.losses.criterion import DistillationCriterion, SetCriterion, build_weight_dict
 from toist_core.model import build_model
@@ -139,6 +139,7 @@ def check_frozen_detector(cfg: TrainConfig, ckpt: OfficialCheckpoint, log=None) 
                               f"{cfg.stage!r} trains its mask head on pronoun captions over that frozen detector, "
                               "whose boxes would then mean little: give the pronoun detector (stage 'pronoun') or "
                               "the distilled one (stage 'distill')")
+    _check_frozen_vocabulary(cfg, ckpt)
     # A toist distillation run records whether it replaced the pronoun (distill.ccr) and
     # which pronoun; official files record neither (the reference always replaces).
     distilled_as = (ckpt.train_config or {}).get("distill") or {}
@@ -166,6 +167,26 @@ def check_frozen_detector(cfg: TrainConfig, ckpt: OfficialCheckpoint, log=None) 
             raise CheckpointError(
                 f"init.frozen_weights: the bank of {cfg.init.frozen_weights} has (tasks, size, dim, K) = {found}, "
                 f"the config (distill.num_tasks, bank_size, feature_dim, num_clusters) = {wanted}")
+
+
+def _check_frozen_vocabulary(cfg: TrainConfig, ckpt: OfficialCheckpoint) -> None:
+    """The frozen detector must have read this run's task captions: with its phrases changed
+    (reordered, edited) the mask head trained over captions the detector never learned, and a
+    distilled one's bank slot k, task k's pronoun features, served another task; the exported
+    model then recorded the new phrases, without a word."""
+    trained_on, here = training_vocabulary(ckpt), cfg.data.task_vocabulary()
+    if list(trained_on.entries) == list(here.entries):
+        return
+    before, now = {e.id: e for e in trained_on.entries}, {e.id: e for e in here.entries}
+    task = next(k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
+
+    def said(entry) -> str:
+        return "no task" if entry is None else repr(entry.phrase + (f" ({entry.pronoun})" if entry.pronoun else ""))
+
+    raise CheckpointError(f"init.frozen_weights: {cfg.init.frozen_weights} was trained on {trained_on.describe()}, "
+                          f"this run's data is {here.describe()}: task {task} is {said(before.get(task))} there, "
+                          f"{said(now.get(task))} here; the frozen detector reads only the captions it was trained "
+                          "on: train the mask head with its vocabulary (data.vocabulary), or retrain the detector")
 
 
 def _load_frozen_bank(cfg: TrainConfig, cluster: ClusterModule, ckpt: OfficialCheckpoint) -> None:

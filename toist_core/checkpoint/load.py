@@ -237,6 +237,12 @@ def trained_with_ccr(ckpt: OfficialCheckpoint) -> bool:
     return bool(ckpt.train_config.get("distill", {}).get("ccr", True))
 
 
+def training_vocabulary(ckpt: OfficialCheckpoint) -> TaskVocabulary:
+    """What the file's task ids meant when it was trained: a toist training checkpoint's recorded
+    vocabulary, COCO-Tasks for official files."""
+    return _training_facts(ckpt)[3]
+
+
 def _training_facts(ckpt: OfficialCheckpoint) -> tuple[str, InputSize, tuple[int, ...], TaskVocabulary]:
     """(pronoun, input size, tasks, task vocabulary) the file was trained with."""
     if ckpt.train_config is None:
