@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from test_train_run import FAST, _config, synth_root  # noqa: F401  (synth_root: the module-scoped fixture)
+from test_train_run import CONFIGS, FAST, _config, synth_root  # noqa: F401  (synth_root: the module-scoped fixture)
 from toist_core.checkpoint import CheckpointError
 from training.checkpointing import load_training_checkpoint
 from training.config import config_to_dict
@@ -439,7 +439,7 @@ def test_a_resume_into_another_runs_folder_is_refused_and_into_a_new_one_continu
         check_start(_config("tiny_pronoun.yaml", synth_root, first, "schedule.max_steps=1"), ckpt)
 
 
-def test_training_data_without_targets_is_refused_and_a_task_without_them_said(synth_root, tmp_path):
+def test_training_data_without_targets_is_refused_and_a_task_without_them_said(synth_root, tmp_path, capsys):
     """Every object a crowd region (as CVAT may export): the run trained to find nothing, its
     mAP "n/a", without a word about the training data."""
     from toist_core.typed_config import ConfigError
@@ -459,6 +459,19 @@ def test_training_data_without_targets_is_refused_and_a_task_without_them_said(s
                                           r"\[1, 2\]: no preferred object that is not a crowd region"):
         Trainer(_config("tiny_pronoun.yaml", root, tmp_path / "run"), DistEnv())
     assert not (tmp_path / "run").exists()
+    # `toist train --check` said "configuration and paths OK" for it; so it did for a holdout
+    # that selects no image of a small dataset (the tiny configs' 0.1 of 2 x 6 images).
+    from training.train import main as train_main
+
+    check = ["--config", str(CONFIGS / "tiny_pronoun.yaml"), f"data.root={root}", *FAST,
+             f"output_dir={tmp_path / 'run'}", "--check"]
+    assert train_main(check) == 2
+    assert "has no object to train on for task(s) [1, 2]" in capsys.readouterr().err
+    few = ["eval.enabled=true", "eval.split=holdout", "eval.holdout_fraction=0.01"]
+    assert train_main(check[:-1] + [f"data.root={synth_root}", *few, "--check"]) == 2
+    assert "eval.holdout_fraction: 0.01 of the training images selects none" in capsys.readouterr().err
+    assert train_main(check[:-1] + [f"data.root={synth_root}", "--check"]) == 0
+    assert "configuration and paths OK" in capsys.readouterr().err
     logged = []
     Trainer(_config("tiny_pronoun.yaml", crowded(tmp_path / "one", (2,)), tmp_path / "run"), DistEnv(),
             log=logged.append)

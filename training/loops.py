@@ -28,28 +28,27 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from toist_core.checkpoint.strict import non_finite_tensors
 from toist_core.listing import listing
-from toist_core.data.coco_tasks import build_dataset
 from toist_core.data.collate import Collator
 from toist_core.inference import NonFiniteOutputError
 from toist_core.losses.criterion import weighted_total
 from toist_core.model import load_tokenizer
-from toist_core.model.text import max_caption_tokens
 from toist_core.stop_signals import StopSignals
 from toist_core.typed_config import ConfigError
 
 from training import checkpointing as ckpt_io
-from training.config import HOLDOUT, TrainConfig, check_paths, config_to_dict, save_config
+from training.config import TrainConfig, check_paths, config_to_dict, save_config
 from training.distributed import (DistEnv, all_gather_objects, barrier, broadcast_object, seed_everything,
                                   set_deterministic, wrap_ddp)
 from training.ema import ModelEMA
-from training.evaluate import build_validation_set, evaluate, holdout_ids, holdout_trained_on
+from training.evaluate import evaluate, holdout_trained_on
 from training.export import export_checkpoint
 from training.interrupt import ignore_stop_signals
 from training.optim import build_optimizer, clip_grad_norm
+from training.run_data import build_run_data
 from training.sampling import EpochBatchSampler, SeededSamples
 from training.schedule import LRSchedule, ScheduleMismatch
 from training.stages import StepModule, build_criterion, build_stage_models, compute_losses, float_outputs
@@ -126,24 +125,8 @@ class Trainer:
 
         # Data: training samples (minus the holdout) and the validation images.
         self.tokenizer = load_tokenizer(cfg.model.text.tokenizer)
-        train_set = build_dataset(cfg.data, cfg.data.train_split)
-        self._check_targets(train_set.target_counts())
-        train_set.check_caption_lengths(self.tokenizer, max_caption_tokens(cfg.model.text))
-        holdout = None
-        if cfg.eval.enabled and cfg.eval.split == HOLDOUT:
-            holdout = holdout_ids(train_set, cfg.eval.holdout_fraction, cfg.eval.holdout_seed)
-            if not holdout:
-                raise ConfigError(f"eval.holdout_fraction: {cfg.eval.holdout_fraction} of the training images "
-                                  "selects none; raise it or name an eval.split")
-            keep = [i for i in range(len(train_set)) if train_set.sample_info(i)[1].id not in holdout]
-            if not keep:
-                raise ConfigError("eval.holdout_fraction: every training image went to the holdout")
-            train_set = Subset(train_set, keep)
-        self.val = build_validation_set(cfg, holdout, self.tokenizer) if cfg.eval.enabled else None
-        unscored = [task for task, ids in self.val.image_ids.items() if not ids] if self.val is not None else []
-        if unscored:
-            self.log(f"warning: eval: no {cfg.eval.split} image for task(s) {unscored}: their AP is n/a and the "
-                     "mean is over the other tasks")
+        data = build_run_data(cfg, self.tokenizer, self.log)
+        train_set, holdout, self.val = data.train_set, data.holdout, data.val
         try:
             self.sampler = EpochBatchSampler(len(train_set), cfg.loader.batch_size, env.world_size, env.rank,
                                              shuffle=True, seed=cfg.runtime.seed)
@@ -211,22 +194,6 @@ class Trainer:
                                             purge_step=self.step + 1 if resume_state is not None else None)
 
     # ------------------------------------------------------------------------------ running
-
-    def _check_targets(self, counts: dict[int, int]) -> None:
-        """Refuse training data without a single target (e.g. every object a crowd region, as some
-        annotation tools export): the run trained to find nothing, without a word; warn about a
-        task without one."""
-        where = f"data: the {self.cfg.data.train_split} split of {self.cfg.data.root}"
-        if not any(counts.values()):
-            raise ConfigError(f"{where} has no object to train on for task(s) {sorted(counts)}: no preferred "
-                              "object that is not a crowd region (iscrowd 1 is never a target) and whose box lies "
-                              "inside its image; check the annotations (toist convert-coco reports such tasks)")
-        empty = sorted(task for task, found in counts.items() if not found)
-        # (grounding keeps an image once, under its first task, and every object is a target:
-        # the other tasks count none there, and nothing is wrong)
-        if empty and self.cfg.data.caption_mode != "grounding":
-            self.log(f"warning: {where}: task(s) {empty} have no object to train on (no preferred object that is "
-                     "not a crowd region, with a box inside its image): the model learns to find nothing for them")
 
     def run(self) -> TrainResult:
         cfg, env = self.cfg, self.env

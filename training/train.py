@@ -61,8 +61,12 @@ def run(args: argparse.Namespace) -> int:
 
         check_start(cfg, args.resume)  # the refusals a real start would give, before it writes
         from toist_core.model import load_tokenizer
+        from training.run_data import build_run_data
 
-        load_tokenizer(cfg.model.text.tokenizer)   # offline without it, the start's first failure
+        tokenizer = load_tokenizer(cfg.model.text.tokenizer)   # offline without it, the start's first failure
+        # The data as the start reads it (annotation files; the images when data.check_images):
+        # no object to train on, a holdout that selects no image, a caption too long.
+        build_run_data(cfg, tokenizer, log=lambda message: print(message, file=sys.stderr))
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         print(f"{args.config}: configuration and paths OK", file=sys.stderr)
