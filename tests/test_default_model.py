@@ -486,3 +486,32 @@ def test_a_stage_records_the_upstream_it_starts_from_and_a_failing_model_is_not_
     assert recipe.install_checked(broken, tmp_path / "model") == 1 and installed == []
     assert "not installed (the packaged model is left as it was)" in capsys.readouterr().err
     assert recipe.install_checked(committed, tmp_path / "model") == 0 and installed == [tmp_path / "model"]
+
+
+def test_the_packaged_model_refuses_edits_as_every_current_export_does(tmp_path):
+    """The packaged directory was a version-4 export: its weights recorded no manifest, tokenizer
+    digest or network config, so an edited config.yaml or tokenizer.json loaded silently, in the
+    model almost every user runs."""
+    import shutil
+
+    import yaml
+    from safetensors import safe_open
+
+    from toist_core.checkpoint import CheckpointError
+    from toist_core.checkpoint.model_dir import (EXPORT_ID_KEY, MANIFEST_KEY, MODEL_CONFIG_KEY, MODEL_DIR_VERSION,
+                                                 TOKENIZER_DIGEST_KEY)
+
+    assert yaml.safe_load((DEFAULT_MODEL_DIR / "config.yaml").read_text())["version"] == MODEL_DIR_VERSION
+    with safe_open(str(DEFAULT_MODEL_DIR / "model.safetensors"), "pt") as weights:
+        assert {MANIFEST_KEY, MODEL_CONFIG_KEY, TOKENIZER_DIGEST_KEY, EXPORT_ID_KEY} <= set(weights.metadata())
+    edited = shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "model")
+    config = (edited / "config.yaml").read_text()
+    assert "short_side: 128" in config
+    (edited / "config.yaml").write_text(config.replace("short_side: 128", "short_side: 64"))
+    with pytest.raises(CheckpointError, match="input_size"):
+        TaskSegmenter.from_pretrained(edited, device="cpu")
+    (edited / "config.yaml").write_text(config)
+    tokenizer = edited / "tokenizer" / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace('"sit"', '"sat"', 1))
+    with pytest.raises(CheckpointError, match="tokenizer: its files changed since the export"):
+        TaskSegmenter.from_pretrained(edited, device="cpu")
