@@ -532,6 +532,12 @@ def test_a_directory_records_the_captions_its_model_reads(tmp_path, tokenizer):
     assert "noun teacher" in segmenter.encode_task(2).warning and "'sit comfortably on chair'" in \
         segmenter.encode_task(2).warning
     assert segmenter.encode_task("sit comfortably on couch").warning is None   # free text naming the object
+    # One that records its tasks (an official noun teacher: all 14) warned on that free text too,
+    # "not one this model was trained on": the very input the first warning asks for.
+    with_tasks = save_model_dir(model, tmp_path / "teacher_tasks", preset("tiny"), captions="noun", tasks=[1, 2])
+    segmenter = TaskSegmenter.from_pretrained(with_tasks, device="cpu")
+    assert segmenter.trained_tasks == (1, 2) and "noun teacher" in segmenter.encode_task(2).warning
+    assert segmenter.encode_task("sit comfortably on couch").warning is None
     assert TaskSegmenter.from_pretrained(plain, device="cpu").encode_task(2).warning is None
     with pytest.raises(CheckpointError, match="captions must be one of"):
         save_model_dir(model, tmp_path / "bad", preset("tiny"), captions="verb")

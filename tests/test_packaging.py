@@ -132,6 +132,7 @@ def test_the_warnings_and_errors_the_readme_names_are_in_the_public_api():
     missing = sorted(name for name in named if not hasattr(toist_core, name))
     assert not missing, f"README names {missing}, which `toist_core` does not export"
     assert all(hasattr(toist_core, name) for name in toist_core.__all__)
+    assert set(toist_core.__all__) <= set(dir(toist_core))   # lazy, yet listed (dir(), tab completion)
 
 
 def test_every_import_the_docs_show_works():

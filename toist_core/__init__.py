@@ -42,4 +42,9 @@ def __getattr__(name):
     raise AttributeError(f"module 'toist_core' has no attribute {name!r}")
 
 
+def __dir__():
+    # The lazy names too: tab completion and dir() showed none of the public API.
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = sorted(_LAZY)

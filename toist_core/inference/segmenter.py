@@ -338,7 +338,9 @@ class TaskSegmenter:
     def _warning(self, task_id: Optional[int]) -> Optional[str]:
         """Why the task's results mean little, or None: a noun teacher given a task's pronoun
         caption, a task the model was not trained on."""
-        if self.captions == "noun" and task_id is not None:
+        if self.captions == "noun":
+            if task_id is None:   # free text naming the objects: what a noun teacher reads (its tasks are the
+                return None       # phrases before the noun, not task ids it was trained to answer)
             example = self.vocabulary.phrase(task_id) + "chair"  # phrase() ends with the joining space
             return (f"this model is a noun teacher (or MDETR's), trained on captions that name the objects "
                     f"({example!r}), not on a task's pronoun caption: give it free text naming the objects")
