@@ -6,51 +6,31 @@ from __future__ import annotations
 import argparse
 import math
 
-
-def duplicate_iou(text: str) -> float:
-    """``--duplicate-iou``: an IoU in (0, 1], or 0 to keep duplicates (what the commands read as None)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], or 0 to keep duplicates, got {text}")
-    return value
+from ..config import MAX_INPUT_SIDE
 
 
-def image_side(text: str) -> int:
-    """``--short-side`` / ``--max-size``: pixels, 1..MAX_INPUT_SIDE."""
-    from ..config import MAX_INPUT_SIDE
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of pixels, got {text!r}") from None
-    if not 1 <= value <= MAX_INPUT_SIDE:
-        raise argparse.ArgumentTypeError(f"pixels, 1..{MAX_INPUT_SIDE}, got {text}")
-    return value
-
-
-def score(text: str) -> float:
-    """``--score-threshold``: a score in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a score in [0, 1], got {text}")
-    return value
+def _ranged(kind: type, low: float, high: float, expected: str, allowed: str):
+    """An argparse type: ``kind(text)`` within ``[low, high]`` (NaN refused), else an error
+    saying ``expected`` (not a number) or ``allowed`` (out of range)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if math.isnan(value) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{allowed}, got {text}")
+        return value
+    return parse
 
 
-def count(text: str) -> int:
-    """``--max-instances``: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a whole number >= 0, got {text}")
-    return value
+# ``--duplicate-iou``: an IoU in (0, 1], or 0 to keep duplicates (what the commands read as None).
+duplicate_iou = _ranged(float, 0.0, 1.0, "a number", "must be in (0, 1], or 0 to keep duplicates")
+# ``--short-side`` / ``--max-size``: pixels, as InferenceConfig takes them.
+image_side = _ranged(int, 1, MAX_INPUT_SIDE, "a whole number of pixels", f"pixels, 1..{MAX_INPUT_SIDE}")
+# ``--score-threshold``.
+score = _ranged(float, 0.0, 1.0, "a number", "a score in [0, 1]")
+# ``--max-instances``.
+count = _ranged(int, 0, math.inf, "a whole number", "a whole number >= 0")
 
 
 def resize_problem(short_side, max_size) -> str:
