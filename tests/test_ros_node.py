@@ -651,6 +651,13 @@ def test_bad_images_are_rejected_counted_and_survived(node, probe):
         msg.header = probe.image(np.zeros((1, 1, 3), np.uint8), frame_id).header
         return msg
 
+    # Frames of the previous test's stream still on their way would reach the slot during this
+    # one ("the frame reached the model's slot"): wait until none has arrived for half a second.
+    quiet_since, seen = time.monotonic(), node.counters.get("received")
+    while time.monotonic() - quiet_since < 0.5:
+        time.sleep(0.05)
+        if node.counters.get("received") != seen:
+            quiet_since, seen = time.monotonic(), node.counters.get("received")
     before = node.counters.snapshot()
     wrong = probe.image(_photo(), "bad_encoding")
     wrong.encoding = "yuv422"
