@@ -653,8 +653,8 @@ def test_bad_images_are_rejected_counted_and_survived(node, probe):
 
     # Frames of the previous test's stream still on their way would reach the slot during this
     # one ("the frame reached the model's slot"): wait until none has arrived for half a second.
-    quiet_since, seen = time.monotonic(), node.counters.get("received")
-    while time.monotonic() - quiet_since < 0.5:
+    quiet_since, seen, deadline = time.monotonic(), node.counters.get("received"), time.monotonic() + 20
+    while time.monotonic() - quiet_since < 0.5 and time.monotonic() < deadline:
         time.sleep(0.05)
         if node.counters.get("received") != seen:
             quiet_since, seen = time.monotonic(), node.counters.get("received")
