@@ -155,6 +155,23 @@ def test_empty_fraction_keeps_every_image_with_preferred_objects(tmp_path):
         assert chosen.images_with_preferred[(task, "train")] == everything.images_with_preferred[(task, "train")]
     with pytest.raises(ValueError, match="empty_fraction"):
         generate(tmp_path / "bad", tasks=[1], splits=("train",), images_per_split=4, empty_fraction=1.0)
+    # A task none of whose images shows a preferred object: its file lists no image (no sample to
+    # train or score), which was written without a word.
+    with pytest.warns(UserWarning, match=r"task_\d+_train.json: lists no image: none of the 2 images of the train "
+                                         r"split shows a preferred object of task \d+"):
+        few = generate(tmp_path / "few", tasks=list(range(1, 15)), splits=("train",), images_per_split=2, seed=0,
+                       empty_fraction=0.5)
+    assert 0 in few.images_with_preferred.values()
+
+
+def test_an_object_whose_mask_covers_no_pixel_is_no_annotation(tmp_path):
+    """In 16 px images a thin knife was written as a preferred target with area 0 and a polygon
+    that covers no pixel (convert-coco warns about such a mask in a user's files)."""
+    generate(tmp_path, tasks=list(range(1, 15)), splits=("train",), images_per_split=100, seed=0, min_size=16,
+             max_size=16)
+    areas = [a["area"] for path in (tmp_path / "annotations").glob("*.json")
+             for a in json.loads(path.read_text())["annotations"]]
+    assert areas and min(areas) > 0
 
 
 def test_refuses_to_overwrite_files_it_did_not_write(tmp_path, capsys):
@@ -216,6 +233,36 @@ def test_redrawing_a_split_refuses_to_leave_other_tasks_files_describing_old_ima
     generate(tmp_path, tasks=[1], seed=3, overwrite=True, **small)
     assert sorted(p.name for p in annotations.iterdir()) == ["task_1_test.json", "task_1_train.json"]
     assert json.loads((tmp_path / "synth.json").read_text())["splits"]["test"]["seed"] == 3
+
+
+def test_a_run_cut_short_leaves_its_split_unrecorded_and_no_cut_off_image(tmp_path, monkeypatch):
+    """synth.json was written at the end only: a run stopped while redrawing a split left the
+    previous run's record of it, so a later run drawn as that one took the other tasks' old files
+    (labelling redrawn images) as current; and an image was written in place, cut off by a kill."""
+    import toist_core.data.synth as synth
+
+    small = dict(images_per_split=3, min_size=48, max_size=48)
+    generate(tmp_path, tasks=[1, 2], splits=("train", "test"), seed=0, **small)
+    written = []
+    real = synth._write_image
+
+    def stopped_in_the_test_split(path, rgb, image_format):   # after its first image
+        if path.parent.name == "val2014":
+            if written:
+                raise KeyboardInterrupt
+            written.append(path)
+        real(path, rgb, image_format)
+
+    monkeypatch.setattr(synth, "_write_image", stopped_in_the_test_split)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path, tasks=[1, 2], splits=("train", "test"), seed=1, **small)
+    monkeypatch.undo()
+    splits = json.loads((tmp_path / "synth.json").read_text())["splits"]
+    assert splits["train"]["seed"] == 1 and "test" not in splits   # train redrawn whole; test neither
+    assert not [p for p in tmp_path.rglob(".*.partial")]
+    with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path / 'annotations' / 'task_2_test.json'} were "
+                                                        "written with other (or unrecorded) drawing settings")):
+        generate(tmp_path, tasks=[1], splits=("test",), seed=0, **small)
 
 
 def test_a_synth_json_without_drawing_settings_counts_as_other_settings(tmp_path):

@@ -32,6 +32,7 @@ tasks behind (they would describe the old images), and removes them when told to
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,12 +200,21 @@ def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS +
             f"({_settings_text(drawing)}), and the images of their split are redrawn now: they would describe images "
             "that are no longer there. Generate those tasks too (--tasks), choose another folder, or pass "
             "--overwrite (overwrite=True) to remove them")
-    previous_splits = _recorded_splits(root)
+    recorded = _recorded_splits(root)
     for path in stale:  # overwrite: synth's own files that no longer match the images
         path.unlink()
     (root / "annotations").mkdir(parents=True, exist_ok=True)
+    meta = {"seed": seed, "images_per_split": images_per_split, "images_per_task": images_per_task,
+            "empty_fraction": empty_fraction,
+            "classes": [{"coco_id": c.coco_id, "name": c.name, "shape": c.shape,
+                         "colour": list(c.colour), "texture": c.texture} for c in SYNTH_CLASSES],
+            "task_preferences": {str(k): list(v) for k, v in TASK_PREFERENCES.items()}}
     summary = SynthSummary(root)
     for split in splits:
+        # Unrecorded while it is redrawn: a run cut short leaves its other tasks' files described
+        # as drawn by an unknown run (refused as stale), not by the settings of the run before.
+        recorded.pop(split, None)
+        _write_meta(root, meta, recorded)
         folder = SPLIT_FOLDERS[split]
         image_dir = root / "images" / folder
         image_dir.mkdir(parents=True, exist_ok=True)
@@ -224,17 +234,16 @@ def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS +
             summary.annotation_files.append(path)
             summary.images_with_preferred[(task, split)] = with_preferred
             summary.num_preferred[(task, split)] = preferred
-    # Splits this run did not draw keep their record (if synth wrote the previous synth.json).
-    recorded = {**previous_splits, **{split: dict(drawing, images_per_split=images_per_split,
-                                                  image_format=image_format) for split in splits}}
-    meta = {"seed": seed, "images_per_split": images_per_split, "images_per_task": images_per_task,
-            "empty_fraction": empty_fraction,
-            "classes": [{"coco_id": c.coco_id, "name": c.name, "shape": c.shape,
-                         "colour": list(c.colour), "texture": c.texture} for c in SYNTH_CLASSES],
-            "task_preferences": {str(k): list(v) for k, v in TASK_PREFERENCES.items()},
-            "splits": {split: recorded[split] for split in sorted(recorded)}}
-    write_text_atomic(root / _META_NAME, json.dumps(meta, indent=1))
+        # (splits this run does not draw keep their record, if synth wrote the previous synth.json)
+        recorded[split] = dict(drawing, images_per_split=images_per_split, image_format=image_format)
+        _write_meta(root, meta, recorded)
     return summary
+
+
+def _write_meta(root: Path, meta: dict, recorded: dict[str, dict]) -> None:
+    """``synth.json``: the run's settings and how each split now on disk was drawn."""
+    write_text_atomic(root / _META_NAME, json.dumps({**meta, "splits": {split: recorded[split]
+                                                                       for split in sorted(recorded)}}, indent=1))
 
 
 def stale_task_files(root: Union[str, Path], tasks: Iterable[int], splits: Sequence[str],
@@ -308,16 +317,23 @@ def _write_image(path: Path, rgb: np.ndarray, image_format: str) -> None:
     ok, encoded = cv2.imencode(f".{image_format}", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise OSError(f"{path}: could not encode the image as {image_format}")
-    path.write_bytes(encoded.tobytes())
+    # Renamed in whole: a run cut short mid-write left a cut-off image that task files still named.
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(encoded.tobytes())
+    os.replace(partial, path)
 
 
 def _annotations(image_id: int, objects: Sequence[SynthObject], hw: tuple[int, int]) -> list[dict]:
-    """COCO records of an image's objects (``category_id`` is filled per task)."""
+    """COCO records of an image's objects (``category_id`` is filled per task); an object whose
+    mask covers no pixel (a thin one in the smallest images) is left out: a target with an empty
+    mask, which convert-coco warns about in a user's files."""
     height, width = hw
     records = []
     for k, obj in enumerate(objects):
         polygons = [[round(float(v), 2) for v in piece.reshape(-1)] for piece in obj.pieces]
         rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        if not mask_utils.area(rle):
+            continue
         xs = np.concatenate([p[:, 0] for p in obj.pieces])
         ys = np.concatenate([p[:, 1] for p in obj.pieces])
         x0, y0 = round(float(xs.min()), 2), round(float(ys.min()), 2)
@@ -361,6 +377,10 @@ def _write_task_file(root: Path, task: int, split: str, pool: list, images_per_t
     data = {"info": SYNTH_INFO, "images": images, "annotations": annotations,
             "categories": [dict(c) for c in PREFERENCE_CATEGORIES]}
     path = root / "annotations" / f"task_{task}_{split}.json"
+    if not images:   # (a dataset of it has no sample: nothing to train or score)
+        warnings.warn(f"{path}: lists no image: none of the {len(pool)} images of the {split} split shows a "
+                      f"preferred object of task {task}, and empty_fraction keeps images without one only beside "
+                      "those; draw more images (images_per_split)", stacklevel=3)
     write_text_atomic(path, json.dumps(data, separators=(",", ":")))
     return path, with_preferred, num_preferred
 
