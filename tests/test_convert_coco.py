@@ -735,9 +735,16 @@ def test_a_copy_cut_short_leaves_no_part_of_the_picture(coco, monkeypatch):
     copied = out / "images" / "train" / "pics"
     assert not copied.exists() or not [p for p in copied.rglob("*") if p.is_file()]   # nor a temporary file
     monkeypatch.setattr(convert.shutil, "copyfileobj", real)
-    summary = convert_coco(train, "train", spec, out, copy_images_from=folder)
+    source = folder / "pics" / "img_1.png"
+    source.chmod(0o600)   # an owner-only download: the copy took that mode, unreadable to another user
+    try:
+        summary = convert_coco(train, "train", spec, out, copy_images_from=folder)
+    finally:
+        source.chmod(0o644)
     assert summary.images_copied == 3
-    assert (copied / "img_1.png").read_bytes() == (folder / "pics" / "img_1.png").read_bytes()
+    assert (copied / "img_1.png").read_bytes() == source.read_bytes()
+    assert (copied / "img_1.png").stat().st_mode & 0o044 == 0o044
+    assert (copied / "img_1.png").stat().st_mtime_ns == source.stat().st_mtime_ns
 
 
 def test_category_names_match_whatever_their_unicode_form(coco):
@@ -754,3 +761,19 @@ def test_category_names_match_whatever_their_unicode_form(coco):
     assert unicodedata.normalize("NFC", "Café mug") in spec.read_text()
     convert_coco(exported, "train", spec, folder / "out")
     assert _flags(folder / "out" / "annotations" / "task_1_train.json") == {10: 0, 11: 1, 12: 1, 13: 0}
+
+
+def test_a_name_holding_a_lone_surrogate_is_refused_before_anything_is_written(coco):
+    """JSON's "\\ud800" escape is no character: such a class name or file name passed every check,
+    the images were copied, and writing the task file failed with a bare UnicodeEncodeError."""
+    folder, train, _, spec = coco
+    for section, field, value in (("categories", "name", "mug \ud800"), ("images", "file_name", "pics/\udc80.png")):
+        data = json.loads(train.read_text())
+        data[section][0][field] = value
+        source = train.with_name(f"surrogate_{field}.json")
+        source.write_text(json.dumps(data))   # ensure_ascii: the escape, as an exporter may write it
+        out = folder / f"out_{field}"
+        with pytest.raises(DataError, match=rf"{source}: {section}\[0\] \(id \d+\)(, field '{field}' in .*)?: "
+                                            rf"(field '{field}': )?expected a non-empty string of characters"):
+            convert_coco(source, "train", spec, out, copy_images_from=folder)
+        assert not out.exists()

@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from toist_core.data.schema import DataError
+from toist_core.data.schema import DataError, is_unicode
 from toist_core.tasks import COCO_TASKS, DEFAULT_PRONOUN, TaskVocabulary
 
 Span = tuple[int, int]  # [begin, end) character offsets into the caption
@@ -75,8 +75,9 @@ def category_names(categories: Any, where: str) -> dict[int, str]:
         if type(cat_id) is not int:
             raise DataError(f"{at}: field 'id': expected an integer, got {cat_id!r}")
         at = f"{at} (id {cat_id})"
-        if type(name) is not str or not name.strip():
-            raise DataError(f"{at}: field 'name': expected a non-empty string, got {name!r}")
+        if type(name) is not str or not name.strip() or not is_unicode(name):
+            raise DataError(f"{at}: field 'name': expected a non-empty string of characters (no lone surrogate "
+                            f"escape), got {name!r}")
         if cat_id in names:
             raise DataError(f"{at}: duplicate category id (already named {names[cat_id]!r})")
         names[cat_id] = name

@@ -605,11 +605,14 @@ def _check_complete(path: Path, where: str) -> None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    """``shutil.copy2`` through a temporary file: a copy cut short (Ctrl-C, a full disk) left a
+    """A copy through a temporary file, its times kept: a copy cut short (Ctrl-C, a full disk) left a
     part of the picture at ``dst``, which the re-run then took for another picture and refused."""
     with open(src, "rb") as source:
         atomic_write(dst, lambda handle: shutil.copyfileobj(source, handle, 1 << 20))
-    shutil.copystat(src, dst)
+    # The times only: the source's mode (an owner-only 0600 download) left a copy that a node or a
+    # training job running as another user cannot read; atomic_write gives a new file's mode.
+    stat = os.stat(src)
+    os.utime(dst, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def _copied_name(file_name: str) -> str:

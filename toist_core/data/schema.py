@@ -226,10 +226,21 @@ def _where(path: Path, section: str, index: int, rec: Any) -> str:
     return f"{path}: {section}[{index}]" + (f" (id {rec_id})" if rec_id is not None else "")
 
 
+def is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON's ``"\\ud800"`` escape, which is no
+    character): it passed every check, then failed as a UTF-8 file was written or read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 _KINDS = {
     "int": (lambda v: type(v) is int, "an integer"),
     "number": (lambda v: type(v) in NUMBER_TYPES, "a number"),
-    "str": (lambda v: type(v) is str and v != "", "a non-empty string"),
+    "str": (lambda v: type(v) is str and v != "" and is_unicode(v),
+            "a non-empty string of characters (no lone surrogate escape)"),
 }
 
 
