@@ -777,3 +777,19 @@ def test_a_name_holding_a_lone_surrogate_is_refused_before_anything_is_written(c
                                             rf"(field '{field}': )?expected a non-empty string of characters"):
             convert_coco(source, "train", spec, out, copy_images_from=folder)
         assert not out.exists()
+
+
+def test_a_rerun_with_fewer_tasks_says_which_earlier_task_files_are_left(coco):
+    """Task 2 taken out of the specification: its task file of the last conversion stayed beside
+    the new ones without a word, and a run naming task 2 trained on it."""
+    folder, train, test, spec = coco
+    out = folder / "fewer"
+    convert_coco(train, "train", spec, out)
+    convert_coco(test, "test", spec, out)
+    one = folder / "one_task.yaml"
+    one.write_text(SPEC.split("  - id: 2")[0])
+    summary = convert_coco(train, "train", one, out)
+    left = out / "annotations" / "task_2_train.json"
+    assert [w for w in summary.warnings if w.startswith(f"{left}: written by an earlier conversion for tasks "
+                                                        f"{one} no longer has")], summary.warnings
+    assert not [w for w in summary.warnings if "task_2_test.json" in w]   # another split: not this run's

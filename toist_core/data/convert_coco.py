@@ -52,8 +52,8 @@ from toist_core.listing import listing
 from toist_core.yaml_text import parse_yaml
 from toist_core.data.captions import OWN_CATEGORIES_FIELD, category_names
 from toist_core.data.schema import (PREFERENCE_CATEGORIES, DataError, TaskFile, annotation_rle, check_decodable,
-                                    check_image_size, clipped_box, parse_task_data, read_json, task_file_path,
-                                    written_by)
+                                    check_image_size, clipped_box, parse_task_data, parse_task_file_name, read_json,
+                                    task_file_path, written_by)
 
 PathLike = Union[str, Path]
 CategoryRef = Union[str, int]  # a category name or id, as written in the specification
@@ -401,7 +401,25 @@ def convert_coco(coco_file: PathLike, split: str, spec_file: PathLike, out_root:
             summary.images_copied += 1
     for task, refs in zip(tasks, resolved):
         summary.tasks.append(_write_task(source, images, task, refs, split, Path(out_root), summary.warnings))
+    left = _earlier_task_files(Path(out_root), [task.task_id for task in tasks], split)
+    if left:
+        summary.warnings.append(f"{_listing(left)}: written by an earlier conversion for tasks {spec_file} no longer "
+                                f"has; a run whose data.tasks names them reads them: delete them if they are gone")
     return summary
+
+
+def _earlier_task_files(out_root: Path, task_ids: list[int], split: str) -> list[Path]:
+    """convert-coco's own task files of ``split`` under ``out_root`` for tasks not in ``task_ids``
+    (a re-run with fewer tasks left them, without a word)."""
+    left = []
+    for path in sorted((out_root / "annotations").glob(f"task_*_{split}.json")):
+        try:
+            task, file_split = parse_task_file_name(path)
+        except DataError:   # not a task file name
+            continue
+        if file_split == split and task not in task_ids and written_by(path, _OWN_FILE_START):
+            left.append(path)
+    return left
 
 
 def _check_destinations(out_root: Path, task_ids: list[int], split: str, copies: list[tuple[Path, Path]]) -> None:
