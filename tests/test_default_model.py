@@ -454,6 +454,10 @@ def test_a_run_whose_model_fails_the_checks_is_not_installed(committed):
     assert "is 0.95, not below 0.3" in problems[1] and "45% of a published mask lies in its box" in problems[2]
     del masks["rows"]["distilled student"]["published_pairwise_iou_median"]
     assert any("is nan, not below 0.3" in p for p in recipe.install_problems(masks))
+    # No image with two published instances: no pair to judge (the median of none is NaN).
+    clean = json.loads(json.dumps(committed))
+    clean["rows"]["distilled student"].update({"published_pairs": 0.0, "published_pairwise_iou_median": float("nan")})
+    assert recipe.install_problems(clean) == []
 
 
 def test_a_stage_records_the_upstream_it_starts_from_and_a_failing_model_is_not_installed(tmp_path, monkeypatch,

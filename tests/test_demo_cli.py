@@ -235,7 +235,7 @@ def test_the_nodes_text_parameters_reach_it_whole(tmp_path, monkeypatch):
     from toist_ros import demo
 
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    checkpoint = str(tmp_path / "run #1 😀" / "a: b é")
+    checkpoint = str(tmp_path / "run #1 😀" / "a: b é\x7f\x85\x9b")
     args = argparse.Namespace(device="cpu", checkpoint=checkpoint, text_encoder="/models/roberta #2")
     command = demo._node_command(args, 0, start_task="open a bottle of beer with 'it' \"now\"")
     context = rclpy.Context()

@@ -202,10 +202,14 @@ def _yaml_string(text: str) -> str:
     """``text`` as a YAML double-quoted string, the form a ``-p name:=value`` keeps whole: rcl
     reads the value as YAML ("runs/exp #1" lost its "#1" as a comment, "a: b" did not parse, a
     task with a quote broke its single quotes). JSON's string escapes are YAML's; characters are
-    kept as they are (an emoji as JSON's surrogate-pair escapes is no YAML rcl reads)."""
+    kept as they are (an emoji as JSON's surrogate-pair escapes is no YAML rcl reads), except
+    those YAML does not take in a stream (DEL, the C1 controls: refused, or NEL read as a line
+    break), which go as escapes."""
     import json
+    import re
 
-    return json.dumps(text, ensure_ascii=False)
+    return re.sub("[\x7f-\x9f\ufffe\uffff]", lambda found: f"\\u{ord(found[0]):04x}",
+                  json.dumps(text, ensure_ascii=False))
 
 
 class _Client:

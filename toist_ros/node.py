@@ -372,7 +372,7 @@ class PerceptionNode(Node):
         except (ValueError, TypeError) as exc:   # the request's task (the encoder's refusals)
             response.success, response.message = False, f"task {quote(text)} rejected: {exc}"
             return response
-        except Exception as exc:  # noqa: BLE001  a fault of the node: logged and counted, as set_task's
+        except Exception as exc:  # noqa: BLE001  a fault of the node: logged with its traceback and counted
             self.callback_failed(exc)
             response.success, response.message = False, f"encoding task {quote(text)} failed: {type(exc).__name__}: {exc}"
             return response
