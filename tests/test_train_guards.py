@@ -627,12 +627,31 @@ def test_failed_evaluation_keeps_the_update_and_resumes_exactly(synth_root, tmp_
     assert ckpt["step"] == 2 and ckpt["eval_pending"] and ckpt["last_eval_step"] == -1
     assert any(line.startswith("evaluation of update 2 failed (OSError);") for line in logged)
 
+    # A stop signal during the repeated evaluation ends the run there (it trained one more update
+    # first); checkpoint.pth then records that evaluation, and the next resume goes on from it.
+    class Stop:
+        signum = 0
+
+    stop = Stop()
+
+    def stopped_during(*args, **kwargs):
+        stop.signum = 2
+        return failing_once(*args, **kwargs)
+
+    monkeypatch.setattr(loops, "evaluate", stopped_during)
     torch.manual_seed(12345)   # the resume must restore every random state itself
     logged.clear()
+    stopped = Trainer(_config("tiny_pronoun.yaml", synth_root, out, *common), DistEnv(),
+                      resume=str(out / "checkpoint.pth"), log=logged.append, stop=stop).run()
+    assert any("repeating its evaluation" in line for line in logged)
+    assert (stopped.stopped_by, stopped.step) == (2, 2) and len(calls) == 2
+    ckpt = load_training_checkpoint(out / "checkpoint.pth")
+    assert ckpt["step"] == 2 and not ckpt["eval_pending"] and ckpt["last_eval_step"] == 2
+    monkeypatch.setattr(loops, "evaluate", failing_once)
+    torch.manual_seed(54321)
     resumed = Trainer(_config("tiny_pronoun.yaml", synth_root, out, *common), DistEnv(), resume=str(out / "checkpoint.pth"),
                       log=logged.append)
     resumed.run()
-    assert any("repeating its evaluation" in line for line in logged)
     assert len(calls) == 3   # the failed one, update 2 again, update 3 (the last)
     _assert_same(_comparable(full.state()), _comparable(resumed.state()), "resumed after a failed evaluation")
     best = load_training_checkpoint(out / "BEST_checkpoint.pth")
@@ -953,3 +972,23 @@ def test_an_improving_update_writes_its_checkpoint_with_its_best_whatever_the_ca
     assert last["step"] == 1 == load_training_checkpoint(out / "BEST_checkpoint.pth")["step"]
     result = Trainer(cfg, DistEnv(), resume=str(out / "checkpoint.pth")).run()
     assert result.step == 3 and result.best["step"] == 3
+
+
+def test_a_resume_refused_by_its_checkpoint_leaves_other_writes_alone(synth_root, tmp_path):
+    """The clean-up of cut-short checkpoint writes ran before the checkpoint's own checks (NaN
+    weights, another process count): a refused resume deleted a temporary file that a run still
+    going in that folder was writing."""
+    from training.checkpointing import atomic_save
+
+    out = tmp_path / "run"
+    Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=1"), DistEnv()).run()
+    state = load_training_checkpoint(out / "checkpoint.pth")
+    name = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][name].view(-1)[0] = float("nan")
+    atomic_save(state, out / "checkpoint.pth")
+    inflight = out / ".checkpoint.pth.abc123.tmp"
+    inflight.write_bytes(b"being written")
+    with pytest.raises(CheckpointError, match="non-finite"):
+        Trainer(_config("tiny_pronoun.yaml", synth_root, out, "schedule.max_steps=2"), DistEnv(),
+                resume=str(out / "checkpoint.pth"))
+    assert inflight.read_bytes() == b"being written"

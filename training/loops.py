@@ -110,12 +110,6 @@ class Trainer:
                 raise ConfigError(problem)
         if resume_state is not None:
             check_resume_config(resume_state, cfg, resume)
-        # Only once the run is accepted: a refused start must not touch a folder that another
-        # run may still be writing into.
-        if env.is_main:
-            for stale in ckpt_io.remove_stale_temporaries(self.output_dir):
-                self.log(f"removed {stale}: a checkpoint write cut short by an earlier run")
-
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         set_deterministic(cfg.runtime.deterministic, env.device)
@@ -183,6 +177,10 @@ class Trainer:
             self.schedule.apply(self.optimizer, 0)
         self.writer = None
         if env.is_main:
+            # Only once the run is accepted (the resumed checkpoint's own checks included): a
+            # refused start must not touch a folder that another run may still be writing into.
+            for stale in ckpt_io.remove_stale_temporaries(self.output_dir):
+                self.log(f"removed {stale}: a checkpoint write cut short by an earlier run")
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / RUN_CONFIG)
             if cfg.runtime.tensorboard:
@@ -204,8 +202,12 @@ class Trainer:
         result.stopped_by = self._stop_signal()
         if self.eval_pending and result.stopped_by is None:
             self._finish_pending_eval()
+            # A stop during it ends the run here (checkpoint.pth holds the evaluation): it trained
+            # one more update first.
+            result.stopped_by = self._stop_signal()
         if result.stopped_by is None:
             self._write_interrupted_best()
+            result.stopped_by = self._stop_signal()
         while self.step < self.max_steps and result.stopped_by is None:
             epoch = self.step // self.steps_per_epoch
             self.train_module.train()   # the reference's model.train() each epoch: dropout on, whatever built the modules
@@ -295,7 +297,7 @@ class Trainer:
             # Before the step (and so before any checkpoint of this update): a non-finite gradient
             # would make every weight NaN. (fp16's scaler skips such an update and lowers its scale.)
             bad = {name: float(norm) for name, norm in norms.items() if norm is not None and not torch.isfinite(norm)}
-            self._stop_unless_finite(f"{bad} (after clipping to {cfg.optim.clip_max_norm})" if bad else None,
+            self._stop_unless_finite(f"{bad} (before clipping to {cfg.optim.clip_max_norm})" if bad else None,
                                      "gradient norm")
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
