@@ -3,6 +3,7 @@ class names (``COCO_categories``) in the dataset's captions."""
 
 import itertools
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -777,6 +778,13 @@ def test_a_name_holding_a_lone_surrogate_is_refused_before_anything_is_written(c
                                             rf"(field '{field}': )?expected a non-empty string of characters"):
             convert_coco(source, "train", spec, out, copy_images_from=folder)
         assert not out.exists()
+    # The COCO file's own name in bytes that are not UTF-8 (a Latin-1 name): recorded with U+FFFD
+    # for them; writing the task file's "info" failed with a bare UnicodeEncodeError.
+    latin = train.with_name(os.fsdecode(b"instances_\xff.json"))
+    latin.write_bytes(train.read_bytes())
+    convert_coco(latin, "train", spec, folder / "out_latin")
+    info = json.loads((folder / "out_latin" / "annotations" / "task_1_train.json").read_text())["info"]
+    assert "from instances_\ufffd.json (task 1)" in info
 
 
 def test_a_rerun_with_fewer_tasks_says_which_earlier_task_files_are_left(coco):

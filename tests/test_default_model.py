@@ -196,7 +196,8 @@ def test_committed_masks_belong_to_their_instances(committed):
         assert np.all(iou <= 0.75), iou
     distilled = committed["rows"]["distilled student"]
     assert distilled["mAP50/segm"] >= 0.7 * distilled["mAP50/bbox"], distilled
-    assert distilled["published_pairwise_iou_median"] < 0.3, distilled
+    # (as the install judges it: no image with two published instances, no pair to judge)
+    assert distilled.get("published_pairs") == 0 or distilled["published_pairwise_iou_median"] < 0.3, distilled
     assert published.trained_tasks == tuple(settings["tasks"])
 
 

@@ -172,6 +172,13 @@ def test_an_object_whose_mask_covers_no_pixel_is_no_annotation(tmp_path):
     areas = [a["area"] for path in (tmp_path / "annotations").glob("*.json")
              for a in json.loads(path.read_text())["annotations"]]
     assert areas and min(areas) > 0
+    # The scenes the demo judges against count the same objects as the task files.
+    from toist_core.data.synth import scene
+
+    per_image = {i["id"]: 0 for i in json.loads((tmp_path / "annotations" / "task_1_train.json").read_text())["images"]}
+    for a in json.loads((tmp_path / "annotations" / "task_1_train.json").read_text())["annotations"]:
+        per_image[a["image_id"]] += 1
+    assert [len(scene("train", i, 0, 16, 16)[1]) for i in range(100)] == list(per_image.values())
 
 
 def test_refuses_to_overwrite_files_it_did_not_write(tmp_path, capsys):
@@ -243,26 +250,35 @@ def test_a_run_cut_short_leaves_its_split_unrecorded_and_no_cut_off_image(tmp_pa
 
     small = dict(images_per_split=3, min_size=48, max_size=48)
     generate(tmp_path, tasks=[1, 2], splits=("train", "test"), seed=0, **small)
-    written = []
-    real = synth._write_image
+    renamed = []
+    real = os.replace
 
-    def stopped_in_the_test_split(path, rgb, image_format):   # after its first image
-        if path.parent.name == "val2014":
-            if written:
+    def stopped_in_the_test_split(src, dst):   # as the second test image is renamed in
+        if str(dst).endswith(".jpg") and "val2014" in str(dst):
+            renamed.append(dst)
+            if len(renamed) == 2:
                 raise KeyboardInterrupt
-            written.append(path)
-        real(path, rgb, image_format)
+        real(src, dst)
 
-    monkeypatch.setattr(synth, "_write_image", stopped_in_the_test_split)
+    monkeypatch.setattr(synth.os, "replace", stopped_in_the_test_split)
     with pytest.raises(KeyboardInterrupt):
         generate(tmp_path, tasks=[1, 2], splits=("train", "test"), seed=1, **small)
     monkeypatch.undo()
     splits = json.loads((tmp_path / "synth.json").read_text())["splits"]
     assert splits["train"]["seed"] == 1 and "test" not in splits   # train redrawn whole; test neither
-    assert not [p for p in tmp_path.rglob(".*.partial")]
+    assert not [p for p in tmp_path.rglob("*.partial")]   # the image being written: not left half
     with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path / 'annotations' / 'task_2_test.json'} were "
                                                         "written with other (or unrecorded) drawing settings")):
         generate(tmp_path, tasks=[1], splits=("test",), seed=0, **small)
+    # Cut short while drawing a split as it was drawn: its images come out the same, its record
+    # stands, and a run of fewer tasks goes on (it was refused, and --overwrite offered).
+    generate(tmp_path, tasks=[1, 2], splits=("test",), seed=1, **small)
+    renamed.clear()
+    monkeypatch.setattr(synth.os, "replace", stopped_in_the_test_split)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path, tasks=[1], splits=("test",), seed=1, **small)
+    monkeypatch.undo()
+    generate(tmp_path, tasks=[1], splits=("test",), seed=1, **small)
 
 
 def test_a_synth_json_without_drawing_settings_counts_as_other_settings(tmp_path):

@@ -253,7 +253,7 @@ def test_cli_fails_before_training_and_names_the_problem(tmp_path, synth_root, c
     code = train_main(["--config", str(CONFIGS / "tiny_pronoun.yaml"), f"data.root={synth_root}",
                        "data.tasks=[1]", "--check"])
     captured = capsys.readouterr()
-    assert code == 0 and "configuration and paths OK" in captured.err
+    assert code == 0 and "configuration, paths and data OK" in captured.err
     assert yaml.safe_load(captured.out)["data"]["tasks"] == [1]
 
 

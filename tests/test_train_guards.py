@@ -471,7 +471,7 @@ def test_training_data_without_targets_is_refused_and_a_task_without_them_said(s
     assert train_main(check[:-1] + [f"data.root={synth_root}", *few, "--check"]) == 2
     assert "eval.holdout_fraction: 0.01 of the training images selects none" in capsys.readouterr().err
     assert train_main(check[:-1] + [f"data.root={synth_root}", "--check"]) == 0
-    assert "configuration and paths OK" in capsys.readouterr().err
+    assert "configuration, paths and data OK" in capsys.readouterr().err
     logged = []
     Trainer(_config("tiny_pronoun.yaml", crowded(tmp_path / "one", (2,)), tmp_path / "run"), DistEnv(),
             log=logged.append)

@@ -474,7 +474,7 @@ def test_check_gives_the_refusals_a_start_would_give(synth_root, tmp_path, capsy
     assert "checkpoint of stage 'pronoun', config stage 'noun'" in capsys.readouterr().err
     assert train_main(["--config", str(CONFIGS / "tiny_pronoun.yaml"), "--output-dir", str(run),
                        "--resume", str(run / "checkpoint.pth"), "--check", *common]) == 0
-    assert "configuration and paths OK" in capsys.readouterr().err
+    assert "configuration, paths and data OK" in capsys.readouterr().err
 
 
 def test_mask_head_distill_refuses_a_detector_distilled_without_ccr_or_with_another_pronoun(synth_root, tmp_path):

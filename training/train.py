@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None, help="checkpoint.pth of an earlier run to continue exactly")
     parser.add_argument("--output-dir", default=None, help="overrides output_dir of the config")
     parser.add_argument("--check", action="store_true",
-                        help="only read and check the configuration and its paths, then exit")
+                        help="only read and check the configuration, its paths and its data, then exit")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="configuration overrides")
     parser.set_defaults(take_extra=functools.partial(take_late_overrides, parser))
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         build_run_data(cfg, tokenizer, log=lambda message: print(message, file=sys.stderr))
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        print(f"{args.config}: configuration and paths OK", file=sys.stderr)
+        print(f"{args.config}: configuration, paths and data OK", file=sys.stderr)
         return 0
 
     from training.distributed import cleanup_distributed, init_distributed

@@ -485,7 +485,8 @@ def _write_task(source: _Source, images: list[dict], task: TaskPreference, refs:
             with_preferred.add(ann["image_id"])
     path = task_file_path(out_root, task.task_id, split)
     _write_json_atomic(path, {
-        "info": f"{_OWN_INFO} from {source.path.name} (task {task.task_id})",
+        # (a file name of bytes that are not UTF-8 is written with U+FFFD for them: no UTF-8 file holds it)
+        "info": f"{_OWN_INFO} from {os.fsencode(source.path.name).decode('utf-8', 'replace')} (task {task.task_id})",
         "images": images,
         "annotations": annotations,
         "categories": [dict(c) for c in PREFERENCE_CATEGORIES],

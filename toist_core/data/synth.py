@@ -211,10 +211,13 @@ def generate(root: Union[str, Path], tasks: Iterable[int] = range(1, NUM_TASKS +
             "task_preferences": {str(k): list(v) for k, v in TASK_PREFERENCES.items()}}
     summary = SynthSummary(root)
     for split in splits:
-        # Unrecorded while it is redrawn: a run cut short leaves its other tasks' files described
-        # as drawn by an unknown run (refused as stale), not by the settings of the run before.
-        recorded.pop(split, None)
-        _write_meta(root, meta, recorded)
+        before = recorded.get(split)
+        if before is None or any(before.get(key) != drawing[key] for key in DRAWING_SETTINGS):
+            # Unrecorded while it is redrawn otherwise: a run cut short leaves its other tasks'
+            # files described as drawn by an unknown run (refused as stale), not by the run before.
+            # (Drawn as before, its images come out the same: the record stands.)
+            recorded.pop(split, None)
+            _write_meta(root, meta, recorded)
         folder = SPLIT_FOLDERS[split]
         image_dir = root / "images" / folder
         image_dir.mkdir(parents=True, exist_ok=True)
@@ -319,21 +322,21 @@ def _write_image(path: Path, rgb: np.ndarray, image_format: str) -> None:
         raise OSError(f"{path}: could not encode the image as {image_format}")
     # Renamed in whole: a run cut short mid-write left a cut-off image that task files still named.
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(encoded.tobytes())
-    os.replace(partial, path)
+    try:
+        partial.write_bytes(encoded.tobytes())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _annotations(image_id: int, objects: Sequence[SynthObject], hw: tuple[int, int]) -> list[dict]:
-    """COCO records of an image's objects (``category_id`` is filled per task); an object whose
-    mask covers no pixel (a thin one in the smallest images) is left out: a target with an empty
-    mask, which convert-coco warns about in a user's files."""
+    """COCO records of an image's objects (``category_id`` is filled per task)."""
     height, width = hw
     records = []
     for k, obj in enumerate(objects):
-        polygons = [[round(float(v), 2) for v in piece.reshape(-1)] for piece in obj.pieces]
+        polygons = _coco_polygons(obj)
         rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-        if not mask_utils.area(rle):
-            continue
         xs = np.concatenate([p[:, 0] for p in obj.pieces])
         ys = np.concatenate([p[:, 1] for p in obj.pieces])
         x0, y0 = round(float(xs.min()), 2), round(float(ys.min()), 2)
@@ -439,7 +442,20 @@ def render_image(rng: np.random.Generator, min_size: int, max_size: int, min_obj
     kept.reverse()  # bottom to top
     for class_index, polygon, colour, _ in kept:
         _paint(image, polygon, colour, SYNTH_CLASSES[class_index].texture, rng)
-    return image, [SynthObject(c, pieces) for c, _, _, pieces in kept]
+    objects = [SynthObject(c, pieces) for c, _, _, pieces in kept]
+    # An object whose mask covers no pixel (a thin one in the smallest images) is none: written,
+    # it was a target with an empty mask (convert-coco warns of those in a user's files), and the
+    # demo's held-out scenes must count the objects the task files hold.
+    return image, [obj for obj in objects if _covers_a_pixel(obj, height, width)]
+
+
+def _coco_polygons(obj: SynthObject) -> list[list[float]]:
+    """The object's visible pieces as its annotation's ``segmentation`` (rounded to 0.01 px)."""
+    return [[round(float(v), 2) for v in piece.reshape(-1)] for piece in obj.pieces]
+
+
+def _covers_a_pixel(obj: SynthObject, height: int, width: int) -> bool:
+    return bool(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(_coco_polygons(obj), height, width))))
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
