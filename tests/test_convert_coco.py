@@ -764,27 +764,30 @@ def test_category_names_match_whatever_their_unicode_form(coco):
     assert _flags(folder / "out" / "annotations" / "task_1_train.json") == {10: 0, 11: 1, 12: 1, 13: 0}
 
 
-def test_a_name_holding_a_lone_surrogate_is_refused_before_anything_is_written(coco):
-    """JSON's "\\ud800" escape is no character: such a class name or file name passed every check,
-    the images were copied, and writing the task file failed with a bare UnicodeEncodeError."""
+def test_a_name_holding_a_lone_surrogate_is_refused_or_kept_as_its_bytes(coco):
+    """JSON's "\\ud800" escape is no character: such a class name passed every check, the images
+    were copied, and writing the task file failed with a bare UnicodeEncodeError; so did a file
+    name (or the COCO file's own name) holding a byte that is not UTF-8, as os.fsdecode reads it,
+    which names a real file and is kept (written with JSON's escape)."""
     folder, train, _, spec = coco
-    for section, field, value in (("categories", "name", "mug \ud800"), ("images", "file_name", "pics/\udc80.png")):
-        data = json.loads(train.read_text())
-        data[section][0][field] = value
-        source = train.with_name(f"surrogate_{field}.json")
-        source.write_text(json.dumps(data))   # ensure_ascii: the escape, as an exporter may write it
-        out = folder / f"out_{field}"
-        with pytest.raises(DataError, match=rf"{source}: {section}\[0\] \(id \d+\)(, field '{field}' in .*)?: "
-                                            rf"(field '{field}': )?expected a non-empty string of characters"):
-            convert_coco(source, "train", spec, out, copy_images_from=folder)
-        assert not out.exists()
-    # The COCO file's own name in bytes that are not UTF-8 (a Latin-1 name): recorded with U+FFFD
-    # for them; writing the task file's "info" failed with a bare UnicodeEncodeError.
+    data = json.loads(train.read_text())
+    data["categories"][0]["name"] = "mug \ud800"
+    source = train.with_name("surrogate_name.json")
+    source.write_text(json.dumps(data))   # ensure_ascii: the escape, as an exporter may write it
+    with pytest.raises(DataError, match=rf"{source}: categories\[0\] \(id \d+\): field 'name': expected a "
+                                        r"non-empty string of characters \(no lone surrogate escape\)"):
+        convert_coco(source, "train", spec, folder / "out_name", copy_images_from=folder)
+    assert not (folder / "out_name").exists()
+    data = json.loads(train.read_text())
+    data["images"][0]["file_name"] = os.fsdecode(b"caf\xe9.png")
     latin = train.with_name(os.fsdecode(b"instances_\xff.json"))
-    latin.write_bytes(train.read_bytes())
+    latin.write_text(json.dumps(data))
     convert_coco(latin, "train", spec, folder / "out_latin")
-    info = json.loads((folder / "out_latin" / "annotations" / "task_1_train.json").read_text())["info"]
-    assert "from instances_\ufffd.json (task 1)" in info
+    task_file = folder / "out_latin" / "annotations" / "task_1_train.json"
+    written = json.loads(task_file.read_text())
+    assert written["images"][0]["file_name"] == os.fsdecode(b"caf\xe9.png")
+    assert os.fsdecode(b"instances_\xff.json") in written["info"]
+    assert load_task_file(task_file).images[0].file_name == os.fsdecode(b"caf\xe9.png")
 
 
 def test_a_rerun_with_fewer_tasks_says_which_earlier_task_files_are_left(coco):

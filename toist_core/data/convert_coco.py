@@ -52,8 +52,8 @@ from toist_core.listing import listing
 from toist_core.yaml_text import parse_yaml
 from toist_core.data.captions import OWN_CATEGORIES_FIELD, category_names
 from toist_core.data.schema import (PREFERENCE_CATEGORIES, DataError, TaskFile, annotation_rle, check_decodable,
-                                    check_image_size, clipped_box, parse_task_data, parse_task_file_name, read_json,
-                                    task_file_path, written_by)
+                                    check_image_size, clipped_box, is_unicode, parse_task_data, parse_task_file_name,
+                                    read_json, task_file_path, written_by)
 
 PathLike = Union[str, Path]
 CategoryRef = Union[str, int]  # a category name or id, as written in the specification
@@ -485,8 +485,7 @@ def _write_task(source: _Source, images: list[dict], task: TaskPreference, refs:
             with_preferred.add(ann["image_id"])
     path = task_file_path(out_root, task.task_id, split)
     _write_json_atomic(path, {
-        # (a file name of bytes that are not UTF-8 is written with U+FFFD for them: no UTF-8 file holds it)
-        "info": f"{_OWN_INFO} from {os.fsencode(source.path.name).decode('utf-8', 'replace')} (task {task.task_id})",
+        "info": f"{_OWN_INFO} from {source.path.name} (task {task.task_id})",
         "images": images,
         "annotations": annotations,
         "categories": [dict(c) for c in PREFERENCE_CATEGORIES],
@@ -641,5 +640,8 @@ def _copied_name(file_name: str) -> str:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    """Readers never see half a file (:func:`~toist_core.atomic_file.write_text_atomic`)."""
-    write_text_atomic(path, json.dumps(data, separators=(",", ":"), ensure_ascii=False))
+    """Readers never see half a file (:func:`~toist_core.atomic_file.write_text_atomic`). Written
+    as UTF-8 text, or with JSON's escapes where a string holds a lone surrogate (a file name of
+    bytes that are not UTF-8, as ``os.fsdecode`` reads it: kept, so that the file is found)."""
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    write_text_atomic(path, text if is_unicode(text) else json.dumps(data, separators=(",", ":")))
