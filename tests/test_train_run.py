@@ -503,7 +503,7 @@ def test_a_mask_stage_refuses_a_noun_caption_detector(synth_root, tmp_path, stag
     """A noun teacher as init.frozen_weights trained without a word: its frozen detector reads
     noun captions, the head trained and evaluated on pronoun captions over it. Refused before
     the dataset is built (it was refused after: minutes on COCO-Tasks), and by --check (it said OK)."""
-    import training.loops as loops
+    import training.run_data as run_data
     from toist_core.checkpoint import CheckpointError
     from training.train import main as train_main
 
@@ -514,7 +514,7 @@ def test_a_mask_stage_refuses_a_noun_caption_detector(synth_root, tmp_path, stag
     def not_yet(*args, **kwargs):
         raise AssertionError("the dataset was built before the detector was checked")
 
-    monkeypatch.setattr(loops, "build_dataset", not_yet)
+    monkeypatch.setattr(run_data, "build_dataset", not_yet)
     with pytest.raises(CheckpointError, match=says):
         Trainer(_config(f"tiny_{stage}.yaml", synth_root, tmp_path / "masks", "distill.bank_size=8",
                         f"init.frozen_weights={teacher}"), DistEnv())
