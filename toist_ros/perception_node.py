@@ -69,8 +69,14 @@ def main(argv: Optional[list[str]] = None, managed: bool = False) -> int:
             while not stop.requested and rclpy.ok():
                 executor.spin_once(timeout_sec=SPIN_POLL_S)
         except StartupError as exc:
-            rclpy.logging.get_logger(exc.logger_name or NODE_NAME).fatal(f"cannot start: {exc}")
-            code = exc.code
+            if node is None and stop.requested:
+                # The signal's KeyboardInterrupt, raised inside a library's native code (safetensors
+                # reading the weights), came out as another error: "not a readable safetensors
+                # file ... damaged?", a FATAL for a Ctrl-C.
+                rclpy.logging.get_logger(NODE_NAME).info(f"stopped while starting (stop signal; it left: {exc})")
+            else:
+                rclpy.logging.get_logger(exc.logger_name or NODE_NAME).fatal(f"cannot start: {exc}")
+                code = exc.code
         except (KeyboardInterrupt, StartupStopped):  # the latter: a step saw the signal's event
             if node is None:  # stopped while starting: say so, the log would end without a word
                 rclpy.logging.get_logger(NODE_NAME).info("stopped while starting (stop signal)")
